@@ -1,0 +1,69 @@
+# secureoverlay — build, test, lint, demo.
+#
+#   make build        static binaries into bin/
+#   make test         everything: installs apt packages + Go modules, builds the
+#                     test API server, runs unit, privileged and conformance tests
+#   make lint         go vet + gofmt check
+#   make demo         the local lab: a VM with three encrypted nodes
+#
+# Tests that need root, network namespaces or the real API server run as part of
+# `make test`; run it as root on a Debian machine.
+
+SHELL      := /bin/bash
+GO         ?= go
+BIN        := $(CURDIR)/bin
+CACHE      := $(CURDIR)/.cache
+GOFLAGS    ?=
+# Every binary we ship; `build` builds those whose cmd/ directory exists.
+BINARIES   := secureoverlay secureoverlay-agent secureoverlay-master secureoverlay-install secureoverlayctl
+LDFLAGS    := -s -w
+TEST_TIMEOUT ?= 60m
+
+export SECUREOVERLAY_BIN_DIR   := $(BIN)
+export SECUREOVERLAY_CACHE_DIR := $(CACHE)
+export CNI_PLUGIN_DIR          ?= /usr/lib/cni
+
+.PHONY: all build deps tools test unit lint demo conformance clean
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	@set -e; for b in $(BINARIES); do \
+	  if ls cmd/$$b/*.go >/dev/null 2>&1; then \
+	    echo "go build -> bin/$$b"; \
+	    CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/$$b ./cmd/$$b; \
+	  fi; \
+	done
+	@ln -sf secureoverlayctl $(BIN)/kubectl-secureoverlay 2>/dev/null || true
+
+# apt packages the tests and the lab need (idempotent, fast when present).
+deps:
+	@hack/install-deps.sh
+	@$(GO) mod download
+
+# Test tools built from pinned Go modules, cached under .cache/ (kube-apiserver, etcd, lab kernel).
+tools: deps
+	@set -e; for s in hack/tools-*.sh; do [ -x "$$s" ] && "$$s"; done; true
+
+lint:
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './.cache/*')); \
+	  if [ -n "$$out" ]; then echo "gofmt needs to run on:"; echo "$$out"; exit 1; fi
+	@echo "lint: ok"
+
+unit:
+	$(GO) test -race -count=1 -short ./...
+
+test: deps tools build lint
+	@mkdir -p $(CACHE)
+	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./... 2>&1 | tee $(CACHE)/test.log; exit $${PIPESTATUS[0]}
+
+conformance: deps tools build
+	@echo "conformance: not yet — the VM lab lands with issue 6" >&2; exit 1
+
+demo: deps tools build
+	@echo "demo: not yet — the VM lab lands with issue 6" >&2; exit 1
+
+clean:
+	rm -rf $(BIN)

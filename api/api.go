@@ -1,0 +1,92 @@
+// Package api holds the names and wire formats shared by the master, the agents, the
+// installer and the CLI: where the key ring lives, what each agent reports on its Node,
+// and the cluster modes. It has no dependencies beyond the standard library so that every
+// binary (including the CNI plugin) may import it.
+//
+// Ownership (one writer per object):
+//   - Secret Namespace/SecretName, data key SecretDataKey: written only by the master; it
+//     holds the key ring AND the cluster mode the master has set, so agents always see keys
+//     and mode as one consistent snapshot. Agents may only get/watch it.
+//   - Node annotation ReportAnnotation: written only by the agent on that Node, and only
+//     after the kernel holds what the report claims (program before advertise).
+//   - ConfigMap ConfigMapName: operator settings (written by kubectl/the CLI); the master
+//     reads the desired state (enabled/disabled) and request annotations from it.
+//   - ConfigMap StatusConfigMapName: written only by the master, its view for CLI/metrics.
+package api
+
+import "time"
+
+const (
+	// Namespace is the default namespace of every secureoverlay object.
+	Namespace = "secureoverlay"
+	// SecretName is the Secret that holds the key ring (like UCP's ucp-secureoverlay Secret).
+	SecretName = "keys"
+	// SecretDataKey is the single data key inside SecretName.
+	SecretDataKey = "keys"
+	// ConfigMapName holds the operator's settings.
+	ConfigMapName = "secureoverlay-config"
+	// StatusConfigMapName holds the master's published view.
+	StatusConfigMapName = "secureoverlay-status"
+
+	// ReportAnnotation is the agent's JSON NodeReport on its own Node.
+	ReportAnnotation = "secureoverlay.io/report"
+	// RotateRequestAnnotation on ConfigMapName asks the master for a rotation; its value is
+	// an opaque request ID (the CLI uses an RFC 3339 timestamp). The master rotates once per
+	// distinct value and records the value it handled in its status.
+	RotateRequestAnnotation = "secureoverlay.io/rotate-request"
+
+	// Calico KDD node annotations the agent reads.
+	CalicoIPv4AddressAnnotation = "projectcalico.org/IPv4Address"
+	CalicoIPIPTunnelAnnotation  = "projectcalico.org/IPv4IPIPTunnelAddr"
+)
+
+// Mode is a cluster (or node) cutover mode. The order is the enable order; disable walks it
+// backwards, and every step is gated on every live agent reporting the previous one.
+type Mode string
+
+const (
+	ModeOff     Mode = "off"     // no SAs, no policies, plaintext IPIP
+	ModeAccept  Mode = "accept"  // inbound SAs installed; plaintext still accepted and sent
+	ModeEncrypt Mode = "encrypt" // outbound ESP to peers that report ready; plaintext accepted
+	ModeEnforce Mode = "enforce" // plaintext IPIP to/from encrypting peers dropped both ways
+)
+
+// Modes lists the modes in enable order.
+var Modes = []Mode{ModeOff, ModeAccept, ModeEncrypt, ModeEnforce}
+
+// Rank is the position of m in Modes, or -1 if m is not a mode.
+func (m Mode) Rank() int {
+	for i, x := range Modes {
+		if x == m {
+			return i
+		}
+	}
+	return -1
+}
+
+// Valid reports whether m is one of Modes.
+func (m Mode) Valid() bool { return m.Rank() >= 0 }
+
+// NodeReport is what an agent publishes in ReportAnnotation on its own Node. It must never
+// contain key material.
+type NodeReport struct {
+	// Mode is the cutover mode this node's kernel state implements.
+	Mode Mode `json:"mode"`
+	// Generations are the key generations whose inbound SAs are installed for every peer.
+	Generations []uint32 `json:"generations,omitempty"`
+	// Incarnation is the boot ID the agent derived its SAs with.
+	Incarnation string `json:"incarnation,omitempty"`
+	// BudgetMTU is the largest pod/tunnel MTU that fits this node's encryption budget, and
+	// ExternalMTU the external MTU it was computed from.
+	BudgetMTU   int `json:"budgetMTU,omitempty"`
+	ExternalMTU int `json:"externalMTU,omitempty"`
+	// MaxSeqFraction is the highest outbound ESP sequence number of any SA as a fraction of
+	// the rotation threshold (0..1); the master rotates early when it nears 1.
+	MaxSeqFraction float64 `json:"maxSeqFraction,omitempty"`
+	// Peers counts peers with outbound encryption programmed and peers expected.
+	PeersEncrypted int `json:"peersEncrypted"`
+	PeersExpected  int `json:"peersExpected"`
+	// LastSync is when the kernel last matched the desired state; Error is the last sync error.
+	LastSync time.Time `json:"lastSync,omitempty"`
+	Error    string    `json:"error,omitempty"`
+}

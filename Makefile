@@ -55,6 +55,7 @@ lint:
 unit:
 	$(GO) test -race -count=1 -short ./...
 
+test: export SECUREOVERLAY_REQUIRE_ALL = 1
 test: deps tools build lint
 	@mkdir -p $(CACHE)
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./... 2>&1 | tee $(CACHE)/test.log; exit $${PIPESTATUS[0]}

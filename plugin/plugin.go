@@ -1,0 +1,367 @@
+// Package plugin is the chained CNI plugin "secureoverlay": run after Calico (or any
+// primary plugin), it checks the MTU of the pod's interface against the IPsec encryption
+// budget of the node (package budget) and, depending on the configured mode, fails the
+// ADD (enforce, the default), lowers the MTU (clamp) or logs (warn).
+//
+// Invariants:
+//   - ADD and CHECK need prevResult; the container interface is the prevResult interface
+//     with a sandbox (preferring the one named CNI_IFNAME), and its MTU is read from the
+//     kernel inside the pod's network namespace, never taken from the result.
+//   - ADD prints prevResult unchanged in the configuration's cniVersion, except that a
+//     clamp reports the new MTU in the interface's "mtu" field of a 1.1.0 result.
+//   - DEL always succeeds: the plugin keeps no state, so there is nothing to undo; an
+//     unusable configuration is logged, not returned.
+//   - STATUS (1.1.0) reports ErrPluginNotAvailable when an ADD would fail because the
+//     external MTU cannot be determined; GC has nothing to collect.
+//   - The plugin never imports client-go: it runs once per pod, exec'd by the runtime.
+package plugin
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"os"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+
+	"github.com/secureoverlay/secureoverlay/budget"
+)
+
+// Plugin-specific CNI error codes (the spec reserves 0-99).
+const (
+	// ErrMTUOverBudget: the pod interface MTU exceeds the encryption budget.
+	ErrMTUOverBudget uint = 100
+	// ErrExternalMTU: the node's external MTU could not be determined.
+	ErrExternalMTU uint = 101
+	// ErrPodInterface: the pod interface could not be found or read or changed.
+	ErrPodInterface uint = 102
+)
+
+// errPluginNotAvailable is the CNI 1.1 STATUS code "the plugin cannot service ADD".
+const errPluginNotAvailable uint = 50
+
+// Versions are the CNI spec versions the plugin speaks.
+var Versions = version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+
+// About is the plugin's self-description (printed when run without CNI_COMMAND).
+const About = "secureoverlay: checks pod MTUs against the IPsec (ESP over IPIP) encryption budget"
+
+// Funcs returns the plugin's verbs for skel.PluginMainFuncs.
+func Funcs() skel.CNIFuncs {
+	return skel.CNIFuncs{Add: CmdAdd, Check: CmdCheck, Del: CmdDel, Status: CmdStatus, GC: CmdGC}
+}
+
+// verdict is the outcome of comparing one pod interface with the budget.
+type verdict struct {
+	Iface    string
+	MTU      int
+	Budget   int
+	External int
+	Source   string // where External came from: "config" or the detected link's name
+	ICV      int
+}
+
+func (v verdict) over() bool { return v.MTU > v.Budget }
+
+func (v verdict) String() string {
+	return fmt.Sprintf("pod interface %s has mtu %d, ipsec budget %d (external mtu %d from %s, icv %d bytes)",
+		v.Iface, v.MTU, v.Budget, v.External, v.Source, v.ICV)
+}
+
+// fix is the operator's remedy, in the product documentation's vocabulary.
+func (v verdict) fix() string {
+	return fmt.Sprintf(`set calico_mtu = "%d" and ipip_mtu = "%d" (the budget) in the cluster configuration, or mode "clamp"`, v.Budget, v.Budget)
+}
+
+func overBudgetError(v verdict) error {
+	return types.NewError(ErrMTUOverBudget,
+		fmt.Sprintf("secureoverlay: %s: mtu exceeds the budget by %d bytes; fix: %s", v, v.MTU-v.Budget, v.fix()), "")
+}
+
+// CmdAdd handles ADD.
+func CmdAdd(args *skel.CmdArgs) error {
+	conf, err := ParseConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
+	lg := newLogger(conf)
+	defer lg.close()
+	if conf.PrevResult == nil {
+		return types.NewError(types.ErrInvalidNetworkConfig,
+			"secureoverlay: no prevResult: it must be chained after the primary plugin (e.g. calico) in a conflist", "")
+	}
+	res, err := current.GetResult(conf.PrevResult)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("secureoverlay: convert prevResult: %v", err), "")
+	}
+	idx, ifName := containerInterface(res, args.IfName)
+
+	v, err := evaluate(conf, args.Netns, ifName)
+	if err != nil {
+		if conf.Mode == ModeWarn {
+			lg.printf("warn: container %s: cannot check the mtu: %v", args.ContainerID, err)
+			return types.PrintResult(conf.PrevResult, conf.CNIVersion)
+		}
+		return err
+	}
+	if !v.over() {
+		lg.debugf("ok: container %s: %s", args.ContainerID, v)
+		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
+	}
+
+	switch conf.Mode {
+	case ModeWarn:
+		lg.printf("warn: container %s: %s: mtu exceeds the budget; fix: %s", args.ContainerID, v, v.fix())
+		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
+	case ModeClamp:
+		if err := clamp(args.Netns, ifName, v.Budget, hostInterfaces(res)); err != nil {
+			return types.NewError(ErrPodInterface, fmt.Sprintf("secureoverlay: clamp %s to %d: %v", ifName, v.Budget, err), "")
+		}
+		lg.printf("clamp: container %s: %s: lowered to %d", args.ContainerID, v, v.Budget)
+		if ge, _ := version.GreaterThanOrEqualTo(conf.CNIVersion, "1.1.0"); ge && idx >= 0 {
+			res.Interfaces[idx].Mtu = v.Budget
+			return types.PrintResult(res, conf.CNIVersion)
+		}
+		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
+	default:
+		lg.printf("enforce: container %s: %s: refusing the pod", args.ContainerID, v)
+		return overBudgetError(v)
+	}
+}
+
+// CmdCheck handles CHECK: the pod interface must (still) be within the budget.
+func CmdCheck(args *skel.CmdArgs) error {
+	conf, err := ParseConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
+	lg := newLogger(conf)
+	defer lg.close()
+	if conf.PrevResult == nil {
+		return types.NewError(types.ErrInvalidNetworkConfig,
+			"secureoverlay: CHECK without prevResult: it must be chained after the primary plugin", "")
+	}
+	res, err := current.GetResult(conf.PrevResult)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("secureoverlay: convert prevResult: %v", err), "")
+	}
+	_, ifName := containerInterface(res, args.IfName)
+	v, err := evaluate(conf, args.Netns, ifName)
+	if err != nil {
+		if conf.Mode == ModeWarn {
+			lg.printf("warn: check container %s: cannot check the mtu: %v", args.ContainerID, err)
+			return nil
+		}
+		return err
+	}
+	if v.over() {
+		if conf.Mode == ModeWarn {
+			lg.printf("warn: check container %s: %s: mtu exceeds the budget; fix: %s", args.ContainerID, v, v.fix())
+			return nil
+		}
+		return overBudgetError(v)
+	}
+	return nil
+}
+
+// CmdDel handles DEL. There is nothing to undo, so it always succeeds.
+func CmdDel(args *skel.CmdArgs) error {
+	if _, err := ParseConfig(args.StdinData); err != nil {
+		fmt.Fprintf(os.Stderr, "secureoverlay: DEL container %s: ignoring unusable config: %v\n", args.ContainerID, err)
+	}
+	return nil
+}
+
+// CmdStatus handles STATUS (CNI 1.1): ADD can be served when the configuration is valid
+// and the external MTU is known or detectable.
+func CmdStatus(args *skel.CmdArgs) error {
+	conf, err := ParseConfig(args.StdinData)
+	if err != nil {
+		return err
+	}
+	if _, _, err := externalMTU(conf); err != nil && conf.Mode != ModeWarn {
+		return types.NewError(errPluginNotAvailable, fmt.Sprintf("secureoverlay: %v", err), "")
+	}
+	return nil
+}
+
+// CmdGC handles GC (CNI 1.1). The plugin keeps no per-attachment state, so there is
+// nothing to collect; the configuration is still validated.
+func CmdGC(args *skel.CmdArgs) error {
+	_, err := ParseConfig(args.StdinData)
+	return err
+}
+
+// containerInterface picks the pod interface from the result: the interface with a
+// sandbox named ifName, else the first interface with a sandbox, else ifName itself
+// (index -1) for primary plugins that report no interfaces.
+func containerInterface(res *current.Result, ifName string) (int, string) {
+	first := -1
+	for i, iface := range res.Interfaces {
+		if iface == nil || iface.Sandbox == "" {
+			continue
+		}
+		if iface.Name == ifName {
+			return i, iface.Name
+		}
+		if first < 0 {
+			first = i
+		}
+	}
+	if first >= 0 {
+		return first, res.Interfaces[first].Name
+	}
+	return -1, ifName
+}
+
+// hostInterfaces returns the names of the result's interfaces without a sandbox: the
+// host ends of the pod's links, in the plugin's own namespace.
+func hostInterfaces(res *current.Result) []string {
+	var out []string
+	for _, iface := range res.Interfaces {
+		if iface != nil && iface.Sandbox == "" && iface.Name != "" {
+			out = append(out, iface.Name)
+		}
+	}
+	return out
+}
+
+// externalMTU returns the configured external MTU, or detects it in the plugin's own
+// network namespace (the host's).
+func externalMTU(conf *Config) (int, string, error) {
+	if conf.ExternalMTU != 0 {
+		return conf.ExternalMTU, "config", nil
+	}
+	mtu, name, err := budget.DetectExternalMTU(conf.Pattern())
+	if err != nil {
+		return 0, "", fmt.Errorf("%w; set externalMTU in the plugin config", err)
+	}
+	return mtu, "link " + name, nil
+}
+
+// evaluate computes the budget and reads the pod interface's actual MTU.
+func evaluate(conf *Config, netnsPath, ifName string) (verdict, error) {
+	ext, src, err := externalMTU(conf)
+	if err != nil {
+		return verdict{}, types.NewError(ErrExternalMTU, fmt.Sprintf("secureoverlay: %v", err), "")
+	}
+	b, err := budget.Budget(ext, conf.ICVBytes)
+	if err != nil {
+		return verdict{}, types.NewError(ErrExternalMTU, fmt.Sprintf("secureoverlay: budget: %v", err), "")
+	}
+	mtu, err := podMTU(netnsPath, ifName)
+	if err != nil {
+		return verdict{}, types.NewError(ErrPodInterface, fmt.Sprintf("secureoverlay: %v", err), "")
+	}
+	return verdict{Iface: ifName, MTU: mtu, Budget: b, External: ext, Source: src, ICV: conf.ICVBytes}, nil
+}
+
+func podMTU(netnsPath, ifName string) (int, error) {
+	if netnsPath == "" {
+		return 0, errors.New("no network namespace (CNI_NETNS) given")
+	}
+	var mtu int
+	err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+		l, err := netlink.LinkByName(ifName)
+		if err != nil {
+			return fmt.Errorf("pod interface %s: %w", ifName, err)
+		}
+		mtu = l.Attrs().MTU
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("read mtu in netns %s: %w", netnsPath, err)
+	}
+	return mtu, nil
+}
+
+// clamp lowers the pod interface's MTU to limit, and every route over it whose MTU is
+// set above limit; then the host ends of the pod's links (named in the result, in the
+// plugin's own namespace) if they are the interface's veth peer.
+func clamp(netnsPath, ifName string, limit int, hostIfaces []string) error {
+	peerIndex := 0
+	err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+		l, err := netlink.LinkByName(ifName)
+		if err != nil {
+			return fmt.Errorf("pod interface %s: %w", ifName, err)
+		}
+		if err := netlink.LinkSetMTU(l, limit); err != nil {
+			return fmt.Errorf("set mtu of %s: %w", ifName, err)
+		}
+		routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{LinkIndex: l.Attrs().Index, Table: 0},
+			netlink.RT_FILTER_OIF)
+		if err != nil {
+			return fmt.Errorf("list routes of %s: %w", ifName, err)
+		}
+		for _, r := range routes {
+			if r.MTU <= limit {
+				continue
+			}
+			r.MTU = limit
+			if err := netlink.RouteReplace(&r); err != nil {
+				return fmt.Errorf("set mtu of route %s dev %s: %w", r.Dst, ifName, err)
+			}
+		}
+		if veth, ok := l.(*netlink.Veth); ok {
+			if idx, err := netlink.VethPeerIndex(veth); err == nil {
+				peerIndex = idx
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("in netns %s: %w", netnsPath, err)
+	}
+	if peerIndex == 0 {
+		return nil
+	}
+	for _, name := range hostIfaces {
+		l, err := netlink.LinkByName(name)
+		if err != nil || l.Attrs().Index != peerIndex || l.Attrs().MTU <= limit {
+			continue
+		}
+		if err := netlink.LinkSetMTU(l, limit); err != nil {
+			return fmt.Errorf("set mtu of host interface %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// logger writes to the configured log file, or warnings only to stderr.
+type logger struct {
+	l       *log.Logger
+	file    io.Closer
+	verbose bool
+}
+
+func newLogger(conf *Config) *logger {
+	if conf.LogFile != "" {
+		f, err := os.OpenFile(conf.LogFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+		if err == nil {
+			return &logger{l: log.New(f, "secureoverlay: ", log.LstdFlags|log.LUTC), file: f, verbose: true}
+		}
+		fmt.Fprintf(os.Stderr, "secureoverlay: open log file: %v; logging to stderr\n", err)
+	}
+	return &logger{l: log.New(os.Stderr, "secureoverlay: ", log.LstdFlags|log.LUTC)}
+}
+
+func (lg *logger) printf(format string, a ...any) { lg.l.Printf(format, a...) }
+
+// debugf logs routine outcomes, to the log file only.
+func (lg *logger) debugf(format string, a ...any) {
+	if lg.verbose {
+		lg.l.Printf(format, a...)
+	}
+}
+
+func (lg *logger) close() {
+	if lg.file != nil {
+		_ = lg.file.Close()
+	}
+}

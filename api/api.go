@@ -83,6 +83,10 @@ type NodeReport struct {
 	// MaxSeqFraction is the highest outbound ESP sequence number of any SA as a fraction of
 	// the rotation threshold (0..1); the master rotates early when it nears 1.
 	MaxSeqFraction float64 `json:"maxSeqFraction,omitempty"`
+	// SeqGeneration is the key generation of the SA MaxSeqFraction was measured on (0 if
+	// unknown). The master only rotates early for the active generation's SAs, so a high
+	// count on a retiring SA after a rotation does not trigger another one.
+	SeqGeneration uint32 `json:"seqGeneration,omitempty"`
 	// Peers counts peers with outbound encryption programmed and peers expected.
 	PeersEncrypted int `json:"peersEncrypted"`
 	PeersExpected  int `json:"peersExpected"`

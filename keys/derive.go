@@ -1,0 +1,155 @@
+package keys
+
+import (
+	"crypto/hkdf"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+)
+
+// SaltBytes is the rfc4106 salt (nonce prefix) appended to every AES key.
+const SaltBytes = 4
+
+// infoLabel starts every derivation info; it versions the encoding.
+const infoLabel = "secureoverlay esp sa v1"
+
+// Endpoint is one end of a directed SA: a node's IP, its incarnation (boot ID) and its
+// master-assigned node ID (see Ring.NodeID).
+type Endpoint struct {
+	IP          netip.Addr
+	Incarnation string
+	NodeID      uint32
+}
+
+// SA is everything both ends need to program one direction of a node pair.
+type SA struct {
+	// SPI identifies the SA at the receiver (dst); see SPI for the layout.
+	SPI        uint32
+	Generation uint32
+	Cipher     Cipher
+	ICVBytes   int
+	// Key is the rfc4106 key blob: AES key followed by the 4-byte salt (20 or 36 bytes),
+	// the form `ip xfrm state ... aead 'rfc4106(gcm(aes))' KEY ICVBITS` takes.
+	Key Key
+}
+
+// Deriver derives SAs of one generation (HKDF-Extract is done once).
+type Deriver struct {
+	gen    uint32
+	cipher Cipher
+	icv    int
+	prk    Key
+}
+
+// NewDeriver prepares derivation for generation g.
+func NewDeriver(g *Generation) (*Deriver, error) {
+	if g.Cipher.KeyBytes() == 0 {
+		return nil, fmt.Errorf("derive generation %d: unknown cipher %q", g.Number, g.Cipher)
+	}
+	if !ValidICV(g.ICVBytes) {
+		return nil, fmt.Errorf("derive generation %d: invalid icvBytes %d", g.Number, g.ICVBytes)
+	}
+	if len(g.Root) != RootKeyBytes {
+		return nil, fmt.Errorf("derive generation %d: root key is %d bytes, want %d", g.Number, len(g.Root), RootKeyBytes)
+	}
+	prk, err := hkdf.Extract(sha256.New, g.Root, nil)
+	if err != nil {
+		return nil, fmt.Errorf("derive generation %d: hkdf extract failed", g.Number)
+	}
+	return &Deriver{gen: g.Number, cipher: g.Cipher, icv: g.ICVBytes, prk: prk}, nil
+}
+
+// Derive returns the SA from src to dst. The sender calls it as (self, peer) for its
+// outbound SA, the receiver as (peer, self) for its inbound SA; both get the same SA.
+func (d *Deriver) Derive(src, dst Endpoint) (SA, error) {
+	spi, err := SPI(d.gen, src.NodeID)
+	if err != nil {
+		return SA{}, err
+	}
+	info, err := Info(d.cipher, d.icv, d.gen, src, dst)
+	if err != nil {
+		return SA{}, err
+	}
+	n := d.cipher.KeyBytes() + SaltBytes
+	k, err := hkdf.Expand(sha256.New, d.prk, string(info), n)
+	if err != nil {
+		return SA{}, fmt.Errorf("derive sa generation %d %s->%s: hkdf expand failed", d.gen, src.IP, dst.IP)
+	}
+	return SA{SPI: spi, Generation: d.gen, Cipher: d.cipher, ICVBytes: d.icv, Key: k}, nil
+}
+
+// Derive is NewDeriver(g).Derive(src, dst).
+func (g *Generation) Derive(src, dst Endpoint) (SA, error) {
+	d, err := NewDeriver(g)
+	if err != nil {
+		return SA{}, err
+	}
+	return d.Derive(src, dst)
+}
+
+// Info is the HKDF info for the SA src→dst: an injective, fixed-layout encoding
+//
+//	"secureoverlay esp sa v1" | 0x00 | cipher id (1 byte: 1=aes128gcm, 2=aes256gcm) |
+//	ICV bytes (1) | generation (4, big endian) |
+//	src IP (16, IPv4 as ::ffff:a.b.c.d) | dst IP (16) |
+//	len(src incarnation) (2, big endian) | src incarnation |
+//	len(dst incarnation) (2, big endian) | dst incarnation
+//
+// IPv4-mapped IPv6 addresses are unmapped first, so both ends agree however they parsed
+// the address. Source and destination are positional, so the two directions differ.
+func Info(c Cipher, icv int, gen uint32, src, dst Endpoint) ([]byte, error) {
+	if !src.IP.IsValid() || !dst.IP.IsValid() {
+		return nil, errors.New("derive sa: invalid endpoint IP")
+	}
+	s, d := src.IP.Unmap(), dst.IP.Unmap()
+	if s == d {
+		return nil, fmt.Errorf("derive sa %s->%s: source and destination are the same address", s, d)
+	}
+	if len(src.Incarnation) > 0xffff || len(dst.Incarnation) > 0xffff {
+		return nil, fmt.Errorf("derive sa %s->%s: incarnation longer than 65535 bytes", s, d)
+	}
+	b := make([]byte, 0, len(infoLabel)+1+2+4+32+4+len(src.Incarnation)+len(dst.Incarnation))
+	b = append(b, infoLabel...)
+	b = append(b, 0, c.id(), byte(icv))
+	b = binary.BigEndian.AppendUint32(b, gen)
+	s16, d16 := s.As16(), d.As16()
+	b = append(b, s16[:]...)
+	b = append(b, d16[:]...)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(src.Incarnation)))
+	b = append(b, src.Incarnation...)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(dst.Incarnation)))
+	b = append(b, dst.Incarnation...)
+	return b, nil
+}
+
+// SPI layout (32 bits, big endian on the wire):
+//
+//	bits 31..30  generation mod 4
+//	bits 29..8   sender's node ID (1..MaxNodeID)
+//	bits  7..0   reserved, zero
+//
+// A receiver sees one SA per (sender, live generation); at most 3 consecutive generations
+// are live, so (generation mod 4, sender ID) is unique there, and node ID >= 1 makes every
+// SPI >= 256.
+const (
+	spiGenShift  = 30
+	spiNodeShift = 8
+)
+
+// SPI returns the SPI of generation gen's SAs sent by the node with ID srcNodeID.
+func SPI(gen, srcNodeID uint32) (uint32, error) {
+	if srcNodeID == 0 || srcNodeID > MaxNodeID {
+		return 0, fmt.Errorf("spi for generation %d: node id %d outside 1..%d", gen, srcNodeID, MaxNodeID)
+	}
+	return (gen%4)<<spiGenShift | srcNodeID<<spiNodeShift, nil
+}
+
+// ParseSPI splits an SPI into generation mod 4 and sender node ID; ok is false if the SPI
+// does not follow the layout (reserved bits set or node ID 0).
+func ParseSPI(spi uint32) (genMod4, srcNodeID uint32, ok bool) {
+	genMod4 = spi >> spiGenShift
+	srcNodeID = (spi >> spiNodeShift) & MaxNodeID
+	return genMod4, srcNodeID, spi&0xff == 0 && srcNodeID != 0
+}

@@ -1,0 +1,450 @@
+package keys
+
+import (
+	"fmt"
+	"io"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/secureoverlay/secureoverlay/api"
+)
+
+// Config are the master's policy knobs for Step.
+type Config struct {
+	// RotateInterval is the longest a generation stays the newest (from its creation);
+	// 0 disables interval rotation.
+	RotateInterval time.Duration
+	// Grace is how long a retiring generation stays installed after the switch.
+	Grace time.Duration
+	// NodeTimeout: a node NotReady for at least this long no longer blocks any step.
+	NodeTimeout time.Duration
+	// SeqThreshold: rotate early when a report's MaxSeqFraction reaches it; 0 disables.
+	SeqThreshold float64
+	// Cipher and ICVBytes of new generations.
+	Cipher   Cipher
+	ICVBytes int
+}
+
+// DefaultConfig is the shipped policy.
+func DefaultConfig() Config {
+	return Config{RotateInterval: 12 * time.Hour, Grace: 2 * time.Minute, NodeTimeout: 10 * time.Minute,
+		SeqThreshold: 0.5, Cipher: AES128GCM, ICVBytes: 8}
+}
+
+// NodeState is what the master observed about one Node that exists in the API. Nodes that
+// are gone are simply absent.
+type NodeState struct {
+	Name  string
+	Ready bool
+	// NotReadySince is when the Ready condition last turned false/unknown (zero: unknown).
+	NotReadySince time.Time
+	// BootID is status.nodeInfo.bootID; a report with another incarnation is stale.
+	BootID string
+	// Report is the agent's parsed report, nil if there is none; ReportError is set when
+	// the annotation exists but does not parse.
+	Report      *api.NodeReport
+	ReportError string
+}
+
+// Input is everything one Step decides from.
+type Input struct {
+	// Ring is the ring read from the Secret; nil when the Secret does not exist.
+	Ring  *Ring
+	Nodes []NodeState
+	// Target is the operator's desired mode (off when disabled, enforce when enabled).
+	Target api.Mode
+	// RotateRequest is the operator's current rotation request ID ("" for none).
+	RotateRequest string
+	Now           time.Time
+	Config        Config
+	// Rand supplies root keys for new generations (crypto/rand.Reader in the master).
+	Rand io.Reader
+}
+
+// ActionKind names a change Step made.
+type ActionKind string
+
+const (
+	ActionTargetChanged      ActionKind = "target-changed"
+	ActionModeChanged        ActionKind = "mode-changed"
+	ActionGenerationCreated  ActionKind = "generation-created"
+	ActionGenerationActive   ActionKind = "generation-activated"
+	ActionGenerationRetiring ActionKind = "generation-retiring"
+	ActionGenerationRemoved  ActionKind = "generation-removed"
+	ActionNodeIDAssigned     ActionKind = "node-id-assigned"
+	ActionNodeIDReleased     ActionKind = "node-id-released"
+	ActionNodeIDFreed        ActionKind = "node-id-freed"
+	ActionRequestHandled     ActionKind = "rotate-request-handled"
+)
+
+// Action is one change Step made to the ring. It never carries key material.
+type Action struct {
+	Kind       ActionKind
+	Generation uint32
+	Node       string
+	NodeID     uint32
+	From, To   api.Mode
+	Reason     string
+}
+
+func (a Action) String() string {
+	switch a.Kind {
+	case ActionTargetChanged:
+		return fmt.Sprintf("target mode %s -> %s", a.From, a.To)
+	case ActionModeChanged:
+		return fmt.Sprintf("cluster mode %s -> %s", a.From, a.To)
+	case ActionGenerationCreated:
+		return fmt.Sprintf("generation %d created (%s)", a.Generation, a.Reason)
+	case ActionGenerationActive:
+		return fmt.Sprintf("generation %d active", a.Generation)
+	case ActionGenerationRetiring:
+		return fmt.Sprintf("generation %d retiring", a.Generation)
+	case ActionGenerationRemoved:
+		return fmt.Sprintf("generation %d removed (%s)", a.Generation, a.Reason)
+	case ActionNodeIDAssigned:
+		return fmt.Sprintf("node %s assigned id %d", a.Node, a.NodeID)
+	case ActionNodeIDReleased:
+		return fmt.Sprintf("node %s gone, id %d held until generation %d is removed", a.Node, a.NodeID, a.Generation)
+	case ActionNodeIDFreed:
+		return fmt.Sprintf("id %d of departed node %s freed", a.NodeID, a.Node)
+	case ActionRequestHandled:
+		return fmt.Sprintf("rotate request %q handled by generation %d", a.Reason, a.Generation)
+	}
+	return string(a.Kind)
+}
+
+// Lag is a node and why it holds (or, when excluded, no longer holds) a step.
+type Lag struct {
+	Node   string
+	Reason string
+}
+
+// Result is the outcome of one Step.
+type Result struct {
+	// Ring is the next ring; Changed says whether it differs from Input.Ring (then the
+	// master must write it; Actions lists the differences).
+	Ring    *Ring
+	Changed bool
+	Actions []Action
+	// Waiting describes the step the master waits for ("" when settled).
+	Waiting string
+	// Lagging are live nodes holding Waiting; Excluded are nodes NotReady longer than the
+	// node timeout, which no longer block anything.
+	Lagging  []Lag
+	Excluded []Lag
+	// Deferred explains a rotation that is due but cannot start yet.
+	Deferred string
+	// RotationInProgress is true while a generation is pending or retiring.
+	RotationInProgress bool
+	// Wake is the earliest future time a timed transition may fire (zero: none).
+	Wake time.Time
+}
+
+// nodeView is a node's report judged against the node.
+type nodeView struct {
+	NodeState
+	excluded bool
+	problem  string // why the report cannot be used, "" if it can
+}
+
+// Step computes the next ring from the current one and the observed cluster. It is a pure
+// function: the same input gives the same output (given the same Rand bytes).
+func Step(in Input) (Result, error) {
+	var res Result
+	r := NewRing()
+	if in.Ring != nil {
+		if err := in.Ring.Validate(); err != nil {
+			return res, err
+		}
+		r = in.Ring.Clone()
+	}
+	if !in.Target.Valid() {
+		return res, fmt.Errorf("step: target mode %q is not one of off, accept, encrypt, enforce", in.Target)
+	}
+	cfg := in.Config
+	if cfg.Cipher.KeyBytes() == 0 || !ValidICV(cfg.ICVBytes) {
+		return res, fmt.Errorf("step: invalid config cipher %q icvBytes %d", cfg.Cipher, cfg.ICVBytes)
+	}
+	now := in.Now
+	wake := func(t time.Time) {
+		if t.After(now) && (res.Wake.IsZero() || t.Before(res.Wake)) {
+			res.Wake = t
+		}
+	}
+	act := func(a Action) { res.Actions = append(res.Actions, a) }
+
+	nodes := make([]nodeView, 0, len(in.Nodes))
+	for _, n := range in.Nodes {
+		v := nodeView{NodeState: n}
+		if !n.Ready && !n.NotReadySince.IsZero() {
+			until := n.NotReadySince.Add(cfg.NodeTimeout)
+			if !now.Before(until) {
+				v.excluded = true
+				res.Excluded = append(res.Excluded, Lag{n.Name, fmt.Sprintf("NotReady since %s (longer than %s)", n.NotReadySince.UTC().Format(time.RFC3339), cfg.NodeTimeout)})
+			} else {
+				wake(until)
+			}
+		}
+		switch {
+		case n.ReportError != "":
+			v.problem = "unreadable report: " + n.ReportError
+		case n.Report == nil:
+			v.problem = "no report"
+		case n.BootID != "" && n.Report.Incarnation != n.BootID:
+			v.problem = "report is from a previous boot"
+		}
+		nodes = append(nodes, v)
+	}
+	sort.Slice(nodes, func(i, j int) bool { return nodes[i].Name < nodes[j].Name })
+
+	// gate lists the live nodes whose usable report fails ok.
+	gate := func(want string, ok func(*api.NodeReport) bool) []Lag {
+		var lag []Lag
+		for _, v := range nodes {
+			switch {
+			case v.excluded:
+			case v.problem != "":
+				lag = append(lag, Lag{v.Name, v.problem})
+			case !ok(v.Report):
+				lag = append(lag, Lag{v.Name, want})
+			}
+		}
+		return lag
+	}
+	newGen := func(reason string, state State) error {
+		root := make(Key, RootKeyBytes)
+		if _, err := io.ReadFull(in.Rand, root); err != nil {
+			return fmt.Errorf("create generation %d: read root key from entropy source: %w", r.LastGeneration+1, err)
+		}
+		r.LastGeneration++
+		g := Generation{Number: r.LastGeneration, State: state, Cipher: cfg.Cipher, ICVBytes: cfg.ICVBytes,
+			Root: root, Reason: reason, Created: now}
+		if state == StateActive {
+			g.Activated = now
+		}
+		r.Generations = append(r.Generations, g)
+		act(Action{Kind: ActionGenerationCreated, Generation: g.Number, Reason: reason})
+		if state == StateActive {
+			act(Action{Kind: ActionGenerationActive, Generation: g.Number})
+		}
+		return nil
+	}
+
+	// 1. Target.
+	if r.Target != in.Target {
+		act(Action{Kind: ActionTargetChanged, From: r.Target, To: in.Target})
+		r.Target = in.Target
+	}
+
+	// 2. Cutover: one step per call, gated on every live node reporting the current mode
+	// (and, with keys in use, the active generation installed).
+	modeGate := func() []Lag {
+		cur := r.Mode
+		act := r.Active()
+		want := "report mode " + string(cur)
+		if act != nil {
+			want += fmt.Sprintf(" with generation %d installed", act.Number)
+		}
+		return gate(want, func(rep *api.NodeReport) bool {
+			return rep.Mode == cur && (act == nil || slices.Contains(rep.Generations, act.Number))
+		})
+	}
+	if r.Mode != r.Target && len(modeGate()) == 0 {
+		from := r.Mode
+		dir := -1
+		if r.Target.Rank() > from.Rank() {
+			dir = 1
+		}
+		next := api.Modes[from.Rank()+dir]
+		if from == api.ModeOff {
+			if err := newGen("initial", StateActive); err != nil {
+				return res, err
+			}
+			if in.RotateRequest != "" && in.RotateRequest != r.LastRotateRequest {
+				r.LastRotateRequest = in.RotateRequest
+				act(Action{Kind: ActionRequestHandled, Generation: r.LastGeneration, Reason: in.RotateRequest})
+			}
+		}
+		if next == api.ModeOff {
+			for _, g := range r.Generations {
+				act(Action{Kind: ActionGenerationRemoved, Generation: g.Number, Reason: "encryption disabled"})
+			}
+			r.Generations = []Generation{}
+		}
+		r.Mode = next
+		r.ModeChanged = now
+		act(Action{Kind: ActionModeChanged, From: from, To: next})
+	}
+
+	// 3. Rotation, while keys are in use.
+	if r.Mode != api.ModeOff {
+		// 3a. Retiring generations leave after the grace period.
+		kept := r.Generations[:0]
+		for _, g := range r.Generations {
+			if g.State == StateRetiring {
+				until := g.Retiring.Add(cfg.Grace)
+				if !now.Before(until) {
+					act(Action{Kind: ActionGenerationRemoved, Generation: g.Number, Reason: "grace period over"})
+					continue
+				}
+				wake(until)
+			}
+			kept = append(kept, g)
+		}
+		r.Generations = kept
+
+		// 3b. Pending becomes active once every live node has it installed inbound.
+		if p := r.Pending(); p != nil {
+			num := p.Number
+			if len(gate("", func(rep *api.NodeReport) bool { return slices.Contains(rep.Generations, num) })) == 0 {
+				if a := r.Active(); a != nil {
+					a.State, a.Retiring = StateRetiring, now
+					act(Action{Kind: ActionGenerationRetiring, Generation: a.Number})
+					wake(now.Add(cfg.Grace))
+				}
+				p = r.Generation(num)
+				p.State, p.Activated = StateActive, now
+				act(Action{Kind: ActionGenerationActive, Generation: num})
+			}
+		}
+
+		// 3c. Start a rotation when one is due and none is pending.
+		if a := r.Active(); a != nil && r.Target != api.ModeOff {
+			reason, request := "", false
+			if in.RotateRequest != "" && in.RotateRequest != r.LastRotateRequest {
+				reason, request = "request", true
+			}
+			if reason == "" && cfg.RotateInterval > 0 {
+				due := a.Created.Add(cfg.RotateInterval)
+				if !now.Before(due) {
+					reason = "interval"
+				} else {
+					wake(due)
+				}
+			}
+			if reason == "" && cfg.SeqThreshold > 0 {
+				hasRetiring := len(r.Generations) > 1
+				for _, v := range nodes {
+					if v.excluded || v.problem != "" || v.Report.MaxSeqFraction < cfg.SeqThreshold {
+						continue
+					}
+					if v.Report.SeqGeneration == a.Number || (v.Report.SeqGeneration == 0 && !hasRetiring) {
+						reason = "sequence"
+						break
+					}
+				}
+			}
+			switch {
+			case reason == "":
+			case r.Pending() != nil:
+				res.Deferred = fmt.Sprintf("rotation (%s) waits for pending generation %d", reason, r.Pending().Number)
+			case len(r.Generations) >= MaxLiveGenerations:
+				res.Deferred = fmt.Sprintf("rotation (%s) waits for a retiring generation to be removed", reason)
+			default:
+				if err := newGen(reason, StatePending); err != nil {
+					return res, err
+				}
+				if request {
+					r.LastRotateRequest = in.RotateRequest
+					act(Action{Kind: ActionRequestHandled, Generation: r.LastGeneration, Reason: in.RotateRequest})
+				}
+			}
+		}
+	}
+
+	// 4. Node IDs: assign to every present node, hold departed nodes' IDs while any
+	// generation that saw them is live.
+	assignNodeIDs(r, nodes, act)
+
+	// 5. What we wait for now.
+	switch {
+	case r.Pending() != nil:
+		num := r.Pending().Number
+		res.Waiting = fmt.Sprintf("generation %d to be installed inbound on every live node", num)
+		res.Lagging = gate(fmt.Sprintf("generation %d not installed", num), func(rep *api.NodeReport) bool {
+			return slices.Contains(rep.Generations, num)
+		})
+	case r.Mode != r.Target:
+		res.Waiting = fmt.Sprintf("every live node to report mode %s before stepping toward %s", r.Mode, r.Target)
+		res.Lagging = modeGate()
+	}
+	for _, g := range r.Generations {
+		if g.State != StateActive {
+			res.RotationInProgress = true
+		}
+	}
+	if err := r.Validate(); err != nil {
+		return res, fmt.Errorf("step produced an invalid ring (bug): %w", err)
+	}
+	res.Ring = r
+	res.Changed = len(res.Actions) > 0
+	return res, nil
+}
+
+func assignNodeIDs(r *Ring, nodes []nodeView, act func(Action)) {
+	present := map[string]bool{}
+	for _, v := range nodes {
+		present[v.Name] = true
+	}
+	oldest := uint32(0)
+	for _, g := range r.Generations {
+		if oldest == 0 || g.Number < oldest {
+			oldest = g.Number
+		}
+	}
+	kept := r.Nodes[:0]
+	for _, n := range r.Nodes {
+		switch {
+		case !n.Released && !present[n.Name]:
+			n.Released, n.ReleasedAt = true, r.LastGeneration
+			act(Action{Kind: ActionNodeIDReleased, Node: n.Name, NodeID: n.ID, Generation: n.ReleasedAt})
+		case n.Released && present[n.Name]:
+			n.Released, n.ReleasedAt = false, 0
+			act(Action{Kind: ActionNodeIDAssigned, Node: n.Name, NodeID: n.ID})
+		}
+		if n.Released && (oldest == 0 || oldest > n.ReleasedAt) {
+			act(Action{Kind: ActionNodeIDFreed, Node: n.Name, NodeID: n.ID})
+			continue
+		}
+		kept = append(kept, n)
+	}
+	r.Nodes = kept
+	used := map[uint32]bool{}
+	has := map[string]bool{}
+	for _, n := range r.Nodes {
+		used[n.ID] = true
+		if !n.Released {
+			has[n.Name] = true
+		}
+	}
+	next := uint32(1)
+	for _, v := range nodes {
+		if has[v.Name] {
+			continue
+		}
+		for used[next] {
+			next++
+		}
+		if next > MaxNodeID {
+			return // validation of SPIs would fail; 4 million nodes is not a real cluster
+		}
+		used[next] = true
+		r.Nodes = append(r.Nodes, NodeID{Name: v.Name, ID: next})
+		has[v.Name] = true
+		act(Action{Kind: ActionNodeIDAssigned, Node: v.Name, NodeID: next})
+	}
+}
+
+// Summary is a one-line description of a ring for logs and status (no key material).
+func Summary(r *Ring) string {
+	if r == nil {
+		return "no ring"
+	}
+	var gens []string
+	for _, g := range r.Generations {
+		gens = append(gens, fmt.Sprintf("%d:%s", g.Number, g.State))
+	}
+	return fmt.Sprintf("mode=%s target=%s generations=[%s] nodes=%d", r.Mode, r.Target, strings.Join(gens, " "), len(r.Nodes))
+}

@@ -29,6 +29,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/secureoverlay/secureoverlay/budget"
 )
@@ -294,8 +295,16 @@ func clamp(netnsPath, ifName string, limit int, hostIfaces []string) error {
 		if err := netlink.LinkSetMTU(l, limit); err != nil {
 			return fmt.Errorf("set mtu of %s: %w", ifName, err)
 		}
-		routes, err := netlink.RouteListFiltered(netlink.FAMILY_ALL, &netlink.Route{LinkIndex: l.Attrs().Index, Table: 0},
-			netlink.RT_FILTER_OIF)
+		// Every table (policy routing may put the pod's routes elsewhere), both families.
+		var routes []netlink.Route
+		for range 5 {
+			routes, err = netlink.RouteListFiltered(netlink.FAMILY_ALL,
+				&netlink.Route{LinkIndex: l.Attrs().Index, Table: unix.RT_TABLE_UNSPEC},
+				netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
+			if !errors.Is(err, netlink.ErrDumpInterrupted) {
+				break
+			}
+		}
 		if err != nil {
 			return fmt.Errorf("list routes of %s: %w", ifName, err)
 		}

@@ -93,11 +93,12 @@ func newPod(t *testing.T, mtu, routeMTU int) *pod {
 			return fmt.Errorf("add addr: %w", err)
 		}
 		for _, r := range []struct {
-			dst string
-			mtu int
-		}{{"198.18.2.0/24", routeMTU}, {"198.18.3.0/24", 0}, {"198.18.4.0/24", 1280}} {
+			dst   string
+			mtu   int
+			table int
+		}{{"198.18.2.0/24", routeMTU, 0}, {"198.18.3.0/24", 0, 0}, {"198.18.4.0/24", 1280, 0}, {"198.18.5.0/24", routeMTU, 100}} {
 			_, dst, _ := net.ParseCIDR(r.dst)
-			if err := netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK, MTU: r.mtu}); err != nil {
+			if err := netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK, MTU: r.mtu, Table: r.table}); err != nil {
 				return fmt.Errorf("add route %s: %w", r.dst, err)
 			}
 		}
@@ -109,7 +110,7 @@ func newPod(t *testing.T, mtu, routeMTU int) *pod {
 	return p
 }
 
-// linkMTU returns the MTU of eth0 and of the routes 198.18.2.0/24, .3.0/24, .4.0/24.
+// mtus returns the MTU of eth0 and of its IPv4 routes in every table, by destination.
 func (p *pod) mtus(t *testing.T) (int, map[string]int) {
 	t.Helper()
 	var mtu int
@@ -120,7 +121,8 @@ func (p *pod) mtus(t *testing.T) (int, map[string]int) {
 			return err
 		}
 		mtu = l.Attrs().MTU
-		rs, err := netlink.RouteList(l, netlink.FAMILY_V4)
+		rs, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{LinkIndex: l.Attrs().Index},
+			netlink.RT_FILTER_OIF|netlink.RT_FILTER_TABLE)
 		if err != nil {
 			return err
 		}
@@ -346,8 +348,8 @@ func TestVerbsEveryVersion(t *testing.T) {
 			if mtu != bud {
 				t.Errorf("clamp: pod mtu %d, want %d", mtu, bud)
 			}
-			if routes["198.18.2.0/24"] != bud || routes["198.18.3.0/24"] != 0 || routes["198.18.4.0/24"] != 1280 {
-				t.Errorf("clamp: route mtus %v; want 198.18.2.0/24=%d, .3=0 (unset), .4=1280", routes, bud)
+			if routes["198.18.2.0/24"] != bud || routes["198.18.3.0/24"] != 0 || routes["198.18.4.0/24"] != 1280 || routes["198.18.5.0/24"] != bud {
+				t.Errorf("clamp: route mtus %v; want 198.18.2.0/24=%d, .3=0 (unset), .4=1280, .5 (table 100)=%d", routes, bud, bud)
 			}
 			r100, err := current.NewResultFromResult(res)
 			if err != nil {

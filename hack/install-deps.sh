@@ -7,7 +7,7 @@ pkgs=(
   iproute2 iptables kmod            # netns, veth, xfrm policies, iptables rules
   containernetworking-plugins       # ptp/bridge/host-local/tuning: the stand-in primary CNI plugin
   tcpdump                           # captures in the lab
-  qemu-system-x86 busybox-static cpio zstd xz-utils   # the VM lab
+  qemu-system-x86 busybox-static cpio zstd xz-utils iputils-ping   # the VM lab (ping -M do for DF probes)
 )
 
 missing=()

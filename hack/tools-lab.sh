@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Builds the VM lab's boot image (see docs/lab.md): Debian's own kernel and an
+# initramfs holding busybox, the data-plane kernel modules, iproute2, iptables,
+# tcpdump, ping, kmod and the command-channel helper labd.
+#
+# Output, under ${SECUREOVERLAY_CACHE_DIR:-<repo>/.cache}/lab/:
+#   vmlinuz          the kernel of the linux-image-<ver>-amd64 package that
+#                    linux-image-amd64 depends on (downloaded, never installed)
+#   initrd.img       gzip'd cpio (newc) root file system
+#   kernel.release   e.g. 6.1.0-56-amd64
+#   manifest.txt     what went into the image (packages, modules, tools)
+#   stamp            hash of every input; a rerun with the same inputs does nothing
+#
+# Userland comes from the host's Debian packages: each tool is copied with the
+# shared libraries ldd names and the dynamic loader. Modules are uncompressed
+# in Debian's 6.1 packages; any .ko.xz/.ko.zst is decompressed here so the
+# guest's modprobe never needs a decompressor. The package ships no
+# modules.dep, so depmod runs on the extracted tree and again on the image.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cache=${SECUREOVERLAY_CACHE_DIR:-$repo/.cache}
+out=$cache/lab
+GO=${GO:-go}
+command -v "$GO" >/dev/null || GO=/usr/local/go/bin/go
+mkdir -p "$out/deb"
+
+log() { echo "tools-lab: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+for t in apt-cache apt-get dpkg dpkg-deb depmod modprobe cpio gzip ldd busybox dash flock xz zstd ip tcpdump ping xtables-nft-multi xtables-legacy-multi; do
+	command -v "$t" >/dev/null || die "missing $t (run hack/install-deps.sh)"
+done
+
+exec 9>"$out/.lock"
+flock 9
+
+# The modules the guest loads at boot, with their dependencies resolved from
+# modules.dep. Anything else in this list's closure is also autoloadable
+# (the guest has kmod as /sbin/modprobe and a full modules.alias).
+modules=(
+	virtio_pci virtio_net virtio_rng 9p 9pnet_virtio # QEMU devices and shares
+	esp4 ipip tunnel4 ip_tunnel xfrm_user xfrm_algo xfrm4_tunnel # ESP, IPIP, xfrm netlink
+	aead gcm ghash-generic ctr seqiv echainiv # rfc4106(gcm(aes)) and its IV generators
+	sha512_generic sha3_generic jitterentropy_rng drbg # stdrng (drbg_nopr_hmac_sha512), seeded by jitterentropy (sha3-256)
+	aesni-intel ghash-clmulni-intel cryptd crypto_simd authenc # accelerated variants (-cpu max has AES-NI)
+	veth bridge dummy sch_netem # node, pod and underlay plumbing; fault injection
+	x_tables ip_tables iptable_filter iptable_mangle iptable_raw iptable_nat # iptables-legacy
+	nf_tables nft_compat nft_chain_nat nft_ct nft_reject_ipv4 # iptables-nft (the guest's default "iptables")
+	xt_policy xt_mark xt_comment xt_conntrack xt_addrtype xt_multiport xt_tcpudp xt_set xt_NFLOG xt_LOG
+	xt_MASQUERADE ipt_REJECT nf_conntrack nf_nat nfnetlink nfnetlink_log
+)
+# Host tools copied into the image at the path the host's PATH finds them
+# (under /usr in the image; the image's /bin and /sbin hold busybox and kmod).
+tools=(ip ss tc bridge nstat xtables-nft-multi xtables-legacy-multi tcpdump ping kmod)
+
+# --- inputs and stamp --------------------------------------------------------
+kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+if [ -z "$kpkg" ]; then
+	log "apt lists do not know linux-image-amd64; running apt-get update"
+	apt-get update -qq
+	kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+fi
+[ -n "$kpkg" ] || die "cannot resolve the kernel package linux-image-amd64 depends on"
+kver_pkg=$(apt-cache policy "$kpkg" | awk '/Candidate:/{print $2}')
+
+stamp=$(
+	{
+		echo "kernel $kpkg $kver_pkg"
+		sha256sum "$0"
+		(cd "$repo" && find conformance/lab/guest conformance/lab/wire -type f | LC_ALL=C sort | xargs sha256sum)
+		dpkg-query -W -f='${Package} ${Version}\n' iproute2 iptables tcpdump busybox-static kmod iputils-ping libc6 dash
+		"$GO" version
+		printf '%s\n' "${modules[@]}" "${tools[@]}"
+	} | sha256sum | cut -d' ' -f1
+)
+if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] &&
+	[ -s "$out/vmlinuz" ] && [ -s "$out/initrd.img" ]; then
+	log "up to date ($(cat "$out/kernel.release"), $(du -h "$out/initrd.img" | cut -f1) initramfs)"
+	exit 0
+fi
+
+# --- kernel --------------------------------------------------------------------
+deb=$(ls "$out/deb/${kpkg}_"*.deb 2>/dev/null | head -1 || true)
+if [ -z "$deb" ]; then
+	log "downloading $kpkg ($kver_pkg)"
+	(cd "$out/deb" && { apt-get download -q "$kpkg" 2>/dev/null || { apt-get update -qq && apt-get download -q "$kpkg"; }; })
+	deb=$(ls "$out/deb/${kpkg}_"*.deb | head -1)
+fi
+# Older kernel packages from earlier runs are of no use.
+find "$out/deb" -name 'linux-image-*.deb' ! -path "$deb" -delete
+
+work=$(mktemp -d "$out/.build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+log "extracting $(basename "$deb")"
+dpkg-deb -x "$deb" "$work/k"
+krel=$(ls "$work/k/lib/modules")
+[ "$(echo "$krel" | wc -w)" = 1 ] || die "expected one module tree in $deb, got: $krel"
+kmods=$work/k/lib/modules/$krel
+# Decompress compressed modules (busybox and minimal userlands cannot load them).
+find "$kmods" -name '*.ko.xz' -exec xz -d {} +
+find "$kmods" -name '*.ko.zst' -exec zstd -q -d --rm {} +
+depmod -b "$work/k" "$krel"
+
+# --- root file system -----------------------------------------------------------
+root=$work/root
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,lib64,etc/lab,proc,sys,dev,run,tmp,root,mnt}
+mkdir -p "$root/var/lib" && ln -s ../run "$root/var/run"
+
+# copy_elf FILE DEST: FILE at DEST in the image plus every library ldd names.
+copy_elf() {
+	local f=$1 dest=$2
+	mkdir -p "$(dirname "$root$dest")"
+	cp -L "$f" "$root$dest"
+	ldd "$f" 2>/dev/null | grep -oE '/[^ ]+' | while read -r lib; do
+		[ -e "$root$lib" ] && continue
+		mkdir -p "$(dirname "$root$lib")"
+		cp -L "$lib" "$root$lib"
+	done
+}
+
+for t in "${tools[@]}"; do
+	p=$(command -v "$t") || die "missing tool $t"
+	case $p in /bin/* | /sbin/*) dest=/usr$p ;; *) dest=$p ;; esac
+	copy_elf "$p" "$dest"
+done
+for so in /usr/lib/x86_64-linux-gnu/xtables/*.so; do copy_elf "$so" "$so"; done
+kmod_path=$(cd "$root" && find usr -name kmod -type f | head -1)
+for m in modprobe insmod rmmod lsmod modinfo depmod; do ln -s "../$kmod_path" "$root/sbin/$m"; done
+for v in nft legacy; do
+	for c in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
+		ln -s "xtables-$v-multi" "$root/usr/sbin/$c-$v"  # both multi binaries live in /usr/sbin
+	done
+done
+# Debian's default backend (update-alternatives picks iptables-nft).
+for c in iptables iptables-save iptables-restore ip6tables ip6tables-save ip6tables-restore; do
+	ln -s "$c-nft" "$root/usr/sbin/$c"
+done
+
+# /bin/sh is dash, as on the host: Debian's static busybox shell runs its own
+# applets before PATH (FEATURE_SH_STANDALONE), which would shadow the real ip
+# and ping with busybox's cut-down ones.
+copy_elf "$(readlink -f /bin/dash)" /bin/sh
+# busybox for everything the real tools above do not provide.
+cp /bin/busybox "$root/bin/busybox"
+for a in $(busybox --list); do
+	for d in bin sbin usr/bin usr/sbin; do [ -e "$root/$d/$a" ] && continue 2; done
+	ln -s busybox "$root/bin/$a"
+done
+ln -s bin/busybox "$root/init"
+
+log "building labd"
+CGO_ENABLED=0 "$GO" build -C "$repo" -trimpath -ldflags '-s -w' -o "$root/sbin/labd" ./conformance/lab/guest/labd
+
+install -m 0755 "$repo/conformance/lab/guest/rc" "$root/etc/lab/rc"
+install -m 0644 "$repo/conformance/lab/guest/inittab" "$root/etc/inittab"
+printf '%s\n' "${modules[@]}" >"$root/etc/lab/modules"
+cp /etc/protocols /etc/services "$root/etc/"
+cat >"$root/etc/passwd" <<'EOF'
+root:x:0:0:root:/root:/bin/sh
+tcpdump:x:104:110::/nonexistent:/bin/false
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false
+EOF
+cat >"$root/etc/group" <<'EOF'
+root:x:0:
+tcpdump:x:110:
+nogroup:x:65534:
+EOF
+echo "127.0.0.1 localhost lab" >"$root/etc/hosts"
+
+# Modules: the closure of the list above, uncompressed, with a fresh depmod.
+: >"$work/modfiles"
+for m in "${modules[@]}"; do
+	modprobe -d "$work/k" -S "$krel" --show-depends "$m" >>"$work/modfiles" ||
+		die "kernel $krel has no module $m"
+done
+mkdir -p "$root/lib/modules/$krel"
+cp "$kmods"/modules.order "$kmods"/modules.builtin "$kmods"/modules.builtin.modinfo "$root/lib/modules/$krel/"
+awk '$1 == "insmod" {print $2}' "$work/modfiles" | sort -u | while read -r f; do
+	rel=${f#"$work/k/lib/modules/$krel/"}
+	mkdir -p "$(dirname "$root/lib/modules/$krel/$rel")"
+	cp "$f" "$root/lib/modules/$krel/$rel"
+done
+depmod -b "$root" "$krel"
+
+{
+	echo "kernel package: $kpkg $kver_pkg ($krel)"
+	dpkg-query -W -f='userland: ${Package} ${Version}\n' iproute2 iptables tcpdump busybox-static kmod iputils-ping libc6
+	echo "modules loaded at boot: ${modules[*]}"
+	echo "module files:"
+	(cd "$root/lib/modules/$krel" && find . -name '*.ko' | LC_ALL=C sort | sed 's/^/  /')
+	echo "tools: ${tools[*]}"
+} >"$work/manifest.txt"
+
+log "packing initramfs ($(du -sh "$root" | cut -f1) unpacked)"
+(cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet | gzip -6) >"$work/initrd.img"
+
+cp "$work/k/boot/vmlinuz-$krel" "$work/vmlinuz"
+echo "$krel" >"$work/kernel.release"
+for f in vmlinuz initrd.img kernel.release manifest.txt; do mv -f "$work/$f" "$out/$f"; done
+echo "$stamp" >"$out/stamp"
+log "built $out: kernel $krel, initramfs $(du -h "$out/initrd.img" | cut -f1)"

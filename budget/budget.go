@@ -18,7 +18,10 @@
 //     too generous for 12- and 16-byte ICVs; the kernel-exact rule alone would exceed
 //     what the documentation promises operators (1500 → 1454 instead of 1452).
 //
-// Invariants: every function is pure; inputs outside the supported range (EXTMTU not in
+// The node's EXTMTU is the smallest MTU among its up external links (SmallestMTU, pure);
+// Links and DetectExternalMTU are the thin netlink shell that feeds it.
+//
+// Invariants: every function except Links and DetectExternalMTU is pure; inputs outside the supported range (EXTMTU not in
 // [MinExternalMTU, MaxExternalMTU], ICV not 8, 12 or 16) yield an error, never a
 // negative or otherwise meaningless number; for every accepted input,
 // WireSize(Budget) <= EXTMTU < WireSize(Budget+4).

@@ -562,4 +562,15 @@ func TestDetectInHostNamespace(t *testing.T) {
 	})
 	wantCode(t, "STATUS without external link", st, errPluginNotAvailable, "^wlan")
 	wantCode(t, "ADD without external link", ad, ErrExternalMTU, "externalMTU")
+
+	// In warn mode the same situation only logs: STATUS and ADD succeed.
+	_ = host.Do(func(ns.NetNS) error {
+		c := config(t, "1.1.0", map[string]any{"interfacePattern": "^wlan", "mode": "warn"}, prev)
+		st = status(c)
+		_, _, ad = add(p, c)
+		return nil
+	})
+	if st != nil || ad != nil {
+		t.Errorf("warn mode without external link: STATUS %v, ADD %v; want both to succeed", st, ad)
+	}
 }

@@ -331,3 +331,49 @@ func TestCloseStopsProcesses(t *testing.T) {
 		t.Error("StartAPIServerErr after Close: want an error")
 	}
 }
+
+// TestCreateNode checks that Nodes made by the harness carry what a kubelet and
+// Calico would have written, as stored by the real API server.
+func TestCreateNode(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real kube-apiserver; skipped with -short")
+	}
+	c := Start(t)
+	CreateNode(t, c.AdminConfig(), Node{Name: "node-a", IPv4: "198.18.0.1", BootID: "boot-1"})
+	CreateNode(t, c.AdminConfig(), Node{Name: "node-b", IPv4: "198.18.0.2", BootID: "boot-2", NotReady: true,
+		Annotations: map[string]string{api.CalicoIPIPTunnelAnnotation: "10.65.2.1"}})
+
+	cs := kubernetes.NewForConfigOrDie(c.AdminConfig())
+	ctx := context.Background()
+	for _, want := range []struct {
+		name, ip, boot string
+		ready          corev1.ConditionStatus
+	}{{"node-a", "198.18.0.1", "boot-1", corev1.ConditionTrue}, {"node-b", "198.18.0.2", "boot-2", corev1.ConditionFalse}} {
+		n, err := cs.CoreV1().Nodes().Get(ctx, want.name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatalf("get node %s: %v", want.name, err)
+		}
+		if n.Status.NodeInfo.BootID != want.boot {
+			t.Errorf("node %s bootID %q, want %q", want.name, n.Status.NodeInfo.BootID, want.boot)
+		}
+		if got := n.Annotations[api.CalicoIPv4AddressAnnotation]; got != want.ip+"/24" {
+			t.Errorf("node %s Calico address %q, want %q", want.name, got, want.ip+"/24")
+		}
+		var ready corev1.ConditionStatus
+		for _, cond := range n.Status.Conditions {
+			if cond.Type == corev1.NodeReady {
+				ready = cond.Status
+			}
+		}
+		if ready != want.ready {
+			t.Errorf("node %s Ready=%q, want %q", want.name, ready, want.ready)
+		}
+	}
+	n, _ := cs.CoreV1().Nodes().Get(ctx, "node-b", metav1.GetOptions{})
+	if n.Annotations[api.CalicoIPIPTunnelAnnotation] != "10.65.2.1" {
+		t.Errorf("node-b tunnel annotation %q", n.Annotations[api.CalicoIPIPTunnelAnnotation])
+	}
+	if _, err := CreateNodeContext(ctx, cs, Node{Name: "bad", IPv4: "not-an-ip"}); err == nil {
+		t.Error("CreateNodeContext with a bad IPv4: want an error")
+	}
+}

@@ -1,0 +1,107 @@
+package kube
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"net/netip"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/secureoverlay/secureoverlay/api"
+)
+
+// Node describes a Node object a test creates. There is no kubelet: the harness
+// writes what a kubelet and Calico would (status and annotations).
+type Node struct {
+	Name string
+	// IPv4 is the node's address (a 198.18.0.0/15 test address); it becomes the
+	// InternalIP and, as IPv4/24, Calico's projectcalico.org/IPv4Address
+	// annotation. Empty: neither is set.
+	IPv4 string
+	// BootID is status.nodeInfo.bootID, the node's incarnation.
+	BootID string
+	// NotReady sets the Ready condition to False (default True).
+	NotReady bool
+	// Annotations are added as given (after the Calico address annotation).
+	Annotations map[string]string
+	Labels      map[string]string
+}
+
+// CreateNode creates the Node and sets its status (Ready, addresses, boot ID).
+// Fails t on error.
+func CreateNode(t testing.TB, cfg *rest.Config, n Node) *corev1.Node {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		t.Fatalf("create node %s: client: %v", n.Name, err)
+	}
+	node, err := CreateNodeContext(ctx, cs, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return node
+}
+
+// CreateNodeContext is CreateNode for use outside tests.
+func CreateNodeContext(ctx context.Context, cs kubernetes.Interface, n Node) (*corev1.Node, error) {
+	obj := &corev1.Node{ObjectMeta: metav1.ObjectMeta{
+		Name:        n.Name,
+		Labels:      map[string]string{"kubernetes.io/hostname": n.Name, "kubernetes.io/os": "linux"},
+		Annotations: map[string]string{},
+	}}
+	maps.Copy(obj.Labels, n.Labels)
+	if n.IPv4 != "" {
+		ip, err := netip.ParseAddr(n.IPv4)
+		if err != nil || !ip.Is4() {
+			return nil, fmt.Errorf("create node %s: IPv4 %q is not an IPv4 address", n.Name, n.IPv4)
+		}
+		obj.Annotations[api.CalicoIPv4AddressAnnotation] = ip.String() + "/24"
+	}
+	maps.Copy(obj.Annotations, n.Annotations)
+	created, err := cs.CoreV1().Nodes().Create(ctx, obj, metav1.CreateOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("create node %s: %w", n.Name, err)
+	}
+	created.Status = NodeStatus(n)
+	updated, err := cs.CoreV1().Nodes().UpdateStatus(ctx, created, metav1.UpdateOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("update status of node %s: %w", n.Name, err)
+	}
+	return updated, nil
+}
+
+// NodeStatus is the status a kubelet would report for n, heartbeat now.
+func NodeStatus(n Node) corev1.NodeStatus {
+	now := metav1.Now()
+	ready := corev1.NodeCondition{
+		Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady",
+		LastHeartbeatTime: now, LastTransitionTime: now,
+	}
+	if n.NotReady {
+		ready.Status, ready.Reason = corev1.ConditionFalse, "KubeletNotReady"
+	}
+	st := corev1.NodeStatus{
+		Conditions: []corev1.NodeCondition{ready},
+		NodeInfo: corev1.NodeSystemInfo{
+			BootID:          n.BootID,
+			OperatingSystem: "linux",
+			Architecture:    "amd64",
+			KubeletVersion:  "v1.36.3",
+		},
+	}
+	if n.IPv4 != "" {
+		st.Addresses = []corev1.NodeAddress{
+			{Type: corev1.NodeInternalIP, Address: n.IPv4},
+			{Type: corev1.NodeHostName, Address: n.Name},
+		}
+	}
+	return st
+}

@@ -1,0 +1,518 @@
+package desired
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/secureoverlay/secureoverlay/api"
+)
+
+// ParseNodeAddress parses the projectcalico.org/IPv4Address annotation: a CIDR such as
+// "10.0.0.5/24" (address and subnet) or a bare IPv4 address (returned as a /32, i.e. the
+// subnet is unknown).
+func ParseNodeAddress(s string) (netip.Prefix, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return netip.Prefix{}, errors.New("no IPv4 address annotation")
+	}
+	var p netip.Prefix
+	if strings.Contains(s, "/") {
+		var err error
+		if p, err = netip.ParsePrefix(s); err != nil {
+			return netip.Prefix{}, fmt.Errorf("ipv4 address annotation %q: %w", s, err)
+		}
+	} else {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("ipv4 address annotation %q: %w", s, err)
+		}
+		a = a.Unmap()
+		p = netip.PrefixFrom(a, a.BitLen())
+	}
+	if !p.Addr().Unmap().Is4() {
+		return netip.Prefix{}, fmt.Errorf("ipv4 address annotation %q is not IPv4", s)
+	}
+	a := p.Addr().Unmap()
+	if a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() {
+		return netip.Prefix{}, fmt.Errorf("ipv4 address annotation %q is not a unicast node address", s)
+	}
+	return netip.PrefixFrom(a, p.Bits()), nil
+}
+
+// ParseAffinity returns NODE from a block affinity "host:NODE".
+func ParseAffinity(s string) (string, bool) {
+	n, ok := strings.CutPrefix(s, "host:")
+	return n, ok && n != ""
+}
+
+type peer struct {
+	node    Node
+	addr    netip.Prefix
+	ep      Endpoint
+	rep     *Report // nil unless current
+	sendGen uint32
+	reason  string
+	dropIn  bool // enforce: plaintext from it is dropped, inbound policy required
+	same    bool // same subnet with tunnel coverage
+	skipped bool // key derivation failed
+}
+
+// Compute returns the complete desired state of node in.Self. It is pure: the same Inputs
+// give the same State, and it never touches the kernel, the clock or the network.
+//
+// Invariants it keeps (tested in compute_test.go and sequence_test.go):
+//   - an outbound policy toward a peer points at a generation the peer reports installed
+//     inbound from this node, and this node holds that outbound SA (make before break);
+//   - plaintext from a peer is dropped (rule or required policy) only if the peer reports
+//     that it sends ESP to this node;
+//   - nothing is programmed for BGP peers that are not cluster nodes, and only IPIP
+//     (proto 4) between node IPs and CrossSubnet pod blocks is selected, so control-plane
+//     traffic (API server, BGP, kubelet) never depends on ESP.
+func Compute(in Inputs) (State, error) {
+	cfg := in.Config.WithDefaults()
+	if err := cfg.Validate(); err != nil {
+		return State{}, err
+	}
+	mode := in.Ring.Mode
+	if !mode.Valid() {
+		return State{}, fmt.Errorf("ring mode %q is not a mode", mode)
+	}
+	st := State{Mode: mode}
+
+	// Self.
+	var self *Node
+	for i := range in.Nodes {
+		if in.Nodes[i].Name == in.Self {
+			self = &in.Nodes[i]
+			break
+		}
+	}
+	if self == nil {
+		return State{}, fmt.Errorf("node %q: not among the cluster nodes", in.Self)
+	}
+	selfAddr, err := ParseNodeAddress(self.IPv4Address)
+	if err != nil {
+		return State{}, fmt.Errorf("node %q: %w", self.Name, err)
+	}
+	selfEP := Endpoint{IP: selfAddr.Addr(), Incarnation: self.Incarnation, NodeID: self.NodeID}
+	if mode != api.ModeOff {
+		if self.Incarnation == "" {
+			return State{}, fmt.Errorf("node %q: no incarnation (boot ID)", self.Name)
+		}
+		if self.NodeID == 0 {
+			return State{}, fmt.Errorf("node %q: no node ID assigned in the ring", self.Name)
+		}
+		if in.Keys == nil {
+			return State{}, errors.New("no key function")
+		}
+	}
+
+	// Generations.
+	gens := slices.Clone(in.Ring.Generations)
+	slices.SortFunc(gens, func(a, b Generation) int { return cmp.Compare(a.ID, b.ID) })
+	for i, g := range gens {
+		if i > 0 && gens[i-1].ID == g.ID {
+			return State{}, fmt.Errorf("ring: generation %d listed twice", g.ID)
+		}
+		if g.State != GenPending && g.State != GenActive && g.State != GenRetiring {
+			return State{}, fmt.Errorf("ring: generation %d has unknown state %q", g.ID, g.State)
+		}
+	}
+	if mode != api.ModeOff && len(gens) == 0 {
+		return State{}, fmt.Errorf("ring: mode %s without live generations", mode)
+	}
+
+	// Pools: coverage notes.
+	var crossSubnet []Pool
+	for _, p := range in.Pools {
+		switch p.IPIPMode {
+		case IPIPAlways:
+		case IPIPCrossSubnet:
+			crossSubnet = append(crossSubnet, p)
+		case IPIPNever, "":
+			st.NotCovered = append(st.NotCovered, fmt.Sprintf("pool %s (%s) ipipMode Never: pod traffic between nodes is not IPIP and is not encrypted", p.Name, p.CIDR))
+		default:
+			st.NotCovered = append(st.NotCovered, fmt.Sprintf("pool %s (%s) unknown ipipMode %q: treated as Never, not encrypted", p.Name, p.CIDR, p.IPIPMode))
+		}
+	}
+
+	// Peers.
+	byIP := map[netip.Addr]string{selfAddr.Addr(): self.Name}
+	var peers []*peer
+	nodes := slices.Clone(in.Nodes)
+	slices.SortFunc(nodes, func(a, b Node) int { return strings.Compare(a.Name, b.Name) })
+	for i, n := range nodes {
+		if n.Name == self.Name {
+			continue
+		}
+		if i > 0 && nodes[i-1].Name == n.Name {
+			return State{}, fmt.Errorf("node %q listed twice", n.Name)
+		}
+		skip := func(reason string) { st.Skipped = append(st.Skipped, Skip{Object: "node/" + n.Name, Reason: reason}) }
+		a, err := ParseNodeAddress(n.IPv4Address)
+		if err != nil {
+			skip(err.Error())
+			continue
+		}
+		if other, dup := byIP[a.Addr()]; dup {
+			skip(fmt.Sprintf("address %s already used by node %q", a.Addr(), other))
+			continue
+		}
+		if n.Incarnation == "" {
+			skip("no incarnation (boot ID) yet")
+			continue
+		}
+		if n.NodeID == 0 {
+			skip("no node ID assigned in the ring yet")
+			continue
+		}
+		if n.NodeID == self.NodeID {
+			skip(fmt.Sprintf("node ID %d equals this node's", n.NodeID))
+			continue
+		}
+		byIP[a.Addr()] = n.Name
+		p := &peer{node: n, addr: a, ep: Endpoint{IP: a.Addr(), Incarnation: n.Incarnation, NodeID: n.NodeID}}
+		if r := n.Report; r != nil && r.Incarnation == n.Incarnation && r.Mode.Valid() {
+			p.rep = r
+		}
+		peers = append(peers, p)
+	}
+	for _, b := range in.BGPPeers {
+		if _, isNode := byIP[b.PeerIP.Unmap()]; isNode {
+			continue
+		}
+		st.NotCovered = append(st.NotCovered, fmt.Sprintf("bgp peer %s (%s) is not a cluster node: never encrypted to nor dropped", b.Name, b.PeerIP))
+	}
+
+	if mode == api.ModeOff {
+		for _, p := range peers {
+			st.Peers = append(st.Peers, PeerStatus{Name: p.node.Name, IP: p.addr.Addr(), Reason: "mode off"})
+		}
+		return finish(st)
+	}
+
+	// Keys.
+	type saKey struct {
+		peer string
+		gen  uint32
+		kind Kind
+		dir  Dir
+	}
+	sas := map[saKey]SA{}
+	derive := func(p *peer, g uint32, kind Kind, dir Dir) error {
+		src, dst := selfEP, p.ep
+		if dir == In {
+			src, dst = p.ep, selfEP
+		}
+		spi, key, err := in.Keys(g, kind, src, dst)
+		if err != nil {
+			return fmt.Errorf("derive %s sa generation %d %s->%s (peer %q): %w", kind, g, src.IP, dst.IP, p.node.Name, err)
+		}
+		if key.Len() != 20 && key.Len() != 36 {
+			return fmt.Errorf("derive %s sa generation %d %s->%s (peer %q): key is %d bytes, want 20 or 36", kind, g, src.IP, dst.IP, p.node.Name, key.Len())
+		}
+		if spi < 256 {
+			return fmt.Errorf("derive %s sa generation %d %s->%s (peer %q): spi 0x%x is reserved", kind, g, src.IP, dst.IP, p.node.Name, spi)
+		}
+		sa := SA{Src: src.IP, Dst: dst.IP, SPI: spi, Kind: kind, ReqID: cfg.ReqID, Key: key,
+			ICVBytes: cfg.ICVBytes, ReplayWindow: cfg.ReplayWindow, ESN: true,
+			SoftPackets: cfg.SoftPackets, HardPackets: cfg.HardPackets,
+			Dir: dir, Peer: p.node.Name, Generation: g}
+		if kind == Transport {
+			sa.SelSrc = netip.PrefixFrom(src.IP, 32)
+			sa.SelDst = netip.PrefixFrom(dst.IP, 32)
+			sa.SelProto = 4
+		} else {
+			sa.ReqID = cfg.TunnelReqID
+		}
+		sas[saKey{p.node.Name, g, kind, dir}] = sa
+		return nil
+	}
+
+	// Same-subnet (CrossSubnet) coverage data.
+	podSets := map[string][]netip.Prefix{}
+	type exception struct {
+		ip          netip.Addr
+		owner, user string
+	}
+	var exceptions []exception
+	if len(crossSubnet) > 0 {
+		if selfAddr.Bits() == 32 {
+			st.NotCovered = append(st.NotCovered, fmt.Sprintf("node %s has a bare IPv4Address (no subnet): same-subnet pod traffic of CrossSubnet pools is not encrypted", self.Name))
+		}
+		for _, b := range in.Blocks {
+			obj := "block/" + b.CIDR.String()
+			if b.Deleted {
+				continue
+			}
+			var pool *Pool
+			for i := range crossSubnet {
+				if crossSubnet[i].CIDR.Bits() <= b.CIDR.Bits() && crossSubnet[i].CIDR.Contains(b.CIDR.Addr()) {
+					pool = &crossSubnet[i]
+				}
+			}
+			if pool == nil {
+				continue
+			}
+			owner, ok := ParseAffinity(b.Affinity)
+			if !ok {
+				st.Skipped = append(st.Skipped, Skip{Object: obj, Reason: fmt.Sprintf("affinity %q is not host:NODE", b.Affinity)})
+				continue
+			}
+			podSets[owner] = append(podSets[owner], b.CIDR.Masked())
+			for _, x := range b.Borrowed {
+				ip := x.IP.Unmap()
+				if !ip.Is4() || !b.CIDR.Contains(ip) || x.Node == "" || x.Node == owner {
+					continue
+				}
+				podSets[x.Node] = append(podSets[x.Node], netip.PrefixFrom(ip, 32))
+				exceptions = append(exceptions, exception{ip: ip, owner: owner, user: x.Node})
+			}
+		}
+		for n := range podSets {
+			slices.SortFunc(podSets[n], comparePrefix)
+			podSets[n] = slices.Compact(podSets[n])
+		}
+	}
+
+	var policies []Policy
+	prio := func(src, dst netip.Prefix) uint32 {
+		return cfg.Priority + uint32(32-src.Bits()) + uint32(32-dst.Bits())
+	}
+	peerByName := map[string]*peer{}
+	for _, p := range peers {
+		peerByName[p.node.Name] = p
+		p.same = len(crossSubnet) > 0 && selfAddr.Bits() < 32 && selfAddr.Masked().Contains(p.addr.Addr()) &&
+			len(podSets[self.Name]) > 0 && len(podSets[p.node.Name]) > 0
+		var derr error
+		for _, g := range gens {
+			for _, dir := range []Dir{In, Out} {
+				derr = errors.Join(derr, derive(p, g.ID, Transport, dir))
+				if p.same {
+					derr = errors.Join(derr, derive(p, g.ID, Tunnel, dir))
+				}
+			}
+		}
+		if derr != nil {
+			// One peer's bad key material must not stop the rest of the cluster: the
+			// peer gets nothing (plaintext both ways, never dropped) and is reported.
+			for k := range sas {
+				if k.peer == p.node.Name {
+					delete(sas, k)
+				}
+			}
+			p.skipped = true
+			st.Skipped = append(st.Skipped, Skip{Object: "node/" + p.node.Name, Reason: derr.Error()})
+			continue
+		}
+		// Which generation to send with.
+		switch {
+		case mode.Rank() < api.ModeEncrypt.Rank():
+			p.reason = "mode " + string(mode)
+		case p.rep == nil:
+			p.reason = "no current report from peer"
+		case p.rep.Mode.Rank() < api.ModeAccept.Rank():
+			p.reason = "peer mode " + string(p.rep.Mode)
+		case !p.rep.InboundFromSelf:
+			p.reason = "peer has not installed inbound SAs from this node"
+		default:
+			p.sendGen = chooseGeneration(gens, p.rep.Generations)
+			if p.sendGen == 0 {
+				p.reason = "no usable generation in common with peer"
+			}
+		}
+		p.dropIn = mode == api.ModeEnforce && p.rep != nil && p.rep.EncryptsToSelf
+
+		// Transport policies.
+		a32, b32 := netip.PrefixFrom(selfAddr.Addr(), 32), netip.PrefixFrom(p.addr.Addr(), 32)
+		policies = append(policies, Policy{Dir: In, Src: b32, Dst: a32, Proto: 4, Priority: cfg.Priority, Peer: p.node.Name,
+			Tmpl: Template{Src: p.addr.Addr(), Dst: selfAddr.Addr(), Kind: Transport, ReqID: cfg.ReqID, Optional: !p.dropIn}})
+		if p.sendGen != 0 {
+			out := sas[saKey{p.node.Name, p.sendGen, Transport, Out}]
+			policies = append(policies, Policy{Dir: Out, Src: a32, Dst: b32, Proto: 4, Priority: cfg.Priority, Peer: p.node.Name,
+				Tmpl: Template{Src: selfAddr.Addr(), Dst: p.addr.Addr(), SPI: out.SPI, Kind: Transport, ReqID: cfg.ReqID}})
+		}
+		// Tunnel policies for same-subnet pod blocks.
+		if p.same {
+			for _, pb := range podSets[p.node.Name] {
+				for _, pa := range podSets[self.Name] {
+					policies = append(policies, Policy{Dir: Fwd, Src: pb, Dst: pa, Priority: prio(pb, pa), Peer: p.node.Name,
+						Tmpl: Template{Src: p.addr.Addr(), Dst: selfAddr.Addr(), Kind: Tunnel, ReqID: cfg.TunnelReqID, Optional: !p.dropIn}})
+					if p.sendGen != 0 {
+						out := sas[saKey{p.node.Name, p.sendGen, Tunnel, Out}]
+						policies = append(policies, Policy{Dir: Out, Src: pa, Dst: pb, Priority: prio(pa, pb), Peer: p.node.Name,
+							Tmpl: Template{Src: selfAddr.Addr(), Dst: p.addr.Addr(), SPI: out.SPI, Kind: Tunnel, ReqID: cfg.TunnelReqID}})
+					}
+				}
+			}
+		}
+		// Rules.
+		switch mode {
+		case api.ModeEncrypt:
+			if p.rep != nil && p.rep.EncryptsToSelf {
+				st.Rules = append(st.Rules, Rule{Hook: HookIn, PeerIP: p.addr.Addr(), Peer: p.node.Name, Action: Count})
+			}
+			if p.sendGen != 0 {
+				st.Rules = append(st.Rules, Rule{Hook: HookOut, PeerIP: p.addr.Addr(), Peer: p.node.Name, Action: Count})
+			}
+		case api.ModeEnforce:
+			if p.dropIn {
+				st.Rules = append(st.Rules, Rule{Hook: HookIn, PeerIP: p.addr.Addr(), Peer: p.node.Name, Action: Drop})
+			}
+			if p.sendGen != 0 {
+				st.Rules = append(st.Rules, Rule{Hook: HookOut, PeerIP: p.addr.Addr(), Peer: p.node.Name, Action: Drop})
+			}
+		}
+	}
+
+	// Borrowed /32s inside a tunnelled block whose pods live on a node we do not tunnel
+	// to (or on this node): they must bypass the block's tunnel policy.
+	for _, x := range exceptions {
+		owner := peerByName[x.owner]
+		if owner == nil || !owner.same || owner.skipped {
+			continue
+		}
+		if u := peerByName[x.user]; u != nil && u.same && !u.skipped {
+			continue // x/32 is in the user's pod set: its own, more specific tunnel policies
+		}
+		x32 := netip.PrefixFrom(x.ip, 32)
+		for _, pa := range podSets[self.Name] {
+			if pa == x32 {
+				continue
+			}
+			if owner.sendGen != 0 {
+				policies = append(policies, Policy{Dir: Out, Src: pa, Dst: x32, Priority: prio(pa, x32), Peer: x.user})
+			}
+			if x.user != self.Name {
+				policies = append(policies, Policy{Dir: Fwd, Src: x32, Dst: pa, Priority: prio(x32, pa), Peer: x.user})
+			}
+		}
+	}
+	for _, sa := range sas {
+		st.SAs = append(st.SAs, sa)
+	}
+	st.Policies = policies
+	for _, p := range peers {
+		if p.skipped {
+			continue
+		}
+		st.Peers = append(st.Peers, PeerStatus{Name: p.node.Name, IP: p.addr.Addr(), SendGeneration: p.sendGen,
+			Inbound: true, DropsPlaintext: p.dropIn, SameSubnet: p.same, Reason: p.reason})
+	}
+	for _, g := range gens {
+		st.Generations = append(st.Generations, g.ID)
+	}
+	return finish(st)
+}
+
+// chooseGeneration picks the generation to send with: the active generation if the peer
+// lists it, else the newest retiring one it lists; pending generations are never used.
+func chooseGeneration(gens []Generation, listed []uint32) uint32 {
+	var best uint32
+	for _, g := range gens {
+		if !slices.Contains(listed, g.ID) {
+			continue
+		}
+		switch g.State {
+		case GenActive:
+			return g.ID
+		case GenRetiring:
+			best = max(best, g.ID)
+		}
+	}
+	return best
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Bits(), b.Bits())
+}
+
+// finish sorts every slice and rejects duplicate identities (a bug or colliding SPIs).
+func finish(st State) (State, error) {
+	slices.SortFunc(st.SAs, func(a, b SA) int {
+		if c := a.Dst.Compare(b.Dst); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.SPI, b.SPI)
+	})
+	for i := 1; i < len(st.SAs); i++ {
+		if st.SAs[i].Dst == st.SAs[i-1].Dst && st.SAs[i].SPI == st.SAs[i-1].SPI {
+			return State{}, fmt.Errorf("spi collision: %s and %s share %s", st.SAs[i-1], st.SAs[i], st.SAs[i].ID())
+		}
+	}
+	slices.SortFunc(st.Policies, comparePolicy)
+	for i := 1; i < len(st.Policies); i++ {
+		if comparePolicy(st.Policies[i], st.Policies[i-1]) == 0 {
+			return State{}, fmt.Errorf("duplicate %s (peers %q and %q)", st.Policies[i].ID(), st.Policies[i-1].Peer, st.Policies[i].Peer)
+		}
+	}
+	slices.SortFunc(st.Rules, compareRule)
+	slices.SortFunc(st.Skipped, func(a, b Skip) int { return strings.Compare(a.Object, b.Object) })
+	slices.Sort(st.NotCovered)
+	return st, nil
+}
+
+func comparePolicy(a, b Policy) int {
+	if c := cmp.Compare(a.Dir, b.Dir); c != 0 {
+		return c
+	}
+	if c := comparePrefix(a.Src, b.Src); c != 0 {
+		return c
+	}
+	if c := comparePrefix(a.Dst, b.Dst); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Proto, b.Proto)
+}
+
+func compareRule(a, b Rule) int {
+	if c := cmp.Compare(a.Hook, b.Hook); c != 0 {
+		return c
+	}
+	if c := a.PeerIP.Compare(b.PeerIP); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Action, b.Action)
+}
+
+// SendingGenerations lists the generations any outbound policy uses (for the report: the
+// master removes a retiring generation only when no node sends with it).
+func (s State) SendingGenerations() []uint32 {
+	var out []uint32
+	for _, p := range s.Peers {
+		if p.SendGeneration != 0 && !slices.Contains(out, p.SendGeneration) {
+			out = append(out, p.SendGeneration)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// InboundPeers lists peers whose inbound SAs are in the state (per-pair readiness).
+func (s State) InboundPeers() []string {
+	var out []string
+	for _, p := range s.Peers {
+		if p.Inbound {
+			out = append(out, p.Name)
+		}
+	}
+	return out
+}
+
+// EncryptingPeers lists peers this state sends ESP to (per-pair readiness).
+func (s State) EncryptingPeers() []string {
+	var out []string
+	for _, p := range s.Peers {
+		if p.SendGeneration != 0 {
+			out = append(out, p.Name)
+		}
+	}
+	return out
+}

@@ -1,0 +1,353 @@
+package desired
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/secureoverlay/secureoverlay/api"
+)
+
+// Endpoint is one end of a directed SA: a node's IP, its incarnation (boot ID) and its
+// master-assigned node ID. Keys and SPIs are a function of (generation, kind, src, dst).
+type Endpoint struct {
+	IP          netip.Addr
+	Incarnation string
+	NodeID      uint32
+}
+
+// Kind separates the two SA families. They use different reqids and must use different
+// SPIs and keys (no two SAs ever share an AEAD key).
+type Kind uint8
+
+const (
+	// Transport: ESP transport mode on Calico's IPIP packets (IP proto 4) node to node.
+	Transport Kind = 1
+	// Tunnel: ESP tunnel mode between node IPs for same-subnet pod traffic of CrossSubnet
+	// pools, which Calico routes without IPIP.
+	Tunnel Kind = 2
+)
+
+func (k Kind) String() string {
+	switch k {
+	case Transport:
+		return "transport"
+	case Tunnel:
+		return "tunnel"
+	}
+	return fmt.Sprintf("kind(%d)", uint8(k))
+}
+
+// KeyFunc returns the SPI and AEAD key of generation gen's SA of the given kind from src
+// to dst. Both ends call it with the same arguments (the sender as (self, peer), the
+// receiver as (peer, self)) and must get the same answer. It must never return the same
+// key for two different argument tuples, and its errors must not contain key bytes.
+type KeyFunc func(gen uint32, kind Kind, src, dst Endpoint) (spi uint32, key Key, err error)
+
+// GenState is a key generation's place in its life cycle (the ring's states).
+type GenState string
+
+const (
+	// GenPending: SAs are installed (inbound and outbound); nobody sends with it yet.
+	GenPending GenState = "pending"
+	// GenActive: senders use it for every peer that reports it installed inbound.
+	GenActive GenState = "active"
+	// GenRetiring: still installed; used only toward peers that do not list the active one.
+	GenRetiring GenState = "retiring"
+)
+
+// Generation is one live key generation of the ring.
+type Generation struct {
+	ID    uint32
+	State GenState
+}
+
+// Ring is the agent's view of the key ring: the cluster mode and the live generations.
+type Ring struct {
+	Mode        api.Mode
+	Generations []Generation
+}
+
+// Report is a peer's published state as this node sees it. The shell fills it from the
+// peer's api.NodeReport; the two per-pair facts are what make joins and reboots safe (see
+// docs/dataplane.md, "per-pair readiness").
+type Report struct {
+	// Incarnation is the boot ID the peer's report was made with. A report whose
+	// incarnation differs from the node's current one is stale and ignored.
+	Incarnation string
+	// Mode is the mode the peer's kernel implements.
+	Mode api.Mode
+	// Generations lists generations whose inbound SAs the peer has installed.
+	Generations []uint32
+	// InboundFromSelf: the peer has installed inbound SAs from this node's current
+	// incarnation (so this node may send ESP to it).
+	InboundFromSelf bool
+	// EncryptsToSelf: the peer's kernel sends ESP to this node (it has an outbound policy
+	// toward this node's current incarnation), so plaintext from it may be dropped.
+	EncryptsToSelf bool
+}
+
+// Node is a cluster node (a Kubernetes Node that Calico knows).
+type Node struct {
+	Name string
+	// IPv4Address is the raw projectcalico.org/IPv4Address annotation: a CIDR (the node's
+	// address and subnet) or a bare IP.
+	IPv4Address string
+	// Incarnation is status.nodeInfo.bootID.
+	Incarnation string
+	// NodeID is the master-assigned small ID (0: none assigned yet).
+	NodeID uint32
+	// Report is nil when the peer has published nothing usable.
+	Report *Report
+}
+
+// Block is a Calico IPAM block.
+type Block struct {
+	CIDR netip.Prefix
+	// Affinity is the raw spec.affinity ("host:NODE"); blocks without a host affinity
+	// are ignored.
+	Affinity string
+	Deleted  bool
+	// Borrowed lists addresses of this block allocated to pods on another node.
+	Borrowed []Borrowed
+}
+
+// Borrowed is one /32 of a block used by a node other than the block's affine node.
+type Borrowed struct {
+	IP   netip.Addr
+	Node string
+}
+
+// IPIP modes of a Calico IP pool.
+const (
+	IPIPAlways      = "Always"
+	IPIPCrossSubnet = "CrossSubnet"
+	IPIPNever       = "Never"
+)
+
+// Pool is a Calico IP pool.
+type Pool struct {
+	Name     string
+	CIDR     netip.Prefix
+	IPIPMode string // Always, CrossSubnet, Never ("" means Never, as in Calico)
+	Disabled bool
+}
+
+// BGPPeer is a Calico BGPPeer.
+type BGPPeer struct {
+	Name   string
+	PeerIP netip.Addr
+}
+
+// Inputs is everything Compute needs. It holds no clock, no client and no kernel handle.
+type Inputs struct {
+	Self     string // this node's name; must be in Nodes
+	Nodes    []Node
+	Blocks   []Block
+	Pools    []Pool
+	BGPPeers []BGPPeer
+	Ring     Ring
+	Config   Config
+	Keys     KeyFunc
+}
+
+// Dir is the direction of an SA or a policy.
+type Dir uint8
+
+const (
+	In  Dir = 0 // the kernel's XFRM_POLICY_IN
+	Out Dir = 1 // XFRM_POLICY_OUT
+	Fwd Dir = 2 // XFRM_POLICY_FWD
+)
+
+func (d Dir) String() string {
+	switch d {
+	case In:
+		return "in"
+	case Out:
+		return "out"
+	case Fwd:
+		return "fwd"
+	}
+	return fmt.Sprintf("dir(%d)", uint8(d))
+}
+
+// SA is one xfrm state (ESP, AEAD rfc4106(gcm(aes))). Its kernel identity is (Dst, SPI).
+type SA struct {
+	// Kernel fields.
+	Src, Dst     netip.Addr
+	SPI          uint32
+	Kind         Kind // mode transport or tunnel
+	ReqID        uint32
+	Key          Key
+	ICVBytes     int
+	ReplayWindow uint32
+	ESN          bool
+	SoftPackets  uint64
+	HardPackets  uint64
+	// Selector restricts what the SA may carry (transport: src/32 dst/32 proto 4; tunnel:
+	// unset, the policies select). Zero prefixes mean "any".
+	SelSrc, SelDst netip.Prefix
+	SelProto       uint8
+
+	// Bookkeeping, not in the kernel.
+	Dir        Dir // In: src is the peer; Out: dst is the peer
+	Peer       string
+	Generation uint32
+}
+
+// ID is the SA's kernel identity as text: "esp dst=D spi=0xS".
+func (s SA) ID() string { return fmt.Sprintf("esp dst=%s spi=0x%08x", s.Dst, s.SPI) }
+
+// String names the SA without its key.
+func (s SA) String() string {
+	return fmt.Sprintf("%s sa src=%s dst=%s spi=0x%08x reqid=0x%x gen=%d peer=%s", s.Kind, s.Src, s.Dst, s.SPI, s.ReqID, s.Generation, s.Peer)
+}
+
+// SameKernelObject reports whether o (as listed from the kernel) is exactly s: same
+// identity, addresses, mode, reqid, key, ICV, replay window, ESN, limits and selector.
+// Bookkeeping fields are ignored.
+func (s SA) SameKernelObject(o SA) bool {
+	return s.Src == o.Src && s.Dst == o.Dst && s.SPI == o.SPI && s.Kind == o.Kind &&
+		s.ReqID == o.ReqID && s.Key.Equal(o.Key) && s.ICVBytes == o.ICVBytes &&
+		s.ReplayWindow == o.ReplayWindow && s.ESN == o.ESN &&
+		s.SoftPackets == o.SoftPackets && s.HardPackets == o.HardPackets &&
+		s.SelSrc == o.SelSrc && s.SelDst == o.SelDst && s.SelProto == o.SelProto
+}
+
+// Template is an xfrm policy template (one ESP transformation).
+type Template struct {
+	Src, Dst netip.Addr
+	SPI      uint32 // 0: any SA matching the rest (inbound templates)
+	Kind     Kind
+	ReqID    uint32
+	Optional bool // "level use": plaintext passes the policy check too
+}
+
+// IsZero reports whether t is absent (a bypass policy).
+func (t Template) IsZero() bool { return t == Template{} }
+
+// Policy is one xfrm policy. Its kernel identity is (Dir, Src, Dst, Proto); Priority and
+// Tmpl are its content, changed in place with XFRM_MSG_UPDPOLICY. A policy without a
+// template is a bypass: matching packets pass unencrypted (used for borrowed /32s that are
+// reached through IPIP inside block CIDRs that are otherwise tunnelled).
+type Policy struct {
+	Dir      Dir
+	Src, Dst netip.Prefix
+	Proto    uint8 // 4 (IPIP) or 0 (any)
+	Priority uint32
+	Tmpl     Template
+
+	// Bookkeeping, not in the kernel.
+	Peer string
+}
+
+// ID is the policy's kernel identity as text.
+func (p Policy) ID() string {
+	return fmt.Sprintf("policy src=%s dst=%s proto=%d dir=%s", p.Src, p.Dst, p.Proto, p.Dir)
+}
+
+func (p Policy) String() string {
+	if p.Tmpl.IsZero() {
+		return fmt.Sprintf("%s priority=%d bypass", p.ID(), p.Priority)
+	}
+	level := "required"
+	if p.Tmpl.Optional {
+		level = "use"
+	}
+	return fmt.Sprintf("%s priority=%d tmpl %s src=%s dst=%s spi=0x%08x reqid=0x%x level=%s",
+		p.ID(), p.Priority, p.Tmpl.Kind, p.Tmpl.Src, p.Tmpl.Dst, p.Tmpl.SPI, p.Tmpl.ReqID, level)
+}
+
+// SameKernelObject reports whether o is exactly p in the kernel.
+func (p Policy) SameKernelObject(o Policy) bool {
+	return p.Dir == o.Dir && p.Src == o.Src && p.Dst == o.Dst && p.Proto == o.Proto &&
+		p.Priority == o.Priority && p.Tmpl == o.Tmpl
+}
+
+// Hook is where an iptables rule sits: our chain in raw PREROUTING or raw OUTPUT.
+type Hook uint8
+
+const (
+	HookIn  Hook = 1 // raw PREROUTING
+	HookOut Hook = 2 // raw OUTPUT
+)
+
+func (h Hook) String() string {
+	switch h {
+	case HookIn:
+		return "in"
+	case HookOut:
+		return "out"
+	}
+	return fmt.Sprintf("hook(%d)", uint8(h))
+}
+
+// Action of a rule.
+type Action uint8
+
+const (
+	// Count only counts plaintext IPIP that enforce would drop (no target).
+	Count Action = 1
+	// Drop drops plaintext IPIP.
+	Drop Action = 2
+)
+
+func (a Action) String() string {
+	switch a {
+	case Count:
+		return "count"
+	case Drop:
+		return "drop"
+	}
+	return fmt.Sprintf("action(%d)", uint8(a))
+}
+
+// Rule is one plaintext-IPIP rule for one peer: HookIn matches `-p 4 -s PeerIP -m policy
+// --dir in --pol none`, HookOut matches `-p 4 -d PeerIP -m policy --dir out --pol none`.
+type Rule struct {
+	Hook   Hook
+	PeerIP netip.Addr
+	Peer   string
+	Action Action
+}
+
+// ID is the rule's identity as text.
+func (r Rule) ID() string { return fmt.Sprintf("%s %s %s", r.Hook, r.Action, r.PeerIP) }
+
+// Skip records an input object that produced nothing, and why.
+type Skip struct {
+	Object string // "node/NAME", "bgppeer/NAME", "block/CIDR", "pool/NAME"
+	Reason string
+}
+
+// PeerStatus summarises what is programmed toward one peer.
+type PeerStatus struct {
+	Name string
+	IP   netip.Addr
+	// SendGeneration is the generation our outbound policy uses (0: none, plaintext).
+	SendGeneration uint32
+	// Inbound: our inbound SAs for the peer are in the state.
+	Inbound bool
+	// DropsPlaintext: we drop plaintext IPIP from the peer (enforce).
+	DropsPlaintext bool
+	// SameSubnet: CrossSubnet tunnel-mode coverage is programmed for the peer.
+	SameSubnet bool
+	// Reason explains why SendGeneration is 0 (empty when sending ESP).
+	Reason string
+}
+
+// State is the complete desired kernel state of one node. Every slice is sorted and
+// free of duplicates, so two States compare with reflect.DeepEqual / slices.Equal.
+type State struct {
+	Mode     api.Mode
+	SAs      []SA     // sorted by (Dst, SPI)
+	Policies []Policy // sorted by (Dir, Src, Dst, Proto)
+	Rules    []Rule   // sorted by (Hook, PeerIP, Action)
+	Peers    []PeerStatus
+	Skipped  []Skip
+	// NotCovered lists pod traffic this state leaves in plaintext (Never pools,
+	// same-subnet traffic without usable IPAM data, BGP peers outside the cluster).
+	NotCovered []string
+	// Generations are the live generations whose inbound SAs exist for every peer.
+	Generations []uint32
+}

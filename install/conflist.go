@@ -29,6 +29,10 @@ var PluginModes = []string{"enforce", "clamp", "warn"}
 // ErrNoCalico means a conflist has no entry of type calico.
 var ErrNoCalico = errors.New("no plugin of type " + CalicoType)
 
+// ErrOnlyOurs means a conflist holds nothing but our entry; removing it would leave a
+// list without plugins, so it is left for an operator.
+var ErrOnlyOurs = errors.New("conflist has only our entry; refusing to leave it without plugins")
+
 // Entry is the configuration the installer writes into our conflist entry; the plugin
 // reads it at ADD time. The JSON field names are the plugin's configuration keys.
 type Entry struct {
@@ -201,7 +205,7 @@ func RemoveEntries(data []byte) ([]byte, int, error) {
 			return data, removed, nil
 		}
 		if len(d.elems) == 1 {
-			return nil, removed, errors.New("conflist has only our entry; refusing to leave it empty")
+			return nil, removed, ErrOnlyOurs
 		}
 		var from, to int
 		if i > 0 {

@@ -49,8 +49,8 @@ const (
 	DefaultParseRetry = 250 * time.Millisecond
 	DefaultMaxRetry   = 5 * time.Second
 	DefaultResync     = 30 * time.Second
-	DefaultWriteBurst = 3
-	DefaultWriteEvery = 5 * time.Second
+	DefaultWriteBurst = 5
+	DefaultWriteEvery = 3 * time.Second
 	noPrimaryPoll     = time.Second
 	waitLogEvery      = 30 * time.Second
 	uninstallParseFor = 5 * time.Second
@@ -525,6 +525,9 @@ func (in *Installer) uninstallFile(ctx context.Context, f string) error {
 				return nil
 			}
 			return in.writeStripped(f, out, st)
+		}
+		if errors.Is(err, ErrOnlyOurs) {
+			return fmt.Errorf("%s: %w", f, err)
 		}
 		if time.Now().After(deadline) {
 			return &ParseError{Path: f, Err: err}

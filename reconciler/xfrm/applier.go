@@ -1,0 +1,236 @@
+package xfrm
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+)
+
+// Result counts what one Apply did.
+type Result struct {
+	Full bool // the kernel was listed (not the cache trusted)
+	// Kernel writes by kind.
+	StatesAdded, StatesReplaced, StatesDeleted      int
+	PoliciesAdded, PoliciesUpdated, PoliciesDeleted int
+	// Conflicts counts foreign objects in the way of ours (left untouched).
+	Conflicts int
+}
+
+// Writes is the number of kernel write calls (a replacement is two).
+func (r Result) Writes() int {
+	return r.StatesAdded + 2*r.StatesReplaced + r.StatesDeleted + r.PoliciesAdded + r.PoliciesUpdated + r.PoliciesDeleted
+}
+
+// Applier owns our xfrm objects in one network namespace. It is not safe for concurrent
+// use; the agent's single sync worker drives it.
+type Applier struct {
+	k   Kernel
+	cfg desired.Config
+	// cache is what we believe the kernel holds of ours, valid unless needFull.
+	states   map[string]desired.SA
+	policies map[string]desired.Policy
+	// foreign objects at identities we want (from the last listing).
+	foreignStates   map[string]bool
+	foreignPolicies map[string]bool
+	needFull        bool
+	observed        []KernelSA
+}
+
+// NewApplier returns an applier whose first Apply lists the kernel (adopting what an
+// earlier agent left there).
+func NewApplier(k Kernel, cfg desired.Config) *Applier {
+	return &Applier{k: k, cfg: cfg.WithDefaults(), needFull: true}
+}
+
+// QueueResync makes the next Apply list the kernel (periodic drift repair).
+func (a *Applier) QueueResync() { a.needFull = true }
+
+// Observed returns our states as listed by the last full Apply (sequence numbers and
+// counters for metrics).
+func (a *Applier) Observed() []KernelSA { return a.observed }
+
+func (a *Applier) resync() error {
+	sts, err := a.k.ListStates()
+	if err != nil {
+		return fmt.Errorf("list xfrm states: %w", err)
+	}
+	pols, err := a.k.ListPolicies()
+	if err != nil {
+		return fmt.Errorf("list xfrm policies: %w", err)
+	}
+	a.states, a.policies = map[string]desired.SA{}, map[string]desired.Policy{}
+	a.foreignStates, a.foreignPolicies = map[string]bool{}, map[string]bool{}
+	a.observed = nil
+	for _, s := range sts {
+		if s.Foreign || !a.cfg.OwnsSA(s.SA.ReqID) {
+			a.foreignStates[s.SA.ID()] = true
+			continue
+		}
+		a.states[s.SA.ID()] = s.SA
+		a.observed = append(a.observed, s)
+	}
+	for _, p := range pols {
+		if p.Foreign || !a.cfg.OwnsPolicy(p.Policy) {
+			a.foreignPolicies[p.Policy.ID()] = true
+			continue
+		}
+		a.policies[p.Policy.ID()] = p.Policy
+	}
+	return nil
+}
+
+// Apply makes the kernel hold exactly want's SAs and policies (of ours). It returns what
+// it wrote and every error it met; after an error the next Apply lists the kernel again.
+func (a *Applier) Apply(want desired.State) (Result, error) {
+	var res Result
+	if a.needFull || a.states == nil {
+		if err := a.resync(); err != nil {
+			a.needFull = true
+			return res, err
+		}
+		res.Full = true
+	}
+	var errs []error
+	fail := func(err error) {
+		errs = append(errs, err)
+	}
+
+	wantStates := make(map[string]desired.SA, len(want.SAs))
+	for _, sa := range want.SAs {
+		wantStates[sa.ID()] = sa
+	}
+	wantPolicies := make(map[string]desired.Policy, len(want.Policies))
+	for _, p := range want.Policies {
+		wantPolicies[p.ID()] = p
+	}
+
+	// 1. SAs: add missing, replace changed (same identity, other key or parameters).
+	for _, sa := range want.SAs {
+		id := sa.ID()
+		have, ok := a.states[id]
+		switch {
+		case ok && have.SameKernelObject(sa):
+			continue // adopt
+		case ok:
+			if err := a.k.DeleteState(have); err != nil {
+				fail(fmt.Errorf("replace xfrm state %s: delete: %w", sa, err))
+				continue
+			}
+			delete(a.states, id)
+			if err := a.k.AddState(sa); err != nil {
+				fail(fmt.Errorf("replace xfrm state %s: add: %w", sa, err))
+				continue
+			}
+			a.states[id] = sa
+			res.StatesReplaced++
+		case a.foreignStates[id]:
+			res.Conflicts++
+			fail(fmt.Errorf("add xfrm state %s: a foreign state holds %s", sa, id))
+		default:
+			if err := a.k.AddState(sa); err != nil {
+				fail(fmt.Errorf("add xfrm state %s: %w", sa, err))
+				continue
+			}
+			a.states[id] = sa
+			res.StatesAdded++
+		}
+	}
+	// 2. Policies: add missing, update changed in place. An outbound policy whose SA
+	// could not be written is not written either (it would black-hole the peer); the
+	// previous policy, if any, stays.
+	for _, p := range want.Policies {
+		id := p.ID()
+		have, ok := a.policies[id]
+		if ok && have.SameKernelObject(p) {
+			continue
+		}
+		if ref, missing := a.missingSA(p); missing {
+			fail(fmt.Errorf("write xfrm %s: skipped, its %s is missing", p, ref))
+			continue
+		}
+		switch {
+		case ok:
+			if err := a.k.UpdatePolicy(p); err != nil {
+				fail(fmt.Errorf("update xfrm %s: %w", p, err))
+				continue
+			}
+			a.policies[id] = p
+			res.PoliciesUpdated++
+		case a.foreignPolicies[id]:
+			// Weave #3666: never take over a selector someone else programs.
+			res.Conflicts++
+			fail(fmt.Errorf("add xfrm %s: a foreign policy holds this selector", p))
+		default:
+			if err := a.k.AddPolicy(p); err != nil {
+				fail(fmt.Errorf("add xfrm %s: %w", p, err))
+				continue
+			}
+			a.policies[id] = p
+			res.PoliciesAdded++
+		}
+	}
+	// 3. Stale policies, then 4. stale SAs.
+	for _, id := range sortedKeys(a.policies) {
+		if _, ok := wantPolicies[id]; ok {
+			continue
+		}
+		p := a.policies[id]
+		if err := a.k.DeletePolicy(p); err != nil {
+			fail(fmt.Errorf("delete xfrm %s: %w", p, err))
+			continue
+		}
+		delete(a.policies, id)
+		res.PoliciesDeleted++
+	}
+	refs := a.referenced()
+	for _, id := range sortedKeys(a.states) {
+		if _, ok := wantStates[id]; ok {
+			continue
+		}
+		sa := a.states[id]
+		if p, used := refs[id]; used {
+			fail(fmt.Errorf("delete xfrm state %s: skipped, still used by %s", sa, p))
+			continue
+		}
+		if err := a.k.DeleteState(sa); err != nil {
+			fail(fmt.Errorf("delete xfrm state %s: %w", sa, err))
+			continue
+		}
+		delete(a.states, id)
+		res.StatesDeleted++
+	}
+	if len(errs) > 0 {
+		a.needFull = true
+		return res, errors.Join(errs...)
+	}
+	a.needFull = false
+	return res, nil
+}
+
+// missingSA reports whether p is an outbound policy naming an SA we do not hold.
+func (a *Applier) missingSA(p desired.Policy) (string, bool) {
+	if p.Dir != desired.Out || p.Tmpl.IsZero() || p.Tmpl.SPI == 0 {
+		return "", false
+	}
+	id := desired.SA{Dst: p.Tmpl.Dst, SPI: p.Tmpl.SPI}.ID()
+	_, ok := a.states[id]
+	return id, !ok
+}
+
+// referenced returns the IDs of SAs our outbound policies name, with one policy each.
+func (a *Applier) referenced() map[string]desired.Policy {
+	refs := map[string]desired.Policy{}
+	for _, p := range a.policies {
+		if p.Dir == desired.Out && !p.Tmpl.IsZero() && p.Tmpl.SPI != 0 {
+			refs[desired.SA{Dst: p.Tmpl.Dst, SPI: p.Tmpl.SPI}.ID()] = p
+		}
+	}
+	return refs
+}
+
+// Cleanup deletes every object of ours (policies first), for `secureoverlay-agent cleanup`.
+func (a *Applier) Cleanup() (Result, error) {
+	a.needFull = true
+	return a.Apply(desired.State{})
+}

@@ -1,0 +1,401 @@
+package xfrm
+
+import (
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+)
+
+func testKeys(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, desired.Key, error) {
+	spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind-1)
+	h := sha256.Sum256(fmt.Appendf(nil, "%d|%d|%s|%s|%s|%s", gen, kind, src.IP, src.Incarnation, dst.IP, dst.Incarnation))
+	return spi, desired.NewKey(h[:20]), nil
+}
+
+// cluster builds node "n1"'s inputs in a cluster of n nodes (IDs 1..n) where every peer
+// reports mode with the given generations installed and is ready toward n1.
+func cluster(n int, mode api.Mode, gens []desired.Generation, reported ...uint32) desired.Inputs {
+	in := desired.Inputs{Self: "n1", Ring: desired.Ring{Mode: mode, Generations: gens}, Keys: testKeys,
+		Pools: []desired.Pool{{Name: "default", IPIPMode: desired.IPIPAlways}}}
+	for i := 1; i <= n; i++ {
+		nd := desired.Node{Name: fmt.Sprintf("n%d", i), IPv4Address: fmt.Sprintf("198.18.%d.%d/16", i/250, i%250+1),
+			Incarnation: fmt.Sprintf("boot-%d", i), NodeID: uint32(i)}
+		if i > 1 {
+			nd.Report = &desired.Report{Incarnation: nd.Incarnation, Mode: mode, Generations: reported,
+				InboundFromSelf: true, EncryptsToSelf: mode.Rank() >= api.ModeEncrypt.Rank()}
+		}
+		in.Nodes = append(in.Nodes, nd)
+	}
+	return in
+}
+
+func compute(t *testing.T, in desired.Inputs) desired.State {
+	t.Helper()
+	st, err := desired.Compute(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func active(id uint32) desired.Generation {
+	return desired.Generation{ID: id, State: desired.GenActive}
+}
+func pending(id uint32) desired.Generation {
+	return desired.Generation{ID: id, State: desired.GenPending}
+}
+func retiring(id uint32) desired.Generation {
+	return desired.Generation{ID: id, State: desired.GenRetiring}
+}
+
+// assertKernelIs checks the fake holds exactly want (ours) plus the given foreign objects.
+func assertKernelIs(t *testing.T, f *Fake, want desired.State, foreign int) {
+	t.Helper()
+	states, policies := f.Snapshot()
+	var gotS, wantS, gotP, wantP []string
+	nForeign := 0
+	cfg := desired.Config{}.WithDefaults()
+	for _, s := range states {
+		if s.Foreign || !cfg.OwnsSA(s.SA.ReqID) {
+			nForeign++
+			continue
+		}
+		gotS = append(gotS, s.SA.String())
+	}
+	for _, p := range policies {
+		if p.Foreign || !cfg.OwnsPolicy(p.Policy) {
+			nForeign++
+			continue
+		}
+		gotP = append(gotP, p.Policy.String())
+	}
+	for _, s := range want.SAs {
+		s.Peer, s.Generation, s.Dir = "", 0, 0
+		wantS = append(wantS, s.String())
+	}
+	for _, p := range want.Policies {
+		wantP = append(wantP, p.String())
+	}
+	slices.Sort(gotS)
+	slices.Sort(wantS)
+	slices.Sort(gotP)
+	slices.Sort(wantP)
+	if !slices.Equal(gotS, wantS) || !slices.Equal(gotP, wantP) || nForeign != foreign {
+		t.Fatalf("kernel mismatch (foreign %d, want %d)\nstates got %d want %d\npolicies got:\n%s\nwant:\n%s",
+			nForeign, foreign, len(gotS), len(wantS), strings.Join(gotP, "\n"), strings.Join(wantP, "\n"))
+	}
+	// Keys too: the fake must hold the exact key of every desired SA.
+	for _, w := range want.SAs {
+		found := false
+		for _, s := range states {
+			found = found || (s.SA.ID() == w.ID() && s.SA.SameKernelObject(w))
+		}
+		if !found {
+			t.Fatalf("kernel lacks exact %s", w)
+		}
+	}
+}
+
+// refsOK fails the test if any outbound policy template names an SA not in the fake.
+func refsOK(t *testing.T) func(f *Fake) {
+	return func(f *Fake) {
+		states, policies := f.Snapshot()
+		have := map[string]bool{}
+		for _, s := range states {
+			have[s.SA.ID()] = true
+		}
+		for _, p := range policies {
+			tm := p.Policy.Tmpl
+			if p.Policy.Dir == desired.Out && !tm.IsZero() && tm.SPI != 0 {
+				if !have[desired.SA{Dst: tm.Dst, SPI: tm.SPI}.ID()] {
+					t.Errorf("after %q: %s points at a missing SA", f.Log[len(f.Log)-1], p.Policy)
+				}
+			}
+		}
+	}
+}
+
+func TestApplyFreshThenIdempotent(t *testing.T) {
+	f := NewFake()
+	f.OnWrite = refsOK(t)
+	a := NewApplier(f, desired.Config{})
+	st := compute(t, cluster(4, api.ModeEncrypt, []desired.Generation{active(1)}, 1))
+	res, err := a.Apply(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 3 peers: 2 SAs + in + out policy each.
+	if !res.Full || res.StatesAdded != 6 || res.PoliciesAdded != 6 || res.Writes() != 12 {
+		t.Fatalf("first apply %+v", res)
+	}
+	assertKernelIs(t, f, st, 0)
+	for _, full := range []bool{false, true} {
+		if full {
+			a.QueueResync()
+		}
+		res, err = a.Apply(st)
+		if err != nil || res.Writes() != 0 || res.Full != full {
+			t.Fatalf("repeat apply (full=%v): %+v %v", full, res, err)
+		}
+	}
+}
+
+// An agent restart adopts what the kernel holds: identical SAs are kept, an SA under the
+// same SPI with another key is replaced, foreign objects are untouched.
+func TestApplyAdoptsAndReplaces(t *testing.T) {
+	f := NewFake()
+	st := compute(t, cluster(3, api.ModeEncrypt, []desired.Generation{active(1)}, 1))
+	if _, err := NewApplier(f, desired.Config{}).Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	// Another tool's SA and policy, and a stale key on one of our SAs.
+	f.PutState(KernelSA{SA: desired.SA{Src: st.SAs[0].Src, Dst: st.SAs[0].Dst, SPI: 0x77770000, ReqID: 1, Kind: desired.Transport}})
+	f.PutPolicy(KernelPolicy{Policy: desired.Policy{Dir: desired.Out, Src: st.Policies[0].Src, Dst: st.Policies[0].Dst, Proto: 17,
+		Tmpl: desired.Template{Src: st.SAs[0].Src, Dst: st.SAs[0].Dst, Kind: desired.Tunnel, ReqID: 9}}})
+	f.PutPolicy(KernelPolicy{Policy: desired.Policy{Dir: desired.In, Src: st.Policies[0].Src, Dst: st.Policies[0].Dst, Proto: 6}, Foreign: true})
+	stale := st.SAs[1]
+	stale.Key = desired.NewKey([]byte("0123456789abcdefghij"))
+	f.PutState(KernelSA{SA: stale})
+
+	f.Log = nil
+	f.OnWrite = refsOK(t)
+	res, err := NewApplier(f, desired.Config{}).Apply(st) // a restarted agent
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.StatesReplaced != 1 || res.Writes() != 2 {
+		t.Fatalf("restart apply %+v, log %q", res, f.Log)
+	}
+	want := []string{"delete-state " + stale.ID(), "add-state " + stale.ID()}
+	if !slices.Equal(f.Log, want) {
+		t.Fatalf("log %q, want %q", f.Log, want)
+	}
+	assertKernelIs(t, f, st, 3)
+}
+
+// A generation switch updates outbound policies in place; retiring the old generation
+// then deletes only its SAs, after no policy points at them.
+func TestApplyRotationUpdatesInPlace(t *testing.T) {
+	f := NewFake()
+	f.OnWrite = refsOK(t)
+	a := NewApplier(f, desired.Config{})
+	steps := []struct {
+		gens     []desired.Generation
+		reported []uint32
+		want     Result
+	}{
+		{[]desired.Generation{active(1)}, []uint32{1}, Result{StatesAdded: 6, PoliciesAdded: 6}},
+		{[]desired.Generation{active(1), pending(2)}, []uint32{1}, Result{StatesAdded: 6}},
+		{[]desired.Generation{active(1), pending(2)}, []uint32{1, 2}, Result{}},
+		{[]desired.Generation{retiring(1), active(2)}, []uint32{1, 2}, Result{PoliciesUpdated: 3}},
+		{[]desired.Generation{active(2)}, []uint32{2}, Result{StatesDeleted: 6}},
+	}
+	for i, s := range steps {
+		st := compute(t, cluster(4, api.ModeEncrypt, s.gens, s.reported...))
+		f.Log = nil
+		res, err := a.Apply(st)
+		if err != nil {
+			t.Fatalf("step %d: %v", i, err)
+		}
+		res.Full = false
+		if res != s.want {
+			t.Fatalf("step %d: %+v, want %+v; log %q", i, res, s.want, f.Log)
+		}
+		for _, l := range f.Log {
+			if strings.HasPrefix(l, "delete-policy") || strings.HasPrefix(l, "add-policy") && i > 0 {
+				t.Fatalf("step %d: policy churn %q (switches must be updates)", i, l)
+			}
+		}
+		assertKernelIs(t, f, st, 0)
+	}
+}
+
+// Injected failures: Apply keeps going, returns every error naming the object, and the
+// next Apply re-lists the kernel and finishes the job.
+func TestApplyPartialFailureThenFullResync(t *testing.T) {
+	f := NewFake()
+	f.OnWrite = refsOK(t)
+	a := NewApplier(f, desired.Config{})
+	st := compute(t, cluster(4, api.ModeEncrypt, []desired.Generation{active(1)}, 1))
+	var failing string
+	f.Fail = func(op, id string) error {
+		if op == "add-state" && failing == "" && strings.Contains(id, "dst=198.18.0.4") {
+			failing = id
+		}
+		if op == "add-state" && id == failing {
+			return syscall.ENOMEM
+		}
+		if op == "add-policy" && strings.Contains(id, "dir=in") && strings.Contains(id, "198.18.0.3/32") {
+			return syscall.EPERM
+		}
+		return nil
+	}
+	res, err := a.Apply(st)
+	if err == nil {
+		t.Fatal("no error")
+	}
+	for _, want := range []string{"add xfrm state", strings.TrimPrefix(failing, "esp "), "cannot allocate memory",
+		"operation not permitted", "dir=in", "skipped, its " + failing + " is missing"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q lacks %q", err, want)
+		}
+	}
+	if res.StatesAdded != 5 || res.PoliciesAdded != 4 {
+		t.Errorf("did not keep going: %+v", res)
+	}
+	f.Fail = nil
+	lists := f.Lists
+	res, err = a.Apply(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Full || f.Lists != lists+2 || res.StatesAdded != 1 || res.PoliciesAdded != 2 {
+		t.Fatalf("repair apply %+v (lists %d→%d)", res, lists, f.Lists)
+	}
+	assertKernelIs(t, f, st, 0)
+	// Listing failures are reported and retried next time.
+	f.Fail = func(op, id string) error {
+		if op == "list-policies" {
+			return errors.New("dump interrupted")
+		}
+		return nil
+	}
+	a.QueueResync()
+	if _, err := a.Apply(st); err == nil || !strings.Contains(err.Error(), "list xfrm policies") {
+		t.Fatalf("list failure: %v", err)
+	}
+	f.Fail = nil
+	if res, err := a.Apply(st); err != nil || !res.Full || res.Writes() != 0 {
+		t.Fatalf("after list failure: %+v %v", res, err)
+	}
+}
+
+// Drift: another tool flushes our policies (`ip xfrm policy flush`); the periodic resync
+// puts them back and touches nothing else.
+func TestApplyRepairsDrift(t *testing.T) {
+	f := NewFake()
+	a := NewApplier(f, desired.Config{})
+	st := compute(t, cluster(5, api.ModeEnforce, []desired.Generation{active(1)}, 1))
+	if _, err := a.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	n := f.Remove("policy", func(string) bool { return true })
+	m := f.Remove("state", func(id string) bool { return strings.Contains(id, "198.18.0.3") })
+	a.QueueResync()
+	res, err := a.Apply(st)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.PoliciesAdded != n || res.StatesAdded != m || res.Writes() != n+m {
+		t.Fatalf("repair %+v after removing %d policies and %d states", res, n, m)
+	}
+	assertKernelIs(t, f, st, 0)
+}
+
+// A foreign policy on one of our selectors is reported, never overwritten or deleted.
+func TestApplyForeignSelectorConflict(t *testing.T) {
+	f := NewFake()
+	st := compute(t, cluster(3, api.ModeEncrypt, []desired.Generation{active(1)}, 1))
+	var out desired.Policy
+	for _, p := range st.Policies {
+		if p.Dir == desired.Out {
+			out = p
+			break
+		}
+	}
+	theirs := out
+	theirs.Peer = ""
+	theirs.Tmpl.ReqID, theirs.Tmpl.SPI, theirs.Priority = 42, 0x1234, 100
+	f.PutPolicy(KernelPolicy{Policy: theirs})
+	a := NewApplier(f, desired.Config{})
+	res, err := a.Apply(st)
+	if err == nil || res.Conflicts != 1 || !strings.Contains(err.Error(), "foreign policy") {
+		t.Fatalf("conflict not reported: %+v %v", res, err)
+	}
+	_, pols := f.Snapshot()
+	for _, p := range pols {
+		if p.Policy.ID() == out.ID() && p.Policy != theirs {
+			t.Fatalf("foreign policy overwritten: %s", p.Policy)
+		}
+	}
+	if _, err := a.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+	states, pols := f.Snapshot()
+	if len(states) != 0 || len(pols) != 1 || pols[0].Policy != theirs {
+		t.Fatalf("cleanup left %d states and %v", len(states), pols)
+	}
+}
+
+// Incremental cost: adding one node to a 1,000-node cluster makes exactly 2 SA writes per
+// live generation plus 2 policy writes (inbound and outbound) — here 6 with two live
+// generations — and no listing; removing it again makes the same number of deletes.
+func TestApplyOneNodeJoinIn1000NodeCluster(t *testing.T) {
+	gens := []desired.Generation{retiring(1), active(2)}
+	in := cluster(1001, api.ModeEnforce, gens, 1, 2)
+	small := in
+	small.Nodes = in.Nodes[:1000]
+	before := compute(t, small)
+	after := compute(t, in)
+	f := NewFake()
+	a := NewApplier(f, desired.Config{})
+	res, err := a.Apply(before)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Writes() != 999*(4+2) {
+		t.Fatalf("initial writes %d", res.Writes())
+	}
+	lists := f.Lists
+	res, err = a.Apply(after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Writes() != 2*len(gens)+2 || res.StatesAdded != 4 || res.PoliciesAdded != 2 || f.Lists != lists {
+		t.Fatalf("join writes %+v (lists %d→%d)", res, lists, f.Lists)
+	}
+	res, err = a.Apply(before)
+	if err != nil || res.Writes() != 6 || res.StatesDeleted != 4 || res.PoliciesDeleted != 2 {
+		t.Fatalf("leave %+v %v", res, err)
+	}
+	t.Logf("join/leave of one node in a 1000-node cluster: %d kernel writes each (2 SAs x %d generations + 2 policies)", res.Writes(), len(gens))
+}
+
+// A failed policy update during a rotation keeps the old generation's SA that the
+// unchanged policy still uses; the next Apply finishes both.
+func TestApplyKeepsSAOfUnswitchedPolicy(t *testing.T) {
+	f := NewFake()
+	f.OnWrite = refsOK(t)
+	a := NewApplier(f, desired.Config{})
+	if _, err := a.Apply(compute(t, cluster(3, api.ModeEncrypt, []desired.Generation{retiring(1), active(2)}, 1))); err != nil {
+		t.Fatal(err)
+	}
+	// Peers now report 2; generation 1 is gone from the ring in the same step (the
+	// worst case: switch and removal in one Apply).
+	st := compute(t, cluster(3, api.ModeEncrypt, []desired.Generation{active(2)}, 2))
+	f.Fail = func(op, id string) error {
+		if op == "update-policy" && strings.Contains(id, "198.18.0.3/32 proto=4 dir=out") {
+			return syscall.EBUSY
+		}
+		return nil
+	}
+	res, err := a.Apply(st)
+	if err == nil || !strings.Contains(err.Error(), "still used by") {
+		t.Fatalf("expected a kept SA, got %v", err)
+	}
+	if res.PoliciesUpdated != 1 || res.StatesDeleted != 3 {
+		t.Fatalf("%+v", res)
+	}
+	f.Fail = nil
+	if res, err = a.Apply(st); err != nil || res.PoliciesUpdated != 1 || res.StatesDeleted != 1 {
+		t.Fatalf("repair %+v %v", res, err)
+	}
+	assertKernelIs(t, f, st, 0)
+}

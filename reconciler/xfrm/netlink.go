@@ -1,0 +1,267 @@
+//go:build linux
+
+package xfrm
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
+
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+)
+
+// aeadName is the only algorithm we program.
+const aeadName = "rfc4106(gcm(aes))"
+
+// dumpRetries bounds the retries of a dump the kernel interrupted (NLM_F_DUMP_INTR: the
+// table changed while it was being dumped) or a call interrupted by a signal (EINTR).
+const dumpRetries = 8
+
+// Netlink is the real Kernel. It works in the network namespace of the calling thread
+// (each call opens its own netlink socket), so the agent uses it from the host namespace
+// and tests from inside ns.Do.
+type Netlink struct{}
+
+var _ Kernel = Netlink{}
+
+// retryDump runs dump until it is neither interrupted nor EINTR, at most dumpRetries
+// times.
+func retryDump[T any](what string, dump func() ([]T, error)) ([]T, error) {
+	var err error
+	for range dumpRetries {
+		var out []T
+		out, err = dump()
+		if err == nil {
+			return out, nil
+		}
+		if !errors.Is(err, netlink.ErrDumpInterrupted) && !errors.Is(err, unix.EINTR) {
+			return nil, err
+		}
+	}
+	return nil, fmt.Errorf("dump %s: still interrupted after %d attempts: %w", what, dumpRetries, err)
+}
+
+// ListStates dumps every xfrm state (`ip xfrm state show`). It parses the raw messages
+// itself because the netlink library does not decode the ESN replay state (flag, window,
+// output sequence).
+func (Netlink) ListStates() ([]KernelSA, error) {
+	return retryDump("xfrm states", func() ([]KernelSA, error) {
+		req := nl.NewNetlinkRequest(nl.XFRM_MSG_GETSA, unix.NLM_F_DUMP)
+		msgs, err := req.Execute(unix.NETLINK_XFRM, nl.XFRM_MSG_NEWSA)
+		if err != nil {
+			return nil, err
+		}
+		out := make([]KernelSA, 0, len(msgs))
+		for _, m := range msgs {
+			s, err := parseState(m)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, s)
+		}
+		return out, nil
+	})
+}
+
+func addr4(x *nl.XfrmAddress) netip.Addr { return netip.AddrFrom4([4]byte(x[:4])) }
+
+func parseState(m []byte) (KernelSA, error) {
+	if len(m) < nl.SizeofXfrmUsersaInfo {
+		return KernelSA{}, fmt.Errorf("parse xfrm state: message of %d bytes", len(m))
+	}
+	info := nl.DeserializeXfrmUsersaInfo(m)
+	var k KernelSA
+	sa := &k.SA
+	if info.Family != nl.FAMILY_V4 {
+		k.Foreign = true
+		return k, nil
+	}
+	sa.Src, sa.Dst = addr4(&info.Saddr), addr4(&info.Id.Daddr)
+	sa.SPI = nl.Swap32(info.Id.Spi) // stored in network byte order
+	sa.ReqID = info.Reqid
+	switch info.Mode {
+	case uint8(netlink.XFRM_MODE_TRANSPORT):
+		sa.Kind = desired.Transport
+	case uint8(netlink.XFRM_MODE_TUNNEL):
+		sa.Kind = desired.Tunnel
+	default:
+		k.Foreign = true
+	}
+	if info.Id.Proto != unix.IPPROTO_ESP {
+		k.Foreign = true
+	}
+	sa.ESN = info.Flags&nl.XFRM_STATE_ESN != 0
+	sa.ReplayWindow = uint32(info.ReplayWindow)
+	sa.SoftPackets, sa.HardPackets = info.Lft.SoftPacketLimit, info.Lft.HardPacketLimit
+	k.Packets, k.Bytes = info.Curlft.Packets, info.Curlft.Bytes
+	if info.Sel.Family == nl.FAMILY_V4 && (info.Sel.PrefixlenS != 0 || info.Sel.PrefixlenD != 0 || info.Sel.Proto != 0) {
+		sa.SelSrc = netip.PrefixFrom(addr4(&info.Sel.Saddr), int(info.Sel.PrefixlenS))
+		sa.SelDst = netip.PrefixFrom(addr4(&info.Sel.Daddr), int(info.Sel.PrefixlenD))
+		sa.SelProto = info.Sel.Proto
+	}
+	if info.Sel.Ifindex != 0 || info.Sel.Dport != 0 || info.Sel.Sport != 0 {
+		k.Foreign = true
+	}
+	attrs, err := nl.ParseRouteAttr(m[nl.SizeofXfrmUsersaInfo:])
+	if err != nil {
+		return KernelSA{}, fmt.Errorf("parse xfrm state spi=0x%08x dst=%s: %w", sa.SPI, sa.Dst, err)
+	}
+	aead := false
+	for _, a := range attrs {
+		switch a.Attr.Type {
+		case nl.XFRMA_ALG_AEAD:
+			algo := nl.DeserializeXfrmAlgoAEAD(a.Value)
+			if nl.BytesToString(algo.AlgName[:]) != aeadName {
+				k.Foreign = true
+			}
+			sa.Key = desired.NewKey(algo.AlgKey)
+			sa.ICVBytes = int(algo.AlgICVLen / 8)
+			aead = true
+		case nl.XFRMA_REPLAY_ESN_VAL:
+			if len(a.Value) >= nl.SizeofXfrmReplayStateEsn {
+				v := a.Value
+				oseq := binary.NativeEndian.Uint32(v[4:8])
+				oseqHi := binary.NativeEndian.Uint32(v[12:16])
+				k.OutSeq = uint64(oseqHi)<<32 | uint64(oseq)
+				sa.ReplayWindow = binary.NativeEndian.Uint32(v[20:24])
+			}
+		case nl.XFRMA_REPLAY_VAL:
+			if len(a.Value) >= nl.SizeofXfrmReplayState {
+				k.OutSeq = uint64(nl.DeserializeXfrmReplayState(a.Value).OSeq)
+			}
+		case nl.XFRMA_ALG_AUTH, nl.XFRMA_ALG_AUTH_TRUNC, nl.XFRMA_ALG_CRYPT, nl.XFRMA_ALG_COMP,
+			nl.XFRMA_ENCAP, nl.XFRMA_MARK, nl.XFRMA_IF_ID, nl.XFRMA_SET_MARK:
+			k.Foreign = true
+		}
+	}
+	if !aead {
+		k.Foreign = true
+	}
+	return k, nil
+}
+
+func ipnet(p netip.Prefix) *net.IPNet {
+	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
+}
+
+func mode(k desired.Kind) netlink.Mode {
+	if k == desired.Tunnel {
+		return netlink.XFRM_MODE_TUNNEL
+	}
+	return netlink.XFRM_MODE_TRANSPORT
+}
+
+// AddState is `ip xfrm state add src S dst D proto esp spi SPI reqid R mode M
+// replay-window W flag esn aead 'rfc4106(gcm(aes))' KEY ICVBITS [sel ...] limit ...`.
+func (Netlink) AddState(sa desired.SA) error {
+	s := &netlink.XfrmState{
+		Src: sa.Src.AsSlice(), Dst: sa.Dst.AsSlice(), Proto: netlink.XFRM_PROTO_ESP,
+		Mode: mode(sa.Kind), Spi: int(sa.SPI), Reqid: int(sa.ReqID),
+		ReplayWindow: int(sa.ReplayWindow), ESN: sa.ESN,
+		Limits: netlink.XfrmStateLimits{PacketSoft: sa.SoftPackets, PacketHard: sa.HardPackets},
+		Aead:   &netlink.XfrmStateAlgo{Name: aeadName, Key: sa.Key.Bytes(), ICVLen: sa.ICVBytes * 8},
+	}
+	if sa.SelSrc.IsValid() && sa.SelDst.IsValid() {
+		s.Selector = &netlink.XfrmPolicy{Src: ipnet(sa.SelSrc), Dst: ipnet(sa.SelDst), Proto: netlink.Proto(sa.SelProto)}
+	}
+	err := netlink.XfrmStateAdd(s)
+	clear(s.Aead.Key)
+	return err
+}
+
+// DeleteState is `ip xfrm state delete src S dst D proto esp spi SPI`.
+func (Netlink) DeleteState(sa desired.SA) error {
+	return netlink.XfrmStateDel(&netlink.XfrmState{Src: sa.Src.AsSlice(), Dst: sa.Dst.AsSlice(),
+		Proto: netlink.XFRM_PROTO_ESP, Spi: int(sa.SPI)})
+}
+
+// ListPolicies is `ip -4 xfrm policy show`.
+func (Netlink) ListPolicies() ([]KernelPolicy, error) {
+	return retryDump("xfrm policies", func() ([]KernelPolicy, error) {
+		ps, err := netlink.XfrmPolicyList(netlink.FAMILY_V4)
+		if err != nil {
+			return nil, err
+		}
+		out := make([]KernelPolicy, 0, len(ps))
+		for _, p := range ps {
+			out = append(out, fromNetlinkPolicy(p))
+		}
+		return out, nil
+	})
+}
+
+func prefix(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	a, ok := netip.AddrFromSlice(n.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	a = a.Unmap()
+	bits, _ := n.Mask.Size()
+	return netip.PrefixFrom(a, bits), a.Is4()
+}
+
+func fromNetlinkPolicy(p netlink.XfrmPolicy) KernelPolicy {
+	var k KernelPolicy
+	src, okS := prefix(p.Src)
+	dst, okD := prefix(p.Dst)
+	k.Policy = desired.Policy{Dir: desired.Dir(p.Dir), Src: src, Dst: dst, Proto: uint8(p.Proto), Priority: uint32(p.Priority)}
+	if !okS || !okD || p.Dir > netlink.XFRM_DIR_FWD || p.Action != netlink.XFRM_POLICY_ALLOW ||
+		(p.Mark != nil && (p.Mark.Value != 0 || p.Mark.Mask != 0)) || p.Ifid != 0 || p.Ifindex != 0 ||
+		p.DstPort != 0 || p.SrcPort != 0 || len(p.Tmpls) > 1 {
+		k.Foreign = true
+	}
+	if len(p.Tmpls) == 1 {
+		t := p.Tmpls[0]
+		ts, ok1 := netip.AddrFromSlice(t.Src)
+		td, ok2 := netip.AddrFromSlice(t.Dst)
+		k.Policy.Tmpl = desired.Template{Src: ts.Unmap(), Dst: td.Unmap(), SPI: uint32(t.Spi), ReqID: uint32(t.Reqid), Optional: t.Optional != 0}
+		switch t.Mode {
+		case netlink.XFRM_MODE_TRANSPORT:
+			k.Policy.Tmpl.Kind = desired.Transport
+		case netlink.XFRM_MODE_TUNNEL:
+			k.Policy.Tmpl.Kind = desired.Tunnel
+		default:
+			k.Foreign = true
+		}
+		if !ok1 || !ok2 || t.Proto != netlink.XFRM_PROTO_ESP {
+			k.Foreign = true
+		}
+	}
+	return k
+}
+
+func toNetlinkPolicy(p desired.Policy) *netlink.XfrmPolicy {
+	np := &netlink.XfrmPolicy{Src: ipnet(p.Src), Dst: ipnet(p.Dst), Proto: netlink.Proto(p.Proto),
+		Dir: netlink.Dir(p.Dir), Priority: int(p.Priority), Action: netlink.XFRM_POLICY_ALLOW}
+	if !p.Tmpl.IsZero() {
+		t := netlink.XfrmPolicyTmpl{Src: p.Tmpl.Src.AsSlice(), Dst: p.Tmpl.Dst.AsSlice(),
+			Proto: netlink.XFRM_PROTO_ESP, Mode: mode(p.Tmpl.Kind), Spi: int(p.Tmpl.SPI), Reqid: int(p.Tmpl.ReqID)}
+		if p.Tmpl.Optional {
+			t.Optional = 1
+		}
+		np.Tmpls = []netlink.XfrmPolicyTmpl{t}
+	}
+	return np
+}
+
+// AddPolicy is `ip xfrm policy add src S dst D proto P dir DIR priority N tmpl ...`.
+func (Netlink) AddPolicy(p desired.Policy) error { return netlink.XfrmPolicyAdd(toNetlinkPolicy(p)) }
+
+// UpdatePolicy is `ip xfrm policy update ...`: the kernel swaps the policy in place.
+func (Netlink) UpdatePolicy(p desired.Policy) error {
+	return netlink.XfrmPolicyUpdate(toNetlinkPolicy(p))
+}
+
+// DeletePolicy is `ip xfrm policy delete src S dst D proto P dir DIR`.
+func (Netlink) DeletePolicy(p desired.Policy) error {
+	return netlink.XfrmPolicyDel(toNetlinkPolicy(p))
+}

@@ -21,10 +21,12 @@ package owner
 import (
 	"context"
 	"fmt"
+	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 )
 
 // Decision is the outcome of DaemonSetDeleted.
@@ -68,4 +70,35 @@ func DaemonSetDeleted(ctx context.Context, c kubernetes.Interface, namespace, na
 		return Decision{Uninstall: true, Reason: fmt.Sprintf("daemonset %s/%s is being deleted", namespace, ref.Name)}, nil
 	}
 	return Decision{Reason: fmt.Sprintf("daemonset %s/%s lives on (restart, upgrade or reboot)", namespace, ref.Name)}, nil
+}
+
+// NewClient returns a clientset from kubeconfig, or from the pod's service account when
+// kubeconfig is empty.
+func NewClient(kubeconfig string) (kubernetes.Interface, error) {
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client config: %w", err)
+	}
+	cfg.UserAgent = "secureoverlay-install"
+	c, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	return c, nil
+}
+
+// Decide retries DaemonSetDeleted every interval until it answers without an API error or
+// ctx ends; on ctx end it returns the last (keeping) decision and error.
+func Decide(ctx context.Context, c kubernetes.Interface, namespace, name string, interval time.Duration) (Decision, error) {
+	for {
+		d, err := DaemonSetDeleted(ctx, c, namespace, name)
+		if err == nil {
+			return d, nil
+		}
+		select {
+		case <-ctx.Done():
+			return Decision{Reason: d.Reason}, err
+		case <-time.After(interval):
+		}
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -89,6 +90,34 @@ func TestDaemonSetLookupErrorKeeps(t *testing.T) {
 		return true, nil, errors.New("forbidden")
 	})
 	d, err := DaemonSetDeleted(context.Background(), c, ns, "agent-x7k2p")
+	if err == nil || d.Uninstall {
+		t.Fatalf("got %+v, %v; want keep with error", d, err)
+	}
+}
+
+// Decide retries transient API errors, and gives up keeping the plugin when they persist.
+func TestDecideRetries(t *testing.T) {
+	c := fake.NewClientset(pod(dsRef("agent", "u1", true)))
+	fails := 2
+	c.PrependReactor("get", "pods", func(k8stesting.Action) (bool, runtime.Object, error) {
+		if fails > 0 {
+			fails--
+			return true, nil, errors.New("connection refused")
+		}
+		return false, nil, nil
+	})
+	d, err := Decide(context.Background(), c, ns, "agent-x7k2p", time.Millisecond)
+	if err != nil || !d.Uninstall || fails != 0 {
+		t.Fatalf("got %+v, %v (fails left %d)", d, err, fails)
+	}
+
+	c = fake.NewClientset(pod(dsRef("agent", "u1", true)))
+	c.PrependReactor("get", "pods", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, errors.New("connection refused")
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	d, err = Decide(ctx, c, ns, "agent-x7k2p", 5*time.Millisecond)
 	if err == nil || d.Uninstall {
 		t.Fatalf("got %+v, %v; want keep with error", d, err)
 	}

@@ -1,0 +1,158 @@
+package owner
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
+)
+
+// Setup is the cluster side of an installer pod: the least-privilege Role the installer
+// needs (docs/install.md), a ServiceAccount bound to it, a DaemonSet and one of its pods
+// (created by hand: the harness runs no controllers).
+type Setup struct {
+	Namespace, ServiceAccount, DaemonSet, Pod string
+}
+
+// InstallerRules are the RBAC rules the installer's ServiceAccount needs in its namespace.
+var InstallerRules = []rbacv1.PolicyRule{
+	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get"}},
+	{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"}, Verbs: []string{"get"}},
+}
+
+func createSetup(ctx context.Context, t *testing.T, admin kubernetes.Interface, s Setup, withRole bool) *appsv1.DaemonSet {
+	t.Helper()
+	if withRole {
+		role := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Namespace: s.Namespace, Name: "secureoverlay-install"}, Rules: InstallerRules}
+		if _, err := admin.RbacV1().Roles(s.Namespace).Create(ctx, role, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		rb := &rbacv1.RoleBinding{
+			ObjectMeta: metav1.ObjectMeta{Namespace: s.Namespace, Name: "secureoverlay-install"},
+			RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: role.Name},
+			Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: s.Namespace, Name: s.ServiceAccount}},
+		}
+		if _, err := admin.RbacV1().RoleBindings(s.Namespace).Create(ctx, rb, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	labels := map[string]string{"app": s.DaemonSet}
+	no := false
+	podSpec := corev1.PodSpec{
+		ServiceAccountName: s.ServiceAccount, AutomountServiceAccountToken: &no,
+		Containers: []corev1.Container{{Name: "install", Image: "secureoverlay:test"}},
+	}
+	ds := &appsv1.DaemonSet{
+		ObjectMeta: metav1.ObjectMeta{Namespace: s.Namespace, Name: s.DaemonSet},
+		Spec: appsv1.DaemonSetSpec{
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: labels}, Spec: podSpec},
+		},
+	}
+	ds, err := admin.AppsV1().DaemonSets(s.Namespace).Create(ctx, ds, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	yes := true
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: s.Namespace, Name: s.Pod, Labels: labels,
+			OwnerReferences: []metav1.OwnerReference{{APIVersion: "apps/v1", Kind: "DaemonSet", Name: ds.Name, UID: ds.UID, Controller: &yes, BlockOwnerDeletion: &yes}}},
+		Spec: podSpec,
+	}
+	if _, err := admin.CoreV1().Pods(s.Namespace).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return ds
+}
+
+// decideEventually retries while RBAC caches catch up with a new binding.
+func decideEventually(ctx context.Context, t *testing.T, c kubernetes.Interface, s Setup) (Decision, error) {
+	t.Helper()
+	var d Decision
+	var err error
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		if d, err = DaemonSetDeleted(ctx, c, s.Namespace, s.Pod); err == nil || !apierrors.IsForbidden(err) {
+			break
+		}
+	}
+	return d, err
+}
+
+// TestDecisionAgainstAPIServer runs the decision as the installer's ServiceAccount with
+// only InstallerRules against a real kube-apiserver: DaemonSet alive, being deleted
+// (foreground, held by its finalizer since no garbage collector runs), gone, re-created;
+// and without the Role the API refuses and the decision keeps the plugin.
+func TestDecisionAgainstAPIServer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real kube-apiserver; skipped with -short")
+	}
+	c := kube.Start(t, kube.WithNamespaces("so-install"))
+	ctx := context.Background()
+	admin := kubernetes.NewForConfigOrDie(c.AdminConfig())
+	s := Setup{Namespace: "so-install", ServiceAccount: "secureoverlay-agent", DaemonSet: "secureoverlay-agent", Pod: "secureoverlay-agent-abcde"}
+	sa := kubernetes.NewForConfigOrDie(c.ServiceAccountConfig(s.Namespace, s.ServiceAccount))
+	ds := createSetup(ctx, t, admin, s, true)
+
+	d, err := decideEventually(ctx, t, sa, s)
+	if err != nil || d.Uninstall {
+		t.Fatalf("daemonset alive: %+v, %v; want keep", d, err)
+	}
+
+	// The least privilege is really least: no list, no other verbs.
+	if _, err := sa.CoreV1().Pods(s.Namespace).List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("list pods: %v, want Forbidden", err)
+	}
+	if err := sa.AppsV1().DaemonSets(s.Namespace).Delete(ctx, s.DaemonSet, metav1.DeleteOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("delete daemonset: %v, want Forbidden", err)
+	}
+
+	fg := metav1.DeletePropagationForeground
+	if err := admin.AppsV1().DaemonSets(s.Namespace).Delete(ctx, s.DaemonSet, metav1.DeleteOptions{PropagationPolicy: &fg}); err != nil {
+		t.Fatal(err)
+	}
+	if d, err = DaemonSetDeleted(ctx, sa, s.Namespace, s.Pod); err != nil || !d.Uninstall {
+		t.Fatalf("daemonset being deleted: %+v, %v; want uninstall", d, err)
+	}
+	t.Logf("foreground delete: %s", d.Reason)
+
+	// Drop the finalizer the (absent) garbage collector would have handled: gone.
+	patch := []byte(`{"metadata":{"finalizers":null}}`)
+	if _, err := admin.AppsV1().DaemonSets(s.Namespace).Patch(ctx, s.DaemonSet, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if d, err = DaemonSetDeleted(ctx, sa, s.Namespace, s.Pod); err != nil || !d.Uninstall {
+		t.Fatalf("daemonset gone: %+v, %v; want uninstall", d, err)
+	}
+	t.Logf("gone: %s", d.Reason)
+
+	// Re-created under the same name (upgrade by delete + apply): keep.
+	re := ds.DeepCopy()
+	re.ResourceVersion, re.UID, re.DeletionTimestamp, re.Finalizers, re.CreationTimestamp = "", "", nil, nil, metav1.Time{}
+	if _, err := admin.AppsV1().DaemonSets(s.Namespace).Create(ctx, re, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if d, err = DaemonSetDeleted(ctx, sa, s.Namespace, s.Pod); err != nil || d.Uninstall {
+		t.Fatalf("daemonset re-created: %+v, %v; want keep", d, err)
+	}
+
+	// A ServiceAccount without the Role: Forbidden, and the decision keeps the plugin.
+	s2 := Setup{Namespace: "so-install", ServiceAccount: "no-rbac", DaemonSet: "other-ds", Pod: "other-ds-xyz"}
+	norbac := kubernetes.NewForConfigOrDie(c.ServiceAccountConfig(s2.Namespace, s2.ServiceAccount))
+	createSetup(ctx, t, admin, s2, false)
+	if err := admin.AppsV1().DaemonSets(s2.Namespace).Delete(ctx, s2.DaemonSet, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	d, err = DaemonSetDeleted(ctx, norbac, s2.Namespace, s2.Pod)
+	if !apierrors.IsForbidden(err) || d.Uninstall {
+		t.Fatalf("without RBAC: %+v, %v; want keep with Forbidden", d, err)
+	}
+}

@@ -35,6 +35,19 @@ const (
 	// distinct value and records the value it handled in its status.
 	RotateRequestAnnotation = "secureoverlay.io/rotate-request"
 
+	// ConfigEnabledKey in ConfigMapName: "true" enables encryption (target mode enforce),
+	// "false" disables it (target mode off).
+	ConfigEnabledKey = "enabled"
+	// ConfigModeKey in ConfigMapName, optional: an explicit target mode (off, accept,
+	// encrypt, enforce) that overrides ConfigEnabledKey, e.g. to stop a rollout at accept.
+	ConfigModeKey = "mode"
+	// StatusDataKey in StatusConfigMapName holds the master's MasterStatus as JSON.
+	StatusDataKey = "status"
+	// ResetRingAnnotation on the Secret lets the master overwrite a key ring it cannot
+	// parse (with its last good ring, or a new empty one). Without it the master refuses
+	// to touch invalid data.
+	ResetRingAnnotation = "secureoverlay.io/reset-ring"
+
 	// Calico KDD node annotations the agent reads.
 	CalicoIPv4AddressAnnotation = "projectcalico.org/IPv4Address"
 	CalicoIPIPTunnelAnnotation  = "projectcalico.org/IPv4IPIPTunnelAddr"
@@ -93,4 +106,51 @@ type NodeReport struct {
 	// LastSync is when the kernel last matched the desired state; Error is the last sync error.
 	LastSync time.Time `json:"lastSync,omitempty"`
 	Error    string    `json:"error,omitempty"`
+}
+
+// MasterStatus is the master's published view (StatusConfigMapName, key StatusDataKey).
+// It never contains key material.
+type MasterStatus struct {
+	// Leader is the identity of the master replica that wrote this status.
+	Leader string `json:"leader"`
+	// Mode is the cutover step the master has set; Target is where it is heading.
+	Mode   Mode `json:"mode"`
+	Target Mode `json:"target"`
+	// ActiveGeneration and PendingGeneration are 0 when there is none.
+	ActiveGeneration  uint32             `json:"activeGeneration"`
+	PendingGeneration uint32             `json:"pendingGeneration,omitempty"`
+	Generations       []GenerationStatus `json:"generations"`
+	// RotationInProgress is true while a generation is pending or retiring.
+	RotationInProgress bool `json:"rotationInProgress"`
+	// Waiting says which step the master waits for; Lagging lists the live nodes holding
+	// it; Excluded lists nodes NotReady longer than the node timeout, which do not block.
+	Waiting  string        `json:"waiting,omitempty"`
+	Lagging  []NodeLagging `json:"lagging,omitempty"`
+	Excluded []NodeLagging `json:"excluded,omitempty"`
+	// Deferred explains a rotation that is due but waits for another to finish.
+	Deferred string `json:"deferred,omitempty"`
+	// LastRotateRequest is the last RotateRequestAnnotation value the master acted on.
+	LastRotateRequest string `json:"lastRotateRequest,omitempty"`
+	// Nodes is how many node IDs the ring assigns.
+	Nodes int `json:"nodes"`
+	// LastError is the last reconcile error (e.g. a key ring the master refuses), "" if
+	// the last reconcile succeeded.
+	LastError string `json:"lastError,omitempty"`
+}
+
+// GenerationStatus describes one live key generation (never its key).
+type GenerationStatus struct {
+	Number    uint32    `json:"number"`
+	State     string    `json:"state"`
+	Cipher    string    `json:"cipher"`
+	Reason    string    `json:"reason,omitempty"`
+	Created   time.Time `json:"created"`
+	Activated time.Time `json:"activated,omitzero"`
+	Retiring  time.Time `json:"retiring,omitzero"`
+}
+
+// NodeLagging is a node and why it holds (or no longer holds) a step.
+type NodeLagging struct {
+	Node   string `json:"node"`
+	Reason string `json:"reason"`
 }

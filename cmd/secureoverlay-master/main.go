@@ -1,0 +1,132 @@
+// Command secureoverlay-master is the key manager: it creates, distributes and rotates
+// the IPsec key ring and drives enable/disable cutover (see package master and
+// docs/keys.md). Run two replicas; a Lease elects the leader.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/master"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "secureoverlay-master:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	def := keys.DefaultConfig()
+	host, _ := os.Hostname()
+	var (
+		kubeconfig  = flag.String("kubeconfig", "", "kubeconfig file (default: in-cluster config)")
+		namespace   = flag.String("namespace", api.Namespace, "namespace of the key Secret, ConfigMaps and Lease")
+		interval    = flag.Duration("rotate-interval", def.RotateInterval, "rotate keys this often (0 disables interval rotation)")
+		grace       = flag.Duration("grace", def.Grace, "keep a retiring key generation installed this long after the switch")
+		nodeTimeout = flag.Duration("node-timeout", def.NodeTimeout, "a node NotReady this long no longer blocks rotation or cutover")
+		seq         = flag.Float64("seq-threshold", def.SeqThreshold, "rotate early when an agent reports an SA sequence fraction at or above this (0 disables)")
+		cipher      = flag.String("cipher", string(def.Cipher), "cipher of new key generations: aes128gcm or aes256gcm")
+		icv         = flag.Int("icv-bytes", def.ICVBytes, "ICV length of new key generations: 8, 12 or 16 (must match the agents' MTU budget)")
+		metricsAddr = flag.String("metrics-addr", ":9466", "listen address for /metrics, /healthz and /readyz (empty disables)")
+		leaseName   = flag.String("lease-name", "secureoverlay-master", "name of the leader election Lease")
+		id          = flag.String("id", host, "identity of this replica in the Lease (default: hostname)")
+		resync      = flag.Duration("resync", time.Minute, "full reconcile period")
+		logJSON     = flag.Bool("log-json", false, "log as JSON")
+	)
+	flag.Parse()
+
+	var h slog.Handler = slog.NewTextHandler(os.Stderr, nil)
+	if *logJSON {
+		h = slog.NewJSONHandler(os.Stderr, nil)
+	}
+	log := slog.New(h)
+
+	policy := keys.Config{RotateInterval: *interval, Grace: *grace, NodeTimeout: *nodeTimeout, SeqThreshold: *seq,
+		Cipher: keys.Cipher(*cipher), ICVBytes: *icv}
+	if policy.Cipher.KeyBytes() == 0 {
+		return fmt.Errorf("--cipher %q: want aes128gcm or aes256gcm", *cipher)
+	}
+	if !keys.ValidICV(policy.ICVBytes) {
+		return fmt.Errorf("--icv-bytes %d: want 8, 12 or 16", *icv)
+	}
+	if *id == "" {
+		return errors.New("--id is empty and the hostname is unknown")
+	}
+
+	cfg, err := restConfig(*kubeconfig)
+	if err != nil {
+		return err
+	}
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+
+	metrics := master.NewMetrics()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if err := metrics.Register(reg); err != nil {
+		return fmt.Errorf("register metrics: %w", err)
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	if *metricsAddr != "" {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		ok := func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) }
+		mux.HandleFunc("/healthz", ok)
+		mux.HandleFunc("/readyz", ok)
+		srv := &http.Server{Addr: *metricsAddr, Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("metrics server", "addr", *metricsAddr, "err", err)
+			}
+		}()
+		defer srv.Close()
+	}
+
+	log.Info("starting", "namespace", *namespace, "lease", *leaseName, "id", *id, "rotateInterval", *interval,
+		"grace", *grace, "nodeTimeout", *nodeTimeout, "seqThreshold", *seq, "cipher", *cipher, "icvBytes", *icv)
+	return master.Run(ctx, client, master.Options{Namespace: *namespace, Identity: *id, LeaseName: *leaseName,
+		Resync: *resync, Policy: policy, Logger: log, Metrics: metrics})
+}
+
+func restConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig == "" {
+		kubeconfig = os.Getenv("KUBECONFIG")
+	}
+	if kubeconfig == "" {
+		cfg, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("in-cluster config (pass --kubeconfig outside a cluster): %w", err)
+		}
+		return cfg, nil
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", strings.Split(kubeconfig, ":")[0])
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
+	}
+	return cfg, nil
+}

@@ -1,0 +1,561 @@
+// Package master is secureoverlay's key manager: the thin client-go shell around the pure
+// state machine in package keys.
+//
+// Inputs: Nodes (Ready condition, bootID, the agents' report annotation), the operator's
+// ConfigMap (enabled/mode, rotate request) and the key ring Secret. Outputs: the Secret
+// (only the master writes it), the status ConfigMap and Prometheus metrics.
+//
+// Invariants:
+//   - Every decision is computed from the ring read from the API server in the same
+//     reconcile (a live GET, not a cache) and written back with that read's
+//     resourceVersion, so two replicas (or a deposed leader still running) can never both
+//     apply a step: the loser gets a conflict, re-reads and sees the step done. A failover
+//     therefore never rotates twice: a handled rotate request is recorded in the ring, and
+//     interval rotation compares with the newest generation's creation time in the ring.
+//   - The master never writes a ring it did not read and validate: an unparseable Secret
+//     is refused (logged, counted, published in the status), the last good ring is kept in
+//     memory, and the data is left alone until the operator fixes it or sets
+//     api.ResetRingAnnotation on the Secret. A deleted Secret is recreated from the last
+//     good ring when there is one.
+//   - Key bytes never reach logs, errors, the status or metrics.
+//
+// Shape: informers on Nodes, the Secret and the ConfigMap enqueue one key; one worker runs
+// a full reconcile; a timer re-runs it when a timed transition (interval, grace, node
+// timeout) falls due, and a periodic resync repairs anything missed. Only the leader (a
+// client-go Lease) runs the controller.
+package master
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	listerscorev1 "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/leaderelection"
+	"k8s.io/client-go/tools/leaderelection/resourcelock"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
+)
+
+// Options configure a master replica.
+type Options struct {
+	// Namespace of the Secret, the ConfigMaps and the Lease (default api.Namespace).
+	Namespace string
+	// Identity of this replica in the Lease (required, unique per replica).
+	Identity string
+	// LeaseName (default "secureoverlay-master") and the leader election timings
+	// (defaults 15s / 10s / 2s).
+	LeaseName                                 string
+	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
+	// Resync is the period of the full reconcile that runs without events (default 1m).
+	Resync time.Duration
+	// Policy is the rotation and cutover policy.
+	Policy keys.Config
+	// Logger (default slog.Default()).
+	Logger *slog.Logger
+	// Metrics (default: unregistered metrics).
+	Metrics *Metrics
+	// Rand is the entropy source of root keys (default crypto/rand.Reader).
+	Rand io.Reader
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+func (o *Options) defaults() error {
+	if o.Namespace == "" {
+		o.Namespace = api.Namespace
+	}
+	if o.Identity == "" {
+		return errors.New("master: identity is required")
+	}
+	if o.LeaseName == "" {
+		o.LeaseName = "secureoverlay-master"
+	}
+	if o.LeaseDuration == 0 {
+		o.LeaseDuration = 15 * time.Second
+	}
+	if o.RenewDeadline == 0 {
+		o.RenewDeadline = 10 * time.Second
+	}
+	if o.RetryPeriod == 0 {
+		o.RetryPeriod = 2 * time.Second
+	}
+	if o.Resync == 0 {
+		o.Resync = time.Minute
+	}
+	if o.Policy == (keys.Config{}) {
+		o.Policy = keys.DefaultConfig()
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Metrics == nil {
+		o.Metrics = NewMetrics()
+	}
+	if o.Rand == nil {
+		o.Rand = rand.Reader
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return nil
+}
+
+// Run campaigns for the Lease and runs the controller while leading. It returns when ctx
+// is done (nil) or when leadership is lost (an error; the process should exit so that it
+// restarts with fresh state).
+func Run(ctx context.Context, client kubernetes.Interface, opts Options) error {
+	if err := opts.defaults(); err != nil {
+		return err
+	}
+	lock := &resourcelock.LeaseLock{
+		LeaseMeta:  metav1.ObjectMeta{Namespace: opts.Namespace, Name: opts.LeaseName},
+		Client:     client.CoordinationV1(),
+		LockConfig: resourcelock.ResourceLockConfig{Identity: opts.Identity},
+	}
+	log := opts.Logger.With("identity", opts.Identity)
+	var (
+		ctrlErr error
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		ended   bool // le.Run returned: a late OnStartedLeading must not start
+	)
+	le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
+		Lock:            lock,
+		Name:            opts.LeaseName,
+		LeaseDuration:   opts.LeaseDuration,
+		RenewDeadline:   opts.RenewDeadline,
+		RetryPeriod:     opts.RetryPeriod,
+		ReleaseOnCancel: true,
+		Callbacks: leaderelection.LeaderCallbacks{
+			OnStartedLeading: func(lctx context.Context) {
+				mu.Lock()
+				if ended {
+					mu.Unlock()
+					return
+				}
+				wg.Add(1)
+				mu.Unlock()
+				defer wg.Done()
+				log.Info("became leader", "lease", opts.Namespace+"/"+opts.LeaseName)
+				opts.Metrics.Leader.Set(1)
+				defer opts.Metrics.Leader.Set(0)
+				ctrlErr = NewController(client, opts).Run(lctx)
+			},
+			OnStoppedLeading: func() { log.Info("stopped leading") },
+			OnNewLeader: func(id string) {
+				if id != opts.Identity {
+					log.Info("leader is another replica", "leader", id)
+				}
+			},
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("leader election on lease %s/%s: %w", opts.Namespace, opts.LeaseName, err)
+	}
+	le.Run(ctx)
+	mu.Lock()
+	ended = true
+	mu.Unlock()
+	wg.Wait()
+	if ctx.Err() != nil {
+		return nil
+	}
+	if ctrlErr != nil {
+		return ctrlErr
+	}
+	return fmt.Errorf("lost leadership of lease %s/%s", opts.Namespace, opts.LeaseName)
+}
+
+// Controller reconciles the key ring. Create it with NewController; run it only while
+// leading (Run does that).
+type Controller struct {
+	client kubernetes.Interface
+	opts   Options
+	log    *slog.Logger
+
+	nodes   listerscorev1.NodeLister
+	configs listerscorev1.ConfigMapLister
+	queue   workqueue.TypedRateLimitingInterface[string]
+
+	lastGood   *keys.Ring
+	lastStatus string
+}
+
+const queueKey = "ring"
+
+// NewController builds a controller; opts must have passed through Run's defaults or be
+// complete.
+func NewController(client kubernetes.Interface, opts Options) *Controller {
+	_ = opts.defaults()
+	return &Controller{client: client, opts: opts, log: opts.Logger.With("identity", opts.Identity)}
+}
+
+// Run starts the informers and the worker and blocks until ctx is done.
+func (c *Controller) Run(ctx context.Context) error {
+	c.queue = workqueue.NewTypedRateLimitingQueueWithConfig(
+		workqueue.NewTypedItemExponentialFailureRateLimiter[string](200*time.Millisecond, 30*time.Second),
+		workqueue.TypedRateLimitingQueueConfig[string]{Name: "secureoverlay-master"})
+	defer c.queue.ShutDown()
+	enqueue := func(any) { c.queue.Add(queueKey) }
+	handler := cache.ResourceEventHandlerFuncs{AddFunc: enqueue, DeleteFunc: enqueue,
+		UpdateFunc: func(_, _ any) { c.queue.Add(queueKey) }}
+
+	nodeFactory := informers.NewSharedInformerFactory(c.client, 0)
+	nodeInf := nodeFactory.Core().V1().Nodes()
+	if _, err := nodeInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: enqueue, DeleteFunc: enqueue,
+		UpdateFunc: func(o, n any) {
+			if nodeChanged(o, n) {
+				c.queue.Add(queueKey)
+			}
+		},
+	}); err != nil {
+		return fmt.Errorf("watch nodes: %w", err)
+	}
+	byName := func(name string) informers.SharedInformerOption {
+		return informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String()
+		})
+	}
+	secretFactory := informers.NewSharedInformerFactoryWithOptions(c.client, 0,
+		informers.WithNamespace(c.opts.Namespace), byName(api.SecretName))
+	secretInf := secretFactory.Core().V1().Secrets()
+	if _, err := secretInf.Informer().AddEventHandler(handler); err != nil {
+		return fmt.Errorf("watch secret %s/%s: %w", c.opts.Namespace, api.SecretName, err)
+	}
+	configFactory := informers.NewSharedInformerFactoryWithOptions(c.client, 0,
+		informers.WithNamespace(c.opts.Namespace), byName(api.ConfigMapName))
+	configInf := configFactory.Core().V1().ConfigMaps()
+	if _, err := configInf.Informer().AddEventHandler(handler); err != nil {
+		return fmt.Errorf("watch configmap %s/%s: %w", c.opts.Namespace, api.ConfigMapName, err)
+	}
+	c.nodes, c.configs = nodeInf.Lister(), configInf.Lister()
+
+	for _, f := range []informers.SharedInformerFactory{nodeFactory, secretFactory, configFactory} {
+		f.Start(ctx.Done())
+		defer f.Shutdown()
+	}
+	if !cache.WaitForCacheSync(ctx.Done(), nodeInf.Informer().HasSynced, secretInf.Informer().HasSynced, configInf.Informer().HasSynced) {
+		return nil // ctx done before the caches synced
+	}
+	c.log.Info("caches synced, reconciling")
+
+	go func() {
+		t := time.NewTicker(c.opts.Resync)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				c.queue.ShutDown()
+				return
+			case <-t.C:
+				c.queue.Add(queueKey)
+			}
+		}
+	}()
+	c.queue.Add(queueKey)
+	for c.processNext(ctx) {
+	}
+	return nil
+}
+
+func (c *Controller) processNext(ctx context.Context) bool {
+	key, quit := c.queue.Get()
+	if quit {
+		return false
+	}
+	defer c.queue.Done(key)
+	if ctx.Err() != nil {
+		return false
+	}
+	wake, err := c.Reconcile(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			return false
+		}
+		c.opts.Metrics.ReconcileErrors.Inc()
+		c.log.Error("reconcile failed, retrying", "err", err)
+		c.queue.AddRateLimited(key)
+		return true
+	}
+	c.queue.Forget(key)
+	if !wake.IsZero() {
+		c.queue.AddAfter(key, wake.Sub(c.opts.Now())+10*time.Millisecond)
+	}
+	return true
+}
+
+// nodeChanged reports whether an update touches anything the master reads.
+func nodeChanged(o, n any) bool {
+	on, ok1 := o.(*corev1.Node)
+	nn, ok2 := n.(*corev1.Node)
+	if !ok1 || !ok2 {
+		return true
+	}
+	if on.Annotations[api.ReportAnnotation] != nn.Annotations[api.ReportAnnotation] ||
+		on.Status.NodeInfo.BootID != nn.Status.NodeInfo.BootID {
+		return true
+	}
+	or, ot := readyCondition(on)
+	nr, nt := readyCondition(nn)
+	return or != nr || !ot.Equal(nt)
+}
+
+func readyCondition(n *corev1.Node) (bool, time.Time) {
+	for _, c := range n.Status.Conditions {
+		if c.Type == corev1.NodeReady {
+			return c.Status == corev1.ConditionTrue, c.LastTransitionTime.Time
+		}
+	}
+	return false, n.CreationTimestamp.Time
+}
+
+// NodeState converts a Node into the state machine's view of it.
+func NodeState(n *corev1.Node) keys.NodeState {
+	ready, since := readyCondition(n)
+	s := keys.NodeState{Name: n.Name, Ready: ready, BootID: n.Status.NodeInfo.BootID}
+	if !ready {
+		s.NotReadySince = since
+	}
+	if raw, ok := n.Annotations[api.ReportAnnotation]; ok {
+		var rep api.NodeReport
+		if err := json.Unmarshal([]byte(raw), &rep); err != nil {
+			s.ReportError = "annotation " + api.ReportAnnotation + " is not a JSON NodeReport"
+		} else if !rep.Mode.Valid() {
+			s.ReportError = fmt.Sprintf("report mode %q is not a mode", rep.Mode)
+		} else {
+			s.Report = &rep
+		}
+	}
+	return s
+}
+
+// desired reads the operator's ConfigMap: the target mode (cur when the ConfigMap or its
+// keys are absent, so deleting it never disables encryption by accident) and the rotate
+// request.
+func desired(cm *corev1.ConfigMap, cur api.Mode) (api.Mode, string, error) {
+	if cm == nil {
+		return cur, "", nil
+	}
+	req := cm.Annotations[api.RotateRequestAnnotation]
+	if m, ok := cm.Data[api.ConfigModeKey]; ok && strings.TrimSpace(m) != "" {
+		mode := api.Mode(strings.TrimSpace(m))
+		if !mode.Valid() {
+			return cur, req, fmt.Errorf("configmap %s: %s=%q is not one of off, accept, encrypt, enforce", cm.Name, api.ConfigModeKey, m)
+		}
+		return mode, req, nil
+	}
+	if v, ok := cm.Data[api.ConfigEnabledKey]; ok {
+		on, err := strconv.ParseBool(strings.TrimSpace(v))
+		if err != nil {
+			return cur, req, fmt.Errorf("configmap %s: %s=%q is not true or false", cm.Name, api.ConfigEnabledKey, v)
+		}
+		if on {
+			return api.ModeEnforce, req, nil
+		}
+		return api.ModeOff, req, nil
+	}
+	return cur, req, nil
+}
+
+// Reconcile runs one full reconcile and returns when the next timed transition is due.
+func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
+	ns := c.opts.Namespace
+	m := c.opts.Metrics
+	secrets := c.client.CoreV1().Secrets(ns)
+	secret, err := secrets.Get(ctx, api.SecretName, metav1.GetOptions{})
+	exists := true
+	switch {
+	case apierrors.IsNotFound(err):
+		exists, secret = false, nil
+	case err != nil:
+		return time.Time{}, fmt.Errorf("get secret %s/%s: %w", ns, api.SecretName, err)
+	}
+
+	var ring *keys.Ring
+	var problems []string
+	reset := false
+	if exists {
+		ring, err = keys.Parse(secret.Data[api.SecretDataKey])
+		if err != nil {
+			m.RingValid.Set(0)
+			if _, ok := secret.Annotations[api.ResetRingAnnotation]; !ok {
+				m.RingErrors.Inc()
+				msg := fmt.Sprintf("secret %s/%s key %q: %v; refusing to use or overwrite it (last good ring: %s); fix the data or set annotation %s on the secret to let the master overwrite it",
+					ns, api.SecretName, api.SecretDataKey, err, keys.Summary(c.lastGood), api.ResetRingAnnotation)
+				c.log.Error("refusing invalid key ring", "secret", ns+"/"+api.SecretName, "err", err, "lastGood", keys.Summary(c.lastGood))
+				c.publish(ctx, c.status(c.lastGood, nil, msg))
+				return time.Time{}, nil // nothing to retry until the Secret changes
+			}
+			reset = true
+			ring = c.lastGood
+			c.log.Warn("overwriting invalid key ring at the operator's request", "secret", ns+"/"+api.SecretName,
+				"annotation", api.ResetRingAnnotation, "err", err, "replacement", keys.Summary(ring))
+		}
+	} else if c.lastGood != nil {
+		ring = c.lastGood
+		c.log.Warn("key ring secret is missing, recreating it from the last good ring", "secret", ns+"/"+api.SecretName, "ring", keys.Summary(ring))
+	}
+	m.RingValid.Set(1)
+
+	var cm *corev1.ConfigMap
+	if got, err := c.configs.ConfigMaps(ns).Get(api.ConfigMapName); err == nil {
+		cm = got
+	} else if !apierrors.IsNotFound(err) {
+		return time.Time{}, fmt.Errorf("read configmap %s/%s: %w", ns, api.ConfigMapName, err)
+	}
+	cur := api.ModeOff
+	if ring != nil {
+		cur = ring.Target
+	}
+	target, req, err := desired(cm, cur)
+	if err != nil {
+		problems = append(problems, err.Error())
+	}
+
+	nodeList, err := c.nodes.List(labels.Everything())
+	if err != nil {
+		return time.Time{}, fmt.Errorf("list nodes: %w", err)
+	}
+	var nodes []keys.NodeState
+	for _, n := range nodeList {
+		nodes = append(nodes, NodeState(n))
+	}
+
+	res, err := keys.Step(keys.Input{Ring: ring, Nodes: nodes, Target: target, RotateRequest: req,
+		Now: c.opts.Now(), Config: c.opts.Policy, Rand: c.opts.Rand})
+	if err != nil {
+		return time.Time{}, fmt.Errorf("step key ring: %w", err)
+	}
+	if res.Changed || !exists || reset {
+		if err := c.write(ctx, secret, res.Ring, reset); err != nil {
+			return time.Time{}, err
+		}
+		for _, a := range res.Actions {
+			c.log.Info(a.String(), "action", string(a.Kind))
+			if a.Kind == keys.ActionGenerationCreated {
+				m.Rotations.WithLabelValues(a.Reason).Inc()
+			}
+		}
+	}
+	c.lastGood = res.Ring
+	m.observe(res)
+	c.publish(ctx, c.status(res.Ring, &res, strings.Join(problems, "; ")))
+	return res.Wake, nil
+}
+
+// write stores ring in the Secret read as old (nil: create), conditioned on old's
+// resourceVersion.
+func (c *Controller) write(ctx context.Context, old *corev1.Secret, ring *keys.Ring, reset bool) error {
+	ns := c.opts.Namespace
+	data, err := keys.Marshal(ring)
+	if err != nil {
+		return fmt.Errorf("encode key ring for secret %s/%s: %w", ns, api.SecretName, err)
+	}
+	secrets := c.client.CoreV1().Secrets(ns)
+	if old == nil {
+		s := &corev1.Secret{
+			ObjectMeta: metav1.ObjectMeta{Name: api.SecretName, Namespace: ns,
+				Labels: map[string]string{"app.kubernetes.io/name": "secureoverlay", "app.kubernetes.io/component": "keys"}},
+			Type: corev1.SecretTypeOpaque,
+			Data: map[string][]byte{api.SecretDataKey: data},
+		}
+		if _, err := secrets.Create(ctx, s, metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("create secret %s/%s: %w", ns, api.SecretName, err)
+		}
+		return nil
+	}
+	s := old.DeepCopy()
+	if s.Data == nil {
+		s.Data = map[string][]byte{}
+	}
+	s.Data[api.SecretDataKey] = data
+	if reset {
+		delete(s.Annotations, api.ResetRingAnnotation)
+	}
+	// s.ResourceVersion is the version we parsed: a concurrent writer makes this fail.
+	if _, err := secrets.Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("update secret %s/%s at resourceVersion %s: %w", ns, api.SecretName, old.ResourceVersion, err)
+	}
+	return nil
+}
+
+// status builds the published view; res may be nil (when the ring was refused).
+func (c *Controller) status(ring *keys.Ring, res *keys.Result, lastError string) api.MasterStatus {
+	st := api.MasterStatus{Leader: c.opts.Identity, LastError: lastError, Generations: []api.GenerationStatus{}}
+	if ring != nil {
+		st.Mode, st.Target, st.LastRotateRequest, st.Nodes = ring.Mode, ring.Target, ring.LastRotateRequest, len(ring.Nodes)
+		for _, g := range ring.Generations {
+			st.Generations = append(st.Generations, api.GenerationStatus{Number: g.Number, State: string(g.State),
+				Cipher: string(g.Cipher), Reason: g.Reason, Created: g.Created, Activated: g.Activated, Retiring: g.Retiring})
+			switch g.State {
+			case keys.StateActive:
+				st.ActiveGeneration = g.Number
+			case keys.StatePending:
+				st.PendingGeneration = g.Number
+			}
+		}
+	}
+	if res != nil {
+		st.RotationInProgress, st.Waiting, st.Deferred = res.RotationInProgress, res.Waiting, res.Deferred
+		for _, l := range res.Lagging {
+			st.Lagging = append(st.Lagging, api.NodeLagging{Node: l.Node, Reason: l.Reason})
+		}
+		for _, l := range res.Excluded {
+			st.Excluded = append(st.Excluded, api.NodeLagging{Node: l.Node, Reason: l.Reason})
+		}
+	}
+	return st
+}
+
+// publish writes the status ConfigMap when its content changed. Failures are logged, not
+// returned: the status is a view, the ring is what matters.
+func (c *Controller) publish(ctx context.Context, st api.MasterStatus) {
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		c.log.Error("encode status", "err", err)
+		return
+	}
+	if string(b) == c.lastStatus {
+		return
+	}
+	ns := c.opts.Namespace
+	cms := c.client.CoreV1().ConfigMaps(ns)
+	cm := &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: api.StatusConfigMapName, Namespace: ns,
+			Labels: map[string]string{"app.kubernetes.io/name": "secureoverlay", "app.kubernetes.io/component": "master"}},
+		Data: map[string]string{api.StatusDataKey: string(b)},
+	}
+	// An update without resourceVersion is unconditional: only the leader writes here.
+	_, err = cms.Update(ctx, cm, metav1.UpdateOptions{})
+	if apierrors.IsNotFound(err) {
+		_, err = cms.Create(ctx, cm, metav1.CreateOptions{})
+	}
+	if err != nil {
+		c.log.Error("publish status", "configmap", ns+"/"+api.StatusConfigMapName, "err", err)
+		return
+	}
+	c.lastStatus = string(b)
+}
+
+// LastGood returns the last ring this controller read or wrote successfully (nil if none).
+func (c *Controller) LastGood() *keys.Ring { return c.lastGood }

@@ -1,0 +1,324 @@
+package master
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
+)
+
+func newRegistry(t *testing.T, m *Metrics) *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	if err := m.Register(reg); err != nil {
+		t.Fatal(err)
+	}
+	return reg
+}
+
+const wait = 30 * time.Second
+
+// value reads a single-series gauge or counter.
+func value(c prometheus.Collector) float64 {
+	ch := make(chan prometheus.Metric, 16)
+	c.Collect(ch)
+	close(ch)
+	for m := range ch {
+		var d dto.Metric
+		if err := m.Write(&d); err != nil {
+			return -1
+		}
+		if d.Gauge != nil {
+			return d.Gauge.GetValue()
+		}
+		return d.Counter.GetValue()
+	}
+	return -1
+}
+
+// enableCluster brings n simulated nodes to mode enforce with generation 1.
+func enableCluster(e *env, names ...string) map[string]*agent {
+	agents := map[string]*agent{}
+	for i, n := range names {
+		agents[n] = e.addNode(n, i+1)
+	}
+	e.setConfig(map[string]string{api.ConfigEnabledKey: "true"}, nil)
+	e.ringIs(api.ModeEnforce, wait, "1:active")
+	return agents
+}
+
+// TestRotationWithSimulatedAgents: enable, then an operator-requested rotation and an
+// early (sequence-number) rotation run to completion with agents that acknowledge with
+// random delays; status and metrics follow.
+func TestRotationWithSimulatedAgents(t *testing.T) {
+	e := newEnv(t)
+	m := e.startMaster("master-a", testPolicy())
+	agents := enableCluster(e, "n1", "n2", "n3", "n4", "n5")
+
+	e.requestRotation("2026-01-01T00:00:00Z")
+	r := e.ringIs(api.ModeEnforce, wait, "2:active")
+	if r.LastGeneration != 2 || r.LastRotateRequest != "2026-01-01T00:00:00Z" || r.Generation(2).Reason != "request" {
+		t.Fatalf("after request: %s last=%d req=%q", keys.Summary(r), r.LastGeneration, r.LastRotateRequest)
+	}
+	// Every node has a distinct ID, so every sender has distinct SPIs.
+	ids := map[uint32]bool{}
+	for n := range agents {
+		ids[r.NodeID(n)] = true
+	}
+	if len(ids) != len(agents) || ids[0] {
+		t.Fatalf("node ids %+v", r.Nodes)
+	}
+	e.eventually("status to show generation 2", wait, func() (bool, string) {
+		st := e.status()
+		return st.ActiveGeneration == 2 && !st.RotationInProgress && st.LastRotateRequest == "2026-01-01T00:00:00Z" &&
+			st.Mode == api.ModeEnforce && st.Leader == "master-a" && len(st.Lagging) == 0, ""
+	})
+
+	// Early rotation: one agent's active SA nears the sequence threshold.
+	agents["n3"].setSeq(0.75, 2)
+	r = e.ringIs(api.ModeEnforce, wait, "3:active")
+	if r.Generation(3).Reason != "sequence" || r.LastGeneration != 3 {
+		t.Fatalf("early rotation: %s reason %q", keys.Summary(r), r.Generation(3).Reason)
+	}
+	// The report still says 0.75, but for generation 2: no further rotation.
+	time.Sleep(time.Second)
+	if r = e.ring(); r.LastGeneration != 3 {
+		t.Fatalf("rotated again for a retired generation's sequence numbers: %s", keys.Summary(r))
+	}
+	if got := value(m.metrics.Rotations.WithLabelValues("request")); got != 1 {
+		t.Errorf("rotations_total{reason=request} = %v", got)
+	}
+	if got := value(m.metrics.Rotations.WithLabelValues("sequence")); got < 1 {
+		t.Errorf("rotations_total{reason=sequence} = %v", got)
+	}
+	e.eventually("metrics", wait, func() (bool, string) {
+		return value(m.metrics.Generation) == 3 && value(m.metrics.Leader) == 1 &&
+			value(m.metrics.Mode.WithLabelValues("enforce")) == 1, metricsText(t, m.metrics)
+	})
+
+	// Disable walks back through the modes and drops every key.
+	e.setConfig(map[string]string{api.ConfigEnabledKey: "false"}, nil)
+	r = e.ringIs(api.ModeOff, wait)
+	if r.LastGeneration < 3 || r.Target != api.ModeOff {
+		t.Fatalf("after disable: %s", keys.Summary(r))
+	}
+}
+
+// TestLaggingAndDeletedNodes: a live node that has not installed the pending generation
+// holds the switch (and is published as lagging); once it is deleted — or NotReady longer
+// than the node timeout — it no longer does.
+func TestLaggingAndDeletedNodes(t *testing.T) {
+	e := newEnv(t)
+	e.startMaster("master-a", testPolicy())
+	agents := enableCluster(e, "n1", "n2", "n3", "n4")
+
+	// n3 stops acknowledging; a rotation starts and must wait for it.
+	agents["n3"].paused.Store(true)
+	e.requestRotation("r1")
+	e.ringIs(api.ModeEnforce, wait, "1:active", "2:pending")
+	e.eventually("status to name n3 as lagging", wait, func() (bool, string) {
+		st := e.status()
+		return len(st.Lagging) == 1 && st.Lagging[0].Node == "n3" && st.PendingGeneration == 2, ""
+	})
+	time.Sleep(2 * time.Second) // several resyncs and node-timeouts' worth
+	if r := e.ring(); r == nil || r.Pending() == nil || r.Active().Number != 1 {
+		t.Fatalf("the lagging node did not hold the switch: %s", keys.Summary(r))
+	}
+
+	// Deleting n3 releases the switch.
+	agents["n3"].stop()
+	idN3 := e.ring().NodeID("n3")
+	if err := e.cs.CoreV1().Nodes().Delete(e.ctx, "n3", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	r := e.ringIs(api.ModeEnforce, wait, "2:active")
+	if r.NodeID("n3") != 0 {
+		t.Fatalf("deleted node still holds an id: %+v", r.Nodes)
+	}
+	for _, n := range r.Nodes {
+		if n.ID == idN3 && !n.Released {
+			t.Fatalf("id %d of the deleted node reassigned while generation 1 could be live: %+v", idN3, r.Nodes)
+		}
+	}
+
+	// A node NotReady longer than the node timeout does not block either.
+	agents["n2"].paused.Store(true)
+	e.requestRotation("r2")
+	e.ringIs(api.ModeEnforce, wait, "2:active", "3:pending")
+	node, err := e.cs.CoreV1().Nodes().Get(e.ctx, "n2", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range node.Status.Conditions {
+		if node.Status.Conditions[i].Type == "Ready" {
+			node.Status.Conditions[i].Status = "False"
+			node.Status.Conditions[i].LastTransitionTime = metav1.Now()
+		}
+	}
+	if _, err := e.cs.CoreV1().Nodes().UpdateStatus(e.ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.ringIs(api.ModeEnforce, wait, "3:active")
+	e.eventually("status to list n2 as excluded", wait, func() (bool, string) {
+		st := e.status()
+		return len(st.Excluded) == 1 && st.Excluded[0].Node == "n2" && strings.Contains(st.Excluded[0].Reason, "NotReady"), ""
+	})
+}
+
+// TestLeaderFailoverMidRotation: the leader is killed while a rotation waits for an
+// agent; the other replica takes over and finishes the same rotation. The generation
+// number goes up by exactly one.
+func TestLeaderFailoverMidRotation(t *testing.T) {
+	e := newEnv(t)
+	replicas := map[string]*replica{"master-a": e.startMaster("master-a", testPolicy()), "master-b": e.startMaster("master-b", testPolicy())}
+	agents := enableCluster(e, "n1", "n2", "n3")
+
+	agents["n1"].paused.Store(true)
+	e.requestRotation("failover")
+	e.ringIs(api.ModeEnforce, wait, "1:active", "2:pending")
+	leader := e.leaseHolder()
+	if replicas[leader] == nil {
+		t.Fatalf("lease holder %q is not a replica", leader)
+	}
+	replicas[leader].stop()
+	other := "master-a"
+	if leader == other {
+		other = "master-b"
+	}
+	e.eventually("the other replica to take the lease", wait, func() (bool, string) {
+		return e.leaseHolder() == other, e.leaseHolder()
+	})
+	agents["n1"].paused.Store(false)
+	r := e.ringIs(api.ModeEnforce, wait, "2:active")
+	e.eventually("status from the new leader", wait, func() (bool, string) {
+		st := e.status()
+		return st.Leader == other && st.ActiveGeneration == 2, st.Leader
+	})
+	time.Sleep(2 * time.Second) // several resyncs: nothing may rotate again
+	r = e.ring()
+	if r.LastGeneration != 2 || !slices.Equal(r.Numbers(), []uint32{2}) {
+		t.Fatalf("failover rotated %d times: %s", r.LastGeneration-1, keys.Summary(r))
+	}
+	if got := value(replicas[other].metrics.Rotations.WithLabelValues("request")); got != 0 {
+		t.Fatalf("the new leader created %v generations for a request already handled", got)
+	}
+}
+
+// TestConcurrentControllersNeverDoubleRotate: even without leader election (a deposed
+// leader still running), optimistic concurrency on the Secret lets only one write win.
+func TestConcurrentControllersNeverDoubleRotate(t *testing.T) {
+	e := newEnv(t)
+	e.startMaster("master-a", testPolicy())
+	enableCluster(e, "n1", "n2")
+	// Two more controllers run outside the election, racing the leader.
+	for _, id := range []string{"rogue-1", "rogue-2"} {
+		cs, err := kubernetes.NewForConfig(e.masterConfig())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := NewController(cs, Options{Identity: id, Resync: 100 * time.Millisecond, Policy: testPolicy(), Logger: e.log.With("replica", id)})
+		ctx, cancel := context.WithCancel(e.ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); _ = c.Run(ctx) }()
+		t.Cleanup(func() { cancel(); <-done })
+	}
+	for i, req := range []string{"c1", "c2", "c3"} {
+		e.requestRotation(req)
+		r := e.ringIs(api.ModeEnforce, wait, fmt.Sprintf("%d:active", 2+i))
+		if r.LastGeneration != uint32(2+i) {
+			t.Fatalf("request %s: %s last=%d", req, keys.Summary(r), r.LastGeneration)
+		}
+	}
+}
+
+// TestCorruptedSecretRefused: hand-edited or garbage Secret data is refused with a clear
+// error, not overwritten, and the master keeps its last good ring, which the operator can
+// restore with the reset annotation (or by deleting the Secret).
+func TestCorruptedSecretRefused(t *testing.T) {
+	e := newEnv(t)
+	m := e.startMaster("master-a", testPolicy())
+	enableCluster(e, "n1", "n2")
+	good := e.ring()
+	goodData := e.secret().Data[api.SecretDataKey]
+
+	for _, c := range []struct {
+		name string
+		data []byte
+		want string
+	}{
+		{"garbage", []byte("\x00\x01 not a ring"), "malformed JSON"},
+		{"hand-edited", bytes.Replace(goodData, []byte(`"state": "active"`), []byte(`"state": "activ"`), 1), `state "activ"`},
+		{"truncated", goodData[:len(goodData)/2], "truncated"},
+	} {
+		s := e.secret()
+		s.Data[api.SecretDataKey] = c.data
+		bad, err := e.cs.CoreV1().Secrets(api.Namespace).Update(e.ctx, s, metav1.UpdateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.eventually(c.name+": refusal in the status", wait, func() (bool, string) {
+			st := e.status()
+			return strings.Contains(st.LastError, "refusing") && strings.Contains(st.LastError, c.want) &&
+				strings.Contains(st.LastError, api.ResetRingAnnotation), st.LastError
+		})
+		// A rotation request must not make the master write over the bad data.
+		e.requestRotation("while-corrupt-" + c.name)
+		time.Sleep(1500 * time.Millisecond)
+		now := e.secret()
+		if now.ResourceVersion != bad.ResourceVersion || !bytes.Equal(now.Data[api.SecretDataKey], c.data) {
+			t.Fatalf("%s: the master overwrote refused data", c.name)
+		}
+		if value(m.metrics.RingValid) != 0 || value(m.metrics.RingErrors) < 1 {
+			t.Fatalf("%s: metrics do not show the refusal", c.name)
+		}
+		if st := e.status(); st.ActiveGeneration != good.Active().Number {
+			t.Fatalf("%s: status lost the last good ring: %+v", c.name, st)
+		}
+	}
+
+	// The operator allows a reset: the master writes back its last good ring.
+	s := e.secret()
+	if s.Annotations == nil {
+		s.Annotations = map[string]string{}
+	}
+	s.Annotations[api.ResetRingAnnotation] = "true"
+	if _, err := e.cs.CoreV1().Secrets(api.Namespace).Update(e.ctx, s, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// The restored ring is the last good one; the pending rotation request then proceeds
+	// from it (generation 2), never from scratch.
+	var restored *keys.Ring
+	e.eventually("a valid ring again", wait, func() (bool, string) { restored = e.ring(); return restored != nil, "" })
+	if g := restored.Generation(1); g == nil || !g.Root.Equal(good.Generation(1).Root) || restored.Mode != api.ModeEnforce {
+		t.Fatalf("the restored ring is not the last good one: %s", keys.Summary(restored))
+	}
+	r := e.ringIs(api.ModeEnforce, wait, "2:active")
+	if r.LastGeneration != good.LastGeneration+1 {
+		t.Fatalf("after restore: %s last=%d", keys.Summary(r), r.LastGeneration)
+	}
+	if _, ok := e.secret().Annotations[api.ResetRingAnnotation]; ok {
+		t.Fatal("reset annotation left in place")
+	}
+	e.eventually("error cleared", wait, func() (bool, string) { st := e.status(); return st.LastError == "", st.LastError })
+
+	// A deleted Secret is recreated from the last good ring, same keys.
+	before := e.ring()
+	if err := e.cs.CoreV1().Secrets(api.Namespace).Delete(e.ctx, api.SecretName, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var after *keys.Ring
+	e.eventually("secret recreated", wait, func() (bool, string) { after = e.ring(); return after != nil, "" })
+	if after.Active().Number != before.Active().Number || !after.Active().Root.Equal(before.Active().Root) {
+		t.Fatalf("recreated ring differs: %s vs %s", keys.Summary(after), keys.Summary(before))
+	}
+}

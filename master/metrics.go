@@ -1,0 +1,86 @@
+package master
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
+)
+
+// Metrics are the master's Prometheus metrics. None carries key material.
+type Metrics struct {
+	Rotations       *prometheus.CounterVec
+	Generation      prometheus.Gauge
+	PendingGen      prometheus.Gauge
+	LiveGenerations prometheus.Gauge
+	Lagging         prometheus.Gauge
+	Excluded        prometheus.Gauge
+	Leader          prometheus.Gauge
+	Mode            *prometheus.GaugeVec
+	RingValid       prometheus.Gauge
+	RingErrors      prometheus.Counter
+	ReconcileErrors prometheus.Counter
+}
+
+// NewMetrics creates the metrics (unregistered).
+func NewMetrics() *Metrics {
+	const ns, sub = "secureoverlay", "master"
+	return &Metrics{
+		Rotations: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "rotations_total",
+			Help: "Key generations created, by reason (initial, interval, request, sequence)."}, []string{"reason"}),
+		Generation: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "active_generation",
+			Help: "Number of the active key generation (0: none)."}),
+		PendingGen: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "pending_generation",
+			Help: "Number of the pending key generation (0: no rotation waiting for agents)."}),
+		LiveGenerations: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "live_generations",
+			Help: "Key generations in the ring (pending, active and retiring)."}),
+		Lagging: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "lagging_nodes",
+			Help: "Live nodes holding the step the master waits for."}),
+		Excluded: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "excluded_nodes",
+			Help: "Nodes NotReady longer than the node timeout, no longer blocking rotation or cutover."}),
+		Leader: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "leader",
+			Help: "1 while this replica holds the leader lease."}),
+		Mode: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "mode",
+			Help: "1 for the cluster mode the master has set."}, []string{"mode"}),
+		RingValid: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "ring_valid",
+			Help: "0 while the key ring Secret holds data the master refuses."}),
+		RingErrors: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "ring_refused_total",
+			Help: "Reconciles that refused an invalid key ring Secret."}),
+		ReconcileErrors: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "reconcile_errors_total",
+			Help: "Reconciles that failed and were retried (including write conflicts)."}),
+	}
+}
+
+// Register adds every metric to reg.
+func (m *Metrics) Register(reg prometheus.Registerer) error {
+	for _, c := range []prometheus.Collector{m.Rotations, m.Generation, m.PendingGen, m.LiveGenerations, m.Lagging,
+		m.Excluded, m.Leader, m.Mode, m.RingValid, m.RingErrors, m.ReconcileErrors} {
+		if err := reg.Register(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (m *Metrics) observe(res keys.Result) {
+	r := res.Ring
+	var active, pending float64
+	if g := r.Active(); g != nil {
+		active = float64(g.Number)
+	}
+	if g := r.Pending(); g != nil {
+		pending = float64(g.Number)
+	}
+	m.Generation.Set(active)
+	m.PendingGen.Set(pending)
+	m.LiveGenerations.Set(float64(len(r.Generations)))
+	m.Lagging.Set(float64(len(res.Lagging)))
+	m.Excluded.Set(float64(len(res.Excluded)))
+	for _, mode := range api.Modes {
+		v := 0.0
+		if mode == r.Mode {
+			v = 1
+		}
+		m.Mode.WithLabelValues(string(mode)).Set(v)
+	}
+}

@@ -1,0 +1,121 @@
+package watch
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+)
+
+// Snapshot is one consistent read of every input cache. It holds the parsed key ring
+// (with root keys): never log or print it whole; Ring redacts itself.
+type Snapshot struct {
+	Nodes    []NodeInfo // sorted by name
+	Blocks   []desired.Block
+	Pools    []desired.Pool
+	BGPPeers []desired.BGPPeer
+	// Ring is the parsed key ring; nil when RingErr is set.
+	Ring    *keys.Ring
+	RingErr error
+	// Calico is the API group the Calico kinds were read from.
+	Calico CalicoAPI
+	// Skipped lists objects that did not parse (they contribute nothing).
+	Skipped []desired.Skip
+}
+
+// ErrNoSecret is wrapped when the key Secret does not exist (yet). The agent then keeps
+// the kernel as it is: a deleted Secret must not silently turn encryption off.
+var ErrNoSecret = errors.New("key secret not found")
+
+// Node returns the named node, or nil.
+func (s *Snapshot) Node(name string) *NodeInfo {
+	i, ok := slices.BinarySearchFunc(s.Nodes, name, func(n NodeInfo, name string) int { return strings.Compare(n.Name, name) })
+	if !ok {
+		return nil
+	}
+	return &s.Nodes[i]
+}
+
+// Inputs turns a snapshot into desired.Inputs for node self. It fails (and the agent
+// leaves the kernel untouched) when the ring is missing or invalid, when self is unknown,
+// or when the ring's generations use another ICV length than cfg.
+func Inputs(self string, s Snapshot, cfg desired.Config) (desired.Inputs, error) {
+	if s.RingErr != nil {
+		return desired.Inputs{}, s.RingErr
+	}
+	if s.Ring == nil {
+		return desired.Inputs{}, ErrNoSecret
+	}
+	me := s.Node(self)
+	if me == nil {
+		return desired.Inputs{}, fmt.Errorf("node %q: not found in the API", self)
+	}
+	cfg = cfg.WithDefaults()
+	in := desired.Inputs{Self: self, Blocks: s.Blocks, Pools: s.Pools, BGPPeers: s.BGPPeers, Config: cfg,
+		Ring: desired.Ring{Mode: s.Ring.Mode}}
+	for _, g := range s.Ring.Generations {
+		if g.ICVBytes != cfg.ICVBytes {
+			return desired.Inputs{}, fmt.Errorf("key generation %d uses a %d-byte icv but this agent is configured for %d (--icv-bytes)", g.Number, g.ICVBytes, cfg.ICVBytes)
+		}
+		in.Ring.Generations = append(in.Ring.Generations, desired.Generation{ID: g.Number, State: desired.GenState(g.State)})
+	}
+	selfTag := IncarnationTag(me.Incarnation)
+	for _, n := range s.Nodes {
+		dn := desired.Node{Name: n.Name, IPv4Address: n.IPv4Address, Incarnation: n.Incarnation, NodeID: s.Ring.NodeID(n.Name)}
+		if r := n.Report; r != nil && n.Name != self {
+			dn.Report = &desired.Report{
+				Incarnation:     r.Incarnation,
+				Mode:            r.Mode,
+				Generations:     slices.Clone(r.Generations),
+				InboundFromSelf: selfTag != "" && r.InboundFrom[self] == selfTag,
+				EncryptsToSelf:  selfTag != "" && r.EncryptingTo[self] == selfTag,
+			}
+		}
+		in.Nodes = append(in.Nodes, dn)
+	}
+	in.Keys = KeyFunc(s.Ring)
+	return in, nil
+}
+
+// ErrTunnelKeys is returned by KeyFunc for tunnel-mode SAs: the keys package has no
+// derivation for them yet, so CrossSubnet same-subnet coverage is reported, not programmed.
+var ErrTunnelKeys = errors.New("no key derivation for tunnel-mode SAs yet")
+
+// KeyFunc adapts the ring's per-pair derivation (keys.Deriver) to desired.KeyFunc. One
+// deriver per generation is cached. Errors never contain key bytes.
+func KeyFunc(r *keys.Ring) desired.KeyFunc {
+	var mu sync.Mutex
+	derivers := map[uint32]*keys.Deriver{}
+	return func(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, desired.Key, error) {
+		if kind != desired.Transport {
+			return 0, desired.Key{}, fmt.Errorf("%s sa generation %d: %w", kind, gen, ErrTunnelKeys)
+		}
+		mu.Lock()
+		d, ok := derivers[gen]
+		if !ok {
+			g := r.Generation(gen)
+			if g == nil {
+				mu.Unlock()
+				return 0, desired.Key{}, fmt.Errorf("generation %d: not in the key ring", gen)
+			}
+			var err error
+			if d, err = keys.NewDeriver(g); err != nil {
+				mu.Unlock()
+				return 0, desired.Key{}, err
+			}
+			derivers[gen] = d
+		}
+		mu.Unlock()
+		sa, err := d.Derive(keys.Endpoint(src), keys.Endpoint(dst))
+		if err != nil {
+			return 0, desired.Key{}, err
+		}
+		k := desired.NewKey(sa.Key)
+		clear(sa.Key)
+		return sa.SPI, k, nil
+	}
+}

@@ -1,0 +1,97 @@
+package watch
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/secureoverlay/secureoverlay/api"
+)
+
+// Report is what an agent publishes in api.ReportAnnotation: the shared api.NodeReport
+// plus the per-pair facts desired.Report needs (see docs/agent.md). Peers are keyed by
+// node name; the value is the IncarnationTag of the peer incarnation the fact was made
+// with, so a rebooted peer is never mistaken for ready. Tags keep the annotation small
+// (about 35 bytes per peer and list, 70 KB for 1,000 nodes, under the 256 KB limit).
+type Report struct {
+	api.NodeReport
+	// InboundFrom lists peers whose inbound SAs (every live generation) this node holds.
+	InboundFrom map[string]string `json:"inboundFrom,omitempty"`
+	// EncryptingTo lists peers this node's kernel sends ESP to (outbound policy programmed).
+	EncryptingTo map[string]string `json:"encryptingTo,omitempty"`
+}
+
+// IncarnationTag is a short, stable tag of a boot ID (8 hex digits of its SHA-256).
+func IncarnationTag(bootID string) string {
+	if bootID == "" {
+		return ""
+	}
+	s := sha256.Sum256([]byte(bootID))
+	return hex.EncodeToString(s[:4])
+}
+
+// ParseReport decodes a report annotation. Unknown fields are tolerated (newer agents).
+func ParseReport(s string) (*Report, error) {
+	var r Report
+	if err := json.Unmarshal([]byte(s), &r); err != nil {
+		return nil, fmt.Errorf("report annotation: %w", err)
+	}
+	if !r.Mode.Valid() {
+		return nil, fmt.Errorf("report annotation: mode %q is not a mode", r.Mode)
+	}
+	return &r, nil
+}
+
+// NodeInfo is what the agent reads from one Node.
+type NodeInfo struct {
+	Name string
+	// IPv4Address is the raw projectcalico.org/IPv4Address (CIDR or bare IP).
+	IPv4Address string
+	// TunnelAddr is projectcalico.org/IPv4IPIPTunnelAddr (informational: tunl0's address).
+	TunnelAddr string
+	// Incarnation is status.nodeInfo.bootID.
+	Incarnation string
+	// Ready is the Ready condition (true only when its status is True).
+	Ready bool
+	// RawReport is the report annotation as published; Report its parsed form (nil if
+	// absent or unparsable, with ReportErr saying why).
+	RawReport string
+	Report    *Report
+	ReportErr string
+}
+
+// ParseNode extracts NodeInfo from a Node.
+func ParseNode(n *corev1.Node) NodeInfo {
+	ni := NodeInfo{
+		Name:        n.Name,
+		IPv4Address: n.Annotations[api.CalicoIPv4AddressAnnotation],
+		TunnelAddr:  n.Annotations[api.CalicoIPIPTunnelAnnotation],
+		Incarnation: n.Status.NodeInfo.BootID,
+		RawReport:   n.Annotations[api.ReportAnnotation],
+	}
+	for _, c := range n.Status.Conditions {
+		if c.Type == corev1.NodeReady {
+			ni.Ready = c.Status == corev1.ConditionTrue
+		}
+	}
+	if ni.RawReport != "" {
+		r, err := ParseReport(ni.RawReport)
+		if err != nil {
+			ni.ReportErr = err.Error()
+		} else {
+			ni.Report = r
+		}
+	}
+	return ni
+}
+
+// relevantChange reports whether a Node update changes anything the agent reads (kubelet
+// status heartbeats and unrelated label edits do not trigger a sync).
+func relevantChange(a, b *corev1.Node) bool {
+	x, y := ParseNode(a), ParseNode(b)
+	return x.IPv4Address != y.IPv4Address || x.TunnelAddr != y.TunnelAddr ||
+		x.Incarnation != y.Incarnation || x.Ready != y.Ready || x.RawReport != y.RawReport
+}

@@ -1,0 +1,237 @@
+package watch
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	fakediscovery "k8s.io/client-go/discovery/fake"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
+)
+
+func resources(gv string, names ...string) *metav1.APIResourceList {
+	l := &metav1.APIResourceList{GroupVersion: gv}
+	for _, n := range names {
+		l.APIResources = append(l.APIResources, metav1.APIResource{Name: n})
+	}
+	return l
+}
+
+func TestDiscoverCalico(t *testing.T) {
+	all := []string{"ipamblocks", "blockaffinities", "ippools", "bgppeers"}
+	for _, tc := range []struct {
+		name  string
+		lists []*metav1.APIResourceList
+		want  string
+		err   error
+	}{
+		{"v1 CRDs", []*metav1.APIResourceList{resources("crd.projectcalico.org/v1", all...)}, "crd.projectcalico.org/v1", nil},
+		{"v3 CRDs only", []*metav1.APIResourceList{resources("projectcalico.org/v3", all...)}, "projectcalico.org/v3", nil},
+		{"aggregated v3 without ipamblocks and v1 CRDs", []*metav1.APIResourceList{
+			resources("projectcalico.org/v3", "ippools", "bgppeers", "blockaffinities"), resources("crd.projectcalico.org/v1", all...)}, "crd.projectcalico.org/v1", nil},
+		{"neither", nil, "", ErrNoCalico},
+		{"incomplete", []*metav1.APIResourceList{resources("crd.projectcalico.org/v1", "ippools")}, "", ErrNoCalico},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cs := fake.NewClientset()
+			cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = tc.lists
+			got, err := DiscoverCalico(cs.Discovery())
+			if !errors.Is(err, tc.err) || got.GroupVersion != tc.want {
+				t.Fatalf("got %q, %v; want %q, %v", got.GroupVersion, err, tc.want, tc.err)
+			}
+			if err == nil && (got.IPAMBlocks.Resource != "ipamblocks" || got.BGPPeers.Resource != "bgppeers") {
+				t.Errorf("resources = %+v", got)
+			}
+		})
+	}
+	// Optional kinds may be missing.
+	cs := fake.NewClientset()
+	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{resources("crd.projectcalico.org/v1", "ipamblocks", "ippools")}
+	got, err := DiscoverCalico(cs.Discovery())
+	if err != nil || got.BGPPeers.Resource != "" || got.BlockAffinities.Resource != "" {
+		t.Errorf("optional kinds: %+v %v", got, err)
+	}
+}
+
+var (
+	gvBlocks = schema.GroupVersionResource{Group: "crd.projectcalico.org", Version: "v1", Resource: "ipamblocks"}
+	gvAffs   = schema.GroupVersionResource{Group: "crd.projectcalico.org", Version: "v1", Resource: "blockaffinities"}
+	gvPools  = schema.GroupVersionResource{Group: "crd.projectcalico.org", Version: "v1", Resource: "ippools"}
+	gvPeers  = schema.GroupVersionResource{Group: "crd.projectcalico.org", Version: "v1", Resource: "bgppeers"}
+)
+
+func calicoObj(kind, name string, spec map[string]any) *unstructured.Unstructured {
+	return &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": kind,
+		"metadata": map[string]any{"name": name}, "spec": spec}}
+}
+
+func node(name, addr, boot string, ann map[string]string) *corev1.Node {
+	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: map[string]string{api.CalicoIPv4AddressAnnotation: addr}}}
+	for k, v := range ann {
+		n.Annotations[k] = v
+	}
+	n.Status.NodeInfo.BootID = boot
+	n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
+	return n
+}
+
+type events struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (e *events) add(k string) { e.mu.Lock(); e.n[k]++; e.mu.Unlock() }
+func (e *events) get(k string) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.n[k]
+}
+
+func waitFor(t *testing.T, what string, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestWatcherWithFakeClients(t *testing.T) {
+	ring := testRing(t, api.ModeAccept, 8, "a", "b")
+	data, err := keys.Marshal(ring)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: api.SecretName, ResourceVersion: "1"},
+		Data: map[string][]byte{api.SecretDataKey: data}}
+	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil), node("b", "198.18.0.2", "boot-b", nil), secret)
+	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
+		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
+		gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"},
+		calicoObj("IPAMBlock", "blk-a", map[string]any{"cidr": "10.65.1.0/26", "affinity": "host:a"}),
+		calicoObj("IPAMBlock", "blk-gone", map[string]any{"cidr": "10.65.9.0/26", "affinity": "host:b", "deleted": true}),
+		calicoObj("IPAMBlock", "blk-bad", map[string]any{"cidr": "not-a-cidr"}),
+		calicoObj("BlockAffinity", "b-10-65-2-0-26", map[string]any{"node": "b", "cidr": "10.65.2.0/26", "deleted": "false"}),
+		calicoObj("IPPool", "default", map[string]any{"cidr": "10.65.0.0/16", "ipipMode": "Always", "vxlanMode": "Never"}),
+		calicoObj("IPPool", "off", map[string]any{"cidr": "10.66.0.0/16", "ipipMode": "Always", "disabled": true}),
+		calicoObj("BGPPeer", "tor", map[string]any{"peerIP": "198.18.1.1", "asNumber": int64(64512)}),
+	)
+	ev := &events{n: map[string]int{}}
+	w := New(Config{Client: cs, Dynamic: dc, OnChange: ev.add, DiscoveryRetry: 10 * time.Millisecond})
+	if w.HasSynced() {
+		t.Fatal("synced before Run")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	waitFor(t, "caches to sync", w.HasSynced)
+	if w.Err() != nil {
+		t.Fatal(w.Err())
+	}
+	s := w.Snapshot()
+	if len(s.Nodes) != 2 || s.Nodes[0].Name != "a" || s.Nodes[1].IPv4Address != "198.18.0.2" || !s.Nodes[0].Ready || s.Nodes[0].Incarnation != "boot-a" {
+		t.Errorf("nodes = %+v", s.Nodes)
+	}
+	if s.Ring == nil || s.RingErr != nil || s.Ring.Mode != api.ModeAccept || s.Ring.NodeID("b") != 2 {
+		t.Errorf("ring = %v, %v", s.Ring, s.RingErr)
+	}
+	if len(s.Blocks) != 2 || s.Blocks[0].CIDR != netip.MustParsePrefix("10.65.1.0/26") || !s.Blocks[1].Deleted {
+		t.Errorf("blocks = %+v", s.Blocks)
+	}
+	if len(s.Pools) != 1 || s.Pools[0].Name != "default" {
+		t.Errorf("pools (disabled ones dropped) = %+v", s.Pools)
+	}
+	if len(s.BGPPeers) != 1 || s.BGPPeers[0].PeerIP != netip.MustParseAddr("198.18.1.1") {
+		t.Errorf("bgp peers = %+v", s.BGPPeers)
+	}
+	if len(s.Skipped) != 1 || s.Skipped[0].Object != "ipamblock/blk-bad" {
+		t.Errorf("skipped = %+v", s.Skipped)
+	}
+	if s.Calico.GroupVersion != "crd.projectcalico.org/v1" {
+		t.Errorf("calico = %+v", s.Calico)
+	}
+
+	// A kubelet-style status heartbeat does not trigger a sync; a report change does.
+	before := ev.get("node")
+	n, _ := cs.CoreV1().Nodes().Get(ctx, "b", metav1.GetOptions{})
+	n.Status.Conditions[0].LastHeartbeatTime = metav1.Now()
+	n.Labels = map[string]string{"x": "y"}
+	if _, err := cs.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	n, _ = cs.CoreV1().Nodes().Get(ctx, "b", metav1.GetOptions{})
+	n.Annotations[api.ReportAnnotation] = `{"mode":"accept","incarnation":"boot-b","peersEncrypted":0,"peersExpected":1,"inboundFrom":{"a":"` + IncarnationTag("boot-a") + `"}}`
+	if _, err := cs.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "report update seen", func() bool { sn := w.Snapshot(); return sn.Node("b").Report != nil })
+	if got := ev.get("node") - before; got != 1 {
+		t.Errorf("node events after a heartbeat and a report change: %d, want 1", got)
+	}
+
+	// A new block and a ring update reach the snapshot.
+	if _, err := dc.Resource(gvBlocks).Create(ctx, calicoObj("IPAMBlock", "blk-b", map[string]any{"cidr": "10.65.2.0/26", "affinity": "host:b"}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "new block", func() bool { return len(w.Snapshot().Blocks) == 3 })
+	if ev.get("ipamblocks") == 0 {
+		t.Error("no ipamblocks event")
+	}
+	secret.Data[api.SecretDataKey] = []byte(`{"schemaVersion":1,"mode":"bogus"}`)
+	secret.ResourceVersion = "2"
+	if _, err := cs.CoreV1().Secrets(api.Namespace).Update(ctx, secret, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "invalid ring", func() bool { return w.Snapshot().RingErr != nil })
+	if s := w.Snapshot(); !errors.Is(s.RingErr, keys.ErrInvalid) || s.Ring != nil {
+		t.Errorf("invalid ring: %v", s.RingErr)
+	}
+	if err := cs.CoreV1().Secrets(api.Namespace).Delete(ctx, api.SecretName, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "secret gone", func() bool { return errors.Is(w.Snapshot().RingErr, ErrNoSecret) })
+}
+
+func TestWatcherWithoutCalicoRetriesDiscovery(t *testing.T) {
+	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil))
+	fd := cs.Discovery().(*fakediscovery.FakeDiscovery)
+	v3 := schema.GroupVersion{Group: "projectcalico.org", Version: "v3"}
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
+		v3.WithResource("ipamblocks"): "IPAMBlockList", v3.WithResource("ippools"): "IPPoolList"},
+		&unstructured.Unstructured{Object: map[string]any{"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
+			"metadata": map[string]any{"name": "v3pool"}, "spec": map[string]any{"cidr": "10.70.0.0/16", "ipipMode": "CrossSubnet"}}})
+	ev := &events{n: map[string]int{}}
+	w := New(Config{Client: cs, Dynamic: dc, OnChange: ev.add, DiscoveryRetry: 20 * time.Millisecond})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	waitFor(t, "discovery error", func() bool { return ev.get("discovery") > 0 })
+	if w.HasSynced() || !errors.Is(w.Err(), ErrNoCalico) {
+		t.Fatalf("synced=%v err=%v", w.HasSynced(), w.Err())
+	}
+	waitFor(t, "node cache", w.NodeCacheSynced)
+	fd.Lock()
+	fd.Resources = []*metav1.APIResourceList{resources("projectcalico.org/v3", "ipamblocks", "ippools")}
+	fd.Unlock()
+	// Calico appears later (projectcalico.org/v3 CRDs, without the optional kinds).
+	waitFor(t, "caches to sync after discovery", w.HasSynced)
+	s := w.Snapshot()
+	if s.Calico.GroupVersion != "projectcalico.org/v3" || len(s.Pools) != 1 || s.Pools[0].IPIPMode != "CrossSubnet" {
+		t.Errorf("after discovery: %+v pools %+v", s.Calico, s.Pools)
+	}
+}

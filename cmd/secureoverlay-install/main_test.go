@@ -1,0 +1,336 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/install"
+)
+
+// These tests run the real secureoverlay-install binary: from $SECUREOVERLAY_BIN_DIR when
+// `make` built it there, else built into a temp dir.
+
+const calicoList = `{
+  "name": "k8s-pod-network",
+  "cniVersion": "1.0.0",
+  "plugins": [
+    {
+      "type": "calico",
+      "datastore_type": "kubernetes",
+      "ipam": {"type": "calico-ipam"}
+    },
+    {
+      "type": "portmap",
+      "capabilities": {"portMappings": true}
+    }
+  ]
+}
+`
+
+var (
+	buildOnce sync.Once
+	built     string
+	buildErr  error
+	buildDir  string
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
+	}
+	os.Exit(code)
+}
+
+func binary(t *testing.T) string {
+	t.Helper()
+	if d := os.Getenv("SECUREOVERLAY_BIN_DIR"); d != "" {
+		p := filepath.Join(d, "secureoverlay-install")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	buildOnce.Do(func() {
+		if buildDir, buildErr = os.MkdirTemp("", "secureoverlay-install-test-"); buildErr != nil {
+			return
+		}
+		built = filepath.Join(buildDir, "secureoverlay-install")
+		cmd := exec.Command("go", "build", "-o", built, ".")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("build: %w\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return built
+}
+
+type node struct {
+	conf, bin, source string
+	plugin            []byte
+}
+
+func newNode(t *testing.T) *node {
+	t.Helper()
+	root := t.TempDir()
+	n := &node{conf: filepath.Join(root, "net.d"), bin: filepath.Join(root, "bin"), source: filepath.Join(root, "secureoverlay")}
+	n.plugin = []byte("#!/bin/sh\necho plugin\n")
+	for _, d := range []string{n.conf, n.bin} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(n.source, n.plugin, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(n.list(), []byte(calicoList), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+func (n *node) list() string { return filepath.Join(n.conf, "10-calico.conflist") }
+
+func (n *node) args(extra ...string) []string {
+	return append([]string{"--cni-conf-dir", n.conf, "--cni-bin-dir", n.bin, "--plugin-binary", n.source,
+		"--external-mtu", "1500", "--mode", "clamp", "--icv-bytes", "16"}, extra...)
+}
+
+var wantEntry = install.Entry{Mode: "clamp", ICVBytes: 16, ExternalMTU: 1500}
+
+func (n *node) installed() bool {
+	b, err := os.ReadFile(n.list())
+	if err != nil {
+		return false
+	}
+	ok, _ := install.InEntry(b, wantEntry)
+	bin, err := os.ReadFile(filepath.Join(n.bin, install.PluginType))
+	return ok && err == nil && bytes.Equal(bin, n.plugin)
+}
+
+func (n *node) pristine() bool {
+	b, err := os.ReadFile(n.list())
+	_, binErr := os.Stat(filepath.Join(n.bin, install.PluginType))
+	return err == nil && string(b) == calicoList && os.IsNotExist(binErr)
+}
+
+func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for !cond() {
+		if time.Since(start) > timeout {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return time.Since(start)
+}
+
+func TestOnceAndUninstall(t *testing.T) {
+	bin, n := binary(t), newNode(t)
+	if out, err := exec.Command(bin, n.args("--once")...).CombinedOutput(); err != nil {
+		t.Fatalf("--once: %v\n%s", err, out)
+	}
+	if !n.installed() {
+		t.Fatal("--once did not install")
+	}
+	if out, err := exec.Command(bin, n.args("--uninstall")...).CombinedOutput(); err != nil {
+		t.Fatalf("--uninstall: %v\n%s", err, out)
+	}
+	if !n.pristine() {
+		t.Fatal("--uninstall did not restore the node")
+	}
+}
+
+func TestBadFlagsWriteNothing(t *testing.T) {
+	bin, n := binary(t), newNode(t)
+	for _, args := range [][]string{
+		n.args("--once", "--mode", "validate"),
+		n.args("--once", "--icv-bytes", "10"),
+		n.args("--once", "--uninstall"),
+		n.args("--once", "--external-mtu", "100"),
+	} {
+		out, err := exec.Command(bin, args...).CombinedOutput()
+		if err == nil {
+			t.Errorf("%v succeeded", args)
+		}
+		if !strings.Contains(string(out), "secureoverlay-install:") {
+			t.Errorf("%v: no error message:\n%s", args, out)
+		}
+	}
+	if !n.pristine() {
+		t.Fatal("a rejected invocation changed the node")
+	}
+}
+
+// sidecar starts the binary in watch mode and returns a function that sends SIGTERM and
+// waits for a clean exit, returning the output.
+func sidecar(t *testing.T, bin string, args []string, env ...string) (term func() string) {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	cmd.Env = append(os.Environ(), env...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	exited := false
+	t.Cleanup(func() {
+		if !exited {
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	return func() string {
+		t.Helper()
+		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-done:
+			exited = true
+			if err != nil {
+				t.Fatalf("sidecar exit: %v\n%s", err, out.String())
+			}
+		case <-time.After(30 * time.Second):
+			t.Fatalf("sidecar did not exit after SIGTERM\n%s", out.String())
+		}
+		return out.String()
+	}
+}
+
+// TestSidecarAgainstAPIServer runs the sidecar as a least-privilege ServiceAccount against
+// a real kube-apiserver: it keeps the entry in place across a Calico-style rewrite, keeps
+// the plugin on SIGTERM while its DaemonSet lives (restart, upgrade, reboot), and removes
+// it, entry first, when the DaemonSet has been deleted.
+func TestSidecarAgainstAPIServer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real kube-apiserver; skipped with -short")
+	}
+	bin := binary(t)
+	c := kube.Start(t, kube.WithNamespaces("so-e2e"))
+	ctx := context.Background()
+	admin := kubernetes.NewForConfigOrDie(c.AdminConfig())
+	const ns, saName, dsName, podName = "so-e2e", "secureoverlay-agent", "secureoverlay-agent", "secureoverlay-agent-q8f2x"
+	saCfg := c.ServiceAccountConfig(ns, saName)
+	kubeconfig := writeKubeconfig(t, saCfg)
+
+	role := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "secureoverlay-install"}, Rules: []rbacv1.PolicyRule{
+		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get"}},
+		{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"}, Verbs: []string{"get"}},
+	}}
+	rb := &rbacv1.RoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "secureoverlay-install"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: role.Name},
+		Subjects:   []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: ns, Name: saName}},
+	}
+	labels := map[string]string{"app": dsName}
+	no, yes := false, true
+	spec := corev1.PodSpec{ServiceAccountName: saName, AutomountServiceAccountToken: &no,
+		Containers: []corev1.Container{{Name: "install", Image: "secureoverlay:test"}}}
+	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: dsName}, Spec: appsv1.DaemonSetSpec{
+		Selector: &metav1.LabelSelector{MatchLabels: labels},
+		Template: corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: labels}, Spec: spec}}}
+	if _, err := admin.RbacV1().Roles(ns).Create(ctx, role, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.RbacV1().RoleBindings(ns).Create(ctx, rb, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	ds, err := admin.AppsV1().DaemonSets(ns).Create(ctx, ds, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: podName, Labels: labels,
+		OwnerReferences: []metav1.OwnerReference{{APIVersion: "apps/v1", Kind: "DaemonSet", Name: dsName, UID: ds.UID, Controller: &yes}}},
+		Spec: spec}
+	if _, err := admin.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Let RBAC caches see the binding before the sidecar's one decisive request.
+	sa := kubernetes.NewForConfigOrDie(saCfg)
+	waitFor(t, "rbac binding", 10*time.Second, func() bool {
+		_, err := sa.AppsV1().DaemonSets(ns).Get(ctx, dsName, metav1.GetOptions{})
+		return err == nil
+	})
+
+	n := newNode(t)
+	env := []string{"POD_NAME=" + podName, "POD_NAMESPACE=" + ns}
+	args := n.args("--kubeconfig", kubeconfig)
+
+	// 1. Sidecar on a live DaemonSet: installs, repairs a rewrite, keeps on SIGTERM.
+	term := sidecar(t, bin, args, env...)
+	waitFor(t, "install", 10*time.Second, n.installed)
+	if err := os.WriteFile(n.list(), []byte(calicoList), 0o644); err != nil { // in place, like install-cni
+		t.Fatal(err)
+	}
+	d := waitFor(t, "re-insert", 2*time.Second, n.installed)
+	t.Logf("entry re-inserted %v after a rewrite", d)
+	out := term()
+	if !n.installed() {
+		t.Fatalf("plugin removed although the DaemonSet lives:\n%s", out)
+	}
+	if !strings.Contains(out, "keeping the plugin") {
+		t.Fatalf("no keep decision logged:\n%s", out)
+	}
+
+	// 2. Without pod identity the sidecar cannot check, so it keeps the plugin.
+	term = sidecar(t, bin, args)
+	time.Sleep(300 * time.Millisecond)
+	if out := term(); !n.installed() || !strings.Contains(out, "keeping the plugin") {
+		t.Fatalf("sidecar without POD_NAME did not keep the plugin:\n%s", out)
+	}
+
+	// 3. The DaemonSet is deleted (kubectl delete: background propagation), then the pod
+	// is terminated: the sidecar uninstalls, restoring the original file.
+	term = sidecar(t, bin, args, env...)
+	time.Sleep(300 * time.Millisecond)
+	if err := admin.AppsV1().DaemonSets(ns).Delete(ctx, dsName, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	out = term()
+	if !n.pristine() {
+		b, _ := os.ReadFile(n.list())
+		t.Fatalf("sidecar did not uninstall after the DaemonSet was deleted:\n%s\nconflist now:\n%s", out, b)
+	}
+	if !strings.Contains(out, "is gone") {
+		t.Fatalf("uninstall reason not logged:\n%s", out)
+	}
+}
+
+func writeKubeconfig(t *testing.T, cfg *rest.Config) string {
+	t.Helper()
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["c"] = &clientcmdapi.Cluster{Server: cfg.Host, CertificateAuthorityData: cfg.CAData}
+	kc.AuthInfos["u"] = &clientcmdapi.AuthInfo{Token: cfg.BearerToken}
+	kc.Contexts["x"] = &clientcmdapi.Context{Cluster: "c", AuthInfo: "u"}
+	kc.CurrentContext = "x"
+	p := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := clientcmd.WriteToFile(*kc, p); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}

@@ -89,9 +89,10 @@ func ParseNode(n *corev1.Node) NodeInfo {
 }
 
 // relevantChange reports whether a Node update changes anything the agent reads (kubelet
-// status heartbeats and unrelated label edits do not trigger a sync).
-func relevantChange(a, b *corev1.Node) bool {
+// status heartbeats, unrelated label edits and self's own report do not trigger a sync).
+func relevantChange(a, b *corev1.Node, self string) bool {
 	x, y := ParseNode(a), ParseNode(b)
 	return x.IPv4Address != y.IPv4Address || x.TunnelAddr != y.TunnelAddr ||
-		x.Incarnation != y.Incarnation || x.Ready != y.Ready || x.RawReport != y.RawReport
+		x.Incarnation != y.Incarnation || x.Ready != y.Ready ||
+		(x.RawReport != y.RawReport && b.Name != self)
 }

@@ -56,6 +56,9 @@ type Config struct {
 	// Namespace and SecretName locate the key Secret (defaults api.Namespace, api.SecretName).
 	Namespace  string
 	SecretName string
+	// Self is this node's name: a change of only its own report annotation (the agent's
+	// output) does not trigger a sync.
+	Self string
 	// OnChange is called (with the kind of object) for every relevant event.
 	OnChange func(kind string)
 	// DiscoveryRetry is the pause between Calico discovery attempts (default 15s).
@@ -117,7 +120,7 @@ func New(cfg Config) *Watcher {
 		UpdateFunc: func(o, n any) {
 			a, ok1 := o.(*corev1.Node)
 			b, ok2 := n.(*corev1.Node)
-			if !ok1 || !ok2 || relevantChange(a, b) {
+			if !ok1 || !ok2 || relevantChange(a, b, cfg.Self) {
 				w.notify("node")
 			}
 		},

@@ -1,0 +1,541 @@
+// Package agent is the node reconciler's loop (secureoverlay-agent): the thin, stateful
+// shell around the pure desired.Compute.
+//
+// Inputs: a watch.Watcher's caches (Nodes with Calico annotations, boot IDs and the other
+// agents' reports; the key Secret with the ring and the cluster mode; Calico IPAM blocks,
+// block affinities, IP pools and BGP peers), the data-plane configuration and the MTU
+// budget.
+//
+// Responsibilities:
+//   - Every informer event enqueues the one work-queue key; one worker does a full sync:
+//     snapshot → desired.Compute → xfrm apply → iptables apply → report. Bursts of events
+//     coalesce into one sync.
+//   - Nothing touches the kernel before every cache has synced.
+//   - A periodic resync (interval plus up to 20% jitter) makes both appliers re-read the
+//     kernel, repairing drift (another tool flushing our xfrm policies or iptables chain).
+//     After any failure the next sync is full too, retried with exponential backoff.
+//   - Program before advertise: the report annotation on this node changes its claims only
+//     after both appliers succeeded; a failed sync only sets its Error. It is patched
+//     (merge patch of that one annotation) only when it changed, or as a heartbeat when
+//     LastSync is older than the heartbeat interval, so writes stay bounded.
+//   - /healthz (process alive, loop not wedged), /readyz (caches synced and last sync
+//     ok) and Prometheus /metrics.
+//   - Shutdown (context cancelled, SIGTERM) leaves the data plane exactly as it is; only
+//     `secureoverlay-agent cleanup` removes what we own.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/budget"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/rules"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
+)
+
+// Source is the input side (watch.Watcher).
+type Source interface {
+	SetOnChange(func(kind string))
+	Run(ctx context.Context)
+	HasSynced() bool
+	NodeCacheSynced() bool
+	Err() error
+	Node(name string) *corev1.Node
+	Snapshot() watch.Snapshot
+}
+
+// Xfrm is the xfrm applier (xfrm.Applier).
+type Xfrm interface {
+	Apply(desired.State) (xfrm.Result, error)
+	QueueResync()
+	Observed() []xfrm.KernelSA
+}
+
+// Rules is the iptables applier of the plaintext-IPIP rules (rules.Applier).
+type Rules interface {
+	Apply(rules []desired.Rule) (rules.Result, error)
+	QueueResync()
+	Counters() ([]rules.Counter, error)
+}
+
+// Config is the agent's configuration.
+type Config struct {
+	NodeName  string
+	Dataplane desired.Config
+	// ResyncInterval between full syncs (default 60s; up to 20% jitter is added).
+	ResyncInterval time.Duration
+	// HeartbeatInterval bounds the age of the published LastSync (default 5m).
+	HeartbeatInterval time.Duration
+	// WedgeTimeout: a sync running longer makes /healthz fail (default 2m).
+	WedgeTimeout time.Duration
+	// ExternalMTU, when not 0, is used instead of detection.
+	ExternalMTU int
+	// RetryMin/RetryMax bound the backoff after a failed sync (default 500ms, 30s).
+	RetryMin, RetryMax time.Duration
+}
+
+// Deps are the agent's collaborators.
+type Deps struct {
+	Client  kubernetes.Interface // patches this node's report
+	Source  Source
+	Xfrm    Xfrm
+	Rules   Rules
+	Metrics *Metrics // default NewMetrics("")
+	// DetectMTU finds the external MTU (budget.DetectExternalMTU); used when
+	// Config.ExternalMTU is 0.
+	DetectMTU func() (int, string, error)
+	Now       func() time.Time
+	Logger    *slog.Logger
+}
+
+const queueKey = "sync"
+
+// Agent runs the loop. Create it with New, then Run.
+type Agent struct {
+	cfg Config
+	d   Deps
+	log *slog.Logger
+	q   workqueue.TypedRateLimitingInterface[string]
+
+	full      atomic.Bool  // next sync re-reads the kernel
+	syncStart atomic.Int64 // unix nanos of the running sync, 0 when idle
+	lastDone  atomic.Int64 // unix nanos of the last finished sync attempt
+
+	mu        sync.Mutex
+	ready     bool   // caches synced and last sync ok
+	lastErr   string // last sync error ("" when ok)
+	published *watch.Report
+	pubAt     time.Time
+	budget    Budget
+	syncs     int // finished sync attempts (tests)
+}
+
+// New wires an agent; it starts nothing.
+func New(cfg Config, d Deps) (*Agent, error) {
+	if cfg.NodeName == "" {
+		return nil, errors.New("agent: no node name")
+	}
+	if d.Client == nil || d.Source == nil || d.Xfrm == nil || d.Rules == nil {
+		return nil, errors.New("agent: client, source, xfrm and rules appliers are required")
+	}
+	cfg.Dataplane = cfg.Dataplane.WithDefaults()
+	if err := cfg.Dataplane.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.ResyncInterval <= 0 {
+		cfg.ResyncInterval = time.Minute
+	}
+	if cfg.HeartbeatInterval <= 0 {
+		cfg.HeartbeatInterval = 5 * time.Minute
+	}
+	if cfg.WedgeTimeout <= 0 {
+		cfg.WedgeTimeout = 2 * time.Minute
+	}
+	if cfg.RetryMin <= 0 {
+		cfg.RetryMin = 500 * time.Millisecond
+	}
+	if cfg.RetryMax <= 0 {
+		cfg.RetryMax = 30 * time.Second
+	}
+	if d.Metrics == nil {
+		d.Metrics = NewMetrics("")
+	}
+	if d.Now == nil {
+		d.Now = time.Now
+	}
+	if d.Logger == nil {
+		d.Logger = slog.Default()
+	}
+	if cfg.ExternalMTU == 0 && d.DetectMTU == nil {
+		return nil, errors.New("agent: neither an external MTU nor a detector")
+	}
+	a := &Agent{cfg: cfg, d: d, log: d.Logger.With("node", cfg.NodeName),
+		q: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.NewTypedItemExponentialFailureRateLimiter[string](cfg.RetryMin, cfg.RetryMax),
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "secureoverlay-agent"})}
+	a.full.Store(true)
+	d.Source.SetOnChange(a.Trigger)
+	return a, nil
+}
+
+// Trigger enqueues a sync (all events coalesce into the one key).
+func (a *Agent) Trigger(kind string) {
+	a.q.Add(queueKey)
+}
+
+// Resync enqueues a full sync (both appliers re-read the kernel).
+func (a *Agent) Resync() {
+	a.full.Store(true)
+	a.q.Add(queueKey)
+}
+
+// Run runs the watcher, the periodic resync and the single worker until ctx is done. It
+// never touches the data plane on the way out.
+func (a *Agent) Run(ctx context.Context) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	wg.Go(func() { a.d.Source.Run(ctx) })
+	wg.Go(func() { a.periodic(ctx) })
+	wg.Go(func() { a.afterSync(ctx) })
+	go func() { <-ctx.Done(); a.q.ShutDown() }()
+	a.Trigger("start")
+	for a.processOne(ctx) {
+	}
+	cancel()
+	wg.Wait()
+	a.log.Info("agent stopped; data plane left as it is")
+}
+
+// afterSync enqueues a sync once every cache has synced: the informers' initial events
+// may all be handled while HasSynced is still false.
+func (a *Agent) afterSync(ctx context.Context) {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for !a.d.Source.HasSynced() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+	a.log.Info("caches synced")
+	a.Trigger("synced")
+}
+
+func (a *Agent) periodic(ctx context.Context) {
+	for {
+		d := a.cfg.ResyncInterval + time.Duration(rand.Int64N(int64(a.cfg.ResyncInterval)/5+1))
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+			a.Resync()
+		}
+	}
+}
+
+func (a *Agent) processOne(ctx context.Context) bool {
+	key, shutdown := a.q.Get()
+	if shutdown {
+		return false
+	}
+	defer a.q.Done(key)
+	if err := a.Sync(ctx); err != nil {
+		if ctx.Err() == nil {
+			a.q.AddRateLimited(key)
+		}
+		return true
+	}
+	a.q.Forget(key)
+	return true
+}
+
+// errNotSynced is returned by Sync while caches are not synced.
+var errNotSynced = errors.New("caches not synced yet")
+
+// Sync runs one sync now (the worker calls it; tests may too).
+func (a *Agent) Sync(ctx context.Context) (err error) {
+	now := a.d.Now()
+	a.syncStart.Store(now.UnixNano())
+	defer func() {
+		a.syncStart.Store(0)
+		a.lastDone.Store(a.d.Now().UnixNano())
+		a.mu.Lock()
+		a.syncs++
+		a.mu.Unlock()
+	}()
+	src := a.d.Source
+	if !src.HasSynced() {
+		a.setStatus(false, errNotSynced)
+		if cerr := src.Err(); cerr != nil && src.NodeCacheSynced() {
+			// Publish why we cannot sync; the kernel is left alone.
+			a.publishError(ctx, cerr)
+		}
+		return nil // the informers' sync events enqueue the next attempt
+	}
+	full := a.full.Swap(false)
+	kind := "partial"
+	if full {
+		kind = "full"
+		a.d.Xfrm.QueueResync()
+		a.d.Rules.QueueResync()
+	}
+	defer func() {
+		result := "ok"
+		if err != nil {
+			result = "error"
+			a.full.Store(true)
+		}
+		a.d.Metrics.SyncDuration.WithLabelValues(kind).Observe(a.d.Now().Sub(now).Seconds())
+		a.d.Metrics.Syncs.WithLabelValues(kind, result).Inc()
+	}()
+
+	b, berr := a.currentBudget(full)
+	snap := src.Snapshot()
+	in, err := watch.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane)
+	if err != nil {
+		return a.fail(ctx, fmt.Errorf("inputs: %w", err))
+	}
+	st, err := desired.Compute(in)
+	if err != nil {
+		return a.fail(ctx, fmt.Errorf("compute desired state: %w", err))
+	}
+	res, xerr := a.d.Xfrm.Apply(st)
+	a.countWrites(res)
+	_, rerr := a.d.Rules.Apply(st.Rules)
+	if cs, cerr := a.d.Rules.Counters(); cerr == nil {
+		a.d.Metrics.SetPlaintext(plaintextCounts(cs))
+	} else {
+		a.log.Warn("cannot read rule counters", "error", cerr)
+	}
+	if xerr != nil || rerr != nil {
+		return a.fail(ctx, errors.Join(wrapNonNil("apply xfrm", xerr), wrapNonNil("apply iptables rules", rerr)))
+	}
+	// The kernel now holds st: advertise it.
+	self := snap.Node(a.cfg.NodeName)
+	selfIP := netip.Addr{}
+	if p, perr := desired.ParseNodeAddress(self.IPv4Address); perr == nil {
+		selfIP = p.Addr()
+	}
+	seq := MaxSeq(a.d.Xfrm.Observed(), selfIP, a.cfg.Dataplane.SoftPackets, st.Generations)
+	rep := BuildReport(st, &snap, self.Incarnation, b, seq, now)
+	if berr != nil {
+		rep.Error = berr.Error()
+	}
+	a.observe(st, rep, res)
+	if err := a.publish(ctx, rep); err != nil {
+		a.setStatus(true, err)
+		return err
+	}
+	a.setStatus(true, berr)
+	if res.Writes() > 0 || full {
+		a.log.Debug("synced", "kind", kind, "mode", st.Mode, "states", len(st.SAs), "policies", len(st.Policies),
+			"rules", len(st.Rules), "writes", res.Writes(), "duration", a.d.Now().Sub(now))
+	}
+	return nil
+}
+
+func plaintextCounts(cs []rules.Counter) []PlaintextCount {
+	out := make([]PlaintextCount, 0, len(cs))
+	for _, c := range cs {
+		out = append(out, PlaintextCount{Direction: c.Rule.Hook.String(), Action: c.Rule.Action.String(), Packets: c.Packets, Bytes: c.Bytes})
+	}
+	return out
+}
+
+func wrapNonNil(what string, err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+// fail records err, publishes it (claims unchanged) and returns it.
+func (a *Agent) fail(ctx context.Context, err error) error {
+	a.log.Error("sync failed", "error", err)
+	a.setStatus(true, err)
+	a.d.Metrics.SyncError.Set(1)
+	a.publishError(ctx, err)
+	return err
+}
+
+func (a *Agent) setStatus(synced bool, err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.ready = synced && err == nil
+	if err != nil {
+		a.lastErr = err.Error()
+	} else {
+		a.lastErr = ""
+	}
+}
+
+func (a *Agent) countWrites(r xfrm.Result) {
+	w := a.d.Metrics.Writes
+	w.WithLabelValues("state", "add").Add(float64(r.StatesAdded))
+	w.WithLabelValues("state", "replace").Add(float64(r.StatesReplaced))
+	w.WithLabelValues("state", "delete").Add(float64(r.StatesDeleted))
+	w.WithLabelValues("policy", "add").Add(float64(r.PoliciesAdded))
+	w.WithLabelValues("policy", "update").Add(float64(r.PoliciesUpdated))
+	w.WithLabelValues("policy", "delete").Add(float64(r.PoliciesDeleted))
+}
+
+func (a *Agent) observe(st desired.State, rep watch.Report, res xfrm.Result) {
+	m := a.d.Metrics
+	m.States.Set(float64(len(st.SAs)))
+	m.Policies.Set(float64(len(st.Policies)))
+	m.Rules.Set(float64(len(st.Rules)))
+	m.MaxSeq.Set(rep.MaxSeqFraction)
+	m.LastSync.Set(float64(rep.LastSync.Unix()))
+	m.SyncError.Set(0)
+	for _, md := range api.Modes {
+		v := 0.0
+		if md == st.Mode {
+			v = 1
+		}
+		m.Mode.WithLabelValues(string(md)).Set(v)
+	}
+	m.BudgetMTU.Set(float64(rep.BudgetMTU))
+	m.ExternalMTU.Set(float64(rep.ExternalMTU))
+	var inbound, dropping int
+	for _, p := range st.Peers {
+		if p.Inbound {
+			inbound++
+		}
+		if p.DropsPlaintext {
+			dropping++
+		}
+	}
+	m.Peers.WithLabelValues("expected").Set(float64(rep.PeersExpected))
+	m.Peers.WithLabelValues("encrypted").Set(float64(rep.PeersEncrypted))
+	m.Peers.WithLabelValues("inbound").Set(float64(inbound))
+	m.Peers.WithLabelValues("dropping").Set(float64(dropping))
+	m.Peers.WithLabelValues("skipped").Set(float64(rep.PeersExpected - len(st.Peers)))
+	m.NotCovered.Set(float64(len(st.NotCovered)))
+	_ = res
+}
+
+// currentBudget returns the configured or detected budget; detection runs on full syncs.
+func (a *Agent) currentBudget(full bool) (Budget, error) {
+	a.mu.Lock()
+	b := a.budget
+	a.mu.Unlock()
+	if b.BudgetMTU != 0 && !full {
+		return b, nil
+	}
+	ext, iface := a.cfg.ExternalMTU, ""
+	if ext == 0 {
+		var err error
+		if ext, iface, err = a.d.DetectMTU(); err != nil {
+			return b, fmt.Errorf("detect external mtu: %w", err)
+		}
+	}
+	mtu, err := budget.Budget(ext, a.cfg.Dataplane.ICVBytes)
+	if err != nil {
+		return b, fmt.Errorf("mtu budget for external mtu %d: %w", ext, err)
+	}
+	b = Budget{ExternalMTU: ext, BudgetMTU: mtu, Interface: iface}
+	a.mu.Lock()
+	if a.budget != b {
+		a.log.Info("mtu budget", "externalMTU", ext, "interface", iface, "budgetMTU", mtu, "icvBytes", a.cfg.Dataplane.ICVBytes)
+	}
+	a.budget = b
+	a.mu.Unlock()
+	return b, nil
+}
+
+// previous returns the report we last published, or the one on our Node if it was made
+// in this boot (an agent restart adopts the kernel state and its claims).
+func (a *Agent) previous() *watch.Report {
+	a.mu.Lock()
+	p := a.published
+	a.mu.Unlock()
+	if p != nil {
+		return p
+	}
+	n := a.d.Source.Node(a.cfg.NodeName)
+	if n == nil {
+		return nil
+	}
+	ni := watch.ParseNode(n)
+	if ni.Report == nil || ni.Report.Incarnation != ni.Incarnation {
+		return nil
+	}
+	return ni.Report
+}
+
+// publishError sets Error on the previous claims (or on an empty report claiming nothing)
+// and publishes it. Failures to publish are logged only.
+func (a *Agent) publishError(ctx context.Context, err error) {
+	var r watch.Report
+	if p := a.previous(); p != nil {
+		r = *p
+	} else {
+		r.Mode = api.ModeOff
+		if n := a.d.Source.Node(a.cfg.NodeName); n != nil {
+			r.Incarnation = n.Status.NodeInfo.BootID
+		}
+	}
+	r.Error = err.Error()
+	if perr := a.publish(ctx, r); perr != nil {
+		a.log.Warn("cannot publish the sync error", "error", perr)
+	}
+}
+
+// publish patches the report if its claims changed or the heartbeat is due.
+func (a *Agent) publish(ctx context.Context, r watch.Report) error {
+	prev := a.previous()
+	a.mu.Lock()
+	pubAt := a.pubAt
+	a.mu.Unlock()
+	now := a.d.Now()
+	reason := "changed"
+	if prev != nil && sameClaims(*prev, r) {
+		if !pubAt.IsZero() && now.Sub(pubAt) < a.cfg.HeartbeatInterval {
+			return nil
+		}
+		if pubAt.IsZero() && now.Sub(prev.LastSync) < a.cfg.HeartbeatInterval {
+			return nil
+		}
+		reason = "heartbeat"
+	}
+	if r.LastSync.IsZero() && prev != nil {
+		r.LastSync = prev.LastSync
+	}
+	if err := patchReport(ctx, a.d.Client, a.cfg.NodeName, r); err != nil {
+		a.d.Metrics.ReportWrites.WithLabelValues(reason, "error").Inc()
+		return err
+	}
+	a.d.Metrics.ReportWrites.WithLabelValues(reason, "ok").Inc()
+	a.mu.Lock()
+	a.published, a.pubAt = &r, now
+	a.mu.Unlock()
+	return nil
+}
+
+// Status is the agent's health as /healthz and /readyz see it.
+type Status struct {
+	Synced  bool   // every cache synced
+	Ready   bool   // synced and the last sync succeeded
+	Healthy bool   // no sync has been running for longer than the wedge timeout
+	Error   string // last sync error
+	Syncs   int    // sync attempts so far
+}
+
+// Status reports the agent's health.
+func (a *Agent) Status() Status {
+	a.mu.Lock()
+	s := Status{Ready: a.ready, Error: a.lastErr, Syncs: a.syncs}
+	a.mu.Unlock()
+	s.Synced = a.d.Source.HasSynced()
+	s.Ready = s.Ready && s.Synced
+	s.Healthy = true
+	if start := a.syncStart.Load(); start != 0 && a.d.Now().Sub(time.Unix(0, start)) > a.cfg.WedgeTimeout {
+		s.Healthy = false
+	}
+	return s
+}
+
+// Published returns the last report this agent published (nil before the first).
+func (a *Agent) Published() *watch.Report {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.published
+}

@@ -1,0 +1,487 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	fakediscovery "k8s.io/client-go/discovery/fake"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
+	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/rules"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
+)
+
+func testRing(t *testing.T, mode api.Mode, names ...string) *keys.Ring {
+	t.Helper()
+	r := keys.NewRing()
+	r.Mode, r.Target, r.LastGeneration = mode, mode, 1
+	root := make([]byte, keys.RootKeyBytes)
+	if _, err := rand.Read(root); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	r.Generations = []keys.Generation{{Number: 1, State: keys.StateActive, Cipher: keys.AES128GCM, ICVBytes: 8,
+		Root: root, Reason: "initial", Created: now, Activated: now}}
+	for i, n := range names {
+		r.Nodes = append(r.Nodes, keys.NodeID{Name: n, ID: uint32(i + 1)})
+	}
+	return r
+}
+
+func testNode(name, ip, boot string) *corev1.Node {
+	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: map[string]string{api.CalicoIPv4AddressAnnotation: ip + "/24"}}}
+	n.Status.NodeInfo.BootID = boot
+	n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
+	return n
+}
+
+// gated is a real watch.Watcher whose HasSynced can be held false.
+type gated struct {
+	*watch.Watcher
+	open atomic.Bool
+}
+
+func (g *gated) HasSynced() bool { return g.open.Load() && g.Watcher.HasSynced() }
+
+type env struct {
+	t         *testing.T
+	cs        *fake.Clientset
+	src       *gated
+	xk        *xfrm.Fake
+	rk        *rules.Fake
+	m         *Metrics
+	a         *Agent
+	failXf    atomic.Bool
+	block     chan struct{} // the rules fake blocks its next chain listing on it when blockNext
+	blockNext atomic.Bool
+	now       atomic.Int64
+}
+
+func newEnv(t *testing.T, mode api.Mode, cfg Config) *env {
+	t.Helper()
+	e := &env{t: t}
+	ring := testRing(t, mode, "a", "b", "c")
+	data, err := keys.Marshal(ring)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.cs = fake.NewClientset(testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"),
+		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: api.SecretName}, Data: map[string][]byte{api.SecretDataKey: data}})
+	e.cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{{GroupVersion: "crd.projectcalico.org/v1",
+		APIResources: []metav1.APIResource{{Name: "ipamblocks"}, {Name: "ippools"}}}}
+	gv := schema.GroupVersion{Group: "crd.projectcalico.org", Version: "v1"}
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
+		gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"})
+	e.src = &gated{Watcher: watch.New(watch.Config{Self: "a", Client: e.cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})}
+	e.src.open.Store(true)
+	e.xk = xfrm.NewFake()
+	e.xk.Fail = func(op, id string) error {
+		if e.failXf.Load() && op == "add-state" {
+			return syscall.EIO
+		}
+		return nil
+	}
+	e.rk = rules.NewFake()
+	e.block = make(chan struct{})
+	e.rk.Fail = func(op string) error {
+		if op == "list-chains" && e.blockNext.CompareAndSwap(true, false) {
+			<-e.block
+		}
+		return nil
+	}
+	e.m = NewMetrics(filepath.Join(t.TempDir(), "missing-xfrm_stat"))
+	cfg.NodeName = "a"
+	if cfg.ExternalMTU == 0 {
+		cfg.ExternalMTU = 1500
+	}
+	cfg.RetryMin, cfg.RetryMax = 10*time.Millisecond, 50*time.Millisecond
+	e.now.Store(time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC).UnixNano())
+	e.a, err = New(cfg, Deps{Client: e.cs, Source: e.src, Xfrm: xfrm.NewApplier(e.xk, cfg.Dataplane),
+		Rules: rules.NewApplier(e.rk), Metrics: e.m, Now: func() time.Time { return time.Unix(0, e.now.Load()) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func (e *env) run() (stop func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { e.a.Run(ctx); close(done) }()
+	return func() { cancel(); <-done }
+}
+
+func (e *env) report() *watch.Report {
+	n, err := e.cs.CoreV1().Nodes().Get(context.Background(), "a", metav1.GetOptions{})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	raw, ok := n.Annotations[api.ReportAnnotation]
+	if !ok {
+		return nil
+	}
+	r, err := watch.ParseReport(raw)
+	if err != nil {
+		e.t.Fatalf("report: %v", err)
+	}
+	return r
+}
+
+func (e *env) patches() int {
+	n := 0
+	for _, a := range e.cs.Actions() {
+		if a.GetVerb() == "patch" && a.GetResource().Resource == "nodes" {
+			n++
+		}
+	}
+	return n
+}
+
+func (e *env) syncs(result string) float64 {
+	return value(e.m.Syncs.WithLabelValues("full", result)) + value(e.m.Syncs.WithLabelValues("partial", result))
+}
+
+// value reads a counter or gauge.
+func value(c prometheus.Collector) float64 {
+	ch := make(chan prometheus.Metric, 1)
+	c.Collect(ch)
+	close(ch)
+	var d dto.Metric
+	if err := (<-ch).Write(&d); err != nil {
+		panic(err)
+	}
+	if d.Counter != nil {
+		return d.Counter.GetValue()
+	}
+	return d.Gauge.GetValue()
+}
+
+func waitFor(t *testing.T, what string, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestNothingWrittenBeforeCachesSync(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	e.src.open.Store(false)
+	stop := e.run()
+	defer stop()
+	waitFor(t, "watcher synced", e.src.Watcher.HasSynced)
+	for range 20 {
+		e.a.Trigger("test")
+	}
+	waitFor(t, "sync attempts", func() bool { return e.a.Status().Syncs >= 1 })
+	time.Sleep(50 * time.Millisecond)
+	states, policies := e.xk.Snapshot()
+	if len(states) != 0 || len(policies) != 0 || e.xk.Lists != 0 || e.rk.Chain(rules.Table, rules.ChainIn) != nil {
+		t.Fatalf("kernel touched before caches synced: %d states %d policies", len(states), len(policies))
+	}
+	if e.patches() != 0 {
+		t.Fatal("report written before caches synced")
+	}
+	if s := e.a.Status(); s.Ready || s.Synced {
+		t.Errorf("status before sync = %+v", s)
+	}
+	e.src.open.Store(true)
+	e.a.Trigger("test")
+	waitFor(t, "programmed", func() bool { s, _ := e.xk.Snapshot(); return len(s) == 2 })
+	waitFor(t, "ready", func() bool { return e.a.Status().Ready })
+}
+
+func TestEventsCoalesceIntoOneSync(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	stop := e.run()
+	defer stop()
+	waitFor(t, "ready", func() bool { return e.a.Status().Ready })
+	// Quiesce: no sync for 200ms.
+	for last := -1.0; ; {
+		time.Sleep(200 * time.Millisecond)
+		n := e.syncs("ok")
+		if n == last {
+			break
+		}
+		last = n
+	}
+	before := e.syncs("ok") + e.syncs("error")
+	e.blockNext.Store(true)
+	e.a.Resync()
+	// That sync is now blocked inside the rules applier; 100 events arrive meanwhile.
+	waitFor(t, "the sync to block", func() bool { return !e.blockNext.Load() })
+	for range 100 {
+		e.a.Trigger("burst")
+	}
+	close(e.block)
+	waitFor(t, "two syncs", func() bool { return e.syncs("ok")-before >= 2 })
+	time.Sleep(200 * time.Millisecond)
+	if got := e.syncs("ok") + e.syncs("error") - before; got != 2 {
+		t.Fatalf("%v syncs for one running sync and 100 events, want 2", got)
+	}
+}
+
+func TestFailureIsReportedThenFullResyncRepairs(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	e.failXf.Store(true)
+	// Program before advertise: whenever a report claiming inbound SAs is written, the
+	// kernel already holds them.
+	var violations atomic.Int32
+	e.cs.PrependReactor("patch", "nodes", func(action k8stesting.Action) (bool, runtime.Object, error) {
+		p := action.(k8stesting.PatchAction).GetPatch()
+		var body struct {
+			Metadata struct {
+				Annotations map[string]string `json:"annotations"`
+			} `json:"metadata"`
+		}
+		if err := json.Unmarshal(p, &body); err != nil {
+			violations.Add(1)
+			return false, nil, nil
+		}
+		r, err := watch.ParseReport(body.Metadata.Annotations[api.ReportAnnotation])
+		if err != nil {
+			violations.Add(1)
+			return false, nil, nil
+		}
+		if len(r.InboundFrom) > 0 {
+			states, _ := e.xk.Snapshot()
+			if len(states) < 2*len(r.InboundFrom) {
+				violations.Add(1)
+			}
+		}
+		return false, nil, nil
+	})
+	stop := e.run()
+	defer stop()
+	waitFor(t, "failed sync reported", func() bool { r := e.report(); return r != nil && r.Error != "" })
+	r := e.report()
+	if len(r.InboundFrom) != 0 || len(r.Generations) != 0 || r.Mode != api.ModeOff || !strings.Contains(r.Error, "add xfrm state") {
+		t.Errorf("report after a failed first sync claims %+v", r)
+	}
+	if e.a.Status().Ready {
+		t.Error("ready after a failed sync")
+	}
+	e.failXf.Store(false)
+	waitFor(t, "repaired report", func() bool { r := e.report(); return r != nil && r.Error == "" && r.Mode == api.ModeAccept })
+	r = e.report()
+	if r.InboundFrom["b"] != watch.IncarnationTag("boot-b") || len(r.Generations) != 1 || r.Incarnation != "boot-a" ||
+		r.BudgetMTU != 1452 || r.ExternalMTU != 1500 || r.PeersExpected != 1 {
+		t.Errorf("report after repair = %+v", r)
+	}
+	if got := value(e.m.Syncs.WithLabelValues("full", "error")); got < 1 {
+		t.Errorf("failed full syncs = %v", got)
+	}
+	if got := value(e.m.Syncs.WithLabelValues("full", "ok")); got < 1 {
+		t.Errorf("the retry after a failure was not a full sync (%v full ok syncs)", got)
+	}
+	if violations.Load() != 0 {
+		t.Errorf("%d report writes claimed state the kernel did not hold", violations.Load())
+	}
+	if !e.a.Status().Ready {
+		t.Error("not ready after repair")
+	}
+}
+
+func TestReportWritesAreBounded(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{HeartbeatInterval: 5 * time.Minute})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go e.src.Run(ctx)
+	waitFor(t, "synced", e.src.HasSynced)
+	step := func(d time.Duration) {
+		t.Helper()
+		e.now.Add(int64(d))
+		if err := e.a.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	step(0)
+	if e.patches() != 1 {
+		t.Fatalf("patches after the first sync = %d", e.patches())
+	}
+	first := e.report()
+	for range 10 {
+		step(10 * time.Second)
+	}
+	if e.patches() != 1 {
+		t.Errorf("unchanged syncs patched the report (%d patches)", e.patches())
+	}
+	step(5 * time.Minute)
+	if e.patches() != 2 {
+		t.Errorf("heartbeat: %d patches, want 2", e.patches())
+	}
+	if hb := e.report(); !hb.LastSync.After(first.LastSync) {
+		t.Errorf("heartbeat did not refresh LastSync: %v then %v", first.LastSync, hb.LastSync)
+	}
+	// A new peer changes the claims: written at once.
+	if _, err := e.cs.CoreV1().Nodes().Create(ctx, testNode("c", "198.18.0.3", "boot-c"), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "node c in cache", func() bool { s := e.src.Snapshot(); return s.Node("c") != nil })
+	step(time.Second)
+	if e.patches() != 3 {
+		t.Errorf("new peer: %d patches, want 3", e.patches())
+	}
+	if r := e.report(); r.InboundFrom["c"] == "" || r.PeersExpected != 2 {
+		t.Errorf("report with c = %+v", r)
+	}
+	// The only thing patched is our annotation.
+	for _, a := range e.cs.Actions() {
+		if a.GetVerb() == "patch" {
+			var body map[string]map[string]map[string]string
+			p := a.(k8stesting.PatchAction).GetPatch()
+			if err := json.Unmarshal(p, &body); err != nil || len(body) != 1 || len(body["metadata"]) != 1 ||
+				len(body["metadata"]["annotations"]) != 1 || body["metadata"]["annotations"][api.ReportAnnotation] == "" {
+				t.Errorf("patch touches more than the report annotation: %s", p)
+			}
+		}
+	}
+}
+
+func TestShutdownLeavesTheDataPlane(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	stop := e.run()
+	waitFor(t, "programmed and reported", func() bool { r := e.report(); return r != nil && r.Mode == api.ModeAccept })
+	states, policies := e.xk.Snapshot()
+	chainIn := e.rk.Chain(rules.Table, rules.HookIn)
+	stop()
+	s2, p2 := e.xk.Snapshot()
+	if len(s2) != len(states) || len(p2) != len(policies) || len(states) != 2 || len(policies) != 1 {
+		t.Errorf("after shutdown: %d/%d states, %d/%d policies", len(s2), len(states), len(p2), len(policies))
+	}
+	if got := e.rk.Chain(rules.Table, rules.HookIn); len(got) != len(chainIn) || len(got) == 0 {
+		t.Errorf("jump rules after shutdown: %v (before %v)", got, chainIn)
+	}
+}
+
+func TestPeriodicResyncRepairsDrift(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{ResyncInterval: 50 * time.Millisecond})
+	stop := e.run()
+	defer stop()
+	waitFor(t, "programmed", func() bool { _, p := e.xk.Snapshot(); return len(p) == 1 })
+	if n := e.xk.Remove("policy", func(string) bool { return true }); n != 1 {
+		t.Fatalf("flushed %d policies", n)
+	}
+	e.rk.Flush(rules.Table, rules.HookIn)
+	waitFor(t, "policy restored by a resync", func() bool { _, p := e.xk.Snapshot(); return len(p) == 1 })
+	waitFor(t, "jump restored by a resync", func() bool { return len(e.rk.Chain(rules.Table, rules.HookIn)) == 1 })
+}
+
+func TestHealthReadyMetrics(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	stat := filepath.Join(t.TempDir(), "xfrm_stat")
+	if err := os.WriteFile(stat, []byte(sampleXfrmStat), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.m = NewMetrics(stat)
+	e.a.d.Metrics = e.m
+	srv := httptest.NewServer(e.a.Handler())
+	defer srv.Close()
+	get := func(path string) (int, string) {
+		resp, err := http.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if c, _ := get("/healthz"); c != 200 {
+		t.Errorf("healthz before start = %d", c)
+	}
+	if c, body := get("/readyz"); c != 503 || !strings.Contains(body, "not synced") {
+		t.Errorf("readyz before start = %d %q", c, body)
+	}
+	stop := e.run()
+	defer stop()
+	waitFor(t, "ready", func() bool { c, _ := get("/readyz"); return c == 200 })
+	_, metrics := get("/metrics")
+	for _, want := range []string{
+		`secureoverlay_agent_sync_duration_seconds_bucket{kind="full"`,
+		`secureoverlay_agent_xfrm_states 2`,
+		`secureoverlay_agent_xfrm_policies 1`,
+		`secureoverlay_xfrm_stat_total{counter="XfrmInNoStates"} 17`,
+		`secureoverlay_agent_mode{mode="accept"} 1`,
+		`secureoverlay_agent_budget_mtu_bytes 1452`,
+		`secureoverlay_agent_max_sequence_fraction 0`,
+		`secureoverlay_agent_kernel_writes_total{object="state",op="add"} 2`,
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	// A wedged sync fails /healthz.
+	e.a.syncStart.Store(time.Now().Add(-time.Hour).UnixNano())
+	e.now.Store(time.Now().UnixNano())
+	if c, _ := get("/healthz"); c != 503 {
+		t.Errorf("healthz with a wedged sync = %d", c)
+	}
+}
+
+func TestKeysNeverInReportsOrMetrics(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	stop := e.run()
+	defer stop()
+	waitFor(t, "reported", func() bool { r := e.report(); return r != nil && r.Mode == api.ModeAccept })
+	states, _ := e.xk.Snapshot()
+	n, _ := e.cs.CoreV1().Nodes().Get(context.Background(), "a", metav1.GetOptions{})
+	raw := n.Annotations[api.ReportAnnotation]
+	for _, s := range states {
+		k := s.SA.Key.Bytes()
+		for _, enc := range encodings(k) {
+			if strings.Contains(raw, enc) {
+				t.Fatal("report annotation contains key material")
+			}
+		}
+	}
+}
+
+func encodings(k []byte) []string {
+	var hex strings.Builder
+	for _, b := range k {
+		hex.WriteString(strings.ToLower(string("0123456789abcdef"[b>>4]) + string("0123456789abcdef"[b&15])))
+	}
+	b, _ := json.Marshal(k) // base64
+	return []string{hex.String(), strings.Trim(string(b), `"`)}
+}
+
+func TestNewRejectsBadConfig(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	if _, err := New(Config{}, e.a.d); err == nil {
+		t.Error("no node name: no error")
+	}
+	if _, err := New(Config{NodeName: "a", ExternalMTU: 1500, Dataplane: desired.Config{ICVBytes: 10}}, e.a.d); err == nil {
+		t.Error("bad icv: no error")
+	}
+	d := e.a.d
+	d.DetectMTU = nil
+	if _, err := New(Config{NodeName: "a"}, d); err == nil {
+		t.Error("no mtu source: no error")
+	}
+}

@@ -1,0 +1,126 @@
+package agent
+
+import (
+	"os"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics are the agent's Prometheus metrics, in their own registry. Nothing here ever
+// carries key material: labels are counter names, directions and modes.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	SyncDuration *prometheus.HistogramVec // kind=full|partial
+	Syncs        *prometheus.CounterVec   // kind, result=ok|error
+	Writes       *prometheus.CounterVec   // object=state|policy, op=add|replace|update|delete
+	States       prometheus.Gauge
+	Policies     prometheus.Gauge
+	Rules        prometheus.Gauge
+	MaxSeq       prometheus.Gauge
+	LastSync     prometheus.Gauge
+	SyncError    prometheus.Gauge
+	Mode         *prometheus.GaugeVec // mode
+	BudgetMTU    prometheus.Gauge
+	ExternalMTU  prometheus.Gauge
+	Peers        *prometheus.GaugeVec // state=expected|encrypted|inbound|dropping|skipped
+	NotCovered   prometheus.Gauge
+	ReportWrites *prometheus.CounterVec // reason=changed|heartbeat, result
+
+	mu    sync.Mutex
+	drops []PlaintextCount
+}
+
+// NewMetrics registers every metric; xfrmStatPath is read on each scrape ("" for
+// /proc/net/xfrm_stat).
+func NewMetrics(xfrmStatPath string) *Metrics {
+	if xfrmStatPath == "" {
+		xfrmStatPath = "/proc/net/xfrm_stat"
+	}
+	const ns = "secureoverlay_agent"
+	m := &Metrics{Registry: prometheus.NewRegistry()}
+	m.SyncDuration = prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: ns, Name: "sync_duration_seconds",
+		Help:    "Duration of one sync (snapshot, compute, xfrm and iptables apply); kind=full re-read the kernel, partial trusted the appliers' caches.",
+		Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30}}, []string{"kind"})
+	m.Syncs = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "syncs_total", Help: "Syncs by kind and result."}, []string{"kind", "result"})
+	m.Writes = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "kernel_writes_total", Help: "xfrm kernel writes by object and operation."}, []string{"object", "op"})
+	m.States = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "xfrm_states", Help: "xfrm states (SAs) owned by the agent after the last successful sync."})
+	m.Policies = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "xfrm_policies", Help: "xfrm policies owned by the agent after the last successful sync."})
+	m.Rules = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "iptables_rules", Help: "Plaintext-IPIP iptables rules owned by the agent after the last successful sync."})
+	m.MaxSeq = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "max_sequence_fraction", Help: "Highest outbound ESP sequence number of any owned SA as a fraction of its soft packet limit (rotation is due well before 1)."})
+	m.LastSync = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "last_sync_timestamp_seconds", Help: "Unix time of the last successful sync."})
+	m.SyncError = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "sync_error", Help: "1 when the last sync failed."})
+	m.Mode = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "mode", Help: "1 for the cutover mode the kernel implements."}, []string{"mode"})
+	m.BudgetMTU = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "budget_mtu_bytes", Help: "Largest pod/tunnel MTU that fits the encryption budget."})
+	m.ExternalMTU = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "external_mtu_bytes", Help: "External MTU the budget was computed from."})
+	m.Peers = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "peers", Help: "Peers by state (expected, encrypted, inbound, dropping, skipped)."}, []string{"state"})
+	m.NotCovered = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "not_covered", Help: "Traffic classes the desired state leaves in plaintext (Never pools, BGP peers outside the cluster, ...)."})
+	m.ReportWrites = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "report_writes_total", Help: "Node report annotation patches."}, []string{"reason", "result"})
+	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,
+		m.SyncError, m.Mode, m.BudgetMTU, m.ExternalMTU, m.Peers, m.NotCovered, m.ReportWrites,
+		&xfrmStatCollector{path: xfrmStatPath}, &dropCollector{m: m},
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// PlaintextCount is a rule counter from the iptables applier: packets of plaintext IPIP
+// matched (Action count: would be dropped in enforce; drop: dropped).
+type PlaintextCount struct {
+	Direction string // in | out
+	Action    string // count | drop
+	Packets   uint64
+	Bytes     uint64
+}
+
+// SetPlaintext records the latest rule counters (summed per direction and action).
+func (m *Metrics) SetPlaintext(c []PlaintextCount) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.drops = append(m.drops[:0], c...)
+}
+
+var plaintextDesc = prometheus.NewDesc("secureoverlay_agent_plaintext_packets_total",
+	"Plaintext IPIP packets matched by the agent's rules (action=drop: dropped in enforce; action=count: would be dropped).",
+	[]string{"direction", "action"}, nil)
+
+type dropCollector struct{ m *Metrics }
+
+func (c *dropCollector) Describe(ch chan<- *prometheus.Desc) { ch <- plaintextDesc }
+func (c *dropCollector) Collect(ch chan<- prometheus.Metric) {
+	c.m.mu.Lock()
+	defer c.m.mu.Unlock()
+	sum := map[[2]string]uint64{}
+	for _, d := range c.m.drops {
+		sum[[2]string{d.Direction, d.Action}] += d.Packets
+	}
+	for k, v := range sum {
+		ch <- prometheus.MustNewConstMetric(plaintextDesc, prometheus.CounterValue, float64(v), k[0], k[1])
+	}
+}
+
+var xfrmStatDesc = prometheus.NewDesc("secureoverlay_xfrm_stat_total",
+	"Counters of /proc/net/xfrm_stat (this network namespace); see docs/agent.md for what each one usually means here.",
+	[]string{"counter"}, nil)
+
+// xfrmStatCollector reads the file on every scrape; a kernel without CONFIG_XFRM_STATISTICS
+// simply exports nothing.
+type xfrmStatCollector struct{ path string }
+
+func (c *xfrmStatCollector) Describe(ch chan<- *prometheus.Desc) { ch <- xfrmStatDesc }
+func (c *xfrmStatCollector) Collect(ch chan<- prometheus.Metric) {
+	f, err := os.Open(c.path)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	stats, err := ParseXfrmStat(f)
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(xfrmStatDesc, err)
+		return
+	}
+	for _, s := range stats {
+		ch <- prometheus.MustNewConstMetric(xfrmStatDesc, prometheus.CounterValue, float64(s.Value), s.Name)
+	}
+}

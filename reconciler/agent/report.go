@@ -1,0 +1,121 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
+)
+
+// Budget is the MTU budget the agent reports.
+type Budget struct {
+	ExternalMTU int
+	BudgetMTU   int
+	// Interface is the external link ExternalMTU was detected on ("" when configured).
+	Interface string
+}
+
+// SeqUse is the highest outbound sequence number of our SAs as a fraction of limit.
+type SeqUse struct {
+	Fraction   float64
+	Generation uint32
+}
+
+// MaxSeq finds the outbound SA (src = selfIP) with the highest sequence number among the
+// observed ones and returns it as a fraction of limit (the soft packet limit), with its
+// generation recovered from the SPI's generation field and the live generations.
+func MaxSeq(observed []xfrm.KernelSA, selfIP netip.Addr, limit uint64, live []uint32) SeqUse {
+	var best SeqUse
+	var bestSeq uint64
+	for _, s := range observed {
+		if s.SA.Src != selfIP || s.OutSeq < bestSeq {
+			continue
+		}
+		bestSeq = s.OutSeq
+		best.Generation = 0
+		if gm4, _, ok := keys.ParseSPI(s.SA.SPI); ok {
+			for _, g := range live {
+				if g%4 == gm4 {
+					best.Generation = g
+				}
+			}
+		}
+	}
+	if limit > 0 {
+		best.Fraction = float64(bestSeq) / float64(limit)
+	}
+	return best
+}
+
+// BuildReport is the report for state st once the kernel holds it (program before
+// advertise: only call it after both appliers succeeded). It claims only what st holds.
+func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b Budget, seq SeqUse, now time.Time) watch.Report {
+	r := watch.Report{NodeReport: api.NodeReport{
+		Mode: st.Mode, Generations: append([]uint32(nil), st.Generations...), Incarnation: incarnation,
+		BudgetMTU: b.BudgetMTU, ExternalMTU: b.ExternalMTU,
+		MaxSeqFraction: seq.Fraction, SeqGeneration: seq.Generation,
+		PeersEncrypted: len(st.EncryptingPeers()), PeersExpected: len(st.Peers),
+		LastSync: now.UTC().Truncate(time.Second),
+	}}
+	for _, s := range st.Skipped {
+		if strings.HasPrefix(s.Object, "node/") {
+			r.PeersExpected++
+		}
+	}
+	for _, p := range st.Peers {
+		n := snap.Node(p.Name)
+		if n == nil {
+			continue
+		}
+		tag := watch.IncarnationTag(n.Incarnation)
+		if p.Inbound {
+			if r.InboundFrom == nil {
+				r.InboundFrom = map[string]string{}
+			}
+			r.InboundFrom[p.Name] = tag
+		}
+		if p.SendGeneration != 0 {
+			if r.EncryptingTo == nil {
+				r.EncryptingTo = map[string]string{}
+			}
+			r.EncryptingTo[p.Name] = tag
+		}
+	}
+	return r
+}
+
+// sameClaims reports whether two reports differ only in LastSync (a heartbeat).
+func sameClaims(a, b watch.Report) bool {
+	a.LastSync, b.LastSync = time.Time{}, time.Time{}
+	x, err1 := json.Marshal(a)
+	y, err2 := json.Marshal(b)
+	return err1 == nil && err2 == nil && string(x) == string(y)
+}
+
+// patchReport writes only the report annotation of node name (a JSON merge patch).
+func patchReport(ctx context.Context, c kubernetes.Interface, name string, r watch.Report) error {
+	v, err := json.Marshal(r)
+	if err != nil {
+		return fmt.Errorf("encode report of node %q: %w", name, err)
+	}
+	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{api.ReportAnnotation: string(v)}}})
+	if err != nil {
+		return fmt.Errorf("encode report patch of node %q: %w", name, err)
+	}
+	if _, err := c.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: "secureoverlay-agent"}); err != nil {
+		return fmt.Errorf("patch report annotation of node %q: %w", name, err)
+	}
+	return nil
+}

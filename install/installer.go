@@ -169,8 +169,10 @@ type throttled struct{ wait time.Duration }
 
 func (t throttled) Error() string { return fmt.Sprintf("config write throttled for %v", t.wait) }
 
-// ensureBinary makes CNIBinDir/secureoverlay an executable copy of PluginBinary.
-func (in *Installer) ensureBinary() error {
+// ensureBinary makes CNIBinDir/secureoverlay an executable copy of PluginBinary. With
+// throttle set, a due write needs a token (two installers of different versions on one
+// node must not flip the binary in a loop either).
+func (in *Installer) ensureBinary(now time.Time, throttle bool) error {
 	if in.plugin == nil {
 		b, err := os.ReadFile(in.cfg.PluginBinary)
 		if err != nil {
@@ -190,6 +192,11 @@ func (in *Installer) ensureBinary() error {
 		return fmt.Errorf("check plugin binary %s: %w", dst, err)
 	}
 	if !same {
+		if throttle {
+			if ok, wait := in.bucket.take(now); !ok {
+				return throttled{wait}
+			}
+		}
 		if err := os.MkdirAll(in.cfg.CNIBinDir, 0o755); err != nil {
 			return fmt.Errorf("create cni bin dir: %w", err)
 		}
@@ -207,9 +214,9 @@ func (in *Installer) ensureBinary() error {
 }
 
 // step does one full pass: binary first, then the config entry. With throttle set, a due
-// config write needs a token from the bucket.
+// write (of the binary or a config) needs a token from the bucket.
 func (in *Installer) step(now time.Time, throttle bool) error {
-	if err := in.ensureBinary(); err != nil {
+	if err := in.ensureBinary(now, throttle); err != nil {
 		return err
 	}
 	p, err := findPrimary(in.cfg.CNIConfDir)
@@ -345,7 +352,8 @@ func (in *Installer) retryDelay(failures *int) time.Duration {
 
 // Run installs and then keeps the installation in place until ctx ends: it watches the
 // config and bin dirs (re-arming when a dir is replaced) and runs a pass Settle after
-// events and every Resync. Config writes are bounded by the token bucket. Run returns nil
+// events and every Resync. After the first successful pass, writes (repairs) are bounded
+// by the token bucket. Run returns nil
 // when ctx ends; it does not uninstall.
 func (in *Installer) Run(ctx context.Context) error {
 	w, err := fsnotify.NewWatcher()
@@ -371,7 +379,7 @@ func (in *Installer) Run(ctx context.Context) error {
 	defer resync.Stop()
 
 	failures := 0
-	inThrottle := false
+	installed, inThrottle := false, false
 	var lastWaitLog time.Time
 	for {
 		select {
@@ -395,12 +403,14 @@ func (in *Installer) Run(ctx context.Context) error {
 		case <-timer.C:
 			pending = false
 			in.arm(w, armed)
-			err := in.step(time.Now(), true)
+			// The first install is not throttled (it is what --once does); repairs are.
+			err := in.step(time.Now(), installed)
 			var th throttled
 			var src errSource
 			switch {
 			case err == nil:
 				failures = 0
+				installed = true
 				if inThrottle {
 					inThrottle = false
 					in.log.Info("config writes no longer throttled")
@@ -408,7 +418,7 @@ func (in *Installer) Run(ctx context.Context) error {
 			case errors.As(err, &th):
 				if !inThrottle {
 					inThrottle = true
-					in.log.Warn("another writer keeps rewriting the calico config; throttling our writes",
+					in.log.Warn("another writer keeps rewriting the calico config or the plugin binary; throttling our writes",
 						"burst", in.cfg.WriteBurst, "every", in.cfg.WriteEvery)
 				}
 				schedule(th.wait)

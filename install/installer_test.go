@@ -514,8 +514,8 @@ func TestReinsertAfterRewrite(t *testing.T) {
 	l.run(in)
 	waitFor(t, "initial install", 2*time.Second, func() bool { return l.hasEntry("10-calico.conflist") })
 	var worst time.Duration
-	// The initial install took one token; the rest of the burst serves rewrites at once.
-	for i := range DefaultWriteBurst - 1 {
+	// The initial install is not throttled; the burst serves this many repairs at once.
+	for i := range DefaultWriteBurst {
 		l.rewrite("10-calico.conflist", calico031, 30*time.Millisecond)
 		start := time.Now()
 		waitFor(t, "re-insert", 2*time.Second, func() bool { return l.hasEntry("10-calico.conflist") })
@@ -548,8 +548,8 @@ func TestConcurrentRewriterThrottled(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	during := in.ConfigWrites() - before
-	// The bucket had burst-1 tokens left after the initial install and refills one per
-	// `every`; allow one token of slack for timing.
+	// The bucket holds burst tokens after the (unthrottled) initial install and refills
+	// one per `every`; allow one token of slack for timing.
 	bound := int64(burst) + int64(fight/every) + 1
 	t.Logf("rewriter wrote %d times in %v; we wrote %d times (bound %d)", rewrites, fight, during, bound)
 	if during > bound {
@@ -663,4 +663,43 @@ func mustRead(t *testing.T, p string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// Another installer (of another version) keeps replacing the binary: our binary writes are
+// bounded by the same bucket, and the binary is ours again once it stops.
+func TestBinaryFightThrottled(t *testing.T) {
+	l := newLab(t)
+	l.write("10-calico.conflist", calico031, 0o644)
+	const burst, every, fight = 2, time.Second, 3 * time.Second
+	in := l.installer(func(c *Config) { c.WriteBurst, c.WriteEvery = burst, every })
+	l.run(in)
+	bin := filepath.Join(l.bin, PluginType)
+	ours := func() bool { b, err := os.ReadFile(bin); return err == nil && bytes.Equal(b, l.plugin) }
+	waitFor(t, "initial install", 2*time.Second, ours)
+
+	rec := record(t, l.bin)
+	other := filepath.Join(t.TempDir(), "other")
+	start := time.Now()
+	for time.Since(start) < fight {
+		if err := os.WriteFile(other, []byte("other version"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(other, bin); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	evs := rec.stop()
+	writes := 0
+	for _, ev := range evs {
+		if ev.Has(fsnotify.Create) && strings.HasPrefix(filepath.Base(ev.Name), TempPrefix) {
+			writes++
+		}
+	}
+	bound := burst + int(fight/every) + 1
+	t.Logf("we wrote the binary %d times in %v against another writer (bound %d)", writes, fight, bound)
+	if writes > bound || writes < 1 {
+		t.Fatalf("%d binary writes, want 1..%d", writes, bound)
+	}
+	waitFor(t, "binary ours again", every+2*time.Second, ours)
 }

@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -97,7 +98,17 @@ func TestGoldenVectors(t *testing.T) {
 	if len(want) != len(got) {
 		t.Fatalf("%s has %d vectors, computed %d", path, len(want), len(got))
 	}
+	doc, err := os.ReadFile(filepath.Join("..", "docs", "keys.md"))
+	if err != nil {
+		t.Fatalf("docs/keys.md shows the vectors too: %v", err)
+	}
+	if !strings.Contains(string(doc), want[0].InfoHex) {
+		t.Error("docs/keys.md does not show the first vector's info")
+	}
 	for i := range want {
+		if !strings.Contains(string(doc), "`"+want[i].SPI+"` | `"+want[i].KeyHex+"`") {
+			t.Errorf("docs/keys.md does not show vector %d (SPI %s, key blob)", i, want[i].SPI)
+		}
 		// Recompute from the file's own inputs so the file is the source of truth.
 		c := computeVector(t, want[i])
 		if c != want[i] {

@@ -29,7 +29,7 @@ type Config struct {
 
 // DefaultConfig is the shipped policy.
 func DefaultConfig() Config {
-	return Config{RotateInterval: 12 * time.Hour, Grace: 2 * time.Minute, NodeTimeout: 10 * time.Minute,
+	return Config{RotateInterval: 12 * time.Hour, Grace: 5 * time.Minute, NodeTimeout: 10 * time.Minute,
 		SeqThreshold: 0.5, Cipher: AES128GCM, ICVBytes: 8}
 }
 

@@ -1,0 +1,198 @@
+// Command secureoverlay-agent is the node reconciler (DaemonSet, hostNetwork, NET_ADMIN):
+// Calico nodes, IPAM blocks, IP pools, BGP peers and the key ring → xfrm states/policies
+// and iptables rules on this node, reported on its Node (see package agent and
+// docs/agent.md).
+//
+//	secureoverlay-agent [flags]          run the agent; SIGTERM leaves the data plane as is
+//	secureoverlay-agent cleanup [flags]  remove every xfrm object and iptables rule we own
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/budget"
+	"github.com/secureoverlay/secureoverlay/reconciler/agent"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/rules"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
+)
+
+func main() {
+	args := os.Args[1:]
+	cleanup := len(args) > 0 && args[0] == "cleanup"
+	if cleanup {
+		args = args[1:]
+	}
+	if err := run(cleanup, args); errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	} else if err != nil {
+		fmt.Fprintln(os.Stderr, "secureoverlay-agent:", err)
+		os.Exit(1)
+	}
+}
+
+type options struct {
+	kubeconfig, nodeName, namespace, secretName, metricsAddr, ifacePattern, logLevel string
+	resync, heartbeat                                                                time.Duration
+	icv, replayWindow, externalMTU                                                   int
+	reqid, mark                                                                      uint
+	logJSON                                                                          bool
+}
+
+func flags(fs *flag.FlagSet, o *options) {
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file (default: $KUBECONFIG, else in-cluster config)")
+	fs.StringVar(&o.nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)")
+	fs.StringVar(&o.namespace, "namespace", api.Namespace, "namespace of the key Secret")
+	fs.StringVar(&o.secretName, "secret-name", api.SecretName, "name of the key Secret")
+	fs.StringVar(&o.metricsAddr, "metrics-addr", ":9467", "listen address for /metrics, /healthz and /readyz (empty disables)")
+	fs.DurationVar(&o.resync, "resync-interval", time.Minute, "full resync period (up to 20% jitter is added); repairs drift")
+	fs.DurationVar(&o.heartbeat, "heartbeat-interval", 5*time.Minute, "rewrite an unchanged report at least this often")
+	fs.IntVar(&o.icv, "icv-bytes", desired.DefaultICVBytes, "AES-GCM ICV length: 8, 12 or 16 (must match the key ring and the MTU budget)")
+	fs.IntVar(&o.replayWindow, "replay-window", desired.DefaultReplayWindow, "ESN replay window in packets (1024..32768)")
+	fs.UintVar(&o.reqid, "reqid", desired.DefaultReqID, "xfrm reqid of our transport-mode SAs and policies (reqid+1 marks tunnel mode)")
+	fs.UintVar(&o.mark, "mark", 0x10, "packet mark reserved for our rules (validated against Calico, kube-proxy and Cilium bits; the current rules match on the IPsec policy and set no mark)")
+	fs.IntVar(&o.externalMTU, "external-mtu", 0, "external MTU for the budget (0: detect the smallest MTU of the up links matching --interface-pattern)")
+	fs.StringVar(&o.ifacePattern, "interface-pattern", budget.DefaultInterfacePattern, "regexp of external interfaces (Calico's MTU interface pattern)")
+	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	fs.BoolVar(&o.logJSON, "log-json", false, "log as JSON")
+}
+
+func run(cleanup bool, args []string) error {
+	name := "secureoverlay-agent"
+	if cleanup {
+		name += " cleanup"
+	}
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	var o options
+	flags(fs, &o)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q (the only subcommand is cleanup)", fs.Args())
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
+		return fmt.Errorf("--log-level %q: want debug, info, warn or error", o.logLevel)
+	}
+	hopts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler = slog.NewTextHandler(os.Stderr, hopts)
+	if o.logJSON {
+		h = slog.NewJSONHandler(os.Stderr, hopts)
+	}
+	log := slog.New(h)
+
+	dp := desired.Config{ICVBytes: o.icv, ReplayWindow: uint32(o.replayWindow), ReqID: uint32(o.reqid), TunnelReqID: uint32(o.reqid) + 1}.WithDefaults()
+	if o.reqid == 0 || o.reqid >= 1<<32-1 {
+		return fmt.Errorf("--reqid %d: want 1..%d", o.reqid, uint32(1<<32-2))
+	}
+	if err := dp.Validate(); err != nil {
+		return err
+	}
+	if err := agent.CheckMark(uint32(o.mark)); err != nil {
+		return fmt.Errorf("--mark: %w", err)
+	}
+	if cleanup {
+		ipt, err := rules.NewSystem()
+		if err != nil {
+			return err
+		}
+		res, err := agent.Cleanup(xfrm.Netlink{}, ipt, dp)
+		log.Info("cleanup", "statesDeleted", res.StatesDeleted, "policiesDeleted", res.PoliciesDeleted, "error", err)
+		return err
+	}
+
+	if o.nodeName == "" {
+		return errors.New("--node-name is empty and $NODE_NAME is not set")
+	}
+	var detect func() (int, string, error)
+	if o.externalMTU == 0 {
+		re, err := budget.CompilePattern(o.ifacePattern)
+		if err != nil {
+			return fmt.Errorf("--interface-pattern: %w", err)
+		}
+		detect = func() (int, string, error) { return budget.DetectExternalMTU(re) }
+	} else if _, err := budget.Budget(o.externalMTU, o.icv); err != nil {
+		return fmt.Errorf("--external-mtu %d: %w", o.externalMTU, err)
+	}
+
+	cfg, err := restConfig(o.kubeconfig)
+	if err != nil {
+		return err
+	}
+	cfg.UserAgent = "secureoverlay-agent/" + o.nodeName
+	client, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+	dc, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("kubernetes dynamic client: %w", err)
+	}
+	ipt, err := rules.NewSystem()
+	if err != nil {
+		return err
+	}
+	src := watch.New(watch.Config{Client: client, Dynamic: dc, Namespace: o.namespace, SecretName: o.secretName,
+		Self: o.nodeName, Logger: log})
+	ag, err := agent.New(agent.Config{NodeName: o.nodeName, Dataplane: dp, ResyncInterval: o.resync,
+		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU},
+		agent.Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(xfrm.Netlink{}, dp), Rules: rules.NewApplier(ipt),
+			DetectMTU: detect, Logger: log})
+	if err != nil {
+		return err
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if o.metricsAddr != "" {
+		srv := &http.Server{Addr: o.metricsAddr, Handler: ag.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := srv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("metrics server", "addr", o.metricsAddr, "error", err)
+				stop()
+			}
+		}()
+		defer srv.Close()
+	}
+	log.Info("starting", "node", o.nodeName, "namespace", o.namespace, "secret", o.secretName, "resync", o.resync,
+		"icvBytes", dp.ICVBytes, "replayWindow", dp.ReplayWindow, "reqid", dp.ReqID, "externalMTU", o.externalMTU,
+		"metricsAddr", o.metricsAddr)
+	ag.Run(ctx)
+	return nil
+}
+
+func restConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig == "" {
+		kubeconfig = os.Getenv("KUBECONFIG")
+	}
+	if kubeconfig == "" {
+		cfg, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("in-cluster config (pass --kubeconfig outside a cluster): %w", err)
+		}
+		return cfg, nil
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", strings.Split(kubeconfig, ":")[0])
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
+	}
+	return cfg, nil
+}

@@ -40,6 +40,7 @@ func run() error {
 		mode       = flag.String("mode", install.PluginModes[0], "plugin mode: enforce, clamp or warn")
 		icv        = flag.Int("icv-bytes", budget.DefaultICV, "AES-GCM ICV length: 8, 12 or 16")
 		extMTU     = flag.Int("external-mtu", 0, "external MTU to write into the entry; 0 = detect on this host now (falls back to detection by the plugin at ADD time)")
+		detectMTU  = flag.Bool("detect-external-mtu", true, "with --external-mtu 0: detect now; false writes 0 so the plugin detects at ADD time")
 		pattern    = flag.String("interface-pattern", "", "external interface regexp (default Calico's: "+budget.DefaultInterfacePattern+")")
 		logFile    = flag.String("log-file", "", "absolute path the plugin appends its log to (default: stderr)")
 		podName    = flag.String("pod-name", os.Getenv("POD_NAME"), "this pod's name (downward API; env POD_NAME)")
@@ -65,7 +66,7 @@ func run() error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
 
 	entry := install.Entry{Mode: *mode, ICVBytes: *icv, ExternalMTU: *extMTU, InterfacePattern: *pattern, LogFile: *logFile}
-	if entry.ExternalMTU == 0 && !*uninstall {
+	if entry.ExternalMTU == 0 && *detectMTU && !*uninstall {
 		entry.ExternalMTU = detect(log, entry)
 	}
 	in, err := install.New(install.Config{

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -333,4 +334,86 @@ func writeKubeconfig(t *testing.T, cfg *rest.Config) string {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// entryMTU returns the externalMTU written into the conflist entry.
+func (n *node) entryMTU(t *testing.T) int {
+	t.Helper()
+	b, err := os.ReadFile(n.list())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var l struct {
+		Plugins []struct {
+			Type        string `json:"type"`
+			ExternalMTU *int   `json:"externalMTU"`
+		} `json:"plugins"`
+	}
+	if err := json.Unmarshal(b, &l); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range l.Plugins {
+		if p.Type == install.PluginType && p.ExternalMTU != nil {
+			return *p.ExternalMTU
+		}
+	}
+	t.Fatalf("no entry with externalMTU:\n%s", b)
+	return 0
+}
+
+func onceArgs(n *node, extra ...string) []string {
+	return append([]string{"--once", "--cni-conf-dir", n.conf, "--cni-bin-dir", n.bin, "--plugin-binary", n.source}, extra...)
+}
+
+// TestDetectExternalMTU runs --once with --external-mtu 0 inside a fresh network namespace
+// whose only external link is a 1450-byte eth0 (and a larger ens3 that is down): the
+// entry gets 1450. With --detect-external-mtu=false it gets 0.
+func TestDetectExternalMTU(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if os.Getenv("SECUREOVERLAY_REQUIRE_ALL") == "1" {
+			t.Fatal("needs root for a network namespace (SECUREOVERLAY_REQUIRE_ALL=1)")
+		}
+		t.Skip("needs root for a network namespace")
+	}
+	if _, err := exec.LookPath("ip"); err != nil {
+		if os.Getenv("SECUREOVERLAY_REQUIRE_ALL") == "1" {
+			t.Fatal("needs iproute2 (SECUREOVERLAY_REQUIRE_ALL=1)")
+		}
+		t.Skip("needs iproute2")
+	}
+	bin, n := binary(t), newNode(t)
+	netns := fmt.Sprintf("so-install-test-%d", os.Getpid())
+	ip := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v\n%s", args, err, out)
+		}
+	}
+	ip("netns", "add", netns)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", netns).Run() })
+	ip("-n", netns, "link", "add", "eth0", "mtu", "1450", "type", "veth", "peer", "name", "p0", "mtu", "1450")
+	ip("-n", netns, "link", "set", "p0", "up")
+	ip("-n", netns, "link", "set", "eth0", "up")
+	ip("-n", netns, "link", "add", "ens3", "mtu", "1400", "type", "veth", "peer", "name", "p1") // down: not counted
+
+	run := func(extra ...string) {
+		t.Helper()
+		args := append([]string{"netns", "exec", netns, bin}, onceArgs(n, extra...)...)
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out)
+		}
+	}
+	run("--external-mtu", "0")
+	if got := n.entryMTU(t); got != 1450 {
+		t.Fatalf("detected externalMTU %d, want 1450", got)
+	}
+	run("--external-mtu", "0", "--detect-external-mtu=false")
+	if got := n.entryMTU(t); got != 0 {
+		t.Fatalf("externalMTU %d, want 0 (detect at ADD)", got)
+	}
+	// No matching link: the entry falls back to 0 rather than failing the install.
+	run("--external-mtu", "0", "--interface-pattern", "^nomatch$")
+	if got := n.entryMTU(t); got != 0 {
+		t.Fatalf("externalMTU %d without a matching link, want 0", got)
+	}
 }

@@ -52,6 +52,7 @@ func confFiles(dir string) ([]string, error) {
 type primary struct {
 	path string
 	data []byte
+	info fs.FileInfo // of the file as read: mode, owner, and identity for changedSince
 	mode fs.FileMode
 	list bool // a .conflist (else a single-plugin .conf/.json to convert)
 	// shadowedBy lists parseable configs earlier in libcni order that have no calico
@@ -87,7 +88,7 @@ func findPrimary(dir string) (*primary, error) {
 			return nil, &ParseError{Path: f, Err: err}
 		}
 		if calico {
-			return &primary{path: f, data: data, mode: st.Mode().Perm(), list: isList, shadowedBy: shadowed}, nil
+			return &primary{path: f, data: data, info: st, mode: st.Mode().Perm(), list: isList, shadowedBy: shadowed}, nil
 		}
 		shadowed = append(shadowed, filepath.Base(f))
 	}
@@ -111,11 +112,24 @@ func readFile(path string) ([]byte, fs.FileInfo, error) {
 	return b.Bytes(), st, nil
 }
 
-// writeAtomic replaces dir/name with data: a temp file in the same directory (TempPrefix,
+// ErrChanged means another writer changed a file between our read and our write; the
+// pass is retried on the new content rather than overwriting it.
+var ErrChanged = errors.New("changed by another writer while we edited it")
+
+// changedSince reports whether path is no longer the file (inode, size, mtime) that was
+// read as read.
+func changedSince(path string, read fs.FileInfo) bool {
+	cur, err := os.Stat(path)
+	return err != nil || stampOf(cur) != stampOf(read)
+}
+
+// writeAtomic replaces path with data: a temp file in the same directory (TempPrefix,
 // no libcni extension) is written, given mode (and the old file's owner when owner is
 // non-nil), fsynced and renamed over the target; then the directory is fsynced. A reader
-// sees the old file or the new one, never a mix, and never an empty file.
-func writeAtomic(path string, data []byte, mode fs.FileMode, owner fs.FileInfo) error {
+// sees the old file or the new one, never a mix, and never an empty file. When expect is
+// non-nil and path is no longer that file just before the rename, nothing is replaced
+// and the error wraps ErrChanged.
+func writeAtomic(path string, data []byte, mode fs.FileMode, owner, expect fs.FileInfo) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, TempPrefix+"*")
 	if err != nil {
@@ -147,6 +161,11 @@ func writeAtomic(path string, data []byte, mode fs.FileMode, owner fs.FileInfo) 
 	}
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("close %s: %w", tmp, err)
+	}
+	if expect != nil && changedSince(path, expect) {
+		os.Remove(tmp)
+		ok = true
+		return fmt.Errorf("write %s: %w", path, ErrChanged)
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		return fmt.Errorf("rename %s to %s: %w", tmp, path, err)

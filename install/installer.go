@@ -200,7 +200,7 @@ func (in *Installer) ensureBinary(now time.Time, throttle bool) error {
 		if err := os.MkdirAll(in.cfg.CNIBinDir, 0o755); err != nil {
 			return fmt.Errorf("create cni bin dir: %w", err)
 		}
-		if err := writeAtomic(dst, in.plugin, 0o755, nil); err != nil {
+		if err := writeAtomic(dst, in.plugin, 0o755, nil, nil); err != nil {
 			return fmt.Errorf("install plugin binary: %w", err)
 		}
 		in.log.Info("installed plugin binary", "path", dst, "bytes", len(in.plugin))
@@ -248,11 +248,7 @@ func (in *Installer) step(now time.Time, throttle bool) error {
 			return throttled{wait}
 		}
 	}
-	st, err := os.Stat(path)
-	if err != nil {
-		return fmt.Errorf("stat %s: %w", path, err)
-	}
-	if err := writeAtomic(path, out, p.mode, st); err != nil {
+	if err := writeAtomic(path, out, p.mode, p.info, p.info); err != nil {
 		return err
 	}
 	in.writes.Add(1)
@@ -272,7 +268,7 @@ func (in *Installer) convert(now time.Time, p *primary, throttle bool) error {
 	if err != nil {
 		return &ParseError{Path: p.path, Err: err}
 	}
-	cur, _, err := readFile(list)
+	cur, listInfo, err := readFile(list)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 	case err != nil:
@@ -289,14 +285,15 @@ func (in *Installer) convert(now time.Time, p *primary, throttle bool) error {
 				return throttled{wait}
 			}
 		}
-		st, err := os.Stat(p.path)
-		if err != nil {
-			return fmt.Errorf("stat %s: %w", p.path, err)
-		}
-		if err := writeAtomic(list, out, p.mode, st); err != nil {
+		if err := writeAtomic(list, out, p.mode, p.info, listInfo); err != nil {
 			return err
 		}
 		in.writes.Add(1)
+	}
+	// Remove the .conf only if it is still the one we converted; a newer one is
+	// converted by the next pass.
+	if changedSince(p.path, p.info) {
+		return fmt.Errorf("convert %s: %w", p.path, ErrChanged)
 	}
 	if err := os.Remove(p.path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove converted %s: %w", p.path, err)
@@ -534,17 +531,22 @@ func (in *Installer) uninstallFile(ctx context.Context, f string) error {
 			if n == 0 {
 				return nil
 			}
-			return in.writeStripped(f, out, st)
+			if err = in.writeStripped(f, out, st); !errors.Is(err, ErrChanged) {
+				return err
+			}
 		}
 		if errors.Is(err, ErrOnlyOurs) {
 			return fmt.Errorf("%s: %w", f, err)
+		}
+		if errors.Is(err, ErrChanged) && time.Now().After(deadline) {
+			return err
 		}
 		if time.Now().After(deadline) {
 			return &ParseError{Path: f, Err: err}
 		}
 		select {
 		case <-ctx.Done():
-			return &ParseError{Path: f, Err: err}
+			return fmt.Errorf("%s: %w", f, err)
 		case <-time.After(in.retryDelay(&failures)):
 		}
 	}
@@ -553,7 +555,7 @@ func (in *Installer) uninstallFile(ctx context.Context, f string) error {
 func (in *Installer) writeStripped(f string, out []byte, st fs.FileInfo) error {
 	name, conf, ok := RestoreConf(out)
 	if !ok {
-		if err := writeAtomic(f, out, st.Mode().Perm(), st); err != nil {
+		if err := writeAtomic(f, out, st.Mode().Perm(), st, st); err != nil {
 			return err
 		}
 		in.log.Info("removed plugin entry", "file", f)
@@ -563,9 +565,12 @@ func (in *Installer) writeStripped(f string, out []byte, st fs.FileInfo) error {
 	// the list only after that.
 	confPath := filepath.Join(filepath.Dir(f), name)
 	if _, err := os.Stat(confPath); errors.Is(err, fs.ErrNotExist) {
-		if err := writeAtomic(confPath, conf, st.Mode().Perm(), st); err != nil {
+		if err := writeAtomic(confPath, conf, st.Mode().Perm(), st, nil); err != nil {
 			return err
 		}
+	}
+	if changedSince(f, st) {
+		return fmt.Errorf("remove converted %s: %w", f, ErrChanged)
 	}
 	if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove converted %s: %w", f, err)

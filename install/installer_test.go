@@ -3,6 +3,7 @@ package install
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -702,4 +703,42 @@ func TestBinaryFightThrottled(t *testing.T) {
 		t.Fatalf("%d binary writes, want 1..%d", writes, bound)
 	}
 	waitFor(t, "binary ours again", every+2*time.Second, ours)
+}
+
+// writeAtomic never replaces a file another writer changed after we read it.
+func TestWriteAtomicCompareAndSwap(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "10-calico.conflist")
+	if err := os.WriteFile(p, []byte(calico031), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	_, read, err := readFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(p, []byte(calico100Alone), 0o640); err != nil { // the other writer, in place
+		t.Fatal(err)
+	}
+	err = writeAtomic(p, []byte("ours"), 0o640, read, read)
+	if !errors.Is(err, ErrChanged) {
+		t.Fatalf("err = %v, want ErrChanged", err)
+	}
+	if got := mustRead(t, p); got != calico100Alone {
+		t.Fatalf("the other writer's file was replaced: %q", got)
+	}
+	ents, _ := os.ReadDir(dir)
+	if len(ents) != 1 {
+		t.Fatalf("temp file left behind: %v", ents)
+	}
+	// Unchanged since read: replaced, mode kept.
+	_, read, _ = readFile(p)
+	if err := writeAtomic(p, []byte("ours"), read.Mode().Perm(), read, read); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustRead(t, p); got != "ours" {
+		t.Fatalf("not replaced: %q", got)
+	}
+	if st, _ := os.Stat(p); st.Mode().Perm() != 0o640 {
+		t.Fatalf("mode %v", st.Mode().Perm())
+	}
 }

@@ -54,7 +54,7 @@ func TestLabDataPath(t *testing.T) {
 	t.Logf("lab booted in %s (%s, kernel %s)", vm.BootDuration.Round(time.Millisecond), vm.Accel, vm.KernelRelease)
 	resp, err := vm.Exec(ctx, wire.Request{
 		Argv: []string{"/mnt/xfrmtest/" + filepath.Base(exe), "-test.v", "-test.count=1",
-			"-test.run", "^(TestNetlinkStatesRealKernel|TestNetlinkPoliciesRealKernel|TestDataPathESPOverIPIP)$"},
+			"-test.run", "^(TestNetlinkStatesRealKernel|TestNetlinkPoliciesRealKernel|TestDataPathESPOverIPIP|TestDataPathCrossSubnetTunnel)$"},
 		Env:           []string{"SECUREOVERLAY_IN_LAB=1", "SECUREOVERLAY_REQUIRE_ESP=1", "SECUREOVERLAY_REQUIRE_ALL=1"},
 		TimeoutMillis: (8 * time.Minute).Milliseconds(),
 	})
@@ -66,7 +66,7 @@ func TestLabDataPath(t *testing.T) {
 	if resp.Exit != 0 || resp.Error != "" {
 		t.Fatalf("kernel tests failed in the lab (exit %d %s)", resp.Exit, resp.Error)
 	}
-	for _, name := range []string{"TestNetlinkStatesRealKernel", "TestNetlinkPoliciesRealKernel", "TestDataPathESPOverIPIP"} {
+	for _, name := range []string{"TestNetlinkStatesRealKernel", "TestNetlinkPoliciesRealKernel", "TestDataPathESPOverIPIP", "TestDataPathCrossSubnetTunnel"} {
 		if !strings.Contains(out, "--- PASS: "+name) {
 			t.Errorf("%s did not pass in the lab", name)
 		}

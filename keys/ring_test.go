@@ -162,7 +162,7 @@ func TestParseErrors(t *testing.T) {
 		if !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: error %q does not mention %q", c.name, err, c.want)
 		}
-		for _, v := range []string{"%v", "%+v", "%#v", "%s", "%q"} {
+		for _, v := range []string{"%v", "%+v", "%#v", "%s", "%q", "%x", "%X"} {
 			assertNoKey(t, c.name+" error", fmt.Sprintf(v, err), sampleRing().Generations[0].Root, sampleRing().Generations[1].Root)
 		}
 		if strings.Contains(err.Error(), root[:12]) || strings.Contains(err.Error(), root[2:14]) {

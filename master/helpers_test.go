@@ -170,9 +170,19 @@ func (e *env) startMaster(id string, policy keys.Config) *replica {
 	ctx, cancel := context.WithCancel(e.ctx)
 	r := &replica{id: id, cancel: cancel, done: make(chan error, 1), metrics: NewMetrics()}
 	go func() {
-		r.done <- Run(ctx, cs, Options{Identity: id, LeaseDuration: 2 * time.Second, RenewDeadline: time.Second,
-			RetryPeriod: 200 * time.Millisecond, Resync: 300 * time.Millisecond, Policy: policy,
-			Logger: e.log.With("replica", id), Metrics: r.metrics})
+		// Like a Deployment's pod, a replica that lost its lease (the machine is shared
+		// and may stall renewals) starts again; only the test stops it.
+		for {
+			err := Run(ctx, cs, Options{Identity: id, LeaseDuration: 4 * time.Second, RenewDeadline: 3 * time.Second,
+				RetryPeriod: 200 * time.Millisecond, Resync: 300 * time.Millisecond, Policy: policy,
+				Logger: e.log.With("replica", id), Metrics: r.metrics})
+			if ctx.Err() != nil {
+				r.done <- err
+				return
+			}
+			e.log.Warn("replica exited, restarting", "replica", id, "err", err)
+			time.Sleep(100 * time.Millisecond)
+		}
 	}()
 	e.t.Cleanup(r.stop)
 	return r

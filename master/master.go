@@ -67,6 +67,9 @@ type Options struct {
 	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
 	// Resync is the period of the full reconcile that runs without events (default 1m).
 	Resync time.Duration
+	// NodeSelector is a label selector for the nodes that run an agent (the DaemonSet's
+	// node selector); other nodes are ignored. Empty: every node.
+	NodeSelector string
 	// Policy is the rotation and cutover policy.
 	Policy keys.Config
 	// Logger (default slog.Default()).
@@ -80,6 +83,9 @@ type Options struct {
 }
 
 func (o *Options) defaults() error {
+	if _, err := labels.Parse(o.NodeSelector); err != nil {
+		return fmt.Errorf("master: node selector %q: %w", o.NodeSelector, err)
+	}
 	if o.Namespace == "" {
 		o.Namespace = api.Namespace
 	}
@@ -219,7 +225,8 @@ func (c *Controller) Run(ctx context.Context) error {
 	handler := cache.ResourceEventHandlerFuncs{AddFunc: enqueue, DeleteFunc: enqueue,
 		UpdateFunc: func(_, _ any) { c.queue.Add(queueKey) }}
 
-	nodeFactory := informers.NewSharedInformerFactory(c.client, 0)
+	nodeFactory := informers.NewSharedInformerFactoryWithOptions(c.client, 0,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = c.opts.NodeSelector }))
 	nodeInf := nodeFactory.Core().V1().Nodes()
 	if _, err := nodeInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: enqueue, DeleteFunc: enqueue,

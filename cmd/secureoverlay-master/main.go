@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -52,6 +53,7 @@ func run() error {
 		id          = flag.String("id", host, "identity of this replica in the Lease (default: hostname)")
 		resync      = flag.Duration("resync", time.Minute, "full reconcile period")
 		logJSON     = flag.Bool("log-json", false, "log as JSON")
+		nodeSel     = flag.String("node-selector", "", "label selector of the nodes that run an agent (match the agent DaemonSet); empty: all nodes")
 	)
 	flag.Parse()
 
@@ -68,6 +70,9 @@ func run() error {
 	}
 	if !keys.ValidICV(policy.ICVBytes) {
 		return fmt.Errorf("--icv-bytes %d: want 8, 12 or 16", *icv)
+	}
+	if _, err := labels.Parse(*nodeSel); err != nil {
+		return fmt.Errorf("--node-selector %q: %w", *nodeSel, err)
 	}
 	if *id == "" {
 		return errors.New("--id is empty and the hostname is unknown")
@@ -110,7 +115,7 @@ func run() error {
 	log.Info("starting", "namespace", *namespace, "lease", *leaseName, "id", *id, "rotateInterval", *interval,
 		"grace", *grace, "nodeTimeout", *nodeTimeout, "seqThreshold", *seq, "cipher", *cipher, "icvBytes", *icv)
 	return master.Run(ctx, client, master.Options{Namespace: *namespace, Identity: *id, LeaseName: *leaseName,
-		Resync: *resync, Policy: policy, Logger: log, Metrics: metrics})
+		Resync: *resync, NodeSelector: *nodeSel, Policy: policy, Logger: log, Metrics: metrics})
 }
 
 func restConfig(kubeconfig string) (*rest.Config, error) {

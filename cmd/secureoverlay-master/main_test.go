@@ -49,6 +49,7 @@ func TestBadFlags(t *testing.T) {
 		{[]string{"--cipher", "des"}, `--cipher "des"`},
 		{[]string{"--icv-bytes", "4"}, "--icv-bytes 4"},
 		{[]string{"--id", ""}, "--id is empty"},
+		{[]string{"--node-selector", "a in (("}, "--node-selector"},
 		{[]string{"--kubeconfig", "/nonexistent/kubeconfig"}, "kubeconfig /nonexistent/kubeconfig"},
 	} {
 		out, err := masterCmd(c.args...).CombinedOutput()
@@ -82,13 +83,16 @@ func TestBinaryAgainstRealAPIServer(t *testing.T) {
 	ctx := context.Background()
 	kube.CreateNode(t, cluster.AdminConfig(), kube.Node{Name: "n1", IPv4: "198.18.0.1", BootID: "boot-1",
 		Annotations: map[string]string{api.ReportAnnotation: `{"mode":"off","incarnation":"boot-1"}`}})
+	// A node without an agent, outside --node-selector, must not hold the cutover.
+	kube.CreateNode(t, cluster.AdminConfig(), kube.Node{Name: "win1", IPv4: "198.18.0.2", BootID: "boot-2",
+		Labels: map[string]string{"kubernetes.io/os": "windows"}})
 	if _, err := cs.CoreV1().ConfigMaps(api.Namespace).Create(ctx, configMap(map[string]string{api.ConfigModeKey: "accept"}), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	port := freePort(t)
 	var out bytes.Buffer
 	cmd := masterCmd("--kubeconfig", cluster.Kubeconfig(), "--id", "bin-1", "--metrics-addr", fmt.Sprintf("127.0.0.1:%d", port),
-		"--cipher", "aes256gcm", "--icv-bytes", "16", "--resync", "1s")
+		"--cipher", "aes256gcm", "--icv-bytes", "16", "--resync", "1s", "--node-selector", "kubernetes.io/os=linux")
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -116,6 +120,9 @@ func TestBinaryAgainstRealAPIServer(t *testing.T) {
 	}
 	if ring == nil || ring.Mode != api.ModeAccept {
 		t.Fatalf("the master did not step to accept: %s", keys.Summary(ring))
+	}
+	if ring.NodeID("win1") != 0 || ring.NodeID("n1") == 0 {
+		t.Fatalf("node selector not applied: %+v", ring.Nodes)
 	}
 	if g := ring.Active(); g.Cipher != keys.AES256GCM || g.ICVBytes != 16 {
 		t.Fatalf("flags not applied: cipher %s icv %d", g.Cipher, g.ICVBytes)

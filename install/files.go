@@ -130,10 +130,18 @@ func changedSince(path string, read fs.FileInfo) bool {
 // non-nil and path is no longer that file just before the rename, nothing is replaced
 // and the error wraps ErrChanged.
 func writeAtomic(path string, data []byte, mode fs.FileMode, owner, expect fs.FileInfo) error {
+	_, err := writeAtomicInfo(path, data, mode, owner, expect)
+	return err
+}
+
+// writeAtomicInfo is writeAtomic that also returns the written file's info, taken from the
+// temp file before the rename (so it describes what we wrote even if another writer
+// replaces the file right after).
+func writeAtomicInfo(path string, data []byte, mode fs.FileMode, owner, expect fs.FileInfo) (fs.FileInfo, error) {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, TempPrefix+"*")
 	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
+		return nil, fmt.Errorf("write %s: %w", path, err)
 	}
 	tmp := f.Name()
 	ok := false
@@ -144,34 +152,38 @@ func writeAtomic(path string, data []byte, mode fs.FileMode, owner, expect fs.Fi
 		}
 	}()
 	if _, err := f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", tmp, err)
+		return nil, fmt.Errorf("write %s: %w", tmp, err)
 	}
 	if owner != nil {
 		if st, _ := owner.Sys().(*syscall.Stat_t); st != nil && os.Geteuid() == 0 {
 			if err := f.Chown(int(st.Uid), int(st.Gid)); err != nil {
-				return fmt.Errorf("chown %s: %w", tmp, err)
+				return nil, fmt.Errorf("chown %s: %w", tmp, err)
 			}
 		}
 	}
 	if err := f.Chmod(mode); err != nil {
-		return fmt.Errorf("chmod %s: %w", tmp, err)
+		return nil, fmt.Errorf("chmod %s: %w", tmp, err)
 	}
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", tmp, err)
+		return nil, fmt.Errorf("fsync %s: %w", tmp, err)
+	}
+	info, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("stat %s: %w", tmp, err)
 	}
 	if err := f.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", tmp, err)
+		return nil, fmt.Errorf("close %s: %w", tmp, err)
 	}
 	if expect != nil && changedSince(path, expect) {
 		os.Remove(tmp)
 		ok = true
-		return fmt.Errorf("write %s: %w", path, ErrChanged)
+		return nil, fmt.Errorf("write %s: %w", path, ErrChanged)
 	}
 	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("rename %s to %s: %w", tmp, path, err)
+		return nil, fmt.Errorf("rename %s to %s: %w", tmp, path, err)
 	}
 	ok = true
-	return syncDir(dir)
+	return info, syncDir(dir)
 }
 
 func syncDir(dir string) error {

@@ -46,6 +46,7 @@ import (
 // Defaults for Config's tuning fields.
 const (
 	DefaultSettle     = 100 * time.Millisecond
+	DefaultMaxSettle  = time.Second
 	DefaultParseRetry = 250 * time.Millisecond
 	DefaultMaxRetry   = 5 * time.Second
 	DefaultResync     = 30 * time.Second
@@ -68,8 +69,9 @@ type Config struct {
 	// Log receives progress and problems; nil means slog.Default().
 	Log *slog.Logger
 
-	// Settle coalesces a burst of file events into one sync.
-	Settle time.Duration
+	// Settle is how long file events must be quiet before a pass runs, and MaxSettle the
+	// longest a pass waits after the first event of a burst.
+	Settle, MaxSettle time.Duration
 	// ParseRetry is the first delay after a parse error; it doubles up to MaxRetry.
 	ParseRetry, MaxRetry time.Duration
 	// Resync is the period of a full check even without events.
@@ -140,6 +142,7 @@ func New(cfg Config) (*Installer, error) {
 		}
 	}
 	def(&cfg.Settle, DefaultSettle)
+	def(&cfg.MaxSettle, DefaultMaxSettle)
 	def(&cfg.ParseRetry, DefaultParseRetry)
 	def(&cfg.MaxRetry, DefaultMaxRetry)
 	def(&cfg.Resync, DefaultResync)
@@ -187,7 +190,7 @@ func (in *Installer) ensureBinary(now time.Time, throttle bool) error {
 	if st, err := os.Stat(dst); err == nil && stampOf(st) == in.binStamp {
 		return nil
 	}
-	same, _, err := sameFile(dst, in.plugin)
+	same, st, err := sameFile(dst, in.plugin)
 	if err != nil {
 		return fmt.Errorf("check plugin binary %s: %w", dst, err)
 	}
@@ -200,15 +203,13 @@ func (in *Installer) ensureBinary(now time.Time, throttle bool) error {
 		if err := os.MkdirAll(in.cfg.CNIBinDir, 0o755); err != nil {
 			return fmt.Errorf("create cni bin dir: %w", err)
 		}
-		if err := writeAtomic(dst, in.plugin, 0o755, nil, nil); err != nil {
+		if st, err = writeAtomicInfo(dst, in.plugin, 0o755, nil, nil); err != nil {
 			return fmt.Errorf("install plugin binary: %w", err)
 		}
 		in.log.Info("installed plugin binary", "path", dst, "bytes", len(in.plugin))
 	}
-	st, err := os.Stat(dst)
-	if err != nil {
-		return fmt.Errorf("stat plugin binary %s: %w", dst, err)
-	}
+	// The stamp describes the file we compared or wrote (not a later stat, which could
+	// describe another writer's file): any change after that shows as a different stamp.
 	in.binStamp = stampOf(st)
 	return nil
 }
@@ -348,10 +349,10 @@ func (in *Installer) retryDelay(failures *int) time.Duration {
 }
 
 // Run installs and then keeps the installation in place until ctx ends: it watches the
-// config and bin dirs (re-arming when a dir is replaced) and runs a pass Settle after
-// events and every Resync. After the first successful pass, writes (repairs) are bounded
-// by the token bucket. Run returns nil
-// when ctx ends; it does not uninstall.
+// config and bin dirs (re-arming when a dir is replaced) and runs a pass once events have
+// been quiet for Settle (at most MaxSettle after the first event of a burst), after
+// retries, and every Resync. After the first successful pass, writes (repairs) are
+// bounded by the token bucket. Run returns nil when ctx ends; it does not uninstall.
 func (in *Installer) Run(ctx context.Context) error {
 	w, err := fsnotify.NewWatcher()
 	if err != nil {
@@ -362,16 +363,18 @@ func (in *Installer) Run(ctx context.Context) error {
 	removeTemps(in.cfg.CNIBinDir)
 
 	armed := map[string]fileStamp{}
-	timer := time.NewTimer(0)
+	sched := &passScheduler{settle: in.cfg.Settle, maxSettle: in.cfg.MaxSettle}
+	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	pending, due := true, time.Now()
-	schedule := func(d time.Duration) {
-		at := time.Now().Add(d)
-		if !pending || at.Before(due) {
-			timer.Reset(d)
-			pending, due = true, at
+	rearm := func() {
+		if t, ok := sched.next(); ok {
+			timer.Reset(time.Until(t))
+		} else {
+			timer.Stop()
 		}
 	}
+	schedule := func(d time.Duration) { sched.after(time.Now(), d); rearm() }
+	schedule(0)
 	resync := time.NewTicker(in.cfg.Resync)
 	defer resync.Stop()
 
@@ -387,7 +390,8 @@ func (in *Installer) Run(ctx context.Context) error {
 				return errors.New("watcher closed")
 			}
 			if in.relevant(ev) {
-				schedule(in.cfg.Settle)
+				sched.event(time.Now())
+				rearm()
 			}
 		case err, ok := <-w.Errors:
 			if !ok {
@@ -396,9 +400,14 @@ func (in *Installer) Run(ctx context.Context) error {
 			in.log.Warn("watch error; full pass", "err", err)
 			schedule(in.cfg.Settle)
 		case <-resync.C:
+			in.binStamp = fileStamp{} // compare the binary's content, not just its stamp
 			schedule(0)
 		case <-timer.C:
-			pending = false
+			if t, ok := sched.next(); !ok || time.Now().Before(t) {
+				rearm()
+				continue
+			}
+			sched.ran()
 			in.arm(w, armed)
 			// The first install is not throttled (it is what --once does); repairs are.
 			err := in.step(time.Now(), installed)

@@ -543,10 +543,13 @@ func TestConcurrentRewriterThrottled(t *testing.T) {
 	const fight = 4 * time.Second
 	start := time.Now()
 	rewrites := 0
+	// The rewriter pauses longer than Settle between rewrites, so every rewrite gets its
+	// own pass (a writer that never pauses is debounced to one pass per MaxSettle anyway):
+	// only the token bucket bounds our writes here.
 	for time.Since(start) < fight {
 		l.rewrite("10-calico.conflist", calico031, 2*time.Millisecond)
 		rewrites++
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(3 * DefaultSettle / 2)
 	}
 	during := in.ConfigWrites() - before
 	// The bucket holds burst tokens after the (unthrottled) initial install and refills

@@ -745,3 +745,26 @@ func TestWriteAtomicCompareAndSwap(t *testing.T) {
 		t.Fatalf("mode %v", st.Mode().Perm())
 	}
 }
+
+// A .json primary (loaded by runtimes as a single-plugin config) is converted the same way;
+// here the new .conflist sorts first, so it takes over as soon as it is written.
+func TestJSONPrimaryConverted(t *testing.T) {
+	l := newLab(t)
+	l.write("10-calico.json", calicoConf, 0o644)
+	in := l.installer(nil)
+	if err := in.Install(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(l.conf, "10-calico.json")); !os.IsNotExist(err) || !l.hasEntry("10-calico.conflist") {
+		t.Fatalf(".json not converted: %v", err)
+	}
+	if err := in.Uninstall(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := l.read("10-calico.json"); got != calicoConf {
+		t.Fatalf("restored .json:\n%s", got)
+	}
+	if _, err := os.Stat(filepath.Join(l.conf, "10-calico.conflist")); !os.IsNotExist(err) {
+		t.Fatal("converted list left behind")
+	}
+}

@@ -124,6 +124,7 @@ func installMasterRBAC(t *testing.T, cs kubernetes.Interface, ns string) {
 		{APIGroups: []string{""}, Resources: []string{"configmaps"}, Verbs: []string{"create"}},
 		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{api.ConfigMapName}, Verbs: []string{"get", "list", "watch"}},
 		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{api.StatusConfigMapName}, Verbs: []string{"get", "update"}},
+		{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{name}, Verbs: []string{"get", "update"}},
 	}}
@@ -397,4 +398,19 @@ func metricsText(t *testing.T, m *Metrics) string {
 		}
 	}
 	return buf.String()
+}
+
+// events lists the reasons of Events on the key Secret.
+func (e *env) eventReasons() []string {
+	evs, err := e.cs.CoreV1().Events(api.Namespace).List(e.ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, ev := range evs.Items {
+		if ev.InvolvedObject.Kind == "Secret" && ev.InvolvedObject.Name == api.SecretName {
+			out = append(out, ev.Reason+": "+ev.Message)
+		}
+	}
+	return out
 }

@@ -45,10 +45,13 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	listerscorev1 "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/leaderelection"
 	"k8s.io/client-go/tools/leaderelection/resourcelock"
+	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -204,6 +207,8 @@ type Controller struct {
 
 	lastGood   *keys.Ring
 	lastStatus string
+	// recorder posts Events on the Secret (nil outside Run).
+	recorder record.EventRecorder
 }
 
 const queueKey = "ring"
@@ -256,6 +261,11 @@ func (c *Controller) Run(ctx context.Context) error {
 		return fmt.Errorf("watch configmap %s/%s: %w", c.opts.Namespace, api.ConfigMapName, err)
 	}
 	c.nodes, c.configs = nodeInf.Lister(), configInf.Lister()
+
+	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: c.client.CoreV1().Events(c.opts.Namespace)})
+	defer broadcaster.Shutdown()
+	c.recorder = broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "secureoverlay-master", Host: c.opts.Identity})
 
 	for _, f := range []informers.SharedInformerFactory{nodeFactory, secretFactory, configFactory} {
 		f.Start(ctx.Done())
@@ -410,6 +420,7 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 				msg := fmt.Sprintf("secret %s/%s key %q: %v; refusing to use or overwrite it (last good ring: %s); fix the data or set annotation %s on the secret to let the master overwrite it",
 					ns, api.SecretName, api.SecretDataKey, err, keys.Summary(c.lastGood), api.ResetRingAnnotation)
 				c.log.Error("refusing invalid key ring", "secret", ns+"/"+api.SecretName, "err", err, "lastGood", keys.Summary(c.lastGood))
+				c.event(secret, corev1.EventTypeWarning, "InvalidKeyRing", msg)
 				c.publish(ctx, c.status(c.lastGood, nil, msg))
 				return time.Time{}, nil // nothing to retry until the Secret changes
 			}
@@ -417,6 +428,7 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 			ring = c.lastGood
 			c.log.Warn("overwriting invalid key ring at the operator's request", "secret", ns+"/"+api.SecretName,
 				"annotation", api.ResetRingAnnotation, "err", err, "replacement", keys.Summary(ring))
+			c.event(secret, corev1.EventTypeWarning, "KeyRingReset", fmt.Sprintf("overwriting invalid key ring as %s asks, with %s", api.ResetRingAnnotation, keys.Summary(ring)))
 		}
 	} else if c.lastGood != nil {
 		ring = c.lastGood
@@ -454,11 +466,17 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("step key ring: %w", err)
 	}
 	if res.Changed || !exists || reset {
-		if err := c.write(ctx, secret, res.Ring, reset); err != nil {
+		written, err := c.write(ctx, secret, res.Ring, reset)
+		if err != nil {
 			return time.Time{}, err
 		}
+		secret = written
 		for _, a := range res.Actions {
 			c.log.Info(a.String(), "action", string(a.Kind))
+			switch a.Kind {
+			case keys.ActionGenerationCreated, keys.ActionGenerationActive, keys.ActionGenerationRemoved, keys.ActionModeChanged:
+				c.event(secret, corev1.EventTypeNormal, eventReason(a.Kind), a.String())
+			}
 			if a.Kind == keys.ActionGenerationCreated {
 				m.Rotations.WithLabelValues(a.Reason).Inc()
 			}
@@ -472,11 +490,11 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 
 // write stores ring in the Secret read as old (nil: create), conditioned on old's
 // resourceVersion.
-func (c *Controller) write(ctx context.Context, old *corev1.Secret, ring *keys.Ring, reset bool) error {
+func (c *Controller) write(ctx context.Context, old *corev1.Secret, ring *keys.Ring, reset bool) (*corev1.Secret, error) {
 	ns := c.opts.Namespace
 	data, err := keys.Marshal(ring)
 	if err != nil {
-		return fmt.Errorf("encode key ring for secret %s/%s: %w", ns, api.SecretName, err)
+		return nil, fmt.Errorf("encode key ring for secret %s/%s: %w", ns, api.SecretName, err)
 	}
 	secrets := c.client.CoreV1().Secrets(ns)
 	if old == nil {
@@ -486,10 +504,11 @@ func (c *Controller) write(ctx context.Context, old *corev1.Secret, ring *keys.R
 			Type: corev1.SecretTypeOpaque,
 			Data: map[string][]byte{api.SecretDataKey: data},
 		}
-		if _, err := secrets.Create(ctx, s, metav1.CreateOptions{}); err != nil {
-			return fmt.Errorf("create secret %s/%s: %w", ns, api.SecretName, err)
+		created, err := secrets.Create(ctx, s, metav1.CreateOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("create secret %s/%s: %w", ns, api.SecretName, err)
 		}
-		return nil
+		return created, nil
 	}
 	s := old.DeepCopy()
 	if s.Data == nil {
@@ -500,10 +519,34 @@ func (c *Controller) write(ctx context.Context, old *corev1.Secret, ring *keys.R
 		delete(s.Annotations, api.ResetRingAnnotation)
 	}
 	// s.ResourceVersion is the version we parsed: a concurrent writer makes this fail.
-	if _, err := secrets.Update(ctx, s, metav1.UpdateOptions{}); err != nil {
-		return fmt.Errorf("update secret %s/%s at resourceVersion %s: %w", ns, api.SecretName, old.ResourceVersion, err)
+	updated, err := secrets.Update(ctx, s, metav1.UpdateOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("update secret %s/%s at resourceVersion %s: %w", ns, api.SecretName, old.ResourceVersion, err)
 	}
-	return nil
+	return updated, nil
+}
+
+// event posts an Event on the Secret (if it exists and events are enabled). Messages
+// never contain key material: they come from keys.Action and sanitized errors.
+func (c *Controller) event(secret *corev1.Secret, typ, reason, msg string) {
+	if c.recorder == nil || secret == nil {
+		return
+	}
+	c.recorder.Event(secret, typ, reason, msg)
+}
+
+func eventReason(k keys.ActionKind) string {
+	switch k {
+	case keys.ActionGenerationCreated:
+		return "GenerationCreated"
+	case keys.ActionGenerationActive:
+		return "GenerationActivated"
+	case keys.ActionGenerationRemoved:
+		return "GenerationRemoved"
+	case keys.ActionModeChanged:
+		return "ModeChanged"
+	}
+	return string(k)
 }
 
 // status builds the published view; res may be nil (when the ring was refused).

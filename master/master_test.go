@@ -84,6 +84,13 @@ func TestRotationWithSimulatedAgents(t *testing.T) {
 			st.Mode == api.ModeEnforce && st.Leader == "master-a" && len(st.Lagging) == 0, ""
 	})
 
+	e.eventually("events on the secret", wait, func() (bool, string) {
+		evs := strings.Join(e.eventReasons(), "\n")
+		return strings.Contains(evs, "GenerationCreated: generation 2 created (request)") &&
+			strings.Contains(evs, "GenerationActivated: generation 2 active") &&
+			strings.Contains(evs, "ModeChanged: cluster mode encrypt -> enforce"), evs
+	})
+
 	// Early rotation: one agent's active SA nears the sequence threshold.
 	agents["n3"].setSeq(0.75, 2)
 	r = e.ringIs(api.ModeEnforce, wait, "3:active")
@@ -281,6 +288,10 @@ func TestCorruptedSecretRefused(t *testing.T) {
 		if value(m.metrics.RingValid) != 0 || value(m.metrics.RingErrors) < 1 {
 			t.Fatalf("%s: metrics do not show the refusal", c.name)
 		}
+		e.eventually(c.name+": warning event on the secret", wait, func() (bool, string) {
+			evs := strings.Join(e.eventReasons(), "\n")
+			return strings.Contains(evs, "InvalidKeyRing: ") && strings.Contains(evs, c.want), evs
+		})
 		if st := e.status(); st.ActiveGeneration != good.Active().Number {
 			t.Fatalf("%s: status lost the last good ring: %+v", c.name, st)
 		}

@@ -6,9 +6,9 @@
 // Invariants: a program never outlives its timeout (its whole process group is
 // killed); output is capped at wire.MaxOutput per stream; background children
 // that keep stdout open do not hold the answer back for more than a second
-// after the program itself exits (exec.Cmd.WaitDelay). labd logs only the
-// program name and status, never arguments or input, because tests pass key
-// material through them.
+// after the program itself exits (exec.Cmd.WaitDelay). labd logs failures
+// with the program name and status only, never arguments or input, because
+// tests pass key material through them.
 package main
 
 import (
@@ -123,6 +123,8 @@ func run(req wire.Request) wire.Response {
 	}
 	resp.Stdout, resp.Stderr = stdout.Bytes(), stderr.Bytes()
 	resp.Truncated = stdout.truncated || stderr.truncated
-	log.Printf("ran %s: exit %d in %s", req.Argv[0], resp.Exit, time.Since(start).Round(time.Millisecond))
+	if resp.Exit != 0 {
+		log.Printf("ran %s: exit %d in %s %s", req.Argv[0], resp.Exit, time.Since(start).Round(time.Millisecond), resp.Error)
+	}
 	return resp
 }

@@ -1,0 +1,490 @@
+// Package lab boots the VM lab: Debian's own kernel under qemu-system-x86_64
+// with the initramfs hack/tools-lab.sh builds, so that tests get a kernel with
+// ESP, IPIP, AES-GCM, xfrm and netfilter even where the host kernel lacks them.
+// See docs/lab.md.
+//
+// Invariants:
+//   - The guest's only network is QEMU user networking with restrict=on: the
+//     guest reaches nothing outside except the explicit GuestForwards, which lead
+//     to host loopback, and the host reaches the guest only through HostForwards
+//     bound to 127.0.0.1. The guest has no default route.
+//   - Commands run in the guest through labd (conformance/lab/guest/labd) over a
+//     forwarded loopback port; errors never quote the command text, because
+//     tests may pass key material in it.
+//   - VM.Close always kills QEMU; a VM left running by a crashed test process
+//     dies with it (Pdeathsig).
+//   - Accel is TCG unless /dev/kvm can actually create a VM and a vCPU.
+package lab
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/secureoverlay/secureoverlay/conformance/lab/wire"
+)
+
+// GuestForwardAddr is the address inside the guest at which GuestForwards
+// appear (QEMU's user network is 10.0.2.0/24; the guest is 10.0.2.15).
+const GuestForwardAddr = "10.0.2.100"
+
+// ErrNoImage means hack/tools-lab.sh has not built the lab image yet.
+var ErrNoImage = errors.New("lab image not built (run `make tools`)")
+
+// Share exposes a host directory to the guest over 9p.
+type Share struct {
+	// Tag names the share ([a-z0-9_], at most 31 characters).
+	Tag string
+	// HostPath is the directory on the host.
+	HostPath string
+	// GuestPath is where the guest mounts it (absolute, no spaces or colons).
+	GuestPath string
+	// Writable allows the guest to write; shares are read-only by default.
+	Writable bool
+}
+
+// HostForward makes guest TCP port GuestPort reachable at 127.0.0.1:HostPort.
+type HostForward struct {
+	HostPort, GuestPort int
+}
+
+// GuestForward makes the host's 127.0.0.1:HostPort reachable from the guest at
+// GuestForwardAddr:GuestPort. Each guest connection spawns one relay
+// (`busybox nc`) on the host, so any number of connections work.
+type GuestForward struct {
+	GuestPort, HostPort int
+}
+
+// Options configure Boot. The zero value boots a 1-CPU, 512 MiB VM.
+type Options struct {
+	MemoryMiB int
+	CPUs      int
+	// Shares are mounted before labd starts, e.g. $SECUREOVERLAY_BIN_DIR.
+	Shares        []Share
+	HostForwards  []HostForward
+	GuestForwards []GuestForward
+	// CacheDir holds lab/vmlinuz and lab/initrd.img; default CacheDir().
+	CacheDir string
+	// StateDir receives console.log and qemu.log; default a temporary
+	// directory that Close removes.
+	StateDir string
+	// BootTimeout bounds the wait for labd; default 4 minutes (TCG on a
+	// loaded 2-core machine has been seen to need ~50 s).
+	BootTimeout time.Duration
+	// Accel is "tcg" or "kvm"; default $SECUREOVERLAY_LAB_ACCEL, else the probe.
+	Accel string
+	// KernelArgs are appended to the kernel command line.
+	KernelArgs []string
+}
+
+// VM is a running lab guest.
+type VM struct {
+	// Accel is the accelerator QEMU runs with ("tcg" or "kvm").
+	Accel string
+	// BootDuration is the time from starting QEMU until labd answered.
+	BootDuration time.Duration
+	// KernelRelease is the guest kernel's release (from the image).
+	KernelRelease string
+
+	stateDir   string
+	ownState   bool
+	chanPort   int
+	cmd        *exec.Cmd
+	exited     chan struct{}
+	exitErr    error
+	closeOnce  sync.Once
+	closeError error
+}
+
+// CacheDir is $SECUREOVERLAY_CACHE_DIR, or .cache at the root of the
+// repository containing the working directory.
+func CacheDir() string {
+	if d := os.Getenv("SECUREOVERLAY_CACHE_DIR"); d != "" {
+		return d
+	}
+	dir, err := os.Getwd()
+	if err != nil {
+		return ".cache"
+	}
+	for d := dir; ; d = filepath.Dir(d) {
+		if b, err := os.ReadFile(filepath.Join(d, "go.mod")); err == nil &&
+			bytes.Contains(b, []byte("module github.com/secureoverlay/secureoverlay\n")) {
+			return filepath.Join(d, ".cache")
+		}
+		if filepath.Dir(d) == d {
+			return filepath.Join(dir, ".cache")
+		}
+	}
+}
+
+// Image is the boot image hack/tools-lab.sh builds.
+type Image struct {
+	Kernel, Initrd, Release string
+}
+
+// FindImage locates the lab image under cacheDir (default CacheDir()).
+func FindImage(cacheDir string) (Image, error) {
+	if cacheDir == "" {
+		cacheDir = CacheDir()
+	}
+	dir := filepath.Join(cacheDir, "lab")
+	img := Image{Kernel: filepath.Join(dir, "vmlinuz"), Initrd: filepath.Join(dir, "initrd.img")}
+	for _, p := range []string{img.Kernel, img.Initrd} {
+		if fi, err := os.Stat(p); err != nil || fi.Size() == 0 {
+			return Image{}, fmt.Errorf("%w: %s missing", ErrNoImage, p)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "kernel.release")); err == nil {
+		img.Release = strings.TrimSpace(string(b))
+	}
+	return img, nil
+}
+
+var (
+	tagRE       = regexp.MustCompile(`^[a-z0-9_]{1,31}$`)
+	guestPathRE = regexp.MustCompile(`^/[A-Za-z0-9_./+-]*$`)
+)
+
+// qemuArgs is the pure part of Boot: the QEMU command line for opts.
+func qemuArgs(opts Options, img Image, accel, stateDir string, chanPort int, relay string) ([]string, error) {
+	netdev := []string{"user", "id=n0", "restrict=on", "net=10.0.2.0/24", "host=10.0.2.2",
+		fmt.Sprintf("hostfwd=tcp:127.0.0.1:%d-:%d", chanPort, wire.GuestPort)}
+	for _, f := range opts.HostForwards {
+		if !validPort(f.HostPort) || !validPort(f.GuestPort) {
+			return nil, fmt.Errorf("host forward %d->%d: port out of range", f.HostPort, f.GuestPort)
+		}
+		netdev = append(netdev, fmt.Sprintf("hostfwd=tcp:127.0.0.1:%d-:%d", f.HostPort, f.GuestPort))
+	}
+	for _, f := range opts.GuestForwards {
+		if !validPort(f.HostPort) || !validPort(f.GuestPort) {
+			return nil, fmt.Errorf("guest forward %d->%d: port out of range", f.GuestPort, f.HostPort)
+		}
+		if relay == "" {
+			return nil, fmt.Errorf("guest forward %d->%d: busybox not found on the host", f.GuestPort, f.HostPort)
+		}
+		netdev = append(netdev, fmt.Sprintf("guestfwd=tcp:%s:%d-cmd:%s nc 127.0.0.1 %d",
+			GuestForwardAddr, f.GuestPort, relay, f.HostPort))
+	}
+	cmdline := []string{"console=ttyS0", "panic=-1", "loglevel=4", "mitigations=off"}
+	var shareArgs []string
+	tags := map[string]bool{}
+	for _, s := range opts.Shares {
+		if !tagRE.MatchString(s.Tag) || tags[s.Tag] {
+			return nil, fmt.Errorf("share %q: tag must be unique and match %s", s.Tag, tagRE)
+		}
+		tags[s.Tag] = true
+		if !guestPathRE.MatchString(s.GuestPath) {
+			return nil, fmt.Errorf("share %q: guest path %q must be absolute without spaces or colons", s.Tag, s.GuestPath)
+		}
+		if strings.ContainsAny(s.HostPath, ",") {
+			return nil, fmt.Errorf("share %q: host path %q must not contain a comma", s.Tag, s.HostPath)
+		}
+		if fi, err := os.Stat(s.HostPath); err != nil || !fi.IsDir() {
+			return nil, fmt.Errorf("share %q: host path %q is not a directory", s.Tag, s.HostPath)
+		}
+		mode, ro := "ro", ",readonly=on"
+		if s.Writable {
+			mode, ro = "rw", ""
+		}
+		cmdline = append(cmdline, fmt.Sprintf("lab.share=%s:%s:%s", s.Tag, s.GuestPath, mode))
+		shareArgs = append(shareArgs, "-virtfs",
+			fmt.Sprintf("local,path=%s,mount_tag=%s,security_model=none%s", s.HostPath, s.Tag, ro))
+	}
+	cmdline = append(cmdline, opts.KernelArgs...)
+	cpu := "max"
+	if accel == "kvm" {
+		cpu = "host"
+	}
+	args := []string{
+		"-machine", "q35,accel=" + accel,
+		"-cpu", cpu,
+		"-m", strconv.Itoa(opts.MemoryMiB),
+		"-smp", strconv.Itoa(opts.CPUs),
+		"-nographic", "-monitor", "none", "-no-reboot",
+		"-serial", "file:" + filepath.Join(stateDir, "console.log"),
+		"-kernel", img.Kernel,
+		"-initrd", img.Initrd,
+		"-append", strings.Join(cmdline, " "),
+		"-netdev", strings.Join(netdev, ","),
+		"-device", "virtio-net-pci,netdev=n0",
+		"-device", "virtio-rng-pci",
+	}
+	return append(args, shareArgs...), nil
+}
+
+func validPort(p int) bool { return p > 0 && p < 65536 }
+
+// Boot starts a VM and waits until its command channel answers. On error no
+// QEMU process is left running.
+func Boot(ctx context.Context, opts Options) (*VM, error) {
+	img, err := FindImage(opts.CacheDir)
+	if err != nil {
+		return nil, err
+	}
+	qemu, err := exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		return nil, fmt.Errorf("boot lab vm: qemu-system-x86_64 not found (run hack/install-deps.sh): %w", err)
+	}
+	relay, _ := exec.LookPath("busybox")
+	if opts.MemoryMiB == 0 {
+		opts.MemoryMiB = 512
+	}
+	if opts.CPUs == 0 {
+		opts.CPUs = 1
+	}
+	if opts.BootTimeout == 0 {
+		opts.BootTimeout = 4 * time.Minute
+	}
+	accel := opts.Accel
+	if accel == "" {
+		accel = os.Getenv("SECUREOVERLAY_LAB_ACCEL")
+	}
+	if accel == "" {
+		accel = "tcg"
+		if KVMUsable() {
+			accel = "kvm"
+		}
+	}
+	if accel != "tcg" && accel != "kvm" {
+		return nil, fmt.Errorf("boot lab vm: accel %q is neither tcg nor kvm", accel)
+	}
+
+	vm := &VM{Accel: accel, KernelRelease: img.Release, stateDir: opts.StateDir}
+	if vm.stateDir == "" {
+		if vm.stateDir, err = os.MkdirTemp("", "secureoverlay-lab-"); err != nil {
+			return nil, fmt.Errorf("boot lab vm: state dir: %w", err)
+		}
+		vm.ownState = true
+	} else if err := os.MkdirAll(vm.stateDir, 0o755); err != nil {
+		return nil, fmt.Errorf("boot lab vm: state dir %s: %w", vm.stateDir, err)
+	}
+
+	// The command-channel port is picked free and may be taken by someone
+	// else before QEMU binds it; QEMU then exits at once and we try again.
+	var lastErr error
+	for attempt := 0; attempt < 3; attempt++ {
+		if vm.chanPort, err = freePort(); err != nil {
+			lastErr = err
+			continue
+		}
+		args, err := qemuArgs(opts, img, accel, vm.stateDir, vm.chanPort, relay)
+		if err != nil {
+			vm.removeState()
+			return nil, fmt.Errorf("boot lab vm: %w", err)
+		}
+		lastErr = vm.start(ctx, qemu, args, opts.BootTimeout)
+		if lastErr == nil {
+			return vm, nil
+		}
+		vm.kill()
+		if !strings.Contains(lastErr.Error(), "host forwarding") {
+			break
+		}
+	}
+	err = fmt.Errorf("boot lab vm (%s): %w%s", accel, lastErr, vm.diagnostics())
+	vm.removeState()
+	return nil, err
+}
+
+func (vm *VM) start(ctx context.Context, qemu string, args []string, timeout time.Duration) error {
+	qlog, err := os.Create(filepath.Join(vm.stateDir, "qemu.log"))
+	if err != nil {
+		return err
+	}
+	defer qlog.Close()
+	vm.cmd = exec.Command(qemu, args...)
+	vm.cmd.Stdin = nil
+	vm.cmd.Stdout, vm.cmd.Stderr = qlog, qlog
+	vm.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	vm.exited = make(chan struct{})
+	begin := time.Now()
+	if err := vm.cmd.Start(); err != nil {
+		return fmt.Errorf("start qemu: %w", err)
+	}
+	go func() {
+		vm.exitErr = vm.cmd.Wait()
+		close(vm.exited)
+	}()
+
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		_, err := vm.Exec(pctx, wire.Request{Argv: []string{"true"}, TimeoutMillis: 5000})
+		cancel()
+		if err == nil {
+			vm.BootDuration = time.Since(begin)
+			return nil
+		}
+		select {
+		case <-vm.exited:
+			q, _ := os.ReadFile(filepath.Join(vm.stateDir, "qemu.log"))
+			return fmt.Errorf("qemu exited during boot (%v): %s", vm.exitErr, strings.TrimSpace(string(q)))
+		case <-deadline.C:
+			return fmt.Errorf("command channel not up after %s: %w", timeout, err)
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for command channel: %w", ctx.Err())
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, fmt.Errorf("pick a loopback port: %w", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// ConsoleLog is the path of the guest's serial console log.
+func (vm *VM) ConsoleLog() string { return filepath.Join(vm.stateDir, "console.log") }
+
+// StateDir holds console.log and qemu.log.
+func (vm *VM) StateDir() string { return vm.stateDir }
+
+// ConsoleTail returns the last n lines of the console log.
+func (vm *VM) ConsoleTail(n int) string {
+	b, err := os.ReadFile(vm.ConsoleLog())
+	if err != nil {
+		return ""
+	}
+	var lines []string
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+	}
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func (vm *VM) diagnostics() string {
+	if t := vm.ConsoleTail(30); t != "" {
+		return "\nconsole tail:\n" + t
+	}
+	return ""
+}
+
+// Alive reports whether QEMU is still running.
+func (vm *VM) Alive() bool {
+	select {
+	case <-vm.exited:
+		return false
+	default:
+		return true
+	}
+}
+
+// Close kills QEMU and removes the state directory if Boot created it. It is
+// safe to call more than once.
+func (vm *VM) Close() error {
+	vm.closeOnce.Do(func() {
+		vm.kill()
+		vm.removeState()
+	})
+	return vm.closeError
+}
+
+func (vm *VM) kill() {
+	if vm.cmd == nil || vm.cmd.Process == nil {
+		return
+	}
+	_ = syscall.Kill(-vm.cmd.Process.Pid, syscall.SIGKILL)
+	<-vm.exited
+	vm.cmd = nil
+}
+
+func (vm *VM) removeState() {
+	if vm.ownState {
+		if err := os.RemoveAll(vm.stateDir); err != nil {
+			vm.closeError = fmt.Errorf("remove lab state %s: %w", vm.stateDir, err)
+		}
+	}
+}
+
+// ExitError is a guest command that ran and exited non-zero (or was killed).
+type ExitError struct {
+	Code   int
+	Reason string // set when the guest killed or could not start the program
+	Stderr string
+}
+
+func (e *ExitError) Error() string {
+	msg := fmt.Sprintf("guest command exited with status %d", e.Code)
+	if e.Reason != "" {
+		msg += " (" + e.Reason + ")"
+	}
+	if s := strings.TrimSpace(e.Stderr); s != "" {
+		if len(s) > 2000 {
+			s = "…" + s[len(s)-2000:]
+		}
+		msg += ": " + s
+	}
+	return msg
+}
+
+// Run runs cmd with /bin/sh -c in the guest (as root, cwd /root, PATH with the
+// image's real iproute2/iptables/tcpdump before busybox). err is an
+// *ExitError when the command ran but failed. A command that starts a
+// background process must redirect that process's output, or its answer is
+// held back by up to a second.
+func (vm *VM) Run(ctx context.Context, cmd string) (stdout, stderr string, err error) {
+	return vm.RunInput(ctx, cmd, nil)
+}
+
+// RunInput is Run with stdin fed to the command.
+func (vm *VM) RunInput(ctx context.Context, cmd string, stdin []byte) (stdout, stderr string, err error) {
+	req := wire.Request{Argv: []string{"/bin/sh", "-c", cmd}, Stdin: stdin}
+	if dl, ok := ctx.Deadline(); ok {
+		req.TimeoutMillis = max(time.Until(dl).Milliseconds(), 1)
+	}
+	resp, err := vm.Exec(ctx, req)
+	if err != nil {
+		return "", "", err
+	}
+	stdout, stderr = string(resp.Stdout), string(resp.Stderr)
+	if resp.Exit != 0 || resp.Error != "" {
+		return stdout, stderr, &ExitError{Code: resp.Exit, Reason: resp.Error, Stderr: stderr}
+	}
+	return stdout, stderr, nil
+}
+
+// Exec sends one raw request over the command channel.
+func (vm *VM) Exec(ctx context.Context, req wire.Request) (wire.Response, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", fmt.Sprintf("127.0.0.1:%d", vm.chanPort))
+	if err != nil {
+		return wire.Response{}, fmt.Errorf("lab command channel: %w", err)
+	}
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
+	defer stop()
+	if err := json.NewEncoder(conn).Encode(req); err != nil {
+		return wire.Response{}, fmt.Errorf("lab command channel: send: %w", err)
+	}
+	var resp wire.Response
+	if err := json.NewDecoder(bufio.NewReader(conn)).Decode(&resp); err != nil {
+		if ctx.Err() != nil {
+			err = ctx.Err()
+		}
+		return wire.Response{}, fmt.Errorf("lab command channel: receive: %w", err)
+	}
+	return resp, nil
+}

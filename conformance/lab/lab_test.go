@@ -1,0 +1,232 @@
+package lab
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// Fast tier: the pure parts (QEMU command line, cluster script, xfrm parser).
+
+func fakeImage(t *testing.T) Image {
+	dir := t.TempDir()
+	return Image{Kernel: filepath.Join(dir, "vmlinuz"), Initrd: filepath.Join(dir, "initrd.img")}
+}
+
+func argValue(t *testing.T, args []string, flag string) []string {
+	t.Helper()
+	var vals []string
+	for i := 0; i+1 < len(args); i++ {
+		if args[i] == flag {
+			vals = append(vals, args[i+1])
+		}
+	}
+	return vals
+}
+
+func TestQemuArgsIsolateTheGuest(t *testing.T) {
+	ro, rw := t.TempDir(), t.TempDir()
+	opts := Options{
+		MemoryMiB:     768,
+		CPUs:          2,
+		HostForwards:  []HostForward{{HostPort: 18080, GuestPort: 8080}},
+		GuestForwards: []GuestForward{{GuestPort: 6443, HostPort: 36443}},
+		Shares: []Share{
+			{Tag: "bin", HostPath: ro, GuestPath: "/opt/bin"},
+			{Tag: "out", HostPath: rw, GuestPath: "/mnt/out", Writable: true},
+		},
+	}
+	args, err := qemuArgs(opts, fakeImage(t), "tcg", "/state", 40000, "/usr/bin/busybox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	netdev := argValue(t, args, "-netdev")
+	if len(netdev) != 1 {
+		t.Fatalf("want one -netdev, got %q", netdev)
+	}
+	for _, want := range []string{
+		"user,", ",restrict=on,",
+		",hostfwd=tcp:127.0.0.1:40000-:7000",
+		",hostfwd=tcp:127.0.0.1:18080-:8080",
+		",guestfwd=tcp:10.0.2.100:6443-cmd:/usr/bin/busybox nc 127.0.0.1 36443",
+	} {
+		if !strings.Contains(netdev[0], want) {
+			t.Errorf("netdev %q lacks %q", netdev[0], want)
+		}
+	}
+	// Every host forward binds loopback only.
+	for _, part := range strings.Split(netdev[0], ",") {
+		if strings.HasPrefix(part, "hostfwd=") && !strings.HasPrefix(part, "hostfwd=tcp:127.0.0.1:") {
+			t.Errorf("host forward %q is not bound to loopback", part)
+		}
+	}
+	virtfs := argValue(t, args, "-virtfs")
+	if len(virtfs) != 2 || !strings.HasSuffix(virtfs[0], ",readonly=on") || strings.Contains(virtfs[1], "readonly") {
+		t.Errorf("virtfs = %q, want the first share read-only and the second writable", virtfs)
+	}
+	appendArg := strings.Join(argValue(t, args, "-append"), " ")
+	for _, want := range []string{"console=ttyS0", "lab.share=bin:/opt/bin:ro", "lab.share=out:/mnt/out:rw"} {
+		if !strings.Contains(appendArg, want) {
+			t.Errorf("kernel command line %q lacks %q", appendArg, want)
+		}
+	}
+	if got := argValue(t, args, "-m"); len(got) != 1 || got[0] != "768" {
+		t.Errorf("-m = %q", got)
+	}
+	if got := argValue(t, args, "-machine"); len(got) != 1 || got[0] != "q35,accel=tcg" {
+		t.Errorf("-machine = %q", got)
+	}
+	if got := argValue(t, args, "-serial"); len(got) != 1 || got[0] != "file:/state/console.log" {
+		t.Errorf("-serial = %q", got)
+	}
+}
+
+func TestQemuArgsRejectBadInput(t *testing.T) {
+	dir := t.TempDir()
+	cases := map[string]Options{
+		"bad tag":          {Shares: []Share{{Tag: "Bad Tag", HostPath: dir, GuestPath: "/x"}}},
+		"duplicate tag":    {Shares: []Share{{Tag: "a", HostPath: dir, GuestPath: "/x"}, {Tag: "a", HostPath: dir, GuestPath: "/y"}}},
+		"relative path":    {Shares: []Share{{Tag: "a", HostPath: dir, GuestPath: "x"}}},
+		"colon in path":    {Shares: []Share{{Tag: "a", HostPath: dir, GuestPath: "/x:rw"}}},
+		"missing host dir": {Shares: []Share{{Tag: "a", HostPath: filepath.Join(dir, "nope"), GuestPath: "/x"}}},
+		"port 0":           {HostForwards: []HostForward{{HostPort: 0, GuestPort: 80}}},
+		"port too big":     {GuestForwards: []GuestForward{{GuestPort: 80, HostPort: 70000}}},
+	}
+	for name, opts := range cases {
+		if _, err := qemuArgs(opts, fakeImage(t), "tcg", "/state", 40000, "/bin/busybox"); err == nil {
+			t.Errorf("%s: qemuArgs accepted %+v", name, opts)
+		}
+	}
+	if _, err := qemuArgs(Options{GuestForwards: []GuestForward{{GuestPort: 1, HostPort: 2}}}, fakeImage(t), "tcg", "/s", 1, ""); err == nil {
+		t.Error("guest forward without a relay binary accepted")
+	}
+}
+
+func TestFindImageReportsMissingImage(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := FindImage(dir); err == nil || !strings.Contains(err.Error(), "make tools") {
+		t.Fatalf("FindImage(empty) = %v, want ErrNoImage", err)
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "lab"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"vmlinuz", "initrd.img"} {
+		if err := os.WriteFile(filepath.Join(dir, "lab", f), []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "lab", "kernel.release"), []byte("6.1.0-test\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img, err := FindImage(dir)
+	if err != nil || img.Release != "6.1.0-test" {
+		t.Fatalf("FindImage = %+v, %v", img, err)
+	}
+	t.Setenv("SECUREOVERLAY_CACHE_DIR", dir)
+	if CacheDir() != dir {
+		t.Fatalf("CacheDir() = %s, want $SECUREOVERLAY_CACHE_DIR", CacheDir())
+	}
+}
+
+func TestClusterSetupScript(t *testing.T) {
+	for _, bad := range []Cluster{
+		{Nodes: 0, UnderlayMTU: 1450, TunnelMTU: 1402},
+		{Nodes: 3, UnderlayMTU: 1450, TunnelMTU: 1440},
+		{Nodes: 3, UnderlayMTU: 100, TunnelMTU: 80},
+	} {
+		if _, err := bad.SetupScript(); err == nil {
+			t.Errorf("SetupScript accepted %+v", bad)
+		}
+	}
+	s, err := Cluster{Nodes: 3, UnderlayMTU: 1450, TunnelMTU: 1402, Pods: true}.SetupScript()
+	if err != nil {
+		t.Fatal(err)
+	}
+	onlink := 0
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, "dev tunl0 onlink") {
+			onlink++
+		}
+	}
+	if onlink != 6 {
+		t.Errorf("3 nodes need 6 onlink routes to remote blocks, script has %d", onlink)
+	}
+	for _, want := range []string{
+		"ip -n node2 route add 10.244.1.0/26 via 198.18.0.1 dev tunl0 onlink",
+		"ip -n node3 route add blackhole 10.244.3.0/26",
+		"ip -n node1 link set tunl0 mtu 1402 up",
+		"ip -n node1 link add eth0 mtu 1450 type veth peer name ul1 netns ul mtu 1450",
+		"ip -n pod2 addr add 10.244.2.5/32 dev eth0",
+		"ip -n pod2 route add default via 169.254.1.1 dev eth0",
+	} {
+		if !strings.Contains(s, want+"\n") {
+			t.Errorf("script lacks %q", want)
+		}
+	}
+	if strings.Contains(s, "default via 10.0.2") {
+		t.Error("a namespace got a route out of the guest")
+	}
+}
+
+// Real `ip -s xfrm state` output from the lab (iproute2 6.1, kernel 6.1), with
+// the key replaced by zeros.
+const xfrmFixture = `src 198.18.0.2 dst 198.18.0.1
+	proto esp spi 0x00001021(4129) reqid 1(0x00000001) mode transport
+	replay-window 0 seq 0x00000000 flag esn (0x10000000)
+	aead rfc4106(gcm(aes)) 0x0000000000000000000000000000000000000000 64
+	anti-replay esn context:
+	 seq-hi 0x0, seq 0x3, oseq-hi 0x0, oseq 0x0
+	 replay_window 1024, bitmap-length 32
+	 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000007 
+	sel src 0.0.0.0/0 dst 0.0.0.0/0 uid 0
+	lifetime config:
+	  limit: soft (INF)(bytes), hard (INF)(bytes)
+	  limit: soft (INF)(packets), hard (INF)(packets)
+	  expire add: soft 0(sec), hard 0(sec)
+	  expire use: soft 0(sec), hard 0(sec)
+	lifetime current:
+	  252(bytes), 3(packets)
+	  add 2026-11-22 10:47:51 use 2026-11-22 10:47:53
+	stats:
+	  replay-window 0 replay 2 failed 1
+src 198.18.0.1 dst 198.18.0.2
+	proto esp spi 0x00001012(4114) reqid 7(0x00000007) mode transport
+	replay-window 0 seq 0x00000000 flag esn (0x10000000)
+	anti-replay esn context:
+	 seq-hi 0x0, seq 0x0, oseq-hi 0x1, oseq 0x5
+	 replay_window 1024, bitmap-length 32
+	lifetime current:
+	  420(bytes), 5(packets)
+	stats:
+	  replay-window 0 replay 0 failed 0
+`
+
+func TestParseXfrmStates(t *testing.T) {
+	sas, err := ParseXfrmStates(xfrmFixture)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []SA{
+		{Src: "198.18.0.2", Dst: "198.18.0.1", Proto: "esp", SPI: 0x1021, ReqID: 1, Mode: "transport", ESN: true,
+			ReplayWindow: 1024, Seq: 3, Bytes: 252, Packets: 3, ReplayDrops: 2, IntegrityFailed: 1},
+		{Src: "198.18.0.1", Dst: "198.18.0.2", Proto: "esp", SPI: 0x1012, ReqID: 7, Mode: "transport", ESN: true,
+			ReplayWindow: 1024, OSeq: 1<<32 | 5, Bytes: 420, Packets: 5},
+	}
+	if len(sas) != len(want) {
+		t.Fatalf("got %d states, want %d: %+v", len(sas), len(want), sas)
+	}
+	for i := range want {
+		if sas[i] != want[i] {
+			t.Errorf("state %d:\n got %+v\nwant %+v", i, sas[i], want[i])
+		}
+	}
+	if _, err := ParseXfrmStates("garbage before any state\n"); err == nil {
+		t.Error("parser accepted text before the first state")
+	}
+	if _, err := ParseXfrmStates("src 1.1.1.1 dst 2.2.2.2\n\taead rfc4106(gcm(aes)) 0xdeadbeef 64\n"); err == nil {
+		t.Error("parser accepted a state without its proto line")
+	} else if strings.Contains(err.Error(), "deadbeef") {
+		t.Errorf("parse error quotes key material: %v", err)
+	}
+}

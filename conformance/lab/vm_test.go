@@ -1,0 +1,467 @@
+package lab
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// VM tier: every test below shares one guest (a boot costs tens of seconds
+// under TCG). Tests that build a Cluster tear it down before and after.
+
+var shared struct {
+	once     sync.Once
+	vm       *VM
+	err      error
+	roDir    string
+	rwDir    string
+	fwdPort  int
+	fwdLn    net.Listener
+	skipNote string
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if shared.vm != nil {
+		_ = shared.vm.Close()
+	}
+	if shared.fwdLn != nil {
+		shared.fwdLn.Close()
+	}
+	for _, d := range []string{shared.roDir, shared.rwDir} {
+		if d != "" {
+			os.RemoveAll(d)
+		}
+	}
+	os.Exit(code)
+}
+
+// echoServer answers each line on a loopback port with "echo: LINE".
+func echoServer() (net.Listener, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_ = c.SetDeadline(time.Now().Add(time.Minute))
+				sc := bufio.NewScanner(c)
+				for sc.Scan() {
+					fmt.Fprintf(c, "echo: %s\n", sc.Text())
+				}
+			}()
+		}
+	}()
+	return ln, nil
+}
+
+func sharedVM(t *testing.T) *VM {
+	t.Helper()
+	opts := Options{GuestForwards: []GuestForward{{GuestPort: 6443}}}
+	SkipUnlessAvailable(t, opts)
+	shared.once.Do(func() {
+		var err error
+		if shared.roDir, err = os.MkdirTemp("", "lab-ro-"); err == nil {
+			shared.rwDir, err = os.MkdirTemp("", "lab-rw-")
+		}
+		if err == nil {
+			err = os.WriteFile(filepath.Join(shared.roDir, "hello.txt"), []byte("from the host\n"), 0o644)
+		}
+		if err == nil {
+			shared.fwdLn, err = echoServer()
+		}
+		if err != nil {
+			shared.err = err
+			return
+		}
+		shared.fwdPort = shared.fwdLn.Addr().(*net.TCPAddr).Port
+		opts.GuestForwards[0].HostPort = shared.fwdPort
+		opts.Shares = []Share{
+			{Tag: "ro", HostPath: shared.roDir, GuestPath: "/mnt/ro"},
+			{Tag: "rw", HostPath: shared.rwDir, GuestPath: "/mnt/rw", Writable: true},
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		shared.vm, shared.err = Boot(ctx, opts)
+		if shared.err == nil {
+			t.Logf("lab vm booted in %s (accel %s, kernel %s)", shared.vm.BootDuration.Round(time.Millisecond), shared.vm.Accel, shared.vm.KernelRelease)
+		}
+	})
+	if shared.err != nil {
+		t.Fatalf("boot shared lab vm: %v", shared.err)
+	}
+	if !shared.vm.Alive() {
+		t.Fatalf("shared lab vm died; console tail:\n%s", shared.vm.ConsoleTail(40))
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("lab console (last 40 lines):\n%s", shared.vm.ConsoleTail(40))
+		}
+	})
+	return shared.vm
+}
+
+func ctxFor(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func mustRun(t *testing.T, vm *VM, cmd string) string {
+	t.Helper()
+	out, _, err := vm.Run(ctxFor(t, 2*time.Minute), cmd)
+	if err != nil {
+		t.Fatalf("guest: %s: %v", firstWord(cmd), err)
+	}
+	return out
+}
+
+func firstWord(s string) string {
+	if f := strings.Fields(s); len(f) > 0 {
+		return f[0]
+	}
+	return s
+}
+
+func TestGuestCommandChannel(t *testing.T) {
+	vm := sharedVM(t)
+	ctx := ctxFor(t, time.Minute)
+
+	out, errOut, err := vm.Run(ctx, "echo out; echo err >&2; exit 0")
+	if err != nil || out != "out\n" || errOut != "err\n" {
+		t.Fatalf("Run = %q, %q, %v", out, errOut, err)
+	}
+	_, _, err = vm.Run(ctx, "echo failing >&2; exit 7")
+	var ee *ExitError
+	if !errors.As(err, &ee) || ee.Code != 7 || !strings.Contains(ee.Error(), "failing") {
+		t.Fatalf("exit 7: err = %v", err)
+	}
+	out, _, err = vm.RunInput(ctx, "tr a-z A-Z", []byte("stdin reaches the guest"))
+	if err != nil || out != "STDIN REACHES THE GUEST" {
+		t.Fatalf("RunInput = %q, %v", out, err)
+	}
+	// A background child holding stdout open does not hang the answer.
+	start := time.Now()
+	if _, _, err := vm.Run(ctx, "sleep 30 & echo started"); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("a backgrounded child held the answer for %s", d)
+	}
+	// The context deadline becomes the guest-side timeout.
+	short, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	start = time.Now()
+	if _, _, err := vm.Run(short, "sleep 60"); err == nil {
+		t.Fatal("sleep 60 under a 2 s deadline succeeded")
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Errorf("a 2 s deadline took %s to fire", d)
+	}
+	if out := mustRun(t, vm, "echo alive"); out != "alive\n" {
+		t.Fatalf("channel broken after a timeout: %q", out)
+	}
+}
+
+func TestGuestHasTheDataPlaneTools(t *testing.T) {
+	vm := sharedVM(t)
+	checks := map[string]string{
+		"ip -V":                      "iproute2",
+		"ping -V":                    "iputils",
+		"iptables -V":                "nf_tables",
+		"iptables-legacy -V":         "legacy",
+		"tcpdump --version 2>&1":     "libpcap",
+		"command -v modprobe":        "/sbin/modprobe",
+		"readlink -f /sbin/modprobe": "kmod",
+		"uname -r":                   vm.KernelRelease,
+	}
+	for cmd, want := range checks {
+		if out := mustRun(t, vm, cmd); !strings.Contains(out, want) {
+			t.Errorf("%s: %q lacks %q", cmd, out, want)
+		}
+	}
+	crypto := mustRun(t, vm, "grep '^name' /proc/crypto")
+	for _, alg := range []string{"rfc4106(gcm(aes))", "stdrng", "jitterentropy_rng"} {
+		if !strings.Contains(crypto, alg) {
+			t.Errorf("/proc/crypto lacks %s", alg)
+		}
+	}
+	mods := mustRun(t, vm, "cut -d' ' -f1 /proc/modules")
+	for _, m := range []string{"esp4", "ipip", "xfrm_user", "gcm", "seqiv", "drbg", "veth", "xt_policy", "nft_compat"} {
+		if !regexp.MustCompile(`(?m)^` + m + `$`).MatchString(mods) {
+			t.Errorf("module %s not loaded", m)
+		}
+	}
+	if bad := mustRun(t, vm, "dmesg | grep -E 'self-tests .* failed|MODULES FAILED' || true"); bad != "" {
+		t.Errorf("boot problems:\n%s", bad)
+	}
+	// The policy match works through both iptables backends.
+	for _, ipt := range []string{"iptables-nft", "iptables-legacy"} {
+		mustRun(t, vm, ipt+" -w -t mangle -N lab-probe && "+ipt+" -w -t mangle -A lab-probe -p 4 -m policy --dir out --pol none -m comment --comment lab -j MARK --set-xmark 0x100000/0x100000 && "+
+			ipt+" -w -t mangle -F lab-probe && "+ipt+" -w -t mangle -X lab-probe")
+	}
+}
+
+func TestForwardsAndShares(t *testing.T) {
+	vm := sharedVM(t)
+	// guestfwd: the guest reaches a host loopback service, twice (one relay per connection).
+	for i := 0; i < 2; i++ {
+		out := mustRun(t, vm, fmt.Sprintf("echo ping%d | nc -w 5 %s 6443", i, GuestForwardAddr))
+		if out != fmt.Sprintf("echo: ping%d\n", i) {
+			t.Fatalf("guest forward answer %d = %q", i, out)
+		}
+	}
+	// Nothing else outside is reachable: no default route.
+	if out := mustRun(t, vm, "ip route show default"); out != "" {
+		t.Errorf("guest has a default route: %q", out)
+	}
+	if out := mustRun(t, vm, "cat /mnt/ro/hello.txt"); out != "from the host\n" {
+		t.Errorf("read-only share: %q", out)
+	}
+	if _, _, err := vm.Run(ctxFor(t, time.Minute), "echo x > /mnt/ro/new 2>/dev/null"); err == nil {
+		t.Error("wrote to a read-only share")
+	}
+	mustRun(t, vm, "echo from the guest > /mnt/rw/out.txt && sync")
+	if b, err := os.ReadFile(filepath.Join(shared.rwDir, "out.txt")); err != nil || string(b) != "from the guest\n" {
+		t.Errorf("writable share: %q, %v", b, err)
+	}
+}
+
+// espScript programs ESP transport mode on IPIP (IP proto 4) between every
+// pair of the first n nodes, with a fresh random AES-128-GCM key (+ 4-byte
+// salt) per direction, generated in the guest and never echoed.
+func espScript(n, icvBits int) string {
+	var b strings.Builder
+	b.WriteString("set -eu\n")
+	for i := 1; i <= n; i++ {
+		for j := 1; j <= n; j++ {
+			if i == j {
+				continue
+			}
+			src, dst := NodeIP(i), NodeIP(j)
+			spi := 0x1000 + i*16 + j
+			fmt.Fprintf(&b, "key=0x$(od -An -tx1 -N20 /dev/urandom | tr -d ' \\n')\n")
+			fmt.Fprintf(&b, "[ ${#key} -eq 42 ]\n")
+			for _, ns := range []string{NodeNS(i), NodeNS(j)} {
+				fmt.Fprintf(&b, "ip -n %s xfrm state add src %s dst %s proto esp spi 0x%x reqid 1 mode transport replay-window 1024 flag esn aead 'rfc4106(gcm(aes))' \"$key\" %d\n",
+					ns, src, dst, spi, icvBits)
+			}
+			fmt.Fprintf(&b, "ip -n %s xfrm policy add src %s/32 dst %s/32 proto 4 dir out tmpl src %s dst %s proto esp mode transport reqid 1\n",
+				NodeNS(i), src, dst, src, dst)
+			fmt.Fprintf(&b, "ip -n %s xfrm policy add src %s/32 dst %s/32 proto 4 dir in tmpl src %s dst %s proto esp mode transport reqid 1\n",
+				NodeNS(j), src, dst, src, dst)
+		}
+	}
+	b.WriteString("unset key\n")
+	return b.String()
+}
+
+func setupCluster(t *testing.T, vm *VM, c Cluster) {
+	t.Helper()
+	ctx := ctxFor(t, 3*time.Minute)
+	if err := c.Teardown(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := c.Setup(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("cluster of %d nodes (underlay MTU %d, tunnel MTU %d) set up in %s", c.Nodes, c.UnderlayMTU, c.TunnelMTU, time.Since(start).Round(time.Millisecond))
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := c.Teardown(ctx, vm); err != nil {
+			t.Error(err)
+		}
+	})
+}
+
+// pingAll sends count echo requests from every pod to every other pod and
+// fails unless all are answered.
+func pingAll(t *testing.T, vm *VM, nodes, count int) {
+	t.Helper()
+	for i := 1; i <= nodes; i++ {
+		for j := 1; j <= nodes; j++ {
+			if i == j {
+				continue
+			}
+			out, _, err := vm.Run(ctxFor(t, time.Minute), fmt.Sprintf("ip netns exec %s ping -n -q -c %d -i 0.2 -W 3 %s", PodNS(i), count, PodIP(j)))
+			if err != nil {
+				t.Fatalf("pod%d -> pod%d: %v\n%s", i, j, err, out)
+			}
+			if !strings.Contains(out, fmt.Sprintf("%d packets transmitted, %d received, 0%% packet loss", count, count)) {
+				t.Fatalf("pod%d -> pod%d lost packets:\n%s", i, j, out)
+			}
+		}
+	}
+}
+
+// captureDuring captures on the underlay bridge while f runs and returns the
+// capture; it fails the test if the kernel dropped captured packets.
+func captureDuring(t *testing.T, vm *VM, f func()) *Capture {
+	t.Helper()
+	ctx := ctxFor(t, 2*time.Minute)
+	c, err := StartCapture(ctx, vm, UnderlayNS, UnderlayBridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f()
+	dropped, err := c.Stop(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dropped != 0 {
+		t.Fatalf("capture dropped %d packets; counts would not be evidence", dropped)
+	}
+	return c
+}
+
+func count(t *testing.T, c *Capture, filter string) int {
+	t.Helper()
+	n, err := c.Count(ctxFor(t, time.Minute), filter)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestESPTransportOverIPIP is the data plane the agent will program, done by
+// hand: pod-to-pod traffic between three Calico-style nodes crosses the
+// underlay as ESP only, and the SA counters account for it.
+func TestESPTransportOverIPIP(t *testing.T) {
+	vm := sharedVM(t)
+	const nodes, pings = 3, 3
+	c := Cluster{Nodes: nodes, UnderlayMTU: 1450, TunnelMTU: 1402, Pods: true}
+	setupCluster(t, vm, c)
+
+	// Baseline: without xfrm the same traffic is plaintext IPIP, so the
+	// capture below can see plaintext when there is any.
+	start := time.Now()
+	plain := captureDuring(t, vm, func() { pingAll(t, vm, nodes, pings) })
+	wantPackets := nodes * (nodes - 1) * pings * 2 // requests and replies
+	ipip, esp := count(t, plain, "ip proto 4"), count(t, plain, "ip proto 50")
+	t.Logf("without ESP: %d IPIP, %d ESP packets on the underlay (%s)", ipip, esp, time.Since(start).Round(time.Millisecond))
+	if ipip != wantPackets || esp != 0 {
+		t.Fatalf("baseline: %d IPIP and %d ESP packets, want %d and 0", ipip, esp, wantPackets)
+	}
+
+	mustRun(t, vm, espScript(nodes, 64))
+	start = time.Now()
+	enc := captureDuring(t, vm, func() { pingAll(t, vm, nodes, pings) })
+	ipip, esp = count(t, enc, "ip proto 4"), count(t, enc, "ip proto 50")
+	t.Logf("with ESP: %d IPIP, %d ESP packets on the underlay (%s)", ipip, esp, time.Since(start).Round(time.Millisecond))
+	if ipip != 0 {
+		t.Errorf("%d plaintext IPIP packets crossed the underlay with ESP programmed", ipip)
+	}
+	if esp != wantPackets {
+		t.Errorf("%d ESP packets on the underlay, want %d", esp, wantPackets)
+	}
+	// Every programmed SPI appears on the wire.
+	lines, err := enc.Packets(ctxFor(t, time.Minute), "ip proto 50")
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]int{}
+	for _, l := range lines {
+		if m := regexp.MustCompile(`ESP\(spi=(0x[0-9a-f]+),`).FindStringSubmatch(l); m != nil {
+			seen[m[1]]++
+		}
+	}
+	if len(seen) != nodes*(nodes-1) {
+		t.Errorf("ESP packets carry SPIs %v, want %d distinct", seen, nodes*(nodes-1))
+	}
+
+	// The kernel accounts for every packet in both directions of every SA.
+	for i := 1; i <= nodes; i++ {
+		sas, err := XfrmStates(ctxFor(t, time.Minute), vm, NodeNS(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(sas) != 2*(nodes-1) {
+			t.Fatalf("node%d has %d SAs, want %d", i, len(sas), 2*(nodes-1))
+		}
+		for _, sa := range sas {
+			t.Logf("node%d SA %s->%s spi 0x%x: %d packets, %d bytes, seq %d, oseq %d", i, sa.Src, sa.Dst, sa.SPI, sa.Packets, sa.Bytes, sa.Seq, sa.OSeq)
+			if sa.Mode != "transport" || !sa.ESN || sa.ReplayWindow != 1024 {
+				t.Errorf("node%d SA spi 0x%x: mode %s esn %v window %d", i, sa.SPI, sa.Mode, sa.ESN, sa.ReplayWindow)
+			}
+			if sa.Packets != 2*pings {
+				t.Errorf("node%d SA spi 0x%x counted %d packets, want %d", i, sa.SPI, sa.Packets, 2*pings)
+			}
+			if sa.IntegrityFailed != 0 || sa.ReplayDrops != 0 {
+				t.Errorf("node%d SA spi 0x%x: %d integrity failures, %d replay drops", i, sa.SPI, sa.IntegrityFailed, sa.ReplayDrops)
+			}
+		}
+	}
+	if out := mustRun(t, vm, "for n in node1 node2 node3; do ip netns exec $n cat /proc/net/xfrm_stat; done | awk '$2 != 0'"); out != "" {
+		t.Errorf("xfrm errors counted:\n%s", out)
+	}
+}
+
+var fragNeededRE = regexp.MustCompile(`mtu ?= ?(\d+)`)
+
+// TestMTUTruth checks DESIGN §2 against the kernel: with an underlay MTU of
+// 1450 and an 8-byte ICV, the documented rule's 1404 is 2 bytes too big, the
+// kernel-exact 1402 crosses, and the kernel itself reports 1402.
+func TestMTUTruth(t *testing.T) {
+	vm := sharedVM(t)
+	const documented, exact = 1404, 1402
+	c := Cluster{Nodes: 2, UnderlayMTU: 1450, TunnelMTU: documented, Pods: true}
+	setupCluster(t, vm, c)
+	ping := func(size int) (string, error) {
+		out, errOut, err := vm.Run(ctxFor(t, time.Minute),
+			fmt.Sprintf("ip netns exec %s ping -n -M do -c 2 -i 0.3 -W 2 -s %d %s", PodNS(1), size-28, PodIP(2)))
+		return out + errOut, err
+	}
+	// Without ESP a 1404-byte DF packet fits IPIP on a 1450 underlay: it is
+	// ESP that the rule undercounts.
+	if out, err := ping(documented); err != nil {
+		t.Fatalf("plain IPIP: a %d-byte DF packet did not cross: %v\n%s", documented, err, out)
+	}
+	mustRun(t, vm, espScript(2, 64))
+
+	var cross *Capture
+	var outBig, outExact string
+	var errBig, errExact error
+	cross = captureDuring(t, vm, func() {
+		outBig, errBig = ping(documented)
+		outExact, errExact = ping(exact)
+	})
+	if errBig == nil {
+		t.Errorf("a %d-byte DF packet crossed ESP on a 1450 underlay:\n%s", documented, outBig)
+	}
+	if m := fragNeededRE.FindStringSubmatch(outBig); m == nil || m[1] != fmt.Sprint(exact) {
+		t.Errorf("kernel did not report path MTU %d for the %d-byte packet:\n%s", exact, documented, outBig)
+	} else {
+		t.Logf("%d-byte DF packet refused, kernel path MTU %s", documented, m[1])
+	}
+	if errExact != nil {
+		t.Errorf("a %d-byte DF packet did not cross: %v\n%s", exact, errExact, outExact)
+	}
+	// Wire size of the 1402-byte packets: 20 + 8 + 8 + 1404 + 8 = 1448.
+	big, err := cross.Packets(ctxFor(t, time.Minute), "ip proto 50 and ip[2:2] = 1448")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(big) != 4 {
+		t.Errorf("want 4 ESP packets of 1448 bytes (2 requests, 2 replies), got %d", len(big))
+	}
+	if n := count(t, cross, "ip proto 4 or ip[2:2] > 1450"); n != 0 {
+		t.Errorf("%d plaintext or oversized packets on the underlay", n)
+	}
+}

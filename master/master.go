@@ -411,9 +411,21 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 	var ring *keys.Ring
 	var problems []string
 	reset := false
+	hasData := false
 	if exists {
+		_, hasData = secret.Data[api.SecretDataKey]
+	}
+	if exists && !hasData {
+		// Created without data (e.g. by a manifest, to carry labels): nothing to lose.
+		ring, reset = c.lastGood, true
+		c.log.Warn("key ring secret has no data key, initializing it", "secret", ns+"/"+api.SecretName, "key", api.SecretDataKey, "ring", keys.Summary(ring))
+	} else if exists {
 		ring, err = keys.Parse(secret.Data[api.SecretDataKey])
-		if err != nil {
+		if err == nil {
+			if _, ok := secret.Annotations[api.ResetRingAnnotation]; ok {
+				reset = true // consent is for one reset: drop the annotation from a valid ring
+			}
+		} else {
 			m.RingValid.Set(0)
 			if _, ok := secret.Annotations[api.ResetRingAnnotation]; !ok {
 				m.RingErrors.Inc()

@@ -332,4 +332,24 @@ func TestCorruptedSecretRefused(t *testing.T) {
 	if after.Active().Number != before.Active().Number || !after.Active().Root.Equal(before.Active().Root) {
 		t.Fatalf("recreated ring differs: %s vs %s", keys.Summary(after), keys.Summary(before))
 	}
+
+	// A Secret without the data key (e.g. pre-created by a manifest) is initialized; a
+	// reset annotation on a valid ring is consumed without touching the keys.
+	s = e.secret()
+	s.Data = nil
+	s.Annotations = map[string]string{api.ResetRingAnnotation: "true"}
+	if _, err := e.cs.CoreV1().Secrets(api.Namespace).Update(e.ctx, s, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.eventually("secret initialized", wait, func() (bool, string) { after = e.ring(); return after != nil, "" })
+	if !after.Active().Root.Equal(before.Active().Root) {
+		t.Fatalf("initialized ring differs: %s vs %s", keys.Summary(after), keys.Summary(before))
+	}
+	e.eventually("reset annotation consumed", wait, func() (bool, string) {
+		_, ok := e.secret().Annotations[api.ResetRingAnnotation]
+		return !ok, ""
+	})
+	if r := e.ring(); !r.Active().Root.Equal(before.Active().Root) {
+		t.Fatal("consuming the reset annotation changed the keys")
+	}
 }

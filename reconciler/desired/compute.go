@@ -516,3 +516,17 @@ func (s State) EncryptingPeers() []string {
 	}
 	return out
 }
+
+// TransitionRules returns the rules of old that are also in next. The agent applies them
+// before the xfrm change and next's rules after it, so an outbound drop rule never outlives
+// the outbound policy it backs (which would drop our own traffic for the instant between
+// the two applies) and new drop rules appear only once the policies they back exist.
+func TransitionRules(old, next []Rule) []Rule {
+	var out []Rule
+	for _, r := range old {
+		if slices.Contains(next, r) {
+			out = append(out, r)
+		}
+	}
+	return out
+}

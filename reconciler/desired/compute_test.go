@@ -428,3 +428,24 @@ func TestParseNodeAddress(t *testing.T) {
 		}
 	}
 }
+
+func TestTransitionRules(t *testing.T) {
+	old, err := Compute(alwaysInputs(api.ModeEnforce))
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := alwaysInputs(api.ModeEnforce)
+	in.Nodes[2].Report = nil // c's report vanished: no more ESP to c
+	next, err := Compute(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := TransitionRules(old.Rules, next.Rules)
+	want := []Rule{
+		{Hook: HookIn, PeerIP: mustAddr("198.18.0.2"), Peer: "b", Action: Drop},
+		{Hook: HookOut, PeerIP: mustAddr("198.18.0.2"), Peer: "b", Action: Drop},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("transition rules %v, want %v", got, want)
+	}
+}

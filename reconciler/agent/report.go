@@ -104,8 +104,15 @@ func sameClaims(a, b watch.Report) bool {
 	return err1 == nil && err2 == nil && string(x) == string(y)
 }
 
+// patchTimeout bounds one report write. The write is not cancelled with the agent's
+// context: a sync that changed the kernel finishes advertising it even during shutdown,
+// so the published claims match what the kernel is left holding.
+const patchTimeout = 10 * time.Second
+
 // patchReport writes only the report annotation of node name (a JSON merge patch).
 func patchReport(ctx context.Context, c kubernetes.Interface, name string, r watch.Report) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), patchTimeout)
+	defer cancel()
 	v, err := json.Marshal(r)
 	if err != nil {
 		return fmt.Errorf("encode report of node %q: %w", name, err)

@@ -103,8 +103,7 @@ func New(cfg Config) *Watcher {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	w := &Watcher{cfg: cfg, crd: map[string]cache.SharedIndexInformer{},
-		calicoErr: fmt.Errorf("calico discovery has not run yet")}
+	w := &Watcher{cfg: cfg, crd: map[string]cache.SharedIndexInformer{}}
 	if cfg.OnChange != nil {
 		w.SetOnChange(cfg.OnChange)
 	}
@@ -208,7 +207,8 @@ func (w *Watcher) HasSynced() bool {
 	return true
 }
 
-// Err is why the watcher cannot sync (no Calico resources), or nil.
+// Err is why the watcher cannot sync (Calico discovery failed), or nil (also while the
+// first discovery is still running).
 func (w *Watcher) Err() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()

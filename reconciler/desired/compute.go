@@ -57,7 +57,8 @@ type peer struct {
 	sendGen uint32
 	reason  string
 	dropIn  bool // enforce: plaintext from it is dropped, inbound policy required
-	same    bool // same subnet with tunnel coverage
+	same    bool // same subnet with tunnel coverage (policies)
+	tunnel  bool // same subnet under a CrossSubnet pool: tunnel SAs (independent of blocks)
 	skipped bool // key derivation failed
 }
 
@@ -286,13 +287,15 @@ func Compute(in Inputs) (State, error) {
 	peerByName := map[string]*peer{}
 	for _, p := range peers {
 		peerByName[p.node.Name] = p
-		p.same = len(crossSubnet) > 0 && selfAddr.Bits() < 32 && selfAddr.Masked().Contains(p.addr.Addr()) &&
-			len(podSets[self.Name]) > 0 && len(podSets[p.node.Name]) > 0
+		// Tunnel SAs do not depend on IPAM blocks, so a peer that reports our inbound SAs
+		// installed has the tunnel ones too, even before it has seen our newest block.
+		p.tunnel = len(crossSubnet) > 0 && selfAddr.Bits() < 32 && selfAddr.Masked().Contains(p.addr.Addr())
+		p.same = p.tunnel && len(podSets[self.Name]) > 0 && len(podSets[p.node.Name]) > 0
 		var derr error
 		for _, g := range gens {
 			for _, dir := range []Dir{In, Out} {
 				derr = errors.Join(derr, derive(p, g.ID, Transport, dir))
-				if p.same {
+				if p.tunnel {
 					derr = errors.Join(derr, derive(p, g.ID, Tunnel, dir))
 				}
 			}

@@ -449,3 +449,47 @@ func TestTransitionRules(t *testing.T) {
 		t.Fatalf("transition rules %v, want %v", got, want)
 	}
 }
+
+// Tunnel SAs do not wait for IPAM blocks (so "inbound installed" covers them before the
+// peer has seen a new block); tunnel policies do.
+func TestTunnelSAsIndependentOfBlocks(t *testing.T) {
+	in := crossSubnetInputs(api.ModeEncrypt)
+	var blocks []Block
+	for _, b := range in.Blocks {
+		if b.Affinity == "host:d" {
+			continue
+		}
+		var kept []Borrowed
+		for _, x := range b.Borrowed {
+			if x.Node != "d" {
+				kept = append(kept, x)
+			}
+		}
+		b.Borrowed = kept
+		blocks = append(blocks, b)
+	}
+	in.Blocks = blocks
+	st, err := Compute(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var saD, polD int
+	for _, sa := range st.SAs {
+		if sa.Peer == "d" && sa.Kind == Tunnel {
+			saD++
+		}
+	}
+	for _, p := range st.Policies {
+		if p.Tmpl.Kind == Tunnel && (p.Tmpl.Dst.String() == "198.18.0.4" || p.Tmpl.Src.String() == "198.18.0.4") {
+			polD++
+		}
+	}
+	if saD != 2 || polD != 0 {
+		t.Fatalf("block-less same-subnet peer d: %d tunnel SAs (want 2), %d tunnel policies (want 0)", saD, polD)
+	}
+	for _, ps := range st.Peers {
+		if ps.Name == "d" && ps.SameSubnet {
+			t.Error("d reported as tunnel-covered without blocks")
+		}
+	}
+}

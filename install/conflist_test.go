@@ -362,3 +362,42 @@ func TestScannerSpans(t *testing.T) {
 		}
 	}
 }
+
+// FuzzSplice: for any conflist libcni accepts, inserting our entry yields a conflist libcni
+// accepts with the entry right after calico and everything else unchanged, and removing
+// it gives back exactly the input without our old entries.
+func FuzzSplice(f *testing.F) {
+	for _, s := range []string{calico031, calico100Alone, calico100Tuning, compactList,
+		`{"name":"n","plugins":[{"type":"calico"},{"type":"secureoverlay"}]}`,
+		`{"name":"n","plugins":[ {"type":"secureoverlay"} , {"type":"calico","a":"]}\"["} ]}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		if _, err := libcni.ConfListFromBytes(in); err != nil {
+			return
+		}
+		out, _, err := InsertEntry(in, testEntry)
+		if err != nil {
+			return // no calico, or only our entries: refused, fine
+		}
+		if ok, err := InEntry(out, testEntry); !ok || err != nil {
+			t.Fatalf("entry not in place after insert: %v\n%s", err, out)
+		}
+		base, _, err := RemoveEntries(in)
+		if err != nil {
+			t.Fatalf("input could be inserted into but not stripped: %v", err)
+		}
+		back, n, err := RemoveEntries(out)
+		if err != nil || n != 1 {
+			t.Fatalf("remove after insert: n=%d err=%v", n, err)
+		}
+		if string(back) != string(base) {
+			t.Fatalf("remove(insert(x)) != remove(x):\n%s\n---\n%s", back, base)
+		}
+		a, _ := libcni.ConfListFromBytes(out)
+		b, _ := libcni.ConfListFromBytes(in)
+		if a.Name != b.Name || a.CNIVersion != b.CNIVersion {
+			t.Fatalf("name/version changed")
+		}
+	})
+}

@@ -1,10 +1,12 @@
 package lab
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Fast tier: the pure parts (QEMU command line, cluster script, xfrm parser).
@@ -228,5 +230,40 @@ func TestParseXfrmStates(t *testing.T) {
 		t.Error("parser accepted a state without its proto line")
 	} else if strings.Contains(err.Error(), "deadbeef") {
 		t.Errorf("parse error quotes key material: %v", err)
+	}
+}
+
+// A kernel QEMU cannot load makes Boot fail fast with QEMU's own words, and
+// leave no process or state behind.
+func TestBootFailsCleanly(t *testing.T) {
+	if Unavailable(Options{}) != "" {
+		SkipUnlessAvailable(t, Options{})
+	}
+	cache := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(cache, "lab"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"vmlinuz", "initrd.img"} {
+		if err := os.WriteFile(filepath.Join(cache, "lab", f), []byte("not a kernel"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	state := filepath.Join(t.TempDir(), "state")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	start := time.Now()
+	vm, err := Boot(ctx, Options{CacheDir: cache, StateDir: state, Accel: "tcg", BootTimeout: 30 * time.Second})
+	if err == nil {
+		vm.Close()
+		t.Fatal("booted a garbage kernel")
+	}
+	if !strings.Contains(err.Error(), "qemu exited during boot") {
+		t.Errorf("error does not say QEMU exited: %v", err)
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Errorf("failure took %s", d)
+	}
+	if _, err := os.Stat(filepath.Join(state, "qemu.log")); err != nil {
+		t.Errorf("caller's state dir lost qemu.log: %v", err)
 	}
 }

@@ -465,3 +465,43 @@ func TestMTUTruth(t *testing.T) {
 		t.Errorf("%d plaintext or oversized packets on the underlay", n)
 	}
 }
+
+// TestKernelESPMTU pins DESIGN §2's kernel-exact rule, largest pod/tunnel MTU
+// = ((EXTMTU - 36 - ICV) & ~3) - 2, against what the kernel itself reports
+// (the path MTU in the ICMP "fragmentation needed" for a too-big DF packet),
+// across ICV sizes and every EXTMTU residue mod 4, and checks that a packet of
+// exactly that size crosses while one byte more does not.
+func TestKernelESPMTU(t *testing.T) {
+	vm := sharedVM(t)
+	cases := []struct{ ext, icv int }{
+		{1450, 8}, {1451, 8}, {1453, 8}, {1500, 8}, {1500, 16}, {1451, 12},
+	}
+	for _, tc := range cases {
+		t.Run(fmt.Sprintf("ext%d_icv%d", tc.ext, tc.icv), func(t *testing.T) {
+			exact := ((tc.ext - 36 - tc.icv) &^ 3) - 2
+			c := Cluster{Nodes: 2, UnderlayMTU: tc.ext, TunnelMTU: tc.ext - 20, Pods: true}
+			setupCluster(t, vm, c)
+			mustRun(t, vm, espScript(2, tc.icv*8))
+			ping := func(size int) (string, error) {
+				out, errOut, err := vm.Run(ctxFor(t, time.Minute),
+					fmt.Sprintf("ip netns exec %s ping -n -M do -c 1 -W 2 -s %d %s", PodNS(1), size-28, PodIP(2)))
+				return out + errOut, err
+			}
+			out, err := ping(c.TunnelMTU)
+			if err == nil {
+				t.Fatalf("a %d-byte DF packet crossed ESP on a %d underlay", c.TunnelMTU, tc.ext)
+			}
+			m := fragNeededRE.FindStringSubmatch(out)
+			if m == nil || m[1] != fmt.Sprint(exact) {
+				t.Fatalf("kernel path MTU for ICV %d on %d: got %v, rule says %d\n%s", tc.icv, tc.ext, m, exact, out)
+			}
+			if out, err := ping(exact); err != nil {
+				t.Errorf("a %d-byte DF packet did not cross: %v\n%s", exact, err, out)
+			}
+			if out, err := ping(exact + 1); err == nil {
+				t.Errorf("a %d-byte DF packet crossed, one more than the rule allows\n%s", exact+1, out)
+			}
+			t.Logf("EXTMTU %d, ICV %d: kernel path MTU %d = rule; documented rule %d", tc.ext, tc.icv, exact, tc.ext-46-(tc.ext-46)%4)
+		})
+	}
+}

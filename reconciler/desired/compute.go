@@ -291,26 +291,36 @@ func Compute(in Inputs) (State, error) {
 		// installed has the tunnel ones too, even before it has seen our newest block.
 		p.tunnel = len(crossSubnet) > 0 && selfAddr.Bits() < 32 && selfAddr.Masked().Contains(p.addr.Addr())
 		p.same = p.tunnel && len(podSets[self.Name]) > 0 && len(podSets[p.node.Name]) > 0
-		var derr error
+		dropSAs := func(kind Kind) {
+			for k := range sas {
+				if k.peer == p.node.Name && (kind == 0 || k.kind == kind) {
+					delete(sas, k)
+				}
+			}
+		}
+		var derr, terr error
 		for _, g := range gens {
 			for _, dir := range []Dir{In, Out} {
 				derr = errors.Join(derr, derive(p, g.ID, Transport, dir))
 				if p.tunnel {
-					derr = errors.Join(derr, derive(p, g.ID, Tunnel, dir))
+					terr = errors.Join(terr, derive(p, g.ID, Tunnel, dir))
 				}
 			}
 		}
 		if derr != nil {
 			// One peer's bad key material must not stop the rest of the cluster: the
 			// peer gets nothing (plaintext both ways, never dropped) and is reported.
-			for k := range sas {
-				if k.peer == p.node.Name {
-					delete(sas, k)
-				}
-			}
+			dropSAs(0)
 			p.skipped = true
 			st.Skipped = append(st.Skipped, Skip{Object: "node/" + p.node.Name, Reason: derr.Error()})
 			continue
+		}
+		if terr != nil {
+			// No tunnel keys: IPIP to the peer is still encrypted; same-subnet pod
+			// traffic is reported as not covered. Both ends fail alike (same KeyFunc).
+			dropSAs(Tunnel)
+			p.tunnel, p.same = false, false
+			st.NotCovered = append(st.NotCovered, fmt.Sprintf("same-subnet pod traffic with node %s (CrossSubnet) is not encrypted: %v", p.node.Name, terr))
 		}
 		// Which generation to send with.
 		switch {

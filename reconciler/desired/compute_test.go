@@ -493,3 +493,38 @@ func TestTunnelSAsIndependentOfBlocks(t *testing.T) {
 		}
 	}
 }
+
+// A KeyFunc without tunnel derivation (the keys package today) degrades only the
+// CrossSubnet same-subnet coverage: IPIP to every peer is still encrypted.
+func TestTunnelKeyFailureKeepsTransport(t *testing.T) {
+	in := crossSubnetInputs(api.ModeEnforce)
+	in.Keys = func(gen uint32, kind Kind, src, dst Endpoint) (uint32, Key, error) {
+		if kind == Tunnel {
+			return 0, Key{}, errors.New("no key derivation for tunnel-mode SAs yet")
+		}
+		return testKeys(gen, kind, src, dst)
+	}
+	st, err := Compute(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Skipped) != 0 {
+		t.Fatalf("peers skipped: %+v", st.Skipped)
+	}
+	for _, sa := range st.SAs {
+		if sa.Kind != Transport {
+			t.Fatalf("tunnel SA without tunnel keys: %s", sa)
+		}
+	}
+	for _, p := range st.Policies {
+		if p.Proto != 4 {
+			t.Fatalf("non-transport policy without tunnel keys: %s", p)
+		}
+	}
+	if len(st.EncryptingPeers()) != 3 || len(st.SAs) != 6 {
+		t.Fatalf("transport coverage lost: %s", render(st))
+	}
+	if notes := strings.Join(st.NotCovered, "\n"); !strings.Contains(notes, "node b (CrossSubnet) is not encrypted") || !strings.Contains(notes, "node d") {
+		t.Fatalf("not reported: %s", notes)
+	}
+}

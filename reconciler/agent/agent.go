@@ -8,8 +8,8 @@
 //
 // Responsibilities:
 //   - Every informer event enqueues the one work-queue key; one worker does a full sync:
-//     snapshot → desired.Compute → xfrm apply → iptables apply → report. Bursts of events
-//     coalesce into one sync.
+//     snapshot → desired.Compute → iptables rules that stay (desired.TransitionRules) →
+//     xfrm apply → iptables apply → report. Bursts of events coalesce into one sync.
 //   - Nothing touches the kernel before every cache has synced.
 //   - A periodic resync (interval plus up to 20% jitter) makes both appliers re-read the
 //     kernel, repairing drift (another tool flushing our xfrm policies or iptables chain).
@@ -122,6 +122,10 @@ type Agent struct {
 	pubAt     time.Time
 	budget    Budget
 	syncs     int // finished sync attempts (tests)
+	// lastRules are the rules of the last successful sync (rulesKnown false after a
+	// restart or a failed sync).
+	lastRules  []desired.Rule
+	rulesKnown bool
 }
 
 // New wires an agent; it starts nothing.
@@ -297,9 +301,25 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	if err != nil {
 		return a.fail(ctx, fmt.Errorf("compute desired state: %w", err))
 	}
+	// Order (docs/dataplane.md §8): rules that stay, xfrm, then the new rules, so an
+	// outbound drop rule never outlives the policy it backs and a new drop rule appears only
+	// after its policies exist. The first step needs the rules of the last successful sync;
+	// after a restart or a failure they are unknown and the step is skipped.
+	a.mu.Lock()
+	prevRules, known := a.lastRules, a.rulesKnown
+	a.rulesKnown = false
+	a.mu.Unlock()
+	if known {
+		if _, err := a.d.Rules.Apply(desired.TransitionRules(prevRules, st.Rules)); err != nil {
+			return a.fail(ctx, fmt.Errorf("apply iptables transition rules: %w", err))
+		}
+	}
 	res, xerr := a.d.Xfrm.Apply(st)
 	a.countWrites(res)
-	_, rerr := a.d.Rules.Apply(st.Rules)
+	var rerr error
+	if xerr == nil {
+		_, rerr = a.d.Rules.Apply(st.Rules)
+	}
 	if cs, cerr := a.d.Rules.Counters(); cerr == nil {
 		a.d.Metrics.SetPlaintext(plaintextCounts(cs))
 	} else {
@@ -308,6 +328,9 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	if xerr != nil || rerr != nil {
 		return a.fail(ctx, errors.Join(wrapNonNil("apply xfrm", xerr), wrapNonNil("apply iptables rules", rerr)))
 	}
+	a.mu.Lock()
+	a.lastRules, a.rulesKnown = st.Rules, true
+	a.mu.Unlock()
 	// The kernel now holds st: advertise it.
 	self := snap.Node(a.cfg.NodeName)
 	selfIP := netip.Addr{}

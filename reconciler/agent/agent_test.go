@@ -485,3 +485,72 @@ func TestNewRejectsBadConfig(t *testing.T) {
 		t.Error("no mtu source: no error")
 	}
 }
+
+// TestDropRulesNeverOutliveTheirPolicies checks the sync order: when a peer stops being
+// an encryption target, our outbound drop rule toward it is gone before the xfrm
+// applier deletes the outbound policy it backs.
+func TestDropRulesNeverOutliveTheirPolicies(t *testing.T) {
+	e := newEnv(t, api.ModeEnforce, Config{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	setReport := func(r watch.Report) {
+		t.Helper()
+		b, _ := json.Marshal(r)
+		n, err := e.cs.CoreV1().Nodes().Get(ctx, "b", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.Annotations[api.ReportAnnotation] = string(b)
+		if _, err := e.cs.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "report in cache", func() bool {
+			s := e.src.Snapshot()
+			return s.Node("b").RawReport == string(b)
+		})
+	}
+	tag := watch.IncarnationTag("boot-a")
+	ready := watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", Generations: []uint32{1}},
+		InboundFrom: map[string]string{"a": tag}, EncryptingTo: map[string]string{"a": tag}}
+	go e.src.Run(ctx)
+	waitFor(t, "synced", e.src.HasSynced)
+	setReport(ready)
+	if err := e.a.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	outRule := func() bool { return strings.Contains(strings.Join(e.rk.Chain(rules.Table, rules.ChainOut), "\n"), "198.18.0.2") }
+	outPolicy := func(f *xfrm.Fake) bool {
+		_, ps := f.Snapshot()
+		for _, p := range ps {
+			if p.Policy.Dir == desired.Out {
+				return true
+			}
+		}
+		return false
+	}
+	if !outRule() || !outPolicy(e.xk) {
+		t.Fatalf("enforce toward b not programmed: rule %v policy %v", outRule(), outPolicy(e.xk))
+	}
+	var violations, deletes atomic.Int32
+	e.xk.OnWrite = func(f *xfrm.Fake) {
+		if !outPolicy(f) {
+			deletes.Add(1)
+			if outRule() {
+				violations.Add(1)
+			}
+		}
+	}
+	// b no longer reports inbound SAs from a (e.g. it rebooted): stop encrypting to it.
+	gone := ready
+	gone.InboundFrom = nil
+	setReport(gone)
+	if err := e.a.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if outPolicy(e.xk) || outRule() || deletes.Load() == 0 {
+		t.Fatalf("after the change: policy %v rule %v", outPolicy(e.xk), outRule())
+	}
+	if violations.Load() != 0 {
+		t.Errorf("%d kernel writes saw the outbound drop rule without its policy", violations.Load())
+	}
+}

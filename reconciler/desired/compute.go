@@ -93,10 +93,18 @@ func Compute(in Inputs) (State, error) {
 		}
 	}
 	if self == nil {
+		if mode == api.ModeOff {
+			return finish(st) // nothing to program, and nothing needed to prune
+		}
 		return State{}, fmt.Errorf("node %q: not among the cluster nodes", in.Self)
 	}
 	selfAddr, err := ParseNodeAddress(self.IPv4Address)
 	if err != nil {
+		if mode == api.ModeOff {
+			return finish(st)
+		}
+		// Keep the kernel as it is (the caller does not apply on error) rather than
+		// tear down encryption on a transient annotation change.
 		return State{}, fmt.Errorf("node %q: %w", self.Name, err)
 	}
 	selfEP := Endpoint{IP: selfAddr.Addr(), Incarnation: self.Incarnation, NodeID: self.NodeID}

@@ -165,7 +165,15 @@ func TestComputeErrors(t *testing.T) {
 			}
 		})
 	}
-	// Mode off needs no keys, IDs or generations.
+	// Mode off needs no keys, IDs, generations or even a usable own address.
+	for _, mut := range []func(*Inputs){func(in *Inputs) { in.Self = "zz" }, func(in *Inputs) { in.Nodes[0].IPv4Address = "" }} {
+		in := alwaysInputs(api.ModeOff)
+		in.Nodes = append([]Node(nil), in.Nodes...)
+		mut(&in)
+		if st, err := Compute(in); err != nil || len(st.SAs)+len(st.Policies)+len(st.Rules) != 0 {
+			t.Fatalf("off without self: %v", err)
+		}
+	}
 	in := alwaysInputs(api.ModeOff)
 	in.Keys, in.Ring.Generations, in.Nodes[0].NodeID = nil, nil, 0
 	st, err := Compute(in)

@@ -377,3 +377,30 @@ func TestCreateNode(t *testing.T) {
 		t.Error("CreateNodeContext with a bad IPv4: want an error")
 	}
 }
+
+// TestStartFailureReportsLog checks that an API server that cannot start is
+// reported at once (not after the timeout), with the tail of its log.
+func TestStartFailureReportsLog(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real etcd; skipped with -short")
+	}
+	if _, _, err := FindBinaries(); err != nil && os.Getenv(EnvRequireAll) != "1" {
+		t.Skipf("kube harness: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	t0 := time.Now()
+	c, err := StartProcess(ctx, t.TempDir(), WithAPIServerArgs("--no-such-flag=1"))
+	if err == nil {
+		c.Close()
+		t.Fatal("StartProcess with an unknown kube-apiserver flag: want an error")
+	}
+	if time.Since(t0) > time.Minute {
+		t.Errorf("failure reported after %v; want it as soon as the process exits", time.Since(t0))
+	}
+	for _, want := range []string{"kube-apiserver exited", "no-such-flag"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error does not mention %q:\n%v", want, err)
+		}
+	}
+}

@@ -1,0 +1,323 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"flag"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/vishvananda/netlink"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
+)
+
+func TestFlagErrors(t *testing.T) {
+	for _, args := range [][]string{
+		{"--icv-bytes", "10"},
+		{"--replay-window", "10"},
+		{"--reqid", "0"},
+		{"--mark", "0x4000"},
+		{"--mark", "0x10000"},
+		{"--log-level", "loud"},
+		{"--node-name", "", "--external-mtu", "1500"},
+		{"--node-name", "a", "--external-mtu", "60"},
+		{"--node-name", "a", "--interface-pattern", "("},
+		{"stray"},
+	} {
+		t.Setenv("NODE_NAME", "")
+		if err := run(false, args); err == nil {
+			t.Errorf("run(%q): no error", args)
+		}
+	}
+	if err := run(false, []string{"-h"}); !errors.Is(err, flag.ErrHelp) {
+		t.Errorf("-h: %v", err)
+	}
+}
+
+func skipOrFail(t *testing.T, reason string) {
+	t.Helper()
+	if os.Getenv("SECUREOVERLAY_REQUIRE_ALL") == "1" {
+		t.Fatalf("%s (required by SECUREOVERLAY_REQUIRE_ALL=1)", reason)
+	}
+	t.Skip(reason)
+}
+
+// inNS runs f on a thread inside n.
+func inNS[T any](n ns.NetNS, f func() (T, error)) (T, error) {
+	var out T
+	err := n.Do(func(ns.NetNS) error {
+		var err error
+		out, err = f()
+		return err
+	})
+	return out, err
+}
+
+// proxy listens on 127.0.0.1 inside n and forwards every connection to target on the
+// host's loopback, so a process in n reaches the test API server.
+func proxy(t *testing.T, n ns.NetNS, target string) string {
+	t.Helper()
+	l, err := inNS(n, func() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				u, err := net.Dial("tcp", target)
+				if err != nil {
+					return
+				}
+				defer u.Close()
+				go func() { _, _ = io.Copy(u, c) }()
+				_, _ = io.Copy(c, u)
+			}()
+		}
+	}()
+	return l.Addr().String()
+}
+
+func ourPolicies(t *testing.T, n ns.NetNS) []string {
+	t.Helper()
+	cfg := desired.Config{}.WithDefaults()
+	pols, err := inNS(n, xfrm.Netlink{}.ListPolicies)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, p := range pols {
+		if !p.Foreign && cfg.OwnsPolicy(p.Policy) {
+			out = append(out, p.Policy.String())
+		}
+	}
+	return out
+}
+
+// TestBinarySIGTERMAndCleanup runs the real binary inside a fresh network namespace
+// against a real API server. This host's kernel has no ESP/GCM, so adding SAs fails: the
+// binary programs what it can (the inbound policy), reports the error without claiming
+// anything (program before advertise), leaves the kernel as it is on SIGTERM, and
+// `cleanup` removes what it owns and nothing else.
+func TestBinarySIGTERMAndCleanup(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary and starts a real kube-apiserver; skipped with -short")
+	}
+	if os.Geteuid() != 0 {
+		skipOrFail(t, "needs root to create network namespaces")
+	}
+	netns, err := testutils.NewNS()
+	if err != nil {
+		skipOrFail(t, "cannot create a network namespace: "+err.Error())
+	}
+	t.Cleanup(func() { _ = netns.Close(); _ = testutils.UnmountNS(netns) })
+	if err := netns.Do(func(ns.NetNS) error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(lo)
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	bin := filepath.Join(t.TempDir(), "secureoverlay-agent")
+	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	if out, err := exec.Command(gobin, "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+
+	c := kube.Start(t)
+	ctx := context.Background()
+	admin := kubernetes.NewForConfigOrDie(c.AdminConfig())
+	kube.InstallCalicoCRDs(t, c.AdminConfig())
+	r := keys.NewRing()
+	r.Mode, r.Target, r.LastGeneration = api.ModeEnforce, api.ModeEnforce, 1
+	root := make([]byte, keys.RootKeyBytes)
+	if _, err := rand.Read(root); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now().UTC()
+	r.Generations = []keys.Generation{{Number: 1, State: keys.StateActive, Cipher: keys.AES128GCM, ICVBytes: 8, Root: root, Created: now, Activated: now}}
+	r.Nodes = []keys.NodeID{{Name: "a", ID: 1}, {Name: "b", ID: 2}}
+	data, err := keys.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.CoreV1().Secrets(api.Namespace).Create(ctx, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: api.SecretName},
+		Data: map[string][]byte{api.SecretDataKey: data}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	pool := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
+		"metadata": map[string]any{"name": "p"}, "spec": map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always"}}}
+	if _, err := dynamic.NewForConfigOrDie(c.AdminConfig()).Resource(kube.IPPools).Create(ctx, pool, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	tag := watch.IncarnationTag("boot-a")
+	rep, _ := json.Marshal(watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Generations: []uint32{1}, Incarnation: "boot-b"},
+		InboundFrom: map[string]string{"a": tag}, EncryptingTo: map[string]string{"a": tag}})
+	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "a", IPv4: "198.18.0.1", BootID: "boot-a"})
+	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "b", IPv4: "198.18.0.2", BootID: "boot-b", Annotations: map[string]string{api.ReportAnnotation: string(rep)}})
+
+	// A foreign policy that cleanup must leave alone.
+	foreign := &netlink.XfrmPolicy{Src: mustNet("198.18.9.1/32"), Dst: mustNet("198.18.9.2/32"), Proto: 4, Dir: netlink.XFRM_DIR_OUT, Priority: 100,
+		Tmpls: []netlink.XfrmPolicyTmpl{{Src: net.ParseIP("198.18.9.1"), Dst: net.ParseIP("198.18.9.2"), Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TRANSPORT, Reqid: 7}}}
+	if err := netns.Do(func(ns.NetNS) error { return netlink.XfrmPolicyAdd(foreign) }); err != nil {
+		t.Fatal(err)
+	}
+
+	// Kubeconfig for the admin (RBAC is covered by the in-process real test) through the proxy.
+	addr := proxy(t, netns, strings.TrimPrefix(c.Host(), "https://"))
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["c"] = &clientcmdapi.Cluster{Server: "https://" + addr, CertificateAuthorityData: c.CAData()}
+	kc.AuthInfos["u"] = &clientcmdapi.AuthInfo{Token: c.AdminConfig().BearerToken}
+	kc.Contexts["x"] = &clientcmdapi.Context{Cluster: "c", AuthInfo: "u"}
+	kc.CurrentContext = "x"
+	kcPath := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := clientcmd.WriteToFile(*kc, kcPath); err != nil {
+		t.Fatal(err)
+	}
+
+	var stderr strings.Builder
+	cmd := exec.Command(bin, "--kubeconfig", kcPath, "--node-name", "a", "--external-mtu", "1500", "--metrics-addr", "127.0.0.1:19467", "--resync-interval", "1h")
+	cmd.Stderr = &stderr
+	if err := netns.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		if t.Failed() {
+			t.Logf("agent stderr:\n%s", stderr.String())
+		}
+	})
+
+	report := func() *watch.Report {
+		n, err := admin.CoreV1().Nodes().Get(ctx, "a", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if raw := n.Annotations[api.ReportAnnotation]; raw != "" {
+			r, err := watch.ParseReport(raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return r
+		}
+		return nil
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for r := report(); r == nil || r.Error == ""; r = report() {
+		if time.Now().After(deadline) {
+			t.Fatalf("no error report; stderr:\n%s", stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	got := report()
+	if !strings.Contains(got.Error, "add xfrm state") || len(got.InboundFrom) != 0 || len(got.EncryptingTo) != 0 || got.Mode != api.ModeOff {
+		t.Errorf("report from a node whose SAs cannot be added: %+v", got)
+	}
+	pols := ourPolicies(t, netns)
+	if len(pols) != 1 || !strings.Contains(pols[0], "dir=in") {
+		t.Fatalf("our policies after the failed sync: %v", pols)
+	}
+
+	// Health endpoints from inside the namespace.
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
+		return inNS(netns, func() (net.Conn, error) { return (&net.Dialer{}).DialContext(ctx, network, a) })
+	}}}
+	get := func(path string) (int, string) {
+		resp, err := hc.Get("http://127.0.0.1:19467" + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get("/readyz"); code != 503 || !strings.Contains(body, "add xfrm state") {
+		t.Errorf("readyz = %d %q", code, body)
+	}
+	if code, _ := get("/healthz"); code != 200 {
+		t.Errorf("healthz = %d", code)
+	}
+	if _, body := get("/metrics"); !strings.Contains(body, `secureoverlay_xfrm_stat_total{counter="XfrmInNoStates"}`) ||
+		!strings.Contains(body, `secureoverlay_agent_syncs_total{kind="full",result="error"}`) {
+		t.Errorf("metrics lack xfrm_stat or the failed sync:\n%.2000s", body)
+	}
+
+	// SIGTERM: exits 0 and leaves the kernel as it is.
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-exited:
+		if err != nil {
+			t.Fatalf("exit after SIGTERM: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no exit within 20s of SIGTERM")
+	}
+	if after := ourPolicies(t, netns); len(after) != 1 || after[0] != pols[0] {
+		t.Fatalf("SIGTERM changed the data plane: %v -> %v", pols, after)
+	}
+
+	// cleanup removes ours, not the foreign policy.
+	clean := exec.Command(bin, "cleanup")
+	out, err := inNS(netns, func() ([]byte, error) { return clean.CombinedOutput() })
+	if err != nil {
+		t.Fatalf("cleanup: %v\n%s", err, out)
+	}
+	if after := ourPolicies(t, netns); len(after) != 0 {
+		t.Errorf("after cleanup: %v", after)
+	}
+	all, err := inNS(netns, func() ([]netlink.XfrmPolicy, error) { return netlink.XfrmPolicyList(netlink.FAMILY_V4) })
+	if err != nil || len(all) != 1 || all[0].Priority != 100 {
+		t.Errorf("cleanup touched the foreign policy: %v %v", all, err)
+	}
+}
+
+func mustNet(s string) *net.IPNet {
+	_, n, err := net.ParseCIDR(s)
+	if err != nil {
+		panic(err)
+	}
+	return n
+}

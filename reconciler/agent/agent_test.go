@@ -518,7 +518,9 @@ func TestDropRulesNeverOutliveTheirPolicies(t *testing.T) {
 	if err := e.a.Sync(ctx); err != nil {
 		t.Fatal(err)
 	}
-	outRule := func() bool { return strings.Contains(strings.Join(e.rk.Chain(rules.Table, rules.ChainOut), "\n"), "198.18.0.2") }
+	outRule := func() bool {
+		return strings.Contains(strings.Join(e.rk.Chain(rules.Table, rules.ChainOut), "\n"), "198.18.0.2")
+	}
 	outPolicy := func(f *xfrm.Fake) bool {
 		_, ps := f.Snapshot()
 		for _, p := range ps {

@@ -28,8 +28,9 @@ type pkiFiles struct {
 }
 
 // writePKI generates a throw-away CA, a serving certificate for loopback, a
-// service-account signing key and a static token file into dir.
-func writePKI(dir string) (*pkiFiles, error) {
+// service-account signing key and a static token file into dir. sans are extra
+// DNS names or IP addresses for the serving certificate.
+func writePKI(dir string, sans []string) (*pkiFiles, error) {
 	now := time.Now()
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -66,6 +67,13 @@ func writePKI(dir string) (*pkiFiles, error) {
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		DNSNames:     []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"},
 		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1"), net.IPv6loopback},
+	}
+	for _, san := range sans {
+		if ip := net.ParseIP(san); ip != nil {
+			srvTmpl.IPAddresses = append(srvTmpl.IPAddresses, ip)
+		} else {
+			srvTmpl.DNSNames = append(srvTmpl.DNSNames, san)
+		}
 	}
 	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, ca, &srvKey.PublicKey, caKey)
 	if err != nil {

@@ -70,6 +70,7 @@ type options struct {
 	namespaces   []string
 	startTimeout time.Duration
 	extraArgs    []string
+	sans         []string
 }
 
 // WithNamespaces asks the harness to create these namespaces (in addition to
@@ -87,6 +88,14 @@ func WithStartTimeout(d time.Duration) Option {
 // WithAPIServerArgs appends extra kube-apiserver flags (later flags win).
 func WithAPIServerArgs(args ...string) Option {
 	return func(o *options) { o.extraArgs = append(o.extraArgs, args...) }
+}
+
+// WithServingSANs adds names or IP addresses to the API server's serving
+// certificate (which always covers 127.0.0.1, ::1 and localhost), e.g. the
+// address under which a VM reaches the host's loopback through QEMU's user
+// networking. The API server still listens on 127.0.0.1 only.
+func WithServingSANs(sans ...string) Option {
+	return func(o *options) { o.sans = append(o.sans, sans...) }
 }
 
 // Cluster is a running etcd + kube-apiserver pair.
@@ -222,7 +231,7 @@ func repoRoot() (string, error) {
 }
 
 func (c *Cluster) start(ctx context.Context) error {
-	p, err := writePKI(c.dir)
+	p, err := writePKI(c.dir, c.opts.sans)
 	if err != nil {
 		return err
 	}

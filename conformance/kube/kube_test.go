@@ -2,6 +2,8 @@ package kube
 
 import (
 	"context"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"net"
 	"os"
@@ -402,5 +404,41 @@ func TestStartFailureReportsLog(t *testing.T) {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error does not mention %q:\n%v", want, err)
 		}
+	}
+}
+
+// TestServingSANs checks the serving certificate: loopback always, extra SANs
+// on request, and nothing else is trusted.
+func TestServingSANs(t *testing.T) {
+	dir := t.TempDir()
+	p, err := writePKI(dir, []string{"198.18.0.10", "apiserver.lab"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pemBytes, err := os.ReadFile(p.serveCert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ := pem.Decode(pemBytes)
+	cert, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(p.caPEM)
+	for _, name := range []string{"127.0.0.1", "localhost", "::1", "198.18.0.10", "apiserver.lab"} {
+		if _, err := cert.Verify(x509.VerifyOptions{DNSName: name, Roots: roots}); err != nil {
+			t.Errorf("serving certificate not valid for %s: %v", name, err)
+		}
+	}
+	if _, err := cert.Verify(x509.VerifyOptions{DNSName: "198.18.0.11", Roots: roots}); err == nil {
+		t.Error("serving certificate valid for 198.18.0.11; want only the requested SANs")
+	}
+	tok, err := os.ReadFile(p.tokenFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(tok), `,"system:masters"`) || !strings.HasPrefix(string(tok), p.adminToken+",") {
+		t.Error("token file does not give the admin token the group system:masters")
 	}
 }

@@ -88,11 +88,28 @@ func ParseNode(n *corev1.Node) NodeInfo {
 	return ni
 }
 
-// relevantChange reports whether a Node update changes anything the agent reads (kubelet
-// status heartbeats, unrelated label edits and self's own report do not trigger a sync).
+// relevantChange reports whether a Node update changes anything the agent on node self
+// reads: kubelet status heartbeats, unrelated label edits, self's own report and the parts
+// of a peer's report that do not concern self (its lastSync heartbeat, its facts about
+// other peers) do not trigger a sync. This keeps a large cluster's report heartbeats from
+// fanning out into a sync on every node.
 func relevantChange(a, b *corev1.Node, self string) bool {
 	x, y := ParseNode(a), ParseNode(b)
-	return x.IPv4Address != y.IPv4Address || x.TunnelAddr != y.TunnelAddr ||
-		x.Incarnation != y.Incarnation || x.Ready != y.Ready ||
-		(x.RawReport != y.RawReport && b.Name != self)
+	if x.IPv4Address != y.IPv4Address || x.TunnelAddr != y.TunnelAddr ||
+		x.Incarnation != y.Incarnation || x.Ready != y.Ready {
+		return true
+	}
+	if b.Name == self || self == "" {
+		return b.Name != self && x.RawReport != y.RawReport
+	}
+	return reportView(x, self) != reportView(y, self)
+}
+
+// reportView is the part of a node's report that node self's desired state depends on.
+func reportView(n NodeInfo, self string) string {
+	r := n.Report
+	if r == nil {
+		return "unparsed:" + n.RawReport
+	}
+	return fmt.Sprintf("%s|%s|%v|%s|%s", r.Mode, r.Incarnation, r.Generations, r.InboundFrom[self], r.EncryptingTo[self])
 }

@@ -2,6 +2,7 @@ package watch
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net/netip"
 	"sync"
@@ -233,5 +234,60 @@ func TestWatcherWithoutCalicoRetriesDiscovery(t *testing.T) {
 	s := w.Snapshot()
 	if s.Calico.GroupVersion != "projectcalico.org/v3" || len(s.Pools) != 1 || s.Pools[0].IPIPMode != "CrossSubnet" {
 		t.Errorf("after discovery: %+v pools %+v", s.Calico, s.Pools)
+	}
+}
+
+func TestRelevantChange(t *testing.T) {
+	rep := func(mut func(r *Report)) string {
+		r := Report{NodeReport: api.NodeReport{Mode: api.ModeEncrypt, Incarnation: "boot-b", Generations: []uint32{1},
+			LastSync: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)},
+			InboundFrom: map[string]string{"a": "11111111", "c": "22222222"}, EncryptingTo: map[string]string{"a": "11111111"}}
+		if mut != nil {
+			mut(&r)
+		}
+		b, _ := json.Marshal(r)
+		return string(b)
+	}
+	base := node("b", "198.18.0.2/24", "boot-b", map[string]string{api.ReportAnnotation: rep(nil)})
+	for _, tc := range []struct {
+		name string
+		mut  func(n *corev1.Node)
+		self string
+		want bool
+	}{
+		{"nothing", func(*corev1.Node) {}, "a", false},
+		{"kubelet heartbeat", func(n *corev1.Node) { n.Status.Conditions[0].LastHeartbeatTime = metav1.Now() }, "a", false},
+		{"label", func(n *corev1.Node) { n.Labels = map[string]string{"x": "y"} }, "a", false},
+		{"address", func(n *corev1.Node) { n.Annotations[api.CalicoIPv4AddressAnnotation] = "198.18.0.9/24" }, "a", true},
+		{"reboot", func(n *corev1.Node) { n.Status.NodeInfo.BootID = "boot-b2" }, "a", true},
+		{"not ready", func(n *corev1.Node) { n.Status.Conditions[0].Status = corev1.ConditionFalse }, "a", true},
+		{"report heartbeat", func(n *corev1.Node) {
+			n.Annotations[api.ReportAnnotation] = rep(func(r *Report) { r.LastSync = r.LastSync.Add(time.Minute) })
+		}, "a", false},
+		{"report fact about another peer", func(n *corev1.Node) {
+			n.Annotations[api.ReportAnnotation] = rep(func(r *Report) { r.InboundFrom["c"] = "33333333" })
+		}, "a", false},
+		{"report fact about self", func(n *corev1.Node) {
+			n.Annotations[api.ReportAnnotation] = rep(func(r *Report) { delete(r.InboundFrom, "a") })
+		}, "a", true},
+		{"report encrypting to self", func(n *corev1.Node) {
+			n.Annotations[api.ReportAnnotation] = rep(func(r *Report) { r.EncryptingTo = nil })
+		}, "a", true},
+		{"report mode", func(n *corev1.Node) {
+			n.Annotations[api.ReportAnnotation] = rep(func(r *Report) { r.Mode = api.ModeEnforce })
+		}, "a", true},
+		{"report generations", func(n *corev1.Node) {
+			n.Annotations[api.ReportAnnotation] = rep(func(r *Report) { r.Generations = []uint32{1, 2} })
+		}, "a", true},
+		{"report becomes garbage", func(n *corev1.Node) { n.Annotations[api.ReportAnnotation] = "{" }, "a", true},
+		{"own report", func(n *corev1.Node) {
+			n.Annotations[api.ReportAnnotation] = rep(func(r *Report) { r.Mode = api.ModeEnforce })
+		}, "b", false},
+	} {
+		n := base.DeepCopy()
+		tc.mut(n)
+		if got := relevantChange(base, n, tc.self); got != tc.want {
+			t.Errorf("%s: relevant = %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }

@@ -342,7 +342,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	if berr != nil {
 		rep.Error = berr.Error()
 	}
-	a.observe(st, rep, res)
+	a.observe(st, rep, seq)
 	if err := a.publish(ctx, rep); err != nil {
 		a.setStatus(true, err)
 		return err
@@ -400,12 +400,12 @@ func (a *Agent) countWrites(r xfrm.Result) {
 	w.WithLabelValues("policy", "delete").Add(float64(r.PoliciesDeleted))
 }
 
-func (a *Agent) observe(st desired.State, rep watch.Report, res xfrm.Result) {
+func (a *Agent) observe(st desired.State, rep watch.Report, seq SeqUse) {
 	m := a.d.Metrics
 	m.States.Set(float64(len(st.SAs)))
 	m.Policies.Set(float64(len(st.Policies)))
 	m.Rules.Set(float64(len(st.Rules)))
-	m.MaxSeq.Set(rep.MaxSeqFraction)
+	m.MaxSeq.Set(seq.Fraction)
 	m.LastSync.Set(float64(rep.LastSync.Unix()))
 	m.SyncError.Set(0)
 	for _, md := range api.Modes {
@@ -432,7 +432,6 @@ func (a *Agent) observe(st desired.State, rep watch.Report, res xfrm.Result) {
 	m.Peers.WithLabelValues("dropping").Set(float64(dropping))
 	m.Peers.WithLabelValues("skipped").Set(float64(rep.PeersExpected - len(st.Peers)))
 	m.NotCovered.Set(float64(len(st.NotCovered)))
-	_ = res
 }
 
 // currentBudget returns the configured or detected budget; detection runs on full syncs.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -554,5 +555,28 @@ func TestDropRulesNeverOutliveTheirPolicies(t *testing.T) {
 	}
 	if violations.Load() != 0 {
 		t.Errorf("%d kernel writes saw the outbound drop rule without its policy", violations.Load())
+	}
+}
+
+func TestMaxSeq(t *testing.T) {
+	self := netip.MustParseAddr("198.18.0.1")
+	spi := func(gen, node uint32) uint32 { s, _ := keys.SPI(gen, node); return s }
+	obs := []xfrm.KernelSA{
+		{SA: desired.SA{Src: self, Dst: netip.MustParseAddr("198.18.0.2"), SPI: spi(5, 2)}, OutSeq: 1 << 30},
+		{SA: desired.SA{Src: self, Dst: netip.MustParseAddr("198.18.0.3"), SPI: spi(6, 3)}, OutSeq: 1 << 31},
+		// Inbound SAs never count, however high.
+		{SA: desired.SA{Src: netip.MustParseAddr("198.18.0.2"), Dst: self, SPI: spi(6, 2)}, OutSeq: 1 << 33},
+	}
+	got := MaxSeq(obs, self, 1<<32, []uint32{5, 6})
+	if got.Fraction != 0.5 || got.Generation != 6 {
+		t.Errorf("MaxSeq = %+v, want 0.5 of generation 6", got)
+	}
+	if got := MaxSeq(nil, self, 1<<32, nil); got.Fraction != 0 || got.Generation != 0 {
+		t.Errorf("no SAs: %+v", got)
+	}
+	for in, want := range map[float64]float64{0: 0, 0.001: 0.01, 0.5: 0.5, 0.501: 0.51, 1.2: 1.2} {
+		if g := reportedFraction(in); g != want {
+			t.Errorf("reportedFraction(%v) = %v, want %v", in, g, want)
+		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"net/netip"
 	"strings"
 	"time"
@@ -65,7 +66,7 @@ func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b B
 	r := watch.Report{NodeReport: api.NodeReport{
 		Mode: st.Mode, Generations: append([]uint32(nil), st.Generations...), Incarnation: incarnation,
 		BudgetMTU: b.BudgetMTU, ExternalMTU: b.ExternalMTU,
-		MaxSeqFraction: seq.Fraction, SeqGeneration: seq.Generation,
+		MaxSeqFraction: reportedFraction(seq.Fraction), SeqGeneration: seq.Generation,
 		PeersEncrypted: len(st.EncryptingPeers()), PeersExpected: len(st.Peers),
 		LastSync: now.UTC().Truncate(time.Second),
 	}}
@@ -94,6 +95,16 @@ func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b B
 		}
 	}
 	return r
+}
+
+// reportedFraction rounds a sequence fraction UP to a hundredth, so the report changes at
+// most a hundred times over an SA's life instead of on every resync (the exact value is in
+// the max_sequence_fraction metric) and never under-states how close rotation is.
+func reportedFraction(f float64) float64 {
+	if f <= 0 {
+		return 0
+	}
+	return math.Ceil(f*100) / 100
 }
 
 // sameClaims reports whether two reports differ only in LastSync (a heartbeat).

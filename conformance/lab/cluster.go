@@ -14,6 +14,11 @@ import (
 //	             tunl0 up, MTU TunnelMTU, 10.244.N.1/32 (Calico's IPv4IPIPTunnelAddr),
 //	             blackhole 10.244.N.0/26 (the local IPAM block),
 //	             10.244.M.0/26 via 198.18.0.M dev tunl0 onlink for every other node M
+//	             (when ControlPlane) mgmt0 198.19.0.N/24 on the guest's bridge
+//	             ctl0 (198.19.0.254), route to GuestForwardAddr via ctl0: the
+//	             path to host services (the test API server), separate from the
+//	             underlay and so never encrypted; the guest masquerades it to
+//	             QEMU's user network
 //	netns podN   (when Pods) eth0 10.244.N.5/32, MTU TunnelMTU, default via
 //	             169.254.1.1 — Calico's veth layout: host side caliN with a /32
 //	             route and proxy_arp (plus a permanent neighbour entry for
@@ -27,13 +32,25 @@ type Cluster struct {
 	UnderlayMTU int
 	TunnelMTU   int
 	Pods        bool
+	// ControlPlane gives every node a management link through which it
+	// reaches the guest forwards (GuestForwardAddr), e.g. the API server.
+	ControlPlane bool
 }
 
 // Namespace and interface names used by Cluster.
 const (
 	UnderlayNS     = "ul"
 	UnderlayBridge = "br0"
+	// ControlBridge lives in the guest's root namespace; ControlGateway is its address.
+	ControlBridge  = "ctl0"
+	ControlGateway = "198.19.0.254"
 )
+
+// ControlIP is node i's management address (Cluster.ControlPlane).
+func ControlIP(i int) string { return fmt.Sprintf("198.19.0.%d", i) }
+
+// masqueradeRule is the guest root namespace's NAT rule for the control plane.
+var masqueradeRule = "POSTROUTING -s 198.19.0.0/24 -d " + GuestForwardAddr + "/32 -m comment --comment lab-control-plane -j MASQUERADE"
 
 // NodeNS is node i's namespace.
 func NodeNS(i int) string { return fmt.Sprintf("node%d", i) }
@@ -78,6 +95,13 @@ func (c Cluster) SetupScript() (string, error) {
 	w("ip -n %s link set lo up", UnderlayNS)
 	w("ip -n %s link add %s mtu %d type bridge", UnderlayNS, UnderlayBridge, c.UnderlayMTU)
 	w("ip -n %s link set %s up", UnderlayNS, UnderlayBridge)
+	if c.ControlPlane {
+		w("ip link add %s type bridge", ControlBridge)
+		w("ip addr add %s/24 dev %s", ControlGateway, ControlBridge)
+		w("ip link set %s up", ControlBridge)
+		w("sysctl -qw net.ipv4.ip_forward=1")
+		w("iptables -w -t nat -A %s", masqueradeRule)
+	}
 	for i := 1; i <= c.Nodes; i++ {
 		n := NodeNS(i)
 		w("# node %d", i)
@@ -91,6 +115,13 @@ func (c Cluster) SetupScript() (string, error) {
 		w("ip -n %s link set tunl0 mtu %d up", n, c.TunnelMTU)
 		w("ip -n %s addr add %s/32 dev tunl0", n, TunnelIP(i))
 		w("ip -n %s route add blackhole %s", n, Block(i))
+		if c.ControlPlane {
+			w("ip -n %s link add mgmt0 type veth peer name ctl%d netns 1", n, i)
+			w("ip link set ctl%d master %s up", i, ControlBridge)
+			w("ip -n %s addr add %s/24 dev mgmt0", n, ControlIP(i))
+			w("ip -n %s link set mgmt0 up", n)
+			w("ip -n %s route add %s/32 via %s dev mgmt0", n, GuestForwardAddr, ControlGateway)
+		}
 		if c.Pods {
 			p := PodNS(i)
 			w("ip netns add %s", p)
@@ -138,7 +169,12 @@ func (c Cluster) TeardownScript() string {
 		}
 		fmt.Fprintf(&b, "ip netns del %s 2>/dev/null\n", NodeNS(i))
 	}
-	fmt.Fprintf(&b, "ip netns del %s 2>/dev/null\ntrue\n", UnderlayNS)
+	fmt.Fprintf(&b, "ip netns del %s 2>/dev/null\n", UnderlayNS)
+	if c.ControlPlane {
+		fmt.Fprintf(&b, "ip link del %s 2>/dev/null\n", ControlBridge)
+		fmt.Fprintf(&b, "while iptables -w -t nat -D %s 2>/dev/null; do :; done\n", masqueradeRule)
+	}
+	b.WriteString("true\n")
 	return b.String()
 }
 

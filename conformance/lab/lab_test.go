@@ -170,6 +170,22 @@ func TestClusterSetupScript(t *testing.T) {
 	if strings.Contains(s, "default via 10.0.2") {
 		t.Error("a namespace got a route out of the guest")
 	}
+	if strings.Contains(s, ControlBridge) {
+		t.Error("control plane built without ControlPlane")
+	}
+	s, err = Cluster{Nodes: 2, UnderlayMTU: 1450, TunnelMTU: 1402, ControlPlane: true}.SetupScript()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"ip -n node2 addr add 198.19.0.2/24 dev mgmt0",
+		"ip -n node1 route add 10.0.2.100/32 via 198.19.0.254 dev mgmt0",
+		"iptables -w -t nat -A POSTROUTING -s 198.19.0.0/24 -d 10.0.2.100/32 -m comment --comment lab-control-plane -j MASQUERADE",
+	} {
+		if !strings.Contains(s, want+"\n") {
+			t.Errorf("control-plane script lacks %q", want)
+		}
+	}
 }
 
 // Real `ip -s xfrm state` output from the lab (iproute2 6.1, kernel 6.1), with

@@ -505,3 +505,30 @@ func TestKernelESPMTU(t *testing.T) {
 		})
 	}
 }
+
+// TestControlPlaneReachesHostServices: node namespaces reach a host loopback
+// service (as agents will reach the test API server) over the management
+// link, never over the underlay, and Teardown removes what Setup added.
+func TestControlPlaneReachesHostServices(t *testing.T) {
+	vm := sharedVM(t)
+	c := Cluster{Nodes: 2, UnderlayMTU: 1450, TunnelMTU: 1402, ControlPlane: true}
+	setupCluster(t, vm, c)
+	ul := captureDuring(t, vm, func() {
+		for i := 1; i <= c.Nodes; i++ {
+			out := mustRun(t, vm, fmt.Sprintf("echo node%d | ip netns exec %s nc -w 5 %s 6443", i, NodeNS(i), GuestForwardAddr))
+			if out != fmt.Sprintf("echo: node%d\n", i) {
+				t.Errorf("node%d -> host service: %q", i, out)
+			}
+		}
+	})
+	if n := count(t, ul, "host "+GuestForwardAddr); n != 0 {
+		t.Errorf("%d control-plane packets crossed the underlay", n)
+	}
+	ctx := ctxFor(t, time.Minute)
+	if err := c.Teardown(ctx, vm); err != nil {
+		t.Fatal(err)
+	}
+	if out := mustRun(t, vm, "ip -br link show type bridge; iptables -w -t nat -S POSTROUTING | grep lab-control-plane || true"); out != "" {
+		t.Errorf("teardown left:\n%s", out)
+	}
+}

@@ -12,8 +12,35 @@ import (
 // SaltBytes is the rfc4106 salt (nonce prefix) appended to every AES key.
 const SaltBytes = 4
 
-// infoLabel starts every derivation info; it versions the encoding.
-const infoLabel = "secureoverlay esp sa v1"
+// infoLabel starts every transport-mode derivation info; it versions the encoding.
+// Tunnel-mode SAs use tunnelInfoLabel. Neither label is a prefix of the other and both are
+// followed by a 0x00 separator, so the two families can never derive the same key.
+const (
+	infoLabel       = "secureoverlay esp sa v1"
+	tunnelInfoLabel = "secureoverlay esp tunnel sa v1"
+)
+
+// Kind is an SA family. Transport SAs carry Calico's IPIP packets node to node (ESP
+// transport mode); tunnel SAs carry same-subnet pod traffic of CrossSubnet pools (ESP
+// tunnel mode between the node IPs). The two families never share a key or an SPI.
+type Kind uint8
+
+const (
+	KindTransport Kind = 0
+	KindTunnel    Kind = 1
+)
+
+func (k Kind) String() string {
+	switch k {
+	case KindTransport:
+		return "transport"
+	case KindTunnel:
+		return "tunnel"
+	}
+	return fmt.Sprintf("kind(%d)", uint8(k))
+}
+
+func (k Kind) valid() bool { return k == KindTransport || k == KindTunnel }
 
 // Endpoint is one end of a directed SA: a node's IP, its incarnation (boot ID) and its
 // master-assigned node ID (see Ring.NodeID).
@@ -61,14 +88,20 @@ func NewDeriver(g *Generation) (*Deriver, error) {
 	return &Deriver{gen: g.Number, cipher: g.Cipher, icv: g.ICVBytes, prk: prk}, nil
 }
 
-// Derive returns the SA from src to dst. The sender calls it as (self, peer) for its
-// outbound SA, the receiver as (peer, self) for its inbound SA; both get the same SA.
+// Derive returns the transport-mode SA from src to dst. The sender calls it as (self,
+// peer) for its outbound SA, the receiver as (peer, self) for its inbound SA; both get the
+// same SA.
 func (d *Deriver) Derive(src, dst Endpoint) (SA, error) {
-	spi, err := SPI(d.gen, src.NodeID)
+	return d.DeriveKind(KindTransport, src, dst)
+}
+
+// DeriveKind returns the SA of the given family from src to dst (see Derive).
+func (d *Deriver) DeriveKind(kind Kind, src, dst Endpoint) (SA, error) {
+	spi, err := KindSPI(kind, d.gen, src.NodeID)
 	if err != nil {
 		return SA{}, err
 	}
-	info, err := Info(d.cipher, d.icv, d.gen, src, dst)
+	info, err := KindInfo(kind, d.cipher, d.icv, d.gen, src, dst)
 	if err != nil {
 		return SA{}, err
 	}
@@ -78,6 +111,15 @@ func (d *Deriver) Derive(src, dst Endpoint) (SA, error) {
 		return SA{}, fmt.Errorf("derive sa generation %d %s->%s: hkdf expand failed", d.gen, src.IP, dst.IP)
 	}
 	return SA{SPI: spi, Generation: d.gen, Cipher: d.cipher, ICVBytes: d.icv, Key: k}, nil
+}
+
+// DeriveKind is NewDeriver(g).DeriveKind(kind, src, dst).
+func (g *Generation) DeriveKind(kind Kind, src, dst Endpoint) (SA, error) {
+	d, err := NewDeriver(g)
+	if err != nil {
+		return SA{}, err
+	}
+	return d.DeriveKind(kind, src, dst)
 }
 
 // Derive is NewDeriver(g).Derive(src, dst).
@@ -99,7 +141,20 @@ func (g *Generation) Derive(src, dst Endpoint) (SA, error) {
 //
 // IPv4-mapped IPv6 addresses are unmapped first, so both ends agree however they parsed
 // the address. Source and destination are positional, so the two directions differ.
+// Tunnel-mode SAs (KindInfo) use the label "secureoverlay esp tunnel sa v1" instead.
 func Info(c Cipher, icv int, gen uint32, src, dst Endpoint) ([]byte, error) {
+	return KindInfo(KindTransport, c, icv, gen, src, dst)
+}
+
+// KindInfo is Info for an SA family.
+func KindInfo(kind Kind, c Cipher, icv int, gen uint32, src, dst Endpoint) ([]byte, error) {
+	if !kind.valid() {
+		return nil, fmt.Errorf("derive sa: unknown sa kind %d", uint8(kind))
+	}
+	label := infoLabel
+	if kind == KindTunnel {
+		label = tunnelInfoLabel
+	}
 	if !src.IP.IsValid() || !dst.IP.IsValid() {
 		return nil, errors.New("derive sa: invalid endpoint IP")
 	}
@@ -110,8 +165,8 @@ func Info(c Cipher, icv int, gen uint32, src, dst Endpoint) ([]byte, error) {
 	if len(src.Incarnation) > 0xffff || len(dst.Incarnation) > 0xffff {
 		return nil, fmt.Errorf("derive sa %s->%s: incarnation longer than 65535 bytes", s, d)
 	}
-	b := make([]byte, 0, len(infoLabel)+1+2+4+32+4+len(src.Incarnation)+len(dst.Incarnation))
-	b = append(b, infoLabel...)
+	b := make([]byte, 0, len(label)+1+2+4+32+4+len(src.Incarnation)+len(dst.Incarnation))
+	b = append(b, label...)
 	b = append(b, 0, c.id(), byte(icv))
 	b = binary.BigEndian.AppendUint32(b, gen)
 	s16, d16 := s.As16(), d.As16()
@@ -128,28 +183,43 @@ func Info(c Cipher, icv int, gen uint32, src, dst Endpoint) ([]byte, error) {
 //
 //	bits 31..30  generation mod 4
 //	bits 29..8   sender's node ID (1..MaxNodeID)
-//	bits  7..0   reserved, zero
+//	bits  7..0   SA kind: 0 transport (IPIP), 1 tunnel (CrossSubnet); other values reserved
 //
-// A receiver sees one SA per (sender, live generation); at most 3 consecutive generations
-// are live, so (generation mod 4, sender ID) is unique there, and node ID >= 1 makes every
-// SPI >= 256.
+// A receiver sees one SA per (sender, live generation, kind); at most 3 consecutive
+// generations are live, so (generation mod 4, sender ID, kind) is unique there, and node
+// ID >= 1 makes every SPI >= 256.
 const (
 	spiGenShift  = 30
 	spiNodeShift = 8
 )
 
-// SPI returns the SPI of generation gen's SAs sent by the node with ID srcNodeID.
+// SPI returns the SPI of generation gen's transport SAs sent by the node with ID srcNodeID.
 func SPI(gen, srcNodeID uint32) (uint32, error) {
+	return KindSPI(KindTransport, gen, srcNodeID)
+}
+
+// KindSPI returns the SPI of generation gen's SAs of the given kind sent by srcNodeID.
+func KindSPI(kind Kind, gen, srcNodeID uint32) (uint32, error) {
+	if !kind.valid() {
+		return 0, fmt.Errorf("spi for generation %d: unknown sa kind %d", gen, uint8(kind))
+	}
 	if srcNodeID == 0 || srcNodeID > MaxNodeID {
 		return 0, fmt.Errorf("spi for generation %d: node id %d outside 1..%d", gen, srcNodeID, MaxNodeID)
 	}
-	return (gen%4)<<spiGenShift | srcNodeID<<spiNodeShift, nil
+	return (gen%4)<<spiGenShift | srcNodeID<<spiNodeShift | uint32(kind), nil
 }
 
-// ParseSPI splits an SPI into generation mod 4 and sender node ID; ok is false if the SPI
-// does not follow the layout (reserved bits set or node ID 0).
+// ParseSPI splits a transport SPI into generation mod 4 and sender node ID; ok is false if
+// the SPI does not follow the layout (another kind, reserved bits set or node ID 0).
 func ParseSPI(spi uint32) (genMod4, srcNodeID uint32, ok bool) {
+	kind, genMod4, srcNodeID, ok := ParseKindSPI(spi)
+	return genMod4, srcNodeID, ok && kind == KindTransport
+}
+
+// ParseKindSPI splits an SPI into its kind, generation mod 4 and sender node ID.
+func ParseKindSPI(spi uint32) (kind Kind, genMod4, srcNodeID uint32, ok bool) {
+	kind = Kind(spi & 0xff)
 	genMod4 = spi >> spiGenShift
 	srcNodeID = (spi >> spiNodeShift) & MaxNodeID
-	return genMod4, srcNodeID, spi&0xff == 0 && srcNodeID != 0
+	return kind, genMod4, srcNodeID, kind.valid() && srcNodeID != 0
 }

@@ -35,6 +35,7 @@ type vector struct {
 	SrcIncarnation string `json:"srcIncarnation"`
 	DstIncarnation string `json:"dstIncarnation"`
 	SrcNodeID      uint32 `json:"srcNodeID"`
+	Kind           string `json:"kind,omitempty"` // "" = transport, "tunnel"
 	InfoHex        string `json:"infoHex"`
 	SPI            string `json:"spi"`
 	KeyHex         string `json:"keyHex"` // AES key || salt
@@ -50,6 +51,7 @@ func vectorInputs() []vector {
 		{Generation: 1, Cipher: AES128GCM, ICVBytes: 8, SrcIP: a, DstIP: b, SrcIncarnation: "reboot-2", DstIncarnation: ib, SrcNodeID: 1},
 		{Generation: 2, Cipher: AES256GCM, ICVBytes: 16, SrcIP: a, DstIP: b, SrcIncarnation: ia, DstIncarnation: ib, SrcNodeID: 4194303},
 		{Generation: 7, Cipher: AES128GCM, ICVBytes: 12, SrcIP: "198.19.255.254", DstIP: "198.18.0.1", SrcIncarnation: "", DstIncarnation: ia, SrcNodeID: 300},
+		{Generation: 1, Cipher: AES128GCM, ICVBytes: 8, SrcIP: a, DstIP: b, SrcIncarnation: ia, DstIncarnation: ib, SrcNodeID: 1, Kind: "tunnel"},
 	}
 }
 
@@ -58,11 +60,15 @@ func computeVector(t testing.TB, v vector) vector {
 	g := &Generation{Number: v.Generation, State: StateActive, Cipher: v.Cipher, ICVBytes: v.ICVBytes, Root: testRoot(1 + (v.Generation+1)%2)}
 	src := Endpoint{IP: netip.MustParseAddr(v.SrcIP), Incarnation: v.SrcIncarnation, NodeID: v.SrcNodeID}
 	dst := Endpoint{IP: netip.MustParseAddr(v.DstIP), Incarnation: v.DstIncarnation, NodeID: 9}
-	sa, err := g.Derive(src, dst)
+	kind := KindTransport
+	if v.Kind == "tunnel" {
+		kind = KindTunnel
+	}
+	sa, err := g.DeriveKind(kind, src, dst)
 	if err != nil {
 		t.Fatalf("derive %s->%s: %v", v.SrcIP, v.DstIP, err)
 	}
-	info, err := Info(v.Cipher, v.ICVBytes, v.Generation, src, dst)
+	info, err := KindInfo(kind, v.Cipher, v.ICVBytes, v.Generation, src, dst)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -317,4 +323,37 @@ func mustSPI(gen, id uint32) uint32 {
 		panic(err)
 	}
 	return s
+}
+
+// TestKindsNeverShare: for the same pair and generation, transport and tunnel SAs differ in
+// key and SPI, both ends agree per kind, and an unknown kind is refused.
+func TestKindsNeverShare(t *testing.T) {
+	g := &Generation{Number: 3, State: StateActive, Cipher: AES128GCM, ICVBytes: 8, Root: testRoot(1)}
+	a := Endpoint{IP: netip.MustParseAddr("198.18.0.1"), Incarnation: "a", NodeID: 5}
+	b := Endpoint{IP: netip.MustParseAddr("198.18.0.2"), Incarnation: "b", NodeID: 6}
+	tr, err := g.DeriveKind(KindTransport, a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tu, err := g.DeriveKind(KindTunnel, a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tr.Key.Equal(tu.Key) || tr.SPI == tu.SPI {
+		t.Fatalf("transport and tunnel SAs share key or SPI (spi %#x / %#x)", tr.SPI, tu.SPI)
+	}
+	plain, err := g.Derive(a, b)
+	if err != nil || !plain.Key.Equal(tr.Key) || plain.SPI != tr.SPI {
+		t.Fatalf("Derive differs from DeriveKind(KindTransport): %v", err)
+	}
+	kind, gen, id, ok := ParseKindSPI(tu.SPI)
+	if !ok || kind != KindTunnel || gen != 3 || id != 5 {
+		t.Fatalf("ParseKindSPI(%#x) = %v %d %d %v", tu.SPI, kind, gen, id, ok)
+	}
+	if _, _, ok := ParseSPI(tu.SPI); ok {
+		t.Fatalf("ParseSPI accepted tunnel SPI %#x as transport", tu.SPI)
+	}
+	if _, err := g.DeriveKind(Kind(7), a, b); err == nil {
+		t.Fatal("unknown kind accepted")
+	}
 }

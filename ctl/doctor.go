@@ -1,0 +1,499 @@
+package ctl
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/budget"
+	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+)
+
+// Check is one doctor verdict.
+type Check struct {
+	Name string `json:"name"`
+	// Verdict is "pass" or "fail".
+	Verdict string `json:"verdict"`
+	Detail  string `json:"detail"`
+}
+
+// DoctorOutput is `doctor -o json|yaml`.
+type DoctorOutput struct {
+	Passed bool    `json:"passed"`
+	Checks []Check `json:"checks"`
+}
+
+// MetricsFetcher returns the Prometheus text exposition of an agent pod's metrics port.
+type MetricsFetcher func(ctx context.Context, cs *clients, pod *corev1.Pod, port int) ([]byte, error)
+
+// proxyMetrics fetches through the API server's pod proxy
+// (GET /api/v1/namespaces/NS/pods/POD:PORT/proxy/metrics; RBAC: pods/proxy get).
+func proxyMetrics(ctx context.Context, cl *clients, pod *corev1.Pod, port int) ([]byte, error) {
+	return cl.cs.CoreV1().Pods(pod.Namespace).ProxyGet("http", pod.Name, fmt.Sprint(port), "metrics", nil).DoRaw(ctx)
+}
+
+type doctorOpts struct {
+	nodeSelector  string
+	agentSelector string
+	metricsPort   int
+	sample        time.Duration
+	seqLimit      float64
+	staleAfter    time.Duration
+}
+
+func (c *CLI) doctorCmd(g *globals) *cobra.Command {
+	o := doctorOpts{}
+	cmd := &cobra.Command{
+		Use:   "doctor",
+		Short: "Run health checks, each with a verdict; exit 1 if any fails",
+		Long: `doctor runs these checks and prints a verdict for each:
+
+  calico-crds     Calico's CRDs are served and readable (ippools, ipamblocks,
+                  blockaffinities, bgppeers, felixconfigurations)
+  calico-ipip     at least one enabled IPPool uses IPIP (Always or CrossSubnet);
+                  pools that do not are named
+  master          the master publishes its status without an error
+  agents          every node (matching --node-selector) has a current, readable
+                  agent report without a sync error
+  mtu             FelixConfiguration ipipMTU is set and within every node's
+                  reported budget, and each budget matches the rule
+  key-secret      the key Secret exists and is a well-formed key ring (its
+                  content is never printed)
+  sequence        no SA's sequence number is near exhaustion (--seq-limit of the
+                  rotation threshold)
+  xfrm-errors     the agents' /proc/net/xfrm_stat counters did not increase over
+                  --sample (read through the API server's pod proxy)
+
+` + exitCodesHelp,
+		Example: `  secureoverlayctl doctor
+  secureoverlayctl doctor -o json | jq '.checks[] | select(.verdict=="fail")'
+  secureoverlayctl doctor --node-selector kubernetes.io/os=linux --sample 30s`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(g, "table", "json", "yaml"); err != nil {
+				return err
+			}
+			sel, err := labels.Parse(o.nodeSelector)
+			if err != nil {
+				return withCode(ExitUsage, fmt.Errorf("invalid --node-selector %q: %w", o.nodeSelector, err))
+			}
+			if _, err := labels.Parse(o.agentSelector); err != nil {
+				return withCode(ExitUsage, fmt.Errorf("invalid --agent-selector %q: %w", o.agentSelector, err))
+			}
+			cl, err := g.clients()
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			v, err := cl.read(ctx, g.namespace, c.Now())
+			if err != nil {
+				return err
+			}
+			var selected []watch.NodeInfo
+			for _, n := range v.nodes {
+				if sel.Matches(labels.Set(v.raw[n.Name].Labels)) {
+					selected = append(selected, n)
+				}
+			}
+			d := &doctor{cli: c, cl: cl, g: g, o: o, v: v, nodes: selected}
+			out := d.run(ctx)
+			if err := printDoctor(cmd.OutOrStdout(), g.output, out); err != nil {
+				return err
+			}
+			if !out.Passed {
+				return silentExit{ExitNotOK}
+			}
+			return nil
+		},
+	}
+	outputFlag(cmd, g, "table", "json", "yaml")
+	f := cmd.Flags()
+	f.StringVar(&o.nodeSelector, "node-selector", "", "label selector of the nodes that run an agent (the DaemonSet's node selector; empty: all)")
+	f.StringVar(&o.agentSelector, "agent-selector", "app.kubernetes.io/name=secureoverlay-agent", "label selector of the agent pods (for xfrm-errors)")
+	f.IntVar(&o.metricsPort, "agent-metrics-port", 9467, "the agents' metrics port")
+	f.DurationVar(&o.sample, "sample", 5*time.Second, "xfrm-errors: time between the two counter readings")
+	f.Float64Var(&o.seqLimit, "seq-limit", 0.75, "sequence: fail when an SA's sequence reaches this fraction of the rotation threshold")
+	f.DurationVar(&o.staleAfter, "stale-after", defaultStaleAfter, "agents: a report whose last sync is older than this fails")
+	return cmd
+}
+
+type doctor struct {
+	cli   *CLI
+	cl    *clients
+	g     *globals
+	o     doctorOpts
+	v     *view
+	nodes []watch.NodeInfo
+	ring  *keys.Ring
+}
+
+func pass(name, detail string) Check { return Check{Name: name, Verdict: "pass", Detail: detail} }
+func fail(name, detail string) Check { return Check{Name: name, Verdict: "fail", Detail: detail} }
+
+func (d *doctor) run(ctx context.Context) DoctorOutput {
+	crds, pools := d.calicoCRDs(ctx)
+	checks := []Check{
+		crds,
+		d.calicoIPIP(pools, crds),
+		d.master(),
+		d.agents(),
+	}
+	sec := d.keySecret(ctx) // sets d.ring, which mtu uses for the ICV
+	checks = append(checks, d.mtu(ctx), sec, d.sequence(), d.xfrm(ctx))
+	out := DoctorOutput{Passed: true, Checks: checks}
+	for _, c := range checks {
+		if c.Verdict != "pass" {
+			out.Passed = false
+		}
+	}
+	return out
+}
+
+func (d *doctor) errText(what string, err error) string {
+	return oneLine(d.cl.apiError(what, err).Error())
+}
+
+func (d *doctor) calicoCRDs(ctx context.Context) (Check, []desired.Pool) {
+	const name = "calico-crds"
+	capi, err := watch.DiscoverCalico(d.cl.cs.Discovery())
+	if err != nil {
+		return fail(name, oneLine(err.Error())), nil
+	}
+	gv, _ := schema.ParseGroupVersion(capi.GroupVersion)
+	list := []schema.GroupVersionResource{capi.IPPools, capi.IPAMBlocks, capi.BlockAffinities, capi.BGPPeers, gv.WithResource("felixconfigurations")}
+	var pools []desired.Pool
+	var counts, bad []string
+	for _, r := range list {
+		if r.Resource == "" {
+			continue
+		}
+		l, err := d.cl.dyn.Resource(r).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			bad = append(bad, d.errText("list "+r.Resource+"."+r.Group, err))
+			continue
+		}
+		counts = append(counts, fmt.Sprintf("%d %s", len(l.Items), r.Resource))
+		if r == capi.IPPools {
+			for i := range l.Items {
+				p, err := watch.ParseIPPool(&l.Items[i])
+				if err != nil {
+					bad = append(bad, err.Error())
+					continue
+				}
+				pools = append(pools, p)
+			}
+		}
+	}
+	for _, r := range []struct {
+		gvr  schema.GroupVersionResource
+		kind string
+	}{{capi.BlockAffinities, "blockaffinities"}, {capi.BGPPeers, "bgppeers"}} {
+		if r.gvr.Resource == "" {
+			bad = append(bad, r.kind+" not served by "+capi.GroupVersion)
+		}
+	}
+	if len(bad) > 0 {
+		return fail(name, strings.Join(bad, "; ")), pools
+	}
+	return pass(name, capi.GroupVersion+": "+strings.Join(counts, ", ")), pools
+}
+
+func (d *doctor) calicoIPIP(pools []desired.Pool, crds Check) Check {
+	const name = "calico-ipip"
+	if crds.Verdict != "pass" && pools == nil {
+		return fail(name, "cannot read IPPools (see calico-crds)")
+	}
+	var ipip, other []string
+	for _, p := range pools {
+		desc := fmt.Sprintf("%s %s ipipMode %s", p.Name, p.CIDR, dash(p.IPIPMode))
+		switch {
+		case p.Disabled:
+		case p.IPIPMode == desired.IPIPAlways || p.IPIPMode == desired.IPIPCrossSubnet:
+			ipip = append(ipip, desc)
+		default:
+			other = append(other, desc)
+		}
+	}
+	switch {
+	case len(ipip) == 0 && len(other) == 0:
+		return fail(name, "no enabled IPPool")
+	case len(ipip) == 0:
+		return fail(name, "no enabled IPPool uses IPIP: "+strings.Join(other, ", "))
+	case len(other) > 0:
+		return fail(name, "pools without IPIP are not encrypted: "+strings.Join(other, ", ")+" (IPIP: "+strings.Join(ipip, ", ")+")")
+	}
+	return pass(name, strings.Join(ipip, ", "))
+}
+
+func (d *doctor) master() Check {
+	const name = "master"
+	st := d.v.status(0)
+	switch ms := d.v.master; {
+	case d.v.masterErr != "":
+		return fail(name, d.v.masterErr)
+	case ms == nil:
+		return fail(name, st.Problems[0])
+	case ms.LastError != "":
+		return fail(name, "leader "+dash(ms.Leader)+" reports: "+ms.LastError)
+	default:
+		detail := fmt.Sprintf("leader %s, mode %s, target %s, active generation %d", dash(ms.Leader), ms.Mode, ms.Target, ms.ActiveGeneration)
+		if ms.Waiting != "" {
+			detail += ", waiting for " + ms.Waiting
+		}
+		return pass(name, detail)
+	}
+}
+
+func (d *doctor) agents() Check {
+	const name = "agents"
+	if len(d.nodes) == 0 {
+		return fail(name, "no nodes match --node-selector")
+	}
+	var bad []string
+	for _, n := range d.nodes {
+		var p []string
+		switch {
+		case n.Report != nil:
+			rep := n.Report.NodeReport
+			if rep.Incarnation != "" && n.Incarnation != "" && rep.Incarnation != n.Incarnation {
+				p = append(p, "report predates the node's last reboot")
+			}
+			if rep.Error != "" {
+				p = append(p, "sync error: "+rep.Error)
+			}
+			if d.o.staleAfter > 0 && !rep.LastSync.IsZero() && d.v.now.Sub(rep.LastSync) > d.o.staleAfter {
+				p = append(p, "last sync "+age(d.v.now, rep.LastSync)+" ago")
+			}
+		case n.ReportErr != "":
+			p = append(p, "report unreadable: "+n.ReportErr)
+		default:
+			p = append(p, "no agent report")
+		}
+		if len(p) > 0 {
+			bad = append(bad, n.Name+": "+strings.Join(p, ", "))
+		}
+	}
+	if len(bad) > 0 {
+		return fail(name, fmt.Sprintf("%d of %d nodes: %s", len(bad), len(d.nodes), strings.Join(bad, "; ")))
+	}
+	return pass(name, fmt.Sprintf("all %d nodes report a current agent", len(d.nodes)))
+}
+
+func (d *doctor) icv() int {
+	if d.ring != nil {
+		if a := d.ring.Active(); a != nil {
+			return a.ICVBytes
+		}
+	}
+	return budget.DefaultICV
+}
+
+func (d *doctor) mtu(ctx context.Context) Check {
+	const name = "mtu"
+	felix, src, err := d.cl.felixIPIPMTU(ctx)
+	if err != nil {
+		return fail(name, oneLine(err.Error()))
+	}
+	var bad []string
+	min := 0
+	for _, n := range d.nodes {
+		mn := MTUNode{Name: n.Name}
+		if n.Report != nil {
+			mn.ExternalMTU, mn.BudgetMTU = n.Report.ExternalMTU, n.Report.BudgetMTU
+		}
+		mn = mtuVerdict(mn, felix, d.icv())
+		if !mn.OK {
+			bad = append(bad, n.Name+": "+mn.Verdict)
+		}
+		if mn.BudgetMTU != 0 && (min == 0 || mn.BudgetMTU < min) {
+			min = mn.BudgetMTU
+		}
+	}
+	if len(bad) > 0 {
+		return fail(name, strings.Join(bad, "; "))
+	}
+	return pass(name, fmt.Sprintf("ipipMTU %d (%s) <= smallest node budget %d", felix, src, min))
+}
+
+func (d *doctor) keySecret(ctx context.Context) Check {
+	const name = "key-secret"
+	ns := d.g.namespace
+	sec, err := d.cl.cs.CoreV1().Secrets(ns).Get(ctx, api.SecretName, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return fail(name, fmt.Sprintf("secret %s/%s not found (the master creates it)", ns, api.SecretName))
+	}
+	if err != nil {
+		return fail(name, d.errText(fmt.Sprintf("get secret %s/%s", ns, api.SecretName), err))
+	}
+	data, ok := sec.Data[api.SecretDataKey]
+	if !ok {
+		return fail(name, fmt.Sprintf("secret %s/%s has no data key %q", ns, api.SecretName, api.SecretDataKey))
+	}
+	// keys.Parse errors name fields and generations, never values.
+	ring, err := keys.Parse(data)
+	if err != nil {
+		return fail(name, fmt.Sprintf("secret %s/%s is not a valid key ring: %s", ns, api.SecretName, oneLine(err.Error())))
+	}
+	d.ring = ring
+	var gs []string
+	for _, g := range ring.Generations {
+		gs = append(gs, fmt.Sprintf("%d %s %s/icv%d", g.Number, g.State, g.Cipher, g.ICVBytes))
+	}
+	return pass(name, fmt.Sprintf("secret %s/%s valid: mode %s, generations [%s], %d node IDs", ns, api.SecretName, ring.Mode, strings.Join(gs, ", "), len(ring.Nodes)))
+}
+
+func (d *doctor) sequence() Check {
+	const name = "sequence"
+	var bad []string
+	maxF, maxN := 0.0, ""
+	for _, n := range d.nodes {
+		if n.Report == nil {
+			continue
+		}
+		f := n.Report.MaxSeqFraction
+		if f > maxF || maxN == "" {
+			maxF, maxN = f, n.Name
+		}
+		if f >= d.o.seqLimit {
+			bad = append(bad, fmt.Sprintf("%s at %.0f%% (generation %d)", n.Name, 100*f, n.Report.SeqGeneration))
+		}
+	}
+	if len(bad) > 0 {
+		return fail(name, fmt.Sprintf("sequence numbers at or above %.0f%% of the rotation threshold: %s (rotate: secureoverlayctl rotate)", 100*d.o.seqLimit, strings.Join(bad, ", ")))
+	}
+	if maxN == "" {
+		return fail(name, "no agent reports a sequence number")
+	}
+	return pass(name, fmt.Sprintf("highest %.0f%% of the rotation threshold (%s), limit %.0f%%", 100*maxF, maxN, 100*d.o.seqLimit))
+}
+
+// xfrmCounters reads secureoverlay_xfrm_stat_total{counter} from an agent's metrics.
+func xfrmCounters(text []byte) (map[string]float64, error) {
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	mfs, err := p.TextToMetricFamilies(bytes.NewReader(text))
+	if err != nil {
+		return nil, fmt.Errorf("parse metrics: %w", err)
+	}
+	out := map[string]float64{}
+	mf := mfs["secureoverlay_xfrm_stat_total"]
+	if mf == nil {
+		return out, nil
+	}
+	for _, m := range mf.GetMetric() {
+		for _, l := range m.GetLabel() {
+			if l.GetName() == "counter" && m.GetCounter() != nil {
+				out[l.GetValue()] = m.GetCounter().GetValue()
+			}
+		}
+	}
+	return out, nil
+}
+
+func (d *doctor) xfrm(ctx context.Context) Check {
+	const name = "xfrm-errors"
+	ns := d.g.namespace
+	pods, err := d.cl.cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: d.o.agentSelector})
+	if err != nil {
+		return fail(name, d.errText("list agent pods in "+ns, err))
+	}
+	if len(pods.Items) == 0 {
+		return fail(name, fmt.Sprintf("no agent pods match %q in namespace %s", d.o.agentSelector, ns))
+	}
+	fetch := d.cli.FetchMetrics
+	if fetch == nil {
+		fetch = proxyMetrics
+	}
+	sort.Slice(pods.Items, func(i, j int) bool { return pods.Items[i].Spec.NodeName < pods.Items[j].Spec.NodeName })
+	read := func() (map[string]map[string]float64, []string) {
+		all := map[string]map[string]float64{}
+		var bad []string
+		for i := range pods.Items {
+			p := &pods.Items[i]
+			b, err := fetch(ctx, d.cl, p, d.o.metricsPort)
+			if err != nil {
+				bad = append(bad, d.errText("metrics of pod "+p.Name, err))
+				continue
+			}
+			c, err := xfrmCounters(b)
+			if err != nil {
+				bad = append(bad, "pod "+p.Name+": "+err.Error())
+				continue
+			}
+			all[p.Name] = c
+		}
+		return all, bad
+	}
+	first, bad := read()
+	if len(bad) > 0 {
+		return fail(name, strings.Join(bad, "; "))
+	}
+	select {
+	case <-ctx.Done():
+		return fail(name, "interrupted")
+	case <-time.After(d.o.sample):
+	}
+	second, bad := read()
+	if len(bad) > 0 {
+		return fail(name, strings.Join(bad, "; "))
+	}
+	var rising []string
+	for _, p := range pods.Items {
+		var names []string
+		for k := range second[p.Name] {
+			names = append(names, k)
+		}
+		sort.Strings(names)
+		for _, k := range names {
+			if delta := second[p.Name][k] - first[p.Name][k]; delta > 0 {
+				rising = append(rising, fmt.Sprintf("%s (node %s): %s +%.0f", p.Name, dash(p.Spec.NodeName), k, delta))
+			}
+		}
+	}
+	if len(rising) > 0 {
+		return fail(name, fmt.Sprintf("rising over %s: %s", d.o.sample, strings.Join(rising, ", ")))
+	}
+	return pass(name, fmt.Sprintf("%d agent pods quiet over %s", len(pods.Items), d.o.sample))
+}
+
+func printDoctor(w io.Writer, format string, o DoctorOutput) error {
+	if format == "json" || format == "yaml" {
+		return printData(w, format, o)
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "CHECK\tVERDICT\tDETAIL")
+	failed := 0
+	for _, c := range o.Checks {
+		v := "ok"
+		if c.Verdict != "pass" {
+			v = "FAIL"
+			failed++
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", c.Name, v, c.Detail)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if failed > 0 {
+		fmt.Fprintf(w, "\n%d of %d checks failed\n", failed, len(o.Checks))
+	} else {
+		fmt.Fprintf(w, "\nall %d checks passed\n", len(o.Checks))
+	}
+	return nil
+}

@@ -1,0 +1,323 @@
+package ctl
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	"sigs.k8s.io/yaml"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+)
+
+func (c *CLI) statusCmd(g *globals) *cobra.Command {
+	var node string
+	staleAfter := defaultStaleAfter
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the cluster mode, key generations and one row per node",
+		Long: `status shows what the master published (mode, target, key generations, rotation,
+lagging nodes) and one row per node from its agent's report: mode reached,
+generations installed, peers encrypted/expected, MTU budget, last sync and any
+problem. The first line is a summary meant to be read first.
+
+--node NAME shows the per-peer detail of one node: for every other node, whether
+NAME holds its inbound SAs, whether NAME sends it ESP, and what that peer reports
+about NAME (both directions of each pair), checked against the peer's current boot.
+
+Exit code 0 when healthy, 1 when anything is wrong (the problems are listed).
+
+` + exitCodesHelp,
+		Example: `  secureoverlayctl status
+  secureoverlayctl status -o wide
+  secureoverlayctl status -o json | jq .summary
+  secureoverlayctl status --node node-a`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkOutput(g, "table", "wide", "json", "yaml"); err != nil {
+				return err
+			}
+			cl, err := g.clients()
+			if err != nil {
+				return err
+			}
+			v, err := cl.read(cmd.Context(), g.namespace, c.Now())
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if node != "" {
+				d, err := v.detail(node)
+				if err != nil {
+					return err
+				}
+				if err := printDetail(out, g.output, v, d); err != nil {
+					return err
+				}
+				if len(d.Problems) > 0 {
+					return silentExit{ExitNotOK}
+				}
+				return nil
+			}
+			st := v.status(staleAfter)
+			if err := printStatus(out, g.output, v.now, st); err != nil {
+				return err
+			}
+			if !st.Healthy {
+				return silentExit{ExitNotOK}
+			}
+			return nil
+		},
+	}
+	outputFlag(cmd, g, "table", "wide", "json", "yaml")
+	cmd.Flags().StringVar(&node, "node", "", "show the per-peer detail of this node")
+	cmd.Flags().DurationVar(&staleAfter, "stale-after", defaultStaleAfter, "a report whose last sync is older than this is a problem (0: never)")
+	return cmd
+}
+
+func printData(w io.Writer, format string, v any) error {
+	switch format {
+	case "json":
+		b, err := json.MarshalIndent(v, "", "  ")
+		if err != nil {
+			return fmt.Errorf("encode json: %w", err)
+		}
+		_, err = fmt.Fprintf(w, "%s\n", b)
+		return err
+	case "yaml":
+		b, err := yaml.Marshal(v)
+		if err != nil {
+			return fmt.Errorf("encode yaml: %w", err)
+		}
+		_, err = w.Write(b)
+		return err
+	}
+	return fmt.Errorf("unknown data format %q", format)
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func printStatus(w io.Writer, format string, now time.Time, st StatusOutput) error {
+	if format == "json" || format == "yaml" {
+		return printData(w, format, st)
+	}
+	wide := format == "wide"
+	fmt.Fprintf(w, "Summary:  %s\n", st.Summary)
+	if ms := st.Master; ms != nil {
+		fmt.Fprintf(w, "Mode:     %s (target %s)", ms.Mode, ms.Target)
+		if ms.Waiting != "" {
+			fmt.Fprintf(w, ", waiting for %s", ms.Waiting)
+		}
+		fmt.Fprintln(w)
+		fmt.Fprintf(w, "Keys:     %s\n", keysLine(now, ms))
+		fmt.Fprintf(w, "Master:   leader %s, %d node IDs assigned, last error: %s\n", dash(ms.Leader), ms.Nodes, dash(ms.LastError))
+		for _, l := range ms.Lagging {
+			fmt.Fprintf(w, "Lagging:  %s: %s\n", l.Node, l.Reason)
+		}
+		for _, l := range ms.Excluded {
+			fmt.Fprintf(w, "Excluded: %s: %s\n", l.Node, l.Reason)
+		}
+	}
+	desired := "not set (configmap " + api.ConfigMapName + " missing)"
+	if st.Desired.Present {
+		desired = "enabled=" + dash(st.Desired.Enabled)
+		if st.Desired.Mode != "" {
+			desired += ", mode=" + st.Desired.Mode
+		}
+	}
+	fmt.Fprintf(w, "Desired:  %s\n", desired)
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	hdr := "NODE\tREADY\tMODE\tGENERATIONS\tPEERS\tBUDGET\tLAST SYNC"
+	if wide {
+		hdr += "\tEXT MTU\tMAX SEQ\tINCARNATION"
+	}
+	fmt.Fprintln(tw, hdr+"\tSTATUS")
+	for _, r := range st.Nodes {
+		ready := "yes"
+		if !r.Ready {
+			ready = "no"
+		}
+		status := "ok"
+		if len(r.Problems) > 0 {
+			status = strings.Join(r.Problems, "; ")
+		}
+		peers, bud, sync := "-", "-", "-"
+		if r.Reported {
+			peers = fmt.Sprintf("%d/%d", r.PeersEncrypted, r.PeersExpected)
+			if r.BudgetMTU > 0 {
+				bud = fmt.Sprint(r.BudgetMTU)
+			}
+			if !r.LastSync.IsZero() {
+				sync = age(now, r.LastSync) + " ago"
+			}
+		}
+		line := fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s", r.Name, ready, dash(string(r.Mode)), gens(r.Generations), peers, bud, sync)
+		if wide {
+			ext, seq := "-", "-"
+			if r.ExternalMTU > 0 {
+				ext = fmt.Sprint(r.ExternalMTU)
+			}
+			if r.Reported {
+				seq = fmt.Sprintf("%.0f%%", 100*r.MaxSeqFraction)
+			}
+			line += fmt.Sprintf("\t%s\t%s\t%s", ext, seq, dash(r.Incarnation))
+		}
+		fmt.Fprintln(tw, line+"\t"+status)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(st.Problems) > 0 {
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "Problems:")
+		for _, p := range st.Problems {
+			fmt.Fprintf(w, "  - %s\n", p)
+		}
+	}
+	return nil
+}
+
+func keysLine(now time.Time, ms *api.MasterStatus) string {
+	if len(ms.Generations) == 0 {
+		return "no key generation (encryption off)"
+	}
+	var parts []string
+	for _, gs := range ms.Generations {
+		p := fmt.Sprintf("generation %d %s (%s, %s, created %s ago)", gs.Number, gs.State, gs.Cipher, dash(gs.Reason), age(now, gs.Created))
+		parts = append(parts, p)
+	}
+	s := strings.Join(parts, "; ")
+	if ms.RotationInProgress {
+		s += "; rotation in progress"
+	}
+	if ms.Deferred != "" {
+		s += "; deferred: " + ms.Deferred
+	}
+	return s
+}
+
+// PeerRow is one pair in `status --node`.
+type PeerRow struct {
+	Peer string `json:"peer"`
+	// Address is the peer's projectcalico.org/IPv4Address.
+	Address string `json:"address,omitempty"`
+	// InboundFromPeer: the node holds inbound SAs from the peer (every live generation)
+	// for the peer's current boot. EncryptingToPeer: the node sends the peer ESP.
+	InboundFromPeer  string `json:"inboundFromPeer"`
+	EncryptingToPeer string `json:"encryptingToPeer"`
+	// PeerInbound / PeerEncrypting are the same facts from the peer's report about the
+	// node (the other direction of the pair).
+	PeerInbound    string   `json:"peerInbound"`
+	PeerEncrypting string   `json:"peerEncrypting"`
+	PeerMode       api.Mode `json:"peerMode,omitempty"`
+}
+
+// NodeDetail is `status --node NAME -o json|yaml`.
+type NodeDetail struct {
+	Node     NodeRow   `json:"node"`
+	Peers    []PeerRow `json:"peers"`
+	Problems []string  `json:"problems,omitempty"`
+	// Note says what the reports cannot tell.
+	Note string `json:"note,omitempty"`
+}
+
+const detailNote = "per-peer facts come from the agents' reports (inboundFrom/encryptingTo); SA byte and packet counters are not reported"
+
+// pairFact compares a report's tag for a peer with the peer's current boot.
+func pairFact(m map[string]string, peer string, bootID string) string {
+	tag, ok := m[peer]
+	switch {
+	case !ok:
+		return "no"
+	case bootID != "" && tag != watch.IncarnationTag(bootID):
+		return "stale"
+	}
+	return "yes"
+}
+
+func (v *view) detail(name string) (*NodeDetail, error) {
+	var self *watch.NodeInfo
+	for i := range v.nodes {
+		if v.nodes[i].Name == name {
+			self = &v.nodes[i]
+		}
+	}
+	if self == nil {
+		return nil, withCode(ExitNotOK, fmt.Errorf("node %q not found", name))
+	}
+	d := &NodeDetail{Peers: []PeerRow{}, Note: detailNote}
+	for _, r := range v.rows(defaultStaleAfter) {
+		if r.Name == name {
+			d.Node = r
+			d.Problems = append(d.Problems, r.Problems...)
+		}
+	}
+	for _, p := range v.nodes {
+		if p.Name == name {
+			continue
+		}
+		row := PeerRow{Peer: p.Name, Address: p.IPv4Address, InboundFromPeer: "-", EncryptingToPeer: "-", PeerInbound: "-", PeerEncrypting: "-"}
+		if self.Report != nil {
+			row.InboundFromPeer = pairFact(self.Report.InboundFrom, p.Name, p.Incarnation)
+			row.EncryptingToPeer = pairFact(self.Report.EncryptingTo, p.Name, p.Incarnation)
+		}
+		if p.Report != nil {
+			row.PeerMode = p.Report.Mode
+			row.PeerInbound = pairFact(p.Report.InboundFrom, name, self.Incarnation)
+			row.PeerEncrypting = pairFact(p.Report.EncryptingTo, name, self.Incarnation)
+		}
+		if self.Report != nil && self.Report.Mode.Rank() >= api.ModeEncrypt.Rank() && p.Report != nil && p.Report.Mode.Rank() >= api.ModeAccept.Rank() {
+			if row.EncryptingToPeer != "yes" {
+				d.Problems = append(d.Problems, fmt.Sprintf("not encrypting to %s (%s)", p.Name, row.EncryptingToPeer))
+			}
+		}
+		if self.Report != nil && self.Report.Mode.Rank() >= api.ModeAccept.Rank() && p.IPv4Address != "" && row.InboundFromPeer != "yes" {
+			d.Problems = append(d.Problems, fmt.Sprintf("no inbound SAs from %s (%s)", p.Name, row.InboundFromPeer))
+		}
+		d.Peers = append(d.Peers, row)
+	}
+	return d, nil
+}
+
+func printDetail(w io.Writer, format string, v *view, d *NodeDetail) error {
+	if format == "json" || format == "yaml" {
+		return printData(w, format, d)
+	}
+	r := d.Node
+	fmt.Fprintf(w, "Node:        %s (ready: %t)\n", r.Name, r.Ready)
+	if r.Reported {
+		fmt.Fprintf(w, "Mode:        %s, generations %s, peers encrypted %d/%d\n", r.Mode, gens(r.Generations), r.PeersEncrypted, r.PeersExpected)
+		fmt.Fprintf(w, "Budget:      %d (external MTU %d), max sequence %.0f%% of the rotation threshold\n", r.BudgetMTU, r.ExternalMTU, 100*r.MaxSeqFraction)
+		fmt.Fprintf(w, "Last sync:   %s ago, error: %s\n", age(v.now, r.LastSync), dash(r.Error))
+	} else {
+		fmt.Fprintln(w, "Mode:        - (no readable agent report)")
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tADDRESS\tINBOUND FROM PEER\tENCRYPTING TO PEER\tPEER INBOUND\tPEER ENCRYPTING\tPEER MODE")
+	for _, p := range d.Peers {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Peer, dash(p.Address), p.InboundFromPeer, p.EncryptingToPeer, p.PeerInbound, p.PeerEncrypting, dash(string(p.PeerMode)))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "\nNote: %s.\n", d.Note)
+	if len(d.Problems) > 0 {
+		fmt.Fprintln(w, "Problems:")
+		for _, p := range d.Problems {
+			fmt.Fprintf(w, "  - %s\n", p)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,282 @@
+package ctl
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+)
+
+// view is one consistent-enough read of what the master and the agents publish.
+type view struct {
+	now       time.Time
+	namespace string
+	// master is nil when the status ConfigMap is missing; masterErr says why it is
+	// unusable otherwise.
+	master    *api.MasterStatus
+	masterErr string
+	config    DesiredConfig
+	nodes     []watch.NodeInfo
+	raw       map[string]*corev1.Node
+}
+
+// DesiredConfig is what the operator's ConfigMap asks for.
+type DesiredConfig struct {
+	// Present is false when the ConfigMap does not exist.
+	Present       bool   `json:"present"`
+	Enabled       string `json:"enabled,omitempty"`
+	Mode          string `json:"mode,omitempty"`
+	RotateRequest string `json:"rotateRequest,omitempty"`
+}
+
+func (c *clients) read(ctx context.Context, ns string, now time.Time) (*view, error) {
+	v := &view{now: now, namespace: ns, raw: map[string]*corev1.Node{}}
+	st, err := c.cs.CoreV1().ConfigMaps(ns).Get(ctx, api.StatusConfigMapName, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		return nil, c.apiError(fmt.Sprintf("get configmap %s/%s", ns, api.StatusConfigMapName), err)
+	default:
+		var ms api.MasterStatus
+		if err := json.Unmarshal([]byte(st.Data[api.StatusDataKey]), &ms); err != nil {
+			v.masterErr = fmt.Sprintf("configmap %s/%s key %q is not a master status: %v", ns, api.StatusConfigMapName, api.StatusDataKey, err)
+		} else {
+			v.master = &ms
+		}
+	}
+	cfg, err := c.cs.CoreV1().ConfigMaps(ns).Get(ctx, api.ConfigMapName, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		return nil, c.apiError(fmt.Sprintf("get configmap %s/%s", ns, api.ConfigMapName), err)
+	default:
+		v.config = DesiredConfig{Present: true, Enabled: cfg.Data[api.ConfigEnabledKey], Mode: cfg.Data[api.ConfigModeKey],
+			RotateRequest: cfg.Annotations[api.RotateRequestAnnotation]}
+	}
+	nodes, err := c.cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, c.apiError("list nodes", err)
+	}
+	for i := range nodes.Items {
+		n := &nodes.Items[i]
+		v.raw[n.Name] = n
+		v.nodes = append(v.nodes, watch.ParseNode(n))
+	}
+	sort.Slice(v.nodes, func(i, j int) bool { return v.nodes[i].Name < v.nodes[j].Name })
+	return v, nil
+}
+
+// NodeRow is one node's line of status.
+type NodeRow struct {
+	Name  string `json:"name"`
+	Ready bool   `json:"ready"`
+	// Reported is false when the node has no readable report; the fields below are then
+	// zero.
+	Reported       bool      `json:"reported"`
+	Mode           api.Mode  `json:"mode,omitempty"`
+	Generations    []uint32  `json:"generations,omitempty"`
+	PeersEncrypted int       `json:"peersEncrypted"`
+	PeersExpected  int       `json:"peersExpected"`
+	BudgetMTU      int       `json:"budgetMTU,omitempty"`
+	ExternalMTU    int       `json:"externalMTU,omitempty"`
+	MaxSeqFraction float64   `json:"maxSeqFraction,omitempty"`
+	Incarnation    string    `json:"incarnation,omitempty"`
+	LastSync       time.Time `json:"lastSync,omitzero"`
+	Error          string    `json:"error,omitempty"`
+	// Problems is empty when the node is where the cluster is.
+	Problems []string `json:"problems,omitempty"`
+}
+
+// StatusOutput is `status -o json|yaml`.
+type StatusOutput struct {
+	Namespace string            `json:"namespace"`
+	Healthy   bool              `json:"healthy"`
+	Summary   string            `json:"summary"`
+	Problems  []string          `json:"problems,omitempty"`
+	Desired   DesiredConfig     `json:"desired"`
+	Master    *api.MasterStatus `json:"master"`
+	Nodes     []NodeRow         `json:"nodes"`
+}
+
+// staleAfter: an agent rewrites an unchanged report every 5 minutes (its heartbeat), so a
+// report older than three heartbeats means the agent stopped.
+const defaultStaleAfter = 15 * time.Minute
+
+func (v *view) rows(staleAfter time.Duration) []NodeRow {
+	var out []NodeRow
+	for _, n := range v.nodes {
+		r := NodeRow{Name: n.Name, Ready: n.Ready}
+		switch {
+		case n.Report != nil:
+			rep := n.Report.NodeReport
+			r.Reported = true
+			r.Mode, r.Generations = rep.Mode, rep.Generations
+			r.PeersEncrypted, r.PeersExpected = rep.PeersEncrypted, rep.PeersExpected
+			r.BudgetMTU, r.ExternalMTU, r.MaxSeqFraction = rep.BudgetMTU, rep.ExternalMTU, rep.MaxSeqFraction
+			r.Incarnation, r.LastSync, r.Error = rep.Incarnation, rep.LastSync, rep.Error
+		case n.ReportErr != "":
+			r.Problems = append(r.Problems, "report unreadable: "+n.ReportErr)
+		default:
+			r.Problems = append(r.Problems, "no agent report")
+		}
+		if !n.Ready {
+			r.Problems = append(r.Problems, "node NotReady")
+		}
+		if r.Reported {
+			r.Problems = append(r.Problems, v.reportProblems(n, staleAfter)...)
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+func (v *view) reportProblems(n watch.NodeInfo, staleAfter time.Duration) []string {
+	rep := n.Report.NodeReport
+	var p []string
+	if rep.Incarnation != "" && n.Incarnation != "" && rep.Incarnation != n.Incarnation {
+		p = append(p, "report predates the node's last reboot")
+	}
+	if rep.Error != "" {
+		p = append(p, "sync error: "+rep.Error)
+	}
+	if ms := v.master; ms != nil {
+		if rep.Mode != ms.Mode {
+			p = append(p, fmt.Sprintf("at mode %s, cluster at %s", rep.Mode, ms.Mode))
+		}
+		if ms.ActiveGeneration != 0 && !slices.Contains(rep.Generations, ms.ActiveGeneration) {
+			p = append(p, fmt.Sprintf("active generation %d not installed", ms.ActiveGeneration))
+		}
+		if ms.PendingGeneration != 0 && !slices.Contains(rep.Generations, ms.PendingGeneration) {
+			p = append(p, fmt.Sprintf("pending generation %d not installed yet", ms.PendingGeneration))
+		}
+	}
+	if rep.Mode.Rank() >= api.ModeEncrypt.Rank() && rep.PeersEncrypted < rep.PeersExpected {
+		p = append(p, fmt.Sprintf("encrypting to %d of %d peers", rep.PeersEncrypted, rep.PeersExpected))
+	}
+	if staleAfter > 0 && !rep.LastSync.IsZero() && v.now.Sub(rep.LastSync) > staleAfter {
+		p = append(p, "last sync "+age(v.now, rep.LastSync)+" ago")
+	}
+	return p
+}
+
+// status computes the whole StatusOutput.
+func (v *view) status(staleAfter time.Duration) StatusOutput {
+	out := StatusOutput{Namespace: v.namespace, Desired: v.config, Master: v.master, Nodes: v.rows(staleAfter)}
+	if out.Nodes == nil {
+		out.Nodes = []NodeRow{}
+	}
+	ms := v.master
+	switch {
+	case v.masterErr != "":
+		out.Problems = append(out.Problems, v.masterErr)
+	case ms == nil:
+		out.Problems = append(out.Problems, fmt.Sprintf("no master status (configmap %s/%s not found): is secureoverlay-master running?", v.namespace, api.StatusConfigMapName))
+	default:
+		if ms.LastError != "" {
+			out.Problems = append(out.Problems, "master: "+ms.LastError)
+		}
+		if ms.Mode != ms.Target {
+			w := ""
+			if ms.Waiting != "" {
+				w = " (waiting for " + ms.Waiting + ")"
+			}
+			out.Problems = append(out.Problems, fmt.Sprintf("cutover in progress: mode %s, heading to %s%s", ms.Mode, ms.Target, w))
+		}
+		if ms.Deferred != "" {
+			out.Problems = append(out.Problems, "rotation deferred: "+ms.Deferred)
+		}
+	}
+	ok := 0
+	for _, r := range out.Nodes {
+		if len(r.Problems) == 0 {
+			ok++
+			continue
+		}
+		out.Problems = append(out.Problems, r.Name+": "+strings.Join(r.Problems, "; "))
+	}
+	out.Healthy = len(out.Problems) == 0
+	out.Summary = summary(ms, ok, len(out.Nodes), out.Problems)
+	return out
+}
+
+func modePhrase(m api.Mode) string {
+	switch m {
+	case api.ModeEnforce:
+		return "encrypting and enforcing"
+	case api.ModeEncrypt:
+		return "encrypting (plaintext still accepted)"
+	case api.ModeAccept:
+		return "accepting ESP (still sending plaintext)"
+	case api.ModeOff:
+		return "off (plaintext IPIP)"
+	}
+	return "in mode " + string(m)
+}
+
+func summary(ms *api.MasterStatus, ok, total int, problems []string) string {
+	if ms == nil {
+		return problems[0]
+	}
+	var b strings.Builder
+	switch {
+	case total == 0:
+		b.WriteString("no nodes")
+	case ok == total:
+		fmt.Fprintf(&b, "all %d nodes %s", total, modePhrase(ms.Mode))
+	default:
+		fmt.Fprintf(&b, "%d of %d nodes %s", ok, total, modePhrase(ms.Mode))
+	}
+	if ms.ActiveGeneration != 0 {
+		fmt.Fprintf(&b, ", generation %d", ms.ActiveGeneration)
+	}
+	if ms.PendingGeneration != 0 {
+		fmt.Fprintf(&b, ", rotating to generation %d", ms.PendingGeneration)
+	} else if ms.RotationInProgress {
+		b.WriteString(", previous generation retiring")
+	}
+	if len(problems) > 0 {
+		fmt.Fprintf(&b, "; %d problem(s), first: %s", len(problems), problems[0])
+	}
+	return b.String()
+}
+
+// age renders now-t like kubectl's AGE column (s, m, h, d), "-" for a zero time.
+func age(now, t time.Time) string {
+	if t.IsZero() {
+		return "-"
+	}
+	d := now.Sub(t)
+	if d < 0 {
+		d = 0
+	}
+	switch {
+	case d < 2*time.Minute:
+		return fmt.Sprintf("%ds", int(d.Seconds()))
+	case d < 2*time.Hour:
+		return fmt.Sprintf("%dm", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh", int(d.Hours()))
+	}
+	return fmt.Sprintf("%dd", int(d.Hours()/24))
+}
+
+func gens(g []uint32) string {
+	if len(g) == 0 {
+		return "-"
+	}
+	s := make([]string, len(g))
+	for i, x := range g {
+		s[i] = fmt.Sprint(x)
+	}
+	return strings.Join(s, ",")
+}

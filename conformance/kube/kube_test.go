@@ -20,7 +20,9 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -265,7 +267,24 @@ func TestStopStartAPIServerKeepsData(t *testing.T) {
 	}
 	host := c.Host()
 
+	// An informer started before the restart must see objects created after it:
+	// clients reconnect to the same address.
+	factory := informers.NewSharedInformerFactoryWithOptions(cs, 0, informers.WithNamespace(api.Namespace))
+	cmInformer := factory.Core().V1().ConfigMaps().Informer()
+	stop := make(chan struct{})
+	defer close(stop)
+	factory.Start(stop)
+	if !cache.WaitForCacheSync(stop, cmInformer.HasSynced) {
+		t.Fatal("configmap informer did not sync")
+	}
+
+	tStop := time.Now()
 	c.StopAPIServer()
+	stopTook := time.Since(tStop)
+	t.Logf("kube-apiserver stopped in %v", stopTook.Round(time.Millisecond))
+	if stopTook > 15*time.Second {
+		t.Errorf("kube-apiserver took %v to stop with a watch open; want a prompt graceful exit", stopTook)
+	}
 	short, cancel := context.WithTimeout(ctx, 3*time.Second)
 	_, err := cs.CoreV1().ConfigMaps(api.Namespace).Get(short, "survivor", metav1.GetOptions{})
 	cancel()
@@ -289,6 +308,22 @@ func TestStopStartAPIServerKeepsData(t *testing.T) {
 	}
 	if got.Data["a"] != "b" {
 		t.Fatalf("configmap after restart: data %v", got.Data)
+	}
+
+	after := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: "after-restart"}}
+	if _, err := cs.CoreV1().ConfigMaps(api.Namespace).Create(ctx, after, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("create configmap after restart: %v", err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, ok, _ := cmInformer.GetStore().GetByKey(api.Namespace + "/after-restart"); ok {
+			t.Logf("informer saw the new configmap %v after the restart", time.Since(t0).Round(time.Millisecond))
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("informer started before the restart never saw a configmap created after it")
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 
 	lines, err := c.LogLines("kube-apiserver")

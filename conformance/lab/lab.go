@@ -115,19 +115,56 @@ func CacheDir() string {
 	if d := os.Getenv("SECUREOVERLAY_CACHE_DIR"); d != "" {
 		return d
 	}
+	return filepath.Join(repoRoot(), ".cache")
+}
+
+// repoRoot is the directory of our go.mod above the working directory, or the
+// working directory itself.
+func repoRoot() string {
 	dir, err := os.Getwd()
 	if err != nil {
-		return ".cache"
+		return "."
 	}
 	for d := dir; ; d = filepath.Dir(d) {
 		if b, err := os.ReadFile(filepath.Join(d, "go.mod")); err == nil &&
 			bytes.Contains(b, []byte("module github.com/secureoverlay/secureoverlay\n")) {
-			return filepath.Join(d, ".cache")
+			return d
 		}
 		if filepath.Dir(d) == d {
-			return filepath.Join(dir, ".cache")
+			return dir
 		}
 	}
+}
+
+// Where StandardShares mounts things in the guest.
+const (
+	GuestBinDir = "/opt/secureoverlay/bin"
+	GuestCNIDir = "/opt/cni/bin"
+)
+
+// StandardShares shares, read-only, our static binaries ($SECUREOVERLAY_BIN_DIR,
+// else <repo>/bin) at GuestBinDir and the host's CNI plugins ($CNI_PLUGIN_DIR,
+// else /usr/lib/cni; Debian's need only libc, which the image has) at
+// GuestCNIDir, each only if the host directory exists.
+func StandardShares() []Share {
+	var shares []Share
+	bin := os.Getenv("SECUREOVERLAY_BIN_DIR")
+	if bin == "" {
+		bin = filepath.Join(repoRoot(), "bin")
+	}
+	cni := os.Getenv("CNI_PLUGIN_DIR")
+	if cni == "" {
+		cni = "/usr/lib/cni"
+	}
+	for _, s := range []Share{
+		{Tag: "sobin", HostPath: bin, GuestPath: GuestBinDir},
+		{Tag: "cnibin", HostPath: cni, GuestPath: GuestCNIDir},
+	} {
+		if fi, err := os.Stat(s.HostPath); err == nil && fi.IsDir() {
+			shares = append(shares, s)
+		}
+	}
+	return shares
 }
 
 // Image is the boot image hack/tools-lab.sh builds.

@@ -91,10 +91,10 @@ func sharedVM(t *testing.T) *VM {
 		}
 		shared.fwdPort = shared.fwdLn.Addr().(*net.TCPAddr).Port
 		opts.GuestForwards[0].HostPort = shared.fwdPort
-		opts.Shares = []Share{
-			{Tag: "ro", HostPath: shared.roDir, GuestPath: "/mnt/ro"},
-			{Tag: "rw", HostPath: shared.rwDir, GuestPath: "/mnt/rw", Writable: true},
-		}
+		opts.Shares = append(StandardShares(),
+			Share{Tag: "ro", HostPath: shared.roDir, GuestPath: "/mnt/ro"},
+			Share{Tag: "rw", HostPath: shared.rwDir, GuestPath: "/mnt/rw", Writable: true},
+		)
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
 		shared.vm, shared.err = Boot(ctx, opts)
@@ -530,5 +530,35 @@ func TestControlPlaneReachesHostServices(t *testing.T) {
 	}
 	if out := mustRun(t, vm, "ip -br link show type bridge; iptables -w -t nat -S POSTROUTING | grep lab-control-plane || true"); out != "" {
 		t.Errorf("teardown left:\n%s", out)
+	}
+}
+
+// TestStandardShares: the host's CNI plugins are visible and run in the
+// guest, and our binaries directory is mounted. (Its listing is not compared:
+// a concurrent `make build` may change it.)
+func TestStandardShares(t *testing.T) {
+	vm := sharedVM(t)
+	for _, s := range StandardShares() {
+		got := strings.Fields(mustRun(t, vm, "ls -A "+s.GuestPath+" && grep -q ' "+s.GuestPath+" 9p ' /proc/mounts"))
+		if s.GuestPath == GuestCNIDir {
+			entries, err := os.ReadDir(s.HostPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var want []string
+			for _, e := range entries {
+				want = append(want, e.Name())
+			}
+			if strings.Join(got, " ") != strings.Join(want, " ") {
+				t.Errorf("share %s: guest sees %v, host has %v", s.Tag, got, want)
+			}
+			out := mustRun(t, vm, `echo '{"cniVersion":"1.0.0"}' | CNI_COMMAND=VERSION `+GuestCNIDir+`/ptp`)
+			if !strings.Contains(out, `"supportedVersions"`) {
+				t.Errorf("ptp VERSION in the guest: %q", out)
+			}
+		}
+	}
+	if len(StandardShares()) == 0 {
+		t.Skip("neither a bin dir nor CNI plugins on this host")
 	}
 }

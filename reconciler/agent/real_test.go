@@ -160,7 +160,6 @@ func rawRules(t *testing.T, n ns.NetNS) string {
 // it checks right then that the namespace's kernel holds every policy the report claims
 // (program before advertise).
 type reportChecker struct {
-	rt         http.RoundTripper
 	ns         ns.NetNS
 	cfg        desired.Config
 	self       netip.Addr
@@ -170,20 +169,26 @@ type reportChecker struct {
 	violations []string
 }
 
-func (c *reportChecker) RoundTrip(req *http.Request) (*http.Response, error) {
+// checkingRT is one client's transport wrapped by the shared checker.
+type checkingRT struct {
+	rt http.RoundTripper
+	c  *reportChecker
+}
+
+func (w checkingRT) RoundTrip(req *http.Request) (*http.Response, error) {
 	if req.Method == http.MethodPatch && strings.HasSuffix(req.URL.Path, "/nodes/a") && req.Body != nil {
 		body, err := io.ReadAll(req.Body)
 		if err != nil {
 			return nil, err
 		}
 		req.Body = io.NopCloser(bytes.NewReader(body))
-		c.check(body)
+		w.c.check(body)
 	}
-	return c.rt.RoundTrip(req)
+	return w.rt.RoundTrip(req)
 }
 
 // WrappedRoundTripper lets client-go reach the inner transport (request cancellation).
-func (c *reportChecker) WrappedRoundTripper() http.RoundTripper { return c.rt }
+func (w checkingRT) WrappedRoundTripper() http.RoundTripper { return w.rt }
 
 func (c *reportChecker) check(body []byte) {
 	var p struct {
@@ -315,7 +320,7 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 	checker := &reportChecker{ns: netns, cfg: dp, self: netip.MustParseAddr("198.18.0.1"),
 		ips: map[string]netip.Addr{"b": netip.MustParseAddr("198.18.0.2"), "c": netip.MustParseAddr("198.18.0.3")}}
 	saCfg := c.ServiceAccountConfig(api.Namespace, "agent")
-	saCfg.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { checker.rt = rt; return checker }
+	saCfg.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { return checkingRT{rt: rt, c: checker} }
 	// The agent's identity really is least-privileged.
 	if _, err := kubernetes.NewForConfigOrDie(c.ServiceAccountConfig(api.Namespace, "agent")).CoreV1().Secrets(api.Namespace).Get(ctx, "other", metav1.GetOptions{}); err == nil {
 		t.Fatal("the agent's service account can read another Secret")

@@ -126,6 +126,7 @@ type Agent struct {
 	// restart or a failed sync).
 	lastRules  []desired.Rule
 	rulesKnown bool
+	lastNotes  string // not-covered and skipped objects, logged when they change
 }
 
 // New wires an agent; it starts nothing.
@@ -330,7 +331,13 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	}
 	a.mu.Lock()
 	a.lastRules, a.rulesKnown = st.Rules, true
+	notes := fmt.Sprint(st.NotCovered, st.Skipped, snap.Skipped)
+	changedNotes := notes != a.lastNotes
+	a.lastNotes = notes
 	a.mu.Unlock()
+	if changedNotes && (len(st.NotCovered)+len(st.Skipped)+len(snap.Skipped) > 0) {
+		a.log.Info("coverage", "notCovered", st.NotCovered, "skipped", st.Skipped, "unparsed", snap.Skipped)
+	}
 	// The kernel now holds st: advertise it.
 	self := snap.Node(a.cfg.NodeName)
 	selfIP := netip.Addr{}

@@ -236,16 +236,34 @@ func (c *Cluster) start(ctx context.Context) error {
 		return err
 	}
 	c.pki = p
-	ports, err := freePorts(3)
+	// Ports are picked free and then released, so another process may take one
+	// before our child binds it: retry with fresh ports when that happens.
+	for attempt := 1; ; attempt++ {
+		err := c.startOnFreePorts(ctx)
+		if err == nil {
+			break
+		}
+		busy := errors.Is(err, errPortBusy) || c.etcd.addrInUse() || c.apiserver.addrInUse()
+		if attempt == 3 || !busy {
+			return err
+		}
+		c.apiserver.stop(5 * time.Second)
+		c.etcd.stop(5 * time.Second)
+		_ = os.RemoveAll(filepath.Join(c.dir, "etcd-data"))
+	}
+	return c.ensureNamespaces(ctx, c.opts.namespaces...)
+}
+
+func (c *Cluster) startOnFreePorts(ctx context.Context) error {
+	ports, err := pickPorts(3)
 	if err != nil {
 		return err
 	}
 	c.etcdPort, c.etcdPeerPort, c.apiPort = ports[0], ports[1], ports[2]
-
 	c.admin = &rest.Config{
 		Host:            c.Host(),
-		BearerToken:     p.adminToken,
-		TLSClientConfig: rest.TLSClientConfig{CAData: p.caPEM},
+		BearerToken:     c.pki.adminToken,
+		TLSClientConfig: rest.TLSClientConfig{CAData: c.pki.caPEM},
 		QPS:             200,
 		Burst:           400,
 		Timeout:         30 * time.Second,
@@ -253,18 +271,20 @@ func (c *Cluster) start(ctx context.Context) error {
 	if err := c.writeKubeconfig(); err != nil {
 		return err
 	}
-
 	if err := c.etcd.start(c.etcdBin, c.etcdArgs()); err != nil {
 		return err
 	}
 	if err := c.waitEtcd(ctx); err != nil {
 		return err
 	}
-	if err := c.StartAPIServerErr(ctx); err != nil {
-		return err
-	}
-	return c.ensureNamespaces(ctx, c.opts.namespaces...)
+	return c.startAPIServer(ctx, time.Second)
 }
+
+// pickPorts chooses the loopback ports of a new cluster (a variable for tests).
+var pickPorts = freePorts
+
+// errPortBusy: the API server's port is taken by another process.
+var errPortBusy = errors.New("port busy")
 
 func (c *Cluster) etcdArgs() []string {
 	client := "http://127.0.0.1:" + strconv.Itoa(c.etcdPort)
@@ -520,6 +540,12 @@ func (c *Cluster) StartAPIServer() {
 
 // StartAPIServerErr is StartAPIServer returning its error.
 func (c *Cluster) StartAPIServerErr(ctx context.Context) error {
+	return c.startAPIServer(ctx, 30*time.Second)
+}
+
+// startAPIServer starts the API server once its port can be bound, waiting up
+// to portWait for that.
+func (c *Cluster) startAPIServer(ctx context.Context, portWait time.Duration) error {
 	c.mu.Lock()
 	closed := c.closed
 	c.mu.Unlock()
@@ -528,10 +554,10 @@ func (c *Cluster) StartAPIServerErr(ctx context.Context) error {
 	}
 	// The port was just released by the previous instance (or reserved by
 	// freePorts); wait briefly until the kernel lets it be bound again.
-	if err := poll(ctx, 30*time.Second, 100*time.Millisecond, alwaysRunning, func() (bool, error) {
+	if err := poll(ctx, portWait, 100*time.Millisecond, alwaysRunning, func() (bool, error) {
 		return portFree(c.apiPort), nil
 	}, fmt.Sprintf("port %d to be free", c.apiPort)); err != nil {
-		return fmt.Errorf("start kube-apiserver: %w", err)
+		return fmt.Errorf("start kube-apiserver: %w: %w", errPortBusy, err)
 	}
 	if err := c.apiserver.start(c.apiserverBin, c.apiserverArgs()); err != nil {
 		return err

@@ -477,3 +477,42 @@ func TestServingSANs(t *testing.T) {
 		t.Error("token file does not give the admin token the group system:masters")
 	}
 }
+
+// TestStartRetriesBusyPorts takes the port the harness first picks for etcd (and
+// then for the API server) and checks that Start moves to fresh ports.
+func TestStartRetriesBusyPorts(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real kube-apiserver; skipped with -short")
+	}
+	for _, which := range []int{0, 2} { // 0: etcd client port, 2: API server port
+		t.Run([]string{"etcd", "", "apiserver"}[which], func(t *testing.T) {
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			busy := l.Addr().(*net.TCPAddr).Port
+			calls := 0
+			pickPorts = func(n int) ([]int, error) {
+				calls++
+				ports, err := freePorts(n)
+				if err == nil && calls == 1 {
+					ports[which] = busy
+				}
+				return ports, err
+			}
+			defer func() { pickPorts = freePorts }()
+
+			c := Start(t)
+			if calls < 2 {
+				t.Fatalf("ports picked %d times; want a retry after the busy port", calls)
+			}
+			if c.etcdPort == busy || c.apiPort == busy {
+				t.Fatalf("cluster uses the busy port %d", busy)
+			}
+			if _, err := kubernetes.NewForConfigOrDie(c.AdminConfig()).Discovery().ServerVersion(); err != nil {
+				t.Fatalf("server version: %v", err)
+			}
+		})
+	}
+}

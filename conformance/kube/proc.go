@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -98,6 +99,15 @@ func (p *process) stop(grace time.Duration) {
 	p.mu.Lock()
 	p.cmd, p.done, p.err = nil, nil, nil
 	p.mu.Unlock()
+}
+
+// addrInUse reports whether the process exited complaining that its address
+// was taken.
+func (p *process) addrInUse() bool {
+	if exited, _ := p.exited(); !exited {
+		return false
+	}
+	return strings.Contains(p.tail(30), "address already in use")
 }
 
 // tail returns the last n lines of the process log.

@@ -580,3 +580,34 @@ func TestMaxSeq(t *testing.T) {
 		}
 	}
 }
+
+// TestNoCalicoIsReported: without any Calico API group the kernel is never touched and
+// the reason is published on the Node and in /readyz.
+func TestNoCalicoIsReported(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	fd := e.cs.Discovery().(*fakediscovery.FakeDiscovery)
+	fd.Lock()
+	fd.Resources = nil
+	fd.Unlock()
+	stop := e.run()
+	defer stop()
+	waitFor(t, "error report", func() bool { r := e.report(); return r != nil && strings.Contains(r.Error, "no calico") })
+	if r := e.report(); r.Mode != api.ModeOff || len(r.InboundFrom) != 0 || r.Incarnation != "boot-a" {
+		t.Errorf("report = %+v", r)
+	}
+	states, policies := e.xk.Snapshot()
+	if len(states)+len(policies) != 0 || e.xk.Lists != 0 || e.rk.Chain(rules.Table, rules.ChainIn) != nil {
+		t.Error("kernel touched without Calico")
+	}
+	srv := httptest.NewServer(e.a.Handler())
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 503 || !strings.Contains(string(body), "no calico") {
+		t.Errorf("readyz = %d %q", resp.StatusCode, body)
+	}
+}

@@ -1,0 +1,29 @@
+package ctl
+
+import (
+	rbacv1 "k8s.io/api/rbac/v1"
+
+	"github.com/secureoverlay/secureoverlay/api"
+)
+
+// operatorClusterRules are the cluster-wide reads of every command (docs/cli.md, RBAC).
+func operatorClusterRules(withCalico bool) []rbacv1.PolicyRule {
+	r := []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "list"}}}
+	if withCalico {
+		r = append(r, rbacv1.PolicyRule{APIGroups: []string{"crd.projectcalico.org"},
+			Resources: []string{"ippools", "ipamblocks", "blockaffinities", "bgppeers", "felixconfigurations"}, Verbs: []string{"get", "list"}})
+	}
+	return r
+}
+
+// operatorNamespaceRules are the operator's rights in the secureoverlay namespace.
+func operatorNamespaceRules() []rbacv1.PolicyRule {
+	return []rbacv1.PolicyRule{
+		{APIGroups: []string{""}, Resources: []string{"configmaps"}, Verbs: []string{"create"}},
+		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{api.ConfigMapName}, Verbs: []string{"get", "update", "patch"}},
+		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{api.StatusConfigMapName}, Verbs: []string{"get"}},
+		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{api.SecretName}, Verbs: []string{"get"}},
+		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list"}},
+		{APIGroups: []string{""}, Resources: []string{"pods/proxy"}, Verbs: []string{"get"}},
+	}
+}

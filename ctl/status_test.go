@@ -1,0 +1,150 @@
+package ctl
+
+import (
+	"encoding/json"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+)
+
+var testNodes = []struct{ name, ip, boot string }{
+	{"node-a", "198.18.0.1", "boot-a-1"},
+	{"node-b", "198.18.0.2", "boot-b-1"},
+	{"node-c", "198.18.0.3", "boot-c-1"},
+}
+
+func bootOf(name string) string {
+	for _, n := range testNodes {
+		if n.name == name {
+			return n.boot
+		}
+	}
+	return ""
+}
+
+// healthyReport is what a real agent in enforce with generation 7 reports.
+func healthyReport(self string) *watch.Report {
+	r := &watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Generations: []uint32{7}, Incarnation: bootOf(self),
+		BudgetMTU: 1452, ExternalMTU: 1500, MaxSeqFraction: 0.02, SeqGeneration: 7,
+		PeersEncrypted: len(testNodes) - 1, PeersExpected: len(testNodes) - 1, LastSync: fixedNow.Add(-30 * time.Second)},
+		InboundFrom: map[string]string{}, EncryptingTo: map[string]string{}}
+	for _, n := range testNodes {
+		if n.name != self {
+			r.InboundFrom[n.name] = watch.IncarnationTag(n.boot)
+			r.EncryptingTo[n.name] = watch.IncarnationTag(n.boot)
+		}
+	}
+	return r
+}
+
+func healthyMaster() *api.MasterStatus {
+	return &api.MasterStatus{Leader: "secureoverlay-master-0", Mode: api.ModeEnforce, Target: api.ModeEnforce, ActiveGeneration: 7,
+		Generations: []api.GenerationStatus{{Number: 7, State: "active", Cipher: "aes128gcm", Reason: "request",
+			Created: fixedNow.Add(-2 * time.Hour), Activated: fixedNow.Add(-2*time.Hour + 3*time.Second)}},
+		LastRotateRequest: "2026-03-04T08:00:00Z", Nodes: len(testNodes)}
+}
+
+// healthyCluster writes what a healthy enforcing cluster publishes: nodes with agent
+// reports and agent pods, the master's status, the operator's ConfigMap, an IPIP pool,
+// FelixConfiguration ipipMTU 1452 and a valid key ring.
+func (e *env) healthyCluster() {
+	e.t.Helper()
+	var names []string
+	for _, n := range testNodes {
+		e.createNode(n.name, n.ip, n.boot, map[string]string{"secureoverlay.io/agent": "true"})
+		e.setReport(n.name, healthyReport(n.name), "")
+		e.addAgentPod(n.name)
+		names = append(names, n.name)
+	}
+	e.setMasterStatus(healthyMaster())
+	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true"})
+	e.applyCalico("ippool", "default-ipv4-ippool", map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always", "natOutgoing": true})
+	e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)})
+	e.setSecret(map[string][]byte{api.SecretDataKey: e.ring7(names...)})
+}
+
+// TestStatusGolden: status in table, wide, json and yaml, healthy and degraded, and the
+// per-peer detail of one node, against a real API server, with an injected clock.
+func TestStatusGolden(t *testing.T) {
+	e := newEnv(t)
+	e.healthyCluster()
+
+	for _, f := range []struct{ golden, format string }{
+		{"status-healthy.txt", "table"}, {"status-healthy-wide.txt", "wide"},
+		{"status-healthy.json", "json"}, {"status-healthy.yaml", "yaml"},
+	} {
+		r := e.run("status", "-o", f.format)
+		if r.code != ExitOK || r.stderr != "" {
+			t.Fatalf("status -o %s on a healthy cluster:\n%s", f.format, r)
+		}
+		goldenCheck(t, f.golden, r.stdout)
+	}
+	r := e.run("status", "-o", "json")
+	var st StatusOutput
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil {
+		t.Fatalf("status -o json does not parse: %v", err)
+	}
+	if !st.Healthy || st.Summary != "all 3 nodes encrypting and enforcing, generation 7" || len(st.Nodes) != 3 {
+		t.Fatalf("healthy status: %+v", st)
+	}
+
+	r = e.run("status", "--node", "node-a")
+	if r.code != ExitOK {
+		t.Fatalf("status --node node-a:\n%s", r)
+	}
+	goldenCheck(t, "status-node-a.txt", r.stdout)
+
+	// Degrade: node-b rebooted (new boot ID) and its agent has not re-reported, so node-a's
+	// facts about node-b are stale too; node-c's
+	// agent reports a sync error, lags at accept without generation 8 (pending), and
+	// node-a encrypts to only one peer; the master is mid-rotation.
+	e.createNode("node-d", "198.18.0.4", "boot-d-1", nil) // no agent at all
+	ms := healthyMaster()
+	ms.PendingGeneration, ms.RotationInProgress = 8, true
+	ms.Generations = append(ms.Generations, api.GenerationStatus{Number: 8, State: "pending", Cipher: "aes128gcm", Reason: "sequence", Created: fixedNow.Add(-time.Minute)})
+	ms.Waiting = "every live node to install generation 8"
+	ms.Lagging = []api.NodeLagging{{Node: "node-c", Reason: "generation 8 not installed"}, {Node: "node-d", Reason: "no report"}}
+	e.setMasterStatus(ms)
+	e.reboot("node-b", "boot-b-2")
+	rc := healthyReport("node-c")
+	rc.Mode, rc.Error = api.ModeAccept, "apply xfrm state spi=0x80000300 dst=198.18.0.1: operation not permitted"
+	rc.LastSync = fixedNow.Add(-20 * time.Minute)
+	e.setReport("node-c", rc, "")
+	ra := healthyReport("node-a")
+	ra.Generations = []uint32{7, 8}
+	ra.PeersEncrypted = 1
+	delete(ra.EncryptingTo, "node-c")
+	e.setReport("node-a", ra, "")
+
+	for _, f := range []struct{ golden, format string }{{"status-degraded.txt", "table"}, {"status-degraded.json", "json"}} {
+		r := e.run("status", "-o", f.format)
+		if r.code != ExitNotOK || r.stderr != "" {
+			t.Fatalf("status -o %s on a degraded cluster must exit 1:\n%s", f.format, r)
+		}
+		goldenCheck(t, f.golden, r.stdout)
+	}
+	r = e.run("status", "--node", "node-a")
+	if r.code != ExitNotOK || !strings.Contains(r.stdout, "not encrypting to node-c (no)") || !strings.Contains(r.stdout, "stale") {
+		t.Fatalf("status --node node-a on the degraded cluster:\n%s", r)
+	}
+	goldenCheck(t, "status-node-a-degraded.txt", r.stdout)
+
+	r = e.run("status", "--node", "nope")
+	if r.code != ExitNotOK || r.stderr != "error: node \"nope\" not found\n" {
+		t.Fatalf("status --node nope:\n%s", r)
+	}
+
+	// No master status at all: one problem, named.
+	e.setMasterStatus(nil)
+	r = e.run("status", "-o", "json")
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || r.code != ExitNotOK {
+		t.Fatalf("status without a master: %v\n%s", err, r)
+	}
+	if !slices.ContainsFunc(st.Problems, func(p string) bool { return strings.Contains(p, "is secureoverlay-master running?") }) {
+		t.Fatalf("status without a master must say so: %+v", st.Problems)
+	}
+}

@@ -562,3 +562,91 @@ func TestStandardShares(t *testing.T) {
 		t.Skip("neither a bin dir nor CNI plugins on this host")
 	}
 }
+
+// xfrmStat returns one namespace's /proc/net/xfrm_stat as a map.
+func xfrmStat(t *testing.T, vm *VM, ns string) map[string]int {
+	t.Helper()
+	out := mustRun(t, vm, "ip netns exec "+ns+" cat /proc/net/xfrm_stat")
+	m := map[string]int{}
+	for _, l := range strings.Split(out, "\n") {
+		var k string
+		var v int
+		if n, _ := fmt.Sscanf(l, "%s %d", &k, &v); n == 2 {
+			m[k] = v
+		}
+	}
+	if len(m) == 0 {
+		t.Fatalf("%s: empty /proc/net/xfrm_stat", ns)
+	}
+	return m
+}
+
+// TestInboundPolicyLevels records the kernel facts the enable/disable cutover
+// (DESIGN §4) builds on. node1 encrypts to node2, node2 still sends plaintext
+// IPIP to node1, and node1's inbound policy for proto 4 from node2 is absent,
+// `level use`, or required (the default): the first two accept the plaintext
+// (while node1's replies leave as ESP, and node2's required policy accepts
+// them), the last drops it and counts XfrmInTmplMismatch.
+// (A transport template's reqid must equal the states' reqid: a template
+// without one matches only reqid-0 states and output fails XfrmOutNoStates.)
+func TestInboundPolicyLevels(t *testing.T) {
+	vm := sharedVM(t)
+	for _, tc := range []struct {
+		name, level string // level "" = no inbound policy on node1
+		plainPasses bool
+	}{
+		{"no-inbound-policy", "", true},
+		{"level-use", "level use", true},
+		{"level-required", "level required", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Cluster{Nodes: 2, UnderlayMTU: 1450, TunnelMTU: 1402, Pods: true}
+			setupCluster(t, vm, c)
+			// SAs both ways, but only node1 -> node2 has an outbound policy.
+			script := espScript(2, 64)
+			var kept []string
+			for _, l := range strings.Split(script, "\n") {
+				if strings.Contains(l, "xfrm policy add") {
+					continue
+				}
+				kept = append(kept, l)
+			}
+			kept = append(kept,
+				fmt.Sprintf("ip -n node1 xfrm policy add src %s/32 dst %s/32 proto 4 dir out tmpl proto esp mode transport reqid 1", NodeIP(1), NodeIP(2)),
+				fmt.Sprintf("ip -n node2 xfrm policy add src %s/32 dst %s/32 proto 4 dir in tmpl proto esp mode transport reqid 1", NodeIP(1), NodeIP(2)))
+			if tc.level != "" {
+				kept = append(kept, fmt.Sprintf("ip -n node1 xfrm policy add src %s/32 dst %s/32 proto 4 dir in tmpl proto esp mode transport reqid 1 %s", NodeIP(2), NodeIP(1), tc.level))
+			}
+			mustRun(t, vm, strings.Join(kept, "\n"))
+			before := xfrmStat(t, vm, NodeNS(1))
+			var out string
+			var err error
+			capt := captureDuring(t, vm, func() {
+				out, _, err = vm.Run(ctxFor(t, time.Minute), fmt.Sprintf("ip netns exec %s ping -n -q -c 3 -i 0.2 -W 2 %s", PodNS(2), PodIP(1)))
+			})
+			after := xfrmStat(t, vm, NodeNS(1))
+			plainIn := count(t, capt, fmt.Sprintf("ip proto 4 and src %s", NodeIP(2)))
+			espOut := count(t, capt, fmt.Sprintf("ip proto 50 and src %s", NodeIP(1)))
+			mismatch := after["XfrmInTmplMismatch"] - before["XfrmInTmplMismatch"]
+			t.Logf("plaintext IPIP node2->node1: %d, ESP node1->node2: %d, XfrmInTmplMismatch +%d, ping err %v", plainIn, espOut, mismatch, err)
+			if plainIn != 3 {
+				t.Errorf("want 3 plaintext IPIP requests from node2, saw %d", plainIn)
+			}
+			if tc.plainPasses {
+				if err != nil {
+					t.Errorf("plaintext was not accepted: %v\n%s", err, out)
+				}
+				if espOut != 3 || mismatch != 0 {
+					t.Errorf("want 3 ESP replies and no mismatch, got %d and %d", espOut, mismatch)
+				}
+			} else {
+				if err == nil {
+					t.Errorf("plaintext crossed a required inbound policy:\n%s", out)
+				}
+				if espOut != 0 || mismatch != 3 {
+					t.Errorf("want 0 replies and 3 XfrmInTmplMismatch, got %d and %d", espOut, mismatch)
+				}
+			}
+		})
+	}
+}

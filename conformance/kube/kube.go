@@ -143,8 +143,7 @@ func Start(t testing.TB, opts ...Option) *Cluster {
 	ctx, cancel := context.WithTimeout(context.Background(), c.opts.startTimeout+30*time.Second)
 	defer cancel()
 	if err := c.start(ctx); err != nil {
-		c.dumpLogs(t.Logf)
-		t.Fatalf("kube harness: %v", err)
+		t.Fatalf("kube harness: %v", err) // the cleanup prints the logs' tails
 	}
 	return c
 }

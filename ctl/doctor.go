@@ -311,12 +311,16 @@ func (d *doctor) mtu(ctx context.Context) Check {
 	if err != nil {
 		return fail(name, oneLine(err.Error()))
 	}
-	var bad []string
+	var bad, unknown []string
 	min := 0
 	for _, n := range d.nodes {
 		mn := MTUNode{Name: n.Name}
 		if n.Report != nil {
 			mn.ExternalMTU, mn.BudgetMTU = n.Report.ExternalMTU, n.Report.BudgetMTU
+		}
+		if mn.BudgetMTU == 0 {
+			unknown = append(unknown, n.Name) // the agents check names why
+			continue
 		}
 		mn = mtuVerdict(mn, felix, d.icv())
 		if !mn.OK {
@@ -329,7 +333,14 @@ func (d *doctor) mtu(ctx context.Context) Check {
 	if len(bad) > 0 {
 		return fail(name, strings.Join(bad, "; "))
 	}
-	return pass(name, fmt.Sprintf("ipipMTU %d (%s) <= smallest node budget %d", felix, src, min))
+	if min == 0 {
+		return fail(name, "no node reports a budget")
+	}
+	detail := fmt.Sprintf("ipipMTU %d (%s) <= smallest node budget %d", felix, src, min)
+	if len(unknown) > 0 {
+		detail += "; not reported by " + strings.Join(unknown, ", ")
+	}
+	return pass(name, detail)
 }
 
 func (d *doctor) keySecret(ctx context.Context) Check {

@@ -29,7 +29,8 @@ type MTUOutput struct {
 	// ipipMTU) should be: the budget.
 	CalicoMTU int `json:"calicoMTU"`
 	IPIPMTU   int `json:"ipipMTU"`
-	// Cluster is nil offline.
+	// Cluster is nil offline. Nodes without a reported budget are listed but not
+	// counted as wrong (status and doctor say why they do not report).
 	Cluster *MTUCluster `json:"cluster,omitempty"`
 }
 
@@ -225,7 +226,7 @@ func (c *CLI) mtuCluster(ctx context.Context, g *globals, out *MTUOutput) error 
 			mn.ExternalMTU, mn.BudgetMTU = n.Report.ExternalMTU, n.Report.BudgetMTU
 		}
 		mn = mtuVerdict(mn, felix, out.ICVBytes)
-		if !mn.OK {
+		if !mn.OK && mn.BudgetMTU != 0 {
 			mc.WrongNodes = append(mc.WrongNodes, n.Name)
 		}
 		mc.Nodes = append(mc.Nodes, mn)
@@ -268,10 +269,16 @@ func printMTU(w io.Writer, format string, o MTUOutput) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	if len(mc.WrongNodes) > 0 {
-		fmt.Fprintf(w, "\n%d of %d nodes wrong\n", len(mc.WrongNodes), len(mc.Nodes))
-	} else {
-		fmt.Fprintf(w, "\nall %d nodes within budget\n", len(mc.Nodes))
+	unknown := 0
+	for _, n := range mc.Nodes {
+		if n.BudgetMTU == 0 {
+			unknown++
+		}
 	}
+	fmt.Fprintf(w, "\n%d of %d nodes wrong", len(mc.WrongNodes), len(mc.Nodes))
+	if unknown > 0 {
+		fmt.Fprintf(w, ", %d without a reported budget", unknown)
+	}
+	fmt.Fprintln(w)
 	return nil
 }

@@ -1,0 +1,288 @@
+package ctl
+
+import (
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"testing"
+
+	"github.com/secureoverlay/secureoverlay/api"
+)
+
+var allChecks = []string{"calico-crds", "calico-ipip", "master", "agents", "mtu", "key-secret", "sequence", "xfrm-errors"}
+
+// doctor runs doctor -o json with a short sample and returns the failed check names.
+func (e *env) doctor(extra ...string) ([]string, DoctorOutput, result) {
+	e.t.Helper()
+	r := e.run(append([]string{"doctor", "-o", "json", "--sample", "300ms"}, extra...)...)
+	var out DoctorOutput
+	if err := json.Unmarshal([]byte(r.stdout), &out); err != nil {
+		e.t.Fatalf("doctor -o json does not parse: %v\n%s", err, r)
+	}
+	var failed []string
+	var names []string
+	for _, c := range out.Checks {
+		names = append(names, c.Name)
+		if c.Verdict != "pass" {
+			failed = append(failed, c.Name)
+		}
+	}
+	if !slices.Equal(names, allChecks) {
+		e.t.Fatalf("doctor ran %v, want %v", names, allChecks)
+	}
+	want := ExitOK
+	if len(failed) > 0 {
+		want = ExitNotOK
+	}
+	if r.code != want || r.stderr != "" || out.Passed != (len(failed) == 0) {
+		e.t.Fatalf("doctor: exit %d, want %d (failed %v):\n%s", r.code, want, failed, r)
+	}
+	sort.Strings(failed)
+	return failed, out, r
+}
+
+func detail(out DoctorOutput, name string) string {
+	for _, c := range out.Checks {
+		if c.Name == name {
+			return c.Detail
+		}
+	}
+	return ""
+}
+
+// TestDoctor: every check passes on a healthy cluster, and each broken condition it
+// checks makes exactly the expected checks fail (exit 1), against a real API server.
+func TestDoctor(t *testing.T) {
+	e := newEnv(t)
+	e.healthyCluster()
+
+	failed, _, _ := e.doctor()
+	if len(failed) != 0 {
+		t.Fatalf("healthy cluster: failed %v", failed)
+	}
+	r := e.run("doctor", "--sample", "300ms")
+	if r.code != ExitOK {
+		t.Fatalf("doctor table:\n%s", r)
+	}
+	goldenCheck(t, "doctor-healthy.txt", strings.ReplaceAll(r.stdout, "300ms", "SAMPLE"))
+
+	ring := e.ring7("node-a", "node-b", "node-c")
+	cases := []struct {
+		name   string
+		args   []string
+		breakf func()
+		fix    func()
+		want   []string
+		say    string // substring of the first failed check's detail
+	}{
+		{
+			name:   "calico CRDs not readable (RBAC)",
+			args:   []string{"--as", "operator-nocalico"},
+			breakf: func() { e.installOperatorRBAC("operator-nocalico", false) },
+			fix:    func() {},
+			want:   []string{"calico-crds", "calico-ipip", "mtu"},
+			say:    "forbidden",
+		},
+		{
+			name:   "operator RBAC is enough for a healthy verdict",
+			args:   []string{"--as", "operator"},
+			breakf: func() { e.installOperatorRBAC("operator", true) },
+			fix:    func() {},
+		},
+		{
+			name:   "IPPool not in IPIP mode",
+			breakf: func() { e.applyCalico("ippool", "default-ipv4-ippool", map[string]any{"cidr": "10.244.0.0/16", "vxlanMode": "Always"}) },
+			fix: func() {
+				e.applyCalico("ippool", "default-ipv4-ippool", map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always"})
+			},
+			want: []string{"calico-ipip"},
+			say:  "no enabled IPPool uses IPIP",
+		},
+		{
+			name:   "a second pool without IPIP",
+			breakf: func() { e.applyCalico("ippool", "plain", map[string]any{"cidr": "10.250.0.0/16", "ipipMode": "Never"}) },
+			fix:    func() { e.applyCalico("ippool", "plain", map[string]any{"cidr": "10.250.0.0/16", "ipipMode": "Never", "disabled": true}) },
+			want:   []string{"calico-ipip"},
+			say:    "plain 10.250.0.0/16 ipipMode Never",
+		},
+		{
+			name:   "master reports an error",
+			breakf: func() { ms := healthyMaster(); ms.LastError = "refusing invalid key ring: generations[0].root: wrong length"; e.setMasterStatus(ms) },
+			fix:    func() { e.setMasterStatus(healthyMaster()) },
+			want:   []string{"master"},
+			say:    "refusing invalid key ring",
+		},
+		{
+			name:   "no master status",
+			breakf: func() { e.setMasterStatus(nil) },
+			fix:    func() { e.setMasterStatus(healthyMaster()) },
+			want:   []string{"master"},
+			say:    "is secureoverlay-master running?",
+		},
+		{
+			name:   "a node without an agent report",
+			breakf: func() { e.setReport("node-c", nil, "") },
+			fix:    func() { e.setReport("node-c", healthyReport("node-c"), "") },
+			want:   []string{"agents"},
+			say:    "node-c: no agent report",
+		},
+		{
+			name:   "an unreadable report",
+			breakf: func() { e.setReport("node-c", nil, `{"mode":"sideways"}`) },
+			fix:    func() { e.setReport("node-c", healthyReport("node-c"), "") },
+			want:   []string{"agents"},
+			say:    `mode \"sideways\" is not a mode`,
+		},
+		{
+			name: "a report with a sync error",
+			breakf: func() {
+				r := healthyReport("node-b")
+				r.Error = "list xfrm states: interrupted dump"
+				e.setReport("node-b", r, "")
+			},
+			fix:  func() { e.setReport("node-b", healthyReport("node-b"), "") },
+			want: []string{"agents"},
+			say:  "node-b: sync error: list xfrm states",
+		},
+		{
+			name:   "a report from before the node's reboot",
+			breakf: func() { e.reboot("node-a", "boot-a-2") },
+			fix:    func() { e.reboot("node-a", "boot-a-1") },
+			want:   []string{"agents"},
+			say:    "node-a: report predates the node's last reboot",
+		},
+		{
+			name:   "ipipMTU above the budget",
+			breakf: func() { e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1480)}) },
+			fix:    func() { e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)}) },
+			want:   []string{"mtu"},
+			say:    "ipipMTU 1480 exceeds this node's budget 1452",
+		},
+		{
+			name:   "ipipMTU unset",
+			breakf: func() { e.applyCalico("felix", "default", map[string]any{"logSeverityScreen": "Info"}) },
+			fix:    func() { e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)}) },
+			want:   []string{"mtu"},
+			say:    "ipipMTU unset",
+		},
+		{
+			name: "a node on a smaller external MTU",
+			breakf: func() {
+				r := healthyReport("node-b")
+				r.ExternalMTU, r.BudgetMTU = 1450, 1402
+				e.setReport("node-b", r, "")
+			},
+			fix:  func() { e.setReport("node-b", healthyReport("node-b"), "") },
+			want: []string{"mtu"},
+			say:  "node-b: ipipMTU 1452 exceeds this node's budget 1402",
+		},
+		{
+			name: "a node reporting a budget the rule does not give",
+			breakf: func() {
+				r := healthyReport("node-b")
+				r.ExternalMTU, r.BudgetMTU = 1450, 1404 // the documented rule's overrun
+				e.setReport("node-b", r, "")
+			},
+			fix:  func() { e.setReport("node-b", healthyReport("node-b"), "") },
+			want: []string{"mtu"},
+			say:  "reports budget 1404, the rule gives 1402",
+		},
+		{
+			name:   "key Secret missing",
+			breakf: func() { e.setSecret(nil) },
+			fix:    func() { e.setSecret(map[string][]byte{api.SecretDataKey: ring}) },
+			want:   []string{"key-secret"},
+			say:    "secret secureoverlay/keys not found",
+		},
+		{
+			name: "key Secret malformed (its bytes never printed)",
+			breakf: func() {
+				bad := strings.Replace(string(ring), `"schemaVersion": 1`, `"schemaVersion": 9`, 1)
+				e.setSecret(map[string][]byte{api.SecretDataKey: []byte(bad)})
+			},
+			fix:  func() { e.setSecret(map[string][]byte{api.SecretDataKey: ring}) },
+			want: []string{"key-secret"},
+			say:  "is not a valid key ring",
+		},
+		{
+			name: "key Secret with a truncated root",
+			breakf: func() {
+				i := strings.Index(string(ring), `"root": "`) + len(`"root": "`)
+				bad := string(ring[:i]) + string(ring[i+8:]) // drop 8 base64 chars
+				e.setSecret(map[string][]byte{api.SecretDataKey: []byte(bad)})
+			},
+			fix:  func() { e.setSecret(map[string][]byte{api.SecretDataKey: ring}) },
+			want: []string{"key-secret"},
+			say:  "is not a valid key ring",
+		},
+		{
+			name:   "key Secret without its data key",
+			breakf: func() { e.setSecret(map[string][]byte{"other": []byte("x")}) },
+			fix:    func() { e.setSecret(map[string][]byte{api.SecretDataKey: ring}) },
+			want:   []string{"key-secret"},
+			say:    `has no data key \"keys\"`,
+		},
+		{
+			name: "an SA near sequence exhaustion",
+			breakf: func() {
+				r := healthyReport("node-a")
+				r.MaxSeqFraction = 0.9
+				e.setReport("node-a", r, "")
+			},
+			fix:  func() { e.setReport("node-a", healthyReport("node-a"), "") },
+			want: []string{"sequence"},
+			say:  "node-a at 90% (generation 7)",
+		},
+		{
+			name:   "xfrm error counter rising on one agent",
+			breakf: func() { e.mu.Lock(); e.rising["secureoverlay-agent-node-b"] = true; e.mu.Unlock() },
+			fix:    func() { e.mu.Lock(); e.rising["secureoverlay-agent-node-b"] = false; e.mu.Unlock() },
+			want:   []string{"xfrm-errors"},
+			say:    "secureoverlay-agent-node-b (node node-b): XfrmInNoStates +1",
+		},
+		{
+			name:   "no agent pods",
+			args:   []string{"--agent-selector", "app=nothing"},
+			breakf: func() {},
+			fix:    func() {},
+			want:   []string{"xfrm-errors"},
+			say:    `no agent pods match \"app=nothing\"`,
+		},
+		{
+			name:   "a node outside --node-selector is not checked",
+			args:   []string{"--node-selector", "secureoverlay.io/agent=true"},
+			breakf: func() { e.createNode("win-1", "198.18.0.9", "boot-w", map[string]string{"kubernetes.io/os": "windows"}) },
+			fix:    func() {},
+		},
+		{
+			name: "... but is without the selector",
+			want: []string{"agents"},
+			say:  "win-1: no agent report",
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.breakf != nil {
+				tc.breakf()
+			}
+			failed, out, r := e.doctor(tc.args...)
+			if fmt.Sprint(failed) != fmt.Sprint(tc.want) && !(len(failed) == 0 && len(tc.want) == 0) {
+				t.Errorf("failed checks %v, want %v:\n%s", failed, tc.want, r)
+			}
+			if tc.say != "" && len(tc.want) > 0 {
+				if d := detail(out, tc.want[0]); !strings.Contains(d, strings.ReplaceAll(tc.say, `\"`, `"`)) {
+					t.Errorf("%s detail %q does not say %q", tc.want[0], d, tc.say)
+				}
+			}
+			if tc.fix != nil {
+				tc.fix()
+			}
+		})
+	}
+	// Back to healthy after every fix (but win-1 stays: select the agent nodes).
+	if failed, _, r := e.doctor("--node-selector", "secureoverlay.io/agent=true"); len(failed) != 0 {
+		t.Fatalf("after the fixes: failed %v\n%s", failed, r)
+	}
+}

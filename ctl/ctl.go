@@ -272,6 +272,7 @@ func (g *globals) loadConfig() (*rest.Config, error) {
 		return nil, withCode(ExitUnreachable, fmt.Errorf("load kubeconfig: %w", err))
 	}
 	cfg.Timeout = g.requestTimeout
+	cfg.QPS, cfg.Burst = 50, 100 // kubectl's; --wait polls a few objects twice a second
 	cfg.WarningHandler = rest.NoWarnings{}
 	cfg.UserAgent = "secureoverlayctl"
 	return cfg, nil

@@ -63,39 +63,53 @@ func addWaitFlags(cmd *cobra.Command, w *waitFlags, what string) {
 }
 
 // follow polls until done reports true, printing a line whenever the progress text
-// changes. It returns ExitTimeout when timeout passes.
+// changes. It returns ExitTimeout when timeout passes. An unreachable API server does
+// not end the wait (it is reported and retried); other errors do.
 func (c *CLI) follow(ctx context.Context, cl *clients, ns string, w io.Writer, timeout time.Duration,
 	done func(v *view) (bool, string)) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
 	last := ""
 	start := c.Now()
 	tick := time.NewTicker(c.PollInterval)
 	defer tick.Stop()
 	for {
+		line := ""
 		v, err := cl.read(ctx, ns, c.Now())
-		if err != nil && ctx.Err() == nil {
-			return err
-		}
-		if err == nil {
-			ok, line := done(v)
-			if line != last {
-				fmt.Fprintf(w, "[%5.1fs] %s\n", c.Now().Sub(start).Seconds(), line)
-				last = line
-			}
+		switch {
+		case err == nil:
+			var ok bool
+			ok, line = done(v)
 			if ok {
+				fmt.Fprintf(w, "[%5.1fs] %s\n", c.Now().Sub(start).Seconds(), line)
 				return nil
 			}
+		case ctx.Err() != nil:
+		case exitCode(err) == ExitUnreachable:
+			line = oneLine(err.Error()) + " (retrying)"
+		default:
+			return err
+		}
+		if line != "" && line != last {
+			fmt.Fprintf(w, "[%5.1fs] %s\n", c.Now().Sub(start).Seconds(), line)
+			last = line
 		}
 		select {
+		case <-deadline.C:
+			return withCode(ExitTimeout, fmt.Errorf("timed out after %s: %s", timeout, last))
 		case <-ctx.Done():
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return withCode(ExitTimeout, fmt.Errorf("timed out after %s: %s", timeout, last))
-			}
 			return withCode(ExitNotOK, fmt.Errorf("interrupted: %s", last))
 		case <-tick.C:
 		}
 	}
+}
+
+func exitCode(err error) int {
+	var x *exitError
+	if errors.As(err, &x) {
+		return x.code
+	}
+	return ExitNotOK
 }
 
 // lagging renders the master's lagging list, and nodes whose report disagrees with want.

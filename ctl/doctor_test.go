@@ -92,8 +92,10 @@ func TestDoctor(t *testing.T) {
 			fix:    func() {},
 		},
 		{
-			name:   "IPPool not in IPIP mode",
-			breakf: func() { e.applyCalico("ippool", "default-ipv4-ippool", map[string]any{"cidr": "10.244.0.0/16", "vxlanMode": "Always"}) },
+			name: "IPPool not in IPIP mode",
+			breakf: func() {
+				e.applyCalico("ippool", "default-ipv4-ippool", map[string]any{"cidr": "10.244.0.0/16", "vxlanMode": "Always"})
+			},
 			fix: func() {
 				e.applyCalico("ippool", "default-ipv4-ippool", map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always"})
 			},
@@ -103,16 +105,22 @@ func TestDoctor(t *testing.T) {
 		{
 			name:   "a second pool without IPIP",
 			breakf: func() { e.applyCalico("ippool", "plain", map[string]any{"cidr": "10.250.0.0/16", "ipipMode": "Never"}) },
-			fix:    func() { e.applyCalico("ippool", "plain", map[string]any{"cidr": "10.250.0.0/16", "ipipMode": "Never", "disabled": true}) },
-			want:   []string{"calico-ipip"},
-			say:    "plain 10.250.0.0/16 ipipMode Never",
+			fix: func() {
+				e.applyCalico("ippool", "plain", map[string]any{"cidr": "10.250.0.0/16", "ipipMode": "Never", "disabled": true})
+			},
+			want: []string{"calico-ipip"},
+			say:  "plain 10.250.0.0/16 ipipMode Never",
 		},
 		{
-			name:   "master reports an error",
-			breakf: func() { ms := healthyMaster(); ms.LastError = "refusing invalid key ring: generations[0].root: wrong length"; e.setMasterStatus(ms) },
-			fix:    func() { e.setMasterStatus(healthyMaster()) },
-			want:   []string{"master"},
-			say:    "refusing invalid key ring",
+			name: "master reports an error",
+			breakf: func() {
+				ms := healthyMaster()
+				ms.LastError = "refusing invalid key ring: generations[0].root: wrong length"
+				e.setMasterStatus(ms)
+			},
+			fix:  func() { e.setMasterStatus(healthyMaster()) },
+			want: []string{"master"},
+			say:  "refusing invalid key ring",
 		},
 		{
 			name:   "no master status",
@@ -251,10 +259,12 @@ func TestDoctor(t *testing.T) {
 			say:    `no agent pods match \"app=nothing\"`,
 		},
 		{
-			name:   "a node outside --node-selector is not checked",
-			args:   []string{"--node-selector", "secureoverlay.io/agent=true"},
-			breakf: func() { e.createNode("win-1", "198.18.0.9", "boot-w", map[string]string{"kubernetes.io/os": "windows"}) },
-			fix:    func() {},
+			name: "a node outside --node-selector is not checked",
+			args: []string{"--node-selector", "secureoverlay.io/agent=true"},
+			breakf: func() {
+				e.createNode("win-1", "198.18.0.9", "boot-w", map[string]string{"kubernetes.io/os": "windows"})
+			},
+			fix: func() {},
 		},
 		{
 			name: "... but is without the selector",

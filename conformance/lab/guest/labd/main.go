@@ -60,21 +60,25 @@ func serve(c net.Conn) {
 	}
 }
 
-// capped is a bytes.Buffer that drops what exceeds wire.MaxOutput.
+// capped keeps the first wire.MaxOutput bytes written to it. The buffer is a
+// field, not embedded: an embedded bytes.Buffer would promote ReadFrom, and
+// io.Copy (which exec.Cmd uses) would bypass Write and the cap.
 type capped struct {
-	bytes.Buffer
+	buf       bytes.Buffer
 	truncated bool
 }
 
 func (b *capped) Write(p []byte) (int, error) {
 	n := len(p)
-	if room := wire.MaxOutput - b.Len(); len(p) > room {
+	if room := wire.MaxOutput - b.buf.Len(); len(p) > room {
 		b.truncated = true
 		p = p[:max(room, 0)]
 	}
-	b.Buffer.Write(p)
+	b.buf.Write(p)
 	return n, nil
 }
+
+func (b *capped) Bytes() []byte { return b.buf.Bytes() }
 
 func run(req wire.Request) wire.Response {
 	if len(req.Argv) == 0 {

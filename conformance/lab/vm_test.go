@@ -650,3 +650,57 @@ func TestInboundPolicyLevels(t *testing.T) {
 		})
 	}
 }
+
+func TestBackgroundProcessesAndFiles(t *testing.T) {
+	vm := sharedVM(t)
+	ctx := ctxFor(t, time.Minute)
+	if err := vm.WriteFile(ctx, "/tmp/lab-bg/script.sh", []byte("echo hello from bg\nexec sleep 300\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b, err := vm.ReadFile(ctx, "/tmp/lab-bg/script.sh")
+	if err != nil || !strings.HasPrefix(string(b), "echo hello") {
+		t.Fatalf("ReadFile = %q, %v", b, err)
+	}
+	if out := mustRun(t, vm, "stat -c %a /tmp/lab-bg/script.sh"); out != "755\n" {
+		t.Errorf("mode %q", out)
+	}
+	pid, err := vm.Background(ctx, "/tmp/lab-bg/script.sh", "/tmp/lab-bg/log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The process survives the Run that started it and writes its log.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		log, _ := vm.ReadFile(ctx, "/tmp/lab-bg/log")
+		if strings.Contains(string(log), "hello from bg") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("background log: %q", log)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if ok, err := vm.Running(ctx, pid); err != nil || !ok {
+		t.Fatalf("pid %d running = %v, %v", pid, ok, err)
+	}
+	if err := vm.Signal(ctx, pid, "KILL"); err != nil {
+		t.Fatal(err)
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		ok, err := vm.Running(ctx, pid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("pid %d survived SIGKILL", pid)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if _, err := vm.ReadFile(ctx, "/nonexistent"); err == nil {
+		t.Error("ReadFile of a missing file succeeded")
+	}
+}

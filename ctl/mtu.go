@@ -43,6 +43,10 @@ type MTUCluster struct {
 	FelixSource string    `json:"felixSource"`
 	Nodes       []MTUNode `json:"nodes"`
 	WrongNodes  []string  `json:"wrongNodes,omitempty"`
+	// SmallestBudget is the smallest budget any node reports (0: none reports one):
+	// the cluster-wide ipipMTU must not exceed it.
+	SmallestBudget int    `json:"smallestBudget,omitempty"`
+	SmallestNode   string `json:"smallestNode,omitempty"`
 }
 
 // MTUNode is one node's reported budget and verdict.
@@ -225,6 +229,9 @@ func (c *CLI) mtuCluster(ctx context.Context, g *globals, out *MTUOutput) error 
 		if n.Report != nil {
 			mn.ExternalMTU, mn.BudgetMTU = n.Report.ExternalMTU, n.Report.BudgetMTU
 		}
+		if mn.BudgetMTU != 0 && (mc.SmallestBudget == 0 || mn.BudgetMTU < mc.SmallestBudget) {
+			mc.SmallestBudget, mc.SmallestNode = mn.BudgetMTU, n.Name
+		}
 		mn = mtuVerdict(mn, felix, out.ICVBytes)
 		if !mn.OK && mn.BudgetMTU != 0 {
 			mc.WrongNodes = append(mc.WrongNodes, n.Name)
@@ -280,5 +287,8 @@ func printMTU(w io.Writer, format string, o MTUOutput) error {
 		fmt.Fprintf(w, ", %d without a reported budget", unknown)
 	}
 	fmt.Fprintln(w)
+	if mc.SmallestBudget != 0 {
+		fmt.Fprintf(w, "cluster-wide ipipMTU must be <= %d (smallest node budget, %s)\n", mc.SmallestBudget, mc.SmallestNode)
+	}
 	return nil
 }

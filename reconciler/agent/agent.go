@@ -350,6 +350,16 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 		rep.Error = berr.Error()
 	}
 	a.observe(st, rep, seq)
+	// Reports are written only after a sync that read the kernel back: a partial sync
+	// trusts the appliers' caches, which another tool may have made stale (flushed
+	// policies). So a partial sync that would publish hands over to a full one at once.
+	if !full {
+		if _, due := a.publishDue(rep); due {
+			a.full.Store(true)
+			a.q.Add(queueKey)
+			return nil // readiness waits for the publishing sync
+		}
+	}
 	if err := a.publish(ctx, rep); err != nil {
 		a.setStatus(true, err)
 		return err
@@ -510,22 +520,11 @@ func (a *Agent) publishError(ctx context.Context, err error) {
 
 // publish patches the report if its claims changed or the heartbeat is due.
 func (a *Agent) publish(ctx context.Context, r watch.Report) error {
-	prev := a.previous()
-	a.mu.Lock()
-	pubAt := a.pubAt
-	a.mu.Unlock()
-	now := a.d.Now()
-	reason := "changed"
-	if prev != nil && sameClaims(*prev, r) {
-		if !pubAt.IsZero() && now.Sub(pubAt) < a.cfg.HeartbeatInterval {
-			return nil
-		}
-		if pubAt.IsZero() && now.Sub(prev.LastSync) < a.cfg.HeartbeatInterval {
-			return nil
-		}
-		reason = "heartbeat"
+	reason, write := a.publishDue(r)
+	if !write {
+		return nil
 	}
-	if r.LastSync.IsZero() && prev != nil {
+	if prev := a.previous(); r.LastSync.IsZero() && prev != nil {
 		r.LastSync = prev.LastSync
 	}
 	if err := patchReport(ctx, a.d.Client, a.cfg.NodeName, r); err != nil {
@@ -534,9 +533,28 @@ func (a *Agent) publish(ctx context.Context, r watch.Report) error {
 	}
 	a.d.Metrics.ReportWrites.WithLabelValues(reason, "ok").Inc()
 	a.mu.Lock()
-	a.published, a.pubAt = &r, now
+	a.published, a.pubAt = &r, a.d.Now()
 	a.mu.Unlock()
 	return nil
+}
+
+// publishDue says whether r must be written: its claims changed, or the heartbeat is due.
+func (a *Agent) publishDue(r watch.Report) (reason string, write bool) {
+	prev := a.previous()
+	a.mu.Lock()
+	pubAt := a.pubAt
+	a.mu.Unlock()
+	now := a.d.Now()
+	if prev == nil || !sameClaims(*prev, r) {
+		return "changed", true
+	}
+	if !pubAt.IsZero() && now.Sub(pubAt) < a.cfg.HeartbeatInterval {
+		return "", false
+	}
+	if pubAt.IsZero() && now.Sub(prev.LastSync) < a.cfg.HeartbeatInterval {
+		return "", false
+	}
+	return "heartbeat", true
 }
 
 // Status is the agent's health as /healthz and /readyz see it.

@@ -321,6 +321,11 @@ func TestReportWritesAreBounded(t *testing.T) {
 		if err := e.a.Sync(ctx); err != nil {
 			t.Fatal(err)
 		}
+		if e.a.full.Load() { // a partial sync handed publishing over to a full one
+			if err := e.a.Sync(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
 	step(0)
 	if e.patches() != 1 {
@@ -549,6 +554,11 @@ func TestDropRulesNeverOutliveTheirPolicies(t *testing.T) {
 	setReport(gone)
 	if err := e.a.Sync(ctx); err != nil {
 		t.Fatal(err)
+	}
+	if e.a.full.Load() {
+		if err := e.a.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if outPolicy(e.xk) || outRule() || deletes.Load() == 0 {
 		t.Fatalf("after the change: policy %v rule %v", outPolicy(e.xk), outRule())

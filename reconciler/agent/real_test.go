@@ -420,6 +420,30 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 	if w := writes(m2); w != 0 {
 		t.Errorf("restarted agent made %v xfrm writes, want 0 (adopt)", w)
 	}
+	// An API server outage leaves the data plane alone; afterwards events flow again.
+	c.StopAPIServer()
+	time.Sleep(time.Second) // several resyncs run from the caches meanwhile
+	if got := ours(t, netns, dp); len(got) != 2 {
+		t.Fatalf("policies during the API server outage: %v", got)
+	}
+	if !a2.Status().Healthy {
+		t.Error("unhealthy during an API server outage")
+	}
+	c.StartAPIServer()
+	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "c", IPv4: "198.18.0.3", BootID: "boot-c2",
+		Annotations: map[string]string{api.ReportAnnotation: peerReport("boot-a", "boot-c2")}})
+	waitFor(t, "policies for c after the outage", func() bool { return ours(t, netns, dp)["out 198.18.0.1>198.18.0.3"] })
+	if err := admin.CoreV1().Nodes().Delete(ctx, "c", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "c pruned again", func() bool { return len(ours(t, netns, dp)) == 2 })
+	waitFor(t, "ready again", func() bool { return a2.Status().Ready })
+	waitFor(t, "report without c again", func() bool {
+		r := report()
+		return r != nil && r.Error == "" && r.PeersExpected == 1 && r.InboundFrom["c"] == ""
+	})
+	time.Sleep(100 * time.Millisecond) // let the publishing sync return
+
 	if err := do(netns, func() error { return netlink.XfrmPolicyFlush() }); err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	"k8s.io/client-go/kubernetes"
+
 	"github.com/secureoverlay/secureoverlay/budget"
 	"github.com/secureoverlay/secureoverlay/install"
 	"github.com/secureoverlay/secureoverlay/install/owner"
@@ -85,6 +87,22 @@ func run() error {
 	case *once:
 		return in.Install(ctx)
 	}
+	// The sidecar follows its DaemonSet from the start (see owner.Tracker) so that the
+	// decision at SIGTERM survives `kubectl delete -f` removing our RBAC first.
+	var (
+		client  kubernetes.Interface
+		tracker *owner.Tracker
+	)
+	if *onDelete && *podName != "" && *podNS != "" {
+		if client, err = owner.NewClient(*kubeconfig); err != nil {
+			log.Warn("no kubernetes client; the plugin will be kept on termination", "err", err)
+		} else {
+			tracker = owner.NewTracker(client, *podNS, *podName)
+			tctx, tcancel := context.WithCancel(context.Background())
+			defer tcancel()
+			go tracker.Run(tctx, func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) })
+		}
+	}
 	if err := in.Run(ctx); err != nil {
 		return err
 	}
@@ -93,7 +111,7 @@ func run() error {
 	if !*onDelete {
 		return nil
 	}
-	return uninstallIfDeleted(log, in, *kubeconfig, *podNS, *podName)
+	return uninstallIfDeleted(log, in, client, tracker, *podNS, *podName)
 }
 
 // detect returns the host's external MTU for the entry, or 0 (the plugin then detects at
@@ -115,17 +133,17 @@ func detect(log *slog.Logger, e install.Entry) int {
 	return mtu
 }
 
-// uninstallIfDeleted asks the API whether our DaemonSet is being deleted and uninstalls
-// only then. It stays well inside the pod's termination grace period.
-func uninstallIfDeleted(log *slog.Logger, in *install.Installer, kubeconfig, ns, name string) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := owner.NewClient(kubeconfig)
-	if err != nil {
-		log.Warn("cannot check the daemonset; keeping the plugin", "err", err)
+// uninstallIfDeleted asks the API (and the tracker) whether our DaemonSet is being
+// deleted and uninstalls only then. It stays well inside the pod's termination grace
+// period.
+func uninstallIfDeleted(log *slog.Logger, in *install.Installer, c kubernetes.Interface, tr *owner.Tracker, ns, name string) error {
+	if c == nil {
+		log.Info("keeping the plugin", "reason", "pod identity or API access unknown (POD_NAME/POD_NAMESPACE unset or no client)")
 		return nil
 	}
-	d, err := owner.Decide(ctx, c, ns, name, time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	d, err := owner.Decide(ctx, c, tr, ns, name, time.Second)
 	if err != nil {
 		log.Warn("cannot check the daemonset; keeping the plugin", "err", err)
 		return nil

@@ -17,6 +17,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -236,12 +237,13 @@ func TestSidecarAgainstAPIServer(t *testing.T) {
 	ctx := context.Background()
 	admin := kubernetes.NewForConfigOrDie(c.AdminConfig())
 	const ns, saName, dsName, podName = "so-e2e", "secureoverlay-agent", "secureoverlay-agent", "secureoverlay-agent-q8f2x"
+	const dsName2, podName2 = "secureoverlay-agent-v2", "secureoverlay-agent-v2-7hk3c"
 	saCfg := c.ServiceAccountConfig(ns, saName)
 	kubeconfig := writeKubeconfig(t, saCfg)
 
 	role := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "secureoverlay-install"}, Rules: []rbacv1.PolicyRule{
 		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get"}},
-		{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"}, Verbs: []string{"get"}},
+		{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"}, ResourceNames: []string{dsName, dsName2}, Verbs: []string{"get", "list", "watch"}},
 	}}
 	rb := &rbacv1.RoleBinding{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "secureoverlay-install"},
@@ -261,16 +263,23 @@ func TestSidecarAgainstAPIServer(t *testing.T) {
 	if _, err := admin.RbacV1().RoleBindings(ns).Create(ctx, rb, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	ds, err := admin.AppsV1().DaemonSets(ns).Create(ctx, ds, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
+	createOwned := func(ds *appsv1.DaemonSet, podName string) {
+		t.Helper()
+		ds, err := admin.AppsV1().DaemonSets(ns).Create(ctx, ds, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: podName, Labels: labels,
+			OwnerReferences: []metav1.OwnerReference{{APIVersion: "apps/v1", Kind: "DaemonSet", Name: ds.Name, UID: ds.UID, Controller: &yes}}},
+			Spec: spec}
+		if _, err := admin.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
 	}
-	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: podName, Labels: labels,
-		OwnerReferences: []metav1.OwnerReference{{APIVersion: "apps/v1", Kind: "DaemonSet", Name: dsName, UID: ds.UID, Controller: &yes}}},
-		Spec: spec}
-	if _, err := admin.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	ds2 := ds.DeepCopy()
+	ds2.Name = dsName2
+	createOwned(ds, podName)
+	createOwned(ds2, podName2)
 	// Let RBAC caches see the binding before the sidecar's one decisive request.
 	sa := kubernetes.NewForConfigOrDie(saCfg)
 	waitFor(t, "rbac binding", 10*time.Second, func() bool {
@@ -317,8 +326,32 @@ func TestSidecarAgainstAPIServer(t *testing.T) {
 		b, _ := os.ReadFile(n.list())
 		t.Fatalf("sidecar did not uninstall after the DaemonSet was deleted:\n%s\nconflist now:\n%s", out, b)
 	}
-	if !strings.Contains(out, "is gone") {
+	if !strings.Contains(out, "uninstalling") {
 		t.Fatalf("uninstall reason not logged:\n%s", out)
+	}
+
+	// 4. kubectl delete -f deletes the DaemonSet and then our RBAC before the pod gets
+	// SIGTERM: the API refuses the check, but the sidecar watched the deletion happen.
+	env2 := []string{"POD_NAME=" + podName2, "POD_NAMESPACE=" + ns}
+	term = sidecar(t, bin, args, env2...)
+	waitFor(t, "install", 10*time.Second, n.installed)
+	time.Sleep(time.Second) // the tracker gets and watches its DaemonSet
+	if err := admin.AppsV1().DaemonSets(ns).Delete(ctx, dsName2, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.RbacV1().RoleBindings(ns).Delete(ctx, rb.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "rbac revoked", 10*time.Second, func() bool {
+		_, err := sa.CoreV1().Pods(ns).Get(ctx, podName2, metav1.GetOptions{})
+		return apierrors.IsForbidden(err)
+	})
+	out = term()
+	if !n.pristine() {
+		t.Fatalf("sidecar did not uninstall after DaemonSet and RBAC were deleted:\n%s", out)
+	}
+	if !strings.Contains(out, "seen by the watch") {
+		t.Fatalf("uninstall not decided by the watch:\n%s", out)
 	}
 }
 

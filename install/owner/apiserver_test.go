@@ -23,16 +23,19 @@ type Setup struct {
 	Namespace, ServiceAccount, DaemonSet, Pod string
 }
 
-// InstallerRules are the RBAC rules the installer's ServiceAccount needs in its namespace.
-var InstallerRules = []rbacv1.PolicyRule{
-	{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get"}},
-	{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"}, Verbs: []string{"get"}},
+// InstallerRules are the RBAC rules the installer's ServiceAccount needs in its namespace:
+// get its own pod (name unknown in advance), and get/list/watch only its DaemonSet.
+func InstallerRules(daemonSet string) []rbacv1.PolicyRule {
+	return []rbacv1.PolicyRule{
+		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get"}},
+		{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"}, ResourceNames: []string{daemonSet}, Verbs: []string{"get", "list", "watch"}},
+	}
 }
 
 func createSetup(ctx context.Context, t *testing.T, admin kubernetes.Interface, s Setup, withRole bool) *appsv1.DaemonSet {
 	t.Helper()
 	if withRole {
-		role := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Namespace: s.Namespace, Name: "secureoverlay-install"}, Rules: InstallerRules}
+		role := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Namespace: s.Namespace, Name: "secureoverlay-install"}, Rules: InstallerRules(s.DaemonSet)}
 		if _, err := admin.RbacV1().Roles(s.Namespace).Create(ctx, role, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
@@ -143,6 +146,64 @@ func TestDecisionAgainstAPIServer(t *testing.T) {
 	if d, err = DaemonSetDeleted(ctx, sa, s.Namespace, s.Pod); err != nil || d.Uninstall {
 		t.Fatalf("daemonset re-created: %+v, %v; want keep", d, err)
 	}
+
+	// The DaemonSet is re-created with a new UID; a tracker follows it (watch allowed by
+	// resourceNames). kubectl delete -f deletes it, then the RoleBinding: at "SIGTERM" the
+	// API refuses, and the tracker's observation decides.
+	tr := NewTracker(sa, s.Namespace, s.Pod)
+	pod, err := admin.CoreV1().Pods(s.Namespace).Get(ctx, s.Pod, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur, err := admin.AppsV1().DaemonSets(s.Namespace).Get(ctx, s.DaemonSet, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod.OwnerReferences[0].UID = cur.UID // the pod belongs to the live DaemonSet now
+	if _, err := admin.CoreV1().Pods(s.Namespace).Update(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	tctx, tcancel := context.WithCancel(ctx)
+	tdone := make(chan struct{})
+	go func() { defer close(tdone); tr.Run(tctx, t.Logf) }()
+	defer func() { tcancel(); <-tdone }()
+	time.Sleep(500 * time.Millisecond) // let it get and watch
+	if ok, why := tr.Deleted(); ok {
+		t.Fatalf("tracker reports deletion of a live daemonset: %s", why)
+	}
+	if err := admin.AppsV1().DaemonSets(s.Namespace).Delete(ctx, s.DaemonSet, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := admin.RbacV1().RoleBindings(s.Namespace).Delete(ctx, "secureoverlay-install", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if ok, _ := tr.Deleted(); ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("tracker did not see the deletion")
+		}
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		_, err := sa.CoreV1().Pods(s.Namespace).Get(ctx, s.Pod, metav1.GetOptions{})
+		if apierrors.IsForbidden(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rbac not revoked: %v", err)
+		}
+	}
+	dctx, dcancel := context.WithTimeout(ctx, 2*time.Second)
+	defer dcancel()
+	if d, err := Decide(dctx, sa, nil, s.Namespace, s.Pod, 100*time.Millisecond); err == nil || d.Uninstall {
+		t.Fatalf("without the tracker: %+v, %v; want keep (the API refuses)", d, err)
+	}
+	d, err = Decide(ctx, sa, tr, s.Namespace, s.Pod, 100*time.Millisecond)
+	if err != nil || !d.Uninstall {
+		t.Fatalf("with the tracker: %+v, %v; want uninstall", d, err)
+	}
+	t.Logf("with RBAC gone: %s", d.Reason)
 
 	// A ServiceAccount without the Role: Forbidden, and the decision keeps the plugin.
 	s2 := Setup{Namespace: "so-install", ServiceAccount: "no-rbac", DaemonSet: "other-ds", Pod: "other-ds-xyz"}

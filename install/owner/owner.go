@@ -21,10 +21,14 @@ package owner
 import (
 	"context"
 	"fmt"
+	"sync"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 )
@@ -47,14 +51,7 @@ func DaemonSetDeleted(ctx context.Context, c kubernetes.Interface, namespace, na
 	if err != nil {
 		return Decision{Reason: "pod lookup failed"}, fmt.Errorf("get pod %s/%s: %w", namespace, name, err)
 	}
-	var ref *metav1.OwnerReference
-	for i := range pod.OwnerReferences {
-		r := &pod.OwnerReferences[i]
-		if r.Kind == "DaemonSet" && r.Controller != nil && *r.Controller {
-			ref = r
-			break
-		}
-	}
+	ref := controllerRef(pod.OwnerReferences)
 	if ref == nil {
 		return Decision{Reason: fmt.Sprintf("pod %s/%s has no controlling DaemonSet", namespace, name)}, nil
 	}
@@ -87,13 +84,21 @@ func NewClient(kubeconfig string) (kubernetes.Interface, error) {
 	return c, nil
 }
 
-// Decide retries DaemonSetDeleted every interval until it answers without an API error or
-// ctx ends; on ctx end it returns the last (keeping) decision and error.
-func Decide(ctx context.Context, c kubernetes.Interface, namespace, name string, interval time.Duration) (Decision, error) {
+// Decide makes the SIGTERM decision. It asks the API (DaemonSetDeleted), retrying errors
+// every interval until ctx ends. When the API refuses or fails but tr (may be nil) has
+// seen our DaemonSet deleted, that settles it: `kubectl delete -f` may have removed our
+// ServiceAccount or RBAC already. Otherwise, on ctx end, it returns a keeping decision and
+// the last error.
+func Decide(ctx context.Context, c kubernetes.Interface, tr *Tracker, namespace, name string, interval time.Duration) (Decision, error) {
 	for {
 		d, err := DaemonSetDeleted(ctx, c, namespace, name)
 		if err == nil {
 			return d, nil
+		}
+		if tr != nil {
+			if gone, why := tr.Deleted(); gone {
+				return Decision{Uninstall: true, Reason: why + " (seen by the watch; the API now answers: " + err.Error() + ")"}, nil
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -101,4 +106,159 @@ func Decide(ctx context.Context, c kubernetes.Interface, namespace, name string,
 		case <-time.After(interval):
 		}
 	}
+}
+
+// Tracker follows the owning DaemonSet for the sidecar's whole life, so that the SIGTERM
+// decision does not depend only on API access at the end: `kubectl delete -f` may delete
+// the ServiceAccount and RBAC objects right after the DaemonSet, and then a request made
+// at SIGTERM is refused. A watch opened before keeps delivering events (authorization
+// happens when a request starts), so the Tracker sees the DaemonSet's deletion and
+// remembers it.
+type Tracker struct {
+	c        kubernetes.Interface
+	ns, name string
+
+	mu      sync.Mutex
+	deleted string // reason; sticky once set
+}
+
+// NewTracker returns a Tracker for pod namespace/name.
+func NewTracker(c kubernetes.Interface, namespace, name string) *Tracker {
+	return &Tracker{c: c, ns: namespace, name: name}
+}
+
+// Deleted reports whether the Tracker has seen the owning DaemonSet deleted or being
+// deleted, and why.
+func (t *Tracker) Deleted() (bool, string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.deleted != "", t.deleted
+}
+
+func (t *Tracker) markDeleted(reason string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.deleted == "" {
+		t.deleted = reason
+	}
+}
+
+// Run follows the DaemonSet until ctx ends: it resolves the pod's controlling DaemonSet,
+// then gets and watches it by name (RBAC: get on pods; get, list and watch on the
+// DaemonSet, which may be restricted by resourceNames), re-establishing the watch when it
+// closes and backing off on errors. Errors are reported to logf.
+func (t *Tracker) Run(ctx context.Context, logf func(format string, args ...any)) {
+	backoff := time.Second
+	wait := func() bool {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(backoff):
+			backoff = min(2*backoff, 30*time.Second)
+			return true
+		}
+	}
+	var ref *metav1.OwnerReference
+	for ref == nil {
+		pod, err := t.c.CoreV1().Pods(t.ns).Get(ctx, t.name, metav1.GetOptions{})
+		if err == nil {
+			if ref = controllerRef(pod.OwnerReferences); ref == nil {
+				logf("pod %s/%s has no controlling DaemonSet; not tracking", t.ns, t.name)
+				return
+			}
+			break
+		}
+		logf("track daemonset: get pod %s/%s: %v", t.ns, t.name, err)
+		if !wait() {
+			return
+		}
+	}
+	for ctx.Err() == nil {
+		err := t.follow(ctx, ref)
+		if ok, _ := t.Deleted(); ok || ctx.Err() != nil {
+			return
+		}
+		if err != nil {
+			logf("track daemonset %s/%s: %v", t.ns, ref.Name, err)
+			if !wait() {
+				return
+			}
+			continue
+		}
+		backoff = time.Second // a watch that ended normally is simply re-opened
+	}
+}
+
+// follow gets the DaemonSet, then watches it from that version until the watch ends.
+func (t *Tracker) follow(ctx context.Context, ref *metav1.OwnerReference) error {
+	dsc := t.c.AppsV1().DaemonSets(t.ns)
+	ds, err := dsc.Get(ctx, ref.Name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		t.markDeleted(fmt.Sprintf("daemonset %s/%s is gone", t.ns, ref.Name))
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("get: %w", err)
+	}
+	if t.observe(ds, ref, false) {
+		return nil
+	}
+	w, err := dsc.Watch(ctx, metav1.ListOptions{
+		FieldSelector:   fields.OneTermEqualSelector("metadata.name", ref.Name).String(),
+		ResourceVersion: ds.ResourceVersion,
+	})
+	if err != nil {
+		return fmt.Errorf("watch: %w", err)
+	}
+	defer w.Stop()
+	for {
+		var ev watch.Event
+		var open bool
+		select {
+		case <-ctx.Done():
+			return nil
+		case ev, open = <-w.ResultChan():
+		}
+		if !open {
+			return nil
+		}
+		switch ev.Type {
+		case watch.Error:
+			return fmt.Errorf("watch: %v", apierrors.FromObject(ev.Object))
+		case watch.Added, watch.Modified, watch.Deleted:
+			d, ok := ev.Object.(*appsv1.DaemonSet)
+			if !ok || d.Name != ref.Name {
+				continue
+			}
+			if t.observe(d, ref, ev.Type == watch.Deleted) {
+				return nil
+			}
+		}
+	}
+}
+
+// observe records a deletion of our DaemonSet (by UID) and reports whether it saw one.
+func (t *Tracker) observe(ds *appsv1.DaemonSet, ref *metav1.OwnerReference, gone bool) bool {
+	if ds.UID != ref.UID {
+		return false // another DaemonSet of that name: not ours
+	}
+	switch {
+	case gone:
+		t.markDeleted(fmt.Sprintf("daemonset %s/%s was deleted", t.ns, ref.Name))
+	case ds.DeletionTimestamp != nil:
+		t.markDeleted(fmt.Sprintf("daemonset %s/%s is being deleted", t.ns, ref.Name))
+	default:
+		return false
+	}
+	return true
+}
+
+func controllerRef(refs []metav1.OwnerReference) *metav1.OwnerReference {
+	for i := range refs {
+		r := &refs[i]
+		if r.Kind == "DaemonSet" && r.Controller != nil && *r.Controller {
+			return r
+		}
+	}
+	return nil
 }

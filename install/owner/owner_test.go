@@ -106,7 +106,7 @@ func TestDecideRetries(t *testing.T) {
 		}
 		return false, nil, nil
 	})
-	d, err := Decide(context.Background(), c, ns, "agent-x7k2p", time.Millisecond)
+	d, err := Decide(context.Background(), c, nil, ns, "agent-x7k2p", time.Millisecond)
 	if err != nil || !d.Uninstall || fails != 0 {
 		t.Fatalf("got %+v, %v (fails left %d)", d, err, fails)
 	}
@@ -117,8 +117,114 @@ func TestDecideRetries(t *testing.T) {
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	d, err = Decide(ctx, c, ns, "agent-x7k2p", 5*time.Millisecond)
+	d, err = Decide(ctx, c, nil, ns, "agent-x7k2p", 5*time.Millisecond)
 	if err == nil || d.Uninstall {
 		t.Fatalf("got %+v, %v; want keep with error", d, err)
 	}
+}
+
+func waitWatch(t *testing.T, c *fake.Clientset) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		for _, a := range c.Actions() {
+			if a.GetVerb() == "watch" && a.GetResource().Resource == "daemonsets" {
+				return
+			}
+		}
+	}
+	t.Fatal("tracker never watched the daemonset")
+}
+
+func startTracker(t *testing.T, c *fake.Clientset) *Tracker {
+	t.Helper()
+	tr := NewTracker(c, ns, "agent-x7k2p")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); tr.Run(ctx, t.Logf) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return tr
+}
+
+func waitDeleted(t *testing.T, tr *Tracker) string {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if ok, why := tr.Deleted(); ok {
+			return why
+		}
+	}
+	t.Fatal("tracker did not see the deletion")
+	return ""
+}
+
+// The tracker sees the DaemonSet deleted while it still may; when RBAC is gone at SIGTERM,
+// its observation decides.
+func TestTrackerSeesDeletion(t *testing.T) {
+	c := fake.NewClientset(pod(dsRef("agent", "u1", true)), ds("agent", "u1", false))
+	tr := startTracker(t, c)
+	waitWatch(t, c)
+	if ok, _ := tr.Deleted(); ok {
+		t.Fatal("deleted before anything happened")
+	}
+	if err := c.AppsV1().DaemonSets(ns).Delete(context.Background(), "agent", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	why := waitDeleted(t, tr)
+	t.Logf("tracker: %s", why)
+
+	// kubectl delete -f goes on to delete our RBAC: every request is now forbidden.
+	c.PrependReactor("*", "*", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, errors.New("forbidden")
+	})
+	d, err := Decide(context.Background(), c, tr, ns, "agent-x7k2p", time.Millisecond)
+	if err != nil || !d.Uninstall {
+		t.Fatalf("decision %+v, %v; want uninstall from the tracker", d, err)
+	}
+	// Without the tracker the same situation keeps the plugin.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
+	defer cancel()
+	if d, err := Decide(ctx, c, nil, ns, "agent-x7k2p", time.Millisecond); err == nil || d.Uninstall {
+		t.Fatalf("without tracker: %+v, %v; want keep", d, err)
+	}
+}
+
+func TestTrackerSeesDeletionTimestamp(t *testing.T) {
+	c := fake.NewClientset(pod(dsRef("agent", "u1", true)), ds("agent", "u1", false))
+	tr := startTracker(t, c)
+	waitWatch(t, c)
+	if _, err := c.AppsV1().DaemonSets(ns).Update(context.Background(), ds("agent", "u1", true), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if why := waitDeleted(t, tr); why == "" {
+		t.Fatal("no reason")
+	}
+}
+
+// Events about another DaemonSet (other name, or same name with another UID) are ignored,
+// and a live DaemonSet never counts as deleted even when the API later fails.
+func TestTrackerIgnoresOthers(t *testing.T) {
+	c := fake.NewClientset(pod(dsRef("agent", "u1", true)), ds("agent", "u1", false), ds("other", "u9", false))
+	tr := startTracker(t, c)
+	waitWatch(t, c)
+	if err := c.AppsV1().DaemonSets(ns).Delete(context.Background(), "other", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if ok, why := tr.Deleted(); ok {
+		t.Fatalf("another daemonset's deletion counted: %s", why)
+	}
+	c.PrependReactor("get", "*", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, errors.New("connection refused")
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
+	defer cancel()
+	if d, err := Decide(ctx, c, tr, ns, "agent-x7k2p", time.Millisecond); err == nil || d.Uninstall {
+		t.Fatalf("%+v, %v; want keep", d, err)
+	}
+}
+
+// The DaemonSet already gone when the tracker starts (the pod outlived it).
+func TestTrackerDaemonSetAlreadyGone(t *testing.T) {
+	c := fake.NewClientset(pod(dsRef("agent", "u1", true)))
+	tr := startTracker(t, c)
+	waitDeleted(t, tr)
 }

@@ -12,10 +12,15 @@
 // (an upgrade by delete + apply): the new DaemonSet's pods own the installation now, so
 // the old pod keeps it rather than racing them.
 //
-// Anything uncertain (API errors, no pod identity, no DaemonSet owner) decides "keep":
-// leaving the plugin in place is always safe, removing it while the DaemonSet lives is not
-// (its next pod would reinstall, but pods started in between would run without the MTU
-// check). Needs RBAC: get on pods and daemonsets (apps) in the pod's namespace.
+// A Tracker watches the DaemonSet for the sidecar's whole life and remembers a deletion
+// it saw; Decide falls back on it when the API refuses at SIGTERM (kubectl delete -f may
+// have removed our ServiceAccount or RBAC already).
+//
+// Anything else uncertain (API errors, no pod identity, no DaemonSet owner) decides
+// "keep": leaving the plugin in place is always safe, removing it while the DaemonSet
+// lives is not (its next pod would reinstall, but pods started in between would run
+// without the MTU check). Needs RBAC in the pod's namespace: get on pods; get, list and
+// watch on daemonsets (apps), which may be restricted to the DaemonSet by resourceNames.
 package owner
 
 import (

@@ -291,6 +291,19 @@ func TestDoctor(t *testing.T) {
 			}
 		})
 	}
+	// Several things broken at once, as an operator sees it (docs/operating.md).
+	e.setSecret(nil)
+	e.setReport("node-c", nil, "")
+	e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1480)})
+	r = e.run("doctor", "--sample", "300ms", "--node-selector", "secureoverlay.io/agent=true")
+	if r.code != ExitNotOK {
+		t.Fatalf("doctor with three faults:\n%s", r)
+	}
+	goldenCheck(t, "doctor-broken.txt", strings.ReplaceAll(r.stdout, "300ms", "SAMPLE"))
+	e.setSecret(map[string][]byte{api.SecretDataKey: ring})
+	e.setReport("node-c", healthyReport("node-c"), "")
+	e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)})
+
 	// Back to healthy after every fix (but win-1 stays: select the agent nodes).
 	if failed, _, r := e.doctor("--node-selector", "secureoverlay.io/agent=true"); len(failed) != 0 {
 		t.Fatalf("after the fixes: failed %v\n%s", failed, r)

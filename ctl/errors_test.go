@@ -155,6 +155,7 @@ func TestBadInputCluster(t *testing.T) {
 			r.stdout = ""
 		}
 		oneErrorLine(t, "no RBAC: "+strings.Join(args, " "), r, ExitForbidden, `forbidden: User "nobody" cannot`)
+		t.Logf("%v as nobody: %s", args, strings.TrimSpace(r.stderr))
 	}
 	// Read-only rights: status works, enable is refused naming what is missing.
 	e.installOperatorRBAC("operator", true)
@@ -172,6 +173,7 @@ func TestBadInputCluster(t *testing.T) {
 	e.cluster.StopAPIServer()
 	r = e.run("status")
 	oneErrorLine(t, "stopped API server", r, ExitUnreachable, "cannot reach the API server")
+	t.Logf("stopped API server: %s", strings.TrimSpace(r.stderr))
 }
 
 // TestMTU: the arithmetic offline (flag and detection) and the comparison with Calico's

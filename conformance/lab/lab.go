@@ -358,9 +358,13 @@ func (vm *VM) start(ctx context.Context, qemu string, args []string, timeout tim
 
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
+	// Each probe is short: a connection made before the guest's network is
+	// up is accepted by QEMU on the host side and then hangs while slirp
+	// retransmits its SYN to the guest with backoff.
+	probe := 2 * time.Second
 	for {
-		pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		_, err := vm.Exec(pctx, wire.Request{Argv: []string{"true"}, TimeoutMillis: 5000})
+		pctx, cancel := context.WithTimeout(ctx, probe)
+		_, err := vm.Exec(pctx, wire.Request{Argv: []string{"true"}, TimeoutMillis: probe.Milliseconds()})
 		cancel()
 		if err == nil {
 			vm.BootDuration = time.Since(begin)
@@ -375,6 +379,10 @@ func (vm *VM) start(ctx context.Context, qemu string, args []string, timeout tim
 		case <-ctx.Done():
 			return fmt.Errorf("waiting for command channel: %w", ctx.Err())
 		case <-time.After(250 * time.Millisecond):
+		}
+		// Under heavy load a live labd may need longer than a short probe.
+		if time.Since(begin) > 45*time.Second {
+			probe = 6 * time.Second
 		}
 	}
 }

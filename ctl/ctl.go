@@ -33,6 +33,7 @@ import (
 
 	"github.com/spf13/cobra"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -128,6 +129,7 @@ type globals struct {
 	asGroups       []string
 	requestTimeout time.Duration
 	output         string
+	nodeSelector   string
 }
 
 // Run is Run with this CLI's injected dependencies.
@@ -213,6 +215,7 @@ func (c *CLI) newRoot(stdout, stderr io.Writer) *cobra.Command {
 	pf.StringVarP(&g.namespace, "namespace", "n", api.Namespace, "namespace of secureoverlay's objects")
 	pf.StringVar(&g.as, "as", "", "username to impersonate for the operation")
 	pf.StringArrayVar(&g.asGroups, "as-group", nil, "group to impersonate (repeatable)")
+	pf.StringVarP(&g.nodeSelector, "node-selector", "l", "", "label selector of the nodes that run an agent (the agent DaemonSet's and the master's --node-selector); other nodes are ignored")
 	pf.DurationVar(&g.requestTimeout, "request-timeout", 30*time.Second, "timeout of a single API request (0: none)")
 	root.AddCommand(
 		c.statusCmd(g),
@@ -254,6 +257,8 @@ type clients struct {
 	dyn  dynamic.Interface
 	rest *rest.Config
 	host string
+	// nodeSelector limits the nodes read (--node-selector).
+	nodeSelector string
 }
 
 // loadConfig loads the kubeconfig like kubectl. It never contacts the server.
@@ -279,6 +284,9 @@ func (g *globals) loadConfig() (*rest.Config, error) {
 }
 
 func (g *globals) clients() (*clients, error) {
+	if _, err := labels.Parse(g.nodeSelector); err != nil {
+		return nil, withCode(ExitUsage, fmt.Errorf("invalid --node-selector %q: %w", g.nodeSelector, err))
+	}
 	cfg, err := g.loadConfig()
 	if err != nil {
 		return nil, err
@@ -291,7 +299,7 @@ func (g *globals) clients() (*clients, error) {
 	if err != nil {
 		return nil, withCode(ExitUnreachable, fmt.Errorf("client for %s: %w", cfg.Host, err))
 	}
-	return &clients{cs: cs, dyn: dyn, rest: cfg, host: cfg.Host}, nil
+	return &clients{cs: cs, dyn: dyn, rest: cfg, host: cfg.Host, nodeSelector: g.nodeSelector}, nil
 }
 
 // apiError classifies an API error: unreachable (3), forbidden/unauthorized (4), else 1.

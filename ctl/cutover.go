@@ -112,7 +112,9 @@ func exitCode(err error) int {
 	return ExitNotOK
 }
 
-// lagging renders the master's lagging list, and nodes whose report disagrees with want.
+// lagging renders the master's lagging list or, when the master holds nothing, the
+// nodes whose report disagrees with want (the master may step before the last agent
+// reports); nodes the master excluded do not count.
 func lagging(v *view, want api.Mode, wantGen uint32) string {
 	var out []string
 	if v.master != nil {
@@ -120,9 +122,16 @@ func lagging(v *view, want api.Mode, wantGen uint32) string {
 			out = append(out, l.Node+" ("+l.Reason+")")
 		}
 	}
+	excluded := map[string]bool{}
+	if v.master != nil {
+		for _, l := range v.master.Excluded {
+			excluded[l.Node] = true // NotReady past the master's node timeout: holds nothing
+		}
+	}
 	if len(out) == 0 {
 		for _, n := range v.nodes {
 			switch {
+			case excluded[n.Name]:
 			case n.Report == nil:
 				out = append(out, n.Name+" (no report)")
 			case n.Report.Mode != want:

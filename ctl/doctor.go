@@ -50,7 +50,6 @@ func proxyMetrics(ctx context.Context, cl *clients, pod *corev1.Pod, port int) (
 }
 
 type doctorOpts struct {
-	nodeSelector  string
 	agentSelector string
 	metricsPort   int
 	sample        time.Duration
@@ -90,10 +89,6 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
 			if err := checkOutput(g, "table", "json", "yaml"); err != nil {
 				return err
 			}
-			sel, err := labels.Parse(o.nodeSelector)
-			if err != nil {
-				return withCode(ExitUsage, fmt.Errorf("invalid --node-selector %q: %w", o.nodeSelector, err))
-			}
 			if _, err := labels.Parse(o.agentSelector); err != nil {
 				return withCode(ExitUsage, fmt.Errorf("invalid --agent-selector %q: %w", o.agentSelector, err))
 			}
@@ -106,13 +101,7 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var selected []watch.NodeInfo
-			for _, n := range v.nodes {
-				if sel.Matches(labels.Set(v.raw[n.Name].Labels)) {
-					selected = append(selected, n)
-				}
-			}
-			d := &doctor{cli: c, cl: cl, g: g, o: o, v: v, nodes: selected}
+			d := &doctor{cli: c, cl: cl, g: g, o: o, v: v, nodes: v.nodes}
 			out := d.run(ctx)
 			if err := printDoctor(cmd.OutOrStdout(), g.output, out); err != nil {
 				return err
@@ -125,7 +114,6 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
 	}
 	outputFlag(cmd, g, "table", "json", "yaml")
 	f := cmd.Flags()
-	f.StringVar(&o.nodeSelector, "node-selector", "", "label selector of the nodes that run an agent (the DaemonSet's node selector; empty: all)")
 	f.StringVar(&o.agentSelector, "agent-selector", "app.kubernetes.io/name=secureoverlay-agent", "label selector of the agent pods (for xfrm-errors)")
 	f.IntVar(&o.metricsPort, "agent-metrics-port", 9467, "the agents' metrics port")
 	f.DurationVar(&o.sample, "sample", 5*time.Second, "xfrm-errors: time between the two counter readings")

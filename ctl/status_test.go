@@ -133,6 +133,15 @@ func TestStatusGolden(t *testing.T) {
 	}
 	goldenCheck(t, "status-node-a-degraded.txt", r.stdout)
 
+	// --node-selector: node-d (no agent label, like a Windows node without the agent's
+	// DaemonSet) is not counted.
+	r = e.run("status", "-o", "json", "-l", "secureoverlay.io/agent=true")
+	var sel StatusOutput
+	if err := json.Unmarshal([]byte(r.stdout), &sel); err != nil || len(sel.Nodes) != 3 ||
+		slices.ContainsFunc(sel.Problems, func(p string) bool { return strings.HasPrefix(p, "node-d") }) {
+		t.Fatalf("status -l secureoverlay.io/agent=true must leave node-d out: %v\n%s", err, r)
+	}
+
 	r = e.run("status", "--node", "nope")
 	if r.code != ExitNotOK || r.stderr != "error: node \"nope\" not found\n" {
 		t.Fatalf("status --node nope:\n%s", r)

@@ -39,6 +39,8 @@ type DesiredConfig struct {
 	RotateRequest string `json:"rotateRequest,omitempty"`
 }
 
+// read reads the master's status, the operator's ConfigMap and the nodes matching
+// --node-selector.
 func (c *clients) read(ctx context.Context, ns string, now time.Time) (*view, error) {
 	v := &view{now: now, namespace: ns, raw: map[string]*corev1.Node{}}
 	st, err := c.cs.CoreV1().ConfigMaps(ns).Get(ctx, api.StatusConfigMapName, metav1.GetOptions{})
@@ -63,7 +65,7 @@ func (c *clients) read(ctx context.Context, ns string, now time.Time) (*view, er
 		v.config = DesiredConfig{Present: true, Enabled: cfg.Data[api.ConfigEnabledKey], Mode: cfg.Data[api.ConfigModeKey],
 			RotateRequest: cfg.Annotations[api.RotateRequestAnnotation]}
 	}
-	nodes, err := c.cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	nodes, err := c.cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{LabelSelector: c.nodeSelector})
 	if err != nil {
 		return nil, c.apiError("list nodes", err)
 	}

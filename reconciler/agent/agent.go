@@ -113,7 +113,6 @@ type Agent struct {
 
 	full      atomic.Bool  // next sync re-reads the kernel
 	syncStart atomic.Int64 // unix nanos of the running sync, 0 when idle
-	lastDone  atomic.Int64 // unix nanos of the last finished sync attempt
 
 	mu        sync.Mutex
 	ready     bool   // caches synced and last sync ok
@@ -261,7 +260,6 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	a.syncStart.Store(now.UnixNano())
 	defer func() {
 		a.syncStart.Store(0)
-		a.lastDone.Store(a.d.Now().UnixNano())
 		a.mu.Lock()
 		a.syncs++
 		a.mu.Unlock()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the real kube-apiserver and etcd used by conformance/kube from the pinned
-# module in tools/kube, into ${SECUREOVERLAY_CACHE_DIR:-<repo>/.cache}/kube/bin/.
+# Builds the real kube-apiserver and etcd used by conformance/kube, and the kubectl
+# used by conformance/manifests, from the pinned module in tools/kube, into
+# ${SECUREOVERLAY_CACHE_DIR:-<repo>/.cache}/kube/bin/.
 #
 # Idempotent: the binaries are rebuilt only when one is missing or when the
 # inputs changed (tools/kube's go.mod, go.sum, Go sources, and the Go version),
@@ -24,8 +25,8 @@ inputs_hash() {
 }
 
 want="$(inputs_hash)"
-if [ -x "$out/kube-apiserver" ] && [ -x "$out/etcd" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  echo "tools-kube: kube-apiserver and etcd are up to date in $out"
+if [ -x "$out/kube-apiserver" ] && [ -x "$out/etcd" ] && [ -x "$out/kubectl" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "tools-kube: kube-apiserver, etcd and kubectl are up to date in $out"
   exit 0
 fi
 
@@ -53,6 +54,7 @@ build() { # name package [extra ldflags]
 }
 build etcd ./cmd/etcd
 build kube-apiserver ./cmd/kube-apiserver "$kldflags"
+build kubectl ./cmd/kubectl "$kldflags"
 
 echo "$want" >"$stamp"
 echo "tools-kube: done in $((SECONDS - start))s; binaries in $out"

@@ -81,18 +81,20 @@ func Inputs(self string, s Snapshot, cfg desired.Config) (desired.Inputs, error)
 	return in, nil
 }
 
-// ErrTunnelKeys is returned by KeyFunc for tunnel-mode SAs: the keys package has no
-// derivation for them yet, so CrossSubnet same-subnet coverage is reported, not programmed.
-var ErrTunnelKeys = errors.New("no key derivation for tunnel-mode SAs yet")
-
 // KeyFunc adapts the ring's per-pair derivation (keys.Deriver) to desired.KeyFunc. One
 // deriver per generation is cached. Errors never contain key bytes.
 func KeyFunc(r *keys.Ring) desired.KeyFunc {
 	var mu sync.Mutex
 	derivers := map[uint32]*keys.Deriver{}
 	return func(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, desired.Key, error) {
-		if kind != desired.Transport {
-			return 0, desired.Key{}, fmt.Errorf("%s sa generation %d: %w", kind, gen, ErrTunnelKeys)
+		var kk keys.Kind
+		switch kind {
+		case desired.Transport:
+			kk = keys.KindTransport
+		case desired.Tunnel:
+			kk = keys.KindTunnel
+		default:
+			return 0, desired.Key{}, fmt.Errorf("%s sa generation %d: unknown sa kind", kind, gen)
 		}
 		mu.Lock()
 		d, ok := derivers[gen]
@@ -110,7 +112,7 @@ func KeyFunc(r *keys.Ring) desired.KeyFunc {
 			derivers[gen] = d
 		}
 		mu.Unlock()
-		sa, err := d.Derive(keys.Endpoint(src), keys.Endpoint(dst))
+		sa, err := d.DeriveKind(kk, keys.Endpoint(src), keys.Endpoint(dst))
 		if err != nil {
 			return 0, desired.Key{}, err
 		}

@@ -97,7 +97,7 @@ func TestInputsRefusesWithoutUsableRing(t *testing.T) {
 	}
 }
 
-func TestKeyFuncBothEndsAgreeAndTunnelIsRefused(t *testing.T) {
+func TestKeyFuncBothEndsAgreeAndKindsDiffer(t *testing.T) {
 	ring := testRing(t, api.ModeAccept, 8, "a", "b")
 	kf := KeyFunc(ring)
 	a := desired.Endpoint{IP: netip.MustParseAddr("198.18.0.1"), Incarnation: "ia", NodeID: 1}
@@ -121,8 +121,16 @@ func TestKeyFuncBothEndsAgreeAndTunnelIsRefused(t *testing.T) {
 	if want.SPI != spi1 || !k1.Equal(desired.NewKey(want.Key)) {
 		t.Error("KeyFunc disagrees with keys.Generation.Derive")
 	}
-	if _, _, err := kf(1, desired.Tunnel, a, b); !errors.Is(err, ErrTunnelKeys) {
-		t.Errorf("tunnel: %v", err)
+	spiT, kT, err := kf(1, desired.Tunnel, a, b)
+	if err != nil {
+		t.Fatalf("tunnel: %v", err)
+	}
+	if spiT == spi1 || kT.Equal(k1) {
+		t.Error("tunnel SA shares the SPI or key of the transport SA a->b")
+	}
+	wantT, _ := ring.Generation(1).DeriveKind(keys.KindTunnel, keys.Endpoint(a), keys.Endpoint(b))
+	if wantT.SPI != spiT || !kT.Equal(desired.NewKey(wantT.Key)) {
+		t.Error("KeyFunc(tunnel) disagrees with keys.Generation.DeriveKind")
 	}
 	if _, _, err := kf(7, desired.Transport, a, b); err == nil {
 		t.Error("unknown generation: no error")

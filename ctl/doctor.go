@@ -10,6 +10,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	"github.com/spf13/cobra"
@@ -79,6 +80,8 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
                   rotation threshold)
   xfrm-errors     the agents' /proc/net/xfrm_stat counters did not increase over
                   --sample (read through the API server's pod proxy)
+  plaintext-drops the agents dropped no plaintext IPIP over --sample (a peer
+                  sending unencrypted traffic that enforce mode drops)
 
 ` + exitCodesHelp,
 		Example: `  secureoverlayctl doctor
@@ -114,9 +117,9 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
 	}
 	outputFlag(cmd, g, "table", "json", "yaml")
 	f := cmd.Flags()
-	f.StringVar(&o.agentSelector, "agent-selector", "app.kubernetes.io/name=secureoverlay-agent", "label selector of the agent pods (for xfrm-errors)")
+	f.StringVar(&o.agentSelector, "agent-selector", "app.kubernetes.io/name=secureoverlay-agent", "label selector of the agent pods (xfrm-errors, plaintext-drops)")
 	f.IntVar(&o.metricsPort, "agent-metrics-port", 9467, "the agents' metrics port")
-	f.DurationVar(&o.sample, "sample", 5*time.Second, "xfrm-errors: time between the two counter readings")
+	f.DurationVar(&o.sample, "sample", 5*time.Second, "xfrm-errors, plaintext-drops: time between the two counter readings")
 	f.Float64Var(&o.seqLimit, "seq-limit", 0.75, "sequence: fail when an SA's sequence reaches this fraction of the rotation threshold")
 	f.DurationVar(&o.staleAfter, "stale-after", defaultStaleAfter, "agents: a report whose last sync is older than this fails")
 	return cmd
@@ -144,7 +147,8 @@ func (d *doctor) run(ctx context.Context) DoctorOutput {
 		d.agents(),
 	}
 	sec := d.keySecret(ctx) // sets d.ring, which mtu uses for the ICV
-	checks = append(checks, d.mtu(ctx), sec, d.sequence(), d.xfrm(ctx))
+	xfrm, drops := d.agentSamples(ctx)
+	checks = append(checks, d.mtu(ctx), sec, d.sequence(), xfrm, drops)
 	out := DoctorOutput{Passed: true, Checks: checks}
 	for _, c := range checks {
 		if c.Verdict != "pass" {
@@ -383,37 +387,53 @@ func (d *doctor) sequence() Check {
 	return pass(name, fmt.Sprintf("highest %.0f%% of the rotation threshold (%s), limit %.0f%%", 100*maxF, maxN, 100*d.o.seqLimit))
 }
 
-// xfrmCounters reads secureoverlay_xfrm_stat_total{counter} from an agent's metrics.
-func xfrmCounters(text []byte) (map[string]float64, error) {
+// agentCounters reads, from an agent's metrics text, secureoverlay_xfrm_stat_total
+// (key "xfrm/COUNTER") and the dropped plaintext IPIP packets
+// secureoverlay_agent_plaintext_packets_total{action="drop"} (key "drop/DIRECTION").
+func agentCounters(text []byte) (map[string]float64, error) {
 	p := expfmt.NewTextParser(model.UTF8Validation)
 	mfs, err := p.TextToMetricFamilies(bytes.NewReader(text))
 	if err != nil {
 		return nil, fmt.Errorf("parse metrics: %w", err)
 	}
 	out := map[string]float64{}
-	mf := mfs["secureoverlay_xfrm_stat_total"]
-	if mf == nil {
-		return out, nil
-	}
-	for _, m := range mf.GetMetric() {
+	label := func(m *dto.Metric, name string) string {
 		for _, l := range m.GetLabel() {
-			if l.GetName() == "counter" && m.GetCounter() != nil {
-				out[l.GetValue()] = m.GetCounter().GetValue()
+			if l.GetName() == name {
+				return l.GetValue()
+			}
+		}
+		return ""
+	}
+	if mf := mfs["secureoverlay_xfrm_stat_total"]; mf != nil {
+		for _, m := range mf.GetMetric() {
+			if c := label(m, "counter"); c != "" && m.GetCounter() != nil {
+				out["xfrm/"+c] = m.GetCounter().GetValue()
+			}
+		}
+	}
+	if mf := mfs["secureoverlay_agent_plaintext_packets_total"]; mf != nil {
+		for _, m := range mf.GetMetric() {
+			if label(m, "action") == "drop" && m.GetCounter() != nil {
+				out["drop/"+label(m, "direction")] += m.GetCounter().GetValue()
 			}
 		}
 	}
 	return out, nil
 }
 
-func (d *doctor) xfrm(ctx context.Context) Check {
-	const name = "xfrm-errors"
+// agentSamples reads every agent pod's counters twice, --sample apart, and returns the
+// xfrm-errors and plaintext-drops checks.
+func (d *doctor) agentSamples(ctx context.Context) (xfrmCheck, dropCheck Check) {
+	const xname, dname = "xfrm-errors", "plaintext-drops"
+	both := func(detail string) (Check, Check) { return fail(xname, detail), fail(dname, detail) }
 	ns := d.g.namespace
 	pods, err := d.cl.cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: d.o.agentSelector})
 	if err != nil {
-		return fail(name, d.errText("list agent pods in "+ns, err))
+		return both(d.errText("list agent pods in "+ns, err))
 	}
 	if len(pods.Items) == 0 {
-		return fail(name, fmt.Sprintf("no agent pods match %q in namespace %s", d.o.agentSelector, ns))
+		return both(fmt.Sprintf("no agent pods match %q in namespace %s", d.o.agentSelector, ns))
 	}
 	fetch := d.cli.FetchMetrics
 	if fetch == nil {
@@ -430,7 +450,7 @@ func (d *doctor) xfrm(ctx context.Context) Check {
 				bad = append(bad, d.errText("metrics of pod "+p.Name, err))
 				continue
 			}
-			c, err := xfrmCounters(b)
+			c, err := agentCounters(b)
 			if err != nil {
 				bad = append(bad, "pod "+p.Name+": "+err.Error())
 				continue
@@ -441,18 +461,18 @@ func (d *doctor) xfrm(ctx context.Context) Check {
 	}
 	first, bad := read()
 	if len(bad) > 0 {
-		return fail(name, strings.Join(bad, "; "))
+		return both(strings.Join(bad, "; "))
 	}
 	select {
 	case <-ctx.Done():
-		return fail(name, "interrupted")
+		return both("interrupted")
 	case <-time.After(d.o.sample):
 	}
 	second, bad := read()
 	if len(bad) > 0 {
-		return fail(name, strings.Join(bad, "; "))
+		return both(strings.Join(bad, "; "))
 	}
-	var rising []string
+	var rising, drops []string
 	for _, p := range pods.Items {
 		var names []string
 		for k := range second[p.Name] {
@@ -460,15 +480,28 @@ func (d *doctor) xfrm(ctx context.Context) Check {
 		}
 		sort.Strings(names)
 		for _, k := range names {
-			if delta := second[p.Name][k] - first[p.Name][k]; delta > 0 {
-				rising = append(rising, fmt.Sprintf("%s (node %s): %s +%.0f", p.Name, dash(p.Spec.NodeName), k, delta))
+			delta := second[p.Name][k] - first[p.Name][k]
+			if delta <= 0 {
+				continue
+			}
+			kind, what, _ := strings.Cut(k, "/")
+			item := fmt.Sprintf("%s (node %s): %s +%.0f", p.Name, dash(p.Spec.NodeName), what, delta)
+			if kind == "xfrm" {
+				rising = append(rising, item)
+			} else {
+				drops = append(drops, item)
 			}
 		}
 	}
+	xfrmCheck = pass(xname, fmt.Sprintf("%d agent pods quiet over %s", len(pods.Items), d.o.sample))
 	if len(rising) > 0 {
-		return fail(name, fmt.Sprintf("rising over %s: %s", d.o.sample, strings.Join(rising, ", ")))
+		xfrmCheck = fail(xname, fmt.Sprintf("rising over %s: %s", d.o.sample, strings.Join(rising, ", ")))
 	}
-	return pass(name, fmt.Sprintf("%d agent pods quiet over %s", len(pods.Items), d.o.sample))
+	dropCheck = pass(dname, fmt.Sprintf("no plaintext IPIP dropped over %s", d.o.sample))
+	if len(drops) > 0 {
+		dropCheck = fail(dname, fmt.Sprintf("plaintext IPIP dropped over %s (a peer sends unencrypted): %s", d.o.sample, strings.Join(drops, ", ")))
+	}
+	return xfrmCheck, dropCheck
 }
 
 func printDoctor(w io.Writer, format string, o DoctorOutput) error {

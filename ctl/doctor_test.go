@@ -11,7 +11,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 )
 
-var allChecks = []string{"calico-crds", "calico-ipip", "master", "agents", "mtu", "key-secret", "sequence", "xfrm-errors"}
+var allChecks = []string{"calico-crds", "calico-ipip", "master", "agents", "mtu", "key-secret", "sequence", "xfrm-errors", "plaintext-drops"}
 
 // doctor runs doctor -o json with a short sample and returns the failed check names.
 func (e *env) doctor(extra ...string) ([]string, DoctorOutput, result) {
@@ -251,11 +251,23 @@ func TestDoctor(t *testing.T) {
 			say:    "secureoverlay-agent-node-b (node node-b): XfrmInNoStates +1",
 		},
 		{
+			name:   "plaintext IPIP dropped on one agent",
+			breakf: func() { e.mu.Lock(); e.dropping["secureoverlay-agent-node-c"] = "drop"; e.mu.Unlock() },
+			fix:    func() { e.mu.Lock(); delete(e.dropping, "secureoverlay-agent-node-c"); e.mu.Unlock() },
+			want:   []string{"plaintext-drops"},
+			say:    "secureoverlay-agent-node-c (node node-c): in +10",
+		},
+		{
+			name:   "plaintext only counted (accept/encrypt) is not a drop",
+			breakf: func() { e.mu.Lock(); e.dropping["secureoverlay-agent-node-c"] = "count"; e.mu.Unlock() },
+			fix:    func() { e.mu.Lock(); delete(e.dropping, "secureoverlay-agent-node-c"); e.mu.Unlock() },
+		},
+		{
 			name:   "no agent pods",
 			args:   []string{"--agent-selector", "app=nothing"},
 			breakf: func() {},
 			fix:    func() {},
-			want:   []string{"xfrm-errors"},
+			want:   []string{"plaintext-drops", "xfrm-errors"},
 			say:    `no agent pods match \"app=nothing\"`,
 		},
 		{

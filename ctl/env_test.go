@@ -53,7 +53,9 @@ type env struct {
 	mu       sync.Mutex
 	servers  map[string]*httptest.Server // pod name → server
 	xfrmDir  string
-	rising   map[string]bool // pod name → bump a counter on every scrape
+	rising   map[string]bool // pod name → bump an xfrm_stat counter on every scrape
+	dropping map[string]string // pod name → plaintext rule action whose counter rises ("drop", "count")
+	metrics  map[string]*agent.Metrics
 	scrapeNo map[string]int
 	// roots are the key roots written to the Secret; no output may contain them.
 	roots [][]byte
@@ -75,7 +77,8 @@ func newEnv(t *testing.T) *env {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	return &env{t: t, cluster: cluster, cs: cs, dyn: dyn, ctx: ctx, kc: cluster.Kubeconfig(),
-		servers: map[string]*httptest.Server{}, xfrmDir: t.TempDir(), rising: map[string]bool{}, scrapeNo: map[string]int{}}
+		servers: map[string]*httptest.Server{}, xfrmDir: t.TempDir(), rising: map[string]bool{}, scrapeNo: map[string]int{},
+		dropping: map[string]string{}, metrics: map[string]*agent.Metrics{}}
 }
 
 // result is one CLI invocation.
@@ -124,9 +127,13 @@ func (e *env) fetch(ctx context.Context, _ *clients, pod *corev1.Pod, port int) 
 	e.mu.Lock()
 	srv := e.servers[pod.Name]
 	path := filepath.Join(e.xfrmDir, pod.Name)
+	e.scrapeNo[pod.Name]++
 	if e.rising[pod.Name] {
-		e.scrapeNo[pod.Name]++
 		writeXfrmStat(e.t, path, e.scrapeNo[pod.Name])
+	}
+	if action := e.dropping[pod.Name]; action != "" {
+		n := uint64(10 * e.scrapeNo[pod.Name])
+		e.metrics[pod.Name].SetPlaintext([]agent.PlaintextCount{{Direction: "in", Action: action, Packets: n, Bytes: 100 * n}})
 	}
 	e.mu.Unlock()
 	if srv == nil {
@@ -165,6 +172,7 @@ func (e *env) addAgentPod(node string) {
 	e.t.Cleanup(srv.Close)
 	e.mu.Lock()
 	e.servers[name] = srv
+	e.metrics[name] = m
 	e.mu.Unlock()
 	_, err := e.cs.CoreV1().ServiceAccounts(api.Namespace).Create(e.ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{})
 	if err != nil && !apierrors.IsAlreadyExists(err) {

@@ -53,7 +53,7 @@ type env struct {
 	mu       sync.Mutex
 	servers  map[string]*httptest.Server // pod name → server
 	xfrmDir  string
-	rising   map[string]bool // pod name → bump an xfrm_stat counter on every scrape
+	rising   map[string]bool   // pod name → bump an xfrm_stat counter on every scrape
 	dropping map[string]string // pod name → plaintext rule action whose counter rises ("drop", "count")
 	metrics  map[string]*agent.Metrics
 	scrapeNo map[string]int

@@ -704,3 +704,29 @@ func TestBackgroundProcessesAndFiles(t *testing.T) {
 		t.Error("ReadFile of a missing file succeeded")
 	}
 }
+
+// TestBootForTestCleansUp boots a second, private VM through BootForTest and
+// checks that the test's cleanup killed QEMU and removed its state.
+func TestBootForTestCleansUp(t *testing.T) {
+	SkipUnlessAvailable(t, Options{})
+	var vm *VM
+	t.Run("boot", func(t *testing.T) {
+		vm = BootForTest(t, Options{MemoryMiB: 384})
+		if out := mustRun(t, vm, "uname -r"); strings.TrimSpace(out) != vm.KernelRelease {
+			t.Errorf("uname -r = %q, image says %q", out, vm.KernelRelease)
+		}
+		var mib int
+		if _, err := fmt.Sscan(mustRun(t, vm, "awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo"), &mib); err != nil || mib > 384 || mib < 256 {
+			t.Errorf("guest has %d MiB (%v), asked for 384", mib, err)
+		}
+	})
+	if vm == nil {
+		t.Fatal("no vm")
+	}
+	if vm.Alive() {
+		t.Error("QEMU still running after the test's cleanup")
+	}
+	if _, err := os.Stat(vm.StateDir()); !os.IsNotExist(err) {
+		t.Errorf("state dir %s still there: %v", vm.StateDir(), err)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Capture is a tcpdump running in a guest namespace, writing a pcap file in
@@ -228,4 +229,76 @@ func XfrmStates(ctx context.Context, vm *VM, ns string) ([]SA, error) {
 		return nil, fmt.Errorf("list xfrm states in %q: %w", ns, err)
 	}
 	return sas, nil
+}
+
+// PingStream is a bounded stream of sequence-numbered ICMP echo requests from
+// a guest namespace, running in the background while a test changes the data
+// plane (rotation, cutover, faults); Wait reports how many were lost.
+type PingStream struct {
+	vm    *VM
+	pid   int
+	log   string
+	count int
+}
+
+// PingResult is the summary iputils ping prints.
+type PingResult struct {
+	Sent, Received int
+}
+
+// Lost is Sent - Received.
+func (r PingResult) Lost() int { return r.Sent - r.Received }
+
+var pingSummaryRE = regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`)
+
+// StartPingStream sends count echo requests from namespace ns to dst, one
+// every interval (at least 10 ms), each waiting up to 2 s for its reply.
+func StartPingStream(ctx context.Context, vm *VM, ns, dst string, count int, interval time.Duration) (*PingStream, error) {
+	if count < 1 || interval < 10*time.Millisecond {
+		return nil, fmt.Errorf("ping stream %s -> %s: need count >= 1 and interval >= 10ms", ns, dst)
+	}
+	out, _, err := vm.Run(ctx, "mktemp /tmp/ping-XXXXXX")
+	if err != nil {
+		return nil, fmt.Errorf("ping stream %s -> %s: %w", ns, dst, err)
+	}
+	log := strings.TrimSpace(out)
+	cmd := fmt.Sprintf("exec ip netns exec %s ping -n -q -c %d -i %.3f -W 2 %s", ShellQuote(ns), count, interval.Seconds(), ShellQuote(dst))
+	pid, err := vm.Background(ctx, cmd, log)
+	if err != nil {
+		return nil, fmt.Errorf("ping stream %s -> %s: %w", ns, dst, err)
+	}
+	return &PingStream{vm: vm, pid: pid, log: log, count: count}, nil
+}
+
+// Wait blocks until the stream has finished (or ctx ends) and returns its summary.
+func (p *PingStream) Wait(ctx context.Context) (PingResult, error) {
+	for {
+		running, err := p.vm.Running(ctx, p.pid)
+		if err != nil {
+			return PingResult{}, err
+		}
+		if !running {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return PingResult{}, fmt.Errorf("ping stream pid %d: %w", p.pid, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	b, err := p.vm.ReadFile(ctx, p.log)
+	if err != nil {
+		return PingResult{}, err
+	}
+	m := pingSummaryRE.FindStringSubmatch(string(b))
+	if m == nil {
+		return PingResult{}, fmt.Errorf("ping stream pid %d: no summary in its output: %q", p.pid, b)
+	}
+	var r PingResult
+	r.Sent, _ = strconv.Atoi(m[1])
+	r.Received, _ = strconv.Atoi(m[2])
+	if r.Sent != p.count {
+		return r, fmt.Errorf("ping stream pid %d: sent %d of %d", p.pid, r.Sent, p.count)
+	}
+	return r, nil
 }

@@ -730,3 +730,38 @@ func TestBootForTestCleansUp(t *testing.T) {
 		t.Errorf("state dir %s still there: %v", vm.StateDir(), err)
 	}
 }
+
+// TestPingStreamCountsLoss: a stream over a stable ESP path loses nothing, and
+// one during which the route disappears for a while reports the loss.
+func TestPingStreamCountsLoss(t *testing.T) {
+	vm := sharedVM(t)
+	c := Cluster{Nodes: 2, UnderlayMTU: 1450, TunnelMTU: 1402, Pods: true}
+	setupCluster(t, vm, c)
+	mustRun(t, vm, espScript(2, 64))
+	ctx := ctxFor(t, 2*time.Minute)
+
+	s, err := StartPingStream(ctx, vm, PodNS(1), PodIP(2), 100, 20*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := s.Wait(ctx)
+	if err != nil || r.Lost() != 0 {
+		t.Fatalf("stable path: %+v, %v", r, err)
+	}
+	t.Logf("stable path: %d sent, %d lost", r.Sent, r.Lost())
+
+	s, err = StartPingStream(ctx, vm, PodNS(1), PodIP(2), 100, 20*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, vm, fmt.Sprintf("sleep 0.5; ip -n %s route del %s; sleep 0.5; ip -n %s route add %s via %s dev tunl0 onlink",
+		NodeNS(1), Block(2), NodeNS(1), Block(2), NodeIP(2)))
+	r, err = s.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("route removed for 0.5 s: %d sent, %d lost", r.Sent, r.Lost())
+	if r.Lost() == 0 || r.Lost() == r.Sent {
+		t.Errorf("want some but not all lost, got %+v", r)
+	}
+}

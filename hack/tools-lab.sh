@@ -155,7 +155,8 @@ CGO_ENABLED=0 "$GO" build -C "$repo" -trimpath -ldflags '-s -w' -o "$root/sbin/l
 install -m 0755 "$repo/conformance/lab/guest/rc" "$root/etc/lab/rc"
 install -m 0644 "$repo/conformance/lab/guest/inittab" "$root/etc/inittab"
 printf '%s\n' "${modules[@]}" >"$root/etc/lab/modules"
-cp /etc/protocols /etc/services "$root/etc/"
+# Protocol and service names (netbase) for iptables -p and tcpdump, when the host has them.
+for f in /etc/protocols /etc/services; do [ -f "$f" ] && cp "$f" "$root/etc/"; done
 cat >"$root/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/bin/sh
 tcpdump:x:104:110::/nonexistent:/bin/false

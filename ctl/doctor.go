@@ -3,6 +3,7 @@ package ctl
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"sort"
@@ -47,7 +48,24 @@ type MetricsFetcher func(ctx context.Context, cs *clients, pod *corev1.Pod, port
 // proxyMetrics fetches through the API server's pod proxy
 // (GET /api/v1/namespaces/NS/pods/POD:PORT/proxy/metrics; RBAC: pods/proxy get).
 func proxyMetrics(ctx context.Context, cl *clients, pod *corev1.Pod, port int) ([]byte, error) {
-	return cl.cs.CoreV1().Pods(pod.Namespace).ProxyGet("http", pod.Name, fmt.Sprint(port), "metrics", nil).DoRaw(ctx)
+	res := cl.cs.CoreV1().RESTClient().Get().Namespace(pod.Namespace).Resource("pods").SubResource("proxy").
+		Name(fmt.Sprintf("%s:%d", pod.Name, port)).Suffix("metrics").Do(ctx)
+	b, err := res.Raw()
+	if err == nil || apierrors.IsForbidden(err) || apierrors.IsUnauthorized(err) {
+		return b, err
+	}
+	// The proxy's own answer (e.g. "address not allowed", a refused connection) is a
+	// Status in the body that client-go does not decode for proxy requests.
+	var st metav1.Status
+	var code int
+	res.StatusCode(&code)
+	if json.Unmarshal(b, &st) == nil && st.Message != "" {
+		return nil, fmt.Errorf("pod proxy answered %d: %s", code, st.Message)
+	}
+	if len(b) > 0 && code != 0 {
+		return nil, fmt.Errorf("pod proxy answered %d: %s", code, oneLine(string(b[:min(len(b), 200)])))
+	}
+	return nil, err
 }
 
 type doctorOpts struct {

@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/secureoverlay/secureoverlay/api"
 )
@@ -303,6 +304,20 @@ func TestDoctor(t *testing.T) {
 			}
 		})
 	}
+	// The real fetcher goes through the API server's pod proxy; these Pods have no IP
+	// (no kubelet), so the API server refuses, and doctor says so in one line per pod.
+	var out, errb strings.Builder
+	code := (&CLI{Now: func() time.Time { return fixedNow }}).Run(e.ctx,
+		[]string{"--kubeconfig", e.kc, "doctor", "-o", "json", "--sample", "10ms", "-l", "secureoverlay.io/agent=true"}, &out, &errb)
+	var real DoctorOutput
+	if err := json.Unmarshal([]byte(out.String()), &real); err != nil || code != ExitNotOK {
+		t.Fatalf("doctor with the pod proxy: exit %d, %v\n%s%s", code, err, out.String(), errb.String())
+	}
+	t.Logf("xfrm-errors through the pod proxy: %s", detail(real, "xfrm-errors"))
+	if d := detail(real, "xfrm-errors"); !strings.Contains(d, "metrics of pod secureoverlay-agent-node-a: pod proxy answered 400: address not allowed") {
+		t.Errorf("xfrm-errors through the pod proxy: %q", d)
+	}
+
 	// Several things broken at once, as an operator sees it (docs/operating.md).
 	e.setSecret(nil)
 	e.setReport("node-c", nil, "")

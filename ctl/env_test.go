@@ -354,6 +354,22 @@ func (e *env) installOperatorRBAC(user string, withCalico bool) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
+	// The authorizer learns new bindings from an informer: wait until they apply.
+	cs, err := kubernetes.NewForConfig(e.cluster.ConfigFor(user))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		_, err := cs.CoreV1().ConfigMaps(api.Namespace).Get(e.ctx, api.StatusConfigMapName, metav1.GetOptions{})
+		if !apierrors.IsForbidden(err) {
+			return
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("rbac for %s not in effect after 20s: %v", user, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // goldenCheck compares got with testdata/name (rewritten with -update).

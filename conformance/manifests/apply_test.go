@@ -1,0 +1,493 @@
+package manifests
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/discovery"
+	"k8s.io/client-go/discovery/cached/memory"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/restmapper"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/keys"
+)
+
+const (
+	agentSA  = "system:serviceaccount:secureoverlay:secureoverlay-agent"
+	masterSA = "system:serviceaccount:secureoverlay:secureoverlay-master"
+)
+
+// TestManifestAgainstRealAPIServer applies manifests/secureoverlay.yaml with the real
+// kubectl to a real kube-apiserver + etcd (with the Calico CRDs installed), proves
+// the RBAC and the admission policy with real tokens, runs the real master against
+// the applied objects, and deletes everything with kubectl delete -f.
+func TestManifestAgainstRealAPIServer(t *testing.T) {
+	kc := kubectlPath(t)
+	c := kube.Start(t)
+	kube.InstallCalicoCRDs(t, c.AdminConfig())
+	admin := c.Kubeconfig()
+	file := manifestPath(t)
+	objs := loadManifest(t)
+
+	cs, err := kubernetes.NewForConfig(c.AdminConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dyn, mapper := dynamicClient(t, c.AdminConfig())
+
+	t.Run("dry-run=server", func(t *testing.T) {
+		out := mustKubectl(t, kc, admin, "apply", "--dry-run=server", "-f", file)
+		t.Logf("kubectl apply --dry-run=server:\n%s", out)
+		for _, o := range objs {
+			if o.kind() == "Namespace" {
+				continue // the harness creates it before every test
+			}
+			if _, err := get(dyn, mapper, o); !apierrors.IsNotFound(err) {
+				t.Errorf("%s exists after a dry run (err %v)", o, err)
+			}
+		}
+	})
+
+	t.Run("apply", func(t *testing.T) {
+		out := mustKubectl(t, kc, admin, "apply", "-f", file)
+		t.Logf("kubectl apply:\n%s", out)
+		for _, o := range objs {
+			got, err := get(dyn, mapper, o)
+			if err != nil {
+				t.Errorf("%s after apply: %v", o, err)
+				continue
+			}
+			t.Logf("created %s (uid %s)", o, got.GetUID())
+		}
+		// Idempotent: the live objects are what the file says (kubectl diff exits 0
+		// only without differences; apply may still print "configured" for kinds whose
+		// patch is computed as a no-op merge patch).
+		if out, err := kubectl(t, kc, admin, "diff", "-f", file); err != nil {
+			t.Errorf("kubectl diff after apply: %v\n%s", err, out)
+		}
+		out = mustKubectl(t, kc, admin, "apply", "-f", file)
+		if strings.Contains(out, " created") {
+			t.Errorf("second apply created objects:\n%s", out)
+		}
+	})
+	if t.Failed() {
+		t.FailNow()
+	}
+
+	t.Run("auth can-i", func(t *testing.T) {
+		canI(t, kc, admin)
+	})
+
+	t.Run("agent admission policy", func(t *testing.T) {
+		agentPolicy(t, c, cs)
+	})
+
+	t.Run("real master initialises the empty Secret", func(t *testing.T) {
+		realMaster(t, c, cs)
+	})
+
+	t.Run("delete -f", func(t *testing.T) {
+		// --wait=false: without a controller-manager the namespace controller never
+		// finalizes the Namespace, so waiting for it would hang. On a real cluster
+		// plain `kubectl delete -f` waits and completes.
+		out := mustKubectl(t, kc, admin, "delete", "--wait=false", "-f", file)
+		t.Logf("kubectl delete -f:\n%s", out)
+		deadline := time.Now().Add(30 * time.Second)
+		for _, o := range objs {
+			for {
+				got, err := get(dyn, mapper, o)
+				if apierrors.IsNotFound(err) {
+					t.Logf("gone: %s", o)
+					break
+				}
+				if err == nil && got.GetDeletionTimestamp() != nil {
+					t.Logf("terminating: %s (finalizers %v; no namespace controller in the harness)", o, got.GetFinalizers())
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Errorf("%s still present after delete -f (err %v)", o, err)
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+	})
+}
+
+func dynamicClient(t *testing.T, cfg *rest.Config) (dynamic.Interface, meta.RESTMapper) {
+	t.Helper()
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dc, err := discovery.NewDiscoveryClientForConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dyn, restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc))
+}
+
+type objectGetter interface {
+	GetUID() types.UID
+	GetDeletionTimestamp() *metav1.Time
+	GetFinalizers() []string
+}
+
+func get(dyn dynamic.Interface, mapper meta.RESTMapper, o object) (objectGetter, error) {
+	gvk := o.u.GroupVersionKind()
+	m, err := mapper.RESTMapping(schema.GroupKind{Group: gvk.Group, Kind: gvk.Kind}, gvk.Version)
+	if err != nil {
+		return nil, fmt.Errorf("map %s: %w", gvk, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if m.Scope.Name() == meta.RESTScopeNameNamespace {
+		return dyn.Resource(m.Resource).Namespace(o.ns()).Get(ctx, o.name(), metav1.GetOptions{})
+	}
+	return dyn.Resource(m.Resource).Get(ctx, o.name(), metav1.GetOptions{})
+}
+
+// canI checks what each ServiceAccount may and may not do, with kubectl auth can-i
+// (a SubjectAccessReview against the RBAC the manifest created).
+func canI(t *testing.T, kc, admin string) {
+	type check struct {
+		as   string
+		args string // verb resource [name] plus flags
+		want bool
+	}
+	ns := "-n secureoverlay"
+	checks := []check{
+		// agent: what it needs
+		{agentSA, "get nodes", true},
+		{agentSA, "list nodes", true},
+		{agentSA, "watch nodes", true},
+		{agentSA, "patch nodes/node-a", true}, // limited to its own Node's report by the admission policy
+		{agentSA, "list ipamblocks.crd.projectcalico.org", true},
+		{agentSA, "watch ipamblocks.crd.projectcalico.org", true},
+		{agentSA, "list blockaffinities.crd.projectcalico.org", true},
+		{agentSA, "list ippools.crd.projectcalico.org", true},
+		{agentSA, "watch bgppeers.crd.projectcalico.org", true},
+		{agentSA, "get secrets/keys " + ns, true},
+		{agentSA, "list secrets/keys " + ns, true}, // list/watch by metadata.name field selector
+		{agentSA, "watch secrets/keys " + ns, true},
+		{agentSA, "get pods/any-pod " + ns, true},                          // installer: its own pod
+		{agentSA, "watch daemonsets.apps/secureoverlay-agent " + ns, true}, // installer: its DaemonSet
+		// agent: what it must not
+		{agentSA, "get secrets/other " + ns, false},
+		{agentSA, "list secrets " + ns, false},
+		{agentSA, "list secrets -A", false},
+		{agentSA, "get secrets/keys -n kube-system", false},
+		{agentSA, "update secrets/keys " + ns, false},
+		{agentSA, "delete nodes/node-a", false},
+		{agentSA, "create nodes", false},
+		{agentSA, "update nodes/node-a", false},
+		{agentSA, "patch nodes --subresource=status", false},
+		{agentSA, "create ippools.crd.projectcalico.org", false},
+		{agentSA, "get configmaps/secureoverlay-config " + ns, false},
+		{agentSA, "list pods " + ns, false},
+		{agentSA, "get daemonsets.apps/other " + ns, false},
+		{agentSA, "delete daemonsets.apps/secureoverlay-agent " + ns, false},
+		// master: what it needs
+		{masterSA, "get nodes", true},
+		{masterSA, "list nodes", true},
+		{masterSA, "watch nodes", true},
+		{masterSA, "create secrets " + ns, true},
+		{masterSA, "get secrets/keys " + ns, true},
+		{masterSA, "watch secrets/keys " + ns, true},
+		{masterSA, "update secrets/keys " + ns, true},
+		{masterSA, "get configmaps/secureoverlay-config " + ns, true},
+		{masterSA, "watch configmaps/secureoverlay-config " + ns, true},
+		{masterSA, "create configmaps " + ns, true},
+		{masterSA, "update configmaps/secureoverlay-status " + ns, true},
+		{masterSA, "create events " + ns, true},
+		{masterSA, "patch events " + ns, true},
+		{masterSA, "create leases.coordination.k8s.io " + ns, true},
+		{masterSA, "update leases.coordination.k8s.io/secureoverlay-master " + ns, true},
+		// master: what it must not
+		{masterSA, "get secrets/other " + ns, false},
+		{masterSA, "list secrets " + ns, false},
+		{masterSA, "delete secrets/keys " + ns, false},
+		{masterSA, "create secrets -n kube-system", false},
+		{masterSA, "patch nodes/node-a", false},
+		{masterSA, "update configmaps/secureoverlay-config " + ns, false},
+		{masterSA, "update configmaps/other " + ns, false},
+		{masterSA, "update leases.coordination.k8s.io/other " + ns, false},
+		{masterSA, "list pods " + ns, false},
+		{masterSA, "list ipamblocks.crd.projectcalico.org", false},
+	}
+	for _, ck := range checks {
+		args := append([]string{"auth", "can-i"}, strings.Fields(ck.args)...)
+		args = append(args, "--as", ck.as)
+		cmd := exec.Command(kc, append([]string{"--kubeconfig", admin}, args...)...)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		o, err := cmd.Output() // "yes" exits 0, "no" exits 1; warnings go to stderr
+		out := strings.TrimSpace(string(o))
+		got := out == "yes"
+		if got != (err == nil) || (out != "yes" && out != "no") {
+			t.Errorf("can-i %s as %s: %q, %v, stderr %q", ck.args, ck.as, out, err, stderr.String())
+		}
+		if got != ck.want {
+			t.Errorf("%s: can-i %s = %v, want %v (%s)", short(ck.as), ck.args, got, ck.want, strings.TrimSpace(out))
+		}
+	}
+	t.Logf("%d kubectl auth can-i checks", len(checks))
+}
+
+func short(user string) string { return user[strings.LastIndex(user, ":")+1:] }
+
+// podBoundConfig returns a client config for the agent ServiceAccount with a token
+// bound to a Pod scheduled on node, as the kubelet requests for a projected token:
+// the API server puts the node's name into the token, and the authenticator turns
+// it into the user's extra authentication.kubernetes.io/node-name.
+func podBoundConfig(t *testing.T, c *kube.Cluster, cs kubernetes.Interface, node string) *rest.Config {
+	t.Helper()
+	ctx := context.Background()
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: "agent-" + node},
+		Spec: corev1.PodSpec{
+			ServiceAccountName:           "secureoverlay-agent",
+			NodeName:                     node,
+			AutomountServiceAccountToken: new(bool),
+			Containers:                   []corev1.Container{{Name: "agent", Image: "ghcr.io/secureoverlay/secureoverlay:test"}},
+		},
+	}
+	created, err := cs.CoreV1().Pods(api.Namespace).Create(ctx, pod, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create pod on %s: %v", node, err)
+	}
+	expiry := int64(3600)
+	tr := &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
+		ExpirationSeconds: &expiry,
+		BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: created.Name, UID: created.UID},
+	}}
+	tr, err = cs.CoreV1().ServiceAccounts(api.Namespace).CreateToken(ctx, "secureoverlay-agent", tr, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("token bound to pod %s: %v", created.Name, err)
+	}
+	cfg := c.AdminConfig()
+	cfg.BearerToken = tr.Status.Token
+	return cfg
+}
+
+// agentPolicy proves the ValidatingAdmissionPolicy with real tokens: an agent token
+// bound to a pod on node-a may change node-a's report annotation and nothing else.
+func agentPolicy(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
+	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "node-a", IPv4: "198.18.0.1", BootID: "boot-a",
+		Annotations: map[string]string{"example.com/other": "x"}})
+	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "node-b", IPv4: "198.18.0.2", BootID: "boot-b"})
+
+	asA, err := kubernetes.NewForConfig(podBoundConfig(t, c, cs, "node-a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Who the API server thinks we are: the node claim must be there.
+	ctx := context.Background()
+	ssr, err := asA.AuthenticationV1().SelfSubjectReviews().Create(ctx, &authenticationv1.SelfSubjectReview{}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("self subject review: %v", err)
+	}
+	if got := ssr.Status.UserInfo.Extra["authentication.kubernetes.io/node-name"]; len(got) != 1 || got[0] != "node-a" {
+		t.Fatalf("pod-bound agent token: extra node-name = %v, want [node-a] (user %s)", got, ssr.Status.UserInfo.Username)
+	}
+	t.Logf("pod-bound agent token authenticates as %s with node-name %v", ssr.Status.UserInfo.Username, ssr.Status.UserInfo.Extra["authentication.kubernetes.io/node-name"])
+
+	unbound, err := kubernetes.NewForConfig(c.ServiceAccountConfig(api.Namespace, "secureoverlay-agent"))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	mergePatch := func(cl kubernetes.Interface, node, patch string) error {
+		_, err := cl.CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, []byte(patch), metav1.PatchOptions{})
+		return err
+	}
+	report := func(v string) string {
+		return fmt.Sprintf(`{"metadata":{"annotations":{%q:%q}}}`, api.ReportAnnotation, v)
+	}
+	// The policy becomes active asynchronously after its creation: wait until it
+	// refuses the clearest violation.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := mergePatch(asA, "node-b", report(`{"mode":"off"}`))
+		if err != nil && strings.Contains(err.Error(), "ValidatingAdmissionPolicy") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("admission policy not enforced after 30 s: patch of node-b by node-a's agent returned %v", err)
+		}
+		// Undo a write that slipped through before the policy was active.
+		_ = mergePatch(cs, "node-b", fmt.Sprintf(`{"metadata":{"annotations":{%q:null}}}`, api.ReportAnnotation))
+		time.Sleep(200 * time.Millisecond)
+	}
+
+	cases := []struct {
+		name   string
+		client kubernetes.Interface
+		node   string
+		patch  string
+		allow  bool
+	}{
+		{"own report", asA, "node-a", report(`{"mode":"accept"}`), true},
+		{"own report again", asA, "node-a", report(`{"mode":"encrypt"}`), true},
+		{"own report removed", asA, "node-a", fmt.Sprintf(`{"metadata":{"annotations":{%q:null}}}`, api.ReportAnnotation), true},
+		{"own report restored", asA, "node-a", report(`{"mode":"enforce"}`), true},
+		{"other node's report", asA, "node-b", report(`{"mode":"off"}`), false},
+		{"own other annotation", asA, "node-a", `{"metadata":{"annotations":{"example.com/other":"y"}}}`, false},
+		{"own new annotation", asA, "node-a", `{"metadata":{"annotations":{"example.com/new":"y"}}}`, false},
+		{"own annotation removed", asA, "node-a", `{"metadata":{"annotations":{"example.com/other":null}}}`, false},
+		{"own Calico address", asA, "node-a", fmt.Sprintf(`{"metadata":{"annotations":{%q:"198.18.0.9/24"}}}`, api.CalicoIPv4AddressAnnotation), false},
+		{"own label", asA, "node-a", `{"metadata":{"labels":{"example.com/l":"y"}}}`, false},
+		{"own spec", asA, "node-a", `{"spec":{"unschedulable":true}}`, false},
+		{"own taint", asA, "node-a", `{"spec":{"taints":[{"key":"k","effect":"NoSchedule"}]}}`, false},
+		{"own finalizer", asA, "node-a", `{"metadata":{"finalizers":["example.com/f"]}}`, false},
+		{"report with a label", asA, "node-a", `{"metadata":{"labels":{"example.com/l":"y"},"annotations":{"secureoverlay.io/report":"{}"}}}`, false},
+		{"token without node claim", unbound, "node-a", report(`{"mode":"off"}`), false},
+	}
+	for _, tc := range cases {
+		before, err := cs.CoreV1().Nodes().Get(ctx, tc.node, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = mergePatch(tc.client, tc.node, tc.patch)
+		after, gerr := cs.CoreV1().Nodes().Get(ctx, tc.node, metav1.GetOptions{})
+		if gerr != nil {
+			t.Fatal(gerr)
+		}
+		switch {
+		case tc.allow && err != nil:
+			t.Errorf("%s: refused: %v", tc.name, err)
+		case !tc.allow && err == nil:
+			t.Errorf("%s: allowed, want refused", tc.name)
+		case !tc.allow && !apierrors.IsInvalid(err) && !apierrors.IsForbidden(err):
+			t.Errorf("%s: %v, want invalid/forbidden", tc.name, err)
+		case !tc.allow && after.ResourceVersion != before.ResourceVersion:
+			t.Errorf("%s: refused but the node changed", tc.name)
+		default:
+			if err != nil {
+				t.Logf("%s: refused: %v", tc.name, err)
+			} else {
+				t.Logf("%s: allowed", tc.name)
+			}
+		}
+	}
+	// Deleting and creating Nodes is refused by RBAC already; the policy would too.
+	if err := asA.CoreV1().Nodes().Delete(ctx, "node-a", metav1.DeleteOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("agent deleting its node: %v, want forbidden", err)
+	}
+}
+
+// realMaster runs the real secureoverlay-master binary as the manifest's master
+// ServiceAccount against the applied objects: it must take the manifest's empty
+// Secret as "not initialised" and fill it, publish its status, and never refuse
+// the ring.
+func realMaster(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
+	bin := binPath(t, "secureoverlay-master")
+	kcfg := writeKubeconfig(t, c.ServiceAccountConfig(api.Namespace, "secureoverlay-master"))
+	ctx := context.Background()
+	sec, err := cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sec.Data) != 0 {
+		t.Fatalf("the applied Secret already has data keys %d", len(sec.Data))
+	}
+
+	var log bytes.Buffer
+	cmd := exec.Command(bin, "--kubeconfig", kcfg, "--namespace", api.Namespace, "--id", "test-master",
+		"--metrics-addr", "127.0.0.1:0", "--rotate-interval", "0", "--node-selector", "kubernetes.io/os=linux")
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+		if t.Failed() {
+			t.Logf("master log:\n%s", log.String())
+		}
+	}()
+
+	var ring *keys.Ring
+	deadline := time.Now().Add(60 * time.Second)
+	for ring == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("the master did not initialise Secret %s/%s within 60 s", api.Namespace, api.SecretName)
+		}
+		time.Sleep(200 * time.Millisecond)
+		sec, err := cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
+		if err != nil {
+			continue
+		}
+		data, ok := sec.Data[api.SecretDataKey]
+		if !ok {
+			continue
+		}
+		r, err := keys.Parse(data)
+		if err != nil {
+			t.Fatalf("the master wrote a ring that does not parse: %v", err)
+		}
+		ring = r
+		if sec.Labels["app.kubernetes.io/part-of"] != "secureoverlay" {
+			t.Errorf("the master dropped the manifest's labels: %v", sec.Labels)
+		}
+	}
+	t.Logf("master initialised the Secret: %s", keys.Summary(ring))
+	if ring.Target != api.ModeEnforce {
+		t.Errorf("ring target %s, want enforce (ConfigMap enabled=true)", ring.Target)
+	}
+	for time.Now().Before(deadline) {
+		if _, err := cs.CoreV1().ConfigMaps(api.Namespace).Get(ctx, api.StatusConfigMapName, metav1.GetOptions{}); err == nil {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	st, err := cs.CoreV1().ConfigMaps(api.Namespace).Get(ctx, api.StatusConfigMapName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatalf("status ConfigMap: %v", err)
+	}
+	t.Logf("master status: %s", st.Data[api.StatusDataKey])
+	if strings.Contains(log.String(), "refusing invalid key ring") || strings.Contains(log.String(), "forbidden") {
+		t.Errorf("master log shows a refusal:\n%s", log.String())
+	}
+}
+
+func writeKubeconfig(t *testing.T, cfg *rest.Config) string {
+	t.Helper()
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["c"] = &clientcmdapi.Cluster{Server: cfg.Host, CertificateAuthorityData: cfg.CAData}
+	kc.AuthInfos["u"] = &clientcmdapi.AuthInfo{Token: cfg.BearerToken}
+	kc.Contexts["c"] = &clientcmdapi.Context{Cluster: "c", AuthInfo: "u"}
+	kc.CurrentContext = "c"
+	p := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := clientcmd.WriteToFile(*kc, p); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}

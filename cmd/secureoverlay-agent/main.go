@@ -3,7 +3,9 @@
 // and iptables rules on this node, reported on its Node (see package agent and
 // docs/agent.md).
 //
-//	secureoverlay-agent [flags]          run the agent; SIGTERM leaves the data plane as is
+//	secureoverlay-agent [flags]          run the agent; SIGTERM leaves the data plane as is,
+//	                                     unless the DaemonSet is being deleted: then it is
+//	                                     walked down in --uninstall-step steps
 //	secureoverlay-agent cleanup [flags]  remove every xfrm object and iptables rule we own
 package main
 
@@ -27,6 +29,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/budget"
+	"github.com/secureoverlay/secureoverlay/install/owner"
 	"github.com/secureoverlay/secureoverlay/reconciler/agent"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
@@ -50,7 +53,8 @@ func main() {
 
 type options struct {
 	kubeconfig, nodeName, namespace, secretName, metricsAddr, ifacePattern, logLevel string
-	resync, heartbeat                                                                time.Duration
+	podName, podNamespace                                                            string
+	resync, heartbeat, uninstallStep, decideTimeout                                  time.Duration
 	icv, replayWindow, externalMTU                                                   int
 	reqid, mark                                                                      uint
 	logJSON                                                                          bool
@@ -72,6 +76,12 @@ func flags(fs *flag.FlagSet, o *options) {
 	fs.StringVar(&o.ifacePattern, "interface-pattern", budget.DefaultInterfacePattern, "regexp of external interfaces (Calico's MTU interface pattern)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.BoolVar(&o.logJSON, "log-json", false, "log as JSON")
+	fs.StringVar(&o.podName, "pod-name", os.Getenv("POD_NAME"), "this agent's pod (default $POD_NAME): at SIGTERM, uninstall only if its DaemonSet is being deleted")
+	fs.StringVar(&o.podNamespace, "pod-namespace", os.Getenv("POD_NAMESPACE"), "this agent's pod namespace (default $POD_NAMESPACE)")
+	fs.DurationVar(&o.uninstallStep, "uninstall-step", agent.DefaultUninstallStep,
+		"time between the uninstall walk-down steps (enforce→encrypt→accept→off); must exceed the spread of SIGTERM delivery across nodes, and terminationGracePeriodSeconds must exceed 2 steps + the decision timeout + margin")
+	fs.DurationVar(&o.decideTimeout, "uninstall-decision-timeout", agent.DefaultDecisionTimeout,
+		"at SIGTERM, how long to ask the API whether the DaemonSet is being deleted; unanswered means keep the data plane")
 }
 
 func run(cleanup bool, args []string) error {
@@ -108,6 +118,12 @@ func run(cleanup bool, args []string) error {
 	}
 	if err := agent.CheckMark(uint32(o.mark)); err != nil {
 		return fmt.Errorf("--mark: %w", err)
+	}
+	if o.uninstallStep <= 0 {
+		return fmt.Errorf("--uninstall-step %s: want a positive duration", o.uninstallStep)
+	}
+	if o.decideTimeout <= 0 {
+		return fmt.Errorf("--uninstall-decision-timeout %s: want a positive duration", o.decideTimeout)
 	}
 	if cleanup {
 		ipt, err := rules.NewSystem()
@@ -160,6 +176,18 @@ func run(cleanup bool, args []string) error {
 		return err
 	}
 
+	// The tracker watches our DaemonSet from the start, so the SIGTERM decision survives
+	// `kubectl delete -f` deleting our RBAC before we are terminated (install/owner).
+	var tracker *owner.Tracker
+	trackCtx, stopTracking := context.WithCancel(context.Background())
+	defer stopTracking()
+	if o.podName != "" && o.podNamespace != "" {
+		tracker = owner.NewTracker(client, o.podNamespace, o.podName)
+		go tracker.Run(trackCtx, func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) })
+	} else {
+		log.Warn("pod identity unknown ($POD_NAME/$POD_NAMESPACE unset): SIGTERM will always leave the data plane as it is")
+	}
+
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if o.metricsAddr != "" {
@@ -176,7 +204,16 @@ func run(cleanup bool, args []string) error {
 		"icvBytes", dp.ICVBytes, "replayWindow", dp.ReplayWindow, "reqid", dp.ReqID, "externalMTU", o.externalMTU,
 		"metricsAddr", o.metricsAddr)
 	ag.Run(ctx)
-	return nil
+	stop() // a second signal now ends the process (default action)
+
+	d, err := agent.UninstallDecision(context.Background(), client, tracker, o.podNamespace, o.podName, o.decideTimeout)
+	if !d.Uninstall {
+		log.Info("data plane left as it is", "reason", d.Reason, "error", err)
+		return nil
+	}
+	log.Info("the DaemonSet is being deleted: uninstalling", "reason", d.Reason, "step", o.uninstallStep)
+	stopTracking()
+	return ag.Uninstall(context.Background(), o.uninstallStep)
 }
 
 func restConfig(kubeconfig string) (*rest.Config, error) {

@@ -21,7 +21,9 @@
 //   - /healthz (process alive, loop not wedged), /readyz (caches synced and last sync
 //     ok) and Prometheus /metrics.
 //   - Shutdown (context cancelled, SIGTERM) leaves the data plane exactly as it is; only
-//     `secureoverlay-agent cleanup` removes what we own.
+//     `secureoverlay-agent cleanup` removes what we own. When the DaemonSet is being
+//     deleted, the main calls Uninstall after Run: a timed local walk-down of the kernel
+//     state through the cutover modes (uninstall.go).
 package agent
 
 import (
@@ -99,7 +101,10 @@ type Deps struct {
 	// Config.ExternalMTU is 0.
 	DetectMTU func() (int, string, error)
 	Now       func() time.Time
-	Logger    *slog.Logger
+	// Sleep waits d or until ctx ends (the uninstall walk-down's timer; default a real
+	// timer).
+	Sleep  func(ctx context.Context, d time.Duration) error
+	Logger *slog.Logger
 }
 
 const queueKey = "sync"
@@ -125,7 +130,10 @@ type Agent struct {
 	// restart or a failed sync).
 	lastRules  []desired.Rule
 	rulesKnown bool
-	lastNotes  string // not-covered and skipped objects, logged when they change
+	// lastIn are the inputs of the last successful sync: the uninstall walk-down
+	// computes its lower modes from them.
+	lastIn    *desired.Inputs
+	lastNotes string // not-covered and skipped objects, logged when they change
 }
 
 // New wires an agent; it starts nothing.
@@ -160,6 +168,9 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	}
 	if d.Now == nil {
 		d.Now = time.Now
+	}
+	if d.Sleep == nil {
+		d.Sleep = sleepCtx
 	}
 	if d.Logger == nil {
 		d.Logger = slog.Default()
@@ -329,6 +340,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	}
 	a.mu.Lock()
 	a.lastRules, a.rulesKnown = st.Rules, true
+	a.lastIn = &in
 	notes := fmt.Sprint(st.NotCovered, st.Skipped, snap.Skipped)
 	changedNotes := notes != a.lastNotes
 	a.lastNotes = notes

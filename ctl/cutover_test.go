@@ -179,10 +179,10 @@ func TestCutoverAndRotateWait(t *testing.T) {
 	// node-c's agent stops: the next rotation cannot activate; --wait names it and
 	// times out with exit 5.
 	agents["node-c"].paused.Store(true)
-	r = run("rotate", "--wait", "--timeout", "3s")
+	r = run("rotate", "--wait", "--timeout", "5s")
 	t.Logf("rotate --wait with node-c paused:\n%s", r)
 	if r.code != ExitTimeout || strings.Count(r.stderr, "\n") != 1 ||
-		!strings.HasPrefix(r.stderr, "error: timed out after 3s: generation 3 pending") || !strings.Contains(r.stderr, "node-c") {
+		!strings.HasPrefix(r.stderr, "error: timed out after 5s: generation 3 pending") || !strings.Contains(r.stderr, "node-c") {
 		t.Fatalf("rotate --wait with a lagging node:\n%s", r)
 	}
 	agents["node-c"].paused.Store(false)

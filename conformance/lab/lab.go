@@ -107,6 +107,7 @@ type VM struct {
 	exitErr    error
 	closeOnce  sync.Once
 	closeError error
+	slot       *os.File // machine-wide VM slot (see SlotLockPath), held until Close
 }
 
 // CacheDir is $SECUREOVERLAY_CACHE_DIR, or .cache at the root of the
@@ -299,13 +300,18 @@ func Boot(ctx context.Context, opts Options) (*VM, error) {
 		return nil, fmt.Errorf("boot lab vm: accel %q is neither tcg nor kvm", accel)
 	}
 
-	vm := &VM{Accel: accel, KernelRelease: img.Release, stateDir: opts.StateDir}
+	slot, err := acquireSlot(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("boot lab vm: %w", err)
+	}
+	vm := &VM{Accel: accel, KernelRelease: img.Release, stateDir: opts.StateDir, slot: slot}
 	if vm.stateDir == "" {
 		if vm.stateDir, err = os.MkdirTemp("", "secureoverlay-lab-"); err != nil {
 			return nil, fmt.Errorf("boot lab vm: state dir: %w", err)
 		}
 		vm.ownState = true
 	} else if err := os.MkdirAll(vm.stateDir, 0o755); err != nil {
+		vm.releaseSlot()
 		return nil, fmt.Errorf("boot lab vm: state dir %s: %w", vm.stateDir, err)
 	}
 
@@ -320,6 +326,7 @@ func Boot(ctx context.Context, opts Options) (*VM, error) {
 		args, err := qemuArgs(opts, img, accel, vm.stateDir, vm.chanPort, relay)
 		if err != nil {
 			vm.removeState()
+			vm.releaseSlot()
 			return nil, fmt.Errorf("boot lab vm: %w", err)
 		}
 		lastErr = vm.start(ctx, qemu, args, opts.BootTimeout)
@@ -333,7 +340,54 @@ func Boot(ctx context.Context, opts Options) (*VM, error) {
 	}
 	err = fmt.Errorf("boot lab vm (%s): %w%s", accel, lastErr, vm.diagnostics())
 	vm.removeState()
+	vm.releaseSlot()
 	return nil, err
+}
+
+// SlotLockPath is the file whose exclusive flock is held by every running lab VM.
+//
+// Lab VMs run one at a time on a machine: under TCG a guest saturates a core, and the
+// data-plane tests measure packet loss and timing, so two guests competing for the CI
+// machine's two cores would turn CPU starvation into spurious failures. `go test ./...`
+// runs packages in parallel; Boot waits here (honouring ctx) and Close frees the slot.
+// Set SECUREOVERLAY_LAB_LOCK to use another path.
+func SlotLockPath() string {
+	if p := os.Getenv("SECUREOVERLAY_LAB_LOCK"); p != "" {
+		return p
+	}
+	return filepath.Join(os.TempDir(), "secureoverlay-lab.lock")
+}
+
+func acquireSlot(ctx context.Context) (*os.File, error) {
+	path := SlotLockPath()
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open vm slot lock %s: %w", path, err)
+	}
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
+			f.Close()
+			return nil, fmt.Errorf("lock vm slot %s: %w", path, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("wait for the vm slot %s (another lab vm is running): %w", path, ctx.Err())
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// releaseSlot frees the machine-wide VM slot (closing the file drops the flock).
+func (vm *VM) releaseSlot() {
+	if vm.slot != nil {
+		vm.slot.Close()
+		vm.slot = nil
+	}
 }
 
 func (vm *VM) start(ctx context.Context, qemu string, args []string, timeout time.Duration) error {
@@ -443,6 +497,7 @@ func (vm *VM) Close() error {
 	vm.closeOnce.Do(func() {
 		vm.kill()
 		vm.removeState()
+		vm.releaseSlot()
 	})
 	return vm.closeError
 }

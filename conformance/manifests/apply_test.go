@@ -12,6 +12,7 @@ import (
 	"time"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -96,6 +97,7 @@ func TestManifestAgainstRealAPIServer(t *testing.T) {
 
 	t.Run("auth can-i", func(t *testing.T) {
 		canI(t, kc, admin)
+		canIProjectcalico(t, cs)
 	})
 
 	t.Run("agent admission policy", func(t *testing.T) {
@@ -252,6 +254,36 @@ func canI(t *testing.T, kc, admin string) {
 		}
 	}
 	t.Logf("%d kubectl auth can-i checks", len(checks))
+}
+
+// canIProjectcalico checks the projectcalico.org rules with SubjectAccessReviews:
+// kubectl auth can-i cannot name a group the server does not serve (the harness has
+// only the crd.projectcalico.org CRDs).
+func canIProjectcalico(t *testing.T, cs kubernetes.Interface) {
+	for _, tc := range []struct {
+		user, verb, resource string
+		want                 bool
+	}{
+		{agentSA, "list", "ippools", true},
+		{agentSA, "watch", "ipamblocks", true},
+		{agentSA, "watch", "blockaffinities", true},
+		{agentSA, "list", "bgppeers", true},
+		{agentSA, "create", "ippools", false},
+		{agentSA, "list", "felixconfigurations", false},
+		{masterSA, "list", "ippools", false},
+	} {
+		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+			User: tc.user, Groups: []string{"system:serviceaccounts", "system:serviceaccounts:secureoverlay", "system:authenticated"},
+			ResourceAttributes: &authorizationv1.ResourceAttributes{Group: "projectcalico.org", Resource: tc.resource, Verb: tc.verb},
+		}}
+		got, err := cs.AuthorizationV1().SubjectAccessReviews().Create(context.Background(), sar, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Status.Allowed != tc.want {
+			t.Errorf("%s %s %s.projectcalico.org: allowed=%v, want %v", short(tc.user), tc.verb, tc.resource, got.Status.Allowed, tc.want)
+		}
+	}
 }
 
 func short(user string) string { return user[strings.LastIndex(user, ":")+1:] }
@@ -473,6 +505,12 @@ func realMaster(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 		t.Fatalf("status ConfigMap: %v", err)
 	}
 	t.Logf("master status: %s", st.Data[api.StatusDataKey])
+	if _, err := cs.CoordinationV1().Leases(api.Namespace).Get(ctx, "secureoverlay-master", metav1.GetOptions{}); err != nil {
+		t.Errorf("leader election Lease: %v", err)
+	}
+	if !strings.Contains(log.String(), "key ring secret has no data key, initializing it") {
+		t.Errorf("master log does not show the empty Secret being initialised:\n%s", log.String())
+	}
 	if strings.Contains(log.String(), "refusing invalid key ring") || strings.Contains(log.String(), "forbidden") {
 		t.Errorf("master log shows a refusal:\n%s", log.String())
 	}

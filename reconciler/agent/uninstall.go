@@ -91,8 +91,8 @@ func (a *Agent) uninstallInputs() (desired.Inputs, string, error) {
 }
 
 // Uninstall walks this node's kernel state down to nothing in timed local steps (see the
-// comment at the top of this file): immediately to at most encrypt, after step to at most
-// accept, after another step to off followed by the removal of our iptables chains. It
+// comment at the top of this file): immediately to at most encrypt, at start+step to at
+// most accept, at start+2*step to off followed by the removal of our iptables chains. It
 // uses no API. Call it only after Run has returned (one writer at a time), and only when
 // the DaemonSet is being deleted; a restart or an upgrade must leave the kernel alone.
 //
@@ -125,7 +125,8 @@ func (a *Agent) Uninstall(ctx context.Context, step time.Duration) error {
 	for i, st := range states {
 		last := i == len(states)-1
 		if i > 0 && in.Ring.Mode != api.ModeOff {
-			if err := a.d.Sleep(ctx, step); err != nil {
+			// Step i is due at start + i*step, whatever the earlier steps took.
+			if err := a.d.Sleep(ctx, max(0, start.Add(time.Duration(i)*step).Sub(a.d.Now()))); err != nil {
 				a.log.Error("uninstall: interrupted; data plane left at the last step", "step", WalkDownModes[i-1], "error", err)
 				return errors.Join(append(errs, fmt.Errorf("uninstall interrupted before the %s step: %w", WalkDownModes[i], err))...)
 			}

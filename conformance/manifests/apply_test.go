@@ -69,6 +69,15 @@ func TestManifestAgainstRealAPIServer(t *testing.T) {
 		}
 	})
 
+	t.Run("dry-run=server overlays", func(t *testing.T) {
+		for _, o := range overlays {
+			dir := filepath.Join(repoRoot(t), "manifests", o)
+			if out, err := kubectl(t, kc, admin, "apply", "--dry-run=server", "-k", dir); err != nil {
+				t.Errorf("kubectl apply --dry-run=server -k manifests/%s: %v\n%s", o, err, out)
+			}
+		}
+	})
+
 	t.Run("apply", func(t *testing.T) {
 		out := mustKubectl(t, kc, admin, "apply", "-f", file)
 		t.Logf("kubectl apply:\n%s", out)

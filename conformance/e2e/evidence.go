@@ -1,0 +1,210 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/secureoverlay/secureoverlay/conformance/lab"
+	"github.com/secureoverlay/secureoverlay/keys"
+)
+
+func parseSPI(spi uint32) (genMod4, node uint32, ok bool) {
+	_, g, n, ok := keys.ParseKindSPI(spi)
+	return g, n, ok
+}
+
+// Pair is an ordered node pair (From sends to To).
+type Pair struct{ From, To int }
+
+func (p Pair) String() string { return fmt.Sprintf("node%d→node%d", p.From, p.To) }
+
+// ESPCounts returns, per ordered pair of registered nodes, the packets the
+// sender's outbound SAs to that peer have carried (all generations summed),
+// from the sender's kernel.
+func (l *Lab) ESPCounts(ctx context.Context) (map[Pair]uint64, error) {
+	nodes := l.RegisteredNodes()
+	ipToNode := map[string]int{}
+	for _, i := range nodes {
+		ipToNode[lab.NodeIP(i)] = i
+	}
+	out := map[Pair]uint64{}
+	for _, i := range nodes {
+		sas, err := lab.XfrmStates(ctx, l.VM, lab.NodeNS(i))
+		if err != nil {
+			return nil, err
+		}
+		for _, j := range nodes {
+			if j != i {
+				out[Pair{i, j}] += 0
+			}
+		}
+		for _, sa := range sas {
+			j, ok := ipToNode[sa.Dst]
+			if sa.Src != lab.NodeIP(i) || !ok || j == i {
+				continue
+			}
+			out[Pair{i, j}] += sa.Packets
+		}
+	}
+	return out, nil
+}
+
+// SortedPairs returns the keys of m in order.
+func SortedPairs[V any](m map[Pair]V) []Pair {
+	ps := make([]Pair, 0, len(m))
+	for p := range m {
+		ps = append(ps, p)
+	}
+	sort.Slice(ps, func(a, b int) bool {
+		if ps[a].From != ps[b].From {
+			return ps[a].From < ps[b].From
+		}
+		return ps[a].To < ps[b].To
+	})
+	return ps
+}
+
+// XfrmStat returns node i's /proc/net/xfrm_stat counters.
+func (l *Lab) XfrmStat(ctx context.Context, i int) (map[string]uint64, error) {
+	out, _, err := l.VM.Run(ctx, "ip netns exec "+lab.NodeNS(i)+" cat /proc/net/xfrm_stat")
+	if err != nil {
+		return nil, err
+	}
+	m := map[string]uint64{}
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 2 {
+			v, err := strconv.ParseUint(f[1], 10, 64)
+			if err == nil {
+				m[f[0]] = v
+			}
+		}
+	}
+	return m, nil
+}
+
+// AgentMetric sums the samples of metric name (optionally only those whose
+// label text contains every one of labels) from node i's agent /metrics.
+func (l *Lab) AgentMetric(ctx context.Context, i int, name string, labels ...string) (float64, error) {
+	out, _, err := l.VM.Run(ctx, fmt.Sprintf("ip netns exec %s wget -q -O - http://127.0.0.1:%d/metrics", lab.NodeNS(i), AgentMetricsPort(i)))
+	if err != nil {
+		return 0, fmt.Errorf("node%d metrics: %w", i, err)
+	}
+	var sum float64
+	found := false
+	sc := bufio.NewScanner(strings.NewReader(out))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+line:
+	for sc.Scan() {
+		t := sc.Text()
+		if !strings.HasPrefix(t, name+"{") && !strings.HasPrefix(t, name+" ") {
+			continue
+		}
+		for _, lb := range labels {
+			if !strings.Contains(t, lb) {
+				continue line
+			}
+		}
+		f := strings.Fields(t)
+		v, err := strconv.ParseFloat(f[len(f)-1], 64)
+		if err != nil {
+			continue
+		}
+		sum += v
+		found = true
+	}
+	if !found {
+		return 0, fmt.Errorf("node%d metrics: no sample of %s%v", i, name, labels)
+	}
+	return sum, nil
+}
+
+// Streams is a set of ping streams between pods, every ordered pair.
+type Streams struct {
+	pairs   []Pair
+	streams []*lab.PingStream
+}
+
+// StreamResult is one pair's outcome.
+type StreamResult struct {
+	Pair Pair
+	lab.PingResult
+}
+
+// StartStreams starts one sequence-numbered ICMP stream per ordered pair of
+// pods (count echo requests every interval), pod of node From → pod of node To.
+func (l *Lab) StartStreams(ctx context.Context, pods []*Pod, count int, interval time.Duration) (*Streams, error) {
+	s := &Streams{}
+	for _, a := range pods {
+		for _, b := range pods {
+			if a == b {
+				continue
+			}
+			ps, err := lab.StartPingStream(ctx, l.VM, a.Name, b.IP, count, interval)
+			if err != nil {
+				return nil, err
+			}
+			s.pairs = append(s.pairs, Pair{a.Node, b.Node})
+			s.streams = append(s.streams, ps)
+		}
+	}
+	return s, nil
+}
+
+// Wait waits for every stream and returns the results and the totals.
+func (s *Streams) Wait(ctx context.Context) (res []StreamResult, sent, lost int, err error) {
+	var mu sync.Mutex
+	for i, ps := range s.streams {
+		r, err := ps.Wait(ctx)
+		if err != nil {
+			return res, sent, lost, fmt.Errorf("stream %s: %w", s.pairs[i], err)
+		}
+		mu.Lock()
+		res = append(res, StreamResult{Pair: s.pairs[i], PingResult: r})
+		sent += r.Sent
+		lost += r.Lost()
+		mu.Unlock()
+	}
+	return res, sent, lost, nil
+}
+
+// FormatStreams renders results one line per pair.
+func FormatStreams(res []StreamResult) string {
+	var b strings.Builder
+	for _, r := range res {
+		fmt.Fprintf(&b, "  %-16s sent %4d  received %4d  lost %d\n", r.Pair, r.Sent, r.Received, r.Lost())
+	}
+	return b.String()
+}
+
+// PingAll sends n echo requests from every pod to every other pod, in
+// sequence, and returns how many were lost.
+func (l *Lab) PingAll(ctx context.Context, pods []*Pod, n int) (sent, lost int, err error) {
+	for _, a := range pods {
+		for _, b := range pods {
+			if a == b {
+				continue
+			}
+			out, _, _ := l.VM.Run(ctx, fmt.Sprintf("ip netns exec %s ping -n -q -c %d -i 0.05 -W 2 %s", lab.ShellQuote(a.Name), n, b.IP))
+			m := pingRE.FindStringSubmatch(out)
+			if m == nil {
+				return sent, lost, fmt.Errorf("ping %s → %s: no summary: %q", a.Name, b.IP, out)
+			}
+			s, _ := strconv.Atoi(m[1])
+			r, _ := strconv.Atoi(m[2])
+			sent += s
+			lost += s - r
+		}
+	}
+	return sent, lost, nil
+}
+
+var pingRE = regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`)

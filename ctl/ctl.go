@@ -114,8 +114,8 @@ func withCode(code int, err error) error {
 	return &exitError{code: code, err: err}
 }
 
-// errSilent is returned when the command already printed its verdict and only the exit
-// code remains.
+// silentExit is returned when the command already printed its verdict and only the
+// exit code remains.
 type silentExit struct{ code int }
 
 func (s silentExit) Error() string { return fmt.Sprintf("exit %d", s.code) }
@@ -141,7 +141,7 @@ func (c *CLI) Run(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		c.Name = "secureoverlayctl"
 	}
 	if c.Links == nil {
-		c.Links = budget.Links
+		c.Links = hostLinks
 	}
 	if c.PollInterval == 0 {
 		c.PollInterval = 500 * time.Millisecond
@@ -255,7 +255,6 @@ var errNoKubeconfig = errors.New("no kubeconfig")
 type clients struct {
 	cs   kubernetes.Interface
 	dyn  dynamic.Interface
-	rest *rest.Config
 	host string
 	// nodeSelector limits the nodes read (--node-selector).
 	nodeSelector string
@@ -299,7 +298,7 @@ func (g *globals) clients() (*clients, error) {
 	if err != nil {
 		return nil, withCode(ExitUnreachable, fmt.Errorf("client for %s: %w", cfg.Host, err))
 	}
-	return &clients{cs: cs, dyn: dyn, rest: cfg, host: cfg.Host, nodeSelector: g.nodeSelector}, nil
+	return &clients{cs: cs, dyn: dyn, host: cfg.Host, nodeSelector: g.nodeSelector}, nil
 }
 
 // apiError classifies an API error: unreachable (3), forbidden/unauthorized (4), else 1.

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"regexp"
 	"sort"
@@ -208,3 +209,147 @@ func (l *Lab) PingAll(ctx context.Context, pods []*Pod, n int) (sent, lost int, 
 }
 
 var pingRE = regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`)
+
+// Stream is an open-ended, sequence-numbered ICMP stream from a pod to
+// another pod's address, stopped with Stop. Loss is counted from the
+// sequence numbers: every echo request up to the highest one answered must
+// have been answered; requests still unanswered after the highest answered
+// one when the stream stops (in flight at SIGINT) are reported as Unanswered,
+// not as lost.
+type Stream struct {
+	Pair Pair
+	vm   *lab.VM
+	pid  int
+	log  string
+}
+
+// StreamStats is a stopped stream's outcome.
+type StreamStats struct {
+	Pair Pair
+	// Sent is the number of echo requests transmitted, Received the number
+	// of distinct sequence numbers answered.
+	Sent, Received int
+	// Lost counts unanswered sequence numbers below the highest answered one.
+	Lost int
+	// Unanswered counts requests after the highest answered one (in flight at stop).
+	Unanswered int
+	// LostSeqs lists the first lost sequence numbers (at most 20).
+	LostSeqs []int
+}
+
+var (
+	seqRE      = regexp.MustCompile(`icmp_seq=(\d+) `)
+	sentRE     = regexp.MustCompile(`(\d+) packets transmitted`)
+	streamSeq  int
+	streamSeqM sync.Mutex
+)
+
+// StartStream starts a stream from pod a to pod b, one request every interval.
+func (l *Lab) StartStream(ctx context.Context, a, b *Pod, interval time.Duration) (*Stream, error) {
+	streamSeqM.Lock()
+	streamSeq++
+	n := streamSeq
+	streamSeqM.Unlock()
+	log := fmt.Sprintf("/tmp/e2e/stream-%d.log", n)
+	cmd := fmt.Sprintf("exec ip netns exec %s ping -n -i %.3f -W 2 %s", lab.ShellQuote(a.Name), interval.Seconds(), b.IP)
+	pid, err := l.VM.Background(ctx, cmd, log)
+	if err != nil {
+		return nil, err
+	}
+	return &Stream{Pair: Pair{a.Node, b.Node}, vm: l.VM, pid: pid, log: log}, nil
+}
+
+// Stop interrupts the stream (ping prints its summary) and counts.
+func (s *Stream) Stop(ctx context.Context) (StreamStats, error) {
+	st := StreamStats{Pair: s.Pair}
+	if err := s.vm.Signal(ctx, s.pid, "INT"); err != nil {
+		return st, err
+	}
+	for i := 0; ; i++ {
+		running, err := s.vm.Running(ctx, s.pid)
+		if err != nil {
+			return st, err
+		}
+		if !running {
+			break
+		}
+		if i > 100 {
+			return st, fmt.Errorf("stream %s: ping did not stop", s.Pair)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	b, err := s.vm.ReadFile(ctx, s.log)
+	if err != nil {
+		return st, err
+	}
+	m := sentRE.FindSubmatch(b)
+	if m == nil {
+		return st, fmt.Errorf("stream %s: no summary in ping's output", s.Pair)
+	}
+	st.Sent, _ = strconv.Atoi(string(m[1]))
+	got := map[int]bool{}
+	high := 0
+	for _, mm := range seqRE.FindAllSubmatch(b, -1) {
+		q, _ := strconv.Atoi(string(mm[1]))
+		got[q] = true
+		high = max(high, q)
+	}
+	st.Received = len(got)
+	// iputils numbers requests from 1.
+	for q := 1; q <= high; q++ {
+		if !got[q] {
+			st.Lost++
+			if len(st.LostSeqs) < 20 {
+				st.LostSeqs = append(st.LostSeqs, q)
+			}
+		}
+	}
+	st.Unanswered = st.Sent - high
+	return st, nil
+}
+
+// StartStreamsAll starts a stream for every ordered pair of pods.
+func (l *Lab) StartStreamsAll(ctx context.Context, pods []*Pod, interval time.Duration) ([]*Stream, error) {
+	var out []*Stream
+	for _, a := range pods {
+		for _, b := range pods {
+			if a != b {
+				s, err := l.StartStream(ctx, a, b, interval)
+				if err != nil {
+					return out, err
+				}
+				out = append(out, s)
+			}
+		}
+	}
+	return out, nil
+}
+
+// StopStreams stops every stream and totals them.
+func StopStreams(ctx context.Context, ss []*Stream) (stats []StreamStats, sent, lost, unanswered int, err error) {
+	for _, s := range ss {
+		st, e := s.Stop(ctx)
+		if e != nil {
+			err = errors.Join(err, e)
+			continue
+		}
+		stats = append(stats, st)
+		sent += st.Sent
+		lost += st.Lost
+		unanswered += st.Unanswered
+	}
+	return stats, sent, lost, unanswered, err
+}
+
+// FormatStreamStats renders one line per stream.
+func FormatStreamStats(stats []StreamStats) string {
+	var b strings.Builder
+	for _, s := range stats {
+		fmt.Fprintf(&b, "  %-16s sent %5d  answered %5d  lost %d  in flight at stop %d", s.Pair, s.Sent, s.Received, s.Lost, s.Unanswered)
+		if len(s.LostSeqs) > 0 {
+			fmt.Fprintf(&b, "  lost seqs %v", s.LostSeqs)
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
+}

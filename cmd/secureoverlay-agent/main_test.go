@@ -23,7 +23,9 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
@@ -50,6 +52,8 @@ func TestFlagErrors(t *testing.T) {
 		{"--node-name", "", "--external-mtu", "1500"},
 		{"--node-name", "a", "--external-mtu", "60"},
 		{"--node-name", "a", "--interface-pattern", "("},
+		{"--uninstall-step", "0s"},
+		{"--uninstall-decision-timeout", "-1s"},
 		{"stray"},
 	} {
 		t.Setenv("NODE_NAME", "")
@@ -298,6 +302,79 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	if after := ourPolicies(t, netns); len(after) != 1 || after[0] != pols[0] {
 		t.Fatalf("SIGTERM changed the data plane: %v -> %v", pols, after)
 	}
+	if !strings.Contains(stderr.String(), "pod identity unknown") || !strings.Contains(stderr.String(), "data plane left as it is") {
+		t.Errorf("SIGTERM without a pod identity does not say why it kept the data plane:\n%s", stderr.String())
+	}
+
+	// Uninstall: the binary runs as pod agent-x of DaemonSet secureoverlay-agent; the
+	// DaemonSet is deleted, then SIGTERM: the walk-down runs its steps (--uninstall-step)
+	// and removes what we own. (The SAs cannot be added on this host, so the steps that
+	// program them fail and the exit status is 1; the last step still removes everything.)
+	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: "secureoverlay-agent"},
+		Spec: appsv1.DaemonSetSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "so"}},
+			Template: corev1.PodTemplateSpec{ObjectMeta: metav1.ObjectMeta{Labels: map[string]string{"app": "so"}},
+				Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "agent", Image: "secureoverlay:test"}}}}}}
+	if ds, err = admin.AppsV1().DaemonSets(api.Namespace).Create(ctx, ds, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// The harness runs no controllers: create the ServiceAccount pod admission asks for.
+	if _, err := admin.CoreV1().ServiceAccounts(api.Namespace).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: "default"}},
+		metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	yes := true
+	if _, err := admin.CoreV1().Pods(api.Namespace).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: "agent-x",
+		Labels:          map[string]string{"app": "so"},
+		OwnerReferences: []metav1.OwnerReference{{APIVersion: "apps/v1", Kind: "DaemonSet", Name: ds.Name, UID: ds.UID, Controller: &yes}}},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "agent", Image: "secureoverlay:test"}}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var stderr2 strings.Builder
+	cmd2 := exec.Command(bin, "--kubeconfig", kcPath, "--node-name", "a", "--external-mtu", "1500", "--metrics-addr", "",
+		"--resync-interval", "1h", "--pod-name", "agent-x", "--pod-namespace", api.Namespace, "--uninstall-step", "500ms")
+	cmd2.Stderr = &stderr2
+	if err := netns.Do(func(ns.NetNS) error { return cmd2.Start() }); err != nil {
+		t.Fatal(err)
+	}
+	exited2 := make(chan error, 1)
+	go func() { exited2 <- cmd2.Wait() }()
+	t.Cleanup(func() {
+		if cmd2.ProcessState == nil {
+			_ = cmd2.Process.Kill()
+			<-exited2
+		}
+		if t.Failed() {
+			t.Logf("uninstalling agent stderr:\n%s", stderr2.String())
+		}
+	})
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(stderr2.String(), "caches synced"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent did not sync:\n%s", stderr2.String())
+		}
+	}
+	if err := admin.AppsV1().DaemonSets(api.Namespace).Delete(ctx, ds.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	if err := cmd2.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-exited2:
+	case <-time.After(20 * time.Second):
+		t.Fatal("no exit within 20s of SIGTERM")
+	}
+	took := time.Since(t0)
+	if !strings.Contains(stderr2.String(), "uninstalling") || !strings.Contains(stderr2.String(), "is gone") {
+		t.Errorf("no uninstall decision in the log:\n%s", stderr2.String())
+	}
+	if took < time.Second {
+		t.Errorf("walk-down took %v, want at least 2 steps of 500ms", took)
+	}
+	if after := ourPolicies(t, netns); len(after) != 0 {
+		t.Errorf("after the uninstall walk-down: %v", after)
+	}
+	t.Logf("DaemonSet deleted, SIGTERM → exit after %v, nothing of ours left", took.Round(time.Millisecond))
 
 	// cleanup removes ours, not the foreign policy.
 	clean := exec.Command(bin, "cleanup")

@@ -130,6 +130,8 @@ type globals struct {
 	requestTimeout time.Duration
 	output         string
 	nodeSelector   string
+	// nodeSelectorSet: --node-selector was given (even empty).
+	nodeSelectorSet bool
 }
 
 // Run is Run with this CLI's injected dependencies.
@@ -205,6 +207,9 @@ func (c *CLI) newRoot(stdout, stderr io.Writer) *cobra.Command {
 		SilenceErrors: true,
 		SilenceUsage:  true,
 	}
+	root.PersistentPreRun = func(cmd *cobra.Command, _ []string) {
+		g.nodeSelectorSet = cmd.Flags().Changed("node-selector")
+	}
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return withCode(ExitUsage, err) })
@@ -256,8 +261,10 @@ type clients struct {
 	cs   kubernetes.Interface
 	dyn  dynamic.Interface
 	host string
-	// nodeSelector limits the nodes read (--node-selector).
-	nodeSelector string
+	// nodeSelector limits the nodes read (--node-selector); when the flag is not given
+	// (nodeSelectorSet false) the ConfigMap's node-selector applies.
+	nodeSelector    string
+	nodeSelectorSet bool
 }
 
 // loadConfig loads the kubeconfig like kubectl. It never contacts the server.
@@ -298,7 +305,7 @@ func (g *globals) clients() (*clients, error) {
 	if err != nil {
 		return nil, withCode(ExitUnreachable, fmt.Errorf("client for %s: %w", cfg.Host, err))
 	}
-	return &clients{cs: cs, dyn: dyn, host: cfg.Host, nodeSelector: g.nodeSelector}, nil
+	return &clients{cs: cs, dyn: dyn, host: cfg.Host, nodeSelector: g.nodeSelector, nodeSelectorSet: g.nodeSelectorSet}, nil
 }
 
 // apiError classifies an API error: unreachable (3), forbidden/unauthorized (4), else 1.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -122,6 +123,13 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
+			o := o
+			o.staleAfter = v.staleAfter(cmd, o.staleAfter)
+			if !cmd.Flags().Changed("agent-metrics-port") {
+				if p, err := strconv.Atoi(v.settings[settingMetricsPort]); err == nil && p > 0 && p < 65536 {
+					o.metricsPort = p
+				}
+			}
 			d := &doctor{cli: c, cl: cl, g: g, o: o, v: v, nodes: v.nodes}
 			out := d.run(ctx)
 			if err := printDoctor(cmd.OutOrStdout(), g.output, out); err != nil {
@@ -136,10 +144,10 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
 	outputFlag(cmd, g, "table", "json", "yaml")
 	f := cmd.Flags()
 	f.StringVar(&o.agentSelector, "agent-selector", "app.kubernetes.io/name=secureoverlay-agent", "label selector of the agent pods (xfrm-errors, plaintext-drops)")
-	f.IntVar(&o.metricsPort, "agent-metrics-port", 9467, "the agents' metrics port")
+	f.IntVar(&o.metricsPort, "agent-metrics-port", 9467, "the agents' metrics port (default: the ConfigMap's agent-metrics-port, else 9467)")
 	f.DurationVar(&o.sample, "sample", 5*time.Second, "xfrm-errors, plaintext-drops: time between the two counter readings")
 	f.Float64Var(&o.seqLimit, "seq-limit", 0.75, "sequence: fail when an SA's sequence reaches this fraction of the rotation threshold")
-	f.DurationVar(&o.staleAfter, "stale-after", defaultStaleAfter, "agents: a report whose last sync is older than this fails")
+	f.DurationVar(&o.staleAfter, "stale-after", defaultStaleAfter, "agents: a report whose last sync is older than this fails (default: 3 × the ConfigMap's heartbeat-interval, else 15m)")
 	return cmd
 }
 

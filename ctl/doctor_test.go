@@ -304,6 +304,19 @@ func TestDoctor(t *testing.T) {
 			}
 		})
 	}
+	// The agents' metrics port comes from the ConfigMap (agent-metrics-port) unless the
+	// flag is given.
+	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true", "agent-metrics-port": "19467"})
+	e.doctor("-l", "secureoverlay.io/agent=true")
+	if e.port != 19467 {
+		t.Errorf("doctor scraped port %d, want the ConfigMap's 19467", e.port)
+	}
+	e.doctor("-l", "secureoverlay.io/agent=true", "--agent-metrics-port", "9555")
+	if e.port != 9555 {
+		t.Errorf("doctor scraped port %d, want the flag's 9555", e.port)
+	}
+	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true"})
+
 	// The real fetcher goes through the API server's pod proxy; these Pods have no IP
 	// (no kubelet), so the API server refuses, and doctor says so in one line per pod.
 	var out, errb strings.Builder

@@ -56,6 +56,7 @@ type env struct {
 	rising   map[string]bool   // pod name → bump an xfrm_stat counter on every scrape
 	dropping map[string]string // pod name → plaintext rule action whose counter rises ("drop", "count")
 	metrics  map[string]*agent.Metrics
+	port     int // the port of the last scrape
 	scrapeNo map[string]int
 	// roots are the key roots written to the Secret; no output may contain them.
 	roots [][]byte
@@ -128,6 +129,7 @@ func (e *env) fetch(ctx context.Context, _ *clients, pod *corev1.Pod, port int) 
 	srv := e.servers[pod.Name]
 	path := filepath.Join(e.xfrmDir, pod.Name)
 	e.scrapeNo[pod.Name]++
+	e.port = port
 	if e.rising[pod.Name] {
 		writeXfrmStat(e.t, path, e.scrapeNo[pod.Name])
 	}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/budget"
 )
 
@@ -218,6 +220,21 @@ func TestMTU(t *testing.T) {
 		t.Fatalf("mtu with node-b on a 1450 link must exit 1:\n%s", r)
 	}
 	goldenCheck(t, "mtu-cluster-wrong.txt", r.stdout)
+
+	// The cluster's ICV (ConfigMap icv-bytes) is the default; the flag overrides it.
+	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true", "icv-bytes": "16"})
+	r = e.run("mtu", "--external-mtu", "1500", "-o", "json")
+	var m MTUOutput
+	if err := json.Unmarshal([]byte(r.stdout), &m); err != nil || r.code != ExitNotOK || m.ICVBytes != 16 ||
+		m.ICVSource != "configmap secureoverlay/secureoverlay-config" || m.Budget != 1446 || len(m.Cluster.WrongNodes) != 2 ||
+		!strings.Contains(m.Cluster.Nodes[0].Verdict, "reports budget 1452, the rule gives 1446 for external MTU 1500 and ICV 16") {
+		t.Fatalf("mtu with icv-bytes 16 in the ConfigMap: %v\n%s", err, r)
+	}
+	r = e.run("mtu", "--external-mtu", "1500", "--icv-bytes", "8", "-o", "json")
+	if err := json.Unmarshal([]byte(r.stdout), &m); err != nil || m.ICVBytes != 8 || m.ICVSource != "flag" || m.Budget != 1452 {
+		t.Fatalf("mtu --icv-bytes 8 overrides the ConfigMap: %v\n%s", err, r)
+	}
+	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true"})
 
 	e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1480)})
 	r = e.run("mtu", "--external-mtu", "1500", "-o", "json")

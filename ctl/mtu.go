@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strconv"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -13,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 
+	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/budget"
 )
 
@@ -20,8 +22,10 @@ import (
 type MTUOutput struct {
 	ExternalMTU int `json:"externalMTU"`
 	// Source says where ExternalMTU came from: "flag" or "detected on IFACE".
-	Source      string `json:"source"`
-	ICVBytes    int    `json:"icvBytes"`
+	Source   string `json:"source"`
+	ICVBytes int    `json:"icvBytes"`
+	// ICVSource: "default", "flag" or the ConfigMap it was read from.
+	ICVSource   string `json:"icvSource"`
 	Documented  int    `json:"documented"`
 	KernelExact int    `json:"kernelExact"`
 	Budget      int    `json:"budget"`
@@ -156,7 +160,28 @@ the nodes that are wrong (exit 1).
 			if !budget.ValidICV(icv) {
 				return withCode(ExitUsage, fmt.Errorf("invalid --icv-bytes %d (want 8, 12 or 16)", icv))
 			}
-			out := MTUOutput{ICVBytes: icv, ExternalMTU: ext, Source: "flag"}
+			// With cluster access, read it first: the ICV defaults to the cluster's
+			// setting (ConfigMap key icv-bytes) unless --icv-bytes is given.
+			var (
+				cd         *mtuClusterData
+				clusterErr error
+			)
+			icvSource := "flag"
+			if !cmd.Flags().Changed("icv-bytes") {
+				icvSource = "default"
+			}
+			if !offline {
+				cd, clusterErr = c.mtuClusterRead(cmd.Context(), g)
+				if errors.Is(clusterErr, errNoKubeconfig) && g.kubeconfig == "" && g.context == "" {
+					clusterErr = nil // no kubeconfig anywhere: offline use
+				}
+				if cd != nil && !cmd.Flags().Changed("icv-bytes") {
+					if x, err := strconv.Atoi(cd.v.settings[settingICV]); err == nil && budget.ValidICV(x) {
+						icv, icvSource = x, "configmap "+g.namespace+"/"+api.ConfigMapName
+					}
+				}
+			}
+			out := MTUOutput{ICVBytes: icv, ICVSource: icvSource, ExternalMTU: ext, Source: "flag"}
 			if ext == 0 {
 				re, err := budget.CompilePattern(pattern)
 				if err != nil {
@@ -183,12 +208,8 @@ the nodes that are wrong (exit 1).
 				return withCode(ExitUsage, err)
 			}
 			out.CalicoMTU, out.IPIPMTU = out.Budget, out.Budget
-			var clusterErr error
-			if !offline {
-				clusterErr = c.mtuCluster(cmd.Context(), g, &out)
-				if errors.Is(clusterErr, errNoKubeconfig) && g.kubeconfig == "" && g.context == "" {
-					clusterErr = nil // no kubeconfig anywhere: offline use
-				}
+			if cd != nil {
+				out.Cluster = cd.verdicts(icv)
 			}
 			if err := printMTU(cmd.OutOrStdout(), g.output, out); err != nil {
 				return err
@@ -204,27 +225,38 @@ the nodes that are wrong (exit 1).
 	}
 	outputFlag(cmd, g, "table", "json", "yaml")
 	cmd.Flags().IntVar(&ext, "external-mtu", 0, "external MTU (0: detect the smallest MTU of this host's up external links)")
-	cmd.Flags().IntVar(&icv, "icv-bytes", budget.DefaultICV, "AES-GCM ICV length in bytes: 8, 12 or 16")
+	cmd.Flags().IntVar(&icv, "icv-bytes", budget.DefaultICV, "AES-GCM ICV length in bytes: 8, 12 or 16 (with cluster access, default: the ConfigMap's icv-bytes)")
 	cmd.Flags().StringVar(&pattern, "interface-pattern", budget.DefaultInterfacePattern, "regexp of external interfaces for detection (Calico's default)")
 	cmd.Flags().BoolVar(&offline, "offline", false, "do not contact the cluster")
 	return cmd
 }
 
-func (c *CLI) mtuCluster(ctx context.Context, g *globals, out *MTUOutput) error {
+// mtuClusterData is what mtu reads from the cluster.
+type mtuClusterData struct {
+	felix int
+	src   string
+	v     *view
+}
+
+func (c *CLI) mtuClusterRead(ctx context.Context, g *globals) (*mtuClusterData, error) {
 	cl, err := g.clients()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	felix, src, err := cl.felixIPIPMTU(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	v, err := cl.read(ctx, g.namespace, c.Now())
 	if err != nil {
-		return err
+		return nil, err
 	}
-	mc := &MTUCluster{FelixIPIPMTU: felix, FelixSource: src, Nodes: []MTUNode{}}
-	for _, n := range v.nodes {
+	return &mtuClusterData{felix: felix, src: src, v: v}, nil
+}
+
+func (cd *mtuClusterData) verdicts(icv int) *MTUCluster {
+	mc := &MTUCluster{FelixIPIPMTU: cd.felix, FelixSource: cd.src, Nodes: []MTUNode{}}
+	for _, n := range cd.v.nodes {
 		mn := MTUNode{Name: n.Name}
 		if n.Report != nil {
 			mn.ExternalMTU, mn.BudgetMTU = n.Report.ExternalMTU, n.Report.BudgetMTU
@@ -232,14 +264,13 @@ func (c *CLI) mtuCluster(ctx context.Context, g *globals, out *MTUOutput) error 
 		if mn.BudgetMTU != 0 && (mc.SmallestBudget == 0 || mn.BudgetMTU < mc.SmallestBudget) {
 			mc.SmallestBudget, mc.SmallestNode = mn.BudgetMTU, n.Name
 		}
-		mn = mtuVerdict(mn, felix, out.ICVBytes)
+		mn = mtuVerdict(mn, cd.felix, icv)
 		if !mn.OK && mn.BudgetMTU != 0 {
 			mc.WrongNodes = append(mc.WrongNodes, n.Name)
 		}
 		mc.Nodes = append(mc.Nodes, mn)
 	}
-	out.Cluster = mc
-	return nil
+	return mc
 }
 
 func printMTU(w io.Writer, format string, o MTUOutput) error {
@@ -247,7 +278,7 @@ func printMTU(w io.Writer, format string, o MTUOutput) error {
 		return printData(w, format, o)
 	}
 	fmt.Fprintf(w, "external MTU        %d (%s)\n", o.ExternalMTU, o.Source)
-	fmt.Fprintf(w, "ICV                 %d bytes\n", o.ICVBytes)
+	fmt.Fprintf(w, "ICV                 %d bytes (%s)\n", o.ICVBytes, o.ICVSource)
 	fmt.Fprintf(w, "documented rule     %d   EXTMTU - 46 - ((EXTMTU - 46) mod 4)\n", o.Documented)
 	fmt.Fprintf(w, "kernel-exact limit  %d   ((EXTMTU - 36 - ICV) & ~3) - 2\n", o.KernelExact)
 	fmt.Fprintf(w, "enforced budget     %d   the smaller of the two\n", o.Budget)

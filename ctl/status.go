@@ -64,7 +64,7 @@ Exit code 0 when healthy, 1 when anything is wrong (the problems are listed).
 				}
 				return nil
 			}
-			st := v.status(staleAfter)
+			st := v.status(v.staleAfter(cmd, staleAfter))
 			if err := printStatus(out, g.output, v.now, st); err != nil {
 				return err
 			}
@@ -76,7 +76,7 @@ Exit code 0 when healthy, 1 when anything is wrong (the problems are listed).
 	}
 	outputFlag(cmd, g, "table", "wide", "json", "yaml")
 	cmd.Flags().StringVar(&node, "node", "", "show the per-peer detail of this node")
-	cmd.Flags().DurationVar(&staleAfter, "stale-after", defaultStaleAfter, "a report whose last sync is older than this is a problem (0: never)")
+	cmd.Flags().DurationVar(&staleAfter, "stale-after", defaultStaleAfter, "a report whose last sync is older than this is a problem (0: never; default: 3 × the ConfigMap's heartbeat-interval, else 15m)")
 	return cmd
 }
 
@@ -136,6 +136,9 @@ func printStatus(w io.Writer, format string, now time.Time, st StatusOutput) err
 		}
 	}
 	fmt.Fprintf(w, "Desired:  %s\n", desired)
+	if st.NodeSelector != "" {
+		fmt.Fprintf(w, "Nodes:    %s (nodes that run an agent)\n", st.NodeSelector)
+	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	hdr := "NODE\tREADY\tMODE\tGENERATIONS\tPEERS\tBUDGET\tLAST SYNC"

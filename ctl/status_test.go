@@ -142,6 +142,27 @@ func TestStatusGolden(t *testing.T) {
 		t.Fatalf("status -l secureoverlay.io/agent=true must leave node-d out: %v\n%s", err, r)
 	}
 
+	// Without -l, the ConfigMap's node-selector (the manifest's setting) applies; -l ""
+	// overrides it. Its heartbeat-interval sets the staleness limit (3 heartbeats).
+	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true", "node-selector": "secureoverlay.io/agent=true", "heartbeat-interval": "5s"})
+	r = e.run("status", "-o", "json")
+	if err := json.Unmarshal([]byte(r.stdout), &sel); err != nil || len(sel.Nodes) != 3 || sel.NodeSelector != "secureoverlay.io/agent=true" {
+		t.Fatalf("status with the ConfigMap's node-selector must leave node-d out: %v\n%s", err, r)
+	}
+	if !slices.Contains(sel.Nodes[1].Problems, "last sync 30s ago") {
+		t.Fatalf("heartbeat-interval 5s: a 30s old sync is stale: %+v", sel.Nodes[1])
+	}
+	r = e.run("status", "-o", "json", "-l", "", "--stale-after", "1h")
+	if err := json.Unmarshal([]byte(r.stdout), &sel); err != nil || len(sel.Nodes) != 4 || slices.Contains(sel.Nodes[1].Problems, "last sync 30s ago") {
+		t.Fatalf("status -l '' --stale-after 1h overrides the ConfigMap: %v\n%s", err, r)
+	}
+	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true", "node-selector": "a b c"})
+	r = e.run("status")
+	if r.code != ExitNotOK || !strings.Contains(r.stderr, `configmap secureoverlay/secureoverlay-config key node-selector "a b c" (use --node-selector)`) {
+		t.Fatalf("status with an invalid node-selector setting:\n%s", r)
+	}
+	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true"})
+
 	r = e.run("status", "--node", "nope")
 	if r.code != ExitNotOK || r.stderr != "error: node \"nope\" not found\n" {
 		t.Fatalf("status --node nope:\n%s", r)

@@ -9,9 +9,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
@@ -28,7 +30,20 @@ type view struct {
 	config    DesiredConfig
 	nodes     []watch.NodeInfo
 	raw       map[string]*corev1.Node
+	// settings is the operator ConfigMap's data (the manifest keeps every component
+	// setting there); nodeSelector the selector the nodes were read with.
+	settings     map[string]string
+	nodeSelector string
 }
+
+// Setting keys of the operator ConfigMap (manifests/secureoverlay.yaml) the CLI uses as
+// defaults for flags that are not given.
+const (
+	settingNodeSelector = "node-selector"
+	settingICV          = "icv-bytes"
+	settingMetricsPort  = "agent-metrics-port"
+	settingHeartbeat    = "heartbeat-interval"
+)
 
 // DesiredConfig is what the operator's ConfigMap asks for.
 type DesiredConfig struct {
@@ -64,8 +79,16 @@ func (c *clients) read(ctx context.Context, ns string, now time.Time) (*view, er
 	default:
 		v.config = DesiredConfig{Present: true, Enabled: cfg.Data[api.ConfigEnabledKey], Mode: cfg.Data[api.ConfigModeKey],
 			RotateRequest: cfg.Annotations[api.RotateRequestAnnotation]}
+		v.settings = cfg.Data
 	}
-	nodes, err := c.cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{LabelSelector: c.nodeSelector})
+	v.nodeSelector = c.nodeSelector
+	if sel, ok := v.settings[settingNodeSelector]; ok && !c.nodeSelectorSet {
+		if _, err := labels.Parse(sel); err != nil {
+			return nil, withCode(ExitNotOK, fmt.Errorf("configmap %s/%s key %s %q (use --node-selector): %w", ns, api.ConfigMapName, settingNodeSelector, sel, err))
+		}
+		v.nodeSelector = sel
+	}
+	nodes, err := c.cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{LabelSelector: v.nodeSelector})
 	if err != nil {
 		return nil, c.apiError("list nodes", err)
 	}
@@ -76,6 +99,18 @@ func (c *clients) read(ctx context.Context, ns string, now time.Time) (*view, er
 	}
 	sort.Slice(v.nodes, func(i, j int) bool { return v.nodes[i].Name < v.nodes[j].Name })
 	return v, nil
+}
+
+// staleAfter is the --stale-after flag when given, else three agent heartbeats from the
+// ConfigMap's heartbeat-interval, else the flag's default.
+func (v *view) staleAfter(cmd *cobra.Command, flag time.Duration) time.Duration {
+	if cmd.Flags().Changed("stale-after") {
+		return flag
+	}
+	if d, err := time.ParseDuration(v.settings[settingHeartbeat]); err == nil && d > 0 {
+		return 3 * d
+	}
+	return flag
 }
 
 // NodeRow is one node's line of status.
@@ -101,13 +136,16 @@ type NodeRow struct {
 
 // StatusOutput is `status -o json|yaml`.
 type StatusOutput struct {
-	Namespace string            `json:"namespace"`
-	Healthy   bool              `json:"healthy"`
-	Summary   string            `json:"summary"`
-	Problems  []string          `json:"problems,omitempty"`
-	Desired   DesiredConfig     `json:"desired"`
-	Master    *api.MasterStatus `json:"master"`
-	Nodes     []NodeRow         `json:"nodes"`
+	Namespace string `json:"namespace"`
+	// NodeSelector is the selector of the nodes shown (--node-selector, else the
+	// ConfigMap's node-selector).
+	NodeSelector string            `json:"nodeSelector,omitempty"`
+	Healthy      bool              `json:"healthy"`
+	Summary      string            `json:"summary"`
+	Problems     []string          `json:"problems,omitempty"`
+	Desired      DesiredConfig     `json:"desired"`
+	Master       *api.MasterStatus `json:"master"`
+	Nodes        []NodeRow         `json:"nodes"`
 }
 
 // staleAfter: an agent rewrites an unchanged report every 5 minutes (its heartbeat), so a
@@ -173,7 +211,7 @@ func (v *view) reportProblems(n watch.NodeInfo, staleAfter time.Duration) []stri
 
 // status computes the whole StatusOutput.
 func (v *view) status(staleAfter time.Duration) StatusOutput {
-	out := StatusOutput{Namespace: v.namespace, Desired: v.config, Master: v.master, Nodes: v.rows(staleAfter)}
+	out := StatusOutput{Namespace: v.namespace, NodeSelector: v.nodeSelector, Desired: v.config, Master: v.master, Nodes: v.rows(staleAfter)}
 	if out.Nodes == nil {
 		out.Nodes = []NodeRow{}
 	}

@@ -94,7 +94,8 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
   mtu             FelixConfiguration ipipMTU is set and within every node's
                   reported budget, and each budget matches the rule
   key-secret      the key Secret exists and is a well-formed key ring (its
-                  content is never printed)
+                  content is never printed); without the right to read it, the
+                  master's verdict (it validates the ring) is used
   sequence        no SA's sequence number is near exhaustion (--seq-limit of the
                   rotation threshold)
   xfrm-errors     the agents' /proc/net/xfrm_stat counters did not increase over
@@ -367,6 +368,20 @@ func (d *doctor) keySecret(ctx context.Context) Check {
 	sec, err := d.cl.cs.CoreV1().Secrets(ns).Get(ctx, api.SecretName, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		return fail(name, fmt.Sprintf("secret %s/%s not found (the master creates it)", ns, api.SecretName))
+	}
+	if apierrors.IsForbidden(err) {
+		// Operators usually may not read the keys (the manifest's secureoverlay-operator
+		// Role does not grant it). The master validates the ring on every reconcile and
+		// publishes a refusal as lastError, so its status is the indirect verdict.
+		if ms := d.v.master; ms != nil && ms.LastError == "" && d.v.masterErr == "" {
+			var gs []string
+			for _, g := range ms.Generations {
+				gs = append(gs, fmt.Sprintf("%d %s %s", g.Number, g.State, g.Cipher))
+			}
+			return pass(name, fmt.Sprintf("secret %s/%s not readable with these credentials; the master validated it: mode %s, generations [%s]",
+				ns, api.SecretName, ms.Mode, strings.Join(gs, ", ")))
+		}
+		return fail(name, d.errText(fmt.Sprintf("get secret %s/%s", ns, api.SecretName), err)+" (and the master reports no valid ring)")
 	}
 	if err != nil {
 		return fail(name, d.errText(fmt.Sprintf("get secret %s/%s", ns, api.SecretName), err))

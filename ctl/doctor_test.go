@@ -81,7 +81,7 @@ func TestDoctor(t *testing.T) {
 		{
 			name:   "calico CRDs not readable (RBAC)",
 			args:   []string{"--as", "operator-nocalico"},
-			breakf: func() { e.installOperatorRBAC("operator-nocalico", false) },
+			breakf: func() { e.installOperatorRBAC("operator-nocalico", false, true) },
 			fix:    func() {},
 			want:   []string{"calico-crds", "calico-ipip", "mtu"},
 			say:    "forbidden",
@@ -89,8 +89,26 @@ func TestDoctor(t *testing.T) {
 		{
 			name:   "operator RBAC is enough for a healthy verdict",
 			args:   []string{"--as", "operator"},
-			breakf: func() { e.installOperatorRBAC("operator", true) },
+			breakf: func() { e.installOperatorRBAC("operator", true, true) },
 			fix:    func() {},
+		},
+		{
+			name:   "without reading the Secret (the manifest's operator Role), the master's verdict counts",
+			args:   []string{"--as", "viewer"},
+			breakf: func() { e.installOperatorRBAC("viewer", true, false) },
+			fix:    func() {},
+		},
+		{
+			name: "... and when the master refuses the ring, key-secret fails too",
+			args: []string{"--as", "viewer"},
+			breakf: func() {
+				ms := healthyMaster()
+				ms.LastError = "refusing invalid key ring: schemaVersion: unsupported"
+				e.setMasterStatus(ms)
+			},
+			fix:  func() { e.setMasterStatus(healthyMaster()) },
+			want: []string{"key-secret", "master"},
+			say:  "forbidden: User \"viewer\" cannot get resource \"secrets\"",
 		},
 		{
 			name: "IPPool not in IPIP mode",

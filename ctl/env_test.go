@@ -332,8 +332,8 @@ func (e *env) setSecret(data map[string][]byte) {
 }
 
 // installOperatorRBAC grants user what docs/cli.md lists for operators; withCalico=false
-// leaves out the Calico CRDs.
-func (e *env) installOperatorRBAC(user string, withCalico bool) {
+// leaves out the Calico CRDs, withSecret=false the key Secret.
+func (e *env) installOperatorRBAC(user string, withCalico, withSecret bool) {
 	e.t.Helper()
 	name := "secureoverlay-operator-" + user
 	rules := operatorClusterRules(withCalico)
@@ -347,7 +347,7 @@ func (e *env) installOperatorRBAC(user string, withCalico bool) {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	_, err = e.cs.RbacV1().Roles(api.Namespace).Create(e.ctx, &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Name: name}, Rules: operatorNamespaceRules()}, metav1.CreateOptions{})
+	_, err = e.cs.RbacV1().Roles(api.Namespace).Create(e.ctx, &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Name: name}, Rules: operatorNamespaceRules(withSecret)}, metav1.CreateOptions{})
 	if err != nil {
 		e.t.Fatal(err)
 	}

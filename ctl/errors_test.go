@@ -160,7 +160,7 @@ func TestBadInputCluster(t *testing.T) {
 		t.Logf("%v as nobody: %s", args, strings.TrimSpace(r.stderr))
 	}
 	// Read-only rights: status works, enable is refused naming what is missing.
-	e.installOperatorRBAC("operator", true)
+	e.installOperatorRBAC("operator", true, false)
 	if r := e.run("--as", "operator", "status"); r.code != ExitOK {
 		t.Fatalf("status as operator:\n%s", r)
 	}

@@ -16,14 +16,19 @@ func operatorClusterRules(withCalico bool) []rbacv1.PolicyRule {
 	return r
 }
 
-// operatorNamespaceRules are the operator's rights in the secureoverlay namespace.
-func operatorNamespaceRules() []rbacv1.PolicyRule {
-	return []rbacv1.PolicyRule{
+// operatorNamespaceRules are the operator's rights in the secureoverlay namespace;
+// withSecret adds get on the key Secret (the manifest's secureoverlay-operator Role does
+// not have it).
+func operatorNamespaceRules(withSecret bool) []rbacv1.PolicyRule {
+	r := []rbacv1.PolicyRule{
 		{APIGroups: []string{""}, Resources: []string{"configmaps"}, Verbs: []string{"create"}},
 		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{api.ConfigMapName}, Verbs: []string{"get", "update", "patch"}},
 		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{api.StatusConfigMapName}, Verbs: []string{"get"}},
-		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{api.SecretName}, Verbs: []string{"get"}},
 		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list"}},
 		{APIGroups: []string{""}, Resources: []string{"pods/proxy"}, Verbs: []string{"get"}},
 	}
+	if withSecret {
+		r = append(r, rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{api.SecretName}, Verbs: []string{"get"}})
+	}
+	return r
 }

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -329,10 +330,10 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "agent", Image: "secureoverlay:test"}}}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	var stderr2 strings.Builder
+	stderr2 := &lockedBuf{}
 	cmd2 := exec.Command(bin, "--kubeconfig", kcPath, "--node-name", "a", "--external-mtu", "1500", "--metrics-addr", "",
 		"--resync-interval", "1h", "--pod-name", "agent-x", "--pod-namespace", api.Namespace, "--uninstall-step", "500ms")
-	cmd2.Stderr = &stderr2
+	cmd2.Stderr = stderr2
 	if err := netns.Do(func(ns.NetNS) error { return cmd2.Start() }); err != nil {
 		t.Fatal(err)
 	}
@@ -389,6 +390,24 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	if err != nil || len(all) != 1 || all[0].Priority != 100 {
 		t.Errorf("cleanup touched the foreign policy: %v %v", all, err)
 	}
+}
+
+// lockedBuf is a strings.Builder safe to read while a process writes to it.
+type lockedBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func mustNet(s string) *net.IPNet {

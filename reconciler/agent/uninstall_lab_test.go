@@ -70,8 +70,8 @@ func TestLabUninstall(t *testing.T) {
 	defer vm.Close()
 	t.Logf("lab booted in %s (%s, kernel %s)", vm.BootDuration.Round(time.Millisecond), vm.Accel, vm.KernelRelease)
 	resp, err := vm.Exec(ctx, wire.Request{
-		Argv: []string{"/mnt/agenttest/" + filepath.Base(exe), "-test.v", "-test.count=1", "-test.run", "^TestUninstallDataPath$"},
-		Env:  []string{"SECUREOVERLAY_IN_LAB=1", "SECUREOVERLAY_REQUIRE_ESP=1", "SECUREOVERLAY_REQUIRE_ALL=1"},
+		Argv:          []string{"/mnt/agenttest/" + filepath.Base(exe), "-test.v", "-test.count=1", "-test.run", "^TestUninstallDataPath$"},
+		Env:           []string{"SECUREOVERLAY_IN_LAB=1", "SECUREOVERLAY_REQUIRE_ESP=1", "SECUREOVERLAY_REQUIRE_ALL=1"},
 		TimeoutMillis: (8 * time.Minute).Milliseconds(),
 	})
 	if err != nil {
@@ -90,7 +90,9 @@ func TestLabUninstall(t *testing.T) {
 // netnsKernel is xfrm.Netlink inside a namespace (states and policies both real).
 type netnsKernel struct{ ns ns.NetNS }
 
-func (k netnsKernel) ListStates() ([]xfrm.KernelSA, error) { return in(k.ns, xfrm.Netlink{}.ListStates) }
+func (k netnsKernel) ListStates() ([]xfrm.KernelSA, error) {
+	return in(k.ns, xfrm.Netlink{}.ListStates)
+}
 func (k netnsKernel) AddState(sa desired.SA) error {
 	return do(k.ns, func() error { return xfrm.Netlink{}.AddState(sa) })
 }

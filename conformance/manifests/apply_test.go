@@ -118,6 +118,10 @@ func TestManifestAgainstRealAPIServer(t *testing.T) {
 		realMaster(t, c, cs)
 	})
 
+	t.Run("real agent reports through the policy", func(t *testing.T) {
+		realAgent(t, c, cs)
+	})
+
 	t.Run("delete -f", func(t *testing.T) {
 		// --wait=false: without a controller-manager the namespace controller never
 		// finalizes the Namespace, so waiting for it would hang. On a real cluster
@@ -315,6 +319,9 @@ func podBoundConfig(t *testing.T, c *kube.Cluster, cs kubernetes.Interface, node
 		},
 	}
 	created, err := cs.CoreV1().Pods(api.Namespace).Create(ctx, pod, metav1.CreateOptions{})
+	if apierrors.IsAlreadyExists(err) {
+		created, err = cs.CoreV1().Pods(api.Namespace).Get(ctx, pod.Name, metav1.GetOptions{})
+	}
 	if err != nil {
 		t.Fatalf("create pod on %s: %v", node, err)
 	}

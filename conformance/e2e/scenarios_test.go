@@ -2,10 +2,17 @@ package e2e
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/containernetworking/cni/pkg/types"
+
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/budget"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
 )
 
@@ -239,4 +246,122 @@ func TestScenario3EnableDisableUnderTraffic(t *testing.T) {
 	if ipipOff == 0 || espOff != 0 {
 		t.Errorf("while off: %d IPIP and %d ESP packets, want IPIP > 0 and no ESP", ipipOff, espOff)
 	}
+}
+
+// ping runs count DF echo requests of the given IP packet size from pod
+// namespace ns to dst and returns how many were answered and ping's output.
+func ping(ctx context.Context, l *Lab, ns, dst string, size, count int) (int, string) {
+	out, _, _ := l.VM.Run(ctx, fmt.Sprintf("ip netns exec %s ping -n -M do -s %d -c %d -i 0.2 -W 2 %s 2>&1", lab.ShellQuote(ns), size-28, count, dst))
+	m := pingRE.FindStringSubmatch(out)
+	if m == nil {
+		return 0, out
+	}
+	n, _ := strconv.Atoi(m[2])
+	return n, out
+}
+
+// Scenario 5: MTU truth with an underlay MTU of 1450: a DF packet at the
+// documented rule's 1404 does not cross intact, one at our budget 1402 does;
+// the plugin, through the real chain, rejects (enforce) or clamps (clamp) a
+// 1480 pod.
+func TestScenario5MTUTruth(t *testing.T) {
+	l := sharedLab(t)
+	defer diagnose(t, l)
+	ctx := ctxFor(t, 5*time.Minute)
+	ensureMode(ctx, t, l, api.ModeEnforce)
+	ext := l.Config().UnderlayMTU
+	if ext != 1450 {
+		t.Fatalf("underlay mtu %d, scenario 5 needs 1450", ext)
+	}
+	bud, _ := budget.Budget(ext, 8)
+	doc, _ := budget.Documented(ext)
+	t.Logf("underlay %d, ICV 8: budget %d (kernel-exact %d), documented rule %d", ext, bud, must(budget.KernelExact(ext, 8)), doc)
+	if bud != 1402 || doc != 1404 {
+		t.Fatalf("budget %d documented %d, want 1402 and 1404", bud, doc)
+	}
+	reps, err := l.Reports(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for n, r := range reps {
+		if r == nil || r.BudgetMTU != bud || r.ExternalMTU != ext {
+			t.Errorf("%s reports %+v, want budget %d from external %d", n, r, bud, ext)
+		}
+	}
+	dst := standardPods(l)[1]
+
+	// A pod sized by the documented rule (the plugin only warns in warn
+	// mode), with node1's tunl0 at 1404 as Calico's ipip_mtu would be.
+	docPod, err := l.AddPod(ctx, 1, "mtu-doc", PodConfig{MTU: doc, PluginMode: "warn"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		_ = l.DeletePod(c, docPod)
+		_, _, _ = l.VM.Run(c, fmt.Sprintf("ip -n %s link set tunl0 mtu %d", lab.NodeNS(1), l.Config().TunnelMTU))
+	})
+	if _, _, err := l.VM.Run(ctx, fmt.Sprintf("ip -n %s link set tunl0 mtu %d && ip -n %s route flush cache", lab.NodeNS(1), doc, lab.NodeNS(1))); err != nil {
+		t.Fatal(err)
+	}
+	capture, err := lab.StartCapture(ctx, l.VM, lab.UnderlayNS, lab.UnderlayBridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotDoc, outDoc := ping(ctx, l, docPod.Name, dst.IP, doc, 3)
+	gotBud, outBud := ping(ctx, l, docPod.Name, dst.IP, bud, 3)
+	if _, err := capture.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ipip, _ := capture.Count(ctx, "ip proto 4")
+	big, _ := capture.Count(ctx, fmt.Sprintf("ip proto 50 and greater %d", ext+14+1))
+	esp, _ := capture.Count(ctx, "ip proto 50")
+	pmtu, _, _ := l.VM.Run(ctx, fmt.Sprintf("ip -n %s route get %s | grep -o 'mtu [0-9]*' || true", lab.ShellQuote(docPod.Name), dst.IP))
+	t.Logf("DF %d bytes (documented rule) pod mtu-doc → %s: %d of 3 answered; %s", doc, dst.Name, gotDoc, lastLine(outDoc))
+	t.Logf("DF %d bytes (budget): %d of 3 answered; the pod's learned path MTU: %q", bud, gotBud, strings.TrimSpace(pmtu))
+	t.Logf("underlay: %d ESP packets (none over %d bytes: %v), %d plaintext IPIP", esp, ext, big == 0, ipip)
+	if gotDoc != 0 {
+		t.Errorf("a DF packet of %d bytes crossed %d times, want 0", doc, gotDoc)
+	}
+	if gotBud != 3 {
+		t.Errorf("a DF packet of %d bytes crossed %d of 3 times: %s", bud, gotBud, outBud)
+	}
+	if ipip != 0 || big != 0 {
+		t.Errorf("underlay: %d plaintext IPIP and %d frames over the MTU, want 0", ipip, big)
+	}
+
+	// The plugin through the real chain: enforce rejects a 1480 pod.
+	_, err = l.AddPod(ctx, 1, "mtu-big-enforce", PodConfig{MTU: 1480, PluginMode: "enforce"})
+	var cniErr *types.Error
+	if !errors.As(err, &cniErr) || cniErr.Code != 100 {
+		t.Errorf("enforce: ADD of a 1480 pod: %v, want CNI error 100", err)
+	} else {
+		t.Logf("enforce: ADD of a 1480 pod refused: code %d: %s", cniErr.Code, cniErr.Msg)
+	}
+	// clamp lowers it to the budget, and a DF packet of that size crosses.
+	cl, err := l.AddPod(ctx, 1, "mtu-big-clamp", PodConfig{MTU: 1480, PluginMode: "clamp"})
+	if err != nil {
+		t.Fatalf("clamp: ADD of a 1480 pod: %v", err)
+	}
+	got, out := ping(ctx, l, cl.Name, dst.IP, bud, 3)
+	t.Logf("clamp: ADD of a 1480 pod → interface mtu %d; DF %d bytes to %s: %d of 3 answered", cl.MTU, bud, dst.Name, got)
+	if cl.MTU != bud || got != 3 {
+		t.Errorf("clamp: mtu %d (want %d), %d of 3 answered: %s", cl.MTU, bud, got, out)
+	}
+	if err := l.DeletePod(ctx, cl); err != nil {
+		t.Error(err)
+	}
+}
+
+func must(v int, _ error) int { return v }
+
+func lastLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if strings.Contains(lines[i], "mtu") || strings.Contains(lines[i], "too long") {
+			return strings.TrimSpace(lines[i])
+		}
+	}
+	return strings.TrimSpace(lines[len(lines)-1])
 }

@@ -365,3 +365,188 @@ func lastLine(s string) string {
 	}
 	return strings.TrimSpace(lines[len(lines)-1])
 }
+
+// injectorScript builds namespace inj on the underlay bridge, impersonating
+// node2's address (it never answers ARP, and knows node1's MAC statically so
+// it never asks), with a plain IPIP tunnel to node1: what a peer that does
+// not encrypt, or an attacker on the wire, would send.
+func injectorScript() string {
+	return fmt.Sprintf(`set -eu
+ip netns add inj
+ip -n inj link set lo up
+ip -n inj link add eth0 type veth peer name ulinj netns %[1]s
+ip -n %[1]s link set ulinj master %[2]s up
+ip netns exec inj sysctl -qw net.ipv4.conf.all.arp_ignore=8
+ip netns exec inj sysctl -qw net.ipv4.conf.eth0.arp_ignore=8
+ip -n inj link set eth0 up
+ip -n inj addr add %[3]s/32 dev eth0
+mac=$(ip -n %[5]s -br link show eth0 | awk '{print $3}')
+ip -n inj neigh add %[4]s lladdr "$mac" dev eth0 nud permanent
+ip -n inj route add %[4]s/32 dev eth0
+ip -n inj tunnel add ipip0 mode ipip local %[3]s remote %[4]s
+ip -n inj link set ipip0 up
+ip -n inj addr add 10.244.2.99/32 dev ipip0
+ip -n inj route add %[6]s dev ipip0
+`, lab.UnderlayNS, lab.UnderlayBridge, lab.NodeIP(2), lab.NodeIP(1), lab.NodeNS(1), lab.Block(1))
+}
+
+// waitMetricDelta polls node i's metric until it grew by at least want over
+// base (metrics are read from the kernel's rule counters) or 30 s pass.
+func waitMetricDelta(ctx context.Context, l *Lab, i int, base, want float64, name string, labels ...string) float64 {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		v, err := l.AgentMetric(ctx, i, name, labels...)
+		if err == nil && v-base >= want || time.Now().After(deadline) {
+			return v - base
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// Scenario 4: enforcement. Plaintext IPIP injected on the wire from node2's
+// address is dropped by node1 and counted; a node whose encryption is gone
+// (its agent killed, its xfrm policies flushed) cannot send plaintext to
+// enforcing peers: its own rules drop the leak, and with those gone too the
+// peers drop it.
+func TestScenario4Enforcement(t *testing.T) {
+	l := sharedLab(t)
+	defer diagnose(t, l)
+	ctx := ctxFor(t, 6*time.Minute)
+	ensureMode(ctx, t, l, api.ModeEnforce)
+	const metric = "secureoverlay_agent_plaintext_packets_total"
+	in := []string{`direction="in"`, `action="drop"`}
+	const n = 5
+	pod1, pod2 := standardPods(l)[0], standardPods(l)[1]
+
+	// (a) Injection.
+	if _, _, err := l.VM.RunInput(ctx, "sh -s", []byte(injectorScript())); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_, _, _ = l.VM.Run(c, "ip netns del inj")
+	})
+	base1, err := l.AgentMetric(ctx, 1, metric, in...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wire, err := lab.StartCapture(ctx, l.VM, lab.UnderlayNS, lab.UnderlayBridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	podCap, err := lab.StartCapture(ctx, l.VM, pod1.Name, "eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, _ = l.VM.Run(ctx, fmt.Sprintf("ip netns exec inj ping -n -q -c %d -i 0.2 -W 1 %s", n, pod1.IP))
+	if _, err := wire.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := podCap.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	onWire, _ := wire.Count(ctx, fmt.Sprintf("ip proto 4 and src host %s and dst host %s", lab.NodeIP(2), lab.NodeIP(1)))
+	atPod, _ := podCap.Count(ctx, "icmp and src host 10.244.2.99")
+	dropped := waitMetricDelta(ctx, l, 1, base1, n, metric, in...)
+	t.Logf("scenario 4a: %d plaintext IPIP packets injected from %s's address: %d seen on the wire, %d reached %s, node1 counted %.0f dropped (%s)",
+		n, lab.NodeNS(2), onWire, atPod, pod1.Name, dropped, metric)
+	if onWire != n || atPod != 0 || dropped != n {
+		t.Errorf("injection: %d on the wire (want %d), %d delivered (want 0), %.0f counted as dropped (want %d)", onWire, n, atPod, dropped, n)
+	}
+
+	// (b) node2 stops encrypting: agent killed, xfrm policies flushed.
+	if err := l.KillAgent(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	restarted := false
+	t.Cleanup(func() {
+		if !restarted {
+			c, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			_ = l.StartAgent(c, 2)
+		}
+	})
+	if _, _, err := l.VM.Run(ctx, "ip -n "+lab.NodeNS(2)+" xfrm policy flush"); err != nil {
+		t.Fatal(err)
+	}
+	wire, err = lab.StartCapture(ctx, l.VM, lab.UnderlayNS, lab.UnderlayBridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := ping(ctx, l, pod2.Name, pod1.IP, 84, n)
+	if _, err := wire.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	leaked, _ := wire.Count(ctx, fmt.Sprintf("ip proto 4 and src host %s", lab.NodeIP(2)))
+	t.Logf("scenario 4b: node2 agent killed and its xfrm policies flushed: %d of %d requests pod2→pod1 answered, %d plaintext IPIP left node2 (its raw OUTPUT rules drop the leak)", got, n, leaked)
+	if got != 0 || leaked != 0 {
+		t.Errorf("node2 without policies: %d answered, %d plaintext IPIP on the wire, want 0 and 0", got, leaked)
+	}
+
+	// ... and its iptables rules removed as well: the leak reaches the wire
+	// and the enforcing peer drops it.
+	if _, _, err := l.VM.Run(ctx, "for t in raw filter mangle nat; do ip netns exec "+lab.NodeNS(2)+" iptables -w -t $t -F; ip netns exec "+lab.NodeNS(2)+" iptables -w -t $t -X; done"); err != nil {
+		t.Fatal(err)
+	}
+	base1, err = l.AgentMetric(ctx, 1, metric, in...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wire, err = lab.StartCapture(ctx, l.VM, lab.UnderlayNS, lab.UnderlayBridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	podCap, err = lab.StartCapture(ctx, l.VM, pod1.Name, "eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ = ping(ctx, l, pod2.Name, pod1.IP, 84, n)
+	if _, err := wire.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := podCap.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	leaked, _ = wire.Count(ctx, fmt.Sprintf("ip proto 4 and src host %s and dst host %s", lab.NodeIP(2), lab.NodeIP(1)))
+	atPod, _ = podCap.Count(ctx, fmt.Sprintf("icmp and src host %s", pod2.IP))
+	dropped = waitMetricDelta(ctx, l, 1, base1, float64(leaked), metric, in...)
+	t.Logf("scenario 4b: node2's rules removed too: %d plaintext IPIP on the wire, %d reached pod1, node1 dropped %.0f, %d of %d answered", leaked, atPod, dropped, got, n)
+	if leaked != n || atPod != 0 || dropped != float64(n) || got != 0 {
+		t.Errorf("leak to an enforcing peer: %d on the wire (want %d), %d delivered (want 0), %.0f dropped (want %d), %d answered (want 0)", leaked, n, atPod, dropped, n, got)
+	}
+
+	// Restarting the agent repairs node2 (the SAs were never touched).
+	t0 := time.Now()
+	if err := l.StartAgent(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	restarted = true
+	why, err := l.poll(ctx, 2*time.Minute, func() (bool, string, error) {
+		got, _ := ping(ctx, l, pod2.Name, pod1.IP, 84, 1)
+		return got == 1, "pod2 → pod1 still fails", nil
+	})
+	if err != nil {
+		t.Fatalf("node2 not repaired: %s: %v", why, err)
+	}
+	t.Logf("node2's agent restarted: traffic flows again after %s", time.Since(t0).Round(100*time.Millisecond))
+	if _, err := l.WaitMode(ctx, "enforce", 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	wire, err = lab.StartCapture(ctx, l.VM, lab.UnderlayNS, lab.UnderlayBridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sent, lost, err := l.PingAll(ctx, standardPods(l), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := wire.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ipip, _ := wire.Count(ctx, "ip proto 4")
+	t.Logf("after repair: %d of %d lost, %d plaintext IPIP", lost, sent, ipip)
+	if lost != 0 || ipip != 0 {
+		t.Errorf("after repair: %d lost, %d plaintext IPIP, want 0 and 0", lost, ipip)
+	}
+}

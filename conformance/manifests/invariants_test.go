@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -195,8 +196,16 @@ func checkInvariants(t *testing.T, objs []object) {
 	if ru := ds.Spec.UpdateStrategy.RollingUpdate; ru == nil || ru.MaxSurge == nil || ru.MaxSurge.IntValue() != 0 {
 		t.Errorf("agent: rolling update maxSurge must be 0")
 	}
-	if g := p.TerminationGracePeriodSeconds; g == nil || *g < 25 {
-		t.Errorf("agent: terminationGracePeriodSeconds must leave 10 s check + 15 s uninstall")
+	// Grace: the installer's check + uninstall (10 s + 15 s) and the agent's walk-down
+	// (decision timeout + 2 steps + ~1 s) run in parallel; leave 5 s of margin.
+	step, err1 := time.ParseDuration(cm.Data["agent-uninstall-step"])
+	decision, err2 := time.ParseDuration(cm.Data["agent-uninstall-decision-timeout"])
+	if err1 != nil || err2 != nil {
+		t.Errorf("agent uninstall durations: %v %v", err1, err2)
+	}
+	need := max(25*time.Second, decision+2*step+time.Second) + 5*time.Second
+	if g := p.TerminationGracePeriodSeconds; g == nil || time.Duration(*g)*time.Second < need {
+		t.Errorf("agent: terminationGracePeriodSeconds %v, need at least %v", g, need)
 	}
 	if len(p.InitContainers) != 1 || !slices.Contains(p.InitContainers[0].Command, "--once") {
 		t.Errorf("agent: the installer init container must run --once")

@@ -167,10 +167,29 @@ func TestDecisionAgainstAPIServer(t *testing.T) {
 	tdone := make(chan struct{})
 	go func() { defer close(tdone); tr.Run(tctx, t.Logf) }()
 	defer func() { tcancel(); <-tdone }()
-	time.Sleep(500 * time.Millisecond) // let it get and watch
+	waitWatching := func(what string) {
+		for deadline := time.Now().Add(45 * time.Second); !tr.watching.Load(); time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("tracker not watching %s", what)
+			}
+		}
+	}
+	waitWatching("after start")
 	if ok, why := tr.Deleted(); ok {
 		t.Fatalf("tracker reports deletion of a live daemonset: %s", why)
 	}
+	// An API server restart while the DaemonSet stays unchanged: the tracker must watch
+	// again. A watch from the DaemonSet's own (now pre-restart) resourceVersion would be
+	// refused as too old forever, and the deletion below would go unseen once our RBAC is
+	// gone (regression: it watched from the object's resourceVersion).
+	c.StopAPIServer()
+	for deadline := time.Now().Add(10 * time.Second); tr.watching.Load(); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("tracker still watching a stopped API server")
+		}
+	}
+	c.StartAPIServer()
+	waitWatching("after an API server restart")
 	if err := admin.AppsV1().DaemonSets(s.Namespace).Delete(ctx, s.DaemonSet, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -125,6 +126,8 @@ type Tracker struct {
 
 	mu      sync.Mutex
 	deleted string // reason; sticky once set
+
+	watching atomic.Bool // a watch on the DaemonSet is open (for tests and diagnostics)
 }
 
 // NewTracker returns a Tracker for pod namespace/name.
@@ -197,24 +200,37 @@ func (t *Tracker) Run(ctx context.Context, logf func(format string, args ...any)
 // follow gets the DaemonSet, then watches it from that version until the watch ends.
 func (t *Tracker) follow(ctx context.Context, ref *metav1.OwnerReference) error {
 	dsc := t.c.AppsV1().DaemonSets(t.ns)
-	ds, err := dsc.Get(ctx, ref.Name, metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
+	// List (not Get) so the watch starts from the list's resourceVersion, the store's
+	// current revision. Watching from the object's own resourceVersion fails with "too old
+	// resource version" once the DaemonSet has been unchanged for longer than the watch
+	// cache's window or after an API server restart, and the deletion would go unseen.
+	sel := fields.OneTermEqualSelector("metadata.name", ref.Name).String()
+	list, err := dsc.List(ctx, metav1.ListOptions{FieldSelector: sel})
+	if err != nil {
+		return fmt.Errorf("list: %w", err)
+	}
+	var ds *appsv1.DaemonSet
+	for i := range list.Items {
+		if list.Items[i].Name == ref.Name {
+			ds = &list.Items[i]
+		}
+	}
+	if ds == nil {
 		t.markDeleted(fmt.Sprintf("daemonset %s/%s is gone", t.ns, ref.Name))
 		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("get: %w", err)
 	}
 	if t.observe(ds, ref, false) {
 		return nil
 	}
 	w, err := dsc.Watch(ctx, metav1.ListOptions{
-		FieldSelector:   fields.OneTermEqualSelector("metadata.name", ref.Name).String(),
-		ResourceVersion: ds.ResourceVersion,
+		FieldSelector:   sel,
+		ResourceVersion: list.ResourceVersion,
 	})
 	if err != nil {
 		return fmt.Errorf("watch: %w", err)
 	}
+	t.watching.Store(true)
+	defer t.watching.Store(false)
 	defer w.Stop()
 	for {
 		var ev watch.Event

@@ -236,14 +236,9 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	t.Logf("API server down: kept after %v: %s (%v)", time.Since(t0).Round(time.Millisecond), d.Reason, err)
 	enforcing("after SIGTERM with the API server down")
 	c.StartAPIServer()
-	// owner.Tracker watches from the DaemonSet's own resourceVersion, which a restarted
-	// API server's watch cache no longer serves ("too old resource version", retried
-	// forever): a gap in install/owner, reported. Touch the DaemonSet so that this phase
-	// tests the agent's walk-down rather than that.
-	if _, err := admin.AppsV1().DaemonSets(ns).Patch(ctx, dsName, types.MergePatchType,
-		[]byte(`{"metadata":{"annotations":{"test.secureoverlay.io/touched":"1"}}}`), metav1.PatchOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	// The DaemonSet is left untouched across the API server restart: the tracker must
+	// re-list and watch from the store's revision (a watch from the DaemonSet's own old
+	// resourceVersion would be "too old" forever and miss the deletion below).
 
 	// 3. kubectl delete -f: the DaemonSet goes (background propagation), then our RBAC;
 	// only then does the pod get SIGTERM.

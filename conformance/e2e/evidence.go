@@ -353,3 +353,52 @@ func FormatStreamStats(stats []StreamStats) string {
 	}
 	return b.String()
 }
+
+var policyRE = regexp.MustCompile(`(?m)^src (\d+\.\d+\.\d+\.\d+)(?:/\d+)? dst (\d+\.\d+\.\d+\.\d+)(?:/\d+)?`)
+
+// PeerObjects counts, in node i's kernel, the xfrm states and policies
+// between node i and the node at address peer, per direction.
+type PeerObjects struct {
+	StatesIn, StatesOut, PoliciesIn, PoliciesOut int
+}
+
+// Any reports whether any object refers to the peer.
+func (p PeerObjects) Any() bool {
+	return p.StatesIn+p.StatesOut+p.PoliciesIn+p.PoliciesOut > 0
+}
+
+// Complete reports whether both directions have a state and a policy.
+func (p PeerObjects) Complete() bool {
+	return p.StatesIn > 0 && p.StatesOut > 0 && p.PoliciesIn > 0 && p.PoliciesOut > 0
+}
+
+// ObjectsFor lists node i's xfrm objects towards peer (an underlay address).
+func (l *Lab) ObjectsFor(ctx context.Context, i int, peer string) (PeerObjects, error) {
+	var o PeerObjects
+	self := lab.NodeIP(i)
+	sas, err := lab.XfrmStates(ctx, l.VM, lab.NodeNS(i))
+	if err != nil {
+		return o, err
+	}
+	for _, sa := range sas {
+		switch {
+		case sa.Src == peer && sa.Dst == self:
+			o.StatesIn++
+		case sa.Src == self && sa.Dst == peer:
+			o.StatesOut++
+		}
+	}
+	out, _, err := l.VM.Run(ctx, "ip -n "+lab.NodeNS(i)+" xfrm policy")
+	if err != nil {
+		return o, err
+	}
+	for _, m := range policyRE.FindAllStringSubmatch(out, -1) {
+		switch {
+		case m[1] == peer && m[2] == self:
+			o.PoliciesIn++
+		case m[1] == self && m[2] == peer:
+			o.PoliciesOut++
+		}
+	}
+	return o, nil
+}

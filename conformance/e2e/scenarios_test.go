@@ -550,3 +550,122 @@ func TestScenario4Enforcement(t *testing.T) {
 		t.Errorf("after repair: %d lost, %d plaintext IPIP, want 0 and 0", lost, ipip)
 	}
 }
+
+// waitPeers polls nodes until cond holds for node i's objects towards peer,
+// recording for each node when it first did; returns those times.
+// Times count from start; the resolution is one polling round (a few
+// hundred ms under TCG).
+func waitPeers(ctx context.Context, t *testing.T, l *Lab, start time.Time, nodes []int, peer string, cond func(PeerObjects) bool, timeout time.Duration) map[int]time.Duration {
+	t.Helper()
+	done := map[int]time.Duration{}
+	last := map[int]PeerObjects{}
+	for len(done) < len(nodes) {
+		if time.Since(start) > timeout {
+			t.Fatalf("after %s: nodes done %v, last objects %+v", timeout, done, last)
+		}
+		for _, i := range nodes {
+			if _, ok := done[i]; ok {
+				continue
+			}
+			o, err := l.ObjectsFor(ctx, i, peer)
+			if err != nil {
+				t.Fatal(err)
+			}
+			last[i] = o
+			if cond(o) {
+				done[i] = time.Since(start)
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return done
+}
+
+// Scenario 6: node join and leave. A new node's SAs and policies appear on
+// every peer, a deleted node's disappear, each within a measured time; the
+// pods of the existing nodes keep talking throughout.
+func TestScenario6JoinLeave(t *testing.T) {
+	l := sharedLab(t)
+	defer diagnose(t, l)
+	ctx := ctxFor(t, 6*time.Minute)
+	ensureMode(ctx, t, l, api.ModeEnforce)
+	if l.Config().SpareNodes < 1 {
+		t.Skip("the lab has no spare node namespace")
+	}
+	j := l.Config().Nodes + 1
+	peers := l.RegisteredNodes()
+	streams, err := l.StartStreamsAll(ctx, standardPods(l), 100*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// Join: what a new node's kubelet, calico-node and our DaemonSet do.
+	t0 := time.Now()
+	if err := l.RegisterNode(ctx, j); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.StartAgent(ctx, j); err != nil {
+		t.Fatal(err)
+	}
+	joined := waitPeers(ctx, t, l, t0, peers, lab.NodeIP(j), PeerObjects.Complete, 2*time.Minute)
+	if _, err := l.WaitMode(ctx, "enforce", 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("scenario 6: node%d joined: SAs and policies both ways on every peer after %v; node%d reports enforce with every peer %s after the join",
+		j, fmtDurations(joined), j, time.Since(t0).Round(100*time.Millisecond))
+	pod, err := l.AddPod(ctx, j, lab.PodNS(j), PodConfig{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wire, err := lab.StartCapture(ctx, l.VM, lab.UnderlayNS, lab.UnderlayBridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sent, lost, err := l.PingAll(ctx, append(standardPods(l)[:len(peers):len(peers)], pod), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := wire.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ipip, _ := wire.Count(ctx, "ip proto 4")
+	esp, _ := wire.Count(ctx, fmt.Sprintf("ip proto 50 and host %s", lab.NodeIP(j)))
+	t.Logf("with node%d: %d of %d echo requests lost across all pairs, %d ESP packets to/from node%d, %d plaintext IPIP", j, lost, sent, esp, j, ipip)
+	if lost != 0 || ipip != 0 || esp == 0 {
+		t.Errorf("with the new node: %d lost, %d plaintext IPIP, %d ESP to/from it; want 0, 0, > 0", lost, ipip, esp)
+	}
+
+	// Leave: the DaemonSet pod goes, the Node is deleted, Calico releases the block.
+	if err := l.DeletePod(ctx, pod); err != nil {
+		t.Error(err)
+	}
+	if err := l.StopAgent(ctx, j); err != nil {
+		t.Fatal(err)
+	}
+	t1 := time.Now()
+	if err := l.DeregisterNode(ctx, j); err != nil {
+		t.Fatal(err)
+	}
+	left := waitPeers(ctx, t, l, t1, peers, lab.NodeIP(j), func(o PeerObjects) bool { return !o.Any() }, 2*time.Minute)
+	if _, err := l.WaitMode(ctx, "enforce", 2*time.Minute); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("scenario 6: node%d deleted: its SAs and policies gone from every peer after %v (settled %s after the delete)", j, fmtDurations(left), time.Since(t1).Round(100*time.Millisecond))
+	// The departed node's namespace keeps what its stopped agent left; clear it for later scenarios.
+	_, _, _ = l.VM.Run(ctx, fmt.Sprintf("ip -n %[1]s xfrm policy flush; ip -n %[1]s xfrm state flush; for t in raw filter; do ip netns exec %[1]s iptables -w -t $t -F; ip netns exec %[1]s iptables -w -t $t -X; done; true", lab.NodeNS(j)))
+	stats, sent, lost, unanswered, err := StopStreams(ctx, streams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	streamsOK(t, "existing pods during join and leave", stats, sent, lost, unanswered)
+}
+
+func fmtDurations(m map[int]time.Duration) string {
+	var parts []string
+	for i := 1; i <= 20; i++ {
+		if d, ok := m[i]; ok {
+			parts = append(parts, fmt.Sprintf("node%d %s", i, d.Round(10*time.Millisecond)))
+		}
+	}
+	return strings.Join(parts, ", ")
+}

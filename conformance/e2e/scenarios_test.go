@@ -669,3 +669,208 @@ func fmtDurations(m map[int]time.Duration) string {
 	}
 	return strings.Join(parts, ", ")
 }
+
+// Scenario 7a: kill -9 of an agent during a rotation under traffic: zero
+// loss, the rotation completes (with the agent restarted, as its DaemonSet
+// would) and the old generation is removed.
+func TestScenario7AgentKilledDuringRotation(t *testing.T) {
+	l := sharedLab(t)
+	defer diagnose(t, l)
+	ctx := ctxFor(t, 6*time.Minute)
+	ensureMode(ctx, t, l, api.ModeEnforce)
+	st, err := l.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prev := st.ActiveGeneration
+	streams, err := l.StartStreamsAll(ctx, standardPods(l), 50*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	if _, err := l.RequestRotation(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Kill as soon as the master has started the rotation.
+	phase := ""
+	if why, err := l.poll(ctx, time.Minute, func() (bool, string, error) {
+		s, err := l.Status(ctx)
+		switch {
+		case err != nil:
+			return false, "", err
+		case s.PendingGeneration != 0:
+			phase = fmt.Sprintf("generation %d pending", s.PendingGeneration)
+		case s.ActiveGeneration > prev:
+			phase = fmt.Sprintf("generation %d active, %d retiring", s.ActiveGeneration, prev)
+		default:
+			return false, "rotation not started", nil
+		}
+		return true, "", nil
+	}); err != nil {
+		t.Fatalf("%s: %v", why, err)
+	}
+	if err := l.KillAgent(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("scenario 7a: node2's agent killed (-9) while %s", phase)
+	time.Sleep(3 * time.Second)
+	if err := l.StartAgent(ctx, 2); err != nil {
+		t.Fatal(err)
+	}
+	gen, took, err := l.WaitRotation(ctx, prev, 3*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	removed, err := l.WaitGenerationRemoved(ctx, prev, 3*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	stats, sent, lost, unanswered, err := StopStreams(ctx, streams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("scenario 7a: agent restarted after 3 s; generation %d active everywhere %s after the restart, %d removed %s later", gen, took.Round(100*time.Millisecond), prev, removed.Round(100*time.Millisecond))
+	streamsOK(t, "agent killed during rotation", stats, sent, lost, unanswered)
+	if gen != prev+1 {
+		t.Errorf("generation went %d → %d, want exactly one rotation", prev, gen)
+	}
+}
+
+// Scenario 7b: kill -9 of the master leader (two replicas) during the enable
+// cutover under traffic: zero loss, the standby takes over and completes the
+// cutover with exactly one new generation.
+func TestScenario7MasterLeaderKilledDuringCutover(t *testing.T) {
+	l := sharedLab(t)
+	defer diagnose(t, l)
+	if l.Config().Masters < 2 {
+		t.Skip("the lab runs a single master")
+	}
+	ctx := ctxFor(t, 8*time.Minute)
+	ensureMode(ctx, t, l, api.ModeOff)
+	before, err := l.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	streams, err := l.StartStreamsAll(ctx, standardPods(l), 50*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	t0 := time.Now()
+	if err := l.Enable(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var mid api.MasterStatus
+	if why, err := l.poll(ctx, 2*time.Minute, func() (bool, string, error) {
+		s, err := l.Status(ctx)
+		if err != nil {
+			return false, "", err
+		}
+		mid = s
+		return s.Mode == api.ModeAccept || s.Mode == api.ModeEncrypt, "mode " + string(s.Mode), nil
+	}); err != nil {
+		t.Fatalf("cutover did not start: %s: %v", why, err)
+	}
+	var leader int
+	if _, err := fmt.Sscanf(mid.Leader, "master-%d", &leader); err != nil {
+		t.Fatalf("leader %q: %v", mid.Leader, err)
+	}
+	if err := l.KillMaster(leader); err != nil {
+		t.Fatal(err)
+	}
+	tk := time.Now()
+	t.Logf("scenario 7b: leader %s killed (-9) in mode %s, %s after enabling", mid.Leader, mid.Mode, tk.Sub(t0).Round(100*time.Millisecond))
+	d, err := l.WaitMode(ctx, "enforce", 4*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := l.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("scenario 7b: %s completed the cutover to enforce %s after the kill (lease 15 s)", after.Leader, d.Round(100*time.Millisecond))
+	if err := l.StartMaster(ctx, leader); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second)
+	stats, sent, lost, unanswered, err := StopStreams(ctx, streams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	streamsOK(t, "master leader killed during cutover", stats, sent, lost, unanswered)
+	if after.Leader == mid.Leader {
+		t.Errorf("leader still %s after it was killed", after.Leader)
+	}
+	if len(after.Generations) != 1 || (before.ActiveGeneration != 0 && after.ActiveGeneration != before.ActiveGeneration+1) {
+		t.Logf("generations before: active %d; after: %+v", before.ActiveGeneration, after.Generations)
+	}
+	if len(after.Generations) != 1 {
+		t.Errorf("%d live generations after a single enable, want 1", len(after.Generations))
+	}
+}
+
+// Scenario 7c: the API server stopped for 60 s: traffic keeps flowing,
+// encrypted, with zero loss; afterwards every agent reports again.
+func TestScenario7APIServerDown(t *testing.T) {
+	l := sharedLab(t)
+	defer diagnose(t, l)
+	ctx := ctxFor(t, 6*time.Minute)
+	ensureMode(ctx, t, l, api.ModeEnforce)
+	wire, err := lab.StartCapture(ctx, l.VM, lab.UnderlayNS, lab.UnderlayBridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before, err := l.ESPCounts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	streams, err := l.StartStreamsAll(ctx, standardPods(l), 100*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	l.Kube.StopAPIServer()
+	t0 := time.Now()
+	time.Sleep(60 * time.Second)
+	if err := l.Kube.StartAPIServerErr(ctx); err != nil {
+		t.Fatal(err)
+	}
+	down := time.Since(t0)
+	time.Sleep(time.Second)
+	stats, sent, lost, unanswered, err := StopStreams(ctx, streams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := wire.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ipip, _ := wire.Count(ctx, "ip proto 4")
+	esp, _ := wire.Count(ctx, "ip proto 50")
+	after, err := l.ESPCounts(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("scenario 7c: API server down for %s; on the wire: %d ESP, %d plaintext IPIP", down.Round(100*time.Millisecond), esp, ipip)
+	for _, p := range SortedPairs(after) {
+		t.Logf("  SA %s: +%d packets", p, after[p]-before[p])
+	}
+	streamsOK(t, "API server down", stats, sent, lost, unanswered)
+	if ipip != 0 || esp < 2*(sent-unanswered) {
+		t.Errorf("%d plaintext IPIP (want 0), %d ESP (want ≥ %d)", ipip, esp, 2*(sent-unanswered))
+	}
+	// The control plane works again end to end: a rotation needs the master
+	// and every agent to see the API server.
+	st, err := l.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.RequestRotation(ctx); err != nil {
+		t.Fatal(err)
+	}
+	gen, d, err := l.WaitRotation(ctx, st.ActiveGeneration, 3*time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("after the restart a rotation %d → %d completed on every node in %s", st.ActiveGeneration, gen, d.Round(100*time.Millisecond))
+}

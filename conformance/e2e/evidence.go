@@ -128,64 +128,6 @@ line:
 	return sum, nil
 }
 
-// Streams is a set of ping streams between pods, every ordered pair.
-type Streams struct {
-	pairs   []Pair
-	streams []*lab.PingStream
-}
-
-// StreamResult is one pair's outcome.
-type StreamResult struct {
-	Pair Pair
-	lab.PingResult
-}
-
-// StartStreams starts one sequence-numbered ICMP stream per ordered pair of
-// pods (count echo requests every interval), pod of node From → pod of node To.
-func (l *Lab) StartStreams(ctx context.Context, pods []*Pod, count int, interval time.Duration) (*Streams, error) {
-	s := &Streams{}
-	for _, a := range pods {
-		for _, b := range pods {
-			if a == b {
-				continue
-			}
-			ps, err := lab.StartPingStream(ctx, l.VM, a.Name, b.IP, count, interval)
-			if err != nil {
-				return nil, err
-			}
-			s.pairs = append(s.pairs, Pair{a.Node, b.Node})
-			s.streams = append(s.streams, ps)
-		}
-	}
-	return s, nil
-}
-
-// Wait waits for every stream and returns the results and the totals.
-func (s *Streams) Wait(ctx context.Context) (res []StreamResult, sent, lost int, err error) {
-	var mu sync.Mutex
-	for i, ps := range s.streams {
-		r, err := ps.Wait(ctx)
-		if err != nil {
-			return res, sent, lost, fmt.Errorf("stream %s: %w", s.pairs[i], err)
-		}
-		mu.Lock()
-		res = append(res, StreamResult{Pair: s.pairs[i], PingResult: r})
-		sent += r.Sent
-		lost += r.Lost()
-		mu.Unlock()
-	}
-	return res, sent, lost, nil
-}
-
-// FormatStreams renders results one line per pair.
-func FormatStreams(res []StreamResult) string {
-	var b strings.Builder
-	for _, r := range res {
-		fmt.Fprintf(&b, "  %-16s sent %4d  received %4d  lost %d\n", r.Pair, r.Sent, r.Received, r.Lost())
-	}
-	return b.String()
-}
-
 // PingAll sends n echo requests from every pod to every other pod, in
 // sequence, and returns how many were lost.
 func (l *Lab) PingAll(ctx context.Context, pods []*Pod, n int) (sent, lost int, err error) {

@@ -235,7 +235,7 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 	go func() {
 		defer wg.Done()
 		t0 := time.Now()
-		l.progress("booting the lab VM (Debian kernel under QEMU) …")
+		l.progress("booting the lab VM (Debian kernel under QEMU; waits while another lab VM holds the machine's slot) …")
 		vmState := filepath.Join(l.stateDir, "vm")
 		if vmErr = os.MkdirAll(vmState, 0o755); vmErr != nil {
 			return
@@ -251,12 +251,13 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 			return
 		}
 		l.BootDuration = l.VM.BootDuration
-		l.progress("VM booted in %s (accel %s, kernel %s); building %d node namespaces …", l.VM.BootDuration.Round(100*time.Millisecond), l.VM.Accel, l.VM.KernelRelease, l.Cluster.Nodes)
+		l.progress("VM booted in %s (accel %s, kernel %s; %s waiting for the VM slot); building %d node namespaces …", l.VM.BootDuration.Round(100*time.Millisecond), l.VM.Accel, l.VM.KernelRelease, (time.Since(t0) - l.VM.BootDuration).Round(100*time.Millisecond), l.Cluster.Nodes)
+		t0 = time.Now()
 		if vmErr = l.Cluster.Setup(ctx, l.VM); vmErr != nil {
 			return
 		}
 		_, _, vmErr = l.VM.Run(ctx, "mkdir -p /tmp/e2e /etc/e2e")
-		l.progress("guest network ready in %s", time.Since(t0).Round(100*time.Millisecond))
+		l.progress("node namespaces ready in %s", time.Since(t0).Round(100*time.Millisecond))
 	}()
 	wg.Wait()
 	if err := errors.Join(kubeErr, vmErr); err != nil {

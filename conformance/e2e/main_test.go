@@ -49,7 +49,9 @@ func sharedLab(t *testing.T) *Lab {
 		t.Skip(r)
 	}
 	sharedOnce.Do(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+		// Generous: Boot waits for the machine's VM slot while other
+		// packages' lab tests run (`go test ./...` runs packages in parallel).
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 		defer cancel()
 		state := *keepState
 		if state == "" {

@@ -224,9 +224,21 @@ func (s *Stream) Stop(ctx context.Context) (StreamStats, error) {
 	if err != nil {
 		return st, err
 	}
+	st, err = countStream(b)
+	st.Pair = s.Pair
+	if err != nil {
+		return st, fmt.Errorf("stream %s: %w", s.Pair, err)
+	}
+	return st, nil
+}
+
+// countStream counts ping's (non-quiet) output: replies by icmp_seq and the
+// summary's transmitted count.
+func countStream(b []byte) (StreamStats, error) {
+	var st StreamStats
 	m := sentRE.FindSubmatch(b)
 	if m == nil {
-		return st, fmt.Errorf("stream %s: no summary in ping's output", s.Pair)
+		return st, errors.New("no summary in ping's output")
 	}
 	st.Sent, _ = strconv.Atoi(string(m[1]))
 	got := map[int]bool{}

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/secureoverlay/secureoverlay/conformance/spawn"
 )
 
 // process is one child (etcd or kube-apiserver) whose output goes to a log file.
@@ -40,9 +42,9 @@ func (p *process) start(bin string, args []string) error {
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout = logf
 	cmd.Stderr = logf
-	// Own process group, and killed with us if the test binary dies.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	// Own process group, and killed with us if the test binary dies (from a thread that
+	// lives as long as the process: see package spawn).
+	if err := spawn.Start(cmd); err != nil {
 		logf.Close()
 		return fmt.Errorf("start %s (%s): %w", p.name, bin, err)
 	}

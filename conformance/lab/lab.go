@@ -35,6 +35,7 @@ import (
 	"time"
 
 	"github.com/secureoverlay/secureoverlay/conformance/lab/wire"
+	"github.com/secureoverlay/secureoverlay/conformance/spawn"
 )
 
 // GuestForwardAddr is the address inside the guest at which GuestForwards
@@ -107,7 +108,7 @@ type VM struct {
 	exitErr    error
 	closeOnce  sync.Once
 	closeError error
-	slot       *os.File // machine-wide VM slot (see SlotLockPath), held until Close
+	slot       *slotHandle // machine-wide VM slot (see SlotLockPath), held until Close
 }
 
 // CacheDir is $SECUREOVERLAY_CACHE_DIR, or .cache at the root of the
@@ -300,7 +301,7 @@ func Boot(ctx context.Context, opts Options) (*VM, error) {
 		return nil, fmt.Errorf("boot lab vm: accel %q is neither tcg nor kvm", accel)
 	}
 
-	slot, err := acquireSlot(ctx)
+	slot, err := acquireSlot()
 	if err != nil {
 		return nil, fmt.Errorf("boot lab vm: %w", err)
 	}
@@ -349,7 +350,7 @@ func Boot(ctx context.Context, opts Options) (*VM, error) {
 // Lab VMs run one at a time on a machine: under TCG a guest saturates a core, and the
 // data-plane tests measure packet loss and timing, so two guests competing for the CI
 // machine's two cores would turn CPU starvation into spurious failures. `go test ./...`
-// runs packages in parallel; Boot waits here (honouring ctx) and Close frees the slot.
+// runs packages in parallel; Boot waits here (up to SlotWait) and Close frees the slot.
 // Set SECUREOVERLAY_LAB_LOCK to use another path.
 func SlotLockPath() string {
 	if p := os.Getenv("SECUREOVERLAY_LAB_LOCK"); p != "" {
@@ -358,35 +359,72 @@ func SlotLockPath() string {
 	return filepath.Join(os.TempDir(), "secureoverlay-lab.lock")
 }
 
-func acquireSlot(ctx context.Context) (*os.File, error) {
+// The slot is per process: the first VM of a process takes the flock, later VMs of the same
+// process (a test package that deliberately runs two guests) share it, and the last Close
+// frees it. So packages are serialised, a package never waits for itself.
+var slotState struct {
+	sync.Mutex
+	f     *os.File
+	users int
+}
+
+// slotHandle is one VM's share of the process's slot.
+type slotHandle struct{ once sync.Once }
+
+// SlotWait bounds the wait for another process's VM. It is deliberately independent of the
+// caller's context: a boot timeout measures our guest, not how long another test package
+// keeps its own (go test's -timeout is the overall guard).
+const SlotWait = 30 * time.Minute
+
+func acquireSlot() (*slotHandle, error) {
+	slotState.Lock()
+	defer slotState.Unlock()
+	if slotState.users > 0 {
+		slotState.users++
+		return &slotHandle{}, nil
+	}
 	path := SlotLockPath()
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("open vm slot lock %s: %w", path, err)
 	}
+	deadline := time.After(SlotWait)
 	for {
 		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 		if err == nil {
-			return f, nil
+			slotState.f, slotState.users = f, 1
+			return &slotHandle{}, nil
 		}
 		if !errors.Is(err, syscall.EWOULDBLOCK) && !errors.Is(err, syscall.EINTR) {
 			f.Close()
 			return nil, fmt.Errorf("lock vm slot %s: %w", path, err)
 		}
 		select {
-		case <-ctx.Done():
+		case <-deadline:
 			f.Close()
-			return nil, fmt.Errorf("wait for the vm slot %s (another lab vm is running): %w", path, ctx.Err())
+			return nil, fmt.Errorf("wait for the vm slot %s: another process ran a lab vm for over %v", path, SlotWait)
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
 }
 
+// release gives this VM's share back; the last one closes the file, dropping the flock.
+func (h *slotHandle) release() {
+	h.once.Do(func() {
+		slotState.Lock()
+		defer slotState.Unlock()
+		slotState.users--
+		if slotState.users == 0 && slotState.f != nil {
+			slotState.f.Close()
+			slotState.f = nil
+		}
+	})
+}
+
 // releaseSlot frees the machine-wide VM slot (closing the file drops the flock).
 func (vm *VM) releaseSlot() {
 	if vm.slot != nil {
-		vm.slot.Close()
-		vm.slot = nil
+		vm.slot.release()
 	}
 }
 
@@ -399,10 +437,9 @@ func (vm *VM) start(ctx context.Context, qemu string, args []string, timeout tim
 	vm.cmd = exec.Command(qemu, args...)
 	vm.cmd.Stdin = nil
 	vm.cmd.Stdout, vm.cmd.Stderr = qlog, qlog
-	vm.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	vm.exited = make(chan struct{})
 	begin := time.Now()
-	if err := vm.cmd.Start(); err != nil {
+	if err := spawn.Start(vm.cmd); err != nil { // own process group, dies with us (Pdeathsig)
 		return fmt.Errorf("start qemu: %w", err)
 	}
 	go func() {

@@ -37,6 +37,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -328,6 +329,9 @@ func (l *Lab) Pods() []*Pod {
 func (l *Lab) Close() error {
 	var errs []error
 	if l.VM != nil {
+		if !l.ownState && l.VM.Alive() {
+			l.saveGuestLogs()
+		}
 		errs = append(errs, l.VM.Close())
 	}
 	l.mu.Lock()
@@ -347,6 +351,26 @@ func (l *Lab) Close() error {
 		errs = append(errs, os.RemoveAll(l.stateDir))
 	}
 	return errors.Join(errs...)
+}
+
+// saveGuestLogs copies the agents' and the plugin's logs from the guest into
+// the state directory (best effort).
+func (l *Lab) saveGuestLogs() {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, _, err := l.VM.Run(ctx, "ls /tmp/e2e/ 2>/dev/null | grep -E '^(agent|secureoverlay-cni)-.*[.]log$' || true")
+	if err != nil {
+		return
+	}
+	dir := filepath.Join(l.stateDir, "guest")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return
+	}
+	for _, name := range strings.Fields(out) {
+		if b, err := l.VM.ReadFile(ctx, "/tmp/e2e/"+name); err == nil {
+			_ = os.WriteFile(filepath.Join(dir, name), b, 0o644)
+		}
+	}
 }
 
 // StartMaster starts master replica m (1-based) on the host.

@@ -48,6 +48,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/budget"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
+	"github.com/secureoverlay/secureoverlay/conformance/spawn"
 )
 
 // Config shapes a lab. The zero value is the standard three-node lab.
@@ -398,8 +399,8 @@ func (l *Lab) StartMaster(ctx context.Context, m int) error {
 		"--metrics-addr", "127.0.0.1:"+strconv.Itoa(port),
 	)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	// Dies with this process, never before it (spawn forks from a thread that lives as long as the process).
+	if err := spawn.Start(cmd); err != nil {
 		return fmt.Errorf("start master %d: %w", m, err)
 	}
 	l.masters[m] = cmd

@@ -217,3 +217,32 @@ func TestBenchJoin(t *testing.T) {
 		})
 	}
 }
+
+// BenchmarkApplyJoin is the Apply that absorbs one node joining (fake kernel): the
+// applier's cost per sync when the writes are constant, as a function of cluster size.
+func BenchmarkApplyJoin(b *testing.B) {
+	for _, n := range []int{100, 1000, 5000} {
+		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
+			before, err := desired.Compute(cluster.Inputs(cluster.Options{Nodes: n, Mode: api.ModeEnforce}))
+			if err != nil {
+				b.Fatal(err)
+			}
+			after, err := desired.Compute(cluster.Inputs(cluster.Options{Nodes: n + 1, Mode: api.ModeEnforce}))
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			for b.Loop() {
+				b.StopTimer() // a fresh applier holding the cluster (leave + re-join would reuse keys)
+				a := xfrm.NewApplier(xfrm.NewFake(), desired.Config{})
+				if _, err := a.Apply(before); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+				if _, err := a.Apply(after); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

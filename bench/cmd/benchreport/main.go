@@ -175,6 +175,7 @@ func main() {
 		parse(run(nil, "test", "-run", "^$", "-bench", "^BenchmarkCompute$", "-benchmem", "-count", strconv.Itoa(*count), "./reconciler/desired"))
 	}
 	if want("xfrm") {
+		parse(run(nil, "test", "-run", "^$", "-bench", "^BenchmarkApplyJoin$", "-benchmem", "-count", strconv.Itoa(*count), "./reconciler/xfrm"))
 		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBench", "-v", "./reconciler/xfrm"))
 	}
 	if want("cni") {
@@ -233,7 +234,21 @@ func main() {
 		w("| %d | %s | %s | %s | %s | %s | %s in %s |\n", n, get(p+"fake_writes"), get(p+"kernel_policy_writes"), get(p+"kernel_writes"),
 			get(p+"kernel_apply"), get(p+"compute"), get(p+"kernel_initial_writes"), get(p+"kernel_initial"))
 	}
-	w("\nJoin Apply time ratio 5,000/1,000: %s (real kernel), %s (fake); nodes ratio 5×.\n", ratio("join.5000.kernel_apply", "join.1000.kernel_apply"), ratio("join.5000.fake_apply", "join.1000.fake_apply"))
+	w("\nJoin Apply time ratio 5,000/1,000 in that single run: %s (real kernel), %s (fake); nodes ratio 5×.\n", ratio("join.5000.kernel_apply", "join.1000.kernel_apply"), ratio("join.5000.fake_apply", "join.1000.fake_apply"))
+	w("\n`BenchmarkApplyJoin` (fake kernel, median of %d runs): the same Apply repeated on fresh appliers.\n\n| cluster | time/op | allocs/op | bytes/op | time ratio vs 1,000 | allocs ratio vs 1,000 |\n|---:|---:|---:|---:|---:|---:|\n", *count)
+	bt, _ := med("BenchmarkApplyJoin/nodes=1000", "ns/op")
+	ba, _ := med("BenchmarkApplyJoin/nodes=1000", "allocs/op")
+	for _, n := range []int{100, 1000, 5000} {
+		name := fmt.Sprintf("BenchmarkApplyJoin/nodes=%d", n)
+		t, ok := med(name, "ns/op")
+		if !ok {
+			w("| %d | — | — | — | — | — |\n", n)
+			continue
+		}
+		a, _ := med(name, "allocs/op")
+		by, _ := med(name, "B/op")
+		w("| %d | %s ms | %s | %s MiB | %s× | %s× |\n", n, num(t/1e6), num(a), num(by/(1<<20)), num(t/bt), num(a/ba))
+	}
 
 	w("\n## 4. Event-to-kernel latency (real kube-apiserver + etcd, real kernel policies; report written on a new Node → its inbound policy added; 200 joins)\n\n")
 	w("| agent client | changes | p50 | p99 | max |\n|---|---:|---:|---:|---:|\n")

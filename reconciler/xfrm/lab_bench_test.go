@@ -1,0 +1,136 @@
+//go:build linux
+
+package xfrm_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/bench/cluster"
+	"github.com/secureoverlay/secureoverlay/conformance/lab"
+	"github.com/secureoverlay/secureoverlay/conformance/lab/wire"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
+)
+
+// rawState is the netlink form of sa, built the way any netlink program would.
+func rawState(sa desired.SA) *netlink.XfrmState {
+	m := netlink.XFRM_MODE_TRANSPORT
+	if sa.Kind == desired.Tunnel {
+		m = netlink.XFRM_MODE_TUNNEL
+	}
+	s := &netlink.XfrmState{Src: sa.Src.AsSlice(), Dst: sa.Dst.AsSlice(), Proto: netlink.XFRM_PROTO_ESP,
+		Mode: m, Spi: int(sa.SPI), Reqid: int(sa.ReqID), ReplayWindow: int(sa.ReplayWindow), ESN: sa.ESN,
+		Limits: netlink.XfrmStateLimits{PacketSoft: sa.SoftPackets, PacketHard: sa.HardPackets},
+		Aead:   &netlink.XfrmStateAlgo{Name: "rfc4106(gcm(aes))", Key: sa.Key.Bytes(), ICVLen: sa.ICVBytes * 8}}
+	if sa.SelSrc.IsValid() && sa.SelDst.IsValid() {
+		s.Selector = &netlink.XfrmPolicy{Src: &net.IPNet{IP: sa.SelSrc.Addr().AsSlice(), Mask: net.CIDRMask(sa.SelSrc.Bits(), 32)},
+			Dst: &net.IPNet{IP: sa.SelDst.Addr().AsSlice(), Mask: net.CIDRMask(sa.SelDst.Bits(), 32)}, Proto: netlink.Proto(sa.SelProto)}
+	}
+	return s
+}
+
+// TestBenchProgramStatesInGuest runs inside the lab guest (started by
+// TestBenchProgramStatesLab): the applier programming 1,000 peers' SAs and policies
+// (4,000 SAs, 2,000 policies: enforce, two generations) into a fresh namespace, against a
+// minimal loop writing the same SAs and policies through one netlink socket; 5 alternating
+// rounds, medians.
+func TestBenchProgramStatesInGuest(t *testing.T) {
+	if os.Getenv("SECUREOVERLAY_IN_LAB") != "1" || os.Getenv("SECUREOVERLAY_BENCH") != "1" {
+		t.Skip("runs inside the lab guest (TestBenchProgramStatesLab)")
+	}
+	const rounds = 5
+	st := compute(t, cluster.Inputs(cluster.Options{Nodes: 1001, Mode: api.ModeEnforce}))
+	var raw, app []time.Duration
+	for range rounds {
+		benchNetNS(t, func() {
+			h, err := netlink.NewHandle(unix.NETLINK_XFRM)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer h.Close()
+			t0 := time.Now()
+			for _, sa := range st.SAs {
+				if err := h.XfrmStateAdd(rawState(sa)); err != nil {
+					t.Fatalf("raw add %s: %v", sa, err)
+				}
+			}
+			for _, p := range st.Policies {
+				if err := h.XfrmPolicyAdd(rawPolicy(p)); err != nil {
+					t.Fatalf("raw add %s: %v", p, err)
+				}
+			}
+			raw = append(raw, time.Since(t0))
+		})
+		benchNetNS(t, func() {
+			a := xfrm.NewApplier(xfrm.Netlink{}, desired.Config{})
+			t0 := time.Now()
+			res, err := a.Apply(st)
+			d := time.Since(t0)
+			if err != nil || res.StatesAdded != len(st.SAs) || res.PoliciesAdded != len(st.Policies) {
+				t.Fatalf("apply: %+v %v", res, err)
+			}
+			app = append(app, d)
+		})
+	}
+	r, ap := median(raw), median(app)
+	report("lab_program.sas", float64(len(st.SAs)), "count")
+	report("lab_program.policies", float64(len(st.Policies)), "count")
+	report("lab_program.raw_handle", float64(r.Microseconds())/1000, "ms")
+	report("lab_program.applier", float64(ap.Microseconds())/1000, "ms")
+	report("lab_program.ratio_applier_raw", float64(ap)/float64(r), "x")
+}
+
+// TestBenchProgramStatesLab boots the lab VM (a kernel with esp4 and GCM) and runs
+// TestBenchProgramStatesInGuest there, relaying its BENCH lines. SECUREOVERLAY_BENCH=1 only.
+func TestBenchProgramStatesLab(t *testing.T) {
+	if os.Getenv("SECUREOVERLAY_IN_LAB") == "1" {
+		t.Skip("already inside the lab guest")
+	}
+	benchGate(t)
+	if r := lab.Unavailable(lab.Options{}); r != "" {
+		t.Skip(r)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
+	defer cancel()
+	vm, err := lab.Boot(ctx, lab.Options{MemoryMiB: 768, CPUs: 2,
+		Shares: []lab.Share{{Tag: "xfrmbench", HostPath: filepath.Dir(exe), GuestPath: "/mnt/xfrmbench"}}})
+	if err != nil {
+		t.Fatalf("boot lab: %v", err)
+	}
+	defer vm.Close()
+	resp, err := vm.Exec(ctx, wire.Request{
+		Argv:          []string{"/mnt/xfrmbench/" + filepath.Base(exe), "-test.v", "-test.count=1", "-test.run", "^TestBenchProgramStatesInGuest$"},
+		Env:           []string{"SECUREOVERLAY_IN_LAB=1", "SECUREOVERLAY_BENCH=1"},
+		TimeoutMillis: (15 * time.Minute).Milliseconds(),
+	})
+	if err != nil {
+		t.Fatalf("run in lab: %v\nconsole:\n%s", err, vm.ConsoleTail(40))
+	}
+	out := string(resp.Stdout) + string(resp.Stderr)
+	if resp.Exit != 0 || resp.Error != "" || !strings.Contains(out, "--- PASS: TestBenchProgramStatesInGuest") {
+		t.Fatalf("guest run failed (exit %d %s):\n%s", resp.Exit, resp.Error, out)
+	}
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		if strings.HasPrefix(sc.Text(), "BENCH ") {
+			fmt.Println(sc.Text())
+		}
+	}
+	t.Logf("lab %s, kernel %s", vm.Accel, vm.KernelRelease)
+}

@@ -127,13 +127,25 @@ func TestBinaryAgainstRealAPIServer(t *testing.T) {
 	if g := ring.Active(); g.Cipher != keys.AES256GCM || g.ICVBytes != 16 {
 		t.Fatalf("flags not applied: cipher %s icv %d", g.Cipher, g.ICVBytes)
 	}
-	cm, err := cs.CoreV1().ConfigMaps(api.Namespace).Get(ctx, api.StatusConfigMapName, metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The status ConfigMap is published after the ring is written: wait for it.
 	var st api.MasterStatus
-	if err := json.Unmarshal([]byte(cm.Data[api.StatusDataKey]), &st); err != nil || st.Leader != "bin-1" || st.Target != api.ModeAccept {
-		t.Fatalf("status %q: %v", cm.Data[api.StatusDataKey], err)
+	var stData string
+	var stErr error
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		cm, err := cs.CoreV1().ConfigMaps(api.Namespace).Get(ctx, api.StatusConfigMapName, metav1.GetOptions{})
+		if err == nil {
+			stData = cm.Data[api.StatusDataKey]
+			st = api.MasterStatus{}
+			stErr = json.Unmarshal([]byte(stData), &st)
+			if stErr == nil && st.Leader == "bin-1" && st.Target == api.ModeAccept {
+				break
+			}
+		} else {
+			stErr = err
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("status %q: %v", stData, stErr)
+		}
 	}
 
 	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", port))

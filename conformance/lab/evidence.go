@@ -220,7 +220,9 @@ func XfrmStates(ctx context.Context, vm *VM, ns string) ([]SA, error) {
 	if ns != "" {
 		cmd = "ip -n " + ShellQuote(ns) + " -s xfrm state"
 	}
-	out, _, err := vm.Run(ctx, cmd+` >/tmp/.xfrm-state && grep -v -E '^[[:space:]]*(aead|enc|auth|auth-trunc|comp) ' /tmp/.xfrm-state; rc=$?; rm -f /tmp/.xfrm-state; [ $rc -le 1 ]`)
+	// A private temp file per call (concurrent calls must not share one); the listing
+	// goes to a file rather than a pipe so ip's own failure is not masked.
+	out, _, err := vm.Run(ctx, `f=$(mktemp) || exit 1; `+cmd+` >"$f" && grep -v -E '^[[:space:]]*(aead|enc|auth|auth-trunc|comp) ' "$f"; rc=$?; rm -f "$f"; [ $rc -le 1 ]`)
 	if err != nil {
 		return nil, fmt.Errorf("list xfrm states in %q: %w", ns, err)
 	}

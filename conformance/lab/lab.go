@@ -301,9 +301,27 @@ func Boot(ctx context.Context, opts Options) (*VM, error) {
 		return nil, fmt.Errorf("boot lab vm: accel %q is neither tcg nor kvm", accel)
 	}
 
+	waitStart := time.Now()
 	slot, err := acquireSlot()
 	if err != nil {
 		return nil, fmt.Errorf("boot lab vm: %w", err)
+	}
+	// The caller's deadline was set for our boot, not for the wait for another process's
+	// VM (see SlotWait): move it out by the time spent waiting. Cancellation still stops
+	// the boot at once.
+	if dl, ok := ctx.Deadline(); ok {
+		if waited := time.Since(waitStart); waited > time.Second {
+			parent := ctx
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithDeadline(context.WithoutCancel(parent), dl.Add(waited))
+			defer cancel()
+			stop := context.AfterFunc(parent, func() {
+				if errors.Is(parent.Err(), context.Canceled) {
+					cancel()
+				}
+			})
+			defer stop()
+		}
 	}
 	vm := &VM{Accel: accel, KernelRelease: img.Release, stateDir: opts.StateDir, slot: slot}
 	if vm.stateDir == "" {

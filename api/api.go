@@ -87,8 +87,18 @@ type NodeReport struct {
 	Mode Mode `json:"mode"`
 	// Generations are the key generations whose inbound SAs are installed for every peer.
 	Generations []uint32 `json:"generations,omitempty"`
-	// Incarnation is the boot ID the agent derived its SAs with.
+	// Incarnation is the boot ID of the node when the report was made (a report whose
+	// Incarnation differs from status.nodeInfo.bootID is stale).
 	Incarnation string `json:"incarnation,omitempty"`
+	// UID is the Node object's metadata.uid the report was made for: a Node deleted and
+	// re-created (same name, same boot) has another UID, so its old report is stale.
+	UID string `json:"uid,omitempty"`
+	// Epoch is the agent's current SA epoch (random hex, never key material). The node's
+	// key-derivation incarnation is Incarnation, UID and Epoch together (docs/keys.md,
+	// "Incarnations and epochs"); the agent picks a new epoch whenever an SA it installed
+	// is lost, so no SA is ever re-created under a key it used before. A report without
+	// an epoch (an agent predating epochs) is not used for key derivation.
+	Epoch string `json:"epoch,omitempty"`
 	// BudgetMTU is the largest pod/tunnel MTU that fits this node's encryption budget, and
 	// ExternalMTU the external MTU it was computed from.
 	BudgetMTU   int `json:"budgetMTU,omitempty"`

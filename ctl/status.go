@@ -237,13 +237,22 @@ type NodeDetail struct {
 
 const detailNote = "per-peer facts come from the agents' reports (inboundFrom/encryptingTo); SA byte and packet counters are not reported"
 
-// pairFact compares a report's tag for a peer with the peer's current boot.
-func pairFact(m map[string]string, peer string, bootID string) string {
+// pairFact checks reporter's fact m about peer against subject (the peer's Node): the tag
+// must be of the subject's current key incarnation (boot ID, Node UID and SA epoch of its
+// current report). A reporter that publishes no epoch (an agent predating epochs) tagged
+// boot IDs; its facts are checked against the subject's boot ID.
+func pairFact(m map[string]string, peer string, reporter *watch.Report, subject *watch.NodeInfo) string {
 	tag, ok := m[peer]
-	switch {
-	case !ok:
+	if !ok {
 		return "no"
-	case bootID != "" && tag != watch.IncarnationTag(bootID):
+	}
+	if reporter.Epoch == "" {
+		if subject.Incarnation != "" && tag != watch.IncarnationTag(subject.Incarnation) {
+			return "stale"
+		}
+		return "yes"
+	}
+	if inc := subject.KeyIncarnation(); inc == "" || tag != watch.IncarnationTag(inc) {
 		return "stale"
 	}
 	return "yes"
@@ -272,13 +281,13 @@ func (v *view) detail(name string) (*NodeDetail, error) {
 		}
 		row := PeerRow{Peer: p.Name, Address: p.IPv4Address, InboundFromPeer: "-", EncryptingToPeer: "-", PeerInbound: "-", PeerEncrypting: "-"}
 		if self.Report != nil {
-			row.InboundFromPeer = pairFact(self.Report.InboundFrom, p.Name, p.Incarnation)
-			row.EncryptingToPeer = pairFact(self.Report.EncryptingTo, p.Name, p.Incarnation)
+			row.InboundFromPeer = pairFact(self.Report.InboundFrom, p.Name, self.Report, &p)
+			row.EncryptingToPeer = pairFact(self.Report.EncryptingTo, p.Name, self.Report, &p)
 		}
 		if p.Report != nil {
 			row.PeerMode = p.Report.Mode
-			row.PeerInbound = pairFact(p.Report.InboundFrom, name, self.Incarnation)
-			row.PeerEncrypting = pairFact(p.Report.EncryptingTo, name, self.Incarnation)
+			row.PeerInbound = pairFact(p.Report.InboundFrom, name, p.Report, self)
+			row.PeerEncrypting = pairFact(p.Report.EncryptingTo, name, p.Report, self)
 		}
 		if self.Report != nil && self.Report.Mode.Rank() >= api.ModeEncrypt.Rank() && p.Report != nil && p.Report.Mode.Rank() >= api.ModeAccept.Rank() {
 			if row.EncryptingToPeer != "yes" {

@@ -128,6 +128,7 @@ type NodeRow struct {
 	ExternalMTU    int       `json:"externalMTU,omitempty"`
 	MaxSeqFraction float64   `json:"maxSeqFraction,omitempty"`
 	Incarnation    string    `json:"incarnation,omitempty"`
+	Epoch          string    `json:"epoch,omitempty"`
 	LastSync       time.Time `json:"lastSync,omitzero"`
 	Error          string    `json:"error,omitempty"`
 	// Problems is empty when the node is where the cluster is.
@@ -164,6 +165,7 @@ func (v *view) rows(staleAfter time.Duration) []NodeRow {
 			r.PeersEncrypted, r.PeersExpected = rep.PeersEncrypted, rep.PeersExpected
 			r.BudgetMTU, r.ExternalMTU, r.MaxSeqFraction = rep.BudgetMTU, rep.ExternalMTU, rep.MaxSeqFraction
 			r.Incarnation, r.LastSync, r.Error = rep.Incarnation, rep.LastSync, rep.Error
+			r.Epoch = rep.Epoch
 		case n.ReportErr != "":
 			r.Problems = append(r.Problems, "report unreadable: "+n.ReportErr)
 		default:
@@ -185,6 +187,9 @@ func (v *view) reportProblems(n watch.NodeInfo, staleAfter time.Duration) []stri
 	var p []string
 	if rep.Incarnation != "" && n.Incarnation != "" && rep.Incarnation != n.Incarnation {
 		p = append(p, "report predates the node's last reboot")
+	}
+	if rep.UID != "" && rep.UID != n.UID {
+		p = append(p, "report was made for an earlier Node object (uid)")
 	}
 	if rep.Error != "" {
 		p = append(p, "sync error: "+rep.Error)

@@ -29,6 +29,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -191,11 +192,20 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	if _, err := dynamic.NewForConfigOrDie(c.AdminConfig()).Resource(kube.IPPools).Create(ctx, pool, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	tag := watch.IncarnationTag("boot-a")
-	rep, _ := json.Marshal(watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Generations: []uint32{1}, Incarnation: "boot-b"},
+	// a's earlier agent left an empty report with SA epoch e-a; b's agent reports a's SAs
+	// (of a's key incarnation: boot ID, Node UID, epoch) installed both ways.
+	na := kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "a", IPv4: "198.18.0.1", BootID: "boot-a"})
+	selfRep, _ := json.Marshal(watch.Report{NodeReport: api.NodeReport{Mode: api.ModeOff, Incarnation: "boot-a", UID: string(na.UID), Epoch: "e-a"}})
+	tag := watch.IncarnationTag(watch.KeyIncarnation("boot-a", string(na.UID), "e-a"))
+	nb := kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "b", IPv4: "198.18.0.2", BootID: "boot-b"})
+	rep, _ := json.Marshal(watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Generations: []uint32{1}, Incarnation: "boot-b", UID: string(nb.UID), Epoch: "e-b"},
 		InboundFrom: map[string]string{"a": tag}, EncryptingTo: map[string]string{"a": tag}})
-	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "a", IPv4: "198.18.0.1", BootID: "boot-a"})
-	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "b", IPv4: "198.18.0.2", BootID: "boot-b", Annotations: map[string]string{api.ReportAnnotation: string(rep)}})
+	for name, r := range map[string][]byte{"a": selfRep, "b": rep} {
+		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{api.ReportAnnotation: string(r)}}})
+		if _, err := admin.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
 
 	// A foreign policy that cleanup must leave alone.
 	foreign := &netlink.XfrmPolicy{Src: mustNet("198.18.9.1/32"), Dst: mustNet("198.18.9.2/32"), Proto: 4, Dir: netlink.XFRM_DIR_OUT, Priority: 100,

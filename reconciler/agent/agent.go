@@ -33,6 +33,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -65,6 +66,10 @@ type Xfrm interface {
 	Apply(desired.State) (xfrm.Result, error)
 	QueueResync()
 	Observed() []xfrm.KernelSA
+	// StartEpoch forgets the previous SA epoch's keys; MarkInstalled records SAs as
+	// installed in the current one (Apply refuses to re-create them: xfrm.ErrKeyReuse).
+	StartEpoch()
+	MarkInstalled([]desired.SA)
 }
 
 // Rules is the iptables applier of the plaintext-IPIP rules (rules.Applier).
@@ -134,6 +139,16 @@ type Agent struct {
 	// computes its lower modes from them.
 	lastIn    *desired.Inputs
 	lastNotes string // not-covered and skipped objects, logged when they change
+	// epoch is this node's SA epoch ("" until the first sync chooses one); seed, when
+	// set, is the previous report whose claimed SAs the next sync marks as installed in
+	// the adopted epoch (docs/keys.md, "Incarnations and epochs"). Only the sync worker
+	// (and Uninstall after Run) touch them; mu guards reads from elsewhere.
+	epoch string
+	seed  *watch.Report
+	// hold lists the peers this node was encrypting to when it lost SA state and took a
+	// new epoch: their outbound plaintext drop rule stays (enforce) until they report
+	// ready for the new keys (desired.Inputs.HoldPlaintext).
+	hold []string
 }
 
 // New wires an agent; it starts nothing.
@@ -303,29 +318,66 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 
 	b, berr := a.currentBudget(full)
 	snap := src.Snapshot()
-	in, err := watch.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane)
-	if err != nil {
-		return a.fail(ctx, fmt.Errorf("inputs: %w", err))
+	a.chooseEpoch(&snap)
+	var (
+		in   desired.Inputs
+		st   desired.State
+		res  xfrm.Result
+		xerr error
+	)
+	for attempt := 0; ; attempt++ {
+		a.mu.Lock()
+		epoch := a.epoch
+		a.mu.Unlock()
+		in, err = watch.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane, epoch)
+		if err != nil {
+			return a.fail(ctx, fmt.Errorf("inputs: %w", err))
+		}
+		in.HoldPlaintext = a.hold
+		st, err = desired.Compute(in)
+		if err != nil {
+			return a.fail(ctx, fmt.Errorf("compute desired state: %w", err))
+		}
+		if a.seed != nil {
+			a.d.Xfrm.MarkInstalled(claimedSAs(st, a.seed, &snap))
+			a.seed = nil
+		}
+		// Order (docs/dataplane.md §8): rules that stay, xfrm, then the new rules, so an
+		// outbound drop rule never outlives the policy it backs and a new drop rule
+		// appears only after its policies exist. The first step needs the rules of the
+		// last successful sync; after a restart or a failure they are unknown and the
+		// step is skipped.
+		a.mu.Lock()
+		prevRules, known := a.lastRules, a.rulesKnown
+		a.mu.Unlock()
+		if known {
+			if _, err := a.d.Rules.Apply(desired.TransitionRules(prevRules, st.Rules)); err != nil {
+				a.mu.Lock()
+				a.rulesKnown = false
+				a.mu.Unlock()
+				return a.fail(ctx, fmt.Errorf("apply iptables transition rules: %w", err))
+			}
+			a.mu.Lock()
+			a.lastRules = desired.TransitionRules(prevRules, st.Rules)
+			a.mu.Unlock()
+		}
+		res, xerr = a.d.Xfrm.Apply(st)
+		a.countWrites(res)
+		if errors.Is(xerr, xfrm.ErrKeyReuse) && attempt == 0 {
+			// An SA of this epoch is gone from the kernel (another tool flushed it, or
+			// it was removed and is wanted again): re-creating it would restart its
+			// sequence under the same key. Change every key instead (Apply wrote
+			// nothing) and apply the new state at once.
+			a.newEpoch("lost", xerr)
+			a.d.Xfrm.QueueResync()
+			full = true
+			continue
+		}
+		break
 	}
-	st, err := desired.Compute(in)
-	if err != nil {
-		return a.fail(ctx, fmt.Errorf("compute desired state: %w", err))
-	}
-	// Order (docs/dataplane.md §8): rules that stay, xfrm, then the new rules, so an
-	// outbound drop rule never outlives the policy it backs and a new drop rule appears only
-	// after its policies exist. The first step needs the rules of the last successful sync;
-	// after a restart or a failure they are unknown and the step is skipped.
 	a.mu.Lock()
-	prevRules, known := a.lastRules, a.rulesKnown
 	a.rulesKnown = false
 	a.mu.Unlock()
-	if known {
-		if _, err := a.d.Rules.Apply(desired.TransitionRules(prevRules, st.Rules)); err != nil {
-			return a.fail(ctx, fmt.Errorf("apply iptables transition rules: %w", err))
-		}
-	}
-	res, xerr := a.d.Xfrm.Apply(st)
-	a.countWrites(res)
 	var rerr error
 	if xerr == nil {
 		_, rerr = a.d.Rules.Apply(st.Rules)
@@ -338,6 +390,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	if xerr != nil || rerr != nil {
 		return a.fail(ctx, errors.Join(wrapNonNil("apply xfrm", xerr), wrapNonNil("apply iptables rules", rerr)))
 	}
+	a.releaseHold(st)
 	a.mu.Lock()
 	a.lastRules, a.rulesKnown = st.Rules, true
 	a.lastIn = &in
@@ -356,6 +409,9 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	}
 	seq := MaxSeq(a.d.Xfrm.Observed(), selfIP, a.cfg.Dataplane.SoftPackets, st.Generations)
 	rep := BuildReport(st, &snap, self.Incarnation, b, seq, now)
+	a.mu.Lock()
+	rep.UID, rep.Epoch = self.UID, a.epoch
+	a.mu.Unlock()
 	if berr != nil {
 		rep.Error = berr.Error()
 	}
@@ -504,10 +560,108 @@ func (a *Agent) previous() *watch.Report {
 		return nil
 	}
 	ni := watch.ParseNode(n)
-	if ni.Report == nil || ni.Report.Incarnation != ni.Incarnation {
-		return nil
+	return ni.CurrentReport()
+}
+
+// chooseEpoch picks this node's SA epoch on the first sync that sees its Node: the
+// previous report's epoch if that report is current (same boot ID and Node UID), with the
+// SAs it claims to be marked installed (seed) so that a claimed SA missing from the
+// kernel (cleanup, or state lost while the agent was down) forces a new epoch instead of
+// being re-created; otherwise a new random epoch.
+func (a *Agent) chooseEpoch(snap *watch.Snapshot) {
+	a.mu.Lock()
+	have := a.epoch != ""
+	a.mu.Unlock()
+	if have {
+		return
 	}
-	return ni.Report
+	me := snap.Node(a.cfg.NodeName)
+	if me == nil || me.Incarnation == "" {
+		return // Inputs/Compute fail and say why; no epoch yet
+	}
+	if r := me.CurrentReport(); r != nil && r.Epoch != "" {
+		a.mu.Lock()
+		a.epoch = r.Epoch
+		a.mu.Unlock()
+		a.seed = r
+		a.d.Xfrm.StartEpoch()
+		a.d.Metrics.Epochs.WithLabelValues("adopted").Inc()
+		a.log.Info("SA epoch adopted from this node's report", "epoch", r.Epoch)
+		return
+	}
+	a.newEpoch("new", nil)
+}
+
+// newEpoch switches to a fresh random SA epoch: every key this node derives changes.
+// After lost state, the peers the last published report encrypted to are held (no
+// plaintext to them in enforce) until they are ready for the new keys.
+func (a *Agent) newEpoch(reason string, cause error) {
+	if reason == "lost" {
+		a.hold = nil
+		if p := a.previous(); p != nil {
+			for name := range p.EncryptingTo {
+				a.hold = append(a.hold, name)
+			}
+			slices.Sort(a.hold)
+		}
+	}
+	e := watch.NewEpoch()
+	a.mu.Lock()
+	old := a.epoch
+	a.epoch = e
+	a.mu.Unlock()
+	a.seed = nil
+	a.d.Xfrm.StartEpoch()
+	a.d.Metrics.Epochs.WithLabelValues(reason).Inc()
+	if cause != nil {
+		a.log.Warn("new SA epoch: every key of this node changes", "epoch", e, "previous", old, "reason", reason, "cause", cause)
+	} else {
+		a.log.Info("new SA epoch", "epoch", e, "reason", reason)
+	}
+}
+
+// releaseHold ends the hold of every peer st sends ESP to, no longer has, or may send
+// plaintext to anyway (mode below enforce).
+func (a *Agent) releaseHold(st desired.State) {
+	if len(a.hold) == 0 {
+		return
+	}
+	var keep []string
+	for _, name := range a.hold {
+		for _, p := range st.Peers {
+			if p.Name == name && p.SendGeneration == 0 && st.Mode == api.ModeEnforce {
+				keep = append(keep, name)
+			}
+		}
+	}
+	if len(keep) != len(a.hold) {
+		a.log.Info("peers ready for the new SA epoch (or gone): plaintext hold released", "held", keep)
+	}
+	a.hold = keep
+}
+
+// Epoch returns this node's current SA epoch ("" before the first sync chose one).
+func (a *Agent) Epoch() string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.epoch
+}
+
+// claimedSAs returns the SAs of st that report prev claims were installed: those of the
+// generations it lists toward the peers whose inboundFrom tag matches the peer's current
+// key incarnation. (Inbound and outbound SAs of a pair are installed together.)
+func claimedSAs(st desired.State, prev *watch.Report, snap *watch.Snapshot) []desired.SA {
+	var out []desired.SA
+	for _, sa := range st.SAs {
+		n := snap.Node(sa.Peer)
+		if n == nil || !slices.Contains(prev.Generations, sa.Generation) {
+			continue
+		}
+		if tag := watch.IncarnationTag(n.KeyIncarnation()); tag != "" && prev.InboundFrom[sa.Peer] == tag {
+			out = append(out, sa)
+		}
+	}
+	return out
 }
 
 // publishError sets Error on the previous claims (or on an empty report claiming nothing)
@@ -519,7 +673,10 @@ func (a *Agent) publishError(ctx context.Context, err error) {
 	} else {
 		r.Mode = api.ModeOff
 		if n := a.d.Source.Node(a.cfg.NodeName); n != nil {
-			r.Incarnation = n.Status.NodeInfo.BootID
+			r.Incarnation, r.UID = n.Status.NodeInfo.BootID, string(n.UID)
+			a.mu.Lock()
+			r.Epoch = a.epoch
+			a.mu.Unlock()
 		}
 	}
 	r.Error = err.Error()

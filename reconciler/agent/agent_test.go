@@ -22,6 +22,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
 	fakediscovery "k8s.io/client-go/discovery/fake"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
@@ -52,12 +53,22 @@ func testRing(t *testing.T, mode api.Mode, names ...string) *keys.Ring {
 	return r
 }
 
+// testNode is a Node with UID "uid-NAME" whose agent has published an empty report with SA
+// epoch "e-NAME" (so peers derive its keys with testInc(name, boot)).
 func testNode(name, ip, boot string) *corev1.Node {
-	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: map[string]string{api.CalicoIPv4AddressAnnotation: ip + "/24"}}}
+	n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, UID: types.UID("uid-" + name), Annotations: map[string]string{api.CalicoIPv4AddressAnnotation: ip + "/24"}}}
+	rep, _ := json.Marshal(watch.Report{NodeReport: api.NodeReport{Mode: api.ModeOff, Incarnation: boot, UID: "uid-" + name, Epoch: "e-" + name}})
+	n.Annotations[api.ReportAnnotation] = string(rep)
 	n.Status.NodeInfo.BootID = boot
 	n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
 	return n
 }
+
+// testInc is the key incarnation of a testNode whose agent kept its epoch.
+func testInc(name, boot string) string { return watch.KeyIncarnation(boot, "uid-"+name, "e-"+name) }
+
+// testTag is the per-pair tag of testInc.
+func testTag(name, boot string) string { return watch.IncarnationTag(testInc(name, boot)) }
 
 // gated is a real watch.Watcher whose HasSynced can be held false.
 type gated struct {
@@ -291,7 +302,7 @@ func TestFailureIsReportedThenFullResyncRepairs(t *testing.T) {
 	e.failXf.Store(false)
 	waitFor(t, "repaired report", func() bool { r := e.report(); return r != nil && r.Error == "" && r.Mode == api.ModeAccept })
 	r = e.report()
-	if r.InboundFrom["b"] != watch.IncarnationTag("boot-b") || len(r.Generations) != 1 || r.Incarnation != "boot-a" ||
+	if r.InboundFrom["b"] != testTag("b", "boot-b") || len(r.Generations) != 1 || r.Incarnation != "boot-a" ||
 		r.BudgetMTU != 1452 || r.ExternalMTU != 1500 || r.PeersExpected != 1 {
 		t.Errorf("report after repair = %+v", r)
 	}
@@ -512,8 +523,8 @@ func TestDropRulesNeverOutliveTheirPolicies(t *testing.T) {
 			return s.Node("b").RawReport == string(b)
 		})
 	}
-	tag := watch.IncarnationTag("boot-a")
-	ready := watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", Generations: []uint32{1}},
+	tag := testTag("a", "boot-a")
+	ready := watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "uid-b", Epoch: "e-b", Generations: []uint32{1}},
 		InboundFrom: map[string]string{"a": tag}, EncryptingTo: map[string]string{"a": tag}}
 	go e.src.Run(ctx)
 	waitFor(t, "synced", e.src.HasSynced)

@@ -28,6 +28,10 @@ type Metrics struct {
 	Peers        *prometheus.GaugeVec // state=expected|encrypted|inbound|dropping|skipped
 	NotCovered   prometheus.Gauge
 	ReportWrites *prometheus.CounterVec // reason=changed|heartbeat, result
+	// Epochs counts SA epochs chosen: reason=new (no usable previous report), adopted (a
+	// restart kept the previous epoch), lost (an SA of the epoch was missing: every key
+	// changes).
+	Epochs *prometheus.CounterVec
 
 	mu    sync.Mutex
 	drops []PlaintextCount
@@ -58,6 +62,8 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 	m.Peers = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "peers", Help: "Peers by state (expected, encrypted, inbound, dropping, skipped)."}, []string{"state"})
 	m.NotCovered = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "not_covered", Help: "Traffic classes the desired state leaves in plaintext (Never pools, BGP peers outside the cluster, ...)."})
 	m.ReportWrites = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "report_writes_total", Help: "Node report annotation patches."}, []string{"reason", "result"})
+	m.Epochs = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "sa_epochs_total", Help: "SA epochs chosen, by reason (new, adopted, lost)."}, []string{"reason"})
+	m.Registry.MustRegister(m.Epochs)
 	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,
 		m.SyncError, m.Mode, m.BudgetMTU, m.ExternalMTU, m.Peers, m.NotCovered, m.ReportWrites,
 		&xfrmStatCollector{path: xfrmStatPath}, &dropCollector{m: m},

@@ -62,6 +62,7 @@ func MaxSeq(observed []xfrm.KernelSA, selfIP netip.Addr, limit uint64, live []ui
 
 // BuildReport is the report for state st once the kernel holds it (program before
 // advertise: only call it after both appliers succeeded). It claims only what st holds.
+// The caller sets UID and Epoch (this node's key incarnation).
 func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b Budget, seq SeqUse, now time.Time) watch.Report {
 	r := watch.Report{NodeReport: api.NodeReport{
 		Mode: st.Mode, Generations: append([]uint32(nil), st.Generations...), Incarnation: incarnation,
@@ -80,7 +81,8 @@ func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b B
 		if n == nil {
 			continue
 		}
-		tag := watch.IncarnationTag(n.Incarnation)
+		// The peer's key incarnation, as Inputs derived its SAs with.
+		tag := watch.IncarnationTag(n.KeyIncarnation())
 		if p.Inbound {
 			if r.InboundFrom == nil {
 				r.InboundFrom = map[string]string{}

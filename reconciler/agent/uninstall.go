@@ -83,9 +83,18 @@ func (a *Agent) uninstallInputs() (desired.Inputs, string, error) {
 	if !a.d.Source.HasSynced() {
 		return desired.Inputs{}, "", errors.New("no sync succeeded and the caches never synced: the state the kernel holds is unknown")
 	}
-	in, err := watch.Inputs(a.cfg.NodeName, a.d.Source.Snapshot(), a.cfg.Dataplane)
+	snap := a.d.Source.Snapshot()
+	a.chooseEpoch(&snap) // the previous report's epoch when current: the SAs it names
+	in, err := watch.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane, a.Epoch())
 	if err != nil {
 		return desired.Inputs{}, "", fmt.Errorf("no sync succeeded and the cached inputs are unusable: %w", err)
+	}
+	if a.seed != nil {
+		// The walk-down only removes, but never let it re-create a claimed SA either.
+		if st, cerr := desired.Compute(in); cerr == nil {
+			a.d.Xfrm.MarkInstalled(claimedSAs(st, a.seed, &snap))
+		}
+		a.seed = nil
 	}
 	return in, "the cached inputs (no sync succeeded in this process)", nil
 }

@@ -111,8 +111,7 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "a", IPv4: "198.18.0.1", BootID: "boot-a"})
-	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "b", IPv4: "198.18.0.2", BootID: "boot-b",
-		Annotations: map[string]string{api.ReportAnnotation: peerReport("boot-a", "boot-b")}})
+	createPeer(t, c.AdminConfig(), "b", "198.18.0.2", "boot-b", seedSelf(t, c.AdminConfig(), "boot-a"))
 
 	// The DaemonSet and its pods, by hand (the harness runs no controllers). A finalizer
 	// keeps a deleted pod Terminating, as the kubelet does while the pod shuts down.

@@ -91,8 +91,8 @@ func enforcingEnv(t *testing.T) (*env, context.CancelFunc) {
 	t.Helper()
 	e := newEnv(t, api.ModeEnforce, Config{})
 	ctx, cancel := context.WithCancel(context.Background())
-	tag := watch.IncarnationTag("boot-a")
-	b, _ := json.Marshal(watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", Generations: []uint32{1}},
+	tag := testTag("a", "boot-a")
+	b, _ := json.Marshal(watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "uid-b", Epoch: "e-b", Generations: []uint32{1}},
 		InboundFrom: map[string]string{"a": tag}, EncryptingTo: map[string]string{"a": tag}})
 	n, err := e.cs.CoreV1().Nodes().Get(ctx, "b", metav1.GetOptions{})
 	if err != nil {

@@ -110,7 +110,7 @@ func Compute(in Inputs) (State, error) {
 	selfEP := Endpoint{IP: selfAddr.Addr(), Incarnation: self.Incarnation, NodeID: self.NodeID}
 	if mode != api.ModeOff {
 		if self.Incarnation == "" {
-			return State{}, fmt.Errorf("node %q: no incarnation (boot ID)", self.Name)
+			return State{}, fmt.Errorf("node %q: no incarnation (boot ID and SA epoch)", self.Name)
 		}
 		if self.NodeID == 0 {
 			return State{}, fmt.Errorf("node %q: no node ID assigned in the ring", self.Name)
@@ -172,7 +172,7 @@ func Compute(in Inputs) (State, error) {
 			continue
 		}
 		if n.Incarnation == "" {
-			skip("no incarnation (boot ID) yet")
+			skip("no incarnation yet (no current report with an SA epoch)")
 			continue
 		}
 		if n.NodeID == 0 {
@@ -384,7 +384,7 @@ func Compute(in Inputs) (State, error) {
 			if p.dropIn {
 				st.Rules = append(st.Rules, Rule{Hook: HookIn, PeerIP: p.addr.Addr(), Peer: p.node.Name, Action: Drop})
 			}
-			if p.sendGen != 0 {
+			if p.sendGen != 0 || slices.Contains(in.HoldPlaintext, p.node.Name) {
 				st.Rules = append(st.Rules, Rule{Hook: HookOut, PeerIP: p.addr.Addr(), Peer: p.node.Name, Action: Drop})
 			}
 		}

@@ -7,7 +7,8 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 )
 
-// Endpoint is one end of a directed SA: a node's IP, its incarnation (boot ID) and its
+// Endpoint is one end of a directed SA: a node's IP, its key-derivation incarnation (boot
+// ID, Node UID and SA epoch together; see docs/keys.md "Incarnations and epochs") and its
 // master-assigned node ID. Keys and SPIs are a function of (generation, kind, src, dst).
 type Endpoint struct {
 	IP          netip.Addr
@@ -71,8 +72,9 @@ type Ring struct {
 // peer's api.NodeReport; the two per-pair facts are what make joins and reboots safe (see
 // docs/dataplane.md, "per-pair readiness").
 type Report struct {
-	// Incarnation is the boot ID the peer's report was made with. A report whose
-	// incarnation differs from the node's current one is stale and ignored.
+	// Incarnation is the key-derivation incarnation the peer's report was made with
+	// (boot ID, Node UID, SA epoch). A report whose incarnation differs from the node's
+	// current one is stale and ignored.
 	Incarnation string
 	// Mode is the mode the peer's kernel implements.
 	Mode api.Mode
@@ -92,7 +94,9 @@ type Node struct {
 	// IPv4Address is the raw projectcalico.org/IPv4Address annotation: a CIDR (the node's
 	// address and subnet) or a bare IP.
 	IPv4Address string
-	// Incarnation is status.nodeInfo.bootID.
+	// Incarnation is the node's key-derivation incarnation: status.nodeInfo.bootID,
+	// metadata.uid and the agent's SA epoch (the shell composes it; for a peer it comes
+	// from the peer's current report). "" skips the peer.
 	Incarnation string
 	// NodeID is the master-assigned small ID (0: none assigned yet).
 	NodeID uint32
@@ -148,6 +152,11 @@ type Inputs struct {
 	Ring     Ring
 	Config   Config
 	Keys     KeyFunc
+	// HoldPlaintext names peers this node must not send plaintext IPIP to in enforce mode
+	// even while it has no outbound policy toward them: after a new SA epoch (lost state)
+	// the agent re-keys the peers it was encrypting to and keeps their outbound drop rule
+	// until they report ready for the new keys (fail closed; docs/dataplane.md §5).
+	HoldPlaintext []string
 }
 
 // Dir is the direction of an SA or a policy.

@@ -40,10 +40,16 @@ func (s *Snapshot) Node(name string) *NodeInfo {
 	return &s.Nodes[i]
 }
 
-// Inputs turns a snapshot into desired.Inputs for node self. It fails (and the agent
-// leaves the kernel untouched) when the ring is missing or invalid, when self is unknown,
-// or when the ring's generations use another ICV length than cfg.
-func Inputs(self string, s Snapshot, cfg desired.Config) (desired.Inputs, error) {
+// Inputs turns a snapshot into desired.Inputs for node self, whose agent derives with SA
+// epoch epoch. It fails (and the agent leaves the kernel untouched) when the ring is
+// missing or invalid, when self is unknown, or when the ring's generations use another
+// ICV length than cfg.
+//
+// Every node's desired.Node.Incarnation is its key-derivation incarnation
+// (KeyIncarnation): self's from its boot ID, UID and epoch; a peer's from its current
+// report only (a peer without one, or whose agent publishes no epoch, gets "" and is
+// skipped: nothing is derived for it until it reports). Per-pair facts are tags of these.
+func Inputs(self string, s Snapshot, cfg desired.Config, epoch string) (desired.Inputs, error) {
 	if s.RingErr != nil {
 		return desired.Inputs{}, s.RingErr
 	}
@@ -63,12 +69,21 @@ func Inputs(self string, s Snapshot, cfg desired.Config) (desired.Inputs, error)
 		}
 		in.Ring.Generations = append(in.Ring.Generations, desired.Generation{ID: g.Number, State: desired.GenState(g.State)})
 	}
-	selfTag := IncarnationTag(me.Incarnation)
-	for _, n := range s.Nodes {
-		dn := desired.Node{Name: n.Name, IPv4Address: n.IPv4Address, Incarnation: n.Incarnation, NodeID: s.Ring.NodeID(n.Name)}
+	selfInc := KeyIncarnation(me.Incarnation, me.UID, epoch)
+	selfTag := IncarnationTag(selfInc)
+	for i := range s.Nodes {
+		n := &s.Nodes[i]
+		dn := desired.Node{Name: n.Name, IPv4Address: n.IPv4Address, NodeID: s.Ring.NodeID(n.Name)}
+		if n.Name == self {
+			dn.Incarnation = selfInc
+		} else {
+			dn.Incarnation = n.KeyIncarnation()
+		}
 		if r := n.Report; r != nil && n.Name != self {
 			dn.Report = &desired.Report{
-				Incarnation:     r.Incarnation,
+				// Compute ignores the report unless this equals dn.Incarnation (same
+				// boot, same Node object, an epoch).
+				Incarnation:     KeyIncarnation(r.Incarnation, r.UID, r.Epoch),
 				Mode:            r.Mode,
 				Generations:     slices.Clone(r.Generations),
 				InboundFromSelf: selfTag != "" && r.InboundFrom[self] == selfTag,

@@ -37,19 +37,28 @@ func testRing(t *testing.T, mode api.Mode, icv int, names ...string) *keys.Ring 
 }
 
 func TestInputsPerPairReadiness(t *testing.T) {
-	ring := testRing(t, api.ModeEncrypt, 8, "a", "b", "c")
-	tagA := IncarnationTag("boot-a")
+	ring := testRing(t, api.ModeEncrypt, 8, "a", "b", "c", "d", "e")
+	incA := KeyIncarnation("boot-a", "uid-a", "ea")
+	tagA := IncarnationTag(incA)
 	snap := Snapshot{Ring: ring, Nodes: []NodeInfo{
-		{Name: "a", IPv4Address: "198.18.0.1/24", Incarnation: "boot-a"},
-		{Name: "b", IPv4Address: "198.18.0.2/24", Incarnation: "boot-b", Report: &Report{
-			NodeReport:  api.NodeReport{Mode: api.ModeEncrypt, Incarnation: "boot-b", Generations: []uint32{1}},
+		{Name: "a", IPv4Address: "198.18.0.1/24", Incarnation: "boot-a", UID: "uid-a"},
+		{Name: "b", IPv4Address: "198.18.0.2/24", Incarnation: "boot-b", UID: "uid-b", Report: &Report{
+			NodeReport:  api.NodeReport{Mode: api.ModeEncrypt, Incarnation: "boot-b", UID: "uid-b", Epoch: "eb", Generations: []uint32{1}},
 			InboundFrom: map[string]string{"a": tagA}, EncryptingTo: map[string]string{"a": tagA}}},
-		// c's report was made for an older incarnation of a: not ready toward a.
+		// c's report was made for an older incarnation (epoch) of a: not ready toward a.
 		{Name: "c", IPv4Address: "198.18.0.3", Incarnation: "boot-c", Report: &Report{
-			NodeReport:  api.NodeReport{Mode: api.ModeEncrypt, Incarnation: "boot-c", Generations: []uint32{1}},
-			InboundFrom: map[string]string{"a": IncarnationTag("old-boot-a")}}},
+			NodeReport:  api.NodeReport{Mode: api.ModeEncrypt, Incarnation: "boot-c", Epoch: "ec", Generations: []uint32{1}},
+			InboundFrom: map[string]string{"a": IncarnationTag(KeyIncarnation("boot-a", "uid-a", "old"))}}},
+		// d's agent publishes no epoch (predates epochs): nothing is derived for d.
+		{Name: "d", IPv4Address: "198.18.0.4", Incarnation: "boot-d", Report: &Report{
+			NodeReport:  api.NodeReport{Mode: api.ModeEncrypt, Incarnation: "boot-d", Generations: []uint32{1}},
+			InboundFrom: map[string]string{"a": tagA}}},
+		// e's Node object was re-created (new UID): its report is stale.
+		{Name: "e", IPv4Address: "198.18.0.5", Incarnation: "boot-e", UID: "uid-e2", Report: &Report{
+			NodeReport:  api.NodeReport{Mode: api.ModeEncrypt, Incarnation: "boot-e", UID: "uid-e1", Epoch: "ee", Generations: []uint32{1}},
+			InboundFrom: map[string]string{"a": tagA}}},
 	}}
-	in, err := Inputs("a", snap, desired.Config{})
+	in, err := Inputs("a", snap, desired.Config{}, "ea")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,11 +69,20 @@ func TestInputsPerPairReadiness(t *testing.T) {
 	for _, n := range in.Nodes {
 		byName[n.Name] = n
 	}
-	if n := byName["b"]; n.NodeID != 2 || n.Report == nil || !n.Report.InboundFromSelf || !n.Report.EncryptsToSelf || n.Report.Incarnation != "boot-b" {
+	if n := byName["a"]; n.Incarnation != incA {
+		t.Errorf("self incarnation = %q, want %q", n.Incarnation, incA)
+	}
+	if n := byName["b"]; n.NodeID != 2 || n.Report == nil || !n.Report.InboundFromSelf || !n.Report.EncryptsToSelf ||
+		n.Report.Incarnation != "boot-b/uid-b/eb" || n.Incarnation != "boot-b/uid-b/eb" {
 		t.Errorf("b = %+v report %+v", n, n.Report)
 	}
 	if n := byName["c"]; n.Report == nil || n.Report.InboundFromSelf || n.Report.EncryptsToSelf {
 		t.Errorf("c = %+v report %+v", n, n.Report)
+	}
+	for _, name := range []string{"d", "e"} {
+		if n := byName[name]; n.Incarnation != "" {
+			t.Errorf("%s: incarnation %q, want none (no usable report)", name, n.Incarnation)
+		}
 	}
 	if byName["a"].Report != nil {
 		t.Error("own report passed as a peer report")
@@ -80,19 +98,19 @@ func TestInputsPerPairReadiness(t *testing.T) {
 
 func TestInputsRefusesWithoutUsableRing(t *testing.T) {
 	nodes := []NodeInfo{{Name: "a", IPv4Address: "198.18.0.1/24", Incarnation: "x"}}
-	if _, err := Inputs("a", Snapshot{Nodes: nodes}, desired.Config{}); !errors.Is(err, ErrNoSecret) {
+	if _, err := Inputs("a", Snapshot{Nodes: nodes}, desired.Config{}, "e"); !errors.Is(err, ErrNoSecret) {
 		t.Errorf("no ring: %v", err)
 	}
 	bad := fmt.Errorf("secret: %w", keys.ErrInvalid)
-	if _, err := Inputs("a", Snapshot{Nodes: nodes, RingErr: bad}, desired.Config{}); !errors.Is(err, keys.ErrInvalid) {
+	if _, err := Inputs("a", Snapshot{Nodes: nodes, RingErr: bad}, desired.Config{}, "e"); !errors.Is(err, keys.ErrInvalid) {
 		t.Errorf("bad ring: %v", err)
 	}
 	ring := testRing(t, api.ModeAccept, 16, "a")
-	_, err := Inputs("a", Snapshot{Nodes: nodes, Ring: ring}, desired.Config{ICVBytes: 8})
+	_, err := Inputs("a", Snapshot{Nodes: nodes, Ring: ring}, desired.Config{ICVBytes: 8}, "e")
 	if err == nil || !strings.Contains(err.Error(), "icv") {
 		t.Errorf("icv mismatch: %v", err)
 	}
-	if _, err := Inputs("zz", Snapshot{Nodes: nodes, Ring: ring}, desired.Config{ICVBytes: 16}); err == nil {
+	if _, err := Inputs("zz", Snapshot{Nodes: nodes, Ring: ring}, desired.Config{ICVBytes: 16}, "e"); err == nil {
 		t.Error("unknown self: no error")
 	}
 }

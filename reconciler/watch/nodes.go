@@ -1,6 +1,7 @@
 package watch
 
 import (
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -14,7 +15,8 @@ import (
 // Report is what an agent publishes in api.ReportAnnotation: the shared api.NodeReport
 // plus the per-pair facts desired.Report needs (see docs/agent.md). Peers are keyed by
 // node name; the value is the IncarnationTag of the peer incarnation the fact was made
-// with, so a rebooted peer is never mistaken for ready. Tags keep the annotation small
+// with (of its KeyIncarnation: boot ID, Node UID and SA epoch), so a rebooted, re-created
+// or re-keyed peer is never mistaken for ready. Tags keep the annotation small
 // (about 35 bytes per peer and list, 70 KB for 1,000 nodes, under the 256 KB limit).
 type Report struct {
 	api.NodeReport
@@ -24,13 +26,52 @@ type Report struct {
 	EncryptingTo map[string]string `json:"encryptingTo,omitempty"`
 }
 
-// IncarnationTag is a short, stable tag of a boot ID (8 hex digits of its SHA-256).
-func IncarnationTag(bootID string) string {
-	if bootID == "" {
+// IncarnationTag is a short, stable tag of a key-derivation incarnation (KeyIncarnation;
+// 8 hex digits of its SHA-256).
+func IncarnationTag(incarnation string) string {
+	if incarnation == "" {
 		return ""
 	}
-	s := sha256.Sum256([]byte(bootID))
+	s := sha256.Sum256([]byte(incarnation))
 	return hex.EncodeToString(s[:4])
+}
+
+// KeyIncarnation is the incarnation a node's SAs are derived with: its boot ID, its Node
+// object's UID and its agent's SA epoch, "bootID/uid/epoch" ("" when bootID or epoch is
+// unknown). A reboot, a re-created Node object or a new epoch (the agent lost an SA)
+// each change every key of every pair the node is in (docs/keys.md, "Incarnations and
+// epochs").
+func KeyIncarnation(bootID, uid, epoch string) string {
+	if bootID == "" || epoch == "" {
+		return ""
+	}
+	return bootID + "/" + uid + "/" + epoch
+}
+
+// NewEpoch returns a fresh random SA epoch: 16 hex digits from crypto/rand.
+func NewEpoch() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:]) // never fails (crypto/rand panics on broken systems)
+	return hex.EncodeToString(b[:])
+}
+
+// CurrentReport returns n's report if it was made for n's current boot and Node object,
+// else nil (a stale report: the node rebooted or its Node object was re-created since).
+func (n *NodeInfo) CurrentReport() *Report {
+	if r := n.Report; r != nil && r.Incarnation != "" && r.Incarnation == n.Incarnation && r.UID == n.UID {
+		return r
+	}
+	return nil
+}
+
+// KeyIncarnation is the incarnation peers derive n's SAs with: from n's current report
+// (boot ID and UID matching the Node, with an epoch), "" when there is none.
+func (n *NodeInfo) KeyIncarnation() string {
+	r := n.CurrentReport()
+	if r == nil {
+		return ""
+	}
+	return KeyIncarnation(r.Incarnation, r.UID, r.Epoch)
 }
 
 // ParseReport decodes a report annotation. Unknown fields are tolerated (newer agents).
@@ -54,6 +95,8 @@ type NodeInfo struct {
 	TunnelAddr string
 	// Incarnation is status.nodeInfo.bootID.
 	Incarnation string
+	// UID is the Node object's metadata.uid.
+	UID string
 	// Ready is the Ready condition (true only when its status is True).
 	Ready bool
 	// RawReport is the report annotation as published; Report its parsed form (nil if
@@ -70,6 +113,7 @@ func ParseNode(n *corev1.Node) NodeInfo {
 		IPv4Address: n.Annotations[api.CalicoIPv4AddressAnnotation],
 		TunnelAddr:  n.Annotations[api.CalicoIPIPTunnelAnnotation],
 		Incarnation: n.Status.NodeInfo.BootID,
+		UID:         string(n.UID),
 		RawReport:   n.Annotations[api.ReportAnnotation],
 	}
 	for _, c := range n.Status.Conditions {
@@ -96,7 +140,7 @@ func ParseNode(n *corev1.Node) NodeInfo {
 func relevantChange(a, b *corev1.Node, self string) bool {
 	x, y := ParseNode(a), ParseNode(b)
 	if x.IPv4Address != y.IPv4Address || x.TunnelAddr != y.TunnelAddr ||
-		x.Incarnation != y.Incarnation || x.Ready != y.Ready {
+		x.Incarnation != y.Incarnation || x.UID != y.UID || x.Ready != y.Ready {
 		return true
 	}
 	if b.Name == self || self == "" {
@@ -111,5 +155,5 @@ func reportView(n NodeInfo, self string) string {
 	if r == nil {
 		return "unparsed:" + n.RawReport
 	}
-	return fmt.Sprintf("%s|%s|%v|%s|%s", r.Mode, r.Incarnation, r.Generations, r.InboundFrom[self], r.EncryptingTo[self])
+	return fmt.Sprintf("%s|%s|%s|%s|%v|%s|%s", r.Mode, r.Incarnation, r.UID, r.Epoch, r.Generations, r.InboundFrom[self], r.EncryptingTo[self])
 }

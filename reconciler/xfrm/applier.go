@@ -1,8 +1,10 @@
 package xfrm
 
 import (
+	"crypto/sha256"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
@@ -35,6 +37,58 @@ type Applier struct {
 	foreignPolicies map[string]bool
 	needFull        bool
 	observed        []KernelSA
+	// used holds a SHA-256 fingerprint of the key of every SA added, adopted or marked
+	// (MarkInstalled) in the current SA epoch; an SA with one of these keys is never
+	// written again (its ESP sequence, and so its GCM IVs, would restart). Fingerprints
+	// stay in memory and are never printed.
+	used map[[32]byte]struct{}
+}
+
+// ErrKeyReuse is wrapped by Apply's error when the desired state would write an SA whose
+// key an SA of the current epoch already used (the kernel lost it: another tool flushed
+// it, or the SA was removed and is wanted again). Apply then writes nothing; the agent
+// picks a new SA epoch (StartEpoch), which changes every key, and applies again.
+var ErrKeyReuse = errors.New("an SA of the current SA epoch would be re-created under the same key")
+
+// KeyReuseError lists the SAs (never their keys) Apply refused to re-create.
+type KeyReuseError struct {
+	SAs []string
+}
+
+func (e *KeyReuseError) Error() string {
+	return fmt.Sprintf("%v: %s", ErrKeyReuse, strings.Join(e.SAs, "; "))
+}
+
+// Unwrap makes errors.Is(err, ErrKeyReuse) hold.
+func (e *KeyReuseError) Unwrap() error { return ErrKeyReuse }
+
+func fingerprint(k desired.Key) [32]byte {
+	b := k.Bytes()
+	f := sha256.Sum256(b)
+	clear(b)
+	return f
+}
+
+// StartEpoch forgets the keys of the previous SA epoch: the caller has changed its
+// incarnation, so every key it derives from now on is new.
+func (a *Applier) StartEpoch() { a.used = map[[32]byte]struct{}{} }
+
+// MarkInstalled records sas as installed in the current epoch even if the kernel does not
+// hold them (the agent's previous report claimed them): Apply will not re-create them.
+func (a *Applier) MarkInstalled(sas []desired.SA) {
+	if a.used == nil {
+		a.used = map[[32]byte]struct{}{}
+	}
+	for _, sa := range sas {
+		a.used[fingerprint(sa.Key)] = struct{}{}
+	}
+}
+
+func (a *Applier) markUsed(sa desired.SA) { a.MarkInstalled([]desired.SA{sa}) }
+
+func (a *Applier) wasUsed(sa desired.SA) bool {
+	_, ok := a.used[fingerprint(sa.Key)]
+	return ok
 }
 
 // NewApplier returns an applier whose first Apply lists the kernel (adopting what an
@@ -91,6 +145,21 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 		}
 		res.Full = true
 	}
+	// 0. Never re-create an SA under a key used in this epoch: refuse the whole state
+	// before writing anything.
+	var reused []string
+	for _, sa := range want.SAs {
+		if have, ok := a.states[sa.ID()]; ok && have.SameKernelObject(sa) {
+			continue
+		}
+		if a.wasUsed(sa) {
+			reused = append(reused, sa.String())
+		}
+	}
+	if len(reused) > 0 {
+		a.needFull = true
+		return res, &KeyReuseError{SAs: reused}
+	}
 	var errs []error
 	fail := func(err error) {
 		errs = append(errs, err)
@@ -111,6 +180,7 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 		have, ok := a.states[id]
 		switch {
 		case ok && have.SameKernelObject(sa):
+			a.markUsed(sa)
 			continue // adopt
 		case ok:
 			if err := a.k.DeleteState(have); err != nil {
@@ -122,6 +192,7 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 				fail(fmt.Errorf("replace xfrm state %s: add: %w", sa, err))
 				continue
 			}
+			a.markUsed(sa)
 			a.states[id] = sa
 			res.StatesReplaced++
 		case a.foreignStates[id]:
@@ -132,6 +203,7 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 				fail(fmt.Errorf("add xfrm state %s: %w", sa, err))
 				continue
 			}
+			a.markUsed(sa)
 			a.states[id] = sa
 			res.StatesAdded++
 		}

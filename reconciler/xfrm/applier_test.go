@@ -278,24 +278,53 @@ func TestApplyPartialFailureThenFullResync(t *testing.T) {
 }
 
 // Drift: another tool flushes our policies (`ip xfrm policy flush`); the periodic resync
-// puts them back and touches nothing else.
+// puts them back and touches nothing else. Flushed states are NOT put back under the same
+// keys (their ESP sequence, hence their GCM IVs, would restart): Apply refuses and writes
+// nothing; once the caller has changed its incarnation (new SA epoch) every key is new.
 func TestApplyRepairsDrift(t *testing.T) {
 	f := NewFake()
 	a := NewApplier(f, desired.Config{})
-	st := compute(t, cluster(5, api.ModeEnforce, []desired.Generation{active(1)}, 1))
+	in := cluster(5, api.ModeEnforce, []desired.Generation{active(1)}, 1)
+	st := compute(t, in)
 	if _, err := a.Apply(st); err != nil {
 		t.Fatal(err)
 	}
 	n := f.Remove("policy", func(string) bool { return true })
-	m := f.Remove("state", func(id string) bool { return strings.Contains(id, "198.18.0.3") })
 	a.QueueResync()
 	res, err := a.Apply(st)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.PoliciesAdded != n || res.StatesAdded != m || res.Writes() != n+m {
-		t.Fatalf("repair %+v after removing %d policies and %d states", res, n, m)
+	if res.PoliciesAdded != n || res.Writes() != n {
+		t.Fatalf("repair %+v after removing %d policies", res, n)
 	}
+	assertKernelIs(t, f, st, 0)
+
+	m := f.Remove("state", func(id string) bool { return strings.Contains(id, "198.18.0.3") })
+	if m == 0 {
+		t.Fatal("removed no state")
+	}
+	a.QueueResync()
+	log := len(f.Log)
+	res, err = a.Apply(st)
+	var kr *KeyReuseError
+	if !errors.Is(err, ErrKeyReuse) || !errors.As(err, &kr) || len(kr.SAs) != m || res.Writes() != 0 || len(f.Log) != log {
+		t.Fatalf("re-adding %d flushed states: %+v %v (writes %v)", m, res, err, f.Log[log:])
+	}
+	// New epoch: n1's incarnation changes, so does every key of every pair.
+	in.Nodes[0].Incarnation += "/epoch-2"
+	for i := range in.Nodes[1:] {
+		in.Nodes[i+1].Report.InboundFromSelf = false // peers are not ready for the new keys yet
+	}
+	st2 := compute(t, in)
+	a.StartEpoch()
+	if _, err := a.Apply(st2); err != nil {
+		t.Fatal(err)
+	}
+	if r := f.ReusedKeys(); len(r) != 0 {
+		t.Errorf("SAs re-created under a used key: %v", r)
+	}
+	st = st2
 	assertKernelIs(t, f, st, 0)
 }
 
@@ -398,4 +427,54 @@ func TestApplyKeepsSAOfUnswitchedPolicy(t *testing.T) {
 		t.Fatalf("repair %+v %v", res, err)
 	}
 	assertKernelIs(t, f, st, 0)
+}
+
+// An SA is never added twice under one key within an SA epoch: not after we removed it
+// ourselves (a peer that left and came back with the same incarnation), not when the
+// caller marked it installed (an adopted epoch's claimed SAs that the kernel lost). A new
+// epoch (StartEpoch, with new incarnations) starts afresh.
+func TestApplyNeverReaddsAKeyOfTheEpoch(t *testing.T) {
+	f := NewFake()
+	a := NewApplier(f, desired.Config{})
+	in := cluster(3, api.ModeAccept, []desired.Generation{active(1)}, 1)
+	full := compute(t, in)
+	if _, err := a.Apply(full); err != nil {
+		t.Fatal(err)
+	}
+	// n3 leaves (its SAs are deleted), then comes back unchanged.
+	without := in
+	without.Nodes = in.Nodes[:2]
+	if _, err := a.Apply(compute(t, without)); err != nil {
+		t.Fatal(err)
+	}
+	log := len(f.Log)
+	if _, err := a.Apply(full); !errors.Is(err, ErrKeyReuse) || len(f.Log) != log {
+		t.Fatalf("re-adding n3's SAs: %v, writes %v", err, f.Log[log:])
+	}
+	// Marked as installed by the caller, missing from the kernel: refused too.
+	f2 := NewFake()
+	b := NewApplier(f2, desired.Config{})
+	b.StartEpoch()
+	b.MarkInstalled(full.SAs[:1])
+	if _, err := b.Apply(full); !errors.Is(err, ErrKeyReuse) || len(f2.Log) != 0 {
+		t.Fatalf("adding a marked SA: %v, writes %v", err, f2.Log)
+	}
+	// Present in the kernel (adopted): fine.
+	f3 := NewFake()
+	c := NewApplier(f3, desired.Config{})
+	if _, err := c.Apply(full); err != nil {
+		t.Fatal(err)
+	}
+	d := NewApplier(f3, desired.Config{})
+	d.MarkInstalled(full.SAs)
+	if res, err := d.Apply(full); err != nil || res.Writes() != 0 {
+		t.Fatalf("adopting marked SAs: %+v %v", res, err)
+	}
+	// The error names SAs, never keys.
+	_, err := a.Apply(full)
+	for _, sa := range full.SAs {
+		if strings.Contains(err.Error(), fmt.Sprintf("%x", sa.Key.Bytes())) {
+			t.Fatal("key bytes in the error")
+		}
+	}
 }

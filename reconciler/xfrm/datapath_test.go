@@ -33,6 +33,12 @@ type dpNode struct {
 	ra                                   *rules.Applier
 	state                                desired.State
 	published                            *desired.State
+	// inc is the node's key incarnation (boot ID + SA epoch, as the agent composes it);
+	// pubInc the one its published report carries; seen/pubSeen the peers' incarnations
+	// its state (its published state) was derived with: the per-pair readiness tags.
+	inc, pubInc   string
+	seen, pubSeen map[string]string
+	hold          []string // desired.Inputs.HoldPlaintext
 }
 
 func (n *dpNode) do(t *testing.T, f func() error) {
@@ -89,8 +95,8 @@ func TestDataPathESPOverIPIP(t *testing.T) {
 	if reason := espMissing(t); reason != "" {
 		skipOrFail(t, "SECUREOVERLAY_REQUIRE_ESP", reason)
 	}
-	a := &dpNode{name: "a", cidr: "198.18.0.1/24", podIP: "10.244.1.1", peerBlock: "10.244.2.0/26", peerIP: "198.18.0.2", id: 1}
-	b := &dpNode{name: "b", cidr: "198.18.0.2/24", podIP: "10.244.2.1", peerBlock: "10.244.1.0/26", peerIP: "198.18.0.1", id: 2}
+	a := &dpNode{name: "a", cidr: "198.18.0.1/24", podIP: "10.244.1.1", peerBlock: "10.244.2.0/26", peerIP: "198.18.0.2", id: 1, inc: "boot-a/e1"}
+	b := &dpNode{name: "b", cidr: "198.18.0.2/24", podIP: "10.244.2.1", peerBlock: "10.244.1.0/26", peerIP: "198.18.0.1", id: 2, inc: "boot-b/e1"}
 	nodes := []*dpNode{a, b}
 	for _, n := range nodes {
 		netns, err := testutils.NewNS()
@@ -136,14 +142,22 @@ func TestDataPathESPOverIPIP(t *testing.T) {
 
 	ringNow := desired.Ring{Mode: api.ModeOff}
 	inputs := func(self *dpNode) desired.Inputs {
-		in := desired.Inputs{Self: self.name, Ring: ringNow, Keys: testKeys,
+		in := desired.Inputs{Self: self.name, Ring: ringNow, Keys: testKeys, HoldPlaintext: self.hold,
 			Pools: []desired.Pool{{Name: "default", CIDR: mustPrefix("10.244.0.0/16"), IPIPMode: desired.IPIPAlways}}}
+		self.seen = map[string]string{}
 		for _, n := range nodes {
-			nd := desired.Node{Name: n.name, IPv4Address: n.cidr, Incarnation: "boot-" + n.name, NodeID: n.id}
+			// A peer's incarnation comes from its published report (watch.Inputs).
+			inc := n.pubInc
+			if n == self {
+				inc = n.inc
+			}
+			nd := desired.Node{Name: n.name, IPv4Address: n.cidr, Incarnation: inc, NodeID: n.id}
 			if n != self && n.published != nil {
 				p := n.published
+				cur := n.pubSeen[self.name] == self.inc // the tag is of self's current incarnation
 				nd.Report = &desired.Report{Incarnation: nd.Incarnation, Mode: p.Mode, Generations: p.Generations,
-					InboundFromSelf: slices.Contains(p.InboundPeers(), self.name), EncryptsToSelf: slices.Contains(p.EncryptingPeers(), self.name)}
+					InboundFromSelf: cur && slices.Contains(p.InboundPeers(), self.name), EncryptsToSelf: cur && slices.Contains(p.EncryptingPeers(), self.name)}
+				self.seen[n.name] = inc
 			}
 			in.Nodes = append(in.Nodes, nd)
 		}
@@ -172,7 +186,7 @@ func TestDataPathESPOverIPIP(t *testing.T) {
 			}
 			for _, n := range nodes {
 				st := n.state
-				n.published = &st
+				n.published, n.pubInc, n.pubSeen = &st, n.inc, n.seen
 			}
 		}
 	}
@@ -280,6 +294,78 @@ func TestDataPathESPOverIPIP(t *testing.T) {
 	sync()
 	if err := ping(3); err != nil {
 		t.Fatalf("after resync: %v", err)
+	}
+
+	// Another tool flushes b's xfrm states. The applier refuses to put them back under the
+	// same keys (their sequence numbers, hence GCM IVs, would restart); b takes a new SA
+	// epoch, which re-keys the pair. Meanwhile nothing crosses in plaintext: b holds its
+	// outbound drop rule until a reports the new keys installed.
+	oldKeys := map[string]bool{}
+	for _, n := range nodes {
+		n.do(t, func() error {
+			sts, err := Netlink{}.ListStates()
+			for _, s := range sts {
+				oldKeys[fmt.Sprintf("%x", s.SA.Key.Bytes())] = true
+			}
+			return err
+		})
+	}
+	b.do(t, func() error { return run("ip", "xfrm", "state", "flush") })
+	if err := ping(2); err == nil {
+		t.Fatal("ping crossed although b's SAs are gone")
+	}
+	b.xa.QueueResync()
+	stB, err := desired.Compute(inputs(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.do(t, func() error {
+		if _, err := b.xa.Apply(stB); !errors.Is(err, ErrKeyReuse) {
+			return fmt.Errorf("re-adding flushed SAs: %v, want ErrKeyReuse", err)
+		}
+		return nil
+	})
+	b.inc, b.hold = "boot-b/e2", []string{"a"}
+	b.xa.StartEpoch()
+	apply(b) // b under its new epoch; a has not seen it yet
+	if len(b.state.EncryptingPeers()) != 0 || !slices.Contains(b.state.Rules, desired.Rule{Hook: desired.HookOut, PeerIP: mustAddr("198.18.0.1"), Peer: "a", Action: desired.Drop}) {
+		t.Fatalf("b after the new epoch: encrypting to %v, rules %v (want none, and the held drop)", b.state.EncryptingPeers(), b.state.Rules)
+	}
+	before := ruleCounts(b)["out drop 198.18.0.1"]
+	b.do(t, func() error {
+		if err := run("ping", "-n", "-q", "-c", "2", "-W", "1", "-I", b.podIP, a.podIP); err == nil {
+			return errors.New("b's ping crossed during the hold")
+		}
+		return nil
+	})
+	if c := ruleCounts(b)["out drop 198.18.0.1"]; c <= before {
+		t.Fatal("b's held drop rule did not catch its plaintext")
+	}
+	st := b.state
+	b.published, b.pubInc, b.pubSeen = &st, b.inc, b.seen
+	for range 2 {
+		sync()
+	}
+	if len(b.state.EncryptingPeers()) != 1 || len(a.state.EncryptingPeers()) != 1 {
+		t.Fatalf("not re-keyed: a encrypts to %v, b to %v", a.state.EncryptingPeers(), b.state.EncryptingPeers())
+	}
+	b.hold = nil
+	if err := ping(3); err != nil {
+		t.Fatalf("after the new epoch: %v", err)
+	}
+	for _, n := range nodes {
+		n.do(t, func() error {
+			sts, err := Netlink{}.ListStates()
+			for _, s := range sts {
+				if oldKeys[fmt.Sprintf("%x", s.SA.Key.Bytes())] {
+					return fmt.Errorf("%s re-created under a used key", s.SA)
+				}
+			}
+			return err
+		})
+	}
+	if in, out := espPackets(b); in < 3 || out < 3 {
+		t.Fatalf("new epoch SAs unused at b: in=%d out=%d", in, out)
 	}
 
 	// Zero loss through a whole rotation and a whole disable, under a 50 pps ping.

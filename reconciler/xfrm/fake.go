@@ -23,6 +23,10 @@ type Fake struct {
 	Log []string
 	// Lists counts listing calls.
 	Lists int
+	// keyAdds counts AddState calls per key fingerprint over the fake's whole life
+	// (flushes included): a count above 1 is an SA re-created under a used key.
+	keyAdds map[[32]byte]int
+	reused  []string
 	// OnWrite, if set, runs after every successful write with the lock held released;
 	// tests use it to check invariants between kernel operations.
 	OnWrite func(f *Fake)
@@ -76,6 +80,14 @@ func (f *Fake) AddState(sa desired.SA) error {
 		return syscall.EEXIST
 	}
 	f.states[id] = KernelSA{SA: kernelFields(sa)}
+	if f.keyAdds == nil {
+		f.keyAdds = map[[32]byte]int{}
+	}
+	fp := fingerprint(sa.Key)
+	f.keyAdds[fp]++
+	if f.keyAdds[fp] > 1 {
+		f.reused = append(f.reused, sa.String())
+	}
 	f.wrote("add-state", id)
 	return nil
 }
@@ -216,4 +228,19 @@ func (f *Fake) Snapshot() (states []KernelSA, policies []KernelPolicy) {
 func kernelFields(sa desired.SA) desired.SA {
 	sa.Dir, sa.Peer, sa.Generation = 0, "", 0
 	return sa
+}
+
+// ReusedKeys lists every AddState (as the SA's name, never its key) whose key an earlier
+// AddState of this fake already installed: an SA re-created under a key it used before.
+func (f *Fake) ReusedKeys() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.reused...)
+}
+
+// KeysAdded is how many distinct keys AddState has installed.
+func (f *Fake) KeysAdded() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.keyAdds)
 }

@@ -5,6 +5,7 @@
 #                     test API server, runs unit, privileged and conformance tests
 #   make lint         go vet + gofmt check
 #   make demo         the local lab: a VM with three encrypted nodes
+#   make bench        benchmarks → bench/RESULTS.md
 #
 # Tests that need root, network namespaces or the real API server run as part of
 # `make test`; run it as root on a Debian machine.
@@ -23,7 +24,7 @@ export SECUREOVERLAY_BIN_DIR   := $(BIN)
 export SECUREOVERLAY_CACHE_DIR := $(CACHE)
 export CNI_PLUGIN_DIR          ?= /usr/lib/cni
 
-.PHONY: all build deps tools test unit lint demo conformance clean
+.PHONY: all build deps tools test unit lint demo conformance bench clean
 
 all: build
 
@@ -69,6 +70,11 @@ conformance: deps tools build
 # The main job: a local lab VM with encrypted nodes; prints a report, exits non-zero on any violation.
 demo: deps tools build
 	$(GO) run ./conformance/demo
+
+# Benchmarks → bench/RESULTS.md (docs/performance.md explains each figure).
+# BENCH_FLAGS=--lab adds rotation/cutover and SA programming in the lab VM.
+bench: deps tools build
+	hack/bench.sh $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(BIN)

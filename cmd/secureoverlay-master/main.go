@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
@@ -21,10 +20,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	kubecfg "github.com/secureoverlay/secureoverlay/internal/kubeconfig"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/master"
 )
@@ -78,7 +76,7 @@ func run() error {
 		return errors.New("--id is empty and the hostname is unknown")
 	}
 
-	cfg, err := restConfig(*kubeconfig)
+	cfg, err := kubecfg.Load(*kubeconfig)
 	if err != nil {
 		return err
 	}
@@ -116,22 +114,4 @@ func run() error {
 		"grace", *grace, "nodeTimeout", *nodeTimeout, "seqThreshold", *seq, "cipher", *cipher, "icvBytes", *icv)
 	return master.Run(ctx, client, master.Options{Namespace: *namespace, Identity: *id, LeaseName: *leaseName,
 		Resync: *resync, NodeSelector: *nodeSel, Policy: policy, Logger: log, Metrics: metrics})
-}
-
-func restConfig(kubeconfig string) (*rest.Config, error) {
-	if kubeconfig == "" {
-		kubeconfig = os.Getenv("KUBECONFIG")
-	}
-	if kubeconfig == "" {
-		cfg, err := rest.InClusterConfig()
-		if err != nil {
-			return nil, fmt.Errorf("in-cluster config (pass --kubeconfig outside a cluster): %w", err)
-		}
-		return cfg, nil
-	}
-	cfg, err := clientcmd.BuildConfigFromFlags("", strings.Split(kubeconfig, ":")[0])
-	if err != nil {
-		return nil, fmt.Errorf("kubeconfig %s: %w", kubeconfig, err)
-	}
-	return cfg, nil
 }

@@ -85,22 +85,32 @@ func overBudgetError(v verdict) error {
 		fmt.Sprintf("secureoverlay: %s: mtu exceeds the budget by %d bytes; fix: %s", v, v.MTU-v.Budget, v.fix()), "")
 }
 
+// chained parses the config and the primary plugin's result, which ADD and CHECK both
+// need: without a prevResult the plugin is not chained and there is no pod to check.
+func chained(args *skel.CmdArgs, verb string) (*Config, *current.Result, error) {
+	conf, err := ParseConfig(args.StdinData)
+	if err != nil {
+		return nil, nil, err
+	}
+	if conf.PrevResult == nil {
+		return nil, nil, types.NewError(types.ErrInvalidNetworkConfig, fmt.Sprintf(
+			"secureoverlay: %s without prevResult: it must be chained after the primary plugin (e.g. calico) in a conflist", verb), "")
+	}
+	res, err := current.GetResult(conf.PrevResult)
+	if err != nil {
+		return nil, nil, types.NewError(types.ErrDecodingFailure, fmt.Sprintf("secureoverlay: convert prevResult: %v", err), "")
+	}
+	return conf, res, nil
+}
+
 // CmdAdd handles ADD.
 func CmdAdd(args *skel.CmdArgs) error {
-	conf, err := ParseConfig(args.StdinData)
+	conf, res, err := chained(args, "ADD")
 	if err != nil {
 		return err
 	}
 	lg := newLogger(conf)
 	defer lg.close()
-	if conf.PrevResult == nil {
-		return types.NewError(types.ErrInvalidNetworkConfig,
-			"secureoverlay: no prevResult: it must be chained after the primary plugin (e.g. calico) in a conflist", "")
-	}
-	res, err := current.GetResult(conf.PrevResult)
-	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("secureoverlay: convert prevResult: %v", err), "")
-	}
 	idx, ifName := containerInterface(res, args.IfName)
 
 	v, err := evaluate(conf, args.Netns, ifName)
@@ -138,20 +148,12 @@ func CmdAdd(args *skel.CmdArgs) error {
 
 // CmdCheck handles CHECK: the pod interface must (still) be within the budget.
 func CmdCheck(args *skel.CmdArgs) error {
-	conf, err := ParseConfig(args.StdinData)
+	conf, res, err := chained(args, "CHECK")
 	if err != nil {
 		return err
 	}
 	lg := newLogger(conf)
 	defer lg.close()
-	if conf.PrevResult == nil {
-		return types.NewError(types.ErrInvalidNetworkConfig,
-			"secureoverlay: CHECK without prevResult: it must be chained after the primary plugin", "")
-	}
-	res, err := current.GetResult(conf.PrevResult)
-	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, fmt.Sprintf("secureoverlay: convert prevResult: %v", err), "")
-	}
 	_, ifName := containerInterface(res, args.IfName)
 	v, err := evaluate(conf, args.Netns, ifName)
 	if err != nil {

@@ -34,26 +34,3 @@ func TestChildSurvivesItsCallersThread(t *testing.T) {
 	case <-time.After(1500 * time.Millisecond):
 	}
 }
-
-// TestControlPlainStartDies shows the hazard the package exists for (so the test above
-// can fail): the same child started directly from the doomed thread is killed.
-func TestControlPlainStartDies(t *testing.T) {
-	cmd := exec.Command("sleep", "30")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		started <- cmd.Start()
-	}()
-	if err := <-started; err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	select {
-	case <-exited:
-	case <-time.After(10 * time.Second):
-		t.Fatal("control: a child of an exited thread was not killed; the hazard did not reproduce")
-	}
-}

@@ -53,7 +53,8 @@ type options struct {
 	kubeconfig, nodeName, namespace, secretName, metricsAddr, ifacePattern, logLevel string
 	podName, podNamespace                                                            string
 	resync, heartbeat, uninstallStep, decideTimeout                                  time.Duration
-	icv, replayWindow, externalMTU                                                   int
+	icv, replayWindow, externalMTU, apiBurst                                         int
+	apiQPS                                                                           float64
 	reqid, mark                                                                      uint
 	logJSON                                                                          bool
 }
@@ -72,6 +73,8 @@ func flags(fs *flag.FlagSet, o *options) {
 	fs.UintVar(&o.mark, "mark", 0x10, "packet mark reserved for our rules (validated against Calico, kube-proxy and Cilium bits; the current rules match on the IPsec policy and set no mark)")
 	fs.IntVar(&o.externalMTU, "external-mtu", 0, "external MTU for the budget (0: detect the smallest MTU of the up links matching --interface-pattern)")
 	fs.StringVar(&o.ifacePattern, "interface-pattern", budget.DefaultInterfacePattern, "regexp of external interfaces (Calico's MTU interface pattern)")
+	fs.Float64Var(&o.apiQPS, "kube-api-qps", agent.DefaultAPIQPS, "sustained requests per second to the API server (client-side limit; reports are the only writes)")
+	fs.IntVar(&o.apiBurst, "kube-api-burst", agent.DefaultAPIBurst, "requests allowed at once above --kube-api-qps")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.BoolVar(&o.logJSON, "log-json", false, "log as JSON")
 	fs.StringVar(&o.podName, "pod-name", os.Getenv("POD_NAME"), "this agent's pod (default $POD_NAME): at SIGTERM, uninstall only if its DaemonSet is being deleted")
@@ -120,6 +123,9 @@ func run(cleanup bool, args []string) error {
 	if o.uninstallStep <= 0 {
 		return fmt.Errorf("--uninstall-step %s: want a positive duration", o.uninstallStep)
 	}
+	if o.apiQPS <= 0 || o.apiBurst < 1 {
+		return fmt.Errorf("--kube-api-qps %g / --kube-api-burst %d: want a positive rate and a burst of at least 1", o.apiQPS, o.apiBurst)
+	}
 	if o.decideTimeout <= 0 {
 		return fmt.Errorf("--uninstall-decision-timeout %s: want a positive duration", o.decideTimeout)
 	}
@@ -152,6 +158,7 @@ func run(cleanup bool, args []string) error {
 		return err
 	}
 	cfg.UserAgent = "secureoverlay-agent/" + o.nodeName
+	cfg.QPS, cfg.Burst = float32(o.apiQPS), o.apiBurst
 	client, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)

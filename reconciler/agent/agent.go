@@ -114,6 +114,17 @@ type Deps struct {
 
 const queueKey = "sync"
 
+// DefaultAPIQPS and DefaultAPIBurst are the agent binary's client-side rate limit toward
+// the API server (--kube-api-qps, --kube-api-burst). Every sync whose claims changed ends
+// with a patch of the node's report and the next sync waits for it, so client-go's default
+// (5 QPS, burst 10) would put up to 200 ms between an event and the kernel once a few
+// changes arrive in a row (docs/performance.md §4). Syncs coalesce events, so this bounds
+// an agent's report writes, not the cluster's: each change costs one write per node.
+const (
+	DefaultAPIQPS   = 20
+	DefaultAPIBurst = 40
+)
+
 // Agent runs the loop. Create it with New, then Run.
 type Agent struct {
 	cfg Config

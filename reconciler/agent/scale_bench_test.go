@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"runtime"
 	"slices"
@@ -150,14 +151,12 @@ func parallel(n, w int, f func(i int) error) error {
 	return first
 }
 
-// startAgent runs the agent for node 0 with the given xfrm kernel until the test ends.
-func startAgent(t *testing.T, cfg *rest.Config, k xfrm.Kernel, qps float32) *agent.Agent {
+// startAgent runs the agent for node 0 with the given xfrm kernel until the test ends; its
+// client is limited to qps/burst (the binary's --kube-api-qps/--kube-api-burst).
+func startAgent(t *testing.T, cfg *rest.Config, k xfrm.Kernel, qps float32, burst int) (*agent.Agent, func()) {
 	t.Helper()
 	ac := rest.CopyConfig(cfg)
-	ac.QPS, ac.Burst = 0, 0 // client-go defaults (5 QPS, burst 10), as the real agent
-	if qps > 0 {
-		ac.QPS, ac.Burst = qps, 2*int(qps) // to show what the rate limit costs
-	}
+	ac.QPS, ac.Burst = qps, burst
 	client := kubernetes.NewForConfigOrDie(ac)
 	src := watch.New(watch.Config{Client: client, Dynamic: dynamic.NewForConfigOrDie(ac), Self: cluster.Name(0), DiscoveryRetry: 200 * time.Millisecond})
 	dp := desired.Config{}.WithDefaults()
@@ -170,21 +169,80 @@ func startAgent(t *testing.T, cfg *rest.Config, k xfrm.Kernel, qps float32) *age
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { a.Run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return a
+	var once sync.Once
+	stop := func() { once.Do(func() { cancel(); <-done }) }
+	t.Cleanup(stop)
+	return a, stop
+}
+
+// createBlock creates node i's j-th IPAMBlock (cluster.Block), affine to node i.
+func createBlock(ctx context.Context, dyn dynamic.Interface, i, j int) error {
+	cidr := cluster.Block(i, j)
+	u := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
+		"metadata": map[string]any{"name": strings.NewReplacer(".", "-", "/", "-").Replace(cidr.String())},
+		"spec":     map[string]any{"cidr": cidr.String(), "affinity": "host:" + cluster.Name(i)}}}
+	_, err := dyn.Resource(kube.IPAMBlocks).Create(ctx, u, metav1.CreateOptions{})
+	return err
+}
+
+// policyKey identifies a policy by its selector and direction.
+type policyKey struct {
+	dir      desired.Dir
+	src, dst netip.Prefix
 }
 
 // watchedKernel keeps policies in the real kernel of a network namespace (states in a
-// fake: this host has no esp4) and announces every added inbound policy's peer.
+// fake: this host has no esp4) and records, for every policy, when its latest successful
+// AddPolicy or UpdatePolicy call returned.
 type watchedKernel struct {
-	ns     ns.NetNS
-	states *xfrm.Fake
-	added  chan string
+	ns      ns.NetNS
+	states  *xfrm.Fake
+	mu      *sync.Mutex
+	written map[policyKey]time.Time
+	signal  chan struct{} // one waiter: poked after every recorded write
+}
+
+func newWatchedKernel(n ns.NetNS) watchedKernel {
+	return watchedKernel{ns: n, states: xfrm.NewFake(), mu: &sync.Mutex{}, written: map[policyKey]time.Time{}, signal: make(chan struct{}, 1)}
 }
 
 func (k watchedKernel) in(f func() error) error {
 	return k.ns.Do(func(ns.NetNS) error { return f() })
 }
+
+func (k watchedKernel) record(p desired.Policy, err error) error {
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	k.mu.Lock()
+	k.written[policyKey{p.Dir, p.Src, p.Dst}] = now
+	k.mu.Unlock()
+	select {
+	case k.signal <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// wait returns when the kernel call writing key returned, if that was at or after since.
+func (k watchedKernel) wait(key policyKey, since time.Time, timeout time.Duration) (time.Time, bool) {
+	deadline := time.After(timeout)
+	for {
+		k.mu.Lock()
+		at, ok := k.written[key]
+		k.mu.Unlock()
+		if ok && !at.Before(since) {
+			return at, true
+		}
+		select {
+		case <-k.signal:
+		case <-deadline:
+			return time.Time{}, false
+		}
+	}
+}
+
 func (k watchedKernel) ListStates() ([]xfrm.KernelSA, error) { return k.states.ListStates() }
 func (k watchedKernel) AddState(sa desired.SA) error         { return k.states.AddState(sa) }
 func (k watchedKernel) DeleteState(sa desired.SA) error      { return k.states.DeleteState(sa) }
@@ -193,35 +251,41 @@ func (k watchedKernel) ListPolicies() (ps []xfrm.KernelPolicy, err error) {
 	return ps, err
 }
 func (k watchedKernel) AddPolicy(p desired.Policy) error {
-	err := k.in(func() error { return xfrm.Netlink{}.AddPolicy(p) })
-	if err == nil && p.Dir == desired.In {
-		select {
-		case k.added <- p.Peer:
-		default:
-		}
-	}
-	return err
+	return k.record(p, k.in(func() error { return xfrm.Netlink{}.AddPolicy(p) }))
 }
 func (k watchedKernel) UpdatePolicy(p desired.Policy) error {
-	return k.in(func() error { return xfrm.Netlink{}.UpdatePolicy(p) })
+	return k.record(p, k.in(func() error { return xfrm.Netlink{}.UpdatePolicy(p) }))
 }
 func (k watchedKernel) DeletePolicy(p desired.Policy) error {
 	return k.in(func() error { return xfrm.Netlink{}.DeletePolicy(p) })
 }
 
-// TestBenchEventToKernel: 200 peers join one at a time; for each, the time from the API
-// write that makes it usable (its report on its Node) to its inbound policy being added
-// to the kernel of the agent's network namespace. p50 and p99 over the 200. Twice: with
-// client-go's default rate limit on the agent's client (5 QPS, burst 10: what the real
-// agent uses) and with 1,000 QPS, to show that the limiter, not the sync, sets the figure
-// (every sync ends with a patch of the agent's own report, and the next sync waits for it).
+// TestBenchEventToKernel: with a real API server and policies in the real kernel of the
+// agent's network namespace, two kinds of change, 200 each, one at a time:
+//
+//   - node: a peer joins: its Node is created, then (20 ms later) its report is written
+//     (what makes a peer usable); measured until its inbound transport policy is added;
+//   - block: the pool is switched to CrossSubnet (all 200 peers share node 0's /24, and
+//     node 0 has a block), then each peer gets its first IPAMBlock; measured until the
+//     forward tunnel policy from that block to node 0's block is added (accept mode: one
+//     fwd policy per pair of same-subnet blocks, see desired.Compute).
+//
+// Each interval runs from just before the API write is issued (time.Now() before the
+// Create/Patch call) to the moment the agent's AddPolicy/UpdatePolicy netlink call for
+// that policy returned (stamped inside the kernel wrapper, not when the test noticed).
+// p50, p99 and max over the 200. Three client rate limits for the agent: what the binary
+// ships (agent.DefaultAPIQPS/DefaultAPIBurst), client-go's default (5 QPS, burst 10), and
+// 1,000 QPS (to show what is left when the limiter never waits).
 func TestBenchEventToKernel(t *testing.T) {
 	benchGate(t)
-	t.Run("qps=default", func(t *testing.T) { eventToKernel(t, 0, "latency.default") })
-	t.Run("qps=1000", func(t *testing.T) { eventToKernel(t, 1000, "latency.qps1000") })
+	benchReport("latency.shipped.qps", agent.DefaultAPIQPS, "count")
+	benchReport("latency.shipped.burst", agent.DefaultAPIBurst, "count")
+	t.Run("qps=shipped", func(t *testing.T) { eventToKernel(t, agent.DefaultAPIQPS, agent.DefaultAPIBurst, "latency.shipped") })
+	t.Run("qps=client-go-default", func(t *testing.T) { eventToKernel(t, 5, 10, "latency.clientgo") })
+	t.Run("qps=1000", func(t *testing.T) { eventToKernel(t, 1000, 2000, "latency.qps1000") })
 }
 
-func eventToKernel(t *testing.T, qps float32, prefix string) {
+func eventToKernel(t *testing.T, qps float32, burst int, prefix string) {
 	const changes = 200
 	names := make([]string, changes+1)
 	for i := range names {
@@ -230,7 +294,13 @@ func eventToKernel(t *testing.T, qps float32, prefix string) {
 	_, cfg := benchCluster(t, names)
 	ctx := context.Background()
 	cs := kubernetes.NewForConfigOrDie(cfg)
+	dyn := dynamic.NewForConfigOrDie(cfg)
 	if _, err := createNode(ctx, cs, 0); err != nil {
+		t.Fatal(err)
+	}
+	// Node 0's own block: nothing under the Always pool, the local side of every tunnel
+	// policy once the pool is CrossSubnet.
+	if err := createBlock(ctx, dyn, 0, 0); err != nil {
 		t.Fatal(err)
 	}
 	n, err := testutils.NewNS()
@@ -238,14 +308,15 @@ func eventToKernel(t *testing.T, qps float32, prefix string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = n.Close(); _ = testutils.UnmountNS(n) })
-	k := watchedKernel{ns: n, states: xfrm.NewFake(), added: make(chan string, 16)}
-	a := startAgent(t, cfg, k, qps)
+	k := newWatchedKernel(n)
+	a, _ := startAgent(t, cfg, k, qps, burst)
 	for deadline := time.Now().Add(30 * time.Second); !a.Status().Ready; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("agent not ready: %+v", a.Status())
 		}
 	}
-	var lat []time.Duration
+	self32 := netip.PrefixFrom(cluster.IP(0), 32)
+	var nodeLat []time.Duration
 	for i := 1; i <= changes; i++ {
 		uid, err := createNode(ctx, cs, i)
 		if err != nil {
@@ -256,23 +327,74 @@ func eventToKernel(t *testing.T, qps float32, prefix string) {
 		if err := publishReport(ctx, cs, i, uid); err != nil {
 			t.Fatal(err)
 		}
-		timeout := time.After(30 * time.Second)
-	wait:
-		for {
-			select {
-			case p := <-k.added:
-				if p == cluster.Name(i) {
-					lat = append(lat, time.Since(t0))
-					break wait
-				}
-			case <-timeout:
-				t.Fatalf("inbound policy for %s never added", cluster.Name(i))
-			}
+		at, ok := k.wait(policyKey{desired.In, netip.PrefixFrom(cluster.IP(i), 32), self32}, t0, 30*time.Second)
+		if !ok {
+			t.Fatalf("inbound policy for %s never added: %+v", cluster.Name(i), a.Status())
+		}
+		nodeLat = append(nodeLat, at.Sub(t0))
+	}
+	logTrend(t, "node", nodeLat)
+	latencies(prefix+".node", nodeLat)
+
+	// CrossSubnet: every peer is in node 0's /24, so each gets tunnel SAs now and a fwd
+	// policy per block once it has one.
+	states0, _ := k.states.Snapshot()
+	pool, err := dyn.Resource(kube.IPPools).Get(ctx, "default-ipv4-ippool", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unstructured.SetNestedField(pool.Object, desired.IPIPCrossSubnet, "spec", "ipipMode"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dyn.Resource(kube.IPPools).Update(ctx, pool, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		states, _ := k.states.Snapshot()
+		if len(states) >= len(states0)+changes && a.Status().Ready {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("tunnel SAs not added after the switch to CrossSubnet: %d states (had %d), %+v", len(states), len(states0), a.Status())
 		}
 	}
+	time.Sleep(time.Second) // the switch's report patch
+	selfBlock := cluster.Block(0, 0)
+	var blockLat []time.Duration
+	for i := 1; i <= changes; i++ {
+		time.Sleep(20 * time.Millisecond)
+		t0 := time.Now()
+		if err := createBlock(ctx, dyn, i, 0); err != nil {
+			t.Fatal(err)
+		}
+		at, ok := k.wait(policyKey{desired.Fwd, cluster.Block(i, 0), selfBlock}, t0, 30*time.Second)
+		if !ok {
+			t.Fatalf("fwd policy for block %s of %s never added: %+v", cluster.Block(i, 0), cluster.Name(i), a.Status())
+		}
+		blockLat = append(blockLat, at.Sub(t0))
+	}
+	logTrend(t, "block", blockLat)
+	latencies(prefix+".block", blockLat)
+}
+
+// logTrend logs the mean of the first and of the last 20 changes (in the order made):
+// a client-side limiter whose burst is being used up shows as a rising trend.
+func logTrend(t *testing.T, what string, lat []time.Duration) {
+	mean := func(d []time.Duration) time.Duration {
+		var s time.Duration
+		for _, x := range d {
+			s += x
+		}
+		return s / time.Duration(len(d))
+	}
+	t.Logf("%s changes: mean of the first 20 %s, of the last 20 %s", what, mean(lat[:20]).Round(10*time.Microsecond), mean(lat[len(lat)-20:]).Round(10*time.Microsecond))
+}
+
+// latencies reports count, p50, p99 and max of lat (sorted in place).
+func latencies(prefix string, lat []time.Duration) {
 	slices.Sort(lat)
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-	benchReport(prefix+".changes", changes, "count")
+	benchReport(prefix+".changes", float64(len(lat)), "count")
 	benchReport(prefix+".p50", ms(lat[len(lat)/2]), "ms")
 	benchReport(prefix+".p99", ms(lat[len(lat)*99/100]), "ms")
 	benchReport(prefix+".max", ms(lat[len(lat)-1]), "ms")
@@ -303,20 +425,23 @@ func heapMiB() (inuse, alloc float64) {
 }
 
 // TestBenchAgentMemory: 5,000 Nodes (each with its report) and 20,000 IPAMBlocks in the
-// real API server; the agent (in this process, xfrm in the fake) syncs all of them. The
-// figures are the process's heap (after GC) and RSS after the sync minus before the agent
-// started, i.e. what the agent's caches, desired state and applier hold.
+// real API server. First the real binary (binaryMemory, binary_bench_test.go) as its own
+// process in a fresh network namespace, then the agent in this process with xfrm in the
+// fake. For the in-process agent the figures are the process's heap (after GC) and RSS
+// after the sync minus before the agent started, i.e. what the agent's caches, desired
+// state and applier hold, with every SA held (the binary cannot hold SAs on this host).
 func TestBenchAgentMemory(t *testing.T) {
 	benchGate(t)
 	nodes := 5000
 	if v, err := strconv.Atoi(os.Getenv("SECUREOVERLAY_BENCH_NODES")); err == nil && v > 0 {
 		nodes = v
 	}
+	bin := buildAgent(t) // before the API server is loaded: the build needs both CPUs
 	names := make([]string, nodes)
 	for i := range names {
 		names[i] = cluster.Name(i)
 	}
-	_, cfg := benchCluster(t, names)
+	c, cfg := benchCluster(t, names)
 	ctx := context.Background()
 	cs := kubernetes.NewForConfigOrDie(cfg)
 	dyn := dynamic.NewForConfigOrDie(cfg)
@@ -331,25 +456,23 @@ func TestBenchAgentMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := parallel(nodes*cluster.BlocksPerNode, 16, func(b int) error {
-		i, j := b/cluster.BlocksPerNode, b%cluster.BlocksPerNode
-		cidr := cluster.Block(i, j)
-		u := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
-			"metadata": map[string]any{"name": strings.NewReplacer(".", "-", "/", "-").Replace(cidr.String())},
-			"spec":     map[string]any{"cidr": cidr.String(), "affinity": "host:" + cluster.Name(i)}}}
-		_, err := dyn.Resource(kube.IPAMBlocks).Create(ctx, u, metav1.CreateOptions{})
-		return err
+		return createBlock(ctx, dyn, b/cluster.BlocksPerNode, b%cluster.BlocksPerNode)
 	}); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("created %d Nodes and %d IPAMBlocks in %s", nodes, nodes*cluster.BlocksPerNode, time.Since(t0).Round(time.Second))
+	benchReport("memory.nodes", float64(nodes), "count")
+	benchReport("memory.blocks", float64(nodes*cluster.BlocksPerNode), "count")
+
+	t.Run("binary", func(t *testing.T) { binaryMemory(t, bin, c, nodes) })
+
 	runtime.GC()
 	time.Sleep(time.Second)
 	inuse0, alloc0 := heapMiB()
 	rss0 := rssKiB(t)
-
 	fk := xfrm.NewFake()
 	t0 = time.Now()
-	a := startAgent(t, cfg, fk, 0)
+	a, stop := startAgent(t, cfg, fk, agent.DefaultAPIQPS, agent.DefaultAPIBurst)
 	for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(100 * time.Millisecond) {
 		_, ps := fk.Snapshot()
 		if a.Status().Ready && len(ps) == nodes-1 {
@@ -363,11 +486,12 @@ func TestBenchAgentMemory(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	inuse1, alloc1 := heapMiB()
 	rss1 := rssKiB(t)
-	benchReport("memory.nodes", float64(nodes), "count")
-	benchReport("memory.blocks", float64(nodes*cluster.BlocksPerNode), "count")
+	states, _ := fk.Snapshot()
+	stop()
 	benchReport("memory.heap_alloc", alloc1-alloc0, "MiB")
 	benchReport("memory.heap_inuse", inuse1-inuse0, "MiB")
 	benchReport("memory.rss", (rss1-rss0)/1024, "MiB")
 	benchReport("memory.rss_process", rss1/1024, "MiB")
 	benchReport("memory.first_sync", float64(synced.Milliseconds())/1000, "s")
+	benchReport("memory.sas", float64(len(states)), "count")
 }

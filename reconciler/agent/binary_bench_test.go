@@ -1,0 +1,339 @@
+//go:build linux
+
+package agent_test
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/containernetworking/plugins/pkg/testutils"
+	"github.com/vishvananda/netlink"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/secureoverlay/secureoverlay/bench/cluster"
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/conformance/spawn"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
+)
+
+// buildAgent builds ./cmd/secureoverlay-agent into a temporary directory.
+func buildAgent(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "secureoverlay-agent")
+	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	if out, err := exec.Command(gobin, "build", "-o", bin, "github.com/secureoverlay/secureoverlay/cmd/secureoverlay-agent").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+// inNetNS runs f on a thread inside n.
+func inNetNS[T any](n ns.NetNS, f func() (T, error)) (T, error) {
+	var out T
+	err := n.Do(func(ns.NetNS) error {
+		var err error
+		out, err = f()
+		return err
+	})
+	return out, err
+}
+
+// nsProxy listens on 127.0.0.1 inside n and forwards every connection to target on the
+// host's loopback, so a process in n reaches the test API server.
+func nsProxy(t *testing.T, n ns.NetNS, target string) string {
+	t.Helper()
+	l, err := inNetNS(n, func() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				u, err := net.Dial("tcp", target)
+				if err != nil {
+					return
+				}
+				defer u.Close()
+				go func() { _, _ = io.Copy(u, c) }()
+				_, _ = io.Copy(c, u)
+			}()
+		}
+	}()
+	return l.Addr().String()
+}
+
+// procStatusKiB reads the kB fields of /proc/PID/status (VmRSS, VmHWM, ...).
+func procStatusKiB(pid int) (map[string]float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]float64{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) == 3 && f[2] == "kB" {
+			v, _ := strconv.ParseFloat(f[1], 64)
+			out[strings.TrimSuffix(f[0], ":")] = v
+		}
+	}
+	return out, nil
+}
+
+// parseMetrics maps "name{labels}" of a Prometheus text exposition to its value.
+func parseMetrics(r io.Reader) map[string]float64 {
+	out := map[string]float64{}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		l := sc.Text()
+		if l == "" || l[0] == '#' {
+			continue
+		}
+		i := strings.LastIndexByte(l, ' ')
+		if i < 0 {
+			continue
+		}
+		if v, err := strconv.ParseFloat(l[i+1:], 64); err == nil {
+			out[l[:i]] = v
+		}
+	}
+	return out
+}
+
+// sumMetric adds up every series of name whose labels contain all of labels.
+func sumMetric(m map[string]float64, name string, labels ...string) float64 {
+	var s float64
+	for k, v := range m {
+		if k != name && !strings.HasPrefix(k, name+"{") {
+			continue
+		}
+		ok := true
+		for _, l := range labels {
+			ok = ok && strings.Contains(k, l)
+		}
+		if ok {
+			s += v
+		}
+	}
+	return s
+}
+
+// binaryMemory runs the real secureoverlay-agent binary for node 0 as its own process in
+// a fresh network namespace against the populated API server (admin token, through a
+// proxy on the namespace's loopback), with the shipped defaults except --external-mtu
+// (the namespace has no uplink to detect it from). It measures the time from the start
+// of the process to its first full sync (every peer's inbound policy written to the
+// namespace's kernel and the sync finished), then samples its Go heap from its own
+// /metrics and its RSS from /proc/PID/status once a second for 10 s, and stops it with
+// SIGTERM.
+//
+// This host's kernel has no esp4/GCM: every xfrm state write fails. The agent still
+// computes the whole desired state (Compute for all peers, every SA derived), writes
+// every inbound policy (they need no SA), fails the sync with one error per SA, and
+// retries with backoff, each retry re-listing the kernel and trying the SAs again. So the
+// process holds the full informer caches and desired state, but not the applier's cache
+// of SAs (nothing was added), and it carries the failure's error strings.
+func binaryMemory(t *testing.T, bin string, c *kube.Cluster, nodes int) {
+	netns, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = netns.Close(); _ = testutils.UnmountNS(netns) })
+	if err := netns.Do(func(ns.NetNS) error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetUp(lo)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	addr := nsProxy(t, netns, strings.TrimPrefix(c.Host(), "https://"))
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["c"] = &clientcmdapi.Cluster{Server: "https://" + addr, CertificateAuthorityData: c.CAData()}
+	kc.AuthInfos["u"] = &clientcmdapi.AuthInfo{Token: c.AdminConfig().BearerToken}
+	kc.Contexts["x"] = &clientcmdapi.Context{Cluster: "c", AuthInfo: "u"}
+	kc.CurrentContext = "x"
+	dir := t.TempDir()
+	kcPath := filepath.Join(dir, "kubeconfig")
+	if err := clientcmd.WriteToFile(*kc, kcPath); err != nil {
+		t.Fatal(err)
+	}
+	// A free port on the namespace's loopback for --metrics-addr.
+	ml, err := inNetNS(netns, func() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") })
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := ml.Addr().String()
+	ml.Close()
+
+	logPath := filepath.Join(dir, "agent.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	// nsenter (no --fork) enters the namespace and execs the agent: the child's PID is
+	// the agent's. spawn: own process group, SIGKILLed if the test binary dies.
+	cmd := exec.Command("nsenter", "--net="+netns.Path(), "--", bin,
+		"--kubeconfig", kcPath, "--node-name", cluster.Name(0), "--metrics-addr", metricsAddr, "--external-mtu", "1500")
+	cmd.Stdout, cmd.Stderr = logf, logf
+	t0 := time.Now()
+	if err := spawn.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			_ = syscall.Kill(-pid, syscall.SIGKILL)
+			<-exited
+		}
+		if t.Failed() {
+			if b, err := os.ReadFile(logPath); err == nil {
+				if len(b) > 8000 {
+					b = b[len(b)-8000:]
+				}
+				t.Logf("agent log (tail):\n%s", b)
+			}
+		}
+	})
+
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
+		return inNetNS(netns, func() (net.Conn, error) { return (&net.Dialer{}).DialContext(ctx, network, a) })
+	}}}
+	scrape := func() (map[string]float64, error) {
+		resp, err := hc.Get("http://" + metricsAddr + "/metrics")
+		if err != nil {
+			return nil, err
+		}
+		defer resp.Body.Close()
+		return parseMetrics(resp.Body), nil
+	}
+
+	// First full sync: every inbound policy written and a full sync counted (the sync
+	// counter is bumped when the sync returns, after its kernel writes).
+	var synced time.Duration
+	var m map[string]float64
+	for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		select {
+		case err := <-exited:
+			stopped = true
+			t.Fatalf("agent exited before its first full sync: %v", err)
+		default:
+		}
+		if m, err = scrape(); err == nil &&
+			sumMetric(m, "secureoverlay_agent_kernel_writes_total", `object="policy"`, `op="add"`) >= float64(nodes-1) &&
+			sumMetric(m, "secureoverlay_agent_syncs_total", `kind="full"`) >= 1 {
+			synced = time.Since(t0)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no full sync within 5 minutes (last scrape error: %v)", err)
+		}
+	}
+	st, err := procStatusKiB(pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); !strings.HasPrefix(string(comm), "secureoverlay") {
+		t.Fatalf("PID %d is %q, not the agent", pid, comm)
+	}
+	t.Logf("first full sync after %s: RSS %.0f MiB, %v syncs", synced.Round(time.Millisecond), st["VmRSS"]/1024, m["secureoverlay_agent_syncs_total{kind=\"full\",result=\"error\"}"])
+
+	// 10 samples, 1 s apart.
+	var rss, heapAlloc, heapInuse, nextGC []float64
+	for range 10 {
+		time.Sleep(time.Second)
+		m, err = scrape()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st, err = procStatusKiB(pid); err != nil {
+			t.Fatal(err)
+		}
+		rss = append(rss, st["VmRSS"]/1024)
+		heapAlloc = append(heapAlloc, m["go_memstats_heap_alloc_bytes"]/(1<<20))
+		heapInuse = append(heapInuse, m["go_memstats_heap_inuse_bytes"]/(1<<20))
+		nextGC = append(nextGC, m["go_memstats_next_gc_bytes"]/(1<<20))
+	}
+	if heapInuse[0] == 0 {
+		t.Fatal("the agent's /metrics has no go_memstats_heap_inuse_bytes")
+	}
+	policies, err := inNetNS(netns, xfrm.Netlink{}.ListPolicies)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp, ours := desired.Config{}.WithDefaults(), 0
+	for _, p := range policies {
+		if !p.Foreign && dp.OwnsPolicy(p.Policy) {
+			ours++
+		}
+	}
+	med := func(v []float64) float64 { s := slices.Clone(v); slices.Sort(s); return s[len(s)/2] }
+	benchReport("memory.binary.first_sync", float64(synced.Milliseconds())/1000, "s")
+	benchReport("memory.binary.rss", med(rss), "MiB")
+	benchReport("memory.binary.rss_peak", st["VmHWM"]/1024, "MiB")
+	benchReport("memory.binary.heap_alloc", med(heapAlloc), "MiB")
+	benchReport("memory.binary.heap_alloc_min", slices.Min(heapAlloc), "MiB")
+	benchReport("memory.binary.heap_inuse", med(heapInuse), "MiB")
+	benchReport("memory.binary.next_gc", med(nextGC), "MiB")
+	benchReport("memory.binary.policies", float64(ours), "count")
+	benchReport("memory.binary.state_writes_ok", sumMetric(m, "secureoverlay_agent_kernel_writes_total", `object="state"`), "count")
+	benchReport("memory.binary.failed_syncs", sumMetric(m, "secureoverlay_agent_syncs_total", `result="error"`), "count")
+	benchReport("memory.binary.ok_syncs", sumMetric(m, "secureoverlay_agent_syncs_total", `result="ok"`), "count")
+
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-exited:
+		stopped = true
+		if err != nil {
+			t.Errorf("exit after SIGTERM: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Error("no exit within 30 s of SIGTERM")
+	}
+	// What the failed syncs did (the log holds no key material: SAs print redacted).
+	if b, err := os.ReadFile(logPath); err == nil {
+		var failed, unpublished int
+		var why string
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, "sync failed") {
+				failed++
+			}
+			if strings.Contains(l, "cannot publish the sync error") {
+				unpublished++
+				if i := strings.LastIndex(l, "error="); i >= 0 && why == "" {
+					why = l[i:min(len(l), i+300)]
+				}
+			}
+		}
+		t.Logf("agent log: %d bytes, %d \"sync failed\" lines, %d unpublished sync errors (%s)", len(b), failed, unpublished, why)
+	}
+}

@@ -134,7 +134,12 @@ func run(cleanup bool, args []string) error {
 		if err != nil {
 			return err
 		}
-		res, err := agent.Cleanup(xfrm.Netlink{}, ipt, dp)
+		k, err := xfrm.OpenNetlink()
+		if err != nil {
+			return err
+		}
+		defer k.Close()
+		res, err := agent.Cleanup(k, ipt, dp)
 		log.Info("cleanup", "statesDeleted", res.StatesDeleted, "policiesDeleted", res.PoliciesDeleted, "error", err)
 		return err
 	}
@@ -171,11 +176,17 @@ func run(cleanup bool, args []string) error {
 	if err != nil {
 		return err
 	}
+	// One netlink handle for the agent's life, bound to this (the host's) network namespace.
+	xk, err := xfrm.OpenNetlink()
+	if err != nil {
+		return err
+	}
+	defer xk.Close()
 	src := watch.New(watch.Config{Client: client, Dynamic: dc, Namespace: o.namespace, SecretName: o.secretName,
 		Self: o.nodeName, Logger: log})
 	ag, err := agent.New(agent.Config{NodeName: o.nodeName, Dataplane: dp, ResyncInterval: o.resync,
 		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU},
-		agent.Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(xfrm.Netlink{}, dp), Rules: rules.NewApplier(ipt),
+		agent.Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(xk, dp), Rules: rules.NewApplier(ipt),
 			DetectMTU: detect, Logger: log})
 	if err != nil {
 		return err

@@ -8,9 +8,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync/atomic"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
@@ -23,12 +26,78 @@ const aeadName = "rfc4106(gcm(aes))"
 // table changed while it was being dumped) or a call interrupted by a signal (EINTR).
 const dumpRetries = 8
 
-// Netlink is the real Kernel. It works in the network namespace of the calling thread
-// (each call opens its own netlink socket), so the agent uses it from the host namespace
-// and tests from inside ns.Do.
-type Netlink struct{}
+// Netlink is the real Kernel.
+//
+// OpenNetlink's value keeps its netlink sockets open: every call goes to the network
+// namespace of the thread that opened it, whichever thread calls, and a write costs one
+// round trip instead of a socket's setup and teardown as well (half the time of 2,000
+// policy writes; docs/performance.md §2). The agent opens one at start and closes it at
+// exit.
+//
+// The zero value opens a socket per call in the network namespace of the calling thread
+// (tests use it from inside ns.Do).
+type Netlink struct {
+	h      *netlink.Handle  // nil: per-call sockets
+	raw    *nl.SocketHandle // for the state dump the library does not decode; with h
+	closed *atomic.Bool     // with h: after Close every call fails (a closed Handle would
+	// fall back to per-call sockets in the caller's namespace)
+}
+
+// ErrClosed is returned by the methods of a Netlink after Close.
+var ErrClosed = errors.New("xfrm netlink handle closed")
 
 var _ Kernel = Netlink{}
+
+// perCall is a netlink.Handle without sockets: each request opens its own.
+var perCall = &netlink.Handle{}
+
+// socketTimeout bounds a netlink send or receive on an open handle, as the library's
+// per-call sockets are bounded.
+const socketTimeout = time.Minute
+
+// OpenNetlink returns a Netlink bound to the calling thread's network namespace, holding
+// its sockets until Close.
+func OpenNetlink() (Netlink, error) {
+	h, err := netlink.NewHandle(unix.NETLINK_XFRM)
+	if err != nil {
+		return Netlink{}, fmt.Errorf("open xfrm netlink socket: %w", err)
+	}
+	if err := h.SetSocketTimeout(socketTimeout); err != nil {
+		h.Close()
+		return Netlink{}, fmt.Errorf("xfrm netlink socket timeout: %w", err)
+	}
+	s, err := nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_XFRM)
+	if err != nil {
+		h.Close()
+		return Netlink{}, fmt.Errorf("open xfrm netlink socket: %w", err)
+	}
+	tv := unix.NsecToTimeval(socketTimeout.Nanoseconds())
+	if err := errors.Join(s.SetSendTimeout(&tv), s.SetReceiveTimeout(&tv)); err != nil {
+		s.Close()
+		h.Close()
+		return Netlink{}, fmt.Errorf("xfrm netlink socket timeout: %w", err)
+	}
+	return Netlink{h: h, raw: &nl.SocketHandle{Socket: s}, closed: new(atomic.Bool)}, nil
+}
+
+// Close releases the sockets of an OpenNetlink value; later calls fail with ErrClosed.
+// It is a no-op for the zero value. Close must not run concurrently with other calls.
+func (n Netlink) Close() {
+	if n.h != nil && !n.closed.Swap(true) {
+		n.h.Close()
+		n.raw.Close()
+	}
+}
+
+func (n Netlink) handle() (*netlink.Handle, error) {
+	switch {
+	case n.h == nil:
+		return perCall, nil
+	case n.closed.Load():
+		return nil, ErrClosed
+	}
+	return n.h, nil
+}
 
 // retryDump runs dump until it is neither interrupted nor EINTR, at most dumpRetries
 // times.
@@ -50,9 +119,15 @@ func retryDump[T any](what string, dump func() ([]T, error)) ([]T, error) {
 // ListStates dumps every xfrm state (`ip xfrm state show`). It parses the raw messages
 // itself because the netlink library does not decode the ESN replay state (flag, window,
 // output sequence).
-func (Netlink) ListStates() ([]KernelSA, error) {
+func (n Netlink) ListStates() ([]KernelSA, error) {
 	return retryDump("xfrm states", func() ([]KernelSA, error) {
+		if _, err := n.handle(); err != nil {
+			return nil, err
+		}
 		req := nl.NewNetlinkRequest(nl.XFRM_MSG_GETSA, unix.NLM_F_DUMP)
+		if n.raw != nil {
+			req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_XFRM: n.raw}
+		}
 		msgs, err := req.Execute(unix.NETLINK_XFRM, nl.XFRM_MSG_NEWSA)
 		if err != nil {
 			return nil, err
@@ -159,7 +234,7 @@ func mode(k desired.Kind) netlink.Mode {
 
 // AddState is `ip xfrm state add src S dst D proto esp spi SPI reqid R mode M
 // replay-window W flag esn aead 'rfc4106(gcm(aes))' KEY ICVBITS [sel ...] limit ...`.
-func (Netlink) AddState(sa desired.SA) error {
+func (n Netlink) AddState(sa desired.SA) error {
 	s := &netlink.XfrmState{
 		Src: sa.Src.AsSlice(), Dst: sa.Dst.AsSlice(), Proto: netlink.XFRM_PROTO_ESP,
 		Mode: mode(sa.Kind), Spi: int(sa.SPI), Reqid: int(sa.ReqID),
@@ -170,21 +245,32 @@ func (Netlink) AddState(sa desired.SA) error {
 	if sa.SelSrc.IsValid() && sa.SelDst.IsValid() {
 		s.Selector = &netlink.XfrmPolicy{Src: ipnet(sa.SelSrc), Dst: ipnet(sa.SelDst), Proto: netlink.Proto(sa.SelProto)}
 	}
-	err := netlink.XfrmStateAdd(s)
+	h, err := n.handle()
+	if err == nil {
+		err = h.XfrmStateAdd(s)
+	}
 	clear(s.Aead.Key)
 	return err
 }
 
 // DeleteState is `ip xfrm state delete src S dst D proto esp spi SPI`.
-func (Netlink) DeleteState(sa desired.SA) error {
-	return netlink.XfrmStateDel(&netlink.XfrmState{Src: sa.Src.AsSlice(), Dst: sa.Dst.AsSlice(),
+func (n Netlink) DeleteState(sa desired.SA) error {
+	h, err := n.handle()
+	if err != nil {
+		return err
+	}
+	return h.XfrmStateDel(&netlink.XfrmState{Src: sa.Src.AsSlice(), Dst: sa.Dst.AsSlice(),
 		Proto: netlink.XFRM_PROTO_ESP, Spi: int(sa.SPI)})
 }
 
 // ListPolicies is `ip -4 xfrm policy show`.
-func (Netlink) ListPolicies() ([]KernelPolicy, error) {
+func (n Netlink) ListPolicies() ([]KernelPolicy, error) {
 	return retryDump("xfrm policies", func() ([]KernelPolicy, error) {
-		ps, err := netlink.XfrmPolicyList(netlink.FAMILY_V4)
+		h, err := n.handle()
+		if err != nil {
+			return nil, err
+		}
+		ps, err := h.XfrmPolicyList(netlink.FAMILY_V4)
 		if err != nil {
 			return nil, err
 		}
@@ -254,14 +340,28 @@ func toNetlinkPolicy(p desired.Policy) *netlink.XfrmPolicy {
 }
 
 // AddPolicy is `ip xfrm policy add src S dst D proto P dir DIR priority N tmpl ...`.
-func (Netlink) AddPolicy(p desired.Policy) error { return netlink.XfrmPolicyAdd(toNetlinkPolicy(p)) }
+func (n Netlink) AddPolicy(p desired.Policy) error {
+	h, err := n.handle()
+	if err != nil {
+		return err
+	}
+	return h.XfrmPolicyAdd(toNetlinkPolicy(p))
+}
 
 // UpdatePolicy is `ip xfrm policy update ...`: the kernel swaps the policy in place.
-func (Netlink) UpdatePolicy(p desired.Policy) error {
-	return netlink.XfrmPolicyUpdate(toNetlinkPolicy(p))
+func (n Netlink) UpdatePolicy(p desired.Policy) error {
+	h, err := n.handle()
+	if err != nil {
+		return err
+	}
+	return h.XfrmPolicyUpdate(toNetlinkPolicy(p))
 }
 
 // DeletePolicy is `ip xfrm policy delete src S dst D proto P dir DIR`.
-func (Netlink) DeletePolicy(p desired.Policy) error {
-	return netlink.XfrmPolicyDel(toNetlinkPolicy(p))
+func (n Netlink) DeletePolicy(p desired.Policy) error {
+	h, err := n.handle()
+	if err != nil {
+		return err
+	}
+	return h.XfrmPolicyDel(toNetlinkPolicy(p))
 }

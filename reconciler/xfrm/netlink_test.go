@@ -3,11 +3,13 @@
 package xfrm
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -337,4 +339,70 @@ func TestNetlinkThousandNodes(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// TestOpenNetlinkStaysInItsNamespace: a Netlink opened in a namespace writes there even
+// when called from a thread in another namespace, and fails after Close instead of
+// falling back to the caller's namespace.
+func TestOpenNetlinkStaysInItsNamespace(t *testing.T) {
+	var k Netlink
+	p := desired.Policy{Dir: desired.In, Src: mustPrefix("198.19.77.1/32"), Dst: mustPrefix("198.19.77.2/32"),
+		Proto: 4, Priority: 4242}
+	has := func(ps []KernelPolicy) bool {
+		for _, kp := range ps {
+			if kp.Policy.ID() == p.ID() {
+				return true
+			}
+		}
+		return false
+	}
+	inNetNS(t, func() {
+		var err error
+		if k, err = OpenNetlink(); err != nil {
+			t.Fatal(err)
+		}
+		defer k.Close()
+		// From a goroutine on another thread, locked in the test's own namespace.
+		done := make(chan error)
+		go func() {
+			runtime.LockOSThread() // never unlocked: the thread is discarded with the goroutine
+			if err := k.AddPolicy(p); err != nil {
+				done <- err
+				return
+			}
+			ps, err := k.ListPolicies()
+			if err == nil && !has(ps) {
+				err = fmt.Errorf("the open handle does not list the policy it added: %v", ps)
+			}
+			if _, lerr := k.ListStates(); lerr != nil {
+				err = errors.Join(err, fmt.Errorf("list states through the open handle: %w", lerr))
+			}
+			done <- err
+		}()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		// The policy is in this namespace (per-call socket of this thread) …
+		ps, err := Netlink{}.ListPolicies()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !has(ps) {
+			t.Fatalf("policy added through the handle opened here is not in this namespace: %v", ps)
+		}
+	})
+	// … and not in the test process's namespace.
+	ps, err := Netlink{}.ListPolicies()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if has(ps) {
+		t.Fatalf("policy %s leaked into the caller's namespace", p)
+	}
+	if err := k.AddPolicy(p); !errors.Is(err, ErrClosed) {
+		t.Fatalf("AddPolicy after Close: %v, want ErrClosed", err)
+	}
+	if _, err := k.ListStates(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("ListStates after Close: %v, want ErrClosed", err)
+	}
 }

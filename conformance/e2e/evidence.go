@@ -177,10 +177,15 @@ type StreamStats struct {
 	Unanswered int
 	// LostSeqs lists the first lost sequence numbers (at most 20).
 	LostSeqs []int
+	// LostBetween holds, for each of LostSeqs, the guest times (Unix seconds, from
+	// ping -D) of the nearest answered requests' replies below and above it (0 if none):
+	// when the loss happened, to set against the cutover's timeline.
+	LostBetween [][2]float64
 }
 
 var (
 	seqRE      = regexp.MustCompile(`icmp_seq=(\d+) `)
+	replyRE    = regexp.MustCompile(`(?m)^\[(\d+\.\d+)\] .*icmp_seq=(\d+) `)
 	sentRE     = regexp.MustCompile(`(\d+) packets transmitted`)
 	streamSeq  int
 	streamSeqM sync.Mutex
@@ -193,7 +198,7 @@ func (l *Lab) StartStream(ctx context.Context, a, b *Pod, interval time.Duration
 	n := streamSeq
 	streamSeqM.Unlock()
 	log := fmt.Sprintf("/tmp/e2e/stream-%d.log", n)
-	cmd := fmt.Sprintf("exec ip netns exec %s ping -n -i %.3f -W 2 %s", lab.ShellQuote(a.Name), interval.Seconds(), b.IP)
+	cmd := fmt.Sprintf("exec ip netns exec %s ping -D -n -i %.3f -W 2 %s", lab.ShellQuote(a.Name), interval.Seconds(), b.IP)
 	pid, err := l.VM.Background(ctx, cmd, log)
 	if err != nil {
 		return nil, err
@@ -249,12 +254,34 @@ func countStream(b []byte) (StreamStats, error) {
 		high = max(high, q)
 	}
 	st.Received = len(got)
+	at := map[int]float64{} // reply time by sequence (with -D)
+	for _, mm := range replyRE.FindAllSubmatch(b, -1) {
+		ts, _ := strconv.ParseFloat(string(mm[1]), 64)
+		q, _ := strconv.Atoi(string(mm[2]))
+		if _, dup := at[q]; !dup {
+			at[q] = ts
+		}
+	}
 	// iputils numbers requests from 1.
 	for q := 1; q <= high; q++ {
 		if !got[q] {
 			st.Lost++
 			if len(st.LostSeqs) < 20 {
 				st.LostSeqs = append(st.LostSeqs, q)
+				var br [2]float64
+				for b := q - 1; b >= 1; b-- {
+					if t, ok := at[b]; ok {
+						br[0] = t
+						break
+					}
+				}
+				for a := q + 1; a <= high; a++ {
+					if t, ok := at[a]; ok {
+						br[1] = t
+						break
+					}
+				}
+				st.LostBetween = append(st.LostBetween, br)
 			}
 		}
 	}
@@ -355,4 +382,93 @@ func (l *Lab) ObjectsFor(ctx context.Context, i int, peer string) (PeerObjects, 
 		}
 	}
 	return o, nil
+}
+
+// GuestTime returns the guest's clock (Unix seconds, µs): ping -D's own timestamp of one
+// echo on the guest's loopback, so exactly the clock of the streams' timestamps (the
+// guest's busybox date has no sub-second format).
+func (l *Lab) GuestTime(ctx context.Context) (float64, error) {
+	out, _, err := l.VM.Run(ctx, "ping -D -n -c 1 -W 1 127.0.0.1")
+	if err != nil {
+		return 0, err
+	}
+	m := replyRE.FindStringSubmatch(out)
+	if m == nil {
+		return 0, fmt.Errorf("guest clock: no timestamped reply in %q", out)
+	}
+	return strconv.ParseFloat(m[1], 64)
+}
+
+// NetCounters returns the packet-drop evidence of network namespace netns in the guest:
+// /proc/net/xfrm_stat (as "Xfrm.Name"), /proc/net/snmp and /proc/net/netstat (as
+// "Ip.InDiscards", "TcpExt.…"), and the drops of its open raw and ping sockets (as
+// "Sock.raw.drops", "Sock.icmp.drops": ping's sockets, readable only while it runs).
+func (l *Lab) NetCounters(ctx context.Context, netns string) (map[string]uint64, error) {
+	q := lab.ShellQuote(netns)
+	out, _, err := l.VM.Run(ctx, fmt.Sprintf("ip netns exec %s sh -c 'echo XFRM; cat /proc/net/xfrm_stat; echo TABLES; cat /proc/net/snmp /proc/net/netstat; echo RAW; cat /proc/net/raw; echo ICMP; cat /proc/net/icmp'", q))
+	if err != nil {
+		return nil, err
+	}
+	return parseNetCounters(out), nil
+}
+
+func parseNetCounters(out string) map[string]uint64 {
+	m := map[string]uint64{}
+	section := ""
+	var header []string
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 1 && (f[0] == "XFRM" || f[0] == "TABLES" || f[0] == "RAW" || f[0] == "ICMP") {
+			section, header = f[0], nil
+			continue
+		}
+		if len(f) == 0 {
+			continue
+		}
+		switch section {
+		case "XFRM":
+			if len(f) == 2 {
+				if v, err := strconv.ParseUint(f[1], 10, 64); err == nil {
+					m["Xfrm."+f[0]] = v
+				}
+			}
+		case "TABLES": // pairs of lines "Ip: names…" / "Ip: values…"
+			if header == nil || header[0] != f[0] {
+				header = f
+				continue
+			}
+			for i := 1; i < len(f) && i < len(header); i++ {
+				if v, err := strconv.ParseUint(f[i], 10, 64); err == nil {
+					m[strings.TrimSuffix(f[0], ":")+"."+header[i]] = v
+				}
+			}
+			header = nil
+		case "RAW", "ICMP": // socket tables: the last column is drops
+			if f[0] == "sl" {
+				continue
+			}
+			if v, err := strconv.ParseUint(f[len(f)-1], 10, 64); err == nil {
+				m["Sock."+strings.ToLower(section)+".drops"] += v
+			}
+		}
+	}
+	return m
+}
+
+// CounterDelta returns the counters that grew from before to after (after - before),
+// for the names that count drops, errors or discards (not the totals of traffic).
+func CounterDelta(before, after map[string]uint64) map[string]uint64 {
+	d := map[string]uint64{}
+	for k, v := range after {
+		lk := strings.ToLower(k)
+		if !strings.HasPrefix(k, "Xfrm.") && !strings.Contains(lk, "drop") && !strings.Contains(lk, "discard") &&
+			!strings.Contains(lk, "err") && !strings.Contains(lk, "noroute") && !strings.Contains(lk, "overflow") &&
+			!strings.Contains(lk, "prune") && !strings.Contains(lk, "fail") {
+			continue
+		}
+		if v > before[k] {
+			d[k] = v - before[k]
+		}
+	}
+	return d
 }

@@ -707,6 +707,9 @@ func (a *Agent) publish(ctx context.Context, r watch.Report) error {
 	}
 	if err := patchReport(ctx, a.d.Client, a.cfg.NodeName, r); err != nil {
 		a.d.Metrics.ReportWrites.WithLabelValues(reason, "error").Inc()
+		// The kernel holds the new state; peers and the master see the old claims until
+		// a retry lands (the sync is retried with backoff).
+		a.log.Warn("cannot write this node's report", "reason", reason, "error", err)
 		return err
 	}
 	a.d.Metrics.ReportWrites.WithLabelValues(reason, "ok").Inc()

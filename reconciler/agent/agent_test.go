@@ -5,12 +5,14 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -19,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -628,4 +631,58 @@ func TestNoCalicoIsReported(t *testing.T) {
 	if resp.StatusCode != 503 || !strings.Contains(string(body), "no calico") {
 		t.Errorf("readyz = %d %q", resp.StatusCode, body)
 	}
+}
+
+// syncBuffer is an io.Writer safe for the agent's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// A report the API server refuses is logged and counted, the agent is not ready, and the
+// retried sync writes it once the API server accepts it.
+func TestFailedReportWriteIsLoggedAndRetried(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	var logs syncBuffer
+	e.a.log = slog.New(slog.NewTextHandler(&logs, nil))
+	var refuse atomic.Bool
+	refuse.Store(true)
+	e.cs.PrependReactor("patch", "nodes", func(k8stesting.Action) (bool, runtime.Object, error) {
+		if refuse.Load() {
+			return true, nil, apierrors.NewServiceUnavailable("etcd is down")
+		}
+		return false, nil, nil
+	})
+	stop := e.run()
+	defer stop()
+	waitFor(t, "a refused report write logged", func() bool {
+		return strings.Contains(logs.String(), "cannot write this node's report")
+	})
+	if !strings.Contains(logs.String(), "etcd is down") {
+		t.Errorf("the log does not say why:\n%s", logs.String())
+	}
+	if got := value(e.m.ReportWrites.WithLabelValues("changed", "error")); got < 1 {
+		t.Errorf("report write errors counted = %v", got)
+	}
+	if e.a.Status().Ready {
+		t.Error("ready while the report cannot be written")
+	}
+	refuse.Store(false)
+	waitFor(t, "the report written after the API server recovers", func() bool {
+		r := e.report()
+		return r != nil && r.Mode == api.ModeAccept && r.InboundFrom["b"] != ""
+	})
+	waitFor(t, "ready", func() bool { return e.a.Status().Ready })
 }

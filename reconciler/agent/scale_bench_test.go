@@ -191,23 +191,30 @@ type policyKey struct {
 	src, dst netip.Prefix
 }
 
-// watchedKernel keeps policies in the real kernel of a network namespace (states in a
+// watchedKernel keeps policies in the real kernel of a network namespace through one
+// netlink handle opened there (xfrm.OpenNetlink, as the binary holds one; states in a
 // fake: this host has no esp4) and records, for every policy, when its latest successful
 // AddPolicy or UpdatePolicy call returned.
 type watchedKernel struct {
-	ns      ns.NetNS
+	nl      xfrm.Netlink
 	states  *xfrm.Fake
 	mu      *sync.Mutex
 	written map[policyKey]time.Time
 	signal  chan struct{} // one waiter: poked after every recorded write
 }
 
-func newWatchedKernel(n ns.NetNS) watchedKernel {
-	return watchedKernel{ns: n, states: xfrm.NewFake(), mu: &sync.Mutex{}, written: map[policyKey]time.Time{}, signal: make(chan struct{}, 1)}
-}
-
-func (k watchedKernel) in(f func() error) error {
-	return k.ns.Do(func(ns.NetNS) error { return f() })
+func newWatchedKernel(t *testing.T, n ns.NetNS) watchedKernel {
+	t.Helper()
+	var h xfrm.Netlink
+	if err := n.Do(func(ns.NetNS) error {
+		var err error
+		h, err = xfrm.OpenNetlink()
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close) // registered before the agent's stop, so it runs after it
+	return watchedKernel{nl: h, states: xfrm.NewFake(), mu: &sync.Mutex{}, written: map[policyKey]time.Time{}, signal: make(chan struct{}, 1)}
 }
 
 func (k watchedKernel) record(p desired.Policy, err error) error {
@@ -243,22 +250,13 @@ func (k watchedKernel) wait(key policyKey, since time.Time, timeout time.Duratio
 	}
 }
 
-func (k watchedKernel) ListStates() ([]xfrm.KernelSA, error) { return k.states.ListStates() }
-func (k watchedKernel) AddState(sa desired.SA) error         { return k.states.AddState(sa) }
-func (k watchedKernel) DeleteState(sa desired.SA) error      { return k.states.DeleteState(sa) }
-func (k watchedKernel) ListPolicies() (ps []xfrm.KernelPolicy, err error) {
-	err = k.in(func() error { ps, err = xfrm.Netlink{}.ListPolicies(); return err })
-	return ps, err
-}
-func (k watchedKernel) AddPolicy(p desired.Policy) error {
-	return k.record(p, k.in(func() error { return xfrm.Netlink{}.AddPolicy(p) }))
-}
-func (k watchedKernel) UpdatePolicy(p desired.Policy) error {
-	return k.record(p, k.in(func() error { return xfrm.Netlink{}.UpdatePolicy(p) }))
-}
-func (k watchedKernel) DeletePolicy(p desired.Policy) error {
-	return k.in(func() error { return xfrm.Netlink{}.DeletePolicy(p) })
-}
+func (k watchedKernel) ListStates() ([]xfrm.KernelSA, error)       { return k.states.ListStates() }
+func (k watchedKernel) AddState(sa desired.SA) error               { return k.states.AddState(sa) }
+func (k watchedKernel) DeleteState(sa desired.SA) error            { return k.states.DeleteState(sa) }
+func (k watchedKernel) ListPolicies() ([]xfrm.KernelPolicy, error) { return k.nl.ListPolicies() }
+func (k watchedKernel) AddPolicy(p desired.Policy) error           { return k.record(p, k.nl.AddPolicy(p)) }
+func (k watchedKernel) UpdatePolicy(p desired.Policy) error        { return k.record(p, k.nl.UpdatePolicy(p)) }
+func (k watchedKernel) DeletePolicy(p desired.Policy) error        { return k.nl.DeletePolicy(p) }
 
 // TestBenchEventToKernel: with a real API server and policies in the real kernel of the
 // agent's network namespace, two kinds of change, 200 each, one at a time:
@@ -308,7 +306,7 @@ func eventToKernel(t *testing.T, qps float32, burst int, prefix string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = n.Close(); _ = testutils.UnmountNS(n) })
-	k := newWatchedKernel(n)
+	k := newWatchedKernel(t, n)
 	a, _ := startAgent(t, cfg, k, qps, burst)
 	for deadline := time.Now().Add(30 * time.Second); !a.Status().Ready; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {

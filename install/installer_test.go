@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/fsnotify/fsnotify"
+
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 )
 
 // The tests in this file run the installer against real temporary directories, with
@@ -25,30 +27,13 @@ type lab struct {
 	conf, bin    string
 	pluginSource string
 	plugin       []byte
-	logs         *syncBuffer
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	logs         *testutil.SyncBuffer
 }
 
 func newLab(t *testing.T) *lab {
 	t.Helper()
 	root := t.TempDir()
-	l := &lab{t: t, conf: filepath.Join(root, "net.d"), bin: filepath.Join(root, "bin"), logs: &syncBuffer{}}
+	l := &lab{t: t, conf: filepath.Join(root, "net.d"), bin: filepath.Join(root, "bin"), logs: &testutil.SyncBuffer{}}
 	for _, d := range []string{l.conf, l.bin, filepath.Join(root, "image")} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)

@@ -16,7 +16,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -37,6 +36,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
@@ -340,7 +340,7 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "agent", Image: "secureoverlay:test"}}}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	stderr2 := &lockedBuf{}
+	stderr2 := &testutil.SyncBuffer{}
 	cmd2 := exec.Command(bin, "--kubeconfig", kcPath, "--node-name", "a", "--external-mtu", "1500", "--metrics-addr", "",
 		"--resync-interval", "1h", "--pod-name", "agent-x", "--pod-namespace", api.Namespace, "--uninstall-step", "500ms")
 	cmd2.Stderr = stderr2
@@ -400,24 +400,6 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	if err != nil || len(all) != 1 || all[0].Priority != 100 {
 		t.Errorf("cleanup touched the foreign policy: %v %v", all, err)
 	}
-}
-
-// lockedBuf is a strings.Builder safe to read while a process writes to it.
-type lockedBuf struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func mustNet(s string) *net.IPNet {

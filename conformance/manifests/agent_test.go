@@ -18,6 +18,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 )
 
 // realAgent runs the real secureoverlay-agent binary with an agent token bound to a
@@ -58,7 +59,7 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 	}
 	run := func(node string, until func(log string) bool) string {
 		t.Helper()
-		var log syncBuffer
+		var log testutil.SyncBuffer
 		cmd := exec.Command(bin, "--kubeconfig", kcfg, "--node-name", node, "--namespace", api.Namespace,
 			"--external-mtu", "1500", "--metrics-addr", metricsAddr, "--resync-interval", "1h")
 		cmd.Stdout, cmd.Stderr = &log, &log

@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -31,6 +30,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
 )
 
@@ -461,7 +461,7 @@ func realMaster(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 		t.Fatalf("the applied Secret already has data keys %d", len(sec.Data))
 	}
 
-	var log syncBuffer
+	var log testutil.SyncBuffer
 	cmd := exec.Command(bin, "--kubeconfig", kcfg, "--namespace", api.Namespace, "--id", "test-master",
 		"--metrics-addr", "127.0.0.1:0", "--rotate-interval", "0", "--node-selector", "kubernetes.io/os=linux")
 	cmd.Stdout, cmd.Stderr = &log, &log
@@ -531,24 +531,6 @@ func realMaster(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 	if strings.Contains(log.String(), "refusing invalid key ring") || strings.Contains(log.String(), "forbidden") {
 		t.Errorf("master log shows a refusal:\n%s", log.String())
 	}
-}
-
-// syncBuffer is a bytes.Buffer safe for the exec copier and the test to share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 func writeKubeconfig(t *testing.T, cfg *rest.Config) string {

@@ -12,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -32,6 +31,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
@@ -633,29 +633,11 @@ func TestNoCalicoIsReported(t *testing.T) {
 	}
 }
 
-// syncBuffer is an io.Writer safe for the agent's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // A report the API server refuses is logged and counted, the agent is not ready, and the
 // retried sync writes it once the API server accepts it.
 func TestFailedReportWriteIsLoggedAndRetried(t *testing.T) {
 	e := newEnv(t, api.ModeAccept, Config{})
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	e.a.log = slog.New(slog.NewTextHandler(&logs, nil))
 	var refuse atomic.Bool
 	refuse.Store(true)

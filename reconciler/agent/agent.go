@@ -37,6 +37,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
@@ -424,7 +425,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	rep.UID, rep.Epoch = self.UID, a.epoch
 	a.mu.Unlock()
 	if berr != nil {
-		rep.Error = berr.Error()
+		rep.Error = reportError(berr)
 	}
 	a.observe(st, rep, seq)
 	// Reports are written only after a sync that read the kernel back: a partial sync
@@ -690,7 +691,7 @@ func (a *Agent) publishError(ctx context.Context, err error) {
 			a.mu.Unlock()
 		}
 	}
-	r.Error = err.Error()
+	r.Error = reportError(err)
 	if perr := a.publish(ctx, r); perr != nil {
 		a.log.Warn("cannot publish the sync error", "error", perr)
 	}
@@ -766,4 +767,22 @@ func (a *Agent) Published() *watch.Report {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.published
+}
+
+// maxReportError bounds the error text a report carries: the report is an annotation on
+// the Node, and all of a Node's annotations together must stay under 256 KiB.
+const maxReportError = 2048
+
+// reportError is err's text for the report, cut to maxReportError bytes (on a rune
+// boundary) with the length of what was cut. The log has it whole.
+func reportError(err error) string {
+	s := err.Error()
+	if len(s) <= maxReportError {
+		return s
+	}
+	cut := maxReportError
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return fmt.Sprintf("%s … (%d more bytes in the agent's log)", s[:cut], len(s)-cut)
 }

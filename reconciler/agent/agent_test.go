@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -16,6 +18,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
@@ -667,4 +670,15 @@ func TestFailedReportWriteIsLoggedAndRetried(t *testing.T) {
 		return r != nil && r.Mode == api.ModeAccept && r.InboundFrom["b"] != ""
 	})
 	waitFor(t, "ready", func() bool { return e.a.Status().Ready })
+}
+
+func TestReportErrorIsBounded(t *testing.T) {
+	if got := reportError(errors.New("short")); got != "short" {
+		t.Errorf("reportError(short) = %q", got)
+	}
+	long := "x" + strings.Repeat("é", maxReportError) // 2 bytes each: the cut falls inside a rune
+	got := reportError(errors.New(long))
+	if !utf8.ValidString(got) || len(got) > maxReportError+64 || !strings.HasSuffix(got, fmt.Sprintf("(%d more bytes in the agent's log)", len(long)-(maxReportError-1))) {
+		t.Errorf("reportError(%d bytes) = %d bytes, valid %v, tail %q", len(long), len(got), utf8.ValidString(got), got[len(got)-60:])
+	}
 }

@@ -26,6 +26,11 @@ func (r Result) Writes() int {
 	return r.StatesAdded + 2*r.StatesReplaced + r.StatesDeleted + r.PoliciesAdded + r.PoliciesUpdated + r.PoliciesDeleted
 }
 
+// MaxErrors bounds the errors one Apply returns; the rest are counted in a last line.
+// A kernel that refuses every SA (no esp4 module) would otherwise produce one error per
+// SA: 10,000 lines in a log line and an error too long for the node's report.
+const MaxErrors = 10
+
 // Applier owns our xfrm objects in one network namespace. It is not safe for concurrent
 // use; the agent's single sync worker drives it.
 type Applier struct {
@@ -180,8 +185,13 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 		return res, &KeyReuseError{SAs: reused}
 	}
 	var errs []error
+	more := 0
 	fail := func(err error) {
-		errs = append(errs, err)
+		if len(errs) < MaxErrors {
+			errs = append(errs, err)
+			return
+		}
+		more++
 	}
 
 	wantStates := make(map[saID]struct{}, len(want.SAs))
@@ -288,6 +298,9 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 		res.StatesDeleted++
 	}
 	if len(errs) > 0 {
+		if more > 0 {
+			errs = append(errs, fmt.Errorf("and %d more xfrm errors like these", more))
+		}
 		a.needFull = true
 		return res, errors.Join(errs...)
 	}

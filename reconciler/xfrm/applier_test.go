@@ -478,3 +478,35 @@ func TestApplyNeverReaddsAKeyOfTheEpoch(t *testing.T) {
 		}
 	}
 }
+
+// A kernel that refuses every SA (no esp4) yields a bounded error: the first MaxErrors
+// failures and a count of the rest, not one line per SA.
+func TestApplyErrorsAreBounded(t *testing.T) {
+	f := NewFake()
+	f.Fail = func(op, id string) error {
+		if op == "add-state" {
+			return syscall.EPROTONOSUPPORT
+		}
+		return nil
+	}
+	st := compute(t, cluster(200, api.ModeEncrypt, []desired.Generation{active(1)}, 1))
+	res, err := NewApplier(f, desired.Config{}).Apply(st)
+	if err == nil {
+		t.Fatal("no error")
+	}
+	lines := strings.Split(err.Error(), "\n")
+	// Every SA fails, and every outbound policy is skipped for its missing SA.
+	failures := len(st.SAs) + len(st.Policies)/2
+	if len(lines) != MaxErrors+1 {
+		t.Fatalf("%d error lines for %d SAs, want %d", len(lines), len(st.SAs), MaxErrors+1)
+	}
+	if want := fmt.Sprintf("and %d more xfrm errors like these", failures-MaxErrors); lines[MaxErrors] != want {
+		t.Errorf("last line %q, want %q", lines[MaxErrors], want)
+	}
+	if !strings.Contains(lines[0], "protocol not supported") || len(err.Error()) > 4096 {
+		t.Errorf("error (%d bytes) = %.300q", len(err.Error()), err)
+	}
+	if res.StatesAdded != 0 || res.PoliciesAdded == 0 {
+		t.Errorf("result %+v: inbound policies should still be written", res)
+	}
+}

@@ -403,9 +403,16 @@ func (l *Lab) GuestTime(ctx context.Context) (float64, error) {
 // /proc/net/xfrm_stat (as "Xfrm.Name"), /proc/net/snmp and /proc/net/netstat (as
 // "Ip.InDiscards", "TcpExt.…"), and the drops of its open raw and ping sockets (as
 // "Sock.raw.drops", "Sock.icmp.drops": ping's sockets, readable only while it runs).
+// netns "" is the guest's own namespace, with the per-CPU input backlog drops and time
+// squeezes of /proc/net/softnet_stat ("Softnet.dropped", "Softnet.time_squeeze": packets
+// lost because the emulated CPUs did not keep up).
 func (l *Lab) NetCounters(ctx context.Context, netns string) (map[string]uint64, error) {
-	q := lab.ShellQuote(netns)
-	out, _, err := l.VM.Run(ctx, fmt.Sprintf("ip netns exec %s sh -c 'echo XFRM; cat /proc/net/xfrm_stat; echo TABLES; cat /proc/net/snmp /proc/net/netstat; echo RAW; cat /proc/net/raw; echo ICMP; cat /proc/net/icmp'", q))
+	script := "echo XFRM; cat /proc/net/xfrm_stat; echo TABLES; cat /proc/net/snmp /proc/net/netstat; echo RAW; cat /proc/net/raw; echo ICMP; cat /proc/net/icmp"
+	cmd := "ip netns exec " + lab.ShellQuote(netns) + " sh -c '" + script + "'"
+	if netns == "" { // the guest's own namespace, and its per-CPU backlog drops
+		cmd = script + "; echo SOFTNET; cat /proc/net/softnet_stat"
+	}
+	out, _, err := l.VM.Run(ctx, cmd)
 	if err != nil {
 		return nil, err
 	}
@@ -418,7 +425,7 @@ func parseNetCounters(out string) map[string]uint64 {
 	var header []string
 	for _, line := range strings.Split(out, "\n") {
 		f := strings.Fields(line)
-		if len(f) == 1 && (f[0] == "XFRM" || f[0] == "TABLES" || f[0] == "RAW" || f[0] == "ICMP") {
+		if len(f) == 1 && (f[0] == "XFRM" || f[0] == "TABLES" || f[0] == "RAW" || f[0] == "ICMP" || f[0] == "SOFTNET") {
 			section, header = f[0], nil
 			continue
 		}
@@ -443,6 +450,15 @@ func parseNetCounters(out string) map[string]uint64 {
 				}
 			}
 			header = nil
+		case "SOFTNET": // one line per CPU, hex: processed, dropped, time_squeeze, …
+			if len(f) >= 3 {
+				d, err1 := strconv.ParseUint(f[1], 16, 64)
+				sq, err2 := strconv.ParseUint(f[2], 16, 64)
+				if err1 == nil && err2 == nil {
+					m["Softnet.dropped"] += d
+					m["Softnet.time_squeeze"] += sq
+				}
+			}
 		case "RAW", "ICMP": // socket tables: the last column is drops
 			if f[0] == "sl" {
 				continue
@@ -461,7 +477,7 @@ func CounterDelta(before, after map[string]uint64) map[string]uint64 {
 	d := map[string]uint64{}
 	for k, v := range after {
 		lk := strings.ToLower(k)
-		if !strings.HasPrefix(k, "Xfrm.") && !strings.Contains(lk, "drop") && !strings.Contains(lk, "discard") &&
+		if !strings.HasPrefix(k, "Xfrm.") && !strings.HasPrefix(k, "Softnet.") && !strings.Contains(lk, "drop") && !strings.Contains(lk, "discard") &&
 			!strings.Contains(lk, "err") && !strings.Contains(lk, "noroute") && !strings.Contains(lk, "overflow") &&
 			!strings.Contains(lk, "prune") && !strings.Contains(lk, "fail") {
 			continue

@@ -68,10 +68,13 @@ RAW
    1: 00000000:0001 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1 2 0000000000000000 5
 ICMP
   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+SOFTNET
+0000a000 0000000a 00000003 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000
+0000b000 00000001 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000001
 `
 	before := parseNetCounters(out)
 	if before["Xfrm.XfrmInNoStates"] != 3 || before["Ip.InDiscards"] != 2 || before["Icmp.InErrors"] != 1 ||
-		before["Sock.raw.drops"] != 5 || before["Ip.InReceives"] != 1000 {
+		before["Sock.raw.drops"] != 5 || before["Ip.InReceives"] != 1000 || before["Softnet.dropped"] != 11 || before["Softnet.time_squeeze"] != 3 {
 		t.Fatalf("parseNetCounters = %v", before)
 	}
 	after := parseNetCounters(strings.ReplaceAll(strings.ReplaceAll(out, "Ip: 1 64 1000 2", "Ip: 1 64 5000 4"), "InNoStates          \t3", "InNoStates          \t7"))

@@ -83,11 +83,12 @@ func benchRotationCutover(t *testing.T, nodes int) {
 	}
 	ev.mark(ctx, "streams stopped")
 	streamsOK(t, "enable", stats, sent, lost, unanswered)
-	xerr := ev.report(ctx, "enable", stats)
+	xerr, ldrops := ev.report(ctx, "enable", stats)
 	rep("enable.streams", float64(len(stats)), "count")
 	rep("enable.sent", float64(sent), "count")
 	rep("enable.lost", float64(lost), "count")
 	rep("enable.xfrm_errors", float64(xerr), "count")
+	rep("enable.local_drops", float64(ldrops), "count")
 	rep("enable.wall", dOn.Seconds(), "s")
 
 	// Rotation under traffic.
@@ -126,10 +127,11 @@ func benchRotationCutover(t *testing.T, nodes int) {
 	}
 	ev.mark(ctx, "streams stopped")
 	streamsOK(t, "rotation", stats, sent, lost, unanswered)
-	xerr = ev.report(ctx, "rotation", stats)
+	xerr, ldrops = ev.report(ctx, "rotation", stats)
 	rep("rotation.sent", float64(sent), "count")
 	rep("rotation.lost", float64(lost), "count")
 	rep("rotation.xfrm_errors", float64(xerr), "count")
+	rep("rotation.local_drops", float64(ldrops), "count")
 	rep("rotation.active", took.Seconds(), "s")
 	rep("rotation.removed", removed.Seconds(), "s")
 	rep("grace", l.Config().Grace.Seconds(), "s")
@@ -154,7 +156,7 @@ type timeMark struct {
 }
 
 func newDropEvidence(ctx context.Context, t *testing.T, l *Lab, pods []*Pod) *dropEvidence {
-	e := &dropEvidence{t: t, l: l}
+	e := &dropEvidence{t: t, l: l, spaces: []string{""}} // "": the guest's own namespace
 	for _, i := range l.RegisteredNodes() {
 		e.spaces = append(e.spaces, NodeName(i))
 	}
@@ -199,7 +201,9 @@ func (e *dropEvidence) sockets(ctx context.Context) {
 // report logs the timeline, every lost request placed on it, and every drop counter that
 // grew; it returns the sum of the xfrm_stat counters that grew (errors only: every
 // xfrm_stat counter counts a failure).
-func (e *dropEvidence) report(ctx context.Context, what string, stats []StreamStats) (xfrmErrors uint64) {
+// localDrops sums what the guest dropped outside IPsec: IP output discards (a full
+// backlog behind a veth) and the per-CPU input backlog drops.
+func (e *dropEvidence) report(ctx context.Context, what string, stats []StreamStats) (xfrmErrors, localDrops uint64) {
 	after := e.read(ctx)
 	var b strings.Builder
 	t0 := 0.0
@@ -240,12 +244,19 @@ func (e *dropEvidence) report(ctx context.Context, what string, stats []StreamSt
 		keys := make([]string, 0, len(d))
 		for k := range d {
 			keys = append(keys, k)
-			if strings.HasPrefix(k, "Xfrm.") {
+			switch {
+			case strings.HasPrefix(k, "Xfrm."):
 				xfrmErrors += d[k]
+			case k == "Ip.OutDiscards" || k == "Softnet.dropped":
+				localDrops += d[k]
 			}
 		}
 		sort.Strings(keys)
-		fmt.Fprintf(&b, "  %s:", ns)
+		label := ns
+		if label == "" {
+			label = "guest"
+		}
+		fmt.Fprintf(&b, "  %s:", label)
 		for _, k := range keys {
 			fmt.Fprintf(&b, " %s +%d", k, d[k])
 		}
@@ -255,5 +266,5 @@ func (e *dropEvidence) report(ctx context.Context, what string, stats []StreamSt
 		b.WriteString("  no drop, discard, error or xfrm_stat counter grew in any node or pod namespace\n")
 	}
 	e.t.Log(b.String())
-	return xfrmErrors
+	return xfrmErrors, localDrops
 }

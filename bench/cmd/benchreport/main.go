@@ -253,6 +253,25 @@ func main() {
 		by, _ := med(name, "B/op")
 		w("| %d | %s ms | %s | %s MiB | %s× | %s× |\n", n, num(t/1e6), num(a), num(by/(1<<20)), num(t/bt), num(a/ba))
 	}
+	w("\nThe report each node writes after the join (`TestBenchReportSize`: enforce, every peer inbound and encrypting; every node writes one, so a join writes nodes × this to etcd, and every agent caches all of them):\n\n")
+	w("| node names | nodes | report annotation | of the 256 KiB annotation limit | written cluster-wide per join |\n|---|---:|---:|---:|---:|\n")
+	for _, style := range []string{"short", "eks"} {
+		label := map[string]string{"short": "`node-00001`", "eks": "`ip-10-0-12-34.eu-west-1.compute.internal`"}[style]
+		for _, n := range []int{100, 1000, 5000} {
+			p := fmt.Sprintf("report.%s.%d.", style, n)
+			byv, ok := results[p+"bytes"]
+			if !ok {
+				w("| %s | %d | — | — | — |\n", label, n)
+				continue
+			}
+			by, frac := byv.v, results[p+"limit_fraction"].v
+			flag := ""
+			if frac > 1 {
+				flag = " **over: the API server refuses it**"
+			}
+			w("| %s | %d | %s KiB | %s%%%s | %s MiB |\n", label, n, num(by/1024), num(100*frac), flag, num(results[p+"cluster_bytes_per_change"].v/(1<<20)))
+		}
+	}
 
 	w("\n## 4. Event-to-kernel latency (real kube-apiserver + etcd, real kernel policies; from just before the API write is issued to the agent's netlink call for the resulting policy returning; 200 changes each)\n\n")
 	w("| agent client | change (API write → policy) | changes | p50 | p99 | max |\n|---|---|---:|---:|---:|---:|\n")
@@ -288,13 +307,13 @@ func main() {
 	if _, ok := results["lab."+strings.Split(*labSize, ",")[0]+".up"]; !ok && !*withLab {
 		w("Not run (`hack/bench.sh --lab` runs it).\n")
 	}
-	w("| nodes | enable: lost / sent | xfrm_stat errors | enable wall time | rotation: lost / sent | xfrm_stat errors | rotation active everywhere | old generation removed after (grace) | lab up |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	w("| nodes | enable: lost / sent | xfrm_stat errors | guest drops | enable wall time | rotation: lost / sent | xfrm_stat errors | guest drops | rotation active everywhere | old generation removed after (grace) | lab up |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, s := range strings.Split(*labSize, ",") {
 		p := "lab." + strings.TrimSpace(s) + "."
-		w("| %s | %s / %s | %s | %s | %s / %s | %s | %s | %s (%s) | %s |\n", strings.TrimSpace(s), get(p+"enable.lost"), get(p+"enable.sent"), get(p+"enable.xfrm_errors"), get(p+"enable.wall"),
-			get(p+"rotation.lost"), get(p+"rotation.sent"), get(p+"rotation.xfrm_errors"), get(p+"rotation.active"), get(p+"rotation.removed"), get(p+"grace"), get(p+"up"))
+		w("| %s | %s / %s | %s | %s | %s | %s / %s | %s | %s | %s | %s (%s) | %s |\n", strings.TrimSpace(s), get(p+"enable.lost"), get(p+"enable.sent"), get(p+"enable.xfrm_errors"), get(p+"enable.local_drops"), get(p+"enable.wall"),
+			get(p+"rotation.lost"), get(p+"rotation.sent"), get(p+"rotation.xfrm_errors"), get(p+"rotation.local_drops"), get(p+"rotation.active"), get(p+"rotation.removed"), get(p+"grace"), get(p+"up"))
 	}
-	w("\nxfrm_stat errors: the growth of every `/proc/net/xfrm_stat` counter (each counts a failure: no state, policy block, replay, ICV) summed over the node namespaces while the streams ran; the run's log places each lost request on the cutover's timeline and lists every drop counter that grew (docs/performance.md §7).\n")
+	w("\nxfrm_stat errors: the growth of every `/proc/net/xfrm_stat` counter (each counts a failure: no state, policy block, replay, ICV) over the node namespaces while the streams ran. Guest drops: packets the guest dropped outside IPsec in the same window (IP output discards in the pod namespaces — a veth's backlog full — and the per-CPU backlog drops of `/proc/net/softnet_stat`): the emulated CPUs not keeping up. The run's log places each lost request on the cutover's timeline and lists every counter that grew (docs/performance.md §7).\n")
 	if err := os.WriteFile(*out, []byte(b.String()), 0o644); err != nil {
 		log.Fatal(err)
 	}

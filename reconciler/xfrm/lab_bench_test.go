@@ -44,13 +44,13 @@ func rawState(sa desired.SA) *netlink.XfrmState {
 // TestBenchProgramStatesInGuest runs inside the lab guest (started by
 // TestBenchProgramStatesLab): the applier programming 1,000 peers' SAs and policies
 // (4,000 SAs, 2,000 policies: enforce, two generations) into a fresh namespace, against a
-// minimal loop writing the same SAs and policies through one netlink socket; 5 alternating
+// minimal loop writing the same SAs and policies through one netlink socket; 9 alternating
 // rounds, medians.
 func TestBenchProgramStatesInGuest(t *testing.T) {
 	if os.Getenv("SECUREOVERLAY_IN_LAB") != "1" || os.Getenv("SECUREOVERLAY_BENCH") != "1" {
 		t.Skip("runs inside the lab guest (TestBenchProgramStatesLab)")
 	}
-	const rounds = 5
+	const rounds = 9
 	st := compute(t, cluster.Inputs(cluster.Options{Nodes: 1001, Mode: api.ModeEnforce}))
 	var raw, app []time.Duration
 	for range rounds {

@@ -226,7 +226,7 @@ func main() {
 	w("| minimal loop, a socket per call (package-level `netlink.XfrmPolicyAdd`; what the agent did before `xfrm.OpenNetlink`) | %s | %s | %s |\n", get("program.policies"), get("program.raw_per_call"), ratio("program.raw_per_call", "program.raw_handle"))
 	w("| applier (`xfrm.Applier.Apply` on `xfrm.OpenNetlink`, as the agent: list, diff, SA bookkeeping with the SAs discarded, policies to the kernel) | %s | %s | **%s** (goal ≤ 1.2); vs the per-call loop %s |\n",
 		get("program.policies"), get("program.applier"), get("program.ratio_applier_raw"), get("program.ratio_applier_raw_per_call"))
-	w("\nSAs need the lab VM's kernel (the host has no esp4/GCM): 1,000 peers' SAs and policies in a fresh namespace of the guest, median of 5 alternating rounds (`--lab`):\n\n")
+	w("\nSAs need the lab VM's kernel (the host has no esp4/GCM): 1,000 peers' SAs and policies in a fresh namespace of the guest, median of 9 alternating rounds (`--lab`):\n\n")
 	w("| what | SAs | policies | time | ratio |\n|---|---:|---:|---:|---:|\n")
 	w("| minimal loop, one netlink socket (baseline) | %s | %s | %s | 1× |\n", get("lab_program.sas"), get("lab_program.policies"), get("lab_program.raw_handle"))
 	w("| applier on `xfrm.OpenNetlink` (as the agent) | %s | %s | %s | **%s** (goal ≤ 1.2) |\n", get("lab_program.sas"), get("lab_program.policies"), get("lab_program.applier"), get("lab_program.ratio_applier_raw"))
@@ -302,6 +302,18 @@ func main() {
 	w("\nThe agent in the test process instead (same objects, xfrm in the fake so all %s SAs are held; the process's growth from before the agent started):\n\n", get("memory.sas"))
 	w("| heap after GC (agent's share) | heap in use | RSS growth | process RSS | first full sync |\n|---:|---:|---:|---:|---:|\n")
 	w("| %s | %s | %s | %s | %s |\n", get("memory.heap_alloc"), get("memory.heap_inuse"), get("memory.rss"), get("memory.rss_process"), get("memory.first_sync"))
+	w("\nSteady-state reports (`TestBenchReportMemory`; one API server per size, 4 blocks per node): the same measurements with every Node's report empty (as above) and then listing every other node in `inboundFrom` and `encryptingTo` (enforce; the ring stays in accept mode, so the agent's desired state is the same and only its Node cache differs). Report part = full − empty:\n\n")
+	w("| nodes | report | write all reports | binary RSS empty → full | ratio | binary peak RSS empty → full | binary heap in use empty → full | ratio | binary GC goal empty → full | in-process heap after GC, lowest of 5 (caches) empty → full | ratio | highest of 5 (a sync in flight) empty → full |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, n := range []int{1000, 2000} {
+		p := fmt.Sprintf("memory.reports.%d.", n)
+		w("| %d | %s B | %s | %s → %s | %s | %s → %s | %s → %s | %s | %s → %s | %s → %s | %s | %s → %s |\n", n, get(p+"report_bytes"), get(p+"populate_full"),
+			get(p+"empty.rss"), get(p+"full.rss"), get(p+"ratio_rss"), get(p+"empty.rss_peak"), get(p+"full.rss_peak"),
+			get(p+"empty.heap_inuse"), get(p+"full.heap_inuse"), get(p+"ratio_heap_inuse"), get(p+"empty.next_gc"), get(p+"full.next_gc"),
+			get(p+"empty.inproc_heap"), get(p+"full.inproc_heap"), get(p+"ratio_inproc_heap"), get(p+"empty.inproc_heap_max"), get(p+"full.inproc_heap_max"))
+	}
+	g := func(k string) string { return get("memory.reports.growth_1000_2000." + k) }
+	w("\nGrowth of the report part from 1,000 to 2,000 nodes (≈4× is quadratic, ≈2× linear): binary RSS %s, peak RSS %s, heap in use %s, GC goal %s; in-process heap %s (caches), %s (highest). With empty reports, of the whole: binary RSS %s, in-process heap %s.\n",
+		g("report_rss"), g("report_rss_peak"), g("report_heap_inuse"), g("report_next_gc"), g("report_inproc_heap"), g("report_inproc_heap_max"), g("rss_empty"), g("inproc_heap_empty"))
 
 	w("\n## 7. Rotation and cutover in the VM lab (streams on every ordered pod pair, 10/s each)\n\n")
 	if _, ok := results["lab."+strings.Split(*labSize, ",")[0]+".up"]; !ok && !*withLab {

@@ -156,6 +156,19 @@ func sumMetric(m map[string]float64, name string, labels ...string) float64 {
 // process holds the full informer caches and desired state, but not the applier's cache
 // of SAs (nothing was added), and it carries the failure's error strings.
 func binaryMemory(t *testing.T, bin string, c *kube.Cluster, nodes int) {
+	binaryMemoryAs(t, bin, c, nodes, "memory.binary")
+}
+
+// binaryFigures are binaryMemoryAs's medians (MiB) and first-sync time.
+type binaryFigures struct {
+	RSS, RSSPeak, HeapAlloc, HeapAllocMin, HeapInuse, NextGC float64
+	FirstSync                                                time.Duration
+	Policies                                                 int
+}
+
+// binaryMemoryAs is binaryMemory with its BENCH lines named prefix+".rss" etc.; it
+// returns the figures it printed.
+func binaryMemoryAs(t *testing.T, bin string, c *kube.Cluster, nodes int, prefix string) binaryFigures {
 	netns, err := testutils.NewNS()
 	if err != nil {
 		t.Fatal(err)
@@ -295,17 +308,20 @@ func binaryMemory(t *testing.T, bin string, c *kube.Cluster, nodes int) {
 		}
 	}
 	med := func(v []float64) float64 { s := slices.Clone(v); slices.Sort(s); return s[len(s)/2] }
-	benchReport("memory.binary.first_sync", float64(synced.Milliseconds())/1000, "s")
-	benchReport("memory.binary.rss", med(rss), "MiB")
-	benchReport("memory.binary.rss_peak", st["VmHWM"]/1024, "MiB")
-	benchReport("memory.binary.heap_alloc", med(heapAlloc), "MiB")
-	benchReport("memory.binary.heap_alloc_min", slices.Min(heapAlloc), "MiB")
-	benchReport("memory.binary.heap_inuse", med(heapInuse), "MiB")
-	benchReport("memory.binary.next_gc", med(nextGC), "MiB")
-	benchReport("memory.binary.policies", float64(ours), "count")
-	benchReport("memory.binary.state_writes_ok", sumMetric(m, "secureoverlay_agent_kernel_writes_total", `object="state"`), "count")
-	benchReport("memory.binary.failed_syncs", sumMetric(m, "secureoverlay_agent_syncs_total", `result="error"`), "count")
-	benchReport("memory.binary.ok_syncs", sumMetric(m, "secureoverlay_agent_syncs_total", `result="ok"`), "count")
+	benchReport(prefix+".first_sync", float64(synced.Milliseconds())/1000, "s")
+	benchReport(prefix+".rss", med(rss), "MiB")
+	benchReport(prefix+".rss_peak", st["VmHWM"]/1024, "MiB")
+	benchReport(prefix+".heap_alloc", med(heapAlloc), "MiB")
+	benchReport(prefix+".heap_alloc_min", slices.Min(heapAlloc), "MiB")
+	benchReport(prefix+".heap_inuse", med(heapInuse), "MiB")
+	benchReport(prefix+".next_gc", med(nextGC), "MiB")
+	benchReport(prefix+".policies", float64(ours), "count")
+	benchReport(prefix+".state_writes_ok", sumMetric(m, "secureoverlay_agent_kernel_writes_total", `object="state"`), "count")
+	benchReport(prefix+".failed_syncs", sumMetric(m, "secureoverlay_agent_syncs_total", `result="error"`), "count")
+	benchReport(prefix+".ok_syncs", sumMetric(m, "secureoverlay_agent_syncs_total", `result="ok"`), "count")
+
+	fig := binaryFigures{RSS: med(rss), RSSPeak: st["VmHWM"] / 1024, HeapAlloc: med(heapAlloc), HeapAllocMin: slices.Min(heapAlloc),
+		HeapInuse: med(heapInuse), NextGC: med(nextGC), FirstSync: synced, Policies: ours}
 
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -323,7 +339,18 @@ func binaryMemory(t *testing.T, bin string, c *kube.Cluster, nodes int) {
 	if b, err := os.ReadFile(logPath); err == nil {
 		var failed, unpublished int
 		var why string
+		msgs := map[string][2]int{} // msg → lines, bytes
 		for _, l := range strings.Split(string(b), "\n") {
+			if i := strings.Index(l, " msg="); i >= 0 {
+				m := l[i+5:]
+				if strings.HasPrefix(m, `"`) {
+					m, _, _ = strings.Cut(m[1:], `"`)
+				} else {
+					m, _, _ = strings.Cut(m, " ")
+				}
+				x := msgs[m]
+				msgs[m] = [2]int{x[0] + 1, x[1] + len(l)}
+			}
 			if strings.Contains(l, "sync failed") {
 				failed++
 			}
@@ -335,5 +362,7 @@ func binaryMemory(t *testing.T, bin string, c *kube.Cluster, nodes int) {
 			}
 		}
 		t.Logf("agent log: %d bytes, %d \"sync failed\" lines, %d unpublished sync errors (%s)", len(b), failed, unpublished, why)
+		t.Logf("agent log by message (lines, bytes): %v", msgs)
 	}
+	return fig
 }

@@ -312,8 +312,8 @@ func main() {
 			get(p+"empty.inproc_heap"), get(p+"full.inproc_heap"), get(p+"ratio_inproc_heap"), get(p+"empty.inproc_heap_max"), get(p+"full.inproc_heap_max"))
 	}
 	g := func(k string) string { return get("memory.reports.growth_1000_2000." + k) }
-	w("\nGrowth of the report part from 1,000 to 2,000 nodes (≈4× is quadratic, ≈2× linear): binary RSS %s, peak RSS %s, heap in use %s, GC goal %s; in-process heap %s (caches), %s (highest). With empty reports, of the whole: binary RSS %s, in-process heap %s.\n",
-		g("report_rss"), g("report_rss_peak"), g("report_heap_inuse"), g("report_next_gc"), g("report_inproc_heap"), g("report_inproc_heap_max"), g("rss_empty"), g("inproc_heap_empty"))
+	w("\nGrowth of the report part from 1,000 to 2,000 nodes (≈4× is quadratic, ≈2× linear): binary RSS %s, peak RSS %s, heap in use %s, GC goal %s; in-process heap between syncs %s (the highest samples depend on whether one caught a sync in flight). With empty reports, of the whole: binary RSS %s, in-process heap %s.\n",
+		g("report_rss"), g("report_rss_peak"), g("report_heap_inuse"), g("report_next_gc"), g("report_inproc_heap"), g("rss_empty"), g("inproc_heap_empty"))
 
 	w("\n## 7. Rotation and cutover in the VM lab (streams on every ordered pod pair, 10/s each)\n\n")
 	if _, ok := results["lab."+strings.Split(*labSize, ",")[0]+".up"]; !ok && !*withLab {

@@ -58,11 +58,11 @@ type reportMemory struct {
 // agent is measured (the binary, binaryMemoryAs, then in this process), then every peer's
 // report (all but node 0's own) is replaced by a steady-state one listing every other
 // node twice (steadyReport: ≈48 KB at 1,000 nodes, ≈96 KB at 2,000) and the same two
-// measurements are repeated. The ring
-// stays in accept mode in both, so the agent's desired state (inbound SAs and policies
-// for every peer) is the same and only the informer's Node cache differs: the full
-// reports make it hold nodes × (nodes-1) × 2 claims. The report part is full - empty;
-// with a quadratic term it grows ≈4× from 1,000 to 2,000 nodes, the rest ≈2×.
+// measurements are repeated. The ring stays in accept mode in both, so the agent's
+// desired state (inbound SAs and policies for every peer) is the same and only the
+// informer's Node cache differs: with full reports it holds nodes-1 reports of
+// 2 × (nodes-1) claims each. The report part is full - empty; with a quadratic term it
+// grows ≈4× from 1,000 to 2,000 nodes, the rest ≈2×. docs/performance.md §6.
 func TestBenchReportMemory(t *testing.T) {
 	benchGate(t)
 	bin := buildAgent(t)

@@ -14,7 +14,10 @@
 //   - ConfigMap StatusConfigMapName: written only by the master, its view for CLI/metrics.
 package api
 
-import "time"
+import (
+	"encoding/json"
+	"time"
+)
 
 const (
 	// Namespace is the default namespace of every secureoverlay object.
@@ -163,4 +166,43 @@ type GenerationStatus struct {
 type NodeLagging struct {
 	Node   string `json:"node"`
 	Reason string `json:"reason"`
+}
+
+// TrimReport returns the report annotation raw with its per-peer claims (the
+// "inboundFrom" and "encryptingTo" objects, peer name → incarnation tag) cut down to
+// the entry of peer keep, or removed when keep is "". Every other field is kept verbatim.
+// An agent reads only what a peer's report says about itself and the master reads none
+// of the per-peer claims, while each report lists every peer: trimmed in the informers'
+// caches, a cluster's reports cost each agent O(nodes) memory instead of O(nodes²).
+// raw is returned unchanged when it is not a JSON object (whoever parses it reports why).
+func TrimReport(raw, keep string) string {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal([]byte(raw), &fields); err != nil || fields == nil {
+		return raw
+	}
+	for _, name := range []string{"inboundFrom", "encryptingTo"} {
+		claims, ok := fields[name]
+		if !ok {
+			continue
+		}
+		var m map[string]json.RawMessage
+		if err := json.Unmarshal(claims, &m); err != nil {
+			return raw
+		}
+		tag, found := m[keep]
+		if keep == "" || !found {
+			delete(fields, name)
+			continue
+		}
+		b, err := json.Marshal(map[string]json.RawMessage{keep: tag})
+		if err != nil {
+			return raw
+		}
+		fields[name] = b
+	}
+	b, err := json.Marshal(fields)
+	if err != nil {
+		return raw
+	}
+	return string(b)
 }

@@ -229,7 +229,7 @@ func setAnnotation(t *testing.T, e *env, name, value string) {
 	if _, err := e.cs.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "annotation in cache", func() bool { s := e.src.Snapshot(); return s.Node(name).RawReport == value })
+	waitFor(t, "annotation in cache", func() bool { s := e.src.Snapshot(); return s.Node(name).RawReport == e.cached(name, value) })
 }
 
 // After lost state in enforce mode the new epoch's keys are not ready at the peer yet, so

@@ -106,7 +106,7 @@ func enforcingEnv(t *testing.T) (*env, context.CancelFunc) {
 	waitFor(t, "synced", e.src.HasSynced) // Snapshot only after the caches synced
 	waitFor(t, "b's report in the cache", func() bool {
 		s := e.src.Snapshot()
-		return s.Node("b").RawReport == string(b)
+		return s.Node("b").RawReport == e.cached("b", string(b))
 	})
 	if err := e.a.Sync(ctx); err != nil {
 		t.Fatal(err)

@@ -6,8 +6,10 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"maps"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/secureoverlay/secureoverlay/api"
 )
@@ -156,4 +158,25 @@ func reportView(n NodeInfo, self string) string {
 		return "unparsed:" + n.RawReport
 	}
 	return fmt.Sprintf("%s|%s|%s|%s|%v|%s|%s", r.Mode, r.Incarnation, r.UID, r.Epoch, r.Generations, r.InboundFrom[self], r.EncryptingTo[self])
+}
+
+// NodeTransform is the agent's Node informer transform. A peer's report lists every node
+// of the cluster, and every agent caches every Node: cached whole, the reports cost each
+// agent O(nodes²) memory and every sync parsed all of them. The cache keeps instead, of
+// each peer's report, only what concerns self (api.TrimReport), self's own report whole,
+// and none of what no agent reads (managed fields, the node's image list).
+func NodeTransform(self string) cache.TransformFunc {
+	return func(obj any) (any, error) {
+		n, ok := obj.(*corev1.Node)
+		if !ok {
+			return obj, nil // a DeletedFinalStateUnknown tombstone
+		}
+		n.ManagedFields = nil
+		n.Status.Images = nil
+		if raw, ok := n.Annotations[api.ReportAnnotation]; ok && n.Name != self {
+			n.Annotations = maps.Clone(n.Annotations)
+			n.Annotations[api.ReportAnnotation] = api.TrimReport(raw, self)
+		}
+		return n, nil
+	}
 }

@@ -113,6 +113,9 @@ func New(cfg Config) *Watcher {
 			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", cfg.SecretName).String()
 		}))
 	w.nodes = nf.Core().V1().Nodes().Informer()
+	if err := w.nodes.SetTransform(NodeTransform(cfg.Self)); err != nil {
+		cfg.Logger.Error("node cache transform not set: peers' reports are cached whole", "error", err)
+	}
 	w.secrets = sf.Core().V1().Secrets().Informer()
 	_, _ = w.nodes.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(any) { w.notify("node") },

@@ -4,6 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"k8s.io/client-go/tools/cache"
+	"maps"
 	"net/netip"
 	"sync"
 	"testing"
@@ -289,5 +292,65 @@ func TestRelevantChange(t *testing.T) {
 		if got := relevantChange(base, n, tc.self); got != tc.want {
 			t.Errorf("%s: relevant = %v, want %v", tc.name, got, tc.want)
 		}
+	}
+}
+
+// The agent's cache keeps of a peer's report only what concerns its own node, its own
+// report whole, and no managed fields or image lists.
+func TestNodeCacheTrimsPeerReports(t *testing.T) {
+	claims := func(n int) map[string]string {
+		m := map[string]string{}
+		for i := range n {
+			m[fmt.Sprintf("node-%04d", i)] = fmt.Sprintf("%08x", i)
+		}
+		m["a"] = "0000aaaa"
+		return m
+	}
+	rep := func(name string) string {
+		b, err := json.Marshal(Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-" + name, Generations: []uint32{5}},
+			InboundFrom: claims(1000), EncryptingTo: claims(1000)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	a := node("a", "198.18.0.1", "boot-a", map[string]string{api.ReportAnnotation: rep("a")})
+	b := node("b", "198.18.0.2", "boot-b", map[string]string{api.ReportAnnotation: rep("b")})
+	b.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubelet"}}
+	b.Status.Images = []corev1.ContainerImage{{Names: []string{"registry.example/image:1"}, SizeBytes: 1}}
+	cs := fake.NewClientset(a, b)
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{})
+	w := New(Config{Client: cs, Dynamic: dc, Self: "a", DiscoveryRetry: time.Hour})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	waitFor(t, "nodes cached", func() bool { return w.nodes.HasSynced() && len(w.Snapshot().Nodes) == 2 })
+	s := w.Snapshot()
+	pb := s.Node("b")
+	if pb.Report == nil || !maps.Equal(pb.Report.InboundFrom, map[string]string{"a": "0000aaaa"}) ||
+		!maps.Equal(pb.Report.EncryptingTo, map[string]string{"a": "0000aaaa"}) ||
+		pb.Report.Mode != api.ModeEnforce || pb.Report.Incarnation != "boot-b" || len(pb.Report.Generations) != 1 {
+		t.Errorf("peer b's cached report = %+v", pb.Report)
+	}
+	if len(pb.RawReport) > 300 {
+		t.Errorf("peer b's cached report is %d bytes", len(pb.RawReport))
+	}
+	if self := s.Node("a"); self.Report == nil || len(self.Report.InboundFrom) != 1001 {
+		t.Errorf("own report not cached whole: %d claims", len(self.Report.InboundFrom))
+	}
+	obj, exists, err := w.nodes.GetStore().GetByKey("b")
+	if err != nil || !exists {
+		t.Fatal(exists, err)
+	}
+	if n := obj.(*corev1.Node); n.ManagedFields != nil || n.Status.Images != nil || n.Status.NodeInfo.BootID != "boot-b" {
+		t.Errorf("cached node b: managedFields %v images %v bootID %q", n.ManagedFields, n.Status.Images, n.Status.NodeInfo.BootID)
+	}
+	// The objects the client holds are not touched.
+	if orig, _ := cs.CoreV1().Nodes().Get(ctx, "b", metav1.GetOptions{}); len(orig.Annotations[api.ReportAnnotation]) < 10000 {
+		t.Error("the transform changed the API's copy")
+	}
+	tomb := cache.DeletedFinalStateUnknown{Key: "b"}
+	if got, err := NodeTransform("a")(tomb); err != nil || got != any(tomb) {
+		t.Errorf("tombstone: %v %v", got, err)
 	}
 }

@@ -21,7 +21,6 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -76,51 +75,10 @@ func skipOrFail(t *testing.T, reason string) {
 	t.Skip(reason)
 }
 
-// inNS runs f on a thread inside n.
-func inNS[T any](n ns.NetNS, f func() (T, error)) (T, error) {
-	var out T
-	err := n.Do(func(ns.NetNS) error {
-		var err error
-		out, err = f()
-		return err
-	})
-	return out, err
-}
-
-// proxy listens on 127.0.0.1 inside n and forwards every connection to target on the
-// host's loopback, so a process in n reaches the test API server.
-func proxy(t *testing.T, n ns.NetNS, target string) string {
-	t.Helper()
-	l, err := inNS(n, func() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				u, err := net.Dial("tcp", target)
-				if err != nil {
-					return
-				}
-				defer u.Close()
-				go func() { _, _ = io.Copy(u, c) }()
-				_, _ = io.Copy(c, u)
-			}()
-		}
-	}()
-	return l.Addr().String()
-}
-
 func ourPolicies(t *testing.T, n ns.NetNS) []string {
 	t.Helper()
 	cfg := desired.Config{}.WithDefaults()
-	pols, err := inNS(n, xfrm.Netlink{}.ListPolicies)
+	pols, err := testutil.InNS(n, xfrm.Netlink{}.ListPolicies)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,19 +103,9 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	if os.Geteuid() != 0 {
 		skipOrFail(t, "needs root to create network namespaces")
 	}
-	netns, err := testutils.NewNS()
+	netns, err := testutil.LoopbackNS(t)
 	if err != nil {
-		skipOrFail(t, "cannot create a network namespace: "+err.Error())
-	}
-	t.Cleanup(func() { _ = netns.Close(); _ = testutils.UnmountNS(netns) })
-	if err := netns.Do(func(ns.NetNS) error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	}); err != nil {
-		t.Fatal(err)
+		skipOrFail(t, "cannot create a network namespace with its loopback up: "+err.Error())
 	}
 
 	bin := filepath.Join(t.TempDir(), "secureoverlay-agent")
@@ -215,7 +163,7 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	}
 
 	// Kubeconfig for the admin (RBAC is covered by the in-process real test) through the proxy.
-	addr := proxy(t, netns, strings.TrimPrefix(c.Host(), "https://"))
+	addr := testutil.NSProxy(t, netns, strings.TrimPrefix(c.Host(), "https://"))
 	kc := clientcmdapi.NewConfig()
 	kc.Clusters["c"] = &clientcmdapi.Cluster{Server: "https://" + addr, CertificateAuthorityData: c.CAData()}
 	kc.AuthInfos["u"] = &clientcmdapi.AuthInfo{Token: c.AdminConfig().BearerToken}
@@ -276,7 +224,7 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 
 	// Health endpoints from inside the namespace.
 	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
-		return inNS(netns, func() (net.Conn, error) { return (&net.Dialer{}).DialContext(ctx, network, a) })
+		return testutil.InNS(netns, func() (net.Conn, error) { return (&net.Dialer{}).DialContext(ctx, network, a) })
 	}}}
 	get := func(path string) (int, string) {
 		resp, err := hc.Get("http://127.0.0.1:19467" + path)
@@ -389,14 +337,14 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 
 	// cleanup removes ours, not the foreign policy.
 	clean := exec.Command(bin, "cleanup")
-	out, err := inNS(netns, func() ([]byte, error) { return clean.CombinedOutput() })
+	out, err := testutil.InNS(netns, func() ([]byte, error) { return clean.CombinedOutput() })
 	if err != nil {
 		t.Fatalf("cleanup: %v\n%s", err, out)
 	}
 	if after := ourPolicies(t, netns); len(after) != 0 {
 		t.Errorf("after cleanup: %v", after)
 	}
-	all, err := inNS(netns, func() ([]netlink.XfrmPolicy, error) { return netlink.XfrmPolicyList(netlink.FAMILY_V4) })
+	all, err := testutil.InNS(netns, func() ([]netlink.XfrmPolicy, error) { return netlink.XfrmPolicyList(netlink.FAMILY_V4) })
 	if err != nil || len(all) != 1 || all[0].Priority != 100 {
 		t.Errorf("cleanup touched the foreign policy: %v %v", all, err)
 	}

@@ -34,7 +34,7 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 	bin := binPath(t, "secureoverlay-agent")
 	netns := newNetNS(t)
 	cfg := podBoundConfig(t, c, cs, "node-a")
-	cfg.Host = "https://" + proxy(t, netns, strings.TrimPrefix(c.Host(), "https://"))
+	cfg.Host = "https://" + testutil.NSProxy(t, netns, strings.TrimPrefix(c.Host(), "https://"))
 	kcfg := writeKubeconfig(t, cfg)
 	ctx := context.Background()
 
@@ -146,38 +146,4 @@ func newNetNS(t *testing.T) ns.NetNS {
 	}
 	t.Cleanup(func() { _ = n.Close() })
 	return n
-}
-
-// proxy listens on 127.0.0.1 inside n and forwards every connection to target on the
-// host's loopback, so a process in n reaches the test API server.
-func proxy(t *testing.T, n ns.NetNS, target string) string {
-	t.Helper()
-	var l net.Listener
-	if err := n.Do(func(ns.NetNS) error {
-		var err error
-		l, err = net.Listen("tcp", "127.0.0.1:0")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				u, err := net.Dial("tcp", target)
-				if err != nil {
-					return
-				}
-				defer u.Close()
-				go func() { _, _ = io.Copy(u, c) }()
-				_, _ = io.Copy(c, u)
-			}()
-		}
-	}()
-	return l.Addr().String()
 }

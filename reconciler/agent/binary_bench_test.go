@@ -20,15 +20,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
-	"github.com/vishvananda/netlink"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/secureoverlay/secureoverlay/bench/cluster"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/conformance/spawn"
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
 )
@@ -42,47 +40,6 @@ func buildAgent(t *testing.T) string {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	return bin
-}
-
-// inNetNS runs f on a thread inside n.
-func inNetNS[T any](n ns.NetNS, f func() (T, error)) (T, error) {
-	var out T
-	err := n.Do(func(ns.NetNS) error {
-		var err error
-		out, err = f()
-		return err
-	})
-	return out, err
-}
-
-// nsProxy listens on 127.0.0.1 inside n and forwards every connection to target on the
-// host's loopback, so a process in n reaches the test API server.
-func nsProxy(t *testing.T, n ns.NetNS, target string) string {
-	t.Helper()
-	l, err := inNetNS(n, func() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") })
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				u, err := net.Dial("tcp", target)
-				if err != nil {
-					return
-				}
-				defer u.Close()
-				go func() { _, _ = io.Copy(u, c) }()
-				_, _ = io.Copy(c, u)
-			}()
-		}
-	}()
-	return l.Addr().String()
 }
 
 // procStatusKiB reads the kB fields of /proc/PID/status (VmRSS, VmHWM, ...).
@@ -169,21 +126,11 @@ type binaryFigures struct {
 // binaryMemoryAs is binaryMemory with its BENCH lines named prefix+".rss" etc.; it
 // returns the figures it printed.
 func binaryMemoryAs(t *testing.T, bin string, c *kube.Cluster, nodes int, prefix string) binaryFigures {
-	netns, err := testutils.NewNS()
+	netns, err := testutil.LoopbackNS(t)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = netns.Close(); _ = testutils.UnmountNS(netns) })
-	if err := netns.Do(func(ns.NetNS) error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	}); err != nil {
-		t.Fatal(err)
-	}
-	addr := nsProxy(t, netns, strings.TrimPrefix(c.Host(), "https://"))
+	addr := testutil.NSProxy(t, netns, strings.TrimPrefix(c.Host(), "https://"))
 	kc := clientcmdapi.NewConfig()
 	kc.Clusters["c"] = &clientcmdapi.Cluster{Server: "https://" + addr, CertificateAuthorityData: c.CAData()}
 	kc.AuthInfos["u"] = &clientcmdapi.AuthInfo{Token: c.AdminConfig().BearerToken}
@@ -195,7 +142,7 @@ func binaryMemoryAs(t *testing.T, bin string, c *kube.Cluster, nodes int, prefix
 		t.Fatal(err)
 	}
 	// A free port on the namespace's loopback for --metrics-addr.
-	ml, err := inNetNS(netns, func() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") })
+	ml, err := testutil.InNS(netns, func() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") })
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +184,7 @@ func binaryMemoryAs(t *testing.T, bin string, c *kube.Cluster, nodes int, prefix
 	})
 
 	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
-		return inNetNS(netns, func() (net.Conn, error) { return (&net.Dialer{}).DialContext(ctx, network, a) })
+		return testutil.InNS(netns, func() (net.Conn, error) { return (&net.Dialer{}).DialContext(ctx, network, a) })
 	}}}
 	scrape := func() (map[string]float64, error) {
 		resp, err := hc.Get("http://" + metricsAddr + "/metrics")
@@ -297,7 +244,7 @@ func binaryMemoryAs(t *testing.T, bin string, c *kube.Cluster, nodes int, prefix
 	if heapInuse[0] == 0 {
 		t.Fatal("the agent's /metrics has no go_memstats_heap_inuse_bytes")
 	}
-	policies, err := inNetNS(netns, xfrm.Netlink{}.ListPolicies)
+	policies, err := testutil.InNS(netns, xfrm.Netlink{}.ListPolicies)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -32,6 +32,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
@@ -74,23 +75,13 @@ type nsKernel struct {
 	states *xfrm.Fake
 }
 
-func in[T any](n ns.NetNS, f func() (T, error)) (T, error) {
-	var out T
-	err := n.Do(func(ns.NetNS) error {
-		var err error
-		out, err = f()
-		return err
-	})
-	return out, err
-}
-
 func do(n ns.NetNS, f func() error) error { return n.Do(func(ns.NetNS) error { return f() }) }
 
 func (k nsKernel) ListStates() ([]xfrm.KernelSA, error) { return k.states.ListStates() }
 func (k nsKernel) AddState(sa desired.SA) error         { return k.states.AddState(sa) }
 func (k nsKernel) DeleteState(sa desired.SA) error      { return k.states.DeleteState(sa) }
 func (k nsKernel) ListPolicies() ([]xfrm.KernelPolicy, error) {
-	return in(k.ns, xfrm.Netlink{}.ListPolicies)
+	return testutil.InNS(k.ns, xfrm.Netlink{}.ListPolicies)
 }
 func (k nsKernel) AddPolicy(p desired.Policy) error {
 	return do(k.ns, func() error { return xfrm.Netlink{}.AddPolicy(p) })
@@ -109,16 +100,16 @@ type nsIPT struct {
 }
 
 func (i nsIPT) ListChains(table string) ([]string, error) {
-	return in(i.ns, func() ([]string, error) { return i.sys.ListChains(table) })
+	return testutil.InNS(i.ns, func() ([]string, error) { return i.sys.ListChains(table) })
 }
 func (i nsIPT) NewChain(table, chain string) error {
 	return do(i.ns, func() error { return i.sys.NewChain(table, chain) })
 }
 func (i nsIPT) List(table, chain string) ([]string, error) {
-	return in(i.ns, func() ([]string, error) { return i.sys.List(table, chain) })
+	return testutil.InNS(i.ns, func() ([]string, error) { return i.sys.List(table, chain) })
 }
 func (i nsIPT) ListWithCounters(table, chain string) ([]string, error) {
-	return in(i.ns, func() ([]string, error) { return i.sys.ListWithCounters(table, chain) })
+	return testutil.InNS(i.ns, func() ([]string, error) { return i.sys.ListWithCounters(table, chain) })
 }
 func (i nsIPT) Insert(table, chain string, pos int, spec ...string) error {
 	return do(i.ns, func() error { return i.sys.Insert(table, chain, pos, spec...) })
@@ -136,7 +127,7 @@ func (i nsIPT) Restore(data []byte) error {
 // ours lists our policies in the namespace as "dir src>dst".
 func ours(t *testing.T, n ns.NetNS, cfg desired.Config) map[string]bool {
 	t.Helper()
-	pols, err := in(n, xfrm.Netlink{}.ListPolicies)
+	pols, err := testutil.InNS(n, xfrm.Netlink{}.ListPolicies)
 	if err != nil {
 		t.Fatalf("list policies: %v", err)
 	}
@@ -151,7 +142,7 @@ func ours(t *testing.T, n ns.NetNS, cfg desired.Config) map[string]bool {
 
 func rawRules(t *testing.T, n ns.NetNS) string {
 	t.Helper()
-	out, err := in(n, func() ([]byte, error) { return exec.Command("iptables", "-w", "5", "-t", "raw", "-S").CombinedOutput() })
+	out, err := testutil.InNS(n, func() ([]byte, error) { return exec.Command("iptables", "-w", "5", "-t", "raw", "-S").CombinedOutput() })
 	if err != nil {
 		t.Fatalf("iptables -t raw -S: %v: %s", err, out)
 	}
@@ -210,7 +201,7 @@ func (c *reportChecker) check(body []byte) {
 		c.violations = append(c.violations, err.Error())
 		return
 	}
-	pols, err := in(c.ns, xfrm.Netlink{}.ListPolicies)
+	pols, err := testutil.InNS(c.ns, xfrm.Netlink{}.ListPolicies)
 	if err != nil {
 		c.violations = append(c.violations, err.Error())
 		return
@@ -497,7 +488,7 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 	if err := do(netns, func() error { return netlink.XfrmPolicyFlush() }); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := in(netns, func() ([]byte, error) {
+	if out, err := testutil.InNS(netns, func() ([]byte, error) {
 		return exec.Command("sh", "-c", "iptables -w 5 -t raw -F SECUREOVERLAY-IN && iptables -w 5 -t raw -D PREROUTING 1").CombinedOutput()
 	}); err != nil {
 		t.Fatalf("flush iptables: %v: %s", err, out)

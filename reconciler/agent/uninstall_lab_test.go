@@ -27,6 +27,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
 	"github.com/secureoverlay/secureoverlay/conformance/lab/wire"
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
@@ -91,7 +92,7 @@ func TestLabUninstall(t *testing.T) {
 type netnsKernel struct{ ns ns.NetNS }
 
 func (k netnsKernel) ListStates() ([]xfrm.KernelSA, error) {
-	return in(k.ns, xfrm.Netlink{}.ListStates)
+	return testutil.InNS(k.ns, xfrm.Netlink{}.ListStates)
 }
 func (k netnsKernel) AddState(sa desired.SA) error {
 	return do(k.ns, func() error { return xfrm.Netlink{}.AddState(sa) })
@@ -100,7 +101,7 @@ func (k netnsKernel) DeleteState(sa desired.SA) error {
 	return do(k.ns, func() error { return xfrm.Netlink{}.DeleteState(sa) })
 }
 func (k netnsKernel) ListPolicies() ([]xfrm.KernelPolicy, error) {
-	return in(k.ns, xfrm.Netlink{}.ListPolicies)
+	return testutil.InNS(k.ns, xfrm.Netlink{}.ListPolicies)
 }
 func (k netnsKernel) AddPolicy(p desired.Policy) error {
 	return do(k.ns, func() error { return xfrm.Netlink{}.AddPolicy(p) })

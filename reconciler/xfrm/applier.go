@@ -157,8 +157,6 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 		}
 		res.Full = true
 	}
-	// 0. Never re-create an SA under a key used in this epoch: refuse the whole state
-	// before writing anything.
 	// A fresh kernel (first Apply, or after a flush) gets maps of the right size at once.
 	if len(a.states) == 0 {
 		a.states = make(map[saID]desired.SA, len(want.SAs))
@@ -169,6 +167,8 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 	if len(a.used) == 0 {
 		a.used = make(map[[32]byte]struct{}, len(want.SAs))
 	}
+	// 0. Never re-create an SA under a key used in this epoch: refuse the whole state
+	// before writing anything.
 	var reused []string
 	fps := make([][32]byte, len(want.SAs)) // key fingerprints, each computed once
 	for i, sa := range want.SAs {

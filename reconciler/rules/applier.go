@@ -186,6 +186,11 @@ func (a *Applier) ensureJump(hook, chain string) (inserted, deleted int, err err
 // Counters reads the packet and byte counters of the rules last applied (plaintext drops
 // per peer in enforce, would-be drops in encrypt).
 func (a *Applier) Counters() ([]Counter, error) {
+	if len(a.lastWant) == 0 {
+		// No rule of ours to count: nothing to list (our chains may not exist yet, as
+		// when every sync so far failed before the rules were written).
+		return nil, nil
+	}
 	byLine := map[string]desired.Rule{}
 	for _, r := range a.lastWant {
 		byLine["-A "+chainOf(r.Hook)+" "+Spec(r)] = r

@@ -173,6 +173,10 @@ func TestApplyFailureForcesFullResync(t *testing.T) {
 func TestCountersAndCleanup(t *testing.T) {
 	f := NewFake()
 	a := NewApplier(f)
+	// Before any rule was written our chains do not exist: no counters, no error.
+	if cs, err := a.Counters(); err != nil || len(cs) != 0 {
+		t.Fatalf("counters before the first Apply: %v %v", cs, err)
+	}
 	if _, err := a.Apply(enforceRules); err != nil {
 		t.Fatal(err)
 	}

@@ -5,8 +5,12 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/secureoverlay/secureoverlay/conformance/lab/wire"
 )
 
 // RequireAll reports whether SECUREOVERLAY_REQUIRE_ALL=1, under which a
@@ -63,6 +67,12 @@ func BootForTest(t testing.TB, opts Options) *VM {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout+30*time.Second)
 	defer cancel()
 	vm, err := Boot(ctx, opts)
+	if err != nil && opts.Accel == "" && os.Getenv("SECUREOVERLAY_LAB_ACCEL") == "" && strings.Contains(err.Error(), "(kvm)") {
+		// Nested hosts may pass the lab's KVM probe and still fail to start a vCPU.
+		t.Logf("KVM boot failed, retrying with TCG: %v", err)
+		opts.Accel = "tcg"
+		vm, err = Boot(ctx, opts)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,4 +86,63 @@ func BootForTest(t testing.TB, opts Options) *VM {
 	})
 	t.Logf("lab vm booted in %s (accel %s, kernel %s)", vm.BootDuration.Round(time.Millisecond), vm.Accel, vm.KernelRelease)
 	return vm
+}
+
+// GuestTest is a run of the calling test binary inside a lab VM (RunInGuest).
+type GuestTest struct {
+	// Run is the -test.run pattern; Want the tests that must report "--- PASS".
+	Run  string
+	Want []string
+	// Env is added to SECUREOVERLAY_IN_LAB=1 in the guest.
+	Env []string
+	// Timeout bounds the run in the guest (default 8 minutes).
+	Timeout time.Duration
+	// MemoryMiB for the VM (default 768).
+	MemoryMiB int
+}
+
+// RunInGuest runs tests of the calling test binary on the lab's kernel: it skips t when
+// already inside the guest (SECUREOVERLAY_IN_LAB=1) and as SkipUnlessAvailable does, boots
+// a VM with the binary's directory shared read-only, runs the binary there with g.Run,
+// logs its output, fails t unless it exits 0 and every test in g.Want passed, and returns
+// the output.
+func RunInGuest(t testing.TB, g GuestTest) string {
+	t.Helper()
+	if os.Getenv("SECUREOVERLAY_IN_LAB") == "1" {
+		t.Skip("already inside the lab guest")
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g.Timeout == 0 {
+		g.Timeout = 8 * time.Minute
+	}
+	if g.MemoryMiB == 0 {
+		g.MemoryMiB = 768
+	}
+	const share = "/mnt/testbin"
+	vm := BootForTest(t, Options{MemoryMiB: g.MemoryMiB, CPUs: 2,
+		Shares: []Share{{Tag: "testbin", HostPath: filepath.Dir(exe), GuestPath: share}}})
+	ctx, cancel := context.WithTimeout(context.Background(), g.Timeout+time.Minute)
+	defer cancel()
+	resp, err := vm.Exec(ctx, wire.Request{
+		Argv:          []string{share + "/" + filepath.Base(exe), "-test.v", "-test.count=1", "-test.run", g.Run},
+		Env:           append([]string{"SECUREOVERLAY_IN_LAB=1"}, g.Env...),
+		TimeoutMillis: g.Timeout.Milliseconds(),
+	})
+	if err != nil {
+		t.Fatalf("run %s in the lab: %v", g.Run, err)
+	}
+	out := string(resp.Stdout) + string(resp.Stderr)
+	t.Logf("guest output:\n%s", out)
+	if resp.Exit != 0 || resp.Error != "" {
+		t.Fatalf("%s failed in the lab (exit %d %s)", g.Run, resp.Exit, resp.Error)
+	}
+	for _, name := range g.Want {
+		if !strings.Contains(out, "--- PASS: "+name) {
+			t.Errorf("%s did not pass in the lab", name)
+		}
+	}
+	return out
 }

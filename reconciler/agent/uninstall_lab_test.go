@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -26,7 +25,6 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
-	"github.com/secureoverlay/secureoverlay/conformance/lab/wire"
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
@@ -39,53 +37,8 @@ import (
 // ESP data path even where the host's kernel lacks them. The test binary is shared into
 // the guest read-only over 9p.
 func TestLabUninstall(t *testing.T) {
-	if os.Getenv("SECUREOVERLAY_IN_LAB") == "1" {
-		t.Skip("already inside the lab guest")
-	}
-	if testing.Short() {
-		t.Skip("boots a VM (skipped with -short)")
-	}
-	if _, err := lab.FindImage(""); err != nil {
-		if errors.Is(err, lab.ErrNoImage) {
-			skipOrFail(t, err.Error())
-		}
-		t.Fatal(err)
-	}
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
-	defer cancel()
-	opts := lab.Options{MemoryMiB: 768, CPUs: 2,
-		Shares: []lab.Share{{Tag: "agenttest", HostPath: filepath.Dir(exe), GuestPath: "/mnt/agenttest"}}}
-	vm, err := lab.Boot(ctx, opts)
-	if err != nil && os.Getenv("SECUREOVERLAY_LAB_ACCEL") == "" && strings.Contains(err.Error(), "(kvm)") {
-		t.Logf("KVM boot failed, retrying with TCG: %v", err)
-		opts.Accel = "tcg"
-		vm, err = lab.Boot(ctx, opts)
-	}
-	if err != nil {
-		t.Fatalf("boot lab: %v", err)
-	}
-	defer vm.Close()
-	t.Logf("lab booted in %s (%s, kernel %s)", vm.BootDuration.Round(time.Millisecond), vm.Accel, vm.KernelRelease)
-	resp, err := vm.Exec(ctx, wire.Request{
-		Argv:          []string{"/mnt/agenttest/" + filepath.Base(exe), "-test.v", "-test.count=1", "-test.run", "^TestUninstallDataPath$"},
-		Env:           []string{"SECUREOVERLAY_IN_LAB=1", "SECUREOVERLAY_REQUIRE_ESP=1", "SECUREOVERLAY_REQUIRE_ALL=1"},
-		TimeoutMillis: (8 * time.Minute).Milliseconds(),
-	})
-	if err != nil {
-		t.Fatalf("run in lab: %v\nconsole:\n%s", err, vm.ConsoleTail(40))
-	}
-	out := string(resp.Stdout) + string(resp.Stderr)
-	t.Logf("guest output:\n%s", out)
-	if resp.Exit != 0 || resp.Error != "" {
-		t.Fatalf("walk-down data-path test failed in the lab (exit %d %s)", resp.Exit, resp.Error)
-	}
-	if !strings.Contains(out, "--- PASS: TestUninstallDataPath") {
-		t.Error("TestUninstallDataPath did not pass in the lab")
-	}
+	lab.RunInGuest(t, lab.GuestTest{Run: "^TestUninstallDataPath$", Want: []string{"TestUninstallDataPath"},
+		Env: []string{"SECUREOVERLAY_REQUIRE_ESP=1", "SECUREOVERLAY_REQUIRE_ALL=1"}})
 }
 
 // netnsKernel is xfrm.Netlink inside a namespace (states and policies both real).

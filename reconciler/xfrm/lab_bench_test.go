@@ -4,11 +4,9 @@ package xfrm_test
 
 import (
 	"bufio"
-	"context"
 	"fmt"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -19,7 +17,6 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/bench/cluster"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
-	"github.com/secureoverlay/secureoverlay/conformance/lab/wire"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
 )
@@ -104,38 +101,12 @@ func TestBenchProgramStatesLab(t *testing.T) {
 		t.Skip("already inside the lab guest")
 	}
 	benchGate(t)
-	if r := lab.Unavailable(lab.Options{}); r != "" {
-		t.Skip(r)
-	}
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
-	defer cancel()
-	vm, err := lab.Boot(ctx, lab.Options{MemoryMiB: 768, CPUs: 2,
-		Shares: []lab.Share{{Tag: "xfrmbench", HostPath: filepath.Dir(exe), GuestPath: "/mnt/xfrmbench"}}})
-	if err != nil {
-		t.Fatalf("boot lab: %v", err)
-	}
-	defer vm.Close()
-	resp, err := vm.Exec(ctx, wire.Request{
-		Argv:          []string{"/mnt/xfrmbench/" + filepath.Base(exe), "-test.v", "-test.count=1", "-test.run", "^TestBenchProgramStatesInGuest$"},
-		Env:           []string{"SECUREOVERLAY_IN_LAB=1", "SECUREOVERLAY_BENCH=1"},
-		TimeoutMillis: (15 * time.Minute).Milliseconds(),
-	})
-	if err != nil {
-		t.Fatalf("run in lab: %v\nconsole:\n%s", err, vm.ConsoleTail(40))
-	}
-	out := string(resp.Stdout) + string(resp.Stderr)
-	if resp.Exit != 0 || resp.Error != "" || !strings.Contains(out, "--- PASS: TestBenchProgramStatesInGuest") {
-		t.Fatalf("guest run failed (exit %d %s):\n%s", resp.Exit, resp.Error, out)
-	}
+	out := lab.RunInGuest(t, lab.GuestTest{Run: "^TestBenchProgramStatesInGuest$", Want: []string{"TestBenchProgramStatesInGuest"},
+		Env: []string{"SECUREOVERLAY_BENCH=1"}, Timeout: 15 * time.Minute})
 	sc := bufio.NewScanner(strings.NewReader(out))
 	for sc.Scan() {
 		if strings.HasPrefix(sc.Text(), "BENCH ") {
 			fmt.Println(sc.Text())
 		}
 	}
-	t.Logf("lab %s, kernel %s", vm.Accel, vm.KernelRelease)
 }

@@ -5,7 +5,7 @@ package plugin
 import (
 	"context"
 	"fmt"
-	"os"
+	"github.com/secureoverlay/secureoverlay/bench"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -23,9 +23,7 @@ import (
 // namespace (created outside the timing) and is deleted after. Runs only with
 // SECUREOVERLAY_BENCH=1 (hack/bench.sh); prints "BENCH name value unit" lines.
 func TestBenchChainAdd(t *testing.T) {
-	if os.Getenv("SECUREOVERLAY_BENCH") != "1" {
-		t.Skip("benchmark measurement; set SECUREOVERLAY_BENCH=1 (hack/bench.sh)")
-	}
+	bench.Gate(t, false)
 	const rounds, warmup = 200, 5
 	e := newChainEnv(t, 1500)
 	ctx := context.Background()

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/bench"
 )
 
 // TestBenchRotationCutover measures, in the VM lab with 3 and with 8 node namespaces,
@@ -19,9 +20,7 @@ import (
 // SECUREOVERLAY_BENCH=1 (hack/bench.sh); SECUREOVERLAY_BENCH_LAB_NODES (default "3,8")
 // picks the sizes. Prints "BENCH name value unit" lines for bench/cmd/benchreport.
 func TestBenchRotationCutover(t *testing.T) {
-	if os.Getenv("SECUREOVERLAY_BENCH") != "1" {
-		t.Skip("benchmark measurement; set SECUREOVERLAY_BENCH=1 (hack/bench.sh)")
-	}
+	bench.Gate(t, false)
 	if r := Unavailable(); r != "" {
 		t.Skip(r)
 	}

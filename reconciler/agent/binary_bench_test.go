@@ -23,6 +23,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
+	"github.com/secureoverlay/secureoverlay/bench"
 	"github.com/secureoverlay/secureoverlay/bench/cluster"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/conformance/spawn"
@@ -255,17 +256,17 @@ func binaryMemoryAs(t *testing.T, bin string, c *kube.Cluster, nodes int, prefix
 		}
 	}
 	med := func(v []float64) float64 { s := slices.Clone(v); slices.Sort(s); return s[len(s)/2] }
-	benchReport(prefix+".first_sync", float64(synced.Milliseconds())/1000, "s")
-	benchReport(prefix+".rss", med(rss), "MiB")
-	benchReport(prefix+".rss_peak", st["VmHWM"]/1024, "MiB")
-	benchReport(prefix+".heap_alloc", med(heapAlloc), "MiB")
-	benchReport(prefix+".heap_alloc_min", slices.Min(heapAlloc), "MiB")
-	benchReport(prefix+".heap_inuse", med(heapInuse), "MiB")
-	benchReport(prefix+".next_gc", med(nextGC), "MiB")
-	benchReport(prefix+".policies", float64(ours), "count")
-	benchReport(prefix+".state_writes_ok", sumMetric(m, "secureoverlay_agent_kernel_writes_total", `object="state"`), "count")
-	benchReport(prefix+".failed_syncs", sumMetric(m, "secureoverlay_agent_syncs_total", `result="error"`), "count")
-	benchReport(prefix+".ok_syncs", sumMetric(m, "secureoverlay_agent_syncs_total", `result="ok"`), "count")
+	bench.Report(prefix+".first_sync", float64(synced.Milliseconds())/1000, "s")
+	bench.Report(prefix+".rss", med(rss), "MiB")
+	bench.Report(prefix+".rss_peak", st["VmHWM"]/1024, "MiB")
+	bench.Report(prefix+".heap_alloc", med(heapAlloc), "MiB")
+	bench.Report(prefix+".heap_alloc_min", slices.Min(heapAlloc), "MiB")
+	bench.Report(prefix+".heap_inuse", med(heapInuse), "MiB")
+	bench.Report(prefix+".next_gc", med(nextGC), "MiB")
+	bench.Report(prefix+".policies", float64(ours), "count")
+	bench.Report(prefix+".state_writes_ok", sumMetric(m, "secureoverlay_agent_kernel_writes_total", `object="state"`), "count")
+	bench.Report(prefix+".failed_syncs", sumMetric(m, "secureoverlay_agent_syncs_total", `result="error"`), "count")
+	bench.Report(prefix+".ok_syncs", sumMetric(m, "secureoverlay_agent_syncs_total", `result="ok"`), "count")
 
 	fig := binaryFigures{RSS: med(rss), RSSPeak: st["VmHWM"] / 1024, HeapAlloc: med(heapAlloc), HeapAllocMin: slices.Min(heapAlloc),
 		HeapInuse: med(heapInuse), NextGC: med(nextGC), FirstSync: synced, Policies: ours}

@@ -3,11 +3,11 @@ package agent
 import (
 	"encoding/json"
 	"fmt"
-	"os"
 	"testing"
 	"time"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/bench"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
 
@@ -22,9 +22,7 @@ const annotationLimit = 256 * 1024
 // nodes × this many bytes to etcd. Counts, independent of the machine. Runs only with
 // SECUREOVERLAY_BENCH=1.
 func TestBenchReportSize(t *testing.T) {
-	if os.Getenv("SECUREOVERLAY_BENCH") != "1" {
-		t.Skip("benchmark measurement; set SECUREOVERLAY_BENCH=1 (hack/bench.sh)")
-	}
+	bench.Gate(t, false)
 	styles := map[string]func(i int) string{
 		"short": func(i int) string { return fmt.Sprintf("node-%05d", i) },
 		"eks":   func(i int) string { return fmt.Sprintf("ip-10-0-%d-%d.eu-west-1.compute.internal", i/250, i%250+1) },

@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/bench"
 	"github.com/secureoverlay/secureoverlay/bench/cluster"
 	"github.com/secureoverlay/secureoverlay/reconciler/agent"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
@@ -64,7 +65,7 @@ type reportMemory struct {
 // 2 × (nodes-1) claims each. The report part is full - empty; with a quadratic term it
 // grows ≈4× from 1,000 to 2,000 nodes, the rest ≈2×. docs/performance.md §6.
 func TestBenchReportMemory(t *testing.T) {
-	benchGate(t)
+	bench.Gate(t, true)
 	bin := buildAgent(t)
 	sizes := []int{1000, 2000}
 	got := map[int][2]reportMemory{} // size → [empty, full]
@@ -79,21 +80,21 @@ func TestBenchReportMemory(t *testing.T) {
 	p := func(n int) string { return fmt.Sprintf("memory.reports.%d.", n) }
 	for _, n := range sizes {
 		e, f := got[n][0], got[n][1]
-		benchReport(p(n)+"ratio_rss", f.bin.RSS/e.bin.RSS, "x")
-		benchReport(p(n)+"ratio_heap_inuse", f.bin.HeapInuse/e.bin.HeapInuse, "x")
-		benchReport(p(n)+"ratio_next_gc", f.bin.NextGC/e.bin.NextGC, "x")
-		benchReport(p(n)+"ratio_inproc_heap", f.inprocHeap/e.inprocHeap, "x")
-		benchReport(p(n)+"report_rss", f.bin.RSS-e.bin.RSS, "MiB")
-		benchReport(p(n)+"report_heap_inuse", f.bin.HeapInuse-e.bin.HeapInuse, "MiB")
-		benchReport(p(n)+"report_next_gc", f.bin.NextGC-e.bin.NextGC, "MiB")
-		benchReport(p(n)+"report_inproc_heap", f.inprocHeap-e.inprocHeap, "MiB")
-		benchReport(p(n)+"report_inproc_heap_max", f.inprocMax-e.inprocMax, "MiB")
-		benchReport(p(n)+"report_rss_peak", f.bin.RSSPeak-e.bin.RSSPeak, "MiB")
+		bench.Report(p(n)+"ratio_rss", f.bin.RSS/e.bin.RSS, "x")
+		bench.Report(p(n)+"ratio_heap_inuse", f.bin.HeapInuse/e.bin.HeapInuse, "x")
+		bench.Report(p(n)+"ratio_next_gc", f.bin.NextGC/e.bin.NextGC, "x")
+		bench.Report(p(n)+"ratio_inproc_heap", f.inprocHeap/e.inprocHeap, "x")
+		bench.Report(p(n)+"report_rss", f.bin.RSS-e.bin.RSS, "MiB")
+		bench.Report(p(n)+"report_heap_inuse", f.bin.HeapInuse-e.bin.HeapInuse, "MiB")
+		bench.Report(p(n)+"report_next_gc", f.bin.NextGC-e.bin.NextGC, "MiB")
+		bench.Report(p(n)+"report_inproc_heap", f.inprocHeap-e.inprocHeap, "MiB")
+		bench.Report(p(n)+"report_inproc_heap_max", f.inprocMax-e.inprocMax, "MiB")
+		bench.Report(p(n)+"report_rss_peak", f.bin.RSSPeak-e.bin.RSSPeak, "MiB")
 	}
 	a, b := sizes[0], sizes[1]
 	growth := func(what string, x func(m [2]reportMemory) float64) {
 		if v := x(got[a]); v > 0 {
-			benchReport(fmt.Sprintf("memory.reports.growth_%d_%d.%s", a, b, what), x(got[b])/v, "x")
+			bench.Report(fmt.Sprintf("memory.reports.growth_%d_%d.%s", a, b, what), x(got[b])/v, "x")
 		}
 	}
 	growth("report_rss", func(m [2]reportMemory) float64 { return m[1].bin.RSS - m[0].bin.RSS })
@@ -137,8 +138,8 @@ func reportMemoryAt(t *testing.T, bin string, nodes int) [2]reportMemory {
 		t.Fatal(err)
 	}
 	t.Logf("created %d Nodes (empty reports) and %d IPAMBlocks in %s", nodes, nodes*cluster.BlocksPerNode, time.Since(t0).Round(time.Second))
-	benchReport(p+"nodes", float64(nodes), "count")
-	benchReport(p+"blocks", float64(nodes*cluster.BlocksPerNode), "count")
+	bench.Report(p+"nodes", float64(nodes), "count")
+	bench.Report(p+"blocks", float64(nodes*cluster.BlocksPerNode), "count")
 
 	var out [2]reportMemory
 	// Every agent starts from node 0's own empty report (an earlier agent's report
@@ -157,9 +158,9 @@ func reportMemoryAt(t *testing.T, bin string, nodes int) [2]reportMemory {
 		}
 		resetSelf()
 		m.inprocHeap, m.inprocMax, m.inRSS = inProcessMemory(t, cfg, nodes)
-		benchReport(p+kind+".inproc_heap", m.inprocHeap, "MiB")
-		benchReport(p+kind+".inproc_heap_max", m.inprocMax, "MiB")
-		benchReport(p+kind+".inproc_rss", m.inRSS, "MiB")
+		bench.Report(p+kind+".inproc_heap", m.inprocHeap, "MiB")
+		bench.Report(p+kind+".inproc_heap_max", m.inprocMax, "MiB")
+		bench.Report(p+kind+".inproc_rss", m.inRSS, "MiB")
 		return m
 	}
 	out[0] = measure("empty")
@@ -192,8 +193,8 @@ func reportMemoryAt(t *testing.T, bin string, nodes int) [2]reportMemory {
 	}
 	populate := time.Since(t0)
 	t.Logf("wrote %d steady-state reports of %d bytes in %s", nodes-1, repBytes, populate.Round(time.Millisecond))
-	benchReport(p+"report_bytes", float64(repBytes), "count")
-	benchReport(p+"populate_full", float64(populate.Milliseconds())/1000, "s")
+	bench.Report(p+"report_bytes", float64(repBytes), "count")
+	bench.Report(p+"populate_full", float64(populate.Milliseconds())/1000, "s")
 	// The agent must read them as current: node 1's Node carries a report naming node 0
 	// with node 0's tag.
 	n1, err := cs.CoreV1().Nodes().Get(ctx, cluster.Name(1), metav1.GetOptions{})

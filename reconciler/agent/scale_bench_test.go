@@ -6,7 +6,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
-	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -30,6 +29,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/bench"
 	"github.com/secureoverlay/secureoverlay/bench/cluster"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/keys"
@@ -45,20 +45,6 @@ import (
 // name value unit" lines that bench/cmd/benchreport collects into bench/RESULTS.md. The
 // agent runs in accept mode (inbound SAs and the inbound policy per peer), so a peer needs
 // only its Node and its own report, not a report naming this node.
-
-func benchGate(t *testing.T) {
-	t.Helper()
-	if os.Getenv("SECUREOVERLAY_BENCH") != "1" {
-		t.Skip("benchmark measurement; set SECUREOVERLAY_BENCH=1 (hack/bench.sh)")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
-}
-
-func benchReport(name string, value float64, unit string) {
-	fmt.Printf("BENCH %s %g %s\n", name, value, unit)
-}
 
 // benchRing is an accept-mode ring with one active generation and node IDs for names.
 func benchRing(t *testing.T, names []string) []byte {
@@ -275,9 +261,9 @@ func (k watchedKernel) DeletePolicy(p desired.Policy) error        { return k.nl
 // ships (agent.DefaultAPIQPS/DefaultAPIBurst), client-go's default (5 QPS, burst 10), and
 // 1,000 QPS (to show what is left when the limiter never waits).
 func TestBenchEventToKernel(t *testing.T) {
-	benchGate(t)
-	benchReport("latency.shipped.qps", agent.DefaultAPIQPS, "count")
-	benchReport("latency.shipped.burst", agent.DefaultAPIBurst, "count")
+	bench.Gate(t, true)
+	bench.Report("latency.shipped.qps", agent.DefaultAPIQPS, "count")
+	bench.Report("latency.shipped.burst", agent.DefaultAPIBurst, "count")
 	t.Run("qps=shipped", func(t *testing.T) { eventToKernel(t, agent.DefaultAPIQPS, agent.DefaultAPIBurst, "latency.shipped") })
 	t.Run("qps=client-go-default", func(t *testing.T) { eventToKernel(t, 5, 10, "latency.clientgo") })
 	t.Run("qps=1000", func(t *testing.T) { eventToKernel(t, 1000, 2000, "latency.qps1000") })
@@ -392,10 +378,10 @@ func logTrend(t *testing.T, what string, lat []time.Duration) {
 func latencies(prefix string, lat []time.Duration) {
 	slices.Sort(lat)
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-	benchReport(prefix+".changes", float64(len(lat)), "count")
-	benchReport(prefix+".p50", ms(lat[len(lat)/2]), "ms")
-	benchReport(prefix+".p99", ms(lat[len(lat)*99/100]), "ms")
-	benchReport(prefix+".max", ms(lat[len(lat)-1]), "ms")
+	bench.Report(prefix+".changes", float64(len(lat)), "count")
+	bench.Report(prefix+".p50", ms(lat[len(lat)/2]), "ms")
+	bench.Report(prefix+".p99", ms(lat[len(lat)*99/100]), "ms")
+	bench.Report(prefix+".max", ms(lat[len(lat)-1]), "ms")
 }
 
 func rssKiB(t *testing.T) float64 {
@@ -429,7 +415,7 @@ func heapMiB() (inuse, alloc float64) {
 // after the sync minus before the agent started, i.e. what the agent's caches, desired
 // state and applier hold, with every SA held (the binary cannot hold SAs on this host).
 func TestBenchAgentMemory(t *testing.T) {
-	benchGate(t)
+	bench.Gate(t, true)
 	nodes := 5000
 	if v, err := strconv.Atoi(os.Getenv("SECUREOVERLAY_BENCH_NODES")); err == nil && v > 0 {
 		nodes = v
@@ -459,8 +445,8 @@ func TestBenchAgentMemory(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("created %d Nodes and %d IPAMBlocks in %s", nodes, nodes*cluster.BlocksPerNode, time.Since(t0).Round(time.Second))
-	benchReport("memory.nodes", float64(nodes), "count")
-	benchReport("memory.blocks", float64(nodes*cluster.BlocksPerNode), "count")
+	bench.Report("memory.nodes", float64(nodes), "count")
+	bench.Report("memory.blocks", float64(nodes*cluster.BlocksPerNode), "count")
 
 	t.Run("binary", func(t *testing.T) { binaryMemory(t, bin, c, nodes) })
 
@@ -486,10 +472,10 @@ func TestBenchAgentMemory(t *testing.T) {
 	rss1 := rssKiB(t)
 	states, _ := fk.Snapshot()
 	stop()
-	benchReport("memory.heap_alloc", alloc1-alloc0, "MiB")
-	benchReport("memory.heap_inuse", inuse1-inuse0, "MiB")
-	benchReport("memory.rss", (rss1-rss0)/1024, "MiB")
-	benchReport("memory.rss_process", rss1/1024, "MiB")
-	benchReport("memory.first_sync", float64(synced.Milliseconds())/1000, "s")
-	benchReport("memory.sas", float64(len(states)), "count")
+	bench.Report("memory.heap_alloc", alloc1-alloc0, "MiB")
+	bench.Report("memory.heap_inuse", inuse1-inuse0, "MiB")
+	bench.Report("memory.rss", (rss1-rss0)/1024, "MiB")
+	bench.Report("memory.rss_process", rss1/1024, "MiB")
+	bench.Report("memory.first_sync", float64(synced.Milliseconds())/1000, "s")
+	bench.Report("memory.sas", float64(len(states)), "count")
 }

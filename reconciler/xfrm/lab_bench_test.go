@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/bench"
 	"github.com/secureoverlay/secureoverlay/bench/cluster"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
@@ -87,11 +88,11 @@ func TestBenchProgramStatesInGuest(t *testing.T) {
 		})
 	}
 	r, ap := median(raw), median(app)
-	report("lab_program.sas", float64(len(st.SAs)), "count")
-	report("lab_program.policies", float64(len(st.Policies)), "count")
-	report("lab_program.raw_handle", float64(r.Microseconds())/1000, "ms")
-	report("lab_program.applier", float64(ap.Microseconds())/1000, "ms")
-	report("lab_program.ratio_applier_raw", float64(ap)/float64(r), "x")
+	bench.Report("lab_program.sas", float64(len(st.SAs)), "count")
+	bench.Report("lab_program.policies", float64(len(st.Policies)), "count")
+	bench.Report("lab_program.raw_handle", float64(r.Microseconds())/1000, "ms")
+	bench.Report("lab_program.applier", float64(ap.Microseconds())/1000, "ms")
+	bench.Report("lab_program.ratio_applier_raw", float64(ap)/float64(r), "x")
 }
 
 // TestBenchProgramStatesLab boots the lab VM (a kernel with esp4 and GCM) and runs
@@ -100,7 +101,7 @@ func TestBenchProgramStatesLab(t *testing.T) {
 	if os.Getenv("SECUREOVERLAY_IN_LAB") == "1" {
 		t.Skip("already inside the lab guest")
 	}
-	benchGate(t)
+	bench.Gate(t, true)
 	out := lab.RunInGuest(t, lab.GuestTest{Run: "^TestBenchProgramStatesInGuest$", Want: []string{"TestBenchProgramStatesInGuest"},
 		Env: []string{"SECUREOVERLAY_BENCH=1"}, Timeout: 15 * time.Minute})
 	sc := bufio.NewScanner(strings.NewReader(out))

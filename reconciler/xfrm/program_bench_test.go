@@ -5,7 +5,6 @@ package xfrm_test
 import (
 	"fmt"
 	"net"
-	"os"
 	"slices"
 	"testing"
 	"time"
@@ -16,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/bench"
 	"github.com/secureoverlay/secureoverlay/bench/cluster"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
@@ -24,20 +24,6 @@ import (
 // The measurements here run only with SECUREOVERLAY_BENCH=1 (hack/bench.sh sets it): they
 // need root, create network namespaces and take seconds. Each prints "BENCH name value
 // unit" lines that bench/cmd/benchreport collects into bench/RESULTS.md.
-
-func benchGate(t *testing.T) {
-	t.Helper()
-	if os.Getenv("SECUREOVERLAY_BENCH") != "1" {
-		t.Skip("benchmark measurement; set SECUREOVERLAY_BENCH=1 (hack/bench.sh)")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to create network namespaces")
-	}
-}
-
-func report(name string, value float64, unit string) {
-	fmt.Printf("BENCH %s %g %s\n", name, value, unit)
-}
 
 // benchNetNS runs f in a fresh network namespace, removed afterwards.
 func benchNetNS(t *testing.T, f func()) {
@@ -126,7 +112,7 @@ func median(d []time.Duration) time.Duration {
 // TestBenchProgramStatesLab). Like the agent, the applier uses one netlink handle
 // (xfrm.OpenNetlink); the per-call loop shows what a socket per call costs.
 func TestBenchProgramPolicies(t *testing.T) {
-	benchGate(t)
+	bench.Gate(t, true)
 	const peers, rounds = 1000, 7
 	st := compute(t, cluster.Inputs(cluster.Options{Nodes: peers + 1, Mode: api.ModeEnforce}))
 	var raw, rawPkg, app []time.Duration
@@ -172,12 +158,12 @@ func TestBenchProgramPolicies(t *testing.T) {
 	}
 	r, rp, ap := median(raw), median(rawPkg), median(app)
 	t.Logf("%d policies: raw one socket %s, raw socket per call %s, applier %s", len(st.Policies), r, rp, ap)
-	report("program.policies", float64(len(st.Policies)), "count")
-	report("program.raw_handle", float64(r.Microseconds())/1000, "ms")
-	report("program.raw_per_call", float64(rp.Microseconds())/1000, "ms")
-	report("program.applier", float64(ap.Microseconds())/1000, "ms")
-	report("program.ratio_applier_raw", float64(ap)/float64(r), "x")
-	report("program.ratio_applier_raw_per_call", float64(ap)/float64(rp), "x")
+	bench.Report("program.policies", float64(len(st.Policies)), "count")
+	bench.Report("program.raw_handle", float64(r.Microseconds())/1000, "ms")
+	bench.Report("program.raw_per_call", float64(rp.Microseconds())/1000, "ms")
+	bench.Report("program.applier", float64(ap.Microseconds())/1000, "ms")
+	bench.Report("program.ratio_applier_raw", float64(ap)/float64(r), "x")
+	bench.Report("program.ratio_applier_raw_per_call", float64(ap)/float64(rp), "x")
 }
 
 // TestBenchJoin: kernel writes and time for one node joining clusters of 100, 1,000 and
@@ -185,7 +171,7 @@ func TestBenchProgramPolicies(t *testing.T) {
 // SAs in the fake). The writes are counts; the times are the Apply of the join only
 // (plus, separately, the full Compute the agent runs for it).
 func TestBenchJoin(t *testing.T) {
-	benchGate(t)
+	bench.Gate(t, true)
 	for _, n := range []int{100, 1000, 5000} {
 		before := compute(t, cluster.Inputs(cluster.Options{Nodes: n, Mode: api.ModeEnforce}))
 		inAfter := cluster.Inputs(cluster.Options{Nodes: n + 1, Mode: api.ModeEnforce})
@@ -205,10 +191,10 @@ func TestBenchJoin(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		report(fmt.Sprintf("join.%d.fake_writes", n), float64(res.Writes()), "count")
-		report(fmt.Sprintf("join.%d.fake_log_writes", n), float64(len(fk.Log)-logged), "count")
-		report(fmt.Sprintf("join.%d.fake_apply", n), float64(fakeJoin.Microseconds())/1000, "ms")
-		report(fmt.Sprintf("join.%d.compute", n), float64(comp.Microseconds())/1000, "ms")
+		bench.Report(fmt.Sprintf("join.%d.fake_writes", n), float64(res.Writes()), "count")
+		bench.Report(fmt.Sprintf("join.%d.fake_log_writes", n), float64(len(fk.Log)-logged), "count")
+		bench.Report(fmt.Sprintf("join.%d.fake_apply", n), float64(fakeJoin.Microseconds())/1000, "ms")
+		bench.Report(fmt.Sprintf("join.%d.compute", n), float64(comp.Microseconds())/1000, "ms")
 
 		benchNetNS(t, func() {
 			k, err := xfrm.OpenNetlink() // as the agent: one handle, opened before the clock starts
@@ -229,11 +215,11 @@ func TestBenchJoin(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			report(fmt.Sprintf("join.%d.kernel_policy_writes", n), float64(jres.PoliciesAdded+jres.PoliciesUpdated+jres.PoliciesDeleted), "count")
-			report(fmt.Sprintf("join.%d.kernel_writes", n), float64(jres.Writes()), "count")
-			report(fmt.Sprintf("join.%d.kernel_apply", n), float64(join.Microseconds())/1000, "ms")
-			report(fmt.Sprintf("join.%d.kernel_initial", n), float64(full.Microseconds())/1000, "ms")
-			report(fmt.Sprintf("join.%d.kernel_initial_writes", n), float64(res.Writes()), "count")
+			bench.Report(fmt.Sprintf("join.%d.kernel_policy_writes", n), float64(jres.PoliciesAdded+jres.PoliciesUpdated+jres.PoliciesDeleted), "count")
+			bench.Report(fmt.Sprintf("join.%d.kernel_writes", n), float64(jres.Writes()), "count")
+			bench.Report(fmt.Sprintf("join.%d.kernel_apply", n), float64(join.Microseconds())/1000, "ms")
+			bench.Report(fmt.Sprintf("join.%d.kernel_initial", n), float64(full.Microseconds())/1000, "ms")
+			bench.Report(fmt.Sprintf("join.%d.kernel_initial_writes", n), float64(res.Writes()), "count")
 		})
 	}
 }

@@ -30,6 +30,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/internal/kubeconfig"
 	"github.com/secureoverlay/secureoverlay/reconciler/agent"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
@@ -51,6 +52,7 @@ func main() {
 
 type options struct {
 	kubeconfig, nodeName, namespace, secretName, metricsAddr, ifacePattern, logLevel string
+	ledgerDir                                                                        string
 	podName, podNamespace                                                            string
 	resync, heartbeat, uninstallStep, decideTimeout                                  time.Duration
 	icv, replayWindow, externalMTU, apiBurst                                         int
@@ -75,6 +77,7 @@ func flags(fs *flag.FlagSet, o *options) {
 	fs.StringVar(&o.ifacePattern, "interface-pattern", budget.DefaultInterfacePattern, "regexp of external interfaces (Calico's MTU interface pattern)")
 	fs.Float64Var(&o.apiQPS, "kube-api-qps", agent.DefaultAPIQPS, "sustained requests per second to the API server (client-side limit; reports are the only writes)")
 	fs.IntVar(&o.apiBurst, "kube-api-burst", agent.DefaultAPIBurst, "requests allowed at once above --kube-api-qps")
+	fs.StringVar(&o.ledgerDir, "ledger-dir", ledger.DefaultDir, "directory of this node's SA key ledger and lock (a hostPath on tmpfs: it must outlive the process, not the boot)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.BoolVar(&o.logJSON, "log-json", false, "log as JSON")
 	fs.StringVar(&o.podName, "pod-name", os.Getenv("POD_NAME"), "this agent's pod (default $POD_NAME): at SIGTERM, uninstall only if its DaemonSet is being deleted")
@@ -129,22 +132,7 @@ func run(cleanup bool, args []string) error {
 	if o.decideTimeout <= 0 {
 		return fmt.Errorf("--uninstall-decision-timeout %s: want a positive duration", o.decideTimeout)
 	}
-	if cleanup {
-		ipt, err := rules.NewSystem()
-		if err != nil {
-			return err
-		}
-		k, err := xfrm.OpenNetlink()
-		if err != nil {
-			return err
-		}
-		defer k.Close()
-		res, err := agent.Cleanup(k, ipt, dp)
-		log.Info("cleanup", "statesDeleted", res.StatesDeleted, "policiesDeleted", res.PoliciesDeleted, "error", err)
-		return err
-	}
-
-	if o.nodeName == "" {
+	if !cleanup && o.nodeName == "" {
 		return errors.New("--node-name is empty and $NODE_NAME is not set")
 	}
 	var detect func() (int, string, error)
@@ -156,6 +144,41 @@ func run(cleanup bool, args []string) error {
 		detect = func() (int, string, error) { return budget.DetectExternalMTU(re) }
 	} else if _, err := budget.Budget(o.externalMTU, o.icv); err != nil {
 		return fmt.Errorf("--external-mtu %d: %w", o.externalMTU, err)
+	}
+
+	if o.ledgerDir == "" {
+		return errors.New("--ledger-dir is empty")
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	// One agent (or cleanup) per node at a time: an old pod still running while a new one
+	// starts must not program the kernel, nor keep its own view of the ledger.
+	lock, err := ledger.WaitLock(ctx, o.ledgerDir, 500*time.Millisecond, func() {
+		log.Warn("another secureoverlay-agent on this node holds the ledger lock; waiting for it to exit", "dir", o.ledgerDir)
+	})
+	if err != nil {
+		return fmt.Errorf("ledger lock: %w", err)
+	}
+	defer lock.Unlock()
+	if cleanup {
+		ipt, err := rules.NewSystem()
+		if err != nil {
+			return err
+		}
+		k, err := xfrm.OpenNetlink()
+		if err != nil {
+			return err
+		}
+		defer k.Close()
+		res, err := agent.Cleanup(k, ipt, dp)
+		if err == nil {
+			// The kernel holds nothing of ours: the node keeps no ledger either (the
+			// next agent starts a new epoch; had we kept it, the next agent would find
+			// the recorded keys missing and start one anyway).
+			err = ledger.RemoveFile(o.ledgerDir)
+		}
+		log.Info("cleanup", "statesDeleted", res.StatesDeleted, "policiesDeleted", res.PoliciesDeleted, "error", err)
+		return err
 	}
 
 	cfg, err := kubeconfig.Load(o.kubeconfig)
@@ -185,7 +208,7 @@ func run(cleanup bool, args []string) error {
 	src := watch.New(watch.Config{Client: client, Dynamic: dc, Namespace: o.namespace, SecretName: o.secretName,
 		Self: o.nodeName, Logger: log})
 	ag, err := agent.New(agent.Config{NodeName: o.nodeName, Dataplane: dp, ResyncInterval: o.resync,
-		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU},
+		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU, LedgerDir: o.ledgerDir},
 		agent.Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(xk, dp), Rules: rules.NewApplier(ipt),
 			DetectMTU: detect, Logger: log})
 	if err != nil {
@@ -204,8 +227,7 @@ func run(cleanup bool, args []string) error {
 		log.Warn("pod identity unknown ($POD_NAME/$POD_NAMESPACE unset): SIGTERM will always leave the data plane as it is")
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
+	defer ag.Close()
 	if o.metricsAddr != "" {
 		srv := &http.Server{Addr: o.metricsAddr, Handler: ag.Handler(), ReadHeaderTimeout: 5 * time.Second}
 		go func() {

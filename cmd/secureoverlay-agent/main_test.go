@@ -109,6 +109,7 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	}
 
 	bin := filepath.Join(t.TempDir(), "secureoverlay-agent")
+	ledgerDir := t.TempDir()
 	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
 	if out, err := exec.Command(gobin, "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
@@ -175,7 +176,7 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	}
 
 	var stderr strings.Builder
-	cmd := exec.Command(bin, "--kubeconfig", kcPath, "--node-name", "a", "--external-mtu", "1500", "--metrics-addr", "127.0.0.1:19467", "--resync-interval", "1h")
+	cmd := exec.Command(bin, "--kubeconfig", kcPath, "--node-name", "a", "--external-mtu", "1500", "--metrics-addr", "127.0.0.1:19467", "--resync-interval", "1h", "--ledger-dir", ledgerDir)
 	cmd.Stderr = &stderr
 	if err := netns.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
 		t.Fatal(err)
@@ -290,7 +291,7 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	}
 	stderr2 := &testutil.SyncBuffer{}
 	cmd2 := exec.Command(bin, "--kubeconfig", kcPath, "--node-name", "a", "--external-mtu", "1500", "--metrics-addr", "",
-		"--resync-interval", "1h", "--pod-name", "agent-x", "--pod-namespace", api.Namespace, "--uninstall-step", "500ms")
+		"--resync-interval", "1h", "--ledger-dir", ledgerDir, "--pod-name", "agent-x", "--pod-namespace", api.Namespace, "--uninstall-step", "500ms")
 	cmd2.Stderr = stderr2
 	if err := netns.Do(func(ns.NetNS) error { return cmd2.Start() }); err != nil {
 		t.Fatal(err)
@@ -336,13 +337,16 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	t.Logf("DaemonSet deleted, SIGTERM → exit after %v, nothing of ours left", took.Round(time.Millisecond))
 
 	// cleanup removes ours, not the foreign policy.
-	clean := exec.Command(bin, "cleanup")
+	clean := exec.Command(bin, "cleanup", "--ledger-dir", ledgerDir)
 	out, err := testutil.InNS(netns, func() ([]byte, error) { return clean.CombinedOutput() })
 	if err != nil {
 		t.Fatalf("cleanup: %v\n%s", err, out)
 	}
 	if after := ourPolicies(t, netns); len(after) != 0 {
 		t.Errorf("after cleanup: %v", after)
+	}
+	if _, err := os.Stat(filepath.Join(ledgerDir, "ledger")); !os.IsNotExist(err) {
+		t.Errorf("cleanup left the sa key ledger: %v", err)
 	}
 	all, err := testutil.InNS(netns, func() ([]netlink.XfrmPolicy, error) { return netlink.XfrmPolicyList(netlink.FAMILY_V4) })
 	if err != nil || len(all) != 1 || all[0].Priority != 100 {

@@ -423,6 +423,9 @@ func (l *Lab) KillMaster(m int) error {
 // agentLog is node i's agent log in the guest.
 func agentLog(i int) string { return fmt.Sprintf("/tmp/e2e/agent-node%d.log", i) }
 
+// LedgerDir is node i's agent ledger directory in the guest.
+func LedgerDir(i int) string { return fmt.Sprintf("/run/secureoverlay-node%d", i) }
+
 // AgentMetricsPort is node i's agent metrics port (inside its namespace).
 func AgentMetricsPort(i int) int { return 9470 + i }
 
@@ -441,8 +444,10 @@ func (l *Lab) StartAgent(ctx context.Context, i int) error {
 	if err := l.VM.WriteFile(ctx, path, kc, 0o600); err != nil {
 		return err
 	}
-	cmd := fmt.Sprintf("exec ip netns exec %s %s/secureoverlay-agent --kubeconfig %s --node-name %s --metrics-addr :%d --resync-interval %s",
-		lab.NodeNS(i), lab.GuestBinDir, path, lab.NodeNS(i), AgentMetricsPort(i), l.cfg.AgentResync)
+	// Each node namespace shares the guest's file system: its own ledger directory stands
+	// for the node's /run/secureoverlay (kept across agent restarts, gone at a reboot).
+	cmd := fmt.Sprintf("exec ip netns exec %s %s/secureoverlay-agent --kubeconfig %s --node-name %s --metrics-addr :%d --resync-interval %s --ledger-dir %s",
+		lab.NodeNS(i), lab.GuestBinDir, path, lab.NodeNS(i), AgentMetricsPort(i), l.cfg.AgentResync, LedgerDir(i))
 	pid, err := l.VM.Background(ctx, cmd, agentLog(i))
 	if err != nil {
 		return err

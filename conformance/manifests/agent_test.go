@@ -36,6 +36,7 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 	cfg := podBoundConfig(t, c, cs, "node-a")
 	cfg.Host = "https://" + testutil.NSProxy(t, netns, strings.TrimPrefix(c.Host(), "https://"))
 	kcfg := writeKubeconfig(t, cfg)
+	ledgerDir := t.TempDir()
 	ctx := context.Background()
 
 	const metricsAddr = "127.0.0.1:19467" // inside the fresh namespace
@@ -61,7 +62,7 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 		t.Helper()
 		var log testutil.SyncBuffer
 		cmd := exec.Command(bin, "--kubeconfig", kcfg, "--node-name", node, "--namespace", api.Namespace,
-			"--external-mtu", "1500", "--metrics-addr", metricsAddr, "--resync-interval", "1h")
+			"--external-mtu", "1500", "--metrics-addr", metricsAddr, "--resync-interval", "1h", "--ledger-dir", ledgerDir)
 		cmd.Stdout, cmd.Stderr = &log, &log
 		if err := netns.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
 			t.Fatal(err)

@@ -246,7 +246,7 @@ func checkInvariants(t *testing.T, objs []object) {
 		vols[v.Name] = v.HostPath
 	}
 	for name, want := range map[string]corev1.HostPathType{"cni-bin": corev1.HostPathDirectoryOrCreate, "cni-net": corev1.HostPathDirectoryOrCreate,
-		"xtables-lock": corev1.HostPathFileOrCreate, "var-lib-calico": corev1.HostPathDirectoryOrCreate} {
+		"xtables-lock": corev1.HostPathFileOrCreate, "var-lib-calico": corev1.HostPathDirectoryOrCreate, "ledger": corev1.HostPathDirectoryOrCreate} {
 		if v := vols[name]; v == nil || v.Type == nil || *v.Type != want {
 			t.Errorf("agent: hostPath %s must be %s", name, want)
 		}
@@ -265,6 +265,14 @@ func checkInvariants(t *testing.T, objs []object) {
 	if vm, ok := am["xtables-lock"]; !ok || vm.ReadOnly || vm.MountPath != "/run/xtables.lock" {
 		t.Errorf("agent: /run/xtables.lock must be mounted writable")
 	}
+	// The SA key ledger must outlive the container (docs/keys.md, "No key twice"), on the
+	// node's /run (gone at reboot), at the path the agent is told.
+	if vm, ok := am["ledger"]; !ok || vm.ReadOnly || vm.MountPath != "/run/secureoverlay" || vols["ledger"] == nil || vols["ledger"].Path != "/run/secureoverlay" {
+		t.Errorf("agent: the ledger hostPath /run/secureoverlay must be mounted writable at /run/secureoverlay")
+	}
+	if !slices.Contains(agent.Command, "--ledger-dir=/run/secureoverlay") {
+		t.Errorf("agent: command must pass --ledger-dir=/run/secureoverlay")
+	}
 	for _, c := range []*corev1.Container{sidecar, &p.InitContainers[0]} {
 		m := mounts(c)
 		for _, v := range []string{"cni-bin", "cni-net"} {
@@ -276,8 +284,8 @@ func checkInvariants(t *testing.T, objs []object) {
 			t.Errorf("%s: mounts %v, want only the CNI dirs", c.Name, c.VolumeMounts)
 		}
 	}
-	if len(am) != 2 {
-		t.Errorf("agent: mounts %v, want only the xtables lock and Calico's dir", agent.VolumeMounts)
+	if len(am) != 3 {
+		t.Errorf("agent: mounts %v, want only the xtables lock, Calico's dir and the ledger", agent.VolumeMounts)
 	}
 
 	// Master Deployment.

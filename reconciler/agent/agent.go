@@ -45,7 +45,9 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/budget"
+	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
@@ -67,10 +69,9 @@ type Xfrm interface {
 	Apply(desired.State) (xfrm.Result, error)
 	QueueResync()
 	Observed() []xfrm.KernelSA
-	// StartEpoch forgets the previous SA epoch's keys; MarkInstalled records SAs as
-	// installed in the current one (Apply refuses to re-create them: xfrm.ErrKeyReuse).
-	StartEpoch()
-	MarkInstalled([]desired.SA)
+	// SetLedger makes Apply record every key in l before installing it, and refuse a key
+	// l already holds (xfrm.ErrKeyReuse).
+	SetLedger(l xfrm.KeyLedger)
 }
 
 // Rules is the iptables applier of the plaintext-IPIP rules (rules.Applier).
@@ -94,6 +95,9 @@ type Config struct {
 	ExternalMTU int
 	// RetryMin/RetryMax bound the backoff after a failed sync (default 500ms, 30s).
 	RetryMin, RetryMax time.Duration
+	// LedgerDir holds this node's SA key ledger (package ledger; the binary's default is
+	// ledger.DefaultDir). The process must hold its lock (ledger.WaitLock). Required.
+	LedgerDir string
 }
 
 // Deps are the agent's collaborators.
@@ -151,12 +155,11 @@ type Agent struct {
 	// computes its lower modes from them.
 	lastIn    *desired.Inputs
 	lastNotes string // not-covered and skipped objects, logged when they change
-	// epoch is this node's SA epoch ("" until the first sync chooses one); seed, when
-	// set, is the previous report whose claimed SAs the next sync marks as installed in
-	// the adopted epoch (docs/keys.md, "Incarnations and epochs"). Only the sync worker
-	// (and Uninstall after Run) touch them; mu guards reads from elsewhere.
+	// led is this node's SA key ledger, opened by the first sync that sees this node's
+	// Node (nil before); epoch is its SA epoch (docs/keys.md, "No key twice"). Only the
+	// sync worker (and Uninstall after Run) touch led; mu guards epoch for readers.
+	led   *ledger.Ledger
 	epoch string
-	seed  *watch.Report
 	// hold lists the peers this node was encrypting to when it lost SA state and took a
 	// new epoch: their outbound plaintext drop rule stays (enforce) until they report
 	// ready for the new keys (desired.Inputs.HoldPlaintext).
@@ -189,6 +192,9 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	}
 	if cfg.RetryMax <= 0 {
 		cfg.RetryMax = 30 * time.Second
+	}
+	if cfg.LedgerDir == "" {
+		return nil, errors.New("agent: no ledger directory (the binary's --ledger-dir)")
 	}
 	if d.Metrics == nil {
 		d.Metrics = NewMetrics("")
@@ -330,7 +336,12 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 
 	b, berr := a.currentBudget(full)
 	snap := src.Snapshot()
-	a.chooseEpoch(&snap)
+	if err := a.openLedger(&snap); err != nil {
+		return a.fail(ctx, err)
+	}
+	if err := a.checkRing(&snap); err != nil {
+		return a.fail(ctx, err)
+	}
 	var (
 		in   desired.Inputs
 		st   desired.State
@@ -349,10 +360,6 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 		st, err = desired.Compute(in)
 		if err != nil {
 			return a.fail(ctx, fmt.Errorf("compute desired state: %w", err))
-		}
-		if a.seed != nil {
-			a.d.Xfrm.MarkInstalled(claimedSAs(st, a.seed, &snap))
-			a.seed = nil
 		}
 		// Order (docs/dataplane.md §8): rules that stay, xfrm, then the new rules, so an
 		// outbound drop rule never outlives the policy it backs and a new drop rule
@@ -376,11 +383,14 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 		res, xerr = a.d.Xfrm.Apply(st)
 		a.countWrites(res)
 		if errors.Is(xerr, xfrm.ErrKeyReuse) && attempt == 0 {
-			// An SA of this epoch is gone from the kernel (another tool flushed it, or
-			// it was removed and is wanted again): re-creating it would restart its
-			// sequence under the same key. Change every key instead (Apply wrote
-			// nothing) and apply the new state at once.
-			a.newEpoch("lost", xerr)
+			// An SA of this epoch is gone from the kernel (another tool flushed it, the
+			// agent restarted after cleanup or a crash, or it was removed and is wanted
+			// again): re-creating it would restart its sequence under the same key.
+			// Change every key instead (Apply wrote nothing) and apply the new state at
+			// once.
+			if err := a.newEpoch("lost", xerr); err != nil {
+				return a.fail(ctx, err)
+			}
 			a.d.Xfrm.QueueResync()
 			full = true
 			continue
@@ -575,60 +585,117 @@ func (a *Agent) previous() *watch.Report {
 	return ni.CurrentReport()
 }
 
-// chooseEpoch picks this node's SA epoch on the first sync that sees its Node: the
-// previous report's epoch if that report is current (same boot ID and Node UID), with the
-// SAs it claims to be marked installed (seed) so that a claimed SA missing from the
-// kernel (cleanup, or state lost while the agent was down) forces a new epoch instead of
-// being re-created; otherwise a new random epoch.
-func (a *Agent) chooseEpoch(snap *watch.Snapshot) {
-	a.mu.Lock()
-	have := a.epoch != ""
-	a.mu.Unlock()
-	if have {
-		return
+// openLedger opens this node's SA key ledger on the first sync that sees its Node
+// (docs/keys.md, "No key twice"). A ledger made in this boot for this Node object is
+// adopted with its epoch: a restart keeps the kernel's SAs, and no key it recorded is ever
+// installed again. Otherwise (first start, reboot, Node re-created, ledger removed by
+// cleanup or damaged) a new random epoch starts: every key this node derives is new. The
+// ring history is seeded from this node's last report, whatever boot made it.
+func (a *Agent) openLedger(snap *watch.Snapshot) error {
+	if a.led != nil {
+		return nil
 	}
 	me := snap.Node(a.cfg.NodeName)
-	if me == nil || me.Incarnation == "" {
-		return // Inputs/Compute fail and say why; no epoch yet
+	if me == nil {
+		return fmt.Errorf("node %q: not found in the API", a.cfg.NodeName)
 	}
-	if r := me.CurrentReport(); r != nil && r.Epoch != "" {
-		a.mu.Lock()
-		a.epoch = r.Epoch
-		a.mu.Unlock()
-		a.seed = r
-		a.d.Xfrm.StartEpoch()
-		a.d.Metrics.Epochs.WithLabelValues("adopted").Inc()
-		a.log.Info("SA epoch adopted from this node's report", "epoch", r.Epoch)
-		return
+	if me.Incarnation == "" || me.UID == "" {
+		return fmt.Errorf("node %q: no boot ID (status.nodeInfo.bootID) or uid yet", a.cfg.NodeName)
 	}
-	a.newEpoch("new", nil)
+	var seed keys.History
+	if r := me.Report; r != nil {
+		for _, g := range r.Generations {
+			seed.High = max(seed.High, g)
+		}
+	}
+	l, why, err := ledger.Open(a.cfg.LedgerDir, ledger.Identity{Node: me.Name, BootID: me.Incarnation, UID: me.UID}, watch.NewEpoch, seed)
+	if err != nil {
+		return fmt.Errorf("open the sa key ledger: %w", err)
+	}
+	a.led = l
+	a.d.Xfrm.SetLedger(l)
+	a.mu.Lock()
+	a.epoch = l.Epoch()
+	a.mu.Unlock()
+	a.d.Metrics.Epochs.WithLabelValues(why).Inc()
+	switch why {
+	case ledger.ReasonAdopted:
+		a.log.Info("SA epoch adopted from this node's ledger", "epoch", l.Epoch(), "keys", l.Len(), "dir", a.cfg.LedgerDir)
+	case ledger.ReasonNew:
+		a.log.Info("new SA epoch", "epoch", l.Epoch(), "reason", "no ledger in this boot", "dir", a.cfg.LedgerDir)
+	default:
+		a.log.Warn("new SA epoch: the ledger was not usable, every key of this node changes", "epoch", l.Epoch(), "reason", why, "dir", a.cfg.LedgerDir)
+	}
+	if why != ledger.ReasonAdopted {
+		// A restart in the same boot whose ledger is gone: the kernel may hold SAs the
+		// peers still use; hold the plaintext drops toward them as after lost state.
+		if r := me.CurrentReport(); r != nil && len(r.EncryptingTo) > 0 {
+			a.holdPrevious()
+		}
+	}
+	return nil
+}
+
+// checkRing refuses a ring older than one this node accepted before (a Secret restored
+// from a backup or edited): no key is derived from it and the kernel is left as it is.
+// An accepted ring's history is recorded in the ledger before it is used.
+func (a *Agent) checkRing(snap *watch.Snapshot) error {
+	if snap.Ring == nil {
+		return nil // Inputs says why
+	}
+	h := a.led.History()
+	if err := h.Check(snap.Ring); err != nil {
+		a.d.Metrics.RingRefused.Inc()
+		return fmt.Errorf("refusing the key ring (kernel left as it is; restore the newest Secret or let the master rewrite it): %w", err)
+	}
+	if err := a.led.SetHistory(h.Observe(snap.Ring)); err != nil {
+		return fmt.Errorf("record the key ring history in the ledger: %w", err)
+	}
+	return nil
 }
 
 // newEpoch switches to a fresh random SA epoch: every key this node derives changes.
 // After lost state, the peers the last published report encrypted to are held (no
 // plaintext to them in enforce) until they are ready for the new keys.
-func (a *Agent) newEpoch(reason string, cause error) {
-	if reason == "lost" {
-		a.hold = nil
-		if p := a.previous(); p != nil {
-			for name := range p.EncryptingTo {
-				a.hold = append(a.hold, name)
-			}
-			slices.Sort(a.hold)
-		}
-	}
+func (a *Agent) newEpoch(reason string, cause error) error {
 	e := watch.NewEpoch()
 	a.mu.Lock()
 	old := a.epoch
+	a.mu.Unlock()
+	if err := a.led.NewEpoch(e); err != nil {
+		return fmt.Errorf("start a new sa epoch: %w", err)
+	}
+	if reason == "lost" {
+		a.holdPrevious()
+	}
+	a.mu.Lock()
 	a.epoch = e
 	a.mu.Unlock()
-	a.seed = nil
-	a.d.Xfrm.StartEpoch()
 	a.d.Metrics.Epochs.WithLabelValues(reason).Inc()
 	if cause != nil {
 		a.log.Warn("new SA epoch: every key of this node changes", "epoch", e, "previous", old, "reason", reason, "cause", cause)
 	} else {
 		a.log.Info("new SA epoch", "epoch", e, "reason", reason)
+	}
+	return nil
+}
+
+// holdPrevious holds the plaintext drop toward every peer the last published report was
+// encrypting to (docs/dataplane.md §5).
+func (a *Agent) holdPrevious() {
+	a.hold = nil
+	if p := a.previous(); p != nil {
+		for name := range p.EncryptingTo {
+			a.hold = append(a.hold, name)
+		}
+		slices.Sort(a.hold)
+	}
+}
+
+// Close releases the ledger file (the process's lock is the caller's).
+func (a *Agent) Close() {
+	if a.led != nil {
+		a.led.Close()
 	}
 }
 
@@ -657,23 +724,6 @@ func (a *Agent) Epoch() string {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.epoch
-}
-
-// claimedSAs returns the SAs of st that report prev claims were installed: those of the
-// generations it lists toward the peers whose inboundFrom tag matches the peer's current
-// key incarnation. (Inbound and outbound SAs of a pair are installed together.)
-func claimedSAs(st desired.State, prev *watch.Report, snap *watch.Snapshot) []desired.SA {
-	var out []desired.SA
-	for _, sa := range st.SAs {
-		n := snap.Node(sa.Peer)
-		if n == nil || !slices.Contains(prev.Generations, sa.Generation) {
-			continue
-		}
-		if tag := watch.IncarnationTag(n.KeyIncarnation()); tag != "" && prev.InboundFrom[sa.Peer] == tag {
-			out = append(out, sa)
-		}
-	}
-	return out
 }
 
 // publishError sets Error on the previous claims (or on an empty report claiming nothing)

@@ -37,6 +37,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
@@ -68,6 +69,20 @@ func testNode(name, ip, boot string) *corev1.Node {
 	n.Status.NodeInfo.BootID = boot
 	n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
 	return n
+}
+
+// seededLedger is a ledger directory whose ledger an earlier agent of testNode(name, ip,
+// boot) made in this boot, with SA epoch "e-NAME" and no keys yet: the agent adopts that
+// epoch, as its report on the Node says.
+func seededLedger(t *testing.T, name, boot string) string {
+	t.Helper()
+	dir := t.TempDir()
+	l, _, err := ledger.Open(dir, ledger.Identity{Node: name, BootID: boot, UID: "uid-" + name}, func() string { return "e-" + name }, keys.History{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	return dir
 }
 
 // testInc is the key incarnation of a testNode whose agent kept its epoch.
@@ -136,6 +151,9 @@ func newEnv(t *testing.T, mode api.Mode, cfg Config) *env {
 		cfg.ExternalMTU = 1500
 	}
 	cfg.RetryMin, cfg.RetryMax = 10*time.Millisecond, 50*time.Millisecond
+	if cfg.LedgerDir == "" {
+		cfg.LedgerDir = seededLedger(t, "a", "boot-a")
+	}
 	e.now.Store(time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC).UnixNano())
 	e.a, err = New(cfg, Deps{Client: e.cs, Source: e.src, Xfrm: xfrm.NewApplier(e.xk, cfg.Dataplane),
 		Rules: rules.NewApplier(e.rk), Metrics: e.m, Now: func() time.Time { return time.Unix(0, e.now.Load()) }})

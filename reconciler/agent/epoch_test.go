@@ -50,6 +50,7 @@ func (e *env) sync(ctx context.Context) {
 func (e *env) restart() {
 	e.t.Helper()
 	var err error
+	e.a.Close() // the old process is gone (its ledger file handle with it)
 	e.m = NewMetrics(filepath.Join(e.t.TempDir(), "missing-xfrm_stat"))
 	e.a, err = New(e.a.cfg, Deps{Client: e.cs, Source: e.src, Xfrm: xfrm.NewApplier(e.xk, e.a.cfg.Dataplane),
 		Rules: rules.NewApplier(e.rk), Metrics: e.m, Now: func() time.Time { return time.Unix(0, e.now.Load()) }})

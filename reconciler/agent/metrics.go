@@ -28,10 +28,13 @@ type Metrics struct {
 	Peers        *prometheus.GaugeVec // state=expected|encrypted|inbound|dropping|skipped
 	NotCovered   prometheus.Gauge
 	ReportWrites *prometheus.CounterVec // reason=changed|heartbeat, result
-	// Epochs counts SA epochs chosen: reason=new (no usable previous report), adopted (a
-	// restart kept the previous epoch), lost (an SA of the epoch was missing: every key
-	// changes).
+	// Epochs counts SA epochs chosen: reason=new (no ledger in this boot), adopted (a
+	// restart kept the ledger's epoch), other or damaged (the ledger was made for another
+	// boot or Node object, or did not parse), lost (an SA of the epoch was missing: every
+	// key changes).
 	Epochs *prometheus.CounterVec
+	// RingRefused counts syncs that refused a key ring older than one already accepted.
+	RingRefused prometheus.Counter
 
 	mu    sync.Mutex
 	drops []PlaintextCount
@@ -62,8 +65,10 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 	m.Peers = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "peers", Help: "Peers by state (expected, encrypted, inbound, dropping, skipped)."}, []string{"state"})
 	m.NotCovered = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "not_covered", Help: "Traffic classes the desired state leaves in plaintext (Never pools, BGP peers outside the cluster, ...)."})
 	m.ReportWrites = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "report_writes_total", Help: "Node report annotation patches."}, []string{"reason", "result"})
-	m.Epochs = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "sa_epochs_total", Help: "SA epochs chosen, by reason (new, adopted, lost)."}, []string{"reason"})
+	m.Epochs = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "sa_epochs_total", Help: "SA epochs chosen, by reason (new, adopted, other, damaged, lost)."}, []string{"reason"})
 	m.Registry.MustRegister(m.Epochs)
+	m.RingRefused = prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "ring_refused_total", Help: "Syncs that refused a key ring older than one this node accepted before (a restored or edited Secret)."})
+	m.Registry.MustRegister(m.RingRefused)
 	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,
 		m.SyncError, m.Mode, m.BudgetMTU, m.ExternalMTU, m.Peers, m.NotCovered, m.ReportWrites,
 		&xfrmStatCollector{path: xfrmStatPath}, &dropCollector{m: m},

@@ -35,6 +35,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
@@ -274,17 +275,25 @@ func annotateReport(t *testing.T, cfg *rest.Config, name string, mk func(uid str
 }
 
 // seedSelf leaves node a an empty report with SA epoch "e-a" made for its current Node
-// object (as an earlier agent that claimed nothing would have) and returns a's key
-// incarnation, so peers' reports can name it before the agent starts.
-func seedSelf(t *testing.T, cfg *rest.Config, boot string) string {
+// object, and a ledger directory with that epoch and no keys (as an earlier agent that
+// claimed nothing would have). It returns a's key incarnation, so peers' reports can name
+// it before the agent starts, and the ledger directory for every agent process of a.
+func seedSelf(t *testing.T, cfg *rest.Config, boot string) (inc, ledgerDir string) {
 	t.Helper()
-	var inc string
+	var uidA string
 	annotateReport(t, cfg, "a", func(uid string) string {
+		uidA = uid
 		inc = watch.KeyIncarnation(boot, uid, "e-a")
 		b, _ := json.Marshal(watch.Report{NodeReport: api.NodeReport{Mode: api.ModeOff, Incarnation: boot, UID: uid, Epoch: "e-a"}})
 		return string(b)
 	})
-	return inc
+	ledgerDir = t.TempDir()
+	l, _, err := ledger.Open(ledgerDir, ledger.Identity{Node: "a", BootID: boot, UID: uidA}, func() string { return "e-a" }, keys.History{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.Close()
+	return inc, ledgerDir
 }
 
 // createPeer creates peer node name whose agent reports a's SAs installed both ways.
@@ -341,7 +350,7 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "a", IPv4: "198.18.0.1", BootID: "boot-a"})
-	incA := seedSelf(t, c.AdminConfig(), "boot-a")
+	incA, ledgerDir := seedSelf(t, c.AdminConfig(), "boot-a")
 	createPeer(t, c.AdminConfig(), "b", "198.18.0.2", "boot-b", incA)
 
 	dp := desired.Config{}.WithDefaults()
@@ -362,7 +371,7 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 		client := kubernetes.NewForConfigOrDie(saCfg)
 		m := NewMetrics("")
 		src := watch.New(watch.Config{Client: client, Dynamic: dynamic.NewForConfigOrDie(saCfg), Self: "a", DiscoveryRetry: 200 * time.Millisecond})
-		a, err := New(Config{NodeName: "a", Dataplane: dp, ResyncInterval: resync, ExternalMTU: 1500},
+		a, err := New(Config{NodeName: "a", Dataplane: dp, ResyncInterval: resync, ExternalMTU: 1500, LedgerDir: ledgerDir},
 			Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(kern, dp), Rules: rules.NewApplier(ipt), Metrics: m,
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))})
 		if err != nil {

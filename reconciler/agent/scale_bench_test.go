@@ -146,7 +146,7 @@ func startAgent(t *testing.T, cfg *rest.Config, k xfrm.Kernel, qps float32, burs
 	client := kubernetes.NewForConfigOrDie(ac)
 	src := watch.New(watch.Config{Client: client, Dynamic: dynamic.NewForConfigOrDie(ac), Self: cluster.Name(0), DiscoveryRetry: 200 * time.Millisecond})
 	dp := desired.Config{}.WithDefaults()
-	a, err := agent.New(agent.Config{NodeName: cluster.Name(0), Dataplane: dp, ResyncInterval: time.Hour, ExternalMTU: 1500},
+	a, err := agent.New(agent.Config{NodeName: cluster.Name(0), Dataplane: dp, ResyncInterval: time.Hour, ExternalMTU: 1500, LedgerDir: t.TempDir()},
 		agent.Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(k, dp), Rules: rules.NewApplier(rules.NewFake()),
 			Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {

@@ -56,7 +56,7 @@ func TestJoinCostInALargeCluster(t *testing.T) {
 	src := watch.New(watch.Config{Self: names[0], Client: cs, Dynamic: dc})
 	xk := xfrm.NewFake()
 	m := NewMetrics("")
-	a, err := New(Config{NodeName: names[0], ExternalMTU: 1500}, Deps{Client: cs, Source: src, Xfrm: xfrm.NewApplier(xk, desired.Config{}),
+	a, err := New(Config{NodeName: names[0], ExternalMTU: 1500, LedgerDir: t.TempDir()}, Deps{Client: cs, Source: src, Xfrm: xfrm.NewApplier(xk, desired.Config{}),
 		Rules: rules.NewApplier(rules.NewFake()), Metrics: m, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)

@@ -84,17 +84,17 @@ func (a *Agent) uninstallInputs() (desired.Inputs, string, error) {
 		return desired.Inputs{}, "", errors.New("no sync succeeded and the caches never synced: the state the kernel holds is unknown")
 	}
 	snap := a.d.Source.Snapshot()
-	a.chooseEpoch(&snap) // the previous report's epoch when current: the SAs it names
+	// The ledger's epoch (adopted in this boot) derives the SAs the kernel holds; its keys
+	// are never re-created by the walk-down either.
+	if err := a.openLedger(&snap); err != nil {
+		return desired.Inputs{}, "", fmt.Errorf("no sync succeeded and the ledger is unusable: %w", err)
+	}
+	if err := a.checkRing(&snap); err != nil {
+		return desired.Inputs{}, "", fmt.Errorf("no sync succeeded and the cached ring is refused: %w", err)
+	}
 	in, err := watch.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane, a.Epoch())
 	if err != nil {
 		return desired.Inputs{}, "", fmt.Errorf("no sync succeeded and the cached inputs are unusable: %w", err)
-	}
-	if a.seed != nil {
-		// The walk-down only removes, but never let it re-create a claimed SA either.
-		if st, cerr := desired.Compute(in); cerr == nil {
-			a.d.Xfrm.MarkInstalled(claimedSAs(st, a.seed, &snap))
-		}
-		a.seed = nil
 	}
 	return in, "the cached inputs (no sync succeeded in this process)", nil
 }
@@ -158,6 +158,13 @@ func (a *Agent) Uninstall(ctx context.Context, step time.Duration) error {
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("uninstall: %w", err)
+	}
+	if a.led != nil {
+		// Nothing of ours is in the kernel: the node keeps no record either. A later
+		// install starts a new epoch.
+		if err := a.led.Remove(); err != nil {
+			a.log.Warn("uninstall: cannot remove the sa key ledger", "error", err)
+		}
 	}
 	a.log.Info("uninstall: nothing of ours is left in the kernel")
 	return nil

@@ -191,7 +191,7 @@ func TestUninstallDataPath(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		n.ag, err = New(Config{NodeName: n.name, Dataplane: dp, ExternalMTU: 1500},
+		n.ag, err = New(Config{NodeName: n.name, Dataplane: dp, ExternalMTU: 1500, LedgerDir: t.TempDir()},
 			Deps{Client: fake.NewClientset(), Source: idleSource{}, Xfrm: xfrm.NewApplier(netnsKernel{n.netns}, dp),
 				Rules: rules.NewApplier(nsIPT{ns: n.netns, sys: sys}), Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))})
 		if err != nil {

@@ -111,7 +111,8 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "a", IPv4: "198.18.0.1", BootID: "boot-a"})
-	createPeer(t, c.AdminConfig(), "b", "198.18.0.2", "boot-b", seedSelf(t, c.AdminConfig(), "boot-a"))
+	incA, ledgerDir := seedSelf(t, c.AdminConfig(), "boot-a")
+	createPeer(t, c.AdminConfig(), "b", "198.18.0.2", "boot-b", incA)
 
 	// The DaemonSet and its pods, by hand (the harness runs no controllers). A finalizer
 	// keeps a deleted pod Terminating, as the kubelet does while the pod shuts down.
@@ -165,7 +166,7 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 		t.Helper()
 		client := kubernetes.NewForConfigOrDie(saCfg)
 		src := watch.New(watch.Config{Client: client, Dynamic: dynamic.NewForConfigOrDie(saCfg), Self: "a", DiscoveryRetry: 200 * time.Millisecond})
-		a, err := New(Config{NodeName: "a", Dataplane: dp, ResyncInterval: time.Hour, ExternalMTU: 1500},
+		a, err := New(Config{NodeName: "a", Dataplane: dp, ResyncInterval: time.Hour, ExternalMTU: 1500, LedgerDir: ledgerDir},
 			Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(kern, dp), Rules: rules.NewApplier(ipt),
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, nil)),
 				Sleep: func(ctx context.Context, d time.Duration) error {

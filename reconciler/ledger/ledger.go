@@ -459,3 +459,17 @@ func parse(data []byte) (h header, used map[Fingerprint]uint32, hist keys.Histor
 	}
 	return h, used, hist, good, nil
 }
+
+// Release forgets f in memory only: the kernel definitely did not install it (its add was
+// refused), so the caller may try it again in this process. The file keeps the entry, so a
+// later process treats the key as used: a superset of the installed keys is safe.
+func (l *Ledger) Release(f Fingerprint) { delete(l.used, f) }
+
+// RemoveFile deletes dir's ledger without opening it (`secureoverlay-agent cleanup`, which
+// holds the lock).
+func RemoveFile(dir string) error {
+	if err := os.Remove(filepath.Join(dir, fileName)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove ledger: %w", err)
+	}
+	return nil
+}

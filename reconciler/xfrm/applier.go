@@ -1,14 +1,15 @@
 package xfrm
 
 import (
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
+	"syscall"
 
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 )
 
 // Result counts what one Apply did.
@@ -44,17 +45,66 @@ type Applier struct {
 	foreignPolicies map[policyID]bool
 	needFull        bool
 	observed        []KernelSA
-	// used holds a SHA-256 fingerprint of the key of every SA added, adopted or marked
-	// (MarkInstalled) in the current SA epoch; an SA with one of these keys is never
-	// written again (its ESP sequence, and so its GCM IVs, would restart). Fingerprints
-	// stay in memory and are never printed.
-	used map[[32]byte]struct{}
+	// ledger remembers, outside the process, the fingerprint of every key installed in
+	// the current SA epoch; an SA with one of these keys is never written again (its ESP
+	// sequence, and so its GCM IVs, would restart; an inbound SA's replay window would
+	// reset). Keys are recorded there before they are written (write-ahead).
+	ledger KeyLedger
+}
+
+// KeyLedger is the applier's memory of the keys installed in the current SA epoch
+// (ledger.Ledger in the agent, kept in a file on the node so that it survives restarts;
+// MemoryLedger in tests). Record must be durable when it returns.
+//
+// Release is called for a key the kernel definitely did not install (it answered the add
+// with an error): the ledger may forget it in memory, so that the next Apply retries it
+// instead of changing the epoch. The durable record keeps it (a superset is safe).
+type KeyLedger interface {
+	Installed(ledger.Fingerprint) bool
+	Record([]ledger.Entry) error
+	Release(ledger.Fingerprint)
+}
+
+// MemoryLedger is a KeyLedger that lives as long as the process (tests, benchmarks and
+// cleanup, which installs nothing).
+type MemoryLedger map[ledger.Fingerprint]uint32
+
+// Installed implements KeyLedger.
+func (m MemoryLedger) Installed(f ledger.Fingerprint) bool { _, ok := m[f]; return ok }
+
+// Record implements KeyLedger.
+func (m MemoryLedger) Record(es []ledger.Entry) error {
+	for _, e := range es {
+		m[e.Key] = e.Generation
+	}
+	return nil
+}
+
+// Release implements KeyLedger.
+func (m MemoryLedger) Release(f ledger.Fingerprint) { delete(m, f) }
+
+// refused reports whether err is the kernel's definite answer that it did not add the SA
+// (an errno in the netlink acknowledgement), as opposed to a failure that leaves it
+// unknown whether the add happened (ENOBUFS: the acknowledgement may have been dropped).
+func refused(err error) bool {
+	var errno syscall.Errno
+	if !errors.As(err, &errno) {
+		return false
+	}
+	switch errno {
+	case syscall.EEXIST, syscall.ENOMEM, syscall.EPERM, syscall.EACCES, syscall.EINVAL, syscall.ENOENT,
+		syscall.ESRCH, syscall.EPROTONOSUPPORT, syscall.EAFNOSUPPORT, syscall.ENOSYS, syscall.EOPNOTSUPP,
+		syscall.ENOPROTOOPT, syscall.E2BIG, syscall.ERANGE:
+		return true
+	}
+	return false
 }
 
 // ErrKeyReuse is wrapped by Apply's error when the desired state would write an SA whose
 // key an SA of the current epoch already used (the kernel lost it: another tool flushed
-// it, or the SA was removed and is wanted again). Apply then writes nothing; the agent
-// picks a new SA epoch (StartEpoch), which changes every key, and applies again.
+// it, the agent was restarted after cleanup, or the SA was removed and is wanted again).
+// Apply then writes nothing; the agent starts a new SA epoch (which changes every key)
+// and applies again.
 var ErrKeyReuse = errors.New("an SA of the current SA epoch would be re-created under the same key")
 
 // KeyReuseError lists the SAs (never their keys) Apply refused to re-create.
@@ -69,44 +119,21 @@ func (e *KeyReuseError) Error() string {
 // Unwrap makes errors.Is(err, ErrKeyReuse) hold.
 func (e *KeyReuseError) Unwrap() error { return ErrKeyReuse }
 
-func fingerprint(k desired.Key) [32]byte {
+func fingerprint(k desired.Key) ledger.Fingerprint {
 	b := k.Bytes()
-	f := sha256.Sum256(b)
+	f := ledger.KeyFingerprint(b)
 	clear(b)
 	return f
 }
 
-// StartEpoch forgets the keys of the previous SA epoch: the caller has changed its
-// incarnation, so every key it derives from now on is new.
-func (a *Applier) StartEpoch() { a.used = map[[32]byte]struct{}{} }
-
-// MarkInstalled records sas as installed in the current epoch even if the kernel does not
-// hold them (the agent's previous report claimed them): Apply will not re-create them.
-func (a *Applier) MarkInstalled(sas []desired.SA) {
-	if a.used == nil {
-		a.used = map[[32]byte]struct{}{}
-	}
-	for _, sa := range sas {
-		a.used[fingerprint(sa.Key)] = struct{}{}
-	}
-}
-
-func (a *Applier) markUsed(fp [32]byte) {
-	if a.used == nil {
-		a.used = map[[32]byte]struct{}{}
-	}
-	a.used[fp] = struct{}{}
-}
-
-func (a *Applier) wasUsed(fp [32]byte) bool {
-	_, ok := a.used[fp]
-	return ok
-}
+// SetLedger makes the applier record and check keys in l (call it before the first
+// Apply, and again with the new ledger state whenever the caller starts a new epoch).
+func (a *Applier) SetLedger(l KeyLedger) { a.ledger = l }
 
 // NewApplier returns an applier whose first Apply lists the kernel (adopting what an
 // earlier agent left there).
 func NewApplier(k Kernel, cfg desired.Config) *Applier {
-	return &Applier{k: k, cfg: cfg.WithDefaults(), needFull: true}
+	return &Applier{k: k, cfg: cfg.WithDefaults(), needFull: true, ledger: MemoryLedger{}}
 }
 
 // QueueResync makes the next Apply list the kernel (periodic drift repair).
@@ -164,25 +191,36 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 	if len(a.policies) == 0 {
 		a.policies = make(map[policyID]desired.Policy, len(want.Policies))
 	}
-	if len(a.used) == 0 {
-		a.used = make(map[[32]byte]struct{}, len(want.SAs))
-	}
 	// 0. Never re-create an SA under a key used in this epoch: refuse the whole state
-	// before writing anything.
+	// before writing anything. Then record every key about to be written (and any adopted
+	// one the ledger lacks) before the first write.
 	var reused []string
-	fps := make([][32]byte, len(want.SAs)) // key fingerprints, each computed once
+	var record []ledger.Entry
+	fps := make([]ledger.Fingerprint, len(want.SAs)) // key fingerprints, each computed once
 	for i, sa := range want.SAs {
 		fps[i] = fingerprint(sa.Key)
+		installed := a.ledger.Installed(fps[i])
 		if have, ok := a.states[saIDOf(sa)]; ok && have.SameKernelObject(sa) {
+			if !installed {
+				record = append(record, ledger.Entry{Generation: sa.Generation, Key: fps[i]})
+			}
 			continue
 		}
-		if a.wasUsed(fps[i]) {
+		if installed {
 			reused = append(reused, sa.String())
+			continue
+		}
+		if !a.foreignStates[saIDOf(sa)] {
+			record = append(record, ledger.Entry{Generation: sa.Generation, Key: fps[i]})
 		}
 	}
 	if len(reused) > 0 {
 		a.needFull = true
 		return res, &KeyReuseError{SAs: reused}
+	}
+	if err := a.ledger.Record(record); err != nil {
+		a.needFull = true
+		return res, fmt.Errorf("record %d sa keys before installing them: %w", len(record), err)
 	}
 	var errs []error
 	more := 0
@@ -209,7 +247,6 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 		have, ok := a.states[id]
 		switch {
 		case ok && have.SameKernelObject(sa):
-			a.markUsed(fps[i])
 			continue // adopt
 		case ok:
 			if err := a.k.DeleteState(have); err != nil {
@@ -218,10 +255,12 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 			}
 			delete(a.states, id)
 			if err := a.k.AddState(sa); err != nil {
+				if refused(err) {
+					a.ledger.Release(fps[i])
+				}
 				fail(fmt.Errorf("replace xfrm state %s: add: %w", sa, err))
 				continue
 			}
-			a.markUsed(fps[i])
 			a.states[id] = sa
 			res.StatesReplaced++
 		case a.foreignStates[id]:
@@ -229,10 +268,12 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 			fail(fmt.Errorf("add xfrm state %s: a foreign state holds %s", sa, sa.ID()))
 		default:
 			if err := a.k.AddState(sa); err != nil {
+				if refused(err) {
+					a.ledger.Release(fps[i])
+				}
 				fail(fmt.Errorf("add xfrm state %s: %w", sa, err))
 				continue
 			}
-			a.markUsed(fps[i])
 			a.states[id] = sa
 			res.StatesAdded++
 		}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 )
 
 func testKeys(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, desired.Key, error) {
@@ -317,7 +318,7 @@ func TestApplyRepairsDrift(t *testing.T) {
 		in.Nodes[i+1].Report.InboundFromSelf = false // peers are not ready for the new keys yet
 	}
 	st2 := compute(t, in)
-	a.StartEpoch()
+	a.SetLedger(MemoryLedger{}) // the new epoch's ledger
 	if _, err := a.Apply(st2); err != nil {
 		t.Fatal(err)
 	}
@@ -431,8 +432,8 @@ func TestApplyKeepsSAOfUnswitchedPolicy(t *testing.T) {
 
 // An SA is never added twice under one key within an SA epoch: not after we removed it
 // ourselves (a peer that left and came back with the same incarnation), not when the
-// caller marked it installed (an adopted epoch's claimed SAs that the kernel lost). A new
-// epoch (StartEpoch, with new incarnations) starts afresh.
+// ledger says it was installed (before a restart, then lost by the kernel). A new epoch (a
+// new ledger, with new incarnations) starts afresh.
 func TestApplyNeverReaddsAKeyOfTheEpoch(t *testing.T) {
 	f := NewFake()
 	a := NewApplier(f, desired.Config{})
@@ -451,11 +452,10 @@ func TestApplyNeverReaddsAKeyOfTheEpoch(t *testing.T) {
 	if _, err := a.Apply(full); !errors.Is(err, ErrKeyReuse) || len(f.Log) != log {
 		t.Fatalf("re-adding n3's SAs: %v, writes %v", err, f.Log[log:])
 	}
-	// Marked as installed by the caller, missing from the kernel: refused too.
+	// Recorded in the ledger (by an earlier process), missing from the kernel: refused too.
 	f2 := NewFake()
 	b := NewApplier(f2, desired.Config{})
-	b.StartEpoch()
-	b.MarkInstalled(full.SAs[:1])
+	b.SetLedger(ledgerOf(full.SAs[:1]))
 	if _, err := b.Apply(full); !errors.Is(err, ErrKeyReuse) || len(f2.Log) != 0 {
 		t.Fatalf("adding a marked SA: %v, writes %v", err, f2.Log)
 	}
@@ -466,9 +466,17 @@ func TestApplyNeverReaddsAKeyOfTheEpoch(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := NewApplier(f3, desired.Config{})
-	d.MarkInstalled(full.SAs)
+	d.SetLedger(ledgerOf(full.SAs))
 	if res, err := d.Apply(full); err != nil || res.Writes() != 0 {
-		t.Fatalf("adopting marked SAs: %+v %v", res, err)
+		t.Fatalf("adopting recorded SAs: %+v %v", res, err)
+	}
+	// Adopted SAs that the ledger lacks (a ledger lost while the kernel kept its state)
+	// are recorded, so that losing them later is caught.
+	e := NewApplier(f3, desired.Config{})
+	fresh := MemoryLedger{}
+	e.SetLedger(fresh)
+	if res, err := e.Apply(full); err != nil || res.Writes() != 0 || len(fresh) != len(full.SAs) {
+		t.Fatalf("adopting unrecorded SAs: %+v %v, %d recorded", res, err, len(fresh))
 	}
 	// The error names SAs, never keys.
 	_, err := a.Apply(full)
@@ -508,5 +516,50 @@ func TestApplyErrorsAreBounded(t *testing.T) {
 	}
 	if res.StatesAdded != 0 || res.PoliciesAdded == 0 {
 		t.Errorf("result %+v: inbound policies should still be written", res)
+	}
+}
+
+func ledgerOf(sas []desired.SA) MemoryLedger {
+	l := MemoryLedger{}
+	for _, sa := range sas {
+		l[fingerprint(sa.Key)] = sa.Generation
+	}
+	return l
+}
+
+// failingLedger refuses every Record.
+type failingLedger struct{ MemoryLedger }
+
+func (failingLedger) Record([]ledger.Entry) error { return errors.New("disk full") }
+
+// Keys are recorded before they are written: when recording fails nothing is written, and
+// every SA the kernel receives was in the ledger at that moment.
+func TestApplyRecordsKeysBeforeWritingThem(t *testing.T) {
+	in := cluster(4, api.ModeAccept, []desired.Generation{active(1)}, 1)
+	st := compute(t, in)
+	f := NewFake()
+	a := NewApplier(f, desired.Config{})
+	a.SetLedger(failingLedger{MemoryLedger{}})
+	if res, err := a.Apply(st); err == nil || !strings.Contains(err.Error(), "disk full") || res.Writes() != 0 || len(f.Log) != 0 {
+		t.Fatalf("Apply with a failing ledger: %+v %v, writes %v", res, err, f.Log)
+	}
+	l := MemoryLedger{}
+	a.SetLedger(l)
+	f.Fail = func(op, id string) error {
+		if op != "add-state" {
+			return nil
+		}
+		for _, sa := range st.SAs {
+			if sa.ID() == id && !l.Installed(fingerprint(sa.Key)) {
+				t.Errorf("%s written before its key was recorded", sa)
+			}
+		}
+		return nil
+	}
+	if _, err := a.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	if len(l) != len(st.SAs) {
+		t.Fatalf("%d keys recorded, want %d", len(l), len(st.SAs))
 	}
 }

@@ -326,8 +326,8 @@ func TestDataPathESPOverIPIP(t *testing.T) {
 		return nil
 	})
 	b.inc, b.hold = "boot-b/e2", []string{"a"}
-	b.xa.StartEpoch()
-	apply(b) // b under its new epoch; a has not seen it yet
+	b.xa.SetLedger(MemoryLedger{}) // b's new epoch
+	apply(b)                       // b under its new epoch; a has not seen it yet
 	if len(b.state.EncryptingPeers()) != 0 || !slices.Contains(b.state.Rules, desired.Rule{Hook: desired.HookOut, PeerIP: mustAddr("198.18.0.1"), Peer: "a", Action: desired.Drop}) {
 		t.Fatalf("b after the new epoch: encrypting to %v, rules %v (want none, and the held drop)", b.state.EncryptingPeers(), b.state.Rules)
 	}

@@ -41,7 +41,7 @@ func Keys(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, des
 	if src.NodeID == 0 || src.NodeID >= 1<<22 {
 		return 0, desired.Key{}, fmt.Errorf("node id %d out of range", src.NodeID)
 	}
-	spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind-1)
+	spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind)
 	var buf [64]byte
 	binary.BigEndian.PutUint32(buf[0:], gen)
 	buf[4] = byte(kind)

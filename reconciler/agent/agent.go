@@ -34,6 +34,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -115,6 +116,9 @@ type Deps struct {
 	// timer).
 	Sleep  func(ctx context.Context, d time.Duration) error
 	Logger *slog.Logger
+	// LedgerFail, if set, is called before every write to the ledger file (tests: a
+	// process killed at any point, ledger.Ledger.Fail).
+	LedgerFail func(op string) error
 }
 
 const queueKey = "sync"
@@ -155,6 +159,10 @@ type Agent struct {
 	// computes its lower modes from them.
 	lastIn    *desired.Inputs
 	lastNotes string // not-covered and skipped objects, logged when they change
+	// lastState is the state the kernel was last brought to in the current SA epoch (nil
+	// after a restart or a new epoch): peers in an address conflict keep it (frozen).
+	lastState     *desired.State
+	lastConflicts string // logged when they change
 	// led is this node's SA key ledger, opened by the first sync that sees this node's
 	// Node (nil before); epoch is its SA epoch (docs/keys.md, "No key twice"). Only the
 	// sync worker (and Uninstall after Run) touch led; mu guards epoch for readers.
@@ -357,6 +365,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 			return a.fail(ctx, fmt.Errorf("inputs: %w", err))
 		}
 		in.HoldPlaintext = a.hold
+		in.Previous = a.lastState
 		st, err = desired.Compute(in)
 		if err != nil {
 			return a.fail(ctx, fmt.Errorf("compute desired state: %w", err))
@@ -391,6 +400,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 			if err := a.newEpoch("lost", xerr); err != nil {
 				return a.fail(ctx, err)
 			}
+			a.lastState = nil // its SAs are of the old epoch: nothing to freeze
 			a.d.Xfrm.QueueResync()
 			full = true
 			continue
@@ -416,6 +426,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	a.mu.Lock()
 	a.lastRules, a.rulesKnown = st.Rules, true
 	a.lastIn = &in
+	a.lastState = &st
 	notes := fmt.Sprint(st.NotCovered, st.Skipped, snap.Skipped)
 	changedNotes := notes != a.lastNotes
 	a.lastNotes = notes
@@ -423,6 +434,16 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	if changedNotes && (len(st.NotCovered)+len(st.Skipped)+len(snap.Skipped) > 0) {
 		a.log.Info("coverage", "notCovered", st.NotCovered, "skipped", st.Skipped, "unparsed", snap.Skipped)
 	}
+	conflicts := conflictText(st.Conflicts)
+	if conflicts != a.lastConflicts {
+		if conflicts != "" {
+			a.log.Warn("nodes claim the same address; check their projectcalico.org/IPv4Address annotations", "conflicts", conflicts)
+		} else {
+			a.log.Info("address conflicts resolved")
+		}
+		a.lastConflicts = conflicts
+	}
+	a.d.Metrics.Conflicts.Set(float64(len(st.Conflicts)))
 	// The kernel now holds st: advertise it.
 	self := snap.Node(a.cfg.NodeName)
 	selfIP := netip.Addr{}
@@ -436,6 +457,8 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	a.mu.Unlock()
 	if berr != nil {
 		rep.Error = reportError(berr)
+	} else if conflicts != "" {
+		rep.Error = reportError(errors.New(conflicts))
 	}
 	a.observe(st, rep, seq)
 	// Reports are written only after a sync that read the kernel back: a partial sync
@@ -608,7 +631,8 @@ func (a *Agent) openLedger(snap *watch.Snapshot) error {
 			seed.High = max(seed.High, g)
 		}
 	}
-	l, why, err := ledger.Open(a.cfg.LedgerDir, ledger.Identity{Node: me.Name, BootID: me.Incarnation, UID: me.UID}, watch.NewEpoch, seed)
+	l, why, err := ledger.Open(a.cfg.LedgerDir, ledger.Identity{Node: me.Name, BootID: me.Incarnation, UID: me.UID},
+		ledger.Options{NewEpoch: watch.NewEpoch, Seed: seed, Fail: a.d.LedgerFail})
 	if err != nil {
 		return fmt.Errorf("open the sa key ledger: %w", err)
 	}
@@ -835,4 +859,16 @@ func reportError(err error) string {
 		cut--
 	}
 	return fmt.Sprintf("%s … (%d more bytes in the agent's log)", s[:cut], len(s)-cut)
+}
+
+// conflictText describes address conflicts for the log and the report ("" when none).
+func conflictText(cs []desired.Conflict) string {
+	if len(cs) == 0 {
+		return ""
+	}
+	parts := make([]string, len(cs))
+	for i, c := range cs {
+		parts[i] = c.String()
+	}
+	return "address conflict: " + strings.Join(parts, "; ")
 }

@@ -77,7 +77,7 @@ func testNode(name, ip, boot string) *corev1.Node {
 func seededLedger(t *testing.T, name, boot string) string {
 	t.Helper()
 	dir := t.TempDir()
-	l, _, err := ledger.Open(dir, ledger.Identity{Node: name, BootID: boot, UID: "uid-" + name}, func() string { return "e-" + name }, keys.History{})
+	l, _, err := ledger.Open(dir, ledger.Identity{Node: name, BootID: boot, UID: "uid-" + name}, ledger.Options{NewEpoch: func() string { return "e-" + name }})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,7 @@ type Metrics struct {
 	ExternalMTU  prometheus.Gauge
 	Peers        *prometheus.GaugeVec // state=expected|encrypted|inbound|dropping|skipped
 	NotCovered   prometheus.Gauge
+	Conflicts    prometheus.Gauge // addresses claimed by more than one Node
 	ReportWrites *prometheus.CounterVec // reason=changed|heartbeat, result
 	// Epochs counts SA epochs chosen: reason=new (no ledger in this boot), adopted (a
 	// restart kept the ledger's epoch), other or damaged (the ledger was made for another
@@ -69,6 +70,8 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 	m.Registry.MustRegister(m.Epochs)
 	m.RingRefused = prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "ring_refused_total", Help: "Syncs that refused a key ring older than one this node accepted before (a restored or edited Secret)."})
 	m.Registry.MustRegister(m.RingRefused)
+	m.Conflicts = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "address_conflicts", Help: "IPv4 addresses claimed by more than one Node (each pair kept as it was, or given nothing)."})
+	m.Registry.MustRegister(m.Conflicts)
 	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,
 		m.SyncError, m.Mode, m.BudgetMTU, m.ExternalMTU, m.Peers, m.NotCovered, m.ReportWrites,
 		&xfrmStatCollector{path: xfrmStatPath}, &dropCollector{m: m},

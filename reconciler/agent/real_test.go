@@ -288,7 +288,7 @@ func seedSelf(t *testing.T, cfg *rest.Config, boot string) (inc, ledgerDir strin
 		return string(b)
 	})
 	ledgerDir = t.TempDir()
-	l, _, err := ledger.Open(ledgerDir, ledger.Identity{Node: "a", BootID: boot, UID: uidA}, func() string { return "e-a" }, keys.History{})
+	l, _, err := ledger.Open(ledgerDir, ledger.Identity{Node: "a", BootID: boot, UID: uidA}, ledger.Options{NewEpoch: func() string { return "e-a" }})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -149,17 +149,49 @@ func Compute(in Inputs) (State, error) {
 		}
 	}
 
-	// Peers.
-	byIP := map[netip.Addr]string{selfAddr.Addr(): self.Name}
-	var peers []*peer
+	// Peers. An address claimed by two Nodes (any node can write its own Calico address
+	// annotation) must not let one node take over another's pair: the claimant that held
+	// it keeps its previous kernel state unchanged, the others get nothing.
 	nodes := slices.Clone(in.Nodes)
 	slices.SortFunc(nodes, func(a, b Node) int { return strings.Compare(a.Name, b.Name) })
+	claims := map[netip.Addr][]string{selfAddr.Addr(): {self.Name}}
 	for i, n := range nodes {
-		if n.Name == self.Name {
-			continue
-		}
 		if i > 0 && nodes[i-1].Name == n.Name {
 			return State{}, fmt.Errorf("node %q listed twice", n.Name)
+		}
+		if a, err := ParseNodeAddress(n.IPv4Address); err == nil && n.Name != self.Name {
+			claims[a.Addr()] = append(claims[a.Addr()], n.Name)
+		}
+	}
+	frozen := map[string]bool{} // peers kept exactly as in Previous
+	conflicted := map[netip.Addr]Conflict{}
+	for ip, names := range claims {
+		if len(names) < 2 {
+			continue
+		}
+		c := Conflict{IP: ip, Nodes: slices.Sorted(slices.Values(names))}
+		switch {
+		case ip == selfAddr.Addr():
+			c.Holder = self.Name
+		case in.Previous != nil:
+			for _, p := range in.Previous.Peers {
+				if p.IP == ip && slices.Contains(names, p.Name) {
+					c.Holder = p.Name
+				}
+			}
+		}
+		if c.Holder != "" && c.Holder != self.Name {
+			frozen[c.Holder] = true
+		}
+		conflicted[ip] = c
+		st.Conflicts = append(st.Conflicts, c)
+	}
+	slices.SortFunc(st.Conflicts, func(a, b Conflict) int { return a.IP.Compare(b.IP) })
+	byIP := map[netip.Addr]string{selfAddr.Addr(): self.Name}
+	var peers []*peer
+	for _, n := range nodes {
+		if n.Name == self.Name {
+			continue
 		}
 		skip := func(reason string) { st.Skipped = append(st.Skipped, Skip{Object: "node/" + n.Name, Reason: reason}) }
 		a, err := ParseNodeAddress(n.IPv4Address)
@@ -167,8 +199,12 @@ func Compute(in Inputs) (State, error) {
 			skip(err.Error())
 			continue
 		}
-		if other, dup := byIP[a.Addr()]; dup {
-			skip(fmt.Sprintf("address %s already used by node %q", a.Addr(), other))
+		if c, ok := conflicted[a.Addr()]; ok {
+			if frozen[n.Name] {
+				byIP[a.Addr()] = n.Name
+			} else {
+				skip(c.String())
+			}
 			continue
 		}
 		if n.Incarnation == "" {
@@ -299,9 +335,9 @@ func Compute(in Inputs) (State, error) {
 		// installed has the tunnel ones too, even before it has seen our newest block.
 		p.tunnel = len(crossSubnet) > 0 && selfAddr.Bits() < 32 && selfAddr.Masked().Contains(p.addr.Addr())
 		p.same = p.tunnel && len(podSets[self.Name]) > 0 && len(podSets[p.node.Name]) > 0
-		dropSAs := func(kind Kind) {
+		dropSAs := func(all bool, kind Kind) {
 			for k := range sas {
-				if k.peer == p.node.Name && (kind == 0 || k.kind == kind) {
+				if k.peer == p.node.Name && (all || k.kind == kind) {
 					delete(sas, k)
 				}
 			}
@@ -318,7 +354,7 @@ func Compute(in Inputs) (State, error) {
 		if derr != nil {
 			// One peer's bad key material must not stop the rest of the cluster: the
 			// peer gets nothing (plaintext both ways, never dropped) and is reported.
-			dropSAs(0)
+			dropSAs(true, 0)
 			p.skipped = true
 			st.Skipped = append(st.Skipped, Skip{Object: "node/" + p.node.Name, Reason: derr.Error()})
 			continue
@@ -326,7 +362,7 @@ func Compute(in Inputs) (State, error) {
 		if terr != nil {
 			// No tunnel keys: IPIP to the peer is still encrypted; same-subnet pod
 			// traffic is reported as not covered. Both ends fail alike (same KeyFunc).
-			dropSAs(Tunnel)
+			dropSAs(false, Tunnel)
 			p.tunnel, p.same = false, false
 			st.NotCovered = append(st.NotCovered, fmt.Sprintf("same-subnet pod traffic with node %s (CrossSubnet) is not encrypted: %v", p.node.Name, terr))
 		}
@@ -416,6 +452,42 @@ func Compute(in Inputs) (State, error) {
 	for _, sa := range sas {
 		st.SAs = append(st.SAs, sa)
 	}
+	// Frozen peers: exactly what the kernel held for them before the conflict. The
+	// generations listed as installed for every peer are only those their inbound SAs
+	// have too (a rotation does not complete toward a frozen peer).
+	frozenGens := map[uint32]int{}
+	if len(frozen) > 0 {
+		for _, sa := range in.Previous.SAs {
+			if frozen[sa.Peer] {
+				st.SAs = append(st.SAs, sa)
+			}
+		}
+		for _, p := range in.Previous.Policies {
+			if frozen[p.Peer] {
+				policies = append(policies, p)
+			}
+		}
+		for _, r := range in.Previous.Rules {
+			if frozen[r.Peer] {
+				st.Rules = append(st.Rules, r)
+			}
+		}
+		for _, ps := range in.Previous.Peers {
+			if frozen[ps.Name] {
+				ps.Reason = "address conflict: kept as it was"
+				st.Peers = append(st.Peers, ps)
+			}
+		}
+		for name := range frozen {
+			seen := map[uint32]bool{}
+			for _, sa := range in.Previous.SAs {
+				if sa.Peer == name && sa.Dir == In && !seen[sa.Generation] {
+					seen[sa.Generation] = true
+					frozenGens[sa.Generation]++
+				}
+			}
+		}
+	}
 	st.Policies = policies
 	for _, p := range peers {
 		if p.skipped {
@@ -425,8 +497,11 @@ func Compute(in Inputs) (State, error) {
 			Inbound: true, DropsPlaintext: p.dropIn, SameSubnet: p.same, Reason: p.reason})
 	}
 	for _, g := range gens {
-		st.Generations = append(st.Generations, g.ID)
+		if frozenGens[g.ID] == len(frozen) {
+			st.Generations = append(st.Generations, g.ID)
+		}
 	}
+	slices.SortFunc(st.Peers, func(a, b PeerStatus) int { return strings.Compare(a.Name, b.Name) })
 	return finish(st)
 }
 

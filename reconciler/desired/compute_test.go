@@ -106,6 +106,12 @@ func TestComputeSkips(t *testing.T) {
 		withReport(node("bare", "198.18.0.30", 30), api.ModeAccept, 1),
 	)
 	in.BGPPeers = []BGPPeer{{Name: "tor", PeerIP: mustAddr("198.18.0.254")}, {Name: "node-b", PeerIP: mustAddr("198.18.0.2")}}
+	// b held 198.18.0.2 before dupip claimed it (TestComputeAddressConflicts has the rest).
+	prev, err := Compute(alwaysInputs(api.ModeEncrypt))
+	if err != nil {
+		t.Fatal(err)
+	}
+	in.Previous = &prev
 	st, err := Compute(in)
 	if err != nil {
 		t.Fatal(err)

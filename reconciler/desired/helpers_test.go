@@ -16,7 +16,7 @@ func testKeys(gen uint32, kind Kind, src, dst Endpoint) (uint32, Key, error) {
 	if src.NodeID == 0 || src.NodeID >= 1<<22 {
 		return 0, Key{}, fmt.Errorf("node id %d out of range", src.NodeID)
 	}
-	spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind-1)
+	spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind)
 	h := sha256.Sum256(fmt.Appendf(nil, "%d|%d|%s|%s|%s|%s", gen, kind, src.IP, src.Incarnation, dst.IP, dst.Incarnation))
 	return spi, NewKey(h[:20]), nil
 }

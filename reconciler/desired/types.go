@@ -3,8 +3,10 @@ package desired
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
 )
 
 // Endpoint is one end of a directed SA: a node's IP, its key-derivation incarnation (boot
@@ -16,27 +18,18 @@ type Endpoint struct {
 	NodeID      uint32
 }
 
-// Kind separates the two SA families. They use different reqids and must use different
+// Kind separates the two SA families: keys.Kind, one type for the SPI layout, the key
+// derivation and the kernel objects. They use different reqids and must use different
 // SPIs and keys (no two SAs ever share an AEAD key).
-type Kind uint8
+type Kind = keys.Kind
 
 const (
 	// Transport: ESP transport mode on Calico's IPIP packets (IP proto 4) node to node.
-	Transport Kind = 1
+	Transport = keys.KindTransport
 	// Tunnel: ESP tunnel mode between node IPs for same-subnet pod traffic of CrossSubnet
 	// pools, which Calico routes without IPIP.
-	Tunnel Kind = 2
+	Tunnel = keys.KindTunnel
 )
-
-func (k Kind) String() string {
-	switch k {
-	case Transport:
-		return "transport"
-	case Tunnel:
-		return "tunnel"
-	}
-	return fmt.Sprintf("kind(%d)", uint8(k))
-}
 
 // KeyFunc returns the SPI and AEAD key of generation gen's SA of the given kind from src
 // to dst. Both ends call it with the same arguments (the sender as (self, peer), the
@@ -157,6 +150,29 @@ type Inputs struct {
 	// the agent re-keys the peers it was encrypting to and keeps their outbound drop rule
 	// until they report ready for the new keys (fail closed; docs/dataplane.md §5).
 	HoldPlaintext []string
+	// Previous is the state this node's kernel was last brought to in the current SA
+	// epoch (nil after a restart or a new epoch). When two nodes claim one IP, the peer
+	// that held the address in Previous keeps exactly its previous SAs, policies and
+	// rules (frozen) and the other claimant gets nothing (docs/dataplane.md, "Address
+	// conflicts").
+	Previous *State
+}
+
+// Conflict is an IPv4 address claimed by more than one Node.
+type Conflict struct {
+	IP    netip.Addr
+	Nodes []string // sorted
+	// Holder is the claimant that held the address before the conflict (frozen); "" if
+	// none did (then no claimant gets anything).
+	Holder string
+}
+
+func (c Conflict) String() string {
+	s := fmt.Sprintf("address %s claimed by nodes %s", c.IP, strings.Join(c.Nodes, ", "))
+	if c.Holder != "" {
+		return s + fmt.Sprintf(": %s, which held it, is kept as it was (no new SAs, no relaxed rules); the others get nothing", c.Holder)
+	}
+	return s + ": none of them gets SAs or policies"
 }
 
 // Dir is the direction of an SA or a policy.
@@ -359,4 +375,6 @@ type State struct {
 	NotCovered []string
 	// Generations are the live generations whose inbound SAs exist for every peer.
 	Generations []uint32
+	// Conflicts are addresses claimed by more than one Node (sorted by IP).
+	Conflicts []Conflict
 }

@@ -13,9 +13,10 @@
 //   - Write-ahead: Record returns only after the fingerprints are in the file (written and
 //     fsynced); the caller installs the keys after that. A crash between the two leaves a
 //     fingerprint of a key never installed: harmless (the key is treated as used).
-//   - A ledger is used only by the boot, Node object and node it was made for (Identity);
-//     anything else, or a file that does not parse, is replaced by a new ledger with a new
-//     random epoch: every key the agent then derives is new.
+//   - A ledger's epoch and keys are used only by the boot, Node object and node it was made
+//     for (Identity); anything else, or a file that does not parse, is replaced by a new
+//     ledger with a new random epoch: every key the agent then derives is new. The key
+//     ring history of a parseable ledger is kept either way (it is the cluster's).
 //   - Only whole lines count: a line cut short by a crash is dropped (its Record never
 //     returned, so nothing was installed under it).
 //   - One agent per node: Lock takes an exclusive flock on the directory's lock file for the
@@ -119,18 +120,32 @@ const (
 	ReasonRequired = "required" // the caller asked for a new epoch (NewEpoch)
 )
 
+// Options of Open.
+type Options struct {
+	// NewEpoch returns a fresh random SA epoch (required).
+	NewEpoch func() string
+	// Seed is the key ring history the caller knows from elsewhere (its last report);
+	// it is merged into the file's.
+	Seed keys.History
+	// Fail becomes Ledger.Fail, also for the writes Open makes.
+	Fail func(op string) error
+}
+
 // Open reads dir's ledger for id. If it was made for id and parses, its epoch, keys and
-// history are adopted; otherwise a new ledger with epoch newEpoch() and history seed is
-// written (seed is what the caller knows from elsewhere, e.g. its last report). It returns
-// why it adopted or replaced the file.
-func Open(dir string, id Identity, newEpoch func() string, seed keys.History) (*Ledger, string, error) {
+// history are adopted; otherwise a new ledger with epoch o.NewEpoch() and history o.Seed
+// is written. It returns why it adopted or replaced the file.
+func Open(dir string, id Identity, o Options) (*Ledger, string, error) {
 	if id.Node == "" || id.BootID == "" || id.UID == "" {
 		return nil, "", errors.New("ledger: node name, boot ID and node UID are required")
+	}
+	if o.NewEpoch == nil {
+		return nil, "", errors.New("ledger: no epoch source")
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, "", fmt.Errorf("ledger directory %s: %w", dir, err)
 	}
-	l := &Ledger{dir: dir, id: id, used: map[Fingerprint]uint32{}}
+	seed := o.Seed
+	l := &Ledger{dir: dir, id: id, used: map[Fingerprint]uint32{}, Fail: o.Fail}
 	reason := ReasonNew
 	data, err := readBounded(l.path())
 	switch {
@@ -143,11 +158,17 @@ func Open(dir string, id Identity, newEpoch func() string, seed keys.History) (*
 		case perr != nil:
 			reason = ReasonDamaged
 		case h.Identity != id || h.Epoch == "":
+			// Made for another boot or Node object: its keys and epoch are of no use,
+			// but the key ring history is the cluster's and stays true.
 			reason = ReasonOther
+			seed = seed.Merge(hist)
 		default:
 			l.epoch, l.used, l.hist = h.Epoch, used, hist.Merge(seed)
 			// Drop a line cut short by a crash so appends start on a line boundary.
 			if good < len(data) {
+				if err := l.fail("truncate"); err != nil {
+					return nil, "", err
+				}
 				if err := os.Truncate(l.path(), int64(good)); err != nil {
 					return nil, "", fmt.Errorf("ledger %s: drop a partial line: %w", l.path(), err)
 				}
@@ -160,7 +181,7 @@ func Open(dir string, id Identity, newEpoch func() string, seed keys.History) (*
 		}
 	}
 	l.hist = seed
-	if err := l.rewrite(newEpoch()); err != nil {
+	if err := l.rewrite(o.NewEpoch()); err != nil {
 		return nil, "", err
 	}
 	return l, reason, nil

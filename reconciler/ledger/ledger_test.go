@@ -25,7 +25,7 @@ func fp(i int) Fingerprint { return KeyFingerprint([]byte{byte(i), byte(i >> 8),
 
 func open(t *testing.T, dir string, id Identity, next func() string) (*Ledger, string) {
 	t.Helper()
-	l, why, err := Open(dir, id, next, keys.History{})
+	l, why, err := Open(dir, id, Options{NewEpoch: next})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -262,5 +262,21 @@ func mustNil(t *testing.T, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The ring history is the cluster's: a ledger made for another boot or Node object hands
+// it on, with no keys and a new epoch.
+func TestHistorySurvivesAnotherIdentity(t *testing.T) {
+	dir := t.TempDir()
+	next := epochs()
+	l, _ := open(t, dir, idA, next)
+	h := keys.History{}.Observe(ring(4, 3, 4))
+	mustNil(t, l.SetHistory(h))
+	mustNil(t, l.Record([]Entry{{4, fp(1)}}))
+	l.Close()
+	l2, why := open(t, dir, Identity{Node: "a", BootID: "boot-1", UID: "uid-a2"}, next)
+	if why != ReasonOther || l2.Installed(fp(1)) || !l2.History().Equal(h) {
+		t.Fatalf("re-created Node: %s, installed %v, history %+v", why, l2.Installed(fp(1)), l2.History())
 	}
 }

@@ -102,15 +102,6 @@ func KeyFunc(r *keys.Ring) desired.KeyFunc {
 	var mu sync.Mutex
 	derivers := map[uint32]*keys.Deriver{}
 	return func(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, desired.Key, error) {
-		var kk keys.Kind
-		switch kind {
-		case desired.Transport:
-			kk = keys.KindTransport
-		case desired.Tunnel:
-			kk = keys.KindTunnel
-		default:
-			return 0, desired.Key{}, fmt.Errorf("%s sa generation %d: unknown sa kind", kind, gen)
-		}
 		mu.Lock()
 		d, ok := derivers[gen]
 		if !ok {
@@ -127,7 +118,7 @@ func KeyFunc(r *keys.Ring) desired.KeyFunc {
 			derivers[gen] = d
 		}
 		mu.Unlock()
-		sa, err := d.DeriveKind(kk, keys.Endpoint(src), keys.Endpoint(dst))
+		sa, err := d.DeriveKind(kind, keys.Endpoint(src), keys.Endpoint(dst))
 		if err != nil {
 			return 0, desired.Key{}, err
 		}

@@ -15,7 +15,7 @@ import (
 )
 
 func testKeys(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, desired.Key, error) {
-	spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind-1)
+	spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind)
 	h := sha256.Sum256(fmt.Appendf(nil, "%d|%d|%s|%s|%s|%s", gen, kind, src.IP, src.Incarnation, dst.IP, dst.Incarnation))
 	return spi, desired.NewKey(h[:20]), nil
 }

@@ -27,7 +27,7 @@ type Metrics struct {
 	ExternalMTU  prometheus.Gauge
 	Peers        *prometheus.GaugeVec // state=expected|encrypted|inbound|dropping|skipped
 	NotCovered   prometheus.Gauge
-	Conflicts    prometheus.Gauge // addresses claimed by more than one Node
+	Conflicts    prometheus.Gauge       // addresses claimed by more than one Node
 	ReportWrites *prometheus.CounterVec // reason=changed|heartbeat, result
 	// Epochs counts SA epochs chosen: reason=new (no ledger in this boot), adopted (a
 	// restart kept the ledger's epoch), other or damaged (the ledger was made for another

@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/netip"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -91,6 +93,8 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
   master          the master publishes its status without an error
   agents          every node (matching --node-selector) has a current, readable
                   agent report without a sync error
+  node-addresses  no two nodes claim the same Calico IPv4 address (agents keep
+                  the node that held it as it was and give the others nothing)
   mtu             FelixConfiguration ipipMTU is set and within every node's
                   reported budget, and each budget matches the rule
   key-secret      the key Secret exists and is a well-formed key ring (its
@@ -172,6 +176,7 @@ func (d *doctor) run(ctx context.Context) DoctorOutput {
 		d.calicoIPIP(pools, crds),
 		d.master(),
 		d.agents(),
+		d.addresses(),
 	}
 	sec := d.keySecret(ctx) // sets d.ring, which mtu uses for the ICV
 	xfrm, drops := d.agentSamples(ctx)
@@ -313,6 +318,31 @@ func (d *doctor) agents() Check {
 		return fail(name, fmt.Sprintf("%d of %d nodes: %s", len(bad), len(d.nodes), strings.Join(bad, "; ")))
 	}
 	return pass(name, fmt.Sprintf("all %d nodes report a current agent", len(d.nodes)))
+}
+
+// addresses fails when two nodes claim one IPv4 address (projectcalico.org/IPv4Address):
+// a node can write its own annotation, so a duplicate may be an attack on the other
+// node's pairs (desired.Compute keeps the holder frozen and gives the others nothing).
+func (d *doctor) addresses() Check {
+	const name = "node-addresses"
+	byIP := map[netip.Addr][]string{}
+	for _, n := range d.nodes {
+		if p, err := desired.ParseNodeAddress(n.IPv4Address); err == nil {
+			byIP[p.Addr()] = append(byIP[p.Addr()], n.Name)
+		}
+	}
+	var bad []string
+	for ip, names := range byIP {
+		if len(names) > 1 {
+			slices.Sort(names)
+			bad = append(bad, fmt.Sprintf("%s claimed by nodes %s", ip, strings.Join(names, ", ")))
+		}
+	}
+	if len(bad) > 0 {
+		slices.Sort(bad)
+		return fail(name, strings.Join(bad, "; ")+" (check their projectcalico.org/IPv4Address annotations; the node that held the address keeps its old keys, the others get no encryption)")
+	}
+	return pass(name, fmt.Sprintf("%d nodes, %d distinct addresses", len(d.nodes), len(byIP)))
 }
 
 func (d *doctor) icv() int {

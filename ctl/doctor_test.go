@@ -12,7 +12,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 )
 
-var allChecks = []string{"calico-crds", "calico-ipip", "master", "agents", "mtu", "key-secret", "sequence", "xfrm-errors", "plaintext-drops"}
+var allChecks = []string{"calico-crds", "calico-ipip", "master", "agents", "node-addresses", "mtu", "key-secret", "sequence", "xfrm-errors", "plaintext-drops"}
 
 // doctor runs doctor -o json with a short sample and returns the failed check names.
 func (e *env) doctor(extra ...string) ([]string, DoctorOutput, result) {
@@ -147,6 +147,13 @@ func TestDoctor(t *testing.T) {
 			fix:    func() { e.setMasterStatus(healthyMaster()) },
 			want:   []string{"master"},
 			say:    "is secureoverlay-master running?",
+		},
+		{
+			name:   "two nodes claim one address",
+			breakf: func() { e.setAddress("node-c", "198.18.0.2/24") },
+			fix:    func() { e.setAddress("node-c", "198.18.0.3/24") },
+			want:   []string{"node-addresses"},
+			say:    "198.18.0.2 claimed by nodes node-b, node-c",
 		},
 		{
 			name:   "a node without an agent report",

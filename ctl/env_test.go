@@ -209,6 +209,15 @@ func (e *env) reboot(node, boot string) {
 	}
 }
 
+// setAddress sets node's Calico IPv4 address annotation.
+func (e *env) setAddress(node, cidr string) {
+	e.t.Helper()
+	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{api.CalicoIPv4AddressAnnotation: cidr}}})
+	if _, err := e.cs.CoreV1().Nodes().Patch(e.ctx, node, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		e.t.Fatalf("patch address of node %s: %v", node, err)
+	}
+}
+
 // setReport writes the agent report annotation of node (rep nil removes it; raw, if
 // non-empty, is written verbatim).
 func (e *env) setReport(node string, rep *watch.Report, raw string) {

@@ -31,7 +31,8 @@ func Parse(data []byte) (*Ring, error) {
 		return nil, err
 	}
 	if off := p.dec.InputOffset(); len(bytes.TrimSpace(data[off:])) != 0 {
-		return nil, p.fail("trailing data after the JSON object at byte offset %d", p.start(off))
+		rest := data[off:]
+		return nil, p.fail("trailing data after the JSON object at byte offset %d", off+int64(len(rest)-len(bytes.TrimLeft(rest, " \t\r\n"))))
 	}
 	r := fromWire(w)
 	if err := r.Validate(); err != nil {

@@ -148,7 +148,8 @@ func TestParseErrors(t *testing.T) {
 		{"no active in enforce", "needs exactly one active", mut(func(m map[string]any) { gen(m, 1)["state"] = "pending" })},
 		{"node id 0", "nodes[0].id is outside 1..4194303", mut(func(m map[string]any) { m["nodes"].([]any)[0].(map[string]any)["id"] = 0 })},
 		{"node ids shared", "nodes[0] and nodes[1] share an id", mut(func(m map[string]any) { m["nodes"].([]any)[0].(map[string]any)["id"] = 2 })},
-		{"trailing", "trailing data after the JSON object at byte offset", append(append([]byte{}, good...), []byte(`{"x":1}`)...)},
+		{"trailing", fmt.Sprintf("trailing data after the JSON object at byte offset %d", len(good)), append(append([]byte{}, good...), []byte(`{"x":1}`)...)},
+		{"trailing comma", fmt.Sprintf("trailing data after the JSON object at byte offset %d", len(good)+1), append(append([]byte{}, good...), []byte("\n,1")...)},
 	}
 	for _, c := range cases {
 		_, err := Parse(c.data)

@@ -12,7 +12,7 @@
 //   - Every failure is one line on stderr ("error: …") and a documented exit code; no
 //     stack traces, no multi-line client-go dumps.
 //   - Key bytes never reach the output: doctor reports only keys.Parse's verdict, whose
-//     errors name fields and never values.
+//     errors name fields and positions and never any content of the Secret.
 //   - The CLI writes only the operator's ConfigMap (enabled/mode data keys and the
 //     rotate-request annotation); everything else it only reads.
 //   - Output is deterministic for a given cluster state and clock (rows sorted by name,

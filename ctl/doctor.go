@@ -420,7 +420,8 @@ func (d *doctor) keySecret(ctx context.Context) Check {
 	if !ok {
 		return fail(name, fmt.Sprintf("secret %s/%s has no data key %q", ns, api.SecretName, api.SecretDataKey))
 	}
-	// keys.Parse errors name fields and generations, never values.
+	// keys.Parse errors name the field (JSON path) and byte offset, never any content of
+	// the data (no value, no node name, no unknown field's name).
 	ring, err := keys.Parse(data)
 	if err != nil {
 		return fail(name, fmt.Sprintf("secret %s/%s is not a valid key ring: %s", ns, api.SecretName, oneLine(err.Error())))

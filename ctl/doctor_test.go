@@ -1,6 +1,8 @@
 package ctl
 
 import (
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"slices"
@@ -250,6 +252,29 @@ func TestDoctor(t *testing.T) {
 			fix:  func() { e.setSecret(map[string][]byte{api.SecretDataKey: ring}) },
 			want: []string{"key-secret"},
 			say:  "is not a valid key ring",
+		},
+		{
+			// Every run's output is checked for the roots in e.roots (checkNoKeys).
+			name: "key material pasted as a field name of the key Secret (never printed)",
+			breakf: func() {
+				k := e.plantedRoot()
+				bad := strings.Replace(string(ring), `"mode": `, `"`+base64.StdEncoding.EncodeToString(k)+`": 1, "mode": `, 1)
+				e.setSecret(map[string][]byte{api.SecretDataKey: []byte(bad)})
+			},
+			fix:  func() { e.setSecret(map[string][]byte{api.SecretDataKey: ring}) },
+			want: []string{"key-secret"},
+			say:  "unknown field at byte offset",
+		},
+		{
+			name: "key material pasted as the cipher of the key Secret (never printed)",
+			breakf: func() {
+				k := e.plantedRoot()
+				bad := strings.Replace(string(ring), `"cipher": "aes128gcm"`, `"cipher": "`+hex.EncodeToString(k)+`"`, 1)
+				e.setSecret(map[string][]byte{api.SecretDataKey: []byte(bad)})
+			},
+			fix:  func() { e.setSecret(map[string][]byte{api.SecretDataKey: ring}) },
+			want: []string{"key-secret"},
+			say:  "generations[0].cipher is not one of aes128gcm, aes256gcm",
 		},
 		{
 			name:   "key Secret without its data key",

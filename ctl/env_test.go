@@ -321,6 +321,18 @@ func (e *env) ring7(nodes ...string) []byte {
 	return b
 }
 
+// plantedRoot returns random key material a test pastes into the Secret somewhere other
+// than a root (as a careless edit could); like the roots, no output may contain it.
+func (e *env) plantedRoot() []byte {
+	e.t.Helper()
+	k := make([]byte, 32)
+	if _, err := rand.Read(k); err != nil {
+		e.t.Fatal(err)
+	}
+	e.roots = append(e.roots, k)
+	return k
+}
+
 func (e *env) setSecret(data map[string][]byte) {
 	e.t.Helper()
 	ss := e.cs.CoreV1().Secrets(api.Namespace)

@@ -73,10 +73,10 @@ type Deriver struct {
 // NewDeriver prepares derivation for generation g.
 func NewDeriver(g *Generation) (*Deriver, error) {
 	if g.Cipher.KeyBytes() == 0 {
-		return nil, fmt.Errorf("derive generation %d: unknown cipher %q", g.Number, g.Cipher)
+		return nil, fmt.Errorf("derive generation %d: cipher %s", g.Number, notOneOf(ciphers))
 	}
 	if !ValidICV(g.ICVBytes) {
-		return nil, fmt.Errorf("derive generation %d: invalid icvBytes %d", g.Number, g.ICVBytes)
+		return nil, fmt.Errorf("derive generation %d: icvBytes %s", g.Number, notOneOf(icvs))
 	}
 	if len(g.Root) != RootKeyBytes {
 		return nil, fmt.Errorf("derive generation %d: root key is %d bytes, want %d", g.Number, len(g.Root), RootKeyBytes)

@@ -5,8 +5,9 @@
 //
 // Invariants this package guarantees (and its tests check):
 //   - Key bytes never leave through fmt, slog or an error: Key redacts itself for every
-//     fmt verb and for slog, and every parse or validation error names the field, never
-//     its content.
+//     fmt verb and for slog, and every parse or validation error names the place (JSON
+//     path, byte offset) and what is allowed, never any content of the data: no value, no
+//     node name, not even the name of a field that is not in the schema.
 //   - No two SAs share an AEAD key: an SA key is HKDF-SHA256 of the generation's random
 //     root with an injective, direction-bound encoding of (cipher, ICV length, generation,
 //     src IP, dst IP, src incarnation, dst incarnation) as info.
@@ -21,7 +22,6 @@ package keys
 
 import (
 	"bytes"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -296,96 +296,59 @@ func fromWire(w wireRing) *Ring {
 	return r
 }
 
-// Parse decodes and validates a ring. Errors wrap ErrInvalid and never echo key bytes (or
-// any other content of the data, beyond field names and offsets).
-func Parse(data []byte) (*Ring, error) {
-	if len(bytes.TrimSpace(data)) == 0 {
-		return nil, fmt.Errorf("%w: empty", ErrInvalid)
-	}
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	var w wireRing
-	if err := dec.Decode(&w); err != nil {
-		return nil, fmt.Errorf("%w: %s", ErrInvalid, sanitizeJSONError(err))
-	}
-	if dec.More() {
-		return nil, fmt.Errorf("%w: trailing data after the JSON object", ErrInvalid)
-	}
-	r := fromWire(w)
-	if err := r.Validate(); err != nil {
-		return nil, err
-	}
-	return r, nil
-}
-
-// sanitizeJSONError describes a decoding error without quoting the input.
-func sanitizeJSONError(err error) string {
-	var syn *json.SyntaxError
-	var typ *json.UnmarshalTypeError
-	switch {
-	case errors.As(err, &syn):
-		return fmt.Sprintf("malformed JSON at byte offset %d", syn.Offset)
-	case errors.As(err, &typ):
-		return fmt.Sprintf("field %q: JSON %s where %s was expected (byte offset %d)", typ.Field, typ.Value, typ.Type, typ.Offset)
-	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
-		return "truncated JSON"
-	}
-	var b64 base64.CorruptInputError
-	if errors.As(err, &b64) {
-		return "a root key is not valid standard base64"
-	}
-	if msg := err.Error(); strings.HasPrefix(msg, "json: unknown field ") {
-		// The field name is part of the schema, not of the data's values.
-		return "unknown field " + strings.TrimPrefix(msg, "json: unknown field ")
-	}
-	return "undecodable JSON"
-}
-
-// Validate checks every invariant of a ring. Errors wrap ErrInvalid and name the object.
+// Validate checks every invariant of a ring. Errors wrap ErrInvalid and name the field by
+// its JSON path (generations[1].cipher, nodes[3]) and what is allowed; they never contain
+// a value of the ring: no node name, no string, no number beyond lengths and counts
+// (Parse's errors follow the same rule).
 func (r *Ring) Validate() error {
 	bad := func(format string, a ...any) error {
 		return fmt.Errorf("%w: "+format, append([]any{ErrInvalid}, a...)...)
 	}
 	if r.SchemaVersion != SchemaVersion {
-		return bad("unsupported schemaVersion %d (this build reads %d)", r.SchemaVersion, SchemaVersion)
+		return bad("unsupported schemaVersion (this build reads %d)", SchemaVersion)
 	}
 	if !r.Mode.Valid() {
-		return bad("mode %q is not one of off, accept, encrypt, enforce", r.Mode)
+		return bad("mode %s", notOneOf(api.Modes))
 	}
 	if !r.Target.Valid() {
-		return bad("target %q is not one of off, accept, encrypt, enforce", r.Target)
+		return bad("target %s", notOneOf(api.Modes))
 	}
-	seen := map[uint32]bool{}
-	mod4 := map[uint32]uint32{}
+	seen := map[uint32]int{}
+	mod4 := map[uint32]int{}
 	count := map[State]int{}
 	for i, g := range r.Generations {
 		switch {
 		case g.Number == 0:
-			return bad("generations[%d]: number 0", i)
+			return bad("generations[%d].number is 0 (numbers start at 1)", i)
 		case g.Number > r.LastGeneration:
-			return bad("generation %d: above lastGeneration %d", g.Number, r.LastGeneration)
-		case seen[g.Number]:
-			return bad("generation %d: listed twice", g.Number)
+			return bad("generations[%d].number is above lastGeneration", i)
 		case !g.State.valid():
-			return bad("generation %d: state %q is not pending, active or retiring", g.Number, g.State)
+			return bad("generations[%d].state %s", i, notOneOf(states))
 		case g.Cipher.KeyBytes() == 0:
-			return bad("generation %d: cipher %q is not aes128gcm or aes256gcm", g.Number, g.Cipher)
+			return bad("generations[%d].cipher %s", i, notOneOf(ciphers))
 		case !ValidICV(g.ICVBytes):
-			return bad("generation %d: icvBytes %d is not 8, 12 or 16", g.Number, g.ICVBytes)
+			return bad("generations[%d].icvBytes %s", i, notOneOf(icvs))
+		case len(g.Root) == 0:
+			return bad("generations[%d].root is missing", i)
 		case len(g.Root) != RootKeyBytes:
-			return bad("generation %d: root key is %d bytes, want %d", g.Number, len(g.Root), RootKeyBytes)
+			return bad("generations[%d].root is %d bytes, want %d", i, len(g.Root), RootKeyBytes)
+		case g.Reason != "" && !validReason(g.Reason):
+			return bad("generations[%d].reason %s", i, notOneOf(Reasons))
 		case g.Created.IsZero():
-			return bad("generation %d: no created time", g.Number)
+			return bad("generations[%d].created is missing", i)
 		case g.State != StatePending && g.Activated.IsZero():
-			return bad("generation %d: %s without an activated time", g.Number, g.State)
+			return bad("generations[%d].activated is missing (required unless the state is %s)", i, StatePending)
 		case g.State == StateRetiring && g.Retiring.IsZero():
-			return bad("generation %d: retiring without a retiring time", g.Number)
+			return bad("generations[%d].retiring is missing (required when the state is %s)", i, StateRetiring)
+		}
+		if o, ok := seen[g.Number]; ok {
+			return bad("generations[%d] and generations[%d] have the same number", o, i)
 		}
 		if o, ok := mod4[g.Number%4]; ok {
-			return bad("generations %d and %d share an SPI generation field (number mod 4)", o, g.Number)
+			return bad("generations[%d] and generations[%d] share an SPI generation field (number mod 4)", o, i)
 		}
-		seen[g.Number] = true
-		mod4[g.Number%4] = g.Number
+		seen[g.Number] = i
+		mod4[g.Number%4] = i
 		count[g.State]++
 	}
 	if n := len(r.Generations); n > MaxLiveGenerations {
@@ -395,28 +358,78 @@ func (r *Ring) Validate() error {
 		return bad("%d active and %d pending generations, at most one of each allowed", count[StateActive], count[StatePending])
 	}
 	if r.Mode != api.ModeOff && count[StateActive] != 1 {
+		// r.Mode is one of api.Modes here: printing it quotes the schema, not the data.
 		return bad("mode %s needs exactly one active generation, found %d", r.Mode, count[StateActive])
 	}
-	names := map[string]bool{}
-	ids := map[uint32]string{}
+	names := map[string]int{}
+	ids := map[uint32]int{}
 	for i, n := range r.Nodes {
 		switch {
 		case n.Name == "":
-			return bad("nodes[%d]: empty name", i)
+			return bad("nodes[%d].name is empty", i)
+		case !validNodeName(n.Name):
+			return bad("nodes[%d].name is not a valid node name (a lowercase RFC 1123 subdomain of at most 253 characters)", i)
 		case n.ID == 0 || n.ID > MaxNodeID:
-			return bad("node %q: id %d outside 1..%d", n.Name, n.ID, MaxNodeID)
-		case names[n.Name] && !n.Released:
-			return bad("node %q: listed twice", n.Name)
+			return bad("nodes[%d].id is outside 1..%d", i, MaxNodeID)
+		}
+		if o, ok := names[n.Name]; ok && !n.Released {
+			return bad("nodes[%d].name repeats nodes[%d].name (only released entries may share a name)", i, o)
 		}
 		if o, ok := ids[n.ID]; ok {
-			return bad("nodes %q and %q share id %d", o, n.Name, n.ID)
+			return bad("nodes[%d] and nodes[%d] share an id", o, i)
 		}
 		if !n.Released {
-			names[n.Name] = true
+			names[n.Name] = i
 		}
-		ids[n.ID] = n.Name
+		ids[n.ID] = i
 	}
 	return nil
+}
+
+// Reasons are the values of Generation.Reason Step writes (why a generation was created).
+var Reasons = []string{"initial", "interval", "request", "sequence"}
+
+func validReason(s string) bool {
+	for _, r := range Reasons {
+		if s == r {
+			return true
+		}
+	}
+	return false
+}
+
+var (
+	states  = []State{StatePending, StateActive, StateRetiring}
+	ciphers = []Cipher{AES128GCM, AES256GCM}
+	icvs    = []int{8, 12, 16}
+)
+
+// notOneOf says what a field must be, from the schema's own names: "is not one of a, b".
+func notOneOf[T any](allowed []T) string {
+	s := make([]string, len(allowed))
+	for i, a := range allowed {
+		s[i] = fmt.Sprint(a)
+	}
+	return "is not one of " + strings.Join(s, ", ")
+}
+
+// validNodeName reports whether s is a Kubernetes node name: a lowercase RFC 1123
+// subdomain (what the API server enforces for Node objects).
+func validNodeName(s string) bool {
+	if len(s) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(s, ".") {
+		if label == "" || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			if c := label[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // Marshal validates and encodes a ring for the Secret (indented, stable order).

@@ -52,6 +52,13 @@ func recordRing(r *keys.Ring) {
 	}
 }
 
+// recordKey adds key material a test planted (not from a ring) to the keys scanned for.
+func recordKey(k []byte) {
+	seenKeys.Lock()
+	defer seenKeys.Unlock()
+	seenKeys.m[hex.EncodeToString(k)] = true
+}
+
 func dumpKeys(t *testing.T) {
 	path := os.Getenv(envKeyDump)
 	if path == "" {
@@ -70,11 +77,13 @@ func dumpKeys(t *testing.T) {
 	}
 }
 
-// logSink sends the master's log lines to t.Log while the test runs.
+// logSink sends the master's log lines to t.Log while the test runs and keeps them for
+// tests that inspect what the master logged.
 type logSink struct {
 	mu   sync.Mutex
 	t    *testing.T
 	done bool
+	all  bytes.Buffer
 }
 
 func (s *logSink) Write(p []byte) (int, error) {
@@ -82,8 +91,16 @@ func (s *logSink) Write(p []byte) (int, error) {
 	defer s.mu.Unlock()
 	if !s.done {
 		s.t.Log(strings.TrimRight(string(p), "\n"))
+		s.all.Write(p)
 	}
 	return len(p), nil
+}
+
+// text returns every line logged so far.
+func (s *logSink) text() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.all.String()
 }
 
 // env is one test's real API server plus helpers.
@@ -92,6 +109,7 @@ type env struct {
 	cluster *kube.Cluster
 	cs      kubernetes.Interface
 	log     *slog.Logger
+	sink    *logSink
 	ctx     context.Context
 }
 
@@ -106,7 +124,7 @@ func newEnv(t *testing.T) *env {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	e := &env{t: t, cluster: cluster, cs: cs, log: slog.New(slog.NewTextHandler(sink, nil)), ctx: ctx}
+	e := &env{t: t, cluster: cluster, cs: cs, log: slog.New(slog.NewTextHandler(sink, nil)), sink: sink, ctx: ctx}
 	installMasterRBAC(t, cs, api.Namespace)
 	return e
 }

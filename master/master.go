@@ -208,6 +208,11 @@ type Controller struct {
 
 	lastGood   *keys.Ring
 	lastStatus string
+	// refused is the resourceVersion and message of the last InvalidKeyRing Event: a
+	// refusal is posted once per version of the Secret, not on every resync (the
+	// recorder's spam filter allows 25 Warning Events per object, then one per 5
+	// minutes, so repeats would hide the Event of the next bad edit or of a reset).
+	refused string
 	// recorder posts Events on the Secret (nil outside Run).
 	recorder record.EventRecorder
 }
@@ -453,7 +458,10 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 				msg := fmt.Sprintf("secret %s/%s key %q: %v; refusing to use or overwrite it (last good ring: %s); fix the data or set annotation %s on the secret to let the master overwrite it",
 					ns, api.SecretName, api.SecretDataKey, err, keys.Summary(c.lastGood), api.ResetRingAnnotation)
 				c.log.Error("refusing invalid key ring", "secret", ns+"/"+api.SecretName, "err", err, "lastGood", keys.Summary(c.lastGood))
-				c.event(secret, corev1.EventTypeWarning, "InvalidKeyRing", msg)
+				if key := secret.ResourceVersion + "\x00" + msg; key != c.refused {
+					c.event(secret, corev1.EventTypeWarning, "InvalidKeyRing", msg)
+					c.refused = key
+				}
 				c.publish(ctx, c.status(c.lastGood, nil, msg))
 				return time.Time{}, nil // nothing to retry until the Secret changes
 			}

@@ -264,7 +264,7 @@ func TestCorruptedSecretRefused(t *testing.T) {
 		want string
 	}{
 		{"garbage", []byte("\x00\x01 not a ring"), "malformed JSON"},
-		{"hand-edited", bytes.Replace(goodData, []byte(`"state": "active"`), []byte(`"state": "activ"`), 1), `state "activ"`},
+		{"hand-edited", bytes.Replace(goodData, []byte(`"state": "active"`), []byte(`"state": "activ"`), 1), "generations[0].state is not one of pending, active, retiring"},
 		{"truncated", goodData[:len(goodData)/2], "truncated"},
 	} {
 		s := e.secret()

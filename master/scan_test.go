@@ -17,7 +17,7 @@ import (
 
 // scannedTests are the tests whose complete output (verbose test log, master logs,
 // client-go logs, failure dumps) TestNoKeyBytesInTestOutput scans.
-const scannedTests = "^(TestRotationWithSimulatedAgents|TestLaggingAndDeletedNodes|TestLeaderFailoverMidRotation|TestConcurrentControllersNeverDoubleRotate|TestCorruptedSecretRefused)$"
+const scannedTests = "^(TestRotationWithSimulatedAgents|TestLaggingAndDeletedNodes|TestLeaderFailoverMidRotation|TestConcurrentControllersNeverDoubleRotate|TestCorruptedSecretRefused|TestHostileRingRefusedWithoutEcho)$"
 
 // TestNoKeyBytesInTestOutput re-runs the real-API-server tests in a child process with
 // -test.v, has them record every root key and derived SA key they saw (to a file, never

@@ -57,7 +57,7 @@ func benchRing(t *testing.T, names []string) []byte {
 	}
 	now := time.Now().UTC()
 	r.Generations = []keys.Generation{{Number: 1, State: keys.StateActive, Cipher: keys.AES128GCM, ICVBytes: 8,
-		Root: root, Reason: "bench", Created: now, Activated: now}}
+		Root: root, Reason: "initial", Created: now, Activated: now}}
 	for i, n := range names {
 		r.Nodes = append(r.Nodes, keys.NodeID{Name: n, ID: uint32(i + 1)})
 	}

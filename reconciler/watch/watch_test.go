@@ -2,12 +2,15 @@ package watch
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"k8s.io/client-go/tools/cache"
 	"maps"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -23,6 +26,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
 func resources(gv string, names ...string) *metav1.APIResourceList {
@@ -196,14 +200,37 @@ func TestWatcherWithFakeClients(t *testing.T) {
 	if ev.get("ipamblocks") == 0 {
 		t.Error("no ipamblocks event")
 	}
-	secret.Data[api.SecretDataKey] = []byte(`{"schemaVersion":1,"mode":"bogus"}`)
-	secret.ResourceVersion = "2"
-	if _, err := cs.CoreV1().Secrets(api.Namespace).Update(ctx, secret, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
+	// An invalid ring is refused. Its error, which the agent logs and publishes in the
+	// report on its Node (readable far more widely than the Secret), names the field and
+	// never its content: here key material pasted as a field name, then as the mode.
+	planted := make([]byte, 32)
+	for i := range planted {
+		planted[i] = byte(i*29 + 101)
 	}
-	waitFor(t, "invalid ring", func() bool { return w.Snapshot().RingErr != nil })
-	if s := w.Snapshot(); !errors.Is(s.RingErr, keys.ErrInvalid) || s.Ring != nil {
-		t.Errorf("invalid ring: %v", s.RingErr)
+	prev := ""
+	for i, c := range []struct{ data, want string }{
+		{`{"schemaVersion":1,"` + base64.StdEncoding.EncodeToString(planted) + `":1}`, "unknown field at byte offset 19 (at the top level)"},
+		{`{"schemaVersion":1,"mode":"` + hex.EncodeToString(planted) + `"}`, "mode is not one of off, accept, encrypt, enforce"},
+	} {
+		secret.Data[api.SecretDataKey] = []byte(c.data)
+		secret.ResourceVersion = fmt.Sprint(2 + i)
+		if _, err := cs.CoreV1().Secrets(api.Namespace).Update(ctx, secret, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "invalid ring", func() bool { err := w.Snapshot().RingErr; return err != nil && err.Error() != prev })
+		s := w.Snapshot()
+		prev = s.RingErr.Error()
+		_, ierr := Inputs("a", s, desired.Config{}, "e")
+		for _, text := range []string{fmt.Sprintf("%v %+v %#v", s.RingErr, s.RingErr, s.RingErr), fmt.Sprint(ierr)} {
+			for _, enc := range []string{hex.EncodeToString(planted), base64.StdEncoding.EncodeToString(planted)} {
+				if strings.Contains(text, enc[:16]) || strings.Contains(text, enc[16:32]) {
+					t.Fatalf("case %d: the ring error reveals the key material pasted into the Secret", i)
+				}
+			}
+		}
+		if !errors.Is(s.RingErr, keys.ErrInvalid) || s.Ring != nil || !strings.Contains(s.RingErr.Error(), c.want) {
+			t.Errorf("case %d: invalid ring: %v, want an ErrInvalid naming %q", i, s.RingErr, c.want)
+		}
 	}
 	if err := cs.CoreV1().Secrets(api.Namespace).Delete(ctx, api.SecretName, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)

@@ -144,6 +144,12 @@ type MasterStatus struct {
 	Deferred string `json:"deferred,omitempty"`
 	// LastRotateRequest is the last RotateRequestAnnotation value the master acted on.
 	LastRotateRequest string `json:"lastRotateRequest,omitempty"`
+	// LastGeneration and GenerationFloor are the key ring history the master has seen
+	// (keys.History): a Secret whose lastGeneration is below LastGeneration, or that holds
+	// a generation below GenerationFloor, went backwards (restored from an old copy) and
+	// is refused. A master that starts reads them back.
+	LastGeneration  uint32 `json:"lastGeneration,omitempty"`
+	GenerationFloor uint32 `json:"generationFloor,omitempty"`
 	// Nodes is how many node IDs the ring assigns.
 	Nodes int `json:"nodes"`
 	// LastError is the last reconcile error (e.g. a key ring the master refuses), "" if

@@ -107,3 +107,27 @@ func (h History) Equal(o History) bool {
 func (h History) Generations() []uint32 {
 	return slices.Sorted(maps.Keys(h.Roots))
 }
+
+// ReportedHigh is the highest generation that more than half of the nodes with a usable
+// report list as installed (0 if none): the cluster has used every generation up to it,
+// so a ring whose lastGeneration is below it went backwards. A minority of nodes (one
+// compromised node reporting a huge number) cannot raise it.
+func ReportedHigh(nodes []NodeState) uint32 {
+	var highs []uint32
+	for _, n := range nodes {
+		if n.Report == nil {
+			continue
+		}
+		var h uint32
+		for _, g := range n.Report.Generations {
+			h = max(h, g)
+		}
+		highs = append(highs, h)
+	}
+	if len(highs) == 0 {
+		return 0
+	}
+	slices.Sort(highs)
+	slices.Reverse(highs)
+	return highs[len(highs)/2]
+}

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"github.com/secureoverlay/secureoverlay/api"
 )
 
 // histRing is a ring with lastGeneration last and the given live generations (roots from
@@ -91,5 +93,26 @@ func TestHistoryMerge(t *testing.T) {
 	}
 	if err := m.Check(histRing(3, 2, 3)); err == nil {
 		t.Fatal("merged history accepts a ring one of its parts refuses")
+	}
+}
+
+func TestReportedHigh(t *testing.T) {
+	rep := func(gens ...uint32) NodeState { return NodeState{Report: &api.NodeReport{Generations: gens}} }
+	for _, c := range []struct {
+		name  string
+		nodes []NodeState
+		want  uint32
+	}{
+		{"none", nil, 0},
+		{"no usable reports", []NodeState{{Name: "x"}, {ReportError: "bad"}}, 0},
+		{"one node", []NodeState{rep(3, 4)}, 4},
+		{"majority", []NodeState{rep(4), rep(4), rep(2)}, 4},
+		{"one liar cannot raise it", []NodeState{rep(4), rep(4), rep(4000000)}, 4},
+		{"two of four is not more than half", []NodeState{rep(9), rep(9), rep(4), rep(4)}, 4},
+		{"lagging nodes", []NodeState{rep(), rep(5), rep(5)}, 5},
+	} {
+		if got := ReportedHigh(c.nodes); got != c.want {
+			t.Errorf("%s: %d, want %d", c.name, got, c.want)
+		}
 	}
 }

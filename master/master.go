@@ -208,6 +208,11 @@ type Controller struct {
 
 	lastGood   *keys.Ring
 	lastStatus string
+	// hist is the key ring history this controller knows (keys.History): of the rings it
+	// accepted, and read back once from the status its predecessors published
+	// (histLoaded). A ring older than it is refused (a Secret restored from a backup).
+	hist       keys.History
+	histLoaded bool
 	// refused is the resourceVersion and message of the last InvalidKeyRing Event: a
 	// refusal is posted once per version of the Secret, not on every resync (the
 	// recorder's spam filter allows 25 Warning Events per object, then one per 5
@@ -434,6 +439,16 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("get secret %s/%s: %w", ns, api.SecretName, err)
 	}
 
+	nodeList, err := c.nodes.List(labels.Everything())
+	if err != nil {
+		return time.Time{}, fmt.Errorf("list nodes: %w", err)
+	}
+	var nodes []keys.NodeState
+	for _, n := range nodeList {
+		nodes = append(nodes, NodeState(n))
+	}
+	hist := c.knownHistory(ctx, nodes)
+
 	var ring *keys.Ring
 	var problems []string
 	reset := false
@@ -447,19 +462,29 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 		c.log.Warn("key ring secret has no data key, initializing it", "secret", ns+"/"+api.SecretName, "key", api.SecretDataKey, "ring", keys.Summary(ring))
 	} else if exists {
 		ring, err = keys.Parse(secret.Data[api.SecretDataKey])
+		backwards := false
+		if err == nil {
+			if herr := hist.Check(ring); herr != nil {
+				err, backwards = herr, true
+			}
+		}
 		if err == nil {
 			if _, ok := secret.Annotations[api.ResetRingAnnotation]; ok {
 				reset = true // consent is for one reset: drop the annotation from a valid ring
 			}
 		} else {
 			m.RingValid.Set(0)
+			reason, what := "InvalidKeyRing", "refusing invalid key ring"
+			if backwards {
+				reason, what = "KeyRingWentBackwards", "refusing a key ring older than one already used"
+			}
 			if _, ok := secret.Annotations[api.ResetRingAnnotation]; !ok {
 				m.RingErrors.Inc()
 				msg := fmt.Sprintf("secret %s/%s key %q: %v; refusing to use or overwrite it (last good ring: %s); fix the data or set annotation %s on the secret to let the master overwrite it",
 					ns, api.SecretName, api.SecretDataKey, err, keys.Summary(c.lastGood), api.ResetRingAnnotation)
-				c.log.Error("refusing invalid key ring", "secret", ns+"/"+api.SecretName, "err", err, "lastGood", keys.Summary(c.lastGood))
+				c.log.Error(what, "secret", ns+"/"+api.SecretName, "err", err, "lastGood", keys.Summary(c.lastGood))
 				if key := secret.ResourceVersion + "\x00" + msg; key != c.refused {
-					c.event(secret, corev1.EventTypeWarning, "InvalidKeyRing", msg)
+					c.event(secret, corev1.EventTypeWarning, reason, msg)
 					c.refused = key
 				}
 				c.publish(ctx, c.status(c.lastGood, nil, msg))
@@ -474,6 +499,14 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 	} else if c.lastGood != nil {
 		ring = c.lastGood
 		c.log.Warn("key ring secret is missing, recreating it from the last good ring", "secret", ns+"/"+api.SecretName, "ring", keys.Summary(ring))
+	}
+	if ring == nil && hist.High > 0 {
+		// A new ring (Secret deleted or reset without a last good ring here) continues
+		// the numbering: no generation number, and so no SPI generation field of a key
+		// already used, comes back; agents would refuse a ring that restarts at 0.
+		ring = keys.NewRing()
+		ring.LastGeneration = hist.High
+		c.log.Warn("starting a new key ring after the generations already used", "lastGeneration", hist.High)
 	}
 	m.RingValid.Set(1)
 
@@ -490,15 +523,6 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 	target, req, err := desired(cm, cur)
 	if err != nil {
 		problems = append(problems, err.Error())
-	}
-
-	nodeList, err := c.nodes.List(labels.Everything())
-	if err != nil {
-		return time.Time{}, fmt.Errorf("list nodes: %w", err)
-	}
-	var nodes []keys.NodeState
-	for _, n := range nodeList {
-		nodes = append(nodes, NodeState(n))
 	}
 
 	res, err := keys.Step(keys.Input{Ring: ring, Nodes: nodes, Target: target, RotateRequest: req,
@@ -524,9 +548,36 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 		}
 	}
 	c.lastGood = res.Ring
+	c.hist = hist.Observe(res.Ring)
 	m.observe(res)
 	c.publish(ctx, c.status(res.Ring, &res, strings.Join(problems, "; ")))
 	return res.Wake, nil
+}
+
+// knownHistory is the key ring history to check the Secret against: the rings this
+// controller accepted, the watermarks its predecessors published in the status (read back
+// once), and the generation more than half of the nodes report having installed
+// (keys.ReportedHigh: a Secret and status restored together from one backup are still
+// caught while the nodes remember, and no single node can block the cluster).
+func (c *Controller) knownHistory(ctx context.Context, nodes []keys.NodeState) keys.History {
+	if !c.histLoaded {
+		cm, err := c.client.CoreV1().ConfigMaps(c.opts.Namespace).Get(ctx, api.StatusConfigMapName, metav1.GetOptions{})
+		switch {
+		case err == nil:
+			var st api.MasterStatus
+			if jerr := json.Unmarshal([]byte(cm.Data[api.StatusDataKey]), &st); jerr == nil {
+				c.hist = c.hist.Merge(keys.History{High: st.LastGeneration, Floor: st.GenerationFloor})
+			}
+			c.histLoaded = true
+		case apierrors.IsNotFound(err):
+			c.histLoaded = true
+		default:
+			c.log.Warn("cannot read the published status for the key ring history; retrying", "err", err)
+		}
+	}
+	h := c.hist
+	h.High = max(h.High, keys.ReportedHigh(nodes))
+	return h
 }
 
 // write stores ring in the Secret read as old (nil: create), conditioned on old's
@@ -592,7 +643,8 @@ func eventReason(k keys.ActionKind) string {
 
 // status builds the published view; res may be nil (when the ring was refused).
 func (c *Controller) status(ring *keys.Ring, res *keys.Result, lastError string) api.MasterStatus {
-	st := api.MasterStatus{Leader: c.opts.Identity, LastError: lastError, Generations: []api.GenerationStatus{}}
+	st := api.MasterStatus{Leader: c.opts.Identity, LastError: lastError, Generations: []api.GenerationStatus{},
+		LastGeneration: c.hist.High, GenerationFloor: c.hist.Floor}
 	if ring != nil {
 		st.Mode, st.Target, st.LastRotateRequest, st.Nodes = ring.Mode, ring.Target, ring.LastRotateRequest, len(ring.Nodes)
 		for _, g := range ring.Generations {

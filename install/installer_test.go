@@ -710,7 +710,7 @@ func TestWriteAtomicCompareAndSwap(t *testing.T) {
 	if err := os.WriteFile(p, []byte(calico031), 0o640); err != nil {
 		t.Fatal(err)
 	}
-	_, read, err := readFile(p)
+	_, read, err := readRegular(p, MaxConfigSize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -729,7 +729,7 @@ func TestWriteAtomicCompareAndSwap(t *testing.T) {
 		t.Fatalf("temp file left behind: %v", ents)
 	}
 	// Unchanged since read: replaced, mode kept.
-	_, read, _ = readFile(p)
+	_, read, _ = readRegular(p, MaxConfigSize)
 	if err := writeAtomic(p, []byte("ours"), read.Mode().Perm(), read, read); err != nil {
 		t.Fatal(err)
 	}

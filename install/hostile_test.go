@@ -248,7 +248,7 @@ func TestDanglingSymlinkFirst(t *testing.T) {
 
 	// The sidecar reports it, keeps away from the calico config, and installs once the
 	// link is removed.
-	l.run(in)
+	stop := l.run(in)
 	waitFor(t, "the dangling link reported", 5*time.Second, func() bool {
 		return strings.Contains(l.logs.String(), "00-dangling.conflist") && strings.Contains(l.logs.String(), "dangling symlink")
 	})
@@ -259,13 +259,20 @@ func TestDanglingSymlinkFirst(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "entry after the dangling link was removed", 10*time.Second, func() bool { return l.hasEntry("10-calico.conflist") })
+	stop()
 
-	// A dangling link after the calico config is never looked at, and uninstall leaves
-	// it a link.
+	// A dangling link after the calico config does not stop the install; uninstall skips
+	// it and leaves it a link.
 	late := filepath.Join(l.conf, "20-dangling.conflist")
 	symlink(t, "gone.conflist", late)
+	if err := stepWithin(t, in); err != nil {
+		t.Fatalf("a dangling link after the calico config stopped the install: %v", err)
+	}
 	if err := in.Uninstall(context.Background()); err != nil {
 		t.Fatal(err)
+	}
+	if got := l.read("10-calico.conflist"); got != calico031 {
+		t.Fatalf("uninstall did not restore the calico config:\n%s", got)
 	}
 	if target, err := os.Readlink(late); err != nil || target != "gone.conflist" {
 		t.Fatalf("uninstall changed the dangling link: %q %v", target, err)
@@ -327,7 +334,7 @@ func TestSymlinkedConflistWrittenThrough(t *testing.T) {
 			// in the target. The first rewrite may race with the sidecar's first pass; the
 			// second is repaired on the watch event (the resync is 30 s away), which names
 			// the target, not the link.
-			l.run(in)
+			stop := l.run(in)
 			for i := range 2 {
 				if err := os.WriteFile(list, []byte(calico031), 0o644); err != nil {
 					t.Fatal(err)
@@ -335,6 +342,7 @@ func TestSymlinkedConflistWrittenThrough(t *testing.T) {
 				waitFor(t, fmt.Sprintf("entry repaired through the link (rewrite %d)", i+1), 5*time.Second, func() bool { return l.hasEntry("calico.conflist.real") })
 				isLink(t, list, target)
 			}
+			stop() // the sidecar ends before the uninstall, as in the binary
 
 			if err := in.Uninstall(context.Background()); err != nil {
 				t.Fatal(err)

@@ -19,6 +19,16 @@
 //     network name and unknown fields are never touched.
 //   - A file that does not parse is never written over; it is retried after a short
 //     delay (Calico writes its config non-atomically).
+//   - Only regular files of at most MaxConfigSize bytes are read; a FIFO, socket or
+//     device is never opened for longer than a non-blocking open and an fstat, so no pass
+//     blocks, and every wait (for a config, a retry, the throttle) ends with the context.
+//   - A symlink is followed only to a regular file directly in the config dir, and edited
+//     there (the temp file next to the target): the link stays a link and no write ever
+//     leaves the config dir. Any other symlink is refused, never written through.
+//   - A file that sorts before the calico config and cannot be loaded (does not parse,
+//     is not a regular file, is too large, is a dangling symlink or a refused one) stops
+//     the install instead of being skipped: containerd fails on it too, so the calico
+//     config behind it is not the node's network.
 //   - No write happens when our entry is already in place with the wanted configuration,
 //     and the watch loop's writes are bounded by a token bucket so that the installer
 //     never fights another writer in a loop.
@@ -113,6 +123,9 @@ type Installer struct {
 	plugin   []byte    // PluginBinary's content, read once
 	binStamp fileStamp // the installed binary as last verified or written
 	shadowed string    // the shadowing files last warned about
+	// linkTarget is the base name of the file in the config dir that the primary, a
+	// symlink, resolves to: writes through the link show as events on that name.
+	linkTarget string
 }
 
 type fileStamp struct {
@@ -177,7 +190,7 @@ func (t throttled) Error() string { return fmt.Sprintf("config write throttled f
 // node must not flip the binary in a loop either).
 func (in *Installer) ensureBinary(now time.Time, throttle bool) error {
 	if in.plugin == nil {
-		b, err := os.ReadFile(in.cfg.PluginBinary)
+		b, _, err := readRegular(in.cfg.PluginBinary, maxPluginSize)
 		if err != nil {
 			return errSource{fmt.Errorf("read plugin binary: %w", err)}
 		}
@@ -224,6 +237,10 @@ func (in *Installer) step(now time.Time, throttle bool) error {
 	if err != nil {
 		return err
 	}
+	in.linkTarget = ""
+	if p.linked() {
+		in.linkTarget = filepath.Base(p.target)
+	}
 	if sh := strings.Join(p.shadowedBy, ","); sh != in.shadowed {
 		in.shadowed = sh
 		if sh != "" {
@@ -231,29 +248,30 @@ func (in *Installer) step(now time.Time, throttle bool) error {
 				"files", p.shadowedBy, "calico", filepath.Base(p.path))
 		}
 	}
-	path, out := p.path, []byte(nil)
-	if p.list {
-		o, changed, err := InsertEntry(p.data, in.cfg.Entry)
-		if err != nil {
-			return &ParseError{Path: p.path, Err: err}
-		}
-		if !changed {
-			return nil
-		}
-		out = o
-	} else {
+	if !p.list {
 		return in.convert(now, p, throttle)
+	}
+	out, changed, err := InsertEntry(p.data, in.cfg.Entry)
+	if err != nil {
+		return &ParseError{Path: p.path, Err: err}
+	}
+	if !changed {
+		return nil
 	}
 	if throttle {
 		if ok, wait := in.bucket.take(now); !ok {
 			return throttled{wait}
 		}
 	}
-	if err := writeAtomic(path, out, p.mode, p.info, p.info); err != nil {
+	if err := writeConf(p.confFile, out); err != nil {
 		return err
 	}
 	in.writes.Add(1)
-	in.log.Info("inserted plugin entry after calico", "file", path)
+	if p.linked() {
+		in.log.Info("inserted plugin entry after calico, through the symlink", "file", p.path, "target", p.target)
+	} else {
+		in.log.Info("inserted plugin entry after calico", "file", p.path)
+	}
 	return nil
 }
 
@@ -262,21 +280,33 @@ func (in *Installer) step(now time.Time, throttle bool) error {
 // .conf goes, so the dir always holds a calico config. In libcni order "x.conf" sorts
 // before "x.conflist", so while both exist runtimes keep using the original .conf; they
 // switch to the converted list only when the .conf is removed.
+//
+// A symlinked .conf is not converted: the conversion removes the .conf, which would
+// remove the link, and uninstall would write it back as a regular file.
 func (in *Installer) convert(now time.Time, p *primary, throttle bool) error {
+	if p.linked() {
+		return &FileError{Path: p.path, Reason: fmt.Sprintf("is a symlink to %s, a single-plugin config; the installer would have to convert it to a .conflist and remove the link, so it refuses to convert a symlinked config: make it a regular file or a symlinked .conflist", filepath.Base(p.target))}
+	}
 	base := filepath.Base(p.path)
 	list := strings.TrimSuffix(p.path, filepath.Ext(p.path)) + ".conflist"
 	out, err := ConvertConf(p.data, base, in.cfg.Entry)
 	if err != nil {
 		return &ParseError{Path: p.path, Err: err}
 	}
-	cur, listInfo, err := readFile(list)
+	if len(out) > MaxConfigSize {
+		return &FileError{Path: p.path, Reason: fmt.Sprintf("converted with our entry it would be %d bytes, over the limit of %d bytes", len(out), MaxConfigSize)}
+	}
+	var cur []byte
+	var listInfo fs.FileInfo
+	cf, err := readConf(in.cfg.CNIConfDir, list)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 	case err != nil:
 		return err
 	default:
+		cur, listInfo = cf.data, cf.info
 		stripped, _, rerr := RemoveEntries(cur)
-		if name, _, ok := RestoreConf(stripped); rerr != nil || !ok || name != base {
+		if name, _, ok := RestoreConf(stripped); cf.linked() || rerr != nil || !ok || name != base {
 			return fmt.Errorf("convert %s: %s exists and was not made by us; refusing to overwrite it", base, filepath.Base(list))
 		}
 	}
@@ -286,7 +316,7 @@ func (in *Installer) convert(now time.Time, p *primary, throttle bool) error {
 				return throttled{wait}
 			}
 		}
-		if err := writeAtomic(list, out, p.mode, p.info, listInfo); err != nil {
+		if err := writeAtomic(list, out, p.info.Mode().Perm(), p.info, listInfo); err != nil {
 			return err
 		}
 		in.writes.Add(1)
@@ -313,6 +343,7 @@ func (in *Installer) Install(ctx context.Context) error {
 	removeTemps(in.cfg.CNIConfDir)
 	removeTemps(in.cfg.CNIBinDir)
 	var lastWaitLog time.Time
+	var problems problemLog
 	failures := 0
 	for {
 		err := in.step(time.Now(), false)
@@ -325,13 +356,19 @@ func (in *Installer) Install(ctx context.Context) error {
 			return err
 		}
 		delay := in.retryDelay(&failures)
-		if errors.Is(err, ErrNoPrimary) {
+		var fe *FileError
+		switch {
+		case errors.Is(err, ErrNoPrimary):
 			delay = noPrimaryPoll
 			if time.Since(lastWaitLog) >= waitLogEvery {
 				lastWaitLog = time.Now()
 				in.log.Info("waiting for a calico network config", "dir", in.cfg.CNIConfDir)
 			}
-		} else {
+		case errors.As(err, &fe):
+			if problems.due(err, time.Now()) {
+				in.log.Error(fileProblem, "err", err, "retryIn", delay)
+			}
+		default:
 			in.log.Warn("install pass failed; retrying", "err", err, "in", delay)
 		}
 		select {
@@ -340,6 +377,25 @@ func (in *Installer) Install(ctx context.Context) error {
 		case <-time.After(delay):
 		}
 	}
+}
+
+// fileProblem is logged for a *FileError that stops a pass.
+const fileProblem = "a file in the cni config dir stops the install; retrying until it is fixed"
+
+// problemLog rate-limits the log of a *FileError, which stays until an operator fixes
+// the file: logged when it appears or changes, then every waitLogEvery.
+type problemLog struct {
+	last string
+	at   time.Time
+}
+
+func (p *problemLog) due(err error, now time.Time) bool {
+	msg := err.Error()
+	if msg == p.last && now.Sub(p.at) < waitLogEvery {
+		return false
+	}
+	p.last, p.at = msg, now
+	return true
 }
 
 func (in *Installer) retryDelay(failures *int) time.Duration {
@@ -381,6 +437,7 @@ func (in *Installer) Run(ctx context.Context) error {
 	failures := 0
 	installed, inThrottle := false, false
 	var lastWaitLog time.Time
+	var problems problemLog
 	for {
 		select {
 		case <-ctx.Done():
@@ -417,6 +474,7 @@ func (in *Installer) Run(ctx context.Context) error {
 			case err == nil:
 				failures = 0
 				installed = true
+				problems = problemLog{}
 				if inThrottle {
 					inThrottle = false
 					in.log.Info("config writes no longer throttled")
@@ -439,7 +497,12 @@ func (in *Installer) Run(ctx context.Context) error {
 				schedule(in.cfg.MaxRetry)
 			default:
 				d := in.retryDelay(&failures)
-				in.log.Warn("pass failed; retrying", "err", err, "in", d)
+				var fe *FileError
+				if !errors.As(err, &fe) {
+					in.log.Warn("pass failed; retrying", "err", err, "in", d)
+				} else if problems.due(err, time.Now()) {
+					in.log.Error(fileProblem, "err", err, "retryIn", d)
+				}
 				schedule(d)
 			}
 		}
@@ -457,6 +520,8 @@ func (in *Installer) relevant(ev fsnotify.Event) bool {
 		return true // the dir itself went away or moved: re-arm
 	case filepath.Dir(name) == filepath.Clean(in.cfg.CNIConfDir) && slices.Contains(ConfExtensions, filepath.Ext(name)):
 		return true
+	case filepath.Dir(name) == filepath.Clean(in.cfg.CNIConfDir) && filepath.Base(name) == in.linkTarget:
+		return true // written through the primary's symlink
 	case filepath.Dir(name) == filepath.Clean(in.cfg.CNIBinDir) && filepath.Base(name) == PluginType:
 		return true
 	}
@@ -492,8 +557,9 @@ func (in *Installer) arm(w *fsnotify.Watcher, armed map[string]fileStamp) {
 
 // Uninstall removes every entry of ours from the conflists in the config dir (restoring
 // a .conf we converted), and only then removes the plugin binary. Files that do not parse
-// are retried for a few seconds; if any entry could not be removed, the binary stays and
-// the error is returned. Uninstall is idempotent.
+// are retried for a few seconds (or until ctx ends); files the installer does not read
+// (see readConf) are skipped; if any entry could not be removed, the binary stays and the
+// error is returned. Uninstall is idempotent.
 func (in *Installer) Uninstall(ctx context.Context) error {
 	dir := in.cfg.CNIConfDir
 	removeTemps(dir)
@@ -524,24 +590,36 @@ func (in *Installer) Uninstall(ctx context.Context) error {
 	return nil
 }
 
+// uninstallFile removes our entries from the conflist f. A file the installer does not
+// read (readConf: not a regular file, over the size limit, a dangling symlink or one
+// that leaves the config dir) is skipped with a warning: the installer never writes
+// such a file, so it holds no entry the installer put there.
 func (in *Installer) uninstallFile(ctx context.Context, f string) error {
 	deadline := time.Now().Add(uninstallParseFor)
 	failures := 0
 	for {
-		data, st, err := readFile(f)
-		if errors.Is(err, fs.ErrNotExist) {
+		cf, err := readConf(in.cfg.CNIConfDir, f)
+		var fe *FileError
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
 			return nil
-		}
-		if err != nil {
+		case errors.As(err, &fe):
+			in.log.Warn("skipping a config file the installer does not read or write", "file", f, "reason", fe.Reason)
+			return nil
+		case errors.Is(err, ErrChanged):
+		case err != nil:
 			return err
-		}
-		out, n, err := RemoveEntries(data)
-		if err == nil {
-			if n == 0 {
-				return nil
-			}
-			if err = in.writeStripped(f, out, st); !errors.Is(err, ErrChanged) {
-				return err
+		default:
+			var out []byte
+			var n int
+			out, n, err = RemoveEntries(cf.data)
+			if err == nil {
+				if n == 0 {
+					return nil
+				}
+				if err = in.writeStripped(cf, out); !errors.Is(err, ErrChanged) {
+					return err
+				}
 			}
 		}
 		if errors.Is(err, ErrOnlyOurs) {
@@ -553,30 +631,46 @@ func (in *Installer) uninstallFile(ctx context.Context, f string) error {
 		if time.Now().After(deadline) {
 			return &ParseError{Path: f, Err: err}
 		}
+		d := in.retryDelay(&failures)
+		in.log.Warn("cannot remove the plugin entry yet; retrying", "file", f, "err", err, "in", d)
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("%s: %w", f, err)
-		case <-time.After(in.retryDelay(&failures)):
+			return fmt.Errorf("%s: %w (last: %w)", f, ctx.Err(), err)
+		case <-time.After(d):
 		}
 	}
 }
 
-func (in *Installer) writeStripped(f string, out []byte, st fs.FileInfo) error {
+func (in *Installer) writeStripped(cf *confFile, out []byte) error {
+	f, st := cf.path, cf.info
 	name, conf, ok := RestoreConf(out)
 	if !ok {
-		if err := writeAtomic(f, out, st.Mode().Perm(), st, st); err != nil {
+		if err := writeConf(cf, out); err != nil {
 			return err
 		}
-		in.log.Info("removed plugin entry", "file", f)
+		if cf.linked() {
+			in.log.Info("removed plugin entry, through the symlink", "file", f, "target", cf.target)
+		} else {
+			in.log.Info("removed plugin entry", "file", f)
+		}
 		return nil
+	}
+	if cf.linked() {
+		// We convert only regular files and never make links: leave it to an operator.
+		return &FileError{Path: f, Reason: fmt.Sprintf("is a symlink to %s, a .conflist converted from %s; refusing to replace the link with the restored %s", filepath.Base(cf.target), name, name)}
 	}
 	// The .conf sorts before the .conflist, so it takes over as soon as it exists; remove
 	// the list only after that.
 	confPath := filepath.Join(filepath.Dir(f), name)
-	if _, err := os.Stat(confPath); errors.Is(err, fs.ErrNotExist) {
+	switch cst, err := os.Lstat(confPath); {
+	case errors.Is(err, fs.ErrNotExist):
 		if err := writeAtomic(confPath, conf, st.Mode().Perm(), st, nil); err != nil {
 			return err
 		}
+	case err != nil:
+		return fmt.Errorf("restore %s: %w", confPath, err)
+	case !cst.Mode().IsRegular():
+		return &FileError{Path: confPath, Reason: fmt.Sprintf("is a %s where the converted config is to be restored; keeping %s", kindOf(cst.Mode()), filepath.Base(f))}
 	}
 	if changedSince(f, st) {
 		return fmt.Errorf("remove converted %s: %w", f, ErrChanged)

@@ -149,11 +149,19 @@ func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool)
 
 // recorder logs fsnotify events of some dirs in the kernel's order (one inotify instance).
 type recorder struct {
+	t      *testing.T
+	dir    string // the first watched dir: stop's sentinel goes there
 	w      *fsnotify.Watcher
 	mu     sync.Mutex
 	events []fsnotify.Event
 	done   chan struct{}
+	once   sync.Once
+	result []fsnotify.Event
 }
+
+// recorderSentinel names the file stop creates to learn that every earlier event has
+// been delivered.
+const recorderSentinel = ".recorder-sentinel"
 
 func record(t *testing.T, dirs ...string) *recorder {
 	t.Helper()
@@ -161,7 +169,7 @@ func record(t *testing.T, dirs ...string) *recorder {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &recorder{w: w, done: make(chan struct{})}
+	r := &recorder{t: t, dir: dirs[0], w: w, done: make(chan struct{})}
 	for _, d := range dirs {
 		if err := w.Add(d); err != nil {
 			t.Fatal(err)
@@ -179,15 +187,33 @@ func record(t *testing.T, dirs ...string) *recorder {
 	return r
 }
 
-// stop closes the watcher and returns every event seen. Give the kernel a moment to
-// deliver what is queued first.
+// stop returns every event of the file operations that happened before it was called,
+// then closes the watcher. One inotify instance queues the events of all its watches in
+// order, so once the creation of a sentinel file shows up, everything before it has been
+// delivered. The sentinel's events are not returned.
 func (r *recorder) stop() []fsnotify.Event {
-	time.Sleep(50 * time.Millisecond)
-	r.w.Close()
-	<-r.done
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return slices.Clone(r.events)
+	r.once.Do(func() {
+		sentinel := filepath.Join(r.dir, recorderSentinel)
+		if err := os.WriteFile(sentinel, nil, 0o600); err != nil {
+			r.t.Error(err)
+		}
+		waitFor(r.t, "the recorder's sentinel event", 10*time.Second, func() bool {
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			return index(r.events, sentinel, fsnotify.Create) >= 0
+		})
+		r.w.Close()
+		<-r.done
+		os.Remove(sentinel)
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		for _, ev := range r.events {
+			if ev.Name != sentinel {
+				r.result = append(r.result, ev)
+			}
+		}
+	})
+	return slices.Clone(r.result)
 }
 
 // index returns the position of the first event on name with op, or -1.
@@ -710,7 +736,7 @@ func TestWriteAtomicCompareAndSwap(t *testing.T) {
 	if err := os.WriteFile(p, []byte(calico031), 0o640); err != nil {
 		t.Fatal(err)
 	}
-	_, read, err := readFile(p)
+	_, read, err := readRegular(p, MaxConfigSize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -729,7 +755,7 @@ func TestWriteAtomicCompareAndSwap(t *testing.T) {
 		t.Fatalf("temp file left behind: %v", ents)
 	}
 	// Unchanged since read: replaced, mode kept.
-	_, read, _ = readFile(p)
+	_, read, _ = readRegular(p, MaxConfigSize)
 	if err := writeAtomic(p, []byte("ours"), read.Mode().Perm(), read, read); err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,12 @@
 //   - ADD and CHECK need prevResult; the container interface is the prevResult interface
 //     with a sandbox (preferring the one named CNI_IFNAME), and its MTU is read from the
 //     kernel inside the pod's network namespace, never taken from the result.
+//   - ADD and CHECK refuse (error 8, in every mode) when CNI_NETNS is the plugin's own
+//     network namespace, before reading or changing anything: there "eth0" is the node's
+//     uplink. skel's own check runs only after ADD returned (and CNI_NETNS_OVERRIDE turns
+//     it off); ours does not depend on either. CNI_NETNS is opened once, compared by
+//     device and inode with the namespace of the thread the plugin runs on (locked for
+//     the whole command), and that handle is what the plugin reads and changes.
 //   - ADD prints prevResult unchanged in the configuration's cniVersion, except that a
 //     clamp reports the new MTU in the interface's "mtu" field of a 1.1.0 result.
 //   - DEL always succeeds: the plugin keeps no state, so there is nothing to undo; an
@@ -22,6 +28,7 @@ import (
 	"io"
 	"log"
 	"os"
+	"runtime"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -105,15 +112,25 @@ func chained(args *skel.CmdArgs, verb string) (*Config, *current.Result, error) 
 
 // CmdAdd handles ADD.
 func CmdAdd(args *skel.CmdArgs) error {
+	// The plugin's own network namespace is its thread's: stay on one thread, so that the
+	// namespace compared with CNI_NETNS is the one the host-side reads and writes use.
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
 	conf, res, err := chained(args, "ADD")
 	if err != nil {
 		return err
 	}
 	lg := newLogger(conf)
 	defer lg.close()
+	pod, err := openPodNetNS(args.Netns)
+	if err != nil {
+		lg.printf("refused: container %s: %v", args.ContainerID, err)
+		return err
+	}
+	defer pod.close()
 	idx, ifName := containerInterface(res, args.IfName)
 
-	v, err := evaluate(conf, args.Netns, ifName)
+	v, err := evaluate(conf, pod, ifName)
 	if err != nil {
 		if conf.Mode == ModeWarn {
 			lg.printf("warn: container %s: cannot check the mtu: %v", args.ContainerID, err)
@@ -131,7 +148,7 @@ func CmdAdd(args *skel.CmdArgs) error {
 		lg.printf("warn: container %s: %s: mtu exceeds the budget; fix: %s", args.ContainerID, v, v.fix())
 		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 	case ModeClamp:
-		if err := clamp(args.Netns, ifName, v.Budget, hostInterfaces(res)); err != nil {
+		if err := clamp(pod, ifName, v.Budget, hostInterfaces(res)); err != nil {
 			return types.NewError(ErrPodInterface, fmt.Sprintf("secureoverlay: clamp %s to %d: %v", ifName, v.Budget, err), "")
 		}
 		lg.printf("clamp: container %s: %s: lowered to %d", args.ContainerID, v, v.Budget)
@@ -148,14 +165,22 @@ func CmdAdd(args *skel.CmdArgs) error {
 
 // CmdCheck handles CHECK: the pod interface must (still) be within the budget.
 func CmdCheck(args *skel.CmdArgs) error {
+	runtime.LockOSThread() // see CmdAdd
+	defer runtime.UnlockOSThread()
 	conf, res, err := chained(args, "CHECK")
 	if err != nil {
 		return err
 	}
 	lg := newLogger(conf)
 	defer lg.close()
+	pod, err := openPodNetNS(args.Netns)
+	if err != nil {
+		lg.printf("refused: check container %s: %v", args.ContainerID, err)
+		return err
+	}
+	defer pod.close()
 	_, ifName := containerInterface(res, args.IfName)
-	v, err := evaluate(conf, args.Netns, ifName)
+	v, err := evaluate(conf, pod, ifName)
 	if err != nil {
 		if conf.Mode == ModeWarn {
 			lg.printf("warn: check container %s: cannot check the mtu: %v", args.ContainerID, err)
@@ -248,8 +273,79 @@ func externalMTU(conf *Config) (int, string, error) {
 	return mtu, "link " + name, nil
 }
 
+// podNetNS is the pod's network namespace, CNI_NETNS, opened once: the namespace that
+// was compared with the plugin's own is the one read and changed.
+type podNetNS struct {
+	path string
+	ns   ns.NetNS // nil when it could not be opened
+	err  error    // why not; reported where the namespace is used (error 102)
+}
+
+// openPodNetNS opens CNI_NETNS and refuses the plugin's own network namespace with
+// ErrInvalidNetNS. That refusal is its only error: a namespace that cannot be opened is
+// kept in the result and reported where it is used, as before (102, logged in warn mode).
+func openPodNetNS(path string) (*podNetNS, error) {
+	p := &podNetNS{path: path}
+	if path == "" {
+		p.err = errors.New("no network namespace (CNI_NETNS) given")
+		return p, nil
+	}
+	n, err := ns.GetNS(path)
+	if err != nil {
+		p.err = fmt.Errorf("open netns %s: %w", path, err)
+		return p, nil
+	}
+	own, err := isOwnNetNS(n)
+	if err != nil {
+		n.Close()
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf("secureoverlay: CNI_NETNS %s: cannot compare it with the plugin's own network namespace: %v", path, err), "")
+	}
+	if own {
+		n.Close()
+		return nil, types.NewError(types.ErrInvalidNetNS, fmt.Sprintf(
+			"secureoverlay: CNI_NETNS %s is the plugin's own network namespace (the host's), not a pod's: refusing to read or change anything in it", path), "")
+	}
+	p.ns = n
+	return p, nil
+}
+
+// isOwnNetNS reports whether n is the network namespace of the calling thread (which the
+// caller keeps locked): /proc/thread-self/ns/net, compared by device and inode.
+// /proc/self/ns/net would be the main thread's, which is not the caller's when the plugin
+// runs in-process on a thread moved into another namespace.
+func isOwnNetNS(n ns.NetNS) (bool, error) {
+	var pod, own unix.Stat_t
+	if err := unix.Fstat(int(n.Fd()), &pod); err != nil {
+		return false, fmt.Errorf("fstat %s: %w", n.Path(), err)
+	}
+	self := "/proc/thread-self/ns/net"
+	err := unix.Stat(self, &own)
+	if errors.Is(err, unix.ENOENT) { // kernels before 3.17
+		self = fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid())
+		err = unix.Stat(self, &own)
+	}
+	if err != nil {
+		return false, fmt.Errorf("stat %s: %w", self, err)
+	}
+	return pod.Dev == own.Dev && pod.Ino == own.Ino, nil
+}
+
+// do runs f inside the pod namespace.
+func (p *podNetNS) do(f func() error) error {
+	if p.ns == nil {
+		return p.err
+	}
+	return p.ns.Do(func(ns.NetNS) error { return f() })
+}
+
+func (p *podNetNS) close() {
+	if p.ns != nil {
+		_ = p.ns.Close()
+	}
+}
+
 // evaluate computes the budget and reads the pod interface's actual MTU.
-func evaluate(conf *Config, netnsPath, ifName string) (verdict, error) {
+func evaluate(conf *Config, pod *podNetNS, ifName string) (verdict, error) {
 	ext, src, err := externalMTU(conf)
 	if err != nil {
 		return verdict{}, types.NewError(ErrExternalMTU, fmt.Sprintf("secureoverlay: %v", err), "")
@@ -258,19 +354,19 @@ func evaluate(conf *Config, netnsPath, ifName string) (verdict, error) {
 	if err != nil {
 		return verdict{}, types.NewError(ErrExternalMTU, fmt.Sprintf("secureoverlay: budget: %v", err), "")
 	}
-	mtu, err := podMTU(netnsPath, ifName)
+	mtu, err := podMTU(pod, ifName)
 	if err != nil {
 		return verdict{}, types.NewError(ErrPodInterface, fmt.Sprintf("secureoverlay: %v", err), "")
 	}
 	return verdict{Iface: ifName, MTU: mtu, Budget: b, External: ext, Source: src, ICV: conf.ICVBytes}, nil
 }
 
-func podMTU(netnsPath, ifName string) (int, error) {
-	if netnsPath == "" {
-		return 0, errors.New("no network namespace (CNI_NETNS) given")
+func podMTU(pod *podNetNS, ifName string) (int, error) {
+	if pod.path == "" {
+		return 0, pod.err
 	}
 	var mtu int
-	err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+	err := pod.do(func() error {
 		l, err := netlink.LinkByName(ifName)
 		if err != nil {
 			return fmt.Errorf("pod interface %s: %w", ifName, err)
@@ -279,7 +375,7 @@ func podMTU(netnsPath, ifName string) (int, error) {
 		return nil
 	})
 	if err != nil {
-		return 0, fmt.Errorf("read mtu in netns %s: %w", netnsPath, err)
+		return 0, fmt.Errorf("read mtu in netns %s: %w", pod.path, err)
 	}
 	return mtu, nil
 }
@@ -287,9 +383,9 @@ func podMTU(netnsPath, ifName string) (int, error) {
 // clamp lowers the pod interface's MTU to limit, and every route over it whose MTU is
 // set above limit; then the host ends of the pod's links (named in the result, in the
 // plugin's own namespace) if they are the interface's veth peer.
-func clamp(netnsPath, ifName string, limit int, hostIfaces []string) error {
+func clamp(pod *podNetNS, ifName string, limit int, hostIfaces []string) error {
 	peerIndex := 0
-	err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+	err := pod.do(func() error {
 		l, err := netlink.LinkByName(ifName)
 		if err != nil {
 			return fmt.Errorf("pod interface %s: %w", ifName, err)
@@ -327,7 +423,7 @@ func clamp(netnsPath, ifName string, limit int, hostIfaces []string) error {
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("in netns %s: %w", netnsPath, err)
+		return fmt.Errorf("in netns %s: %w", pod.path, err)
 	}
 	if peerIndex == 0 {
 		return nil

@@ -83,7 +83,7 @@ func run() error {
 	defer stop()
 	switch {
 	case *uninstall:
-		return in.Uninstall(context.Background())
+		return in.Uninstall(ctx)
 	case *once:
 		return in.Install(ctx)
 	}

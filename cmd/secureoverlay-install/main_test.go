@@ -26,6 +26,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/install"
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 )
 
 // These tests run the real secureoverlay-install binary: from $SECUREOVERLAY_BIN_DIR when
@@ -448,5 +449,162 @@ func TestDetectExternalMTU(t *testing.T) {
 	run("--external-mtu", "0", "--interface-pattern", "^nomatch$")
 	if got := n.entryMTU(t); got != 0 {
 		t.Fatalf("externalMTU %d without a matching link, want 0", got)
+	}
+}
+
+// started is a running installer binary whose output can be read while it runs.
+type started struct {
+	cmd    *exec.Cmd
+	out    *testutil.SyncBuffer
+	done   chan error
+	exited bool
+}
+
+func start(t *testing.T, bin string, args ...string) *started {
+	t.Helper()
+	s := &started{cmd: exec.Command(bin, args...), out: &testutil.SyncBuffer{}, done: make(chan error, 1)}
+	s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { s.done <- s.cmd.Wait() }()
+	t.Cleanup(func() {
+		if !s.exited {
+			s.cmd.Process.Kill()
+			<-s.done
+		}
+	})
+	return s
+}
+
+// waitOutput waits until the output contains every one of want.
+func (s *started) waitOutput(t *testing.T, want ...string) {
+	t.Helper()
+	waitFor(t, fmt.Sprintf("output %q", want), 10*time.Second, func() bool {
+		out := s.out.String()
+		for _, w := range want {
+			if !strings.Contains(out, w) {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// term sends SIGTERM and returns the exit error; the process must exit within a second.
+func (s *started) term(t *testing.T) error {
+	t.Helper()
+	if err := s.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	sent := time.Now()
+	select {
+	case err := <-s.done:
+		s.exited = true
+		t.Logf("exited %v after SIGTERM", time.Since(sent))
+		return err
+	case <-time.After(time.Second):
+		t.Fatalf("still running 1 s after SIGTERM\n%s", s.out)
+		return nil
+	}
+}
+
+// TestSigtermStopsPromptly sends the real binary SIGTERM while a FIFO named like a
+// config sorts before the calico config (sidecar and --once), and while --uninstall
+// retries a half-written config: it exits within a second every time, having written
+// nothing.
+func TestSigtermStopsPromptly(t *testing.T) {
+	bin := binary(t)
+	withFIFO := func(t *testing.T) *node {
+		n := newNode(t)
+		pipe := filepath.Join(n.conf, "00-pipe.conflist")
+		if err := syscall.Mkfifo(pipe, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		// If the installer opened the FIFO, it is blocked in open(2): a writer that comes
+		// and goes releases it, so a failing test ends.
+		t.Cleanup(func() {
+			if fd, err := syscall.Open(pipe, syscall.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+				syscall.Close(fd)
+			}
+		})
+		return n
+	}
+	t.Run("sidecar", func(t *testing.T) {
+		n := withFIFO(t)
+		s := start(t, bin, n.args("--uninstall-on-delete=false")...)
+		s.waitOutput(t, "00-pipe.conflist", "named pipe")
+		if err := s.term(t); err != nil {
+			t.Fatalf("sidecar exit after SIGTERM: %v\n%s", err, s.out)
+		}
+		if b, err := os.ReadFile(n.list()); err != nil || string(b) != calicoList {
+			t.Fatalf("calico config changed behind a FIFO: %v\n%s", err, b)
+		}
+	})
+	t.Run("once", func(t *testing.T) {
+		n := withFIFO(t)
+		s := start(t, bin, n.args("--once")...)
+		s.waitOutput(t, "00-pipe.conflist", "named pipe")
+		if err := s.term(t); err == nil || !strings.Contains(s.out.String(), "context canceled") {
+			t.Fatalf("--once after SIGTERM: exit %v; want a failure naming the cancellation\n%s", err, s.out)
+		}
+		if b, err := os.ReadFile(n.list()); err != nil || string(b) != calicoList {
+			t.Fatalf("calico config changed behind a FIFO: %v\n%s", err, b)
+		}
+	})
+	t.Run("uninstall", func(t *testing.T) {
+		n := newNode(t)
+		if out, err := exec.Command(bin, n.args("--once")...).CombinedOutput(); err != nil {
+			t.Fatalf("--once: %v\n%s", err, out)
+		}
+		b, _ := os.ReadFile(n.list())
+		half := b[:len(b)/2]
+		if err := os.WriteFile(n.list(), half, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		s := start(t, bin, n.args("--uninstall")...)
+		s.waitOutput(t, "10-calico.conflist", "retrying")
+		if err := s.term(t); err == nil {
+			t.Fatalf("--uninstall interrupted by SIGTERM exited 0\n%s", s.out)
+		}
+		if got, _ := os.ReadFile(n.list()); !bytes.Equal(got, half) {
+			t.Fatal("uninstall wrote over a half-written file")
+		}
+		if _, err := os.Stat(filepath.Join(n.bin, install.PluginType)); err != nil {
+			t.Fatalf("interrupted uninstall removed the binary: %v", err)
+		}
+	})
+}
+
+// TestSymlinkedConflistStaysALink: --once and --uninstall on a calico conflist that is a
+// symlink to a file in the config dir edit the target and leave the link a link.
+func TestSymlinkedConflistStaysALink(t *testing.T) {
+	bin, n := binary(t), newNode(t)
+	real := filepath.Join(n.conf, "calico.conflist.real")
+	if err := os.Rename(n.list(), real); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("calico.conflist.real", n.list()); err != nil {
+		t.Fatal(err)
+	}
+	isLink := func(when string) {
+		t.Helper()
+		if got, err := os.Readlink(n.list()); err != nil || got != "calico.conflist.real" {
+			t.Fatalf("after %s 10-calico.conflist is no longer the symlink: %q %v", when, got, err)
+		}
+	}
+	if out, err := exec.Command(bin, n.args("--once")...).CombinedOutput(); err != nil {
+		t.Fatalf("--once: %v\n%s", err, out)
+	}
+	isLink("--once")
+	if !n.installed() {
+		t.Fatal("--once did not install through the link")
+	}
+	if out, err := exec.Command(bin, n.args("--uninstall")...).CombinedOutput(); err != nil {
+		t.Fatalf("--uninstall: %v\n%s", err, out)
+	}
+	isLink("--uninstall")
+	if !n.pristine() {
+		t.Fatal("--uninstall did not restore the target")
 	}
 }

@@ -161,7 +161,7 @@ func Step(in Input) (Result, error) {
 		r = in.Ring.Clone()
 	}
 	if !in.Target.Valid() {
-		return res, fmt.Errorf("step: target mode %q is not one of off, accept, encrypt, enforce", in.Target)
+		return res, fmt.Errorf("step: target mode (%d bytes) is not one of off, accept, encrypt, enforce", len(in.Target))
 	}
 	cfg := in.Config
 	if cfg.Cipher.KeyBytes() == 0 || !ValidICV(cfg.ICVBytes) {

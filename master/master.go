@@ -389,7 +389,7 @@ func NodeState(n *corev1.Node) keys.NodeState {
 		if err := json.Unmarshal([]byte(raw), &rep); err != nil {
 			s.ReportError = "annotation " + api.ReportAnnotation + " is not a JSON NodeReport"
 		} else if !rep.Mode.Valid() {
-			s.ReportError = fmt.Sprintf("report mode %q is not a mode", rep.Mode)
+			s.ReportError = fmt.Sprintf("report mode (%d bytes) is not one of off, accept, encrypt, enforce", len(rep.Mode))
 		} else {
 			s.Report = &rep
 		}
@@ -408,14 +408,16 @@ func desired(cm *corev1.ConfigMap, cur api.Mode) (api.Mode, string, error) {
 	if m, ok := cm.Data[api.ConfigModeKey]; ok && strings.TrimSpace(m) != "" {
 		mode := api.Mode(strings.TrimSpace(m))
 		if !mode.Valid() {
-			return cur, req, fmt.Errorf("configmap %s: %s=%q is not one of off, accept, encrypt, enforce", cm.Name, api.ConfigModeKey, m)
+			// The value is not echoed: whatever an operator pasted there (even a key by
+			// mistake) would reach the status ConfigMap that anyone may read.
+			return cur, req, fmt.Errorf("configmap %s: %s (%d bytes) is not one of off, accept, encrypt, enforce", cm.Name, api.ConfigModeKey, len(m))
 		}
 		return mode, req, nil
 	}
 	if v, ok := cm.Data[api.ConfigEnabledKey]; ok {
 		on, err := strconv.ParseBool(strings.TrimSpace(v))
 		if err != nil {
-			return cur, req, fmt.Errorf("configmap %s: %s=%q is not true or false", cm.Name, api.ConfigEnabledKey, v)
+			return cur, req, fmt.Errorf("configmap %s: %s (%d bytes) is not true or false", cm.Name, api.ConfigEnabledKey, len(v))
 		}
 		if on {
 			return api.ModeEnforce, req, nil

@@ -29,7 +29,7 @@ func TestDesired(t *testing.T) {
 		{"disabled", cm(map[string]string{"enabled": "false"}, nil), api.ModeEnforce, api.ModeOff, "", ""},
 		{"mode overrides enabled", cm(map[string]string{"enabled": "true", "mode": "accept"}, nil), api.ModeOff, api.ModeAccept, "", ""},
 		{"bad enabled", cm(map[string]string{"enabled": "yes please"}, nil), api.ModeAccept, api.ModeAccept, "", "not true or false"},
-		{"bad mode", cm(map[string]string{"mode": "on"}, nil), api.ModeOff, api.ModeOff, "", `"on" is not one of`},
+		{"bad mode", cm(map[string]string{"mode": "on"}, nil), api.ModeOff, api.ModeOff, "", `mode (2 bytes) is not one of`},
 		{"rotate request", cm(map[string]string{"enabled": "true"}, map[string]string{api.RotateRequestAnnotation: "r1"}), api.ModeOff, api.ModeEnforce, "r1", ""},
 	}
 	for _, c := range cases {
@@ -69,7 +69,7 @@ func TestNodeState(t *testing.T) {
 		t.Fatalf("bad report: %+v", s)
 	}
 	s = NodeState(node(corev1.ConditionTrue, `{"mode":"on"}`))
-	if s.Report != nil || !strings.Contains(s.ReportError, "not a mode") {
+	if s.Report != nil || !strings.Contains(s.ReportError, "report mode (2 bytes) is not one of") || strings.Contains(s.ReportError, `"on"`) {
 		t.Fatalf("bad mode: %+v", s)
 	}
 	if s := NodeState(node("", "")); s.Ready {

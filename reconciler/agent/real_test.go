@@ -24,7 +24,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
@@ -344,9 +343,7 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	dyn := dynamic.NewForConfigOrDie(c.AdminConfig())
-	pool := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
-		"metadata": map[string]any{"name": "default-ipv4-ippool"}, "spec": map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always", "natOutgoing": true}}}
-	if _, err := dyn.Resource(kube.IPPools).Create(ctx, pool, metav1.CreateOptions{}); err != nil {
+	if _, err := kube.CreateCalico(ctx, dyn, kube.CalicoV1GV, kube.NewIPPool("default-ipv4-ippool", "10.244.0.0/16", "Always")); err != nil {
 		t.Fatal(err)
 	}
 	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "a", IPv4: "198.18.0.1", BootID: "boot-a"})

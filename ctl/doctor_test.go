@@ -90,7 +90,7 @@ func TestDoctor(t *testing.T) {
 			args:   []string{"--as", "operator-nocalico"},
 			breakf: func() { e.installOperatorRBAC("operator-nocalico", false, true) },
 			fix:    func() {},
-			want: []string{"calico-crds", "calico-ipip", "calico-modes", "mtu"},
+			want:   []string{"calico-crds", "calico-ipip", "calico-modes", "mtu"},
 			say:    "forbidden",
 		},
 		{

@@ -54,6 +54,8 @@ func TestFlagErrors(t *testing.T) {
 		{"--node-name", "a", "--interface-pattern", "("},
 		{"--uninstall-step", "0s"},
 		{"--uninstall-decision-timeout", "-1s"},
+		{"--calico-api-group", "projectcalico.org"},
+		{"--calico-recheck-interval", "0s"},
 		{"stray"},
 	} {
 		t.Setenv("NODE_NAME", "")

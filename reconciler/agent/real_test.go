@@ -227,7 +227,9 @@ func agentRBAC(t *testing.T, admin kubernetes.Interface) {
 	ctx := context.Background()
 	cr := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "secureoverlay-agent"}, Rules: []rbacv1.PolicyRule{
 		{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "list", "watch", "patch"}},
-		{APIGroups: []string{"crd.projectcalico.org"}, Resources: []string{"ipamblocks", "blockaffinities", "ippools", "bgppeers"}, Verbs: []string{"get", "list", "watch"}},
+		// As the manifest: Calico's objects of both groups, its DatastoreMigrations.
+		{APIGroups: []string{"crd.projectcalico.org", "projectcalico.org"}, Resources: []string{"ipamblocks", "blockaffinities", "ippools", "bgppeers", "felixconfigurations"}, Verbs: []string{"list", "watch"}},
+		{APIGroups: []string{"migration.projectcalico.org"}, Resources: []string{"datastoremigrations"}, Verbs: []string{"list", "watch"}},
 	}}
 	role := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: "secureoverlay-agent"}, Rules: []rbacv1.PolicyRule{
 		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{api.SecretName}, Verbs: []string{"get", "list", "watch"}},

@@ -36,7 +36,10 @@ import (
 //
 // DecideCalico implements exactly that, with one refusal Calico does not make: when both
 // groups are served and the DatastoreMigration objects cannot be read, it fails instead of
-// assuming v1 (it might be the frozen copy).
+// assuming v1 (it might be the frozen copy). And one memory Calico's components get from
+// their restart with CALICO_API_GROUP=projectcalico.org/v3: once a running agent has seen
+// the migration converge it stays on v3 while v3 is served, also after the migration object
+// is gone and until the v1 CRDs are (a migration never goes back from Converged).
 
 // EnvCalicoAPIGroup is Calico's own setting (calico-node and kube-controllers take it as
 // an environment variable; install-cni passes it to the CNI plugin as calico_api_group).
@@ -97,14 +100,17 @@ type Decision struct {
 	// Migration summarises the DatastoreMigration objects ("" when there are none), e.g.
 	// "v1-to-v3 Migrating".
 	Migration string
+	// Converged: a DatastoreMigration is (or was) Converged or Complete.
+	Converged bool
 }
 
 // ErrNoCalico is wrapped when no group serves the Calico kinds the agent needs.
 var ErrNoCalico = errors.New("no calico ipamblocks and ippools resources served")
 
 // DecideCalico is Calico's own group choice (see the top of this file). migrations is nil
-// when they could not be read (migErr says why).
-func DecideCalico(explicit schema.GroupVersion, s Served, migrations []Migration, migErr error) (Decision, error) {
+// when they could not be read (migErr says why); sawConverged says a migration was seen
+// Converged or Complete before.
+func DecideCalico(explicit schema.GroupVersion, s Served, migrations []Migration, migErr error, sawConverged bool) (Decision, error) {
 	var d Decision
 	var parts []string
 	converged := ""
@@ -129,6 +135,9 @@ func DecideCalico(explicit schema.GroupVersion, s Served, migrations []Migration
 		}
 	case s.V3 && !s.V1:
 		d.GV, d.Reason = CalicoV3, "only "+CalicoV3.Group+" is served"
+	case s.V3 && sawConverged:
+		d.GV, d.Reason = CalicoV3, "a DatastoreMigration converged earlier: Calico stays on "+CalicoV3.String()
+		converged = "earlier"
 	case s.V1 && s.V3 && migErr != nil:
 		return d, fmt.Errorf("both %s and %s are served and the DatastoreMigration objects cannot be read (%v): cannot tell which one Calico uses; grant list/watch on datastoremigrations.%s or set %s",
 			CalicoV1.Group, CalicoV3.Group, migErr, MigrationGroup, EnvCalicoAPIGroup)
@@ -144,6 +153,7 @@ func DecideCalico(explicit schema.GroupVersion, s Served, migrations []Migration
 		return d, fmt.Errorf("%w (is Calico installed with the Kubernetes datastore?): neither %s nor %s is served", ErrNoCalico, CalicoV1.Group, CalicoV3.Group)
 	}
 	d.FrozenV1 = d.GV == CalicoV3 && s.V1 && converged != ""
+	d.Converged = converged != ""
 	return d, nil
 }
 
@@ -214,6 +224,10 @@ func ListMigrations(ctx context.Context, dyn dynamic.Interface, gv schema.GroupV
 // DatastoreMigration objects) and finds its resources. dyn may be nil only when the
 // migration group is not served.
 func SelectCalico(ctx context.Context, d discovery.DiscoveryInterface, dyn dynamic.Interface, explicit schema.GroupVersion) (CalicoAPI, error) {
+	return selectCalico(ctx, d, dyn, explicit, false)
+}
+
+func selectCalico(ctx context.Context, d discovery.DiscoveryInterface, dyn dynamic.Interface, explicit schema.GroupVersion, sawConverged bool) (CalicoAPI, error) {
 	s, err := ServedGroups(d)
 	if err != nil {
 		return CalicoAPI{}, err
@@ -230,7 +244,7 @@ func SelectCalico(ctx context.Context, d discovery.DiscoveryInterface, dyn dynam
 			migs, migErr = nil, nil // the CRD went away between discovery and the list
 		}
 	}
-	dec, err := DecideCalico(explicit, s, migs, migErr)
+	dec, err := DecideCalico(explicit, s, migs, migErr, sawConverged)
 	if err != nil {
 		return CalicoAPI{Decision: dec}, err
 	}

@@ -94,6 +94,8 @@ type Watcher struct {
 	frozen    *calicoData
 	migration cache.SharedIndexInformer
 	recheck   chan struct{}
+	// sawConverged: a selection saw a converged DatastoreMigration (DecideCalico).
+	sawConverged bool
 
 	onChange atomic.Pointer[func(string)]
 
@@ -194,9 +196,13 @@ func (w *Watcher) Run(ctx context.Context) {
 // selectCalico runs SelectCalico and starts, keeps or switches the group's informers.
 func (w *Watcher) selectCalico(ctx context.Context) error {
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	api, err := SelectCalico(sctx, w.cfg.Discovery, w.cfg.Dynamic, w.cfg.APIGroup)
+	w.mu.Lock()
+	saw := w.sawConverged
+	w.mu.Unlock()
+	api, err := selectCalico(sctx, w.cfg.Discovery, w.cfg.Dynamic, w.cfg.APIGroup, saw)
 	cancel()
 	w.mu.Lock()
+	w.sawConverged = w.sawConverged || api.Decision.Converged
 	prevErr := w.calicoErr
 	w.calicoErr = err
 	cur, next := w.cur, w.next

@@ -418,29 +418,33 @@ func TestDecideCalico(t *testing.T) {
 		served   Served
 		migs     []Migration
 		migErr   error
+		saw      bool
 		want     schema.GroupVersion
 		frozen   bool
 		err      string
 	}{
-		{"v1 only", schema.GroupVersion{}, Served{V1: true}, nil, nil, CalicoV1, false, ""},
-		{"v3 only", schema.GroupVersion{}, Served{V3: true}, nil, nil, CalicoV3, false, ""},
-		{"both, no migration: v1 (backs the aggregated v3)", schema.GroupVersion{}, Served{V1: true, V3: true}, nil, nil, CalicoV1, false, ""},
-		{"both, migration pending", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase(""), nil, CalicoV1, false, ""},
-		{"both, migrating (v1 locked, v3 partial)", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Migrating"), nil, CalicoV1, false, ""},
-		{"both, waiting for conflicts", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("WaitingForConflictResolution"), nil, CalicoV1, false, ""},
-		{"both, converged: v3, v1 frozen", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Converged"), nil, CalicoV3, true, ""},
-		{"both, complete: v3, v1 frozen", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Complete"), nil, CalicoV3, true, ""},
-		{"v1 removed after the migration", schema.GroupVersion{}, Served{V3: true, Migration: mig}, phase("Complete"), nil, CalicoV3, false, ""},
-		{"both, failed migration", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Failed"), nil, CalicoV1, false, ""},
-		{"both, migrations unreadable: refuse", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, nil, errors.New("forbidden"), schema.GroupVersion{}, false, "cannot tell which one Calico uses"},
-		{"explicit v3 beats discovery", CalicoV3, Served{V1: true, V3: true}, nil, nil, CalicoV3, false, ""},
-		{"explicit v1 beats a converged migration", CalicoV1, Served{V1: true, V3: true, Migration: mig}, phase("Converged"), nil, CalicoV1, false, ""},
-		{"explicit group not served", CalicoV3, Served{V1: true}, nil, nil, CalicoV3, false, "is not served"},
-		{"converged but v3 not served", schema.GroupVersion{}, Served{V1: true, Migration: mig}, phase("Converged"), nil, CalicoV3, false, "not served"},
-		{"neither", schema.GroupVersion{}, Served{}, nil, nil, schema.GroupVersion{}, false, "neither"},
+		{"v1 only", schema.GroupVersion{}, Served{V1: true}, nil, nil, false, CalicoV1, false, ""},
+		{"v3 only", schema.GroupVersion{}, Served{V3: true}, nil, nil, false, CalicoV3, false, ""},
+		{"both, no migration: v1 (backs the aggregated v3)", schema.GroupVersion{}, Served{V1: true, V3: true}, nil, nil, false, CalicoV1, false, ""},
+		{"both, migration pending", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase(""), nil, false, CalicoV1, false, ""},
+		{"both, migrating (v1 locked, v3 partial)", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Migrating"), nil, false, CalicoV1, false, ""},
+		{"both, waiting for conflicts", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("WaitingForConflictResolution"), nil, false, CalicoV1, false, ""},
+		{"both, converged: v3, v1 frozen", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Converged"), nil, false, CalicoV3, true, ""},
+		{"both, complete: v3, v1 frozen", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Complete"), nil, false, CalicoV3, true, ""},
+		{"v1 removed after the migration", schema.GroupVersion{}, Served{V3: true, Migration: mig}, phase("Complete"), nil, false, CalicoV3, false, ""},
+		{"both, failed migration", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Failed"), nil, false, CalicoV1, false, ""},
+		{"both, migrations unreadable: refuse", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, nil, errors.New("forbidden"), false, schema.GroupVersion{}, false, "cannot tell which one Calico uses"},
+		{"explicit v3 beats discovery", CalicoV3, Served{V1: true, V3: true}, nil, nil, false, CalicoV3, false, ""},
+		{"explicit v1 beats a converged migration", CalicoV1, Served{V1: true, V3: true, Migration: mig}, phase("Converged"), nil, false, CalicoV1, false, ""},
+		{"explicit group not served", CalicoV3, Served{V1: true}, nil, nil, false, CalicoV3, false, "is not served"},
+		{"converged but v3 not served", schema.GroupVersion{}, Served{V1: true, Migration: mig}, phase("Converged"), nil, false, CalicoV3, false, "not served"},
+		{"neither", schema.GroupVersion{}, Served{}, nil, nil, false, schema.GroupVersion{}, false, "neither"},
+		{"migration object gone, v1 still served: stays on v3 once converged", schema.GroupVersion{}, Served{V1: true, V3: true}, nil, nil, true, CalicoV3, true, ""},
+		{"... but not without having seen it converge", schema.GroupVersion{}, Served{V1: true, V3: true}, nil, nil, false, CalicoV1, false, ""},
+		{"... and never when v3 is gone", schema.GroupVersion{}, Served{V1: true}, nil, nil, true, CalicoV1, false, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			d, err := DecideCalico(tc.explicit, tc.served, tc.migs, tc.migErr)
+			d, err := DecideCalico(tc.explicit, tc.served, tc.migs, tc.migErr, tc.saw)
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("err = %v, want %q", err, tc.err)

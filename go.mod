@@ -21,6 +21,11 @@ require (
 )
 
 require (
+	github.com/jinzhu/copier v0.4.0 // indirect
+	github.com/projectcalico/api v0.0.0-20260303210141-543421943355 // indirect
+)
+
+require (
 	github.com/beorn7/perks v1.0.1 // indirect
 	github.com/cespare/xxhash/v2 v2.3.0 // indirect
 	github.com/davecgh/go-spew v1.1.2-0.20180830191138-d8f796af33cc // indirect

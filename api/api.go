@@ -119,6 +119,13 @@ type NodeReport struct {
 	// LastSync is when the kernel last matched the desired state; Error is the last sync error.
 	LastSync time.Time `json:"lastSync,omitempty"`
 	Error    string    `json:"error,omitempty"`
+	// CalicoAPI is the Calico group-version the agent read ("crd.projectcalico.org/v1" or
+	// "projectcalico.org/v3"; "A→B" while it switches and still serves A's last data).
+	CalicoAPI string `json:"calicoAPI,omitempty"`
+	// Neighbours lists, as short codes from a fixed set (desired.Neighbour*), the Calico
+	// modes found that the agent does not cover or that change what it covers: vxlan-pool,
+	// unencapsulated, ipv6, virtual-affinity, wireguard, ebpf, nftables.
+	Neighbours []string `json:"neighbours,omitempty"`
 }
 
 // MasterStatus is the master's published view (StatusConfigMapName, key StatusDataKey).

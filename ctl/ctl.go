@@ -26,6 +26,7 @@ import (
 	"io"
 	"net"
 	"net/url"
+	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -34,10 +35,13 @@ import (
 	"github.com/spf13/cobra"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 	"k8s.io/klog/v2"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -132,6 +136,8 @@ type globals struct {
 	nodeSelector   string
 	// nodeSelectorSet: --node-selector was given (even empty).
 	nodeSelectorSet bool
+	// calicoAPIGroup is --calico-api-group (Calico's CALICO_API_GROUP).
+	calicoAPIGroup string
 }
 
 // Run is Run with this CLI's injected dependencies.
@@ -222,6 +228,8 @@ func (c *CLI) newRoot(stdout, stderr io.Writer) *cobra.Command {
 	pf.StringArrayVar(&g.asGroups, "as-group", nil, "group to impersonate (repeatable)")
 	pf.StringVarP(&g.nodeSelector, "node-selector", "l", "", "label selector of the nodes that run an agent (the agent DaemonSet's and the master's --node-selector); other nodes are ignored")
 	pf.DurationVar(&g.requestTimeout, "request-timeout", 30*time.Second, "timeout of a single API request (0: none)")
+	pf.StringVar(&g.calicoAPIGroup, "calico-api-group", os.Getenv(watch.EnvCalicoAPIGroup),
+		"Calico's API group, as Calico's CALICO_API_GROUP (crd.projectcalico.org/v1 or projectcalico.org/v3; default $CALICO_API_GROUP, else the group Calico uses: a converged DatastoreMigration means v3, else discovery)")
 	root.AddCommand(
 		c.statusCmd(g),
 		c.mtuCmd(g),
@@ -265,6 +273,8 @@ type clients struct {
 	// (nodeSelectorSet false) the ConfigMap's node-selector applies.
 	nodeSelector    string
 	nodeSelectorSet bool
+	// calicoGroup is an explicit Calico API group (zero: follow Calico's own choice).
+	calicoGroup schema.GroupVersion
 }
 
 // loadConfig loads the kubeconfig like kubectl. It never contacts the server.
@@ -293,6 +303,10 @@ func (g *globals) clients() (*clients, error) {
 	if _, err := labels.Parse(g.nodeSelector); err != nil {
 		return nil, withCode(ExitUsage, fmt.Errorf("invalid --node-selector %q: %w", g.nodeSelector, err))
 	}
+	calicoGroup, err := watch.ParseAPIGroup(g.calicoAPIGroup)
+	if err != nil {
+		return nil, withCode(ExitUsage, fmt.Errorf("invalid --calico-api-group: %w", err))
+	}
 	cfg, err := g.loadConfig()
 	if err != nil {
 		return nil, err
@@ -305,7 +319,17 @@ func (g *globals) clients() (*clients, error) {
 	if err != nil {
 		return nil, withCode(ExitUnreachable, fmt.Errorf("client for %s: %w", cfg.Host, err))
 	}
-	return &clients{cs: cs, dyn: dyn, host: cfg.Host, nodeSelector: g.nodeSelector, nodeSelectorSet: g.nodeSelectorSet}, nil
+	return &clients{cs: cs, dyn: dyn, host: cfg.Host, nodeSelector: g.nodeSelector, nodeSelectorSet: g.nodeSelectorSet, calicoGroup: calicoGroup}, nil
+}
+
+// calico selects the Calico API group the way the agents do (watch.SelectCalico): never a
+// frozen v1 copy after a migration.
+func (c *clients) calico(ctx context.Context) (watch.CalicoAPI, error) {
+	api, err := watch.SelectCalico(ctx, c.cs.Discovery(), c.dyn, c.calicoGroup)
+	if err != nil {
+		return api, c.apiError("select calico api group", err)
+	}
+	return api, nil
 }
 
 // apiError classifies an API error: unreachable (3), forbidden/unauthorized (4), else 1.

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
@@ -87,9 +88,15 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
 		Long: `doctor runs these checks and prints a verdict for each:
 
   calico-crds     Calico's CRDs are served and readable (ippools, ipamblocks,
-                  blockaffinities, bgppeers, felixconfigurations)
+                  blockaffinities, bgppeers, felixconfigurations) in the API group
+                  Calico uses (--calico-api-group, else a converged
+                  DatastoreMigration means projectcalico.org/v3, else discovery);
+                  says why, and names a frozen crd.projectcalico.org/v1 copy
   calico-ipip     at least one enabled IPPool uses IPIP (Always or CrossSubnet);
-                  pools that do not are named
+                  pools that do not (VXLAN, no encapsulation, IPv6) are named
+  calico-modes    Calico WireGuard (wireguardEnabled) and the eBPF data plane
+                  (bpfEnabled) are off in every FelixConfiguration; nftables mode
+                  (nftablesMode Enabled) is named, it does not stop our rules
   master          the master publishes its status without an error
   agents          every node (matching --node-selector) has a current, readable
                   agent report without a sync error
@@ -170,10 +177,11 @@ func pass(name, detail string) Check { return Check{Name: name, Verdict: "pass",
 func fail(name, detail string) Check { return Check{Name: name, Verdict: "fail", Detail: detail} }
 
 func (d *doctor) run(ctx context.Context) DoctorOutput {
-	crds, pools := d.calicoCRDs(ctx)
+	crds, pools, felix := d.calicoCRDs(ctx)
 	checks := []Check{
 		crds,
 		d.calicoIPIP(pools, crds),
+		d.calicoModes(felix, crds),
 		d.master(),
 		d.agents(),
 		d.addresses(),
@@ -194,15 +202,15 @@ func (d *doctor) errText(what string, err error) string {
 	return oneLine(d.cl.apiError(what, err).Error())
 }
 
-func (d *doctor) calicoCRDs(ctx context.Context) (Check, []desired.Pool) {
+func (d *doctor) calicoCRDs(ctx context.Context) (Check, []desired.Pool, map[string]watch.FelixConfig) {
 	const name = "calico-crds"
-	capi, err := watch.DiscoverCalico(d.cl.cs.Discovery())
+	capi, err := d.cl.calico(ctx)
 	if err != nil {
-		return fail(name, oneLine(err.Error())), nil
+		return fail(name, oneLine(err.Error())), nil, nil
 	}
-	gv, _ := schema.ParseGroupVersion(capi.GroupVersion)
-	list := []schema.GroupVersionResource{capi.IPPools, capi.IPAMBlocks, capi.BlockAffinities, capi.BGPPeers, gv.WithResource("felixconfigurations")}
+	list := []schema.GroupVersionResource{capi.IPPools, capi.IPAMBlocks, capi.BlockAffinities, capi.BGPPeers, capi.FelixConfigurations}
 	var pools []desired.Pool
+	felix := map[string]watch.FelixConfig{}
 	var counts, bad []string
 	for _, r := range list {
 		if r.Resource == "" {
@@ -214,29 +222,67 @@ func (d *doctor) calicoCRDs(ctx context.Context) (Check, []desired.Pool) {
 			continue
 		}
 		counts = append(counts, fmt.Sprintf("%d %s", len(l.Items), r.Resource))
-		if r == capi.IPPools {
-			for i := range l.Items {
+		for i := range l.Items {
+			switch r {
+			case capi.IPPools:
 				p, err := watch.ParseIPPool(&l.Items[i])
 				if err != nil {
 					bad = append(bad, err.Error())
 					continue
 				}
 				pools = append(pools, p)
+			case capi.FelixConfigurations:
+				if f, err := watch.ParseFelixConfiguration(&l.Items[i]); err == nil {
+					felix[l.Items[i].GetName()] = f
+				}
 			}
 		}
 	}
 	for _, r := range []struct {
 		gvr  schema.GroupVersionResource
 		kind string
-	}{{capi.BlockAffinities, "blockaffinities"}, {capi.BGPPeers, "bgppeers"}} {
+	}{{capi.BlockAffinities, "blockaffinities"}, {capi.BGPPeers, "bgppeers"}, {capi.FelixConfigurations, "felixconfigurations"}} {
 		if r.gvr.Resource == "" {
 			bad = append(bad, r.kind+" not served by "+capi.GroupVersion)
 		}
 	}
-	if len(bad) > 0 {
-		return fail(name, strings.Join(bad, "; ")), pools
+	why := capi.Decision.Reason
+	if capi.Decision.FrozenV1 {
+		why += "; " + watch.CalicoV1.String() + " is a frozen copy, not read"
 	}
-	return pass(name, capi.GroupVersion+": "+strings.Join(counts, ", ")), pools
+	if len(bad) > 0 {
+		return fail(name, capi.GroupVersion+" ("+why+"): "+strings.Join(bad, "; ")), pools, felix
+	}
+	return pass(name, capi.GroupVersion+": "+strings.Join(counts, ", ")+" ("+why+")"), pools, felix
+}
+
+// calicoModes names the Calico data-plane modes next to ours (docs/dataplane.md §9):
+// WireGuard and eBPF change what is encrypted (fail), nftables mode does not (named).
+func (d *doctor) calicoModes(felix map[string]watch.FelixConfig, crds Check) Check {
+	const name = "calico-modes"
+	if crds.Verdict != "pass" && len(felix) == 0 {
+		return fail(name, "cannot read FelixConfigurations (see calico-crds)")
+	}
+	var bad, notes []string
+	for _, n := range slices.Sorted(maps.Keys(felix)) {
+		f := felix[n]
+		if f.WireguardEnabled != nil && *f.WireguardEnabled {
+			bad = append(bad, n+": wireguardEnabled (Calico encrypts pod traffic itself, through wireguard.cali, not IPIP: ours does not apply)")
+		}
+		if f.BPFEnabled != nil && *f.BPFEnabled {
+			bad = append(bad, n+": bpfEnabled (eBPF data plane: same-subnet CrossSubnet pod traffic bypasses our xfrm policies)")
+		}
+		if f.NFTablesMode == "Enabled" {
+			notes = append(notes, n+": nftablesMode Enabled (our raw-table rules still run)")
+		}
+	}
+	if len(bad) > 0 {
+		return fail(name, strings.Join(append(bad, notes...), "; "))
+	}
+	if len(notes) > 0 {
+		return pass(name, strings.Join(notes, "; "))
+	}
+	return pass(name, "no Calico WireGuard, no eBPF data plane")
 }
 
 func (d *doctor) calicoIPIP(pools []desired.Pool, crds Check) Check {
@@ -247,8 +293,13 @@ func (d *doctor) calicoIPIP(pools []desired.Pool, crds Check) Check {
 	var ipip, other []string
 	for _, p := range pools {
 		desc := fmt.Sprintf("%s %s ipipMode %s", p.Name, p.CIDR, dash(p.IPIPMode))
+		if p.VXLANMode != "" && p.VXLANMode != "Never" {
+			desc = fmt.Sprintf("%s %s vxlanMode %s", p.Name, p.CIDR, p.VXLANMode)
+		}
 		switch {
 		case p.Disabled:
+		case !p.CIDR.Addr().Is4():
+			other = append(other, desc+" (IPv6: not covered)")
 		case p.IPIPMode == desired.IPIPAlways || p.IPIPMode == desired.IPIPCrossSubnet:
 			ipip = append(ipip, desc)
 		default:

@@ -11,10 +11,15 @@ import (
 	"testing"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
 )
 
-var allChecks = []string{"calico-crds", "calico-ipip", "master", "agents", "node-addresses", "mtu", "key-secret", "sequence", "xfrm-errors", "plaintext-drops"}
+var allChecks = []string{"calico-crds", "calico-ipip", "calico-modes", "master", "agents", "node-addresses", "mtu", "key-secret", "sequence", "xfrm-errors", "plaintext-drops"}
 
 // doctor runs doctor -o json with a short sample and returns the failed check names.
 func (e *env) doctor(extra ...string) ([]string, DoctorOutput, result) {
@@ -85,7 +90,7 @@ func TestDoctor(t *testing.T) {
 			args:   []string{"--as", "operator-nocalico"},
 			breakf: func() { e.installOperatorRBAC("operator-nocalico", false, true) },
 			fix:    func() {},
-			want:   []string{"calico-crds", "calico-ipip", "mtu"},
+			want:   []string{"calico-crds", "calico-ipip", "calico-modes", "mtu"},
 			say:    "forbidden",
 		},
 		{
@@ -122,6 +127,15 @@ func TestDoctor(t *testing.T) {
 			},
 			want: []string{"calico-ipip"},
 			say:  "no enabled IPPool uses IPIP",
+		},
+		{
+			name: "Calico WireGuard and the eBPF data plane",
+			breakf: func() {
+				e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452), "wireguardEnabled": true, "bpfEnabled": true})
+			},
+			fix:  func() { e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)}) },
+			want: []string{"calico-modes"},
+			say:  "default: bpfEnabled (eBPF data plane",
 		},
 		{
 			name:   "a second pool without IPIP",
@@ -398,4 +412,66 @@ func TestDoctor(t *testing.T) {
 	if failed, _, r := e.doctor("--node-selector", "secureoverlay.io/agent=true"); len(failed) != 0 {
 		t.Fatalf("after the fixes: failed %v\n%s", failed, r)
 	}
+}
+
+// TestDoctorFollowsCalicosGroup: doctor (as an operator bound to the manifest's
+// secureoverlay-operator rules) reads the group Calico uses: on a cluster with only the
+// native projectcalico.org/v3 CRDs, and mid-migration with both groups served and the
+// DatastoreMigration converged, where the v1 copy is frozen (it lacks the block Calico
+// allocated since) and must not be read.
+func TestDoctorFollowsCalicosGroup(t *testing.T) {
+	t.Run("v3 only", func(t *testing.T) {
+		e := newEnvCalico(t, kube.CalicoV3)
+		e.healthyCluster()
+		e.installOperatorRBAC("op", true, false)
+		failed, out, _ := e.doctor("--as", "op")
+		if len(failed) != 0 {
+			t.Fatalf("failed %v:\n%+v", failed, out)
+		}
+		if d := detail(out, "calico-crds"); !strings.HasPrefix(d, "projectcalico.org/v3: 1 ippools") || !strings.Contains(d, "only projectcalico.org is served") {
+			t.Errorf("calico-crds: %q", d)
+		}
+	})
+	t.Run("migration converged", func(t *testing.T) {
+		e := newEnvCalico(t, kube.CalicoBoth)
+		e.healthyCluster() // in v1
+		e.installOperatorRBAC("op", true, false)
+		failed, out, _ := e.doctor("--as", "op")
+		if d := detail(out, "calico-crds"); len(failed) != 0 || !strings.HasPrefix(d, "crd.projectcalico.org/v1: 1 ippools, 0 ipamblocks") {
+			t.Fatalf("before the migration: failed %v, calico-crds %q", failed, d)
+		}
+		// kube-controllers copied everything to v3, then Calico allocated a block there.
+		e.calico = kube.CalicoV3GV
+		e.applyCalico("ippool", "default-ipv4-ippool", map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always", "natOutgoing": true})
+		e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)})
+		if _, err := kube.CreateCalico(e.ctx, e.dyn, kube.CalicoV3GV, kube.NewIPAMBlock("10.244.7.0/26", "host:node-a")); err != nil {
+			t.Fatal(err)
+		}
+		kube.InstallMigrationCRD(t, e.cluster.AdminConfig())
+		migrations := e.dyn.Resource(schema.GroupVersionResource{Group: kube.MigrationGroup, Version: "v1", Resource: "datastoremigrations"})
+		m := &unstructured.Unstructured{Object: map[string]any{"apiVersion": kube.MigrationGroup + "/v1", "kind": "DatastoreMigration",
+			"metadata": map[string]any{"name": "v1-to-v3"}, "spec": map[string]any{"type": "V1ToV3"}}}
+		m, err := migrations.Create(e.ctx, m, kube.StrictCreate)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = unstructured.SetNestedField(m.Object, "Converged", "status", "phase")
+		if _, err := migrations.UpdateStatus(e.ctx, m, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		failed, out, _ = e.doctor("--as", "op")
+		d := detail(out, "calico-crds")
+		if len(failed) != 0 || !strings.HasPrefix(d, "projectcalico.org/v3: 1 ippools, 1 ipamblocks") ||
+			!strings.Contains(d, "v1-to-v3 Converged") || !strings.Contains(d, "crd.projectcalico.org/v1 is a frozen copy, not read") {
+			t.Fatalf("after the migration converged: failed %v, calico-crds %q", failed, d)
+		}
+		// An explicit setting wins, as in Calico (here: someone pinned v1).
+		_, out, _ = e.doctor("--as", "op", "--calico-api-group", "crd.projectcalico.org/v1")
+		if d := detail(out, "calico-crds"); !strings.HasPrefix(d, "crd.projectcalico.org/v1:") || !strings.Contains(d, "CALICO_API_GROUP=crd.projectcalico.org/v1") {
+			t.Errorf("explicit v1: %q", d)
+		}
+		if r := e.run("doctor", "--calico-api-group", "projectcalico.org"); r.code != ExitUsage || !strings.Contains(r.stderr, "projectcalico.org/v3") {
+			t.Errorf("invalid --calico-api-group: exit %d, %s", r.code, r.stderr)
+		}
+	})
 }

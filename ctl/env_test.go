@@ -24,6 +24,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
@@ -60,13 +61,20 @@ type env struct {
 	scrapeNo map[string]int
 	// roots are the key roots written to the Secret; no output may contain them.
 	roots [][]byte
+	// calico is the group-version applyCalico writes to (the CRDs installed).
+	calico schema.GroupVersion
 }
 
-func newEnv(t *testing.T) *env {
+// newEnv starts a cluster with Calico's real crd.projectcalico.org/v1 CRDs.
+func newEnv(t *testing.T) *env { return newEnvCalico(t, kube.CalicoV1) }
+
+// newEnvCalico starts a cluster with Calico's real CRDs of the groups asked; applyCalico
+// writes to v3 when only v3 is installed, else to v1.
+func newEnvCalico(t *testing.T, which kube.CalicoAPI) *env {
 	t.Helper()
 	cluster := kube.Start(t)
 	cfg := cluster.AdminConfig()
-	kube.InstallCalicoCRDs(t, cfg)
+	kube.InstallCalicoCRDs(t, cfg, which)
 	cs, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -77,7 +85,11 @@ func newEnv(t *testing.T) *env {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	return &env{t: t, cluster: cluster, cs: cs, dyn: dyn, ctx: ctx, kc: cluster.Kubeconfig(),
+	gv := kube.CalicoV1GV
+	if which == kube.CalicoV3 {
+		gv = kube.CalicoV3GV
+	}
+	return &env{t: t, cluster: cluster, cs: cs, dyn: dyn, ctx: ctx, kc: cluster.Kubeconfig(), calico: gv,
 		servers: map[string]*httptest.Server{}, xfrmDir: t.TempDir(), rising: map[string]bool{}, scrapeNo: map[string]int{},
 		dropping: map[string]string{}, metrics: map[string]*agent.Metrics{}}
 }
@@ -276,24 +288,25 @@ func (e *env) setConfigMap(data map[string]string) {
 	}
 }
 
-// applyCalico creates or replaces a cluster-scoped Calico object.
+// applyCalico creates or replaces a cluster-scoped Calico object in e.calico, with strict
+// field validation (the real CRDs reject what Calico would not store).
 func (e *env) applyCalico(kind, name string, spec map[string]any) {
 	e.t.Helper()
 	gvr := map[string]struct {
 		r    string
 		kind string
 	}{"ippool": {"ippools", "IPPool"}, "felix": {"felixconfigurations", "FelixConfiguration"}}[kind]
-	res := e.dyn.Resource(kube.IPPools.GroupVersion().WithResource(gvr.r))
+	res := e.dyn.Resource(e.calico.WithResource(gvr.r))
 	u := &unstructured.Unstructured{Object: map[string]any{
-		"apiVersion": kube.CalicoGroup + "/v1", "kind": gvr.kind,
+		"apiVersion": e.calico.String(), "kind": gvr.kind,
 		"metadata": map[string]any{"name": name}, "spec": spec,
 	}}
 	cur, err := res.Get(e.ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		_, err = res.Create(e.ctx, u, metav1.CreateOptions{})
+		_, err = res.Create(e.ctx, u, kube.StrictCreate)
 	} else if err == nil {
 		u.SetResourceVersion(cur.GetResourceVersion())
-		_, err = res.Update(e.ctx, u, metav1.UpdateOptions{})
+		_, err = res.Update(e.ctx, u, kube.StrictUpdate)
 	}
 	if err != nil {
 		e.t.Fatalf("apply %s %s: %v", kind, name, err)

@@ -12,7 +12,6 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/budget"
@@ -62,45 +61,36 @@ type MTUNode struct {
 	Verdict     string `json:"verdict"`
 }
 
-// felixGVRs are where FelixConfiguration may be served, in preference order.
-var felixGVRs = []schema.GroupVersionResource{
-	{Group: "crd.projectcalico.org", Version: "v1", Resource: "felixconfigurations"},
-	{Group: "projectcalico.org", Version: "v3", Resource: "felixconfigurations"},
-}
-
-// felixIPIPMTU reads FelixConfiguration default's spec.ipipMTU.
+// felixIPIPMTU reads FelixConfiguration default's spec.ipipMTU from the API group Calico
+// uses (clients.calico).
 func (c *clients) felixIPIPMTU(ctx context.Context) (int, string, error) {
-	var lastErr error
-	for _, gvr := range felixGVRs {
-		u, err := c.dyn.Resource(gvr).Get(ctx, "default", metav1.GetOptions{})
-		if apierrors.IsNotFound(err) {
-			lastErr = err
-			continue
-		}
-		if err != nil {
-			return 0, "", c.apiError("get felixconfiguration default ("+gvr.GroupVersion().String()+")", err)
-		}
-		mtu, _, _ := unstructured.NestedFieldNoCopy(u.Object, "spec", "ipipMTU")
-		src := "felixconfiguration default (" + gvr.GroupVersion().String() + ")"
-		switch x := mtu.(type) {
-		case int64:
-			return int(x), src, nil
-		case float64:
-			return int(x), src, nil
-		case nil:
-			return 0, src, nil
-		default:
-			return 0, src, withCode(ExitNotOK, fmt.Errorf("%s: spec.ipipMTU is %T, not a number", src, mtu))
-		}
+	capi, err := c.calico(ctx)
+	if err != nil {
+		return 0, "", err
 	}
-	return 0, "no felixconfiguration default", lastErrIgnoringNotFound(lastErr)
-}
-
-func lastErrIgnoringNotFound(err error) error {
-	if err == nil || apierrors.IsNotFound(err) {
-		return nil
+	gvr := capi.FelixConfigurations
+	if gvr.Resource == "" {
+		return 0, "no felixconfigurations in " + capi.GroupVersion, nil
 	}
-	return err
+	u, err := c.dyn.Resource(gvr).Get(ctx, "default", metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return 0, "no felixconfiguration default", nil
+	}
+	if err != nil {
+		return 0, "", c.apiError("get felixconfiguration default ("+gvr.GroupVersion().String()+")", err)
+	}
+	mtu, _, _ := unstructured.NestedFieldNoCopy(u.Object, "spec", "ipipMTU")
+	src := "felixconfiguration default (" + gvr.GroupVersion().String() + ")"
+	switch x := mtu.(type) {
+	case int64:
+		return int(x), src, nil
+	case float64:
+		return int(x), src, nil
+	case nil:
+		return 0, src, nil
+	default:
+		return 0, src, withCode(ExitNotOK, fmt.Errorf("%s: spec.ipipMTU is %T, not a number", src, mtu))
+	}
 }
 
 // mtuVerdict judges one node: its reported budget must match the rule for its reported

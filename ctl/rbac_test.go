@@ -10,8 +10,9 @@ import (
 func operatorClusterRules(withCalico bool) []rbacv1.PolicyRule {
 	r := []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "list"}}}
 	if withCalico {
-		r = append(r, rbacv1.PolicyRule{APIGroups: []string{"crd.projectcalico.org"},
-			Resources: []string{"ippools", "ipamblocks", "blockaffinities", "bgppeers", "felixconfigurations"}, Verbs: []string{"get", "list"}})
+		r = append(r, rbacv1.PolicyRule{APIGroups: []string{"crd.projectcalico.org", "projectcalico.org"},
+			Resources: []string{"ippools", "ipamblocks", "blockaffinities", "bgppeers", "felixconfigurations"}, Verbs: []string{"get", "list"}},
+			rbacv1.PolicyRule{APIGroups: []string{"migration.projectcalico.org"}, Resources: []string{"datastoremigrations"}, Verbs: []string{"get", "list"}})
 	}
 	return r
 }

@@ -52,7 +52,8 @@ func main() {
 
 type options struct {
 	kubeconfig, nodeName, namespace, secretName, metricsAddr, ifacePattern, logLevel string
-	ledgerDir                                                                        string
+	ledgerDir, calicoAPIGroup                                                        string
+	calicoRecheck                                                                    time.Duration
 	podName, podNamespace                                                            string
 	resync, heartbeat, uninstallStep, decideTimeout                                  time.Duration
 	icv, replayWindow, externalMTU, apiBurst                                         int
@@ -77,6 +78,9 @@ func flags(fs *flag.FlagSet, o *options) {
 	fs.StringVar(&o.ifacePattern, "interface-pattern", budget.DefaultInterfacePattern, "regexp of external interfaces (Calico's MTU interface pattern)")
 	fs.Float64Var(&o.apiQPS, "kube-api-qps", agent.DefaultAPIQPS, "sustained requests per second to the API server (client-side limit; reports are the only writes)")
 	fs.IntVar(&o.apiBurst, "kube-api-burst", agent.DefaultAPIBurst, "requests allowed at once above --kube-api-qps")
+	fs.StringVar(&o.calicoAPIGroup, "calico-api-group", os.Getenv(watch.EnvCalicoAPIGroup),
+		"Calico's API group, as Calico's own CALICO_API_GROUP (crd.projectcalico.org/v1 or projectcalico.org/v3; default $CALICO_API_GROUP, else the group Calico uses: a converged DatastoreMigration means v3, else discovery)")
+	fs.DurationVar(&o.calicoRecheck, "calico-recheck-interval", 2*time.Minute, "how often the Calico API group is re-selected (DatastoreMigration changes trigger it at once)")
 	fs.StringVar(&o.ledgerDir, "ledger-dir", ledger.DefaultDir, "directory of this node's SA key ledger and lock (a hostPath on tmpfs: it must outlive the process, not the boot)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.BoolVar(&o.logJSON, "log-json", false, "log as JSON")
@@ -131,6 +135,13 @@ func run(cleanup bool, args []string) error {
 	}
 	if o.decideTimeout <= 0 {
 		return fmt.Errorf("--uninstall-decision-timeout %s: want a positive duration", o.decideTimeout)
+	}
+	calicoGroup, err := watch.ParseAPIGroup(o.calicoAPIGroup)
+	if err != nil {
+		return fmt.Errorf("--calico-api-group: %w", err)
+	}
+	if o.calicoRecheck <= 0 {
+		return fmt.Errorf("--calico-recheck-interval %s: want a positive duration", o.calicoRecheck)
 	}
 	if !cleanup && o.nodeName == "" {
 		return errors.New("--node-name is empty and $NODE_NAME is not set")
@@ -206,7 +217,7 @@ func run(cleanup bool, args []string) error {
 	}
 	defer xk.Close()
 	src := watch.New(watch.Config{Client: client, Dynamic: dc, Namespace: o.namespace, SecretName: o.secretName,
-		Self: o.nodeName, Logger: log})
+		Self: o.nodeName, Logger: log, APIGroup: calicoGroup, Recheck: o.calicoRecheck})
 	ag, err := agent.New(agent.Config{NodeName: o.nodeName, Dataplane: dp, ResyncInterval: o.resync,
 		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU, LedgerDir: o.ledgerDir},
 		agent.Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(xk, dp), Rules: rules.NewApplier(ipt),

@@ -26,7 +26,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
@@ -55,6 +54,8 @@ func TestFlagErrors(t *testing.T) {
 		{"--node-name", "a", "--interface-pattern", "("},
 		{"--uninstall-step", "0s"},
 		{"--uninstall-decision-timeout", "-1s"},
+		{"--calico-api-group", "projectcalico.org"},
+		{"--calico-recheck-interval", "0s"},
 		{"stray"},
 	} {
 		t.Setenv("NODE_NAME", "")
@@ -136,9 +137,7 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 		Data: map[string][]byte{api.SecretDataKey: data}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	pool := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
-		"metadata": map[string]any{"name": "p"}, "spec": map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always"}}}
-	if _, err := dynamic.NewForConfigOrDie(c.AdminConfig()).Resource(kube.IPPools).Create(ctx, pool, metav1.CreateOptions{}); err != nil {
+	if _, err := kube.CreateCalico(ctx, dynamic.NewForConfigOrDie(c.AdminConfig()), kube.CalicoV1GV, kube.NewIPPool("p", "10.244.0.0/16", "Always")); err != nil {
 		t.Fatal(err)
 	}
 	// a's earlier agent left an empty report with SA epoch e-a; b's agent reports a's SAs

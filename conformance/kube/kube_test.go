@@ -18,6 +18,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/informers"
@@ -39,21 +40,78 @@ func TestFindBinariesMissingSaysMakeTools(t *testing.T) {
 	}
 }
 
-func TestCalicoCRDsEmbedded(t *testing.T) {
-	files := CalicoCRDs()
-	for _, want := range []string{"ipamblocks.yaml", "blockaffinities.yaml", "ippools.yaml", "bgppeers.yaml", "felixconfigurations.yaml"} {
-		if len(files[want]) == 0 {
-			t.Errorf("CRD file %s is not embedded", want)
+// TestCalicoDirMissingSaysWhatAndWhere: without Calico's files the harness names the
+// missing files and the directory it looked in, and never falls back to CRDs of its own.
+func TestCalicoDirMissingSaysWhatAndWhere(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv(EnvCalicoDir, dir)
+	_, err := CalicoDir()
+	if err == nil {
+		t.Fatal("CalicoDir in an empty directory: want an error")
+	}
+	for _, want := range []string{dir, crdFileV1, crdFileV3, EnvCalicoDir} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not mention %q", err, want)
 		}
 	}
 }
 
-// TestClusterAndCalicoCRDs starts a real API server, installs the Calico CRDs
-// and round-trips objects of every kind through the dynamic client.
+// TestCalicoCRDsAreCalicos reads Calico's release files: the 22 Calico kinds of each group (the files also carry the policy.networking.k8s.io ClusterNetworkPolicy CRD, which is not Calico's), only
+// CRDs (the v3 manifest also carries Calico's DaemonSet and RBAC), and the fields whose
+// types differ between the groups as Calico defines them.
+func TestCalicoCRDsAreCalicos(t *testing.T) {
+	dir := RequireCalico(t)
+	for _, tc := range []struct {
+		a    CalicoAPI
+		want int
+	}{{CalicoV1, 22}, {CalicoV3, 22}, {CalicoBoth, 44}} {
+		crds, err := CalicoCRDs(dir, tc.a)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.a, err)
+		}
+		if len(crds) != tc.want {
+			t.Errorf("%s: %d CRDs, want %d", tc.a, len(crds), tc.want)
+		}
+		for _, c := range crds {
+			if c.GetKind() != "CustomResourceDefinition" {
+				t.Errorf("%s: %s is a %s", tc.a, c.GetName(), c.GetKind())
+			}
+		}
+	}
+	deletedType := func(a CalicoAPI, name string) string {
+		crds, _ := CalicoCRDs(dir, a)
+		for _, c := range crds {
+			if c.GetName() == name {
+				vs, _, _ := unstructured.NestedSlice(c.Object, "spec", "versions")
+				typ, _, _ := unstructured.NestedString(vs[0].(map[string]any), "schema", "openAPIV3Schema", "properties", "spec", "properties", "deleted", "type")
+				return typ
+			}
+		}
+		return "missing"
+	}
+	if got := deletedType(CalicoV1, "blockaffinities.crd.projectcalico.org"); got != "string" {
+		t.Errorf("v1 BlockAffinity spec.deleted is %q, want string", got)
+	}
+	if got := deletedType(CalicoV3, "blockaffinities.projectcalico.org"); got != "boolean" {
+		t.Errorf("v3 BlockAffinity spec.deleted is %q, want boolean", got)
+	}
+	if _, src, err := MigrationCRD(dir); err != nil {
+		t.Errorf("DatastoreMigration CRD: %v", err)
+	} else {
+		t.Logf("DatastoreMigration CRD from %s", src)
+	}
+}
+
+// TestClusterAndCalicoCRDs starts a real API server, installs Calico's real CRDs of
+// each group (v1, v3 and both, the migration's state) and writes a fixture of every kind
+// the agent reads with strict field validation; then proves the schemas are Calico's and
+// strict: fixtures with a missing required field, a pruned legacy field or a field of
+// the other group's type are rejected.
 func TestClusterAndCalicoCRDs(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a real kube-apiserver; skipped with -short")
 	}
+	RequireCalico(t)
 	t0 := time.Now()
 	c := Start(t)
 	t.Logf("etcd + kube-apiserver ready in %v", time.Since(t0).Round(time.Millisecond))
@@ -63,7 +121,6 @@ func TestClusterAndCalicoCRDs(t *testing.T) {
 	if _, err := cs.CoreV1().Namespaces().Get(ctx, api.Namespace, metav1.GetOptions{}); err != nil {
 		t.Fatalf("namespace %s was not created by the harness: %v", api.Namespace, err)
 	}
-
 	// The kubeconfig file works on its own.
 	kc, err := clientcmd.BuildConfigFromFlags("", c.Kubeconfig())
 	if err != nil {
@@ -74,81 +131,108 @@ func TestClusterAndCalicoCRDs(t *testing.T) {
 	}
 
 	t1 := time.Now()
-	InstallCalicoCRDs(t, c.AdminConfig())
-	t.Logf("Calico CRDs established in %v", time.Since(t1).Round(time.Millisecond))
-	InstallCalicoCRDs(t, c.AdminConfig()) // idempotent: updates in place
+	InstallCalicoCRDs(t, c.AdminConfig(), CalicoBoth)
+	t.Logf("Calico CRDs (both groups) established in %v", time.Since(t1).Round(time.Millisecond))
+	InstallCalicoCRDs(t, c.AdminConfig(), CalicoV1) // idempotent: updates in place
 
 	dc := dynamic.NewForConfigOrDie(c.AdminConfig())
-	objs := []struct {
-		gvr  schema.GroupVersionResource
-		kind string
-		name string
-		spec map[string]any
-	}{
-		{IPAMBlocks, "IPAMBlock", "10-65-1-0-26", map[string]any{
-			"cidr": "10.65.1.0/26", "affinity": "host:node-a", "strictAffinity": false, "deleted": false,
-			"allocations": []any{int64(0), nil, int64(1)}, "unallocated": []any{int64(3), int64(4)},
-			"attributes": []any{map[string]any{"handle_id": "ipip-tunnel-addr-node-a", "secondary": map[string]any{"node": "node-a"}}},
-		}},
-		{BlockAffinities, "BlockAffinity", "node-a-10-65-1-0-26", map[string]any{
-			"node": "node-a", "cidr": "10.65.1.0/26", "state": "confirmed", "deleted": "false",
-		}},
-		{IPPools, "IPPool", "default-ipv4-ippool", map[string]any{
-			"cidr": "10.65.0.0/16", "ipipMode": "Always", "vxlanMode": "Never", "natOutgoing": true,
-			"disabled": false, "nodeSelector": "all()", "blockSize": int64(26),
-		}},
-		{BGPPeers, "BGPPeer", "tor-rack-1", map[string]any{
-			"peerIP": "198.18.0.254", "asNumber": int64(64512), "node": "node-a",
-		}},
-		{FelixConfigurations, "FelixConfiguration", "default", map[string]any{
-			"ipipEnabled": true, "ipipMTU": int64(1440), "somethingNewer": "kept",
-		}},
-	}
-	for _, o := range objs {
-		u := &unstructured.Unstructured{Object: map[string]any{
-			"apiVersion": CalicoGroup + "/v1",
-			"kind":       o.kind,
-			"metadata":   map[string]any{"name": o.name},
-			"spec":       o.spec,
-		}}
-		if _, err := dc.Resource(o.gvr).Create(ctx, u, metav1.CreateOptions{}); err != nil {
-			t.Fatalf("create %s %s: %v", o.kind, o.name, err)
-		}
-		got, err := dc.Resource(o.gvr).Get(ctx, o.name, metav1.GetOptions{})
-		if err != nil {
-			t.Fatalf("get %s %s: %v", o.kind, o.name, err)
-		}
-		if !reflect.DeepEqual(got.Object["spec"], o.spec) {
-			t.Errorf("%s %s spec round-trip:\n got %#v\nwant %#v", o.kind, o.name, got.Object["spec"], o.spec)
-		}
-		list, err := dc.Resource(o.gvr).List(ctx, metav1.ListOptions{})
-		if err != nil || len(list.Items) != 1 {
-			t.Errorf("list %s: %d items, err %v; want 1 item", o.gvr.Resource, len(list.Items), err)
+	for _, gv := range []schema.GroupVersion{CalicoV1GV, CalicoV3GV} {
+		block := NewIPAMBlock("10.65.1.0/26", "host:node-a")
+		Allocate(block, 0, "ipip-tunnel-addr-node-a", "node-a", map[string]string{"type": "ipipTunnelAddress"})
+		Allocate(block, 5, "k8s-pod-network.abc", "node-b", map[string]string{"namespace": "default", "pod": "borrowed"})
+		felix := NewFelixConfiguration("default")
+		mtu, on := 1480, true
+		felix.Spec.IPIPMTU, felix.Spec.IPIPEnabled = &mtu, &on
+		for _, obj := range []runtime.Object{
+			NewIPPool("default-ipv4-ippool", "10.65.0.0/16", "Always"),
+			block,
+			NewBlockAffinity("node-a", "10.65.1.0/26"),
+			NewBGPPeer("tor-rack-1", "198.18.0.254"),
+			felix,
+		} {
+			want, gvr, err := CalicoObject(gv, obj)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := CreateCalico(ctx, dc, gv, obj); err != nil {
+				t.Fatalf("%s: %v", gv, err)
+			}
+			got, err := dc.Resource(gvr).Get(ctx, want.GetName(), metav1.GetOptions{})
+			if err != nil {
+				t.Fatalf("get %s %s: %v", gvr, want.GetName(), err)
+			}
+			ws, _, _ := unstructured.NestedMap(want.Object, "spec")
+			gs, _, _ := unstructured.NestedMap(got.Object, "spec")
+			// Everything written is stored as written (nothing pruned); the server may
+			// add defaults.
+			gn := normalizeInts(gs).(map[string]any)
+			for k, v := range normalizeInts(ws).(map[string]any) {
+				if !reflect.DeepEqual(gn[k], v) {
+					t.Errorf("%s %s spec.%s round-trip: got %#v, want %#v", gvr, want.GetName(), k, gn[k], v)
+				}
+			}
 		}
 	}
 
-	// The schemas are enforced: an unknown ipipMode and a boolean BlockAffinity
-	// spec.deleted (a string in v1) are rejected.
+	// The schemas are Calico's and strict field validation is on: each of these fixtures
+	// is rejected (the real v1 CRDs would silently prune spec.ipip without Strict).
 	bad := []struct {
+		name string
 		gvr  schema.GroupVersionResource
-		kind string
-		spec map[string]any
+		obj  map[string]any
 	}{
-		{IPPools, "IPPool", map[string]any{"cidr": "10.66.0.0/16", "ipipMode": "Sometimes"}},
-		{BlockAffinities, "BlockAffinity", map[string]any{"node": "node-b", "cidr": "10.65.2.0/26", "deleted": false}},
-		{IPAMBlocks, "IPAMBlock", map[string]any{"affinity": "host:node-b"}}, // no cidr
+		{"ipamblock without allocations/attributes/strictAffinity/unallocated", IPAMBlocks, map[string]any{"cidr": "10.65.9.0/26", "affinity": "host:node-b"}},
+		{"ipamblock deleted as a string", IPAMBlocks, map[string]any{"cidr": "10.65.9.0/26", "allocations": []any{}, "attributes": []any{},
+			"unallocated": []any{}, "strictAffinity": false, "deleted": "true"}},
+		{"legacy ippool spec.ipip", IPPools, map[string]any{"cidr": "10.66.0.0/16", "ipip": map[string]any{"enabled": true, "mode": "always"}}},
+		{"v1 blockaffinity deleted as a boolean", BlockAffinities, map[string]any{"node": "node-b", "cidr": "10.65.2.0/26", "state": "confirmed", "deleted": false}},
+		{"v3 blockaffinity deleted as a string", CalicoV3GV.WithResource("blockaffinities"), map[string]any{"node": "node-b", "cidr": "10.65.2.0/26", "state": "confirmed", "deleted": "false"}},
+		{"ippool unknown ipipMode", CalicoV3GV.WithResource("ippools"), map[string]any{"cidr": "10.66.0.0/16", "ipipMode": "Sometimes"}},
 	}
 	for i, b := range bad {
+		kind := map[string]string{"ipamblocks": "IPAMBlock", "ippools": "IPPool", "blockaffinities": "BlockAffinity"}[b.gvr.Resource]
 		u := &unstructured.Unstructured{Object: map[string]any{
-			"apiVersion": CalicoGroup + "/v1", "kind": b.kind,
+			"apiVersion": b.gvr.GroupVersion().String(), "kind": kind,
 			"metadata": map[string]any{"name": "invalid-" + string(rune('a'+i))},
-			"spec":     b.spec,
+			"spec":     b.obj,
 		}}
-		_, err := dc.Resource(b.gvr).Create(ctx, u, metav1.CreateOptions{})
-		if !apierrors.IsInvalid(err) {
-			t.Errorf("create invalid %s %v: got %v, want an Invalid error", b.kind, b.spec, err)
+		_, err := dc.Resource(b.gvr).Create(ctx, u, StrictCreate)
+		if err == nil {
+			t.Errorf("%s: accepted; want it rejected", b.name)
+			continue
+		}
+		if !apierrors.IsInvalid(err) && !apierrors.IsBadRequest(err) {
+			t.Errorf("%s: got %v, want Invalid or BadRequest", b.name, err)
+		}
+		t.Logf("%s: rejected: %v", b.name, err)
+	}
+}
+
+// normalizeInts turns every integer into int64 (the API server's JSON decoding does).
+func normalizeInts(v any) any {
+	switch x := v.(type) {
+	case map[string]any:
+		out := map[string]any{}
+		for k, e := range x {
+			out[k] = normalizeInts(e)
+		}
+		return out
+	case []any:
+		out := make([]any, len(x))
+		for i, e := range x {
+			out[i] = normalizeInts(e)
+		}
+		return out
+	case int:
+		return int64(x)
+	case int32:
+		return int64(x)
+	case float64:
+		if x == float64(int64(x)) {
+			return int64(x)
 		}
 	}
+	return v
 }
 
 // TestServiceAccountRBAC checks that RBAC is real: a ServiceAccount allowed to get

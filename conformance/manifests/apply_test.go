@@ -14,6 +14,7 @@ import (
 	authenticationv1 "k8s.io/api/authentication/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -203,6 +204,7 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "list blockaffinities.crd.projectcalico.org", true},
 		{agentSA, "list ippools.crd.projectcalico.org", true},
 		{agentSA, "watch bgppeers.crd.projectcalico.org", true},
+		{agentSA, "watch felixconfigurations.crd.projectcalico.org", true},
 		{agentSA, "get secrets/keys " + ns, true},
 		{agentSA, "list secrets/keys " + ns, true}, // list/watch by metadata.name field selector
 		{agentSA, "watch secrets/keys " + ns, true},
@@ -270,10 +272,47 @@ func canI(t *testing.T, kc, admin string) {
 	t.Logf("%d kubectl auth can-i checks", len(checks))
 }
 
+// operatorUser is a user bound to the secureoverlay-operator ClusterRole.
+const operatorUser = "operator-alice"
+
 // canIProjectcalico checks the projectcalico.org rules with SubjectAccessReviews:
 // kubectl auth can-i cannot name a group the server does not serve (the harness has
 // only the crd.projectcalico.org CRDs).
 func canIProjectcalico(t *testing.T, cs kubernetes.Interface) {
+	// The operator ClusterRole is not bound by the manifest (docs/cli.md): bind it to a
+	// user, as an admin would.
+	crb := &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "secureoverlay-operator-test"},
+		RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: "secureoverlay-operator"},
+		Subjects: []rbacv1.Subject{{Kind: rbacv1.UserKind, APIGroup: rbacv1.GroupName, Name: operatorUser}}}
+	if _, err := cs.RbacV1().ClusterRoleBindings().Create(context.Background(), crb, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	allowed := func(user, group, verb, resource string) bool {
+		t.Helper()
+		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+			User: user, Groups: []string{"system:authenticated"},
+			ResourceAttributes: &authorizationv1.ResourceAttributes{Group: group, Resource: resource, Verb: verb},
+		}}
+		if user != operatorUser {
+			sar.Spec.Groups = []string{"system:serviceaccounts", "system:serviceaccounts:secureoverlay", "system:authenticated"}
+		}
+		got, err := cs.AuthorizationV1().SubjectAccessReviews().Create(context.Background(), sar, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got.Status.Allowed
+	}
+	// Calico's DatastoreMigration: the agent and operators read it (which group Calico
+	// uses), nobody of ours writes it.
+	for _, tc := range []struct {
+		user, verb string
+		want       bool
+	}{{agentSA, "list", true}, {agentSA, "watch", true}, {agentSA, "update", false}, {operatorUser, "get", true},
+		{operatorUser, "list", true}, {operatorUser, "delete", false}, {masterSA, "list", false}} {
+		if got := allowed(tc.user, "migration.projectcalico.org", tc.verb, "datastoremigrations"); got != tc.want {
+			t.Errorf("%s %s datastoremigrations.migration.projectcalico.org: allowed=%v, want %v", short(tc.user), tc.verb, got, tc.want)
+		}
+	}
 	for _, tc := range []struct {
 		user, verb, resource string
 		want                 bool
@@ -283,13 +322,24 @@ func canIProjectcalico(t *testing.T, cs kubernetes.Interface) {
 		{agentSA, "watch", "blockaffinities", true},
 		{agentSA, "list", "bgppeers", true},
 		{agentSA, "create", "ippools", false},
-		{agentSA, "list", "felixconfigurations", false},
+		{agentSA, "list", "felixconfigurations", true},
+		{agentSA, "get", "ippools", false},
 		{masterSA, "list", "ippools", false},
+		// operators read both groups (doctor, mtu and status on a v3 cluster)
+		{operatorUser, "list", "ipamblocks", true},
+		{operatorUser, "list", "ippools", true},
+		{operatorUser, "get", "felixconfigurations", true},
+		{operatorUser, "list", "blockaffinities", true},
+		{operatorUser, "create", "ippools", false},
 	} {
 		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
 			User: tc.user, Groups: []string{"system:serviceaccounts", "system:serviceaccounts:secureoverlay", "system:authenticated"},
 			ResourceAttributes: &authorizationv1.ResourceAttributes{Group: "projectcalico.org", Resource: tc.resource, Verb: tc.verb},
 		}}
+		if tc.user == operatorUser {
+			sar.Spec.Groups = []string{"system:authenticated"}
+		}
+		_ = allowed
 		got, err := cs.AuthorizationV1().SubjectAccessReviews().Create(context.Background(), sar, metav1.CreateOptions{})
 		if err != nil {
 			t.Fatal(err)

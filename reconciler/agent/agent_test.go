@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -707,5 +708,27 @@ func TestReportErrorIsBounded(t *testing.T) {
 	got := reportError(errors.New(long))
 	if !utf8.ValidString(got) || len(got) > maxReportError+64 || !strings.HasSuffix(got, fmt.Sprintf("(%d more bytes in the agent's log)", len(long)-(maxReportError-1))) {
 		t.Errorf("reportError(%d bytes) = %d bytes, valid %v, tail %q", len(long), len(got), utf8.ValidString(got), got[len(got)-60:])
+	}
+}
+
+// TestReportNamesCalicoGroupAndNeighbours: the report says which Calico group the agent
+// read (and a switch in progress) and, as short codes, the Calico modes it does not cover.
+func TestReportNamesCalicoGroupAndNeighbours(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	stop := e.run()
+	defer stop()
+	waitFor(t, "first report", func() bool { r := e.report(); return r != nil && r.LastSync.Unix() > 0 })
+	if r := e.report(); r.CalicoAPI != "crd.projectcalico.org/v1" || len(r.Neighbours) != 0 {
+		t.Errorf("report calicoAPI %q neighbours %q", r.CalicoAPI, r.Neighbours)
+	}
+	st := desired.State{Mode: api.ModeAccept, Neighbours: []string{desired.NeighbourBPF, desired.NeighbourVXLAN}}
+	snap := &watch.Snapshot{Calico: watch.CalicoAPI{GroupVersion: "crd.projectcalico.org/v1"}, CalicoSwitching: "projectcalico.org/v3"}
+	r := BuildReport(st, snap, "boot-a", Budget{}, SeqUse{}, time.Now())
+	if r.CalicoAPI != "crd.projectcalico.org/v1→projectcalico.org/v3" || !slices.Equal(r.Neighbours, st.Neighbours) {
+		t.Errorf("BuildReport: calicoAPI %q neighbours %q", r.CalicoAPI, r.Neighbours)
+	}
+	b, _ := json.Marshal(r)
+	if !strings.Contains(string(b), `"neighbours":["ebpf","vxlan-pool"]`) {
+		t.Errorf("report JSON %s", b)
 	}
 }

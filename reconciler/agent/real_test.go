@@ -24,7 +24,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
@@ -228,7 +227,9 @@ func agentRBAC(t *testing.T, admin kubernetes.Interface) {
 	ctx := context.Background()
 	cr := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "secureoverlay-agent"}, Rules: []rbacv1.PolicyRule{
 		{APIGroups: []string{""}, Resources: []string{"nodes"}, Verbs: []string{"get", "list", "watch", "patch"}},
-		{APIGroups: []string{"crd.projectcalico.org"}, Resources: []string{"ipamblocks", "blockaffinities", "ippools", "bgppeers"}, Verbs: []string{"get", "list", "watch"}},
+		// As the manifest: Calico's objects of both groups, its DatastoreMigrations.
+		{APIGroups: []string{"crd.projectcalico.org", "projectcalico.org"}, Resources: []string{"ipamblocks", "blockaffinities", "ippools", "bgppeers", "felixconfigurations"}, Verbs: []string{"list", "watch"}},
+		{APIGroups: []string{"migration.projectcalico.org"}, Resources: []string{"datastoremigrations"}, Verbs: []string{"list", "watch"}},
 	}}
 	role := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: "secureoverlay-agent"}, Rules: []rbacv1.PolicyRule{
 		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{api.SecretName}, Verbs: []string{"get", "list", "watch"}},
@@ -344,9 +345,7 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	dyn := dynamic.NewForConfigOrDie(c.AdminConfig())
-	pool := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
-		"metadata": map[string]any{"name": "default-ipv4-ippool"}, "spec": map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always", "natOutgoing": true}}}
-	if _, err := dyn.Resource(kube.IPPools).Create(ctx, pool, metav1.CreateOptions{}); err != nil {
+	if _, err := kube.CreateCalico(ctx, dyn, kube.CalicoV1GV, kube.NewIPPool("default-ipv4-ippool", "10.244.0.0/16", "Always")); err != nil {
 		t.Fatal(err)
 	}
 	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "a", IPv4: "198.18.0.1", BootID: "boot-a"})

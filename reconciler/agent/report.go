@@ -69,8 +69,13 @@ func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b B
 		BudgetMTU: b.BudgetMTU, ExternalMTU: b.ExternalMTU,
 		MaxSeqFraction: reportedFraction(seq.Fraction), SeqGeneration: seq.Generation,
 		PeersEncrypted: len(st.EncryptingPeers()), PeersExpected: len(st.Peers),
-		LastSync: now.UTC().Truncate(time.Second),
+		LastSync:   now.UTC().Truncate(time.Second),
+		CalicoAPI:  snap.Calico.GroupVersion,
+		Neighbours: append([]string(nil), st.Neighbours...),
 	}}
+	if snap.CalicoSwitching != "" {
+		r.CalicoAPI += "→" + snap.CalicoSwitching
+	}
 	for _, s := range st.Skipped {
 		if strings.HasPrefix(s.Object, "node/") {
 			r.PeersExpected++

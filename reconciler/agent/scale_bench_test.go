@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -82,9 +83,7 @@ func benchCluster(t *testing.T, names []string) (*kube.Cluster, *rest.Config) {
 		Data: map[string][]byte{api.SecretDataKey: benchRing(t, names)}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	pool := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
-		"metadata": map[string]any{"name": "default-ipv4-ippool"}, "spec": map[string]any{"cidr": "10.0.0.0/8", "ipipMode": "Always"}}}
-	if _, err := dynamic.NewForConfigOrDie(cfg).Resource(kube.IPPools).Create(ctx, pool, metav1.CreateOptions{}); err != nil {
+	if _, err := kube.CreateCalico(ctx, dynamic.NewForConfigOrDie(cfg), kube.CalicoV1GV, kube.NewIPPool("default-ipv4-ippool", "10.0.0.0/8", "Always")); err != nil {
 		t.Fatal(err)
 	}
 	return c, cfg
@@ -161,13 +160,14 @@ func startAgent(t *testing.T, cfg *rest.Config, k xfrm.Kernel, qps float32, burs
 	return a, stop
 }
 
-// createBlock creates node i's j-th IPAMBlock (cluster.Block), affine to node i.
+// createBlock creates node i's j-th IPAMBlock (cluster.Block), affine to node i, as
+// Calico's IPAM does (the real CRD's required fields, strict field validation), with its
+// first address allocated to a pod on node i.
 func createBlock(ctx context.Context, dyn dynamic.Interface, i, j int) error {
-	cidr := cluster.Block(i, j)
-	u := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
-		"metadata": map[string]any{"name": strings.NewReplacer(".", "-", "/", "-").Replace(cidr.String())},
-		"spec":     map[string]any{"cidr": cidr.String(), "affinity": "host:" + cluster.Name(i)}}}
-	_, err := dyn.Resource(kube.IPAMBlocks).Create(ctx, u, metav1.CreateOptions{})
+	cidr := cluster.Block(i, j).String()
+	b := kube.NewIPAMBlock(cidr, "host:"+cluster.Name(i))
+	kube.Allocate(b, 0, fmt.Sprintf("k8s-pod-network.%d-%d", i, j), cluster.Name(i), map[string]string{"namespace": "bench", "pod": fmt.Sprintf("p-%d-%d", i, j)})
+	_, err := kube.CreateCalico(ctx, dyn, kube.CalicoV1GV, b)
 	return err
 }
 
@@ -330,7 +330,7 @@ func eventToKernel(t *testing.T, qps float32, burst int, prefix string) {
 	if err := unstructured.SetNestedField(pool.Object, desired.IPIPCrossSubnet, "spec", "ipipMode"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := dyn.Resource(kube.IPPools).Update(ctx, pool, metav1.UpdateOptions{}); err != nil {
+	if _, err := dyn.Resource(kube.IPPools).Update(ctx, pool, kube.StrictUpdate); err != nil {
 		t.Fatal(err)
 	}
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {

@@ -17,7 +17,6 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
@@ -105,9 +104,7 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 		Data: map[string][]byte{api.SecretDataKey: data}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	pool := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": "IPPool",
-		"metadata": map[string]any{"name": "default-ipv4-ippool"}, "spec": map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always"}}}
-	if _, err := dynamic.NewForConfigOrDie(c.AdminConfig()).Resource(kube.IPPools).Create(ctx, pool, metav1.CreateOptions{}); err != nil {
+	if _, err := kube.CreateCalico(ctx, dynamic.NewForConfigOrDie(c.AdminConfig()), kube.CalicoV1GV, kube.NewIPPool("default-ipv4-ippool", "10.244.0.0/16", "Always")); err != nil {
 		t.Fatal(err)
 	}
 	kube.CreateNode(t, c.AdminConfig(), kube.Node{Name: "a", IPv4: "198.18.0.1", BootID: "boot-a"})

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -135,18 +136,42 @@ func Compute(in Inputs) (State, error) {
 		return State{}, fmt.Errorf("ring: mode %s without live generations", mode)
 	}
 
-	// Pools: coverage notes.
+	// Pools: coverage notes. Only IPv4 pools are covered (the SAs and policies are IPv4);
+	// a VXLAN pool's traffic is not IPIP.
+	neighbours := map[string]bool{}
+	notCovered := func(code, format string, args ...any) {
+		neighbours[code] = true
+		st.NotCovered = append(st.NotCovered, fmt.Sprintf(format, args...))
+	}
 	var crossSubnet []Pool
 	for _, p := range in.Pools {
+		switch {
+		case !p.CIDR.Addr().Is4():
+			notCovered(NeighbourIPv6, "pool %s (%s) is IPv6: not covered (IPv4 only), its pod traffic is not encrypted", p.Name, p.CIDR)
+			continue
+		case p.VXLANMode == VXLANAlways || p.VXLANMode == VXLANCrossSubnet:
+			notCovered(NeighbourVXLAN, "pool %s (%s) vxlanMode %s: pod traffic between nodes is VXLAN, not IPIP, and is not encrypted", p.Name, p.CIDR, p.VXLANMode)
+			continue
+		}
 		switch p.IPIPMode {
 		case IPIPAlways:
 		case IPIPCrossSubnet:
 			crossSubnet = append(crossSubnet, p)
 		case IPIPNever, "":
-			st.NotCovered = append(st.NotCovered, fmt.Sprintf("pool %s (%s) ipipMode Never: pod traffic between nodes is not IPIP and is not encrypted", p.Name, p.CIDR))
+			notCovered(NeighbourNever, "pool %s (%s) ipipMode Never: pod traffic between nodes is not IPIP and is not encrypted", p.Name, p.CIDR)
 		default:
-			st.NotCovered = append(st.NotCovered, fmt.Sprintf("pool %s (%s) unknown ipipMode %q: treated as Never, not encrypted", p.Name, p.CIDR, p.IPIPMode))
+			notCovered(NeighbourNever, "pool %s (%s) unknown ipipMode %q: treated as Never, not encrypted", p.Name, p.CIDR, p.IPIPMode)
 		}
+	}
+	// Felix modes next to ours (reported; docs/dataplane.md §9).
+	if in.Felix.WireGuard {
+		notCovered(NeighbourWireGuard, "calico wireguard is enabled (wireguardEnabled): pod traffic between nodes goes through wireguard.cali, not IPIP; it is Calico's encryption, not ours")
+	}
+	if in.Felix.BPF {
+		notCovered(NeighbourBPF, "calico eBPF data plane (bpfEnabled): same-subnet pod traffic of CrossSubnet pools bypasses the xfrm policies and is not encrypted; IPIP through the tunnel device still is")
+	}
+	if in.Felix.NFTablesMode == "Enabled" {
+		neighbours[NeighbourNFTables] = true // no coverage lost: our raw-table rules still run (docs/dataplane.md §9)
 	}
 
 	// Peers. An address claimed by two Nodes (any node can write its own Calico address
@@ -237,6 +262,7 @@ func Compute(in Inputs) (State, error) {
 		for _, p := range peers {
 			st.Peers = append(st.Peers, PeerStatus{Name: p.node.Name, IP: p.addr.Addr(), Reason: "mode off"})
 		}
+		st.Neighbours = neighbourList(neighbours)
 		return finish(st)
 	}
 
@@ -294,6 +320,13 @@ func Compute(in Inputs) (State, error) {
 			if b.Deleted {
 				continue
 			}
+			if !b.CIDR.Addr().Is4() {
+				// Never mixed into the IPv4 policies (a v6 block of a v6 CrossSubnet pool
+				// would give policies with a v4 source and a v6 destination).
+				neighbours[NeighbourIPv6] = true
+				st.Skipped = append(st.Skipped, Skip{Object: obj, Reason: "IPv6 block: not covered (IPv4 only)"})
+				continue
+			}
 			var pool *Pool
 			for i := range crossSubnet {
 				if crossSubnet[i].CIDR.Bits() <= b.CIDR.Bits() && crossSubnet[i].CIDR.Contains(b.CIDR.Addr()) {
@@ -304,18 +337,31 @@ func Compute(in Inputs) (State, error) {
 				continue
 			}
 			owner, ok := ParseAffinity(b.Affinity)
-			if !ok {
-				st.Skipped = append(st.Skipped, Skip{Object: obj, Reason: fmt.Sprintf("affinity %q is not host:NODE", b.Affinity)})
+			switch {
+			case ok:
+				podSets[owner] = append(podSets[owner], b.CIDR.Masked())
+			case b.Affinity == "":
+				// Calico released the block's affinity but the block keeps its
+				// allocations: each allocated address stays its node's, as a /32 (below).
+			case strings.HasPrefix(b.Affinity, "virtual:"):
+				neighbours[NeighbourVirtual] = true
+				st.Skipped = append(st.Skipped, Skip{Object: obj, Reason: fmt.Sprintf("affinity %q is a load-balancer (virtual) block, not a node's pods: not covered", b.Affinity)})
+				continue
+			default:
+				st.Skipped = append(st.Skipped, Skip{Object: obj, Reason: fmt.Sprintf("affinity %q is neither host:NODE nor virtual:NAME", b.Affinity)})
 				continue
 			}
-			podSets[owner] = append(podSets[owner], b.CIDR.Masked())
 			for _, x := range b.Borrowed {
 				ip := x.IP.Unmap()
 				if !ip.Is4() || !b.CIDR.Contains(ip) || x.Node == "" || x.Node == owner {
 					continue
 				}
 				podSets[x.Node] = append(podSets[x.Node], netip.PrefixFrom(ip, 32))
-				exceptions = append(exceptions, exception{ip: ip, owner: owner, user: x.Node})
+				if ok {
+					// Inside the owner's tunnelled block: the /32 needs its own
+					// policies (or a bypass) to leave the block's policy.
+					exceptions = append(exceptions, exception{ip: ip, owner: owner, user: x.Node})
+				}
 			}
 		}
 		for n := range podSets {
@@ -502,6 +548,7 @@ func Compute(in Inputs) (State, error) {
 		}
 	}
 	slices.SortFunc(st.Peers, func(a, b PeerStatus) int { return strings.Compare(a.Name, b.Name) })
+	st.Neighbours = neighbourList(neighbours)
 	return finish(st)
 }
 
@@ -553,6 +600,14 @@ func finish(st State) (State, error) {
 	slices.SortFunc(st.Skipped, func(a, b Skip) int { return strings.Compare(a.Object, b.Object) })
 	slices.Sort(st.NotCovered)
 	return st, nil
+}
+
+// neighbourList is the sorted set of neighbour codes.
+func neighbourList(m map[string]bool) []string {
+	if len(m) == 0 {
+		return nil
+	}
+	return slices.Sorted(maps.Keys(m))
 }
 
 func comparePolicy(a, b Policy) int {

@@ -100,11 +100,13 @@ type Node struct {
 // Block is a Calico IPAM block.
 type Block struct {
 	CIDR netip.Prefix
-	// Affinity is the raw spec.affinity ("host:NODE"); blocks without a host affinity
-	// are ignored.
+	// Affinity is the raw spec.affinity: "host:NODE" (the block is NODE's), "" (Calico
+	// released the affinity; the allocations still belong to the nodes their attributes
+	// name, see Borrowed) or "virtual:NAME" (load-balancer IPAM: not pods, not covered).
 	Affinity string
 	Deleted  bool
-	// Borrowed lists addresses of this block allocated to pods on another node.
+	// Borrowed lists addresses of this block allocated to pods on a node other than the
+	// affine one (every allocated address with a node, when the block has no affinity).
 	Borrowed []Borrowed
 }
 
@@ -121,13 +123,42 @@ const (
 	IPIPNever       = "Never"
 )
 
+// VXLAN modes of a Calico IP pool.
+const (
+	VXLANAlways      = "Always"
+	VXLANCrossSubnet = "CrossSubnet"
+)
+
 // Pool is a Calico IP pool.
 type Pool struct {
-	Name     string
-	CIDR     netip.Prefix
-	IPIPMode string // Always, CrossSubnet, Never ("" means Never, as in Calico)
-	Disabled bool
+	Name      string
+	CIDR      netip.Prefix
+	IPIPMode  string // Always, CrossSubnet, Never ("" means Never, as in Calico)
+	VXLANMode string // Always, CrossSubnet, Never ("" means Never): VXLAN is not covered
+	Disabled  bool
 }
+
+// Felix is what this node's Felix configuration says about the Calico data-plane modes
+// next to ours (FelixConfiguration "node.NAME" over "default", field by field; unset
+// fields are Felix's defaults). Compute only reports them (State.Neighbours); see
+// docs/dataplane.md §9 for what each means for the encryption.
+type Felix struct {
+	WireGuard    bool   // wireguardEnabled: Calico encrypts IPv4 pod traffic itself
+	BPF          bool   // bpfEnabled: Calico's eBPF data plane
+	NFTablesMode string // nftablesMode: Enabled, Disabled, Auto ("" unset)
+}
+
+// Neighbour codes (State.Neighbours, the report's "neighbours"): short, from a fixed set,
+// so a node's report stays small.
+const (
+	NeighbourVXLAN     = "vxlan-pool"       // a pool with vxlanMode Always/CrossSubnet: not covered
+	NeighbourNever     = "unencapsulated"   // a pool with neither IPIP nor VXLAN: not covered
+	NeighbourIPv6      = "ipv6"             // IPv6 pools or blocks: not covered
+	NeighbourVirtual   = "virtual-affinity" // load-balancer IPAM blocks: not covered
+	NeighbourWireGuard = "wireguard"        // Calico WireGuard on: double encryption, see dataplane.md
+	NeighbourBPF       = "ebpf"             // Calico eBPF data plane: CrossSubnet coverage does not hold
+	NeighbourNFTables  = "nftables"         // Felix in nftables mode: our iptables raw rules still apply
+)
 
 // BGPPeer is a Calico BGPPeer.
 type BGPPeer struct {
@@ -145,6 +176,8 @@ type Inputs struct {
 	Ring     Ring
 	Config   Config
 	Keys     KeyFunc
+	// Felix is this node's Felix configuration (neighbour modes, reported only).
+	Felix Felix
 	// HoldPlaintext names peers this node must not send plaintext IPIP to in enforce mode
 	// even while it has no outbound policy toward them: after a new SA epoch (lost state)
 	// the agent re-keys the peers it was encrypting to and keeps their outbound drop rule
@@ -377,4 +410,8 @@ type State struct {
 	Generations []uint32
 	// Conflicts are addresses claimed by more than one Node (sorted by IP).
 	Conflicts []Conflict
+	// Neighbours lists, as Neighbour* codes (sorted, unique), the Calico modes found that
+	// this state does not cover or that change what it means (the report's short form of
+	// NotCovered; docs/dataplane.md §9).
+	Neighbours []string
 }

@@ -2,48 +2,73 @@ package watch
 
 import (
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
 
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
 
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
-// The parsers below read Calico objects as unstructured maps, so fields they do not know
-// are ignored and both API groups (crd.projectcalico.org/v1 and projectcalico.org/v3)
-// parse with the same code. They are pure: tested with literal objects.
+// The parsers below read Calico objects with projectcalico/api's v3 types (Calico's own
+// Go shapes). crd.projectcalico.org/v1 objects have the same shapes except
+// BlockAffinity.spec.deleted, a string in v1 (a boolean in v3): toV3 converts it as
+// Calico's v1 backend does. Unknown fields are ignored. They are pure: tested with literal
+// objects.
 
-// ParseIPAMBlock reads an IPAMBlock: spec.cidr, spec.affinity ("host:NODE"), spec.deleted
-// (a boolean; a string "true" is tolerated) and the borrowed /32s: allocations whose
-// attribute names a node (attributes[i].secondary.node) other than the affine one.
+// toV3 converts u into the typed v3 object out. A string spec.deleted ("true"/"false",
+// v1 BlockAffinity) becomes a boolean; u is not modified.
+func toV3(u *unstructured.Unstructured, out any) error {
+	obj := u.Object
+	if spec, ok := obj["spec"].(map[string]any); ok {
+		if d, isStr := spec["deleted"].(string); isStr {
+			spec = maps.Clone(spec)
+			spec["deleted"] = truthy(d)
+			obj = maps.Clone(obj)
+			obj["spec"] = spec
+		}
+	}
+	return runtime.DefaultUnstructuredConverter.FromUnstructured(obj, out)
+}
+
+// ParseIPAMBlock reads an IPAMBlock: spec.cidr, spec.affinity ("host:NODE", "" when Calico
+// released it, or "virtual:NAME"), spec.deleted and the addresses used by other nodes: the
+// allocations whose attribute names a node (attributes[i].secondary.node) other than the
+// affine one — every allocation with a node when the block has no host affinity.
 func ParseIPAMBlock(u *unstructured.Unstructured) (desired.Block, error) {
-	spec, _, _ := unstructured.NestedMap(u.Object, "spec")
-	cidrS, _ := spec["cidr"].(string)
-	cidr, err := netip.ParsePrefix(strings.TrimSpace(cidrS))
+	var b v3.IPAMBlock
+	if err := toV3(u, &b); err != nil {
+		return desired.Block{}, fmt.Errorf("ipamblock %q: %w", u.GetName(), err)
+	}
+	return BlockFromV3(u.GetName(), &b.Spec)
+}
+
+// BlockFromV3 is ParseIPAMBlock of a typed block spec.
+func BlockFromV3(name string, spec *v3.IPAMBlockSpec) (desired.Block, error) {
+	cidr, err := netip.ParsePrefix(strings.TrimSpace(spec.CIDR))
 	if err != nil {
-		return desired.Block{}, fmt.Errorf("ipamblock %q: spec.cidr %q: %w", u.GetName(), cidrS, err)
+		return desired.Block{}, fmt.Errorf("ipamblock %q: spec.cidr %q: %w", name, spec.CIDR, err)
 	}
 	cidr = cidr.Masked()
-	b := desired.Block{CIDR: cidr, Deleted: truthy(spec["deleted"])}
-	b.Affinity, _ = spec["affinity"].(string)
+	b := desired.Block{CIDR: cidr, Deleted: spec.Deleted}
+	if spec.Affinity != nil {
+		b.Affinity = *spec.Affinity
+	}
 	owner, hasOwner := desired.ParseAffinity(b.Affinity)
-	attrs, _ := spec["attributes"].([]any)
-	allocs, _ := spec["allocations"].([]any)
-	if !cidr.Addr().Is4() || len(allocs) == 0 || len(attrs) == 0 {
+	if !cidr.Addr().Is4() || len(spec.Allocations) == 0 || len(spec.Attributes) == 0 {
 		return b, nil
 	}
-	for ordinal, a := range allocs {
-		idx, ok := toInt(a)
-		if !ok || idx < 0 || idx >= len(attrs) {
+	for ordinal, a := range spec.Allocations {
+		if a == nil || *a < 0 || *a >= len(spec.Attributes) {
 			continue
 		}
-		attr, _ := attrs[idx].(map[string]any)
-		sec, _ := attr["secondary"].(map[string]any)
-		node, _ := sec["node"].(string)
+		node := spec.Attributes[*a].ActiveOwnerAttrs["node"]
 		if node == "" || (hasOwner && node == owner) {
 			continue
 		}
@@ -75,61 +100,93 @@ type BlockAffinity struct {
 	Deleted bool
 }
 
-// ParseBlockAffinity reads a BlockAffinity: spec.node, spec.cidr and spec.deleted, which
-// is a STRING ("true"/"false") in crd.projectcalico.org/v1; a boolean is tolerated.
+// ParseBlockAffinity reads a BlockAffinity: spec.node, spec.cidr and spec.deleted (a
+// STRING "true"/"false" in crd.projectcalico.org/v1, a boolean in projectcalico.org/v3);
+// state pendingDeletion counts as deleted.
 func ParseBlockAffinity(u *unstructured.Unstructured) (BlockAffinity, error) {
-	spec, _, _ := unstructured.NestedMap(u.Object, "spec")
-	cidrS, _ := spec["cidr"].(string)
-	cidr, err := netip.ParsePrefix(strings.TrimSpace(cidrS))
-	if err != nil {
-		return BlockAffinity{}, fmt.Errorf("blockaffinity %q: spec.cidr %q: %w", u.GetName(), cidrS, err)
+	var a v3.BlockAffinity
+	if err := toV3(u, &a); err != nil {
+		return BlockAffinity{}, fmt.Errorf("blockaffinity %q: %w", u.GetName(), err)
 	}
-	node, _ := spec["node"].(string)
-	if node == "" {
+	cidr, err := netip.ParsePrefix(strings.TrimSpace(a.Spec.CIDR))
+	if err != nil {
+		return BlockAffinity{}, fmt.Errorf("blockaffinity %q: spec.cidr %q: %w", u.GetName(), a.Spec.CIDR, err)
+	}
+	if a.Spec.Node == "" {
 		return BlockAffinity{}, fmt.Errorf("blockaffinity %q: no spec.node", u.GetName())
 	}
-	state, _ := spec["state"].(string)
-	return BlockAffinity{Node: node, CIDR: cidr.Masked(),
-		Deleted: truthy(spec["deleted"]) || state == "pendingDeletion"}, nil
+	return BlockAffinity{Node: a.Spec.Node, CIDR: cidr.Masked(),
+		Deleted: a.Spec.Deleted || a.Spec.State == v3.StatePendingDeletion}, nil
 }
 
-// ParseIPPool reads an IPPool: spec.cidr, spec.ipipMode (Always, CrossSubnet, Never; the
-// pre-3.0 spec.ipip {enabled, mode: always|cross-subnet} is understood too) and
-// spec.disabled.
+// ParseIPPool reads an IPPool: spec.cidr, spec.ipipMode and spec.vxlanMode (Always,
+// CrossSubnet, Never) and spec.disabled. (The pre-3.0 spec.ipip form is pruned by Calico's
+// CRDs: it never reaches a reader.)
 func ParseIPPool(u *unstructured.Unstructured) (desired.Pool, error) {
-	spec, _, _ := unstructured.NestedMap(u.Object, "spec")
-	cidrS, _ := spec["cidr"].(string)
-	cidr, err := netip.ParsePrefix(strings.TrimSpace(cidrS))
+	var p v3.IPPool
+	if err := toV3(u, &p); err != nil {
+		return desired.Pool{}, fmt.Errorf("ippool %q: %w", u.GetName(), err)
+	}
+	cidr, err := netip.ParsePrefix(strings.TrimSpace(p.Spec.CIDR))
 	if err != nil {
-		return desired.Pool{}, fmt.Errorf("ippool %q: spec.cidr %q: %w", u.GetName(), cidrS, err)
+		return desired.Pool{}, fmt.Errorf("ippool %q: spec.cidr %q: %w", u.GetName(), p.Spec.CIDR, err)
 	}
-	p := desired.Pool{Name: u.GetName(), CIDR: cidr.Masked(), Disabled: truthy(spec["disabled"])}
-	p.IPIPMode, _ = spec["ipipMode"].(string)
-	if old, ok := spec["ipip"].(map[string]any); ok && p.IPIPMode == "" {
-		enabled := true
-		if v, set := old["enabled"]; set {
-			enabled = truthy(v)
+	return desired.Pool{Name: u.GetName(), CIDR: cidr.Masked(), Disabled: p.Spec.Disabled,
+		IPIPMode: string(p.Spec.IPIPMode), VXLANMode: string(p.Spec.VXLANMode)}, nil
+}
+
+// FelixConfig is the part of a FelixConfiguration the agent reads (nil: unset).
+type FelixConfig struct {
+	WireguardEnabled *bool
+	BPFEnabled       *bool
+	NFTablesMode     string
+}
+
+// ParseFelixConfiguration reads a FelixConfiguration's wireguardEnabled, bpfEnabled and
+// nftablesMode.
+func ParseFelixConfiguration(u *unstructured.Unstructured) (FelixConfig, error) {
+	var f v3.FelixConfiguration
+	if err := toV3(u, &f); err != nil {
+		return FelixConfig{}, fmt.Errorf("felixconfiguration %q: %w", u.GetName(), err)
+	}
+	fc := FelixConfig{WireguardEnabled: f.Spec.WireguardEnabled, BPFEnabled: f.Spec.BPFEnabled}
+	if f.Spec.NFTablesMode != nil {
+		fc.NFTablesMode = string(*f.Spec.NFTablesMode)
+	}
+	return fc, nil
+}
+
+// FelixFor merges node's FelixConfiguration ("node.NODE") over "default", field by field,
+// as Felix does.
+func FelixFor(node string, byName map[string]FelixConfig) desired.Felix {
+	var f desired.Felix
+	for _, name := range []string{"default", "node." + node} {
+		c, ok := byName[name]
+		if !ok {
+			continue
 		}
-		mode, _ := old["mode"].(string)
-		switch {
-		case !enabled:
-			p.IPIPMode = desired.IPIPNever
-		case strings.EqualFold(mode, "cross-subnet") || strings.EqualFold(mode, "crosssubnet"):
-			p.IPIPMode = desired.IPIPCrossSubnet
-		default:
-			p.IPIPMode = desired.IPIPAlways
+		if c.WireguardEnabled != nil {
+			f.WireGuard = *c.WireguardEnabled
+		}
+		if c.BPFEnabled != nil {
+			f.BPF = *c.BPFEnabled
+		}
+		if c.NFTablesMode != "" {
+			f.NFTablesMode = c.NFTablesMode
 		}
 	}
-	return p, nil
+	return f
 }
 
 // ParseBGPPeer reads a BGPPeer's spec.peerIP, which may carry a port ("IP:PORT" or
 // "[IP]:PORT"). Peers selected only by spec.peerSelector (other cluster nodes) have no
 // peerIP; ok is false for them and they are not reported.
 func ParseBGPPeer(u *unstructured.Unstructured) (peer desired.BGPPeer, ok bool, err error) {
-	spec, _, _ := unstructured.NestedMap(u.Object, "spec")
-	s, _ := spec["peerIP"].(string)
-	s = strings.TrimSpace(s)
+	var p v3.BGPPeer
+	if err := toV3(u, &p); err != nil {
+		return desired.BGPPeer{}, false, fmt.Errorf("bgppeer %q: %w", u.GetName(), err)
+	}
+	s := strings.TrimSpace(p.Spec.PeerIP)
 	if s == "" {
 		return desired.BGPPeer{}, false, nil
 	}
@@ -171,20 +228,6 @@ func truthy(v any) bool {
 		return err == nil && b
 	}
 	return false
-}
-
-func toInt(v any) (int, bool) {
-	switch x := v.(type) {
-	case int64:
-		return int(x), true
-	case int:
-		return x, true
-	case float64:
-		if x == float64(int(x)) {
-			return int(x), true
-		}
-	}
-	return 0, false
 }
 
 // sortBlocks orders blocks by CIDR (deterministic snapshots).

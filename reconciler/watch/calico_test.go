@@ -109,9 +109,9 @@ func TestParseIPPool(t *testing.T) {
 		{`{metadata: {name: p}, spec: {cidr: 10.65.0.0/16, ipipMode: Always, natOutgoing: true}}`, "Always", false},
 		{`{metadata: {name: p}, spec: {cidr: 10.65.0.0/16, ipipMode: CrossSubnet, disabled: true}}`, "CrossSubnet", true},
 		{`{metadata: {name: p}, spec: {cidr: 10.65.0.0/16}}`, "", false},
-		{`{metadata: {name: p}, spec: {cidr: 10.65.0.0/16, ipip: {enabled: true, mode: cross-subnet}}}`, "CrossSubnet", false},
-		{`{metadata: {name: p}, spec: {cidr: 10.65.0.0/16, ipip: {enabled: true}}}`, "Always", false},
-		{`{metadata: {name: p}, spec: {cidr: 10.65.0.0/16, ipip: {enabled: false, mode: always}}}`, "Never", false},
+		// The pre-3.0 spec.ipip form is pruned by Calico's real CRDs (a legacy pool reads
+		// as ipipMode ""): it is not interpreted.
+		{`{metadata: {name: p}, spec: {cidr: 10.65.0.0/16, ipip: {enabled: true, mode: cross-subnet}}}`, "", false},
 	} {
 		p, err := ParseIPPool(obj(t, tc.y))
 		if err != nil || p.IPIPMode != tc.mode || p.Disabled != tc.disabled || p.Name != "p" || p.CIDR != netip.MustParsePrefix("10.65.0.0/16") {
@@ -141,5 +141,47 @@ func TestParseBGPPeer(t *testing.T) {
 	}
 	if _, _, err := ParseBGPPeer(obj(t, `{metadata: {name: x}, spec: {peerIP: banana}}`)); err == nil {
 		t.Error("bad peerIP: no error")
+	}
+}
+
+func TestParseIPPoolVXLANAndFelix(t *testing.T) {
+	p, err := ParseIPPool(obj(t, `{metadata: {name: vx}, spec: {cidr: 10.96.0.0/16, vxlanMode: CrossSubnet, ipipMode: Never}}`))
+	if err != nil || p.VXLANMode != "CrossSubnet" || p.IPIPMode != "Never" {
+		t.Errorf("vxlan pool: %+v %v", p, err)
+	}
+	def, err := ParseFelixConfiguration(obj(t, `{metadata: {name: default}, spec: {wireguardEnabled: true, nftablesMode: Auto, ipipMTU: 1480}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	node, err := ParseFelixConfiguration(obj(t, `{metadata: {name: node.a}, spec: {wireguardEnabled: false, bpfEnabled: true, nftablesMode: Enabled}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	byName := map[string]FelixConfig{"default": def, "node.a": node}
+	if got, want := FelixFor("a", byName), (desired.Felix{WireGuard: false, BPF: true, NFTablesMode: "Enabled"}); got != want {
+		t.Errorf("node a: %+v, want %+v (node.a overrides default field by field)", got, want)
+	}
+	if got, want := FelixFor("b", byName), (desired.Felix{WireGuard: true, NFTablesMode: "Auto"}); got != want {
+		t.Errorf("node b: %+v, want %+v", got, want)
+	}
+	if _, err := ParseFelixConfiguration(obj(t, `{metadata: {name: default}, spec: {bpfEnabled: "yes please"}}`)); err == nil {
+		t.Error("felix configuration with a non-boolean bpfEnabled: no error")
+	}
+}
+
+func TestParseIPAMBlockReleasedAndVirtual(t *testing.T) {
+	// Calico released the affinity: every allocation with a node is that node's.
+	b, err := ParseIPAMBlock(obj(t, `{metadata: {name: b}, spec: {cidr: 10.65.4.0/26, allocations: [0, null, 1], unallocated: [1],
+  strictAffinity: false, attributes: [{handle_id: h1, secondary: {node: node-a}}, {handle_id: h2, secondary: {node: node-b}}]}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []desired.Borrowed{{IP: netip.MustParseAddr("10.65.4.0"), Node: "node-a"}, {IP: netip.MustParseAddr("10.65.4.2"), Node: "node-b"}}
+	if b.Affinity != "" || len(b.Borrowed) != 2 || b.Borrowed[0] != want[0] || b.Borrowed[1] != want[1] {
+		t.Errorf("released block: %+v, want borrowed %v", b, want)
+	}
+	b, err = ParseIPAMBlock(obj(t, `{metadata: {name: b}, spec: {cidr: 10.65.5.0/26, affinity: "virtual:lb", allocations: [], unallocated: [], attributes: [], strictAffinity: false}}`))
+	if err != nil || b.Affinity != "virtual:lb" {
+		t.Errorf("virtual block: %+v %v", b, err)
 	}
 }

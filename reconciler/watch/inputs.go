@@ -21,8 +21,13 @@ type Snapshot struct {
 	// Ring is the parsed key ring; nil when RingErr is set.
 	Ring    *keys.Ring
 	RingErr error
-	// Calico is the API group the Calico kinds were read from.
+	// Calico is the API group the Calico kinds were read from, and why.
 	Calico CalicoAPI
+	// CalicoSwitching is the group being switched to ("" when none): until its caches
+	// sync, the Calico data is the old group's last (frozen) read.
+	CalicoSwitching string
+	// Felix holds the FelixConfigurations by name (FelixFor merges them for a node).
+	Felix map[string]FelixConfig
 	// Skipped lists objects that did not parse (they contribute nothing).
 	Skipped []desired.Skip
 }
@@ -62,7 +67,7 @@ func Inputs(self string, s Snapshot, cfg desired.Config, epoch string) (desired.
 	}
 	cfg = cfg.WithDefaults()
 	in := desired.Inputs{Self: self, Blocks: s.Blocks, Pools: s.Pools, BGPPeers: s.BGPPeers, Config: cfg,
-		Ring: desired.Ring{Mode: s.Ring.Mode}}
+		Ring: desired.Ring{Mode: s.Ring.Mode}, Felix: FelixFor(self, s.Felix)}
 	for _, g := range s.Ring.Generations {
 		if g.ICVBytes != cfg.ICVBytes {
 			return desired.Inputs{}, fmt.Errorf("key generation %d uses a %d-byte icv but this agent is configured for %d (--icv-bytes)", g.Number, g.ICVBytes, cfg.ICVBytes)

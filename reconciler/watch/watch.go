@@ -7,13 +7,21 @@
 //     condition and the other agents' secureoverlay.io/report annotations.
 //   - The key Secret: a namespace-scoped informer with a field selector on its name, so
 //     RBAC can grant get/list/watch on that one Secret (resourceNames) and nothing else.
-//   - Calico IPAMBlock, BlockAffinity, IPPool and BGPPeer through a dynamic informer, from
-//     whichever of crd.projectcalico.org/v1 or projectcalico.org/v3 serves them
-//     (DiscoverCalico; retried until one does, the error is visible through Err).
+//   - Calico IPAMBlock, BlockAffinity, IPPool, BGPPeer and FelixConfiguration through
+//     dynamic informers, from the API group Calico itself uses (SelectCalico: an explicit
+//     CALICO_API_GROUP, else a converged DatastoreMigration, else discovery; retried until
+//     one is served, the error is visible through Err). The caches hold each object's
+//     parsed form (calicoTransform), not the object: an IPAMBlock is a few dozen bytes.
+//   - Calico's DatastoreMigration objects (when served), whose phase changes trigger a new
+//     selection; the selection is also re-run every Recheck.
 //
 // Invariants:
 //   - HasSynced is true only when every informer has synced; the agent writes nothing to
 //     the kernel before that.
+//   - A switch of Calico group while running (a migration converging) never exposes a
+//     half-synced cache: the old group's last parsed data is kept (frozen) and served by
+//     Snapshot until every informer of the new group has synced, then the new group's
+//     caches are served and the old informers stopped.
 //   - OnChange is called for every add/update/delete that can change the desired state
 //     (Node updates that touch none of the fields above are filtered out); it must be
 //     cheap and non-blocking (the agent enqueues one work-queue key).
@@ -25,6 +33,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
@@ -33,7 +42,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/discovery"
@@ -63,7 +71,13 @@ type Config struct {
 	OnChange func(kind string)
 	// DiscoveryRetry is the pause between Calico discovery attempts (default 15s).
 	DiscoveryRetry time.Duration
-	Logger         *slog.Logger
+	// APIGroup is an explicit CALICO_API_GROUP (ParseAPIGroup); zero follows Calico's own
+	// choice (SelectCalico).
+	APIGroup schema.GroupVersion
+	// Recheck is the period of the Calico group re-selection (default 2m, plus up to 20%
+	// jitter); DatastoreMigration events trigger one at once.
+	Recheck time.Duration
+	Logger  *slog.Logger
 }
 
 // Watcher owns the informers.
@@ -74,9 +88,14 @@ type Watcher struct {
 	coreStart func(<-chan struct{})
 
 	mu        sync.Mutex
-	calico    CalicoAPI
 	calicoErr error
-	crd       map[string]cache.SharedIndexInformer // by resource name
+	cur       *calicoSet // the group read now (nil before the first selection)
+	next      *calicoSet // a group being switched to, until its informers sync
+	frozen    *calicoData
+	migration cache.SharedIndexInformer
+	recheck   chan struct{}
+	// sawConverged: a selection saw a converged DatastoreMigration (DecideCalico).
+	sawConverged bool
 
 	onChange atomic.Pointer[func(string)]
 
@@ -100,10 +119,13 @@ func New(cfg Config) *Watcher {
 	if cfg.DiscoveryRetry == 0 {
 		cfg.DiscoveryRetry = 15 * time.Second
 	}
+	if cfg.Recheck == 0 {
+		cfg.Recheck = 2 * time.Minute
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	w := &Watcher{cfg: cfg, crd: map[string]cache.SharedIndexInformer{}}
+	w := &Watcher{cfg: cfg, recheck: make(chan struct{}, 1)}
 	if cfg.OnChange != nil {
 		w.SetOnChange(cfg.OnChange)
 	}
@@ -146,51 +168,210 @@ func changeHandler(f func()) cache.ResourceEventHandlerFuncs {
 	return cache.ResourceEventHandlerFuncs{AddFunc: func(any) { f() }, UpdateFunc: func(any, any) { f() }, DeleteFunc: func(any) { f() }}
 }
 
-// Run starts the informers and keeps retrying Calico discovery until it succeeds; it
-// returns when ctx is done.
+// Run starts the informers, selects the Calico group (retrying until one is served) and
+// re-selects it every Recheck and on DatastoreMigration events; it returns when ctx is
+// done.
 func (w *Watcher) Run(ctx context.Context) {
 	w.coreStart(ctx.Done())
 	for {
-		c, err := DiscoverCalico(w.cfg.Discovery)
-		if err == nil {
-			w.startCalico(ctx, c)
-			break
+		err := w.selectCalico(ctx)
+		wait := w.cfg.Recheck + time.Duration(rand.Int64N(int64(w.cfg.Recheck)/5+1))
+		if err != nil {
+			w.cfg.Logger.Warn("calico resources not usable; retrying", "error", err, "retry", w.cfg.DiscoveryRetry)
+			wait = w.cfg.DiscoveryRetry
 		}
-		w.mu.Lock()
-		w.calicoErr = err
-		w.mu.Unlock()
-		w.cfg.Logger.Warn("calico resources not found; retrying", "error", err, "retry", w.cfg.DiscoveryRetry)
-		w.notify("discovery")
+		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
+			t.Stop()
+			w.stopCalico()
 			return
-		case <-time.After(w.cfg.DiscoveryRetry):
+		case <-w.recheck:
+			t.Stop()
+		case <-t.C:
 		}
 	}
-	<-ctx.Done()
 }
 
-func (w *Watcher) startCalico(ctx context.Context, c CalicoAPI) {
-	f := dynamicinformer.NewDynamicSharedInformerFactory(w.cfg.Dynamic, 0)
+// selectCalico runs SelectCalico and starts, keeps or switches the group's informers.
+func (w *Watcher) selectCalico(ctx context.Context) error {
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	w.mu.Lock()
+	saw := w.sawConverged
+	w.mu.Unlock()
+	api, err := selectCalico(sctx, w.cfg.Discovery, w.cfg.Dynamic, w.cfg.APIGroup, saw)
+	cancel()
+	w.mu.Lock()
+	w.sawConverged = w.sawConverged || api.Decision.Converged
+	prevErr := w.calicoErr
+	w.calicoErr = err
+	cur, next := w.cur, w.next
+	w.mu.Unlock()
+	if err != nil {
+		// Nothing is synced without a usable group (the agent leaves the kernel as it is
+		// and reports why); the last caches stay for the uninstall walk-down.
+		w.notify("discovery")
+		return err
+	}
+	if prevErr != nil {
+		w.notify("discovery")
+	}
+	w.watchMigrations(ctx, api.Migration)
+	switch {
+	case cur == nil:
+		set := w.newCalicoSet(ctx, api)
+		w.mu.Lock()
+		w.cur = set
+		w.mu.Unlock()
+		w.cfg.Logger.Info("watching calico resources", "groupVersion", api.GroupVersion, "reason", api.Decision.Reason)
+		set.start()
+		w.notify("discovery")
+	case sameResources(cur.api, api):
+		w.mu.Lock()
+		w.cur.api.Decision = api.Decision // the reason may change (a migration's phase)
+		if next != nil {                  // a switch that is no longer wanted
+			next.stopAll()
+			w.next, w.frozen = nil, nil
+		}
+		w.mu.Unlock()
+	case next != nil && sameResources(next.api, api):
+		// Already switching there.
+	default:
+		w.switchCalico(ctx, cur, api)
+	}
+	return nil
+}
+
+// switchCalico starts api's informers while the old group's last data (frozen) is served,
+// and makes api current once all of them have synced.
+func (w *Watcher) switchCalico(ctx context.Context, old *calicoSet, api CalicoAPI) {
+	set := w.newCalicoSet(ctx, api)
+	w.mu.Lock()
+	if w.next != nil {
+		w.next.stopAll()
+	}
+	w.next = set
+	if w.frozen == nil && old.synced() {
+		d := old.read()
+		w.frozen = &d
+	}
+	w.mu.Unlock()
+	w.cfg.Logger.Warn("calico switched api group: reading the new group once its caches sync; the last data of the old group is used until then",
+		"from", old.api.GroupVersion, "to", api.GroupVersion, "reason", api.Decision.Reason)
+	set.start()
+	go func() {
+		if !cache.WaitForCacheSync(set.stop, set.hasSynced) {
+			return // stopped: superseded or shutting down
+		}
+		w.mu.Lock()
+		if w.next != set {
+			w.mu.Unlock()
+			return
+		}
+		prev := w.cur
+		w.cur, w.next, w.frozen = set, nil, nil
+		w.mu.Unlock()
+		prev.stopAll()
+		w.cfg.Logger.Info("watching calico resources", "groupVersion", api.GroupVersion, "reason", api.Decision.Reason, "previous", prev.api.GroupVersion)
+		w.notify("discovery")
+	}()
+}
+
+// watchMigrations starts an informer on the DatastoreMigration objects (once): any change
+// of theirs triggers a re-selection.
+func (w *Watcher) watchMigrations(ctx context.Context, gvr schema.GroupVersionResource) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if gvr.Resource == "" || w.migration != nil {
+		return
+	}
+	f := dynamicinformer.NewDynamicSharedInformerFactory(w.cfg.Dynamic, 0)
+	inf := f.ForResource(gvr).Informer()
+	_, _ = inf.AddEventHandler(changeHandler(func() {
+		select {
+		case w.recheck <- struct{}{}:
+		default:
+		}
+	}))
+	w.migration = inf
+	f.Start(ctx.Done())
+}
+
+func (w *Watcher) stopCalico() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.next != nil {
+		w.next.stopAll()
+	}
+}
+
+// sameResources reports whether a and b read the same resources.
+func sameResources(a, b CalicoAPI) bool {
+	return a.GroupVersion == b.GroupVersion && a.IPAMBlocks == b.IPAMBlocks && a.BlockAffinities == b.BlockAffinities &&
+		a.IPPools == b.IPPools && a.BGPPeers == b.BGPPeers && a.FelixConfigurations == b.FelixConfigurations
+}
+
+// calicoSet is one group's informers.
+type calicoSet struct {
+	api     CalicoAPI
+	factory dynamicinformer.DynamicSharedInformerFactory
+	inf     map[string]cache.SharedIndexInformer // by resource name
+	stop    chan struct{}
+	once    sync.Once
+}
+
+func (w *Watcher) newCalicoSet(ctx context.Context, api CalicoAPI) *calicoSet {
+	set := &calicoSet{api: api, inf: map[string]cache.SharedIndexInformer{}, stop: make(chan struct{}),
+		factory: dynamicinformer.NewDynamicSharedInformerFactory(w.cfg.Dynamic, 0)}
+	go func() {
+		select {
+		case <-ctx.Done():
+			set.stopAll()
+		case <-set.stop:
+		}
+	}()
 	for _, r := range []struct {
 		kind string
 		gvr  schema.GroupVersionResource
-	}{{"ipamblocks", c.IPAMBlocks}, {"blockaffinities", c.BlockAffinities}, {"ippools", c.IPPools}, {"bgppeers", c.BGPPeers}} {
+	}{{"ipamblocks", api.IPAMBlocks}, {"blockaffinities", api.BlockAffinities}, {"ippools", api.IPPools},
+		{"bgppeers", api.BGPPeers}, {"felixconfigurations", api.FelixConfigurations}} {
 		if r.gvr.Resource == "" {
 			continue
 		}
-		inf := f.ForResource(r.gvr).Informer()
+		inf := set.factory.ForResource(r.gvr).Informer()
+		if err := inf.SetTransform(calicoTransform(r.kind)); err != nil {
+			w.cfg.Logger.Error("calico cache transform not set", "resource", r.kind, "error", err)
+		}
 		kind := r.kind
-		_, _ = inf.AddEventHandler(changeHandler(func() { w.notify(kind) }))
-		w.crd[kind] = inf
+		_, _ = inf.AddEventHandler(changeHandler(func() {
+			// Events of a group being switched to or away from change nothing the
+			// agent computes until the switch completes (it notifies then).
+			w.mu.Lock()
+			current := w.cur == set && w.next == nil
+			w.mu.Unlock()
+			if current {
+				w.notify(kind)
+			}
+		}))
+		set.inf[r.kind] = inf
 	}
-	w.calico, w.calicoErr = c, nil
-	w.mu.Unlock()
-	f.Start(ctx.Done())
-	w.cfg.Logger.Info("watching calico resources", "groupVersion", c.GroupVersion)
-	w.notify("discovery")
+	return set
 }
+
+func (s *calicoSet) start() { s.factory.Start(s.stop) }
+
+func (s *calicoSet) stopAll() { s.once.Do(func() { close(s.stop) }) }
+
+func (s *calicoSet) hasSynced() bool {
+	for _, inf := range s.inf {
+		if !inf.HasSynced() {
+			return false
+		}
+	}
+	return len(s.inf) > 0
+}
+
+func (s *calicoSet) synced() bool { return s != nil && s.hasSynced() }
 
 // HasSynced reports whether every informer has synced.
 func (w *Watcher) HasSynced() bool {
@@ -199,15 +380,10 @@ func (w *Watcher) HasSynced() bool {
 	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.calicoErr != nil || len(w.crd) == 0 {
+	if w.calicoErr != nil || w.cur == nil {
 		return false
 	}
-	for _, inf := range w.crd {
-		if !inf.HasSynced() {
-			return false
-		}
-	}
-	return true
+	return w.frozen != nil || w.cur.hasSynced()
 }
 
 // Err is why the watcher cannot sync (Calico discovery failed), or nil (also while the
@@ -244,55 +420,29 @@ func (w *Watcher) Snapshot() Snapshot {
 	s.Ring, s.RingErr = w.currentRing()
 
 	w.mu.Lock()
-	s.Calico = w.calico
-	crd := w.crd
-	w.mu.Unlock()
-	each := func(kind string, f func(u *unstructured.Unstructured) error) {
-		inf := crd[kind]
-		if inf == nil {
-			return
-		}
-		for _, obj := range inf.GetStore().List() {
-			u, ok := obj.(*unstructured.Unstructured)
-			if !ok {
-				continue
-			}
-			if err := f(u); err != nil {
-				s.Skipped = append(s.Skipped, desired.Skip{Object: strings.TrimSuffix(kind, "s") + "/" + u.GetName(), Reason: err.Error()})
-			}
-		}
+	var d calicoData
+	switch {
+	case w.frozen != nil:
+		d = *w.frozen
+	case w.cur != nil:
+		d = w.cur.read()
 	}
-	var affs []BlockAffinity
-	each("ipamblocks", func(u *unstructured.Unstructured) error {
-		b, err := ParseIPAMBlock(u)
-		if err == nil {
-			s.Blocks = append(s.Blocks, b)
-		}
-		return err
-	})
-	each("blockaffinities", func(u *unstructured.Unstructured) error {
-		a, err := ParseBlockAffinity(u)
-		if err == nil {
-			affs = append(affs, a)
-		}
-		return err
-	})
-	each("ippools", func(u *unstructured.Unstructured) error {
-		p, err := ParseIPPool(u)
-		if err == nil && !p.Disabled {
-			s.Pools = append(s.Pools, p)
-		}
-		return err
-	})
-	each("bgppeers", func(u *unstructured.Unstructured) error {
-		p, ok, err := ParseBGPPeer(u)
-		if ok {
-			s.BGPPeers = append(s.BGPPeers, p)
-		}
-		return err
-	})
+	if w.cur != nil {
+		s.Calico = w.cur.api
+	}
+	if w.next != nil {
+		s.CalicoSwitching = w.next.api.GroupVersion
+	}
+	w.mu.Unlock()
+	s.Blocks = slices.Clone(d.blocks)
+	s.Pools = slices.Clone(d.pools)
+	s.BGPPeers = slices.Clone(d.peers)
+	s.Felix = d.felix
+	s.Skipped = append(s.Skipped, d.skipped...)
+	affs := d.affs
 	ApplyAffinities(s.Blocks, affs)
 	sortBlocks(s.Blocks)
+	s.Pools = slices.DeleteFunc(s.Pools, func(p desired.Pool) bool { return p.Disabled })
 	slices.SortFunc(s.Pools, func(a, b desired.Pool) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(s.BGPPeers, func(a, b desired.BGPPeer) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(s.Skipped, func(a, b desired.Skip) int { return strings.Compare(a.Object, b.Object) })

@@ -23,6 +23,7 @@ import (
 	fakediscovery "k8s.io/client-go/discovery/fake"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
@@ -379,5 +380,168 @@ func TestNodeCacheTrimsPeerReports(t *testing.T) {
 	tomb := cache.DeletedFinalStateUnknown{Key: "b"}
 	if got, err := NodeTransform("a")(tomb); err != nil || got != any(tomb) {
 		t.Errorf("tombstone: %v %v", got, err)
+	}
+}
+
+func TestParseAPIGroup(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want schema.GroupVersion
+		ok   bool
+	}{
+		{"", schema.GroupVersion{}, true},
+		{"projectcalico.org/v3", CalicoV3, true},
+		{"ProjectCalico.org/V3", CalicoV3, true},
+		{"crd.projectcalico.org/v1", CalicoV1, true},
+		{" crd.projectcalico.org/v1 ", CalicoV1, true},
+		{"projectcalico.org", schema.GroupVersion{}, false}, // Calico would read this as v1
+		{"v3", schema.GroupVersion{}, false},
+	} {
+		got, err := ParseAPIGroup(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("ParseAPIGroup(%q) = %v, %v; want %v, ok=%v", tc.in, got, err, tc.want, tc.ok)
+		}
+		if err != nil && (!strings.Contains(err.Error(), "projectcalico.org/v3") || !strings.Contains(err.Error(), EnvCalicoAPIGroup)) {
+			t.Errorf("error %q does not name the setting and its values", err)
+		}
+	}
+}
+
+// TestDecideCalico is Calico's own choice of group (libcalico-go UsingV3CRDs, the
+// operator's UseV3CRDS): explicit setting, then a converged migration, then discovery.
+func TestDecideCalico(t *testing.T) {
+	mig := schema.GroupVersion{Group: MigrationGroup, Version: "v1beta1"}
+	phase := func(p string) []Migration { return []Migration{{Name: "v1-to-v3", Phase: p}} }
+	for _, tc := range []struct {
+		name     string
+		explicit schema.GroupVersion
+		served   Served
+		migs     []Migration
+		migErr   error
+		saw      bool
+		want     schema.GroupVersion
+		frozen   bool
+		err      string
+	}{
+		{"v1 only", schema.GroupVersion{}, Served{V1: true}, nil, nil, false, CalicoV1, false, ""},
+		{"v3 only", schema.GroupVersion{}, Served{V3: true}, nil, nil, false, CalicoV3, false, ""},
+		{"both, no migration: v1 (backs the aggregated v3)", schema.GroupVersion{}, Served{V1: true, V3: true}, nil, nil, false, CalicoV1, false, ""},
+		{"both, migration pending", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase(""), nil, false, CalicoV1, false, ""},
+		{"both, migrating (v1 locked, v3 partial)", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Migrating"), nil, false, CalicoV1, false, ""},
+		{"both, waiting for conflicts", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("WaitingForConflictResolution"), nil, false, CalicoV1, false, ""},
+		{"both, converged: v3, v1 frozen", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Converged"), nil, false, CalicoV3, true, ""},
+		{"both, complete: v3, v1 frozen", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Complete"), nil, false, CalicoV3, true, ""},
+		{"v1 removed after the migration", schema.GroupVersion{}, Served{V3: true, Migration: mig}, phase("Complete"), nil, false, CalicoV3, false, ""},
+		{"both, failed migration", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, phase("Failed"), nil, false, CalicoV1, false, ""},
+		{"both, migrations unreadable: refuse", schema.GroupVersion{}, Served{V1: true, V3: true, Migration: mig}, nil, errors.New("forbidden"), false, schema.GroupVersion{}, false, "cannot tell which one Calico uses"},
+		{"explicit v3 beats discovery", CalicoV3, Served{V1: true, V3: true}, nil, nil, false, CalicoV3, false, ""},
+		{"explicit v1 beats a converged migration", CalicoV1, Served{V1: true, V3: true, Migration: mig}, phase("Converged"), nil, false, CalicoV1, false, ""},
+		{"explicit group not served", CalicoV3, Served{V1: true}, nil, nil, false, CalicoV3, false, "is not served"},
+		{"converged but v3 not served", schema.GroupVersion{}, Served{V1: true, Migration: mig}, phase("Converged"), nil, false, CalicoV3, false, "not served"},
+		{"neither", schema.GroupVersion{}, Served{}, nil, nil, false, schema.GroupVersion{}, false, "neither"},
+		{"migration object gone, v1 still served: stays on v3 once converged", schema.GroupVersion{}, Served{V1: true, V3: true}, nil, nil, true, CalicoV3, true, ""},
+		{"... but not without having seen it converge", schema.GroupVersion{}, Served{V1: true, V3: true}, nil, nil, false, CalicoV1, false, ""},
+		{"... and never when v3 is gone", schema.GroupVersion{}, Served{V1: true}, nil, nil, true, CalicoV1, false, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d, err := DecideCalico(tc.explicit, tc.served, tc.migs, tc.migErr, tc.saw)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("err = %v, want %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil || d.GV != tc.want || d.FrozenV1 != tc.frozen || d.Reason == "" {
+				t.Fatalf("got %+v, %v; want %v frozen=%v", d, err, tc.want, tc.frozen)
+			}
+		})
+	}
+}
+
+// TestWatcherSwitchesGroupWithoutGap: a cluster mid-migration (both groups served,
+// DatastoreMigration Migrating) is read from v1; when the migration converges the watcher
+// switches to v3. Until every v3 informer has synced, the snapshot keeps v1's last data —
+// even when the v1 copy is emptied meanwhile (its CRDs deleted) — and the watcher stays
+// synced; then v3's data is served.
+func TestWatcherSwitchesGroupWithoutGap(t *testing.T) {
+	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil))
+	fd := cs.Discovery().(*fakediscovery.FakeDiscovery)
+	migGV := schema.GroupVersion{Group: MigrationGroup, Version: "v1"}
+	fd.Resources = []*metav1.APIResourceList{
+		resources("crd.projectcalico.org/v1", "ipamblocks", "ippools"),
+		resources("projectcalico.org/v3", "ipamblocks", "ippools"),
+		resources(migGV.String(), "datastoremigrations"),
+	}
+	v3o := func(kind, name string, spec map[string]any) *unstructured.Unstructured {
+		u := calicoObj(kind, name, spec)
+		u.SetAPIVersion("projectcalico.org/v3")
+		return u
+	}
+	block := func(cidr string) map[string]any {
+		return map[string]any{"cidr": cidr, "affinity": "host:a", "allocations": []any{}, "unallocated": []any{}, "attributes": []any{}, "strictAffinity": false}
+	}
+	migration := &unstructured.Unstructured{Object: map[string]any{"apiVersion": migGV.String(), "kind": "DatastoreMigration",
+		"metadata": map[string]any{"name": "v1-to-v3"}, "spec": map[string]any{"type": "V1ToV3"}, "status": map[string]any{"phase": "Migrating"}}}
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
+		gvBlocks: "IPAMBlockList", gvPools: "IPPoolList",
+		CalicoV3.WithResource("ipamblocks"): "IPAMBlockList", CalicoV3.WithResource("ippools"): "IPPoolList",
+		migGV.WithResource("datastoremigrations"): "DatastoreMigrationList"},
+		calicoObj("IPAMBlock", "old", block("10.65.1.0/26")),
+		calicoObj("IPPool", "p", map[string]any{"cidr": "10.65.0.0/16", "ipipMode": "Always"}),
+		v3o("IPAMBlock", "old", block("10.65.1.0/26")),
+		v3o("IPAMBlock", "new", block("10.65.2.0/26")), // allocated in v3 after the copy
+		v3o("IPPool", "p", map[string]any{"cidr": "10.65.0.0/16", "ipipMode": "Always"}),
+		migration,
+	)
+	// v3 IPAMBlocks cannot be listed until released: the v3 informers do not sync.
+	var released sync.Once
+	release := make(chan struct{})
+	dc.PrependReactor("list", "ipamblocks", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		if a.GetResource().Group == CalicoV3.Group {
+			select {
+			case <-release:
+			default:
+				return true, nil, errors.New("not yet")
+			}
+		}
+		return false, nil, nil
+	})
+	ev := &events{n: map[string]int{}}
+	w := New(Config{Client: cs, Dynamic: dc, OnChange: ev.add, DiscoveryRetry: 20 * time.Millisecond, Recheck: time.Hour})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	waitFor(t, "caches to sync", w.HasSynced)
+	s := w.Snapshot()
+	if s.Calico.GroupVersion != CalicoV1.String() || len(s.Blocks) != 1 || !strings.Contains(s.Calico.Decision.Reason, "Migrating") {
+		t.Fatalf("during the migration: %+v blocks %v", s.Calico, s.Blocks)
+	}
+
+	// The migration converges: Calico now uses v3 and v1 is frozen.
+	if err := unstructured.SetNestedField(migration.Object, "Converged", "status", "phase"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dc.Resource(migGV.WithResource("datastoremigrations")).Update(ctx, migration, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "switch started", func() bool { return w.Snapshot().CalicoSwitching == CalicoV3.String() })
+	// v1's copy disappears meanwhile: the frozen data stays.
+	if err := dc.Resource(gvBlocks).Delete(ctx, "old", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	s = w.Snapshot()
+	if !w.HasSynced() || len(s.Blocks) != 1 || s.Blocks[0].CIDR != netip.MustParsePrefix("10.65.1.0/26") || len(s.Pools) != 1 {
+		t.Fatalf("while v3 syncs: synced=%v blocks %v pools %v; want v1's last data", w.HasSynced(), s.Blocks, s.Pools)
+	}
+	before := ev.get("discovery")
+	released.Do(func() { close(release) })
+	waitFor(t, "v3 served", func() bool { return w.Snapshot().Calico.GroupVersion == CalicoV3.String() })
+	s = w.Snapshot()
+	if s.CalicoSwitching != "" || len(s.Blocks) != 2 || !s.Calico.Decision.FrozenV1 || !w.HasSynced() {
+		t.Fatalf("after the switch: %+v switching %q blocks %v", s.Calico, s.CalicoSwitching, s.Blocks)
+	}
+	if ev.get("discovery") == before {
+		t.Error("no event when the switch completed")
 	}
 }

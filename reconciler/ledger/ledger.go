@@ -10,9 +10,11 @@
 // at reboot; a reboot changes the boot ID and so every key anyway).
 //
 // Invariants:
-//   - Write-ahead: Record returns only after the fingerprints are in the file (written and
-//     fsynced); the caller installs the keys after that. A crash between the two leaves a
-//     fingerprint of a key never installed: harmless (the key is treated as used).
+//   - Write-ahead: Record returns only after the fingerprints are in the file (written; the
+//     file must outlive the process, not the machine: a machine crash is a reboot, which
+//     changes every key); the caller installs each key right after recording it. A kill
+//     between the two leaves a fingerprint of a key never installed: harmless (the key is
+//     treated as used, and the agent takes a new epoch if it is wanted again).
 //   - A ledger's epoch and keys are used only by the boot, Node object and node it was made
 //     for (Identity); anything else, or a file that does not parse, is replaced by a new
 //     ledger with a new random epoch: every key the agent then derives is new. The key
@@ -296,13 +298,13 @@ func (l *Ledger) append(op string, b []byte) error {
 			return err
 		}
 	}
+	// No fsync: the ledger must outlive the process (a write(2) that returned is in the
+	// page cache, which a killed process cannot take with it), not the machine — a crash
+	// of the machine is a reboot, a new boot ID, and so new keys for everything. One
+	// write per SA stays cheap (docs/performance.md §2).
 	if _, err := l.f.Write(b); err != nil {
 		l.Close() // reopen (and re-check) on the next write
 		return fmt.Errorf("write ledger %s: %w", l.path(), err)
-	}
-	if err := l.f.Sync(); err != nil {
-		l.Close()
-		return fmt.Errorf("sync ledger %s: %w", l.path(), err)
 	}
 	return nil
 }

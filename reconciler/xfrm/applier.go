@@ -54,7 +54,8 @@ type Applier struct {
 
 // KeyLedger is the applier's memory of the keys installed in the current SA epoch
 // (ledger.Ledger in the agent, kept in a file on the node so that it survives restarts;
-// MemoryLedger in tests). Record must be durable when it returns.
+// MemoryLedger in tests). Record must have reached storage that outlives the process when
+// it returns.
 //
 // Release is called for a key the kernel definitely did not install (it answered the add
 // with an error): the ledger may forget it in memory, so that the next Apply retries it
@@ -192,35 +193,34 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 		a.policies = make(map[policyID]desired.Policy, len(want.Policies))
 	}
 	// 0. Never re-create an SA under a key used in this epoch: refuse the whole state
-	// before writing anything. Then record every key about to be written (and any adopted
-	// one the ledger lacks) before the first write.
+	// before writing anything. Adopted SAs the ledger lacks are recorded now; every key
+	// about to be written is recorded immediately before its own write (step 1), so an
+	// agent killed in the middle of a batch leaves recorded only keys it had reached —
+	// those the kernel then holds are adopted after a restart, and a recorded key the
+	// kernel lacks is never written again.
 	var reused []string
-	var record []ledger.Entry
+	var adopted []ledger.Entry
 	fps := make([]ledger.Fingerprint, len(want.SAs)) // key fingerprints, each computed once
 	for i, sa := range want.SAs {
 		fps[i] = fingerprint(sa.Key)
 		installed := a.ledger.Installed(fps[i])
 		if have, ok := a.states[saIDOf(sa)]; ok && have.SameKernelObject(sa) {
 			if !installed {
-				record = append(record, ledger.Entry{Generation: sa.Generation, Key: fps[i]})
+				adopted = append(adopted, ledger.Entry{Generation: sa.Generation, Key: fps[i]})
 			}
 			continue
 		}
 		if installed {
 			reused = append(reused, sa.String())
-			continue
-		}
-		if !a.foreignStates[saIDOf(sa)] {
-			record = append(record, ledger.Entry{Generation: sa.Generation, Key: fps[i]})
 		}
 	}
 	if len(reused) > 0 {
 		a.needFull = true
 		return res, &KeyReuseError{SAs: reused}
 	}
-	if err := a.ledger.Record(record); err != nil {
+	if err := a.ledger.Record(adopted); err != nil {
 		a.needFull = true
-		return res, fmt.Errorf("record %d sa keys before installing them: %w", len(record), err)
+		return res, fmt.Errorf("record %d adopted sa keys: %w", len(adopted), err)
 	}
 	var errs []error
 	more := 0
@@ -249,6 +249,10 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 		case ok && have.SameKernelObject(sa):
 			continue // adopt
 		case ok:
+			if err := a.ledger.Record([]ledger.Entry{{Generation: sa.Generation, Key: fps[i]}}); err != nil {
+				fail(fmt.Errorf("replace xfrm state %s: record its key before writing it: %w", sa, err))
+				continue
+			}
 			if err := a.k.DeleteState(have); err != nil {
 				fail(fmt.Errorf("replace xfrm state %s: delete: %w", sa, err))
 				continue
@@ -267,6 +271,10 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 			res.Conflicts++
 			fail(fmt.Errorf("add xfrm state %s: a foreign state holds %s", sa, sa.ID()))
 		default:
+			if err := a.ledger.Record([]ledger.Entry{{Generation: sa.Generation, Key: fps[i]}}); err != nil {
+				fail(fmt.Errorf("add xfrm state %s: record its key before writing it: %w", sa, err))
+				continue
+			}
 			if err := a.k.AddState(sa); err != nil {
 				if refused(err) {
 					a.ledger.Release(fps[i])

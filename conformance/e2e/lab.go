@@ -446,7 +446,9 @@ func (l *Lab) StartAgent(ctx context.Context, i int) error {
 	}
 	// Each node namespace shares the guest's file system: its own ledger directory stands
 	// for the node's /run/secureoverlay (kept across agent restarts, gone at a reboot).
-	cmd := fmt.Sprintf("exec ip netns exec %s %s/secureoverlay-agent --kubeconfig %s --node-name %s --metrics-addr :%d --resync-interval %s --ledger-dir %s",
+	// Debug logging records every sync that wrote to the kernel, with its time: the loss
+	// evidence (LossEvidence) sets them beside a lost request.
+	cmd := fmt.Sprintf("exec ip netns exec %s %s/secureoverlay-agent --kubeconfig %s --node-name %s --metrics-addr :%d --resync-interval %s --ledger-dir %s --log-level debug",
 		lab.NodeNS(i), lab.GuestBinDir, path, lab.NodeNS(i), AgentMetricsPort(i), l.cfg.AgentResync, LedgerDir(i))
 	pid, err := l.VM.Background(ctx, cmd, agentLog(i))
 	if err != nil {

@@ -34,7 +34,7 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	ctx, cancel := context.WithTimeout(ctx, 9*time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, 12*time.Minute+e2e.DefaultGrace)
 	defer cancel()
 	ok, err := run(ctx, *keep)
 	if err != nil {
@@ -188,7 +188,7 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 		return false, err
 	}
 	step("generation %d active on every node after %s; waiting for generation %d to be removed (grace %s) …", gen1, dRot.Round(100*time.Millisecond), gen0, l.Config().Grace)
-	dRem, err := l.WaitGenerationRemoved(ctx, gen0, 3*time.Minute)
+	dRem, err := l.WaitGenerationRemoved(ctx, gen0, l.Config().Grace+3*time.Minute)
 	if err != nil {
 		return false, err
 	}
@@ -208,6 +208,7 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 		return false, err
 	}
 	step("rotation: %d echo requests, %d lost; generation %d removed %s after the switch", rotSent, rotLost, gen0, dRem.Round(100*time.Millisecond))
+	mbbText, mbbViolations := rotRep.MakeBeforeBreak(l.RegisteredNodes(), gen0, gen1)
 
 	// 4. MTU: a DF packet of exactly the budget crosses.
 	ext := l.Config().UnderlayMTU
@@ -288,7 +289,9 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 	fmt.Printf("packets lost during rotation          %d of %d (%d → %d in %s; %d answered only after the stream stopped sending)\n", rotLost, rotSent, gen0, gen1, dRot.Round(100*time.Millisecond), afterStop(rotStats))
 	fmt.Printf("packets lost in the ping round        %d of %d\n", pingLost, pingSent)
 	fmt.Printf("drop counters (guest, nodes, pods)    cutover: %s; rotation: %s\n", grewSummary(cutRep), grewSummary(rotRep))
+	fmt.Printf("make-before-break                     %s\n", mbbSummary(mbbViolations))
 	checks = append(checks,
+		check{"make-before-break: every sender switched before its peer removed the old SA", len(mbbViolations) == 0},
 		check{"0 lost during cutover", cutLost == 0 && streamsAnswered(cutStats)},
 		check{"0 lost during rotation", rotLost == 0 && streamsAnswered(rotStats)},
 		check{"0 lost in the ping round", pingLost == 0 && streamsAnswered(pingStats)})
@@ -309,6 +312,9 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 		if r.lost > 0 {
 			fmt.Print(r.rep.Text)
 		}
+	}
+	if len(mbbViolations) > 0 {
+		fmt.Print(mbbText)
 	}
 	ok = true
 	for _, c := range checks {
@@ -352,4 +358,11 @@ func grewSummary(r e2e.LossReport) string {
 		n += len(d)
 	}
 	return fmt.Sprintf("%d grew (xfrm errors %d, local drops %d)", n, r.XfrmErrors, r.LocalDrops)
+}
+
+func mbbSummary(v []string) string {
+	if len(v) == 0 {
+		return "held: every sender switched to the new generation before its peer removed the old one"
+	}
+	return fmt.Sprintf("BROKEN for %d pairs: %s", len(v), strings.Join(v, "; "))
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -126,6 +127,85 @@ type LossReport struct {
 	// LocalDrops what the guest dropped outside IPsec (IP output discards, interface
 	// drops, per-CPU backlog drops, sockets' full receive queues).
 	XfrmErrors, LocalDrops uint64
+
+	events map[int][]timedLine // xfrm changes per node
+	t0     float64
+}
+
+var (
+	outPolicyRE = regexp.MustCompile(`^(?:Updated )?src (\S+)/32 dst (\S+)/32 proto ipencap dir out .*\bspi 0x([0-9a-f]+)\b`)
+	deletedSARE = regexp.MustCompile(`^Deleted src (\S+) dst (\S+) proto esp spi 0x([0-9a-f]+)\b`)
+)
+
+// MakeBeforeBreak checks, from the xfrm changes the report recorded, that during the
+// rotation from generation old to generation new every node removed a peer's inbound
+// SA of generation old only after that peer had switched its outbound policy toward it
+// to generation new: the order make-before-break rotation promises. It returns one line
+// per ordered pair with both times, and the pairs where the removal came first.
+func (r LossReport) MakeBeforeBreak(nodes []int, old, new uint32) (text string, violations []string) {
+	ipNode := map[string]int{}
+	for _, i := range nodes {
+		ipNode[lab.NodeIP(i)] = i
+	}
+	type pair struct{ from, to int }
+	switched := map[pair]float64{} // from's outbound toward to, last switch to new
+	removed := map[pair]float64{}  // to's inbound SA from from, first removal of old
+	for _, i := range nodes {
+		for _, ev := range r.events[i] {
+			if m := outPolicyRE.FindStringSubmatch(ev.text); m != nil && ipNode[m[1]] == i {
+				if g, ok := spiGeneration(m[3]); ok && g == new%4 {
+					switched[pair{i, ipNode[m[2]]}] = ev.at
+				}
+			}
+			if m := deletedSARE.FindStringSubmatch(ev.text); m != nil && ipNode[m[2]] == i {
+				p := pair{ipNode[m[1]], i}
+				if g, ok := spiGeneration(m[3]); ok && g == old%4 {
+					if _, seen := removed[p]; !seen {
+						removed[p] = ev.at
+					}
+				}
+			}
+		}
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "rotation %d → %d, per ordered pair (guest clock, seconds from the first mark): sender's outbound switched to %d / receiver's inbound SA of %d removed\n", old, new, new, old)
+	for _, from := range nodes {
+		for _, to := range nodes {
+			if from == to {
+				continue
+			}
+			p := pair{from, to}
+			sw, okSw := switched[p]
+			rm, okRm := removed[p]
+			fmt.Fprintf(&b, "  node%d→node%d: %s / %s", from, to, stamp(sw, okSw, r.t0), stamp(rm, okRm, r.t0))
+			switch {
+			case okRm && !okSw:
+				violations = append(violations, fmt.Sprintf("node%d removed its inbound SA of generation %d from node%d, which never switched to %d while recorded", to, old, from, new))
+				b.WriteString("  ← removed before the sender switched")
+			case okRm && rm < sw:
+				violations = append(violations, fmt.Sprintf("node%d removed its inbound SA of generation %d from node%d %.2f s before node%d switched its outbound to %d", to, old, from, sw-rm, from, new))
+				b.WriteString(fmt.Sprintf("  ← removed %.2f s before the sender switched", sw-rm))
+			}
+			b.WriteString("\n")
+		}
+	}
+	return b.String(), violations
+}
+
+func stamp(at float64, ok bool, t0 float64) string {
+	if !ok {
+		return "—"
+	}
+	return fmt.Sprintf("+%.2f", at-t0)
+}
+
+func spiGeneration(hex string) (uint32, bool) {
+	v, err := strconv.ParseUint(hex, 16, 32)
+	if err != nil {
+		return 0, false
+	}
+	g, _, ok := parseSPI(uint32(v))
+	return g, ok
 }
 
 // Report stops the recording and reports on the streams' losses; what names the phase.
@@ -145,19 +225,23 @@ func (e *LossEvidence) Report(ctx context.Context, what string, stats []StreamSt
 	for _, s := range stats {
 		lost += s.Lost
 	}
-	if lost > 0 {
-		for i, m := range e.monitors {
-			b, err := e.l.VM.ReadFile(ctx, m.log)
-			if err != nil {
-				return rep, err
-			}
-			events[i] = parseXfrmMonitor(string(b))
+	for i, m := range e.monitors {
+		b, err := e.l.VM.ReadFile(ctx, m.log)
+		if err != nil {
+			return rep, err
+		}
+		events[i] = parseXfrmMonitor(string(b))
+		if lost > 0 {
 			b, err = e.l.VM.ReadFile(ctx, agentLog(i))
 			if err != nil {
 				return rep, err
 			}
 			syncs[i] = parseAgentLog(string(b))
 		}
+	}
+	rep.events = events
+	if len(e.marks) > 0 {
+		rep.t0 = e.marks[0].at
 	}
 
 	var b strings.Builder

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -96,6 +97,38 @@ func TestParseXfrmMonitor(t *testing.T) {
 	}
 	if w := window(evs, evs[1].at-0.1, evs[1].at+0.1); len(w) != 1 || w[0].text != want[1] {
 		t.Errorf("window: %+v", w)
+	}
+}
+
+// The xfrm changes of run 2 of scenario 2 under load (rotation 2 → 3; SPIs 0x8… are
+// generation 2, 0xc… generation 3): node2 switched and removed its generation-2 SAs at
+// once at +45.5, while node3 still sent generation 2 until +54.64.
+func TestMakeBeforeBreak(t *testing.T) {
+	ev := func(at float64, text string) timedLine { return timedLine{at: 1000 + at, text: text} }
+	out := func(from, to int, spi string) string {
+		return fmt.Sprintf("Updated src 198.18.0.%d/32 dst 198.18.0.%d/32 proto ipencap dir out priority 24256 ptype main tmpl src 198.18.0.%d dst 198.18.0.%d proto esp spi %s reqid 24256 mode transport", from, to, from, to, spi)
+	}
+	del := func(from, to int, spi string) string {
+		return fmt.Sprintf("Deleted src 198.18.0.%d dst 198.18.0.%d proto esp spi %s reqid 24256 mode transport", from, to, spi)
+	}
+	r := LossReport{t0: 1000, events: map[int][]timedLine{
+		1: {ev(42.0, out(1, 2, "0xc0000100")), ev(42.0, out(1, 3, "0xc0000100")), ev(52.97, del(2, 1, "0x80000200")), ev(52.99, del(3, 1, "0x80000300")), ev(53.0, del(1, 2, "0x80000100"))},
+		2: {ev(45.489, out(2, 1, "0xc0000200")), ev(45.491, out(2, 3, "0xc0000200")), ev(45.541, del(2, 1, "0x80000200")), ev(45.602, del(1, 2, "0x80000100")), ev(45.611, del(3, 2, "0x80000300"))},
+		3: {ev(54.638, out(3, 1, "0xc0000300")), ev(54.640, out(3, 2, "0xc0000300")), ev(54.715, del(3, 1, "0x80000300")), ev(54.726, del(1, 3, "0x80000100")), ev(54.727, del(2, 3, "0x80000200"))},
+	}}
+	text, v := r.MakeBeforeBreak([]int{1, 2, 3}, 2, 3)
+	if len(v) != 2 || !strings.Contains(v[0], "node1 removed its inbound SA of generation 2 from node3 1.65 s before node3 switched") ||
+		!strings.Contains(v[1], "node2 removed its inbound SA of generation 2 from node3 9.03 s before node3 switched") {
+		t.Errorf("violations %q\n%s", v, text)
+	}
+	if !strings.Contains(text, "node3→node2: +54.64 / +45.61  ← removed 9.03 s before the sender switched") || !strings.Contains(text, "node1→node2: +42.00 / +45.60\n") {
+		t.Errorf("text:\n%s", text)
+	}
+	// The same changes in make-before-break order: node2 and node1 remove after node3 switched.
+	r.events[2][4] = ev(55.0, del(3, 2, "0x80000300"))
+	r.events[1][3] = ev(55.0, del(3, 1, "0x80000300"))
+	if text, v := r.MakeBeforeBreak([]int{1, 2, 3}, 2, 3); len(v) != 0 {
+		t.Errorf("violations %q\n%s", v, text)
 	}
 }
 

@@ -107,7 +107,7 @@ func benchRotationCutover(t *testing.T, nodes int) {
 		t.Fatal(err)
 	}
 	mark(ctx, t, ev, "new generation active everywhere")
-	removed, err := l.WaitGenerationRemoved(ctx, prev, 8*time.Minute)
+	removed, err := l.WaitGenerationRemoved(ctx, prev, l.Config().Grace+8*time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,6 +122,7 @@ func benchRotationCutover(t *testing.T, nodes int) {
 	if w := lab.Total(lr.Wire); w.IPIP != 0 {
 		t.Errorf("rotation: %d plaintext IPIP on the underlay, want 0", w.IPIP)
 	}
+	makeBeforeBreakOK(t, l, lr, prev, prev+1)
 	rep("rotation.sent", float64(sent), "count")
 	rep("rotation.lost", float64(lost), "count")
 	rep("rotation.xfrm_errors", float64(lr.XfrmErrors), "count")

@@ -167,6 +167,21 @@ func lossOK(ctx context.Context, t *testing.T, ev *LossEvidence, what string, st
 	return rep
 }
 
+// makeBeforeBreakOK logs, per ordered node pair, when the sender switched to generation
+// new and when the receiver removed its inbound SA of generation old (from the xfrm
+// changes the evidence recorded), and fails if a removal came first. The master removes a
+// retiring generation --grace after activating the next one, whatever the agents have
+// applied; a removal before the switch means the lab's grace was shorter than an agent's
+// time to switch (see Config.Grace).
+func makeBeforeBreakOK(t *testing.T, l *Lab, rep LossReport, old, new uint32) {
+	t.Helper()
+	text, violations := rep.MakeBeforeBreak(l.RegisteredNodes(), old, new)
+	t.Log(text)
+	for _, v := range violations {
+		t.Errorf("make-before-break broken: %s (the master's grace is %s)", v, l.Config().Grace)
+	}
+}
+
 // stopCapture stops c and reports whether its counts are evidence: a capture whose
 // kernel ring dropped packets is logged as such, and its counts are then used for nothing.
 func stopCapture(ctx context.Context, t *testing.T, c *lab.Capture) bool {
@@ -195,7 +210,7 @@ func captureCount(ctx context.Context, t *testing.T, c *lab.Capture, filter stri
 func TestScenario2RotationUnderTraffic(t *testing.T) {
 	l := sharedLab(t)
 	defer diagnose(t, l)
-	ctx := ctxFor(t, 8*time.Minute)
+	ctx := ctxFor(t, 8*time.Minute+l.Config().Grace)
 	ensureMode(ctx, t, l, api.ModeEnforce)
 	st, err := l.Status(ctx)
 	if err != nil {
@@ -219,7 +234,7 @@ func TestScenario2RotationUnderTraffic(t *testing.T) {
 		t.Fatal(err)
 	}
 	mark(ctx, t, ev, "new generation active everywhere")
-	removed, err := l.WaitGenerationRemoved(ctx, prev, 3*time.Minute)
+	removed, err := l.WaitGenerationRemoved(ctx, prev, l.Config().Grace+3*time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -236,6 +251,7 @@ func TestScenario2RotationUnderTraffic(t *testing.T) {
 	if w := lab.Total(rep.Wire); w.IPIP != 0 || w.ESP == 0 {
 		t.Errorf("rotation: %d plaintext IPIP and %d ESP packets on the underlay, want none and some", w.IPIP, w.ESP)
 	}
+	makeBeforeBreakOK(t, l, rep, prev, gen)
 	// The traffic really moved to the new generation.
 	for _, i := range l.RegisteredNodes() {
 		sas, err := lab.XfrmStates(ctx, l.VM, lab.NodeNS(i))
@@ -777,7 +793,7 @@ func fmtDurations(m map[int]time.Duration) string {
 func TestScenario7AgentKilledDuringRotation(t *testing.T) {
 	l := sharedLab(t)
 	defer diagnose(t, l)
-	ctx := ctxFor(t, 6*time.Minute)
+	ctx := ctxFor(t, 8*time.Minute+l.Config().Grace)
 	ensureMode(ctx, t, l, api.ModeEnforce)
 	st, err := l.Status(ctx)
 	if err != nil {
@@ -828,7 +844,7 @@ func TestScenario7AgentKilledDuringRotation(t *testing.T) {
 		t.Fatal(err)
 	}
 	mark(ctx, t, ev, "new generation active everywhere")
-	removed, err := l.WaitGenerationRemoved(ctx, prev, 3*time.Minute)
+	removed, err := l.WaitGenerationRemoved(ctx, prev, l.Config().Grace+3*time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -844,6 +860,7 @@ func TestScenario7AgentKilledDuringRotation(t *testing.T) {
 	if w := lab.Total(rep.Wire); w.IPIP != 0 {
 		t.Errorf("agent killed during rotation: %d plaintext IPIP on the underlay, want 0", w.IPIP)
 	}
+	makeBeforeBreakOK(t, l, rep, prev, gen)
 	if gen != prev+1 {
 		t.Errorf("generation went %d → %d, want exactly one rotation", prev, gen)
 	}

@@ -31,8 +31,13 @@ type EchoOptions struct {
 	// replies to arrive 7.8 s after their request, with nothing lost). A stream waits
 	// that long only when a reply never comes.
 	Linger time.Duration
-	// Size is the ICMP payload in bytes (default 56, as ping's).
+	// Size is the ICMP payload in bytes (default 56, as ping's): the IP packet is 28
+	// bytes larger.
 	Size int
+	// DF sets Don't Fragment and forbids local fragmentation (ping's -M do): a request
+	// over the path MTU fails ("message too long") or comes back as "fragmentation
+	// needed, mtu N" (Echoes.Why).
+	DF bool
 }
 
 func (o EchoOptions) args(report, dst string) string {
@@ -48,6 +53,9 @@ func (o EchoOptions) args(report, dst string) string {
 	a := fmt.Sprintf("-i %s -W %s -s %d", o.Interval, o.Linger, o.Size)
 	if o.Count > 0 {
 		a += fmt.Sprintf(" -c %d", o.Count)
+	}
+	if o.DF {
+		a += " -M do"
 	}
 	if report != "" {
 		a += " -o " + ShellQuote(report)

@@ -81,7 +81,7 @@ func TestEchoArgs(t *testing.T) {
 	if got := (EchoOptions{}).args("/tmp/r.json", "10.0.0.1"); got != "-i 50ms -W 30s -s 56 -o '/tmp/r.json' '10.0.0.1'" {
 		t.Errorf("defaults: %q", got)
 	}
-	if got := (EchoOptions{Count: 3, Interval: 200 * time.Millisecond, Linger: time.Second, Size: 1374}).args("", "10.0.0.1"); got != "-i 200ms -W 1s -s 1374 -c 3 '10.0.0.1'" {
+	if got := (EchoOptions{Count: 3, Interval: 200 * time.Millisecond, Linger: time.Second, Size: 1374, DF: true}).args("", "10.0.0.1"); got != "-i 200ms -W 1s -s 1374 -c 3 -M do '10.0.0.1'" {
 		t.Errorf("bounded: %q", got)
 	}
 }

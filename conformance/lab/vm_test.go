@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -315,14 +316,35 @@ func pingAll(t *testing.T, vm *VM, nodes, count int) {
 	}
 }
 
-// dfPing sends count DF echo requests of size bytes (IP) from pod namespace ns to dst with
-// iputils ping, whose error lines name the path MTU. -w makes it wait for every reply (up
-// to 10 s) instead of twice the largest round trip so far; the first error reported by
-// the network (fragmentation needed) or the local stack (message too long) ends it early.
-func dfPing(t *testing.T, vm *VM, ns, dst string, size, count int) (string, error) {
-	out, errOut, err := vm.Run(ctxFor(t, time.Minute),
-		fmt.Sprintf("ip netns exec %s ping -n -M do -c %d -i 0.3 -W 2 -w 10 -s %d %s", ns, count, size-28, dst))
-	return out + errOut, err
+// dfEcho sends count DF echo requests of size bytes (IP), 0.3 s apart, from pod namespace
+// ns to dst with labping (-M do: never fragmented locally), which waits for every reply.
+func dfEcho(t *testing.T, vm *VM, ns, dst string, size, count int) Echoes {
+	t.Helper()
+	e, err := Echo(ctxFor(t, time.Minute), vm, ns, dst, EchoOptions{Count: count, Interval: 300 * time.Millisecond, Size: size - 28, DF: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// refusedMTU is the path MTU an ICMP "fragmentation needed" named for one of e's
+// requests, or 0.
+func refusedMTU(e Echoes) int {
+	for _, why := range e.ICMPErrors {
+		if m := fragNeededRE.FindStringSubmatch(why); m != nil {
+			n, _ := strconv.Atoi(m[1])
+			return n
+		}
+	}
+	return 0
+}
+
+func describe(e Echoes) string {
+	var why []string
+	for _, q := range e.Lost() {
+		why = append(why, fmt.Sprintf("seq %d: %s", q, e.Why(q)))
+	}
+	return fmt.Sprintf("%d of %d answered; %s", e.Answered(), e.Requests(), strings.Join(why, "; "))
 }
 
 // captureDuring captures on the underlay bridge while f runs and returns the capture and
@@ -446,7 +468,7 @@ func TestESPTransportOverIPIP(t *testing.T) {
 	}
 }
 
-var fragNeededRE = regexp.MustCompile(`mtu ?= ?(\d+)`)
+var fragNeededRE = regexp.MustCompile(`fragmentation needed, mtu (\d+)`)
 
 // TestMTUTruth checks DESIGN §2 against the kernel: with an underlay MTU of
 // 1450 and an 8-byte ICV, the documented rule's 1404 is 2 bytes too big, the
@@ -456,30 +478,28 @@ func TestMTUTruth(t *testing.T) {
 	const documented, exact = 1404, 1402
 	c := Cluster{Nodes: 2, UnderlayMTU: 1450, TunnelMTU: documented, Pods: true}
 	setupCluster(t, vm, c)
-	ping := func(size int) (string, error) { return dfPing(t, vm, PodNS(1), PodIP(2), size, 2) }
 	// Without ESP a 1404-byte DF packet fits IPIP on a 1450 underlay: it is
 	// ESP that the rule undercounts.
-	if out, err := ping(documented); err != nil {
-		t.Fatalf("plain IPIP: a %d-byte DF packet did not cross: %v\n%s", documented, err, out)
+	if e := dfEcho(t, vm, PodNS(1), PodIP(2), documented, 2); e.Answered() != 2 {
+		t.Fatalf("plain IPIP: a %d-byte DF packet did not cross: %s", documented, describe(e))
 	}
 	mustRun(t, vm, espScript(2, 64))
 
-	var outBig, outExact string
-	var errBig, errExact error
+	var big, fit Echoes
 	cross, w, complete := captureDuring(t, vm, func() {
-		outBig, errBig = ping(documented)
-		outExact, errExact = ping(exact)
+		big = dfEcho(t, vm, PodNS(1), PodIP(2), documented, 2)
+		fit = dfEcho(t, vm, PodNS(1), PodIP(2), exact, 2)
 	})
-	if errBig == nil {
-		t.Errorf("a %d-byte DF packet crossed ESP on a 1450 underlay:\n%s", documented, outBig)
+	if big.Answered() != 0 {
+		t.Errorf("a %d-byte DF packet crossed ESP on a 1450 underlay: %s", documented, describe(big))
 	}
-	if m := fragNeededRE.FindStringSubmatch(outBig); m == nil || m[1] != fmt.Sprint(exact) {
-		t.Errorf("kernel did not report path MTU %d for the %d-byte packet:\n%s", exact, documented, outBig)
+	if m := refusedMTU(big); m != exact {
+		t.Errorf("kernel did not report path MTU %d for the %d-byte packet: %s", exact, documented, describe(big))
 	} else {
-		t.Logf("%d-byte DF packet refused, kernel path MTU %s", documented, m[1])
+		t.Logf("%d-byte DF packet refused, kernel path MTU %d (%s)", documented, m, describe(big))
 	}
-	if errExact != nil {
-		t.Errorf("a %d-byte DF packet did not cross: %v\n%s", exact, errExact, outExact)
+	if fit.Answered() != 2 {
+		t.Errorf("a %d-byte DF packet did not cross: %s", exact, describe(fit))
 	}
 	if w.IPIP != 0 {
 		t.Errorf("%d plaintext IPIP packets on the underlay (kernel counters)", w.IPIP)
@@ -488,12 +508,12 @@ func TestMTUTruth(t *testing.T) {
 	if !complete {
 		t.Fatal("the capture dropped packets: it cannot show the packets' sizes on the wire")
 	}
-	big, err := cross.Packets(ctxFor(t, time.Minute), "ip proto 50 and ip[2:2] = 1448")
+	sized, err := cross.Packets(ctxFor(t, time.Minute), "ip proto 50 and ip[2:2] = 1448")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(big) != 4 {
-		t.Errorf("want 4 ESP packets of 1448 bytes (2 requests, 2 replies), got %d", len(big))
+	if len(sized) != 4 {
+		t.Errorf("want 4 ESP packets of 1448 bytes (2 requests, 2 replies), got %d", len(sized))
 	}
 	if n := count(t, cross, "ip proto 4 or ip[2:2] > 1450"); n != 0 {
 		t.Errorf("%d plaintext or oversized packets on the underlay", n)
@@ -516,20 +536,18 @@ func TestKernelESPMTU(t *testing.T) {
 			c := Cluster{Nodes: 2, UnderlayMTU: tc.ext, TunnelMTU: tc.ext - 20, Pods: true}
 			setupCluster(t, vm, c)
 			mustRun(t, vm, espScript(2, tc.icv*8))
-			ping := func(size int) (string, error) { return dfPing(t, vm, PodNS(1), PodIP(2), size, 1) }
-			out, err := ping(c.TunnelMTU)
-			if err == nil {
+			e := dfEcho(t, vm, PodNS(1), PodIP(2), c.TunnelMTU, 1)
+			if e.Answered() != 0 {
 				t.Fatalf("a %d-byte DF packet crossed ESP on a %d underlay", c.TunnelMTU, tc.ext)
 			}
-			m := fragNeededRE.FindStringSubmatch(out)
-			if m == nil || m[1] != fmt.Sprint(exact) {
-				t.Fatalf("kernel path MTU for ICV %d on %d: got %v, rule says %d\n%s", tc.icv, tc.ext, m, exact, out)
+			if m := refusedMTU(e); m != exact {
+				t.Fatalf("kernel path MTU for ICV %d on %d: got %d, rule says %d (%s)", tc.icv, tc.ext, m, exact, describe(e))
 			}
-			if out, err := ping(exact); err != nil {
-				t.Errorf("a %d-byte DF packet did not cross: %v\n%s", exact, err, out)
+			if e := dfEcho(t, vm, PodNS(1), PodIP(2), exact, 1); e.Answered() != 1 {
+				t.Errorf("a %d-byte DF packet did not cross: %s", exact, describe(e))
 			}
-			if out, err := ping(exact + 1); err == nil {
-				t.Errorf("a %d-byte DF packet crossed, one more than the rule allows\n%s", exact+1, out)
+			if e := dfEcho(t, vm, PodNS(1), PodIP(2), exact+1, 1); e.Answered() != 0 {
+				t.Errorf("a %d-byte DF packet crossed, one more than the rule allows", exact+1)
 			}
 			t.Logf("EXTMTU %d, ICV %d: kernel path MTU %d = rule; documented rule %d", tc.ext, tc.icv, exact, tc.ext-46-(tc.ext-46)%4)
 		})

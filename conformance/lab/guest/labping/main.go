@@ -4,14 +4,20 @@
 // wire.PingReport when it ends (to -o, else stdout).
 //
 // It ends on acknowledged sequence numbers: on SIGINT or SIGTERM, or once -c requests
-// are out, it stops *sending*, then waits until every request it sent has its reply, or
-// until -W has passed since the last send. A reply still on its way when the stream is
+// are out, it stops *sending*, then waits until every request it sent has its reply (or
+// was refused: a local send error, an ICMP error quoting it), or until -W has passed
+// since the last send. A reply still on its way when the stream is
 // told to stop is therefore counted as a reply, not as a loss. (iputils ping, stopped by
 // a signal, stops receiving at once; with -c it waits only twice the largest round trip
 // seen for the last replies — on an emulated CPU that stalls, both count packets that
 // were merely late as lost.)
 //
-//	labping [-c COUNT] [-i INTERVAL] [-W LINGER] [-s SIZE] [-o FILE] DST
+//	labping [-c COUNT] [-i INTERVAL] [-W LINGER] [-s SIZE] [-M do] [-o FILE] DST
+//
+// -M do sets DF and never fragments locally (IP_PMTUDISC_DO, as ping -M do): a request
+// larger than the path MTU the kernel knows fails with "message too long", and one larger
+// than a hop's MTU comes back as an ICMP "fragmentation needed" naming that MTU; both are
+// in the report, per request.
 //
 // Invariants: at most one request per interval (a stalled sender skips ticks instead of
 // bursting); every request sent appears in the report, answered or not; replies are
@@ -57,16 +63,21 @@ func main() {
 	linger := flag.Duration("W", 5*time.Second, "after sending stops, wait at most this long after the last send for outstanding replies")
 	size := flag.Int("s", 56, "ICMP payload bytes (at least 16)")
 	out := flag.String("o", "", "write the JSON report to this file (atomically); default stdout")
+	pmtu := flag.String("M", "", `"do": set DF and never fragment locally (IP_PMTUDISC_DO)`)
 	flag.Parse()
-	if err := run(flag.Args(), *count, *interval, *linger, *size, *out); err != nil {
+	if *pmtu != "" && *pmtu != "do" {
+		fmt.Fprintf(os.Stderr, "labping: -M %q: only \"do\" is supported\n", *pmtu)
+		os.Exit(2)
+	}
+	if err := run(flag.Args(), *count, *interval, *linger, *size, *pmtu == "do", *out); err != nil {
 		fmt.Fprintf(os.Stderr, "labping: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func run(args []string, count int, interval, linger time.Duration, size int, out string) error {
+func run(args []string, count int, interval, linger time.Duration, size int, df bool, out string) error {
 	if len(args) != 1 {
-		return errors.New("usage: labping [-c COUNT] [-i INTERVAL] [-W LINGER] [-s SIZE] [-o FILE] DST")
+		return errors.New("usage: labping [-c COUNT] [-i INTERVAL] [-W LINGER] [-s SIZE] [-M do] [-o FILE] DST")
 	}
 	dst := net.ParseIP(args[0]).To4()
 	switch {
@@ -85,6 +96,11 @@ func run(args []string, count int, interval, linger time.Duration, size int, out
 	if err != nil {
 		return err
 	}
+	if df {
+		if err := unix.SetsockoptInt(s.fd, unix.IPPROTO_IP, unix.IP_MTU_DISCOVER, unix.IP_PMTUDISC_DO); err != nil {
+			return fmt.Errorf("setsockopt IP_MTU_DISCOVER: %w", err)
+		}
+	}
 	go s.receive()
 	s.send(count, interval, size, sigs)
 	s.awaitReplies(linger)
@@ -99,9 +115,10 @@ type stream struct {
 
 	mu          sync.Mutex
 	rep         wire.PingReport
-	answered    int
+	settled     []bool        // by sequence number - 1: answered, refused by an ICMP error, or not sent
+	nSettled    int           // how many are settled
 	highest     int           // highest sequence number answered so far
-	replied     chan struct{} // a new request was answered (capacity 1)
+	replied     chan struct{} // a request was settled (capacity 1)
 	stopped     chan struct{} // closed when sending stops
 	lastSentMon time.Time     // monotonic time of the last send
 	closed      bool          // the report is written: later packets are ignored
@@ -163,6 +180,7 @@ func (s *stream) send(count int, interval time.Duration, size int, sigs <-chan o
 		s.mu.Lock()
 		s.rep.Sent = append(s.rep.Sent, now.UnixNano())
 		s.rep.Reply = append(s.rep.Reply, 0)
+		s.settled = append(s.settled, false)
 		s.lastSentMon = now
 		s.mu.Unlock()
 		err := unix.Sendto(s.fd, pkt, 0, &unix.SockaddrInet4{Addr: s.dst})
@@ -172,6 +190,7 @@ func (s *stream) send(count int, interval time.Duration, size int, sigs <-chan o
 				s.rep.SendErrors = map[int]string{}
 			}
 			s.rep.SendErrors[seq] = err.Error()
+			s.settle(seq)
 		}
 		s.mu.Unlock()
 		if count > 0 && seq == count {
@@ -194,8 +213,21 @@ func (s *stream) stop() {
 	close(s.stopped)
 }
 
-// awaitReplies returns once every request sent without a local error is answered, or
-// linger after the last send.
+// settle marks request seq as needing no more waiting (the caller holds s.mu).
+func (s *stream) settle(seq int) {
+	if s.settled[seq-1] {
+		return
+	}
+	s.settled[seq-1] = true
+	s.nSettled++
+	select {
+	case s.replied <- struct{}{}:
+	default:
+	}
+}
+
+// awaitReplies returns once every request sent is answered, refused by an ICMP error or
+// failed to send, or linger after the last send.
 func (s *stream) awaitReplies(linger time.Duration) {
 	s.mu.Lock()
 	deadline := time.NewTimer(time.Until(s.lastSentMon.Add(linger)))
@@ -203,7 +235,7 @@ func (s *stream) awaitReplies(linger time.Duration) {
 	defer deadline.Stop()
 	for {
 		s.mu.Lock()
-		done := s.answered >= len(s.rep.Sent)-len(s.rep.SendErrors)
+		done := s.nSettled >= len(s.rep.Sent)
 		s.mu.Unlock()
 		if done {
 			return
@@ -274,15 +306,11 @@ func (s *stream) handle(p []byte, from *unix.SockaddrInet4, at int64, drops uint
 			return
 		}
 		s.rep.Reply[seq-1] = at
-		s.answered++
 		if seq < s.highest {
 			s.rep.Reordered++
 		}
 		s.highest = max(s.highest, seq)
-		select {
-		case s.replied <- struct{}{}:
-		default:
-		}
+		s.settle(seq)
 	case icmpUnreachable, icmpTimeExceeded:
 		// The error quotes our request's IP header and the first 8 bytes of its ICMP header.
 		inner := icmp[8:]
@@ -292,6 +320,9 @@ func (s *stream) handle(p []byte, from *unix.SockaddrInet4, at int64, drops uint
 			return
 		}
 		seq := int(binary.BigEndian.Uint16(q[6:]))
+		if seq < 1 || seq > len(s.rep.Sent) {
+			return
+		}
 		what := fmt.Sprintf("ICMP type %d code %d from %s", icmp[0], icmp[1], net.IP(from.Addr[:]))
 		if icmp[0] == icmpUnreachable && icmp[1] == 4 {
 			what += fmt.Sprintf(" (fragmentation needed, mtu %d)", binary.BigEndian.Uint16(icmp[6:]))
@@ -302,6 +333,7 @@ func (s *stream) handle(p []byte, from *unix.SockaddrInet4, at int64, drops uint
 		if _, dup := s.rep.ICMPErrors[seq]; !dup {
 			s.rep.ICMPErrors[seq] = what
 		}
+		s.settle(seq) // refused: no reply will come
 	}
 }
 

@@ -30,6 +30,7 @@ func testStream(n int) *stream {
 	for i := 0; i < n; i++ {
 		s.rep.Sent = append(s.rep.Sent, int64(1000+i))
 		s.rep.Reply = append(s.rep.Reply, 0)
+		s.settled = append(s.settled, false)
 	}
 	return s
 }
@@ -48,8 +49,8 @@ func TestHandleMatchesReplies(t *testing.T) {
 	if got := s.rep.Reply; got[0] != 5001 || got[1] != 5002 || got[2] != 0 || got[3] != 0 {
 		t.Errorf("replies %v", got)
 	}
-	if s.answered != 2 || s.rep.Duplicates != 1 || s.rep.Reordered != 1 || s.rep.SocketDrops != 3 {
-		t.Errorf("answered %d duplicates %d reordered %d drops %d", s.answered, s.rep.Duplicates, s.rep.Reordered, s.rep.SocketDrops)
+	if s.nSettled != 2 || s.rep.Duplicates != 1 || s.rep.Reordered != 1 || s.rep.SocketDrops != 3 {
+		t.Errorf("settled %d duplicates %d reordered %d drops %d", s.nSettled, s.rep.Duplicates, s.rep.Reordered, s.rep.SocketDrops)
 	}
 
 	// Fragmentation needed for request 4, from node 198.18.0.1.
@@ -64,8 +65,8 @@ func TestHandleMatchesReplies(t *testing.T) {
 	p[20], p[21] = icmpUnreachable, 4
 	binary.BigEndian.PutUint16(p[26:], 1402)
 	s.handle(append(p, req...), &unix.SockaddrInet4{Addr: [4]byte{198, 18, 0, 1}}, 6000, 0)
-	if got := s.rep.ICMPErrors[4]; got != "ICMP type 3 code 4 from 198.18.0.1 (fragmentation needed, mtu 1402)" {
-		t.Errorf("ICMP error for request 4: %q", got)
+	if got := s.rep.ICMPErrors[4]; got != "ICMP type 3 code 4 from 198.18.0.1 (fragmentation needed, mtu 1402)" || s.nSettled != 3 || s.rep.Reply[3] != 0 {
+		t.Errorf("ICMP error for request 4: %q; settled %d (a refused request needs no more waiting)", got, s.nSettled)
 	}
 	s.finish()
 	s.handle(echoReply(s, 3, s.token), from, 7000, 0)

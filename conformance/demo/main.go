@@ -97,8 +97,8 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 	if err := cutEv.Mark(ctx, "streams starting"); err != nil {
 		return false, err
 	}
-	step("starting a sequence-numbered ICMP stream on each of the %d ordered pod pairs (every 50 ms)", len(pods)*(len(pods)-1))
-	streams, err := l.StartStreamsAll(ctx, pods, 50*time.Millisecond)
+	step("starting a sequence-numbered ICMP stream on each of the %d ordered pod pairs (every 100 ms)", len(pods)*(len(pods)-1))
+	streams, err := l.StartStreamsAll(ctx, pods, 100*time.Millisecond)
 	if err != nil {
 		return false, err
 	}
@@ -169,7 +169,7 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 	if err := rotEv.Mark(ctx, "streams starting"); err != nil {
 		return false, err
 	}
-	streams, err = l.StartStreamsAll(ctx, pods, 50*time.Millisecond)
+	streams, err = l.StartStreamsAll(ctx, pods, 100*time.Millisecond)
 	if err != nil {
 		return false, err
 	}
@@ -214,8 +214,11 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 	ext := l.Config().UnderlayMTU
 	bud, _ := budget.Budget(ext, 8)
 	doc, _ := budget.Documented(ext)
-	out, _, _ := l.VM.Run(ctx, fmt.Sprintf("ip netns exec %s ping -n -q -M do -s %d -c 3 -i 0.2 -W 2 %s", pods[0].Name, bud-28, pods[1].IP))
-	dfOK := strings.Contains(out, "3 packets transmitted, 3 received")
+	df, err := lab.Echo(ctx, l.VM, pods[0].Name, pods[1].IP, lab.EchoOptions{Count: 3, Interval: 200 * time.Millisecond, Size: bud - 28, DF: true})
+	if err != nil {
+		return false, err
+	}
+	dfOK := df.Answered() == 3
 
 	dropped, err := capture.Stop(ctx)
 	if err != nil {

@@ -333,18 +333,48 @@ func (l *Lab) GuestTime(ctx context.Context) (float64, error) {
 // ("Softnet.dropped", "Softnet.time_squeeze": packets lost because the emulated CPUs
 // did not keep up).
 func (l *Lab) NetCounters(ctx context.Context, netns string) (map[string]uint64, error) {
-	script := "echo XFRM; cat /proc/net/xfrm_stat; echo TABLES; cat /proc/net/snmp /proc/net/netstat; echo DEV; cat /proc/net/dev; " +
-		"echo IPT; iptables-save -c 2>/dev/null; echo RAW; cat /proc/net/raw; echo ICMP; cat /proc/net/icmp"
-	cmd := "ip netns exec " + lab.ShellQuote(netns) + " sh -c '" + script + "'"
-	if netns == "" { // the guest's own namespace, and its per-CPU backlog drops
-		cmd = script + "; echo SOFTNET; cat /proc/net/softnet_stat"
-	}
-	out, _, err := l.VM.Run(ctx, cmd)
+	m, err := l.NetCountersOf(ctx, []string{netns})
 	if err != nil {
 		return nil, err
 	}
-	return parseNetCounters(out), nil
+	return m[netns], nil
 }
+
+// NetCountersOf is NetCounters for several namespaces, read in one guest command.
+func (l *Lab) NetCountersOf(ctx context.Context, spaces []string) (map[string]map[string]uint64, error) {
+	const script = "echo XFRM; cat /proc/net/xfrm_stat; echo TABLES; cat /proc/net/snmp /proc/net/netstat; echo DEV; cat /proc/net/dev; " +
+		"echo IPT; iptables-save -c 2>/dev/null; echo RAW; cat /proc/net/raw; echo ICMP; cat /proc/net/icmp"
+	var b strings.Builder
+	b.WriteString("set -e\n")
+	for i, ns := range spaces {
+		fmt.Fprintf(&b, "echo '%s %d'\n", nsMarker, i)
+		if ns == "" { // the guest's own namespace, and its per-CPU backlog drops
+			fmt.Fprintf(&b, "%s; echo SOFTNET; cat /proc/net/softnet_stat\n", script)
+		} else {
+			fmt.Fprintf(&b, "ip netns exec %s sh -c '%s'\n", lab.ShellQuote(ns), script)
+		}
+	}
+	out, _, err := l.VM.RunInput(ctx, "sh -s", []byte(b.String()))
+	if err != nil {
+		return nil, fmt.Errorf("read counters of %q: %w", spaces, err)
+	}
+	m := map[string]map[string]uint64{}
+	for _, part := range strings.Split(out, nsMarker+" ")[1:] {
+		idx, rest, _ := strings.Cut(part, "\n")
+		i, err := strconv.Atoi(strings.TrimSpace(idx))
+		if err != nil || i < 0 || i >= len(spaces) {
+			return nil, fmt.Errorf("read counters: bad namespace marker %q", idx)
+		}
+		m[spaces[i]] = parseNetCounters(rest)
+	}
+	if len(m) != len(spaces) {
+		return nil, fmt.Errorf("read counters: %d of %d namespaces answered", len(m), len(spaces))
+	}
+	return m, nil
+}
+
+// nsMarker starts each namespace's part of NetCountersOf's output.
+const nsMarker = "@@NETNS"
 
 var (
 	iptRuleRE = regexp.MustCompile(`^\[(\d+):\d+\] -A (\S+) (.*-j (?:DROP|REJECT).*)$`)

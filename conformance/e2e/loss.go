@@ -63,16 +63,31 @@ func (l *Lab) StartLossEvidence(ctx context.Context, pods []*Pod) (*LossEvidence
 	if e.wire, err = lab.StartWireCount(ctx, l.VM, lab.UnderlayNS, lab.UnderlayBridge); err != nil {
 		return nil, err
 	}
-	for _, i := range l.RegisteredNodes() {
+	// One xfrm monitor per node, each in its own session (so its process group is its
+	// pid), all started by one guest command. awk drops the key lines and flushes every
+	// line, so killing the pipeline loses nothing it read.
+	var b strings.Builder
+	nodes := l.RegisteredNodes()
+	for _, i := range nodes {
 		log := fmt.Sprintf("/tmp/e2e/xfrm-monitor-node%d-%d.log", i, monitorSeq.Add(1))
-		// awk flushes every line, so killing the pipeline loses nothing it read.
+		e.monitors[i] = xfrmMonitor{log: log}
 		cmd := fmt.Sprintf(`exec ip -ts -n %s xfrm monitor SA policy 2>&1 | awk '!/^[[:space:]]*(aead|enc|auth|auth-trunc|comp) / { print; fflush() }'`, lab.NodeNS(i))
-		pid, err := l.VM.Background(ctx, cmd, log)
-		if err != nil {
-			e.stopMonitors(ctx)
-			return nil, err
+		fmt.Fprintf(&b, "setsid /bin/sh -c %s >>%s 2>&1 </dev/null & echo $!\n", lab.ShellQuote(cmd), log)
+	}
+	out, _, err := l.VM.RunInput(ctx, "sh -s", []byte(b.String()))
+	if err != nil {
+		return nil, fmt.Errorf("loss evidence: start xfrm monitors: %w", err)
+	}
+	pids := strings.Fields(out)
+	if len(pids) != len(nodes) {
+		return nil, fmt.Errorf("loss evidence: start xfrm monitors: %d pids for %d nodes", len(pids), len(nodes))
+	}
+	for k, i := range nodes {
+		m := e.monitors[i]
+		if m.pid, err = strconv.Atoi(pids[k]); err != nil {
+			return nil, fmt.Errorf("loss evidence: start xfrm monitors: pid %q", pids[k])
 		}
-		e.monitors[i] = xfrmMonitor{pid, log}
+		e.monitors[i] = m
 	}
 	if e.before, err = e.read(ctx); err != nil {
 		e.stopMonitors(ctx)
@@ -82,13 +97,9 @@ func (l *Lab) StartLossEvidence(ctx context.Context, pods []*Pod) (*LossEvidence
 }
 
 func (e *LossEvidence) read(ctx context.Context) (map[string]map[string]uint64, error) {
-	m := map[string]map[string]uint64{}
-	for _, ns := range e.spaces {
-		c, err := e.l.NetCounters(ctx, ns)
-		if err != nil {
-			return nil, fmt.Errorf("loss evidence: counters of %q: %w", ns, err)
-		}
-		m[ns] = c
+	m, err := e.l.NetCountersOf(ctx, e.spaces)
+	if err != nil {
+		return nil, fmt.Errorf("loss evidence: %w", err)
 	}
 	return m, nil
 }
@@ -112,6 +123,30 @@ func (e *LossEvidence) stopMonitors(ctx context.Context) {
 		// Each monitor runs in its own session (Background), so its process group is its pid.
 		_, _, _ = e.l.VM.Run(ctx, "kill -TERM "+strings.Join(pgs, " ")+" 2>/dev/null; true")
 	}
+}
+
+// readFiles reads one guest file per monitored node in one guest command.
+func (e *LossEvidence) readFiles(ctx context.Context, path func(xfrmMonitor, int) string) (map[int]string, error) {
+	var b strings.Builder
+	b.WriteString("set -e\n")
+	for i, m := range e.monitors {
+		fmt.Fprintf(&b, "echo '%s %d'; cat %s\n", nsMarker, i, lab.ShellQuote(path(m, i)))
+	}
+	out, _, err := e.l.VM.RunInput(ctx, "sh -s", []byte(b.String()))
+	if err != nil {
+		return nil, fmt.Errorf("loss evidence: read the nodes' logs: %w", err)
+	}
+	files := map[int]string{}
+	for _, part := range strings.Split(out, nsMarker+" ")[1:] {
+		idx, rest, _ := strings.Cut(part, "\n")
+		if i, err := strconv.Atoi(strings.TrimSpace(idx)); err == nil {
+			files[i] = rest
+		}
+	}
+	if len(files) != len(e.monitors) {
+		return nil, fmt.Errorf("loss evidence: read %d of %d nodes' logs", len(files), len(e.monitors))
+	}
+	return files, nil
 }
 
 // LossReport is what Report found.
@@ -140,8 +175,9 @@ var (
 // MakeBeforeBreak checks, from the xfrm changes the report recorded, that during the
 // rotation from generation old to generation new every node removed a peer's inbound
 // SA of generation old only after that peer had switched its outbound policy toward it
-// to generation new: the order make-before-break rotation promises. It returns one line
-// per ordered pair with both times, and the pairs where the removal came first.
+// to generation new: the order make-before-break rotation promises. The whole rotation
+// must lie within the recording (both steps recorded for every ordered pair). It returns
+// one line per ordered pair with both times, and the pairs where that does not hold.
 func (r LossReport) MakeBeforeBreak(nodes []int, old, new uint32) (text string, violations []string) {
 	ipNode := map[string]int{}
 	for _, i := range nodes {
@@ -179,7 +215,13 @@ func (r LossReport) MakeBeforeBreak(nodes []int, old, new uint32) (text string, 
 			rm, okRm := removed[p]
 			fmt.Fprintf(&b, "  node%d→node%d: %s / %s", from, to, stamp(sw, okSw, r.t0), stamp(rm, okRm, r.t0))
 			switch {
-			case okRm && !okSw:
+			case !okRm && !okSw:
+				violations = append(violations, fmt.Sprintf("no switch of node%d to generation %d and no removal of generation %d by node%d recorded (the xfrm monitor saw no rotation)", from, new, old, to))
+				b.WriteString("  ← nothing recorded")
+			case !okRm:
+				violations = append(violations, fmt.Sprintf("node%d's inbound SA of generation %d from node%d was not removed while recorded", to, old, from))
+				b.WriteString("  ← never removed")
+			case !okSw:
 				violations = append(violations, fmt.Sprintf("node%d removed its inbound SA of generation %d from node%d, which never switched to %d while recorded", to, old, from, new))
 				b.WriteString("  ← removed before the sender switched")
 			case okRm && rm < sw:
@@ -225,18 +267,19 @@ func (e *LossEvidence) Report(ctx context.Context, what string, stats []StreamSt
 	for _, s := range stats {
 		lost += s.Lost
 	}
-	for i, m := range e.monitors {
-		b, err := e.l.VM.ReadFile(ctx, m.log)
-		if err != nil {
+	files, err := e.readFiles(ctx, func(m xfrmMonitor, _ int) string { return m.log })
+	if err != nil {
+		return rep, err
+	}
+	for i, text := range files {
+		events[i] = parseXfrmMonitor(text)
+	}
+	if lost > 0 {
+		if files, err = e.readFiles(ctx, func(_ xfrmMonitor, i int) string { return agentLog(i) }); err != nil {
 			return rep, err
 		}
-		events[i] = parseXfrmMonitor(string(b))
-		if lost > 0 {
-			b, err = e.l.VM.ReadFile(ctx, agentLog(i))
-			if err != nil {
-				return rep, err
-			}
-			syncs[i] = parseAgentLog(string(b))
+		for i, text := range files {
+			syncs[i] = parseAgentLog(text)
 		}
 	}
 	rep.events = events

@@ -130,6 +130,11 @@ func TestMakeBeforeBreak(t *testing.T) {
 	if text, v := r.MakeBeforeBreak([]int{1, 2, 3}, 2, 3); len(v) != 0 {
 		t.Errorf("violations %q\n%s", v, text)
 	}
+	// A monitor that recorded nothing proves nothing.
+	r.events[3] = nil
+	if _, v := r.MakeBeforeBreak([]int{1, 2, 3}, 2, 3); len(v) != 4 {
+		t.Errorf("node3 recorded nothing: violations %q, want 4 (its two switches and two removals missing)", v)
+	}
 }
 
 func TestParseAgentLog(t *testing.T) {

@@ -359,7 +359,11 @@ func echo(ctx context.Context, t *testing.T, l *Lab, ns, dst string, size, count
 	for _, q := range e.Lost() {
 		why = append(why, fmt.Sprintf("seq %d: %s", q, e.Why(q)))
 	}
-	return e.Answered(), fmt.Sprintf("%d of %d answered; %s", e.Answered(), e.Requests(), strings.Join(why, "; "))
+	sum := fmt.Sprintf("%d of %d answered", e.Answered(), e.Requests())
+	if len(why) > 0 {
+		sum += " (" + strings.Join(why, "; ") + ")"
+	}
+	return e.Answered(), sum
 }
 
 // pingUnanswered sends count echo requests, 0.2 s apart, with iputils ping, for requests

@@ -344,7 +344,11 @@ func describe(e Echoes) string {
 	for _, q := range e.Lost() {
 		why = append(why, fmt.Sprintf("seq %d: %s", q, e.Why(q)))
 	}
-	return fmt.Sprintf("%d of %d answered; %s", e.Answered(), e.Requests(), strings.Join(why, "; "))
+	sum := fmt.Sprintf("%d of %d answered", e.Answered(), e.Requests())
+	if len(why) > 0 {
+		sum += " (" + strings.Join(why, "; ") + ")"
+	}
+	return sum
 }
 
 // captureDuring captures on the underlay bridge while f runs and returns the capture and

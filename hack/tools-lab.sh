@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the VM lab's boot image (see docs/lab.md): Debian's own kernel and an
 # initramfs holding busybox, the data-plane kernel modules, iproute2, iptables,
-# tcpdump, ping, kmod and the command-channel helper labd.
+# tcpdump, ping, kmod, the command-channel helper labd and the echo-stream tool labping.
 #
 # Output, under ${SECUREOVERLAY_CACHE_DIR:-<repo>/.cache}/lab/:
 #   vmlinuz          the kernel of the linux-image-<ver>-amd64 package that
@@ -45,6 +45,7 @@ modules=(
 	sha512_generic sha3_generic jitterentropy_rng drbg # stdrng (drbg_nopr_hmac_sha512), seeded by jitterentropy (sha3-256)
 	aesni-intel ghash-clmulni-intel cryptd crypto_simd authenc # accelerated variants (-cpu max has AES-NI)
 	veth bridge dummy sch_netem # node, pod and underlay plumbing; fault injection
+	sch_ingress cls_u32 act_gact # lab.WireCount: kernel packet counters on the underlay bridge's ports
 	x_tables ip_tables iptable_filter iptable_mangle iptable_raw iptable_nat # iptables-legacy
 	nf_tables nft_compat nft_chain_nat nft_ct nft_reject_ipv4 # iptables-nft (the guest's default "iptables")
 	xt_policy xt_mark xt_comment xt_conntrack xt_addrtype xt_multiport xt_tcpudp xt_set xt_NFLOG xt_LOG
@@ -149,8 +150,9 @@ for a in $(busybox --list); do
 done
 ln -s bin/busybox "$root/init"
 
-log "building labd"
+log "building labd and labping"
 CGO_ENABLED=0 "$GO" build -C "$repo" -trimpath -ldflags '-s -w' -o "$root/sbin/labd" ./conformance/lab/guest/labd
+CGO_ENABLED=0 "$GO" build -C "$repo" -trimpath -ldflags '-s -w' -o "$root/sbin/labping" ./conformance/lab/guest/labping
 
 install -m 0755 "$repo/conformance/lab/guest/rc" "$root/etc/lab/rc"
 install -m 0644 "$repo/conformance/lab/guest/inittab" "$root/etc/inittab"

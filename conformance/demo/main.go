@@ -34,7 +34,7 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	ctx, cancel := context.WithTimeout(ctx, 9*time.Minute)
+	ctx, cancel := context.WithTimeout(ctx, 12*time.Minute+e2e.DefaultGrace)
 	defer cancel()
 	ok, err := run(ctx, *keep)
 	if err != nil {
@@ -90,13 +90,23 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 	}
 
 	// 1. Enable under traffic.
-	step("starting a sequence-numbered ICMP stream on each of the %d ordered pod pairs (every 50 ms)", len(pods)*(len(pods)-1))
-	streams, err := l.StartStreamsAll(ctx, pods, 50*time.Millisecond)
+	cutEv, err := l.StartLossEvidence(ctx, pods)
+	if err != nil {
+		return false, err
+	}
+	if err := cutEv.Mark(ctx, "streams starting"); err != nil {
+		return false, err
+	}
+	step("starting a sequence-numbered ICMP stream on each of the %d ordered pod pairs (every 100 ms)", len(pods)*(len(pods)-1))
+	streams, err := l.StartStreamsAll(ctx, pods, 100*time.Millisecond)
 	if err != nil {
 		return false, err
 	}
 	time.Sleep(2 * time.Second)
 	step("enabling encryption: ConfigMap secureoverlay-config enabled=\"true\" (off → accept → encrypt → enforce) …")
+	if err := cutEv.Mark(ctx, "enable requested"); err != nil {
+		return false, err
+	}
 	if err := l.Enable(ctx); err != nil {
 		return false, err
 	}
@@ -105,15 +115,29 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 		return false, err
 	}
 	step("every node reports enforce after %s", dCut.Round(100*time.Millisecond))
+	if err := cutEv.Mark(ctx, "settled in enforce"); err != nil {
+		return false, err
+	}
 	time.Sleep(time.Second)
-	cutStats, cutSent, cutLost, cutFlight, err := e2e.StopStreams(ctx, streams)
+	if err := cutEv.Mark(ctx, "stopping streams"); err != nil {
+		return false, err
+	}
+	cutStats, cutSent, cutLost, err := e2e.StopStreams(ctx, streams)
+	if err != nil {
+		return false, err
+	}
+	cutRep, err := cutEv.Report(ctx, "cutover", cutStats)
 	if err != nil {
 		return false, err
 	}
 	step("cutover: %d echo requests, %d lost", cutSent, cutLost)
 
-	// 2. Traffic under a capture.
-	step("capturing the underlay bridge; pinging every pod from every pod …")
+	// 2. Traffic under a capture and the kernel's wire counters.
+	step("capturing the underlay bridge (and counting its packets in the kernel); pinging every pod from every pod …")
+	wire, err := lab.StartWireCount(ctx, l.VM, lab.UnderlayNS, lab.UnderlayBridge)
+	if err != nil {
+		return false, err
+	}
 	capture, err := lab.StartCapture(ctx, l.VM, lab.UnderlayNS, lab.UnderlayBridge)
 	if err != nil {
 		return false, err
@@ -122,7 +146,7 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 	if err != nil {
 		return false, err
 	}
-	pingSent, pingLost, err := l.PingAll(ctx, pods, 10)
+	pingStats, pingSent, pingLost, err := l.PingAll(ctx, pods, 10)
 	if err != nil {
 		return false, err
 	}
@@ -138,11 +162,21 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 
 	// 3. Rotate under traffic (still capturing).
 	step("rotating keys under traffic: annotation %s on secureoverlay-config …", api.RotateRequestAnnotation)
-	streams, err = l.StartStreamsAll(ctx, pods, 50*time.Millisecond)
+	rotEv, err := l.StartLossEvidence(ctx, pods)
+	if err != nil {
+		return false, err
+	}
+	if err := rotEv.Mark(ctx, "streams starting"); err != nil {
+		return false, err
+	}
+	streams, err = l.StartStreamsAll(ctx, pods, 100*time.Millisecond)
 	if err != nil {
 		return false, err
 	}
 	time.Sleep(2 * time.Second)
+	if err := rotEv.Mark(ctx, "rotation requested"); err != nil {
+		return false, err
+	}
 	if _, err := l.RequestRotation(ctx); err != nil {
 		return false, err
 	}
@@ -150,29 +184,51 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 	if err != nil {
 		return false, err
 	}
+	if err := rotEv.Mark(ctx, "new generation active everywhere"); err != nil {
+		return false, err
+	}
 	step("generation %d active on every node after %s; waiting for generation %d to be removed (grace %s) …", gen1, dRot.Round(100*time.Millisecond), gen0, l.Config().Grace)
-	dRem, err := l.WaitGenerationRemoved(ctx, gen0, 3*time.Minute)
+	dRem, err := l.WaitGenerationRemoved(ctx, gen0, l.Config().Grace+3*time.Minute)
 	if err != nil {
 		return false, err
 	}
+	if err := rotEv.Mark(ctx, "old generation removed"); err != nil {
+		return false, err
+	}
 	time.Sleep(time.Second)
-	rotStats, rotSent, rotLost, rotFlight, err := e2e.StopStreams(ctx, streams)
+	if err := rotEv.Mark(ctx, "stopping streams"); err != nil {
+		return false, err
+	}
+	rotStats, rotSent, rotLost, err := e2e.StopStreams(ctx, streams)
+	if err != nil {
+		return false, err
+	}
+	rotRep, err := rotEv.Report(ctx, "rotation", rotStats)
 	if err != nil {
 		return false, err
 	}
 	step("rotation: %d echo requests, %d lost; generation %d removed %s after the switch", rotSent, rotLost, gen0, dRem.Round(100*time.Millisecond))
+	mbbText, mbbViolations := rotRep.MakeBeforeBreak(l.RegisteredNodes(), gen0, gen1)
 
 	// 4. MTU: a DF packet of exactly the budget crosses.
 	ext := l.Config().UnderlayMTU
 	bud, _ := budget.Budget(ext, 8)
 	doc, _ := budget.Documented(ext)
-	out, _, _ := l.VM.Run(ctx, fmt.Sprintf("ip netns exec %s ping -n -q -M do -s %d -c 3 -i 0.2 -W 2 %s", pods[0].Name, bud-28, pods[1].IP))
-	dfOK := strings.Contains(out, "3 packets transmitted, 3 received")
+	df, err := lab.Echo(ctx, l.VM, pods[0].Name, pods[1].IP, lab.EchoOptions{Count: 3, Interval: 200 * time.Millisecond, Size: bud - 28, DF: true})
+	if err != nil {
+		return false, err
+	}
+	dfOK := df.Answered() == 3
 
 	dropped, err := capture.Stop(ctx)
 	if err != nil {
 		return false, err
 	}
+	perPort, err := wire.Read(ctx)
+	if err != nil {
+		return false, err
+	}
+	w := lab.Total(perPort)
 	ipip, err := capture.Count(ctx, "ip proto 4")
 	if err != nil {
 		return false, err
@@ -224,15 +280,24 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 		fmt.Printf("  %-14s %6d %6d\n", p, mid[p]-before[p], after[p])
 		checks = append(checks, check{"ESP on " + p.String(), mid[p] > before[p] && after[p] > 0})
 	}
-	fmt.Printf("plaintext IPIP seen on the underlay   %d   (ESP packets captured: %d, capture drops: %d)\n", ipip, esp, dropped)
-	checks = append(checks, check{"no plaintext IPIP on the wire", ipip == 0 && esp > 0 && dropped == 0})
-	fmt.Printf("packets lost during cutover           %d of %d (off → enforce in %s; %d in flight at stop)\n", cutLost, cutSent, dCut.Round(100*time.Millisecond), cutFlight)
-	fmt.Printf("packets lost during rotation          %d of %d (%d → %d in %s; %d in flight at stop)\n", rotLost, rotSent, gen0, gen1, dRot.Round(100*time.Millisecond), rotFlight)
+	fmt.Printf("plaintext IPIP seen on the underlay   %d   (kernel counters on every port; ESP packets: %d)\n", w.IPIP, w.ESP)
+	if dropped == 0 {
+		fmt.Printf("                                      the capture agrees: %d IPIP, %d ESP, 0 dropped\n", ipip, esp)
+	} else {
+		fmt.Printf("                                      the capture dropped %d packets (its %d IPIP, %d ESP are not evidence)\n", dropped, ipip, esp)
+	}
+	checks = append(checks, check{"no plaintext IPIP on the wire", w.IPIP == 0 && w.ESP > 0},
+		check{"capture and kernel counters agree", dropped != 0 || uint64(ipip) == w.IPIP && uint64(esp) == w.ESP})
+	fmt.Printf("packets lost during cutover           %d of %d (off → enforce in %s; %d answered only after the stream stopped sending)\n", cutLost, cutSent, dCut.Round(100*time.Millisecond), afterStop(cutStats))
+	fmt.Printf("packets lost during rotation          %d of %d (%d → %d in %s; %d answered only after the stream stopped sending)\n", rotLost, rotSent, gen0, gen1, dRot.Round(100*time.Millisecond), afterStop(rotStats))
 	fmt.Printf("packets lost in the ping round        %d of %d\n", pingLost, pingSent)
+	fmt.Printf("drop counters (guest, nodes, pods)    cutover: %s; rotation: %s\n", grewSummary(cutRep), grewSummary(rotRep))
+	fmt.Printf("make-before-break                     %s\n", mbbSummary(mbbViolations))
 	checks = append(checks,
+		check{"make-before-break: every sender switched before its peer removed the old SA", len(mbbViolations) == 0},
 		check{"0 lost during cutover", cutLost == 0 && streamsAnswered(cutStats)},
 		check{"0 lost during rotation", rotLost == 0 && streamsAnswered(rotStats)},
-		check{"0 lost in the ping round", pingLost == 0})
+		check{"0 lost in the ping round", pingLost == 0 && streamsAnswered(pingStats)})
 	podMTU := 0
 	for _, p := range pods {
 		podMTU = max(podMTU, p.MTU)
@@ -243,6 +308,17 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 	fmt.Printf("timings      lab up %s (VM boot %s), cutover %s, rotation %s, total %s\n",
 		l.UpDuration.Round(100*time.Millisecond), l.BootDuration.Round(100*time.Millisecond), dCut.Round(100*time.Millisecond), dRot.Round(100*time.Millisecond), time.Since(start).Round(time.Second))
 	fmt.Println(strings.Repeat("─", 72))
+	for _, r := range []struct {
+		lost int
+		rep  e2e.LossReport
+	}{{cutLost, cutRep}, {rotLost, rotRep}} {
+		if r.lost > 0 {
+			fmt.Print(r.rep.Text)
+		}
+	}
+	if len(mbbViolations) > 0 {
+		fmt.Print(mbbText)
+	}
 	ok = true
 	for _, c := range checks {
 		if !c.ok {
@@ -256,13 +332,40 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 	return ok, nil
 }
 
-// streamsAnswered is false when a stream got no answer at all or lost its
-// tail (more than the one request in flight at the stop).
+// streamsAnswered is false when a stream got no answer at all.
 func streamsAnswered(ss []e2e.StreamStats) bool {
 	for _, s := range ss {
-		if s.Received == 0 || s.Unanswered > 1 {
+		if s.Received == 0 {
 			return false
 		}
 	}
 	return true
+}
+
+func afterStop(ss []e2e.StreamStats) int {
+	n := 0
+	for _, s := range ss {
+		n += s.AfterStop
+	}
+	return n
+}
+
+// grewSummary is "none grew", or the number of drop counters that grew and the xfrm and
+// local drop totals.
+func grewSummary(r e2e.LossReport) string {
+	if len(r.Grew) == 0 {
+		return "none grew"
+	}
+	n := 0
+	for _, d := range r.Grew {
+		n += len(d)
+	}
+	return fmt.Sprintf("%d grew (xfrm errors %d, local drops %d)", n, r.XfrmErrors, r.LocalDrops)
+}
+
+func mbbSummary(v []string) string {
+	if len(v) == 0 {
+		return "held: every sender switched to the new generation before its peer removed the old one"
+	}
+	return fmt.Sprintf("BROKEN for %d pairs: %s", len(v), strings.Join(v, "; "))
 }

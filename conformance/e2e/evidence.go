@@ -3,13 +3,12 @@ package e2e
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
@@ -128,165 +127,68 @@ line:
 	return sum, nil
 }
 
-// PingAll sends n echo requests from every pod to every other pod, in
-// sequence, and returns how many were lost.
-func (l *Lab) PingAll(ctx context.Context, pods []*Pod, n int) (sent, lost int, err error) {
+// PingAll sends n echo requests from every pod to every other pod, one pair after the
+// other, each pair's requests 50 ms apart, and waits (up to lab.DefaultLinger after each
+// pair's last request) for every reply. It returns one StreamStats per ordered pair and the totals.
+func (l *Lab) PingAll(ctx context.Context, pods []*Pod, n int) (stats []StreamStats, sent, lost int, err error) {
 	for _, a := range pods {
 		for _, b := range pods {
 			if a == b {
 				continue
 			}
-			out, _, _ := l.VM.Run(ctx, fmt.Sprintf("ip netns exec %s ping -n -q -c %d -i 0.05 -W 2 %s", lab.ShellQuote(a.Name), n, b.IP))
-			m := pingRE.FindStringSubmatch(out)
-			if m == nil {
-				return sent, lost, fmt.Errorf("ping %s → %s: no summary: %q", a.Name, b.IP, out)
+			e, err := lab.Echo(ctx, l.VM, a.Name, b.IP, lab.EchoOptions{Count: n, Interval: 50 * time.Millisecond})
+			if err != nil {
+				return stats, sent, lost, err
 			}
-			s, _ := strconv.Atoi(m[1])
-			r, _ := strconv.Atoi(m[2])
-			sent += s
-			lost += s - r
+			st := newStreamStats(Pair{a.Node, b.Node}, e)
+			stats = append(stats, st)
+			sent += st.Sent
+			lost += st.Lost
 		}
 	}
-	return sent, lost, nil
+	return stats, sent, lost, nil
 }
 
-var pingRE = regexp.MustCompile(`(\d+) packets transmitted, (\d+) received`)
-
-// Stream is an open-ended, sequence-numbered ICMP stream from a pod to
-// another pod's address, stopped with Stop. Loss is counted from the
-// sequence numbers: every echo request up to the highest one answered must
-// have been answered; requests still unanswered after the highest answered
-// one when the stream stops (in flight at SIGINT) are reported as Unanswered,
-// not as lost.
+// Stream is an open-ended, sequence-numbered echo stream from a pod to another pod's
+// address (lab.EchoStream, the guest's labping), stopped with StopStreams. It ends on
+// acknowledged sequence numbers: the stop ends the sending, then every request sent has
+// up to lab.DefaultLinger for its reply; a request is lost only when no reply came.
 type Stream struct {
 	Pair Pair
-	vm   *lab.VM
-	pid  int
-	log  string
+	s    *lab.EchoStream
 }
 
 // StreamStats is a stopped stream's outcome.
 type StreamStats struct {
 	Pair Pair
-	// Sent is the number of echo requests transmitted, Received the number
-	// of distinct sequence numbers answered.
+	// Sent is the number of echo requests sent, Received the number answered.
 	Sent, Received int
-	// Lost counts unanswered sequence numbers below the highest answered one.
-	Lost int
-	// Unanswered counts requests after the highest answered one (in flight at stop).
-	Unanswered int
-	// LostSeqs lists the first lost sequence numbers (at most 20).
+	// Lost is Sent - Received; LostSeqs their sequence numbers.
+	Lost     int
 	LostSeqs []int
-	// LostBetween holds, for each of LostSeqs, the guest times (Unix seconds, from
-	// ping -D) of the nearest answered requests' replies below and above it (0 if none):
-	// when the loss happened, to set against the cutover's timeline.
-	LostBetween [][2]float64
+	// AfterStop counts replies that arrived after sending stopped: what a stream that
+	// stops receiving at its stop would have counted as lost. Reordered counts replies
+	// that overtook an earlier request's.
+	AfterStop, Reordered int
+	MaxRTT               time.Duration
+	// Echoes is labping's report: send and reply times, errors.
+	Echoes lab.Echoes
 }
 
-var (
-	seqRE      = regexp.MustCompile(`icmp_seq=(\d+) `)
-	replyRE    = regexp.MustCompile(`(?m)^\[(\d+\.\d+)\] .*icmp_seq=(\d+) `)
-	sentRE     = regexp.MustCompile(`(\d+) packets transmitted`)
-	streamSeq  int
-	streamSeqM sync.Mutex
-)
+func newStreamStats(p Pair, e lab.Echoes) StreamStats {
+	st := StreamStats{Pair: p, Sent: e.Requests(), Received: e.Answered(), LostSeqs: e.Lost(),
+		AfterStop: e.AnsweredAfterStop(), Reordered: e.Reordered, MaxRTT: e.MaxRTT(), Echoes: e}
+	st.Lost = len(st.LostSeqs)
+	return st
+}
 
 // StartStream starts a stream from pod a to pod b, one request every interval.
 func (l *Lab) StartStream(ctx context.Context, a, b *Pod, interval time.Duration) (*Stream, error) {
-	streamSeqM.Lock()
-	streamSeq++
-	n := streamSeq
-	streamSeqM.Unlock()
-	log := fmt.Sprintf("/tmp/e2e/stream-%d.log", n)
-	cmd := fmt.Sprintf("exec ip netns exec %s ping -D -n -i %.3f -W 2 %s", lab.ShellQuote(a.Name), interval.Seconds(), b.IP)
-	pid, err := l.VM.Background(ctx, cmd, log)
+	s, err := lab.StartEchoStream(ctx, l.VM, a.Name, b.IP, lab.EchoOptions{Interval: interval})
 	if err != nil {
 		return nil, err
 	}
-	return &Stream{Pair: Pair{a.Node, b.Node}, vm: l.VM, pid: pid, log: log}, nil
-}
-
-// Stop interrupts the stream (ping prints its summary) and counts.
-func (s *Stream) Stop(ctx context.Context) (StreamStats, error) {
-	st := StreamStats{Pair: s.Pair}
-	if err := s.vm.Signal(ctx, s.pid, "INT"); err != nil {
-		return st, err
-	}
-	for i := 0; ; i++ {
-		running, err := s.vm.Running(ctx, s.pid)
-		if err != nil {
-			return st, err
-		}
-		if !running {
-			break
-		}
-		if i > 100 {
-			return st, fmt.Errorf("stream %s: ping did not stop", s.Pair)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	b, err := s.vm.ReadFile(ctx, s.log)
-	if err != nil {
-		return st, err
-	}
-	st, err = countStream(b)
-	st.Pair = s.Pair
-	if err != nil {
-		return st, fmt.Errorf("stream %s: %w", s.Pair, err)
-	}
-	return st, nil
-}
-
-// countStream counts ping's (non-quiet) output: replies by icmp_seq and the
-// summary's transmitted count.
-func countStream(b []byte) (StreamStats, error) {
-	var st StreamStats
-	m := sentRE.FindSubmatch(b)
-	if m == nil {
-		return st, errors.New("no summary in ping's output")
-	}
-	st.Sent, _ = strconv.Atoi(string(m[1]))
-	got := map[int]bool{}
-	high := 0
-	for _, mm := range seqRE.FindAllSubmatch(b, -1) {
-		q, _ := strconv.Atoi(string(mm[1]))
-		got[q] = true
-		high = max(high, q)
-	}
-	st.Received = len(got)
-	at := map[int]float64{} // reply time by sequence (with -D)
-	for _, mm := range replyRE.FindAllSubmatch(b, -1) {
-		ts, _ := strconv.ParseFloat(string(mm[1]), 64)
-		q, _ := strconv.Atoi(string(mm[2]))
-		if _, dup := at[q]; !dup {
-			at[q] = ts
-		}
-	}
-	// iputils numbers requests from 1.
-	for q := 1; q <= high; q++ {
-		if !got[q] {
-			st.Lost++
-			if len(st.LostSeqs) < 20 {
-				st.LostSeqs = append(st.LostSeqs, q)
-				var br [2]float64
-				for b := q - 1; b >= 1; b-- {
-					if t, ok := at[b]; ok {
-						br[0] = t
-						break
-					}
-				}
-				for a := q + 1; a <= high; a++ {
-					if t, ok := at[a]; ok {
-						br[1] = t
-						break
-					}
-				}
-				st.LostBetween = append(st.LostBetween, br)
-			}
-		}
-	}
-	st.Unanswered = st.Sent - high
-	return st, nil
+	return &Stream{Pair: Pair{a.Node, b.Node}, s: s}, nil
 }
 
 // StartStreamsAll starts a stream for every ordered pair of pods.
@@ -306,33 +208,51 @@ func (l *Lab) StartStreamsAll(ctx context.Context, pods []*Pod, interval time.Du
 	return out, nil
 }
 
-// StopStreams stops every stream and totals them.
-func StopStreams(ctx context.Context, ss []*Stream) (stats []StreamStats, sent, lost, unanswered int, err error) {
-	for _, s := range ss {
-		st, e := s.Stop(ctx)
-		if e != nil {
-			err = errors.Join(err, e)
-			continue
-		}
+// StopStreams stops every stream at once, waits for their replies (each stream's
+// linger) and totals them.
+func StopStreams(ctx context.Context, ss []*Stream) (stats []StreamStats, sent, lost int, err error) {
+	if len(ss) == 0 {
+		return nil, 0, 0, nil
+	}
+	es := make([]*lab.EchoStream, len(ss))
+	for i, s := range ss {
+		es[i] = s.s
+	}
+	echoes, err := lab.StopEchoStreams(ctx, es)
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	for i, e := range echoes {
+		st := newStreamStats(ss[i].Pair, e)
 		stats = append(stats, st)
 		sent += st.Sent
 		lost += st.Lost
-		unanswered += st.Unanswered
 	}
-	return stats, sent, lost, unanswered, err
+	return stats, sent, lost, nil
 }
 
 // FormatStreamStats renders one line per stream.
 func FormatStreamStats(stats []StreamStats) string {
 	var b strings.Builder
 	for _, s := range stats {
-		fmt.Fprintf(&b, "  %-16s sent %5d  answered %5d  lost %d  in flight at stop %d", s.Pair, s.Sent, s.Received, s.Lost, s.Unanswered)
+		fmt.Fprintf(&b, "  %-16s sent %5d  answered %5d  lost %d  answered after the stop %d  reordered %d  max rtt %s",
+			s.Pair, s.Sent, s.Received, s.Lost, s.AfterStop, s.Reordered, s.MaxRTT.Round(time.Millisecond))
+		if s.Echoes.SocketDrops > 0 {
+			fmt.Fprintf(&b, "  socket drops %d", s.Echoes.SocketDrops)
+		}
 		if len(s.LostSeqs) > 0 {
-			fmt.Fprintf(&b, "  lost seqs %v", s.LostSeqs)
+			fmt.Fprintf(&b, "  lost seqs %v", firstN(s.LostSeqs, 20))
 		}
 		b.WriteString("\n")
 	}
 	return b.String()
+}
+
+func firstN(s []int, n int) []int {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
 }
 
 var policyRE = regexp.MustCompile(`(?m)^src (\d+\.\d+\.\d+\.\d+)(?:/\d+)? dst (\d+\.\d+\.\d+\.\d+)(?:/\d+)?`)
@@ -384,6 +304,8 @@ func (l *Lab) ObjectsFor(ctx context.Context, i int, peer string) (PeerObjects, 
 	return o, nil
 }
 
+var pingTimeRE = regexp.MustCompile(`(?m)^\[(\d+\.\d+)\] .*icmp_seq=(\d+) `)
+
 // GuestTime returns the guest's clock (Unix seconds, µs): ping -D's own timestamp of one
 // echo on the guest's loopback, so exactly the clock of the streams' timestamps (the
 // guest's busybox date has no sub-second format).
@@ -392,7 +314,7 @@ func (l *Lab) GuestTime(ctx context.Context) (float64, error) {
 	if err != nil {
 		return 0, err
 	}
-	m := replyRE.FindStringSubmatch(out)
+	m := pingTimeRE.FindStringSubmatch(out)
 	if m == nil {
 		return 0, fmt.Errorf("guest clock: no timestamped reply in %q", out)
 	}
@@ -401,31 +323,72 @@ func (l *Lab) GuestTime(ctx context.Context) (float64, error) {
 
 // NetCounters returns the packet-drop evidence of network namespace netns in the guest:
 // /proc/net/xfrm_stat (as "Xfrm.Name"), /proc/net/snmp and /proc/net/netstat (as
-// "Ip.InDiscards", "TcpExt.…"), and the drops of its open raw and ping sockets (as
-// "Sock.raw.drops", "Sock.icmp.drops": ping's sockets, readable only while it runs).
-// netns "" is the guest's own namespace, with the per-CPU input backlog drops and time
-// squeezes of /proc/net/softnet_stat ("Softnet.dropped", "Softnet.time_squeeze": packets
-// lost because the emulated CPUs did not keep up).
+// "Ip.InDiscards", "TcpExt.…"), every interface's receive and transmit errors and drops
+// from /proc/net/dev (as "Dev.eth0.tx_drop": a veth counts there what its peer's full
+// backlog refused), the packet counters of every iptables rule that drops or rejects
+// (as "Ipt.raw OUTPUT -p 4 … -j DROP"; a rewritten chain restarts its counters), and the
+// drops of its open raw and ping sockets (as "Sock.raw.drops", "Sock.icmp.drops",
+// readable only while they are open). netns "" is the guest's own namespace, with the
+// per-CPU input backlog drops and time squeezes of /proc/net/softnet_stat
+// ("Softnet.dropped", "Softnet.time_squeeze": packets lost because the emulated CPUs
+// did not keep up).
 func (l *Lab) NetCounters(ctx context.Context, netns string) (map[string]uint64, error) {
-	script := "echo XFRM; cat /proc/net/xfrm_stat; echo TABLES; cat /proc/net/snmp /proc/net/netstat; echo RAW; cat /proc/net/raw; echo ICMP; cat /proc/net/icmp"
-	cmd := "ip netns exec " + lab.ShellQuote(netns) + " sh -c '" + script + "'"
-	if netns == "" { // the guest's own namespace, and its per-CPU backlog drops
-		cmd = script + "; echo SOFTNET; cat /proc/net/softnet_stat"
-	}
-	out, _, err := l.VM.Run(ctx, cmd)
+	m, err := l.NetCountersOf(ctx, []string{netns})
 	if err != nil {
 		return nil, err
 	}
-	return parseNetCounters(out), nil
+	return m[netns], nil
 }
+
+// NetCountersOf is NetCounters for several namespaces, read in one guest command.
+func (l *Lab) NetCountersOf(ctx context.Context, spaces []string) (map[string]map[string]uint64, error) {
+	const script = "echo XFRM; cat /proc/net/xfrm_stat; echo TABLES; cat /proc/net/snmp /proc/net/netstat; echo DEV; cat /proc/net/dev; " +
+		"echo IPT; iptables-save -c 2>/dev/null; echo RAW; cat /proc/net/raw; echo ICMP; cat /proc/net/icmp"
+	var b strings.Builder
+	b.WriteString("set -e\n")
+	for i, ns := range spaces {
+		fmt.Fprintf(&b, "echo '%s %d'\n", nsMarker, i)
+		if ns == "" { // the guest's own namespace, and its per-CPU backlog drops
+			fmt.Fprintf(&b, "%s; echo SOFTNET; cat /proc/net/softnet_stat\n", script)
+		} else {
+			fmt.Fprintf(&b, "ip netns exec %s sh -c '%s'\n", lab.ShellQuote(ns), script)
+		}
+	}
+	out, _, err := l.VM.RunInput(ctx, "sh -s", []byte(b.String()))
+	if err != nil {
+		return nil, fmt.Errorf("read counters of %q: %w", spaces, err)
+	}
+	m := map[string]map[string]uint64{}
+	for _, part := range strings.Split(out, nsMarker+" ")[1:] {
+		idx, rest, _ := strings.Cut(part, "\n")
+		i, err := strconv.Atoi(strings.TrimSpace(idx))
+		if err != nil || i < 0 || i >= len(spaces) {
+			return nil, fmt.Errorf("read counters: bad namespace marker %q", idx)
+		}
+		m[spaces[i]] = parseNetCounters(rest)
+	}
+	if len(m) != len(spaces) {
+		return nil, fmt.Errorf("read counters: %d of %d namespaces answered", len(m), len(spaces))
+	}
+	return m, nil
+}
+
+// nsMarker starts each namespace's part of NetCountersOf's output.
+const nsMarker = "@@NETNS"
+
+var (
+	iptRuleRE = regexp.MustCompile(`^\[(\d+):\d+\] -A (\S+) (.*-j (?:DROP|REJECT).*)$`)
+	// /proc/net/dev: "  eth0: rx_bytes rx_packets rx_errs rx_drop … tx_bytes tx_packets tx_errs tx_drop …"
+	devFields = map[int]string{2: "rx_errs", 3: "rx_drop", 10: "tx_errs", 11: "tx_drop"}
+)
 
 func parseNetCounters(out string) map[string]uint64 {
 	m := map[string]uint64{}
-	section := ""
+	section, table := "", ""
 	var header []string
 	for _, line := range strings.Split(out, "\n") {
 		f := strings.Fields(line)
-		if len(f) == 1 && (f[0] == "XFRM" || f[0] == "TABLES" || f[0] == "RAW" || f[0] == "ICMP" || f[0] == "SOFTNET") {
+		if len(f) == 1 && slices.Contains([]string{"XFRM", "TABLES", "DEV", "IPT", "RAW", "ICMP", "SOFTNET"}, f[0]) {
 			section, header = f[0], nil
 			continue
 		}
@@ -450,6 +413,29 @@ func parseNetCounters(out string) map[string]uint64 {
 				}
 			}
 			header = nil
+		case "DEV":
+			name, rest, ok := strings.Cut(line, ":")
+			if !ok || strings.Contains(rest, "|") {
+				continue // the two header lines
+			}
+			vals := strings.Fields(rest)
+			for i, what := range devFields {
+				if i < len(vals) {
+					if v, err := strconv.ParseUint(vals[i], 10, 64); err == nil {
+						m["Dev."+strings.TrimSpace(name)+"."+what] = v
+					}
+				}
+			}
+		case "IPT":
+			if strings.HasPrefix(line, "*") {
+				table = strings.TrimPrefix(line, "*")
+				continue
+			}
+			if mm := iptRuleRE.FindStringSubmatch(line); mm != nil {
+				if v, err := strconv.ParseUint(mm[1], 10, 64); err == nil {
+					m["Ipt."+table+" "+mm[2]+" "+mm[3]] += v
+				}
+			}
 		case "SOFTNET": // one line per CPU, hex: processed, dropped, time_squeeze, …
 			if len(f) >= 3 {
 				d, err1 := strconv.ParseUint(f[1], 16, 64)
@@ -472,12 +458,18 @@ func parseNetCounters(out string) map[string]uint64 {
 }
 
 // CounterDelta returns the counters that grew from before to after (after - before),
-// for the names that count drops, errors or discards (not the totals of traffic).
+// for the names that count drops, errors or discards (not the totals of traffic). TCP's
+// counters are left out: TCP carries only the control plane (agents to the API server),
+// whose retransmissions say nothing about the data plane's echoes.
 func CounterDelta(before, after map[string]uint64) map[string]uint64 {
 	d := map[string]uint64{}
 	for k, v := range after {
 		lk := strings.ToLower(k)
-		if !strings.HasPrefix(k, "Xfrm.") && !strings.HasPrefix(k, "Softnet.") && !strings.Contains(lk, "drop") && !strings.Contains(lk, "discard") &&
+		if strings.HasPrefix(k, "Tcp") {
+			continue
+		}
+		if !strings.HasPrefix(k, "Xfrm.") && !strings.HasPrefix(k, "Softnet.") && !strings.HasPrefix(k, "Ipt.") &&
+			!strings.Contains(lk, "drop") && !strings.Contains(lk, "discard") &&
 			!strings.Contains(lk, "err") && !strings.Contains(lk, "noroute") && !strings.Contains(lk, "overflow") &&
 			!strings.Contains(lk, "prune") && !strings.Contains(lk, "fail") {
 			continue

@@ -65,7 +65,8 @@ type Config struct {
 	TunnelMTU int
 	// Masters is how many secureoverlay-master replicas run (default 1).
 	Masters int
-	// Grace is the master's --grace (default 5s, so rotations finish quickly).
+	// Grace is the master's --grace (default DefaultGrace): how long a retiring
+	// generation stays installed after the next one is activated.
 	Grace time.Duration
 	// AgentResync is the agents' --resync-interval (default 20s).
 	AgentResync time.Duration
@@ -94,7 +95,7 @@ func (c *Config) defaults() error {
 		c.Masters = 1
 	}
 	if c.Grace == 0 {
-		c.Grace = 5 * time.Second
+		c.Grace = DefaultGrace
 	}
 	if c.AgentResync == 0 {
 		c.AgentResync = 20 * time.Second
@@ -104,6 +105,16 @@ func (c *Config) defaults() error {
 	}
 	return nil
 }
+
+// DefaultGrace is the lab master's --grace. The master removes a retiring generation this
+// long after activating the next, whatever the agents have applied by then, so rotation is
+// make-before-break only while every agent switches its senders within the grace. Under
+// TCG on a loaded 2-core host an agent's sync has taken 12–25 s, and the last agent
+// switched 31 s after activation: with the grace at 5 s the first agents removed their
+// old inbound SAs while a slower one still sent with them (388 of 9,618 requests lost,
+// each counted by XfrmInNoStates). Two minutes keeps a margin of about four over that
+// (production's default is 5 minutes); scenarios check the order (MakeBeforeBreak).
+const DefaultGrace = 2 * time.Minute
 
 // APIServerGuestPort is the port under which the guest reaches the API server
 // at lab.GuestForwardAddr.
@@ -446,7 +457,9 @@ func (l *Lab) StartAgent(ctx context.Context, i int) error {
 	}
 	// Each node namespace shares the guest's file system: its own ledger directory stands
 	// for the node's /run/secureoverlay (kept across agent restarts, gone at a reboot).
-	cmd := fmt.Sprintf("exec ip netns exec %s %s/secureoverlay-agent --kubeconfig %s --node-name %s --metrics-addr :%d --resync-interval %s --ledger-dir %s",
+	// Debug logging records every sync that wrote to the kernel, with its time: the loss
+	// evidence (LossEvidence) sets them beside a lost request.
+	cmd := fmt.Sprintf("exec ip netns exec %s %s/secureoverlay-agent --kubeconfig %s --node-name %s --metrics-addr :%d --resync-interval %s --ledger-dir %s --log-level debug",
 		lab.NodeNS(i), lab.GuestBinDir, path, lab.NodeNS(i), AgentMetricsPort(i), l.cfg.AgentResync, LedgerDir(i))
 	pid, err := l.VM.Background(ctx, cmd, agentLog(i))
 	if err != nil {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -12,6 +11,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/bench"
+	"github.com/secureoverlay/secureoverlay/conformance/lab"
 )
 
 // TestBenchRotationCutover measures, in the VM lab with 3 and with 8 node namespaces,
@@ -57,14 +57,13 @@ func benchRotationCutover(t *testing.T, nodes int) {
 	const interval = 100 * time.Millisecond
 
 	// Enable under traffic.
-	ev := newDropEvidence(ctx, t, l, pods)
+	ev := startEvidence(ctx, t, l, pods, "streams starting")
 	streams, err := l.StartStreamsAll(ctx, pods, interval)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev.mark(ctx, "streams started")
 	time.Sleep(2 * time.Second)
-	ev.mark(ctx, "enable requested")
+	mark(ctx, t, ev, "enable requested")
 	if err := l.Enable(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -72,22 +71,19 @@ func benchRotationCutover(t *testing.T, nodes int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev.mark(ctx, "settled in enforce")
+	mark(ctx, t, ev, "settled in enforce")
 	time.Sleep(2 * time.Second)
-	ev.sockets(ctx) // ping's sockets, before the pings exit
-	ev.mark(ctx, "stopping streams")
-	stats, sent, lost, unanswered, err := StopStreams(ctx, streams)
+	mark(ctx, t, ev, "stopping streams")
+	stats, sent, lost, err := StopStreams(ctx, streams)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev.mark(ctx, "streams stopped")
-	streamsOK(t, "enable", stats, sent, lost, unanswered)
-	xerr, ldrops := ev.report(ctx, "enable", stats)
+	lr := lossOK(ctx, t, ev, "enable", stats, sent, lost)
 	rep("enable.streams", float64(len(stats)), "count")
 	rep("enable.sent", float64(sent), "count")
 	rep("enable.lost", float64(lost), "count")
-	rep("enable.xfrm_errors", float64(xerr), "count")
-	rep("enable.local_drops", float64(ldrops), "count")
+	rep("enable.xfrm_errors", float64(lr.XfrmErrors), "count")
+	rep("enable.local_drops", float64(lr.LocalDrops), "count")
 	rep("enable.wall", dOn.Seconds(), "s")
 
 	// Rotation under traffic.
@@ -96,14 +92,13 @@ func benchRotationCutover(t *testing.T, nodes int) {
 		t.Fatal(err)
 	}
 	prev := st.ActiveGeneration
-	ev = newDropEvidence(ctx, t, l, pods)
+	ev = startEvidence(ctx, t, l, pods, "streams starting")
 	streams, err = l.StartStreamsAll(ctx, pods, interval)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev.mark(ctx, "streams started")
 	time.Sleep(2 * time.Second)
-	ev.mark(ctx, "rotation requested")
+	mark(ctx, t, ev, "rotation requested")
 	if _, err := l.RequestRotation(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -111,159 +106,28 @@ func benchRotationCutover(t *testing.T, nodes int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev.mark(ctx, "new generation active everywhere")
-	removed, err := l.WaitGenerationRemoved(ctx, prev, 8*time.Minute)
+	mark(ctx, t, ev, "new generation active everywhere")
+	removed, err := l.WaitGenerationRemoved(ctx, prev, l.Config().Grace+8*time.Minute)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev.mark(ctx, "old generation removed")
+	mark(ctx, t, ev, "old generation removed")
 	time.Sleep(time.Second)
-	ev.sockets(ctx)
-	ev.mark(ctx, "stopping streams")
-	stats, sent, lost, unanswered, err = StopStreams(ctx, streams)
+	mark(ctx, t, ev, "stopping streams")
+	stats, sent, lost, err = StopStreams(ctx, streams)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ev.mark(ctx, "streams stopped")
-	streamsOK(t, "rotation", stats, sent, lost, unanswered)
-	xerr, ldrops = ev.report(ctx, "rotation", stats)
+	lr = lossOK(ctx, t, ev, "rotation", stats, sent, lost)
+	if w := lab.Total(lr.Wire); w.IPIP != 0 {
+		t.Errorf("rotation: %d plaintext IPIP on the underlay, want 0", w.IPIP)
+	}
+	makeBeforeBreakOK(t, l, lr, prev, prev+1)
 	rep("rotation.sent", float64(sent), "count")
 	rep("rotation.lost", float64(lost), "count")
-	rep("rotation.xfrm_errors", float64(xerr), "count")
-	rep("rotation.local_drops", float64(ldrops), "count")
+	rep("rotation.xfrm_errors", float64(lr.XfrmErrors), "count")
+	rep("rotation.local_drops", float64(lr.LocalDrops), "count")
 	rep("rotation.active", took.Seconds(), "s")
 	rep("rotation.removed", removed.Seconds(), "s")
 	rep("grace", l.Config().Grace.Seconds(), "s")
-}
-
-// dropEvidence tells a lost request's cause apart: the kernel's drop counters (xfrm_stat,
-// IP/ICMP discards and errors) of every node and pod namespace over the streams' life, the
-// drops of ping's own sockets, and a guest-clock timeline of the run to set each lost
-// request's time (from ping -D) against.
-type dropEvidence struct {
-	t        *testing.T
-	l        *Lab
-	spaces   []string
-	before   map[string]map[string]uint64
-	sockDrop map[string]uint64 // socket drops per pod namespace, read while ping runs
-	marks    []timeMark
-}
-
-type timeMark struct {
-	what string
-	at   float64 // guest Unix seconds
-}
-
-func newDropEvidence(ctx context.Context, t *testing.T, l *Lab, pods []*Pod) *dropEvidence {
-	e := &dropEvidence{t: t, l: l, spaces: []string{""}} // "": the guest's own namespace
-	for _, i := range l.RegisteredNodes() {
-		e.spaces = append(e.spaces, NodeName(i))
-	}
-	for _, p := range pods {
-		e.spaces = append(e.spaces, p.Name)
-	}
-	e.before = e.read(ctx)
-	return e
-}
-
-func (e *dropEvidence) read(ctx context.Context) map[string]map[string]uint64 {
-	m := map[string]map[string]uint64{}
-	for _, ns := range e.spaces {
-		c, err := e.l.NetCounters(ctx, ns)
-		if err != nil {
-			e.t.Logf("drop evidence: read %s: %v", ns, err)
-			continue
-		}
-		m[ns] = c
-	}
-	return m
-}
-
-func (e *dropEvidence) mark(ctx context.Context, what string) {
-	at, err := e.l.GuestTime(ctx)
-	if err != nil {
-		e.t.Logf("drop evidence: guest clock: %v", err)
-		return
-	}
-	e.marks = append(e.marks, timeMark{what, at})
-}
-
-func (e *dropEvidence) sockets(ctx context.Context) {
-	e.sockDrop = map[string]uint64{}
-	for ns, c := range e.read(ctx) {
-		if d := c["Sock.raw.drops"] + c["Sock.icmp.drops"]; d > 0 {
-			e.sockDrop[ns] = d
-		}
-	}
-}
-
-// report logs the timeline, every lost request placed on it, and every drop counter that
-// grew; it returns the sum of the xfrm_stat counters that grew (errors only: every
-// xfrm_stat counter counts a failure).
-// localDrops sums what the guest dropped outside IPsec: IP output discards (a full
-// backlog behind a veth) and the per-CPU input backlog drops.
-func (e *dropEvidence) report(ctx context.Context, what string, stats []StreamStats) (xfrmErrors, localDrops uint64) {
-	after := e.read(ctx)
-	var b strings.Builder
-	t0 := 0.0
-	if len(e.marks) > 0 {
-		t0 = e.marks[0].at
-	}
-	phase := func(at float64) string {
-		p := "before the streams started"
-		for _, m := range e.marks {
-			if at >= m.at {
-				p = "after " + m.what
-			}
-		}
-		return p
-	}
-	fmt.Fprintf(&b, "%s timeline (guest clock, from the streams' start):", what)
-	for _, m := range e.marks {
-		fmt.Fprintf(&b, " %s +%.2fs;", m.what, m.at-t0)
-	}
-	b.WriteString("\n")
-	for _, s := range stats {
-		for i, q := range s.LostSeqs {
-			br := s.LostBetween[i]
-			fmt.Fprintf(&b, "  lost %s seq %d: between replies at +%.2fs and +%.2fs (%s … %s)\n",
-				s.Pair, q, br[0]-t0, br[1]-t0, phase(br[0]), phase(br[1]))
-		}
-	}
-	grew := false
-	for _, ns := range e.spaces {
-		d := CounterDelta(e.before[ns], after[ns])
-		if e.sockDrop[ns] > 0 {
-			d["Sock.drops (open while streaming)"] = e.sockDrop[ns]
-		}
-		if len(d) == 0 {
-			continue
-		}
-		grew = true
-		keys := make([]string, 0, len(d))
-		for k := range d {
-			keys = append(keys, k)
-			switch {
-			case strings.HasPrefix(k, "Xfrm."):
-				xfrmErrors += d[k]
-			case k == "Ip.OutDiscards" || k == "Softnet.dropped":
-				localDrops += d[k]
-			}
-		}
-		sort.Strings(keys)
-		label := ns
-		if label == "" {
-			label = "guest"
-		}
-		fmt.Fprintf(&b, "  %s:", label)
-		for _, k := range keys {
-			fmt.Fprintf(&b, " %s +%d", k, d[k])
-		}
-		b.WriteString("\n")
-	}
-	if !grew {
-		b.WriteString("  no drop, discard, error or xfrm_stat counter grew in any node or pod namespace\n")
-	}
-	e.t.Log(b.String())
-	return xfrmErrors, localDrops
 }

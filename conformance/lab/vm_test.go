@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -291,8 +292,8 @@ func setupCluster(t *testing.T, vm *VM, c Cluster) {
 	})
 }
 
-// pingAll sends count echo requests from every pod to every other pod and
-// fails unless all are answered.
+// pingAll sends count echo requests from every pod to every other pod (labping: it waits
+// for every reply, up to 30 s after the last request) and fails unless all are answered.
 func pingAll(t *testing.T, vm *VM, nodes, count int) {
 	t.Helper()
 	for i := 1; i <= nodes; i++ {
@@ -300,23 +301,67 @@ func pingAll(t *testing.T, vm *VM, nodes, count int) {
 			if i == j {
 				continue
 			}
-			out, _, err := vm.Run(ctxFor(t, time.Minute), fmt.Sprintf("ip netns exec %s ping -n -q -c %d -i 0.2 -W 3 %s", PodNS(i), count, PodIP(j)))
+			e, err := Echo(ctxFor(t, time.Minute), vm, PodNS(i), PodIP(j), EchoOptions{Count: count, Interval: 200 * time.Millisecond})
 			if err != nil {
-				t.Fatalf("pod%d -> pod%d: %v\n%s", i, j, err, out)
+				t.Fatalf("pod%d -> pod%d: %v", i, j, err)
 			}
-			if !strings.Contains(out, fmt.Sprintf("%d packets transmitted, %d received, 0%% packet loss", count, count)) {
-				t.Fatalf("pod%d -> pod%d lost packets:\n%s", i, j, out)
+			if lost := e.Lost(); len(lost) != 0 {
+				var why []string
+				for _, q := range lost {
+					why = append(why, fmt.Sprintf("seq %d %s", q, e.Why(q)))
+				}
+				t.Fatalf("pod%d -> pod%d: %d of %d requests unanswered: %s", i, j, len(lost), count, strings.Join(why, "; "))
 			}
 		}
 	}
 }
 
-// captureDuring captures on the underlay bridge while f runs and returns the
-// capture; it fails the test if the kernel dropped captured packets.
-func captureDuring(t *testing.T, vm *VM, f func()) *Capture {
+// dfEcho sends count DF echo requests of size bytes (IP), 0.3 s apart, from pod namespace
+// ns to dst with labping (-M do: never fragmented locally), which waits for every reply.
+func dfEcho(t *testing.T, vm *VM, ns, dst string, size, count int) Echoes {
+	t.Helper()
+	e, err := Echo(ctxFor(t, time.Minute), vm, ns, dst, EchoOptions{Count: count, Interval: 300 * time.Millisecond, Size: size - 28, DF: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// refusedMTU is the path MTU an ICMP "fragmentation needed" named for one of e's
+// requests, or 0.
+func refusedMTU(e Echoes) int {
+	for _, why := range e.ICMPErrors {
+		if m := fragNeededRE.FindStringSubmatch(why); m != nil {
+			n, _ := strconv.Atoi(m[1])
+			return n
+		}
+	}
+	return 0
+}
+
+func describe(e Echoes) string {
+	var why []string
+	for _, q := range e.Lost() {
+		why = append(why, fmt.Sprintf("seq %d: %s", q, e.Why(q)))
+	}
+	sum := fmt.Sprintf("%d of %d answered", e.Answered(), e.Requests())
+	if len(why) > 0 {
+		sum += " (" + strings.Join(why, "; ") + ")"
+	}
+	return sum
+}
+
+// captureDuring captures on the underlay bridge while f runs and returns the capture and
+// the kernel's per-port wire counts over the same time. A capture that dropped packets is
+// logged (its counts are then not evidence: callers check complete before using them).
+func captureDuring(t *testing.T, vm *VM, f func()) (c *Capture, wire WireCounts, complete bool) {
 	t.Helper()
 	ctx := ctxFor(t, 2*time.Minute)
-	c, err := StartCapture(ctx, vm, UnderlayNS, UnderlayBridge)
+	w, err := StartWireCount(ctx, vm, UnderlayNS, UnderlayBridge)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err = StartCapture(ctx, vm, UnderlayNS, UnderlayBridge)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -325,10 +370,14 @@ func captureDuring(t *testing.T, vm *VM, f func()) *Capture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if dropped != 0 {
-		t.Fatalf("capture dropped %d packets; counts would not be evidence", dropped)
+	per, err := w.Read(ctx)
+	if err != nil {
+		t.Fatal(err)
 	}
-	return c
+	if dropped != 0 {
+		t.Logf("the capture dropped %d packets: its counts are not evidence (the kernel's wire counters are)", dropped)
+	}
+	return c, Total(per), dropped == 0
 }
 
 func count(t *testing.T, c *Capture, filter string) int {
@@ -349,29 +398,39 @@ func TestESPTransportOverIPIP(t *testing.T) {
 	c := Cluster{Nodes: nodes, UnderlayMTU: 1450, TunnelMTU: 1402, Pods: true}
 	setupCluster(t, vm, c)
 
-	// Baseline: without xfrm the same traffic is plaintext IPIP, so the
-	// capture below can see plaintext when there is any.
+	// Baseline: without xfrm the same traffic is plaintext IPIP, so the wire counters
+	// (and the capture) below can see plaintext when there is any.
 	start := time.Now()
-	plain := captureDuring(t, vm, func() { pingAll(t, vm, nodes, pings) })
-	wantPackets := nodes * (nodes - 1) * pings * 2 // requests and replies
-	ipip, esp := count(t, plain, "ip proto 4"), count(t, plain, "ip proto 50")
-	t.Logf("without ESP: %d IPIP, %d ESP packets on the underlay (%s)", ipip, esp, time.Since(start).Round(time.Millisecond))
-	if ipip != wantPackets || esp != 0 {
-		t.Fatalf("baseline: %d IPIP and %d ESP packets, want %d and 0", ipip, esp, wantPackets)
+	plain, w, complete := captureDuring(t, vm, func() { pingAll(t, vm, nodes, pings) })
+	wantPackets := uint64(nodes * (nodes - 1) * pings * 2) // requests and replies
+	t.Logf("without ESP: %d IPIP, %d ESP packets on the underlay (kernel counters; %s)", w.IPIP, w.ESP, time.Since(start).Round(time.Millisecond))
+	if w.IPIP != wantPackets || w.ESP != 0 {
+		t.Fatalf("baseline: %d IPIP and %d ESP packets, want %d and 0", w.IPIP, w.ESP, wantPackets)
+	}
+	if complete {
+		if ipip, esp := count(t, plain, "ip proto 4"), count(t, plain, "ip proto 50"); uint64(ipip) != w.IPIP || uint64(esp) != w.ESP {
+			t.Errorf("baseline: the capture saw %d IPIP and %d ESP, the kernel counted %d and %d", ipip, esp, w.IPIP, w.ESP)
+		}
 	}
 
 	mustRun(t, vm, espScript(nodes, 64))
 	start = time.Now()
-	enc := captureDuring(t, vm, func() { pingAll(t, vm, nodes, pings) })
-	ipip, esp = count(t, enc, "ip proto 4"), count(t, enc, "ip proto 50")
-	t.Logf("with ESP: %d IPIP, %d ESP packets on the underlay (%s)", ipip, esp, time.Since(start).Round(time.Millisecond))
-	if ipip != 0 {
-		t.Errorf("%d plaintext IPIP packets crossed the underlay with ESP programmed", ipip)
+	enc, w, complete := captureDuring(t, vm, func() { pingAll(t, vm, nodes, pings) })
+	t.Logf("with ESP: %d IPIP, %d ESP packets on the underlay (kernel counters; %s)", w.IPIP, w.ESP, time.Since(start).Round(time.Millisecond))
+	if w.IPIP != 0 {
+		t.Errorf("%d plaintext IPIP packets crossed the underlay with ESP programmed", w.IPIP)
 	}
-	if esp != wantPackets {
-		t.Errorf("%d ESP packets on the underlay, want %d", esp, wantPackets)
+	if w.ESP != wantPackets {
+		t.Errorf("%d ESP packets on the underlay, want %d", w.ESP, wantPackets)
 	}
-	// Every programmed SPI appears on the wire.
+	// Every programmed SPI appears on the wire: only a capture that saw every packet can
+	// show it.
+	if !complete {
+		t.Fatal("the capture dropped packets: it cannot show the SPIs on the wire")
+	}
+	if ipip, esp := count(t, enc, "ip proto 4"), count(t, enc, "ip proto 50"); uint64(ipip) != w.IPIP || uint64(esp) != w.ESP {
+		t.Errorf("with ESP: the capture saw %d IPIP and %d ESP, the kernel counted %d and %d", ipip, esp, w.IPIP, w.ESP)
+	}
 	lines, err := enc.Packets(ctxFor(t, time.Minute), "ip proto 50")
 	if err != nil {
 		t.Fatal(err)
@@ -413,7 +472,7 @@ func TestESPTransportOverIPIP(t *testing.T) {
 	}
 }
 
-var fragNeededRE = regexp.MustCompile(`mtu ?= ?(\d+)`)
+var fragNeededRE = regexp.MustCompile(`fragmentation needed, mtu (\d+)`)
 
 // TestMTUTruth checks DESIGN §2 against the kernel: with an underlay MTU of
 // 1450 and an 8-byte ICV, the documented rule's 1404 is 2 bytes too big, the
@@ -423,43 +482,42 @@ func TestMTUTruth(t *testing.T) {
 	const documented, exact = 1404, 1402
 	c := Cluster{Nodes: 2, UnderlayMTU: 1450, TunnelMTU: documented, Pods: true}
 	setupCluster(t, vm, c)
-	ping := func(size int) (string, error) {
-		out, errOut, err := vm.Run(ctxFor(t, time.Minute),
-			fmt.Sprintf("ip netns exec %s ping -n -M do -c 2 -i 0.3 -W 2 -s %d %s", PodNS(1), size-28, PodIP(2)))
-		return out + errOut, err
-	}
 	// Without ESP a 1404-byte DF packet fits IPIP on a 1450 underlay: it is
 	// ESP that the rule undercounts.
-	if out, err := ping(documented); err != nil {
-		t.Fatalf("plain IPIP: a %d-byte DF packet did not cross: %v\n%s", documented, err, out)
+	if e := dfEcho(t, vm, PodNS(1), PodIP(2), documented, 2); e.Answered() != 2 {
+		t.Fatalf("plain IPIP: a %d-byte DF packet did not cross: %s", documented, describe(e))
 	}
 	mustRun(t, vm, espScript(2, 64))
 
-	var cross *Capture
-	var outBig, outExact string
-	var errBig, errExact error
-	cross = captureDuring(t, vm, func() {
-		outBig, errBig = ping(documented)
-		outExact, errExact = ping(exact)
+	var big, fit Echoes
+	cross, w, complete := captureDuring(t, vm, func() {
+		big = dfEcho(t, vm, PodNS(1), PodIP(2), documented, 2)
+		fit = dfEcho(t, vm, PodNS(1), PodIP(2), exact, 2)
 	})
-	if errBig == nil {
-		t.Errorf("a %d-byte DF packet crossed ESP on a 1450 underlay:\n%s", documented, outBig)
+	if big.Answered() != 0 {
+		t.Errorf("a %d-byte DF packet crossed ESP on a 1450 underlay: %s", documented, describe(big))
 	}
-	if m := fragNeededRE.FindStringSubmatch(outBig); m == nil || m[1] != fmt.Sprint(exact) {
-		t.Errorf("kernel did not report path MTU %d for the %d-byte packet:\n%s", exact, documented, outBig)
+	if m := refusedMTU(big); m != exact {
+		t.Errorf("kernel did not report path MTU %d for the %d-byte packet: %s", exact, documented, describe(big))
 	} else {
-		t.Logf("%d-byte DF packet refused, kernel path MTU %s", documented, m[1])
+		t.Logf("%d-byte DF packet refused, kernel path MTU %d (%s)", documented, m, describe(big))
 	}
-	if errExact != nil {
-		t.Errorf("a %d-byte DF packet did not cross: %v\n%s", exact, errExact, outExact)
+	if fit.Answered() != 2 {
+		t.Errorf("a %d-byte DF packet did not cross: %s", exact, describe(fit))
+	}
+	if w.IPIP != 0 {
+		t.Errorf("%d plaintext IPIP packets on the underlay (kernel counters)", w.IPIP)
 	}
 	// Wire size of the 1402-byte packets: 20 + 8 + 8 + 1404 + 8 = 1448.
-	big, err := cross.Packets(ctxFor(t, time.Minute), "ip proto 50 and ip[2:2] = 1448")
+	if !complete {
+		t.Fatal("the capture dropped packets: it cannot show the packets' sizes on the wire")
+	}
+	sized, err := cross.Packets(ctxFor(t, time.Minute), "ip proto 50 and ip[2:2] = 1448")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(big) != 4 {
-		t.Errorf("want 4 ESP packets of 1448 bytes (2 requests, 2 replies), got %d", len(big))
+	if len(sized) != 4 {
+		t.Errorf("want 4 ESP packets of 1448 bytes (2 requests, 2 replies), got %d", len(sized))
 	}
 	if n := count(t, cross, "ip proto 4 or ip[2:2] > 1450"); n != 0 {
 		t.Errorf("%d plaintext or oversized packets on the underlay", n)
@@ -482,24 +540,18 @@ func TestKernelESPMTU(t *testing.T) {
 			c := Cluster{Nodes: 2, UnderlayMTU: tc.ext, TunnelMTU: tc.ext - 20, Pods: true}
 			setupCluster(t, vm, c)
 			mustRun(t, vm, espScript(2, tc.icv*8))
-			ping := func(size int) (string, error) {
-				out, errOut, err := vm.Run(ctxFor(t, time.Minute),
-					fmt.Sprintf("ip netns exec %s ping -n -M do -c 1 -W 2 -s %d %s", PodNS(1), size-28, PodIP(2)))
-				return out + errOut, err
-			}
-			out, err := ping(c.TunnelMTU)
-			if err == nil {
+			e := dfEcho(t, vm, PodNS(1), PodIP(2), c.TunnelMTU, 1)
+			if e.Answered() != 0 {
 				t.Fatalf("a %d-byte DF packet crossed ESP on a %d underlay", c.TunnelMTU, tc.ext)
 			}
-			m := fragNeededRE.FindStringSubmatch(out)
-			if m == nil || m[1] != fmt.Sprint(exact) {
-				t.Fatalf("kernel path MTU for ICV %d on %d: got %v, rule says %d\n%s", tc.icv, tc.ext, m, exact, out)
+			if m := refusedMTU(e); m != exact {
+				t.Fatalf("kernel path MTU for ICV %d on %d: got %d, rule says %d (%s)", tc.icv, tc.ext, m, exact, describe(e))
 			}
-			if out, err := ping(exact); err != nil {
-				t.Errorf("a %d-byte DF packet did not cross: %v\n%s", exact, err, out)
+			if e := dfEcho(t, vm, PodNS(1), PodIP(2), exact, 1); e.Answered() != 1 {
+				t.Errorf("a %d-byte DF packet did not cross: %s", exact, describe(e))
 			}
-			if out, err := ping(exact + 1); err == nil {
-				t.Errorf("a %d-byte DF packet crossed, one more than the rule allows\n%s", exact+1, out)
+			if e := dfEcho(t, vm, PodNS(1), PodIP(2), exact+1, 1); e.Answered() != 0 {
+				t.Errorf("a %d-byte DF packet crossed, one more than the rule allows", exact+1)
 			}
 			t.Logf("EXTMTU %d, ICV %d: kernel path MTU %d = rule; documented rule %d", tc.ext, tc.icv, exact, tc.ext-46-(tc.ext-46)%4)
 		})
@@ -513,7 +565,7 @@ func TestControlPlaneReachesHostServices(t *testing.T) {
 	vm := sharedVM(t)
 	c := Cluster{Nodes: 2, UnderlayMTU: 1450, TunnelMTU: 1402, ControlPlane: true}
 	setupCluster(t, vm, c)
-	ul := captureDuring(t, vm, func() {
+	ul, _, complete := captureDuring(t, vm, func() {
 		for i := 1; i <= c.Nodes; i++ {
 			out := mustRun(t, vm, fmt.Sprintf("echo node%d | ip netns exec %s nc -w 5 %s 6443", i, NodeNS(i), GuestForwardAddr))
 			if out != fmt.Sprintf("echo: node%d\n", i) {
@@ -521,6 +573,9 @@ func TestControlPlaneReachesHostServices(t *testing.T) {
 			}
 		}
 	})
+	if !complete {
+		t.Fatal("the capture dropped packets: it cannot show that no control-plane packet crossed the underlay")
+	}
 	if n := count(t, ul, "host "+GuestForwardAddr); n != 0 {
 		t.Errorf("%d control-plane packets crossed the underlay", n)
 	}
@@ -619,29 +674,40 @@ func TestInboundPolicyLevels(t *testing.T) {
 			}
 			mustRun(t, vm, strings.Join(kept, "\n"))
 			before := xfrmStat(t, vm, NodeNS(1))
-			var out string
+			var e Echoes
 			var err error
-			capt := captureDuring(t, vm, func() {
-				out, _, err = vm.Run(ctxFor(t, time.Minute), fmt.Sprintf("ip netns exec %s ping -n -q -c 3 -i 0.2 -W 2 %s", PodNS(2), PodIP(1)))
-			})
+			wire, err := StartWireCount(ctxFor(t, time.Minute), vm, UnderlayNS, UnderlayBridge)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// labping waits for every reply (up to 2 s after the last request), so a late
+			// reply is neither missed nor counted as a refusal.
+			e, err = Echo(ctxFor(t, time.Minute), vm, PodNS(2), PodIP(1), EchoOptions{Count: 3, Interval: 200 * time.Millisecond, Linger: 2 * time.Second})
+			if err != nil {
+				t.Fatal(err)
+			}
+			w, err := wire.Read(ctxFor(t, time.Minute))
+			if err != nil {
+				t.Fatal(err)
+			}
 			after := xfrmStat(t, vm, NodeNS(1))
-			plainIn := count(t, capt, fmt.Sprintf("ip proto 4 and src %s", NodeIP(2)))
-			espOut := count(t, capt, fmt.Sprintf("ip proto 50 and src %s", NodeIP(1)))
+			plainIn := w["ul2"].IPIP // node2 → node1 (the only other node)
+			espOut := w["ul1"].ESP
 			mismatch := after["XfrmInTmplMismatch"] - before["XfrmInTmplMismatch"]
-			t.Logf("plaintext IPIP node2->node1: %d, ESP node1->node2: %d, XfrmInTmplMismatch +%d, ping err %v", plainIn, espOut, mismatch, err)
+			t.Logf("plaintext IPIP node2->node1: %d, ESP node1->node2: %d (kernel wire counters), XfrmInTmplMismatch +%d, %d of 3 answered", plainIn, espOut, mismatch, e.Answered())
 			if plainIn != 3 {
 				t.Errorf("want 3 plaintext IPIP requests from node2, saw %d", plainIn)
 			}
 			if tc.plainPasses {
-				if err != nil {
-					t.Errorf("plaintext was not accepted: %v\n%s", err, out)
+				if e.Answered() != 3 {
+					t.Errorf("plaintext was not accepted: %d of 3 answered", e.Answered())
 				}
 				if espOut != 3 || mismatch != 0 {
 					t.Errorf("want 3 ESP replies and no mismatch, got %d and %d", espOut, mismatch)
 				}
 			} else {
-				if err == nil {
-					t.Errorf("plaintext crossed a required inbound policy:\n%s", out)
+				if e.Answered() != 0 {
+					t.Errorf("plaintext crossed a required inbound policy: %d of 3 answered", e.Answered())
 				}
 				if espOut != 0 || mismatch != 3 {
 					t.Errorf("want 0 replies and 3 XfrmInTmplMismatch, got %d and %d", espOut, mismatch)
@@ -731,37 +797,77 @@ func TestBootForTestCleansUp(t *testing.T) {
 	}
 }
 
-// TestPingStreamCountsLoss: a stream over a stable ESP path loses nothing, and
-// one during which the route disappears for a while reports the loss.
-func TestPingStreamCountsLoss(t *testing.T) {
+// TestEchoStreamCountsLoss: a stream over a stable ESP path loses nothing; one during
+// which the route disappears for a while reports the loss, each lost request with the
+// unreachable error that refused it; and a stream stopped while its replies are delayed
+// (netem, 400 ms on the reply path) still counts every one of them as answered — it
+// ends on acknowledged sequence numbers.
+func TestEchoStreamCountsLoss(t *testing.T) {
 	vm := sharedVM(t)
 	c := Cluster{Nodes: 2, UnderlayMTU: 1450, TunnelMTU: 1402, Pods: true}
 	setupCluster(t, vm, c)
 	mustRun(t, vm, espScript(2, 64))
 	ctx := ctxFor(t, 2*time.Minute)
 
-	s, err := StartPingStream(ctx, vm, PodNS(1), PodIP(2), 100, 20*time.Millisecond)
+	s, err := StartEchoStream(ctx, vm, PodNS(1), PodIP(2), EchoOptions{Count: 100, Interval: 20 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := s.Wait(ctx)
-	if err != nil || r.Lost() != 0 {
-		t.Fatalf("stable path: %+v, %v", r, err)
+	e, err := s.Wait(ctx)
+	if err != nil || e.Requests() != 100 || len(e.Lost()) != 0 {
+		t.Fatalf("stable path: %d sent, lost %v, %v", e.Requests(), e.Lost(), err)
 	}
-	t.Logf("stable path: %d sent, %d lost", r.Sent, r.Lost())
+	t.Logf("stable path: %d sent, 0 lost, max rtt %s", e.Requests(), e.MaxRTT().Round(time.Millisecond))
 
-	s, err = StartPingStream(ctx, vm, PodNS(1), PodIP(2), 100, 20*time.Millisecond)
+	s, err = StartEchoStream(ctx, vm, PodNS(1), PodIP(2), EchoOptions{Count: 100, Interval: 20 * time.Millisecond, Linger: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
 	mustRun(t, vm, fmt.Sprintf("sleep 0.5; ip -n %s route del %s; sleep 0.5; ip -n %s route add %s via %s dev tunl0 onlink",
 		NodeNS(1), Block(2), NodeNS(1), Block(2), NodeIP(2)))
-	r, err = s.Wait(ctx)
+	e, err = s.Wait(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("route removed for 0.5 s: %d sent, %d lost", r.Sent, r.Lost())
-	if r.Lost() == 0 || r.Lost() == r.Sent {
-		t.Errorf("want some but not all lost, got %+v", r)
+	lost := e.Lost()
+	explained := 0
+	for _, q := range lost {
+		if e.Why(q) != "" {
+			explained++
+		}
 	}
+	t.Logf("route removed for 0.5 s: %d sent, %d lost, %d of them with an ICMP error (e.g. %q)", e.Requests(), len(lost), explained, e.Why(firstOr(lost, 0)))
+	if len(lost) == 0 || len(lost) == e.Requests() || explained == 0 {
+		t.Errorf("want some but not all lost, with unreachable errors: %d of %d lost, %d explained", len(lost), e.Requests(), explained)
+	}
+
+	// Replies delayed by 400 ms; the stream is stopped after 10 requests, all of whose
+	// replies are then still on their way.
+	mustRun(t, vm, fmt.Sprintf("tc -n %s qdisc add dev eth0 root netem delay 400ms", PodNS(2)))
+	defer mustRun(t, vm, fmt.Sprintf("tc -n %s qdisc del dev eth0 root", PodNS(2)))
+	s, err = StartEchoStream(ctx, vm, PodNS(1), PodIP(2), EchoOptions{Interval: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The guest stops the stream itself once pod2 has received 10 requests (Icmp.InEchos),
+	// so the stop cannot come after the first delayed reply.
+	mustRun(t, vm, fmt.Sprintf(`echos() { ip netns exec %s cat /proc/net/snmp | awk '/^Icmp:/ { if (!c) { for (i = 1; i <= NF; i++) if ($i == "InEchos") c = i } else print $c }'; }
+base=$(echos)
+until [ $(($(echos) - base)) -ge 10 ]; do sleep 0.01; done
+kill -INT %d`, PodNS(2), s.pid))
+	e, err = s.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("replies delayed 400 ms, stopped after %d requests: %d answered, %d of them after the stop, lost %v", e.Requests(), e.Answered(), e.AnsweredAfterStop(), e.Lost())
+	if len(e.Lost()) != 0 || e.AnsweredAfterStop() == 0 {
+		t.Errorf("stopped with replies in flight: lost %v, %d answered after the stop; want none lost and some answered after the stop", e.Lost(), e.AnsweredAfterStop())
+	}
+}
+
+func firstOr(s []int, d int) int {
+	if len(s) == 0 {
+		return d
+	}
+	return s[0]
 }

@@ -302,6 +302,43 @@ func canIProjectcalico(t *testing.T, cs kubernetes.Interface) {
 		}
 		return got.Status.Allowed
 	}
+	// secureoverlayctl mtu --apply: operators may read and patch exactly Calico's own MTU
+	// knob (the operator's Installation "default", the manifest's kube-system/calico-config)
+	// and list pods (metadata) to name those that predate a change; nothing else of Calico's.
+	for _, tc := range []struct {
+		group, resource, ns, name, verb string
+		want                            bool
+	}{
+		{"operator.tigera.io", "installations", "", "default", "get", true},
+		{"operator.tigera.io", "installations", "", "default", "patch", true},
+		{"operator.tigera.io", "installations", "", "other", "patch", false},
+		{"operator.tigera.io", "installations", "", "default", "delete", false},
+		{"operator.tigera.io", "installations", "", "", "create", false},
+		{"", "configmaps", "kube-system", "calico-config", "get", true},
+		{"", "configmaps", "kube-system", "calico-config", "patch", true},
+		{"", "configmaps", "kube-system", "calico-config", "update", false},
+		{"", "configmaps", "kube-system", "calico-config", "delete", false},
+		{"", "configmaps", "kube-system", "kubeadm-config", "get", false},
+		{"", "configmaps", "kube-system", "", "list", false},
+		{"", "pods", "", "", "list", true},
+		{"", "pods", "kube-system", "", "delete", false},
+		{"crd.projectcalico.org", "felixconfigurations", "", "default", "patch", false},
+		{"projectcalico.org", "felixconfigurations", "", "default", "patch", false},
+		{"apps", "daemonsets", "kube-system", "calico-node", "patch", false},
+	} {
+		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+			User: operatorUser, Groups: []string{"system:authenticated"},
+			ResourceAttributes: &authorizationv1.ResourceAttributes{Group: tc.group, Resource: tc.resource,
+				Namespace: tc.ns, Name: tc.name, Verb: tc.verb},
+		}}
+		got, err := cs.AuthorizationV1().SubjectAccessReviews().Create(context.Background(), sar, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Status.Allowed != tc.want {
+			t.Errorf("operator %s %s.%s %s/%s: allowed=%v, want %v", tc.verb, tc.resource, tc.group, tc.ns, tc.name, got.Status.Allowed, tc.want)
+		}
+	}
 	// Calico's DatastoreMigration: the agent and operators read it (which group Calico
 	// uses), nobody of ours writes it.
 	for _, tc := range []struct {

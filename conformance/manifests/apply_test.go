@@ -106,6 +106,26 @@ func TestManifestAgainstRealAPIServer(t *testing.T) {
 		t.FailNow()
 	}
 
+	// The master is on the host network: the API server defaults a host-network pod's
+	// ports to host ports, so the scheduler itself never puts two master pods on one node
+	// (the required anti-affinity says the same in the manifest). A server-side dry-run
+	// create of a pod from the Deployment's template shows the pod the scheduler would see.
+	t.Run("master host port", func(t *testing.T) {
+		dep, err := cs.AppsV1().Deployments(api.Namespace).Get(context.Background(), "secureoverlay-master", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "master-dry-run", Labels: dep.Spec.Template.Labels}, Spec: dep.Spec.Template.Spec}
+		got, err := cs.CoreV1().Pods(api.Namespace).Create(context.Background(), pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		if err != nil {
+			t.Fatalf("dry-run create of a master pod: %v", err)
+		}
+		c := got.Spec.Containers[0]
+		if !got.Spec.HostNetwork || got.Spec.DNSPolicy != corev1.DNSClusterFirstWithHostNet || len(c.Ports) != 1 || c.Ports[0].HostPort != 9466 {
+			t.Errorf("master pod: hostNetwork %v, dnsPolicy %s, ports %+v; want the metrics port 9466 as a host port", got.Spec.HostNetwork, got.Spec.DNSPolicy, c.Ports)
+		}
+	})
+
 	t.Run("auth can-i", func(t *testing.T) {
 		canI(t, kc, admin)
 		canIProjectcalico(t, cs)

@@ -46,6 +46,9 @@ type MTUCluster struct {
 	// Calico's cluster-wide pod MTU must not exceed it.
 	SmallestBudget int    `json:"smallestBudget,omitempty"`
 	SmallestNode   string `json:"smallestNode,omitempty"`
+	// Fits: Calico's pod MTU is known, set (not auto) and within every budget (the
+	// smallest reported one, or the one for --external-mtu before any node reports).
+	Fits bool `json:"fits"`
 	// Fix says how to bring Calico's pod MTU within every budget; nil when it is.
 	Fix *MTUFix `json:"fix,omitempty"`
 	// Applied is what --apply did (nil without --apply).
@@ -144,6 +147,7 @@ func clusterVerdicts(cal *MTUCalico, v *view, icv, flagBudget int) *MTUCluster {
 	if cal.Known && !cal.Auto && cal.MTU > target {
 		misfit = true
 	}
+	mc.Fits = cal.Known && !cal.Auto && cal.MTU <= target && !misfit
 	if misfit || !cal.Known {
 		mc.Fix = &MTUFix{MTU: target, Why: why, Knob: shortKnob(cal.Install), Commands: setCommands(cal.Install, target),
 			Apply: cal.Install == InstallOperator || cal.Install == InstallManifest}
@@ -274,7 +278,9 @@ installed already run at the budget; restarting them is harmless.
 				return clusterErr
 			case applyErr != nil:
 				return applyErr
-			case out.Cluster != nil && len(out.Cluster.WrongNodes) > 0:
+			case out.Cluster != nil && (len(out.Cluster.WrongNodes) > 0 || out.Cluster.Fix != nil && out.Cluster.Calico.Known):
+				// Wrong nodes, or (before any node reports) Calico's MTU over the
+				// budget for --external-mtu.
 				return silentExit{ExitNotOK}
 			}
 			return nil
@@ -333,7 +339,7 @@ func (cd *mtuClusterData) judge(ctx context.Context, icv, flagBudget int, apply 
 			mc.Applied = &applied
 		}
 	}
-	if mc.Fix == nil && cd.calico.Known && cd.calico.ChangedAt != nil && len(mc.WrongNodes) == 0 {
+	if mc.Fits && cd.calico.ChangedAt != nil {
 		mc.Restart = cd.cl.podsBefore(ctx, *cd.calico.ChangedAt, cd.calico.Install)
 	}
 	return mc, applyErr

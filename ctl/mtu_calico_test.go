@@ -146,7 +146,20 @@ func TestMTUCalicoInstalls(t *testing.T) {
 
 	t.Run("manifest install", func(t *testing.T) {
 		cm := e.createCalicoConfig()
+		// Checked before secureoverlay runs (no node reports a budget): against the budget
+		// for --external-mtu, auto does not fit (exit 1) and the fix says so.
+		for _, n := range testNodes {
+			e.setReport(n.name, nil, "")
+		}
 		m, r := e.mtuJSON()
+		if r.code != ExitNotOK || m.Cluster.Fits || m.Cluster.Fix == nil || m.Cluster.Fix.MTU != 1452 ||
+			m.Cluster.Fix.Why != "the budget for --external-mtu" || len(m.Cluster.WrongNodes) != 0 {
+			t.Fatalf("before any node reports:\n%s", r)
+		}
+		for _, n := range testNodes {
+			e.setReport(n.name, healthyReport(n.name), "")
+		}
+		m, r = e.mtuJSON()
 		c := m.Cluster.Calico
 		if r.code != ExitNotOK || c.Install != InstallManifest || !c.Known || !c.Auto || c.Value != "0" || c.FelixApplies ||
 			c.FelixIPIPMTU != 1452 || len(m.Cluster.WrongNodes) != 3 || m.Cluster.Nodes[0].CalicoMTU != 1480 ||
@@ -187,7 +200,7 @@ func TestMTUCalicoInstalls(t *testing.T) {
 		m, r = e.mtuJSON("--as", "op", "--apply")
 		again, _ := e.cs.CoreV1().ConfigMaps("kube-system").Get(e.ctx, "calico-config", metav1.GetOptions{})
 		rs := m.Cluster.Restart
-		if r.code != ExitOK || m.Cluster.Applied == nil || m.Cluster.Applied.Changed || again.ResourceVersion != got.ResourceVersion ||
+		if r.code != ExitOK || m.Cluster.Applied == nil || m.Cluster.Applied.Changed || again.ResourceVersion != got.ResourceVersion || !m.Cluster.Fits ||
 			m.Cluster.Calico.MTU != 1452 || m.Cluster.Calico.Auto || len(m.Cluster.WrongNodes) != 0 || m.Cluster.Fix != nil ||
 			rs == nil || rs.Pods != 5 || rs.CalicoNodes != 1 || rs.CalicoNodesBefore != 1 || len(rs.Workloads) != 4 ||
 			!strings.Contains(rs.CalicoNodeRestart, "kubectl -n kube-system rollout restart daemonset/calico-node") {

@@ -14,7 +14,10 @@
 //   - Key bytes never reach the output: doctor reports only keys.Parse's verdict, whose
 //     errors name fields and positions and never any content of the Secret.
 //   - The CLI writes only the operator's ConfigMap (enabled/mode data keys and the
-//     rotate-request annotation); everything else it only reads.
+//     rotate-request annotation) and, on `mtu --apply` only, Calico's own pod MTU knob
+//     (the operator's Installation "default" spec.calicoNetwork.mtu, or veth_mtu in the
+//     manifest's ConfigMap kube-system/calico-config), with a merge patch under the field
+//     manager "secureoverlayctl"; everything else it only reads.
 //   - Output is deterministic for a given cluster state and clock (rows sorted by name,
 //     ages computed from the injected clock), so it can be golden-tested.
 package ctl
@@ -38,6 +41,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/metadata"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -268,6 +272,7 @@ var errNoKubeconfig = errors.New("no kubeconfig")
 type clients struct {
 	cs   kubernetes.Interface
 	dyn  dynamic.Interface
+	meta metadata.Interface // metadata-only lists (mtu's pods to recreate)
 	host string
 	// nodeSelector limits the nodes read (--node-selector); when the flag is not given
 	// (nodeSelectorSet false) the ConfigMap's node-selector applies.
@@ -319,7 +324,11 @@ func (g *globals) clients() (*clients, error) {
 	if err != nil {
 		return nil, withCode(ExitUnreachable, fmt.Errorf("client for %s: %w", cfg.Host, err))
 	}
-	return &clients{cs: cs, dyn: dyn, host: cfg.Host, nodeSelector: g.nodeSelector, nodeSelectorSet: g.nodeSelectorSet, calicoGroup: calicoGroup}, nil
+	md, err := metadata.NewForConfig(cfg)
+	if err != nil {
+		return nil, withCode(ExitUnreachable, fmt.Errorf("client for %s: %w", cfg.Host, err))
+	}
+	return &clients{cs: cs, dyn: dyn, meta: md, host: cfg.Host, nodeSelector: g.nodeSelector, nodeSelectorSet: g.nodeSelectorSet, calicoGroup: calicoGroup}, nil
 }
 
 // calico selects the Calico API group the way the agents do (watch.SelectCalico): never a

@@ -407,36 +407,46 @@ func (d *doctor) icv() int {
 
 func (d *doctor) mtu(ctx context.Context) Check {
 	const name = "mtu"
-	felix, src, err := d.cl.felixIPIPMTU(ctx)
+	st, err := d.cl.detectCalico(ctx, d.v)
 	if err != nil {
 		return fail(name, oneLine(err.Error()))
 	}
+	if !st.Known && st.Install != InstallUCP {
+		return fail(name, fmt.Sprintf("Calico's pod MTU (%s) not read: %s", shortKnob(st.Install), strings.Join(st.Notes, "; ")))
+	}
+	mc := clusterVerdicts(&st.MTUCalico, d.v, d.icv(), 0)
 	var bad, unknown []string
-	min := 0
-	for _, n := range d.nodes {
-		mn := MTUNode{Name: n.Name}
-		if n.Report != nil {
-			mn.ExternalMTU, mn.BudgetMTU = n.Report.ExternalMTU, n.Report.BudgetMTU
-		}
-		if mn.BudgetMTU == 0 {
+	cannot := false
+	for _, n := range mc.Nodes {
+		switch {
+		case n.BudgetMTU == 0:
 			unknown = append(unknown, n.Name) // the agents check names why
-			continue
-		}
-		mn = mtuVerdict(mn, felix, d.icv())
-		if !mn.OK {
-			bad = append(bad, n.Name+": "+mn.Verdict)
-		}
-		if mn.BudgetMTU != 0 && (min == 0 || mn.BudgetMTU < min) {
-			min = mn.BudgetMTU
+		case n.CalicoMTU == 0 && !n.OK && !strings.HasPrefix(n.Verdict, "reports budget"):
+			cannot = true
+		case !n.OK:
+			bad = append(bad, n.Name+": "+n.Verdict)
 		}
 	}
 	if len(bad) > 0 {
-		return fail(name, strings.Join(bad, "; "))
+		detail := strings.Join(bad, "; ")
+		if f := mc.Fix; f != nil && f.Apply {
+			detail += fmt.Sprintf("; fix: secureoverlayctl mtu --apply (sets %s to %d)", f.Knob, f.MTU)
+		} else if f != nil {
+			detail += fmt.Sprintf("; fix: set %s to %d", f.Knob, f.MTU)
+		}
+		return fail(name, detail)
 	}
-	if min == 0 {
+	if mc.SmallestBudget == 0 {
 		return fail(name, "no node reports a budget")
 	}
-	detail := fmt.Sprintf("ipipMTU %d (%s) <= smallest node budget %d", felix, src, min)
+	var detail string
+	if cannot {
+		// Not readable here (UCP keeps it in its own configuration file): not a failure
+		// doctor could ever clear; the plugin checks every pod anyway.
+		detail = fmt.Sprintf("Calico's pod MTU cannot be read (%s, %s): it must be <= smallest node budget %d", installNames[st.Install], shortKnob(st.Install), mc.SmallestBudget)
+	} else {
+		detail = fmt.Sprintf("Calico's pod MTU %d (%s, %s) <= smallest node budget %d", st.MTU, installNames[st.Install], shortKnob(st.Install), mc.SmallestBudget)
+	}
 	if len(unknown) > 0 {
 		detail += "; not reported by " + strings.Join(unknown, ", ")
 	}

@@ -208,14 +208,14 @@ func TestDoctor(t *testing.T) {
 			breakf: func() { e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1480)}) },
 			fix:    func() { e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)}) },
 			want:   []string{"mtu"},
-			say:    "ipipMTU 1480 exceeds this node's budget 1452",
+			say:    "Calico's pod MTU 1480 exceeds this node's budget 1452",
 		},
 		{
 			name:   "ipipMTU unset",
 			breakf: func() { e.applyCalico("felix", "default", map[string]any{"logSeverityScreen": "Info"}) },
 			fix:    func() { e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)}) },
 			want:   []string{"mtu"},
-			say:    "ipipMTU unset",
+			say:    "Calico's pod MTU 1480 (auto: 1500 - 20) exceeds this node's budget 1452",
 		},
 		{
 			name: "a node on a smaller external MTU",
@@ -226,7 +226,7 @@ func TestDoctor(t *testing.T) {
 			},
 			fix:  func() { e.setReport("node-b", healthyReport("node-b"), "") },
 			want: []string{"mtu"},
-			say:  "node-b: ipipMTU 1452 exceeds this node's budget 1402",
+			say:  "node-b: Calico's pod MTU 1452 exceeds this node's budget 1402",
 		},
 		{
 			name: "a node reporting a budget the rule does not give",

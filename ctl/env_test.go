@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -114,7 +115,7 @@ func (e *env) run(args ...string) result {
 func (e *env) runClock(now func() time.Time, args ...string) result {
 	e.t.Helper()
 	var out, errb bytes.Buffer
-	c := &CLI{Now: now, PollInterval: 100 * time.Millisecond, FetchMetrics: e.fetch}
+	c := &CLI{Now: now, PollInterval: 100 * time.Millisecond, FetchMetrics: e.fetch, Links: fakeLinks}
 	code := c.Run(e.ctx, append([]string{"--kubeconfig", e.kc}, args...), &out, &errb)
 	r := result{stdout: out.String(), stderr: errb.String(), code: code}
 	e.checkNoKeys(r)
@@ -407,6 +408,12 @@ func (e *env) installOperatorRBAC(user string, withCalico, withSecret bool) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+var rfc3339 = regexp.MustCompile(`\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ`)
+
+// normTimes replaces the API server's timestamps (managedFields, creation) with TIME, for
+// golden files.
+func normTimes(s string) string { return rfc3339.ReplaceAllString(s, "TIME") }
 
 // goldenCheck compares got with testdata/name (rewritten with -update).
 func goldenCheck(t *testing.T, name, got string) {

@@ -195,9 +195,15 @@ func TestMTU(t *testing.T) {
 		r := runBare(t, "mtu", "--offline", "--external-mtu", tc.ext, "--icv-bytes", tc.icv)
 		want := fmt.Sprintf("documented rule     %d ", tc.doc)
 		want2 := fmt.Sprintf("kernel-exact limit  %d ", tc.exact)
-		want3 := fmt.Sprintf("calico_mtu = \"%d\", ipip_mtu = \"%d\"", tc.budgetWanted, tc.budgetWanted)
-		if r.code != ExitOK || !strings.Contains(r.stdout, want) || !strings.Contains(r.stdout, want2) || !strings.Contains(r.stdout, want3) {
-			t.Errorf("mtu %s/%s:\n%s", tc.ext, tc.icv, r)
+		// Offline, the knob of every kind of Calico installation, set to the budget.
+		wants := []string{want, want2,
+			fmt.Sprintf(`'{"spec":{"calicoNetwork":{"mtu":%d}}}'`, tc.budgetWanted),
+			fmt.Sprintf(`'{"data":{"veth_mtu":"%d"}}'`, tc.budgetWanted),
+			fmt.Sprintf(`calico_mtu = "%d" and ipip_mtu = "%d"`, tc.budgetWanted, tc.budgetWanted)}
+		for _, w := range wants {
+			if r.code != ExitOK || !strings.Contains(r.stdout, w) {
+				t.Errorf("mtu %s/%s lacks %q:\n%s", tc.ext, tc.icv, w, r)
+			}
 		}
 	}
 	r = runBare(t, "mtu", "--offline", "--external-mtu", "1450", "-o", "json")
@@ -209,7 +215,7 @@ func TestMTU(t *testing.T) {
 	if r.code != ExitOK {
 		t.Fatalf("mtu on a healthy cluster:\n%s", r)
 	}
-	goldenCheck(t, "mtu-cluster.txt", r.stdout)
+	goldenCheck(t, "mtu-cluster.txt", normTimes(r.stdout))
 
 	rb := healthyReport("node-b")
 	rb.ExternalMTU, rb.BudgetMTU = 1450, 1402
@@ -219,7 +225,7 @@ func TestMTU(t *testing.T) {
 	if r.code != ExitNotOK {
 		t.Fatalf("mtu with node-b on a 1450 link must exit 1:\n%s", r)
 	}
-	goldenCheck(t, "mtu-cluster-wrong.txt", r.stdout)
+	goldenCheck(t, "mtu-cluster-wrong.txt", normTimes(r.stdout))
 
 	// The cluster's ICV (ConfigMap icv-bytes) is the default; the flag overrides it.
 	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true", "icv-bytes": "16"})

@@ -12,7 +12,12 @@ func operatorClusterRules(withCalico bool) []rbacv1.PolicyRule {
 	if withCalico {
 		r = append(r, rbacv1.PolicyRule{APIGroups: []string{"crd.projectcalico.org", "projectcalico.org"},
 			Resources: []string{"ippools", "ipamblocks", "blockaffinities", "bgppeers", "felixconfigurations"}, Verbs: []string{"get", "list"}},
-			rbacv1.PolicyRule{APIGroups: []string{"migration.projectcalico.org"}, Resources: []string{"datastoremigrations"}, Verbs: []string{"get", "list"}})
+			rbacv1.PolicyRule{APIGroups: []string{"migration.projectcalico.org"}, Resources: []string{"datastoremigrations"}, Verbs: []string{"get", "list"}},
+			// mtu: Calico's own MTU knob (read by mtu and doctor, patched by mtu --apply)
+			// and the pods that predate a change.
+			rbacv1.PolicyRule{APIGroups: []string{"operator.tigera.io"}, Resources: []string{"installations"}, ResourceNames: []string{"default"}, Verbs: []string{"get", "patch"}},
+			rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{"calico-config"}, Verbs: []string{"get", "patch"}},
+			rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list"}})
 	}
 	return r
 }

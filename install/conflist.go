@@ -24,7 +24,7 @@ const (
 )
 
 // PluginModes are the plugin's modes (plugin.Mode*); the first is its default.
-var PluginModes = []string{"enforce", "clamp", "warn"}
+var PluginModes = []string{"clamp", "enforce", "warn"}
 
 // ErrNoCalico means a conflist has no entry of type calico.
 var ErrNoCalico = errors.New("no plugin of type " + CalicoType)

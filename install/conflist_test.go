@@ -401,3 +401,21 @@ func FuzzSplice(f *testing.F) {
 		}
 	})
 }
+
+// TestDefaultPluginModeIsClamp: the installer writes the plugin's own default mode,
+// clamp, when --mode is not given (enforce refused every new pod of a default Calico
+// cluster: docs/mtu.md).
+func TestDefaultPluginModeIsClamp(t *testing.T) {
+	if PluginModes[0] != "clamp" || plugin.DefaultMode != plugin.ModeClamp {
+		t.Fatalf("default plugin mode %q (plugin.DefaultMode %q), want clamp", PluginModes[0], plugin.DefaultMode)
+	}
+	for _, m := range []plugin.Mode{plugin.ModeClamp, plugin.ModeEnforce, plugin.ModeWarn} {
+		found := false
+		for _, p := range PluginModes {
+			found = found || p == string(m)
+		}
+		if !found {
+			t.Errorf("PluginModes %v lacks %q", PluginModes, m)
+		}
+	}
+}

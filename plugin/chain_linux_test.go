@@ -171,12 +171,13 @@ func TestChainThroughLibcni(t *testing.T) {
 		wantErr uint // 0: success
 		wantMTU int  // pod eth0 MTU after ADD
 	}{
-		{"under budget, enforce, configured external mtu", 1400, `, "externalMTU": 1500`, 0, 1400},
-		{"at budget, enforce, detected external mtu", 1452, ``, 0, 1452},
-		{"over budget, enforce", 1453, `, "externalMTU": 1500`, ErrMTUOverBudget, 0},
-		{"over budget, enforce, detected", 1500, ``, ErrMTUOverBudget, 0},
-		{"over budget, icv 16", 1450, `, "icvBytes": 16`, ErrMTUOverBudget, 0},
+		{"under budget, enforce, configured external mtu", 1400, `, "mode": "enforce", "externalMTU": 1500`, 0, 1400},
+		{"at budget, enforce, detected external mtu", 1452, `, "mode": "enforce"`, 0, 1452},
+		{"over budget, enforce", 1453, `, "mode": "enforce", "externalMTU": 1500`, ErrMTUOverBudget, 0},
+		{"over budget, enforce, detected", 1500, `, "mode": "enforce"`, ErrMTUOverBudget, 0},
+		{"over budget, enforce, icv 16", 1450, `, "mode": "enforce", "icvBytes": 16`, ErrMTUOverBudget, 0},
 		{"over budget, clamp", 1500, `, "mode": "clamp"`, 0, 1452},
+		{"over budget, default mode clamps", 1480, ``, 0, 1452},
 		{"over budget, warn", 1500, `, "mode": "warn"`, 0, 1500},
 	}
 	for i, c := range cases {
@@ -195,7 +196,7 @@ func TestChainThroughLibcni(t *testing.T) {
 				return err
 			})
 			if c.wantErr != 0 {
-				wantCode(t, "ADD", err, c.wantErr, "eth0", "budget", "calico_mtu")
+				wantCode(t, "ADD", err, c.wantErr, "eth0", "budget", "spec.calicoNetwork.mtu", "veth_mtu", "secureoverlayctl mtu")
 				// The runtime cleans up a failed ADD with DEL: it must succeed.
 				if err := e.run(t, func() error { return e.cni.DelNetworkList(ctx, list, rt) }); err != nil {
 					t.Errorf("DEL after failed ADD: %v", err)
@@ -218,7 +219,7 @@ func TestChainThroughLibcni(t *testing.T) {
 			if err := e.run(t, func() error { return e.cni.CheckNetworkList(ctx, list, rt) }); err != nil {
 				t.Errorf("CHECK: %v", err)
 			}
-			if c.ours == `, "mode": "clamp"` {
+			if c.wantMTU == 1452 && c.podMTU > 1452 {
 				// The host end of the ptp veth (in the result, no sandbox) is clamped too.
 				for _, iface := range r.Interfaces {
 					if iface.Sandbox != "" {
@@ -237,7 +238,8 @@ func TestChainThroughLibcni(t *testing.T) {
 		})
 	}
 
-	// A CHECK after the pod MTU was raised behind our back fails in enforce mode.
+	// A CHECK after the pod MTU was raised behind our back fails in clamp mode (the
+	// default) as in enforce mode.
 	t.Run("check catches drift", func(t *testing.T) {
 		list := e.conflist(t, "1.0.0", 1400, `, "externalMTU": 1500`)
 		pod := newNS(t)
@@ -266,7 +268,7 @@ func TestChainThroughLibcni(t *testing.T) {
 	if err != nil {
 		t.Fatalf("plugin log: %v", err)
 	}
-	for _, want := range []string{"enforce: container chain2", "clamp: container chain5", "warn: container chain6"} {
+	for _, want := range []string{"enforce: container chain2", "clamp: container chain5", "clamp: container chain6", "warn: container chain7"} {
 		if !strings.Contains(string(logData), want) {
 			t.Errorf("plugin log lacks %q:\n%s", want, logData)
 		}

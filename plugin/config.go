@@ -19,13 +19,21 @@ type Mode string
 
 // The modes.
 const (
-	// ModeEnforce fails the ADD (and CHECK) with ErrMTUOverBudget. The default.
+	// ModeEnforce fails the ADD (and CHECK) with ErrMTUOverBudget. Opt-in: on a default
+	// Calico install (pod MTU 1480, budget 1452) it refuses every new pod.
 	ModeEnforce Mode = "enforce"
-	// ModeClamp lowers the pod interface MTU (and route MTUs above it) to the budget.
+	// ModeClamp lowers the pod interface MTU (and route MTUs above it, and the host end of
+	// the pod's veth) to the budget. The default: installing secureoverlay must never stop
+	// a working cluster from starting pods.
 	ModeClamp Mode = "clamp"
 	// ModeWarn only logs.
 	ModeWarn Mode = "warn"
 )
+
+// DefaultMode is the mode of an entry without "mode" (or with ""): clamp, so that a pod
+// whose MTU Calico set above the budget starts at the budget instead of being refused
+// (docs/mtu.md, "Installing on a default Calico cluster").
+const DefaultMode = ModeClamp
 
 // Config is the plugin's network configuration: the standard CNI keys plus ours.
 type Config struct {
@@ -35,7 +43,7 @@ type Config struct {
 	ExternalMTU int `json:"externalMTU,omitempty"`
 	// ICVBytes is the AES-GCM ICV length: 8 (default), 12 or 16.
 	ICVBytes int `json:"icvBytes,omitempty"`
-	// Mode is enforce (default), clamp or warn.
+	// Mode is clamp (default), enforce or warn.
 	Mode Mode `json:"mode,omitempty"`
 	// InterfacePattern selects the external interfaces for detection; empty means
 	// budget.DefaultInterfacePattern (Calico's).
@@ -130,7 +138,7 @@ func ParseConfig(stdin []byte) (*Config, error) {
 	}
 
 	if conf.Mode == "" {
-		conf.Mode = ModeEnforce
+		conf.Mode = DefaultMode
 	}
 	switch conf.Mode {
 	case ModeEnforce, ModeClamp, ModeWarn:

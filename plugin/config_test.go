@@ -15,7 +15,7 @@ func TestParseConfigDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if conf.Mode != ModeEnforce || conf.ICVBytes != 8 || conf.ExternalMTU != 0 || conf.LogFile != "" {
+	if conf.Mode != ModeClamp || conf.ICVBytes != 8 || conf.ExternalMTU != 0 || conf.LogFile != "" {
 		t.Fatalf("defaults: %+v", conf)
 	}
 	if conf.Pattern().String() != budget.DefaultInterfacePattern {

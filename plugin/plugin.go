@@ -82,14 +82,50 @@ func (v verdict) String() string {
 		v.Iface, v.MTU, v.Budget, v.External, v.Source, v.ICV)
 }
 
-// fix is the operator's remedy, in the product documentation's vocabulary.
+// fix is the operator's remedy. The plugin reads nothing from the API (it runs once per
+// pod, exec'd by the runtime), so it cannot tell how Calico was installed: it names the
+// knob of each kind of installation briefly and points at `secureoverlayctl mtu`, which
+// detects the cluster's and sets it (--apply). UCP's calico_mtu/ipip_mtu are named as
+// UCP's, never as Calico's (docs/mtu.md, "Calico's MTU knobs").
 func (v verdict) fix() string {
-	return fmt.Sprintf(`set calico_mtu = "%d" and ipip_mtu = "%d" (the budget) in the cluster configuration, or mode "clamp"`, v.Budget, v.Budget)
+	return fmt.Sprintf(`lower Calico's pod MTU to %d (the budget): `+
+		`operator install: Installation default spec.calicoNetwork.mtu; `+
+		`manifest install: veth_mtu in ConfigMap kube-system/calico-config, then restart calico-node; `+
+		`Docker UCP/MKE: calico_mtu and ipip_mtu in the UCP config; `+
+		`"secureoverlayctl mtu" names this cluster's knob, "secureoverlayctl mtu --apply" sets it`, v.Budget)
 }
 
-func overBudgetError(v verdict) error {
-	return types.NewError(ErrMTUOverBudget,
-		fmt.Sprintf("secureoverlay: %s: mtu exceeds the budget by %d bytes; fix: %s", v, v.MTU-v.Budget, v.fix()), "")
+// excess is the verdict with how far it is over the budget.
+func (v verdict) excess() string {
+	return fmt.Sprintf("%s: mtu exceeds the budget by %d bytes", v, v.MTU-v.Budget)
+}
+
+// refusal is the ADD error of enforce mode.
+func refusal(v verdict) error {
+	return types.NewError(ErrMTUOverBudget, fmt.Sprintf(
+		`secureoverlay: %s; plugin mode "enforce" refuses the pod; fix: %s; or set plugin-mode "clamp" (the default), which starts pods at the budget`,
+		v.excess(), v.fix()), "")
+}
+
+// checkFailure is the CHECK error of enforce and clamp mode: a running pod over the
+// budget was not started through this plugin (it predates it) or was changed since.
+func checkFailure(v verdict) error {
+	return types.NewError(ErrMTUOverBudget, fmt.Sprintf(
+		"secureoverlay: %s (the pod was started before secureoverlay, or its MTU was raised since); recreate it; fix for new pods: %s",
+		v.excess(), v.fix()), "")
+}
+
+// warnLine is the log line of warn mode (ADD and CHECK).
+func warnLine(what, container string, v verdict) string {
+	return fmt.Sprintf("warn: %s %s: %s; the pod keeps mtu %d, so its large packets to other nodes depend on path-MTU discovery; fix: %s",
+		what, container, v.excess(), v.MTU, v.fix())
+}
+
+// clampLine is the log line of a clamp.
+func clampLine(container string, v verdict) string {
+	return fmt.Sprintf("clamp: container %s: %s: lowered to %d (pod interface, its routes, the host end of its veth); "+
+		"Calico's own MTU is unchanged; to start pods at the budget without a clamp, %s",
+		container, v, v.Budget, v.fix())
 }
 
 // chained parses the config and the primary plugin's result, which ADD and CHECK both
@@ -145,21 +181,22 @@ func CmdAdd(args *skel.CmdArgs) error {
 
 	switch conf.Mode {
 	case ModeWarn:
-		lg.printf("warn: container %s: %s: mtu exceeds the budget; fix: %s", args.ContainerID, v, v.fix())
+		lg.printf("%s", warnLine("container", args.ContainerID, v))
 		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 	case ModeClamp:
 		if err := clamp(pod, ifName, v.Budget, hostInterfaces(res)); err != nil {
 			return types.NewError(ErrPodInterface, fmt.Sprintf("secureoverlay: clamp %s to %d: %v", ifName, v.Budget, err), "")
 		}
-		lg.printf("clamp: container %s: %s: lowered to %d", args.ContainerID, v, v.Budget)
+		lg.printf("%s", clampLine(args.ContainerID, v))
 		if ge, _ := version.GreaterThanOrEqualTo(conf.CNIVersion, "1.1.0"); ge && idx >= 0 {
 			res.Interfaces[idx].Mtu = v.Budget
 			return types.PrintResult(res, conf.CNIVersion)
 		}
 		return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 	default:
-		lg.printf("enforce: container %s: %s: refusing the pod", args.ContainerID, v)
-		return overBudgetError(v)
+		err := refusal(v)
+		lg.printf("enforce: container %s: %v", args.ContainerID, err)
+		return err
 	}
 }
 
@@ -190,10 +227,10 @@ func CmdCheck(args *skel.CmdArgs) error {
 	}
 	if v.over() {
 		if conf.Mode == ModeWarn {
-			lg.printf("warn: check container %s: %s: mtu exceeds the budget; fix: %s", args.ContainerID, v, v.fix())
+			lg.printf("%s", warnLine("check container", args.ContainerID, v))
 			return nil
 		}
-		return overBudgetError(v)
+		return checkFailure(v)
 	}
 	return nil
 }

@@ -322,24 +322,27 @@ func TestVerbsEveryVersion(t *testing.T) {
 				wantCode(t, "GC "+v, err, types.ErrIncompatibleCNIVersion)
 			}
 
-			// One above the budget, enforce: ADD fails with the full explanation.
+			// One above the budget, enforce: ADD fails with the full explanation, naming
+			// Calico's knobs (not UCP's as if they were Calico's).
 			over := newPod(t, bud+1, 1500)
-			confOver := config(t, v, map[string]any{"externalMTU": ext}, over.prevResult(t, v, true))
+			confOver := config(t, v, map[string]any{"externalMTU": ext, "mode": "enforce"}, over.prevResult(t, v, true))
 			_, _, err = add(over, confOver)
 			wantCode(t, "ADD enforce over budget", err, ErrMTUOverBudget,
-				"eth0", "mtu 1453", "budget 1452", "external mtu 1500", "icv 8", `calico_mtu = "1452"`, `ipip_mtu = "1452"`)
+				"eth0", "mtu 1453", "budget 1452", "external mtu 1500", "icv 8", "spec.calicoNetwork.mtu",
+				"veth_mtu in ConfigMap kube-system/calico-config", "Docker UCP/MKE: calico_mtu and ipip_mtu", "secureoverlayctl mtu")
 			if mtu, _ := over.mtus(t); mtu != bud+1 {
 				t.Errorf("enforce changed the mtu to %d", mtu)
 			}
 			if atLeast(v, "0.4.0") {
-				wantCode(t, "CHECK enforce over budget", check(over, confOver), ErrMTUOverBudget, "mtu 1453")
+				wantCode(t, "CHECK enforce over budget", check(over, confOver), ErrMTUOverBudget, "mtu 1453", "secureoverlayctl mtu")
 			}
 			if err := del(over.ns.Path(), confOver); err != nil {
 				t.Errorf("DEL after failed ADD: %v", err)
 			}
 
-			// Clamp: the netns shows the budget afterwards; routes above it are lowered.
-			confClamp := config(t, v, map[string]any{"externalMTU": ext, "mode": "clamp"}, over.prevResult(t, v, true))
+			// Clamp (the default: no "mode"): the netns shows the budget afterwards;
+			// routes above it are lowered.
+			confClamp := config(t, v, map[string]any{"externalMTU": ext}, over.prevResult(t, v, true))
 			res, out, err = add(over, confClamp)
 			if err != nil {
 				t.Fatalf("ADD clamp: %v", err)
@@ -396,12 +399,59 @@ func TestWarnLogs(t *testing.T) {
 	}
 }
 
+// TestLogsNameCalicosKnobs: in every mode, what the plugin logs about a pod of a default
+// Calico install (eth0 at 1480, budget 1452) names Calico's real knobs and
+// `secureoverlayctl mtu`; clamp (the default) starts the pod at 1452, enforce refuses it,
+// warn leaves it at 1480.
+func TestLogsNameCalicosKnobs(t *testing.T) {
+	requireRoot(t)
+	for _, tc := range []struct {
+		mode    string
+		wantMTU int
+		line    string
+	}{
+		{"", 1452, "clamp: container c0ffee"},
+		{"clamp", 1452, "clamp: container c0ffee"},
+		{"enforce", 1480, "enforce: container c0ffee"},
+		{"warn", 1480, "warn: container c0ffee"},
+	} {
+		t.Run("mode="+tc.mode, func(t *testing.T) {
+			p := newPod(t, 1480, 0)
+			logFile := filepath.Join(t.TempDir(), "so.log")
+			conf := config(t, "1.0.0", map[string]any{"externalMTU": 1500, "mode": tc.mode, "logFile": logFile}, p.prevResult(t, "1.0.0", true))
+			_, _, err := add(p, conf)
+			if tc.mode == "enforce" {
+				wantCode(t, "ADD enforce", err, ErrMTUOverBudget, knobWords...)
+			} else if err != nil {
+				t.Fatalf("ADD %s: %v", tc.mode, err)
+			}
+			if mtu, _ := p.mtus(t); mtu != tc.wantMTU {
+				t.Errorf("pod mtu %d, want %d", mtu, tc.wantMTU)
+			}
+			b, err := os.ReadFile(logFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var line string
+			for _, l := range strings.Split(string(b), "\n") {
+				if strings.Contains(l, tc.line) {
+					line = l
+				}
+			}
+			if line == "" {
+				t.Fatalf("log lacks %q:\n%s", tc.line, b)
+			}
+			checkMessage(t, "log of mode "+tc.mode, line)
+		})
+	}
+}
+
 func TestICV16AndNoInterfacesInResult(t *testing.T) {
 	requireRoot(t)
 	// Budget at 1500 with a 16-byte ICV is 1446; the result names no interfaces, so the
 	// plugin falls back to CNI_IFNAME.
 	p := newPod(t, 1447, 0)
-	conf := config(t, "1.0.0", map[string]any{"externalMTU": 1500, "icvBytes": 16}, p.prevResult(t, "1.0.0", false))
+	conf := config(t, "1.0.0", map[string]any{"externalMTU": 1500, "icvBytes": 16, "mode": "enforce"}, p.prevResult(t, "1.0.0", false))
 	_, _, err := add(p, conf)
 	wantCode(t, "ADD icv16", err, ErrMTUOverBudget, "budget 1446", "icv 16")
 
@@ -518,7 +568,7 @@ func TestDetectInHostNamespace(t *testing.T) {
 	var addErr, enforceErr, statusErr error
 	err = host.Do(func(ns.NetNS) error {
 		// The veth to the uplink reaches oper-up asynchronously; wait for detection.
-		enforce := config(t, "1.1.0", map[string]any{"interfacePattern": "^eth0$"}, prev)
+		enforce := config(t, "1.1.0", map[string]any{"interfacePattern": "^eth0$", "mode": "enforce"}, prev)
 		for i := 0; i < 100; i++ {
 			_, _, enforceErr = add(p, enforce)
 			var e *types.Error

@@ -39,7 +39,7 @@ func run() error {
 		binDir     = flag.String("cni-bin-dir", "/opt/cni/bin", "host CNI bin dir (as mounted)")
 		confDir    = flag.String("cni-conf-dir", "/etc/cni/net.d", "host CNI config dir (as mounted)")
 		pluginBin  = flag.String("plugin-binary", "/usr/local/bin/secureoverlay", "plugin binary to install (path in the image)")
-		mode       = flag.String("mode", install.PluginModes[0], "plugin mode: enforce, clamp or warn")
+		mode       = flag.String("mode", install.PluginModes[0], "plugin mode: clamp (lower a pod's MTU to the budget), enforce (refuse the pod) or warn")
 		icv        = flag.Int("icv-bytes", budget.DefaultICV, "AES-GCM ICV length: 8, 12 or 16")
 		extMTU     = flag.Int("external-mtu", 0, "external MTU to write into the entry; 0 = detect on this host now (falls back to detection by the plugin at ADD time)")
 		detectMTU  = flag.Bool("detect-external-mtu", true, "with --external-mtu 0: detect now; false writes 0 so the plugin detects at ADD time")

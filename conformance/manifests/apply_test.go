@@ -106,6 +106,26 @@ func TestManifestAgainstRealAPIServer(t *testing.T) {
 		t.FailNow()
 	}
 
+	// The master is on the host network: the API server defaults a host-network pod's
+	// ports to host ports, so the scheduler itself never puts two master pods on one node
+	// (the required anti-affinity says the same in the manifest). A server-side dry-run
+	// create of a pod from the Deployment's template shows the pod the scheduler would see.
+	t.Run("master host port", func(t *testing.T) {
+		dep, err := cs.AppsV1().Deployments(api.Namespace).Get(context.Background(), "secureoverlay-master", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "master-dry-run", Labels: dep.Spec.Template.Labels}, Spec: dep.Spec.Template.Spec}
+		got, err := cs.CoreV1().Pods(api.Namespace).Create(context.Background(), pod, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		if err != nil {
+			t.Fatalf("dry-run create of a master pod: %v", err)
+		}
+		c := got.Spec.Containers[0]
+		if !got.Spec.HostNetwork || got.Spec.DNSPolicy != corev1.DNSClusterFirstWithHostNet || len(c.Ports) != 1 || c.Ports[0].HostPort != 9466 {
+			t.Errorf("master pod: hostNetwork %v, dnsPolicy %s, ports %+v; want the metrics port 9466 as a host port", got.Spec.HostNetwork, got.Spec.DNSPolicy, c.Ports)
+		}
+	})
+
 	t.Run("auth can-i", func(t *testing.T) {
 		canI(t, kc, admin)
 		canIProjectcalico(t, cs)
@@ -301,6 +321,43 @@ func canIProjectcalico(t *testing.T, cs kubernetes.Interface) {
 			t.Fatal(err)
 		}
 		return got.Status.Allowed
+	}
+	// secureoverlayctl mtu --apply: operators may read and patch exactly Calico's own MTU
+	// knob (the operator's Installation "default", the manifest's kube-system/calico-config)
+	// and list pods (metadata) to name those that predate a change; nothing else of Calico's.
+	for _, tc := range []struct {
+		group, resource, ns, name, verb string
+		want                            bool
+	}{
+		{"operator.tigera.io", "installations", "", "default", "get", true},
+		{"operator.tigera.io", "installations", "", "default", "patch", true},
+		{"operator.tigera.io", "installations", "", "other", "patch", false},
+		{"operator.tigera.io", "installations", "", "default", "delete", false},
+		{"operator.tigera.io", "installations", "", "", "create", false},
+		{"", "configmaps", "kube-system", "calico-config", "get", true},
+		{"", "configmaps", "kube-system", "calico-config", "patch", true},
+		{"", "configmaps", "kube-system", "calico-config", "update", false},
+		{"", "configmaps", "kube-system", "calico-config", "delete", false},
+		{"", "configmaps", "kube-system", "kubeadm-config", "get", false},
+		{"", "configmaps", "kube-system", "", "list", false},
+		{"", "pods", "", "", "list", true},
+		{"", "pods", "kube-system", "", "delete", false},
+		{"crd.projectcalico.org", "felixconfigurations", "", "default", "patch", false},
+		{"projectcalico.org", "felixconfigurations", "", "default", "patch", false},
+		{"apps", "daemonsets", "kube-system", "calico-node", "patch", false},
+	} {
+		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+			User: operatorUser, Groups: []string{"system:authenticated"},
+			ResourceAttributes: &authorizationv1.ResourceAttributes{Group: tc.group, Resource: tc.resource,
+				Namespace: tc.ns, Name: tc.name, Verb: tc.verb},
+		}}
+		got, err := cs.AuthorizationV1().SubjectAccessReviews().Create(context.Background(), sar, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Status.Allowed != tc.want {
+			t.Errorf("operator %s %s.%s %s/%s: allowed=%v, want %v", tc.verb, tc.resource, tc.group, tc.ns, tc.name, got.Status.Allowed, tc.want)
+		}
 	}
 	// Calico's DatastoreMigration: the agent and operators read it (which group Calico
 	// uses), nobody of ours writes it.

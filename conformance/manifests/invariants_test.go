@@ -23,7 +23,16 @@ var readByAPI = []string{api.ConfigEnabledKey, api.ConfigModeKey}
 // TestManifestInvariants parses manifests/secureoverlay.yaml and checks what must
 // hold for every container and object, without an API server.
 func TestManifestInvariants(t *testing.T) {
-	checkInvariants(t, loadManifest(t))
+	objs := loadManifest(t)
+	checkInvariants(t, objs)
+	if dep := deployment(t, objs); dep.Spec.Replicas == nil || *dep.Spec.Replicas != 2 {
+		t.Errorf("master: replicas must be 2 in the manifest (overlays/single-node makes it 1)")
+	}
+	// Installing on a default Calico cluster (pod MTU 1480 > budget 1452) must not stop
+	// pods from starting: the shipped plugin mode clamps instead of refusing.
+	if m := configMap(t, objs).Data["plugin-mode"]; m != "clamp" {
+		t.Errorf("ConfigMap plugin-mode %q, want clamp (enforce refuses every new pod of a default Calico cluster)", m)
+	}
 }
 
 func checkInvariants(t *testing.T, objs []object) {
@@ -290,20 +299,47 @@ func checkInvariants(t *testing.T, objs []object) {
 
 	// Master Deployment.
 	mp := &dep.Spec.Template.Spec
-	if dep.Spec.Replicas == nil || *dep.Spec.Replicas != 2 {
-		t.Errorf("master: replicas must be 2")
+	if dep.Spec.Replicas == nil || (*dep.Spec.Replicas != 2 && *dep.Spec.Replicas != 1) {
+		t.Errorf("master: replicas must be 2 (1 on a single node)")
 	}
-	if mp.HostNetwork {
-		t.Errorf("master: hostNetwork")
+	// The master never depends on the pod network it protects: on the host network it
+	// gets no pod IP, so no CNI ADD, so no MTU check can keep it from starting (issue 15:
+	// enforce mode refused the master's own pods). It keeps the cluster DNS.
+	if !mp.HostNetwork || mp.DNSPolicy != corev1.DNSClusterFirstWithHostNet {
+		t.Errorf("master: hostNetwork=%v dnsPolicy=%q, want true and ClusterFirstWithHostNet", mp.HostNetwork, mp.DNSPolicy)
 	}
 	if mp.SecurityContext.RunAsNonRoot == nil || !*mp.SecurityContext.RunAsNonRoot {
 		t.Errorf("master: must run as non-root")
 	}
 	aff := mp.Affinity
 	if aff == nil || aff.NodeAffinity == nil || len(aff.NodeAffinity.PreferredDuringSchedulingIgnoredDuringExecution) == 0 ||
-		aff.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution != nil ||
-		aff.PodAntiAffinity == nil || len(aff.PodAntiAffinity.PreferredDuringSchedulingIgnoredDuringExecution) == 0 {
-		t.Errorf("master: needs preferred control-plane affinity and pod anti-affinity")
+		aff.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution != nil {
+		t.Errorf("master: needs preferred (never required) control-plane affinity")
+	}
+	// Two replicas on one node would both bind the metrics port on the host network:
+	// required anti-affinity on the hostname, selecting the master's own pods.
+	if aff == nil || aff.PodAntiAffinity == nil || len(aff.PodAntiAffinity.RequiredDuringSchedulingIgnoredDuringExecution) != 1 {
+		t.Errorf("master: needs one required pod anti-affinity term")
+	} else {
+		term := aff.PodAntiAffinity.RequiredDuringSchedulingIgnoredDuringExecution[0]
+		if term.TopologyKey != "kubernetes.io/hostname" || term.LabelSelector == nil ||
+			term.LabelSelector.MatchLabels["app.kubernetes.io/name"] != dep.Spec.Selector.MatchLabels["app.kubernetes.io/name"] {
+			t.Errorf("master: anti-affinity term %+v must select the master's pods by kubernetes.io/hostname", term)
+		}
+	}
+	// On the host network a non-root container without capabilities can bind only ports
+	// above 1024 (no NET_BIND_SERVICE): every declared port of a host-network pod.
+	for _, w := range workloads {
+		if !w.spec.HostNetwork {
+			continue
+		}
+		for _, c := range allContainers(w.spec) {
+			for _, p := range c.Ports {
+				if p.ContainerPort <= 1024 {
+					t.Errorf("%s/%s: port %d on the host network needs NET_BIND_SERVICE", w.name, c.Name, p.ContainerPort)
+				}
+			}
+		}
 	}
 	if !slices.ContainsFunc(mp.Tolerations, func(t corev1.Toleration) bool { return t.Key == "node-role.kubernetes.io/control-plane" }) {
 		t.Errorf("master: does not tolerate the control-plane taint")

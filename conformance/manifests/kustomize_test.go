@@ -13,7 +13,7 @@ import (
 )
 
 // overlays are the kustomizations operators apply with -k, relative to manifests/.
-var overlays = []string{".", "overlays/gke", "overlays/openshift", "overlays/example"}
+var overlays = []string{".", "overlays/gke", "overlays/openshift", "overlays/example", "overlays/single-node"}
 
 // TestKustomizeBaseIsTheManifest: kustomize cannot load ../secureoverlay.yaml (nor a
 // symlink to it), so the base holds a copy that must stay identical.
@@ -99,13 +99,24 @@ func TestKustomizeOverlays(t *testing.T) {
 				if crb.Subjects[0].Name != "secureoverlay-agent" {
 					t.Errorf("SCC binding subjects %v", crb.Subjects)
 				}
+				// The master is on the host network: restricted-v2 does not allow it.
+				mcr := toTyped[rbacv1.ClusterRole](t, mustFind(t, objs, "ClusterRole", "secureoverlay-master-scc"))
+				mcrb := toTyped[rbacv1.ClusterRoleBinding](t, mustFind(t, objs, "ClusterRoleBinding", "secureoverlay-master-scc"))
+				if len(mcr.Rules) != 1 || !slices.Equal(mcr.Rules[0].ResourceNames, []string{"hostnetwork-v2"}) ||
+					mcrb.Subjects[0].Name != "secureoverlay-master" || mcrb.RoleRef.Name != mcr.Name {
+					t.Errorf("master SCC: %+v bound by %+v, want use of hostnetwork-v2 by secureoverlay-master", mcr.Rules, mcrb)
+				}
 			case "overlays/example":
 				ds := daemonSet(t, objs)
 				if img := ds.Spec.Template.Spec.Containers[0].Image; img != "registry.example.com/secureoverlay:0.1.0" {
 					t.Errorf("example image %s", img)
 				}
-				if cm.Data["icv-bytes"] != "16" || cm.Data["rotate-interval"] != "6h" || cm.Data["plugin-mode"] != "clamp" || cm.Data["mode"] != "accept" {
+				if cm.Data["icv-bytes"] != "16" || cm.Data["rotate-interval"] != "6h" || cm.Data["plugin-mode"] != "enforce" || cm.Data["mode"] != "accept" {
 					t.Errorf("example settings %v", cm.Data)
+				}
+			case "overlays/single-node":
+				if dep := deployment(t, objs); *dep.Spec.Replicas != 1 || len(objs) != len(file) {
+					t.Errorf("single-node: master replicas %d, %d objects (base %d)", *dep.Spec.Replicas, len(objs), len(file))
 				}
 			}
 		})

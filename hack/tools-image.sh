@@ -228,12 +228,15 @@ build_image() {
 	umoci tag --image "$oci:$tag" "$ctag"
 
 	skopeo copy -q "oci:$oci:$tag" "docker-archive:$work/secureoverlay.tar:$IMAGE:$tag" --additional-tag "$IMAGE:$ctag"
-	skopeo copy -q "oci:$oci:pause" "oci-archive:$work/pause.tar:$PAUSE_IMAGE"
+	# skopeo's oci-archive writer stamps the archive's entries with the current time:
+	# write the layout with skopeo, tar it ourselves.
+	skopeo copy -q "oci:$oci:pause" "oci:$work/pause-oci:$PAUSE_IMAGE"
+	tar "${tarflags[@]}" -C "$work/pause-oci" -cf "$work/pause.tar" oci-layout index.json blobs
 	# The pause image stays only in pause.tar; the layout holds the project's image.
 	umoci rm --image "$oci:pause"
 	umoci gc --layout "$oci"
-	# skopeo and umoci write archives with their own times; none depends on the clock
-	# (checked by --reproducible), but set the files' own mtimes for tidy listings.
+	# The archives' own mtimes, for tidy listings (their content does not depend on
+	# the clock: --reproducible checks).
 	touch -h -d "@$sde" "$work/secureoverlay.tar" "$work/pause.tar"
 
 	cat >"$work/image.env" <<EOF

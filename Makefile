@@ -25,7 +25,7 @@ export SECUREOVERLAY_BIN_DIR   := $(BIN)
 export SECUREOVERLAY_CACHE_DIR := $(CACHE)
 export CNI_PLUGIN_DIR          ?= /usr/lib/cni
 
-.PHONY: all build deps tools image test unit lint demo conformance bench clean
+.PHONY: all build deps tools image image-dockerfile test unit lint demo conformance bench clean
 
 all: build
 
@@ -54,6 +54,11 @@ tools: deps
 # .cache/image/secureoverlay.tar (docker-archive), .cache/image/oci/ (OCI layout).
 image: deps
 	@hack/tools-image.sh
+
+# The unmodified Dockerfile built by buildah on local stand-ins for its FROM images
+# (no registry); slow, so not part of `make test` (docs/architecture.md).
+image-dockerfile: deps
+	@hack/buildah-dockerfile.sh
 
 lint:
 	$(GO) vet ./...

@@ -33,6 +33,8 @@
 #        hack/tools-image.sh --check         exit 0 when the image is up to date, 1 when not
 #        hack/tools-image.sh --update-lock   resolve the archive's current versions, rewrite the lock
 #        hack/tools-image.sh --reproducible  build twice from scratch (no cache but .debs), compare digests
+#        hack/tools-image.sh --slim-rootfs DEST.tar   the stand-in for debian:bookworm-slim
+#                                            (hack/buildah-dockerfile.sh)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -72,6 +74,14 @@ slim=(
 	'path-exclude=/usr/share/man/*' 'path-exclude=/usr/share/groff/*' 'path-exclude=/usr/share/info/*'
 	'path-exclude=/usr/share/lintian/*' 'path-exclude=/usr/share/linda/*' 'path-exclude=/usr/share/locale/*'
 )
+# debian:bookworm-slim's apt settings (debuerreotype's /etc/apt/apt.conf.d/docker-*),
+# written after the install (docker-clean would delete the .debs we keep).
+apt_conf=(
+	$'docker-clean=DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };\nDir::Cache::pkgcache "";\nDir::Cache::srcpkgcache "";'
+	'docker-autoremove-suggests=Apt::AutoRemove::SuggestsImportant "false";'
+	'docker-gzip-indexes=Acquire::GzipIndexes "true";'
+	'docker-no-languages=Acquire::Languages "none";'
+)
 # The Dockerfile's RUN, after apt-get install.
 user_hooks=(
 	'chroot "$1" groupadd --system --gid 65532 nonroot'
@@ -87,6 +97,10 @@ case "${1:-}" in
 --check) mode=check ;;
 --update-lock) mode=update-lock ;;
 --reproducible) mode=reproducible ;;
+--slim-rootfs)
+	mode=slim
+	slim_dest=${2:?--slim-rootfs needs a destination .tar}
+	;;
 *) die "unknown argument $1 (see the header of $0)" ;;
 esac
 
@@ -108,7 +122,8 @@ epoch() {
 rootfs_hash() {
 	{
 		echo "$suite ${mirrors[*]} $include"
-		printf '%s\n' "${slim[@]}" "${user_hooks[@]}"
+		printf '%s\n' "${slim[@]}" "${apt_conf[@]}" "${user_hooks[@]}"
+		declare -f build_rootfs # the recipe itself
 		dpkg-query -W -f='${Package} ${Version}\n' mmdebstrap apt dpkg 2>/dev/null || true
 		cat "$lock"
 	} | sha256sum | cut -d' ' -f1
@@ -129,9 +144,12 @@ image_hash() {
 	} | sha256sum | cut -d' ' -f1
 }
 
-# build_rootfs DEST.tar DEBCACHE [lock|unpinned]: mmdebstrap into a tar.
+# build_rootfs DEST.tar DEBCACHE [lock|unpinned] [image|slim]: mmdebstrap into a tar.
+# "slim" is the stand-in for debian:bookworm-slim that hack/buildah-dockerfile.sh
+# builds the Dockerfile on: the same recipe without the runtime stage's packages and
+# user; its packages must be locked ones.
 build_rootfs() {
-	local dest=$1 debs=$2 pin=${3:-lock} work
+	local dest=$1 debs=$2 pin=${3:-lock} kind=${4:-image} work
 	work=$(mktemp -d "$(dirname "$dest")/.rootfs.XXXXXX")
 	mkdir -p "$debs"
 	local prefs=$work/prefs pkgs=$work/pkgs
@@ -142,17 +160,25 @@ build_rootfs() {
 			printf 'Package: %s\nPin: version %s\nPin-Priority: 1001\n\n' "$p" "$v"
 		done >"$prefs"
 	fi
-	local args=(--variant=minbase --mode=root --format=tar --include="$include"
-		--skip=output/dev --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr --aptopt='Acquire::Check-Valid-Until "false"' --aptopt='Acquire::Retries "3"')
+	mkdir -p "$work/apt"
+	local a
+	for a in "${apt_conf[@]}"; do printf '%s\n' "${a#*=}" >"$work/apt/${a%%=*}"; done
+	local args=(--variant=minbase --mode=root --format=tar --skip=output/dev)
+	[ "$kind" = slim ] || args+=(--include="$include")
+	args+=( --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr --aptopt='Acquire::Check-Valid-Until "false"' --aptopt='Acquire::Retries "3"')
 	for o in "${slim[@]}"; do args+=(--dpkgopt="$o"); done
 	args+=(
 		--setup-hook='mkdir -p "$1"/etc/apt/preferences.d "$1"/var/cache/apt/archives'
 		--setup-hook="copy-in $prefs /etc/apt/preferences.d/"
 		--setup-hook="sync-in $debs /var/cache/apt/archives/"
 	)
-	for h in "${user_hooks[@]}"; do args+=(--customize-hook="$h"); done
+	if [ "$kind" != slim ]; then
+		for h in "${user_hooks[@]}"; do args+=(--customize-hook="$h"); done
+	fi
 	args+=(
 		--customize-hook="sync-out /var/cache/apt/archives $debs"
+		--customize-hook='rm -f "$1"/var/cache/apt/archives/*.deb'
+		--customize-hook="copy-in $(cd "$work/apt" && printf "$work/apt/%s " *) /etc/apt/apt.conf.d/"
 		--customize-hook='rm -f "$1"/etc/apt/preferences.d/prefs'
 		--customize-hook="chroot \"\$1\" dpkg-query -W -f='\${Package} \${Version}\n' >$pkgs"
 	)
@@ -163,8 +189,18 @@ build_rootfs() {
 		die "mmdebstrap failed (log above)"
 	fi
 	rm -f "$debs"/lock "$debs"/partial -r
+	# mmdebstrap's final clean-up regenerates apt's binary caches, which
+	# debian:bookworm-slim's docker-clean keeps out of the image.
+	tar --delete -f "$work/rootfs.tar" ./var/cache/apt/pkgcache.bin ./var/cache/apt/srcpkgcache.bin 2>/dev/null || true
 	LC_ALL=C sort "$pkgs" >"$work/pkgs.sorted"
-	if [ "$pin" = lock ]; then
+	if [ "$kind" = slim ]; then
+		if [ -n "$(LC_ALL=C comm -13 <(grep -v '^#' "$lock" | LC_ALL=C sort) "$work/pkgs.sorted")" ]; then
+			log "the slim root file system holds packages the lock does not:"
+			LC_ALL=C comm -13 <(grep -v '^#' "$lock" | LC_ALL=C sort) "$work/pkgs.sorted" >&2
+			rm -rf "$work"
+			die "run hack/tools-image.sh --update-lock"
+		fi
+	elif [ "$pin" = lock ]; then
 		if ! diff <(grep -v '^#' "$lock" | LC_ALL=C sort) "$work/pkgs.sorted" >"$work/diff"; then
 			log "the root file system does not hold exactly the locked packages (< lock, > built):"
 			grep '^[<>]' "$work/diff" >&2
@@ -267,13 +303,18 @@ EOF
 	log "built $IMAGE:$tag ($ctag, $(du -h "$dir/secureoverlay.tar" | cut -f1) docker-archive) in $((SECONDS - t))s"
 }
 
-need mmdebstrap umoci skopeo jq tar sha256sum
+[ "$mode" = check ] || need mmdebstrap umoci skopeo jq tar sha256sum
 [ -f "$lock" ] || [ "$mode" = update-lock ] || die "no $lock (run hack/tools-image.sh --update-lock)"
 mkdir -p "$out"
 exec 9>"$out/.lock"
 flock 9
 
 case $mode in
+slim)
+	[ "$(id -u)" = 0 ] || die "mmdebstrap --mode=root needs root"
+	build_rootfs "$slim_dest" "$out/debs" lock slim
+	exit 0
+	;;
 update-lock)
 	[ "$(id -u)" = 0 ] || die "mmdebstrap --mode=root needs root"
 	tmp=$(mktemp -d "$out/.lock.XXXXXX")

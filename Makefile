@@ -4,6 +4,7 @@
 #   make test         everything: installs apt packages + Go modules, builds the
 #                     test API server, runs unit, privileged and conformance tests
 #   make lint         go vet + gofmt check
+#   make image        the image, without a registry or engine → .cache/image/ (docs/deploy.md)
 #   make demo         the local lab: a VM with three encrypted nodes
 #   make bench        benchmarks → bench/RESULTS.md
 #
@@ -24,7 +25,7 @@ export SECUREOVERLAY_BIN_DIR   := $(BIN)
 export SECUREOVERLAY_CACHE_DIR := $(CACHE)
 export CNI_PLUGIN_DIR          ?= /usr/lib/cni
 
-.PHONY: all build deps tools test unit lint demo conformance bench clean
+.PHONY: all build deps tools image image-dockerfile test unit lint demo conformance bench clean
 
 all: build
 
@@ -43,9 +44,21 @@ deps:
 	@hack/install-deps.sh
 	@$(GO) mod download
 
-# Test tools built from pinned Go modules, cached under .cache/ (kube-apiserver, etcd, lab kernel).
+# Test tools built from pinned Go modules and Debian packages, cached under .cache/
+# (the image, kube-apiserver, etcd, kubectl, the node binaries, the lab kernel).
 tools: deps
 	@set -e; for s in hack/tools-*.sh; do [ -x "$$s" ] && "$$s"; done; true
+
+# The project's image from Debian packages and our binaries, reproducibly
+# (hack/tools-image.sh: mmdebstrap → umoci → skopeo; also run by `make tools`):
+# .cache/image/secureoverlay.tar (docker-archive), .cache/image/oci/ (OCI layout).
+image: deps
+	@hack/tools-image.sh
+
+# The unmodified Dockerfile built by buildah on local stand-ins for its FROM images
+# (no registry); slow, so not part of `make test` (docs/architecture.md).
+image-dockerfile: deps
+	@hack/buildah-dockerfile.sh
 
 lint:
 	$(GO) vet ./...

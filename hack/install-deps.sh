@@ -8,6 +8,7 @@ pkgs=(
   containernetworking-plugins       # ptp/bridge/host-local/tuning: the stand-in primary CNI plugin
   tcpdump                           # captures in the lab
   qemu-system-x86 busybox-static cpio zstd xz-utils iputils-ping   # the VM lab (ping -M do for DF probes)
+  mmdebstrap umoci skopeo jq        # make image: the image without a registry (hack/tools-image.sh)
 )
 
 missing=()

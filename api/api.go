@@ -90,6 +90,9 @@ type NodeReport struct {
 	Mode Mode `json:"mode"`
 	// Generations are the key generations whose inbound SAs are installed for every peer.
 	Generations []uint32 `json:"generations,omitempty"`
+	// Sending are the key generations this node's outbound SAs use (as applied). The master
+	// removes a retiring generation before --grace is over once no live node sends with it.
+	Sending []uint32 `json:"sending,omitempty"`
 	// Incarnation is the boot ID of the node when the report was made (a report whose
 	// Incarnation differs from status.nodeInfo.bootID is stale).
 	Incarnation string `json:"incarnation,omitempty"`

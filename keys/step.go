@@ -16,8 +16,12 @@ type Config struct {
 	// RotateInterval is the longest a generation stays the newest (from its creation);
 	// 0 disables interval rotation.
 	RotateInterval time.Duration
-	// Grace is how long a retiring generation stays installed after the switch.
+	// Grace is the longest a retiring generation stays installed after the switch.
 	Grace time.Duration
+	// Drain is the shortest: a retiring generation leaves once every live node reports it
+	// no longer sends with it and Drain has passed since the switch (for packets still in
+	// flight); a node that does not confirm keeps it until Grace is over.
+	Drain time.Duration
 	// NodeTimeout: a node NotReady for at least this long no longer blocks any step.
 	NodeTimeout time.Duration
 	// SeqThreshold: rotate early when a report's MaxSeqFraction reaches it; 0 disables.
@@ -29,7 +33,7 @@ type Config struct {
 
 // DefaultConfig is the shipped policy.
 func DefaultConfig() Config {
-	return Config{RotateInterval: 12 * time.Hour, Grace: 5 * time.Minute, NodeTimeout: 10 * time.Minute,
+	return Config{RotateInterval: 12 * time.Hour, Grace: 5 * time.Minute, Drain: 10 * time.Second, NodeTimeout: 10 * time.Minute,
 		SeqThreshold: 0.5, Cipher: AES128GCM, ICVBytes: 8}
 }
 
@@ -213,6 +217,18 @@ func Step(in Input) (Result, error) {
 		}
 		return lag
 	}
+	// stillSending lists the live nodes that may still send with retiring generation num: a
+	// node confirms it does not once its report's sending lists the active generation and
+	// not num, or it encrypts to no peer (a report without sending, from an agent that
+	// predates it, confirms nothing).
+	stillSending := func(num, active uint32) []Lag {
+		return gate(fmt.Sprintf("still sends with generation %d", num), func(rep *api.NodeReport) bool {
+			if slices.Contains(rep.Sending, num) {
+				return false
+			}
+			return rep.PeersEncrypted == 0 || (active != 0 && slices.Contains(rep.Sending, active))
+		})
+	}
 	newGen := func(reason string, state State) error {
 		root := make(Key, RootKeyBytes)
 		if _, err := io.ReadFull(in.Rand, root); err != nil {
@@ -280,7 +296,12 @@ func Step(in Input) (Result, error) {
 
 	// 3. Rotation, while keys are in use.
 	if r.Mode != api.ModeOff {
-		// 3a. Retiring generations leave after the grace period.
+		// 3a. A retiring generation leaves once no live node sends with it (and the drain
+		// time is over), at the latest when the grace period is over.
+		var active uint32
+		if a := r.Active(); a != nil {
+			active = a.Number
+		}
 		kept := r.Generations[:0]
 		for _, g := range r.Generations {
 			if g.State == StateRetiring {
@@ -290,6 +311,14 @@ func Step(in Input) (Result, error) {
 					continue
 				}
 				wake(until)
+				if len(stillSending(g.Number, active)) == 0 {
+					drained := g.Retiring.Add(cfg.Drain)
+					if !now.Before(drained) {
+						act(Action{Kind: ActionGenerationRemoved, Generation: g.Number, Reason: "no live node sends with it"})
+						continue
+					}
+					wake(drained)
+				}
 			}
 			kept = append(kept, g)
 		}
@@ -369,6 +398,20 @@ func Step(in Input) (Result, error) {
 	case r.Mode != r.Target:
 		res.Waiting = fmt.Sprintf("every live node to report mode %s before stepping toward %s", r.Mode, r.Target)
 		res.Lagging = modeGate()
+	default:
+		if a := r.Active(); a != nil {
+			for _, g := range r.Generations {
+				if g.State != StateRetiring {
+					continue
+				}
+				if lag := stillSending(g.Number, a.Number); len(lag) > 0 {
+					res.Waiting = fmt.Sprintf("every live node to stop sending with retiring generation %d (removed at the latest %s)",
+						g.Number, g.Retiring.Add(cfg.Grace).UTC().Format(time.RFC3339))
+					res.Lagging = lag
+					break
+				}
+			}
+		}
 	}
 	for _, g := range r.Generations {
 		if g.State != StateActive {

@@ -15,7 +15,7 @@ import (
 )
 
 func testConfig() Config {
-	return Config{RotateInterval: 12 * time.Hour, Grace: 2 * time.Minute, NodeTimeout: 10 * time.Minute,
+	return Config{RotateInterval: 12 * time.Hour, Grace: 2 * time.Minute, Drain: 10 * time.Second, NodeTimeout: 10 * time.Minute,
 		SeqThreshold: 0.5, Cipher: AES128GCM, ICVBytes: 8}
 }
 
@@ -25,6 +25,10 @@ func follower(name string, r *Ring) NodeState {
 	if r != nil {
 		rep.Mode = r.Mode
 		rep.Generations = r.Numbers()
+		// It sends to its peers with the active generation once the mode encrypts.
+		if a := r.Active(); a != nil && (r.Mode == api.ModeEncrypt || r.Mode == api.ModeEnforce) {
+			rep.Sending, rep.PeersEncrypted = []uint32{a.Number}, 1
+		}
 	}
 	return NodeState{Name: name, Ready: true, BootID: "boot-" + name, Report: rep}
 }
@@ -239,14 +243,17 @@ func TestWholeRotation(t *testing.T) {
 	if r.Active().Number != 2 || r.Generation(1).State != StateRetiring || !res.Wake.Equal(now.Add(cfg.Grace)) {
 		t.Fatalf("switch: %s wake %v", Summary(r), res.Wake)
 	}
-	// Within grace nothing happens; after grace 1 is removed.
-	res = step(t, Input{Ring: r, Nodes: followers(r, names...), Target: api.ModeEnforce, Now: now.Add(cfg.Grace - time.Second)})
-	if res.Changed {
-		t.Fatalf("changed within grace: %v", kinds(res))
+	// While a node still sends with 1, nothing happens within grace; after grace 1 is
+	// removed whatever the nodes report.
+	lagging := followers(r, names...)
+	lagging[1].Report.Sending = []uint32{1}
+	res = step(t, Input{Ring: r, Nodes: lagging, Target: api.ModeEnforce, Now: now.Add(cfg.Grace - time.Second)})
+	if res.Changed || !slices.Equal(lagNames(res.Lagging), []string{"b"}) || !strings.Contains(res.Waiting, "stop sending with retiring generation 1") {
+		t.Fatalf("changed within grace: %v lagging %v waiting %q", kinds(res), res.Lagging, res.Waiting)
 	}
-	res = step(t, Input{Ring: r, Nodes: followers(r, names...), Target: api.ModeEnforce, Now: now.Add(cfg.Grace)})
+	res = step(t, Input{Ring: r, Nodes: lagging, Target: api.ModeEnforce, Now: now.Add(cfg.Grace)})
 	r = res.Ring
-	if !slices.Equal(r.Numbers(), []uint32{2}) || res.RotationInProgress || r.LastGeneration != 2 {
+	if !slices.Equal(r.Numbers(), []uint32{2}) || res.RotationInProgress || r.LastGeneration != 2 || res.Waiting != "" {
 		t.Fatalf("after grace: %s", Summary(r))
 	}
 	// The next interval counts from generation 2's creation.
@@ -380,5 +387,58 @@ func TestStepDeterministic(t *testing.T) {
 	}
 	if outs[0] != outs[1] {
 		t.Fatal("same input, different output")
+	}
+}
+
+// TestRetiringLeavesWhenNoNodeSendsWithIt: a retiring generation leaves as soon as every
+// live node reports it no longer sends with it and the drain time is over — not before,
+// and never on the word of a node that cannot say (an agent without the sending field).
+func TestRetiringLeavesWhenNoNodeSendsWithIt(t *testing.T) {
+	names := []string{"a", "b", "c", "d"}
+	cfg := testConfig()
+	r := steady(t, names...)
+	now := t0.Add(time.Hour)
+	r = step(t, Input{Ring: r, Nodes: followers(r, names...), Target: api.ModeEnforce, RotateRequest: "x", Now: now}).Ring
+	r = step(t, Input{Ring: r, Nodes: followers(r, names...), Target: api.ModeEnforce, RotateRequest: "x", Now: now}).Ring
+	if r.Active().Number != 2 || r.Generation(1).State != StateRetiring {
+		t.Fatalf("switch: %s", Summary(r))
+	}
+	switched := r.Generation(1).Retiring
+	type tc struct {
+		name   string
+		mutate func([]NodeState)
+		at     time.Duration
+		kept   bool
+		lag    []string
+	}
+	for _, c := range []tc{
+		{"every node switched, drain not over", nil, cfg.Drain - time.Second, true, nil},
+		{"every node switched, drain over", nil, cfg.Drain, false, nil},
+		{"one node still sends with 1", func(n []NodeState) { n[2].Report.Sending = []uint32{1, 2} }, time.Minute, true, []string{"c"}},
+		{"old agent: no sending field but encrypts", func(n []NodeState) { n[0].Report.Sending = nil }, time.Minute, true, []string{"a"}},
+		{"node that encrypts to no peer", func(n []NodeState) { n[0].Report.Sending, n[0].Report.PeersEncrypted = nil, 0 }, cfg.Drain, false, nil},
+		{"node without a report", func(n []NodeState) { n[3].Report = nil }, time.Minute, true, []string{"d"}},
+		{"report from a previous boot", func(n []NodeState) { n[3].BootID = "rebooted" }, time.Minute, true, []string{"d"}},
+		{"node NotReady past the timeout does not hold", func(n []NodeState) {
+			n[3].Report.Sending, n[3].Ready, n[3].NotReadySince = []uint32{1}, false, now.Add(-cfg.NodeTimeout)
+		}, cfg.Drain, false, nil},
+		{"stuck node, grace over", func(n []NodeState) { n[2].Report.Sending = []uint32{1} }, cfg.Grace, false, nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			nodes := followers(r, names...)
+			if c.mutate != nil {
+				c.mutate(nodes)
+			}
+			res := step(t, Input{Ring: r, Nodes: nodes, Target: api.ModeEnforce, RotateRequest: "x", Now: switched.Add(c.at)})
+			if got := res.Ring.Generation(1) != nil; got != c.kept {
+				t.Fatalf("generation 1 kept=%v, want %v: %v", got, c.kept, kinds(res))
+			}
+			if !slices.Equal(lagNames(res.Lagging), c.lag) {
+				t.Fatalf("lagging %v, want %v (waiting %q)", res.Lagging, c.lag, res.Waiting)
+			}
+			if c.kept && len(c.lag) == 0 && !res.Wake.Equal(switched.Add(cfg.Drain)) {
+				t.Fatalf("wake %v, want the end of the drain %v", res.Wake, switched.Add(cfg.Drain))
+			}
+		})
 	}
 }

@@ -41,7 +41,8 @@ func run() error {
 		kubeconfig  = flag.String("kubeconfig", "", "kubeconfig file (default: in-cluster config)")
 		namespace   = flag.String("namespace", api.Namespace, "namespace of the key Secret, ConfigMaps and Lease")
 		interval    = flag.Duration("rotate-interval", def.RotateInterval, "rotate keys this often (0 disables interval rotation)")
-		grace       = flag.Duration("grace", def.Grace, "keep a retiring key generation installed this long after the switch")
+		grace       = flag.Duration("grace", def.Grace, "keep a retiring key generation installed at most this long after the switch")
+		drain       = flag.Duration("drain", def.Drain, "keep a retiring key generation installed at least this long after the switch, even once no node sends with it")
 		nodeTimeout = flag.Duration("node-timeout", def.NodeTimeout, "a node NotReady this long no longer blocks rotation or cutover")
 		seq         = flag.Float64("seq-threshold", def.SeqThreshold, "rotate early when an agent reports an SA sequence fraction at or above this (0 disables)")
 		cipher      = flag.String("cipher", string(def.Cipher), "cipher of new key generations: aes128gcm or aes256gcm")
@@ -61,10 +62,13 @@ func run() error {
 	}
 	log := slog.New(h)
 
-	policy := keys.Config{RotateInterval: *interval, Grace: *grace, NodeTimeout: *nodeTimeout, SeqThreshold: *seq,
+	policy := keys.Config{RotateInterval: *interval, Grace: *grace, Drain: *drain, NodeTimeout: *nodeTimeout, SeqThreshold: *seq,
 		Cipher: keys.Cipher(*cipher), ICVBytes: *icv}
 	if policy.Cipher.KeyBytes() == 0 {
 		return fmt.Errorf("--cipher %q: want aes128gcm or aes256gcm", *cipher)
+	}
+	if *drain < 0 || *grace < *drain {
+		return fmt.Errorf("--drain %s must be between 0 and --grace %s", *drain, *grace)
 	}
 	if !keys.ValidICV(policy.ICVBytes) {
 		return fmt.Errorf("--icv-bytes %d: want 8, 12 or 16", *icv)
@@ -111,7 +115,7 @@ func run() error {
 	}
 
 	log.Info("starting", "namespace", *namespace, "lease", *leaseName, "id", *id, "rotateInterval", *interval,
-		"grace", *grace, "nodeTimeout", *nodeTimeout, "seqThreshold", *seq, "cipher", *cipher, "icvBytes", *icv)
+		"grace", *grace, "drain", *drain, "nodeTimeout", *nodeTimeout, "seqThreshold", *seq, "cipher", *cipher, "icvBytes", *icv)
 	return master.Run(ctx, client, master.Options{Namespace: *namespace, Identity: *id, LeaseName: *leaseName,
 		Resync: *resync, NodeSelector: *nodeSel, Policy: policy, Logger: log, Metrics: metrics})
 }

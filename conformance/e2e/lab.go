@@ -106,14 +106,14 @@ func (c *Config) defaults() error {
 	return nil
 }
 
-// DefaultGrace is the lab master's --grace. The master removes a retiring generation this
-// long after activating the next, whatever the agents have applied by then, so rotation is
-// make-before-break only while every agent switches its senders within the grace. Under
-// TCG on a loaded 2-core host an agent's sync has taken 12–25 s, and the last agent
-// switched 31 s after activation: with the grace at 5 s the first agents removed their
-// old inbound SAs while a slower one still sent with them (388 of 9,618 requests lost,
-// each counted by XfrmInNoStates). Two minutes keeps a margin of about four over that
-// (production's default is 5 minutes); scenarios check the order (MakeBeforeBreak).
+// DefaultGrace is the lab master's --grace: the longest a retiring generation stays. The
+// master removes it as soon as every agent reports it no longer sends with it (and --drain
+// has passed); the grace only bounds a broken agent. Before removal waited for the agents,
+// it was the only bound: under TCG on a loaded 2-core host an agent's sync has taken
+// 12–25 s and the last agent switched 31 s after activation, so with a 5 s grace the first
+// agents removed their old inbound SAs while a slower one still sent with them (388 of
+// 9,618 requests lost, each counted by XfrmInNoStates). Scenarios check the order
+// (MakeBeforeBreak).
 const DefaultGrace = 2 * time.Minute
 
 // APIServerGuestPort is the port under which the guest reaches the API server

@@ -732,3 +732,19 @@ func TestReportNamesCalicoGroupAndNeighbours(t *testing.T) {
 		t.Errorf("report JSON %s", b)
 	}
 }
+
+// TestReportListsSendingGenerations: the report's sending lists every generation an
+// outbound SA uses, once each and sorted — the master ends a retiring generation on it.
+func TestReportListsSendingGenerations(t *testing.T) {
+	st := desired.State{Mode: api.ModeEnforce, Generations: []uint32{2, 3}, Peers: []desired.PeerStatus{
+		{Name: "b", SendGeneration: 3}, {Name: "c", SendGeneration: 2}, {Name: "d", SendGeneration: 3}, {Name: "e"},
+	}}
+	r := BuildReport(st, &watch.Snapshot{}, "boot-a", Budget{}, SeqUse{}, time.Unix(0, 0))
+	if !slices.Equal(r.Sending, []uint32{2, 3}) || r.PeersEncrypted != 3 {
+		t.Fatalf("sending %v, peers encrypted %d; want [2 3], 3", r.Sending, r.PeersEncrypted)
+	}
+	st.Mode, st.Peers = api.ModeAccept, []desired.PeerStatus{{Name: "b"}}
+	if r := BuildReport(st, &watch.Snapshot{}, "boot-a", Budget{}, SeqUse{}, time.Unix(0, 0)); len(r.Sending) != 0 {
+		t.Fatalf("accept mode sends with %v", r.Sending)
+	}
+}

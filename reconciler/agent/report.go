@@ -65,8 +65,9 @@ func MaxSeq(observed []xfrm.KernelSA, selfIP netip.Addr, limit uint64, live []ui
 // The caller sets UID and Epoch (this node's key incarnation).
 func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b Budget, seq SeqUse, now time.Time) watch.Report {
 	r := watch.Report{NodeReport: api.NodeReport{
-		Mode: st.Mode, Generations: append([]uint32(nil), st.Generations...), Incarnation: incarnation,
-		BudgetMTU: b.BudgetMTU, ExternalMTU: b.ExternalMTU,
+		Mode: st.Mode, Generations: append([]uint32(nil), st.Generations...), Sending: st.SendingGenerations(),
+		Incarnation: incarnation,
+		BudgetMTU:   b.BudgetMTU, ExternalMTU: b.ExternalMTU,
 		MaxSeqFraction: reportedFraction(seq.Fraction), SeqGeneration: seq.Generation,
 		PeersEncrypted: len(st.EncryptingPeers()), PeersExpected: len(st.Peers),
 		LastSync:   now.UTC().Truncate(time.Second),

@@ -1,8 +1,9 @@
 // Package realnode is the feasibility prototype of the real-node tier (issue 15,
-// docs/lab.md "Real nodes"): one lab VM runs a real kubelet with Debian's containerd
+// an unfinished prototype): one lab VM runs a real kubelet with Debian's containerd
 // and runc against the host's kube-apiserver, imports the image `make image` built
 // and the local pause image, and runs a hostNetwork pod. It is opt-in
-// (SECUREOVERLAY_REALNODE=1) and not yet part of `make test`.
+// (SECUREOVERLAY_REALNODE=1) and not yet part of `make test`; it has not yet passed end to
+// end.
 package realnode
 
 import (

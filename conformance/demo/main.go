@@ -13,8 +13,10 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"maps"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -350,17 +352,23 @@ func afterStop(ss []e2e.StreamStats) int {
 	return n
 }
 
-// grewSummary is "none grew", or the number of drop counters that grew and the xfrm and
-// local drop totals.
+// grewSummary is "none grew", or the number of drop counters that grew, the xfrm and local
+// drop totals, and the first few counters by name (namespace/counter +delta).
 func grewSummary(r e2e.LossReport) string {
 	if len(r.Grew) == 0 {
 		return "none grew"
 	}
-	n := 0
-	for _, d := range r.Grew {
-		n += len(d)
+	var named []string
+	for _, ns := range slices.Sorted(maps.Keys(r.Grew)) {
+		for _, c := range slices.Sorted(maps.Keys(r.Grew[ns])) {
+			named = append(named, fmt.Sprintf("%s/%s +%d", ns, c, r.Grew[ns][c]))
+		}
 	}
-	return fmt.Sprintf("%d grew (xfrm errors %d, local drops %d)", n, r.XfrmErrors, r.LocalDrops)
+	n := len(named)
+	if len(named) > 3 {
+		named = append(named[:3], "…")
+	}
+	return fmt.Sprintf("%d grew (xfrm errors %d, local drops %d: %s)", n, r.XfrmErrors, r.LocalDrops, strings.Join(named, ", "))
 }
 
 func mbbSummary(v []string) string {

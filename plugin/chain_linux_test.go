@@ -17,6 +17,8 @@ import (
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 )
 
 // chainEnv is a primary plugin (Debian's ptp + host-local, standing in for calico) and our
@@ -93,20 +95,7 @@ func newChainEnv(t *testing.T, uplinkMTU int) *chainEnv {
 				return err
 			}
 		}
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			l, err := netlink.LinkByName("eth0")
-			if err != nil {
-				return err
-			}
-			if l.Attrs().OperState == netlink.OperUp {
-				return nil
-			}
-			if time.Now().After(deadline) {
-				return fmt.Errorf("uplink eth0 never became oper-up")
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		return testutil.WaitOperUp("eth0", 5*time.Second)
 	})
 	if err != nil {
 		t.Fatalf("set up host netns: %v", err)

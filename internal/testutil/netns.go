@@ -1,9 +1,11 @@
 package testutil
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"testing"
+	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
@@ -71,4 +73,23 @@ func LoopbackNS(t testing.TB) (ns.NetNS, error) {
 		return nil, err
 	}
 	return n, nil
+}
+
+// WaitOperUp waits, in the caller's network namespace, until link name is oper-up (a veth
+// whose peer just came up takes a moment), for at most timeout.
+func WaitOperUp(name string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			return err
+		}
+		if l.Attrs().OperState == netlink.OperUp {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("uplink %s never became oper-up", name)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

@@ -36,6 +36,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/install"
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/plugin"
 )
 
@@ -221,20 +222,7 @@ func newNode(t *testing.T) ns.NetNS {
 				return err
 			}
 		}
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			l, err := netlink.LinkByName("eth0")
-			if err != nil {
-				return err
-			}
-			if l.Attrs().OperState == netlink.OperUp {
-				return nil
-			}
-			if time.Now().After(deadline) {
-				return errors.New("uplink eth0 never became oper-up")
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+		return testutil.WaitOperUp("eth0", 5*time.Second)
 	})
 	if err != nil {
 		t.Fatalf("set up the node netns: %v", err)

@@ -2,6 +2,8 @@ package kube
 
 import (
 	"context"
+	"crypto/sha3"
+	"encoding/base32"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -34,6 +36,7 @@ var calicoResources = map[string]string{
 	v3.KindBlockAffinity:      "blockaffinities",
 	v3.KindBGPPeer:            "bgppeers",
 	v3.KindFelixConfiguration: "felixconfigurations",
+	v3.KindClusterInformation: "clusterinformations",
 }
 
 // CalicoObject converts a typed projectcalico/api v3 object (*v3.IPPool, *v3.IPAMBlock,
@@ -54,6 +57,8 @@ func CalicoObject(gv schema.GroupVersion, obj runtime.Object) (*unstructured.Uns
 		kind = v3.KindBGPPeer
 	case *v3.FelixConfiguration:
 		kind = v3.KindFelixConfiguration
+	case *v3.ClusterInformation:
+		kind = v3.KindClusterInformation
 	default:
 		return nil, schema.GroupVersionResource{}, fmt.Errorf("calico fixture: unsupported type %T", obj)
 	}
@@ -162,12 +167,41 @@ func Allocate(b *v3.IPAMBlock, ordinal int, handle, node string, attrs map[strin
 	}
 }
 
-// NewBlockAffinity is a confirmed BlockAffinity of cidr to node ("<node>-<block name>").
+// NewBlockAffinity is a confirmed BlockAffinity of cidr to node ("<node>-<block name>"),
+// labelled as Calico 3.32's IPAM labels the ones it writes. Its IPAM finds a host's
+// affinities by these labels only: an affinity without them is never used for the host's
+// pods (calico-ipam then claims a block of its own, observed with the real plugin).
 func NewBlockAffinity(node, cidr string) *v3.BlockAffinity {
 	a := v3.NewBlockAffinity()
 	a.Name = node + "-" + BlockName(cidr)
+	ver := "4"
+	if netip.MustParsePrefix(cidr).Addr().Is6() {
+		ver = "6"
+	}
+	a.Labels = map[string]string{
+		"projectcalico.org/affinity-type": "host",
+		"projectcalico.org/hostname-hash": HostnameHash(node),
+		"projectcalico.org/ip-version":    ver,
+	}
 	a.Spec = v3.BlockAffinitySpec{State: v3.StateConfirmed, Node: node, Type: "host", CIDR: cidr}
 	return a
+}
+
+// HostnameHash is the value of Calico's projectcalico.org/hostname-hash label for node:
+// SHA3-256 of the name, base32 without padding (libcalico-go's block affinity model).
+func HostnameHash(node string) string {
+	h := sha3.Sum256([]byte(node))
+	return base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(h[:])
+}
+
+// NewClusterInformation is the ClusterInformation "default" as calico-node leaves it on a
+// running cluster: datastoreReady, which Calico's CNI plugin requires before any ADD.
+func NewClusterInformation(calicoVersion string) *v3.ClusterInformation {
+	c := v3.NewClusterInformation()
+	c.Name = "default"
+	ready := true
+	c.Spec = v3.ClusterInformationSpec{DatastoreReady: &ready, CalicoVersion: calicoVersion, ClusterType: "k8s,bgp"}
+	return c
 }
 
 // NewBGPPeer is a global BGPPeer to peerIP (e.g. a ToR switch outside the cluster).

@@ -3,8 +3,6 @@ package calicochain
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -32,7 +30,6 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
-	"sigs.k8s.io/yaml"
 
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/install"
@@ -50,6 +47,7 @@ const (
 	calicoMTU = 1480
 	budget    = 1452
 	podCIDR   = "10.65.0.0/16"
+	nodeBlock = "10.65.7.0/26" // node-1's affine block, written before the first pod
 	namespace = "mtu-calico"
 )
 
@@ -104,39 +102,8 @@ func newNS(t *testing.T) ns.NetNS {
 func calicoBinaries(t *testing.T, calicoDir string) string {
 	t.Helper()
 	real := filepath.Join(t.TempDir(), "real")
-	if err := os.MkdirAll(real, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	zst := filepath.Join(calicoDir, "calico-cni-v3.32.1-linux-amd64.zst")
-	if _, err := os.Stat(zst); err != nil {
-		skipOrFail(t, fmt.Sprintf("Calico's CNI plugin not found: %v (see shared/calico/README.md)", err))
-	}
-	bin := filepath.Join(real, "calico")
-	if out, err := exec.Command("zstd", "-q", "-d", "-f", zst, "-o", bin).CombinedOutput(); err != nil {
-		t.Fatalf("zstd -d %s: %v\n%s", zst, err, out)
-	}
-	want, err := os.ReadFile(filepath.Join(calicoDir, "calico-cni-v3.32.1-linux-amd64.sha256"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := os.Open(bin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	h := sha256.New()
-	_, err = io.Copy(h, f)
-	_ = f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := hex.EncodeToString(h.Sum(nil)); !strings.HasPrefix(strings.TrimSpace(string(want)), got) {
-		t.Fatalf("calico binary sha256 %s, want %s", got, want)
-	}
-	if err := os.Chmod(bin, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Link(bin, filepath.Join(real, "calico-ipam")); err != nil {
-		t.Fatal(err)
+	if _, err := kube.CalicoCNI(calicoDir, real); err != nil {
+		skipOrFail(t, err.Error())
 	}
 	dir := filepath.Join(t.TempDir(), "bin")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -278,20 +245,14 @@ func forwardAPIServer(t *testing.T, node ns.NetNS, hostURL string) {
 // (veth_mtu "0" → "mtu": 0), and splices our entry in with our installer.
 func conflist(t *testing.T, calicoDir, kubeconfig string, e install.Entry) *libcni.NetworkConfigList {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(calicoDir, "calico-config.yaml"))
+	cm, err := kube.CalicoConfig(calicoDir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var cm corev1.ConfigMap
-	if err := yaml.Unmarshal(b, &cm); err != nil {
-		t.Fatal(err)
-	}
-	tmpl := cm.Data["cni_network_config"]
-	if cm.Data["veth_mtu"] != "0" || !strings.Contains(tmpl, "__CNI_MTU__") {
+	if cm.Data["veth_mtu"] != "0" {
 		t.Fatalf("calico-config.yaml is not Calico's default (veth_mtu %q)", cm.Data["veth_mtu"])
 	}
-	rendered := strings.NewReplacer("__KUBERNETES_NODE_NAME__", nodeName, "__CNI_MTU__", cm.Data["veth_mtu"],
-		"__KUBECONFIG_FILEPATH__", kubeconfig).Replace(tmpl)
+	rendered := kube.RenderCalicoConflist(cm, nodeName, cm.Data["veth_mtu"], kubeconfig)
 	spliced, changed, err := install.InsertEntry([]byte(rendered), e)
 	if err != nil || !changed {
 		t.Fatalf("splice our entry into Calico's conflist: changed=%v %v\n%s", changed, err, rendered)
@@ -363,6 +324,18 @@ func TestRealCalicoChain(t *testing.T) {
 	if _, err := kube.CreateCalico(ctx, dyn, kube.CalicoV1GV, kube.NewIPPool("default-ipv4-ippool", podCIDR, v3.IPIPModeAlways)); err != nil {
 		t.Fatal(err)
 	}
+	// The node's block as calico-node leaves it after allocating the node's IPIP tunnel
+	// address: the lab (conformance/e2e) writes blocks this way so that pods land in the
+	// block its routes expect; calico-ipam uses it only if the affinity carries Calico's
+	// labels (kube.NewBlockAffinity), else it claims a block of its own at random.
+	block := kube.NewIPAMBlock(nodeBlock, "host:"+nodeName)
+	kube.Allocate(block, 0, "ipip-tunnel-addr-"+nodeName, nodeName, map[string]string{"type": "ipipTunnelAddress"})
+	if _, err := kube.CreateCalico(ctx, dyn, kube.CalicoV1GV, block); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kube.CreateCalico(ctx, dyn, kube.CalicoV1GV, kube.NewBlockAffinity(nodeName, nodeBlock)); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := cs.CoreV1().ServiceAccounts(namespace).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -424,6 +397,9 @@ func TestRealCalicoChain(t *testing.T) {
 		}
 		if host == "" || len(r.IPs) != 1 || !strings.HasPrefix(r.IPs[0].Address.IP.String(), "10.65.") {
 			t.Fatalf("not Calico's result: %s", res)
+		}
+		if _, nb, _ := net.ParseCIDR(nodeBlock); !nb.Contains(r.IPs[0].Address.IP) {
+			t.Errorf("calico-ipam gave %s, outside node-1's affine block %s (did it ignore the BlockAffinity's labels?)", r.IPs[0].Address.IP, nodeBlock)
 		}
 		// Calico made the pod: its annotation, its IPAM block.
 		p, err := cs.CoreV1().Pods(namespace).Get(ctx, "pod-"+mode, metav1.GetOptions{})

@@ -273,6 +273,7 @@ func run(ctx context.Context, keep string) (ok bool, err error) {
 		fmt.Printf("  %s %s (%s)", e2e.NodeName(i), lab.NodeIP(i), mode)
 	}
 	fmt.Println()
+	fmt.Printf("pods         %d, through Calico %s's own CNI plugin (calico + calico-ipam, Kubernetes datastore) → secureoverlay → portmap\n", len(l.Pods()), l.CalicoVersion())
 	fmt.Printf("mode         %s (master %s, target %s)\n", st.Mode, st.Leader, st.Target)
 	checks = append(checks, check{"every node enforces", allEnforce && st.Mode == api.ModeEnforce})
 	fmt.Printf("generation   %d (rotated once from %d; %d removed from ring, reports and kernels)\n", st.ActiveGeneration, gen0, gen0)

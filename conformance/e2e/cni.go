@@ -3,8 +3,11 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"net"
 	"path"
+	"strconv"
 	"strings"
 	"time"
 
@@ -12,9 +15,13 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/cni/pkg/version"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
 	"github.com/secureoverlay/secureoverlay/conformance/lab/wire"
+	"github.com/secureoverlay/secureoverlay/install"
 )
 
 // guestExec is libcni's invoke.Exec for plugins that live in the guest: the
@@ -27,9 +34,16 @@ type guestExec struct {
 	ns string
 }
 
-// cniPath is the plugin search path in the guest: the host's CNI plugins
-// (ptp, host-local) and our binaries (secureoverlay).
-var cniPath = []string{lab.GuestCNIDir, lab.GuestBinDir}
+// cniPath is the plugin search path in the guest: Calico's plugins, the host's CNI
+// plugins (portmap, in Calico's conflist) and our binaries (secureoverlay).
+var cniPath = []string{GuestCalicoDir, lab.GuestCNIDir, lab.GuestBinDir}
+
+// GuestCalicoDir is where the guest sees Calico's calico and calico-ipam (a share of the
+// binary kube.CalicoCNI unpacks).
+const GuestCalicoDir = "/opt/calico/bin"
+
+// calicoPlugin reports whether name is one of Calico's plugins.
+func calicoPlugin(name string) bool { return name == "calico" || name == "calico-ipam" }
 
 func (g guestExec) ExecPlugin(ctx context.Context, pluginPath string, stdin []byte, environ []string) ([]byte, error) {
 	var env []string
@@ -38,8 +52,18 @@ func (g guestExec) ExecPlugin(ctx context.Context, pluginPath string, stdin []by
 			env = append(env, e)
 		}
 	}
+	argv := []string{"ip", "netns", "exec", g.ns, pluginPath}
+	if calicoPlugin(path.Base(pluginPath)) {
+		// Calico's plugins refuse to run unless /var/lib/calico/nodename exists, which
+		// calico-node writes on a real node (the conflist's nodename still decides). The
+		// guest's node namespaces share one file system, so each run gets a private
+		// /var/lib/calico holding its own node's name.
+		argv = append([]string{"unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+			`mkdir -p /var/lib/calico && mount -t tmpfs -o size=64k tmpfs /var/lib/calico && printf %s "$0" >/var/lib/calico/nodename && exec "$@"`,
+			g.ns}, argv...)
+	}
 	req := wire.Request{
-		Argv:          []string{"ip", "netns", "exec", g.ns, pluginPath},
+		Argv:          argv,
 		Stdin:         stdin,
 		Env:           env,
 		TimeoutMillis: (60 * time.Second).Milliseconds(),
@@ -63,10 +87,13 @@ func (g guestExec) FindInPath(plugin string, paths []string) (string, error) {
 	if plugin == "" || strings.Contains(plugin, "/") {
 		return "", fmt.Errorf("cni plugin name %q is not a bare name", plugin)
 	}
-	// The guest's directories are fixed: our binary lives in GuestBinDir, every
-	// other plugin in GuestCNIDir.
-	if plugin == "secureoverlay" {
+	// The guest's directories are fixed: our binary lives in GuestBinDir, Calico's in
+	// GuestCalicoDir, every other plugin in GuestCNIDir.
+	switch {
+	case plugin == "secureoverlay":
 		return path.Join(lab.GuestBinDir, plugin), nil
+	case calicoPlugin(plugin):
+		return path.Join(GuestCalicoDir, plugin), nil
 	}
 	return path.Join(lab.GuestCNIDir, plugin), nil
 }
@@ -78,54 +105,37 @@ func (g guestExec) Decode(b []byte) (version.PluginInfo, error) {
 
 // PodConfig says how a pod is attached through the CNI chain.
 type PodConfig struct {
-	// MTU is the pod interface MTU the primary plugin (ptp, standing in for
-	// calico) sets; 0 means the lab's tunnel MTU.
+	// MTU is the pod interface MTU Calico sets (the rendered conflist's "mtu", as
+	// veth_mtu in calico-config gives it); 0 means the lab's tunnel MTU.
 	MTU int
 	// PluginMode is the secureoverlay entry's "mode" (enforce, clamp, warn).
 	PluginMode string
 }
 
-// Conflist is the network configuration list of node i: ptp + host-local with
-// the node's IPAM block as the range (the stand-in for calico + calico-ipam,
-// giving Calico's layout: a /32 pod address, a host route to it over the
-// veth, a default route in the pod), then our plugin, as the installer
-// inserts it right after the primary plugin.
-func Conflist(i int, pc PodConfig) []byte {
-	base := fmt.Sprintf("10.244.%d", i)
-	conf := map[string]any{
-		"cniVersion": "1.0.0",
-		"name":       "k8s-pod-network",
-		"plugins": []any{
-			map[string]any{
-				"type":   "ptp",
-				"mtu":    pc.MTU,
-				"ipMasq": false,
-				"ipam": map[string]any{
-					"type":    "host-local",
-					"dataDir": fmt.Sprintf("/run/cni/ipam-node%d", i),
-					"ranges": []any{[]any{map[string]any{
-						"subnet":     lab.Block(i),
-						"rangeStart": base + ".5",
-						"rangeEnd":   base + ".60",
-						"gateway":    base + ".2",
-					}}},
-					"routes": []any{map[string]any{"dst": "0.0.0.0/0"}},
-				},
-			},
-			map[string]any{
-				"type":    "secureoverlay",
-				"mode":    pc.PluginMode,
-				"logFile": fmt.Sprintf("/tmp/e2e/secureoverlay-cni-node%d.log", i),
-			},
-		},
+// PodNamespace is the Kubernetes namespace of the lab's pods.
+const PodNamespace = "lab-pods"
+
+// calicoKubeconfig is the calico plugin's kubeconfig in the guest.
+const calicoKubeconfig = "/etc/e2e/calico-cni.kubeconfig"
+
+// Conflist is node i's network configuration list as a Calico node has it with
+// secureoverlay installed: Calico's own template (cm's cni_network_config) rendered as
+// install-cni renders it (node name, veth_mtu = pc.MTU, the plugin's kubeconfig), then our
+// entry spliced in by our installer, right after calico: calico (+ calico-ipam, Kubernetes
+// datastore) → secureoverlay → portmap.
+func Conflist(cm *corev1.ConfigMap, i int, pc PodConfig) ([]byte, error) {
+	rendered := kube.RenderCalicoConflist(cm, lab.NodeNS(i), strconv.Itoa(pc.MTU), calicoKubeconfig)
+	spliced, _, err := install.InsertEntry(rendered, install.Entry{Mode: pc.PluginMode, ICVBytes: 8,
+		LogFile: fmt.Sprintf("/tmp/e2e/secureoverlay-cni-node%d.log", i)})
+	if err != nil {
+		return nil, fmt.Errorf("splice secureoverlay into Calico's conflist: %w", err)
 	}
-	b, _ := json.Marshal(conf)
-	return b
+	return spliced, nil
 }
 
 // Pod is a pod attached through the CNI chain.
 type Pod struct {
-	Name string // its network namespace in the guest
+	Name string // its network namespace in the guest, and its Pod object in PodNamespace
 	Node int
 	IP   string
 	MTU  int // the pod interface's MTU as the kernel reports it after ADD
@@ -133,10 +143,12 @@ type Pod struct {
 	rt   *libcni.RuntimeConf
 }
 
-// AddPod creates network namespace name in the guest and runs the CNI ADD of
-// node's conflist for it. On a failed ADD it runs DEL (as a runtime does) and
-// removes the namespace, returning the plugin's error (a *types.Error when the
-// plugin reported one).
+// AddPod creates Pod name (in PodNamespace, bound to node: Calico's plugin reads it) and
+// its network namespace in the guest, and runs the CNI ADD of node's conflist for it, as
+// the node's container runtime would. On a failed ADD it runs DEL (as a runtime does) and
+// removes both, returning the plugin's error (a *types.Error when the plugin reported
+// one). Calico's IPAM must give the pod an address in the node's block (the lab's routes
+// follow the blocks RegisterNode writes); anything else is an error.
 func (l *Lab) AddPod(ctx context.Context, node int, name string, pc PodConfig) (*Pod, error) {
 	if pc.MTU == 0 {
 		pc.MTU = l.cfg.TunnelMTU
@@ -144,47 +156,79 @@ func (l *Lab) AddPod(ctx context.Context, node int, name string, pc PodConfig) (
 	if pc.PluginMode == "" {
 		pc.PluginMode = "enforce"
 	}
-	list, err := libcni.ConfListFromBytes(Conflist(node, pc))
+	b, err := Conflist(l.calicoConfig, node, pc)
+	if err != nil {
+		return nil, fmt.Errorf("pod %s: %w", name, err)
+	}
+	list, err := libcni.ConfListFromBytes(b)
 	if err != nil {
 		return nil, fmt.Errorf("pod %s: conflist: %w", name, err)
 	}
+	if _, err := l.Client.CoreV1().Pods(PodNamespace).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: PodNamespace},
+		Spec:       corev1.PodSpec{NodeName: lab.NodeNS(node), Containers: []corev1.Container{{Name: "app", Image: "lab.invalid/app:1"}}},
+	}, metav1.CreateOptions{}); err != nil {
+		return nil, fmt.Errorf("pod %s: create the Pod object: %w", name, err)
+	}
+	removePod := func() {
+		_, _, _ = l.VM.Run(ctx, "ip netns del "+lab.ShellQuote(name))
+		_ = l.Client.CoreV1().Pods(PodNamespace).Delete(ctx, name, metav1.DeleteOptions{})
+	}
 	if _, _, err := l.VM.Run(ctx, "mkdir -p /tmp/e2e && ip netns add "+lab.ShellQuote(name)+" && ip -n "+lab.ShellQuote(name)+" link set lo up"); err != nil {
+		_ = l.Client.CoreV1().Pods(PodNamespace).Delete(ctx, name, metav1.DeleteOptions{})
 		return nil, fmt.Errorf("pod %s: netns: %w", name, err)
 	}
 	cni := libcni.NewCNIConfigWithCacheDir(cniPath, l.cniCache, guestExec{vm: l.VM, ns: lab.NodeNS(node)})
-	rt := &libcni.RuntimeConf{ContainerID: "e2e-" + name, NetNS: "/run/netns/" + name, IfName: "eth0"}
+	id := "e2e-" + name
+	rt := &libcni.RuntimeConf{ContainerID: id, NetNS: "/run/netns/" + name, IfName: "eth0",
+		Args: [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", PodNamespace}, {"K8S_POD_NAME", name}, {"K8S_POD_INFRA_CONTAINER_ID", id}}}
 	res, err := cni.AddNetworkList(ctx, list, rt)
 	if err != nil {
 		_ = cni.DelNetworkList(ctx, list, rt)
-		_, _, _ = l.VM.Run(ctx, "ip netns del "+lab.ShellQuote(name))
+		removePod()
 		return nil, err
+	}
+	p := &Pod{Name: name, Node: node, list: list, rt: rt}
+	fail := func(format string, a ...any) (*Pod, error) {
+		_ = cni.DelNetworkList(ctx, list, rt)
+		removePod()
+		return nil, fmt.Errorf("pod %s: "+format, append([]any{name}, a...)...)
 	}
 	r, err := current.NewResultFromResult(res)
 	if err != nil || len(r.IPs) == 0 {
-		return nil, fmt.Errorf("pod %s: result without an address: %v", name, err)
+		return fail("result without an address: %v", err)
 	}
-	p := &Pod{Name: name, Node: node, IP: r.IPs[0].Address.IP.String(), list: list, rt: rt}
+	p.IP = r.IPs[0].Address.IP.String()
+	if _, block, _ := net.ParseCIDR(lab.Block(node)); !block.Contains(r.IPs[0].Address.IP) {
+		return fail("calico-ipam gave %s, outside node%d's block %s, which the lab's routes expect", p.IP, node, block)
+	}
 	mtu, _, err := l.VM.Run(ctx, "ip netns exec "+lab.ShellQuote(name)+" cat /sys/class/net/eth0/mtu")
 	if err != nil {
-		return nil, fmt.Errorf("pod %s: read mtu: %w", name, err)
+		return fail("read mtu: %w", err)
 	}
 	if _, err := fmt.Sscan(mtu, &p.MTU); err != nil {
-		return nil, fmt.Errorf("pod %s: read mtu: %w", name, err)
+		return fail("read mtu: %w", err)
 	}
+	l.mu.Lock()
 	l.pods = append(l.pods, p)
+	l.mu.Unlock()
 	return p, nil
 }
 
-// DeletePod runs CNI DEL for p and removes its namespace.
+// DeletePod runs CNI DEL for p (Calico releases its address) and removes its namespace
+// and Pod object.
 func (l *Lab) DeletePod(ctx context.Context, p *Pod) error {
 	cni := libcni.NewCNIConfigWithCacheDir(cniPath, l.cniCache, guestExec{vm: l.VM, ns: lab.NodeNS(p.Node)})
 	err := cni.DelNetworkList(ctx, p.list, p.rt)
 	_, _, _ = l.VM.Run(ctx, "ip netns del "+lab.ShellQuote(p.Name))
+	err = errors.Join(err, l.Client.CoreV1().Pods(PodNamespace).Delete(ctx, p.Name, metav1.DeleteOptions{}))
+	l.mu.Lock()
 	for i, q := range l.pods {
 		if q == p {
 			l.pods = append(l.pods[:i], l.pods[i+1:]...)
 			break
 		}
 	}
+	l.mu.Unlock()
 	return err
 }

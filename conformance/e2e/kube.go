@@ -13,10 +13,13 @@ import (
 	"sort"
 	"time"
 
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	k8syaml "k8s.io/apimachinery/pkg/util/yaml"
@@ -110,13 +113,18 @@ func (l *Lab) installAPIObjects(ctx context.Context) error {
 	}, metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("create configmap %s: %w", api.ConfigMapName, err)
 	}
-	// Calico: one IPIP pool, a BGP peer outside the cluster.
-	if err := l.createCalico(ctx, kube.IPPools, "IPPool", "default-ipv4-ippool",
-		map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always", "vxlanMode": "Never", "natOutgoing": true, "blockSize": 26, "nodeSelector": "all()"}); err != nil {
-		return err
+	// Calico: one IPIP pool, a BGP peer outside the cluster, and the ClusterInformation
+	// calico-node marks ready (Calico's CNI plugin refuses to run before).
+	for _, obj := range []runtime.Object{
+		kube.NewIPPool("default-ipv4-ippool", "10.244.0.0/16", v3.IPIPModeAlways),
+		kube.NewBGPPeer("tor", BGPPeerIP),
+		kube.NewClusterInformation(l.calicoVersion),
+	} {
+		if _, err := kube.CreateCalico(ctx, l.Dynamic, kube.CalicoV1GV, obj); err != nil {
+			return err
+		}
 	}
-	if err := l.createCalico(ctx, kube.BGPPeers, "BGPPeer", "tor",
-		map[string]any{"peerIP": BGPPeerIP, "asNumber": 64512}); err != nil {
+	if err := l.installCalicoCNIIdentity(ctx); err != nil {
 		return err
 	}
 	// The master authenticates as its ServiceAccount.
@@ -132,19 +140,41 @@ func (l *Lab) installAPIObjects(ctx context.Context) error {
 	return os.WriteFile(l.masterCfg, kc, 0o600)
 }
 
-func (l *Lab) createCalico(ctx context.Context, gvr schema.GroupVersionResource, kind, name string, spec map[string]any) error {
-	obj := &unstructured.Unstructured{Object: map[string]any{
-		"apiVersion": kube.CalicoGroup + "/v1", "kind": kind,
-		"metadata": map[string]any{"name": name}, "spec": spec,
-	}}
-	if _, err := l.Dynamic.Resource(gvr).Create(ctx, obj, metav1.CreateOptions{}); err != nil {
-		return fmt.Errorf("create %s %s: %w", kind, name, err)
+// installCalicoCNIIdentity gives Calico's CNI plugin what it has on a node: credentials
+// (the lab binds its ServiceAccount to cluster-admin: Calico's own calico-cni-plugin role
+// is not among the release files the lab uses) in a kubeconfig at calicoKubeconfig in the
+// guest; and the namespace of the lab's pods with its default ServiceAccount (no
+// controller-manager runs to create it).
+func (l *Lab) installCalicoCNIIdentity(ctx context.Context) error {
+	if _, err := l.Client.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: "lab-calico-cni-plugin"},
+		RoleRef:    rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "cluster-admin"},
+		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "kube-system", Name: "calico-cni-plugin"}},
+	}, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("bind calico-cni-plugin: %w", err)
+	}
+	rc, err := l.Kube.ServiceAccountConfigErr(ctx, "kube-system", "calico-cni-plugin")
+	if err != nil {
+		return err
+	}
+	kc, err := kubeconfig(rc, fmt.Sprintf("https://%s:%d", lab.GuestForwardAddr, APIServerGuestPort))
+	if err != nil {
+		return err
+	}
+	if err := l.VM.WriteFile(ctx, calicoKubeconfig, kc, 0o600); err != nil {
+		return err
+	}
+	if _, err := l.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: PodNamespace}}, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("create namespace %s: %w", PodNamespace, err)
+	}
+	if _, err := l.Client.CoreV1().ServiceAccounts(PodNamespace).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("create service account %s/default: %w", PodNamespace, err)
 	}
 	return nil
 }
 
-func blockName(i int) string    { return fmt.Sprintf("10-244-%d-0-26", i) }
-func affinityName(i int) string { return fmt.Sprintf("%s-10-244-%d-0-26", lab.NodeNS(i), i) }
+func blockName(i int) string    { return kube.BlockName(lab.Block(i)) }
+func affinityName(i int) string { return lab.NodeNS(i) + "-" + blockName(i) }
 
 // RegisterNode writes node i as Calico and the kubelet would: the Node
 // (address, tunnel address, boot ID, Ready), its IPAMBlock and BlockAffinity.
@@ -159,15 +189,19 @@ func (l *Lab) RegisterNode(ctx context.Context, i int) error {
 	}); err != nil {
 		return err
 	}
-	if err := l.createCalico(ctx, kube.IPAMBlocks, "IPAMBlock", blockName(i), map[string]any{
-		"cidr": lab.Block(i), "affinity": "host:" + lab.NodeNS(i), "strictAffinity": false,
-		"allocations": []any{}, "unallocated": []any{}, "attributes": []any{}, "deleted": false,
-	}); err != nil {
-		return err
+	// The node's block as calico-node leaves it after allocating the node's IPIP tunnel
+	// address from IPAM (handle ipip-tunnel-addr-NODE): affine to the node, confirmed,
+	// the affinity labelled as Calico labels it, so calico-ipam gives the node's pods
+	// addresses from it, and the lab's routes (lab.Cluster) hold.
+	node := lab.NodeNS(i)
+	b := kube.NewIPAMBlock(lab.Block(i), "host:"+node)
+	kube.Allocate(b, 1, "ipip-tunnel-addr-"+node, node, map[string]string{"type": "ipipTunnelAddress"})
+	for _, obj := range []runtime.Object{b, kube.NewBlockAffinity(node, lab.Block(i))} {
+		if _, err := kube.CreateCalico(ctx, l.Dynamic, kube.CalicoV1GV, obj); err != nil {
+			return err
+		}
 	}
-	return l.createCalico(ctx, kube.BlockAffinities, "BlockAffinity", affinityName(i), map[string]any{
-		"state": "confirmed", "node": lab.NodeNS(i), "cidr": lab.Block(i), "deleted": "false",
-	})
+	return nil
 }
 
 // DeregisterNode deletes node i's Node, IPAMBlock and BlockAffinity, as

@@ -6,9 +6,11 @@
 //
 //	host   etcd + kube-apiserver (conformance/kube) on 127.0.0.1, serving SAN
 //	       10.0.2.100 (the address under which the guest reaches host loopback);
-//	       Calico's CRDs and Calico-shaped objects (Nodes with IPv4Address,
-//	       IPv4IPIPTunnelAddr, bootID and Ready; an IPPool with ipipMode Always;
-//	       one IPAMBlock + BlockAffinity per node; a BGPPeer outside the cluster);
+//	       Calico's real CRDs and objects in Calico's own types (Nodes with
+//	       IPv4Address, IPv4IPIPTunnelAddr, bootID and Ready; an IPPool with ipipMode
+//	       Always; per node the IPAMBlock + BlockAffinity calico-node leaves after
+//	       allocating the tunnel address; ClusterInformation datastoreReady; a BGPPeer
+//	       outside the cluster); a Pod object per pod (Calico's plugin reads it);
 //	       the RBAC objects of manifests/secureoverlay.yaml; one or more
 //	       secureoverlay-master processes (bin/) as the master ServiceAccount
 //	guest  lab.Cluster with ControlPlane: node namespaces on a shared underlay,
@@ -16,8 +18,10 @@
 //	       onlink, blackhole for the local block); one secureoverlay-agent per
 //	       node namespace with its own ServiceAccount token kubeconfig, reaching
 //	       the API server over the node's management link; pods attached through
-//	       the real CNI chain (ptp + host-local standing in for calico, then our
-//	       secureoverlay plugin), exec'd by libcni through the command channel
+//	       the real CNI chain: Calico's own calico + calico-ipam (Kubernetes
+//	       datastore, against the lab's API server) rendered from Calico's conflist
+//	       template as install-cni renders it, our plugin spliced in by our
+//	       installer, then portmap; exec'd by libcni through the command channel
 //
 // Enabling, disabling and rotating are what an operator does: the
 // secureoverlay-config ConfigMap (`enabled`, `mode`, the rotate-request
@@ -42,6 +46,7 @@ import (
 	"syscall"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
@@ -131,13 +136,19 @@ type Lab struct {
 	// BootDuration and UpDuration measure the VM boot and the whole Up.
 	BootDuration, UpDuration time.Duration
 
-	cfg       Config
-	binDir    string
-	stateDir  string
-	ownState  bool
-	cniCache  string
-	proxy     *tcpProxy
-	masterCfg string // the master's kubeconfig on the host
+	cfg      Config
+	binDir   string
+	stateDir string
+	ownState bool
+	cniCache string
+	// calicoConfig is Calico's calico-config ConfigMap (its conflist template),
+	// calicoVersion the version of its CNI plugin, calicoBin the host directory the
+	// guest sees at GuestCalicoDir.
+	calicoConfig  *corev1.ConfigMap
+	calicoVersion string
+	calicoBin     string
+	proxy         *tcpProxy
+	masterCfg     string // the master's kubeconfig on the host
 
 	mu      sync.Mutex
 	masters map[int]*exec.Cmd
@@ -174,17 +185,25 @@ func Unavailable() string {
 			return fmt.Sprintf("%s missing in %s (run `make build`)", b, BinDir())
 		}
 	}
+	if _, err := kube.CalicoDir(); err != nil {
+		return err.Error()
+	}
+	if _, err := exec.LookPath("zstd"); err != nil {
+		return "zstd not found (apt-get install zstd): Calico's CNI plugin ships compressed"
+	}
 	cni := os.Getenv("CNI_PLUGIN_DIR")
 	if cni == "" {
 		cni = "/usr/lib/cni"
 	}
-	for _, p := range []string{"ptp", "host-local"} {
-		if _, err := os.Stat(filepath.Join(cni, p)); err != nil {
-			return fmt.Sprintf("CNI plugin %s missing in %s (apt-get install containernetworking-plugins)", p, cni)
-		}
+	// Calico's conflist template chains portmap after calico.
+	if _, err := os.Stat(filepath.Join(cni, "portmap")); err != nil {
+		return fmt.Sprintf("CNI plugin portmap (in Calico's conflist) missing in %s (apt-get install containernetworking-plugins)", cni)
 	}
 	return ""
 }
+
+// CalicoVersion is the version of the Calico CNI plugin the lab's pods are attached with.
+func (l *Lab) CalicoVersion() string { return l.calicoVersion }
 
 func (l *Lab) progress(format string, a ...any) {
 	if l.log != nil {
@@ -220,6 +239,18 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 		l.stateDir = cfg.StateDir
 	}
 	l.cniCache = filepath.Join(l.stateDir, "cni-cache")
+	// Calico's real CNI plugin and conflist template, from its release files.
+	calicoDir, err := kube.CalicoDir()
+	if err != nil {
+		return l, err
+	}
+	if l.calicoConfig, err = kube.CalicoConfig(calicoDir); err != nil {
+		return l, err
+	}
+	l.calicoBin = filepath.Join(l.stateDir, "calico-bin")
+	if l.calicoVersion, err = kube.CalicoCNI(calicoDir, l.calicoBin); err != nil {
+		return l, err
+	}
 	// The guest reaches the API server through a loopback relay whose port is
 	// known before either side starts, so the VM boots while the API server
 	// starts.
@@ -256,7 +287,7 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 		l.VM, vmErr = lab.Boot(ctx, lab.Options{
 			MemoryMiB:     1024,
 			CPUs:          2,
-			Shares:        lab.StandardShares(),
+			Shares:        append(lab.StandardShares(), lab.Share{Tag: "calicobin", HostPath: l.calicoBin, GuestPath: GuestCalicoDir}),
 			GuestForwards: []lab.GuestForward{{GuestPort: APIServerGuestPort, HostPort: l.proxy.port}},
 			StateDir:      vmState,
 		})
@@ -286,7 +317,7 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 		return l, err
 	}
 
-	l.progress("writing Calico CRDs, RBAC and Calico-shaped objects …")
+	l.progress("writing Calico's CRDs and objects, our RBAC …")
 	if err := l.installAPIObjects(ctx); err != nil {
 		return l, err
 	}
@@ -307,7 +338,7 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 			return l, err
 		}
 	}
-	l.progress("attaching one pod per node through the CNI chain (ptp + host-local → secureoverlay) …")
+	l.progress("attaching one pod per node through the CNI chain (Calico %s calico + calico-ipam → secureoverlay → portmap) …", l.calicoVersion)
 	for i := 1; i <= cfg.Nodes; i++ {
 		p, err := l.AddPod(ctx, i, lab.PodNS(i), PodConfig{})
 		if err != nil {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
 	"github.com/secureoverlay/secureoverlay/conformance/lab/wire"
 )
@@ -168,34 +169,46 @@ func TestLossTimeline(t *testing.T) {
 	}
 }
 
-// The conflist is what libcni accepts, with the primary plugin first and ours
-// right after it, and the node's block as the IPAM range.
+// The conflist is what libcni accepts: Calico's own template rendered for the node with
+// the pod MTU, then ours right after calico, then Calico's portmap.
 func TestConflist(t *testing.T) {
-	b := Conflist(2, PodConfig{MTU: 1402, PluginMode: "clamp"})
+	cm, err := kube.CalicoConfig(kube.RequireCalico(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Conflist(cm, 2, PodConfig{MTU: 1402, PluginMode: "clamp"})
+	if err != nil {
+		t.Fatal(err)
+	}
 	list, err := libcni.ConfListFromBytes(b)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(list.Plugins) != 2 || list.Plugins[0].Network.Type != "ptp" || list.Plugins[1].Network.Type != "secureoverlay" {
-		t.Fatalf("plugins: %+v", list.Plugins)
+	var types []string
+	for _, p := range list.Plugins {
+		types = append(types, p.Network.Type)
 	}
-	var ptp struct {
-		MTU  int `json:"mtu"`
-		IPAM struct {
-			Ranges [][]struct{ Subnet, Gateway string } `json:"ranges"`
-		} `json:"ipam"`
+	if !slices.Equal(types, []string{"calico", "secureoverlay", "portmap"}) {
+		t.Fatalf("plugins: %v", types)
 	}
-	if err := json.Unmarshal(list.Plugins[0].Bytes, &ptp); err != nil {
+	var calico struct {
+		MTU        int                         `json:"mtu"`
+		Nodename   string                      `json:"nodename"`
+		Datastore  string                      `json:"datastore_type"`
+		IPAM       struct{ Type string }       `json:"ipam"`
+		Kubernetes struct{ Kubeconfig string } `json:"kubernetes"`
+	}
+	if err := json.Unmarshal(list.Plugins[0].Bytes, &calico); err != nil {
 		t.Fatal(err)
 	}
-	if ptp.MTU != 1402 || ptp.IPAM.Ranges[0][0].Subnet != "10.244.2.0/26" || ptp.IPAM.Ranges[0][0].Gateway != "10.244.2.2" {
-		t.Errorf("ptp: %+v", ptp)
+	if calico.MTU != 1402 || calico.Nodename != "node2" || calico.Datastore != "kubernetes" || calico.IPAM.Type != "calico-ipam" || calico.Kubernetes.Kubeconfig != calicoKubeconfig {
+		t.Errorf("calico: %+v", calico)
 	}
 	var ours map[string]any
 	if err := json.Unmarshal(list.Plugins[1].Bytes, &ours); err != nil {
 		t.Fatal(err)
 	}
-	if ours["mode"] != "clamp" {
+	if ours["mode"] != "clamp" || ours["logFile"] != "/tmp/e2e/secureoverlay-cni-node2.log" {
 		t.Errorf("secureoverlay entry: %v", ours)
 	}
 }

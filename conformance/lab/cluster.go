@@ -13,6 +13,7 @@ import (
 //	netns nodeN  eth0 198.18.0.N/24 on br0, ip_forward=1,
 //	             tunl0 up, MTU TunnelMTU, 10.244.N.1/32 (Calico's IPv4IPIPTunnelAddr),
 //	             blackhole 10.244.N.0/26 (the local IPAM block),
+//	             169.254.1.1 dev eth0 (for proxy ARP toward Calico's pods),
 //	             10.244.M.0/26 via 198.18.0.M dev tunl0 onlink for every other node M
 //	             (when ControlPlane) mgmt0 198.19.0.N/24 on the guest's bridge
 //	             ctl0 (198.19.0.254), route to GuestForwardAddr via ctl0: the
@@ -115,6 +116,11 @@ func (c Cluster) SetupScript() (string, error) {
 		w("ip -n %s link set tunl0 mtu %d up", n, c.TunnelMTU)
 		w("ip -n %s addr add %s/32 dev tunl0", n, TunnelIP(i))
 		w("ip -n %s route add blackhole %s", n, Block(i))
+		// Calico's pods reach the node through 169.254.1.1, answered by proxy ARP on the
+		// host-side veth, which the kernel does only for an address it routes out of
+		// another interface: real nodes have a default route; the lab, which has none,
+		// routes just this address to the uplink.
+		w("ip -n %s route add 169.254.1.1 dev eth0 scope link", n)
 		if c.ControlPlane {
 			w("ip -n %s link add mgmt0 type veth peer name ctl%d netns 1", n, i)
 			w("ip link set ctl%d master %s up", i, ControlBridge)

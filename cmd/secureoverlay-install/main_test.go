@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/ns"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -429,17 +430,30 @@ func TestDetectExternalMTU(t *testing.T) {
 	ip("-n", netns, "link", "set", "p0", "up")
 	ip("-n", netns, "link", "set", "eth0", "up")
 	ip("-n", netns, "link", "add", "ens3", "mtu", "1400", "type", "veth", "peer", "name", "p1") // down: not counted
+	// A veth reaches oper-up asynchronously (the kernel's linkwatch work), later still on a
+	// busy machine: detection counts only up links, so wait as a node's uplink would be.
+	// (Without this wait the test failed once under a CPU hog: "detected externalMTU 0".)
+	nsh, err := ns.GetNS("/run/netns/" + netns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nsh.Close()
+	if err := nsh.Do(func(ns.NetNS) error { return testutil.WaitOperUp("eth0", 10*time.Second) }); err != nil {
+		t.Fatal(err)
+	}
 
+	var out []byte
 	run := func(extra ...string) {
 		t.Helper()
 		args := append([]string{"netns", "exec", netns, bin}, onceArgs(n, extra...)...)
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		var err error
+		if out, err = exec.Command("ip", args...).CombinedOutput(); err != nil {
 			t.Fatalf("%v: %v\n%s", args, err, out)
 		}
 	}
 	run("--external-mtu", "0")
 	if got := n.entryMTU(t); got != 1450 {
-		t.Fatalf("detected externalMTU %d, want 1450", got)
+		t.Fatalf("detected externalMTU %d, want 1450; installer output:\n%s", got, out)
 	}
 	run("--external-mtu", "0", "--detect-external-mtu=false")
 	if got := n.entryMTU(t); got != 0 {

@@ -143,7 +143,7 @@ type Lab struct {
 	cniCache string
 	// calicoConfig is Calico's calico-config ConfigMap (its conflist template),
 	// calicoVersion the version of its CNI plugin, calicoBin the host directory the
-	// guest sees at GuestCalicoDir.
+	// guest sees at guestCalicoShare (and copies to GuestCalicoDir).
 	calicoConfig  *corev1.ConfigMap
 	calicoVersion string
 	calicoBin     string
@@ -287,7 +287,7 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 		l.VM, vmErr = lab.Boot(ctx, lab.Options{
 			MemoryMiB:     1024,
 			CPUs:          2,
-			Shares:        append(lab.StandardShares(), lab.Share{Tag: "calicobin", HostPath: l.calicoBin, GuestPath: GuestCalicoDir}),
+			Shares:        append(lab.StandardShares(), lab.Share{Tag: "calicobin", HostPath: l.calicoBin, GuestPath: guestCalicoShare}),
 			GuestForwards: []lab.GuestForward{{GuestPort: APIServerGuestPort, HostPort: l.proxy.port}},
 			StateDir:      vmState,
 		})
@@ -302,6 +302,15 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 		}
 		_, _, vmErr = l.VM.Run(ctx, "mkdir -p /tmp/e2e /etc/e2e")
 		l.progress("node namespaces ready in %s", time.Since(t0).Round(100*time.Millisecond))
+		if vmErr != nil {
+			return
+		}
+		t0 = time.Now()
+		_, _, vmErr = l.VM.Run(ctx, fmt.Sprintf("mkdir -p %[1]s && cp %[2]s/calico %[1]s/calico && ln -f %[1]s/calico %[1]s/calico-ipam",
+			GuestCalicoDir, guestCalicoShare))
+		if vmErr == nil {
+			l.progress("Calico's CNI plugin copied into the guest's memory in %s", time.Since(t0).Round(100*time.Millisecond))
+		}
 	}()
 	wg.Wait()
 	if err := errors.Join(kubeErr, vmErr); err != nil {

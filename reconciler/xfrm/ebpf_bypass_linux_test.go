@@ -15,7 +15,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -43,83 +42,8 @@ func TestCalicoEBPFForwardingBypassesXfrm(t *testing.T) {
 	if os.Geteuid() != 0 {
 		skipOrFail(t, "SECUREOVERLAY_REQUIRE_ALL", "needs root")
 	}
-	type node struct {
-		name, cidr, ip, block, pod, peerIP string
-		id                                 uint32
-		host, podNS                        ns.NetNS
-		state                              desired.State
-	}
-	a := &node{name: "a", cidr: "198.18.0.1/24", ip: "198.18.0.1", block: "10.244.1.0/26", pod: "10.244.1.2", peerIP: "198.18.0.2", id: 1}
-	b := &node{name: "b", cidr: "198.18.0.2/24", ip: "198.18.0.2", block: "10.244.2.0/26", pod: "10.244.2.2", peerIP: "198.18.0.1", id: 2}
-	nodes := []*node{a, b}
-	peer := func(n *node) *node {
-		if n == a {
-			return b
-		}
-		return a
-	}
-	newNS := func() ns.NetNS {
-		n, err := testutils.NewNS()
-		if err != nil {
-			skipOrFail(t, "SECUREOVERLAY_REQUIRE_ALL", "cannot create a network namespace: "+err.Error())
-		}
-		t.Cleanup(func() { _ = n.Close(); _ = testutils.UnmountNS(n) })
-		return n
-	}
-	in := func(n ns.NetNS, f func() error) {
-		t.Helper()
-		if err := n.Do(func(ns.NetNS) error { return f() }); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, n := range nodes {
-		n.host, n.podNS = newNS(), newNS()
-	}
-	moveVeth := func(from ns.NetNS, name, peer string, to ns.NetNS) {
-		in(from, func() error {
-			if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: peer}); err != nil {
-				return err
-			}
-			l, err := netlink.LinkByName(peer)
-			if err != nil {
-				return err
-			}
-			return netlink.LinkSetNsFd(l, int(to.Fd()))
-		})
-	}
-	moveVeth(a.host, "eth-a", "eth-b", b.host)
-	for _, n := range nodes {
-		moveVeth(n.host, "cali-"+n.name, "eth0", n.podNS)
-		in(n.host, func() error {
-			for _, c := range [][]string{
-				{"ip", "link", "set", "lo", "up"},
-				{"ip", "addr", "add", n.cidr, "dev", "eth-" + n.name},
-				{"ip", "link", "set", "eth-" + n.name, "up"},
-				{"ip", "link", "set", "cali-" + n.name, "up"},
-				{"ip", "addr", "add", "169.254.1.1/32", "dev", "cali-" + n.name},
-				{"ip", "route", "add", n.pod + "/32", "dev", "cali-" + n.name},
-				{"ip", "route", "add", peer(n).block, "via", n.peerIP, "dev", "eth-" + n.name},
-			} {
-				if err := run(c...); err != nil {
-					return err
-				}
-			}
-			return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644)
-		})
-		in(n.podNS, func() error {
-			for _, c := range [][]string{
-				{"ip", "link", "set", "lo", "up"},
-				{"ip", "link", "set", "eth0", "up"},
-				{"ip", "addr", "add", n.pod + "/32", "dev", "eth0"},
-				{"ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0", "onlink"},
-			} {
-				if err := run(c...); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-	}
+	a, b, in := newSameSubnetPair(t)
+	nodes := []*ssNode{a, b}
 	ping := func() error {
 		var err error
 		in(a.podNS, func() error { err = run("ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", b.pod); return nil })
@@ -173,7 +97,7 @@ func TestCalicoEBPFForwardingBypassesXfrm(t *testing.T) {
 	}
 
 	wire := newICMPCounter(t, b.host, "eth-b")
-	xfrmTotal := func(n *node) uint64 {
+	xfrmTotal := func(n *ssNode) uint64 {
 		var sum uint64
 		for _, c := range []string{"XfrmOutNoStates", "XfrmOutPolBlock", "XfrmInNoPols", "XfrmInTmplMismatch", "XfrmFwdHdrError", "XfrmInNoStates"} {
 			sum += xfrmStat(t, in, n.host, c)

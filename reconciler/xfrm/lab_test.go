@@ -14,7 +14,8 @@ import (
 // path are proven on a real kernel even where the host's kernel lacks them. The test binary
 // itself is shared into the guest read-only over 9p.
 func TestLabDataPath(t *testing.T) {
-	tests := []string{"TestNetlinkStatesRealKernel", "TestNetlinkPoliciesRealKernel", "TestDataPathESPOverIPIP", "TestDataPathCrossSubnetTunnel"}
+	tests := []string{"TestNetlinkStatesRealKernel", "TestNetlinkPoliciesRealKernel", "TestDataPathESPOverIPIP", "TestDataPathCrossSubnetTunnel",
+		"TestCalicoEBPFForwardingBypassesXfrm", "TestCalicoEBPFTunnelledRouteStaysESP"}
 	lab.RunInGuest(t, lab.GuestTest{Run: "^(" + strings.Join(tests, "|") + ")$", Want: tests,
 		Env: []string{"SECUREOVERLAY_REQUIRE_ESP=1", "SECUREOVERLAY_REQUIRE_ALL=1"}})
 }

@@ -10,8 +10,6 @@ import (
 	"testing"
 
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/containernetworking/plugins/pkg/testutils"
-	"github.com/vishvananda/netlink"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
@@ -30,82 +28,10 @@ func TestDataPathCrossSubnetTunnel(t *testing.T) {
 	if reason := espMissing(t); reason != "" {
 		skipOrFail(t, "SECUREOVERLAY_REQUIRE_ESP", reason)
 	}
-	type node struct {
-		name, cidr, ip, block, pod, peerIP, peerBlock string
-		id                                            uint32
-		host, podNS                                   ns.NetNS
-		xa                                            *Applier
-		state                                         desired.State
-		published                                     *desired.State
-	}
-	a := &node{name: "a", cidr: "198.18.0.1/24", ip: "198.18.0.1", block: "10.244.1.0/26", pod: "10.244.1.2", peerIP: "198.18.0.2", peerBlock: "10.244.2.0/26", id: 1}
-	b := &node{name: "b", cidr: "198.18.0.2/24", ip: "198.18.0.2", block: "10.244.2.0/26", pod: "10.244.2.2", peerIP: "198.18.0.1", peerBlock: "10.244.1.0/26", id: 2}
-	nodes := []*node{a, b}
-	newNS := func() ns.NetNS {
-		n, err := testutils.NewNS()
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = n.Close(); _ = testutils.UnmountNS(n) })
-		return n
-	}
-	in := func(n ns.NetNS, f func() error) {
-		t.Helper()
-		if err := n.Do(func(ns.NetNS) error { return f() }); err != nil {
-			t.Fatal(err)
-		}
-	}
+	a, b, in := newSameSubnetPair(t)
+	nodes := []*ssNode{a, b}
 	for _, n := range nodes {
-		n.host, n.podNS = newNS(), newNS()
-	}
-	moveVeth := func(from ns.NetNS, name, peer string, to ns.NetNS) {
-		in(from, func() error {
-			if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: peer}); err != nil {
-				return err
-			}
-			l, err := netlink.LinkByName(peer)
-			if err != nil {
-				return err
-			}
-			return netlink.LinkSetNsFd(l, int(to.Fd()))
-		})
-	}
-	moveVeth(a.host, "eth-a", "eth-b", b.host)
-	for _, n := range nodes {
-		moveVeth(n.host, "cali-"+n.name, "eth0", n.podNS)
-		in(n.host, func() error {
-			for _, c := range [][]string{
-				{"ip", "link", "set", "lo", "up"},
-				{"ip", "addr", "add", n.cidr, "dev", "eth-" + n.name},
-				{"ip", "link", "set", "eth-" + n.name, "up"},
-				{"ip", "link", "set", "cali-" + n.name, "up"},
-				{"ip", "addr", "add", "169.254.1.1/32", "dev", "cali-" + n.name},
-				{"ip", "route", "add", n.pod + "/32", "dev", "cali-" + n.name},
-				{"ip", "route", "add", n.peerBlock, "via", n.peerIP, "dev", "eth-" + n.name},
-			} {
-				if err := run(c...); err != nil {
-					return err
-				}
-			}
-			if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1"), 0o644); err != nil {
-				return err
-			}
-			n.xa = NewApplier(Netlink{}, desired.Config{})
-			return nil
-		})
-		in(n.podNS, func() error {
-			for _, c := range [][]string{
-				{"ip", "link", "set", "lo", "up"},
-				{"ip", "link", "set", "eth0", "up"},
-				{"ip", "addr", "add", n.pod + "/32", "dev", "eth0"},
-				{"ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0", "onlink"},
-			} {
-				if err := run(c...); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
+		n.xa = NewApplier(Netlink{}, desired.Config{})
 	}
 	ringNow := desired.Ring{Mode: api.ModeOff}
 	sync := func() {
@@ -141,7 +67,7 @@ func TestDataPathCrossSubnetTunnel(t *testing.T) {
 		in(a.podNS, func() error { err = run("ping", "-n", "-q", "-c", "2", "-W", "2", b.pod); return nil })
 		return err
 	}
-	tunnelPackets := func(n *node) uint64 {
+	tunnelPackets := func(n *ssNode) uint64 {
 		var total uint64
 		in(n.host, func() error {
 			sts, err := Netlink{}.ListStates()

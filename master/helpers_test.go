@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	"log/slog"
 	"math/rand/v2"
 	"net/netip"
@@ -162,6 +163,9 @@ func installMasterRBAC(t *testing.T, cs kubernetes.Interface, ns string) {
 	_, err = cs.RbacV1().RoleBindings(ns).Create(ctx, &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
 		RoleRef: rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: name}, Subjects: subj}, metav1.CreateOptions{})
 	must(err)
+	kube.RequireAuthorized(t, cs, kube.ServiceAccountUser(ns, name), kube.ServiceAccountGroups(ns),
+		authorizationv1.ResourceAttributes{Resource: "nodes", Verb: "watch"},
+		authorizationv1.ResourceAttributes{Resource: "secrets", Namespace: ns, Name: api.SecretName, Verb: "update"})
 }
 
 // masterConfig authenticates as the master's ServiceAccount, so RBAC is exercised.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -265,6 +266,8 @@ func TestSidecarAgainstAPIServer(t *testing.T) {
 	if _, err := admin.RbacV1().RoleBindings(ns).Create(ctx, rb, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	kube.RequireAuthorized(t, admin, kube.ServiceAccountUser(ns, saName), kube.ServiceAccountGroups(ns),
+		authorizationv1.ResourceAttributes{Group: "apps", Resource: "daemonsets", Namespace: ns, Name: dsName2, Verb: "watch"})
 	createOwned := func(ds *appsv1.DaemonSet, podName string) {
 		t.Helper()
 		ds, err := admin.AppsV1().DaemonSets(ns).Create(ctx, ds, metav1.CreateOptions{})

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	"os"
 	"path/filepath"
 	"sort"
@@ -152,6 +153,10 @@ func (l *Lab) installCalicoCNIIdentity(ctx context.Context) error {
 		Subjects:   []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "kube-system", Name: "calico-cni-plugin"}},
 	}, metav1.CreateOptions{}); err != nil {
 		return fmt.Errorf("bind calico-cni-plugin: %w", err)
+	}
+	if _, err := kube.WaitAuthorized(ctx, l.Client, kube.ServiceAccountUser("kube-system", "calico-cni-plugin"), kube.ServiceAccountGroups("kube-system"),
+		authorizationv1.ResourceAttributes{Group: "crd.projectcalico.org", Resource: "ipamblocks", Verb: "create"}, time.Minute); err != nil {
+		return err
 	}
 	rc, err := l.Kube.ServiceAccountConfigErr(ctx, "kube-system", "calico-cni-plugin")
 	if err != nil {

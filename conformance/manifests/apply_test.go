@@ -127,6 +127,12 @@ func TestManifestAgainstRealAPIServer(t *testing.T) {
 	})
 
 	t.Run("auth can-i", func(t *testing.T) {
+		// The authorizer sees the applied RBAC through an informer: wait until one
+		// allowed access per binding holds before asserting on the rest.
+		sa := kube.ServiceAccountGroups(api.Namespace)
+		nodes := authorizationv1.ResourceAttributes{Verb: "list", Resource: "nodes"}
+		kube.RequireAuthorized(t, cs, agentSA, sa, nodes, authorizationv1.ResourceAttributes{Verb: "get", Resource: "secrets", Namespace: api.Namespace, Name: api.SecretName})
+		kube.RequireAuthorized(t, cs, masterSA, sa, nodes, authorizationv1.ResourceAttributes{Verb: "update", Resource: "secrets", Namespace: api.Namespace, Name: api.SecretName})
 		canI(t, kc, admin)
 		canIProjectcalico(t, cs)
 	})
@@ -307,6 +313,8 @@ func canIProjectcalico(t *testing.T, cs kubernetes.Interface) {
 	if _, err := cs.RbacV1().ClusterRoleBindings().Create(context.Background(), crb, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	kube.RequireAuthorized(t, cs, operatorUser, []string{"system:authenticated"},
+		authorizationv1.ResourceAttributes{Group: "operator.tigera.io", Resource: "installations", Name: "default", Verb: "get"})
 	allowed := func(user, group, verb, resource string) bool {
 		t.Helper()
 		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{

@@ -2,6 +2,7 @@ package owner
 
 import (
 	"context"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	"testing"
 	"time"
 
@@ -47,6 +48,8 @@ func createSetup(ctx context.Context, t *testing.T, admin kubernetes.Interface, 
 		if _, err := admin.RbacV1().RoleBindings(s.Namespace).Create(ctx, rb, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
+		kube.RequireAuthorized(t, admin, kube.ServiceAccountUser(s.Namespace, s.ServiceAccount), kube.ServiceAccountGroups(s.Namespace),
+			authorizationv1.ResourceAttributes{Group: "apps", Resource: "daemonsets", Namespace: s.Namespace, Name: s.DaemonSet, Verb: "watch"})
 	}
 	labels := map[string]string{"app": s.DaemonSet}
 	no := false

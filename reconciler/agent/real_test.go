@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	"log/slog"
 	"net/http"
 	"net/netip"
@@ -249,6 +250,9 @@ func agentRBAC(t *testing.T, admin kubernetes.Interface) {
 		RoleRef: rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: role.Name}, Subjects: subj}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	kube.RequireAuthorized(t, admin, kube.ServiceAccountUser(api.Namespace, "agent"), kube.ServiceAccountGroups(api.Namespace),
+		authorizationv1.ResourceAttributes{Resource: "nodes", Verb: "watch"},
+		authorizationv1.ResourceAttributes{Resource: "secrets", Namespace: api.Namespace, Name: api.SecretName, Verb: "watch"})
 }
 
 // peerReport is peer's report (boot peerBoot, Node UID peerUID, epoch "e-"+name) claiming

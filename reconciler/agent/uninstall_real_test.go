@@ -4,6 +4,7 @@ package agent
 
 import (
 	"context"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	"log/slog"
 	"os"
 	"slices"
@@ -94,6 +95,8 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 		Subjects: []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: ns, Name: "agent"}}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	kube.RequireAuthorized(t, admin, kube.ServiceAccountUser(ns, "agent"), kube.ServiceAccountGroups(ns),
+		authorizationv1.ResourceAttributes{Group: "apps", Resource: "daemonsets", Namespace: ns, Name: dsName, Verb: "watch"})
 
 	ring := testRing(t, api.ModeEnforce, "a", "b")
 	data, err := keys.Marshal(ring)

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
 	"slices"
 	"sort"
 	"strings"
@@ -120,10 +121,10 @@ func TestDoctor(t *testing.T) {
 		{
 			name: "IPPool not in IPIP mode",
 			breakf: func() {
-				e.applyCalico("ippool", "default-ipv4-ippool", map[string]any{"cidr": "10.244.0.0/16", "vxlanMode": "Always"})
+				e.applyCalico(ipPool("default-ipv4-ippool", "10.244.0.0/16", v3.IPIPModeNever, func(s *v3.IPPoolSpec) { s.VXLANMode = v3.VXLANModeAlways }))
 			},
 			fix: func() {
-				e.applyCalico("ippool", "default-ipv4-ippool", map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always"})
+				e.applyCalico(ipPool("default-ipv4-ippool", "10.244.0.0/16", v3.IPIPModeAlways, nil))
 			},
 			want: []string{"calico-ipip"},
 			say:  "no enabled IPPool uses IPIP",
@@ -131,17 +132,17 @@ func TestDoctor(t *testing.T) {
 		{
 			name: "Calico WireGuard and the eBPF data plane",
 			breakf: func() {
-				e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452), "wireguardEnabled": true, "bpfEnabled": true})
+				e.applyCalico(felixDefault(v3.FelixConfigurationSpec{IPIPMTU: intp(1452), WireguardEnabled: boolp(true), BPFEnabled: boolp(true)}))
 			},
-			fix:  func() { e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)}) },
+			fix:  func() { e.applyCalico(felixDefault(v3.FelixConfigurationSpec{IPIPMTU: intp(1452)})) },
 			want: []string{"calico-modes"},
 			say:  "default: bpfEnabled (eBPF data plane",
 		},
 		{
 			name:   "a second pool without IPIP",
-			breakf: func() { e.applyCalico("ippool", "plain", map[string]any{"cidr": "10.250.0.0/16", "ipipMode": "Never"}) },
+			breakf: func() { e.applyCalico(ipPool("plain", "10.250.0.0/16", v3.IPIPModeNever, nil)) },
 			fix: func() {
-				e.applyCalico("ippool", "plain", map[string]any{"cidr": "10.250.0.0/16", "ipipMode": "Never", "disabled": true})
+				e.applyCalico(ipPool("plain", "10.250.0.0/16", v3.IPIPModeNever, func(s *v3.IPPoolSpec) { s.Disabled = true }))
 			},
 			want: []string{"calico-ipip"},
 			say:  "plain 10.250.0.0/16 ipipMode Never",
@@ -205,15 +206,15 @@ func TestDoctor(t *testing.T) {
 		},
 		{
 			name:   "ipipMTU above the budget",
-			breakf: func() { e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1480)}) },
-			fix:    func() { e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)}) },
+			breakf: func() { e.applyCalico(felixDefault(v3.FelixConfigurationSpec{IPIPMTU: intp(1480)})) },
+			fix:    func() { e.applyCalico(felixDefault(v3.FelixConfigurationSpec{IPIPMTU: intp(1452)})) },
 			want:   []string{"mtu"},
 			say:    "Calico's pod MTU 1480 exceeds this node's budget 1452",
 		},
 		{
 			name:   "ipipMTU unset",
-			breakf: func() { e.applyCalico("felix", "default", map[string]any{"logSeverityScreen": "Info"}) },
-			fix:    func() { e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)}) },
+			breakf: func() { e.applyCalico(felixDefault(v3.FelixConfigurationSpec{LogSeverityScreen: "Info"})) },
+			fix:    func() { e.applyCalico(felixDefault(v3.FelixConfigurationSpec{IPIPMTU: intp(1452)})) },
 			want:   []string{"mtu"},
 			say:    "Calico's pod MTU 1480 (auto: 1500 - 20) exceeds this node's budget 1452",
 		},
@@ -398,7 +399,7 @@ func TestDoctor(t *testing.T) {
 	// Several things broken at once, as an operator sees it (docs/operating.md).
 	e.setSecret(nil)
 	e.setReport("node-c", nil, "")
-	e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1480)})
+	e.applyCalico(felixDefault(v3.FelixConfigurationSpec{IPIPMTU: intp(1480)}))
 	r = e.run("doctor", "--sample", "300ms", "--node-selector", "secureoverlay.io/agent=true")
 	if r.code != ExitNotOK {
 		t.Fatalf("doctor with three faults:\n%s", r)
@@ -406,7 +407,7 @@ func TestDoctor(t *testing.T) {
 	goldenCheck(t, "doctor-broken.txt", strings.ReplaceAll(r.stdout, "300ms", "SAMPLE"))
 	e.setSecret(map[string][]byte{api.SecretDataKey: ring})
 	e.setReport("node-c", healthyReport("node-c"), "")
-	e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)})
+	e.applyCalico(felixDefault(v3.FelixConfigurationSpec{IPIPMTU: intp(1452)}))
 
 	// Back to healthy after every fix (but win-1 stays: select the agent nodes).
 	if failed, _, r := e.doctor("--node-selector", "secureoverlay.io/agent=true"); len(failed) != 0 {
@@ -442,8 +443,8 @@ func TestDoctorFollowsCalicosGroup(t *testing.T) {
 		}
 		// kube-controllers copied everything to v3, then Calico allocated a block there.
 		e.calico = kube.CalicoV3GV
-		e.applyCalico("ippool", "default-ipv4-ippool", map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always", "natOutgoing": true})
-		e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)})
+		e.applyCalico(ipPool("default-ipv4-ippool", "10.244.0.0/16", v3.IPIPModeAlways, nil))
+		e.applyCalico(felixDefault(v3.FelixConfigurationSpec{IPIPMTU: intp(1452)}))
 		if _, err := kube.CreateCalico(e.ctx, e.dyn, kube.CalicoV3GV, kube.NewIPAMBlock("10.244.7.0/26", "host:node-a")); err != nil {
 			t.Fatal(err)
 		}

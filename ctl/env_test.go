@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -24,7 +25,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
@@ -289,20 +290,17 @@ func (e *env) setConfigMap(data map[string]string) {
 	}
 }
 
-// applyCalico creates or replaces a cluster-scoped Calico object in e.calico, with strict
-// field validation (the real CRDs reject what Calico would not store).
-func (e *env) applyCalico(kind, name string, spec map[string]any) {
+// applyCalico creates or replaces a cluster-scoped Calico object (a typed
+// projectcalico/api v3 object, converted to the group e.calico serves) with strict field
+// validation: the real CRDs reject what Calico would not store.
+func (e *env) applyCalico(obj runtime.Object) {
 	e.t.Helper()
-	gvr := map[string]struct {
-		r    string
-		kind string
-	}{"ippool": {"ippools", "IPPool"}, "felix": {"felixconfigurations", "FelixConfiguration"}}[kind]
-	res := e.dyn.Resource(e.calico.WithResource(gvr.r))
-	u := &unstructured.Unstructured{Object: map[string]any{
-		"apiVersion": e.calico.String(), "kind": gvr.kind,
-		"metadata": map[string]any{"name": name}, "spec": spec,
-	}}
-	cur, err := res.Get(e.ctx, name, metav1.GetOptions{})
+	u, gvr, err := kube.CalicoObject(e.calico, obj)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	res := e.dyn.Resource(gvr)
+	cur, err := res.Get(e.ctx, u.GetName(), metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		_, err = res.Create(e.ctx, u, kube.StrictCreate)
 	} else if err == nil {
@@ -310,9 +308,29 @@ func (e *env) applyCalico(kind, name string, spec map[string]any) {
 		_, err = res.Update(e.ctx, u, kube.StrictUpdate)
 	}
 	if err != nil {
-		e.t.Fatalf("apply %s %s: %v", kind, name, err)
+		e.t.Fatalf("apply %s %s: %v", u.GetKind(), u.GetName(), err)
 	}
 }
+
+// ipPool is an IPPool as calicoctl writes it (kube.NewIPPool), changed by edit.
+func ipPool(name, cidr string, ipip v3.IPIPMode, edit func(*v3.IPPoolSpec)) *v3.IPPool {
+	p := kube.NewIPPool(name, cidr, ipip)
+	if edit != nil {
+		edit(&p.Spec)
+	}
+	return p
+}
+
+// felixDefault is the FelixConfiguration "default" with spec.
+func felixDefault(spec v3.FelixConfigurationSpec) *v3.FelixConfiguration {
+	f := kube.NewFelixConfiguration("default")
+	f.Spec = spec
+	return f
+}
+
+// intp and boolp point at their argument (the typed specs use pointers for optional fields).
+func intp(v int) *int    { return &v }
+func boolp(v bool) *bool { return &v }
 
 // ring7 is a valid ring in mode enforce with generation 7 active.
 func (e *env) ring7(nodes ...string) []byte {

@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
 	"net"
 	"os"
 	"path/filepath"
@@ -242,7 +243,7 @@ func TestMTU(t *testing.T) {
 	}
 	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true"})
 
-	e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1480)})
+	e.applyCalico(felixDefault(v3.FelixConfigurationSpec{IPIPMTU: intp(1480)}))
 	r = e.run("mtu", "--external-mtu", "1500", "-o", "json")
 	if r.code != ExitNotOK || !strings.Contains(r.stdout, `"wrongNodes": [
       "node-a",

@@ -3,6 +3,7 @@ package ctl
 import (
 	"context"
 	"encoding/json"
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
 	"os"
 	"path/filepath"
 	"strings"
@@ -234,7 +235,7 @@ func TestMTUCalicoInstalls(t *testing.T) {
 		// An operator install: the Installation wins over a calico-config left behind
 		// (the operator's migration from a manifest install leaves one). FelixConfiguration
 		// without ipipMTU: the Installation sets no MTU, so felix detects (1480).
-		e.applyCalico("felix", "default", map[string]any{"logSeverityScreen": "Info"})
+		e.applyCalico(felixDefault(v3.FelixConfigurationSpec{LogSeverityScreen: "Info"}))
 		ctx, cancel := context.WithTimeout(e.ctx, 60*time.Second)
 		defer cancel()
 		var crd unstructured.Unstructured

@@ -2,6 +2,7 @@ package ctl
 
 import (
 	"encoding/json"
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
 	"slices"
 	"strings"
 	"testing"
@@ -62,8 +63,8 @@ func (e *env) healthyCluster() {
 	}
 	e.setMasterStatus(healthyMaster())
 	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true"})
-	e.applyCalico("ippool", "default-ipv4-ippool", map[string]any{"cidr": "10.244.0.0/16", "ipipMode": "Always", "natOutgoing": true})
-	e.applyCalico("felix", "default", map[string]any{"ipipMTU": int64(1452)})
+	e.applyCalico(ipPool("default-ipv4-ippool", "10.244.0.0/16", v3.IPIPModeAlways, nil))
+	e.applyCalico(felixDefault(v3.FelixConfigurationSpec{IPIPMTU: intp(1452)}))
 	e.setSecret(map[string][]byte{api.SecretDataKey: e.ring7(names...)})
 }
 

@@ -4,33 +4,30 @@ import (
 	"fmt"
 	"runtime"
 	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
 // realBlock is an IPAMBlock of a /26 as Calico's IPAM leaves it on a busy node: 40 pods
-// with handles and pod attributes, the tunnel address, sequence numbers.
+// with handles and pod attributes, the tunnel address, sequence numbers; built from
+// Calico's own types as the v1 CRD stores it.
 func realBlock(i int) *unstructured.Unstructured {
-	allocs := make([]any, 64)
-	var unalloc, attrs []any
-	for o := range 64 {
-		if o <= 40 {
-			allocs[o] = int64(o)
-			attrs = append(attrs, map[string]any{"handle_id": fmt.Sprintf("k8s-pod-network.%064d", o),
-				"secondary": map[string]any{"namespace": "default", "node": fmt.Sprintf("node-%d", i), "pod": fmt.Sprintf("web-7d9f8c6b5-%05d", o),
-					"timestamp": "2026-06-24 10:00:00.123456789 +0000 UTC"}})
-		} else {
-			unalloc = append(unalloc, int64(o))
-		}
+	node := fmt.Sprintf("node-%d", i)
+	b := kube.NewIPAMBlock(fmt.Sprintf("10.%d.%d.0/26", i/256, i%256), "host:"+node)
+	for o := range 41 {
+		kube.Allocate(b, o, fmt.Sprintf("k8s-pod-network.%064d", o), node, map[string]string{"namespace": "default",
+			"pod": fmt.Sprintf("web-7d9f8c6b5-%05d", o), "timestamp": "2026-06-24 10:00:00.123456789 +0000 UTC"})
 	}
-	return &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": "IPAMBlock",
-		"metadata": map[string]any{"name": fmt.Sprintf("10-%d-%d-0-26", i/256, i%256), "resourceVersion": "12345", "uid": "0b4f5f0e-3a7e-4c39-9a43-1c1e4c7b2f11",
-			"creationTimestamp": "2026-06-24T10:00:00Z"},
-		"spec": map[string]any{"cidr": fmt.Sprintf("10.%d.%d.0/26", i/256, i%256), "affinity": fmt.Sprintf("host:node-%d", i),
-			"allocations": allocs, "unallocated": unalloc, "attributes": attrs, "strictAffinity": false, "deleted": false,
-			"sequenceNumber": int64(41), "sequenceNumberForAllocation": map[string]any{"0": int64(1)}}}}
+	b.ResourceVersion, b.UID = "12345", "0b4f5f0e-3a7e-4c39-9a43-1c1e4c7b2f11"
+	b.CreationTimestamp = metav1.NewTime(time.Date(2026, 6, 24, 10, 0, 0, 0, time.UTC))
+	b.Spec.SequenceNumber, b.Spec.SequenceNumberForAllocation = 41, map[string]uint64{"0": 1}
+	return calico(CalicoV1, b)
 }
 
 // TestCalicoCacheHoldsParsedObjects: what the IPAMBlock cache keeps is the parsed block

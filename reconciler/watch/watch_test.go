@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"k8s.io/client-go/tools/cache"
 	"maps"
 	"net/netip"
@@ -81,9 +83,34 @@ var (
 	gvPeers  = schema.GroupVersionResource{Group: "crd.projectcalico.org", Version: "v1", Resource: "bgppeers"}
 )
 
-func calicoObj(kind, name string, spec map[string]any) *unstructured.Unstructured {
-	return &unstructured.Unstructured{Object: map[string]any{"apiVersion": "crd.projectcalico.org/v1", "kind": kind,
-		"metadata": map[string]any{"name": name}, "spec": spec}}
+// calico is a typed Calico object as group-version gv serves it (kube.CalicoObject: the
+// JSON a client sends to Calico's real CRDs, v1's string-typed fields included), for the
+// fake dynamic client.
+func calico(gv schema.GroupVersion, obj runtime.Object) *unstructured.Unstructured {
+	u, _, err := kube.CalicoObject(gv, obj)
+	if err != nil {
+		panic(err)
+	}
+	return u
+}
+
+// ipamBlock is an empty block of cidr named name (kube.NewIPAMBlock), changed by edit.
+func ipamBlock(name, cidr, affinity string, edit func(*v3.IPAMBlockSpec)) *v3.IPAMBlock {
+	b := kube.NewIPAMBlock(cidr, affinity)
+	b.Name = name
+	if edit != nil {
+		edit(&b.Spec)
+	}
+	return b
+}
+
+// ipPool is kube.NewIPPool changed by edit.
+func ipPool(name, cidr string, ipip v3.IPIPMode, edit func(*v3.IPPoolSpec)) *v3.IPPool {
+	p := kube.NewIPPool(name, cidr, ipip)
+	if edit != nil {
+		edit(&p.Spec)
+	}
+	return p
 }
 
 func node(name, addr, boot string, ann map[string]string) *corev1.Node {
@@ -132,13 +159,13 @@ func TestWatcherWithFakeClients(t *testing.T) {
 		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
 		gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"},
-		calicoObj("IPAMBlock", "blk-a", map[string]any{"cidr": "10.65.1.0/26", "affinity": "host:a"}),
-		calicoObj("IPAMBlock", "blk-gone", map[string]any{"cidr": "10.65.9.0/26", "affinity": "host:b", "deleted": true}),
-		calicoObj("IPAMBlock", "blk-bad", map[string]any{"cidr": "not-a-cidr"}),
-		calicoObj("BlockAffinity", "b-10-65-2-0-26", map[string]any{"node": "b", "cidr": "10.65.2.0/26", "deleted": "false"}),
-		calicoObj("IPPool", "default", map[string]any{"cidr": "10.65.0.0/16", "ipipMode": "Always", "vxlanMode": "Never"}),
-		calicoObj("IPPool", "off", map[string]any{"cidr": "10.66.0.0/16", "ipipMode": "Always", "disabled": true}),
-		calicoObj("BGPPeer", "tor", map[string]any{"peerIP": "198.18.1.1", "asNumber": int64(64512)}),
+		calico(CalicoV1, ipamBlock("blk-a", "10.65.1.0/26", "host:a", nil)),
+		calico(CalicoV1, ipamBlock("blk-gone", "10.65.9.0/26", "host:b", func(s *v3.IPAMBlockSpec) { s.Deleted = true })),
+		calico(CalicoV1, &v3.IPAMBlock{ObjectMeta: metav1.ObjectMeta{Name: "blk-bad"}, Spec: v3.IPAMBlockSpec{CIDR: "not-a-cidr"}}),
+		calico(CalicoV1, kube.NewBlockAffinity("b", "10.65.2.0/26")),
+		calico(CalicoV1, ipPool("default", "10.65.0.0/16", v3.IPIPModeAlways, nil)),
+		calico(CalicoV1, ipPool("off", "10.66.0.0/16", v3.IPIPModeAlways, func(s *v3.IPPoolSpec) { s.Disabled = true })),
+		calico(CalicoV1, kube.NewBGPPeer("tor", "198.18.1.1")),
 	)
 	ev := &events{n: map[string]int{}}
 	w := New(Config{Client: cs, Dynamic: dc, OnChange: ev.add, DiscoveryRetry: 10 * time.Millisecond})
@@ -194,7 +221,7 @@ func TestWatcherWithFakeClients(t *testing.T) {
 	}
 
 	// A new block and a ring update reach the snapshot.
-	if _, err := dc.Resource(gvBlocks).Create(ctx, calicoObj("IPAMBlock", "blk-b", map[string]any{"cidr": "10.65.2.0/26", "affinity": "host:b"}), metav1.CreateOptions{}); err != nil {
+	if _, err := dc.Resource(gvBlocks).Create(ctx, calico(CalicoV1, ipamBlock("blk-b", "10.65.2.0/26", "host:b", nil)), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	waitFor(t, "new block", func() bool { return len(w.Snapshot().Blocks) == 3 })
@@ -242,11 +269,9 @@ func TestWatcherWithFakeClients(t *testing.T) {
 func TestWatcherWithoutCalicoRetriesDiscovery(t *testing.T) {
 	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil))
 	fd := cs.Discovery().(*fakediscovery.FakeDiscovery)
-	v3 := schema.GroupVersion{Group: "projectcalico.org", Version: "v3"}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		v3.WithResource("ipamblocks"): "IPAMBlockList", v3.WithResource("ippools"): "IPPoolList"},
-		&unstructured.Unstructured{Object: map[string]any{"apiVersion": "projectcalico.org/v3", "kind": "IPPool",
-			"metadata": map[string]any{"name": "v3pool"}, "spec": map[string]any{"cidr": "10.70.0.0/16", "ipipMode": "CrossSubnet"}}})
+		CalicoV3.WithResource("ipamblocks"): "IPAMBlockList", CalicoV3.WithResource("ippools"): "IPPoolList"},
+		calico(CalicoV3, ipPool("v3pool", "10.70.0.0/16", v3.IPIPModeCrossSubnet, nil)))
 	ev := &events{n: map[string]int{}}
 	w := New(Config{Client: cs, Dynamic: dc, OnChange: ev.add, DiscoveryRetry: 20 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
@@ -472,25 +497,17 @@ func TestWatcherSwitchesGroupWithoutGap(t *testing.T) {
 		resources("projectcalico.org/v3", "ipamblocks", "ippools"),
 		resources(migGV.String(), "datastoremigrations"),
 	}
-	v3o := func(kind, name string, spec map[string]any) *unstructured.Unstructured {
-		u := calicoObj(kind, name, spec)
-		u.SetAPIVersion("projectcalico.org/v3")
-		return u
-	}
-	block := func(cidr string) map[string]any {
-		return map[string]any{"cidr": cidr, "affinity": "host:a", "allocations": []any{}, "unallocated": []any{}, "attributes": []any{}, "strictAffinity": false}
-	}
 	migration := &unstructured.Unstructured{Object: map[string]any{"apiVersion": migGV.String(), "kind": "DatastoreMigration",
 		"metadata": map[string]any{"name": "v1-to-v3"}, "spec": map[string]any{"type": "V1ToV3"}, "status": map[string]any{"phase": "Migrating"}}}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
 		gvBlocks: "IPAMBlockList", gvPools: "IPPoolList",
 		CalicoV3.WithResource("ipamblocks"): "IPAMBlockList", CalicoV3.WithResource("ippools"): "IPPoolList",
 		migGV.WithResource("datastoremigrations"): "DatastoreMigrationList"},
-		calicoObj("IPAMBlock", "old", block("10.65.1.0/26")),
-		calicoObj("IPPool", "p", map[string]any{"cidr": "10.65.0.0/16", "ipipMode": "Always"}),
-		v3o("IPAMBlock", "old", block("10.65.1.0/26")),
-		v3o("IPAMBlock", "new", block("10.65.2.0/26")), // allocated in v3 after the copy
-		v3o("IPPool", "p", map[string]any{"cidr": "10.65.0.0/16", "ipipMode": "Always"}),
+		calico(CalicoV1, ipamBlock("old", "10.65.1.0/26", "host:a", nil)),
+		calico(CalicoV1, ipPool("p", "10.65.0.0/16", v3.IPIPModeAlways, nil)),
+		calico(CalicoV3, ipamBlock("old", "10.65.1.0/26", "host:a", nil)),
+		calico(CalicoV3, ipamBlock("new", "10.65.2.0/26", "host:a", nil)), // allocated in v3 after the copy
+		calico(CalicoV3, ipPool("p", "10.65.0.0/16", v3.IPIPModeAlways, nil)),
 		migration,
 	)
 	// v3 IPAMBlocks cannot be listed until released: the v3 informers do not sync.

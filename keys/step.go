@@ -26,6 +26,10 @@ type Config struct {
 	NodeTimeout time.Duration
 	// SeqThreshold: rotate early when a report's MaxSeqFraction reaches it; 0 disables.
 	SeqThreshold float64
+	// SeqMinInterval bounds what one node's sequence claims can force: a sequence-triggered
+	// rotation starts only once the active generation is at least this old, so reports
+	// (honest or not) cause at most one early rotation per interval; 0 disables the bound.
+	SeqMinInterval time.Duration
 	// Cipher and ICVBytes of new generations.
 	Cipher   Cipher
 	ICVBytes int
@@ -34,7 +38,7 @@ type Config struct {
 // DefaultConfig is the shipped policy.
 func DefaultConfig() Config {
 	return Config{RotateInterval: 12 * time.Hour, Grace: 5 * time.Minute, Drain: 10 * time.Second, NodeTimeout: 10 * time.Minute,
-		SeqThreshold: 0.5, Cipher: AES128GCM, ICVBytes: 8}
+		SeqThreshold: 0.5, SeqMinInterval: 10 * time.Minute, Cipher: AES128GCM, ICVBytes: 8}
 }
 
 // NodeState is what the master observed about one Node that exists in the API. Nodes that
@@ -100,6 +104,9 @@ func (a Action) String() string {
 	case ActionModeChanged:
 		return fmt.Sprintf("cluster mode %s -> %s", a.From, a.To)
 	case ActionGenerationCreated:
+		if a.Node != "" {
+			return fmt.Sprintf("generation %d created (%s, reported by node %s)", a.Generation, a.Reason, a.Node)
+		}
 		return fmt.Sprintf("generation %d created (%s)", a.Generation, a.Reason)
 	case ActionGenerationActive:
 		return fmt.Sprintf("generation %d active", a.Generation)
@@ -229,7 +236,7 @@ func Step(in Input) (Result, error) {
 			return rep.PeersEncrypted == 0 || (active != 0 && slices.Contains(rep.Sending, active))
 		})
 	}
-	newGen := func(reason string, state State) error {
+	newGen := func(reason, node string, state State) error {
 		root := make(Key, RootKeyBytes)
 		if _, err := io.ReadFull(in.Rand, root); err != nil {
 			return fmt.Errorf("create generation %d: read root key from entropy source: %w", r.LastGeneration+1, err)
@@ -241,7 +248,7 @@ func Step(in Input) (Result, error) {
 			g.Activated = now
 		}
 		r.Generations = append(r.Generations, g)
-		act(Action{Kind: ActionGenerationCreated, Generation: g.Number, Reason: reason})
+		act(Action{Kind: ActionGenerationCreated, Generation: g.Number, Reason: reason, Node: node})
 		if state == StateActive {
 			act(Action{Kind: ActionGenerationActive, Generation: g.Number})
 		}
@@ -275,7 +282,7 @@ func Step(in Input) (Result, error) {
 		}
 		next := api.Modes[from.Rank()+dir]
 		if from == api.ModeOff {
-			if err := newGen("initial", StateActive); err != nil {
+			if err := newGen("initial", "", StateActive); err != nil {
 				return res, err
 			}
 			if in.RotateRequest != "" && in.RotateRequest != r.LastRotateRequest {
@@ -341,7 +348,7 @@ func Step(in Input) (Result, error) {
 
 		// 3c. Start a rotation when one is due and none is pending.
 		if a := r.Active(); a != nil && r.Target != api.ModeOff {
-			reason, request := "", false
+			reason, request, claimant := "", false, ""
 			if in.RotateRequest != "" && in.RotateRequest != r.LastRotateRequest {
 				reason, request = "request", true
 			}
@@ -360,19 +367,24 @@ func Step(in Input) (Result, error) {
 						continue
 					}
 					if v.Report.SeqGeneration == a.Number || (v.Report.SeqGeneration == 0 && !hasRetiring) {
-						reason = "sequence"
+						reason, claimant = "sequence", v.Name
 						break
 					}
 				}
 			}
+			seqAllowed := a.Created.Add(cfg.SeqMinInterval)
 			switch {
 			case reason == "":
+			case claimant != "" && cfg.SeqMinInterval > 0 && now.Before(seqAllowed):
+				res.Deferred = fmt.Sprintf("rotation (sequence, reported by %s) waits until %s: generation %d is younger than seq-min-interval %s",
+					claimant, seqAllowed.UTC().Format(time.RFC3339), a.Number, cfg.SeqMinInterval)
+				wake(seqAllowed)
 			case r.Pending() != nil:
 				res.Deferred = fmt.Sprintf("rotation (%s) waits for pending generation %d", reason, r.Pending().Number)
 			case len(r.Generations) >= MaxLiveGenerations:
 				res.Deferred = fmt.Sprintf("rotation (%s) waits for a retiring generation to be removed", reason)
 			default:
-				if err := newGen(reason, StatePending); err != nil {
+				if err := newGen(reason, claimant, StatePending); err != nil {
 					return res, err
 				}
 				if request {

@@ -328,6 +328,72 @@ func TestSequenceThreshold(t *testing.T) {
 	}
 }
 
+// One node's sequence claims force at most one early rotation per SeqMinInterval: a claim
+// against a younger generation is deferred (naming the node, waking when it may proceed),
+// and the rotation it then starts names the node too.
+func TestSequenceRotationRateLimited(t *testing.T) {
+	names := []string{"a", "b"}
+	cfg := testConfig()
+	cfg.SeqMinInterval = 10 * time.Minute
+	r := steady(t, names...) // generation 1 created at t0
+	claim := func(r *Ring) []NodeState {
+		nodes := followers(r, names...)
+		nodes[1].Report.MaxSeqFraction, nodes[1].Report.SeqGeneration = 0.99, r.Active().Number
+		return nodes
+	}
+	cases := []struct {
+		at     time.Duration
+		rotate bool
+	}{
+		{0, false}, {time.Minute, false}, {10*time.Minute - time.Second, false}, {10 * time.Minute, true}, {time.Hour, true},
+	}
+	for _, c := range cases {
+		res := step(t, Input{Ring: r, Nodes: claim(r), Target: api.ModeEnforce, Now: t0.Add(c.at), Config: cfg})
+		if got := res.Ring.Pending() != nil; got != c.rotate {
+			t.Fatalf("at t0+%s: rotation started %v, want %v (%v, deferred %q)", c.at, got, c.rotate, kinds(res), res.Deferred)
+		}
+		if !c.rotate {
+			want := t0.Add(10 * time.Minute)
+			if !strings.Contains(res.Deferred, "reported by b") || !res.Wake.Equal(want) {
+				t.Fatalf("at t0+%s: deferred %q wake %s, want it to name node b and wake at %s", c.at, res.Deferred, res.Wake, want)
+			}
+			continue
+		}
+		if ks := kinds(res); !slices.Contains(ks, "generation 2 created (sequence, reported by node b)") {
+			t.Fatalf("at t0+%s: actions %v do not name the claimant", c.at, ks)
+		}
+	}
+	// A claimant that keeps claiming after its rotation completes waits a full interval
+	// again, measured from the new generation's creation.
+	at := t0.Add(10 * time.Minute)
+	res := step(t, Input{Ring: r, Nodes: claim(r), Target: api.ModeEnforce, Now: at, Config: cfg})
+	r = step(t, Input{Ring: res.Ring, Nodes: followers(res.Ring, names...), Target: api.ModeEnforce, Now: at, Config: cfg}).Ring
+	if r.Active().Number != 2 {
+		t.Fatalf("generation 2 not active: %s", Summary(r))
+	}
+	// Let generation 1 drain and leave.
+	r = step(t, Input{Ring: r, Nodes: followers(r, names...), Target: api.ModeEnforce, Now: at.Add(time.Minute), Config: cfg}).Ring
+	if len(r.Generations) != 1 {
+		t.Fatalf("retiring generation did not leave: %s", Summary(r))
+	}
+	for _, d := range []time.Duration{time.Minute, 9 * time.Minute} {
+		if res := step(t, Input{Ring: r, Nodes: claim(r), Target: api.ModeEnforce, Now: at.Add(d), Config: cfg}); res.Ring.Pending() != nil {
+			t.Fatalf("second early rotation %s after the first: %v", d, kinds(res))
+		}
+	}
+	if res := step(t, Input{Ring: r, Nodes: claim(r), Target: api.ModeEnforce, Now: at.Add(10 * time.Minute), Config: cfg}); res.Ring.Pending() == nil {
+		t.Fatalf("no rotation once generation 2 is seq-min-interval old: deferred %q", res.Deferred)
+	}
+	// Interval and request rotations are not bounded by it.
+	cfg.RotateInterval = 5 * time.Minute
+	if res := step(t, Input{Ring: r, Nodes: followers(r, names...), Target: api.ModeEnforce, Now: at.Add(5 * time.Minute), Config: cfg}); res.Ring.Pending() == nil {
+		t.Fatal("interval rotation held by seq-min-interval")
+	}
+	if res := step(t, Input{Ring: r, Nodes: followers(r, names...), Target: api.ModeEnforce, RotateRequest: "op-1", Now: at.Add(time.Minute), Config: cfg}); res.Ring.Pending() == nil {
+		t.Fatal("requested rotation held by seq-min-interval")
+	}
+}
+
 func TestDepartedNodeIDHeldWhileGenerationsLive(t *testing.T) {
 	r := steady(t, "a", "b", "c")
 	idB := r.NodeID("b")

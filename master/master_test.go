@@ -353,3 +353,45 @@ func TestCorruptedSecretRefused(t *testing.T) {
 		t.Fatal("consuming the reset annotation changed the keys")
 	}
 }
+
+// TestSequenceClaimsRateLimited: one node that keeps reporting a high sequence fraction
+// forces at most one early rotation per seq-min-interval. While it waits, the status says
+// so and names the node; the rotation it then starts names the node in its Event.
+func TestSequenceClaimsRateLimited(t *testing.T) {
+	const minInterval = 6 * time.Second
+	e := newEnv(t)
+	policy := testPolicy()
+	policy.SeqMinInterval = minInterval
+	e.startMaster("master-a", policy)
+	agents := enableCluster(e, "n1", "n2", "n3")
+	created1 := e.ring().Generation(1).Created
+
+	agents["n2"].setSeq(0.9, 1)
+	e.eventually("status to defer the rotation and name n2", wait, func() (bool, string) {
+		st := e.status()
+		return strings.Contains(st.Deferred, "reported by n2") && strings.Contains(st.Deferred, "seq-min-interval"), st.Deferred
+	})
+	if r := e.ring(); r.LastGeneration != 1 {
+		t.Fatalf("rotated before generation 1 was %s old: %s", minInterval, keys.Summary(r))
+	}
+	r := e.ringIs(api.ModeEnforce, wait, "2:active")
+	g2 := r.Generation(2)
+	if g2.Reason != "sequence" {
+		t.Fatalf("generation 2 reason %q", g2.Reason)
+	}
+	if d := g2.Created.Sub(created1); d < minInterval {
+		t.Fatalf("generation 2 created %s after generation 1, want ≥ %s", d, minInterval)
+	}
+	e.eventually("the GenerationCreated event to name n2", wait, func() (bool, string) {
+		evs := strings.Join(e.eventReasons(), "\n")
+		return strings.Contains(evs, "GenerationCreated: generation 2 created (sequence, reported by node n2)"), evs
+	})
+
+	// It keeps claiming, now for generation 2: the next early rotation waits a full
+	// interval from generation 2's creation again.
+	agents["n2"].setSeq(0.9, 2)
+	r = e.ringIs(api.ModeEnforce, wait, "3:active")
+	if d := r.Generation(3).Created.Sub(g2.Created); d < minInterval {
+		t.Fatalf("generation 3 created %s after generation 2, want ≥ %s", d, minInterval)
+	}
+}

@@ -45,6 +45,7 @@ func run() error {
 		drain       = flag.Duration("drain", def.Drain, "keep a retiring key generation installed at least this long after the switch, even once no node sends with it")
 		nodeTimeout = flag.Duration("node-timeout", def.NodeTimeout, "a node NotReady this long no longer blocks rotation or cutover")
 		seq         = flag.Float64("seq-threshold", def.SeqThreshold, "rotate early when an agent reports an SA sequence fraction at or above this (0 disables)")
+		seqMin      = flag.Duration("seq-min-interval", def.SeqMinInterval, "start a sequence-triggered rotation only once the active generation is this old: at most one early rotation per interval (0: no bound)")
 		cipher      = flag.String("cipher", string(def.Cipher), "cipher of new key generations: aes128gcm or aes256gcm")
 		icv         = flag.Int("icv-bytes", def.ICVBytes, "ICV length of new key generations: 8, 12 or 16 (must match the agents' MTU budget)")
 		metricsAddr = flag.String("metrics-addr", ":9466", "listen address for /metrics, /healthz and /readyz (empty disables)")
@@ -63,12 +64,15 @@ func run() error {
 	log := slog.New(h)
 
 	policy := keys.Config{RotateInterval: *interval, Grace: *grace, Drain: *drain, NodeTimeout: *nodeTimeout, SeqThreshold: *seq,
-		Cipher: keys.Cipher(*cipher), ICVBytes: *icv}
+		SeqMinInterval: *seqMin, Cipher: keys.Cipher(*cipher), ICVBytes: *icv}
 	if policy.Cipher.KeyBytes() == 0 {
 		return fmt.Errorf("--cipher %q: want aes128gcm or aes256gcm", *cipher)
 	}
 	if *drain < 0 || *grace < *drain {
 		return fmt.Errorf("--drain %s must be between 0 and --grace %s", *drain, *grace)
+	}
+	if *seqMin < 0 {
+		return fmt.Errorf("--seq-min-interval %s: must not be negative", *seqMin)
 	}
 	if !keys.ValidICV(policy.ICVBytes) {
 		return fmt.Errorf("--icv-bytes %d: want 8, 12 or 16", *icv)
@@ -115,7 +119,7 @@ func run() error {
 	}
 
 	log.Info("starting", "namespace", *namespace, "lease", *leaseName, "id", *id, "rotateInterval", *interval,
-		"grace", *grace, "drain", *drain, "nodeTimeout", *nodeTimeout, "seqThreshold", *seq, "cipher", *cipher, "icvBytes", *icv)
+		"grace", *grace, "drain", *drain, "nodeTimeout", *nodeTimeout, "seqThreshold", *seq, "seqMinInterval", *seqMin, "cipher", *cipher, "icvBytes", *icv)
 	return master.Run(ctx, client, master.Options{Namespace: *namespace, Identity: *id, LeaseName: *leaseName,
 		Resync: *resync, NodeSelector: *nodeSel, Policy: policy, Logger: log, Metrics: metrics})
 }

@@ -45,12 +45,13 @@ modules=(
 	sha512_generic sha3_generic jitterentropy_rng drbg # stdrng (drbg_nopr_hmac_sha512), seeded by jitterentropy (sha3-256)
 	aesni-intel ghash-clmulni-intel cryptd crypto_simd authenc # accelerated variants (-cpu max has AES-NI)
 	veth bridge dummy sch_netem # node, pod and underlay plumbing; fault injection
+	overlay # containerd's overlayfs snapshotter on the real-node tier (conformance/realnode)
 	sch_ingress cls_u32 act_gact # lab.WireCount: kernel packet counters on the underlay bridge's ports
 	cls_bpf # tc BPF programs that forward as Calico's eBPF data plane does (reconciler/xfrm TestCalicoEBPF*)
 	x_tables ip_tables iptable_filter iptable_mangle iptable_raw iptable_nat # iptables-legacy
 	nf_tables nft_compat nft_chain_nat nft_ct nft_reject_ipv4 # iptables-nft (the guest's default "iptables")
 	xt_policy xt_mark xt_comment xt_conntrack xt_addrtype xt_multiport xt_tcpudp xt_set xt_NFLOG xt_LOG
-	xt_MASQUERADE ipt_REJECT nf_conntrack nf_nat nfnetlink nfnetlink_log
+	xt_MASQUERADE xt_nat ipt_REJECT nf_conntrack nf_nat nfnetlink nfnetlink_log
 )
 # Host tools copied into the image at the path the host's PATH finds them
 # (under /usr in the image; the image's /bin and /sbin hold busybox and kmod).

@@ -79,15 +79,18 @@ state = "/run/containerd"
   sandbox_image = "%s"
   enable_cdi = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "native"
+    # overlayfs (the lab image loads the module): the native snapshotter copies the whole
+    # image per container and fills the guest's tmpfs.
+    snapshotter = "overlayfs"
     default_runtime_name = "runc"
-    # The guest's root is the initramfs: runc cannot pivot_root out of it.
-    no_pivot_root = true
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         BinaryName = "` + share + `/bin/runc"
         SystemdCgroup = false
+        # The guest's root is the initramfs: runc cannot pivot_root out of it. (The CRI
+        # section's no_pivot_root applies only to the v1 linux runtime, not to runc v2.)
+        NoPivotRoot = true
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "` + lab.GuestCNIDir + `"
     conf_dir = "/etc/cni/net.d"
@@ -125,6 +128,12 @@ for c in cpuset cpu io memory pids hugetlb; do echo "+$c" >/sys/fs/cgroup/cgroup
 cat /sys/fs/cgroup/cgroup.subtree_control
 cp ` + share + `/lib/* /usr/lib/x86_64-linux-gnu/
 mkdir -p /etc/containerd /etc/cni/net.d /var/lib/kubelet /etc/kubernetes /var/log/pods /var/lib/containerd
+# The guest's root is the initramfs ("rootfs"), which cAdvisor cannot size: the kubelet's
+# container manager then refuses to start ("cannot find filesystem info for device
+# rootfs"). Its root dir, the runtime's and the pod logs go on tmpfs mounts, which it can.
+for d in /var/lib/kubelet /var/lib/containerd /var/log/pods; do
+  grep -q " $d tmpfs " /proc/mounts || mount -t tmpfs -o mode=0755,size=90% tmpfs "$d"
+done
 cp ` + share + `/etc/containerd.toml /etc/containerd/config.toml
 cp ` + share + `/etc/cni.conflist /etc/cni/net.d/10-proto.conflist
 cp ` + share + `/etc/kubelet.yaml ` + share + `/etc/kubelet.kubeconfig /etc/kubernetes/
@@ -260,7 +269,7 @@ current-context: lab
 	if _, err := vm.Background(ctx, "PATH="+share+"/bin:$PATH kubelet --config /etc/kubernetes/kubelet.yaml --kubeconfig /etc/kubernetes/kubelet.kubeconfig --hostname-override "+nodeName+" --node-ip 10.0.2.15 --v=1", "/tmp/kubelet.log"); err != nil {
 		t.Fatal(err)
 	}
-	if err := waitFor(ctx, 10*time.Minute, func() (bool, error) {
+	if err := waitFor(ctx, 4*time.Minute, func() (bool, error) {
 		n, err := cs.CoreV1().Nodes().Get(ctx, nodeName, metav1.GetOptions{})
 		if apierrors.IsNotFound(err) {
 			return false, nil
@@ -299,7 +308,7 @@ current-context: lab
 	if _, err := cs.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := waitFor(ctx, 10*time.Minute, func() (bool, error) {
+	if err := waitFor(ctx, 4*time.Minute, func() (bool, error) {
 		p, err := cs.CoreV1().Pods("default").Get(ctx, "hostnet", metav1.GetOptions{})
 		if err != nil {
 			return false, err

@@ -71,6 +71,7 @@ type options struct {
 	startTimeout time.Duration
 	extraArgs    []string
 	sans         []string
+	controllers  bool
 }
 
 // WithNamespaces asks the harness to create these namespaces (in addition to
@@ -110,6 +111,8 @@ type Cluster struct {
 
 	etcdPort, etcdPeerPort, apiPort int
 	etcd, apiserver                 *process
+	// controllerManager and scheduler are nil without WithControllers.
+	controllerManager, scheduler *process
 
 	kubeconfig string
 	admin      *rest.Config
@@ -250,7 +253,13 @@ func (c *Cluster) start(ctx context.Context) error {
 		c.etcd.stop(5 * time.Second)
 		_ = os.RemoveAll(filepath.Join(c.dir, "etcd-data"))
 	}
-	return c.ensureNamespaces(ctx, c.opts.namespaces...)
+	if err := c.ensureNamespaces(ctx, c.opts.namespaces...); err != nil {
+		return err
+	}
+	if c.opts.controllers {
+		return c.startControllers(ctx)
+	}
+	return nil
 }
 
 func (c *Cluster) startOnFreePorts(ctx context.Context) error {
@@ -575,6 +584,9 @@ func (c *Cluster) Close() error {
 	c.mu.Lock()
 	c.closed = true
 	c.mu.Unlock()
+	for _, p := range c.controllerProcesses() {
+		p.stop(5 * time.Second)
+	}
 	// Nothing of the API server's needs to survive Close: do not wait long.
 	c.apiserver.stop(5 * time.Second)
 	c.etcd.stop(15 * time.Second)
@@ -591,21 +603,22 @@ func (c *Cluster) fail(err error) {
 
 // dumpLogs prints the tails of the process logs.
 func (c *Cluster) dumpLogs(logf func(format string, args ...any)) {
-	for _, p := range []*process{c.etcd, c.apiserver} {
+	for _, p := range append([]*process{c.etcd, c.apiserver}, c.controllerProcesses()...) {
 		logf("--- %s log (last 40 lines of %s) ---\n%s", p.name, p.logPath, p.tail(40))
 	}
 }
 
-// LogLines returns the lines of a process log ("etcd" or "kube-apiserver"), for
+// LogLines returns the lines of a process log ("etcd", "kube-apiserver", and with
+// WithControllers "kube-controller-manager" or "kube-scheduler"), for
 // tests that inspect what the servers logged.
 func (c *Cluster) LogLines(name string) ([]string, error) {
 	var p *process
-	switch name {
-	case c.etcd.name:
-		p = c.etcd
-	case c.apiserver.name:
-		p = c.apiserver
-	default:
+	for _, q := range append([]*process{c.etcd, c.apiserver}, c.controllerProcesses()...) {
+		if q.name == name {
+			p = q
+		}
+	}
+	if p == nil {
 		return nil, fmt.Errorf("unknown process %q", name)
 	}
 	f, err := os.Open(p.logPath)

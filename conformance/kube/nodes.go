@@ -9,9 +9,12 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/util/retry"
 
 	"github.com/secureoverlay/secureoverlay/api"
 )
@@ -70,8 +73,20 @@ func CreateNodeContext(ctx context.Context, cs kubernetes.Interface, n Node) (*c
 	if err != nil {
 		return nil, fmt.Errorf("create node %s: %w", n.Name, err)
 	}
-	created.Status = NodeStatus(n)
-	updated, err := cs.CoreV1().Nodes().UpdateStatus(ctx, created, metav1.UpdateOptions{})
+	// With WithControllers, the node lifecycle controller may write the new Node (its
+	// taints) between our two calls: retry the status write on the latest version.
+	var updated *corev1.Node
+	err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		created.Status = NodeStatus(n)
+		u, err := cs.CoreV1().Nodes().UpdateStatus(ctx, created, metav1.UpdateOptions{})
+		if apierrors.IsConflict(err) {
+			if latest, gerr := cs.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{}); gerr == nil {
+				created = latest
+			}
+		}
+		updated = u
+		return err
+	})
 	if err != nil {
 		return nil, fmt.Errorf("update status of node %s: %w", n.Name, err)
 	}
@@ -88,8 +103,17 @@ func NodeStatus(n Node) corev1.NodeStatus {
 	if n.NotReady {
 		ready.Status, ready.Reason = corev1.ConditionFalse, "KubeletNotReady"
 	}
+	// What a small kubelet node reports, so that the scheduler (WithControllers) can
+	// place pods that request resources.
+	res := corev1.ResourceList{
+		corev1.ResourceCPU:    resource.MustParse("2"),
+		corev1.ResourceMemory: resource.MustParse("4Gi"),
+		corev1.ResourcePods:   resource.MustParse("110"),
+	}
 	st := corev1.NodeStatus{
-		Conditions: []corev1.NodeCondition{ready},
+		Capacity:    res,
+		Allocatable: res.DeepCopy(),
+		Conditions:  []corev1.NodeCondition{ready},
 		NodeInfo: corev1.NodeSystemInfo{
 			BootID:          n.BootID,
 			OperatingSystem: "linux",

@@ -34,15 +34,23 @@ func ControllerBinaries(apiserverBin string) (cm, sched string, err error) {
 	return cm, sched, nil
 }
 
-func (c *Cluster) controllerManagerArgs() []string {
-	return []string{
+// controllerArgs are the flags both controllers take: the admin kubeconfig for their
+// API calls and their delegated authn/authz, no leader election, no serving port.
+func (c *Cluster) controllerArgs(extra ...string) []string {
+	return append([]string{
 		"--kubeconfig=" + c.kubeconfig,
 		"--authentication-kubeconfig=" + c.kubeconfig,
 		"--authorization-kubeconfig=" + c.kubeconfig,
 		"--leader-elect=false",
 		"--secure-port=0",
-		"--root-ca-file=" + c.pki.caCert,
-		"--service-account-private-key-file=" + c.pki.saKey,
+		"--v=1",
+	}, extra...)
+}
+
+func (c *Cluster) controllerManagerArgs() []string {
+	return c.controllerArgs(
+		"--root-ca-file="+c.pki.caCert,
+		"--service-account-private-key-file="+c.pki.saKey,
 		"--use-service-account-credentials=false",
 		"--cluster-name=secureoverlay-test",
 		"--controllers=*,-nodeipam,-cloud-node-lifecycle",
@@ -50,19 +58,7 @@ func (c *Cluster) controllerManagerArgs() []string {
 		// The harness's Nodes have no kubelet to heartbeat: do not let the node lifecycle
 		// controller declare them Unknown and taint them during a test.
 		"--node-monitor-grace-period=24h",
-		"--v=1",
-	}
-}
-
-func (c *Cluster) schedulerArgs() []string {
-	return []string{
-		"--kubeconfig=" + c.kubeconfig,
-		"--authentication-kubeconfig=" + c.kubeconfig,
-		"--authorization-kubeconfig=" + c.kubeconfig,
-		"--leader-elect=false",
-		"--secure-port=0",
-		"--v=1",
-	}
+	)
 }
 
 // startControllers starts both and waits for the controller manager to publish
@@ -77,7 +73,7 @@ func (c *Cluster) startControllers(ctx context.Context) error {
 	if err := c.controllerManager.start(cmBin, c.controllerManagerArgs()); err != nil {
 		return err
 	}
-	if err := c.scheduler.start(schedBin, c.schedulerArgs()); err != nil {
+	if err := c.scheduler.start(schedBin, c.controllerArgs()); err != nil {
 		return err
 	}
 	cs, err := kubernetes.NewForConfig(c.admin)

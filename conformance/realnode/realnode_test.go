@@ -150,11 +150,11 @@ func TestRealNodeRunsImage(t *testing.T) {
 	img := filepath.Join(cache, "image")
 	kubebin := filepath.Join(cache, "kube", "bin")
 	nodebin := filepath.Join(cache, "node", "bin")
-	var hostBins []string
+	var nodeBins []string
 	for _, b := range []string{"containerd", "containerd-shim-runc-v2", "ctr", "runc"} {
-		hostBins = append(hostBins, filepath.Join(nodebin, b))
+		nodeBins = append(nodeBins, filepath.Join(nodebin, b))
 	}
-	for _, f := range append([]string{filepath.Join(img, "secureoverlay.tar"), filepath.Join(img, "pause.tar"), filepath.Join(kubebin, "kubelet")}, hostBins...) {
+	for _, f := range append([]string{filepath.Join(img, "secureoverlay.tar"), filepath.Join(img, "pause.tar"), filepath.Join(kubebin, "kubelet")}, nodeBins...) {
 		if _, err := os.Stat(f); err != nil {
 			if lab.RequireAll() {
 				t.Fatalf("SECUREOVERLAY_REQUIRE_ALL=1 but %s is missing: run make tools", f)
@@ -184,7 +184,7 @@ func TestRealNodeRunsImage(t *testing.T) {
 
 	// The staging directory the guest sees at /opt/node over 9p.
 	stage := t.TempDir()
-	for _, p := range hostBins {
+	for _, p := range nodeBins {
 		stageFile(t, p, filepath.Join(stage, "bin", filepath.Base(p)), 0o755)
 	}
 	stageFile(t, filepath.Join(kubebin, "kubelet"), filepath.Join(stage, "bin", "kubelet"), 0o755)

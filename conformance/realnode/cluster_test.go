@@ -2,6 +2,7 @@ package realnode
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/url"
 	"os"
@@ -87,9 +88,12 @@ func nodeStart(i int) string {
 	b.WriteString("export PATH=" + share + "/bin:$PATH\n")
 	fmt.Fprintf(&b, "containerd --config /etc/containerd/config.toml >%s/containerd.log 2>&1 &\n", d)
 	b.WriteString("for k in $(seq 1 600); do ctr version >/dev/null 2>&1 && break; sleep 0.2; done\n")
-	b.WriteString("ctr -n k8s.io images import --all-platforms " + share + "/images/pause.tar\n")
-	b.WriteString("ctr -n k8s.io images import --all-platforms " + share + "/images/secureoverlay.tar\n")
-	fmt.Fprintf(&b, "echo images imported\n")
+	// The images stay on the node's disk across reboots, as pulled images do.
+	b.WriteString("if [ ! -e /var/lib/containerd/.imported ]; then\n")
+	b.WriteString("  ctr -n k8s.io images import --all-platforms " + share + "/images/pause.tar\n")
+	b.WriteString("  ctr -n k8s.io images import --all-platforms " + share + "/images/secureoverlay.tar\n")
+	b.WriteString("  touch /var/lib/containerd/.imported; echo images imported\n")
+	b.WriteString("fi\n")
 	fmt.Fprintf(&b, "exec kubelet --config /etc/kubernetes/kubelet.yaml --kubeconfig /etc/kubernetes/kubelet.kubeconfig --hostname-override %s --node-ip %s --v=1\n", n, lab.NodeIP(i))
 	return fmt.Sprintf("ip netns exec %s unshare --mount --propagation private /bin/sh -c %s", n, lab.ShellQuote(b.String()))
 }
@@ -129,6 +133,48 @@ type realCluster struct {
 	env     map[string]string
 	kubectl string
 	stage   string
+	rows    []*reportRow // the demo report, in the order of the story
+}
+
+// reportRow is one step of the story: echo requests sent and lost between the real pods,
+// and the packets the underlay carried.
+type reportRow struct {
+	what       string
+	sent, lost int
+	ipip, esp  uint64
+	wire       bool
+	took       time.Duration
+}
+
+func (rc *realCluster) row(what string) *reportRow {
+	for _, r := range rc.rows {
+		if r.what == what {
+			return r
+		}
+	}
+	r := &reportRow{what: what}
+	rc.rows = append(rc.rows, r)
+	return r
+}
+
+// report renders the story's figures as make demo-cluster prints them.
+func (rc *realCluster) report() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "secureoverlay on real nodes — report\n%s\n", strings.Repeat("─", 78))
+	fmt.Fprintf(&b, "%-34s %8s %6s %10s %8s %9s\n", "step", "echoes", "lost", "IPIP", "ESP", "took")
+	for _, r := range rc.rows {
+		ipip, esp := "-", "-"
+		if r.wire {
+			ipip, esp = strconv.FormatUint(r.ipip, 10), strconv.FormatUint(r.esp, 10)
+		}
+		took := "-"
+		if r.took > 0 {
+			took = r.took.Round(100 * time.Millisecond).String()
+		}
+		fmt.Fprintf(&b, "%-34s %8d %6d %10s %8s %9s\n", r.what, r.sent, r.lost, ipip, esp, took)
+	}
+	b.WriteString(strings.Repeat("─", 78) + "\n")
+	return b.String()
 }
 
 func TestRealClusterEncrypts(t *testing.T) {
@@ -136,33 +182,31 @@ func TestRealClusterEncrypts(t *testing.T) {
 		t.Skip("boots the lab VM")
 	}
 	lab.SkipUnlessAvailable(t, lab.Options{})
+	start := time.Now()
 	rc := startRealCluster(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
+	defer func() {
+		for _, l := range strings.Split(rc.report(), "\n") {
+			rc.say("%s", l)
+		}
+	}()
 
 	// The operator's install: the one file, through the kind of overlay a user writes to
 	// pin the image (here the content tag `make image` gave the same image).
 	t0 := time.Now()
-	overlay := rc.writeOverlay()
-	if out, err := rc.kubectlRun(ctx, "apply", "-k", overlay); err != nil {
-		t.Fatalf("kubectl apply -k: %v\n%s", err, out)
-	}
-	for _, obj := range []string{"daemonset/secureoverlay-agent", "deployment/secureoverlay-master"} {
-		if out, err := rc.kubectlRun(ctx, "-n", soNamespace, "rollout", "status", obj, "--timeout="+kubectlWait.String()); err != nil {
-			rc.dumpPods(ctx)
-			t.Fatalf("kubectl rollout status %s: %v\n%s", obj, err, out)
-		}
-	}
-	t.Logf("kubectl apply → every pod Ready in %s", time.Since(t0).Round(100*time.Millisecond))
+	rc.apply(ctx, rc.writeOverlay(rc.env["CONTENT_TAG"]))
+	rc.row("kubectl apply → every pod Ready").took = time.Since(t0)
 	rc.dumpPods(ctx)
-
+	// As the manifest says: the masters run as the image's non-root user with no
+	// capability, the agents as root with NET_ADMIN only, one of each per node.
+	rc.checkProcesses(ctx, "/usr/local/bin/secureoverlay-master", "65532", "0000000000000000")
+	rc.checkProcesses(ctx, "/usr/local/bin/secureoverlay-agent", "0", "0000000000001000")
+	rc.say("kubectl apply -k (the manifest, image pinned by a kustomize overlay): every pod Ready in %s", time.Since(t0).Round(100*time.Millisecond))
 	t0 = time.Now()
-	out, err := rc.ctl(ctx, "enable", "--wait", "--timeout", "10m")
-	if err != nil {
-		t.Fatalf("secureoverlayctl enable --wait: %v\n%s", err, out)
-	}
-	t.Logf("secureoverlayctl enable --wait (%s):\n%s", time.Since(t0).Round(100*time.Millisecond), out)
-	out, _ = rc.ctl(ctx, "status")
+	rc.ctlStep(ctx, "enable", "--wait", "--timeout", "10m")
+	rc.row("secureoverlayctl enable --wait").took = time.Since(t0)
+	out, _ := rc.ctl(ctx, "status")
 	t.Logf("secureoverlayctl status:\n%s", out)
 
 	// Real pods, one per node, through Calico's chain with our plugin in it.
@@ -171,25 +215,198 @@ func TestRealClusterEncrypts(t *testing.T) {
 	for i := 1; i <= clusterNodes; i++ {
 		pods = append(pods, rc.startWorkload(ctx, i))
 	}
-	t.Logf("workload pods Running in %s: %v", time.Since(t0).Round(100*time.Millisecond), pods)
+	rc.say("pods %v Running through calico → secureoverlay → portmap in %s", pods, time.Since(t0).Round(100*time.Millisecond))
 
 	// Encrypted: every packet between the pods is ESP on the underlay, none is IPIP.
+	rc.step(ctx, pods, "enforce, pods talking", 10*time.Second, func() {})
+
+	// The operator's day-2 commands against the real masters and agents, with the pods
+	// talking throughout: a rotation (all ESP), a disable and an enable (plaintext only
+	// while off), nothing lost.
+	rc.step(ctx, pods, "secureoverlayctl rotate --wait", 3*time.Second, func() {
+		rc.ctlStep(ctx, "rotate", "--wait", "--timeout", "10m")
+	})
+	rc.stepPlaintextOK(ctx, pods, "disable --wait, enable --wait (off)", func() {
+		rc.ctlStep(ctx, "disable", "--wait", "--timeout", "10m")
+		rc.ctlStep(ctx, "enable", "--wait", "--timeout", "10m")
+	})
+	rc.step(ctx, pods, "enforce again", 5*time.Second, func() {})
+
+	// A rolling update of the agents and masters to another tag of the image.
+	rc.step(ctx, pods, "rolling update to tag "+rc.env["TAG"], 3*time.Second, func() {
+		rc.apply(ctx, rc.writeOverlay(rc.env["TAG"]))
+	})
+
+	// A node reboot: every process of node 2 killed, its kernel state (xfrm, iptables, pod
+	// interfaces), its cgroups and its /run gone; then its containerd and kubelet start
+	// again and bring its pods back (the pod on it gets a new sandbox and address). Its
+	// agent takes a new SA epoch and the pair re-keys; then the pods talk, encrypted, with
+	// nothing lost.
 	wc, err := lab.StartWireCount(ctx, rc.vm, lab.UnderlayNS, lab.UnderlayBridge)
 	if err != nil {
 		t.Fatal(err)
 	}
-	streams := rc.startStreams(ctx, pods)
-	time.Sleep(10 * time.Second)
-	rc.stopStreams(ctx, streams, "enforce")
+	oldEpoch := rc.nodeReport(ctx, 2).Epoch
+	t0 = time.Now()
+	rc.reboot(ctx, 2)
+	pods[1] = rc.attachWorkload(ctx, 2, 6*time.Minute)
+	// As a workload does, the pod talks as soon as it runs again, whether or not the
+	// node's agent is back yet.
+	early, err := lab.StartEchoStream(ctx, rc.vm, pods[1].NetNS, pods[0].IP, lab.EchoOptions{Interval: 50 * time.Millisecond, Linger: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := waitFor(ctx, 6*time.Minute, func() (bool, error) {
+		r := rc.nodeReport(ctx, 2)
+		return r.Epoch != "" && r.Epoch != oldEpoch, nil
+	}); err != nil {
+		t.Fatalf("node2's agent never reported a new SA epoch after the reboot (still %s)", oldEpoch)
+	}
+	rc.waitAllOK(ctx)
+	rc.waitEchoes(ctx, pods, 3*time.Minute)
+	rc.row("node2 reboot → re-keyed").took = time.Since(t0)
+	if _, err := early.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rc.say("node2 rebooted; its pod back as %s, a new SA epoch, every node encrypting and enforcing again", pods[1])
 	per, err := wc.Read(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	tot := lab.Total(per)
-	t.Logf("underlay in enforce: %s", lab.FormatWireCounts(per))
-	if tot.IPIP != 0 || tot.ESP == 0 {
-		t.Errorf("pod traffic between real nodes in enforce: %d plaintext IPIP, %d ESP packets on the wire; want 0 and > 0", tot.IPIP, tot.ESP)
+	r := rc.row("node2 reboot → re-keyed")
+	r.ipip, r.esp, r.wire = tot.IPIP, tot.ESP, true
+	rc.say("node2 reboot → re-keyed: on the underlay %s", lab.FormatWireCounts(per))
+	if tot.IPIP > 0 {
+		// Not asserted yet (issue 15 stays open): after a reboot the kubelet starts the
+		// node's pods while the agent is still starting, and nothing holds their traffic.
+		rc.say("known defect: %d plaintext IPIP packets crossed the underlay while node2 booted (its pods ran before its agent re-programmed the node)", tot.IPIP)
 	}
+	rc.step(ctx, pods, "after the reboot", 5*time.Second, func() {})
+
+	// Uninstall: kubectl delete of what was applied. Every node is left clean, and the
+	// pods keep talking (in plaintext once off, as before the install).
+	streams := rc.startStreams(ctx, pods)
+	t0 = time.Now()
+	if out, err := rc.kubectlRun(ctx, "delete", "-k", rc.writeOverlay(rc.env["TAG"]), "--wait=true", "--timeout=10m"); err != nil {
+		t.Fatalf("kubectl delete -k: %v\n%s", err, out)
+	}
+	var left []string
+	if err := waitFor(ctx, 5*time.Minute, func() (bool, error) {
+		left = rc.dirty(ctx)
+		return len(left) == 0, nil
+	}); err != nil {
+		t.Errorf("after kubectl delete, left on the nodes: %s", strings.Join(left, "; "))
+	}
+	rc.row("kubectl delete → nodes clean").took = time.Since(t0)
+	rc.stopStreams(ctx, streams, "kubectl delete → nodes clean")
+	// Issue 15's second defect, not fixed yet: the Namespace goes first, with the agents'
+	// credentials, so their last report stays on the Node (docs/protocol-v2.md moves
+	// reports into our namespace). Shown, not asserted.
+	if stale := rc.staleReports(ctx); len(stale) > 0 {
+		rc.say("known defect (issue 15, defect 2): reports left on %s", strings.Join(stale, ", "))
+	}
+	rc.say("whole story %s", time.Since(start).Round(time.Second))
+}
+
+// step runs f while every pod streams echo requests to every other pod, keeps them
+// streaming for settle more, and requires no request lost and only ESP between the nodes.
+func (rc *realCluster) step(ctx context.Context, pods []workload, what string, settle time.Duration, f func()) {
+	rc.t.Helper()
+	rc.stepWire(ctx, pods, what, settle, false, f)
+}
+
+// stepPlaintextOK is step for a window in which the cluster passes through mode off:
+// plaintext between the nodes is expected there, loss still is not.
+func (rc *realCluster) stepPlaintextOK(ctx context.Context, pods []workload, what string, f func()) {
+	rc.t.Helper()
+	rc.stepWire(ctx, pods, what, 0, true, f)
+}
+
+func (rc *realCluster) stepWire(ctx context.Context, pods []workload, what string, settle time.Duration, plaintextOK bool, f func()) {
+	rc.t.Helper()
+	wc, err := lab.StartWireCount(ctx, rc.vm, lab.UnderlayNS, lab.UnderlayBridge)
+	if err != nil {
+		rc.t.Fatal(err)
+	}
+	streams := rc.startStreams(ctx, pods)
+	t0 := time.Now()
+	f()
+	time.Sleep(settle)
+	rc.row(what).took = time.Since(t0)
+	rc.stopStreams(ctx, streams, what)
+	rc.expectWire(ctx, wc, what, plaintextOK)
+	if rc.t.Failed() {
+		rc.t.FailNow() // keep the state for the logs (and SECUREOVERLAY_REALNODE_HOLD)
+	}
+}
+
+// ctlStep runs one secureoverlayctl command and fails the test if it fails.
+func (rc *realCluster) ctlStep(ctx context.Context, args ...string) {
+	rc.t.Helper()
+	t0 := time.Now()
+	out, err := rc.ctl(ctx, args...)
+	if err != nil {
+		rc.t.Fatalf("secureoverlayctl %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	rc.t.Logf("secureoverlayctl %s (%s):\n%s", strings.Join(args, " "), time.Since(t0).Round(100*time.Millisecond), out)
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	rc.say("secureoverlayctl %s: %s (%s)", strings.Join(args, " "), strings.TrimSpace(lines[len(lines)-1]), time.Since(t0).Round(100*time.Millisecond))
+}
+
+// expectWire fails the test unless the underlay carried pod traffic since wc started and,
+// unless plaintext is allowed, none of it as IPIP.
+func (rc *realCluster) expectWire(ctx context.Context, wc *lab.WireCount, what string, plaintextOK bool) {
+	rc.t.Helper()
+	per, err := wc.Read(ctx)
+	if err != nil {
+		rc.t.Fatal(err)
+	}
+	tot := lab.Total(per)
+	rc.say("%s: on the underlay %s", what, lab.FormatWireCounts(per))
+	r := rc.row(what)
+	r.ipip, r.esp, r.wire = r.ipip+tot.IPIP, r.esp+tot.ESP, true
+	if tot.ESP == 0 || (!plaintextOK && tot.IPIP != 0) {
+		rc.t.Errorf("%s: %d plaintext IPIP, %d ESP packets between the nodes; want 0 and > 0", what, tot.IPIP, tot.ESP)
+	}
+}
+
+// apply applies an overlay and waits for both workloads to finish rolling out.
+func (rc *realCluster) apply(ctx context.Context, overlay string) {
+	rc.t.Helper()
+	if out, err := rc.kubectlRun(ctx, "apply", "-k", overlay); err != nil {
+		rc.t.Fatalf("kubectl apply -k: %v\n%s", err, out)
+	}
+	for _, obj := range []string{"daemonset/secureoverlay-agent", "deployment/secureoverlay-master"} {
+		if out, err := rc.kubectlRun(ctx, "-n", soNamespace, "rollout", "status", obj, "--timeout="+kubectlWait.String()); err != nil {
+			rc.dumpPods(ctx)
+			rc.t.Fatalf("kubectl rollout status %s: %v\n%s", obj, err, out)
+		}
+	}
+}
+
+// dirty lists what of secureoverlay is left on the nodes: a conflist entry, the plugin
+// binary, xfrm states or policies, iptables chains.
+func (rc *realCluster) dirty(ctx context.Context) []string {
+	var left []string
+	for i := 1; i <= clusterNodes; i++ {
+		n := lab.NodeNS(i)
+		d := nodeStateDir + "/" + n
+		out, _, err := rc.vm.Run(ctx, fmt.Sprintf(`grep -l secureoverlay %[1]s/cni-net/*.conflist 2>/dev/null | sed 's/^/conflist entry: /'
+[ ! -e %[1]s/cni-bin/secureoverlay ] || echo "plugin binary"
+ip -n %[2]s xfrm state | grep -c '^src' | sed 's/^/xfrm states: /' | grep -v ': 0$' || true
+ip -n %[2]s xfrm policy | grep -c '^src' | sed 's/^/xfrm policies: /' | grep -v ': 0$' || true
+ip netns exec %[2]s iptables-save | grep -c 'SECUREOVERLAY' | sed 's/^/iptables lines: /' | grep -v ': 0$' || true`, d, n))
+		if err != nil {
+			left = append(left, fmt.Sprintf("%s: %v", n, err))
+		}
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			if l != "" {
+				left = append(left, n+": "+l)
+			}
+		}
+	}
+	return left
 }
 
 // workload is a pod of the test's own: its name, node, address, and the name its network
@@ -219,29 +436,43 @@ func (rc *realCluster) startWorkload(ctx context.Context, i int) workload {
 	if _, err := rc.cs.CoreV1().Pods(workloadNS).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		rc.t.Fatal(err)
 	}
-	var ip string
-	if err := waitFor(ctx, 6*time.Minute, func() (bool, error) {
+	return rc.attachWorkload(ctx, i, 6*time.Minute)
+}
+
+// attachWorkload waits until workload pod i runs with an address (again, after a
+// reboot), and attaches its network namespace in the guest by the PID of its process.
+func (rc *realCluster) attachWorkload(ctx context.Context, i int, timeout time.Duration) workload {
+	rc.t.Helper()
+	name := fmt.Sprintf("w%d", i)
+	marker := strconv.Itoa(86400 + i)
+	ns := "pod-" + name
+	// The pod's process (found by its marker) and its address as the API reports it must
+	// agree: right after a reboot the API still shows the old sandbox's address.
+	script := fmt.Sprintf(`pid=$(for p in /proc/[0-9]*; do [ "$(tr '\0' ' ' <$p/cmdline 2>/dev/null)" = "sleep %s " ] && echo ${p#/proc/}; done; true)
+[ -n "$pid" ] || exit 0
+ip netns del %[2]s 2>/dev/null || true
+ip netns attach %[2]s $pid && ip -n %[2]s -4 -o addr show eth0 | awk '{print $4}' | cut -d/ -f1`, marker, ns)
+	var ip, inside string
+	if err := waitFor(ctx, timeout, func() (bool, error) {
 		p, err := rc.cs.CoreV1().Pods(workloadNS).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return false, err
 		}
 		ip = p.Status.PodIP
+		running := false
 		for _, st := range p.Status.ContainerStatuses {
-			if st.State.Running != nil && ip != "" {
-				return true, nil
-			}
+			running = running || st.State.Running != nil
 		}
-		return false, nil
+		if !running || ip == "" {
+			return false, nil
+		}
+		out, _, err := rc.vm.Run(ctx, script)
+		inside = strings.TrimSpace(out)
+		return err == nil && inside == ip, err
 	}); err != nil {
 		rc.dumpPods(ctx)
-		rc.t.Fatalf("pod %s never Running: %v", name, err)
+		rc.t.Fatalf("pod %s never running with its address (API %q, in its namespace %q): %v", name, ip, inside, err)
 	}
-	ns := "pod-" + name
-	rc.run("attach "+name, fmt.Sprintf(`set -e
-pid=$(for p in /proc/[0-9]*; do [ "$(tr '\0' ' ' <$p/cmdline 2>/dev/null)" = "sleep %s " ] && echo ${p#/proc/}; done; true)
-[ -n "$pid" ] || { echo "no process 'sleep %[1]s'" >&2; exit 1; }
-ip netns attach %[2]s $pid
-ip -n %[2]s -br addr show eth0`, marker, ns))
 	return workload{Name: name, IP: ip, NetNS: ns, Node: i}
 }
 
@@ -279,14 +510,16 @@ func (rc *realCluster) stopStreams(ctx context.Context, ss []*lab.EchoStream, wh
 			rc.t.Errorf("%s: request %d lost: %s", what, seq, e.Why(seq))
 		}
 	}
-	rc.t.Logf("%s: %d echo requests between real pods, %d lost", what, sent, lost)
+	rc.say("%s: %d echo requests between real pods, %d lost", what, sent, lost)
+	rc.row(what).sent += sent
+	rc.row(what).lost += lost
 	if sent == 0 {
 		rc.t.Errorf("%s: no echo request sent", what)
 	}
 }
 
 // writeOverlay writes a user's kustomize overlay of manifests/base that pins the image.
-func (rc *realCluster) writeOverlay() string {
+func (rc *realCluster) writeOverlay(tag string) string {
 	rc.t.Helper()
 	base, err := filepath.Abs(filepath.Join("..", "..", "manifests", "base"))
 	if err != nil {
@@ -306,7 +539,7 @@ sortOptions:
 images:
 - name: %s
   newTag: %s
-`, rel, rc.env["IMAGE"], rc.env["CONTENT_TAG"])
+`, rel, rc.env["IMAGE"], tag)
 	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o644); err != nil {
 		rc.t.Fatal(err)
 	}
@@ -445,6 +678,13 @@ current-context: lab
 					t.Logf("%s:\n%s", f, out)
 				}
 			}
+			for i := 1; i <= clusterNodes; i++ {
+				n := lab.NodeNS(i)
+				out, _, _ := rc.vm.Run(context.Background(), fmt.Sprintf("ip -n %[1]s xfrm state | grep -E '^src|spi'; ip -n %[1]s xfrm policy | grep -E '^src|dir|tmpl'; ip netns exec %[1]s iptables-save | grep SECUREOVERLAY; grep -E 'Xfrm.*[1-9]' /proc/net/xfrm_stat; ip netns exec %[1]s cat /proc/net/xfrm_stat | grep -v ' 0$'", n))
+				t.Logf("%s kernel state:\n%s", n, out)
+				st, _ := rc.ctl(context.Background(), "status", "--node", n)
+				t.Logf("secureoverlayctl status --node %s:\n%s", n, st)
+			}
 			out, _, _ := rc.vm.Run(context.Background(), "for f in "+nodeStateDir+"/node*/pods/*/*/*.log; do echo \"== $f\"; tail -n 25 \"$f\"; done")
 			t.Logf("container logs:\n%s", out)
 			hold(t, rc.vm)
@@ -468,7 +708,7 @@ current-context: lab
 	for i := 1; i <= clusterNodes; i++ {
 		rc.waitNodeReady(ctx, i)
 	}
-	t.Logf("%d nodes Ready %s after their kubelets started", clusterNodes, time.Since(t0).Round(100*time.Millisecond))
+	rc.say("%d nodes Ready %s after their kubelets started (kubelet %s, containerd and runc from Debian, Calico %s CNI)", clusterNodes, time.Since(t0).Round(100*time.Millisecond), kubeletVersion(ctx, rc), calicoVersion)
 	return rc
 }
 
@@ -558,4 +798,140 @@ func (rc *realCluster) kubectlRun(ctx context.Context, args ...string) (string, 
 	cmd := exec.CommandContext(ctx, rc.kubectl, append([]string{"--kubeconfig", rc.kube.Kubeconfig()}, args...)...)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
+}
+
+// reboot does to node i what a reboot does: every process of the node dies at once (its
+// cgroup subtree is killed), its kernel state goes (xfrm states and policies, iptables
+// rules other than the harness's Service DNAT, the pods' network namespaces and their
+// interfaces) and so does its /run; its disks (/var/lib, /etc) stay. Then it boots: its
+// containerd and kubelet start again and bring its pods back.
+func (rc *realCluster) reboot(ctx context.Context, i int) {
+	rc.t.Helper()
+	n := lab.NodeNS(i)
+	d := nodeStateDir + "/" + n
+	rc.run("reboot "+n, fmt.Sprintf(`set -e
+echo 1 >/sys/fs/cgroup/%[1]s/cgroup.kill
+for k in $(seq 1 300); do grep -q 'populated 0' /sys/fs/cgroup/%[1]s/cgroup.events && break; sleep 0.1; done
+grep -q 'populated 0' /sys/fs/cgroup/%[1]s/cgroup.events || { echo "processes of %[1]s survive the kill" >&2; exit 1; }
+# A reboot leaves no cgroups behind (cAdvisor in the next kubelet trips over them).
+find /sys/fs/cgroup/%[1]s -mindepth 1 -depth -type d ! -path /sys/fs/cgroup/%[1]s/system -exec rmdir {} \;
+ip netns del pod-w%[3]d 2>/dev/null || true
+ip -n %[1]s xfrm state flush
+ip -n %[1]s xfrm policy flush
+for t in raw mangle filter; do ip netns exec %[1]s iptables -w -t $t -F; ip netns exec %[1]s iptables -w -t $t -X; done
+for l in $(ip -n %[1]s -o link show | awk -F': ' '{print $2}' | cut -d@ -f1 | grep '^cali'); do ip -n %[1]s link del "$l"; done
+rm -rf %[2]s/run-containerd %[2]s/run-secureoverlay
+echo "%[1]s: processes killed, kernel state and /run flushed"`, n, d, i))
+	rc.boot(i)
+	rc.waitNodeReady(ctx, i)
+}
+
+// waitAllOK waits until secureoverlayctl status reports every node encrypting and
+// enforcing.
+func (rc *realCluster) waitAllOK(ctx context.Context) {
+	rc.t.Helper()
+	var out string
+	want := fmt.Sprintf("all %d nodes encrypting and enforcing", clusterNodes)
+	if err := waitFor(ctx, 6*time.Minute, func() (bool, error) {
+		out, _ = rc.ctl(ctx, "status")
+		return strings.Contains(out, want), nil
+	}); err != nil {
+		rc.t.Fatalf("secureoverlayctl status never said %q:\n%s", want, out)
+	}
+}
+
+// staleReports names the Nodes that still carry an annotation of ours.
+func (rc *realCluster) staleReports(ctx context.Context) []string {
+	var stale []string
+	for i := 1; i <= clusterNodes; i++ {
+		node, err := rc.cs.CoreV1().Nodes().Get(ctx, lab.NodeNS(i), metav1.GetOptions{})
+		if err != nil {
+			rc.t.Error(err)
+			continue
+		}
+		for k := range node.Annotations {
+			if strings.HasPrefix(k, "secureoverlay.io/") {
+				stale = append(stale, node.Name+" ("+k+")")
+			}
+		}
+	}
+	return stale
+}
+
+// say logs a line that make demo-cluster shows (the "demo: " prefix).
+func (rc *realCluster) say(format string, a ...any) {
+	rc.t.Helper()
+	rc.t.Logf("demo: "+format, a...)
+}
+
+func kubeletVersion(ctx context.Context, rc *realCluster) string {
+	n, err := rc.cs.CoreV1().Nodes().Get(ctx, lab.NodeNS(1), metav1.GetOptions{})
+	if err != nil {
+		return "?"
+	}
+	return n.Status.NodeInfo.KubeletVersion
+}
+
+// nodeReport returns node i's current secureoverlay report (empty if it has none).
+func (rc *realCluster) nodeReport(ctx context.Context, i int) api.NodeReport {
+	rc.t.Helper()
+	var r api.NodeReport
+	n, err := rc.cs.CoreV1().Nodes().Get(ctx, lab.NodeNS(i), metav1.GetOptions{})
+	if err != nil {
+		rc.t.Fatal(err)
+	}
+	if v := n.Annotations[api.ReportAnnotation]; v != "" {
+		if err := json.Unmarshal([]byte(v), &r); err != nil {
+			rc.t.Fatalf("node%d's report: %v", i, err)
+		}
+	}
+	return r
+}
+
+// waitEchoes waits until every pod answers a short burst from every other pod.
+func (rc *realCluster) waitEchoes(ctx context.Context, pods []workload, timeout time.Duration) {
+	rc.t.Helper()
+	var why string
+	if err := waitFor(ctx, timeout, func() (bool, error) {
+		for _, a := range pods {
+			for _, b := range pods {
+				if a == b {
+					continue
+				}
+				e, err := lab.Echo(ctx, rc.vm, a.NetNS, b.IP, lab.EchoOptions{Count: 3, Interval: 100 * time.Millisecond, Linger: 2 * time.Second})
+				if err != nil {
+					return false, err
+				}
+				if e.Answered() != e.Requests() {
+					why = fmt.Sprintf("%s → %s: %d of %d answered", a, b, e.Answered(), e.Requests())
+					return false, nil
+				}
+			}
+		}
+		return true, nil
+	}); err != nil {
+		rc.t.Fatalf("pods never reached each other again (%s): %v", why, err)
+	}
+}
+
+// checkProcesses requires one process per node whose command starts with cmd, each with
+// that real and effective uid and that effective capability set (/proc/PID/status).
+func (rc *realCluster) checkProcesses(ctx context.Context, cmd, uid, capEff string) {
+	rc.t.Helper()
+	out := rc.run("identity of "+cmd, fmt.Sprintf(`for p in /proc/[0-9]*; do
+  case "$(tr '\0' ' ' <$p/cmdline 2>/dev/null)" in
+  %s\ *) echo "$(awk '/^Uid:/{print $2"/"$3} /^CapEff:/{print $2}' $p/status | tr '\n' ' ')";;
+  esac
+done; true`, cmd))
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	want := uid + "/" + uid + " " + capEff
+	if len(lines) != clusterNodes {
+		rc.t.Errorf("%s: %d processes, want %d (one per node):\n%s", cmd, len(lines), clusterNodes, out)
+	}
+	for _, l := range lines {
+		if strings.TrimSpace(l) != want {
+			rc.t.Errorf("%s runs as uid/euid capEff %q, want %q", cmd, strings.TrimSpace(l), want)
+		}
+	}
+	rc.t.Logf("%s: %d processes, uid/euid capEff %s", cmd, len(lines), want)
 }

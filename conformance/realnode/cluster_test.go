@@ -563,24 +563,8 @@ func (rc *realCluster) dumpPods(ctx context.Context) {
 }
 
 func startRealCluster(t *testing.T) *realCluster {
-	cache := cacheDir()
-	img := filepath.Join(cache, "image")
-	kubebin := filepath.Join(cache, "kube", "bin")
-	nodebin := filepath.Join(cache, "node", "bin")
-	var need []string
-	for _, b := range []string{"containerd", "containerd-shim-runc-v2", "ctr", "runc"} {
-		need = append(need, filepath.Join(nodebin, b))
-	}
-	need = append(need, filepath.Join(img, "secureoverlay.tar"), filepath.Join(img, "pause.tar"),
-		filepath.Join(kubebin, "kubelet"), filepath.Join(kubebin, "kubectl"))
-	for _, f := range need {
-		if _, err := os.Stat(f); err != nil {
-			if lab.RequireAll() {
-				t.Fatalf("SECUREOVERLAY_REQUIRE_ALL=1 but %s is missing: run make tools", f)
-			}
-			t.Skipf("%s missing: run make tools", f)
-		}
-	}
+	tl := findTools(t)
+	img, kubebin := tl.image, tl.kubeBin
 	calicoDir, err := kube.CalicoDir()
 	if err != nil {
 		if lab.RequireAll() {
@@ -622,7 +606,7 @@ func startRealCluster(t *testing.T) *realCluster {
 	}
 	t.Logf("control plane up (Calico %s objects) in %s", calicoVersion, time.Since(t0).Round(100*time.Millisecond))
 
-	for _, p := range need[:4] {
+	for _, p := range tl.nodeBins {
 		stageFile(t, p, filepath.Join(stage, "bin", filepath.Base(p)), 0o755)
 	}
 	stageFile(t, filepath.Join(kubebin, "kubelet"), filepath.Join(stage, "bin", "kubelet"), 0o755)

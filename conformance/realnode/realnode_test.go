@@ -1,9 +1,9 @@
-// Package realnode is the first step of the real-node tier: one lab VM runs a real
-// kubelet with Debian's containerd and runc (hack/tools-node.sh) against the host's
-// kube-apiserver, imports the image `make image` built and the local pause image, and
-// runs a hostNetwork pod of our image as its default user. Part of `make test` (≈75 s).
-// Not yet here: several nodes, Calico's CNI chain, the manifest applied by kubectl
-// (docs/lab.md "Real nodes").
+// Package realnode is the real-node tier: the lab VM runs real kubelets with Debian's
+// containerd and runc (hack/tools-node.sh) against the host's control plane, with the
+// image `make image` built. TestRealNodeRunsImage (one node, ≈75 s) runs a hostNetwork pod
+// of the image as its default user; TestRealClusterEncrypts (cluster_test.go, two nodes,
+// Calico's CNI chain, the manifest applied by kubectl, ≈9 min) tells the operator's whole
+// story (docs/lab.md, "The real-node cluster"; `make demo-cluster`).
 package realnode
 
 import (
@@ -61,6 +61,35 @@ func stageFile(t *testing.T, src, dst string, mode os.FileMode) {
 	if err := out.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// tools are the real-node tier's inputs, all built or unpacked under .cache by `make tools`.
+type tools struct {
+	image    string   // .cache/image: secureoverlay.tar, pause.tar, image.env
+	kubeBin  string   // .cache/kube/bin: kubelet, kubectl, …
+	nodeBins []string // containerd, containerd-shim-runc-v2, ctr, runc
+}
+
+// findTools returns the tier's inputs; when one is missing it skips t, or fails it under
+// SECUREOVERLAY_REQUIRE_ALL.
+func findTools(t *testing.T) tools {
+	t.Helper()
+	cache := cacheDir()
+	tl := tools{image: filepath.Join(cache, "image"), kubeBin: filepath.Join(cache, "kube", "bin")}
+	for _, b := range []string{"containerd", "containerd-shim-runc-v2", "ctr", "runc"} {
+		tl.nodeBins = append(tl.nodeBins, filepath.Join(cache, "node", "bin", b))
+	}
+	need := append([]string{filepath.Join(tl.image, "secureoverlay.tar"), filepath.Join(tl.image, "pause.tar"),
+		filepath.Join(tl.kubeBin, "kubelet"), filepath.Join(tl.kubeBin, "kubectl")}, tl.nodeBins...)
+	for _, f := range need {
+		if _, err := os.Stat(f); err != nil {
+			if lab.RequireAll() {
+				t.Fatalf("SECUREOVERLAY_REQUIRE_ALL=1 but %s is missing: run make tools", f)
+			}
+			t.Skipf("%s missing: run make tools", f)
+		}
+	}
+	return tl
 }
 
 func cacheDir() string {
@@ -146,22 +175,8 @@ func TestRealNodeRunsImage(t *testing.T) {
 		t.Skip("boots the lab VM")
 	}
 	lab.SkipUnlessAvailable(t, lab.Options{})
-	cache := cacheDir()
-	img := filepath.Join(cache, "image")
-	kubebin := filepath.Join(cache, "kube", "bin")
-	nodebin := filepath.Join(cache, "node", "bin")
-	var nodeBins []string
-	for _, b := range []string{"containerd", "containerd-shim-runc-v2", "ctr", "runc"} {
-		nodeBins = append(nodeBins, filepath.Join(nodebin, b))
-	}
-	for _, f := range append([]string{filepath.Join(img, "secureoverlay.tar"), filepath.Join(img, "pause.tar"), filepath.Join(kubebin, "kubelet")}, nodeBins...) {
-		if _, err := os.Stat(f); err != nil {
-			if lab.RequireAll() {
-				t.Fatalf("SECUREOVERLAY_REQUIRE_ALL=1 but %s is missing: run make tools", f)
-			}
-			t.Skipf("%s missing: run make tools", f)
-		}
-	}
+	tl := findTools(t)
+	img, kubebin, nodeBins := tl.image, tl.kubeBin, tl.nodeBins
 	steps := map[string]time.Duration{}
 	var order []string
 	mark := func(name string, since time.Time) {

@@ -132,7 +132,6 @@ type realCluster struct {
 	vm      *lab.VM
 	env     map[string]string
 	kubectl string
-	stage   string
 	rows    []*reportRow // the demo report, in the order of the story
 }
 
@@ -591,7 +590,6 @@ func startRealCluster(t *testing.T) *realCluster {
 		t.Fatal(err)
 	}
 	stage := t.TempDir()
-	rc.stage = stage
 	calicoVersion, err := kube.CalicoCNI(calicoDir, filepath.Join(stage, "calico"))
 	if err != nil {
 		t.Fatal(err)

@@ -2,10 +2,12 @@ package lab
 
 import (
 	"context"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -288,5 +290,88 @@ func TestBootFailsCleanly(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(state, "qemu.log")); err != nil {
 		t.Errorf("caller's state dir lost qemu.log: %v", err)
+	}
+}
+
+// fakeQEMU puts a qemu-system-x86_64 on PATH that runs script (sh) and returns a cache
+// with a placeholder image, so Boot's handling of how QEMU ends can be tested without an
+// emulator.
+func fakeQEMU(t *testing.T, script string) (cache string) {
+	t.Helper()
+	bin := t.TempDir()
+	if err := os.WriteFile(filepath.Join(bin, "qemu-system-x86_64"), []byte("#!/bin/sh\n"+script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+string(os.PathListSeparator)+os.Getenv("PATH"))
+	t.Setenv("SECUREOVERLAY_LAB_LOCK", filepath.Join(t.TempDir(), "vm.lock"))
+	cache = t.TempDir()
+	if err := os.MkdirAll(filepath.Join(cache, "lab"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"vmlinuz", "initrd.img"} {
+		if err := os.WriteFile(filepath.Join(cache, "lab", f), []byte("not a kernel"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return cache
+}
+
+// An emulator that dies by a signal while the guest boots is started again once, the
+// crash is reported in BootCrashes with its console kept, and the second QEMU's own
+// outcome is what Boot returns.
+func TestBootReplacesAnEmulatorThatCrashedOnce(t *testing.T) {
+	runs := filepath.Join(t.TempDir(), "runs")
+	// First run: print to the console as a booting guest would, then die by SIGSEGV.
+	// Second run: exit 3 with a message (a stand-in for any ordinary QEMU failure).
+	cache := fakeQEMU(t, `echo x >> `+runs+`
+if [ "$(wc -l < `+runs+`)" -eq 1 ]; then
+  for a in "$@"; do case "$a" in file:*) echo "Probing EDD" > "${a#file:}";; esac; done
+  kill -SEGV $$
+fi
+echo "second qemu: no kernel" >&2
+exit 3
+`)
+	state := filepath.Join(t.TempDir(), "state")
+	vm, err := Boot(context.Background(), Options{CacheDir: cache, StateDir: state, Accel: "tcg", BootTimeout: 30 * time.Second})
+	if err == nil {
+		vm.Close()
+		t.Fatal("booted with a fake emulator")
+	}
+	b, _ := os.ReadFile(runs)
+	if n := strings.Count(string(b), "x"); n != 2 {
+		t.Fatalf("QEMU started %d times, want 2 (one crash, one replacement)", n)
+	}
+	if !strings.Contains(err.Error(), "exit status 3") || !strings.Contains(err.Error(), "second qemu: no kernel") {
+		t.Errorf("Boot's error is not the second QEMU's outcome: %v", err)
+	}
+	var crash *EmulatorCrashError
+	if errors.As(err, &crash) {
+		t.Errorf("the replaced crash leaked into the error: %v", err)
+	}
+	kept, rerr := os.ReadFile(filepath.Join(state, "console.crash1.log"))
+	if rerr != nil || !strings.Contains(string(kept), "Probing EDD") {
+		t.Errorf("the crashed guest's console was not kept (%v): %q", rerr, kept)
+	}
+}
+
+// Two crashes in one Boot fail it, naming the signal.
+func TestBootFailsOnASecondEmulatorCrash(t *testing.T) {
+	runs := filepath.Join(t.TempDir(), "runs")
+	cache := fakeQEMU(t, "echo x >> "+runs+"\nkill -SEGV $$\n")
+	vm, err := Boot(context.Background(), Options{CacheDir: cache, Accel: "tcg", BootTimeout: 30 * time.Second})
+	if err == nil {
+		vm.Close()
+		t.Fatal("booted with a fake emulator")
+	}
+	b, _ := os.ReadFile(runs)
+	if n := strings.Count(string(b), "x"); n != 1+maxBootCrashes {
+		t.Errorf("QEMU started %d times, want %d", n, 1+maxBootCrashes)
+	}
+	var crash *EmulatorCrashError
+	if !errors.As(err, &crash) || crash.Signal != syscall.SIGSEGV {
+		t.Errorf("error does not say the emulator crashed by SIGSEGV: %v", err)
+	}
+	if !strings.Contains(err.Error(), "qemu exited during boot (signal: segmentation fault)") {
+		t.Errorf("error does not name the signal: %v", err)
 	}
 }

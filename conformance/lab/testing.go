@@ -84,6 +84,9 @@ func BootForTest(t testing.TB, opts Options) *VM {
 			t.Error(err)
 		}
 	})
+	for _, c := range vm.BootCrashes {
+		t.Logf("lab vm: %s", c)
+	}
 	t.Logf("lab vm booted in %s (accel %s, kernel %s)", vm.BootDuration.Round(time.Millisecond), vm.Accel, vm.KernelRelease)
 	return vm
 }

@@ -295,6 +295,9 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 			return
 		}
 		l.BootDuration = l.VM.BootDuration
+		for _, c := range l.VM.BootCrashes {
+			l.progress("lab vm: %s", c)
+		}
 		l.progress("VM booted in %s (accel %s, kernel %s; %s waiting for the VM slot); building %d node namespaces …", l.VM.BootDuration.Round(100*time.Millisecond), l.VM.Accel, l.VM.KernelRelease, (time.Since(t0) - l.VM.BootDuration).Round(100*time.Millisecond), l.Cluster.Nodes)
 		t0 = time.Now()
 		if vmErr = l.Cluster.Setup(ctx, l.VM); vmErr != nil {

@@ -524,7 +524,7 @@ const maxBootCrashes = 1
 
 // EmulatorCrashError is QEMU killed by a signal (not by us) before the guest's command
 // channel answered: the emulator itself faulted while the guest kernel was still booting,
-// before any of the project's code ran in it. Seen once in ≈900 TCG boots with Debian
+// before any of the project's code ran in it. Seen once in several hundred TCG boots with Debian
 // bookworm's QEMU 7.2 (2 vCPUs, multi-threaded TCG): SIGSEGV in
 // memory_region_dispatch_write with a NULL MemoryRegion while the guest kernel set up its
 // devices, the kind of cross-vCPU memory-map race QEMU has fixed and refound in several

@@ -46,6 +46,10 @@ type Entry struct {
 	InterfacePattern string `json:"interfacePattern,omitempty"`
 	// LogFile, when set, is where the plugin appends its log.
 	LogFile string `json:"logFile,omitempty"`
+	// StateFile and ReadyFile, when set, move the boot gate's files (package gate) from
+	// their defaults: for agents started with other --state-file / --ledger-dir values.
+	StateFile string `json:"stateFile,omitempty"`
+	ReadyFile string `json:"readyFile,omitempty"`
 }
 
 // wire is Entry with the type first, so a written entry reads naturally.

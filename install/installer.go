@@ -107,8 +107,10 @@ func (e Entry) Validate() error {
 	if _, err := budget.CompilePattern(e.InterfacePattern); err != nil {
 		return err
 	}
-	if e.LogFile != "" && !filepath.IsAbs(e.LogFile) {
-		return fmt.Errorf("plugin log file %q is not an absolute path", e.LogFile)
+	for _, f := range [][2]string{{"plugin log file", e.LogFile}, {"boot gate state file", e.StateFile}, {"boot gate ready file", e.ReadyFile}} {
+		if f[1] != "" && !filepath.IsAbs(f[1]) {
+			return fmt.Errorf("%s %q is not an absolute path", f[0], f[1])
+		}
 	}
 	return nil
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/secureoverlay/secureoverlay/budget"
+	"github.com/secureoverlay/secureoverlay/gate"
 )
 
 // Mode says what the plugin does with a pod whose MTU exceeds the budget.
@@ -51,6 +52,11 @@ type Config struct {
 	// LogFile, if set, is an absolute path the plugin appends its log lines to;
 	// otherwise warnings go to stderr (which the runtime captures).
 	LogFile string `json:"logFile,omitempty"`
+	// StateFile and ReadyFile are the boot gate's files (package gate); empty means
+	// gate.DefaultStateFile and gate.DefaultReadyFile, where the manifest's agent writes
+	// them.
+	StateFile string `json:"stateFile,omitempty"`
+	ReadyFile string `json:"readyFile,omitempty"`
 
 	pattern *regexp.Regexp
 }
@@ -118,6 +124,10 @@ func ParseConfig(stdin []byte) (*Config, error) {
 			err = decodeString(k, v, &conf.InterfacePattern)
 		case k == "logFile":
 			err = decodeString(k, v, &conf.LogFile)
+		case k == "stateFile":
+			err = decodeString(k, v, &conf.StateFile)
+		case k == "readyFile":
+			err = decodeString(k, v, &conf.ReadyFile)
 		case standardKeys[k] || strings.HasPrefix(k, "cni.dev/"):
 		default:
 			return nil, types.NewError(types.ErrUnsupportedField,
@@ -160,8 +170,18 @@ func ParseConfig(stdin []byte) (*Config, error) {
 		return nil, invalid("interfacePattern", raw["interfacePattern"], "not a valid regular expression: "+err.Error())
 	}
 	conf.pattern = re
-	if conf.LogFile != "" && (!filepath.IsAbs(conf.LogFile) || strings.ContainsRune(conf.LogFile, 0)) {
-		return nil, invalid("logFile", raw["logFile"], "must be an absolute path")
+	for _, f := range []struct {
+		key  string
+		path *string
+		def  string
+	}{{"logFile", &conf.LogFile, ""}, {"stateFile", &conf.StateFile, gate.DefaultStateFile}, {"readyFile", &conf.ReadyFile, gate.DefaultReadyFile}} {
+		if *f.path == "" {
+			*f.path = f.def
+			continue
+		}
+		if !filepath.IsAbs(*f.path) || strings.ContainsRune(*f.path, 0) {
+			return nil, invalid(f.key, raw[f.key], "must be an absolute path")
+		}
 	}
 	return conf, nil
 }

@@ -8,6 +8,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/secureoverlay/secureoverlay/budget"
+	"github.com/secureoverlay/secureoverlay/gate"
 )
 
 func TestParseConfigDefaults(t *testing.T) {
@@ -15,7 +16,8 @@ func TestParseConfigDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if conf.Mode != ModeClamp || conf.ICVBytes != 8 || conf.ExternalMTU != 0 || conf.LogFile != "" {
+	if conf.Mode != ModeClamp || conf.ICVBytes != 8 || conf.ExternalMTU != 0 || conf.LogFile != "" ||
+		conf.StateFile != gate.DefaultStateFile || conf.ReadyFile != gate.DefaultReadyFile {
 		t.Fatalf("defaults: %+v", conf)
 	}
 	if conf.Pattern().String() != budget.DefaultInterfacePattern {
@@ -30,7 +32,7 @@ func TestParseConfigAll(t *testing.T) {
 	in := `{
 	  "cniVersion": "0.4.0", "name": "k8s-pod-network", "type": "secureoverlay",
 	  "externalMTU": 9001, "icvBytes": 16, "mode": "clamp", "interfacePattern": "^bond",
-	  "logFile": "/var/log/secureoverlay.log",
+	  "logFile": "/var/log/secureoverlay.log", "stateFile": "/var/lib/so/dp.json", "readyFile": "/run/so/ready.json",
 	  "capabilities": {"portMappings": true}, "runtimeConfig": {"portMappings": []},
 	  "args": {"cni": {"x": 1}}, "ipam": {}, "dns": {}, "cniVersions": ["0.4.0"],
 	  "cni.dev/valid-attachments": [], "cni.dev/attachments": [],
@@ -42,7 +44,8 @@ func TestParseConfigAll(t *testing.T) {
 		t.Fatal(err)
 	}
 	if conf.ExternalMTU != 9001 || conf.ICVBytes != 16 || conf.Mode != ModeClamp ||
-		conf.Pattern().String() != "^bond" || conf.LogFile != "/var/log/secureoverlay.log" {
+		conf.Pattern().String() != "^bond" || conf.LogFile != "/var/log/secureoverlay.log" ||
+		conf.StateFile != "/var/lib/so/dp.json" || conf.ReadyFile != "/run/so/ready.json" {
 		t.Fatalf("parsed: %+v", conf)
 	}
 	if conf.PrevResult == nil || conf.PrevResult.Version() != "0.4.0" {
@@ -73,6 +76,8 @@ func TestParseConfigErrors(t *testing.T) {
 		{`{` + base + `,"interfacePattern":"^(eth"}`, types.ErrInvalidNetworkConfig, []string{"interfacePattern", `"^(eth"`}},
 		{`{` + base + `,"logFile":"relative.log"}`, types.ErrInvalidNetworkConfig, []string{"logFile", "absolute"}},
 		{`{` + base + `,"logFile":7}`, types.ErrInvalidNetworkConfig, []string{"logFile", "7"}},
+		{`{` + base + `,"stateFile":"dataplane.json"}`, types.ErrInvalidNetworkConfig, []string{"stateFile", "absolute"}},
+		{`{` + base + `,"readyFile":"run/ready.json"}`, types.ErrInvalidNetworkConfig, []string{"readyFile", "absolute"}},
 		{`{` + base + `,"capabilities":"yes"}`, types.ErrInvalidNetworkConfig, []string{"standard fields"}},
 		{`{` + base + `,"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"nonsense"}]}}`, types.ErrDecodingFailure, []string{"prevResult"}},
 		{`{`, types.ErrDecodingFailure, []string{"decode"}},

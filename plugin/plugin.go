@@ -1,9 +1,14 @@
 // Package plugin is the chained CNI plugin "secureoverlay": run after Calico (or any
 // primary plugin), it checks the MTU of the pod's interface against the IPsec encryption
-// budget of the node (package budget) and, depending on the configured mode, fails the
-// ADD (enforce, the default), lowers the MTU (clamp) or logs (warn).
+// budget of the node (package budget) and, depending on the configured mode, lowers the
+// MTU (clamp, the default), fails the ADD (enforce) or logs (warn). Before that, ADD
+// passes the boot gate (package gate): on a node that encrypted pod traffic before it
+// booted, no pod's network comes up until the agent has programmed the node again.
 //
 // Invariants:
+//   - ADD refuses with error 11 ("try again later"; the runtime retries the sandbox)
+//     while the gate is closed, after waiting up to gateWait for it to open; CHECK and
+//     DEL are not gated.
 //   - ADD and CHECK need prevResult; the container interface is the prevResult interface
 //     with a sandbox (preferring the one named CNI_IFNAME), and its MTU is read from the
 //     kernel inside the pod's network namespace, never taken from the result.
@@ -29,6 +34,7 @@ import (
 	"log"
 	"os"
 	"runtime"
+	"time"
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
@@ -39,6 +45,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/secureoverlay/secureoverlay/budget"
+	"github.com/secureoverlay/secureoverlay/gate"
 )
 
 // Plugin-specific CNI error codes (the spec reserves 0-99).
@@ -158,6 +165,9 @@ func CmdAdd(args *skel.CmdArgs) error {
 	}
 	lg := newLogger(conf)
 	defer lg.close()
+	if err := waitGate(conf, lg, args.ContainerID); err != nil {
+		return err
+	}
 	pod, err := openPodNetNS(args.Netns)
 	if err != nil {
 		lg.printf("refused: container %s: %v", args.ContainerID, err)
@@ -197,6 +207,39 @@ func CmdAdd(args *skel.CmdArgs) error {
 		err := refusal(v)
 		lg.printf("enforce: container %s: %v", args.ContainerID, err)
 		return err
+	}
+}
+
+// gateWait bounds how long one ADD waits for a closed boot gate to open before it
+// refuses (the agent usually programs the node within seconds of starting; the runtime
+// retries a refused sandbox with backoff), gatePoll how often it looks again. Variables
+// for tests.
+var (
+	gateWait = 5 * time.Second
+	gatePoll = 200 * time.Millisecond
+	bootID   = gate.BootID
+)
+
+// waitGate passes the boot gate (package gate) or returns the ADD's refusal.
+func waitGate(conf *Config, lg *logger, container string) error {
+	deadline := time.Now().Add(gateWait)
+	for {
+		state, serr := gate.ReadState(conf.StateFile)
+		boot, _ := bootID()
+		v := gate.Decide(state, serr, gate.ReadReady(conf.ReadyFile), boot)
+		if v.Open {
+			lg.debugf("gate open: container %s: %s", container, v.Why)
+			return nil
+		}
+		if !time.Now().Before(deadline) {
+			err := types.NewError(types.ErrTryAgainLater, fmt.Sprintf(
+				"secureoverlay: pod network held so that it sends no plaintext: %s (waited %s; the runtime retries); "+
+					"check the node's secureoverlay-agent pod (kubectl -n secureoverlay get pods -o wide); %s is its mark, %s the record of the mode",
+				v.Why, gateWait, conf.ReadyFile, conf.StateFile), "")
+			lg.printf("gate closed: container %s: %v", container, err)
+			return err
+		}
+		time.Sleep(gatePoll)
 	}
 }
 

@@ -17,6 +17,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/containernetworking/plugins/pkg/testutils"
 	"github.com/vishvananda/netlink"
+
+	"github.com/secureoverlay/secureoverlay/gate"
 )
 
 var allVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
@@ -174,7 +176,10 @@ func (p *pod) prevResult(t *testing.T, v string, withIfaces bool) map[string]any
 
 func config(t *testing.T, v string, extra map[string]any, prev map[string]any) []byte {
 	t.Helper()
-	m := map[string]any{"cniVersion": v, "name": "k8s-pod-network", "type": "secureoverlay"}
+	// The boot gate's files of this host are none of a test's business: unless a test
+	// sets them, they are missing files of its own (gate open).
+	m := map[string]any{"cniVersion": v, "name": "k8s-pod-network", "type": "secureoverlay",
+		"stateFile": filepath.Join(t.TempDir(), "dataplane.json"), "readyFile": filepath.Join(t.TempDir(), "ready.json")}
 	for k, x := range extra {
 		m[k] = x
 	}
@@ -622,5 +627,85 @@ func TestDetectInHostNamespace(t *testing.T) {
 	})
 	if st != nil || ad != nil {
 		t.Errorf("warn mode without external link: STATUS %v, ADD %v; want both to succeed", st, ad)
+	}
+}
+
+// TestBootGate: on a node whose data plane was last in enforce, ADD holds the pod until
+// the agent's ready file of this boot exists — waiting for it up to gateWait, then
+// refusing with 11 ("try again later") and words that say why — and it sets the pod's
+// interface up untouched once the gate opens. A node never encrypted, or last off, is
+// not gated; CHECK and DEL never are.
+func TestBootGate(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	stateFile, readyFile := filepath.Join(dir, "lib", "dataplane.json"), filepath.Join(dir, "run", "ready.json")
+	oldWait, oldPoll, oldBoot := gateWait, gatePoll, bootID
+	gateWait, gatePoll = 600*time.Millisecond, 20*time.Millisecond
+	bootID = func() (string, error) { return "boot-2", nil }
+	t.Cleanup(func() { gateWait, gatePoll, bootID = oldWait, oldPoll, oldBoot })
+
+	p := newPod(t, 1400, 0)
+	logFile := filepath.Join(dir, "so.log")
+	conf := config(t, "1.0.0", map[string]any{"externalMTU": 1500, "stateFile": stateFile, "readyFile": readyFile, "logFile": logFile},
+		p.prevResult(t, "1.0.0", true))
+
+	// Never encrypted: open.
+	if _, _, err := add(p, conf); err != nil {
+		t.Fatalf("ADD on a node that never encrypted: %v", err)
+	}
+	// Last in enforce, agent not back in this boot: closed after the wait.
+	if err := gate.WriteState(stateFile, gate.State{Mode: "enforce", Node: "n1"}); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	_, _, err := add(p, conf)
+	wantCode(t, "ADD while the agent is not back", err, types.ErrTryAgainLater,
+		"sends no plaintext", "mode enforce", "has not programmed it in this boot", readyFile, stateFile)
+	if d := time.Since(t0); d < gateWait {
+		t.Errorf("refused after %s, before the %s wait", d, gateWait)
+	}
+	// CHECK and DEL are not gated.
+	if err := check(p, conf); err != nil {
+		t.Errorf("CHECK gated: %v", err)
+	}
+	// A ready file of the previous boot (a /run that is not tmpfs) does not open it.
+	if err := gate.WriteReady(readyFile, gate.Ready{BootID: "boot-1", Mode: "enforce"}); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = add(p, conf)
+	wantCode(t, "ADD with a ready file of another boot", err, types.ErrTryAgainLater, "another boot (boot-1, this is boot-2)")
+	// The agent programs the node while an ADD waits: that ADD goes through.
+	go func() {
+		time.Sleep(gateWait / 3)
+		_ = gate.WriteReady(readyFile, gate.Ready{BootID: "boot-2", Mode: "enforce", At: time.Now()})
+	}()
+	if _, _, err := add(p, conf); err != nil {
+		t.Fatalf("ADD while the agent came back: %v", err)
+	}
+	if mtu, _ := p.mtus(t); mtu != 1400 {
+		t.Errorf("pod mtu %d after a gated ADD; want 1400 untouched", mtu)
+	}
+	// A state file that cannot be parsed closes the gate even with a ready file.
+	if err := os.WriteFile(stateFile, []byte("{"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = add(p, conf)
+	wantCode(t, "ADD with a corrupt state file", err, types.ErrTryAgainLater, "cannot tell whether this node encrypted")
+	// Last off: open.
+	if err := gate.WriteState(stateFile, gate.State{Mode: "off"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(readyFile); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := add(p, conf); err != nil {
+		t.Errorf("ADD on a node last off: %v", err)
+	}
+	if err := del(p.ns.Path(), conf); err != nil {
+		t.Errorf("DEL: %v", err)
+	}
+	b, _ := os.ReadFile(logFile)
+	if !strings.Contains(string(b), "gate closed: container c0ffee") {
+		t.Errorf("the log does not record the held pod:\n%s", b)
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -26,6 +27,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/budget"
+	"github.com/secureoverlay/secureoverlay/gate"
 	"github.com/secureoverlay/secureoverlay/install/owner"
 	"github.com/secureoverlay/secureoverlay/internal/kubeconfig"
 	"github.com/secureoverlay/secureoverlay/reconciler/agent"
@@ -52,7 +54,7 @@ func main() {
 
 type options struct {
 	kubeconfig, nodeName, namespace, secretName, metricsAddr, ifacePattern, logLevel string
-	ledgerDir, calicoAPIGroup                                                        string
+	ledgerDir, calicoAPIGroup, stateFile                                             string
 	calicoRecheck                                                                    time.Duration
 	podName, podNamespace                                                            string
 	resync, heartbeat, uninstallStep, decideTimeout                                  time.Duration
@@ -82,6 +84,7 @@ func flags(fs *flag.FlagSet, o *options) {
 		"Calico's API group, as Calico's own CALICO_API_GROUP (crd.projectcalico.org/v1 or projectcalico.org/v3; default $CALICO_API_GROUP, else the group Calico uses: a converged DatastoreMigration means v3, else discovery)")
 	fs.DurationVar(&o.calicoRecheck, "calico-recheck-interval", 2*time.Minute, "how often the Calico API group is re-selected (DatastoreMigration changes trigger it at once)")
 	fs.StringVar(&o.ledgerDir, "ledger-dir", ledger.DefaultDir, "directory of this node's SA key ledger and lock (a hostPath on tmpfs: it must outlive the process, not the boot)")
+	fs.StringVar(&o.stateFile, "state-file", gate.DefaultStateFile, "the boot gate's record of this node's data plane mode (a hostPath on disk: it must outlive the boot; the CNI plugin's \"stateFile\"); empty disables the gate. Its ready file is ready.json in --ledger-dir")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.BoolVar(&o.logJSON, "log-json", false, "log as JSON")
 	fs.StringVar(&o.podName, "pod-name", os.Getenv("POD_NAME"), "this agent's pod (default $POD_NAME): at SIGTERM, uninstall only if its DaemonSet is being deleted")
@@ -188,6 +191,10 @@ func run(cleanup bool, args []string) error {
 			// the recorded keys missing and start one anyway).
 			err = ledger.RemoveFile(o.ledgerDir)
 		}
+		if err == nil && o.stateFile != "" {
+			// Nor is there anything for a later boot to wait for (package gate).
+			err = gate.RemoveState(o.stateFile)
+		}
 		log.Info("cleanup", "statesDeleted", res.StatesDeleted, "policiesDeleted", res.PoliciesDeleted, "error", err)
 		return err
 	}
@@ -219,7 +226,8 @@ func run(cleanup bool, args []string) error {
 	src := watch.New(watch.Config{Client: client, Dynamic: dc, Namespace: o.namespace, SecretName: o.secretName,
 		Self: o.nodeName, Logger: log, APIGroup: calicoGroup, Recheck: o.calicoRecheck})
 	ag, err := agent.New(agent.Config{NodeName: o.nodeName, Dataplane: dp, ResyncInterval: o.resync,
-		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU, LedgerDir: o.ledgerDir},
+		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU, LedgerDir: o.ledgerDir,
+		StateFile: o.stateFile, ReadyFile: readyFile(&o)},
 		agent.Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(xk, dp), Rules: rules.NewApplier(ipt),
 			DetectMTU: detect, Logger: log})
 	if err != nil {
@@ -263,4 +271,13 @@ func run(cleanup bool, args []string) error {
 	log.Info("the DaemonSet is being deleted: uninstalling", "reason", d.Reason, "step", o.uninstallStep)
 	stopTracking()
 	return ag.Uninstall(context.Background(), o.uninstallStep)
+}
+
+// readyFile is the boot gate's ready file: in the ledger directory, which lives as long as
+// the boot (gate.DefaultReadyFile with the default --ledger-dir). None without a state file.
+func readyFile(o *options) string {
+	if o.stateFile == "" {
+		return ""
+	}
+	return filepath.Join(o.ledgerDir, "ready.json")
 }

@@ -34,6 +34,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/gate"
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
@@ -111,6 +112,8 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 
 	bin := filepath.Join(t.TempDir(), "secureoverlay-agent")
 	ledgerDir := t.TempDir()
+	// The boot gate's record (package gate) in a directory of the test's, never the host's.
+	stateFile := filepath.Join(t.TempDir(), "dataplane.json")
 	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
 	if out, err := exec.Command(gobin, "build", "-o", bin, ".").CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
@@ -175,7 +178,7 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	}
 
 	var stderr strings.Builder
-	cmd := exec.Command(bin, "--kubeconfig", kcPath, "--node-name", "a", "--external-mtu", "1500", "--metrics-addr", "127.0.0.1:19467", "--resync-interval", "1h", "--ledger-dir", ledgerDir)
+	cmd := exec.Command(bin, "--kubeconfig", kcPath, "--node-name", "a", "--external-mtu", "1500", "--metrics-addr", "127.0.0.1:19467", "--resync-interval", "1h", "--ledger-dir", ledgerDir, "--state-file", stateFile)
 	cmd.Stderr = &stderr
 	if err := netns.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
 		t.Fatal(err)
@@ -290,7 +293,7 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	}
 	stderr2 := &testutil.SyncBuffer{}
 	cmd2 := exec.Command(bin, "--kubeconfig", kcPath, "--node-name", "a", "--external-mtu", "1500", "--metrics-addr", "",
-		"--resync-interval", "1h", "--ledger-dir", ledgerDir, "--pod-name", "agent-x", "--pod-namespace", api.Namespace, "--uninstall-step", "500ms")
+		"--resync-interval", "1h", "--ledger-dir", ledgerDir, "--state-file", stateFile, "--pod-name", "agent-x", "--pod-namespace", api.Namespace, "--uninstall-step", "500ms")
 	cmd2.Stderr = stderr2
 	if err := netns.Do(func(ns.NetNS) error { return cmd2.Start() }); err != nil {
 		t.Fatal(err)
@@ -335,8 +338,12 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	}
 	t.Logf("DaemonSet deleted, SIGTERM → exit after %v, nothing of ours left", took.Round(time.Millisecond))
 
-	// cleanup removes ours, not the foreign policy.
-	clean := exec.Command(bin, "cleanup", "--ledger-dir", ledgerDir)
+	// cleanup removes ours, not the foreign policy; and the boot gate's record (here one
+	// left saying enforce, as a node that encrypted would have it).
+	if err := gate.WriteState(stateFile, gate.State{Mode: "enforce", Node: "a"}); err != nil {
+		t.Fatal(err)
+	}
+	clean := exec.Command(bin, "cleanup", "--ledger-dir", ledgerDir, "--state-file", stateFile)
 	out, err := testutil.InNS(netns, func() ([]byte, error) { return clean.CombinedOutput() })
 	if err != nil {
 		t.Fatalf("cleanup: %v\n%s", err, out)
@@ -346,6 +353,9 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(ledgerDir, "ledger")); !os.IsNotExist(err) {
 		t.Errorf("cleanup left the sa key ledger: %v", err)
+	}
+	if _, err := os.Stat(stateFile); !os.IsNotExist(err) {
+		t.Errorf("cleanup left the boot gate's state file: %v", err)
 	}
 	all, err := testutil.InNS(netns, func() ([]netlink.XfrmPolicy, error) { return netlink.XfrmPolicyList(netlink.FAMILY_V4) })
 	if err != nil || len(all) != 1 || all[0].Priority != 100 {

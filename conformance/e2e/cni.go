@@ -132,7 +132,8 @@ const calicoKubeconfig = "/etc/e2e/calico-cni.kubeconfig"
 func Conflist(cm *corev1.ConfigMap, i int, pc PodConfig) ([]byte, error) {
 	rendered := kube.RenderCalicoConflist(cm, lab.NodeNS(i), strconv.Itoa(pc.MTU), calicoKubeconfig)
 	spliced, _, err := install.InsertEntry(rendered, install.Entry{Mode: pc.PluginMode, ICVBytes: 8,
-		LogFile: fmt.Sprintf("/tmp/e2e/secureoverlay-cni-node%d.log", i)})
+		LogFile:   fmt.Sprintf("/tmp/e2e/secureoverlay-cni-node%d.log", i),
+		StateFile: StateFile(i), ReadyFile: path.Join(LedgerDir(i), "ready.json")})
 	if err != nil {
 		return nil, fmt.Errorf("splice secureoverlay into Calico's conflist: %w", err)
 	}

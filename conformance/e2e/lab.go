@@ -477,8 +477,13 @@ func (l *Lab) KillMaster(m int) error {
 // agentLog is node i's agent log in the guest.
 func agentLog(i int) string { return fmt.Sprintf("/tmp/e2e/agent-node%d.log", i) }
 
-// LedgerDir is node i's agent ledger directory in the guest.
+// LedgerDir is node i's agent ledger directory in the guest (the boot gate's ready file
+// is ready.json in it).
 func LedgerDir(i int) string { return fmt.Sprintf("/run/secureoverlay-node%d", i) }
+
+// StateFile is node i's boot gate state file in the guest (package gate): node i's
+// /var/lib/secureoverlay/dataplane.json.
+func StateFile(i int) string { return fmt.Sprintf("/var/lib/secureoverlay-node%d/dataplane.json", i) }
 
 // AgentMetricsPort is node i's agent metrics port (inside its namespace).
 func AgentMetricsPort(i int) int { return 9470 + i }
@@ -502,8 +507,8 @@ func (l *Lab) StartAgent(ctx context.Context, i int) error {
 	// for the node's /run/secureoverlay (kept across agent restarts, gone at a reboot).
 	// Debug logging records every sync that wrote to the kernel, with its time: the loss
 	// evidence (LossEvidence) sets them beside a lost request.
-	cmd := fmt.Sprintf("exec ip netns exec %s %s/secureoverlay-agent --kubeconfig %s --node-name %s --metrics-addr :%d --resync-interval %s --ledger-dir %s --log-level debug",
-		lab.NodeNS(i), lab.GuestBinDir, path, lab.NodeNS(i), AgentMetricsPort(i), l.cfg.AgentResync, LedgerDir(i))
+	cmd := fmt.Sprintf("exec ip netns exec %s %s/secureoverlay-agent --kubeconfig %s --node-name %s --metrics-addr :%d --resync-interval %s --ledger-dir %s --state-file %s --log-level debug",
+		lab.NodeNS(i), lab.GuestBinDir, path, lab.NodeNS(i), AgentMetricsPort(i), l.cfg.AgentResync, LedgerDir(i), StateFile(i))
 	pid, err := l.VM.Background(ctx, cmd, agentLog(i))
 	if err != nil {
 		return err

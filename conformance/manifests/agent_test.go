@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -62,7 +63,8 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 		t.Helper()
 		var log testutil.SyncBuffer
 		cmd := exec.Command(bin, "--kubeconfig", kcfg, "--node-name", node, "--namespace", api.Namespace,
-			"--external-mtu", "1500", "--metrics-addr", metricsAddr, "--resync-interval", "1h", "--ledger-dir", ledgerDir)
+			"--external-mtu", "1500", "--metrics-addr", metricsAddr, "--resync-interval", "1h", "--ledger-dir", ledgerDir,
+			"--state-file", filepath.Join(ledgerDir, "dataplane.json"))
 		cmd.Stdout, cmd.Stderr = &log, &log
 		if err := netns.Do(func(ns.NetNS) error { return cmd.Start() }); err != nil {
 			t.Fatal(err)

@@ -2,6 +2,7 @@ package manifests
 
 import (
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -13,6 +14,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/gate"
 )
 
 var varRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
@@ -255,7 +257,8 @@ func checkInvariants(t *testing.T, objs []object) {
 		vols[v.Name] = v.HostPath
 	}
 	for name, want := range map[string]corev1.HostPathType{"cni-bin": corev1.HostPathDirectoryOrCreate, "cni-net": corev1.HostPathDirectoryOrCreate,
-		"xtables-lock": corev1.HostPathFileOrCreate, "var-lib-calico": corev1.HostPathDirectoryOrCreate, "ledger": corev1.HostPathDirectoryOrCreate} {
+		"xtables-lock": corev1.HostPathFileOrCreate, "var-lib-calico": corev1.HostPathDirectoryOrCreate, "ledger": corev1.HostPathDirectoryOrCreate,
+		"state": corev1.HostPathDirectoryOrCreate} {
 		if v := vols[name]; v == nil || v.Type == nil || *v.Type != want {
 			t.Errorf("agent: hostPath %s must be %s", name, want)
 		}
@@ -282,6 +285,15 @@ func checkInvariants(t *testing.T, objs []object) {
 	if !slices.Contains(agent.Command, "--ledger-dir=/run/secureoverlay") {
 		t.Errorf("agent: command must pass --ledger-dir=/run/secureoverlay")
 	}
+	// The boot gate (package gate): the state file on the node's disk (it must outlive the
+	// boot), the ready file in the ledger directory (it must not), both where the CNI
+	// plugin looks for them by default.
+	if vm, ok := am["state"]; !ok || vm.ReadOnly || vm.MountPath != filepath.Dir(gate.DefaultStateFile) || vols["state"] == nil || vols["state"].Path != filepath.Dir(gate.DefaultStateFile) {
+		t.Errorf("agent: the hostPath %s must be mounted writable at the same path", filepath.Dir(gate.DefaultStateFile))
+	}
+	if !slices.Contains(agent.Command, "--state-file="+gate.DefaultStateFile) || filepath.Join("/run/secureoverlay", "ready.json") != gate.DefaultReadyFile {
+		t.Errorf("agent: command must pass --state-file=%s, and its ready file (ready.json in the ledger directory) must be %s", gate.DefaultStateFile, gate.DefaultReadyFile)
+	}
 	for _, c := range []*corev1.Container{sidecar, &p.InitContainers[0]} {
 		m := mounts(c)
 		for _, v := range []string{"cni-bin", "cni-net"} {
@@ -293,8 +305,8 @@ func checkInvariants(t *testing.T, objs []object) {
 			t.Errorf("%s: mounts %v, want only the CNI dirs", c.Name, c.VolumeMounts)
 		}
 	}
-	if len(am) != 3 {
-		t.Errorf("agent: mounts %v, want only the xtables lock, Calico's dir and the ledger", agent.VolumeMounts)
+	if len(am) != 4 {
+		t.Errorf("agent: mounts %v, want only the xtables lock, Calico's dir, the ledger and the boot gate's state", agent.VolumeMounts)
 	}
 
 	// Master Deployment.

@@ -99,6 +99,11 @@ type Config struct {
 	// LedgerDir holds this node's SA key ledger (package ledger; the binary's default is
 	// ledger.DefaultDir). The process must hold its lock (ledger.WaitLock). Required.
 	LedgerDir string
+	// StateFile and ReadyFile are the boot gate's files (package gate): after every
+	// successful sync the agent records the mode the kernel holds in StateFile (on disk)
+	// and, once per boot, that this boot's data plane is programmed in ReadyFile (tmpfs).
+	// Empty StateFile: no gate (the plugin then finds no state and never holds a pod).
+	StateFile, ReadyFile string
 }
 
 // Deps are the agent's collaborators.
@@ -172,6 +177,10 @@ type Agent struct {
 	// new epoch: their outbound plaintext drop rule stays (enforce) until they report
 	// ready for the new keys (desired.Inputs.HoldPlaintext).
 	hold []string
+	// gateMode is the mode last recorded in the boot gate's state file ("" before the
+	// first), gateReady whether this process wrote the ready file (sync worker only).
+	gateMode  string
+	gateReady bool
 }
 
 // New wires an agent; it starts nothing.
@@ -423,6 +432,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 		return a.fail(ctx, errors.Join(wrapNonNil("apply xfrm", xerr), wrapNonNil("apply iptables rules", rerr)))
 	}
 	a.releaseHold(st)
+	a.recordGate(string(st.Mode))
 	a.mu.Lock()
 	a.lastRules, a.rulesKnown = st.Rules, true
 	a.lastIn = &in

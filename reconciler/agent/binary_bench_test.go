@@ -159,7 +159,8 @@ func binaryMemoryAs(t *testing.T, bin string, c *kube.Cluster, nodes int, prefix
 	// nsenter (no --fork) enters the namespace and execs the agent: the child's PID is
 	// the agent's. spawn: own process group, SIGKILLed if the test binary dies.
 	cmd := exec.Command("nsenter", "--net="+netns.Path(), "--", bin,
-		"--kubeconfig", kcPath, "--node-name", cluster.Name(0), "--metrics-addr", metricsAddr, "--external-mtu", "1500", "--ledger-dir", t.TempDir())
+		"--kubeconfig", kcPath, "--node-name", cluster.Name(0), "--metrics-addr", metricsAddr, "--external-mtu", "1500", "--ledger-dir", t.TempDir(),
+		"--state-file", filepath.Join(t.TempDir(), "dataplane.json"))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	t0 := time.Now()
 	if err := spawn.Start(cmd); err != nil {

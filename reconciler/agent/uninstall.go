@@ -153,6 +153,7 @@ func (a *Agent) Uninstall(ctx context.Context, step time.Duration) error {
 			errs = append(errs, serr)
 			continue
 		}
+		a.recordGate(string(st.Mode))
 		a.log.Info("uninstall step done", "step", WalkDownModes[i], "states", len(st.SAs), "policies", len(st.Policies),
 			"rules", len(st.Rules), "after", a.d.Now().Sub(start))
 	}
@@ -166,6 +167,7 @@ func (a *Agent) Uninstall(ctx context.Context, step time.Duration) error {
 			a.log.Warn("uninstall: cannot remove the sa key ledger", "error", err)
 		}
 	}
+	a.forgetGate()
 	a.log.Info("uninstall: nothing of ours is left in the kernel")
 	return nil
 }

@@ -89,7 +89,12 @@ func inRequired(v kernelView) int {
 // enforcingEnv is node a enforcing toward b (b reports a's SAs installed and sends ESP).
 func enforcingEnv(t *testing.T) (*env, context.CancelFunc) {
 	t.Helper()
-	e := newEnv(t, api.ModeEnforce, Config{})
+	return enforcingEnvWith(t, Config{})
+}
+
+func enforcingEnvWith(t *testing.T, cfg Config) (*env, context.CancelFunc) {
+	t.Helper()
+	e := newEnv(t, api.ModeEnforce, cfg)
 	ctx, cancel := context.WithCancel(context.Background())
 	tag := testTag("a", "boot-a")
 	b, _ := json.Marshal(watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "uid-b", Epoch: "e-b", Generations: []uint32{1}},

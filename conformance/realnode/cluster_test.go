@@ -31,7 +31,7 @@ import (
 // kube-scheduler) on the host; in one lab VM, each lab node namespace (lab.Cluster: its own
 // underlay address, tunl0, Calico's block routes) runs its own containerd and kubelet in a
 // mount namespace of its own, so each node has its own /etc/cni/net.d, /opt/cni/bin,
-// /var/lib/{kubelet,containerd,calico}, /run/containerd and /run/secureoverlay, as
+// /var/lib/{kubelet,containerd,calico,secureoverlay}, /run/containerd and /run/secureoverlay, as
 // separate machines would, and its own cgroup subtree (the kubelet's cgroupRoot).
 const (
 	clusterNodes = 2
@@ -74,6 +74,7 @@ func nodeStart(i int) string {
 		{d + "/containers", "/var/log/containers"},
 		{d + "/run-containerd", "/run/containerd"},
 		{d + "/run-secureoverlay", "/run/secureoverlay"},
+		{d + "/var-lib-secureoverlay", "/var/lib/secureoverlay"},
 		{d + "/etc-kubernetes", "/etc/kubernetes"},
 		{d + "/etc-containerd", "/etc/containerd"},
 	}
@@ -283,10 +284,11 @@ func TestRealClusterEncrypts(t *testing.T) {
 	r.ipip, r.esp, r.wire = tot.IPIP, tot.ESP, true
 	rc.say("node2 reboot → re-keyed: on the underlay %s", lab.FormatWireCounts(per))
 	if tot.IPIP > 0 {
-		// Not asserted yet (issue 15 stays open): after a reboot the kubelet starts the
-		// node's pods while the agent is still starting, and nothing holds their traffic.
-		rc.say("known defect: %d plaintext IPIP packets crossed the underlay while node2 booted (its pods ran before its agent re-programmed the node)", tot.IPIP)
+		// The boot gate (package gate) holds node2's pods until its agent has programmed
+		// the node in this boot: nothing may cross in the clear meanwhile.
+		rc.t.Errorf("node2 reboot: %d plaintext IPIP packets crossed the underlay while node2 booted", tot.IPIP)
 	}
+	rc.say("node2 reboot: %s", rc.gateEvidence(ctx, 2))
 	rc.step(ctx, pods, "after the reboot", 5*time.Second, func() {})
 
 	// Uninstall: kubectl delete of what was applied. Every node is left clean, and the
@@ -334,6 +336,10 @@ func (rc *realCluster) stepWire(ctx context.Context, pods []workload, what strin
 	if err != nil {
 		rc.t.Fatal(err)
 	}
+	before, err := rc.netCounters(ctx, pods)
+	if err != nil {
+		rc.t.Fatal(err)
+	}
 	streams := rc.startStreams(ctx, pods)
 	t0 := time.Now()
 	f()
@@ -342,6 +348,11 @@ func (rc *realCluster) stepWire(ctx context.Context, pods []workload, what strin
 	rc.stopStreams(ctx, streams, what)
 	rc.expectWire(ctx, wc, what, plaintextOK)
 	if rc.t.Failed() {
+		if after, err := rc.netCounters(ctx, pods); err != nil {
+			rc.t.Log(err)
+		} else {
+			rc.t.Logf("%s: kernel counters that changed during the step (pods as they were at its start):\n%s", what, counterDelta(before, after))
+		}
 		rc.t.FailNow() // keep the state for the logs (and SECUREOVERLAY_REALNODE_HOLD)
 	}
 }
@@ -399,6 +410,7 @@ func (rc *realCluster) dirty(ctx context.Context) []string {
 		d := nodeStateDir + "/" + n
 		out, _, err := rc.vm.Run(ctx, fmt.Sprintf(`grep -l secureoverlay %[1]s/cni-net/*.conflist 2>/dev/null | sed 's/^/conflist entry: /'
 [ ! -e %[1]s/cni-bin/secureoverlay ] || echo "plugin binary"
+[ ! -e %[1]s/var-lib-secureoverlay/dataplane.json ] || echo "boot gate state file"
 ip -n %[2]s xfrm state | grep -c '^src' | sed 's/^/xfrm states: /' | grep -v ': 0$' || true
 ip -n %[2]s xfrm policy | grep -c '^src' | sed 's/^/xfrm policies: /' | grep -v ': 0$' || true
 ip netns exec %[2]s iptables-save | grep -c 'SECUREOVERLAY' | sed 's/^/iptables lines: /' | grep -v ': 0$' || true`, d, n))
@@ -512,7 +524,8 @@ func (rc *realCluster) stopStreams(ctx context.Context, ss []*lab.EchoStream, wh
 		sent += e.Requests()
 		for _, seq := range e.Lost() {
 			lost++
-			rc.t.Errorf("%s: request %d lost: %s", what, seq, e.Why(seq))
+			rc.t.Errorf("%s: request %d to %s (ICMP id %d, sent %.3fs after the stream's first request, %.3fs before it stopped) lost: %s",
+				what, seq, e.Dst, e.ID, e.SentAt(seq)-e.SentAt(1), float64(e.Stopped)/1e9-e.SentAt(seq), e.Why(seq))
 		}
 	}
 	rc.say("%s: %d echo requests between real pods, %d lost", what, sent, lost)
@@ -812,6 +825,19 @@ rm -rf %[2]s/run-containerd %[2]s/run-secureoverlay
 echo "%[1]s: processes killed, kernel state and /run flushed"`, n, d, i))
 	rc.boot(i)
 	rc.waitNodeReady(ctx, i)
+}
+
+// gateEvidence says how the boot gate held node i's pods after its reboot: the plugin's
+// refusals in the kubelet's log and the agent's log line that opened the gate.
+func (rc *realCluster) gateEvidence(ctx context.Context, i int) string {
+	d := nodeStateDir + "/" + lab.NodeNS(i)
+	out, _, err := rc.vm.Run(ctx, fmt.Sprintf(`held=$(grep -c 'pod network held so that it sends no plaintext' %[1]s/node.log || true)
+opened=$(grep -h 'boot gate open' %[1]s/pods/secureoverlay_secureoverlay-agent-*/agent/*.log 2>/dev/null | tail -1 | grep -o 'time=[^ ]*' || true)
+echo "the plugin held the pod's sandbox $held times (CNI error 11, retried by the kubelet); the agent opened the gate at ${opened#time=}"`, d))
+	if err != nil {
+		return fmt.Sprintf("gate evidence: %v", err)
+	}
+	return strings.TrimSpace(out)
 }
 
 // waitAllOK waits until secureoverlayctl status reports every node encrypting and

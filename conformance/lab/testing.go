@@ -78,7 +78,7 @@ func BootForTest(t testing.TB, opts Options) *VM {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("lab console (last 40 lines of %s):\n%s", vm.ConsoleLog(), vm.ConsoleTail(40))
+			t.Logf("lab console (last 100 lines of %s):\n%s", vm.ConsoleLog(), vm.ConsoleTail(100))
 		}
 		if err := vm.Close(); err != nil {
 			t.Error(err)
@@ -103,6 +103,21 @@ type GuestTest struct {
 	// MemoryMiB for the VM (default 768).
 	MemoryMiB int
 }
+
+// guestTestScript runs a test binary in the guest ("$@") so that a guest that hangs still
+// says where: each test's start and end also go to the serial console (console.log on the
+// host, which BootForTest prints when t fails, and which outlives a guest whose CPUs are
+// all stuck), and the kernel prints the stacks of a soft lockup there, on every CPU
+// (console loglevel 5: the stack lines are KERN_DEFAULT, hidden at the boot's loglevel=4).
+// The exit status is the test binary's (busybox's ash has no pipefail).
+const guestTestScript = `echo 5 >/proc/sys/kernel/printk 2>/dev/null
+echo 1 >/proc/sys/kernel/softlockup_all_cpu_backtrace 2>/dev/null
+rc=/tmp/guest-test.$$.rc
+{ "$@" 2>&1; echo $? >$rc; } | while IFS= read -r l; do
+	case "$l" in "=== RUN"*|"--- "*) echo "guest test: $l" >/dev/ttyS0;; esac
+	printf '%s\n' "$l"
+done
+exit $(cat $rc 2>/dev/null || echo 125)`
 
 // RunInGuest runs tests of the calling test binary on the lab's kernel: it skips t when
 // already inside the guest (SECUREOVERLAY_IN_LAB=1) and as SkipUnlessAvailable does, boots
@@ -130,7 +145,8 @@ func RunInGuest(t testing.TB, g GuestTest) string {
 	ctx, cancel := context.WithTimeout(context.Background(), g.Timeout+time.Minute)
 	defer cancel()
 	resp, err := vm.Exec(ctx, wire.Request{
-		Argv:          []string{share + "/" + filepath.Base(exe), "-test.v", "-test.count=1", "-test.run", g.Run},
+		Argv: append([]string{"/bin/sh", "-c", guestTestScript, "guest-test"},
+			share+"/"+filepath.Base(exe), "-test.v", "-test.count=1", "-test.run", g.Run),
 		Env:           append([]string{"SECUREOVERLAY_IN_LAB=1"}, g.Env...),
 		TimeoutMillis: g.Timeout.Milliseconds(),
 	})

@@ -125,19 +125,22 @@ func (e *LossEvidence) stopMonitors(ctx context.Context) {
 	}
 }
 
+// fileMarker starts each node's part of readFiles' output.
+const fileMarker = "@@FILE"
+
 // readFiles reads one guest file per monitored node in one guest command.
 func (e *LossEvidence) readFiles(ctx context.Context, path func(xfrmMonitor, int) string) (map[int]string, error) {
 	var b strings.Builder
 	b.WriteString("set -e\n")
 	for i, m := range e.monitors {
-		fmt.Fprintf(&b, "echo '%s %d'; cat %s\n", nsMarker, i, lab.ShellQuote(path(m, i)))
+		fmt.Fprintf(&b, "echo '%s %d'; cat %s\n", fileMarker, i, lab.ShellQuote(path(m, i)))
 	}
 	out, _, err := e.l.VM.RunInput(ctx, "sh -s", []byte(b.String()))
 	if err != nil {
 		return nil, fmt.Errorf("loss evidence: read the nodes' logs: %w", err)
 	}
 	files := map[int]string{}
-	for _, part := range strings.Split(out, nsMarker+" ")[1:] {
+	for _, part := range strings.Split(out, fileMarker+" ")[1:] {
 		idx, rest, _ := strings.Cut(part, "\n")
 		if i, err := strconv.Atoi(strings.TrimSpace(idx)); err == nil {
 			files[i] = rest

@@ -20,6 +20,7 @@ func (a *Agent) recordGate(mode string) {
 	}
 	if mode != a.gateMode {
 		if err := gate.WriteState(a.cfg.StateFile, gate.State{Mode: mode, Node: a.cfg.NodeName, Updated: a.d.Now()}); err != nil {
+			a.d.Metrics.GateErrors.WithLabelValues("state").Inc()
 			a.log.Error("boot gate: cannot record the data plane's mode; after a reboot this node's pods may not be held until it is programmed again",
 				"file", a.cfg.StateFile, "mode", mode, "error", err)
 		} else {
@@ -32,14 +33,17 @@ func (a *Agent) recordGate(mode string) {
 	}
 	boot, err := gate.BootID()
 	if err != nil {
+		a.d.Metrics.GateErrors.WithLabelValues("ready").Inc()
 		a.log.Error("boot gate: cannot read the boot ID; new pods stay held", "file", gate.BootIDFile, "error", err)
 		return
 	}
 	if err := gate.WriteReady(a.cfg.ReadyFile, gate.Ready{BootID: boot, Mode: mode, At: a.d.Now()}); err != nil {
+		a.d.Metrics.GateErrors.WithLabelValues("ready").Inc()
 		a.log.Error("boot gate: cannot mark this boot's data plane programmed; new pods stay held", "file", a.cfg.ReadyFile, "error", err)
 		return
 	}
 	a.gateReady = true
+	a.d.Metrics.GateReady.Set(1)
 	a.log.Info("boot gate open: this boot's data plane is programmed; pods may start", "file", a.cfg.ReadyFile, "mode", mode, "boot", boot)
 }
 

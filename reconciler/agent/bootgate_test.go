@@ -51,6 +51,9 @@ func TestBootGateFiles(t *testing.T) {
 	if r == nil || r.BootID != boot || r.Mode != string(api.ModeEnforce) {
 		t.Fatalf("ready file after an enforcing sync: %+v (boot %s)", r, boot)
 	}
+	if value(e.m.GateReady) != 1 || value(f.m.GateReady) != 0 {
+		t.Errorf("boot_gate_ready: %v after a successful sync, %v after a failed one; want 1, 0", value(e.m.GateReady), value(f.m.GateReady))
+	}
 	if v := gate.Decide(st, nil, r, boot); !v.Open {
 		t.Errorf("the plugin's gate stays closed after the agent programmed the node: %s", v.Why)
 	}
@@ -75,5 +78,33 @@ func TestBootGateFiles(t *testing.T) {
 	}
 	if _, err := os.Stat(cfg.StateFile); !os.IsNotExist(err) {
 		t.Errorf("state file left after the uninstall: %v", err)
+	}
+}
+
+// TestBootGateWriteErrors: a state file that cannot be written is counted and retried at
+// the next sync; the ready file is still written (the kernel is programmed either way).
+func TestBootGateWriteErrors(t *testing.T) {
+	if _, err := gate.BootID(); err != nil {
+		t.Skipf("no boot ID on this host: %v", err)
+	}
+	dir := t.TempDir()
+	blocker := filepath.Join(dir, "not-a-dir")
+	if err := os.WriteFile(blocker, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{StateFile: filepath.Join(blocker, "dataplane.json"), ReadyFile: filepath.Join(dir, "ready.json")}
+	e, stop := enforcingEnvWith(t, cfg)
+	defer stop()
+	if got := value(e.m.GateErrors.WithLabelValues("state")); got != 1 {
+		t.Errorf("state write errors %v after one sync, want 1", got)
+	}
+	if r := gate.ReadReady(cfg.ReadyFile); r == nil || value(e.m.GateReady) != 1 {
+		t.Errorf("ready file %+v, boot_gate_ready %v: a failed state write must not hold this boot's pods", r, value(e.m.GateReady))
+	}
+	if err := e.a.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := value(e.m.GateErrors.WithLabelValues("state")); got != 2 {
+		t.Errorf("state write errors %v after two syncs, want 2 (retried)", got)
 	}
 }

@@ -36,6 +36,11 @@ type Metrics struct {
 	Epochs *prometheus.CounterVec
 	// RingRefused counts syncs that refused a key ring older than one already accepted.
 	RingRefused prometheus.Counter
+	// GateReady is 1 once this process marked the boot's data plane programmed (the CNI
+	// plugin lets pods start), GateErrors counts failed writes of the boot gate's files by
+	// file=state|ready (package gate).
+	GateReady  prometheus.Gauge
+	GateErrors *prometheus.CounterVec
 
 	mu    sync.Mutex
 	drops []PlaintextCount
@@ -70,6 +75,11 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 	m.Registry.MustRegister(m.Epochs)
 	m.RingRefused = prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "ring_refused_total", Help: "Syncs that refused a key ring older than one this node accepted before (a restored or edited Secret)."})
 	m.Registry.MustRegister(m.RingRefused)
+	m.GateReady = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "boot_gate_ready",
+		Help: "1 once this boot's data plane is marked programmed, so the CNI plugin lets new pods start (0: new pods are held if the node encrypted before it booted)."})
+	m.GateErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "boot_gate_write_errors_total",
+		Help: "Failed writes of the boot gate's files (file=state: the next boot may not hold pods; file=ready: new pods stay held)."}, []string{"file"})
+	m.Registry.MustRegister(m.GateReady, m.GateErrors)
 	m.Conflicts = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "address_conflicts", Help: "IPv4 addresses claimed by more than one Node (each pair kept as it was, or given nothing)."})
 	m.Registry.MustRegister(m.Conflicts)
 	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,

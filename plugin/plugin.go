@@ -165,15 +165,15 @@ func CmdAdd(args *skel.CmdArgs) error {
 	}
 	lg := newLogger(conf)
 	defer lg.close()
-	if err := waitGate(conf, lg, args.ContainerID); err != nil {
-		return err
-	}
 	pod, err := openPodNetNS(args.Netns)
 	if err != nil {
 		lg.printf("refused: container %s: %v", args.ContainerID, err)
 		return err
 	}
 	defer pod.close()
+	if err := waitGate(conf, lg, args.ContainerID); err != nil {
+		return err
+	}
 	idx, ifName := containerInterface(res, args.IfName)
 
 	v, err := evaluate(conf, pod, ifName)

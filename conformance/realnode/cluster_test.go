@@ -102,7 +102,10 @@ func nodeStart(i int) string {
 // nodePrepare is the guest script that lays out node i's directories (as a node's disk
 // has them before the kubelet first starts: Calico's CNI plugins and conflist as
 // calico-node's install-cni leaves them, the runtime's and kubelet's configs), its cgroup
-// subtree, and the route and DNAT for the kubernetes Service.
+// subtree, the route and DNAT for the kubernetes Service, and what Calico's default IP pool
+// (natOutgoing: true) has felix do for pods: masquerade their traffic that leaves the pool
+// (here, to the API server behind mgmt0), so that a pod on the pod network reaches the
+// Service as on a real node.
 func nodePrepare(i int) string {
 	n := lab.NodeNS(i)
 	d := nodeStateDir + "/" + n
@@ -121,7 +124,8 @@ for c in cpuset cpu io memory pids hugetlb; do echo "+$c" >/sys/fs/cgroup/%[1]s/
 ip -n %[1]s route add %[6]s/32 via %[7]s dev mgmt0
 ip netns exec %[1]s iptables -w -t nat -A OUTPUT -d %[6]s/32 -p tcp --dport 443 -j DNAT --to-destination %[8]s:%[9]d
 ip netns exec %[1]s iptables -w -t nat -A PREROUTING -d %[6]s/32 -p tcp --dport 443 -j DNAT --to-destination %[8]s:%[9]d
-`, n, d, calicoShare, lab.GuestCNIDir, share, serviceIP, lab.ControlGateway, lab.GuestForwardAddr, apiPort)
+ip netns exec %[1]s iptables -w -t nat -A POSTROUTING -s %[10]s -o mgmt0 -j MASQUERADE
+`, n, d, calicoShare, lab.GuestCNIDir, share, serviceIP, lab.ControlGateway, lab.GuestForwardAddr, apiPort, calicoPool)
 }
 
 // realCluster is the running real-node cluster.

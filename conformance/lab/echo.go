@@ -97,8 +97,23 @@ func StartEchoStream(ctx context.Context, vm *VM, ns, dst string, o EchoOptions)
 		return nil, fmt.Errorf("echo stream %s: %w", s.what, err)
 	}
 	s.pid = pid
+	// Wait until labping catches SIGINT (its started line): a stream stopped before that
+	// would never end (a background job starts with SIGINT ignored). Then the stream is
+	// also really running when the caller goes on.
+	wait := fmt.Sprintf(`for i in $(seq 1 1200); do
+	grep -q %[1]s %[2]s 2>/dev/null && exit 0
+	[ -d /proc/%[3]d ] || { echo "labping ended before it started:" >&2; cat %[2]s >&2; exit 1; }
+	sleep 0.05
+done
+echo "labping did not start within 60s" >&2; exit 1`, ShellQuote("^"+labpingStarted), ShellQuote(s.log), pid)
+	if _, _, err := vm.RunInput(ctx, "sh -s", []byte(wait)); err != nil {
+		return nil, fmt.Errorf("echo stream %s: %w", s.what, err)
+	}
 	return s, nil
 }
+
+// labpingStarted is labping's StartedLine (package main cannot be imported).
+const labpingStarted = "labping: streaming to"
 
 // Stop stops the stream and returns its outcome.
 func (s *EchoStream) Stop(ctx context.Context) (Echoes, error) {
@@ -139,8 +154,10 @@ func collectEchoes(ctx context.Context, vm *VM, ss []*EchoStream, stop bool) ([]
 		b.WriteString(" 2>/dev/null\n")
 	}
 	for _, s := range ss {
+		// /proc/PID/stat's state, not kill -0: a zombie is not a running labping.
 		fmt.Fprintf(&b, `until [ -s %[1]s ]; do
-	if ! kill -0 %[2]d 2>/dev/null && [ ! -s %[1]s ]; then echo "labping %[2]d (%[4]s) ended without a report:" >&2; cat %[3]s >&2; exit 1; fi
+	st=$(cut -d')' -f2 /proc/%[2]d/stat 2>/dev/null | cut -d' ' -f2)
+	if { [ -z "$st" ] || [ "$st" = Z ]; } && [ ! -s %[1]s ]; then echo "labping %[2]d (%[4]s) ended without a report:" >&2; cat %[3]s >&2; exit 1; fi
 	sleep 0.05
 done
 `, ShellQuote(s.report), s.pid, ShellQuote(s.log), strings.ReplaceAll(s.what, "'", ""))

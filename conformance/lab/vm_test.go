@@ -865,6 +865,26 @@ kill -INT %d`, PodNS(2), s.pid))
 	}
 }
 
+// TestEchoStreamStoppedAtOnce: a stream stopped the moment StartEchoStream returns ends
+// with a report. (Before StartEchoStream waited for labping's started line, a SIGINT that
+// came before labping caught it was ignored — a background job starts with SIGINT ignored
+// — and the stop waited forever: seen with a 300 ms step on the real-node tier.)
+func TestEchoStreamStoppedAtOnce(t *testing.T) {
+	vm := sharedVM(t)
+	c := Cluster{Nodes: 2, UnderlayMTU: 1450, TunnelMTU: 1402, Pods: true}
+	setupCluster(t, vm, c)
+	ctx := ctxFor(t, 2*time.Minute)
+	for i := 0; i < 5; i++ {
+		s, err := StartEchoStream(ctx, vm, PodNS(1), PodIP(2), EchoOptions{Interval: 20 * time.Millisecond, Linger: time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Stop(ctx); err != nil {
+			t.Fatalf("stop %d: %v", i, err)
+		}
+	}
+}
+
 func firstOr(s []int, d int) int {
 	if len(s) == 0 {
 		return d

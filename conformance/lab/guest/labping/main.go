@@ -57,6 +57,10 @@ const (
 	minPayload = 16
 )
 
+// StartedLine begins the line labping writes to stderr once it catches SIGINT and SIGTERM
+// and is about to send its first request.
+const StartedLine = "labping: streaming to"
+
 func main() {
 	count := flag.Int("c", 0, "send this many requests, then wait for their replies (0: until SIGINT or SIGTERM)")
 	interval := flag.Duration("i", 50*time.Millisecond, "one request every interval")
@@ -102,6 +106,10 @@ func run(args []string, count int, interval, linger time.Duration, size int, df 
 		}
 	}
 	go s.receive()
+	// The signals are caught from here on: a stream stopped before this line would lose
+	// its SIGINT (a background job of a non-interactive shell starts with SIGINT ignored,
+	// and Go keeps it ignored until Notify), so starters wait for it (lab.StartEchoStream).
+	fmt.Fprintf(os.Stderr, "%s %s, ICMP id %d\n", StartedLine, args[0], s.id)
 	s.send(count, interval, size, sigs)
 	s.awaitReplies(linger)
 	return s.write(out)

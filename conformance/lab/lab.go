@@ -247,12 +247,19 @@ func qemuArgs(opts Options, img Image, accel, stateDir string, chanPort int, rel
 			fmt.Sprintf("local,path=%s,mount_tag=%s,security_model=none%s", s.HostPath, s.Tag, ro))
 	}
 	cmdline = append(cmdline, opts.KernelArgs...)
-	cpu := "max"
+	cpu, accelArg := "max", "tcg,thread=single"
 	if accel == "kvm" {
-		cpu = "host"
+		cpu, accelArg = "host", "kvm"
 	}
 	args := []string{
-		"-machine", "q35,accel=" + accel,
+		// TCG runs single-threaded (one host thread for all vCPUs, round robin): QEMU 7.2's
+		// multi-threaded TCG broke the guest in ≈1 of 4 full runs here — a SIGSEGV in
+		// memory_region_dispatch_write (a stale memory map across vCPUs, run 24) and guests
+		// whose two vCPUs both locked up (RCU stalls, soft lockups in iptables and kubelet,
+		// runs 45 and 47), the cross-vCPU races single-threaded TCG cannot have
+		// (docs/lab.md, "Emulator crashes").
+		"-machine", "q35",
+		"-accel", accelArg,
 		"-cpu", cpu,
 		"-m", strconv.Itoa(opts.MemoryMiB),
 		"-smp", strconv.Itoa(opts.CPUs),

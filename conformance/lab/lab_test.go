@@ -79,8 +79,11 @@ func TestQemuArgsIsolateTheGuest(t *testing.T) {
 	if got := argValue(t, args, "-m"); len(got) != 1 || got[0] != "768" {
 		t.Errorf("-m = %q", got)
 	}
-	if got := argValue(t, args, "-machine"); len(got) != 1 || got[0] != "q35,accel=tcg" {
+	if got := argValue(t, args, "-machine"); len(got) != 1 || got[0] != "q35" {
 		t.Errorf("-machine = %q", got)
+	}
+	if got := argValue(t, args, "-accel"); len(got) != 1 || got[0] != "tcg,thread=single" {
+		t.Errorf("-accel = %q, want single-threaded TCG", got)
 	}
 	if got := argValue(t, args, "-serial"); len(got) != 1 || got[0] != "file:/state/console.log" {
 		t.Errorf("-serial = %q", got)

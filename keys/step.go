@@ -24,6 +24,12 @@ type Config struct {
 	Drain time.Duration
 	// NodeTimeout: a node NotReady for at least this long no longer blocks any step.
 	NodeTimeout time.Duration
+	// AckTimeout bounds what one Ready node can hold: a node that has lagged on the steps
+	// the master waits for (reaching the current mode, installing the pending generation)
+	// without a break for this long no longer holds them, until it catches up. It is listed
+	// as excluded; its pairs stay on the safe side (docs/keys.md, "Bounded influence of one
+	// node"). 0 disables the bound.
+	AckTimeout time.Duration
 	// SeqThreshold: rotate early when a report's MaxSeqFraction reaches it; 0 disables.
 	SeqThreshold float64
 	// SeqMinInterval bounds what one node's sequence claims can force: a sequence-triggered
@@ -38,7 +44,7 @@ type Config struct {
 // DefaultConfig is the shipped policy.
 func DefaultConfig() Config {
 	return Config{RotateInterval: 12 * time.Hour, Grace: 5 * time.Minute, Drain: 10 * time.Second, NodeTimeout: 10 * time.Minute,
-		SeqThreshold: 0.5, SeqMinInterval: 10 * time.Minute, Cipher: AES128GCM, ICVBytes: 8}
+		AckTimeout: 10 * time.Minute, SeqThreshold: 0.5, SeqMinInterval: 10 * time.Minute, Cipher: AES128GCM, ICVBytes: 8}
 }
 
 // NodeState is what the master observed about one Node that exists in the API. Nodes that
@@ -67,6 +73,9 @@ type Input struct {
 	RotateRequest string
 	Now           time.Time
 	Config        Config
+	// LagSince is, per node, since when the master has seen it lag without a break: the
+	// previous Step's Result.LagSince (nil at start: every wait starts now).
+	LagSince map[string]time.Time
 	// Rand supplies root keys for new generations (crypto/rand.Reader in the master).
 	Rand io.Reader
 }
@@ -141,10 +150,14 @@ type Result struct {
 	Actions []Action
 	// Waiting describes the step the master waits for ("" when settled).
 	Waiting string
-	// Lagging are live nodes holding Waiting; Excluded are nodes NotReady longer than the
-	// node timeout, which no longer block anything.
+	// Lagging are live nodes holding Waiting; Excluded are nodes that no longer block:
+	// NotReady longer than the node timeout, or lagging on a step longer than the ack
+	// timeout.
 	Lagging  []Lag
 	Excluded []Lag
+	// LagSince is, for each node lagging in this Step, since when it has lagged without a
+	// break; pass it to the next Step as Input.LagSince.
+	LagSince map[string]time.Time
 	// Deferred explains a rotation that is due but cannot start yet.
 	Deferred string
 	// RotationInProgress is true while a generation is pending or retiring.
@@ -185,6 +198,14 @@ func Step(in Input) (Result, error) {
 		}
 	}
 	act := func(a Action) { res.Actions = append(res.Actions, a) }
+	exclude := func(node, reason string) {
+		for _, l := range res.Excluded {
+			if l.Node == node {
+				return
+			}
+		}
+		res.Excluded = append(res.Excluded, Lag{node, reason})
+	}
 
 	nodes := make([]nodeView, 0, len(in.Nodes))
 	for _, n := range in.Nodes {
@@ -193,7 +214,7 @@ func Step(in Input) (Result, error) {
 			until := n.NotReadySince.Add(cfg.NodeTimeout)
 			if !now.Before(until) {
 				v.excluded = true
-				res.Excluded = append(res.Excluded, Lag{n.Name, fmt.Sprintf("NotReady since %s (longer than %s)", n.NotReadySince.UTC().Format(time.RFC3339), cfg.NodeTimeout)})
+				exclude(n.Name, fmt.Sprintf("NotReady since %s (longer than node-timeout %s)", n.NotReadySince.UTC().Format(time.RFC3339), cfg.NodeTimeout))
 			} else {
 				wake(until)
 			}
@@ -221,6 +242,39 @@ func Step(in Input) (Result, error) {
 			case !ok(v.Report):
 				lag = append(lag, Lag{v.Name, want})
 			}
+		}
+		return lag
+	}
+	// ackGate is gate for a step a Ready node may hold for at most the ack timeout: a node
+	// that has lagged without a break for AckTimeout is excluded (and named in Excluded)
+	// instead of lagging.
+	ready := map[string]bool{}
+	for _, v := range nodes {
+		ready[v.Name] = v.Ready
+	}
+	ackGate := func(want string, ok func(*api.NodeReport) bool) []Lag {
+		var lag []Lag
+		for _, l := range gate(want, ok) {
+			first, seen := res.LagSince[l.Node]
+			if !seen {
+				if first, seen = in.LagSince[l.Node]; !seen || first.After(now) {
+					first = now
+				}
+				if res.LagSince == nil {
+					res.LagSince = map[string]time.Time{}
+				}
+				res.LagSince[l.Node] = first
+			}
+			if cfg.AckTimeout > 0 && ready[l.Node] {
+				until := first.Add(cfg.AckTimeout)
+				if !now.Before(until) {
+					exclude(l.Node, fmt.Sprintf("Ready but lagging since %s, longer than ack-timeout %s (now: %s)",
+						first.UTC().Format(time.RFC3339), cfg.AckTimeout, l.Reason))
+					continue
+				}
+				wake(until)
+			}
+			lag = append(lag, l)
 		}
 		return lag
 	}
@@ -270,7 +324,7 @@ func Step(in Input) (Result, error) {
 		if act != nil {
 			want += fmt.Sprintf(" with generation %d installed", act.Number)
 		}
-		return gate(want, func(rep *api.NodeReport) bool {
+		return ackGate(want, func(rep *api.NodeReport) bool {
 			return rep.Mode == cur && (act == nil || slices.Contains(rep.Generations, act.Number))
 		})
 	}
@@ -334,7 +388,7 @@ func Step(in Input) (Result, error) {
 		// 3b. Pending becomes active once every live node has it installed inbound.
 		if p := r.Pending(); p != nil {
 			num := p.Number
-			if len(gate("", func(rep *api.NodeReport) bool { return slices.Contains(rep.Generations, num) })) == 0 {
+			if len(ackGate(fmt.Sprintf("generation %d not installed", num), func(rep *api.NodeReport) bool { return slices.Contains(rep.Generations, num) })) == 0 {
 				if a := r.Active(); a != nil {
 					a.State, a.Retiring = StateRetiring, now
 					act(Action{Kind: ActionGenerationRetiring, Generation: a.Number})
@@ -404,13 +458,19 @@ func Step(in Input) (Result, error) {
 	case r.Pending() != nil:
 		num := r.Pending().Number
 		res.Waiting = fmt.Sprintf("generation %d to be installed inbound on every live node", num)
-		res.Lagging = gate(fmt.Sprintf("generation %d not installed", num), func(rep *api.NodeReport) bool {
+		res.Lagging = ackGate(fmt.Sprintf("generation %d not installed", num), func(rep *api.NodeReport) bool {
 			return slices.Contains(rep.Generations, num)
 		})
 	case r.Mode != r.Target:
 		res.Waiting = fmt.Sprintf("every live node to report mode %s before stepping toward %s", r.Mode, r.Target)
 		res.Lagging = modeGate()
 	default:
+		// Settled: nothing waits on the nodes, but a node that is still behind the
+		// cluster's state (an excluded node that has not caught up, a node that joined)
+		// keeps its lag clock, so it stays named in Excluded until it catches up.
+		if r.Mode != api.ModeOff {
+			_ = modeGate()
+		}
 		if a := r.Active(); a != nil {
 			for _, g := range r.Generations {
 				if g.State != StateRetiring {

@@ -508,3 +508,103 @@ func TestRetiringLeavesWhenNoNodeSendsWithIt(t *testing.T) {
 		})
 	}
 }
+
+// TestAckTimeoutBoundsOneReadyNode: a Ready node that lags holds a step for at most the
+// ack timeout, counted from when it first lagged without a break (carried from Step to
+// Step in LagSince); then it is excluded, named with its reason, and the cluster goes on
+// — through the following steps too while it still lags. A node that catches up starts a
+// fresh wait the next time it lags; NotReady nodes stay under the node timeout.
+func TestAckTimeoutBoundsOneReadyNode(t *testing.T) {
+	cfg := testConfig()
+	cfg.AckTimeout = 5 * time.Minute
+	names := []string{"a", "b", "c"}
+
+	// Enable with c stuck at off: accept waits for it, then all of enable goes on.
+	var ring *Ring
+	var since map[string]time.Time
+	now := t0
+	stuck := follower("c", nil)
+	run := func(nodes func() []NodeState) Result {
+		res := step(t, Input{Ring: ring, Nodes: nodes(), Target: api.ModeEnforce, Now: now, Config: cfg, LagSince: since})
+		ring, since = res.Ring, res.LagSince
+		return res
+	}
+	withStuck := func() []NodeState { return append(followers(ring, "a", "b"), stuck) }
+	res := run(withStuck) // off → accept, generation 1
+	res = run(withStuck)
+	if ring.Mode != api.ModeAccept || !slices.Equal(lagNames(res.Lagging), []string{"c"}) || len(res.Excluded) != 0 {
+		t.Fatalf("first wait: mode %s lagging %v excluded %v", ring.Mode, res.Lagging, res.Excluded)
+	}
+	if !since["c"].Equal(t0) || !res.Wake.Equal(t0.Add(cfg.AckTimeout)) {
+		t.Fatalf("lag since %v wake %v, want %v and %v", since, res.Wake, t0, t0.Add(cfg.AckTimeout))
+	}
+	now = t0.Add(cfg.AckTimeout - time.Second)
+	if res = run(withStuck); ring.Mode != api.ModeAccept || !since["c"].Equal(t0) {
+		t.Fatalf("before the ack timeout: mode %s since %v", ring.Mode, since)
+	}
+	now = t0.Add(cfg.AckTimeout)
+	res = run(withStuck)
+	if ring.Mode != api.ModeEncrypt || len(res.Excluded) != 1 || res.Excluded[0].Node != "c" ||
+		!strings.Contains(res.Excluded[0].Reason, "ack-timeout 5m0s") || !strings.Contains(res.Excluded[0].Reason, "report mode accept") {
+		t.Fatalf("at the ack timeout: mode %s excluded %v lagging %v", ring.Mode, res.Excluded, res.Lagging)
+	}
+	// Still lagging without a break: the next step does not wait for it again.
+	now = now.Add(time.Second)
+	if res = run(withStuck); ring.Mode != api.ModeEnforce || len(res.Lagging) != 0 || len(res.Excluded) != 1 {
+		t.Fatalf("next step: mode %s lagging %v excluded %v", ring.Mode, res.Lagging, res.Excluded)
+	}
+
+	// c catches up: no longer excluded, nothing carried.
+	now = now.Add(time.Second)
+	res = run(func() []NodeState { return followers(ring, names...) })
+	if len(res.Excluded) != 0 || len(since) != 0 {
+		t.Fatalf("caught up: excluded %v since %v", res.Excluded, since)
+	}
+
+	// A rotation: c stops acknowledging; the pending generation waits the ack timeout
+	// from now, not from c's earlier lag.
+	start := now
+	res = step(t, Input{Ring: ring, Nodes: followers(ring, names...), Target: api.ModeEnforce, RotateRequest: "r1", Now: now, Config: cfg})
+	ring, since = res.Ring, res.LagSince
+	stuck = follower("c", ring)
+	stuck.Report.Generations = []uint32{1}
+	now = now.Add(time.Second)
+	res = run(withStuck)
+	if p := ring.Pending(); p == nil || !slices.Equal(lagNames(res.Lagging), []string{"c"}) || !since["c"].Equal(start) {
+		t.Fatalf("rotation wait: %s lagging %v since %v", Summary(ring), res.Lagging, since)
+	}
+	now = start.Add(cfg.AckTimeout - time.Second)
+	if res = run(withStuck); ring.Pending() == nil {
+		t.Fatalf("rotation before the ack timeout: %s", Summary(ring))
+	}
+	now = start.Add(cfg.AckTimeout)
+	res = run(withStuck)
+	if a := ring.Active(); a.Number != 2 || len(res.Excluded) != 1 || !strings.Contains(res.Excluded[0].Reason, "generation 2 not installed") {
+		t.Fatalf("rotation at the ack timeout (started %v): %s excluded %v", start, Summary(ring), res.Excluded)
+	}
+	// Settled without it: still behind, so still named.
+	now = now.Add(time.Hour)
+	if res = run(withStuck); len(ring.Generations) != 1 || len(res.Excluded) != 1 || res.Excluded[0].Node != "c" {
+		t.Fatalf("settled, c still behind: %s excluded %v", Summary(ring), res.Excluded)
+	}
+
+	// Not Ready: the node timeout rules, whatever the ack timeout says.
+	cfg.AckTimeout = time.Second
+	down := follower("c", nil)
+	down.Ready, down.NotReadySince = false, now
+	res = step(t, Input{Ring: ring, Nodes: append(followers(ring, "a", "b"), down), Target: api.ModeEnforce, RotateRequest: "r2",
+		Now: now, Config: cfg, LagSince: map[string]time.Time{"c": now.Add(-time.Hour)}})
+	res = step(t, Input{Ring: res.Ring, Nodes: append(followers(res.Ring, "a", "b"), down), Target: api.ModeEnforce,
+		Now: now.Add(time.Minute), Config: cfg, LagSince: res.LagSince})
+	if res.Ring.Pending() == nil || len(res.Excluded) != 0 || !slices.Equal(lagNames(res.Lagging), []string{"c"}) {
+		t.Fatalf("NotReady under the node timeout: %s lagging %v excluded %v", Summary(res.Ring), res.Lagging, res.Excluded)
+	}
+
+	// Disabled (0): a lagging Ready node holds the step indefinitely, as before.
+	cfg.AckTimeout = 0
+	res = step(t, Input{Ring: res.Ring, Nodes: append(followers(res.Ring, "a", "b"), stuck), Target: api.ModeEnforce,
+		Now: now.Add(24 * time.Hour), Config: cfg, LagSince: map[string]time.Time{"c": t0}})
+	if res.Ring.Pending() == nil || len(res.Excluded) != 0 {
+		t.Fatalf("ack timeout 0: %s excluded %v", Summary(res.Ring), res.Excluded)
+	}
+}

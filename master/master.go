@@ -220,6 +220,12 @@ type Controller struct {
 	refused string
 	// recorder posts Events on the Secret (nil outside Run).
 	recorder record.EventRecorder
+	// lagSince is the last Step's Result.LagSince: since when each lagging node has lagged
+	// (the ack timeout counts from it; lost on a leader change, so a new leader's wait
+	// starts afresh). excluded are the nodes the last Step excluded, so that a node's
+	// exclusion is announced once, when it begins.
+	lagSince map[string]time.Time
+	excluded map[string]bool
 }
 
 const queueKey = "ring"
@@ -528,10 +534,11 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 	}
 
 	res, err := keys.Step(keys.Input{Ring: ring, Nodes: nodes, Target: target, RotateRequest: req,
-		Now: c.opts.Now(), Config: c.opts.Policy, Rand: c.opts.Rand})
+		Now: c.opts.Now(), Config: c.opts.Policy, Rand: c.opts.Rand, LagSince: c.lagSince})
 	if err != nil {
 		return time.Time{}, fmt.Errorf("step key ring: %w", err)
 	}
+	c.lagSince = res.LagSince
 	if res.Changed || !exists || reset {
 		written, err := c.write(ctx, secret, res.Ring, reset)
 		if err != nil {
@@ -551,6 +558,7 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 	}
 	c.lastGood = res.Ring
 	c.hist = hist.Observe(res.Ring)
+	c.announceExcluded(secret, res.Excluded)
 	m.observe(res)
 	c.publish(ctx, c.status(res.Ring, &res, strings.Join(problems, "; ")))
 	return res.Wake, nil
@@ -618,6 +626,26 @@ func (c *Controller) write(ctx context.Context, old *corev1.Secret, ring *keys.R
 		return nil, fmt.Errorf("update secret %s/%s at resourceVersion %s: %w", ns, api.SecretName, old.ResourceVersion, err)
 	}
 	return updated, nil
+}
+
+// announceExcluded logs and posts a Warning Event (NodeExcluded) for every node that
+// became excluded since the last Step, and logs every node that is no longer.
+func (c *Controller) announceExcluded(secret *corev1.Secret, excluded []keys.Lag) {
+	now := make(map[string]bool, len(excluded))
+	for _, l := range excluded {
+		now[l.Node] = true
+		if !c.excluded[l.Node] {
+			msg := fmt.Sprintf("node %s no longer holds rotation or cutover: %s", l.Node, l.Reason)
+			c.log.Warn(msg, "node", l.Node)
+			c.event(secret, corev1.EventTypeWarning, "NodeExcluded", msg)
+		}
+	}
+	for n := range c.excluded {
+		if !now[n] {
+			c.log.Info("node holds rotation and cutover again (caught up, Ready again or gone)", "node", n)
+		}
+	}
+	c.excluded = now
 }
 
 // event posts an Event on the Secret (if it exists and events are enabled). Messages

@@ -395,3 +395,50 @@ func TestSequenceClaimsRateLimited(t *testing.T) {
 		t.Fatalf("generation 3 created %s after generation 2, want ≥ %s", d, minInterval)
 	}
 }
+
+// TestAckTimeoutExcludesLaggingReadyNode: a Ready node whose agent stops acknowledging
+// holds a rotation for the ack timeout, no longer: then the rotation completes without
+// it, and the status, a NodeExcluded Event and the excluded_nodes metric name it. Once it
+// catches up it is no longer excluded.
+func TestAckTimeoutExcludesLaggingReadyNode(t *testing.T) {
+	const ack = 4 * time.Second
+	e := newEnv(t)
+	policy := testPolicy()
+	policy.AckTimeout = ack
+	m := e.startMaster("master-a", policy)
+	agents := enableCluster(e, "n1", "n2", "n3")
+
+	agents["n3"].paused.Store(true)
+	start := time.Now()
+	e.requestRotation("r1")
+	e.ringIs(api.ModeEnforce, wait, "1:active", "2:pending")
+	e.eventually("status to name n3 as lagging", wait, func() (bool, string) {
+		st := e.status()
+		return len(st.Lagging) == 1 && st.Lagging[0].Node == "n3" && len(st.Excluded) == 0, fmt.Sprintf("%+v", st)
+	})
+	r := e.ringIs(api.ModeEnforce, wait, "2:active")
+	if d := time.Since(start); d < ack {
+		t.Fatalf("generation 2 active %s after the request: n3 held it less than the ack timeout %s", d, ack)
+	}
+	n3, err := e.cs.CoreV1().Nodes().Get(e.ctx, "n3", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(n3.Annotations[api.ReportAnnotation], `"generations":[1,2]`) || r.Active().Number != 2 {
+		t.Fatalf("n3 installed generation 2 although paused (%s): the test proves nothing", n3.Annotations[api.ReportAnnotation])
+	}
+	e.eventually("status, Event and metric to name n3 as excluded", wait, func() (bool, string) {
+		st := e.status()
+		evs := strings.Join(e.eventReasons(), "\n")
+		ok := len(st.Excluded) == 1 && st.Excluded[0].Node == "n3" && strings.Contains(st.Excluded[0].Reason, "ack-timeout 4s") &&
+			strings.Contains(evs, "NodeExcluded: node n3 no longer holds rotation or cutover") && value(m.metrics.Excluded) == 1
+		return ok, fmt.Sprintf("excluded %+v\nevents:\n%s", st.Excluded, evs)
+	})
+
+	// n3 resumes: it installs generation 2 and is no longer excluded.
+	agents["n3"].paused.Store(false)
+	e.eventually("n3 no longer excluded", wait, func() (bool, string) {
+		st := e.status()
+		return len(st.Excluded) == 0 && value(m.metrics.Excluded) == 0, fmt.Sprintf("%+v", st.Excluded)
+	})
+}

@@ -37,7 +37,7 @@ func NewMetrics() *Metrics {
 		Lagging: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "lagging_nodes",
 			Help: "Live nodes holding the step the master waits for."}),
 		Excluded: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "excluded_nodes",
-			Help: "Nodes NotReady longer than the node timeout, no longer blocking rotation or cutover."}),
+			Help: "Nodes no longer holding rotation or cutover: NotReady longer than the node timeout, or Ready but lagging longer than the ack timeout."}),
 		Leader: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "leader",
 			Help: "1 while this replica holds the leader lease."}),
 		Mode: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "mode",

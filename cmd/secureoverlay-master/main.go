@@ -44,6 +44,7 @@ func run() error {
 		grace       = flag.Duration("grace", def.Grace, "keep a retiring key generation installed at most this long after the switch")
 		drain       = flag.Duration("drain", def.Drain, "keep a retiring key generation installed at least this long after the switch, even once no node sends with it")
 		nodeTimeout = flag.Duration("node-timeout", def.NodeTimeout, "a node NotReady this long no longer blocks rotation or cutover")
+		ackTimeout  = flag.Duration("ack-timeout", def.AckTimeout, "a Ready node that has lagged on rotation or cutover this long without a break no longer holds them (0: no bound)")
 		seq         = flag.Float64("seq-threshold", def.SeqThreshold, "rotate early when an agent reports an SA sequence fraction at or above this (0 disables)")
 		seqMin      = flag.Duration("seq-min-interval", def.SeqMinInterval, "start a sequence-triggered rotation only once the active generation is this old: at most one early rotation per interval (0: no bound)")
 		cipher      = flag.String("cipher", string(def.Cipher), "cipher of new key generations: aes128gcm or aes256gcm")
@@ -63,13 +64,16 @@ func run() error {
 	}
 	log := slog.New(h)
 
-	policy := keys.Config{RotateInterval: *interval, Grace: *grace, Drain: *drain, NodeTimeout: *nodeTimeout, SeqThreshold: *seq,
+	policy := keys.Config{RotateInterval: *interval, Grace: *grace, Drain: *drain, NodeTimeout: *nodeTimeout, AckTimeout: *ackTimeout, SeqThreshold: *seq,
 		SeqMinInterval: *seqMin, Cipher: keys.Cipher(*cipher), ICVBytes: *icv}
 	if policy.Cipher.KeyBytes() == 0 {
 		return fmt.Errorf("--cipher %q: want aes128gcm or aes256gcm", *cipher)
 	}
 	if *drain < 0 || *grace < *drain {
 		return fmt.Errorf("--drain %s must be between 0 and --grace %s", *drain, *grace)
+	}
+	if *ackTimeout < 0 {
+		return fmt.Errorf("--ack-timeout %s: must not be negative", *ackTimeout)
 	}
 	if *seqMin < 0 {
 		return fmt.Errorf("--seq-min-interval %s: must not be negative", *seqMin)
@@ -119,7 +123,7 @@ func run() error {
 	}
 
 	log.Info("starting", "namespace", *namespace, "lease", *leaseName, "id", *id, "rotateInterval", *interval,
-		"grace", *grace, "drain", *drain, "nodeTimeout", *nodeTimeout, "seqThreshold", *seq, "seqMinInterval", *seqMin, "cipher", *cipher, "icvBytes", *icv)
+		"grace", *grace, "drain", *drain, "nodeTimeout", *nodeTimeout, "ackTimeout", *ackTimeout, "seqThreshold", *seq, "seqMinInterval", *seqMin, "cipher", *cipher, "icvBytes", *icv)
 	return master.Run(ctx, client, master.Options{Namespace: *namespace, Identity: *id, LeaseName: *leaseName,
 		Resync: *resync, NodeSelector: *nodeSel, Policy: policy, Logger: log, Metrics: metrics})
 }

@@ -242,6 +242,17 @@ func checkInvariants(t *testing.T, objs []object) {
 		t.Errorf("%s: env %s from %s missing", c.Name, name, path)
 	}
 	fieldEnv(agent, "NODE_NAME", "spec.nodeName")
+	// GOMEMLIMIT from the agent's own memory limit, in bytes (what Go reads without a unit).
+	memLimit := false
+	for _, e := range agent.Env {
+		if r := e.ValueFrom; e.Name == "GOMEMLIMIT" && r != nil && r.ResourceFieldRef != nil {
+			f := r.ResourceFieldRef
+			memLimit = f.ContainerName == agent.Name && f.Resource == "limits.memory" && (f.Divisor.IsZero() || f.Divisor.Value() == 1)
+		}
+	}
+	if lim := agent.Resources.Limits.Memory(); !memLimit || lim.IsZero() {
+		t.Errorf("%s: want env GOMEMLIMIT from resourceFieldRef limits.memory of this container (in bytes) and a memory limit (%v)", agent.Name, lim)
+	}
 	for _, c := range []*corev1.Container{agent, sidecar, &p.InitContainers[0]} {
 		fieldEnv(c, "POD_NAME", "metadata.name")
 		fieldEnv(c, "POD_NAMESPACE", "metadata.namespace")

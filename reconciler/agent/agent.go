@@ -40,7 +40,6 @@ import (
 	"time"
 	"unicode/utf8"
 
-	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/util/workqueue"
 
@@ -61,7 +60,8 @@ type Source interface {
 	HasSynced() bool
 	NodeCacheSynced() bool
 	Err() error
-	Node(name string) *corev1.Node
+	// Node is what the cache holds of the named Node (watch.CacheNode), or nil.
+	Node(name string) *watch.NodeInfo
 	Snapshot() watch.Snapshot
 }
 
@@ -614,8 +614,7 @@ func (a *Agent) previous() *watch.Report {
 	if n == nil {
 		return nil
 	}
-	ni := watch.ParseNode(n)
-	return ni.CurrentReport()
+	return n.CurrentReport()
 }
 
 // openLedger opens this node's SA key ledger on the first sync that sees its Node
@@ -769,7 +768,7 @@ func (a *Agent) publishError(ctx context.Context, err error) {
 	} else {
 		r.Mode = api.ModeOff
 		if n := a.d.Source.Node(a.cfg.NodeName); n != nil {
-			r.Incarnation, r.UID = n.Status.NodeInfo.BootID, string(n.UID)
+			r.Incarnation, r.UID = n.Incarnation, n.UID
 			a.mu.Lock()
 			r.Epoch = a.epoch
 			a.mu.Unlock()

@@ -260,6 +260,7 @@ func binaryMemoryAs(t *testing.T, bin string, c *kube.Cluster, nodes int, prefix
 	bench.Report(prefix+".first_sync", float64(synced.Milliseconds())/1000, "s")
 	bench.Report(prefix+".rss", med(rss), "MiB")
 	bench.Report(prefix+".rss_peak", st["VmHWM"]/1024, "MiB")
+	t.Logf("at the end: RSS %.0f MiB = anonymous %.0f + file %.0f (the binary's pages) + shmem %.0f", st["VmRSS"]/1024, st["RssAnon"]/1024, st["RssFile"]/1024, st["RssShmem"]/1024)
 	bench.Report(prefix+".heap_alloc", med(heapAlloc), "MiB")
 	bench.Report(prefix+".heap_alloc_min", slices.Min(heapAlloc), "MiB")
 	bench.Report(prefix+".heap_inuse", med(heapInuse), "MiB")

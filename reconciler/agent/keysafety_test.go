@@ -52,12 +52,13 @@ func (s *simSource) HasSynced() bool          { return true }
 func (s *simSource) NodeCacheSynced() bool    { return true }
 func (s *simSource) Err() error               { return nil }
 
-func (s *simSource) Node(name string) *corev1.Node {
+func (s *simSource) Node(name string) *watch.NodeInfo {
 	n, err := s.cs.CoreV1().Nodes().Get(context.Background(), name, metav1.GetOptions{})
 	if err != nil {
 		return nil
 	}
-	return n
+	ni := watch.ParseNode(n)
+	return &ni
 }
 
 func (s *simSource) Snapshot() watch.Snapshot {

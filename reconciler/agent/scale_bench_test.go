@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -400,6 +401,23 @@ func rssKiB(t *testing.T) float64 {
 	return 0
 }
 
+// writeHeapProfile writes this process's heap profile (pprof format) to path: with
+// SECUREOVERLAY_BENCH_HEAPPROFILE set, TestBenchAgentMemory writes one once the in-process
+// agent has synced (go tool pprof -sample_index=inuse_space path).
+func writeHeapProfile(t *testing.T, path string) {
+	t.Helper()
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	runtime.GC()
+	if err := pprof.WriteHeapProfile(f); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("heap profile: %s", path)
+}
+
 func heapMiB() (inuse, alloc float64) {
 	runtime.GC()
 	runtime.GC()
@@ -448,6 +466,11 @@ func TestBenchAgentMemory(t *testing.T) {
 	bench.Report("memory.nodes", float64(nodes), "count")
 	bench.Report("memory.blocks", float64(nodes*cluster.BlocksPerNode), "count")
 
+	// SECUREOVERLAY_BENCH_BASELINE_AGENT: another build of the agent (an earlier commit's),
+	// measured first on the same objects, for before/after figures from one run.
+	if base := os.Getenv("SECUREOVERLAY_BENCH_BASELINE_AGENT"); base != "" {
+		t.Run("baseline", func(t *testing.T) { binaryMemoryAs(t, base, c, nodes, "memory.baseline") })
+	}
 	t.Run("binary", func(t *testing.T) { binaryMemory(t, bin, c, nodes) })
 
 	runtime.GC()
@@ -469,6 +492,9 @@ func TestBenchAgentMemory(t *testing.T) {
 	synced := time.Since(t0)
 	time.Sleep(2 * time.Second)
 	inuse1, alloc1 := heapMiB()
+	if path := os.Getenv("SECUREOVERLAY_BENCH_HEAPPROFILE"); path != "" {
+		writeHeapProfile(t, path)
+	}
 	rss1 := rssKiB(t)
 	states, _ := fk.Snapshot()
 	stop()

@@ -20,7 +20,6 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
-	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -75,7 +74,7 @@ func (idleSource) Run(ctx context.Context)       { <-ctx.Done() }
 func (idleSource) HasSynced() bool               { return false }
 func (idleSource) NodeCacheSynced() bool         { return false }
 func (idleSource) Err() error                    { return nil }
-func (idleSource) Node(string) *corev1.Node      { return nil }
+func (idleSource) Node(string) *watch.NodeInfo   { return nil }
 func (idleSource) Snapshot() watch.Snapshot      { return watch.Snapshot{} }
 
 // espMissing says why this kernel cannot run ESP states and IPIP ("" if it can).

@@ -18,7 +18,7 @@ import (
 // pod names, timestamps); parsed it is its CIDR, affinity and the /32s used by other nodes.
 // At 5,000 nodes with several blocks each that is the difference that matters.
 type parsedObject struct {
-	metav1.ObjectMeta
+	objectName
 	// Value is a desired.Block, BlockAffinity, desired.Pool, bgpPeer or FelixConfig; Err
 	// is set instead when the object did not parse.
 	Value any
@@ -33,10 +33,24 @@ type bgpPeer struct {
 
 func (p *parsedObject) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
 
+// DeepCopyObject copies p; Value is shared (never modified).
 func (p *parsedObject) DeepCopyObject() runtime.Object {
 	c := *p
-	c.ObjectMeta = *p.ObjectMeta.DeepCopy()
 	return &c
+}
+
+// objectName is all the informer machinery reads of a cached object: its namespace and
+// name (the store's key) and its resourceVersion, through meta.Accessor. It stands in for
+// a metav1.ObjectMeta, which is ≈250 bytes even with only these fields set: with 20,000
+// IPAMBlocks and 5,000 Nodes cached, ≈5 MiB of empty fields.
+type objectName struct {
+	Namespace, Name, ResourceVersion string
+}
+
+// GetObjectMeta makes objectName a metav1.ObjectMetaAccessor, which meta.Accessor accepts;
+// the ObjectMeta is built on each call (key computations, a few per event).
+func (o *objectName) GetObjectMeta() metav1.Object {
+	return &metav1.ObjectMeta{Namespace: o.Namespace, Name: o.Name, ResourceVersion: o.ResourceVersion}
 }
 
 // calicoTransform parses the objects of resource kind as they enter the cache.
@@ -46,7 +60,7 @@ func calicoTransform(kind string) cache.TransformFunc {
 		if !ok {
 			return obj, nil // a DeletedFinalStateUnknown tombstone, or already parsed
 		}
-		p := &parsedObject{ObjectMeta: metav1.ObjectMeta{Name: u.GetName(), Namespace: u.GetNamespace(), ResourceVersion: u.GetResourceVersion()}}
+		p := &parsedObject{objectName: objectName{Namespace: u.GetNamespace(), Name: u.GetName(), ResourceVersion: u.GetResourceVersion()}}
 		switch kind {
 		case "ipamblocks":
 			p.Value, p.Err = ParseIPAMBlock(u)

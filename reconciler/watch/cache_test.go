@@ -6,9 +6,10 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
@@ -42,6 +43,13 @@ func TestCalicoCacheHoldsParsedObjects(t *testing.T) {
 	p, ok := out.(*parsedObject)
 	if !ok || p.Err != nil || p.Name != "10-0-1-0-26" || p.ResourceVersion != "12345" {
 		t.Fatalf("transform gave %#v", out)
+	}
+	// What the informer machinery reads of a cached object (meta.Accessor): key and version.
+	if key, err := cache.MetaNamespaceKeyFunc(p); err != nil || key != "10-0-1-0-26" {
+		t.Errorf("store key %q, %v", key, err)
+	}
+	if m, err := meta.Accessor(p.DeepCopyObject()); err != nil || m.GetResourceVersion() != "12345" || m.GetName() != "10-0-1-0-26" {
+		t.Errorf("meta.Accessor: %v, %v", m, err)
 	}
 	if b, ok := p.Value.(desired.Block); !ok || b.CIDR.String() != "10.0.1.0/26" || b.Affinity != "host:node-1" || len(b.Borrowed) != 0 {
 		t.Fatalf("parsed block %#v", p.Value)

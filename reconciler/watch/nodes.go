@@ -6,9 +6,10 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"maps"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -110,43 +111,72 @@ type NodeInfo struct {
 
 // ParseNode extracts NodeInfo from a Node.
 func ParseNode(n *corev1.Node) NodeInfo {
+	ni := nodeInfo(n)
+	ni.setReport(n.Annotations[api.ReportAnnotation])
+	return ni
+}
+
+// CacheNode is what the agent's Node cache keeps of n, for the agent on node self: its
+// NodeInfo with the report parsed once, and of a peer's report only the claims about
+// self (api.TrimReport: mode, incarnation, UID, epoch, generations and self's two tags,
+// every field the agent reads, RawReport trimmed alike); self's own report whole. A
+// peer's report lists every node of the cluster and every agent caches every Node:
+// cached whole, the reports cost each agent O(nodes²) memory. With self "" it is
+// ParseNode.
+func CacheNode(n *corev1.Node, self string) NodeInfo {
+	ni := nodeInfo(n)
+	raw := n.Annotations[api.ReportAnnotation]
+	if raw != "" && self != "" && n.Name != self {
+		raw = api.TrimReport(raw, self)
+	}
+	ni.setReport(raw)
+	return ni
+}
+
+// nodeInfo is ParseNode without the report.
+func nodeInfo(n *corev1.Node) NodeInfo {
 	ni := NodeInfo{
 		Name:        n.Name,
 		IPv4Address: n.Annotations[api.CalicoIPv4AddressAnnotation],
 		TunnelAddr:  n.Annotations[api.CalicoIPIPTunnelAnnotation],
 		Incarnation: n.Status.NodeInfo.BootID,
 		UID:         string(n.UID),
-		RawReport:   n.Annotations[api.ReportAnnotation],
 	}
 	for _, c := range n.Status.Conditions {
 		if c.Type == corev1.NodeReady {
 			ni.Ready = c.Status == corev1.ConditionTrue
 		}
 	}
-	if ni.RawReport != "" {
-		r, err := ParseReport(ni.RawReport)
-		if err != nil {
-			ni.ReportErr = err.Error()
-		} else {
-			ni.Report = r
-		}
-	}
 	return ni
 }
 
-// relevantChange reports whether a Node update changes anything the agent on node self
-// reads: kubelet status heartbeats, unrelated label edits, self's own report and the parts
-// of a peer's report that do not concern self (its lastSync heartbeat, its facts about
-// other peers) do not trigger a sync. This keeps a large cluster's report heartbeats from
-// fanning out into a sync on every node.
-func relevantChange(a, b *corev1.Node, self string) bool {
-	x, y := ParseNode(a), ParseNode(b)
+// setReport sets RawReport to raw and Report (or ReportErr) to its parsed form.
+func (ni *NodeInfo) setReport(raw string) {
+	ni.RawReport = raw
+	if raw == "" {
+		return
+	}
+	r, err := ParseReport(raw)
+	if err != nil {
+		ni.ReportErr = err.Error()
+	} else {
+		ni.Report = r
+	}
+}
+
+// relevantChange reports whether a Node update (from x to y, both as CacheNode made them
+// for self) changes anything the agent on node self reads: kubelet status heartbeats,
+// unrelated label edits, self's own report and the parts of a peer's report that do not
+// concern self (its lastSync heartbeat, its facts about other peers) do not trigger a
+// sync. This keeps a large cluster's report heartbeats from fanning out into a sync on
+// every node.
+func relevantChange(x, y NodeInfo, self string) bool {
 	if x.IPv4Address != y.IPv4Address || x.TunnelAddr != y.TunnelAddr ||
 		x.Incarnation != y.Incarnation || x.UID != y.UID || x.Ready != y.Ready {
 		return true
 	}
-	if b.Name == self || self == "" {
-		return b.Name != self && x.RawReport != y.RawReport
+	if y.Name == self || self == "" {
+		return y.Name != self && x.RawReport != y.RawReport
 	}
 	return reportView(x, self) != reportView(y, self)
 }
@@ -160,23 +190,44 @@ func reportView(n NodeInfo, self string) string {
 	return fmt.Sprintf("%s|%s|%s|%s|%v|%s|%s", r.Mode, r.Incarnation, r.UID, r.Epoch, r.Generations, r.InboundFrom[self], r.EncryptingTo[self])
 }
 
-// NodeTransform is the agent's Node informer transform. A peer's report lists every node
-// of the cluster, and every agent caches every Node: cached whole, the reports cost each
-// agent O(nodes²) memory and every sync parsed all of them. The cache keeps instead, of
-// each peer's report, only what concerns self (api.TrimReport), self's own report whole,
-// and none of what no agent reads (managed fields, the node's image list).
+// cachedNode is what the agent's Node informer caches instead of the Node: its name and
+// resourceVersion (all the informer machinery needs) and its NodeInfo (CacheNode). A Node
+// as the API serves it is a few KiB (labels, conditions with messages, capacity,
+// addresses, images, managed fields); its NodeInfo is six short strings and the trimmed
+// report, parsed once when the Node changes instead of on every sync.
+type cachedNode struct {
+	objectName
+	Info NodeInfo
+}
+
+func (c *cachedNode) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
+
+// DeepCopyObject copies c; Info's Report is shared (never modified).
+func (c *cachedNode) DeepCopyObject() runtime.Object {
+	d := *c
+	return &d
+}
+
+// NodeTransform is the agent's Node informer transform: it replaces each Node with a
+// cachedNode holding CacheNode(n, self).
 func NodeTransform(self string) cache.TransformFunc {
 	return func(obj any) (any, error) {
 		n, ok := obj.(*corev1.Node)
 		if !ok {
-			return obj, nil // a DeletedFinalStateUnknown tombstone
+			return obj, nil // a DeletedFinalStateUnknown tombstone, or already transformed
 		}
-		n.ManagedFields = nil
-		n.Status.Images = nil
-		if raw, ok := n.Annotations[api.ReportAnnotation]; ok && n.Name != self {
-			n.Annotations = maps.Clone(n.Annotations)
-			n.Annotations[api.ReportAnnotation] = api.TrimReport(raw, self)
-		}
-		return n, nil
+		return &cachedNode{objectName: objectName{Name: n.Name, ResourceVersion: n.ResourceVersion}, Info: CacheNode(n, self)}, nil
 	}
+}
+
+// cachedInfo is the NodeInfo of an object of the Node cache: a cachedNode's, or a whole
+// Node's (a cache without the transform: SetTransform failed) made by CacheNode.
+func cachedInfo(obj any, self string) (NodeInfo, bool) {
+	switch n := obj.(type) {
+	case *cachedNode:
+		return n.Info, true
+	case *corev1.Node:
+		return CacheNode(n, self), true
+	}
+	return NodeInfo{}, false
 }

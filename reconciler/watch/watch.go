@@ -4,7 +4,9 @@
 // Inputs:
 //   - Nodes: Calico's projectcalico.org/IPv4Address (CIDR or bare IP) and
 //     IPv4IPIPTunnelAddr annotations, status.nodeInfo.bootID (the incarnation), the Ready
-//     condition and the other agents' secureoverlay.io/report annotations.
+//     condition and the other agents' secureoverlay.io/report annotations. The cache holds
+//     each Node's NodeInfo (NodeTransform: CacheNode, a peer's report trimmed to what
+//     concerns this node and parsed once), not the Node.
 //   - The key Secret: a namespace-scoped informer with a field selector on its name, so
 //     RBAC can grant get/list/watch on that one Secret (resourceNames) and nothing else.
 //   - Calico IPAMBlock, BlockAffinity, IPPool, BGPPeer and FelixConfiguration through
@@ -136,14 +138,14 @@ func New(cfg Config) *Watcher {
 		}))
 	w.nodes = nf.Core().V1().Nodes().Informer()
 	if err := w.nodes.SetTransform(NodeTransform(cfg.Self)); err != nil {
-		cfg.Logger.Error("node cache transform not set: peers' reports are cached whole", "error", err)
+		cfg.Logger.Error("node cache transform not set: Nodes are cached whole", "error", err)
 	}
 	w.secrets = sf.Core().V1().Secrets().Informer()
 	_, _ = w.nodes.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(any) { w.notify("node") },
 		UpdateFunc: func(o, n any) {
-			a, ok1 := o.(*corev1.Node)
-			b, ok2 := n.(*corev1.Node)
+			a, ok1 := cachedInfo(o, cfg.Self)
+			b, ok2 := cachedInfo(n, cfg.Self)
 			if !ok1 || !ok2 || relevantChange(a, b, cfg.Self) {
 				w.notify("node")
 			}
@@ -398,22 +400,29 @@ func (w *Watcher) Err() error {
 // report on this node while the other inputs are missing).
 func (w *Watcher) NodeCacheSynced() bool { return w.nodes.HasSynced() }
 
-// Node returns the cached Node, or nil.
-func (w *Watcher) Node(name string) *corev1.Node {
+// Node returns what the cache holds of the named Node (CacheNode), or nil. Its Report is
+// shared with the cache: read it, never modify it.
+func (w *Watcher) Node(name string) *NodeInfo {
 	obj, ok, err := w.nodes.GetStore().GetByKey(name)
 	if err != nil || !ok {
 		return nil
 	}
-	n, _ := obj.(*corev1.Node)
-	return n
+	ni, ok := cachedInfo(obj, w.cfg.Self)
+	if !ok {
+		return nil
+	}
+	return &ni
 }
 
-// Snapshot reads every cache. Call it only after HasSynced.
+// Snapshot reads every cache. Call it only after HasSynced. The nodes' Reports are shared
+// with the cache (parsed once per Node change): read them, never modify them.
 func (w *Watcher) Snapshot() Snapshot {
 	var s Snapshot
-	for _, obj := range w.nodes.GetStore().List() {
-		if n, ok := obj.(*corev1.Node); ok {
-			s.Nodes = append(s.Nodes, ParseNode(n))
+	objs := w.nodes.GetStore().List()
+	s.Nodes = make([]NodeInfo, 0, len(objs))
+	for _, obj := range objs {
+		if ni, ok := cachedInfo(obj, w.cfg.Self); ok {
+			s.Nodes = append(s.Nodes, ni)
 		}
 	}
 	slices.SortFunc(s.Nodes, func(a, b NodeInfo) int { return strings.Compare(a.Name, b.Name) })

@@ -12,6 +12,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"maps"
 	"net/netip"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -344,7 +345,7 @@ func TestRelevantChange(t *testing.T) {
 	} {
 		n := base.DeepCopy()
 		tc.mut(n)
-		if got := relevantChange(base, n, tc.self); got != tc.want {
+		if got := relevantChange(CacheNode(base, tc.self), CacheNode(n, tc.self), tc.self); got != tc.want {
 			t.Errorf("%s: relevant = %v, want %v", tc.name, got, tc.want)
 		}
 	}
@@ -397,8 +398,15 @@ func TestNodeCacheTrimsPeerReports(t *testing.T) {
 	if err != nil || !exists {
 		t.Fatal(exists, err)
 	}
-	if n := obj.(*corev1.Node); n.ManagedFields != nil || n.Status.Images != nil || n.Status.NodeInfo.BootID != "boot-b" {
-		t.Errorf("cached node b: managedFields %v images %v bootID %q", n.ManagedFields, n.Status.Images, n.Status.NodeInfo.BootID)
+	// The cache holds the parsed form, not the Node (no managed fields, images, labels).
+	if n, ok := obj.(*cachedNode); !ok || n.Info.Incarnation != "boot-b" || n.Name != "b" || n.Namespace != "" {
+		t.Errorf("cached node b: %T %+v", obj, obj)
+	}
+	if got := w.Node("b"); got == nil || !reflect.DeepEqual(*got, *pb) {
+		t.Errorf("Node(b) = %+v, want %+v", got, pb)
+	}
+	if got := w.Node("nope"); got != nil {
+		t.Errorf("Node(nope) = %+v", got)
 	}
 	// The objects the client holds are not touched.
 	if orig, _ := cs.CoreV1().Nodes().Get(ctx, "b", metav1.GetOptions{}); len(orig.Annotations[api.ReportAnnotation]) < 10000 {
@@ -561,4 +569,59 @@ func TestWatcherSwitchesGroupWithoutGap(t *testing.T) {
 		t.Fatalf("after the switch: %+v switching %q blocks %v", s.Calico, s.CalicoSwitching, s.Blocks)
 	}
 	waitFor(t, "an event when the switch completed", func() bool { return ev.get("discovery") > before })
+}
+
+func TestCacheNode(t *testing.T) {
+	rep := `{"mode":"enforce","incarnation":"boot-b","uid":"u-b","epoch":"e","generations":[3],` +
+		`"inboundFrom":{"a":"0000aaaa","c":"0000cccc"},"encryptingTo":{"c":"0000cccc"},"future":1}`
+	trimmed := `{"epoch":"e","future":1,"generations":[3],"inboundFrom":{"a":"0000aaaa"},"incarnation":"boot-b","mode":"enforce","uid":"u-b"}`
+	b := node("b", "198.18.0.2/24", "boot-b", map[string]string{api.ReportAnnotation: rep, api.CalicoIPIPTunnelAnnotation: "10.0.0.1"})
+	b.UID = "u-b"
+	b.Labels = map[string]string{"x": "y"}
+	b.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubelet"}}
+	garbage := node("g", "198.18.0.3/24", "boot-g", map[string]string{api.ReportAnnotation: "{"})
+	notReady := node("n", "198.18.0.4", "", nil)
+	notReady.Status.Conditions[0].Status = corev1.ConditionUnknown
+	want := func(raw string, r *Report, rerr string) NodeInfo {
+		return NodeInfo{Name: "b", IPv4Address: "198.18.0.2/24", TunnelAddr: "10.0.0.1", Incarnation: "boot-b", UID: "u-b", Ready: true,
+			RawReport: raw, Report: r, ReportErr: rerr}
+	}
+	whole, _ := ParseReport(rep)
+	peer, _ := ParseReport(trimmed)
+	for _, tc := range []struct {
+		name string
+		n    *corev1.Node
+		self string
+		want NodeInfo
+	}{
+		{"peer: only the claims about self", b, "a", want(trimmed, peer, "")},
+		{"peer claiming nothing about self", b, "z", want(`{"epoch":"e","future":1,"generations":[3],"incarnation":"boot-b","mode":"enforce","uid":"u-b"}`,
+			&Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "u-b", Epoch: "e", Generations: []uint32{3}}}, "")},
+		{"own report whole", b, "b", want(rep, whole, "")},
+		{"no self: whole (ParseNode)", b, "", want(rep, whole, "")},
+		{"unparsable report", garbage, "a", NodeInfo{Name: "g", IPv4Address: "198.18.0.3/24", Incarnation: "boot-g", Ready: true, RawReport: "{",
+			ReportErr: "report annotation: unexpected end of JSON input"}},
+		{"no report, not ready", notReady, "a", NodeInfo{Name: "n", IPv4Address: "198.18.0.4"}},
+	} {
+		got := CacheNode(tc.n, tc.self)
+		if !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("%s:\n got %+v %+v\nwant %+v %+v", tc.name, got, got.Report, tc.want, tc.want.Report)
+		}
+		// The informer's object and a Node cached whole (no transform) read the same.
+		obj, err := NodeTransform(tc.self)(tc.n.DeepCopy())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, o := range []any{obj, tc.n} {
+			if ni, ok := cachedInfo(o, tc.self); !ok || !reflect.DeepEqual(ni, tc.want) {
+				t.Errorf("%s: cachedInfo(%T) = %+v, %v", tc.name, o, ni, ok)
+			}
+		}
+	}
+	if rep != b.Annotations[api.ReportAnnotation] || len(b.ManagedFields) != 1 {
+		t.Error("CacheNode changed its argument")
+	}
+	if _, ok := cachedInfo(cache.DeletedFinalStateUnknown{Key: "b"}, "a"); ok {
+		t.Error("cachedInfo of a tombstone")
+	}
 }

@@ -109,59 +109,42 @@ type NodeInfo struct {
 	ReportErr string
 }
 
-// ParseNode extracts NodeInfo from a Node.
-func ParseNode(n *corev1.Node) NodeInfo {
-	ni := nodeInfo(n)
-	ni.setReport(n.Annotations[api.ReportAnnotation])
-	return ni
-}
+// ParseNode extracts NodeInfo from a Node, its report whole (CacheNode with no self).
+func ParseNode(n *corev1.Node) NodeInfo { return CacheNode(n, "") }
 
 // CacheNode is what the agent's Node cache keeps of n, for the agent on node self: its
 // NodeInfo with the report parsed once, and of a peer's report only the claims about
 // self (api.TrimReport: mode, incarnation, UID, epoch, generations and self's two tags,
 // every field the agent reads, RawReport trimmed alike); self's own report whole. A
 // peer's report lists every node of the cluster and every agent caches every Node:
-// cached whole, the reports cost each agent O(nodes²) memory. With self "" it is
-// ParseNode.
+// cached whole, the reports cost each agent O(nodes²) memory. With self "" every report
+// is kept whole.
 func CacheNode(n *corev1.Node, self string) NodeInfo {
-	ni := nodeInfo(n)
-	raw := n.Annotations[api.ReportAnnotation]
-	if raw != "" && self != "" && n.Name != self {
-		raw = api.TrimReport(raw, self)
-	}
-	ni.setReport(raw)
-	return ni
-}
-
-// nodeInfo is ParseNode without the report.
-func nodeInfo(n *corev1.Node) NodeInfo {
 	ni := NodeInfo{
 		Name:        n.Name,
 		IPv4Address: n.Annotations[api.CalicoIPv4AddressAnnotation],
 		TunnelAddr:  n.Annotations[api.CalicoIPIPTunnelAnnotation],
 		Incarnation: n.Status.NodeInfo.BootID,
 		UID:         string(n.UID),
+		RawReport:   n.Annotations[api.ReportAnnotation],
 	}
 	for _, c := range n.Status.Conditions {
 		if c.Type == corev1.NodeReady {
 			ni.Ready = c.Status == corev1.ConditionTrue
 		}
 	}
-	return ni
-}
-
-// setReport sets RawReport to raw and Report (or ReportErr) to its parsed form.
-func (ni *NodeInfo) setReport(raw string) {
-	ni.RawReport = raw
-	if raw == "" {
-		return
+	if ni.RawReport == "" {
+		return ni
 	}
-	r, err := ParseReport(raw)
-	if err != nil {
+	if self != "" && n.Name != self {
+		ni.RawReport = api.TrimReport(ni.RawReport, self)
+	}
+	if r, err := ParseReport(ni.RawReport); err != nil {
 		ni.ReportErr = err.Error()
 	} else {
 		ni.Report = r
 	}
+	return ni
 }
 
 // relevantChange reports whether a Node update (from x to y, both as CacheNode made them

@@ -16,6 +16,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
 
@@ -92,10 +93,27 @@ func (c *clients) read(ctx context.Context, ns string, now time.Time) (*view, er
 	if err != nil {
 		return nil, c.apiError("list nodes", err)
 	}
+	// The agents' reports (NodeReports; a cluster installed before them, or an agent of
+	// 0.1 during a rolling update, has them as Node annotations only).
+	reports := map[string]string{}
+	list, err := c.dyn.Resource(nodereport.GVR).Namespace(ns).List(ctx, metav1.ListOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		return nil, c.apiError(fmt.Sprintf("list %s in %s", nodereport.Resource, ns), err)
+	default:
+		for i := range list.Items {
+			reports[list.Items[i].GetName()] = nodereport.Raw(&list.Items[i])
+		}
+	}
 	for i := range nodes.Items {
 		n := &nodes.Items[i]
 		v.raw[n.Name] = n
-		v.nodes = append(v.nodes, watch.ParseNode(n))
+		ni := watch.ParseNode(n)
+		if raw, ok := reports[n.Name]; ok {
+			ni = watch.WithReportObject(ni, raw)
+		}
+		v.nodes = append(v.nodes, ni)
 	}
 	sort.Slice(v.nodes, func(i, j int) bool { return v.nodes[i].Name < v.nodes[j].Name })
 	return v, nil

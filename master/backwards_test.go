@@ -34,8 +34,7 @@ func TestRestoredSecretRefused(t *testing.T) {
 	e.ringIs(api.ModeEnforce, wait, "2:active")
 	e.eventually("agents report generation 2 only", wait, func() (bool, string) {
 		for _, n := range []string{"n1", "n2", "n3"} {
-			node, err := e.cs.CoreV1().Nodes().Get(e.ctx, n, metav1.GetOptions{})
-			if err != nil || !strings.Contains(node.Annotations[api.ReportAnnotation], `"generations":[2]`) {
+			if !strings.Contains(e.report(n), `"generations":[2]`) {
 				return false, n
 			}
 		}

@@ -22,12 +22,14 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
 // envKeyDump names a file the tests append every key they saw to (hex, one per line);
@@ -146,6 +148,7 @@ func installMasterRBAC(t *testing.T, cs kubernetes.Interface, ns string) {
 		{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{name}, Verbs: []string{"get", "update"}},
+		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource}, Verbs: []string{"list", "watch"}},
 	}}
 	subj := []rbacv1.Subject{{Kind: "ServiceAccount", Name: name, Namespace: ns}}
 	must := func(err error) {
@@ -196,7 +199,7 @@ func (e *env) startMaster(id string, policy keys.Config) *replica {
 		// Like a Deployment's pod, a replica that lost its lease (the machine is shared
 		// and may stall renewals) starts again; only the test stops it.
 		for {
-			err := Run(ctx, cs, Options{Identity: id, LeaseDuration: 4 * time.Second, RenewDeadline: 3 * time.Second,
+			err := Run(ctx, cs, Options{Identity: id, Dynamic: dynamic.NewForConfigOrDie(e.masterConfig()), LeaseDuration: 4 * time.Second, RenewDeadline: 3 * time.Second,
 				RetryPeriod: 200 * time.Millisecond, Resync: 300 * time.Millisecond, Policy: policy,
 				Logger: e.log.With("replica", id), Metrics: r.metrics})
 			if ctx.Err() != nil {
@@ -221,10 +224,12 @@ func (r *replica) stop() {
 	r.done <- nil // later stops return at once
 }
 
-// agent simulates a node's agent: it follows the ring in the Secret and reports it on
-// its Node after a random "install" delay.
+// agent simulates a node's agent: it follows the ring in the Secret and reports it after
+// a random "install" delay: in its NodeReport (object), else on its Node as agents of 0.1
+// did. Clusters mix both, as during a rolling update.
 type agent struct {
 	name, boot string
+	object     bool
 	paused     atomic.Bool
 	seqFrac    atomic.Value  // float64: the highest sequence fraction ...
 	seqGen     atomic.Uint32 // ... measured on an SA of this generation
@@ -236,7 +241,7 @@ func (e *env) addNode(name string, i int) *agent {
 	boot := fmt.Sprintf("boot-%s-%d", name, rand.IntN(1e6))
 	kube.CreateNode(e.t, e.cluster.AdminConfig(), kube.Node{Name: name, IPv4: fmt.Sprintf("198.18.0.%d", i), BootID: boot})
 	ctx, cancel := context.WithCancel(e.ctx)
-	a := &agent{name: name, boot: boot, cancel: cancel, done: make(chan struct{})}
+	a := &agent{name: name, boot: boot, object: i%2 == 0, cancel: cancel, done: make(chan struct{})}
 	a.seqFrac.Store(0.0)
 	go e.runAgent(ctx, a)
 	e.t.Cleanup(a.stop)
@@ -291,11 +296,29 @@ func (e *env) runAgent(ctx context.Context, a *agent) {
 		if a.paused.Load() {
 			continue
 		}
+		if a.object {
+			if err := nodereport.Write(ctx, e.dyn(), api.Namespace, a.name, "", string(rep.Mode), b); err == nil {
+				last = string(b)
+			}
+			continue
+		}
 		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{api.ReportAnnotation: string(b)}}})
 		if _, err := e.cs.CoreV1().Nodes().Patch(ctx, a.name, types.MergePatchType, patch, metav1.PatchOptions{}); err == nil {
 			last = string(b)
 		}
 	}
+}
+
+// dyn is an admin dynamic client.
+func (e *env) dyn() dynamic.Interface { return dynamic.NewForConfigOrDie(e.cluster.AdminConfig()) }
+
+// report is node's report as the master reads it (nodereport.Read).
+func (e *env) report(node string) string {
+	raw, err := nodereport.Read(e.ctx, e.cs, e.dyn(), api.Namespace, node)
+	if err != nil {
+		e.t.Error(err)
+	}
+	return raw
 }
 
 func (e *env) setConfig(data map[string]string, annotations map[string]string) {

@@ -44,6 +44,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
@@ -57,6 +58,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
 // Options configure a master replica.
@@ -80,6 +82,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Metrics (default: unregistered metrics).
 	Metrics *Metrics
+	// Dynamic reads the agents' NodeReports (package nodereport). Nil: the master reads
+	// only report annotations, as 0.1 did.
+	Dynamic dynamic.Interface
 	// Rand is the entropy source of root keys (default crypto/rand.Reader).
 	Rand io.Reader
 	// Now is the clock (default time.Now).
@@ -205,6 +210,8 @@ type Controller struct {
 	nodes   listerscorev1.NodeLister
 	configs listerscorev1.ConfigMapLister
 	queue   workqueue.TypedRateLimitingInterface[string]
+	// reports are the agents' NodeReports (nil without Options.Dynamic).
+	reports *nodereport.Cache[string]
 
 	lastGood   *keys.Ring
 	lastStatus string
@@ -254,7 +261,16 @@ func (c *Controller) Run(ctx context.Context) error {
 		return fmt.Errorf("watch nodes: %w", err)
 	}
 	if _, err := nodeInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc: enqueue, DeleteFunc: enqueue,
+		AddFunc: enqueue,
+		DeleteFunc: func(obj any) {
+			if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = t.Obj
+			}
+			if n, ok := obj.(*corev1.Node); ok && c.reports != nil {
+				c.reports.Forget(n.Name)
+			}
+			c.queue.Add(queueKey)
+		},
 		UpdateFunc: func(o, n any) {
 			if nodeChanged(o, n) {
 				c.queue.Add(queueKey)
@@ -281,6 +297,25 @@ func (c *Controller) Run(ctx context.Context) error {
 		return fmt.Errorf("watch configmap %s/%s: %w", c.opts.Namespace, api.ConfigMapName, err)
 	}
 	c.nodes, c.configs = nodeInf.Lister(), configInf.Lister()
+	synced := []cache.InformerSynced{nodeInf.Informer().HasSynced, secretInf.Informer().HasSynced, configInf.Informer().HasSynced}
+	if c.opts.Dynamic != nil {
+		// The agents' NodeReports, each trimmed like a report annotation (trimNode).
+		c.reports = nodereport.NewCache(nodereport.CacheConfig[string]{
+			Dynamic: c.opts.Dynamic, Namespace: c.opts.Namespace,
+			Convert: func(_, raw string) string { return api.TrimReport(raw, "") },
+			NodeExists: func(name string) bool {
+				_, ok, err := nodeInf.Informer().GetStore().GetByKey(name)
+				return err == nil && ok
+			},
+			OnChange: func(_ string, before, after *nodereport.Entry[string]) {
+				if before == nil || after == nil || before.Value != after.Value {
+					c.queue.Add(queueKey)
+				}
+			},
+		})
+		c.reports.Start(ctx.Done())
+		synced = append(synced, c.reports.HasSynced)
+	}
 
 	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
 	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: c.client.CoreV1().Events(c.opts.Namespace)})
@@ -291,7 +326,7 @@ func (c *Controller) Run(ctx context.Context) error {
 		f.Start(ctx.Done())
 		defer f.Shutdown()
 	}
-	if !cache.WaitForCacheSync(ctx.Done(), nodeInf.Informer().HasSynced, secretInf.Informer().HasSynced, configInf.Informer().HasSynced) {
+	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
 		return nil // ctx done before the caches synced
 	}
 	c.log.Info("caches synced, reconciling")
@@ -358,6 +393,20 @@ func trimNode(obj any) (any, error) {
 	return n, nil
 }
 
+// nodeState is n's state with its report: its NodeReport's, unless the annotation was
+// written later (nodereport.Pick), else the annotation's (an agent of 0.1).
+func (c *Controller) nodeState(n *corev1.Node) keys.NodeState {
+	if c.reports != nil {
+		if e, ok := c.reports.Get(n.Name); ok {
+			ann, _ := n.Annotations[api.ReportAnnotation]
+			if raw, obj := nodereport.Pick(ann, e.Value); obj {
+				return nodeState(n, raw, true, nodereport.Kind+" "+c.opts.Namespace+"/"+n.Name)
+			}
+		}
+	}
+	return NodeState(n)
+}
+
 // nodeChanged reports whether an update touches anything the master reads.
 func nodeChanged(o, n any) bool {
 	on, ok1 := o.(*corev1.Node)
@@ -383,17 +432,25 @@ func readyCondition(n *corev1.Node) (bool, time.Time) {
 	return false, n.CreationTimestamp.Time
 }
 
-// NodeState converts a Node into the state machine's view of it.
+// NodeState converts a Node into the state machine's view of it, with the report of its
+// annotation.
 func NodeState(n *corev1.Node) keys.NodeState {
+	raw, ok := n.Annotations[api.ReportAnnotation]
+	return nodeState(n, raw, ok, "annotation "+api.ReportAnnotation)
+}
+
+// nodeState converts a Node with its report raw (has: there is one; where says where it
+// was read from) into the state machine's view of it.
+func nodeState(n *corev1.Node, raw string, has bool, where string) keys.NodeState {
 	ready, since := readyCondition(n)
 	s := keys.NodeState{Name: n.Name, Ready: ready, BootID: n.Status.NodeInfo.BootID}
 	if !ready {
 		s.NotReadySince = since
 	}
-	if raw, ok := n.Annotations[api.ReportAnnotation]; ok {
+	if has {
 		var rep api.NodeReport
 		if err := json.Unmarshal([]byte(raw), &rep); err != nil {
-			s.ReportError = "annotation " + api.ReportAnnotation + " is not a JSON NodeReport"
+			s.ReportError = where + " is not a JSON NodeReport"
 		} else if !rep.Mode.Valid() {
 			s.ReportError = fmt.Sprintf("report mode (%d bytes) is not one of off, accept, encrypt, enforce", len(rep.Mode))
 		} else {
@@ -453,7 +510,7 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 	}
 	var nodes []keys.NodeState
 	for _, n := range nodeList {
-		nodes = append(nodes, NodeState(n))
+		nodes = append(nodes, c.nodeState(n))
 	}
 	hist := c.knownHistory(ctx, nodes)
 

@@ -67,7 +67,7 @@ type options struct {
 func flags(fs *flag.FlagSet, o *options) {
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file (default: $KUBECONFIG, else in-cluster config)")
 	fs.StringVar(&o.nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)")
-	fs.StringVar(&o.namespace, "namespace", api.Namespace, "namespace of the key Secret")
+	fs.StringVar(&o.namespace, "namespace", api.Namespace, "namespace of the key Secret and of the NodeReports")
 	fs.StringVar(&o.secretName, "secret-name", api.SecretName, "name of the key Secret")
 	fs.StringVar(&o.metricsAddr, "metrics-addr", ":9467", "listen address for /metrics, /healthz and /readyz (empty disables)")
 	fs.DurationVar(&o.resync, "resync-interval", time.Minute, "full resync period (up to 20% jitter is added); repairs drift")
@@ -227,8 +227,8 @@ func run(cleanup bool, args []string) error {
 		Self: o.nodeName, Logger: log, APIGroup: calicoGroup, Recheck: o.calicoRecheck})
 	ag, err := agent.New(agent.Config{NodeName: o.nodeName, Dataplane: dp, ResyncInterval: o.resync,
 		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU, LedgerDir: o.ledgerDir,
-		StateFile: o.stateFile, ReadyFile: readyFile(&o)},
-		agent.Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(xk, dp), Rules: rules.NewApplier(ipt),
+		StateFile: o.stateFile, ReadyFile: readyFile(&o), Namespace: o.namespace},
+		agent.Deps{Client: client, Dynamic: dc, Source: src, Xfrm: xfrm.NewApplier(xk, dp), Rules: rules.NewApplier(ipt),
 			DetectMTU: detect, Logger: log})
 	if err != nil {
 		return err

@@ -37,6 +37,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/gate"
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
@@ -196,11 +197,11 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	})
 
 	report := func() *watch.Report {
-		n, err := admin.CoreV1().Nodes().Get(ctx, "a", metav1.GetOptions{})
+		raw, err := nodereport.Read(ctx, admin, dynamic.NewForConfigOrDie(c.AdminConfig()), api.Namespace, "a")
 		if err != nil {
 			t.Fatal(err)
 		}
-		if raw := n.Annotations[api.ReportAnnotation]; raw != "" {
+		if raw != "" {
 			r, err := watch.ParseReport(raw)
 			if err != nil {
 				t.Fatal(err)

@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -96,6 +97,10 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)
 	}
+	dc, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("kubernetes dynamic client: %w", err)
+	}
 
 	metrics := master.NewMetrics()
 	reg := prometheus.NewRegistry()
@@ -125,5 +130,5 @@ func run() error {
 	log.Info("starting", "namespace", *namespace, "lease", *leaseName, "id", *id, "rotateInterval", *interval,
 		"grace", *grace, "drain", *drain, "nodeTimeout", *nodeTimeout, "ackTimeout", *ackTimeout, "seqThreshold", *seq, "seqMinInterval", *seqMin, "cipher", *cipher, "icvBytes", *icv)
 	return master.Run(ctx, client, master.Options{Namespace: *namespace, Identity: *id, LeaseName: *leaseName,
-		Resync: *resync, NodeSelector: *nodeSel, Policy: policy, Logger: log, Metrics: metrics})
+		Resync: *resync, NodeSelector: *nodeSel, Policy: policy, Logger: log, Metrics: metrics, Dynamic: dc})
 }

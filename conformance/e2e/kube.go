@@ -31,6 +31,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
 // BGPPeerIP is the address of the BGP peer outside the cluster (a ToR); it is
@@ -294,24 +295,24 @@ func (l *Lab) Status(ctx context.Context) (api.MasterStatus, error) {
 }
 
 // Reports returns every registered node's report, by node name (a node
-// without a report maps to nil).
+// without a report maps to nil): its NodeReport's, or its annotation's, as the
+// master reads them (nodereport.ReadAll).
 func (l *Lab) Reports(ctx context.Context) (map[string]*api.NodeReport, error) {
-	nodes, err := l.Client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	raws, err := nodereport.ReadAll(ctx, l.Client, l.Dynamic, api.Namespace)
 	if err != nil {
 		return nil, err
 	}
 	out := map[string]*api.NodeReport{}
-	for _, n := range nodes.Items {
-		out[n.Name] = nil
-		s := n.Annotations[api.ReportAnnotation]
+	for name, s := range raws {
+		out[name] = nil
 		if s == "" {
 			continue
 		}
 		var r api.NodeReport
 		if err := json.Unmarshal([]byte(s), &r); err != nil {
-			return nil, fmt.Errorf("node %s: report: %w", n.Name, err)
+			return nil, fmt.Errorf("node %s: report: %w", name, err)
 		}
-		out[n.Name] = &r
+		out[name] = &r
 	}
 	return out, nil
 }

@@ -25,6 +25,8 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/yaml"
+
+	"github.com/secureoverlay/secureoverlay/manifests"
 )
 
 // Calico's real CRDs. Tests meet Calico through its own CustomResourceDefinitions (Calico
@@ -233,6 +235,12 @@ func readCRDFile(path string) ([]*unstructured.Unstructured, error) {
 	}
 	crdCache.files[path] = docs
 	return docs, nil
+}
+
+// OurCRDs returns the CustomResourceDefinitions of manifests/secureoverlay.yaml (the
+// NodeReport CRD).
+func OurCRDs() ([]*unstructured.Unstructured, error) {
+	return parseCRDs(manifests.Bundle, "manifests/secureoverlay.yaml")
 }
 
 // parseCRDs returns the CustomResourceDefinitions of a multi-document YAML stream.

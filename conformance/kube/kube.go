@@ -256,6 +256,15 @@ func (c *Cluster) start(ctx context.Context) error {
 	if err := c.ensureNamespaces(ctx, c.opts.namespaces...); err != nil {
 		return err
 	}
+	// As `kubectl apply -f manifests/secureoverlay.yaml` does before any agent starts:
+	// agents and masters read (and agents write) NodeReports.
+	crds, err := OurCRDs()
+	if err != nil {
+		return err
+	}
+	if err := InstallCRDs(ctx, c.admin, crds...); err != nil {
+		return fmt.Errorf("install our CRDs: %w", err)
+	}
 	if c.opts.controllers {
 		return c.startControllers(ctx)
 	}

@@ -15,11 +15,13 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
 // realAgent runs the real secureoverlay-agent binary with an agent token bound to a
@@ -84,12 +86,13 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 		}
 		return log.String()
 	}
-	report := func(node string) string {
-		n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+	dc := dynamic.NewForConfigOrDie(c.AdminConfig())
+	report := func(node string) string { // its NodeReport's, or its annotation's
+		raw, err := nodereport.Read(ctx, cs, dc, api.Namespace, node)
 		if err != nil {
 			t.Fatal(err)
 		}
-		return n.Annotations[api.ReportAnnotation]
+		return raw
 	}
 	// The policy subtest left a report on node-a; remove it (as admin) first.
 	if _, err := cs.CoreV1().Nodes().Patch(ctx, "node-a", "application/merge-patch+json",
@@ -115,7 +118,13 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 		readyz = getInNS("/readyz")
 		return strings.Contains(readyz, "ValidatingAdmissionPolicy")
 	})
-	if !strings.Contains(readyz, "may only change its own Node") {
+	// Its own NodeReport is there, owned by its Node (the garbage collector's link).
+	if u, err := dc.Resource(nodereport.GVR).Namespace(api.Namespace).Get(ctx, "node-a", metav1.GetOptions{}); err != nil {
+		t.Errorf("node-a's NodeReport: %v", err)
+	} else if refs := u.GetOwnerReferences(); len(refs) != 1 || refs[0].Kind != "Node" || refs[0].Name != "node-a" || refs[0].UID == "" {
+		t.Errorf("node-a's NodeReport owners: %+v", refs)
+	}
+	if !strings.Contains(readyz, "may only write the report of its own Node") {
 		t.Errorf("running as node-b with node-a's token: /readyz does not show the policy's refusal: %q", readyz)
 	} else {
 		t.Logf("agent as node-b, /readyz: %s", strings.TrimSpace(readyz))

@@ -28,6 +28,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -40,12 +41,14 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/budget"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
@@ -104,11 +107,16 @@ type Config struct {
 	// and, once per boot, that this boot's data plane is programmed in ReadyFile (tmpfs).
 	// Empty StateFile: no gate (the plugin then finds no state and never holds a pod).
 	StateFile, ReadyFile string
+	// Namespace holds this node's NodeReport (default api.Namespace).
+	Namespace string
 }
 
 // Deps are the agent's collaborators.
 type Deps struct {
-	Client  kubernetes.Interface // patches this node's report
+	Client kubernetes.Interface // patches this node's report annotation (see Dynamic)
+	// Dynamic writes this node's NodeReport (package nodereport). Nil: the agent writes
+	// only the report annotation, as 0.1 did (unit tests with a fake clientset).
+	Dynamic dynamic.Interface
 	Source  Source
 	Xfrm    Xfrm
 	Rules   Rules
@@ -181,12 +189,21 @@ type Agent struct {
 	// first), gateReady whether this process wrote the ready file (sync worker only).
 	gateMode  string
 	gateReady bool
+	// legacyPeers counts the live peers whose agent reads reports only as the Node
+	// annotation (watch.NodeInfo.Legacy), as of the last synced snapshot; -1 unknown
+	// (before the caches synced). annotated: our Node's annotation holds the report last
+	// published (sync worker only).
+	legacyPeers int
+	annotated   bool
 }
 
 // New wires an agent; it starts nothing.
 func New(cfg Config, d Deps) (*Agent, error) {
 	if cfg.NodeName == "" {
 		return nil, errors.New("agent: no node name")
+	}
+	if cfg.Namespace == "" {
+		cfg.Namespace = api.Namespace
 	}
 	if d.Client == nil || d.Source == nil || d.Xfrm == nil || d.Rules == nil {
 		return nil, errors.New("agent: client, source, xfrm and rules appliers are required")
@@ -228,7 +245,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	if cfg.ExternalMTU == 0 && d.DetectMTU == nil {
 		return nil, errors.New("agent: neither an external MTU nor a detector")
 	}
-	a := &Agent{cfg: cfg, d: d, log: d.Logger.With("node", cfg.NodeName),
+	a := &Agent{cfg: cfg, d: d, legacyPeers: -1, log: d.Logger.With("node", cfg.NodeName),
 		q: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](cfg.RetryMin, cfg.RetryMax),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "secureoverlay-agent"})}
@@ -327,6 +344,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	}()
 	src := a.d.Source
 	if !src.HasSynced() {
+		a.legacyPeers = -1
 		a.setStatus(false, errNotSynced)
 		if cerr := src.Err(); cerr != nil && src.NodeCacheSynced() {
 			// Publish why we cannot sync; the kernel is left alone.
@@ -471,6 +489,12 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 		rep.Error = reportError(errors.New(conflicts))
 	}
 	a.observe(st, rep, seq)
+	a.legacyPeers = 0
+	for i := range snap.Nodes {
+		if n := &snap.Nodes[i]; n.Name != a.cfg.NodeName && n.Legacy() {
+			a.legacyPeers++
+		}
+	}
 	// Reports are written only after a sync that read the kernel back: a partial sync
 	// trusts the appliers' caches, which another tool may have made stale (flushed
 	// policies). So a partial sync that would publish hands over to a full one at once.
@@ -780,26 +804,74 @@ func (a *Agent) publishError(ctx context.Context, err error) {
 	}
 }
 
-// publish patches the report if its claims changed or the heartbeat is due.
+// publish writes the report if its claims changed or the heartbeat is due: to this
+// node's NodeReport, and to its Node's annotation too while a peer reads only that
+// (an agent of 0.1 during a rolling update) or while that is unknown; once no peer does,
+// it removes the annotation from its Node (docs/keys.md §4, "Reports").
 func (a *Agent) publish(ctx context.Context, r watch.Report) error {
 	reason, write := a.publishDue(r)
-	if !write {
+	objects := a.d.Dynamic != nil
+	annotate := !objects || a.legacyPeers != 0
+	if annotate && !a.annotated && !write && a.previous() != nil {
+		// A peer that reads only annotations appeared: our unchanged claims go there too.
+		reason, write, r = "legacy-peer", true, *a.previous()
+	}
+	self := a.d.Source.Node(a.cfg.NodeName)
+	unannotate := !annotate && self != nil && self.AnnotationReport
+	if !write && !unannotate {
 		return nil
 	}
-	if prev := a.previous(); r.LastSync.IsZero() && prev != nil {
-		r.LastSync = prev.LastSync
+	if write {
+		if prev := a.previous(); r.LastSync.IsZero() && prev != nil {
+			r.LastSync = prev.LastSync
+		}
+		if err := a.writeReport(ctx, r, self, annotate); err != nil {
+			a.d.Metrics.ReportWrites.WithLabelValues(reason, "error").Inc()
+			// The kernel holds the new state; peers and the master see the old claims
+			// until a retry lands (the sync is retried with backoff).
+			a.log.Warn("cannot write this node's report", "reason", reason, "error", err)
+			return err
+		}
+		a.d.Metrics.ReportWrites.WithLabelValues(reason, "ok").Inc()
+		a.mu.Lock()
+		a.published, a.pubAt = &r, a.d.Now()
+		a.mu.Unlock()
+	}
+	if unannotate {
+		if err := removeReportAnnotation(ctx, a.d.Client, a.cfg.NodeName); err != nil {
+			a.log.Warn("cannot remove the report annotation from this node", "error", err)
+			return err
+		}
+		a.annotated = false
+		a.log.Info("report annotation removed from this node: every peer reads NodeReports")
+	}
+	return nil
+}
+
+// writeReport writes r to this node's NodeReport (when the agent has a dynamic client)
+// and, when annotate, to its Node's annotation.
+func (a *Agent) writeReport(ctx context.Context, r watch.Report, self *watch.NodeInfo, annotate bool) error {
+	if a.d.Dynamic != nil {
+		raw, err := json.Marshal(r)
+		if err != nil {
+			return fmt.Errorf("encode report of node %q: %w", a.cfg.NodeName, err)
+		}
+		uid := ""
+		if self != nil {
+			uid = self.UID
+		}
+		if err := nodereport.Write(ctx, a.d.Dynamic, a.cfg.Namespace, a.cfg.NodeName, uid, string(r.Mode), raw); err != nil {
+			return err
+		}
+	}
+	a.annotated = false
+	if !annotate {
+		return nil
 	}
 	if err := patchReport(ctx, a.d.Client, a.cfg.NodeName, r); err != nil {
-		a.d.Metrics.ReportWrites.WithLabelValues(reason, "error").Inc()
-		// The kernel holds the new state; peers and the master see the old claims until
-		// a retry lands (the sync is retried with backoff).
-		a.log.Warn("cannot write this node's report", "reason", reason, "error", err)
 		return err
 	}
-	a.d.Metrics.ReportWrites.WithLabelValues(reason, "ok").Inc()
-	a.mu.Lock()
-	a.published, a.pubAt = &r, a.d.Now()
-	a.mu.Unlock()
+	a.annotated = true
 	return nil
 }
 

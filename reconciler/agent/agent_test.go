@@ -37,6 +37,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
@@ -128,7 +129,7 @@ func newEnv(t *testing.T, mode api.Mode, cfg Config) *env {
 		APIResources: []metav1.APIResource{{Name: "ipamblocks"}, {Name: "ippools"}}}}
 	gv := schema.GroupVersion{Group: "crd.projectcalico.org", Version: "v1"}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"})
+		nodereport.GVR: nodereport.ListKind, gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"})
 	e.src = &gated{Watcher: watch.New(watch.Config{Self: "a", Client: e.cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})}
 	e.src.open.Store(true)
 	e.xk = xfrm.NewFake()

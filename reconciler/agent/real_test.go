@@ -24,6 +24,7 @@ import (
 	"github.com/vishvananda/netlink"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
@@ -34,6 +35,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
@@ -159,7 +161,9 @@ type reportChecker struct {
 	self       netip.Addr
 	ips        map[string]netip.Addr
 	mu         sync.Mutex
-	checked    int
+	checked    int // report writes checked
+	objects    int // of them to the NodeReport
+	removals   int // patches removing the annotation
 	violations []string
 }
 
@@ -170,13 +174,16 @@ type checkingRT struct {
 }
 
 func (w checkingRT) RoundTrip(req *http.Request) (*http.Response, error) {
-	if req.Method == http.MethodPatch && strings.HasSuffix(req.URL.Path, "/nodes/a") && req.Body != nil {
+	annotation := req.Method == http.MethodPatch && strings.HasSuffix(req.URL.Path, "/nodes/a")
+	object := (req.Method == http.MethodPatch && strings.HasSuffix(req.URL.Path, "/nodereports/a")) ||
+		(req.Method == http.MethodPost && strings.HasSuffix(req.URL.Path, "/nodereports"))
+	if (annotation || object) && req.Body != nil {
 		body, err := io.ReadAll(req.Body)
 		if err != nil {
 			return nil, err
 		}
 		req.Body = io.NopCloser(bytes.NewReader(body))
-		w.c.check(body)
+		w.c.check(body, object)
 	}
 	return w.rt.RoundTrip(req)
 }
@@ -184,20 +191,34 @@ func (w checkingRT) RoundTrip(req *http.Request) (*http.Response, error) {
 // WrappedRoundTripper lets client-go reach the inner transport (request cancellation).
 func (w checkingRT) WrappedRoundTripper() http.RoundTripper { return w.rt }
 
-func (c *reportChecker) check(body []byte) {
+// check checks a report write's body: a patch of the Node's annotation, or (object) a
+// NodeReport. A patch that removes the annotation claims nothing.
+func (c *reportChecker) check(body []byte, object bool) {
 	var p struct {
 		Metadata struct {
-			Annotations map[string]string `json:"annotations"`
+			Annotations map[string]*string `json:"annotations"`
 		} `json:"metadata"`
+		Report string `json:"report"`
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.checked++
 	if err := json.Unmarshal(body, &p); err != nil {
-		c.violations = append(c.violations, "undecodable patch")
+		c.violations = append(c.violations, "undecodable report write")
 		return
 	}
-	r, err := watch.ParseReport(p.Metadata.Annotations[api.ReportAnnotation])
+	raw := p.Report
+	if !object {
+		v := p.Metadata.Annotations[api.ReportAnnotation]
+		if v == nil {
+			c.removals++
+			return
+		}
+		raw = *v
+	} else {
+		c.objects++
+	}
+	c.checked++
+	r, err := watch.ParseReport(raw)
 	if err != nil {
 		c.violations = append(c.violations, err.Error())
 		return
@@ -234,6 +255,7 @@ func agentRBAC(t *testing.T, admin kubernetes.Interface) {
 	}}
 	role := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: "secureoverlay-agent"}, Rules: []rbacv1.PolicyRule{
 		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{api.SecretName}, Verbs: []string{"get", "list", "watch"}},
+		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource}, Verbs: []string{"get", "list", "watch", "create", "patch"}},
 	}}
 	subj := []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: api.Namespace, Name: "agent"}}
 	if _, err := admin.RbacV1().ClusterRoles().Create(ctx, cr, metav1.CreateOptions{}); err != nil {
@@ -373,9 +395,10 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 		t.Helper()
 		client := kubernetes.NewForConfigOrDie(saCfg)
 		m := NewMetrics("")
-		src := watch.New(watch.Config{Client: client, Dynamic: dynamic.NewForConfigOrDie(saCfg), Self: "a", DiscoveryRetry: 200 * time.Millisecond})
+		dc := dynamic.NewForConfigOrDie(saCfg)
+		src := watch.New(watch.Config{Client: client, Dynamic: dc, Self: "a", DiscoveryRetry: 200 * time.Millisecond})
 		a, err := New(Config{NodeName: "a", Dataplane: dp, ResyncInterval: resync, ExternalMTU: 1500, LedgerDir: ledgerDir},
-			Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(kern, dp), Rules: rules.NewApplier(ipt), Metrics: m,
+			Deps{Client: client, Dynamic: dc, Source: src, Xfrm: xfrm.NewApplier(kern, dp), Rules: rules.NewApplier(ipt), Metrics: m,
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))})
 		if err != nil {
 			t.Fatal(err)
@@ -385,12 +408,11 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 		go func() { a.Run(rctx); close(done) }()
 		return a, m, func() { cancel(); <-done }
 	}
-	report := func() *watch.Report {
-		n, err := admin.CoreV1().Nodes().Get(ctx, "a", metav1.GetOptions{})
+	report := func() *watch.Report { // as peers and the master read it
+		raw, err := nodereport.Read(ctx, admin, dyn, api.Namespace, "a")
 		if err != nil {
 			t.Fatal(err)
 		}
-		raw := n.Annotations[api.ReportAnnotation]
 		if raw == "" {
 			return nil
 		}
@@ -415,6 +437,28 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 	}
 	if r := report(); r.Mode != api.ModeEnforce || r.Incarnation != "boot-a" || r.BudgetMTU != 1452 || r.PeersEncrypted != 1 || r.Error != "" {
 		t.Errorf("report = %+v", r)
+	}
+	// b reports only as an annotation (an agent of 0.1): a writes its NodeReport and,
+	// for b, its annotation too, with the same claims.
+	annotation := func(node string) string {
+		n, err := admin.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n.Annotations[api.ReportAnnotation]
+	}
+	object := func(node string) string {
+		u, err := dyn.Resource(nodereport.GVR).Namespace(api.Namespace).Get(ctx, node, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return ""
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		return nodereport.Raw(u)
+	}
+	if o, an := object("a"), annotation("a"); o == "" || o != an {
+		t.Errorf("with a peer of 0.1: NodeReport %q, annotation %q; want both, the same", o, an)
 	}
 
 	// 2. A node added in the API shows up as programmed policies; measure the latency.
@@ -461,6 +505,37 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 	waitFor(t, "restarted agent ready", func() bool { return a2.Status().Ready })
 	if w := writes(m2); w != 0 {
 		t.Errorf("restarted agent made %v xfrm writes, want 0 (adopt)", w)
+	}
+	// b's agent is upgraded: it publishes a NodeReport (same claims, written later than
+	// its annotation). No peer reads only annotations any more: a removes its own, and
+	// the kernel does not change.
+	bReport := annotation("b")
+	var br watch.Report
+	if err := json.Unmarshal([]byte(bReport), &br); err != nil {
+		t.Fatal(err)
+	}
+	br.LastSync = time.Now().UTC().Truncate(time.Second)
+	bRaw, _ := json.Marshal(br)
+	bNode, err := admin.CoreV1().Nodes().Get(ctx, "b", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := nodereport.Write(ctx, dyn, api.Namespace, "b", string(bNode.UID), string(br.Mode), bRaw); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a's annotation removed once every peer publishes a NodeReport", func() bool { return annotation("a") == "" })
+	if r := report(); r == nil || r.EncryptingTo["b"] == "" || object("a") == "" {
+		t.Errorf("after the annotation's removal, a's report (its NodeReport) = %+v", r)
+	}
+	// The namespace's reports are deleted (as `kubectl delete -f` deletes the namespace
+	// before the agents' SIGTERM): b's last claims are kept, nothing in a's kernel moves.
+	w0 = writes(m2)
+	if err := dyn.Resource(nodereport.GVR).Namespace(api.Namespace).Delete(ctx, "b", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // several 300 ms resyncs
+	if got := ours(t, netns, dp); len(got) != 2 || !got["out 198.18.0.1>198.18.0.2"] || writes(m2) != w0 || !strings.Contains(rawRules(t, netns), "-s 198.18.0.2/32") {
+		t.Errorf("after b's NodeReport was deleted: policies %v, %v xfrm writes", got, writes(m2)-w0)
 	}
 	// An API server outage leaves the data plane alone; afterwards events flow again.
 	c.StopAPIServer()
@@ -530,11 +605,11 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 
 	checker.mu.Lock()
 	defer checker.mu.Unlock()
-	if checker.checked == 0 {
-		t.Error("no report patch was checked")
+	if checker.checked == 0 || checker.objects == 0 || checker.checked == checker.objects || checker.removals == 0 {
+		t.Errorf("report writes checked: %d (%d NodeReports), %d annotation removals; want both kinds and a removal", checker.checked, checker.objects, checker.removals)
 	}
 	for _, v := range checker.violations {
 		t.Error(v)
 	}
-	t.Logf("%d report patches checked against the kernel at write time", checker.checked)
+	t.Logf("%d report writes (%d NodeReports) checked against the kernel at write time", checker.checked, checker.objects)
 }

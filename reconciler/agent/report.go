@@ -128,6 +128,21 @@ func sameClaims(a, b watch.Report) bool {
 // so the published claims match what the kernel is left holding.
 const patchTimeout = 10 * time.Second
 
+// removeReportAnnotation removes the report annotation from node name (a JSON merge
+// patch setting it to null; nothing else of the Node changes).
+func removeReportAnnotation(ctx context.Context, c kubernetes.Interface, name string) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), patchTimeout)
+	defer cancel()
+	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{api.ReportAnnotation: nil}}})
+	if err != nil {
+		return fmt.Errorf("encode report removal of node %q: %w", name, err)
+	}
+	if _, err := c.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: "secureoverlay-agent"}); err != nil {
+		return fmt.Errorf("remove report annotation of node %q: %w", name, err)
+	}
+	return nil
+}
+
 // patchReport writes only the report annotation of node name (a JSON merge patch).
 func patchReport(ctx context.Context, c kubernetes.Interface, name string, r watch.Report) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), patchTimeout)

@@ -107,6 +107,19 @@ type NodeInfo struct {
 	RawReport string
 	Report    *Report
 	ReportErr string
+	// AnnotationReport: the Node carries the report annotation (written by an agent of
+	// 0.1, or by ours while a peer still reads annotations). ObjectReport: a NodeReport
+	// object of this node exists (or existed: nodereport.Cache). When both exist the
+	// report above is the one with the later lastSync (nodereport.Pick).
+	AnnotationReport bool
+	ObjectReport     bool
+}
+
+// Legacy reports whether n's agent reads and writes reports only as the Node annotation
+// (an agent of 0.1): a current annotation report and no NodeReport. While any peer is
+// such a node, agents write their report both ways (docs/keys.md §4).
+func (n *NodeInfo) Legacy() bool {
+	return n.AnnotationReport && !n.ObjectReport && n.CurrentReport() != nil
 }
 
 // ParseNode extracts NodeInfo from a Node, its report whole (CacheNode with no self).
@@ -128,22 +141,58 @@ func CacheNode(n *corev1.Node, self string) NodeInfo {
 		UID:         string(n.UID),
 		RawReport:   n.Annotations[api.ReportAnnotation],
 	}
+	ni.AnnotationReport = ni.RawReport != ""
 	for _, c := range n.Status.Conditions {
 		if c.Type == corev1.NodeReady {
 			ni.Ready = c.Status == corev1.ConditionTrue
 		}
 	}
-	if ni.RawReport == "" {
+	ni.RawReport, ni.Report, ni.ReportErr = cacheReport(n.Name, ni.RawReport, self)
+	return ni
+}
+
+// cacheReport is what a cache keeps of node's raw report for the agent on node self:
+// trimmed to the claims about self (a peer's, self != ""), and parsed.
+func cacheReport(node, raw, self string) (string, *Report, string) {
+	if raw == "" {
+		return "", nil, ""
+	}
+	if self != "" && node != self {
+		raw = api.TrimReport(raw, self)
+	}
+	r, err := ParseReport(raw)
+	if err != nil {
+		return raw, nil, err.Error()
+	}
+	return raw, r, ""
+}
+
+// WithReportObject returns ni (ParseNode's) with the report of its NodeReport, raw JSON,
+// read as the agents read it (nodereport.Pick's rule), whole.
+func WithReportObject(ni NodeInfo, raw string) NodeInfo {
+	var e reportEntry
+	e.Raw, e.Report, e.Err = cacheReport(ni.Name, raw, "")
+	return withObject(ni, e, true)
+}
+
+// reportEntry is what the NodeReport cache keeps of one report (cacheReport).
+type reportEntry struct {
+	Raw    string
+	Report *Report
+	Err    string
+}
+
+// withObject returns ni with its report taken from its NodeReport entry e (when ok),
+// unless the annotation was written later (nodereport.Pick's rule, on the parsed forms).
+func withObject(ni NodeInfo, e reportEntry, ok bool) NodeInfo {
+	if !ok {
 		return ni
 	}
-	if self != "" && n.Name != self {
-		ni.RawReport = api.TrimReport(ni.RawReport, self)
+	ni.ObjectReport = true
+	if ni.Report != nil && (e.Report == nil || ni.Report.LastSync.After(e.Report.LastSync)) {
+		return ni
 	}
-	if r, err := ParseReport(ni.RawReport); err != nil {
-		ni.ReportErr = err.Error()
-	} else {
-		ni.Report = r
-	}
+	ni.RawReport, ni.Report, ni.ReportErr = e.Raw, e.Report, e.Err
 	return ni
 }
 

@@ -7,6 +7,10 @@
 //     condition and the other agents' secureoverlay.io/report annotations. The cache holds
 //     each Node's NodeInfo (NodeTransform: CacheNode, a peer's report trimmed to what
 //     concerns this node and parsed once), not the Node.
+//   - NodeReports (nodereport.Cache, in Namespace): each agent's report, trimmed and parsed
+//     like the annotation's; a node's report is its NodeReport's, else its annotation's
+//     (an agent of 0.1), the later of the two when both exist. A deleted NodeReport of an
+//     existing Node is kept (the namespace goes before the agents on `kubectl delete -f`).
 //   - The key Secret: a namespace-scoped informer with a field selector on its name, so
 //     RBAC can grant get/list/watch on that one Secret (resourceNames) and nothing else.
 //   - Calico IPAMBlock, BlockAffinity, IPPool, BGPPeer and FelixConfiguration through
@@ -55,6 +59,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
@@ -87,6 +92,7 @@ type Watcher struct {
 	cfg       Config
 	nodes     cache.SharedIndexInformer
 	secrets   cache.SharedIndexInformer
+	reports   *nodereport.Cache[reportEntry]
 	coreStart func(<-chan struct{})
 
 	mu        sync.Mutex
@@ -150,10 +156,42 @@ func New(cfg Config) *Watcher {
 				w.notify("node")
 			}
 		},
-		DeleteFunc: func(any) { w.notify("node") },
+		DeleteFunc: func(obj any) {
+			if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = t.Obj
+			}
+			if n, ok := cachedInfo(obj, cfg.Self); ok {
+				w.reports.Forget(n.Name)
+			}
+			w.notify("node")
+		},
+	})
+	w.reports = nodereport.NewCache(nodereport.CacheConfig[reportEntry]{
+		Dynamic: cfg.Dynamic, Namespace: cfg.Namespace,
+		Convert: func(node, raw string) reportEntry {
+			var e reportEntry
+			e.Raw, e.Report, e.Err = cacheReport(node, raw, cfg.Self)
+			return e
+		},
+		NodeExists: func(node string) bool {
+			_, ok, err := w.nodes.GetStore().GetByKey(node)
+			return err == nil && ok
+		},
+		OnChange: func(node string, before, after *nodereport.Entry[reportEntry]) {
+			// A report appearing or going (a peer's agent of 0.1 replaced, an object
+			// deleted) changes whose reports are read from where; an update matters when
+			// it changes what self reads of it. Self's own report is the agent's output.
+			if node == cfg.Self && before != nil && after != nil {
+				return
+			}
+			if before == nil || after == nil || reportView(NodeInfo{Report: before.Value.Report, RawReport: before.Value.Raw}, cfg.Self) !=
+				reportView(NodeInfo{Report: after.Value.Report, RawReport: after.Value.Raw}, cfg.Self) {
+				w.notify("nodereport")
+			}
+		},
 	})
 	_, _ = w.secrets.AddEventHandler(changeHandler(func() { w.notify("secret") }))
-	w.coreStart = func(stop <-chan struct{}) { nf.Start(stop); sf.Start(stop) }
+	w.coreStart = func(stop <-chan struct{}) { nf.Start(stop); sf.Start(stop); w.reports.Start(stop) }
 	return w
 }
 
@@ -377,7 +415,7 @@ func (s *calicoSet) synced() bool { return s != nil && s.hasSynced() }
 
 // HasSynced reports whether every informer has synced.
 func (w *Watcher) HasSynced() bool {
-	if !w.nodes.HasSynced() || !w.secrets.HasSynced() {
+	if !w.nodes.HasSynced() || !w.secrets.HasSynced() || !w.reports.HasSynced() {
 		return false
 	}
 	w.mu.Lock()
@@ -411,8 +449,18 @@ func (w *Watcher) Node(name string) *NodeInfo {
 	if !ok {
 		return nil
 	}
+	ni = w.withReport(ni)
 	return &ni
 }
+
+// withReport merges ni's NodeReport into it (withObject).
+func (w *Watcher) withReport(ni NodeInfo) NodeInfo {
+	e, ok := w.reports.Get(ni.Name)
+	return withObject(ni, e.Value, ok)
+}
+
+// ReportsSynced reports whether the NodeReport cache has synced.
+func (w *Watcher) ReportsSynced() bool { return w.reports.HasSynced() }
 
 // Snapshot reads every cache. Call it only after HasSynced. The nodes' Reports are shared
 // with the cache (parsed once per Node change): read them, never modify them.
@@ -422,7 +470,7 @@ func (w *Watcher) Snapshot() Snapshot {
 	s.Nodes = make([]NodeInfo, 0, len(objs))
 	for _, obj := range objs {
 		if ni, ok := cachedInfo(obj, w.cfg.Self); ok {
-			s.Nodes = append(s.Nodes, ni)
+			s.Nodes = append(s.Nodes, w.withReport(ni))
 		}
 	}
 	slices.SortFunc(s.Nodes, func(a, b NodeInfo) int { return strings.Compare(a.Name, b.Name) })

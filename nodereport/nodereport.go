@@ -1,0 +1,345 @@
+// Package nodereport is where an agent publishes its report: a NodeReport object
+// (secureoverlay.io/v1alpha1, namespaced in the agents' namespace, named after the Node)
+// instead of an annotation on the Node (docs/keys.md §4, "Reports"; docs/protocol-v2.md
+// §8). The object lives and dies with the installation: `kubectl delete -f` deletes the
+// namespace and the CRD, and with them every report, so no Node keeps a stale one (issue
+// 15's second defect). An ownerReference to the Node lets the garbage collector delete
+// the report of a Node that is deleted.
+//
+// The report is kept as one JSON string (field Field), the same JSON api.NodeReport
+// annotation readers parse: one parser, and one managed-fields entry per object instead
+// of one per peer (the report lists every peer; as a structured field, server-side field
+// tracking would double its size). Field "mode" repeats the report's mode for `kubectl get
+// nodereports`' MODE column only; readers use the report.
+//
+// Readers (agents, master, CLI) take a node's report from its NodeReport when there is
+// one, else from the Node's annotation (an agent of the previous version, during a rolling
+// update); when both exist the one with the later lastSync wins (Pick). An agent writes
+// the annotation too while any live node still reads only annotations (Legacy), and
+// removes it from its own Node once none does.
+package nodereport
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/secureoverlay/secureoverlay/api"
+)
+
+// The NodeReport API (manifests/secureoverlay.yaml, CRD nodereports.secureoverlay.io).
+const (
+	Group    = "secureoverlay.io"
+	Version  = "v1alpha1"
+	Resource = "nodereports"
+	Kind     = "NodeReport"
+	// Field holds the report: the JSON of the agent's report (watch.Report).
+	Field = "report"
+	// ModeField repeats the report's mode for kubectl's MODE column.
+	ModeField = "mode"
+	// FieldManager is the agents' field manager.
+	FieldManager = "secureoverlay-agent"
+)
+
+// GVR is the NodeReport resource.
+var GVR = schema.GroupVersionResource{Group: Group, Version: Version, Resource: Resource}
+
+// ListKind is NodeReport's list kind (for fake dynamic clients in unit tests).
+const ListKind = "NodeReportList"
+
+// Object is node's NodeReport in namespace ns holding report raw (JSON) of mode mode,
+// owned by the Node (uid nodeUID: the garbage collector deletes it with the Node; "" for no
+// owner).
+func Object(ns, node, nodeUID, mode string, raw []byte) *unstructured.Unstructured {
+	u := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": Group + "/" + Version,
+		"kind":       Kind,
+		"metadata": map[string]any{
+			"name":      node,
+			"namespace": ns,
+			"labels":    map[string]any{"app.kubernetes.io/part-of": "secureoverlay"},
+		},
+		Field:     string(raw),
+		ModeField: mode,
+	}}
+	if nodeUID != "" {
+		u.SetOwnerReferences([]metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: node, UID: types.UID(nodeUID)}})
+	}
+	return u
+}
+
+// Raw is the report JSON a NodeReport object holds ("" when it has none).
+func Raw(u *unstructured.Unstructured) string {
+	s, _, _ := unstructured.NestedString(u.Object, Field)
+	return s
+}
+
+// writeTimeout bounds one write. Like the annotation patch it replaces, it is not
+// cancelled with the caller's context: a sync that changed the kernel finishes advertising
+// it even during shutdown.
+const writeTimeout = 10 * time.Second
+
+// Write stores node's report: a JSON merge patch of the report, its mode and its owner
+// (no resourceVersion: the agent on node is the object's only writer — the admission
+// policy holds every other agent off it — so the last write is the truth), or a create
+// when there is no object yet.
+func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID, mode string, raw []byte) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), writeTimeout)
+	defer cancel()
+	r := dc.Resource(GVR).Namespace(ns)
+	obj := Object(ns, node, nodeUID, mode, raw)
+	patch, err := json.Marshal(map[string]any{
+		"metadata": map[string]any{"ownerReferences": obj.Object["metadata"].(map[string]any)["ownerReferences"]},
+		Field:      obj.Object[Field],
+		ModeField:  obj.Object[ModeField],
+	})
+	if err != nil {
+		return fmt.Errorf("encode %s %s/%s: %w", Kind, ns, node, err)
+	}
+	_, err = r.Patch(ctx, node, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager})
+	if apierrors.IsNotFound(err) {
+		_, err = r.Create(ctx, obj, metav1.CreateOptions{FieldManager: FieldManager})
+		if apierrors.IsAlreadyExists(err) { // created meanwhile (a previous write timed out late)
+			_, err = r.Patch(ctx, node, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager})
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("write %s %s/%s: %w", Kind, ns, node, err)
+	}
+	return nil
+}
+
+// Pick chooses between a node's annotation report and its NodeReport (raw JSON each, ""
+// when absent): the object, unless the annotation was written later (by an agent of the
+// previous version after a downgrade: its lastSync is newer). Reports that do not parse
+// as far as lastSync count as oldest. It returns the chosen raw report and whether it is
+// the object's.
+func Pick(annotation, object string) (string, bool) {
+	switch {
+	case object == "":
+		return annotation, false
+	case annotation == "":
+		return object, true
+	}
+	if lastSync(annotation).After(lastSync(object)) {
+		return annotation, false
+	}
+	return object, true
+}
+
+func lastSync(raw string) time.Time {
+	var r struct {
+		LastSync time.Time `json:"lastSync"`
+	}
+	if json.Unmarshal([]byte(raw), &r) != nil {
+		return time.Time{}
+	}
+	return r.LastSync
+}
+
+// Entry is what a Cache holds of one node's report.
+type Entry[T any] struct {
+	// Value is Convert of the report's raw JSON.
+	Value T
+	// Deleted: the object is gone while its Node still exists; Value is its last content.
+	Deleted bool
+}
+
+// CacheConfig wires a Cache.
+type CacheConfig[T any] struct {
+	Dynamic   dynamic.Interface
+	Namespace string
+	// Convert turns a node's raw report JSON into what the cache keeps (e.g. trimmed and
+	// parsed once per change instead of on every read).
+	Convert func(node, raw string) T
+	// NodeExists says whether the named Node exists: a deleted report of an existing Node
+	// is kept (see Cache).
+	NodeExists func(node string) bool
+	// OnChange is called after every change with the node's entries before and after
+	// (nil when absent). It must be cheap and must not block.
+	OnChange func(node string, before, after *Entry[T])
+}
+
+// Cache is an informer over the NodeReports of one namespace, keeping each one's Convert.
+//
+// A report whose object is deleted while its Node exists is kept, marked Deleted, until
+// the object returns or Forget: a deleted object changes nothing in the kernel of the node
+// that wrote it, and `kubectl delete -f` deletes the namespace (and with it the reports)
+// before the agents' SIGTERM starts their walk-down — agents that treated the peers as
+// report-less in that window would fail closed and drop traffic (docs/agent.md,
+// "Uninstall"). Keeping a claim is never less safe than the claim itself was.
+type Cache[T any] struct {
+	cfg CacheConfig[T]
+	inf cache.SharedIndexInformer
+	f   dynamicinformer.DynamicSharedInformerFactory
+
+	mu   sync.Mutex
+	gone map[string]T
+}
+
+// cached is what the informer stores instead of the object (a NodeReport is a few hundred
+// bytes of metadata around the report).
+type cached[T any] struct {
+	Namespace, Name, ResourceVersion string
+	Value                            T
+}
+
+func (c *cached[T]) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
+
+// DeepCopyObject copies c; Value is shared (never modified).
+func (c *cached[T]) DeepCopyObject() runtime.Object { d := *c; return &d }
+
+// GetObjectMeta makes cached a metav1.ObjectMetaAccessor, which the informer's key
+// function accepts.
+func (c *cached[T]) GetObjectMeta() metav1.Object {
+	return &metav1.ObjectMeta{Namespace: c.Namespace, Name: c.Name, ResourceVersion: c.ResourceVersion}
+}
+
+// NewCache builds the informer (nothing runs until Start).
+func NewCache[T any](cfg CacheConfig[T]) *Cache[T] {
+	c := &Cache[T]{cfg: cfg, gone: map[string]T{}}
+	c.f = dynamicinformer.NewFilteredDynamicSharedInformerFactory(cfg.Dynamic, 0, cfg.Namespace, nil)
+	c.inf = c.f.ForResource(GVR).Informer()
+	_ = c.inf.SetTransform(func(obj any) (any, error) {
+		u, ok := obj.(*unstructured.Unstructured)
+		if !ok {
+			return obj, nil
+		}
+		return &cached[T]{Namespace: u.GetNamespace(), Name: u.GetName(), ResourceVersion: u.GetResourceVersion(), Value: cfg.Convert(u.GetName(), Raw(u))}, nil
+	})
+	_, _ = c.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(obj any) {
+			n, ok := obj.(*cached[T])
+			if !ok {
+				return
+			}
+			c.mu.Lock()
+			old, had := c.gone[n.Name]
+			delete(c.gone, n.Name)
+			c.mu.Unlock()
+			var before *Entry[T]
+			if had {
+				before = &Entry[T]{Value: old, Deleted: true}
+			}
+			c.changed(n.Name, before, &Entry[T]{Value: n.Value})
+		},
+		UpdateFunc: func(o, n any) {
+			a, ok1 := o.(*cached[T])
+			b, ok2 := n.(*cached[T])
+			if ok1 && ok2 {
+				c.changed(b.Name, &Entry[T]{Value: a.Value}, &Entry[T]{Value: b.Value})
+			}
+		},
+		DeleteFunc: func(obj any) {
+			if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = t.Obj
+			}
+			n, ok := obj.(*cached[T])
+			if !ok {
+				return
+			}
+			var after *Entry[T]
+			if cfg.NodeExists == nil || cfg.NodeExists(n.Name) {
+				c.mu.Lock()
+				c.gone[n.Name] = n.Value
+				c.mu.Unlock()
+				after = &Entry[T]{Value: n.Value, Deleted: true}
+			}
+			c.changed(n.Name, &Entry[T]{Value: n.Value}, after)
+		},
+	})
+	return c
+}
+
+func (c *Cache[T]) changed(node string, before, after *Entry[T]) {
+	if c.cfg.OnChange != nil {
+		c.cfg.OnChange(node, before, after)
+	}
+}
+
+// Start runs the informer until stop is closed.
+func (c *Cache[T]) Start(stop <-chan struct{}) { c.f.Start(stop) }
+
+// HasSynced reports whether the first list has been read. While the CRD is not served it
+// stays false (the informer retries): readers must not act on a partial view.
+func (c *Cache[T]) HasSynced() bool { return c.inf.HasSynced() }
+
+// Get returns node's entry: its object's, or the last one of a deleted object of an
+// existing Node.
+func (c *Cache[T]) Get(node string) (Entry[T], bool) {
+	if obj, ok, err := c.inf.GetStore().GetByKey(c.cfg.Namespace + "/" + node); err == nil && ok {
+		if n, ok := obj.(*cached[T]); ok {
+			return Entry[T]{Value: n.Value}, true
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if v, ok := c.gone[node]; ok {
+		return Entry[T]{Value: v, Deleted: true}, true
+	}
+	return Entry[T]{}, false
+}
+
+// Forget drops what is kept of a deleted report of node (call it when the Node is deleted).
+func (c *Cache[T]) Forget(node string) {
+	c.mu.Lock()
+	delete(c.gone, node)
+	c.mu.Unlock()
+}
+
+// Read returns node's report as readers take it (Pick between its NodeReport in ns and
+// its Node's annotation; "" when it has none). A cluster without the NodeReport CRD reads
+// the annotation only. For tools and tests that read one node at a time; agents and
+// master use a Cache.
+func Read(ctx context.Context, cs kubernetes.Interface, dc dynamic.Interface, ns, node string) (string, error) {
+	n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+	if err != nil {
+		return "", fmt.Errorf("get node %s: %w", node, err)
+	}
+	u, err := dc.Resource(GVR).Namespace(ns).Get(ctx, node, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return n.Annotations[api.ReportAnnotation], nil
+	case err != nil:
+		return "", fmt.Errorf("get %s %s/%s: %w", Kind, ns, node, err)
+	}
+	raw, _ := Pick(n.Annotations[api.ReportAnnotation], Raw(u))
+	return raw, nil
+}
+
+// ReadAll returns every Node's report (Read), by node name ("" for none).
+func ReadAll(ctx context.Context, cs kubernetes.Interface, dc dynamic.Interface, ns string) (map[string]string, error) {
+	nodes, err := cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("list nodes: %w", err)
+	}
+	objs := map[string]string{}
+	list, err := dc.Resource(GVR).Namespace(ns).List(ctx, metav1.ListOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		return nil, fmt.Errorf("list %s in %s: %w", Resource, ns, err)
+	default:
+		for i := range list.Items {
+			objs[list.Items[i].GetName()] = Raw(&list.Items[i])
+		}
+	}
+	out := map[string]string{}
+	for _, n := range nodes.Items {
+		out[n.Name], _ = Pick(n.Annotations[api.ReportAnnotation], objs[n.Name])
+	}
+	return out, nil
+}

@@ -1,6 +1,7 @@
 package manifests
 
 import (
+	"fmt"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/gate"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
 var varRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
@@ -392,8 +394,41 @@ func checkInvariants(t *testing.T, objs []object) {
 		}
 	}
 
-	// RBAC: the key Secret only by name for the agent.
+	// The NodeReport CRD right after the Namespace (the agents write their reports
+	// there from their first sync); the agent's writes to it are limited by an admission
+	// policy that comes after the agent's RBAC and matches every write it may make.
+	if _, iCRD := find(t, objs, "CustomResourceDefinition", nodereport.Resource+"."+nodereport.Group); iCRD != 1 {
+		t.Errorf("the NodeReport CRD is object %d, want 1 (right after the Namespace)", iCRD)
+	}
+	vapObj, iRepVAP := find(t, objs, "ValidatingAdmissionPolicy", "secureoverlay-agent-nodereport")
+	if _, iRole := find(t, objs, "Role", "secureoverlay-agent"); iRole > iRepVAP {
+		t.Errorf("the agent's Role comes after the NodeReport admission policy")
+	}
+	if _, iBind := find(t, objs, "ValidatingAdmissionPolicyBinding", "secureoverlay-agent-nodereport"); iBind < iRepVAP {
+		t.Errorf("the NodeReport admission policy has no binding after it")
+	}
+	vapText := fmt.Sprint(vapObj.u.Object)
+	for _, want := range []string{nodereport.Group, nodereport.Resource, "CREATE", "UPDATE", "authentication.kubernetes.io/node-name", "object.metadata.name", "ownerReferences"} {
+		if !strings.Contains(vapText, want) {
+			t.Errorf("the NodeReport admission policy does not mention %q", want)
+		}
+	}
+
+	// RBAC: the key Secret only by name for the agent; NodeReports read, created and
+	// patched (the policy limits which), never deleted or updated wholesale.
 	role := toTyped[rbacv1.Role](t, mustFind(t, objs, "Role", "secureoverlay-agent"))
+	sawReports := false
+	for _, r := range role.Rules {
+		if slices.Contains(r.Resources, nodereport.Resource) {
+			sawReports = true
+			if !slices.Equal(r.APIGroups, []string{nodereport.Group}) || !slices.Equal(r.Verbs, []string{"get", "list", "watch", "create", "patch"}) {
+				t.Errorf("agent Role: nodereports rule %+v, want get, list, watch, create, patch in %s", r, nodereport.Group)
+			}
+		}
+	}
+	if !sawReports {
+		t.Errorf("agent Role: no nodereports rule")
+	}
 	for _, r := range role.Rules {
 		if slices.Contains(r.Resources, "secrets") && !slices.Equal(r.ResourceNames, []string{api.SecretName}) {
 			t.Errorf("agent Role: secrets rule without resourceNames [%s]: %+v", api.SecretName, r)

@@ -186,8 +186,9 @@ type Cache[T any] struct {
 	inf cache.SharedIndexInformer
 	f   dynamicinformer.DynamicSharedInformerFactory
 
-	mu   sync.Mutex
-	gone map[string]T
+	mu      sync.Mutex
+	gone    map[string]T
+	listErr error // the informer's last list/watch error
 }
 
 // cached is what the informer stores instead of the object (a NodeReport is a few hundred
@@ -219,6 +220,12 @@ func NewCache[T any](cfg CacheConfig[T]) *Cache[T] {
 			return obj, nil
 		}
 		return &cached[T]{Namespace: u.GetNamespace(), Name: u.GetName(), ResourceVersion: u.GetResourceVersion(), Value: cfg.Convert(u.GetName(), Raw(u))}, nil
+	})
+	_ = c.inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
+		c.mu.Lock()
+		c.listErr = err
+		c.mu.Unlock()
+		cache.DefaultWatchErrorHandler(ctx, r, err)
 	})
 	_, _ = c.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(obj any) {
@@ -276,6 +283,20 @@ func (c *Cache[T]) Start(stop <-chan struct{}) { c.f.Start(stop) }
 // HasSynced reports whether the first list has been read. While the CRD is not served it
 // stays false (the informer retries): readers must not act on a partial view.
 func (c *Cache[T]) HasSynced() bool { return c.inf.HasSynced() }
+
+// Err says why the cache has not synced (its last list error, e.g. the CRD is not
+// installed), nil once synced or before the first attempt failed.
+func (c *Cache[T]) Err() error {
+	if c.HasSynced() {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.listErr == nil {
+		return nil
+	}
+	return fmt.Errorf("%s in %s not readable (is the CRD %s.%s installed? apply the manifest): %w", Resource, c.cfg.Namespace, Resource, Group, c.listErr)
+}
 
 // Get returns node's entry: its object's, or the last one of a deleted object of an
 // existing Node.

@@ -2,14 +2,19 @@ package nodereport
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
+
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
 )
 
 func TestPick(t *testing.T) {
@@ -17,7 +22,7 @@ func TestPick(t *testing.T) {
 	newer := `{"mode":"accept","lastSync":"2026-12-02T00:00:00Z"}`
 	for _, tc := range []struct {
 		name, ann, obj, want string
-		fromObj             bool
+		fromObj              bool
 	}{
 		{"neither", "", "", "", false},
 		{"annotation only (an agent of 0.1)", old, "", old, false},
@@ -120,5 +125,58 @@ func TestCacheKeepsDeletedReports(t *testing.T) {
 		if events[i] != want[i] {
 			t.Fatalf("events %v, want %v", events, want)
 		}
+	}
+}
+
+// TestCacheWithoutTheCRD: against a real API server without the NodeReport CRD (a newer
+// agent image under an older manifest), the cache does not sync — readers must not act
+// on a partial view — and Err says what to do; once the CRD is applied, it syncs.
+func TestCacheWithoutTheCRD(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real kube-apiserver; skipped with -short")
+	}
+	c := kube.Start(t)
+	dc := dynamic.NewForConfigOrDie(c.AdminConfig())
+	ctx := context.Background()
+	crdGVR := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+	if err := dc.Resource(crdGVR).Delete(ctx, Resource+"."+Group, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if _, err := dc.Resource(GVR).Namespace("secureoverlay").List(ctx, metav1.ListOptions{}); apierrors.IsNotFound(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the NodeReport CRD is still served after its deletion")
+		}
+	}
+	cc := NewCache(CacheConfig[string]{Dynamic: dc, Namespace: "secureoverlay", Convert: func(_, raw string) string { return raw }})
+	stop := make(chan struct{})
+	defer close(stop)
+	cc.Start(stop)
+	var err error
+	for deadline := time.Now().Add(30 * time.Second); err == nil; time.Sleep(50 * time.Millisecond) {
+		if err = cc.Err(); time.Now().After(deadline) {
+			t.Fatal("no error while the CRD is missing")
+		}
+	}
+	if cc.HasSynced() || !strings.Contains(err.Error(), "is the CRD nodereports.secureoverlay.io installed? apply the manifest") {
+		t.Fatalf("synced %v, error %q", cc.HasSynced(), err)
+	}
+	t.Logf("without the CRD: %v", err)
+	crds, err := kube.OurCRDs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := kube.InstallCRDs(ctx, c.AdminConfig(), crds...); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(60 * time.Second); !cc.HasSynced(); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("not synced after the CRD was installed (error %v)", cc.Err())
+		}
+	}
+	if err := cc.Err(); err != nil {
+		t.Fatalf("synced, error %v", err)
 	}
 }

@@ -851,6 +851,7 @@ func (a *Agent) publish(ctx context.Context, r watch.Report) error {
 // writeReport writes r to this node's NodeReport (when the agent has a dynamic client)
 // and, when annotate, to its Node's annotation.
 func (a *Agent) writeReport(ctx context.Context, r watch.Report, self *watch.NodeInfo, annotate bool) error {
+	var objErr error
 	if a.d.Dynamic != nil {
 		raw, err := json.Marshal(r)
 		if err != nil {
@@ -860,19 +861,22 @@ func (a *Agent) writeReport(ctx context.Context, r watch.Report, self *watch.Nod
 		if self != nil {
 			uid = self.UID
 		}
-		if err := nodereport.Write(ctx, a.d.Dynamic, a.cfg.Namespace, a.cfg.NodeName, uid, string(r.Mode), raw); err != nil {
-			return err
+		objErr = nodereport.Write(ctx, a.d.Dynamic, a.cfg.Namespace, a.cfg.NodeName, uid, string(r.Mode), raw)
+		if objErr != nil && !annotate {
+			return objErr
 		}
 	}
 	a.annotated = false
 	if !annotate {
 		return nil
 	}
+	// Also when the NodeReport write failed (e.g. its CRD is missing: the error then
+	// reaches whoever reads annotations).
 	if err := patchReport(ctx, a.d.Client, a.cfg.NodeName, r); err != nil {
-		return err
+		return errors.Join(objErr, err)
 	}
 	a.annotated = true
-	return nil
+	return objErr
 }
 
 // publishDue says whether r must be written: its claims changed, or the heartbeat is due.

@@ -426,9 +426,13 @@ func (w *Watcher) HasSynced() bool {
 	return w.frozen != nil || w.cur.hasSynced()
 }
 
-// Err is why the watcher cannot sync (Calico discovery failed), or nil (also while the
+// Err is why the watcher cannot sync (the NodeReports cannot be listed, Calico discovery
+// failed), or nil (also while the
 // first discovery is still running).
 func (w *Watcher) Err() error {
+	if err := w.reports.Err(); err != nil {
+		return err
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.calicoErr

@@ -113,13 +113,17 @@ type NodeInfo struct {
 	// report above is the one with the later lastSync (nodereport.Pick).
 	AnnotationReport bool
 	ObjectReport     bool
+	// FromAnnotation: Report is the annotation's (no NodeReport, or the annotation was
+	// written later).
+	FromAnnotation bool
 }
 
 // Legacy reports whether n's agent reads and writes reports only as the Node annotation
-// (an agent of 0.1): a current annotation report and no NodeReport. While any peer is
-// such a node, agents write their report both ways (docs/keys.md §4).
+// (an agent of 0.1): its current report is its annotation's — it has no NodeReport, or
+// one older than the annotation (left by a newer agent before a downgrade). While any
+// peer is such a node, agents write their report both ways (docs/keys.md §6).
 func (n *NodeInfo) Legacy() bool {
-	return n.AnnotationReport && !n.ObjectReport && n.CurrentReport() != nil
+	return n.FromAnnotation && n.CurrentReport() != nil
 }
 
 // ParseNode extracts NodeInfo from a Node, its report whole (CacheNode with no self).
@@ -142,6 +146,7 @@ func CacheNode(n *corev1.Node, self string) NodeInfo {
 		RawReport:   n.Annotations[api.ReportAnnotation],
 	}
 	ni.AnnotationReport = ni.RawReport != ""
+	ni.FromAnnotation = ni.AnnotationReport
 	for _, c := range n.Status.Conditions {
 		if c.Type == corev1.NodeReady {
 			ni.Ready = c.Status == corev1.ConditionTrue
@@ -193,6 +198,7 @@ func withObject(ni NodeInfo, e reportEntry, ok bool) NodeInfo {
 		return ni
 	}
 	ni.RawReport, ni.Report, ni.ReportErr = e.Raw, e.Report, e.Err
+	ni.FromAnnotation = false
 	return ni
 }
 

@@ -585,7 +585,7 @@ func TestCacheNode(t *testing.T) {
 	notReady.Status.Conditions[0].Status = corev1.ConditionUnknown
 	want := func(raw string, r *Report, rerr string) NodeInfo {
 		return NodeInfo{Name: "b", IPv4Address: "198.18.0.2/24", TunnelAddr: "10.0.0.1", Incarnation: "boot-b", UID: "u-b", Ready: true,
-			RawReport: raw, Report: r, ReportErr: rerr, AnnotationReport: true}
+			RawReport: raw, Report: r, ReportErr: rerr, AnnotationReport: true, FromAnnotation: true}
 	}
 	whole, _ := ParseReport(rep)
 	peer, _ := ParseReport(trimmed)
@@ -601,7 +601,7 @@ func TestCacheNode(t *testing.T) {
 		{"own report whole", b, "b", want(rep, whole, "")},
 		{"no self: whole (ParseNode)", b, "", want(rep, whole, "")},
 		{"unparsable report", garbage, "a", NodeInfo{Name: "g", IPv4Address: "198.18.0.3/24", Incarnation: "boot-g", Ready: true, RawReport: "{",
-			ReportErr: "report annotation: unexpected end of JSON input", AnnotationReport: true}},
+			ReportErr: "report annotation: unexpected end of JSON input", AnnotationReport: true, FromAnnotation: true}},
 		{"no report, not ready", notReady, "a", NodeInfo{Name: "n", IPv4Address: "198.18.0.4"}},
 	} {
 		got := CacheNode(tc.n, tc.self)
@@ -624,5 +624,43 @@ func TestCacheNode(t *testing.T) {
 	}
 	if _, ok := cachedInfo(cache.DeletedFinalStateUnknown{Key: "b"}, "a"); ok {
 		t.Error("cachedInfo of a tombstone")
+	}
+}
+
+// TestReportSources: a node's report from its annotation, its NodeReport or both, and
+// whether its agent counts as one of 0.1 (Legacy: peers then write annotations too).
+func TestReportSources(t *testing.T) {
+	rep := func(boot, lastSync string) string {
+		return `{"mode":"enforce","incarnation":"` + boot + `","uid":"u-b","epoch":"e","lastSync":"` + lastSync + `"}`
+	}
+	const t1, t2 = "2026-12-01T00:00:00Z", "2026-12-02T00:00:00Z"
+	for _, tc := range []struct {
+		name, ann, obj string
+		hasObj         bool
+		wantRaw        string
+		legacy         bool
+	}{
+		{"annotation only (0.1)", rep("boot-b", t1), "", false, rep("boot-b", t1), true},
+		{"annotation only, of an earlier boot", rep("boot-old", t1), "", false, rep("boot-old", t1), false},
+		{"NodeReport only", "", rep("boot-b", t1), true, rep("boot-b", t1), false},
+		{"both, written together (dual write)", rep("boot-b", t1), rep("boot-b", t1), true, rep("boot-b", t1), false},
+		{"NodeReport later", rep("boot-b", t1), rep("boot-b", t2), true, rep("boot-b", t2), false},
+		{"annotation later (downgraded to 0.1)", rep("boot-b", t2), rep("boot-b", t1), true, rep("boot-b", t2), true},
+		{"NodeReport unparsable", rep("boot-b", t1), "{", true, rep("boot-b", t1), true},
+	} {
+		anns := map[string]string{}
+		if tc.ann != "" {
+			anns[api.ReportAnnotation] = tc.ann
+		}
+		n := node("b", "198.18.0.2/24", "boot-b", anns)
+		n.UID = "u-b"
+		ni := CacheNode(n, "")
+		if tc.hasObj {
+			ni = WithReportObject(ni, tc.obj)
+		}
+		if ni.RawReport != tc.wantRaw || ni.Legacy() != tc.legacy || ni.ObjectReport != tc.hasObj || ni.AnnotationReport != (tc.ann != "") {
+			t.Errorf("%s: report %s legacy %v (object %v, annotation %v); want %s legacy %v", tc.name, ni.RawReport, ni.Legacy(),
+				ni.ObjectReport, ni.AnnotationReport, tc.wantRaw, tc.legacy)
+		}
 	}
 }

@@ -218,6 +218,15 @@ func TestRealClusterEncrypts(t *testing.T) {
 	rc.row("secureoverlayctl enable --wait").took = time.Since(t0)
 	out, _ := rc.ctl(ctx, "status")
 	t.Logf("secureoverlayctl status:\n%s", out)
+	// Each agent's report is its NodeReport in our namespace, nothing on its Node (what
+	// makes `kubectl delete` leave no report behind, below).
+	var where []string
+	if err := waitFor(ctx, time.Minute, func() (bool, error) {
+		where = rc.staleReports(ctx)
+		return strings.Join(where, ",") == "NodeReport node1,NodeReport node2", nil
+	}); err != nil {
+		t.Errorf("reports while enabled: %v; want NodeReports node1 and node2 only", where)
+	}
 
 	// Real pods, one per node, through Calico's chain with our plugin in it.
 	t0 = time.Now()
@@ -869,8 +878,8 @@ func (rc *realCluster) waitAllOK(ctx context.Context) {
 	}
 }
 
-// staleReports names the Nodes that still carry an annotation of ours, and the
-// NodeReports left (the CRD gone: none can be).
+// staleReports names every report of ours: the NodeReports ("NodeReport NAME", by name;
+// none once the CRD is gone), then the annotations of ours on the Nodes.
 func (rc *realCluster) staleReports(ctx context.Context) []string {
 	var stale []string
 	if list, err := rc.dyn.Resource(nodereport.GVR).Namespace(api.Namespace).List(ctx, metav1.ListOptions{}); err == nil {

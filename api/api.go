@@ -116,6 +116,13 @@ type NodeReport struct {
 	// unknown). The master only rotates early for the active generation's SAs, so a high
 	// count on a retiring SA after a rotation does not trigger another one.
 	SeqGeneration uint32 `json:"seqGeneration,omitempty"`
+	// MaxInSeqFraction is the highest inbound ESP sequence number this node's kernel has
+	// received and authenticated on any inbound SA, as the same fraction; InSeqGeneration
+	// that SA's generation. The master takes a peer's MaxSeqFraction only when another
+	// node's inbound counters confirm it (docs/keys.md §5). A pointer: always present in a
+	// current agent's report (0 included), absent in 0.1's.
+	MaxInSeqFraction *float64 `json:"maxInSeqFraction,omitempty"`
+	InSeqGeneration  uint32   `json:"inSeqGeneration,omitempty"`
 	// Peers counts peers with outbound encryption programmed and peers expected.
 	PeersEncrypted int `json:"peersEncrypted"`
 	PeersExpected  int `json:"peersExpected"`

@@ -173,6 +173,39 @@ type nodeView struct {
 	problem  string // why the report cannot be used, "" if it can
 }
 
+// SeqConfirmSlack is how far below a node's sequence claim a peer's inbound counters may
+// stay and still confirm it: both are rounded up to a hundredth, and the highest received
+// trails the highest sent by the packets in flight.
+const SeqConfirmSlack = 0.02
+
+// seqUnconfirmed says why claim's sequence claim is not confirmed by any other node's
+// inbound counters ("" when one confirms it, or when no other usable node reports them —
+// agents of 0.1 — so the claim is taken alone). docs/keys.md §5.
+func seqUnconfirmed(nodes []nodeView, claim nodeView) string {
+	c := claim.Report
+	checkable := false
+	best := 0.0
+	for _, w := range nodes {
+		if w.Name == claim.Name || w.excluded || w.problem != "" || w.Report.MaxInSeqFraction == nil {
+			continue
+		}
+		checkable = true
+		if c.SeqGeneration != 0 && w.Report.InSeqGeneration != c.SeqGeneration {
+			continue
+		}
+		in := *w.Report.MaxInSeqFraction
+		if in >= c.MaxSeqFraction-SeqConfirmSlack {
+			return ""
+		}
+		best = max(best, in)
+	}
+	if !checkable {
+		return ""
+	}
+	return fmt.Sprintf("rotation (sequence, reported by %s: %.2f of generation %d) waits for a peer's inbound counters to confirm it (highest: %.2f)",
+		claim.Name, c.MaxSeqFraction, c.SeqGeneration, best)
+}
+
 // Step computes the next ring from the current one and the observed cluster. It is a pure
 // function: the same input gives the same output (given the same Rand bytes).
 func Step(in Input) (Result, error) {
@@ -414,6 +447,7 @@ func Step(in Input) (Result, error) {
 					wake(due)
 				}
 			}
+			unconfirmed := ""
 			if reason == "" && cfg.SeqThreshold > 0 {
 				hasRetiring := len(r.Generations) > 1
 				for _, v := range nodes {
@@ -421,10 +455,17 @@ func Step(in Input) (Result, error) {
 						continue
 					}
 					if v.Report.SeqGeneration == a.Number || (v.Report.SeqGeneration == 0 && !hasRetiring) {
+						if why := seqUnconfirmed(nodes, v); why != "" {
+							unconfirmed = why
+							continue
+						}
 						reason, claimant = "sequence", v.Name
 						break
 					}
 				}
+			}
+			if reason == "" && unconfirmed != "" {
+				res.Deferred = unconfirmed
 			}
 			seqAllowed := a.Created.Add(cfg.SeqMinInterval)
 			switch {

@@ -394,6 +394,56 @@ func TestSequenceRotationRateLimited(t *testing.T) {
 	}
 }
 
+// A sequence claim is checked against the peers' inbound counters where they report them:
+// unconfirmed, it starts no rotation and the status says why; confirmed by another live
+// node's counters (within SeqConfirmSlack, same generation), it does; reported by no
+// other node (agents of 0.1), the claim is taken alone.
+func TestSequenceClaimConfirmedByPeers(t *testing.T) {
+	names := []string{"a", "b", "c"}
+	cfg := testConfig()
+	r := steady(t, names...)
+	g := r.Active().Number
+	f := func(v float64) *float64 { return &v }
+	cases := []struct {
+		name   string
+		in     map[string]*float64 // node → maxInSeqFraction (nil: not reported)
+		inGen  uint32
+		excl   string // a node NotReady past the node timeout
+		rotate bool
+	}{
+		{"no peer reports inbound counters (0.1): the claim alone", nil, g, "", true},
+		{"peers' counters far below the claim", map[string]*float64{"a": f(0.1), "c": f(0.3)}, g, "", false},
+		{"a peer's counters within the slack", map[string]*float64{"a": f(0.1), "c": f(0.88)}, g, "", true},
+		{"a peer's counters above", map[string]*float64{"a": f(0.95)}, g, "", true},
+		{"confirming counters of another generation", map[string]*float64{"a": f(0.95), "c": f(0.2)}, g + 1, "", false},
+		{"the claimant's own inbound counters do not count", map[string]*float64{"b": f(0.99), "a": f(0.1)}, g, "", false},
+		{"an excluded node's counters do not count", map[string]*float64{"c": f(0.95), "a": f(0.1)}, g, "c", false},
+		{"0 reported is a report", map[string]*float64{"a": f(0), "c": f(0)}, g, "", false},
+	}
+	for _, c := range cases {
+		nodes := followers(r, names...)
+		for i := range nodes {
+			if v, ok := c.in[nodes[i].Name]; ok {
+				nodes[i].Report.MaxInSeqFraction, nodes[i].Report.InSeqGeneration = v, c.inGen
+			}
+			if nodes[i].Name == c.excl {
+				nodes[i].Ready, nodes[i].NotReadySince = false, t0.Add(-time.Hour)
+			}
+			if nodes[i].Name == "b" {
+				nodes[i].Report.MaxSeqFraction, nodes[i].Report.SeqGeneration = 0.9, g
+			}
+		}
+		res := step(t, Input{Ring: r, Nodes: nodes, Target: api.ModeEnforce, Now: t0.Add(time.Hour), Config: cfg})
+		if got := res.Ring.Pending() != nil; got != c.rotate {
+			t.Errorf("%s: rotation started %v, want %v (deferred %q)", c.name, got, c.rotate, res.Deferred)
+			continue
+		}
+		if !c.rotate && !strings.Contains(res.Deferred, "reported by b: 0.90 of generation 1) waits for a peer's inbound counters to confirm it") {
+			t.Errorf("%s: deferred %q does not say the claim waits for confirmation", c.name, res.Deferred)
+		}
+	}
+}
+
 func TestDepartedNodeIDHeldWhileGenerationsLive(t *testing.T) {
 	r := steady(t, "a", "b", "c")
 	idB := r.NodeID("b")

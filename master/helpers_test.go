@@ -231,8 +231,10 @@ type agent struct {
 	name, boot string
 	object     bool
 	paused     atomic.Bool
-	seqFrac    atomic.Value  // float64: the highest sequence fraction ...
-	seqGen     atomic.Uint32 // ... measured on an SA of this generation
+	seqFrac    atomic.Value            // float64: the highest sequence fraction ...
+	seqGen     atomic.Uint32           // ... measured on an SA of this generation
+	inSeq      atomic.Pointer[float64] // the inbound counters' fraction (nil: not reported, as 0.1)
+	inGen      atomic.Uint32
 	cancel     context.CancelFunc
 	done       chan struct{}
 }
@@ -246,6 +248,12 @@ func (e *env) addNode(name string, i int) *agent {
 	go e.runAgent(ctx, a)
 	e.t.Cleanup(a.stop)
 	return a
+}
+
+// setInSeq makes the agent report its inbound counters at frac of generation gen.
+func (a *agent) setInSeq(frac float64, gen uint32) {
+	a.inGen.Store(gen)
+	a.inSeq.Store(&frac)
 }
 
 // setSeq makes the agent report a sequence fraction measured on generation gen's SAs.
@@ -283,6 +291,7 @@ func (e *env) runAgent(ctx context.Context, a *agent) {
 		rep := api.NodeReport{Mode: ring.Mode, Generations: ring.Numbers(), Incarnation: a.boot,
 			MaxSeqFraction: a.seqFrac.Load().(float64), PeersEncrypted: 1, PeersExpected: 1}
 		rep.SeqGeneration = a.seqGen.Load()
+		rep.MaxInSeqFraction, rep.InSeqGeneration = a.inSeq.Load(), a.inGen.Load()
 		b, _ := json.Marshal(rep)
 		if string(b) == last {
 			continue

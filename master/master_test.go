@@ -396,6 +396,31 @@ func TestSequenceClaimsRateLimited(t *testing.T) {
 	}
 }
 
+// TestSequenceClaimConfirmedByPeers: a node's sequence claim that its peers' inbound
+// counters do not confirm starts no rotation (the status says so); once a peer's counters
+// reach it, the early rotation runs.
+func TestSequenceClaimConfirmedByPeers(t *testing.T) {
+	e := newEnv(t)
+	e.startMaster("master-a", testPolicy())
+	agents := enableCluster(e, "n1", "n2", "n3")
+	agents["n1"].setInSeq(0.1, 1)
+	agents["n3"].setInSeq(0.2, 1)
+	agents["n2"].setSeq(0.9, 1)
+	e.eventually("status to hold n2's claim for confirmation", wait, func() (bool, string) {
+		st := e.status()
+		return strings.Contains(st.Deferred, "reported by n2: 0.90 of generation 1) waits for a peer's inbound counters to confirm it (highest: 0.20)"), st.Deferred
+	})
+	time.Sleep(2 * time.Second) // several reconciles (resync 300 ms)
+	if r := e.ring(); r.LastGeneration != 1 {
+		t.Fatalf("an unconfirmed sequence claim rotated: %s", keys.Summary(r))
+	}
+	agents["n3"].setInSeq(0.89, 1)
+	r := e.ringIs(api.ModeEnforce, wait, "2:active")
+	if g2 := r.Generation(2); g2.Reason != "sequence" {
+		t.Fatalf("generation 2 reason %q", g2.Reason)
+	}
+}
+
 // TestAckTimeoutExcludesLaggingReadyNode: a Ready node whose agent stops acknowledging
 // holds a rotation for the ack timeout, no longer: then the rotation completes without
 // it, and the status, a NodeExcluded Event and the excluded_nodes metric name it. Once it

@@ -478,8 +478,10 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	if p, perr := desired.ParseNodeAddress(self.IPv4Address); perr == nil {
 		selfIP = p.Addr()
 	}
-	seq := MaxSeq(a.d.Xfrm.Observed(), selfIP, a.cfg.Dataplane.SoftPackets, st.Generations)
-	rep := BuildReport(st, &snap, self.Incarnation, b, seq, now)
+	observed := a.d.Xfrm.Observed()
+	seq := MaxSeq(observed, selfIP, a.cfg.Dataplane.SoftPackets, st.Generations)
+	inSeq := MaxInSeq(observed, selfIP, a.cfg.Dataplane.SoftPackets, st.Generations)
+	rep := BuildReport(st, &snap, self.Incarnation, b, seq, inSeq, now)
 	a.mu.Lock()
 	rep.UID, rep.Epoch = self.UID, a.epoch
 	a.mu.Unlock()

@@ -627,6 +627,15 @@ func TestMaxSeq(t *testing.T) {
 	if got := MaxSeq(nil, self, 1<<32, nil); got.Fraction != 0 || got.Generation != 0 {
 		t.Errorf("no SAs: %+v", got)
 	}
+	// Inbound: the highest received sequence number of the SAs toward self.
+	obs = append(obs,
+		xfrm.KernelSA{SA: desired.SA{Src: netip.MustParseAddr("198.18.0.3"), Dst: self, SPI: spi(5, 3)}, InSeq: 1 << 29},
+		xfrm.KernelSA{SA: desired.SA{Src: netip.MustParseAddr("198.18.0.2"), Dst: self, SPI: spi(6, 2)}, InSeq: 3 << 30},
+		// Outbound SAs never count, however high.
+		xfrm.KernelSA{SA: desired.SA{Src: self, Dst: netip.MustParseAddr("198.18.0.2"), SPI: spi(6, 2)}, InSeq: 1 << 33})
+	if got := MaxInSeq(obs, self, 1<<32, []uint32{5, 6}); got.Fraction != 0.75 || got.Generation != 6 {
+		t.Errorf("MaxInSeq = %+v, want 0.75 of generation 6", got)
+	}
 	for in, want := range map[float64]float64{0: 0, 0.001: 0.01, 0.5: 0.5, 0.501: 0.51, 1.2: 1.2} {
 		if g := reportedFraction(in); g != want {
 			t.Errorf("reportedFraction(%v) = %v, want %v", in, g, want)
@@ -724,7 +733,7 @@ func TestReportNamesCalicoGroupAndNeighbours(t *testing.T) {
 	}
 	st := desired.State{Mode: api.ModeAccept, Neighbours: []string{desired.NeighbourBPF, desired.NeighbourVXLAN}}
 	snap := &watch.Snapshot{Calico: watch.CalicoAPI{GroupVersion: "crd.projectcalico.org/v1"}, CalicoSwitching: "projectcalico.org/v3"}
-	r := BuildReport(st, snap, "boot-a", Budget{}, SeqUse{}, time.Now())
+	r := BuildReport(st, snap, "boot-a", Budget{}, SeqUse{}, SeqUse{}, time.Now())
 	if r.CalicoAPI != "crd.projectcalico.org/v1→projectcalico.org/v3" || !slices.Equal(r.Neighbours, st.Neighbours) {
 		t.Errorf("BuildReport: calicoAPI %q neighbours %q", r.CalicoAPI, r.Neighbours)
 	}
@@ -740,12 +749,12 @@ func TestReportListsSendingGenerations(t *testing.T) {
 	st := desired.State{Mode: api.ModeEnforce, Generations: []uint32{2, 3}, Peers: []desired.PeerStatus{
 		{Name: "b", SendGeneration: 3}, {Name: "c", SendGeneration: 2}, {Name: "d", SendGeneration: 3}, {Name: "e"},
 	}}
-	r := BuildReport(st, &watch.Snapshot{}, "boot-a", Budget{}, SeqUse{}, time.Unix(0, 0))
+	r := BuildReport(st, &watch.Snapshot{}, "boot-a", Budget{}, SeqUse{}, SeqUse{}, time.Unix(0, 0))
 	if !slices.Equal(r.Sending, []uint32{2, 3}) || r.PeersEncrypted != 3 {
 		t.Fatalf("sending %v, peers encrypted %d; want [2 3], 3", r.Sending, r.PeersEncrypted)
 	}
 	st.Mode, st.Peers = api.ModeAccept, []desired.PeerStatus{{Name: "b"}}
-	if r := BuildReport(st, &watch.Snapshot{}, "boot-a", Budget{}, SeqUse{}, time.Unix(0, 0)); len(r.Sending) != 0 {
+	if r := BuildReport(st, &watch.Snapshot{}, "boot-a", Budget{}, SeqUse{}, SeqUse{}, time.Unix(0, 0)); len(r.Sending) != 0 {
 		t.Fatalf("accept mode sends with %v", r.Sending)
 	}
 }

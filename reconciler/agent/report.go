@@ -60,15 +60,43 @@ func MaxSeq(observed []xfrm.KernelSA, selfIP netip.Addr, limit uint64, live []ui
 	return best
 }
 
+// MaxInSeq finds the inbound SA (dst = selfIP) with the highest received sequence number
+// among the observed ones, as MaxSeq does for outbound SAs: what this node's kernel has
+// received and authenticated, which corroborates its peers' outbound claims.
+func MaxInSeq(observed []xfrm.KernelSA, selfIP netip.Addr, limit uint64, live []uint32) SeqUse {
+	var best SeqUse
+	var bestSeq uint64
+	for _, s := range observed {
+		if s.SA.Dst != selfIP || s.InSeq < bestSeq {
+			continue
+		}
+		bestSeq = s.InSeq
+		best.Generation = 0
+		if gm4, _, ok := keys.ParseSPI(s.SA.SPI); ok {
+			for _, g := range live {
+				if g%4 == gm4 {
+					best.Generation = g
+				}
+			}
+		}
+	}
+	if limit > 0 {
+		best.Fraction = float64(bestSeq) / float64(limit)
+	}
+	return best
+}
+
 // BuildReport is the report for state st once the kernel holds it (program before
 // advertise: only call it after both appliers succeeded). It claims only what st holds.
 // The caller sets UID and Epoch (this node's key incarnation).
-func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b Budget, seq SeqUse, now time.Time) watch.Report {
+func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b Budget, seq, inSeq SeqUse, now time.Time) watch.Report {
+	in := reportedFraction(inSeq.Fraction)
 	r := watch.Report{NodeReport: api.NodeReport{
 		Mode: st.Mode, Generations: append([]uint32(nil), st.Generations...), Sending: st.SendingGenerations(),
 		Incarnation: incarnation,
 		BudgetMTU:   b.BudgetMTU, ExternalMTU: b.ExternalMTU,
 		MaxSeqFraction: reportedFraction(seq.Fraction), SeqGeneration: seq.Generation,
+		MaxInSeqFraction: &in, InSeqGeneration: inSeq.Generation,
 		PeersEncrypted: len(st.EncryptingPeers()), PeersExpected: len(st.Peers),
 		LastSync:   now.UTC().Truncate(time.Second),
 		CalicoAPI:  snap.Calico.GroupVersion,

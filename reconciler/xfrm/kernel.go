@@ -45,9 +45,11 @@ type KernelSA struct {
 	// Foreign is set when the state cannot be one of ours whatever its reqid (not ESP,
 	// not AEAD rfc4106, carries a mark, if_id or encapsulation, not IPv4).
 	Foreign bool
-	// OutSeq is the highest sequence number sent (64-bit with ESN); Packets and Bytes the
+	// OutSeq is the highest sequence number sent (64-bit with ESN); InSeq the highest
+	// received and authenticated (an inbound SA's replay state); Packets and Bytes the
 	// lifetime counters. Used for metrics and early rotation.
 	OutSeq  uint64
+	InSeq   uint64
 	Packets uint64
 	Bytes   uint64
 }

@@ -200,14 +200,20 @@ func parseState(m []byte) (KernelSA, error) {
 		case nl.XFRMA_REPLAY_ESN_VAL:
 			if len(a.Value) >= nl.SizeofXfrmReplayStateEsn {
 				v := a.Value
+				// struct xfrm_replay_state_esn: bmp_len, oseq, seq, oseq_hi, seq_hi,
+				// replay_window, bmp[].
 				oseq := binary.NativeEndian.Uint32(v[4:8])
+				seq := binary.NativeEndian.Uint32(v[8:12])
 				oseqHi := binary.NativeEndian.Uint32(v[12:16])
+				seqHi := binary.NativeEndian.Uint32(v[16:20])
 				k.OutSeq = uint64(oseqHi)<<32 | uint64(oseq)
+				k.InSeq = uint64(seqHi)<<32 | uint64(seq)
 				sa.ReplayWindow = binary.NativeEndian.Uint32(v[20:24])
 			}
 		case nl.XFRMA_REPLAY_VAL:
 			if len(a.Value) >= nl.SizeofXfrmReplayState {
-				k.OutSeq = uint64(nl.DeserializeXfrmReplayState(a.Value).OSeq)
+				rs := nl.DeserializeXfrmReplayState(a.Value)
+				k.OutSeq, k.InSeq = uint64(rs.OSeq), uint64(rs.Seq)
 			}
 		case nl.XFRMA_ALG_AUTH, nl.XFRMA_ALG_AUTH_TRUNC, nl.XFRMA_ALG_CRYPT, nl.XFRMA_ALG_COMP,
 			nl.XFRMA_ENCAP, nl.XFRMA_MARK, nl.XFRMA_IF_ID, nl.XFRMA_SET_MARK:

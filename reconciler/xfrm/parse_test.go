@@ -41,7 +41,8 @@ func rawState(sa desired.SA, oseq uint64, extra ...*nl.RtAttr) []byte {
 	algo := nl.XfrmAlgoAEAD{AlgKeyLen: uint32(sa.Key.Len() * 8), AlgICVLen: uint32(sa.ICVBytes * 8), AlgKey: sa.Key.Bytes()}
 	copy(algo.AlgName[:], aeadName)
 	b = append(b, nl.NewRtAttr(nl.XFRMA_ALG_AEAD, algo.Serialize()).Serialize()...)
-	esn := &nl.XfrmReplayStateEsn{BmpLen: sa.ReplayWindow / 32, OSeq: uint32(oseq), OSeqHi: uint32(oseq >> 32), ReplayWindow: sa.ReplayWindow}
+	esn := &nl.XfrmReplayStateEsn{BmpLen: sa.ReplayWindow / 32, OSeq: uint32(oseq), OSeqHi: uint32(oseq >> 32),
+		Seq: uint32(oseq + 7), SeqHi: uint32((oseq + 7) >> 32), ReplayWindow: sa.ReplayWindow}
 	esnb := append(esn.Serialize(), make([]byte, 4*esn.BmpLen)...)
 	b = append(b, nl.NewRtAttr(nl.XFRMA_REPLAY_ESN_VAL, esnb).Serialize()...)
 	for _, e := range extra {
@@ -57,8 +58,8 @@ func TestParseStateRoundTrip(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if k.Foreign || !k.SA.SameKernelObject(want) || k.OutSeq != 1<<32+5 || k.Packets != 42 {
-			t.Fatalf("parsed %s foreign=%v oseq=%d, want %s", k.SA, k.Foreign, k.OutSeq, want)
+		if k.Foreign || !k.SA.SameKernelObject(want) || k.OutSeq != 1<<32+5 || k.InSeq != 1<<32+12 || k.Packets != 42 {
+			t.Fatalf("parsed %s foreign=%v oseq=%d seq=%d, want %s", k.SA, k.Foreign, k.OutSeq, k.InSeq, want)
 		}
 	}
 	// A mark or an encapsulation makes it foreign whatever its reqid.

@@ -1,6 +1,6 @@
 // Package nodereport is where an agent publishes its report: a NodeReport object
 // (secureoverlay.io/v1alpha1, namespaced in the agents' namespace, named after the Node)
-// instead of an annotation on the Node (docs/keys.md §4, "Reports"; docs/protocol-v2.md
+// instead of an annotation on the Node (docs/keys.md §6; docs/protocol-v2.md
 // §8). The object lives and dies with the installation: `kubectl delete -f` deletes the
 // namespace and the CRD, and with them every report, so no Node keeps a stale one (issue
 // 15's second defect). An ownerReference to the Node lets the garbage collector delete

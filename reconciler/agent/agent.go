@@ -809,12 +809,12 @@ func (a *Agent) publishError(ctx context.Context, err error) {
 // publish writes the report if its claims changed or the heartbeat is due: to this
 // node's NodeReport, and to its Node's annotation too while a peer reads only that
 // (an agent of 0.1 during a rolling update) or while that is unknown; once no peer does,
-// it removes the annotation from its Node (docs/keys.md §4, "Reports").
+// it removes the annotation from its Node (docs/keys.md §6).
 func (a *Agent) publish(ctx context.Context, r watch.Report) error {
 	reason, write := a.publishDue(r)
 	objects := a.d.Dynamic != nil
 	annotate := !objects || a.legacyPeers != 0
-	if annotate && !a.annotated && !write && a.previous() != nil {
+	if objects && annotate && !a.annotated && !write && a.previous() != nil {
 		// A peer that reads only annotations appeared: our unchanged claims go there too.
 		reason, write, r = "legacy-peer", true, *a.previous()
 	}

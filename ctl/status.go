@@ -15,16 +15,30 @@ import (
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
 
+// tableMaxNodes is the largest cluster whose per-node table status prints unasked;
+// problemLines bounds the problem (and the master's lagging and excluded) lists of the
+// text output. -o json and yaml are always complete.
+const (
+	tableMaxNodes = 50
+	problemLines  = 20
+)
+
 func (c *CLI) statusCmd(g *globals) *cobra.Command {
 	var node string
+	var allNodes bool
 	staleAfter := defaultStaleAfter
 	cmd := &cobra.Command{
 		Use:   "status",
-		Short: "Show the cluster mode, key generations and one row per node",
+		Short: "Show the cluster mode, key generations, node states and problems",
 		Long: `status shows what the master published (mode, target, key generations, rotation,
-lagging nodes) and one row per node from its agent's report: mode reached,
-generations installed, peers encrypted/expected, MTU budget, last sync and any
-problem. The first line is a summary meant to be read first.
+lagging nodes), how many nodes are in each state (ok, lagging, excluded, error,
+stale, not-ready, no-report) and the problems, at most 20 of them. The first line
+is a summary meant to be read first.
+
+Then one row per node from its agent's report (mode reached, generations
+installed, peers encrypted/expected, MTU budget, last sync and any problem): up
+to 50 nodes unasked, in larger clusters with --nodes or -o wide. -o json and -o
+yaml always hold every node and every problem.
 
 --node NAME shows the per-peer detail of one node: for every other node, whether
 NAME holds its inbound SAs, whether NAME sends it ESP, and what that peer reports
@@ -34,6 +48,7 @@ Exit code 0 when healthy, 1 when anything is wrong (the problems are listed).
 
 ` + exitCodesHelp,
 		Example: `  secureoverlayctl status
+  secureoverlayctl status --nodes
   secureoverlayctl status -o wide
   secureoverlayctl status -o json | jq .summary
   secureoverlayctl status --node node-a`,
@@ -46,7 +61,7 @@ Exit code 0 when healthy, 1 when anything is wrong (the problems are listed).
 			if err != nil {
 				return err
 			}
-			v, err := cl.read(cmd.Context(), g.namespace, c.Now())
+			v, err := cl.readAbout(cmd.Context(), g.namespace, c.Now(), node)
 			if err != nil {
 				return err
 			}
@@ -65,7 +80,7 @@ Exit code 0 when healthy, 1 when anything is wrong (the problems are listed).
 				return nil
 			}
 			st := v.status(v.staleAfter(cmd, staleAfter))
-			if err := printStatus(out, g.output, v.now, st); err != nil {
+			if err := printStatus(out, g.output, v.now, st, allNodes); err != nil {
 				return err
 			}
 			if !st.Healthy {
@@ -76,6 +91,7 @@ Exit code 0 when healthy, 1 when anything is wrong (the problems are listed).
 	}
 	outputFlag(cmd, g, "table", "wide", "json", "yaml")
 	cmd.Flags().StringVar(&node, "node", "", "show the per-peer detail of this node")
+	cmd.Flags().BoolVar(&allNodes, "nodes", false, fmt.Sprintf("print the per-node table also for more than %d nodes", tableMaxNodes))
 	cmd.Flags().DurationVar(&staleAfter, "stale-after", defaultStaleAfter, "a report whose last sync is older than this is a problem (0: never; default: 3 × the ConfigMap's heartbeat-interval, else 15m)")
 	return cmd
 }
@@ -107,7 +123,10 @@ func dash(s string) string {
 	return s
 }
 
-func printStatus(w io.Writer, format string, now time.Time, st StatusOutput) error {
+// printStatus prints st: the summary, the master's view, the node states and the
+// problems first, then the per-node table when the cluster is small, when allNodes, or
+// in wide.
+func printStatus(w io.Writer, format string, now time.Time, st StatusOutput, allNodes bool) error {
 	if format == "json" || format == "yaml" {
 		return printData(w, format, st)
 	}
@@ -121,12 +140,8 @@ func printStatus(w io.Writer, format string, now time.Time, st StatusOutput) err
 		fmt.Fprintln(w)
 		fmt.Fprintf(w, "Keys:     %s\n", keysLine(now, ms))
 		fmt.Fprintf(w, "Master:   leader %s, %d node IDs assigned, last error: %s\n", dash(ms.Leader), ms.Nodes, dash(ms.LastError))
-		for _, l := range ms.Lagging {
-			fmt.Fprintf(w, "Lagging:  %s: %s\n", l.Node, l.Reason)
-		}
-		for _, l := range ms.Excluded {
-			fmt.Fprintf(w, "Excluded: %s: %s\n", l.Node, l.Reason)
-		}
+		printBounded(w, "Lagging:  ", ms.Lagging)
+		printBounded(w, "Excluded: ", ms.Excluded)
 	}
 	desired := "not set (configmap " + api.ConfigMapName + " missing)"
 	if st.Desired.Present {
@@ -138,6 +153,25 @@ func printStatus(w io.Writer, format string, now time.Time, st StatusOutput) err
 	fmt.Fprintf(w, "Desired:  %s\n", desired)
 	if st.NodeSelector != "" {
 		fmt.Fprintf(w, "Nodes:    %s (nodes that run an agent)\n", st.NodeSelector)
+	}
+	fmt.Fprintf(w, "States:   %s\n", statesLine(st))
+	if len(st.Problems) > 0 {
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "Problems:")
+		for i, p := range st.Problems {
+			if i == problemLines {
+				fmt.Fprintf(w, "  … and %d more (-o json lists every one)\n", len(st.Problems)-i)
+				break
+			}
+			fmt.Fprintf(w, "  - %s\n", p)
+		}
+	}
+	if len(st.Nodes) > tableMaxNodes && !allNodes && !wide {
+		fmt.Fprintf(w, "\nThe table of the %d nodes is left out above %d nodes: --nodes or -o wide prints it, --node NAME shows one node.\n", len(st.Nodes), tableMaxNodes)
+		return nil
+	}
+	if len(st.Nodes) == 0 {
+		return nil
 	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
@@ -178,17 +212,35 @@ func printStatus(w io.Writer, format string, now time.Time, st StatusOutput) err
 		}
 		fmt.Fprintln(tw, line+"\t"+status)
 	}
-	if err := tw.Flush(); err != nil {
-		return err
+	return tw.Flush()
+}
+
+// printBounded prints the master's lagging or excluded nodes, one line each, at most
+// problemLines of them.
+func printBounded(w io.Writer, label string, l []api.NodeLagging) {
+	for i, x := range l {
+		if i == problemLines {
+			fmt.Fprintf(w, "%s… and %d more (-o json lists every one)\n", label, len(l)-i)
+			return
+		}
+		fmt.Fprintf(w, "%s%s: %s\n", label, x.Node, x.Reason)
 	}
-	if len(st.Problems) > 0 {
-		fmt.Fprintln(w)
-		fmt.Fprintln(w, "Problems:")
-		for _, p := range st.Problems {
-			fmt.Fprintf(w, "  - %s\n", p)
+}
+
+// statesLine is "N nodes: A ok, B lagging, …": ok always, the other states when a node
+// is in them.
+func statesLine(st StatusOutput) string {
+	var parts []string
+	for _, s := range States {
+		if n := st.States[s]; n > 0 || s == StateOK {
+			parts = append(parts, fmt.Sprintf("%d %s", n, s))
 		}
 	}
-	return nil
+	noun := "nodes"
+	if len(st.Nodes) == 1 {
+		noun = "node"
+	}
+	return fmt.Sprintf("%d %s: %s", len(st.Nodes), noun, strings.Join(parts, ", "))
 }
 
 func keysLine(now time.Time, ms *api.MasterStatus) string {

@@ -2,13 +2,22 @@ package ctl
 
 import (
 	"encoding/json"
-	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
+	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/bench/cluster"
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
 
@@ -177,5 +186,130 @@ func TestStatusGolden(t *testing.T) {
 	}
 	if !slices.ContainsFunc(st.Problems, func(p string) bool { return strings.Contains(p, "is secureoverlay-master running?") }) {
 		t.Fatalf("status without a master must say so: %+v", st.Problems)
+	}
+}
+
+// TestStatusLargeCluster: status of 200 nodes against a real API server: the summary
+// first (node states, at most 20 problems and how many more), the per-node table only
+// with --nodes or -o wide, every node and problem in -o json; reports read from the
+// NodeReports' summary annotations, and whole for the objects without one (agents
+// predating it) and for --node.
+func TestStatusLargeCluster(t *testing.T) {
+	e := newEnv(t)
+	const n = 200
+	name := func(i int) string { return fmt.Sprintf("node-%03d", i) }
+	boot := func(i int) string { return "boot-" + name(i) }
+	syncError := func(i int) bool { return i%8 == 3 }  // 25 nodes
+	noReport := func(i int) bool { return i%40 == 5 }  // 5 nodes
+	oldAgent := func(i int) bool { return i%20 == 11 } // 10 objects without the summary (node-011, node-031, …), 5 of them with a sync error
+	report := func(i int, errText string) []byte {
+		r := &watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Generations: []uint32{7}, Incarnation: boot(i),
+			BudgetMTU: 1452, ExternalMTU: 1500, PeersEncrypted: n - 1, PeersExpected: n - 1, LastSync: fixedNow.Add(-30 * time.Second), Error: errText},
+			InboundFrom: map[string]string{}, EncryptingTo: map[string]string{}}
+		for j := range n {
+			if j != i {
+				r.InboundFrom[name(j)] = watch.IncarnationTag(boot(j))
+				r.EncryptingTo[name(j)] = watch.IncarnationTag(boot(j))
+			}
+		}
+		b, err := json.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	cfg := e.cluster.AdminConfig()
+	cfg.QPS, cfg.Burst = 1000, 2000
+	cs := kubernetes.NewForConfigOrDie(cfg)
+	dyn := dynamic.NewForConfigOrDie(cfg)
+	if err := parallelDo(n, 8, func(i int) error {
+		node, err := kube.CreateNodeContext(e.ctx, cs, kube.Node{Name: name(i), IPv4: cluster.IP(i).String(), BootID: boot(i)})
+		if err != nil || noReport(i) {
+			return err
+		}
+		errText := ""
+		if syncError(i) {
+			errText = "apply xfrm state spi=0x80000300 dst=198.18.0.1: operation not permitted"
+		}
+		raw := report(i, errText)
+		if !oldAgent(i) {
+			return nodereport.Write(e.ctx, dyn, api.Namespace, name(i), string(node.UID), string(api.ModeEnforce), raw)
+		}
+		obj := nodereport.Object(api.Namespace, name(i), string(node.UID), string(api.ModeEnforce), raw)
+		obj.SetAnnotations(nil)
+		_, err = dyn.Resource(nodereport.GVR).Namespace(api.Namespace).Create(e.ctx, obj, metav1.CreateOptions{})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ms := healthyMaster()
+	ms.Nodes = n
+	e.setMasterStatus(ms)
+	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true"})
+
+	r := e.run("status")
+	if r.code != ExitNotOK || r.stderr != "" {
+		t.Fatalf("status of 200 nodes, 30 with problems, must exit 1:\n%s", r)
+	}
+	for _, want := range []string{
+		"Summary:  170 of 200 nodes encrypting and enforcing, generation 7; 30 problem(s), first: node-003: sync error: ",
+		"States:   200 nodes: 170 ok, 25 error, 5 no-report\n",
+		"\nProblems:\n  - node-003: sync error: ",
+		"  - node-005: no agent report\n",
+		"  … and 10 more (-o json lists every one)\n",
+		"The table of the 200 nodes is left out above 50 nodes: --nodes or -o wide prints it, --node NAME shows one node.\n",
+	} {
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("status output lacks %q:\n%s", want, r.stdout)
+		}
+	}
+	if got := strings.Count(r.stdout, "\n  - "); got != 20 || strings.Contains(r.stdout, "NODE ") || strings.Count(r.stdout, "\n") > 40 {
+		t.Errorf("status: want 20 problem lines and no table, got %d problem lines:\n%s", got, r.stdout)
+	}
+	// The summary and the problems come before the table.
+	for _, args := range [][]string{{"status", "--nodes"}, {"status", "-o", "wide"}} {
+		r := e.run(args...)
+		table := strings.Index(r.stdout, "\nNODE ")
+		if r.code != ExitNotOK || table < 0 || table < strings.Index(r.stdout, "Problems:") || strings.Count(r.stdout, "\nnode-") != n {
+			t.Fatalf("%v must print the summary, then every node's row:\n%s", args, r)
+		}
+		if args[1] == "-o" {
+			if !strings.Contains(r.stdout, "  INCARNATION  ") {
+				t.Errorf("status -o wide: no wide columns:\n%s", r.stdout)
+			}
+			continue
+		}
+		if !strings.Contains(r.stdout, "\nnode-031  yes    enforce  7            199/199  1452    30s ago    ok") ||
+			!strings.Contains(r.stdout, "\nnode-011  yes    enforce  7            199/199  1452    30s ago    sync error: ") {
+			t.Errorf("%v: the rows of objects without a summary (read whole) are wrong:\n%s", args, r.stdout)
+		}
+	}
+	r = e.run("status", "-o", "json")
+	var st StatusOutput
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || r.code != ExitNotOK {
+		t.Fatalf("status -o json: %v\n%s", err, r)
+	}
+	want := map[string]int{StateOK: 170, StateError: 25, StateNoReport: 5, StateLagging: 0, StateExcluded: 0, StateStale: 0, StateNotReady: 0}
+	if len(st.Nodes) != n || len(st.Problems) != 30 || !maps.Equal(st.States, want) || st.Nodes[3].State != StateError || st.Nodes[0].State != StateOK {
+		t.Fatalf("status -o json: %d nodes, %d problems, states %v; want 200, 30, %v", len(st.Nodes), len(st.Problems), st.States, want)
+	}
+
+	// --node reads the reports whole: node-000's claims about every peer and theirs about it.
+	r = e.run("status", "--node", "node-000")
+	if r.code != ExitOK || strings.Count(r.stdout, "\nnode-") != n-1 || strings.Contains(r.stdout, " no ") || strings.Contains(r.stdout, "stale") {
+		t.Fatalf("status --node node-000 (every pair in place):\n%.3000s", r)
+	}
+	if !strings.Contains(r.stdout, "node-011  198.18.0.12/24   yes                yes                 yes           yes              enforce") ||
+		!strings.Contains(r.stdout, "node-005  198.18.0.6/24    yes                yes                 -             -                -") {
+		t.Errorf("status --node node-000: rows of a peer read whole and a peer without a report:\n%s", r.stdout)
+	}
+
+	// An agent's next write (a merge patch) replaces the summary with the report.
+	if err := nodereport.Write(e.ctx, dyn, api.Namespace, name(1), "", string(api.ModeEnforce), report(1, "netlink: no buffer space available")); err != nil {
+		t.Fatal(err)
+	}
+	r = e.run("status", "-o", "json")
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || st.Nodes[1].Error != "netlink: no buffer space available" || st.States[StateError] != 26 {
+		t.Fatalf("status after node-001's agent wrote a sync error: %v, %+v, states %v", err, st.Nodes[1], st.States)
 	}
 }

@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/url"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -56,8 +58,15 @@ type DesiredConfig struct {
 }
 
 // read reads the master's status, the operator's ConfigMap and the nodes matching
-// --node-selector.
+// --node-selector with their reports, without the reports' per-peer claims (what every
+// command but `status --node` needs).
 func (c *clients) read(ctx context.Context, ns string, now time.Time) (*view, error) {
+	return c.readAbout(ctx, ns, now, "")
+}
+
+// readAbout is read keeping, of the per-peer claims, node about's report whole and every
+// other report's claims about it ("": no claims at all).
+func (c *clients) readAbout(ctx context.Context, ns string, now time.Time, about string) (*view, error) {
 	v := &view{now: now, namespace: ns, raw: map[string]*corev1.Node{}}
 	st, err := c.cs.CoreV1().ConfigMaps(ns).Get(ctx, api.StatusConfigMapName, metav1.GetOptions{})
 	switch {
@@ -89,25 +98,29 @@ func (c *clients) read(ctx context.Context, ns string, now time.Time) (*view, er
 		}
 		v.nodeSelector = sel
 	}
-	nodes, err := c.cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{LabelSelector: v.nodeSelector})
+	// The Nodes and the agents' reports (NodeReports; a cluster installed before them, or
+	// an agent of 0.1 during a rolling update, has them as Node annotations only), read at
+	// the same time: at 5,000 nodes each list takes a good part of a second.
+	var reports map[string]string
+	var reportsErr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		reports, reportsErr = c.readReports(ctx, ns, about)
+	}()
+	nodes, err := c.listNodes(ctx, v.nodeSelector)
+	<-done
 	if err != nil {
-		return nil, c.apiError("list nodes", err)
+		return nil, err
 	}
-	// The agents' reports (NodeReports; a cluster installed before them, or an agent of
-	// 0.1 during a rolling update, has them as Node annotations only).
-	reports := map[string]string{}
-	list, err := c.dyn.Resource(nodereport.GVR).Namespace(ns).List(ctx, metav1.ListOptions{})
-	switch {
-	case apierrors.IsNotFound(err):
-	case err != nil:
-		return nil, c.apiError(fmt.Sprintf("list %s in %s", nodereport.Resource, ns), err)
-	default:
-		for i := range list.Items {
-			reports[list.Items[i].GetName()] = nodereport.Raw(&list.Items[i])
+	if reportsErr != nil {
+		return nil, reportsErr
+	}
+	for i := range nodes {
+		n := &nodes[i]
+		if raw := n.Annotations[api.ReportAnnotation]; raw != "" {
+			n.Annotations[api.ReportAnnotation] = claimsAbout(n.Name, raw, about)
 		}
-	}
-	for i := range nodes.Items {
-		n := &nodes.Items[i]
 		v.raw[n.Name] = n
 		ni := watch.ParseNode(n)
 		if raw, ok := reports[n.Name]; ok {
@@ -117,6 +130,115 @@ func (c *clients) read(ctx context.Context, ns string, now time.Time) (*view, er
 	}
 	sort.Slice(v.nodes, func(i, j int) bool { return v.nodes[i].Name < v.nodes[j].Name })
 	return v, nil
+}
+
+// listNodes lists the Nodes matching selector, a page at a time.
+func (c *clients) listNodes(ctx context.Context, selector string) ([]corev1.Node, error) {
+	var nodes []corev1.Node
+	opts := metav1.ListOptions{LabelSelector: selector, Limit: nodePage}
+	for {
+		l, err := c.cs.CoreV1().Nodes().List(ctx, opts)
+		if err != nil {
+			return nil, c.apiError("list nodes", err)
+		}
+		nodes = append(nodes, l.Items...)
+		if opts.Continue = l.Continue; opts.Continue == "" {
+			return nodes, nil
+		}
+	}
+}
+
+// Page sizes of the lists read makes: Nodes are a few KiB each; whole NodeReports list
+// every peer (≈0.5 MB each at 5,000 nodes with long names), their metadata is ≈1 KiB.
+const (
+	nodePage       = 500
+	reportMetaPage = 500
+	reportPage     = 50
+)
+
+// claimsAbout is what the CLI keeps of node's raw report: whole when node is about, else
+// only its claims about about (none when about is "").
+func claimsAbout(node, raw, about string) string {
+	if about != "" && node == about {
+		return raw
+	}
+	return api.TrimReport(raw, about)
+}
+
+// readReports returns every NodeReport's report in ns by node name (none when the CRD is
+// not installed), as claimsAbout keeps it. Without claims (about ""), the reports come
+// from a metadata-only list: each object's summary annotation, written by the agent with
+// the report; only the objects without one (agents predating it) are read whole. With
+// claims, every object is read whole, a page at a time.
+func (c *clients) readReports(ctx context.Context, ns, about string) (map[string]string, error) {
+	reports := map[string]string{}
+	missing := map[string]bool{}
+	if about == "" {
+		opts := metav1.ListOptions{Limit: reportMetaPage}
+		for {
+			l, err := c.meta.Resource(nodereport.GVR).Namespace(ns).List(ctx, opts)
+			switch {
+			case apierrors.IsNotFound(err):
+				return reports, nil
+			case err != nil:
+				return nil, c.apiError(fmt.Sprintf("list %s in %s", nodereport.Resource, ns), err)
+			}
+			for i := range l.Items {
+				m := &l.Items[i]
+				if sum, ok := m.Annotations[nodereport.SummaryAnnotation]; ok {
+					reports[m.Name] = sum
+				} else {
+					missing[m.Name] = true
+				}
+			}
+			if opts.Continue = l.Continue; opts.Continue == "" {
+				break
+			}
+		}
+		if len(missing) == 0 {
+			return reports, nil
+		}
+	}
+	// Whole objects, decoded into the two fields read (the dynamic client's unstructured
+	// decoding costs several times the transfer for reports this large).
+	q := url.Values{"limit": {strconv.Itoa(reportPage)}}
+	for {
+		var l struct {
+			Metadata struct {
+				Continue string `json:"continue"`
+			} `json:"metadata"`
+			Items []struct {
+				Metadata struct {
+					Name string `json:"name"`
+				} `json:"metadata"`
+				Report string `json:"report"`
+			} `json:"items"`
+		}
+		req := c.cs.CoreV1().RESTClient().Get().AbsPath("/apis", nodereport.Group, nodereport.Version, "namespaces", ns, nodereport.Resource)
+		for k, vs := range q {
+			req = req.Param(k, vs[0])
+		}
+		b, err := req.DoRaw(ctx)
+		switch {
+		case apierrors.IsNotFound(err):
+			return reports, nil
+		case err != nil:
+			return nil, c.apiError(fmt.Sprintf("list %s in %s", nodereport.Resource, ns), err)
+		}
+		if err := json.Unmarshal(b, &l); err != nil {
+			return nil, withCode(ExitNotOK, fmt.Errorf("list %s in %s: %w", nodereport.Resource, ns, err))
+		}
+		for _, it := range l.Items {
+			if about == "" && !missing[it.Metadata.Name] {
+				continue
+			}
+			reports[it.Metadata.Name] = claimsAbout(it.Metadata.Name, it.Report, about)
+		}
+		if l.Metadata.Continue == "" {
+			return reports, nil
+		}
+		q.Set("continue", l.Metadata.Continue)
+	}
 }
 
 // staleAfter is the --stale-after flag when given, else three agent heartbeats from the
@@ -151,6 +273,32 @@ type NodeRow struct {
 	Error          string    `json:"error,omitempty"`
 	// Problems is empty when the node is where the cluster is.
 	Problems []string `json:"problems,omitempty"`
+	// State is the node's problems in one word (the first that applies of the States
+	// order): "ok" without problems.
+	State string `json:"state"`
+}
+
+// Node states, in the order a node with several problems takes them and the summary
+// lists them.
+const (
+	StateNoReport = "no-report" // no readable report from its agent
+	StateNotReady = "not-ready" // the Node's Ready condition is not True
+	StateStale    = "stale"     // the report predates the node's reboot or Node object, or its last sync is too old
+	StateError    = "error"     // the agent reports a sync error
+	StateExcluded = "excluded"  // behind, and the master no longer waits for it (api.MasterStatus.Excluded)
+	StateLagging  = "lagging"   // behind the cluster: mode, a generation, or peers it does not encrypt to yet
+	StateOK       = "ok"
+)
+
+// States is the order of the node states.
+var States = []string{StateOK, StateLagging, StateExcluded, StateError, StateStale, StateNotReady, StateNoReport}
+
+// worse returns the state of a node that has problems of states a and b.
+func worse(a, b string) string {
+	if a == "" || slices.Index(States, b) > slices.Index(States, a) {
+		return b
+	}
+	return a
 }
 
 // StatusOutput is `status -o json|yaml`.
@@ -164,7 +312,9 @@ type StatusOutput struct {
 	Problems     []string          `json:"problems,omitempty"`
 	Desired      DesiredConfig     `json:"desired"`
 	Master       *api.MasterStatus `json:"master"`
-	Nodes        []NodeRow         `json:"nodes"`
+	// States counts the nodes by NodeRow.State (every state, zeros too).
+	States map[string]int `json:"states"`
+	Nodes  []NodeRow      `json:"nodes"`
 }
 
 // staleAfter: an agent rewrites an unchanged report every 5 minutes (its heartbeat), so a
@@ -172,9 +322,16 @@ type StatusOutput struct {
 const defaultStaleAfter = 15 * time.Minute
 
 func (v *view) rows(staleAfter time.Duration) []NodeRow {
+	excluded := map[string]bool{}
+	if v.master != nil {
+		for _, l := range v.master.Excluded {
+			excluded[l.Node] = true
+		}
+	}
 	var out []NodeRow
 	for _, n := range v.nodes {
 		r := NodeRow{Name: n.Name, Ready: n.Ready}
+		state := ""
 		switch {
 		case n.Report != nil:
 			rep := n.Report.NodeReport
@@ -186,50 +343,69 @@ func (v *view) rows(staleAfter time.Duration) []NodeRow {
 			r.Epoch = rep.Epoch
 		case n.ReportErr != "":
 			r.Problems = append(r.Problems, "report unreadable: "+n.ReportErr)
+			state = StateNoReport
 		default:
 			r.Problems = append(r.Problems, "no agent report")
+			state = StateNoReport
 		}
 		if !n.Ready {
 			r.Problems = append(r.Problems, "node NotReady")
+			state = worse(state, StateNotReady)
 		}
 		if r.Reported {
-			r.Problems = append(r.Problems, v.reportProblems(n, staleAfter)...)
+			p, st := v.reportProblems(n, staleAfter)
+			r.Problems = append(r.Problems, p...)
+			if st == StateLagging && excluded[n.Name] {
+				st = StateExcluded
+			}
+			state = worse(state, st)
 		}
+		if len(r.Problems) == 0 {
+			state = StateOK
+		}
+		r.State = state
 		out = append(out, r)
 	}
 	return out
 }
 
-func (v *view) reportProblems(n watch.NodeInfo, staleAfter time.Duration) []string {
+// reportProblems returns the problems of n's report and the worst of their states ("" for
+// none).
+func (v *view) reportProblems(n watch.NodeInfo, staleAfter time.Duration) ([]string, string) {
 	rep := n.Report.NodeReport
 	var p []string
+	state := ""
+	add := func(st, problem string) {
+		p = append(p, problem)
+		state = worse(state, st)
+	}
 	if rep.Incarnation != "" && n.Incarnation != "" && rep.Incarnation != n.Incarnation {
-		p = append(p, "report predates the node's last reboot")
+		add(StateStale, "report predates the node's last reboot")
 	}
 	if rep.UID != "" && rep.UID != n.UID {
-		p = append(p, "report was made for an earlier Node object (uid)")
+		add(StateStale, "report was made for an earlier Node object (uid)")
 	}
 	if rep.Error != "" {
-		p = append(p, "sync error: "+rep.Error)
+		add(StateError, "sync error: "+rep.Error)
 	}
 	if ms := v.master; ms != nil {
 		if rep.Mode != ms.Mode {
-			p = append(p, fmt.Sprintf("at mode %s, cluster at %s", rep.Mode, ms.Mode))
+			add(StateLagging, fmt.Sprintf("at mode %s, cluster at %s", rep.Mode, ms.Mode))
 		}
 		if ms.ActiveGeneration != 0 && !slices.Contains(rep.Generations, ms.ActiveGeneration) {
-			p = append(p, fmt.Sprintf("active generation %d not installed", ms.ActiveGeneration))
+			add(StateLagging, fmt.Sprintf("active generation %d not installed", ms.ActiveGeneration))
 		}
 		if ms.PendingGeneration != 0 && !slices.Contains(rep.Generations, ms.PendingGeneration) {
-			p = append(p, fmt.Sprintf("pending generation %d not installed yet", ms.PendingGeneration))
+			add(StateLagging, fmt.Sprintf("pending generation %d not installed yet", ms.PendingGeneration))
 		}
 	}
 	if rep.Mode.Rank() >= api.ModeEncrypt.Rank() && rep.PeersEncrypted < rep.PeersExpected {
-		p = append(p, fmt.Sprintf("encrypting to %d of %d peers", rep.PeersEncrypted, rep.PeersExpected))
+		add(StateLagging, fmt.Sprintf("encrypting to %d of %d peers", rep.PeersEncrypted, rep.PeersExpected))
 	}
 	if staleAfter > 0 && !rep.LastSync.IsZero() && v.now.Sub(rep.LastSync) > staleAfter {
-		p = append(p, "last sync "+age(v.now, rep.LastSync)+" ago")
+		add(StateStale, "last sync "+age(v.now, rep.LastSync)+" ago")
 	}
-	return p
+	return p, state
 }
 
 // status computes the whole StatusOutput.
@@ -260,7 +436,12 @@ func (v *view) status(staleAfter time.Duration) StatusOutput {
 		}
 	}
 	ok := 0
+	out.States = map[string]int{}
+	for _, st := range States {
+		out.States[st] = 0
+	}
 	for _, r := range out.Nodes {
+		out.States[r.State]++
 		if len(r.Problems) == 0 {
 			ok++
 			continue

@@ -12,6 +12,14 @@
 // tracking would double its size). Field "mode" repeats the report's mode for `kubectl get
 // nodereports`' MODE column only; readers use the report.
 //
+// Annotation SummaryAnnotation repeats the report without its per-peer claims
+// (api.TrimReport(report, "")), written in the same request as the report. The claims list
+// every peer (≈0.5 MB per report at 5,000 nodes with long names); a reader that needs no
+// claims (`secureoverlayctl status`, doctor, mtu, --wait) lists the objects' metadata only
+// and reads the summaries: kilobytes per node instead of the whole reports (docs/cli.md,
+// docs/performance.md §8). A NodeReport without it (written by an agent predating it) is
+// read whole.
+//
 // Readers (agents, master, CLI) take a node's report from its NodeReport when there is
 // one, else from the Node's annotation (an agent of the previous version, during a rolling
 // update); when both exist the one with the later lastSync wins (Pick). An agent writes
@@ -52,6 +60,8 @@ const (
 	ModeField = "mode"
 	// FieldManager is the agents' field manager.
 	FieldManager = "secureoverlay-agent"
+	// SummaryAnnotation holds the report without its per-peer claims (Summary).
+	SummaryAnnotation = "secureoverlay.io/report-summary"
 )
 
 // GVR is the NodeReport resource.
@@ -68,9 +78,10 @@ func Object(ns, node, nodeUID, mode string, raw []byte) *unstructured.Unstructur
 		"apiVersion": Group + "/" + Version,
 		"kind":       Kind,
 		"metadata": map[string]any{
-			"name":      node,
-			"namespace": ns,
-			"labels":    map[string]any{"app.kubernetes.io/part-of": "secureoverlay"},
+			"name":        node,
+			"namespace":   ns,
+			"labels":      map[string]any{"app.kubernetes.io/part-of": "secureoverlay"},
+			"annotations": map[string]any{SummaryAnnotation: Summary(string(raw))},
 		},
 		Field:     string(raw),
 		ModeField: mode,
@@ -87,22 +98,29 @@ func Raw(u *unstructured.Unstructured) string {
 	return s
 }
 
+// Summary is what SummaryAnnotation holds for report raw: raw without its per-peer
+// claims (api.TrimReport with no peer kept).
+func Summary(raw string) string {
+	return api.TrimReport(raw, "")
+}
+
 // writeTimeout bounds one write. Like the annotation patch it replaces, it is not
 // cancelled with the caller's context: a sync that changed the kernel finishes advertising
 // it even during shutdown.
 const writeTimeout = 10 * time.Second
 
-// Write stores node's report: a JSON merge patch of the report, its mode and its owner
-// (no resourceVersion: the agent on node is the object's only writer — the admission
-// policy holds every other agent off it — so the last write is the truth), or a create
-// when there is no object yet.
+// Write stores node's report: a JSON merge patch of the report, its summary, its mode and
+// its owner in one request (no resourceVersion: the agent on node is the object's only
+// writer — the admission policy holds every other agent off it — so the last write is the
+// truth), or a create when there is no object yet.
 func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID, mode string, raw []byte) error {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), writeTimeout)
 	defer cancel()
 	r := dc.Resource(GVR).Namespace(ns)
 	obj := Object(ns, node, nodeUID, mode, raw)
+	meta := obj.Object["metadata"].(map[string]any)
 	patch, err := json.Marshal(map[string]any{
-		"metadata": map[string]any{"ownerReferences": obj.Object["metadata"].(map[string]any)["ownerReferences"]},
+		"metadata": map[string]any{"ownerReferences": meta["ownerReferences"], "annotations": meta["annotations"]},
 		Field:      obj.Object[Field],
 		ModeField:  obj.Object[ModeField],
 	})

@@ -51,6 +51,13 @@ func TestObject(t *testing.T) {
 	if refs := Object("ns", "n", "", "off", nil).GetOwnerReferences(); len(refs) != 0 {
 		t.Fatalf("no uid, owners %+v", refs)
 	}
+	// The summary: the report without its per-peer claims, every other field verbatim.
+	full := `{"mode":"enforce","generations":[7],"inboundFrom":{"a":"0011aabb","b":"2233ccdd"},"encryptingTo":{"a":"0011aabb"},"lastSync":"2026-12-01T00:00:00Z"}`
+	u = Object("ns", "c", "uid-c", "enforce", []byte(full))
+	want := `{"generations":[7],"lastSync":"2026-12-01T00:00:00Z","mode":"enforce"}`
+	if got := u.GetAnnotations()[SummaryAnnotation]; got != want || Raw(u) != full {
+		t.Fatalf("summary annotation %q (want %q), report %q", got, want, Raw(u))
+	}
 }
 
 // TestCacheKeepsDeletedReports: a deleted NodeReport of an existing Node is kept (marked

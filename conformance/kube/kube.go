@@ -70,6 +70,7 @@ type options struct {
 	namespaces   []string
 	startTimeout time.Duration
 	extraArgs    []string
+	etcdArgs     []string
 	sans         []string
 	controllers  bool
 }
@@ -89,6 +90,12 @@ func WithStartTimeout(d time.Duration) Option {
 // WithAPIServerArgs appends extra kube-apiserver flags (later flags win).
 func WithAPIServerArgs(args ...string) Option {
 	return func(o *options) { o.extraArgs = append(o.extraArgs, args...) }
+}
+
+// WithEtcdArgs appends extra etcd flags (later flags win), e.g. a larger
+// --quota-backend-bytes for a benchmark that stores gigabytes.
+func WithEtcdArgs(args ...string) Option {
+	return func(o *options) { o.etcdArgs = append(o.etcdArgs, args...) }
 }
 
 // WithServingSANs adds names or IP addresses to the API server's serving
@@ -306,7 +313,7 @@ var errPortBusy = errors.New("port busy")
 func (c *Cluster) etcdArgs() []string {
 	client := "http://127.0.0.1:" + strconv.Itoa(c.etcdPort)
 	peer := "http://127.0.0.1:" + strconv.Itoa(c.etcdPeerPort)
-	return []string{
+	args := []string{
 		"--name=default",
 		"--data-dir=" + filepath.Join(c.dir, "etcd-data"),
 		"--listen-client-urls=" + client,
@@ -318,6 +325,7 @@ func (c *Cluster) etcdArgs() []string {
 		"--log-level=warn",
 		"--quota-backend-bytes=" + strconv.Itoa(1<<30),
 	}
+	return append(args, c.opts.etcdArgs...)
 }
 
 func (c *Cluster) apiserverArgs() []string {

@@ -1,10 +1,11 @@
 // Command benchreport runs the secureoverlay benchmarks and writes bench/RESULTS.md: the
 // Go benchmarks of desired-state computation, and the gated measurements (xfrm
-// programming, join writes, CNI ADD, event-to-kernel latency, agent memory, and with -lab
-// rotation and cutover in the VM) that print "BENCH name value unit" lines when
-// SECUREOVERLAY_BENCH=1. Every figure in the table is a ratio against a baseline measured
-// in the same run or a count that does not depend on machine speed; absolute times are
-// shown for context. Run it from the repository root (hack/bench.sh does).
+// programming, join writes, CNI ADD, event-to-kernel latency, agent memory,
+// secureoverlayctl status at scale, and with -lab rotation and cutover in the VM) that
+// print "BENCH name value unit" lines when SECUREOVERLAY_BENCH=1. Every figure in the
+// table is a ratio against a baseline measured in the same run or a count that does not
+// depend on machine speed; absolute times are shown for context. Run it from the
+// repository root (hack/bench.sh does).
 package main
 
 import (
@@ -35,7 +36,8 @@ var (
 	labSize = flag.String("lab-nodes", "3,8", "node namespaces for the lab runs")
 	count   = flag.Int("count", 5, "runs of each Go benchmark (the median is reported)")
 	from    = flag.String("from", "", "comma-separated logs of earlier runs whose BENCH lines are merged in (e.g. a separate lab run)")
-	only    = flag.String("only", "", "comma-separated sections to run (compute,xfrm,cni,agent,lab); empty: all")
+	only    = flag.String("only", "", "comma-separated sections to run (compute,xfrm,cni,agent,ctl,lab); empty: all")
+	ctlSize = flag.String("ctl-nodes", "1000,5000", "cluster sizes for secureoverlayctl status")
 	results = map[string]value{}
 	bench   = map[string][]map[string]float64{} // Benchmark name → runs → unit → value
 	cmds    []string
@@ -186,6 +188,9 @@ func main() {
 	if want("agent") {
 		parse(run(benchEnv, "test", "-count=1", "-timeout", "30m", "-run", "^TestBench", "-v", "./reconciler/agent"))
 	}
+	if want("ctl") {
+		parse(run(append(benchEnv, "SECUREOVERLAY_BENCH_CTL_NODES="+*ctlSize), "test", "-count=1", "-timeout", "60m", "-run", "^TestBenchStatus$", "-v", "./ctl"))
+	}
 	if *withLab && want("lab") {
 		parse(run(benchEnv, "test", "-count=1", "-timeout", "30m", "-run", "^TestBenchProgramStatesLab$", "-v", "./reconciler/xfrm"))
 		parse(run(append(benchEnv, "SECUREOVERLAY_BENCH_LAB_NODES="+*labSize), "test", "-count=1", "-timeout", "90m", "-run", "^TestBenchRotationCutover$", "-v", "./conformance/e2e"))
@@ -332,6 +337,26 @@ func main() {
 			get(p+"rotation.lost"), get(p+"rotation.sent"), get(p+"rotation.xfrm_errors"), get(p+"rotation.local_drops"), get(p+"rotation.active"), get(p+"rotation.removed"), get(p+"grace"), get(p+"up"))
 	}
 	w("\nxfrm_stat errors: the growth of every `/proc/net/xfrm_stat` counter (each counts a failure: no state, policy block, replay, ICV) over the node namespaces while the streams ran. Guest drops: packets the guest dropped outside IPsec in the same window (IP output discards in the pod namespaces — a veth's backlog full — and the per-CPU backlog drops of `/proc/net/softnet_stat`): the emulated CPUs not keeping up. The run's log places each lost request on the cutover's timeline and lists every counter that grew (docs/performance.md §7).\n")
+	w("\n## 8. `secureoverlayctl status` at scale (real API server: Nodes with EKS-style names, a NodeReport each listing every peer twice, enforce)\n\n")
+	w("End to end as the operator runs it: the cobra command through its normal client path in the test process (median of 3), `-o json` (one run), and the `secureoverlayctl` binary of this tree as its own process (median of 3); `baseline` is another build's binary (`SECUREOVERLAY_BENCH_BASELINE_CTL`, up to 2,000 nodes: above that its whole-report read does not fit this machine's memory). Then each list alone: where the time goes.\n\n")
+	w("| nodes | report | problem nodes | `status` | `status -o json` | binary `status` | baseline binary `status` | ratio baseline / binary |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	sizes := strings.Split(*ctlSize, ",")
+	for _, n := range sizes {
+		p := "ctl.status." + strings.TrimSpace(n) + "."
+		by := "—"
+		if v, ok := results[p+"report_bytes"]; ok {
+			by = num(v.v/1024) + " KiB"
+		}
+		w("| %s | %s | %s | %s | %s | %s | %s | %s |\n", strings.TrimSpace(n), by, get(p+"problems"), get(p+"inproc.table"), get(p+"inproc.json"),
+			get(p+"binary.table"), get(p+"baseline.table"), ratio(p+"baseline.table", p+"binary.table"))
+	}
+	w("\n| nodes | list Nodes (JSON) | list Nodes (protobuf) | list NodeReports, metadata only (what `status` reads) | list NodeReports whole (dynamic client, gzip: what `status` read before) | whole, uncompressed | whole, uncompressed, bytes only (no decoding) |\n|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, n := range sizes {
+		p := "ctl.status." + strings.TrimSpace(n) + "."
+		w("| %s | %s | %s | %s | %s | %s | %s |\n", strings.TrimSpace(n), get(p+"list_nodes_json"), get(p+"list_nodes_protobuf"), get(p+"list_reports_metadata"),
+			get(p+"list_reports_full"), get(p+"list_reports_full_uncompressed"), get(p+"list_reports_raw_uncompressed"))
+	}
+
 	if err := os.WriteFile(*out, []byte(b.String()), 0o644); err != nil {
 		log.Fatal(err)
 	}

@@ -92,7 +92,7 @@ func buildScaleCluster(t *testing.T, cfg *rest.Config, n int) *scaleCluster {
 	}
 	images := scaleNodeImages()
 	t0 := time.Now()
-	if err := parallelDo(n, 16, func(i int) error {
+	if err := kube.Parallel(n, 16, func(i int) error {
 		name := sc.names[i]
 		kn := kube.Node{Name: name, IPv4: cluster.IP(i).String(), BootID: "boot-" + name}
 		obj := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name,
@@ -127,7 +127,7 @@ func buildScaleCluster(t *testing.T, cfg *rest.Config, n int) *scaleCluster {
 	sort.Slice(order, func(a, b int) bool { return sc.names[order[a]] < sc.names[order[b]] })
 	t0 = time.Now()
 	var mu sync.Mutex
-	if err := parallelDo(n, 16, func(i int) error {
+	if err := kube.Parallel(n, 16, func(i int) error {
 		if scaleNoReport(i) {
 			return nil
 		}

@@ -222,7 +222,7 @@ func TestStatusLargeCluster(t *testing.T) {
 	cfg.QPS, cfg.Burst = 1000, 2000
 	cs := kubernetes.NewForConfigOrDie(cfg)
 	dyn := dynamic.NewForConfigOrDie(cfg)
-	if err := parallelDo(n, 8, func(i int) error {
+	if err := kube.Parallel(n, 8, func(i int) error {
 		node, err := kube.CreateNodeContext(e.ctx, cs, kube.Node{Name: name(i), IPv4: cluster.IP(i).String(), BootID: boot(i)})
 		if err != nil || noReport(i) {
 			return err

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"sync"
 	"testing"
 	"time"
 
@@ -128,4 +129,34 @@ func NodeStatus(n Node) corev1.NodeStatus {
 		}
 	}
 	return st
+}
+
+// Parallel runs f(0) … f(n-1) on w goroutines (tests that create thousands of objects)
+// and returns the first error; every call runs whatever fails.
+func Parallel(n, w int, f func(i int) error) error {
+	var mu sync.Mutex
+	var first error
+	var wg sync.WaitGroup
+	next := make(chan int)
+	for range w {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				if err := f(i); err != nil {
+					mu.Lock()
+					if first == nil {
+						first = err
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	return first
 }

@@ -38,39 +38,27 @@ type SeqUse struct {
 // observed ones and returns it as a fraction of limit (the soft packet limit), with its
 // generation recovered from the SPI's generation field and the live generations.
 func MaxSeq(observed []xfrm.KernelSA, selfIP netip.Addr, limit uint64, live []uint32) SeqUse {
-	var best SeqUse
-	var bestSeq uint64
-	for _, s := range observed {
-		if s.SA.Src != selfIP || s.OutSeq < bestSeq {
-			continue
-		}
-		bestSeq = s.OutSeq
-		best.Generation = 0
-		if gm4, _, ok := keys.ParseSPI(s.SA.SPI); ok {
-			for _, g := range live {
-				if g%4 == gm4 {
-					best.Generation = g
-				}
-			}
-		}
-	}
-	if limit > 0 {
-		best.Fraction = float64(bestSeq) / float64(limit)
-	}
-	return best
+	return maxSeq(observed, limit, live, func(s xfrm.KernelSA) (uint64, bool) { return s.OutSeq, s.SA.Src == selfIP })
 }
 
-// MaxInSeq finds the inbound SA (dst = selfIP) with the highest received sequence number
-// among the observed ones, as MaxSeq does for outbound SAs: what this node's kernel has
-// received and authenticated, which corroborates its peers' outbound claims.
+// MaxInSeq is MaxSeq for the inbound SAs (dst = selfIP) and their highest received
+// sequence number: what this node's kernel has received and authenticated, which
+// corroborates its peers' outbound claims (docs/keys.md §5).
 func MaxInSeq(observed []xfrm.KernelSA, selfIP netip.Addr, limit uint64, live []uint32) SeqUse {
+	return maxSeq(observed, limit, live, func(s xfrm.KernelSA) (uint64, bool) { return s.InSeq, s.SA.Dst == selfIP })
+}
+
+// maxSeq is the SA with the highest seq(s) among those seq selects, as a fraction of limit
+// with its generation.
+func maxSeq(observed []xfrm.KernelSA, limit uint64, live []uint32, seq func(xfrm.KernelSA) (uint64, bool)) SeqUse {
 	var best SeqUse
 	var bestSeq uint64
 	for _, s := range observed {
-		if s.SA.Dst != selfIP || s.InSeq < bestSeq {
+		n, ok := seq(s)
+		if !ok || n < bestSeq {
 			continue
 		}
-		bestSeq = s.InSeq
+		bestSeq = n
 		best.Generation = 0
 		if gm4, _, ok := keys.ParseSPI(s.SA.SPI); ok {
 			for _, g := range live {

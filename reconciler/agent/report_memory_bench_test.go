@@ -20,6 +20,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/bench"
 	"github.com/secureoverlay/secureoverlay/bench/cluster"
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/reconciler/agent"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
@@ -122,7 +123,7 @@ func reportMemoryAt(t *testing.T, bin string, nodes int) [2]reportMemory {
 	dyn := dynamic.NewForConfigOrDie(cfg)
 	uids := make([]string, nodes)
 	t0 := time.Now()
-	if err := parallel(nodes, 16, func(i int) error {
+	if err := kube.Parallel(nodes, 16, func(i int) error {
 		uid, err := createNode(ctx, cs, i)
 		if err != nil {
 			return err
@@ -132,7 +133,7 @@ func reportMemoryAt(t *testing.T, bin string, nodes int) [2]reportMemory {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := parallel(nodes*cluster.BlocksPerNode, 16, func(b int) error {
+	if err := kube.Parallel(nodes*cluster.BlocksPerNode, 16, func(b int) error {
 		return createBlock(ctx, dyn, b/cluster.BlocksPerNode, b%cluster.BlocksPerNode)
 	}); err != nil {
 		t.Fatal(err)
@@ -176,7 +177,7 @@ func reportMemoryAt(t *testing.T, bin string, nodes int) [2]reportMemory {
 	t0 = time.Now()
 	// Node 0's own report stays empty (resetSelf): with a new SA epoch the agent would
 	// wait for the other (static) reports to catch up, which they never do.
-	if err := parallel(nodes-1, 16, func(k int) error {
+	if err := kube.Parallel(nodes-1, 16, func(k int) error {
 		i := k + 1
 		rep, err := steadyReport(i, uids, tags)
 		if err != nil {

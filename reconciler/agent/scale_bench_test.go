@@ -108,35 +108,6 @@ func publishReport(ctx context.Context, cs kubernetes.Interface, i int, uid stri
 	return err
 }
 
-// parallel runs f(0..n-1) on w workers and returns the first error.
-func parallel(n, w int, f func(i int) error) error {
-	var mu sync.Mutex
-	var first error
-	var wg sync.WaitGroup
-	next := make(chan int)
-	for range w {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range next {
-				if err := f(i); err != nil {
-					mu.Lock()
-					if first == nil {
-						first = err
-					}
-					mu.Unlock()
-				}
-			}
-		}()
-	}
-	for i := range n {
-		next <- i
-	}
-	close(next)
-	wg.Wait()
-	return first
-}
-
 // startAgent runs the agent for node 0 with the given xfrm kernel until the test ends; its
 // client is limited to qps/burst (the binary's --kube-api-qps/--kube-api-burst).
 func startAgent(t *testing.T, cfg *rest.Config, k xfrm.Kernel, qps float32, burst int) (*agent.Agent, func()) {
@@ -448,7 +419,7 @@ func TestBenchAgentMemory(t *testing.T) {
 	cs := kubernetes.NewForConfigOrDie(cfg)
 	dyn := dynamic.NewForConfigOrDie(cfg)
 	t0 := time.Now()
-	if err := parallel(nodes, 16, func(i int) error {
+	if err := kube.Parallel(nodes, 16, func(i int) error {
 		uid, err := createNode(ctx, cs, i)
 		if err != nil {
 			return err
@@ -457,7 +428,7 @@ func TestBenchAgentMemory(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if err := parallel(nodes*cluster.BlocksPerNode, 16, func(b int) error {
+	if err := kube.Parallel(nodes*cluster.BlocksPerNode, 16, func(b int) error {
 		return createBlock(ctx, dyn, b/cluster.BlocksPerNode, b%cluster.BlocksPerNode)
 	}); err != nil {
 		t.Fatal(err)

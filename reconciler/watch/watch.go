@@ -427,8 +427,7 @@ func (w *Watcher) HasSynced() bool {
 }
 
 // Err is why the watcher cannot sync (the NodeReports cannot be listed, Calico discovery
-// failed), or nil (also while the
-// first discovery is still running).
+// failed), or nil (also while the first discovery is still running).
 func (w *Watcher) Err() error {
 	if err := w.reports.Err(); err != nil {
 		return err
@@ -462,9 +461,6 @@ func (w *Watcher) withReport(ni NodeInfo) NodeInfo {
 	e, ok := w.reports.Get(ni.Name)
 	return withObject(ni, e.Value, ok)
 }
-
-// ReportsSynced reports whether the NodeReport cache has synced.
-func (w *Watcher) ReportsSynced() bool { return w.reports.HasSynced() }
 
 // Snapshot reads every cache. Call it only after HasSynced. The nodes' Reports are shared
 // with the cache (parsed once per Node change): read them, never modify them.

@@ -398,7 +398,7 @@ func trimNode(obj any) (any, error) {
 func (c *Controller) nodeState(n *corev1.Node) keys.NodeState {
 	if c.reports != nil {
 		if e, ok := c.reports.Get(n.Name); ok {
-			ann, _ := n.Annotations[api.ReportAnnotation]
+			ann := n.Annotations[api.ReportAnnotation]
 			if raw, obj := nodereport.Pick(ann, e.Value); obj {
 				return nodeState(n, raw, true, nodereport.Kind+" "+c.opts.Namespace+"/"+n.Name)
 			}

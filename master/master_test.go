@@ -405,6 +405,12 @@ func TestSequenceClaimConfirmedByPeers(t *testing.T) {
 	agents := enableCluster(e, "n1", "n2", "n3")
 	agents["n1"].setInSeq(0.1, 1)
 	agents["n3"].setInSeq(0.2, 1)
+	// Their reports carry the counters before n2 claims (as every report of a current
+	// agent does: until one does, a claim is taken alone, as from agents of 0.1).
+	e.eventually("n1 and n3 to report inbound counters", wait, func() (bool, string) {
+		r1, r3 := e.report("n1"), e.report("n3")
+		return strings.Contains(r1, `"maxInSeqFraction":0.1`) && strings.Contains(r3, `"maxInSeqFraction":0.2`), r1 + " " + r3
+	})
 	agents["n2"].setSeq(0.9, 1)
 	e.eventually("status to hold n2's claim for confirmation", wait, func() (bool, string) {
 		st := e.status()

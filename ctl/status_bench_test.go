@@ -285,10 +285,20 @@ func statusScale(t *testing.T, n int, bin string) {
 	plainCfg.DisableCompression = true
 	plainDyn := dynamic.NewForConfigOrDie(plainCfg)
 	plainCS := kubernetes.NewForConfigOrDie(plainCfg)
-	lists := []struct {
+	type timedList struct {
 		name string
 		f    func() (int, error)
-	}{
+	}
+	reports := func(c dynamic.Interface) func() (int, error) {
+		return func() (int, error) {
+			l, err := c.Resource(nodereport.GVR).Namespace(api.Namespace).List(ctx, metav1.ListOptions{})
+			if err != nil {
+				return 0, err
+			}
+			return len(l.Items), nil
+		}
+	}
+	lists := []timedList{
 		{"list_nodes_json", func() (int, error) {
 			l, err := jsonCS.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
 			return len(l.Items), err
@@ -306,33 +316,15 @@ func statusScale(t *testing.T, n int, bin string) {
 		}},
 	}
 	if whole {
-		lists = append(lists, struct {
-			name string
-			f    func() (int, error)
-		}{"list_reports_full", func() (int, error) {
-			l, err := dyn.Resource(nodereport.GVR).Namespace(api.Namespace).List(ctx, metav1.ListOptions{})
-			if err != nil {
+		lists = append(lists,
+			timedList{"list_reports_full", reports(dyn)},
+			timedList{"list_reports_full_uncompressed", reports(plainDyn)},
+			timedList{"list_reports_raw_uncompressed", func() (int, error) {
+				// The bytes only: no decoding.
+				b, err := plainCS.CoreV1().RESTClient().Get().AbsPath("/apis", nodereport.Group, nodereport.Version, "namespaces", api.Namespace, nodereport.Resource).DoRaw(ctx)
+				t.Logf("NodeReport list: %d bytes", len(b))
 				return 0, err
-			}
-			return len(l.Items), nil
-		}}, struct {
-			name string
-			f    func() (int, error)
-		}{"list_reports_full_uncompressed", func() (int, error) {
-			l, err := plainDyn.Resource(nodereport.GVR).Namespace(api.Namespace).List(ctx, metav1.ListOptions{})
-			if err != nil {
-				return 0, err
-			}
-			return len(l.Items), nil
-		}}, struct {
-			name string
-			f    func() (int, error)
-		}{"list_reports_raw_uncompressed", func() (int, error) {
-			// The bytes only: no decoding.
-			b, err := plainCS.CoreV1().RESTClient().Get().AbsPath("/apis", nodereport.Group, nodereport.Version, "namespaces", api.Namespace, nodereport.Resource).DoRaw(ctx)
-			t.Logf("NodeReport list: %d bytes", len(b))
-			return 0, err
-		}})
+			}})
 	}
 	for _, l := range lists {
 		var err error

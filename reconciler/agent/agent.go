@@ -812,11 +812,12 @@ func (a *Agent) publishError(ctx context.Context, err error) {
 // it removes the annotation from its Node (docs/keys.md §6).
 func (a *Agent) publish(ctx context.Context, r watch.Report) error {
 	reason, write := a.publishDue(r)
+	prev := a.previous()
 	objects := a.d.Dynamic != nil
 	annotate := !objects || a.legacyPeers != 0
-	if objects && annotate && !a.annotated && !write && a.previous() != nil {
+	if objects && annotate && !a.annotated && !write && prev != nil {
 		// A peer that reads only annotations appeared: our unchanged claims go there too.
-		reason, write, r = "legacy-peer", true, *a.previous()
+		reason, write, r = "legacy-peer", true, *prev
 	}
 	self := a.d.Source.Node(a.cfg.NodeName)
 	unannotate := !annotate && self != nil && self.AnnotationReport
@@ -824,7 +825,7 @@ func (a *Agent) publish(ctx context.Context, r watch.Report) error {
 		return nil
 	}
 	if write {
-		if prev := a.previous(); r.LastSync.IsZero() && prev != nil {
+		if r.LastSync.IsZero() && prev != nil {
 			r.LastSync = prev.LastSync
 		}
 		if err := a.writeReport(ctx, r, self, annotate); err != nil {

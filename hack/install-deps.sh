@@ -9,6 +9,7 @@ pkgs=(
   tcpdump                           # captures in the lab
   qemu-system-x86 busybox-static cpio zstd xz-utils iputils-ping   # the VM lab (ping -M do for DF probes)
   mmdebstrap umoci skopeo jq        # make image: the image without a registry (hack/tools-image.sh)
+  python3-cryptography              # keys: the independent check of the v2 derivation vectors
 )
 
 missing=()

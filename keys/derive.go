@@ -4,7 +4,6 @@ import (
 	"crypto/hkdf"
 	"crypto/sha256"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"net/netip"
 )
@@ -155,15 +154,9 @@ func KindInfo(kind Kind, c Cipher, icv int, gen uint32, src, dst Endpoint) ([]by
 	if kind == KindTunnel {
 		label = tunnelInfoLabel
 	}
-	if !src.IP.IsValid() || !dst.IP.IsValid() {
-		return nil, errors.New("derive sa: invalid endpoint IP")
-	}
-	s, d := src.IP.Unmap(), dst.IP.Unmap()
-	if s == d {
-		return nil, fmt.Errorf("derive sa %s->%s: source and destination are the same address", s, d)
-	}
-	if len(src.Incarnation) > 0xffff || len(dst.Incarnation) > 0xffff {
-		return nil, fmt.Errorf("derive sa %s->%s: incarnation longer than 65535 bytes", s, d)
+	s, d, err := checkEndpoints(src, dst)
+	if err != nil {
+		return nil, err
 	}
 	b := make([]byte, 0, len(label)+1+2+4+32+4+len(src.Incarnation)+len(dst.Incarnation))
 	b = append(b, label...)

@@ -3,9 +3,18 @@
 # initramfs holding busybox, the data-plane kernel modules, iproute2, iptables,
 # tcpdump, ping, kmod, the command-channel helper labd and the echo-stream tool labping.
 #
-# Output, under ${SECUREOVERLAY_CACHE_DIR:-<repo>/.cache}/lab/:
-#   vmlinuz          the kernel of the linux-image-<ver>-amd64 package that
-#                    linux-image-amd64 depends on (downloaded, never installed)
+# The kernel (SECUREOVERLAY_LAB_KERNEL, the kernel matrix of docs/lab.md):
+#   6.1   (default) bookworm's: the linux-image-<ver>-amd64 package that linux-image-amd64
+#         depends on, from the machine's own apt sources
+#   X.Y   the newest linux-image-X.Y.*+deb13-amd64 in trixie or trixie-backports (6.12 is
+#         trixie's own; 6.18 and 7.3 come from backports), with its separate
+#         linux-binary-* and linux-modules-* packages where Debian splits them
+# trixie's suites come through a private apt configuration under the cache
+# (<cache>/apt/trixie: its own sources list, lists and state); the machine's own
+# sources are never touched. Packages are downloaded, never installed.
+#
+# Output, under ${SECUREOVERLAY_CACHE_DIR:-<repo>/.cache}/lab/ (6.1) or lab-<kernel>/:
+#   vmlinuz          the kernel
 #   initrd.img       gzip'd cpio (newc) root file system
 #   kernel.release   e.g. 6.1.0-56-amd64
 #   manifest.txt     what went into the image (packages, modules, tools)
@@ -58,18 +67,69 @@ modules=(
 tools=(ip ss tc bridge nstat xtables-nft-multi xtables-legacy-multi tcpdump ping kmod)
 
 # --- inputs and stamp --------------------------------------------------------
-kpkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+lab_kernel=${SECUREOVERLAY_LAB_KERNEL:-6.1}
+apt=(apt-get) acache=(apt-cache)
+case $lab_kernel in
+6.1) ;;
+[0-9]*.[0-9]*)
+	out=$cache/lab-$lab_kernel
+	mkdir -p "$out/deb"
+	pa=$cache/apt/trixie
+	mkdir -p "$pa"/etc/{sources.list.d,preferences.d,apt.conf.d} "$pa"/state/lists/partial "$pa"/cache/archives/partial
+	touch "$pa/state/status"
+	printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian %s main\n' \
+		trixie trixie-backports >"$pa/etc/sources.list"
+	opts=(-o "Dir::Etc=$pa/etc" -o "Dir::Etc::sourcelist=$pa/etc/sources.list" -o "Dir::Etc::sourceparts=$pa/etc/sources.list.d"
+		-o "Dir::Etc::preferencesparts=$pa/etc/preferences.d" -o "Dir::Etc::parts=$pa/etc/apt.conf.d"
+		-o "Dir::State=$pa/state" -o "Dir::State::status=$pa/state/status" -o "Dir::Cache=$pa/cache" -o APT::Architecture=amd64)
+	apt=(apt-get "${opts[@]}") acache=(apt-cache "${opts[@]}")
+	;;
+*) die "SECUREOVERLAY_LAB_KERNEL=$lab_kernel: want a kernel series such as 6.1 (bookworm), 6.12 (trixie) or 7.3 (trixie-backports)" ;;
+esac
+
+# split_debs PKG prints PKG's linux-binary-*/linux-modules-* dependencies: from 6.19 on,
+# Debian splits a kernel into linux-image-* (empty), linux-binary-* (vmlinuz) and
+# linux-modules-*.
+# linux-base-* (System.map, config, modules.builtin*) comes with them.
+split_debs() {
+	local deps
+	deps=$("${acache[@]}" show "$1" 2>/dev/null | awk -F': ' '/^Depends:/{print $2; exit}' | tr ',' '\n' | awk '{print $1}')
+	echo "$deps" | grep -qE '^linux-modules-' || return 0
+	echo "$deps" | grep -E '^linux-(base|binary|modules)-[0-9]' || true
+}
+
+# resolve_kernel prints the kernel image package for $lab_kernel (empty if the lists do not
+# know one): bookworm's or trixie's default kernel, else the newest of the series in trixie
+# or trixie-backports whose split packages are all in the archive (the archive has dropped
+# some series' module packages while keeping their images).
+resolve_kernel() {
+	local series=${lab_kernel//./[.]} p d ok
+	case $lab_kernel in
+	6.1) "${acache[@]}" depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}' ;;
+	*)
+		for p in $("${acache[@]}" search --names-only "^linux-image-${series}[.][0-9]+[+]deb13-amd64\$" 2>/dev/null | awk '{print $1}' | sort -rV); do
+			ok=1
+			for d in $(split_debs "$p"); do
+				[[ $("${acache[@]}" policy "$d" 2>/dev/null) == *"Candidate: "[0-9]* ]] || { ok=; log "skipping $p: $d is not in the archive"; break; }
+			done
+			[ -n "$ok" ] && { echo "$p"; return; }
+		done
+		;;
+	esac
+}
+kpkg=$(resolve_kernel || true)
 if [ -z "$kpkg" ]; then
-	log "apt lists do not know linux-image-amd64; running apt-get update"
-	apt-get update -qq
-	kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+	log "apt lists do not know the $lab_kernel kernel; running apt-get update"
+	"${apt[@]}" update -qq
+	kpkg=$(resolve_kernel || true)
 fi
-[ -n "$kpkg" ] || die "cannot resolve the kernel package linux-image-amd64 depends on"
-kver_pkg=$(apt-cache policy "$kpkg" | awk '/Candidate:/{print $2}')
+[ -n "$kpkg" ] || die "cannot resolve the $lab_kernel kernel package"
+kver_pkg=$("${acache[@]}" policy "$kpkg" | awk '/Candidate:/{print $2}')
+kdebs=("$kpkg" $(split_debs "$kpkg"))
 
 stamp=$(
 	{
-		echo "kernel $kpkg $kver_pkg"
+		echo "kernel $lab_kernel ${kdebs[*]} $kver_pkg"
 		sha256sum "$0"
 		(cd "$repo" && find conformance/lab/guest conformance/lab/wire -type f | LC_ALL=C sort | xargs sha256sum)
 		dpkg-query -W -f='${Package} ${Version}\n' iproute2 iptables tcpdump busybox-static kmod iputils-ping libc6 dash
@@ -84,21 +144,34 @@ if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] &&
 fi
 
 # --- kernel --------------------------------------------------------------------
-deb=$(ls "$out/deb/${kpkg}_"*.deb 2>/dev/null | head -1 || true)
-if [ -z "$deb" ]; then
-	log "downloading $kpkg ($kver_pkg)"
-	(cd "$out/deb" && { apt-get download -q "$kpkg" 2>/dev/null || { apt-get update -qq && apt-get download -q "$kpkg"; }; })
-	deb=$(ls "$out/deb/${kpkg}_"*.deb | head -1)
-fi
+debs=()
+for p in "${kdebs[@]}"; do
+	d=$(ls "$out/deb/${p}_"*.deb 2>/dev/null | head -1 || true)
+	if [ -z "$d" ]; then
+		log "downloading $p ($kver_pkg)"
+		(cd "$out/deb" && { "${apt[@]}" download -q "$p=$kver_pkg" 2>/dev/null || { "${apt[@]}" update -qq && "${apt[@]}" download -q "$p=$kver_pkg"; }; })
+		d=$(ls "$out/deb/${p}_"*.deb | head -1)
+	fi
+	debs+=("$d")
+done
 # Older kernel packages from earlier runs are of no use.
-find "$out/deb" -name 'linux-image-*.deb' ! -path "$deb" -delete
+for d in "$out"/deb/linux-*.deb; do
+	[ -e "$d" ] || continue
+	case " ${debs[*]} " in *" $d "*) ;; *) rm -f "$d" ;; esac
+done
 
 work=$(mktemp -d "$out/.build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-log "extracting $(basename "$deb")"
-dpkg-deb -x "$deb" "$work/k"
+for d in "${debs[@]}"; do
+	log "extracting $(basename "$d")"
+	dpkg-deb -x "$d" "$work/k"
+done
+# Debian 13's packages put the modules under /usr/lib (merged /usr), bookworm's under /lib.
+if [ -d "$work/k/usr/lib/modules" ] && [ ! -d "$work/k/lib/modules" ]; then
+	mkdir -p "$work/k/lib" && mv "$work/k/usr/lib/modules" "$work/k/lib/modules"
+fi
 krel=$(ls "$work/k/lib/modules")
-[ "$(echo "$krel" | wc -w)" = 1 ] || die "expected one module tree in $deb, got: $krel"
+[ "$(echo "$krel" | wc -w)" = 1 ] || die "expected one module tree in ${debs[*]}, got: $krel"
 kmods=$work/k/lib/modules/$krel
 # Decompress compressed modules (busybox and minimal userlands cannot load them).
 find "$kmods" -name '*.ko.xz' -exec xz -d {} +
@@ -158,7 +231,7 @@ CGO_ENABLED=0 "$GO" build -C "$repo" -trimpath -ldflags '-s -w' -o "$root/sbin/l
 
 install -m 0755 "$repo/conformance/lab/guest/rc" "$root/etc/lab/rc"
 install -m 0644 "$repo/conformance/lab/guest/inittab" "$root/etc/inittab"
-printf '%s\n' "${modules[@]}" >"$root/etc/lab/modules"
+
 # Protocol and service names (netbase) for iptables -p and tcpdump, when the host has them.
 for f in /etc/protocols /etc/services; do [ -f "$f" ] && cp "$f" "$root/etc/"; done
 cat >"$root/etc/passwd" <<'EOF'
@@ -175,10 +248,22 @@ echo "127.0.0.1 localhost lab" >"$root/etc/hosts"
 
 # Modules: the closure of the list above, uncompressed, with a fresh depmod.
 : >"$work/modfiles"
+# Bookworm's kernel must have every module; other series may have renamed or merged some
+# (6.18 has no sha512_generic: SHA-512 moved to lib/crypto): those are left out of the
+# boot list and named in the manifest, and the lab's tests show whether anything is amiss.
+absent=()
 for m in "${modules[@]}"; do
-	modprobe -d "$work/k" -S "$krel" --show-depends "$m" >>"$work/modfiles" ||
-		die "kernel $krel has no module $m"
+	if ! modprobe -d "$work/k" -S "$krel" --show-depends "$m" >>"$work/modfiles" 2>/dev/null; then
+		[ "$lab_kernel" = 6.1 ] && die "kernel $krel has no module $m"
+		log "kernel $krel has no module $m; left out"
+		absent+=("$m")
+	fi
 done
+boot_modules=()
+for m in "${modules[@]}"; do
+	case " ${absent[*]-} " in *" $m "*) ;; *) boot_modules+=("$m") ;; esac
+done
+printf '%s\n' "${boot_modules[@]}" >"$root/etc/lab/modules"
 mkdir -p "$root/lib/modules/$krel"
 cp "$kmods"/modules.order "$kmods"/modules.builtin "$kmods"/modules.builtin.modinfo "$root/lib/modules/$krel/"
 awk '$1 == "insmod" {print $2}' "$work/modfiles" | sort -u | while read -r f; do
@@ -191,7 +276,8 @@ depmod -b "$root" "$krel"
 {
 	echo "kernel package: $kpkg $kver_pkg ($krel)"
 	dpkg-query -W -f='userland: ${Package} ${Version}\n' iproute2 iptables tcpdump busybox-static kmod iputils-ping libc6
-	echo "modules loaded at boot: ${modules[*]}"
+	echo "modules loaded at boot: ${boot_modules[*]}"
+	[ "${#absent[@]}" -eq 0 ] || echo "modules this kernel lacks (left out): ${absent[*]}"
 	echo "module files:"
 	(cd "$root/lib/modules/$krel" && find . -name '*.ko' | LC_ALL=C sort | sed 's/^/  /')
 	echo "tools: ${tools[*]}"
@@ -200,7 +286,8 @@ depmod -b "$root" "$krel"
 log "packing initramfs ($(du -sh "$root" | cut -f1) unpacked)"
 (cd "$root" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet | gzip -6) >"$work/initrd.img"
 
-cp "$work/k/boot/vmlinuz-$krel" "$work/vmlinuz"
+# bookworm and trixie ship /boot/vmlinuz-<release>; the split packages (6.19 on) /usr/lib/modules/<release>/vmlinuz.
+if [ -f "$work/k/boot/vmlinuz-$krel" ]; then cp "$work/k/boot/vmlinuz-$krel" "$work/vmlinuz"; else cp "$kmods/vmlinuz" "$work/vmlinuz"; fi
 echo "$krel" >"$work/kernel.release"
 for f in vmlinuz initrd.img kernel.release manifest.txt; do mv -f "$work/$f" "$out/$f"; done
 echo "$stamp" >"$out/stamp"

@@ -178,15 +178,44 @@ type Image struct {
 	Kernel, Initrd, Release string
 }
 
-// FindImage locates the lab image under cacheDir (default CacheDir()).
+// KernelEnv selects the lab's kernel series (the kernel matrix, docs/lab.md): unset or
+// "6.1" is bookworm's kernel, any other series ("6.12", "6.18", "7.3") the image
+// `SECUREOVERLAY_LAB_KERNEL=<series> hack/tools-lab.sh` built from trixie or
+// trixie-backports.
+const KernelEnv = "SECUREOVERLAY_LAB_KERNEL"
+
+var seriesRE = regexp.MustCompile(`^[0-9]{1,2}\.[0-9]{1,3}$`)
+
+// ImageDir is the cache subdirectory of the selected kernel's image: "lab" for 6.1,
+// "lab-<series>" for the others.
+func ImageDir() (string, error) {
+	k := os.Getenv(KernelEnv)
+	switch {
+	case k == "" || k == "6.1":
+		return "lab", nil
+	case seriesRE.MatchString(k):
+		return "lab-" + k, nil
+	}
+	return "", fmt.Errorf("%s=%q: want a kernel series such as 6.1, 6.12 or 7.3", KernelEnv, k)
+}
+
+// FindImage locates the selected kernel's lab image under cacheDir (default CacheDir()).
 func FindImage(cacheDir string) (Image, error) {
 	if cacheDir == "" {
 		cacheDir = CacheDir()
 	}
-	dir := filepath.Join(cacheDir, "lab")
+	sub, err := ImageDir()
+	if err != nil {
+		return Image{}, err
+	}
+	dir := filepath.Join(cacheDir, sub)
 	img := Image{Kernel: filepath.Join(dir, "vmlinuz"), Initrd: filepath.Join(dir, "initrd.img")}
 	for _, p := range []string{img.Kernel, img.Initrd} {
 		if fi, err := os.Stat(p); err != nil || fi.Size() == 0 {
+			if sub != "lab" {
+				return Image{}, fmt.Errorf("%w: %s missing (for %s=%s: `%s=%s hack/tools-lab.sh`, or `make conformance-matrix`)",
+					ErrNoImage, p, KernelEnv, os.Getenv(KernelEnv), KernelEnv, os.Getenv(KernelEnv))
+			}
 			return Image{}, fmt.Errorf("%w: %s missing", ErrNoImage, p)
 		}
 	}

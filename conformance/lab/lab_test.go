@@ -112,6 +112,7 @@ func TestQemuArgsRejectBadInput(t *testing.T) {
 }
 
 func TestFindImageReportsMissingImage(t *testing.T) {
+	t.Setenv(KernelEnv, "") // bookworm's kernel, whatever the matrix run selected
 	dir := t.TempDir()
 	if _, err := FindImage(dir); err == nil || !strings.Contains(err.Error(), "make tools") {
 		t.Fatalf("FindImage(empty) = %v, want ErrNoImage", err)
@@ -134,6 +135,43 @@ func TestFindImageReportsMissingImage(t *testing.T) {
 	t.Setenv("SECUREOVERLAY_CACHE_DIR", dir)
 	if CacheDir() != dir {
 		t.Fatalf("CacheDir() = %s, want $SECUREOVERLAY_CACHE_DIR", CacheDir())
+	}
+}
+
+// TestKernelSelection: SECUREOVERLAY_LAB_KERNEL picks the image directory of the kernel
+// matrix; a bad value is an error naming the variable, a missing image names the command.
+func TestKernelSelection(t *testing.T) {
+	dir := t.TempDir()
+	for _, k := range []string{"6.12", "7.3"} {
+		if err := os.MkdirAll(filepath.Join(dir, "lab-"+k), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range []string{"vmlinuz", "initrd.img"} {
+			if err := os.WriteFile(filepath.Join(dir, "lab-"+k, f), []byte("x"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.WriteFile(filepath.Join(dir, "lab-"+k, "kernel.release"), []byte(k+".0-test\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct{ env, release, err string }{
+		{"6.12", "6.12.0-test", ""},
+		{"7.3", "7.3.0-test", ""},
+		{"6.18", "", "SECUREOVERLAY_LAB_KERNEL=6.18 hack/tools-lab.sh"},
+		{"", "", "lab/vmlinuz missing"},
+		{"6.1", "", "lab/vmlinuz missing"},
+		{"../x", "", "want a kernel series"},
+		{"trixie", "", "want a kernel series"},
+	} {
+		t.Setenv(KernelEnv, c.env)
+		img, err := FindImage(dir)
+		switch {
+		case c.err == "" && (err != nil || img.Release != c.release):
+			t.Errorf("%s=%q: FindImage = %+v, %v; want release %s", KernelEnv, c.env, img, err, c.release)
+		case c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)):
+			t.Errorf("%s=%q: FindImage error %v, want one containing %q", KernelEnv, c.env, err, c.err)
+		}
 	}
 }
 

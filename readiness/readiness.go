@@ -1,0 +1,244 @@
+// Package readiness is the pure core of protocol v2's per-pair readiness
+// (docs/protocol-v2.md §6): key digests, the bucket digests an agent reports, the master's
+// sticky confirmations and the node views it derives, and the agent's rule for using a view.
+//
+// Nothing here does I/O. The package is not yet used on the wire; its model test
+// (readiness_test.go) checks the design's safety and liveness against lagging watches
+// before it is wired.
+package readiness
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"slices"
+)
+
+// K is a node's key digest: the first 8 bytes of SHA-256 over its key incarnation
+// (bootID/uid/epoch). Every claim names the K it was made for.
+type K uint64
+
+// KeyDigest returns the K of a key incarnation.
+func KeyDigest(incarnation string) K {
+	h := sha256.Sum256([]byte("secureoverlay keys v2\x00" + incarnation))
+	return K(binary.BigEndian.Uint64(h[:8]))
+}
+
+// DefaultBuckets is the number of bucket digests per direction in a NodeStatus.
+const DefaultBuckets = 32
+
+// Keys is a view of the cluster's key digests by node ID.
+type Keys map[uint32]K
+
+// Clone copies a view.
+func (ks Keys) Clone() Keys {
+	c := make(Keys, len(ks))
+	for id, k := range ks {
+		c[id] = k
+	}
+	return c
+}
+
+// Digest is one 48-bit digest over the sorted (id, K) pairs of ks for which keep is true
+// (nil keep: all). Every party computes it the same way.
+func (ks Keys) Digest(keep func(id uint32) bool) uint64 {
+	ids := make([]uint32, 0, len(ks))
+	for id := range ks {
+		if keep == nil || keep(id) {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	h := sha256.New()
+	var b [12]byte
+	for _, id := range ids {
+		binary.BigEndian.PutUint32(b[:4], id)
+		binary.BigEndian.PutUint64(b[4:], uint64(ks[id]))
+		h.Write(b[:])
+	}
+	var sum [32]byte
+	return binary.BigEndian.Uint64(append([]byte{0, 0}, h.Sum(sum[:0])[:6]...))
+}
+
+// Buckets returns the bucket digests of claims: bucket j covers the ids with id mod n = j.
+func Buckets(claims Keys, n int) []uint64 {
+	out := make([]uint64, n)
+	for j := range out {
+		out[j] = claims.Digest(func(id uint32) bool { return int(id%uint32(n)) == j })
+	}
+	return out
+}
+
+// Status is what an agent reports about its claims (the per-pair part of a NodeStatus).
+type Status struct {
+	ID   uint32
+	Self K        // the node's own K the claims were made with
+	In   []uint64 // bucket digests of the peers (with their K) it holds inbound SAs from
+	Out  []uint64 // bucket digests of the peers (with their K) it sends ESP to
+	// Refused are peers the node knows but will not program (bad public key, address
+	// conflict): left out of the expected digests so they cannot hold their bucket back.
+	Refused []uint32
+}
+
+// NewStatus builds a Status from the node's claims.
+func NewStatus(id uint32, self K, in, out Keys, refused []uint32, buckets int) Status {
+	return Status{ID: id, Self: self, In: Buckets(in, buckets), Out: Buckets(out, buckets), Refused: slices.Clone(refused)}
+}
+
+// View is what the master tells one node: the peers not (yet) confirmed to hold inbound SAs
+// from it (NotIn) and not confirmed to send it ESP (NotOut), relative to the master's key
+// view whose digest is Keys.
+type View struct {
+	NotIn, NotOut []uint32
+	Keys          uint64
+}
+
+// Master holds the master's key view and its sticky confirmations. The zero value is not
+// usable; call NewMaster.
+type Master struct {
+	buckets int
+	keys    Keys
+	in, out map[uint32]map[uint32]bool // confirmed[B][X]: B holds inbound from / sends ESP to X, for the current K of both
+}
+
+// NewMaster returns a master with no nodes.
+func NewMaster(buckets int) *Master {
+	return &Master{buckets: buckets, keys: Keys{}, in: map[uint32]map[uint32]bool{}, out: map[uint32]map[uint32]bool{}}
+}
+
+// SetKeys records node id's current K (from its NodeKeys). A change clears every
+// confirmation about the node, as receiver and as peer: nothing confirmed about an old K
+// carries over.
+func (m *Master) SetKeys(id uint32, k K) {
+	if old, ok := m.keys[id]; ok && old == k {
+		return
+	}
+	m.keys[id] = k
+	m.forget(id)
+}
+
+// Remove forgets a node that left.
+func (m *Master) Remove(id uint32) {
+	delete(m.keys, id)
+	m.forget(id)
+}
+
+func (m *Master) forget(id uint32) {
+	delete(m.in, id)
+	delete(m.out, id)
+	for _, row := range m.in {
+		delete(row, id)
+	}
+	for _, row := range m.out {
+		delete(row, id)
+	}
+}
+
+// Keys returns the master's key view (a copy).
+func (m *Master) Keys() Keys { return m.keys.Clone() }
+
+// Observe takes a node's status: for every bucket whose digest equals the master's own
+// computation over its key view (the node's live, not refused peers), every peer of that
+// bucket is confirmed. A status made for another K of the node than the master's is stale
+// and ignored. Confirmations are never withdrawn here.
+func (m *Master) Observe(s Status) {
+	self, ok := m.keys[s.ID]
+	if !ok || self != s.Self || len(s.In) != m.buckets || len(s.Out) != m.buckets {
+		return
+	}
+	refused := map[uint32]bool{}
+	for _, r := range s.Refused {
+		refused[r] = true
+	}
+	for j := 0; j < m.buckets; j++ {
+		keep := func(id uint32) bool { return id != s.ID && !refused[id] && int(id%uint32(m.buckets)) == j }
+		want := m.keys.Digest(keep)
+		for _, c := range []struct {
+			got  uint64
+			conf map[uint32]map[uint32]bool
+		}{{s.In[j], m.in}, {s.Out[j], m.out}} {
+			if c.got != want {
+				continue
+			}
+			row := c.conf[s.ID]
+			if row == nil {
+				row = map[uint32]bool{}
+				c.conf[s.ID] = row
+			}
+			for id := range m.keys {
+				if keep(id) {
+					row[id] = true
+				}
+			}
+		}
+	}
+}
+
+// ViewFor returns node a's view: every other node the master knows whose inbound from a
+// (NotIn) or ESP to a (NotOut) is not confirmed, sorted, and the digest of the key view.
+func (m *Master) ViewFor(a uint32) View {
+	v := View{Keys: m.keys.Digest(nil)}
+	for id := range m.keys {
+		if id == a {
+			continue
+		}
+		if !m.in[id][a] {
+			v.NotIn = append(v.NotIn, id)
+		}
+		if !m.out[id][a] {
+			v.NotOut = append(v.NotOut, id)
+		}
+	}
+	slices.Sort(v.NotIn)
+	slices.Sort(v.NotOut)
+	return v
+}
+
+// Agent is one node's use of its views: the pairs it has seen confirmed by a view
+// consistent with its own key view. Confirmations are
+// sticky on the agent too (for the same K of both ends): the truth they state cannot
+// become false without a K changing, so a later view that lost them — a new master leader
+// rebuilding its confirmations, a bucket still churning — never turns a ready pair back.
+type Agent struct {
+	ID      uint32
+	in, out map[uint32][2]K // peer -> (peer's K, own K) confirmed
+}
+
+// Consider takes a view from the master. If its key digest equals the digest of the
+// agent's own key view (mine), every peer it does not list is confirmed for the K of both
+// ends in mine; otherwise the view is ignored. It reports whether the view was used.
+func (a *Agent) Consider(v View, mine Keys) bool {
+	if v.Keys != mine.Digest(nil) {
+		return false
+	}
+	if a.in == nil {
+		a.in, a.out = map[uint32][2]K{}, map[uint32][2]K{}
+	}
+	for id, k := range mine {
+		if id == a.ID {
+			continue
+		}
+		pair := [2]K{k, mine[a.ID]}
+		if !slices.Contains(v.NotIn, id) {
+			a.in[id] = pair
+		}
+		if !slices.Contains(v.NotOut, id) {
+			a.out[id] = pair
+		}
+	}
+	return true
+}
+
+// confirmed: c holds b's confirmation for both ends' K as they are in mine.
+func (a *Agent) confirmed(c map[uint32][2]K, b uint32, mine Keys) bool {
+	kb, ok1 := mine[b]
+	ka, ok2 := mine[a.ID]
+	p, ok3 := c[b]
+	return ok1 && ok2 && ok3 && p == [2]K{kb, ka}
+}
+
+// SendESP: may this node send ESP to b (b holds the inbound SAs from this node's current
+// keys, derived with b's current keys)?
+func (a *Agent) SendESP(b uint32, mine Keys) bool { return a.confirmed(a.in, b, mine) }
+
+// DropPlaintext: may this node, in enforce, drop plaintext from b (b sends it ESP)?
+func (a *Agent) DropPlaintext(b uint32, mine Keys) bool { return a.confirmed(a.out, b, mine) }

@@ -36,7 +36,7 @@ var (
 	labSize = flag.String("lab-nodes", "3,8", "node namespaces for the lab runs")
 	count   = flag.Int("count", 5, "runs of each Go benchmark (the median is reported)")
 	from    = flag.String("from", "", "comma-separated logs of earlier runs whose BENCH lines are merged in (e.g. a separate lab run)")
-	only    = flag.String("only", "", "comma-separated sections to run (compute,xfrm,cni,agent,ctl,lab); empty: all")
+	only    = flag.String("only", "", "comma-separated sections to run (compute,xfrm,keys,cni,agent,ctl,lab); empty: all")
 	ctlSize = flag.String("ctl-nodes", "1000,5000", "cluster sizes for secureoverlayctl status")
 	results = map[string]value{}
 	bench   = map[string][]map[string]float64{} // Benchmark name → runs → unit → value
@@ -181,6 +181,9 @@ func main() {
 	if want("xfrm") {
 		parse(run(nil, "test", "-run", "^$", "-bench", "^BenchmarkApplyJoin$", "-benchmem", "-count", strconv.Itoa(*count), "./reconciler/xfrm"))
 		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBench(ProgramPolicies|Join)$", "-v", "./reconciler/xfrm"))
+	}
+	if want("keys") {
+		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBenchDeriveV2Start$", "-v", "./keys"))
 	}
 	if want("cni") {
 		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBenchChainAdd$", "-v", "./plugin"))
@@ -356,6 +359,11 @@ func main() {
 		w("| %s | %s | %s | %s | %s | %s | %s |\n", strings.TrimSpace(n), get(p+"list_nodes_json"), get(p+"list_nodes_protobuf"), get(p+"list_reports_metadata"),
 			get(p+"list_reports_full"), get(p+"list_reports_full_uncompressed"), get(p+"list_reports_raw_uncompressed"))
 	}
+
+	w("\n## 9. Pair-key derivation at an agent's start (5,000-node cluster: 4,999 peers × 2 generations, per peer and generation 4 SAs; medians of 5 alternating rounds)\n\n")
+	w("| derivation | time | ratio |\n|---|---:|---:|\n")
+	w("| v1: HKDF from the generation's shared root (docs/keys.md §3) | %s | 1× |\n", get("keys.start_v1"))
+	w("| v2: per pair one X25519 and one salted extract, then HKDF (docs/keys.md §10) | %s (issue 17's bound: 1 s) | %s |\n", get("keys.start_v2"), get("keys.start_ratio_v2_v1"))
 
 	if err := os.WriteFile(*out, []byte(b.String()), 0o644); err != nil {
 		log.Fatal(err)

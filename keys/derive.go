@@ -71,11 +71,8 @@ type Deriver struct {
 
 // NewDeriver prepares derivation for generation g.
 func NewDeriver(g *Generation) (*Deriver, error) {
-	if g.Cipher.KeyBytes() == 0 {
-		return nil, fmt.Errorf("derive generation %d: cipher %s", g.Number, notOneOf(ciphers))
-	}
-	if !ValidICV(g.ICVBytes) {
-		return nil, fmt.Errorf("derive generation %d: icvBytes %s", g.Number, notOneOf(icvs))
+	if err := checkAEAD(g.Number, g.Cipher, g.ICVBytes); err != nil {
+		return nil, err
 	}
 	if len(g.Root) != RootKeyBytes {
 		return nil, fmt.Errorf("derive generation %d: root key is %d bytes, want %d", g.Number, len(g.Root), RootKeyBytes)
@@ -85,6 +82,17 @@ func NewDeriver(g *Generation) (*Deriver, error) {
 		return nil, fmt.Errorf("derive generation %d: hkdf extract failed", g.Number)
 	}
 	return &Deriver{gen: g.Number, cipher: g.Cipher, icv: g.ICVBytes, prk: prk}, nil
+}
+
+// checkAEAD validates a generation's cipher and ICV length (both derivation versions).
+func checkAEAD(gen uint32, c Cipher, icv int) error {
+	if c.KeyBytes() == 0 {
+		return fmt.Errorf("derive generation %d: cipher %s", gen, notOneOf(ciphers))
+	}
+	if !ValidICV(icv) {
+		return fmt.Errorf("derive generation %d: icvBytes %s", gen, notOneOf(icvs))
+	}
+	return nil
 }
 
 // Derive returns the transport-mode SA from src to dst. The sender calls it as (self,

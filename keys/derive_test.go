@@ -79,13 +79,18 @@ func computeVector(t testing.TB, v vector) vector {
 	return v
 }
 
-// TestGoldenVectors pins the derivation (HKDF info layout, output split, SPI layout).
-// docs/keys.md shows the same vectors; regenerate both with -update only on purpose.
-func TestGoldenVectors(t *testing.T) {
-	path := filepath.Join("testdata", "vectors.json")
-	var got []vector
-	for _, v := range vectorInputs() {
-		got = append(got, computeVector(t, v))
+// goldenRow is what docs/keys.md shows of a vector: its info and its table cells.
+type goldenRow struct{ info, spi, key string }
+
+// checkGolden compares the vectors computed from inputs with the file path (rewritten
+// with -update), recomputes each vector from the file's own inputs (the file is the source
+// of truth), and checks that docs/keys.md shows the first vector's info and every
+// vector's SPI and key blob. It returns the file's vectors.
+func checkGolden[V comparable](t *testing.T, path string, inputs []V, compute func(testing.TB, V) V, row func(V) goldenRow) []V {
+	t.Helper()
+	var got []V
+	for _, v := range inputs {
+		got = append(got, compute(t, v))
 	}
 	if *update {
 		b, _ := json.MarshalIndent(got, "", "  ")
@@ -97,7 +102,7 @@ func TestGoldenVectors(t *testing.T) {
 	if err != nil {
 		t.Fatalf("read golden vectors: %v", err)
 	}
-	var want []vector
+	var want []V
 	if err := json.Unmarshal(b, &want); err != nil {
 		t.Fatalf("parse %s: %v", path, err)
 	}
@@ -108,18 +113,27 @@ func TestGoldenVectors(t *testing.T) {
 	if err != nil {
 		t.Fatalf("docs/keys.md shows the vectors too: %v", err)
 	}
-	if !strings.Contains(string(doc), want[0].InfoHex) {
-		t.Error("docs/keys.md does not show the first vector's info")
+	if !strings.Contains(string(doc), row(want[0]).info) {
+		t.Errorf("docs/keys.md does not show the first vector's info of %s", path)
 	}
 	for i := range want {
-		if !strings.Contains(string(doc), "`"+want[i].SPI+"` | `"+want[i].KeyHex+"`") {
-			t.Errorf("docs/keys.md does not show vector %d (SPI %s, key blob)", i, want[i].SPI)
+		r := row(want[i])
+		if !strings.Contains(string(doc), "`"+r.spi+"` | `"+r.key+"`") {
+			t.Errorf("docs/keys.md does not show vector %d of %s (SPI %s, key blob)", i, path, r.spi)
 		}
-		// Recompute from the file's own inputs so the file is the source of truth.
-		c := computeVector(t, want[i])
-		if c != want[i] {
+		if c := compute(t, want[i]); c != want[i] {
 			t.Errorf("vector %d: file %+v\ncomputed %+v", i, want[i], c)
 		}
+	}
+	return want
+}
+
+// TestGoldenVectors pins the derivation (HKDF info layout, output split, SPI layout).
+// docs/keys.md shows the same vectors; regenerate both with -update only on purpose.
+func TestGoldenVectors(t *testing.T) {
+	want := checkGolden(t, filepath.Join("testdata", "vectors.json"), vectorInputs(), computeVector,
+		func(v vector) goldenRow { return goldenRow{v.InfoHex, v.SPI, v.KeyHex} })
+	for i := range want {
 		if want[i].Cipher == AES128GCM && len(want[i].KeyHex) != 2*(16+4) || want[i].Cipher == AES256GCM && len(want[i].KeyHex) != 2*(32+4) {
 			t.Errorf("vector %d: key blob length %d hex chars", i, len(want[i].KeyHex))
 		}

@@ -133,11 +133,8 @@ type PairDeriver struct {
 // generation g: PRK = HKDF-Extract(SHA-256, salt = g.Salt, IKM = X25519(self, peer)).
 // Both ends get the same PRK.
 func NewPairDeriver(g GenerationV2, self *PrivateKey, peer PublicKey) (*PairDeriver, error) {
-	if g.Cipher.KeyBytes() == 0 {
-		return nil, fmt.Errorf("derive generation %d: cipher %s", g.Number, notOneOf(ciphers))
-	}
-	if !ValidICV(g.ICVBytes) {
-		return nil, fmt.Errorf("derive generation %d: icvBytes %s", g.Number, notOneOf(icvs))
+	if err := checkAEAD(g.Number, g.Cipher, g.ICVBytes); err != nil {
+		return nil, err
 	}
 	if len(g.Salt) != GenerationSaltBytes {
 		return nil, fmt.Errorf("derive generation %d: salt is %d bytes, want %d", g.Number, len(g.Salt), GenerationSaltBytes)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"runtime"
@@ -475,4 +476,77 @@ func TestBenchAgentMemory(t *testing.T) {
 	bench.Report("memory.rss_process", rss1/1024, "MiB")
 	bench.Report("memory.first_sync", float64(synced.Milliseconds())/1000, "s")
 	bench.Report("memory.sas", float64(len(states)), "count")
+}
+
+// TestBenchEventStream: Node events arriving faster than one sync plus one report write,
+// as at 5,000 nodes (docs/performance.md §4). With a real API server, the agent at the
+// shipped client rate limit and its policies in a real kernel, 250 peers already have
+// their Node; then one of them gets its report every 20 ms (50 Node events/s), each of
+// which adds that peer's inbound transport policy and changes node 0's own report. The
+// interval per event runs from just before its Patch is issued to the return of the
+// AddPolicy netlink call of that peer's policy; p50, p99 and max over the 250.
+func TestBenchEventStream(t *testing.T) {
+	bench.Gate(t, true)
+	const changes = 250
+	const every = 20 * time.Millisecond
+	names := make([]string, changes+1)
+	for i := range names {
+		names[i] = cluster.Name(i)
+	}
+	_, cfg := benchCluster(t, names)
+	ctx := context.Background()
+	cs := kubernetes.NewForConfigOrDie(cfg)
+	uids := make([]string, changes+1)
+	if err := kube.Parallel(changes+1, 8, func(i int) error {
+		var err error
+		uids[i], err = createNode(ctx, cs, i)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	n, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = n.Close(); _ = testutils.UnmountNS(n) })
+	k := newWatchedKernel(t, n)
+	a, _ := startAgent(t, cfg, k, agent.DefaultAPIQPS, agent.DefaultAPIBurst)
+	for deadline := time.Now().Add(30 * time.Second); !a.Status().Ready; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent not ready: %+v", a.Status())
+		}
+	}
+	time.Sleep(2 * time.Second) // the first reports' writes and the client's burst refill
+	self32 := netip.PrefixFrom(cluster.IP(0), 32)
+	sent := make([]time.Time, changes+1)
+	tick := time.NewTicker(every)
+	for i := 1; i <= changes; i++ {
+		<-tick.C
+		sent[i] = time.Now()
+		if err := publishReport(ctx, cs, i, uids[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tick.Stop()
+	var lat []time.Duration
+	for i := 1; i <= changes; i++ {
+		at, ok := k.wait(policyKey{desired.In, netip.PrefixFrom(cluster.IP(i), 32), self32}, sent[i], 30*time.Second)
+		if !ok {
+			t.Fatalf("inbound policy for %s never added: %+v", cluster.Name(i), a.Status())
+		}
+		lat = append(lat, at.Sub(sent[i]))
+	}
+	logTrend(t, "node stream", lat)
+	latencies("latency.stream.node", lat)
+	slices.Sort(lat)
+	t.Logf("50 Node events/s: p50 %s p99 %s max %s", lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1])
+	// Where the time goes: the agent's syncs and report writes over the whole run.
+	rec := httptest.NewRecorder()
+	a.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	for _, l := range strings.Split(rec.Body.String(), "\n") {
+		if strings.HasPrefix(l, "secureoverlay_agent_sync_duration_seconds_sum") || strings.HasPrefix(l, "secureoverlay_agent_sync_duration_seconds_count") ||
+			strings.HasPrefix(l, "secureoverlay_agent_report_writes_total") {
+			t.Log(l)
+		}
+	}
 }

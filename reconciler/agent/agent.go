@@ -112,17 +112,7 @@ type Config struct {
 	StateFile, ReadyFile string
 	// Namespace holds this node's NodeReport (default api.Namespace).
 	Namespace string
-	// HandOverInterval spaces the full syncs that partial syncs hand publishing over to
-	// ("Reports come only from full syncs", docs/agent.md): at once if no full sync started
-	// within the interval, else when it has passed, the syncs of the events arriving
-	// meanwhile staying partial (default DefaultHandOverInterval; negative: always at once).
-	HandOverInterval time.Duration
 }
-
-// DefaultHandOverInterval is Config.HandOverInterval's default: a stream of events that
-// each change the report costs one full sync per 100 ms, not one per event, and a report
-// change reaches the writer at most this much later (docs/performance.md §4).
-const DefaultHandOverInterval = 100 * time.Millisecond
 
 // Deps are the agent's collaborators.
 type Deps struct {
@@ -168,14 +158,8 @@ type Agent struct {
 	log *slog.Logger
 	q   workqueue.TypedRateLimitingInterface[string]
 
-	full atomic.Bool // next sync re-reads the kernel
-	// handOver: the last sync was partial and would have published (sync worker only);
-	// lastFull: when the last full sync started; handOverTimer: a full sync is queued for
-	// later (queueFull).
-	handOver      bool
-	lastFull      time.Time
-	handOverTimer atomic.Bool
-	syncStart     atomic.Int64 // unix nanos of the running sync, 0 when idle
+	full      atomic.Bool  // next sync re-reads the kernel
+	syncStart atomic.Int64 // unix nanos of the running sync, 0 when idle
 
 	mu        sync.Mutex
 	ready     bool          // caches synced and last sync ok
@@ -252,9 +236,6 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	}
 	if cfg.RetryMax <= 0 {
 		cfg.RetryMax = 30 * time.Second
-	}
-	if cfg.HandOverInterval == 0 {
-		cfg.HandOverInterval = DefaultHandOverInterval
 	}
 	if cfg.LedgerDir == "" {
 		return nil, errors.New("agent: no ledger directory (the binary's --ledger-dir)")
@@ -362,12 +343,7 @@ func (a *Agent) processOne(ctx context.Context) bool {
 		return false
 	}
 	defer a.q.Done(key)
-	err := a.sync()
-	if a.handOver {
-		a.handOver = false
-		a.queueFull()
-	}
-	if err != nil {
+	if err := a.sync(); err != nil {
 		if ctx.Err() == nil {
 			a.q.AddRateLimited(key)
 		}
@@ -377,26 +353,6 @@ func (a *Agent) processOne(ctx context.Context) bool {
 	return true
 }
 
-// queueFull queues the full sync a partial one handed publishing over to: at once, unless
-// a full sync started less than HandOverInterval ago; then once the interval has passed
-// (one timer at a time), and the syncs of events arriving meanwhile stay partial — each
-// reaches the kernel without waiting for a full sync of its own. Scheduling runs on the
-// real clock, as the work queue's delays do. Sync worker only.
-func (a *Agent) queueFull() {
-	wait := a.cfg.HandOverInterval - time.Since(a.lastFull)
-	if a.cfg.HandOverInterval < 0 || wait <= 0 {
-		a.Resync()
-		return
-	}
-	if a.handOverTimer.Swap(true) {
-		return // already queued
-	}
-	time.AfterFunc(wait, func() {
-		a.handOverTimer.Store(false)
-		a.Resync()
-	})
-}
-
 // errNotSynced is returned by Sync while caches are not synced.
 var errNotSynced = errors.New("caches not synced yet")
 
@@ -404,10 +360,6 @@ var errNotSynced = errors.New("caches not synced yet")
 // without Run; the worker leaves the write to the writer). A failed write is its error.
 func (a *Agent) Sync(ctx context.Context) error {
 	err := a.sync()
-	if a.handOver {
-		a.handOver = false
-		a.Resync()
-	}
 	if werr := a.flushReports(ctx); werr != nil && err == nil {
 		return werr
 	}
@@ -438,7 +390,6 @@ func (a *Agent) sync() (err error) {
 	kind := "partial"
 	if full {
 		kind = "full"
-		a.lastFull = time.Now()
 		a.d.Xfrm.QueueResync()
 		a.d.Rules.QueueResync()
 	}
@@ -582,11 +533,11 @@ func (a *Agent) sync() (err error) {
 	}
 	// Reports are written only after a sync that read the kernel back: a partial sync
 	// trusts the appliers' caches, which another tool may have made stale (flushed
-	// policies). So a partial sync that would publish hands over to a full one (queued by
-	// the caller: Sync at once, the worker spaced by HandOverInterval).
+	// policies). So a partial sync that would publish hands over to a full one at once.
 	if !full {
 		if _, due := a.publishDue(rep); due {
-			a.handOver = true
+			a.full.Store(true)
+			a.q.Add(queueKey)
 			return nil // readiness waits for the publishing sync
 		}
 	}

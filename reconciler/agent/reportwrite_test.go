@@ -15,7 +15,6 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
-	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
 
@@ -293,78 +292,4 @@ func TestPublishDue(t *testing.T) {
 			}
 		})
 	}
-}
-
-// streamEnv is an env whose ring also holds peers p1…p8 (198.18.0.11…18), not yet Nodes.
-func streamEnv(t *testing.T, handOver time.Duration) *env {
-	t.Helper()
-	e := newEnv(t, api.ModeAccept, Config{HandOverInterval: handOver})
-	names := []string{"a", "b", "c"}
-	for i := 1; i <= 8; i++ {
-		names = append(names, fmt.Sprintf("p%d", i))
-	}
-	data, err := keys.Marshal(testRing(t, api.ModeAccept, names...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	sec, err := e.cs.CoreV1().Secrets(api.Namespace).Get(t.Context(), api.SecretName, metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sec.Data[api.SecretDataKey] = data
-	if _, err := e.cs.CoreV1().Secrets(api.Namespace).Update(t.Context(), sec, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	return e
-}
-
-// joinStream creates p1…p8 one after the other and waits until each is in the kernel.
-func joinStream(t *testing.T, e *env) {
-	t.Helper()
-	for i := 1; i <= 8; i++ {
-		ip := fmt.Sprintf("198.18.0.%d", 10+i)
-		if _, err := e.cs.CoreV1().Nodes().Create(t.Context(), testNode(fmt.Sprintf("p%d", i), ip, fmt.Sprintf("boot-p%d", i)), metav1.CreateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		waitFor(t, ip+" programmed", func() bool { return inboundFrom(e, ip) })
-	}
-}
-
-// A stream of events that each change the report does not cost a full sync per event:
-// within HandOverInterval of the last full sync, each event's partial sync reaches the
-// kernel and the full sync that publishes waits for the interval (before, every partial
-// sync whose report changed was followed at once by a full one, and the next event's sync
-// queued behind it).
-func TestStreamOfReportChangesWaitsForOneFullSync(t *testing.T) {
-	e := streamEnv(t, time.Hour)
-	stop := e.run()
-	defer stop()
-	waitFor(t, "ready", func() bool { return e.a.Status().Ready && inboundFrom(e, "198.18.0.2") })
-	full := value(e.m.Syncs.WithLabelValues("full", "ok"))
-	joinStream(t, e)
-	if got := value(e.m.Syncs.WithLabelValues("full", "ok")) - full; got != 0 {
-		t.Errorf("%v full syncs while 8 peers joined within the hand-over interval, want 0 (each event's partial sync programs it)", got)
-	}
-	if r := e.report(); r.InboundFrom["p1"] != "" {
-		t.Errorf("a partial sync published: %v", r.InboundFrom)
-	}
-	// The full sync the interval would have started publishes every peer at once.
-	e.a.Resync()
-	waitFor(t, "the report claims every peer", func() bool {
-		r := e.report()
-		return r != nil && r.InboundFrom["p1"] != "" && r.InboundFrom["p8"] != ""
-	})
-}
-
-// With a short interval the hand-over's timer starts the publishing full sync by itself.
-func TestStreamOfReportChangesIsPublished(t *testing.T) {
-	e := streamEnv(t, 50*time.Millisecond)
-	stop := e.run()
-	defer stop()
-	waitFor(t, "ready", func() bool { return e.a.Status().Ready && inboundFrom(e, "198.18.0.2") })
-	joinStream(t, e)
-	waitFor(t, "the report claims every peer", func() bool {
-		r := e.report()
-		return r != nil && r.InboundFrom["p1"] != "" && r.InboundFrom["p8"] != ""
-	})
 }

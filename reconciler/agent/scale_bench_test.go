@@ -111,20 +111,15 @@ func publishReport(ctx context.Context, cs kubernetes.Interface, i int, uid stri
 }
 
 // startAgent runs the agent for node 0 with the given xfrm kernel until the test ends; its
-// client is limited to qps/burst (the binary's --kube-api-qps/--kube-api-burst); opts
-// change its configuration.
-func startAgent(t *testing.T, cfg *rest.Config, k xfrm.Kernel, qps float32, burst int, opts ...func(*agent.Config)) (*agent.Agent, func()) {
+// client is limited to qps/burst (the binary's --kube-api-qps/--kube-api-burst).
+func startAgent(t *testing.T, cfg *rest.Config, k xfrm.Kernel, qps float32, burst int) (*agent.Agent, func()) {
 	t.Helper()
 	ac := rest.CopyConfig(cfg)
 	ac.QPS, ac.Burst = qps, burst
 	client := kubernetes.NewForConfigOrDie(ac)
 	src := watch.New(watch.Config{Client: client, Dynamic: dynamic.NewForConfigOrDie(ac), Self: cluster.Name(0), DiscoveryRetry: 200 * time.Millisecond})
 	dp := desired.Config{}.WithDefaults()
-	ac2 := agent.Config{NodeName: cluster.Name(0), Dataplane: dp, ResyncInterval: time.Hour, ExternalMTU: 1500, LedgerDir: t.TempDir()}
-	for _, o := range opts {
-		o(&ac2)
-	}
-	a, err := agent.New(ac2,
+	a, err := agent.New(agent.Config{NodeName: cluster.Name(0), Dataplane: dp, ResyncInterval: time.Hour, ExternalMTU: 1500, LedgerDir: t.TempDir()},
 		agent.Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(k, dp), Rules: rules.NewApplier(rules.NewFake()),
 			Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
@@ -490,22 +485,10 @@ func TestBenchAgentMemory(t *testing.T) {
 // their Node; then one of them gets its report every 20 ms (50 Node events/s), each of
 // which adds that peer's inbound transport policy and changes node 0's own report. The
 // interval per event runs from just before its Patch is issued to the return of the
-// AddPolicy netlink call of that peer's policy; p50, p99 and max over the 250. Two
-// agents, each on its own API server, one after the other: "at-once" hands every report
-// change over to a full sync at once (HandOverInterval < 0, as before the interval),
-// "spaced" at most one such full sync per agent.DefaultHandOverInterval. -count=N runs N
-// alternating pairs.
+// AddPolicy netlink call of that peer's policy; p50, p99 and max over the 250. A watch of
+// the test's own splits each interval where the event reaches a client of the API server.
 func TestBenchEventStream(t *testing.T) {
 	bench.Gate(t, true)
-	for _, c := range []struct {
-		name     string
-		handOver time.Duration
-	}{{"at-once", -1}, {"spaced", agent.DefaultHandOverInterval}} {
-		t.Run(c.name, func(t *testing.T) { eventStream(t, c.name, c.handOver) })
-	}
-}
-
-func eventStream(t *testing.T, name string, handOver time.Duration) {
 	const changes = 250
 	const every = 20 * time.Millisecond
 	names := make([]string, changes+1)
@@ -529,7 +512,7 @@ func eventStream(t *testing.T, name string, handOver time.Duration) {
 	}
 	t.Cleanup(func() { _ = n.Close(); _ = testutils.UnmountNS(n) })
 	k := newWatchedKernel(t, n)
-	a, _ := startAgent(t, cfg, k, agent.DefaultAPIQPS, agent.DefaultAPIBurst, func(c *agent.Config) { c.HandOverInterval = handOver })
+	a, _ := startAgent(t, cfg, k, agent.DefaultAPIQPS, agent.DefaultAPIBurst)
 	for deadline := time.Now().Add(30 * time.Second); !a.Status().Ready; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("agent not ready: %+v", a.Status())
@@ -586,14 +569,14 @@ func eventStream(t *testing.T, name string, handOver time.Duration) {
 	}{{"patch to watch event", apiLat}, {"watch event to kernel", agentLat}} {
 		if len(part.d) > 0 {
 			slices.Sort(part.d)
-			t.Logf("%s: %s p50 %s p99 %s max %s (%d events)", name, part.what, part.d[len(part.d)/2], part.d[len(part.d)*99/100], part.d[len(part.d)-1], len(part.d))
+			t.Logf("%s p50 %s p99 %s max %s (%d events)", part.what, part.d[len(part.d)/2], part.d[len(part.d)*99/100], part.d[len(part.d)-1], len(part.d))
 		}
 	}
 	logTrend(t, "node stream", lat)
-	latencies("latency.stream."+name+".node", lat)
+	latencies("latency.stream.node", lat)
 	slices.Sort(lat)
 	load, _ := os.ReadFile("/proc/loadavg")
-	t.Logf("50 Node events/s, %s: p50 %s p99 %s max %s (loadavg %s)", name, lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1], strings.TrimSpace(string(load)))
+	t.Logf("50 Node events/s: p50 %s p99 %s max %s (loadavg %s)", lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1], strings.TrimSpace(string(load)))
 	// Where the time goes: the agent's syncs and report writes over the whole run.
 	rec := httptest.NewRecorder()
 	a.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))

@@ -777,15 +777,24 @@ func (a *Agent) newEpoch(reason string, cause error) error {
 }
 
 // holdPrevious holds the plaintext drop toward every peer the last published report was
-// encrypting to (docs/dataplane.md §5).
+// encrypting to (docs/dataplane.md §5): the newest report handed to the writer and the
+// last one written, which peers may still be reading while a newer one waits.
 func (a *Agent) holdPrevious() {
 	a.hold = nil
-	if p := a.previous(); p != nil {
-		for name := range p.EncryptingTo {
-			a.hold = append(a.hold, name)
+	a.mu.Lock()
+	written := a.published
+	a.mu.Unlock()
+	for _, p := range []*watch.Report{a.previous(), written} {
+		if p == nil {
+			continue
 		}
-		slices.Sort(a.hold)
+		for name := range p.EncryptingTo {
+			if !slices.Contains(a.hold, name) {
+				a.hold = append(a.hold, name)
+			}
+		}
 	}
+	slices.Sort(a.hold)
 }
 
 // Close releases the ledger file (the process's lock is the caller's).

@@ -104,9 +104,9 @@ func Summary(raw string) string {
 	return api.TrimReport(raw, "")
 }
 
-// writeTimeout bounds one write. Like the annotation patch it replaces, it is not
-// cancelled with the caller's context: a sync that changed the kernel finishes advertising
-// it even during shutdown.
+// writeTimeout bounds one write. The caller's context bounds it too: the agent's report
+// writer passes one that outlives the agent's own shutdown (a sync that changed the kernel
+// finishes advertising it) and ends a bounded time after it.
 const writeTimeout = 10 * time.Second
 
 // Write stores node's report: a JSON merge patch of the report, its summary, its mode and
@@ -114,7 +114,7 @@ const writeTimeout = 10 * time.Second
 // writer — the admission policy holds every other agent off it — so the last write is the
 // truth), or a create when there is no object yet.
 func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID, mode string, raw []byte) error {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), writeTimeout)
+	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
 	defer cancel()
 	r := dc.Resource(GVR).Namespace(ns)
 	obj := Object(ns, node, nodeUID, mode, raw)

@@ -9,7 +9,8 @@
 // Responsibilities:
 //   - Every informer event enqueues the one work-queue key; one worker does a full sync:
 //     snapshot → desired.Compute → iptables rules that stay (desired.TransitionRules) →
-//     xfrm apply → iptables apply → report. Bursts of events coalesce into one sync.
+//     xfrm apply → iptables apply → report handed to the writer. Bursts of events coalesce
+//     into one sync.
 //   - Nothing touches the kernel before every cache has synced.
 //   - A periodic resync (interval plus up to 20% jitter) makes both appliers re-read the
 //     kernel, repairing drift (another tool flushing our xfrm policies or iptables chain).
@@ -17,9 +18,11 @@
 //   - Program before advertise: the report annotation on this node changes its claims only
 //     after both appliers succeeded; a failed sync only sets its Error. It is patched
 //     (merge patch of that one annotation) only when it changed, or as a heartbeat when
-//     LastSync is older than the heartbeat interval, so writes stay bounded.
-//   - /healthz (process alive, loop not wedged), /readyz (caches synced and last sync
-//     ok) and Prometheus /metrics.
+//     LastSync is older than the heartbeat interval, so writes stay bounded. One report
+//     writer per agent does the writes off the sync path, newest report first and never an
+//     older one after it (reportwriter.go); Run returns once the last one is written.
+//   - /healthz (process alive, loop not wedged), /readyz (caches synced, last sync ok, the
+//     report written) and Prometheus /metrics.
 //   - Shutdown (context cancelled, SIGTERM) leaves the data plane exactly as it is; only
 //     `secureoverlay-agent cleanup` removes what we own. When the DaemonSet is being
 //     deleted, the main calls Uninstall after Run: a timed local walk-down of the kernel
@@ -137,11 +140,12 @@ type Deps struct {
 const queueKey = "sync"
 
 // DefaultAPIQPS and DefaultAPIBurst are the agent binary's client-side rate limit toward
-// the API server (--kube-api-qps, --kube-api-burst). Every sync whose claims changed ends
-// with a patch of the node's report and the next sync waits for it, so client-go's default
-// (5 QPS, burst 10) would put up to 200 ms between an event and the kernel once a few
-// changes arrive in a row (docs/performance.md §4). Syncs coalesce events, so this bounds
-// an agent's report writes, not the cluster's: each change costs one write per node.
+// the API server (--kube-api-qps, --kube-api-burst). Every sync whose claims changed hands
+// a report to the writer; the writer waits on the limiter, the syncs do not (before the
+// writer, client-go's default of 5 QPS, burst 10, put up to 200 ms between an event and
+// the kernel once a few changes arrived in a row; docs/performance.md §4). The writer
+// coalesces reports, so this bounds an agent's report writes, not the cluster's: each
+// change costs one write per node.
 const (
 	DefaultAPIQPS   = 20
 	DefaultAPIBurst = 40
@@ -158,12 +162,18 @@ type Agent struct {
 	syncStart atomic.Int64 // unix nanos of the running sync, 0 when idle
 
 	mu        sync.Mutex
-	ready     bool   // caches synced and last sync ok
-	lastErr   string // last sync error ("" when ok)
-	published *watch.Report
-	pubAt     time.Time
-	budget    Budget
-	syncs     int // finished sync attempts (tests)
+	ready     bool          // caches synced and last sync ok
+	lastErr   string        // last sync error ("" when ok)
+	published *watch.Report // last report written
+	pubAt     time.Time     // when it was written
+	// slot holds the jobs handed to the writer (reportwriter.go); writeErr is the last
+	// write's error ("" when ok). wake pokes the writer; wmu makes writes one at a time.
+	slot     reportSlot
+	writeErr string
+	wake     chan struct{}
+	wmu      sync.Mutex
+	budget   Budget
+	syncs    int // finished sync attempts (tests)
 	// lastRules are the rules of the last successful sync (rulesKnown false after a
 	// restart or a failed sync).
 	lastRules  []desired.Rule
@@ -191,8 +201,8 @@ type Agent struct {
 	gateReady bool
 	// legacyPeers counts the live peers whose agent reads reports only as the Node
 	// annotation (watch.NodeInfo.Legacy), as of the last synced snapshot; -1 unknown
-	// (before the caches synced). annotated: our Node's annotation holds the report last
-	// published (sync worker only).
+	// (before the caches synced; sync worker only). annotated: our Node's annotation holds
+	// the report last written (the writer sets it, under mu).
 	legacyPeers int
 	annotated   bool
 }
@@ -248,7 +258,8 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	a := &Agent{cfg: cfg, d: d, legacyPeers: -1, log: d.Logger.With("node", cfg.NodeName),
 		q: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](cfg.RetryMin, cfg.RetryMax),
-			workqueue.TypedRateLimitingQueueConfig[string]{Name: "secureoverlay-agent"})}
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "secureoverlay-agent"}),
+		wake: make(chan struct{}, 1)}
 	a.full.Store(true)
 	d.Source.SetOnChange(a.Trigger)
 	return a, nil
@@ -265,11 +276,20 @@ func (a *Agent) Resync() {
 	a.q.Add(queueKey)
 }
 
-// Run runs the watcher, the periodic resync and the single worker until ctx is done. It
-// never touches the data plane on the way out.
+// Run runs the watcher, the periodic resync, the single sync worker and the report writer
+// until ctx is done. It never touches the data plane on the way out, and returns once the
+// last report the worker handed over is written (or its write failed; bounded by
+// patchTimeout), so the published claims match what the kernel is left holding.
 func (a *Agent) Run(ctx context.Context) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	// The writer's context outlives ctx: it is cancelled only patchTimeout after the
+	// worker stopped, which bounds the last write.
+	wctx, wcancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer wcancel()
+	stopped := make(chan struct{})
+	var writer sync.WaitGroup
+	writer.Go(func() { a.writeReports(wctx, stopped) })
 	var wg sync.WaitGroup
 	wg.Go(func() { a.d.Source.Run(ctx) })
 	wg.Go(func() { a.periodic(ctx) })
@@ -279,6 +299,10 @@ func (a *Agent) Run(ctx context.Context) {
 	for a.processOne(ctx) {
 	}
 	cancel()
+	close(stopped)
+	bound := time.AfterFunc(patchTimeout, wcancel)
+	writer.Wait()
+	bound.Stop()
 	wg.Wait()
 	a.log.Info("agent stopped; data plane left as it is")
 }
@@ -319,7 +343,7 @@ func (a *Agent) processOne(ctx context.Context) bool {
 		return false
 	}
 	defer a.q.Done(key)
-	if err := a.Sync(ctx); err != nil {
+	if err := a.sync(); err != nil {
 		if ctx.Err() == nil {
 			a.q.AddRateLimited(key)
 		}
@@ -332,8 +356,18 @@ func (a *Agent) processOne(ctx context.Context) bool {
 // errNotSynced is returned by Sync while caches are not synced.
 var errNotSynced = errors.New("caches not synced yet")
 
-// Sync runs one sync now (the worker calls it; tests may too).
-func (a *Agent) Sync(ctx context.Context) (err error) {
+// Sync runs one sync now and then writes the report it handed over (tests, and callers
+// without Run; the worker leaves the write to the writer). A failed write is its error.
+func (a *Agent) Sync(ctx context.Context) error {
+	err := a.sync()
+	if werr := a.flushReports(ctx); werr != nil && err == nil {
+		return werr
+	}
+	return err
+}
+
+// sync runs one sync and hands its report to the writer.
+func (a *Agent) sync() (err error) {
 	now := a.d.Now()
 	a.syncStart.Store(now.UnixNano())
 	defer func() {
@@ -348,7 +382,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 		a.setStatus(false, errNotSynced)
 		if cerr := src.Err(); cerr != nil && src.NodeCacheSynced() {
 			// Publish why we cannot sync; the kernel is left alone.
-			a.publishError(ctx, cerr)
+			a.publishError(cerr)
 		}
 		return nil // the informers' sync events enqueue the next attempt
 	}
@@ -372,10 +406,10 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 	b, berr := a.currentBudget(full)
 	snap := src.Snapshot()
 	if err := a.openLedger(&snap); err != nil {
-		return a.fail(ctx, err)
+		return a.fail(err)
 	}
 	if err := a.checkRing(&snap); err != nil {
-		return a.fail(ctx, err)
+		return a.fail(err)
 	}
 	var (
 		in   desired.Inputs
@@ -389,13 +423,13 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 		a.mu.Unlock()
 		in, err = watch.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane, epoch)
 		if err != nil {
-			return a.fail(ctx, fmt.Errorf("inputs: %w", err))
+			return a.fail(fmt.Errorf("inputs: %w", err))
 		}
 		in.HoldPlaintext = a.hold
 		in.Previous = a.lastState
 		st, err = desired.Compute(in)
 		if err != nil {
-			return a.fail(ctx, fmt.Errorf("compute desired state: %w", err))
+			return a.fail(fmt.Errorf("compute desired state: %w", err))
 		}
 		// Order (docs/dataplane.md §8): rules that stay, xfrm, then the new rules, so an
 		// outbound drop rule never outlives the policy it backs and a new drop rule
@@ -410,7 +444,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 				a.mu.Lock()
 				a.rulesKnown = false
 				a.mu.Unlock()
-				return a.fail(ctx, fmt.Errorf("apply iptables transition rules: %w", err))
+				return a.fail(fmt.Errorf("apply iptables transition rules: %w", err))
 			}
 			a.mu.Lock()
 			a.lastRules = desired.TransitionRules(prevRules, st.Rules)
@@ -425,7 +459,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 			// Change every key instead (Apply wrote nothing) and apply the new state at
 			// once.
 			if err := a.newEpoch("lost", xerr); err != nil {
-				return a.fail(ctx, err)
+				return a.fail(err)
 			}
 			a.lastState = nil // its SAs are of the old epoch: nothing to freeze
 			a.d.Xfrm.QueueResync()
@@ -447,7 +481,7 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 		a.log.Warn("cannot read rule counters", "error", cerr)
 	}
 	if xerr != nil || rerr != nil {
-		return a.fail(ctx, errors.Join(wrapNonNil("apply xfrm", xerr), wrapNonNil("apply iptables rules", rerr)))
+		return a.fail(errors.Join(wrapNonNil("apply xfrm", xerr), wrapNonNil("apply iptables rules", rerr)))
 	}
 	a.releaseHold(st)
 	a.recordGate(string(st.Mode))
@@ -507,10 +541,8 @@ func (a *Agent) Sync(ctx context.Context) (err error) {
 			return nil // readiness waits for the publishing sync
 		}
 	}
-	if err := a.publish(ctx, rep); err != nil {
-		a.setStatus(true, err)
-		return err
-	}
+	// The write leaves the sync path: the writer writes the newest report handed over.
+	a.publish(rep)
 	a.setStatus(true, berr)
 	if res.Writes() > 0 || full {
 		a.log.Debug("synced", "kind", kind, "mode", st.Mode, "states", len(st.SAs), "policies", len(st.Policies),
@@ -535,11 +567,11 @@ func wrapNonNil(what string, err error) error {
 }
 
 // fail records err, publishes it (claims unchanged) and returns it.
-func (a *Agent) fail(ctx context.Context, err error) error {
+func (a *Agent) fail(err error) error {
 	a.log.Error("sync failed", "error", err)
 	a.setStatus(true, err)
 	a.d.Metrics.SyncError.Set(1)
-	a.publishError(ctx, err)
+	a.publishError(err)
 	return err
 }
 
@@ -627,11 +659,16 @@ func (a *Agent) currentBudget(full bool) (Budget, error) {
 	return b, nil
 }
 
-// previous returns the report we last published, or the one on our Node if it was made
-// in this boot (an agent restart adopts the kernel state and its claims).
+// previous returns the newest report we handed to the writer (written or not: the kernel
+// held its claims when it was built), else the last one written, else the one on our
+// Node if it was made in this boot (an agent restart adopts the kernel state and its
+// claims).
 func (a *Agent) previous() *watch.Report {
 	a.mu.Lock()
-	p := a.published
+	p := a.slot.Wanted()
+	if p == nil {
+		p = a.published
+	}
 	a.mu.Unlock()
 	if p != nil {
 		return p
@@ -740,15 +777,24 @@ func (a *Agent) newEpoch(reason string, cause error) error {
 }
 
 // holdPrevious holds the plaintext drop toward every peer the last published report was
-// encrypting to (docs/dataplane.md §5).
+// encrypting to (docs/dataplane.md §5): the newest report handed to the writer and the
+// last one written, which peers may still be reading while a newer one waits.
 func (a *Agent) holdPrevious() {
 	a.hold = nil
-	if p := a.previous(); p != nil {
-		for name := range p.EncryptingTo {
-			a.hold = append(a.hold, name)
+	a.mu.Lock()
+	written := a.published
+	a.mu.Unlock()
+	for _, p := range []*watch.Report{a.previous(), written} {
+		if p == nil {
+			continue
 		}
-		slices.Sort(a.hold)
+		for name := range p.EncryptingTo {
+			if !slices.Contains(a.hold, name) {
+				a.hold = append(a.hold, name)
+			}
+		}
 	}
+	slices.Sort(a.hold)
 }
 
 // Close releases the ledger file (the process's lock is the caller's).
@@ -786,8 +832,8 @@ func (a *Agent) Epoch() string {
 }
 
 // publishError sets Error on the previous claims (or on an empty report claiming nothing)
-// and publishes it. Failures to publish are logged only.
-func (a *Agent) publishError(ctx context.Context, err error) {
+// and publishes it.
+func (a *Agent) publishError(err error) {
 	var r watch.Report
 	if p := a.previous(); p != nil {
 		r = *p
@@ -801,75 +847,65 @@ func (a *Agent) publishError(ctx context.Context, err error) {
 		}
 	}
 	r.Error = reportError(err)
-	if perr := a.publish(ctx, r); perr != nil {
-		a.log.Warn("cannot publish the sync error", "error", perr)
-	}
+	a.publish(r)
 }
 
-// publish writes the report if its claims changed or the heartbeat is due: to this
-// node's NodeReport, and to its Node's annotation too while a peer reads only that
+// publish hands r to the report writer if its claims changed or the heartbeat is due: for
+// this node's NodeReport, and for its Node's annotation too while a peer reads only that
 // (an agent of 0.1 during a rolling update) or while that is unknown; once no peer does,
-// it removes the annotation from its Node (docs/keys.md §6).
-func (a *Agent) publish(ctx context.Context, r watch.Report) error {
-	reason, write := a.publishDue(r)
+// the writer removes the annotation from its Node (docs/keys.md §6). Only the sync worker
+// (or a caller of Sync without Run) calls it.
+func (a *Agent) publish(r watch.Report) {
 	prev := a.previous()
+	a.mu.Lock()
+	pubAt, pending := a.pubAt, a.slot.Wanted() != nil
+	annotated := a.annotated || a.slot.Annotating()
+	unannotating := a.slot.Unannotating()
+	a.mu.Unlock()
+	reason, write := publishDue(prev, pending, pubAt, a.d.Now(), a.cfg.HeartbeatInterval, r)
 	objects := a.d.Dynamic != nil
 	annotate := !objects || a.legacyPeers != 0
-	if objects && annotate && !a.annotated && !write && prev != nil {
+	if objects && annotate && !annotated && !write && prev != nil {
 		// A peer that reads only annotations appeared: our unchanged claims go there too.
 		reason, write, r = "legacy-peer", true, *prev
 	}
 	self := a.d.Source.Node(a.cfg.NodeName)
-	unannotate := !annotate && self != nil && self.AnnotationReport
+	unannotate := !annotate && self != nil && self.AnnotationReport && !unannotating
 	if !write && !unannotate {
-		return nil
+		return
 	}
-	if write {
-		if r.LastSync.IsZero() && prev != nil {
-			r.LastSync = prev.LastSync
-		}
-		if err := a.writeReport(ctx, r, self, annotate); err != nil {
-			a.d.Metrics.ReportWrites.WithLabelValues(reason, "error").Inc()
-			// The kernel holds the new state; peers and the master see the old claims
-			// until a retry lands (the sync is retried with backoff).
-			a.log.Warn("cannot write this node's report", "reason", reason, "error", err)
-			return err
-		}
-		a.d.Metrics.ReportWrites.WithLabelValues(reason, "ok").Inc()
-		a.mu.Lock()
-		a.published, a.pubAt = &r, a.d.Now()
-		a.mu.Unlock()
+	if write && r.LastSync.IsZero() && prev != nil {
+		r.LastSync = prev.LastSync
 	}
-	if unannotate {
-		if err := removeReportAnnotation(ctx, a.d.Client, a.cfg.NodeName); err != nil {
-			a.log.Warn("cannot remove the report annotation from this node", "error", err)
-			return err
-		}
-		a.annotated = false
-		a.log.Info("report annotation removed from this node: every peer reads NodeReports")
+	j := reportJob{report: r, reason: reason, write: write, annotate: annotate, unannotate: unannotate}
+	if self != nil {
+		j.uid = self.UID
 	}
-	return nil
+	a.mu.Lock()
+	a.slot.Put(j)
+	a.mu.Unlock()
+	select {
+	case a.wake <- struct{}{}:
+	default:
+	}
 }
 
-// writeReport writes r to this node's NodeReport (when the agent has a dynamic client)
-// and, when annotate, to its Node's annotation.
-func (a *Agent) writeReport(ctx context.Context, r watch.Report, self *watch.NodeInfo, annotate bool) error {
+// writeReport writes r to this node's NodeReport (when the agent has a dynamic client;
+// uid is its Node's, the object's owner) and, when annotate, to its Node's annotation.
+// The writer calls it.
+func (a *Agent) writeReport(ctx context.Context, r watch.Report, uid string, annotate bool) error {
 	var objErr error
 	if a.d.Dynamic != nil {
 		raw, err := json.Marshal(r)
 		if err != nil {
 			return fmt.Errorf("encode report of node %q: %w", a.cfg.NodeName, err)
 		}
-		uid := ""
-		if self != nil {
-			uid = self.UID
-		}
 		objErr = nodereport.Write(ctx, a.d.Dynamic, a.cfg.Namespace, a.cfg.NodeName, uid, string(r.Mode), raw)
 		if objErr != nil && !annotate {
 			return objErr
 		}
 	}
-	a.annotated = false
+	a.setAnnotated(false)
 	if !annotate {
 		return nil
 	}
@@ -878,35 +914,32 @@ func (a *Agent) writeReport(ctx context.Context, r watch.Report, self *watch.Nod
 	if err := patchReport(ctx, a.d.Client, a.cfg.NodeName, r); err != nil {
 		return errors.Join(objErr, err)
 	}
-	a.annotated = true
+	a.setAnnotated(true)
 	return objErr
 }
 
-// publishDue says whether r must be written: its claims changed, or the heartbeat is due.
+func (a *Agent) setAnnotated(v bool) {
+	a.mu.Lock()
+	a.annotated = v
+	a.mu.Unlock()
+}
+
+// publishDue says whether r must be handed to the writer: its claims changed, or the
+// heartbeat is due (see the pure publishDue).
 func (a *Agent) publishDue(r watch.Report) (reason string, write bool) {
 	prev := a.previous()
 	a.mu.Lock()
-	pubAt := a.pubAt
+	pubAt, pending := a.pubAt, a.slot.Wanted() != nil
 	a.mu.Unlock()
-	now := a.d.Now()
-	if prev == nil || !sameClaims(*prev, r) {
-		return "changed", true
-	}
-	if !pubAt.IsZero() && now.Sub(pubAt) < a.cfg.HeartbeatInterval {
-		return "", false
-	}
-	if pubAt.IsZero() && now.Sub(prev.LastSync) < a.cfg.HeartbeatInterval {
-		return "", false
-	}
-	return "heartbeat", true
+	return publishDue(prev, pending, pubAt, a.d.Now(), a.cfg.HeartbeatInterval, r)
 }
 
 // Status is the agent's health as /healthz and /readyz see it.
 type Status struct {
 	Synced  bool   // every cache synced
-	Ready   bool   // synced and the last sync succeeded
+	Ready   bool   // synced, the last sync succeeded, and its report is written or being written
 	Healthy bool   // no sync has been running for longer than the wedge timeout
-	Error   string // last sync error
+	Error   string // last sync error, else the last report write's error
 	Syncs   int    // sync attempts so far
 }
 
@@ -914,6 +947,17 @@ type Status struct {
 func (a *Agent) Status() Status {
 	a.mu.Lock()
 	s := Status{Ready: a.ready, Error: a.lastErr, Syncs: a.syncs}
+	// Not ready while the report cannot be written, nor before the first report handed
+	// over in this process is written.
+	if a.writeErr != "" {
+		s.Ready = false
+		if s.Error == "" {
+			s.Error = "write report: " + a.writeErr
+		}
+	}
+	if a.published == nil && a.slot.Wanted() != nil {
+		s.Ready = false
+	}
 	a.mu.Unlock()
 	s.Synced = a.d.Source.HasSynced()
 	s.Ready = s.Ready && s.Synced
@@ -924,7 +968,7 @@ func (a *Agent) Status() Status {
 	return s
 }
 
-// Published returns the last report this agent published (nil before the first).
+// Published returns the last report this agent wrote (nil before the first).
 func (a *Agent) Published() *watch.Report {
 	a.mu.Lock()
 	defer a.mu.Unlock()

@@ -139,15 +139,16 @@ func sameClaims(a, b watch.Report) bool {
 	return err1 == nil && err2 == nil && string(x) == string(y)
 }
 
-// patchTimeout bounds one report write. The write is not cancelled with the agent's
-// context: a sync that changed the kernel finishes advertising it even during shutdown,
-// so the published claims match what the kernel is left holding.
+// patchTimeout bounds one report write, and the writer's last writes after Run's context
+// ends. The writer is not stopped with the agent's context: a sync that changed the kernel
+// finishes advertising it even during shutdown, so the published claims match what the
+// kernel is left holding.
 const patchTimeout = 10 * time.Second
 
 // removeReportAnnotation removes the report annotation from node name (a JSON merge
 // patch setting it to null; nothing else of the Node changes).
 func removeReportAnnotation(ctx context.Context, c kubernetes.Interface, name string) error {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), patchTimeout)
+	ctx, cancel := context.WithTimeout(ctx, patchTimeout)
 	defer cancel()
 	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{api.ReportAnnotation: nil}}})
 	if err != nil {
@@ -159,9 +160,10 @@ func removeReportAnnotation(ctx context.Context, c kubernetes.Interface, name st
 	return nil
 }
 
-// patchReport writes only the report annotation of node name (a JSON merge patch).
+// patchReport writes only the report annotation of node name (a JSON merge patch), within
+// patchTimeout.
 func patchReport(ctx context.Context, c kubernetes.Interface, name string, r watch.Report) error {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), patchTimeout)
+	ctx, cancel := context.WithTimeout(ctx, patchTimeout)
 	defer cancel()
 	v, err := json.Marshal(r)
 	if err != nil {

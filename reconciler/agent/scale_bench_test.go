@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"runtime"
@@ -26,6 +27,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
+	apiwatch "k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -475,4 +477,146 @@ func TestBenchAgentMemory(t *testing.T) {
 	bench.Report("memory.rss_process", rss1/1024, "MiB")
 	bench.Report("memory.first_sync", float64(synced.Milliseconds())/1000, "s")
 	bench.Report("memory.sas", float64(len(states)), "count")
+}
+
+// TestBenchEventStream: Node events arriving faster than one sync plus one report write,
+// as at 5,000 nodes (docs/performance.md §4). With a real API server, the agent at the
+// shipped client rate limit and its policies in a real kernel, 250 peers already have
+// their Node; then one of them gets its report every 20 ms (50 Node events/s), each of
+// which adds that peer's inbound transport policy and changes node 0's own report. The
+// interval per event runs from just before its Patch is issued to the return of the
+// AddPolicy netlink call of that peer's policy; p50, p99 and max over the 250. A watch of
+// the test's own splits each interval where the event reaches a client of the API server.
+func TestBenchEventStream(t *testing.T) {
+	bench.Gate(t, true)
+	const changes = 250
+	const every = 20 * time.Millisecond
+	names := make([]string, changes+1)
+	for i := range names {
+		names[i] = cluster.Name(i)
+	}
+	_, cfg := benchCluster(t, names)
+	ctx := context.Background()
+	cs := kubernetes.NewForConfigOrDie(cfg)
+	uids := make([]string, changes+1)
+	if err := kube.Parallel(changes+1, 8, func(i int) error {
+		var err error
+		uids[i], err = createNode(ctx, cs, i)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	n, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = n.Close(); _ = testutils.UnmountNS(n) })
+	k := newWatchedKernel(t, n)
+	a, stop := startAgent(t, cfg, k, agent.DefaultAPIQPS, agent.DefaultAPIBurst)
+	for deadline := time.Now().Add(30 * time.Second); !a.Status().Ready; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent not ready: %+v", a.Status())
+		}
+	}
+	time.Sleep(2 * time.Second) // the first reports' writes and the client's burst refill
+	self32 := netip.PrefixFrom(cluster.IP(0), 32)
+	// A watch of its own in the test process splits each interval: API server and watch
+	// delivery (the event seen here) and the rest (the agent's informer, queue and sync).
+	w, err := cs.CoreV1().Nodes().Watch(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	var seenMu sync.Mutex
+	seen := map[string]time.Time{}
+	go func() {
+		for ev := range w.ResultChan() {
+			if n, ok := ev.Object.(*corev1.Node); ok && ev.Type == apiwatch.Modified && n.Annotations[api.ReportAnnotation] != "" {
+				seenMu.Lock()
+				if _, dup := seen[n.Name]; !dup {
+					seen[n.Name] = time.Now()
+				}
+				seenMu.Unlock()
+			}
+		}
+	}()
+	sent := make([]time.Time, changes+1)
+	tick := time.NewTicker(every)
+	for i := 1; i <= changes; i++ {
+		<-tick.C
+		sent[i] = time.Now()
+		if err := publishReport(ctx, cs, i, uids[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tick.Stop()
+	var lat, apiLat, agentLat []time.Duration
+	for i := 1; i <= changes; i++ {
+		at, ok := k.wait(policyKey{desired.In, netip.PrefixFrom(cluster.IP(i), 32), self32}, sent[i], 30*time.Second)
+		if !ok {
+			t.Fatalf("inbound policy for %s never added: %+v", cluster.Name(i), a.Status())
+		}
+		lat = append(lat, at.Sub(sent[i]))
+		seenMu.Lock()
+		if s, ok := seen[cluster.Name(i)]; ok {
+			apiLat, agentLat = append(apiLat, s.Sub(sent[i])), append(agentLat, at.Sub(s))
+		}
+		seenMu.Unlock()
+	}
+	for _, part := range []struct {
+		what string
+		d    []time.Duration
+	}{{"patch to watch event", apiLat}, {"watch event to kernel", agentLat}} {
+		if len(part.d) > 0 {
+			slices.Sort(part.d)
+			t.Logf("%s p50 %s p99 %s max %s (%d events)", part.what, part.d[len(part.d)/2], part.d[len(part.d)*99/100], part.d[len(part.d)-1], len(part.d))
+		}
+	}
+	logTrend(t, "node stream", lat)
+	latencies("latency.stream.node", lat)
+	slices.Sort(lat)
+	load, _ := os.ReadFile("/proc/loadavg")
+	t.Logf("50 Node events/s: p50 %s p99 %s max %s (loadavg %s)", lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1], strings.TrimSpace(string(load)))
+	// Where the time goes: the agent's syncs and report writes over the whole run.
+	rec := httptest.NewRecorder()
+	a.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	for _, l := range strings.Split(rec.Body.String(), "\n") {
+		if strings.HasPrefix(l, "secureoverlay_agent_sync_duration_seconds_sum") || strings.HasPrefix(l, "secureoverlay_agent_sync_duration_seconds_count") ||
+			strings.HasPrefix(l, "secureoverlay_agent_report_writes_total") {
+			t.Log(l)
+		}
+	}
+	// The floor: the same stream once more with the agent stopped (each peer's report
+	// changes its epoch), timed to the test's watch only — the API server, etcd and the
+	// watch on this machine at this load, with no agent to wait for.
+	stop()
+	seenMu.Lock()
+	clear(seen)
+	seenMu.Unlock()
+	tick = time.NewTicker(every)
+	for i := 1; i <= changes; i++ {
+		<-tick.C
+		sent[i] = time.Now()
+		name := cluster.Name(i)
+		rep, _ := json.Marshal(watch.Report{NodeReport: api.NodeReport{Mode: api.ModeAccept, Incarnation: "boot-" + name, UID: uids[i], Epoch: "f-" + name}})
+		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{api.ReportAnnotation: string(rep)}}})
+		if _, err := cs.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tick.Stop()
+	time.Sleep(time.Second)
+	var floor []time.Duration
+	seenMu.Lock()
+	for i := 1; i <= changes; i++ {
+		if s, ok := seen[cluster.Name(i)]; ok {
+			floor = append(floor, s.Sub(sent[i]))
+		}
+	}
+	seenMu.Unlock()
+	if len(floor) > 0 {
+		slices.Sort(floor)
+		load, _ = os.ReadFile("/proc/loadavg")
+		t.Logf("no agent: patch to watch event p50 %s p99 %s max %s (%d events; loadavg %s)", floor[len(floor)/2], floor[len(floor)*99/100], floor[len(floor)-1], len(floor), strings.TrimSpace(string(load)))
+	}
 }

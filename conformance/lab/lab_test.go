@@ -302,15 +302,7 @@ func TestBootFailsCleanly(t *testing.T) {
 		}
 		t.Skip("qemu-system-x86_64 not installed (run hack/install-deps.sh)")
 	}
-	cache := t.TempDir()
-	if err := os.MkdirAll(filepath.Join(cache, "lab"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for _, f := range []string{"vmlinuz", "initrd.img"} {
-		if err := os.WriteFile(filepath.Join(cache, "lab", f), []byte("not a kernel"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
+	cache := placeholderImage(t)
 	state := filepath.Join(t.TempDir(), "state")
 	// This guest dies at once; measure Boot's failure path, not the wait for the
 	// machine-wide VM slot that another package's guest may hold.
@@ -345,7 +337,15 @@ func fakeQEMU(t *testing.T, script string) (cache string) {
 	}
 	t.Setenv("PATH", bin+string(os.PathListSeparator)+os.Getenv("PATH"))
 	t.Setenv("SECUREOVERLAY_LAB_LOCK", filepath.Join(t.TempDir(), "vm.lock"))
-	cache = t.TempDir()
+	return placeholderImage(t)
+}
+
+// placeholderImage returns a cache holding a lab image of placeholder files for the
+// default kernel (whatever SECUREOVERLAY_LAB_KERNEL the matrix run selected).
+func placeholderImage(t *testing.T) string {
+	t.Helper()
+	t.Setenv(KernelEnv, "")
+	cache := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(cache, "lab"), 0o755); err != nil {
 		t.Fatal(err)
 	}

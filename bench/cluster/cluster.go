@@ -54,6 +54,15 @@ func Keys(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, des
 	return spi, desired.NewKey(h[:20]), nil
 }
 
+// Joiner is node i as a joining node in round r: a fresh key incarnation per round, so
+// that a join, leave and re-join never re-create an SA under a used key.
+func Joiner(i, r int, mode api.Mode) desired.Node {
+	n := Node(i, mode)
+	n.Incarnation = fmt.Sprintf("boot-%s-%d", n.Name, r)
+	n.Report.Incarnation = n.Incarnation
+	return n
+}
+
 // Options shape a synthetic cluster.
 type Options struct {
 	Nodes int
@@ -80,7 +89,8 @@ func Inputs(o Options) desired.Inputs {
 		Pools:  []desired.Pool{{Name: "default", CIDR: netip.MustParsePrefix("10.0.0.0/8"), IPIPMode: o.IPIPMode}},
 		Ring: desired.Ring{Mode: o.Mode, Generations: []desired.Generation{
 			{ID: 1, State: desired.GenActive}, {ID: 2, State: desired.GenPending}}},
-		Keys: Keys,
+		Keys:        Keys,
+		KeysVersion: "bench/cluster.Keys",
 	}
 	for i := range o.Nodes {
 		in.Nodes = append(in.Nodes, Node(i, o.Mode))

@@ -63,6 +63,16 @@ func Joiner(i, r int, mode api.Mode) desired.Node {
 	return n
 }
 
+// Join returns in with node len(in.Nodes) joined in round r (Joiner), sorted last. It
+// shares in's node array, which Inputs leaves room for: no copy of the cluster, and the
+// next Join overwrites this one's joiner.
+func Join(in desired.Inputs, r int) desired.Inputs {
+	n := len(in.Nodes)
+	in.Nodes = in.Nodes[:n+1]
+	in.Nodes[n] = Joiner(n, r, in.Ring.Mode)
+	return in
+}
+
 // Options shape a synthetic cluster.
 type Options struct {
 	Nodes int
@@ -84,7 +94,7 @@ func Inputs(o Options) desired.Inputs {
 	}
 	in := desired.Inputs{
 		Self:   Name(o.Self),
-		Nodes:  make([]desired.Node, 0, o.Nodes),
+		Nodes:  make([]desired.Node, 0, o.Nodes+1), // room for Join
 		Blocks: make([]desired.Block, 0, o.Nodes*BlocksPerNode),
 		Pools:  []desired.Pool{{Name: "default", CIDR: netip.MustParsePrefix("10.0.0.0/8"), IPIPMode: o.IPIPMode}},
 		Ring: desired.Ring{Mode: o.Mode, Generations: []desired.Generation{

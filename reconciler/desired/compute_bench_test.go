@@ -2,7 +2,6 @@ package desired_test
 
 import (
 	"fmt"
-	"slices"
 	"testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -64,8 +63,7 @@ func BenchmarkComputeJoin(b *testing.B) {
 				for b.Loop() {
 					b.StopTimer()
 					r++
-					in := before
-					in.Nodes = append(slices.Clip(before.Nodes), cluster.Joiner(n, r, api.ModeEnforce))
+					in := cluster.Join(before, r)
 					b.StartTimer()
 					ch, err := m.Update(in, h)
 					if err != nil || ch.Full || len(ch.SAs) != 4 {

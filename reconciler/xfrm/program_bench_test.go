@@ -183,9 +183,7 @@ func TestBenchJoin(t *testing.T) {
 	for _, n := range []int{100, 1000, 5000} {
 		before := cluster.Inputs(cluster.Options{Nodes: n, Mode: api.ModeEnforce})
 		after := func(r int) desired.Inputs {
-			in := before
-			in.Nodes = append(slices.Clip(before.Nodes), cluster.Joiner(n, r, api.ModeEnforce)) // sorts last
-			return in
+			return cluster.Join(before, r) // the joiner sorts last
 		}
 		joiner := []string{cluster.Name(n)}
 		// The whole-state path (what the agent did for every event before the memo).
@@ -336,8 +334,7 @@ func BenchmarkApplyJoin(b *testing.B) {
 			for b.Loop() {
 				b.StopTimer()
 				r++
-				in := before
-				in.Nodes = append(slices.Clip(before.Nodes), cluster.Joiner(n, r, api.ModeEnforce))
+				in := cluster.Join(before, r)
 				join, err := m.Update(in, joiner)
 				if err != nil || join.Full {
 					b.Fatalf("join full=%v %v", join.Full, err)

@@ -152,10 +152,14 @@ func (m *Memo) Update(in Inputs, h Hint) (Change, error) {
 	return Change{From: from, To: m.Version(), Full: true}, nil
 }
 
-// State returns the state of the last successful Update (what Compute returns for its
-// Inputs). After an incremental Update it is assembled on first use: O(N log N).
+// State returns the state the last Update computed (what Compute returns for its Inputs;
+// the zero State after a failed Update). After an incremental Update it is assembled and
+// sorted on first use: O(N log N).
 func (m *Memo) State() State {
-	if m.stOK || !m.ok {
+	if !m.ok {
+		return State{} // the last Update failed (or none ran)
+	}
+	if m.stOK {
 		return m.st
 	}
 	st := State{Mode: m.base.Mode, Generations: slices.Clone(m.base.Generations),

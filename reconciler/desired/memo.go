@@ -39,10 +39,9 @@ type Memo struct {
 	selfAddr netip.Addr
 	base     State // Compute of self alone, without BGP peers
 	ring     []Generation
-	nodes    map[string]Node
-	parts    map[string]*part
+	parts    map[string]*part          // every node but self, with its input
 	claims   map[netip.Addr]int        // claimants per node address (self included)
-	byIP     map[netip.Addr]string     // addresses of peers that passed the node checks
+	byIP     map[netip.Addr]string     // addresses of peers that passed the node checks (kept only with BGP peers)
 	saIDs    map[saIdentity]string     // SA identity → peer
 	polIDs   map[policyIdentity]string // policy identity → peer
 
@@ -85,6 +84,7 @@ type Hint struct {
 }
 
 type part struct {
+	node     Node // the input it was computed from
 	accepted bool // passed Compute's address, incarnation and node ID checks
 	addr     netip.Addr
 	sas      []SA
@@ -245,7 +245,6 @@ func (m *Memo) rebuild(in Inputs, st State) {
 	m.base, m.glob = base, m.globals(in)
 	m.ring = slices.Clone(in.Ring.Generations)
 	m.pools, m.hold, m.bgp = slices.Clone(in.Pools), slices.Clone(in.HoldPlaintext), slices.Clone(in.BGPPeers)
-	m.nodes = make(map[string]Node, len(in.Nodes))
 	m.parts = make(map[string]*part, len(in.Nodes))
 	m.claims = map[netip.Addr]int{m.selfAddr: 1}
 	m.byIP = make(map[netip.Addr]string, len(in.Nodes))
@@ -255,8 +254,7 @@ func (m *Memo) rebuild(in Inputs, st State) {
 		if n.Name == in.Self {
 			continue
 		}
-		m.nodes[n.Name] = cloneNode(n)
-		p := &part{}
+		p := &part{node: cloneNode(n)}
 		p.addr, p.accepted = m.accepted(n)
 		m.parts[n.Name] = p
 		if a, err := ParseNodeAddress(n.IPv4Address); err == nil {
@@ -264,7 +262,7 @@ func (m *Memo) rebuild(in Inputs, st State) {
 				return // a conflict: full path until it is resolved
 			}
 		}
-		if p.accepted {
+		if p.accepted && len(m.bgp) > 0 {
 			m.byIP[p.addr] = n.Name
 		}
 	}
@@ -353,19 +351,19 @@ func (m *Memo) incremental(in Inputs, h Hint) (Change, bool) {
 				selfSeen = true
 				continue
 			}
-			old, ok := m.nodes[n.Name]
+			old, ok := m.parts[n.Name]
 			if ok {
 				matched++
 			}
-			if !ok || !nodeEqual(*n, old) {
+			if !ok || !nodeEqual(*n, old.node) {
 				changed = append(changed, n.Name)
 			}
 		}
 		if !selfSeen {
 			return Change{}, false
 		}
-		if matched < len(m.nodes) {
-			for name := range m.nodes {
+		if matched < len(m.parts) {
+			for name := range m.parts {
 				if _, ok := find(name); !ok {
 					changed = append(changed, name)
 				}
@@ -397,12 +395,12 @@ func (m *Memo) incremental(in Inputs, h Hint) (Change, bool) {
 }
 
 func (m *Memo) remove(name string, p *part) {
-	if a, err := ParseNodeAddress(m.nodes[name].IPv4Address); err == nil {
+	if a, err := ParseNodeAddress(p.node.IPv4Address); err == nil {
 		if m.claims[a.Addr()]--; m.claims[a.Addr()] == 0 {
 			delete(m.claims, a.Addr())
 		}
 	}
-	if p.accepted && m.byIP[p.addr] == name {
+	if p.accepted && len(m.bgp) > 0 && m.byIP[p.addr] == name {
 		delete(m.byIP, p.addr)
 	}
 	for _, s := range p.sas {
@@ -412,7 +410,6 @@ func (m *Memo) remove(name string, p *part) {
 		delete(m.polIDs, policyIdentityOf(x))
 	}
 	delete(m.parts, name)
-	delete(m.nodes, name)
 }
 
 func (m *Memo) add(in Inputs, n *Node) (*part, bool) {
@@ -448,10 +445,10 @@ func (m *Memo) add(in Inputs, n *Node) (*part, bool) {
 	for _, x := range p.policies {
 		m.polIDs[policyIdentityOf(x)] = n.Name
 	}
-	if p.accepted {
+	if p.accepted && len(m.bgp) > 0 {
 		m.byIP[p.addr] = n.Name
 	}
-	m.nodes[n.Name] = cloneNode(*n)
+	p.node = cloneNode(*n)
 	m.parts[n.Name] = p
 	return p, true
 }

@@ -54,6 +54,25 @@ func Keys(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, des
 	return spi, desired.NewKey(h[:20]), nil
 }
 
+// Joiner is node i as a joining node in round r: a fresh key incarnation per round, so
+// that a join, leave and re-join never re-create an SA under a used key.
+func Joiner(i, r int, mode api.Mode) desired.Node {
+	n := Node(i, mode)
+	n.Incarnation = fmt.Sprintf("boot-%s-%d", n.Name, r)
+	n.Report.Incarnation = n.Incarnation
+	return n
+}
+
+// Join returns in with node len(in.Nodes) joined in round r (Joiner), sorted last. It
+// shares in's node array, which Inputs leaves room for: no copy of the cluster, and the
+// next Join overwrites this one's joiner.
+func Join(in desired.Inputs, r int) desired.Inputs {
+	n := len(in.Nodes)
+	in.Nodes = in.Nodes[:n+1]
+	in.Nodes[n] = Joiner(n, r, in.Ring.Mode)
+	return in
+}
+
 // Options shape a synthetic cluster.
 type Options struct {
 	Nodes int
@@ -75,12 +94,13 @@ func Inputs(o Options) desired.Inputs {
 	}
 	in := desired.Inputs{
 		Self:   Name(o.Self),
-		Nodes:  make([]desired.Node, 0, o.Nodes),
+		Nodes:  make([]desired.Node, 0, o.Nodes+1), // room for Join
 		Blocks: make([]desired.Block, 0, o.Nodes*BlocksPerNode),
 		Pools:  []desired.Pool{{Name: "default", CIDR: netip.MustParsePrefix("10.0.0.0/8"), IPIPMode: o.IPIPMode}},
 		Ring: desired.Ring{Mode: o.Mode, Generations: []desired.Generation{
 			{ID: 1, State: desired.GenActive}, {ID: 2, State: desired.GenPending}}},
-		Keys: Keys,
+		Keys:        Keys,
+		KeysVersion: "bench/cluster.Keys",
 	}
 	for i := range o.Nodes {
 		in.Nodes = append(in.Nodes, Node(i, o.Mode))

@@ -74,6 +74,9 @@ type Source interface {
 // Xfrm is the xfrm applier (xfrm.Applier).
 type Xfrm interface {
 	Apply(desired.State) (xfrm.Result, error)
+	// ApplyChange applies a desired.Memo's change: by its difference alone when the
+	// applier holds the change's previous state, else the whole state want returns.
+	ApplyChange(ch desired.Change, want func() desired.State) (xfrm.Result, error)
 	QueueResync()
 	Observed() []xfrm.KernelSA
 	// SetLedger makes Apply record every key in l before installing it, and refuse a key
@@ -153,6 +156,11 @@ const (
 
 // Agent runs the loop. Create it with New, then Run.
 type Agent struct {
+	// memo keeps the desired state per peer between syncs (only the sync worker uses
+	// it): an event-driven sync recomputes and applies the changed peers only; a full
+	// sync recomputes and walks everything.
+	memo *desired.Memo
+
 	cfg Config
 	d   Deps
 	log *slog.Logger
@@ -388,10 +396,14 @@ func (a *Agent) sync() (err error) {
 	}
 	full := a.full.Swap(false)
 	kind := "partial"
+	if a.memo == nil {
+		a.memo = desired.NewMemo()
+	}
 	if full {
 		kind = "full"
 		a.d.Xfrm.QueueResync()
 		a.d.Rules.QueueResync()
+		a.memo.Reset()
 	}
 	defer func() {
 		result := "ok"
@@ -413,6 +425,7 @@ func (a *Agent) sync() (err error) {
 	}
 	var (
 		in   desired.Inputs
+		ch   desired.Change
 		st   desired.State
 		res  xfrm.Result
 		xerr error
@@ -427,10 +440,11 @@ func (a *Agent) sync() (err error) {
 		}
 		in.HoldPlaintext = a.hold
 		in.Previous = a.lastState
-		st, err = desired.Compute(in)
+		ch, err = a.memo.Update(in, desired.Hint{}) // desired.Compute(in), per changed peer
 		if err != nil {
 			return a.fail(fmt.Errorf("compute desired state: %w", err))
 		}
+		st = a.memo.State()
 		// Order (docs/dataplane.md §8): rules that stay, xfrm, then the new rules, so an
 		// outbound drop rule never outlives the policy it backs and a new drop rule
 		// appears only after its policies exist. The first step needs the rules of the
@@ -450,7 +464,7 @@ func (a *Agent) sync() (err error) {
 			a.lastRules = desired.TransitionRules(prevRules, st.Rules)
 			a.mu.Unlock()
 		}
-		res, xerr = a.d.Xfrm.Apply(st)
+		res, xerr = a.d.Xfrm.ApplyChange(ch, a.memo.State)
 		a.countWrites(res)
 		if errors.Is(xerr, xfrm.ErrKeyReuse) && attempt == 0 {
 			// An SA of this epoch is gone from the kernel (another tool flushed it, the

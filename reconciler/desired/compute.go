@@ -255,7 +255,7 @@ func Compute(in Inputs) (State, error) {
 		if _, isNode := byIP[b.PeerIP.Unmap()]; isNode {
 			continue
 		}
-		st.NotCovered = append(st.NotCovered, fmt.Sprintf("bgp peer %s (%s) is not a cluster node: never encrypted to nor dropped", b.Name, b.PeerIP))
+		st.NotCovered = append(st.NotCovered, bgpNote(b))
 	}
 
 	if mode == api.ModeOff {
@@ -550,6 +550,10 @@ func Compute(in Inputs) (State, error) {
 	slices.SortFunc(st.Peers, func(a, b PeerStatus) int { return strings.Compare(a.Name, b.Name) })
 	st.Neighbours = neighbourList(neighbours)
 	return finish(st)
+}
+
+func bgpNote(b BGPPeer) string {
+	return fmt.Sprintf("bgp peer %s (%s) is not a cluster node: never encrypted to nor dropped", b.Name, b.PeerIP)
 }
 
 // chooseGeneration picks the generation to send with: the active generation if the peer

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/bench/cluster"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
@@ -31,6 +32,49 @@ func BenchmarkCompute(b *testing.B) {
 				}
 				b.ReportMetric(float64(len(st.SAs)), "SAs")
 				b.ReportMetric(float64(len(st.Policies)), "policies")
+			})
+		}
+	}
+}
+
+// BenchmarkComputeJoin is the Memo.Update that absorbs one node joining, the joining node
+// named (what the agent's event-driven sync costs in the pure core; Always pool, enforce),
+// and, as scan, the same Update left to find the change by comparing every Node. Each
+// iteration joins a node with a fresh key incarnation (timed) and removes it (untimed).
+func BenchmarkComputeJoin(b *testing.B) {
+	for _, hinted := range []bool{true, false} {
+		for _, n := range []int{100, 1000, 5000} {
+			name := fmt.Sprintf("hint=named/nodes=%d", n)
+			if !hinted {
+				name = fmt.Sprintf("hint=scan/nodes=%d", n)
+			}
+			b.Run(name, func(b *testing.B) {
+				before := cluster.Inputs(cluster.Options{Nodes: n, Mode: api.ModeEnforce})
+				h := desired.Hint{}
+				if hinted {
+					h = desired.Hint{Known: true, Nodes: []string{cluster.Name(n)}}
+				}
+				m := desired.NewMemo()
+				if _, err := m.Update(before, desired.Hint{}); err != nil {
+					b.Fatal(err)
+				}
+				b.ReportAllocs()
+				r := 0
+				for b.Loop() {
+					b.StopTimer()
+					r++
+					in := cluster.Join(before, r)
+					b.StartTimer()
+					ch, err := m.Update(in, h)
+					if err != nil || ch.Full || len(ch.SAs) != 4 {
+						b.Fatalf("join full=%v SAs=%d %v", ch.Full, len(ch.SAs), err)
+					}
+					b.StopTimer()
+					if _, err := m.Update(before, h); err != nil {
+						b.Fatal(err)
+					}
+					b.StartTimer()
+				}
 			})
 		}
 	}

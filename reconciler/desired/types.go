@@ -176,6 +176,10 @@ type Inputs struct {
 	Ring     Ring
 	Config   Config
 	Keys     KeyFunc
+	// KeysVersion identifies Keys for a Memo: two Inputs with the same non-nil (and
+	// comparable) KeysVersion must have Keys that give the same answers. nil: a Memo
+	// recomputes everything. Compute ignores it.
+	KeysVersion any
 	// Felix is this node's Felix configuration (neighbour modes, reported only).
 	Felix Felix
 	// HoldPlaintext names peers this node must not send plaintext IPIP to in enforce mode

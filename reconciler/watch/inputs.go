@@ -98,6 +98,7 @@ func Inputs(self string, s Snapshot, cfg desired.Config, epoch string) (desired.
 		in.Nodes = append(in.Nodes, dn)
 	}
 	in.Keys = KeyFunc(s.Ring)
+	in.KeysVersion = s.Ring // parsed once per Secret resourceVersion: a new ring, a new pointer
 	return in, nil
 }
 

@@ -50,6 +50,9 @@ type Applier struct {
 	// sequence, and so its GCM IVs, would restart; an inbound SA's replay window would
 	// reset). Keys are recorded there before they are written (write-ahead).
 	ledger KeyLedger
+	// at is the desired.Memo version the cache was last brought to (zero: none, e.g.
+	// after a plain Apply or a failure); ApplyChange from it needs only the difference.
+	at desired.Version
 }
 
 // KeyLedger is the applier's memory of the keys installed in the current SA epoch
@@ -177,6 +180,11 @@ func (a *Applier) resync() error {
 // Apply makes the kernel hold exactly want's SAs and policies (of ours). It returns what
 // it wrote and every error it met; after an error the next Apply lists the kernel again.
 func (a *Applier) Apply(want desired.State) (Result, error) {
+	a.at = desired.Version{}
+	return a.apply(want)
+}
+
+func (a *Applier) apply(want desired.State) (Result, error) {
 	var res Result
 	if a.needFull || a.states == nil {
 		if err := a.resync(); err != nil {
@@ -192,16 +200,114 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 	if len(a.policies) == 0 {
 		a.policies = make(map[policyID]desired.Policy, len(want.Policies))
 	}
-	// 0. Never re-create an SA under a key used in this epoch: refuse the whole state
-	// before writing anything. Adopted SAs the ledger lacks are recorded now; every key
-	// about to be written is recorded immediately before its own write (step 1), so an
-	// agent killed in the middle of a batch leaves recorded only keys it had reached —
-	// those the kernel then holds are adopted after a restart, and a recorded key the
-	// kernel lacks is never written again.
+	fps, err := a.checkKeys(want.SAs)
+	if err != nil {
+		return res, err
+	}
+	var errs errList
+	wantStates := make(map[saID]struct{}, len(want.SAs))
+	for _, sa := range want.SAs {
+		wantStates[saIDOf(sa)] = struct{}{}
+	}
+	wantPolicies := make(map[policyID]struct{}, len(want.Policies))
+	for _, p := range want.Policies {
+		wantPolicies[policyIDOf(p)] = struct{}{}
+	}
+	a.writeSAs(want.SAs, fps, &res, &errs)
+	a.writePolicies(want.Policies, &res, &errs)
+	// 3. Stale policies, then 4. stale SAs, each in the order of their ID text.
+	a.deletePolicies(stale(a.policies, wantPolicies, desired.Policy.ID), &res, &errs)
+	a.deleteSAs(stale(a.states, wantStates, desired.SA.ID), a.referenced, &res, &errs)
+	return res, a.finish(&errs)
+}
+
+// ApplyChange brings the kernel to the state of ch.To. When the applier holds the state
+// of ch.From (its last apply, of the same memo's From, succeeded and no resync is
+// queued), it works on the difference alone: it writes the changed peers' SAs and
+// policies that the cache lacks or holds otherwise, and deletes the changed peers' old
+// identities that the new objects lack — the same checks, order and errors as Apply,
+// for work proportional to the change. Otherwise (a full change, a queued resync, an
+// earlier failure, another memo) it applies want() as Apply does, walking everything.
+func (a *Applier) ApplyChange(ch desired.Change, want func() desired.State) (Result, error) {
+	from := a.at
+	a.at = desired.Version{}
+	var (
+		res Result
+		err error
+	)
+	if ch.Full || ch.From.IsZero() || ch.From != from || a.needFull || a.states == nil {
+		res, err = a.apply(want())
+	} else {
+		res, err = a.applyDiff(ch)
+	}
+	if err == nil {
+		a.at = ch.To
+	}
+	return res, err
+}
+
+func (a *Applier) applyDiff(ch desired.Change) (Result, error) {
+	var res Result
+	fps, err := a.checkKeys(ch.SAs)
+	if err != nil {
+		return res, err
+	}
+	var errs errList
+	newStates := make(map[saID]struct{}, len(ch.SAs))
+	for _, sa := range ch.SAs {
+		newStates[saIDOf(sa)] = struct{}{}
+	}
+	newPolicies := make(map[policyID]struct{}, len(ch.Policies))
+	for _, p := range ch.Policies {
+		newPolicies[policyIDOf(p)] = struct{}{}
+	}
+	a.writeSAs(ch.SAs, fps, &res, &errs)
+	a.writePolicies(ch.Policies, &res, &errs)
+	// The changed peers' old identities that are gone, as held in the cache (what is
+	// not in the cache is not in the kernel).
+	oldPolicies := map[policyID]desired.Policy{}
+	for _, p := range ch.OldPolicies {
+		id := policyIDOf(p)
+		if have, ok := a.policies[id]; ok {
+			oldPolicies[id] = have
+		}
+	}
+	oldStates := map[saID]desired.SA{}
+	for _, sa := range ch.OldSAs {
+		id := saIDOf(sa)
+		if have, ok := a.states[id]; ok {
+			oldStates[id] = have
+		}
+	}
+	a.deletePolicies(stale(oldPolicies, newPolicies, desired.Policy.ID), &res, &errs)
+	// Only the changed peers' policies can name their SAs (every other peer's policies
+	// name SAs of their own peer, unchanged).
+	refs := func() map[saID]desired.Policy {
+		m := map[saID]desired.Policy{}
+		for _, ps := range [][]desired.Policy{ch.OldPolicies, ch.Policies} {
+			for _, p := range ps {
+				if have, ok := a.policies[policyIDOf(p)]; ok && have.Dir == desired.Out && !have.Tmpl.IsZero() && have.Tmpl.SPI != 0 {
+					m[saID{dst: have.Tmpl.Dst, spi: have.Tmpl.SPI}] = have
+				}
+			}
+		}
+		return m
+	}
+	a.deleteSAs(stale(oldStates, newStates, desired.SA.ID), refs, &res, &errs)
+	return res, a.finish(&errs)
+}
+
+// checkKeys is step 0: never re-create an SA under a key used in this epoch; refuse the
+// whole state before writing anything. Adopted SAs the ledger lacks are recorded now;
+// every key about to be written is recorded immediately before its own write (step 1),
+// so an agent killed in the middle of a batch leaves recorded only keys it had reached —
+// those the kernel then holds are adopted after a restart, and a recorded key the kernel
+// lacks is never written again. It returns each SA's key fingerprint.
+func (a *Applier) checkKeys(sas []desired.SA) ([]ledger.Fingerprint, error) {
 	var reused []string
 	var adopted []ledger.Entry
-	fps := make([]ledger.Fingerprint, len(want.SAs)) // key fingerprints, each computed once
-	for i, sa := range want.SAs {
+	fps := make([]ledger.Fingerprint, len(sas)) // key fingerprints, each computed once
+	for i, sa := range sas {
 		fps[i] = fingerprint(sa.Key)
 		installed := a.ledger.Installed(fps[i])
 		if have, ok := a.states[saIDOf(sa)]; ok && have.SameKernelObject(sa) {
@@ -216,33 +322,46 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 	}
 	if len(reused) > 0 {
 		a.needFull = true
-		return res, &KeyReuseError{SAs: reused}
+		return nil, &KeyReuseError{SAs: reused}
 	}
 	if err := a.ledger.Record(adopted); err != nil {
 		a.needFull = true
-		return res, fmt.Errorf("record %d adopted sa keys: %w", len(adopted), err)
+		return nil, fmt.Errorf("record %d adopted sa keys: %w", len(adopted), err)
 	}
-	var errs []error
-	more := 0
-	fail := func(err error) {
-		if len(errs) < MaxErrors {
-			errs = append(errs, err)
-			return
+	return fps, nil
+}
+
+// errList collects an apply's errors, at most MaxErrors of them.
+type errList struct {
+	errs []error
+	more int
+}
+
+func (l *errList) fail(err error) {
+	if len(l.errs) < MaxErrors {
+		l.errs = append(l.errs, err)
+		return
+	}
+	l.more++
+}
+
+// finish ends an apply: with errors, the next one lists the kernel.
+func (a *Applier) finish(l *errList) error {
+	if len(l.errs) > 0 {
+		if l.more > 0 {
+			l.errs = append(l.errs, fmt.Errorf("and %d more xfrm errors like these", l.more))
 		}
-		more++
+		a.needFull = true
+		return errors.Join(l.errs...)
 	}
+	a.needFull = false
+	return nil
+}
 
-	wantStates := make(map[saID]struct{}, len(want.SAs))
-	for _, sa := range want.SAs {
-		wantStates[saIDOf(sa)] = struct{}{}
-	}
-	wantPolicies := make(map[policyID]struct{}, len(want.Policies))
-	for _, p := range want.Policies {
-		wantPolicies[policyIDOf(p)] = struct{}{}
-	}
-
-	// 1. SAs: add missing, replace changed (same identity, other key or parameters).
-	for i, sa := range want.SAs {
+// writeSAs is step 1: add missing SAs, replace changed ones (same identity, other key or
+// parameters).
+func (a *Applier) writeSAs(sas []desired.SA, fps []ledger.Fingerprint, res *Result, errs *errList) {
+	for i, sa := range sas {
 		id := saIDOf(sa)
 		have, ok := a.states[id]
 		switch {
@@ -250,11 +369,11 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 			continue // adopt
 		case ok:
 			if err := a.ledger.Record([]ledger.Entry{{Generation: sa.Generation, Key: fps[i]}}); err != nil {
-				fail(fmt.Errorf("replace xfrm state %s: record its key before writing it: %w", sa, err))
+				errs.fail(fmt.Errorf("replace xfrm state %s: record its key before writing it: %w", sa, err))
 				continue
 			}
 			if err := a.k.DeleteState(have); err != nil {
-				fail(fmt.Errorf("replace xfrm state %s: delete: %w", sa, err))
+				errs.fail(fmt.Errorf("replace xfrm state %s: delete: %w", sa, err))
 				continue
 			}
 			delete(a.states, id)
@@ -262,47 +381,50 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 				if refused(err) {
 					a.ledger.Release(fps[i])
 				}
-				fail(fmt.Errorf("replace xfrm state %s: add: %w", sa, err))
+				errs.fail(fmt.Errorf("replace xfrm state %s: add: %w", sa, err))
 				continue
 			}
 			a.states[id] = sa
 			res.StatesReplaced++
 		case a.foreignStates[id]:
 			res.Conflicts++
-			fail(fmt.Errorf("add xfrm state %s: a foreign state holds %s", sa, sa.ID()))
+			errs.fail(fmt.Errorf("add xfrm state %s: a foreign state holds %s", sa, sa.ID()))
 		default:
 			if err := a.ledger.Record([]ledger.Entry{{Generation: sa.Generation, Key: fps[i]}}); err != nil {
-				fail(fmt.Errorf("add xfrm state %s: record its key before writing it: %w", sa, err))
+				errs.fail(fmt.Errorf("add xfrm state %s: record its key before writing it: %w", sa, err))
 				continue
 			}
 			if err := a.k.AddState(sa); err != nil {
 				if refused(err) {
 					a.ledger.Release(fps[i])
 				}
-				fail(fmt.Errorf("add xfrm state %s: %w", sa, err))
+				errs.fail(fmt.Errorf("add xfrm state %s: %w", sa, err))
 				continue
 			}
 			a.states[id] = sa
 			res.StatesAdded++
 		}
 	}
-	// 2. Policies: add missing, update changed in place. An outbound policy whose SA
-	// could not be written is not written either (it would black-hole the peer); the
-	// previous policy, if any, stays.
-	for _, p := range want.Policies {
+}
+
+// writePolicies is step 2: add missing policies, update changed ones in place. An
+// outbound policy whose SA could not be written is not written either (it would
+// black-hole the peer); the previous policy, if any, stays.
+func (a *Applier) writePolicies(pols []desired.Policy, res *Result, errs *errList) {
+	for _, p := range pols {
 		id := policyIDOf(p)
 		have, ok := a.policies[id]
 		if ok && have.SameKernelObject(p) {
 			continue
 		}
 		if ref, missing := a.missingSA(p); missing {
-			fail(fmt.Errorf("write xfrm %s: skipped, its %s is missing", p, ref))
+			errs.fail(fmt.Errorf("write xfrm %s: skipped, its %s is missing", p, ref))
 			continue
 		}
 		switch {
 		case ok:
 			if err := a.k.UpdatePolicy(p); err != nil {
-				fail(fmt.Errorf("update xfrm %s: %w", p, err))
+				errs.fail(fmt.Errorf("update xfrm %s: %w", p, err))
 				continue
 			}
 			a.policies[id] = p
@@ -310,51 +432,50 @@ func (a *Applier) Apply(want desired.State) (Result, error) {
 		case a.foreignPolicies[id]:
 			// Weave #3666: never take over a selector someone else programs.
 			res.Conflicts++
-			fail(fmt.Errorf("add xfrm %s: a foreign policy holds this selector", p))
+			errs.fail(fmt.Errorf("add xfrm %s: a foreign policy holds this selector", p))
 		default:
 			if err := a.k.AddPolicy(p); err != nil {
-				fail(fmt.Errorf("add xfrm %s: %w", p, err))
+				errs.fail(fmt.Errorf("add xfrm %s: %w", p, err))
 				continue
 			}
 			a.policies[id] = p
 			res.PoliciesAdded++
 		}
 	}
-	// 3. Stale policies, then 4. stale SAs, each in the order of their ID text.
-	for _, p := range stale(a.policies, wantPolicies, desired.Policy.ID) {
+}
+
+// deletePolicies is step 3: delete stale policies.
+func (a *Applier) deletePolicies(pols []desired.Policy, res *Result, errs *errList) {
+	for _, p := range pols {
 		if err := a.k.DeletePolicy(p); err != nil {
-			fail(fmt.Errorf("delete xfrm %s: %w", p, err))
+			errs.fail(fmt.Errorf("delete xfrm %s: %w", p, err))
 			continue
 		}
 		delete(a.policies, policyIDOf(p))
 		res.PoliciesDeleted++
 	}
+}
+
+// deleteSAs is step 4: delete stale SAs that no policy of ours names any more (refs
+// gives the SAs named, computed once when first needed).
+func (a *Applier) deleteSAs(sas []desired.SA, refsOf func() map[saID]desired.Policy, res *Result, errs *errList) {
 	var refs map[saID]desired.Policy
-	for _, sa := range stale(a.states, wantStates, desired.SA.ID) {
+	for _, sa := range sas {
 		id := saIDOf(sa)
 		if refs == nil {
-			refs = a.referenced()
+			refs = refsOf()
 		}
 		if p, used := refs[id]; used {
-			fail(fmt.Errorf("delete xfrm state %s: skipped, still used by %s", sa, p))
+			errs.fail(fmt.Errorf("delete xfrm state %s: skipped, still used by %s", sa, p))
 			continue
 		}
 		if err := a.k.DeleteState(sa); err != nil {
-			fail(fmt.Errorf("delete xfrm state %s: %w", sa, err))
+			errs.fail(fmt.Errorf("delete xfrm state %s: %w", sa, err))
 			continue
 		}
 		delete(a.states, id)
 		res.StatesDeleted++
 	}
-	if len(errs) > 0 {
-		if more > 0 {
-			errs = append(errs, fmt.Errorf("and %d more xfrm errors like these", more))
-		}
-		a.needFull = true
-		return res, errors.Join(errs...)
-	}
-	a.needFull = false
-	return res, nil
 }
 
 // missingSA reports whether p is an outbound policy naming an SA we do not hold, and names

@@ -5,6 +5,7 @@ package xfrm_test
 import (
 	"fmt"
 	"net"
+	"runtime"
 	"slices"
 	"testing"
 	"time"
@@ -166,35 +167,137 @@ func TestBenchProgramPolicies(t *testing.T) {
 	bench.Report("program.ratio_applier_raw_per_call", float64(ap)/float64(rp), "x")
 }
 
+// joinRounds is how many join/leave rounds TestBenchJoin times (the median is reported):
+// one join takes microseconds, too little for a single reading on a shared machine.
+const joinRounds = 101
+
 // TestBenchJoin: kernel writes and time for one node joining clusters of 100, 1,000 and
-// 5,000 nodes, against the fake (SAs and policies) and against the real kernel (policies;
-// SAs in the fake). The writes are counts; the times are the Apply of the join only
-// (plus, separately, the full Compute the agent runs for it).
+// 5,000 nodes, as the agent's event-driven sync makes it: desired.Memo.Update with the
+// joining node named (Compute of that peer only) and xfrm.Applier.ApplyChange (the
+// changed peer's objects only), against the fake (SAs and policies) and against the real
+// kernel (policies; SAs in the fake). Each round joins a node with a fresh key
+// incarnation and removes it again (untimed); the writes are the first round's and every
+// round must make the same. For comparison, the whole-state path of before: a full
+// Compute and an Apply that walks everything.
 func TestBenchJoin(t *testing.T) {
 	bench.Gate(t, true)
 	for _, n := range []int{100, 1000, 5000} {
-		before := compute(t, cluster.Inputs(cluster.Options{Nodes: n, Mode: api.ModeEnforce}))
-		inAfter := cluster.Inputs(cluster.Options{Nodes: n + 1, Mode: api.ModeEnforce})
-		t0 := time.Now()
-		after := compute(t, inAfter)
-		comp := time.Since(t0)
-
-		fk := xfrm.NewFake()
-		a := xfrm.NewApplier(fk, desired.Config{})
-		if _, err := a.Apply(before); err != nil {
-			t.Fatal(err)
+		before := cluster.Inputs(cluster.Options{Nodes: n, Mode: api.ModeEnforce})
+		after := func(r int) desired.Inputs {
+			return cluster.Join(before, r) // the joiner sorts last
 		}
-		logged := len(fk.Log)
-		t0 = time.Now()
-		res, err := a.Apply(after)
-		fakeJoin := time.Since(t0)
+		joiner := []string{cluster.Name(n)}
+		// The whole-state path (what the agent did for every event before the memo).
+		t0 := time.Now()
+		full := compute(t, after(0))
+		compFull := time.Since(t0)
+		{
+			a := xfrm.NewApplier(xfrm.NewFake(), desired.Config{})
+			if _, err := a.Apply(compute(t, before)); err != nil {
+				t.Fatal(err)
+			}
+			t0 = time.Now()
+			if _, err := a.Apply(full); err != nil {
+				t.Fatal(err)
+			}
+			bench.Report(fmt.Sprintf("join.%d.fake_apply_walk", n), float64(time.Since(t0).Microseconds())/1000, "ms")
+		}
+		bench.Report(fmt.Sprintf("join.%d.compute_full", n), float64(compFull.Microseconds())/1000, "ms")
+
+		m := desired.NewMemo()
+		ch0, err := m.Update(before, desired.Hint{})
 		if err != nil {
 			t.Fatal(err)
 		}
+		// Compute: the memo told which node joined, and (what the agent's sync does today)
+		// comparing every Node to find it, on a memo of its own. The garbage of the setup
+		// is collected first, so that no collection of the cluster-sized heap runs in the
+		// microseconds timed (a size effect of the benchmark, not of the join).
+		m2 := desired.NewMemo()
+		if _, err := m2.Update(before, desired.Hint{}); err != nil {
+			t.Fatal(err)
+		}
+		var comp, scan, state []time.Duration
+		var changes []desired.Change // per round: join, leave
+		runtime.GC()
+		for r := range joinRounds {
+			in := after(r)
+			t0 := time.Now()
+			join, err := m.Update(in, desired.Hint{Known: true, Nodes: joiner})
+			comp = append(comp, time.Since(t0))
+			if err != nil || join.Full {
+				t.Fatalf("join round %d: full=%v %v", r, join.Full, err)
+			}
+			leave, err := m.Update(before, desired.Hint{Known: true, Nodes: joiner})
+			if err != nil || leave.Full {
+				t.Fatalf("leave round %d: full=%v %v", r, leave.Full, err)
+			}
+			changes = append(changes, join, leave)
+			t0 = time.Now()
+			if ch, err := m2.Update(in, desired.Hint{}); err != nil || ch.Full {
+				t.Fatalf("scan round %d: full=%v %v", r, ch.Full, err)
+			}
+			scan = append(scan, time.Since(t0))
+			if ch, err := m2.Update(before, desired.Hint{}); err != nil || ch.Full {
+				t.Fatalf("scan round %d: leave full=%v %v", r, ch.Full, err)
+			}
+		}
+		for r := range 5 { // the whole State after a join, O(N log N): a few readings
+			if _, err := m.Update(after(joinRounds+r), desired.Hint{Known: true, Nodes: joiner}); err != nil {
+				t.Fatal(err)
+			}
+			t0 := time.Now()
+			_ = m.State()
+			state = append(state, time.Since(t0))
+			if _, err := m.Update(before, desired.Hint{Known: true, Nodes: joiner}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		bench.Report(fmt.Sprintf("join.%d.compute", n), float64(median(comp).Nanoseconds())/1e6, "ms")
+		bench.Report(fmt.Sprintf("join.%d.compute_scan", n), float64(median(scan).Nanoseconds())/1e6, "ms")
+		bench.Report(fmt.Sprintf("join.%d.state", n), float64(median(state).Nanoseconds())/1e6, "ms")
+
+		st0 := compute(t, before)
+		// rounds applies every round's join (timed) and leave to a, which holds ch0.
+		// logLen, if set, counts the kernel's logged writes (the fake's).
+		rounds := func(a *xfrm.Applier, logLen func() int) (first xfrm.Result, logged int, apply time.Duration) {
+			var ds []time.Duration
+			runtime.GC()
+			for r := range joinRounds {
+				join, leave := changes[2*r], changes[2*r+1]
+				before := 0
+				if logLen != nil {
+					before = logLen()
+				}
+				t0 := time.Now()
+				res, err := a.ApplyChange(join, func() desired.State { t.Fatal("join took the whole-state path"); return desired.State{} })
+				ds = append(ds, time.Since(t0))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if r == 0 {
+					first = res
+					if logLen != nil {
+						logged = logLen() - before
+					}
+				} else if res.Writes() != first.Writes() {
+					t.Fatalf("round %d: %d writes, round 0 %d", r, res.Writes(), first.Writes())
+				}
+				if _, err := a.ApplyChange(leave, func() desired.State { t.Fatal("leave took the whole-state path"); return desired.State{} }); err != nil {
+					t.Fatal(err)
+				}
+			}
+			return first, logged, median(ds)
+		}
+		fk := xfrm.NewFake()
+		a := xfrm.NewApplier(fk, desired.Config{})
+		if _, err := a.ApplyChange(ch0, func() desired.State { return st0 }); err != nil {
+			t.Fatal(err)
+		}
+		res, logged, fakeJoin := rounds(a, func() int { return len(fk.Log) })
 		bench.Report(fmt.Sprintf("join.%d.fake_writes", n), float64(res.Writes()), "count")
-		bench.Report(fmt.Sprintf("join.%d.fake_log_writes", n), float64(len(fk.Log)-logged), "count")
-		bench.Report(fmt.Sprintf("join.%d.fake_apply", n), float64(fakeJoin.Microseconds())/1000, "ms")
-		bench.Report(fmt.Sprintf("join.%d.compute", n), float64(comp.Microseconds())/1000, "ms")
+		bench.Report(fmt.Sprintf("join.%d.fake_log_writes", n), float64(logged), "count")
+		bench.Report(fmt.Sprintf("join.%d.fake_apply", n), float64(fakeJoin.Nanoseconds())/1e6, "ms")
 
 		benchNetNS(t, func() {
 			k, err := xfrm.OpenNetlink() // as the agent: one handle, opened before the clock starts
@@ -204,50 +307,62 @@ func TestBenchJoin(t *testing.T) {
 			defer k.Close()
 			a := xfrm.NewApplier(discardSAs{k}, desired.Config{})
 			t0 := time.Now()
-			res, err := a.Apply(before)
-			full := time.Since(t0)
+			res, err := a.ApplyChange(ch0, func() desired.State { return st0 }) // a full apply
+			initial := time.Since(t0)
 			if err != nil {
 				t.Fatal(err)
 			}
-			t0 = time.Now()
-			jres, err := a.Apply(after)
-			join := time.Since(t0)
-			if err != nil {
-				t.Fatal(err)
-			}
+			bench.Report(fmt.Sprintf("join.%d.kernel_initial", n), float64(initial.Microseconds())/1000, "ms")
+			bench.Report(fmt.Sprintf("join.%d.kernel_initial_writes", n), float64(res.Writes()), "count")
+			jres, _, join := rounds(a, nil)
 			bench.Report(fmt.Sprintf("join.%d.kernel_policy_writes", n), float64(jres.PoliciesAdded+jres.PoliciesUpdated+jres.PoliciesDeleted), "count")
 			bench.Report(fmt.Sprintf("join.%d.kernel_writes", n), float64(jres.Writes()), "count")
-			bench.Report(fmt.Sprintf("join.%d.kernel_apply", n), float64(join.Microseconds())/1000, "ms")
-			bench.Report(fmt.Sprintf("join.%d.kernel_initial", n), float64(full.Microseconds())/1000, "ms")
-			bench.Report(fmt.Sprintf("join.%d.kernel_initial_writes", n), float64(res.Writes()), "count")
+			bench.Report(fmt.Sprintf("join.%d.kernel_apply", n), float64(join.Nanoseconds())/1e6, "ms")
 		})
 	}
 }
 
-// BenchmarkApplyJoin is the Apply that absorbs one node joining (fake kernel): the
-// applier's cost per sync when the writes are constant, as a function of cluster size.
+// BenchmarkApplyJoin is the ApplyChange that absorbs one node joining (fake kernel): the
+// applier's cost per event-driven sync, as a function of cluster size. Each iteration
+// joins a node with a fresh key incarnation (timed) and removes it again (untimed).
 func BenchmarkApplyJoin(b *testing.B) {
 	for _, n := range []int{100, 1000, 5000} {
 		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
-			before, err := desired.Compute(cluster.Inputs(cluster.Options{Nodes: n, Mode: api.ModeEnforce}))
+			before := cluster.Inputs(cluster.Options{Nodes: n, Mode: api.ModeEnforce})
+			joiner := desired.Hint{Known: true, Nodes: []string{cluster.Name(n)}}
+			m := desired.NewMemo()
+			ch, err := m.Update(before, desired.Hint{})
 			if err != nil {
 				b.Fatal(err)
 			}
-			after, err := desired.Compute(cluster.Inputs(cluster.Options{Nodes: n + 1, Mode: api.ModeEnforce}))
-			if err != nil {
+			a := xfrm.NewApplier(xfrm.NewFake(), desired.Config{})
+			if _, err := a.ApplyChange(ch, m.State); err != nil {
 				b.Fatal(err)
 			}
 			b.ReportAllocs()
+			r := 0
 			for b.Loop() {
-				b.StopTimer() // a fresh applier holding the cluster (leave + re-join would reuse keys)
-				a := xfrm.NewApplier(xfrm.NewFake(), desired.Config{})
-				if _, err := a.Apply(before); err != nil {
+				b.StopTimer()
+				r++
+				in := cluster.Join(before, r)
+				join, err := m.Update(in, joiner)
+				if err != nil || join.Full {
+					b.Fatalf("join full=%v %v", join.Full, err)
+				}
+				b.StartTimer()
+				res, err := a.ApplyChange(join, m.State)
+				if err != nil || res.Full || res.Writes() != 6 {
+					b.Fatalf("join %+v %v", res, err)
+				}
+				b.StopTimer()
+				leave, err := m.Update(before, joiner)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := a.ApplyChange(leave, m.State); err != nil {
 					b.Fatal(err)
 				}
 				b.StartTimer()
-				if _, err := a.Apply(after); err != nil {
-					b.Fatal(err)
-				}
 			}
 		})
 	}

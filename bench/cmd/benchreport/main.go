@@ -176,7 +176,7 @@ func main() {
 		cmds = append(cmds, "(merged from an earlier run's log "+f+")")
 	}
 	if want("compute") {
-		parse(run(nil, "test", "-run", "^$", "-bench", "^BenchmarkCompute$", "-benchmem", "-count", strconv.Itoa(*count), "./reconciler/desired"))
+		parse(run(nil, "test", "-run", "^$", "-bench", "^BenchmarkCompute(Join)?$", "-benchmem", "-count", strconv.Itoa(*count), "./reconciler/desired"))
 	}
 	if want("xfrm") {
 		parse(run(nil, "test", "-run", "^$", "-bench", "^BenchmarkApplyJoin$", "-benchmem", "-count", strconv.Itoa(*count), "./reconciler/xfrm"))
@@ -246,14 +246,32 @@ func main() {
 	w("| applier on `xfrm.OpenNetlink` (as the agent) | %s | %s | %s | **%s** (goal ≤ 1.2) |\n", get("lab_program.sas"), get("lab_program.policies"), get("lab_program.applier"), get("lab_program.ratio_applier_raw"))
 
 	w("\n## 3. Incremental change: one node joins (enforce, 2 generations)\n\n")
-	w("| cluster | writes (fake: SAs + policies) | real-kernel policy writes | real-kernel writes (policies + SAs in the fake) | Apply of the join, real kernel | Compute for the join | initial programming (writes, time) |\n|---:|---:|---:|---:|---:|---:|---:|\n")
+	w("As the agent's event-driven sync absorbs it: `desired.Memo.Update` recomputes the joining peer only, `xfrm.Applier.ApplyChange` writes its objects only (median of the join rounds of `TestBenchJoin`, fresh key incarnation per round). For comparison, the whole-state path every sync took before the memo: a full `desired.Compute` and an `Apply` that walks everything.\n\n")
+	w("| cluster | writes (fake: SAs + policies) | real-kernel policy writes | real-kernel writes (policies + SAs in the fake) | Apply of the join, real kernel | Apply of the join, fake | Compute of the join (joiner named) | Compute, comparing every Node | whole State assembled | before: full Compute | before: Apply walking everything (fake) | initial programming (writes, time) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, n := range []int{100, 1000, 5000} {
 		p := fmt.Sprintf("join.%d.", n)
-		w("| %d | %s | %s | %s | %s | %s | %s in %s |\n", n, get(p+"fake_writes"), get(p+"kernel_policy_writes"), get(p+"kernel_writes"),
-			get(p+"kernel_apply"), get(p+"compute"), get(p+"kernel_initial_writes"), get(p+"kernel_initial"))
+		w("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s in %s |\n", n, get(p+"fake_writes"), get(p+"kernel_policy_writes"), get(p+"kernel_writes"),
+			get(p+"kernel_apply"), get(p+"fake_apply"), get(p+"compute"), get(p+"compute_scan"), get(p+"state"), get(p+"compute_full"), get(p+"fake_apply_walk"),
+			get(p+"kernel_initial_writes"), get(p+"kernel_initial"))
 	}
-	w("\nJoin Apply time ratio 5,000/1,000 in that single run: %s (real kernel), %s (fake); nodes ratio 5×.\n", ratio("join.5000.kernel_apply", "join.1000.kernel_apply"), ratio("join.5000.fake_apply", "join.1000.fake_apply"))
-	w("\n`BenchmarkApplyJoin` (fake kernel, median of %d runs): the same Apply repeated on fresh appliers.\n\n| cluster | time/op | allocs/op | bytes/op | time ratio vs 1,000 | allocs ratio vs 1,000 |\n|---:|---:|---:|---:|---:|---:|\n", *count)
+	w("\nJoin time ratios 5,000/1,000 in that single run (goal ≤ 1.5×; nodes ratio 5×): Compute %s, Apply %s (real kernel), %s (fake); comparing every Node %s; before: full Compute %s, walking Apply %s.\n",
+		ratio("join.5000.compute", "join.1000.compute"), ratio("join.5000.kernel_apply", "join.1000.kernel_apply"), ratio("join.5000.fake_apply", "join.1000.fake_apply"),
+		ratio("join.5000.compute_scan", "join.1000.compute_scan"), ratio("join.5000.compute_full", "join.1000.compute_full"), ratio("join.5000.fake_apply_walk", "join.1000.fake_apply_walk"))
+	w("\n`BenchmarkComputeJoin` (median of %d runs): the Memo.Update of a join, repeated (join timed, leave untimed).\n\n| how the change is found | cluster | time/op | allocs/op | time ratio vs 1,000 |\n|---|---:|---:|---:|---:|\n", *count)
+	for _, hint := range []string{"named", "scan"} {
+		ct, _ := med(fmt.Sprintf("BenchmarkComputeJoin/hint=%s/nodes=1000", hint), "ns/op")
+		for _, n := range []int{100, 1000, 5000} {
+			name := fmt.Sprintf("BenchmarkComputeJoin/hint=%s/nodes=%d", hint, n)
+			t, ok := med(name, "ns/op")
+			if !ok {
+				w("| %s | %d | — | — | — |\n", hint, n)
+				continue
+			}
+			a, _ := med(name, "allocs/op")
+			w("| %s | %d | %s µs | %s | %s× |\n", map[string]string{"named": "joiner named (Hint)", "scan": "every Node compared"}[hint], n, num(t/1e3), num(a), num(t/ct))
+		}
+	}
+	w("\n`BenchmarkApplyJoin` (fake kernel, median of %d runs): the ApplyChange of a join, repeated (join timed, leave untimed).\n\n| cluster | time/op | allocs/op | bytes/op | time ratio vs 1,000 | allocs ratio vs 1,000 |\n|---:|---:|---:|---:|---:|---:|\n", *count)
 	bt, _ := med("BenchmarkApplyJoin/nodes=1000", "ns/op")
 	ba, _ := med("BenchmarkApplyJoin/nodes=1000", "allocs/op")
 	for _, n := range []int{100, 1000, 5000} {

@@ -11,8 +11,10 @@ import (
 //   - /healthz: 200 while the process is alive and no sync has been running for longer
 //     than the wedge timeout (a liveness probe restarts a wedged agent; a restart does
 //     not touch the data plane).
-//   - /readyz: 200 once every cache has synced and the last sync succeeded; otherwise
-//     503 with the reason (never key material: errors name objects only).
+//   - /readyz: 200 once every cache has synced, the last sync succeeded and the report
+//     writer has written this process's first report and its last write did not fail;
+//     otherwise 503 with the reason (a failed write reads "last sync failed: write
+//     report: …"; never key material: errors name objects only).
 //   - /metrics: the agent's Prometheus registry.
 func (a *Agent) Handler() http.Handler {
 	mux := http.NewServeMux()

@@ -9,7 +9,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
@@ -21,17 +20,9 @@ import (
 func TestApplyChangeRealKernel(t *testing.T) {
 	inNetNS(t, func() {
 		rng := rand.New(rand.NewPCG(5, 5))
-		modes := []api.Mode{api.ModeAccept, api.ModeEncrypt, api.ModeEnforce}
-		in := desired.Inputs{Self: "n000", Ring: desired.Ring{Mode: api.ModeEnforce, Generations: []desired.Generation{active(1), pending(2)}},
-			Keys: testKeys, KeysVersion: "test", Pools: []desired.Pool{{Name: "default", IPIPMode: desired.IPIPAlways}}}
+		modes := randomModes
+		in, mk := randomCluster(rng, false)
 		nodes := map[string]desired.Node{}
-		mk := func(i, step int) desired.Node {
-			n := desired.Node{Name: fmt.Sprintf("n%03d", i), IPv4Address: fmt.Sprintf("198.18.0.%d/24", i+1),
-				Incarnation: fmt.Sprintf("boot-%d-%d", i, step), NodeID: uint32(i + 1)}
-			n.Report = &desired.Report{Incarnation: n.Incarnation, Mode: modes[rng.IntN(3)], Generations: []uint32{1, 2},
-				InboundFromSelf: rng.IntN(4) > 0, EncryptsToSelf: rng.IntN(4) > 0}
-			return n
-		}
 		for i := range 10 {
 			nodes[fmt.Sprintf("n%03d", i)] = mk(i, 0)
 		}

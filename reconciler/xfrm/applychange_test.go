@@ -24,19 +24,34 @@ func TestApplyChangeEqualsApply(t *testing.T) {
 	}
 }
 
-func applyChangeSequence(t *testing.T, seed uint64) {
-	rng := rand.New(rand.NewPCG(seed, 3))
-	modes := []api.Mode{api.ModeAccept, api.ModeEncrypt, api.ModeEnforce}
+var randomModes = []api.Mode{api.ModeAccept, api.ModeEncrypt, api.ModeEnforce}
+
+// randomCluster returns the inputs of a random-sequence test (enforce, generations 1
+// active and 2 pending, one IPIP pool) and a generator of node i in its incarnation of
+// step, whose report is drawn from rng (listing generation 1 only at random when
+// varyGens is set).
+func randomCluster(rng *rand.Rand, varyGens bool) (desired.Inputs, func(i, step int) desired.Node) {
 	in := desired.Inputs{Self: "n000", Ring: desired.Ring{Mode: api.ModeEnforce, Generations: []desired.Generation{active(1), pending(2)}},
 		Keys: testKeys, KeysVersion: "test", Pools: []desired.Pool{{Name: "default", IPIPMode: desired.IPIPAlways}}}
-	nodes := map[string]desired.Node{}
 	mk := func(i, step int) desired.Node {
 		n := desired.Node{Name: fmt.Sprintf("n%03d", i), IPv4Address: fmt.Sprintf("198.18.0.%d/24", i+1),
 			Incarnation: fmt.Sprintf("boot-%d-%d", i, step), NodeID: uint32(i + 1)}
-		n.Report = &desired.Report{Incarnation: n.Incarnation, Mode: modes[rng.IntN(3)], Generations: []uint32{1, 2}[:1+rng.IntN(2)],
+		mode, gens := randomModes[rng.IntN(3)], []uint32{1, 2} // drawn in this order
+		if varyGens {
+			gens = gens[:1+rng.IntN(2)]
+		}
+		n.Report = &desired.Report{Incarnation: n.Incarnation, Mode: mode, Generations: gens,
 			InboundFromSelf: rng.IntN(4) > 0, EncryptsToSelf: rng.IntN(4) > 0}
 		return n
 	}
+	return in, mk
+}
+
+func applyChangeSequence(t *testing.T, seed uint64) {
+	rng := rand.New(rand.NewPCG(seed, 3))
+	modes := randomModes
+	in, mk := randomCluster(rng, true)
+	nodes := map[string]desired.Node{}
 	nodes["n000"] = mk(0, 0)
 	for i := 1; i <= 8; i++ {
 		nodes[fmt.Sprintf("n%03d", i)] = mk(i, 0)

@@ -163,6 +163,25 @@ type watchedKernel struct {
 	signal  chan struct{} // one waiter: poked after every recorded write
 }
 
+// startReadyAgent starts the agent for node 0 with its policies in the kernel of a fresh
+// network namespace and waits until it is ready.
+func startReadyAgent(t *testing.T, cfg *rest.Config, qps float32, burst int) (watchedKernel, *agent.Agent, func()) {
+	t.Helper()
+	n, err := testutils.NewNS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = n.Close(); _ = testutils.UnmountNS(n) })
+	k := newWatchedKernel(t, n)
+	a, stop := startAgent(t, cfg, k, qps, burst)
+	for deadline := time.Now().Add(30 * time.Second); !a.Status().Ready; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent not ready: %+v", a.Status())
+		}
+	}
+	return k, a, stop
+}
+
 func newWatchedKernel(t *testing.T, n ns.NetNS) watchedKernel {
 	t.Helper()
 	var h xfrm.Netlink
@@ -261,18 +280,7 @@ func eventToKernel(t *testing.T, qps float32, burst int, prefix string) {
 	if err := createBlock(ctx, dyn, 0, 0); err != nil {
 		t.Fatal(err)
 	}
-	n, err := testutils.NewNS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = n.Close(); _ = testutils.UnmountNS(n) })
-	k := newWatchedKernel(t, n)
-	a, _ := startAgent(t, cfg, k, qps, burst)
-	for deadline := time.Now().Add(30 * time.Second); !a.Status().Ready; time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("agent not ready: %+v", a.Status())
-		}
-	}
+	k, a, _ := startReadyAgent(t, cfg, qps, burst)
 	self32 := netip.PrefixFrom(cluster.IP(0), 32)
 	var nodeLat []time.Duration
 	for i := 1; i <= changes; i++ {
@@ -506,18 +514,7 @@ func TestBenchEventStream(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	n, err := testutils.NewNS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = n.Close(); _ = testutils.UnmountNS(n) })
-	k := newWatchedKernel(t, n)
-	a, stop := startAgent(t, cfg, k, agent.DefaultAPIQPS, agent.DefaultAPIBurst)
-	for deadline := time.Now().Add(30 * time.Second); !a.Status().Ready; time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("agent not ready: %+v", a.Status())
-		}
-	}
+	k, a, stop := startReadyAgent(t, cfg, agent.DefaultAPIQPS, agent.DefaultAPIBurst)
 	time.Sleep(2 * time.Second) // the first reports' writes and the client's burst refill
 	self32 := netip.PrefixFrom(cluster.IP(0), 32)
 	// A watch of its own in the test process splits each interval: API server and watch

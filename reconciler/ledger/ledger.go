@@ -23,8 +23,12 @@
 //     returned, so nothing was installed under it).
 //   - One agent per node: Lock takes an exclusive flock on the directory's lock file for the
 //     process's life.
-//   - No key material: fingerprints are SHA-256 of a domain label and the key; root
-//     fingerprints the same (keys.RootFingerprint).
+//   - No SA key material: fingerprints are SHA-256 of a domain label and the key; root
+//     fingerprints the same (keys.RootFingerprint). The one secret the file holds is this
+//     node's X25519 private keys of protocol v2 (docs/keys.md §10): they are this node's
+//     own, bound to its epoch like the SA keys (a new epoch drops them: new key pairs),
+//     and erased by a rewrite when their generation is no longer published. The file is
+//     mode 0600 in a root-only tmpfs, as the kernel's SA state it stands beside.
 //
 // File format (text, one record per line):
 //
@@ -32,6 +36,10 @@
 //	h HIGH FLOOR              key ring history (keys.History watermarks)
 //	r GEN HEX64               root fingerprint of a live generation
 //	k GEN HEX64               fingerprint of an SA key of generation GEN
+//	x GEN HEX64               this node's X25519 private key for generation GEN (v2)
+//
+// An agent that predates the x record finds a ledger with one damaged and starts a new
+// epoch (every key new): a downgrade is safe.
 package ledger
 
 import (
@@ -43,8 +51,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -103,7 +113,9 @@ type Ledger struct {
 	epoch string
 	used  map[Fingerprint]uint32
 	hist  keys.History
-	f     *os.File
+	// priv holds this node's X25519 private keys of the epoch, by generation (x records).
+	priv map[uint32]*keys.PrivateKey
+	f    *os.File
 	// compactAt is the floor at the last rewrite: when the history's floor rises past it,
 	// the next write drops the entries of generations below it.
 	compactAt uint32
@@ -147,7 +159,7 @@ func Open(dir string, id Identity, o Options) (*Ledger, string, error) {
 		return nil, "", fmt.Errorf("ledger directory %s: %w", dir, err)
 	}
 	seed := o.Seed
-	l := &Ledger{dir: dir, id: id, used: map[Fingerprint]uint32{}, Fail: o.Fail}
+	l := &Ledger{dir: dir, id: id, used: map[Fingerprint]uint32{}, priv: map[uint32]*keys.PrivateKey{}, Fail: o.Fail}
 	reason := ReasonNew
 	data, err := readBounded(l.path())
 	switch {
@@ -155,7 +167,7 @@ func Open(dir string, id Identity, o Options) (*Ledger, string, error) {
 	case err != nil:
 		reason = ReasonDamaged
 	default:
-		h, used, hist, good, perr := parse(data)
+		h, used, hist, priv, good, perr := parse(data)
 		switch {
 		case perr != nil:
 			reason = ReasonDamaged
@@ -164,8 +176,9 @@ func Open(dir string, id Identity, o Options) (*Ledger, string, error) {
 			// but the key ring history is the cluster's and stays true.
 			reason = ReasonOther
 			seed = seed.Merge(hist)
+			erase(priv)
 		default:
-			l.epoch, l.used, l.hist = h.Epoch, used, hist.Merge(seed)
+			l.epoch, l.used, l.hist, l.priv = h.Epoch, used, hist.Merge(seed), priv
 			// Drop a line cut short by a crash so appends start on a line boundary.
 			if good < len(data) {
 				if err := l.fail("truncate"); err != nil {
@@ -254,7 +267,8 @@ func (l *Ledger) SetHistory(h keys.History) error {
 }
 
 // NewEpoch starts epoch e: the file is replaced (atomically) by one holding the history and
-// no keys. Every key the caller derives from now on is new.
+// no keys (SA fingerprints or private keys). Every key the caller derives from now on is
+// new.
 func (l *Ledger) NewEpoch(e string) error {
 	return l.rewrite(e)
 }
@@ -266,6 +280,8 @@ func (l *Ledger) Remove() error {
 		return err
 	}
 	l.Close()
+	erase(l.priv)
+	l.priv = map[uint32]*keys.PrivateKey{}
 	if err := os.Remove(l.path()); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove ledger %s: %w", l.path(), err)
 	}
@@ -326,14 +342,22 @@ func (l *Ledger) rewrite(epoch string) error {
 	if epoch == l.epoch {
 		op = "compact"
 	}
+	used, priv := l.used, l.priv
+	if epoch != l.epoch {
+		used, priv = map[Fingerprint]uint32{}, nil
+	}
+	return l.rewriteWith(op, epoch, used, priv)
+}
+
+// rewriteWith replaces the file with header(epoch), the history, the SA key fingerprints
+// used at or above the floor and the private keys priv; on success they are the ledger's
+// (the private keys it held and does not keep are erased).
+func (l *Ledger) rewriteWith(op, epoch string, used map[Fingerprint]uint32, priv map[uint32]*keys.PrivateKey) error {
 	if err := l.fail(op); err != nil {
 		return err
 	}
-	used := l.used
-	if epoch != l.epoch {
-		used = map[Fingerprint]uint32{}
-	}
 	var b bytes.Buffer
+	defer func() { clear(b.Bytes()[:b.Cap()]) }() // it holds the private keys
 	hb, _ := json.Marshal(header{Identity: l.id, Epoch: epoch})
 	b.WriteString(magic)
 	b.Write(hb)
@@ -347,8 +371,14 @@ func (l *Ledger) rewrite(epoch string) error {
 		kept[f] = g
 		fmt.Fprintf(&b, "k %d %s\n", g, hex.EncodeToString(f[:]))
 	}
+	keptPriv := make(map[uint32]*keys.PrivateKey, len(priv))
+	for _, g := range slices.Sorted(maps.Keys(priv)) {
+		keptPriv[g] = priv[g]
+		writePrivate(&b, g, priv[g])
+	}
 	tmp := filepath.Join(l.dir, "."+fileName+".tmp")
 	if err := writeSynced(tmp, b.Bytes()); err != nil {
+		_ = os.Remove(tmp)
 		return fmt.Errorf("write ledger %s: %w", tmp, err)
 	}
 	l.Close()
@@ -358,7 +388,12 @@ func (l *Ledger) rewrite(epoch string) error {
 	if err := syncDir(l.dir); err != nil {
 		return err
 	}
-	l.epoch, l.used, l.compactAt = epoch, kept, l.hist.Floor
+	for g, k := range l.priv {
+		if keptPriv[g] != k {
+			k.Erase()
+		}
+	}
+	l.epoch, l.used, l.priv, l.compactAt = epoch, kept, keptPriv, l.hist.Floor
 	return l.openAppend()
 }
 
@@ -421,8 +456,15 @@ func readBounded(path string) ([]byte, error) {
 
 // parse reads a ledger; good is the length of the prefix made of whole lines (a last line
 // without its newline was cut by a crash and is ignored). Any malformed whole line fails.
-func parse(data []byte) (h header, used map[Fingerprint]uint32, hist keys.History, good int, err error) {
+func parse(data []byte) (h header, used map[Fingerprint]uint32, hist keys.History, priv map[uint32]*keys.PrivateKey, good int, err error) {
+	defer func() {
+		if err != nil {
+			erase(priv)
+			priv = nil
+		}
+	}()
 	used = map[Fingerprint]uint32{}
+	priv = map[uint32]*keys.PrivateKey{}
 	hist.Roots = map[uint32][32]byte{}
 	if i := bytes.LastIndexByte(data, '\n'); i >= 0 {
 		good = i + 1
@@ -436,27 +478,27 @@ func parse(data []byte) (h header, used map[Fingerprint]uint32, hist keys.Histor
 		if line == 1 {
 			rest, ok := strings.CutPrefix(s, magic)
 			if !ok {
-				return h, nil, hist, 0, fmt.Errorf("line 1: not a ledger header")
+				return h, nil, hist, priv, 0, fmt.Errorf("line 1: not a ledger header")
 			}
 			if err := json.Unmarshal([]byte(rest), &h); err != nil {
-				return h, nil, hist, 0, fmt.Errorf("line 1: header does not parse")
+				return h, nil, hist, priv, 0, fmt.Errorf("line 1: header does not parse")
 			}
 			continue
 		}
 		f := strings.Fields(s)
 		bad := func() error { return fmt.Errorf("line %d: malformed %q record", line, f[0]) }
 		if len(f) != 3 {
-			return h, nil, hist, 0, fmt.Errorf("line %d: malformed record", line)
+			return h, nil, hist, priv, 0, fmt.Errorf("line %d: malformed record", line)
 		}
 		a, err := strconv.ParseUint(f[1], 10, 32)
 		if err != nil {
-			return h, nil, hist, 0, bad()
+			return h, nil, hist, priv, 0, bad()
 		}
 		switch f[0] {
 		case "h":
 			b, err := strconv.ParseUint(f[2], 10, 32)
 			if err != nil {
-				return h, nil, hist, 0, bad()
+				return h, nil, hist, priv, 0, bad()
 			}
 			hist.High, hist.Floor = uint32(a), uint32(b)
 			for g := range hist.Roots {
@@ -464,24 +506,33 @@ func parse(data []byte) (h header, used map[Fingerprint]uint32, hist keys.Histor
 					delete(hist.Roots, g)
 				}
 			}
-		case "r", "k":
+		case "r", "k", "x":
 			var fp [32]byte
 			if n, err := hex.Decode(fp[:], []byte(f[2])); err != nil || n != 32 || len(f[2]) != 64 {
-				return h, nil, hist, 0, bad()
+				return h, nil, hist, priv, 0, bad()
 			}
-			if f[0] == "r" {
+			switch f[0] {
+			case "r":
 				hist.Roots[uint32(a)] = fp
-			} else {
+			case "k":
 				used[Fingerprint(fp)] = uint32(a)
+			default:
+				k, err := keys.NewPrivateKey(bytes.Clone(fp[:]))
+				clear(fp[:])
+				if err != nil || priv[uint32(a)] != nil {
+					// Two private keys for one generation: never written by an agent.
+					return h, nil, hist, priv, 0, bad()
+				}
+				priv[uint32(a)] = k
 			}
 		default:
-			return h, nil, hist, 0, fmt.Errorf("line %d: unknown record", line)
+			return h, nil, hist, priv, 0, fmt.Errorf("line %d: unknown record", line)
 		}
 	}
 	if line == 0 {
-		return h, nil, hist, 0, errors.New("empty ledger")
+		return h, nil, hist, priv, 0, errors.New("empty ledger")
 	}
-	return h, used, hist, good, nil
+	return h, used, hist, priv, good, nil
 }
 
 // Release forgets f in memory only: the kernel definitely did not install it (its add was

@@ -46,6 +46,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/internal/upsert"
 )
 
 // The NodeReport API (manifests/secureoverlay.yaml, CRD nodereports.secureoverlay.io).
@@ -127,14 +128,7 @@ func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID, mode st
 	if err != nil {
 		return fmt.Errorf("encode %s %s/%s: %w", Kind, ns, node, err)
 	}
-	_, err = r.Patch(ctx, node, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager})
-	if apierrors.IsNotFound(err) {
-		_, err = r.Create(ctx, obj, metav1.CreateOptions{FieldManager: FieldManager})
-		if apierrors.IsAlreadyExists(err) { // created meanwhile (a previous write timed out late)
-			_, err = r.Patch(ctx, node, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: FieldManager})
-		}
-	}
-	if err != nil {
+	if err := upsert.Write(ctx, r, obj, patch, FieldManager); err != nil {
 		return fmt.Errorf("write %s %s/%s: %w", Kind, ns, node, err)
 	}
 	return nil

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/containernetworking/plugins/pkg/ns"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
@@ -21,6 +22,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
@@ -100,7 +102,11 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 		t.Fatal(err)
 	}
 
-	log := run("node-a", func(string) bool { return report("node-a") != "" })
+	hasKeys := func(node string) bool {
+		_, err := dc.Resource(nodekeys.GVR).Namespace(api.Namespace).Get(ctx, node, metav1.GetOptions{})
+		return err == nil
+	}
+	log := run("node-a", func(string) bool { return report("node-a") != "" && hasKeys("node-a") })
 	if r := report("node-a"); r == "" {
 		t.Fatalf("the real agent published no report on its own node through the policy; log:\n%s", log)
 	} else {
@@ -124,13 +130,27 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 	} else if refs := u.GetOwnerReferences(); len(refs) != 1 || refs[0].Kind != "Node" || refs[0].Name != "node-a" || refs[0].UID == "" {
 		t.Errorf("node-a's NodeReport owners: %+v", refs)
 	}
-	if !strings.Contains(readyz, "may only write the report of its own Node") {
+	if !strings.Contains(readyz, "may only write the nodereports of its own Node") {
 		t.Errorf("running as node-b with node-a's token: /readyz does not show the policy's refusal: %q", readyz)
 	} else {
 		t.Logf("agent as node-b, /readyz: %s", strings.TrimSpace(readyz))
 	}
 	if after := report("node-b"); after != before {
 		t.Errorf("an agent whose token names node-a wrote node-b's report: %q", after)
+	}
+	// Its public keys: node-a's NodeKeys, owned by node-a, for its key incarnation; none
+	// for node-b (the policy refused that write too).
+	if u, err := dc.Resource(nodekeys.GVR).Namespace(api.Namespace).Get(ctx, "node-a", metav1.GetOptions{}); err != nil {
+		t.Errorf("node-a's NodeKeys: %v", err)
+	} else if k, err := nodekeys.Parse(u); err != nil || len(k.Keys) != 1 || k.Incarnation.BootID == "" {
+		t.Errorf("node-a's NodeKeys: %+v, %v", k, err)
+	} else if refs := u.GetOwnerReferences(); len(refs) != 1 || refs[0].Kind != "Node" || refs[0].Name != "node-a" || refs[0].UID == "" {
+		t.Errorf("node-a's NodeKeys owners: %+v", refs)
+	} else {
+		t.Logf("node-a's NodeKeys: epoch %s, generation %d, x25519 %s", k.Incarnation.Epoch, k.Keys[0].Generation, k.Keys[0].X25519)
+	}
+	if _, err := dc.Resource(nodekeys.GVR).Namespace(api.Namespace).Get(ctx, "node-b", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("node-b's NodeKeys, written with node-a's token: %v (want not found)", err)
 	}
 }
 

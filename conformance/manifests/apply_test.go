@@ -236,6 +236,9 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "watch secrets/keys " + ns, true},
 		{agentSA, "get pods/any-pod " + ns, true},                          // installer: its own pod
 		{agentSA, "watch daemonsets.apps/secureoverlay-agent " + ns, true}, // installer: its DaemonSet
+		{agentSA, "create nodekeys.secureoverlay.io " + ns, true},          // its public keys (the policy: its own only)
+		{agentSA, "patch nodekeys.secureoverlay.io/node-a " + ns, true},
+		{agentSA, "watch nodekeys.secureoverlay.io " + ns, true}, // peers' public keys (protocol v2)
 		// agent: what it must not
 		{agentSA, "get secrets/other " + ns, false},
 		{agentSA, "list secrets " + ns, false},
@@ -251,6 +254,9 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "list pods " + ns, false},
 		{agentSA, "get daemonsets.apps/other " + ns, false},
 		{agentSA, "delete daemonsets.apps/secureoverlay-agent " + ns, false},
+		{agentSA, "delete nodekeys.secureoverlay.io/node-a " + ns, false},
+		{agentSA, "update nodekeys.secureoverlay.io/node-a " + ns, false},
+		{agentSA, "create nodekeys.secureoverlay.io -n kube-system", false},
 		// master: what it needs
 		{masterSA, "get nodes", true},
 		{masterSA, "list nodes", true},
@@ -278,6 +284,7 @@ func canI(t *testing.T, kc, admin string) {
 		{masterSA, "update leases.coordination.k8s.io/other " + ns, false},
 		{masterSA, "list pods " + ns, false},
 		{masterSA, "list ipamblocks.crd.projectcalico.org", false},
+		{masterSA, "patch nodekeys.secureoverlay.io/node-a " + ns, false}, // only agents publish keys
 	}
 	for _, ck := range checks {
 		args := append([]string{"auth", "can-i"}, strings.Fields(ck.args)...)

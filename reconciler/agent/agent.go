@@ -51,6 +51,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/budget"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
@@ -213,6 +214,14 @@ type Agent struct {
 	// the report last written (the writer sets it, under mu).
 	legacyPeers int
 	annotated   bool
+	// keysWant is the NodeKeys content the sync worker handed over last (nil before the
+	// first sync that knew the ring), keysUID its owner's UID; keysHave the content
+	// written last in this process and keysErr the last write's error (the keys writer
+	// sets them; all under mu). kmu serialises writes (the writer and Sync's flush).
+	keysWant, keysHave *nodekeys.Keys
+	keysUID, keysErr   string
+	keysWake           chan struct{}
+	kmu                sync.Mutex
 }
 
 // New wires an agent; it starts nothing.
@@ -267,7 +276,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 		q: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](cfg.RetryMin, cfg.RetryMax),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "secureoverlay-agent"}),
-		wake: make(chan struct{}, 1)}
+		wake: make(chan struct{}, 1), keysWake: make(chan struct{}, 1)}
 	a.full.Store(true)
 	d.Source.SetOnChange(a.Trigger)
 	return a, nil
@@ -298,6 +307,7 @@ func (a *Agent) Run(ctx context.Context) {
 	stopped := make(chan struct{})
 	var writer sync.WaitGroup
 	writer.Go(func() { a.writeReports(wctx, stopped) })
+	writer.Go(func() { a.writeKeys(wctx, stopped) })
 	var wg sync.WaitGroup
 	wg.Go(func() { a.d.Source.Run(ctx) })
 	wg.Go(func() { a.periodic(ctx) })
@@ -371,6 +381,9 @@ func (a *Agent) Sync(ctx context.Context) error {
 	if werr := a.flushReports(ctx); werr != nil && err == nil {
 		return werr
 	}
+	if kerr := a.writeKeysOnce(context.WithoutCancel(ctx)); kerr != nil && err == nil {
+		return kerr
+	}
 	return err
 }
 
@@ -421,6 +434,9 @@ func (a *Agent) sync() (err error) {
 		return a.fail(err)
 	}
 	if err := a.checkRing(&snap); err != nil {
+		return a.fail(err)
+	}
+	if err := a.publishKeys(&snap); err != nil {
 		return a.fail(err)
 	}
 	var (
@@ -485,6 +501,9 @@ func (a *Agent) sync() (err error) {
 	a.mu.Lock()
 	a.rulesKnown = false
 	a.mu.Unlock()
+	if err := a.publishKeys(&snap); err != nil { // a new epoch above draws new key pairs
+		return a.fail(err)
+	}
 	var rerr error
 	if xerr == nil {
 		_, rerr = a.d.Rules.Apply(st.Rules)
@@ -971,6 +990,9 @@ func (a *Agent) Status() Status {
 	}
 	if a.published == nil && a.slot.Wanted() != nil {
 		s.Ready = false
+	}
+	if s.Error == "" && a.keysErr != "" {
+		s.Error = "write keys: " + a.keysErr // not a readiness condition: nothing reads them yet
 	}
 	a.mu.Unlock()
 	s.Synced = a.d.Source.HasSynced()

@@ -100,11 +100,17 @@ func (s *reportSlot) Unannotating() bool { return s.pending != nil && s.pending.
 // Backoff is the wait before the next write: none after a success, then lo doubling with
 // each failure in a row, at most hi.
 func (s *reportSlot) Backoff(lo, hi time.Duration) time.Duration {
-	if s.failures == 0 {
+	return backoff(s.failures, lo, hi)
+}
+
+// backoff is the wait after failures failed writes in a row: none after a success, then
+// lo doubling with each failure, at most hi.
+func backoff(failures int, lo, hi time.Duration) time.Duration {
+	if failures == 0 {
 		return 0
 	}
 	d := lo
-	for i := 1; i < s.failures && d < hi; i++ {
+	for i := 1; i < failures && d < hi; i++ {
 		d *= 2
 	}
 	return min(d, hi)

@@ -1,0 +1,188 @@
+// Package nodekeys is where an agent publishes its protocol v2 public keys: a NodeKeys
+// object (secureoverlay.io/v1alpha1, namespaced in the agents' namespace, named after the
+// Node, owned by it) holding the key incarnation the keys belong to and one X25519 public
+// key per published generation (docs/keys.md §10, "Published keys"; docs/protocol-v2.md
+// §4). Public keys only: the private halves never leave the node (its ledger). Only the
+// agent of that Node may write it (the admission policy secureoverlay-agent-nodereport).
+package nodekeys
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/dynamic"
+
+	"github.com/secureoverlay/secureoverlay/internal/upsert"
+	"github.com/secureoverlay/secureoverlay/keys"
+)
+
+// The NodeKeys API (manifests/secureoverlay.yaml, CRD nodekeys.secureoverlay.io).
+const (
+	Group    = "secureoverlay.io"
+	Version  = "v1alpha1"
+	Resource = "nodekeys"
+	Kind     = "NodeKeys"
+	ListKind = "NodeKeysList"
+	// FieldManager is the agents' field manager.
+	FieldManager = "secureoverlay-agent"
+	// maxField bounds each incarnation field (a boot ID and a UID are 36 characters, an
+	// epoch 32; the CRD's schema says the same).
+	maxField = 64
+)
+
+// GVR is the NodeKeys resource.
+var GVR = schema.GroupVersionResource{Group: Group, Version: Version, Resource: Resource}
+
+// Incarnation is the key incarnation the keys belong to (docs/keys.md §3): the node's boot
+// ID, its Node object's UID and the agent's SA epoch.
+type Incarnation struct {
+	BootID string `json:"bootID"`
+	UID    string `json:"uid"`
+	Epoch  string `json:"epoch"`
+}
+
+// Key is one published public key.
+type Key struct {
+	Generation uint32         `json:"generation"`
+	X25519     keys.PublicKey `json:"-"`
+}
+
+// Keys is a NodeKeys object's content.
+type Keys struct {
+	Incarnation Incarnation
+	Keys        []Key // ascending generation
+}
+
+// Equal reports whether k and o publish the same keys for the same incarnation.
+func (k Keys) Equal(o Keys) bool {
+	return k.Incarnation == o.Incarnation && slices.Equal(k.Keys, o.Keys)
+}
+
+// Validate checks what any reader relies on: a whole incarnation, at most
+// keys.MaxPublishedKeys keys, generations strictly ascending and non-zero.
+func (k Keys) Validate() error {
+	inc := k.Incarnation
+	for _, f := range []struct{ name, v string }{{"bootID", inc.BootID}, {"uid", inc.UID}, {"epoch", inc.Epoch}} {
+		if f.v == "" || len(f.v) > maxField {
+			return fmt.Errorf("incarnation.%s: want 1 to %d characters", f.name, maxField)
+		}
+	}
+	if len(k.Keys) > keys.MaxPublishedKeys {
+		return fmt.Errorf("keys: %d, at most %d", len(k.Keys), keys.MaxPublishedKeys)
+	}
+	for i, e := range k.Keys {
+		if e.Generation == 0 || (i > 0 && e.Generation <= k.Keys[i-1].Generation) {
+			return fmt.Errorf("keys[%d]: generation %d is zero or not above the previous one", i, e.Generation)
+		}
+	}
+	return nil
+}
+
+// Key returns the public key of generation g.
+func (k Keys) Key(g uint32) (keys.PublicKey, bool) {
+	for _, e := range k.Keys {
+		if e.Generation == g {
+			return e.X25519, true
+		}
+	}
+	return keys.PublicKey{}, false
+}
+
+// fields is k as the object's top-level fields.
+func (k Keys) fields() map[string]any {
+	list := make([]any, 0, len(k.Keys))
+	for _, e := range k.Keys {
+		list = append(list, map[string]any{"generation": int64(e.Generation), "x25519": e.X25519.String()})
+	}
+	return map[string]any{
+		"incarnation": map[string]any{"bootID": k.Incarnation.BootID, "uid": k.Incarnation.UID, "epoch": k.Incarnation.Epoch},
+		"keys":        list,
+	}
+}
+
+// Object is node's NodeKeys in namespace ns holding k, owned by the Node (uid nodeUID: the
+// garbage collector deletes it with the Node; "" for no owner).
+func Object(ns, node, nodeUID string, k Keys) *unstructured.Unstructured {
+	u := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": Group + "/" + Version,
+		"kind":       Kind,
+		"metadata": map[string]any{
+			"name":      node,
+			"namespace": ns,
+			"labels":    map[string]any{"app.kubernetes.io/part-of": "secureoverlay"},
+		},
+	}}
+	for f, v := range k.fields() {
+		u.Object[f] = v
+	}
+	if nodeUID != "" {
+		u.SetOwnerReferences([]metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: node, UID: types.UID(nodeUID)}})
+	}
+	return u
+}
+
+// Parse reads a NodeKeys object; an object that does not validate is an error (a reader
+// then treats the node as publishing no keys).
+func Parse(u *unstructured.Unstructured) (Keys, error) {
+	var w struct {
+		Incarnation Incarnation `json:"incarnation"`
+		Keys        []struct {
+			Generation uint32 `json:"generation"`
+			X25519     string `json:"x25519"`
+		} `json:"keys"`
+	}
+	b, err := json.Marshal(map[string]any{"incarnation": u.Object["incarnation"], "keys": u.Object["keys"]})
+	if err == nil {
+		err = json.Unmarshal(b, &w)
+	}
+	if err != nil {
+		return Keys{}, fmt.Errorf("%s %s: does not parse", Kind, u.GetName())
+	}
+	k := Keys{Incarnation: w.Incarnation}
+	for i, e := range w.Keys {
+		p, err := keys.ParsePublicKey(e.X25519)
+		if err != nil {
+			return Keys{}, fmt.Errorf("%s %s: keys[%d]: %w", Kind, u.GetName(), i, err)
+		}
+		k.Keys = append(k.Keys, Key{Generation: e.Generation, X25519: p})
+	}
+	if err := k.Validate(); err != nil {
+		return Keys{}, fmt.Errorf("%s %s: %w", Kind, u.GetName(), err)
+	}
+	return k, nil
+}
+
+// writeTimeout bounds one write (the caller's context bounds it too).
+const writeTimeout = 10 * time.Second
+
+// Write stores node's keys: a JSON merge patch of the keys and the owner, or a create when
+// there is no object yet.
+func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID string, k Keys) error {
+	if err := k.Validate(); err != nil {
+		return fmt.Errorf("%s %s/%s: %w", Kind, ns, node, err)
+	}
+	if dc == nil {
+		return errors.New("nodekeys: no dynamic client")
+	}
+	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
+	defer cancel()
+	obj := Object(ns, node, nodeUID, k)
+	patch := k.fields()
+	patch["metadata"] = map[string]any{"ownerReferences": obj.Object["metadata"].(map[string]any)["ownerReferences"]}
+	raw, err := json.Marshal(patch)
+	if err != nil {
+		return fmt.Errorf("encode %s %s/%s: %w", Kind, ns, node, err)
+	}
+	if err := upsert.Write(ctx, dc.Resource(GVR).Namespace(ns), obj, raw, FieldManager); err != nil {
+		return fmt.Errorf("write %s %s/%s: %w", Kind, ns, node, err)
+	}
+	return nil
+}

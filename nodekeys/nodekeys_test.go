@@ -1,0 +1,184 @@
+package nodekeys
+
+import (
+	"context"
+	"crypto/rand"
+	"strings"
+	"testing"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
+
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/keys"
+)
+
+func pub(t *testing.T) keys.PublicKey {
+	t.Helper()
+	k, err := keys.GeneratePrivateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k.Public()
+}
+
+func sample(t *testing.T, gens ...uint32) Keys {
+	k := Keys{Incarnation: Incarnation{BootID: "8f1c2a9e-5b7d-4e3f-9a61-0c2d4e6f8a10", UID: "1d3b5f79-2c4e-4a6b-8d0f-2a4c6e8f0b13", Epoch: "6f2c9d0e4a8b1c3d"}}
+	for _, g := range gens {
+		k.Keys = append(k.Keys, Key{Generation: g, X25519: pub(t)})
+	}
+	return k
+}
+
+func TestObjectRoundTrip(t *testing.T) {
+	k := sample(t, 7, 8)
+	u := Object("ns", "node-1", "uid-1", k)
+	if u.GetName() != "node-1" || u.GetNamespace() != "ns" || u.GetKind() != Kind {
+		t.Fatalf("object %+v", u.Object)
+	}
+	if refs := u.GetOwnerReferences(); len(refs) != 1 || refs[0].Kind != "Node" || refs[0].Name != "node-1" || refs[0].UID != "uid-1" {
+		t.Fatalf("owners %+v", refs)
+	}
+	got, err := Parse(u)
+	if err != nil || !got.Equal(k) {
+		t.Fatalf("Parse = %+v, %v; want %+v", got, err, k)
+	}
+	if p, ok := got.Key(8); !ok || p != k.Keys[1].X25519 {
+		t.Fatal("Key(8)")
+	}
+	if _, ok := got.Key(9); ok {
+		t.Fatal("Key(9) found")
+	}
+	if refs := Object("ns", "n", "", k).GetOwnerReferences(); len(refs) != 0 {
+		t.Fatalf("no uid, owners %+v", refs)
+	}
+}
+
+func TestParseRejects(t *testing.T) {
+	good := func() *unstructured.Unstructured { return Object("ns", "n", "u", sample(t, 3)) }
+	for _, tc := range []struct {
+		name, want string
+		edit       func(u *unstructured.Unstructured)
+	}{
+		{"no incarnation", "incarnation.bootID", func(u *unstructured.Unstructured) { delete(u.Object, "incarnation") }},
+		{"empty epoch", "incarnation.epoch", func(u *unstructured.Unstructured) {
+			u.Object["incarnation"].(map[string]any)["epoch"] = ""
+		}},
+		{"long uid", "incarnation.uid", func(u *unstructured.Unstructured) {
+			u.Object["incarnation"].(map[string]any)["uid"] = strings.Repeat("u", 65)
+		}},
+		{"short key", "keys[0]: public key", func(u *unstructured.Unstructured) {
+			u.Object["keys"].([]any)[0].(map[string]any)["x25519"] = "00ff"
+		}},
+		{"not hex", "keys[0]: public key", func(u *unstructured.Unstructured) {
+			u.Object["keys"].([]any)[0].(map[string]any)["x25519"] = strings.Repeat("zz", 32)
+		}},
+		{"generation zero", "keys[0]: generation 0", func(u *unstructured.Unstructured) {
+			u.Object["keys"].([]any)[0].(map[string]any)["generation"] = int64(0)
+		}},
+		{"descending", "keys[1]: generation 3", func(u *unstructured.Unstructured) {
+			k := sample(t, 4, 3)
+			u.Object["keys"] = k.fields()["keys"]
+		}},
+		{"too many", "keys: 5, at most 4", func(u *unstructured.Unstructured) {
+			u.Object["keys"] = sample(t, 1, 2, 3, 4, 5).fields()["keys"]
+		}},
+		{"wrong type", "does not parse", func(u *unstructured.Unstructured) { u.Object["keys"] = "x" }},
+	} {
+		u := good()
+		tc.edit(u)
+		if _, err := Parse(u); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Parse error %v, want %q", tc.name, err, tc.want)
+		}
+	}
+	if _, err := Parse(good()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestWriteCreatesThenPatches: the first write creates the object, later ones patch it
+// (keys replaced, not merged), and invalid keys are never sent.
+func TestWriteCreatesThenPatches(t *testing.T) {
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{GVR: ListKind})
+	writeRead(t, dc)
+}
+
+func writeRead(t *testing.T, dc dynamic.Interface) {
+	t.Helper()
+	ctx := context.Background()
+	read := func() Keys {
+		t.Helper()
+		u, err := dc.Resource(GVR).Namespace("secureoverlay").Get(ctx, "node-a", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		k, err := Parse(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	first := sample(t, 5)
+	if err := Write(ctx, dc, "secureoverlay", "node-a", "uid-a", first); err != nil {
+		t.Fatal(err)
+	}
+	if got := read(); !got.Equal(first) {
+		t.Fatalf("after create: %+v", got)
+	}
+	second := sample(t, 5, 6)
+	second.Incarnation.Epoch = "other-epoch"
+	if err := Write(ctx, dc, "secureoverlay", "node-a", "uid-a", second); err != nil {
+		t.Fatal(err)
+	}
+	if got := read(); !got.Equal(second) {
+		t.Fatalf("after patch: %+v", got)
+	}
+	third := sample(t, 6)
+	if err := Write(ctx, dc, "secureoverlay", "node-a", "uid-a", third); err != nil {
+		t.Fatal(err)
+	}
+	if got := read(); !got.Equal(third) {
+		t.Fatalf("after a patch with fewer keys: %+v", got)
+	}
+	if err := Write(ctx, dc, "secureoverlay", "node-a", "uid-a", sample(t, 2, 1)); err == nil {
+		t.Fatal("invalid keys written")
+	}
+}
+
+// TestCRDAgainstRealAPIServer: the manifest's CRD accepts what Write sends and refuses
+// what Parse refuses (so a reader never meets most malformed objects).
+func TestCRDAgainstRealAPIServer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real kube-apiserver; skipped with -short")
+	}
+	c := kube.Start(t)
+	dc := dynamic.NewForConfigOrDie(c.AdminConfig())
+	writeRead(t, dc)
+	ctx := context.Background()
+	r := dc.Resource(GVR).Namespace("secureoverlay")
+	for _, tc := range []struct {
+		name string
+		edit func(u *unstructured.Unstructured)
+	}{
+		{"short key", func(u *unstructured.Unstructured) { u.Object["keys"].([]any)[0].(map[string]any)["x25519"] = "00ff" }},
+		{"upper-case hex", func(u *unstructured.Unstructured) {
+			u.Object["keys"].([]any)[0].(map[string]any)["x25519"] = strings.Repeat("AB", 32)
+		}},
+		{"generation zero", func(u *unstructured.Unstructured) { u.Object["keys"].([]any)[0].(map[string]any)["generation"] = int64(0) }},
+		{"five keys", func(u *unstructured.Unstructured) { u.Object["keys"] = sample(t, 1, 2, 3, 4, 5).fields()["keys"] }},
+		{"no epoch", func(u *unstructured.Unstructured) { delete(u.Object["incarnation"].(map[string]any), "epoch") }},
+		{"no keys field", func(u *unstructured.Unstructured) { delete(u.Object, "keys") }},
+	} {
+		u := Object("secureoverlay", "bad-"+strings.ReplaceAll(tc.name, " ", "-"), "", sample(t, 3))
+		tc.edit(u)
+		if _, err := r.Create(ctx, u, metav1.CreateOptions{}); err == nil {
+			t.Errorf("%s: the CRD accepted it", tc.name)
+		} else if !strings.Contains(err.Error(), "Invalid value") && !strings.Contains(err.Error(), "Required value") && !strings.Contains(err.Error(), "Too many") {
+			t.Errorf("%s: %v", tc.name, err)
+		}
+	}
+}

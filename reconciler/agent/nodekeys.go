@@ -1,0 +1,126 @@
+package agent
+
+// The keys writer (docs/keys.md §10, "Published keys"): the agent keeps an X25519 key pair
+// per published generation in its ledger and publishes the public halves in its NodeKeys.
+// The sync worker decides what to publish (publishKeys: the private keys are in the ledger
+// before their public halves are handed over) and one writer goroutine writes the newest
+// decision, retrying with backoff, off the sync path: a failed write delays the
+// publication, never the kernel or the report. Nothing reads the keys yet (protocol v1
+// derives every SA); docs/protocol-v2.md §8 is where they are going.
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"time"
+
+	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+)
+
+// publishKeys makes the ledger hold this node's key pairs for the generations it
+// publishes (keys.PublishedGenerations of the ring) and hands their public halves to the
+// keys writer when they differ from what was handed over last. Sync worker only (it owns
+// the ledger); a nil ring (no Secret yet, or one that does not parse) changes nothing.
+func (a *Agent) publishKeys(snap *watch.Snapshot) error {
+	me := snap.Node(a.cfg.NodeName)
+	if snap.Ring == nil || a.led == nil || me == nil {
+		return nil
+	}
+	gens := keys.PublishedGenerations(snap.Ring)
+	if _, err := a.led.KeepPrivateKeys(gens, rand.Reader); err != nil {
+		return fmt.Errorf("keep this node's x25519 key pairs in the ledger: %w", err)
+	}
+	k := nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: me.Incarnation, UID: me.UID, Epoch: a.led.Epoch()}}
+	for _, g := range a.led.PrivateKeyGenerations() {
+		p, _ := a.led.PrivateKey(g)
+		k.Keys = append(k.Keys, nodekeys.Key{Generation: g, X25519: p.Public()})
+	}
+	a.mu.Lock()
+	changed := a.keysWant == nil || !a.keysWant.Equal(k)
+	if changed {
+		a.keysWant, a.keysUID = &k, me.UID
+	}
+	a.mu.Unlock()
+	if changed {
+		a.log.Info("publishing this node's x25519 public keys", "generations", gens, "epoch", k.Incarnation.Epoch)
+		select {
+		case a.keysWake <- struct{}{}:
+		default:
+		}
+	}
+	return nil
+}
+
+// writeKeys is the keys writer: it writes the newest keys handed over until stopped is
+// closed, backing off after a failed write (RetryMin doubling to RetryMax), then makes
+// one last attempt (ctx bounds it, as the report writer's). A restart writes them once
+// more (idempotent).
+func (a *Agent) writeKeys(ctx context.Context, stopped <-chan struct{}) {
+	failures := 0
+	for {
+		var retry <-chan time.Time
+		var t *time.Timer
+		if err := a.writeKeysOnce(ctx); err != nil {
+			failures++
+			t = time.NewTimer(backoff(failures, a.cfg.RetryMin, a.cfg.RetryMax))
+			retry = t.C
+		} else {
+			failures = 0
+		}
+		select {
+		case <-a.keysWake:
+		case <-retry:
+		case <-stopped:
+		}
+		if t != nil {
+			t.Stop()
+		}
+		select {
+		case <-stopped:
+			// The sync worker has handed over its last keys: one bounded last attempt.
+			_ = a.writeKeysOnce(ctx)
+			return
+		default:
+		}
+	}
+}
+
+// writeKeysOnce writes the keys handed over if they are not written yet.
+func (a *Agent) writeKeysOnce(ctx context.Context) error {
+	if a.d.Dynamic == nil {
+		return nil // no NodeKeys API client (unit tests of v1 behaviour)
+	}
+	a.kmu.Lock()
+	defer a.kmu.Unlock()
+	a.mu.Lock()
+	want, have, uid := a.keysWant, a.keysHave, a.keysUID
+	a.mu.Unlock()
+	if want == nil || (have != nil && have.Equal(*want)) {
+		return nil
+	}
+	err := nodekeys.Write(ctx, a.d.Dynamic, a.cfg.Namespace, a.cfg.NodeName, uid, *want)
+	a.mu.Lock()
+	if err == nil {
+		a.keysHave, a.keysErr = want, ""
+	} else {
+		a.keysErr = err.Error()
+	}
+	a.mu.Unlock()
+	if err != nil {
+		a.d.Metrics.ReportWrites.WithLabelValues("keys", "error").Inc()
+		a.log.Warn("cannot publish this node's x25519 public keys (nothing uses them yet: protocol v1 derives every SA)", "error", err)
+		return err
+	}
+	a.d.Metrics.ReportWrites.WithLabelValues("keys", "ok").Inc()
+	return nil
+}
+
+// PublishedKeys returns the keys last written to this node's NodeKeys in this process
+// (nil if none).
+func (a *Agent) PublishedKeys() *nodekeys.Keys {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.keysHave
+}

@@ -168,7 +168,9 @@ func TestCRDAgainstRealAPIServer(t *testing.T) {
 		{"upper-case hex", func(u *unstructured.Unstructured) {
 			u.Object["keys"].([]any)[0].(map[string]any)["x25519"] = strings.Repeat("AB", 32)
 		}},
-		{"generation zero", func(u *unstructured.Unstructured) { u.Object["keys"].([]any)[0].(map[string]any)["generation"] = int64(0) }},
+		{"generation zero", func(u *unstructured.Unstructured) {
+			u.Object["keys"].([]any)[0].(map[string]any)["generation"] = int64(0)
+		}},
 		{"five keys", func(u *unstructured.Unstructured) { u.Object["keys"] = sample(t, 1, 2, 3, 4, 5).fields()["keys"] }},
 		{"no epoch", func(u *unstructured.Unstructured) { delete(u.Object["incarnation"].(map[string]any), "epoch") }},
 		{"no keys field", func(u *unstructured.Unstructured) { delete(u.Object, "keys") }},

@@ -56,7 +56,7 @@ func (h History) Check(r *Ring) error {
 		if g.Number < h.Floor {
 			return fmt.Errorf("%w: generations[%d] (generation %d) left the ring before (every generation below %d did) and may not come back", ErrRingWentBackwards, i, g.Number, h.Floor)
 		}
-		if f, ok := h.Roots[g.Number]; ok && f != RootFingerprint(g.Root) {
+		if f, ok := h.Roots[g.Number]; ok && f != g.Fingerprint() {
 			return fmt.Errorf("%w: generations[%d] (generation %d) has another root than when it was first seen", ErrRingWentBackwards, i, g.Number)
 		}
 	}
@@ -78,10 +78,27 @@ func (h History) Observe(r *Ring) History {
 		}
 	}
 	for _, g := range r.Generations {
-		n.Roots[g.Number] = RootFingerprint(g.Root)
+		n.Roots[g.Number] = g.Fingerprint()
 	}
 	return n
 }
+
+// Fingerprint is what History keeps of generation g: its root's fingerprint (protocol v1),
+// or its salt's (v2; another domain label, so no salt matches a root).
+func (g *Generation) Fingerprint() [32]byte {
+	if g.Salt == nil {
+		return RootFingerprint(g.Root)
+	}
+	h := sha256.New()
+	h.Write([]byte("secureoverlay salt fingerprint v2\x00"))
+	h.Write(g.Salt)
+	var f [32]byte
+	copy(f[:], h.Sum(nil))
+	return f
+}
+
+// V2 reports whether g is a protocol v2 generation (a public salt, no root).
+func (g *Generation) V2() bool { return g.Salt != nil }
 
 // Merge returns the stronger of two histories (the higher watermarks, the union of the
 // roots at or above the new floor; on a conflicting root h's wins — callers merge what

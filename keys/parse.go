@@ -320,7 +320,7 @@ func (p *parser) root(path string, dst *[]byte) error {
 
 var (
 	ringFields       = []string{"schemaVersion", "mode", "target", "modeChanged", "lastGeneration", "lastRotateRequest", "generations", "nodes"}
-	generationFields = []string{"number", "state", "cipher", "icvBytes", "root", "reason", "created", "activated", "retiring"}
+	generationFields = []string{"number", "state", "cipher", "icvBytes", "root", "salt", "reason", "created", "activated", "retiring"}
 	nodeFields       = []string{"name", "id", "released", "releasedAt"}
 )
 
@@ -381,6 +381,8 @@ func (p *parser) generation(path string, g *wireGeneration) error {
 			return p.i64(path, &g.ICVBytes)
 		case "root":
 			return p.root(path, &g.Root)
+		case "salt":
+			return p.root(path, &g.Salt)
 		case "reason":
 			return p.str(path, &g.Reason)
 		case "created":

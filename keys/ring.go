@@ -135,6 +135,10 @@ type Generation struct {
 	Cipher   Cipher `json:"cipher"`
 	ICVBytes int    `json:"icvBytes"`
 	Root     Key    `json:"root"`
+	// Salt is a protocol v2 generation's public salt (docs/keys.md §10): such a generation
+	// has no Root — every pair's key comes from its two nodes' X25519 keys (NodeKeys).
+	// Exactly one of Root and Salt is set.
+	Salt []byte `json:"salt,omitempty"`
 	// Reason says why it was created: initial, interval, request, sequence.
 	Reason    string    `json:"reason,omitempty"`
 	Created   time.Time `json:"created"`
@@ -199,6 +203,9 @@ func (r *Ring) Clone() *Ring {
 	c.Generations = make([]Generation, len(r.Generations))
 	for i, g := range r.Generations {
 		g.Root = append(Key(nil), g.Root...)
+		if g.Salt != nil {
+			g.Salt = append([]byte(nil), g.Salt...)
+		}
 		c.Generations[i] = g
 	}
 	c.Nodes = append([]NodeID{}, r.Nodes...)
@@ -267,7 +274,8 @@ type wireGeneration struct {
 	State     State     `json:"state"`
 	Cipher    Cipher    `json:"cipher"`
 	ICVBytes  int       `json:"icvBytes"`
-	Root      []byte    `json:"root"`
+	Root      []byte    `json:"root,omitempty"`
+	Salt      []byte    `json:"salt,omitempty"`
 	Reason    string    `json:"reason,omitempty"`
 	Created   time.Time `json:"created"`
 	Activated time.Time `json:"activated,omitzero"`
@@ -280,7 +288,7 @@ func toWire(r *Ring) wireRing {
 		Generations: make([]wireGeneration, 0, len(r.Generations)), Nodes: append([]NodeID{}, r.Nodes...)}
 	for _, g := range r.Generations {
 		w.Generations = append(w.Generations, wireGeneration{Number: g.Number, State: g.State, Cipher: g.Cipher,
-			ICVBytes: g.ICVBytes, Root: g.Root, Reason: g.Reason, Created: g.Created, Activated: g.Activated, Retiring: g.Retiring})
+			ICVBytes: g.ICVBytes, Root: g.Root, Salt: g.Salt, Reason: g.Reason, Created: g.Created, Activated: g.Activated, Retiring: g.Retiring})
 	}
 	return w
 }
@@ -291,7 +299,7 @@ func fromWire(w wireRing) *Ring {
 		Generations: make([]Generation, 0, len(w.Generations)), Nodes: append([]NodeID{}, w.Nodes...)}
 	for _, g := range w.Generations {
 		r.Generations = append(r.Generations, Generation{Number: g.Number, State: g.State, Cipher: g.Cipher,
-			ICVBytes: g.ICVBytes, Root: Key(g.Root), Reason: g.Reason, Created: g.Created, Activated: g.Activated, Retiring: g.Retiring})
+			ICVBytes: g.ICVBytes, Root: Key(g.Root), Salt: g.Salt, Reason: g.Reason, Created: g.Created, Activated: g.Activated, Retiring: g.Retiring})
 	}
 	return r
 }
@@ -328,10 +336,14 @@ func (r *Ring) Validate() error {
 			return bad("generations[%d].cipher %s", i, notOneOf(ciphers))
 		case !ValidICV(g.ICVBytes):
 			return bad("generations[%d].icvBytes %s", i, notOneOf(icvs))
-		case len(g.Root) == 0:
-			return bad("generations[%d].root is missing", i)
-		case len(g.Root) != RootKeyBytes:
+		case len(g.Root) == 0 && g.Salt == nil:
+			return bad("generations[%d] has neither root (protocol v1) nor salt (v2)", i)
+		case len(g.Root) != 0 && g.Salt != nil:
+			return bad("generations[%d] has both a root (protocol v1) and a salt (v2)", i)
+		case g.Salt == nil && len(g.Root) != RootKeyBytes:
 			return bad("generations[%d].root is %d bytes, want %d", i, len(g.Root), RootKeyBytes)
+		case g.Salt != nil && len(g.Salt) != GenerationSaltBytes:
+			return bad("generations[%d].salt is %d bytes, want %d", i, len(g.Salt), GenerationSaltBytes)
 		case g.Reason != "" && !validReason(g.Reason):
 			return bad("generations[%d].reason %s", i, notOneOf(Reasons))
 		case g.Created.IsZero():

@@ -1,6 +1,7 @@
 package desired
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -36,6 +37,13 @@ const (
 // receiver as (peer, self)) and must get the same answer. It must never return the same
 // key for two different argument tuples, and its errors must not contain key bytes.
 type KeyFunc func(gen uint32, kind Kind, src, dst Endpoint) (spi uint32, key Key, err error)
+
+// ErrPeerKeyUnknown is wrapped by a KeyFunc's error when generation gen's SAs with the
+// peer cannot be derived *yet*: a protocol v2 generation whose pair key needs the peer's
+// published X25519 key (docs/keys.md §10), which this node has not seen for the peer's
+// current key incarnation. The pair then has no SAs of that generation (and the generation
+// is not claimed installed) until the key arrives; it is not a fault of the peer.
+var ErrPeerKeyUnknown = errors.New("peer's public key for this generation not known yet")
 
 // GenState is a key generation's place in its life cycle (the ring's states).
 type GenState string

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"strings"
 	"testing"
+	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -182,5 +183,53 @@ func TestCRDAgainstRealAPIServer(t *testing.T) {
 		} else if !strings.Contains(err.Error(), "Invalid value") && !strings.Contains(err.Error(), "Required value") && !strings.Contains(err.Error(), "Too many") {
 			t.Errorf("%s: %v", tc.name, err)
 		}
+	}
+}
+
+// TestCacheAgainstRealAPIServer: the cache sees NodeKeys written, changed and deleted,
+// keeps an object the CRD accepts but Parse refuses as its error, and counts changes.
+func TestCacheAgainstRealAPIServer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real kube-apiserver; skipped with -short")
+	}
+	c := kube.Start(t)
+	dc := dynamic.NewForConfigOrDie(c.AdminConfig())
+	ctx := context.Background()
+	changes := make(chan string, 16)
+	kc := NewCache(dc, "secureoverlay", func(n string) { changes <- n })
+	stop := make(chan struct{})
+	defer close(stop)
+	kc.Start(stop)
+	wait := func(what string, f func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); !f(); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+		}
+	}
+	wait("synced", kc.HasSynced)
+	v0 := kc.Version()
+	a := sample(t, 5)
+	if err := Write(ctx, dc, "secureoverlay", "node-a", "", a); err != nil {
+		t.Fatal(err)
+	}
+	wait("node-a", func() bool { k, ok, err := kc.Get("node-a"); return ok && err == nil && k.Equal(a) })
+	if <-changes != "node-a" || kc.Version() == v0 {
+		t.Fatal("no change seen")
+	}
+	// Keys out of order pass the CRD's schema (it cannot compare items) but not Parse.
+	bad := Object("secureoverlay", "node-b", "", sample(t, 5))
+	bad.Object["keys"] = sample(t, 6, 5).fields()["keys"]
+	if _, err := dc.Resource(GVR).Namespace("secureoverlay").Create(ctx, bad, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	wait("node-b as an error", func() bool { _, ok, err := kc.Get("node-b"); return ok && err != nil })
+	if err := dc.Resource(GVR).Namespace("secureoverlay").Delete(ctx, "node-a", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	wait("node-a gone", func() bool { _, ok, _ := kc.Get("node-a"); return !ok })
+	if _, ok, _ := kc.Get("node-c"); ok {
+		t.Fatal("node-c found")
 	}
 }

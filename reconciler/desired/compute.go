@@ -61,6 +61,9 @@ type peer struct {
 	same    bool // same subnet with tunnel coverage (policies)
 	tunnel  bool // same subnet under a CrossSubnet pool: tunnel SAs (independent of blocks)
 	skipped bool // key derivation failed
+	// missing lists the generations with no SAs toward the peer because its public key for
+	// them is not known yet (protocol v2: ErrPeerKeyUnknown).
+	missing []uint32
 }
 
 // Compute returns the complete desired state of node in.Self. It is pure: the same Inputs
@@ -390,12 +393,25 @@ func Compute(in Inputs) (State, error) {
 		}
 		var derr, terr error
 		for _, g := range gens {
+			var gerr, gterr error
 			for _, dir := range []Dir{In, Out} {
-				derr = errors.Join(derr, derive(p, g.ID, Transport, dir))
+				gerr = errors.Join(gerr, derive(p, g.ID, Transport, dir))
 				if p.tunnel {
-					terr = errors.Join(terr, derive(p, g.ID, Tunnel, dir))
+					gterr = errors.Join(gterr, derive(p, g.ID, Tunnel, dir))
 				}
 			}
+			if errors.Is(gerr, ErrPeerKeyUnknown) || errors.Is(gterr, ErrPeerKeyUnknown) {
+				// Not yet: no SA of g with this peer (both directions and kinds come from
+				// the same two key pairs), the rest of the pair unaffected.
+				p.missing = append(p.missing, g.ID)
+				for k := range sas {
+					if k.peer == p.node.Name && k.gen == g.ID {
+						delete(sas, k)
+					}
+				}
+				continue
+			}
+			derr, terr = errors.Join(derr, gerr), errors.Join(terr, gterr)
 		}
 		if derr != nil {
 			// One peer's bad key material must not stop the rest of the cluster: the
@@ -423,8 +439,11 @@ func Compute(in Inputs) (State, error) {
 		case !p.rep.InboundFromSelf:
 			p.reason = "peer has not installed inbound SAs from this node"
 		default:
-			p.sendGen = chooseGeneration(gens, p.rep.Generations)
-			if p.sendGen == 0 {
+			usable := slices.DeleteFunc(slices.Clone(p.rep.Generations), func(g uint32) bool { return slices.Contains(p.missing, g) })
+			p.sendGen = chooseGeneration(gens, usable)
+			if p.sendGen == 0 && len(usable) < len(p.rep.Generations) {
+				p.reason = fmt.Sprintf("peer's public key for generation %v not known yet", p.missing)
+			} else if p.sendGen == 0 {
 				p.reason = "no usable generation in common with peer"
 			}
 		}
@@ -539,11 +558,19 @@ func Compute(in Inputs) (State, error) {
 		if p.skipped {
 			continue
 		}
+		// Inbound (the per-pair claim peers send on) needs every generation anyone may send
+		// with; a pending one (nobody sends with it) only keeps the node-level claim below.
+		inbound := true
+		for _, g := range gens {
+			if g.State != GenPending && slices.Contains(p.missing, g.ID) {
+				inbound = false
+			}
+		}
 		st.Peers = append(st.Peers, PeerStatus{Name: p.node.Name, IP: p.addr.Addr(), SendGeneration: p.sendGen,
-			Inbound: true, DropsPlaintext: p.dropIn, SameSubnet: p.same, Reason: p.reason})
+			Inbound: inbound, DropsPlaintext: p.dropIn, SameSubnet: p.same, Reason: p.reason, KeysUnknown: p.missing})
 	}
 	for _, g := range gens {
-		if frozenGens[g.ID] == len(frozen) {
+		if frozenGens[g.ID] == len(frozen) && !(g.State == GenPending && keysUnknown(st.Peers, g.ID)) {
 			st.Generations = append(st.Generations, g.ID)
 		}
 	}
@@ -558,6 +585,20 @@ func bgpNote(b BGPPeer) string {
 
 // chooseGeneration picks the generation to send with: the active generation if the peer
 // lists it, else the newest retiring one it lists; pending generations are never used.
+// keysUnknown reports whether generation g lacks a peer's SAs for want of its public key.
+// A pending generation is then not installed for every peer and not claimed (the master
+// activates it only once every node claims it). A generation others send with stays
+// claimed: it is installed for every peer this node claims inbound from (PeerStatus.Inbound
+// is false for the others), so one peer's reboot does not withdraw it cluster-wide.
+func keysUnknown(peers []PeerStatus, g uint32) bool {
+	for _, p := range peers {
+		if slices.Contains(p.KeysUnknown, g) {
+			return true
+		}
+	}
+	return false
+}
+
 func chooseGeneration(gens []Generation, listed []uint32) uint32 {
 	var best uint32
 	for _, g := range gens {

@@ -404,6 +404,11 @@ type PeerStatus struct {
 	SameSubnet bool
 	// Reason explains why SendGeneration is 0 (empty when sending ESP).
 	Reason string
+	// KeysUnknown lists the generations with no SAs with the peer yet: protocol v2
+	// generations whose pair key needs the peer's public key, not known for its current
+	// key incarnation (ErrPeerKeyUnknown). Inbound is false while it holds a generation
+	// anyone may send with; a pending one keeps the generation out of State.Generations.
+	KeysUnknown []uint32
 }
 
 // State is the complete desired kernel state of one node. Every slice is sorted and

@@ -39,6 +39,11 @@ type Config struct {
 	// Cipher and ICVBytes of new generations.
 	Cipher   Cipher
 	ICVBytes int
+	// ProtocolV2 lets a new generation be a protocol v2 generation (a public salt, pair
+	// keys from the nodes' X25519 keys: docs/keys.md §10) — when every node that is not
+	// excluded publishes its key for it (NodeState.Published); otherwise, or when false,
+	// it is a v1 generation (a root every agent reads).
+	ProtocolV2 bool
 }
 
 // DefaultConfig is the shipped policy.
@@ -60,6 +65,10 @@ type NodeState struct {
 	// the annotation exists but does not parse.
 	Report      *api.NodeReport
 	ReportError string
+	// Published lists the generations the node publishes an X25519 public key for, in a
+	// NodeKeys of its current key incarnation (the report's boot ID, UID and epoch); nil
+	// when it publishes none (an agent that predates them) or only for another incarnation.
+	Published []uint32
 }
 
 // Input is everything one Step decides from.
@@ -104,6 +113,8 @@ type Action struct {
 	NodeID     uint32
 	From, To   api.Mode
 	Reason     string
+	// V2: the generation created is a protocol v2 generation.
+	V2 bool
 }
 
 func (a Action) String() string {
@@ -113,10 +124,14 @@ func (a Action) String() string {
 	case ActionModeChanged:
 		return fmt.Sprintf("cluster mode %s -> %s", a.From, a.To)
 	case ActionGenerationCreated:
+		why := a.Reason
 		if a.Node != "" {
-			return fmt.Sprintf("generation %d created (%s, reported by node %s)", a.Generation, a.Reason, a.Node)
+			why += ", reported by node " + a.Node
 		}
-		return fmt.Sprintf("generation %d created (%s)", a.Generation, a.Reason)
+		if a.V2 {
+			why += ", protocol v2"
+		}
+		return fmt.Sprintf("generation %d created (%s)", a.Generation, why)
 	case ActionGenerationActive:
 		return fmt.Sprintf("generation %d active", a.Generation)
 	case ActionGenerationRetiring:
@@ -323,19 +338,37 @@ func Step(in Input) (Result, error) {
 			return rep.PeersEncrypted == 0 || (active != 0 && slices.Contains(rep.Sending, active))
 		})
 	}
-	newGen := func(reason, node string, state State) error {
-		root := make(Key, RootKeyBytes)
-		if _, err := io.ReadFull(in.Rand, root); err != nil {
-			return fmt.Errorf("create generation %d: read root key from entropy source: %w", r.LastGeneration+1, err)
+	// everyPublishes says whether every node that is not excluded publishes its key for
+	// generation num (then num may be a v2 generation: every pair can derive it).
+	everyPublishes := func(num uint32) bool {
+		for _, v := range nodes {
+			if !v.excluded && !slices.Contains(v.Published, num) {
+				return false
+			}
 		}
-		r.LastGeneration++
-		g := Generation{Number: r.LastGeneration, State: state, Cipher: cfg.Cipher, ICVBytes: cfg.ICVBytes,
-			Root: root, Reason: reason, Created: now}
+		return true
+	}
+	newGen := func(reason, node string, state State) error {
+		num := r.LastGeneration + 1
+		g := Generation{Number: num, State: state, Cipher: cfg.Cipher, ICVBytes: cfg.ICVBytes, Reason: reason, Created: now}
+		if cfg.ProtocolV2 && everyPublishes(num) {
+			// A public salt: the master holds no key a node could use against others.
+			g.Salt = make([]byte, GenerationSaltBytes)
+			if _, err := io.ReadFull(in.Rand, g.Salt); err != nil {
+				return fmt.Errorf("create generation %d: read its salt from entropy source: %w", num, err)
+			}
+		} else {
+			g.Root = make(Key, RootKeyBytes)
+			if _, err := io.ReadFull(in.Rand, g.Root); err != nil {
+				return fmt.Errorf("create generation %d: read root key from entropy source: %w", num, err)
+			}
+		}
+		r.LastGeneration = num
 		if state == StateActive {
 			g.Activated = now
 		}
 		r.Generations = append(r.Generations, g)
-		act(Action{Kind: ActionGenerationCreated, Generation: g.Number, Reason: reason, Node: node})
+		act(Action{Kind: ActionGenerationCreated, Generation: g.Number, Reason: reason, Node: node, V2: g.V2()})
 		if state == StateActive {
 			act(Action{Kind: ActionGenerationActive, Generation: g.Number})
 		}
@@ -600,7 +633,11 @@ func Summary(r *Ring) string {
 	}
 	var gens []string
 	for _, g := range r.Generations {
-		gens = append(gens, fmt.Sprintf("%d:%s", g.Number, g.State))
+		v2 := ""
+		if g.V2() {
+			v2 = ":v2"
+		}
+		gens = append(gens, fmt.Sprintf("%d:%s%s", g.Number, g.State, v2))
 	}
 	return fmt.Sprintf("mode=%s target=%s generations=[%s] nodes=%d", r.Mode, r.Target, strings.Join(gens, " "), len(r.Nodes))
 }

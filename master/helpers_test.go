@@ -29,6 +29,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
@@ -148,7 +149,7 @@ func installMasterRBAC(t *testing.T, cs kubernetes.Interface, ns string) {
 		{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{name}, Verbs: []string{"get", "update"}},
-		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource}, Verbs: []string{"list", "watch"}},
+		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource, nodekeys.Resource}, Verbs: []string{"list", "watch"}},
 	}}
 	subj := []rbacv1.Subject{{Kind: "ServiceAccount", Name: name, Namespace: ns}}
 	must := func(err error) {
@@ -235,8 +236,12 @@ type agent struct {
 	seqGen     atomic.Uint32           // ... measured on an SA of this generation
 	inSeq      atomic.Pointer[float64] // the inbound counters' fraction (nil: not reported, as 0.1)
 	inGen      atomic.Uint32
-	cancel     context.CancelFunc
-	done       chan struct{}
+	// publish: the agent publishes NodeKeys (protocol v2 keys) for its incarnation, as
+	// agents since NodeKeys do; false: as an agent that predates them.
+	publish  atomic.Bool
+	lastKeys nodekeys.Keys // runAgent only
+	cancel   context.CancelFunc
+	done     chan struct{}
 }
 
 func (e *env) addNode(name string, i int) *agent {
@@ -288,8 +293,19 @@ func (e *env) runAgent(ctx context.Context, a *agent) {
 			continue // a real agent keeps its last good state
 		}
 		recordRing(ring)
-		rep := api.NodeReport{Mode: ring.Mode, Generations: ring.Numbers(), Incarnation: a.boot,
+		rep := api.NodeReport{Mode: ring.Mode, Generations: ring.Numbers(), Incarnation: a.boot, UID: "uid-" + a.name, Epoch: "e-" + a.name,
 			MaxSeqFraction: a.seqFrac.Load().(float64), PeersEncrypted: 1, PeersExpected: 1}
+		if a.publish.Load() {
+			nk := nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: rep.Incarnation, UID: rep.UID, Epoch: rep.Epoch}}
+			for _, g := range keys.PublishedGenerations(ring) {
+				var pub keys.PublicKey
+				pub[0], pub[1] = byte(g), 0x42 // public keys are not secret; the master only counts them
+				nk.Keys = append(nk.Keys, nodekeys.Key{Generation: g, X25519: pub})
+			}
+			if !nk.Equal(a.lastKeys) && nodekeys.Write(ctx, e.dyn(), api.Namespace, a.name, "", nk) == nil {
+				a.lastKeys = nk
+			}
+		}
 		rep.SeqGeneration = a.seqGen.Load()
 		rep.MaxInSeqFraction, rep.InSeqGeneration = a.inSeq.Load(), a.inGen.Load()
 		b, _ := json.Marshal(rep)

@@ -58,6 +58,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
@@ -212,6 +213,10 @@ type Controller struct {
 	queue   workqueue.TypedRateLimitingInterface[string]
 	// reports are the agents' NodeReports (nil without Options.Dynamic).
 	reports *nodereport.Cache[string]
+	// pubKeys are the agents' NodeKeys (nil without Options.Dynamic or without
+	// Policy.ProtocolV2). Never waited for: while its CRD is missing (an older manifest)
+	// no node counts as publishing, and every generation stays v1.
+	pubKeys *nodekeys.Cache
 
 	lastGood   *keys.Ring
 	lastStatus string
@@ -315,6 +320,10 @@ func (c *Controller) Run(ctx context.Context) error {
 		})
 		c.reports.Start(ctx.Done())
 		synced = append(synced, c.reports.HasSynced)
+		if c.opts.Policy.ProtocolV2 {
+			c.pubKeys = nodekeys.NewCache(c.opts.Dynamic, c.opts.Namespace, func(string) { c.queue.Add(queueKey) })
+			c.pubKeys.Start(ctx.Done())
+		}
 	}
 
 	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
@@ -396,15 +405,34 @@ func trimNode(obj any) (any, error) {
 // nodeState is n's state with its report: its NodeReport's, unless the annotation was
 // written later (nodereport.Pick), else the annotation's (an agent of 0.1).
 func (c *Controller) nodeState(n *corev1.Node) keys.NodeState {
+	s := NodeState(n)
 	if c.reports != nil {
 		if e, ok := c.reports.Get(n.Name); ok {
 			ann := n.Annotations[api.ReportAnnotation]
 			if raw, obj := nodereport.Pick(ann, e.Value); obj {
-				return nodeState(n, raw, true, nodereport.Kind+" "+c.opts.Namespace+"/"+n.Name)
+				s = nodeState(n, raw, true, nodereport.Kind+" "+c.opts.Namespace+"/"+n.Name)
 			}
 		}
 	}
-	return NodeState(n)
+	if c.pubKeys != nil && s.Report != nil {
+		s.Published = published(c.pubKeys, n.Name, s.Report)
+	}
+	return s
+}
+
+// published lists the generations node publishes keys for in a NodeKeys of the key
+// incarnation of its report rep (nil for none, another incarnation's, or one that does not
+// parse).
+func published(kc *nodekeys.Cache, node string, rep *api.NodeReport) []uint32 {
+	k, ok, err := kc.Get(node)
+	if !ok || err != nil || k.Incarnation != (nodekeys.Incarnation{BootID: rep.Incarnation, UID: rep.UID, Epoch: rep.Epoch}) {
+		return nil
+	}
+	out := make([]uint32, 0, len(k.Keys))
+	for _, e := range k.Keys {
+		out = append(out, e.Generation)
+	}
+	return out
 }
 
 // nodeChanged reports whether an update touches anything the master reads.

@@ -16,6 +16,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 )
 
 func newRegistry(t *testing.T, m *Metrics) *prometheus.Registry {
@@ -467,5 +468,51 @@ func TestAckTimeoutExcludesLaggingReadyNode(t *testing.T) {
 	e.eventually("n3 no longer excluded", wait, func() (bool, string) {
 		st := e.status()
 		return len(st.Excluded) == 0 && value(m.metrics.Excluded) == 0, fmt.Sprintf("%+v", st.Excluded)
+	})
+}
+
+// TestProtocolV2Upgrade: with protocol v2 on, the real master keeps creating v1
+// generations while any node does not publish its key for the next one (an agent of the
+// previous version, during a rolling update), and creates a v2 generation — a public salt,
+// no root in the Secret — once every node does; the rotation then completes as any other.
+func TestProtocolV2Upgrade(t *testing.T) {
+	e := newEnv(t)
+	policy := testPolicy()
+	policy.ProtocolV2 = true
+	e.startMaster("master-a", policy)
+	agents := enableCluster(e, "n1", "n2", "n3")
+	if g := e.ring().Generation(1); g.V2() {
+		t.Fatal("generation 1 is v2 while no node publishes keys")
+	}
+	agents["n1"].publish.Store(true)
+	agents["n2"].publish.Store(true)
+	time.Sleep(500 * time.Millisecond) // their NodeKeys reach the master's cache
+	e.requestRotation("2026-01-01T00:00:00Z")
+	r := e.ringIs(api.ModeEnforce, wait, "2:active")
+	if g := r.Generation(2); g.V2() || len(g.Root) != keys.RootKeyBytes {
+		t.Fatalf("generation 2 with n3 not publishing: %s", keys.Summary(r))
+	}
+	agents["n3"].publish.Store(true)
+	e.eventually("every node publishing generation 3's key", wait, func() (bool, string) {
+		for _, n := range []string{"n1", "n2", "n3"} {
+			u, err := e.dyn().Resource(nodekeys.GVR).Namespace(api.Namespace).Get(e.ctx, n, metav1.GetOptions{})
+			if err != nil {
+				return false, err.Error()
+			}
+			if k, err := nodekeys.Parse(u); err != nil || len(k.Keys) == 0 || k.Keys[len(k.Keys)-1].Generation != 3 {
+				return false, fmt.Sprintf("%s: %+v %v", n, k, err)
+			}
+		}
+		return true, ""
+	})
+	e.requestRotation("2026-01-02T00:00:00Z")
+	r = e.ringIs(api.ModeEnforce, wait, "3:active")
+	g := r.Generation(3)
+	if !g.V2() || len(g.Root) != 0 || len(g.Salt) != keys.GenerationSaltBytes {
+		t.Fatalf("generation 3 with every node publishing: %s", keys.Summary(r))
+	}
+	e.eventually("the v2 generation's event", wait, func() (bool, string) {
+		evs := strings.Join(e.eventReasons(), "\n")
+		return strings.Contains(evs, "GenerationCreated: generation 3 created (request, protocol v2)"), evs
 	})
 }

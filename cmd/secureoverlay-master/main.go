@@ -56,6 +56,7 @@ func run() error {
 		resync      = flag.Duration("resync", time.Minute, "full reconcile period")
 		logJSON     = flag.Bool("log-json", false, "log as JSON")
 		nodeSel     = flag.String("node-selector", "", "label selector of the nodes that run an agent (match the agent DaemonSet); empty: all nodes")
+		protoV2     = flag.Bool("protocol-v2", def.ProtocolV2, "create protocol v2 key generations (pair keys from the nodes' own X25519 keys: no shared root) once every node publishes its key for the next one")
 	)
 	flag.Parse()
 
@@ -66,7 +67,7 @@ func run() error {
 	log := slog.New(h)
 
 	policy := keys.Config{RotateInterval: *interval, Grace: *grace, Drain: *drain, NodeTimeout: *nodeTimeout, AckTimeout: *ackTimeout, SeqThreshold: *seq,
-		SeqMinInterval: *seqMin, Cipher: keys.Cipher(*cipher), ICVBytes: *icv}
+		SeqMinInterval: *seqMin, Cipher: keys.Cipher(*cipher), ICVBytes: *icv, ProtocolV2: *protoV2}
 	if policy.Cipher.KeyBytes() == 0 {
 		return fmt.Errorf("--cipher %q: want aes128gcm or aes256gcm", *cipher)
 	}

@@ -285,6 +285,7 @@ func canI(t *testing.T, kc, admin string) {
 		{masterSA, "list pods " + ns, false},
 		{masterSA, "list ipamblocks.crd.projectcalico.org", false},
 		{masterSA, "patch nodekeys.secureoverlay.io/node-a " + ns, false}, // only agents publish keys
+		{masterSA, "watch nodekeys.secureoverlay.io " + ns, true},         // who publishes the next generation's key
 	}
 	for _, ck := range checks {
 		args := append([]string{"auth", "can-i"}, strings.Fields(ck.args)...)

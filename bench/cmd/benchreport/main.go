@@ -381,7 +381,8 @@ func main() {
 	w("\n## 9. Pair-key derivation at an agent's start (5,000-node cluster: 4,999 peers × 2 generations, per peer and generation 4 SAs; medians of 5 alternating rounds)\n\n")
 	w("| derivation | time | ratio |\n|---|---:|---:|\n")
 	w("| v1: HKDF from the generation's shared root (docs/keys.md §3) | %s | 1× |\n", get("keys.start_v1"))
-	w("| v2: per pair one X25519 and one salted extract, then HKDF (docs/keys.md §10) | %s (issue 17's bound: 1 s) | %s |\n", get("keys.start_v2"), get("keys.start_ratio_v2_v1"))
+	w("| v2: per pair one X25519 and one salted extract, then HKDF (docs/keys.md §10), one worker | %s | %s |\n", get("keys.start_v2"), get("keys.start_ratio_v2_v1"))
+	w("| v2 parallel: `keys.DerivePeersV2` with GOMAXPROCS (%s) workers | %s (issue 17's bound: 1 s) | serial/parallel %s |\n", get("keys.start_v2_workers"), get("keys.start_v2_parallel"), get("keys.start_ratio_serial_parallel"))
 
 	if err := os.WriteFile(*out, []byte(b.String()), 0o644); err != nil {
 		log.Fatal(err)

@@ -71,6 +71,12 @@ type Source interface {
 	Snapshot() watch.Snapshot
 }
 
+// NodeHinter is what a Source may add (watch.Watcher): the desired.Hint of an Update from
+// the Inputs of NodesVersion since to those of cur — which Nodes its events touched.
+type NodeHinter interface {
+	Hint(since, cur any) desired.Hint
+}
+
 // Xfrm is the xfrm applier (xfrm.Applier).
 type Xfrm interface {
 	Apply(desired.State) (xfrm.Result, error)
@@ -440,7 +446,13 @@ func (a *Agent) sync() (err error) {
 		}
 		in.HoldPlaintext = a.hold
 		in.Previous = a.lastState
-		ch, err = a.memo.Update(in, desired.Hint{}) // desired.Compute(in), per changed peer
+		// The Nodes the watcher's events touched since the memo's inputs (none on a full
+		// sync: the memo is reset and compares, or recomputes, everything).
+		hint := desired.Hint{}
+		if h, ok := src.(NodeHinter); ok && !full {
+			hint = h.Hint(a.memo.NodesVersion(), in.NodesVersion)
+		}
+		ch, err = a.memo.Update(in, hint) // desired.Compute(in), per changed peer
 		if err != nil {
 			return a.fail(fmt.Errorf("compute desired state: %w", err))
 		}

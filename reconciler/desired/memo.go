@@ -145,6 +145,15 @@ func (m *Memo) Version() Version {
 	return Version{memo: m.id, n: m.n}
 }
 
+// NodesVersion is the NodesVersion of the Inputs the memo holds (nil when it holds none,
+// or they had none): what a Hint for the next Update is relative to (Hint.Since).
+func (m *Memo) NodesVersion() any {
+	if !m.ok {
+		return nil
+	}
+	return m.nodesVer
+}
+
 // Reset makes the next Update compute everything (a periodic full resync).
 func (m *Memo) Reset() {
 	if m.ok {
@@ -557,15 +566,17 @@ func (m *Memo) hinted(in Inputs, h Hint, find func(string) (*Node, bool)) []stri
 		if slices.Contains(changed, name) {
 			continue
 		}
-		changed = append(changed, name)
-		_, present := find(name)
-		_, had := m.parts[name]
+		node, present := find(name)
+		old, had := m.parts[name]
 		switch {
 		case present && !had:
 			n++
 		case had && !present:
 			n--
+		case had && nodeEqual(*node, old.node):
+			continue // named but unchanged (an event on a field that is not an input)
 		}
+		changed = append(changed, name)
 	}
 	if n != len(in.Nodes) {
 		return nil // a join or leave the hint does not name

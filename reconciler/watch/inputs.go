@@ -14,7 +14,10 @@ import (
 // Snapshot is one consistent read of every input cache. It holds the parsed key ring
 // (with root keys): never log or print it whole; Ring redacts itself.
 type Snapshot struct {
-	Nodes    []NodeInfo // sorted by name
+	Nodes []NodeInfo // sorted by name
+	// NodesSeq numbers the Nodes' state in the watcher's node view (Watcher.Hint); 0:
+	// unnumbered (a snapshot not read from a Watcher, or of no event yet).
+	NodesSeq uint64
 	Blocks   []desired.Block
 	Pools    []desired.Pool
 	BGPPeers []desired.BGPPeer
@@ -99,6 +102,9 @@ func Inputs(self string, s Snapshot, cfg desired.Config, epoch string) (desired.
 	}
 	in.Keys = KeyFunc(s.Ring)
 	in.KeysVersion = s.Ring // parsed once per Secret resourceVersion: a new ring, a new pointer
+	if s.NodesSeq != 0 {
+		in.NodesVersion = NodesVersion{Seq: s.NodesSeq, Ring: s.Ring, Epoch: epoch}
+	}
 	return in, nil
 }
 

@@ -79,9 +79,11 @@ func Inputs(self string, s Snapshot, cfg desired.Config, epoch string) (desired.
 	}
 	selfInc := KeyIncarnation(me.Incarnation, me.UID, epoch)
 	selfTag := IncarnationTag(selfInc)
+	ids := nodeIDs(s.Ring)
+	in.Nodes = make([]desired.Node, 0, len(s.Nodes))
 	for i := range s.Nodes {
 		n := &s.Nodes[i]
-		dn := desired.Node{Name: n.Name, IPv4Address: n.IPv4Address, NodeID: s.Ring.NodeID(n.Name)}
+		dn := desired.Node{Name: n.Name, IPv4Address: n.IPv4Address, NodeID: ids[n.Name]}
 		if n.Name == self {
 			dn.Incarnation = selfInc
 		} else {
@@ -106,6 +108,32 @@ func Inputs(self string, s Snapshot, cfg desired.Config, epoch string) (desired.
 		in.NodesVersion = NodesVersion{Seq: s.NodesSeq, Ring: s.Ring, Epoch: epoch}
 	}
 	return in, nil
+}
+
+// nodeIDs is r.NodeID for every node, as a map (Ring.NodeID walks the ring's list: once
+// per node, O(N²) at 5,000 nodes). The map of the last ring is kept: a watcher parses a
+// ring once per Secret resourceVersion and never modifies it.
+func nodeIDs(r *keys.Ring) map[string]uint32 {
+	idCache.Lock()
+	defer idCache.Unlock()
+	if idCache.ring == r && idCache.n == len(r.Nodes) {
+		return idCache.ids
+	}
+	ids := make(map[string]uint32, len(r.Nodes))
+	for _, n := range r.Nodes {
+		if _, ok := ids[n.Name]; !ok && !n.Released {
+			ids[n.Name] = n.ID // the first unreleased entry, as Ring.NodeID
+		}
+	}
+	idCache.ring, idCache.n, idCache.ids = r, len(r.Nodes), ids
+	return ids
+}
+
+var idCache struct {
+	sync.Mutex
+	ring *keys.Ring
+	n    int
+	ids  map[string]uint32
 }
 
 // KeyFunc adapts the ring's per-pair derivation (keys.Deriver) to desired.KeyFunc. One

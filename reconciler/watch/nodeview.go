@@ -24,6 +24,12 @@ type nodeView struct {
 	seq     uint64                                   // changes logged so far
 	log     []nodeChange                             // the changes after logFrom, in order
 	logFrom uint64
+
+	// sorted is the last snapshot's nodes (shared with it: never modified), touched the
+	// names set or deleted since (logged or not): the next snapshot patches sorted.
+	sorted  []NodeInfo
+	built   bool
+	touched map[string]bool
 }
 
 type nodeChange struct {
@@ -36,7 +42,7 @@ type nodeChange struct {
 const maxNodeLog = 8192
 
 func newNodeView() *nodeView {
-	return &nodeView{nodes: map[string]NodeInfo{}, reports: map[string]nodereport.Entry[reportEntry]{}}
+	return &nodeView{nodes: map[string]NodeInfo{}, reports: map[string]nodereport.Entry[reportEntry]{}, touched: map[string]bool{}}
 }
 
 // logLocked records that name's inputs changed.
@@ -56,6 +62,7 @@ func (v *nodeView) setNode(ni NodeInfo, self string) {
 	defer v.mu.Unlock()
 	old, had := v.nodes[ni.Name]
 	v.nodes[ni.Name] = ni
+	v.touched[ni.Name] = true
 	// self's own report is not an input of its desired state; every other difference
 	// (down to a peer's report annotation's lastSync, which picks between annotation and
 	// NodeReport) is logged.
@@ -70,6 +77,7 @@ func (v *nodeView) deleteNode(name string) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	delete(v.nodes, name)
+	v.touched[name] = true
 	if e, ok := v.reports[name]; ok && e.Deleted {
 		delete(v.reports, name)
 	}
@@ -81,6 +89,7 @@ func (v *nodeView) setReport(node string, after *nodereport.Entry[reportEntry], 
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	before, had := v.reports[node]
+	v.touched[node] = true
 	if after == nil {
 		delete(v.reports, node)
 	} else {
@@ -95,18 +104,65 @@ func (v *nodeView) setReport(node string, after *nodereport.Entry[reportEntry], 
 }
 
 // snapshot returns every node with its report merged (withObject), sorted by name, and
-// the sequence number they are at.
+// the sequence number they are at. The slice is shared with the view and with other
+// snapshots: read it, never modify it. When few names changed since the last snapshot it
+// is that one's with their entries replaced (a copy, no sort, no walk over the maps).
 func (v *nodeView) snapshot() ([]NodeInfo, uint64) {
 	v.mu.Lock()
-	out := make([]NodeInfo, 0, len(v.nodes))
-	for _, ni := range v.nodes {
-		e, ok := v.reports[ni.Name]
-		out = append(out, withObject(ni, e.Value, ok))
+	defer v.mu.Unlock()
+	switch {
+	case !v.built || len(v.touched) > len(v.nodes)/8+8:
+		v.sorted, v.built = v.fullLocked(), true
+	case len(v.touched) > 0:
+		v.sorted = v.patchedLocked()
 	}
-	seq := v.seq
-	v.mu.Unlock()
+	clear(v.touched)
+	return v.sorted, v.seq
+}
+
+// merged is the named node with its report, and whether the node exists.
+func (v *nodeView) mergedLocked(name string) (NodeInfo, bool) {
+	ni, ok := v.nodes[name]
+	if !ok {
+		return NodeInfo{}, false
+	}
+	e, has := v.reports[name]
+	return withObject(ni, e.Value, has), true
+}
+
+// fullLocked builds the sorted nodes from the maps: O(N log N).
+func (v *nodeView) fullLocked() []NodeInfo {
+	out := make([]NodeInfo, 0, len(v.nodes))
+	for name := range v.nodes {
+		ni, _ := v.mergedLocked(name)
+		out = append(out, ni)
+	}
 	slices.SortFunc(out, func(a, b NodeInfo) int { return strings.Compare(a.Name, b.Name) })
-	return out, seq
+	return out
+}
+
+// patchedLocked is v.sorted with the touched names' entries replaced, added or removed.
+func (v *nodeView) patchedLocked() []NodeInfo {
+	names := make([]string, 0, len(v.touched))
+	for name := range v.touched {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	old := v.sorted
+	out := make([]NodeInfo, 0, len(v.nodes))
+	i := 0
+	for _, name := range names {
+		p, found := slices.BinarySearchFunc(old, name, func(n NodeInfo, name string) int { return strings.Compare(n.Name, name) })
+		out = append(out, old[i:p]...)
+		i = p
+		if found {
+			i++
+		}
+		if ni, ok := v.mergedLocked(name); ok {
+			out = append(out, ni)
+		}
+	}
+	return append(out, old[i:]...)
 }
 
 // changed returns the names logged after from up to to (each once), false when the log

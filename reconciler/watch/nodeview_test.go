@@ -38,6 +38,12 @@ func TestNodeViewLog(t *testing.T) {
 	var snaps []snap
 	take := func() {
 		ns, seq := v.snapshot()
+		v.mu.Lock()
+		full := v.fullLocked()
+		v.mu.Unlock()
+		if !reflect.DeepEqual(ns, full) && (len(ns) > 0 || len(full) > 0) {
+			t.Fatalf("snapshot at %d differs from the view rebuilt whole", seq)
+		}
 		m := map[string]NodeInfo{}
 		for _, n := range ns {
 			if n.Name == self { // its own report is not an input
@@ -70,6 +76,11 @@ func TestNodeViewLog(t *testing.T) {
 		}
 		if rng.IntN(50) == 0 {
 			take()
+		}
+		if rng.IntN(500) == 0 { // many changes: the next snapshot is rebuilt whole
+			for j := range 30 {
+				v.setNode(NodeInfo{Name: fmt.Sprintf("x%02d", j), Incarnation: fmt.Sprint(rng.IntN(2))}, self)
+			}
 		}
 	}
 	checked, refused := 0, 0

@@ -477,9 +477,9 @@ func (w *Watcher) withReport(ni NodeInfo) NodeInfo {
 	return withObject(ni, e.Value, ok)
 }
 
-// Snapshot reads every cache. Call it only after HasSynced. The nodes' Reports are shared
-// with the cache (parsed once per Node change): read them, never modify them. The nodes
-// come from the node view (nodeView), numbered by NodesSeq.
+// Snapshot reads every cache. Call it only after HasSynced. The nodes come from the node
+// view (nodeView), numbered by NodesSeq; the Nodes slice and the nodes' Reports are shared
+// with the view and with other snapshots: read them, never modify them.
 func (w *Watcher) Snapshot() Snapshot {
 	var s Snapshot
 	s.Nodes, s.NodesSeq = w.view.snapshot()

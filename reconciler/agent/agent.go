@@ -77,6 +77,12 @@ type NodeHinter interface {
 	Hint(since, cur any) desired.Hint
 }
 
+// InputsBuilder is what a Source may add (watch.Watcher): watch.Inputs for its own
+// snapshots, converting only the nodes that changed since the last call.
+type InputsBuilder interface {
+	Inputs(self string, s watch.Snapshot, cfg desired.Config, epoch string) (desired.Inputs, error)
+}
+
 // Xfrm is the xfrm applier (xfrm.Applier).
 type Xfrm interface {
 	Apply(desired.State) (xfrm.Result, error)
@@ -440,7 +446,11 @@ func (a *Agent) sync() (err error) {
 		a.mu.Lock()
 		epoch := a.epoch
 		a.mu.Unlock()
-		in, err = watch.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane, epoch)
+		if ib, ok := src.(InputsBuilder); ok && !full {
+			in, err = ib.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane, epoch)
+		} else {
+			in, err = watch.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane, epoch)
+		}
 		if err != nil {
 			return a.fail(fmt.Errorf("inputs: %w", err))
 		}

@@ -17,9 +17,10 @@ import (
 // TestBenchEventPath: the agent's per-event path from the watcher's caches to the desired
 // state, for one node joining clusters of 1,000 and 5,000 nodes (every peer reporting
 // ready, Always pool, enforce, the real key derivation): the node view's snapshot,
-// Inputs, the watcher's Hint, Memo.Update and Memo.State — and, on a second memo, the
-// same with the zero Hint (every Node compared; the snapshot is taken once per event and
-// counted in both totals). Each round adds the joiner's Node and
+// Watcher.Inputs (only the changed nodes converted), the watcher's Hint, Memo.Update and
+// Memo.State — and, as "scan", what the agent did before: Inputs converting every node
+// and the zero Hint (every Node compared), on a second memo. The snapshot is taken once
+// per event and counted in both totals. Each round adds the joiner's Node and
 // NodeReport to the view (untimed), times the path, and removes the joiner again
 // (untimed, the memo following). Medians of the rounds; run with SECUREOVERLAY_BENCH=1.
 func TestBenchEventPath(t *testing.T) {
@@ -64,6 +65,7 @@ func TestBenchEventPath(t *testing.T) {
 			}
 			return in
 		}
+		var err error
 		memos := map[string]*desired.Memo{"hint": desired.NewMemo(), "scan": desired.NewMemo()}
 		for _, m := range memos {
 			if _, err := m.Update(inputs(snapshot()), desired.Hint{}); err != nil {
@@ -83,7 +85,14 @@ func TestBenchEventPath(t *testing.T) {
 			for _, kind := range []string{"hint", "scan"} {
 				m := memos[kind]
 				t1 := time.Now()
-				in := inputs(s)
+				var in desired.Inputs
+				if kind == "hint" { // the agent's path: the watcher converts the changed nodes only
+					if in, err = w.Inputs(self, s, desired.Config{}, epoch); err != nil {
+						t.Fatal(err)
+					}
+				} else {
+					in = inputs(s)
+				}
 				t2 := time.Now()
 				h := desired.Hint{}
 				if kind == "hint" {
@@ -105,9 +114,12 @@ func TestBenchEventPath(t *testing.T) {
 			v.setReport(names[joiner], nil, self)
 			for _, kind := range []string{"hint", "scan"} {
 				m := memos[kind]
-				in := inputs(snapshot())
-				h := desired.Hint{}
+				s := snapshot()
+				in, h := inputs(s), desired.Hint{}
 				if kind == "hint" {
+					if in, err = w.Inputs(self, s, desired.Config{}, epoch); err != nil {
+						t.Fatal(err)
+					}
 					h = w.Hint(m.NodesVersion(), in.NodesVersion)
 				}
 				if _, err := m.Update(in, h); err != nil {

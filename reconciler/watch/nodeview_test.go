@@ -198,3 +198,73 @@ func TestWatcherHint(t *testing.T) {
 		}
 	}
 }
+
+// TestWatcherInputsEqualsInputs: random Node and NodeReport events (peers' reports,
+// addresses, reboots, joins and leaves, this node's own changes, a new ring, a new epoch);
+// after each snapshot the watcher's incremental Inputs has exactly the Nodes of Inputs.
+func TestWatcherInputsEqualsInputs(t *testing.T) {
+	rng := rand.New(rand.NewPCG(5, 6))
+	const self = "n0"
+	names := []string{"n0", "n1", "n2", "n3", "n4", "n5", "n6", "n7", "n8", "n9"}
+	reversed := slices.Clone(names)
+	slices.Reverse(reversed)
+	rings := []*keys.Ring{testRing(t, api.ModeEnforce, 8, names...), testRing(t, api.ModeEnforce, 8, reversed...)}
+	w := &Watcher{view: newNodeView()}
+	epoch, ring := "e0", rings[0]
+	info := func(name string) NodeInfo {
+		return NodeInfo{Name: name, IPv4Address: fmt.Sprintf("198.18.0.%d/24", 1+rng.IntN(12)), Incarnation: fmt.Sprintf("boot-%s-%d", name, rng.IntN(2)), UID: "uid-" + name, Ready: true}
+	}
+	for _, n := range names {
+		w.view.setNode(info(n), self)
+	}
+	for step := range 3000 {
+		name := names[rng.IntN(len(names))]
+		switch rng.IntN(10) {
+		case 0, 1:
+			w.view.setNode(info(name), self)
+		case 2:
+			w.view.deleteNode(name)
+		case 3, 4, 5:
+			ni, ok := w.view.nodes[name]
+			if !ok {
+				continue
+			}
+			selfInc := KeyIncarnation(w.view.nodes[self].Incarnation, "uid-"+self, epoch)
+			rep := &Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: ni.Incarnation, UID: ni.UID, Epoch: fmt.Sprint(rng.IntN(3)), Generations: []uint32{1}},
+				InboundFrom: map[string]string{self: IncarnationTag(selfInc)}}
+			w.view.setReport(name, &nodereport.Entry[reportEntry]{Value: reportEntry{Raw: fmt.Sprintf("%s/%d", rep.Epoch, step), Report: rep}}, self)
+		case 6:
+			w.view.setReport(name, nil, self)
+		case 7:
+			if rng.IntN(10) == 0 {
+				ring = rings[rng.IntN(2)]
+			}
+			if rng.IntN(10) == 0 {
+				epoch = fmt.Sprint("e", rng.IntN(3))
+			}
+		}
+		if _, ok := w.view.nodes[self]; !ok {
+			w.view.setNode(info(self), self)
+		}
+		if rng.IntN(3) > 0 {
+			continue
+		}
+		var s Snapshot
+		s.Nodes, s.NodesSeq = w.view.snapshot()
+		s.Ring = ring
+		got, err := w.Inputs(self, s, desired.Config{}, epoch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := Inputs(self, s, desired.Config{}, epoch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(got.Nodes, want.Nodes) || got.NodesVersion != want.NodesVersion {
+			t.Fatalf("step %d: the watcher's Inputs differ:\n%+v\n%+v", step, got.Nodes, want.Nodes)
+		}
+	}
+	if w.inPatched < 200 {
+		t.Fatalf("only %d Inputs were patched", w.inPatched)
+	}
+}

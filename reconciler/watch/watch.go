@@ -112,6 +112,14 @@ type Watcher struct {
 	view     *nodeView
 	nodesReg cache.ResourceEventHandlerRegistration
 
+	// The last Inputs' nodes, what they were built from, and for which node (Inputs).
+	inMu    sync.Mutex
+	inNodes []desired.Node
+	inVer   NodesVersion
+	inSelf  string
+	// inPatched counts the Inputs built by patching (tests).
+	inPatched int
+
 	ringMu  sync.Mutex
 	ringRV  string
 	ring    *keys.Ring

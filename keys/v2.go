@@ -147,11 +147,11 @@ func NewPairDeriver(g GenerationV2, self *PrivateKey, peer PublicKey) (*PairDeri
 	}
 	pub, err := ecdh.X25519().NewPublicKey(peer[:])
 	if err != nil {
-		return nil, fmt.Errorf("derive generation %d: peer public key %s: %w", g.Number, peer, err)
+		return nil, fmt.Errorf("derive generation %d: peer public key: %w", g.Number, err)
 	}
 	shared, err := self.k.ECDH(pub)
 	if err != nil { // crypto/ecdh refuses an all-zero result
-		return nil, fmt.Errorf("derive generation %d: peer public key %s: %w", g.Number, peer, ErrLowOrderPeerKey)
+		return nil, fmt.Errorf("derive generation %d: peer public key: %w", g.Number, ErrLowOrderPeerKey)
 	}
 	prk, err := hkdf.Extract(sha256.New, shared, g.Salt)
 	clear(shared)

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -332,58 +333,59 @@ func TestPrivateKeyRedaction(t *testing.T) {
 
 // TestBenchDeriveV2Start measures what an agent of a 5,000-node cluster derives at start:
 // for each of 4,999 peers and each of 2 generations (active + next), the pair secret (one
-// X25519 and one HKDF-Extract) and 4 SAs (transport and tunnel, both directions). Issue 17
-// bounds it at 1 s on the reference machine. Run with SECUREOVERLAY_BENCH=1.
+// X25519 and one HKDF-Extract) and 4 SAs (transport and tunnel, both directions): v1's
+// derivation, v2 serial (one worker) and v2 parallel (DerivePeersV2 with GOMAXPROCS
+// workers), in alternating rounds of one run. Issue 17 bounds it at 1 s on the reference
+// machine. Run with SECUREOVERLAY_BENCH=1.
 func TestBenchDeriveV2Start(t *testing.T) {
 	bench.Gate(t, false)
 	const peers, gens = 4999, 2
 	self := make([]*PrivateKey, gens)
-	pubs := make([]PublicKey, peers)
 	eps := make([]EndpointV2, peers)
 	for g := range self {
 		self[g], _ = GeneratePrivateKey(rand.Reader)
 	}
-	for i := range pubs {
+	for i := range eps {
 		p, _ := GeneratePrivateKey(rand.Reader)
-		pubs[i] = p.Public()
-		eps[i] = EndpointV2{Endpoint{IP: netip.AddrFrom4([4]byte{198, 18, byte((i + 2) >> 8), byte(i + 2)}), Incarnation: "b/u/e", NodeID: uint32(i + 2)}, pubs[i]}
+		eps[i] = EndpointV2{Endpoint{IP: netip.AddrFrom4([4]byte{198, 18, byte((i + 2) >> 8), byte(i + 2)}), Incarnation: "b/u/e", NodeID: uint32(i + 2)}, p.Public()}
 	}
-	run := func(v2 bool) time.Duration {
+	kinds := []Kind{KindTransport, KindTunnel}
+	// workers: 0 = v1's derivation; n ≥ 1 = DerivePeersV2 with n workers.
+	run := func(workers int) time.Duration {
 		start := time.Now()
 		for g := 0; g < gens; g++ {
-			gen := GenerationV2{Number: uint32(g + 1), Cipher: AES128GCM, ICVBytes: 16, Salt: testSalt(uint32(g + 1))}
-			v1, _ := NewDeriver(&Generation{Number: uint32(g + 1), Cipher: AES128GCM, ICVBytes: 16, Root: testRoot(1)})
 			me := EndpointV2{Endpoint{IP: netip.MustParseAddr("198.18.0.1"), Incarnation: "b/u/e", NodeID: 1}, self[g].Public()}
-			for i := range pubs {
-				var d *PairDeriver
-				if v2 {
-					var err error
-					if d, err = NewPairDeriver(gen, self[g], pubs[i]); err != nil {
-						t.Fatal(err)
-					}
+			if workers > 0 {
+				gen := GenerationV2{Number: uint32(g + 1), Cipher: AES128GCM, ICVBytes: 16, Salt: testSalt(uint32(g + 1))}
+				if _, err := DerivePeersV2(gen, self[g], me, eps, kinds, 0, workers); err != nil {
+					t.Fatal(err)
 				}
-				for _, kind := range []Kind{KindTransport, KindTunnel} {
-					if v2 {
-						_, _ = d.Derive(kind, 0, me, eps[i])
-						_, _ = d.Derive(kind, 0, eps[i], me)
-					} else {
-						_, _ = v1.DeriveKind(kind, me.Endpoint, eps[i].Endpoint)
-						_, _ = v1.DeriveKind(kind, eps[i].Endpoint, me.Endpoint)
-					}
+				continue
+			}
+			v1, _ := NewDeriver(&Generation{Number: uint32(g + 1), Cipher: AES128GCM, ICVBytes: 16, Root: testRoot(1)})
+			for i := range eps {
+				for _, kind := range kinds {
+					_, _ = v1.DeriveKind(kind, me.Endpoint, eps[i].Endpoint)
+					_, _ = v1.DeriveKind(kind, eps[i].Endpoint, me.Endpoint)
 				}
 			}
 		}
 		return time.Since(start)
 	}
-	var v1s, v2s []time.Duration
+	procs := runtime.GOMAXPROCS(0)
+	var v1s, serial, parallel []time.Duration
 	for r := 0; r < 5; r++ {
-		v1s, v2s = append(v1s, run(false)), append(v2s, run(true))
+		v1s, serial, parallel = append(v1s, run(0)), append(serial, run(1)), append(parallel, run(procs))
 	}
-	m1, m2 := median(v1s), median(v2s)
-	t.Logf("derivation at start, %d peers x %d generations: v1 %s, v2 %s (medians of 5 alternating rounds; issue 17's bound: 1 s)", peers, gens, m1, m2)
+	m1, ms, mp := median(v1s), median(serial), median(parallel)
+	t.Logf("derivation at start, %d peers x %d generations: v1 %s, v2 serial %s, v2 parallel (%d workers) %s; serial/parallel %.2fx (medians of 5 alternating rounds; issue 17's bound: 1 s)",
+		peers, gens, m1, ms, procs, mp, float64(ms)/float64(mp))
 	bench.Report("keys.start_v1", float64(m1.Microseconds())/1000, "ms")
-	bench.Report("keys.start_v2", float64(m2.Microseconds())/1000, "ms")
-	bench.Report("keys.start_ratio_v2_v1", float64(m2)/float64(m1), "x")
+	bench.Report("keys.start_v2", float64(ms.Microseconds())/1000, "ms")
+	bench.Report("keys.start_v2_parallel", float64(mp.Microseconds())/1000, "ms")
+	bench.Report("keys.start_v2_workers", float64(procs), "count")
+	bench.Report("keys.start_ratio_v2_v1", float64(ms)/float64(m1), "x")
+	bench.Report("keys.start_ratio_serial_parallel", float64(ms)/float64(mp), "x")
 }
 
 func median(d []time.Duration) time.Duration {

@@ -196,6 +196,7 @@ type CacheConfig[T any] struct {
 type Cache[T any] struct {
 	cfg CacheConfig[T]
 	inf cache.SharedIndexInformer
+	reg cache.ResourceEventHandlerRegistration // OnChange's: synced once it has seen the list
 	f   dynamicinformer.DynamicSharedInformerFactory
 
 	mu      sync.Mutex
@@ -239,7 +240,7 @@ func NewCache[T any](cfg CacheConfig[T]) *Cache[T] {
 		c.mu.Unlock()
 		cache.DefaultWatchErrorHandler(ctx, r, err)
 	})
-	_, _ = c.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	c.reg, _ = c.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(obj any) {
 			n, ok := obj.(*cached[T])
 			if !ok {
@@ -292,9 +293,12 @@ func (c *Cache[T]) changed(node string, before, after *Entry[T]) {
 // Start runs the informer until stop is closed.
 func (c *Cache[T]) Start(stop <-chan struct{}) { c.f.Start(stop) }
 
-// HasSynced reports whether the first list has been read. While the CRD is not served it
-// stays false (the informer retries): readers must not act on a partial view.
-func (c *Cache[T]) HasSynced() bool { return c.inf.HasSynced() }
+// HasSynced reports whether the first list has been read and handed to OnChange. While
+// the CRD is not served it stays false (the informer retries): readers must not act on a
+// partial view.
+func (c *Cache[T]) HasSynced() bool {
+	return c.inf.HasSynced() && (c.reg == nil || c.reg.HasSynced())
+}
 
 // Err says why the cache has not synced (its last list error, e.g. the CRD is not
 // installed), nil once synced or before the first attempt failed.

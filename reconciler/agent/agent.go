@@ -72,6 +72,18 @@ type Source interface {
 	Snapshot() watch.Snapshot
 }
 
+// NodeHinter is what a Source may add (watch.Watcher): the desired.Hint of an Update from
+// the Inputs of NodesVersion since to those of cur — which Nodes its events touched.
+type NodeHinter interface {
+	Hint(since, cur any) desired.Hint
+}
+
+// InputsBuilder is what a Source may add (watch.Watcher): watch.Inputs for its own
+// snapshots, converting only the nodes that changed since the last call.
+type InputsBuilder interface {
+	Inputs(self string, s watch.Snapshot, cfg desired.Config, epoch string) (desired.Inputs, error)
+}
+
 // Xfrm is the xfrm applier (xfrm.Applier).
 type Xfrm interface {
 	Apply(desired.State) (xfrm.Result, error)
@@ -450,13 +462,23 @@ func (a *Agent) sync() (err error) {
 		a.mu.Lock()
 		epoch := a.epoch
 		a.mu.Unlock()
-		in, err = watch.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane, epoch)
+		if ib, ok := src.(InputsBuilder); ok && !full {
+			in, err = ib.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane, epoch)
+		} else {
+			in, err = watch.Inputs(a.cfg.NodeName, snap, a.cfg.Dataplane, epoch)
+		}
 		if err != nil {
 			return a.fail(fmt.Errorf("inputs: %w", err))
 		}
 		in.HoldPlaintext = a.hold
 		in.Previous = a.lastState
-		ch, err = a.memo.Update(in, desired.Hint{}) // desired.Compute(in), per changed peer
+		// The Nodes the watcher's events touched since the memo's inputs (none on a full
+		// sync: the memo is reset and compares, or recomputes, everything).
+		hint := desired.Hint{}
+		if h, ok := src.(NodeHinter); ok && !full {
+			hint = h.Hint(a.memo.NodesVersion(), in.NodesVersion)
+		}
+		ch, err = a.memo.Update(in, hint) // desired.Compute(in), per changed peer
 		if err != nil {
 			return a.fail(fmt.Errorf("compute desired state: %w", err))
 		}

@@ -50,9 +50,13 @@ func BenchmarkComputeJoin(b *testing.B) {
 			}
 			b.Run(name, func(b *testing.B) {
 				before := cluster.Inputs(cluster.Options{Nodes: n, Mode: api.ModeEnforce})
-				h := desired.Hint{}
+				before.NodesVersion = 0 // the joins' Inputs are versions 1, 2, ...
+				joined := func(r int) desired.Hint { return desired.Hint{} }
+				left := joined
 				if hinted {
-					h = desired.Hint{Known: true, Nodes: []string{cluster.Name(n)}}
+					joiner := []string{cluster.Name(n)}
+					joined = func(int) desired.Hint { return desired.Hint{Known: true, Nodes: joiner, Since: 0} }
+					left = func(r int) desired.Hint { return desired.Hint{Known: true, Nodes: joiner, Since: r} }
 				}
 				m := desired.NewMemo()
 				if _, err := m.Update(before, desired.Hint{}); err != nil {
@@ -64,13 +68,14 @@ func BenchmarkComputeJoin(b *testing.B) {
 					b.StopTimer()
 					r++
 					in := cluster.Join(before, r)
+					in.NodesVersion = r
 					b.StartTimer()
-					ch, err := m.Update(in, h)
+					ch, err := m.Update(in, joined(r))
 					if err != nil || ch.Full || len(ch.SAs) != 4 {
 						b.Fatalf("join full=%v SAs=%d %v", ch.Full, len(ch.SAs), err)
 					}
 					b.StopTimer()
-					if _, err := m.Update(before, h); err != nil {
+					if _, err := m.Update(before, left(r)); err != nil {
 						b.Fatal(err)
 					}
 					b.StartTimer()

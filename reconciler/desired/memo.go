@@ -1,7 +1,9 @@
 package desired
 
 import (
+	"cmp"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 )
@@ -45,8 +47,19 @@ type Memo struct {
 	saIDs    map[saIdentity]string     // SA identity → peer
 	polIDs   map[policyIdentity]string // policy identity → peer
 
-	st   State
-	stOK bool
+	// nodesVer is the NodesVersion of the Inputs the memo holds (nil: unversioned).
+	nodesVer any
+	// path is how the last incremental Update found the changed nodes ("same", "hint",
+	// "scan"), and how State built the last state ("patched", "assembled"); for tests.
+	path, built string
+
+	// st is the last assembled State. stOK: it is the current one. Otherwise, with stHave,
+	// it is an earlier one and pending holds, for every peer changed since, its part as st
+	// has it (nil: st has none), so State patches st instead of assembling everything.
+	st      State
+	stOK    bool
+	stHave  bool
+	pending map[string]*part
 }
 
 // Version names one state of one Memo (the zero Version names none). An applier that
@@ -75,12 +88,20 @@ type Change struct {
 // Hint tells Update which nodes may differ from the previous Inputs. The zero Hint means
 // any may: every Node is compared (no derivation, no allocation) and only changed peers
 // are recomputed. With Known set, only the nodes in Nodes (added, changed or removed)
-// are looked at, the caller vouching that no other node changed; in.Nodes must then be
-// sorted by name (watch.Inputs gives them so). The cost of such an Update does not
-// depend on the cluster's size.
+// are looked at; in.Nodes must then be sorted by name (watch.Inputs gives them so). The
+// cost of such an Update does not depend on the cluster's size.
+//
+// A hint is a claim about two versions of the Nodes: between the Inputs whose
+// NodesVersion is Since and in (whose NodesVersion must be set), only the named nodes
+// changed. Update uses it only when Since is the NodesVersion of the Inputs the memo
+// holds, so a hint relative to another state (a lost or coalesced event, a failed
+// Update, a Reset) cannot narrow what is compared. Even then the memo checks what is
+// cheap to check — this node's own Node, and that the number of nodes is what the named
+// joins and leaves make it — and compares every Node when a check fails.
 type Hint struct {
 	Known bool
 	Nodes []string
+	Since any
 }
 
 type part struct {
@@ -124,6 +145,15 @@ func (m *Memo) Version() Version {
 	return Version{memo: m.id, n: m.n}
 }
 
+// NodesVersion is the NodesVersion of the Inputs the memo holds (nil when it holds none,
+// or they had none): what a Hint for the next Update is relative to (Hint.Since).
+func (m *Memo) NodesVersion() any {
+	if !m.ok {
+		return nil
+	}
+	return m.nodesVer
+}
+
 // Reset makes the next Update compute everything (a periodic full resync).
 func (m *Memo) Reset() {
 	if m.ok {
@@ -141,20 +171,25 @@ func (m *Memo) Update(in Inputs, h Hint) (Change, error) {
 		ch.From = from
 		return ch, nil
 	}
-	m.valid, m.ok, m.stOK = false, false, false
+	m.valid, m.ok, m.stOK, m.stHave, m.nodesVer = false, false, false, false, nil
+	clear(m.pending)
 	st, err := Compute(in)
 	if err != nil {
 		return Change{}, err
 	}
 	m.n++
-	m.ok, m.st, m.stOK = true, st, true
+	m.ok, m.st, m.stOK, m.stHave = true, st, true, true
+	m.nodesVer = in.NodesVersion
 	m.rebuild(in, st)
 	return Change{From: from, To: m.Version(), Full: true}, nil
 }
 
 // State returns the state the last Update computed (what Compute returns for its Inputs;
-// the zero State after a failed Update). After an incremental Update it is assembled and
-// sorted on first use: O(N log N).
+// the zero State after a failed Update). After incremental Updates it is built on first
+// use from the last one built: the changed peers' objects are taken out of and merged
+// into its sorted lists, in new slices (a State returned earlier is never modified), with
+// no sorting and no walk over the peers — a copy of the lists, O(N) memory moves. When
+// many peers changed, or none was built, it is assembled from every peer and sorted.
 func (m *Memo) State() State {
 	if !m.ok {
 		return State{} // the last Update failed (or none ran)
@@ -162,6 +197,21 @@ func (m *Memo) State() State {
 	if m.stOK {
 		return m.st
 	}
+	st, ok := State{}, false
+	if m.stHave && len(m.pending) <= len(m.parts)/8+8 {
+		st, ok = m.patched()
+		m.built = "patched"
+	}
+	if !ok {
+		st, m.built = m.assembled(), "assembled"
+	}
+	m.st, m.stOK, m.stHave = st, true, true
+	clear(m.pending)
+	return st
+}
+
+// assembled is the State of every part, sorted: O(N log N).
+func (m *Memo) assembled() State {
 	st := State{Mode: m.base.Mode, Generations: slices.Clone(m.base.Generations),
 		Neighbours: slices.Clone(m.base.Neighbours), NotCovered: slices.Clone(m.base.NotCovered),
 		Skipped: slices.Clone(m.base.Skipped)}
@@ -172,18 +222,132 @@ func (m *Memo) State() State {
 		st.Peers = append(st.Peers, p.status...)
 		st.Skipped = append(st.Skipped, p.skipped...)
 	}
+	st.NotCovered = append(st.NotCovered, m.bgpNotes()...)
+	slices.SortFunc(st.Peers, comparePeer)
+	// finish cannot fail here: every identity was checked unique when its part was added.
+	st, _ = finish(st)
+	return st
+}
+
+// bgpNotes are the notes of the BGP peers that are not node addresses.
+func (m *Memo) bgpNotes() []string {
+	var out []string
 	for _, b := range m.bgp {
 		ip := b.PeerIP.Unmap()
 		if _, isNode := m.byIP[ip]; !isNode && ip != m.selfAddr {
-			st.NotCovered = append(st.NotCovered, bgpNote(b))
+			out = append(out, bgpNote(b))
 		}
 	}
-	slices.SortFunc(st.Peers, func(a, b PeerStatus) int { return strings.Compare(a.Name, b.Name) })
-	// finish cannot fail here: every identity was checked unique when its part was added.
-	st, _ = finish(st)
-	m.st, m.stOK = st, true
-	return st
+	return out
 }
+
+// patched is m.st with the pending peers' objects replaced by their current parts'. It
+// fails (assemble instead) when an object to take out is not in m.st or one to merge in
+// is already there: neither happens while the memo's bookkeeping is right.
+func (m *Memo) patched() (State, bool) {
+	var del, add part
+	names := make([]string, 0, len(m.pending))
+	for name, old := range m.pending {
+		names = append(names, name)
+		for _, p := range []struct {
+			dst *part
+			src *part
+		}{{&del, old}, {&add, m.parts[name]}} {
+			if p.src == nil {
+				continue
+			}
+			p.dst.sas = append(p.dst.sas, p.src.sas...)
+			p.dst.policies = append(p.dst.policies, p.src.policies...)
+			p.dst.rules = append(p.dst.rules, p.src.rules...)
+			p.dst.status = append(p.dst.status, p.src.status...)
+			p.dst.skipped = append(p.dst.skipped, p.src.skipped...)
+		}
+	}
+	old := m.st
+	st := old
+	var ok [4]bool
+	st.SAs, ok[0] = patchSorted(old.SAs, del.sas, add.sas, compareSA)
+	st.Policies, ok[1] = patchSorted(old.Policies, del.policies, add.policies, comparePolicy)
+	st.Rules, ok[2] = patchSorted(old.Rules, del.rules, add.rules, compareRule)
+	st.Peers, ok[3] = patchSorted(old.Peers, del.status, add.status, comparePeer)
+	if ok != [4]bool{true, true, true, true} {
+		return State{}, false
+	}
+	if len(del.skipped)+len(add.skipped) > 0 {
+		st.Skipped = slices.DeleteFunc(slices.Clone(old.Skipped), func(s Skip) bool {
+			name, ok := strings.CutPrefix(s.Object, "node/")
+			return ok && slices.Contains(names, name)
+		})
+		st.Skipped = append(st.Skipped, add.skipped...)
+		slices.SortFunc(st.Skipped, func(a, b Skip) int { return strings.Compare(a.Object, b.Object) })
+		if len(st.Skipped) == 0 {
+			st.Skipped = nil
+		}
+	}
+	if len(m.bgp) > 0 { // a joining or leaving node may be a BGP peer's address
+		st.NotCovered = append(slices.Clone(m.base.NotCovered), m.bgpNotes()...)
+		slices.Sort(st.NotCovered)
+	}
+	return st, true
+}
+
+// patchSorted returns a new slice: old (sorted by cmp, unique) without the elements of del
+// and with those of add, sorted. del and add are sorted in place. old is not modified; it
+// is returned as is when there is nothing to do. False: an element of del is not in old,
+// or one of add is in old and not deleted.
+func patchSorted[T any](old, del, add []T, cmp func(a, b T) int) ([]T, bool) {
+	if len(del) == 0 && len(add) == 0 {
+		return old, true
+	}
+	slices.SortFunc(del, cmp)
+	slices.SortFunc(add, cmp)
+	skip := make([]int, 0, len(del))
+	for _, d := range del {
+		j, found := slices.BinarySearchFunc(old, d, cmp)
+		if !found || (len(skip) > 0 && skip[len(skip)-1] == j) {
+			return nil, false
+		}
+		skip = append(skip, j)
+	}
+	out := make([]T, 0, len(old)-len(del)+len(add))
+	i, s := 0, 0 // next element of old to copy, next index of skip
+	copyTo := func(end int) {
+		for s < len(skip) && skip[s] < end {
+			out = append(out, old[i:skip[s]]...)
+			i = skip[s] + 1
+			s++
+		}
+		if i < end {
+			out = append(out, old[i:end]...)
+			i = end
+		}
+	}
+	for k, x := range add {
+		if k > 0 && cmp(add[k-1], x) == 0 {
+			return nil, false
+		}
+		p, found := slices.BinarySearchFunc(old, x, cmp)
+		if found && !slices.Contains(skip[s:], p) {
+			return nil, false
+		}
+		copyTo(p)
+		out = append(out, x)
+	}
+	copyTo(len(old))
+	if len(out) == 0 {
+		return nil, true
+	}
+	return out, true
+}
+
+func compareSA(a, b SA) int {
+	if c := a.Dst.Compare(b.Dst); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.SPI, b.SPI)
+}
+
+func comparePeer(a, b PeerStatus) int { return strings.Compare(a.Name, b.Name) }
 
 func (m *Memo) globals(in Inputs) globalInputs {
 	return globalInputs{self: in.Self, mode: string(in.Ring.Mode), cfg: in.Config, felix: in.Felix, keys: in.KeysVersion}
@@ -328,52 +492,35 @@ func (m *Memo) incremental(in Inputs, h Hint) (Change, bool) {
 		return &in.Nodes[i], true
 	}
 	var changed []string
-	if h.Known {
-		for _, name := range h.Nodes {
-			if name == in.Self {
-				return Change{}, false
-			}
-			if !slices.Contains(changed, name) {
-				changed = append(changed, name)
-			}
-		}
-	} else {
-		matched, selfSeen := 0, false
-		for i := range in.Nodes {
-			n := &in.Nodes[i]
-			if i > 0 && in.Nodes[i-1].Name >= n.Name {
-				return Change{}, false // unsorted or listed twice: Compute decides
-			}
-			if n.Name == in.Self {
-				if !nodeEqual(*n, m.self) {
-					return Change{}, false
-				}
-				selfSeen = true
-				continue
-			}
-			old, ok := m.parts[n.Name]
-			if ok {
-				matched++
-			}
-			if !ok || !nodeEqual(*n, old.node) {
-				changed = append(changed, n.Name)
-			}
-		}
-		if !selfSeen {
+	switch {
+	case sameVersion(in.NodesVersion, m.nodesVer):
+		// The same Nodes as the memo's Inputs (the caller's version says so): nothing to
+		// compare, only this node's own Node checked.
+		if !m.selfUnchanged(in, find) {
 			return Change{}, false
 		}
-		if matched < len(m.parts) {
-			for name := range m.parts {
-				if _, ok := find(name); !ok {
-					changed = append(changed, name)
-				}
-			}
+		changed, m.path = noChange, "same"
+	case h.Known && in.NodesVersion != nil && sameVersion(h.Since, m.nodesVer):
+		if changed, m.path = m.hinted(in, h, find), "hint"; changed == nil {
+			changed, m.path = m.scan(in, find), "scan"
 		}
+	default:
+		changed, m.path = m.scan(in, find), "scan"
 	}
+	if changed == nil {
+		return Change{}, false
+	}
+	changed = changed[:len(changed):len(changed)]
 	m.valid = false // until every changed peer is done
 	ch := Change{To: Version{memo: m.id, n: m.n + 1}, Peers: changed}
+	if m.pending == nil {
+		m.pending = map[string]*part{}
+	}
 	for _, name := range changed {
 		n, present := find(name)
+		if _, seen := m.pending[name]; !seen && m.stHave {
+			m.pending[name] = m.parts[name] // as the last built State has it (nil: absent)
+		}
 		if old := m.parts[name]; old != nil {
 			ch.OldSAs = append(ch.OldSAs, old.sas...)
 			ch.OldPolicies = append(ch.OldPolicies, old.policies...)
@@ -390,8 +537,97 @@ func (m *Memo) incremental(in Inputs, h Hint) (Change, bool) {
 		ch.Policies = append(ch.Policies, p.policies...)
 	}
 	m.valid, m.stOK = true, false
+	m.nodesVer = in.NodesVersion
 	m.n++
 	return ch, true
+}
+
+// noChange is the changed list of an Update that changes no peer (nil means "cannot tell").
+var noChange = []string{}
+
+// selfUnchanged reports whether in holds this node's Node as the memo has it.
+func (m *Memo) selfUnchanged(in Inputs, find func(string) (*Node, bool)) bool {
+	n, ok := find(in.Self)
+	return ok && nodeEqual(*n, m.self)
+}
+
+// hinted returns the nodes h names, after the cheap checks of Hint; nil: a check failed
+// (or this node's own Node changed), compare everything.
+func (m *Memo) hinted(in Inputs, h Hint, find func(string) (*Node, bool)) []string {
+	if !m.selfUnchanged(in, find) {
+		return nil
+	}
+	changed := noChange
+	n := len(m.parts) + 1 // the nodes in, if the hint is right
+	for _, name := range h.Nodes {
+		if name == in.Self {
+			return nil
+		}
+		if slices.Contains(changed, name) {
+			continue
+		}
+		node, present := find(name)
+		old, had := m.parts[name]
+		switch {
+		case present && !had:
+			n++
+		case had && !present:
+			n--
+		case had && nodeEqual(*node, old.node):
+			continue // named but unchanged (an event on a field that is not an input)
+		}
+		changed = append(changed, name)
+	}
+	if n != len(in.Nodes) {
+		return nil // a join or leave the hint does not name
+	}
+	return changed
+}
+
+// scan compares every Node with the memo's; nil: take the full path.
+func (m *Memo) scan(in Inputs, find func(string) (*Node, bool)) []string {
+	changed := noChange
+	matched, selfSeen := 0, false
+	for i := range in.Nodes {
+		n := &in.Nodes[i]
+		if i > 0 && in.Nodes[i-1].Name >= n.Name {
+			return nil // unsorted or listed twice: Compute decides
+		}
+		if n.Name == in.Self {
+			if !nodeEqual(*n, m.self) {
+				return nil
+			}
+			selfSeen = true
+			continue
+		}
+		old, ok := m.parts[n.Name]
+		if ok {
+			matched++
+		}
+		if !ok || !nodeEqual(*n, old.node) {
+			changed = append(changed, n.Name)
+		}
+	}
+	if !selfSeen {
+		return nil
+	}
+	if matched < len(m.parts) {
+		for name := range m.parts {
+			if _, ok := find(name); !ok {
+				changed = append(changed, name)
+			}
+		}
+	}
+	return changed
+}
+
+// sameVersion reports whether a and b are the same non-nil, comparable version.
+func sameVersion(a, b any) bool {
+	if a == nil || b == nil {
+		return false
+	}
+	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
+	return va.Type() == vb.Type() && va.Comparable() && vb.Comparable() && va.Equal(vb)
 }
 
 func (m *Memo) remove(name string, p *part) {

@@ -37,6 +37,10 @@ func memoCheck(t *testing.T, m *Memo, prev *State, in Inputs, h Hint, step strin
 		return nil
 	}
 	got := m.State()
+	if !ch.Full {
+		memoPaths[m.path]++
+		memoPaths[m.built]++
+	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("%s: memo state differs from Compute\n--- memo (%d SAs %d policies %d peers %d skipped)\n%s--- compute (%d SAs %d policies %d peers %d skipped)\n%s\nmemo peers %v\ncompute peers %v\nmemo notes %q neighbours %q gens %v\ncompute notes %q neighbours %q gens %v",
 			step, len(got.SAs), len(got.Policies), len(got.Peers), len(got.Skipped), render(got),
@@ -88,8 +92,12 @@ func memoCheck(t *testing.T, m *Memo, prev *State, in Inputs, h Hint, step strin
 	return &want
 }
 
-// memoStats counts full and incremental updates (the random test asserts both happen).
-var memoStats = map[bool]int{}
+// memoStats counts full and incremental updates (the random test asserts both happen);
+// memoPaths the incremental ones by how they found the changed nodes and built the state.
+var (
+	memoStats = map[bool]int{}
+	memoPaths = map[string]int{}
+)
 
 func memoInputs(mode api.Mode, nodes ...Node) Inputs {
 	return Inputs{Self: "a", Nodes: nodes, Ring: ring(mode, active(1), pending(2)), Keys: testKeys, KeysVersion: "test",
@@ -176,24 +184,28 @@ func TestMemoTable(t *testing.T) {
 			}
 			t.Run(fmt.Sprintf("%s/hint=%v", tc.name, hinted), func(t *testing.T) {
 				m := NewMemo()
-				in0 := base
+				in0, in1 := base, tc.in
 				in0.Nodes = sortedNodes(base.Nodes)
-				prev := memoCheck(t, m, nil, in0, Hint{}, "initial")
 				h := Hint{}
 				if hinted {
-					h = Hint{Known: true, Nodes: tc.hint}
+					in0.NodesVersion, in1.NodesVersion = "v1", "v2"
+					h = Hint{Known: true, Nodes: tc.hint, Since: "v1"}
 				}
-				ch, err := m.Update(tc.in, h)
+				prev := memoCheck(t, m, nil, in0, Hint{}, "initial")
+				ch, err := m.Update(in1, h)
 				if err != nil {
 					t.Fatal(err)
 				}
 				if ch.Full == tc.incremental {
 					t.Fatalf("full %v, want incremental %v", ch.Full, tc.incremental)
 				}
+				if want := map[bool]string{false: "scan", true: "hint"}[hinted]; tc.incremental && m.path != want {
+					t.Fatalf("the update compared nodes by %q, want %q", m.path, want)
+				}
 				// Check the same update again against Compute, on a fresh memo at prev.
 				m2 := NewMemo()
 				memoCheck(t, m2, nil, in0, Hint{}, "initial")
-				memoCheck(t, m2, prev, tc.in, h, tc.name)
+				memoCheck(t, m2, prev, in1, h, tc.name)
 			})
 		}
 	}
@@ -206,12 +218,19 @@ func TestMemoTable(t *testing.T) {
 // without a hint naming the nodes the event touched.
 func TestMemoRandomSequences(t *testing.T) {
 	clear(memoStats)
+	clear(memoHints)
+	clear(memoPaths)
 	for seed := range uint64(40) {
 		t.Run(fmt.Sprint(seed), func(t *testing.T) { memoSequence(t, seed, 150) })
 	}
-	t.Logf("updates: %d incremental, %d full", memoStats[false], memoStats[true])
+	t.Logf("updates: %d incremental, %d full; hints %v; incremental paths %v", memoStats[false], memoStats[true], memoHints, memoPaths)
 	if memoStats[false] < 1000 || memoStats[true] < 100 {
 		t.Errorf("updates: %d incremental, %d full: the sequences exercise too little of one path", memoStats[false], memoStats[true])
+	}
+	for _, p := range []string{"same", "hint", "scan", "patched"} {
+		if memoPaths[p] < 50 {
+			t.Errorf("incremental paths %v: too few %q", memoPaths, p)
+		}
 	}
 }
 
@@ -263,9 +282,20 @@ func memoSequence(t *testing.T, seed uint64, steps int) {
 		}
 		return ns[rng.IntN(len(ns))], true
 	}
+	// Versions as the agent's watcher gives them: ver names the Nodes (it changes with
+	// every node event); the memo is at memoVer (nil after a failed Update) and since
+	// then the nodes in since changed.
+	ver, memoVer := 1, any(nil)
+	var since []string
+	memoNames := map[string]bool{}
+	for n := range nodes {
+		memoNames[n] = true
+	}
 	build()
+	in.NodesVersion = ver
 	m := NewMemo()
 	prev := memoCheck(t, m, nil, in, Hint{}, "initial")
+	memoVer = ver
 	for step := range steps {
 		var touched []string
 		known := true
@@ -375,17 +405,127 @@ func memoSequence(t *testing.T, seed uint64, steps int) {
 			known = false
 		}
 		build()
-		h := Hint{}
-		if known && rng.IntN(2) == 0 {
-			h = Hint{Known: true, Nodes: touched}
+		if len(touched) > 0 {
+			ver++
+		}
+		in.NodesVersion = ver
+		since = append(since, touched...)
+		h, kind := Hint{}, "none"
+		switch r := rng.IntN(8); {
+		case !known || r < 2:
+		case r < 6:
+			h, kind = Hint{Known: true, Nodes: slices.Clone(since), Since: memoVer}, "right"
+		default:
+			h, kind = wrongHint(rng, since, memoVer, in.Self, nodes, memoNames)
 		}
 		if rng.IntN(25) == 0 {
 			m.Reset()
 		}
-		if p := memoCheck(t, m, prev, in, h, fmt.Sprintf("seed %d step %d event %d touched %v hint %v", seed, step, ev, touched, h.Known)); p != nil {
-			prev = p
-		} else {
+		step := fmt.Sprintf("seed %d step %d event %d touched %v hint %s", seed, step, ev, touched, kind)
+		if rng.IntN(4) == 0 {
+			// Update only: State is built later, from several Updates' changes.
+			want, werr := Compute(in)
+			if _, err := m.Update(in, h); (err != nil) != (werr != nil) {
+				t.Fatalf("%s: Compute error %v, Update error %v", step, werr, err)
+			}
 			prev = nil
+			if werr == nil {
+				prev = &want
+			}
+		} else {
+			prev = memoCheck(t, m, prev, in, h, step)
 		}
+		memoHints[kind]++
+		memoVer, since = nil, nil
+		if prev != nil {
+			memoVer = ver
+			clear(memoNames)
+			for n := range nodes {
+				memoNames[n] = true
+			}
+		}
+	}
+}
+
+// memoHints counts the hints the random sequences gave, by kind.
+var memoHints = map[string]int{}
+
+// wrongHint is a hint that lies in a way the memo must not be misled by: relative to
+// another version than the memo's, without a version, leaving out one join or one leave,
+// or leaving out this node's own change. (A hint that leaves out a changed peer while its
+// versions agree breaks the Hint contract itself: the caller's versions vouch for it.)
+func wrongHint(rng *rand.Rand, since []string, memoVer any, self string, nodes map[string]Node, memoNames map[string]bool) (Hint, string) {
+	var joinsLeaves []string
+	for _, n := range since {
+		if _, present := nodes[n]; n != self && present != memoNames[n] && !slices.Contains(joinsLeaves, n) {
+			joinsLeaves = append(joinsLeaves, n)
+		}
+	}
+	switch r := rng.IntN(4); {
+	case r == 2 && len(joinsLeaves) > 0:
+		omit := joinsLeaves[rng.IntN(len(joinsLeaves))]
+		return Hint{Known: true, Nodes: slices.DeleteFunc(slices.Clone(since), func(n string) bool { return n == omit }), Since: memoVer}, "omits-join-or-leave"
+	case r == 3 && slices.Contains(since, self):
+		return Hint{Known: true, Nodes: slices.DeleteFunc(slices.Clone(since), func(n string) bool { return n == self }), Since: memoVer}, "omits-self"
+	case r == 1:
+		return Hint{Known: true, Nodes: since}, "unversioned"
+	default: // another base than the memo's (an earlier step's, or another memo's)
+		return Hint{Known: true, Since: -1 - rng.IntN(3)}, "stale"
+	}
+}
+
+// TestMemoStateAfterManyUpdates: after k incremental Updates with no State in between,
+// State equals Compute's, is patched from the last one built when few peers changed and
+// assembled when many did, and never modifies a State it returned before.
+func TestMemoStateAfterManyUpdates(t *testing.T) {
+	const peers = 60
+	nodes := []Node{node("self", "198.18.0.200/24", 1000)}
+	for i := range peers {
+		nodes = append(nodes, withReport(node(fmt.Sprintf("n%02d", i), fmt.Sprintf("198.18.%d.%d/24", i%2, 1+i), uint32(i+1)), api.ModeEnforce, 1, 2))
+	}
+	in := Inputs{Self: "self", Nodes: sortedNodes(nodes), Ring: ring(api.ModeEnforce, active(1), pending(2)), Keys: testKeys, KeysVersion: "test",
+		Pools: []Pool{{Name: "default", CIDR: mustPrefix("10.0.0.0/8"), IPIPMode: IPIPAlways}}, NodesVersion: 0}
+	rng := rand.New(rand.NewPCG(3, 4))
+	for _, k := range []int{1, 3, 15, 40, 2, 60} {
+		t.Run(fmt.Sprint(k), func(t *testing.T) {
+			m := NewMemo()
+			memoCheck(t, m, nil, in, Hint{}, "initial")
+			before := m.State()
+			frozen := render(before)
+			cur := in
+			cur.Nodes = slices.Clone(in.Nodes)
+			for i, p := range rng.Perm(peers)[:k] {
+				n := &cur.Nodes[p] // self sorts last ("self" > "n..")
+				switch i % 3 {
+				case 0:
+					*n = withReport(*n, api.ModeEnforce, 2)
+				case 1:
+					n.Incarnation = fmt.Sprintf("boot-%s-%d", n.Name, k)
+				default:
+					r := *n.Report // shared with in's nodes
+					r.InboundFromSelf = !r.InboundFromSelf
+					n.Report = &r
+				}
+				since := cur.NodesVersion
+				cur.Nodes = slices.Clone(cur.Nodes)
+				cur.NodesVersion = 1 + i
+				if ch, err := m.Update(cur, Hint{Known: true, Nodes: []string{n.Name}, Since: since}); err != nil || ch.Full || m.path != "hint" {
+					t.Fatalf("update %d: full=%v path %s %v", i, ch.Full, m.path, err)
+				}
+			}
+			want, err := Compute(cur)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := m.State(); !reflect.DeepEqual(got, want) {
+				t.Fatalf("after %d updates the memo state differs from Compute:\n%s\n---\n%s", k, render(got), render(want))
+			}
+			if wantBuilt := map[bool]string{true: "patched", false: "assembled"}[k <= peers/8+8]; m.built != wantBuilt {
+				t.Errorf("state %s, want %s", m.built, wantBuilt)
+			}
+			if render(before) != frozen {
+				t.Fatal("a State returned before was modified")
+			}
+		})
 	}
 }

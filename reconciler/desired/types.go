@@ -188,6 +188,10 @@ type Inputs struct {
 	// comparable) KeysVersion must have Keys that give the same answers. nil: a Memo
 	// recomputes everything. Compute ignores it.
 	KeysVersion any
+	// NodesVersion identifies Nodes for a Memo: two Inputs with the same non-nil (and
+	// comparable) NodesVersion must have equal Nodes, and a Hint relates two of them
+	// (Hint.Since). nil: a Memo compares every Node. Compute ignores it.
+	NodesVersion any
 	// Felix is this node's Felix configuration (neighbour modes, reported only).
 	Felix Felix
 	// HoldPlaintext names peers this node must not send plaintext IPIP to in enforce mode

@@ -14,7 +14,10 @@ import (
 // Snapshot is one consistent read of every input cache. It holds the parsed key ring
 // (with root keys): never log or print it whole; Ring redacts itself.
 type Snapshot struct {
-	Nodes    []NodeInfo // sorted by name
+	Nodes []NodeInfo // sorted by name
+	// NodesSeq numbers the Nodes' state in the watcher's node view (Watcher.Hint); 0:
+	// unnumbered (a snapshot not read from a Watcher, or of no event yet).
+	NodesSeq uint64
 	Blocks   []desired.Block
 	Pools    []desired.Pool
 	BGPPeers []desired.BGPPeer
@@ -55,6 +58,17 @@ func (s *Snapshot) Node(name string) *NodeInfo {
 // report only (a peer without one, or whose agent publishes no epoch, gets "" and is
 // skipped: nothing is derived for it until it reports). Per-pair facts are tags of these.
 func Inputs(self string, s Snapshot, cfg desired.Config, epoch string) (desired.Inputs, error) {
+	return inputs(self, s, cfg, epoch, func(conv func(*NodeInfo) desired.Node) []desired.Node {
+		out := make([]desired.Node, 0, len(s.Nodes))
+		for i := range s.Nodes {
+			out = append(out, conv(&s.Nodes[i]))
+		}
+		return out
+	})
+}
+
+// inputs is Inputs with the conversion of the nodes left to nodes.
+func inputs(self string, s Snapshot, cfg desired.Config, epoch string, nodes func(conv func(*NodeInfo) desired.Node) []desired.Node) (desired.Inputs, error) {
 	if s.RingErr != nil {
 		return desired.Inputs{}, s.RingErr
 	}
@@ -74,11 +88,80 @@ func Inputs(self string, s Snapshot, cfg desired.Config, epoch string) (desired.
 		}
 		in.Ring.Generations = append(in.Ring.Generations, desired.Generation{ID: g.Number, State: desired.GenState(g.State)})
 	}
+	in.Nodes = nodes(nodeConverter(self, me, s.Ring, epoch))
+	in.Keys = KeyFunc(s.Ring)
+	in.KeysVersion = s.Ring // parsed once per Secret resourceVersion: a new ring, a new pointer
+	if s.NodesSeq != 0 {
+		in.NodesVersion = NodesVersion{Seq: s.NodesSeq, Ring: s.Ring, Epoch: epoch}
+	}
+	return in, nil
+}
+
+// Inputs is the package's Inputs for a snapshot s of this watcher, built from the last
+// Inputs it built when it can: with the same node self, ring and epoch, and a node log
+// that reaches back to that snapshot, only the nodes the view logged in between are
+// converted again and the others' desired.Nodes are copied from the last Inputs (no
+// conversion, no allocation per node). Otherwise, and for snapshots not numbered by
+// this watcher, every node is converted. The result equals Inputs(self, s, cfg, epoch)
+// (TestWatcherInputsEqualsInputs). The Nodes slice is shared with the next call's work:
+// read it, never modify it.
+func (w *Watcher) Inputs(self string, s Snapshot, cfg desired.Config, epoch string) (desired.Inputs, error) {
+	w.inMu.Lock()
+	defer w.inMu.Unlock()
+	var ver NodesVersion
+	if s.NodesSeq != 0 {
+		ver = NodesVersion{Seq: s.NodesSeq, Ring: s.Ring, Epoch: epoch}
+	}
+	in, err := inputs(self, s, cfg, epoch, func(conv func(*NodeInfo) desired.Node) []desired.Node {
+		last, lastVer := w.inNodes, w.inVer
+		if ver.Seq != 0 && w.inSelf == self && lastVer.Seq != 0 && lastVer.Ring == ver.Ring && lastVer.Epoch == ver.Epoch {
+			if names, ok := w.view.changed(lastVer.Seq, ver.Seq); ok && !slices.Contains(names, self) && len(names) <= len(last)/8+8 {
+				w.inPatched++
+				return patchNodes(last, names, &s, conv)
+			}
+		}
+		out := make([]desired.Node, 0, len(s.Nodes))
+		for i := range s.Nodes {
+			out = append(out, conv(&s.Nodes[i]))
+		}
+		return out
+	})
+	if err != nil {
+		w.inNodes, w.inVer = nil, NodesVersion{}
+		return in, err
+	}
+	w.inNodes, w.inVer, w.inSelf = in.Nodes, ver, self
+	return in, nil
+}
+
+// patchNodes is last (sorted by name) with the named nodes converted again from s
+// (added, replaced, or dropped when s no longer has them), in a new slice.
+func patchNodes(last []desired.Node, names []string, s *Snapshot, conv func(*NodeInfo) desired.Node) []desired.Node {
+	names = slices.Sorted(slices.Values(names))
+	out := make([]desired.Node, 0, len(s.Nodes))
+	i := 0
+	for _, name := range names {
+		p, found := slices.BinarySearchFunc(last, name, func(n desired.Node, name string) int { return strings.Compare(n.Name, name) })
+		out = append(out, last[i:p]...)
+		i = p
+		if found {
+			i++
+		}
+		if n := s.Node(name); n != nil {
+			out = append(out, conv(n))
+		}
+	}
+	return append(out, last[i:]...)
+}
+
+// nodeConverter returns the function that turns one snapshot node into its desired.Node
+// for node self (whose NodeInfo is me) in epoch epoch.
+func nodeConverter(self string, me *NodeInfo, ring *keys.Ring, epoch string) func(*NodeInfo) desired.Node {
 	selfInc := KeyIncarnation(me.Incarnation, me.UID, epoch)
 	selfTag := IncarnationTag(selfInc)
-	for i := range s.Nodes {
-		n := &s.Nodes[i]
-		dn := desired.Node{Name: n.Name, IPv4Address: n.IPv4Address, NodeID: s.Ring.NodeID(n.Name)}
+	ids := nodeIDs(ring)
+	return func(n *NodeInfo) desired.Node {
+		dn := desired.Node{Name: n.Name, IPv4Address: n.IPv4Address, NodeID: ids[n.Name]}
 		if n.Name == self {
 			dn.Incarnation = selfInc
 		} else {
@@ -95,11 +178,34 @@ func Inputs(self string, s Snapshot, cfg desired.Config, epoch string) (desired.
 				EncryptsToSelf:  selfTag != "" && r.EncryptingTo[self] == selfTag,
 			}
 		}
-		in.Nodes = append(in.Nodes, dn)
+		return dn
 	}
-	in.Keys = KeyFunc(s.Ring)
-	in.KeysVersion = s.Ring // parsed once per Secret resourceVersion: a new ring, a new pointer
-	return in, nil
+}
+
+// nodeIDs is r.NodeID for every node, as a map (Ring.NodeID walks the ring's list: once
+// per node, O(N²) at 5,000 nodes). The map of the last ring is kept: a watcher parses a
+// ring once per Secret resourceVersion and never modifies it.
+func nodeIDs(r *keys.Ring) map[string]uint32 {
+	idCache.Lock()
+	defer idCache.Unlock()
+	if idCache.ring == r && idCache.n == len(r.Nodes) {
+		return idCache.ids
+	}
+	ids := make(map[string]uint32, len(r.Nodes))
+	for _, n := range r.Nodes {
+		if _, ok := ids[n.Name]; !ok && !n.Released {
+			ids[n.Name] = n.ID // the first unreleased entry, as Ring.NodeID
+		}
+	}
+	idCache.ring, idCache.n, idCache.ids = r, len(r.Nodes), ids
+	return ids
+}
+
+var idCache struct {
+	sync.Mutex
+	ring *keys.Ring
+	n    int
+	ids  map[string]uint32
 }
 
 // KeyFunc adapts the ring's per-pair derivation (keys.Deriver) to desired.KeyFunc. One

@@ -170,3 +170,19 @@ func TestReportRoundTripAndTolerance(t *testing.T) {
 		t.Error("incarnation tags")
 	}
 }
+
+// TestNodeIDsAsRing: the map Inputs uses gives Ring.NodeID's answer for every name
+// (released entries skipped, the first live one wins), and follows a new ring.
+func TestNodeIDsAsRing(t *testing.T) {
+	r := testRing(t, api.ModeEnforce, 8, "a", "b", "c")
+	r.Nodes[1].Released = true
+	r.Nodes = append(r.Nodes, keys.NodeID{Name: "b", ID: 7}, keys.NodeID{Name: "c", ID: 9})
+	for _, ring := range []*keys.Ring{r, testRing(t, api.ModeEnforce, 8, "c", "d")} {
+		ids := nodeIDs(ring)
+		for _, name := range []string{"a", "b", "c", "d", "e"} {
+			if ids[name] != ring.NodeID(name) {
+				t.Errorf("node %s: id %d, Ring.NodeID %d", name, ids[name], ring.NodeID(name))
+			}
+		}
+	}
+}

@@ -107,6 +107,19 @@ type Watcher struct {
 
 	onChange atomic.Pointer[func(string)]
 
+	// view is the Nodes and NodeReports as their handlers delivered them (Snapshot's
+	// nodes), nodesReg the Node handler's registration (synced once it has seen the list).
+	view     *nodeView
+	nodesReg cache.ResourceEventHandlerRegistration
+
+	// The last Inputs' nodes, what they were built from, and for which node (Inputs).
+	inMu    sync.Mutex
+	inNodes []desired.Node
+	inVer   NodesVersion
+	inSelf  string
+	// inPatched counts the Inputs built by patching (tests).
+	inPatched int
+
 	ringMu  sync.Mutex
 	ringRV  string
 	ring    *keys.Ring
@@ -133,7 +146,7 @@ func New(cfg Config) *Watcher {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	w := &Watcher{cfg: cfg, recheck: make(chan struct{}, 1)}
+	w := &Watcher{cfg: cfg, recheck: make(chan struct{}, 1), view: newNodeView()}
 	if cfg.OnChange != nil {
 		w.SetOnChange(cfg.OnChange)
 	}
@@ -147,11 +160,19 @@ func New(cfg Config) *Watcher {
 		cfg.Logger.Error("node cache transform not set: Nodes are cached whole", "error", err)
 	}
 	w.secrets = sf.Core().V1().Secrets().Informer()
-	_, _ = w.nodes.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		AddFunc: func(any) { w.notify("node") },
+	w.nodesReg, _ = w.nodes.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(obj any) {
+			if n, ok := cachedInfo(obj, cfg.Self); ok {
+				w.view.setNode(n, cfg.Self)
+			}
+			w.notify("node")
+		},
 		UpdateFunc: func(o, n any) {
 			a, ok1 := cachedInfo(o, cfg.Self)
 			b, ok2 := cachedInfo(n, cfg.Self)
+			if ok2 {
+				w.view.setNode(b, cfg.Self)
+			}
 			if !ok1 || !ok2 || relevantChange(a, b, cfg.Self) {
 				w.notify("node")
 			}
@@ -162,6 +183,7 @@ func New(cfg Config) *Watcher {
 			}
 			if n, ok := cachedInfo(obj, cfg.Self); ok {
 				w.reports.Forget(n.Name)
+				w.view.deleteNode(n.Name)
 			}
 			w.notify("node")
 		},
@@ -178,6 +200,7 @@ func New(cfg Config) *Watcher {
 			return err == nil && ok
 		},
 		OnChange: func(node string, before, after *nodereport.Entry[reportEntry]) {
+			w.view.setReport(node, after, cfg.Self)
 			// A report appearing or going (a peer's agent of 0.1 replaced, an object
 			// deleted) changes whose reports are read from where; an update matters when
 			// it changes what self reads of it. Self's own report is the agent's output.
@@ -415,7 +438,7 @@ func (s *calicoSet) synced() bool { return s != nil && s.hasSynced() }
 
 // HasSynced reports whether every informer has synced.
 func (w *Watcher) HasSynced() bool {
-	if !w.nodes.HasSynced() || !w.secrets.HasSynced() || !w.reports.HasSynced() {
+	if !w.nodes.HasSynced() || !w.nodesReg.HasSynced() || !w.secrets.HasSynced() || !w.reports.HasSynced() {
 		return false
 	}
 	w.mu.Lock()
@@ -462,18 +485,12 @@ func (w *Watcher) withReport(ni NodeInfo) NodeInfo {
 	return withObject(ni, e.Value, ok)
 }
 
-// Snapshot reads every cache. Call it only after HasSynced. The nodes' Reports are shared
-// with the cache (parsed once per Node change): read them, never modify them.
+// Snapshot reads every cache. Call it only after HasSynced. The nodes come from the node
+// view (nodeView), numbered by NodesSeq; the Nodes slice and the nodes' Reports are shared
+// with the view and with other snapshots: read them, never modify them.
 func (w *Watcher) Snapshot() Snapshot {
 	var s Snapshot
-	objs := w.nodes.GetStore().List()
-	s.Nodes = make([]NodeInfo, 0, len(objs))
-	for _, obj := range objs {
-		if ni, ok := cachedInfo(obj, w.cfg.Self); ok {
-			s.Nodes = append(s.Nodes, w.withReport(ni))
-		}
-	}
-	slices.SortFunc(s.Nodes, func(a, b NodeInfo) int { return strings.Compare(a.Name, b.Name) })
+	s.Nodes, s.NodesSeq = w.view.snapshot()
 	s.Ring, s.RingErr = w.currentRing()
 
 	w.mu.Lock()

@@ -183,10 +183,15 @@ func TestBenchJoin(t *testing.T) {
 	bench.Gate(t, true)
 	for _, n := range []int{100, 1000, 5000} {
 		before := cluster.Inputs(cluster.Options{Nodes: n, Mode: api.ModeEnforce})
+		before.NodesVersion = -1 // round r's join is version r (as the agent's watcher numbers them)
 		after := func(r int) desired.Inputs {
-			return cluster.Join(before, r) // the joiner sorts last
+			in := cluster.Join(before, r) // the joiner sorts last
+			in.NodesVersion = r
+			return in
 		}
 		joiner := []string{cluster.Name(n)}
+		joined := desired.Hint{Known: true, Nodes: joiner, Since: -1}
+		left := func(r int) desired.Hint { return desired.Hint{Known: true, Nodes: joiner, Since: r} }
 		// The whole-state path (what the agent did for every event before the memo).
 		t0 := time.Now()
 		full := compute(t, after(0))
@@ -223,12 +228,12 @@ func TestBenchJoin(t *testing.T) {
 		for r := range joinRounds {
 			in := after(r)
 			t0 := time.Now()
-			join, err := m.Update(in, desired.Hint{Known: true, Nodes: joiner})
+			join, err := m.Update(in, joined)
 			comp = append(comp, time.Since(t0))
 			if err != nil || join.Full {
 				t.Fatalf("join round %d: full=%v %v", r, join.Full, err)
 			}
-			leave, err := m.Update(before, desired.Hint{Known: true, Nodes: joiner})
+			leave, err := m.Update(before, left(r))
 			if err != nil || leave.Full {
 				t.Fatalf("leave round %d: full=%v %v", r, leave.Full, err)
 			}
@@ -243,13 +248,13 @@ func TestBenchJoin(t *testing.T) {
 			}
 		}
 		for r := range 5 { // the whole State after a join, O(N log N): a few readings
-			if _, err := m.Update(after(joinRounds+r), desired.Hint{Known: true, Nodes: joiner}); err != nil {
+			if _, err := m.Update(after(joinRounds+r), joined); err != nil {
 				t.Fatal(err)
 			}
 			t0 := time.Now()
 			_ = m.State()
 			state = append(state, time.Since(t0))
-			if _, err := m.Update(before, desired.Hint{Known: true, Nodes: joiner}); err != nil {
+			if _, err := m.Update(before, left(joinRounds+r)); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -181,6 +181,7 @@ func main() {
 	if want("xfrm") {
 		parse(run(nil, "test", "-run", "^$", "-bench", "^BenchmarkApplyJoin$", "-benchmem", "-count", strconv.Itoa(*count), "./reconciler/xfrm"))
 		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBench(ProgramPolicies|Join)$", "-v", "./reconciler/xfrm"))
+		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBenchEventPath$", "-v", "./reconciler/watch"))
 	}
 	if want("keys") {
 		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBenchDeriveV2Start$", "-v", "./keys"))
@@ -247,7 +248,7 @@ func main() {
 
 	w("\n## 3. Incremental change: one node joins (enforce, 2 generations)\n\n")
 	w("As the agent's event-driven sync absorbs it: `desired.Memo.Update` recomputes the joining peer only, `xfrm.Applier.ApplyChange` writes its objects only (median of the join rounds of `TestBenchJoin`, fresh key incarnation per round). For comparison, the whole-state path every sync took before the memo: a full `desired.Compute` and an `Apply` that walks everything.\n\n")
-	w("| cluster | writes (fake: SAs + policies) | real-kernel policy writes | real-kernel writes (policies + SAs in the fake) | Apply of the join, real kernel | Apply of the join, fake | Compute of the join (joiner named) | Compute, comparing every Node | whole State assembled | before: full Compute | before: Apply walking everything (fake) | initial programming (writes, time) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	w("| cluster | writes (fake: SAs + policies) | real-kernel policy writes | real-kernel writes (policies + SAs in the fake) | Apply of the join, real kernel | Apply of the join, fake | Compute of the join (joiner named) | Compute, comparing every Node | whole State (patched from the last) | before: full Compute | before: Apply walking everything (fake) | initial programming (writes, time) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, n := range []int{100, 1000, 5000} {
 		p := fmt.Sprintf("join.%d.", n)
 		w("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s in %s |\n", n, get(p+"fake_writes"), get(p+"kernel_policy_writes"), get(p+"kernel_writes"),
@@ -269,6 +270,18 @@ func main() {
 			}
 			a, _ := med(name, "allocs/op")
 			w("| %s | %d | %s µs | %s | %s× |\n", map[string]string{"named": "joiner named (Hint)", "scan": "every Node compared"}[hint], n, num(t/1e3), num(a), num(t/ct))
+		}
+	}
+	w("\n`watch.TestBenchEventPath`: the agent's per-event path from the watcher's caches to the desired state for one node joining (node view snapshot, `Watcher.Inputs`, the watcher's `Hint`, `Memo.Update`, `Memo.State`; every peer ready, one generation, real key derivation), against what the agent did before the watcher's hints (`watch.Inputs` of every node, every Node compared). Medians of the rounds.\n\n| path | cluster | snapshot | inputs | update | state | total | ratio 5,000/1,000 |\n|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, kind := range []string{"hint", "scan"} {
+		for _, n := range []int{1000, 5000} {
+			p := fmt.Sprintf("eventpath.%d.", n)
+			r := ""
+			if n == 5000 {
+				r = get("eventpath.ratio_5000_1000." + kind)
+			}
+			w("| %s | %d | %s | %s | %s | %s | %s | %s |\n", map[string]string{"hint": "watcher's hint", "scan": "before: every node converted and compared"}[kind], n,
+				get(p+"snapshot"), get(p+kind+".inputs"), get(p+kind+".update"), get(p+kind+".state"), get(p+kind+".total"), r)
 		}
 	}
 	w("\n`BenchmarkApplyJoin` (fake kernel, median of %d runs): the ApplyChange of a join, repeated (join timed, leave untimed).\n\n| cluster | time/op | allocs/op | bytes/op | time ratio vs 1,000 | allocs ratio vs 1,000 |\n|---:|---:|---:|---:|---:|---:|\n", *count)
@@ -381,7 +394,8 @@ func main() {
 	w("\n## 9. Pair-key derivation at an agent's start (5,000-node cluster: 4,999 peers × 2 generations, per peer and generation 4 SAs; medians of 5 alternating rounds)\n\n")
 	w("| derivation | time | ratio |\n|---|---:|---:|\n")
 	w("| v1: HKDF from the generation's shared root (docs/keys.md §3) | %s | 1× |\n", get("keys.start_v1"))
-	w("| v2: per pair one X25519 and one salted extract, then HKDF (docs/keys.md §10) | %s (issue 17's bound: 1 s) | %s |\n", get("keys.start_v2"), get("keys.start_ratio_v2_v1"))
+	w("| v2: per pair one X25519 and one salted extract, then HKDF (docs/keys.md §10), one worker | %s | %s |\n", get("keys.start_v2"), get("keys.start_ratio_v2_v1"))
+	w("| v2 parallel: `keys.DerivePeersV2` with GOMAXPROCS (%s) workers | %s (issue 17's bound: 1 s) | serial/parallel %s |\n", get("keys.start_v2_workers"), get("keys.start_v2_parallel"), get("keys.start_ratio_serial_parallel"))
 
 	if err := os.WriteFile(*out, []byte(b.String()), 0o644); err != nil {
 		log.Fatal(err)

@@ -46,6 +46,9 @@ type Memo struct {
 	byIP     map[netip.Addr]string     // addresses of peers that passed the node checks (kept only with BGP peers)
 	saIDs    map[saIdentity]string     // SA identity → peer
 	polIDs   map[policyIdentity]string // policy identity → peer
+	// unknown counts, per generation, the parts whose status lists it in KeysUnknown: a
+	// pending generation with any is not claimed (Compute's State.Generations).
+	unknown map[uint32]int
 
 	// nodesVer is the NodesVersion of the Inputs the memo holds (nil: unversioned).
 	nodesVer any
@@ -212,7 +215,7 @@ func (m *Memo) State() State {
 
 // assembled is the State of every part, sorted: O(N log N).
 func (m *Memo) assembled() State {
-	st := State{Mode: m.base.Mode, Generations: slices.Clone(m.base.Generations),
+	st := State{Mode: m.base.Mode, Generations: m.generations(),
 		Neighbours: slices.Clone(m.base.Neighbours), NotCovered: slices.Clone(m.base.NotCovered),
 		Skipped: slices.Clone(m.base.Skipped)}
 	for _, p := range m.parts {
@@ -227,6 +230,33 @@ func (m *Memo) assembled() State {
 	// finish cannot fail here: every identity was checked unique when its part was added.
 	st, _ = finish(st)
 	return st
+}
+
+// generations is base's generations without the pending ones a peer lacks for want of
+// its public key (as Compute leaves them out).
+func (m *Memo) generations() []uint32 {
+	out := slices.Clone(m.base.Generations)
+	return slices.DeleteFunc(out, func(g uint32) bool {
+		if m.unknown[g] == 0 {
+			return false
+		}
+		i := slices.IndexFunc(m.ring, func(x Generation) bool { return x.ID == g })
+		return i >= 0 && m.ring[i].State == GenPending
+	})
+}
+
+// countUnknown adds d to the counts of p's status's KeysUnknown.
+func (m *Memo) countUnknown(p *part, d int) {
+	if m.unknown == nil {
+		m.unknown = map[uint32]int{}
+	}
+	for _, s := range p.status {
+		for _, g := range s.KeysUnknown {
+			if m.unknown[g] += d; m.unknown[g] == 0 {
+				delete(m.unknown, g)
+			}
+		}
+	}
 }
 
 // bgpNotes are the notes of the BGP peers that are not node addresses.
@@ -265,6 +295,7 @@ func (m *Memo) patched() (State, bool) {
 	}
 	old := m.st
 	st := old
+	st.Generations = m.generations()
 	var ok [4]bool
 	st.SAs, ok[0] = patchSorted(old.SAs, del.sas, add.sas, compareSA)
 	st.Policies, ok[1] = patchSorted(old.Policies, del.policies, add.policies, comparePolicy)
@@ -450,9 +481,13 @@ func (m *Memo) rebuild(in Inputs, st State) {
 		p := get(r.Peer)
 		p.rules = append(p.rules, r)
 	}
+	m.unknown = map[uint32]int{}
 	for _, s := range st.Peers {
 		p := get(s.Name)
 		p.status = append(p.status, s)
+		for _, g := range s.KeysUnknown {
+			m.unknown[g]++
+		}
 	}
 	for _, s := range st.Skipped {
 		name, ok := strings.CutPrefix(s.Object, "node/")
@@ -645,6 +680,7 @@ func (m *Memo) remove(name string, p *part) {
 	for _, x := range p.policies {
 		delete(m.polIDs, policyIdentityOf(x))
 	}
+	m.countUnknown(p, -1)
 	delete(m.parts, name)
 }
 
@@ -686,11 +722,13 @@ func (m *Memo) add(in Inputs, n *Node) (*part, bool) {
 	}
 	p.node = cloneNode(*n)
 	m.parts[n.Name] = p
+	m.countUnknown(p, 1)
 	return p, true
 }
 
 func nodeEqual(a, b Node) bool {
-	if a.Name != b.Name || a.IPv4Address != b.IPv4Address || a.Incarnation != b.Incarnation || a.NodeID != b.NodeID {
+	if a.Name != b.Name || a.IPv4Address != b.IPv4Address || a.Incarnation != b.Incarnation || a.NodeID != b.NodeID ||
+		a.Published != b.Published {
 		return false
 	}
 	if a.Report == nil || b.Report == nil {

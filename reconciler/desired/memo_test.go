@@ -245,14 +245,39 @@ func memoSequence(t *testing.T, seed uint64, steps int) {
 		if rng.IntN(5) > 0 {
 			n = withReport(n, modes[rng.IntN(len(modes))], []uint32{1, 2, 3}[:1+rng.IntN(3)]...)
 		}
+		if rng.IntN(3) > 0 {
+			n.Published = "keys-of-" + n.Name
+		}
 		return n
 	}
 	self := node("self", "198.18.0.200/24", 1000)
+	// Generations 2 and 3 are protocol v2: a pair's keys need the peer's published keys
+	// (by its incarnation, as the agent's KeyFunc looks them up), else ErrPeerKeyUnknown;
+	// they differ with what the peer publishes.
+	pubByInc := map[string]string{}
+	v2 := func(base KeyFunc) KeyFunc {
+		return func(gen uint32, kind Kind, src, dst Endpoint) (uint32, Key, error) {
+			spi, k, err := base(gen, kind, src, dst)
+			if gen < 2 || err != nil {
+				return spi, k, err
+			}
+			peer := src
+			if src.Incarnation == self.Incarnation {
+				peer = dst
+			}
+			pub := pubByInc[peer.Incarnation]
+			if pub == "" {
+				return 0, Key{}, fmt.Errorf("no key: %w", ErrPeerKeyUnknown)
+			}
+			h := sha256.Sum256(append(k.Bytes(), pub...))
+			return spi, NewKey(h[:20]), nil
+		}
+	}
 	for i := range 6 {
 		n := mk(fmt.Sprintf("n%02d", i))
 		nodes[n.Name] = n
 	}
-	in := Inputs{Self: "self", Ring: ring(api.ModeEnforce, active(1), pending(2)), Keys: testKeys, KeysVersion: "test",
+	in := Inputs{Self: "self", Ring: ring(api.ModeEnforce, active(1), pending(2)), Keys: v2(testKeys), KeysVersion: "test",
 		Pools: []Pool{{Name: "default", CIDR: mustPrefix("10.0.0.0/8"), IPIPMode: IPIPAlways}}}
 	build := func() {
 		in.Nodes = []Node{self}
@@ -260,6 +285,10 @@ func memoSequence(t *testing.T, seed uint64, steps int) {
 			in.Nodes = append(in.Nodes, n)
 		}
 		in.Nodes = sortedNodes(in.Nodes)
+		clear(pubByInc)
+		for _, n := range in.Nodes {
+			pubByInc[n.Incarnation] = n.Published
+		}
 		in.Blocks = nil
 		for _, n := range in.Nodes {
 			if n.NodeID%3 != 0 {
@@ -299,7 +328,7 @@ func memoSequence(t *testing.T, seed uint64, steps int) {
 	for step := range steps {
 		var touched []string
 		known := true
-		ev := rng.IntN(20)
+		ev := rng.IntN(21)
 		switch ev {
 		case 0, 1, 2: // join
 			n := mk(fmt.Sprintf("n%02d", rng.IntN(40)))
@@ -372,9 +401,9 @@ func memoSequence(t *testing.T, seed uint64, steps int) {
 			known = false
 		case 14: // keys
 			if in.KeysVersion == "test" {
-				in.Keys, in.KeysVersion = otherKeys, "other"
+				in.Keys, in.KeysVersion = v2(otherKeys), "other"
 			} else {
-				in.Keys, in.KeysVersion = testKeys, "test"
+				in.Keys, in.KeysVersion = v2(testKeys), "test"
 			}
 			known = false
 		case 15: // pool mode
@@ -403,6 +432,13 @@ func memoSequence(t *testing.T, seed uint64, steps int) {
 		case 19: // Felix
 			in.Felix.BPF = !in.Felix.BPF
 			known = false
+		case 20: // published keys (protocol v2): new, changed or gone
+			if name, ok := pick(); ok {
+				n := nodes[name]
+				n.Published = []string{"", fmt.Sprintf("keys-of-%s-%d", name, step)}[rng.IntN(2)]
+				nodes[name] = n
+				touched = append(touched, name)
+			}
 		}
 		build()
 		if len(touched) > 0 {

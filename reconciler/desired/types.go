@@ -101,6 +101,10 @@ type Node struct {
 	Incarnation string
 	// NodeID is the master-assigned small ID (0: none assigned yet).
 	NodeID uint32
+	// Published identifies the public keys the node publishes for its current
+	// incarnation (protocol v2; "" for none). Compute does not read it: the KeyFunc holds
+	// the keys. It makes a peer whose published keys changed a changed input (Memo).
+	Published string
 	// Report is nil when the peer has published nothing usable.
 	Report *Report
 }

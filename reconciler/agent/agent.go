@@ -451,6 +451,7 @@ func (a *Agent) sync() (err error) {
 	if err := a.publishKeys(&snap); err != nil {
 		return a.fail(err)
 	}
+	snap.Private = a.led.PrivateKey // protocol v2 generations: this node's key pairs
 	var (
 		in   desired.Inputs
 		ch   desired.Change
@@ -511,6 +512,9 @@ func (a *Agent) sync() (err error) {
 			// Change every key instead (Apply wrote nothing) and apply the new state at
 			// once.
 			if err := a.newEpoch("lost", xerr); err != nil {
+				return a.fail(err)
+			}
+			if err := a.publishKeys(&snap); err != nil { // the new epoch's key pairs
 				return a.fail(err)
 			}
 			a.lastState = nil // its SAs are of the old epoch: nothing to freeze

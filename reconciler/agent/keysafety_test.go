@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
@@ -44,7 +46,11 @@ import (
 // simSource serves snapshots straight from the fake API (no informers: every step sees
 // the world as it is, deterministically). It has a CrossSubnet pool so that both SA kinds
 // are exercised.
-type simSource struct{ cs *fake.Clientset }
+type simSource struct {
+	cs *fake.Clientset
+	// keys are the peers' published protocol v2 keys (their NodeKeys), by node.
+	keys map[string]*nodekeys.Keys
+}
 
 func (s *simSource) SetOnChange(func(string)) {}
 func (s *simSource) Run(ctx context.Context)  { <-ctx.Done() }
@@ -65,7 +71,9 @@ func (s *simSource) Snapshot() watch.Snapshot {
 	var snap watch.Snapshot
 	nl, _ := s.cs.CoreV1().Nodes().List(context.Background(), metav1.ListOptions{})
 	for i := range nl.Items {
-		snap.Nodes = append(snap.Nodes, watch.ParseNode(&nl.Items[i]))
+		ni := watch.ParseNode(&nl.Items[i])
+		ni.Keys = s.keys[ni.Name]
+		snap.Nodes = append(snap.Nodes, ni)
 	}
 	sortNodes(snap.Nodes)
 	sec, err := s.cs.CoreV1().Secrets(api.Namespace).Get(context.Background(), api.SecretName, metav1.GetOptions{})
@@ -128,6 +136,7 @@ type sim struct {
 	log      []string
 	counts   map[string]int
 	clock    time.Time
+	v2       map[uint32]bool // the protocol v2 generations the master made
 }
 
 // now is the simulation's clock: one second per step (runs are reproducible).
@@ -136,7 +145,7 @@ func (s *sim) now() time.Time { return s.clock }
 func newSim(t *testing.T, seed uint64) *sim {
 	s := &sim{t: t, rng: rand.New(rand.NewPCG(seed, seed^0x5eed)), xk: xfrm.NewFake(), rk: rules.NewFake(),
 		dir: t.TempDir(), peers: map[string]*peerSim{"b": {epoch: "eb0"}, "c": {epoch: "ec0"}},
-		uids: map[string]int{}, killIn: -1, counts: map[string]int{}, clock: simT0}
+		uids: map[string]int{}, killIn: -1, counts: map[string]int{}, clock: simT0, v2: map[uint32]bool{}}
 	s.ring = keys.NewRing()
 	s.ring.Nodes = []keys.NodeID{{Name: "a", ID: 1}, {Name: "b", ID: 2}, {Name: "c", ID: 3}}
 	var objs []runtime.Object
@@ -150,7 +159,7 @@ func newSim(t *testing.T, seed uint64) *sim {
 		}
 		return false, nil, nil
 	})
-	s.src = &simSource{cs: s.cs}
+	s.src = &simSource{cs: s.cs, keys: map[string]*nodekeys.Keys{}}
 	s.xk.Fail = func(op, id string) error { return s.op("xfrm " + op) }
 	s.writeRing()
 	s.start()
@@ -256,6 +265,33 @@ func (s *sim) publishPeer(name string) {
 	}
 	n.Annotations[api.ReportAnnotation] = raw
 	s.update(n)
+	// Its NodeKeys: a key pair per published generation, drawn per incarnation (a real
+	// agent's are random; these come from the run's seed).
+	nk := &nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: rep.Incarnation, UID: rep.UID, Epoch: rep.Epoch}}
+	for _, g := range keys.PublishedGenerations(s.ring) {
+		k, err := keys.GeneratePrivateKey(rngReader{s.rng})
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		if old := s.src.keys[name]; old != nil && old.Incarnation == nk.Incarnation {
+			if pub, ok := old.Key(g); ok { // published keys never change within an incarnation
+				nk.Keys = append(nk.Keys, nodekeys.Key{Generation: g, X25519: pub})
+				continue
+			}
+		}
+		nk.Keys = append(nk.Keys, nodekeys.Key{Generation: g, X25519: k.Public()})
+	}
+	s.src.keys[name] = nk
+}
+
+// rngReader reads from a seeded generator (reproducible test key pairs).
+type rngReader struct{ r *rand.Rand }
+
+func (r rngReader) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = byte(r.r.Uint32())
+	}
+	return len(p), nil
 }
 
 // writeRing stores the master's ring in the Secret (created if missing).
@@ -291,6 +327,12 @@ func (s *sim) newGeneration(state keys.State) keys.Generation {
 		root[i] = byte(s.rng.Uint32())
 	}
 	g := keys.Generation{Number: s.ring.LastGeneration, State: state, Cipher: keys.AES128GCM, ICVBytes: 8, Root: root, Created: simT0}
+	if s.rng.IntN(2) == 0 {
+		// A protocol v2 generation (the master makes one once every node publishes its
+		// key for it; here at random, so peers lagging with their keys are exercised).
+		g.Root, g.Salt = nil, root
+		s.v2[g.Number] = true
+	}
 	if state != keys.StatePending {
 		g.Activated = simT0
 	}
@@ -405,6 +447,9 @@ func (s *sim) step() string {
 		}
 		if err != nil {
 			return "sync failed"
+		}
+		if st := s.a.lastState; st != nil && slices.ContainsFunc(st.SAs, func(sa desired.SA) bool { return s.v2[sa.Generation] }) {
+			s.counts["v2-sync"]++
 		}
 		return "sync"
 	case x < 45: // a peer agent publishes
@@ -561,7 +606,7 @@ func TestKeySafetyRandomSequences(t *testing.T) {
 			c := keySafetyRun(t, seed, steps)
 			t.Logf("seed %d: %d steps, %v", seed, steps, c)
 			// The run must have exercised the dangerous paths, or it proves nothing.
-			for _, k := range []string{"sync,", "cleanup", "ip", "Secret", "peer", "node", "rotate", "activate"} {
+			for _, k := range []string{"sync,", "cleanup", "ip", "Secret", "peer", "node", "rotate", "activate", "v2-sync"} {
 				if c[k] == 0 {
 					t.Errorf("seed %d never exercised %q", seed, k)
 				}

@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
@@ -33,6 +34,9 @@ type Snapshot struct {
 	Felix map[string]FelixConfig
 	// Skipped lists objects that did not parse (they contribute nothing).
 	Skipped []desired.Skip
+	// Private returns this node's X25519 private key of a generation (protocol v2). The
+	// agent sets it (its ledger holds the keys) before Inputs; nil: v1 derivation only.
+	Private func(gen uint32) (*keys.PrivateKey, bool)
 }
 
 // ErrNoSecret is wrapped when the key Secret does not exist (yet). The agent then keeps
@@ -89,7 +93,7 @@ func inputs(self string, s Snapshot, cfg desired.Config, epoch string, nodes fun
 		in.Ring.Generations = append(in.Ring.Generations, desired.Generation{ID: g.Number, State: desired.GenState(g.State)})
 	}
 	in.Nodes = nodes(nodeConverter(self, me, s.Ring, epoch))
-	in.Keys = KeyFunc(s.Ring)
+	in.Keys = KeyFuncWith(s.Ring, v2Keys(&s, KeyIncarnation(me.Incarnation, me.UID, epoch)))
 	in.KeysVersion = s.Ring // parsed once per Secret resourceVersion: a new ring, a new pointer
 	if s.NodesSeq != 0 {
 		in.NodesVersion = NodesVersion{Seq: s.NodesSeq, Ring: s.Ring, Epoch: epoch}
@@ -166,6 +170,7 @@ func nodeConverter(self string, me *NodeInfo, ring *keys.Ring, epoch string) fun
 			dn.Incarnation = selfInc
 		} else {
 			dn.Incarnation = n.KeyIncarnation()
+			dn.Published = publishedID(n, dn.Incarnation)
 		}
 		if r := n.Report; r != nil && n.Name != self {
 			dn.Report = &desired.Report{
@@ -180,6 +185,37 @@ func nodeConverter(self string, me *NodeInfo, ring *keys.Ring, epoch string) fun
 		}
 		return dn
 	}
+}
+
+// v2Keys is what KeyFuncWith needs of snapshot s for a node of key incarnation self: its
+// private keys (Snapshot.Private) and its peers' published keys, looked up by ring node ID
+// (nil without private keys: a snapshot not made by an agent derives v1 only).
+func v2Keys(s *Snapshot, self string) *V2Keys {
+	if s.Private == nil {
+		return nil
+	}
+	names := nodeNames(s.Ring)
+	return &V2Keys{Self: self, Private: s.Private, Peer: func(id uint32) (nodekeys.Keys, bool) {
+		n := s.Node(names[id])
+		if n == nil || n.Keys == nil {
+			return nodekeys.Keys{}, false
+		}
+		return *n.Keys, true
+	}}
+}
+
+// publishedID identifies the keys node n publishes for its key incarnation inc
+// (desired.Node.Published; "" for none or another incarnation's).
+func publishedID(n *NodeInfo, inc string) string {
+	k := n.Keys
+	if k == nil || inc == "" || KeyIncarnation(k.Incarnation.BootID, k.Incarnation.UID, k.Incarnation.Epoch) != inc {
+		return ""
+	}
+	var b strings.Builder
+	for _, e := range k.Keys {
+		fmt.Fprintf(&b, "%d:%s ", e.Generation, e.X25519)
+	}
+	return b.String()
 }
 
 // nodeIDs is r.NodeID for every node, as a map (Ring.NodeID walks the ring's list: once
@@ -197,15 +233,28 @@ func nodeIDs(r *keys.Ring) map[string]uint32 {
 			ids[n.Name] = n.ID // the first unreleased entry, as Ring.NodeID
 		}
 	}
-	idCache.ring, idCache.n, idCache.ids = r, len(r.Nodes), ids
+	names := make(map[uint32]string, len(ids))
+	for name, id := range ids {
+		names[id] = name
+	}
+	idCache.ring, idCache.n, idCache.ids, idCache.names = r, len(r.Nodes), ids, names
 	return ids
+}
+
+// nodeNames is the inverse of nodeIDs.
+func nodeNames(r *keys.Ring) map[uint32]string {
+	nodeIDs(r)
+	idCache.Lock()
+	defer idCache.Unlock()
+	return idCache.names
 }
 
 var idCache struct {
 	sync.Mutex
-	ring *keys.Ring
-	n    int
-	ids  map[string]uint32
+	ring  *keys.Ring
+	n     int
+	ids   map[string]uint32
+	names map[uint32]string
 }
 
 // KeyFunc adapts the ring's per-pair derivation (keys.Deriver) to desired.KeyFunc. One

@@ -19,8 +19,8 @@ type V2Keys struct {
 	Self string
 	// Private returns this node's private key for a generation (the ledger's).
 	Private func(gen uint32) (*keys.PrivateKey, bool)
-	// Peers holds the peers' published keys by ring node ID.
-	Peers map[uint32]nodekeys.Keys
+	// Peer returns the published keys of the peer with a ring node ID (false: none).
+	Peer func(nodeID uint32) (nodekeys.Keys, bool)
 }
 
 // KeyFuncWith is KeyFunc for a ring that may hold protocol v2 generations: v1 generations
@@ -54,7 +54,7 @@ func KeyFuncWith(r *keys.Ring, v *V2Keys) desired.KeyFunc {
 		default:
 			return 0, desired.Key{}, fmt.Errorf("generation %d: sa %s->%s is not between this node and a peer", gen, src.IP, dst.IP)
 		}
-		nk, ok := v.Peers[peer.NodeID]
+		nk, ok := v.Peer(peer.NodeID)
 		if !ok {
 			return 0, desired.Key{}, fmt.Errorf("generation %d: node id %d publishes no keys: %w", gen, peer.NodeID, desired.ErrPeerKeyUnknown)
 		}

@@ -51,12 +51,16 @@ func v2TestRing() *keys.Ring {
 }
 
 func (n v2node) keyFunc(r *keys.Ring, peers ...v2node) desired.KeyFunc {
-	v := &V2Keys{Self: n.ep.Incarnation, Peers: map[uint32]nodekeys.Keys{},
-		Private: func(g uint32) (*keys.PrivateKey, bool) { return n.priv, g == 6 }}
+	m := map[uint32]nodekeys.Keys{}
 	for _, p := range peers {
-		v.Peers[p.ep.NodeID] = p.pub
+		m[p.ep.NodeID] = p.pub
 	}
-	return KeyFuncWith(r, v)
+	return KeyFuncWith(r, &V2Keys{Self: n.ep.Incarnation, Peer: lookup(m),
+		Private: func(g uint32) (*keys.PrivateKey, bool) { return n.priv, g == 6 }})
+}
+
+func lookup(m map[uint32]nodekeys.Keys) func(uint32) (nodekeys.Keys, bool) {
+	return func(id uint32) (nodekeys.Keys, bool) { k, ok := m[id]; return k, ok }
 }
 
 func TestKeyFuncV2(t *testing.T) {
@@ -121,7 +125,8 @@ func TestKeyFuncV2(t *testing.T) {
 		"keys of another epoch":     a.keyFunc(r, stale, c),
 		"no key for the generation": a.keyFunc(r, noKey, c),
 		"no v2 keys at all":         KeyFuncWith(r, nil),
-		"no private key":            KeyFuncWith(r, &V2Keys{Self: a.ep.Incarnation, Peers: map[uint32]nodekeys.Keys{2: b.pub}, Private: func(uint32) (*keys.PrivateKey, bool) { return nil, false }}),
+		"no private key": KeyFuncWith(r, &V2Keys{Self: a.ep.Incarnation, Peer: lookup(map[uint32]nodekeys.Keys{2: b.pub}),
+			Private: func(uint32) (*keys.PrivateKey, bool) { return nil, false }}),
 	} {
 		_, _, err := f(6, desired.Transport, a.ep, b.ep)
 		if !errors.Is(err, desired.ErrPeerKeyUnknown) {

@@ -13,6 +13,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 )
 
 // Report is what an agent publishes in api.ReportAnnotation: the shared api.NodeReport
@@ -116,6 +117,9 @@ type NodeInfo struct {
 	// FromAnnotation: Report is the annotation's (no NodeReport, or the annotation was
 	// written later).
 	FromAnnotation bool
+	// Keys are the node's published protocol v2 keys (its NodeKeys; nil when it has none
+	// or one that does not parse). Shared with the cache: never modify.
+	Keys *nodekeys.Keys
 }
 
 // Legacy reports whether n's agent reads and writes reports only as the Node annotation

@@ -6,6 +6,7 @@ import (
 	"sync"
 
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
@@ -21,6 +22,7 @@ type nodeView struct {
 	mu      sync.Mutex
 	nodes   map[string]NodeInfo                      // CacheNode of each Node (no NodeReport merged)
 	reports map[string]nodereport.Entry[reportEntry] // each node's NodeReport entry (nodereport.Cache.Get)
+	keys    map[string]*nodekeys.Keys                // each node's published keys (NodeKeys, parsed)
 	seq     uint64                                   // changes logged so far
 	log     []nodeChange                             // the changes after logFrom, in order
 	logFrom uint64
@@ -42,7 +44,8 @@ type nodeChange struct {
 const maxNodeLog = 8192
 
 func newNodeView() *nodeView {
-	return &nodeView{nodes: map[string]NodeInfo{}, reports: map[string]nodereport.Entry[reportEntry]{}, touched: map[string]bool{}}
+	return &nodeView{nodes: map[string]NodeInfo{}, reports: map[string]nodereport.Entry[reportEntry]{}, keys: map[string]*nodekeys.Keys{},
+		touched: map[string]bool{}}
 }
 
 // logLocked records that name's inputs changed.
@@ -103,6 +106,23 @@ func (v *nodeView) setReport(node string, after *nodereport.Entry[reportEntry], 
 	}
 }
 
+// setKeys records node's published keys (nil: none, or its NodeKeys does not parse);
+// logged when they changed.
+func (v *nodeView) setKeys(node string, k *nodekeys.Keys) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	old := v.keys[node]
+	if k == nil {
+		delete(v.keys, node)
+	} else {
+		v.keys[node] = k
+	}
+	if (old == nil) != (k == nil) || (k != nil && !old.Equal(*k)) {
+		v.touched[node] = true
+		v.logLocked(node)
+	}
+}
+
 // snapshot returns every node with its report merged (withObject), sorted by name, and
 // the sequence number they are at. The slice is shared with the view and with other
 // snapshots: read it, never modify it. When few names changed since the last snapshot it
@@ -127,7 +147,9 @@ func (v *nodeView) mergedLocked(name string) (NodeInfo, bool) {
 		return NodeInfo{}, false
 	}
 	e, has := v.reports[name]
-	return withObject(ni, e.Value, has), true
+	ni = withObject(ni, e.Value, has)
+	ni.Keys = v.keys[name]
+	return ni, true
 }
 
 // fullLocked builds the sorted nodes from the maps: O(N log N).

@@ -59,6 +59,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
@@ -93,6 +94,7 @@ type Watcher struct {
 	nodes     cache.SharedIndexInformer
 	secrets   cache.SharedIndexInformer
 	reports   *nodereport.Cache[reportEntry]
+	pubKeys   *nodekeys.Cache
 	coreStart func(<-chan struct{})
 
 	mu        sync.Mutex
@@ -214,7 +216,22 @@ func New(cfg Config) *Watcher {
 		},
 	})
 	_, _ = w.secrets.AddEventHandler(changeHandler(func() { w.notify("secret") }))
-	w.coreStart = func(stop <-chan struct{}) { nf.Start(stop); sf.Start(stop); w.reports.Start(stop) }
+	// The peers' published keys (protocol v2). Not required to sync while the ring has
+	// no v2 generation (HasSynced): with an older manifest the CRD is missing.
+	w.pubKeys = nodekeys.NewCache(cfg.Dynamic, cfg.Namespace, func(node string) {
+		var kp *nodekeys.Keys
+		if k, ok, err := w.pubKeys.Get(node); ok && err == nil {
+			kp = &k
+		}
+		w.view.setKeys(node, kp)
+		w.notify("nodekeys")
+	})
+	w.coreStart = func(stop <-chan struct{}) {
+		nf.Start(stop)
+		sf.Start(stop)
+		w.reports.Start(stop)
+		w.pubKeys.Start(stop)
+	}
 	return w
 }
 
@@ -441,6 +458,11 @@ func (w *Watcher) HasSynced() bool {
 	if !w.nodes.HasSynced() || !w.nodesReg.HasSynced() || !w.secrets.HasSynced() || !w.reports.HasSynced() {
 		return false
 	}
+	if !w.pubKeys.HasSynced() && w.ringHasV2() {
+		// A v2 generation's pairs need the peers' keys: a sync before the list would
+		// withdraw every pair's claims for a moment (an agent restart must be hitless).
+		return false
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.calicoErr != nil || w.cur == nil {
@@ -455,9 +477,26 @@ func (w *Watcher) Err() error {
 	if err := w.reports.Err(); err != nil {
 		return err
 	}
+	if err := w.pubKeys.Err(); err != nil && w.ringHasV2() {
+		return fmt.Errorf("the key ring has protocol v2 generations but the peers' NodeKeys cannot be listed (is the CRD nodekeys.secureoverlay.io installed? apply the manifest): %w", err)
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.calicoErr
+}
+
+// ringHasV2 reports whether the current ring has a protocol v2 generation.
+func (w *Watcher) ringHasV2() bool {
+	r, err := w.currentRing()
+	if err != nil || r == nil {
+		return false
+	}
+	for i := range r.Generations {
+		if r.Generations[i].V2() {
+			return true
+		}
+	}
+	return false
 }
 
 // NodeCacheSynced reports whether the Node cache has synced (enough to publish an error

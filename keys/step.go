@@ -49,7 +49,8 @@ type Config struct {
 // DefaultConfig is the shipped policy.
 func DefaultConfig() Config {
 	return Config{RotateInterval: 12 * time.Hour, Grace: 5 * time.Minute, Drain: 10 * time.Second, NodeTimeout: 10 * time.Minute,
-		AckTimeout: 10 * time.Minute, SeqThreshold: 0.5, SeqMinInterval: 10 * time.Minute, Cipher: AES128GCM, ICVBytes: 8}
+		AckTimeout: 10 * time.Minute, SeqThreshold: 0.5, SeqMinInterval: 10 * time.Minute, Cipher: AES128GCM, ICVBytes: 8,
+		ProtocolV2: true}
 }
 
 // NodeState is what the master observed about one Node that exists in the API. Nodes that

@@ -31,6 +31,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
+	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
@@ -274,6 +275,16 @@ func (l *Lab) RequestRotation(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("request rotation: %w", err)
 	}
 	return v, nil
+}
+
+// Ring is the key ring the master wrote (parsed: never print it whole; keys.Summary
+// names no key).
+func (l *Lab) Ring(ctx context.Context) (*keys.Ring, error) {
+	sec, err := l.Client.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return keys.Parse(sec.Data[api.SecretDataKey])
 }
 
 // Status is the master's published status (zero value if none yet).

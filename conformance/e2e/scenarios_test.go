@@ -15,6 +15,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/budget"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
+	"github.com/secureoverlay/secureoverlay/keys"
 )
 
 // standardPods are the pods Up attached, one per registered node.
@@ -260,6 +261,16 @@ func TestScenario2RotationUnderTraffic(t *testing.T) {
 		t.Errorf("rotation: %d plaintext IPIP and %d ESP packets on the underlay, want none and some", w.IPIP, w.ESP)
 	}
 	makeBeforeBreakOK(t, l, rep, prev, gen)
+	// Every agent publishes its X25519 keys, so the master made the new generation a
+	// protocol v2 one (docs/keys.md §10): its pair keys come from the nodes' own key pairs,
+	// and the Secret holds no root for it.
+	if r, err := l.Ring(ctx); err != nil {
+		t.Fatal(err)
+	} else if g := r.Generation(gen); g == nil || !g.V2() || len(g.Root) != 0 {
+		t.Errorf("generation %d is not a protocol v2 generation: %s", gen, keys.Summary(r))
+	} else {
+		t.Logf("scenario 2: generation %d is protocol v2 (%s)", gen, keys.Summary(r))
+	}
 	// The traffic really moved to the new generation.
 	for _, i := range l.RegisteredNodes() {
 		sas, err := lab.XfrmStates(ctx, l.VM, lab.NodeNS(i))

@@ -24,7 +24,7 @@ require (
 
 require (
 	github.com/jinzhu/copier v0.4.0 // indirect
-	golang.org/x/crypto v0.57.0 // indirect
+	golang.org/x/crypto v0.57.0
 )
 
 require (

@@ -1,0 +1,74 @@
+package dataplane
+
+import (
+	"slices"
+	"testing"
+)
+
+func TestOrderRotates(t *testing.T) {
+	seen := map[string][]int{}
+	for r := range len(Modes) {
+		o := Order(r)
+		if len(o) != len(Modes) {
+			t.Fatalf("round %d: %v", r, o)
+		}
+		for pos, m := range o {
+			seen[m] = append(seen[m], pos)
+		}
+	}
+	for m, ps := range seen {
+		slices.Sort(ps)
+		if !slices.Equal(ps, []int{0, 1, 2, 3}) {
+			t.Errorf("%s ran at positions %v over %d rounds, want each once", m, ps, len(Modes))
+		}
+	}
+}
+
+func TestParsers(t *testing.T) {
+	busy, total, err := CPUJiffies("cpu  100 5 50 1000 20 3 2 1 0 0")
+	if err != nil || busy != 161 || total != 1181 {
+		t.Errorf("CPUJiffies: %d %d %v", busy, total, err)
+	}
+	if _, _, err := CPUJiffies("cpu0 1 2"); err == nil {
+		t.Error("CPUJiffies accepted a short line")
+	}
+	ticks, err := ProcessTicks("4242 (qemu-system-x86 (x)) S 1 2 3 0 -1 4194560 100 0 0 0 1234 567 0 0 20 0 3 0")
+	if err != nil || ticks != 1801 {
+		t.Errorf("ProcessTicks: %d %v", ticks, err)
+	}
+	x0, err := XfrmStat("XfrmInError 0\nXfrmInNoStates 2\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	x1, _ := XfrmStat("XfrmInError 0\nXfrmInNoStates 5\n")
+	if g := Grown(x0, x1); !slices.Equal(g, []string{"XfrmInNoStates +3"}) {
+		t.Errorf("Grown: %v", g)
+	}
+	r, err := ParseIperf3([]byte(`{"end":{"sum_sent":{"retransmits":7,"bytes":1000},"sum_received":{"bytes":900,"seconds":3.0}}}`))
+	if err != nil || r.Bytes != 900 || r.Seconds != 3 || r.Retransmits != 7 {
+		t.Errorf("ParseIperf3: %+v %v", r, err)
+	}
+	if _, err := ParseIperf3([]byte(`{"error":"unable to connect"}`)); err == nil {
+		t.Error("ParseIperf3 accepted an error report")
+	}
+	p, err := ParsePerf([]byte(`{"ops":10,"bytes":20,"errors":0,"seconds":2}`))
+	if err != nil || p.Ops != 10 || p.Secs != 2 {
+		t.Errorf("ParsePerf: %+v %v", p, err)
+	}
+}
+
+func TestSummarizeAndRatios(t *testing.T) {
+	s := Summarize([]float64{3, 1, 2, 10})
+	if s.Median != 2.5 || s.Min != 1 || s.Max != 10 || s.N != 4 {
+		t.Errorf("Summarize: %+v", s)
+	}
+	if s := Summarize([]float64{5, 1, 3}); s.Median != 3 {
+		t.Errorf("odd median: %+v", s)
+	}
+	if r := Ratios([]float64{2, -1, 3}, []float64{4, 4, 0}); !slices.Equal(r, []float64{0.5}) {
+		t.Errorf("Ratios: %v", r)
+	}
+	if PerGB(2, 1e9) != 2 || PerGB(1, 0) != 0 {
+		t.Error("PerGB")
+	}
+}

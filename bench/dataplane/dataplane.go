@@ -10,6 +10,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -182,7 +183,13 @@ type Sample struct {
 	GuestCPU, HostCPU float64
 	// Extra figures (retransmits, datagrams sent).
 	Retransmits, Sent float64
+	// WireBytes and WirePackets: what the underlay's counters saw of the mode's outer
+	// protocol during the test (both directions).
+	WireBytes, WirePackets float64
 }
+
+// OuterProto is the IP protocol a mode puts on the underlay: IPIP 4, ESP 50, WireGuard's UDP 17.
+var OuterProto = map[string]int{"ipip": 4, "esp": 50, "espnull": 50, "wireguard": 17}
 
 // PerGB returns CPU-seconds per 10^9 bytes, or 0 when nothing moved.
 func PerGB(cpu, bytes float64) float64 {
@@ -223,4 +230,38 @@ func Ratios(values, baseline []float64) []float64 {
 		}
 	}
 	return out
+}
+
+// Wire is what the underlay's ingress filters counted for one IP protocol: bytes and
+// packets as the kernel handed them to the bridge (a GSO packet counts once, with all its
+// bytes, so Bytes/Packets above the MTU means segmentation happens later or never).
+type Wire struct{ Bytes, Packets uint64 }
+
+var (
+	tcPrefRE = regexp.MustCompile(`^filter .* pref (\d+) u32 `)
+	tcSentRE = regexp.MustCompile(`^Sent (\d+) bytes (\d+) pkt`)
+)
+
+// ParseTCFilters sums, per filter preference (the lab's counting filters use the IP
+// protocol number), the action statistics of `tc -s filter show` outputs.
+func ParseTCFilters(out string) map[int]Wire {
+	m := map[int]Wire{}
+	pref := 0
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		l := strings.TrimSpace(sc.Text())
+		if mm := tcPrefRE.FindStringSubmatch(l); mm != nil {
+			pref, _ = strconv.Atoi(mm[1])
+			continue
+		}
+		if mm := tcSentRE.FindStringSubmatch(l); mm != nil && pref != 0 {
+			b, _ := strconv.ParseUint(mm[1], 10, 64)
+			p, _ := strconv.ParseUint(mm[2], 10, 64)
+			w := m[pref]
+			w.Bytes += b
+			w.Packets += p
+			m[pref] = w
+		}
+	}
+	return m
 }

@@ -72,3 +72,25 @@ func TestSummarizeAndRatios(t *testing.T) {
 		t.Error("PerGB")
 	}
 }
+
+func TestParseTCFilters(t *testing.T) {
+	out := `filter parent ffff: protocol ip pref 4 u32 chain 0
+filter parent ffff: protocol ip pref 4 u32 chain 0 fh 800: ht divisor 1
+filter parent ffff: protocol ip pref 4 u32 chain 0 fh 800::800 order 2048 key ht 800 bkt 0 not_in_hw
+  match 00040000/00ff0000 at 8
+	action order 1: gact action pass
+	 random type none pass val 0
+	 index 1 ref 1 bind 1 installed 10 sec used 1 sec
+	Action statistics:
+	Sent 3000 bytes 2 pkt (dropped 0, overlimits 0 requeues 0)
+	backlog 0b 0p requeues 0
+filter parent ffff: protocol ip pref 50 u32 chain 0 fh 801::800 order 2048 key ht 801 bkt 0 not_in_hw
+	Sent 100 bytes 1 pkt (dropped 0, overlimits 0 requeues 0)
+filter parent ffff: protocol ip pref 4 u32 chain 0 fh 800::800 order 2048 key ht 800 bkt 0 not_in_hw
+	Sent 1000 bytes 1 pkt (dropped 0, overlimits 0 requeues 0)
+`
+	m := ParseTCFilters(out)
+	if m[4] != (Wire{4000, 3}) || m[50] != (Wire{100, 1}) || len(m) != 2 {
+		t.Errorf("ParseTCFilters = %v", m)
+	}
+}

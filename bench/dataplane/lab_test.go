@@ -98,7 +98,7 @@ func TestBenchDataplane(t *testing.T) {
 	}
 	kernel := strings.TrimSpace(sh("uname -r"))
 	fmt.Printf("BENCHTEXT dp.accel %s\nBENCHTEXT dp.kernel %s\n", vm.Accel, kernel)
-	fmt.Printf("BENCHTEXT dp.cpu %s\n", strings.TrimSpace(sh(`grep -m1 'model name' /proc/cpuinfo | cut -d: -f2; grep -c ^processor /proc/cpuinfo`)))
+	fmt.Printf("BENCHTEXT dp.cpu %s\n", strings.TrimSpace(sh(`echo "$(grep -c ^processor /proc/cpuinfo) × $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"`)))
 	bench.Report("dp.rounds", float64(rounds), "count")
 	bench.Report("dp.duration", float64(secs), "s")
 	bench.Report("dp.streams", float64(streams), "count")
@@ -137,6 +137,12 @@ func TestBenchDataplane(t *testing.T) {
 	[ "$(ip netns exec %s ss -Hltn | grep -cE ':(%d|%d) ')" -ge 2 ] && exit 0; sleep 0.1
 done; echo "servers did not start" >&2; cat /tmp/dp-server.log >&2; exit 1`, lab.PodNS(2), iperfPort, rrPort))
 
+	ports := `$(ip -n ` + lab.UnderlayNS + ` -o link show master ` + lab.UnderlayBridge + ` | awk -F': ' '{print $2}' | cut -d@ -f1)`
+	// tcStats reads every counting filter on the underlay's ports (the lab's IPIP and ESP
+	// filters, and the UDP one added below for WireGuard).
+	tcStats := func() map[int]Wire {
+		return ParseTCFilters(sh(`for p in ` + ports + `; do tc -n ` + lab.UnderlayNS + ` -s filter show dev "$p" ingress; done`))
+	}
 	qemuTicks := func() float64 {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", vm.PID()))
 		if err != nil {
@@ -150,7 +156,8 @@ done; echo "servers did not start" >&2; cat /tmp/dp-server.log >&2; exit 1`, lab
 	}
 	// measure runs one test's script: it prints the guest's /proc/stat cpu line before and
 	// after the measured command, then the command's JSON output.
-	measure := func(test string, mtu int) (Sample, error) {
+	measure := func(test, mode string) (Sample, error) {
+		mtu := modeMTU[mode]
 		dur := strconv.Itoa(secs)
 		var body string
 		switch test {
@@ -181,9 +188,11 @@ s1=$(head -1 /proc/stat)
 wait $sink
 cat /tmp/dp-send.json /tmp/dp-sink.json >/tmp/dp-out.json`, lab.PodNS(2), dst, udpPort, lab.PodNS(1), dur, size)
 		}
+		w0 := tcStats()
 		h0 := qemuTicks()
 		out, stderr, err := vm.RunInput(ctx, "sh -s", []byte("set -e\n"+body+"\necho \"$s0\"; echo \"$s1\"; cat /tmp/dp-out.json\n"))
 		h1 := qemuTicks()
+		w1 := tcStats()
 		if err != nil {
 			return Sample{}, fmt.Errorf("%s: %v: %s", test, err, stderr)
 		}
@@ -197,6 +206,8 @@ cat /tmp/dp-send.json /tmp/dp-sink.json >/tmp/dp-out.json`, lab.PodNS(2), dst, u
 			return Sample{}, fmt.Errorf("%s: %v %v", test, err0, err1)
 		}
 		s := Sample{GuestCPU: float64(b1-b0) / clkTck, HostCPU: (h1 - h0) / clkTck}
+		p := OuterProto[mode]
+		s.WireBytes, s.WirePackets = float64(w1[p].Bytes-w0[p].Bytes), float64(w1[p].Packets-w0[p].Packets)
 		switch test {
 		case "tcp1", "tcpn":
 			r, err := ParseIperf3([]byte(lines[2]))
@@ -295,8 +306,11 @@ ip -n %[1]s route replace %[5]s dev wg0
 			if err != nil {
 				t.Fatal(err)
 			}
+			sh(`for p in ` + ports + `; do [ -n "$(tc -n ` + lab.UnderlayNS + ` filter show dev "$p" ingress pref 17)" ] ||
+	tc -n ` + lab.UnderlayNS + ` filter add dev "$p" ingress pref 17 protocol ip u32 match ip protocol 17 0xff action pass; done`)
+			u0 := tcStats()[17]
 			for _, test := range Tests {
-				s, err := measure(test, modeMTU[m])
+				s, err := measure(test, m)
 				if err != nil {
 					t.Errorf("round %d, %s: %v", r+1, m, err)
 					s = Sample{Rate: math.NaN()}
@@ -322,8 +336,8 @@ ip -n %[1]s route replace %[5]s dev wg0
 					t.Errorf("round %d, ipip: wire %s: want IPIP and no ESP", r+1, lab.FormatWireCounts(wc))
 				}
 			case "wireguard":
-				if tot.IPIP != 0 || tot.ESP != 0 {
-					t.Errorf("round %d, wireguard: wire %s: want neither IPIP nor ESP", r+1, lab.FormatWireCounts(wc))
+				if u := tcStats()[17].Packets - u0.Packets; tot.IPIP != 0 || tot.ESP != 0 || u == 0 {
+					t.Errorf("round %d, wireguard: wire %s, %d UDP: want neither IPIP nor ESP, and UDP", r+1, lab.FormatWireCounts(wc), u)
 				}
 				tr := sh(fmt.Sprintf("ip netns exec %s wg show wg0 transfer", lab.NodeNS(1)))
 				if f := strings.Fields(tr); len(f) != 3 || f[1] == "0" || f[2] == "0" {
@@ -362,6 +376,9 @@ ip -n %[1]s route replace %[5]s dev wg0
 
 	// Per-round ratios against plaintext IPIP in the same round.
 	metric := func(s Sample, what string) float64 {
+		if math.IsNaN(s.Rate) { // the measurement failed (already an error)
+			return math.NaN()
+		}
 		switch what {
 		case "rate":
 			return s.Rate
@@ -371,12 +388,17 @@ ip -n %[1]s route replace %[5]s dev wg0
 			return PerGB(s.HostCPU, s.Bytes)
 		case "retrans":
 			return s.Retransmits
+		case "wire_size":
+			if s.WirePackets == 0 {
+				return math.NaN()
+			}
+			return s.WireBytes / s.WirePackets
 		}
 		panic(what)
 	}
 	for _, m := range Modes {
 		for _, test := range Tests {
-			for _, what := range []string{"rate", "guest_per_gb", "host_per_gb", "retrans"} {
+			for _, what := range []string{"rate", "guest_per_gb", "host_per_gb", "retrans", "wire_size"} {
 				var vs, base []float64
 				for r := range rounds {
 					v, b := metric(samples[m][test][r], what), metric(samples["ipip"][test][r], what)
@@ -394,7 +416,7 @@ ip -n %[1]s route replace %[5]s dev wg0
 				p := fmt.Sprintf("dp.%s.%s.%s", m, test, what)
 				a := Summarize(clean)
 				bench.Report(p+".median", a.Median, "value")
-				if m == "ipip" || what == "retrans" {
+				if m == "ipip" || what == "retrans" || what == "wire_size" {
 					continue
 				}
 				rs := Summarize(Ratios(vs, base))

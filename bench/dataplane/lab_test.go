@@ -11,6 +11,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
+	"hash/fnv"
 	"math"
 	"net"
 	"net/netip"
@@ -544,8 +545,9 @@ func TestDataplaneGuestAction(t *testing.T) {
 
 // TestBenchAEAD measures this machine's AEAD rates on one core (one goroutine), the physical
 // limit per core of each cipher: AES-128-GCM and AES-256-GCM (crypto/cipher, AES-NI on amd64)
-// and ChaCha20-Poly1305 (golang.org/x/crypto), sealing 64-byte and 1,400-byte messages.
+// and ChaCha20-Poly1305 (golang.org/x/crypto), sealing 64-byte and 1,400-byte messages, best of three 1-second periods.
 // Inside the lab guest (TestBenchDataplane runs it there) the figures are the emulator's.
+// FNV-1a over the same messages is the baseline of plain integer code.
 func TestBenchAEAD(t *testing.T) {
 	bench.Gate(t, false)
 	where := "host"
@@ -553,9 +555,6 @@ func TestBenchAEAD(t *testing.T) {
 		where = "guest"
 	}
 	per := time.Second
-	if where == "guest" {
-		per = 2 * time.Second
-	}
 	mk := map[string]func() cipher.AEAD{
 		"aes128gcm": func() cipher.AEAD { return gcm(t, 16) },
 		"aes256gcm": func() cipher.AEAD { return gcm(t, 32) },
@@ -572,18 +571,36 @@ func TestBenchAEAD(t *testing.T) {
 		for _, size := range []int{64, 1400} {
 			msg := make([]byte, size, size+a.Overhead())
 			nonce := make([]byte, a.NonceSize())
-			var n int
-			t0 := time.Now()
-			for time.Since(t0) < per {
-				for range 64 {
-					a.Seal(msg[:0], nonce, msg, nil)
-					n++
-				}
-			}
-			mbps := float64(n*size) / time.Since(t0).Seconds() / 1e6
-			bench.Report(fmt.Sprintf("aead.%s.%s.%d", where, name, size), mbps, "MB/s")
+			bench.Report(fmt.Sprintf("aead.%s.%s.%d", where, name, size), bestRate(per, size, func() { a.Seal(msg[:0], nonce, msg, nil) }), "MB/s")
 		}
 	}
+	// A baseline of plain integer code (FNV-1a: multiplies and xors, no special
+	// instructions), so host/guest of the AEADs can be set against host/guest of code the
+	// emulator translates without emulating an instruction-set extension.
+	msg := make([]byte, 1400)
+	bench.Report(fmt.Sprintf("aead.%s.fnv1a.1400", where), bestRate(per, len(msg), func() {
+		h := fnv.New64a()
+		_, _ = h.Write(msg)
+		msg[0] = byte(h.Sum64())
+	}), "MB/s")
+}
+
+// bestRate runs op over size-byte messages for three periods of per and returns the best
+// period's rate in MB/s: the limit the core reaches when the shared machine lets it.
+func bestRate(per time.Duration, size int, op func()) float64 {
+	best := 0.0
+	for range 3 {
+		var n int
+		t0 := time.Now()
+		for time.Since(t0) < per {
+			for range 64 {
+				op()
+				n++
+			}
+		}
+		best = max(best, float64(n*size)/time.Since(t0).Seconds()/1e6)
+	}
+	return best
 }
 
 func gcm(t *testing.T, keyLen int) cipher.AEAD {

@@ -186,6 +186,65 @@ type Sample struct {
 	// WireBytes and WirePackets: what the underlay's counters saw of the mode's outer
 	// protocol during the test (both directions).
 	WireBytes, WirePackets float64
+	// Counters are the growth of the TCP and drop counters read around a TCP test (nstat
+	// names; the receiver's prefixed "Rx"; "SoftnetDrops" the guest's backlog drops).
+	Counters map[string]float64
+}
+
+// Output is one measurement script's output, parsed: the guest's busy CPU jiffies between
+// its "S0"/"S1" /proc/stat lines, the growth of counters between "C0 name value" and
+// "C1 name value" lines (nstat's "#kernel" header and rate column ignored), and every
+// other line, the tool's JSON.
+type Output struct {
+	GuestBusy float64
+	Counters  map[string]float64
+	JSON      string
+}
+
+// ParseOutput reads a measurement script's output (see Output).
+func ParseOutput(out string) (Output, error) {
+	var o Output
+	var s0, s1 string
+	c0, c1 := map[string]float64{}, map[string]float64{}
+	var js []string
+	for _, l := range strings.Split(out, "\n") {
+		switch {
+		case strings.HasPrefix(l, "S0 "):
+			s0 = l[3:]
+		case strings.HasPrefix(l, "S1 "):
+			s1 = l[3:]
+		case strings.HasPrefix(l, "C0 "), strings.HasPrefix(l, "C1 "):
+			f := strings.Fields(l[3:])
+			if len(f) < 2 || strings.Contains(f[0], "#") {
+				continue
+			}
+			v, err := strconv.ParseFloat(f[1], 64)
+			if err != nil {
+				return Output{}, fmt.Errorf("counter line %q: %w", l, err)
+			}
+			if l[1] == '0' {
+				c0[f[0]] = v
+			} else {
+				c1[f[0]] = v
+			}
+		default:
+			js = append(js, l)
+		}
+	}
+	b0, _, err0 := CPUJiffies(s0)
+	b1, _, err1 := CPUJiffies(s1)
+	if err0 != nil || err1 != nil {
+		return Output{}, fmt.Errorf("guest /proc/stat: %v %v", err0, err1)
+	}
+	o.GuestBusy = float64(b1 - b0)
+	if len(c1) > 0 {
+		o.Counters = map[string]float64{}
+		for k, v := range c1 {
+			o.Counters[k] = v - c0[k]
+		}
+	}
+	o.JSON = strings.TrimSpace(strings.Join(js, "\n"))
+	return o, nil
 }
 
 // OuterProto is the IP protocol a mode puts on the underlay: IPIP 4, ESP 50, WireGuard's UDP 17.

@@ -94,3 +94,25 @@ filter parent ffff: protocol ip pref 4 u32 chain 0 fh 800::800 order 2048 key ht
 		t.Errorf("ParseTCFilters = %v", m)
 	}
 }
+
+func TestParseOutput(t *testing.T) {
+	out := "C0 #kernel\nC0 TcpRetransSegs 10 0.0\nC0 RxTcpExtTCPOFOQueue 5 0.0\nC0 SoftnetDrops 0\n" +
+		"C1 #kernel\nC1 TcpRetransSegs 25 0.0\nC1 RxTcpExtTCPOFOQueue 9 0.0\nC1 SoftnetDrops 2\n" +
+		"S0 cpu  100 0 50 1000 0 0 0 0 0 0\nS1 cpu  300 0 150 1100 0 0 0 0 0 0\n{\"ops\": 1,\n\"bytes\": 2}\n"
+	o, err := ParseOutput(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.GuestBusy != 300 || o.Counters["TcpRetransSegs"] != 15 || o.Counters["RxTcpExtTCPOFOQueue"] != 4 || o.Counters["SoftnetDrops"] != 2 {
+		t.Errorf("ParseOutput: %+v", o)
+	}
+	if p, err := ParsePerf([]byte(o.JSON)); err != nil || p.Ops != 1 {
+		t.Errorf("JSON %q: %v", o.JSON, err)
+	}
+	if o, err := ParseOutput("S0 cpu 1 2 3 4 5 6 7 8\nS1 cpu 1 2 3 4 5 6 7 8\n{}"); err != nil || o.Counters != nil {
+		t.Errorf("without counters: %+v %v", o, err)
+	}
+	if _, err := ParseOutput("{}"); err == nil {
+		t.Error("ParseOutput accepted output without /proc/stat lines")
+	}
+}

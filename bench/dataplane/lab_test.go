@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -45,6 +46,9 @@ const (
 	guestBin    = "/tmp/dataplane.test" // the test binary, copied into the guest's memory
 	clkTck      = 100                   // USER_HZ: /proc/stat and /proc/PID/stat count in 1/100 s
 )
+
+// tcpCounters are the sender's TCP counters read around each TCP test.
+var tcpCounters = []string{"TcpRetransSegs", "TcpExtTCPDSACKRecv", "TcpExtTCPSACKReorder", "TcpExtTCPTSReorder", "TcpExtTCPLostRetransmit"}
 
 // modeMTU is the pod (and tunnel) MTU each system gives pods on a 1500-byte network: Calico's
 // IPIP 1480; our budget with ICV 8 (docs/dataplane.md, DESIGN §2) 1452 for both ESP modes, so
@@ -167,9 +171,18 @@ done; echo "servers did not start" >&2; cat /tmp/dp-server.log >&2; exit 1`, lab
 			if test == "tcpn" {
 				p = streams
 			}
-			body = fmt.Sprintf(`s0=$(head -1 /proc/stat)
-ip netns exec %s iperf3 -c %s -p %d -t %s -P %d -J >/tmp/dp-out.json 2>&1 || { cat /tmp/dp-out.json >&2; exit 1; }
-s1=$(head -1 /proc/stat)`, lab.PodNS(1), dst, iperfPort, dur, p)
+			// TCP's own account of the retransmissions (DSACKs received: the receiver had the
+			// segment already, so the retransmission was spurious, i.e. reordering or delay,
+			// not loss), the receiver's out-of-order queue, and the guest's backlog drops.
+			counters := fmt.Sprintf(`{ ip netns exec %s nstat -asz %s; ip netns exec %s nstat -asz TcpExtTCPOFOQueue | sed 's/^/Rx/'
+d=0; while read -r _ b _; do d=$((d + 0x$b)); done </proc/net/softnet_stat; echo "SoftnetDrops $d"; }`,
+				lab.PodNS(1), strings.Join(tcpCounters, " "), lab.PodNS(2))
+			body = fmt.Sprintf(`%[6]s >/tmp/dp-c0
+s0=$(head -1 /proc/stat)
+ip netns exec %[1]s iperf3 -c %[2]s -p %[3]d -t %[4]s -P %[5]d -J >/tmp/dp-out.json 2>&1 || { cat /tmp/dp-out.json >&2; exit 1; }
+s1=$(head -1 /proc/stat)
+%[6]s >/tmp/dp-c1
+sed 's/^/C0 /' /tmp/dp-c0; sed 's/^/C1 /' /tmp/dp-c1`, lab.PodNS(1), dst, iperfPort, dur, p, counters)
 		case "rr":
 			body = fmt.Sprintf(`s0=$(head -1 /proc/stat)
 ip netns exec %s labperf rr -t %ss %s:%d >/tmp/dp-out.json
@@ -191,46 +204,41 @@ cat /tmp/dp-send.json /tmp/dp-sink.json >/tmp/dp-out.json`, lab.PodNS(2), dst, u
 		}
 		w0 := tcStats()
 		h0 := qemuTicks()
-		out, stderr, err := vm.RunInput(ctx, "sh -s", []byte("set -e\n"+body+"\necho \"$s0\"; echo \"$s1\"; cat /tmp/dp-out.json\n"))
+		out, stderr, err := vm.RunInput(ctx, "sh -s", []byte("set -e\n"+body+"\necho \"S0 $s0\"; echo \"S1 $s1\"; cat /tmp/dp-out.json\n"))
 		h1 := qemuTicks()
 		w1 := tcStats()
 		if err != nil {
 			return Sample{}, fmt.Errorf("%s: %v: %s", test, err, stderr)
 		}
-		lines := strings.SplitN(out, "\n", 3)
-		if len(lines) < 3 {
-			return Sample{}, fmt.Errorf("%s: short output %q", test, out)
+		o, err := ParseOutput(out)
+		if err != nil {
+			return Sample{}, fmt.Errorf("%s: %w", test, err)
 		}
-		b0, _, err0 := CPUJiffies(lines[0])
-		b1, _, err1 := CPUJiffies(lines[1])
-		if err0 != nil || err1 != nil {
-			return Sample{}, fmt.Errorf("%s: %v %v", test, err0, err1)
-		}
-		s := Sample{GuestCPU: float64(b1-b0) / clkTck, HostCPU: (h1 - h0) / clkTck}
+		s := Sample{GuestCPU: o.GuestBusy / clkTck, HostCPU: (h1 - h0) / clkTck, Counters: o.Counters}
 		p := OuterProto[mode]
 		s.WireBytes, s.WirePackets = float64(w1[p].Bytes-w0[p].Bytes), float64(w1[p].Packets-w0[p].Packets)
 		switch test {
 		case "tcp1", "tcpn":
-			r, err := ParseIperf3([]byte(lines[2]))
+			r, err := ParseIperf3([]byte(o.JSON))
 			if err != nil {
 				return Sample{}, fmt.Errorf("%s: %w", test, err)
 			}
 			s.Rate, s.Bytes, s.Retransmits = r.Bytes/r.Seconds, r.Bytes, r.Retransmits
 		case "rr":
-			p, err := ParsePerf([]byte(lines[2]))
+			p, err := ParsePerf([]byte(o.JSON))
 			if err != nil || p.Secs <= 0 {
-				return Sample{}, fmt.Errorf("%s: %v %q", test, err, lines[2])
+				return Sample{}, fmt.Errorf("%s: %v %q", test, err, o.JSON)
 			}
 			s.Rate, s.Bytes = p.Ops/p.Secs, p.Bytes
 		default:
-			js := strings.SplitN(strings.TrimSpace(lines[2]), "\n", 2)
+			js := strings.SplitN(strings.TrimSpace(o.JSON), "\n", 2)
 			if len(js) != 2 {
-				return Sample{}, fmt.Errorf("%s: want two JSON lines, got %q", test, lines[2])
+				return Sample{}, fmt.Errorf("%s: want two JSON lines, got %q", test, o.JSON)
 			}
 			snd, err1 := ParsePerf([]byte(js[0]))
 			rcv, err2 := ParsePerf([]byte(js[1]))
 			if err1 != nil || err2 != nil || snd.Secs <= 0 {
-				return Sample{}, fmt.Errorf("%s: %v %v %q", test, err1, err2, lines[2])
+				return Sample{}, fmt.Errorf("%s: %v %v %q", test, err1, err2, o.JSON)
 			}
 			// Received datagrams over the sender's duration: what got through per second.
 			s.Rate, s.Bytes, s.Sent = rcv.Ops/snd.Secs, rcv.Bytes, snd.Ops
@@ -367,8 +375,9 @@ ip -n %[1]s route replace %[5]s dev wg0
 					espOut = append(espOut, fmt.Sprintf("%s %d out/%d in", lab.NodeNS(i), out, in))
 				}
 			}
-			t.Logf("round %d %-9s wire: %d IPIP, %d ESP; SAs: %s; tcp1 %.1f Mbit/s (%.0f retrans), tcpn %.1f Mbit/s, rr %.0f/s, udp64 %.0f/s, udpmtu %.0f/s",
+			t.Logf("round %d %-9s wire: %d IPIP, %d ESP; SAs: %s; tcp1 %.1f Mbit/s (%.0f retrans, %.0f DSACKs, %.0f backlog drops), tcpn %.1f Mbit/s, rr %.0f/s, udp64 %.0f/s, udpmtu %.0f/s",
 				r+1, m, tot.IPIP, tot.ESP, strings.Join(espOut, ", "), samples[m]["tcp1"][r].Rate*8/1e6, samples[m]["tcp1"][r].Retransmits,
+				samples[m]["tcp1"][r].Counters["TcpExtTCPDSACKRecv"], samples[m]["tcp1"][r].Counters["SoftnetDrops"],
 				samples[m]["tcpn"][r].Rate*8/1e6, samples[m]["rr"][r].Rate, samples[m]["udp64"][r].Rate, samples[m]["udpmtu"][r].Rate)
 			down(m)
 		}
@@ -389,6 +398,11 @@ ip -n %[1]s route replace %[5]s dev wg0
 			return PerGB(s.HostCPU, s.Bytes)
 		case "retrans":
 			return s.Retransmits
+		case "dsack", "ofo", "softnet_drops", "sack_reorder":
+			if s.Counters == nil {
+				return math.NaN()
+			}
+			return s.Counters[map[string]string{"dsack": "TcpExtTCPDSACKRecv", "ofo": "RxTcpExtTCPOFOQueue", "softnet_drops": "SoftnetDrops", "sack_reorder": "TcpExtTCPSACKReorder"}[what]]
 		case "wire_size":
 			if s.WirePackets == 0 {
 				return math.NaN()
@@ -399,7 +413,7 @@ ip -n %[1]s route replace %[5]s dev wg0
 	}
 	for _, m := range Modes {
 		for _, test := range Tests {
-			for _, what := range []string{"rate", "guest_per_gb", "host_per_gb", "retrans", "wire_size"} {
+			for _, what := range []string{"rate", "guest_per_gb", "host_per_gb", "retrans", "wire_size", "dsack", "ofo", "softnet_drops", "sack_reorder"} {
 				var vs, base []float64
 				for r := range rounds {
 					v, b := metric(samples[m][test][r], what), metric(samples["ipip"][test][r], what)
@@ -417,7 +431,7 @@ ip -n %[1]s route replace %[5]s dev wg0
 				p := fmt.Sprintf("dp.%s.%s.%s", m, test, what)
 				a := Summarize(clean)
 				bench.Report(p+".median", a.Median, "value")
-				if m == "ipip" || what == "retrans" || what == "wire_size" {
+				if m == "ipip" || !slices.Contains([]string{"rate", "guest_per_gb", "host_per_gb"}, what) {
 					continue
 				}
 				rs := Summarize(Ratios(vs, base))

@@ -48,7 +48,8 @@ const (
 )
 
 // tcpCounters are the sender's TCP counters read around each TCP test.
-var tcpCounters = []string{"TcpRetransSegs", "TcpExtTCPDSACKRecv", "TcpExtTCPSACKReorder", "TcpExtTCPTSReorder", "TcpExtTCPLostRetransmit"}
+var tcpCounters = []string{"TcpRetransSegs", "TcpExtTCPDSACKRecv", "TcpExtTCPSACKReorder", "TcpExtTCPTSReorder", "TcpExtTCPLostRetransmit",
+	"TcpExtTCPFastRetrans", "TcpExtTCPTimeouts", "TcpExtTCPLossProbes", "TcpExtTCPSpuriousRTOs"}
 
 // modeMTU is the pod (and tunnel) MTU each system gives pods on a 1500-byte network: Calico's
 // IPIP 1480; our budget with ICV 8 (docs/dataplane.md, DESIGN §2) 1452 for both ESP modes, so
@@ -398,11 +399,12 @@ ip -n %[1]s route replace %[5]s dev wg0
 			return PerGB(s.HostCPU, s.Bytes)
 		case "retrans":
 			return s.Retransmits
-		case "dsack", "ofo", "softnet_drops", "sack_reorder":
+		case "dsack", "ofo", "softnet_drops", "sack_reorder", "fast_retrans", "timeouts", "loss_probes":
 			if s.Counters == nil {
 				return math.NaN()
 			}
-			return s.Counters[map[string]string{"dsack": "TcpExtTCPDSACKRecv", "ofo": "RxTcpExtTCPOFOQueue", "softnet_drops": "SoftnetDrops", "sack_reorder": "TcpExtTCPSACKReorder"}[what]]
+			return s.Counters[map[string]string{"dsack": "TcpExtTCPDSACKRecv", "ofo": "RxTcpExtTCPOFOQueue", "softnet_drops": "SoftnetDrops",
+				"sack_reorder": "TcpExtTCPSACKReorder", "fast_retrans": "TcpExtTCPFastRetrans", "timeouts": "TcpExtTCPTimeouts", "loss_probes": "TcpExtTCPLossProbes"}[what]]
 		case "wire_size":
 			if s.WirePackets == 0 {
 				return math.NaN()
@@ -413,7 +415,7 @@ ip -n %[1]s route replace %[5]s dev wg0
 	}
 	for _, m := range Modes {
 		for _, test := range Tests {
-			for _, what := range []string{"rate", "guest_per_gb", "host_per_gb", "retrans", "wire_size", "dsack", "ofo", "softnet_drops", "sack_reorder"} {
+			for _, what := range []string{"rate", "guest_per_gb", "host_per_gb", "retrans", "wire_size", "dsack", "ofo", "softnet_drops", "sack_reorder", "fast_retrans", "timeouts", "loss_probes"} {
 				var vs, base []float64
 				for r := range rounds {
 					v, b := metric(samples[m][test][r], what), metric(samples["ipip"][test][r], what)

@@ -135,6 +135,9 @@ func writeDataplane(w func(string, ...any), started time.Time) {
 	}
 	abs("TCP 1 stream", "tcp1", "rate", 8e-6, " Mbit/s")
 	abs("TCP 1 stream, retransmits per test", "tcp1", "retrans", 1, "")
+	abs("TCP 1 stream, fast retransmits", "tcp1", "fast_retrans", 1, "")
+	abs("TCP 1 stream, retransmission timeouts", "tcp1", "timeouts", 1, "")
+	abs("TCP 1 stream, tail loss probes", "tcp1", "loss_probes", 1, "")
 	abs("TCP 1 stream, DSACKs received by the sender (retransmissions the receiver did not need)", "tcp1", "dsack", 1, "")
 	abs("TCP 1 stream, sender's SACK reordering events", "tcp1", "sack_reorder", 1, "")
 	abs("TCP 1 stream, segments the receiver queued out of order", "tcp1", "ofo", 1, "")

@@ -416,23 +416,22 @@ ip -n %[1]s route replace %[5]s dev wg0
 	for _, m := range Modes {
 		for _, test := range Tests {
 			for _, what := range []string{"rate", "guest_per_gb", "host_per_gb", "retrans", "wire_size", "dsack", "ofo", "softnet_drops", "sack_reorder", "fast_retrans", "timeouts", "loss_probes"} {
-				var vs, base []float64
+				var vs, base, clean []float64
 				for r := range rounds {
 					v, b := metric(samples[m][test][r], what), metric(samples["ipip"][test][r], what)
+					if !math.IsNaN(v) {
+						clean = append(clean, v)
+					}
 					if math.IsNaN(v) || math.IsNaN(b) {
-						v, b = -1, 0
+						v, b = -1, 0 // no ratio for this round
 					}
 					vs, base = append(vs, v), append(base, b)
 				}
-				var clean []float64
-				for _, v := range vs {
-					if v >= 0 {
-						clean = append(clean, v)
-					}
+				if len(clean) == 0 {
+					continue
 				}
 				p := fmt.Sprintf("dp.%s.%s.%s", m, test, what)
-				a := Summarize(clean)
-				bench.Report(p+".median", a.Median, "value")
+				bench.Report(p+".median", Summarize(clean).Median, "value")
 				if m == "ipip" || !slices.Contains([]string{"rate", "guest_per_gb", "host_per_gb"}, what) {
 					continue
 				}

@@ -130,8 +130,10 @@ bench: deps tools build
 # Only the data plane: plaintext IPIP vs ESP as the agent programs it vs ESP with the null
 # cipher vs WireGuard in the VM lab, plus the host's AEAD rates; replaces section 10 of
 # bench/RESULTS.md and keeps the others. Fails on a correctness check (ESP counters,
-# xfrm errors, plaintext on the wire), never on a figure. Needs no root.
-bench-dataplane: deps tools
+# xfrm errors, plaintext on the wire), never on a figure. Needs the lab image (built here)
+# and no root.
+bench-dataplane: deps
+	@hack/tools-lab.sh
 	$(GO) run ./bench/cmd/benchreport -only dataplane -update
 
 clean:

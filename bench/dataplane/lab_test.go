@@ -77,7 +77,8 @@ func envInt(t *testing.T, name string, def int) int {
 // both ways, any /proc/net/xfrm_stat counter that grew, plaintext IPIP on the underlay in an
 // encrypting mode (the lab's kernel wire counters), or ESP where there should be none.
 // SECUREOVERLAY_BENCH=1 only; SECUREOVERLAY_BENCH_DP_ROUNDS (5), _DURATION (seconds per
-// test, 3) and _STREAMS (4) size it.
+// test, 3) and _STREAMS (4) size it; _BREAK=plaintext breaks the ESP mode on purpose, to see
+// the checks fail.
 func TestBenchDataplane(t *testing.T) {
 	if os.Getenv("SECUREOVERLAY_IN_LAB") == "1" {
 		t.Skip("runs on the host; its guest half is TestDataplaneGuestAction")
@@ -86,6 +87,9 @@ func TestBenchDataplane(t *testing.T) {
 	rounds := envInt(t, "SECUREOVERLAY_BENCH_DP_ROUNDS", 5)
 	secs := envInt(t, "SECUREOVERLAY_BENCH_DP_DURATION", 3)
 	streams := envInt(t, "SECUREOVERLAY_BENCH_DP_STREAMS", 4)
+	// SECUREOVERLAY_BENCH_DP_BREAK=plaintext breaks the ESP mode on purpose (node1 sends
+	// plaintext): every correctness check must then fail the test.
+	breakESP := os.Getenv("SECUREOVERLAY_BENCH_DP_BREAK") == "plaintext"
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
@@ -258,6 +262,11 @@ cat /tmp/dp-send.json /tmp/dp-sink.json >/tmp/dp-out.json`, lab.PodNS(2), dst, u
 		switch m {
 		case "esp", "espnull":
 			fmt.Fprintf(&b, "DP_ACTION=%s-up SECUREOVERLAY_IN_LAB=1 %s -test.run '^TestDataplaneGuestAction$' >/tmp/dp-action.log 2>&1 || { cat /tmp/dp-action.log >&2; exit 1; }\n", m, guestBin)
+			if breakESP && m == "esp" {
+				// The checks' own test: node1 loses its policies and rules, so it sends
+				// plaintext IPIP that node2's required inbound policy refuses.
+				fmt.Fprintf(&b, "ip -n %[1]s xfrm policy flush\nip netns exec %[1]s iptables -t raw -F %[2]s\n", lab.NodeNS(1), rules.ChainOut)
+			}
 		case "wireguard":
 			// Keys are made and kept in the guest's /tmp; no key is printed.
 			b.WriteString("umask 077\n")

@@ -184,7 +184,7 @@ d=0; while read -r _ b _; do d=$((d + 0x$b)); done </proc/net/softnet_stat; echo
 				lab.PodNS(1), strings.Join(tcpCounters, " "), lab.PodNS(2))
 			body = fmt.Sprintf(`%[6]s >/tmp/dp-c0
 s0=$(head -1 /proc/stat)
-ip netns exec %[1]s iperf3 -c %[2]s -p %[3]d -t %[4]s -P %[5]d -J >/tmp/dp-out.json 2>&1 || { cat /tmp/dp-out.json >&2; exit 1; }
+ip netns exec %[1]s iperf3 -c %[2]s -p %[3]d -t %[4]s -P %[5]d -J --connect-timeout 10000 >/tmp/dp-out.json 2>&1 || { cat /tmp/dp-out.json >&2; exit 1; }
 s1=$(head -1 /proc/stat)
 %[6]s >/tmp/dp-c1
 sed 's/^/C0 /' /tmp/dp-c0; sed 's/^/C1 /' /tmp/dp-c1`, lab.PodNS(1), dst, iperfPort, dur, p, counters)

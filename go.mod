@@ -22,7 +22,10 @@ require (
 	sigs.k8s.io/yaml v1.6.0
 )
 
-require github.com/jinzhu/copier v0.4.0 // indirect
+require (
+	github.com/jinzhu/copier v0.4.0 // indirect
+	golang.org/x/crypto v0.57.0
+)
 
 require (
 	github.com/beorn7/perks v1.0.1 // indirect

@@ -2,6 +2,7 @@
 # hack/bench.sh: run the secureoverlay benchmarks and write bench/RESULTS.md (`make bench`).
 #
 #   hack/bench.sh            Go benchmarks + host measurements (netns, libcni, real API server)
+#                            + the data plane in the VM lab (§10; `make bench-dataplane` alone)
 #   hack/bench.sh --lab      also rotation and cutover in the VM lab with 3 and 8 node namespaces
 #   hack/bench.sh -- ARGS    extra arguments for bench/cmd/benchreport (-count, -only, -from, -lab-nodes)
 #

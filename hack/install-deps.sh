@@ -10,6 +10,7 @@ pkgs=(
   qemu-system-x86 busybox-static cpio zstd xz-utils iputils-ping   # the VM lab (ping -M do for DF probes)
   mmdebstrap umoci skopeo jq        # make image: the image without a registry (hack/tools-image.sh)
   python3-cryptography              # keys: the independent check of the v2 derivation vectors
+  iperf3 wireguard-tools            # the data-plane benchmark: copied into the lab image (make bench-dataplane)
 )
 
 missing=()

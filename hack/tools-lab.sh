@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the VM lab's boot image (see docs/lab.md): Debian's own kernel and an
 # initramfs holding busybox, the data-plane kernel modules, iproute2, iptables,
-# tcpdump, ping, kmod, the command-channel helper labd and the echo-stream tool labping.
+# tcpdump, ping, kmod, iperf3, wg, the command-channel helper labd, the echo-stream tool
+# labping and the request/response and packet-rate tool labperf.
 #
 # The kernel (SECUREOVERLAY_LAB_KERNEL, the kernel matrix of docs/lab.md):
 #   6.1   (default) bookworm's: the linux-image-<ver>-amd64 package that linux-image-amd64
@@ -37,7 +38,7 @@ mkdir -p "$out/deb"
 log() { echo "tools-lab: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-for t in apt-cache apt-get dpkg dpkg-deb depmod modprobe cpio gzip ldd busybox dash flock xz zstd ip tcpdump ping xtables-nft-multi xtables-legacy-multi; do
+for t in apt-cache apt-get dpkg dpkg-deb depmod modprobe cpio gzip ldd busybox dash flock xz zstd ip tcpdump ping xtables-nft-multi xtables-legacy-multi iperf3 wg; do
 	command -v "$t" >/dev/null || die "missing $t (run hack/install-deps.sh)"
 done
 
@@ -61,10 +62,11 @@ modules=(
 	nf_tables nft_compat nft_chain_nat nft_ct nft_reject_ipv4 # iptables-nft (the guest's default "iptables")
 	xt_policy xt_mark xt_comment xt_conntrack xt_addrtype xt_multiport xt_tcpudp xt_set xt_NFLOG xt_LOG
 	xt_MASQUERADE xt_nat ipt_REJECT nf_conntrack nf_nat nfnetlink nfnetlink_log
+	wireguard authencesn # the data-plane benchmark: WireGuard, and ESP with the null cipher (ESN with a non-AEAD algorithm)
 )
 # Host tools copied into the image at the path the host's PATH finds them
 # (under /usr in the image; the image's /bin and /sbin hold busybox and kmod).
-tools=(ip ss tc bridge nstat xtables-nft-multi xtables-legacy-multi tcpdump ping kmod)
+tools=(ip ss tc bridge nstat xtables-nft-multi xtables-legacy-multi tcpdump ping kmod iperf3 wg)
 
 # --- inputs and stamp --------------------------------------------------------
 lab_kernel=${SECUREOVERLAY_LAB_KERNEL:-6.1}
@@ -132,7 +134,7 @@ stamp=$(
 		echo "kernel $lab_kernel ${kdebs[*]} $kver_pkg"
 		sha256sum "$0"
 		(cd "$repo" && find conformance/lab/guest conformance/lab/wire -type f | LC_ALL=C sort | xargs sha256sum)
-		dpkg-query -W -f='${Package} ${Version}\n' iproute2 iptables tcpdump busybox-static kmod iputils-ping libc6 dash
+		dpkg-query -W -f='${Package} ${Version}\n' iproute2 iptables tcpdump busybox-static kmod iputils-ping libc6 dash iperf3 wireguard-tools
 		"$GO" version
 		printf '%s\n' "${modules[@]}" "${tools[@]}"
 	} | sha256sum | cut -d' ' -f1
@@ -225,9 +227,10 @@ for a in $(busybox --list); do
 done
 ln -s bin/busybox "$root/init"
 
-log "building labd and labping"
+log "building labd, labping and labperf"
 CGO_ENABLED=0 "$GO" build -C "$repo" -trimpath -ldflags '-s -w' -o "$root/sbin/labd" ./conformance/lab/guest/labd
 CGO_ENABLED=0 "$GO" build -C "$repo" -trimpath -ldflags '-s -w' -o "$root/sbin/labping" ./conformance/lab/guest/labping
+CGO_ENABLED=0 "$GO" build -C "$repo" -trimpath -ldflags '-s -w' -o "$root/sbin/labperf" ./conformance/lab/guest/labperf
 
 install -m 0755 "$repo/conformance/lab/guest/rc" "$root/etc/lab/rc"
 install -m 0644 "$repo/conformance/lab/guest/inittab" "$root/etc/inittab"
@@ -275,7 +278,7 @@ depmod -b "$root" "$krel"
 
 {
 	echo "kernel package: $kpkg $kver_pkg ($krel)"
-	dpkg-query -W -f='userland: ${Package} ${Version}\n' iproute2 iptables tcpdump busybox-static kmod iputils-ping libc6
+	dpkg-query -W -f='userland: ${Package} ${Version}\n' iproute2 iptables tcpdump busybox-static kmod iputils-ping libc6 iperf3 wireguard-tools
 	echo "modules loaded at boot: ${boot_modules[*]}"
 	[ "${#absent[@]}" -eq 0 ] || echo "modules this kernel lacks (left out): ${absent[*]}"
 	echo "module files:"

@@ -595,6 +595,15 @@ func (vm *VM) ConsoleLog() string { return filepath.Join(vm.stateDir, "console.l
 // StateDir holds console.log and qemu.log.
 func (vm *VM) StateDir() string { return vm.stateDir }
 
+// PID is the QEMU process's ID on the host (0 before Boot started it), e.g. to read the
+// emulator's CPU time from /proc/PID/stat.
+func (vm *VM) PID() int {
+	if vm.cmd == nil || vm.cmd.Process == nil {
+		return 0
+	}
+	return vm.cmd.Process.Pid
+}
+
 // ConsoleTail returns the last n lines of the console log.
 func (vm *VM) ConsoleTail(n int) string {
 	b, err := os.ReadFile(vm.ConsoleLog())

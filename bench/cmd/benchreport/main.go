@@ -36,9 +36,11 @@ var (
 	labSize = flag.String("lab-nodes", "3,8", "node namespaces for the lab runs")
 	count   = flag.Int("count", 5, "runs of each Go benchmark (the median is reported)")
 	from    = flag.String("from", "", "comma-separated logs of earlier runs whose BENCH lines are merged in (e.g. a separate lab run)")
-	only    = flag.String("only", "", "comma-separated sections to run (compute,xfrm,keys,cni,agent,ctl,lab); empty: all")
+	only    = flag.String("only", "", "comma-separated sections to run (compute,xfrm,keys,cni,agent,ctl,lab,dataplane); empty: all")
+	update  = flag.Bool("update", false, "replace only the sections that ran in the existing -out file, keep the others and its header (e.g. -only dataplane -update)")
 	ctlSize = flag.String("ctl-nodes", "1000,5000", "cluster sizes for secureoverlayctl status")
 	results = map[string]value{}
+	texts   = map[string]string{}               // "BENCHTEXT name text" lines
 	bench   = map[string][]map[string]float64{} // Benchmark name → runs → unit → value
 	cmds    []string
 	failed  = map[int]string{} // index in cmds → why the command failed
@@ -71,6 +73,10 @@ func parse(s string) {
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
 		l := sc.Text()
+		if f := strings.Fields(l); len(f) >= 3 && f[0] == "BENCHTEXT" {
+			texts[f[1]] = strings.Join(f[2:], " ")
+			continue
+		}
 		if f := strings.Fields(l); len(f) == 4 && f[0] == "BENCH" {
 			if v, err := strconv.ParseFloat(f[2], 64); err == nil {
 				results[f[1]] = value{v, f[3]}
@@ -198,6 +204,9 @@ func main() {
 	if *withLab && want("lab") {
 		parse(run(benchEnv, "test", "-count=1", "-timeout", "30m", "-run", "^TestBenchProgramStatesLab$", "-v", "./reconciler/xfrm"))
 		parse(run(append(benchEnv, "SECUREOVERLAY_BENCH_LAB_NODES="+*labSize), "test", "-count=1", "-timeout", "90m", "-run", "^TestBenchRotationCutover$", "-v", "./conformance/e2e"))
+	}
+	if want("dataplane") {
+		parse(run(benchEnv, "test", "-count=1", "-timeout", "40m", "-run", "^TestBench(Dataplane|AEAD)$", "-v", "./bench/dataplane"))
 	}
 	var b strings.Builder
 	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
@@ -397,8 +406,25 @@ func main() {
 	w("| v2: per pair one X25519 and one salted extract, then HKDF (docs/keys.md §10), one worker | %s | %s |\n", get("keys.start_v2"), get("keys.start_ratio_v2_v1"))
 	w("| v2 parallel: `keys.DerivePeersV2` with GOMAXPROCS (%s) workers | %s (issue 17's bound: 1 s) | serial/parallel %s |\n", get("keys.start_v2_workers"), get("keys.start_v2_parallel"), get("keys.start_ratio_serial_parallel"))
 
-	if err := os.WriteFile(*out, []byte(b.String()), 0o644); err != nil {
+	writeDataplane(w, started)
+
+	text := b.String()
+	if *update {
+		old, err := os.ReadFile(*out)
+		if err != nil {
+			log.Fatalf("-update: %v", err)
+		}
+		text = merge(string(old), text)
+	}
+	if err := os.WriteFile(*out, []byte(text), 0o644); err != nil {
 		log.Fatal(err)
 	}
 	log.Printf("wrote %s", *out)
+	for i, c := range cmds {
+		if _, bad := failed[i]; bad && strings.Contains(c, "./bench/dataplane") {
+			// The data-plane benchmark fails only on a correctness check (or a broken
+			// measurement): make `make bench-dataplane` and `make bench` fail with it.
+			log.Fatalf("%s failed: see its log above", c)
+		}
+	}
 }

@@ -466,6 +466,7 @@ func (a *Agent) sync() (err error) {
 		if err != nil {
 			return a.fail(fmt.Errorf("compute desired state: %w", err))
 		}
+		a.d.Metrics.MemoUpdates.WithLabelValues(ch.How).Inc()
 		st = a.memo.State()
 		// Order (docs/dataplane.md §8): rules that stay, xfrm, then the new rules, so an
 		// outbound drop rule never outlives the policy it backs and a new drop rule

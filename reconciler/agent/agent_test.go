@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -757,4 +758,51 @@ func TestReportListsSendingGenerations(t *testing.T) {
 	if r := BuildReport(st, &watch.Snapshot{}, "boot-a", Budget{}, SeqUse{}, SeqUse{}, time.Unix(0, 0)); len(r.Sending) != 0 {
 		t.Fatalf("accept mode sends with %v", r.Sending)
 	}
+}
+
+// TestPartialSyncsUseTheWatchersHint: after the first (full) sync, Node events reach the
+// desired state through the watcher's hint — the memo recomputes the named nodes only —
+// and the state is still what Compute gives for the inputs.
+func TestPartialSyncsUseTheWatchersHint(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	// The watcher parses the ring once per Secret resourceVersion (the memo's KeysVersion);
+	// the fake API sets none.
+	ctx := context.Background()
+	sec, err := e.cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sec.ResourceVersion = "7"
+	if _, err := e.cs.CoreV1().Secrets(api.Namespace).Update(ctx, sec, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	stop := e.run()
+	defer stop()
+	hinted := func() float64 {
+		var m dto.Metric
+		if err := e.m.MemoUpdates.WithLabelValues("hint").Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m.GetCounter().GetValue()
+	}
+	waitFor(t, "first sync", func() bool { return e.a.Status().Ready })
+	for i, name := range []string{"c", "d", "e"} {
+		before := hinted()
+		if _, err := e.cs.CoreV1().Nodes().Create(ctx, testNode(name, fmt.Sprintf("198.18.0.%d", 3+i), "boot-"+name), metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, "a hinted update for "+name, func() bool { return hinted() > before })
+	}
+	waitFor(t, "the state of every node", func() bool {
+		snap := e.src.Snapshot()
+		in, err := watch.Inputs("a", snap, desired.Config{}, e.a.Epoch())
+		if err != nil || len(in.Nodes) != 5 {
+			return false
+		}
+		want, err := desired.Compute(in)
+		e.a.mu.Lock()
+		st := e.a.lastState
+		e.a.mu.Unlock()
+		return err == nil && st != nil && reflect.DeepEqual(*st, want)
+	})
 }

@@ -579,7 +579,7 @@ func TestBenchEventStream(t *testing.T) {
 	a.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
 	for _, l := range strings.Split(rec.Body.String(), "\n") {
 		if strings.HasPrefix(l, "secureoverlay_agent_sync_duration_seconds_sum") || strings.HasPrefix(l, "secureoverlay_agent_sync_duration_seconds_count") ||
-			strings.HasPrefix(l, "secureoverlay_agent_report_writes_total") {
+			strings.HasPrefix(l, "secureoverlay_agent_report_writes_total") || strings.HasPrefix(l, "secureoverlay_agent_desired_updates_total") {
 			t.Log(l)
 		}
 	}

@@ -41,6 +41,9 @@ func memoCheck(t *testing.T, m *Memo, prev *State, in Inputs, h Hint, step strin
 		memoPaths[m.path]++
 		memoPaths[m.built]++
 	}
+	if want := map[bool]string{true: "full", false: m.path}[ch.Full]; ch.How != want {
+		t.Fatalf("%s: change found %q, want %q", step, ch.How, want)
+	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("%s: memo state differs from Compute\n--- memo (%d SAs %d policies %d peers %d skipped)\n%s--- compute (%d SAs %d policies %d peers %d skipped)\n%s\nmemo peers %v\ncompute peers %v\nmemo notes %q neighbours %q gens %v\ncompute notes %q neighbours %q gens %v",
 			step, len(got.SAs), len(got.Policies), len(got.Peers), len(got.Skipped), render(got),

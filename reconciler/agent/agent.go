@@ -179,6 +179,7 @@ type Agent struct {
 	q   workqueue.TypedRateLimitingInterface[string]
 
 	full      atomic.Bool  // next sync re-reads the kernel
+	reset     atomic.Bool  // ... and recomputes the desired state whole (not for a report's hand-over)
 	syncStart atomic.Int64 // unix nanos of the running sync, 0 when idle
 
 	mu        sync.Mutex
@@ -280,6 +281,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](cfg.RetryMin, cfg.RetryMax),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "secureoverlay-agent"}),
 		wake: make(chan struct{}, 1)}
+	a.reset.Store(true)
 	a.full.Store(true)
 	d.Source.SetOnChange(a.Trigger)
 	return a, nil
@@ -292,6 +294,7 @@ func (a *Agent) Trigger(kind string) {
 
 // Resync enqueues a full sync (both appliers re-read the kernel).
 func (a *Agent) Resync() {
+	a.reset.Store(true)
 	a.full.Store(true)
 	a.q.Add(queueKey)
 }
@@ -406,7 +409,7 @@ func (a *Agent) sync() (err error) {
 		}
 		return nil // the informers' sync events enqueue the next attempt
 	}
-	full := a.full.Swap(false)
+	full, reset := a.full.Swap(false), a.reset.Swap(false)
 	kind := "partial"
 	if a.memo == nil {
 		a.memo = desired.NewMemo()
@@ -415,12 +418,15 @@ func (a *Agent) sync() (err error) {
 		kind = "full"
 		a.d.Xfrm.QueueResync()
 		a.d.Rules.QueueResync()
-		a.memo.Reset()
+		if reset { // not when a partial sync handed over for its report: see there
+			a.memo.Reset()
+		}
 	}
 	defer func() {
 		result := "ok"
 		if err != nil {
 			result = "error"
+			a.reset.Store(true)
 			a.full.Store(true)
 		}
 		a.d.Metrics.SyncDuration.WithLabelValues(kind).Observe(a.d.Now().Sub(now).Seconds())
@@ -571,6 +577,9 @@ func (a *Agent) sync() (err error) {
 	// Reports are written only after a sync that read the kernel back: a partial sync
 	// trusts the appliers' caches, which another tool may have made stale (flushed
 	// policies). So a partial sync that would publish hands over to a full one at once.
+	// That one re-reads the kernel but keeps the memo (it compares every Node): its
+	// desired state is the one just programmed, the kernel is what it must verify; the
+	// periodic resync and every failure still recompute everything.
 	if !full {
 		if _, due := a.publishDue(rep); due {
 			a.full.Store(true)

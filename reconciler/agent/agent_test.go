@@ -778,14 +778,16 @@ func TestPartialSyncsUseTheWatchersHint(t *testing.T) {
 	}
 	stop := e.run()
 	defer stop()
-	hinted := func() float64 {
+	count := func(c prometheus.Counter) float64 {
 		var m dto.Metric
-		if err := e.m.MemoUpdates.WithLabelValues("hint").Write(&m); err != nil {
+		if err := c.Write(&m); err != nil {
 			t.Fatal(err)
 		}
 		return m.GetCounter().GetValue()
 	}
+	hinted := func() float64 { return count(e.m.MemoUpdates.WithLabelValues("hint")) }
 	waitFor(t, "first sync", func() bool { return e.a.Status().Ready })
+	recomputed, fullSyncs := count(e.m.MemoUpdates.WithLabelValues("full")), count(e.m.Syncs.WithLabelValues("full", "ok"))
 	for i, name := range []string{"c", "d", "e"} {
 		before := hinted()
 		if _, err := e.cs.CoreV1().Nodes().Create(ctx, testNode(name, fmt.Sprintf("198.18.0.%d", 3+i), "boot-"+name), metav1.CreateOptions{}); err != nil {
@@ -805,4 +807,12 @@ func TestPartialSyncsUseTheWatchersHint(t *testing.T) {
 		e.a.mu.Unlock()
 		return err == nil && st != nil && reflect.DeepEqual(*st, want)
 	})
+	// Each join changed this node's report, so each partial sync handed over to a full
+	// one, which re-read the kernel without recomputing the desired state whole.
+	if n := count(e.m.Syncs.WithLabelValues("full", "ok")); n < fullSyncs+3 {
+		t.Errorf("%v full syncs after three joins, want at least %v", n, fullSyncs+3)
+	}
+	if n := count(e.m.MemoUpdates.WithLabelValues("full")); n != recomputed {
+		t.Errorf("the desired state was recomputed whole %v times after the first sync", n-recomputed)
+	}
 }

@@ -563,12 +563,21 @@ func (m *Memo) hinted(in Inputs, h Hint, find func(string) (*Node, bool)) []stri
 	}
 	changed := noChange
 	n := len(m.parts) + 1 // the nodes in, if the hint is right
-	for _, name := range h.Nodes {
+	var seen map[string]bool
+	if len(h.Nodes) > 16 {
+		seen = make(map[string]bool, len(h.Nodes))
+	}
+	for i, name := range h.Nodes {
 		if name == in.Self {
 			return nil
 		}
-		if slices.Contains(changed, name) {
-			continue
+		if seen != nil {
+			if seen[name] {
+				continue
+			}
+			seen[name] = true
+		} else if slices.Contains(h.Nodes[:i], name) {
+			continue // named twice
 		}
 		node, present := find(name)
 		old, had := m.parts[name]

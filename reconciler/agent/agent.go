@@ -180,6 +180,7 @@ type Agent struct {
 	q   workqueue.TypedRateLimitingInterface[string]
 
 	full      atomic.Bool  // next sync re-reads the kernel
+	reset     atomic.Bool  // ... and recomputes the desired state whole (not for a report's hand-over)
 	syncStart atomic.Int64 // unix nanos of the running sync, 0 when idle
 
 	mu        sync.Mutex
@@ -289,6 +290,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](cfg.RetryMin, cfg.RetryMax),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "secureoverlay-agent"}),
 		wake: make(chan struct{}, 1), keysWake: make(chan struct{}, 1)}
+	a.reset.Store(true)
 	a.full.Store(true)
 	d.Source.SetOnChange(a.Trigger)
 	return a, nil
@@ -301,6 +303,7 @@ func (a *Agent) Trigger(kind string) {
 
 // Resync enqueues a full sync (both appliers re-read the kernel).
 func (a *Agent) Resync() {
+	a.reset.Store(true)
 	a.full.Store(true)
 	a.q.Add(queueKey)
 }
@@ -419,7 +422,7 @@ func (a *Agent) sync() (err error) {
 		}
 		return nil // the informers' sync events enqueue the next attempt
 	}
-	full := a.full.Swap(false)
+	full, reset := a.full.Swap(false), a.reset.Swap(false)
 	kind := "partial"
 	if a.memo == nil {
 		a.memo = desired.NewMemo()
@@ -428,12 +431,15 @@ func (a *Agent) sync() (err error) {
 		kind = "full"
 		a.d.Xfrm.QueueResync()
 		a.d.Rules.QueueResync()
-		a.memo.Reset()
+		if reset { // not when a partial sync handed over for its report: see there
+			a.memo.Reset()
+		}
 	}
 	defer func() {
 		result := "ok"
 		if err != nil {
 			result = "error"
+			a.reset.Store(true)
 			a.full.Store(true)
 		}
 		a.d.Metrics.SyncDuration.WithLabelValues(kind).Observe(a.d.Now().Sub(now).Seconds())
@@ -483,6 +489,7 @@ func (a *Agent) sync() (err error) {
 		if err != nil {
 			return a.fail(fmt.Errorf("compute desired state: %w", err))
 		}
+		a.d.Metrics.MemoUpdates.WithLabelValues(ch.How).Inc()
 		st = a.memo.State()
 		// Order (docs/dataplane.md §8): rules that stay, xfrm, then the new rules, so an
 		// outbound drop rule never outlives the policy it backs and a new drop rule
@@ -593,6 +600,9 @@ func (a *Agent) sync() (err error) {
 	// Reports are written only after a sync that read the kernel back: a partial sync
 	// trusts the appliers' caches, which another tool may have made stale (flushed
 	// policies). So a partial sync that would publish hands over to a full one at once.
+	// That one re-reads the kernel but keeps the memo (it compares every Node): its
+	// desired state is the one just programmed, the kernel is what it must verify; the
+	// periodic resync and every failure still recompute everything.
 	if !full {
 		if _, due := a.publishDue(rep); due {
 			a.full.Store(true)

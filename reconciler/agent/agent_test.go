@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -757,5 +758,74 @@ func TestReportListsSendingGenerations(t *testing.T) {
 	st.Mode, st.Peers = api.ModeAccept, []desired.PeerStatus{{Name: "b"}}
 	if r := BuildReport(st, &watch.Snapshot{}, "boot-a", Budget{}, SeqUse{}, SeqUse{}, time.Unix(0, 0)); len(r.Sending) != 0 {
 		t.Fatalf("accept mode sends with %v", r.Sending)
+	}
+}
+
+// TestPartialSyncsUseTheWatchersHint: after the first (full) sync, Node events reach the
+// desired state through the watcher's hint — the memo recomputes the named nodes only —
+// and the state is still what Compute gives for the inputs.
+func TestPartialSyncsUseTheWatchersHint(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	// The watcher parses the ring once per Secret resourceVersion (the memo's KeysVersion);
+	// the fake API sets none.
+	ctx := context.Background()
+	sec, err := e.cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sec.ResourceVersion = "7"
+	if _, err := e.cs.CoreV1().Secrets(api.Namespace).Update(ctx, sec, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	stop := e.run()
+	defer stop()
+	count := func(c prometheus.Counter) float64 {
+		var m dto.Metric
+		if err := c.Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m.GetCounter().GetValue()
+	}
+	hinted := func() float64 { return count(e.m.MemoUpdates.WithLabelValues("hint")) }
+	waitFor(t, "first sync", func() bool { return e.a.Status().Ready })
+	recomputed, fullSyncs := count(e.m.MemoUpdates.WithLabelValues("full")), count(e.m.Syncs.WithLabelValues("full", "ok"))
+	// Each join waits for the agent to be idle, so its event meets no hand-over full sync
+	// (which would absorb it by comparing every Node) and a partial sync takes it.
+	idle := func() bool { return !e.a.full.Load() && e.a.syncStart.Load() == 0 && e.a.q.Len() == 0 }
+	inState := func(name string) bool {
+		e.a.mu.Lock()
+		defer e.a.mu.Unlock()
+		st := e.a.lastState
+		return st != nil && (slices.ContainsFunc(st.Skipped, func(s desired.Skip) bool { return s.Object == "node/"+name }) ||
+			slices.ContainsFunc(st.Peers, func(p desired.PeerStatus) bool { return p.Name == name }))
+	}
+	hinted0 := hinted()
+	for i, name := range []string{"c", "d", "e"} {
+		waitFor(t, "the agent idle", idle)
+		if _, err := e.cs.CoreV1().Nodes().Create(ctx, testNode(name, fmt.Sprintf("198.18.0.%d", 3+i), "boot-"+name), metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, name+" in the desired state", func() bool { return inState(name) })
+	}
+	if n := hinted() - hinted0; n < 1 {
+		t.Errorf("%v of the three joins reached the desired state through the watcher's hint", n)
+	}
+	waitFor(t, "the state of every node", func() bool {
+		snap := e.src.Snapshot()
+		in, err := watch.Inputs("a", snap, desired.Config{}, e.a.Epoch())
+		if err != nil || len(in.Nodes) != 5 {
+			return false
+		}
+		want, err := desired.Compute(in)
+		e.a.mu.Lock()
+		st := e.a.lastState
+		e.a.mu.Unlock()
+		return err == nil && st != nil && reflect.DeepEqual(*st, want)
+	})
+	// The joins changed this node's report, so partial syncs handed over to full ones,
+	// which re-read the kernel without recomputing the desired state whole.
+	waitFor(t, "a hand-over full sync", func() bool { return count(e.m.Syncs.WithLabelValues("full", "ok")) > fullSyncs })
+	if n := count(e.m.MemoUpdates.WithLabelValues("full")); n != recomputed {
+		t.Errorf("the desired state was recomputed whole %v times after the first sync", n-recomputed)
 	}
 }

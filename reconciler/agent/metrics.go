@@ -15,6 +15,7 @@ type Metrics struct {
 
 	SyncDuration *prometheus.HistogramVec // kind=full|partial
 	Syncs        *prometheus.CounterVec   // kind, result=ok|error
+	MemoUpdates  *prometheus.CounterVec   // how=full|same|hint|scan (desired.Change.How)
 	Writes       *prometheus.CounterVec   // object=state|policy, op=add|replace|update|delete
 	States       prometheus.Gauge
 	Policies     prometheus.Gauge
@@ -58,6 +59,8 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 		Help:    "Duration of one sync (snapshot, compute, xfrm and iptables apply); kind=full re-read the kernel, partial trusted the appliers' caches.",
 		Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30}}, []string{"kind"})
 	m.Syncs = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "syncs_total", Help: "Syncs by kind and result."}, []string{"kind", "result"})
+	m.MemoUpdates = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "desired_updates_total",
+		Help: "Updates of the desired state by how the changed peers were found: full (recomputed whole), same (no node changed), hint (the nodes the watcher's events named), scan (every Node compared)."}, []string{"how"})
 	m.Writes = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "kernel_writes_total", Help: "xfrm kernel writes by object and operation."}, []string{"object", "op"})
 	m.States = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "xfrm_states", Help: "xfrm states (SAs) owned by the agent after the last successful sync."})
 	m.Policies = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "xfrm_policies", Help: "xfrm policies owned by the agent after the last successful sync."})
@@ -82,7 +85,7 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 	m.Registry.MustRegister(m.GateReady, m.GateErrors)
 	m.Conflicts = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "address_conflicts", Help: "IPv4 addresses claimed by more than one Node (each pair kept as it was, or given nothing)."})
 	m.Registry.MustRegister(m.Conflicts)
-	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,
+	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.MemoUpdates, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,
 		m.SyncError, m.Mode, m.BudgetMTU, m.ExternalMTU, m.Peers, m.NotCovered, m.ReportWrites,
 		&xfrmStatCollector{path: xfrmStatPath}, &dropCollector{m: m},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

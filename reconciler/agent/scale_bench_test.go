@@ -499,18 +499,26 @@ func TestBenchEventStream(t *testing.T) {
 	bench.Gate(t, true)
 	const changes = 250
 	const every = 20 * time.Millisecond
-	names := make([]string, changes+1)
+	// SECUREOVERLAY_BENCH_STREAM_PEERS=N runs the same stream in a cluster of N peers (the
+	// ones past the first 250 report before the agent starts).
+	peers, prefix := changes, "latency.stream.node"
+	if v, err := strconv.Atoi(os.Getenv("SECUREOVERLAY_BENCH_STREAM_PEERS")); err == nil && v > changes {
+		peers, prefix = v, fmt.Sprintf("latency.stream%d.node", v)
+	}
+	names := make([]string, peers+1)
 	for i := range names {
 		names[i] = cluster.Name(i)
 	}
 	_, cfg := benchCluster(t, names)
 	ctx := context.Background()
 	cs := kubernetes.NewForConfigOrDie(cfg)
-	uids := make([]string, changes+1)
-	if err := kube.Parallel(changes+1, 8, func(i int) error {
+	uids := make([]string, peers+1)
+	if err := kube.Parallel(peers+1, 8, func(i int) error {
 		var err error
-		uids[i], err = createNode(ctx, cs, i)
-		return err
+		if uids[i], err = createNode(ctx, cs, i); err != nil || i <= changes {
+			return err
+		}
+		return publishReport(ctx, cs, i, uids[i])
 	}); err != nil {
 		t.Fatal(err)
 	}
@@ -570,16 +578,16 @@ func TestBenchEventStream(t *testing.T) {
 		}
 	}
 	logTrend(t, "node stream", lat)
-	latencies("latency.stream.node", lat)
+	latencies(prefix, lat)
 	slices.Sort(lat)
 	load, _ := os.ReadFile("/proc/loadavg")
-	t.Logf("50 Node events/s: p50 %s p99 %s max %s (loadavg %s)", lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1], strings.TrimSpace(string(load)))
+	t.Logf("50 Node events/s, %d peers: p50 %s p99 %s max %s (loadavg %s)", peers, lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1], strings.TrimSpace(string(load)))
 	// Where the time goes: the agent's syncs and report writes over the whole run.
 	rec := httptest.NewRecorder()
 	a.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
 	for _, l := range strings.Split(rec.Body.String(), "\n") {
 		if strings.HasPrefix(l, "secureoverlay_agent_sync_duration_seconds_sum") || strings.HasPrefix(l, "secureoverlay_agent_sync_duration_seconds_count") ||
-			strings.HasPrefix(l, "secureoverlay_agent_report_writes_total") {
+			strings.HasPrefix(l, "secureoverlay_agent_report_writes_total") || strings.HasPrefix(l, "secureoverlay_agent_desired_updates_total") {
 			t.Log(l)
 		}
 	}

@@ -52,8 +52,8 @@ type Memo struct {
 
 	// nodesVer is the NodesVersion of the Inputs the memo holds (nil: unversioned).
 	nodesVer any
-	// path is how the last incremental Update found the changed nodes ("same", "hint",
-	// "scan"), and how State built the last state ("patched", "assembled"); for tests.
+	// path is how the last incremental Update found the changed nodes (Change.How); built
+	// is how State built the last state ("patched", "assembled"; for tests).
 	path, built string
 
 	// st is the last assembled State. stOK: it is the current one. Otherwise, with stHave,
@@ -81,8 +81,12 @@ func (v Version) IsZero() bool { return v.memo == nil }
 // other peer's objects are unchanged. An applier holding From's state reaches To's by
 // writing the new objects and removing the old identities that are not among them.
 type Change struct {
-	From, To              Version
-	Full                  bool
+	From, To Version
+	Full     bool
+	// How the changed peers were found: "full" (recomputed whole), "same" (the Inputs'
+	// NodesVersion was the memo's: no node looked at), "hint" (the nodes the Hint named),
+	// "scan" (every Node compared). For metrics.
+	How                   string
 	Peers                 []string // the nodes whose parts were recomputed (not set when Full)
 	SAs, OldSAs           []SA
 	Policies, OldPolicies []Policy
@@ -184,7 +188,7 @@ func (m *Memo) Update(in Inputs, h Hint) (Change, error) {
 	m.ok, m.st, m.stOK, m.stHave = true, st, true, true
 	m.nodesVer = in.NodesVersion
 	m.rebuild(in, st)
-	return Change{From: from, To: m.Version(), Full: true}, nil
+	return Change{From: from, To: m.Version(), Full: true, How: "full"}, nil
 }
 
 // State returns the state the last Update computed (what Compute returns for its Inputs;
@@ -547,7 +551,7 @@ func (m *Memo) incremental(in Inputs, h Hint) (Change, bool) {
 	}
 	changed = changed[:len(changed):len(changed)]
 	m.valid = false // until every changed peer is done
-	ch := Change{To: Version{memo: m.id, n: m.n + 1}, Peers: changed}
+	ch := Change{To: Version{memo: m.id, n: m.n + 1}, Peers: changed, How: m.path}
 	if m.pending == nil {
 		m.pending = map[string]*part{}
 	}
@@ -594,12 +598,21 @@ func (m *Memo) hinted(in Inputs, h Hint, find func(string) (*Node, bool)) []stri
 	}
 	changed := noChange
 	n := len(m.parts) + 1 // the nodes in, if the hint is right
-	for _, name := range h.Nodes {
+	var seen map[string]bool
+	if len(h.Nodes) > 16 {
+		seen = make(map[string]bool, len(h.Nodes))
+	}
+	for i, name := range h.Nodes {
 		if name == in.Self {
 			return nil
 		}
-		if slices.Contains(changed, name) {
-			continue
+		if seen != nil {
+			if seen[name] {
+				continue
+			}
+			seen[name] = true
+		} else if slices.Contains(h.Nodes[:i], name) {
+			continue // named twice
 		}
 		node, present := find(name)
 		old, had := m.parts[name]

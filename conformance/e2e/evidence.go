@@ -309,7 +309,10 @@ var pingTimeRE = regexp.MustCompile(`(?m)^\[(\d+\.\d+)\] .*icmp_seq=(\d+) `)
 // echo on the guest's loopback, so exactly the clock of the streams' timestamps (the
 // guest's busybox date has no sub-second format).
 func (l *Lab) GuestTime(ctx context.Context) (float64, error) {
-	out, _, err := l.VM.Run(ctx, "ping -D -n -c 1 -W 1 127.0.0.1")
+	// -W 10: the reply normally comes at once, but a guest busy with streams, a capture
+	// and TCG's emulation has been seen to take over a second to answer its own loopback
+	// (scenario 7c's mark failed with -W 1); waiting longer costs nothing when it is quick.
+	out, _, err := l.VM.Run(ctx, "ping -D -n -c 1 -W 10 127.0.0.1")
 	if err != nil {
 		return 0, err
 	}

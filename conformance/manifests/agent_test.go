@@ -121,8 +121,9 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 	// metric show it.
 	var readyz string
 	run("node-b", func(string) bool {
+		// Its two writers race: the NodeKeys refusal may show first; wait for the report's.
 		readyz = getInNS("/readyz")
-		return strings.Contains(readyz, "ValidatingAdmissionPolicy")
+		return strings.Contains(readyz, "may only write the nodereports of its own Node")
 	})
 	// Its own NodeReport is there, owned by its Node (the garbage collector's link).
 	if u, err := dc.Resource(nodereport.GVR).Namespace(api.Namespace).Get(ctx, "node-a", metav1.GetOptions{}); err != nil {

@@ -219,11 +219,20 @@ func New(cfg Config) *Watcher {
 	// The peers' published keys (protocol v2). Not required to sync while the ring has
 	// no v2 generation (HasSynced): with an older manifest the CRD is missing.
 	w.pubKeys = nodekeys.NewCache(cfg.Dynamic, cfg.Namespace, func(node string) {
-		var kp *nodekeys.Keys
-		if k, ok, err := w.pubKeys.Get(node); ok && err == nil {
-			kp = &k
+		k, ok, err := w.pubKeys.Get(node)
+		switch {
+		case ok && err == nil:
+			w.view.setKeys(node, &k)
+		case !ok && w.nodeExists(node):
+			// Deleted while its Node exists — `kubectl delete -f` deletes our namespace
+			// before the agents' walk-down — keep the keys: a deleted object changes
+			// nothing in that node's kernel, and forgetting them would drop the pair's
+			// v2 SAs mid-uninstall (as nodereport.Cache keeps reports). A re-created Node
+			// has another incarnation, which these keys do not match.
+			return
+		default:
+			w.view.setKeys(node, nil)
 		}
-		w.view.setKeys(node, kp)
 		w.notify("nodekeys")
 	})
 	w.coreStart = func(stop <-chan struct{}) {
@@ -483,6 +492,12 @@ func (w *Watcher) Err() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.calicoErr
+}
+
+// nodeExists reports whether the Node cache holds node.
+func (w *Watcher) nodeExists(node string) bool {
+	_, ok, err := w.nodes.GetStore().GetByKey(node)
+	return err == nil && ok
 }
 
 // ringHasV2 reports whether the current ring has a protocol v2 generation.

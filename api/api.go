@@ -6,7 +6,8 @@
 // Ownership (one writer per object):
 //   - Secret Namespace/SecretName, data key SecretDataKey: written only by the master; it
 //     holds the key ring AND the cluster mode the master has set, so agents always see keys
-//     and mode as one consistent snapshot. Agents may only get/watch it.
+//     and mode as one consistent snapshot. Agents read its public projection, the
+//     ConfigMap RingConfigMapName, and the Secret only while that withholds a v1 root.
 //   - Node annotation ReportAnnotation: written only by the agent on that Node, and only
 //     after the kernel holds what the report claims (program before advertise).
 //   - ConfigMap ConfigMapName: operator settings (written by kubectl/the CLI); the master
@@ -30,6 +31,20 @@ const (
 	ConfigMapName = "secureoverlay-config"
 	// StatusConfigMapName holds the master's published view.
 	StatusConfigMapName = "secureoverlay-status"
+
+	// RingConfigMapName holds the public ring (docs/keys.md §11): the Secret's ring with
+	// every v1 root withheld ("sealed"). Written only by the master; agents read it.
+	RingConfigMapName = "secureoverlay-ring"
+	// RingDataKey is the single data key inside RingConfigMapName.
+	RingDataKey = "ring"
+	// AgentKeysAccess names the Role and RoleBinding that let agents read the Secret; the
+	// master sets the binding's subjects (granted while a v1 generation or an agent that
+	// reads only the Secret needs it, else none).
+	AgentKeysAccess = "secureoverlay-agent-keys"
+	// AgentServiceAccount is the agents' ServiceAccount in Namespace.
+	AgentServiceAccount = "secureoverlay-agent"
+	// CapabilityRingConfigMap in an agent's NodeKeys says it reads the public ring.
+	CapabilityRingConfigMap = "ring-configmap"
 
 	// ReportAnnotation is the agent's JSON NodeReport on its own Node.
 	ReportAnnotation = "secureoverlay.io/report"

@@ -320,7 +320,7 @@ func (p *parser) root(path string, dst *[]byte) error {
 
 var (
 	ringFields       = []string{"schemaVersion", "mode", "target", "modeChanged", "lastGeneration", "lastRotateRequest", "generations", "nodes"}
-	generationFields = []string{"number", "state", "cipher", "icvBytes", "root", "salt", "reason", "created", "activated", "retiring"}
+	generationFields = []string{"number", "state", "cipher", "icvBytes", "root", "salt", "sealed", "reason", "created", "activated", "retiring"}
 	nodeFields       = []string{"name", "id", "released", "releasedAt"}
 )
 
@@ -383,6 +383,8 @@ func (p *parser) generation(path string, g *wireGeneration) error {
 			return p.root(path, &g.Root)
 		case "salt":
 			return p.root(path, &g.Salt)
+		case "sealed":
+			return p.boolean(path, &g.Sealed)
 		case "reason":
 			return p.str(path, &g.Reason)
 		case "created":

@@ -139,6 +139,10 @@ type Generation struct {
 	// has no Root — every pair's key comes from its two nodes' X25519 keys (NodeKeys).
 	// Exactly one of Root and Salt is set.
 	Salt []byte `json:"salt,omitempty"`
+	// Sealed marks a v1 generation of the public ring (docs/keys.md §11): its root is
+	// withheld, to be read from the Secret (Unseal). Exactly one of Root, Salt and Sealed
+	// is set; the Secret's ring never has a sealed generation.
+	Sealed bool `json:"sealed,omitempty"`
 	// Reason says why it was created: initial, interval, request, sequence.
 	Reason    string    `json:"reason,omitempty"`
 	Created   time.Time `json:"created"`
@@ -276,6 +280,7 @@ type wireGeneration struct {
 	ICVBytes  int       `json:"icvBytes"`
 	Root      []byte    `json:"root,omitempty"`
 	Salt      []byte    `json:"salt,omitempty"`
+	Sealed    bool      `json:"sealed,omitempty"`
 	Reason    string    `json:"reason,omitempty"`
 	Created   time.Time `json:"created"`
 	Activated time.Time `json:"activated,omitzero"`
@@ -288,7 +293,7 @@ func toWire(r *Ring) wireRing {
 		Generations: make([]wireGeneration, 0, len(r.Generations)), Nodes: append([]NodeID{}, r.Nodes...)}
 	for _, g := range r.Generations {
 		w.Generations = append(w.Generations, wireGeneration{Number: g.Number, State: g.State, Cipher: g.Cipher,
-			ICVBytes: g.ICVBytes, Root: g.Root, Salt: g.Salt, Reason: g.Reason, Created: g.Created, Activated: g.Activated, Retiring: g.Retiring})
+			ICVBytes: g.ICVBytes, Root: g.Root, Salt: g.Salt, Sealed: g.Sealed, Reason: g.Reason, Created: g.Created, Activated: g.Activated, Retiring: g.Retiring})
 	}
 	return w
 }
@@ -299,7 +304,7 @@ func fromWire(w wireRing) *Ring {
 		Generations: make([]Generation, 0, len(w.Generations)), Nodes: append([]NodeID{}, w.Nodes...)}
 	for _, g := range w.Generations {
 		r.Generations = append(r.Generations, Generation{Number: g.Number, State: g.State, Cipher: g.Cipher,
-			ICVBytes: g.ICVBytes, Root: Key(g.Root), Salt: g.Salt, Reason: g.Reason, Created: g.Created, Activated: g.Activated, Retiring: g.Retiring})
+			ICVBytes: g.ICVBytes, Root: Key(g.Root), Salt: g.Salt, Sealed: g.Sealed, Reason: g.Reason, Created: g.Created, Activated: g.Activated, Retiring: g.Retiring})
 	}
 	return r
 }
@@ -336,11 +341,11 @@ func (r *Ring) Validate() error {
 			return bad("generations[%d].cipher %s", i, notOneOf(ciphers))
 		case !ValidICV(g.ICVBytes):
 			return bad("generations[%d].icvBytes %s", i, notOneOf(icvs))
-		case len(g.Root) == 0 && g.Salt == nil:
+		case len(g.Root) == 0 && g.Salt == nil && !g.Sealed:
 			return bad("generations[%d] has neither root (protocol v1) nor salt (v2)", i)
-		case len(g.Root) != 0 && g.Salt != nil:
-			return bad("generations[%d] has both a root (protocol v1) and a salt (v2)", i)
-		case g.Salt == nil && len(g.Root) != RootKeyBytes:
+		case b2i(len(g.Root) != 0)+b2i(g.Salt != nil)+b2i(g.Sealed) > 1:
+			return bad("generations[%d] has more than one of root (protocol v1), salt (v2) and sealed (v1, public ring)", i)
+		case g.Salt == nil && !g.Sealed && len(g.Root) != RootKeyBytes:
 			return bad("generations[%d].root is %d bytes, want %d", i, len(g.Root), RootKeyBytes)
 		case g.Salt != nil && len(g.Salt) != GenerationSaltBytes:
 			return bad("generations[%d].salt is %d bytes, want %d", i, len(g.Salt), GenerationSaltBytes)
@@ -396,6 +401,13 @@ func (r *Ring) Validate() error {
 		ids[n.ID] = i
 	}
 	return nil
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // Reasons are the values of Generation.Reason Step writes (why a generation was created).

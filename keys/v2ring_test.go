@@ -48,7 +48,7 @@ func TestV2GenerationInRing(t *testing.T) {
 		edit       func(g *Generation)
 	}{
 		{"neither", "neither root (protocol v1) nor salt (v2)", func(g *Generation) { g.Salt = nil }},
-		{"both", "both a root (protocol v1) and a salt (v2)", func(g *Generation) { g.Root = secretRoot(0xc3) }},
+		{"both", "more than one of root (protocol v1), salt (v2)", func(g *Generation) { g.Root = secretRoot(0xc3) }},
 		{"short salt", "salt is 16 bytes, want 32", func(g *Generation) { g.Salt = g.Salt[:16] }},
 		{"empty salt", "salt is 0 bytes, want 32", func(g *Generation) { g.Salt = []byte{} }},
 	} {

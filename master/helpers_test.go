@@ -145,7 +145,8 @@ func installMasterRBAC(t *testing.T, cs kubernetes.Interface, ns string) {
 		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{api.SecretName}, Verbs: []string{"get", "list", "watch", "update"}},
 		{APIGroups: []string{""}, Resources: []string{"configmaps"}, Verbs: []string{"create"}},
 		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{api.ConfigMapName}, Verbs: []string{"get", "list", "watch"}},
-		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{api.StatusConfigMapName}, Verbs: []string{"get", "update"}},
+		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{api.StatusConfigMapName, api.RingConfigMapName}, Verbs: []string{"get", "update"}},
+		{APIGroups: []string{"rbac.authorization.k8s.io"}, Resources: []string{"rolebindings"}, ResourceNames: []string{api.AgentKeysAccess}, Verbs: []string{"get", "update"}},
 		{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{name}, Verbs: []string{"get", "update"}},
@@ -238,10 +239,13 @@ type agent struct {
 	inGen      atomic.Uint32
 	// publish: the agent publishes NodeKeys (protocol v2 keys) for its incarnation, as
 	// agents since NodeKeys do; false: as an agent that predates them.
-	publish  atomic.Bool
-	lastKeys nodekeys.Keys // runAgent only
-	cancel   context.CancelFunc
-	done     chan struct{}
+	publish atomic.Bool
+	// readsRing: its NodeKeys declare api.CapabilityRingConfigMap (it reads the public
+	// ring, not the Secret).
+	readsRing atomic.Bool
+	lastKeys  nodekeys.Keys // runAgent only
+	cancel    context.CancelFunc
+	done      chan struct{}
 }
 
 func (e *env) addNode(name string, i int) *agent {
@@ -295,9 +299,15 @@ func (e *env) runAgent(ctx context.Context, a *agent) {
 		recordRing(ring)
 		rep := api.NodeReport{Mode: ring.Mode, Generations: ring.Numbers(), Incarnation: a.boot, UID: "uid-" + a.name, Epoch: "e-" + a.name,
 			MaxSeqFraction: a.seqFrac.Load().(float64), PeersEncrypted: 1, PeersExpected: 1}
-		if a.publish.Load() {
+		if a.publish.Load() || a.readsRing.Load() {
 			nk := nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: rep.Incarnation, UID: rep.UID, Epoch: rep.Epoch}}
+			if a.readsRing.Load() {
+				nk.Capabilities = []string{api.CapabilityRingConfigMap}
+			}
 			for _, g := range keys.PublishedGenerations(ring) {
+				if !a.publish.Load() {
+					break
+				}
 				var pub keys.PublicKey
 				pub[0], pub[1] = byte(g), 0x42 // public keys are not secret; the master only counts them
 				nk.Keys = append(nk.Keys, nodekeys.Key{Generation: g, X25519: pub})

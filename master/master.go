@@ -66,6 +66,10 @@ import (
 type Options struct {
 	// Namespace of the Secret, the ConfigMaps and the Lease (default api.Namespace).
 	Namespace string
+	// AgentServiceAccount is the agents' ServiceAccount in Namespace, the subject the
+	// master grants or revokes read access to the key Secret (default
+	// api.AgentServiceAccount; docs/keys.md §11).
+	AgentServiceAccount string
 	// Identity of this replica in the Lease (required, unique per replica).
 	Identity string
 	// LeaseName (default "secureoverlay-master") and the leader election timings
@@ -98,6 +102,9 @@ func (o *Options) defaults() error {
 	}
 	if o.Namespace == "" {
 		o.Namespace = api.Namespace
+	}
+	if o.AgentServiceAccount == "" {
+		o.AgentServiceAccount = api.AgentServiceAccount
 	}
 	if o.Identity == "" {
 		return errors.New("master: identity is required")
@@ -238,6 +245,13 @@ type Controller struct {
 	// exclusion is announced once, when it begins.
 	lagSince map[string]time.Time
 	excluded map[string]bool
+	// pubWritten is the public ring last written or read back at pubChecked; access the
+	// agents' Secret access last set ("granted", "revoked", "unmanaged") at accessChecked
+	// (access.go).
+	pubWritten    string
+	pubChecked    time.Time
+	access        string
+	accessChecked time.Time
 }
 
 const queueKey = "ring"
@@ -555,6 +569,10 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 		c.log.Warn("key ring secret has no data key, initializing it", "secret", ns+"/"+api.SecretName, "key", api.SecretDataKey, "ring", keys.Summary(ring))
 	} else if exists {
 		ring, err = keys.Parse(secret.Data[api.SecretDataKey])
+		if err == nil && ring.Sealed() {
+			// A sealed generation belongs to the public ring only: the Secret holds roots.
+			ring, err = nil, fmt.Errorf("%w: a generation is sealed (the public ring's form; the Secret holds roots)", keys.ErrInvalid)
+		}
 		backwards := false
 		if err == nil {
 			if herr := hist.Check(ring); herr != nil {
@@ -624,6 +642,21 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("step key ring: %w", err)
 	}
 	c.lagSince = res.LagSince
+	// The agents may read the Secret while the ring has a v1 generation or an agent reads
+	// nothing else: granted before such a ring is written, revoked only after the public
+	// ring holds every generation (docs/keys.md §11).
+	older := c.olderAgents(nodes)
+	needSecret := res.Ring.HasRoots() || len(older) > 0
+	why := "no v1 generation is live and every agent reads the public ring"
+	if needSecret {
+		why = "a v1 generation is live"
+		if len(older) > 0 {
+			why = fmt.Sprintf("%d agents read only the Secret (node %s first)", len(older), older[0])
+		}
+		if err := c.agentKeyAccess(ctx, true, why); err != nil {
+			return time.Time{}, fmt.Errorf("grant the agents read access to the key secret: %w", err)
+		}
+	}
 	if res.Changed || !exists || reset {
 		written, err := c.write(ctx, secret, res.Ring, reset)
 		if err != nil {
@@ -639,6 +672,14 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 			if a.Kind == keys.ActionGenerationCreated {
 				m.Rotations.WithLabelValues(a.Reason).Inc()
 			}
+		}
+	}
+	if err := c.writePublic(ctx, res.Ring); err != nil {
+		return time.Time{}, err
+	}
+	if !needSecret {
+		if err := c.agentKeyAccess(ctx, false, why); err != nil {
+			c.log.Warn("cannot revoke the agents' read access to the key secret; retrying at the next reconcile", "err", err)
 		}
 	}
 	c.lastGood = res.Ring

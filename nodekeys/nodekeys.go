@@ -59,11 +59,18 @@ type Key struct {
 type Keys struct {
 	Incarnation Incarnation
 	Keys        []Key // ascending generation
+	// Capabilities are what the agent does beyond publishing keys, e.g.
+	// api.CapabilityRingConfigMap (it reads the public ring: the master may take its
+	// Secret access away, docs/keys.md §11). Readers ignore names they do not know.
+	Capabilities []string
 }
+
+// Has reports whether the agent declares capability c.
+func (k Keys) Has(c string) bool { return slices.Contains(k.Capabilities, c) }
 
 // Equal reports whether k and o publish the same keys for the same incarnation.
 func (k Keys) Equal(o Keys) bool {
-	return k.Incarnation == o.Incarnation && slices.Equal(k.Keys, o.Keys)
+	return k.Incarnation == o.Incarnation && slices.Equal(k.Keys, o.Keys) && slices.Equal(k.Capabilities, o.Capabilities)
 }
 
 // Validate checks what any reader relies on: a whole incarnation, at most
@@ -75,6 +82,14 @@ func (k Keys) Validate() error {
 			return fmt.Errorf("incarnation.%s: want 1 to %d characters", f.name, maxField)
 		}
 	}
+	if len(k.Capabilities) > maxCapabilities {
+		return fmt.Errorf("capabilities: %d, at most %d", len(k.Capabilities), maxCapabilities)
+	}
+	for i, c := range k.Capabilities {
+		if !validCapability(c) {
+			return fmt.Errorf("capabilities[%d]: want 1 to %d characters of a-z, 0-9 and -", i, maxField)
+		}
+	}
 	if len(k.Keys) > keys.MaxPublishedKeys {
 		return fmt.Errorf("keys: %d, at most %d", len(k.Keys), keys.MaxPublishedKeys)
 	}
@@ -84,6 +99,21 @@ func (k Keys) Validate() error {
 		}
 	}
 	return nil
+}
+
+// maxCapabilities bounds Keys.Capabilities (the CRD's schema says the same).
+const maxCapabilities = 8
+
+func validCapability(c string) bool {
+	if c == "" || len(c) > maxField {
+		return false
+	}
+	for i := 0; i < len(c); i++ {
+		if b := c[i]; !(b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || b == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // Key returns the public key of generation g.
@@ -102,9 +132,14 @@ func (k Keys) fields() map[string]any {
 	for _, e := range k.Keys {
 		list = append(list, map[string]any{"generation": int64(e.Generation), "x25519": e.X25519.String()})
 	}
+	caps := make([]any, 0, len(k.Capabilities))
+	for _, c := range k.Capabilities {
+		caps = append(caps, c)
+	}
 	return map[string]any{
-		"incarnation": map[string]any{"bootID": k.Incarnation.BootID, "uid": k.Incarnation.UID, "epoch": k.Incarnation.Epoch},
-		"keys":        list,
+		"incarnation":  map[string]any{"bootID": k.Incarnation.BootID, "uid": k.Incarnation.UID, "epoch": k.Incarnation.Epoch},
+		"keys":         list,
+		"capabilities": caps,
 	}
 }
 
@@ -138,15 +173,16 @@ func Parse(u *unstructured.Unstructured) (Keys, error) {
 			Generation uint32 `json:"generation"`
 			X25519     string `json:"x25519"`
 		} `json:"keys"`
+		Capabilities []string `json:"capabilities"`
 	}
-	b, err := json.Marshal(map[string]any{"incarnation": u.Object["incarnation"], "keys": u.Object["keys"]})
+	b, err := json.Marshal(map[string]any{"incarnation": u.Object["incarnation"], "keys": u.Object["keys"], "capabilities": u.Object["capabilities"]})
 	if err == nil {
 		err = json.Unmarshal(b, &w)
 	}
 	if err != nil {
 		return Keys{}, fmt.Errorf("%s %s: does not parse", Kind, u.GetName())
 	}
-	k := Keys{Incarnation: w.Incarnation}
+	k := Keys{Incarnation: w.Incarnation, Capabilities: w.Capabilities}
 	for i, e := range w.Keys {
 		p, err := keys.ParsePublicKey(e.X25519)
 		if err != nil {

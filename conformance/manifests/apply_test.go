@@ -3,10 +3,13 @@ package manifests
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -33,6 +36,8 @@ import (
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
 const (
@@ -142,7 +147,7 @@ func TestManifestAgainstRealAPIServer(t *testing.T) {
 	})
 
 	t.Run("real master initialises the empty Secret", func(t *testing.T) {
-		realMaster(t, c, cs)
+		realMaster(t, c, cs, kc, admin)
 	})
 
 	t.Run("real agent reports through the policy", func(t *testing.T) {
@@ -233,7 +238,9 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "watch felixconfigurations.crd.projectcalico.org", true},
 		{agentSA, "get secrets/keys " + ns, true},
 		{agentSA, "list secrets/keys " + ns, true}, // list/watch by metadata.name field selector
-		{agentSA, "watch secrets/keys " + ns, true},
+		{agentSA, "watch secrets/keys " + ns, true}, // granted by the manifest until the master revokes it
+		{agentSA, "get configmaps/secureoverlay-ring " + ns, true},
+		{agentSA, "watch configmaps/secureoverlay-ring " + ns, true},
 		{agentSA, "get pods/any-pod " + ns, true},                          // installer: its own pod
 		{agentSA, "watch daemonsets.apps/secureoverlay-agent " + ns, true}, // installer: its DaemonSet
 		{agentSA, "create nodekeys.secureoverlay.io " + ns, true},          // its public keys (the policy: its own only)
@@ -251,6 +258,8 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "patch nodes --subresource=status", false},
 		{agentSA, "create ippools.crd.projectcalico.org", false},
 		{agentSA, "get configmaps/secureoverlay-config " + ns, false},
+		{agentSA, "update configmaps/secureoverlay-ring " + ns, false},
+		{agentSA, "update rolebindings.rbac.authorization.k8s.io/secureoverlay-agent-keys " + ns, false},
 		{agentSA, "list pods " + ns, false},
 		{agentSA, "get daemonsets.apps/other " + ns, false},
 		{agentSA, "delete daemonsets.apps/secureoverlay-agent " + ns, false},
@@ -274,6 +283,12 @@ func canI(t *testing.T, kc, admin string) {
 		{masterSA, "create leases.coordination.k8s.io " + ns, true},
 		{masterSA, "update leases.coordination.k8s.io/secureoverlay-master " + ns, true},
 		// master: what it must not
+		{masterSA, "update configmaps/secureoverlay-ring " + ns, true},
+		{masterSA, "update rolebindings.rbac.authorization.k8s.io/secureoverlay-agent-keys " + ns, true},
+		{masterSA, "create rolebindings.rbac.authorization.k8s.io " + ns, false},
+		{masterSA, "update rolebindings.rbac.authorization.k8s.io/secureoverlay-agent " + ns, false},
+		{masterSA, "delete rolebindings.rbac.authorization.k8s.io/secureoverlay-agent-keys " + ns, false},
+		{masterSA, "update roles.rbac.authorization.k8s.io/secureoverlay-agent-keys " + ns, false},
 		{masterSA, "get secrets/other " + ns, false},
 		{masterSA, "list secrets " + ns, false},
 		{masterSA, "delete secrets/keys " + ns, false},
@@ -572,7 +587,7 @@ func agentPolicy(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 // ServiceAccount against the applied objects: it must take the manifest's empty
 // Secret as "not initialised" and fill it, publish its status, and never refuse
 // the ring.
-func realMaster(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
+func realMaster(t *testing.T, c *kube.Cluster, cs kubernetes.Interface, kc, admin string) {
 	bin := binPath(t, "secureoverlay-master")
 	kcfg := writeKubeconfig(t, c.ServiceAccountConfig(api.Namespace, "secureoverlay-master"))
 	ctx := context.Background()
@@ -648,6 +663,7 @@ func realMaster(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 	if _, err := cs.CoordinationV1().Leases(api.Namespace).Get(ctx, "secureoverlay-master", metav1.GetOptions{}); err != nil {
 		t.Errorf("leader election Lease: %v", err)
 	}
+	publicRing(t, c, kc, admin, cs)
 	if !strings.Contains(log.String(), "key ring secret has no data key, initializing it") {
 		t.Errorf("master log does not show the empty Secret being initialised:\n%s", log.String())
 	}
@@ -668,4 +684,102 @@ func writeKubeconfig(t *testing.T, cfg *rest.Config) string {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// publicRing checks docs/keys.md §11 with the real master and the manifest's RBAC: the
+// public ring ConfigMap holds the Secret's ring without a byte of any root, and the
+// agents' Secret access follows the agents — granted while one reads only the Secret,
+// revoked (kubectl auth can-i: no) once none does and no generation is v1.
+func publicRing(t *testing.T, c *kube.Cluster, kc, admin string, cs kubernetes.Interface) {
+	t.Helper()
+	ctx := context.Background()
+	var pub *keys.Ring
+	var data string
+	deadline := time.Now().Add(30 * time.Second)
+	for pub == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("no public ring ConfigMap %s/%s within 30 s", api.Namespace, api.RingConfigMapName)
+		}
+		time.Sleep(200 * time.Millisecond)
+		cm, err := cs.CoreV1().ConfigMaps(api.Namespace).Get(ctx, api.RingConfigMapName, metav1.GetOptions{})
+		if err != nil {
+			continue
+		}
+		data = cm.Data[api.RingDataKey]
+		if pub, err = keys.Parse([]byte(data)); err != nil {
+			t.Fatalf("the public ring does not parse: %v", err)
+		}
+	}
+	sec, err := cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	full, err := keys.Parse(sec.Data[api.SecretDataKey])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, g := range full.Generations {
+		if len(g.Root) > 0 && (strings.Contains(data, base64.StdEncoding.EncodeToString(g.Root)) || strings.Contains(data, hex.EncodeToString(g.Root))) {
+			t.Fatalf("the public ring holds generation %d's root", g.Number)
+		}
+	}
+	if !slices.Equal(pub.Numbers(), full.Numbers()) || pub.Mode != full.Mode {
+		t.Errorf("public ring %s, Secret's %s", keys.Summary(pub), keys.Summary(full))
+	}
+	if full.HasRoots() {
+		t.Fatalf("ring %s: the master made a v1 generation in a cluster whose agents run none", keys.Summary(full))
+	}
+	agent := "system:serviceaccount:" + api.Namespace + ":" + api.AgentServiceAccount
+	canGet := func(want string) {
+		t.Helper()
+		var got string
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			out, _ := kubectl(t, kc, admin, "auth", "can-i", "get", "secrets/keys", "-n", api.Namespace, "--as", agent)
+			if got = strings.TrimSpace(out); got == want || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		rb, err := cs.RbacV1().RoleBindings(api.Namespace).Get(ctx, api.AgentKeysAccess, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("kubectl auth can-i get secrets/keys as the agent: %s (RoleBinding %s subjects %v)", got, api.AgentKeysAccess, rb.Subjects)
+		if got != want {
+			t.Fatalf("kubectl auth can-i get secrets/keys as the agent = %q, want %q", got, want)
+		}
+	}
+	// The nodes that report (the policy test's) have no NodeKeys saying they read the
+	// public ring: agents that read only the Secret keep their access.
+	dc := dynamic.NewForConfigOrDie(c.AdminConfig())
+	reports, err := nodereport.ReadAll(ctx, cs, dc, api.Namespace)
+	if err != nil || len(reports) == 0 {
+		t.Fatalf("no reporting node to test with (%v)", err)
+	}
+	canGet("yes")
+	// Every reporting agent reads the public ring and no generation is v1: revoked.
+	inc := nodekeys.Incarnation{BootID: "8f1c2a9e-5b7d-4e3f-9a61-0c2d4e6f8a10", UID: "1d3b5f79-2c4e-4a6b-8d0f-2a4c6e8f0b13", Epoch: "6f2c9d0e4a8b1c3d"}
+	for node := range reports {
+		k := nodekeys.Keys{Incarnation: inc, Capabilities: []string{api.CapabilityRingConfigMap}}
+		if err := nodekeys.Write(ctx, dc, api.Namespace, node, "", k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	canGet("no")
+	// One agent that reads only the Secret again (an older agent in a rolling update):
+	// granted again.
+	for node := range reports {
+		if err := nodekeys.Write(ctx, dc, api.Namespace, node, "", nodekeys.Keys{Incarnation: inc}); err != nil {
+			t.Fatal(err)
+		}
+		break
+	}
+	canGet("yes")
+	// The real agent's test, next, needs these nodes without NodeKeys.
+	for node := range reports {
+		if err := dc.Resource(nodekeys.GVR).Namespace(api.Namespace).Delete(ctx, node, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

@@ -429,9 +429,16 @@ func checkInvariants(t *testing.T, objs []object) {
 	if !sawReports {
 		t.Errorf("agent Role: no nodereports rule")
 	}
+	// The key Secret is not the agent Role's: it is the master-managed Role and binding
+	// api.AgentKeysAccess (docs/keys.md §11), that Secret only, read only.
+	keysRole := toTyped[rbacv1.Role](t, mustFind(t, objs, "Role", api.AgentKeysAccess))
+	if len(keysRole.Rules) != 1 || !slices.Equal(keysRole.Rules[0].Resources, []string{"secrets"}) ||
+		!slices.Equal(keysRole.Rules[0].ResourceNames, []string{api.SecretName}) || !slices.Equal(keysRole.Rules[0].Verbs, []string{"get", "list", "watch"}) {
+		t.Errorf("Role %s: %+v, want only get, list, watch on secrets/%s", api.AgentKeysAccess, keysRole.Rules, api.SecretName)
+	}
 	for _, r := range role.Rules {
-		if slices.Contains(r.Resources, "secrets") && !slices.Equal(r.ResourceNames, []string{api.SecretName}) {
-			t.Errorf("agent Role: secrets rule without resourceNames [%s]: %+v", api.SecretName, r)
+		if slices.Contains(r.Resources, "secrets") {
+			t.Errorf("agent Role: a secrets rule (the key Secret's access is Role %s, managed by the master): %+v", api.AgentKeysAccess, r)
 		}
 		if slices.Contains(r.Verbs, "*") || slices.Contains(r.Resources, "*") {
 			t.Errorf("agent Role: wildcard rule %+v", r)

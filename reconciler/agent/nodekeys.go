@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
@@ -32,7 +33,8 @@ func (a *Agent) publishKeys(snap *watch.Snapshot) error {
 	if _, err := a.led.KeepPrivateKeys(gens, rand.Reader); err != nil {
 		return fmt.Errorf("keep this node's x25519 key pairs in the ledger: %w", err)
 	}
-	k := nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: me.Incarnation, UID: me.UID, Epoch: a.led.Epoch()}}
+	k := nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: me.Incarnation, UID: me.UID, Epoch: a.led.Epoch()},
+		Capabilities: []string{api.CapabilityRingConfigMap}}
 	for _, g := range a.led.PrivateKeyGenerations() {
 		p, _ := a.led.PrivateKey(g)
 		k.Keys = append(k.Keys, nodekeys.Key{Generation: g, X25519: p.Public()})

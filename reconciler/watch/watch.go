@@ -69,9 +69,11 @@ type Config struct {
 	Client    kubernetes.Interface
 	Dynamic   dynamic.Interface
 	Discovery discovery.DiscoveryInterface // default Client.Discovery()
-	// Namespace and SecretName locate the key Secret (defaults api.Namespace, api.SecretName).
-	Namespace  string
-	SecretName string
+	// Namespace and SecretName locate the key Secret, RingConfigMap the public ring
+	// (defaults api.Namespace, api.SecretName, api.RingConfigMapName; docs/keys.md §11).
+	Namespace     string
+	SecretName    string
+	RingConfigMap string
 	// Self is this node's name: a change of only its own report annotation (the agent's
 	// output) does not trigger a sync.
 	Self string
@@ -92,7 +94,7 @@ type Config struct {
 type Watcher struct {
 	cfg       Config
 	nodes     cache.SharedIndexInformer
-	secrets   cache.SharedIndexInformer
+	ringCMs   cache.SharedIndexInformer // the public ring ConfigMap (one object)
 	reports   *nodereport.Cache[reportEntry]
 	pubKeys   *nodekeys.Cache
 	coreStart func(<-chan struct{})
@@ -122,10 +124,27 @@ type Watcher struct {
 	// inPatched counts the Inputs built by patching (tests).
 	inPatched int
 
+	// The Secret's informer runs only while the public ring needs it (secretWatch).
+	secMu   sync.Mutex
+	secStop <-chan struct{} // the watcher's stop (Run's context), set by coreStart
+	sec     *secretInformer
+
 	ringMu  sync.Mutex
-	ringRV  string
+	ringRV  string // the Secret's resourceVersion ring and ringErr were parsed at
 	ring    *keys.Ring
 	ringErr error
+	pubRV   string // the public ring ConfigMap's resourceVersion pub and pubErr were parsed at
+	pub     *keys.Ring
+	pubErr  error
+	openRV  string // pubRV + "/" + ringRV that open and openErr were unsealed at
+	open    *keys.Ring
+	openErr error
+}
+
+// secretInformer is the key Secret's informer with its own stop (secretWatch).
+type secretInformer struct {
+	inf  cache.SharedIndexInformer
+	stop chan struct{}
 }
 
 // New builds the informers (nothing runs until Run).
@@ -135,6 +154,9 @@ func New(cfg Config) *Watcher {
 	}
 	if cfg.SecretName == "" {
 		cfg.SecretName = api.SecretName
+	}
+	if cfg.RingConfigMap == "" {
+		cfg.RingConfigMap = api.RingConfigMapName
 	}
 	if cfg.Discovery == nil {
 		cfg.Discovery = cfg.Client.Discovery()
@@ -153,15 +175,15 @@ func New(cfg Config) *Watcher {
 		w.SetOnChange(cfg.OnChange)
 	}
 	nf := informers.NewSharedInformerFactory(cfg.Client, 0)
-	sf := informers.NewSharedInformerFactoryWithOptions(cfg.Client, 0, informers.WithNamespace(cfg.Namespace),
+	cf := informers.NewSharedInformerFactoryWithOptions(cfg.Client, 0, informers.WithNamespace(cfg.Namespace),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", cfg.SecretName).String()
+			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", cfg.RingConfigMap).String()
 		}))
 	w.nodes = nf.Core().V1().Nodes().Informer()
 	if err := w.nodes.SetTransform(NodeTransform(cfg.Self)); err != nil {
 		cfg.Logger.Error("node cache transform not set: Nodes are cached whole", "error", err)
 	}
-	w.secrets = sf.Core().V1().Secrets().Informer()
+	w.ringCMs = cf.Core().V1().ConfigMaps().Informer()
 	w.nodesReg, _ = w.nodes.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(obj any) {
 			if n, ok := cachedInfo(obj, cfg.Self); ok {
@@ -215,7 +237,10 @@ func New(cfg Config) *Watcher {
 			}
 		},
 	})
-	_, _ = w.secrets.AddEventHandler(changeHandler(func() { w.notify("secret") }))
+	_, _ = w.ringCMs.AddEventHandler(changeHandler(func() {
+		w.secretWatch()
+		w.notify("ring")
+	}))
 	// The peers' published keys (protocol v2). Not required to sync while the ring has
 	// no v2 generation (HasSynced): with an older manifest the CRD is missing.
 	w.pubKeys = nodekeys.NewCache(cfg.Dynamic, cfg.Namespace, func(node string) {
@@ -236,8 +261,18 @@ func New(cfg Config) *Watcher {
 		w.notify("nodekeys")
 	})
 	w.coreStart = func(stop <-chan struct{}) {
+		w.secMu.Lock()
+		w.secStop = stop
+		w.secMu.Unlock()
 		nf.Start(stop)
-		sf.Start(stop)
+		cf.Start(stop)
+		go func() {
+			// An absent ConfigMap sends no event: decide once the list is in.
+			if cache.WaitForCacheSync(stop, w.ringCMs.HasSynced) {
+				w.secretWatch()
+				w.notify("ring")
+			}
+		}()
 		w.reports.Start(stop)
 		w.pubKeys.Start(stop)
 	}
@@ -464,7 +499,10 @@ func (s *calicoSet) synced() bool { return s != nil && s.hasSynced() }
 
 // HasSynced reports whether every informer has synced.
 func (w *Watcher) HasSynced() bool {
-	if !w.nodes.HasSynced() || !w.nodesReg.HasSynced() || !w.secrets.HasSynced() || !w.reports.HasSynced() {
+	if !w.nodes.HasSynced() || !w.nodesReg.HasSynced() || !w.ringCMs.HasSynced() || !w.reports.HasSynced() {
+		return false
+	}
+	if w.needSecret() && !w.secretSynced() {
 		return false
 	}
 	if !w.pubKeys.HasSynced() && w.ringHasV2() {
@@ -577,9 +615,122 @@ func (w *Watcher) Snapshot() Snapshot {
 	return s
 }
 
-// currentRing parses the Secret, caching the result per resourceVersion.
+// currentRing is the ring the agent acts on (docs/keys.md §11): the public ring
+// ConfigMap's, its sealed generations' roots taken from the Secret; the Secret's ring
+// when there is no ConfigMap (a master that predates it). Results are cached per
+// resourceVersion: the same versions give the same pointer (Inputs.KeysVersion).
 func (w *Watcher) currentRing() (*keys.Ring, error) {
-	obj, ok, err := w.secrets.GetStore().GetByKey(w.cfg.Namespace + "/" + w.cfg.SecretName)
+	pub, ok, err := w.publicRing()
+	if !ok {
+		return w.secretRing()
+	}
+	if err != nil || !pub.Sealed() {
+		return pub, err
+	}
+	sec, err := w.secretRing()
+	if err != nil {
+		return nil, err
+	}
+	w.ringMu.Lock()
+	defer w.ringMu.Unlock()
+	key := w.pubRV + "/" + w.ringRV
+	if w.ringRV != "" && key == w.openRV {
+		return w.open, w.openErr
+	}
+	r, err := keys.Unseal(pub, sec)
+	if err != nil {
+		err = fmt.Errorf("configmap %s/%s and secret %s/%s: %w", w.cfg.Namespace, w.cfg.RingConfigMap, w.cfg.Namespace, w.cfg.SecretName, err)
+	}
+	w.openRV, w.open, w.openErr = key, r, err
+	return r, err
+}
+
+// publicRing parses the public ring ConfigMap (ok false: there is none).
+func (w *Watcher) publicRing() (r *keys.Ring, ok bool, err error) {
+	obj, ok, err := w.ringCMs.GetStore().GetByKey(w.cfg.Namespace + "/" + w.cfg.RingConfigMap)
+	if err != nil || !ok {
+		return nil, false, nil
+	}
+	cm := obj.(*corev1.ConfigMap)
+	w.ringMu.Lock()
+	defer w.ringMu.Unlock()
+	if cm.ResourceVersion != "" && cm.ResourceVersion == w.pubRV {
+		return w.pub, true, w.pubErr
+	}
+	data, has := cm.Data[api.RingDataKey]
+	if !has {
+		err = fmt.Errorf("configmap %s/%s: no data key %q", w.cfg.Namespace, w.cfg.RingConfigMap, api.RingDataKey)
+	} else if r, err = keys.Parse([]byte(data)); err != nil {
+		err = fmt.Errorf("configmap %s/%s: %w", w.cfg.Namespace, w.cfg.RingConfigMap, err)
+	}
+	w.pubRV, w.pub, w.pubErr = cm.ResourceVersion, r, err
+	return r, true, err
+}
+
+// needSecret reports whether the Secret must be read: the public ring's list is in and
+// there is no ConfigMap, or it has a sealed generation.
+func (w *Watcher) needSecret() bool {
+	if !w.ringCMs.HasSynced() {
+		return false
+	}
+	pub, ok, err := w.publicRing()
+	return !ok || (err == nil && pub.Sealed())
+}
+
+// secretWatch starts the Secret's informer when needSecret, and stops it when not (an
+// agent of a v2-only cluster has no access to it: docs/keys.md §11).
+func (w *Watcher) secretWatch() {
+	need := w.needSecret()
+	w.secMu.Lock()
+	defer w.secMu.Unlock()
+	switch {
+	case need && w.sec == nil && w.secStop != nil:
+		si := &secretInformer{stop: make(chan struct{})}
+		si.inf = informers.NewSharedInformerFactoryWithOptions(w.cfg.Client, 0, informers.WithNamespace(w.cfg.Namespace),
+			informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+				o.FieldSelector = fields.OneTermEqualSelector("metadata.name", w.cfg.SecretName).String()
+			})).Core().V1().Secrets().Informer()
+		_, _ = si.inf.AddEventHandler(changeHandler(func() { w.notify("secret") }))
+		parent := w.secStop
+		go func() {
+			select {
+			case <-parent:
+			case <-si.stop:
+				return
+			}
+			w.secMu.Lock()
+			if w.sec == si {
+				close(si.stop)
+				w.sec = nil
+			}
+			w.secMu.Unlock()
+		}()
+		go si.inf.Run(si.stop)
+		w.sec = si
+		w.cfg.Logger.Info("watching the key Secret (the public ring withholds a v1 root, or there is none)", "secret", w.cfg.Namespace+"/"+w.cfg.SecretName)
+	case !need && w.sec != nil:
+		close(w.sec.stop)
+		w.sec = nil
+		w.cfg.Logger.Info("no longer watching the key Secret (the public ring holds every generation)", "configmap", w.cfg.Namespace+"/"+w.cfg.RingConfigMap)
+	}
+}
+
+// secretSynced reports whether the Secret's informer runs and has synced.
+func (w *Watcher) secretSynced() bool {
+	w.secMu.Lock()
+	defer w.secMu.Unlock()
+	return w.sec != nil && w.sec.inf.HasSynced()
+}
+
+// secretRing parses the Secret, caching the result per resourceVersion.
+func (w *Watcher) secretRing() (*keys.Ring, error) {
+	w.secMu.Lock()
+	si := w.sec
+	w.secMu.Unlock()
+	if si == nil || !si.inf.HasSynced() {
+		return nil, fmt.Errorf("secret %s/%s: not read yet: %w", w.cfg.Namespace, w.cfg.SecretName, ErrNoSecret)
+	}
+	obj, ok, err := si.inf.GetStore().GetByKey(w.cfg.Namespace + "/" + w.cfg.SecretName)
 	if err != nil {
 		return nil, fmt.Errorf("secret %s/%s: %w", w.cfg.Namespace, w.cfg.SecretName, err)
 	}

@@ -1,0 +1,120 @@
+package master
+
+// The public ring and the agents' Secret access (docs/keys.md §11).
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
+)
+
+// recheck is how long a public ring or binding the controller wrote is trusted before it
+// is read back (an operator may have edited or deleted it; every reconcile reading both
+// would add two requests to each of a large cluster's frequent reconciles).
+const recheck = 30 * time.Second
+
+// writePublic makes the ConfigMap api.RingConfigMapName hold the public ring of ring.
+func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring) error {
+	ns := c.opts.Namespace
+	data, err := keys.MarshalPublic(ring)
+	if err != nil {
+		return fmt.Errorf("encode the public ring for configmap %s/%s: %w", ns, api.RingConfigMapName, err)
+	}
+	now := c.opts.Now()
+	if string(data) == c.pubWritten && now.Sub(c.pubChecked) < recheck {
+		return nil
+	}
+	cms := c.client.CoreV1().ConfigMaps(ns)
+	cm, err := cms.Get(ctx, api.RingConfigMapName, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		cm = &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: api.RingConfigMapName, Namespace: ns,
+			Labels: map[string]string{"app.kubernetes.io/name": "secureoverlay", "app.kubernetes.io/component": "ring"}},
+			Data: map[string]string{api.RingDataKey: string(data)}}
+		if _, err := cms.Create(ctx, cm, metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("create configmap %s/%s: %w", ns, api.RingConfigMapName, err)
+		}
+		c.log.Info("public key ring written", "configmap", ns+"/"+api.RingConfigMapName, "ring", keys.Summary(ring))
+	case err != nil:
+		return fmt.Errorf("get configmap %s/%s: %w", ns, api.RingConfigMapName, err)
+	case cm.Data[api.RingDataKey] != string(data):
+		cm = cm.DeepCopy()
+		cm.Data = map[string]string{api.RingDataKey: string(data)}
+		if _, err := cms.Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
+			return fmt.Errorf("update configmap %s/%s: %w", ns, api.RingConfigMapName, err)
+		}
+	}
+	c.pubWritten, c.pubChecked = string(data), now
+	return nil
+}
+
+// olderAgents lists the nodes whose agent reports but does not declare that it reads the
+// public ring (an agent that reads only the Secret), at most a few for the log.
+func (c *Controller) olderAgents(nodes []keys.NodeState) []string {
+	var out []string
+	for _, n := range nodes {
+		if n.Report == nil {
+			continue
+		}
+		if c.pubKeys != nil {
+			if k, ok, err := c.pubKeys.Get(n.Name); ok && err == nil && k.Has(api.CapabilityRingConfigMap) {
+				continue
+			}
+		}
+		out = append(out, n.Name)
+	}
+	return out
+}
+
+// agentKeyAccess sets the subjects of the RoleBinding api.AgentKeysAccess: the agents'
+// ServiceAccount when grant, none otherwise (why is logged with a change). A missing
+// binding is not an error: the operator manages the agents' RBAC (logged once).
+func (c *Controller) agentKeyAccess(ctx context.Context, grant bool, why string) error {
+	ns := c.opts.Namespace
+	now := c.opts.Now()
+	state := "revoked"
+	if grant {
+		state = "granted"
+	}
+	if c.access == state && now.Sub(c.accessChecked) < recheck {
+		return nil
+	}
+	rbs := c.client.RbacV1().RoleBindings(ns)
+	rb, err := rbs.Get(ctx, api.AgentKeysAccess, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		if c.access != "unmanaged" {
+			c.log.Warn("the agents' Secret access is not managed: no RoleBinding; agents keep whatever access their RBAC gives (docs/keys.md §11)",
+				"rolebinding", ns+"/"+api.AgentKeysAccess)
+		}
+		c.access, c.accessChecked = "unmanaged", now
+		return nil
+	case err != nil:
+		return fmt.Errorf("get rolebinding %s/%s: %w", ns, api.AgentKeysAccess, err)
+	}
+	want := []rbacv1.Subject{}
+	if grant {
+		want = []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Name: c.opts.AgentServiceAccount, Namespace: ns}}
+	}
+	if !slices.Equal(rb.Subjects, want) && !(len(rb.Subjects) == 0 && len(want) == 0) {
+		rb = rb.DeepCopy()
+		rb.Subjects = want
+		if _, err := rbs.Update(ctx, rb, metav1.UpdateOptions{}); err != nil {
+			return fmt.Errorf("update rolebinding %s/%s: %w", ns, api.AgentKeysAccess, err)
+		}
+		c.log.Info("agents' access to the key Secret "+state, "rolebinding", ns+"/"+api.AgentKeysAccess, "why", why)
+	} else if c.access != state {
+		c.log.Info("agents' access to the key Secret is "+state, "rolebinding", ns+"/"+api.AgentKeysAccess, "why", why)
+	}
+	c.access, c.accessChecked = state, now
+	return nil
+}

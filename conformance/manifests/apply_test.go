@@ -237,7 +237,7 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "watch bgppeers.crd.projectcalico.org", true},
 		{agentSA, "watch felixconfigurations.crd.projectcalico.org", true},
 		{agentSA, "get secrets/keys " + ns, true},
-		{agentSA, "list secrets/keys " + ns, true}, // list/watch by metadata.name field selector
+		{agentSA, "list secrets/keys " + ns, true},  // list/watch by metadata.name field selector
 		{agentSA, "watch secrets/keys " + ns, true}, // granted by the manifest until the master revokes it
 		{agentSA, "get configmaps/secureoverlay-ring " + ns, true},
 		{agentSA, "watch configmaps/secureoverlay-ring " + ns, true},

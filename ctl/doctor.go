@@ -29,6 +29,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/budget"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/kernelinfo"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
 
@@ -113,6 +114,9 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
                   --sample (read through the API server's pod proxy)
   plaintext-drops the agents dropped no plaintext IPIP over --sample (a peer
                   sending unencrypted traffic that enforce mode drops)
+  kernel          no node's kernel has esp4_offload (loaded or built in); names
+                  the nodes' kernel releases (and which differ), where per-CPU SAs
+                  are available, and agents that do not report their kernel
 
 ` + exitCodesHelp,
 		Example: `  secureoverlayctl doctor
@@ -155,7 +159,7 @@ func (c *CLI) doctorCmd(g *globals) *cobra.Command {
 	}
 	outputFlag(cmd, g, "table", "json", "yaml")
 	f := cmd.Flags()
-	f.StringVar(&o.agentSelector, "agent-selector", "app.kubernetes.io/name=secureoverlay-agent", "label selector of the agent pods (xfrm-errors, plaintext-drops)")
+	f.StringVar(&o.agentSelector, "agent-selector", "app.kubernetes.io/name=secureoverlay-agent", "label selector of the agent pods (xfrm-errors, plaintext-drops, kernel)")
 	f.IntVar(&o.metricsPort, "agent-metrics-port", 9467, "the agents' metrics port (default: the ConfigMap's agent-metrics-port, else 9467)")
 	f.DurationVar(&o.sample, "sample", 5*time.Second, "xfrm-errors, plaintext-drops: time between the two counter readings")
 	f.Float64Var(&o.seqLimit, "seq-limit", 0.75, "sequence: fail when an SA's sequence reaches this fraction of the rotation threshold")
@@ -187,8 +191,8 @@ func (d *doctor) run(ctx context.Context) DoctorOutput {
 		d.addresses(),
 	}
 	sec := d.keySecret(ctx) // sets d.ring, which mtu uses for the ICV
-	xfrm, drops := d.agentSamples(ctx)
-	checks = append(checks, d.mtu(ctx), sec, d.sequence(), xfrm, drops)
+	xfrm, drops, kernel := d.agentSamples(ctx)
+	checks = append(checks, d.mtu(ctx), sec, d.sequence(), xfrm, drops, kernel)
 	out := DoctorOutput{Passed: true, Checks: checks}
 	for _, c := range checks {
 		if c.Verdict != "pass" {
@@ -520,14 +524,23 @@ func (d *doctor) sequence() Check {
 	return pass(name, fmt.Sprintf("highest %.0f%% of the rotation threshold (%s), limit %.0f%%", 100*maxF, maxN, 100*d.o.seqLimit))
 }
 
+// agentKernel is what an agent's secureoverlay_agent_kernel_info says of its kernel
+// (detected once at the agent's start; package kernelinfo).
+type agentKernel struct {
+	Release     string // /proc/sys/kernel/osrelease ("" unreadable)
+	PerCPUSAs   bool   // release >= 6.13
+	ESP4Offload string // kernelinfo.ModuleState
+}
+
 // agentCounters reads, from an agent's metrics text, secureoverlay_xfrm_stat_total
 // (key "xfrm/COUNTER") and the dropped plaintext IPIP packets
-// secureoverlay_agent_plaintext_packets_total{action="drop"} (key "drop/DIRECTION").
-func agentCounters(text []byte) (map[string]float64, error) {
+// secureoverlay_agent_plaintext_packets_total{action="drop"} (key "drop/DIRECTION"), and
+// the kernel info (nil: the agent does not export it, an agent before the kernel check).
+func agentCounters(text []byte) (map[string]float64, *agentKernel, error) {
 	p := expfmt.NewTextParser(model.UTF8Validation)
 	mfs, err := p.TextToMetricFamilies(bytes.NewReader(text))
 	if err != nil {
-		return nil, fmt.Errorf("parse metrics: %w", err)
+		return nil, nil, fmt.Errorf("parse metrics: %w", err)
 	}
 	out := map[string]float64{}
 	label := func(m *dto.Metric, name string) string {
@@ -552,14 +565,118 @@ func agentCounters(text []byte) (map[string]float64, error) {
 			}
 		}
 	}
-	return out, nil
+	var k *agentKernel
+	if mf := mfs["secureoverlay_agent_kernel_info"]; mf != nil {
+		for _, m := range mf.GetMetric() {
+			if m.GetGauge() != nil && m.GetGauge().GetValue() == 1 {
+				k = &agentKernel{Release: label(m, "release"), PerCPUSAs: label(m, "pcpu_sa") == "true", ESP4Offload: label(m, "esp4_offload")}
+			}
+		}
+	}
+	return out, k, nil
+}
+
+// podKernel is one agent pod's kernel info (Kernel nil: not exported).
+type podKernel struct {
+	Pod, Node string
+	Kernel    *agentKernel
+}
+
+// esp4OffloadAdvice is the kernel check's advice when esp4_offload is in a node's kernel
+// (docs/dataplane.md §11; docs/performance.md §10 for the measurement).
+const esp4OffloadAdvice = "observed in our lab (QEMU, software-emulated CPU): with esp4_offload loaded, receivers counted XfrmInStateProtoError on 10-20% of ESP packets " +
+	"and throughput fell about 15x; the cause is not known and it is not yet confirmed or ruled out on real hardware. " +
+	"Unload it (modprobe -r esp4_offload), keep it out (a file in /etc/modprobe.d/ with: blacklist esp4_offload), " +
+	"then restart the node's agent pod (it detects the kernel at start); a kernel with it built in cannot unload it"
+
+// kernelCheck is doctor's kernel verdict from every agent pod's kernel info (pods sorted
+// by node): fail when esp4_offload is in any node's kernel; otherwise pass with the
+// releases (naming the nodes when they differ), where per-CPU SAs are available and which
+// agents do not report their kernel.
+func kernelCheck(pods []podKernel) Check {
+	const name = "kernel"
+	byRelease := map[string][]string{}
+	var pcpu, offload, unknown, silent []string
+	n := 0
+	for _, p := range pods {
+		node := p.Node
+		if node == "" {
+			node = p.Pod
+		}
+		k := p.Kernel
+		if k == nil {
+			silent = append(silent, fmt.Sprintf("%s (node %s)", p.Pod, dash(p.Node)))
+			continue
+		}
+		n++
+		rel := k.Release
+		if rel == "" {
+			rel = "unknown release"
+		}
+		byRelease[rel] = append(byRelease[rel], node)
+		if k.PerCPUSAs {
+			pcpu = append(pcpu, node)
+		}
+		switch kernelinfo.ModuleState(k.ESP4Offload) {
+		case kernelinfo.Loaded:
+			offload = append(offload, fmt.Sprintf("loaded on %s (%s)", node, rel))
+		case kernelinfo.Builtin:
+			offload = append(offload, fmt.Sprintf("built into %s's kernel (%s)", node, rel))
+		case kernelinfo.Absent, kernelinfo.NotLoaded:
+		default:
+			unknown = append(unknown, node)
+		}
+	}
+	if n == 0 {
+		if len(silent) == 0 {
+			return fail(name, "no agent pods")
+		}
+		return pass(name, "no agent reports its kernel (secureoverlay_agent_kernel_info: agents older than this secureoverlayctl): "+strings.Join(silent, ", "))
+	}
+	rels := slices.Sorted(maps.Keys(byRelease))
+	var parts []string
+	for _, r := range rels {
+		if len(rels) == 1 {
+			parts = append(parts, fmt.Sprintf("%s ×%d", r, len(byRelease[r])))
+		} else {
+			parts = append(parts, fmt.Sprintf("%s ×%d (%s)", r, len(byRelease[r]), strings.Join(byRelease[r], ", ")))
+		}
+	}
+	nodes := fmt.Sprintf("%d nodes", n)
+	if n == 1 {
+		nodes = "1 node"
+	}
+	summary := nodes + ": " + strings.Join(parts, ", ")
+	if len(rels) > 1 {
+		summary = nodes + ", kernels differ: " + strings.Join(parts, ", ")
+	}
+	switch {
+	case len(pcpu) == 0:
+		summary += "; per-CPU SAs: none"
+	case len(pcpu) == n:
+		summary += "; per-CPU SAs: available on all (not used yet)"
+	default:
+		summary += "; per-CPU SAs: available on " + strings.Join(pcpu, ", ") + " (not used yet)"
+	}
+	if len(unknown) > 0 {
+		summary += "; esp4_offload unknown on " + strings.Join(unknown, ", ") + " (/proc/modules unreadable)"
+	}
+	if len(silent) > 0 {
+		summary += "; not reported by " + strings.Join(silent, ", ") + " (agents older than this secureoverlayctl)"
+	}
+	if len(offload) > 0 {
+		return fail(name, "esp4_offload "+strings.Join(offload, ", ")+": "+esp4OffloadAdvice+" ("+summary+")")
+	}
+	return pass(name, summary)
 }
 
 // agentSamples reads every agent pod's counters twice, --sample apart, and returns the
-// xfrm-errors and plaintext-drops checks.
-func (d *doctor) agentSamples(ctx context.Context) (xfrmCheck, dropCheck Check) {
-	const xname, dname = "xfrm-errors", "plaintext-drops"
-	both := func(detail string) (Check, Check) { return fail(xname, detail), fail(dname, detail) }
+// xfrm-errors and plaintext-drops checks, and the kernel check from the first reading.
+func (d *doctor) agentSamples(ctx context.Context) (xfrmCheck, dropCheck, kernel Check) {
+	const xname, dname, kname = "xfrm-errors", "plaintext-drops", "kernel"
+	both := func(detail string) (Check, Check, Check) {
+		return fail(xname, detail), fail(dname, detail), fail(kname, detail)
+	}
 	ns := d.g.namespace
 	pods, err := d.cl.cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: d.o.agentSelector})
 	if err != nil {
@@ -573,9 +690,11 @@ func (d *doctor) agentSamples(ctx context.Context) (xfrmCheck, dropCheck Check) 
 		fetch = proxyMetrics
 	}
 	sort.Slice(pods.Items, func(i, j int) bool { return pods.Items[i].Spec.NodeName < pods.Items[j].Spec.NodeName })
+	var kernels []podKernel
 	read := func() (map[string]map[string]float64, []string) {
 		all := map[string]map[string]float64{}
 		var bad []string
+		kernels = kernels[:0]
 		for i := range pods.Items {
 			p := &pods.Items[i]
 			b, err := fetch(ctx, d.cl, p, d.o.metricsPort)
@@ -583,12 +702,13 @@ func (d *doctor) agentSamples(ctx context.Context) (xfrmCheck, dropCheck Check) 
 				bad = append(bad, d.errText("metrics of pod "+p.Name, err))
 				continue
 			}
-			c, err := agentCounters(b)
+			c, k, err := agentCounters(b)
 			if err != nil {
 				bad = append(bad, "pod "+p.Name+": "+err.Error())
 				continue
 			}
 			all[p.Name] = c
+			kernels = append(kernels, podKernel{Pod: p.Name, Node: p.Spec.NodeName, Kernel: k})
 		}
 		return all, bad
 	}
@@ -596,14 +716,17 @@ func (d *doctor) agentSamples(ctx context.Context) (xfrmCheck, dropCheck Check) 
 	if len(bad) > 0 {
 		return both(strings.Join(bad, "; "))
 	}
+	kernel = kernelCheck(slices.Clone(kernels))
 	select {
 	case <-ctx.Done():
-		return both("interrupted")
+		x, dr, _ := both("interrupted")
+		return x, dr, kernel
 	case <-time.After(d.o.sample):
 	}
 	second, bad := read()
 	if len(bad) > 0 {
-		return both(strings.Join(bad, "; "))
+		x, dr, _ := both(strings.Join(bad, "; "))
+		return x, dr, kernel
 	}
 	var rising, drops []string
 	for _, p := range pods.Items {
@@ -634,7 +757,7 @@ func (d *doctor) agentSamples(ctx context.Context) (xfrmCheck, dropCheck Check) 
 	if len(drops) > 0 {
 		dropCheck = fail(dname, fmt.Sprintf("plaintext IPIP dropped over %s (a peer sends unencrypted): %s", d.o.sample, strings.Join(drops, ", ")))
 	}
-	return xfrmCheck, dropCheck
+	return xfrmCheck, dropCheck, kernel
 }
 
 func printDoctor(w io.Writer, format string, o DoctorOutput) error {

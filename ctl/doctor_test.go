@@ -18,9 +18,10 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/reconciler/kernelinfo"
 )
 
-var allChecks = []string{"calico-crds", "calico-ipip", "calico-modes", "master", "agents", "node-addresses", "mtu", "key-secret", "sequence", "xfrm-errors", "plaintext-drops"}
+var allChecks = []string{"calico-crds", "calico-ipip", "calico-modes", "master", "agents", "node-addresses", "mtu", "key-secret", "sequence", "xfrm-errors", "plaintext-drops", "kernel"}
 
 // doctor runs doctor -o json with a short sample and returns the failed check names.
 func (e *env) doctor(extra ...string) ([]string, DoctorOutput, result) {
@@ -329,11 +330,27 @@ func TestDoctor(t *testing.T) {
 			fix:    func() { e.mu.Lock(); delete(e.dropping, "secureoverlay-agent-node-c"); e.mu.Unlock() },
 		},
 		{
+			name: "esp4_offload loaded on one node",
+			breakf: func() {
+				e.setKernel("secureoverlay-agent-node-b", kernelinfo.Derive("6.1.0-41-amd64", map[string]bool{"esp4_offload": true, "esp4": true}, nil))
+			},
+			fix:  func() { e.setKernel("secureoverlay-agent-node-b", healthyKernel()) },
+			want: []string{"kernel"},
+			say:  "esp4_offload loaded on node-b (6.1.0-41-amd64): observed in our lab",
+		},
+		{
+			name: "kernels differ across nodes (named, not a failure)",
+			breakf: func() {
+				e.setKernel("secureoverlay-agent-node-c", kernelinfo.Derive("6.19.3+bpo-amd64", map[string]bool{}, nil))
+			},
+			fix: func() { e.setKernel("secureoverlay-agent-node-c", healthyKernel()) },
+		},
+		{
 			name:   "no agent pods",
 			args:   []string{"--agent-selector", "app=nothing"},
 			breakf: func() {},
 			fix:    func() {},
-			want:   []string{"plaintext-drops", "xfrm-errors"},
+			want:   []string{"kernel", "plaintext-drops", "xfrm-errors"},
 			say:    `no agent pods match \"app=nothing\"`,
 		},
 		{

@@ -35,6 +35,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/agent"
+	"github.com/secureoverlay/secureoverlay/reconciler/kernelinfo"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
 
@@ -169,6 +170,19 @@ func (e *env) fetch(ctx context.Context, _ *clients, pod *corev1.Pod, port int) 
 	return b.Bytes(), err
 }
 
+// healthyKernel is what every test agent detects of its kernel (Debian bookworm's,
+// esp4_offload not loaded).
+func healthyKernel() kernelinfo.Info {
+	return kernelinfo.Derive("6.1.0-41-amd64", map[string]bool{"esp4": true, "xfrm_user": true, "ipip": true, "ip_tunnel": true}, nil)
+}
+
+// setKernel sets the kernel info an agent pod's metrics export.
+func (e *env) setKernel(pod string, k kernelinfo.Info) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.metrics[pod].SetKernel(k)
+}
+
 func writeXfrmStat(t *testing.T, path string, noStates int) {
 	text := fmt.Sprintf("XfrmInError             \t0\nXfrmInNoStates          \t%d\nXfrmInStateSeqError     \t0\nXfrmOutNoStates         \t0\n", noStates)
 	if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
@@ -184,6 +198,7 @@ func (e *env) addAgentPod(node string) {
 	path := filepath.Join(e.xfrmDir, name)
 	writeXfrmStat(e.t, path, 3) // non-zero since boot, but not rising
 	m := agent.NewMetrics(path)
+	m.SetKernel(healthyKernel())
 	srv := httptest.NewServer(promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
 	e.t.Cleanup(srv.Close)
 	e.mu.Lock()

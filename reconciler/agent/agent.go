@@ -54,6 +54,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/kernelinfo"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
@@ -151,6 +152,8 @@ type Deps struct {
 	// LedgerFail, if set, is called before every write to the ledger file (tests: a
 	// process killed at any point, ledger.Ledger.Fail).
 	LedgerFail func(op string) error
+	// Kernel detects the node's kernel, once in New (default kernelinfo.Read("/")).
+	Kernel func() kernelinfo.Info
 }
 
 const queueKey = "sync"
@@ -282,6 +285,9 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	if d.Logger == nil {
 		d.Logger = slog.Default()
 	}
+	if d.Kernel == nil {
+		d.Kernel = readKernel
+	}
 	if cfg.ExternalMTU == 0 && d.DetectMTU == nil {
 		return nil, errors.New("agent: neither an external MTU nor a detector")
 	}
@@ -292,6 +298,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 		wake: make(chan struct{}, 1), keysWake: make(chan struct{}, 1)}
 	a.reset.Store(true)
 	a.full.Store(true)
+	a.noteKernel()
 	d.Source.SetOnChange(a.Trigger)
 	return a, nil
 }

@@ -2,10 +2,13 @@ package agent
 
 import (
 	"os"
+	"strconv"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/secureoverlay/secureoverlay/reconciler/kernelinfo"
 )
 
 // Metrics are the agent's Prometheus metrics, in their own registry. Nothing here ever
@@ -42,6 +45,9 @@ type Metrics struct {
 	// file=state|ready (package gate).
 	GateReady  prometheus.Gauge
 	GateErrors *prometheus.CounterVec
+	// Kernel is an info metric (value 1, one series) of what the agent detected of its
+	// kernel at start (SetKernel): release, pcpu_sa, esp4_offload.
+	Kernel *prometheus.GaugeVec
 
 	mu    sync.Mutex
 	drops []PlaintextCount
@@ -83,6 +89,10 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 	m.GateErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "boot_gate_write_errors_total",
 		Help: "Failed writes of the boot gate's files (file=state: the next boot may not hold pods; file=ready: new pods stay held)."}, []string{"file"})
 	m.Registry.MustRegister(m.GateReady, m.GateErrors)
+	m.Kernel = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "kernel_info",
+		Help: "1, labelled with what the agent detected of its kernel at start: release (/proc/sys/kernel/osrelease), pcpu_sa (true: the release is >= 6.13, which has per-CPU SAs), esp4_offload (loaded, builtin, absent, not-loaded: not a loaded module, built in or not unknown; unknown: /proc/modules unreadable)."},
+		[]string{"release", "pcpu_sa", "esp4_offload"})
+	m.Registry.MustRegister(m.Kernel)
 	m.Conflicts = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "address_conflicts", Help: "IPv4 addresses claimed by more than one Node (each pair kept as it was, or given nothing)."})
 	m.Registry.MustRegister(m.Conflicts)
 	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.MemoUpdates, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,
@@ -90,6 +100,12 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 		&xfrmStatCollector{path: xfrmStatPath}, &dropCollector{m: m},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// SetKernel sets the kernel info metric (replacing any earlier value).
+func (m *Metrics) SetKernel(i kernelinfo.Info) {
+	m.Kernel.Reset()
+	m.Kernel.WithLabelValues(i.Release, strconv.FormatBool(i.PerCPUSAs), string(i.ESP4Offload())).Set(1)
 }
 
 // PlaintextCount is a rule counter from the iptables applier: packets of plaintext IPIP

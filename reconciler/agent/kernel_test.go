@@ -1,0 +1,114 @@
+package agent
+
+import (
+	"bytes"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/reconciler/kernelinfo"
+	"github.com/secureoverlay/secureoverlay/reconciler/rules"
+	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
+)
+
+// TestKernelMetricAndLog: New detects the kernel once (Deps.Kernel), exports
+// secureoverlay_agent_kernel_info and logs one line, a warning when esp4_offload is in
+// the kernel.
+func TestKernelMetricAndLog(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		info    kernelinfo.Info
+		metric  string
+		level   string
+		message string
+	}{
+		{
+			name:    "bookworm, esp4_offload not loaded",
+			info:    kernelinfo.Derive("6.1.0-41-amd64", map[string]bool{"esp4": true, "xfrm_user": true}, nil),
+			metric:  `secureoverlay_agent_kernel_info{esp4_offload="not-loaded",pcpu_sa="false",release="6.1.0-41-amd64"} 1`,
+			level:   "INFO",
+			message: `msg=kernel node=a release=6.1.0-41-amd64 perCPUSAs=false esp4_offload=not-loaded esp4=loaded xfrm_user=loaded authencesn=not-loaded`,
+		},
+		{
+			name:    "backports with esp4_offload loaded",
+			info:    kernelinfo.Derive("6.19.3+bpo-amd64", map[string]bool{"esp4_offload": true}, nil),
+			metric:  `secureoverlay_agent_kernel_info{esp4_offload="loaded",pcpu_sa="true",release="6.19.3+bpo-amd64"} 1`,
+			level:   "WARN",
+			message: `esp4_offload is loaded; in our lab (QEMU)`,
+		},
+		{
+			name:    "nothing readable",
+			info:    kernelinfo.Derive("", nil, nil),
+			metric:  `secureoverlay_agent_kernel_info{esp4_offload="unknown",pcpu_sa="false",release=""} 1`,
+			level:   "INFO",
+			message: `msg=kernel node=a release="" perCPUSAs=false esp4_offload=unknown`,
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, api.ModeAccept, Config{})
+			var logs bytes.Buffer
+			m := NewMetrics(filepath.Join(t.TempDir(), "missing-xfrm_stat"))
+			calls := 0
+			_, err := New(Config{NodeName: "a", ExternalMTU: 1500, LedgerDir: seededLedger(t, "a", "boot-a")},
+				Deps{Client: e.cs, Source: e.src, Xfrm: xfrm.NewApplier(e.xk, e.a.cfg.Dataplane), Rules: rules.NewApplier(e.rk),
+					Metrics: m, Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+					Kernel: func() kernelinfo.Info { calls++; return tc.info }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if calls != 1 {
+				t.Errorf("Kernel called %d times, want once", calls)
+			}
+			if got := kernelSeries(t, m); len(got) != 1 || got[0] != tc.metric {
+				t.Errorf("kernel_info series %q, want [%s]", got, tc.metric)
+			}
+			lines := strings.Split(strings.TrimSpace(logs.String()), "\n")
+			if len(lines) != 1 || !strings.Contains(lines[0], "level="+tc.level) || !strings.Contains(lines[0], tc.message) {
+				t.Errorf("log = %q, want one %s line with %q", logs.String(), tc.level, tc.message)
+			}
+		})
+	}
+}
+
+// kernelSeries gathers m's registry and returns its kernel_info series in the text
+// exposition's form.
+func kernelSeries(t *testing.T, m *Metrics) []string {
+	t.Helper()
+	mfs, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, mf := range mfs {
+		if mf.GetName() != "secureoverlay_agent_kernel_info" {
+			continue
+		}
+		if mf.GetType() != dto.MetricType_GAUGE || !strings.Contains(mf.GetHelp(), "esp4_offload") {
+			t.Errorf("kernel_info: type %s, help %q", mf.GetType(), mf.GetHelp())
+		}
+		for _, s := range mf.GetMetric() {
+			var l []string
+			for _, p := range s.GetLabel() {
+				l = append(l, fmt.Sprintf("%s=%q", p.GetName(), p.GetValue()))
+			}
+			out = append(out, fmt.Sprintf("%s{%s} %g", mf.GetName(), strings.Join(l, ","), s.GetGauge().GetValue()))
+		}
+	}
+	return out
+}
+
+// TestKernelMetricReplaced: SetKernel keeps one series.
+func TestKernelMetricReplaced(t *testing.T) {
+	m := NewMetrics(filepath.Join(t.TempDir(), "missing-xfrm_stat"))
+	m.SetKernel(kernelinfo.Derive("6.1.0-41-amd64", map[string]bool{"esp4_offload": true}, nil))
+	m.SetKernel(kernelinfo.Derive("6.12.57+deb13-amd64", map[string]bool{}, nil))
+	want := `secureoverlay_agent_kernel_info{esp4_offload="not-loaded",pcpu_sa="false",release="6.12.57+deb13-amd64"} 1`
+	if got := kernelSeries(t, m); len(got) != 1 || got[0] != want {
+		t.Errorf("kernel_info series %q, want [%s]", got, want)
+	}
+}

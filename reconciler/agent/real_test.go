@@ -255,6 +255,7 @@ func agentRBAC(t *testing.T, admin kubernetes.Interface) {
 	}}
 	role := &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: "secureoverlay-agent"}, Rules: []rbacv1.PolicyRule{
 		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{api.SecretName}, Verbs: []string{"get", "list", "watch"}},
+		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{api.RingConfigMapName}, Verbs: []string{"get", "list", "watch"}},
 		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource}, Verbs: []string{"get", "list", "watch", "create", "patch"}},
 	}}
 	subj := []rbacv1.Subject{{Kind: rbacv1.ServiceAccountKind, Namespace: api.Namespace, Name: "agent"}}

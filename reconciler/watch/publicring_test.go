@@ -9,6 +9,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -132,5 +133,37 @@ func TestWatcherPublicRing(t *testing.T) {
 	waitFor(t, "the Secret informer to stop", func() bool { return !w.secretSynced() })
 	if !w.HasSynced() {
 		t.Fatal("not synced without the Secret")
+	}
+}
+
+// TestWatcherRingForbidden: an agent whose RBAC predates the public ring (the ConfigMap
+// is forbidden) reads the Secret as before instead of never syncing.
+func TestWatcherRingForbidden(t *testing.T) {
+	ring := testRing(t, api.ModeEnforce, 8, "a", "b")
+	data, err := keys.Marshal(ring)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: api.SecretName, ResourceVersion: "1"},
+		Data: map[string][]byte{api.SecretDataKey: data}}
+	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil), node("b", "198.18.0.2", "boot-b", nil), secret)
+	cs.PrependReactor("list", "configmaps", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewForbidden(schema.GroupResource{Resource: "configmaps"}, api.RingConfigMapName, errors.New("RBAC: no rule"))
+	})
+	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
+		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
+		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"})
+	w := New(Config{Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.Run(ctx)
+	waitFor(t, "caches to sync", w.HasSynced)
+	r, err := w.currentRing()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := keys.Marshal(r); !bytes.Equal(got, data) {
+		t.Fatal("not the Secret's ring")
 	}
 }

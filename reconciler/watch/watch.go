@@ -47,6 +47,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -124,6 +125,9 @@ type Watcher struct {
 	// inPatched counts the Inputs built by patching (tests).
 	inPatched int
 
+	// ringForbidden: the public ring ConfigMap cannot be listed (RBAC of an older
+	// manifest): the agent reads the Secret as before, until the list succeeds.
+	ringForbidden atomic.Bool
 	// The Secret's informer runs only while the public ring needs it (secretWatch).
 	secMu   sync.Mutex
 	secStop <-chan struct{} // the watcher's stop (Run's context), set by coreStart
@@ -184,6 +188,15 @@ func New(cfg Config) *Watcher {
 		cfg.Logger.Error("node cache transform not set: Nodes are cached whole", "error", err)
 	}
 	w.ringCMs = cf.Core().V1().ConfigMaps().Informer()
+	_ = w.ringCMs.SetWatchErrorHandler(func(r *cache.Reflector, err error) {
+		if apierrors.IsForbidden(err) && !w.ringForbidden.Swap(true) {
+			cfg.Logger.Warn("the public ring ConfigMap cannot be read (the agent's RBAC predates it: apply the manifest); reading the key Secret instead",
+				"configmap", cfg.Namespace+"/"+cfg.RingConfigMap, "error", err)
+			w.secretWatch()
+			w.notify("ring")
+		}
+		cache.DefaultWatchErrorHandler(context.Background(), r, err)
+	})
 	w.nodesReg, _ = w.nodes.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc: func(obj any) {
 			if n, ok := cachedInfo(obj, cfg.Self); ok {
@@ -499,7 +512,7 @@ func (s *calicoSet) synced() bool { return s != nil && s.hasSynced() }
 
 // HasSynced reports whether every informer has synced.
 func (w *Watcher) HasSynced() bool {
-	if !w.nodes.HasSynced() || !w.nodesReg.HasSynced() || !w.ringCMs.HasSynced() || !w.reports.HasSynced() {
+	if !w.nodes.HasSynced() || !w.nodesReg.HasSynced() || !w.ringListed() || !w.reports.HasSynced() {
 		return false
 	}
 	if w.needSecret() && !w.secretSynced() {
@@ -667,11 +680,14 @@ func (w *Watcher) publicRing() (r *keys.Ring, ok bool, err error) {
 	return r, true, err
 }
 
+// ringListed reports whether the public ring's list is in, or cannot be had (forbidden).
+func (w *Watcher) ringListed() bool { return w.ringCMs.HasSynced() || w.ringForbidden.Load() }
+
 // needSecret reports whether the Secret must be read: the public ring's list is in and
-// there is no ConfigMap, or it has a sealed generation.
+// there is no ConfigMap, or it has a sealed generation; or the list is forbidden.
 func (w *Watcher) needSecret() bool {
 	if !w.ringCMs.HasSynced() {
-		return false
+		return w.ringForbidden.Load()
 	}
 	pub, ok, err := w.publicRing()
 	return !ok || (err == nil && pub.Sealed())

@@ -36,6 +36,15 @@ func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring) error {
 	cms := c.client.CoreV1().ConfigMaps(ns)
 	cm, err := cms.Get(ctx, api.RingConfigMapName, metav1.GetOptions{})
 	switch {
+	case apierrors.IsForbidden(err):
+		// The master's RBAC predates the public ring (a newer image than the applied
+		// manifest): agents without a ConfigMap read the Secret, so nothing is lost.
+		if !c.pubForbidden {
+			c.log.Warn("cannot read the public ring ConfigMap (the master's RBAC predates it: apply the manifest); agents keep reading the key Secret",
+				"configmap", ns+"/"+api.RingConfigMapName, "err", err)
+		}
+		c.pubForbidden = true
+		return nil
 	case apierrors.IsNotFound(err):
 		cm = &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: api.RingConfigMapName, Namespace: ns,
 			Labels: map[string]string{"app.kubernetes.io/name": "secureoverlay", "app.kubernetes.io/component": "ring"}},
@@ -53,7 +62,7 @@ func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring) error {
 			return fmt.Errorf("update configmap %s/%s: %w", ns, api.RingConfigMapName, err)
 		}
 	}
-	c.pubWritten, c.pubChecked = string(data), now
+	c.pubWritten, c.pubChecked, c.pubForbidden = string(data), now, false
 	return nil
 }
 
@@ -91,10 +100,10 @@ func (c *Controller) agentKeyAccess(ctx context.Context, grant bool, why string)
 	rbs := c.client.RbacV1().RoleBindings(ns)
 	rb, err := rbs.Get(ctx, api.AgentKeysAccess, metav1.GetOptions{})
 	switch {
-	case apierrors.IsNotFound(err):
+	case apierrors.IsNotFound(err) || apierrors.IsForbidden(err):
 		if c.access != "unmanaged" {
-			c.log.Warn("the agents' Secret access is not managed: no RoleBinding; agents keep whatever access their RBAC gives (docs/keys.md §11)",
-				"rolebinding", ns+"/"+api.AgentKeysAccess)
+			c.log.Warn("the agents' Secret access is not managed: no RoleBinding (or the master may not read it); agents keep whatever access their RBAC gives (docs/keys.md §11)",
+				"rolebinding", ns+"/"+api.AgentKeysAccess, "err", err)
 		}
 		c.access, c.accessChecked = "unmanaged", now
 		return nil

@@ -185,3 +185,39 @@ func waitPublished(e *env, agents map[string]*agent, gen uint32) {
 		return true, ""
 	})
 }
+
+// TestMasterWithOlderRBAC: a master image newer than the applied manifest (its Role has
+// neither the public ring nor the binding) still runs the cluster: the agents read the
+// Secret, and the master says once why it does not write the ConfigMap.
+func TestMasterWithOlderRBAC(t *testing.T) {
+	e := newEnv(t)
+	admin := kubernetes.NewForConfigOrDie(e.cluster.AdminConfig())
+	role, err := admin.RbacV1().Roles(api.Namespace).Get(e.ctx, "secureoverlay-master", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rules []rbacv1.PolicyRule
+	for _, r := range role.Rules {
+		if slices.Contains(r.Resources, "rolebindings") {
+			continue
+		}
+		r.ResourceNames = slices.DeleteFunc(slices.Clone(r.ResourceNames), func(n string) bool { return n == api.RingConfigMapName })
+		rules = append(rules, r)
+	}
+	role.Rules = rules
+	if _, err := admin.RbacV1().Roles(api.Namespace).Update(e.ctx, role, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // the authorizer's informer
+	e.startMaster("master-a", testPolicy())
+	enableCluster(e, "n1", "n2")
+	logs := e.sink.text()
+	for _, want := range []string{"cannot read the public ring ConfigMap (the master's RBAC predates it", "the agents' Secret access is not managed"} {
+		if strings.Count(logs, want) != 1 {
+			t.Errorf("the master logged %q %d times, want once", want, strings.Count(logs, want))
+		}
+	}
+	if _, err := admin.CoreV1().ConfigMaps(api.Namespace).Get(e.ctx, api.RingConfigMapName, metav1.GetOptions{}); err == nil {
+		t.Error("a public ring was written without the RBAC for it")
+	}
+}

@@ -250,6 +250,7 @@ type Controller struct {
 	// (access.go).
 	pubWritten    string
 	pubChecked    time.Time
+	pubForbidden  bool
 	access        string
 	accessChecked time.Time
 }

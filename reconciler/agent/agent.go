@@ -180,7 +180,9 @@ type Agent struct {
 	cfg Config
 	d   Deps
 	log *slog.Logger
-	q   workqueue.TypedRateLimitingInterface[string]
+	// kernelSeen is what noteKernel last logged (release and esp4_offload's state).
+	kernelSeen string
+	q          workqueue.TypedRateLimitingInterface[string]
 
 	full      atomic.Bool  // next sync re-reads the kernel
 	reset     atomic.Bool  // ... and recomputes the desired state whole (not for a report's hand-over)
@@ -440,6 +442,7 @@ func (a *Agent) sync() (err error) {
 		a.d.Rules.QueueResync()
 		if reset { // not when a partial sync handed over for its report: see there
 			a.memo.Reset()
+			a.noteKernel()
 		}
 	}
 	defer func() {

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"log/slog"
 	"path/filepath"
@@ -110,5 +111,49 @@ func TestKernelMetricReplaced(t *testing.T) {
 	want := `secureoverlay_agent_kernel_info{esp4_offload="not-loaded",pcpu_sa="false",release="6.12.57+deb13-amd64"} 1`
 	if got := kernelSeries(t, m); len(got) != 1 || got[0] != want {
 		t.Errorf("kernel_info series %q, want [%s]", got, want)
+	}
+}
+
+// TestKernelRefreshedAtResync: a full resync detects the kernel again, so an operator's
+// `modprobe -r esp4_offload` shows in the metric (and one log line) without an agent
+// restart; a resync that finds nothing new logs nothing.
+func TestKernelRefreshedAtResync(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	var logs bytes.Buffer
+	m := NewMetrics(filepath.Join(t.TempDir(), "missing-xfrm_stat"))
+	loaded := kernelinfo.Derive("6.1.0-41-amd64", map[string]bool{"esp4_offload": true}, nil)
+	unloaded := kernelinfo.Derive("6.1.0-41-amd64", map[string]bool{}, nil)
+	cur := loaded
+	a, err := New(Config{NodeName: "a", ExternalMTU: 1500, LedgerDir: seededLedger(t, "a", "boot-a")},
+		Deps{Client: e.cs, Source: e.src, Xfrm: xfrm.NewApplier(e.xk, e.a.cfg.Dataplane), Rules: rules.NewApplier(e.rk),
+			Metrics: m, Logger: slog.New(slog.NewTextHandler(&logs, nil)), Kernel: func() kernelinfo.Info { return cur }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go e.src.Run(ctx)
+	waitFor(t, "synced", e.src.HasSynced)
+	resync := func() {
+		t.Helper()
+		a.reset.Store(true)
+		a.full.Store(true)
+		if err := a.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resync()
+	if n := strings.Count(logs.String(), "esp4_offload is loaded"); n != 1 {
+		t.Fatalf("%d warnings with esp4_offload loaded, want 1:\n%s", n, logs.String())
+	}
+	cur = unloaded
+	resync()
+	resync()
+	want := `secureoverlay_agent_kernel_info{esp4_offload="not-loaded",pcpu_sa="false",release="6.1.0-41-amd64"} 1`
+	if got := kernelSeries(t, m); len(got) != 1 || got[0] != want {
+		t.Errorf("after modprobe -r and a resync: %q, want [%s]", got, want)
+	}
+	if n := strings.Count(logs.String(), "msg=kernel "); n != 1 {
+		t.Errorf("%d info lines for the unloaded module, want 1:\n%s", n, logs.String())
 	}
 }

@@ -155,6 +155,7 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	var mu sync.Mutex
 	var views []view
 	var waits []time.Duration
+	var dues []time.Time
 
 	// pod runs one agent pod's life: tracker and agent from the start; sigterm stops the
 	// loop, decides, and walks down if the DaemonSet is being deleted.
@@ -170,10 +171,12 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 			Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(kern, dp), Rules: rules.NewApplier(ipt),
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, nil)),
 				Sleep: func(ctx context.Context, d time.Duration) error {
+					due := time.Now().Add(d) // when this step is due (the agent computed d just now)
 					st, _ := kern.states.Snapshot()
 					mu.Lock()
 					views = append(views, view{policies: policyLevels(t, kern, dp), raw: rawRules(t, netns), states: len(st)})
 					waits = append(waits, d)
+					dues = append(dues, due)
 					mu.Unlock()
 					return sleepCtx(ctx, d)
 				}})
@@ -275,10 +278,17 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	// Each wait ends at start + i*step: it is one step less what the apply before it took.
-	if len(views) != 2 || waits[0] > step || waits[0] < step-200*time.Millisecond || waits[1] > step || waits[1] < step-200*time.Millisecond {
-		t.Fatalf("waits %v, want just under %v each", waits, step)
+	// Each wait ends at start + i*step: it is one step less what the apply before it took
+	// (however long that was on a loaded machine), so two steps that waited at all are due
+	// one step apart; a step whose apply took longer than a step waits 0 (late, never
+	// early: the walk-down as a whole took at least 2 steps, checked above).
+	if len(views) != 2 || waits[0] < 0 || waits[0] > step || waits[1] < 0 || waits[1] > step {
+		t.Fatalf("waits %v, want each in [0, %v]", waits, step)
 	}
+	if apart := dues[1].Sub(dues[0]); waits[0] > 0 && waits[1] > 0 && (apart < step-25*time.Millisecond || apart > step+25*time.Millisecond) {
+		t.Fatalf("steps due %v apart (waits %v), want %v", apart, waits, step)
+	}
+	t.Logf("waits %v, due %v apart", waits, dues[1].Sub(dues[0]).Round(time.Millisecond))
 	// Step 1: accepts ESP and plaintext, still sends ESP, drops nothing.
 	if got := strings.Join(views[0].policies, ", "); got != "in 198.18.0.2>198.18.0.1 use, out 198.18.0.1>198.18.0.2 required" ||
 		strings.Contains(views[0].raw, "-j DROP") || views[0].states != 2 {

@@ -184,6 +184,11 @@ type MasterStatus struct {
 	GenerationFloor uint32 `json:"generationFloor,omitempty"`
 	// Nodes is how many node IDs the ring assigns.
 	Nodes int `json:"nodes"`
+	// AgentSecretAccess is the agents' read access to the key Secret as the master last
+	// set it (docs/keys.md §11): granted, revoked or unmanaged (no RoleBinding
+	// AgentKeysAccess); AgentSecretAccessWhy says why ("" before the first reconcile).
+	AgentSecretAccess    string `json:"agentSecretAccess,omitempty"`
+	AgentSecretAccessWhy string `json:"agentSecretAccessWhy,omitempty"`
 	// LastError is the last reconcile error (e.g. a key ring the master refuses), "" if
 	// the last reconcile succeeded.
 	LastError string `json:"lastError,omitempty"`

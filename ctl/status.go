@@ -140,6 +140,9 @@ func printStatus(w io.Writer, format string, now time.Time, st StatusOutput, all
 		fmt.Fprintln(w)
 		fmt.Fprintf(w, "Keys:     %s\n", keysLine(now, ms))
 		fmt.Fprintf(w, "Master:   leader %s, %d node IDs assigned, last error: %s\n", dash(ms.Leader), ms.Nodes, dash(ms.LastError))
+		if ms.AgentSecretAccess != "" {
+			fmt.Fprintf(w, "Agents:   read access to the key Secret %s (%s)\n", ms.AgentSecretAccess, dash(ms.AgentSecretAccessWhy))
+		}
 		printBounded(w, "Lagging:  ", ms.Lagging)
 		printBounded(w, "Excluded: ", ms.Excluded)
 	}

@@ -55,7 +55,8 @@ func healthyMaster() *api.MasterStatus {
 	return &api.MasterStatus{Leader: "secureoverlay-master-0", Mode: api.ModeEnforce, Target: api.ModeEnforce, ActiveGeneration: 7,
 		Generations: []api.GenerationStatus{{Number: 7, State: "active", Cipher: "aes128gcm", Reason: "request",
 			Created: fixedNow.Add(-2 * time.Hour), Activated: fixedNow.Add(-2*time.Hour + 3*time.Second)}},
-		LastRotateRequest: "2026-03-04T08:00:00Z", Nodes: len(testNodes)}
+		LastRotateRequest: "2026-03-04T08:00:00Z", Nodes: len(testNodes),
+		AgentSecretAccess: "revoked", AgentSecretAccessWhy: "no v1 generation is live and every agent reads the public ring"}
 }
 
 // healthyCluster writes what a healthy enforcing cluster publishes: nodes with agent

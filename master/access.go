@@ -105,7 +105,7 @@ func (c *Controller) agentKeyAccess(ctx context.Context, grant bool, why string)
 			c.log.Warn("the agents' Secret access is not managed: no RoleBinding (or the master may not read it); agents keep whatever access their RBAC gives (docs/keys.md §11)",
 				"rolebinding", ns+"/"+api.AgentKeysAccess, "err", err)
 		}
-		c.access, c.accessChecked = "unmanaged", now
+		c.access, c.accessWhy, c.accessChecked = "unmanaged", "no RoleBinding "+api.AgentKeysAccess+" the master may read", now
 		return nil
 	case err != nil:
 		return fmt.Errorf("get rolebinding %s/%s: %w", ns, api.AgentKeysAccess, err)
@@ -124,6 +124,6 @@ func (c *Controller) agentKeyAccess(ctx context.Context, grant bool, why string)
 	} else if c.access != state {
 		c.log.Info("agents' access to the key Secret is "+state, "rolebinding", ns+"/"+api.AgentKeysAccess, "why", why)
 	}
-	c.access, c.accessChecked = state, now
+	c.access, c.accessWhy, c.accessChecked = state, why, now
 	return nil
 }

@@ -148,10 +148,18 @@ func TestAgentSecretAccess(t *testing.T) {
 	}
 	e.eventually("generation 1 removed", wait, func() (bool, string) { r := e.ring(); return !r.HasRoots(), keys.Summary(r) })
 	allowed(false, "the agents may no longer read the Secret")
+	e.eventually("the status says so", wait, func() (bool, string) {
+		st := e.status()
+		return st.AgentSecretAccess == "revoked" && strings.Contains(st.AgentSecretAccessWhy, "no v1 generation is live"), st.AgentSecretAccess + ": " + st.AgentSecretAccessWhy
+	})
 
 	// An agent that reads only the Secret (a rolling update back): granted again.
 	agents["n1"].readsRing.Store(false)
 	allowed(true, "access granted again for an agent that reads only the Secret")
+	e.eventually("the status names the node", wait, func() (bool, string) {
+		st := e.status()
+		return st.AgentSecretAccess == "granted" && strings.Contains(st.AgentSecretAccessWhy, "node n1"), st.AgentSecretAccess + ": " + st.AgentSecretAccessWhy
+	})
 	agents["n1"].readsRing.Store(true)
 	allowed(false, "revoked again")
 }

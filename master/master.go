@@ -252,6 +252,7 @@ type Controller struct {
 	pubChecked    time.Time
 	pubForbidden  bool
 	access        string
+	accessWhy     string
 	accessChecked time.Time
 }
 
@@ -652,7 +653,7 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 	if needSecret {
 		why = "a v1 generation is live"
 		if len(older) > 0 {
-			why = fmt.Sprintf("%d agents read only the Secret (node %s first)", len(older), older[0])
+			why = fmt.Sprintf("agents that read only the Secret: %d (node %s first)", len(older), older[0])
 		}
 		if err := c.agentKeyAccess(ctx, true, why); err != nil {
 			return time.Time{}, fmt.Errorf("grant the agents read access to the key secret: %w", err)
@@ -815,6 +816,7 @@ func (c *Controller) status(ring *keys.Ring, res *keys.Result, lastError string)
 			}
 		}
 	}
+	st.AgentSecretAccess, st.AgentSecretAccessWhy = c.access, c.accessWhy
 	if res != nil {
 		st.RotationInProgress, st.Waiting, st.Deferred = res.RotationInProgress, res.Waiting, res.Deferred
 		for _, l := range res.Lagging {

@@ -65,15 +65,9 @@ func TestWatcherPublicRing(t *testing.T) {
 		secretReads.Add(1)
 		return false, nil, nil
 	})
-	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
-		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"})
-	w := New(Config{Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go w.Run(ctx)
-	waitFor(t, "caches to sync", w.HasSynced)
+	w := runFakeWatcher(t, ctx, cs)
 	ringIs := func(what string, want *keys.Ring) {
 		t.Helper()
 		wb := enc(want, false)
@@ -150,15 +144,9 @@ func TestWatcherRingForbidden(t *testing.T) {
 	cs.PrependReactor("list", "configmaps", func(a k8stesting.Action) (bool, runtime.Object, error) {
 		return true, nil, apierrors.NewForbidden(schema.GroupResource{Resource: "configmaps"}, api.RingConfigMapName, errors.New("RBAC: no rule"))
 	})
-	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
-		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"})
-	w := New(Config{Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go w.Run(ctx)
-	waitFor(t, "caches to sync", w.HasSynced)
+	w := runFakeWatcher(t, ctx, cs)
 	r, err := w.currentRing()
 	if err != nil {
 		t.Fatal(err)
@@ -166,4 +154,18 @@ func TestWatcherRingForbidden(t *testing.T) {
 	if got, _ := keys.Marshal(r); !bytes.Equal(got, data) {
 		t.Fatal("not the Secret's ring")
 	}
+}
+
+// runFakeWatcher runs a Watcher of node "a"'s view on cs (Calico's v1 CRDs served, no
+// Calico objects) until ctx is done, and waits for it to sync.
+func runFakeWatcher(t *testing.T, ctx context.Context, cs *fake.Clientset) *Watcher {
+	t.Helper()
+	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
+		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
+		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"})
+	w := New(Config{Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
+	go w.Run(ctx)
+	waitFor(t, "caches to sync", w.HasSynced)
+	return w
 }

@@ -472,6 +472,12 @@ func TestHealthReadyMetrics(t *testing.T) {
 	stop := e.run()
 	defer stop()
 	waitFor(t, "ready", func() bool { c, _ := get("/readyz"); return c == 200 })
+	// The sync that made the agent ready records its duration as it returns, just after
+	// readiness: wait for that, then read every metric.
+	waitFor(t, "the full sync's duration", func() bool {
+		_, m := get("/metrics")
+		return strings.Contains(m, `secureoverlay_agent_sync_duration_seconds_bucket{kind="full"`)
+	})
 	_, metrics := get("/metrics")
 	for _, want := range []string{
 		`secureoverlay_agent_sync_duration_seconds_bucket{kind="full"`,

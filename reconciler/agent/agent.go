@@ -176,9 +176,6 @@ type Agent struct {
 	// it): an event-driven sync recomputes and applies the changed peers only; a full
 	// sync recomputes and walks everything.
 	memo *desired.Memo
-	// claims is the report's per-peer part, kept from the memo's changes (reportpeers.go;
-	// the sync worker's).
-	claims peerClaims
 
 	cfg Config
 	d   Deps
@@ -499,7 +496,6 @@ func (a *Agent) sync() (err error) {
 			hint = h.Hint(a.memo.NodesVersion(), in.NodesVersion)
 		}
 		ch, err = a.memo.Update(in, hint) // desired.Compute(in), per changed peer
-		a.claims.Note(ch, err)
 		if err != nil {
 			return a.fail(fmt.Errorf("compute desired state: %w", err))
 		}
@@ -595,7 +591,7 @@ func (a *Agent) sync() (err error) {
 	observed := a.d.Xfrm.Observed()
 	seq := MaxSeq(observed, selfIP, a.cfg.Dataplane.SoftPackets, st.Generations)
 	inSeq := MaxInSeq(observed, selfIP, a.cfg.Dataplane.SoftPackets, st.Generations)
-	rep := a.claims.Report(st, &snap, self.Incarnation, b, seq, inSeq, now) // BuildReport, per changed peer
+	rep := BuildReport(st, &snap, self.Incarnation, b, seq, inSeq, now)
 	a.mu.Lock()
 	rep.UID, rep.Epoch = self.UID, a.epoch
 	a.mu.Unlock()

@@ -4,10 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"maps"
 	"math"
 	"net/netip"
-	"reflect"
 	"strings"
 	"time"
 
@@ -80,7 +78,26 @@ func maxSeq(observed []xfrm.KernelSA, limit uint64, live []uint32, seq func(xfrm
 // advertise: only call it after both appliers succeeded). It claims only what st holds.
 // The caller sets UID and Epoch (this node's key incarnation).
 func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b Budget, seq, inSeq SeqUse, now time.Time) watch.Report {
-	r := reportHeader(st, snap, incarnation, b, seq, inSeq, now, len(st.EncryptingPeers()), st.SendingGenerations())
+	in := reportedFraction(inSeq.Fraction)
+	r := watch.Report{NodeReport: api.NodeReport{
+		Mode: st.Mode, Generations: append([]uint32(nil), st.Generations...), Sending: st.SendingGenerations(),
+		Incarnation: incarnation,
+		BudgetMTU:   b.BudgetMTU, ExternalMTU: b.ExternalMTU,
+		MaxSeqFraction: reportedFraction(seq.Fraction), SeqGeneration: seq.Generation,
+		MaxInSeqFraction: &in, InSeqGeneration: inSeq.Generation,
+		PeersEncrypted: len(st.EncryptingPeers()), PeersExpected: len(st.Peers),
+		LastSync:   now.UTC().Truncate(time.Second),
+		CalicoAPI:  snap.Calico.GroupVersion,
+		Neighbours: append([]string(nil), st.Neighbours...),
+	}}
+	if snap.CalicoSwitching != "" {
+		r.CalicoAPI += "→" + snap.CalicoSwitching
+	}
+	for _, s := range st.Skipped {
+		if strings.HasPrefix(s.Object, "node/") {
+			r.PeersExpected++
+		}
+	}
 	for _, p := range st.Peers {
 		n := snap.Node(p.Name)
 		if n == nil {
@@ -104,32 +121,6 @@ func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b B
 	return r
 }
 
-// reportHeader is the report without its per-peer maps (BuildReport, peerClaims.Report):
-// encrypted is the number of peers with a send generation, sending their generations.
-func reportHeader(st desired.State, snap *watch.Snapshot, incarnation string, b Budget, seq, inSeq SeqUse, now time.Time, encrypted int, sending []uint32) watch.Report {
-	in := reportedFraction(inSeq.Fraction)
-	r := watch.Report{NodeReport: api.NodeReport{
-		Mode: st.Mode, Generations: append([]uint32(nil), st.Generations...), Sending: sending,
-		Incarnation: incarnation,
-		BudgetMTU:   b.BudgetMTU, ExternalMTU: b.ExternalMTU,
-		MaxSeqFraction: reportedFraction(seq.Fraction), SeqGeneration: seq.Generation,
-		MaxInSeqFraction: &in, InSeqGeneration: inSeq.Generation,
-		PeersEncrypted: encrypted, PeersExpected: len(st.Peers),
-		LastSync:   now.UTC().Truncate(time.Second),
-		CalicoAPI:  snap.Calico.GroupVersion,
-		Neighbours: append([]string(nil), st.Neighbours...),
-	}}
-	if snap.CalicoSwitching != "" {
-		r.CalicoAPI += "→" + snap.CalicoSwitching
-	}
-	for _, s := range st.Skipped {
-		if strings.HasPrefix(s.Object, "node/") {
-			r.PeersExpected++
-		}
-	}
-	return r
-}
-
 // reportedFraction rounds a sequence fraction UP to a hundredth, so the report changes at
 // most a hundred times over an SA's life instead of on every resync (the exact value is in
 // the max_sequence_fraction metric) and never under-states how close rotation is.
@@ -140,30 +131,12 @@ func reportedFraction(f float64) float64 {
 	return math.Ceil(f*100) / 100
 }
 
-// sameClaims reports whether two reports differ only in LastSync (a heartbeat). The
-// per-peer maps are compared as maps (the same map, as peerClaims hands out while no peer
-// changed, at once), the rest as its JSON.
+// sameClaims reports whether two reports differ only in LastSync (a heartbeat).
 func sameClaims(a, b watch.Report) bool {
-	if !samePeerMap(a.InboundFrom, b.InboundFrom) || !samePeerMap(a.EncryptingTo, b.EncryptingTo) {
-		return false
-	}
 	a.LastSync, b.LastSync = time.Time{}, time.Time{}
-	a.InboundFrom, b.InboundFrom, a.EncryptingTo, b.EncryptingTo = nil, nil, nil, nil
 	x, err1 := json.Marshal(a)
 	y, err2 := json.Marshal(b)
 	return err1 == nil && err2 == nil && string(x) == string(y)
-}
-
-// samePeerMap reports whether x and y hold the same entries (nil and empty alike, as in
-// the report's JSON, where both are left out).
-func samePeerMap(x, y map[string]string) bool {
-	if len(x) != len(y) {
-		return false
-	}
-	if len(x) == 0 || reflect.ValueOf(x).UnsafePointer() == reflect.ValueOf(y).UnsafePointer() {
-		return true
-	}
-	return maps.Equal(x, y)
 }
 
 // patchTimeout bounds one report write, and the writer's last writes after Run's context

@@ -169,3 +169,26 @@ func runFakeWatcher(t *testing.T, ctx context.Context, cs *fake.Clientset) *Watc
 	waitFor(t, "caches to sync", w.HasSynced)
 	return w
 }
+
+// TestWatcherSecretCacheOutlivesStop: when the watcher stops (the agent's SIGTERM), the
+// Secret's cache stays synced like every other: the uninstall walk-down without a
+// successful sync computes from the caches (HasSynced).
+func TestWatcherSecretCacheOutlivesStop(t *testing.T) {
+	data, err := keys.Marshal(testRing(t, api.ModeEnforce, 8, "a", "b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil), node("b", "198.18.0.2", "boot-b", nil),
+		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: api.SecretName, ResourceVersion: "1"},
+			Data: map[string][]byte{api.SecretDataKey: data}})
+	ctx, cancel := context.WithCancel(context.Background())
+	w := runFakeWatcher(t, ctx, cs)
+	cancel()
+	time.Sleep(200 * time.Millisecond)
+	if !w.HasSynced() {
+		t.Fatal("not synced after the watcher stopped")
+	}
+	if _, err := w.currentRing(); err != nil {
+		t.Fatalf("ring after the watcher stopped: %v", err)
+	}
+}

@@ -149,7 +149,11 @@ type Watcher struct {
 type secretInformer struct {
 	inf  cache.SharedIndexInformer
 	stop chan struct{}
+	once sync.Once
 }
+
+// halt stops the informer (once; its store stays as it was).
+func (si *secretInformer) halt() { si.once.Do(func() { close(si.stop) }) }
 
 // New builds the informers (nothing runs until Run).
 func New(cfg Config) *Watcher {
@@ -709,23 +713,19 @@ func (w *Watcher) secretWatch() {
 		_, _ = si.inf.AddEventHandler(changeHandler(func() { w.notify("secret") }))
 		parent := w.secStop
 		go func() {
+			// The watcher stops: so does the informer, but it stays w.sec — its cache, as
+			// every other, outlives the watch for the uninstall walk-down (HasSynced).
 			select {
 			case <-parent:
+				si.halt()
 			case <-si.stop:
-				return
 			}
-			w.secMu.Lock()
-			if w.sec == si {
-				close(si.stop)
-				w.sec = nil
-			}
-			w.secMu.Unlock()
 		}()
 		go si.inf.Run(si.stop)
 		w.sec = si
 		w.cfg.Logger.Info("watching the key Secret (the public ring withholds a v1 root, or there is none)", "secret", w.cfg.Namespace+"/"+w.cfg.SecretName)
 	case !need && w.sec != nil:
-		close(w.sec.stop)
+		w.sec.halt()
 		w.sec = nil
 		w.cfg.Logger.Info("no longer watching the key Secret (the public ring holds every generation)", "configmap", w.cfg.Namespace+"/"+w.cfg.RingConfigMap)
 	}

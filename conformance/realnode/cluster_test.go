@@ -227,6 +227,21 @@ func TestRealClusterEncrypts(t *testing.T) {
 	}); err != nil {
 		t.Errorf("reports while enabled: %v; want NodeReports node1 and node2 only", where)
 	}
+	// Every agent publishes its keys: the generation is protocol v2, no v1 generation is
+	// live, every agent reads the public ring — so the master has taken the agents' read
+	// access to the key Secret away (docs/keys.md §11).
+	var canI string
+	if err := waitFor(ctx, time.Minute, func() (bool, error) {
+		out, _ := rc.kubectlRun(ctx, "auth", "can-i", "get", "secrets/keys", "-n", "secureoverlay",
+			"--as", "system:serviceaccount:secureoverlay:secureoverlay-agent")
+		canI = strings.TrimSpace(out)
+		return canI == "no", nil
+	}); err != nil {
+		out, _ = rc.ctl(ctx, "status")
+		t.Errorf("kubectl auth can-i get secrets/keys as the agent: %q, want no\n%s", canI, out)
+	} else {
+		rc.say("kubectl auth can-i get secrets/keys --as …:secureoverlay-agent: %s (every agent reads the public ring, no v1 generation)", canI)
+	}
 
 	// Real pods, one per node, through Calico's chain with our plugin in it.
 	t0 = time.Now()

@@ -67,7 +67,8 @@ func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring) error {
 }
 
 // olderAgents lists the nodes whose agent reports but does not declare that it reads the
-// public ring (an agent that reads only the Secret), at most a few for the log.
+// public ring (an agent that reads only the Secret, or one that has not written its
+// NodeKeys yet: either keeps the access granted).
 func (c *Controller) olderAgents(nodes []keys.NodeState) []string {
 	var out []string
 	for _, n := range nodes {

@@ -80,6 +80,12 @@ type Config struct {
 	StateDir string
 	// Progress receives one line per step while the lab comes up; nil: quiet.
 	Progress func(string)
+	// Release, when set, is a host directory holding an earlier release's
+	// secureoverlay-agent and secureoverlay-master (ReleaseBinDir): Up starts every
+	// master and agent from it, and StartMaster/StartAgent then replace them one by one
+	// with this tree's binaries, as a rolling update does. The CNI plugin is always
+	// this tree's.
+	Release string
 }
 
 func (c *Config) defaults() error {
@@ -153,9 +159,12 @@ type Lab struct {
 	mu      sync.Mutex
 	masters map[int]*exec.Cmd
 	agents  map[int]int // node → guest pid
-	bootIDs map[int]string
-	pods    []*Pod
-	log     func(string)
+	// released are the masters ("master-<m>") and agents ("node<i>") running
+	// Config.Release's binaries.
+	released map[string]bool
+	bootIDs  map[int]string
+	pods     []*Pod
+	log      func(string)
 }
 
 // BinDir is where the binaries of `make build` are: $SECUREOVERLAY_BIN_DIR,
@@ -219,7 +228,7 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 		return nil, err
 	}
 	start := time.Now()
-	l = &Lab{cfg: cfg, binDir: BinDir(), masters: map[int]*exec.Cmd{}, agents: map[int]int{}, bootIDs: map[int]string{}, log: cfg.Progress}
+	l = &Lab{cfg: cfg, binDir: BinDir(), masters: map[int]*exec.Cmd{}, agents: map[int]int{}, released: map[string]bool{}, bootIDs: map[int]string{}, log: cfg.Progress}
 	defer func() {
 		if err != nil {
 			_ = l.Close()
@@ -284,10 +293,14 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 		if vmErr = os.MkdirAll(vmState, 0o755); vmErr != nil {
 			return
 		}
+		shares := append(lab.StandardShares(), lab.Share{Tag: "calicobin", HostPath: l.calicoBin, GuestPath: guestCalicoShare})
+		if cfg.Release != "" {
+			shares = append(shares, lab.Share{Tag: "sorelease", HostPath: cfg.Release, GuestPath: guestReleaseDir})
+		}
 		l.VM, vmErr = lab.Boot(ctx, lab.Options{
 			MemoryMiB:     1024,
 			CPUs:          2,
-			Shares:        append(lab.StandardShares(), lab.Share{Tag: "calicobin", HostPath: l.calicoBin, GuestPath: guestCalicoShare}),
+			Shares:        shares,
 			GuestForwards: []lab.GuestForward{{GuestPort: APIServerGuestPort, HostPort: l.proxy.port}},
 			StateDir:      vmState,
 		})
@@ -338,15 +351,19 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 			return l, err
 		}
 	}
-	l.progress("starting %d secureoverlay-master replica(s) on the host …", cfg.Masters)
+	from := ""
+	if cfg.Release != "" {
+		from = " from " + cfg.Release
+	}
+	l.progress("starting %d secureoverlay-master replica(s) on the host%s …", cfg.Masters, from)
 	for m := 1; m <= cfg.Masters; m++ {
-		if err := l.StartMaster(ctx, m); err != nil {
+		if err := l.startMaster(ctx, m, cfg.Release != ""); err != nil {
 			return l, err
 		}
 	}
-	l.progress("starting secureoverlay-agent in %d node namespaces …", cfg.Nodes)
+	l.progress("starting secureoverlay-agent in %d node namespaces%s …", cfg.Nodes, from)
 	for i := 1; i <= cfg.Nodes; i++ {
-		if err := l.StartAgent(ctx, i); err != nil {
+		if err := l.startAgent(ctx, i, cfg.Release != ""); err != nil {
 			return l, err
 		}
 	}
@@ -428,12 +445,19 @@ func (l *Lab) saveGuestLogs() {
 	}
 }
 
-// StartMaster starts master replica m (1-based) on the host.
-func (l *Lab) StartMaster(ctx context.Context, m int) error {
+// StartMaster starts master replica m (1-based) on the host, from this tree's binaries.
+func (l *Lab) StartMaster(ctx context.Context, m int) error { return l.startMaster(ctx, m, false) }
+
+// startMaster starts master replica m, from Config.Release's binaries if released.
+func (l *Lab) startMaster(ctx context.Context, m int, released bool) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if _, ok := l.masters[m]; ok {
 		return fmt.Errorf("master %d already running", m)
+	}
+	bin := filepath.Join(l.binDir, "secureoverlay-master")
+	if released {
+		bin = filepath.Join(l.cfg.Release, "secureoverlay-master")
 	}
 	port, err := freePort()
 	if err != nil {
@@ -444,7 +468,7 @@ func (l *Lab) StartMaster(ctx context.Context, m int) error {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.Command(filepath.Join(l.binDir, "secureoverlay-master"),
+	cmd := exec.Command(bin,
 		"--kubeconfig", l.masterCfg,
 		"--id", fmt.Sprintf("master-%d", m),
 		"--grace", l.cfg.Grace.String(),
@@ -458,6 +482,7 @@ func (l *Lab) StartMaster(ctx context.Context, m int) error {
 		return fmt.Errorf("start master %d: %w", m, err)
 	}
 	l.masters[m] = cmd
+	l.released[fmt.Sprintf("master-%d", m)] = released
 	go func() { _ = cmd.Wait() }()
 	return nil
 }
@@ -489,8 +514,23 @@ func StateFile(i int) string { return fmt.Sprintf("/var/lib/secureoverlay-node%d
 func AgentMetricsPort(i int) int { return 9470 + i }
 
 // StartAgent starts the agent of node i in its namespace with a fresh
-// ServiceAccount token.
-func (l *Lab) StartAgent(ctx context.Context, i int) error {
+// ServiceAccount token, from this tree's binaries.
+func (l *Lab) StartAgent(ctx context.Context, i int) error { return l.startAgent(ctx, i, false) }
+
+// Released reports whether master replica m (what "master-<m>") or node i's agent
+// ("node<i>") runs Config.Release's binaries.
+func (l *Lab) Released(what string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.released[what]
+}
+
+// startAgent starts node i's agent, from Config.Release's binaries if released.
+func (l *Lab) startAgent(ctx context.Context, i int, released bool) error {
+	binDir := lab.GuestBinDir
+	if released {
+		binDir = guestReleaseDir
+	}
 	rc, err := l.Kube.ServiceAccountConfigErr(ctx, "secureoverlay", "secureoverlay-agent")
 	if err != nil {
 		return err
@@ -508,13 +548,14 @@ func (l *Lab) StartAgent(ctx context.Context, i int) error {
 	// Debug logging records every sync that wrote to the kernel, with its time: the loss
 	// evidence (LossEvidence) sets them beside a lost request.
 	cmd := fmt.Sprintf("exec ip netns exec %s %s/secureoverlay-agent --kubeconfig %s --node-name %s --metrics-addr :%d --resync-interval %s --ledger-dir %s --state-file %s --log-level debug",
-		lab.NodeNS(i), lab.GuestBinDir, path, lab.NodeNS(i), AgentMetricsPort(i), l.cfg.AgentResync, LedgerDir(i), StateFile(i))
+		lab.NodeNS(i), binDir, path, lab.NodeNS(i), AgentMetricsPort(i), l.cfg.AgentResync, LedgerDir(i), StateFile(i))
 	pid, err := l.VM.Background(ctx, cmd, agentLog(i))
 	if err != nil {
 		return err
 	}
 	l.mu.Lock()
 	l.agents[i] = pid
+	l.released[lab.NodeNS(i)] = released
 	l.mu.Unlock()
 	return nil
 }
@@ -541,6 +582,35 @@ func (l *Lab) StopAgent(ctx context.Context, i int) error {
 		return fmt.Errorf("agent of node %d not running", i)
 	}
 	return l.VM.Signal(ctx, pid, "TERM")
+}
+
+// UpgradeAgent replaces node i's agent with this tree's, as a DaemonSet rolling update
+// does: SIGTERM (the agent leaves the kernel as it is), wait until the process is gone
+// (at most 30 s, the pod's default grace), start the new one with the same ledger.
+func (l *Lab) UpgradeAgent(ctx context.Context, i int) error {
+	l.mu.Lock()
+	pid, ok := l.agents[i]
+	l.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("agent of node %d not running", i)
+	}
+	if err := l.StopAgent(ctx, i); err != nil {
+		return err
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		running, err := l.VM.Running(ctx, pid)
+		if err != nil {
+			return err
+		}
+		if !running {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("agent of node %d (guest pid %d) still running 30 s after SIGTERM", i, pid)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return l.StartAgent(ctx, i)
 }
 
 // AgentLogTail returns the last n lines of node i's agent log.

@@ -18,8 +18,10 @@ var (
 	sharedOnce sync.Once
 	shared     *Lab
 	sharedErr  error
-	keepState  = flag.String("e2e.state", "", "keep the lab's logs in this directory")
-	suiteStart = time.Now()
+	// sharedRelease is the Config.Release the shared lab was started from.
+	sharedRelease string
+	keepState     = flag.String("e2e.state", "", "keep the lab's logs in this directory")
+	suiteStart    = time.Now()
 )
 
 func TestMain(m *testing.M) {
@@ -39,6 +41,15 @@ func TestMain(m *testing.M) {
 // when the lab cannot run here (fails under SECUREOVERLAY_REQUIRE_ALL=1).
 func sharedLab(t *testing.T) *Lab {
 	t.Helper()
+	return sharedLabFrom(t, "")
+}
+
+// sharedLabFrom is sharedLab started from an earlier release's binaries (Config.Release;
+// "" for this tree's). Only the first test to use the shared lab can choose: the upgrade
+// scenario, first in file order, upgrades the lab the later scenarios then use; asked
+// for a release the lab was not started from, it fails t.
+func sharedLabFrom(t *testing.T, release string) *Lab {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("the VM lab is not run in -short mode")
 	}
@@ -57,11 +68,15 @@ func sharedLab(t *testing.T) *Lab {
 		if state == "" {
 			state = os.Getenv("SECUREOVERLAY_E2E_STATE")
 		}
-		shared, sharedErr = Up(ctx, Config{Nodes: 3, SpareNodes: 1, Masters: 2, StateDir: state,
+		sharedRelease = release
+		shared, sharedErr = Up(ctx, Config{Nodes: 3, SpareNodes: 1, Masters: 2, StateDir: state, Release: release,
 			Progress: func(s string) { fmt.Fprintf(os.Stderr, "e2e: %s\n", s) }})
 	})
 	if sharedErr != nil {
 		t.Fatalf("lab: %v", sharedErr)
+	}
+	if release != "" && release != sharedRelease {
+		t.Fatalf("the shared lab was started from this tree's binaries, not from %s: run this test first (file order) or alone", release)
 	}
 	return shared
 }

@@ -87,7 +87,7 @@ func (k Keys) Validate() error {
 	}
 	for i, c := range k.Capabilities {
 		if !validCapability(c) {
-			return fmt.Errorf("capabilities[%d]: want 1 to %d characters of a-z, 0-9 and -", i, maxField)
+			return fmt.Errorf("capabilities[%d]: want 1 to %d characters of a-z, 0-9 and -", i, maxCapability)
 		}
 	}
 	if len(k.Keys) > keys.MaxPublishedKeys {
@@ -101,11 +101,16 @@ func (k Keys) Validate() error {
 	return nil
 }
 
-// maxCapabilities bounds Keys.Capabilities (the CRD's schema says the same).
-const maxCapabilities = 8
+// maxCapabilities bounds Keys.Capabilities and maxCapability each name (the CRD's schema
+// says the same): the largest object the schema admits stays within 2 KiB as the API
+// server stores it (TestLargestObjectBounded; 64-character names took it to 2,123 bytes).
+const (
+	maxCapabilities = 8
+	maxCapability   = 32
+)
 
 func validCapability(c string) bool {
-	if c == "" || len(c) > maxField {
+	if c == "" || len(c) > maxCapability {
 		return false
 	}
 	for i := 0; i < len(c); i++ {

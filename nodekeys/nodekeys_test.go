@@ -3,6 +3,8 @@ package nodekeys
 import (
 	"context"
 	"crypto/rand"
+	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -175,6 +177,9 @@ func TestCRDAgainstRealAPIServer(t *testing.T) {
 		{"five keys", func(u *unstructured.Unstructured) { u.Object["keys"] = sample(t, 1, 2, 3, 4, 5).fields()["keys"] }},
 		{"no epoch", func(u *unstructured.Unstructured) { delete(u.Object["incarnation"].(map[string]any), "epoch") }},
 		{"no keys field", func(u *unstructured.Unstructured) { delete(u.Object, "keys") }},
+		{"long capability", func(u *unstructured.Unstructured) {
+			u.Object["capabilities"] = []any{strings.Repeat("c", maxCapability+1)}
+		}},
 	} {
 		u := Object("secureoverlay", "bad-"+strings.ReplaceAll(tc.name, " ", "-"), "", sample(t, 3))
 		tc.edit(u)
@@ -183,6 +188,49 @@ func TestCRDAgainstRealAPIServer(t *testing.T) {
 		} else if !strings.Contains(err.Error(), "Invalid value") && !strings.Contains(err.Error(), "Required value") && !strings.Contains(err.Error(), "Too many") {
 			t.Errorf("%s: %v", tc.name, err)
 		}
+	}
+}
+
+// TestLargestObjectBounded: the largest NodeKeys the schema admits — every incarnation
+// field at its limit, keys.MaxPublishedKeys keys, maxCapabilities capabilities at their
+// limit — as the real API server stores and serves it (managed fields included), for a
+// 40-character node name (issue 16's measure), stays within 2 KiB: protocol v2 adds a
+// constant per node, whatever the cluster's size.
+func TestLargestObjectBounded(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real kube-apiserver; skipped with -short")
+	}
+	c := kube.Start(t)
+	dc := dynamic.NewForConfigOrDie(c.AdminConfig())
+	ctx := context.Background()
+	k := Keys{Incarnation: Incarnation{BootID: strings.Repeat("b", maxField), UID: strings.Repeat("u", maxField), Epoch: strings.Repeat("e", maxField)}}
+	for g := uint32(0); g < keys.MaxPublishedKeys; g++ {
+		k.Keys = append(k.Keys, Key{Generation: 4294967291 + g, X25519: pub(t)})
+	}
+	for i := 0; i < maxCapabilities; i++ {
+		k.Capabilities = append(k.Capabilities, fmt.Sprintf("%d%s", i, strings.Repeat("c", maxCapability-1)))
+	}
+	name := "ip-10-0-12-34.eu-west-1.compute.internal"
+	if len(name) != 40 {
+		t.Fatalf("name has %d characters", len(name))
+	}
+	if err := Write(ctx, dc, "secureoverlay", name, "1d3b5f79-2c4e-4a6b-8d0f-2a4c6e8f0b13", k); err != nil {
+		t.Fatal(err)
+	}
+	u, err := dc.Resource(GVR).Namespace("secureoverlay").Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := Parse(u); err != nil || !got.Equal(k) {
+		t.Fatalf("Parse = %v; want the object written", err)
+	}
+	b, err := json.Marshal(u.Object)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("largest NodeKeys as served (managed fields included), 40-character name: %d bytes", len(b))
+	if len(b) > 2048 {
+		t.Errorf("largest NodeKeys is %d bytes as served, want ≤ 2048", len(b))
 	}
 }
 

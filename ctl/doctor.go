@@ -587,7 +587,7 @@ type podKernel struct {
 const esp4OffloadAdvice = "observed in our lab (QEMU, software-emulated CPU): with esp4_offload loaded, receivers counted XfrmInStateProtoError on 10-20% of ESP packets " +
 	"and throughput fell about 15x; the cause is not known and it is not yet confirmed or ruled out on real hardware. " +
 	"Unload it (modprobe -r esp4_offload), keep it out (a file in /etc/modprobe.d/ with: blacklist esp4_offload), " +
-	"then restart the node's agent pod (it detects the kernel at start); a kernel with it built in cannot unload it"
+	"the agent reports it gone at its next full resync (within a minute by default); a kernel with it built in cannot unload it"
 
 // kernelCheck is doctor's kernel verdict from every agent pod's kernel info (pods sorted
 // by node): fail when esp4_offload is in any node's kernel; otherwise pass with the

@@ -101,7 +101,7 @@ func TestKernelCheck(t *testing.T) {
 			pods:    []podKernel{pod("node-a", bookworm), pod("node-b", with(bookworm, "loaded")), pod("node-c", bookworm)},
 			verdict: "fail",
 			says: []string{"esp4_offload loaded on node-b (6.1.0-41-amd64): observed in our lab", "XfrmInStateProtoError on 10-20% of ESP packets",
-				"modprobe -r esp4_offload", "blacklist esp4_offload", "restart the node's agent pod", "(3 nodes: 6.1.0-41-amd64 ×3; per-CPU SAs: none)"},
+				"modprobe -r esp4_offload", "blacklist esp4_offload", "at its next full resync", "(3 nodes: 6.1.0-41-amd64 ×3; per-CPU SAs: none)"},
 		},
 		{
 			name:    "esp4_offload built in",

@@ -517,7 +517,7 @@ func AgentMetricsPort(i int) int { return 9470 + i }
 // ServiceAccount token, from this tree's binaries.
 func (l *Lab) StartAgent(ctx context.Context, i int) error { return l.startAgent(ctx, i, false) }
 
-// Released reports whether master replica m (what "master-<m>") or node i's agent
+// Released reports whether a master replica (what is "master-<m>") or a node's agent
 // ("node<i>") runs Config.Release's binaries.
 func (l *Lab) Released(what string) bool {
 	l.mu.Lock()

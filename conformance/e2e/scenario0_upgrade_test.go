@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -49,10 +50,18 @@ func TestScenario0UpgradeFrom01(t *testing.T) {
 
 	ensureMode(ctx, t, l, api.ModeEnforce)
 	nodes := l.RegisteredNodes()
-	for _, i := range nodes {
-		if !l.Released(lab.NodeNS(i)) {
-			t.Fatalf("node%d's agent is not release %s's", i, PreviousRelease)
+	released := func() []string {
+		var out []string
+		for m := 1; m <= l.Config().Masters; m++ {
+			out = append(out, fmt.Sprintf("master-%d", m))
 		}
+		for _, i := range nodes {
+			out = append(out, lab.NodeNS(i))
+		}
+		return slices.DeleteFunc(out, func(w string) bool { return !l.Released(w) })
+	}
+	if r := released(); len(r) != l.Config().Masters+len(nodes) {
+		t.Fatalf("only %v run release %s's binaries", r, PreviousRelease)
 	}
 	// What 0.1 leaves: a v1 ring (roots in the Secret), reports only as annotations, no
 	// public ring.
@@ -134,6 +143,9 @@ func TestScenario0UpgradeFrom01(t *testing.T) {
 		return true, "", nil
 	})
 	mark(ctx, t, ev, "every agent upgraded")
+	if r := released(); len(r) != 0 {
+		t.Fatalf("%v still run release %s's binaries", r, PreviousRelease)
+	}
 
 	// 4. A rotation: every agent publishes its keys, so the next generation is v2.
 	if _, err := l.RequestRotation(ctx); err != nil {

@@ -8,7 +8,7 @@ import (
 func TestOrderRotates(t *testing.T) {
 	seen := map[string][]int{}
 	for r := range len(Modes) {
-		o := Order(r)
+		o := Order(Modes, r)
 		if len(o) != len(Modes) {
 			t.Fatalf("round %d: %v", r, o)
 		}
@@ -20,6 +20,25 @@ func TestOrderRotates(t *testing.T) {
 		slices.Sort(ps)
 		if !slices.Equal(ps, []int{0, 1, 2, 3}) {
 			t.Errorf("%s ran at positions %v over %d rounds, want each once", m, ps, len(Modes))
+		}
+	}
+}
+
+func TestParseModes(t *testing.T) {
+	if m, err := ParseModes(""); err != nil || !slices.Equal(m, Modes) {
+		t.Errorf(`ParseModes("") = %v, %v; want Modes`, m, err)
+	}
+	if m, err := ParseModes("ipip, esp,esp-offload,espnull-offload"); err != nil || !slices.Equal(m, []string{"ipip", "esp", "esp-offload", "espnull-offload"}) {
+		t.Errorf("ParseModes = %v, %v", m, err)
+	}
+	for _, bad := range []string{"esp", "ipip,esp,esp", "ipip,aes", "ipip,wireguard-offload"} {
+		if m, err := ParseModes(bad); err == nil {
+			t.Errorf("ParseModes(%q) = %v, want an error", bad, m)
+		}
+	}
+	for m, want := range map[string][2]any{"esp": {"esp", false}, "esp-offload": {"esp", true}, "espnull-offload": {"espnull", true}, "espnoesn-offload": {"espnoesn", true}} {
+		if b, o := BaseMode(m); b != want[0] || o != want[1] {
+			t.Errorf("BaseMode(%q) = %q, %v", m, b, o)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -35,8 +36,10 @@ func splitSections(s string) (string, map[int]string, []int) {
 }
 
 // merge keeps old's header and the sections of old that this run did not produce; sections
-// this run produced (by -only) replace or are added to old's.
-func merge(old, fresh string) string {
+// this run produced (by -only) replace or are added to old's, in section order, each saying
+// under its heading when it was run (stamp): the header's date and commands are the last
+// full run's.
+func merge(old, fresh, stamp string) string {
 	oh, olds, oorder := splitSections(old)
 	_, fs, forder := splitSections(fresh)
 	for _, n := range forder {
@@ -44,9 +47,11 @@ func merge(old, fresh string) string {
 			if _, ok := olds[n]; !ok {
 				oorder = append(oorder, n)
 			}
-			olds[n] = fs[n]
+			head, body, _ := strings.Cut(fs[n], "\n")
+			olds[n] = head + "\n\n_This section: " + stamp + " (`-only " + sectionOf[n] + " -update`); the header's date and commands are the last full run's._\n" + body
 		}
 	}
+	slices.Sort(oorder)
 	var b strings.Builder
 	b.WriteString(oh)
 	for _, n := range oorder {

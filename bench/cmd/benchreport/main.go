@@ -414,7 +414,7 @@ func main() {
 		if err != nil {
 			log.Fatalf("-update: %v", err)
 		}
-		text = merge(string(old), text)
+		text = merge(string(old), text, "run of "+started.UTC().Format("2006-01-02 15:04 UTC"))
 	}
 	if err := os.WriteFile(*out, []byte(text), 0o644); err != nil {
 		log.Fatal(err)

@@ -370,7 +370,9 @@ ip -n %[1]s route replace %[5]s dev wg0
 							bench.Report(fmt.Sprintf("dp.%s.xfrm.%s.%s.round%d", m, n, name, r+1), float64(d), "count")
 						}
 					}
-					t.Logf("round %d, %s: %s xfrm_stat grew: %s", r+1, m, n, strings.Join(g, ", "))
+					if len(g) > 0 {
+						t.Logf("round %d, %s: %s xfrm_stat grew: %s", r+1, m, n, strings.Join(g, ", "))
+					}
 					continue
 				}
 				if len(g) > 0 {

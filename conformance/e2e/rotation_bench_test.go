@@ -99,19 +99,7 @@ func benchRotationCutover(t *testing.T, nodes int) {
 	}
 	time.Sleep(2 * time.Second)
 	mark(ctx, t, ev, "rotation requested")
-	if _, err := l.RequestRotation(ctx); err != nil {
-		t.Fatal(err)
-	}
-	_, took, err := l.WaitRotation(ctx, prev, 8*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mark(ctx, t, ev, "new generation active everywhere")
-	removed, err := l.WaitGenerationRemoved(ctx, prev, l.Config().Grace+8*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mark(ctx, t, ev, "old generation removed")
+	_, took, removed := rotate(ctx, t, l, ev, prev, 8*time.Minute, 8*time.Minute)
 	time.Sleep(time.Second)
 	mark(ctx, t, ev, "stopping streams")
 	stats, sent, lost, err = StopStreams(ctx, streams)

@@ -159,19 +159,7 @@ func TestScenario0UpgradeFrom01(t *testing.T) {
 	}
 
 	// 4. A rotation: every agent publishes its keys, so the next generation is v2.
-	if _, err := l.RequestRotation(ctx); err != nil {
-		t.Fatal(err)
-	}
-	gen, took, err := l.WaitRotation(ctx, prev, 4*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mark(ctx, t, ev, "v2 generation active everywhere")
-	removed, err := l.WaitGenerationRemoved(ctx, prev, l.Config().Grace+3*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mark(ctx, t, ev, "v1 generation removed")
+	gen, took, removed := rotate(ctx, t, l, ev, prev, 4*time.Minute, 3*time.Minute)
 	if r, err := l.Ring(ctx); err != nil {
 		t.Fatal(err)
 	} else if g := r.Generation(gen); g == nil || !g.V2() || len(g.Root) != 0 {

@@ -193,6 +193,28 @@ func makeBeforeBreakOK(t *testing.T, l *Lab, rep LossReport, old, new uint32) {
 
 // stopCapture stops c and reports whether its counts are evidence: a capture whose
 // kernel ring dropped packets is logged as such, and its counts are then used for nothing.
+// rotate requests a rotation, waits until a generation newer than prev is active
+// everywhere (within timeout) and then until prev is gone from ring, reports and kernels
+// (within the grace plus removeSlack), marking both on the evidence's timeline. It returns
+// the new generation, the time to activation and the time from activation to removal.
+func rotate(ctx context.Context, t *testing.T, l *Lab, ev *LossEvidence, prev uint32, timeout, removeSlack time.Duration) (gen uint32, took, removed time.Duration) {
+	t.Helper()
+	if _, err := l.RequestRotation(ctx); err != nil {
+		t.Fatal(err)
+	}
+	gen, took, err := l.WaitRotation(ctx, prev, timeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mark(ctx, t, ev, "new generation active everywhere")
+	removed, err = l.WaitGenerationRemoved(ctx, prev, l.Config().Grace+removeSlack)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mark(ctx, t, ev, "old generation removed")
+	return gen, took, removed
+}
+
 func stopCapture(ctx context.Context, t *testing.T, c *lab.Capture) bool {
 	t.Helper()
 	dropped, err := c.Stop(ctx)
@@ -235,19 +257,7 @@ func TestScenario2RotationUnderTraffic(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	mark(ctx, t, ev, "rotation requested")
 	t0 := time.Now()
-	if _, err := l.RequestRotation(ctx); err != nil {
-		t.Fatal(err)
-	}
-	gen, took, err := l.WaitRotation(ctx, prev, 3*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mark(ctx, t, ev, "new generation active everywhere")
-	removed, err := l.WaitGenerationRemoved(ctx, prev, l.Config().Grace+3*time.Minute)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mark(ctx, t, ev, "old generation removed")
+	gen, took, removed := rotate(ctx, t, l, ev, prev, 3*time.Minute, 3*time.Minute)
 	time.Sleep(time.Second)
 	mark(ctx, t, ev, "stopping streams")
 	stats, sent, lost, err := StopStreams(ctx, streams)

@@ -117,6 +117,10 @@ type NodeInfo struct {
 	// FromAnnotation: Report is the annotation's (no NodeReport, or the annotation was
 	// written later).
 	FromAnnotation bool
+	// KeptAnnotation: the Node no longer carries the annotation and Report is its last,
+	// kept until a NodeReport at least as recent arrives (the hand-over from an agent of
+	// 0.1: nodeView.setNode). Its agent removed the annotation, so it is not Legacy.
+	KeptAnnotation bool
 	// Keys are the node's published protocol v2 keys (its NodeKeys; nil when it has none
 	// or one that does not parse). Shared with the cache: never modify.
 	Keys *nodekeys.Keys
@@ -127,7 +131,7 @@ type NodeInfo struct {
 // one older than the annotation (left by a newer agent before a downgrade). While any
 // peer is such a node, agents write their report both ways (docs/keys.md §6).
 func (n *NodeInfo) Legacy() bool {
-	return n.FromAnnotation && n.CurrentReport() != nil
+	return n.FromAnnotation && !n.KeptAnnotation && n.CurrentReport() != nil
 }
 
 // ParseNode extracts NodeInfo from a Node, its report whole (CacheNode with no self).
@@ -202,7 +206,7 @@ func withObject(ni NodeInfo, e reportEntry, ok bool) NodeInfo {
 		return ni
 	}
 	ni.RawReport, ni.Report, ni.ReportErr = e.Raw, e.Report, e.Err
-	ni.FromAnnotation = false
+	ni.FromAnnotation, ni.KeptAnnotation = false, false
 	return ni
 }
 

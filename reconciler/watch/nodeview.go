@@ -23,6 +23,7 @@ type nodeView struct {
 	nodes   map[string]NodeInfo                      // CacheNode of each Node (no NodeReport merged)
 	reports map[string]nodereport.Entry[reportEntry] // each node's NodeReport entry (nodereport.Cache.Get)
 	keys    map[string]*nodekeys.Keys                // each node's published keys (NodeKeys, parsed)
+	held    map[string]reportEntry                   // a peer's removed report annotation's last report (setNode)
 	seq     uint64                                   // changes logged so far
 	log     []nodeChange                             // the changes after logFrom, in order
 	logFrom uint64
@@ -45,7 +46,7 @@ const maxNodeLog = 8192
 
 func newNodeView() *nodeView {
 	return &nodeView{nodes: map[string]NodeInfo{}, reports: map[string]nodereport.Entry[reportEntry]{}, keys: map[string]*nodekeys.Keys{},
-		touched: map[string]bool{}}
+		held: map[string]reportEntry{}, touched: map[string]bool{}}
 }
 
 // logLocked records that name's inputs changed.
@@ -66,6 +67,18 @@ func (v *nodeView) setNode(ni NodeInfo, self string) {
 	old, had := v.nodes[ni.Name]
 	v.nodes[ni.Name] = ni
 	v.touched[ni.Name] = true
+	// A peer's report annotation that goes is kept (mergedLocked) until a NodeReport at
+	// least as recent replaces it: its new agent creates the NodeReport before it removes
+	// the annotation, but the Node's update and the NodeReport's ADD come through two
+	// watches in no guaranteed order, and a peer seen without a report in between would
+	// lose its SAs (docs/keys.md §6, "Hand-over").
+	switch {
+	case ni.Name == self:
+	case ni.AnnotationReport:
+		delete(v.held, ni.Name)
+	case had && old.AnnotationReport && old.Report != nil:
+		v.held[ni.Name] = reportEntry{Raw: old.RawReport, Report: old.Report, Err: old.ReportErr}
+	}
 	// self's own report is not an input of its desired state; every other difference
 	// (down to a peer's report annotation's lastSync, which picks between annotation and
 	// NodeReport) is logged.
@@ -80,6 +93,7 @@ func (v *nodeView) deleteNode(name string) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	delete(v.nodes, name)
+	delete(v.held, name)
 	v.touched[name] = true
 	if e, ok := v.reports[name]; ok && e.Deleted {
 		delete(v.reports, name)
@@ -97,6 +111,9 @@ func (v *nodeView) setReport(node string, after *nodereport.Entry[reportEntry], 
 		delete(v.reports, node)
 	} else {
 		v.reports[node] = *after
+		if h, ok := v.held[node]; ok && after.Value.Report != nil && !h.Report.LastSync.After(after.Value.Report.LastSync) {
+			delete(v.held, node) // replaced for good (withObject would pick the NodeReport)
+		}
 	}
 	if node == self && had && after != nil {
 		return // self's own report: not an input
@@ -145,6 +162,10 @@ func (v *nodeView) mergedLocked(name string) (NodeInfo, bool) {
 	ni, ok := v.nodes[name]
 	if !ok {
 		return NodeInfo{}, false
+	}
+	if h, ok := v.held[name]; ok && !ni.AnnotationReport {
+		ni.RawReport, ni.Report, ni.ReportErr = h.Raw, h.Report, h.Err
+		ni.FromAnnotation, ni.KeptAnnotation = true, true
 	}
 	e, has := v.reports[name]
 	ni = withObject(ni, e.Value, has)

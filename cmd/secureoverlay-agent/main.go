@@ -205,7 +205,7 @@ func run(cleanup bool, args []string) error {
 	}
 	cfg.UserAgent = "secureoverlay-agent/" + o.nodeName
 	cfg.QPS, cfg.Burst = float32(o.apiQPS), o.apiBurst
-	client, err := kubernetes.NewForConfig(cfg)
+	client, err := kubernetes.NewForConfig(kubeconfig.Protobuf(cfg))
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)
 	}

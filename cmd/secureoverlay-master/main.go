@@ -94,7 +94,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	client, err := kubernetes.NewForConfig(cfg)
+	client, err := kubernetes.NewForConfig(kubecfg.Protobuf(cfg))
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)
 	}

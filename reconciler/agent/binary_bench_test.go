@@ -175,9 +175,11 @@ func binaryMemoryAs(t *testing.T, bin string, c *kube.Cluster, nodes int, prefix
 			_ = syscall.Kill(-pid, syscall.SIGKILL)
 			<-exited
 		}
-		if t.Failed() {
+		// SECUREOVERLAY_BENCH_AGENTLOG=1 prints the whole log (where the first sync's time
+		// goes), a failure its tail.
+		if whole := os.Getenv("SECUREOVERLAY_BENCH_AGENTLOG") == "1"; t.Failed() || whole {
 			if b, err := os.ReadFile(logPath); err == nil {
-				if len(b) > 8000 {
+				if len(b) > 8000 && !whole {
 					b = b[len(b)-8000:]
 				}
 				t.Logf("agent log (tail):\n%s", b)

@@ -37,6 +37,7 @@ var (
 	count   = flag.Int("count", 5, "runs of each Go benchmark (the median is reported)")
 	from    = flag.String("from", "", "comma-separated logs of earlier runs whose BENCH lines are merged in (e.g. a separate lab run)")
 	only    = flag.String("only", "", "comma-separated sections to run (compute,xfrm,keys,cni,agent,ctl,lab,dataplane); empty: all")
+	noRun   = flag.Bool("norun", false, "run nothing: render the sections (-only) from the -from logs alone (e.g. after a change to how a section is written)")
 	update  = flag.Bool("update", false, "replace only the sections that ran in the existing -out file, keep the others and its header (e.g. -only dataplane -update)")
 	ctlSize = flag.String("ctl-nodes", "1000,5000", "cluster sizes for secureoverlayctl status")
 	results = map[string]value{}
@@ -49,6 +50,10 @@ var (
 func want(s string) bool {
 	return *only == "" || slices.Contains(strings.Split(*only, ","), s)
 }
+
+// runs says whether section s's benchmarks run now (-norun: none, the figures come from
+// -from logs).
+func runs(s string) bool { return !*noRun && want(s) }
 
 func run(env []string, args ...string) string {
 	cmd := exec.Command("go", args...)
@@ -181,31 +186,31 @@ func main() {
 		parse(string(b))
 		cmds = append(cmds, "(merged from an earlier run's log "+f+")")
 	}
-	if want("compute") {
+	if runs("compute") {
 		parse(run(nil, "test", "-run", "^$", "-bench", "^BenchmarkCompute(Join)?$", "-benchmem", "-count", strconv.Itoa(*count), "./reconciler/desired"))
 	}
-	if want("xfrm") {
+	if runs("xfrm") {
 		parse(run(nil, "test", "-run", "^$", "-bench", "^BenchmarkApplyJoin$", "-benchmem", "-count", strconv.Itoa(*count), "./reconciler/xfrm"))
 		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBench(ProgramPolicies|Join)$", "-v", "./reconciler/xfrm"))
 		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBenchEventPath$", "-v", "./reconciler/watch"))
 	}
-	if want("keys") {
+	if runs("keys") {
 		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBenchDeriveV2Start$", "-v", "./keys"))
 	}
-	if want("cni") {
+	if runs("cni") {
 		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBenchChainAdd$", "-v", "./plugin"))
 	}
-	if want("agent") {
+	if runs("agent") {
 		parse(run(benchEnv, "test", "-count=1", "-timeout", "30m", "-run", "^TestBench", "-v", "./reconciler/agent"))
 	}
-	if want("ctl") {
+	if runs("ctl") {
 		parse(run(append(benchEnv, "SECUREOVERLAY_BENCH_CTL_NODES="+*ctlSize), "test", "-count=1", "-timeout", "60m", "-run", "^TestBenchStatus$", "-v", "./ctl"))
 	}
-	if *withLab && want("lab") {
+	if *withLab && runs("lab") {
 		parse(run(benchEnv, "test", "-count=1", "-timeout", "30m", "-run", "^TestBenchProgramStatesLab$", "-v", "./reconciler/xfrm"))
 		parse(run(append(benchEnv, "SECUREOVERLAY_BENCH_LAB_NODES="+*labSize), "test", "-count=1", "-timeout", "90m", "-run", "^TestBenchRotationCutover$", "-v", "./conformance/e2e"))
 	}
-	if want("dataplane") {
+	if runs("dataplane") {
 		parse(run(benchEnv, "test", "-count=1", "-timeout", "40m", "-run", "^TestBench(Dataplane|AEAD)$", "-v", "./bench/dataplane"))
 	}
 	var b strings.Builder
@@ -339,6 +344,10 @@ func main() {
 	w("\np50 ratio client-go default / shipped: %s (Node), %s (IPAMBlock); shipped / 1,000 QPS: %s (Node), %s (IPAMBlock).\n",
 		ratio("latency.clientgo.node.p50", "latency.shipped.node.p50"), ratio("latency.clientgo.block.p50", "latency.shipped.block.p50"),
 		ratio("latency.shipped.node.p50", "latency.qps1000.node.p50"), ratio("latency.shipped.block.p50", "latency.qps1000.block.p50"))
+	if _, ok := results["latency.stream.node.p99"]; ok {
+		w("\nA stream of Node events (`TestBenchEventStream`, shipped limit): 250 peers, one of them gets its report every 20 ms (**50 Node events/s**), each adding that peer's inbound policy and changing this node's report: %s changes, p50 %s, **p99 %s** (issue 16's goal: < 30 ms), max %s.\n",
+			get("latency.stream.node.changes"), get("latency.stream.node.p50"), get("latency.stream.node.p99"), get("latency.stream.node.max"))
+	}
 
 	w("\n## 5. CNI ADD through libcni (ADDs alternate between the chains; fresh pod netns each)\n\n")
 	w("| chain | ADDs | p50 | p99 | p50 ratio | p99 ratio |\n|---|---:|---:|---:|---:|---:|\n")
@@ -414,7 +423,11 @@ func main() {
 		if err != nil {
 			log.Fatalf("-update: %v", err)
 		}
-		text = merge(string(old), text, "run of "+started.UTC().Format("2006-01-02 15:04 UTC"))
+		stamp := "run of " + started.UTC().Format("2006-01-02 15:04 UTC")
+		if *noRun {
+			stamp = "figures from an earlier run's log (-from), written " + started.UTC().Format("2006-01-02 15:04 UTC") + " with -norun"
+		}
+		text = merge(string(old), text, stamp)
 	}
 	if err := os.WriteFile(*out, []byte(text), 0o644); err != nil {
 		log.Fatal(err)

@@ -1,21 +1,12 @@
 package watch
 
 import (
-	"context"
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/apimachinery/pkg/runtime/schema"
-	fakediscovery "k8s.io/client-go/discovery/fake"
-	dynamicfake "k8s.io/client-go/dynamic/fake"
-	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/secureoverlay/secureoverlay/api"
-	"github.com/secureoverlay/secureoverlay/keys"
-	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
@@ -34,22 +25,9 @@ func TestAnnotationReportKeptUntilNodeReport(t *testing.T) {
 		return `{"mode":"enforce","incarnation":"boot-b","uid":"u-b","epoch":"e-b","lastSync":"` + lastSync + `"}`
 	}
 	const t1, t2 = "2026-12-01T00:00:00Z", "2026-12-01T00:00:05Z"
-	ring := testRing(t, api.ModeEnforce, 8, "a", "b")
-	data, err := keys.Marshal(ring)
-	if err != nil {
-		t.Fatal(err)
-	}
 	b := node("b", "198.18.0.2/24", "boot-b", map[string]string{api.ReportAnnotation: rep(t1)})
 	b.UID = "u-b"
-	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil), b,
-		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: api.SecretName}, Data: map[string][]byte{api.SecretDataKey: data}})
-	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{resources("crd.projectcalico.org/v1", "ipamblocks", "ippools")}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, gvBlocks: "IPAMBlockList", gvPools: "IPPoolList"})
-	w := New(Config{Self: "a", Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go w.Run(ctx)
+	ctx, w, cs, dc := watcherOfA(t, api.ModeEnforce, node("a", "198.18.0.1/24", "boot-a", nil), b)
 	waitFor(t, "caches to sync", w.HasSynced)
 
 	get := func() NodeInfo {
@@ -72,7 +50,7 @@ func TestAnnotationReportKeptUntilNodeReport(t *testing.T) {
 	}
 
 	// The Node update (annotation removed) arrives before the NodeReport's ADD.
-	b, err = cs.CoreV1().Nodes().Get(ctx, "b", metav1.GetOptions{})
+	b, err := cs.CoreV1().Nodes().Get(ctx, "b", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -26,20 +26,7 @@ import (
 // pair's v2 SAs mid-uninstall: lost packets, seen in the real-node story); once the Node
 // is gone they go with it.
 func TestNodeKeysKeptWhileTheNodeExists(t *testing.T) {
-	ring := testRing(t, api.ModeAccept, 8, "a", "b")
-	data, err := keys.Marshal(ring)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil), node("b", "198.18.0.2/24", "boot-b", nil),
-		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: api.SecretName}, Data: map[string][]byte{api.SecretDataKey: data}})
-	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{resources("crd.projectcalico.org/v1", "ipamblocks", "ippools")}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, gvBlocks: "IPAMBlockList", gvPools: "IPPoolList"})
-	w := New(Config{Self: "a", Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go w.Run(ctx)
+	ctx, w, cs, dc := watcherOfA(t, api.ModeAccept, node("a", "198.18.0.1/24", "boot-a", nil), node("b", "198.18.0.2/24", "boot-b", nil))
 	waitFor(t, "caches to sync", w.HasSynced)
 
 	priv, err := keys.GeneratePrivateKey(rand.Reader)
@@ -72,4 +59,28 @@ func TestNodeKeysKeptWhileTheNodeExists(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, "b gone", func() bool { s := w.Snapshot(); return s.Node("b") == nil })
+}
+
+// watcherOfA runs node a's Watcher until the test ends, on fake clients holding nodes
+// and a key Secret with a ring of mode in which a and b have node IDs (Calico's v1 group
+// served, NodeReports and NodeKeys listable).
+func watcherOfA(t *testing.T, mode api.Mode, nodes ...*corev1.Node) (context.Context, *Watcher, *fake.Clientset, *dynamicfake.FakeDynamicClient) {
+	t.Helper()
+	data, err := keys.Marshal(testRing(t, mode, 8, "a", "b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	objs := []runtime.Object{&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: api.SecretName}, Data: map[string][]byte{api.SecretDataKey: data}}}
+	for _, n := range nodes {
+		objs = append(objs, n)
+	}
+	cs := fake.NewClientset(objs...)
+	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{resources("crd.projectcalico.org/v1", "ipamblocks", "ippools")}
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
+		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, gvBlocks: "IPAMBlockList", gvPools: "IPPoolList"})
+	w := New(Config{Self: "a", Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go w.Run(ctx)
+	return ctx, w, cs, dc
 }

@@ -565,7 +565,11 @@ func TestScenario4Enforcement(t *testing.T) {
 	t.Cleanup(func() {
 		c, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		_, _, _ = l.VM.Run(c, "ip netns del inj")
+		// The port first, then the namespace: "ip netns del" returns before the kernel
+		// has destroyed the namespace's devices, and a veth peer left on the underlay
+		// bridge for that moment broke the next scenario's wire counters (CI, stop 31:
+		// scenario 6, "Cannot find device ulinj"; 7 of 30 tries on a plain kernel).
+		_, _, _ = l.VM.Run(c, "ip -n "+lab.UnderlayNS+" link del ulinj; ip netns del inj")
 	})
 	base1, err := l.AgentMetric(ctx, 1, metric, in...)
 	if err != nil {

@@ -93,6 +93,18 @@ func cacheDir() string {
 const containerdConfig = `version = 2
 root = "/var/lib/containerd"
 state = "/run/containerd"
+# containerd's own calls to its shims time out after 2-5 s by default, sized for real
+# hardware. The emulated guest runs them 300-1000x slower while a rolling update starts
+# and stops containers on both nodes: run 61 and CI (stop 31) saw "get state ... context
+# deadline exceeded" and "failed to delete shim: close wait error", after which containerd
+# retried the old master pod's sandbox exit for good (KillPodSandbox DeadlineExceeded
+# every 2 min, the pod Terminating until the rollout's deadline). A slow node's operator
+# raises these; so do we.
+[timeouts]
+  "io.containerd.timeout.shim.cleanup" = "60s"
+  "io.containerd.timeout.shim.load" = "60s"
+  "io.containerd.timeout.shim.shutdown" = "30s"
+  "io.containerd.timeout.task.state" = "30s"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "%s"
   enable_cdi = false

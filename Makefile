@@ -74,7 +74,7 @@ unit:
 test: export SECUREOVERLAY_REQUIRE_ALL = 1
 test: deps tools build lint
 	@mkdir -p $(CACHE)
-	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./... 2>&1 | tee $(CACHE)/test.log; exit $${PIPESTATUS[0]}
+	@GO=$(GO) TEST_TIMEOUT=$(TEST_TIMEOUT) hack/test.sh 2>&1 | tee $(CACHE)/test.log; exit $${PIPESTATUS[0]}
 
 # The end-to-end scenarios in the VM lab (also part of `make test`).
 conformance: export SECUREOVERLAY_REQUIRE_ALL = 1

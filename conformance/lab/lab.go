@@ -441,12 +441,20 @@ var slotState struct {
 // slotHandle is one VM's share of the process's slot.
 type slotHandle struct{ once sync.Once }
 
+// ForbiddenEnv, when set, forbids booting a lab VM in this process; its value says why.
+const ForbiddenEnv = "SECUREOVERLAY_LAB_FORBIDDEN"
+
 // SlotWait bounds the wait for another process's VM. It is deliberately independent of the
 // caller's context: a boot timeout measures our guest, not how long another test package
 // keeps its own (go test's -timeout is the overall guard).
 const SlotWait = 30 * time.Minute
 
 func acquireSlot() (*slotHandle, error) {
+	// hack/test.sh runs make test's host stream with this set: a test there that boots the
+	// VM would hold the slot out of turn and starve the VM stream's emulator of its core.
+	if why := os.Getenv(ForbiddenEnv); why != "" {
+		return nil, fmt.Errorf("boot lab vm: forbidden here (%s=%q)", ForbiddenEnv, why)
+	}
 	slotState.Lock()
 	defer slotState.Unlock()
 	if slotState.users > 0 {

@@ -3,6 +3,7 @@ package lab
 import (
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -40,5 +41,20 @@ func TestVMSlot(t *testing.T) {
 	(&VM{slot: b}).releaseSlot()
 	if !othersCanLock() {
 		t.Fatal("slot not freed after the last VM released it")
+	}
+}
+
+// TestVMSlotForbidden: with ForbiddenEnv set (make test's host stream, hack/test.sh) no VM
+// takes the slot, and the error says why.
+func TestVMSlotForbidden(t *testing.T) {
+	t.Setenv("SECUREOVERLAY_LAB_LOCK", filepath.Join(t.TempDir(), "vm.lock"))
+	t.Setenv(ForbiddenEnv, "host stream")
+	h, err := acquireSlot()
+	if err == nil {
+		(&VM{slot: h}).releaseSlot()
+		t.Fatal("slot acquired although the lab VM is forbidden")
+	}
+	if !strings.Contains(err.Error(), "host stream") {
+		t.Errorf("error %q does not say why", err)
 	}
 }

@@ -33,14 +33,26 @@ mapfile -t lab_pkgs < <($GO list -f '{{.ImportPath}}{{range .TestGoFiles}} {{$.D
 		[ -n "$files" ] && grep -q -E '^func TestLab[A-Za-z0-9_]*\(t \*testing\.T\)' $files && echo "$pkg"
 	done)
 
-gotest() { $GO test -race -count=1 -timeout "$TEST_TIMEOUT" -p 1 "$@"; }
-
 start=$(date +%s)
+# gotest STREAM ARGS…: one go test run of a stream; after each package's result line it
+# prints when that package ended ("test.sh: vm +734s"), so a slow run shows where its time
+# went. go test's own lines pass unchanged.
+gotest() {
+	local stream=$1
+	shift
+	$GO test -race -count=1 -timeout "$TEST_TIMEOUT" -p 1 "$@" 2>&1 |
+		while IFS= read -r line; do
+			printf '%s\n' "$line"
+			case $line in "ok  "* | "FAIL	"* | "---"*) echo "test.sh: $stream +$(($(date +%s) - start))s" ;; esac
+		done
+	return "${PIPESTATUS[0]}"
+}
+
 (
 	rc=0
-	gotest "${vm_pkgs[@]}" || rc=1
-	if [ ${#lab_pkgs[@]} -gt 0 ]; then gotest -run '^TestLab' "${lab_pkgs[@]}" || rc=1; fi
-	gotest "$vm_last" || rc=1
+	gotest vm "${vm_pkgs[@]}" || rc=1
+	if [ ${#lab_pkgs[@]} -gt 0 ]; then gotest vm -run '^TestLab' "${lab_pkgs[@]}" || rc=1; fi
+	gotest vm "$vm_last" || rc=1
 	echo "test.sh: vm stream $([ $rc = 0 ] && echo ok || echo FAILED) after $(($(date +%s) - start))s"
 	exit $rc
 ) &
@@ -48,7 +60,7 @@ vm=$!
 (
 	rc=0
 	SECUREOVERLAY_LAB_FORBIDDEN="the host stream of hack/test.sh runs no lab VM: name a test that boots one TestLab…" \
-		gotest -skip '^TestLab' "${host_pkgs[@]}" || rc=1
+		gotest host -skip '^TestLab' "${host_pkgs[@]}" || rc=1
 	echo "test.sh: host stream $([ $rc = 0 ] && echo ok || echo FAILED) after $(($(date +%s) - start))s"
 	exit $rc
 ) &

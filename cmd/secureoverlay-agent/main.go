@@ -223,7 +223,7 @@ func run(cleanup bool, args []string) error {
 		return err
 	}
 	defer xk.Close()
-	src := watch.New(watch.Config{Client: client, Dynamic: dc, Namespace: o.namespace, SecretName: o.secretName,
+	src := watch.New(watch.Config{Client: client, Dynamic: dc, REST: cfg, Namespace: o.namespace, SecretName: o.secretName,
 		Self: o.nodeName, Logger: log, APIGroup: calicoGroup, Recheck: o.calicoRecheck})
 	ag, err := agent.New(agent.Config{NodeName: o.nodeName, Dataplane: dp, ResyncInterval: o.resync,
 		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU, LedgerDir: o.ledgerDir,

@@ -56,6 +56,7 @@ import (
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -89,6 +90,10 @@ type Config struct {
 	// jitter); DatastoreMigration events trigger one at once.
 	Recheck time.Duration
 	Logger  *slog.Logger
+	// REST, when set, is the configuration Dynamic was made from: IPAMBlocks are then
+	// listed and watched through the lean decoder (leanlist.go), not as unstructured
+	// objects. Fake clients leave it nil.
+	REST *rest.Config
 }
 
 // Watcher owns the informers.
@@ -106,6 +111,7 @@ type Watcher struct {
 	next      *calicoSet // a group being switched to, until its informers sync
 	frozen    *calicoData
 	migration cache.SharedIndexInformer
+	leanREST  rest.Interface // IPAMBlocks' lean list and watch (nil: through Dynamic)
 	recheck   chan struct{}
 	// sawConverged: a selection saw a converged DatastoreMigration (DecideCalico).
 	sawConverged bool
@@ -179,6 +185,15 @@ func New(cfg Config) *Watcher {
 		cfg.Logger = slog.Default()
 	}
 	w := &Watcher{cfg: cfg, recheck: make(chan struct{}, 1), view: newNodeView()}
+	if cfg.REST != nil {
+		c, err := newLeanRESTClient(cfg.REST)
+		if err != nil {
+			// Not fatal: IPAMBlocks are then read through Dynamic as before.
+			cfg.Logger.Error("lean IPAMBlock client not made; reading IPAMBlocks as unstructured objects", "error", err)
+		} else {
+			w.leanREST = c
+		}
+	}
 	if cfg.OnChange != nil {
 		w.SetOnChange(cfg.OnChange)
 	}
@@ -457,6 +472,7 @@ type calicoSet struct {
 	api     CalicoAPI
 	factory dynamicinformer.DynamicSharedInformerFactory
 	inf     map[string]cache.SharedIndexInformer // by resource name
+	lean    []cache.SharedIndexInformer          // those not from the factory (leanlist.go)
 	stop    chan struct{}
 	once    sync.Once
 }
@@ -479,7 +495,13 @@ func (w *Watcher) newCalicoSet(ctx context.Context, api CalicoAPI) *calicoSet {
 		if r.gvr.Resource == "" {
 			continue
 		}
-		inf := set.factory.ForResource(r.gvr).Informer()
+		var inf cache.SharedIndexInformer
+		if r.kind == "ipamblocks" && w.leanREST != nil {
+			inf = cache.NewSharedIndexInformer(&leanBlocksLW{c: w.leanREST, gvr: r.gvr}, &parsedObject{}, 0, cache.Indexers{})
+			set.lean = append(set.lean, inf)
+		} else {
+			inf = set.factory.ForResource(r.gvr).Informer()
+		}
 		if err := inf.SetTransform(calicoTransform(r.kind)); err != nil {
 			w.cfg.Logger.Error("calico cache transform not set", "resource", r.kind, "error", err)
 		}
@@ -499,7 +521,12 @@ func (w *Watcher) newCalicoSet(ctx context.Context, api CalicoAPI) *calicoSet {
 	return set
 }
 
-func (s *calicoSet) start() { s.factory.Start(s.stop) }
+func (s *calicoSet) start() {
+	s.factory.Start(s.stop)
+	for _, inf := range s.lean {
+		go inf.Run(s.stop)
+	}
+}
 
 func (s *calicoSet) stopAll() { s.once.Do(func() { close(s.stop) }) }
 

@@ -177,19 +177,31 @@ func (nopCloser) Close() error { return nil }
 
 // TestLeanIPAMBlocksAgainstRealAPIServer: a Watcher given the REST config reads Calico's
 // IPAMBlocks from a real API server through the lean path — the list (600 blocks), then a
-// create, an update and a delete through the watch — and its blocks equal what the dynamic path's Watcher reads.
+// create, an update and a delete through the watch — and its blocks equal what the
+// dynamic path's Watcher reads; with Calico's real CRDs of either group
+// (crd.projectcalico.org/v1, and the native projectcalico.org/v3 of Calico 3.32).
 func TestLeanIPAMBlocksAgainstRealAPIServer(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a real API server")
 	}
+	for _, api := range []kube.CalicoAPI{kube.CalicoV1, kube.CalicoV3} {
+		t.Run(api.String(), func(t *testing.T) { leanAgainstRealAPIServer(t, api) })
+	}
+}
+
+func leanAgainstRealAPIServer(t *testing.T, api kube.CalicoAPI) {
+	gv := kube.CalicoV1GV
+	if api == kube.CalicoV3 {
+		gv = kube.CalicoV3GV
+	}
 	c := kube.Start(t)
 	cfg := c.AdminConfig()
-	kube.InstallCalicoCRDs(t, cfg)
+	kube.InstallCalicoCRDs(t, cfg, api)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	cs := kubernetes.NewForConfigOrDie(cfg)
 	dyn := dynamic.NewForConfigOrDie(cfg)
-	if _, err := kube.CreateCalico(ctx, dyn, kube.CalicoV1GV, kube.NewIPPool("default-ipv4-ippool", "10.0.0.0/8", v3.IPIPModeAlways)); err != nil {
+	if _, err := kube.CreateCalico(ctx, dyn, gv, kube.NewIPPool("default-ipv4-ippool", "10.0.0.0/8", v3.IPIPModeAlways)); err != nil {
 		t.Fatal(err)
 	}
 	// 600 blocks: more than the reflector's first page (500).
@@ -199,7 +211,7 @@ func TestLeanIPAMBlocksAgainstRealAPIServer(t *testing.T) {
 		if i%7 == 0 {
 			kube.Allocate(b, 3, "h", fmt.Sprintf("node-%d", i+1), nil)
 		}
-		_, err := kube.CreateCalico(ctx, dyn, kube.CalicoV1GV, b)
+		_, err := kube.CreateCalico(ctx, dyn, gv, b)
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -242,18 +254,18 @@ func TestLeanIPAMBlocksAgainstRealAPIServer(t *testing.T) {
 	}
 	agree("list", n, func([]string) bool { return true })
 	lean.mu.Lock()
-	leanInformers := len(lean.cur.lean)
+	leanInformers, read := len(lean.cur.lean), lean.cur.api.IPAMBlocks
 	lean.mu.Unlock()
-	if leanInformers != 1 {
-		t.Fatalf("the lean Watcher has %d lean informers, want 1 (IPAMBlocks)", leanInformers)
+	if leanInformers != 1 || read != gv.WithResource("ipamblocks") {
+		t.Fatalf("the lean Watcher has %d lean informers reading %v, want 1 reading %v", leanInformers, read, gv.WithResource("ipamblocks"))
 	}
 	// Watch: a new block with a borrowed address, one block changed to deleted, one gone.
 	nb := kube.NewIPAMBlock("10.200.0.0/26", "host:node-x")
 	kube.Allocate(nb, 9, "h9", "node-y", nil)
-	if _, err := kube.CreateCalico(ctx, dyn, kube.CalicoV1GV, nb); err != nil {
+	if _, err := kube.CreateCalico(ctx, dyn, gv, nb); err != nil {
 		t.Fatal(err)
 	}
-	gvr := kube.CalicoV1GV.WithResource("ipamblocks")
+	gvr := gv.WithResource("ipamblocks")
 	first := kube.BlockName("10.1.0.0/26")
 	u, err := dyn.Resource(gvr).Get(ctx, first, metav1.GetOptions{})
 	if err != nil {

@@ -28,7 +28,6 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/budget"
 	"github.com/secureoverlay/secureoverlay/gate"
-	"github.com/secureoverlay/secureoverlay/install/owner"
 	"github.com/secureoverlay/secureoverlay/internal/kubeconfig"
 	"github.com/secureoverlay/secureoverlay/reconciler/agent"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
@@ -234,18 +233,6 @@ func run(cleanup bool, args []string) error {
 		return err
 	}
 
-	// The tracker watches our DaemonSet from the start, so the SIGTERM decision survives
-	// `kubectl delete -f` deleting our RBAC before we are terminated (install/owner).
-	var tracker *owner.Tracker
-	trackCtx, stopTracking := context.WithCancel(context.Background())
-	defer stopTracking()
-	if o.podName != "" && o.podNamespace != "" {
-		tracker = owner.NewTracker(client, o.podNamespace, o.podName)
-		go tracker.Run(trackCtx, func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) })
-	} else {
-		log.Warn("pod identity unknown ($POD_NAME/$POD_NAMESPACE unset): SIGTERM will always leave the data plane as it is")
-	}
-
 	defer ag.Close()
 	if o.metricsAddr != "" {
 		srv := &http.Server{Addr: o.metricsAddr, Handler: ag.Handler(), ReadHeaderTimeout: 5 * time.Second}
@@ -260,17 +247,13 @@ func run(cleanup bool, args []string) error {
 	log.Info("starting", "node", o.nodeName, "namespace", o.namespace, "secret", o.secretName, "resync", o.resync,
 		"icvBytes", dp.ICVBytes, "replayWindow", dp.ReplayWindow, "reqid", dp.ReqID, "externalMTU", o.externalMTU,
 		"metricsAddr", o.metricsAddr)
-	ag.Run(ctx)
-	stop() // a second signal now ends the process (default action)
-
-	d, err := agent.UninstallDecision(context.Background(), client, tracker, o.podNamespace, o.podName, o.decideTimeout)
+	d, err := ag.Serve(ctx, agent.Lifecycle{Client: client, PodNamespace: o.podNamespace, PodName: o.podName,
+		DecisionTimeout: o.decideTimeout, UninstallStep: o.uninstallStep,
+		SignalsHandled: stop}) // a second signal then ends the process (default action)
 	if !d.Uninstall {
-		log.Info("data plane left as it is", "reason", d.Reason, "error", err)
-		return nil
+		return nil // the data plane is left as it is, and Serve said why
 	}
-	log.Info("the DaemonSet is being deleted: uninstalling", "reason", d.Reason, "step", o.uninstallStep)
-	stopTracking()
-	return ag.Uninstall(context.Background(), o.uninstallStep)
+	return err
 }
 
 // readyFile is the boot gate's ready file: in the ledger directory, which lives as long as

@@ -269,9 +269,11 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 		t.Errorf("SIGTERM without a pod identity does not say why it kept the data plane:\n%s", stderr.String())
 	}
 
-	// Uninstall: the binary runs as pod agent-x of DaemonSet secureoverlay-agent; the
-	// DaemonSet is deleted, then SIGTERM: the walk-down runs its steps (--uninstall-step)
-	// and removes what we own. (The SAs cannot be added on this host, so the steps that
+	// Uninstall: the binary runs as pod agent-x of DaemonSet secureoverlay-agent. The
+	// DaemonSet is deleted (background, as kubectl does): the walk-down starts when the
+	// watch shows it, before any SIGTERM, runs its steps (--uninstall-step) and removes
+	// what we own; the process then waits for SIGTERM (exiting earlier would make the
+	// kubelet restart it). (The SAs cannot be added on this host, so the steps that
 	// program them fail and the exit status is 1; the last step still removes everything.)
 	ds := &appsv1.DaemonSet{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: "secureoverlay-agent"},
 		Spec: appsv1.DaemonSetSpec{Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "so"}},
@@ -319,16 +321,13 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 		t.Fatal(err)
 	}
 	t0 := time.Now()
-	if err := cmd2.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-exited2:
-	case <-time.After(20 * time.Second):
-		t.Fatal("no exit within 20s of SIGTERM")
+	for deadline := t0.Add(20 * time.Second); !strings.Contains(stderr2.String(), "waiting for SIGTERM"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no walk-down within 20s of the DaemonSet's deletion, without SIGTERM")
+		}
 	}
 	took := time.Since(t0)
-	if !strings.Contains(stderr2.String(), "uninstalling") || !strings.Contains(stderr2.String(), "is gone") {
+	if !strings.Contains(stderr2.String(), "the DaemonSet is being deleted") || !strings.Contains(stderr2.String(), "was deleted") {
 		t.Errorf("no uninstall decision in the log:\n%s", stderr2.String())
 	}
 	if took < time.Second {
@@ -337,7 +336,23 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 	if after := ourPolicies(t, netns); len(after) != 0 {
 		t.Errorf("after the uninstall walk-down: %v", after)
 	}
-	t.Logf("DaemonSet deleted, SIGTERM → exit after %v, nothing of ours left", took.Round(time.Millisecond))
+	select {
+	case err := <-exited2:
+		t.Fatalf("the agent exited after its walk-down, before SIGTERM (%v): the kubelet would restart it", err)
+	case <-time.After(time.Second):
+	}
+	if err := cmd2.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-exited2:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no exit within 5s of SIGTERM after the walk-down")
+	}
+	if after := ourPolicies(t, netns); len(after) != 0 {
+		t.Errorf("after SIGTERM: %v", after)
+	}
+	t.Logf("DaemonSet deleted → walk-down done after %v without SIGTERM; SIGTERM → exit; nothing of ours left", took.Round(time.Millisecond))
 
 	// cleanup removes ours, not the foreign policy; and the boot gate's record (here one
 	// left saying enforce, as a node that encrypted would have it).

@@ -25,6 +25,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
@@ -330,6 +331,7 @@ func TestRealClusterEncrypts(t *testing.T) {
 	// Uninstall: kubectl delete of what was applied. Every node is left clean, and the
 	// pods keep talking (in plaintext once off, as before the install).
 	streams := rc.startStreams(ctx, pods)
+	agentLogs := rc.followAgentLogs(ctx)
 	t0 = time.Now()
 	if out, err := rc.kubectlRun(ctx, "delete", "-k", rc.writeOverlay(rc.env["TAG"]), "--wait=true", "--timeout=10m"); err != nil {
 		t.Fatalf("kubectl delete -k: %v\n%s", err, out)
@@ -343,6 +345,10 @@ func TestRealClusterEncrypts(t *testing.T) {
 	}
 	rc.row("kubectl delete → nodes clean").took = time.Since(t0)
 	rc.stopStreams(ctx, streams, "kubectl delete → nodes clean")
+	// The agents' own account of their walk-down (their pods, and logs, are gone now).
+	for _, l := range agentLogs() {
+		rc.t.Logf("kubectl delete: %s", l)
+	}
 	// Issue 15's second defect: the Namespace goes first, with the agents' credentials;
 	// their reports live in it (NodeReports), so nothing of ours stays on the Nodes.
 	if stale := rc.staleReports(ctx); len(stale) > 0 {
@@ -351,6 +357,49 @@ func TestRealClusterEncrypts(t *testing.T) {
 		rc.say("kubectl delete → no report left on any Node (no annotation of ours, no NodeReport)")
 	}
 	rc.say("whole story %s", time.Since(start).Round(time.Second))
+}
+
+// followAgentLogs follows every agent pod's log (kubectl logs -f) from now until the pod
+// ends; the returned function stops following and returns each pod's lines about its end
+// (the deletion seen, the walk-down's steps, SIGTERM, errors), prefixed with the pod's
+// name, or every line when the test has failed.
+func (rc *realCluster) followAgentLogs(ctx context.Context) func() []string {
+	rc.t.Helper()
+	out, err := rc.kubectlRun(ctx, "get", "pods", "-n", soNamespace, "-l", "app.kubernetes.io/name=secureoverlay-agent", "-o", "name")
+	if err != nil {
+		rc.t.Fatalf("list agent pods: %v\n%s", err, out)
+	}
+	fctx, cancel := context.WithCancel(ctx)
+	type follow struct {
+		pod  string
+		buf  *testutil.SyncBuffer
+		done chan struct{}
+	}
+	var fs []follow
+	for _, pod := range strings.Fields(out) {
+		f := follow{pod: strings.TrimPrefix(pod, "pod/"), buf: &testutil.SyncBuffer{}, done: make(chan struct{})}
+		cmd := exec.CommandContext(fctx, rc.kubectl, "--kubeconfig", rc.kube.Kubeconfig(), "logs", "-f", "--since=1s", "-n", soNamespace, pod, "-c", "agent")
+		cmd.Stdout, cmd.Stderr = f.buf, f.buf
+		if err := cmd.Start(); err != nil {
+			rc.t.Fatalf("kubectl logs -f %s: %v", pod, err)
+		}
+		go func() { defer close(f.done); _ = cmd.Wait() }()
+		fs = append(fs, f)
+	}
+	return func() []string {
+		cancel()
+		var lines []string
+		for _, f := range fs {
+			<-f.done
+			for _, l := range strings.Split(strings.TrimSpace(f.buf.String()), "\n") {
+				if rc.t.Failed() || strings.Contains(l, "DaemonSet") || strings.Contains(l, "uninstall") || strings.Contains(l, "SIGTERM") ||
+					strings.Contains(l, "level=ERROR") || strings.Contains(l, "data plane left") {
+					lines = append(lines, f.pod+": "+l)
+				}
+			}
+		}
+		return lines
+	}
 }
 
 // step runs f while every pod streams echo requests to every other pod, keeps them

@@ -239,3 +239,97 @@ func TestDecisionAgainstAPIServer(t *testing.T) {
 		t.Fatalf("without RBAC: %+v, %v; want keep with Forbidden", d, err)
 	}
 }
+
+// TestTrackerCascadeAgainstAPIServer checks the Tracker's cascade rules against what a
+// real kube-apiserver's watch delivers for each propagation policy (the harness runs no
+// garbage collector, so finalizers stay until the test removes them): background (what
+// `kubectl delete` does) removes the object outright, with no deletionTimestamp in the
+// deletion event, and cascades; foreground cascades while the object waits for its
+// dependents; orphan does not cascade, not even when the object is finally removed; and a
+// DaemonSet created again under the name after a deletion is seen as re-created.
+func TestTrackerCascadeAgainstAPIServer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real kube-apiserver; skipped with -short")
+	}
+	c := kube.Start(t, kube.WithNamespaces("so-cascade"))
+	ctx := context.Background()
+	admin := kubernetes.NewForConfigOrDie(c.AdminConfig())
+	if _, err := admin.CoreV1().ServiceAccounts("so-cascade").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: "so-cascade", Name: "agent"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	start := func(name string) (*Tracker, *appsv1.DaemonSet, chan struct{}) {
+		s := Setup{Namespace: "so-cascade", ServiceAccount: "agent", DaemonSet: name, Pod: name + "-abcde"}
+		ds := createSetup(ctx, t, admin, s, false)
+		tr := NewTracker(admin, s.Namespace, s.Pod)
+		tctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); tr.Run(tctx, t.Logf) }()
+		t.Cleanup(func() { cancel(); <-done })
+		for deadline := time.Now().Add(30 * time.Second); !tr.watching.Load(); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: tracker not watching", name)
+			}
+		}
+		return tr, ds, done
+	}
+	waitClosed := func(what string, ch <-chan struct{}) {
+		t.Helper()
+		select {
+		case <-ch:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: not seen within 10s", what)
+		}
+	}
+	del := func(name string, p metav1.DeletionPropagation) {
+		t.Helper()
+		if err := admin.AppsV1().DaemonSets("so-cascade").Delete(ctx, name, metav1.DeleteOptions{PropagationPolicy: &p}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	unfinalize := func(name string) {
+		t.Helper()
+		if _, err := admin.AppsV1().DaemonSets("so-cascade").Patch(ctx, name, types.MergePatchType, []byte(`{"metadata":{"finalizers":null}}`), metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	bg, bgDS, _ := start("bg")
+	del("bg", metav1.DeletePropagationBackground)
+	waitClosed("background deletion", bg.Cascading())
+	re := bgDS.DeepCopy()
+	re.ResourceVersion, re.UID, re.CreationTimestamp = "", "", metav1.Time{}
+	if _, err := admin.AppsV1().DaemonSets("so-cascade").Create(ctx, re, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitClosed("re-creation", bg.Recreated())
+
+	fg, _, _ := start("fg")
+	del("fg", metav1.DeletePropagationForeground)
+	waitClosed("foreground deletion", fg.Cascading())
+	unfinalize("fg")
+
+	or, _, orDone := start("or")
+	del("or", metav1.DeletePropagationOrphan)
+	// The tracker stops following once it sees the orphan finalizer: our pod left.
+	waitClosed("the tracker ending after an orphaning deletion", orDone)
+	if ok, why := or.Orphaned(); !ok {
+		t.Fatal("orphaning deletion not recognised")
+	} else {
+		t.Logf("orphan: %s", why)
+	}
+	unfinalize("or") // what the garbage collector does once it has orphaned the pods
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if _, err := admin.AppsV1().DaemonSets("so-cascade").Get(ctx, "or", metav1.GetOptions{}); apierrors.IsNotFound(err) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("orphaned daemonset not removed")
+		}
+	}
+	if closed(or.Cascading()) {
+		t.Error("an orphaning deletion counted as cascading")
+	}
+	if ok, _ := or.Deleted(); ok {
+		t.Error("an orphaning deletion counted as deleting our pod at SIGTERM")
+	}
+}

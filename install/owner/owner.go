@@ -26,6 +26,7 @@ package owner
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -120,19 +121,50 @@ func Decide(ctx context.Context, c kubernetes.Interface, tr *Tracker, namespace,
 // at SIGTERM is refused. A watch opened before keeps delivering events (authorization
 // happens when a request starts), so the Tracker sees the DaemonSet's deletion and
 // remembers it.
+//
+// It also tells when the deletion certainly cascades to our pod (Cascading): every node's
+// watch sees the DaemonSet's deletion within moments of the others, while the pods'
+// SIGTERMs follow the garbage collector's deletes (rate-limited) and each kubelet's
+// latency, so an agent that starts its uninstall walk-down then is in step with its peers
+// (docs/agent.md "Uninstall"). After a deletion it keeps watching for a DaemonSet of the
+// same name with another UID (Recreated: delete + apply).
 type Tracker struct {
 	c        kubernetes.Interface
 	ns, name string
 
-	mu      sync.Mutex
-	deleted string // reason; sticky once set
+	mu       sync.Mutex
+	deleted  string // reason; sticky once set
+	orphaned string // the DaemonSet is being deleted with propagation Orphan: our pod stays
+	deleting bool   // seen with a deletionTimestamp and without the orphan finalizer
+
+	cascade, recreated         chan struct{}
+	cascadeOnce, recreatedOnce sync.Once
 
 	watching atomic.Bool // a watch on the DaemonSet is open (for tests and diagnostics)
 }
 
 // NewTracker returns a Tracker for pod namespace/name.
 func NewTracker(c kubernetes.Interface, namespace, name string) *Tracker {
-	return &Tracker{c: c, ns: namespace, name: name}
+	return &Tracker{c: c, ns: namespace, name: name, cascade: make(chan struct{}), recreated: make(chan struct{})}
+}
+
+// Cascading is closed once the Tracker has seen our DaemonSet deleted in a way that
+// deletes our pod: removed outright (background propagation, what `kubectl delete` does)
+// or being deleted in the foreground. A deletion only inferred (gone when the watch
+// reconnected, or removed after a deletionTimestamp the watch did not show) leaves it
+// open: propagation Orphan keeps the pods running, and only the pod's SIGTERM tells.
+func (t *Tracker) Cascading() <-chan struct{} { return t.cascade }
+
+// Recreated is closed when, after our DaemonSet's deletion, a DaemonSet of the same name
+// with another UID appears (delete + apply).
+func (t *Tracker) Recreated() <-chan struct{} { return t.recreated }
+
+// Orphaned reports whether our DaemonSet is being deleted with propagation Orphan (our
+// pod is left running, without a controller), and why.
+func (t *Tracker) Orphaned() (bool, string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.orphaned != "", t.orphaned
 }
 
 // Deleted reports whether the Tracker has seen the owning DaemonSet deleted or being
@@ -146,6 +178,11 @@ func (t *Tracker) Deleted() (bool, string) {
 func (t *Tracker) markDeleted(reason string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.setDeleted(reason)
+}
+
+// setDeleted records the first deletion reason; t.mu is held.
+func (t *Tracker) setDeleted(reason string) {
 	if t.deleted == "" {
 		t.deleted = reason
 	}
@@ -183,7 +220,7 @@ func (t *Tracker) Run(ctx context.Context, logf func(format string, args ...any)
 	}
 	for ctx.Err() == nil {
 		err := t.follow(ctx, ref)
-		if ok, _ := t.Deleted(); ok || ctx.Err() != nil {
+		if t.done() || ctx.Err() != nil {
 			return
 		}
 		if err != nil {
@@ -217,9 +254,7 @@ func (t *Tracker) follow(ctx context.Context, ref *metav1.OwnerReference) error 
 	}
 	if ds == nil {
 		t.markDeleted(fmt.Sprintf("daemonset %s/%s is gone", t.ns, ref.Name))
-		return nil
-	}
-	if t.observe(ds, ref, false) {
+	} else if t.observe(ds, ref, false) {
 		return nil
 	}
 	w, err := dsc.Watch(ctx, metav1.ListOptions{
@@ -258,20 +293,53 @@ func (t *Tracker) follow(ctx context.Context, ref *metav1.OwnerReference) error 
 	}
 }
 
-// observe records a deletion of our DaemonSet (by UID) and reports whether it saw one.
+// done reports whether there is nothing more to follow: our pod left the DaemonSet
+// (orphaned), or a new DaemonSet replaced the deleted one.
+func (t *Tracker) done() bool {
+	select {
+	case <-t.recreated:
+		return true
+	default:
+	}
+	ok, _ := t.Orphaned()
+	return ok
+}
+
+// observe records what one version of the DaemonSet named like ours says (gone: it is
+// the object of a deletion event), and reports whether following can stop.
 func (t *Tracker) observe(ds *appsv1.DaemonSet, ref *metav1.OwnerReference, gone bool) bool {
 	if ds.UID != ref.UID {
-		return false // another DaemonSet of that name: not ours
-	}
-	switch {
-	case gone:
-		t.markDeleted(fmt.Sprintf("daemonset %s/%s was deleted", t.ns, ref.Name))
-	case ds.DeletionTimestamp != nil:
-		t.markDeleted(fmt.Sprintf("daemonset %s/%s is being deleted", t.ns, ref.Name))
-	default:
+		// Another DaemonSet of that name. After ours was deleted: re-created.
+		if ok, _ := t.Deleted(); ok && !gone {
+			t.recreatedOnce.Do(func() { close(t.recreated) })
+			return true
+		}
 		return false
 	}
-	return true
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	switch {
+	case ds.DeletionTimestamp != nil && !gone && slices.Contains(ds.Finalizers, metav1.FinalizerOrphanDependents):
+		if t.orphaned == "" {
+			t.orphaned = fmt.Sprintf("daemonset %s/%s is being deleted with propagation Orphan: its pods stay", t.ns, ref.Name)
+		}
+		return true
+	case ds.DeletionTimestamp != nil && !gone:
+		t.setDeleted(fmt.Sprintf("daemonset %s/%s is being deleted", t.ns, ref.Name))
+		t.deleting = true
+		if slices.Contains(ds.Finalizers, metav1.FinalizerDeleteDependents) {
+			t.cascadeOnce.Do(func() { close(t.cascade) })
+		}
+	case gone:
+		t.setDeleted(fmt.Sprintf("daemonset %s/%s was deleted", t.ns, ref.Name))
+		// Removed outright (no deletionTimestamp: background propagation), or at the end
+		// of a deletion the watch showed without the orphan finalizer. Otherwise the
+		// deletion may have orphaned our pod: SIGTERM will tell.
+		if ds.DeletionTimestamp == nil || t.deleting {
+			t.cascadeOnce.Do(func() { close(t.cascade) })
+		}
+	}
+	return false
 }
 
 func controllerRef(refs []metav1.OwnerReference) *metav1.OwnerReference {

@@ -3,6 +3,7 @@ package owner
 import (
 	"context"
 	"errors"
+	"slices"
 	"testing"
 	"time"
 
@@ -227,4 +228,62 @@ func TestTrackerDaemonSetAlreadyGone(t *testing.T) {
 	c := fake.NewClientset(pod(dsRef("agent", "u1", true)))
 	tr := startTracker(t, c)
 	waitDeleted(t, tr)
+}
+
+// What the Tracker concludes from the versions of the DaemonSet the watch shows, in order
+// (gone: the object of a deletion event). Cascading only for a deletion that deletes our
+// pod; a deletion the watch did not see begin (it may have orphaned the pod) is left to
+// the SIGTERM decision.
+func TestTrackerCascadeRules(t *testing.T) {
+	ref := dsRef("agent", "u1", true)
+	now := metav1.Now()
+	live := ds("agent", "u1", false)
+	deleting := func(finalizers ...string) *appsv1.DaemonSet {
+		d := ds("agent", "u1", false)
+		d.DeletionTimestamp, d.Finalizers = &now, finalizers
+		return d
+	}
+	type ev struct {
+		d    *appsv1.DaemonSet
+		gone bool
+	}
+	cases := []struct {
+		name                                  string
+		evs                                   []ev
+		deleted, cascade, orphaned, recreated bool
+	}{
+		{name: "live", evs: []ev{{live, false}}},
+		{name: "background: removed outright", evs: []ev{{live, false}, {live, true}}, deleted: true, cascade: true},
+		{name: "foreground", evs: []ev{{live, false}, {deleting(metav1.FinalizerDeleteDependents), false}}, deleted: true, cascade: true},
+		{name: "foreground, then removed", evs: []ev{{deleting(metav1.FinalizerDeleteDependents), false}, {deleting(), true}}, deleted: true, cascade: true},
+		{name: "orphan", evs: []ev{{live, false}, {deleting(metav1.FinalizerOrphanDependents), false}}, orphaned: true},
+		{name: "removed after a deletion the watch missed", evs: []ev{{live, false}, {deleting(), true}}, deleted: true},
+		{name: "another finalizer holds it, then removed", evs: []ev{{deleting("example.com/hold"), false}, {deleting(), true}}, deleted: true, cascade: true},
+		{name: "removed, then re-created", evs: []ev{{live, true}, {ds("agent", "u2", false), false}}, deleted: true, cascade: true, recreated: true},
+		{name: "another UID without a deletion seen", evs: []ev{{ds("agent", "u2", false), false}}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			tr := NewTracker(nil, ns, "agent-x7k2p")
+			for _, e := range c.evs {
+				tr.observe(e.d, &ref, e.gone)
+			}
+			deleted, _ := tr.Deleted()
+			orphaned, _ := tr.Orphaned()
+			got := []bool{deleted, closed(tr.Cascading()), orphaned, closed(tr.Recreated())}
+			want := []bool{c.deleted, c.cascade, c.orphaned, c.recreated}
+			if !slices.Equal(got, want) {
+				t.Errorf("deleted, cascading, orphaned, recreated = %v, want %v", got, want)
+			}
+		})
+	}
+}
+
+func closed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }

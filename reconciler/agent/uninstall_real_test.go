@@ -157,13 +157,15 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	var waits []time.Duration
 	var dues []time.Time
 
-	// pod runs one agent pod's life: tracker and agent from the start; sigterm stops the
-	// loop, decides, and walks down if the DaemonSet is being deleted.
+	// pod runs one agent pod's life as the binary does (Serve: the tracker from the
+	// start, the walk-down when the DaemonSet's deletion is seen, else the decision at
+	// SIGTERM); sigterm ends it and returns what Serve decided.
 	type podRun struct {
 		a       *Agent
-		sigterm func(step time.Duration) (owner.Decision, error)
+		sigterm func() (owner.Decision, error)
+		ended   func() bool // Serve returned (it must not before SIGTERM)
 	}
-	startPod := func(name string) podRun {
+	startPod := func(name string, step time.Duration) podRun {
 		t.Helper()
 		client := kubernetes.NewForConfigOrDie(saCfg)
 		src := watch.New(watch.Config{Client: client, Dynamic: dynamic.NewForConfigOrDie(saCfg), Self: "a", DiscoveryRetry: 200 * time.Millisecond})
@@ -183,26 +185,37 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		tr := owner.NewTracker(client, ns, name)
-		trCtx, trCancel := context.WithCancel(ctx)
-		runCtx, runCancel := context.WithCancel(ctx)
-		var wg sync.WaitGroup
-		wg.Go(func() { tr.Run(trCtx, t.Logf) })
-		done := make(chan struct{})
-		go func() { a.Run(runCtx); close(done) }()
-		t.Cleanup(func() { runCancel(); trCancel(); <-done; wg.Wait() })
-		waitFor(t, "agent "+name+" ready", func() bool { return a.Status().Ready })
-		return podRun{a: a, sigterm: func(step time.Duration) (owner.Decision, error) {
-			runCancel()
-			<-done
-			d, err := UninstallDecision(context.Background(), client, tr, ns, name, 2*time.Second)
-			trCancel()
-			wg.Wait()
-			if err != nil || !d.Uninstall {
-				return d, err
+		sig, term := context.WithCancel(ctx)
+		type result struct {
+			d   owner.Decision
+			err error
+		}
+		res := make(chan result, 1)
+		go func() {
+			d, err := a.Serve(sig, Lifecycle{Client: client, PodNamespace: ns, PodName: name, DecisionTimeout: 2 * time.Second, UninstallStep: step})
+			res <- result{d, err}
+		}()
+		var got *result
+		wait := func() result {
+			if got == nil {
+				r := <-res
+				got = &r
 			}
-			return d, a.Uninstall(context.Background(), step)
-		}}
+			return *got
+		}
+		t.Cleanup(func() { term(); wait() })
+		waitFor(t, "agent "+name+" ready", func() bool { return a.Status().Ready })
+		return podRun{a: a,
+			sigterm: func() (owner.Decision, error) { term(); r := wait(); return r.d, r.err },
+			ended: func() bool {
+				select {
+				case r := <-res:
+					got = &r
+					return true
+				default:
+					return got != nil
+				}
+			}}
 	}
 	enforcing := func(what string) {
 		t.Helper()
@@ -215,13 +228,13 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 
 	// 1. Rolling update / restart: the pod is deleted, the DaemonSet lives on.
 	newPod("agent-1")
-	p1 := startPod("agent-1")
+	p1 := startPod("agent-1", 200*time.Millisecond)
 	enforcing("agent-1 started")
 	if err := admin.CoreV1().Pods(ns).Delete(ctx, "agent-1", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	newPod("agent-2") // its replacement, created meanwhile
-	d, err := p1.sigterm(200 * time.Millisecond)
+	d, err := p1.sigterm()
 	if err != nil || d.Uninstall {
 		t.Fatalf("pod replaced under a live DaemonSet: %+v, %v; want keep", d, err)
 	}
@@ -229,10 +242,10 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	enforcing("after a restart's SIGTERM")
 
 	// 2. The API server is down at SIGTERM and no deletion was seen: unclear → untouched.
-	p2 := startPod("agent-2")
+	p2 := startPod("agent-2", 200*time.Millisecond)
 	c.StopAPIServer()
 	t0 := time.Now()
-	d, err = p2.sigterm(200 * time.Millisecond)
+	d, err = p2.sigterm()
 	if err == nil || d.Uninstall {
 		t.Fatalf("API server down: %+v, %v; want keep with the error", d, err)
 	}
@@ -241,14 +254,55 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	c.StartAPIServer()
 	// The DaemonSet is left untouched across the API server restart: the tracker must
 	// re-list and watch from the store's revision (a watch from the DaemonSet's own old
-	// resourceVersion would be "too old" forever and miss the deletion below).
+	// resourceVersion would be "too old" forever and miss the deletions below).
 
-	// 3. kubectl delete -f: the DaemonSet goes (background propagation), then our RBAC;
-	// only then does the pod get SIGTERM.
+	// 3. Delete + apply: the DaemonSet is deleted, so the walk-down starts without any
+	// SIGTERM; the DaemonSet is created again during its first step: the walk-down stops
+	// there (no drops, ESP still sent: safe with peers in any mode), and the new
+	// DaemonSet's agent takes over and enforces again.
 	newPod("agent-3")
-	p3 := startPod("agent-3")
+	p3 := startPod("agent-3", 5*time.Second)
 	enforcing("agent-3 started")
 	time.Sleep(300 * time.Millisecond) // the tracker's watch is open
+	if err := admin.AppsV1().DaemonSets(ns).Delete(ctx, dsName, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the walk-down's first step, without SIGTERM", func() bool { mu.Lock(); defer mu.Unlock(); return len(views) == 1 })
+	re := ds.DeepCopy()
+	re.ResourceVersion, re.UID, re.CreationTimestamp = "", "", metav1.Time{}
+	if ds, err = admin.AppsV1().DaemonSets(ns).Create(ctx, re, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	accept := dues[0]
+	mu.Unlock()
+	time.Sleep(time.Until(accept.Add(time.Second))) // the accept step would have run by now
+	mu.Lock()
+	n := len(views)
+	mu.Unlock()
+	if n != 1 || p3.ended() {
+		t.Fatalf("after the re-creation: %d walk-down waits (want 1: stopped at encrypt), Serve ended before SIGTERM: %v", n, p3.ended())
+	}
+	if got := strings.Join(policyLevels(t, kern, dp), ", "); got != "in 198.18.0.2>198.18.0.1 use, out 198.18.0.1>198.18.0.2 required" || strings.Contains(rawRules(t, netns), "-j DROP") {
+		t.Fatalf("after the re-creation, not left at encrypt: %s\n%s", got, rawRules(t, netns))
+	}
+	d, err = p3.sigterm()
+	if err != nil || d.Uninstall {
+		t.Fatalf("re-created during the walk-down: %+v, %v; want the walk-down stopped", d, err)
+	}
+	t.Logf("delete + apply: %s", d.Reason)
+	newPod("agent-4") // the new DaemonSet's pod
+	p4 := startPod("agent-4", 400*time.Millisecond)
+	enforcing("the new DaemonSet's agent")
+
+	// 4. kubectl delete -f: the DaemonSet goes (background propagation), then our RBAC.
+	// The walk-down starts when the watch shows the deletion and runs to the end with no
+	// SIGTERM; the agent then waits for SIGTERM.
+	mu.Lock()
+	views, waits, dues = nil, nil, nil
+	mu.Unlock()
+	const step = 400 * time.Millisecond
+	t0 = time.Now()
 	if err := admin.AppsV1().DaemonSets(ns).Delete(ctx, dsName, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -260,15 +314,21 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	if err := admin.RbacV1().ClusterRoleBindings().Delete(ctx, "secureoverlay-agent", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	waitFor(t, "the walk-down's end, without SIGTERM", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(views) == 2 && len(policyLevels(t, kern, dp)) == 0 && !strings.Contains(rawRules(t, netns), "SECUREOVERLAY")
+	})
+	took := time.Since(t0)
+	if p4.ended() {
+		t.Fatal("Serve returned after the walk-down, before SIGTERM: the kubelet would restart the agent")
+	}
 	sa := kubernetes.NewForConfigOrDie(saCfg)
 	waitFor(t, "rbac revoked", func() bool {
-		_, err := sa.CoreV1().Pods(ns).Get(ctx, "agent-3", metav1.GetOptions{})
+		_, err := sa.CoreV1().Pods(ns).Get(ctx, "agent-4", metav1.GetOptions{})
 		return apierrors.IsForbidden(err)
 	})
-	const step = 400 * time.Millisecond
-	t0 = time.Now()
-	d, err = p3.sigterm(step)
-	took := time.Since(t0)
+	d, err = p4.sigterm()
 	if err != nil || !d.Uninstall {
 		t.Fatalf("kubectl delete -f: %+v, %v; want uninstall", d, err)
 	}

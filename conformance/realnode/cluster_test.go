@@ -25,7 +25,6 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
-	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
@@ -359,42 +358,40 @@ func TestRealClusterEncrypts(t *testing.T) {
 	rc.say("whole story %s", time.Since(start).Round(time.Second))
 }
 
-// followAgentLogs follows every agent pod's log (kubectl logs -f) from now until the pod
-// ends; the returned function stops following and returns each pod's lines about its end
-// (the deletion seen, the walk-down's steps, SIGTERM, errors), prefixed with the pod's
-// name, or every line when the test has failed.
+// followAgentLogs follows every agent container's log in the guest (the kubelet's
+// /var/log/pods files, followed with tail from now on: the kubelet deletes them with the
+// pod); the returned function stops following and returns each node's lines about the
+// agent's end (the deletion seen, the walk-down's steps, SIGTERM, errors), or every line
+// when the test has failed.
 func (rc *realCluster) followAgentLogs(ctx context.Context) func() []string {
 	rc.t.Helper()
-	out, err := rc.kubectlRun(ctx, "get", "pods", "-n", soNamespace, "-l", "app.kubernetes.io/name=secureoverlay-agent", "-o", "name")
-	if err != nil {
-		rc.t.Fatalf("list agent pods: %v\n%s", err, out)
-	}
-	fctx, cancel := context.WithCancel(ctx)
-	type follow struct {
-		pod  string
-		buf  *testutil.SyncBuffer
-		done chan struct{}
-	}
-	var fs []follow
-	for _, pod := range strings.Fields(out) {
-		f := follow{pod: strings.TrimPrefix(pod, "pod/"), buf: &testutil.SyncBuffer{}, done: make(chan struct{})}
-		cmd := exec.CommandContext(fctx, rc.kubectl, "--kubeconfig", rc.kube.Kubeconfig(), "logs", "-f", "--since=1s", "-n", soNamespace, pod, "-c", "agent")
-		cmd.Stdout, cmd.Stderr = f.buf, f.buf
-		if err := cmd.Start(); err != nil {
-			rc.t.Fatalf("kubectl logs -f %s: %v", pod, err)
+	const dir = "/tmp/agent-logs"
+	var pids []int
+	for i := 1; i <= 2; i++ {
+		n := lab.NodeNS(i)
+		// The newest log of the agent container of the node's agent pod.
+		cmd := fmt.Sprintf(`f=$(ls -t %s/%s/pods/%s_secureoverlay-agent-*/agent/*.log | head -1); exec tail -n 0 -F "$f"`, nodeStateDir, n, soNamespace)
+		rc.run("prepare "+dir, "mkdir -p "+dir+"; rm -f "+dir+"/"+n+".log")
+		pid, err := rc.vm.Background(ctx, cmd, dir+"/"+n+".log")
+		if err != nil {
+			rc.t.Fatal(err)
 		}
-		go func() { defer close(f.done); _ = cmd.Wait() }()
-		fs = append(fs, f)
+		pids = append(pids, pid)
 	}
 	return func() []string {
-		cancel()
 		var lines []string
-		for _, f := range fs {
-			<-f.done
-			for _, l := range strings.Split(strings.TrimSpace(f.buf.String()), "\n") {
+		for i, pid := range pids {
+			_ = rc.vm.Signal(ctx, pid, "TERM")
+			n := lab.NodeNS(i + 1)
+			b, err := rc.vm.ReadFile(ctx, dir+"/"+n+".log")
+			if err != nil {
+				lines = append(lines, n+": "+err.Error())
+				continue
+			}
+			for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
 				if rc.t.Failed() || strings.Contains(l, "DaemonSet") || strings.Contains(l, "uninstall") || strings.Contains(l, "SIGTERM") ||
-					strings.Contains(l, "level=ERROR") || strings.Contains(l, "data plane left") {
-					lines = append(lines, f.pod+": "+l)
+					strings.Contains(l, "level=ERROR") || strings.Contains(l, "data plane left") || strings.Contains(l, "tail:") {
+					lines = append(lines, n+": "+l)
 				}
 			}
 		}

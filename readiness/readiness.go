@@ -48,9 +48,17 @@ func (ks Keys) Digest(keep func(id uint32) bool) uint64 {
 		}
 	}
 	slices.Sort(ids)
+	return ks.digestSorted(ids, nil)
+}
+
+// digestSorted is Digest over ids (sorted, each in ks) less those skip holds.
+func (ks Keys) digestSorted(ids []uint32, skip func(id uint32) bool) uint64 {
 	h := sha256.New()
 	var b [12]byte
 	for _, id := range ids {
+		if skip != nil && skip(id) {
+			continue
+		}
 		binary.BigEndian.PutUint32(b[:4], id)
 		binary.BigEndian.PutUint64(b[4:], uint64(ks[id]))
 		h.Write(b[:])
@@ -94,31 +102,60 @@ type View struct {
 
 // Master holds the master's key view and its sticky confirmations. The zero value is not
 // usable; call NewMaster.
+//
+// Per bucket it keeps the bucket's node ids (sorted) and, lazily, the digest over all of
+// them, so that taking one node's status costs O(N) — the peers it confirms — and not a
+// digest over the whole key view per bucket (32 × N per status, 800 million pair visits
+// per round of 5,000 statuses).
 type Master struct {
 	buckets int
 	keys    Keys
 	in, out map[uint32]map[uint32]bool // confirmed[B][X]: B holds inbound from / sends ESP to X, for the current K of both
+	bucket  []bucketCache
+}
+
+// bucketCache is one bucket of the master's key view.
+type bucketCache struct {
+	ids    []uint32 // sorted
+	digest uint64   // over every id of the bucket, valid when ok
+	ok     bool
 }
 
 // NewMaster returns a master with no nodes.
 func NewMaster(buckets int) *Master {
-	return &Master{buckets: buckets, keys: Keys{}, in: map[uint32]map[uint32]bool{}, out: map[uint32]map[uint32]bool{}}
+	return &Master{buckets: buckets, keys: Keys{}, in: map[uint32]map[uint32]bool{}, out: map[uint32]map[uint32]bool{},
+		bucket: make([]bucketCache, buckets)}
 }
 
 // SetKeys records node id's current K (from its NodeKeys). A change clears every
 // confirmation about the node, as receiver and as peer: nothing confirmed about an old K
 // carries over.
 func (m *Master) SetKeys(id uint32, k K) {
-	if old, ok := m.keys[id]; ok && old == k {
+	old, ok := m.keys[id]
+	if ok && old == k {
 		return
 	}
 	m.keys[id] = k
+	b := &m.bucket[id%uint32(m.buckets)]
+	if !ok {
+		i, _ := slices.BinarySearch(b.ids, id)
+		b.ids = slices.Insert(b.ids, i, id)
+	}
+	b.ok = false
 	m.forget(id)
 }
 
 // Remove forgets a node that left.
 func (m *Master) Remove(id uint32) {
+	if _, ok := m.keys[id]; !ok {
+		return
+	}
 	delete(m.keys, id)
+	b := &m.bucket[id%uint32(m.buckets)]
+	if i, found := slices.BinarySearch(b.ids, id); found {
+		b.ids = slices.Delete(b.ids, i, i+1)
+	}
+	b.ok = false
 	m.forget(id)
 }
 
@@ -131,6 +168,20 @@ func (m *Master) forget(id uint32) {
 	for _, row := range m.out {
 		delete(row, id)
 	}
+}
+
+// expected is the digest a node must report for bucket j: over the bucket's ids less
+// skip's (the node itself, the peers it refuses); skipAny says whether skip holds any id
+// of the bucket, else the cached digest over the whole bucket serves.
+func (m *Master) expected(j int, skip func(id uint32) bool, skipAny bool) uint64 {
+	b := &m.bucket[j]
+	if skipAny {
+		return m.keys.digestSorted(b.ids, skip)
+	}
+	if !b.ok {
+		b.digest, b.ok = m.keys.digestSorted(b.ids, nil), true
+	}
+	return b.digest
 }
 
 // Keys returns the master's key view (a copy).
@@ -146,12 +197,17 @@ func (m *Master) Observe(s Status) {
 		return
 	}
 	refused := map[uint32]bool{}
+	refusedIn := map[int]bool{} // buckets holding a refused peer
 	for _, r := range s.Refused {
-		refused[r] = true
+		if _, known := m.keys[r]; known && r != s.ID {
+			refused[r] = true
+			refusedIn[int(r%uint32(m.buckets))] = true
+		}
 	}
+	skip := func(id uint32) bool { return id == s.ID || refused[id] }
+	own := int(s.ID % uint32(m.buckets))
 	for j := 0; j < m.buckets; j++ {
-		keep := func(id uint32) bool { return id != s.ID && !refused[id] && int(id%uint32(m.buckets)) == j }
-		want := m.keys.Digest(keep)
+		want := m.expected(j, skip, j == own || refusedIn[j])
 		for _, c := range []struct {
 			got  uint64
 			conf map[uint32]map[uint32]bool
@@ -164,8 +220,8 @@ func (m *Master) Observe(s Status) {
 				row = map[uint32]bool{}
 				c.conf[s.ID] = row
 			}
-			for id := range m.keys {
-				if keep(id) {
+			for _, id := range m.bucket[j].ids {
+				if !skip(id) {
 					row[id] = true
 				}
 			}

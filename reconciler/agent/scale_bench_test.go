@@ -110,14 +110,15 @@ func publishReport(ctx context.Context, cs kubernetes.Interface, i int, uid stri
 	return err
 }
 
-// startAgent runs the agent for node 0 with the given xfrm kernel until the test ends; its
+// startAgent runs the agent for node 0 with the given xfrm kernel until the test ends (its
+// IPAMBlocks through the lean decoder, as the binary reads them); its
 // client is limited to qps/burst (the binary's --kube-api-qps/--kube-api-burst).
 func startAgent(t *testing.T, cfg *rest.Config, k xfrm.Kernel, qps float32, burst int) (*agent.Agent, func()) {
 	t.Helper()
 	ac := rest.CopyConfig(cfg)
 	ac.QPS, ac.Burst = qps, burst
 	client := kubernetes.NewForConfigOrDie(ac)
-	src := watch.New(watch.Config{Client: client, Dynamic: dynamic.NewForConfigOrDie(ac), Self: cluster.Name(0), DiscoveryRetry: 200 * time.Millisecond})
+	src := watch.New(watch.Config{Client: client, Dynamic: dynamic.NewForConfigOrDie(ac), REST: ac, Self: cluster.Name(0), DiscoveryRetry: 200 * time.Millisecond})
 	dp := desired.Config{}.WithDefaults()
 	a, err := agent.New(agent.Config{NodeName: cluster.Name(0), Dataplane: dp, ResyncInterval: time.Hour, ExternalMTU: 1500, LedgerDir: t.TempDir()},
 		agent.Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(k, dp), Rules: rules.NewApplier(rules.NewFake()),

@@ -151,6 +151,28 @@ type NodeReport struct {
 	// modes found that the agent does not cover or that change what it covers: vxlan-pool,
 	// unencapsulated, ipv6, virtual-affinity, wireguard, ebpf, nftables.
 	Neighbours []string `json:"neighbours,omitempty"`
+	// Readiness is protocol v2's per-pair readiness in constant size (docs/protocol-v2.md
+	// §6, §9 step 1): digests of the same claims InboundFrom and EncryptingTo list. The
+	// summary annotation keeps it; for now the master only checks it (shadow).
+	Readiness *ReadinessStatus `json:"readiness,omitempty"`
+}
+
+// ReadinessStatus is a node's per-pair readiness as digests (package readiness). It holds
+// no key material: key digests are hashes of key incarnations, which are public.
+type ReadinessStatus struct {
+	// ID is the node's ID in the ring the claims were made with.
+	ID uint32 `json:"id"`
+	// Self is the digest of the node's own key incarnation (16 hex digits).
+	Self string `json:"self"`
+	// In and Out are the bucket digests (6 bytes each, base64) of the peers the node holds
+	// inbound SAs from, and sends ESP to, each with the digest of the key incarnation the
+	// SAs were derived with.
+	In  string `json:"in"`
+	Out string `json:"out"`
+	// Refused are the IDs of peers the node knows but does not program (at most
+	// readiness.MaxRefused; RefusedMore counts the rest).
+	Refused     []uint32 `json:"refused,omitempty"`
+	RefusedMore int      `json:"refusedMore,omitempty"`
 }
 
 // MasterStatus is the master's published view (StatusConfigMapName, key StatusDataKey).
@@ -217,11 +239,17 @@ type NodeLagging struct {
 // An agent reads only what a peer's report says about itself and the master reads none
 // of the per-peer claims, while each report lists every peer: trimmed in the informers'
 // caches, a cluster's reports cost each agent O(nodes) memory instead of O(nodes²).
+// With keep set (a reader that needs one peer's claims: an agent about itself, `status
+// --node`) the readiness digests go too: they are for the master, and an agent keeping
+// every peer's would hold ≈ 600 bytes per peer for nothing.
 // raw is returned unchanged when it is not a JSON object (whoever parses it reports why).
 func TrimReport(raw, keep string) string {
 	var fields map[string]json.RawMessage
 	if err := json.Unmarshal([]byte(raw), &fields); err != nil || fields == nil {
 		return raw
+	}
+	if keep != "" {
+		delete(fields, "readiness")
 	}
 	for _, name := range []string{"inboundFrom", "encryptingTo"} {
 		claims, ok := fields[name]

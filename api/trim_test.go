@@ -53,6 +53,15 @@ func TestTrimReport(t *testing.T) {
 			t.Errorf("TrimReport(keep %q) = %s", keep, s)
 		}
 	}
+	// The readiness digests are for the master and the CLI's summaries (keep ""); a reader
+	// of one peer's claims (an agent's cache) does not keep them.
+	withDigests, _ := json.Marshal(map[string]any{"mode": "enforce", "inboundFrom": in, "readiness": map[string]any{"id": 3, "self": "00000000000000ff"}})
+	if s := TrimReport(string(withDigests), ""); !strings.Contains(s, `"readiness":{`) {
+		t.Errorf("TrimReport(keep \"\") dropped the readiness digests: %s", s)
+	}
+	if s := TrimReport(string(withDigests), "node-0042"); strings.Contains(s, "readiness") || !strings.Contains(s, "node-0042") {
+		t.Errorf("TrimReport(keep node-0042) = %s, want its claim and no readiness digests", s)
+	}
 	// Not a JSON object, or claims of the wrong shape: unchanged (the parser says why).
 	for _, bad := range []string{"", "not json", "[1,2]", "null", `{"inboundFrom":[1]}`} {
 		if s := TrimReport(bad, "x"); s != bad {

@@ -184,6 +184,33 @@ func (m *Master) expected(j int, skip func(id uint32) bool, skipAny bool) uint64
 	return b.digest
 }
 
+// KeyOf returns node id's K in the master's view.
+func (m *Master) KeyOf(id uint32) (K, bool) {
+	k, ok := m.keys[id]
+	return k, ok
+}
+
+// IDs returns the ids of the master's key view, unsorted.
+func (m *Master) IDs() []uint32 {
+	out := make([]uint32, 0, len(m.keys))
+	for id := range m.keys {
+		out = append(out, id)
+	}
+	return out
+}
+
+// Confirmed counts the confirmed ordered pairs (B, X) of the key view, inbound and
+// outbound: N·(N−1) each when every pair is ready.
+func (m *Master) Confirmed() (in, out int) {
+	for _, row := range m.in {
+		in += len(row)
+	}
+	for _, row := range m.out {
+		out += len(row)
+	}
+	return in, out
+}
+
 // Keys returns the master's key view (a copy).
 func (m *Master) Keys() Keys { return m.keys.Clone() }
 

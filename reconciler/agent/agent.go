@@ -595,6 +595,7 @@ func (a *Agent) sync() (err error) {
 	a.mu.Lock()
 	rep.UID, rep.Epoch = self.UID, a.epoch
 	a.mu.Unlock()
+	rep.Readiness = ReadinessOf(st, &snap, a.cfg.NodeName, watch.KeyIncarnation(self.Incarnation, self.UID, rep.Epoch))
 	if berr != nil {
 		rep.Error = reportError(berr)
 	} else if conflicts != "" {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/readiness"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
@@ -119,6 +121,49 @@ func BuildReport(st desired.State, snap *watch.Snapshot, incarnation string, b B
 		}
 	}
 	return r
+}
+
+// ReadinessOf is the report's per-pair claims for state st as protocol v2's digests
+// (docs/protocol-v2.md §6, §9 step 1): the peers st holds inbound SAs from and sends ESP
+// to, each with the digest of the key incarnation its SAs were derived with (the same
+// claims BuildReport lists), the peers st skips as refused, and selfKeyInc (this node's
+// key incarnation) as the node's own digest. Nil while this node has no ID in the ring
+// or no key incarnation.
+func ReadinessOf(st desired.State, snap *watch.Snapshot, self, selfKeyInc string) *api.ReadinessStatus {
+	if snap.Ring == nil || selfKeyInc == "" {
+		return nil
+	}
+	ids := watch.NodeIDs(snap.Ring)
+	id, ok := ids[self]
+	if !ok {
+		return nil
+	}
+	in, out := readiness.Keys{}, readiness.Keys{}
+	for _, p := range st.Peers {
+		n := snap.Node(p.Name)
+		pid, ok := ids[p.Name]
+		if n == nil || !ok {
+			continue
+		}
+		k := readiness.KeyDigest(n.KeyIncarnation())
+		if p.Inbound {
+			in[pid] = k
+		}
+		if p.SendGeneration != 0 {
+			out[pid] = k
+		}
+	}
+	var refused []uint32
+	for _, s := range st.Skipped {
+		if name, ok := strings.CutPrefix(s.Object, "node/"); ok {
+			if pid, ok := ids[name]; ok && pid != id {
+				refused = append(refused, pid)
+			}
+		}
+	}
+	slices.Sort(refused)
+	refused = slices.Compact(refused)
+	return readiness.Encode(readiness.NewStatus(id, readiness.KeyDigest(selfKeyInc), in, out, refused, readiness.DefaultBuckets))
 }
 
 // reportedFraction rounds a sequence fraction UP to a hundredth, so the report changes at

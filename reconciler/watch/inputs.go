@@ -218,6 +218,9 @@ func publishedID(n *NodeInfo, inc string) string {
 	return b.String()
 }
 
+// NodeIDs is r.NodeID for every node, as a map (shared: do not modify it).
+func NodeIDs(r *keys.Ring) map[string]uint32 { return nodeIDs(r) }
+
 // nodeIDs is r.NodeID for every node, as a map (Ring.NodeID walks the ring's list: once
 // per node, O(N²) at 5,000 nodes). The map of the last ring is kept: a watcher parses a
 // ring once per Secret resourceVersion and never modifies it.

@@ -244,6 +244,9 @@ type Controller struct {
 	// starts afresh). excluded are the nodes the last Step excluded, so that a node's
 	// exclusion is announced once, when it begins.
 	lagSince map[string]time.Time
+	// shadow runs protocol v2's readiness on the reports' digests, deciding nothing
+	// (docs/protocol-v2.md §9 step 1).
+	shadow   *shadowReadiness
 	excluded map[string]bool
 	// pubWritten is the public ring last written or read back at pubChecked; access the
 	// agents' Secret access last set ("granted", "revoked", "unmanaged") at accessChecked
@@ -262,7 +265,7 @@ const queueKey = "ring"
 // complete.
 func NewController(client kubernetes.Interface, opts Options) *Controller {
 	_ = opts.defaults()
-	return &Controller{client: client, opts: opts, log: opts.Logger.With("identity", opts.Identity)}
+	return &Controller{client: client, opts: opts, log: opts.Logger.With("identity", opts.Identity), shadow: newShadowReadiness()}
 }
 
 // Run starts the informers and the worker and blocks until ctx is done.
@@ -688,6 +691,7 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 	c.hist = hist.Observe(res.Ring)
 	c.announceExcluded(secret, res.Excluded)
 	m.observe(res)
+	m.observeShadow(c.shadow.update(res.Ring, nodeList, nodes))
 	c.publish(ctx, c.status(res.Ring, &res, strings.Join(problems, "; ")))
 	return res.Wake, nil
 }

@@ -20,6 +20,10 @@ type Metrics struct {
 	RingValid       prometheus.Gauge
 	RingErrors      prometheus.Counter
 	ReconcileErrors prometheus.Counter
+	// ShadowNodes and ShadowUnconfirmed: protocol v2's readiness run in shadow on the
+	// reports' digests (docs/protocol-v2.md §9 step 1).
+	ShadowNodes       *prometheus.GaugeVec
+	ShadowUnconfirmed *prometheus.GaugeVec
 }
 
 // NewMetrics creates the metrics (unregistered).
@@ -48,13 +52,17 @@ func NewMetrics() *Metrics {
 			Help: "Reconciles that refused an invalid key ring Secret."}),
 		ReconcileErrors: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "reconcile_errors_total",
 			Help: "Reconciles that failed and were retried (including write conflicts)."}),
+		ShadowNodes: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "readiness_shadow_nodes",
+			Help: "Protocol v2 readiness in shadow: live nodes with a current key incarnation (with=key), and of those with a readiness status (with=status)."}, []string{"with"}),
+		ShadowUnconfirmed: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "readiness_shadow_unconfirmed_pairs",
+			Help: "Protocol v2 readiness in shadow: ordered pairs of live nodes the reports' digests do not confirm, inbound (B holds A's SAs) and outbound (B sends A ESP); 0 in a steady state. Decides nothing yet."}, []string{"direction"}),
 	}
 }
 
 // Register adds every metric to reg.
 func (m *Metrics) Register(reg prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{m.Rotations, m.Generation, m.PendingGen, m.LiveGenerations, m.Lagging,
-		m.Excluded, m.Leader, m.Mode, m.RingValid, m.RingErrors, m.ReconcileErrors} {
+		m.Excluded, m.Leader, m.Mode, m.RingValid, m.RingErrors, m.ReconcileErrors, m.ShadowNodes, m.ShadowUnconfirmed} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}
@@ -83,4 +91,11 @@ func (m *Metrics) observe(res keys.Result) {
 		}
 		m.Mode.WithLabelValues(string(mode)).Set(v)
 	}
+}
+
+func (m *Metrics) observeShadow(c shadowCounts) {
+	m.ShadowNodes.WithLabelValues("key").Set(float64(c.Nodes))
+	m.ShadowNodes.WithLabelValues("status").Set(float64(c.Statuses))
+	m.ShadowUnconfirmed.WithLabelValues("in").Set(float64(c.Unconfirmed[0]))
+	m.ShadowUnconfirmed.WithLabelValues("out").Set(float64(c.Unconfirmed[1]))
 }

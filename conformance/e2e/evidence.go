@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"regexp"
 	"sort"
 	"strconv"
@@ -97,6 +99,63 @@ func (l *Lab) AgentMetric(ctx context.Context, i int, name string, labels ...str
 	if err != nil {
 		return 0, fmt.Errorf("node%d metrics: %w", i, err)
 	}
+	v, err := metricSum(out, name, labels...)
+	if err != nil {
+		return 0, fmt.Errorf("node%d metrics: %w", i, err)
+	}
+	return v, nil
+}
+
+// LeaderMetric is MasterMetric of the master replica that leads (its
+// secureoverlay_master_leader is 1).
+func (l *Lab) LeaderMetric(ctx context.Context, name string, labels ...string) (float64, error) {
+	l.mu.Lock()
+	var ms []int
+	for m := range l.masterPorts {
+		ms = append(ms, m)
+	}
+	l.mu.Unlock()
+	sort.Ints(ms)
+	for _, m := range ms {
+		if lead, err := l.MasterMetric(ctx, m, "secureoverlay_master_leader"); err == nil && lead == 1 {
+			return l.MasterMetric(ctx, m, name, labels...)
+		}
+	}
+	return 0, fmt.Errorf("no running master leads (masters %v)", ms)
+}
+
+// MasterMetric sums the samples of metric name (labels as for AgentMetric) from master
+// replica m's /metrics (on the host).
+func (l *Lab) MasterMetric(ctx context.Context, m int, name string, labels ...string) (float64, error) {
+	l.mu.Lock()
+	port, ok := l.masterPorts[m]
+	l.mu.Unlock()
+	if !ok {
+		return 0, fmt.Errorf("master %d not running", m)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/metrics", port), nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, fmt.Errorf("master %d metrics: %w", m, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return 0, fmt.Errorf("master %d metrics: %w", m, err)
+	}
+	v, err := metricSum(string(b), name, labels...)
+	if err != nil {
+		return 0, fmt.Errorf("master %d metrics: %w", m, err)
+	}
+	return v, nil
+}
+
+// metricSum sums the samples of metric name in a Prometheus text exposition whose label
+// text contains every one of labels.
+func metricSum(out, name string, labels ...string) (float64, error) {
 	var sum float64
 	found := false
 	sc := bufio.NewScanner(strings.NewReader(out))
@@ -121,7 +180,7 @@ line:
 		found = true
 	}
 	if !found {
-		return 0, fmt.Errorf("node%d metrics: no sample of %s%v", i, name, labels)
+		return 0, fmt.Errorf("no sample of %s%v", name, labels)
 	}
 	return sum, nil
 }

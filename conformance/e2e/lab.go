@@ -158,7 +158,9 @@ type Lab struct {
 
 	mu      sync.Mutex
 	masters map[int]*exec.Cmd
-	agents  map[int]int // node → guest pid
+	// masterPorts are the running masters' metrics ports (on the host's loopback).
+	masterPorts map[int]int
+	agents      map[int]int // node → guest pid
 	// released are the masters ("master-<m>") and agents ("node<i>") running
 	// Config.Release's binaries.
 	released map[string]bool
@@ -228,7 +230,7 @@ func Up(ctx context.Context, cfg Config) (l *Lab, err error) {
 		return nil, err
 	}
 	start := time.Now()
-	l = &Lab{cfg: cfg, binDir: BinDir(), masters: map[int]*exec.Cmd{}, agents: map[int]int{}, released: map[string]bool{}, bootIDs: map[int]string{}, log: cfg.Progress}
+	l = &Lab{cfg: cfg, binDir: BinDir(), masters: map[int]*exec.Cmd{}, masterPorts: map[int]int{}, agents: map[int]int{}, released: map[string]bool{}, bootIDs: map[int]string{}, log: cfg.Progress}
 	defer func() {
 		if err != nil {
 			_ = l.Close()
@@ -411,6 +413,7 @@ func (l *Lab) Close() error {
 		_ = c.Process.Kill()
 		_, _ = c.Process.Wait()
 		delete(l.masters, m)
+		delete(l.masterPorts, m)
 	}
 	l.mu.Unlock()
 	if l.Kube != nil {
@@ -482,6 +485,7 @@ func (l *Lab) startMaster(ctx context.Context, m int, released bool) error {
 		return fmt.Errorf("start master %d: %w", m, err)
 	}
 	l.masters[m] = cmd
+	l.masterPorts[m] = port
 	l.released[fmt.Sprintf("master-%d", m)] = released
 	go func() { _ = cmd.Wait() }()
 	return nil
@@ -496,6 +500,7 @@ func (l *Lab) KillMaster(m int) error {
 		return fmt.Errorf("master %d not running", m)
 	}
 	delete(l.masters, m)
+	delete(l.masterPorts, m)
 	return c.Process.Signal(syscall.SIGKILL)
 }
 

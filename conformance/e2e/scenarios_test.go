@@ -61,6 +61,7 @@ func TestScenario1ESPOnTheWire(t *testing.T) {
 	defer diagnose(t, l)
 	ctx := ctxFor(t, 6*time.Minute)
 	ensureMode(ctx, t, l, api.ModeEnforce)
+	requireShadowReadiness(ctx, t, l, "scenario 1")
 	pods := standardPods(l)
 	const n = 5
 
@@ -543,6 +544,34 @@ func waitMetricDelta(ctx context.Context, l *Lab, i int, base, want float64, nam
 	}
 }
 
+// requireShadowReadiness waits (up to a minute) until the leading master's shadow of
+// protocol v2's readiness (docs/protocol-v2.md §9 step 1) holds every registered node with
+// a readiness status and confirms every ordered pair both ways from the digests the real
+// agents wrote: what shows that agents and master compute key digests, node IDs and
+// buckets alike.
+func requireShadowReadiness(ctx context.Context, t *testing.T, l *Lab, what string) {
+	t.Helper()
+	n := float64(len(l.RegisteredNodes()))
+	var last string
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
+		nodes, err1 := l.LeaderMetric(ctx, "secureoverlay_master_readiness_shadow_nodes", `with="status"`)
+		in, err2 := l.LeaderMetric(ctx, "secureoverlay_master_readiness_shadow_unconfirmed_pairs", `direction="in"`)
+		out, err3 := l.LeaderMetric(ctx, "secureoverlay_master_readiness_shadow_unconfirmed_pairs", `direction="out"`)
+		if err := errors.Join(err1, err2, err3); err != nil {
+			last = err.Error()
+		} else if nodes == n && in == 0 && out == 0 {
+			t.Logf("%s: the master's shadow readiness confirms every ordered pair of the %v nodes from their digests", what, n)
+			return
+		} else {
+			last = fmt.Sprintf("%v of %v nodes with a status, %v pairs unconfirmed inbound, %v outbound", nodes, n, in, out)
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%s: the master's shadow readiness after a minute: %s", what, last)
+			return
+		}
+	}
+}
+
 // Scenario 4: enforcement. Plaintext IPIP injected on the wire from node2's
 // address is dropped by node1 and counted; a node whose encryption is gone
 // (its agent killed, its xfrm policies flushed) cannot send plaintext to
@@ -763,6 +792,7 @@ func TestScenario6JoinLeave(t *testing.T) {
 	}
 	t.Logf("scenario 6: node%d joined: SAs and policies both ways on every peer after %v; node%d reports enforce with every peer %s after the join",
 		j, fmtDurations(joined), j, time.Since(t0).Round(100*time.Millisecond))
+	requireShadowReadiness(ctx, t, l, fmt.Sprintf("scenario 6, node%d joined", j))
 	mark(ctx, t, ev, "node4 settled in enforce")
 	pod, err := l.AddPod(ctx, j, lab.PodNS(j), PodConfig{})
 	if err != nil {
@@ -798,6 +828,7 @@ func TestScenario6JoinLeave(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("scenario 6: node%d deleted: its SAs and policies gone from every peer after %v (settled %s after the delete)", j, fmtDurations(left), time.Since(t1).Round(100*time.Millisecond))
+	requireShadowReadiness(ctx, t, l, fmt.Sprintf("scenario 6, node%d left", j))
 	// The departed node's namespace keeps what its stopped agent left; clear it for later scenarios.
 	_, _, _ = l.VM.Run(ctx, fmt.Sprintf("ip -n %[1]s xfrm policy flush; ip -n %[1]s xfrm state flush; for t in raw filter; do ip netns exec %[1]s iptables -w -t $t -F; ip netns exec %[1]s iptables -w -t $t -X; done; true", lab.NodeNS(j)))
 	mark(ctx, t, ev, "stopping streams")

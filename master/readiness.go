@@ -1,0 +1,94 @@
+package master
+
+import (
+	"fmt"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/readiness"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+)
+
+// shadowReadiness runs protocol v2's per-pair readiness (package readiness) on the
+// digests the agents' reports carry, as the master will once it decides with them
+// (docs/protocol-v2.md §9 step 1), and counts the ordered pairs of live nodes it has not
+// confirmed. It decides nothing yet: the count is what shows, on real clusters, that the
+// agents and the master compute key digests, node IDs and buckets alike (0 in a steady
+// state; any other value means a pair the digests cannot confirm).
+type shadowReadiness struct {
+	m    *readiness.Master
+	seen map[uint32]string // the status last observed, per node ID
+}
+
+func newShadowReadiness() *shadowReadiness {
+	return &shadowReadiness{m: readiness.NewMaster(readiness.DefaultBuckets), seen: map[uint32]string{}}
+}
+
+// shadowCounts is what one update found.
+type shadowCounts struct {
+	Nodes       int // live nodes in the view: a current report for their key incarnation and a ring ID
+	Statuses    int // of those, with a readiness status that decodes
+	Unconfirmed [2]int
+}
+
+// update feeds the view from the Nodes (nodes[i] is states[i]'s Node) and the ring's node
+// IDs, then observes every status that changed, or every status when a key changed.
+func (s *shadowReadiness) update(ring *keys.Ring, nodes []*corev1.Node, states []keys.NodeState) shadowCounts {
+	var ids map[string]uint32
+	if ring != nil {
+		ids = watch.NodeIDs(ring)
+	}
+	type live struct {
+		k  readiness.K
+		st *api.ReadinessStatus
+	}
+	view := map[uint32]live{}
+	for i, n := range nodes {
+		rep := states[i].Report
+		id, ok := ids[n.Name]
+		if !ok || rep == nil || rep.Epoch == "" || rep.Incarnation != n.Status.NodeInfo.BootID || rep.UID != string(n.UID) {
+			continue // no current key incarnation: not a node anyone derives SAs with
+		}
+		inc := watch.KeyIncarnation(n.Status.NodeInfo.BootID, string(n.UID), rep.Epoch)
+		view[id] = live{k: readiness.KeyDigest(inc), st: rep.Readiness}
+	}
+	changed := false
+	for _, id := range s.m.IDs() {
+		if _, ok := view[id]; !ok {
+			s.m.Remove(id)
+			delete(s.seen, id)
+			changed = true
+		}
+	}
+	for id, l := range view {
+		if k, ok := s.m.KeyOf(id); !ok || k != l.k {
+			s.m.SetKeys(id, l.k)
+			changed = true
+		}
+	}
+	c := shadowCounts{Nodes: len(view)}
+	for id, l := range view {
+		if l.st == nil || l.st.ID != id {
+			delete(s.seen, id)
+			continue
+		}
+		st, err := readiness.Decode(l.st, readiness.DefaultBuckets)
+		if err != nil {
+			delete(s.seen, id)
+			continue
+		}
+		c.Statuses++
+		key := fmt.Sprintf("%s/%s/%s/%v/%d", l.st.Self, l.st.In, l.st.Out, l.st.Refused, l.st.RefusedMore)
+		if !changed && s.seen[id] == key {
+			continue
+		}
+		s.seen[id] = key
+		s.m.Observe(st)
+	}
+	in, out := s.m.Confirmed()
+	all := c.Nodes * (c.Nodes - 1)
+	c.Unconfirmed = [2]int{all - in, all - out}
+	return c
+}

@@ -224,7 +224,11 @@ func (t *Tracker) Run(ctx context.Context, logf func(format string, args ...any)
 			return
 		}
 		if err != nil {
-			logf("track daemonset %s/%s: %v", t.ns, ref.Name, err)
+			// After the deletion, `kubectl delete -f` takes our RBAC too: the watch for a
+			// re-creation retries quietly.
+			if ok, _ := t.Deleted(); !ok {
+				logf("track daemonset %s/%s: %v", t.ns, ref.Name, err)
+			}
 			if !wait() {
 				return
 			}

@@ -359,7 +359,7 @@ func TestRealClusterEncrypts(t *testing.T) {
 }
 
 // followAgentLogs follows every agent container's log in the guest (the kubelet's
-// /var/log/pods files, followed with tail from now on: the kubelet deletes them with the
+// /var/log/pods files, followed with tail -f from now on, by descriptor: the kubelet deletes them with the
 // pod); the returned function stops following and returns each node's lines about the
 // agent's end (the deletion seen, the walk-down's steps, SIGTERM, errors), or every line
 // when the test has failed.
@@ -370,7 +370,7 @@ func (rc *realCluster) followAgentLogs(ctx context.Context) func() []string {
 	for i := 1; i <= 2; i++ {
 		n := lab.NodeNS(i)
 		// The newest log of the agent container of the node's agent pod.
-		cmd := fmt.Sprintf(`f=$(ls -t %s/%s/pods/%s_secureoverlay-agent-*/agent/*.log | head -1); exec tail -n 0 -F "$f"`, nodeStateDir, n, soNamespace)
+		cmd := fmt.Sprintf(`f=$(ls -t %s/%s/pods/%s_secureoverlay-agent-*/agent/*.log | head -1); exec tail -n 0 -f "$f"`, nodeStateDir, n, soNamespace)
 		rc.run("prepare "+dir, "mkdir -p "+dir+"; rm -f "+dir+"/"+n+".log")
 		pid, err := rc.vm.Background(ctx, cmd, dir+"/"+n+".log")
 		if err != nil {

@@ -124,6 +124,10 @@ func CacheDir() string {
 	return filepath.Join(repoRoot(), ".cache")
 }
 
+// RepoRoot is the directory of our go.mod above the working directory, or the working
+// directory itself.
+func RepoRoot() string { return repoRoot() }
+
 // repoRoot is the directory of our go.mod above the working directory, or the
 // working directory itself.
 func repoRoot() string {

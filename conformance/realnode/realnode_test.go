@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -79,6 +80,17 @@ func findTools(t *testing.T) tools {
 			}
 			t.Skipf("%s missing: run make tools", f)
 		}
+	}
+	// The image holds the binaries under test, and `make build` does not rebuild it: a
+	// standalone run on a stale image tests old code (session 19's stories did).
+	check := exec.Command(filepath.Join(lab.RepoRoot(), "hack", "tools-image.sh"), "--check")
+	check.Env = append(os.Environ(), "SECUREOVERLAY_IMAGE_DIR="+tl.image)
+	if out, err := check.CombinedOutput(); err != nil {
+		msg := fmt.Sprintf("the image in %s is older than its inputs (hack/tools-image.sh --check: %v %s): run `make image`", tl.image, err, out)
+		if lab.RequireAll() {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
 	}
 	return tl
 }

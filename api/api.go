@@ -175,6 +175,19 @@ type ReadinessStatus struct {
 	RefusedMore int      `json:"refusedMore,omitempty"`
 }
 
+// ReadinessView is what the master tells one node about its pairs (protocol v2's
+// NodeView, docs/protocol-v2.md §6, §9 step 2; package readiness): the peers not yet
+// confirmed to hold inbound SAs from it, and to send it ESP, relative to the master's key
+// view whose digest is Keys. Node IDs and digests of public key incarnations only.
+type ReadinessView struct {
+	// Keys is the digest of the master's key view (16 hex digits).
+	Keys string `json:"keys"`
+	// NotIn and NotOut are node IDs, ascending, as base64 of unsigned varints, each the
+	// difference to the previous ID (the first from 0).
+	NotIn  string `json:"notIn,omitempty"`
+	NotOut string `json:"notOut,omitempty"`
+}
+
 // MasterStatus is the master's published view (StatusConfigMapName, key StatusDataKey).
 // It never contains key material.
 type MasterStatus struct {

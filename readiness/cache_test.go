@@ -97,7 +97,8 @@ func (m *refMaster) viewFor(a uint32) View {
 // TestMasterCacheMatchesReference runs random sequences of key changes, joins, leaves and
 // statuses (complete, partial, stale, with refused peers, refused ids unknown or the node
 // itself) through the cached Master and the reference, and compares every node's view
-// after every step.
+// after every step; and checks that TakeDirty names every view that changed since its last
+// call.
 func TestMasterCacheMatchesReference(t *testing.T) {
 	for seed := uint64(1); seed <= 200; seed++ {
 		rng := rand.New(rand.NewPCG(seed, 7))
@@ -115,6 +116,7 @@ func TestMasterCacheMatchesReference(t *testing.T) {
 		for id := uint32(1); id <= uint32(n); id++ {
 			rekey(id)
 		}
+		taken := map[uint32]View{} // each view as of the last TakeDirty (none before the first)
 		for step := 0; step < 150; step++ {
 			id := uint32(1 + rng.IntN(n+2)) // sometimes a node not (or no longer) in the view
 			what := ""
@@ -163,6 +165,26 @@ func TestMasterCacheMatchesReference(t *testing.T) {
 			for a := range ks {
 				if got, want := m.ViewFor(a), ref.viewFor(a); !slices.Equal(got.NotIn, want.NotIn) || !slices.Equal(got.NotOut, want.NotOut) || got.Keys != want.Keys {
 					t.Fatalf("seed %d step %d (%s of %d, %d buckets): view of %d\ncached    %+v\nreference %+v", seed, step, what, id, buckets, a, got, want)
+				}
+			}
+			// TakeDirty, now and then (changes accumulate between calls): every view
+			// not named is the one the previous round left.
+			if rng.IntN(3) == 0 {
+				dirty := m.TakeDirty()
+				if !slices.IsSorted(dirty) {
+					t.Fatalf("seed %d step %d: TakeDirty %v not sorted", seed, step, dirty)
+				}
+				for a := range ks {
+					v := ref.viewFor(a)
+					if p, ok := taken[a]; ok && !slices.Contains(dirty, a) && !equalView(p, v) {
+						t.Fatalf("seed %d step %d (%s of %d): view of %d changed since the last TakeDirty but is not dirty (%v)\nthen %+v\nnow  %+v", seed, step, what, id, a, dirty, p, v)
+					}
+					taken[a] = v
+				}
+				for _, a := range dirty {
+					if _, ok := ks[a]; !ok {
+						t.Fatalf("seed %d step %d: TakeDirty names %d, not in the key view", seed, step, a)
+					}
 				}
 			}
 		}

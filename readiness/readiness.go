@@ -2,9 +2,9 @@
 // (docs/protocol-v2.md §6): key digests, the bucket digests an agent reports, the master's
 // sticky confirmations and the node views it derives, and the agent's rule for using a view.
 //
-// Nothing here does I/O. The package is not yet used on the wire; its model test
-// (readiness_test.go) checks the design's safety and liveness against lagging watches
-// before it is wired.
+// Nothing here does I/O. Reports carry statuses (wire.go) and the master checks them in
+// shadow (docs/protocol-v2.md §9); nobody decides with the package yet. Its model test
+// (model_test.go) checks the design's safety and liveness against lagging watches.
 package readiness
 
 import (
@@ -112,6 +112,15 @@ type Master struct {
 	keys    Keys
 	in, out map[uint32]map[uint32]bool // confirmed[B][X]: B holds inbound from / sends ESP to X, for the current K of both
 	bucket  []bucketCache
+
+	// keysDigest is the digest of the whole key view (every view's Keys), valid when
+	// keysOK.
+	keysDigest uint64
+	keysOK     bool
+	// dirty are the nodes whose ViewFor may differ from when TakeDirty last returned
+	// (every node when allDirty).
+	dirty    map[uint32]bool
+	allDirty bool
 }
 
 // bucketCache is one bucket of the master's key view.
@@ -124,7 +133,29 @@ type bucketCache struct {
 // NewMaster returns a master with no nodes.
 func NewMaster(buckets int) *Master {
 	return &Master{buckets: buckets, keys: Keys{}, in: map[uint32]map[uint32]bool{}, out: map[uint32]map[uint32]bool{},
-		bucket: make([]bucketCache, buckets)}
+		bucket: make([]bucketCache, buckets), dirty: map[uint32]bool{}}
+}
+
+// TakeDirty returns, sorted, the nodes whose view (ViewFor) may have changed since the
+// last call, and starts a new round: every node after a key change anywhere (the views'
+// Keys digest covers the whole key view), else the nodes a status newly confirmed as peer.
+// A writer of views that rewrites exactly these keeps every view current at O(changes)
+// cost between key changes.
+func (m *Master) TakeDirty() []uint32 {
+	var out []uint32
+	if m.allDirty {
+		out = m.IDs()
+	} else {
+		for id := range m.dirty {
+			if _, ok := m.keys[id]; ok {
+				out = append(out, id)
+			}
+		}
+	}
+	slices.Sort(out)
+	m.allDirty = false
+	clear(m.dirty)
+	return out
 }
 
 // SetKeys records node id's current K (from its NodeKeys). A change clears every
@@ -142,6 +173,7 @@ func (m *Master) SetKeys(id uint32, k K) {
 		b.ids = slices.Insert(b.ids, i, id)
 	}
 	b.ok = false
+	m.keysOK, m.allDirty = false, true
 	m.forget(id)
 }
 
@@ -156,6 +188,7 @@ func (m *Master) Remove(id uint32) {
 		b.ids = slices.Delete(b.ids, i, i+1)
 	}
 	b.ok = false
+	m.keysOK, m.allDirty = false, true
 	m.forget(id)
 }
 
@@ -248,8 +281,9 @@ func (m *Master) Observe(s Status) {
 				c.conf[s.ID] = row
 			}
 			for _, id := range m.bucket[j].ids {
-				if !skip(id) {
+				if !skip(id) && !row[id] {
 					row[id] = true
+					m.dirty[id] = true
 				}
 			}
 		}
@@ -259,7 +293,10 @@ func (m *Master) Observe(s Status) {
 // ViewFor returns node a's view: every other node the master knows whose inbound from a
 // (NotIn) or ESP to a (NotOut) is not confirmed, sorted, and the digest of the key view.
 func (m *Master) ViewFor(a uint32) View {
-	v := View{Keys: m.keys.Digest(nil)}
+	if !m.keysOK {
+		m.keysDigest, m.keysOK = m.keys.Digest(nil), true
+	}
+	v := View{Keys: m.keysDigest}
 	for id := range m.keys {
 		if id == a {
 			continue

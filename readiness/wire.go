@@ -79,3 +79,78 @@ func decodeBuckets(s string, buckets int) ([]uint64, error) {
 	}
 	return out, nil
 }
+
+// MaxViewIDs bounds the IDs a view's list may hold when decoded: more than the node IDs a
+// ring can hand out (docs/keys.md §2) is not a view.
+const MaxViewIDs = 1 << 16
+
+// EncodeView is v as a NodeView carries it.
+func EncodeView(v View) *api.ReadinessView {
+	return &api.ReadinessView{Keys: fmt.Sprintf("%016x", v.Keys), NotIn: encodeIDs(v.NotIn), NotOut: encodeIDs(v.NotOut)}
+}
+
+// encodeIDs packs sorted ids as varint deltas (base64; empty for none).
+func encodeIDs(ids []uint32) string {
+	if len(ids) == 0 {
+		return ""
+	}
+	b := make([]byte, 0, len(ids)*2)
+	prev := uint32(0)
+	for _, id := range ids {
+		b = binary.AppendUvarint(b, uint64(id-prev))
+		prev = id
+	}
+	return base64.StdEncoding.EncodeToString(b)
+}
+
+// DecodeView parses a NodeView's content.
+func DecodeView(w *api.ReadinessView) (View, error) {
+	if w == nil {
+		return View{}, errors.New("no readiness view")
+	}
+	k, err := strconv.ParseUint(w.Keys, 16, 64)
+	if err != nil || len(w.Keys) != 16 {
+		return View{}, fmt.Errorf("readiness view keys %q: want 16 hex digits", w.Keys)
+	}
+	v := View{Keys: k}
+	if v.NotIn, err = decodeIDs(w.NotIn); err != nil {
+		return View{}, fmt.Errorf("readiness view notIn: %w", err)
+	}
+	if v.NotOut, err = decodeIDs(w.NotOut); err != nil {
+		return View{}, fmt.Errorf("readiness view notOut: %w", err)
+	}
+	return v, nil
+}
+
+// decodeIDs is encodeIDs' inverse; it refuses IDs that do not ascend strictly (a zero
+// delta after the first), overflow 32 bits, or number more than MaxViewIDs.
+func decodeIDs(s string) ([]uint32, error) {
+	if s == "" {
+		return nil, nil
+	}
+	b, err := base64.StdEncoding.DecodeString(s)
+	if err != nil {
+		return nil, err
+	}
+	var ids []uint32
+	cur := uint64(0)
+	for len(b) > 0 {
+		d, n := binary.Uvarint(b)
+		if n <= 0 {
+			return nil, errors.New("truncated varint")
+		}
+		b = b[n:]
+		if d == 0 && len(ids) > 0 {
+			return nil, errors.New("ids do not ascend")
+		}
+		if d > 0xffffffff || cur+d > 0xffffffff {
+			return nil, errors.New("id past 32 bits")
+		}
+		cur += d
+		if len(ids) == MaxViewIDs {
+			return nil, fmt.Errorf("more than %d ids", MaxViewIDs)
+		}
+		ids = append(ids, uint32(cur))
+	}
+	return ids, nil
+}

@@ -67,6 +67,9 @@ func (ks Keys) digestSorted(ids []uint32, skip func(id uint32) bool) uint64 {
 	return binary.BigEndian.Uint64(append([]byte{0, 0}, h.Sum(sum[:0])[:6]...))
 }
 
+// Bucket is the bucket node id belongs to, of n.
+func Bucket(id uint32, n int) int { return int(id % uint32(n)) }
+
 // Buckets returns the bucket digests of claims: bucket j covers the ids with id mod n = j.
 func Buckets(claims Keys, n int) []uint64 {
 	out := make([]uint64, n)
@@ -96,7 +99,7 @@ func NewStatus(id uint32, self K, in, out Keys, refused []uint32, buckets int) S
 // from it (NotIn) and not confirmed to send it ESP (NotOut), relative to the master's key
 // view whose digest is Keys.
 type View struct {
-	NotIn, NotOut []uint32
+	NotIn, NotOut []uint32 // ascending
 	Keys          uint64
 }
 
@@ -121,6 +124,11 @@ type Master struct {
 	// (every node when allDirty).
 	dirty    map[uint32]bool
 	allDirty bool
+	// notIn[a], notOut[a]: the other nodes of the key view not confirmed for a, sorted —
+	// each view's lists, kept as confirmations and keys change, so that ViewFor costs the
+	// length of its lists and not a pass over the whole key view (after a key change every
+	// view changes: N passes of N would be 25 million lookups at 5,000 nodes).
+	notIn, notOut map[uint32][]uint32
 }
 
 // bucketCache is one bucket of the master's key view.
@@ -133,7 +141,24 @@ type bucketCache struct {
 // NewMaster returns a master with no nodes.
 func NewMaster(buckets int) *Master {
 	return &Master{buckets: buckets, keys: Keys{}, in: map[uint32]map[uint32]bool{}, out: map[uint32]map[uint32]bool{},
-		bucket: make([]bucketCache, buckets), dirty: map[uint32]bool{}}
+		bucket: make([]bucketCache, buckets), dirty: map[uint32]bool{}, notIn: map[uint32][]uint32{}, notOut: map[uint32][]uint32{}}
+}
+
+// insertSorted adds id to the sorted list ids unless it is there.
+func insertSorted(ids []uint32, id uint32) []uint32 {
+	i, found := slices.BinarySearch(ids, id)
+	if found {
+		return ids
+	}
+	return slices.Insert(ids, i, id)
+}
+
+// deleteSorted removes id from the sorted list ids if it is there.
+func deleteSorted(ids []uint32, id uint32) []uint32 {
+	if i, found := slices.BinarySearch(ids, id); found {
+		return slices.Delete(ids, i, i+1)
+	}
+	return ids
 }
 
 // TakeDirty returns, sorted, the nodes whose view (ViewFor) may have changed since the
@@ -175,6 +200,18 @@ func (m *Master) SetKeys(id uint32, k K) {
 	b.ok = false
 	m.keysOK, m.allDirty = false, true
 	m.forget(id)
+	// Nothing is confirmed about id's new K, in either role: id enters every other view,
+	// and its own view lists every other node.
+	all := make([]uint32, 0, len(m.keys))
+	for other := range m.keys {
+		if other != id {
+			all = append(all, other)
+			m.notIn[other] = insertSorted(m.notIn[other], id)
+			m.notOut[other] = insertSorted(m.notOut[other], id)
+		}
+	}
+	slices.Sort(all)
+	m.notIn[id], m.notOut[id] = all, slices.Clone(all)
 }
 
 // Remove forgets a node that left.
@@ -190,6 +227,12 @@ func (m *Master) Remove(id uint32) {
 	b.ok = false
 	m.keysOK, m.allDirty = false, true
 	m.forget(id)
+	delete(m.notIn, id)
+	delete(m.notOut, id)
+	for other := range m.keys {
+		m.notIn[other] = deleteSorted(m.notIn[other], id)
+		m.notOut[other] = deleteSorted(m.notOut[other], id)
+	}
 }
 
 func (m *Master) forget(id uint32) {
@@ -251,7 +294,14 @@ func (m *Master) Keys() Keys { return m.keys.Clone() }
 // computation over its key view (the node's live, not refused peers), every peer of that
 // bucket is confirmed. A status made for another K of the node than the master's is stale
 // and ignored. Confirmations are never withdrawn here.
-func (m *Master) Observe(s Status) {
+func (m *Master) Observe(s Status) { m.ObserveBuckets(s, nil) }
+
+// ObserveBuckets is Observe limited to the buckets only holds (nil: all). A status
+// observed before, unchanged since, needs observing again only in the buckets whose key
+// view changed (a node of the bucket re-keyed, joined or left): the others' expected
+// digests, and the confirmations a key change clears, are elsewhere — so one re-key costs
+// N statuses × 1 bucket, not N × 32.
+func (m *Master) ObserveBuckets(s Status, only func(j int) bool) {
 	self, ok := m.keys[s.ID]
 	if !ok || self != s.Self || len(s.In) != m.buckets || len(s.Out) != m.buckets {
 		return
@@ -267,11 +317,15 @@ func (m *Master) Observe(s Status) {
 	skip := func(id uint32) bool { return id == s.ID || refused[id] }
 	own := int(s.ID % uint32(m.buckets))
 	for j := 0; j < m.buckets; j++ {
+		if only != nil && !only(j) {
+			continue
+		}
 		want := m.expected(j, skip, j == own || refusedIn[j])
 		for _, c := range []struct {
 			got  uint64
 			conf map[uint32]map[uint32]bool
-		}{{s.In[j], m.in}, {s.Out[j], m.out}} {
+			not  map[uint32][]uint32
+		}{{s.In[j], m.in, m.notIn}, {s.Out[j], m.out, m.notOut}} {
 			if c.got != want {
 				continue
 			}
@@ -284,6 +338,7 @@ func (m *Master) Observe(s Status) {
 				if !skip(id) && !row[id] {
 					row[id] = true
 					m.dirty[id] = true
+					c.not[id] = deleteSorted(c.not[id], s.ID)
 				}
 			}
 		}
@@ -297,7 +352,11 @@ func (m *Master) ViewFor(a uint32) View {
 		m.keysDigest, m.keysOK = m.keys.Digest(nil), true
 	}
 	v := View{Keys: m.keysDigest}
-	for id := range m.keys {
+	if _, ok := m.keys[a]; ok {
+		v.NotIn, v.NotOut = slices.Clone(m.notIn[a]), slices.Clone(m.notOut[a])
+		return v
+	}
+	for id := range m.keys { // a node outside the key view: nothing is confirmed for it
 		if id == a {
 			continue
 		}
@@ -338,10 +397,10 @@ func (a *Agent) Consider(v View, mine Keys) bool {
 			continue
 		}
 		pair := [2]K{k, mine[a.ID]}
-		if !slices.Contains(v.NotIn, id) {
+		if !sortedHas(v.NotIn, id) {
 			a.in[id] = pair
 		}
-		if !slices.Contains(v.NotOut, id) {
+		if !sortedHas(v.NotOut, id) {
 			a.out[id] = pair
 		}
 	}
@@ -362,3 +421,10 @@ func (a *Agent) SendESP(b uint32, mine Keys) bool { return a.confirmed(a.in, b, 
 
 // DropPlaintext: may this node, in enforce, drop plaintext from b (b sends it ESP)?
 func (a *Agent) DropPlaintext(b uint32, mine Keys) bool { return a.confirmed(a.out, b, mine) }
+
+// sortedHas reports whether ids (ascending, as views are) holds id: O(log n), so that a
+// view listing every peer (after a reboot) costs O(N log N) to consider, not O(N²).
+func sortedHas(ids []uint32, id uint32) bool {
+	_, ok := slices.BinarySearch(ids, id)
+	return ok
+}

@@ -246,7 +246,9 @@ type Controller struct {
 	lagSince map[string]time.Time
 	// shadow runs protocol v2's readiness on the reports' digests, deciding nothing
 	// (docs/protocol-v2.md §9 step 1).
-	shadow   *shadowReadiness
+	shadow *shadowReadiness
+	// views writes the shadow's views as NodeViews (nil without Options.Dynamic).
+	views    *viewWriter
 	excluded map[string]bool
 	// pubWritten is the public ring last written or read back at pubChecked; access the
 	// agents' Secret access last set ("granted", "revoked", "unmanaged") at accessChecked
@@ -339,6 +341,8 @@ func (c *Controller) Run(ctx context.Context) error {
 		})
 		c.reports.Start(ctx.Done())
 		synced = append(synced, c.reports.HasSynced)
+		c.views = newViewWriter(c.opts.Dynamic, c.opts.Namespace, c.log, c.opts.Metrics)
+		go c.views.run(ctx)
 		if c.opts.Policy.ProtocolV2 {
 			c.pubKeys = nodekeys.NewCache(c.opts.Dynamic, c.opts.Namespace, func(string) { c.queue.Add(queueKey) })
 			c.pubKeys.Start(ctx.Done())
@@ -691,7 +695,16 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 	c.hist = hist.Observe(res.Ring)
 	c.announceExcluded(secret, res.Excluded)
 	m.observe(res)
-	m.observeShadow(c.shadow.update(res.Ring, nodeList, nodes))
+	sh := c.shadow.update(res.Ring, nodeList, nodes)
+	m.observeShadow(sh)
+	if c.views != nil {
+		for _, g := range sh.Gone {
+			c.views.Forget(g)
+		}
+		for _, v := range sh.Views {
+			c.views.Set(v.Node, v.UID, v.View)
+		}
+	}
 	c.publish(ctx, c.status(res.Ring, &res, strings.Join(problems, "; ")))
 	return res.Wake, nil
 }

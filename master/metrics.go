@@ -24,6 +24,8 @@ type Metrics struct {
 	// reports' digests (docs/protocol-v2.md §9 step 1).
 	ShadowNodes       *prometheus.GaugeVec
 	ShadowUnconfirmed *prometheus.GaugeVec
+	// ViewWrites counts NodeView writes by result (ok, error; §9 step 2).
+	ViewWrites *prometheus.CounterVec
 }
 
 // NewMetrics creates the metrics (unregistered).
@@ -56,13 +58,15 @@ func NewMetrics() *Metrics {
 			Help: "Protocol v2 readiness in shadow: live nodes with a current key incarnation (with=key), and of those with a readiness status (with=status)."}, []string{"with"}),
 		ShadowUnconfirmed: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "readiness_shadow_unconfirmed_pairs",
 			Help: "Protocol v2 readiness in shadow: ordered pairs of live nodes the reports' digests do not confirm, inbound (B holds A's SAs) and outbound (B sends A ESP); 0 in a steady state. Decides nothing yet."}, []string{"direction"}),
+		ViewWrites: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "readiness_view_writes_total",
+			Help: "Protocol v2 readiness: NodeView writes, by result (ok, error)."}, []string{"result"}),
 	}
 }
 
 // Register adds every metric to reg.
 func (m *Metrics) Register(reg prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{m.Rotations, m.Generation, m.PendingGen, m.LiveGenerations, m.Lagging,
-		m.Excluded, m.Leader, m.Mode, m.RingValid, m.RingErrors, m.ReconcileErrors, m.ShadowNodes, m.ShadowUnconfirmed} {
+		m.Excluded, m.Leader, m.Mode, m.RingValid, m.RingErrors, m.ReconcileErrors, m.ShadowNodes, m.ShadowUnconfirmed, m.ViewWrites} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}

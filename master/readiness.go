@@ -2,6 +2,7 @@ package master
 
 import (
 	"fmt"
+	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 
@@ -18,12 +19,19 @@ import (
 // agents and the master compute key digests, node IDs and buckets alike (0 in a steady
 // state; any other value means a pair the digests cannot confirm).
 type shadowReadiness struct {
-	m    *readiness.Master
-	seen map[uint32]string // the status last observed, per node ID
+	m     *readiness.Master
+	seen  map[uint32]string     // the status last observed, per node ID
+	nodes map[uint32]nodeHandle // the live nodes' names and UIDs, per node ID
+	// observeAll observes every status wholly after any key change (tests: the reference
+	// the narrowed re-observation must equal).
+	observeAll bool
 }
 
+// nodeHandle names a live node's Node object.
+type nodeHandle struct{ name, uid string }
+
 func newShadowReadiness() *shadowReadiness {
-	return &shadowReadiness{m: readiness.NewMaster(readiness.DefaultBuckets), seen: map[uint32]string{}}
+	return &shadowReadiness{m: readiness.NewMaster(readiness.DefaultBuckets), seen: map[uint32]string{}, nodes: map[uint32]nodeHandle{}}
 }
 
 // shadowCounts is what one update found.
@@ -31,6 +39,16 @@ type shadowCounts struct {
 	Nodes       int // live nodes in the view: a current report for their key incarnation and a ring ID
 	Statuses    int // of those, with a readiness status that decodes
 	Unconfirmed [2]int
+	// Views are the live nodes' views that may have changed (§9 step 2: written as
+	// NodeViews), Gone the nodes that left the view.
+	Views []shadowView
+	Gone  []string
+}
+
+// shadowView is one node's view as its NodeView holds it.
+type shadowView struct {
+	Node, UID string
+	View      api.ReadinessView
 }
 
 // update feeds the view from the Nodes (nodes[i] is states[i]'s Node) and the ring's node
@@ -43,6 +61,7 @@ func (s *shadowReadiness) update(ring *keys.Ring, nodes []*corev1.Node, states [
 	type live struct {
 		k  readiness.K
 		st *api.ReadinessStatus
+		h  nodeHandle
 	}
 	view := map[uint32]live{}
 	for i, n := range nodes {
@@ -52,23 +71,35 @@ func (s *shadowReadiness) update(ring *keys.Ring, nodes []*corev1.Node, states [
 			continue // no current key incarnation: not a node anyone derives SAs with
 		}
 		inc := watch.KeyIncarnation(n.Status.NodeInfo.BootID, string(n.UID), rep.Epoch)
-		view[id] = live{k: readiness.KeyDigest(inc), st: rep.Readiness}
+		view[id] = live{k: readiness.KeyDigest(inc), st: rep.Readiness, h: nodeHandle{n.Name, string(n.UID)}}
 	}
-	changed := false
+	c := shadowCounts{Nodes: len(view)}
+	// The buckets whose key view changed, and the nodes whose own keys did: an unchanged
+	// status is observed again in those buckets only (ObserveBuckets); a re-keyed node's
+	// status, whose confirmations the change cleared, wholly.
+	changed := map[int]bool{}
+	rekeyed := map[uint32]bool{}
 	for _, id := range s.m.IDs() {
 		if _, ok := view[id]; !ok {
 			s.m.Remove(id)
 			delete(s.seen, id)
-			changed = true
+			changed[readiness.Bucket(id, readiness.DefaultBuckets)] = true
+		}
+	}
+	for id, h := range s.nodes {
+		if l, ok := view[id]; !ok || l.h != h {
+			c.Gone = append(c.Gone, h.name)
+			delete(s.nodes, id)
 		}
 	}
 	for id, l := range view {
+		s.nodes[id] = l.h
 		if k, ok := s.m.KeyOf(id); !ok || k != l.k {
 			s.m.SetKeys(id, l.k)
-			changed = true
+			changed[readiness.Bucket(id, readiness.DefaultBuckets)] = true
+			rekeyed[id] = true
 		}
 	}
-	c := shadowCounts{Nodes: len(view)}
 	for id, l := range view {
 		if l.st == nil || l.st.ID != id {
 			delete(s.seen, id)
@@ -81,12 +112,19 @@ func (s *shadowReadiness) update(ring *keys.Ring, nodes []*corev1.Node, states [
 		}
 		c.Statuses++
 		key := fmt.Sprintf("%s/%s/%s/%v/%d", l.st.Self, l.st.In, l.st.Out, l.st.Refused, l.st.RefusedMore)
-		if !changed && s.seen[id] == key {
-			continue
+		switch {
+		case s.seen[id] != key || rekeyed[id] || (s.observeAll && len(changed) > 0):
+			s.m.Observe(st)
+		case len(changed) > 0:
+			s.m.ObserveBuckets(st, func(j int) bool { return changed[j] })
 		}
 		s.seen[id] = key
-		s.m.Observe(st)
 	}
+	for _, id := range s.m.TakeDirty() {
+		h := s.nodes[id]
+		c.Views = append(c.Views, shadowView{Node: h.name, UID: h.uid, View: *readiness.EncodeView(s.m.ViewFor(id))})
+	}
+	slices.Sort(c.Gone)
 	in, out := s.m.Confirmed()
 	all := c.Nodes * (c.Nodes - 1)
 	c.Unconfirmed = [2]int{all - in, all - out}

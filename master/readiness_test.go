@@ -1,16 +1,24 @@
 package master
 
 import (
+	"encoding/json"
 	"fmt"
+	"math/rand/v2"
+	"reflect"
 	"slices"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/nodeview"
+	"github.com/secureoverlay/secureoverlay/readiness"
 	soagent "github.com/secureoverlay/secureoverlay/reconciler/agent"
 	dstate "github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
@@ -106,8 +114,9 @@ func TestShadowReadiness(t *testing.T) {
 	check := func(what string, nodes, statuses, in, out int) {
 		t.Helper()
 		got := s.update(c.ring, c.nodes, c.states())
+		got.Views, got.Gone = nil, nil // TestShadowViews
 		want := shadowCounts{Nodes: nodes, Statuses: statuses, Unconfirmed: [2]int{in, out}}
-		if got != want {
+		if !reflect.DeepEqual(got, want) {
 			t.Errorf("%s: %+v, want %+v", what, got, want)
 		}
 	}
@@ -163,4 +172,233 @@ func TestShadowReadiness(t *testing.T) {
 	// node-3 reboots: its Node shows a new boot ID before its agent reports again.
 	c.staleBoot["node-3"], c.nodes[3].Status.NodeInfo.BootID = c.nodes[3].Status.NodeInfo.BootID, "boot-node-3-2"
 	check("node-3's report stale", 4, 4, 1, 1)
+}
+
+// TestShadowViews: the views the shadow hands to the NodeView writer — each live node's at
+// the start, none when nothing changed, every one on a key change (the views' key digest
+// covers every node), only the newly confirmed peer's when a status confirms a pair, and
+// a node that leaves the view is named gone. Each view lists exactly the peers not
+// confirmed for it, and decodes.
+func TestShadowViews(t *testing.T) {
+	c := newShadowCluster(3)
+	s := newShadowReadiness()
+	type want struct {
+		node          string
+		notIn, notOut []uint32
+	}
+	check := func(what string, views []want, gone ...string) {
+		t.Helper()
+		got := s.update(c.ring, c.nodes, c.states())
+		var keys uint64
+		for i, v := range got.Views {
+			dec, err := readiness.DecodeView(&v.View)
+			if err != nil {
+				t.Fatalf("%s: view %d: %v", what, i, err)
+			}
+			if i == 0 {
+				keys = dec.Keys
+			} else if dec.Keys != keys {
+				t.Errorf("%s: views over different key views in one update", what)
+			}
+			if i >= len(views) || v.Node != views[i].node || v.UID != "uid-"+v.Node ||
+				!slices.Equal(dec.NotIn, views[i].notIn) || !slices.Equal(dec.NotOut, views[i].notOut) {
+				t.Errorf("%s: view %d is %s (uid %s) %+v, want %+v", what, i, v.Node, v.UID, dec, views)
+			}
+		}
+		if len(got.Views) != len(views) {
+			t.Errorf("%s: %d views, want %d", what, len(got.Views), len(views))
+		}
+		if !slices.Equal(got.Gone, gone) && len(got.Gone)+len(gone) > 0 {
+			t.Errorf("%s: gone %v, want %v", what, got.Gone, gone)
+		}
+	}
+	all := []want{{"node-0", nil, nil}, {"node-1", nil, nil}, {"node-2", nil, nil}}
+	check("start", all)
+	check("nothing changed", nil)
+
+	// node-0 takes a new epoch: every view changes (key digest), node-0's lists both peers
+	// until they claim its new keys.
+	c.epoch["node-0"], c.seenAs["node-0"]["node-0"] = "e2", "e2"
+	check("node-0 re-keyed", []want{{"node-0", []uint32{2, 3}, []uint32{2, 3}}, {"node-1", nil, nil}, {"node-2", nil, nil}})
+	c.seenAs["node-1"]["node-0"] = "e2"
+	check("node-1 claims node-0's new keys", []want{{"node-0", []uint32{3}, []uint32{3}}})
+	c.seenAs["node-2"]["node-0"] = "e2"
+	check("node-2 too", []want{{"node-0", nil, nil}})
+
+	// node-2's report goes stale (reboot): it leaves the view, the others' views change.
+	c.staleBoot["node-2"], c.nodes[2].Status.NodeInfo.BootID = c.nodes[2].Status.NodeInfo.BootID, "boot-node-2-2"
+	check("node-2 stale", []want{{"node-0", nil, nil}, {"node-1", nil, nil}}, "node-2")
+}
+
+// TestNodeViewsAgainstRealAPIServer: the leader writes every live node's NodeView, owned by
+// its Node, from the reports' readiness digests, through the manifest's CRD and the
+// master's RBAC; a re-keyed node's view lists its peers until they claim its new keys, and
+// a view that did not change is not written again.
+func TestNodeViewsAgainstRealAPIServer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real kube-apiserver; skipped with -short")
+	}
+	e := newEnv(t)
+	c := newShadowCluster(3)
+	for i, n := range c.nodes {
+		created := kube.CreateNode(t, e.cluster.AdminConfig(), kube.Node{Name: n.Name, IPv4: fmt.Sprintf("198.18.0.%d", i+1), BootID: n.Status.NodeInfo.BootID})
+		n.UID = created.UID
+	}
+	m := e.startMaster("master-a", testPolicy())
+	e.eventually("node IDs in the ring", wait, func() (bool, string) {
+		r := e.ring()
+		if r == nil {
+			return false, "no ring"
+		}
+		for _, n := range c.names {
+			if r.NodeID(n) == 0 {
+				return false, n + " has no ID"
+			}
+		}
+		c.ring = r
+		return true, ""
+	})
+	publish := func() {
+		t.Helper()
+		for _, n := range c.nodes {
+			raw, err := json.Marshal(c.report(n.Name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := nodereport.Write(e.ctx, e.dyn(), api.Namespace, n.Name, string(n.UID), "enforce", raw); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	views := func() (map[string]readiness.View, string) {
+		l, err := e.dyn().Resource(nodeview.GVR).Namespace(api.Namespace).List(e.ctx, metav1.ListOptions{})
+		if err != nil {
+			return nil, err.Error()
+		}
+		out := map[string]readiness.View{}
+		for i := range l.Items {
+			u := &l.Items[i]
+			w, err := nodeview.Parse(u)
+			if err != nil {
+				return nil, err.Error()
+			}
+			v, err := readiness.DecodeView(&w)
+			if err != nil {
+				return nil, err.Error()
+			}
+			if refs := u.GetOwnerReferences(); len(refs) != 1 || refs[0].Kind != "Node" || refs[0].Name != u.GetName() {
+				return nil, fmt.Sprintf("%s owned by %+v", u.GetName(), refs)
+			}
+			out[u.GetName()] = v
+		}
+		return out, fmt.Sprint(out)
+	}
+	expect := func(what string, notIn map[string][]uint32) {
+		t.Helper()
+		e.eventually(what, wait, func() (bool, string) {
+			got, why := views()
+			if len(got) != len(c.names) {
+				return false, why
+			}
+			for _, n := range c.names {
+				if !slices.Equal(got[n].NotIn, notIn[n]) || !slices.Equal(got[n].NotOut, notIn[n]) {
+					return false, why
+				}
+			}
+			return true, ""
+		})
+	}
+	id := func(n string) uint32 { return c.ring.NodeID(n) }
+	publish()
+	expect("every pair confirmed", nil)
+	writes := value(m.metrics.ViewWrites.WithLabelValues("ok"))
+	if writes < 3 {
+		t.Fatalf("%v view writes, want ≥ 3", writes)
+	}
+
+	c.epoch["node-0"], c.seenAs["node-0"]["node-0"] = "e2", "e2"
+	publish()
+	peers := []uint32{id("node-1"), id("node-2")}
+	slices.Sort(peers)
+	expect("node-0 re-keyed: its view lists both peers", map[string][]uint32{"node-0": peers})
+	c.seenAs["node-1"]["node-0"], c.seenAs["node-2"]["node-0"] = "e2", "e2"
+	publish()
+	expect("the peers claim node-0's new keys", nil)
+
+	// Nothing changes: no view is written again (reconciles run every 300 ms).
+	settled := value(m.metrics.ViewWrites.WithLabelValues("ok"))
+	time.Sleep(2 * time.Second)
+	if got := value(m.metrics.ViewWrites.WithLabelValues("ok")); got != settled {
+		t.Errorf("views written %v times more with nothing changed", got-settled)
+	}
+	if got := value(m.metrics.ViewWrites.WithLabelValues("error")); got != 0 {
+		t.Errorf("%v view writes failed", got)
+	}
+}
+
+// TestShadowNarrowedReobservation: after a key change the shadow observes an unchanged
+// status again only in the buckets whose key view changed; over random re-keys, lagging
+// peers, withdrawn and restored claims and stale reports, its confirmations and views equal
+// those of a shadow that observes every status wholly.
+func TestShadowNarrowedReobservation(t *testing.T) {
+	for seed := uint64(1); seed <= 40; seed++ {
+		rng := rand.New(rand.NewPCG(seed, 11))
+		n := 3 + rng.IntN(6)
+		c := newShadowCluster(n)
+		narrow, full := newShadowReadiness(), newShadowReadiness()
+		full.observeAll = true
+		epochs := 1
+		next := map[string]string{} // a node's next epoch, which peers may see before the master does
+		for step := range 80 {
+			b := c.names[rng.IntN(n)]
+			what := ""
+			if next[b] == "" {
+				epochs++
+				next[b] = fmt.Sprint("e", epochs)
+			}
+			switch r := rng.IntN(6); r {
+			case 0:
+				c.epoch[b], next[b] = next[b], ""
+				c.seenAs[b][b] = c.epoch[b]
+				what = "re-key " + b
+			case 1, 2: // a peer catches up with b's keys, or sees its next ones first
+				x := c.names[rng.IntN(n)]
+				c.seenAs[x][b] = c.epoch[b]
+				if rng.IntN(2) == 0 {
+					c.seenAs[x][b] = next[b]
+				}
+				what = x + " sees " + b + " at " + c.seenAs[x][b]
+			case 3: // a claim withdrawn or restored
+				x := c.names[rng.IntN(n)]
+				if i := slices.Index(c.claims[x], b); i >= 0 {
+					c.claims[x] = slices.Delete(c.claims[x], i, i+1)
+				} else if x != b {
+					c.claims[x] = append(c.claims[x], b)
+				}
+				what = x + " toggles " + b
+			case 4: // b's report goes stale (Node shows a new boot), or catches up
+				i := slices.Index(c.names, b)
+				if old, ok := c.staleBoot[b]; ok {
+					c.nodes[i].Status.NodeInfo.BootID = old
+					delete(c.staleBoot, b)
+				} else {
+					c.staleBoot[b] = c.nodes[i].Status.NodeInfo.BootID
+					c.nodes[i].Status.NodeInfo.BootID += "-next"
+				}
+				what = "stale/fresh " + b
+			default:
+				what = "nothing"
+			}
+			states := c.states()
+			got, want := narrow.update(c.ring, c.nodes, states), full.update(c.ring, c.nodes, states)
+			if got.Unconfirmed != want.Unconfirmed || got.Nodes != want.Nodes {
+				t.Fatalf("seed %d step %d (%s): narrowed %+v, full %+v", seed, step, what, got.Unconfirmed, want.Unconfirmed)
+			}
+			for _, id := range full.m.IDs() {
+				if a, b := narrow.m.ViewFor(id), full.m.ViewFor(id); !slices.Equal(a.NotIn, b.NotIn) || !slices.Equal(a.NotOut, b.NotOut) || a.Keys != b.Keys {
+					t.Fatalf("seed %d step %d (%s): view of %d narrowed %+v, full %+v", seed, step, what, id, a, b)
+				}
+			}
+		}
+	}
 }

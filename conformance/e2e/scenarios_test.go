@@ -560,8 +560,14 @@ func requireShadowReadiness(ctx context.Context, t *testing.T, l *Lab, what stri
 		if err := errors.Join(err1, err2, err3); err != nil {
 			last = err.Error()
 		} else if nodes == n && in == 0 && out == 0 {
-			t.Logf("%s: the master's shadow readiness confirms every ordered pair of the %v nodes from their digests", what, n)
-			return
+			// §9 step 2: each agent's NodeView, under protocol v2's rule, answers every
+			// pair as the lists do.
+			if why := agentViewsAgree(ctx, l); why != "" {
+				last = why
+			} else {
+				t.Logf("%s: the master's shadow readiness confirms every ordered pair of the %v nodes from their digests, and every agent's NodeView agrees with its lists on every pair", what, n)
+				return
+			}
 		} else {
 			last = fmt.Sprintf("%v of %v nodes with a status, %v pairs unconfirmed inbound, %v outbound", nodes, n, in, out)
 		}
@@ -570,6 +576,34 @@ func requireShadowReadiness(ctx context.Context, t *testing.T, l *Lab, what stri
 			return
 		}
 	}
+}
+
+// agentViewsAgree is "" when every registered node's agent reads a NodeView consistent
+// with its own key view and protocol v2's rule on it answers every pair, both directions,
+// as the peers' lists do (docs/protocol-v2.md §9 step 2); else what is not so yet.
+func agentViewsAgree(ctx context.Context, l *Lab) string {
+	nodes := l.RegisteredNodes()
+	for _, i := range nodes {
+		consistent, err := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_view_consistent")
+		if err != nil {
+			return err.Error()
+		}
+		if consistent != 1 {
+			return fmt.Sprintf("node%d's NodeView is not consistent with its key view", i)
+		}
+		for _, dir := range []string{"in", "out"} {
+			agree, err1 := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_view_pairs", `direction="`+dir+`"`, `verdict="agree"`)
+			ahead, err2 := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_view_pairs", `direction="`+dir+`"`, `verdict="ahead"`)
+			behind, err3 := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_view_pairs", `direction="`+dir+`"`, `verdict="behind"`)
+			if err := errors.Join(err1, err2, err3); err != nil {
+				return err.Error()
+			}
+			if ahead != 0 || behind != 0 || agree != float64(len(nodes)-1) {
+				return fmt.Sprintf("node%d's view against its lists, %s: %v agree, %v ahead, %v behind (want %d, 0, 0)", i, dir, agree, ahead, behind, len(nodes)-1)
+			}
+		}
+	}
+	return ""
 }
 
 // Scenario 4: enforcement. Plaintext IPIP injected on the wire from node2's

@@ -245,7 +245,9 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "watch daemonsets.apps/secureoverlay-agent " + ns, true}, // installer: its DaemonSet
 		{agentSA, "create nodekeys.secureoverlay.io " + ns, true},          // its public keys (the policy: its own only)
 		{agentSA, "patch nodekeys.secureoverlay.io/node-a " + ns, true},
-		{agentSA, "watch nodekeys.secureoverlay.io " + ns, true}, // peers' public keys (protocol v2)
+		{agentSA, "watch nodekeys.secureoverlay.io " + ns, true},       // peers' public keys (protocol v2)
+		{agentSA, "get nodeviews.secureoverlay.io/node-a " + ns, true}, // its view of its pairs (protocol v2)
+		{agentSA, "watch nodeviews.secureoverlay.io " + ns, true},
 		// agent: what it must not
 		{agentSA, "get secrets/other " + ns, false},
 		{agentSA, "list secrets " + ns, false},
@@ -266,6 +268,9 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "delete nodekeys.secureoverlay.io/node-a " + ns, false},
 		{agentSA, "update nodekeys.secureoverlay.io/node-a " + ns, false},
 		{agentSA, "create nodekeys.secureoverlay.io -n kube-system", false},
+		{agentSA, "patch nodeviews.secureoverlay.io/node-a " + ns, false}, // only the master writes views
+		{agentSA, "create nodeviews.secureoverlay.io " + ns, false},
+		{agentSA, "delete nodeviews.secureoverlay.io/node-a " + ns, false},
 		// master: what it needs
 		{masterSA, "get nodes", true},
 		{masterSA, "list nodes", true},
@@ -301,6 +306,10 @@ func canI(t *testing.T, kc, admin string) {
 		{masterSA, "list ipamblocks.crd.projectcalico.org", false},
 		{masterSA, "patch nodekeys.secureoverlay.io/node-a " + ns, false}, // only agents publish keys
 		{masterSA, "watch nodekeys.secureoverlay.io " + ns, true},         // who publishes the next generation's key
+		{masterSA, "create nodeviews.secureoverlay.io " + ns, true},       // the agents' views (protocol v2)
+		{masterSA, "patch nodeviews.secureoverlay.io/node-a " + ns, true},
+		{masterSA, "list nodeviews.secureoverlay.io " + ns, true},
+		{masterSA, "create nodeviews.secureoverlay.io -n kube-system", false},
 	}
 	for _, ck := range checks {
 		args := append([]string{"auth", "can-i"}, strings.Fields(ck.args)...)

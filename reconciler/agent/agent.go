@@ -240,6 +240,10 @@ type Agent struct {
 	keysUID, keysErr   string
 	keysWake           chan struct{}
 	kmu                sync.Mutex
+
+	// viewShadow compares protocol v2's rule on this node's NodeView with the lists (sync
+	// worker only).
+	viewShadow viewShadow
 }
 
 // New wires an agent; it starts nothing.
@@ -596,6 +600,10 @@ func (a *Agent) sync() (err error) {
 	rep.UID, rep.Epoch = self.UID, a.epoch
 	a.mu.Unlock()
 	rep.Readiness = ReadinessOf(st, &snap, a.cfg.NodeName, watch.KeyIncarnation(self.Incarnation, self.UID, rep.Epoch))
+	if vs, ok := a.d.Source.(ViewSource); ok {
+		w, have := vs.ReadinessView()
+		a.d.Metrics.SetViewShadow(a.viewShadow.compare(&in, w, have))
+	}
 	if berr != nil {
 		rep.Error = reportError(berr)
 	} else if conflicts != "" {

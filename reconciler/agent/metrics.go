@@ -48,6 +48,12 @@ type Metrics struct {
 	// Kernel is an info metric (value 1, one series) of what the agent detected of its
 	// kernel at start (SetKernel): release, pcpu_sa, esp4_offload.
 	Kernel *prometheus.GaugeVec
+	// ViewPairs counts the peers by direction (in: may send ESP; out: may drop plaintext)
+	// and verdict (agree, ahead, behind) of protocol v2's rule on this node's NodeView
+	// against v1's lists, as of the last sync; ViewConsistent is 1 when that view's key
+	// digest matched this node's (docs/protocol-v2.md §9 step 2: shadow, decides nothing).
+	ViewPairs      *prometheus.GaugeVec
+	ViewConsistent prometheus.Gauge
 
 	mu    sync.Mutex
 	drops []PlaintextCount
@@ -93,6 +99,12 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 		Help: "1, labelled with what the agent detected of its kernel at start: release (/proc/sys/kernel/osrelease), pcpu_sa (true: the release is >= 6.13, which has per-CPU SAs), esp4_offload (loaded, builtin, absent, not-loaded: not a loaded module, built in or not unknown; unknown: /proc/modules unreadable)."},
 		[]string{"release", "pcpu_sa", "esp4_offload"})
 	m.Registry.MustRegister(m.Kernel)
+	m.ViewPairs = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_view_pairs",
+		Help: "Protocol v2 readiness in shadow: peers by direction (in: may this node send ESP; out: may it drop their plaintext) and verdict of the master's NodeView against the peers' reports (agree; ahead: the view says ready, the reports do not; behind: the reverse); ahead and behind are 0 in a steady state. Decides nothing yet."},
+		[]string{"direction", "verdict"})
+	m.ViewConsistent = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_view_consistent",
+		Help: "1 when this node's NodeView was written for the key view this node has (its key digest matches), else 0."})
+	m.Registry.MustRegister(m.ViewPairs, m.ViewConsistent)
 	m.Conflicts = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "address_conflicts", Help: "IPv4 addresses claimed by more than one Node (each pair kept as it was, or given nothing)."})
 	m.Registry.MustRegister(m.Conflicts)
 	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.MemoUpdates, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,
@@ -165,5 +177,18 @@ func (c *xfrmStatCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, s := range stats {
 		ch <- prometheus.MustNewConstMetric(xfrmStatDesc, prometheus.CounterValue, float64(s.Value), s.Name)
+	}
+}
+
+// SetViewShadow records one comparison of the view shadow.
+func (m *Metrics) SetViewShadow(r ViewShadowResult) {
+	for v, name := range VerdictNames {
+		m.ViewPairs.WithLabelValues("in", name).Set(float64(r.In[v]))
+		m.ViewPairs.WithLabelValues("out", name).Set(float64(r.Out[v]))
+	}
+	if r.Consistent {
+		m.ViewConsistent.Set(1)
+	} else {
+		m.ViewConsistent.Set(0)
 	}
 }

@@ -103,6 +103,7 @@ type Watcher struct {
 	ringCMs   cache.SharedIndexInformer // the public ring ConfigMap (one object)
 	reports   *nodereport.Cache[reportEntry]
 	pubKeys   *nodekeys.Cache
+	ownView   *ownView // this node's NodeView (readinessview.go)
 	coreStart func(<-chan struct{})
 
 	mu        sync.Mutex
@@ -292,6 +293,7 @@ func New(cfg Config) *Watcher {
 		}
 		w.notify("nodekeys")
 	})
+	w.ownView = w.newOwnView(func() { w.notify("nodeview") })
 	w.coreStart = func(stop <-chan struct{}) {
 		w.secMu.Lock()
 		w.secStop = stop
@@ -307,6 +309,7 @@ func New(cfg Config) *Watcher {
 		}()
 		w.reports.Start(stop)
 		w.pubKeys.Start(stop)
+		w.ownView.factory.Start(stop)
 	}
 	return w
 }

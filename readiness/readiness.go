@@ -71,10 +71,18 @@ func (ks Keys) digestSorted(ids []uint32, skip func(id uint32) bool) uint64 {
 func Bucket(id uint32, n int) int { return int(id % uint32(n)) }
 
 // Buckets returns the bucket digests of claims: bucket j covers the ids with id mod n = j.
+// One pass sorts the ids into their buckets (an agent computes this on every sync: n
+// passes over every claim would be 32 × N).
 func Buckets(claims Keys, n int) []uint64 {
+	groups := make([][]uint32, n)
+	for id := range claims {
+		j := Bucket(id, n)
+		groups[j] = append(groups[j], id)
+	}
 	out := make([]uint64, n)
-	for j := range out {
-		out[j] = claims.Digest(func(id uint32) bool { return int(id%uint32(n)) == j })
+	for j, ids := range groups {
+		slices.Sort(ids)
+		out[j] = claims.digestSorted(ids, nil)
 	}
 	return out
 }

@@ -1,6 +1,7 @@
 package readiness
 
 import (
+	"fmt"
 	"slices"
 	"testing"
 )
@@ -154,6 +155,19 @@ func TestBucketDigests(t *testing.T) {
 	delete(d, 4) // bucket 0
 	if b3 := Buckets(d, 2); b3[0] == b[0] || b3[1] != b[1] {
 		t.Fatalf("removing node 4: buckets %x -> %x", b, b3)
+	}
+	// The one-pass grouping equals a filtered digest per bucket (the definition).
+	big := Keys{}
+	for id := uint32(0); id < 1000; id += 3 {
+		big[id] = KeyDigest(fmt.Sprint(id))
+	}
+	for _, n := range []int{1, 2, 7, DefaultBuckets} {
+		got := Buckets(big, n)
+		for j := range n {
+			if want := big.Digest(func(id uint32) bool { return int(id%uint32(n)) == j }); got[j] != want {
+				t.Fatalf("%d buckets: bucket %d is %x, its definition %x", n, j, got[j], want)
+			}
+		}
 	}
 	if Keys(nil).Digest(nil) != (Keys{}).Digest(nil) {
 		t.Fatal("nil and empty key views differ")

@@ -56,6 +56,8 @@ func run() error {
 		resync      = flag.Duration("resync", time.Minute, "full reconcile period")
 		logJSON     = flag.Bool("log-json", false, "log as JSON")
 		nodeSel     = flag.String("node-selector", "", "label selector of the nodes that run an agent (match the agent DaemonSet); empty: all nodes")
+		apiQPS      = flag.Float64("kube-api-qps", 20, "sustained requests per second to the API server (client-side limit, each of the two clients: the reconcile's, and the one that writes NodeViews)")
+		apiBurst    = flag.Int("kube-api-burst", 40, "requests allowed at once above --kube-api-qps")
 		protoV2     = flag.Bool("protocol-v2", def.ProtocolV2, "create protocol v2 key generations (pair keys from the nodes' own X25519 keys: no shared root) once every node publishes its key for the next one")
 	)
 	flag.Parse()
@@ -90,10 +92,16 @@ func run() error {
 		return errors.New("--id is empty and the hostname is unknown")
 	}
 
+	if *apiQPS <= 0 || *apiBurst < 1 {
+		return fmt.Errorf("--kube-api-qps %g / --kube-api-burst %d: want a positive rate and a burst of at least 1", *apiQPS, *apiBurst)
+	}
 	cfg, err := kubecfg.Load(*kubeconfig)
 	if err != nil {
 		return err
 	}
+	// client-go's default (5/s, burst 10) would take the NodeView writes after a reboot
+	// at 5,000 nodes 1,000 s (docs/protocol-v2.md §9 step 2).
+	cfg.QPS, cfg.Burst = float32(*apiQPS), *apiBurst
 	client, err := kubernetes.NewForConfig(kubecfg.Protobuf(cfg))
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)

@@ -51,6 +51,8 @@ func TestBadFlags(t *testing.T) {
 		{[]string{"--id", ""}, "--id is empty"},
 		{[]string{"--node-selector", "a in (("}, "--node-selector"},
 		{[]string{"--kubeconfig", "/nonexistent/kubeconfig"}, "kubeconfig /nonexistent/kubeconfig"},
+		{[]string{"--kube-api-qps", "0"}, "--kube-api-qps 0"},
+		{[]string{"--kube-api-burst", "0"}, "want a positive rate and a burst of at least 1"},
 	} {
 		out, err := masterCmd(c.args...).CombinedOutput()
 		if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 1 {

@@ -57,10 +57,12 @@ func (w *viewWriter) Set(node, uid string, v api.ReadinessView) {
 }
 
 // Forget drops a node that left the view: its NodeView goes with its Node (owner), or
-// stays, ignored, until the node is live again.
+// stays, ignored, until the node is live again — and is then written whatever it held (a
+// Node deleted and re-created under the same name lost its NodeView with the old one).
 func (w *viewWriter) Forget(node string) {
 	w.mu.Lock()
 	delete(w.want, node)
+	delete(w.written, node)
 	w.mu.Unlock()
 }
 

@@ -1,0 +1,83 @@
+package master
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	dynamicfake "k8s.io/client-go/dynamic/fake"
+	k8stesting "k8s.io/client-go/testing"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/nodeview"
+	"github.com/secureoverlay/secureoverlay/readiness"
+)
+
+// TestViewWriter: the writer writes a changed view once, not an unchanged one, retries a
+// failed write (counted, logged once), writes a forgotten node's view again when it comes
+// back, and at start takes the views already in the API as written.
+func TestViewWriter(t *testing.T) {
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
+	v1 := *readiness.EncodeView(readiness.View{Keys: 1, NotIn: []uint32{2}})
+	v2 := *readiness.EncodeView(readiness.View{Keys: 2})
+	// A previous leader wrote node-b's view.
+	if err := nodeview.Write(context.Background(), dc, api.Namespace, "node-b", "uid-b", v2); err != nil {
+		t.Fatal(err)
+	}
+	var writes, failNext atomic.Int32
+	dc.PrependReactor("*", "nodeviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		if a.GetVerb() == "patch" { // every write starts with one (upsert.Write)
+			writes.Add(1)
+			if failNext.Load() > 0 {
+				failNext.Add(-1)
+				return true, nil, errors.New("injected")
+			}
+		}
+		return false, nil, nil
+	})
+	var logs strings.Builder
+	m := NewMetrics()
+	w := newViewWriter(dc, api.Namespace, slog.New(slog.NewTextHandler(&logs, nil)), m)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.run(ctx)
+	settle := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %d writes, ok %v, error %v", what, writes.Load(), value(m.ViewWrites.WithLabelValues("ok")), value(m.ViewWrites.WithLabelValues("error")))
+			}
+		}
+		time.Sleep(100 * time.Millisecond) // nothing more comes
+	}
+	time.Sleep(100 * time.Millisecond) // the start's list
+	w.Set("node-b", "uid-b", v2)
+	w.Set("node-a", "uid-a", v1)
+	settle("node-a written, node-b as listed", func() bool { return value(m.ViewWrites.WithLabelValues("ok")) == 1 })
+	if writes.Load() != 1 {
+		t.Fatalf("%d writes, want 1 (node-b's view was already in the API)", writes.Load())
+	}
+	w.Set("node-a", "uid-a", v1)
+	time.Sleep(200 * time.Millisecond)
+	if writes.Load() != 1 {
+		t.Fatalf("an unchanged view written again: %d writes", writes.Load())
+	}
+	failNext.Store(2)
+	w.Set("node-a", "uid-a", v2)
+	settle("node-a's next view after two failures", func() bool { return value(m.ViewWrites.WithLabelValues("ok")) == 2 })
+	if got := value(m.ViewWrites.WithLabelValues("error")); got != 2 {
+		t.Errorf("%v write errors counted, want 2", got)
+	}
+	if n := strings.Count(logs.String(), "cannot write a NodeView"); n != 1 {
+		t.Errorf("write failures logged %d times, want once a minute:\n%s", n, logs.String())
+	}
+	w.Forget("node-a")
+	w.Set("node-a", "uid-a", v2)
+	settle("node-a again after it left", func() bool { return value(m.ViewWrites.WithLabelValues("ok")) == 3 })
+}

@@ -14,10 +14,8 @@ import (
 	"slices"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 
 	"github.com/secureoverlay/secureoverlay/internal/upsert"
@@ -151,22 +149,7 @@ func (k Keys) fields() map[string]any {
 // Object is node's NodeKeys in namespace ns holding k, owned by the Node (uid nodeUID: the
 // garbage collector deletes it with the Node; "" for no owner).
 func Object(ns, node, nodeUID string, k Keys) *unstructured.Unstructured {
-	u := &unstructured.Unstructured{Object: map[string]any{
-		"apiVersion": Group + "/" + Version,
-		"kind":       Kind,
-		"metadata": map[string]any{
-			"name":      node,
-			"namespace": ns,
-			"labels":    map[string]any{"app.kubernetes.io/part-of": "secureoverlay"},
-		},
-	}}
-	for f, v := range k.fields() {
-		u.Object[f] = v
-	}
-	if nodeUID != "" {
-		u.SetOwnerReferences([]metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: node, UID: types.UID(nodeUID)}})
-	}
-	return u
+	return upsert.NodeObject(Group+"/"+Version, Kind, ns, node, nodeUID, k.fields())
 }
 
 // Parse reads a NodeKeys object; an object that does not validate is an error (a reader
@@ -215,14 +198,7 @@ func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID string, 
 	}
 	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
 	defer cancel()
-	obj := Object(ns, node, nodeUID, k)
-	patch := k.fields()
-	patch["metadata"] = map[string]any{"ownerReferences": obj.Object["metadata"].(map[string]any)["ownerReferences"]}
-	raw, err := json.Marshal(patch)
-	if err != nil {
-		return fmt.Errorf("encode %s %s/%s: %w", Kind, ns, node, err)
-	}
-	if err := upsert.Write(ctx, dc.Resource(GVR).Namespace(ns), obj, raw, FieldManager); err != nil {
+	if err := upsert.WriteObject(ctx, dc.Resource(GVR).Namespace(ns), Object(ns, node, nodeUID, k), FieldManager); err != nil {
 		return fmt.Errorf("write %s %s/%s: %w", Kind, ns, node, err)
 	}
 	return nil

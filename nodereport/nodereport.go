@@ -39,7 +39,6 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/kubernetes"
@@ -75,21 +74,8 @@ const ListKind = "NodeReportList"
 // owned by the Node (uid nodeUID: the garbage collector deletes it with the Node; "" for no
 // owner).
 func Object(ns, node, nodeUID, mode string, raw []byte) *unstructured.Unstructured {
-	u := &unstructured.Unstructured{Object: map[string]any{
-		"apiVersion": Group + "/" + Version,
-		"kind":       Kind,
-		"metadata": map[string]any{
-			"name":        node,
-			"namespace":   ns,
-			"labels":      map[string]any{"app.kubernetes.io/part-of": "secureoverlay"},
-			"annotations": map[string]any{SummaryAnnotation: Summary(string(raw))},
-		},
-		Field:     string(raw),
-		ModeField: mode,
-	}}
-	if nodeUID != "" {
-		u.SetOwnerReferences([]metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: node, UID: types.UID(nodeUID)}})
-	}
+	u := upsert.NodeObject(Group+"/"+Version, Kind, ns, node, nodeUID, map[string]any{Field: string(raw), ModeField: mode})
+	u.SetAnnotations(map[string]string{SummaryAnnotation: Summary(string(raw))})
 	return u
 }
 
@@ -117,18 +103,7 @@ const writeTimeout = 10 * time.Second
 func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID, mode string, raw []byte) error {
 	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
 	defer cancel()
-	r := dc.Resource(GVR).Namespace(ns)
-	obj := Object(ns, node, nodeUID, mode, raw)
-	meta := obj.Object["metadata"].(map[string]any)
-	patch, err := json.Marshal(map[string]any{
-		"metadata": map[string]any{"ownerReferences": meta["ownerReferences"], "annotations": meta["annotations"]},
-		Field:      obj.Object[Field],
-		ModeField:  obj.Object[ModeField],
-	})
-	if err != nil {
-		return fmt.Errorf("encode %s %s/%s: %w", Kind, ns, node, err)
-	}
-	if err := upsert.Write(ctx, r, obj, patch, FieldManager); err != nil {
+	if err := upsert.WriteObject(ctx, dc.Resource(GVR).Namespace(ns), Object(ns, node, nodeUID, mode, raw), FieldManager); err != nil {
 		return fmt.Errorf("write %s %s/%s: %w", Kind, ns, node, err)
 	}
 	return nil

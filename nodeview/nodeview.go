@@ -9,15 +9,12 @@ package nodeview
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -50,22 +47,7 @@ func fields(v api.ReadinessView) map[string]any {
 // Object is node's NodeView in namespace ns holding v, owned by the Node (uid nodeUID:
 // the garbage collector deletes it with the Node; "" for no owner).
 func Object(ns, node, nodeUID string, v api.ReadinessView) *unstructured.Unstructured {
-	u := &unstructured.Unstructured{Object: map[string]any{
-		"apiVersion": Group + "/" + Version,
-		"kind":       Kind,
-		"metadata": map[string]any{
-			"name":      node,
-			"namespace": ns,
-			"labels":    map[string]any{"app.kubernetes.io/part-of": "secureoverlay"},
-		},
-	}}
-	for f, x := range fields(v) {
-		u.Object[f] = x
-	}
-	if nodeUID != "" {
-		u.SetOwnerReferences([]metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: node, UID: types.UID(nodeUID)}})
-	}
-	return u
+	return upsert.NodeObject(Group+"/"+Version, Kind, ns, node, nodeUID, fields(v))
 }
 
 // Parse reads a NodeView object's view (still to be decoded by readiness.DecodeView).
@@ -103,14 +85,7 @@ func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID string, 
 	}
 	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
 	defer cancel()
-	obj := Object(ns, node, nodeUID, v)
-	patch := fields(v)
-	patch["metadata"] = map[string]any{"ownerReferences": obj.Object["metadata"].(map[string]any)["ownerReferences"]}
-	raw, err := json.Marshal(patch)
-	if err != nil {
-		return fmt.Errorf("encode %s %s/%s: %w", Kind, ns, node, err)
-	}
-	if err := upsert.Write(ctx, dc.Resource(GVR).Namespace(ns), obj, raw, FieldManager); err != nil {
+	if err := upsert.WriteObject(ctx, dc.Resource(GVR).Namespace(ns), Object(ns, node, nodeUID, v), FieldManager); err != nil {
 		return fmt.Errorf("write %s %s/%s: %w", Kind, ns, node, err)
 	}
 	return nil

@@ -1,10 +1,13 @@
-// Package upsert writes an object an agent is the only writer of: a JSON merge patch, or a
-// create when the object does not exist yet (NodeReport, NodeKeys). No resourceVersion: an
-// admission policy holds every other agent off the object, so the last write is the truth.
+// Package upsert writes an object one writer owns: a JSON merge patch, or a create when the
+// object does not exist yet (NodeReport and NodeKeys, each written by its node's agent;
+// NodeView, written by the master's leader). No resourceVersion: an admission policy (or
+// RBAC, for NodeViews) holds every other writer off the object, so the last write is the
+// truth.
 package upsert
 
 import (
 	"context"
+	"encoding/json"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -24,4 +27,51 @@ func Write(ctx context.Context, r dynamic.ResourceInterface, obj *unstructured.U
 		}
 	}
 	return err
+}
+
+// NodeObject is one of our per-node objects: apiVersion and kind, named after node in
+// namespace ns, labelled part of secureoverlay, owned by the Node (uid nodeUID: the garbage
+// collector deletes it with the Node; "" for no owner), with the top-level fields given.
+func NodeObject(apiVersion, kind, ns, node, nodeUID string, fields map[string]any) *unstructured.Unstructured {
+	u := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": apiVersion,
+		"kind":       kind,
+		"metadata": map[string]any{
+			"name":      node,
+			"namespace": ns,
+			"labels":    map[string]any{"app.kubernetes.io/part-of": "secureoverlay"},
+		},
+	}}
+	for f, v := range fields {
+		u.Object[f] = v
+	}
+	if nodeUID != "" {
+		u.SetOwnerReferences([]metav1.OwnerReference{{APIVersion: "v1", Kind: "Node", Name: node, UID: types.UID(nodeUID)}})
+	}
+	return u
+}
+
+// WriteObject writes obj (made by NodeObject): a merge patch of its top-level fields, its
+// owner references and its annotations (every field it has, so that a field emptied is
+// emptied), or a create.
+func WriteObject(ctx context.Context, r dynamic.ResourceInterface, obj *unstructured.Unstructured, fieldManager string) error {
+	patch := map[string]any{}
+	for f, v := range obj.Object {
+		if f != "apiVersion" && f != "kind" && f != "metadata" {
+			patch[f] = v
+		}
+	}
+	meta := map[string]any{"ownerReferences": nil}
+	if refs, ok := obj.Object["metadata"].(map[string]any)["ownerReferences"]; ok {
+		meta["ownerReferences"] = refs
+	}
+	if a, ok := obj.Object["metadata"].(map[string]any)["annotations"]; ok {
+		meta["annotations"] = a
+	}
+	patch["metadata"] = meta
+	raw, err := json.Marshal(patch)
+	if err != nil {
+		return err
+	}
+	return Write(ctx, r, obj, raw, fieldManager)
 }

@@ -232,7 +232,7 @@ func TestBenchMasterObserve(t *testing.T) {
 	t.Logf("one round of %d statuses, %d buckets: cached %v, reference %v: %.3f×", n, buckets, cached.Round(time.Millisecond), reference.Round(time.Millisecond), float64(cached)/float64(reference))
 
 	// One node re-keys: every view changes (its key digest covers every node), and the
-	// writer asks for all of them. Kept lists against a pass over the key view per view.
+	// writer asks for all of them. The bit matrices against the reference's maps.
 	k := KeyDigest("node/1/rekeyed")
 	t0 = time.Now()
 	m.SetKeys(1, k)
@@ -252,5 +252,5 @@ func TestBenchMasterObserve(t *testing.T) {
 	if len(dirty) != n || total != refTotal || total != 2*(n-1) {
 		t.Fatalf("after a re-key: %d views dirty, %d (reference %d) exceptions, want %d and %d", len(dirty), total, refTotal, n, 2*(n-1))
 	}
-	t.Logf("one re-key at %d nodes, every view taken: kept lists %v, a pass per view %v: %.4f×", n, kept.Round(time.Millisecond), pass.Round(time.Millisecond), float64(kept)/float64(pass))
+	t.Logf("one re-key at %d nodes, every view taken: bit matrices %v, the reference (maps) %v: %.4f×", n, kept.Round(time.Millisecond), pass.Round(time.Millisecond), float64(kept)/float64(pass))
 }

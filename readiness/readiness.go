@@ -8,6 +8,7 @@
 package readiness
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/binary"
 	"math/bits"
@@ -110,6 +111,9 @@ func NewStatus(id uint32, self K, in, out Keys, refused []uint32, buckets int) S
 type View struct {
 	NotIn, NotOut []uint32 // ascending
 	Keys          uint64
+	// Seq is the master's key sequence when the view was taken (Master.Gates); not on the
+	// wire: 0 in a decoded view.
+	Seq uint64
 }
 
 // Master holds the master's key view and its sticky confirmations. The zero value is not
@@ -139,7 +143,22 @@ type Master struct {
 	// (every node when allDirty).
 	dirty    map[uint32]bool
 	allDirty bool
+	// seq counts the key view's changes (a K set or changed, a node removed); changes logs
+	// the latest K changes in seq order, every one after logFrom (Gates).
+	seq     uint64
+	changes []keyChange
+	logFrom uint64
 }
+
+// keyChange is one K change: node id's K changed at sequence seq.
+type keyChange struct {
+	seq uint64
+	id  uint32
+}
+
+// maxChanges bounds the K change log: a view older than the log is treated as unknown by
+// Gates (it gates if it confirms anything), which only costs its write its priority.
+const maxChanges = 8192
 
 // bitRow is a set of dense indices.
 type bitRow []uint64
@@ -241,6 +260,13 @@ func (m *Master) SetKeys(id uint32, k K) {
 	b.ok = false
 	m.keysOK, m.allDirty = false, true
 	m.forget(id)
+	m.seq++
+	m.changes = append(m.changes, keyChange{m.seq, id})
+	if len(m.changes) > maxChanges {
+		drop := len(m.changes) - maxChanges/2
+		m.logFrom = m.changes[drop-1].seq
+		m.changes = slices.Delete(m.changes, 0, drop)
+	}
 }
 
 // Remove forgets a node that left.
@@ -260,6 +286,7 @@ func (m *Master) Remove(id uint32) {
 	}
 	b.ok = false
 	m.keysOK, m.allDirty = false, true
+	m.seq++
 }
 
 // forget clears every confirmation about id, as receiver (its rows) and as peer (its bit
@@ -371,7 +398,7 @@ func (m *Master) ViewFor(a uint32) View {
 	if !m.keysOK {
 		m.keysDigest, m.keysOK = m.keys.Digest(nil), true
 	}
-	v := View{Keys: m.keysDigest}
+	v := View{Keys: m.keysDigest, Seq: m.seq}
 	xa, known := m.idx[a]
 	for x, id := range m.ids {
 		if id == 0 || id == a {
@@ -387,6 +414,56 @@ func (m *Master) ViewFor(a uint32) View {
 	slices.Sort(v.NotIn)
 	slices.Sort(v.NotOut)
 	return v
+}
+
+// Gates reports whether next, node a's view now (from ViewFor), would let agent a do
+// something that prev — the view a was last given (nil: none) — does not: use a pair that
+// prev leaves unconfirmed, or a pair whose K (a peer's or a's own) changed after prev was
+// taken, which §6's agent holds unconfirmed until a newer consistent view confirms it. A
+// view that only adds exceptions, or only moves the key digest, gates nothing: its agent
+// already holds back every pair it would hold back and keeps every other one (it keeps
+// using prev, its last consistent view). After a reboot every view changes, but only the
+// views that confirm the rebooted node's pairs gate anything; a writer that writes gating
+// views first gets those pairs back without waiting behind N digest refreshes.
+//
+// prev.Seq is the sequence ViewFor stamped on it; a view this master did not take (Seq 0:
+// decoded, or a previous leader's) or one older than the change log is unknown: next gates
+// if it confirms any pair. Gates errs only toward true (a K that changed and changed back
+// still counts as changed), so a writer that defers what does not gate defers nothing an
+// agent waits for. Cost: O((exceptions in prev + K changes since prev) × log N).
+func (m *Master) Gates(a uint32, prev *View, next View) bool {
+	peers := len(m.keys)
+	if _, ok := m.keys[a]; ok {
+		peers--
+	}
+	confirmsAny := len(next.NotIn) < peers || len(next.NotOut) < peers
+	if prev == nil || prev.Seq == 0 || prev.Seq < m.logFrom {
+		return confirmsAny
+	}
+	i, _ := slices.BinarySearchFunc(m.changes, prev.Seq+1, func(c keyChange, s uint64) int { return cmp.Compare(c.seq, s) })
+	since := m.changes[i:]
+	for _, c := range since {
+		if c.id == a {
+			return confirmsAny // a's own K changed: every pair waits for a newer view
+		}
+	}
+	live := func(id uint32) bool { _, ok := m.keys[id]; return ok && id != a }
+	for _, c := range since {
+		if live(c.id) && (!sortedHas(next.NotIn, c.id) || !sortedHas(next.NotOut, c.id)) {
+			return true
+		}
+	}
+	for _, id := range prev.NotIn {
+		if live(id) && !sortedHas(next.NotIn, id) {
+			return true
+		}
+	}
+	for _, id := range prev.NotOut {
+		if live(id) && !sortedHas(next.NotOut, id) {
+			return true
+		}
+	}
+	return false
 }
 
 // Agent is one node's use of its views: the pairs it has seen confirmed by a view

@@ -1,0 +1,185 @@
+package readiness
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"testing"
+)
+
+// snapshot is a view as its agent was given it, with the key view it was consistent with.
+type snapshot struct {
+	view View
+	keys Keys
+}
+
+// decisions are agent ag's pair decisions over the peers in mine: "b:send/drop" per peer.
+func decisions(ag *Agent, mine Keys) map[uint32][2]bool {
+	d := map[uint32][2]bool{}
+	for b := range mine {
+		if b != ag.ID {
+			d[b] = [2]bool{ag.SendESP(b, mine), ag.DropPlaintext(b, mine)}
+		}
+	}
+	return d
+}
+
+// TestGatesIsExactlyWhatTheAgentGains checks Master.Gates against §6's agent rule over
+// random histories of re-keys, leaves, re-joins and partial statuses: for an agent whose
+// last view is prev (taken earlier, consistent when taken) or none, Gates(a, prev, next)
+// must be true exactly when also considering next changes one of its pair decisions. "Not
+// gating" is what lets the writer defer a view, so a false "no" would hold a ready pair
+// back behind the queue; a false "yes" only costs priority (checked too: Gates is exact
+// here, where no K ever changes back).
+func TestGatesIsExactlyWhatTheAgentGains(t *testing.T) {
+	for seed := uint64(1); seed <= 300; seed++ {
+		r := rand.New(rand.NewPCG(seed, 7))
+		n, buckets := 3+r.IntN(5), 1+r.IntN(3)
+		m := NewMaster(buckets)
+		ks := Keys{}
+		fresh := 0
+		rekey := func(id uint32) {
+			fresh++
+			ks[id] = KeyDigest(fmt.Sprintf("%d/%d", seed, fresh))
+			m.SetKeys(id, ks[id])
+		}
+		for id := uint32(1); id <= uint32(n); id++ {
+			rekey(id)
+		}
+		last := map[uint32]snapshot{} // each node's view at a random earlier point
+		gated, deferred := 0, 0
+		for step := 0; step < 120; step++ {
+			id := uint32(1 + r.IntN(n))
+			switch e := r.IntN(10); {
+			case e == 0:
+				rekey(id)
+			case e == 1 && len(ks) > 2:
+				delete(ks, id)
+				m.Remove(id)
+			case e == 2:
+				if _, ok := ks[id]; !ok {
+					rekey(id) // re-joins under a new K
+				}
+			case e < 6:
+				if _, ok := ks[id]; !ok {
+					continue
+				}
+				// A status claiming a random subset of its peers (each bucket then
+				// confirms or not as a whole).
+				in, out := Keys{}, Keys{}
+				for p, k := range ks {
+					if p != id && r.IntN(3) > 0 {
+						in[p] = k
+					}
+					if p != id && r.IntN(3) > 0 {
+						out[p] = k
+					}
+				}
+				m.Observe(NewStatus(id, ks[id], in, out, nil, buckets))
+			case e < 8:
+				if _, ok := ks[id]; ok {
+					last[id] = snapshot{m.ViewFor(id), ks.Clone()}
+				}
+			default:
+				if _, ok := ks[id]; !ok {
+					continue
+				}
+				next := m.ViewFor(id)
+				held := &Agent{ID: id}
+				var prev *View
+				if s, ok := last[id]; ok && r.IntN(4) > 0 {
+					if !held.Consider(s.view, s.keys) {
+						t.Fatalf("seed %d: a view refused by the key view it was taken with", seed)
+					}
+					prev = &s.view
+				}
+				before := decisions(held, ks)
+				if !held.Consider(next, ks) {
+					t.Fatalf("seed %d: the current view refused", seed)
+				}
+				after := decisions(held, ks)
+				changed := false
+				for b, d := range after {
+					if d != before[b] {
+						changed = true
+					}
+				}
+				if got := m.Gates(id, prev, next); got != changed {
+					t.Fatalf("seed %d step %d: node %d: Gates %v, but the view changes the agent's decisions: %v\nprev %+v\nnext %+v", seed, step, id, got, changed, prev, next)
+				}
+				if changed {
+					gated++
+				} else {
+					deferred++
+				}
+			}
+		}
+		if seed == 300 && testing.Verbose() {
+			t.Logf("last seed: %d views gate, %d do not", gated, deferred)
+		}
+	}
+}
+
+// TestGatesReboot: the case it is for. After one node reboots, every view changes; the
+// peers' views that only list the rebooted node, and its own view that lists everyone,
+// gate nothing. Once a peer's pair with it is confirmed, that peer's view gates — even when
+// the exception came and went between two writes, so that the written view and the new one
+// list the same nobody and differ only in the digest.
+func TestGatesReboot(t *testing.T) {
+	m, ks, _ := steady(t, 4, 2)
+	written := map[uint32]View{}
+	for a := uint32(1); a <= 4; a++ {
+		written[a] = m.ViewFor(a)
+	}
+	ks[3] = KeyDigest("rebooted")
+	m.SetKeys(3, ks[3])
+	for a := uint32(1); a <= 4; a++ {
+		v := m.ViewFor(a)
+		if m.Gates(a, ptr(written[a]), v) {
+			t.Errorf("node %d: view %+v after node 3's reboot gates, want deferred", a, v)
+		}
+	}
+	// Node 3 and node 1 install each other's keys (node 1 is alone in its bucket of node
+	// 3's status: 1 and 3 are odd); nobody writes a view in between.
+	peers := Keys{1: ks[1]}
+	m.Observe(NewStatus(3, ks[3], peers, peers, nil, 2))
+	m.Observe(NewStatus(1, ks[1], Keys{2: ks[2], 3: ks[3], 4: ks[4]}, Keys{2: ks[2], 3: ks[3], 4: ks[4]}, nil, 2))
+	v1 := m.ViewFor(1)
+	if len(v1.NotIn)+len(v1.NotOut) != 0 {
+		t.Fatalf("node 1's view %+v: want no exceptions", v1)
+	}
+	if !m.Gates(1, ptr(written[1]), v1) {
+		t.Errorf("node 1's view confirms its pair with node 3 but does not gate (same lists as written, new digest)")
+	}
+	if !m.Gates(3, ptr(written[3]), m.ViewFor(3)) {
+		t.Errorf("node 3's view confirms node 1 but does not gate")
+	}
+	if v2 := m.ViewFor(2); m.Gates(2, ptr(written[2]), v2) {
+		t.Errorf("node 2's view %+v gates, but node 3 has not installed node 2's keys", v2)
+	}
+	if m.Gates(2, ptr(m.ViewFor(2)), m.ViewFor(2)) {
+		t.Errorf("a view gates over itself")
+	}
+	if !m.Gates(2, nil, m.ViewFor(2)) {
+		t.Errorf("node 2 has no view yet, and this one confirms node 1 and node 4: want gating")
+	}
+	if stale := (View{Keys: written[2].Keys}); !m.Gates(2, &stale, m.ViewFor(2)) {
+		t.Errorf("a view of unknown age (Seq 0) must be treated as none")
+	}
+}
+
+func ptr(v View) *View { return &v }
+
+// TestGatesLogBound: a view older than the change log counts as unknown.
+func TestGatesLogBound(t *testing.T) {
+	m, _, _ := steady(t, 3, 1)
+	old := m.ViewFor(1)
+	for i := 0; i < maxChanges+1; i++ {
+		m.SetKeys(2, KeyDigest(fmt.Sprint(i)))
+	}
+	if len(m.changes) > maxChanges {
+		t.Fatalf("change log holds %d entries, bound %d", len(m.changes), maxChanges)
+	}
+	if !m.Gates(1, &old, m.ViewFor(1)) {
+		t.Errorf("a view older than the change log, next confirming node 3: want gating")
+	}
+}

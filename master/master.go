@@ -60,6 +60,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/readiness"
 )
 
 // Options configure a master replica.
@@ -702,7 +703,7 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 			c.views.Forget(g)
 		}
 		for _, v := range sh.Views {
-			c.views.Set(v.Node, v.UID, v.View)
+			c.views.Set(v.Node, v.UID, v.View, func(held *readiness.View) bool { return c.shadow.gates(v.ID, held, v.View) })
 		}
 	}
 	c.publish(ctx, c.status(res.Ring, &res, strings.Join(problems, "; ")))

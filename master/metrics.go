@@ -26,6 +26,9 @@ type Metrics struct {
 	ShadowUnconfirmed *prometheus.GaugeVec
 	// ViewWrites counts NodeView writes by result (ok, error; §9 step 2).
 	ViewWrites *prometheus.CounterVec
+	// ViewsQueued: NodeViews waiting to be written, by priority (gating: the view lets its
+	// agent use a pair it cannot yet; deferred: only a new key digest or more exceptions).
+	ViewsQueued *prometheus.GaugeVec
 }
 
 // NewMetrics creates the metrics (unregistered).
@@ -60,13 +63,15 @@ func NewMetrics() *Metrics {
 			Help: "Protocol v2 readiness in shadow: ordered pairs of live nodes the reports' digests do not confirm, inbound (B holds A's SAs) and outbound (B sends A ESP); 0 in a steady state. Decides nothing yet."}, []string{"direction"}),
 		ViewWrites: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "readiness_view_writes_total",
 			Help: "Protocol v2 readiness: NodeView writes, by result (ok, error)."}, []string{"result"}),
+		ViewsQueued: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "readiness_views_queued",
+			Help: "Protocol v2 readiness: NodeViews waiting to be written, by priority (gating: the view lets its node use a pair it cannot use yet, written first; deferred: the rest)."}, []string{"priority"}),
 	}
 }
 
 // Register adds every metric to reg.
 func (m *Metrics) Register(reg prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{m.Rotations, m.Generation, m.PendingGen, m.LiveGenerations, m.Lagging,
-		m.Excluded, m.Leader, m.Mode, m.RingValid, m.RingErrors, m.ReconcileErrors, m.ShadowNodes, m.ShadowUnconfirmed, m.ViewWrites} {
+		m.Excluded, m.Leader, m.Mode, m.RingValid, m.RingErrors, m.ReconcileErrors, m.ShadowNodes, m.ShadowUnconfirmed, m.ViewWrites, m.ViewsQueued} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}

@@ -45,10 +45,17 @@ type shadowCounts struct {
 	Gone  []string
 }
 
-// shadowView is one node's view as its NodeView holds it.
+// shadowView is one node's view, for its NodeView.
 type shadowView struct {
 	Node, UID string
-	View      api.ReadinessView
+	ID        uint32
+	View      readiness.View
+}
+
+// gates reports whether view v of node id lets its agent do anything the view it holds
+// (nil: none) does not (readiness.Master.Gates), for the view writer's priority.
+func (s *shadowReadiness) gates(id uint32, held *readiness.View, v readiness.View) bool {
+	return s.m.Gates(id, held, v)
 }
 
 // update feeds the view from the Nodes (nodes[i] is states[i]'s Node) and the ring's node
@@ -122,7 +129,7 @@ func (s *shadowReadiness) update(ring *keys.Ring, nodes []*corev1.Node, states [
 	}
 	for _, id := range s.m.TakeDirty() {
 		h := s.nodes[id]
-		c.Views = append(c.Views, shadowView{Node: h.name, UID: h.uid, View: *readiness.EncodeView(s.m.ViewFor(id))})
+		c.Views = append(c.Views, shadowView{Node: h.name, UID: h.uid, ID: id, View: s.m.ViewFor(id)})
 	}
 	slices.Sort(c.Gone)
 	in, out := s.m.Confirmed()

@@ -191,7 +191,7 @@ func TestShadowViews(t *testing.T) {
 		got := s.update(c.ring, c.nodes, c.states())
 		var keys uint64
 		for i, v := range got.Views {
-			dec, err := readiness.DecodeView(&v.View)
+			dec, err := readiness.DecodeView(readiness.EncodeView(v.View))
 			if err != nil {
 				t.Fatalf("%s: view %d: %v", what, i, err)
 			}

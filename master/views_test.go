@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -24,10 +25,10 @@ import (
 // back, and at start takes the views already in the API as written.
 func TestViewWriter(t *testing.T) {
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
-	v1 := *readiness.EncodeView(readiness.View{Keys: 1, NotIn: []uint32{2}})
-	v2 := *readiness.EncodeView(readiness.View{Keys: 2})
+	v1 := readiness.View{Keys: 1, NotIn: []uint32{2}}
+	v2 := readiness.View{Keys: 2}
 	// A previous leader wrote node-b's view.
-	if err := nodeview.Write(context.Background(), dc, api.Namespace, "node-b", "uid-b", v2); err != nil {
+	if err := nodeview.Write(context.Background(), dc, api.Namespace, "node-b", "uid-b", *readiness.EncodeView(v2)); err != nil {
 		t.Fatal(err)
 	}
 	var writes, failNext atomic.Int32
@@ -57,19 +58,20 @@ func TestViewWriter(t *testing.T) {
 		time.Sleep(100 * time.Millisecond) // nothing more comes
 	}
 	time.Sleep(100 * time.Millisecond) // the start's list
-	w.Set("node-b", "uid-b", v2)
-	w.Set("node-a", "uid-a", v1)
+	gates := func(*readiness.View) bool { return true }
+	w.Set("node-b", "uid-b", v2, gates)
+	w.Set("node-a", "uid-a", v1, gates)
 	settle("node-a written, node-b as listed", func() bool { return value(m.ViewWrites.WithLabelValues("ok")) == 1 })
 	if writes.Load() != 1 {
 		t.Fatalf("%d writes, want 1 (node-b's view was already in the API)", writes.Load())
 	}
-	w.Set("node-a", "uid-a", v1)
+	w.Set("node-a", "uid-a", v1, gates)
 	time.Sleep(200 * time.Millisecond)
 	if writes.Load() != 1 {
 		t.Fatalf("an unchanged view written again: %d writes", writes.Load())
 	}
 	failNext.Store(2)
-	w.Set("node-a", "uid-a", v2)
+	w.Set("node-a", "uid-a", v2, gates)
 	settle("node-a's next view after two failures", func() bool { return value(m.ViewWrites.WithLabelValues("ok")) == 2 })
 	if got := value(m.ViewWrites.WithLabelValues("error")); got != 2 {
 		t.Errorf("%v write errors counted, want 2", got)
@@ -78,6 +80,72 @@ func TestViewWriter(t *testing.T) {
 		t.Errorf("write failures logged %d times, want once a minute:\n%s", n, logs.String())
 	}
 	w.Forget("node-a")
-	w.Set("node-a", "uid-a", v2)
+	w.Set("node-a", "uid-a", v2, gates)
 	settle("node-a again after it left", func() bool { return value(m.ViewWrites.WithLabelValues("ok")) == 3 })
+}
+
+// TestViewWriterGatingFirst: views that gate a pair are written before the ones that do
+// not, whatever the order they came in; a deferred view that comes again as gating moves
+// up; the deferred ones are still written once nothing gating waits; the writer asks
+// gates about the view the API holds (nil before the first write).
+func TestViewWriterGatingFirst(t *testing.T) {
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
+	release := make(chan struct{})
+	var mu sync.Mutex
+	var order []string
+	dc.PrependReactor("patch", "nodeviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		<-release
+		mu.Lock()
+		order = append(order, a.(k8stesting.PatchAction).GetName())
+		mu.Unlock()
+		return false, nil, nil
+	})
+	m := NewMetrics()
+	w := newViewWriter(dc, api.Namespace, slog.New(slog.DiscardHandler), m)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.run(ctx)
+	time.Sleep(100 * time.Millisecond) // the start's list
+	v := readiness.View{Keys: 1, Seq: 7}
+	var asked []*readiness.View
+	yes := func(held *readiness.View) bool { asked = append(asked, held); return true }
+	no := func(*readiness.View) bool { return false }
+	w.Set("first", "uid", v, yes) // taken at once; its write waits for release
+	time.Sleep(100 * time.Millisecond)
+	w.Set("a", "uid", v, no)
+	w.Set("b", "uid", v, no)
+	w.Set("e", "uid", v, no)
+	w.Set("c", "uid", v, no)
+	w.Set("d", "uid", v, yes)
+	w.Set("e", "uid", v, yes)
+	if g, d := value(m.ViewsQueued.WithLabelValues("gating")), value(m.ViewsQueued.WithLabelValues("deferred")); g != 2 || d != 3 {
+		t.Errorf("queued: %v gating, %v deferred; want 2, 3", g, d)
+	}
+	close(release)
+	for deadline := time.Now().Add(10 * time.Second); value(m.ViewWrites.WithLabelValues("ok")) < 6; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%v of 6 views written", value(m.ViewWrites.WithLabelValues("ok")))
+		}
+	}
+	mu.Lock()
+	got := strings.Join(order, " ")
+	mu.Unlock()
+	if want := "first d e a b c"; got != want {
+		t.Errorf("written in the order %q, want %q", got, want)
+	}
+	if g, d := value(m.ViewsQueued.WithLabelValues("gating")), value(m.ViewsQueued.WithLabelValues("deferred")); g != 0 || d != 0 {
+		t.Errorf("queued after the writes: %v gating, %v deferred", g, d)
+	}
+	for _, held := range asked {
+		if held != nil {
+			t.Errorf("gates asked about a held view %+v before any was written", held)
+		}
+	}
+	// Now "d" holds v: the writer asks about it, and an equal view is not even asked about.
+	asked = nil
+	w.Set("d", "uid", readiness.View{Keys: 2}, yes)
+	w.Set("e", "uid", v, yes)
+	if len(asked) != 1 || asked[0] == nil || asked[0].Seq != 7 {
+		t.Errorf("gates asked about %+v, want once, about the written view (Seq 7)", asked)
+	}
 }

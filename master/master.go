@@ -703,7 +703,7 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 			c.views.Forget(g)
 		}
 		for _, v := range sh.Views {
-			c.views.Set(v.Node, v.UID, v.View, func(held *readiness.View) bool { return c.shadow.gates(v.ID, held, v.View) })
+			c.views.Set(v.Node, v.UID, v.View, func(held *readiness.View) int { return c.shadow.gain(v.ID, held, v.View) })
 		}
 	}
 	c.publish(ctx, c.status(res.Ring, &res, strings.Join(problems, "; ")))

@@ -28,6 +28,7 @@ type Metrics struct {
 	ViewWrites *prometheus.CounterVec
 	// ViewsQueued: NodeViews waiting to be written, by priority (gating: the view lets its
 	// agent use a pair it cannot yet; deferred: only a new key digest or more exceptions).
+	// Gating views go first, the largest gain first.
 	ViewsQueued *prometheus.GaugeVec
 }
 
@@ -64,7 +65,7 @@ func NewMetrics() *Metrics {
 		ViewWrites: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "readiness_view_writes_total",
 			Help: "Protocol v2 readiness: NodeView writes, by result (ok, error)."}, []string{"result"}),
 		ViewsQueued: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "readiness_views_queued",
-			Help: "Protocol v2 readiness: NodeViews waiting to be written, by priority (gating: the view lets its node use a pair it cannot use yet, written first; deferred: the rest)."}, []string{"priority"}),
+			Help: "Protocol v2 readiness: NodeViews waiting to be written, by priority (gating: the view lets its node use pairs it cannot use yet, written first, most pairs first; deferred: the rest)."}, []string{"priority"}),
 	}
 }
 

@@ -52,10 +52,10 @@ type shadowView struct {
 	View      readiness.View
 }
 
-// gates reports whether view v of node id lets its agent do anything the view it holds
-// (nil: none) does not (readiness.Master.Gates), for the view writer's priority.
-func (s *shadowReadiness) gates(id uint32, held *readiness.View, v readiness.View) bool {
-	return s.m.Gates(id, held, v)
+// gain is how many peers view v of node id lets its agent use that the view it holds
+// (nil: none) does not (readiness.Master.Gain), for the view writer's priority.
+func (s *shadowReadiness) gain(id uint32, held *readiness.View, v readiness.View) int {
+	return s.m.Gain(id, held, v)
 }
 
 // update feeds the view from the Nodes (nodes[i] is states[i]'s Node) and the ring's node

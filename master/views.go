@@ -1,6 +1,7 @@
 package master
 
 import (
+	"container/heap"
 	"context"
 	"log/slog"
 	"sync"
@@ -23,12 +24,13 @@ import (
 // and a view already in the API (as written or as listed at the start: a new leader does
 // not rewrite a cluster's worth of unchanged views) is not written again.
 //
-// Views that gate something go first (readiness.Master.Gates: the view lets its agent use
-// a pair its written view does not). A reboot changes every view's key digest, but only
-// the views that confirm the rebooted node's pairs gate anything; the rest — the peers'
-// views that merely list the rebooted node, the rebooted node's own view that lists
-// everyone — wait until no gating view is queued, and are usually superseded by a gating
-// one before their turn. Their agents lose nothing meanwhile: they keep their last view.
+// The views that gain most go first (readiness.Master.Gain: the peers a view lets its
+// agent use that its written view does not). A reboot changes every view's key digest, but
+// only the views that confirm the rebooted node's pairs gain anything: its own (up to N-1
+// peers, first) and then each peer's (one). The rest — the peers' views that merely list the
+// rebooted node, its own view before any peer confirms — wait until nothing gaining is
+// queued, and are usually superseded before their turn. Their agents lose nothing
+// meanwhile: they keep their last view.
 type viewWriter struct {
 	dc      dynamic.Interface
 	ns      string
@@ -44,10 +46,10 @@ type viewWriter struct {
 }
 
 type wantView struct {
-	uid    string
-	view   readiness.View
-	wire   api.ReadinessView
-	gating bool
+	uid  string
+	view readiness.View
+	wire api.ReadinessView
+	gain int
 }
 
 // writtenView is a view as the API holds it; view.Seq is 0 for one this leader did not
@@ -59,14 +61,14 @@ type writtenView struct {
 
 func newViewWriter(dc dynamic.Interface, ns string, log *slog.Logger, m *Metrics) *viewWriter {
 	return &viewWriter{dc: dc, ns: ns, log: log, metrics: m, want: map[string]wantView{}, written: map[string]writtenView{},
-		queue:   newViewQueue(m.ViewsQueued),
+		queue:   newViewQueue(m.ViewsQueued, viewGap, time.Now),
 		backoff: workqueue.NewTypedItemExponentialFailureRateLimiter[string](time.Second, time.Minute)}
 }
 
-// Set makes v node's view (uid: the Node's, for the owner reference). gates says whether v
-// lets the node's agent do anything the view it holds (the written one, nil: none) does
-// not (readiness.Master.Gates); such views are written first.
-func (w *viewWriter) Set(node, uid string, v readiness.View, gates func(held *readiness.View) bool) {
+// Set makes v node's view (uid: the Node's, for the owner reference). gain says how many
+// peers v lets the node's agent use that the view it holds (the written one, nil: none)
+// does not (readiness.Master.Gain); the largest gain is written first.
+func (w *viewWriter) Set(node, uid string, v readiness.View, gain func(held *readiness.View) int) {
 	wire := *readiness.EncodeView(v)
 	w.mu.Lock()
 	var held *readiness.View
@@ -74,11 +76,14 @@ func (w *viewWriter) Set(node, uid string, v readiness.View, gates func(held *re
 		held = &wv.view
 	}
 	done := held != nil && w.written[node].wire == wire
-	gating := !done && gates(held)
-	w.want[node] = wantView{uid, v, wire, gating}
+	g := 0
+	if !done {
+		g = gain(held)
+	}
+	w.want[node] = wantView{uid, v, wire, g}
 	w.mu.Unlock()
 	if !done {
-		w.queue.add(node, gating)
+		w.queue.add(node, g)
 	}
 }
 
@@ -149,7 +154,7 @@ func (w *viewWriter) next(ctx context.Context) bool {
 			want, ok := w.want[node]
 			w.mu.Unlock()
 			if ok {
-				w.queue.add(node, want.gating)
+				w.queue.add(node, want.gain)
 			}
 		})
 		return true
@@ -162,73 +167,153 @@ func (w *viewWriter) next(ctx context.Context) bool {
 	return true
 }
 
-// viewQueue holds each node at most once, in one of two FIFOs: gating views, then the
-// rest. A node queued as deferred and added again as gating moves up. (client-go's
-// workqueue has one priority; its rate limiter still paces the retries.)
+// viewQueue holds each node at most once, ordered by gain (readiness.Master.Gain: the
+// peers its view lets its agent use that the view it holds does not), largest first, then
+// by arrival; a node queued again takes its newest view's gain and keeps its place in
+// arrival. Views that gain nothing wait until nothing else is queued. A node is not taken
+// again within gap of its last take: after a reboot the rebooted node's own view gains
+// something with almost every peer's status, and taking it every time would halve the
+// writes left for the peers' views, each the only way its node learns its pair is ready
+// (TestBenchViewsAfterReboot measured both). (client-go's workqueue has one priority and
+// no per-item pacing; its rate limiter still paces the retries.)
 type viewQueue struct {
-	mu     sync.Mutex
-	cond   *sync.Cond
-	fifo   [2][]string     // [0] gating, [1] deferred; may hold stale entries
-	queued map[string]bool // node -> queued as gating
-	n      [2]int          // queued nodes: gating, deferred
-	shut   bool
-	gauge  *prometheus.GaugeVec
+	mu    sync.Mutex
+	cond  *sync.Cond
+	h     viewHeap
+	at    map[string]*viewItem // queued: in h or cooling
+	cool  map[string]*viewItem // queued within gap of the node's last take
+	taken map[string]time.Time // node -> last taken
+	seq   uint64
+	n     [2]int // queued nodes: gaining something, nothing
+	shut  bool
+	gap   time.Duration
+	now   func() time.Time
+	wake  *time.Timer
+	gauge *prometheus.GaugeVec
 }
 
-func newViewQueue(g *prometheus.GaugeVec) *viewQueue {
-	q := &viewQueue{queued: map[string]bool{}, gauge: g}
+type viewItem struct {
+	node  string
+	gain  int
+	seq   uint64
+	index int
+}
+
+// viewHeap is a container/heap of items: largest gain, then first arrived, on top.
+type viewHeap []*viewItem
+
+func (h viewHeap) Len() int { return len(h) }
+func (h viewHeap) Less(i, j int) bool {
+	if h[i].gain != h[j].gain {
+		return h[i].gain > h[j].gain
+	}
+	return h[i].seq < h[j].seq
+}
+func (h viewHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].index, h[j].index = i, j
+}
+func (h *viewHeap) Push(x any) { it := x.(*viewItem); it.index = len(*h); *h = append(*h, it) }
+func (h *viewHeap) Pop() any {
+	old := *h
+	it := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return it
+}
+
+// viewGap is the least time between two writes of one node's view.
+const viewGap = time.Second
+
+func newViewQueue(g *prometheus.GaugeVec, gap time.Duration, now func() time.Time) *viewQueue {
+	q := &viewQueue{at: map[string]*viewItem{}, cool: map[string]*viewItem{}, taken: map[string]time.Time{}, gap: gap, now: now, gauge: g}
 	q.cond = sync.NewCond(&q.mu)
 	return q
 }
 
-func (q *viewQueue) add(node string, gating bool) {
+func class(gain int) int {
+	if gain > 0 {
+		return 0
+	}
+	return 1
+}
+
+// add queues node with its newest view's gain.
+func (q *viewQueue) add(node string, gain int) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.shut {
 		return
 	}
-	g, ok := q.queued[node]
-	if ok && (g || !gating) {
-		return
+	if it, ok := q.at[node]; ok {
+		q.n[class(it.gain)]--
+		it.gain = gain
+		if _, cooling := q.cool[node]; !cooling {
+			heap.Fix(&q.h, it.index)
+		}
+	} else {
+		q.seq++
+		it := &viewItem{node: node, gain: gain, seq: q.seq}
+		q.at[node] = it
+		if t, ok := q.taken[node]; ok && q.now().Sub(t) < q.gap {
+			q.cool[node] = it
+		} else {
+			heap.Push(&q.h, it)
+		}
+		q.cond.Signal()
 	}
-	if ok {
-		q.n[1]-- // moves up
-	}
-	p := 1
-	if gating {
-		p = 0
-	}
-	q.queued[node] = gating
-	q.fifo[p] = append(q.fifo[p], node)
-	q.n[p]++
+	q.n[class(gain)]++
 	q.count()
-	q.cond.Signal()
 }
 
-// get takes the next node, gating views first; false once shut down.
+// take returns the next node, if one may be taken now, else when the next one may (zero:
+// nothing queued). The caller holds mu.
+func (q *viewQueue) take() (string, bool, time.Time) {
+	now := q.now()
+	var next time.Time
+	for node, it := range q.cool {
+		if at := q.taken[node].Add(q.gap); !now.Before(at) {
+			delete(q.cool, node)
+			heap.Push(&q.h, it)
+		} else if next.IsZero() || at.Before(next) {
+			next = at
+		}
+	}
+	if len(q.h) == 0 {
+		if len(q.at) == 0 {
+			clear(q.taken) // idle: no node is within gap of anything queued
+		}
+		return "", false, next
+	}
+	it := heap.Pop(&q.h).(*viewItem)
+	delete(q.at, it.node)
+	q.taken[it.node] = now
+	q.n[class(it.gain)]--
+	q.count()
+	return it.node, true, time.Time{}
+}
+
+// get takes the next node, waiting for one; false once shut down.
 func (q *viewQueue) get() (string, bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for {
-		for len(q.queued) == 0 && !q.shut {
-			q.cond.Wait()
+	for !q.shut {
+		node, ok, next := q.take()
+		if ok {
+			return node, true
 		}
-		if q.shut {
-			return "", false
-		}
-		for p, gating := range []bool{true, false} {
-			for len(q.fifo[p]) > 0 {
-				node := q.fifo[p][0]
-				q.fifo[p] = q.fifo[p][1:]
-				if g, ok := q.queued[node]; ok && g == gating {
-					delete(q.queued, node)
-					q.n[p]--
-					q.count()
-					return node, true
-				}
+		if !next.IsZero() {
+			if q.wake != nil {
+				q.wake.Stop()
 			}
+			q.wake = time.AfterFunc(next.Sub(q.now()), func() {
+				q.mu.Lock()
+				q.mu.Unlock()
+				q.cond.Broadcast()
+			})
 		}
+		q.cond.Wait()
 	}
+	return "", false
 }
 
 func (q *viewQueue) shutDown() {

@@ -58,7 +58,7 @@ func TestViewWriter(t *testing.T) {
 		time.Sleep(100 * time.Millisecond) // nothing more comes
 	}
 	time.Sleep(100 * time.Millisecond) // the start's list
-	gates := func(*readiness.View) bool { return true }
+	gates := func(*readiness.View) int { return 1 }
 	w.Set("node-b", "uid-b", v2, gates)
 	w.Set("node-a", "uid-a", v1, gates)
 	settle("node-a written, node-b as listed", func() bool { return value(m.ViewWrites.WithLabelValues("ok")) == 1 })
@@ -84,10 +84,11 @@ func TestViewWriter(t *testing.T) {
 	settle("node-a again after it left", func() bool { return value(m.ViewWrites.WithLabelValues("ok")) == 3 })
 }
 
-// TestViewWriterGatingFirst: views that gate a pair are written before the ones that do
-// not, whatever the order they came in; a deferred view that comes again as gating moves
-// up; the deferred ones are still written once nothing gating waits; the writer asks
-// gates about the view the API holds (nil before the first write).
+// TestViewWriterGatingFirst: views are written largest gain first, then in arrival order,
+// whatever the order they came in; a queued view that comes again takes its newest gain
+// (up or down) and keeps its arrival; the views gaining nothing are still written once
+// nothing else waits; the writer asks about the view the API holds (nil before the first
+// write).
 func TestViewWriterGatingFirst(t *testing.T) {
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
 	release := make(chan struct{})
@@ -108,29 +109,34 @@ func TestViewWriterGatingFirst(t *testing.T) {
 	time.Sleep(100 * time.Millisecond) // the start's list
 	v := readiness.View{Keys: 1, Seq: 7}
 	var asked []*readiness.View
-	yes := func(held *readiness.View) bool { asked = append(asked, held); return true }
-	no := func(*readiness.View) bool { return false }
-	w.Set("first", "uid", v, yes) // taken at once; its write waits for release
+	gain := func(g int) func(*readiness.View) int {
+		return func(held *readiness.View) int { asked = append(asked, held); return g }
+	}
+	w.Set("first", "uid", v, gain(1)) // taken at once; its write waits for release
 	time.Sleep(100 * time.Millisecond)
-	w.Set("a", "uid", v, no)
-	w.Set("b", "uid", v, no)
-	w.Set("e", "uid", v, no)
-	w.Set("c", "uid", v, no)
-	w.Set("d", "uid", v, yes)
-	w.Set("e", "uid", v, yes)
-	if g, d := value(m.ViewsQueued.WithLabelValues("gating")), value(m.ViewsQueued.WithLabelValues("deferred")); g != 2 || d != 3 {
-		t.Errorf("queued: %v gating, %v deferred; want 2, 3", g, d)
+	w.Set("a", "uid", v, gain(0))
+	w.Set("b", "uid", v, gain(0))
+	w.Set("e", "uid", v, gain(0))
+	w.Set("c", "uid", v, gain(0))
+	w.Set("d", "uid", v, gain(1))
+	w.Set("f", "uid", v, gain(1))
+	w.Set("g", "uid", v, gain(2))
+	w.Set("e", "uid", v, gain(1)) // moves up, behind d and f (arrived before them)
+	w.Set("h", "uid", v, gain(3))
+	w.Set("h", "uid", v, gain(1)) // its newest view gains less
+	if g, d := value(m.ViewsQueued.WithLabelValues("gating")), value(m.ViewsQueued.WithLabelValues("deferred")); g != 5 || d != 3 {
+		t.Errorf("queued: %v gating, %v deferred; want 5, 3", g, d)
 	}
 	close(release)
-	for deadline := time.Now().Add(10 * time.Second); value(m.ViewWrites.WithLabelValues("ok")) < 6; time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(10 * time.Second); value(m.ViewWrites.WithLabelValues("ok")) < 9; time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
-			t.Fatalf("%v of 6 views written", value(m.ViewWrites.WithLabelValues("ok")))
+			t.Fatalf("%v of 9 views written", value(m.ViewWrites.WithLabelValues("ok")))
 		}
 	}
 	mu.Lock()
 	got := strings.Join(order, " ")
 	mu.Unlock()
-	if want := "first d e a b c"; got != want {
+	if want := "first g e d f h a b c"; got != want {
 		t.Errorf("written in the order %q, want %q", got, want)
 	}
 	if g, d := value(m.ViewsQueued.WithLabelValues("gating")), value(m.ViewsQueued.WithLabelValues("deferred")); g != 0 || d != 0 {
@@ -143,9 +149,43 @@ func TestViewWriterGatingFirst(t *testing.T) {
 	}
 	// Now "d" holds v: the writer asks about it, and an equal view is not even asked about.
 	asked = nil
-	w.Set("d", "uid", readiness.View{Keys: 2}, yes)
-	w.Set("e", "uid", v, yes)
+	w.Set("d", "uid", readiness.View{Keys: 2}, gain(1))
+	w.Set("e", "uid", v, gain(1))
 	if len(asked) != 1 || asked[0] == nil || asked[0].Seq != 7 {
 		t.Errorf("gates asked about %+v, want once, about the written view (Seq 7)", asked)
+	}
+}
+
+// TestViewQueueGap: a node is not taken again within the gap of its last take; others are;
+// the queue says when the next one may be taken; gains still order what is takeable.
+func TestViewQueueGap(t *testing.T) {
+	var now time.Time
+	q := newViewQueue(NewMetrics().ViewsQueued, time.Second, func() time.Time { return now })
+	take := func() (string, bool, time.Time) {
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		return q.take()
+	}
+	q.add("x", 5)
+	if n, ok, _ := take(); !ok || n != "x" {
+		t.Fatalf("took %q %v, want x", n, ok)
+	}
+	q.add("x", 9)
+	if n, ok, next := take(); ok || !next.Equal(now.Add(time.Second)) {
+		t.Fatalf("took %q %v (next %v) within x's gap, want nothing until %v", n, ok, next, now.Add(time.Second))
+	}
+	q.add("a", 1)
+	q.add("b", 2)
+	if n, _, _ := take(); n != "b" {
+		t.Fatalf("took %q, want b (x cools, b gains more than a)", n)
+	}
+	now = now.Add(time.Second)
+	for _, want := range []string{"x", "a"} {
+		if n, ok, _ := take(); !ok || n != want {
+			t.Fatalf("took %q %v, want %s", n, ok, want)
+		}
+	}
+	if n, ok, next := take(); ok || !next.IsZero() {
+		t.Fatalf("took %q %v (next %v) from an empty queue", n, ok, next)
 	}
 }

@@ -416,54 +416,65 @@ func (m *Master) ViewFor(a uint32) View {
 	return v
 }
 
-// Gates reports whether next, node a's view now (from ViewFor), would let agent a do
-// something that prev — the view a was last given (nil: none) — does not: use a pair that
-// prev leaves unconfirmed, or a pair whose K (a peer's or a's own) changed after prev was
-// taken, which §6's agent holds unconfirmed until a newer consistent view confirms it. A
-// view that only adds exceptions, or only moves the key digest, gates nothing: its agent
-// already holds back every pair it would hold back and keeps every other one (it keeps
-// using prev, its last consistent view). After a reboot every view changes, but only the
-// views that confirm the rebooted node's pairs gate anything; a writer that writes gating
-// views first gets those pairs back without waiting behind N digest refreshes.
+// Gain returns how many peers next, node a's view now (from ViewFor), lets agent a use in
+// a direction that prev — the view a was last given (nil: none) — does not: a pair prev
+// leaves unconfirmed, or one whose K (the peer's or a's own) changed after prev was taken,
+// which §6's agent holds unconfirmed until a newer consistent view confirms it. A view that
+// only adds exceptions, or only moves the key digest, gains nothing: its agent already holds
+// back every pair it would hold back and keeps every other one (it keeps using prev, its
+// last consistent view). After a reboot every view changes; the rebooted node's own view
+// gains up to N-1 peers, each peer's view one — once their pair is confirmed — and the
+// rest nothing. A writer that writes the largest gain first gets the rebooted node's pairs
+// back without waiting behind N digest refreshes.
 //
 // prev.Seq is the sequence ViewFor stamped on it; a view this master did not take (Seq 0:
-// decoded, or a previous leader's) or one older than the change log is unknown: next gates
-// if it confirms any pair. Gates errs only toward true (a K that changed and changed back
-// still counts as changed), so a writer that defers what does not gate defers nothing an
-// agent waits for. Cost: O((exceptions in prev + K changes since prev) × log N).
-func (m *Master) Gates(a uint32, prev *View, next View) bool {
-	peers := len(m.keys)
-	if _, ok := m.keys[a]; ok {
-		peers--
+// decoded, or a previous leader's) or one older than the change log is unknown: next gains
+// every peer it confirms. Gain errs only upward (a K that changed and changed back still
+// counts as changed), so a writer that defers a view gaining 0 defers nothing an agent
+// waits for. Cost: O(k log k), k = exceptions in prev + K changes since prev, except for an
+// unknown prev or a's own new K: O(N).
+func (m *Master) Gain(a uint32, prev *View, next View) int {
+	live := func(id uint32) bool { _, ok := m.keys[id]; return ok && id != a }
+	confirmed := func() int {
+		n := 0
+		for id := range m.keys {
+			if id != a && (!sortedHas(next.NotIn, id) || !sortedHas(next.NotOut, id)) {
+				n++
+			}
+		}
+		return n
 	}
-	confirmsAny := len(next.NotIn) < peers || len(next.NotOut) < peers
 	if prev == nil || prev.Seq == 0 || prev.Seq < m.logFrom {
-		return confirmsAny
+		return confirmed()
 	}
 	i, _ := slices.BinarySearchFunc(m.changes, prev.Seq+1, func(c keyChange, s uint64) int { return cmp.Compare(c.seq, s) })
 	since := m.changes[i:]
+	var cand []uint32
 	for _, c := range since {
 		if c.id == a {
-			return confirmsAny // a's own K changed: every pair waits for a newer view
+			return confirmed() // a's own K changed: every pair waits for a newer view
+		}
+		cand = append(cand, c.id)
+	}
+	changedSince := len(cand)
+	cand = append(append(cand, prev.NotIn...), prev.NotOut...)
+	fresh := map[uint32]bool{}
+	for _, id := range cand[:changedSince] {
+		fresh[id] = true
+	}
+	slices.Sort(cand)
+	n := 0
+	for _, id := range slices.Compact(cand) {
+		if !live(id) {
+			continue
+		}
+		in := !sortedHas(next.NotIn, id) && (fresh[id] || sortedHas(prev.NotIn, id))
+		out := !sortedHas(next.NotOut, id) && (fresh[id] || sortedHas(prev.NotOut, id))
+		if in || out {
+			n++
 		}
 	}
-	live := func(id uint32) bool { _, ok := m.keys[id]; return ok && id != a }
-	for _, c := range since {
-		if live(c.id) && (!sortedHas(next.NotIn, c.id) || !sortedHas(next.NotOut, c.id)) {
-			return true
-		}
-	}
-	for _, id := range prev.NotIn {
-		if live(id) && !sortedHas(next.NotIn, id) {
-			return true
-		}
-	}
-	for _, id := range prev.NotOut {
-		if live(id) && !sortedHas(next.NotOut, id) {
-			return true
-		}
-	}
-	return false
+	return n
 }
 
 // Agent is one node's use of its views: the pairs it has seen confirmed by a view

@@ -23,14 +23,14 @@ func decisions(ag *Agent, mine Keys) map[uint32][2]bool {
 	return d
 }
 
-// TestGatesIsExactlyWhatTheAgentGains checks Master.Gates against §6's agent rule over
+// TestGainIsExactlyWhatTheAgentGains checks Master.Gain against §6's agent rule over
 // random histories of re-keys, leaves, re-joins and partial statuses: for an agent whose
-// last view is prev (taken earlier, consistent when taken) or none, Gates(a, prev, next)
-// must be true exactly when also considering next changes one of its pair decisions. "Not
-// gating" is what lets the writer defer a view, so a false "no" would hold a ready pair
-// back behind the queue; a false "yes" only costs priority (checked too: Gates is exact
-// here, where no K ever changes back).
-func TestGatesIsExactlyWhatTheAgentGains(t *testing.T) {
+// last view is prev (taken earlier, consistent when taken) or none, Gain(a, prev, next)
+// must be exactly the number of peers for which also considering next changes one of its
+// pair decisions. A gain of 0 is what lets the writer defer a view, so a gain too low would
+// hold a ready pair back behind the queue; one too high only costs priority (checked too:
+// Gain is exact here, where no K ever changes back).
+func TestGainIsExactlyWhatTheAgentGains(t *testing.T) {
 	for seed := uint64(1); seed <= 300; seed++ {
 		r := rand.New(rand.NewPCG(seed, 7))
 		n, buckets := 3+r.IntN(5), 1+r.IntN(3)
@@ -97,16 +97,16 @@ func TestGatesIsExactlyWhatTheAgentGains(t *testing.T) {
 					t.Fatalf("seed %d: the current view refused", seed)
 				}
 				after := decisions(held, ks)
-				changed := false
+				changed := 0
 				for b, d := range after {
 					if d != before[b] {
-						changed = true
+						changed++
 					}
 				}
-				if got := m.Gates(id, prev, next); got != changed {
-					t.Fatalf("seed %d step %d: node %d: Gates %v, but the view changes the agent's decisions: %v\nprev %+v\nnext %+v", seed, step, id, got, changed, prev, next)
+				if got := m.Gain(id, prev, next); got != changed {
+					t.Fatalf("seed %d step %d: node %d: Gain %d, but the view changes the agent's decisions about %d peers\nprev %+v\nnext %+v", seed, step, id, got, changed, prev, next)
 				}
-				if changed {
+				if changed > 0 {
 					gated++
 				} else {
 					deferred++
@@ -119,12 +119,12 @@ func TestGatesIsExactlyWhatTheAgentGains(t *testing.T) {
 	}
 }
 
-// TestGatesReboot: the case it is for. After one node reboots, every view changes; the
+// TestGainReboot: the case it is for. After one node reboots, every view changes; the
 // peers' views that only list the rebooted node, and its own view that lists everyone,
 // gate nothing. Once a peer's pair with it is confirmed, that peer's view gates — even when
 // the exception came and went between two writes, so that the written view and the new one
 // list the same nobody and differ only in the digest.
-func TestGatesReboot(t *testing.T) {
+func TestGainReboot(t *testing.T) {
 	m, ks, _ := steady(t, 4, 2)
 	written := map[uint32]View{}
 	for a := uint32(1); a <= 4; a++ {
@@ -134,8 +134,8 @@ func TestGatesReboot(t *testing.T) {
 	m.SetKeys(3, ks[3])
 	for a := uint32(1); a <= 4; a++ {
 		v := m.ViewFor(a)
-		if m.Gates(a, ptr(written[a]), v) {
-			t.Errorf("node %d: view %+v after node 3's reboot gates, want deferred", a, v)
+		if m.Gain(a, ptr(written[a]), v) > 0 {
+			t.Errorf("node %d: view %+v after node 3's reboot gains something, want nothing", a, v)
 		}
 	}
 	// Node 3 and node 1 install each other's keys (node 1 is alone in its bucket of node
@@ -147,30 +147,30 @@ func TestGatesReboot(t *testing.T) {
 	if len(v1.NotIn)+len(v1.NotOut) != 0 {
 		t.Fatalf("node 1's view %+v: want no exceptions", v1)
 	}
-	if !m.Gates(1, ptr(written[1]), v1) {
-		t.Errorf("node 1's view confirms its pair with node 3 but does not gate (same lists as written, new digest)")
+	if m.Gain(1, ptr(written[1]), v1) != 1 {
+		t.Errorf("node 1's view confirms its pair with node 3 (same lists as written, new digest): gain %d, want 1", m.Gain(1, ptr(written[1]), v1))
 	}
-	if !m.Gates(3, ptr(written[3]), m.ViewFor(3)) {
-		t.Errorf("node 3's view confirms node 1 but does not gate")
+	if m.Gain(3, ptr(written[3]), m.ViewFor(3)) != 1 {
+		t.Errorf("node 3's view confirms node 1: gain %d, want 1", m.Gain(3, ptr(written[3]), m.ViewFor(3)))
 	}
-	if v2 := m.ViewFor(2); m.Gates(2, ptr(written[2]), v2) {
+	if v2 := m.ViewFor(2); m.Gain(2, ptr(written[2]), v2) > 0 {
 		t.Errorf("node 2's view %+v gates, but node 3 has not installed node 2's keys", v2)
 	}
-	if m.Gates(2, ptr(m.ViewFor(2)), m.ViewFor(2)) {
+	if m.Gain(2, ptr(m.ViewFor(2)), m.ViewFor(2)) > 0 {
 		t.Errorf("a view gates over itself")
 	}
-	if !m.Gates(2, nil, m.ViewFor(2)) {
-		t.Errorf("node 2 has no view yet, and this one confirms node 1 and node 4: want gating")
+	if m.Gain(2, nil, m.ViewFor(2)) != 2 {
+		t.Errorf("node 2 has no view yet, and this one confirms node 1 and node 4: gain %d, want 2", m.Gain(2, nil, m.ViewFor(2)))
 	}
-	if stale := (View{Keys: written[2].Keys}); !m.Gates(2, &stale, m.ViewFor(2)) {
+	if stale := (View{Keys: written[2].Keys}); m.Gain(2, &stale, m.ViewFor(2)) != 2 {
 		t.Errorf("a view of unknown age (Seq 0) must be treated as none")
 	}
 }
 
 func ptr(v View) *View { return &v }
 
-// TestGatesLogBound: a view older than the change log counts as unknown.
-func TestGatesLogBound(t *testing.T) {
+// TestGainLogBound: a view older than the change log counts as unknown.
+func TestGainLogBound(t *testing.T) {
 	m, _, _ := steady(t, 3, 1)
 	old := m.ViewFor(1)
 	for i := 0; i < maxChanges+1; i++ {
@@ -179,7 +179,7 @@ func TestGatesLogBound(t *testing.T) {
 	if len(m.changes) > maxChanges {
 		t.Fatalf("change log holds %d entries, bound %d", len(m.changes), maxChanges)
 	}
-	if !m.Gates(1, &old, m.ViewFor(1)) {
-		t.Errorf("a view older than the change log, next confirming node 3: want gating")
+	if m.Gain(1, &old, m.ViewFor(1)) != 1 {
+		t.Errorf("a view older than the change log, next confirming node 3 (node 2 re-keyed since): gain %d, want 1", m.Gain(1, &old, m.ViewFor(1)))
 	}
 }

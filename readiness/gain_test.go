@@ -183,3 +183,40 @@ func TestGainLogBound(t *testing.T) {
 		t.Errorf("a view older than the change log, next confirming node 3 (node 2 re-keyed since): gain %d, want 1", m.Gain(1, &old, m.ViewFor(1)))
 	}
 }
+
+// TestRowRules pins ConsiderRow's checks the model does not exercise: a row confirms both
+// directions for the K of both ends; a row for another K of the peer, one whose digest of
+// this node's bucket does not match this node's key view, and one from a peer that refuses
+// this node confirm nothing.
+func TestRowRules(t *testing.T) {
+	const buckets = 2
+	ks := Keys{1: KeyDigest("a"), 2: KeyDigest("b"), 3: KeyDigest("c"), 4: KeyDigest("d")}
+	claims := func(x uint32, except ...uint32) Keys {
+		c := ks.Clone()
+		delete(c, x)
+		for _, e := range except {
+			delete(c, e)
+		}
+		return c
+	}
+	row := NewStatus(2, ks[2], claims(2), claims(2), nil, buckets)
+	a := &Agent{ID: 1}
+	if in, out := a.ConsiderRow(row, ks, buckets); !in || !out || !a.SendESP(2, ks) || !a.DropPlaintext(2, ks) {
+		t.Fatalf("a complete row of node 2: confirmed in %v out %v", in, out)
+	}
+	if in, out := (&Agent{ID: 1}).ConsiderRow(NewStatus(2, KeyDigest("b-old"), claims(2), claims(2), nil, buckets), ks, buckets); in || out {
+		t.Errorf("a row for another K of node 2 confirmed in %v out %v", in, out)
+	}
+	lagging := ks.Clone()
+	lagging[3] = KeyDigest("c-new") // node 3 shares node 1's bucket (odd ids)
+	if in, out := (&Agent{ID: 1}).ConsiderRow(row, lagging, buckets); in || out {
+		t.Errorf("a row over another K of a bucket-mate confirmed in %v out %v", in, out)
+	}
+	refusing := NewStatus(2, ks[2], claims(2, 1), claims(2, 1), []uint32{1}, buckets)
+	if in, out := (&Agent{ID: 1}).ConsiderRow(refusing, ks, buckets); in || out {
+		t.Errorf("a row of a peer refusing this node confirmed in %v out %v", in, out)
+	}
+	if in, out := (&Agent{ID: 3}).ConsiderRow(refusing, ks, buckets); !in || !out {
+		t.Errorf("node 2 refuses node 1 only: node 3 (same bucket) confirmed in %v out %v", in, out)
+	}
+}

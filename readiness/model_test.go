@@ -71,15 +71,24 @@ type model struct {
 	keys    []*lagged[K]      // NodeKeys per node; observers: agents 1..n, master 0
 	status  []*lagged[Status] // NodeStatus per node; observer: master 0
 	views   []*lagged[View]   // NodeView per node; observer: its agent
-	master  *Master
-	counter uint64
-	log     []string
+	// With rows (§9 step 3, revised): each node's row (its status, published with its
+	// NodeKeys; observers: the other agents), and the master writes a node's view only
+	// when the node's K changed since its last view or that view still lists someone —
+	// every other pair's readiness must then come from rows.
+	rows        []*lagged[Status]
+	withRows    bool
+	viewK       map[int]Keys // the master's key view at a node's last written view
+	rowComplete map[int]bool // a node's last row was complete
+	master      *Master
+	counter     uint64
+	log         []string
 }
 
 const masterObs = 0
 
-func newModel(t *testing.T, seed uint64, n, buckets int) *model {
-	m := &model{t: t, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), n: n, buckets: buckets, master: NewMaster(buckets)}
+func newModel(t *testing.T, seed uint64, n, buckets int, withRows bool) *model {
+	m := &model{t: t, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), n: n, buckets: buckets, master: NewMaster(buckets), withRows: withRows, viewK: map[int]Keys{}, rowComplete: map[int]bool{}}
+	m.rows = make([]*lagged[Status], n+1)
 	m.k = make([]K, n+1)
 	m.kern = make([]*kernel, n+1)
 	m.agents = make([]*Agent, n+1)
@@ -90,6 +99,7 @@ func newModel(t *testing.T, seed uint64, n, buckets int) *model {
 		m.keys[id] = &lagged[K]{seen: map[int]int{}}
 		m.status[id] = &lagged[Status]{seen: map[int]int{}}
 		m.views[id] = &lagged[View]{seen: map[int]int{}}
+		m.rows[id] = &lagged[Status]{seen: map[int]int{}}
 		m.boot(id)
 		m.kern[id].gated = false // the cluster starts as if it had always run
 	}
@@ -128,6 +138,11 @@ func (m *model) sync(id int) {
 	if v, ok := m.views[id].get(id); ok {
 		a.Consider(v, mine)
 	}
+	for p := 1; p <= m.n && m.withRows; p++ {
+		if row, ok := m.rows[p].get(id); ok && p != id {
+			a.ConsiderRow(row, mine, m.buckets)
+		}
+	}
 	// Inbound: every peer this node knows, with the K it knows (an old K's SA is replaced).
 	for p := range kn.in {
 		if _, ok := mine[p]; !ok {
@@ -164,18 +179,57 @@ func (m *model) sync(id int) {
 	for p, e := range kn.esp {
 		out[p] = e[0]
 	}
-	m.status[id].write(NewStatus(uint32(id), m.k[id], kn.in, out, nil, m.buckets))
+	st := NewStatus(uint32(id), m.k[id], kn.in, out, nil, m.buckets)
+	m.status[id].write(st)
+	if m.withRows {
+		m.publishRow(id, st, mine)
+	}
 	m.logf("sync %d in=%v esp=%v", id, kn.in, out)
 }
 
 func (m *model) masterWrite() {
 	for id := 1; id <= m.n; id++ {
 		v := m.master.ViewFor(uint32(id))
-		if last, ok := lastOf(m.views[id]); ok && equalView(last, v) {
+		last, ok := lastOf(m.views[id])
+		if ok && equalView(last, v) {
 			continue
 		}
+		if m.withRows && ok && !m.ownPhase(id, last) {
+			continue // its pending pairs are with peers that re-keyed since: their rows confirm them
+		}
 		m.views[id].write(v)
+		m.viewK[id] = m.master.Keys()
 	}
+}
+
+// ownPhase: with rows, does node id still need views — its K changed since its last view,
+// or that view lists a peer whose K has not changed since (a pair pending on id's own
+// re-key, which only the master's aggregation of the peers' claims confirms)?
+func (m *model) ownPhase(id int, last View) bool {
+	then := m.viewK[id]
+	k, _ := m.master.KeyOf(uint32(id))
+	if then[uint32(id)] != k {
+		return true
+	}
+	for _, p := range append(append([]uint32{}, last.NotIn...), last.NotOut...) {
+		if kp, ok := m.master.KeyOf(p); ok && kp == then[p] {
+			return true
+		}
+	}
+	return false
+}
+
+// publishRow: with rows, a node republishes its row only while its current K's last row
+// was incomplete (its kernel did not yet hold inbound from, and send ESP to, every peer it
+// knew) or its K changed since: another node's re-key does not make N rows change.
+func (m *model) publishRow(id int, st Status, mine Keys) {
+	last, ok := lastOf(m.rows[id])
+	if ok && (fmt.Sprint(last) == fmt.Sprint(st) || (last.Self == st.Self && m.rowComplete[id])) {
+		return
+	}
+	m.rows[id].write(st)
+	kn := m.kern[id]
+	m.rowComplete[id] = len(kn.in) == len(mine)-1 && len(kn.esp) == len(mine)-1
 }
 
 func lastOf[T any](l *lagged[T]) (T, bool) {
@@ -221,6 +275,12 @@ func (m *model) deliverOne() bool {
 			return true
 		})
 		evs = append(evs, func() bool { return m.views[id].deliver(id) })
+		for o := 1; o <= m.n && m.withRows; o++ {
+			o := o
+			if o != id {
+				evs = append(evs, func() bool { return m.rows[id].deliver(o) })
+			}
+		}
 	}
 	m.rng.Shuffle(len(evs), func(i, j int) { evs[i], evs[j] = evs[j], evs[i] })
 	for _, e := range evs {
@@ -357,7 +417,34 @@ func TestModelRandomInterleavings(t *testing.T) {
 	for seed := first; seed < first+uint64(seeds); seed++ {
 		for _, shape := range []struct{ n, buckets int }{{4, 2}, {6, 3}, {3, 32}} {
 			t.Run(fmt.Sprintf("seed%d/n%d/b%d", seed, shape.n, shape.buckets), func(t *testing.T) {
-				newModel(t, seed, shape.n, shape.buckets).run(steps)
+				newModel(t, seed, shape.n, shape.buckets, false).run(steps)
+			})
+		}
+	}
+}
+
+// TestModelRowsRandomInterleavings: the same with rows (docs/protocol-v2.md §9 step 3,
+// revised): every node publishes its status as its row, every agent confirms its pairs
+// from its peers' rows as well as from its view, and the master writes a node's view only
+// when the node re-keyed or its view still lists someone. Safety as before; liveness at
+// the end must come from rows for every pair no view confirmed.
+func TestModelRowsRandomInterleavings(t *testing.T) {
+	seeds, steps := 400, 400
+	if testing.Short() {
+		seeds = 50
+	}
+	first := uint64(1)
+	if s := os.Getenv("SECUREOVERLAY_READINESS_SEED"); s != "" {
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatal(err)
+		}
+		first, seeds = v, 1
+	}
+	for seed := first; seed < first+uint64(seeds); seed++ {
+		for _, shape := range []struct{ n, buckets int }{{4, 2}, {6, 3}, {3, 32}} {
+			t.Run(fmt.Sprintf("seed%d/n%d/b%d", seed, shape.n, shape.buckets), func(t *testing.T) {
+				newModel(t, seed, shape.n, shape.buckets, true).run(steps)
 			})
 		}
 	}

@@ -512,6 +512,41 @@ func (a *Agent) Consider(v View, mine Keys) bool {
 	return true
 }
 
+// ConsiderRow takes peer x's row — x's own readiness status, as x publishes it with its
+// public keys (docs/protocol-v2.md §9 step 3, revised) — and confirms what it states about
+// this node: that x holds inbound from it (in) and sends it ESP (out), for the K of both
+// ends in mine. It does so when the row is for x's K in mine, x does not refuse this node,
+// and the row's digest of this node's bucket equals the digest over mine of that bucket
+// less x and the peers x refuses: the master's check (§6), made by the agent for its own
+// bucket only. A row is x's claim about its own kernel — the claim v1's lists make — so
+// after x re-keys its pairs need no view of any other node. Confirmations are sticky, as
+// with views. It reports the directions it confirmed.
+func (a *Agent) ConsiderRow(row Status, mine Keys, buckets int) (in, out bool) {
+	kx, ok1 := mine[row.ID]
+	ka, ok2 := mine[a.ID]
+	if !ok1 || !ok2 || row.ID == a.ID || row.Self != kx || len(row.In) != buckets || len(row.Out) != buckets {
+		return false, false
+	}
+	if slices.Contains(row.Refused, a.ID) {
+		return false, false
+	}
+	j := Bucket(a.ID, buckets)
+	want := mine.Digest(func(id uint32) bool {
+		return Bucket(id, buckets) == j && id != row.ID && !slices.Contains(row.Refused, id)
+	})
+	if a.in == nil {
+		a.in, a.out = map[uint32][2]K{}, map[uint32][2]K{}
+	}
+	pair := [2]K{kx, ka}
+	if row.In[j] == want {
+		a.in[row.ID], in = pair, true
+	}
+	if row.Out[j] == want {
+		a.out[row.ID], out = pair, true
+	}
+	return in, out
+}
+
 // confirmed: c holds b's confirmation for both ends' K as they are in mine.
 func (a *Agent) confirmed(c map[uint32][2]K, b uint32, mine Keys) bool {
 	kb, ok1 := mine[b]

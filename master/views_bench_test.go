@@ -67,7 +67,7 @@ func simulateReboot(n int, qps float64, prioritised bool, gap time.Duration, see
 	// due: the reports each node will make (after its install, after each view write).
 	installed := map[uint32]time.Duration{x: 2 * time.Second}
 	due := map[uint32][]time.Duration{}
-	for id := range ks {
+	for id := uint32(1); id <= uint32(n); id++ { // in order: the same draws every run
 		if id != x {
 			installed[id] = 500*time.Millisecond + time.Duration(r.Int64N(int64(2500*time.Millisecond)))
 		}
@@ -190,11 +190,12 @@ func TestBenchViewsAfterReboot(t *testing.T) {
 			t.Logf("%d nodes, %s, %.0f writes/s: the rebooted node sends every peer ESP after %v, every peer sends it ESP after %v, every pair ready both ways after %v (%d writes), queue empty after %v (%d writes); %.0f pair-direction-seconds waiting",
 				n, c.name, qps, c.r.own, c.r.peers, c.r.all, c.r.writesAll, c.r.idle, c.r.writes, c.r.waiting)
 			pre := fmt.Sprintf("BENCH readiness.reboot.%d.%s.", n, c.name)
-			fmt.Printf("%swaiting %g s\n", pre, c.r.waiting)
+			fmt.Printf("%swaiting %g count\n", pre, c.r.waiting)
 			fmt.Printf("%sown %g s\n%speers %g s\n%sall %g s\n%swrites_all %d count\n%sidle %g s\n%swrites %d count\n",
 				pre, c.r.own.Seconds(), pre, c.r.peers.Seconds(), pre, c.r.all.Seconds(), pre, c.r.writesAll, pre, c.r.idle.Seconds(), pre, c.r.writes)
 		}
 		fmt.Printf("BENCH readiness.reboot.%d.ratio_own %g x\n", n, p.own.Seconds()/f.own.Seconds())
+		fmt.Printf("BENCH readiness.reboot.%d.ratio_waiting %g x\n", n, p.waiting/f.waiting)
 		fmt.Printf("BENCH readiness.reboot.%d.ratio_all %g x\n", n, p.all.Seconds()/f.all.Seconds())
 		// Every peer's own view must be written for its pair with the rebooted node: a
 		// lower bound of (n-1)/qps for every pair, whatever the order.

@@ -230,6 +230,7 @@ func TestBenchMasterObserve(t *testing.T) {
 		}
 	}
 	t.Logf("one round of %d statuses, %d buckets: cached %v, reference %v: %.3f×", n, buckets, cached.Round(time.Millisecond), reference.Round(time.Millisecond), float64(cached)/float64(reference))
+	fmt.Printf("BENCH readiness.round %g s\nBENCH readiness.round_reference %g s\nBENCH readiness.round_ratio %g x\n", cached.Seconds(), reference.Seconds(), float64(cached)/float64(reference))
 
 	// One node re-keys: every view changes (its key digest covers every node), and the
 	// writer asks for all of them. The bit matrices against the reference's maps.
@@ -253,4 +254,5 @@ func TestBenchMasterObserve(t *testing.T) {
 		t.Fatalf("after a re-key: %d views dirty, %d (reference %d) exceptions, want %d and %d", len(dirty), total, refTotal, n, 2*(n-1))
 	}
 	t.Logf("one re-key at %d nodes, every view taken: bit matrices %v, the reference (maps) %v: %.4f×", n, kept.Round(time.Millisecond), pass.Round(time.Millisecond), float64(kept)/float64(pass))
+	fmt.Printf("BENCH readiness.rekey %g s\nBENCH readiness.rekey_reference %g s\nBENCH readiness.rekey_ratio %g x\n", kept.Seconds(), pass.Seconds(), float64(kept)/float64(pass))
 }

@@ -10,7 +10,7 @@ import (
 )
 
 // Section numbers and the -only key that produces each (for -update).
-var sectionOf = map[int]string{1: "compute", 2: "xfrm", 3: "xfrm", 4: "agent", 5: "cni", 6: "agent", 7: "lab", 8: "ctl", 9: "keys", 10: "dataplane"}
+var sectionOf = map[int]string{1: "compute", 2: "xfrm", 3: "xfrm", 4: "agent", 5: "cni", 6: "agent", 7: "lab", 8: "ctl", 9: "keys", 10: "dataplane", 11: "readiness"}
 
 var sectionRE = regexp.MustCompile(`(?m)^## (\d+)\. `)
 

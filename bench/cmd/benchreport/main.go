@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"math"
 	"os"
 	"os/exec"
 	"regexp"
@@ -36,7 +37,7 @@ var (
 	labSize = flag.String("lab-nodes", "3,8", "node namespaces for the lab runs")
 	count   = flag.Int("count", 5, "runs of each Go benchmark (the median is reported)")
 	from    = flag.String("from", "", "comma-separated logs of earlier runs whose BENCH lines are merged in (e.g. a separate lab run)")
-	only    = flag.String("only", "", "comma-separated sections to run (compute,xfrm,keys,cni,agent,ctl,lab,dataplane); empty: all")
+	only    = flag.String("only", "", "comma-separated sections to run (compute,xfrm,keys,cni,agent,ctl,lab,dataplane,readiness); empty: all")
 	noRun   = flag.Bool("norun", false, "run nothing: render the sections (-only) from the -from logs alone (e.g. after a change to how a section is written)")
 	update  = flag.Bool("update", false, "replace only the sections that ran in the existing -out file, keep the others and its header (e.g. -only dataplane -update)")
 	ctlSize = flag.String("ctl-nodes", "1000,5000", "cluster sizes for secureoverlayctl status")
@@ -141,6 +142,8 @@ func num(v float64) string {
 		return strconv.FormatFloat(v, 'f', 0, 64)
 	case v >= 10:
 		return strconv.FormatFloat(v, 'f', 1, 64)
+	case v > 0 && v < 0.01:
+		return strconv.FormatFloat(v, 'f', int(math.Ceil(-math.Log10(v)))+1, 64) // two significant digits
 	}
 	return strconv.FormatFloat(v, 'f', 2, 64)
 }
@@ -196,6 +199,10 @@ func main() {
 	}
 	if runs("keys") {
 		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBenchDeriveV2Start$", "-v", "./keys"))
+	}
+	if runs("readiness") {
+		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBenchMasterObserve$", "-v", "./readiness"))
+		parse(run(benchEnv, "test", "-count=1", "-timeout", "20m", "-run", "^TestBenchViewsAfterReboot$", "-v", "./master"))
 	}
 	if runs("cni") {
 		parse(run(benchEnv, "test", "-count=1", "-run", "^TestBenchChainAdd$", "-v", "./plugin"))
@@ -416,6 +423,22 @@ func main() {
 	w("| v2 parallel: `keys.DerivePeersV2` with GOMAXPROCS (%s) workers | %s (issue 17's bound: 1 s) | serial/parallel %s |\n", get("keys.start_v2_workers"), get("keys.start_v2_parallel"), get("keys.start_ratio_serial_parallel"))
 
 	writeDataplane(w, started)
+
+	w("\n## 11. Protocol v2 readiness on the master (docs/protocol-v2.md §6, §9; pure, no API server)\n\n")
+	w("`readiness.TestBenchMasterObserve`: `readiness.Master` (bit matrices, cached bucket digests) against the first implementation kept as the reference (maps, every digest recomputed), 5,000 nodes, 32 buckets:\n\n")
+	w("| step | `readiness.Master` | reference | ratio |\n|---|---:|---:|---:|\n")
+	w("| one round of 5,000 complete statuses (an enable step) | %s | %s | %s |\n", get("readiness.round"), get("readiness.round_reference"), get("readiness.round_ratio"))
+	w("| one node re-keys, then every view is computed | %s | %s | %s |\n", get("readiness.rekey"), get("readiness.rekey_reference"), get("readiness.rekey_ratio"))
+	w("\n`master.TestBenchViewsAfterReboot`: one node reboots in a steady cluster; peers install its keys within 0.5–3 s, it installs theirs at 2 s, each node reports 200 ms after its kernel or its view changes; the master's real view queue writes 20 views/s (`--kube-api-qps`). Simulated time. *Gain first*: the shipped writer (largest `readiness.Master.Gain` first, a node's view at most once a second); *FIFO*: one queue in arrival order; *no gap*: gain first without the per-node second. Every peer's own view must be written for its pair with the rebooted node, so no order beats (N−1)/20 s for every pair.\n\n")
+	w("| nodes | writer | it sends every peer ESP | every peer sends it ESP | every pair ready both ways | view writes | pair-direction-seconds waiting |\n|---:|---|---:|---:|---:|---:|---:|\n")
+	for _, n := range []string{"1000", "5000"} {
+		for _, c := range []struct{ key, name string }{{"gain_first", "gain first"}, {"fifo", "FIFO"}, {"gain_first_no_gap", "no gap"}} {
+			p := "readiness.reboot." + n + "." + c.key + "."
+			w("| %s | %s | %s | %s | %s | %s | %s |\n", n, c.name, get(p+"own"), get(p+"peers"), get(p+"all"), get(p+"writes"), get(p+"waiting"))
+		}
+	}
+	w("\nRatios gain first / FIFO: the rebooted node's own pairs %s (1,000 nodes), %s (5,000); every pair %s, %s; pair-direction-seconds waiting %s, %s.\n",
+		get("readiness.reboot.1000.ratio_own"), get("readiness.reboot.5000.ratio_own"), get("readiness.reboot.1000.ratio_all"), get("readiness.reboot.5000.ratio_all"), get("readiness.reboot.1000.ratio_waiting"), get("readiness.reboot.5000.ratio_waiting"))
 
 	text := b.String()
 	if *update {

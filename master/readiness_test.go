@@ -334,6 +334,13 @@ func TestNodeViewsAgainstRealAPIServer(t *testing.T) {
 	if got := value(m.metrics.ViewWrites.WithLabelValues("error")); got != 0 {
 		t.Errorf("%v view writes failed", got)
 	}
+
+	// An operator deletes a NodeView: the master writes it again (its informer, under
+	// the manifest's RBAC, sees the deletion), though the view it wants did not change.
+	if err := e.dyn().Resource(nodeview.GVR).Namespace(api.Namespace).Delete(e.ctx, "node-1", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	expect("node-1's view deleted by hand, written again", nil)
 }
 
 // TestShadowNarrowedReobservation: after a key change the shadow observes an unchanged

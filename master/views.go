@@ -8,8 +8,10 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -97,28 +99,69 @@ func (w *viewWriter) Forget(node string) {
 	w.mu.Unlock()
 }
 
-// run lists the views already written (a previous leader's), then writes until ctx ends.
+// run follows the NodeViews in the API with an informer, then writes until ctx ends. The
+// informer's first list takes the views already written (a previous leader's: not
+// rewritten when equal); later, a view deleted or changed by anyone but this writer is
+// written again (an operator's `kubectl delete nodeview`, an edit) — and a change echoing
+// one of this writer's own earlier writes costs at most one redundant write.
 func (w *viewWriter) run(ctx context.Context) {
 	go func() {
 		<-ctx.Done()
 		w.queue.shutDown()
 	}()
-	if l, err := w.dc.Resource(nodeview.GVR).Namespace(w.ns).List(ctx, metav1.ListOptions{}); err != nil {
-		w.log.Warn("cannot list the NodeViews already written; writing every view", "err", err)
-	} else {
-		w.mu.Lock()
-		for i := range l.Items {
-			wire, err := nodeview.Parse(&l.Items[i])
-			if err != nil {
-				continue
+	f := dynamicinformer.NewFilteredDynamicSharedInformerFactory(w.dc, 0, w.ns, nil)
+	inf := f.ForResource(nodeview.GVR).Informer()
+	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { w.observed(obj, false) },
+		UpdateFunc: func(_, obj any) { w.observed(obj, false) },
+		DeleteFunc: func(obj any) {
+			if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = t.Obj
 			}
-			if v, err := readiness.DecodeView(&wire); err == nil {
-				w.written[l.Items[i].GetName()] = writtenView{v, wire}
-			}
-		}
-		w.mu.Unlock()
+			w.observed(obj, true)
+		},
+	}); err != nil {
+		w.log.Warn("cannot follow the NodeViews; writing every view", "err", err)
+	}
+	f.Start(ctx.Done())
+	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+		return
 	}
 	for w.next(ctx) {
+	}
+}
+
+// observed takes a NodeView as the API holds it (gone: deleted) and queues its node again
+// when that is not the view it wants.
+func (w *viewWriter) observed(obj any, gone bool) {
+	u, ok := obj.(*unstructured.Unstructured)
+	if !ok {
+		return
+	}
+	node := u.GetName()
+	var held writtenView
+	if !gone {
+		wire, err := nodeview.Parse(u)
+		if err != nil {
+			gone = true // unreadable: as good as none
+		} else if v, err := readiness.DecodeView(&wire); err != nil {
+			gone = true
+		} else {
+			held = writtenView{v, wire}
+		}
+	}
+	w.mu.Lock()
+	cur, had := w.written[node]
+	if gone {
+		delete(w.written, node)
+	} else if !had || cur.wire != held.wire {
+		w.written[node] = held // Seq 0: not a view this writer took (Gain: unknown)
+	}
+	want, wanted := w.want[node]
+	again := wanted && (gone || held.wire != want.wire) && (had || gone)
+	w.mu.Unlock()
+	if again {
+		w.queue.add(node, max(want.gain, 1)) // its agent may hold nothing now
 	}
 }
 

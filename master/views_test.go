@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
@@ -187,5 +188,54 @@ func TestViewQueueGap(t *testing.T) {
 	}
 	if n, ok, next := take(); ok || !next.IsZero() {
 		t.Fatalf("took %q %v (next %v) from an empty queue", n, ok, next)
+	}
+}
+
+// TestViewWriterRestores: a NodeView deleted or edited by someone else (an operator) is
+// written again, without a change of the view the master wants; a view the writer wrote
+// itself is not written twice.
+func TestViewWriterRestores(t *testing.T) {
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
+	m := NewMetrics()
+	w := newViewWriter(dc, api.Namespace, slog.New(slog.DiscardHandler), m)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.run(ctx)
+	v := readiness.View{Keys: 7, NotIn: []uint32{3}}
+	want := *readiness.EncodeView(v)
+	w.Set("node-a", "uid-a", v, func(*readiness.View) int { return 1 })
+	holds := func(what string, ok func(api.ReadinessView, error) bool) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			u, err := dc.Resource(nodeview.GVR).Namespace(api.Namespace).Get(ctx, "node-a", metav1.GetOptions{})
+			var got api.ReadinessView
+			if err == nil {
+				got, err = nodeview.Parse(u)
+			}
+			if ok(got, err) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the API holds %+v (%v)", what, got, err)
+			}
+		}
+	}
+	isWant := func(got api.ReadinessView, err error) bool { return err == nil && got == want }
+	holds("written", isWant)
+	time.Sleep(300 * time.Millisecond) // the informer's echo of the write
+	if got := value(m.ViewWrites.WithLabelValues("ok")); got != 1 {
+		t.Fatalf("%v writes, want 1 (the echo of its own write must not cause another)", got)
+	}
+	if err := dc.Resource(nodeview.GVR).Namespace(api.Namespace).Delete(ctx, "node-a", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	holds("deleted by hand, written again", isWant)
+	if err := nodeview.Write(ctx, dc, api.Namespace, "node-a", "uid-a", *readiness.EncodeView(readiness.View{Keys: 7})); err != nil {
+		t.Fatal(err)
+	}
+	holds("edited by hand, written again", isWant)
+	time.Sleep(1500 * time.Millisecond) // nothing more comes (the gap is 1 s)
+	if got := value(m.ViewWrites.WithLabelValues("ok")); got != 3 {
+		t.Errorf("%v writes, want 3 (first, after the deletion, after the edit)", got)
 	}
 }

@@ -26,6 +26,8 @@ import (
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
 	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/nodeview"
+	"github.com/secureoverlay/secureoverlay/readiness"
 )
 
 // The real-node cluster: the control plane (etcd, kube-apiserver, kube-controller-manager,
@@ -326,6 +328,7 @@ func TestRealClusterEncrypts(t *testing.T) {
 	}
 	rc.say("node2 reboot: %s", rc.gateEvidence(ctx, 2))
 	rc.step(ctx, pods, "after the reboot", 5*time.Second, func() {})
+	rc.requireSteadyViews(ctx)
 
 	// Uninstall: kubectl delete of what was applied. Every node is left clean, and the
 	// pods keep talking (in plaintext once off, as before the install).
@@ -939,8 +942,62 @@ func (rc *realCluster) waitAllOK(ctx context.Context) {
 	}
 }
 
-// staleReports names every report of ours: the NodeReports ("NodeReport NAME", by name;
-// none once the CRD is gone), then the annotations of ours on the Nodes.
+// requireSteadyViews: after the reboot, the master's NodeViews (protocol v2 in shadow,
+// docs/protocol-v2.md §9 step 2) must settle as on any steady cluster: one per node,
+// owned by its Node, all over the same key view (the rebooted node's new keys included),
+// listing nobody in either direction — the readiness digests of real agents on real
+// kernels, aggregated by the real master, confirm every pair.
+func (rc *realCluster) requireSteadyViews(ctx context.Context) {
+	rc.t.Helper()
+	var why string
+	if err := waitFor(ctx, 2*time.Minute, func() (bool, error) {
+		l, err := rc.dyn.Resource(nodeview.GVR).Namespace(api.Namespace).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			why = err.Error()
+			return false, nil
+		}
+		if len(l.Items) != clusterNodes {
+			why = fmt.Sprintf("%d NodeViews, want %d", len(l.Items), clusterNodes)
+			return false, nil
+		}
+		var digest string
+		for i := range l.Items {
+			u := &l.Items[i]
+			w, err := nodeview.Parse(u)
+			if err != nil {
+				why = err.Error()
+				return false, nil
+			}
+			v, err := readiness.DecodeView(&w)
+			if err != nil {
+				why = err.Error()
+				return false, nil
+			}
+			refs := u.GetOwnerReferences()
+			switch {
+			case len(refs) != 1 || refs[0].Kind != "Node" || refs[0].Name != u.GetName():
+				why = fmt.Sprintf("NodeView %s owned by %+v", u.GetName(), refs)
+			case len(v.NotIn)+len(v.NotOut) != 0:
+				why = fmt.Sprintf("NodeView %s lists peers not confirmed: notIn %v, notOut %v", u.GetName(), v.NotIn, v.NotOut)
+			case digest != "" && w.Keys != digest:
+				why = fmt.Sprintf("NodeViews over different key views (%s, %s)", digest, w.Keys)
+			default:
+				digest = w.Keys
+				continue
+			}
+			return false, nil
+		}
+		return true, nil
+	}); err != nil {
+		rc.t.Errorf("after the reboot, the master's NodeViews never settled: %s", why)
+		return
+	}
+	rc.say("after the reboot: the master's NodeViews (protocol v2, in shadow) list every pair confirmed, over one key view")
+}
+
+// staleReports names every report of ours: the NodeReports and NodeViews ("NodeReport
+// NAME", "NodeView NAME"; none once their CRD is gone), then the annotations of ours on
+// the Nodes.
 func (rc *realCluster) staleReports(ctx context.Context) []string {
 	var stale []string
 	if list, err := rc.dyn.Resource(nodereport.GVR).Namespace(api.Namespace).List(ctx, metav1.ListOptions{}); err == nil {
@@ -949,6 +1006,13 @@ func (rc *realCluster) staleReports(ctx context.Context) []string {
 		}
 	} else if !apierrors.IsNotFound(err) {
 		rc.t.Errorf("list NodeReports after kubectl delete: %v", err)
+	}
+	if list, err := rc.dyn.Resource(nodeview.GVR).Namespace(api.Namespace).List(ctx, metav1.ListOptions{}); err == nil {
+		for _, u := range list.Items {
+			stale = append(stale, "NodeView "+u.GetName())
+		}
+	} else if !apierrors.IsNotFound(err) {
+		rc.t.Errorf("list NodeViews after kubectl delete: %v", err)
 	}
 	for i := 1; i <= clusterNodes; i++ {
 		node, err := rc.cs.CoreV1().Nodes().Get(ctx, lab.NodeNS(i), metav1.GetOptions{})

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
@@ -23,7 +24,7 @@ import (
 // reconcile hands over the views its shadow readiness changed (Set), one worker writes the
 // newest view of each node off the reconcile path. A burst of changes to one node's view
 // costs one write (the queue holds a node once), a failed write is retried with backoff,
-// and a view already in the API (as written or as listed at the start: a new leader does
+// and a view already in the API (as written, or as its informer found it: a new leader does
 // not rewrite a cluster's worth of unchanged views) is not written again.
 //
 // The views that gain most go first (readiness.Master.Gain: the peers a view lets its
@@ -55,7 +56,7 @@ type wantView struct {
 }
 
 // writtenView is a view as the API holds it; view.Seq is 0 for one this leader did not
-// write (Gates then treats it as unknown).
+// write (Gain then treats it as unknown).
 type writtenView struct {
 	view readiness.View
 	wire api.ReadinessView
@@ -123,6 +124,19 @@ func (w *viewWriter) run(ctx context.Context) {
 	}); err != nil {
 		w.log.Warn("cannot follow the NodeViews; writing every view", "err", err)
 	}
+	// An older manifest (no CRD) or RBAC without nodeviews: one warning, not the
+	// reflector's message at every retry; nothing is written until it can be listed.
+	warned := false
+	_ = inf.SetWatchErrorHandler(func(r *cache.Reflector, err error) {
+		if apierrors.IsNotFound(err) || apierrors.IsForbidden(err) {
+			if !warned {
+				warned = true
+				w.log.Warn("the NodeViews cannot be listed (the manifest predates them, or RBAC lacks nodeviews: apply the manifest); protocol v2's readiness shadow writes none meanwhile", "err", err)
+			}
+			return
+		}
+		cache.DefaultWatchErrorHandler(ctx, r, err)
+	})
 	f.Start(ctx.Done())
 	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
 		return

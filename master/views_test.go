@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -239,3 +240,45 @@ func TestViewWriterRestores(t *testing.T) {
 		t.Errorf("%v writes, want 3 (first, after the deletion, after the edit)", got)
 	}
 }
+
+// TestViewWriterNoCRD: with an older manifest (no NodeView CRD) the writer says so once,
+// writes nothing, and stops with its context.
+func TestViewWriterNoCRD(t *testing.T) {
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
+	dc.PrependReactor("list", "nodeviews", func(k8stesting.Action) (bool, runtime.Object, error) {
+		return true, nil, apierrors.NewNotFound(nodeview.GVR.GroupResource(), "")
+	})
+	var logs syncBuffer
+	m := NewMetrics()
+	w := newViewWriter(dc, api.Namespace, slog.New(slog.NewTextHandler(&logs, nil)), m)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { w.run(ctx); close(done) }()
+	w.Set("node-a", "uid-a", readiness.View{Keys: 1}, func(*readiness.View) int { return 1 })
+	time.Sleep(3 * time.Second) // the reflector retries meanwhile
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the writer did not stop with its context")
+	}
+	if n := strings.Count(logs.String(), "the NodeViews cannot be listed"); n != 1 {
+		t.Errorf("warned %d times, want once:\n%s", n, logs.String())
+	}
+	if got := value(m.ViewWrites.WithLabelValues("ok")) + value(m.ViewWrites.WithLabelValues("error")); got != 0 {
+		t.Errorf("%v writes attempted without the CRD", got)
+	}
+}
+
+// syncBuffer is a strings.Builder safe for the logger's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }

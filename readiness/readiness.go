@@ -111,7 +111,7 @@ func NewStatus(id uint32, self K, in, out Keys, refused []uint32, buckets int) S
 type View struct {
 	NotIn, NotOut []uint32 // ascending
 	Keys          uint64
-	// Seq is the master's key sequence when the view was taken (Master.Gates); not on the
+	// Seq is the master's key sequence when the view was taken (Master.Gain); not on the
 	// wire: 0 in a decoded view.
 	Seq uint64
 }
@@ -144,7 +144,7 @@ type Master struct {
 	dirty    map[uint32]bool
 	allDirty bool
 	// seq counts the key view's changes (a K set or changed, a node removed); changes logs
-	// the latest K changes in seq order, every one after logFrom (Gates).
+	// the latest K changes in seq order, every one after logFrom (Gain).
 	seq     uint64
 	changes []keyChange
 	logFrom uint64
@@ -157,7 +157,7 @@ type keyChange struct {
 }
 
 // maxChanges bounds the K change log: a view older than the log is treated as unknown by
-// Gates (it gates if it confirms anything), which only costs its write its priority.
+// Gain (it gains every peer it confirms), which only costs its write its priority.
 const maxChanges = 8192
 
 // bitRow is a set of dense indices.

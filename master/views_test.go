@@ -18,6 +18,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/nodeview"
 	"github.com/secureoverlay/secureoverlay/readiness"
 )
@@ -248,7 +249,7 @@ func TestViewWriterNoCRD(t *testing.T) {
 	dc.PrependReactor("list", "nodeviews", func(k8stesting.Action) (bool, runtime.Object, error) {
 		return true, nil, apierrors.NewNotFound(nodeview.GVR.GroupResource(), "")
 	})
-	var logs syncBuffer
+	var logs testutil.SyncBuffer
 	m := NewMetrics()
 	w := newViewWriter(dc, api.Namespace, slog.New(slog.NewTextHandler(&logs, nil)), m)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -269,16 +270,3 @@ func TestViewWriterNoCRD(t *testing.T) {
 		t.Errorf("%v writes attempted without the CRD", got)
 	}
 }
-
-// syncBuffer is a strings.Builder safe for the logger's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }

@@ -401,34 +401,17 @@ func (m *model) run(steps int) {
 // TestModelRandomInterleavings: the readiness design under random interleavings of syncs,
 // lagging watches, view writes, reboots and master failovers (reproduce one seed with
 // SECUREOVERLAY_READINESS_SEED).
-func TestModelRandomInterleavings(t *testing.T) {
-	seeds, steps := 400, 400
-	if testing.Short() {
-		seeds = 50
-	}
-	first := uint64(1)
-	if s := os.Getenv("SECUREOVERLAY_READINESS_SEED"); s != "" {
-		v, err := strconv.ParseUint(s, 10, 64)
-		if err != nil {
-			t.Fatal(err)
-		}
-		first, seeds = v, 1
-	}
-	for seed := first; seed < first+uint64(seeds); seed++ {
-		for _, shape := range []struct{ n, buckets int }{{4, 2}, {6, 3}, {3, 32}} {
-			t.Run(fmt.Sprintf("seed%d/n%d/b%d", seed, shape.n, shape.buckets), func(t *testing.T) {
-				newModel(t, seed, shape.n, shape.buckets, false).run(steps)
-			})
-		}
-	}
-}
+func TestModelRandomInterleavings(t *testing.T) { runModels(t, false) }
 
 // TestModelRowsRandomInterleavings: the same with rows (docs/protocol-v2.md §9 step 3,
-// revised): every node publishes its status as its row, every agent confirms its pairs
-// from its peers' rows as well as from its view, and the master writes a node's view only
-// when the node re-keyed or its view still lists someone. Safety as before; liveness at
-// the end must come from rows for every pair no view confirmed.
-func TestModelRowsRandomInterleavings(t *testing.T) {
+// revised): every node publishes its status as its row while incomplete, every agent
+// confirms its pairs from its peers' rows as well as from its view, and the master writes a
+// node's view only in the node's own re-key phase. Safety as before; liveness at the end
+// must come from rows for every pair no view confirmed.
+func TestModelRowsRandomInterleavings(t *testing.T) { runModels(t, true) }
+
+// runModels runs the model over 400 seeds (50 with -short) × 3 shapes.
+func runModels(t *testing.T, withRows bool) {
 	seeds, steps := 400, 400
 	if testing.Short() {
 		seeds = 50
@@ -444,7 +427,7 @@ func TestModelRowsRandomInterleavings(t *testing.T) {
 	for seed := first; seed < first+uint64(seeds); seed++ {
 		for _, shape := range []struct{ n, buckets int }{{4, 2}, {6, 3}, {3, 32}} {
 			t.Run(fmt.Sprintf("seed%d/n%d/b%d", seed, shape.n, shape.buckets), func(t *testing.T) {
-				newModel(t, seed, shape.n, shape.buckets, true).run(steps)
+				newModel(t, seed, shape.n, shape.buckets, withRows).run(steps)
 			})
 		}
 	}

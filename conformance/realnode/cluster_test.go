@@ -221,13 +221,14 @@ func TestRealClusterEncrypts(t *testing.T) {
 	out, _ := rc.ctl(ctx, "status")
 	t.Logf("secureoverlayctl status:\n%s", out)
 	// Each agent's report is its NodeReport in our namespace, nothing on its Node (what
-	// makes `kubectl delete` leave no report behind, below).
+	// makes `kubectl delete` leave no report behind, below); the master's NodeView of each
+	// node is there too (protocol v2 in shadow).
 	var where []string
 	if err := waitFor(ctx, time.Minute, func() (bool, error) {
 		where = rc.staleReports(ctx)
-		return strings.Join(where, ",") == "NodeReport node1,NodeReport node2", nil
+		return strings.Join(where, ",") == "NodeReport node1,NodeReport node2,NodeView node1,NodeView node2", nil
 	}); err != nil {
-		t.Errorf("reports while enabled: %v; want NodeReports node1 and node2 only", where)
+		t.Errorf("reports while enabled: %v; want the NodeReports and NodeViews of node1 and node2 only", where)
 	}
 	// Every agent publishes its keys: the generation is protocol v2, no v1 generation is
 	// live, every agent reads the public ring — so the master has taken the agents' read

@@ -1112,7 +1112,10 @@ done; true`, cmd))
 			}
 		}
 		if first < 0 {
-			first = len(lines)
+			if first = len(lines); first != clusterNodes {
+				rc.t.Logf("%s: %d processes, want %d; the pods now:", cmd, first, clusterNodes)
+				rc.dumpPods(ctx)
+			}
 		}
 		return len(lines) == clusterNodes, nil
 	}); err != nil {

@@ -4,6 +4,7 @@ import (
 	"container/heap"
 	"context"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -45,8 +46,13 @@ type viewWriter struct {
 	mu      sync.Mutex
 	want    map[string]wantView
 	written map[string]writtenView
+	// recent are the last views this writer wrote per node (recentWrites at most): an
+	// informer event carrying one of them, other than the last, is a late echo.
+	recent  map[string][]api.ReadinessView
 	lastErr time.Time // last write error logged (one a minute at most)
 }
+
+const recentWrites = 4
 
 type wantView struct {
 	uid  string
@@ -63,7 +69,7 @@ type writtenView struct {
 }
 
 func newViewWriter(dc dynamic.Interface, ns string, log *slog.Logger, m *Metrics) *viewWriter {
-	return &viewWriter{dc: dc, ns: ns, log: log, metrics: m, want: map[string]wantView{}, written: map[string]writtenView{},
+	return &viewWriter{dc: dc, ns: ns, log: log, metrics: m, want: map[string]wantView{}, written: map[string]writtenView{}, recent: map[string][]api.ReadinessView{},
 		queue:   newViewQueue(m.ViewsQueued, viewGap, time.Now),
 		backoff: workqueue.NewTypedItemExponentialFailureRateLimiter[string](time.Second, time.Minute)}
 }
@@ -97,14 +103,15 @@ func (w *viewWriter) Forget(node string) {
 	w.mu.Lock()
 	delete(w.want, node)
 	delete(w.written, node)
+	delete(w.recent, node)
 	w.mu.Unlock()
 }
 
 // run follows the NodeViews in the API with an informer, then writes until ctx ends. The
 // informer's first list takes the views already written (a previous leader's: not
 // rewritten when equal); later, a view deleted or changed by anyone but this writer is
-// written again (an operator's `kubectl delete nodeview`, an edit) — and a change echoing
-// one of this writer's own earlier writes costs at most one redundant write.
+// written again (an operator's `kubectl delete nodeview`, an edit); a late echo of one of
+// this writer's own earlier writes is recognised and ignored.
 func (w *viewWriter) run(ctx context.Context) {
 	go func() {
 		<-ctx.Done()
@@ -166,6 +173,12 @@ func (w *viewWriter) observed(obj any, gone bool) {
 	}
 	w.mu.Lock()
 	cur, had := w.written[node]
+	if !gone && had && cur.wire != held.wire && slices.Contains(w.recent[node], held.wire) {
+		// The informer's late echo of an earlier write of ours: the API already holds (or
+		// will show) the later one. Taking it for an edit would rewrite an unchanged view.
+		w.mu.Unlock()
+		return
+	}
 	if gone {
 		delete(w.written, node)
 	} else if !had || cur.wire != held.wire {
@@ -220,6 +233,11 @@ func (w *viewWriter) next(ctx context.Context) bool {
 	w.backoff.Forget(node)
 	w.mu.Lock()
 	w.written[node] = writtenView{want.view, want.wire}
+	r := append(w.recent[node], want.wire)
+	if len(r) > recentWrites {
+		r = r[len(r)-recentWrites:]
+	}
+	w.recent[node] = r
 	w.mu.Unlock()
 	return true
 }

@@ -270,3 +270,38 @@ func TestViewWriterNoCRD(t *testing.T) {
 		t.Errorf("%v writes attempted without the CRD", got)
 	}
 }
+
+// TestViewWriterIgnoresLateEcho: the informer may deliver the event of an earlier write
+// after a later one; that is not an edit, and must not make the writer rewrite a view that
+// did not change (TestNodeViewsAgainstRealAPIServer caught it once in 20 runs).
+func TestViewWriterIgnoresLateEcho(t *testing.T) {
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
+	m := NewMetrics()
+	w := newViewWriter(dc, api.Namespace, slog.New(slog.DiscardHandler), m)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go w.run(ctx)
+	time.Sleep(100 * time.Millisecond) // the informer's first list
+	one := func(*readiness.View) int { return 1 }
+	a, b := readiness.View{Keys: 1, NotIn: []uint32{2}}, readiness.View{Keys: 1}
+	writes := func(n float64) {
+		t.Helper()
+		for deadline := time.Now().Add(10 * time.Second); value(m.ViewWrites.WithLabelValues("ok")) < n; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%v writes, want %v", value(m.ViewWrites.WithLabelValues("ok")), n)
+			}
+		}
+	}
+	w.Set("node-a", "uid-a", a, one)
+	writes(1)
+	w.Set("node-a", "uid-a", b, one)
+	writes(2)                                                                                      // after the per-node second
+	w.observed(nodeview.Object(api.Namespace, "node-a", "uid-a", *readiness.EncodeView(a)), false) // a's event, late
+	time.Sleep(1500 * time.Millisecond)
+	if got := value(m.ViewWrites.WithLabelValues("ok")); got != 2 {
+		t.Errorf("%v writes after a late echo, want 2", got)
+	}
+	// An edit to a value it never wrote is still restored.
+	w.observed(nodeview.Object(api.Namespace, "node-a", "uid-a", *readiness.EncodeView(readiness.View{Keys: 9})), false)
+	writes(3)
+}

@@ -305,7 +305,8 @@ func newViewQueue(g *prometheus.GaugeVec, gap time.Duration, now func() time.Tim
 	return q
 }
 
-func class(gain int) int {
+// gainClass is a queued view's gauge class: 0 gaining something, 1 nothing.
+func gainClass(gain int) int {
 	if gain > 0 {
 		return 0
 	}
@@ -320,7 +321,7 @@ func (q *viewQueue) add(node string, gain int) {
 		return
 	}
 	if it, ok := q.at[node]; ok {
-		q.n[class(it.gain)]--
+		q.n[gainClass(it.gain)]--
 		it.gain = gain
 		if _, cooling := q.cool[node]; !cooling {
 			heap.Fix(&q.h, it.index)
@@ -336,7 +337,7 @@ func (q *viewQueue) add(node string, gain int) {
 		}
 		q.cond.Signal()
 	}
-	q.n[class(gain)]++
+	q.n[gainClass(gain)]++
 	q.count()
 }
 
@@ -362,7 +363,7 @@ func (q *viewQueue) take() (string, bool, time.Time) {
 	it := heap.Pop(&q.h).(*viewItem)
 	delete(q.at, it.node)
 	q.taken[it.node] = now
-	q.n[class(it.gain)]--
+	q.n[gainClass(it.gain)]--
 	q.count()
 	return it.node, true, time.Time{}
 }

@@ -27,7 +27,7 @@ import (
 // failed write (counted, logged once), writes a forgotten node's view again when it comes
 // back, and at start takes the views already in the API as written.
 func TestViewWriter(t *testing.T) {
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
+	dc := fakeViewsClient()
 	v1 := readiness.View{Keys: 1, NotIn: []uint32{2}}
 	v2 := readiness.View{Keys: 2}
 	// A previous leader wrote node-b's view.
@@ -93,7 +93,7 @@ func TestViewWriter(t *testing.T) {
 // nothing else waits; the writer asks about the view the API holds (nil before the first
 // write).
 func TestViewWriterGatingFirst(t *testing.T) {
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
+	dc := fakeViewsClient()
 	release := make(chan struct{})
 	var mu sync.Mutex
 	var order []string
@@ -104,11 +104,7 @@ func TestViewWriterGatingFirst(t *testing.T) {
 		mu.Unlock()
 		return false, nil, nil
 	})
-	m := NewMetrics()
-	w := newViewWriter(dc, api.Namespace, slog.New(slog.DiscardHandler), m)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go w.run(ctx)
+	w, m, _ := runViewWriter(t, dc)
 	time.Sleep(100 * time.Millisecond) // the start's list
 	v := readiness.View{Keys: 1, Seq: 7}
 	var asked []*readiness.View
@@ -197,12 +193,8 @@ func TestViewQueueGap(t *testing.T) {
 // written again, without a change of the view the master wants; a view the writer wrote
 // itself is not written twice.
 func TestViewWriterRestores(t *testing.T) {
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
-	m := NewMetrics()
-	w := newViewWriter(dc, api.Namespace, slog.New(slog.DiscardHandler), m)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go w.run(ctx)
+	dc := fakeViewsClient()
+	w, m, ctx := runViewWriter(t, dc)
 	v := readiness.View{Keys: 7, NotIn: []uint32{3}}
 	want := *readiness.EncodeView(v)
 	w.Set("node-a", "uid-a", v, func(*readiness.View) int { return 1 })
@@ -245,7 +237,7 @@ func TestViewWriterRestores(t *testing.T) {
 // TestViewWriterNoCRD: with an older manifest (no NodeView CRD) the writer says so once,
 // writes nothing, and stops with its context.
 func TestViewWriterNoCRD(t *testing.T) {
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
+	dc := fakeViewsClient()
 	dc.PrependReactor("list", "nodeviews", func(k8stesting.Action) (bool, runtime.Object, error) {
 		return true, nil, apierrors.NewNotFound(nodeview.GVR.GroupResource(), "")
 	})
@@ -275,12 +267,8 @@ func TestViewWriterNoCRD(t *testing.T) {
 // after a later one; that is not an edit, and must not make the writer rewrite a view that
 // did not change (TestNodeViewsAgainstRealAPIServer caught it once in 20 runs).
 func TestViewWriterIgnoresLateEcho(t *testing.T) {
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
-	m := NewMetrics()
-	w := newViewWriter(dc, api.Namespace, slog.New(slog.DiscardHandler), m)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go w.run(ctx)
+	dc := fakeViewsClient()
+	w, m, _ := runViewWriter(t, dc)
 	time.Sleep(100 * time.Millisecond) // the informer's first list
 	one := func(*readiness.View) int { return 1 }
 	a, b := readiness.View{Keys: 1, NotIn: []uint32{2}}, readiness.View{Keys: 1}
@@ -304,4 +292,19 @@ func TestViewWriterIgnoresLateEcho(t *testing.T) {
 	// An edit to a value it never wrote is still restored.
 	w.observed(nodeview.Object(api.Namespace, "node-a", "uid-a", *readiness.EncodeView(readiness.View{Keys: 9})), false)
 	writes(3)
+}
+
+// fakeViewsClient is a fake dynamic client that serves NodeViews.
+func fakeViewsClient() *dynamicfake.FakeDynamicClient {
+	return dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodeview.GVR: nodeview.ListKind})
+}
+
+// runViewWriter runs a view writer on dc until the test ends.
+func runViewWriter(t *testing.T, dc *dynamicfake.FakeDynamicClient) (*viewWriter, *Metrics, context.Context) {
+	m := NewMetrics()
+	w := newViewWriter(dc, api.Namespace, slog.New(slog.DiscardHandler), m)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	go w.run(ctx)
+	return w, m, ctx
 }

@@ -3,6 +3,7 @@ package readiness
 import (
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"testing"
 )
 
@@ -218,5 +219,98 @@ func TestRowRules(t *testing.T) {
 	}
 	if in, out := (&Agent{ID: 3}).ConsiderRow(refusing, ks, buckets); !in || !out {
 		t.Errorf("node 2 refuses node 1 only: node 3 (same bucket) confirmed in %v out %v", in, out)
+	}
+}
+
+// TestConsiderRowsIsConsiderRow: ConsiderRows confirms exactly what ConsiderRow does row by
+// row, over random key views, rows of other Ks, partial claims, rows from the checker's
+// own bucket and refused peers in and out of it.
+func TestConsiderRowsIsConsiderRow(t *testing.T) {
+	for seed := uint64(0); seed < 300; seed++ {
+		rng := rand.New(rand.NewPCG(seed, 77))
+		n, buckets := 2+rng.IntN(40), 1+rng.IntN(6)
+		mine := Keys{}
+		for id := uint32(1); id <= uint32(n); id++ {
+			mine[id] = K(rng.Uint64())
+		}
+		var rows []Status
+		for x := uint32(1); x <= uint32(n); x++ {
+			if rng.IntN(4) == 0 {
+				continue
+			}
+			in, out := Keys{}, Keys{}
+			var refused []uint32
+			for id, k := range mine {
+				switch {
+				case id == x:
+				case rng.IntN(10) == 0:
+					refused = append(refused, id)
+				default:
+					if rng.IntN(6) != 0 {
+						in[id] = k
+					}
+					if rng.IntN(6) != 0 {
+						out[id] = k
+					}
+					if rng.IntN(20) == 0 {
+						in[id] = K(rng.Uint64()) // an older K of the peer
+					}
+				}
+			}
+			slices.Sort(refused)
+			self := mine[x]
+			if rng.IntN(8) == 0 {
+				self = K(rng.Uint64())
+			}
+			rows = append(rows, NewStatus(x, self, in, out, refused, buckets))
+		}
+		for a := uint32(1); a <= uint32(n); a++ {
+			one, all := &Agent{ID: a}, &Agent{ID: a}
+			for _, r := range rows {
+				one.ConsiderRow(r, mine, buckets)
+			}
+			all.ConsiderRows(rows, mine, buckets)
+			for b := uint32(1); b <= uint32(n); b++ {
+				if one.SendESP(b, mine) != all.SendESP(b, mine) || one.DropPlaintext(b, mine) != all.DropPlaintext(b, mine) {
+					t.Fatalf("seed %d, agent %d, peer %d: ConsiderRow says send %v drop %v, ConsiderRows %v %v", seed, a, b,
+						one.SendESP(b, mine), one.DropPlaintext(b, mine), all.SendESP(b, mine), all.DropPlaintext(b, mine))
+				}
+			}
+		}
+	}
+}
+
+// TestComplete: a status is complete when it claims every peer of the key view it does not
+// refuse, both ways, with the peer's K in that view.
+func TestComplete(t *testing.T) {
+	const buckets = 4
+	ks := Keys{1: KeyDigest("a"), 2: KeyDigest("b"), 3: KeyDigest("c"), 4: KeyDigest("d"), 5: KeyDigest("e")}
+	less := func(drop ...uint32) Keys {
+		c := ks.Clone()
+		for _, d := range drop {
+			delete(c, d)
+		}
+		return c
+	}
+	older := less(1)
+	older[3] = KeyDigest("c-old")
+	for _, tc := range []struct {
+		name string
+		s    Status
+		mine Keys
+		want bool
+	}{
+		{"every peer both ways", NewStatus(1, ks[1], less(1), less(1), nil, buckets), ks, true},
+		{"one peer missing inbound", NewStatus(1, ks[1], less(1, 4), less(1), nil, buckets), ks, false},
+		{"one peer missing outbound", NewStatus(1, ks[1], less(1), less(1, 2), nil, buckets), ks, false},
+		{"a peer claimed with its old K", NewStatus(1, ks[1], older, less(1), nil, buckets), ks, false},
+		{"a refused peer left out", NewStatus(1, ks[1], less(1, 5), less(1, 5), []uint32{5}, buckets), ks, true},
+		{"a peer left out but not refused", NewStatus(1, ks[1], less(1, 5), less(1, 5), nil, buckets), ks, false},
+		{"a peer the status claims but the view lacks", NewStatus(1, ks[1], less(1), less(1), nil, buckets), less(5), false},
+		{"wrong bucket count", NewStatus(1, ks[1], less(1), less(1), nil, buckets+1), ks, false},
+	} {
+		if got := Complete(tc.s, tc.mine, buckets); got != tc.want {
+			t.Errorf("%s: Complete = %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }

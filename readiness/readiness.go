@@ -522,6 +522,45 @@ func (a *Agent) Consider(v View, mine Keys) bool {
 // after x re-keys its pairs need no view of any other node. Confirmations are sticky, as
 // with views. It reports the directions it confirmed.
 func (a *Agent) ConsiderRow(row Status, mine Keys, buckets int) (in, out bool) {
+	j := Bucket(a.ID, buckets)
+	want := mine.Digest(func(id uint32) bool {
+		return Bucket(id, buckets) == j && id != row.ID && !slices.Contains(row.Refused, id)
+	})
+	return a.considerRow(row, mine, buckets, want)
+}
+
+// ConsiderRows is ConsiderRow for many rows at once, at the cost of one digest of this
+// node's bucket plus one per row that must leave a peer of that bucket out (a row from the
+// bucket, or refusing a peer in it): N/32 rows of N/32 peers, where ConsiderRow one by one
+// digests the bucket for every row. The result is the same (TestConsiderRowsIsConsiderRow).
+func (a *Agent) ConsiderRows(rows []Status, mine Keys, buckets int) {
+	if _, ok := mine[a.ID]; !ok || len(rows) == 0 {
+		return
+	}
+	j := Bucket(a.ID, buckets)
+	var ids []uint32
+	for id := range mine {
+		if Bucket(id, buckets) == j {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+	whole := mine.digestSorted(ids, nil)
+	for _, row := range rows {
+		leaves := Bucket(row.ID, buckets) == j
+		for _, r := range row.Refused {
+			leaves = leaves || Bucket(r, buckets) == j
+		}
+		want := whole
+		if leaves {
+			want = mine.digestSorted(ids, func(id uint32) bool { return id == row.ID || slices.Contains(row.Refused, id) })
+		}
+		a.considerRow(row, mine, buckets, want)
+	}
+}
+
+// considerRow is ConsiderRow with the expected digest of this node's bucket given.
+func (a *Agent) considerRow(row Status, mine Keys, buckets int, want uint64) (in, out bool) {
 	kx, ok1 := mine[row.ID]
 	ka, ok2 := mine[a.ID]
 	if !ok1 || !ok2 || row.ID == a.ID || row.Self != kx || len(row.In) != buckets || len(row.Out) != buckets {
@@ -531,9 +570,6 @@ func (a *Agent) ConsiderRow(row Status, mine Keys, buckets int) (in, out bool) {
 		return false, false
 	}
 	j := Bucket(a.ID, buckets)
-	want := mine.Digest(func(id uint32) bool {
-		return Bucket(id, buckets) == j && id != row.ID && !slices.Contains(row.Refused, id)
-	})
 	if a.in == nil {
 		a.in, a.out = map[uint32][2]K{}, map[uint32][2]K{}
 	}
@@ -545,6 +581,27 @@ func (a *Agent) ConsiderRow(row Status, mine Keys, buckets int) (in, out bool) {
 		a.out[row.ID], out = pair, true
 	}
 	return in, out
+}
+
+// Complete reports whether status s claims, both ways, every peer in mine (the node's own
+// key view) that s does not refuse, each with its K in mine: a node whose row is complete
+// for its K need not publish it again when a peer re-keys (docs/keys.md §12).
+func Complete(s Status, mine Keys, buckets int) bool {
+	if len(s.In) != buckets || len(s.Out) != buckets {
+		return false
+	}
+	want := make([]uint64, buckets)
+	groups := make([][]uint32, buckets)
+	for id := range mine {
+		if id != s.ID && !slices.Contains(s.Refused, id) {
+			groups[Bucket(id, buckets)] = append(groups[Bucket(id, buckets)], id)
+		}
+	}
+	for j, ids := range groups {
+		slices.Sort(ids)
+		want[j] = mine.digestSorted(ids, nil)
+	}
+	return slices.Equal(s.In, want) && slices.Equal(s.Out, want)
 }
 
 // confirmed: c holds b's confirmation for both ends' K as they are in mine.

@@ -38,6 +38,8 @@ import (
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/noderow"
+	"github.com/secureoverlay/secureoverlay/readiness"
 )
 
 const (
@@ -248,6 +250,9 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "watch nodekeys.secureoverlay.io " + ns, true},       // peers' public keys (protocol v2)
 		{agentSA, "get nodeviews.secureoverlay.io/node-a " + ns, true}, // its view of its pairs (protocol v2)
 		{agentSA, "watch nodeviews.secureoverlay.io " + ns, true},
+		{agentSA, "create noderows.secureoverlay.io " + ns, true}, // its readiness row (the policy: its own only)
+		{agentSA, "patch noderows.secureoverlay.io/node-a " + ns, true},
+		{agentSA, "watch noderows.secureoverlay.io " + ns, true}, // peers' rows (protocol v2)
 		// agent: what it must not
 		{agentSA, "get secrets/other " + ns, false},
 		{agentSA, "list secrets " + ns, false},
@@ -271,6 +276,9 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "patch nodeviews.secureoverlay.io/node-a " + ns, false}, // only the master writes views
 		{agentSA, "create nodeviews.secureoverlay.io " + ns, false},
 		{agentSA, "delete nodeviews.secureoverlay.io/node-a " + ns, false},
+		{agentSA, "delete noderows.secureoverlay.io/node-a " + ns, false},
+		{agentSA, "update noderows.secureoverlay.io/node-a " + ns, false},
+		{agentSA, "create noderows.secureoverlay.io -n kube-system", false},
 		// master: what it needs
 		{masterSA, "get nodes", true},
 		{masterSA, "list nodes", true},
@@ -305,6 +313,8 @@ func canI(t *testing.T, kc, admin string) {
 		{masterSA, "list pods " + ns, false},
 		{masterSA, "list ipamblocks.crd.projectcalico.org", false},
 		{masterSA, "patch nodekeys.secureoverlay.io/node-a " + ns, false}, // only agents publish keys
+		{masterSA, "patch noderows.secureoverlay.io/node-a " + ns, false}, // and rows
+		{masterSA, "list noderows.secureoverlay.io " + ns, false},         // which it does not read
 		{masterSA, "watch nodekeys.secureoverlay.io " + ns, true},         // who publishes the next generation's key
 		{masterSA, "create nodeviews.secureoverlay.io " + ns, true},       // the agents' views (protocol v2)
 		{masterSA, "patch nodeviews.secureoverlay.io/node-a " + ns, true},
@@ -589,6 +599,23 @@ func agentPolicy(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 	// Deleting and creating Nodes is refused by RBAC already; the policy would too.
 	if err := asA.CoreV1().Nodes().Delete(ctx, "node-a", metav1.DeleteOptions{}); !apierrors.IsForbidden(err) {
 		t.Errorf("agent deleting its node: %v, want forbidden", err)
+	}
+
+	// Its readiness row: its own only, and never deleted (a row of another node's name
+	// would speak for that node's kernel).
+	dcA := dynamic.NewForConfigOrDie(podBoundConfig(t, c, cs, "node-a"))
+	row := readiness.NewStatus(1, readiness.KeyDigest("a"), readiness.Keys{2: readiness.KeyDigest("b")}, nil, nil, readiness.DefaultBuckets)
+	if err := noderow.Write(ctx, dcA, api.Namespace, "node-a", "", row); err != nil {
+		t.Errorf("agent writing its own NodeRow: %v", err)
+	}
+	if err := noderow.Write(ctx, dcA, api.Namespace, "node-b", "", row); err == nil || !strings.Contains(err.Error(), "may only write the noderows of its own Node") {
+		t.Errorf("agent of node-a writing node-b's NodeRow: %v, want the policy's refusal", err)
+	}
+	if err := dcA.Resource(noderow.GVR).Namespace(api.Namespace).Delete(ctx, "node-a", metav1.DeleteOptions{}); err == nil {
+		t.Error("agent deleting its NodeRow: allowed")
+	}
+	if err := dynamic.NewForConfigOrDie(c.AdminConfig()).Resource(noderow.GVR).Namespace(api.Namespace).Delete(ctx, "node-a", metav1.DeleteOptions{}); err != nil {
+		t.Error(err)
 	}
 }
 

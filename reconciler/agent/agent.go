@@ -53,6 +53,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/readiness"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/kernelinfo"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
@@ -119,6 +120,9 @@ type Config struct {
 	ExternalMTU int
 	// RetryMin/RetryMax bound the backoff after a failed sync (default 500ms, 30s).
 	RetryMin, RetryMax time.Duration
+	// RowInterval is the least time between two writes of this node's readiness row
+	// (docs/keys.md §12; default 1s).
+	RowInterval time.Duration
 	// LedgerDir holds this node's SA key ledger (package ledger; the binary's default is
 	// ledger.DefaultDir). The process must hold its lock (ledger.WaitLock). Required.
 	LedgerDir string
@@ -240,6 +244,16 @@ type Agent struct {
 	keysUID, keysErr   string
 	keysWake           chan struct{}
 	kmu                sync.Mutex
+	// rowWant is the readiness row the sync worker handed over last (nil before the first
+	// publishing sync with a ring ID), rowComplete whether it claimed every peer
+	// (readiness.Complete), rowUID its owner's UID; rowHave the row written last in this
+	// process and rowErr the last write's error (the row writer sets them; all under mu).
+	// rmu serialises writes (the writer and Sync's flush).
+	rowWant, rowHave *readiness.Status
+	rowComplete      bool
+	rowUID, rowErr   string
+	rowWake          chan struct{}
+	rmu              sync.Mutex
 
 	// viewShadow compares protocol v2's rule on this node's NodeView with the lists (sync
 	// worker only).
@@ -273,6 +287,9 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	if cfg.RetryMin <= 0 {
 		cfg.RetryMin = 500 * time.Millisecond
 	}
+	if cfg.RowInterval <= 0 {
+		cfg.RowInterval = time.Second
+	}
 	if cfg.RetryMax <= 0 {
 		cfg.RetryMax = 30 * time.Second
 	}
@@ -301,7 +318,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 		q: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](cfg.RetryMin, cfg.RetryMax),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "secureoverlay-agent"}),
-		wake: make(chan struct{}, 1), keysWake: make(chan struct{}, 1)}
+		wake: make(chan struct{}, 1), keysWake: make(chan struct{}, 1), rowWake: make(chan struct{}, 1)}
 	a.reset.Store(true)
 	a.full.Store(true)
 	a.noteKernel()
@@ -336,6 +353,7 @@ func (a *Agent) Run(ctx context.Context) {
 	var writer sync.WaitGroup
 	writer.Go(func() { a.writeReports(wctx, stopped) })
 	writer.Go(func() { a.writeKeys(wctx, stopped) })
+	writer.Go(func() { a.writeRows(wctx, stopped) })
 	var wg sync.WaitGroup
 	wg.Go(func() { a.d.Source.Run(ctx) })
 	wg.Go(func() { a.periodic(ctx) })
@@ -411,6 +429,9 @@ func (a *Agent) Sync(ctx context.Context) error {
 	}
 	if kerr := a.writeKeysOnce(context.WithoutCancel(ctx)); kerr != nil && err == nil {
 		return kerr
+	}
+	if rerr := a.writeRowOnce(context.WithoutCancel(ctx)); rerr != nil && err == nil {
+		return rerr
 	}
 	return err
 }
@@ -600,9 +621,14 @@ func (a *Agent) sync() (err error) {
 	rep.UID, rep.Epoch = self.UID, a.epoch
 	a.mu.Unlock()
 	rep.Readiness = ReadinessOf(st, &snap, a.cfg.NodeName, watch.KeyIncarnation(self.Incarnation, self.UID, rep.Epoch))
+	mine := a.viewShadow.keys(&in)
 	if vs, ok := a.d.Source.(ViewSource); ok {
 		w, have := vs.ReadinessView()
-		a.d.Metrics.SetViewShadow(a.viewShadow.compare(&in, w, have))
+		var rows []readiness.Status
+		if rs, ok := a.d.Source.(RowSource); ok {
+			rows = peerRows(rs, &in)
+		}
+		a.d.Metrics.SetViewShadow(a.viewShadow.compare(&in, mine, w, have, rows))
 	}
 	if berr != nil {
 		rep.Error = reportError(berr)
@@ -629,8 +655,12 @@ func (a *Agent) sync() (err error) {
 			return nil // readiness waits for the publishing sync
 		}
 	}
-	// The write leaves the sync path: the writer writes the newest report handed over.
+	// The write leaves the sync path: the writer writes the newest report handed over,
+	// and the row writer the newest row (the report's readiness, while incomplete).
 	a.publish(rep)
+	if mine != nil {
+		a.publishRow(rep.Readiness, mine, self.UID)
+	}
 	a.setStatus(true, berr)
 	if res.Writes() > 0 || full {
 		a.log.Debug("synced", "kind", kind, "mode", st.Mode, "states", len(st.SAs), "policies", len(st.Policies),

@@ -40,6 +40,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/noderow"
 	"github.com/secureoverlay/secureoverlay/nodeview"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
@@ -132,7 +133,7 @@ func newEnv(t *testing.T, mode api.Mode, cfg Config) *env {
 		APIResources: []metav1.APIResource{{Name: "ipamblocks"}, {Name: "ippools"}}}}
 	gv := schema.GroupVersion{Group: "crd.projectcalico.org", Version: "v1"}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"})
+		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"})
 	e.src = &gated{Watcher: watch.New(watch.Config{Self: "a", Client: e.cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})}
 	e.src.open.Store(true)
 	e.xk = xfrm.NewFake()

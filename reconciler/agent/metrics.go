@@ -54,6 +54,10 @@ type Metrics struct {
 	// digest matched this node's (docs/protocol-v2.md §9 step 2: shadow, decides nothing).
 	ViewPairs      *prometheus.GaugeVec
 	ViewConsistent prometheus.Gauge
+	// RowPairs is ViewPairs from the peers' readiness rows alone; Rows counts the rows
+	// taken (docs/keys.md §12).
+	RowPairs *prometheus.GaugeVec
+	Rows     prometheus.Gauge
 
 	mu    sync.Mutex
 	drops []PlaintextCount
@@ -104,7 +108,12 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 		[]string{"direction", "verdict"})
 	m.ViewConsistent = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_view_consistent",
 		Help: "1 when this node's NodeView was written for the key view this node has (its key digest matches), else 0."})
-	m.Registry.MustRegister(m.ViewPairs, m.ViewConsistent)
+	m.RowPairs = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_row_pairs",
+		Help: "Protocol v2 readiness in shadow, from the peers' readiness rows (NodeRows) alone: peers by direction and verdict against the peers' reports, as readiness_view_pairs. ahead is 0 always; behind is expected for a peer whose row was complete before this node last re-keyed (its NodeView covers those). Decides nothing yet."},
+		[]string{"direction", "verdict"})
+	m.Rows = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_rows",
+		Help: "Peers whose readiness row (NodeRow) was taken at the last sync: its node ID is the peer's and it is for the peer's current keys."})
+	m.Registry.MustRegister(m.ViewPairs, m.ViewConsistent, m.RowPairs, m.Rows)
 	m.Conflicts = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "address_conflicts", Help: "IPv4 addresses claimed by more than one Node (each pair kept as it was, or given nothing)."})
 	m.Registry.MustRegister(m.Conflicts)
 	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.MemoUpdates, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,
@@ -185,7 +194,10 @@ func (m *Metrics) SetViewShadow(r ViewShadowResult) {
 	for v, name := range VerdictNames {
 		m.ViewPairs.WithLabelValues("in", name).Set(float64(r.In[v]))
 		m.ViewPairs.WithLabelValues("out", name).Set(float64(r.Out[v]))
+		m.RowPairs.WithLabelValues("in", name).Set(float64(r.RowIn[v]))
+		m.RowPairs.WithLabelValues("out", name).Set(float64(r.RowOut[v]))
 	}
+	m.Rows.Set(float64(r.Rows))
 	if r.Consistent {
 		m.ViewConsistent.Set(1)
 	} else {

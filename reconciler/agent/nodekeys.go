@@ -60,19 +60,35 @@ func (a *Agent) publishKeys(snap *watch.Snapshot) error {
 // one last attempt (ctx bounds it, as the report writer's). A restart writes them once
 // more (idempotent).
 func (a *Agent) writeKeys(ctx context.Context, stopped <-chan struct{}) {
+	a.writeLoop(ctx, stopped, a.keysWake, 0, a.writeKeysOnce)
+}
+
+// writeLoop runs once at start and whenever wake fires, until stopped is closed: after a
+// failure it runs again after a backoff (RetryMin doubling to RetryMax) unless woken
+// sooner, and it leaves at least gap between two runs (changes meanwhile coalesce: the
+// writers write the newest). Once stopped is closed it runs once more (ctx bounds it).
+func (a *Agent) writeLoop(ctx context.Context, stopped <-chan struct{}, wake <-chan struct{}, gap time.Duration, once func(context.Context) error) {
 	failures := 0
 	for {
 		var retry <-chan time.Time
 		var t *time.Timer
-		if err := a.writeKeysOnce(ctx); err != nil {
+		if err := once(ctx); err != nil {
 			failures++
 			t = time.NewTimer(backoff(failures, a.cfg.RetryMin, a.cfg.RetryMax))
 			retry = t.C
 		} else {
 			failures = 0
 		}
+		if gap > 0 {
+			g := time.NewTimer(gap)
+			select {
+			case <-g.C:
+			case <-stopped:
+			}
+			g.Stop()
+		}
 		select {
-		case <-a.keysWake:
+		case <-wake:
 		case <-retry:
 		case <-stopped:
 		}
@@ -81,8 +97,8 @@ func (a *Agent) writeKeys(ctx context.Context, stopped <-chan struct{}) {
 		}
 		select {
 		case <-stopped:
-			// The sync worker has handed over its last keys: one bounded last attempt.
-			_ = a.writeKeysOnce(ctx)
+			// The sync worker has handed over its last decision: one bounded last attempt.
+			_ = once(ctx)
 			return
 		default:
 		}

@@ -18,13 +18,14 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/noderow"
 	"github.com/secureoverlay/secureoverlay/nodeview"
 )
 
 // keysClient gives e's agent a dynamic client holding NodeReports and NodeKeys.
 func keysClient(e *env) *dynamicfake.FakeDynamicClient {
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind})
+		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind})
 	e.a.d.Dynamic = dc
 	return dc
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"slices"
 	"testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -41,7 +42,8 @@ func TestViewShadow(t *testing.T) {
 	var s viewShadow
 	step := func(what string, w api.ReadinessView, have bool, consistent bool, in, out [numVerdicts]int) {
 		t.Helper()
-		got := s.compare(inputs(), w, have)
+		inp := inputs()
+		got := s.compare(inp, s.keys(inp), w, have, nil)
 		if got.View != have || got.Consistent != consistent || got.In != in || got.Out != out {
 			t.Errorf("%s: %+v, want view %v consistent %v in %v out %v", what, got, have, consistent, in, out)
 		}
@@ -67,7 +69,76 @@ func TestViewShadow(t *testing.T) {
 
 	// This node is not in the inputs with an ID: nothing to compare.
 	var empty viewShadow
-	if got := empty.compare(&desired.Inputs{Self: "a"}, view(ks, nil, nil), true); got != (ViewShadowResult{}) {
+	none := &desired.Inputs{Self: "a"}
+	if got := empty.compare(none, empty.keys(none), view(ks, nil, nil), true, nil); got != (ViewShadowResult{}) {
 		t.Errorf("no self: %+v", got)
 	}
+}
+
+// rowSource is a RowSource over fixed rows by node name.
+type rowSource map[string]readiness.Status
+
+func (r rowSource) ReadinessRows(f func(string, readiness.Status)) {
+	for name, row := range r {
+		f(name, row)
+	}
+}
+
+// TestViewShadowRows: the peers' rows confirm, beside the view, what they claim about this
+// node for both ends' current keys, and only that: a row of a peer's old keys, a row whose
+// ID is not its node's, a row that leaves this node out, confirm nothing; the rows-only
+// rule counts apart.
+func TestViewShadowRows(t *testing.T) {
+	incs := map[string]string{"a": "boot-a/uid-a/e1", "b": "boot-b/uid-b/e1", "c": "boot-c/uid-c/e1"}
+	ids := map[string]uint32{"a": 1, "b": 2, "c": 3}
+	reported := map[string]string{} // a peer's report's incarnation, when it lags its keys
+	inputs := func() *desired.Inputs {
+		in := &desired.Inputs{Self: "a"}
+		for _, name := range []string{"a", "b", "c"} {
+			n := desired.Node{Name: name, NodeID: ids[name], Incarnation: incs[name]}
+			if name != "a" {
+				r := incs[name]
+				if lag, ok := reported[name]; ok {
+					r = lag
+				}
+				n.Report = &desired.Report{Incarnation: r, InboundFromSelf: true, EncryptsToSelf: true}
+			}
+			in.Nodes = append(in.Nodes, n)
+		}
+		return in
+	}
+	// rowOf is node x's row claiming every other node (less those in without) with the
+	// Ks of now, for x's key incarnation inc.
+	rowOf := func(x, inc string, without ...string) readiness.Status {
+		claims := readiness.Keys{}
+		for name, i := range incs {
+			if name != x && !slices.Contains(without, name) {
+				claims[ids[name]] = readiness.KeyDigest(i)
+			}
+		}
+		return readiness.NewStatus(ids[x], readiness.KeyDigest(inc), claims, claims, nil, readiness.DefaultBuckets)
+	}
+	var s viewShadow
+	step := func(what string, rows rowSource, taken int, both, alone [numVerdicts]int) {
+		t.Helper()
+		in := inputs()
+		got := s.compare(in, s.keys(in), api.ReadinessView{}, false, peerRows(rows, in))
+		if got.Rows != taken || got.In != both || got.Out != both || got.RowIn != alone || got.RowOut != alone {
+			t.Errorf("%s: rows %d in %v out %v, rows alone %v %v; want rows %d, %v both ways, rows alone %v",
+				what, got.Rows, got.In, got.Out, got.RowIn, got.RowOut, taken, both, alone)
+		}
+	}
+	step("no rows", nil, 0, [3]int{0, 0, 2}, [3]int{0, 0, 2})
+	step("b's row names b's ID under c's name: dropped", rowSource{"c": rowOf("b", incs["b"])}, 0, [3]int{0, 0, 2}, [3]int{0, 0, 2})
+	step("c's row leaves a out", rowSource{"c": rowOf("c", incs["c"], "a")}, 1, [3]int{0, 0, 2}, [3]int{0, 0, 2})
+	step("b's and c's rows", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", incs["c"])}, 2, [3]int{2, 0, 0}, [3]int{2, 0, 0})
+	// c re-keys; its row of the old keys confirms nothing for the new ones.
+	old := incs["c"]
+	incs["c"] = "boot-c/uid-c/e2"
+	step("c re-keyed, its old row", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", old)}, 1, [3]int{1, 0, 1}, [3]int{1, 0, 1})
+	step("c's row of its new keys", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", incs["c"])}, 2, [3]int{2, 0, 0}, [3]int{2, 0, 0})
+	// A row confirms what the lists deny: ahead (must stay 0 in every scenario).
+	reported["b"] = incs["b"]
+	incs["b"] = "boot-b/uid-b/e2"
+	step("b re-keyed and its row claims a before its report does", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", incs["c"])}, 2, [3]int{1, 1, 0}, [3]int{1, 1, 0})
 }

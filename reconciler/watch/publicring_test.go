@@ -23,6 +23,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/noderow"
 	"github.com/secureoverlay/secureoverlay/nodeview"
 )
 
@@ -164,7 +165,7 @@ func runFakeWatcher(t *testing.T, ctx context.Context, cs *fake.Clientset) *Watc
 	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
 		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"})
+		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"})
 	w := New(Config{Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
 	go w.Run(ctx)
 	waitFor(t, "caches to sync", w.HasSynced)

@@ -63,6 +63,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/noderow"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
@@ -103,7 +104,8 @@ type Watcher struct {
 	ringCMs   cache.SharedIndexInformer // the public ring ConfigMap (one object)
 	reports   *nodereport.Cache[reportEntry]
 	pubKeys   *nodekeys.Cache
-	ownView   *ownView // this node's NodeView (readinessview.go)
+	ownView   *ownView       // this node's NodeView (readinessview.go)
+	rows      *noderow.Cache // the peers' readiness rows (rows.go)
 	coreStart func(<-chan struct{})
 
 	mu        sync.Mutex
@@ -294,6 +296,7 @@ func New(cfg Config) *Watcher {
 		w.notify("nodekeys")
 	})
 	w.ownView = w.newOwnView(func() { w.notify("nodeview") })
+	w.rows = w.newRows(func() { w.notify("noderow") })
 	w.coreStart = func(stop <-chan struct{}) {
 		w.secMu.Lock()
 		w.secStop = stop
@@ -310,6 +313,7 @@ func New(cfg Config) *Watcher {
 		w.reports.Start(stop)
 		w.pubKeys.Start(stop)
 		w.ownView.factory.Start(stop)
+		w.rows.Start(stop)
 	}
 	return w
 }

@@ -47,37 +47,10 @@ type v2node struct {
 // key of generation 1; the pair sends with generation 2 once it is active.
 func TestTwoAgentsDeriveV2(t *testing.T) {
 	ring := testRing(t, api.ModeEnforce, "a", "b")
-	data, err := keys.Marshal(ring)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cs := fake.NewClientset(testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"),
-		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: api.SecretName}, Data: map[string][]byte{api.SecretDataKey: data}})
-	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{{GroupVersion: "crd.projectcalico.org/v1",
-		APIResources: []metav1.APIResource{{Name: "ipamblocks"}, {Name: "ippools"}}}}
-	gv := schema.GroupVersion{Group: "crd.projectcalico.org", Version: "v1"}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind,
-		gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"})
+	cs, dc := fakeAPI(t, ring, testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	start := func(name, boot string) *v2node {
-		w := watch.New(watch.Config{Self: name, Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
-		xk := xfrm.NewFake()
-		cfg := Config{NodeName: name, ExternalMTU: 1500, RetryMin: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond,
-			ResyncInterval: 200 * time.Millisecond, LedgerDir: seededLedger(t, name, boot)}
-		a, err := New(cfg, Deps{Client: cs, Dynamic: dc, Source: w, Xfrm: xfrm.NewApplier(xk, cfg.Dataplane),
-			Rules: rules.NewApplier(rules.NewFake()), Metrics: NewMetrics(filepath.Join(t.TempDir(), "missing-xfrm_stat"))})
-		if err != nil {
-			t.Fatal(err)
-		}
-		actx, acancel := context.WithCancel(ctx)
-		done := make(chan struct{})
-		go func() { a.Run(actx); close(done) }()
-		n := &v2node{name: name, a: a, xk: xk, stop: func() { acancel(); <-done }}
-		t.Cleanup(n.stop)
-		return n
-	}
+	start := func(name, boot string) *v2node { return startNode(t, ctx, cs, dc, name, seededLedger(t, name, boot)) }
 	na, nb := start("a", "boot-a"), start("b", "boot-b")
 
 	// states returns node n's kernel SAs of generation gen, by (direction, peer).
@@ -188,6 +161,49 @@ func TestTwoAgentsDeriveV2(t *testing.T) {
 			t.Fatalf("%s: keys installed twice: %v", n.name, r)
 		}
 	}
+}
+
+// fakeAPI is a fake API holding nodes, the key Secret with ring, and every resource an
+// agent lists (NodeReports, NodeKeys, NodeViews, NodeRows, Calico's IPAM v1).
+func fakeAPI(t *testing.T, ring *keys.Ring, nodes ...*corev1.Node) (*fake.Clientset, *dynamicfake.FakeDynamicClient) {
+	t.Helper()
+	data, err := keys.Marshal(ring)
+	if err != nil {
+		t.Fatal(err)
+	}
+	objs := []runtime.Object{&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: api.SecretName}, Data: map[string][]byte{api.SecretDataKey: data}}}
+	for _, n := range nodes {
+		objs = append(objs, n)
+	}
+	cs := fake.NewClientset(objs...)
+	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{{GroupVersion: "crd.projectcalico.org/v1",
+		APIResources: []metav1.APIResource{{Name: "ipamblocks"}, {Name: "ippools"}}}}
+	gv := schema.GroupVersion{Group: "crd.projectcalico.org", Version: "v1"}
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
+		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind,
+		gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"})
+	return cs, dc
+}
+
+// startNode runs a real agent (its own watcher, fake kernel, the given ledger directory)
+// for node name on the fake API cs and dc until ctx ends or the test does.
+func startNode(t *testing.T, ctx context.Context, cs *fake.Clientset, dc *dynamicfake.FakeDynamicClient, name, ledgerDir string) *v2node {
+	t.Helper()
+	w := watch.New(watch.Config{Self: name, Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
+	xk := xfrm.NewFake()
+	cfg := Config{NodeName: name, ExternalMTU: 1500, RetryMin: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond,
+		ResyncInterval: 200 * time.Millisecond, LedgerDir: ledgerDir}
+	a, err := New(cfg, Deps{Client: cs, Dynamic: dc, Source: w, Xfrm: xfrm.NewApplier(xk, cfg.Dataplane),
+		Rules: rules.NewApplier(rules.NewFake()), Metrics: NewMetrics(filepath.Join(t.TempDir(), "missing-xfrm_stat"))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	actx, acancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { a.Run(actx); close(done) }()
+	n := &v2node{name: name, a: a, xk: xk, stop: func() { acancel(); <-done }}
+	t.Cleanup(n.stop)
+	return n
 }
 
 func waitUntil(d time.Duration, f func() bool) bool {

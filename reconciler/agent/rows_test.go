@@ -1,0 +1,115 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/noderow"
+	"github.com/secureoverlay/secureoverlay/readiness"
+)
+
+// rowPairs is n's rows-only shadow: by direction, agree/ahead/behind.
+func rowPairs(n *v2node) (in, out [numVerdicts]float64) {
+	for v, name := range VerdictNames {
+		in[v] = value(n.a.d.Metrics.RowPairs.WithLabelValues("in", name))
+		out[v] = value(n.a.d.Metrics.RowPairs.WithLabelValues("out", name))
+	}
+	return in, out
+}
+
+// rowWrites counts n's successful NodeRow writes.
+func rowWrites(n *v2node) float64 {
+	return value(n.a.d.Metrics.ReportWrites.WithLabelValues("row", "ok"))
+}
+
+// TestAgentsPublishRows: three real agents (watchers, desired state, fake kernels, ledgers)
+// on one fake API publish their readiness rows; once every pair is programmed each row is
+// complete, and the rows alone confirm every pair on every agent, as the lists do (never
+// ahead of them). Then c loses its state (a new SA epoch: new keys for all its pairs): c
+// publishes a row for its new keys, which a and b take, while a and b, whose rows were
+// complete, write none (another node's re-key costs no row of theirs); on c the rows of a
+// and b, about c's old keys, confirm nothing (c's NodeView carries that side).
+func TestAgentsPublishRows(t *testing.T) {
+	ring := testRing(t, api.ModeEnforce, "a", "b", "c")
+	cs, dc := fakeAPI(t, ring, testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"), testNode("c", "198.18.0.3", "boot-c"))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	nodes := map[string]*v2node{}
+	for _, name := range []string{"a", "b", "c"} {
+		nodes[name] = startNode(t, ctx, cs, dc, name, seededLedger(t, name, "boot-"+name))
+	}
+	row := func(name string) (readiness.Status, error) {
+		u, err := dc.Resource(noderow.GVR).Namespace(api.Namespace).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return readiness.Status{}, err
+		}
+		return noderow.Parse(u)
+	}
+	// settled: every agent takes both peers' rows and the rows alone agree with its lists
+	// on every pair but those in behind (names of nodes whose rows-only rule lags).
+	settled := func(behind map[string]bool) string {
+		for _, name := range []string{"a", "b", "c"} {
+			n := nodes[name]
+			in, out := rowPairs(n)
+			taken := value(n.a.d.Metrics.Rows)
+			want := [numVerdicts]float64{2, 0, 0}
+			if behind[name] {
+				want = [numVerdicts]float64{0, 0, 2}
+			}
+			if taken != 2 || in != want || out != want {
+				return fmt.Sprintf("%s: %v rows taken, rows alone in %v out %v (want 2, %v)", name, taken, in, out, want)
+			}
+		}
+		return ""
+	}
+	var why string
+	if !waitUntil(30*time.Second, func() bool { why = settled(nil); return why == "" }) {
+		t.Fatalf("rows never confirmed every pair: %s", why)
+	}
+	selfs := map[string]readiness.K{}
+	for _, name := range []string{"a", "b", "c"} {
+		r, err := row(name)
+		if err != nil {
+			t.Fatalf("%s's NodeRow: %v", name, err)
+		}
+		if r.ID != ring.Nodes[name[0]-'a'].ID {
+			t.Errorf("%s's NodeRow has ID %d", name, r.ID)
+		}
+		selfs[name] = r.Self
+	}
+	// Ahead is never allowed; check once more after a few resyncs.
+	time.Sleep(500 * time.Millisecond)
+	if why := settled(nil); why != "" {
+		t.Fatalf("after resyncs: %s", why)
+	}
+	before := map[string]float64{"a": rowWrites(nodes["a"]), "b": rowWrites(nodes["b"])}
+
+	// c loses its state: a new SA epoch, new keys for all its pairs.
+	nodes["c"].stop()
+	nodes["c"] = startNode(t, ctx, cs, dc, "c", t.TempDir())
+	if !waitUntil(30*time.Second, func() bool {
+		r, err := row("c")
+		why = settled(map[string]bool{"c": true})
+		return err == nil && r.Self != selfs["c"] && why == ""
+	}) {
+		t.Fatalf("after c's new epoch: %s", why)
+	}
+	time.Sleep(1500 * time.Millisecond) // more than RowInterval: a late write would show
+	if why := settled(map[string]bool{"c": true}); why != "" {
+		t.Fatalf("after c's new epoch, later: %s", why)
+	}
+	for _, name := range []string{"a", "b"} {
+		if got := rowWrites(nodes[name]); got != before[name] {
+			t.Errorf("%s wrote its row %v more times after c re-keyed; its row was complete", name, got-before[name])
+		}
+		if r, err := row(name); err != nil || r.Self != selfs[name] {
+			t.Errorf("%s's NodeRow changed: %v", name, err)
+		}
+	}
+	t.Logf("rows written: a %v, b %v, c (new epoch) %v", rowWrites(nodes["a"]), rowWrites(nodes["b"]), rowWrites(nodes["c"]))
+}

@@ -579,8 +579,9 @@ func requireShadowReadiness(ctx context.Context, t *testing.T, l *Lab, what stri
 }
 
 // agentViewsAgree is "" when every registered node's agent reads a NodeView consistent
-// with its own key view and protocol v2's rule on it answers every pair, both directions,
-// as the peers' lists do (docs/protocol-v2.md §9 step 2); else what is not so yet.
+// with its own key view, takes every peer's row, and protocol v2's rule on the view and
+// the rows answers every pair, both directions, as the peers' lists do, the rows alone
+// never ahead of them (docs/protocol-v2.md §9 steps 2 and 3); else what is not so yet.
 func agentViewsAgree(ctx context.Context, l *Lab) string {
 	nodes := l.RegisteredNodes()
 	for _, i := range nodes {
@@ -599,8 +600,21 @@ func agentViewsAgree(ctx context.Context, l *Lab) string {
 				return err.Error()
 			}
 			if ahead != 0 || behind != 0 || agree != float64(len(nodes)-1) {
-				return fmt.Sprintf("node%d's view against its lists, %s: %v agree, %v ahead, %v behind (want %d, 0, 0)", i, dir, agree, ahead, behind, len(nodes)-1)
+				return fmt.Sprintf("node%d's view and rows against its lists, %s: %v agree, %v ahead, %v behind (want %d, 0, 0)", i, dir, agree, ahead, behind, len(nodes)-1)
 			}
+			// The peers' rows alone (docs/keys.md §12) are never ahead of the lists; they
+			// may be behind for a peer whose row was complete before this node re-keyed.
+			if rowAhead, err := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_row_pairs", `direction="`+dir+`"`, `verdict="ahead"`); err != nil {
+				return err.Error()
+			} else if rowAhead != 0 {
+				return fmt.Sprintf("node%d's peers' rows alone, %s: %v pairs ahead of its lists (want 0)", i, dir, rowAhead)
+			}
+		}
+		// Every peer publishes a row for its current keys, and this node takes it.
+		if rows, err := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_rows"); err != nil {
+			return err.Error()
+		} else if rows != float64(len(nodes)-1) {
+			return fmt.Sprintf("node%d takes %v peers' rows, want %d", i, rows, len(nodes)-1)
 		}
 	}
 	return ""

@@ -18,6 +18,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
@@ -26,6 +27,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
 	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/noderow"
 	"github.com/secureoverlay/secureoverlay/nodeview"
 	"github.com/secureoverlay/secureoverlay/readiness"
 )
@@ -221,14 +223,14 @@ func TestRealClusterEncrypts(t *testing.T) {
 	out, _ := rc.ctl(ctx, "status")
 	t.Logf("secureoverlayctl status:\n%s", out)
 	// Each agent's report is its NodeReport in our namespace, nothing on its Node (what
-	// makes `kubectl delete` leave no report behind, below); the master's NodeView of each
-	// node is there too (protocol v2 in shadow).
+	// makes `kubectl delete` leave no report behind, below); each agent's readiness row and
+	// the master's NodeView of each node are there too (protocol v2 in shadow).
 	var where []string
 	if err := waitFor(ctx, time.Minute, func() (bool, error) {
 		where = rc.staleReports(ctx)
-		return strings.Join(where, ",") == "NodeReport node1,NodeReport node2,NodeView node1,NodeView node2", nil
+		return strings.Join(where, ",") == "NodeReport node1,NodeReport node2,NodeRow node1,NodeRow node2,NodeView node1,NodeView node2", nil
 	}); err != nil {
-		t.Errorf("reports while enabled: %v; want the NodeReports and NodeViews of node1 and node2 only", where)
+		t.Errorf("reports while enabled: %v; want the NodeReports, NodeRows and NodeViews of node1 and node2 only", where)
 	}
 	// Every agent publishes its keys: the generation is protocol v2, no v1 generation is
 	// live, every agent reads the public ring — so the master has taken the agents' read
@@ -996,24 +998,25 @@ func (rc *realCluster) requireSteadyViews(ctx context.Context) {
 	rc.say("after the reboot: the master's NodeViews (protocol v2, in shadow) list every pair confirmed, over one key view")
 }
 
-// staleReports names every report of ours: the NodeReports and NodeViews ("NodeReport
-// NAME", "NodeView NAME"; none once their CRD is gone), then the annotations of ours on
-// the Nodes.
+// staleReports names every report of ours: the NodeReports, NodeRows and NodeViews
+// ("NodeReport NAME", …; none once their CRD is gone), then the annotations of ours on the
+// Nodes.
 func (rc *realCluster) staleReports(ctx context.Context) []string {
 	var stale []string
-	if list, err := rc.dyn.Resource(nodereport.GVR).Namespace(api.Namespace).List(ctx, metav1.ListOptions{}); err == nil {
-		for _, u := range list.Items {
-			stale = append(stale, "NodeReport "+u.GetName())
+	for _, kind := range []struct {
+		name string
+		gvr  schema.GroupVersionResource
+	}{{"NodeReport", nodereport.GVR}, {"NodeRow", noderow.GVR}, {"NodeView", nodeview.GVR}} {
+		list, err := rc.dyn.Resource(kind.gvr).Namespace(api.Namespace).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			if !apierrors.IsNotFound(err) {
+				rc.t.Errorf("list %ss: %v", kind.name, err)
+			}
+			continue
 		}
-	} else if !apierrors.IsNotFound(err) {
-		rc.t.Errorf("list NodeReports after kubectl delete: %v", err)
-	}
-	if list, err := rc.dyn.Resource(nodeview.GVR).Namespace(api.Namespace).List(ctx, metav1.ListOptions{}); err == nil {
 		for _, u := range list.Items {
-			stale = append(stale, "NodeView "+u.GetName())
+			stale = append(stale, kind.name+" "+u.GetName())
 		}
-	} else if !apierrors.IsNotFound(err) {
-		rc.t.Errorf("list NodeViews after kubectl delete: %v", err)
 	}
 	for i := 1; i <= clusterNodes; i++ {
 		node, err := rc.cs.CoreV1().Nodes().Get(ctx, lab.NodeNS(i), metav1.GetOptions{})

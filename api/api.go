@@ -45,6 +45,10 @@ const (
 	AgentServiceAccount = "secureoverlay-agent"
 	// CapabilityRingConfigMap in an agent's NodeKeys says it reads the public ring.
 	CapabilityRingConfigMap = "ring-configmap"
+	// CapabilityReadinessRows in an agent's NodeKeys says it publishes its readiness row
+	// (NodeRow) and takes its peers' (docs/keys.md §12): once every agent does, the master
+	// writes a node's NodeView only in its own re-key phase.
+	CapabilityReadinessRows = "readiness-rows"
 
 	// ReportAnnotation is the agent's JSON NodeReport on its own Node.
 	ReportAnnotation = "secureoverlay.io/report"

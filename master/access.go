@@ -70,13 +70,19 @@ func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring) error {
 // public ring (an agent that reads only the Secret, or one that has not written its
 // NodeKeys yet: either keeps the access granted).
 func (c *Controller) olderAgents(nodes []keys.NodeState) []string {
+	return c.agentsLacking(nodes, api.CapabilityRingConfigMap)
+}
+
+// agentsLacking lists the nodes whose agent reports but does not declare capability cap in
+// its NodeKeys (an older agent, or one that has not written its NodeKeys yet).
+func (c *Controller) agentsLacking(nodes []keys.NodeState, cap string) []string {
 	var out []string
 	for _, n := range nodes {
 		if n.Report == nil {
 			continue
 		}
 		if c.pubKeys != nil {
-			if k, ok, err := c.pubKeys.Get(n.Name); ok && err == nil && k.Has(api.CapabilityRingConfigMap) {
+			if k, ok, err := c.pubKeys.Get(n.Name); ok && err == nil && k.Has(cap) {
 				continue
 			}
 		}

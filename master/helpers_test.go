@@ -31,6 +31,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/noderow"
 	"github.com/secureoverlay/secureoverlay/nodeview"
 )
 
@@ -151,7 +152,7 @@ func installMasterRBAC(t *testing.T, cs kubernetes.Interface, ns string) {
 		{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{name}, Verbs: []string{"get", "update"}},
-		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource, nodekeys.Resource}, Verbs: []string{"list", "watch"}},
+		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource, nodekeys.Resource, noderow.Resource}, Verbs: []string{"list", "watch"}},
 		{APIGroups: []string{nodeview.Group}, Resources: []string{nodeview.Resource}, Verbs: []string{"get", "list", "watch", "create", "patch"}},
 	}}
 	subj := []rbacv1.Subject{{Kind: "ServiceAccount", Name: name, Namespace: ns}}

@@ -60,6 +60,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/noderow"
 	"github.com/secureoverlay/secureoverlay/readiness"
 )
 
@@ -225,6 +226,11 @@ type Controller struct {
 	// Policy.ProtocolV2). Never waited for: while its CRD is missing (an older manifest)
 	// no node counts as publishing, and every generation stays v1.
 	pubKeys *nodekeys.Cache
+	// rows are the agents' readiness rows (docs/keys.md §12), followed under protocol v2:
+	// a NodeView a row makes needless is not written. rowsWarn warns once when they cannot
+	// be listed.
+	rows     *noderow.Cache
+	rowsWarn sync.Once
 
 	lastGood   *keys.Ring
 	lastStatus string
@@ -347,6 +353,13 @@ func (c *Controller) Run(ctx context.Context) error {
 		if c.opts.Policy.ProtocolV2 {
 			c.pubKeys = nodekeys.NewCache(c.opts.Dynamic, c.opts.Namespace, func(string) { c.queue.Add(queueKey) })
 			c.pubKeys.Start(ctx.Done())
+			c.rows = noderow.NewCache(c.opts.Dynamic, c.opts.Namespace, func(string) { c.queue.Add(queueKey) })
+			c.rows.OnMissing(func(err error) {
+				c.rowsWarn.Do(func() {
+					c.log.Warn("the agents' NodeRows cannot be listed (the manifest predates them, or RBAC lacks noderows: apply the manifest); every NodeView is written", "error", err)
+				})
+			})
+			c.rows.Start(ctx.Done())
 		}
 	}
 
@@ -698,16 +711,35 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 	m.observe(res)
 	sh := c.shadow.update(res.Ring, nodeList, nodes)
 	m.observeShadow(sh)
+	if c.rows != nil {
+		m.ShadowNodes.WithLabelValues("row").Set(float64(c.shadow.currentRows(c.rowOf)))
+	}
 	if c.views != nil {
 		for _, g := range sh.Gone {
 			c.views.Forget(g)
 		}
+		// Once every reporting agent publishes its readiness row, a view is written only
+		// when it gives its agent a pair neither the view it holds nor the peer's row does
+		// (docs/protocol-v2.md §9 step 3).
+		rows := c.rows != nil && c.rows.HasSynced() && len(c.agentsLacking(nodes, api.CapabilityReadinessRows)) == 0
 		for _, v := range sh.Views {
-			c.views.Set(v.Node, v.UID, v.View, func(held *readiness.View) int { return c.shadow.gain(v.ID, held, v.View) })
+			var needed func(*readiness.View) bool
+			if rows {
+				needed = func(held *readiness.View) bool { return c.shadow.needsView(v.ID, held, v.View, c.rowOf) }
+			}
+			c.views.SetNeeded(v.Node, v.UID, v.View, func(held *readiness.View) int { return c.shadow.gain(v.ID, held, v.View) }, needed)
 		}
 	}
 	c.publish(ctx, c.status(res.Ring, &res, strings.Join(problems, "; ")))
 	return res.Wake, nil
+}
+
+// rowOf is node's readiness row as the API holds it (nil: none, or it does not parse).
+func (c *Controller) rowOf(node string) *readiness.Status {
+	if r, ok, err := c.rows.Get(node); ok && err == nil {
+		return &r
+	}
+	return nil
 }
 
 // knownHistory is the key ring history to check the Secret against: the rings this

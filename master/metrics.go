@@ -30,6 +30,9 @@ type Metrics struct {
 	// agent use a pair it cannot yet; deferred: only a new key digest or more exceptions).
 	// Gating views go first, the largest gain first.
 	ViewsQueued *prometheus.GaugeVec
+	// ViewsSkipped counts NodeViews not written because every agent publishes rows and
+	// the node is outside its own re-key phase (docs/protocol-v2.md §9 step 3).
+	ViewsSkipped prometheus.Counter
 }
 
 // NewMetrics creates the metrics (unregistered).
@@ -59,20 +62,22 @@ func NewMetrics() *Metrics {
 		ReconcileErrors: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "reconcile_errors_total",
 			Help: "Reconciles that failed and were retried (including write conflicts)."}),
 		ShadowNodes: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "readiness_shadow_nodes",
-			Help: "Protocol v2 readiness in shadow: live nodes with a current key incarnation (with=key), and of those with a readiness status (with=status)."}, []string{"with"}),
+			Help: "Protocol v2 readiness in shadow: live nodes with a current key incarnation (with=key), of those with a readiness status (with=status), and with a readiness row (NodeRow) for their current keys (with=row; under --protocol-v2)."}, []string{"with"}),
 		ShadowUnconfirmed: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "readiness_shadow_unconfirmed_pairs",
 			Help: "Protocol v2 readiness in shadow: ordered pairs of live nodes the reports' digests do not confirm, inbound (B holds A's SAs) and outbound (B sends A ESP); 0 in a steady state. Decides nothing yet."}, []string{"direction"}),
 		ViewWrites: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "readiness_view_writes_total",
 			Help: "Protocol v2 readiness: NodeView writes, by result (ok, error)."}, []string{"result"}),
 		ViewsQueued: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "readiness_views_queued",
 			Help: "Protocol v2 readiness: NodeViews waiting to be written, by priority (gating: the view lets its node use pairs it cannot use yet, written first, most pairs first; deferred: the rest)."}, []string{"priority"}),
+		ViewsSkipped: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "readiness_views_skipped_total",
+			Help: "Protocol v2 readiness: NodeView changes not written because every agent publishes its readiness row (NodeRow) and the node's pending pairs are all with peers that re-keyed after its view: their rows confirm them."}),
 	}
 }
 
 // Register adds every metric to reg.
 func (m *Metrics) Register(reg prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{m.Rotations, m.Generation, m.PendingGen, m.LiveGenerations, m.Lagging,
-		m.Excluded, m.Leader, m.Mode, m.RingValid, m.RingErrors, m.ReconcileErrors, m.ShadowNodes, m.ShadowUnconfirmed, m.ViewWrites, m.ViewsQueued} {
+		m.Excluded, m.Leader, m.Mode, m.RingValid, m.RingErrors, m.ReconcileErrors, m.ShadowNodes, m.ShadowUnconfirmed, m.ViewWrites, m.ViewsQueued, m.ViewsSkipped} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}

@@ -58,6 +58,31 @@ func (s *shadowReadiness) gain(id uint32, held *readiness.View, v readiness.View
 	return s.m.Gain(id, held, v)
 }
 
+// currentRows counts the live nodes whose row (rows, by name) is for their current K and
+// their ID.
+func (s *shadowReadiness) currentRows(rows func(node string) *readiness.Status) int {
+	n := 0
+	for id, h := range s.nodes {
+		k, ok := s.m.KeyOf(id)
+		if r := rows(h.name); ok && r != nil && r.ID == id && r.Self == k {
+			n++
+		}
+	}
+	return n
+}
+
+// needsView is whether node id's view v gives its agent a pair that neither the view it
+// holds (held) nor the peer's row does (readiness.Master.NeedsView); rows looks a node's
+// row up by name.
+func (s *shadowReadiness) needsView(id uint32, held *readiness.View, v readiness.View, rows func(node string) *readiness.Status) bool {
+	return s.m.NeedsView(id, held, v, func(p uint32) *readiness.Status {
+		if h, ok := s.nodes[p]; ok {
+			return rows(h.name)
+		}
+		return nil
+	})
+}
+
 // update feeds the view from the Nodes (nodes[i] is states[i]'s Node) and the ring's node
 // IDs, then observes every status that changed, or every status when a key changed.
 func (s *shadowReadiness) update(ring *keys.Ring, nodes []*corev1.Node, states []keys.NodeState) shadowCounts {

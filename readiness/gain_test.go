@@ -314,3 +314,95 @@ func TestComplete(t *testing.T) {
 		}
 	}
 }
+
+// TestNeedsView: once rows are published, a node's view need not be written when every
+// pair it would gain its peers' rows give it — and must be when a row does not: no row, a
+// row made before the peer knew this node (the first wiring's e2e failure: views skipped
+// for nodes whose peers' first rows were "complete" over an empty key view), a row of the
+// peer's old K, a refusing row, a row over this node's old K.
+func TestNeedsView(t *testing.T) {
+	const buckets = 4
+	m := NewMaster(buckets)
+	k := map[uint32]K{1: KeyDigest("a"), 2: KeyDigest("b"), 3: KeyDigest("c")}
+	m.SetKeys(1, k[1])
+	held := m.ViewFor(1) // node 1 alone: lists nobody
+	m.SetKeys(2, k[2])
+	m.SetKeys(3, k[3])
+	all := Keys{1: k[1], 2: k[2], 3: k[3]}
+	status := func(id uint32, keys Keys, refused ...uint32) Status {
+		c := keys.Clone()
+		delete(c, id)
+		for _, r := range refused {
+			delete(c, r)
+		}
+		return NewStatus(id, keys[id], c, c, refused, buckets)
+	}
+	for id := uint32(1); id <= 3; id++ {
+		m.Observe(status(id, all))
+	}
+	next := m.ViewFor(1)
+	if len(next.NotIn)+len(next.NotOut) != 0 {
+		t.Fatalf("every pair confirmed, view %+v", next)
+	}
+	rows := map[uint32]Status{}
+	row := func(p uint32) *Status {
+		if r, ok := rows[p]; ok {
+			return &r
+		}
+		return nil
+	}
+	check := func(what string, prev *View, want bool) {
+		t.Helper()
+		if got := m.NeedsView(1, prev, next, row); got != want {
+			t.Errorf("%s: NeedsView = %v, want %v", what, got, want)
+		}
+	}
+	check("peers joined after the held view, no rows", &held, true)
+	rows[2], rows[3] = status(2, all), status(3, all)
+	check("both peers' rows cover node 1", &held, false)
+	check("no view held: the first is written whatever the rows", nil, true)
+	check("a view of unknown age, rows cover every pair", &View{}, false)
+	rows[3] = status(3, Keys{3: k[3]}) // made before node 3 knew anyone
+	check("node 3's row claims nobody", &held, true)
+	old := all.Clone()
+	old[3] = KeyDigest("c-old")
+	rows[3] = status(3, old)
+	check("node 3's row is for its old K", &held, true)
+	rows[3] = status(3, all, 1)
+	check("node 3's row refuses node 1", &held, true)
+	noOne := all.Clone()
+	delete(noOne, 3)
+	outOnly := noOne.Clone()
+	delete(noOne, 1)
+	rows[3] = NewStatus(3, k[3], noOne, outOnly, nil, buckets)
+	check("node 3 sends node 1 ESP but holds no inbound from it", &held, true)
+	rows[3] = NewStatus(3, k[3], outOnly, noOne, nil, buckets)
+	check("node 3 holds inbound from node 1 but does not send it ESP", &held, true)
+	rows[3] = status(3, all)
+	check("rows cover again", &held, false)
+	// Node 1 re-keys: the rows over its old K cover nothing of its new pairs.
+	k[1] = KeyDigest("a2")
+	m.SetKeys(1, k[1])
+	all[1] = k[1]
+	for id := uint32(1); id <= 3; id++ {
+		m.Observe(status(id, all))
+	}
+	prev := next
+	next = m.ViewFor(1)
+	check("node 1 re-keyed, rows over its old K", &prev, true)
+	rows[2], rows[3] = status(2, all), status(3, all)
+	check("node 1 re-keyed, rows over its new K", &prev, false)
+	// A bucket-mate joins (node 5 shares bucket 1 with node 1): the rows of 2 and 3, made
+	// before, no longer match node 1's bucket digest, but their pairs with node 1 are
+	// confirmed already (the held view) and stay so; only node 5's pair is new.
+	m.SetKeys(5, KeyDigest("e"))
+	all[5] = KeyDigest("e")
+	for _, id := range []uint32{1, 2, 3, 5} {
+		m.Observe(status(id, all))
+	}
+	prev, next = next, m.ViewFor(1)
+	check("a bucket-mate joined, no row of it", &prev, true)
+	rows[5] = status(5, all)
+	check("a bucket-mate joined, its row covers node 1", &prev, false)
+	check("the same with a view of unknown age: the rows of 2 and 3 are stale for node 1's bucket", &View{}, true)
+}

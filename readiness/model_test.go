@@ -77,7 +77,7 @@ type model struct {
 	// every other pair's readiness must then come from rows.
 	rows        []*lagged[Status]
 	withRows    bool
-	viewK       map[int]Keys // the master's key view at a node's last written view
+	ours        map[int]bool // the node's last written view is the current master's
 	rowComplete map[int]bool // a node's last row was complete
 	master      *Master
 	counter     uint64
@@ -87,7 +87,7 @@ type model struct {
 const masterObs = 0
 
 func newModel(t *testing.T, seed uint64, n, buckets int, withRows bool) *model {
-	m := &model{t: t, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), n: n, buckets: buckets, master: NewMaster(buckets), withRows: withRows, viewK: map[int]Keys{}, rowComplete: map[int]bool{}}
+	m := &model{t: t, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), n: n, buckets: buckets, master: NewMaster(buckets), withRows: withRows, ours: map[int]bool{}, rowComplete: map[int]bool{}}
 	m.rows = make([]*lagged[Status], n+1)
 	m.k = make([]K, n+1)
 	m.kern = make([]*kernel, n+1)
@@ -194,29 +194,16 @@ func (m *model) masterWrite() {
 		if ok && equalView(last, v) {
 			continue
 		}
-		if m.withRows && ok && !m.ownPhase(id, last) {
-			continue // its pending pairs are with peers that re-keyed since: their rows confirm them
+		held := last
+		if !m.ours[id] {
+			held.Seq = 0 // a previous leader's view: its sequence means nothing to this master
+		}
+		if m.withRows && ok && !m.master.NeedsView(uint32(id), &held, v, m.rowOf) {
+			continue // every pair it would gain, its peers' rows give it
 		}
 		m.views[id].write(v)
-		m.viewK[id] = m.master.Keys()
+		m.ours[id] = true
 	}
-}
-
-// ownPhase: with rows, does node id still need views — its K changed since its last view,
-// or that view lists a peer whose K has not changed since (a pair pending on id's own
-// re-key, which only the master's aggregation of the peers' claims confirms)?
-func (m *model) ownPhase(id int, last View) bool {
-	then := m.viewK[id]
-	k, _ := m.master.KeyOf(uint32(id))
-	if then[uint32(id)] != k {
-		return true
-	}
-	for _, p := range append(append([]uint32{}, last.NotIn...), last.NotOut...) {
-		if kp, ok := m.master.KeyOf(p); ok && kp == then[p] {
-			return true
-		}
-	}
-	return false
 }
 
 // publishRow: with rows, a node republishes its row only while its current K's last row
@@ -230,6 +217,17 @@ func (m *model) publishRow(id int, st Status, mine Keys) {
 	m.rows[id].write(st)
 	kn := m.kern[id]
 	m.rowComplete[id] = len(kn.in) == len(mine)-1 && len(kn.esp) == len(mine)-1
+}
+
+// rowOf is node p's row as the API holds it (the master reads it there).
+func (m *model) rowOf(p uint32) *Status {
+	if int(p) < 1 || int(p) > m.n {
+		return nil
+	}
+	if r, ok := lastOf(m.rows[p]); ok {
+		return &r
+	}
+	return nil
 }
 
 func lastOf[T any](l *lagged[T]) (T, bool) {
@@ -293,6 +291,7 @@ func (m *model) deliverOne() bool {
 
 func (m *model) failover() {
 	m.master = NewMaster(m.buckets)
+	clear(m.ours)
 	// The new leader lists everything it can see (its caches start from what is written).
 	for id := 1; id <= m.n; id++ {
 		if k, ok := lastOf(m.keys[id]); ok {

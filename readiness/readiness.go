@@ -433,12 +433,19 @@ func (m *Master) ViewFor(a uint32) View {
 // counts as changed), so a writer that defers a view gaining 0 defers nothing an agent
 // waits for. Cost: O(k log k), k = exceptions in prev + K changes since prev, except for an
 // unknown prev or a's own new K: O(N).
-func (m *Master) Gain(a uint32, prev *View, next View) int {
+func (m *Master) Gain(a uint32, prev *View, next View) int { return m.gain(a, prev, next, nil) }
+
+// gain is Gain, not counting a peer's direction that covered (nil: none) says the agent
+// gets elsewhere (dir 0: the peer holds inbound from a; 1: it sends a ESP).
+func (m *Master) gain(a uint32, prev *View, next View, covered func(p uint32, dir int) bool) int {
 	live := func(id uint32) bool { _, ok := m.keys[id]; return ok && id != a }
+	gets := func(id uint32, dir int, listed []uint32) bool {
+		return !sortedHas(listed, id) && (covered == nil || !covered(id, dir))
+	}
 	confirmed := func() int {
 		n := 0
 		for id := range m.keys {
-			if id != a && (!sortedHas(next.NotIn, id) || !sortedHas(next.NotOut, id)) {
+			if id != a && (gets(id, 0, next.NotIn) || gets(id, 1, next.NotOut)) {
 				n++
 			}
 		}
@@ -468,13 +475,48 @@ func (m *Master) Gain(a uint32, prev *View, next View) int {
 		if !live(id) {
 			continue
 		}
-		in := !sortedHas(next.NotIn, id) && (fresh[id] || sortedHas(prev.NotIn, id))
-		out := !sortedHas(next.NotOut, id) && (fresh[id] || sortedHas(prev.NotOut, id))
+		in := gets(id, 0, next.NotIn) && (fresh[id] || sortedHas(prev.NotIn, id))
+		out := gets(id, 1, next.NotOut) && (fresh[id] || sortedHas(prev.NotOut, id))
 		if in || out {
 			n++
 		}
 	}
 	return n
+}
+
+// NeedsView reports whether next, node a's view now, lets a's agent use a pair that
+// neither the view it holds (prev, nil: none) nor the peer's row gives it (docs/keys.md
+// §12): row(p) is peer p's row as the API holds it (nil: none). A row gives a the facts
+// a's view states about p — p holds inbound from a, p sends a ESP — when it is for p's K in
+// the master's view, does not refuse a, and its digest of a's bucket equals the master's
+// (ConsiderRow's check, over the master's key view). Once every agent publishes rows, a
+// view that gains nothing beyond the rows need not be written: after a reboot the rebooted
+// node's view is needed, its peers' views are not once its row covers them. The master's
+// and the agent's key views may differ for a while; every K change makes every view dirty,
+// so a view skipped on a row that the agent cannot yet use is decided again. A node without
+// a view gets one whatever the rows say (one write per node, once: every node has a view);
+// a view of unknown age (a previous leader's) is weighed as Gain weighs it.
+func (m *Master) NeedsView(a uint32, prev *View, next View, row func(p uint32) *Status) bool {
+	if _, ok := m.keys[a]; !ok || prev == nil {
+		return true // a node's first view is always written: every node has one
+	}
+	j := Bucket(a, m.buckets)
+	covered := func(p uint32, dir int) bool {
+		r := row(p)
+		if r == nil || r.ID != p || r.Self != m.keys[p] || len(r.In) != m.buckets || len(r.Out) != m.buckets || slices.Contains(r.Refused, a) {
+			return false
+		}
+		skipAny := Bucket(p, m.buckets) == j
+		for _, x := range r.Refused {
+			skipAny = skipAny || Bucket(x, m.buckets) == j
+		}
+		want := m.expected(j, func(id uint32) bool { return id == p || slices.Contains(r.Refused, id) }, skipAny)
+		if dir == 0 {
+			return r.In[j] == want
+		}
+		return r.Out[j] == want
+	}
+	return m.gain(a, prev, next, covered) > 0
 }
 
 // Agent is one node's use of its views: the pairs it has seen confirmed by a view

@@ -314,7 +314,7 @@ func canI(t *testing.T, kc, admin string) {
 		{masterSA, "list ipamblocks.crd.projectcalico.org", false},
 		{masterSA, "patch nodekeys.secureoverlay.io/node-a " + ns, false}, // only agents publish keys
 		{masterSA, "patch noderows.secureoverlay.io/node-a " + ns, false}, // and rows
-		{masterSA, "list noderows.secureoverlay.io " + ns, false},         // which it does not read
+		{masterSA, "watch noderows.secureoverlay.io " + ns, true},         // which views they make needless
 		{masterSA, "watch nodekeys.secureoverlay.io " + ns, true},         // who publishes the next generation's key
 		{masterSA, "create nodeviews.secureoverlay.io " + ns, true},       // the agents' views (protocol v2)
 		{masterSA, "patch nodeviews.secureoverlay.io/node-a " + ns, true},

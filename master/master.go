@@ -729,6 +729,13 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 			}
 			c.views.SetNeeded(v.Node, v.UID, v.View, func(held *readiness.View) int { return c.shadow.gain(v.ID, held, v.View) }, needed)
 		}
+		if rows {
+			ids := c.shadow.ids()
+			c.views.Recheck(func(node string, held *readiness.View, want readiness.View) bool {
+				id, ok := ids[node]
+				return !ok || c.shadow.needsView(id, held, want, c.rowOf)
+			})
+		}
 	}
 	c.publish(ctx, c.status(res.Ring, &res, strings.Join(problems, "; ")))
 	return res.Wake, nil

@@ -58,6 +58,15 @@ func (s *shadowReadiness) gain(id uint32, held *readiness.View, v readiness.View
 	return s.m.Gain(id, held, v)
 }
 
+// ids returns the live nodes' IDs by name.
+func (s *shadowReadiness) ids() map[string]uint32 {
+	out := make(map[string]uint32, len(s.nodes))
+	for id, h := range s.nodes {
+		out[h.name] = id
+	}
+	return out
+}
+
 // currentRows counts the live nodes whose row (rows, by name) is for their current K and
 // their ID.
 func (s *shadowReadiness) currentRows(rows func(node string) *readiness.Status) int {

@@ -113,6 +113,35 @@ func (w *viewWriter) SetNeeded(node, uid string, v readiness.View, gain func(hel
 	}
 }
 
+// Recheck drops the queued views that needed (given the view held and the view wanted)
+// says are no longer needed — the rows that make them needless may arrive after the view
+// was queued: an agent hands its report and its row to two writers, and the master may
+// read the report, and queue its peers' views, first. A dropped view's node wants the view
+// written again (restored if deleted). It returns how many it dropped.
+func (w *viewWriter) Recheck(needed func(node string, held *readiness.View, want readiness.View) bool) int {
+	dropped := 0
+	for _, node := range w.queue.nodes() {
+		w.mu.Lock()
+		want, ok := w.want[node]
+		wv, had := w.written[node]
+		w.mu.Unlock()
+		if !ok || !had || needed(node, &wv.view, want.view) {
+			continue
+		}
+		if !w.queue.remove(node) {
+			continue // taken meanwhile
+		}
+		w.mu.Lock()
+		if cur, ok := w.want[node]; ok && cur.wire == want.wire {
+			w.want[node] = wantView{cur.uid, wv.view, wv.wire, 0}
+		}
+		w.mu.Unlock()
+		w.metrics.ViewsSkipped.Inc()
+		dropped++
+	}
+	return dropped
+}
+
 // Forget drops a node that left the view: its NodeView goes with its Node (owner), or
 // stays, ignored, until the node is live again — and is then written whatever it held (a
 // Node deleted and re-created under the same name lost its NodeView with the old one).
@@ -356,6 +385,36 @@ func (q *viewQueue) add(node string, gain int) {
 	}
 	q.n[gainClass(gain)]++
 	q.count()
+}
+
+// nodes returns the queued nodes.
+func (q *viewQueue) nodes() []string {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	out := make([]string, 0, len(q.at))
+	for node := range q.at {
+		out = append(out, node)
+	}
+	return out
+}
+
+// remove drops node from the queue; false if it is not queued.
+func (q *viewQueue) remove(node string) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	it, ok := q.at[node]
+	if !ok {
+		return false
+	}
+	if _, cooling := q.cool[node]; cooling {
+		delete(q.cool, node)
+	} else {
+		heap.Remove(&q.h, it.index)
+	}
+	delete(q.at, node)
+	q.n[gainClass(it.gain)]--
+	q.count()
+	return true
 }
 
 // take returns the next node, if one may be taken now, else when the next one may (zero:

@@ -308,3 +308,62 @@ func runViewWriter(t *testing.T, dc *dynamicfake.FakeDynamicClient) (*viewWriter
 	go w.run(ctx)
 	return w, m, ctx
 }
+
+// TestViewWriterDropsNeedless: a view found needless when set (SetNeeded), or while it
+// waits in the queue (Recheck: the row that makes it needless came after it was queued),
+// is not written; the view the writer restores after a deletion stays the one written.
+func TestViewWriterDropsNeedless(t *testing.T) {
+	dc := fakeViewsClient()
+	w, m, ctx := runViewWriter(t, dc)
+	v1, v2, v3 := readiness.View{Keys: 7, NotIn: []uint32{3}}, readiness.View{Keys: 8}, readiness.View{Keys: 9}
+	one := func(*readiness.View) int { return 1 }
+	writes := func() float64 { return value(m.ViewWrites.WithLabelValues("ok")) }
+	holds := func(what string, v readiness.View) {
+		t.Helper()
+		want := *readiness.EncodeView(v)
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			u, err := dc.Resource(nodeview.GVR).Namespace(api.Namespace).Get(ctx, "node-a", metav1.GetOptions{})
+			var got api.ReadinessView
+			if err == nil {
+				got, err = nodeview.Parse(u)
+			}
+			if err == nil && got == want {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: the API holds %+v (%v), want %+v", what, got, err, want)
+			}
+		}
+	}
+	w.Set("node-a", "uid-a", v1, one)
+	holds("first view", v1)
+	// v2 waits out the node's 1 s gap in the queue; its row arrives meanwhile.
+	w.Set("node-a", "uid-a", v2, one)
+	if n := w.Recheck(func(string, *readiness.View, readiness.View) bool { return true }); n != 0 {
+		t.Fatalf("Recheck dropped %d views that are needed", n)
+	}
+	if n := w.Recheck(func(node string, held *readiness.View, want readiness.View) bool {
+		if node != "node-a" || held == nil || held.Keys != v1.Keys || want.Keys != v2.Keys {
+			t.Errorf("Recheck asked about %s, held %+v, want %+v", node, held, want)
+		}
+		return false
+	}); n != 1 {
+		t.Fatalf("Recheck dropped %d views, want 1", n)
+	}
+	if q := value(m.ViewsQueued.WithLabelValues("gating")) + value(m.ViewsQueued.WithLabelValues("deferred")); q != 0 {
+		t.Fatalf("%v views still queued after Recheck dropped node-a's", q)
+	}
+	w.SetNeeded("node-a", "uid-a", v3, one, func(*readiness.View) bool { return false })
+	time.Sleep(1500 * time.Millisecond) // past the gap: a view still queued would be written
+	if got := writes(); got != 1 {
+		t.Fatalf("%v writes, want 1 (the needless views dropped)", got)
+	}
+	if got := value(m.ViewsSkipped); got != 2 {
+		t.Errorf("%v views skipped, want 2", got)
+	}
+	holds("the needless views not written", v1)
+	if err := dc.Resource(nodeview.GVR).Namespace(api.Namespace).Delete(ctx, "node-a", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	holds("deleted by hand: the view written, not a dropped one, comes back", v1)
+}

@@ -9,7 +9,6 @@ package nodekeys
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"slices"
 	"time"
@@ -193,13 +192,5 @@ func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID string, 
 	if err := k.Validate(); err != nil {
 		return fmt.Errorf("%s %s/%s: %w", Kind, ns, node, err)
 	}
-	if dc == nil {
-		return errors.New("nodekeys: no dynamic client")
-	}
-	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
-	defer cancel()
-	if err := upsert.WriteObject(ctx, dc.Resource(GVR).Namespace(ns), Object(ns, node, nodeUID, k), FieldManager); err != nil {
-		return fmt.Errorf("write %s %s/%s: %w", Kind, ns, node, err)
-	}
-	return nil
+	return upsert.WriteNodeObject(ctx, dc, GVR, Object(ns, node, nodeUID, k), FieldManager, writeTimeout)
 }

@@ -140,15 +140,7 @@ func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID string, 
 	if err := Validate(r); err != nil {
 		return fmt.Errorf("%s %s/%s: %w", Kind, ns, node, err)
 	}
-	if dc == nil {
-		return errors.New("noderow: no dynamic client")
-	}
-	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
-	defer cancel()
-	if err := upsert.WriteObject(ctx, dc.Resource(GVR).Namespace(ns), Object(ns, node, nodeUID, r), FieldManager); err != nil {
-		return fmt.Errorf("write %s %s/%s: %w", Kind, ns, node, err)
-	}
-	return nil
+	return upsert.WriteNodeObject(ctx, dc, GVR, Object(ns, node, nodeUID, r), FieldManager, writeTimeout)
 }
 
 // Cache is an informer over the NodeRows of one namespace, each kept parsed (an object that

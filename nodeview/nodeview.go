@@ -9,7 +9,6 @@ package nodeview
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -80,13 +79,5 @@ const writeTimeout = 10 * time.Second
 // Write stores node's view: a JSON merge patch of the view and the owner, or a create
 // when there is no object yet.
 func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID string, v api.ReadinessView) error {
-	if dc == nil {
-		return errors.New("nodeview: no dynamic client")
-	}
-	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
-	defer cancel()
-	if err := upsert.WriteObject(ctx, dc.Resource(GVR).Namespace(ns), Object(ns, node, nodeUID, v), FieldManager); err != nil {
-		return fmt.Errorf("write %s %s/%s: %w", Kind, ns, node, err)
-	}
-	return nil
+	return upsert.WriteNodeObject(ctx, dc, GVR, Object(ns, node, nodeUID, v), FieldManager, writeTimeout)
 }

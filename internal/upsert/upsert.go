@@ -8,10 +8,13 @@ package upsert
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 )
@@ -74,4 +77,18 @@ func WriteObject(ctx context.Context, r dynamic.ResourceInterface, obj *unstruct
 		return err
 	}
 	return Write(ctx, r, obj, raw, fieldManager)
+}
+
+// WriteNodeObject writes obj (made by NodeObject) to resource gvr in obj's namespace as
+// WriteObject does, within timeout; its error names the object (kind, namespace, name).
+func WriteNodeObject(ctx context.Context, dc dynamic.Interface, gvr schema.GroupVersionResource, obj *unstructured.Unstructured, fieldManager string, timeout time.Duration) error {
+	if dc == nil {
+		return fmt.Errorf("%s: no dynamic client", gvr.Resource)
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if err := WriteObject(ctx, dc.Resource(gvr).Namespace(obj.GetNamespace()), obj, fieldManager); err != nil {
+		return fmt.Errorf("write %s %s/%s: %w", obj.GetKind(), obj.GetNamespace(), obj.GetName(), err)
+	}
+	return nil
 }

@@ -1079,6 +1079,9 @@ func (a *Agent) Status() Status {
 	if s.Error == "" && a.keysErr != "" {
 		s.Error = "write keys: " + a.keysErr // not a readiness condition: nothing reads them yet
 	}
+	if s.Error == "" && a.rowErr != "" {
+		s.Error = "write readiness row: " + a.rowErr // nor is this: rows are read in shadow
+	}
 	a.mu.Unlock()
 	s.Synced = a.d.Source.HasSynced()
 	s.Ready = s.Ready && s.Synced

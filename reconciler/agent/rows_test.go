@@ -2,11 +2,17 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/noderow"
@@ -112,4 +118,37 @@ func TestAgentsPublishRows(t *testing.T) {
 		}
 	}
 	t.Logf("rows written: a %v, b %v, c (new epoch) %v", rowWrites(nodes["a"]), rowWrites(nodes["b"]), rowWrites(nodes["c"]))
+}
+
+// TestRowWriteRefused: a refused NodeRow write is retried, counted and named in the
+// agent's status without making it unready (nothing decides with rows yet); once the API
+// accepts it the row is written and the error cleared.
+func TestRowWriteRefused(t *testing.T) {
+	ring := testRing(t, api.ModeEnforce, "a", "b")
+	cs, dc := fakeAPI(t, ring, testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"))
+	var refuse atomic.Bool
+	refuse.Store(true)
+	dc.PrependReactor("*", "noderows", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		if refuse.Load() && a.GetVerb() != "list" && a.GetVerb() != "watch" && a.GetVerb() != "get" {
+			return true, nil, apierrors.NewForbidden(noderow.GVR.GroupResource(), "a", errors.New("test refuses"))
+		}
+		return false, nil, nil
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	na := startNode(t, ctx, cs, dc, "a", seededLedger(t, "a", "boot-a"))
+	startNode(t, ctx, cs, dc, "b", seededLedger(t, "b", "boot-b"))
+	if !waitUntil(30*time.Second, func() bool {
+		s := na.a.Status()
+		return s.Ready && strings.Contains(s.Error, "write readiness row") && value(na.a.d.Metrics.ReportWrites.WithLabelValues("row", "error")) > 0
+	}) {
+		t.Fatalf("a refused row write: status %+v", na.a.Status())
+	}
+	refuse.Store(false)
+	if !waitUntil(30*time.Second, func() bool {
+		_, err := dc.Resource(noderow.GVR).Namespace(api.Namespace).Get(ctx, "a", metav1.GetOptions{})
+		return err == nil && na.a.Status().Error == "" && na.a.PublishedRow() != nil
+	}) {
+		t.Fatalf("after the API accepts rows: status %+v", na.a.Status())
+	}
 }

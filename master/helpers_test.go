@@ -130,7 +130,7 @@ func newEnv(t *testing.T) *env {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	e := &env{t: t, cluster: cluster, cs: cs, log: slog.New(slog.NewTextHandler(sink, nil)), sink: sink, ctx: ctx}
+	e := &env{t: t, cluster: cluster, cs: cs, log: slog.New(slog.NewTextHandler(sink, &slog.HandlerOptions{Level: slog.LevelDebug})), sink: sink, ctx: ctx}
 	installMasterRBAC(t, cs, api.Namespace)
 	return e
 }

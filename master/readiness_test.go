@@ -329,7 +329,11 @@ func nodeViewsAgainstRealAPIServer(t *testing.T, rows bool) {
 		}
 		return out, fmt.Sprint(out)
 	}
-	expect := func(what string, notIn map[string][]uint32) {
+	// expect waits for every view to list notIn's peers (both ways) and for also (nil:
+	// nothing more) to hold: which views must be over a new key view, since the lists
+	// alone also match a view not yet rewritten (the test once read an old view of
+	// node-0's, listing nothing, as the new one, and counted its rewrite as needless).
+	expect := func(what string, notIn map[string][]uint32, also func(map[string]readiness.View) bool) {
 		t.Helper()
 		e.eventually(what, wait, func() (bool, string) {
 			got, why := views()
@@ -341,12 +345,15 @@ func nodeViewsAgainstRealAPIServer(t *testing.T, rows bool) {
 					return false, why
 				}
 			}
+			if also != nil && !also(got) {
+				return false, why
+			}
 			return true, ""
 		})
 	}
 	id := func(n string) uint32 { return c.ring.NodeID(n) }
 	publish()
-	expect("every pair confirmed", nil)
+	expect("every pair confirmed", nil, nil)
 	writes := value(m.metrics.ViewWrites.WithLabelValues("ok"))
 	if writes < 3 {
 		t.Fatalf("%v view writes, want ≥ 3", writes)
@@ -376,13 +383,21 @@ func nodeViewsAgainstRealAPIServer(t *testing.T, rows bool) {
 	publish()
 	peers := []uint32{id("node-1"), id("node-2")}
 	slices.Sort(peers)
+	rekeyed := func(got map[string]readiness.View) bool {
+		if got["node-0"].Keys == before["node-0"].Keys {
+			return false // node-0's view not rewritten yet
+		}
+		// Without rows every view is over the new key view; with rows the peers' are not
+		// rewritten (checked below, once the master has settled).
+		return rows || (got["node-1"].Keys == got["node-0"].Keys && got["node-2"].Keys == got["node-0"].Keys)
+	}
 	if !rows {
-		expect("node-0 re-keyed: its view lists both peers", map[string][]uint32{"node-0": peers})
+		expect("node-0 re-keyed: its view lists both peers", map[string][]uint32{"node-0": peers}, rekeyed)
 	} // with rows that view gives node-0 nothing: not written
 
 	c.seenAs["node-1"]["node-0"], c.seenAs["node-2"]["node-0"] = "e2", "e2"
 	publish()
-	expect("the peers claim node-0's new keys", nil)
+	expect("the peers claim node-0's new keys", nil, rekeyed)
 	after, why := views()
 	skipped := value(m.metrics.ViewsSkipped)
 	for _, n := range []string{"node-1", "node-2"} {
@@ -416,7 +431,7 @@ func nodeViewsAgainstRealAPIServer(t *testing.T, rows bool) {
 	if err := e.dyn().Resource(nodeview.GVR).Namespace(api.Namespace).Delete(e.ctx, "node-1", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	expect("node-1's view deleted by hand, written again", nil)
+	expect("node-1's view deleted by hand, written again", nil, nil)
 }
 
 // TestShadowNarrowedReobservation: after a key change the shadow observes an unchanged

@@ -343,12 +343,30 @@ func (a *Agent) Resync() {
 // last report the worker handed over is written (or its write failed; bounded by
 // patchTimeout), so the published claims match what the kernel is left holding.
 func (a *Agent) Run(ctx context.Context) {
+	a.run(ctx, nil, nil)
+}
+
+// run is Run. workerDone (may be nil) is closed as soon as the sync worker has stopped:
+// from then on nothing but its caller writes the kernel, while the writers finish. abandon
+// (may be nil) closing cancels every write at once, in flight or last: Serve closes it when
+// the DaemonSet is being deleted, since our objects go with it and the walk-down must not
+// wait up to patchTimeout for an API that is tearing our namespace and RBAC down.
+func (a *Agent) run(ctx context.Context, workerDone chan<- struct{}, abandon <-chan struct{}) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	// The writer's context outlives ctx: it is cancelled only patchTimeout after the
 	// worker stopped, which bounds the last write.
 	wctx, wcancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer wcancel()
+	if abandon != nil {
+		go func() {
+			select {
+			case <-abandon:
+				wcancel()
+			case <-wctx.Done():
+			}
+		}()
+	}
 	stopped := make(chan struct{})
 	var writer sync.WaitGroup
 	writer.Go(func() { a.writeReports(wctx, stopped) })
@@ -364,6 +382,9 @@ func (a *Agent) Run(ctx context.Context) {
 	}
 	cancel()
 	close(stopped)
+	if workerDone != nil {
+		close(workerDone)
+	}
 	bound := time.AfterFunc(patchTimeout, wcancel)
 	writer.Wait()
 	bound.Stop()

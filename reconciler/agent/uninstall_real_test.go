@@ -6,10 +6,12 @@ import (
 	"context"
 	authorizationv1 "k8s.io/api/authorization/v1"
 	"log/slog"
+	"net/http"
 	"os"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -145,6 +147,20 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	ipt := nsIPT{ns: netns, sys: sys}
 	t.Cleanup(func() { _, _ = Cleanup(kern, ipt, dp) })
 	saCfg := c.ServiceAccountConfig(ns, "agent")
+	// While hang is set, every write of the agents' hangs until its request is cancelled:
+	// an API server that does not answer while our namespace is torn down.
+	var hang atomic.Bool
+	var hung atomic.Int32
+	saCfg.WrapTransport = func(rt http.RoundTripper) http.RoundTripper {
+		return roundTripFunc(func(req *http.Request) (*http.Response, error) {
+			if hang.Load() && req.Method != http.MethodGet {
+				hung.Add(1)
+				<-req.Context().Done()
+				return nil, req.Context().Err()
+			}
+			return rt.RoundTrip(req)
+		})
+	}
 
 	// What the kernel held during each wait of the walk-down.
 	type view struct {
@@ -165,11 +181,11 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 		sigterm func() (owner.Decision, error)
 		ended   func() bool // Serve returned (it must not before SIGTERM)
 	}
-	startPod := func(name string, step time.Duration) podRun {
+	startPod := func(name string, step, heartbeat time.Duration) podRun {
 		t.Helper()
 		client := kubernetes.NewForConfigOrDie(saCfg)
 		src := watch.New(watch.Config{Client: client, Dynamic: dynamic.NewForConfigOrDie(saCfg), Self: "a", DiscoveryRetry: 200 * time.Millisecond})
-		a, err := New(Config{NodeName: "a", Dataplane: dp, ResyncInterval: time.Hour, ExternalMTU: 1500, LedgerDir: ledgerDir},
+		a, err := New(Config{NodeName: "a", Dataplane: dp, ResyncInterval: time.Hour, ExternalMTU: 1500, LedgerDir: ledgerDir, HeartbeatInterval: heartbeat},
 			Deps{Client: client, Source: src, Xfrm: xfrm.NewApplier(kern, dp), Rules: rules.NewApplier(ipt),
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, nil)),
 				Sleep: func(ctx context.Context, d time.Duration) error {
@@ -228,7 +244,7 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 
 	// 1. Rolling update / restart: the pod is deleted, the DaemonSet lives on.
 	newPod("agent-1")
-	p1 := startPod("agent-1", 200*time.Millisecond)
+	p1 := startPod("agent-1", 200*time.Millisecond, 0)
 	enforcing("agent-1 started")
 	if err := admin.CoreV1().Pods(ns).Delete(ctx, "agent-1", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
@@ -242,7 +258,7 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	enforcing("after a restart's SIGTERM")
 
 	// 2. The API server is down at SIGTERM and no deletion was seen: unclear → untouched.
-	p2 := startPod("agent-2", 200*time.Millisecond)
+	p2 := startPod("agent-2", 200*time.Millisecond, 0)
 	c.StopAPIServer()
 	t0 := time.Now()
 	d, err = p2.sigterm()
@@ -261,7 +277,7 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	// there (no drops, ESP still sent: safe with peers in any mode), and the new
 	// DaemonSet's agent takes over and enforces again.
 	newPod("agent-3")
-	p3 := startPod("agent-3", 5*time.Second)
+	p3 := startPod("agent-3", 5*time.Second, 0)
 	enforcing("agent-3 started")
 	time.Sleep(300 * time.Millisecond) // the tracker's watch is open
 	if err := admin.AppsV1().DaemonSets(ns).Delete(ctx, dsName, metav1.DeleteOptions{}); err != nil {
@@ -292,20 +308,33 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	}
 	t.Logf("delete + apply: %s", d.Reason)
 	newPod("agent-4") // the new DaemonSet's pod
-	p4 := startPod("agent-4", 400*time.Millisecond)
+	p4 := startPod("agent-4", 400*time.Millisecond, 100*time.Millisecond)
 	enforcing("the new DaemonSet's agent")
 
 	// 4. kubectl delete -f: the DaemonSet goes (background propagation), then our RBAC.
 	// The walk-down starts when the watch shows the deletion and runs to the end with no
-	// SIGTERM; the agent then waits for SIGTERM.
+	// SIGTERM; the agent then waits for SIGTERM. A report write hangs meanwhile (the API
+	// server does not answer it): the first step must not wait for it (Run's writers
+	// would hold it back by patchTimeout, while the peers walk on).
 	mu.Lock()
 	views, waits, dues = nil, nil, nil
 	mu.Unlock()
 	const step = 400 * time.Millisecond
+	hang.Store(true)
+	time.Sleep(200 * time.Millisecond) // the heartbeat (100 ms) is due: the next sync writes
+	p4.a.Resync()
+	waitFor(t, "a report write hanging", func() bool { return hung.Load() > 0 })
 	t0 = time.Now()
 	if err := admin.AppsV1().DaemonSets(ns).Delete(ctx, dsName, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	waitFor(t, "the walk-down's first step", func() bool { mu.Lock(); defer mu.Unlock(); return len(views) >= 1 })
+	if first := time.Since(t0); first > patchTimeout/2 {
+		t.Errorf("the walk-down's first step came %v after the deletion, with a report write hanging: it waited for the writer", first.Round(time.Millisecond))
+	} else {
+		t.Logf("the walk-down's first step %v after the deletion, a report write hanging", first.Round(time.Millisecond))
+	}
+	hang.Store(false)
 	for _, rb := range []string{ownerRole.Name, "secureoverlay-agent"} {
 		if err := admin.RbacV1().RoleBindings(ns).Delete(ctx, rb, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
@@ -367,3 +396,8 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 		t.Errorf("iptables left:\n%s", raw)
 	}
 }
+
+// roundTripFunc is an http.RoundTripper from a function.
+type roundTripFunc func(*http.Request) (*http.Response, error)
+
+func (f roundTripFunc) RoundTrip(req *http.Request) (*http.Response, error) { return f(req) }

@@ -428,6 +428,11 @@ func (a *Agent) processOne(ctx context.Context) bool {
 		return false
 	}
 	defer a.q.Done(key)
+	if ctx.Err() != nil {
+		// Stopping: a sync queued meanwhile would only delay the end (and an uninstall's
+		// first step: docs/agent.md "Uninstall"); the one in progress, if any, finished.
+		return false
+	}
 	if err := a.sync(); err != nil {
 		if ctx.Err() == nil {
 			a.q.AddRateLimited(key)

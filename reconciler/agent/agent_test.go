@@ -837,3 +837,33 @@ func TestPartialSyncsUseTheWatchersHint(t *testing.T) {
 		t.Errorf("the desired state was recomputed whole %v times after the first sync", n-recomputed)
 	}
 }
+
+// TestStopSkipsQueuedSync: once Run's context ends, the sync in progress finishes and a sync
+// queued meanwhile does not run (it would only delay the end, and an uninstall's first step).
+func TestStopSkipsQueuedSync(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); e.a.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, "ready", func() bool { return e.a.Status().Ready })
+	for last := -1.0; ; { // quiesce: no sync for 200 ms
+		time.Sleep(200 * time.Millisecond)
+		n := e.syncs("ok")
+		if n == last {
+			break
+		}
+		last = n
+	}
+	before := e.syncs("ok") + e.syncs("error")
+	e.blockNext.Store(true)
+	e.a.Resync()
+	waitFor(t, "the sync to block", func() bool { return !e.blockNext.Load() })
+	e.a.Trigger("queued while stopping")
+	cancel()
+	close(e.block)
+	<-done
+	if got := e.syncs("ok") + e.syncs("error") - before; got != 1 {
+		t.Fatalf("%v syncs after the stop (one in progress, one queued), want 1", got)
+	}
+}

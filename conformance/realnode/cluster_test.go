@@ -396,7 +396,7 @@ func (rc *realCluster) followAgentLogs(ctx context.Context) func() []string {
 				continue
 			}
 			for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-				if rc.t.Failed() || strings.Contains(l, "DaemonSet") || strings.Contains(l, "uninstall") || strings.Contains(l, "SIGTERM") ||
+				if rc.t.Failed() || strings.Contains(l, "DaemonSet") || strings.Contains(l, "uninstall") || strings.Contains(l, "walk-down") || strings.Contains(l, "SIGTERM") ||
 					strings.Contains(l, "level=ERROR") || strings.Contains(l, "data plane left") || strings.Contains(l, "tail:") {
 					lines = append(lines, n+": "+l)
 				}
@@ -614,8 +614,9 @@ func (rc *realCluster) stopStreams(ctx context.Context, ss []*lab.EchoStream, wh
 		sent += e.Requests()
 		for _, seq := range e.Lost() {
 			lost++
-			rc.t.Errorf("%s: request %d to %s (ICMP id %d, sent %.3fs after the stream's first request, %.3fs before it stopped) lost: %s",
-				what, seq, e.Dst, e.ID, e.SentAt(seq)-e.SentAt(1), float64(e.Stopped)/1e9-e.SentAt(seq), e.Why(seq))
+			// The send time on the guest's clock, which the agents' log lines carry too.
+			rc.t.Errorf("%s: request %d to %s (ICMP id %d, sent at %s guest time, %.3fs after the stream's first request, %.3fs before it stopped) lost: %s",
+				what, seq, e.Dst, e.ID, time.Unix(0, e.Sent[seq-1]).UTC().Format("15:04:05.000"), e.SentAt(seq)-e.SentAt(1), float64(e.Stopped)/1e9-e.SentAt(seq), e.Why(seq))
 		}
 	}
 	rc.say("%s: %d echo requests between real pods, %d lost", what, sent, lost)

@@ -101,12 +101,7 @@ const writeTimeout = 10 * time.Second
 // writer — the admission policy holds every other agent off it — so the last write is the
 // truth), or a create when there is no object yet.
 func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID, mode string, raw []byte) error {
-	ctx, cancel := context.WithTimeout(ctx, writeTimeout)
-	defer cancel()
-	if err := upsert.WriteObject(ctx, dc.Resource(GVR).Namespace(ns), Object(ns, node, nodeUID, mode, raw), FieldManager); err != nil {
-		return fmt.Errorf("write %s %s/%s: %w", Kind, ns, node, err)
-	}
-	return nil
+	return upsert.WriteNodeObject(ctx, dc, GVR, Object(ns, node, nodeUID, mode, raw), FieldManager, writeTimeout)
 }
 
 // Pick chooses between a node's annotation report and its NodeReport (raw JSON each, ""

@@ -185,6 +185,25 @@ func (e *env) run() (stop func()) {
 	return func() { cancel(); <-done }
 }
 
+// blockedSync waits until no sync ran for 200 ms, then starts a full sync that blocks in
+// the rules applier until e.block is closed; it returns the syncs counted before it.
+func (e *env) blockedSync() float64 {
+	e.t.Helper()
+	for last := -1.0; ; {
+		time.Sleep(200 * time.Millisecond)
+		n := e.syncs("ok")
+		if n == last {
+			break
+		}
+		last = n
+	}
+	before := e.syncs("ok") + e.syncs("error")
+	e.blockNext.Store(true)
+	e.a.Resync()
+	waitFor(e.t, "the sync to block", func() bool { return !e.blockNext.Load() })
+	return before
+}
+
 func (e *env) report() *watch.Report {
 	n, err := e.cs.CoreV1().Nodes().Get(context.Background(), "a", metav1.GetOptions{})
 	if err != nil {
@@ -273,20 +292,8 @@ func TestEventsCoalesceIntoOneSync(t *testing.T) {
 	stop := e.run()
 	defer stop()
 	waitFor(t, "ready", func() bool { return e.a.Status().Ready })
-	// Quiesce: no sync for 200ms.
-	for last := -1.0; ; {
-		time.Sleep(200 * time.Millisecond)
-		n := e.syncs("ok")
-		if n == last {
-			break
-		}
-		last = n
-	}
-	before := e.syncs("ok") + e.syncs("error")
-	e.blockNext.Store(true)
-	e.a.Resync()
+	before := e.blockedSync()
 	// That sync is now blocked inside the rules applier; 100 events arrive meanwhile.
-	waitFor(t, "the sync to block", func() bool { return !e.blockNext.Load() })
 	for range 100 {
 		e.a.Trigger("burst")
 	}
@@ -847,18 +854,7 @@ func TestStopSkipsQueuedSync(t *testing.T) {
 	go func() { defer close(done); e.a.Run(ctx) }()
 	defer func() { cancel(); <-done }()
 	waitFor(t, "ready", func() bool { return e.a.Status().Ready })
-	for last := -1.0; ; { // quiesce: no sync for 200 ms
-		time.Sleep(200 * time.Millisecond)
-		n := e.syncs("ok")
-		if n == last {
-			break
-		}
-		last = n
-	}
-	before := e.syncs("ok") + e.syncs("error")
-	e.blockNext.Store(true)
-	e.a.Resync()
-	waitFor(t, "the sync to block", func() bool { return !e.blockNext.Load() })
+	before := e.blockedSync()
 	e.a.Trigger("queued while stopping")
 	cancel()
 	close(e.block)

@@ -101,7 +101,7 @@ func (w *viewWriter) SetNeeded(node, uid string, v readiness.View, gain func(hel
 		// restore (TestNodeViewsWithRowsAgainstRealAPIServer failed 1 of 8 so).
 		w.mu.Unlock()
 		w.metrics.ViewsSkipped.Inc()
-		w.log.Debug("NodeView not needed: skipped", "node", node, "notIn", len(v.NotIn), "notOut", len(v.NotOut), "keys", fmt.Sprintf("%x", v.Keys))
+		w.log.Debug("NodeView not needed: skipped", "node", node, "notIn", len(v.NotIn), "notOut", len(v.NotOut), "keyViewDigest", fmt.Sprintf("%x", v.Keys))
 		return
 	}
 	g := 0
@@ -139,7 +139,7 @@ func (w *viewWriter) Recheck(needed func(node string, held *readiness.View, want
 		}
 		w.mu.Unlock()
 		w.metrics.ViewsSkipped.Inc()
-		w.log.Debug("queued NodeView no longer needed: dropped", "node", node, "keys", fmt.Sprintf("%x", want.view.Keys))
+		w.log.Debug("queued NodeView no longer needed: dropped", "node", node, "keyViewDigest", fmt.Sprintf("%x", want.view.Keys))
 		dropped++
 	}
 	return dropped
@@ -237,7 +237,7 @@ func (w *viewWriter) observed(obj any, gone bool) {
 	again := wanted && (gone || held.wire != want.wire) && (had || gone)
 	w.mu.Unlock()
 	if again {
-		w.log.Debug("NodeView in the API is not the one wanted: queued again", "node", node, "gone", gone, "keys", fmt.Sprintf("%x", held.view.Keys))
+		w.log.Debug("NodeView in the API is not the one wanted: queued again", "node", node, "gone", gone, "keyViewDigest", fmt.Sprintf("%x", held.view.Keys))
 		w.queue.add(node, max(want.gain, 1)) // its agent may hold nothing now
 	}
 }
@@ -280,7 +280,7 @@ func (w *viewWriter) next(ctx context.Context) bool {
 		return true
 	}
 	w.metrics.ViewWrites.WithLabelValues("ok").Inc()
-	w.log.Debug("NodeView written", "node", node, "seq", want.view.Seq, "notIn", len(want.view.NotIn), "notOut", len(want.view.NotOut), "keys", fmt.Sprintf("%x", want.view.Keys), "gain", want.gain)
+	w.log.Debug("NodeView written", "node", node, "seq", want.view.Seq, "notIn", len(want.view.NotIn), "notOut", len(want.view.NotOut), "keyViewDigest", fmt.Sprintf("%x", want.view.Keys), "gain", want.gain)
 	w.backoff.Forget(node)
 	w.mu.Lock()
 	w.written[node] = writtenView{want.view, want.wire}

@@ -55,6 +55,7 @@ func run() error {
 		id          = flag.String("id", host, "identity of this replica in the Lease (default: hostname)")
 		resync      = flag.Duration("resync", time.Minute, "full reconcile period")
 		logJSON     = flag.Bool("log-json", false, "log as JSON")
+		logLevel    = flag.String("log-level", "info", "debug, info, warn or error (debug adds each NodeView written, skipped or dropped)")
 		nodeSel     = flag.String("node-selector", "", "label selector of the nodes that run an agent (match the agent DaemonSet); empty: all nodes")
 		apiQPS      = flag.Float64("kube-api-qps", 20, "sustained requests per second to the API server (client-side limit, each of the two clients: the reconcile's, and the one that writes NodeViews)")
 		apiBurst    = flag.Int("kube-api-burst", 40, "requests allowed at once above --kube-api-qps")
@@ -62,9 +63,14 @@ func run() error {
 	)
 	flag.Parse()
 
-	var h slog.Handler = slog.NewTextHandler(os.Stderr, nil)
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level %q: want debug, info, warn or error", *logLevel)
+	}
+	hopts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler = slog.NewTextHandler(os.Stderr, hopts)
 	if *logJSON {
-		h = slog.NewJSONHandler(os.Stderr, nil)
+		h = slog.NewJSONHandler(os.Stderr, hopts)
 	}
 	log := slog.New(h)
 

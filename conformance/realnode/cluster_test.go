@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -140,7 +141,7 @@ ip netns exec %[1]s iptables -w -t nat -A POSTROUTING -s %[10]s -o mgmt0 -j MASQ
 
 // realCluster is the running real-node cluster.
 type realCluster struct {
-	t       *testing.T
+	t       *checks
 	kube    *kube.Cluster
 	cs      kubernetes.Interface
 	dyn     dynamic.Interface
@@ -230,7 +231,7 @@ func TestRealClusterEncrypts(t *testing.T) {
 		where = rc.staleReports(ctx)
 		return strings.Join(where, ",") == "NodeReport node1,NodeReport node2,NodeRow node1,NodeRow node2,NodeView node1,NodeView node2", nil
 	}); err != nil {
-		t.Errorf("reports while enabled: %v; want the NodeReports, NodeRows and NodeViews of node1 and node2 only", where)
+		rc.t.Errorf("reports while enabled: %v; want the NodeReports, NodeRows and NodeViews of node1 and node2 only", where)
 	}
 	// Every agent publishes its keys: the generation is protocol v2, no v1 generation is
 	// live, every agent reads the public ring — so the master has taken the agents' read
@@ -243,7 +244,7 @@ func TestRealClusterEncrypts(t *testing.T) {
 		return canI == "no", nil
 	}); err != nil {
 		out, _ = rc.ctl(ctx, "status")
-		t.Errorf("kubectl auth can-i get secrets/keys as the agent: %q, want no\n%s", canI, out)
+		rc.t.Errorf("kubectl auth can-i get secrets/keys as the agent: %q, want no\n%s", canI, out)
 	} else {
 		rc.say("kubectl auth can-i get secrets/keys --as …:secureoverlay-agent: %s (every agent reads the public ring, no v1 generation)", canI)
 	}
@@ -285,7 +286,7 @@ func TestRealClusterEncrypts(t *testing.T) {
 	// nothing lost.
 	wc, err := lab.StartWireCount(ctx, rc.vm, lab.UnderlayNS, lab.UnderlayBridge)
 	if err != nil {
-		t.Fatal(err)
+		rc.t.Fatal(err)
 	}
 	oldEpoch := rc.nodeReport(ctx, 2).Epoch
 	viewsBefore := rc.viewDigests(ctx)
@@ -298,20 +299,20 @@ func TestRealClusterEncrypts(t *testing.T) {
 	// node's agent is back yet.
 	early, err := lab.StartEchoStream(ctx, rc.vm, pods[1].NetNS, pods[0].IP, lab.EchoOptions{Interval: 50 * time.Millisecond, Linger: time.Second})
 	if err != nil {
-		t.Fatal(err)
+		rc.t.Fatal(err)
 	}
 	if err := waitFor(ctx, 10*time.Minute, func() (bool, error) {
 		r := rc.nodeReport(ctx, 2)
 		return r.Epoch != "" && r.Epoch != oldEpoch, nil
 	}); err != nil {
-		t.Fatalf("node2's agent never reported a new SA epoch after the reboot (still %s)", oldEpoch)
+		rc.t.Fatalf("node2's agent never reported a new SA epoch after the reboot (still %s)", oldEpoch)
 	}
 	rc.waitAllOK(ctx)
 	rc.waitEchoes(ctx, pods, 3*time.Minute)
 	rc.row("node2 reboot → re-keyed").took = time.Since(t0)
 	ee, err := early.Stop(ctx)
 	if err != nil {
-		t.Fatal(err)
+		rc.t.Fatal(err)
 	}
 	// Not asserted: until the pair has re-keyed for node2's new SA epoch, enforce drops
 	// the pod's packets (never sends them in the clear, which the wire count checks).
@@ -319,7 +320,7 @@ func TestRealClusterEncrypts(t *testing.T) {
 	rc.say("node2 rebooted; its pod back as %s, a new SA epoch, every node encrypting and enforcing again", pods[1])
 	per, err := wc.Read(ctx)
 	if err != nil {
-		t.Fatal(err)
+		rc.t.Fatal(err)
 	}
 	tot := lab.Total(per)
 	r := rc.row("node2 reboot → re-keyed")
@@ -340,14 +341,14 @@ func TestRealClusterEncrypts(t *testing.T) {
 	agentLogs := rc.followAgentLogs(ctx)
 	t0 = time.Now()
 	if out, err := rc.kubectlRun(ctx, "delete", "-k", rc.writeOverlay(rc.env["TAG"]), "--wait=true", "--timeout=10m"); err != nil {
-		t.Fatalf("kubectl delete -k: %v\n%s", err, out)
+		rc.t.Fatalf("kubectl delete -k: %v\n%s", err, out)
 	}
 	var left []string
 	if err := waitFor(ctx, 5*time.Minute, func() (bool, error) {
 		left = rc.dirty(ctx)
 		return len(left) == 0, nil
 	}); err != nil {
-		t.Errorf("after kubectl delete, left on the nodes: %s", strings.Join(left, "; "))
+		rc.t.Errorf("after kubectl delete, left on the nodes: %s", strings.Join(left, "; "))
 	}
 	rc.row("kubectl delete → nodes clean").took = time.Since(t0)
 	rc.stopStreams(ctx, streams, "kubectl delete → nodes clean")
@@ -358,7 +359,7 @@ func TestRealClusterEncrypts(t *testing.T) {
 	// Issue 15's second defect: the Namespace goes first, with the agents' credentials;
 	// their reports live in it (NodeReports), so nothing of ours stays on the Nodes.
 	if stale := rc.staleReports(ctx); len(stale) > 0 {
-		t.Errorf("after kubectl delete, reports left on the Nodes: %s", strings.Join(stale, ", "))
+		rc.t.Errorf("after kubectl delete, reports left on the Nodes: %s", strings.Join(stale, ", "))
 	} else {
 		rc.say("kubectl delete → no report left on any Node (no annotation of ours, no NodeReport)")
 	}
@@ -681,13 +682,13 @@ func startRealCluster(t *testing.T) *realCluster {
 		}
 		t.Skip(err)
 	}
-	rc := &realCluster{t: t, kubectl: filepath.Join(kubebin, "kubectl"), env: readEnv(t, filepath.Join(img, "image.env"))}
+	rc := &realCluster{t: newChecks(t), kubectl: filepath.Join(kubebin, "kubectl"), env: readEnv(t, filepath.Join(img, "image.env"))}
 
 	t0 := time.Now()
 	rc.kube = kube.Start(t, kube.WithServingSANs(lab.GuestForwardAddr, serviceIP), kube.WithControllers())
 	u, err := url.Parse(rc.kube.Host())
 	if err != nil {
-		t.Fatal(err)
+		rc.t.Fatal(err)
 	}
 	hostPort, _ := strconv.Atoi(u.Port())
 	admin := rc.kube.AdminConfig()
@@ -697,19 +698,19 @@ func startRealCluster(t *testing.T) *realCluster {
 	// Calico as calico-node leaves a cluster: its CRDs, the default IPIP pool, and the
 	// ClusterInformation it marks ready (Calico's CNI plugin refuses to run before).
 	if err := kube.InstallCalicoCRDsContext(ctx, admin); err != nil {
-		t.Fatal(err)
+		rc.t.Fatal(err)
 	}
 	stage := t.TempDir()
 	calicoVersion, err := kube.CalicoCNI(calicoDir, filepath.Join(stage, "calico"))
 	if err != nil {
-		t.Fatal(err)
+		rc.t.Fatal(err)
 	}
 	for _, obj := range []runtime.Object{
 		kube.NewIPPool("default-ipv4-ippool", calicoPool, v3.IPIPModeAlways),
 		kube.NewClusterInformation(calicoVersion),
 	} {
 		if _, err := kube.CreateCalico(ctx, rc.dyn, kube.CalicoV1GV, obj); err != nil {
-			t.Fatal(err)
+			rc.t.Fatal(err)
 		}
 	}
 	t.Logf("control plane up (Calico %s objects) in %s", calicoVersion, time.Since(t0).Round(100*time.Millisecond))
@@ -724,10 +725,10 @@ func startRealCluster(t *testing.T) *realCluster {
 	write := func(name, content string) {
 		p := filepath.Join(stage, "etc", name)
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			t.Fatal(err)
+			rc.t.Fatal(err)
 		}
 		if err := os.WriteFile(p, []byte(content), 0o644); err != nil {
-			t.Fatal(err)
+			rc.t.Fatal(err)
 		}
 	}
 	server := fmt.Sprintf("https://%s:%d", lab.GuestForwardAddr, apiPort)
@@ -744,7 +745,7 @@ current-context: lab
 	write("kubelet.kubeconfig", kubeconfig)
 	cm, err := kube.CalicoConfig(calicoDir)
 	if err != nil {
-		t.Fatal(err)
+		rc.t.Fatal(err)
 	}
 	for i := 1; i <= clusterNodes; i++ {
 		n := lab.NodeNS(i)
@@ -784,7 +785,7 @@ current-context: lab
 	})
 	cl := lab.Cluster{Nodes: clusterNodes, UnderlayMTU: underlayMTU, TunnelMTU: underlayMTU - 20, ControlPlane: true}
 	if err := cl.Setup(ctx, rc.vm); err != nil {
-		t.Fatal(err)
+		rc.t.Fatal(err)
 	}
 	rc.run("guest setup", guestCommon)
 	for i := 1; i <= clusterNodes; i++ {
@@ -1157,4 +1158,59 @@ done; true`, cmd))
 		rc.t.Logf("%s: %d processes at first, %d after %s", cmd, first, clusterNodes, time.Since(t0).Round(time.Second))
 	}
 	rc.t.Logf("%s: %d processes, uid/euid capEff %s", cmd, len(lines), want)
+}
+
+// checks is the story's *testing.T that also keeps its failures, to say them again as the
+// very last lines of the test's output (after the demo report and the harness's log
+// tails): CI shows the beginning and the end of a long output, and stop 35's CI showed
+// the real-node story's failure without the failing check.
+type checks struct {
+	*testing.T
+	mu       sync.Mutex
+	failures []string
+}
+
+// newChecks wraps t; register it before anything else's cleanup (cleanups run last
+// first), so that its summary comes last.
+func newChecks(t *testing.T) *checks {
+	c := &checks{T: t}
+	t.Cleanup(func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if len(c.failures) == 0 {
+			return
+		}
+		t.Logf("the story's failed checks (%d), again:\n  %s", len(c.failures), strings.Join(c.failures, "\n  "))
+	})
+	return c
+}
+
+func (c *checks) record(msg string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.failures = append(c.failures, msg)
+}
+
+func (c *checks) Errorf(format string, args ...any) {
+	c.T.Helper()
+	c.record(fmt.Sprintf(format, args...))
+	c.T.Errorf(format, args...)
+}
+
+func (c *checks) Error(args ...any) {
+	c.T.Helper()
+	c.record(fmt.Sprint(args...))
+	c.T.Error(args...)
+}
+
+func (c *checks) Fatalf(format string, args ...any) {
+	c.T.Helper()
+	c.record(fmt.Sprintf(format, args...))
+	c.T.Fatalf(format, args...)
+}
+
+func (c *checks) Fatal(args ...any) {
+	c.T.Helper()
+	c.record(fmt.Sprint(args...))
+	c.T.Fatal(args...)
 }

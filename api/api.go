@@ -49,6 +49,10 @@ const (
 	// (NodeRow) and takes its peers' (docs/keys.md §12): once every agent does, the master
 	// writes a node's NodeView only in its own re-key phase.
 	CapabilityReadinessRows = "readiness-rows"
+	// CapabilityReadinessDecide in an agent's NodeKeys says its kernel follows its NodeView
+	// and its peers' rows as well as their reports' per-peer lists (docs/protocol-v2.md §9
+	// step 3): once every agent does, the lists can go (step 4).
+	CapabilityReadinessDecide = "readiness-decide"
 
 	// ReportAnnotation is the agent's JSON NodeReport on its own Node.
 	ReportAnnotation = "secureoverlay.io/report"

@@ -258,6 +258,9 @@ type Agent struct {
 	// viewShadow compares protocol v2's rule on this node's NodeView with the lists (sync
 	// worker only).
 	viewShadow viewShadow
+	// decided: what the view and rows added to the peers' lists in the inputs the memo
+	// holds (viewdecide.go; sync only).
+	decided decisions
 }
 
 // New wires an agent; it starts nothing.
@@ -521,6 +524,7 @@ func (a *Agent) sync() (err error) {
 	snap.Private = a.led.PrivateKey // protocol v2 generations: this node's key pairs
 	var (
 		in   desired.Inputs
+		mine readiness.Keys
 		ch   desired.Change
 		st   desired.State
 		res  xfrm.Result
@@ -540,15 +544,37 @@ func (a *Agent) sync() (err error) {
 		}
 		in.HoldPlaintext = a.hold
 		in.Previous = a.lastState
-		// The Nodes the watcher's events touched since the memo's inputs (none on a full
-		// sync: the memo is reset and compares, or recomputes, everything).
+		// Protocol v2 (docs/protocol-v2.md §9 step 3): the view shadow compares the view
+		// and rows rule with the peers' lists, then its confirmations are added to them.
+		mine = a.viewShadow.keys(&in)
+		if vs, ok := src.(ViewSource); ok {
+			w, have := vs.ReadinessView()
+			var rows []readiness.Status
+			if rs, ok := src.(RowSource); ok {
+				rows = peerRows(rs, &in)
+			}
+			a.d.Metrics.SetViewShadow(a.viewShadow.compare(&in, mine, w, have, rows))
+		}
+		send := func(id uint32) bool { return mine != nil && a.viewShadow.agent.SendESP(id, mine) }
+		drop := func(id uint32) bool { return mine != nil && a.viewShadow.agent.DropPlaintext(id, mine) }
+		var decidedChanged []string
+		var decided decisions
+		in, decidedChanged, decided = a.decided.apply(in, send, drop)
+		// The Nodes the watcher's events touched since the memo's inputs, and the peers
+		// whose additions changed (none on a full sync: the memo is reset and compares,
+		// or recomputes, everything).
 		hint := desired.Hint{}
 		if h, ok := src.(NodeHinter); ok && !full {
-			hint = h.Hint(a.memo.NodesVersion(), in.NodesVersion)
+			hint = a.decided.hint(h, a.memo.NodesVersion(), in.NodesVersion, decidedChanged)
 		}
 		ch, err = a.memo.Update(in, hint) // desired.Compute(in), per changed peer
 		if err != nil {
 			return a.fail(fmt.Errorf("compute desired state: %w", err))
+		}
+		a.decided = decided
+		if len(decidedChanged) > 0 {
+			a.log.Debug("the NodeView and the peers' rows make pairs ready that the peers' reports do not yet",
+				"peers", len(decided.added), "changed", firstNames(decidedChanged, 8))
 		}
 		a.d.Metrics.MemoUpdates.WithLabelValues(ch.How).Inc()
 		st = a.memo.State()
@@ -647,15 +673,6 @@ func (a *Agent) sync() (err error) {
 	rep.UID, rep.Epoch = self.UID, a.epoch
 	a.mu.Unlock()
 	rep.Readiness = ReadinessOf(st, &snap, a.cfg.NodeName, watch.KeyIncarnation(self.Incarnation, self.UID, rep.Epoch))
-	mine := a.viewShadow.keys(&in)
-	if vs, ok := a.d.Source.(ViewSource); ok {
-		w, have := vs.ReadinessView()
-		var rows []readiness.Status
-		if rs, ok := a.d.Source.(RowSource); ok {
-			rows = peerRows(rs, &in)
-		}
-		a.d.Metrics.SetViewShadow(a.viewShadow.compare(&in, mine, w, have, rows))
-	}
 	if berr != nil {
 		rep.Error = reportError(berr)
 	} else if conflicts != "" {

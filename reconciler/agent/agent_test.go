@@ -108,6 +108,7 @@ func (g *gated) HasSynced() bool { return g.open.Load() && g.Watcher.HasSynced()
 type env struct {
 	t         *testing.T
 	cs        *fake.Clientset
+	dc        *dynamicfake.FakeDynamicClient
 	src       *gated
 	xk        *xfrm.Fake
 	rk        *rules.Fake
@@ -134,6 +135,7 @@ func newEnv(t *testing.T, mode api.Mode, cfg Config) *env {
 	gv := schema.GroupVersion{Group: "crd.projectcalico.org", Version: "v1"}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
 		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"})
+	e.dc = dc
 	e.src = &gated{Watcher: watch.New(watch.Config{Self: "a", Client: e.cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})}
 	e.src.open.Store(true)
 	e.xk = xfrm.NewFake()

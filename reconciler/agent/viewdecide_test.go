@@ -1,0 +1,268 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/nodeview"
+	"github.com/secureoverlay/secureoverlay/readiness"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/rules"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+)
+
+// TestAddDecisions: the view and rows rule adds to a peer's current report what it
+// confirms and the report does not state; peers without a current report, without an ID,
+// and this node are left alone; the caller's nodes and reports are never modified.
+func TestAddDecisions(t *testing.T) {
+	rep := func(inc string, in, enc bool) *desired.Report {
+		return &desired.Report{Incarnation: inc, Mode: api.ModeEnforce, InboundFromSelf: in, EncryptsToSelf: enc}
+	}
+	base := func() desired.Inputs {
+		return desired.Inputs{Self: "a", NodesVersion: "v7", Nodes: []desired.Node{
+			{Name: "a", NodeID: 1, Incarnation: "ia"},
+			{Name: "b", NodeID: 2, Incarnation: "ib", Report: rep("ib", false, false)},     // lists nothing
+			{Name: "c", NodeID: 3, Incarnation: "ic", Report: rep("ic", true, false)},      // lists inbound only
+			{Name: "d", NodeID: 4, Incarnation: "id", Report: rep("id-old", false, false)}, // stale report
+			{Name: "e", NodeID: 5, Incarnation: "ie"},                                      // no report
+			{Name: "f", NodeID: 0, Incarnation: "if", Report: rep("if", false, false)},     // no ring ID
+			{Name: "g", NodeID: 7, Incarnation: "ig", Report: rep("ig", true, true)},       // lists both
+		}}
+	}
+	all := func(uint32) bool { return true }
+	none := func(uint32) bool { return false }
+	only := func(ids ...uint32) func(uint32) bool {
+		return func(id uint32) bool { return slices.Contains(ids, id) }
+	}
+	for _, tc := range []struct {
+		name       string
+		send, drop func(uint32) bool
+		want       map[string]added
+	}{
+		{"nothing confirmed", none, none, nil},
+		{"everything confirmed", all, all, map[string]added{"b": {true, true}, "c": {false, true}}},
+		{"inbound of b only", only(2), none, map[string]added{"b": {inbound: true}}},
+		{"encrypts of c and g", none, only(3, 7), map[string]added{"c": {encrypts: true}}},
+		{"the stale, the reportless and the ID-less stay", only(4, 5, 0), only(4, 5, 0), nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := base()
+			orig := base()
+			got, ad := addDecisions(in, tc.send, tc.drop)
+			if !reflect.DeepEqual(ad, tc.want) {
+				t.Errorf("additions %v, want %v", ad, tc.want)
+			}
+			if !reflect.DeepEqual(in, orig) {
+				t.Errorf("the caller's inputs changed: %+v", in)
+			}
+			if len(tc.want) == 0 && &got.Nodes[0] != &in.Nodes[0] {
+				t.Error("nodes copied without an addition")
+			}
+			for i, n := range got.Nodes {
+				o := orig.Nodes[i]
+				w := tc.want[n.Name]
+				if n.Name != o.Name || n.NodeID != o.NodeID || n.Incarnation != o.Incarnation || (n.Report == nil) != (o.Report == nil) {
+					t.Fatalf("node %d: %+v, was %+v", i, n, o)
+				}
+				if n.Report == nil {
+					continue
+				}
+				wantRep := *o.Report
+				wantRep.InboundFromSelf = wantRep.InboundFromSelf || w.inbound
+				wantRep.EncryptsToSelf = wantRep.EncryptsToSelf || w.encrypts
+				if !reflect.DeepEqual(*n.Report, wantRep) {
+					t.Errorf("%s's report %+v, want %+v", n.Name, *n.Report, wantRep)
+				}
+			}
+		})
+	}
+}
+
+// staticHinter is a NodeHinter that names nodes between any two versions (or knows
+// nothing).
+type staticHinter struct {
+	known bool
+	nodes []string
+}
+
+func (h staticHinter) Hint(since, cur any) desired.Hint {
+	if !h.known {
+		return desired.Hint{}
+	}
+	return desired.Hint{Known: true, Nodes: h.nodes, Since: since}
+}
+
+// TestDecisionsVersion: additions that change without any Node event still reach the
+// memo — the version changes and the hint names the peers — while unchanged additions
+// leave the version as it was (the memo's "same Nodes" path stays open).
+func TestDecisionsVersion(t *testing.T) {
+	in := func(ver any) desired.Inputs {
+		return desired.Inputs{Self: "a", NodesVersion: ver, Nodes: []desired.Node{
+			{Name: "a", NodeID: 1, Incarnation: "ia"},
+			{Name: "b", NodeID: 2, Incarnation: "ib", Report: &desired.Report{Incarnation: "ib"}},
+			{Name: "c", NodeID: 3, Incarnation: "ic", Report: &desired.Report{Incarnation: "ic"}},
+		}}
+	}
+	var d decisions
+	send := map[uint32]bool{}
+	sendF := func(id uint32) bool { return send[id] }
+	none := func(uint32) bool { return false }
+
+	got, changed, next := d.apply(in("v1"), sendF, none)
+	if len(changed) != 0 || got.NodesVersion != (decidedVersion{"v1", 0}) {
+		t.Fatalf("nothing added: changed %v version %v", changed, got.NodesVersion)
+	}
+	d = next
+	memoVer := got.NodesVersion
+
+	send[2] = true // the view confirms b; no Node changed (the watcher's version is the same)
+	got, changed, next = d.apply(in("v1"), sendF, none)
+	if !slices.Equal(changed, []string{"b"}) || got.NodesVersion != (decidedVersion{"v1", 1}) {
+		t.Fatalf("b added: changed %v version %v", changed, got.NodesVersion)
+	}
+	if got.NodesVersion == memoVer {
+		t.Fatal("the version did not change: the memo would take the same Nodes")
+	}
+	h := d.hint(staticHinter{known: true}, memoVer, got.NodesVersion, changed)
+	if !h.Known || h.Since != memoVer || !slices.Equal(h.Nodes, []string{"b"}) {
+		t.Errorf("hint %+v, want b named since %v", h, memoVer)
+	}
+	h = d.hint(staticHinter{known: true, nodes: []string{"c"}}, memoVer, got.NodesVersion, changed)
+	if !slices.Equal(h.Nodes, []string{"c", "b"}) {
+		t.Errorf("hint nodes %v, want the watcher's c and the additions' b", h.Nodes)
+	}
+	if h := d.hint(staticHinter{}, memoVer, got.NodesVersion, changed); h.Known {
+		t.Errorf("the watcher knows nothing, yet the hint is %+v", h)
+	}
+	if h := d.hint(staticHinter{known: true}, "v1", got.NodesVersion, changed); h.Known {
+		t.Errorf("a memo version of another kind gave a hint %+v", h)
+	}
+	d = next
+
+	got, changed, next = d.apply(in("v2"), sendF, none)
+	if len(changed) != 0 || got.NodesVersion != (decidedVersion{"v2", 1}) {
+		t.Errorf("unchanged additions: changed %v version %v", changed, got.NodesVersion)
+	}
+	d = next
+
+	send[2] = false // withdrawn (say b re-keyed)
+	got, changed, _ = d.apply(in("v2"), sendF, none)
+	if !slices.Equal(changed, []string{"b"}) || got.NodesVersion != (decidedVersion{"v2", 2}) {
+		t.Errorf("b withdrawn: changed %v version %v", changed, got.NodesVersion)
+	}
+
+	if got, _, _ := d.apply(in(nil), sendF, none); got.NodesVersion != nil {
+		t.Errorf("inputs without a version got %v (a nil version must stay nil: no memo shortcut)", got.NodesVersion)
+	}
+	if got := firstNames([]string{"a", "b", "c"}, 2); !slices.Equal(got, []string{"a", "b", "and 1 more"}) {
+		t.Errorf("firstNames: %v", got)
+	}
+}
+
+// TestViewDecidesAheadOfLists: a real agent (watcher, memo, fake kernel) in enforce whose
+// peer b reports its current keys but lists nothing about a. Then a's NodeView confirms
+// the pair both ways, with no Node event at all: a sends b ESP and drops b's plaintext.
+// Once b's lists say the same nothing changes; when b re-keys without listing a, the
+// view's confirmation (for b's old keys) does not carry over: a stops both.
+func TestViewDecidesAheadOfLists(t *testing.T) {
+	e := newEnv(t, api.ModeEnforce, Config{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// The fake API gives objects no resourceVersion, and the watcher parses a Secret
+	// without one at every snapshot: every sync would then recompute everything. With
+	// one, as a real API server gives, the memo's incremental paths run, which this
+	// test is about.
+	sec, err := e.cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sec.ResourceVersion = "7"
+	if _, err := e.cs.CoreV1().Secrets(api.Namespace).Update(ctx, sec, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	go e.src.Run(ctx)
+	waitFor(t, "synced", e.src.HasSynced)
+	ringIDs := map[string]uint32{"a": 1, "b": 2}
+
+	report := func(epoch string, lists bool) watch.Report {
+		r := watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "uid-b", Epoch: epoch, Generations: []uint32{1}}}
+		if lists {
+			tag := testTag("a", "boot-a")
+			r.InboundFrom, r.EncryptingTo = map[string]string{"a": tag}, map[string]string{"a": tag}
+		}
+		return r
+	}
+	setReport := func(r watch.Report) {
+		t.Helper()
+		b, _ := json.Marshal(r)
+		setAnnotation(t, e, "b", string(b))
+	}
+	sync := func() {
+		t.Helper()
+		for i := 0; i < 3; i++ { // a partial sync that would publish hands over to a full one
+			if err := e.a.Sync(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if !e.a.full.Load() {
+				return
+			}
+		}
+	}
+	toB := func() (policy, outDrop, inDrop bool) {
+		_, ps := e.xk.Snapshot()
+		for _, p := range ps {
+			if p.Policy.Dir == desired.Out && p.Policy.Dst.Addr().String() == "198.18.0.2" {
+				policy = true
+			}
+		}
+		has := func(chain string) bool {
+			return strings.Contains(strings.Join(e.rk.Chain(rules.Table, chain), "\n"), "198.18.0.2")
+		}
+		return policy, has(rules.ChainOut), has(rules.ChainIn)
+	}
+	expect := func(what string, want bool) {
+		t.Helper()
+		policy, outDrop, inDrop := toB()
+		if policy != want || outDrop != want || inDrop != want {
+			t.Fatalf("%s: ESP policy to b %v, b's outbound drop %v, b's inbound plaintext drop %v; want all %v", what, policy, outDrop, inDrop, want)
+		}
+	}
+
+	setReport(report("e-b", false))
+	sync()
+	expect("b lists nothing, no view", false)
+
+	ks := readiness.Keys{ringIDs["a"]: readiness.KeyDigest(testInc("a", "boot-a")),
+		ringIDs["b"]: readiness.KeyDigest(watch.KeyIncarnation("boot-b", "uid-b", "e-b"))}
+	if _, err := e.dc.Resource(nodeview.GVR).Namespace(api.Namespace).Create(ctx,
+		nodeview.Object(api.Namespace, "a", "uid-a", *readiness.EncodeView(readiness.View{Keys: ks.Digest(nil)})), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the view in the cache", func() bool { _, ok := e.src.ReadinessView(); return ok })
+	incremental := func() float64 {
+		return value(e.m.MemoUpdates.WithLabelValues("same")) + value(e.m.MemoUpdates.WithLabelValues("hint")) + value(e.m.MemoUpdates.WithLabelValues("scan"))
+	}
+	before := incremental()
+	sync()
+	if incremental() == before {
+		t.Fatal("the memo recomputed everything: the test does not reach its incremental paths")
+	}
+	expect("the view confirms b both ways", true)
+	noKeyReused(t, e.xk)
+
+	setReport(report("e-b", true))
+	sync()
+	expect("b's lists agree", true)
+
+	setReport(report("e-b2", false)) // b re-keyed; its lists do not name a yet
+	sync()
+	expect("b re-keyed, the view is about its old keys", false)
+	noKeyReused(t, e.xk)
+}

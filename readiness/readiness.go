@@ -527,6 +527,15 @@ func (m *Master) NeedsView(a uint32, prev *View, next View, row func(p uint32) *
 type Agent struct {
 	ID      uint32
 	in, out map[uint32][2]K // peer -> (peer's K, own K) confirmed
+	changes uint64          // confirmations set to a new value (Changes)
+}
+
+// set records pair as peer's confirmation in c, counting a change.
+func (a *Agent) set(c map[uint32][2]K, peer uint32, pair [2]K) {
+	if old, ok := c[peer]; !ok || old != pair {
+		c[peer] = pair
+		a.changes++
+	}
 }
 
 // Consider takes a view from the master. If its key digest equals the digest of the
@@ -545,10 +554,10 @@ func (a *Agent) Consider(v View, mine Keys) bool {
 		}
 		pair := [2]K{k, mine[a.ID]}
 		if !sortedHas(v.NotIn, id) {
-			a.in[id] = pair
+			a.set(a.in, id, pair)
 		}
 		if !sortedHas(v.NotOut, id) {
-			a.out[id] = pair
+			a.set(a.out, id, pair)
 		}
 	}
 	return true
@@ -617,10 +626,12 @@ func (a *Agent) considerRow(row Status, mine Keys, buckets int, want uint64) (in
 	}
 	pair := [2]K{kx, ka}
 	if row.In[j] == want {
-		a.in[row.ID], in = pair, true
+		a.set(a.in, row.ID, pair)
+		in = true
 	}
 	if row.Out[j] == want {
-		a.out[row.ID], out = pair, true
+		a.set(a.out, row.ID, pair)
+		out = true
 	}
 	return in, out
 }

@@ -261,6 +261,9 @@ type Agent struct {
 	// decided: what the view and rows added to the peers' lists in the inputs the memo
 	// holds (viewdecide.go; sync only).
 	decided decisions
+	// confirmations: the view and rows rule's confirmations saved across restarts
+	// (confirmations.go; sync only).
+	confirmations confirmationsState
 }
 
 // New wires an agent; it starts nothing.
@@ -547,6 +550,7 @@ func (a *Agent) sync() (err error) {
 		// Protocol v2 (docs/protocol-v2.md §9 step 3): the view shadow compares the view
 		// and rows rule with the peers' lists, then its confirmations are added to them.
 		mine = a.viewShadow.keys(&in)
+		a.restoreConfirmations(mine)
 		if vs, ok := src.(ViewSource); ok {
 			w, have := vs.ReadinessView()
 			var rows []readiness.Status
@@ -555,6 +559,7 @@ func (a *Agent) sync() (err error) {
 			}
 			a.d.Metrics.SetViewShadow(a.viewShadow.compare(&in, mine, w, have, rows))
 		}
+		a.saveConfirmations(mine) // before the kernel follows them
 		send := func(id uint32) bool { return mine != nil && a.viewShadow.agent.SendESP(id, mine) }
 		drop := func(id uint32) bool { return mine != nil && a.viewShadow.agent.DropPlaintext(id, mine) }
 		var decidedChanged []string

@@ -14,6 +14,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/nodeview"
 	"github.com/secureoverlay/secureoverlay/readiness"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
@@ -166,19 +167,20 @@ func TestDecisionsVersion(t *testing.T) {
 	}
 }
 
-// TestViewDecidesAheadOfLists: a real agent (watcher, memo, fake kernel) in enforce whose
-// peer b reports its current keys but lists nothing about a. Then a's NodeView confirms
-// the pair both ways, with no Node event at all: a sends b ESP and drops b's plaintext.
-// Once b's lists say the same nothing changes; when b re-keys without listing a, the
-// view's confirmation (for b's old keys) does not carry over: a stops both.
-func TestViewDecidesAheadOfLists(t *testing.T) {
+// viewEnv is an agent "a" in enforce (env) with its peer b, whose report the test writes,
+// and a's NodeView.
+type viewEnv struct {
+	*env
+	ctx context.Context
+}
+
+func newViewEnv(t *testing.T) *viewEnv {
 	e := newEnv(t, api.ModeEnforce, Config{})
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
+	t.Cleanup(cancel)
 	// The fake API gives objects no resourceVersion, and the watcher parses a Secret
 	// without one at every snapshot: every sync would then recompute everything. With
-	// one, as a real API server gives, the memo's incremental paths run, which this
-	// test is about.
+	// one, as a real API server gives, the memo's incremental paths run.
 	sec, err := e.cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -189,80 +191,123 @@ func TestViewDecidesAheadOfLists(t *testing.T) {
 	}
 	go e.src.Run(ctx)
 	waitFor(t, "synced", e.src.HasSynced)
-	ringIDs := map[string]uint32{"a": 1, "b": 2}
+	return &viewEnv{env: e, ctx: ctx}
+}
 
-	report := func(epoch string, lists bool) watch.Report {
-		r := watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "uid-b", Epoch: epoch, Generations: []uint32{1}}}
-		if lists {
-			tag := testTag("a", "boot-a")
-			r.InboundFrom, r.EncryptingTo = map[string]string{"a": tag}, map[string]string{"a": tag}
-		}
-		return r
+// setReport writes b's report: in enforce, for b's SA epoch, listing a both ways or not.
+func (v *viewEnv) setReport(epoch string, lists bool) {
+	v.t.Helper()
+	r := watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "uid-b", Epoch: epoch, Generations: []uint32{1}}}
+	if lists {
+		tag := testTag("a", "boot-a")
+		r.InboundFrom, r.EncryptingTo = map[string]string{"a": tag}, map[string]string{"a": tag}
 	}
-	setReport := func(r watch.Report) {
-		t.Helper()
-		b, _ := json.Marshal(r)
-		setAnnotation(t, e, "b", string(b))
-	}
-	sync := func() {
-		t.Helper()
-		for i := 0; i < 3; i++ { // a partial sync that would publish hands over to a full one
-			if err := e.a.Sync(ctx); err != nil {
-				t.Fatal(err)
-			}
-			if !e.a.full.Load() {
-				return
-			}
-		}
-	}
-	toB := func() (policy, outDrop, inDrop bool) {
-		_, ps := e.xk.Snapshot()
-		for _, p := range ps {
-			if p.Policy.Dir == desired.Out && p.Policy.Dst.Addr().String() == "198.18.0.2" {
-				policy = true
-			}
-		}
-		has := func(chain string) bool {
-			return strings.Contains(strings.Join(e.rk.Chain(rules.Table, chain), "\n"), "198.18.0.2")
-		}
-		return policy, has(rules.ChainOut), has(rules.ChainIn)
-	}
-	expect := func(what string, want bool) {
-		t.Helper()
-		policy, outDrop, inDrop := toB()
-		if policy != want || outDrop != want || inDrop != want {
-			t.Fatalf("%s: ESP policy to b %v, b's outbound drop %v, b's inbound plaintext drop %v; want all %v", what, policy, outDrop, inDrop, want)
-		}
-	}
+	b, _ := json.Marshal(r)
+	setAnnotation(v.t, v.env, "b", string(b))
+}
 
-	setReport(report("e-b", false))
-	sync()
-	expect("b lists nothing, no view", false)
-
-	ks := readiness.Keys{ringIDs["a"]: readiness.KeyDigest(testInc("a", "boot-a")),
-		ringIDs["b"]: readiness.KeyDigest(watch.KeyIncarnation("boot-b", "uid-b", "e-b"))}
-	if _, err := e.dc.Resource(nodeview.GVR).Namespace(api.Namespace).Create(ctx,
-		nodeview.Object(api.Namespace, "a", "uid-a", *readiness.EncodeView(readiness.View{Keys: ks.Digest(nil)})), metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
+// setView writes a's NodeView over the keys of a and of b in SA epoch epochB, confirming
+// both ways every pair, and waits for the watcher to hold it (or, with epochB "", deletes
+// it and waits for it to go).
+func (v *viewEnv) setView(epochB string) {
+	v.t.Helper()
+	res := v.dc.Resource(nodeview.GVR).Namespace(api.Namespace)
+	if epochB == "" {
+		if err := res.Delete(v.ctx, "a", metav1.DeleteOptions{}); err != nil {
+			v.t.Fatal(err)
+		}
+		waitFor(v.t, "the view gone from the cache", func() bool { _, ok := v.src.ReadinessView(); return !ok })
+		return
 	}
-	waitFor(t, "the view in the cache", func() bool { _, ok := e.src.ReadinessView(); return ok })
+	ks := readiness.Keys{1: readiness.KeyDigest(testInc("a", "boot-a")), 2: readiness.KeyDigest(watch.KeyIncarnation("boot-b", "uid-b", epochB))}
+	want := *readiness.EncodeView(readiness.View{Keys: ks.Digest(nil)})
+	if _, err := res.Create(v.ctx, nodeview.Object(api.Namespace, "a", "uid-a", want), metav1.CreateOptions{}); err != nil {
+		v.t.Fatal(err)
+	}
+	waitFor(v.t, "the view in the cache", func() bool { got, ok := v.src.ReadinessView(); return ok && got == want })
+}
+
+// expect checks a's kernel toward b: ESP policy, outbound plaintext drop (enforce's
+// fail-closed rule beside it) and inbound plaintext drop, all present or all absent.
+func (v *viewEnv) expect(what string, want bool) {
+	v.t.Helper()
+	policy := false
+	_, ps := v.xk.Snapshot()
+	for _, p := range ps {
+		if p.Policy.Dir == desired.Out && p.Policy.Dst.Addr().String() == "198.18.0.2" {
+			policy = true
+		}
+	}
+	has := func(chain string) bool {
+		return strings.Contains(strings.Join(v.rk.Chain(rules.Table, chain), "\n"), "198.18.0.2")
+	}
+	if outDrop, inDrop := has(rules.ChainOut), has(rules.ChainIn); policy != want || outDrop != want || inDrop != want {
+		v.t.Fatalf("%s: ESP policy to b %v, b's outbound drop %v, b's inbound plaintext drop %v; want all %v", what, policy, outDrop, inDrop, want)
+	}
+}
+
+// TestViewDecidesAheadOfLists: a real agent (watcher, memo, fake kernel) in enforce whose
+// peer b reports its current keys but lists nothing about a. Then a's NodeView confirms
+// the pair both ways, with no Node event at all: a sends b ESP and drops b's plaintext.
+// Once b's lists say the same nothing changes; when b re-keys without listing a, the
+// view's confirmation (for b's old keys) does not carry over: a stops both.
+func TestViewDecidesAheadOfLists(t *testing.T) {
+	e := newViewEnv(t)
+	e.setReport("e-b", false)
+	e.sync(e.ctx)
+	e.expect("b lists nothing, no view", false)
+
+	e.setView("e-b")
 	incremental := func() float64 {
 		return value(e.m.MemoUpdates.WithLabelValues("same")) + value(e.m.MemoUpdates.WithLabelValues("hint")) + value(e.m.MemoUpdates.WithLabelValues("scan"))
 	}
 	before := incremental()
-	sync()
+	e.sync(e.ctx)
 	if incremental() == before {
 		t.Fatal("the memo recomputed everything: the test does not reach its incremental paths")
 	}
-	expect("the view confirms b both ways", true)
+	e.expect("the view confirms b both ways", true)
 	noKeyReused(t, e.xk)
 
-	setReport(report("e-b", true))
-	sync()
-	expect("b's lists agree", true)
+	e.setReport("e-b", true)
+	e.sync(e.ctx)
+	e.expect("b's lists agree", true)
 
-	setReport(report("e-b2", false)) // b re-keyed; its lists do not name a yet
-	sync()
-	expect("b re-keyed, the view is about its old keys", false)
+	e.setReport("e-b2", false) // b re-keyed; its lists do not name a yet
+	e.sync(e.ctx)
+	e.expect("b re-keyed, the view is about its old keys", false)
 	noKeyReused(t, e.xk)
+}
+
+// TestConfirmationsSurviveRestart: the view's confirmations of a's pair with b are saved
+// beside the ledger; an agent restarted with the same keys, with no view and b's lists
+// still silent, keeps the pair both ways from them. After b re-keys, a restarted agent
+// does not take them for b's new keys; and a save of a's earlier keys is not taken.
+func TestConfirmationsSurviveRestart(t *testing.T) {
+	e := newViewEnv(t)
+	e.setReport("e-b", false)
+	e.setView("e-b")
+	e.sync(e.ctx)
+	e.expect("the view confirms b both ways", true)
+
+	e.setView("") // no view after the restart: only the saved confirmations can say
+	e.restart()
+	e.sync(e.ctx)
+	e.expect("restarted, without a view", true)
+	noKeyReused(t, e.xk)
+
+	e.setReport("e-b2", false)
+	e.restart()
+	e.sync(e.ctx)
+	e.expect("restarted after b re-keyed", false)
+
+	// A save made with other keys of a: this node's keys changed since, nothing holds.
+	b, _ := readiness.Saved{Self: readiness.KeyDigest("boot-a/uid-a/earlier"), In: map[uint32]readiness.K{2: readiness.KeyDigest(watch.KeyIncarnation("boot-b", "uid-b", "e-b2"))},
+		Out: map[uint32]readiness.K{2: readiness.KeyDigest(watch.KeyIncarnation("boot-b", "uid-b", "e-b2"))}}.MarshalBinary()
+	if err := ledger.WriteSide(e.a.cfg.LedgerDir, ledger.SideReadiness, b); err != nil {
+		t.Fatal(err)
+	}
+	e.restart()
+	e.sync(e.ctx)
+	e.expect("restarted with a save of a's earlier keys", false)
 }

@@ -40,6 +40,10 @@
 //
 // An agent that predates the x record finds a ledger with one damaged and starts a new
 // epoch (every key new): a downgrade is safe.
+//
+// Side files (WriteSide) sit beside the ledger in the same directory and go with it: each
+// replaced whole, atomically. SideReadiness holds the agent's readiness confirmations
+// (readiness.Saved: node IDs and digests of public key incarnations, no key material).
 package ledger
 
 import (
@@ -273,7 +277,8 @@ func (l *Ledger) NewEpoch(e string) error {
 	return l.rewrite(e)
 }
 
-// Remove deletes the ledger file (cleanup and uninstall: the node keeps nothing of ours).
+// Remove deletes the ledger file and its side files (cleanup and uninstall: the node keeps
+// nothing of ours).
 // The next Open starts a new epoch.
 func (l *Ledger) Remove() error {
 	if err := l.fail("remove"); err != nil {
@@ -284,6 +289,11 @@ func (l *Ledger) Remove() error {
 	l.priv = map[uint32]*keys.PrivateKey{}
 	if err := os.Remove(l.path()); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("remove ledger %s: %w", l.path(), err)
+	}
+	for _, name := range sideFiles {
+		if err := os.Remove(filepath.Join(l.dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove ledger side file: %w", err)
+		}
 	}
 	return syncDir(l.dir)
 }
@@ -540,11 +550,48 @@ func parse(data []byte) (h header, used map[Fingerprint]uint32, hist keys.Histor
 // later process treats the key as used: a superset of the installed keys is safe.
 func (l *Ledger) Release(f Fingerprint) { delete(l.used, f) }
 
-// RemoveFile deletes dir's ledger without opening it (`secureoverlay-agent cleanup`, which
-// holds the lock).
+// RemoveFile deletes dir's ledger and its side files (WriteSide) without opening it
+// (`secureoverlay-agent cleanup`, which holds the lock).
 func RemoveFile(dir string) error {
-	if err := os.Remove(filepath.Join(dir, fileName)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove ledger: %w", err)
+	for _, name := range append([]string{fileName}, sideFiles...) {
+		if err := os.Remove(filepath.Join(dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove ledger: %w", err)
+		}
 	}
 	return nil
+}
+
+// SideReadiness is the side file of the agent's saved readiness confirmations
+// (readiness.Saved).
+const SideReadiness = "readiness"
+
+// sideFiles are the names WriteSide accepts.
+var sideFiles = []string{SideReadiness}
+
+// WriteSide replaces the side file name in dir (one of the Side names) with data: written
+// to a temporary file, synced, renamed over it, the directory synced. The side files hold
+// what the agent keeps beside its ledger across its own restarts, for the same boot; they
+// go with the ledger (RemoveFile).
+func WriteSide(dir, name string, data []byte) error {
+	if !slices.Contains(sideFiles, name) {
+		return fmt.Errorf("ledger side file %q: not one of %v", name, sideFiles)
+	}
+	tmp := filepath.Join(dir, "."+name+".tmp")
+	if err := writeSynced(tmp, data); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("write %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
+		return fmt.Errorf("replace %s: %w", filepath.Join(dir, name), err)
+	}
+	return syncDir(dir)
+}
+
+// ReadSide reads the side file name in dir (os.ErrNotExist when there is none), bounded as
+// the ledger is.
+func ReadSide(dir, name string) ([]byte, error) {
+	if !slices.Contains(sideFiles, name) {
+		return nil, fmt.Errorf("ledger side file %q: not one of %v", name, sideFiles)
+	}
+	return readBounded(filepath.Join(dir, name))
 }

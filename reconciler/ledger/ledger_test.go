@@ -280,3 +280,41 @@ func TestHistorySurvivesAnotherIdentity(t *testing.T) {
 		t.Fatalf("re-created Node: %s, installed %v, history %+v", why, l2.Installed(fp(1)), l2.History())
 	}
 }
+
+// TestSideFiles: a side file is replaced whole (no temporary left), read back, refused
+// under a name that is not one, and removed with the ledger by Remove and by RemoveFile.
+func TestSideFiles(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := ReadSide(dir, SideReadiness); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("no side file yet: %v", err)
+	}
+	mustNil(t, WriteSide(dir, SideReadiness, []byte("first")))
+	mustNil(t, WriteSide(dir, SideReadiness, []byte("second")))
+	if b, err := ReadSide(dir, SideReadiness); err != nil || string(b) != "second" {
+		t.Fatalf("read back %q, %v", b, err)
+	}
+	if err := WriteSide(dir, "../ledger", []byte("x")); err == nil {
+		t.Error("a side file named ../ledger was written")
+	}
+	if _, err := ReadSide(dir, "ledger"); err == nil {
+		t.Error("the ledger was read as a side file")
+	}
+	entries, err := os.ReadDir(dir)
+	mustNil(t, err)
+	for _, e := range entries {
+		if strings.HasSuffix(e.Name(), ".tmp") {
+			t.Errorf("temporary file left: %s", e.Name())
+		}
+	}
+
+	l, _ := open(t, dir, idA, epochs())
+	mustNil(t, l.Remove())
+	if _, err := ReadSide(dir, SideReadiness); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("after Remove the side file is still there: %v", err)
+	}
+	mustNil(t, WriteSide(dir, SideReadiness, []byte("third")))
+	mustNil(t, RemoveFile(dir))
+	if _, err := ReadSide(dir, SideReadiness); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("after RemoveFile the side file is still there: %v", err)
+	}
+}

@@ -1,0 +1,75 @@
+package agent
+
+import (
+	"errors"
+	"os"
+
+	"github.com/secureoverlay/secureoverlay/readiness"
+	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
+)
+
+// The view and rows rule's confirmations across the agent's own restarts
+// (docs/protocol-v2.md §9 step 4, readiness.Saved): written beside the ledger whenever
+// they change, before the sync that uses them programs the kernel, and read back at the
+// first sync that knows this node's keys. While the peers' lists decide too (step 3) a
+// lost write costs nothing but a later confirmation; once the lists go it is what keeps a
+// restarted agent from dropping pairs its peers still count on.
+
+// confirmationsState is the sync worker's record of the saved confirmations.
+type confirmationsState struct {
+	restored bool   // the first sync with keys read the file (or there was none)
+	saved    uint64 // readiness.Agent.Changes() when last written
+	warned   string // the last write error logged
+}
+
+// restoreConfirmations reads the saved confirmations once, at the first sync that knows
+// this node's key view (mine), and takes them when they were made with this node's
+// current keys.
+func (a *Agent) restoreConfirmations(mine readiness.Keys) {
+	st := &a.confirmations
+	if st.restored || mine == nil || a.cfg.LedgerDir == "" {
+		return
+	}
+	st.restored = true
+	ra := &a.viewShadow.agent
+	defer func() { st.saved = ra.Changes() }() // what was read need not be written again
+	b, err := ledger.ReadSide(a.cfg.LedgerDir, ledger.SideReadiness)
+	if errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	var s readiness.Saved
+	if err == nil {
+		err = s.UnmarshalBinary(b)
+	}
+	if err != nil {
+		a.log.Warn("cannot read the saved readiness confirmations; pairs wait for the NodeView, the peers' rows or their reports", "error", err)
+		return
+	}
+	if !ra.Restore(s, mine) {
+		a.log.Info("saved readiness confirmations are of this node's earlier keys: not used")
+		return
+	}
+	held := ra.Save(mine) // those that hold for the peers' keys as this sync has them
+	a.log.Info("readiness confirmations restored from before this agent's restart", "inbound", len(held.In), "encrypts", len(held.Out),
+		"saved", len(s.In)+len(s.Out))
+}
+
+// saveConfirmations writes the confirmations that hold in mine when they changed since
+// the last write. A failure is logged (once per distinct error) and retried at the next
+// sync.
+func (a *Agent) saveConfirmations(mine readiness.Keys) {
+	st := &a.confirmations
+	ra := &a.viewShadow.agent
+	if mine == nil || a.cfg.LedgerDir == "" || ra.Changes() == st.saved {
+		return
+	}
+	b, _ := ra.Save(mine).MarshalBinary()
+	if err := ledger.WriteSide(a.cfg.LedgerDir, ledger.SideReadiness, b); err != nil {
+		if err.Error() != st.warned {
+			a.log.Warn("cannot save the readiness confirmations (kept in memory; retried at the next sync)", "error", err)
+			st.warned = err.Error()
+		}
+		return
+	}
+	st.saved, st.warned = ra.Changes(), ""
+}

@@ -69,7 +69,7 @@ type model struct {
 	kern    []*kernel
 	agents  []*Agent
 	keys    []*lagged[K]      // NodeKeys per node; observers: agents 1..n, master 0
-	status  []*lagged[Status] // NodeStatus per node; observer: master 0
+	status  []*lagged[statusMsg] // NodeStatus per node; observer: master 0
 	views   []*lagged[View]   // NodeView per node; observer: its agent
 	// With rows (§9 step 3, revised): each node's row (its status, published with its
 	// NodeKeys; observers: the other agents), and the master writes a node's view only
@@ -82,22 +82,40 @@ type model struct {
 	master      *Master
 	counter     uint64
 	log         []string
+	// With restarts (§9 step 4): an agent restarts with its node's K and kernel kept, its
+	// memory lost and its informers listing afresh; it saves its confirmations before each
+	// sync programs from them (saved) and restores them at its first sync (restore).
+	withRestarts bool
+	saved        map[int]Saved
+	restore      map[int]bool
+	// reportsUsed: agents say which view they last used, and the master weighs the view
+	// it holds for them by it (Master.ObserveUsed).
+	reportsUsed bool
 }
 
 const masterObs = 0
 
-func newModel(t *testing.T, seed uint64, n, buckets int, withRows bool) *model {
-	m := &model{t: t, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), n: n, buckets: buckets, master: NewMaster(buckets), withRows: withRows, ours: map[int]bool{}, rowComplete: map[int]bool{}}
+// statusMsg is a node's NodeStatus as the master reads it: its readiness status and, with
+// reportsUsed, the key digest of the last view its agent used (Agent.Used).
+type statusMsg struct {
+	st     Status
+	used   uint64
+	usedOK bool
+}
+
+func newModel(t *testing.T, seed uint64, n, buckets int, withRows, withRestarts bool) *model {
+	m := &model{t: t, rng: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), n: n, buckets: buckets, master: NewMaster(buckets), withRows: withRows, ours: map[int]bool{}, rowComplete: map[int]bool{},
+		withRestarts: withRestarts, saved: map[int]Saved{}, restore: map[int]bool{}, reportsUsed: withRows && os.Getenv("SECUREOVERLAY_READINESS_NO_USED") == ""}
 	m.rows = make([]*lagged[Status], n+1)
 	m.k = make([]K, n+1)
 	m.kern = make([]*kernel, n+1)
 	m.agents = make([]*Agent, n+1)
 	m.keys = make([]*lagged[K], n+1)
-	m.status = make([]*lagged[Status], n+1)
+	m.status = make([]*lagged[statusMsg], n+1)
 	m.views = make([]*lagged[View], n+1)
 	for id := 1; id <= n; id++ {
 		m.keys[id] = &lagged[K]{seen: map[int]int{}}
-		m.status[id] = &lagged[Status]{seen: map[int]int{}}
+		m.status[id] = &lagged[statusMsg]{seen: map[int]int{}}
 		m.views[id] = &lagged[View]{seen: map[int]int{}}
 		m.rows[id] = &lagged[Status]{seen: map[int]int{}}
 		m.boot(id)
@@ -135,6 +153,12 @@ func (m *model) keyView(o int) Keys {
 func (m *model) sync(id int) {
 	mine := m.keyView(id)
 	kn, a := m.kern[id], m.agents[id]
+	if m.restore[id] {
+		delete(m.restore, id)
+		if s, ok := m.saved[id]; ok {
+			a.Restore(s, mine)
+		}
+	}
 	if v, ok := m.views[id].get(id); ok {
 		a.Consider(v, mine)
 	}
@@ -142,6 +166,9 @@ func (m *model) sync(id int) {
 		if row, ok := m.rows[p].get(id); ok && p != id {
 			a.ConsiderRow(row, mine, m.buckets)
 		}
+	}
+	if m.withRestarts {
+		m.saved[id] = a.Save(mine) // before the kernel follows
 	}
 	// Inbound: every peer this node knows, with the K it knows (an old K's SA is replaced).
 	for p := range kn.in {
@@ -180,7 +207,8 @@ func (m *model) sync(id int) {
 		out[p] = e[0]
 	}
 	st := NewStatus(uint32(id), m.k[id], kn.in, out, nil, m.buckets)
-	m.status[id].write(st)
+	used, usedOK := a.Used()
+	m.status[id].write(statusMsg{st, used, usedOK})
 	if m.withRows {
 		m.publishRow(id, st, mine)
 	}
@@ -269,7 +297,7 @@ func (m *model) deliverOne() bool {
 				return false
 			}
 			s, _ := m.status[id].get(masterObs)
-			m.master.Observe(s)
+			m.observe(uint32(id), s)
 			return true
 		})
 		evs = append(evs, func() bool { return m.views[id].deliver(id) })
@@ -289,6 +317,32 @@ func (m *model) deliverOne() bool {
 	return false
 }
 
+// observe gives the master node id's status (and, with reportsUsed, the view its agent
+// last used).
+func (m *model) observe(id uint32, s statusMsg) {
+	m.master.Observe(s.st)
+	if m.reportsUsed {
+		m.master.ObserveUsed(id, s.used, s.usedOK)
+	}
+}
+
+// restart: node id's agent process restarts (K and kernel kept, memory lost); its
+// informers list afresh, so it sees the latest of every object at once.
+func (m *model) restart(id int) {
+	m.agents[id] = &Agent{ID: uint32(id)}
+	m.restore[id] = true
+	for p := 1; p <= m.n; p++ {
+		if p != id {
+			m.keys[p].seen[id] = len(m.keys[p].hist) - 1
+			if m.withRows {
+				m.rows[p].seen[id] = len(m.rows[p].hist) - 1
+			}
+		}
+	}
+	m.views[id].seen[id] = len(m.views[id].hist) - 1
+	m.logf("restart %d", id)
+}
+
 func (m *model) failover() {
 	m.master = NewMaster(m.buckets)
 	clear(m.ours)
@@ -300,7 +354,7 @@ func (m *model) failover() {
 	}
 	for id := 1; id <= m.n; id++ {
 		if s, ok := lastOf(m.status[id]); ok {
-			m.master.Observe(s)
+			m.observe(uint32(id), s)
 		}
 		m.keys[id].seen[masterObs] = len(m.keys[id].hist) - 1
 		m.status[id].seen[masterObs] = len(m.status[id].hist) - 1
@@ -352,6 +406,10 @@ func (m *model) run(steps int) {
 			id := 1 + m.rng.IntN(m.n)
 			m.sync(id)
 			what = fmt.Sprintf("sync %d", id)
+		case r >= 70 && r < 75 && m.withRestarts:
+			id := 1 + m.rng.IntN(m.n)
+			m.restart(id)
+			what = fmt.Sprintf("restart %d", id)
 		case r < 75:
 			m.deliverOne()
 			what = "deliver"
@@ -400,17 +458,26 @@ func (m *model) run(steps int) {
 // TestModelRandomInterleavings: the readiness design under random interleavings of syncs,
 // lagging watches, view writes, reboots and master failovers (reproduce one seed with
 // SECUREOVERLAY_READINESS_SEED).
-func TestModelRandomInterleavings(t *testing.T) { runModels(t, false) }
+func TestModelRandomInterleavings(t *testing.T) { runModels(t, false, false) }
 
 // TestModelRowsRandomInterleavings: the same with rows (docs/protocol-v2.md §9 step 3,
 // revised): every node publishes its status as its row while incomplete, every agent
 // confirms its pairs from its peers' rows as well as from its view, and the master writes a
 // node's view only in the node's own re-key phase. Safety as before; liveness at the end
 // must come from rows for every pair no view confirmed.
-func TestModelRowsRandomInterleavings(t *testing.T) { runModels(t, true) }
+func TestModelRowsRandomInterleavings(t *testing.T) { runModels(t, true, false) }
+
+// TestModelRestartsRandomInterleavings: the same with agent restarts (docs/protocol-v2.md
+// §9 step 4): an agent process restarts with its node's keys and kernel kept and its
+// memory lost, and — the agents deciding from views and rows alone, as once the lists go
+// — restores the confirmations it saved before each sync programmed from them. Without
+// the restore a restarted agent withdraws ESP its peers count on (they drop its
+// plaintext) until a view consistent with its keys comes, which the master, writing views
+// only when rows do not cover them, may never write.
+func TestModelRestartsRandomInterleavings(t *testing.T) { runModels(t, true, true) }
 
 // runModels runs the model over 400 seeds (50 with -short) × 3 shapes.
-func runModels(t *testing.T, withRows bool) {
+func runModels(t *testing.T, withRows, withRestarts bool) {
 	seeds, steps := 400, 400
 	if testing.Short() {
 		seeds = 50
@@ -426,7 +493,7 @@ func runModels(t *testing.T, withRows bool) {
 	for seed := first; seed < first+uint64(seeds); seed++ {
 		for _, shape := range []struct{ n, buckets int }{{4, 2}, {6, 3}, {3, 32}} {
 			t.Run(fmt.Sprintf("seed%d/n%d/b%d", seed, shape.n, shape.buckets), func(t *testing.T) {
-				newModel(t, seed, shape.n, shape.buckets, withRows).run(steps)
+				newModel(t, seed, shape.n, shape.buckets, withRows, withRestarts).run(steps)
 			})
 		}
 	}

@@ -148,6 +148,10 @@ type Master struct {
 	seq     uint64
 	changes []keyChange
 	logFrom uint64
+	// used holds, for the agents that say which view they last used (ObserveUsed), the
+	// key digest of that view (absent: none used since the agent started).
+	used     map[uint32]uint64
+	saysUsed map[uint32]bool
 }
 
 // keyChange is one K change: node id's K changed at sequence seq.
@@ -205,7 +209,8 @@ type bucketCache struct {
 
 // NewMaster returns a master with no nodes.
 func NewMaster(buckets int) *Master {
-	return &Master{buckets: buckets, keys: Keys{}, idx: map[uint32]int{}, bucket: make([]bucketCache, buckets), dirty: map[uint32]bool{}}
+	return &Master{buckets: buckets, keys: Keys{}, idx: map[uint32]int{}, bucket: make([]bucketCache, buckets), dirty: map[uint32]bool{},
+		used: map[uint32]uint64{}, saysUsed: map[uint32]bool{}}
 }
 
 // TakeDirty returns, sorted, the nodes whose view (ViewFor) may have changed since the
@@ -276,6 +281,8 @@ func (m *Master) Remove(id uint32) {
 	}
 	m.forget(id)
 	delete(m.keys, id)
+	delete(m.used, id)
+	delete(m.saysUsed, id)
 	x := m.idx[id]
 	delete(m.idx, id)
 	m.ids[x] = 0
@@ -484,6 +491,26 @@ func (m *Master) gain(a uint32, prev *View, next View, covered func(p uint32, di
 	return n
 }
 
+// ObserveUsed records which view agent a says it last used: the key digest of the last
+// view it found consistent with its own key view (ok false: none since it started). Once an
+// agent says so, NeedsView weighs the held view by it.
+func (m *Master) ObserveUsed(a uint32, keys uint64, ok bool) {
+	if _, known := m.keys[a]; !known {
+		return
+	}
+	m.saysUsed[a] = true
+	if ok {
+		m.used[a] = keys
+	} else {
+		delete(m.used, a)
+	}
+}
+
+// sameView reports whether two views hold the same lists over the same key view.
+func sameView(a, b View) bool {
+	return a.Keys == b.Keys && slices.Equal(a.NotIn, b.NotIn) && slices.Equal(a.NotOut, b.NotOut)
+}
+
 // NeedsView reports whether next, node a's view now, lets a's agent use a pair that
 // neither the view it holds (prev, nil: none) nor the peer's row gives it (docs/keys.md
 // §12): row(p) is peer p's row as the API holds it (nil: none). A row gives a the facts
@@ -496,9 +523,19 @@ func (m *Master) gain(a uint32, prev *View, next View, covered func(p uint32, di
 // so a view skipped on a row that the agent cannot yet use is decided again. A node without
 // a view gets one whatever the rows say (one write per node, once: every node has a view);
 // a view of unknown age (a previous leader's) is weighed as Gain weighs it.
+//
+// The rows and the held view give a's agent what they state only if the agent took the
+// held view: an agent that restarted (its informers list afresh, skipping the views and
+// rows in between) or whose key view never matched the held one's holds nothing from it.
+// An agent that says which view it last used (ObserveUsed) and names another than prev
+// gets next whenever next differs from prev (TestModelRestartsRandomInterleavings: without
+// this a restarted agent may never again be given a pair whose row it skipped).
 func (m *Master) NeedsView(a uint32, prev *View, next View, row func(p uint32) *Status) bool {
 	if _, ok := m.keys[a]; !ok || prev == nil {
 		return true // a node's first view is always written: every node has one
+	}
+	if used, ok := m.used[a]; m.saysUsed[a] && (!ok || used != prev.Keys) && !sameView(*prev, next) {
+		return true // the agent holds nothing from prev: next gives it what prev would
 	}
 	j := Bucket(a, m.buckets)
 	covered := func(p uint32, dir int) bool {
@@ -528,7 +565,14 @@ type Agent struct {
 	ID      uint32
 	in, out map[uint32][2]K // peer -> (peer's K, own K) confirmed
 	changes uint64          // confirmations set to a new value (Changes)
+	used    uint64          // the key digest of the last view taken (Used), when hasUsed
+	hasUsed bool
 }
+
+// Used returns the key digest of the last view the agent took (Consider returned true),
+// and whether it took one since it started: what the master needs to know of the views it
+// wrote (Master.ObserveUsed).
+func (a *Agent) Used() (uint64, bool) { return a.used, a.hasUsed }
 
 // set records pair as peer's confirmation in c, counting a change.
 func (a *Agent) set(c map[uint32][2]K, peer uint32, pair [2]K) {
@@ -545,6 +589,7 @@ func (a *Agent) Consider(v View, mine Keys) bool {
 	if v.Keys != mine.Digest(nil) {
 		return false
 	}
+	a.used, a.hasUsed = v.Keys, true
 	if a.in == nil {
 		a.in, a.out = map[uint32][2]K{}, map[uint32][2]K{}
 	}

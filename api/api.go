@@ -181,7 +181,14 @@ type ReadinessStatus struct {
 	// readiness.MaxRefused; RefusedMore counts the rest).
 	Refused     []uint32 `json:"refused,omitempty"`
 	RefusedMore int      `json:"refusedMore,omitempty"`
+	// Used, in a report only (never in a NodeRow), is the key digest (16 hex digits) of the
+	// last NodeView the agent used, or UsedNone: the master weighs the view it holds for
+	// the node by it (docs/keys.md §12). Absent from an older agent's report.
+	Used string `json:"used,omitempty"`
 }
+
+// UsedNone in ReadinessStatus.Used: the agent has used no NodeView since it started.
+const UsedNone = "none"
 
 // ReadinessView is what the master tells one node about its pairs (protocol v2's
 // NodeView, docs/protocol-v2.md §6, §9 step 2; package readiness): the peers not yet

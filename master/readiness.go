@@ -151,6 +151,11 @@ func (s *shadowReadiness) update(ring *keys.Ring, nodes []*corev1.Node, states [
 			delete(s.seen, id)
 			continue
 		}
+		if l.st.Used != "" { // an agent that says which view it used (docs/keys.md §12)
+			if u, ok, err := readiness.DecodeUsed(l.st.Used); err == nil {
+				s.m.ObserveUsed(id, u, ok)
+			}
+		}
 		c.Statuses++
 		key := fmt.Sprintf("%s/%s/%s/%v/%d", l.st.Self, l.st.In, l.st.Out, l.st.Refused, l.st.RefusedMore)
 		switch {

@@ -272,6 +272,7 @@ func nodeViewsAgainstRealAPIServer(t *testing.T, rows bool) {
 		return true, ""
 	})
 	rowSelf := map[string]readiness.K{}
+	used := map[string]string{} // what a node's report says of the view its agent used (none: absent)
 	publish := func() {
 		t.Helper()
 		for _, n := range c.nodes {
@@ -296,6 +297,9 @@ func nodeViewsAgainstRealAPIServer(t *testing.T, rows bool) {
 					}
 					rowSelf[n.Name] = st.Self
 				}
+			}
+			if u := used[n.Name]; u != "" && rep.Readiness != nil {
+				rep.Readiness.Used = u
 			}
 			raw, err := json.Marshal(rep)
 			if err != nil {
@@ -415,6 +419,22 @@ func nodeViewsAgainstRealAPIServer(t *testing.T, rows bool) {
 		t.Errorf("views skipped: %v (every agent publishes rows: %v)", skipped, rows)
 	}
 	t.Logf("rows %v: views skipped %v", rows, skipped)
+
+	if rows {
+		// node-1's agent restarts: it has used no view since, and says so. The view the
+		// API holds for it (over the key view before node-0 re-keyed) gives it nothing,
+		// so the master writes it the current one, though the rows cover every pair
+		// (docs/keys.md §12; readiness.TestModelRestartsRandomInterleavings).
+		used["node-1"] = api.UsedNone
+		publish()
+		e.eventually("node-1's view rewritten for its restarted agent", wait, func() (bool, string) {
+			got, why := views()
+			return got["node-1"].Keys == after["node-0"].Keys, why
+		})
+		// It takes that view and says so.
+		used["node-1"] = readiness.EncodeUsed(after["node-0"].Keys, true)
+		publish()
+	}
 
 	// Nothing changes: no view is written again (reconciles run every 300 ms).
 	settled := value(m.metrics.ViewWrites.WithLabelValues("ok"))

@@ -405,4 +405,30 @@ func TestNeedsView(t *testing.T) {
 	rows[5] = status(5, all)
 	check("a bucket-mate joined, its row covers node 1", &prev, false)
 	check("the same with a view of unknown age: the rows of 2 and 3 are stale for node 1's bucket", &View{}, true)
+
+	// Node 1's agent says which view it used (ObserveUsed). The held view prev is
+	// weighed by it: an agent that did not take prev (it restarted, or its key view
+	// never matched prev's) holds nothing from it, whatever the rows cover.
+	m.TakeDirty()
+	m.ObserveUsed(1, prev.Keys, true)
+	if d := m.TakeDirty(); !slices.Contains(d, 1) {
+		t.Errorf("the first word of node 1's agent left its view clean: %v", d)
+	}
+	check("node 1's agent used the held view, rows cover", &prev, false)
+	m.ObserveUsed(1, prev.Keys, true)
+	if d := m.TakeDirty(); slices.Contains(d, 1) {
+		t.Errorf("the same word again made node 1's view dirty: %v", d)
+	}
+	m.ObserveUsed(1, 0, false)
+	if d := m.TakeDirty(); !slices.Contains(d, 1) {
+		t.Errorf("node 1's agent used no view since it started, yet its view stays clean: %v", d)
+	}
+	check("node 1's agent restarted: it used no view since", &prev, true)
+	check("the same, but the view now is the held one: nothing to give", &next, false)
+	m.ObserveUsed(1, prev.Keys^1, true)
+	check("node 1's agent used another view", &prev, true)
+	m.ObserveUsed(9, 0, false) // not a node of the key view: ignored
+	if d := m.TakeDirty(); slices.Contains(d, 9) {
+		t.Errorf("an unknown node's word made it dirty: %v", d)
+	}
 }

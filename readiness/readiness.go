@@ -498,6 +498,10 @@ func (m *Master) ObserveUsed(a uint32, keys uint64, ok bool) {
 	if _, known := m.keys[a]; !known {
 		return
 	}
+	prev, had := m.used[a]
+	if !m.saysUsed[a] || had != ok || prev != keys {
+		m.dirty[a] = true // NeedsView may answer otherwise now
+	}
 	m.saysUsed[a] = true
 	if ok {
 		m.used[a] = keys

@@ -154,3 +154,25 @@ func decodeIDs(s string) ([]uint32, error) {
 	}
 	return ids, nil
 }
+
+// EncodeUsed is what a report's readiness says of the last view its agent used
+// (Agent.Used): the view's key digest, or api.UsedNone.
+func EncodeUsed(keys uint64, ok bool) string {
+	if !ok {
+		return api.UsedNone
+	}
+	return fmt.Sprintf("%016x", keys)
+}
+
+// DecodeUsed parses EncodeUsed's text: the digest and whether a view was used; an error
+// for anything else.
+func DecodeUsed(s string) (uint64, bool, error) {
+	if s == api.UsedNone {
+		return 0, false, nil
+	}
+	k, err := strconv.ParseUint(s, 16, 64)
+	if err != nil || len(s) != 16 {
+		return 0, false, fmt.Errorf("readiness used %q: want 16 hex digits or %q", s, api.UsedNone)
+	}
+	return k, true, nil
+}

@@ -125,3 +125,21 @@ func TestViewWireRoundTrip(t *testing.T) {
 		t.Errorf("a list of %d ids: %v, want refused", len(huge), err)
 	}
 }
+
+// TestUsedText: the last view used round-trips as text; anything else is refused.
+func TestUsedText(t *testing.T) {
+	for _, c := range []struct {
+		k  uint64
+		ok bool
+	}{{0, false}, {0, true}, {0x0123456789abcdef, true}, {^uint64(0), true}} {
+		k, ok, err := DecodeUsed(EncodeUsed(c.k, c.ok))
+		if err != nil || ok != c.ok || (ok && k != c.k) {
+			t.Errorf("%v: %x %v %v", c, k, ok, err)
+		}
+	}
+	for _, bad := range []string{"", "None", "123", "0123456789abcdefg", "0123456789abcdeg"} {
+		if _, _, err := DecodeUsed(bad); err == nil {
+			t.Errorf("%q decoded", bad)
+		}
+	}
+}

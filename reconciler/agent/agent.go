@@ -678,6 +678,9 @@ func (a *Agent) sync() (err error) {
 	rep.UID, rep.Epoch = self.UID, a.epoch
 	a.mu.Unlock()
 	rep.Readiness = ReadinessOf(st, &snap, a.cfg.NodeName, watch.KeyIncarnation(self.Incarnation, self.UID, rep.Epoch))
+	if rep.Readiness != nil { // the report's only (publishRow decodes the claims alone)
+		rep.Readiness.Used = readiness.EncodeUsed(a.viewShadow.agent.Used())
+	}
 	if berr != nil {
 		rep.Error = reportError(berr)
 	} else if conflicts != "" {

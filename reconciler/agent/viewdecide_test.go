@@ -219,12 +219,17 @@ func (v *viewEnv) setView(epochB string) {
 		waitFor(v.t, "the view gone from the cache", func() bool { _, ok := v.src.ReadinessView(); return !ok })
 		return
 	}
-	ks := readiness.Keys{1: readiness.KeyDigest(testInc("a", "boot-a")), 2: readiness.KeyDigest(watch.KeyIncarnation("boot-b", "uid-b", epochB))}
-	want := *readiness.EncodeView(readiness.View{Keys: ks.Digest(nil)})
+	want := *readiness.EncodeView(readiness.View{Keys: v.viewKeys(epochB)})
 	if _, err := res.Create(v.ctx, nodeview.Object(api.Namespace, "a", "uid-a", want), metav1.CreateOptions{}); err != nil {
 		v.t.Fatal(err)
 	}
 	waitFor(v.t, "the view in the cache", func() bool { got, ok := v.src.ReadinessView(); return ok && got == want })
+}
+
+// viewKeys is the key digest of a's key view with b in SA epoch epochB.
+func (v *viewEnv) viewKeys(epochB string) uint64 {
+	ks := readiness.Keys{1: readiness.KeyDigest(testInc("a", "boot-a")), 2: readiness.KeyDigest(watch.KeyIncarnation("boot-b", "uid-b", epochB))}
+	return ks.Digest(nil)
 }
 
 // expect checks a's kernel toward b: ESP policy, outbound plaintext drop (enforce's
@@ -256,6 +261,17 @@ func TestViewDecidesAheadOfLists(t *testing.T) {
 	e.setReport("e-b", false)
 	e.sync(e.ctx)
 	e.expect("b lists nothing, no view", false)
+	used := func() string {
+		t.Helper()
+		r := e.report() // Sync flushed it
+		if r == nil || r.Readiness == nil {
+			t.Fatal("no report with readiness")
+		}
+		return r.Readiness.Used
+	}
+	if u := used(); u != api.UsedNone {
+		t.Errorf("the report says used %q before any view, want %q", u, api.UsedNone)
+	}
 
 	e.setView("e-b")
 	incremental := func() float64 {
@@ -268,6 +284,9 @@ func TestViewDecidesAheadOfLists(t *testing.T) {
 	}
 	e.expect("the view confirms b both ways", true)
 	noKeyReused(t, e.xk)
+	if u, want := used(), readiness.EncodeUsed(e.viewKeys("e-b"), true); u != want {
+		t.Errorf("the report says used %q, want the view's %q", u, want)
+	}
 
 	e.setReport("e-b", true)
 	e.sync(e.ctx)

@@ -64,7 +64,7 @@ func NewMetrics() *Metrics {
 		ShadowNodes: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "readiness_shadow_nodes",
 			Help: "Protocol v2 readiness in shadow: live nodes with a current key incarnation (with=key), of those with a readiness status (with=status), and with a readiness row (NodeRow) for their current keys (with=row; under --protocol-v2)."}, []string{"with"}),
 		ShadowUnconfirmed: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "readiness_shadow_unconfirmed_pairs",
-			Help: "Protocol v2 readiness in shadow: ordered pairs of live nodes the reports' digests do not confirm, inbound (B holds A's SAs) and outbound (B sends A ESP); 0 in a steady state. Decides nothing yet."}, []string{"direction"}),
+			Help: "Protocol v2 readiness: ordered pairs of live nodes the reports' digests do not confirm, inbound (B holds A's SAs) and outbound (B sends A ESP); 0 in a steady state. The NodeViews made from these confirmations decide beside the reports' lists."}, []string{"direction"}),
 		ViewWrites: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "readiness_view_writes_total",
 			Help: "Protocol v2 readiness: NodeView writes, by result (ok, error)."}, []string{"result"}),
 		ViewsQueued: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "readiness_views_queued",

@@ -226,7 +226,7 @@ func TestRealClusterEncrypts(t *testing.T) {
 	t.Logf("secureoverlayctl status:\n%s", out)
 	// Each agent's report is its NodeReport in our namespace, nothing on its Node (what
 	// makes `kubectl delete` leave no report behind, below); each agent's readiness row and
-	// the master's NodeView of each node are there too (protocol v2 in shadow).
+	// the master's NodeView of each node are there too (protocol v2).
 	var where []string
 	if err := waitFor(ctx, time.Minute, func() (bool, error) {
 		where = rc.staleReports(ctx)
@@ -997,7 +997,7 @@ func (rc *realCluster) nodeRows(ctx context.Context) (map[string]readiness.Statu
 	return out, nil
 }
 
-// requireSteadyViews: after node2's reboot, the master's NodeViews (protocol v2 in shadow,
+// requireSteadyViews: after node2's reboot, the master's NodeViews (protocol v2,
 // docs/protocol-v2.md §9 steps 2 and 3) must settle: one per node, owned by its Node,
 // listing nobody in either direction — the readiness digests of real agents on real
 // kernels, aggregated by the real master, confirm every pair. Every agent publishes its
@@ -1085,12 +1085,12 @@ func (rc *realCluster) requireSteadyViews(ctx context.Context, before map[string
 	}
 	switch {
 	case len(coveredByRow) > 0:
-		rc.say("after the reboot: the master's NodeViews (protocol v2, in shadow) settled; %s (written in the reboot, before that row reached the master)", strings.Join(coveredByRow, "; "))
+		rc.say("after the reboot: the master's NodeViews (protocol v2) settled; %s (written in the reboot, before that row reached the master)", strings.Join(coveredByRow, "; "))
 	case rewritten:
 		// A master that restarted meanwhile (its pod on node2) rewrites every view once.
-		rc.say("after the reboot: the master's NodeViews (protocol v2, in shadow) list every pair confirmed; node1's was written again too (a master restart writes every view once)")
+		rc.say("after the reboot: the master's NodeViews (protocol v2) list every pair confirmed; node1's was written again too (a master restart writes every view once)")
 	default:
-		rc.say("after the reboot: the master's NodeViews (protocol v2, in shadow) list every pair confirmed; only the rebooted node's was written again (node1's pairs with node2: node2's row)")
+		rc.say("after the reboot: the master's NodeViews (protocol v2) list every pair confirmed; only the rebooted node's was written again (node1's pairs with node2: node2's row)")
 	}
 }
 

@@ -1131,7 +1131,7 @@ func (a *Agent) Status() Status {
 		s.Error = "write keys: " + a.keysErr // not a readiness condition: nothing reads them yet
 	}
 	if s.Error == "" && a.rowErr != "" {
-		s.Error = "write readiness row: " + a.rowErr // nor is this: rows are read in shadow
+		s.Error = "write readiness row: " + a.rowErr // nor is this: the reports' lists still decide too
 	}
 	a.mu.Unlock()
 	s.Synced = a.d.Source.HasSynced()

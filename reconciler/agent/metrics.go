@@ -104,12 +104,12 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 		[]string{"release", "pcpu_sa", "esp4_offload"})
 	m.Registry.MustRegister(m.Kernel)
 	m.ViewPairs = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_view_pairs",
-		Help: "Protocol v2 readiness in shadow: peers by direction (in: may this node send ESP; out: may it drop their plaintext) and verdict of the master's NodeView against the peers' reports (agree; ahead: the view says ready, the reports do not; behind: the reverse); ahead and behind are 0 in a steady state. Decides nothing yet."},
+		Help: "Protocol v2 readiness: peers by direction (in: may this node send ESP; out: may it drop their plaintext) and verdict of the master's NodeView and the peers' rows against the peers' reports (agree; ahead: they say ready, the reports do not; behind: the reverse); ahead and behind are 0 in a steady state. A pair is ready when either says so."},
 		[]string{"direction", "verdict"})
 	m.ViewConsistent = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_view_consistent",
 		Help: "1 when this node's NodeView was written for the key view this node has (its key digest matches), else 0."})
 	m.RowPairs = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_row_pairs",
-		Help: "Protocol v2 readiness in shadow, from the peers' readiness rows (NodeRows) alone: peers by direction and verdict against the peers' reports, as readiness_view_pairs. ahead is 0 always; behind is expected for a peer whose row was complete before this node last re-keyed (its NodeView covers those). Decides nothing yet."},
+		Help: "Protocol v2 readiness in shadow, from the peers' readiness rows (NodeRows) alone: peers by direction and verdict against the peers' reports, as readiness_view_pairs. ahead is 0 always; behind is expected for a peer whose row was complete before this node last re-keyed (its NodeView covers those)."},
 		[]string{"direction", "verdict"})
 	m.Rows = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_rows",
 		Help: "Peers whose readiness row (NodeRow) was taken at the last sync: its node ID is the peer's and it is for the peer's current keys."})

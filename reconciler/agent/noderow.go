@@ -3,8 +3,8 @@ package agent
 // The row writer (docs/keys.md §12): after a sync that read the kernel back, the agent
 // hands its readiness status to the row writer while the last row of its current key
 // incarnation was incomplete; one writer goroutine writes the newest, at most once per
-// RowInterval, retrying with backoff, off the sync path. Peers read rows only in shadow
-// (viewshadow.go) so far.
+// RowInterval, retrying with backoff, off the sync path. Peers take rows beside their
+// NodeView (viewshadow.go), and both decide beside the reports' lists (viewdecide.go).
 
 import (
 	"context"
@@ -79,7 +79,7 @@ func (a *Agent) writeRowOnce(ctx context.Context) error {
 	a.mu.Unlock()
 	if err != nil {
 		a.d.Metrics.ReportWrites.WithLabelValues("row", "error").Inc()
-		a.log.Warn("cannot publish this node's readiness row (nothing decides with it yet: protocol v2 readiness is in shadow)", "error", err)
+		a.log.Warn("cannot publish this node's readiness row (the peers' reports still give them their pairs with this node)", "error", err)
 		return err
 	}
 	a.d.Metrics.ReportWrites.WithLabelValues("row", "ok").Inc()

@@ -69,6 +69,21 @@ func (a *Agent) Restore(s Saved, mine Keys) bool {
 	return true
 }
 
+// SendESP reports whether s confirms that peer b holds inbound SAs from node self for
+// the K of both in mine (Agent.SendESP's answer, from the saved confirmations alone).
+func (s Saved) SendESP(self, b uint32, mine Keys) bool { return s.confirms(s.In, self, b, mine) }
+
+// DropPlaintext reports whether s confirms that peer b sends node self ESP for the K of
+// both in mine (Agent.DropPlaintext's answer, from the saved confirmations alone).
+func (s Saved) DropPlaintext(self, b uint32, mine Keys) bool { return s.confirms(s.Out, self, b, mine) }
+
+func (s Saved) confirms(c map[uint32]K, self, b uint32, mine Keys) bool {
+	ka, ok1 := mine[self]
+	kb, ok2 := mine[b]
+	k, ok3 := c[b]
+	return ok1 && ok2 && ok3 && ka == s.Self && kb == k
+}
+
 // savedMagic starts the encoding of a Saved (version 1).
 const savedMagic = "secureoverlay-readiness-saved v1\n"
 

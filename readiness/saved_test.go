@@ -85,6 +85,12 @@ func TestSaveRestore(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	for id := uint32(2); id <= 5; id++ {
+		if s.SendESP(1, id, mine) != wantIn[id] || s.DropPlaintext(1, id, mine) != wantOut[id] {
+			t.Errorf("the saved set answers peer %d in %v out %v, the agent %v %v", id, s.SendESP(1, id, mine), s.DropPlaintext(1, id, mine), wantIn[id], wantOut[id])
+		}
+	}
+
 	restored := Agent{ID: 1}
 	if !restored.Restore(loaded, mine) {
 		t.Fatal("a save of this node's keys not taken")
@@ -97,6 +103,9 @@ func TestSaveRestore(t *testing.T) {
 	rekeyed[5] = 56
 	later := Agent{ID: 1}
 	later.Restore(loaded, rekeyed)
+	if loaded.SendESP(1, 5, rekeyed) || loaded.DropPlaintext(1, 5, rekeyed) || !loaded.SendESP(1, 2, rekeyed) {
+		t.Error("the saved set confirms peer 5's new K, or no longer peer 2's")
+	}
 	if later.SendESP(5, rekeyed) || later.DropPlaintext(5, rekeyed) || !later.SendESP(2, rekeyed) {
 		t.Errorf("peer 5 re-keyed: in %v out %v (want false), peer 2 in %v (want true)",
 			later.SendESP(5, rekeyed), later.DropPlaintext(5, rekeyed), later.SendESP(2, rekeyed))
@@ -110,6 +119,9 @@ func TestSaveRestore(t *testing.T) {
 	other := Agent{ID: 1}
 	if other.Restore(loaded, self) || other.SendESP(2, self) || other.Changes() != 0 {
 		t.Error("a save of this node's earlier keys was taken")
+	}
+	if loaded.SendESP(1, 2, self) || loaded.DropPlaintext(1, 2, self) {
+		t.Error("the saved set answers for this node's other keys")
 	}
 	if s := a.Save(self); len(s.In)+len(s.Out) != 0 {
 		t.Errorf("saving for other keys of this node kept %d confirmations", len(s.In)+len(s.Out))

@@ -559,9 +559,7 @@ func (a *Agent) sync() (err error) {
 			}
 			a.d.Metrics.SetViewShadow(a.viewShadow.compare(&in, mine, w, have, rows))
 		}
-		a.saveConfirmations(mine) // before the kernel follows them
-		send := func(id uint32) bool { return mine != nil && a.viewShadow.agent.SendESP(id, mine) }
-		drop := func(id uint32) bool { return mine != nil && a.viewShadow.agent.DropPlaintext(id, mine) }
+		send, drop := a.saveConfirmations(mine) // before the kernel follows them
 		var decidedChanged []string
 		var decided decisions
 		in, decidedChanged, decided = a.decided.apply(in, send, drop)

@@ -17,9 +17,10 @@ import (
 
 // confirmationsState is the sync worker's record of the saved confirmations.
 type confirmationsState struct {
-	restored bool   // the first sync with keys read the file (or there was none)
-	saved    uint64 // readiness.Agent.Changes() when last written
-	warned   string // the last write error logged
+	restored bool            // the first sync with keys read the file (or there was none)
+	saved    uint64          // readiness.Agent.Changes() when last written
+	onDisk   readiness.Saved // what the file holds (last written or restored)
+	warned   string          // the last write error logged
 }
 
 // restoreConfirmations reads the saved confirmations once, at the first sync that knows
@@ -27,7 +28,7 @@ type confirmationsState struct {
 // current keys.
 func (a *Agent) restoreConfirmations(mine readiness.Keys) {
 	st := &a.confirmations
-	if st.restored || mine == nil || a.cfg.LedgerDir == "" {
+	if st.restored || mine == nil {
 		return
 	}
 	st.restored = true
@@ -45,6 +46,7 @@ func (a *Agent) restoreConfirmations(mine readiness.Keys) {
 		a.log.Warn("cannot read the saved readiness confirmations; pairs wait for the NodeView, the peers' rows or their reports", "error", err)
 		return
 	}
+	st.onDisk = s
 	if !ra.Restore(s, mine) {
 		a.log.Info("saved readiness confirmations are of this node's earlier keys: not used")
 		return
@@ -55,21 +57,32 @@ func (a *Agent) restoreConfirmations(mine readiness.Keys) {
 }
 
 // saveConfirmations writes the confirmations that hold in mine when they changed since
-// the last write. A failure is logged (once per distinct error) and retried at the next
-// sync.
-func (a *Agent) saveConfirmations(mine readiness.Keys) {
+// the last write, and returns the rule the sync may decide with: the agent's own when its
+// confirmations are on disk, else those on disk (write-ahead: the kernel never follows a
+// confirmation a restart would forget). A failure is logged (once per distinct error)
+// and retried at the next sync.
+func (a *Agent) saveConfirmations(mine readiness.Keys) (send, drop func(id uint32) bool) {
 	st := &a.confirmations
 	ra := &a.viewShadow.agent
-	if mine == nil || a.cfg.LedgerDir == "" || ra.Changes() == st.saved {
-		return
+	send = func(id uint32) bool { return mine != nil && ra.SendESP(id, mine) }
+	drop = func(id uint32) bool { return mine != nil && ra.DropPlaintext(id, mine) }
+	if mine == nil || ra.Changes() == st.saved {
+		return send, drop
 	}
-	b, _ := ra.Save(mine).MarshalBinary()
+	s := ra.Save(mine)
+	b, _ := s.MarshalBinary()
 	if err := ledger.WriteSide(a.cfg.LedgerDir, ledger.SideReadiness, b); err != nil {
 		if err.Error() != st.warned {
-			a.log.Warn("cannot save the readiness confirmations (kept in memory; retried at the next sync)", "error", err)
+			a.log.Warn("cannot save the readiness confirmations; pairs wait for them to be saved (retried at every sync)", "error", err)
 			st.warned = err.Error()
 		}
-		return
+		disk, self := st.onDisk, ra.ID
+		return func(id uint32) bool { return disk.SendESP(self, id, mine) },
+			func(id uint32) bool { return disk.DropPlaintext(self, id, mine) }
 	}
-	st.saved, st.warned = ra.Changes(), ""
+	if st.warned != "" {
+		a.log.Info("readiness confirmations saved again")
+	}
+	st.saved, st.onDisk, st.warned = ra.Changes(), s, ""
+	return send, drop
 }

@@ -3,6 +3,8 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -329,4 +331,37 @@ func TestConfirmationsSurviveRestart(t *testing.T) {
 	e.restart()
 	e.sync(e.ctx)
 	e.expect("restarted with a save of a's earlier keys", false)
+}
+
+// TestUnsavedConfirmationsWait: write-ahead. While the confirmations cannot be saved (a
+// directory stands where the side file goes), the view's new confirmation of a's pair
+// with b does not reach the kernel; once the save succeeds it does.
+func TestUnsavedConfirmationsWait(t *testing.T) {
+	e := newViewEnv(t)
+	e.setReport("e-b", false)
+	e.sync(e.ctx)
+	e.expect("b lists nothing, no view", false)
+
+	block := filepath.Join(e.a.cfg.LedgerDir, ledger.SideReadiness)
+	if err := os.MkdirAll(filepath.Join(block, "in-the-way"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	e.setView("e-b")
+	e.sync(e.ctx)
+	e.sync(e.ctx)
+	e.expect("the view confirms b, but the confirmation cannot be saved", false)
+
+	if err := os.RemoveAll(block); err != nil {
+		t.Fatal(err)
+	}
+	e.sync(e.ctx)
+	e.expect("saved", true)
+	b, err := ledger.ReadSide(e.a.cfg.LedgerDir, ledger.SideReadiness)
+	var s readiness.Saved
+	if err == nil {
+		err = s.UnmarshalBinary(b)
+	}
+	if err != nil || len(s.In) != 1 || len(s.Out) != 1 {
+		t.Errorf("the side file: %+v, %v", s, err)
+	}
 }

@@ -68,9 +68,9 @@ type model struct {
 	k       []K // truth: current K per node (index = id)
 	kern    []*kernel
 	agents  []*Agent
-	keys    []*lagged[K]      // NodeKeys per node; observers: agents 1..n, master 0
+	keys    []*lagged[K]         // NodeKeys per node; observers: agents 1..n, master 0
 	status  []*lagged[statusMsg] // NodeStatus per node; observer: master 0
-	views   []*lagged[View]   // NodeView per node; observer: its agent
+	views   []*lagged[View]      // NodeView per node; observer: its agent
 	// With rows (§9 step 3, revised): each node's row (its status, published with its
 	// NodeKeys; observers: the other agents), and the master writes a node's view only
 	// when the node's K changed since its last view or that view still lists someone —

@@ -206,6 +206,22 @@ func (e *env) blockedSync() float64 {
 	return before
 }
 
+// versionSecret gives the key Secret a resourceVersion. The fake API sets none, and the
+// watcher parses a Secret without one at every snapshot (it parses the ring once per
+// resourceVersion, the memo's KeysVersion): every sync would then recompute everything.
+// With one, as a real API server gives, the memo's incremental paths run.
+func (e *env) versionSecret(ctx context.Context) {
+	e.t.Helper()
+	sec, err := e.cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	sec.ResourceVersion = "7"
+	if _, err := e.cs.CoreV1().Secrets(api.Namespace).Update(ctx, sec, metav1.UpdateOptions{}); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
 func (e *env) report() *watch.Report {
 	n, err := e.cs.CoreV1().Nodes().Get(context.Background(), "a", metav1.GetOptions{})
 	if err != nil {
@@ -783,17 +799,8 @@ func TestReportListsSendingGenerations(t *testing.T) {
 // and the state is still what Compute gives for the inputs.
 func TestPartialSyncsUseTheWatchersHint(t *testing.T) {
 	e := newEnv(t, api.ModeAccept, Config{})
-	// The watcher parses the ring once per Secret resourceVersion (the memo's KeysVersion);
-	// the fake API sets none.
 	ctx := context.Background()
-	sec, err := e.cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sec.ResourceVersion = "7"
-	if _, err := e.cs.CoreV1().Secrets(api.Namespace).Update(ctx, sec, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	e.versionSecret(ctx)
 	stop := e.run()
 	defer stop()
 	count := func(c prometheus.Counter) float64 {

@@ -180,17 +180,7 @@ func newViewEnv(t *testing.T) *viewEnv {
 	e := newEnv(t, api.ModeEnforce, Config{})
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	// The fake API gives objects no resourceVersion, and the watcher parses a Secret
-	// without one at every snapshot: every sync would then recompute everything. With
-	// one, as a real API server gives, the memo's incremental paths run.
-	sec, err := e.cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sec.ResourceVersion = "7"
-	if _, err := e.cs.CoreV1().Secrets(api.Namespace).Update(ctx, sec, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	e.versionSecret(ctx) // the memo's incremental paths, which these tests are about
 	go e.src.Run(ctx)
 	waitFor(t, "synced", e.src.HasSynced)
 	return &viewEnv{env: e, ctx: ctx}

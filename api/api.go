@@ -181,9 +181,10 @@ type ReadinessStatus struct {
 	// readiness.MaxRefused; RefusedMore counts the rest).
 	Refused     []uint32 `json:"refused,omitempty"`
 	RefusedMore int      `json:"refusedMore,omitempty"`
-	// Used, in a report only (never in a NodeRow), is the key digest (16 hex digits) of the
-	// last NodeView the agent used, or UsedNone: the master weighs the view it holds for
-	// the node by it (docs/keys.md §12). Absent from an older agent's report.
+	// Used, in a report only (never in a NodeRow), is the digest (16 hex digits;
+	// readiness.View.Digest: its key digest and lists) of the last NodeView the agent used,
+	// or UsedNone: the master weighs the view it holds for the node by it (docs/keys.md
+	// §12). Absent from an older agent's report.
 	Used string `json:"used,omitempty"`
 }
 

@@ -410,12 +410,12 @@ func TestNeedsView(t *testing.T) {
 	// weighed by it: an agent that did not take prev (it restarted, or its key view
 	// never matched prev's) holds nothing from it, whatever the rows cover.
 	m.TakeDirty()
-	m.ObserveUsed(1, prev.Keys, true)
+	m.ObserveUsed(1, prev.Digest(), true)
 	if d := m.TakeDirty(); !slices.Contains(d, 1) {
 		t.Errorf("the first word of node 1's agent left its view clean: %v", d)
 	}
 	check("node 1's agent used the held view, rows cover", &prev, false)
-	m.ObserveUsed(1, prev.Keys, true)
+	m.ObserveUsed(1, prev.Digest(), true)
 	if d := m.TakeDirty(); slices.Contains(d, 1) {
 		t.Errorf("the same word again made node 1's view dirty: %v", d)
 	}
@@ -425,8 +425,18 @@ func TestNeedsView(t *testing.T) {
 	}
 	check("node 1's agent restarted: it used no view since", &prev, true)
 	check("the same, but the view now is the held one: nothing to give", &next, false)
-	m.ObserveUsed(1, prev.Keys^1, true)
+	m.ObserveUsed(1, prev.Digest()^1, true)
 	check("node 1's agent used another view", &prev, true)
+	other := prev
+	other.NotIn = []uint32{2}
+	m.ObserveUsed(1, other.Digest(), true)
+	check("node 1's agent used a view over the same key view listing node 2", &prev, true)
+	if other.Digest() == prev.Digest() || (View{Keys: 1, NotIn: []uint32{2}}).Digest() == (View{Keys: 1, NotOut: []uint32{2}}).Digest() {
+		t.Error("views of other content share a digest")
+	}
+	if (View{Keys: 1, Seq: 5}).Digest() != (View{Keys: 1}).Digest() {
+		t.Error("a view's digest depends on Seq, which is not on the wire")
+	}
 	m.ObserveUsed(9, 0, false) // not a node of the key view: ignored
 	if d := m.TakeDirty(); slices.Contains(d, 9) {
 		t.Errorf("an unknown node's word made it dirty: %v", d)

@@ -116,6 +116,28 @@ type View struct {
 	Seq uint64
 }
 
+// Digest identifies v's content — its key digest and both lists — in 8 bytes of SHA-256
+// (Seq, not on the wire, is left out): what an agent says of the last view it used
+// (Agent.Used) and the master compares with the view it holds (NeedsView). Two views over
+// the same key view may list different peers; only the content says which one the agent
+// took.
+func (v View) Digest() uint64 {
+	h := sha256.New()
+	var b [8]byte
+	h.Write([]byte("secureoverlay view v1\x00"))
+	binary.BigEndian.PutUint64(b[:], v.Keys)
+	h.Write(b[:])
+	for _, l := range [][]uint32{v.NotIn, v.NotOut} {
+		binary.BigEndian.PutUint32(b[:4], uint32(len(l)))
+		h.Write(b[:4])
+		for _, id := range l {
+			binary.BigEndian.PutUint32(b[:4], id)
+			h.Write(b[:4])
+		}
+	}
+	return binary.BigEndian.Uint64(h.Sum(nil)[:8])
+}
+
 // Master holds the master's key view and its sticky confirmations. The zero value is not
 // usable; call NewMaster.
 //
@@ -148,8 +170,8 @@ type Master struct {
 	seq     uint64
 	changes []keyChange
 	logFrom uint64
-	// used holds, for the agents that say which view they last used (ObserveUsed), the
-	// key digest of that view (absent: none used since the agent started).
+	// used holds, for the agents that say which view they last used (ObserveUsed), that
+	// view's digest (View.Digest; absent: none used since the agent started).
 	used     map[uint32]uint64
 	saysUsed map[uint32]bool
 }
@@ -491,9 +513,9 @@ func (m *Master) gain(a uint32, prev *View, next View, covered func(p uint32, di
 	return n
 }
 
-// ObserveUsed records which view agent a says it last used: the key digest of the last
-// view it found consistent with its own key view (ok false: none since it started). Once an
-// agent says so, NeedsView weighs the held view by it.
+// ObserveUsed records which view agent a says it last used: the digest (View.Digest) of
+// the last view it found consistent with its own key view (ok false: none since it
+// started). Once an agent says so, NeedsView weighs the held view by it.
 func (m *Master) ObserveUsed(a uint32, keys uint64, ok bool) {
 	if _, known := m.keys[a]; !known {
 		return
@@ -538,7 +560,7 @@ func (m *Master) NeedsView(a uint32, prev *View, next View, row func(p uint32) *
 	if _, ok := m.keys[a]; !ok || prev == nil {
 		return true // a node's first view is always written: every node has one
 	}
-	if used, ok := m.used[a]; m.saysUsed[a] && (!ok || used != prev.Keys) && !sameView(*prev, next) {
+	if used, ok := m.used[a]; m.saysUsed[a] && (!ok || used != prev.Digest()) && !sameView(*prev, next) {
 		return true // the agent holds nothing from prev: next gives it what prev would
 	}
 	j := Bucket(a, m.buckets)
@@ -569,13 +591,13 @@ type Agent struct {
 	ID      uint32
 	in, out map[uint32][2]K // peer -> (peer's K, own K) confirmed
 	changes uint64          // confirmations set to a new value (Changes)
-	used    uint64          // the key digest of the last view taken (Used), when hasUsed
+	used    uint64          // the digest of the last view taken (Used), when hasUsed
 	hasUsed bool
 }
 
-// Used returns the key digest of the last view the agent took (Consider returned true),
-// and whether it took one since it started: what the master needs to know of the views it
-// wrote (Master.ObserveUsed).
+// Used returns the digest (View.Digest) of the last view the agent took (Consider returned
+// true), and whether it took one since it started: what the master needs to know of the
+// views it wrote (Master.ObserveUsed).
 func (a *Agent) Used() (uint64, bool) { return a.used, a.hasUsed }
 
 // set records pair as peer's confirmation in c, counting a change.
@@ -593,7 +615,7 @@ func (a *Agent) Consider(v View, mine Keys) bool {
 	if v.Keys != mine.Digest(nil) {
 		return false
 	}
-	a.used, a.hasUsed = v.Keys, true
+	a.used, a.hasUsed = v.Digest(), true
 	if a.in == nil {
 		a.in, a.out = map[uint32][2]K{}, map[uint32][2]K{}
 	}

@@ -156,7 +156,7 @@ func decodeIDs(s string) ([]uint32, error) {
 }
 
 // EncodeUsed is what a report's readiness says of the last view its agent used
-// (Agent.Used): the view's key digest, or api.UsedNone.
+// (Agent.Used): the view's digest (View.Digest), or api.UsedNone.
 func EncodeUsed(keys uint64, ok bool) string {
 	if !ok {
 		return api.UsedNone

@@ -276,7 +276,7 @@ func TestViewDecidesAheadOfLists(t *testing.T) {
 	}
 	e.expect("the view confirms b both ways", true)
 	noKeyReused(t, e.xk)
-	if u, want := used(), readiness.EncodeUsed(e.viewKeys("e-b"), true); u != want {
+	if u, want := used(), readiness.EncodeUsed(readiness.View{Keys: e.viewKeys("e-b")}.Digest(), true); u != want {
 		t.Errorf("the report says used %q, want the view's %q", u, want)
 	}
 

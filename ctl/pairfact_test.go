@@ -8,7 +8,8 @@ import (
 )
 
 // Per-pair facts are tags of the subject's key incarnation (boot ID, Node UID, SA epoch);
-// reporters that predate epochs tagged boot IDs.
+// reporters that predate epochs tagged boot IDs; a reporter that omits its lists
+// (docs/protocol-v2.md §9 step 4) says nothing either way.
 func TestPairFactKeyIncarnation(t *testing.T) {
 	cur := &watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "uid-b", Epoch: "e2"}}
 	subject := &watch.NodeInfo{Name: "b", Incarnation: "boot-b", UID: "uid-b", Report: cur}
@@ -30,6 +31,7 @@ func TestPairFactKeyIncarnation(t *testing.T) {
 		{"absent", nil, newReporter, subject, "no"},
 		{"legacy reporter, boot ID tag", tag("boot-b"), oldReporter, subject, "yes"},
 		{"legacy reporter, old boot", tag("boot-old"), oldReporter, subject, "stale"},
+		{"reporter omits its lists", nil, &watch.Report{NodeReport: api.NodeReport{Epoch: "ea"}, ListsOmitted: true}, subject, "n/a"},
 	} {
 		if got := pairFact(c.m, "b", c.reporter, c.subject); got != c.want {
 			t.Errorf("%s: %s, want %s", c.name, got, c.want)

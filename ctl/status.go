@@ -292,11 +292,17 @@ type NodeDetail struct {
 
 const detailNote = "per-peer facts come from the agents' reports (inboundFrom/encryptingTo); SA byte and packet counters are not reported"
 
+// detailNoteOmitted is the note when a report omits its per-pair lists.
+const detailNoteOmitted = "per-peer facts come from the agents' reports (inboundFrom/encryptingTo); \"n/a\": the agent omits them (every live agent decides from NodeViews and NodeRows, docs/protocol-v2.md §9 step 4; its counts of peers are in the report); SA byte and packet counters are not reported"
+
 // pairFact checks reporter's fact m about peer against subject (the peer's Node): the tag
 // must be of the subject's current key incarnation (boot ID, Node UID and SA epoch of its
 // current report). A reporter that publishes no epoch (an agent predating epochs) tagged
 // boot IDs; its facts are checked against the subject's boot ID.
 func pairFact(m map[string]string, peer string, reporter *watch.Report, subject *watch.NodeInfo) string {
+	if reporter.ListsOmitted {
+		return "n/a"
+	}
 	tag, ok := m[peer]
 	if !ok {
 		return "no"
@@ -345,12 +351,15 @@ func (v *view) detail(name string) (*NodeDetail, error) {
 			row.PeerEncrypting = pairFact(p.Report.EncryptingTo, name, p.Report, self)
 		}
 		if self.Report != nil && self.Report.Mode.Rank() >= api.ModeEncrypt.Rank() && p.Report != nil && p.Report.Mode.Rank() >= api.ModeAccept.Rank() {
-			if row.EncryptingToPeer != "yes" {
+			if row.EncryptingToPeer != "yes" && row.EncryptingToPeer != "n/a" {
 				d.Problems = append(d.Problems, fmt.Sprintf("not encrypting to %s (%s)", p.Name, row.EncryptingToPeer))
 			}
 		}
-		if self.Report != nil && self.Report.Mode.Rank() >= api.ModeAccept.Rank() && p.IPv4Address != "" && row.InboundFromPeer != "yes" {
+		if self.Report != nil && self.Report.Mode.Rank() >= api.ModeAccept.Rank() && p.IPv4Address != "" && row.InboundFromPeer != "yes" && row.InboundFromPeer != "n/a" {
 			d.Problems = append(d.Problems, fmt.Sprintf("no inbound SAs from %s (%s)", p.Name, row.InboundFromPeer))
+		}
+		if row.InboundFromPeer == "n/a" || row.PeerInbound == "n/a" {
+			d.Note = detailNoteOmitted
 		}
 		d.Peers = append(d.Peers, row)
 	}

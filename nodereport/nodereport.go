@@ -73,10 +73,30 @@ const ListKind = "NodeReportList"
 // Object is node's NodeReport in namespace ns holding report raw (JSON) of mode mode,
 // owned by the Node (uid nodeUID: the garbage collector deletes it with the Node; "" for no
 // owner).
+//
+// A report without per-peer claims (its agent omits the lists, docs/protocol-v2.md §9
+// step 4) is its own summary: the object carries no summary annotation (null in the
+// merge patch, so an earlier one goes) and readers read it whole, ≈ 2 KiB.
 func Object(ns, node, nodeUID, mode string, raw []byte) *unstructured.Unstructured {
 	u := upsert.NodeObject(Group+"/"+Version, Kind, ns, node, nodeUID, map[string]any{Field: string(raw), ModeField: mode})
-	u.SetAnnotations(map[string]string{SummaryAnnotation: Summary(string(raw))})
+	var summary any = Summary(string(raw))
+	if !hasClaims(raw) {
+		summary = nil
+	}
+	u.Object["metadata"].(map[string]any)["annotations"] = map[string]any{SummaryAnnotation: summary}
 	return u
+}
+
+// hasClaims reports whether report raw has a per-peer list (or does not parse: then the
+// summary, raw itself, is kept as before).
+func hasClaims(raw []byte) bool {
+	var fields map[string]json.RawMessage
+	if err := json.Unmarshal(raw, &fields); err != nil {
+		return true
+	}
+	_, in := fields["inboundFrom"]
+	_, out := fields["encryptingTo"]
+	return in || out
 }
 
 // Raw is the report JSON a NodeReport object holds ("" when it has none).

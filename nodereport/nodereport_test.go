@@ -187,3 +187,40 @@ func TestCacheWithoutTheCRD(t *testing.T) {
 		t.Fatalf("synced, error %v", err)
 	}
 }
+
+// TestSummaryGoesWithTheLists: a report without per-peer claims is its own summary, so
+// its object carries none — created so, and an earlier summary removed when the lists go
+// (a stale summary would tell metadata-only readers an old report); it returns with them.
+func TestSummaryGoesWithTheLists(t *testing.T) {
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{GVR: ListKind})
+	ctx := context.Background()
+	summary := func(name string) (string, bool) {
+		t.Helper()
+		u, err := dc.Resource(GVR).Namespace("ns").Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, ok := u.GetAnnotations()[SummaryAnnotation]
+		return s, ok
+	}
+	lean := `{"mode":"enforce","listsOmitted":true,"lastSync":"2026-12-06T00:00:00Z"}`
+	listed := `{"mode":"enforce","inboundFrom":{"b":"0011aabb"},"lastSync":"2026-12-06T00:00:01Z"}`
+	if err := Write(ctx, dc, "ns", "a", "uid-a", "enforce", []byte(lean)); err != nil {
+		t.Fatal(err)
+	}
+	if s, ok := summary("a"); ok {
+		t.Errorf("created without lists: summary %q", s)
+	}
+	if err := Write(ctx, dc, "ns", "a", "uid-a", "enforce", []byte(listed)); err != nil {
+		t.Fatal(err)
+	}
+	if s, ok := summary("a"); !ok || strings.Contains(s, "inboundFrom") {
+		t.Errorf("with lists: summary %q, %v", s, ok)
+	}
+	if err := Write(ctx, dc, "ns", "a", "uid-a", "enforce", []byte(lean)); err != nil {
+		t.Fatal(err)
+	}
+	if s, ok := summary("a"); ok {
+		t.Errorf("the lists gone: a stale summary %q is left", s)
+	}
+}

@@ -29,8 +29,10 @@ import (
 //  2. both master replicas, one after the other: a new master with 0.1 agents, which
 //     must keep the agents' Secret access granted and the ring v1;
 //  3. the other agents, one at a time (maxUnavailable 1);
-//  4. a rotation, which makes the next generation protocol v2 since every agent now
-//     publishes its keys; the v1 generation is retired.
+//  4. every report drops its per-pair lists, since every agent now decides from views
+//     and rows (docs/protocol-v2.md §9 step 4; while a 0.1 agent was live they stayed);
+//  5. a rotation, which makes the next generation protocol v2 since every agent now
+//     publishes its keys; the v1 generation is retired — on views and rows alone.
 //
 // Zero echo requests lost from start to end, no plaintext IPIP on the underlay,
 // make-before-break for the v1 → v2 switch of every pair, and at the end: no Node carries
@@ -111,6 +113,10 @@ func TestScenario0UpgradeFrom01(t *testing.T) {
 	if ann, rep := reportPlaces(ctx, t, l, nodes[0]); !ann || !rep {
 		t.Errorf("node%d upgraded among %s peers: annotation %v, NodeReport %v; want both", nodes[0], PreviousRelease, ann, rep)
 	}
+	// Its peers read the per-pair lists only: it keeps writing them.
+	if v, err := l.AgentMetric(ctx, nodes[0], "secureoverlay_agent_report_lists"); err != nil || v != 1 {
+		t.Errorf("node%d upgraded among %s peers: report_lists %v (%v), want 1", nodes[0], PreviousRelease, v, err)
+	}
 
 	// 2. The masters, one replica after the other.
 	for m := 1; m <= l.Config().Masters; m++ {
@@ -153,8 +159,28 @@ func TestScenario0UpgradeFrom01(t *testing.T) {
 	if r := released(); len(r) != 0 {
 		t.Fatalf("%v still run release %s's binaries", r, PreviousRelease)
 	}
+	// Every live agent declares readiness-decide: the lists go from every report
+	// (docs/protocol-v2.md §9 step 4), under the same traffic, and the rotation below
+	// runs on views and rows alone.
+	waitFor(ctx, t, l, "every report without lists", 2*time.Minute, func() (bool, string, error) {
+		for _, i := range nodes {
+			v, err := l.AgentMetric(ctx, i, "secureoverlay_agent_report_lists")
+			if err != nil {
+				return false, "", err
+			}
+			u, err := l.Dynamic.Resource(nodereport.GVR).Namespace(api.Namespace).Get(ctx, NodeName(i), metav1.GetOptions{})
+			if err != nil {
+				return false, "", err
+			}
+			if raw := nodereport.Raw(u); v != 0 || !strings.Contains(raw, `"listsOmitted":true`) || strings.Contains(raw, "encryptingTo") {
+				return false, fmt.Sprintf("node%d: report_lists %v, report %d bytes", i, v, len(raw)), nil
+			}
+		}
+		return true, "", nil
+	})
+	mark(ctx, t, ev, "lists omitted everywhere")
 
-	// 4. A rotation: every agent publishes its keys, so the next generation is v2.
+	// 5. A rotation: every agent publishes its keys, so the next generation is v2.
 	gen, took, removed := rotate(ctx, t, l, ev, prev, 4*time.Minute, 3*time.Minute)
 	if r, err := l.Ring(ctx); err != nil {
 		t.Fatal(err)

@@ -579,9 +579,10 @@ func requireShadowReadiness(ctx context.Context, t *testing.T, l *Lab, what stri
 }
 
 // agentViewsAgree is "" when on every registered node's agent, protocol v2's rule on its
-// NodeView and its peers' rows answers every pair, both directions, as the peers' lists do,
-// the rows alone are never ahead of them, and every peer's row is taken (docs/protocol-v2.md
-// §9 steps 2 and 3); else what is not so yet. Once every agent publishes rows the master
+// NodeView and its peers' rows answers every pair, both directions, as the peers' lists do
+// (or, for peers whose reports omit them, §9 step 4, says ready), the rows alone are
+// never ahead of the lists, and every peer's row is taken (docs/protocol-v2.md §9 steps
+// 2–4); else what is not so yet. Once every agent publishes rows the master
 // writes a node's view only in its own re-key phase, so a view may be over an older key
 // view (not consistent) and the pairs it no longer covers are the rows': how says, per
 // node, whether its view is consistent and how many pairs the rows alone leave to the view.
@@ -595,23 +596,34 @@ func agentViewsAgree(ctx context.Context, l *Lab) (why, how string) {
 		}
 		note := fmt.Sprintf("node%d: view consistent %v", i, consistent)
 		for _, dir := range []string{"in", "out"} {
-			agree, err1 := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_view_pairs", `direction="`+dir+`"`, `verdict="agree"`)
-			ahead, err2 := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_view_pairs", `direction="`+dir+`"`, `verdict="ahead"`)
-			behind, err3 := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_view_pairs", `direction="`+dir+`"`, `verdict="behind"`)
-			rowAhead, err4 := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_row_pairs", `direction="`+dir+`"`, `verdict="ahead"`)
-			rowBehind, err5 := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_row_pairs", `direction="`+dir+`"`, `verdict="behind"`)
-			if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
+			pairs := func(metric, verdict string) (float64, error) {
+				return l.AgentMetric(ctx, i, metric, `direction="`+dir+`"`, `verdict="`+verdict+`"`)
+			}
+			const view, row = "secureoverlay_agent_readiness_view_pairs", "secureoverlay_agent_readiness_row_pairs"
+			agree, err1 := pairs(view, "agree")
+			ahead, err2 := pairs(view, "ahead")
+			behind, err3 := pairs(view, "behind")
+			// Peers whose reports omit the lists (§9 step 4: every live agent decides
+			// from views and rows): the rule's answer alone, which must be "ready".
+			confirmed, err4 := pairs(view, "confirmed")
+			unconfirmed, err5 := pairs(view, "unconfirmed")
+			rowAhead, err6 := pairs(row, "ahead")
+			rowBehind, err7 := pairs(row, "behind")
+			rowUnconfirmed, err8 := pairs(row, "unconfirmed")
+			if err := errors.Join(err1, err2, err3, err4, err5, err6, err7, err8); err != nil {
 				return err.Error(), ""
 			}
-			if ahead != 0 || behind != 0 || agree != float64(len(nodes)-1) {
-				return fmt.Sprintf("node%d's view and rows against its lists, %s: %v agree, %v ahead, %v behind (want %d, 0, 0)", i, dir, agree, ahead, behind, len(nodes)-1), ""
+			if ahead != 0 || behind != 0 || unconfirmed != 0 || agree+confirmed != float64(len(nodes)-1) {
+				return fmt.Sprintf("node%d's view and rows, %s: against its peers' lists %v agree, %v ahead, %v behind; peers without lists %v confirmed, %v not (want %d agreeing or confirmed, no other)",
+					i, dir, agree, ahead, behind, confirmed, unconfirmed, len(nodes)-1), ""
 			}
 			// The peers' rows alone (docs/keys.md §12) are never ahead of the lists; they
-			// may be behind for a peer whose row was complete before this node re-keyed.
+			// may be behind (or leave unconfirmed) a peer whose row was complete before
+			// this node re-keyed.
 			if rowAhead != 0 {
 				return fmt.Sprintf("node%d's peers' rows alone, %s: %v pairs ahead of its lists (want 0)", i, dir, rowAhead), ""
 			}
-			note += fmt.Sprintf(", %s left to the view %v", dir, rowBehind)
+			note += fmt.Sprintf(", %s: %v pairs against lists, %v without; left to the view %v", dir, agree, confirmed, rowBehind+rowUnconfirmed)
 		}
 		// Every peer publishes a row for its current keys, and this node takes it.
 		if rows, err := l.AgentMetric(ctx, i, "secureoverlay_agent_readiness_rows"); err != nil {

@@ -234,6 +234,23 @@ func TestRealClusterEncrypts(t *testing.T) {
 	}); err != nil {
 		rc.t.Errorf("reports while enabled: %v; want the NodeReports, NodeRows and NodeViews of node1 and node2 only", where)
 	}
+	// Both agents declare readiness-decide: their reports omit the per-pair lists and
+	// stay small (docs/protocol-v2.md §9 step 4); the pairs are decided by views and rows.
+	if err := waitFor(ctx, time.Minute, func() (bool, error) {
+		for _, n := range []string{lab.NodeNS(1), lab.NodeNS(2)} {
+			u, err := rc.dyn.Resource(nodereport.GVR).Namespace(api.Namespace).Get(ctx, n, metav1.GetOptions{})
+			if err != nil {
+				return false, nil
+			}
+			if raw := nodereport.Raw(u); !strings.Contains(raw, `"listsOmitted":true`) || len(raw) > 2048 {
+				where = []string{fmt.Sprintf("%s's report (%d bytes) still lists its claims", n, len(raw))}
+				return false, nil
+			}
+		}
+		return true, nil
+	}); err != nil {
+		rc.t.Errorf("reports while enabled: %v; want them without lists, ≤ 2 KiB", where)
+	}
 	// Every agent publishes its keys: the generation is protocol v2, no v1 generation is
 	// live, every agent reads the public ring — so the master has taken the agents' read
 	// access to the key Secret away (docs/keys.md §11).

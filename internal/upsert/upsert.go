@@ -24,12 +24,38 @@ func Write(ctx context.Context, r dynamic.ResourceInterface, obj *unstructured.U
 	name := obj.GetName()
 	_, err := r.Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: fieldManager})
 	if apierrors.IsNotFound(err) {
-		_, err = r.Create(ctx, obj, metav1.CreateOptions{FieldManager: fieldManager})
+		_, err = r.Create(ctx, withoutNullAnnotations(obj), metav1.CreateOptions{FieldManager: fieldManager})
 		if apierrors.IsAlreadyExists(err) { // created meanwhile (a previous write timed out late)
 			_, err = r.Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: fieldManager})
 		}
 	}
 	return err
+}
+
+// withoutNullAnnotations is obj without the annotations it sets to null (a merge patch's
+// way to remove them; a create has nothing to remove). obj itself is not modified.
+func withoutNullAnnotations(obj *unstructured.Unstructured) *unstructured.Unstructured {
+	a, ok := obj.Object["metadata"].(map[string]any)["annotations"].(map[string]any)
+	if !ok {
+		return obj
+	}
+	kept := map[string]any{}
+	for k, v := range a {
+		if v != nil {
+			kept[k] = v
+		}
+	}
+	if len(kept) == len(a) {
+		return obj
+	}
+	c := obj.DeepCopy()
+	meta := c.Object["metadata"].(map[string]any)
+	if len(kept) == 0 {
+		delete(meta, "annotations")
+	} else {
+		meta["annotations"] = kept
+	}
+	return c
 }
 
 // NodeObject is one of our per-node objects: apiVersion and kind, named after node in

@@ -133,6 +133,9 @@ type Config struct {
 	StateFile, ReadyFile string
 	// Namespace holds this node's NodeReport (default api.Namespace).
 	Namespace string
+	// ReportLists is ListsAuto (default: the report lists its per-pair claims only while
+	// a live peer's agent reads them, docs/protocol-v2.md §9 step 4) or ListsAlways.
+	ReportLists string
 }
 
 // Deps are the agent's collaborators.
@@ -264,6 +267,8 @@ type Agent struct {
 	// confirmations: the view and rows rule's confirmations saved across restarts
 	// (confirmations.go; sync only).
 	confirmations confirmationsState
+	// lists decides whether the report lists its per-pair claims (lists.go; sync only).
+	lists listsGate
 }
 
 // New wires an agent; it starts nothing.
@@ -295,6 +300,13 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	}
 	if cfg.RowInterval <= 0 {
 		cfg.RowInterval = time.Second
+	}
+	switch cfg.ReportLists {
+	case "":
+		cfg.ReportLists = ListsAuto
+	case ListsAuto, ListsAlways:
+	default:
+		return nil, fmt.Errorf("agent: report lists %q: want %s or %s", cfg.ReportLists, ListsAuto, ListsAlways)
 	}
 	if cfg.RetryMax <= 0 {
 		cfg.RetryMax = 30 * time.Second
@@ -608,7 +620,7 @@ func (a *Agent) sync() (err error) {
 			// again): re-creating it would restart its sequence under the same key.
 			// Change every key instead (Apply wrote nothing) and apply the new state at
 			// once.
-			if err := a.newEpoch("lost", xerr); err != nil {
+			if err := a.newEpoch("lost", xerr, &snap); err != nil {
 				return a.fail(err)
 			}
 			if err := a.publishKeys(&snap); err != nil { // the new epoch's key pairs
@@ -679,6 +691,7 @@ func (a *Agent) sync() (err error) {
 	if rep.Readiness != nil { // the report's only (publishRow decodes the claims alone)
 		rep.Readiness.Used = readiness.EncodeUsed(a.viewShadow.agent.Used())
 	}
+	a.gateLists(&rep, &snap, now)
 	if berr != nil {
 		rep.Error = reportError(berr)
 	} else if conflicts != "" {
@@ -892,8 +905,8 @@ func (a *Agent) openLedger(snap *watch.Snapshot) error {
 	if why != ledger.ReasonAdopted {
 		// A restart in the same boot whose ledger is gone: the kernel may hold SAs the
 		// peers still use; hold the plaintext drops toward them as after lost state.
-		if r := me.CurrentReport(); r != nil && len(r.EncryptingTo) > 0 {
-			a.holdPrevious()
+		if r := me.CurrentReport(); r != nil && (len(r.EncryptingTo) > 0 || r.ListsOmitted && r.PeersEncrypted > 0) {
+			a.holdPrevious(snap)
 		}
 	}
 	return nil
@@ -920,7 +933,7 @@ func (a *Agent) checkRing(snap *watch.Snapshot) error {
 // newEpoch switches to a fresh random SA epoch: every key this node derives changes.
 // After lost state, the peers the last published report encrypted to are held (no
 // plaintext to them in enforce) until they are ready for the new keys.
-func (a *Agent) newEpoch(reason string, cause error) error {
+func (a *Agent) newEpoch(reason string, cause error, snap *watch.Snapshot) error {
 	e := watch.NewEpoch()
 	a.mu.Lock()
 	old := a.epoch
@@ -929,7 +942,7 @@ func (a *Agent) newEpoch(reason string, cause error) error {
 		return fmt.Errorf("start a new sa epoch: %w", err)
 	}
 	if reason == "lost" {
-		a.holdPrevious()
+		a.holdPrevious(snap)
 	}
 	a.mu.Lock()
 	a.epoch = e
@@ -943,21 +956,41 @@ func (a *Agent) newEpoch(reason string, cause error) error {
 	return nil
 }
 
-// holdPrevious holds the plaintext drop toward every peer the last published report was
-// encrypting to (docs/dataplane.md §5): the newest report handed to the writer and the
-// last one written, which peers may still be reading while a newer one waits.
-func (a *Agent) holdPrevious() {
+// holdPrevious holds the plaintext drop toward every peer this node may have been
+// encrypting to (docs/dataplane.md §5): those the last state this process programmed sends
+// ESP to, and those the newest report handed to the writer and the last one written list
+// (peers may still be reading an older one while a newer one waits). A report that omits
+// its lists (docs/protocol-v2.md §9 step 4) and claims encrypted peers, with no state of
+// this process to say which (a restart whose ledger is gone), holds every peer of snap
+// whose agent enforces: the peers that could drop this node's plaintext.
+func (a *Agent) holdPrevious(snap *watch.Snapshot) {
 	a.hold = nil
 	a.mu.Lock()
 	written := a.published
 	a.mu.Unlock()
+	add := func(name string) {
+		if !slices.Contains(a.hold, name) {
+			a.hold = append(a.hold, name)
+		}
+	}
+	if a.lastState != nil {
+		for _, name := range a.lastState.EncryptingPeers() {
+			add(name)
+		}
+	}
 	for _, p := range []*watch.Report{a.previous(), written} {
 		if p == nil {
 			continue
 		}
 		for name := range p.EncryptingTo {
-			if !slices.Contains(a.hold, name) {
-				a.hold = append(a.hold, name)
+			add(name)
+		}
+		if p.ListsOmitted && p.PeersEncrypted > 0 && a.lastState == nil && snap != nil {
+			for i := range snap.Nodes {
+				n := &snap.Nodes[i]
+				if r := n.CurrentReport(); n.Name != a.cfg.NodeName && r != nil && r.Mode == api.ModeEnforce {
+					add(n.Name)
+				}
 			}
 		}
 	}
@@ -1148,9 +1181,10 @@ func (a *Agent) Published() *watch.Report {
 	return a.published
 }
 
-// maxReportError bounds the error text a report carries: the report is an annotation on
-// the Node, and all of a Node's annotations together must stay under 256 KiB.
-const maxReportError = 2048
+// maxReportError bounds the error text a report carries: a report without lists stays
+// within 2 KiB at any cluster size (docs/protocol-v2.md §9 step 4; TestReportSizeBound),
+// and the agent's log has the whole text.
+const maxReportError = 512
 
 // reportError is err's text for the report, cut to maxReportError bytes (on a rune
 // boundary) with the length of what was cut. The log has it whole.

@@ -49,15 +49,18 @@ type Metrics struct {
 	// kernel at start (SetKernel): release, pcpu_sa, esp4_offload.
 	Kernel *prometheus.GaugeVec
 	// ViewPairs counts the peers by direction (in: may send ESP; out: may drop plaintext)
-	// and verdict (agree, ahead, behind) of protocol v2's rule on this node's NodeView
+	// and verdict (agree, ahead, behind; confirmed, unconfirmed for a peer whose report
+	// omits the lists) of protocol v2's rule on this node's NodeView and its peers' rows
 	// against v1's lists, as of the last sync; ViewConsistent is 1 when that view's key
-	// digest matched this node's (docs/protocol-v2.md §9 step 2: shadow, decides nothing).
+	// digest matched this node's (docs/protocol-v2.md §9 steps 2–4).
 	ViewPairs      *prometheus.GaugeVec
 	ViewConsistent prometheus.Gauge
 	// RowPairs is ViewPairs from the peers' readiness rows alone; Rows counts the rows
 	// taken (docs/keys.md §12).
 	RowPairs *prometheus.GaugeVec
 	Rows     prometheus.Gauge
+	// ReportLists is 1 while the report lists its per-pair claims (lists.go).
+	ReportLists prometheus.Gauge
 
 	mu    sync.Mutex
 	drops []PlaintextCount
@@ -104,7 +107,7 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 		[]string{"release", "pcpu_sa", "esp4_offload"})
 	m.Registry.MustRegister(m.Kernel)
 	m.ViewPairs = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_view_pairs",
-		Help: "Protocol v2 readiness: peers by direction (in: may this node send ESP; out: may it drop their plaintext) and verdict of the master's NodeView and the peers' rows against the peers' reports (agree; ahead: they say ready, the reports do not; behind: the reverse); ahead and behind are 0 in a steady state. A pair is ready when either says so."},
+		Help: "Protocol v2 readiness: peers by direction (in: may this node send ESP; out: may it drop their plaintext) and verdict of the master's NodeView and the peers' rows against the peers' reports (agree; ahead: they say ready, the reports do not; behind: the reverse); ahead and behind are 0 in a steady state. A pair is ready when either says so. For a peer whose report omits the lists (every live agent decides from views and rows), the rule's answer alone: confirmed or unconfirmed (0 in a steady state)."},
 		[]string{"direction", "verdict"})
 	m.ViewConsistent = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_view_consistent",
 		Help: "1 when this node's NodeView was written for the key view this node has (its key digest matches), else 0."})
@@ -113,7 +116,9 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 		[]string{"direction", "verdict"})
 	m.Rows = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_rows",
 		Help: "Peers whose readiness row (NodeRow) was taken at the last sync: its node ID is the peer's and it is for the peer's current keys."})
-	m.Registry.MustRegister(m.ViewPairs, m.ViewConsistent, m.RowPairs, m.Rows)
+	m.ReportLists = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "report_lists",
+		Help: "1 while this node's report lists its per-pair claims (inboundFrom, encryptingTo: a live peer's agent reads them, or --report-lists=always), 0 once every live peer decides from NodeViews and NodeRows."})
+	m.Registry.MustRegister(m.ViewPairs, m.ViewConsistent, m.RowPairs, m.Rows, m.ReportLists)
 	m.Conflicts = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "address_conflicts", Help: "IPv4 addresses claimed by more than one Node (each pair kept as it was, or given nothing)."})
 	m.Registry.MustRegister(m.Conflicts)
 	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.MemoUpdates, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,

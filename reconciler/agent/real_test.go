@@ -398,7 +398,9 @@ func TestAgentAgainstRealAPIServerAndKernel(t *testing.T) {
 		m := NewMetrics("")
 		dc := dynamic.NewForConfigOrDie(saCfg)
 		src := watch.New(watch.Config{Client: client, Dynamic: dc, Self: "a", DiscoveryRetry: 200 * time.Millisecond})
-		a, err := New(Config{NodeName: "a", Dataplane: dp, ResyncInterval: resync, ExternalMTU: 1500, LedgerDir: ledgerDir},
+		// The lists kept (b's reports are the test's, not an agent's): the checker holds
+		// every claim the reports list against the kernel at write time.
+		a, err := New(Config{NodeName: "a", Dataplane: dp, ResyncInterval: resync, ExternalMTU: 1500, LedgerDir: ledgerDir, ReportLists: ListsAlways},
 			Deps{Client: client, Dynamic: dc, Source: src, Xfrm: xfrm.NewApplier(kern, dp), Rules: rules.NewApplier(ipt), Metrics: m,
 				Logger: slog.New(slog.NewTextHandler(os.Stderr, nil))})
 		if err != nil {

@@ -28,6 +28,9 @@ func rowPairs(n *v2node) (in, out [numVerdicts]float64) {
 	return in, out
 }
 
+// listsAlways is the startNode option of an agent that keeps its report's lists.
+func listsAlways(c *Config) { c.ReportLists = ListsAlways }
+
 // rowWrites counts n's successful NodeRow writes.
 func rowWrites(n *v2node) float64 {
 	return value(n.a.d.Metrics.ReportWrites.WithLabelValues("row", "ok"))
@@ -39,7 +42,8 @@ func rowWrites(n *v2node) float64 {
 // ahead of them). Then c loses its state (a new SA epoch: new keys for all its pairs): c
 // publishes a row for its new keys, which a and b take, while a and b, whose rows were
 // complete, write none (another node's re-key costs no row of theirs); on c the rows of a
-// and b, about c's old keys, confirm nothing (c's NodeView carries that side).
+// and b, about c's old keys, confirm nothing (c's NodeView carries that side). The agents
+// keep their lists (--report-lists=always): the rows are compared with them.
 func TestAgentsPublishRows(t *testing.T) {
 	ring := testRing(t, api.ModeEnforce, "a", "b", "c")
 	cs, dc := fakeAPI(t, ring, testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"), testNode("c", "198.18.0.3", "boot-c"))
@@ -47,7 +51,7 @@ func TestAgentsPublishRows(t *testing.T) {
 	defer cancel()
 	nodes := map[string]*v2node{}
 	for _, name := range []string{"a", "b", "c"} {
-		nodes[name] = startNode(t, ctx, cs, dc, name, seededLedger(t, name, "boot-"+name))
+		nodes[name] = startNode(t, ctx, cs, dc, name, seededLedger(t, name, "boot-"+name), listsAlways)
 	}
 	row := func(name string) (readiness.Status, error) {
 		u, err := dc.Resource(noderow.GVR).Namespace(api.Namespace).Get(ctx, name, metav1.GetOptions{})
@@ -97,7 +101,7 @@ func TestAgentsPublishRows(t *testing.T) {
 
 	// c loses its state: a new SA epoch, new keys for all its pairs.
 	nodes["c"].stop()
-	nodes["c"] = startNode(t, ctx, cs, dc, "c", t.TempDir())
+	nodes["c"] = startNode(t, ctx, cs, dc, "c", t.TempDir(), listsAlways)
 	if !waitUntil(30*time.Second, func() bool {
 		r, err := row("c")
 		why = settled(map[string]bool{"c": true})

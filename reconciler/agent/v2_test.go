@@ -186,13 +186,17 @@ func fakeAPI(t *testing.T, ring *keys.Ring, nodes ...*corev1.Node) (*fake.Client
 }
 
 // startNode runs a real agent (its own watcher, fake kernel, the given ledger directory)
-// for node name on the fake API cs and dc until ctx ends or the test does.
-func startNode(t *testing.T, ctx context.Context, cs *fake.Clientset, dc *dynamicfake.FakeDynamicClient, name, ledgerDir string) *v2node {
+// for node name on the fake API cs and dc until ctx ends or the test does; opts change
+// its configuration.
+func startNode(t *testing.T, ctx context.Context, cs *fake.Clientset, dc *dynamicfake.FakeDynamicClient, name, ledgerDir string, opts ...func(*Config)) *v2node {
 	t.Helper()
 	w := watch.New(watch.Config{Self: name, Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
 	xk := xfrm.NewFake()
 	cfg := Config{NodeName: name, ExternalMTU: 1500, RetryMin: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond,
 		ResyncInterval: 200 * time.Millisecond, LedgerDir: ledgerDir}
+	for _, o := range opts {
+		o(&cfg)
+	}
 	a, err := New(cfg, Deps{Client: cs, Dynamic: dc, Source: w, Xfrm: xfrm.NewApplier(xk, cfg.Dataplane),
 		Rules: rules.NewApplier(rules.NewFake()), Metrics: NewMetrics(filepath.Join(t.TempDir(), "missing-xfrm_stat"))})
 	if err != nil {

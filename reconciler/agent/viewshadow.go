@@ -42,16 +42,19 @@ func peerRows(src RowSource, in *desired.Inputs) []readiness.Status {
 }
 
 // Verdicts of the view shadow, per direction: how protocol v2's rule (the master's view)
-// and v1's (the peers' lists) answer one pair's question.
+// and v1's (the peers' lists) answer one pair's question; for a peer whose report omits
+// the lists (§9 step 4), the rule's answer alone.
 const (
-	VerdictAgree  = iota // both say ready, or both not
-	VerdictAhead         // the view says ready, the lists do not
-	VerdictBehind        // the lists say ready, the view does not
+	VerdictAgree       = iota // both say ready, or both not
+	VerdictAhead              // the view says ready, the lists do not
+	VerdictBehind             // the lists say ready, the view does not
+	VerdictConfirmed          // no lists: the view says ready
+	VerdictUnconfirmed        // no lists: the view does not say ready
 	numVerdicts
 )
 
 // VerdictNames are the metric's labels, by verdict.
-var VerdictNames = [numVerdicts]string{"agree", "ahead", "behind"}
+var VerdictNames = [numVerdicts]string{"agree", "ahead", "behind", "confirmed", "unconfirmed"}
 
 // ViewShadowResult is one comparison.
 type ViewShadowResult struct {
@@ -134,8 +137,13 @@ func (s *viewShadow) compare(in *desired.Inputs, mine readiness.Keys, w api.Read
 			r.Consistent = s.agent.Consider(v, mine)
 		}
 	}
+	var listed bool
 	verdict := func(v2, v1 bool) int {
 		switch {
+		case !listed && v2:
+			return VerdictConfirmed
+		case !listed:
+			return VerdictUnconfirmed
 		case v2 == v1:
 			return VerdictAgree
 		case v2:
@@ -150,6 +158,7 @@ func (s *viewShadow) compare(in *desired.Inputs, mine readiness.Keys, w api.Read
 			continue
 		}
 		cur := n.Report != nil && n.Report.Incarnation == n.Incarnation
+		listed = !cur || !n.Report.ListsOmitted // no current report: nothing listed, nothing ready
 		inFrom, encTo := cur && n.Report.InboundFromSelf, cur && n.Report.EncryptsToSelf
 		r.In[verdict(s.agent.SendESP(n.NodeID, mine), inFrom)]++
 		r.Out[verdict(s.agent.DropPlaintext(n.NodeID, mine), encTo)]++

@@ -12,20 +12,22 @@ import (
 // TestViewShadow: the agent's comparison of protocol v2's rule on its NodeView with v1's
 // lists, step by step as a cluster goes: no view yet, a view that agrees, a peer the view
 // lists, a view over other keys (ignored, confirmations kept), a peer re-keyed (its
-// confirmation does not carry over), a peer the lists deny but the view confirms.
+// confirmation does not carry over), a peer the lists deny but the view confirms, a peer
+// without lists (the rule's answer alone).
 func TestViewShadow(t *testing.T) {
 	type peer struct {
 		id            uint32
 		inc           string
 		inFrom, encTo bool // the peer's v1 claims about this node
+		omitted       bool // its report omits the lists (§9 step 4)
 	}
-	peers := map[string]*peer{"b": {2, "boot-b/uid-b/e1", true, true}, "c": {3, "boot-c/uid-c/e1", true, true}, "d": {4, "boot-d/uid-d/e1", true, true}}
+	peers := map[string]*peer{"b": {2, "boot-b/uid-b/e1", true, true, false}, "c": {3, "boot-c/uid-c/e1", true, true, false}, "d": {4, "boot-d/uid-d/e1", true, true, false}}
 	inputs := func() *desired.Inputs {
 		in := &desired.Inputs{Self: "a", Nodes: []desired.Node{{Name: "a", NodeID: 1, Incarnation: "boot-a/uid-a/e1"}}}
 		for _, name := range []string{"b", "c", "d"} {
 			p := peers[name]
 			in.Nodes = append(in.Nodes, desired.Node{Name: name, NodeID: p.id, Incarnation: p.inc,
-				Report: &desired.Report{Incarnation: p.inc, InboundFromSelf: p.inFrom, EncryptsToSelf: p.encTo}})
+				Report: &desired.Report{Incarnation: p.inc, InboundFromSelf: p.inFrom, EncryptsToSelf: p.encTo, ListsOmitted: p.omitted}})
 		}
 		return in
 	}
@@ -48,24 +50,32 @@ func TestViewShadow(t *testing.T) {
 			t.Errorf("%s: %+v, want view %v consistent %v in %v out %v", what, got, have, consistent, in, out)
 		}
 	}
-	step("no view yet", api.ReadinessView{}, false, false, [3]int{0, 0, 3}, [3]int{0, 0, 3})
+	step("no view yet", api.ReadinessView{}, false, false, [numVerdicts]int{0, 0, 3}, [numVerdicts]int{0, 0, 3})
 	ks := keysOf(inputs())
-	step("a view confirming every pair", view(ks, nil, nil), true, true, [3]int{3, 0, 0}, [3]int{3, 0, 0})
+	step("a view confirming every pair", view(ks, nil, nil), true, true, [numVerdicts]int{3, 0, 0}, [numVerdicts]int{3, 0, 0})
 
 	step("a view over other keys: ignored, confirmations kept", view(readiness.Keys{1: 9}, []uint32{2, 3, 4}, []uint32{2, 3, 4}), true, false,
-		[3]int{3, 0, 0}, [3]int{3, 0, 0})
+		[numVerdicts]int{3, 0, 0}, [numVerdicts]int{3, 0, 0})
 
 	// c re-keys: its v1 claims are about a's keys and hold (c installed a's SAs under its
 	// new keys), but no view has confirmed the pair for c's new keys.
 	peers["c"].inc = "boot-c/uid-c/e2"
-	step("c re-keyed, no new view", view(ks, nil, nil), true, false, [3]int{2, 0, 1}, [3]int{2, 0, 1})
+	step("c re-keyed, no new view", view(ks, nil, nil), true, false, [numVerdicts]int{2, 0, 1}, [numVerdicts]int{2, 0, 1})
 	ks = keysOf(inputs())
-	step("a new view lists c inbound only", view(ks, []uint32{3}, nil), true, true, [3]int{2, 0, 1}, [3]int{3, 0, 0})
-	step("and then confirms it", view(ks, nil, nil), true, true, [3]int{3, 0, 0}, [3]int{3, 0, 0})
+	step("a new view lists c inbound only", view(ks, []uint32{3}, nil), true, true, [numVerdicts]int{2, 0, 1}, [numVerdicts]int{3, 0, 0})
+	step("and then confirms it", view(ks, nil, nil), true, true, [numVerdicts]int{3, 0, 0}, [numVerdicts]int{3, 0, 0})
 
 	// d's lists no longer name a (its report lags, or it withdrew): the sticky view is ahead.
 	peers["d"].inFrom = false
-	step("d's list lags the view", view(ks, nil, nil), true, true, [3]int{2, 1, 0}, [3]int{3, 0, 0})
+	step("d's list lags the view", view(ks, nil, nil), true, true, [numVerdicts]int{2, 1, 0}, [numVerdicts]int{3, 0, 0})
+
+	// d's agent omits its lists: the rule's answer alone, confirmed; then d re-keys and a
+	// view lists it inbound: unconfirmed inbound, confirmed outbound.
+	peers["d"].omitted, peers["d"].inFrom, peers["d"].encTo = true, false, false
+	step("d omits its lists", view(ks, nil, nil), true, true, [numVerdicts]int{2, 0, 0, 1, 0}, [numVerdicts]int{2, 0, 0, 1, 0})
+	peers["d"].inc = "boot-d/uid-d/e2"
+	ks = keysOf(inputs())
+	step("d re-keyed, a view lists it inbound", view(ks, []uint32{4}, nil), true, true, [numVerdicts]int{2, 0, 0, 0, 1}, [numVerdicts]int{2, 0, 0, 1, 0})
 
 	// This node is not in the inputs with an ID: nothing to compare.
 	var empty viewShadow
@@ -128,17 +138,17 @@ func TestViewShadowRows(t *testing.T) {
 				what, got.Rows, got.In, got.Out, got.RowIn, got.RowOut, taken, both, alone)
 		}
 	}
-	step("no rows", nil, 0, [3]int{0, 0, 2}, [3]int{0, 0, 2})
-	step("b's row names b's ID under c's name: dropped", rowSource{"c": rowOf("b", incs["b"])}, 0, [3]int{0, 0, 2}, [3]int{0, 0, 2})
-	step("c's row leaves a out", rowSource{"c": rowOf("c", incs["c"], "a")}, 1, [3]int{0, 0, 2}, [3]int{0, 0, 2})
-	step("b's and c's rows", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", incs["c"])}, 2, [3]int{2, 0, 0}, [3]int{2, 0, 0})
+	step("no rows", nil, 0, [numVerdicts]int{0, 0, 2}, [numVerdicts]int{0, 0, 2})
+	step("b's row names b's ID under c's name: dropped", rowSource{"c": rowOf("b", incs["b"])}, 0, [numVerdicts]int{0, 0, 2}, [numVerdicts]int{0, 0, 2})
+	step("c's row leaves a out", rowSource{"c": rowOf("c", incs["c"], "a")}, 1, [numVerdicts]int{0, 0, 2}, [numVerdicts]int{0, 0, 2})
+	step("b's and c's rows", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", incs["c"])}, 2, [numVerdicts]int{2, 0, 0}, [numVerdicts]int{2, 0, 0})
 	// c re-keys; its row of the old keys confirms nothing for the new ones.
 	old := incs["c"]
 	incs["c"] = "boot-c/uid-c/e2"
-	step("c re-keyed, its old row", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", old)}, 1, [3]int{1, 0, 1}, [3]int{1, 0, 1})
-	step("c's row of its new keys", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", incs["c"])}, 2, [3]int{2, 0, 0}, [3]int{2, 0, 0})
+	step("c re-keyed, its old row", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", old)}, 1, [numVerdicts]int{1, 0, 1}, [numVerdicts]int{1, 0, 1})
+	step("c's row of its new keys", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", incs["c"])}, 2, [numVerdicts]int{2, 0, 0}, [numVerdicts]int{2, 0, 0})
 	// A row confirms what the lists deny: ahead (must stay 0 in every scenario).
 	reported["b"] = incs["b"]
 	incs["b"] = "boot-b/uid-b/e2"
-	step("b re-keyed and its row claims a before its report does", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", incs["c"])}, 2, [3]int{1, 1, 0}, [3]int{1, 1, 0})
+	step("b re-keyed and its row claims a before its report does", rowSource{"b": rowOf("b", incs["b"]), "c": rowOf("c", incs["c"])}, 2, [numVerdicts]int{1, 1, 0}, [numVerdicts]int{1, 1, 0})
 }

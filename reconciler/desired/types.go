@@ -87,6 +87,10 @@ type Report struct {
 	// EncryptsToSelf: the peer's kernel sends ESP to this node (it has an outbound policy
 	// toward this node's current incarnation), so plaintext from it may be dropped.
 	EncryptsToSelf bool
+	// ListsOmitted: the peer's agent omits its per-pair lists from its report
+	// (docs/protocol-v2.md §9 step 4), so InboundFromSelf and EncryptsToSelf come from this
+	// node's readiness rule alone. Compute does not read it.
+	ListsOmitted bool
 }
 
 // Node is a cluster node (a Kubernetes Node that Calico knows).

@@ -181,6 +181,7 @@ func nodeConverter(self string, me *NodeInfo, ring *keys.Ring, epoch string) fun
 				Generations:     slices.Clone(r.Generations),
 				InboundFromSelf: selfTag != "" && r.InboundFrom[self] == selfTag,
 				EncryptsToSelf:  selfTag != "" && r.EncryptingTo[self] == selfTag,
+				ListsOmitted:    r.ListsOmitted,
 			}
 		}
 		return dn

@@ -28,6 +28,16 @@ type Report struct {
 	InboundFrom map[string]string `json:"inboundFrom,omitempty"`
 	// EncryptingTo lists peers this node's kernel sends ESP to (outbound policy programmed).
 	EncryptingTo map[string]string `json:"encryptingTo,omitempty"`
+	// ListsOmitted: the agent writes neither list (docs/protocol-v2.md §9 step 4: every
+	// live peer decides from NodeViews and NodeRows), so their absence says nothing about
+	// its pairs. An older agent reading such a report sees empty lists: the gate keeps
+	// them while any live agent may read them.
+	ListsOmitted bool `json:"listsOmitted,omitempty"`
+}
+
+// OmitLists drops r's per-peer lists and says so (ListsOmitted).
+func (r *Report) OmitLists() {
+	r.InboundFrom, r.EncryptingTo, r.ListsOmitted = nil, nil, true
 }
 
 // IncarnationTag is a short, stable tag of a key-derivation incarnation (KeyIncarnation;

@@ -1,0 +1,263 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/client-go/dynamic"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
+	"github.com/secureoverlay/secureoverlay/readiness"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
+)
+
+// TestListsGate: the report's per-pair lists go only once every live peer's agent
+// declares readiness-decide for its current boot (docs/protocol-v2.md §9 step 4). A peer
+// reporting only as a Node annotation (0.1), or whose NodeKeys for this boot lack the
+// capability, needs them at once; a peer whose agent has not said (no NodeKeys, or those
+// of another boot) needs them once ListsUnknownGrace has passed, and the gate says when
+// to look again; a node with no current report (no agent) needs nothing.
+func TestListsGate(t *testing.T) {
+	t0 := time.Date(2026, 12, 6, 12, 0, 0, 0, time.UTC)
+	decides := []string{api.CapabilityRingConfigMap, api.CapabilityReadinessRows, api.CapabilityReadinessDecide}
+	node := func(name string, caps []string, keysBoot string, annotation bool) watch.NodeInfo {
+		n := watch.NodeInfo{Name: name, Incarnation: "boot-" + name, UID: "uid-" + name,
+			Report:         &watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-" + name, UID: "uid-" + name, Epoch: "e"}},
+			FromAnnotation: annotation}
+		if keysBoot != "" {
+			n.Keys = &nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: keysBoot, UID: "uid-" + name, Epoch: "e"}, Capabilities: caps}
+		}
+		return n
+	}
+	gone := node("gone", nil, "", false)
+	gone.Incarnation = "boot-gone-rebooted" // its report is of the last boot: not current
+	cases := []struct {
+		name  string
+		peers []watch.NodeInfo
+		mode  string
+		after time.Duration // since the first decision
+		want  []string      // the peers needing the lists (nil: omitted)
+		again time.Duration
+	}{
+		{name: "every peer decides", peers: []watch.NodeInfo{node("b", decides, "boot-b", false), node("c", decides, "boot-c", false)}},
+		{name: "always", mode: ListsAlways, peers: []watch.NodeInfo{node("b", decides, "boot-b", false)}, want: []string{}},
+		{name: "a 0.1 peer (annotation only)", peers: []watch.NodeInfo{node("b", decides, "boot-b", false), node("c", nil, "", true)}, want: []string{"c"}},
+		{name: "a peer without the capability", peers: []watch.NodeInfo{node("b", decides[:2], "boot-b", false), node("c", decides, "boot-c", false)}, want: []string{"b"}},
+		{name: "no agent on a node", peers: []watch.NodeInfo{node("b", decides, "boot-b", false), gone}},
+		{name: "no NodeKeys yet, within the grace", peers: []watch.NodeInfo{node("b", nil, "", false)}, again: ListsUnknownGrace},
+		{name: "NodeKeys of the last boot, within the grace", peers: []watch.NodeInfo{node("b", decides, "boot-b-old", false)}, after: 10 * time.Second, again: ListsUnknownGrace - 10*time.Second},
+		{name: "unknown past the grace", peers: []watch.NodeInfo{node("b", nil, "", false), node("c", decides, "boot-c", false)}, after: ListsUnknownGrace, want: []string{"b"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			snap := &watch.Snapshot{Nodes: append([]watch.NodeInfo{node("a", nil, "", true)}, tc.peers...)} // self: never counted
+			var g listsGate
+			mode := tc.mode
+			if mode == "" {
+				mode = ListsAuto
+			}
+			g.decide(snap, "a", mode, t0)
+			need, needers, again := g.decide(snap, "a", mode, t0.Add(tc.after))
+			if need != (tc.want != nil) || (tc.want != nil && len(tc.want) > 0 && !slices.Equal(needers, tc.want)) || again != tc.again {
+				t.Errorf("need %v peers %v again %v; want need %v peers %v again %v", need, needers, again, tc.want != nil, tc.want, tc.again)
+			}
+		})
+	}
+
+	// An unknown peer that turns out to decide is forgotten: coming back unknown later
+	// starts a new grace.
+	var g listsGate
+	b := node("b", nil, "", false)
+	snap := &watch.Snapshot{Nodes: []watch.NodeInfo{b}}
+	g.decide(snap, "a", ListsAuto, t0)
+	snap.Nodes[0] = node("b", decides, "boot-b", false)
+	g.decide(snap, "a", ListsAuto, t0.Add(20*time.Second))
+	snap.Nodes[0] = b
+	if need, _, again := g.decide(snap, "a", ListsAuto, t0.Add(40*time.Second)); need || again != ListsUnknownGrace {
+		t.Errorf("a peer unknown again: need %v again %v, want a fresh grace", need, again)
+	}
+}
+
+// TestAgentsOmitListsOnceEveryPeerDecides: three real agents (watchers, desired state,
+// fake kernels, ledgers) on one fake API, every one declaring readiness-decide: their
+// reports omit the per-pair lists, and every pair is still programmed both ways (ESP
+// and enforce's plaintext drops) — decided from the peers' rows alone. A node whose agent
+// reports only as a Node annotation (0.1) appears: every agent lists its claims again;
+// when it goes, the lists go too. The report without lists is small whatever the
+// cluster's size (TestReportSizeBound measures it at 5,000 nodes).
+func TestAgentsOmitListsOnceEveryPeerDecides(t *testing.T) {
+	ring := testRing(t, api.ModeEnforce, "a", "b", "c", "d")
+	cs, dc := fakeAPI(t, ring, testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"), testNode("c", "198.18.0.3", "boot-c"))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	names := []string{"a", "b", "c"}
+	nodes := map[string]*v2node{}
+	for _, name := range names {
+		nodes[name] = startNode(t, ctx, cs, dc, name, seededLedger(t, name, "boot-"+name))
+	}
+	// state is "" when every agent's last report omits (lists false) or carries (true)
+	// the lists, its metric says so, and it encrypts to and drops the plaintext of both
+	// other agents.
+	state := func(lists bool) string {
+		for _, name := range names {
+			n := nodes[name]
+			r := n.a.Published()
+			switch {
+			case r == nil:
+				return name + ": no report yet"
+			case r.ListsOmitted == lists || lists != (len(r.EncryptingTo) > 0):
+				return fmt.Sprintf("%s: lists omitted %v, encryptingTo %v; want lists %v", name, r.ListsOmitted, r.EncryptingTo, lists)
+			case value(n.a.d.Metrics.ReportLists) != map[bool]float64{true: 1}[lists]:
+				return fmt.Sprintf("%s: report_lists %v", name, value(n.a.d.Metrics.ReportLists))
+			}
+			enc, drop := value(n.a.d.Metrics.Peers.WithLabelValues("encrypted")), value(n.a.d.Metrics.Peers.WithLabelValues("dropping"))
+			if enc != 2 || drop != 2 {
+				return fmt.Sprintf("%s: encrypts to %v peers, drops the plaintext of %v (want 2, 2)", name, enc, drop)
+			}
+		}
+		return ""
+	}
+	var why string
+	if !waitUntil(30*time.Second, func() bool { why = state(false); return why == "" }) {
+		t.Fatalf("every agent decides, lists omitted: %s", why)
+	}
+	r := nodes["a"].a.Published()
+	raw, err := json.Marshal(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("a's report without lists: %d bytes", len(raw))
+
+	// d's agent is 0.1: it reports only as an annotation on its Node, and reads lists.
+	d := testNode("d", "198.18.0.4", "boot-d")
+	if _, err := cs.CoreV1().Nodes().Create(ctx, d, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	listed := func() string {
+		for _, name := range names {
+			if r := nodes[name].a.Published(); r == nil || r.ListsOmitted || value(nodes[name].a.d.Metrics.ReportLists) != 1 {
+				return name + " omits its lists with a 0.1 peer"
+			}
+		}
+		return ""
+	}
+	if !waitUntil(30*time.Second, func() bool { why = listed(); return why == "" }) {
+		t.Fatal(why)
+	}
+	if why := state(true); why != "" {
+		t.Fatalf("with a 0.1 peer: %s", why)
+	}
+	if err := cs.CoreV1().Nodes().Delete(ctx, "d", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if !waitUntil(30*time.Second, func() bool { why = state(false); return why == "" }) {
+		t.Fatalf("the 0.1 peer gone: %s", why)
+	}
+	for _, n := range nodes {
+		noKeyReused(t, n.xk)
+	}
+}
+
+// TestReportSizeBound: issue 16's bound — a node's report is at most 2 KiB at any
+// cluster size once it omits its lists. Built as the agent builds it (BuildReport,
+// ReadinessOf) for node 1 of 100, 1,000 and 5,000 nodes with 40-character names
+// (ip-10-0-12-34.eu-west-1.compute.internal style), every peer inbound and encrypted, with
+// every bounded field at its largest: more refused peers than the status names, the
+// longest error text, every neighbour code, a Calico API switch. With the lists (as an
+// agent writes while an older peer reads them) it grows with the cluster, as before.
+func TestReportSizeBound(t *testing.T) {
+	const bound = 2048
+	var last, lastListed []byte
+	name := func(i int) string { return fmt.Sprintf("ip-10-%03d-%03d.eu-west-1.compute.internal", i/250, i%250+1) }
+	for _, n := range []int{100, 1000, 5000} {
+		ring := keys.NewRing()
+		snap := &watch.Snapshot{Ring: ring, Calico: watch.CalicoAPI{GroupVersion: "crd.projectcalico.org/v1"}, CalicoSwitching: "projectcalico.org/v3"}
+		st := desired.State{Mode: api.ModeEnforce, Generations: []uint32{4_000_000_007, 4_000_000_008}, Neighbours: []string{desired.NeighbourVXLAN,
+			desired.NeighbourNever, desired.NeighbourIPv6, desired.NeighbourVirtual, desired.NeighbourWireGuard, desired.NeighbourBPF, desired.NeighbourNFTables}}
+		for i := 1; i <= n; i++ {
+			nm := name(i)
+			if len(nm) != 40 {
+				t.Fatalf("name %q: %d characters", nm, len(nm))
+			}
+			boot, uid := fmt.Sprintf("%08d-61d4-4a8e-9d64-3c1f0e2b7a91", i), fmt.Sprintf("%08d-5a6e-4b7c-8d9e-0f1a2b3c4d5e", i)
+			snap.Nodes = append(snap.Nodes, watch.NodeInfo{Name: nm, Incarnation: boot, UID: uid,
+				Report: &watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: boot, UID: uid, Epoch: "9c2f4e6a8b1d3f5e"}}})
+			ring.Nodes = append(ring.Nodes, keys.NodeID{Name: nm, ID: uint32(i)})
+			if i == 1 {
+				continue
+			}
+			if i <= 2+2*readiness.MaxRefused { // refused: more than the status names
+				st.Skipped = append(st.Skipped, desired.Skip{Object: "node/" + nm, Reason: "bad key"})
+				continue
+			}
+			st.Peers = append(st.Peers, desired.PeerStatus{Name: nm, SendGeneration: 4_000_000_008, Inbound: true, DropsPlaintext: true})
+		}
+		slices.SortFunc(snap.Nodes, func(a, b watch.NodeInfo) int { return strings.Compare(a.Name, b.Name) })
+		self := snap.Node(name(1))
+		seq, in := SeqUse{Fraction: 0.999, Generation: 4_000_000_008}, SeqUse{Fraction: 0.999, Generation: 4_000_000_008}
+		r := BuildReport(st, snap, self.Incarnation, Budget{BudgetMTU: 8950, ExternalMTU: 9001}, seq, in, time.Date(2026, 12, 6, 23, 59, 59, 0, time.UTC))
+		r.UID, r.Epoch = self.UID, "9c2f4e6a8b1d3f5e"
+		r.Readiness = ReadinessOf(st, snap, name(1), watch.KeyIncarnation(self.Incarnation, self.UID, r.Epoch))
+		if r.Readiness == nil || r.Readiness.RefusedMore == 0 {
+			t.Fatalf("%d nodes: readiness %+v, want refused peers beyond the status's", n, r.Readiness)
+		}
+		r.Readiness.Used = readiness.EncodeUsed(1<<64-1, true)
+		r.Error = reportError(errors.New(strings.Repeat("address conflict: "+name(n)+" ", n)))
+		listed, err := json.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.OmitLists()
+		raw, err := json.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("%d nodes: report %d bytes without lists, %d with them", n, len(raw), len(listed))
+		if len(raw) > bound {
+			t.Errorf("%d nodes: a report without lists is %d bytes, over %d", n, len(raw), bound)
+		}
+		if n >= 1000 && len(listed) <= bound {
+			t.Errorf("%d nodes: the report with lists is %d bytes: the test builds no lists", n, len(listed))
+		}
+		last, lastListed = raw, listed
+	}
+	if testing.Short() {
+		return
+	}
+	// The NodeReport object holding it, as a real API server stores and serves it (the
+	// report, its summary — the same without lists — and the object's metadata).
+	c := kube.Start(t)
+	dc := dynamic.NewForConfigOrDie(c.AdminConfig())
+	ctx := context.Background()
+	node := name(1)
+	var u *unstructured.Unstructured
+	// Created without lists, then with lists (an older peer appeared), then without again.
+	for i, raw := range [][]byte{last, lastListed, last} {
+		if err := nodereport.Write(ctx, dc, api.Namespace, node, "4f1d2c3b-5a6e-4b7c-8d9e-0f1a2b3c4d5e", string(api.ModeEnforce), raw); err != nil {
+			t.Fatal(err)
+		}
+		var err error
+		if u, err = dc.Resource(nodereport.GVR).Namespace(api.Namespace).Get(ctx, node, metav1.GetOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		_, summary := u.GetAnnotations()[nodereport.SummaryAnnotation]
+		if nodereport.Raw(u) != string(raw) || summary != (i == 1) {
+			t.Fatalf("write %d: the object's report differs from the one written, or it has a summary %v (want %v)", i, summary, i == 1)
+		}
+	}
+	served, _ := json.Marshal(u.Object)
+	t.Logf("5,000 nodes: the NodeReport object as served, %d bytes, its report %d (no summary: the report is its own)", len(served), len(last))
+}

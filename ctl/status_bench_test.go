@@ -150,7 +150,8 @@ func buildScaleCluster(t *testing.T, cfg *rest.Config, n int) *scaleCluster {
 }
 
 // scaleReport is node i's report: enforce, generation 7 (scaleMaster's), every other
-// node in both claim maps with the tag of its key incarnation.
+// node in both claim maps with the tag of its key incarnation (none with
+// SECUREOVERLAY_BENCH_CTL_LISTS=0: the reports of protocol v2 step 4).
 func scaleReport(sc *scaleCluster, order []int, i int) []byte {
 	name := sc.names[i]
 	r := watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Generations: []uint32{7},
@@ -162,6 +163,13 @@ func scaleReport(sc *scaleCluster, order []int, i int) []byte {
 	}
 	if scaleStale(i) {
 		r.LastSync = r.LastSync.Add(-time.Hour)
+	}
+	if os.Getenv("SECUREOVERLAY_BENCH_CTL_LISTS") == "0" {
+		// As agents write once every live agent decides from views and rows
+		// (docs/protocol-v2.md §9 step 4): no lists, no summary annotation.
+		r.ListsOmitted = true
+		b, _ := json.Marshal(r)
+		return b
 	}
 	head, _ := json.Marshal(r)
 	var claims bytes.Buffer

@@ -53,6 +53,10 @@ const (
 	// and its peers' rows as well as their reports' per-peer lists (docs/protocol-v2.md §9
 	// step 3): once every agent does, the lists can go (step 4).
 	CapabilityReadinessDecide = "readiness-decide"
+	// CapabilityInstalled in an agent's NodeKeys says its field installed lists the
+	// generations its kernel holds inbound SAs of (docs/keys.md §10; docs/protocol-v2.md
+	// §9 step 5).
+	CapabilityInstalled = "installed"
 
 	// ReportAnnotation is the agent's JSON NodeReport on its own Node.
 	ReportAnnotation = "secureoverlay.io/report"

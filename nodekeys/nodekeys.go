@@ -60,6 +60,10 @@ type Keys struct {
 	// api.CapabilityRingConfigMap (it reads the public ring: the master may take its
 	// Secret access away, docs/keys.md §11). Readers ignore names they do not know.
 	Capabilities []string
+	// Installed are the generations whose inbound SAs the agent's kernel holds for this
+	// incarnation, ascending (api.CapabilityInstalled; docs/keys.md §10): written only
+	// after the kernel holds them.
+	Installed []uint32
 }
 
 // Has reports whether the agent declares capability c.
@@ -67,7 +71,8 @@ func (k Keys) Has(c string) bool { return slices.Contains(k.Capabilities, c) }
 
 // Equal reports whether k and o publish the same keys for the same incarnation.
 func (k Keys) Equal(o Keys) bool {
-	return k.Incarnation == o.Incarnation && slices.Equal(k.Keys, o.Keys) && slices.Equal(k.Capabilities, o.Capabilities)
+	return k.Incarnation == o.Incarnation && slices.Equal(k.Keys, o.Keys) && slices.Equal(k.Capabilities, o.Capabilities) &&
+		slices.Equal(k.Installed, o.Installed)
 }
 
 // Validate checks what any reader relies on: a whole incarnation, at most
@@ -95,8 +100,20 @@ func (k Keys) Validate() error {
 			return fmt.Errorf("keys[%d]: generation %d is zero or not above the previous one", i, e.Generation)
 		}
 	}
+	if len(k.Installed) > maxInstalled {
+		return fmt.Errorf("installed: %d, at most %d", len(k.Installed), maxInstalled)
+	}
+	for i, g := range k.Installed {
+		if g == 0 || (i > 0 && g <= k.Installed[i-1]) {
+			return fmt.Errorf("installed[%d]: generation %d is zero or not above the previous one", i, g)
+		}
+	}
 	return nil
 }
+
+// maxInstalled bounds Keys.Installed (the CRD's schema says the same): a ring holds at
+// most one active, one pending and a retiring generation or two.
+const maxInstalled = 4
 
 // maxCapabilities bounds Keys.Capabilities and maxCapability each name (the CRD's schema
 // says the same): the largest object the schema admits stays within 2 KiB as the API
@@ -138,10 +155,15 @@ func (k Keys) fields() map[string]any {
 	for _, c := range k.Capabilities {
 		caps = append(caps, c)
 	}
+	installed := make([]any, 0, len(k.Installed))
+	for _, g := range k.Installed {
+		installed = append(installed, int64(g))
+	}
 	return map[string]any{
 		"incarnation":  map[string]any{"bootID": k.Incarnation.BootID, "uid": k.Incarnation.UID, "epoch": k.Incarnation.Epoch},
 		"keys":         list,
 		"capabilities": caps,
+		"installed":    installed,
 	}
 }
 
@@ -161,15 +183,20 @@ func Parse(u *unstructured.Unstructured) (Keys, error) {
 			X25519     string `json:"x25519"`
 		} `json:"keys"`
 		Capabilities []string `json:"capabilities"`
+		Installed    []uint32 `json:"installed"`
 	}
-	b, err := json.Marshal(map[string]any{"incarnation": u.Object["incarnation"], "keys": u.Object["keys"], "capabilities": u.Object["capabilities"]})
+	b, err := json.Marshal(map[string]any{"incarnation": u.Object["incarnation"], "keys": u.Object["keys"], "capabilities": u.Object["capabilities"],
+		"installed": u.Object["installed"]})
 	if err == nil {
 		err = json.Unmarshal(b, &w)
 	}
 	if err != nil {
 		return Keys{}, fmt.Errorf("%s %s: does not parse", Kind, u.GetName())
 	}
-	k := Keys{Incarnation: w.Incarnation, Capabilities: w.Capabilities}
+	k := Keys{Incarnation: w.Incarnation, Capabilities: w.Capabilities, Installed: w.Installed}
+	if len(k.Installed) == 0 {
+		k.Installed = nil // absent and empty alike: the capability says which
+	}
 	for i, e := range w.Keys {
 		p, err := keys.ParsePublicKey(e.X25519)
 		if err != nil {

@@ -39,6 +39,7 @@ func sample(t *testing.T, gens ...uint32) Keys {
 
 func TestObjectRoundTrip(t *testing.T) {
 	k := sample(t, 7, 8)
+	k.Capabilities, k.Installed = []string{"installed"}, []uint32{6, 7}
 	u := Object("ns", "node-1", "uid-1", k)
 	if u.GetName() != "node-1" || u.GetNamespace() != "ns" || u.GetKind() != Kind {
 		t.Fatalf("object %+v", u.Object)
@@ -58,6 +59,22 @@ func TestObjectRoundTrip(t *testing.T) {
 	}
 	if refs := Object("ns", "n", "", k).GetOwnerReferences(); len(refs) != 0 {
 		t.Fatalf("no uid, owners %+v", refs)
+	}
+	// Installed changes the content (the writer writes again), and none installed parses
+	// as nil whether the field is empty or absent (older agents).
+	o := k
+	o.Installed = []uint32{7}
+	if o.Equal(k) {
+		t.Fatal("keys with other installed generations are Equal")
+	}
+	o.Installed = nil
+	u = Object("ns", "node-1", "uid-1", o)
+	if got, err := Parse(u); err != nil || got.Installed != nil || !got.Equal(o) {
+		t.Fatalf("none installed: %+v, %v", got.Installed, err)
+	}
+	delete(u.Object, "installed")
+	if got, err := Parse(u); err != nil || got.Installed != nil {
+		t.Fatalf("installed absent: %+v, %v", got.Installed, err)
 	}
 }
 
@@ -91,6 +108,13 @@ func TestParseRejects(t *testing.T) {
 			u.Object["keys"] = sample(t, 1, 2, 3, 4, 5).fields()["keys"]
 		}},
 		{"wrong type", "does not parse", func(u *unstructured.Unstructured) { u.Object["keys"] = "x" }},
+		{"installed descending", "installed[1]: generation 3", func(u *unstructured.Unstructured) {
+			u.Object["installed"] = []any{int64(4), int64(3)}
+		}},
+		{"installed zero", "installed[0]: generation 0", func(u *unstructured.Unstructured) { u.Object["installed"] = []any{int64(0)} }},
+		{"installed too many", "installed: 5, at most 4", func(u *unstructured.Unstructured) {
+			u.Object["installed"] = []any{int64(1), int64(2), int64(3), int64(4), int64(5)}
+		}},
 	} {
 		u := good()
 		tc.edit(u)
@@ -180,6 +204,10 @@ func TestCRDAgainstRealAPIServer(t *testing.T) {
 		{"long capability", func(u *unstructured.Unstructured) {
 			u.Object["capabilities"] = []any{strings.Repeat("c", maxCapability+1)}
 		}},
+		{"installed zero", func(u *unstructured.Unstructured) { u.Object["installed"] = []any{int64(0)} }},
+		{"five installed", func(u *unstructured.Unstructured) {
+			u.Object["installed"] = []any{int64(1), int64(2), int64(3), int64(4), int64(5)}
+		}},
 	} {
 		u := Object("secureoverlay", "bad-"+strings.ReplaceAll(tc.name, " ", "-"), "", sample(t, 3))
 		tc.edit(u)
@@ -209,6 +237,9 @@ func TestLargestObjectBounded(t *testing.T) {
 	}
 	for i := 0; i < maxCapabilities; i++ {
 		k.Capabilities = append(k.Capabilities, fmt.Sprintf("%d%s", i, strings.Repeat("c", maxCapability-1)))
+	}
+	for g := uint32(0); g < maxInstalled; g++ {
+		k.Installed = append(k.Installed, 4294967291+g)
 	}
 	name := "ip-10-0-12-34.eu-west-1.compute.internal"
 	if len(name) != 40 {

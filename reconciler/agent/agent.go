@@ -661,6 +661,9 @@ func (a *Agent) sync() (err error) {
 	changedNotes := notes != a.lastNotes
 	a.lastNotes = notes
 	a.mu.Unlock()
+	if err := a.publishKeys(&snap); err != nil { // installed: the generations the kernel now holds
+		return a.fail(err)
+	}
 	if changedNotes && (len(st.NotCovered)+len(st.Skipped)+len(snap.Skipped) > 0) {
 		a.log.Info("coverage", "notCovered", st.NotCovered, "skipped", st.Skipped, "unparsed", snap.Skipped)
 	}

@@ -7,12 +7,15 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/dynamic"
+	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
@@ -260,4 +263,110 @@ func TestReportSizeBound(t *testing.T) {
 	}
 	served, _ := json.Marshal(u.Object)
 	t.Logf("5,000 nodes: the NodeReport object as served, %d bytes, its report %d (no summary: the report is its own)", len(served), len(last))
+}
+
+// TestInstalledNeverFlapsOnRestart: an agent restarted with its ledger adopted (the
+// kernel kept its SAs) goes on publishing in NodeKeys' installed (docs/keys.md §10) what
+// the agent before it did for the same incarnation — never "none installed" in between,
+// which a reader would take for a peer that holds nothing.
+func TestInstalledNeverFlapsOnRestart(t *testing.T) {
+	ring := testRing(t, api.ModeEnforce, "a", "b")
+	cs, dc := fakeAPI(t, ring, testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"))
+	var mu sync.Mutex
+	var written [][]uint32 // installed of every NodeKeys write of a, in order
+	record := func(action k8stesting.Action) (bool, runtime.Object, error) {
+		var obj map[string]any
+		switch a := action.(type) {
+		case k8stesting.PatchAction:
+			if a.GetName() != "a" || json.Unmarshal(a.GetPatch(), &obj) != nil {
+				return false, nil, nil
+			}
+		case k8stesting.CreateAction:
+			u, ok := a.GetObject().(*unstructured.Unstructured)
+			if !ok || u.GetName() != "a" {
+				return false, nil, nil
+			}
+			obj = u.Object
+		default:
+			return false, nil, nil
+		}
+		var gens []uint32
+		if l, ok := obj["installed"].([]any); ok {
+			for _, g := range l {
+				switch v := g.(type) {
+				case float64:
+					gens = append(gens, uint32(v))
+				case int64:
+					gens = append(gens, uint32(v))
+				}
+			}
+		}
+		mu.Lock()
+		written = append(written, gens)
+		mu.Unlock()
+		return false, nil, nil
+	}
+	dc.PrependReactor("patch", "nodekeys", record)
+	dc.PrependReactor("create", "nodekeys", record)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dir := seededLedger(t, "a", "boot-a")
+	a := startNode(t, ctx, cs, dc, "a", dir)
+	startNode(t, ctx, cs, dc, "b", seededLedger(t, "b", "boot-b"))
+	last := func() []uint32 {
+		mu.Lock()
+		defer mu.Unlock()
+		if len(written) == 0 {
+			return nil
+		}
+		return written[len(written)-1]
+	}
+	if !waitUntil(20*time.Second, func() bool { return len(last()) > 0 }) {
+		t.Fatal("a never published installed generations")
+	}
+	mu.Lock()
+	n := len(written)
+	mu.Unlock()
+	want := last()
+
+	a.stop()
+	a = startNode(t, ctx, cs, dc, "a", dir) // the same ledger: the epoch adopted
+	if !waitUntil(20*time.Second, func() bool { return a.a.Published() != nil }) {
+		t.Fatal("the restarted agent never reported")
+	}
+	time.Sleep(500 * time.Millisecond) // resyncs: a late write would show
+	mu.Lock()
+	after := slices.Clone(written[n:])
+	mu.Unlock()
+	for _, w := range after {
+		if !slices.Equal(w, want) {
+			t.Errorf("after a restart with the epoch adopted, a NodeKeys write with installed %v (before: %v)", w, want)
+		}
+	}
+	if k := a.a.PublishedKeys(); k == nil || !slices.Equal(k.Installed, want) {
+		t.Errorf("restarted agent publishes %+v, want installed %v", k, want)
+	}
+}
+
+// TestInstalledOnlyOnceProgrammed: NodeKeys' installed is empty while no sync has
+// programmed the kernel (the keys themselves are published before, as peers need them),
+// and names the report's generations once one has.
+func TestInstalledOnlyOnceProgrammed(t *testing.T) {
+	e, ctx := epochEnv(t)
+	dc := keysClient(e)
+	e.failXf.Store(true) // every SA write fails: no sync succeeds
+	if err := e.a.Sync(ctx); err == nil {
+		t.Fatal("a sync succeeded with every SA write failing")
+	}
+	k := published(t, e, dc)
+	if len(k.Keys) == 0 || len(k.Installed) != 0 || !k.Has(api.CapabilityInstalled) {
+		t.Fatalf("while no sync programmed the kernel: %+v", k)
+	}
+	e.failXf.Store(false)
+	e.a.Resync()
+	e.sync(ctx)
+	k = published(t, e, dc)
+	if r := e.report(); r == nil || len(r.Generations) == 0 || !slices.Equal(k.Installed, r.Generations) || k.Incarnation.Epoch != r.Epoch {
+		t.Fatalf("once programmed: NodeKeys %+v, report %+v", k, r)
+	}
 }

@@ -12,6 +12,7 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -34,12 +35,24 @@ func (a *Agent) publishKeys(snap *watch.Snapshot) error {
 		return fmt.Errorf("keep this node's x25519 key pairs in the ledger: %w", err)
 	}
 	k := nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: me.Incarnation, UID: me.UID, Epoch: a.led.Epoch()},
-		Capabilities: []string{api.CapabilityRingConfigMap, api.CapabilityReadinessRows, api.CapabilityReadinessDecide}}
+		Capabilities: []string{api.CapabilityRingConfigMap, api.CapabilityReadinessRows, api.CapabilityReadinessDecide, api.CapabilityInstalled}}
 	for _, g := range a.led.PrivateKeyGenerations() {
 		p, _ := a.led.PrivateKey(g)
 		k.Keys = append(k.Keys, nodekeys.Key{Generation: g, X25519: p.Public()})
 	}
 	a.mu.Lock()
+	// Installed (docs/keys.md §10): the generations of the last state this process
+	// programmed; before its first sync, what was published for this incarnation — by this
+	// process, or by the agent before it, whose SAs the kernel kept (the ledger was
+	// adopted with its epoch); under a new epoch nothing until a sync programs it.
+	switch {
+	case a.lastState != nil:
+		k.Installed = slices.Clone(a.lastState.Generations)
+	case a.keysWant != nil && a.keysWant.Incarnation == k.Incarnation:
+		k.Installed = a.keysWant.Installed
+	case me.Keys != nil && me.Keys.Incarnation == k.Incarnation:
+		k.Installed = slices.Clone(me.Keys.Installed)
+	}
 	changed := a.keysWant == nil || !a.keysWant.Equal(k)
 	if changed {
 		a.keysWant, a.keysUID = &k, me.UID

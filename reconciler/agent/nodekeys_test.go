@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -78,6 +79,10 @@ func TestNodeKeysPublished(t *testing.T) {
 	}
 	if got := e.a.PublishedKeys(); got == nil || !got.Equal(first) {
 		t.Fatalf("PublishedKeys = %+v", got)
+	}
+	// installed: the generations the kernel holds inbound SAs of, as the report says.
+	if r := e.report(); r == nil || len(r.Generations) == 0 || !slices.Equal(first.Installed, r.Generations) || !first.Has(api.CapabilityInstalled) {
+		t.Fatalf("NodeKeys installed %v (capabilities %v), report's generations %v", first.Installed, first.Capabilities, r)
 	}
 
 	// A restart in the same epoch: the same key (a published key never changes within an

@@ -24,6 +24,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/readiness"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/rules"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
 
@@ -369,4 +370,43 @@ func TestInstalledOnlyOnceProgrammed(t *testing.T) {
 	if r := e.report(); r == nil || len(r.Generations) == 0 || !slices.Equal(k.Installed, r.Generations) || k.Incarnation.Epoch != r.Epoch {
 		t.Fatalf("once programmed: NodeKeys %+v, report %+v", k, r)
 	}
+}
+
+// TestHoldWithoutLists: an agent restarted in the same boot whose ledger is gone (a new
+// epoch: every key changes) holds its outbound plaintext drops toward the peers it may
+// have been encrypting to. Its last report omitted the lists (docs/protocol-v2.md §9
+// step 4) and said it encrypted to one peer: with nothing to say which, it holds every
+// peer whose agent enforces (b), not one that does not (c), until that peer is ready for
+// its new keys.
+func TestHoldWithoutLists(t *testing.T) {
+	e := newEnv(t, api.ModeEnforce, Config{LedgerDir: t.TempDir()}) // no ledger of this boot
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if _, err := e.cs.CoreV1().Nodes().Create(ctx, testNode("c", "198.18.0.3", "boot-c"), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	go e.src.Run(ctx)
+	waitFor(t, "synced", e.src.HasSynced)
+	report := func(name string, mode api.Mode, r watch.Report) string {
+		r.Mode, r.Incarnation, r.UID, r.Epoch, r.Generations = mode, "boot-"+name, "uid-"+name, "e-"+name, []uint32{1}
+		b, _ := json.Marshal(r)
+		return string(b)
+	}
+	setAnnotation(t, e, "b", report("b", api.ModeEnforce, watch.Report{}))
+	setAnnotation(t, e, "c", report("c", api.ModeAccept, watch.Report{}))
+	mine := watch.Report{NodeReport: api.NodeReport{PeersEncrypted: 1, PeersExpected: 2}}
+	mine.OmitLists()
+	setAnnotation(t, e, "a", report("a", api.ModeEnforce, mine))
+	e.sync(ctx)
+	if e.a.Epoch() == "e-a" {
+		t.Fatal("the ledger is gone, yet the epoch was adopted")
+	}
+	if !slices.Equal(e.a.hold, []string{"b"}) {
+		t.Fatalf("held %v, want [b] (b enforces, c does not)", e.a.hold)
+	}
+	out := strings.Join(e.rk.Chain(rules.Table, rules.ChainOut), "\n")
+	if !strings.Contains(out, "198.18.0.2") || strings.Contains(out, "198.18.0.3") {
+		t.Fatalf("outbound drop rules:\n%s\nwant b's only", out)
+	}
+	noKeyReused(t, e.xk)
 }

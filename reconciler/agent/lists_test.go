@@ -271,35 +271,31 @@ func TestReportSizeBound(t *testing.T) {
 // the agent before it did for the same incarnation — never "none installed" in between,
 // which a reader would take for a peer that holds nothing.
 func TestInstalledNeverFlapsOnRestart(t *testing.T) {
-	ring := testRing(t, api.ModeEnforce, "a", "b")
-	cs, dc := fakeAPI(t, ring, testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"))
+	e := newEnv(t, api.ModeAccept, Config{})
 	var mu sync.Mutex
-	var written [][]uint32 // installed of every NodeKeys write of a, in order
+	var written [][]uint32 // installed of every NodeKeys write, in order
 	record := func(action k8stesting.Action) (bool, runtime.Object, error) {
 		var obj map[string]any
 		switch a := action.(type) {
 		case k8stesting.PatchAction:
-			if a.GetName() != "a" || json.Unmarshal(a.GetPatch(), &obj) != nil {
+			if json.Unmarshal(a.GetPatch(), &obj) != nil {
 				return false, nil, nil
 			}
 		case k8stesting.CreateAction:
 			u, ok := a.GetObject().(*unstructured.Unstructured)
-			if !ok || u.GetName() != "a" {
+			if !ok {
 				return false, nil, nil
 			}
 			obj = u.Object
-		default:
-			return false, nil, nil
 		}
 		var gens []uint32
-		if l, ok := obj["installed"].([]any); ok {
-			for _, g := range l {
-				switch v := g.(type) {
-				case float64:
-					gens = append(gens, uint32(v))
-				case int64:
-					gens = append(gens, uint32(v))
-				}
+		l, _ := obj["installed"].([]any)
+		for _, g := range l {
+			switch v := g.(type) {
+			case float64:
+				gens = append(gens, uint32(v))
+			case int64:
+				gens = append(gens, uint32(v))
 			}
 		}
 		mu.Lock()
@@ -307,46 +303,60 @@ func TestInstalledNeverFlapsOnRestart(t *testing.T) {
 		mu.Unlock()
 		return false, nil, nil
 	}
-	dc.PrependReactor("patch", "nodekeys", record)
-	dc.PrependReactor("create", "nodekeys", record)
+	e.dc.PrependReactor("patch", "nodekeys", record) // before the watcher runs: not thread-safe
+	e.dc.PrependReactor("create", "nodekeys", record)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	dir := seededLedger(t, "a", "boot-a")
-	a := startNode(t, ctx, cs, dc, "a", dir)
-	startNode(t, ctx, cs, dc, "b", seededLedger(t, "b", "boot-b"))
-	last := func() []uint32 {
-		mu.Lock()
-		defer mu.Unlock()
-		if len(written) == 0 {
-			return nil
-		}
-		return written[len(written)-1]
+	go e.src.Run(ctx)
+	waitFor(t, "synced", e.src.HasSynced)
+	e.a.d.Dynamic = e.dc // the watcher's: the agent sees its own NodeKeys
+	e.sync(ctx)
+	k := e.a.PublishedKeys()
+	if k == nil || len(k.Installed) == 0 {
+		t.Fatalf("published %+v, want installed generations", k)
 	}
-	if !waitUntil(20*time.Second, func() bool { return len(last()) > 0 }) {
-		t.Fatal("a never published installed generations")
-	}
+	waitFor(t, "the NodeKeys in the cache", func() bool {
+		s := e.src.Snapshot()
+		me := s.Node("a")
+		return me != nil && me.Keys != nil && slices.Equal(me.Keys.Installed, k.Installed)
+	})
 	mu.Lock()
 	n := len(written)
 	mu.Unlock()
-	want := last()
 
-	a.stop()
-	a = startNode(t, ctx, cs, dc, "a", dir) // the same ledger: the epoch adopted
-	if !waitUntil(20*time.Second, func() bool { return a.a.Published() != nil }) {
-		t.Fatal("the restarted agent never reported")
+	e.restart() // same kernel, same ledger: the epoch is adopted
+	e.a.d.Dynamic = e.dc
+	// What the restarted agent hands its keys writer first, before any sync of its own
+	// programmed the kernel (the writer, running beside the sync, may write it at once).
+	snap := e.src.Snapshot()
+	if err := e.a.openLedger(&snap); err != nil {
+		t.Fatal(err)
 	}
-	time.Sleep(500 * time.Millisecond) // resyncs: a late write would show
+	if err := e.a.publishKeys(&snap); err != nil {
+		t.Fatal(err)
+	}
+	e.a.mu.Lock()
+	first := e.a.keysWant
+	e.a.mu.Unlock()
+	if first == nil || !slices.Equal(first.Installed, k.Installed) {
+		t.Fatalf("the restarted agent first hands over %+v, want installed %v", first, k.Installed)
+	}
+	e.sync(ctx)
+	if e.a.Epoch() != k.Incarnation.Epoch {
+		t.Fatalf("the restart took epoch %s, want %s adopted", e.a.Epoch(), k.Incarnation.Epoch)
+	}
 	mu.Lock()
 	after := slices.Clone(written[n:])
 	mu.Unlock()
 	for _, w := range after {
-		if !slices.Equal(w, want) {
-			t.Errorf("after a restart with the epoch adopted, a NodeKeys write with installed %v (before: %v)", w, want)
+		if !slices.Equal(w, k.Installed) {
+			t.Errorf("after a restart with the epoch adopted, a NodeKeys write with installed %v (before: %v)", w, k.Installed)
 		}
 	}
-	if k := a.a.PublishedKeys(); k == nil || !slices.Equal(k.Installed, want) {
-		t.Errorf("restarted agent publishes %+v, want installed %v", k, want)
+	if got := e.a.PublishedKeys(); got == nil || !got.Equal(*k) {
+		t.Errorf("restarted agent publishes %+v, want %+v", got, k)
 	}
+	noKeyReused(t, e.xk)
 }
 
 // TestInstalledOnlyOnceProgrammed: NodeKeys' installed is empty while no sync has

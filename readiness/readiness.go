@@ -728,6 +728,28 @@ func Complete(s Status, mine Keys, buckets int) bool {
 	return slices.Equal(s.In, want) && slices.Equal(s.Out, want)
 }
 
+// Confirm records, for the K of both ends in mine, that peer holds inbound SAs from this
+// node (in) and sends it ESP (out): the claims v1's lists make, each the peer's claim about
+// its own kernel for those keys (docs/protocol-v2.md §9 step 4: what bridges a peer's switch
+// from lists to rows and views). Sticky, as the others.
+func (a *Agent) Confirm(peer uint32, in, out bool, mine Keys) {
+	kp, ok1 := mine[peer]
+	ka, ok2 := mine[a.ID]
+	if !ok1 || !ok2 || peer == a.ID || (!in && !out) {
+		return
+	}
+	if a.in == nil {
+		a.in, a.out = map[uint32][2]K{}, map[uint32][2]K{}
+	}
+	pair := [2]K{kp, ka}
+	if in {
+		a.set(a.in, peer, pair)
+	}
+	if out {
+		a.set(a.out, peer, pair)
+	}
+}
+
 // confirmed: c holds b's confirmation for both ends' K as they are in mine.
 func (a *Agent) confirmed(c map[uint32][2]K, b uint32, mine Keys) bool {
 	kb, ok1 := mine[b]

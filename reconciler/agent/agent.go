@@ -267,6 +267,9 @@ type Agent struct {
 	// confirmations: the view and rows rule's confirmations saved across restarts
 	// (confirmations.go; sync only).
 	confirmations confirmationsState
+	// listed: what the peers' lists confirmed, for peers whose reports have since omitted
+	// them (confirmListed; sync only).
+	listed readiness.Agent
 	// lists decides whether the report lists its per-pair claims (lists.go; sync only).
 	lists listsGate
 }
@@ -571,7 +574,8 @@ func (a *Agent) sync() (err error) {
 			}
 			a.d.Metrics.SetViewShadow(a.viewShadow.compare(&in, mine, w, have, rows))
 		}
-		send, drop := a.saveConfirmations(mine) // before the kernel follows them
+		omits := a.confirmListed(&in, mine)
+		send, drop := a.saveConfirmations(mine, omits) // before the kernel follows them
 		var decidedChanged []string
 		var decided decisions
 		in, decidedChanged, decided = a.decided.apply(in, send, drop)

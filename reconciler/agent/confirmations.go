@@ -5,6 +5,7 @@ import (
 	"os"
 
 	"github.com/secureoverlay/secureoverlay/readiness"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 )
 
@@ -33,7 +34,7 @@ func (a *Agent) restoreConfirmations(mine readiness.Keys) {
 	}
 	st.restored = true
 	ra := &a.viewShadow.agent
-	defer func() { st.saved = ra.Changes() }() // what was read need not be written again
+	defer func() { st.saved = ra.Changes() + a.listed.Changes() }() // what was read need not be written again
 	b, err := ledger.ReadSide(a.cfg.LedgerDir, ledger.SideReadiness)
 	if errors.Is(err, os.ErrNotExist) {
 		return
@@ -61,15 +62,25 @@ func (a *Agent) restoreConfirmations(mine readiness.Keys) {
 // confirmations are on disk, else those on disk (write-ahead: the kernel never follows a
 // confirmation a restart would forget). A failure is logged (once per distinct error)
 // and retried at the next sync.
-func (a *Agent) saveConfirmations(mine readiness.Keys) (send, drop func(id uint32) bool) {
+//
+// The confirmations of peers' lists (a.listed, confirmListed) are saved with the rule's
+// and decide for the peers whose reports omit their lists only: while a peer lists, its
+// current lists decide as in v1.
+func (a *Agent) saveConfirmations(mine readiness.Keys, omits map[uint32]bool) (send, drop func(id uint32) bool) {
 	st := &a.confirmations
-	ra := &a.viewShadow.agent
-	send = func(id uint32) bool { return mine != nil && ra.SendESP(id, mine) }
-	drop = func(id uint32) bool { return mine != nil && ra.DropPlaintext(id, mine) }
-	if mine == nil || ra.Changes() == st.saved {
+	ra, rl := &a.viewShadow.agent, &a.listed
+	send = func(id uint32) bool { return mine != nil && (ra.SendESP(id, mine) || omits[id] && rl.SendESP(id, mine)) }
+	drop = func(id uint32) bool { return mine != nil && (ra.DropPlaintext(id, mine) || omits[id] && rl.DropPlaintext(id, mine)) }
+	if mine == nil || ra.Changes()+rl.Changes() == st.saved {
 		return send, drop
 	}
 	s := ra.Save(mine)
+	for id, k := range rl.Save(mine).In {
+		s.In[id] = k
+	}
+	for id, k := range rl.Save(mine).Out {
+		s.Out[id] = k
+	}
 	b, _ := s.MarshalBinary()
 	if err := ledger.WriteSide(a.cfg.LedgerDir, ledger.SideReadiness, b); err != nil {
 		if err.Error() != st.warned {
@@ -83,6 +94,30 @@ func (a *Agent) saveConfirmations(mine readiness.Keys) (send, drop func(id uint3
 	if st.warned != "" {
 		a.log.Info("readiness confirmations saved again")
 	}
-	st.saved, st.onDisk, st.warned = ra.Changes(), s, ""
+	st.saved, st.onDisk, st.warned = ra.Changes()+rl.Changes(), s, ""
 	return send, drop
+}
+
+// confirmListed records, for each peer whose current report lists its claims, what they
+// confirm about this node for the K of both ends in mine (a.listed; readiness.Agent.Confirm),
+// and returns the peers whose current reports omit their lists. A peer's switch from lists
+// to none (docs/protocol-v2.md §9 step 4) may reach this node before the row or the view
+// that confirms the same pair does; the lists' last confirmation bridges it (sticky, for
+// those keys only, and saved with the rule's). in holds the peers' lists as they are,
+// before the rule's additions.
+func (a *Agent) confirmListed(in *desired.Inputs, mine readiness.Keys) map[uint32]bool {
+	a.listed.ID = a.viewShadow.agent.ID
+	omits := map[uint32]bool{}
+	for i := range in.Nodes {
+		n := &in.Nodes[i]
+		if n.Name == in.Self || n.NodeID == 0 || n.Report == nil || n.Report.Incarnation != n.Incarnation {
+			continue
+		}
+		if n.Report.ListsOmitted {
+			omits[n.NodeID] = true
+			continue
+		}
+		a.listed.Confirm(n.NodeID, n.Report.InboundFromSelf, n.Report.EncryptsToSelf, mine)
+	}
+	return omits
 }

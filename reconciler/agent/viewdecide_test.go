@@ -355,3 +355,39 @@ func TestUnsavedConfirmationsWait(t *testing.T) {
 		t.Errorf("the side file: %+v, %v", s, err)
 	}
 }
+
+// TestListsToNoListsKeepsPairs: a peer's report goes from listing its claims to omitting
+// them (its agent saw every peer decide, docs/protocol-v2.md §9 step 4) before this node
+// has a NodeView or a row of it that confirms the pair: the pair its lists made ready
+// stays ready, both ways, for the same keys of both ends — and survives this agent's
+// restart — but not for the peer's next keys. (E2e scenario 0 lost 89 requests to that
+// switch: node2 withdrew ESP to node3 for 5 s once node3's first report without lists
+// arrived before its row.)
+func TestListsToNoListsKeepsPairs(t *testing.T) {
+	e := newViewEnv(t)
+	e.setReport("e-b", true)
+	e.sync(e.ctx)
+	e.expect("b's lists confirm the pair", true)
+
+	e.setReportOmitted("e-b")
+	e.sync(e.ctx)
+	e.expect("b omits its lists now, no view or row yet", true)
+
+	e.restart()
+	e.sync(e.ctx)
+	e.expect("restarted, b still omits its lists", true)
+
+	e.setReportOmitted("e-b2") // b re-keyed
+	e.sync(e.ctx)
+	e.expect("b re-keyed without lists", false)
+	noKeyReused(t, e.xk)
+}
+
+// setReportOmitted writes b's report for SA epoch epoch without lists (ListsOmitted).
+func (v *viewEnv) setReportOmitted(epoch string) {
+	v.t.Helper()
+	r := watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "uid-b", Epoch: epoch, Generations: []uint32{1}}}
+	r.OmitLists()
+	b, _ := json.Marshal(r)
+	setAnnotation(v.t, v.env, "b", string(b))
+}

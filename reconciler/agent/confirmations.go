@@ -69,8 +69,12 @@ func (a *Agent) restoreConfirmations(mine readiness.Keys) {
 func (a *Agent) saveConfirmations(mine readiness.Keys, omits map[uint32]bool) (send, drop func(id uint32) bool) {
 	st := &a.confirmations
 	ra, rl := &a.viewShadow.agent, &a.listed
-	send = func(id uint32) bool { return mine != nil && (ra.SendESP(id, mine) || omits[id] && rl.SendESP(id, mine)) }
-	drop = func(id uint32) bool { return mine != nil && (ra.DropPlaintext(id, mine) || omits[id] && rl.DropPlaintext(id, mine)) }
+	send = func(id uint32) bool {
+		return mine != nil && (ra.SendESP(id, mine) || omits[id] && rl.SendESP(id, mine))
+	}
+	drop = func(id uint32) bool {
+		return mine != nil && (ra.DropPlaintext(id, mine) || omits[id] && rl.DropPlaintext(id, mine))
+	}
 	if mine == nil || ra.Changes()+rl.Changes() == st.saved {
 		return send, drop
 	}

@@ -222,9 +222,9 @@ type Controller struct {
 	queue   workqueue.TypedRateLimitingInterface[string]
 	// reports are the agents' NodeReports (nil without Options.Dynamic).
 	reports *nodereport.Cache[string]
-	// pubKeys are the agents' NodeKeys (nil without Options.Dynamic or without
-	// Policy.ProtocolV2). Never waited for: while its CRD is missing (an older manifest)
-	// no node counts as publishing, and every generation stays v1.
+	// pubKeys are the agents' NodeKeys (nil without Options.Dynamic). Never waited for:
+	// while its CRD is missing (an older manifest) no node counts as publishing, every
+	// generation stays v1, and key incarnations come from the reports.
 	pubKeys *nodekeys.Cache
 	// rows are the agents' readiness rows (docs/keys.md §12), followed under protocol v2:
 	// a NodeView a row makes needless is not written. rowsWarn warns once when they cannot
@@ -350,9 +350,18 @@ func (c *Controller) Run(ctx context.Context) error {
 		synced = append(synced, c.reports.HasSynced)
 		c.views = newViewWriter(c.opts.Dynamic, c.opts.Namespace, c.log, c.opts.Metrics)
 		go c.views.run(ctx)
+		// Read whatever --protocol-v2 says: the key incarnations in the readiness views
+		// follow the agents' rule, which reads NodeKeys (docs/keys.md §3).
+		c.pubKeys = nodekeys.NewCache(c.opts.Dynamic, c.opts.Namespace, func(string) { c.queue.Add(queueKey) })
+		c.pubKeys.Start(ctx.Done())
+		c.shadow.keysOf = func(node string) *nodekeys.Keys {
+			k, ok, err := c.pubKeys.Get(node)
+			if !ok || err != nil {
+				return nil
+			}
+			return &k
+		}
 		if c.opts.Policy.ProtocolV2 {
-			c.pubKeys = nodekeys.NewCache(c.opts.Dynamic, c.opts.Namespace, func(string) { c.queue.Add(queueKey) })
-			c.pubKeys.Start(ctx.Done())
 			c.rows = noderow.NewCache(c.opts.Dynamic, c.opts.Namespace, func(string) { c.queue.Add(queueKey) })
 			c.rows.OnMissing(func(err error) {
 				c.rowsWarn.Do(func() {

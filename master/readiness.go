@@ -8,6 +8,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/readiness"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
@@ -25,6 +26,10 @@ type shadowReadiness struct {
 	// observeAll observes every status wholly after any key change (tests: the reference
 	// the narrowed re-observation must equal).
 	observeAll bool
+	// keysOf returns a node's NodeKeys (nil: none, or none that parse; a nil keysOf: no
+	// NodeKeys client), for the rule both sides take key incarnations by
+	// (watch.NodeKeyIncarnation).
+	keysOf func(node string) *nodekeys.Keys
 }
 
 // nodeHandle names a live node's Node object.
@@ -36,7 +41,7 @@ func newShadowReadiness() *shadowReadiness {
 
 // shadowCounts is what one update found.
 type shadowCounts struct {
-	Nodes       int // live nodes in the view: a current report for their key incarnation and a ring ID
+	Nodes       int // live nodes in the view: a key incarnation (watch.NodeKeyIncarnation) and a ring ID
 	Statuses    int // of those, with a readiness status that decodes
 	Unconfirmed [2]int
 	// Views are the live nodes' views that may have changed (§9 step 2: written as
@@ -108,11 +113,24 @@ func (s *shadowReadiness) update(ring *keys.Ring, nodes []*corev1.Node, states [
 	for i, n := range nodes {
 		rep := states[i].Report
 		id, ok := ids[n.Name]
-		if !ok || rep == nil || rep.Epoch == "" || rep.Incarnation != n.Status.NodeInfo.BootID || rep.UID != string(n.UID) {
+		if !ok {
+			continue
+		}
+		var k *nodekeys.Keys
+		if s.keysOf != nil {
+			k = s.keysOf(n.Name)
+		}
+		// The agents' rule (docs/keys.md §3): from the NodeKeys when they declare
+		// installed, else from the current report.
+		inc := watch.NodeKeyIncarnation(n.Status.NodeInfo.BootID, string(n.UID), k, rep)
+		if inc == "" {
 			continue // no current key incarnation: not a node anyone derives SAs with
 		}
-		inc := watch.KeyIncarnation(n.Status.NodeInfo.BootID, string(n.UID), rep.Epoch)
-		view[id] = live{k: readiness.KeyDigest(inc), st: rep.Readiness, h: nodeHandle{n.Name, string(n.UID)}}
+		var st *api.ReadinessStatus
+		if rep != nil && watch.KeyIncarnation(rep.Incarnation, rep.UID, rep.Epoch) == inc {
+			st = rep.Readiness // a status of another incarnation confirms nothing
+		}
+		view[id] = live{k: readiness.KeyDigest(inc), st: st, h: nodeHandle{n.Name, string(n.UID)}}
 	}
 	c := shadowCounts{Nodes: len(view)}
 	// The buckets whose key view changed, and the nodes whose own keys did: an unchanged

@@ -176,6 +176,62 @@ func TestShadowReadiness(t *testing.T) {
 	check("node-3's report stale", 4, 4, 1, 1)
 }
 
+// TestShadowReadinessKeysFromNodeKeys: the master takes key incarnations by the agents'
+// rule (watch.NodeKeyIncarnation, docs/keys.md §3): a node whose NodeKeys declare
+// installed is in the view under the NodeKeys' epoch, whatever its report says, and its
+// report's status counts only when made for that epoch; NodeKeys without the capability,
+// or of another boot, leave the report to decide.
+func TestShadowReadinessKeysFromNodeKeys(t *testing.T) {
+	c := newShadowCluster(3)
+	s := newShadowReadiness()
+	published := map[string]*nodekeys.Keys{}
+	s.keysOf = func(node string) *nodekeys.Keys { return published[node] }
+	check := func(what string, nodes, statuses, in, out int) {
+		t.Helper()
+		got := s.update(c.ring, c.nodes, c.states())
+		got.Views, got.Gone = nil, nil
+		want := shadowCounts{Nodes: nodes, Statuses: statuses, Unconfirmed: [2]int{in, out}}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: %+v, want %+v", what, got, want)
+		}
+	}
+	keysOf := func(name, boot, epoch string, installed []uint32, caps ...string) *nodekeys.Keys {
+		return &nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: boot, UID: "uid-" + name, Epoch: epoch}, Capabilities: caps, Installed: installed}
+	}
+	for _, n := range c.names {
+		published[n] = keysOf(n, "boot-"+n, "e1", []uint32{1}, api.CapabilityInstalled)
+	}
+	check("steady state, NodeKeys and reports agree", 3, 3, 0, 0)
+
+	// node-0's NodeKeys show its next epoch (installed) before its report does: the
+	// master's key for node-0 is the new one at once, the peers' claims about its old
+	// keys confirm nothing, and node-0's status, made for its old keys, is not observed.
+	published["node-0"] = keysOf("node-0", "boot-node-0", "e2", []uint32{1}, api.CapabilityInstalled)
+	check("node-0's NodeKeys ahead of its report", 3, 2, 4, 4) // every ordered pair with node-0
+	for _, b := range []string{"node-1", "node-2"} {
+		c.seenAs[b]["node-0"] = "e2"
+	}
+	c.epoch["node-0"], c.seenAs["node-0"]["node-0"] = "e2", "e2"
+	check("peers and node-0's report catch up", 3, 3, 0, 0)
+
+	// Without the capability (an older agent's NodeKeys) or for another boot, the
+	// report decides: e2 here, so the newer NodeKeys epoch is not taken.
+	published["node-0"] = keysOf("node-0", "boot-node-0", "e3", []uint32{1})
+	check("NodeKeys without installed: the report's epoch", 3, 3, 0, 0)
+	published["node-0"] = keysOf("node-0", "boot-old", "e3", []uint32{1}, api.CapabilityInstalled)
+	check("NodeKeys of another boot: the report's epoch", 3, 3, 0, 0)
+
+	// A node whose report is gone but whose NodeKeys decide stays in the view (its agent
+	// no longer needs to be read through its report), without a status.
+	published["node-0"] = keysOf("node-0", "boot-node-0", "e2", []uint32{1}, api.CapabilityInstalled)
+	states := c.states()
+	states[0].Report = nil
+	got := s.update(c.ring, c.nodes, states)
+	if got.Nodes != 3 || got.Statuses != 2 {
+		t.Errorf("node-0 without a report: %d nodes, %d statuses; want 3, 2", got.Nodes, got.Statuses)
+	}
+}
+
 // TestShadowViews: the views the shadow hands to the NodeView writer — each live node's at
 // the start, none when nothing changed, every one on a key change (the views' key digest
 // covers every node), only the newly confirmed peer's when a status confirms a pair, and

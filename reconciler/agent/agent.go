@@ -239,6 +239,9 @@ type Agent struct {
 	// the report last written (the writer sets it, under mu).
 	legacyPeers int
 	annotated   bool
+	// keysHeld: publishKeys holds back the keys of a new epoch until it is installed
+	// (shadowsInstalled; logged once per hold). Sync worker only.
+	keysHeld bool
 	// keysWant is the NodeKeys content the sync worker handed over last (nil before the
 	// first sync that knew the ring), keysUID its owner's UID; keysHave the content
 	// written last in this process and keysErr the last write's error (the keys writer
@@ -584,7 +587,7 @@ func (a *Agent) sync() (err error) {
 		// or recomputes, everything).
 		hint := desired.Hint{}
 		if h, ok := src.(NodeHinter); ok && !full {
-			hint = a.decided.hint(h, a.memo.NodesVersion(), in.NodesVersion, decidedChanged)
+			hint = decidedHint(h, a.memo.NodesVersion(), in.NodesVersion, decidedChanged)
 		}
 		ch, err = a.memo.Update(in, hint) // desired.Compute(in), per changed peer
 		if err != nil {
@@ -627,10 +630,12 @@ func (a *Agent) sync() (err error) {
 			if err := a.newEpoch("lost", xerr, &snap); err != nil {
 				return a.fail(err)
 			}
+			// Its SAs are of the old epoch: nothing to freeze, and nothing installed
+			// under the new one (publishKeys takes installed from it: cleared first).
+			a.lastState = nil
 			if err := a.publishKeys(&snap); err != nil { // the new epoch's key pairs
 				return a.fail(err)
 			}
-			a.lastState = nil // its SAs are of the old epoch: nothing to freeze
 			a.d.Xfrm.QueueResync()
 			full = true
 			continue

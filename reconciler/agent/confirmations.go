@@ -78,11 +78,11 @@ func (a *Agent) saveConfirmations(mine readiness.Keys, omits map[uint32]bool) (s
 	if mine == nil || ra.Changes()+rl.Changes() == st.saved {
 		return send, drop
 	}
-	s := ra.Save(mine)
-	for id, k := range rl.Save(mine).In {
+	s, l := ra.Save(mine), rl.Save(mine)
+	for id, k := range l.In {
 		s.In[id] = k
 	}
-	for id, k := range rl.Save(mine).Out {
+	for id, k := range l.Out {
 		s.Out[id] = k
 	}
 	b, _ := s.MarshalBinary()

@@ -58,8 +58,7 @@ func listsPeerKind(n *watch.NodeInfo) int {
 // is the time each unknown peer was first seen so (sync worker only).
 type listsGate struct {
 	unknownSince map[string]time.Time
-	// on is the last decision and known whether there was one; why names the peers
-	// that needed the lists then (for the log).
+	// on is the last decision and known whether there was one (a change is logged).
 	on, known bool
 }
 

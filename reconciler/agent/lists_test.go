@@ -420,3 +420,82 @@ func TestHoldWithoutLists(t *testing.T) {
 	}
 	noKeyReused(t, e.xk)
 }
+
+// TestNewEpochKeysWaitUntilInstalled: an agent that takes a new SA epoch (here: its SAs
+// were flushed) while its NodeKeys show the old epoch with generations installed does
+// not publish the new epoch until a sync has programmed it (docs/keys.md §3: peers take
+// the key incarnation from NodeKeys, and one under which nothing is installed would make
+// them stop sending ESP without holding plaintext). A failed sync under the new epoch
+// leaves the old keys handed over; the next successful one publishes the new epoch with
+// its generations installed.
+func TestNewEpochKeysWaitUntilInstalled(t *testing.T) {
+	e := newEnv(t, api.ModeAccept, Config{})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go e.src.Run(ctx)
+	waitFor(t, "synced", e.src.HasSynced)
+	e.a.d.Dynamic = e.dc
+	e.sync(ctx)
+	first := e.a.PublishedKeys()
+	if first == nil || len(first.Installed) == 0 {
+		t.Fatalf("published %+v, want installed generations", first)
+	}
+	waitFor(t, "the NodeKeys in the cache", func() bool {
+		s := e.src.Snapshot()
+		me := s.Node("a")
+		return me != nil && me.Keys != nil && me.Keys.Equal(*first)
+	})
+
+	e.xk.Remove("state", func(string) bool { return true }) // ip xfrm state flush
+	e.failXf.Store(true)                                    // and the new epoch's SAs cannot be added
+	e.a.Resync()
+	if err := e.a.Sync(ctx); err == nil {
+		t.Fatal("sync succeeded with every SA write failing")
+	}
+	if e.a.Epoch() == first.Incarnation.Epoch {
+		t.Fatalf("epoch %s kept after the flush, want a new one", e.a.Epoch())
+	}
+	e.a.mu.Lock()
+	want := e.a.keysWant
+	e.a.mu.Unlock()
+	if want == nil || want.Incarnation != first.Incarnation {
+		t.Fatalf("handed to the keys writer under the new epoch before it was installed: %+v (published: epoch %s, installed %v)",
+			want, first.Incarnation.Epoch, first.Installed)
+	}
+
+	e.failXf.Store(false)
+	e.sync(ctx)
+	e.a.mu.Lock()
+	want = e.a.keysWant
+	e.a.mu.Unlock()
+	if want == nil || want.Incarnation.Epoch != e.a.Epoch() || len(want.Installed) == 0 {
+		t.Fatalf("after a sync programmed the new epoch %s: handed over %+v, want its keys with generations installed", e.a.Epoch(), want)
+	}
+	noKeyReused(t, e.xk)
+}
+
+// TestShadowsInstalled: which published keys a new incarnation's keys with nothing
+// installed may not replace (the writer's side of docs/keys.md §3's rule).
+func TestShadowsInstalled(t *testing.T) {
+	inc := func(boot, uid, epoch string) nodekeys.Incarnation {
+		return nodekeys.Incarnation{BootID: boot, UID: uid, Epoch: epoch}
+	}
+	next := nodekeys.Keys{Incarnation: inc("b", "u", "e2")}
+	for _, c := range []struct {
+		name string
+		pub  *nodekeys.Keys
+		want bool
+	}{
+		{"nothing published", nil, false},
+		{"same boot and Node, older epoch, installed", &nodekeys.Keys{Incarnation: inc("b", "u", "e1"), Capabilities: []string{api.CapabilityInstalled}, Installed: []uint32{3}}, true},
+		{"older epoch, nothing installed", &nodekeys.Keys{Incarnation: inc("b", "u", "e1"), Capabilities: []string{api.CapabilityInstalled}}, false},
+		{"older epoch of an agent without the capability", &nodekeys.Keys{Incarnation: inc("b", "u", "e1"), Installed: []uint32{3}}, false},
+		{"the same epoch", &nodekeys.Keys{Incarnation: inc("b", "u", "e2"), Capabilities: []string{api.CapabilityInstalled}, Installed: []uint32{3}}, false},
+		{"another boot (a reboot)", &nodekeys.Keys{Incarnation: inc("b0", "u", "e1"), Capabilities: []string{api.CapabilityInstalled}, Installed: []uint32{3}}, false},
+		{"another Node object", &nodekeys.Keys{Incarnation: inc("b", "u0", "e1"), Capabilities: []string{api.CapabilityInstalled}, Installed: []uint32{3}}, false},
+	} {
+		if got := shadowsInstalled(c.pub, next); got != c.want {
+			t.Errorf("%s: shadowsInstalled = %v, want %v", c.name, got, c.want)
+		}
+	}
+}

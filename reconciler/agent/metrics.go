@@ -118,6 +118,7 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 		Help: "Peers whose readiness row (NodeRow) was taken at the last sync: its node ID is the peer's and it is for the peer's current keys."})
 	m.ReportLists = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "report_lists",
 		Help: "1 while this node's report lists its per-pair claims (inboundFrom, encryptingTo: a live peer's agent reads them, or --report-lists=always), 0 once every live peer decides from NodeViews and NodeRows."})
+	m.ReportLists.Set(1) // the report lists its claims until the first decision (lists.go)
 	m.Registry.MustRegister(m.ViewPairs, m.ViewConsistent, m.RowPairs, m.Rows, m.ReportLists)
 	m.Conflicts = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "address_conflicts", Help: "IPv4 addresses claimed by more than one Node (each pair kept as it was, or given nothing)."})
 	m.Registry.MustRegister(m.Conflicts)

@@ -53,6 +53,18 @@ func (a *Agent) publishKeys(snap *watch.Snapshot) error {
 	case me.Keys != nil && me.Keys.Incarnation == k.Incarnation:
 		k.Installed = slices.Clone(me.Keys.Installed)
 	}
+	if len(k.Installed) == 0 && (shadowsInstalled(me.Keys, k) || shadowsInstalled(a.keysWant, k)) {
+		// A new epoch is published only once installed (docs/keys.md §3): peers keep
+		// the incarnation they send under until a sync has programmed this one.
+		a.mu.Unlock()
+		if !a.keysHeld {
+			a.keysHeld = true
+			a.log.Info("this node's keys of its new SA epoch wait until a sync has programmed it; peers keep the old epoch's until then",
+				"epoch", k.Incarnation.Epoch)
+		}
+		return nil
+	}
+	a.keysHeld = false
 	changed := a.keysWant == nil || !a.keysWant.Equal(k)
 	if changed {
 		a.keysWant, a.keysUID = &k, me.UID
@@ -66,6 +78,15 @@ func (a *Agent) publishKeys(snap *watch.Snapshot) error {
 		}
 	}
 	return nil
+}
+
+// shadowsInstalled reports whether publishing k would replace published keys pub of the
+// same boot and Node object, another epoch and generations installed: peers would take
+// k's incarnation, under which nothing is installed yet, instead of pub's, and neither
+// send ESP nor hold plaintext toward this node until it is (docs/keys.md §3).
+func shadowsInstalled(pub *nodekeys.Keys, k nodekeys.Keys) bool {
+	return pub != nil && pub.Incarnation.BootID == k.Incarnation.BootID && pub.Incarnation.UID == k.Incarnation.UID &&
+		pub.Incarnation.Epoch != k.Incarnation.Epoch && pub.Has(api.CapabilityInstalled) && len(pub.Installed) > 0
 }
 
 // writeKeys is the keys writer: it writes the newest keys handed over until stopped is

@@ -102,9 +102,10 @@ func (d *decisions) apply(in desired.Inputs, send, drop func(id uint32) bool) (d
 	return in, changed, next
 }
 
-// hint is the watcher's hint for an Update from the memo's version (since) to in's (cur),
-// both as apply made them, with the peers whose additions changed named too.
-func (d *decisions) hint(h NodeHinter, since, cur any, changed []string) desired.Hint {
+// decidedHint is the watcher's hint for an Update from the memo's version (since) to
+// in's (cur), both as decisions.apply made them, with the peers whose additions changed
+// named too.
+func decidedHint(h NodeHinter, since, cur any, changed []string) desired.Hint {
 	s, ok1 := since.(decidedVersion)
 	c, ok2 := cur.(decidedVersion)
 	if !ok1 || !ok2 {

@@ -133,18 +133,18 @@ func TestDecisionsVersion(t *testing.T) {
 	if got.NodesVersion == memoVer {
 		t.Fatal("the version did not change: the memo would take the same Nodes")
 	}
-	h := d.hint(staticHinter{known: true}, memoVer, got.NodesVersion, changed)
+	h := decidedHint(staticHinter{known: true}, memoVer, got.NodesVersion, changed)
 	if !h.Known || h.Since != memoVer || !slices.Equal(h.Nodes, []string{"b"}) {
 		t.Errorf("hint %+v, want b named since %v", h, memoVer)
 	}
-	h = d.hint(staticHinter{known: true, nodes: []string{"c"}}, memoVer, got.NodesVersion, changed)
+	h = decidedHint(staticHinter{known: true, nodes: []string{"c"}}, memoVer, got.NodesVersion, changed)
 	if !slices.Equal(h.Nodes, []string{"c", "b"}) {
 		t.Errorf("hint nodes %v, want the watcher's c and the additions' b", h.Nodes)
 	}
-	if h := d.hint(staticHinter{}, memoVer, got.NodesVersion, changed); h.Known {
+	if h := decidedHint(staticHinter{}, memoVer, got.NodesVersion, changed); h.Known {
 		t.Errorf("the watcher knows nothing, yet the hint is %+v", h)
 	}
-	if h := d.hint(staticHinter{known: true}, "v1", got.NodesVersion, changed); h.Known {
+	if h := decidedHint(staticHinter{known: true}, "v1", got.NodesVersion, changed); h.Known {
 		t.Errorf("a memo version of another kind gave a hint %+v", h)
 	}
 	d = next

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
@@ -172,7 +173,10 @@ func nodeConverter(self string, me *NodeInfo, ring *keys.Ring, epoch string) fun
 			dn.Incarnation = n.KeyIncarnation()
 			dn.Published = publishedID(n, dn.Incarnation)
 		}
-		if r := n.Report; r != nil && n.Name != self {
+		if n.Name == self {
+			return dn
+		}
+		if r := n.Report; r != nil {
 			dn.Report = &desired.Report{
 				// Compute ignores the report unless this equals dn.Incarnation (same
 				// boot, same Node object, an epoch).
@@ -184,8 +188,28 @@ func nodeConverter(self string, me *NodeInfo, ring *keys.Ring, epoch string) fun
 				ListsOmitted:    r.ListsOmitted,
 			}
 		}
+		if KeysDecide(n.Incarnation, n.UID, n.Keys) {
+			dn.Report = keysReport(dn.Incarnation, n.Keys, dn.Report)
+		}
 		return dn
 	}
+}
+
+// keysReport is what Compute takes of a peer whose key incarnation inc comes from its
+// NodeKeys k (docs/keys.md §3, rule 1): the mode and generations its installed stands
+// for — none installed reads as off, some as accept, the rank Compute asks of a peer
+// before it sends (a peer holds inbound SAs only from accept on) — and the per-pair lists
+// of its report rep only when rep is of the same incarnation and has them; otherwise no
+// lists, as from a report that omits them (the rule's confirmations decide).
+func keysReport(inc string, k *nodekeys.Keys, rep *desired.Report) *desired.Report {
+	r := &desired.Report{Incarnation: inc, Mode: api.ModeOff, Generations: slices.Clone(k.Installed), ListsOmitted: true}
+	if len(k.Installed) > 0 {
+		r.Mode = api.ModeAccept
+	}
+	if rep != nil && rep.Incarnation == inc && !rep.ListsOmitted {
+		r.InboundFromSelf, r.EncryptsToSelf, r.ListsOmitted = rep.InboundFromSelf, rep.EncryptsToSelf, false
+	}
+	return r
 }
 
 // v2Keys is what KeyFuncWith needs of snapshot s for a node of key incarnation self: its

@@ -78,14 +78,37 @@ func (n *NodeInfo) CurrentReport() *Report {
 	return nil
 }
 
-// KeyIncarnation is the incarnation peers derive n's SAs with: from n's current report
-// (boot ID and UID matching the Node, with an epoch), "" when there is none.
+// KeyIncarnation is the incarnation peers derive n's SAs with (NodeKeyIncarnation: from
+// its NodeKeys when they declare installed, else from its current report), "" when there
+// is none.
 func (n *NodeInfo) KeyIncarnation() string {
-	r := n.CurrentReport()
-	if r == nil {
+	var rep *api.NodeReport
+	if n.Report != nil {
+		rep = &n.Report.NodeReport
+	}
+	return NodeKeyIncarnation(n.Incarnation, n.UID, n.Keys, rep)
+}
+
+// KeysDecide reports whether the key incarnation of the node of boot ID bootID and Node
+// UID uid comes from its NodeKeys k (docs/keys.md §3, rule 1): k is for that boot and
+// Node object and declares api.CapabilityInstalled.
+func KeysDecide(bootID, uid string, k *nodekeys.Keys) bool {
+	return k != nil && bootID != "" && k.Incarnation.BootID == bootID && k.Incarnation.UID == uid && k.Has(api.CapabilityInstalled)
+}
+
+// NodeKeyIncarnation is the one rule by which agents and the master take the key
+// incarnation of the node of boot ID bootID and Node UID uid (docs/keys.md §3): from its
+// NodeKeys k when KeysDecide, else from its report rep when that is current (same boot
+// and UID, with an epoch); "" for neither. Agents and the master must agree on it, or
+// their key views differ and no NodeView is consistent.
+func NodeKeyIncarnation(bootID, uid string, k *nodekeys.Keys, rep *api.NodeReport) string {
+	if KeysDecide(bootID, uid, k) {
+		return KeyIncarnation(bootID, uid, k.Incarnation.Epoch)
+	}
+	if rep == nil || rep.Incarnation == "" || rep.Incarnation != bootID || rep.UID != uid {
 		return ""
 	}
-	return KeyIncarnation(r.Incarnation, r.UID, r.Epoch)
+	return KeyIncarnation(bootID, uid, rep.Epoch)
 }
 
 // ParseReport decodes a report annotation. Unknown fields are tolerated (newer agents).

@@ -1,0 +1,136 @@
+package watch
+
+import (
+	"slices"
+	"testing"
+
+	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+)
+
+// nk is a NodeKeys of boot, uid and epoch with the given capabilities and installed.
+func nk(boot, uid, epoch string, installed []uint32, caps ...string) *nodekeys.Keys {
+	return &nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: boot, UID: uid, Epoch: epoch}, Capabilities: caps, Installed: installed}
+}
+
+// TestNodeKeyIncarnation: the one rule agents and the master take a node's key
+// incarnation by (docs/keys.md §3): NodeKeys of the Node's boot and UID that declare
+// installed decide, whatever the report says; otherwise the current report does.
+func TestNodeKeyIncarnation(t *testing.T) {
+	rep := func(boot, uid, epoch string) *api.NodeReport {
+		return &api.NodeReport{Mode: api.ModeEnforce, Incarnation: boot, UID: uid, Epoch: epoch, Generations: []uint32{3}}
+	}
+	inst := api.CapabilityInstalled
+	for _, c := range []struct {
+		name string
+		k    *nodekeys.Keys
+		rep  *api.NodeReport
+		want string
+	}{
+		{"report only (0.1 or no NodeKeys)", nil, rep("b", "u", "e1"), "b/u/e1"},
+		{"report of another boot", nil, rep("old", "u", "e1"), ""},
+		{"report of another Node object", nil, rep("b", "u0", "e1"), ""},
+		{"report without epoch", nil, rep("b", "u", ""), ""},
+		{"keys decide over an older report", nk("b", "u", "e2", []uint32{3}, inst), rep("b", "u", "e1"), "b/u/e2"},
+		{"keys decide over a newer report", nk("b", "u", "e1", []uint32{3}, inst), rep("b", "u", "e2"), "b/u/e1"},
+		{"keys decide without a report", nk("b", "u", "e2", []uint32{3}, inst), nil, "b/u/e2"},
+		{"keys decide with nothing installed", nk("b", "u", "e2", nil, inst), rep("b", "u", "e1"), "b/u/e2"},
+		{"keys without the capability: the report", nk("b", "u", "e2", []uint32{3}, api.CapabilityReadinessDecide), rep("b", "u", "e1"), "b/u/e1"},
+		{"keys of another boot: the report", nk("old", "u", "e2", []uint32{3}, inst), rep("b", "u", "e1"), "b/u/e1"},
+		{"keys of another Node object: the report", nk("b", "u0", "e2", []uint32{3}, inst), rep("b", "u", "e1"), "b/u/e1"},
+		{"keys of another boot, no report", nk("old", "u", "e2", []uint32{3}, inst), nil, ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if got := NodeKeyIncarnation("b", "u", c.k, c.rep); got != c.want {
+				t.Errorf("NodeKeyIncarnation = %q, want %q", got, c.want)
+			}
+			n := NodeInfo{Name: "p", Incarnation: "b", UID: "u", Keys: c.k}
+			if c.rep != nil {
+				n.Report = &Report{NodeReport: *c.rep}
+			}
+			if got := n.KeyIncarnation(); got != c.want {
+				t.Errorf("NodeInfo.KeyIncarnation = %q, want %q", got, c.want)
+			}
+		})
+	}
+	if NodeKeyIncarnation("", "u", nk("", "u", "e", []uint32{1}, inst), nil) != "" {
+		t.Error("a Node without a boot ID has a key incarnation")
+	}
+}
+
+// TestInputsFromNodeKeys: what Compute takes of a peer whose NodeKeys decide — the
+// incarnation, the mode its installed stands for, the generations installed, and the
+// report's lists only when the report is of the same incarnation and lists.
+func TestInputsFromNodeKeys(t *testing.T) {
+	ring := testRing(t, api.ModeEncrypt, 8, "a", "b")
+	tagA := IncarnationTag(KeyIncarnation("boot-a", "uid-a", "ea"))
+	inst := api.CapabilityInstalled
+	lists := func(epoch string, omitted bool) *Report {
+		r := &Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "uid-b", Epoch: epoch, Generations: []uint32{1, 2}}}
+		if omitted {
+			r.ListsOmitted = true
+		} else {
+			r.InboundFrom, r.EncryptingTo = map[string]string{"a": tagA}, map[string]string{"a": tagA}
+		}
+		return r
+	}
+	for _, c := range []struct {
+		name      string
+		keys      *nodekeys.Keys
+		rep       *Report
+		want      desired.Report
+		wantInc   string
+		wantLists bool
+	}{
+		{"installed, no report", nk("boot-b", "uid-b", "e2", []uint32{1}, inst), nil,
+			desired.Report{Incarnation: "boot-b/uid-b/e2", Mode: api.ModeAccept, Generations: []uint32{1}, ListsOmitted: true}, "boot-b/uid-b/e2", false},
+		{"nothing installed", nk("boot-b", "uid-b", "e2", nil, inst), lists("e1", false),
+			desired.Report{Incarnation: "boot-b/uid-b/e2", Mode: api.ModeOff, ListsOmitted: true}, "boot-b/uid-b/e2", false},
+		{"report of an older epoch: its lists do not count", nk("boot-b", "uid-b", "e2", []uint32{1}, inst), lists("e1", false),
+			desired.Report{Incarnation: "boot-b/uid-b/e2", Mode: api.ModeAccept, Generations: []uint32{1}, ListsOmitted: true}, "boot-b/uid-b/e2", false},
+		{"report of the same epoch lists: its lists count, installed gives the generations", nk("boot-b", "uid-b", "e2", []uint32{1}, inst), lists("e2", false),
+			desired.Report{Incarnation: "boot-b/uid-b/e2", Mode: api.ModeAccept, Generations: []uint32{1}, InboundFromSelf: true, EncryptsToSelf: true}, "boot-b/uid-b/e2", true},
+		{"report of the same epoch without lists", nk("boot-b", "uid-b", "e2", []uint32{1}, inst), lists("e2", true),
+			desired.Report{Incarnation: "boot-b/uid-b/e2", Mode: api.ModeAccept, Generations: []uint32{1}, ListsOmitted: true}, "boot-b/uid-b/e2", false},
+		{"keys without the capability: the report as before", nk("boot-b", "uid-b", "e2", []uint32{1}), lists("e1", false),
+			desired.Report{Incarnation: "boot-b/uid-b/e1", Mode: api.ModeEnforce, Generations: []uint32{1, 2}, InboundFromSelf: true, EncryptsToSelf: true}, "boot-b/uid-b/e1", true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			snap := Snapshot{Ring: ring, Nodes: []NodeInfo{
+				{Name: "a", IPv4Address: "198.18.0.1/24", Incarnation: "boot-a", UID: "uid-a"},
+				{Name: "b", IPv4Address: "198.18.0.2/24", Incarnation: "boot-b", UID: "uid-b", Keys: c.keys, Report: c.rep},
+			}}
+			in, err := Inputs("a", snap, desired.Config{}, "ea")
+			if err != nil {
+				t.Fatal(err)
+			}
+			b := in.Nodes[1]
+			if b.Incarnation != c.wantInc {
+				t.Errorf("incarnation %q, want %q", b.Incarnation, c.wantInc)
+			}
+			if b.Report == nil {
+				t.Fatalf("no report, want %+v", c.want)
+			}
+			got := *b.Report
+			if got.Incarnation != c.want.Incarnation || got.Mode != c.want.Mode || !slices.Equal(got.Generations, c.want.Generations) ||
+				got.InboundFromSelf != c.want.InboundFromSelf || got.EncryptsToSelf != c.want.EncryptsToSelf || got.ListsOmitted != c.want.ListsOmitted {
+				t.Errorf("report %+v, want %+v", got, c.want)
+			}
+			// The peer's own report is not modified (the cache shares it).
+			if c.rep != nil && (c.rep.Mode != api.ModeEnforce || len(c.rep.Generations) != 2) {
+				t.Errorf("the cached report was modified: %+v", c.rep.NodeReport)
+			}
+			st, err := desired.Compute(in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Encrypt mode: ESP to b needs b's lists (or the rule's confirmations, none
+			// here) and the ring's generation installed at b.
+			want := c.wantLists && c.want.Mode.Rank() >= api.ModeAccept.Rank() && slices.Contains(c.want.Generations, 1)
+			if got := slices.Contains(st.EncryptingPeers(), "b"); got != want {
+				t.Errorf("encrypting to b: %v, want %v", got, want)
+			}
+		})
+	}
+}

@@ -167,6 +167,14 @@ type NodeReport struct {
 	// §6, §9 step 1): digests of the same claims InboundFrom and EncryptingTo list. The
 	// summary annotation keeps it; for now the master only checks it (shadow).
 	Readiness *ReadinessStatus `json:"readiness,omitempty"`
+	// ListsOmitted: the agent writes neither per-peer list (inboundFrom, encryptingTo; the
+	// agent's extension of this report, watch.Report): docs/protocol-v2.md §9 step 4 —
+	// every live peer decides from NodeViews and NodeRows — so their absence says nothing
+	// about its pairs. An older agent reading such a report sees empty lists: the gate
+	// keeps them while any live agent may read them. Here rather than in watch.Report
+	// because the rule for key incarnations (watch.NodeKeyIncarnation), which the master
+	// applies too, asks whether a report lists.
+	ListsOmitted bool `json:"listsOmitted,omitempty"`
 }
 
 // ReadinessStatus is a node's per-pair readiness as digests (package readiness). It holds

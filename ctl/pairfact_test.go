@@ -31,7 +31,7 @@ func TestPairFactKeyIncarnation(t *testing.T) {
 		{"absent", nil, newReporter, subject, "no"},
 		{"legacy reporter, boot ID tag", tag("boot-b"), oldReporter, subject, "yes"},
 		{"legacy reporter, old boot", tag("boot-old"), oldReporter, subject, "stale"},
-		{"reporter omits its lists", nil, &watch.Report{NodeReport: api.NodeReport{Epoch: "ea"}, ListsOmitted: true}, subject, "n/a"},
+		{"reporter omits its lists", nil, &watch.Report{NodeReport: api.NodeReport{Epoch: "ea", ListsOmitted: true}}, subject, "n/a"},
 	} {
 		if got := pairFact(c.m, "b", c.reporter, c.subject); got != c.want {
 			t.Errorf("%s: %s, want %s", c.name, got, c.want)

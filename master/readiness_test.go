@@ -40,6 +40,8 @@ type shadowCluster struct {
 	claims, refuses map[string][]string
 	// staleBoot, when set for a node, is the boot ID its last report was made in.
 	staleBoot map[string]string
+	// omitLists: the reports say they omit their per-pair lists (protocol v2 step 4).
+	omitLists bool
 }
 
 func newShadowCluster(n int) *shadowCluster {
@@ -94,7 +96,7 @@ func (c *shadowCluster) report(b string) *api.NodeReport {
 	}
 	inc := watch.KeyIncarnation(boot, string(self.UID), c.epoch[b])
 	return &api.NodeReport{Mode: api.ModeEnforce, Incarnation: boot, UID: string(self.UID), Epoch: c.epoch[b],
-		Readiness: soagent.ReadinessOf(st, &snap, b, inc)}
+		Readiness: soagent.ReadinessOf(st, &snap, b, inc), ListsOmitted: c.omitLists}
 }
 
 func (c *shadowCluster) states() []keys.NodeState {
@@ -178,11 +180,12 @@ func TestShadowReadiness(t *testing.T) {
 
 // TestShadowReadinessKeysFromNodeKeys: the master takes key incarnations by the agents'
 // rule (watch.NodeKeyIncarnation, docs/keys.md §3): a node whose NodeKeys declare
-// installed is in the view under the NodeKeys' epoch, whatever its report says, and its
-// report's status counts only when made for that epoch; NodeKeys without the capability,
-// or of another boot, leave the report to decide.
+// installed is in the view under the NodeKeys' epoch unless its report lists its claims,
+// and its report's status counts only when made for that epoch; NodeKeys without the
+// capability, or of another boot, leave the report to decide.
 func TestShadowReadinessKeysFromNodeKeys(t *testing.T) {
 	c := newShadowCluster(3)
+	c.omitLists = true // reports that list decide themselves (rule 1): checked at the end
 	s := newShadowReadiness()
 	published := map[string]*nodekeys.Keys{}
 	s.keysOf = func(node string) *nodekeys.Keys { return published[node] }
@@ -220,6 +223,14 @@ func TestShadowReadinessKeysFromNodeKeys(t *testing.T) {
 	check("NodeKeys without installed: the report's epoch", 3, 3, 0, 0)
 	published["node-0"] = keysOf("node-0", "boot-old", "e3", []uint32{1}, api.CapabilityInstalled)
 	check("NodeKeys of another boot: the report's epoch", 3, 3, 0, 0)
+
+	// A report that lists its claims decides, whatever the NodeKeys say (the claims and
+	// the incarnation they were made for come together, as in v1).
+	published["node-0"] = keysOf("node-0", "boot-node-0", "e3", []uint32{1}, api.CapabilityInstalled)
+	c.omitLists = false
+	check("a listing report over newer NodeKeys: the report's epoch", 3, 3, 0, 0)
+	c.omitLists = true
+	check("the same report without lists: the NodeKeys' epoch", 3, 2, 4, 4)
 
 	// A node whose report is gone but whose NodeKeys decide stays in the view (its agent
 	// no longer needs to be read through its report), without a status.

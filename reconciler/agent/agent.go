@@ -563,6 +563,7 @@ func (a *Agent) sync() (err error) {
 		if err != nil {
 			return a.fail(fmt.Errorf("inputs: %w", err))
 		}
+		a.holdRekeyed(&in)
 		in.HoldPlaintext = a.hold
 		in.Previous = a.lastState
 		// Protocol v2 (docs/protocol-v2.md §9 step 3): the view shadow compares the view
@@ -1014,6 +1015,56 @@ func (a *Agent) Close() {
 	if a.led != nil {
 		a.led.Close()
 	}
+}
+
+// holdRekeyed adds to the hold every peer the last state sent ESP to in enforce whose key
+// incarnation in has changed under the same boot ID and Node object: its agent took a new
+// SA epoch (lost state) while its pods kept running. Until the pair is ready under its new
+// keys the outbound plaintext drop stays (releaseHold ends it), as this node's own hold
+// does after its own new epoch (holdPrevious): without it this node would send the peer
+// plaintext from the moment it learns the new keys until it learns that the peer holds
+// SAs for them — for a peer without lists, a NodeKeys or report event before a NodeRow or
+// NodeView one (docs/dataplane.md, "State loss and new epochs"). A reboot (new boot ID:
+// the peer's boot gate holds its pods) or a re-created Node object is not held. Sync
+// worker only.
+func (a *Agent) holdRekeyed(in *desired.Inputs) {
+	prevSt, prevIn := a.lastState, a.lastIn
+	if prevSt == nil || prevIn == nil || prevSt.Mode != api.ModeEnforce || in.Ring.Mode != api.ModeEnforce {
+		return
+	}
+	var held []string
+	for _, p := range prevSt.Peers {
+		if p.SendGeneration == 0 || slices.Contains(a.hold, p.Name) {
+			continue
+		}
+		was, now := nodeNamed(prevIn.Nodes, p.Name), nodeNamed(in.Nodes, p.Name)
+		if was == nil || now == nil || was.Incarnation == now.Incarnation || !sameBootAndNode(was.Incarnation, now.Incarnation) {
+			continue
+		}
+		held = append(held, p.Name)
+	}
+	if len(held) == 0 {
+		return
+	}
+	a.hold = append(a.hold, held...)
+	slices.Sort(a.hold)
+	a.log.Info("peers took a new SA epoch: plaintext toward them stays dropped until they are ready for their new keys", "peers", len(held), "first", firstNames(held, 8))
+}
+
+// nodeNamed finds name in nodes (sorted by name, as inputs give them), or nil.
+func nodeNamed(nodes []desired.Node, name string) *desired.Node {
+	i, ok := slices.BinarySearchFunc(nodes, name, func(n desired.Node, name string) int { return strings.Compare(n.Name, name) })
+	if !ok {
+		return nil
+	}
+	return &nodes[i]
+}
+
+// sameBootAndNode reports whether key incarnations a and b (watch.KeyIncarnation:
+// bootID/uid/epoch) are of the same boot ID and Node UID.
+func sameBootAndNode(a, b string) bool {
+	i, j := strings.LastIndexByte(a, '/'), strings.LastIndexByte(b, '/')
+	return i > 0 && j > 0 && a[:i] == b[:j]
 }
 
 // releaseHold ends the hold of every peer st sends ESP to, no longer has, or may send

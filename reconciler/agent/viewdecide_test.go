@@ -286,8 +286,27 @@ func TestViewDecidesAheadOfLists(t *testing.T) {
 
 	e.setReport("e-b2", false) // b re-keyed; its lists do not name a yet
 	e.sync(e.ctx)
-	e.expect("b re-keyed, the view is about its old keys", false)
+	e.expectHeld("b re-keyed, the view is about its old keys")
 	noKeyReused(t, e.xk)
+}
+
+// expectHeld checks a's kernel toward b while the pair waits for b's new keys: no ESP
+// policy, no inbound plaintext drop, but the outbound plaintext drop held (holdRekeyed).
+func (v *viewEnv) expectHeld(what string) {
+	v.t.Helper()
+	policy := false
+	_, ps := v.xk.Snapshot()
+	for _, p := range ps {
+		if p.Policy.Dir == desired.Out && p.Policy.Dst.Addr().String() == "198.18.0.2" {
+			policy = true
+		}
+	}
+	has := func(chain string) bool {
+		return strings.Contains(strings.Join(v.rk.Chain(rules.Table, chain), "\n"), "198.18.0.2")
+	}
+	if outDrop, inDrop := has(rules.ChainOut), has(rules.ChainIn); policy || !outDrop || inDrop {
+		v.t.Fatalf("%s: ESP policy to b %v, b's outbound drop %v, b's inbound plaintext drop %v; want only the outbound drop (held)", what, policy, outDrop, inDrop)
+	}
 }
 
 // TestConfirmationsSurviveRestart: the view's confirmations of a's pair with b are saved
@@ -379,7 +398,54 @@ func TestListsToNoListsKeepsPairs(t *testing.T) {
 
 	e.setReportOmitted("e-b2") // b re-keyed
 	e.sync(e.ctx)
-	e.expect("b re-keyed without lists", false)
+	e.expectHeld("b re-keyed without lists")
+	noKeyReused(t, e.xk)
+}
+
+// TestRekeyedPeerHeld: a peer that takes a new SA epoch under the same boot (lost state,
+// its pods running) while a sends it ESP in enforce: a learns b's new keys before it
+// learns that b holds SAs for them (here b's report, without lists, before a's NodeView),
+// and keeps dropping plaintext toward b meanwhile instead of sending it (holdRekeyed);
+// once the view confirms the pair under b's new keys the hold ends and ESP resumes. After
+// b reboots (new boot ID, its pods held by its boot gate) nothing is held.
+func TestRekeyedPeerHeld(t *testing.T) {
+	e := newViewEnv(t)
+	e.setReportOmitted("e-b")
+	e.setView("e-b")
+	e.sync(e.ctx)
+	e.expect("the view confirms b both ways", true)
+
+	e.setReportOmitted("e-b2")
+	e.sync(e.ctx)
+	e.expectHeld("b re-keyed, no view for its new keys yet")
+	e.sync(e.ctx)
+	e.expectHeld("and at the next sync")
+
+	e.setView("")
+	e.setView("e-b2")
+	e.sync(e.ctx)
+	e.expect("the view confirms b's new keys", true)
+	if len(e.a.hold) != 0 {
+		t.Errorf("hold %v once b is ready again, want none", e.a.hold)
+	}
+
+	// b reboots: a new boot ID on its Node, a report of the new boot without lists.
+	ctx := context.Background()
+	n, err := e.cs.CoreV1().Nodes().Get(ctx, "b", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.Status.NodeInfo.BootID = "boot-b2"
+	r := watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b2", UID: "uid-b", Epoch: "e-b3", Generations: []uint32{1}}}
+	r.OmitLists()
+	raw, _ := json.Marshal(r)
+	n.Annotations[api.ReportAnnotation] = string(raw)
+	if _, err := e.cs.CoreV1().Nodes().Update(ctx, n, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "b's new boot in the cache", func() bool { s := e.src.Snapshot(); return s.Node("b").Incarnation == "boot-b2" })
+	e.sync(e.ctx)
+	e.expect("b rebooted: not held", false)
 	noKeyReused(t, e.xk)
 }
 

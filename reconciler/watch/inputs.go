@@ -167,10 +167,11 @@ func nodeConverter(self string, me *NodeInfo, ring *keys.Ring, epoch string) fun
 	ids := nodeIDs(ring)
 	return func(n *NodeInfo) desired.Node {
 		dn := desired.Node{Name: n.Name, IPv4Address: n.IPv4Address, NodeID: ids[n.Name]}
+		fromKeys := false
 		if n.Name == self {
 			dn.Incarnation = selfInc
 		} else {
-			dn.Incarnation = n.KeyIncarnation()
+			dn.Incarnation, fromKeys = n.keyIncarnation()
 			dn.Published = publishedID(n, dn.Incarnation)
 		}
 		if n.Name == self {
@@ -188,26 +189,23 @@ func nodeConverter(self string, me *NodeInfo, ring *keys.Ring, epoch string) fun
 				ListsOmitted:    r.ListsOmitted,
 			}
 		}
-		if KeysDecide(n.Incarnation, n.UID, n.Keys) {
-			dn.Report = keysReport(dn.Incarnation, n.Keys, dn.Report)
+		if fromKeys {
+			dn.Report = keysReport(dn.Incarnation, n.Keys)
 		}
 		return dn
 	}
 }
 
 // keysReport is what Compute takes of a peer whose key incarnation inc comes from its
-// NodeKeys k (docs/keys.md §3, rule 1): the mode and generations its installed stands
+// NodeKeys k (docs/keys.md §3, rule 2): the mode and generations its installed stands
 // for — none installed reads as off, some as accept, the rank Compute asks of a peer
-// before it sends (a peer holds inbound SAs only from accept on) — and the per-pair lists
-// of its report rep only when rep is of the same incarnation and has them; otherwise no
-// lists, as from a report that omits them (the rule's confirmations decide).
-func keysReport(inc string, k *nodekeys.Keys, rep *desired.Report) *desired.Report {
+// before it sends (a peer holds inbound SAs only from accept on) — and no lists, as from
+// a report that omits them (the rule's confirmations decide; a report that lists
+// decides itself, rule 1).
+func keysReport(inc string, k *nodekeys.Keys) *desired.Report {
 	r := &desired.Report{Incarnation: inc, Mode: api.ModeOff, Generations: slices.Clone(k.Installed), ListsOmitted: true}
 	if len(k.Installed) > 0 {
 		r.Mode = api.ModeAccept
-	}
-	if rep != nil && rep.Incarnation == inc && !rep.ListsOmitted {
-		r.InboundFromSelf, r.EncryptsToSelf, r.ListsOmitted = rep.InboundFromSelf, rep.EncryptsToSelf, false
 	}
 	return r
 }

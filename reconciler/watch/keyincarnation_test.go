@@ -15,31 +15,41 @@ func nk(boot, uid, epoch string, installed []uint32, caps ...string) *nodekeys.K
 }
 
 // TestNodeKeyIncarnation: the one rule agents and the master take a node's key
-// incarnation by (docs/keys.md §3): NodeKeys of the Node's boot and UID that declare
-// installed decide, whatever the report says; otherwise the current report does.
+// incarnation by (docs/keys.md §3): a current report that lists its claims decides (the
+// incarnation and the claims made for it in one object); otherwise NodeKeys of the
+// Node's boot and UID that declare installed; otherwise a current report.
 func TestNodeKeyIncarnation(t *testing.T) {
 	rep := func(boot, uid, epoch string) *api.NodeReport {
 		return &api.NodeReport{Mode: api.ModeEnforce, Incarnation: boot, UID: uid, Epoch: epoch, Generations: []uint32{3}}
 	}
+	bare := func(boot, uid, epoch string) *api.NodeReport { // without lists
+		r := rep(boot, uid, epoch)
+		r.ListsOmitted = true
+		return r
+	}
 	inst := api.CapabilityInstalled
 	for _, c := range []struct {
-		name string
-		k    *nodekeys.Keys
-		rep  *api.NodeReport
-		want string
+		name     string
+		k        *nodekeys.Keys
+		rep      *api.NodeReport
+		want     string
+		fromKeys bool
 	}{
-		{"report only (0.1 or no NodeKeys)", nil, rep("b", "u", "e1"), "b/u/e1"},
-		{"report of another boot", nil, rep("old", "u", "e1"), ""},
-		{"report of another Node object", nil, rep("b", "u0", "e1"), ""},
-		{"report without epoch", nil, rep("b", "u", ""), ""},
-		{"keys decide over an older report", nk("b", "u", "e2", []uint32{3}, inst), rep("b", "u", "e1"), "b/u/e2"},
-		{"keys decide over a newer report", nk("b", "u", "e1", []uint32{3}, inst), rep("b", "u", "e2"), "b/u/e1"},
-		{"keys decide without a report", nk("b", "u", "e2", []uint32{3}, inst), nil, "b/u/e2"},
-		{"keys decide with nothing installed", nk("b", "u", "e2", nil, inst), rep("b", "u", "e1"), "b/u/e2"},
-		{"keys without the capability: the report", nk("b", "u", "e2", []uint32{3}, api.CapabilityReadinessDecide), rep("b", "u", "e1"), "b/u/e1"},
-		{"keys of another boot: the report", nk("old", "u", "e2", []uint32{3}, inst), rep("b", "u", "e1"), "b/u/e1"},
-		{"keys of another Node object: the report", nk("b", "u0", "e2", []uint32{3}, inst), rep("b", "u", "e1"), "b/u/e1"},
-		{"keys of another boot, no report", nk("old", "u", "e2", []uint32{3}, inst), nil, ""},
+		{"report only (0.1 or no NodeKeys)", nil, rep("b", "u", "e1"), "b/u/e1", false},
+		{"report without lists only", nil, bare("b", "u", "e1"), "b/u/e1", false},
+		{"report of another boot", nil, rep("old", "u", "e1"), "", false},
+		{"report of another Node object", nil, rep("b", "u0", "e1"), "", false},
+		{"report without epoch", nil, rep("b", "u", ""), "", false},
+		{"a listing report decides over newer keys", nk("b", "u", "e2", []uint32{3}, inst), rep("b", "u", "e1"), "b/u/e1", false},
+		{"keys decide over an older report without lists", nk("b", "u", "e2", []uint32{3}, inst), bare("b", "u", "e1"), "b/u/e2", true},
+		{"keys decide over a newer report without lists", nk("b", "u", "e1", []uint32{3}, inst), bare("b", "u", "e2"), "b/u/e1", true},
+		{"keys decide without a report", nk("b", "u", "e2", []uint32{3}, inst), nil, "b/u/e2", true},
+		{"keys decide with nothing installed", nk("b", "u", "e2", nil, inst), bare("b", "u", "e1"), "b/u/e2", true},
+		{"keys decide over a listing report of another boot", nk("b", "u", "e2", []uint32{3}, inst), rep("old", "u", "e1"), "b/u/e2", true},
+		{"keys without the capability: the report", nk("b", "u", "e2", []uint32{3}, api.CapabilityReadinessDecide), bare("b", "u", "e1"), "b/u/e1", false},
+		{"keys of another boot: the report", nk("old", "u", "e2", []uint32{3}, inst), bare("b", "u", "e1"), "b/u/e1", false},
+		{"keys of another Node object: the report", nk("b", "u0", "e2", []uint32{3}, inst), bare("b", "u", "e1"), "b/u/e1", false},
+		{"keys of another boot, no report", nk("old", "u", "e2", []uint32{3}, inst), nil, "", false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			if got := NodeKeyIncarnation("b", "u", c.k, c.rep); got != c.want {
@@ -49,8 +59,8 @@ func TestNodeKeyIncarnation(t *testing.T) {
 			if c.rep != nil {
 				n.Report = &Report{NodeReport: *c.rep}
 			}
-			if got := n.KeyIncarnation(); got != c.want {
-				t.Errorf("NodeInfo.KeyIncarnation = %q, want %q", got, c.want)
+			if got, fromKeys := n.keyIncarnation(); got != c.want || fromKeys != c.fromKeys {
+				t.Errorf("NodeInfo.keyIncarnation = %q, from keys %v; want %q, %v", got, fromKeys, c.want, c.fromKeys)
 			}
 		})
 	}
@@ -60,17 +70,15 @@ func TestNodeKeyIncarnation(t *testing.T) {
 }
 
 // TestInputsFromNodeKeys: what Compute takes of a peer whose NodeKeys decide — the
-// incarnation, the mode its installed stands for, the generations installed, and the
-// report's lists only when the report is of the same incarnation and lists.
+// incarnation, the mode its installed stands for, the generations installed, no lists —
+// and of one whose report lists: that report, whole.
 func TestInputsFromNodeKeys(t *testing.T) {
 	ring := testRing(t, api.ModeEncrypt, 8, "a", "b")
 	tagA := IncarnationTag(KeyIncarnation("boot-a", "uid-a", "ea"))
 	inst := api.CapabilityInstalled
 	lists := func(epoch string, omitted bool) *Report {
-		r := &Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "uid-b", Epoch: epoch, Generations: []uint32{1, 2}}}
-		if omitted {
-			r.ListsOmitted = true
-		} else {
+		r := &Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Incarnation: "boot-b", UID: "uid-b", Epoch: epoch, Generations: []uint32{1, 2}, ListsOmitted: omitted}}
+		if !omitted {
 			r.InboundFrom, r.EncryptingTo = map[string]string{"a": tagA}, map[string]string{"a": tagA}
 		}
 		return r
@@ -85,14 +93,14 @@ func TestInputsFromNodeKeys(t *testing.T) {
 	}{
 		{"installed, no report", nk("boot-b", "uid-b", "e2", []uint32{1}, inst), nil,
 			desired.Report{Incarnation: "boot-b/uid-b/e2", Mode: api.ModeAccept, Generations: []uint32{1}, ListsOmitted: true}, "boot-b/uid-b/e2", false},
-		{"nothing installed", nk("boot-b", "uid-b", "e2", nil, inst), lists("e1", false),
+		{"nothing installed", nk("boot-b", "uid-b", "e2", nil, inst), lists("e1", true),
 			desired.Report{Incarnation: "boot-b/uid-b/e2", Mode: api.ModeOff, ListsOmitted: true}, "boot-b/uid-b/e2", false},
-		{"report of an older epoch: its lists do not count", nk("boot-b", "uid-b", "e2", []uint32{1}, inst), lists("e1", false),
+		{"report of an older epoch without lists: the keys' epoch", nk("boot-b", "uid-b", "e2", []uint32{1}, inst), lists("e1", true),
 			desired.Report{Incarnation: "boot-b/uid-b/e2", Mode: api.ModeAccept, Generations: []uint32{1}, ListsOmitted: true}, "boot-b/uid-b/e2", false},
-		{"report of the same epoch lists: its lists count, installed gives the generations", nk("boot-b", "uid-b", "e2", []uint32{1}, inst), lists("e2", false),
-			desired.Report{Incarnation: "boot-b/uid-b/e2", Mode: api.ModeAccept, Generations: []uint32{1}, InboundFromSelf: true, EncryptsToSelf: true}, "boot-b/uid-b/e2", true},
-		{"report of the same epoch without lists", nk("boot-b", "uid-b", "e2", []uint32{1}, inst), lists("e2", true),
+		{"report of the same epoch without lists: installed gives the generations", nk("boot-b", "uid-b", "e2", []uint32{1}, inst), lists("e2", true),
 			desired.Report{Incarnation: "boot-b/uid-b/e2", Mode: api.ModeAccept, Generations: []uint32{1}, ListsOmitted: true}, "boot-b/uid-b/e2", false},
+		{"a listing report of an older epoch decides, whole", nk("boot-b", "uid-b", "e2", []uint32{1}, inst), lists("e1", false),
+			desired.Report{Incarnation: "boot-b/uid-b/e1", Mode: api.ModeEnforce, Generations: []uint32{1, 2}, InboundFromSelf: true, EncryptsToSelf: true}, "boot-b/uid-b/e1", true},
 		{"keys without the capability: the report as before", nk("boot-b", "uid-b", "e2", []uint32{1}), lists("e1", false),
 			desired.Report{Incarnation: "boot-b/uid-b/e1", Mode: api.ModeEnforce, Generations: []uint32{1, 2}, InboundFromSelf: true, EncryptsToSelf: true}, "boot-b/uid-b/e1", true},
 	} {

@@ -28,11 +28,7 @@ type Report struct {
 	InboundFrom map[string]string `json:"inboundFrom,omitempty"`
 	// EncryptingTo lists peers this node's kernel sends ESP to (outbound policy programmed).
 	EncryptingTo map[string]string `json:"encryptingTo,omitempty"`
-	// ListsOmitted: the agent writes neither list (docs/protocol-v2.md §9 step 4: every
-	// live peer decides from NodeViews and NodeRows), so their absence says nothing about
-	// its pairs. An older agent reading such a report sees empty lists: the gate keeps
-	// them while any live agent may read them.
-	ListsOmitted bool `json:"listsOmitted,omitempty"`
+	// Whether it writes them at all is api.NodeReport.ListsOmitted.
 }
 
 // OmitLists drops r's per-peer lists and says so (ListsOmitted).
@@ -82,33 +78,51 @@ func (n *NodeInfo) CurrentReport() *Report {
 // its NodeKeys when they declare installed, else from its current report), "" when there
 // is none.
 func (n *NodeInfo) KeyIncarnation() string {
+	inc, _ := n.keyIncarnation()
+	return inc
+}
+
+// keyIncarnation is KeyIncarnation and whether n's NodeKeys gave it.
+func (n *NodeInfo) keyIncarnation() (string, bool) {
 	var rep *api.NodeReport
 	if n.Report != nil {
 		rep = &n.Report.NodeReport
 	}
-	return NodeKeyIncarnation(n.Incarnation, n.UID, n.Keys, rep)
+	return nodeKeyIncarnation(n.Incarnation, n.UID, n.Keys, rep)
 }
 
-// KeysDecide reports whether the key incarnation of the node of boot ID bootID and Node
-// UID uid comes from its NodeKeys k (docs/keys.md §3, rule 1): k is for that boot and
-// Node object and declares api.CapabilityInstalled.
+// KeysDecide reports whether the NodeKeys k of the node of boot ID bootID and Node UID
+// uid may give its key incarnation (docs/keys.md §3, rule 2, unless a report that lists
+// decides): k is for that boot and Node object and declares api.CapabilityInstalled.
 func KeysDecide(bootID, uid string, k *nodekeys.Keys) bool {
 	return k != nil && bootID != "" && k.Incarnation.BootID == bootID && k.Incarnation.UID == uid && k.Has(api.CapabilityInstalled)
 }
 
 // NodeKeyIncarnation is the one rule by which agents and the master take the key
 // incarnation of the node of boot ID bootID and Node UID uid (docs/keys.md §3): from its
-// NodeKeys k when KeysDecide, else from its report rep when that is current (same boot
-// and UID, with an epoch); "" for neither. Agents and the master must agree on it, or
-// their key views differ and no NodeView is consistent.
+// report rep when that is current (same boot and UID, with an epoch) and lists its
+// per-pair claims — the incarnation and the claims made for it come in one object, as in
+// v1 —, else from its NodeKeys k when KeysDecide, else from its current report; "" for
+// none. Agents and the master must agree on it, or their key views differ and no
+// NodeView is consistent.
 func NodeKeyIncarnation(bootID, uid string, k *nodekeys.Keys, rep *api.NodeReport) string {
+	inc, _ := nodeKeyIncarnation(bootID, uid, k, rep)
+	return inc
+}
+
+// nodeKeyIncarnation is NodeKeyIncarnation and whether the NodeKeys gave it.
+func nodeKeyIncarnation(bootID, uid string, k *nodekeys.Keys, rep *api.NodeReport) (inc string, fromKeys bool) {
+	var repInc string
+	if rep != nil && rep.Incarnation != "" && rep.Incarnation == bootID && rep.UID == uid {
+		repInc = KeyIncarnation(bootID, uid, rep.Epoch)
+	}
+	if repInc != "" && !rep.ListsOmitted {
+		return repInc, false
+	}
 	if KeysDecide(bootID, uid, k) {
-		return KeyIncarnation(bootID, uid, k.Incarnation.Epoch)
+		return KeyIncarnation(bootID, uid, k.Incarnation.Epoch), true
 	}
-	if rep == nil || rep.Incarnation == "" || rep.Incarnation != bootID || rep.UID != uid {
-		return ""
-	}
-	return KeyIncarnation(bootID, uid, rep.Epoch)
+	return repInc, false
 }
 
 // ParseReport decodes a report annotation. Unknown fields are tolerated (newer agents).

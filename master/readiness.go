@@ -120,8 +120,9 @@ func (s *shadowReadiness) update(ring *keys.Ring, nodes []*corev1.Node, states [
 		if s.keysOf != nil {
 			k = s.keysOf(n.Name)
 		}
-		// The agents' rule (docs/keys.md §3): from the NodeKeys when they declare
-		// installed, else from the current report.
+		// The agents' rule (docs/keys.md §3): from the current report when it lists
+		// its claims, else from the NodeKeys when they declare installed, else from the
+		// current report.
 		inc := watch.NodeKeyIncarnation(n.Status.NodeInfo.BootID, string(n.UID), k, rep)
 		if inc == "" {
 			continue // no current key incarnation: not a node anyone derives SAs with

@@ -1033,8 +1033,12 @@ func (a *Agent) holdRekeyed(in *desired.Inputs) {
 		return
 	}
 	var held []string
+	holding := make(map[string]bool, len(a.hold))
+	for _, name := range a.hold {
+		holding[name] = true
+	}
 	for _, p := range prevSt.Peers {
-		if p.SendGeneration == 0 || slices.Contains(a.hold, p.Name) {
+		if p.SendGeneration == 0 || holding[p.Name] {
 			continue
 		}
 		was, now := nodeNamed(prevIn.Nodes, p.Name), nodeNamed(in.Nodes, p.Name)

@@ -75,8 +75,8 @@ func (n *NodeInfo) CurrentReport() *Report {
 }
 
 // KeyIncarnation is the incarnation peers derive n's SAs with (NodeKeyIncarnation: from
-// its NodeKeys when they declare installed, else from its current report), "" when there
-// is none.
+// its current report when that lists its claims, else from its NodeKeys when they declare
+// installed, else from its current report), "" when there is none.
 func (n *NodeInfo) KeyIncarnation() string {
 	inc, _ := n.keyIncarnation()
 	return inc

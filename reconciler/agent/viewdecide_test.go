@@ -224,11 +224,9 @@ func (v *viewEnv) viewKeys(epochB string) uint64 {
 	return ks.Digest(nil)
 }
 
-// expect checks a's kernel toward b: ESP policy, outbound plaintext drop (enforce's
-// fail-closed rule beside it) and inbound plaintext drop, all present or all absent.
-func (v *viewEnv) expect(what string, want bool) {
-	v.t.Helper()
-	policy := false
+// toward reports a's kernel toward b: an outbound ESP policy, b's outbound plaintext drop
+// (enforce's fail-closed rule beside it) and b's inbound plaintext drop.
+func (v *viewEnv) toward() (policy, outDrop, inDrop bool) {
 	_, ps := v.xk.Snapshot()
 	for _, p := range ps {
 		if p.Policy.Dir == desired.Out && p.Policy.Dst.Addr().String() == "198.18.0.2" {
@@ -238,7 +236,14 @@ func (v *viewEnv) expect(what string, want bool) {
 	has := func(chain string) bool {
 		return strings.Contains(strings.Join(v.rk.Chain(rules.Table, chain), "\n"), "198.18.0.2")
 	}
-	if outDrop, inDrop := has(rules.ChainOut), has(rules.ChainIn); policy != want || outDrop != want || inDrop != want {
+	return policy, has(rules.ChainOut), has(rules.ChainIn)
+}
+
+// expect checks a's kernel toward b: ESP policy, outbound plaintext drop and inbound
+// plaintext drop, all present or all absent.
+func (v *viewEnv) expect(what string, want bool) {
+	v.t.Helper()
+	if policy, outDrop, inDrop := v.toward(); policy != want || outDrop != want || inDrop != want {
 		v.t.Fatalf("%s: ESP policy to b %v, b's outbound drop %v, b's inbound plaintext drop %v; want all %v", what, policy, outDrop, inDrop, want)
 	}
 }
@@ -294,17 +299,7 @@ func TestViewDecidesAheadOfLists(t *testing.T) {
 // policy, no inbound plaintext drop, but the outbound plaintext drop held (holdRekeyed).
 func (v *viewEnv) expectHeld(what string) {
 	v.t.Helper()
-	policy := false
-	_, ps := v.xk.Snapshot()
-	for _, p := range ps {
-		if p.Policy.Dir == desired.Out && p.Policy.Dst.Addr().String() == "198.18.0.2" {
-			policy = true
-		}
-	}
-	has := func(chain string) bool {
-		return strings.Contains(strings.Join(v.rk.Chain(rules.Table, chain), "\n"), "198.18.0.2")
-	}
-	if outDrop, inDrop := has(rules.ChainOut), has(rules.ChainIn); policy || !outDrop || inDrop {
+	if policy, outDrop, inDrop := v.toward(); policy || !outDrop || inDrop {
 		v.t.Fatalf("%s: ESP policy to b %v, b's outbound drop %v, b's inbound plaintext drop %v; want only the outbound drop (held)", what, policy, outDrop, inDrop)
 	}
 }

@@ -425,7 +425,7 @@ func TestHoldWithoutLists(t *testing.T) {
 // were flushed) while its NodeKeys show the old epoch with generations installed does
 // not publish the new epoch until a sync has programmed it (docs/keys.md §3: peers take
 // the key incarnation from NodeKeys, and one under which nothing is installed would make
-// them stop sending ESP without holding plaintext). A failed sync under the new epoch
+// them stop sending ESP a sync earlier than needed). A failed sync under the new epoch
 // leaves the old keys handed over; the next successful one publishes the new epoch with
 // its generations installed.
 func TestNewEpochKeysWaitUntilInstalled(t *testing.T) {

@@ -94,10 +94,12 @@ func TestViewWriter(t *testing.T) {
 // write).
 func TestViewWriterGatingFirst(t *testing.T) {
 	dc := fakeViewsClient()
-	release := make(chan struct{})
+	release, entered := make(chan struct{}), make(chan struct{})
+	var enter sync.Once
 	var mu sync.Mutex
 	var order []string
 	dc.PrependReactor("patch", "nodeviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		enter.Do(func() { close(entered) })
 		<-release
 		mu.Lock()
 		order = append(order, a.(k8stesting.PatchAction).GetName())
@@ -105,14 +107,18 @@ func TestViewWriterGatingFirst(t *testing.T) {
 		return false, nil, nil
 	})
 	w, m, _ := runViewWriter(t, dc)
-	time.Sleep(100 * time.Millisecond) // the start's list
 	v := readiness.View{Keys: 1, Seq: 7}
 	var asked []*readiness.View
 	gain := func(g int) func(*readiness.View) int {
 		return func(held *readiness.View) int { asked = append(asked, held); return g }
 	}
-	w.Set("first", "uid", v, gain(1)) // taken at once; its write waits for release
-	time.Sleep(100 * time.Millisecond)
+	w.Set("first", "uid", v, gain(1)) // taken once the writer has listed; its write waits for release
+	// Not a sleep: under load the writer may take longer than any fixed wait.
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the writer did not take the first view")
+	}
 	w.Set("a", "uid", v, gain(0))
 	w.Set("b", "uid", v, gain(0))
 	w.Set("e", "uid", v, gain(0))
@@ -312,17 +318,40 @@ func runViewWriter(t *testing.T, dc *dynamicfake.FakeDynamicClient) (*viewWriter
 // TestViewWriterDropsNeedless: a view found needless when set (SetNeeded), or while it
 // waits in the queue (Recheck: the row that makes it needless came after it was queued),
 // is not written; the view the writer restores after a deletion stays the one written.
+//
+// v2 must still be queued when Recheck runs, so the writer is kept busy meanwhile: its
+// write of node-b's view blocks until released. (The queue forgets its takes once idle, so
+// the per-node gap alone does not keep v2 queued: the test used to rely on reaching
+// Recheck before the writer woke, and failed so in a CI run under load.)
 func TestViewWriterDropsNeedless(t *testing.T) {
 	dc := fakeViewsClient()
+	entered, release := make(chan struct{}), make(chan struct{})
+	var blocked atomic.Bool
+	dc.PrependReactor("*", "nodeviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		var name string
+		switch a := a.(type) {
+		case k8stesting.PatchAction:
+			name = a.GetName()
+		case k8stesting.CreateAction:
+			if o, ok := a.GetObject().(metav1.Object); ok {
+				name = o.GetName()
+			}
+		}
+		if name == "node-b" && blocked.CompareAndSwap(false, true) {
+			close(entered)
+			<-release
+		}
+		return false, nil, nil
+	})
 	w, m, ctx := runViewWriter(t, dc)
 	v1, v2, v3 := readiness.View{Keys: 7, NotIn: []uint32{3}}, readiness.View{Keys: 8}, readiness.View{Keys: 9}
 	one := func(*readiness.View) int { return 1 }
 	writes := func() float64 { return value(m.ViewWrites.WithLabelValues("ok")) }
-	holds := func(what string, v readiness.View) {
+	holds := func(what, node string, v readiness.View) {
 		t.Helper()
 		want := *readiness.EncodeView(v)
 		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-			u, err := dc.Resource(nodeview.GVR).Namespace(api.Namespace).Get(ctx, "node-a", metav1.GetOptions{})
+			u, err := dc.Resource(nodeview.GVR).Namespace(api.Namespace).Get(ctx, node, metav1.GetOptions{})
 			var got api.ReadinessView
 			if err == nil {
 				got, err = nodeview.Parse(u)
@@ -331,39 +360,50 @@ func TestViewWriterDropsNeedless(t *testing.T) {
 				return
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("%s: the API holds %+v (%v), want %+v", what, got, err, want)
+				t.Fatalf("%s: the API holds %+v (%v) for %s, want %+v", what, got, err, node, want)
 			}
 		}
 	}
 	w.Set("node-a", "uid-a", v1, one)
-	holds("first view", v1)
-	// v2 waits out the node's 1 s gap in the queue; its row arrives meanwhile.
+	holds("first view", "node-a", v1)
+	// The writer takes node-b's view and blocks in its write; v2 waits in the queue
+	// meanwhile, and its row arrives.
+	w.Set("node-b", "uid-b", v1, one)
+	select {
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the writer did not write node-b's view")
+	}
 	w.Set("node-a", "uid-a", v2, one)
 	if n := w.Recheck(func(string, *readiness.View, readiness.View) bool { return true }); n != 0 {
+		close(release)
 		t.Fatalf("Recheck dropped %d views that are needed", n)
 	}
-	if n := w.Recheck(func(node string, held *readiness.View, want readiness.View) bool {
+	n := w.Recheck(func(node string, held *readiness.View, want readiness.View) bool {
 		if node != "node-a" || held == nil || held.Keys != v1.Keys || want.Keys != v2.Keys {
 			t.Errorf("Recheck asked about %s, held %+v, want %+v", node, held, want)
 		}
 		return false
-	}); n != 1 {
+	})
+	close(release)
+	if n != 1 {
 		t.Fatalf("Recheck dropped %d views, want 1", n)
 	}
 	if q := value(m.ViewsQueued.WithLabelValues("gating")) + value(m.ViewsQueued.WithLabelValues("deferred")); q != 0 {
 		t.Fatalf("%v views still queued after Recheck dropped node-a's", q)
 	}
+	holds("node-b's view, once released", "node-b", v1)
 	w.SetNeeded("node-a", "uid-a", v3, one, func(*readiness.View) bool { return false })
 	time.Sleep(1500 * time.Millisecond) // past the gap: a view still queued would be written
-	if got := writes(); got != 1 {
-		t.Fatalf("%v writes, want 1 (the needless views dropped)", got)
+	if got := writes(); got != 2 {
+		t.Fatalf("%v writes, want 2 (node-a's first and node-b's; the needless views dropped)", got)
 	}
 	if got := value(m.ViewsSkipped); got != 2 {
 		t.Errorf("%v views skipped, want 2", got)
 	}
-	holds("the needless views not written", v1)
+	holds("the needless views not written", "node-a", v1)
 	if err := dc.Resource(nodeview.GVR).Namespace(api.Namespace).Delete(ctx, "node-a", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	holds("deleted by hand: the view written, not a dropped one, comes back", v1)
+	holds("deleted by hand: the view written, not a dropped one, comes back", "node-a", v1)
 }

@@ -43,7 +43,7 @@ func TestAgentSecretAccess(t *testing.T) {
 	}
 	policy := testPolicy()
 	policy.ProtocolV2 = true
-	e.startMaster("master-a", policy)
+	r0 := e.startMaster("master-a", policy)
 	agents := map[string]*agent{}
 	for i, n := range []string{"n1", "n2"} {
 		agents[n] = e.addNode(n, i+1)
@@ -141,6 +141,7 @@ func TestAgentSecretAccess(t *testing.T) {
 		a.publish.Store(true)
 	}
 	waitPublished(e, agents, 2)
+	publishing(e, r0, len(agents)) // in the master's caches too: it decides from them
 	e.requestRotation("2026-01-01T00:00:00Z")
 	r := e.ringIs(api.ModeEnforce, wait, "2:active")
 	if !r.Generation(2).V2() {

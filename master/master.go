@@ -34,6 +34,7 @@ import (
 	"io"
 	"log/slog"
 	"maps"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -668,6 +669,17 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 		problems = append(problems, err.Error())
 	}
 
+	next := hist.High + 1 // the number the next generation takes (keys.Step's newGen)
+	if ring != nil {
+		next = ring.LastGeneration + 1
+	}
+	publishing := 0
+	for _, n := range nodes {
+		if slices.Contains(n.Published, next) {
+			publishing++
+		}
+	}
+	m.NextGenPublishing.Set(float64(publishing))
 	res, err := keys.Step(keys.Input{Ring: ring, Nodes: nodes, Target: target, RotateRequest: req,
 		Now: c.opts.Now(), Config: c.opts.Policy, Rand: c.opts.Rand, LagSince: c.lagSince})
 	if err != nil {

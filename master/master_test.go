@@ -479,14 +479,17 @@ func TestProtocolV2Upgrade(t *testing.T) {
 	e := newEnv(t)
 	policy := testPolicy()
 	policy.ProtocolV2 = true
-	e.startMaster("master-a", policy)
+	r0 := e.startMaster("master-a", policy)
 	agents := enableCluster(e, "n1", "n2", "n3")
 	if g := e.ring().Generation(1); g.V2() {
 		t.Fatal("generation 1 is v2 while no node publishes keys")
 	}
 	agents["n1"].publish.Store(true)
 	agents["n2"].publish.Store(true)
-	time.Sleep(500 * time.Millisecond) // their NodeKeys reach the master's cache
+	// Their NodeKeys reach the master's caches (not only the API: the master decides from
+	// what its informers hold, and nothing orders the NodeKeys watch before the
+	// ConfigMap's).
+	publishing(e, r0, 2)
 	e.requestRotation("2026-01-01T00:00:00Z")
 	r := e.ringIs(api.ModeEnforce, wait, "2:active")
 	if g := r.Generation(2); g.V2() || len(g.Root) != keys.RootKeyBytes {
@@ -505,6 +508,7 @@ func TestProtocolV2Upgrade(t *testing.T) {
 		}
 		return true, ""
 	})
+	publishing(e, r0, 3)
 	e.requestRotation("2026-01-02T00:00:00Z")
 	r = e.ringIs(api.ModeEnforce, wait, "3:active")
 	g := r.Generation(3)
@@ -514,5 +518,15 @@ func TestProtocolV2Upgrade(t *testing.T) {
 	e.eventually("the v2 generation's event", wait, func() (bool, string) {
 		evs := strings.Join(e.eventReasons(), "\n")
 		return strings.Contains(evs, "GenerationCreated: generation 3 created (request, protocol v2)"), evs
+	})
+}
+
+// publishing waits until replica r, leading, counts n nodes publishing their keys for the
+// next generation in its caches (secureoverlay_master_next_generation_publishing_nodes).
+func publishing(e *env, r *replica, n int) {
+	e.t.Helper()
+	e.eventually(fmt.Sprintf("the master seeing %d nodes publish keys for the next generation", n), wait, func() (bool, string) {
+		got := value(r.metrics.NextGenPublishing)
+		return got == float64(n), fmt.Sprintf("%v", got)
 	})
 }

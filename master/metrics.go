@@ -33,6 +33,10 @@ type Metrics struct {
 	// ViewsSkipped counts NodeViews not written because every agent publishes rows and
 	// the node is outside its own re-key phase (docs/protocol-v2.md §9 step 3).
 	ViewsSkipped prometheus.Counter
+	// NextGenPublishing: the nodes whose agent publishes its key for the next generation
+	// (a NodeKeys of its report's key incarnation). With --protocol-v2 the next generation
+	// is a v2 one only if every node not excluded does (docs/keys.md §10).
+	NextGenPublishing prometheus.Gauge
 }
 
 // NewMetrics creates the metrics (unregistered).
@@ -71,13 +75,16 @@ func NewMetrics() *Metrics {
 			Help: "Protocol v2 readiness: NodeViews waiting to be written, by priority (gating: the view lets its node use pairs it cannot use yet, written first, most pairs first; deferred: the rest)."}, []string{"priority"}),
 		ViewsSkipped: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: "readiness_views_skipped_total",
 			Help: "Protocol v2 readiness: NodeView changes not written because every agent publishes its readiness row (NodeRow) and the node's pending pairs are all with peers that re-keyed after its view: their rows confirm them."}),
+		NextGenPublishing: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Subsystem: sub, Name: "next_generation_publishing_nodes",
+			Help: "Nodes whose agent publishes its public key for the next key generation (NodeKeys of the key incarnation its report shows). With --protocol-v2 the next generation is a v2 one (no shared root) only if every node not excluded does."}),
 	}
 }
 
 // Register adds every metric to reg.
 func (m *Metrics) Register(reg prometheus.Registerer) error {
 	for _, c := range []prometheus.Collector{m.Rotations, m.Generation, m.PendingGen, m.LiveGenerations, m.Lagging,
-		m.Excluded, m.Leader, m.Mode, m.RingValid, m.RingErrors, m.ReconcileErrors, m.ShadowNodes, m.ShadowUnconfirmed, m.ViewWrites, m.ViewsQueued, m.ViewsSkipped} {
+		m.Excluded, m.Leader, m.Mode, m.RingValid, m.RingErrors, m.ReconcileErrors, m.ShadowNodes, m.ShadowUnconfirmed, m.ViewWrites, m.ViewsQueued, m.ViewsSkipped,
+		m.NextGenPublishing} {
 		if err := reg.Register(c); err != nil {
 			return err
 		}

@@ -400,6 +400,28 @@ func writeHeapProfile(t *testing.T, path string) {
 	t.Logf("heap profile: %s", path)
 }
 
+// startCPUProfile starts this process's CPU profile into path (none if path is empty);
+// the returned func stops it.
+func startCPUProfile(t *testing.T, path string) func() {
+	if path == "" {
+		return func() {}
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		t.Fatal(err)
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		if err := f.Close(); err != nil {
+			t.Error(err)
+		}
+		t.Logf("CPU profile: %s", path)
+	}
+}
+
 func heapMiB() (inuse, alloc float64) {
 	runtime.GC()
 	runtime.GC()
@@ -460,9 +482,12 @@ func TestBenchAgentMemory(t *testing.T) {
 	inuse0, alloc0 := heapMiB()
 	rss0 := rssKiB(t)
 	fk := xfrm.NewFake()
+	// SECUREOVERLAY_BENCH_CPUPROFILE: a CPU profile of this process from the agent's start
+	// to its first sync (where the first sync's time goes; go tool pprof path).
+	stopProfile := startCPUProfile(t, os.Getenv("SECUREOVERLAY_BENCH_CPUPROFILE"))
 	t0 = time.Now()
 	a, stop := startAgent(t, cfg, fk, agent.DefaultAPIQPS, agent.DefaultAPIBurst)
-	for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(100 * time.Millisecond) {
+	for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(10 * time.Millisecond) {
 		_, ps := fk.Snapshot()
 		if a.Status().Ready && len(ps) == nodes-1 {
 			break
@@ -472,6 +497,7 @@ func TestBenchAgentMemory(t *testing.T) {
 		}
 	}
 	synced := time.Since(t0)
+	stopProfile()
 	time.Sleep(2 * time.Second)
 	inuse1, alloc1 := heapMiB()
 	if path := os.Getenv("SECUREOVERLAY_BENCH_HEAPPROFILE"); path != "" {

@@ -51,24 +51,35 @@ func ParseIPAMBlock(u *unstructured.Unstructured) (desired.Block, error) {
 
 // BlockFromV3 is ParseIPAMBlock of a typed block spec.
 func BlockFromV3(name string, spec *v3.IPAMBlockSpec) (desired.Block, error) {
-	cidr, err := netip.ParsePrefix(strings.TrimSpace(spec.CIDR))
+	attrNodes := make([]string, len(spec.Attributes))
+	for i, a := range spec.Attributes {
+		attrNodes[i] = a.ActiveOwnerAttrs["node"]
+	}
+	return blockFrom(name, spec.CIDR, spec.Affinity, spec.Deleted, spec.Allocations, attrNodes)
+}
+
+// blockFrom is ParseIPAMBlock of the fields it reads: the CIDR, affinity and deleted
+// flag, and per address its attribute's index (allocations) and per attribute the node
+// that holds it (attrNodes: ActiveOwnerAttrs["node"]).
+func blockFrom(name, cidrText string, affinity *string, deleted bool, allocations []*int, attrNodes []string) (desired.Block, error) {
+	cidr, err := netip.ParsePrefix(strings.TrimSpace(cidrText))
 	if err != nil {
-		return desired.Block{}, fmt.Errorf("ipamblock %q: spec.cidr %q: %w", name, spec.CIDR, err)
+		return desired.Block{}, fmt.Errorf("ipamblock %q: spec.cidr %q: %w", name, cidrText, err)
 	}
 	cidr = cidr.Masked()
-	b := desired.Block{CIDR: cidr, Deleted: spec.Deleted}
-	if spec.Affinity != nil {
-		b.Affinity = *spec.Affinity
+	b := desired.Block{CIDR: cidr, Deleted: deleted}
+	if affinity != nil {
+		b.Affinity = *affinity
 	}
 	owner, hasOwner := desired.ParseAffinity(b.Affinity)
-	if !cidr.Addr().Is4() || len(spec.Allocations) == 0 || len(spec.Attributes) == 0 {
+	if !cidr.Addr().Is4() || len(allocations) == 0 || len(attrNodes) == 0 {
 		return b, nil
 	}
-	for ordinal, a := range spec.Allocations {
-		if a == nil || *a < 0 || *a >= len(spec.Attributes) {
+	for ordinal, a := range allocations {
+		if a == nil || *a < 0 || *a >= len(attrNodes) {
 			continue
 		}
-		node := spec.Attributes[*a].ActiveOwnerAttrs["node"]
+		node := attrNodes[*a]
 		if node == "" || (hasOwner && node == owner) {
 			continue
 		}

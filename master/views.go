@@ -168,7 +168,8 @@ func (w *viewWriter) run(ctx context.Context) {
 	}()
 	f := dynamicinformer.NewFilteredDynamicSharedInformerFactory(w.dc, 0, w.ns, nil)
 	inf := f.ForResource(nodeview.GVR).Informer()
-	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+	synced := inf.HasSynced
+	if reg, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { w.observed(obj, false) },
 		UpdateFunc: func(_, obj any) { w.observed(obj, false) },
 		DeleteFunc: func(obj any) {
@@ -179,6 +180,10 @@ func (w *viewWriter) run(ctx context.Context) {
 		},
 	}); err != nil {
 		w.log.Warn("cannot follow the NodeViews; writing every view", "err", err)
+	} else {
+		// The handler has taken the initial list, not just the informer's store: a view a
+		// previous leader wrote is known as written before the first write is decided.
+		synced = reg.HasSynced
 	}
 	// An older manifest (no CRD) or RBAC without nodeviews: one warning, not the
 	// reflector's message at every retry; nothing is written until it can be listed.
@@ -194,7 +199,7 @@ func (w *viewWriter) run(ctx context.Context) {
 		cache.DefaultWatchErrorHandler(ctx, r, err)
 	})
 	f.Start(ctx.Done())
-	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+	if !cache.WaitForCacheSync(ctx.Done(), synced) {
 		return
 	}
 	for w.next(ctx) {

@@ -60,7 +60,8 @@ func TestViewWriter(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond) // nothing more comes
 	}
-	time.Sleep(100 * time.Millisecond) // the start's list
+	// No wait for the start's list: the writer decides nothing before its handler has
+	// taken the list (node-b's view as written).
 	gates := func(*readiness.View) int { return 1 }
 	w.Set("node-b", "uid-b", v2, gates)
 	w.Set("node-a", "uid-a", v1, gates)
@@ -222,6 +223,10 @@ func TestViewWriterRestores(t *testing.T) {
 	}
 	isWant := func(got api.ReadinessView, err error) bool { return err == nil && got == want }
 	holds("written", isWant)
+	// The count follows the write's return, which the API's object may precede.
+	for deadline := time.Now().Add(10 * time.Second); value(m.ViewWrites.WithLabelValues("ok")) < 1 && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
 	time.Sleep(300 * time.Millisecond) // the informer's echo of the write
 	if got := value(m.ViewWrites.WithLabelValues("ok")); got != 1 {
 		t.Fatalf("%v writes, want 1 (the echo of its own write must not cause another)", got)

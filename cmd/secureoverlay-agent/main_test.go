@@ -312,7 +312,9 @@ func TestBinarySIGTERMAndCleanup(t *testing.T) {
 			t.Logf("uninstalling agent stderr:\n%s", stderr2.String())
 		}
 	})
-	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(stderr2.String(), "caches synced"); time.Sleep(50 * time.Millisecond) {
+	// Synced, and the tracker's watch on the DaemonSet open (a deletion before it would
+	// only be inferred: no walk-down).
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(stderr2.String(), "caches synced") || !strings.Contains(stderr2.String(), "following the pod's DaemonSet"); time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("agent did not sync:\n%s", stderr2.String())
 		}

@@ -98,11 +98,15 @@ func run() error {
 			log.Warn("no kubernetes client; the plugin will be kept on termination", "err", err)
 		} else {
 			tracker = owner.NewTracker(client, *podNS, *podName)
+			tracker.OnWatch = func() {
+				log.Info("following the pod's DaemonSet: its deletion makes termination remove the plugin", "pod", *podNS+"/"+*podName)
+			}
 			tctx, tcancel := context.WithCancel(context.Background())
 			defer tcancel()
 			go tracker.Run(tctx, func(format string, args ...any) { log.Warn(fmt.Sprintf(format, args...)) })
 		}
 	}
+	log.Info("sidecar running: keeps the plugin installed until terminated", "followsDaemonSet", tracker != nil)
 	if err := in.Run(ctx); err != nil {
 		return err
 	}

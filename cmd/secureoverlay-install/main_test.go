@@ -191,11 +191,11 @@ func TestBadFlagsWriteNothing(t *testing.T) {
 
 // sidecar starts the binary in watch mode and returns a function that sends SIGTERM and
 // waits for a clean exit, returning the output.
-func sidecar(t *testing.T, bin string, args []string, env ...string) (term func() string) {
+func sidecar(t *testing.T, bin string, args []string, env ...string) (term func() string, logged func(what string)) {
 	t.Helper()
 	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), env...)
-	var out bytes.Buffer
+	var out testutil.SyncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -209,7 +209,7 @@ func sidecar(t *testing.T, bin string, args []string, env ...string) (term func(
 			<-done
 		}
 	})
-	return func() string {
+	term = func() string {
 		t.Helper()
 		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)
@@ -225,6 +225,13 @@ func sidecar(t *testing.T, bin string, args []string, env ...string) (term func(
 		}
 		return out.String()
 	}
+	// logged waits for a line of the sidecar's containing what (not a sleep: a SIGTERM
+	// before the sidecar has set up its handler kills it outright).
+	logged = func(what string) {
+		t.Helper()
+		waitFor(t, fmt.Sprintf("the sidecar to log %q", what), 30*time.Second, func() bool { return strings.Contains(out.String(), what) })
+	}
+	return term, logged
 }
 
 // TestSidecarAgainstAPIServer runs the sidecar as a least-privilege ServiceAccount against
@@ -297,7 +304,7 @@ func TestSidecarAgainstAPIServer(t *testing.T) {
 	args := n.args("--kubeconfig", kubeconfig)
 
 	// 1. Sidecar on a live DaemonSet: installs, repairs a rewrite, keeps on SIGTERM.
-	term := sidecar(t, bin, args, env...)
+	term, _ := sidecar(t, bin, args, env...)
 	waitFor(t, "install", 10*time.Second, n.installed)
 	if err := os.WriteFile(n.list(), []byte(calicoList), 0o644); err != nil { // in place, like install-cni
 		t.Fatal(err)
@@ -313,16 +320,16 @@ func TestSidecarAgainstAPIServer(t *testing.T) {
 	}
 
 	// 2. Without pod identity the sidecar cannot check, so it keeps the plugin.
-	term = sidecar(t, bin, args)
-	time.Sleep(300 * time.Millisecond)
+	term, logged := sidecar(t, bin, args)
+	logged("sidecar running")
 	if out := term(); !n.installed() || !strings.Contains(out, "keeping the plugin") {
 		t.Fatalf("sidecar without POD_NAME did not keep the plugin:\n%s", out)
 	}
 
 	// 3. The DaemonSet is deleted (kubectl delete: background propagation), then the pod
 	// is terminated: the sidecar uninstalls, restoring the original file.
-	term = sidecar(t, bin, args, env...)
-	time.Sleep(300 * time.Millisecond)
+	term, logged = sidecar(t, bin, args, env...)
+	logged("following the pod's DaemonSet") // its deletion is seen from now on
 	if err := admin.AppsV1().DaemonSets(ns).Delete(ctx, dsName, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -338,9 +345,9 @@ func TestSidecarAgainstAPIServer(t *testing.T) {
 	// 4. kubectl delete -f deletes the DaemonSet and then our RBAC before the pod gets
 	// SIGTERM: the API refuses the check, but the sidecar watched the deletion happen.
 	env2 := []string{"POD_NAME=" + podName2, "POD_NAMESPACE=" + ns}
-	term = sidecar(t, bin, args, env2...)
+	term, logged = sidecar(t, bin, args, env2...)
 	waitFor(t, "install", 10*time.Second, n.installed)
-	time.Sleep(time.Second) // the tracker gets and watches its DaemonSet
+	logged("following the pod's DaemonSet")
 	if err := admin.AppsV1().DaemonSets(ns).Delete(ctx, dsName2, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}

@@ -141,6 +141,11 @@ type Tracker struct {
 	cascadeOnce, recreatedOnce sync.Once
 
 	watching atomic.Bool // a watch on the DaemonSet is open (for tests and diagnostics)
+
+	// OnWatch, if set before Run, is called once, when the first watch on the DaemonSet
+	// is open: from then on its deletion is seen (a log line for operators and tests).
+	OnWatch   func()
+	watchOnce sync.Once
 }
 
 // NewTracker returns a Tracker for pod namespace/name.
@@ -270,6 +275,9 @@ func (t *Tracker) follow(ctx context.Context, ref *metav1.OwnerReference) error 
 	}
 	t.watching.Store(true)
 	defer t.watching.Store(false)
+	if t.OnWatch != nil {
+		t.watchOnce.Do(t.OnWatch)
+	}
 	defer w.Stop()
 	for {
 		var ev watch.Event

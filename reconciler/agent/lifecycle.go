@@ -26,6 +26,9 @@ type Lifecycle struct {
 	// SignalsHandled, if set, is called once the agent no longer needs to outlive a
 	// second signal (the binary stops catching signals then).
 	SignalsHandled func()
+	// Following, if set, is called once the tracker's first watch on the pod's DaemonSet is
+	// open: from then on its deletion is seen.
+	Following func()
 }
 
 // Serve runs the agent until sig ends (SIGTERM) or until its DaemonSet's deletion is seen,
@@ -53,6 +56,12 @@ func (a *Agent) Serve(sig context.Context, lc Lifecycle) (owner.Decision, error)
 	defer stopTracking()
 	if lc.PodName != "" && lc.PodNamespace != "" {
 		tr = owner.NewTracker(lc.Client, lc.PodNamespace, lc.PodName)
+		tr.OnWatch = func() {
+			a.log.Info("following the pod's DaemonSet: its deletion walks the data plane down", "pod", lc.PodNamespace+"/"+lc.PodName)
+			if lc.Following != nil {
+				lc.Following()
+			}
+		}
 		go tr.Run(trackCtx, func(format string, args ...any) { a.log.Warn(fmt.Sprintf(format, args...)) })
 	} else {
 		a.log.Warn("pod identity unknown ($POD_NAME/$POD_NAMESPACE unset): SIGTERM will always leave the data plane as it is")

@@ -180,6 +180,8 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 		a       *Agent
 		sigterm func() (owner.Decision, error)
 		ended   func() bool // Serve returned (it must not before SIGTERM)
+		// following is closed once the tracker's watch on the DaemonSet is open.
+		following <-chan struct{}
 	}
 	startPod := func(name string, step, heartbeat time.Duration) podRun {
 		t.Helper()
@@ -202,13 +204,15 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 			t.Fatal(err)
 		}
 		sig, term := context.WithCancel(ctx)
+		following := make(chan struct{})
 		type result struct {
 			d   owner.Decision
 			err error
 		}
 		res := make(chan result, 1)
 		go func() {
-			d, err := a.Serve(sig, Lifecycle{Client: client, PodNamespace: ns, PodName: name, DecisionTimeout: 2 * time.Second, UninstallStep: step})
+			d, err := a.Serve(sig, Lifecycle{Client: client, PodNamespace: ns, PodName: name, DecisionTimeout: 2 * time.Second, UninstallStep: step,
+				Following: func() { close(following) }})
 			res <- result{d, err}
 		}()
 		var got *result
@@ -231,7 +235,8 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 				default:
 					return got != nil
 				}
-			}}
+			},
+			following: following}
 	}
 	enforcing := func(what string) {
 		t.Helper()
@@ -279,7 +284,11 @@ func TestUninstallAgainstRealAPIServerAndKernel(t *testing.T) {
 	newPod("agent-3")
 	p3 := startPod("agent-3", 5*time.Second, 0)
 	enforcing("agent-3 started")
-	time.Sleep(300 * time.Millisecond) // the tracker's watch is open
+	select { // the tracker's watch is open (a deletion before it would only be inferred)
+	case <-p3.following:
+	case <-time.After(20 * time.Second):
+		t.Fatal("agent-3's tracker did not open its watch on the DaemonSet")
+	}
 	if err := admin.AppsV1().DaemonSets(ns).Delete(ctx, dsName, metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}

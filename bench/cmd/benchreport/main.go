@@ -369,6 +369,17 @@ func main() {
 	w("| RSS (VmRSS) | peak RSS (VmHWM) | Go heap alloc (lowest sample) | Go heap in use | next GC goal | first full sync (from process start) |\n|---:|---:|---:|---:|---:|---:|\n")
 	w("| %s | %s | %s (%s) | %s | %s | %s |\n", get("memory.binary.rss"), get("memory.binary.rss_peak"), get("memory.binary.heap_alloc"), get("memory.binary.heap_alloc_min"),
 		get("memory.binary.heap_inuse"), get("memory.binary.next_gc"), get("memory.binary.first_sync"))
+	if _, ok := results["memory.baseline.rss"]; ok {
+		w("\nBefore/after in this run: another build of the agent (`SECUREOVERLAY_BENCH_BASELINE_AGENT`), measured first on the same objects:\n\n")
+		w("| build | RSS | peak RSS | Go heap in use | first full sync |\n|---|---:|---:|---:|---:|\n")
+		for _, b := range []string{"baseline", "binary"} {
+			p := "memory." + b + "."
+			w("| %s | %s | %s | %s | %s |\n", map[string]string{"baseline": "baseline", "binary": "this tree"}[b], get(p+"rss"), get(p+"rss_peak"), get(p+"heap_inuse"), get(p+"first_sync"))
+		}
+		w("\nRatios this tree / baseline: RSS %s, first full sync %s.\n", ratio("memory.binary.rss", "memory.baseline.rss"), ratio("memory.binary.first_sync", "memory.baseline.first_sync"))
+	}
+	w("\nOne refused SA add costs this host %s (median of 5 rounds of 500, in the same namespace after the run: the kernel looks for esp4 and GCM each time), so of the binary's first full sync ≈ %s × %s SAs is spent on adds that fail here; a kernel with ESP spends its own SA-add time instead (§2: the lab's).\n",
+		get("memory.binary.failed_sa_add"), get("memory.binary.failed_sa_add"), get("memory.sas"))
 	w("\nThe agent in the test process instead (same objects, xfrm in the fake so all %s SAs are held; the process's growth from before the agent started):\n\n", get("memory.sas"))
 	w("| heap after GC (agent's share) | heap in use | RSS growth | process RSS | first full sync |\n|---:|---:|---:|---:|---:|\n")
 	w("| %s | %s | %s | %s | %s |\n", get("memory.heap_alloc"), get("memory.heap_inuse"), get("memory.rss"), get("memory.rss_process"), get("memory.first_sync"))

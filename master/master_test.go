@@ -403,11 +403,18 @@ func TestSequenceClaimsRateLimited(t *testing.T) {
 func TestSequenceClaimConfirmedByPeers(t *testing.T) {
 	e := newEnv(t)
 	e.startMaster("master-a", testPolicy())
-	agents := enableCluster(e, "n1", "n2", "n3")
+	agents := map[string]*agent{}
+	for i, n := range []string{"n1", "n2", "n3"} {
+		agents[n] = e.addNode(n, i+1)
+	}
+	// Their reports carry the counters before n2 claims (as every report of a current
+	// agent does: until one does, a claim is taken alone, as from agents of 0.1). Set
+	// before enabling, so that the reports the master reads to reach enforce carry them:
+	// its caches, not only the API, hold them when n2's claim comes.
 	agents["n1"].setInSeq(0.1, 1)
 	agents["n3"].setInSeq(0.2, 1)
-	// Their reports carry the counters before n2 claims (as every report of a current
-	// agent does: until one does, a claim is taken alone, as from agents of 0.1).
+	e.setConfig(map[string]string{api.ConfigEnabledKey: "true"}, nil)
+	e.ringIs(api.ModeEnforce, wait, "1:active")
 	e.eventually("n1 and n3 to report inbound counters", wait, func() (bool, string) {
 		r1, r3 := e.report("n1"), e.report("n3")
 		return strings.Contains(r1, `"maxInSeqFraction":0.1`) && strings.Contains(r3, `"maxInSeqFraction":0.2`), r1 + " " + r3

@@ -674,13 +674,23 @@ func TestBootGate(t *testing.T) {
 	}
 	_, _, err = add(p, conf)
 	wantCode(t, "ADD with a ready file of another boot", err, types.ErrTryAgainLater, "another boot (boot-1, this is boot-2)")
-	// The agent programs the node while an ADD waits: that ADD goes through.
+	// The agent programs the node while an ADD waits: that ADD goes through. The wait is
+	// long for this ADD (it returns as soon as the file appears): a loaded machine may
+	// run the writer late, and the ADD must not give up first.
+	short := gateWait
+	gateWait = 30 * time.Second
 	go func() {
-		time.Sleep(gateWait / 3)
+		time.Sleep(200 * time.Millisecond)
 		_ = gate.WriteReady(readyFile, gate.Ready{BootID: "boot-2", Mode: "enforce", At: time.Now()})
 	}()
-	if _, _, err := add(p, conf); err != nil {
+	t0 = time.Now()
+	_, _, err = add(p, conf)
+	gateWait = short
+	if err != nil {
 		t.Fatalf("ADD while the agent came back: %v", err)
+	}
+	if d := time.Since(t0); d < 200*time.Millisecond {
+		t.Errorf("ADD went through after %s, before the ready file was written", d)
 	}
 	if mtu, _ := p.mtus(t); mtu != 1400 {
 		t.Errorf("pod mtu %d after a gated ADD; want 1400 untouched", mtu)

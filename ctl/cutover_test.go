@@ -7,7 +7,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"testing"
 	"time"
 
@@ -43,10 +43,19 @@ func (e *env) startMaster() {
 }
 
 // simAgent follows the ring in the Secret like an agent and reports it on its Node
-// after a random "install" delay; paused, it stops reporting.
+// after a random "install" delay; paused, it stops reporting. Pausing waits for an
+// iteration in flight to end, so no report made from a ring read before or after the
+// pause lands once it has returned.
 type simAgent struct {
 	name, boot string
-	paused     atomic.Bool
+	mu         sync.Mutex // held for one iteration: read the ring, report it
+	paused     bool
+}
+
+func (a *simAgent) setPaused(p bool) {
+	a.mu.Lock()
+	a.paused = p
+	a.mu.Unlock()
 }
 
 func (e *env) startAgent(name, boot string) *simAgent {
@@ -54,45 +63,54 @@ func (e *env) startAgent(name, boot string) *simAgent {
 	ctx, cancel := context.WithCancel(e.ctx)
 	done := make(chan struct{})
 	e.t.Cleanup(func() { cancel(); <-done })
+	last := ""
+	// step is one iteration; false once ctx ends.
+	step := func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		if a.paused {
+			return true
+		}
+		sec, err := e.cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
+		if err != nil {
+			return ctx.Err() == nil
+		}
+		ring, err := keys.Parse(sec.Data[api.SecretDataKey])
+		if err != nil {
+			return true
+		}
+		rep := watch.Report{NodeReport: api.NodeReport{Mode: ring.Mode, Generations: ring.Numbers(), Incarnation: boot,
+			BudgetMTU: 1452, ExternalMTU: 1500, PeersEncrypted: 2, PeersExpected: 2}}
+		if ring.Mode.Rank() < api.ModeEncrypt.Rank() {
+			rep.PeersEncrypted = 0
+		}
+		b, _ := json.Marshal(rep)
+		if string(b) == last {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(time.Duration(rand.IntN(200)) * time.Millisecond):
+		}
+		rep.LastSync = time.Now().UTC().Truncate(time.Second)
+		full, _ := json.Marshal(rep)
+		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{api.ReportAnnotation: string(full)}}})
+		if _, err := e.cs.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{}); err == nil {
+			last = string(b)
+		}
+		return true
+	}
 	go func() {
 		defer close(done)
-		last := ""
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-time.After(50 * time.Millisecond):
 			}
-			if a.paused.Load() {
-				continue
-			}
-			sec, err := e.cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
-			if err != nil {
-				continue
-			}
-			ring, err := keys.Parse(sec.Data[api.SecretDataKey])
-			if err != nil {
-				continue
-			}
-			rep := watch.Report{NodeReport: api.NodeReport{Mode: ring.Mode, Generations: ring.Numbers(), Incarnation: boot,
-				BudgetMTU: 1452, ExternalMTU: 1500, PeersEncrypted: 2, PeersExpected: 2}}
-			if ring.Mode.Rank() < api.ModeEncrypt.Rank() {
-				rep.PeersEncrypted = 0
-			}
-			b, _ := json.Marshal(rep)
-			if string(b) == last {
-				continue
-			}
-			select {
-			case <-ctx.Done():
+			if !step() {
 				return
-			case <-time.After(time.Duration(rand.IntN(200)) * time.Millisecond):
-			}
-			rep.LastSync = time.Now().UTC().Truncate(time.Second)
-			full, _ := json.Marshal(rep)
-			patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{api.ReportAnnotation: string(full)}}})
-			if _, err := e.cs.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{}); err == nil {
-				last = string(b)
 			}
 		}
 	}()
@@ -178,14 +196,14 @@ func TestCutoverAndRotateWait(t *testing.T) {
 
 	// node-c's agent stops: the next rotation cannot activate; --wait names it and
 	// times out with exit 5.
-	agents["node-c"].paused.Store(true)
+	agents["node-c"].setPaused(true)
 	r = run("rotate", "--wait", "--timeout", "5s")
 	t.Logf("rotate --wait with node-c paused:\n%s", r)
 	if r.code != ExitTimeout || strings.Count(r.stderr, "\n") != 1 ||
 		!strings.HasPrefix(r.stderr, "error: timed out after 5s: generation 3 pending") || !strings.Contains(r.stderr, "node-c") {
 		t.Fatalf("rotate --wait with a lagging node:\n%s", r)
 	}
-	agents["node-c"].paused.Store(false)
+	agents["node-c"].setPaused(false)
 
 	r = run("disable", "--wait", "--timeout", "60s")
 	t.Logf("disable --wait:\n%s", r.stdout)

@@ -117,6 +117,7 @@ type env struct {
 	failXf    atomic.Bool
 	block     chan struct{} // the rules fake blocks its next chain listing on it when blockNext
 	blockNext atomic.Bool
+	atBlock   atomic.Pointer[float64] // syncs counted when the blocked sync blocked
 	now       atomic.Int64
 }
 
@@ -149,6 +150,8 @@ func newEnv(t *testing.T, mode api.Mode, cfg Config) *env {
 	e.block = make(chan struct{})
 	e.rk.Fail = func(op string) error {
 		if op == "list-chains" && e.blockNext.CompareAndSwap(true, false) {
+			n := e.syncs("ok") + e.syncs("error") // every sync before this one (one at a time)
+			e.atBlock.Store(&n)
 			<-e.block
 		}
 		return nil
@@ -187,8 +190,11 @@ func (e *env) run() (stop func()) {
 	return func() { cancel(); <-done }
 }
 
-// blockedSync waits until no sync ran for 200 ms, then starts a full sync that blocks in
-// the rules applier until e.block is closed; it returns the syncs counted before it.
+// blockedSync waits until no sync ran for 200 ms (the start's syncs, and the full syncs
+// the publishing ones hand over to, are done), then starts a full sync that blocks in the
+// rules applier until e.block is closed; it returns the syncs counted before the one that
+// blocked. That is counted when it blocks, not before asking for it: a sync already on its
+// way may still be the one that blocks, and the one asked for then runs after it.
 func (e *env) blockedSync() float64 {
 	e.t.Helper()
 	for last := -1.0; ; {
@@ -199,11 +205,10 @@ func (e *env) blockedSync() float64 {
 		}
 		last = n
 	}
-	before := e.syncs("ok") + e.syncs("error")
 	e.blockNext.Store(true)
 	e.a.Resync()
 	waitFor(e.t, "the sync to block", func() bool { return !e.blockNext.Load() })
-	return before
+	return *e.atBlock.Load()
 }
 
 // versionSecret gives the key Secret a resourceVersion. The fake API sets none, and the

@@ -17,6 +17,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 )
@@ -217,7 +218,10 @@ func TestMasterWithOlderRBAC(t *testing.T) {
 	if _, err := admin.RbacV1().Roles(api.Namespace).Update(e.ctx, role, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(time.Second) // the authorizer's informer
+	// The authorizer's informer has taken the older Role before the master starts.
+	kube.RequireDenied(t, admin, kube.ServiceAccountUser(api.Namespace, "secureoverlay-master"), kube.ServiceAccountGroups(api.Namespace),
+		authorizationv1.ResourceAttributes{Verb: "get", Resource: "configmaps", Namespace: api.Namespace, Name: api.RingConfigMapName},
+		authorizationv1.ResourceAttributes{Verb: "update", Group: "rbac.authorization.k8s.io", Resource: "rolebindings", Namespace: api.Namespace, Name: "secureoverlay-agent-keys"})
 	e.startMaster("master-a", testPolicy())
 	enableCluster(e, "n1", "n2")
 	logs := e.sink.text()

@@ -18,6 +18,12 @@ import (
 // ClusterRoleBinding was created). Tests that create RBAC and then assert on it, or run
 // a client under it, wait here first. It returns how long the wait took.
 func WaitAuthorized(ctx context.Context, cs kubernetes.Interface, user string, groups []string, attrs authorizationv1.ResourceAttributes, timeout time.Duration) (time.Duration, error) {
+	return waitAccess(ctx, cs, user, groups, attrs, timeout, true)
+}
+
+// waitAccess blocks until the authorizer's answer for user (in groups) and attrs is
+// allowed, or timeout passes.
+func waitAccess(ctx context.Context, cs kubernetes.Interface, user string, groups []string, attrs authorizationv1.ResourceAttributes, timeout time.Duration, allowed bool) (time.Duration, error) {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -29,15 +35,21 @@ func WaitAuthorized(ctx context.Context, cs kubernetes.Interface, user string, g
 		switch {
 		case err != nil:
 			last = err.Error()
-		case got.Status.Allowed:
+		case got.Status.Allowed == allowed:
 			return time.Since(start), nil
+		case got.Status.Allowed:
+			last = "allowed"
 		default:
 			last = fmt.Sprintf("denied (%s)", got.Status.Reason)
 		}
 		select {
 		case <-ctx.Done():
-			return time.Since(start), fmt.Errorf("%s %s %s.%s %s/%s not authorized after %v: %s",
-				user, attrs.Verb, attrs.Resource, attrs.Group, attrs.Namespace, attrs.Name, timeout, last)
+			want := "authorized"
+			if !allowed {
+				want = "denied"
+			}
+			return time.Since(start), fmt.Errorf("%s %s %s.%s %s/%s not %s after %v: %s",
+				user, attrs.Verb, attrs.Resource, attrs.Group, attrs.Namespace, attrs.Name, want, timeout, last)
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -60,6 +72,18 @@ func RequireAuthorized(t testing.TB, cs kubernetes.Interface, user string, group
 		}
 		if took > 100*time.Millisecond {
 			t.Logf("rbac: %s %s %s in effect after %v", user, a.Verb, a.Resource, took.Round(time.Millisecond))
+		}
+	}
+}
+
+// RequireDenied is RequireAuthorized for RBAC taken away: it waits (up to 30 s each) until
+// every access in attrs is denied to user in groups (the authorizer's informer may still
+// hold the old rules for a moment after a Role is updated).
+func RequireDenied(t testing.TB, cs kubernetes.Interface, user string, groups []string, attrs ...authorizationv1.ResourceAttributes) {
+	t.Helper()
+	for _, a := range attrs {
+		if _, err := waitAccess(context.Background(), cs, user, groups, a, 30*time.Second, false); err != nil {
+			t.Fatal(err)
 		}
 	}
 }

@@ -33,7 +33,7 @@ func operatorNamespaceRules(withSecret bool) []rbacv1.PolicyRule {
 		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{api.StatusConfigMapName}, Verbs: []string{"get"}},
 		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list"}},
 		{APIGroups: []string{""}, Resources: []string{"pods/proxy"}, Verbs: []string{"get"}},
-		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource}, Verbs: []string{"get", "list"}},
+		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource, nodereport.StatusResource}, Verbs: []string{"get", "list"}},
 	}
 	if withSecret {
 		r = append(r, rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{api.SecretName}, Verbs: []string{"get"}})

@@ -314,3 +314,67 @@ func TestStatusLargeCluster(t *testing.T) {
 		t.Fatalf("status after node-001's agent wrote a sync error: %v, %+v, states %v", err, st.Nodes[1], st.States)
 	}
 }
+
+// TestStatusReadsNodeStatuses: status takes each node's report from the later of its
+// NodeReport and its NodeStatus (nodereport.PickObject), read as summaries and whole.
+func TestStatusReadsNodeStatuses(t *testing.T) {
+	e := newEnv(t)
+	name := func(i int) string { return fmt.Sprintf("node-%d", i) }
+	const n = 4
+	report := func(i int, age time.Duration, errText string) []byte {
+		r := &watch.Report{NodeReport: api.NodeReport{Mode: api.ModeEnforce, Generations: []uint32{7}, Incarnation: "boot-" + name(i),
+			BudgetMTU: 1452, ExternalMTU: 1500, PeersEncrypted: n - 1, PeersExpected: n - 1, LastSync: fixedNow.Add(-age), Error: errText},
+			InboundFrom: map[string]string{}, EncryptingTo: map[string]string{}}
+		for j := range n {
+			if j != i {
+				r.InboundFrom[name(j)] = watch.IncarnationTag("boot-" + name(j))
+				r.EncryptingTo[name(j)] = watch.IncarnationTag("boot-" + name(j))
+			}
+		}
+		b, err := json.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	dyn := dynamic.NewForConfigOrDie(e.cluster.AdminConfig())
+	write := func(status bool, i int, raw []byte) {
+		t.Helper()
+		w := nodereport.Write
+		if status {
+			w = nodereport.WriteStatus
+		}
+		if err := w(e.ctx, dyn, api.Namespace, name(i), "", string(api.ModeEnforce), raw); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range n {
+		kube.CreateNode(t, e.cluster.AdminConfig(), kube.Node{Name: name(i), IPv4: cluster.IP(i).String(), BootID: "boot-" + name(i)})
+	}
+	write(false, 0, report(0, 30*time.Second, ""))                      // a NodeReport only
+	write(true, 1, report(1, 30*time.Second, ""))                       // a NodeStatus only
+	write(false, 2, report(2, 10*time.Minute, "left behind"))           // a NodeReport left behind ...
+	write(true, 2, report(2, 30*time.Second, ""))                       // ... by an agent that writes its NodeStatus
+	write(true, 3, report(3, 10*time.Minute, ""))                       // a NodeStatus left behind ...
+	write(false, 3, report(3, 30*time.Second, "agent rolled back: ok")) // ... by an agent rolled back to NodeReports
+	ms := healthyMaster()
+	ms.Nodes = n
+	e.setMasterStatus(ms)
+	e.setConfigMap(map[string]string{api.ConfigEnabledKey: "true"})
+
+	r := e.run("status", "-o", "json")
+	var st StatusOutput
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || len(st.Nodes) != n {
+		t.Fatalf("status -o json: %v\n%s", err, r)
+	}
+	for i, want := range []string{"", "", "", "agent rolled back: ok"} {
+		if got := st.Nodes[i]; !got.Reported || got.Error != want || !got.LastSync.Equal(fixedNow.Add(-30*time.Second)) {
+			t.Errorf("%s: reported %v, error %q, last sync %v; want its current report (error %q, 30s ago)", name(i), got.Reported, got.Error, got.LastSync, want)
+		}
+	}
+	// --node reads whole reports, from either kind: every pair in place.
+	r = e.run("status", "--node", name(1))
+	if r.code != ExitOK || strings.Count(r.stdout, "\nnode-") != n-1 || strings.Contains(r.stdout, " no ") {
+		t.Fatalf("status --node %s:\n%s", name(1), r)
+	}
+}

@@ -16,6 +16,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/nodereport"
@@ -165,23 +166,42 @@ func claimsAbout(node, raw, about string) string {
 	return api.TrimReport(raw, about)
 }
 
-// readReports returns every NodeReport's report in ns by node name (none when the CRD is
-// not installed), as claimsAbout keeps it. Without claims (about ""), the reports come
-// from a metadata-only list: each object's summary annotation, written by the agent with
-// the report; only the objects without one (agents predating it) are read whole. With
-// claims, every object is read whole, a page at a time.
+// readReports returns every node's report in ns by node name, as claimsAbout keeps it:
+// the later of its NodeReport's and its NodeStatus's (nodereport.PickObject; a kind whose
+// CRD is not installed has none).
 func (c *clients) readReports(ctx context.Context, ns, about string) (map[string]string, error) {
+	reports, err := c.readReportsOf(ctx, nodereport.GVR, ns, about)
+	if err != nil {
+		return nil, err
+	}
+	statuses, err := c.readReportsOf(ctx, nodereport.StatusGVR, ns, about)
+	if err != nil {
+		return nil, err
+	}
+	for node, st := range statuses {
+		reports[node] = nodereport.PickObject(reports[node], st)
+	}
+	return reports, nil
+}
+
+// readReportsOf returns every report of kind gvr (NodeReports or NodeStatuses) in ns by
+// node name (none when the CRD is not installed), as claimsAbout keeps it. Without claims
+// (about ""), the reports come from a metadata-only list: each object's summary
+// annotation, written by the agent with the report; only the objects without one (agents
+// predating it, and reports without lists, which are their own summary) are read whole.
+// With claims, every object is read whole, a page at a time.
+func (c *clients) readReportsOf(ctx context.Context, gvr schema.GroupVersionResource, ns, about string) (map[string]string, error) {
 	reports := map[string]string{}
 	missing := map[string]bool{}
 	if about == "" {
 		opts := metav1.ListOptions{Limit: reportMetaPage}
 		for {
-			l, err := c.meta.Resource(nodereport.GVR).Namespace(ns).List(ctx, opts)
+			l, err := c.meta.Resource(gvr).Namespace(ns).List(ctx, opts)
 			switch {
 			case apierrors.IsNotFound(err):
 				return reports, nil
 			case err != nil:
-				return nil, c.apiError(fmt.Sprintf("list %s in %s", nodereport.Resource, ns), err)
+				return nil, c.apiError(fmt.Sprintf("list %s in %s", gvr.Resource, ns), err)
 			}
 			for i := range l.Items {
 				m := &l.Items[i]
@@ -214,7 +234,7 @@ func (c *clients) readReports(ctx context.Context, ns, about string) (map[string
 				Report string `json:"report"`
 			} `json:"items"`
 		}
-		req := c.cs.CoreV1().RESTClient().Get().AbsPath("/apis", nodereport.Group, nodereport.Version, "namespaces", ns, nodereport.Resource)
+		req := c.cs.CoreV1().RESTClient().Get().AbsPath("/apis", gvr.Group, gvr.Version, "namespaces", ns, gvr.Resource)
 		for k, vs := range q {
 			req = req.Param(k, vs[0])
 		}
@@ -223,10 +243,10 @@ func (c *clients) readReports(ctx context.Context, ns, about string) (map[string
 		case apierrors.IsNotFound(err):
 			return reports, nil
 		case err != nil:
-			return nil, c.apiError(fmt.Sprintf("list %s in %s", nodereport.Resource, ns), err)
+			return nil, c.apiError(fmt.Sprintf("list %s in %s", gvr.Resource, ns), err)
 		}
 		if err := json.Unmarshal(b, &l); err != nil {
-			return nil, withCode(ExitNotOK, fmt.Errorf("list %s in %s: %w", nodereport.Resource, ns, err))
+			return nil, withCode(ExitNotOK, fmt.Errorf("list %s in %s: %w", gvr.Resource, ns, err))
 		}
 		for _, it := range l.Items {
 			if about == "" && !missing[it.Metadata.Name] {

@@ -152,7 +152,7 @@ func installMasterRBAC(t *testing.T, cs kubernetes.Interface, ns string) {
 		{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, Verbs: []string{"create"}},
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{name}, Verbs: []string{"get", "update"}},
-		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource, nodekeys.Resource, noderow.Resource}, Verbs: []string{"list", "watch"}},
+		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource, nodereport.StatusResource, nodekeys.Resource, noderow.Resource}, Verbs: []string{"list", "watch"}},
 		{APIGroups: []string{nodeview.Group}, Resources: []string{nodeview.Resource}, Verbs: []string{"get", "list", "watch", "create", "patch"}},
 	}}
 	subj := []rbacv1.Subject{{Kind: "ServiceAccount", Name: name, Namespace: ns}}
@@ -234,12 +234,14 @@ func (r *replica) stop() {
 // did. Clusters mix both, as during a rolling update.
 type agent struct {
 	name, boot string
-	object     bool
-	paused     atomic.Bool
-	seqFrac    atomic.Value            // float64: the highest sequence fraction ...
-	seqGen     atomic.Uint32           // ... measured on an SA of this generation
-	inSeq      atomic.Pointer[float64] // the inbound counters' fraction (nil: not reported, as 0.1)
-	inGen      atomic.Uint32
+	// kind is where the agent writes its report: kindAnnotation (as 0.1), kindReport
+	// (a NodeReport) or kindStatus (a NodeStatus, which only the master and the CLI read).
+	kind    int
+	paused  atomic.Bool
+	seqFrac atomic.Value            // float64: the highest sequence fraction ...
+	seqGen  atomic.Uint32           // ... measured on an SA of this generation
+	inSeq   atomic.Pointer[float64] // the inbound counters' fraction (nil: not reported, as 0.1)
+	inGen   atomic.Uint32
 	// publish: the agent publishes NodeKeys (protocol v2 keys) for its incarnation, as
 	// agents since NodeKeys do; false: as an agent that predates them.
 	publish atomic.Bool
@@ -251,11 +253,31 @@ type agent struct {
 	done      chan struct{}
 }
 
+// Where a simulated agent writes its report (agent.kind).
+const (
+	kindAnnotation = iota
+	kindReport
+	kindStatus
+)
+
+// addNode creates Node name (address 198.18.0.i) and runs a simulated agent for it that
+// writes its report as a NodeReport when i is even, else as an annotation.
 func (e *env) addNode(name string, i int) *agent {
-	boot := fmt.Sprintf("boot-%s-%d", name, rand.IntN(1e6))
+	kind := kindAnnotation
+	if i%2 == 0 {
+		kind = kindReport
+	}
+	return e.addNodeWith(name, i, kind, "")
+}
+
+// addNodeWith is addNode with the report's kind, and with boot ID boot ("": random).
+func (e *env) addNodeWith(name string, i, kind int, boot string) *agent {
+	if boot == "" {
+		boot = fmt.Sprintf("boot-%s-%d", name, rand.IntN(1e6))
+	}
 	kube.CreateNode(e.t, e.cluster.AdminConfig(), kube.Node{Name: name, IPv4: fmt.Sprintf("198.18.0.%d", i), BootID: boot})
 	ctx, cancel := context.WithCancel(e.ctx)
-	a := &agent{name: name, boot: boot, object: i%2 == 0, cancel: cancel, done: make(chan struct{})}
+	a := &agent{name: name, boot: boot, kind: kind, cancel: cancel, done: make(chan struct{})}
 	a.seqFrac.Store(0.0)
 	go e.runAgent(ctx, a)
 	e.t.Cleanup(a.stop)
@@ -325,6 +347,9 @@ func (e *env) runAgent(ctx context.Context, a *agent) {
 		if string(b) == last {
 			continue
 		}
+		content := string(b)
+		rep.LastSync = time.Now().UTC() // readers pick the later of two kinds by it
+		b, _ = json.Marshal(rep)
 		// "Install" before advertising: a random delay.
 		select {
 		case <-ctx.Done():
@@ -334,15 +359,20 @@ func (e *env) runAgent(ctx context.Context, a *agent) {
 		if a.paused.Load() {
 			continue
 		}
-		if a.object {
+		switch a.kind {
+		case kindReport:
 			if err := nodereport.Write(ctx, e.dyn(), api.Namespace, a.name, "", string(rep.Mode), b); err == nil {
-				last = string(b)
+				last = content
 			}
-			continue
-		}
-		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{api.ReportAnnotation: string(b)}}})
-		if _, err := e.cs.CoreV1().Nodes().Patch(ctx, a.name, types.MergePatchType, patch, metav1.PatchOptions{}); err == nil {
-			last = string(b)
+		case kindStatus:
+			if err := nodereport.WriteStatus(ctx, e.dyn(), api.Namespace, a.name, "", string(rep.Mode), b); err == nil {
+				last = content
+			}
+		default:
+			patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{api.ReportAnnotation: string(b)}}})
+			if _, err := e.cs.CoreV1().Nodes().Patch(ctx, a.name, types.MergePatchType, patch, metav1.PatchOptions{}); err == nil {
+				last = content
+			}
 		}
 	}
 }

@@ -45,6 +45,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -221,8 +222,13 @@ type Controller struct {
 	nodes   listerscorev1.NodeLister
 	configs listerscorev1.ConfigMapLister
 	queue   workqueue.TypedRateLimitingInterface[string]
-	// reports are the agents' NodeReports (nil without Options.Dynamic).
-	reports *nodereport.Cache[string]
+	// reports are the agents' NodeReports (nil without Options.Dynamic), statuses their
+	// NodeStatuses (the same reports under the kind only the master and the CLI read;
+	// nodereport.PickObject). statusesWarn warns once when those cannot be listed: then
+	// the NodeReports alone are read (a report that is not current there is behind, which
+	// holds steps and makes nothing unsafe).
+	reports, statuses *nodereport.Cache[string]
+	statusesWarn      sync.Once
 	// pubKeys are the agents' NodeKeys (nil without Options.Dynamic). Never waited for:
 	// while its CRD is missing (an older manifest) no node counts as publishing, every
 	// generation stays v1, and key incarnations come from the reports.
@@ -302,6 +308,7 @@ func (c *Controller) Run(ctx context.Context) error {
 			}
 			if n, ok := obj.(*corev1.Node); ok && c.reports != nil {
 				c.reports.Forget(n.Name)
+				c.statuses.Forget(n.Name)
 			}
 			c.queue.Add(queueKey)
 		},
@@ -333,22 +340,27 @@ func (c *Controller) Run(ctx context.Context) error {
 	c.nodes, c.configs = nodeInf.Lister(), configInf.Lister()
 	synced := []cache.InformerSynced{nodeInf.Informer().HasSynced, secretInf.Informer().HasSynced, configInf.Informer().HasSynced}
 	if c.opts.Dynamic != nil {
-		// The agents' NodeReports, each trimmed like a report annotation (trimNode).
-		c.reports = nodereport.NewCache(nodereport.CacheConfig[string]{
-			Dynamic: c.opts.Dynamic, Namespace: c.opts.Namespace,
-			Convert: func(_, raw string) string { return api.TrimReport(raw, "") },
-			NodeExists: func(name string) bool {
-				_, ok, err := nodeInf.Informer().GetStore().GetByKey(name)
-				return err == nil && ok
-			},
-			OnChange: func(_ string, before, after *nodereport.Entry[string]) {
-				if before == nil || after == nil || before.Value != after.Value {
-					c.queue.Add(queueKey)
-				}
-			},
-		})
+		// The agents' NodeReports and NodeStatuses, each trimmed like a report annotation
+		// (trimNode).
+		reportCache := func(gvr schema.GroupVersionResource) *nodereport.Cache[string] {
+			return nodereport.NewCache(nodereport.CacheConfig[string]{
+				Dynamic: c.opts.Dynamic, Namespace: c.opts.Namespace, GVR: gvr,
+				Convert: func(_, raw string) string { return api.TrimReport(raw, "") },
+				NodeExists: func(name string) bool {
+					_, ok, err := nodeInf.Informer().GetStore().GetByKey(name)
+					return err == nil && ok
+				},
+				OnChange: func(_ string, before, after *nodereport.Entry[string]) {
+					if before == nil || after == nil || before.Value != after.Value {
+						c.queue.Add(queueKey)
+					}
+				},
+			})
+		}
+		c.reports, c.statuses = reportCache(nodereport.GVR), reportCache(nodereport.StatusGVR)
 		c.reports.Start(ctx.Done())
-		synced = append(synced, c.reports.HasSynced)
+		c.statuses.Start(ctx.Done())
+		synced = append(synced, c.reports.HasSynced, c.statusesSynced)
 		c.views = newViewWriter(c.opts.Dynamic, c.opts.Namespace, c.log, c.opts.Metrics)
 		go c.views.run(ctx)
 		// Read whatever --protocol-v2 says: the key incarnations in the readiness views
@@ -449,15 +461,37 @@ func trimNode(obj any) (any, error) {
 	return n, nil
 }
 
-// nodeState is n's state with its report: its NodeReport's, unless the annotation was
-// written later (nodereport.Pick), else the annotation's (an agent of 0.1).
+// statusesSynced is whether the NodeStatus cache has synced, or cannot (its CRD is not
+// served or RBAC lacks nodestatuses: an older manifest): the master then starts with the
+// NodeReports alone, and says so once.
+func (c *Controller) statusesSynced() bool {
+	if c.statuses.HasSynced() {
+		return true
+	}
+	err := c.statuses.Err()
+	if err != nil {
+		c.statusesWarn.Do(func() {
+			c.log.Warn("the agents' NodeStatuses cannot be listed (the manifest predates them, or RBAC lacks nodestatuses: apply the manifest); reading their NodeReports only", "error", err)
+		})
+	}
+	return err != nil
+}
+
+// nodeState is n's state with its report: the later of its NodeReport's and its
+// NodeStatus's (nodereport.PickObject), unless the annotation was written later
+// (nodereport.Pick), else the annotation's (an agent of 0.1).
 func (c *Controller) nodeState(n *corev1.Node) keys.NodeState {
 	s := NodeState(n)
 	if c.reports != nil {
-		if e, ok := c.reports.Get(n.Name); ok {
-			ann := n.Annotations[api.ReportAnnotation]
-			if raw, obj := nodereport.Pick(ann, e.Value); obj {
-				s = nodeState(n, raw, true, nodereport.Kind+" "+c.opts.Namespace+"/"+n.Name)
+		rep, okR := c.reports.Get(n.Name)
+		st, okS := c.statuses.Get(n.Name)
+		if okR || okS {
+			kind, obj := nodereport.Kind, nodereport.PickObject(rep.Value, st.Value)
+			if okS && obj == st.Value {
+				kind = nodereport.StatusKind
+			}
+			if raw, isObj := nodereport.Pick(n.Annotations[api.ReportAnnotation], obj); isObj {
+				s = nodeState(n, raw, true, kind+" "+c.opts.Namespace+"/"+n.Name)
 			}
 		}
 	}

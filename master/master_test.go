@@ -3,6 +3,7 @@ package master
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -12,11 +13,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
 func newRegistry(t *testing.T, m *Metrics) *prometheus.Registry {
@@ -536,4 +539,46 @@ func publishing(e *env, r *replica, n int) {
 		got := value(r.metrics.NextGenPublishing)
 		return got == float64(n), fmt.Sprintf("%v", got)
 	})
+}
+
+// TestReportsFromNodeStatuses: the master reads a node's report from its NodeStatus as from
+// its NodeReport, and takes the later of the two (docs/keys.md §6): n2 writes only a
+// NodeStatus; n3 writes a NodeStatus while a NodeReport of its boot that says "off" stays
+// behind (as an agent that stopped writing NodeReports leaves it); n4 writes a NodeReport
+// while an older NodeStatus stays behind (an agent rolled back to a version that writes
+// NodeReports only). Enable and a rotation complete only if every node's current report
+// is read.
+func TestReportsFromNodeStatuses(t *testing.T) {
+	e := newEnv(t)
+	e.startMaster("master-a", testPolicy())
+	stale := func(node, boot string, write func(context.Context, dynamic.Interface, string, string, string, string, []byte) error) {
+		t.Helper()
+		rep := api.NodeReport{Mode: api.ModeOff, Incarnation: boot, UID: "uid-" + node, Epoch: "e-" + node,
+			LastSync: time.Now().Add(-time.Minute).UTC()}
+		b, _ := json.Marshal(rep)
+		if err := write(e.ctx, e.dyn(), api.Namespace, node, "", string(rep.Mode), b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stale("n3", "boot-n3", nodereport.Write)
+	stale("n4", "boot-n4", nodereport.WriteStatus)
+	e.addNodeWith("n1", 1, kindReport, "")
+	e.addNodeWith("n2", 2, kindStatus, "")
+	e.addNodeWith("n3", 3, kindStatus, "boot-n3")
+	e.addNodeWith("n4", 4, kindReport, "boot-n4")
+	e.setConfig(map[string]string{api.ConfigEnabledKey: "true"}, nil)
+	e.ringIs(api.ModeEnforce, wait, "1:active")
+	e.requestRotation("2026-01-01T00:00:00Z")
+	e.ringIs(api.ModeEnforce, wait, "2:active")
+	e.eventually("no node lagging", wait, func() (bool, string) {
+		st := e.status()
+		return st.ActiveGeneration == 2 && !st.RotationInProgress && len(st.Lagging) == 0, fmt.Sprintf("%+v", st)
+	})
+	// What the master read is what nodereport.Read reads: the NodeStatus for n2 and n3,
+	// the NodeReport for n4.
+	for _, n := range []string{"n2", "n3", "n4"} {
+		if r := e.report(n); !strings.Contains(r, `"generations":[2]`) && !strings.Contains(r, `"generations":[1,2]`) {
+			t.Errorf("%s: nodereport.Read = %s, want its current report", n, r)
+		}
+	}
 }

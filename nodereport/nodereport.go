@@ -25,6 +25,13 @@
 // update); when both exist the one with the later lastSync wins (Pick). An agent writes
 // the annotation too while any live node still reads only annotations (Legacy), and
 // removes it from its own Node once none does.
+//
+// NodeStatus (StatusGVR) is the same object under another kind, for the readers that are
+// not agents: the master and the CLI read it beside the NodeReport and take the later of
+// the two (PickObject), agents do not watch it. It exists so that agents can stop writing
+// the NodeReport every agent watches (docs/protocol-v2.md §9 step 5: every report write
+// goes to every agent, N² per cluster-wide step); the readers land first, so that a
+// master or CLI one version back reads what the writers of the next version write.
 package nodereport
 
 import (
@@ -70,6 +77,17 @@ var GVR = schema.GroupVersionResource{Group: Group, Version: Version, Resource: 
 // ListKind is NodeReport's list kind (for fake dynamic clients in unit tests).
 const ListKind = "NodeReportList"
 
+// The NodeStatus API (CRD nodestatuses.secureoverlay.io): a NodeReport's fields under a
+// kind only the master and the CLI read.
+const (
+	StatusResource = "nodestatuses"
+	StatusKind     = "NodeStatus"
+	StatusListKind = "NodeStatusList"
+)
+
+// StatusGVR is the NodeStatus resource.
+var StatusGVR = schema.GroupVersionResource{Group: Group, Version: Version, Resource: StatusResource}
+
 // Object is node's NodeReport in namespace ns holding report raw (JSON) of mode mode,
 // owned by the Node (uid nodeUID: the garbage collector deletes it with the Node; "" for no
 // owner).
@@ -78,7 +96,16 @@ const ListKind = "NodeReportList"
 // step 4) is its own summary: the object carries no summary annotation (null in the
 // merge patch, so an earlier one goes) and readers read it whole, ≈ 2 KiB.
 func Object(ns, node, nodeUID, mode string, raw []byte) *unstructured.Unstructured {
-	u := upsert.NodeObject(Group+"/"+Version, Kind, ns, node, nodeUID, map[string]any{Field: string(raw), ModeField: mode})
+	return object(Kind, ns, node, nodeUID, mode, raw)
+}
+
+// StatusObject is Object as a NodeStatus.
+func StatusObject(ns, node, nodeUID, mode string, raw []byte) *unstructured.Unstructured {
+	return object(StatusKind, ns, node, nodeUID, mode, raw)
+}
+
+func object(kind, ns, node, nodeUID, mode string, raw []byte) *unstructured.Unstructured {
+	u := upsert.NodeObject(Group+"/"+Version, kind, ns, node, nodeUID, map[string]any{Field: string(raw), ModeField: mode})
 	var summary any = Summary(string(raw))
 	if !hasClaims(raw) {
 		summary = nil
@@ -124,6 +151,30 @@ func Write(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID, mode st
 	return upsert.WriteNodeObject(ctx, dc, GVR, Object(ns, node, nodeUID, mode, raw), FieldManager, writeTimeout)
 }
 
+// WriteStatus is Write to node's NodeStatus.
+func WriteStatus(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID, mode string, raw []byte) error {
+	return upsert.WriteNodeObject(ctx, dc, StatusGVR, StatusObject(ns, node, nodeUID, mode, raw), FieldManager, writeTimeout)
+}
+
+// PickObject chooses between a node's NodeReport and its NodeStatus (raw JSON each, ""
+// when absent): the NodeStatus, unless the NodeReport was written later (an agent rolled
+// back to a version that writes only NodeReports leaves a NodeStatus behind). The same
+// lastSync (an agent writing both) takes the NodeStatus; the two then hold the same
+// report. Reports that do not parse as far as lastSync count as oldest. Readers pick the
+// result against the annotation with Pick.
+func PickObject(report, status string) string {
+	switch {
+	case status == "":
+		return report
+	case report == "":
+		return status
+	}
+	if lastSync(report).After(lastSync(status)) {
+		return report
+	}
+	return status
+}
+
 // Pick chooses between a node's annotation report and its NodeReport (raw JSON each, ""
 // when absent): the object, unless the annotation was written later (by an agent of the
 // previous version after a downgrade: its lastSync is newer). Reports that do not parse
@@ -164,6 +215,8 @@ type Entry[T any] struct {
 type CacheConfig[T any] struct {
 	Dynamic   dynamic.Interface
 	Namespace string
+	// GVR is the kind cached: GVR (the default) or StatusGVR.
+	GVR schema.GroupVersionResource
 	// Convert turns a node's raw report JSON into what the cache keeps (e.g. trimmed and
 	// parsed once per change instead of on every read).
 	Convert func(node, raw string) T
@@ -175,7 +228,8 @@ type CacheConfig[T any] struct {
 	OnChange func(node string, before, after *Entry[T])
 }
 
-// Cache is an informer over the NodeReports of one namespace, keeping each one's Convert.
+// Cache is an informer over the NodeReports (or NodeStatuses) of one namespace, keeping
+// each one's Convert.
 //
 // A report whose object is deleted while its Node exists is kept, marked Deleted, until
 // the object returns or Forget: a deleted object changes nothing in the kernel of the node
@@ -214,9 +268,12 @@ func (c *cached[T]) GetObjectMeta() metav1.Object {
 
 // NewCache builds the informer (nothing runs until Start).
 func NewCache[T any](cfg CacheConfig[T]) *Cache[T] {
+	if cfg.GVR.Empty() {
+		cfg.GVR = GVR
+	}
 	c := &Cache[T]{cfg: cfg, gone: map[string]T{}}
 	c.f = dynamicinformer.NewFilteredDynamicSharedInformerFactory(cfg.Dynamic, 0, cfg.Namespace, nil)
-	c.inf = c.f.ForResource(GVR).Informer()
+	c.inf = c.f.ForResource(cfg.GVR).Informer()
 	_ = c.inf.SetTransform(func(obj any) (any, error) {
 		u, ok := obj.(*unstructured.Unstructured)
 		if !ok {
@@ -301,7 +358,8 @@ func (c *Cache[T]) Err() error {
 	if c.listErr == nil {
 		return nil
 	}
-	return fmt.Errorf("%s in %s not readable (is the CRD %s.%s installed? apply the manifest): %w", Resource, c.cfg.Namespace, Resource, Group, c.listErr)
+	r := c.cfg.GVR.Resource
+	return fmt.Errorf("%s in %s not readable (is the CRD %s.%s installed? apply the manifest): %w", r, c.cfg.Namespace, r, Group, c.listErr)
 }
 
 // Get returns node's entry: its object's, or the last one of a deleted object of an
@@ -327,23 +385,27 @@ func (c *Cache[T]) Forget(node string) {
 	c.mu.Unlock()
 }
 
-// Read returns node's report as readers take it (Pick between its NodeReport in ns and
-// its Node's annotation; "" when it has none). A cluster without the NodeReport CRD reads
-// the annotation only. For tools and tests that read one node at a time; agents and
-// master use a Cache.
+// Read returns node's report as readers take it (Pick between its Node's annotation and
+// PickObject of its NodeReport and NodeStatus in ns; "" when it has none). A cluster
+// without a kind's CRD reads the others. For tools and tests that read one node at a time;
+// agents and master use a Cache.
 func Read(ctx context.Context, cs kubernetes.Interface, dc dynamic.Interface, ns, node string) (string, error) {
 	n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
 	if err != nil {
 		return "", fmt.Errorf("get node %s: %w", node, err)
 	}
-	u, err := dc.Resource(GVR).Namespace(ns).Get(ctx, node, metav1.GetOptions{})
-	switch {
-	case apierrors.IsNotFound(err):
-		return n.Annotations[api.ReportAnnotation], nil
-	case err != nil:
-		return "", fmt.Errorf("get %s %s/%s: %w", Kind, ns, node, err)
+	var objs [2]string
+	for i, gvr := range []schema.GroupVersionResource{GVR, StatusGVR} {
+		u, err := dc.Resource(gvr).Namespace(ns).Get(ctx, node, metav1.GetOptions{})
+		switch {
+		case apierrors.IsNotFound(err):
+		case err != nil:
+			return "", fmt.Errorf("get %s %s/%s: %w", gvr.Resource, ns, node, err)
+		default:
+			objs[i] = Raw(u)
+		}
 	}
-	raw, _ := Pick(n.Annotations[api.ReportAnnotation], Raw(u))
+	raw, _ := Pick(n.Annotations[api.ReportAnnotation], PickObject(objs[0], objs[1]))
 	return raw, nil
 }
 
@@ -353,20 +415,23 @@ func ReadAll(ctx context.Context, cs kubernetes.Interface, dc dynamic.Interface,
 	if err != nil {
 		return nil, fmt.Errorf("list nodes: %w", err)
 	}
-	objs := map[string]string{}
-	list, err := dc.Resource(GVR).Namespace(ns).List(ctx, metav1.ListOptions{})
-	switch {
-	case apierrors.IsNotFound(err):
-	case err != nil:
-		return nil, fmt.Errorf("list %s in %s: %w", Resource, ns, err)
-	default:
-		for i := range list.Items {
-			objs[list.Items[i].GetName()] = Raw(&list.Items[i])
+	var objs [2]map[string]string
+	for i, gvr := range []schema.GroupVersionResource{GVR, StatusGVR} {
+		objs[i] = map[string]string{}
+		list, err := dc.Resource(gvr).Namespace(ns).List(ctx, metav1.ListOptions{})
+		switch {
+		case apierrors.IsNotFound(err):
+		case err != nil:
+			return nil, fmt.Errorf("list %s in %s: %w", gvr.Resource, ns, err)
+		default:
+			for j := range list.Items {
+				objs[i][list.Items[j].GetName()] = Raw(&list.Items[j])
+			}
 		}
 	}
 	out := map[string]string{}
 	for _, n := range nodes.Items {
-		out[n.Name], _ = Pick(n.Annotations[api.ReportAnnotation], objs[n.Name])
+		out[n.Name], _ = Pick(n.Annotations[api.ReportAnnotation], PickObject(objs[0][n.Name], objs[1][n.Name]))
 	}
 	return out, nil
 }

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -37,6 +38,38 @@ func TestPick(t *testing.T) {
 		if got != tc.want || obj != tc.fromObj {
 			t.Errorf("%s: Pick = %q, %v; want %q, %v", tc.name, got, obj, tc.want, tc.fromObj)
 		}
+	}
+}
+
+func TestPickObject(t *testing.T) {
+	old := `{"mode":"enforce","lastSync":"2026-12-01T00:00:00Z"}`
+	newer := `{"mode":"accept","lastSync":"2026-12-02T00:00:00Z"}`
+	for _, tc := range []struct{ name, report, status, want string }{
+		{"neither", "", "", ""},
+		{"NodeReport only", old, "", old},
+		{"NodeStatus only", "", old, old},
+		{"both, same lastSync (an agent writing both): the NodeStatus", old, strings.Replace(old, "enforce", "encrypt", 1), strings.Replace(old, "enforce", "encrypt", 1)},
+		{"NodeStatus later (the NodeReport left behind)", old, newer, newer},
+		{"NodeReport later (a rolled-back agent)", newer, old, newer},
+		{"NodeStatus unparsable: the NodeReport", old, "{", old},
+		{"NodeReport unparsable: the NodeStatus", "{", old, old},
+	} {
+		if got := PickObject(tc.report, tc.status); got != tc.want {
+			t.Errorf("%s: PickObject = %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}
+
+func TestStatusObject(t *testing.T) {
+	full := `{"mode":"enforce","inboundFrom":{"a":"0011aabb"},"lastSync":"2026-12-01T00:00:00Z"}`
+	u, r := StatusObject("ns", "c", "uid-c", "enforce", []byte(full)), Object("ns", "c", "uid-c", "enforce", []byte(full))
+	if u.GetKind() != StatusKind || r.GetKind() != Kind || u.GetAPIVersion() != r.GetAPIVersion() {
+		t.Fatalf("kinds %s %s, %s %s", u.GetAPIVersion(), u.GetKind(), r.GetAPIVersion(), r.GetKind())
+	}
+	// Everything else is the NodeReport's: report, mode, owner, summary.
+	u.SetKind(Kind)
+	if !equality.Semantic.DeepEqual(u.Object, r.Object) {
+		t.Fatalf("NodeStatus %+v\nNodeReport %+v", u.Object, r.Object)
 	}
 }
 

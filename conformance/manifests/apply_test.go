@@ -252,7 +252,12 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "watch nodeviews.secureoverlay.io " + ns, true},
 		{agentSA, "create noderows.secureoverlay.io " + ns, true}, // its readiness row (the policy: its own only)
 		{agentSA, "patch noderows.secureoverlay.io/node-a " + ns, true},
-		{agentSA, "watch noderows.secureoverlay.io " + ns, true}, // peers' rows (protocol v2)
+		{agentSA, "watch noderows.secureoverlay.io " + ns, true},      // peers' rows (protocol v2)
+		{agentSA, "create nodestatuses.secureoverlay.io " + ns, true}, // its report for the master (the policy: its own only)
+		{agentSA, "patch nodestatuses.secureoverlay.io/node-a " + ns, true},
+		{agentSA, "get nodestatuses.secureoverlay.io/node-a " + ns, true},
+		{agentSA, "create nodereports.secureoverlay.io " + ns, true}, // its report for the peers
+		{agentSA, "watch nodereports.secureoverlay.io " + ns, true},
 		// agent: what it must not
 		{agentSA, "get secrets/other " + ns, false},
 		{agentSA, "list secrets " + ns, false},
@@ -279,6 +284,9 @@ func canI(t *testing.T, kc, admin string) {
 		{agentSA, "delete noderows.secureoverlay.io/node-a " + ns, false},
 		{agentSA, "update noderows.secureoverlay.io/node-a " + ns, false},
 		{agentSA, "create noderows.secureoverlay.io -n kube-system", false},
+		{agentSA, "delete nodestatuses.secureoverlay.io/node-a " + ns, false},
+		{agentSA, "update nodestatuses.secureoverlay.io/node-a " + ns, false},
+		{agentSA, "create nodestatuses.secureoverlay.io -n kube-system", false},
 		// master: what it needs
 		{masterSA, "get nodes", true},
 		{masterSA, "list nodes", true},
@@ -316,7 +324,10 @@ func canI(t *testing.T, kc, admin string) {
 		{masterSA, "patch noderows.secureoverlay.io/node-a " + ns, false}, // and rows
 		{masterSA, "watch noderows.secureoverlay.io " + ns, true},         // which views they make needless
 		{masterSA, "watch nodekeys.secureoverlay.io " + ns, true},         // who publishes the next generation's key
-		{masterSA, "create nodeviews.secureoverlay.io " + ns, true},       // the agents' views (protocol v2)
+		{masterSA, "watch nodereports.secureoverlay.io " + ns, true},      // the agents' reports
+		{masterSA, "watch nodestatuses.secureoverlay.io " + ns, true},     // under either kind
+		{masterSA, "patch nodestatuses.secureoverlay.io/node-a " + ns, false},
+		{masterSA, "create nodeviews.secureoverlay.io " + ns, true}, // the agents' views (protocol v2)
 		{masterSA, "patch nodeviews.secureoverlay.io/node-a " + ns, true},
 		{masterSA, "list nodeviews.secureoverlay.io " + ns, true},
 		{masterSA, "create nodeviews.secureoverlay.io -n kube-system", false},
@@ -615,6 +626,21 @@ func agentPolicy(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 		t.Error("agent deleting its NodeRow: allowed")
 	}
 	if err := dynamic.NewForConfigOrDie(c.AdminConfig()).Resource(noderow.GVR).Namespace(api.Namespace).Delete(ctx, "node-a", metav1.DeleteOptions{}); err != nil {
+		t.Error(err)
+	}
+
+	// Its NodeStatus (the report for the master and the CLI): the same rules.
+	rep := []byte(`{"mode":"off"}`)
+	if err := nodereport.WriteStatus(ctx, dcA, api.Namespace, "node-a", "", "off", rep); err != nil {
+		t.Errorf("agent writing its own NodeStatus: %v", err)
+	}
+	if err := nodereport.WriteStatus(ctx, dcA, api.Namespace, "node-b", "", "off", rep); err == nil || !strings.Contains(err.Error(), "may only write the nodestatuses of its own Node") {
+		t.Errorf("agent of node-a writing node-b's NodeStatus: %v, want the policy's refusal", err)
+	}
+	if err := dcA.Resource(nodereport.StatusGVR).Namespace(api.Namespace).Delete(ctx, "node-a", metav1.DeleteOptions{}); err == nil {
+		t.Error("agent deleting its NodeStatus: allowed")
+	}
+	if err := dynamic.NewForConfigOrDie(c.AdminConfig()).Resource(nodereport.StatusGVR).Namespace(api.Namespace).Delete(ctx, "node-a", metav1.DeleteOptions{}); err != nil {
 		t.Error(err)
 	}
 }

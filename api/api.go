@@ -57,6 +57,13 @@ const (
 	// generations its kernel holds inbound SAs of (docs/keys.md §10; docs/protocol-v2.md
 	// §9 step 5).
 	CapabilityInstalled = "installed"
+	// CapabilityNodeStatus in an agent's NodeKeys says it reads what an agent that writes
+	// its report only as a NodeStatus leaves for the others (docs/keys.md §6): a
+	// superseded NodeReport as none, such a peer's key incarnation, mode and generations
+	// from its NodeKeys, and its own last report from its NodeStatus too. Once every live
+	// agent declares it, agents may stop writing NodeReports (docs/protocol-v2.md §9
+	// step 5).
+	CapabilityNodeStatus = "node-status"
 
 	// ReportAnnotation is the agent's JSON NodeReport on its own Node.
 	ReportAnnotation = "secureoverlay.io/report"
@@ -175,6 +182,14 @@ type NodeReport struct {
 	// because the rule for key incarnations (watch.NodeKeyIncarnation), which the master
 	// applies too, asks whether a report lists.
 	ListsOmitted bool `json:"listsOmitted,omitempty"`
+	// Superseded marks a NodeReport that is not its agent's report any more: the agent
+	// writes its report as a NodeStatus, which only the master and the CLI read, and left
+	// this one behind when no live peer read NodeReports (docs/keys.md §6;
+	// docs/protocol-v2.md §9 step 5). Every reader takes such a report as none: not for
+	// the node's key incarnation, mode or generations, and not as a sign that an agent
+	// runs there (an agent declaring api.CapabilityNodeStatus in its NodeKeys is). Written
+	// with ListsOmitted, so a reader that predates the field reads no stale list.
+	Superseded bool `json:"superseded,omitempty"`
 }
 
 // ReadinessStatus is a node's per-pair readiness as digests (package readiness). It holds

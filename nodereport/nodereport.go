@@ -162,7 +162,14 @@ func WriteStatus(ctx context.Context, dc dynamic.Interface, ns, node, nodeUID, m
 // lastSync (an agent writing both) takes the NodeStatus; the two then hold the same
 // report. Reports that do not parse as far as lastSync count as oldest. Readers pick the
 // result against the annotation with Pick.
+//
+// A superseded NodeReport (api.NodeReport.Superseded: its agent writes NodeStatuses now) is
+// none: the NodeStatus, or "" when there is none (a NodeStatus deleted by hand must not
+// bring the report its agent left behind back).
 func PickObject(report, status string) string {
+	if superseded(report) {
+		return status
+	}
 	switch {
 	case status == "":
 		return report
@@ -173,6 +180,13 @@ func PickObject(report, status string) string {
 		return report
 	}
 	return status
+}
+
+func superseded(raw string) bool {
+	var r struct {
+		Superseded bool `json:"superseded"`
+	}
+	return raw != "" && json.Unmarshal([]byte(raw), &r) == nil && r.Superseded
 }
 
 // Pick chooses between a node's annotation report and its NodeReport (raw JSON each, ""
@@ -407,6 +421,19 @@ func Read(ctx context.Context, cs kubernetes.Interface, dc dynamic.Interface, ns
 	}
 	raw, _ := Pick(n.Annotations[api.ReportAnnotation], PickObject(objs[0], objs[1]))
 	return raw, nil
+}
+
+// ReadStatus returns node's NodeStatus in ns, its raw report ("" when there is none or its
+// CRD is not installed).
+func ReadStatus(ctx context.Context, dc dynamic.Interface, ns, node string) (string, error) {
+	u, err := dc.Resource(StatusGVR).Namespace(ns).Get(ctx, node, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		return "", nil
+	case err != nil:
+		return "", fmt.Errorf("get %s %s/%s: %w", StatusKind, ns, node, err)
+	}
+	return Raw(u), nil
 }
 
 // ReadAll returns every Node's report (Read), by node name ("" for none).

@@ -53,6 +53,8 @@ func TestPickObject(t *testing.T) {
 		{"NodeReport later (a rolled-back agent)", newer, old, newer},
 		{"NodeStatus unparsable: the NodeReport", old, "{", old},
 		{"NodeReport unparsable: the NodeStatus", "{", old, old},
+		{"NodeReport superseded, though later: the NodeStatus", `{"superseded":true,"listsOmitted":true,"lastSync":"2026-12-03T00:00:00Z"}`, old, old},
+		{"NodeReport superseded, no NodeStatus: none", `{"superseded":true,"lastSync":"2026-12-03T00:00:00Z"}`, "", ""},
 	} {
 		if got := PickObject(tc.report, tc.status); got != tc.want {
 			t.Errorf("%s: PickObject = %q, want %q", tc.name, got, tc.want)

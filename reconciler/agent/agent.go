@@ -200,6 +200,9 @@ type Agent struct {
 	lastErr   string        // last sync error ("" when ok)
 	published *watch.Report // last report written
 	pubAt     time.Time     // when it was written
+	// ownStatus is this node's NodeStatus as read once when the ledger was opened (nil if
+	// none; readOwnStatus): what an agent of a later version left (selfReport).
+	ownStatus *watch.Report
 	// slot holds the jobs handed to the writer (reportwriter.go); writeErr is the last
 	// write's error ("" when ok). wake pokes the writer; wmu makes writes one at a time.
 	slot     reportSlot
@@ -870,7 +873,74 @@ func (a *Agent) previous() *watch.Report {
 	if n == nil {
 		return nil
 	}
-	return n.CurrentReport()
+	return a.selfReport(n)
+}
+
+// selfReport is this node's last report as the caches hold it (me is its NodeInfo): the
+// later of its NodeReport's (or annotation's) and its NodeStatus's as read when the
+// ledger was opened (readOwnStatus), each only if made in this boot for this Node object.
+// An agent of a later version writes its report only as a NodeStatus once no peer reads
+// NodeReports, and leaves a superseded NodeReport, which is none (docs/keys.md §6): rolled
+// back to this version, this agent still finds its claims.
+func (a *Agent) selfReport(me *watch.NodeInfo) *watch.Report {
+	r := me.CurrentReport()
+	a.mu.Lock()
+	st := a.ownStatus
+	a.mu.Unlock()
+	if st == nil || st.Incarnation == "" || st.Incarnation != me.Incarnation || st.UID != me.UID {
+		return r
+	}
+	if r == nil || st.LastSync.After(r.LastSync) {
+		return st
+	}
+	return r
+}
+
+// readOwnStatus reads this node's NodeStatus once (openLedger), for selfReport. Errors
+// (no CRD, no RBAC, an API server that does not answer within ownStatusTimeout) leave
+// none, logged: this version's agents never write one, so it matters only after a
+// rollback from a version that does.
+func (a *Agent) readOwnStatus() {
+	if a.d.Dynamic == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), ownStatusTimeout)
+	defer cancel()
+	raw, err := nodereport.ReadStatus(ctx, a.d.Dynamic, a.cfg.Namespace, a.cfg.NodeName)
+	if err != nil {
+		a.log.Info("this node's NodeStatus not read (only a rollback from a version that writes it needs it)", "error", err)
+		return
+	}
+	if raw == "" {
+		return
+	}
+	r, err := watch.ParseReport(raw)
+	if err != nil {
+		a.log.Warn("this node's NodeStatus does not parse; ignored", "error", err)
+		return
+	}
+	a.mu.Lock()
+	a.ownStatus = r
+	a.mu.Unlock()
+}
+
+// ownStatusTimeout bounds readOwnStatus's one read, on the first sync's path.
+const ownStatusTimeout = 5 * time.Second
+
+// enforces is whether peer n's current report says enforce.
+func enforces(n *watch.NodeInfo) bool {
+	r := n.CurrentReport()
+	return r != nil && r.Mode == api.ModeEnforce
+}
+
+// reportsOnlyAsStatus is whether peer n's agent may report only as a NodeStatus, which
+// agents do not read (docs/keys.md §6): it has no current report here, and its NodeKeys for
+// its boot and Node object declare api.CapabilityNodeStatus. Its mode is then unknown
+// here; holdPrevious takes the cluster's.
+func reportsOnlyAsStatus(n *watch.NodeInfo) bool {
+	k := n.Keys
+	return n.CurrentReport() == nil && k != nil && n.Incarnation != "" && k.Incarnation.BootID == n.Incarnation &&
+		k.Incarnation.UID == n.UID && k.Has(api.CapabilityNodeStatus)
 }
 
 // openLedger opens this node's SA key ledger on the first sync that sees its Node
@@ -890,8 +960,15 @@ func (a *Agent) openLedger(snap *watch.Snapshot) error {
 	if me.Incarnation == "" || me.UID == "" {
 		return fmt.Errorf("node %q: no boot ID (status.nodeInfo.bootID) or uid yet", a.cfg.NodeName)
 	}
+	a.readOwnStatus()
 	var seed keys.History
-	if r := me.Report; r != nil {
+	a.mu.Lock()
+	st := a.ownStatus
+	a.mu.Unlock()
+	for _, r := range []*watch.Report{me.Report, st} {
+		if r == nil {
+			continue
+		}
 		for _, g := range r.Generations {
 			seed.High = max(seed.High, g)
 		}
@@ -918,7 +995,7 @@ func (a *Agent) openLedger(snap *watch.Snapshot) error {
 	if why != ledger.ReasonAdopted {
 		// A restart in the same boot whose ledger is gone: the kernel may hold SAs the
 		// peers still use; hold the plaintext drops toward them as after lost state.
-		if r := me.CurrentReport(); r != nil && (len(r.EncryptingTo) > 0 || r.ListsOmitted && r.PeersEncrypted > 0) {
+		if r := a.selfReport(me); r != nil && (len(r.EncryptingTo) > 0 || r.ListsOmitted && r.PeersEncrypted > 0) {
 			a.holdPrevious(snap)
 		}
 	}
@@ -999,9 +1076,10 @@ func (a *Agent) holdPrevious(snap *watch.Snapshot) {
 			add(name)
 		}
 		if p.ListsOmitted && p.PeersEncrypted > 0 && a.lastState == nil && snap != nil {
+			ringEnforces := snap.Ring != nil && snap.Ring.Mode == api.ModeEnforce
 			for i := range snap.Nodes {
 				n := &snap.Nodes[i]
-				if r := n.CurrentReport(); n.Name != a.cfg.NodeName && r != nil && r.Mode == api.ModeEnforce {
+				if n.Name != a.cfg.NodeName && (enforces(n) || ringEnforces && reportsOnlyAsStatus(n)) {
 					add(n.Name)
 				}
 			}

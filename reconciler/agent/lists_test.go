@@ -499,3 +499,67 @@ func TestShadowsInstalled(t *testing.T) {
 		}
 	}
 }
+
+// TestHoldWithoutListsStatusOnly is TestHoldWithoutLists where the agents report as an
+// agent of a later version does once no peer reads NodeReports (docs/keys.md §6): its own
+// last report only in its NodeStatus (read once when its ledger is opened), peer b's
+// NodeReport superseded (a stale "accept" in it, to be taken as none) with NodeKeys for its
+// boot that declare node-status, peer c reporting accept as before. With the cluster in
+// enforce, the agent that lost its ledger holds b (its mode unknown here, so the
+// cluster's), not c.
+func TestHoldWithoutListsStatusOnly(t *testing.T) {
+	e := newEnv(t, api.ModeEnforce, Config{LedgerDir: t.TempDir()}) // no ledger of this boot
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if _, err := e.cs.CoreV1().Nodes().Create(ctx, testNode("c", "198.18.0.3", "boot-c"), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	at := time.Date(2026, 3, 1, 11, 0, 0, 0, time.UTC)
+	report := func(name string, mode api.Mode, r watch.Report) []byte {
+		r.Mode, r.Incarnation, r.UID, r.Epoch, r.Generations, r.LastSync = mode, "boot-"+name, "uid-"+name, "e-"+name, []uint32{1}, at
+		r.OmitLists()
+		b, _ := json.Marshal(r)
+		return b
+	}
+	superseded := watch.Report{NodeReport: api.NodeReport{Superseded: true}}
+	for _, w := range []struct {
+		write func(context.Context, dynamic.Interface, string, string, string, string, []byte) error
+		node  string
+		raw   []byte
+	}{
+		{nodereport.Write, "a", report("a", api.ModeOff, superseded)},
+		{nodereport.WriteStatus, "a", report("a", api.ModeEnforce, watch.Report{NodeReport: api.NodeReport{PeersEncrypted: 1, PeersExpected: 2}})},
+		{nodereport.Write, "b", report("b", api.ModeAccept, superseded)},
+		{nodereport.Write, "c", report("c", api.ModeAccept, watch.Report{})},
+	} {
+		if err := w.write(ctx, e.dc, api.Namespace, w.node, "", "off", w.raw); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var pub keys.PublicKey
+	pub[0] = 1
+	if err := nodekeys.Write(ctx, e.dc, api.Namespace, "b", "", nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: "boot-b", UID: "uid-b", Epoch: "e-b"},
+		Keys: []nodekeys.Key{{Generation: 1, X25519: pub}}, Installed: []uint32{1},
+		Capabilities: []string{api.CapabilityInstalled, api.CapabilityReadinessDecide, api.CapabilityNodeStatus}}); err != nil {
+		t.Fatal(err)
+	}
+	go e.src.Run(ctx)
+	waitFor(t, "synced", e.src.HasSynced)
+	waitFor(t, "the peers in the cache", func() bool {
+		s := e.src.Snapshot()
+		b, c := s.Node("b"), s.Node("c")
+		return b != nil && b.Keys != nil && c != nil && c.CurrentReport() != nil && c.CurrentReport().Mode == api.ModeAccept
+	})
+	if s := e.src.Snapshot(); s.Node("b").CurrentReport() != nil || s.Node("a").CurrentReport() != nil {
+		t.Fatalf("a superseded NodeReport read as a report: a %+v, b %+v", s.Node("a").Report, s.Node("b").Report)
+	}
+	e.a.d.Dynamic = e.dc
+	e.sync(ctx)
+	if e.a.Epoch() == "e-a" {
+		t.Fatal("the ledger is gone, yet the epoch was adopted")
+	}
+	if !slices.Equal(e.a.hold, []string{"b"}) {
+		t.Fatalf("held %v, want [b] (b reports only as a NodeStatus in an enforcing cluster, c does not enforce)", e.a.hold)
+	}
+	noKeyReused(t, e.xk)
+}

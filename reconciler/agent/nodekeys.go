@@ -35,7 +35,7 @@ func (a *Agent) publishKeys(snap *watch.Snapshot) error {
 		return fmt.Errorf("keep this node's x25519 key pairs in the ledger: %w", err)
 	}
 	k := nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: me.Incarnation, UID: me.UID, Epoch: a.led.Epoch()},
-		Capabilities: []string{api.CapabilityRingConfigMap, api.CapabilityReadinessRows, api.CapabilityReadinessDecide, api.CapabilityInstalled}}
+		Capabilities: []string{api.CapabilityRingConfigMap, api.CapabilityReadinessRows, api.CapabilityReadinessDecide, api.CapabilityInstalled, api.CapabilityNodeStatus}}
 	for _, g := range a.led.PrivateKeyGenerations() {
 		p, _ := a.led.PrivateKey(g)
 		k.Keys = append(k.Keys, nodekeys.Key{Generation: g, X25519: p.Public()})

@@ -2,6 +2,7 @@ package watch
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"reflect"
@@ -269,5 +270,47 @@ func TestWatcherInputsEqualsInputs(t *testing.T) {
 	}
 	if w.inPatched < 200 {
 		t.Fatalf("only %d Inputs were patched", w.inPatched)
+	}
+}
+
+// TestSupersededReportIsNone: a superseded NodeReport (its agent writes NodeStatuses, which
+// agents do not read; docs/keys.md §6) gives its node no report, unless its annotation was
+// written later (the agent downgraded to 0.1).
+func TestSupersededReportIsNone(t *testing.T) {
+	at := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+	raw := func(mode api.Mode, lastSync time.Time, superseded bool) string {
+		b, _ := json.Marshal(api.NodeReport{Mode: mode, Incarnation: "boot-b", UID: "uid-b", LastSync: lastSync, Superseded: superseded, ListsOmitted: superseded})
+		return string(b)
+	}
+	entry := func(s string) reportEntry {
+		var e reportEntry
+		e.Raw, e.Report, e.Err = cacheReport("b", s, "a")
+		return e
+	}
+	withAnnotation := func(s string) NodeInfo {
+		ni := NodeInfo{Name: "b", Incarnation: "boot-b", UID: "uid-b"}
+		if s != "" {
+			ni.RawReport, ni.Report, ni.ReportErr = cacheReport("b", s, "a")
+			ni.FromAnnotation = true
+		}
+		return ni
+	}
+	for _, tc := range []struct {
+		name, annotation, object string
+		want                     api.Mode // "" for no report
+	}{
+		{"superseded, no annotation", "", raw(api.ModeAccept, at, true), ""},
+		{"superseded, an older annotation", raw(api.ModeEnforce, at.Add(-time.Hour), false), raw(api.ModeAccept, at, true), ""},
+		{"superseded, a later annotation (0.1 again)", raw(api.ModeEncrypt, at.Add(time.Hour), false), raw(api.ModeAccept, at, true), api.ModeEncrypt},
+		{"current", "", raw(api.ModeAccept, at, false), api.ModeAccept},
+	} {
+		ni := withObject(withAnnotation(tc.annotation), entry(tc.object), true)
+		var got api.Mode
+		if r := ni.CurrentReport(); r != nil {
+			got = r.Mode
+		}
+		if got != tc.want || !ni.ObjectReport {
+			t.Errorf("%s: report mode %q (object report %v), want %q", tc.name, got, ni.ObjectReport, tc.want)
+		}
 	}
 }

@@ -68,7 +68,7 @@ func main() {
 
 type options struct {
 	kubeconfig, nodeName, namespace, secretName, metricsAddr, ifacePattern, logLevel string
-	ledgerDir, calicoAPIGroup, stateFile, reportLists                                string
+	ledgerDir, calicoAPIGroup, stateFile, reportLists, nodeReports                   string
 	calicoRecheck                                                                    time.Duration
 	podName, podNamespace                                                            string
 	resync, heartbeat, uninstallStep, decideTimeout                                  time.Duration
@@ -98,6 +98,7 @@ func flags(fs *flag.FlagSet, o *options) {
 		"Calico's API group, as Calico's own CALICO_API_GROUP (crd.projectcalico.org/v1 or projectcalico.org/v3; default $CALICO_API_GROUP, else the group Calico uses: a converged DatastoreMigration means v3, else discovery)")
 	fs.DurationVar(&o.calicoRecheck, "calico-recheck-interval", 2*time.Minute, "how often the Calico API group is re-selected (DatastoreMigration changes trigger it at once)")
 	fs.StringVar(&o.ledgerDir, "ledger-dir", ledger.DefaultDir, "directory of this node's SA key ledger and lock (a hostPath on tmpfs: it must outlive the process, not the boot)")
+	fs.StringVar(&o.nodeReports, "node-reports", agent.NodeReportsAuto, "auto: the report goes to this node's NodeReport, which every agent watches, only while a live peer's agent reads NodeReports, and always to its NodeStatus, which the master and secureoverlayctl read; always: to both at every write (before rolling agents back to a version that does not declare node-status, docs/deploy.md)")
 	fs.StringVar(&o.reportLists, "report-lists", agent.ListsAuto, "auto: the report lists its per-pair claims (inboundFrom, encryptingTo; O(nodes) bytes) only while a live peer's agent reads them; always: keep them (before rolling agents back to a version that does not declare readiness-decide, docs/deploy.md)")
 	fs.StringVar(&o.stateFile, "state-file", gate.DefaultStateFile, "the boot gate's record of this node's data plane mode (a hostPath on disk: it must outlive the boot; the CNI plugin's \"stateFile\"); empty disables the gate. Its ready file is ready.json in --ledger-dir")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -242,7 +243,7 @@ func run(cleanup bool, args []string) error {
 	src := watch.New(watch.Config{Client: client, Dynamic: dc, REST: cfg, Namespace: o.namespace, SecretName: o.secretName,
 		Self: o.nodeName, Logger: log, APIGroup: calicoGroup, Recheck: o.calicoRecheck})
 	ag, err := agent.New(agent.Config{NodeName: o.nodeName, Dataplane: dp, ResyncInterval: o.resync,
-		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU, LedgerDir: o.ledgerDir, ReportLists: o.reportLists,
+		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU, LedgerDir: o.ledgerDir, ReportLists: o.reportLists, NodeReports: o.nodeReports,
 		StateFile: o.stateFile, ReadyFile: readyFile(&o), Namespace: o.namespace},
 		agent.Deps{Client: client, Dynamic: dc, Source: src, Xfrm: xfrm.NewApplier(xk, dp), Rules: rules.NewApplier(ipt),
 			DetectMTU: detect, Logger: log})

@@ -16,6 +16,7 @@ import (
 	"github.com/containernetworking/plugins/pkg/ns"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 
@@ -125,11 +126,14 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 		readyz = getInNS("/readyz")
 		return strings.Contains(readyz, "may only write the nodereports of its own Node")
 	})
-	// Its own NodeReport is there, owned by its Node (the garbage collector's link).
-	if u, err := dc.Resource(nodereport.GVR).Namespace(api.Namespace).Get(ctx, "node-a", metav1.GetOptions{}); err != nil {
-		t.Errorf("node-a's NodeReport: %v", err)
-	} else if refs := u.GetOwnerReferences(); len(refs) != 1 || refs[0].Kind != "Node" || refs[0].Name != "node-a" || refs[0].UID == "" {
-		t.Errorf("node-a's NodeReport owners: %+v", refs)
+	// Its own NodeReport and NodeStatus are there, owned by its Node (the garbage
+	// collector's link).
+	for _, gvr := range []schema.GroupVersionResource{nodereport.GVR, nodereport.StatusGVR} {
+		if u, err := dc.Resource(gvr).Namespace(api.Namespace).Get(ctx, "node-a", metav1.GetOptions{}); err != nil {
+			t.Errorf("node-a's %s: %v", gvr.Resource, err)
+		} else if refs := u.GetOwnerReferences(); len(refs) != 1 || refs[0].Kind != "Node" || refs[0].Name != "node-a" || refs[0].UID == "" {
+			t.Errorf("node-a's %s owners: %+v", gvr.Resource, refs)
+		}
 	}
 	if !strings.Contains(readyz, "may only write the nodereports of its own Node") {
 		t.Errorf("running as node-b with node-a's token: /readyz does not show the policy's refusal: %q", readyz)

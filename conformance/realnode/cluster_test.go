@@ -230,15 +230,17 @@ func TestRealClusterEncrypts(t *testing.T) {
 	var where []string
 	if err := waitFor(ctx, time.Minute, func() (bool, error) {
 		where = rc.staleReports(ctx)
-		return strings.Join(where, ",") == "NodeReport node1,NodeReport node2,NodeRow node1,NodeRow node2,NodeView node1,NodeView node2", nil
+		return strings.Join(where, ",") == "NodeReport node1,NodeReport node2,NodeStatus node1,NodeStatus node2,NodeRow node1,NodeRow node2,NodeView node1,NodeView node2", nil
 	}); err != nil {
-		rc.t.Errorf("reports while enabled: %v; want the NodeReports, NodeRows and NodeViews of node1 and node2 only", where)
+		rc.t.Errorf("reports while enabled: %v; want the NodeReports, NodeStatuses, NodeRows and NodeViews of node1 and node2 only", where)
 	}
 	// Both agents declare readiness-decide: their reports omit the per-pair lists and
 	// stay small (docs/protocol-v2.md §9 step 4); the pairs are decided by views and rows.
+	// Both declare node-status: each report goes to its NodeStatus, which only the master
+	// and the CLI read, and the NodeReport every agent watches is left superseded (step 5).
 	if err := waitFor(ctx, time.Minute, func() (bool, error) {
 		for _, n := range []string{lab.NodeNS(1), lab.NodeNS(2)} {
-			u, err := rc.dyn.Resource(nodereport.GVR).Namespace(api.Namespace).Get(ctx, n, metav1.GetOptions{})
+			u, err := rc.dyn.Resource(nodereport.StatusGVR).Namespace(api.Namespace).Get(ctx, n, metav1.GetOptions{})
 			if err != nil {
 				return false, nil
 			}
@@ -246,10 +248,17 @@ func TestRealClusterEncrypts(t *testing.T) {
 				where = []string{fmt.Sprintf("%s's report (%d bytes) still lists its claims", n, len(raw))}
 				return false, nil
 			}
+			if u, err = rc.dyn.Resource(nodereport.GVR).Namespace(api.Namespace).Get(ctx, n, metav1.GetOptions{}); err != nil {
+				return false, nil
+			}
+			if raw := nodereport.Raw(u); !strings.Contains(raw, `"superseded":true`) {
+				where = []string{fmt.Sprintf("%s's NodeReport is not superseded: %.200s", n, raw)}
+				return false, nil
+			}
 		}
 		return true, nil
 	}); err != nil {
-		rc.t.Errorf("reports while enabled: %v; want them without lists, ≤ 2 KiB", where)
+		rc.t.Errorf("reports while enabled: %v; want them without lists, ≤ 2 KiB, in the NodeStatuses (the NodeReports superseded)", where)
 	}
 	// Every agent publishes its keys: the generation is protocol v2, no v1 generation is
 	// live, every agent reads the public ring — so the master has taken the agents' read
@@ -1164,7 +1173,7 @@ func (rc *realCluster) requireSteadyViews(ctx context.Context, before map[string
 	}
 }
 
-// staleReports names every report of ours: the NodeReports, NodeRows and NodeViews
+// staleReports names every report of ours: the NodeReports, NodeStatuses, NodeRows and NodeViews
 // ("NodeReport NAME", …; none once their CRD is gone), then the annotations of ours on the
 // Nodes.
 func (rc *realCluster) staleReports(ctx context.Context) []string {
@@ -1172,7 +1181,7 @@ func (rc *realCluster) staleReports(ctx context.Context) []string {
 	for _, kind := range []struct {
 		name string
 		gvr  schema.GroupVersionResource
-	}{{"NodeReport", nodereport.GVR}, {"NodeRow", noderow.GVR}, {"NodeView", nodeview.GVR}} {
+	}{{"NodeReport", nodereport.GVR}, {"NodeStatus", nodereport.StatusGVR}, {"NodeRow", noderow.GVR}, {"NodeView", nodeview.GVR}} {
 		list, err := rc.dyn.Resource(kind.gvr).Namespace(api.Namespace).List(ctx, metav1.ListOptions{})
 		if err != nil {
 			if !apierrors.IsNotFound(err) {

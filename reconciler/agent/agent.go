@@ -136,6 +136,11 @@ type Config struct {
 	// ReportLists is ListsAuto (default: the report lists its per-pair claims only while
 	// a live peer's agent reads them, docs/protocol-v2.md §9 step 4) or ListsAlways.
 	ReportLists string
+	// NodeReports is NodeReportsAuto (default: the report goes to the NodeReport, which
+	// every agent watches, only while a live peer's agent reads NodeReports; always to the
+	// NodeStatus, which the master and the CLI read; docs/protocol-v2.md §9 step 5) or
+	// NodeReportsAlways.
+	NodeReports string
 }
 
 // Deps are the agent's collaborators.
@@ -278,6 +283,17 @@ type Agent struct {
 	listed readiness.Agent
 	// lists decides whether the report lists its per-pair claims (lists.go; sync only).
 	lists listsGate
+	// nodeReportsGate decides whether the report goes to the NodeReport too
+	// (nodereports.go; sync only); nodeReportsOn is its last decision, statusRefused
+	// whether the last NodeStatus write was refused (no CRD, no RBAC), nodeReportSuperseded
+	// whether this node's NodeReport holds a superseded report (the writer's last write
+	// of it; until one, what the cache showed at the first publish, nodeReportKnown). All
+	// but the gate under mu.
+	nodeReportsGate      listsGate
+	nodeReportsOn        bool
+	statusRefused        bool
+	nodeReportSuperseded bool
+	nodeReportKnown      bool
 }
 
 // New wires an agent; it starts nothing.
@@ -317,6 +333,13 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	default:
 		return nil, fmt.Errorf("agent: report lists %q: want %s or %s", cfg.ReportLists, ListsAuto, ListsAlways)
 	}
+	switch cfg.NodeReports {
+	case "":
+		cfg.NodeReports = NodeReportsAuto
+	case NodeReportsAuto, NodeReportsAlways:
+	default:
+		return nil, fmt.Errorf("agent: node reports %q: want %s or %s", cfg.NodeReports, NodeReportsAuto, NodeReportsAlways)
+	}
 	if cfg.RetryMax <= 0 {
 		cfg.RetryMax = 30 * time.Second
 	}
@@ -342,6 +365,7 @@ func New(cfg Config, d Deps) (*Agent, error) {
 		return nil, errors.New("agent: neither an external MTU nor a detector")
 	}
 	a := &Agent{cfg: cfg, d: d, legacyPeers: -1, log: d.Logger.With("node", cfg.NodeName),
+		nodeReportsGate: listsGate{capability: api.CapabilityNodeStatus}, nodeReportsOn: true,
 		q: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](cfg.RetryMin, cfg.RetryMax),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "secureoverlay-agent"}),
@@ -708,6 +732,7 @@ func (a *Agent) sync() (err error) {
 		rep.Readiness.Used = readiness.EncodeUsed(a.viewShadow.agent.Used())
 	}
 	a.gateLists(&rep, &snap, now)
+	a.gateNodeReports(&snap, now)
 	if berr != nil {
 		rep.Error = reportError(berr)
 	} else if conflicts != "" {
@@ -884,6 +909,9 @@ func (a *Agent) previous() *watch.Report {
 // back to this version, this agent still finds its claims.
 func (a *Agent) selfReport(me *watch.NodeInfo) *watch.Report {
 	r := me.CurrentReport()
+	if r != nil && r.Superseded {
+		r = nil // left behind when this node's reports went to its NodeStatus only
+	}
 	a.mu.Lock()
 	st := a.ownStatus
 	a.mu.Unlock()
@@ -934,12 +962,13 @@ func enforces(n *watch.NodeInfo) bool {
 }
 
 // reportsOnlyAsStatus is whether peer n's agent may report only as a NodeStatus, which
-// agents do not read (docs/keys.md §6): it has no current report here, and its NodeKeys for
-// its boot and Node object declare api.CapabilityNodeStatus. Its mode is then unknown
-// here; holdPrevious takes the cluster's.
+// agents do not read (docs/keys.md §6): it has no current report here, or a superseded
+// one, and its NodeKeys for its boot and Node object declare api.CapabilityNodeStatus. Its
+// mode is then unknown here; holdPrevious takes the cluster's.
 func reportsOnlyAsStatus(n *watch.NodeInfo) bool {
 	k := n.Keys
-	return n.CurrentReport() == nil && k != nil && n.Incarnation != "" && k.Incarnation.BootID == n.Incarnation &&
+	r := n.CurrentReport()
+	return (r == nil || r.Superseded) && k != nil && n.Incarnation != "" && k.Incarnation.BootID == n.Incarnation &&
 		k.Incarnation.UID == n.UID && k.Has(api.CapabilityNodeStatus)
 }
 
@@ -1215,6 +1244,23 @@ func (a *Agent) publish(r watch.Report) {
 		reason, write, r = "legacy-peer", true, *prev
 	}
 	self := a.d.Source.Node(a.cfg.NodeName)
+	if objects {
+		a.mu.Lock()
+		if !a.nodeReportKnown && self != nil {
+			// A superseded NodeReport needs no second marker.
+			r := self.Report
+			a.nodeReportSuperseded, a.nodeReportKnown = self.ObjectReport && !self.FromAnnotation && r != nil && r.Superseded, true
+		}
+		a.mu.Unlock()
+		if want, live := a.nodeReportWanted(); want != live && !write && prev != nil && !pending {
+			// Peers start or stop reading NodeReports: our unchanged claims go there
+			// again, or a superseded marker replaces them.
+			reason, write, r = "node-reports-off", true, *prev
+			if want {
+				reason = "node-reports-on"
+			}
+		}
+	}
 	unannotate := !annotate && self != nil && self.AnnotationReport && !unannotating
 	if !write && !unannotate {
 		return
@@ -1241,11 +1287,7 @@ func (a *Agent) publish(r watch.Report) {
 func (a *Agent) writeReport(ctx context.Context, r watch.Report, uid string, annotate bool) error {
 	var objErr error
 	if a.d.Dynamic != nil {
-		raw, err := json.Marshal(r)
-		if err != nil {
-			return fmt.Errorf("encode report of node %q: %w", a.cfg.NodeName, err)
-		}
-		objErr = nodereport.Write(ctx, a.d.Dynamic, a.cfg.Namespace, a.cfg.NodeName, uid, string(r.Mode), raw)
+		objErr = a.writeObjects(ctx, r, uid)
 		if objErr != nil && !annotate {
 			return objErr
 		}
@@ -1261,6 +1303,57 @@ func (a *Agent) writeReport(ctx context.Context, r watch.Report, uid string, ann
 	}
 	a.setAnnotated(true)
 	return objErr
+}
+
+// writeObjects writes r to this node's NodeStatus and, while a peer reads NodeReports (or
+// the NodeStatus was refused), to its NodeReport; otherwise it leaves a superseded
+// NodeReport once (docs/keys.md §6). The NodeStatus first: the master reads it.
+func (a *Agent) writeObjects(ctx context.Context, r watch.Report, uid string) error {
+	raw, err := json.Marshal(r)
+	if err != nil {
+		return fmt.Errorf("encode report of node %q: %w", a.cfg.NodeName, err)
+	}
+	want, live := a.nodeReportWanted()
+	statusErr := nodereport.WriteStatus(ctx, a.d.Dynamic, a.cfg.Namespace, a.cfg.NodeName, uid, string(r.Mode), raw)
+	refused := statusErr != nil && statusRefusal(statusErr)
+	a.mu.Lock()
+	was := a.statusRefused
+	if statusErr == nil || refused {
+		a.statusRefused = refused
+	}
+	a.mu.Unlock()
+	switch {
+	case refused && !was:
+		a.log.Warn("this node's NodeStatus is refused (the manifest predates it: apply the manifest); the report goes to the NodeReport", "error", statusErr)
+	case statusErr == nil && was:
+		a.log.Info("this node's NodeStatus is written again")
+	}
+	if refused {
+		statusErr, want = nil, true
+	}
+	var objErr error
+	switch {
+	case want:
+		if objErr = nodereport.Write(ctx, a.d.Dynamic, a.cfg.Namespace, a.cfg.NodeName, uid, string(r.Mode), raw); objErr == nil {
+			a.setNodeReportSuperseded(false)
+		}
+	case live:
+		sup, err := supersededReport(r)
+		if err != nil {
+			return fmt.Errorf("encode report of node %q: %w", a.cfg.NodeName, err)
+		}
+		if objErr = nodereport.Write(ctx, a.d.Dynamic, a.cfg.Namespace, a.cfg.NodeName, uid, string(r.Mode), sup); objErr == nil {
+			a.setNodeReportSuperseded(true)
+			a.log.Info("this node's NodeReport is superseded: its report goes to its NodeStatus only")
+		}
+	}
+	return errors.Join(statusErr, objErr)
+}
+
+func (a *Agent) setNodeReportSuperseded(v bool) {
+	a.mu.Lock()
+	a.nodeReportSuperseded, a.nodeReportKnown = v, true
+	a.mu.Unlock()
 }
 
 func (a *Agent) setAnnotated(v bool) {

@@ -38,8 +38,9 @@ const (
 	listsPeerGone           // no current report: no agent to read anything
 )
 
-// listsPeerKind is what peer n's agent is, for the lists gate.
-func listsPeerKind(n *watch.NodeInfo) int {
+// listsPeerKind is what peer n's agent is, for a gate on capability c (the lists gate's is
+// api.CapabilityReadinessDecide, the NodeReport gate's api.CapabilityNodeStatus).
+func listsPeerKind(n *watch.NodeInfo, c string) int {
 	r := n.CurrentReport()
 	switch {
 	case r == nil:
@@ -48,15 +49,18 @@ func listsPeerKind(n *watch.NodeInfo) int {
 		return listsPeerOld
 	case n.Keys == nil || n.Keys.Incarnation.BootID != r.Incarnation || n.Keys.Incarnation.UID != r.UID:
 		return listsPeerUnknown
-	case !n.Keys.Has(api.CapabilityReadinessDecide):
+	case !n.Keys.Has(c):
 		return listsPeerOld
 	}
 	return listsPeerDecides
 }
 
-// listsGate decides, at each sync, whether this node's report lists its claims. Its state
-// is the time each unknown peer was first seen so (sync worker only).
+// listsGate decides, at each sync, whether this node's report lists its claims (or, for
+// the NodeReport gate, whether it writes its NodeReport besides its NodeStatus): whether
+// a live peer's agent lacks capability (api.CapabilityReadinessDecide when empty). Its
+// state is the time each unknown peer was first seen so (sync worker only).
 type listsGate struct {
+	capability   string
 	unknownSince map[string]time.Time
 	// on is the last decision and known whether there was one (a change is logged).
 	on, known bool
@@ -75,7 +79,11 @@ func (g *listsGate) decide(snap *watch.Snapshot, self, mode string, now time.Tim
 		if n.Name == self {
 			continue
 		}
-		switch listsPeerKind(n) {
+		c := g.capability
+		if c == "" {
+			c = api.CapabilityReadinessDecide
+		}
+		switch listsPeerKind(n, c) {
 		case listsPeerOld:
 			needers = append(needers, n.Name)
 		case listsPeerUnknown:

@@ -500,11 +500,11 @@ func TestShadowsInstalled(t *testing.T) {
 	}
 }
 
-// TestHoldWithoutListsStatusOnly is TestHoldWithoutLists where the agents report as an
-// agent of a later version does once no peer reads NodeReports (docs/keys.md §6): its own
-// last report only in its NodeStatus (read once when its ledger is opened), peer b's
-// NodeReport superseded (a stale "accept" in it, to be taken as none) with NodeKeys for its
-// boot that declare node-status, peer c reporting accept as before. With the cluster in
+// TestHoldWithoutListsStatusOnly is TestHoldWithoutLists where the agents report as they
+// do once no peer reads NodeReports (docs/keys.md §6): its own last report only in its
+// NodeStatus (read once when its ledger is opened; its NodeReport superseded), peer b's
+// NodeReport superseded (a stale "accept" in it) with NodeKeys for its boot that declare
+// node-status, peer c reporting accept as before. With the cluster in
 // enforce, the agent that lost its ledger holds b (its mode unknown here, so the
 // cluster's), not c.
 func TestHoldWithoutListsStatusOnly(t *testing.T) {
@@ -550,9 +550,6 @@ func TestHoldWithoutListsStatusOnly(t *testing.T) {
 		b, c := s.Node("b"), s.Node("c")
 		return b != nil && b.Keys != nil && c != nil && c.CurrentReport() != nil && c.CurrentReport().Mode == api.ModeAccept
 	})
-	if s := e.src.Snapshot(); s.Node("b").CurrentReport() != nil || s.Node("a").CurrentReport() != nil {
-		t.Fatalf("a superseded NodeReport read as a report: a %+v, b %+v", s.Node("a").Report, s.Node("b").Report)
-	}
 	e.a.d.Dynamic = e.dc
 	e.sync(ctx)
 	if e.a.Epoch() == "e-a" {

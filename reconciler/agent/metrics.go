@@ -61,6 +61,9 @@ type Metrics struct {
 	Rows     prometheus.Gauge
 	// ReportLists is 1 while the report lists its per-pair claims (lists.go).
 	ReportLists prometheus.Gauge
+	// NodeReport is 1 while the report goes to the NodeReport as well as the NodeStatus
+	// (nodereports.go).
+	NodeReport prometheus.Gauge
 
 	mu    sync.Mutex
 	drops []PlaintextCount
@@ -119,7 +122,10 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 	m.ReportLists = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "report_lists",
 		Help: "1 while this node's report lists its per-pair claims (inboundFrom, encryptingTo: a live peer's agent reads them, or --report-lists=always), 0 once every live peer decides from NodeViews and NodeRows."})
 	m.ReportLists.Set(1) // the report lists its claims until the first decision (lists.go)
-	m.Registry.MustRegister(m.ViewPairs, m.ViewConsistent, m.RowPairs, m.Rows, m.ReportLists)
+	m.NodeReport = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "report_nodereport",
+		Help: "1 while this node's report goes to its NodeReport, which every agent watches, as well as to its NodeStatus (a live peer's agent reads NodeReports, --node-reports=always, or the NodeStatus is refused), 0 once it goes to the NodeStatus only."})
+	m.NodeReport.Set(1) // until the first decision (nodereports.go)
+	m.Registry.MustRegister(m.ViewPairs, m.ViewConsistent, m.RowPairs, m.Rows, m.ReportLists, m.NodeReport)
 	m.Conflicts = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "address_conflicts", Help: "IPv4 addresses claimed by more than one Node (each pair kept as it was, or given nothing)."})
 	m.Registry.MustRegister(m.Conflicts)
 	m.Registry.MustRegister(m.SyncDuration, m.Syncs, m.MemoUpdates, m.Writes, m.States, m.Policies, m.Rules, m.MaxSeq, m.LastSync,

@@ -245,20 +245,16 @@ type reportEntry struct {
 // withObject returns ni with its report taken from its NodeReport entry e (when ok),
 // unless the annotation was written later (nodereport.Pick's rule, on the parsed forms).
 // A superseded NodeReport (api.NodeReport.Superseded: its agent writes its report as a
-// NodeStatus, which agents do not read) is no report: what that agent reports comes from
-// its NodeKeys. An annotation written later still wins (the node's agent downgraded to
-// 0.1, which writes only that).
+// NodeStatus, which agents do not read) is kept as it is: it omits the lists, so the
+// node's NodeKeys decide its key incarnation, mode and generations as soon as they are
+// here (NodeKeyIncarnation, rule 2), and until then the report still says what it said
+// when its agent left it (docs/keys.md §6).
 func withObject(ni NodeInfo, e reportEntry, ok bool) NodeInfo {
 	if !ok {
 		return ni
 	}
 	ni.ObjectReport = true
 	if ni.Report != nil && (e.Report == nil || ni.Report.LastSync.After(e.Report.LastSync)) {
-		return ni
-	}
-	if e.Report != nil && e.Report.Superseded {
-		ni.RawReport, ni.Report, ni.ReportErr = "", nil, ""
-		ni.FromAnnotation, ni.KeptAnnotation = false, false
 		return ni
 	}
 	ni.RawReport, ni.Report, ni.ReportErr = e.Raw, e.Report, e.Err

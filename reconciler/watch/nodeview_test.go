@@ -273,13 +273,17 @@ func TestWatcherInputsEqualsInputs(t *testing.T) {
 	}
 }
 
-// TestSupersededReportIsNone: a superseded NodeReport (its agent writes NodeStatuses, which
-// agents do not read; docs/keys.md §6) gives its node no report, unless its annotation was
-// written later (the agent downgraded to 0.1).
-func TestSupersededReportIsNone(t *testing.T) {
+// TestSupersededReport: a superseded NodeReport (its agent writes NodeStatuses, which
+// agents do not read; docs/keys.md §6) omits its lists, so the node's NodeKeys decide its
+// key incarnation as soon as they are there (rule 2: here a later epoch than the report's);
+// until then it is the report's, not none: peers that see the marker before the NodeKeys
+// keep the node (an empty incarnation would take it out of their state, plaintext in
+// between). An annotation written later still wins (0.1 again).
+func TestSupersededReport(t *testing.T) {
 	at := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
 	raw := func(mode api.Mode, lastSync time.Time, superseded bool) string {
-		b, _ := json.Marshal(api.NodeReport{Mode: mode, Incarnation: "boot-b", UID: "uid-b", LastSync: lastSync, Superseded: superseded, ListsOmitted: superseded})
+		b, _ := json.Marshal(api.NodeReport{Mode: mode, Incarnation: "boot-b", UID: "uid-b", Epoch: "e1", LastSync: lastSync,
+			Superseded: superseded, ListsOmitted: true})
 		return string(b)
 	}
 	entry := func(s string) reportEntry {
@@ -287,30 +291,26 @@ func TestSupersededReportIsNone(t *testing.T) {
 		e.Raw, e.Report, e.Err = cacheReport("b", s, "a")
 		return e
 	}
-	withAnnotation := func(s string) NodeInfo {
-		ni := NodeInfo{Name: "b", Incarnation: "boot-b", UID: "uid-b"}
-		if s != "" {
-			ni.RawReport, ni.Report, ni.ReportErr = cacheReport("b", s, "a")
+	keys := &nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: "boot-b", UID: "uid-b", Epoch: "e2"}, Capabilities: []string{api.CapabilityInstalled}}
+	for _, tc := range []struct {
+		name, annotation string
+		keys             *nodekeys.Keys
+		wantMode         api.Mode
+		wantInc          string
+	}{
+		{"no NodeKeys yet: the report's", "", nil, api.ModeAccept, KeyIncarnation("boot-b", "uid-b", "e1")},
+		{"NodeKeys decide", "", keys, api.ModeAccept, KeyIncarnation("boot-b", "uid-b", "e2")},
+		{"a later annotation (0.1 again)", raw(api.ModeEncrypt, at.Add(time.Hour), false), nil, api.ModeEncrypt, KeyIncarnation("boot-b", "uid-b", "e1")},
+	} {
+		ni := NodeInfo{Name: "b", Incarnation: "boot-b", UID: "uid-b", Keys: tc.keys}
+		if tc.annotation != "" {
+			ni.RawReport, ni.Report, ni.ReportErr = cacheReport("b", tc.annotation, "a")
 			ni.FromAnnotation = true
 		}
-		return ni
-	}
-	for _, tc := range []struct {
-		name, annotation, object string
-		want                     api.Mode // "" for no report
-	}{
-		{"superseded, no annotation", "", raw(api.ModeAccept, at, true), ""},
-		{"superseded, an older annotation", raw(api.ModeEnforce, at.Add(-time.Hour), false), raw(api.ModeAccept, at, true), ""},
-		{"superseded, a later annotation (0.1 again)", raw(api.ModeEncrypt, at.Add(time.Hour), false), raw(api.ModeAccept, at, true), api.ModeEncrypt},
-		{"current", "", raw(api.ModeAccept, at, false), api.ModeAccept},
-	} {
-		ni := withObject(withAnnotation(tc.annotation), entry(tc.object), true)
-		var got api.Mode
-		if r := ni.CurrentReport(); r != nil {
-			got = r.Mode
-		}
-		if got != tc.want || !ni.ObjectReport {
-			t.Errorf("%s: report mode %q (object report %v), want %q", tc.name, got, ni.ObjectReport, tc.want)
+		ni = withObject(ni, entry(raw(api.ModeAccept, at, true)), true)
+		r := ni.CurrentReport()
+		if r == nil || r.Mode != tc.wantMode || ni.KeyIncarnation() != tc.wantInc || !ni.ObjectReport {
+			t.Errorf("%s: report %+v, key incarnation %q; want mode %s, %q", tc.name, r, ni.KeyIncarnation(), tc.wantMode, tc.wantInc)
 		}
 	}
 }

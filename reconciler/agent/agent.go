@@ -1337,7 +1337,7 @@ func (a *Agent) writeObjects(ctx context.Context, r watch.Report, uid string) er
 		if objErr = nodereport.Write(ctx, a.d.Dynamic, a.cfg.Namespace, a.cfg.NodeName, uid, string(r.Mode), raw); objErr == nil {
 			a.setNodeReportSuperseded(false)
 		}
-	case live:
+	case live && statusErr == nil: // never before the NodeStatus holds the report
 		sup, err := supersededReport(r)
 		if err != nil {
 			return fmt.Errorf("encode report of node %q: %w", a.cfg.NodeName, err)

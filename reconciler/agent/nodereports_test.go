@@ -261,3 +261,71 @@ func TestAgentsWithoutNodeStatuses(t *testing.T) {
 		t.Errorf("%d superseded NodeReports written while NodeStatuses are refused", n)
 	}
 }
+
+// TestNoSupersedeBeforeTheStatus: while NodeStatus writes fail (a transient API error, not a
+// refusal), no agent leaves a superseded NodeReport — the master would have neither — and
+// once they succeed, the NodeReports are superseded.
+func TestNoSupersedeBeforeTheStatus(t *testing.T) {
+	ring := testRing(t, api.ModeEnforce, "a", "b", "c")
+	cs, dc := fakeAPI(t, ring, testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"), testNode("c", "198.18.0.3", "boot-c"))
+	var failing atomic.Bool
+	failing.Store(true)
+	fail := func(action k8stesting.Action) (bool, runtime.Object, error) {
+		if failing.Load() {
+			return true, nil, apierrors.NewInternalError(errors.New("etcd leader changed"))
+		}
+		return false, nil, nil
+	}
+	for _, verb := range []string{"create", "patch"} {
+		dc.PrependReactor(verb, nodereport.StatusResource, fail)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	names := []string{"a", "b", "c"}
+	nodes := map[string]*v2node{}
+	for _, name := range names {
+		nodes[name] = startNode(t, ctx, cs, dc, name, seededLedger(t, name, "boot-"+name))
+	}
+	superseded := func() (int, error) {
+		n := 0
+		for _, name := range names {
+			u, err := dc.Resource(nodereport.GVR).Namespace(api.Namespace).Get(ctx, name, metav1.GetOptions{})
+			if apierrors.IsNotFound(err) {
+				continue
+			}
+			if err != nil {
+				return 0, err
+			}
+			if r, err := watch.ParseReport(nodereport.Raw(u)); err == nil && r.Superseded {
+				n++
+			}
+		}
+		return n, nil
+	}
+	// An agent has decided that no peer reads NodeReports and failed to write. (Not
+	// necessarily every agent: a node whose only report is its Node's annotation, as
+	// testNode makes it, is a 0.1 peer to the others until it writes a NodeReport.)
+	closed := func() string {
+		for _, name := range names {
+			if value(nodes[name].a.d.Metrics.NodeReport) == 0 && nodes[name].a.Status().Error != "" {
+				return name
+			}
+		}
+		return ""
+	}
+	if !waitUntil(30*time.Second, func() bool { return closed() != "" }) {
+		for _, name := range names {
+			t.Logf("%s: report_nodereport %v, status %+v", name, value(nodes[name].a.d.Metrics.NodeReport), nodes[name].a.Status())
+		}
+		t.Fatal("no agent closed the NodeReport gate with its NodeStatus writes failing")
+	}
+	time.Sleep(500 * time.Millisecond)
+	if n, err := superseded(); err != nil || n != 0 {
+		t.Fatalf("%d superseded NodeReports (%v) while no NodeStatus could be written", n, err)
+	}
+	failing.Store(false)
+	if !waitUntil(30*time.Second, func() bool { n, err := superseded(); return err == nil && n == len(names) }) {
+		n, err := superseded()
+		t.Fatalf("NodeStatuses written: %d of %d NodeReports superseded (%v)", n, len(names), err)
+	}
+}

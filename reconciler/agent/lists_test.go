@@ -108,10 +108,7 @@ func TestAgentsOmitListsOnceEveryPeerDecides(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	names := []string{"a", "b", "c"}
-	nodes := map[string]*v2node{}
-	for _, name := range names {
-		nodes[name] = startNode(t, ctx, cs, dc, name, seededLedger(t, name, "boot-"+name))
-	}
+	nodes := startAgents(t, ctx, cs, dc, names...)
 	// state is "" when every agent's last report omits (lists false) or carries (true)
 	// the lists, its metric says so, and it encrypts to and drops the plaintext of both
 	// other agents.
@@ -127,9 +124,8 @@ func TestAgentsOmitListsOnceEveryPeerDecides(t *testing.T) {
 			case value(n.a.d.Metrics.ReportLists) != map[bool]float64{true: 1}[lists]:
 				return fmt.Sprintf("%s: report_lists %v", name, value(n.a.d.Metrics.ReportLists))
 			}
-			enc, drop := value(n.a.d.Metrics.Peers.WithLabelValues("encrypted")), value(n.a.d.Metrics.Peers.WithLabelValues("dropping"))
-			if enc != 2 || drop != 2 {
-				return fmt.Sprintf("%s: encrypts to %v peers, drops the plaintext of %v (want 2, 2)", name, enc, drop)
+			if why := pairsProgrammed(n, 2); why != "" {
+				return why
 			}
 		}
 		return ""

@@ -14,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	dynamicfake "k8s.io/client-go/dynamic/fake"
+	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
@@ -70,8 +71,8 @@ func TestNodeReportsGate(t *testing.T) {
 
 // TestAgentsSupersedeNodeReports: three real agents (watchers, desired state, fake kernels,
 // ledgers) on one fake API, every one declaring node-status: each writes its report to its
-// NodeStatus and leaves a superseded NodeReport, which its peers take as none — and every
-// pair is still programmed both ways (ESP and enforce's plaintext drops), from the peers'
+// NodeStatus and leaves a superseded NodeReport, which its peers read without lists (the
+// NodeKeys decide) — and every pair is still programmed both ways (ESP and enforce's plaintext drops), from the peers'
 // NodeKeys, rows and views. A peer whose agent reads NodeReports (its NodeKeys lack
 // node-status) appears: every agent writes its NodeReport again; when it goes, they stop.
 func TestAgentsSupersedeNodeReports(t *testing.T) {
@@ -80,10 +81,7 @@ func TestAgentsSupersedeNodeReports(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	names := []string{"a", "b", "c"}
-	nodes := map[string]*v2node{}
-	for _, name := range names {
-		nodes[name] = startNode(t, ctx, cs, dc, name, seededLedger(t, name, "boot-"+name))
-	}
+	nodes := startAgents(t, ctx, cs, dc, names...)
 	// state is "" when every agent's NodeReport is superseded (or current, superseded
 	// false) and its NodeStatus holds its last report, its metric says so, and it
 	// encrypts to and drops the plaintext of both other agents.
@@ -119,9 +117,8 @@ func TestAgentsSupersedeNodeReports(t *testing.T) {
 			case value(n.a.d.Metrics.NodeReport) != map[bool]float64{false: 1}[superseded]:
 				return fmt.Sprintf("%s: report_nodereport %v", name, value(n.a.d.Metrics.NodeReport))
 			}
-			enc, drop := value(n.a.d.Metrics.Peers.WithLabelValues("encrypted")), value(n.a.d.Metrics.Peers.WithLabelValues("dropping"))
-			if enc != 2 || drop != 2 {
-				return fmt.Sprintf("%s: encrypts to %v peers, drops the plaintext of %v (want 2, 2)", name, enc, drop)
+			if why := pairsProgrammed(n, 2); why != "" {
+				return why
 			}
 		}
 		return ""
@@ -178,6 +175,27 @@ func TestAgentsSupersedeNodeReports(t *testing.T) {
 	}
 }
 
+// startAgents runs a real agent for each of names (startNode, with a ledger of its boot
+// seeded) on the fake API until ctx ends or the test does.
+func startAgents(t *testing.T, ctx context.Context, cs *fake.Clientset, dc *dynamicfake.FakeDynamicClient, names ...string) map[string]*v2node {
+	t.Helper()
+	nodes := map[string]*v2node{}
+	for _, name := range names {
+		nodes[name] = startNode(t, ctx, cs, dc, name, seededLedger(t, name, "boot-"+name))
+	}
+	return nodes
+}
+
+// pairsProgrammed is "" when n's agent encrypts to peers peers and drops the plaintext of
+// as many (enforce), else what it does.
+func pairsProgrammed(n *v2node, peers int) string {
+	enc, drop := value(n.a.d.Metrics.Peers.WithLabelValues("encrypted")), value(n.a.d.Metrics.Peers.WithLabelValues("dropping"))
+	if enc != float64(peers) || drop != float64(peers) {
+		return fmt.Sprintf("%s: encrypts to %v peers, drops the plaintext of %v (want %d, %d)", n.name, enc, drop, peers, peers)
+	}
+	return ""
+}
+
 // nodeReportWrites counts the writes (create, patch, update) of NodeReports dc has seen.
 func nodeReportWrites(dc *dynamicfake.FakeDynamicClient) int {
 	n := 0
@@ -221,10 +239,7 @@ func TestAgentsWithoutNodeStatuses(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	names := []string{"a", "b", "c"}
-	nodes := map[string]*v2node{}
-	for _, name := range names {
-		nodes[name] = startNode(t, ctx, cs, dc, name, seededLedger(t, name, "boot-"+name))
-	}
+	nodes := startAgents(t, ctx, cs, dc, names...)
 	state := func() string {
 		for _, name := range names {
 			n := nodes[name]
@@ -242,9 +257,8 @@ func TestAgentsWithoutNodeStatuses(t *testing.T) {
 			if r, err := watch.ParseReport(nodereport.Raw(u)); err != nil || r.Superseded || !r.LastSync.Equal(pub.LastSync) {
 				return fmt.Sprintf("%s: NodeReport %.200s is not its last report", name, nodereport.Raw(u))
 			}
-			enc, drop := value(n.a.d.Metrics.Peers.WithLabelValues("encrypted")), value(n.a.d.Metrics.Peers.WithLabelValues("dropping"))
-			if enc != 2 || drop != 2 {
-				return fmt.Sprintf("%s: encrypts to %v peers, drops the plaintext of %v (want 2, 2)", name, enc, drop)
+			if why := pairsProgrammed(n, 2); why != "" {
+				return why
 			}
 		}
 		return ""
@@ -282,10 +296,7 @@ func TestNoSupersedeBeforeTheStatus(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	names := []string{"a", "b", "c"}
-	nodes := map[string]*v2node{}
-	for _, name := range names {
-		nodes[name] = startNode(t, ctx, cs, dc, name, seededLedger(t, name, "boot-"+name))
-	}
+	nodes := startAgents(t, ctx, cs, dc, names...)
 	superseded := func() (int, error) {
 		n := 0
 		for _, name := range names {

@@ -377,4 +377,31 @@ func TestStatusReadsNodeStatuses(t *testing.T) {
 	if r.code != ExitOK || strings.Count(r.stdout, "\nnode-") != n-1 || strings.Contains(r.stdout, " no ") {
 		t.Fatalf("status --node %s:\n%s", name(1), r)
 	}
+
+	// node-1's agent leaves a superseded NodeReport (later than its NodeStatus, as when it
+	// stops writing NodeReports): marked in its metadata, and read as none.
+	var sup watch.Report
+	if err := json.Unmarshal(report(1, 0, "left behind"), &sup); err != nil {
+		t.Fatal(err)
+	}
+	sup.OmitLists()
+	sup.Superseded = true
+	b, _ := json.Marshal(sup)
+	write(false, 1, b)
+	u, err := dyn.Resource(nodereport.GVR).Namespace(api.Namespace).Get(e.ctx, name(1), metav1.GetOptions{})
+	if err != nil || u.GetAnnotations()[nodereport.SupersededAnnotation] != "true" {
+		t.Fatalf("superseded NodeReport: annotations %v (%v)", u.GetAnnotations(), err)
+	}
+	r = e.run("status", "-o", "json")
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || st.Nodes[1].Error != "" || !st.Nodes[1].LastSync.Equal(fixedNow.Add(-30*time.Second)) {
+		t.Fatalf("status with node-1's NodeReport superseded: %v, %+v; want its NodeStatus", err, st.Nodes[1])
+	}
+	// Written current again (a peer reads NodeReports): the mark goes.
+	write(false, 1, report(1, 0, ""))
+	if u, err = dyn.Resource(nodereport.GVR).Namespace(api.Namespace).Get(e.ctx, name(1), metav1.GetOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := u.GetAnnotations()[nodereport.SupersededAnnotation]; ok {
+		t.Fatalf("current NodeReport still marked superseded: %v", u.GetAnnotations())
+	}
 }

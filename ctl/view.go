@@ -188,7 +188,8 @@ func (c *clients) readReports(ctx context.Context, ns, about string) (map[string
 // node name (none when the CRD is not installed), as claimsAbout keeps it. Without claims
 // (about ""), the reports come from a metadata-only list: each object's summary
 // annotation, written by the agent with the report; only the objects without one (agents
-// predating it, and reports without lists, which are their own summary) are read whole.
+// predating it, and reports without lists, which are their own summary) are read whole, and
+// superseded NodeReports (nodereport.SupersededAnnotation) not at all.
 // With claims, every object is read whole, a page at a time.
 func (c *clients) readReportsOf(ctx context.Context, gvr schema.GroupVersionResource, ns, about string) (map[string]string, error) {
 	reports := map[string]string{}
@@ -205,6 +206,9 @@ func (c *clients) readReportsOf(ctx context.Context, gvr schema.GroupVersionReso
 			}
 			for i := range l.Items {
 				m := &l.Items[i]
+				if m.Annotations[nodereport.SupersededAnnotation] == "true" {
+					continue // left behind by an agent that writes its NodeStatus: none
+				}
 				if sum, ok := m.Annotations[nodereport.SummaryAnnotation]; ok {
 					reports[m.Name] = sum
 				} else {

@@ -69,6 +69,10 @@ const (
 	FieldManager = "secureoverlay-agent"
 	// SummaryAnnotation holds the report without its per-peer claims (Summary).
 	SummaryAnnotation = "secureoverlay.io/report-summary"
+	// SupersededAnnotation ("true") marks a NodeReport whose report is superseded
+	// (api.NodeReport.Superseded), so that readers listing metadata only (the CLI) skip it
+	// without reading it whole.
+	SupersededAnnotation = "secureoverlay.io/superseded"
 )
 
 // GVR is the NodeReport resource.
@@ -110,7 +114,12 @@ func object(kind, ns, node, nodeUID, mode string, raw []byte) *unstructured.Unst
 	if !hasClaims(raw) {
 		summary = nil
 	}
-	u.Object["metadata"].(map[string]any)["annotations"] = map[string]any{SummaryAnnotation: summary}
+	var sup any
+	if superseded(string(raw)) {
+		sup = "true"
+	}
+	// nil values remove an earlier annotation in the merge patch.
+	u.Object["metadata"].(map[string]any)["annotations"] = map[string]any{SummaryAnnotation: summary, SupersededAnnotation: sup}
 	return u
 }
 

@@ -10,6 +10,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
@@ -59,6 +60,25 @@ func TestPickObject(t *testing.T) {
 		if got := PickObject(tc.report, tc.status); got != tc.want {
 			t.Errorf("%s: PickObject = %q, want %q", tc.name, got, tc.want)
 		}
+	}
+}
+
+// TestSupersededObject: a superseded report's object says so in its metadata (the CLI's
+// metadata-only list skips it); any other report's removes the annotation (null in the
+// merge patch).
+func TestSupersededObject(t *testing.T) {
+	sup := Object("ns", "c", "uid-c", "enforce", []byte(`{"mode":"enforce","superseded":true,"listsOmitted":true}`))
+	cur := Object("ns", "c", "uid-c", "enforce", []byte(`{"mode":"enforce","listsOmitted":true}`))
+	ann := func(u *unstructured.Unstructured) (any, bool) {
+		a, _ := u.Object["metadata"].(map[string]any)["annotations"].(map[string]any)
+		v, ok := a[SupersededAnnotation]
+		return v, ok
+	}
+	if v, ok := ann(sup); !ok || v != "true" {
+		t.Errorf("superseded report: annotation %v (%v), want \"true\"", v, ok)
+	}
+	if v, ok := ann(cur); !ok || v != nil {
+		t.Errorf("current report: annotation %v (%v), want null (removed by the merge patch)", v, ok)
 	}
 }
 

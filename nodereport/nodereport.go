@@ -30,8 +30,9 @@
 // not agents: the master and the CLI read it beside the NodeReport and take the later of
 // the two (PickObject), agents do not watch it. It exists so that agents can stop writing
 // the NodeReport every agent watches (docs/protocol-v2.md §9 step 5: every report write
-// goes to every agent, N² per cluster-wide step); the readers land first, so that a
-// master or CLI one version back reads what the writers of the next version write.
+// goes to every agent, N² per cluster-wide step): once no live peer reads NodeReports, an
+// agent writes its NodeStatus only and leaves a NodeReport marked superseded
+// (api.NodeReport.Superseded, SupersededAnnotation), which PickObject takes as none.
 package nodereport
 
 import (

@@ -121,10 +121,15 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 	// The agent does not log a failed report write; /readyz and the report-write
 	// metric show it.
 	var readyz string
+	// The report's write is refused: its NodeStatus (written first), or its NodeReport.
+	refused := func(readyz string) bool {
+		return strings.Contains(readyz, "may only write the nodestatuses of its own Node") ||
+			strings.Contains(readyz, "may only write the nodereports of its own Node")
+	}
 	run("node-b", func(string) bool {
-		// Its two writers race: the NodeKeys refusal may show first; wait for the report's.
+		// Its writers race: the NodeKeys refusal may show first; wait for the report's.
 		readyz = getInNS("/readyz")
-		return strings.Contains(readyz, "may only write the nodereports of its own Node")
+		return refused(readyz)
 	})
 	// Its own NodeReport and NodeStatus are there, owned by its Node (the garbage
 	// collector's link).
@@ -135,8 +140,8 @@ func realAgent(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
 			t.Errorf("node-a's %s owners: %+v", gvr.Resource, refs)
 		}
 	}
-	if !strings.Contains(readyz, "may only write the nodereports of its own Node") {
-		t.Errorf("running as node-b with node-a's token: /readyz does not show the policy's refusal: %q", readyz)
+	if !refused(readyz) {
+		t.Errorf("running as node-b with node-a's token: /readyz does not show the policy's refusal of its report: %q", readyz)
 	} else {
 		t.Logf("agent as node-b, /readyz: %s", strings.TrimSpace(readyz))
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/noderow"
 	"github.com/secureoverlay/secureoverlay/readiness"
+	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
 
 // rowPairs is n's rows-only shadow: by direction, agree/ahead/behind.
@@ -26,6 +27,33 @@ func rowPairs(n *v2node) (in, out [numVerdicts]float64) {
 		out[v] = value(n.a.d.Metrics.RowPairs.WithLabelValues("out", name))
 	}
 	return in, out
+}
+
+// claimsAll is "" when n's last report claims each of peers both ways, under the key
+// incarnation of the peer's last report, and n's row for its keys is complete and written;
+// else what is missing. Reports and rows are written apart (rows at most once per
+// RowInterval), so until both are in, a peer's rows may run ahead of its lists or behind.
+func claimsAll(n *v2node, peers ...*v2node) string {
+	r := n.a.Published()
+	if r == nil {
+		return n.name + ": no report yet"
+	}
+	for _, p := range peers {
+		pr := p.a.Published()
+		if pr == nil {
+			return p.name + ": no report yet"
+		}
+		tag := watch.IncarnationTag(watch.KeyIncarnation(pr.Incarnation, pr.UID, pr.Epoch))
+		if r.InboundFrom[p.name] != tag || r.EncryptingTo[p.name] != tag {
+			return fmt.Sprintf("%s: its report does not claim %s both ways", n.name, p.name)
+		}
+	}
+	n.a.mu.Lock()
+	defer n.a.mu.Unlock()
+	if !n.a.rowComplete || n.a.rowHave == nil || !noderow.Equal(*n.a.rowHave, *n.a.rowWant) {
+		return n.name + ": its complete row is not written yet"
+	}
+	return ""
 }
 
 // listsAlways is the startNode option of an agent that keeps its report's lists.
@@ -43,12 +71,21 @@ func rowWrites(n *v2node) float64 {
 // publishes a row for its new keys, which a and b take, while a and b, whose rows were
 // complete, write none (another node's re-key costs no row of theirs); on c the rows of a
 // and b, about c's old keys, confirm nothing (c's NodeView carries that side). The agents
-// keep their lists (--report-lists=always): the rows are compared with them.
+// keep their lists (--report-lists=always): the rows are compared with them; their report
+// writes are slowed, so rows and lists arrive in either order.
 func TestAgentsPublishRows(t *testing.T) {
 	ring := testRing(t, api.ModeEnforce, "a", "b", "c")
 	cs, dc := fakeAPI(t, ring, testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"), testNode("c", "198.18.0.3", "boot-c"))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	// Report writes take 300 ms, as under load: the rows (written apart) run ahead of the
+	// lists for a moment, which the checks must wait out, not mistake for a settled state.
+	for _, r := range []string{"nodereports", "nodestatuses"} {
+		dc.PrependReactor("patch", r, func(k8stesting.Action) (bool, runtime.Object, error) {
+			time.Sleep(300 * time.Millisecond)
+			return false, nil, nil
+		})
+	}
 	nodes := map[string]*v2node{}
 	for _, name := range []string{"a", "b", "c"} {
 		nodes[name] = startNode(t, ctx, cs, dc, name, seededLedger(t, name, "boot-"+name), listsAlways)
@@ -60,11 +97,21 @@ func TestAgentsPublishRows(t *testing.T) {
 		}
 		return noderow.Parse(u)
 	}
-	// settled: every agent takes both peers' rows and the rows alone agree with its lists
-	// on every pair but those in behind (names of nodes whose rows-only rule lags).
+	// settled: every report claims every pair, every row is complete and written, and every
+	// agent takes both peers' rows and the rows alone agree with its lists on every pair
+	// but those in behind (names of nodes whose rows-only rule lags).
 	settled := func(behind map[string]bool) string {
 		for _, name := range []string{"a", "b", "c"} {
 			n := nodes[name]
+			var peers []*v2node
+			for _, p := range []string{"a", "b", "c"} {
+				if p != name {
+					peers = append(peers, nodes[p])
+				}
+			}
+			if why := claimsAll(n, peers...); why != "" {
+				return why
+			}
 			in, out := rowPairs(n)
 			taken := value(n.a.d.Metrics.Rows)
 			want := [numVerdicts]float64{2, 0, 0}
@@ -92,8 +139,9 @@ func TestAgentsPublishRows(t *testing.T) {
 		}
 		selfs[name] = r.Self
 	}
-	// Ahead is never allowed; check once more after a few resyncs.
-	time.Sleep(500 * time.Millisecond)
+	// Ahead is never allowed; check once more after a few resyncs (every agent has taken
+	// the last reports and rows since they were written).
+	time.Sleep(1500 * time.Millisecond)
 	if why := settled(nil); why != "" {
 		t.Fatalf("after resyncs: %s", why)
 	}

@@ -326,19 +326,17 @@ func New(cfg Config, d Deps) (*Agent, error) {
 	if cfg.RowInterval <= 0 {
 		cfg.RowInterval = time.Second
 	}
-	switch cfg.ReportLists {
-	case "":
-		cfg.ReportLists = ListsAuto
-	case ListsAuto, ListsAlways:
-	default:
-		return nil, fmt.Errorf("agent: report lists %q: want %s or %s", cfg.ReportLists, ListsAuto, ListsAlways)
-	}
-	switch cfg.NodeReports {
-	case "":
-		cfg.NodeReports = NodeReportsAuto
-	case NodeReportsAuto, NodeReportsAlways:
-	default:
-		return nil, fmt.Errorf("agent: node reports %q: want %s or %s", cfg.NodeReports, NodeReportsAuto, NodeReportsAlways)
+	for _, e := range []struct {
+		v    *string
+		what string
+	}{{&cfg.ReportLists, "report lists"}, {&cfg.NodeReports, "node reports"}} {
+		switch *e.v {
+		case "":
+			*e.v = ListsAuto // = NodeReportsAuto
+		case ListsAuto, ListsAlways:
+		default:
+			return nil, fmt.Errorf("agent: %s %q: want %s or %s", e.what, *e.v, ListsAuto, ListsAlways)
+		}
 	}
 	if cfg.RetryMax <= 0 {
 		cfg.RetryMax = 30 * time.Second

@@ -573,6 +573,26 @@ func TestNewRejectsBadConfig(t *testing.T) {
 	if _, err := New(Config{NodeName: "a"}, d); err == nil {
 		t.Error("no mtu source: no error")
 	}
+	for _, c := range []struct {
+		cfg  Config
+		want string
+	}{
+		{Config{ReportLists: "sometimes"}, `report lists "sometimes": want auto or always`},
+		{Config{NodeReports: "never"}, `node reports "never": want auto or always`},
+	} {
+		c.cfg.NodeName, c.cfg.ExternalMTU = "a", 1500
+		if _, err := New(c.cfg, e.a.d); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: error %v, want %q", c.cfg, err, c.want)
+		}
+	}
+	a, err := New(Config{NodeName: "a", ExternalMTU: 1500, LedgerDir: t.TempDir()}, e.a.d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.cfg.ReportLists != ListsAuto || a.cfg.NodeReports != NodeReportsAuto {
+		t.Errorf("defaults: report lists %q, node reports %q; want auto", a.cfg.ReportLists, a.cfg.NodeReports)
+	}
+	a.Close()
 }
 
 // TestDropRulesNeverOutliveTheirPolicies checks the sync order: when a peer stops being

@@ -4,6 +4,8 @@ import (
 	"slices"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
 )
@@ -104,6 +106,21 @@ func (g *listsGate) decide(snap *watch.Snapshot, self, mode string, now time.Tim
 	return len(needers) > 0, needers, again
 }
 
+// record keeps need as the last decision and exports it to gauge (1 or 0); it reports
+// whether the decision changed (the first one counts as a change), for the caller to log.
+func (g *listsGate) record(need bool, gauge prometheus.Gauge) bool {
+	if g.known && g.on == need {
+		return false
+	}
+	g.on, g.known = need, true
+	if need {
+		gauge.Set(1)
+	} else {
+		gauge.Set(0)
+	}
+	return true
+}
+
 // gateLists omits rep's lists unless a live peer needs them (listsGate), and logs and
 // exports each change of that decision.
 func (a *Agent) gateLists(rep *watch.Report, snap *watch.Snapshot, now time.Time) {
@@ -114,14 +131,8 @@ func (a *Agent) gateLists(rep *watch.Report, snap *watch.Snapshot, now time.Time
 	if !need {
 		rep.OmitLists()
 	}
-	if a.lists.known && a.lists.on == need {
+	if !a.lists.record(need, a.d.Metrics.ReportLists) {
 		return
-	}
-	a.lists.on, a.lists.known = need, true
-	if need {
-		a.d.Metrics.ReportLists.Set(1)
-	} else {
-		a.d.Metrics.ReportLists.Set(0)
 	}
 	switch {
 	case need && a.cfg.ReportLists == ListsAlways:

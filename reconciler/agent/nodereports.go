@@ -15,15 +15,15 @@ import (
 // cluster-wide step. The master and the CLI read the same report as a NodeStatus, which
 // agents do not watch. An agent writes its NodeStatus always and its NodeReport only while
 // a live peer's agent reads NodeReports (it does not declare api.CapabilityNodeStatus, or
-// is 0.1); when it stops, it leaves a last NodeReport marked superseded, which readers take
-// as none. A NodeStatus the API refuses (an older manifest: no CRD, no RBAC) brings the
+// is 0.1); when it stops, it leaves a last NodeReport marked superseded, which the master and
+// the CLI take as none and agents as a report without lists (the node's NodeKeys decide). A NodeStatus the API refuses (an older manifest: no CRD, no RBAC) brings the
 // NodeReport back for that write.
 const (
 	// NodeReportsAuto writes the NodeReport only while a live peer reads NodeReports.
-	NodeReportsAuto = "auto"
+	NodeReportsAuto = ListsAuto // the same words as Config.ReportLists
 	// NodeReportsAlways writes it at every write (before rolling agents back further than
 	// one version; docs/deploy.md).
-	NodeReportsAlways = "always"
+	NodeReportsAlways = ListsAlways
 )
 
 // gateNodeReports decides, at the end of a sync, whether this node's next report writes go
@@ -41,14 +41,8 @@ func (a *Agent) gateNodeReports(snap *watch.Snapshot, now time.Time) {
 	a.mu.Lock()
 	a.nodeReportsOn = need
 	a.mu.Unlock()
-	if a.nodeReportsGate.known && a.nodeReportsGate.on == need {
+	if !a.nodeReportsGate.record(need, a.d.Metrics.NodeReport) {
 		return
-	}
-	a.nodeReportsGate.on, a.nodeReportsGate.known = need, true
-	if need {
-		a.d.Metrics.NodeReport.Set(1)
-	} else {
-		a.d.Metrics.NodeReport.Set(0)
 	}
 	switch {
 	case need && mode == NodeReportsAlways:

@@ -35,8 +35,12 @@ const (
 	// RingConfigMapName holds the public ring (docs/keys.md §11): the Secret's ring with
 	// every v1 root withheld ("sealed"). Written only by the master; agents read it.
 	RingConfigMapName = "secureoverlay-ring"
-	// RingDataKey is the single data key inside RingConfigMapName.
+	// RingDataKey is the data key inside RingConfigMapName that holds the public ring.
 	RingDataKey = "ring"
+	// RingNodesDataKey, beside it, names the node table a ring without one goes with: the
+	// digest of the NodeIDs (nodeid.Digest; docs/keys.md §13). Not written yet: the master
+	// writes every ring with its table.
+	RingNodesDataKey = "nodes"
 	// AgentKeysAccess names the Role and RoleBinding that let agents read the Secret; the
 	// master sets the binding's subjects (granted while a v1 generation or an agent that
 	// reads only the Secret needs it, else none).

@@ -9,6 +9,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodeid"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
@@ -253,12 +254,7 @@ func nodeIDs(r *keys.Ring) map[string]uint32 {
 	if idCache.ring == r && idCache.n == len(r.Nodes) {
 		return idCache.ids
 	}
-	ids := make(map[string]uint32, len(r.Nodes))
-	for _, n := range r.Nodes {
-		if _, ok := ids[n.Name]; !ok && !n.Released {
-			ids[n.Name] = n.ID // the first unreleased entry, as Ring.NodeID
-		}
-	}
+	ids, _ := nodeid.IDs(r, nil, "") // the ring's table (NodeIDs are not read yet: docs/keys.md §13)
 	names := make(map[uint32]string, len(ids))
 	for name, id := range ids {
 		names[id] = name

@@ -29,6 +29,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodeid"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/noderow"
@@ -154,6 +155,7 @@ func installMasterRBAC(t *testing.T, cs kubernetes.Interface, ns string) {
 		{APIGroups: []string{"coordination.k8s.io"}, Resources: []string{"leases"}, ResourceNames: []string{name}, Verbs: []string{"get", "update"}},
 		{APIGroups: []string{nodereport.Group}, Resources: []string{nodereport.Resource, nodereport.StatusResource, nodekeys.Resource, noderow.Resource}, Verbs: []string{"list", "watch"}},
 		{APIGroups: []string{nodeview.Group}, Resources: []string{nodeview.Resource}, Verbs: []string{"get", "list", "watch", "create", "patch"}},
+		{APIGroups: []string{nodeid.Group}, Resources: []string{nodeid.Resource}, Verbs: []string{"get", "list", "watch", "create", "patch", "delete"}},
 	}}
 	subj := []rbacv1.Subject{{Kind: "ServiceAccount", Name: name, Namespace: ns}}
 	must := func(err error) {

@@ -60,6 +60,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodeid"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/noderow"
@@ -238,6 +239,12 @@ type Controller struct {
 	// be listed.
 	rows     *noderow.Cache
 	rowsWarn sync.Once
+	// ids are the NodeIDs (docs/keys.md §13; nil without Options.Dynamic), kept equal to
+	// the live entries of the Secret's node table (writeNodeIDs). idsErr is the last
+	// writing error logged (a new one is logged, a repeat is not).
+	ids     *nodeid.Cache
+	idsErr  string
+	idsWarn sync.Once
 
 	lastGood   *keys.Ring
 	lastStatus string
@@ -374,6 +381,15 @@ func (c *Controller) Run(ctx context.Context) error {
 			}
 			return &k
 		}
+		// Never waited for: while its CRD is missing (an older manifest) the ring alone
+		// carries the table, as it always does today.
+		c.ids = nodeid.NewCache(c.opts.Dynamic, c.opts.Namespace, func(string) { c.queue.Add(queueKey) })
+		c.ids.OnMissing(func(err error) {
+			c.idsWarn.Do(func() {
+				c.log.Warn("the NodeIDs cannot be listed (the manifest predates them, or RBAC lacks nodeids: apply the manifest); the key ring alone carries the node table", "error", err)
+			})
+		})
+		c.ids.Start(ctx.Done())
 		if c.opts.Policy.ProtocolV2 {
 			c.rows = noderow.NewCache(c.opts.Dynamic, c.opts.Namespace, func(string) { c.queue.Add(queueKey) })
 			c.rows.OnMissing(func(err error) {
@@ -751,6 +767,9 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 				m.Rotations.WithLabelValues(a.Reason).Inc()
 			}
 		}
+	}
+	if more := c.writeNodeIDs(ctx, res.Ring); more {
+		c.queue.AddAfter(queueKey, nodeIDBatchPause)
 	}
 	if err := c.writePublic(ctx, res.Ring); err != nil {
 		return time.Time{}, err

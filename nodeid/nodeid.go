@@ -4,9 +4,9 @@
 // master, so that the ring every agent watches can leave its table out and a step costs
 // N × ≈ 1 KB through the watches instead of N × ≈ 88 bytes × N.
 //
-// What is here is the pure core: the object's encoding, the master's plan (which objects
-// to write and delete for a ring) and the agents' rule (which ID a node has, from the ring
-// or from the objects). Node names and IDs only: nothing secret.
+// Here: the object's encoding, the master's plan (which objects to write and delete for a
+// ring), the agents' rule (which ID a node has, from the ring or from the objects) and the
+// informer. Node names and IDs only: nothing secret.
 package nodeid
 
 import (
@@ -20,7 +20,9 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/util/validation"
+	"k8s.io/client-go/dynamic"
 
+	"github.com/secureoverlay/secureoverlay/internal/objcache"
 	"github.com/secureoverlay/secureoverlay/keys"
 )
 
@@ -182,4 +184,14 @@ func IDs(r *keys.Ring, entries []Entry, want string) (ids map[string]uint32, ok 
 		return nil, false
 	}
 	return ids, true
+}
+
+// Cache is an informer over the NodeIDs of one namespace, each kept parsed (an object that
+// does not parse is kept as its error and is not an entry).
+type Cache = objcache.Cache[Entry]
+
+// NewCache builds the informer (nothing runs until Start). onChange, if set, is called
+// after every change with the object's name; it must be cheap and must not block.
+func NewCache(dc dynamic.Interface, ns string, onChange func(name string)) *Cache {
+	return objcache.New(dc, GVR, ns, Parse, onChange)
 }

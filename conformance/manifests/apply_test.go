@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,6 +37,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodeid"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/noderow"
@@ -331,6 +333,17 @@ func canI(t *testing.T, kc, admin string) {
 		{masterSA, "patch nodeviews.secureoverlay.io/node-a " + ns, true},
 		{masterSA, "list nodeviews.secureoverlay.io " + ns, true},
 		{masterSA, "create nodeviews.secureoverlay.io -n kube-system", false},
+		{masterSA, "create nodeids.secureoverlay.io " + ns, true}, // the node table (docs/keys.md §13)
+		{masterSA, "patch nodeids.secureoverlay.io/id-17 " + ns, true},
+		{masterSA, "delete nodeids.secureoverlay.io/id-17 " + ns, true},
+		{masterSA, "watch nodeids.secureoverlay.io " + ns, true},
+		{masterSA, "create nodeids.secureoverlay.io -n kube-system", false},
+		{agentSA, "list nodeids.secureoverlay.io " + ns, true}, // agents read the table
+		{agentSA, "watch nodeids.secureoverlay.io " + ns, true},
+		{agentSA, "create nodeids.secureoverlay.io " + ns, false}, // and never write an ID
+		{agentSA, "patch nodeids.secureoverlay.io/id-17 " + ns, false},
+		{agentSA, "update nodeids.secureoverlay.io/id-17 " + ns, false},
+		{agentSA, "delete nodeids.secureoverlay.io/id-17 " + ns, false},
 	}
 	for _, ck := range checks {
 		args := append([]string{"auth", "can-i"}, strings.Fields(ck.args)...)
@@ -726,12 +739,52 @@ func realMaster(t *testing.T, c *kube.Cluster, cs kubernetes.Interface, kc, admi
 		t.Errorf("leader election Lease: %v", err)
 	}
 	publicRing(t, c, kc, admin, cs)
+	nodeIDs(t, c, cs)
 	if !strings.Contains(log.String(), "key ring secret has no data key, initializing it") {
 		t.Errorf("master log does not show the empty Secret being initialised:\n%s", log.String())
 	}
 	if strings.Contains(log.String(), "refusing invalid key ring") || strings.Contains(log.String(), "forbidden") {
 		t.Errorf("master log shows a refusal:\n%s", log.String())
 	}
+}
+
+// nodeIDs: under the manifest's RBAC the real master keeps one NodeID per live entry of
+// the Secret's node table (docs/keys.md §13).
+func nodeIDs(t *testing.T, c *kube.Cluster, cs kubernetes.Interface) {
+	t.Helper()
+	ctx := context.Background()
+	dc := dynamic.NewForConfigOrDie(c.AdminConfig())
+	var got, want map[string]uint32
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		sec, err := cs.CoreV1().Secrets(api.Namespace).Get(ctx, api.SecretName, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := keys.Parse(sec.Data[api.SecretDataKey])
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, _ = nodeid.IDs(r, nil, "")
+		l, err := dc.Resource(nodeid.GVR).Namespace(api.Namespace).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			t.Fatalf("list NodeIDs: %v", err)
+		}
+		got = map[string]uint32{}
+		for i := range l.Items {
+			e, err := nodeid.Parse(&l.Items[i])
+			if err != nil {
+				t.Fatalf("the master wrote a NodeID that does not parse: %v", err)
+			}
+			got[e.Node] = e.ID
+		}
+		if len(want) > 0 && maps.Equal(got, want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("NodeIDs %v, the Secret's node table %v", got, want)
+		}
+	}
+	t.Logf("NodeIDs: %v", got)
 }
 
 func writeKubeconfig(t *testing.T, cfg *rest.Config) string {

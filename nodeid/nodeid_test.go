@@ -323,7 +323,7 @@ func randomHistory(rng *rand.Rand, steps int) *history {
 // Rotations write no NodeID.
 func TestIDsNeverReuseUnderALiveGeneration(t *testing.T) {
 	taken, refused := 0, 0
-	for seed := range uint64(200) {
+	for seed := range uint64(100) {
 		rng := rand.New(rand.NewPCG(seed, 29))
 		h := randomHistory(rng, 60)
 		for i, r := range h.rings {

@@ -38,8 +38,8 @@ const (
 	// RingDataKey is the data key inside RingConfigMapName that holds the public ring.
 	RingDataKey = "ring"
 	// RingNodesDataKey, beside it, names the node table a ring without one goes with: the
-	// digest of the NodeIDs (nodeid.Digest; docs/keys.md §13). Not written yet: the master
-	// writes every ring with its table.
+	// digest of the NodeIDs (nodeid.Digest; docs/keys.md §13), written only with a ring
+	// that leaves its table out.
 	RingNodesDataKey = "nodes"
 	// AgentKeysAccess names the Role and RoleBinding that let agents read the Secret; the
 	// master sets the binding's subjects (granted while a v1 generation or an agent that
@@ -68,6 +68,10 @@ const (
 	// agent declares it, agents may stop writing NodeReports (docs/protocol-v2.md §9
 	// step 5).
 	CapabilityNodeStatus = "node-status"
+	// CapabilityNodeIDs in an agent's NodeKeys says it reads the node table from the
+	// NodeIDs (their list is in): once every reporting agent declares it, the master writes
+	// the public ring without its table (docs/keys.md §13).
+	CapabilityNodeIDs = "node-ids"
 
 	// ReportAnnotation is the agent's JSON NodeReport on its own Node.
 	ReportAnnotation = "secureoverlay.io/report"

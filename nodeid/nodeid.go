@@ -10,6 +10,7 @@
 package nodeid
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -194,4 +195,33 @@ type Cache = objcache.Cache[Entry]
 // after every change with the object's name; it must be cheap and must not block.
 func NewCache(dc dynamic.Interface, ns string, onChange func(name string)) *Cache {
 	return objcache.New(dc, GVR, ns, Parse, onChange)
+}
+
+// Fill is ring r with the node table the rule IDs gives it: r itself when that is r's own
+// table (it lists nodes, or want is ""); otherwise a copy of r whose table is the NodeIDs
+// (entries, in ascending ID), when they are exactly the table want names. ok is false when
+// they are not (yet): the reader then acts on the last ring it could fill (docs/keys.md
+// §13). A filled ring reads like one written with its table (Ring.NodeID, desired.Compute).
+func Fill(r *keys.Ring, entries []Entry, want string) (filled *keys.Ring, ok bool) {
+	if len(r.Nodes) > 0 || want == "" {
+		return r, true
+	}
+	if _, ok := IDs(r, entries, want); !ok {
+		return nil, false
+	}
+	filled = r.Clone()
+	filled.Nodes = make([]keys.NodeID, 0, len(entries))
+	for _, e := range slices.SortedFunc(slices.Values(entries), func(a, b Entry) int { return cmp.Compare(a.ID, b.ID) }) {
+		filled.Nodes = append(filled.Nodes, keys.NodeID{Name: e.Node, ID: e.ID})
+	}
+	return filled, true
+}
+
+// Strip is what the master writes to the public ring once every agent reads NodeIDs: r
+// without its table (a copy; r is the Secret's ring and keeps it), and the digest of the
+// live table to name beside it (data key api.RingNodesDataKey).
+func Strip(r *keys.Ring) (stripped *keys.Ring, digest string) {
+	stripped = r.Clone()
+	stripped.Nodes = []keys.NodeID{}
+	return stripped, TableDigest(r)
 }

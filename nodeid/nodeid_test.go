@@ -365,3 +365,44 @@ func TestIDsNeverReuseUnderALiveGeneration(t *testing.T) {
 	}
 	t.Logf("(ring, NodeIDs) pairs: %d taken, %d refused", taken, refused)
 }
+
+// TestStripAndFill: the master's public ring without its table, and an agent's ring filled
+// from the NodeIDs the master wrote for it, give every live node the ID the Secret's ring
+// gives it; NodeIDs of another table fill nothing.
+func TestStripAndFill(t *testing.T) {
+	full := ring(5, []uint32{4, 5}, keys.NodeID{Name: "c", ID: 3}, keys.NodeID{Name: "a", ID: 1},
+		keys.NodeID{Name: "d", ID: 4, Released: true, ReleasedAt: 5}, keys.NodeID{Name: "b", ID: 2})
+	stripped, digest := Strip(full)
+	if len(stripped.Nodes) != 0 || len(full.Nodes) != 4 {
+		t.Fatalf("stripped %d entries, the Secret's ring kept %d: want 0 and 4", len(stripped.Nodes), len(full.Nodes))
+	}
+	if digest != TableDigest(full) {
+		t.Fatal("the digest is not the Secret's table's")
+	}
+	if r, ok := Fill(full, nil, digest); !ok || r != full {
+		t.Fatal("a ring with its table is not taken as it is")
+	}
+	put, _ := Plan(full, nil)
+	slices.Reverse(put)
+	filled, ok := Fill(stripped, put, digest)
+	if !ok {
+		t.Fatal("the NodeIDs written for the ring do not fill it")
+	}
+	for _, n := range []string{"a", "b", "c", "d", "x"} {
+		if got, want := filled.NodeID(n), full.NodeID(n); got != want {
+			t.Errorf("node %s: ID %d, want %d", n, got, want)
+		}
+	}
+	if !slices.IsSortedFunc(filled.Nodes, func(a, b keys.NodeID) int { return int(a.ID) - int(b.ID) }) {
+		t.Error("the filled table is not in ascending ID")
+	}
+	if len(stripped.Nodes) != 0 {
+		t.Error("Fill changed the ring it was given")
+	}
+	if _, ok := Fill(stripped, put[1:], digest); ok {
+		t.Error("NodeIDs missing one entry filled the ring")
+	}
+	if _, ok := Fill(stripped, append(slices.Clone(put), Entry{ID: 9, Node: "e"}), digest); ok {
+		t.Error("NodeIDs with one entry more filled the ring")
+	}
+}

@@ -80,6 +80,12 @@ type NodeHinter interface {
 	Hint(since, cur any) desired.Hint
 }
 
+// NodeIDReader is what a Source may add (watch.Watcher): whether it reads the node table
+// from the NodeIDs (docs/keys.md §13); the agent then declares api.CapabilityNodeIDs.
+type NodeIDReader interface {
+	ReadsNodeIDs() bool
+}
+
 // InputsBuilder is what a Source may add (watch.Watcher): watch.Inputs for its own
 // snapshots, converting only the nodes that changed since the last call.
 type InputsBuilder interface {

@@ -36,6 +36,11 @@ func (a *Agent) publishKeys(snap *watch.Snapshot) error {
 	}
 	k := nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: me.Incarnation, UID: me.UID, Epoch: a.led.Epoch()},
 		Capabilities: []string{api.CapabilityRingConfigMap, api.CapabilityReadinessRows, api.CapabilityReadinessDecide, api.CapabilityInstalled, api.CapabilityNodeStatus}}
+	if r, ok := a.d.Source.(NodeIDReader); ok && r.ReadsNodeIDs() {
+		// Declared only once the NodeIDs' list is in: an agent whose RBAC or CRD predates
+		// them keeps the table in the public ring (docs/keys.md §13).
+		k.Capabilities = append(k.Capabilities, api.CapabilityNodeIDs)
+	}
 	for _, g := range a.led.PrivateKeyGenerations() {
 		p, _ := a.led.PrivateKey(g)
 		k.Keys = append(k.Keys, nodekeys.Key{Generation: g, X25519: p.Public()})

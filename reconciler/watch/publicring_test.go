@@ -21,6 +21,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodeid"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/noderow"
@@ -162,14 +163,21 @@ func TestWatcherRingForbidden(t *testing.T) {
 // Calico objects) until ctx is done, and waits for it to sync.
 func runFakeWatcher(t *testing.T, ctx context.Context, cs *fake.Clientset) *Watcher {
 	t.Helper()
+	w, _ := runFakeWatcherDynamic(t, ctx, cs)
+	return w
+}
+
+// runFakeWatcherDynamic is runFakeWatcher, also returning the fake dynamic client.
+func runFakeWatcherDynamic(t *testing.T, ctx context.Context, cs *fake.Clientset) (*Watcher, *dynamicfake.FakeDynamicClient) {
+	t.Helper()
 	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
 		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"})
+		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"})
 	w := New(Config{Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
 	go w.Run(ctx)
 	waitFor(t, "caches to sync", w.HasSynced)
-	return w
+	return w, dc
 }
 
 // TestWatcherSecretCacheOutlivesStop: when the watcher stops (the agent's SIGTERM), the

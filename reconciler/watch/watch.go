@@ -37,6 +37,7 @@ package watch
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -61,6 +62,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodeid"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/noderow"
@@ -106,6 +108,7 @@ type Watcher struct {
 	pubKeys   *nodekeys.Cache
 	ownView   *ownView       // this node's NodeView (readinessview.go)
 	rows      *noderow.Cache // the peers' readiness rows (rows.go)
+	ids       *nodeid.Cache  // the node table outside the ring (docs/keys.md §13)
 	coreStart func(<-chan struct{})
 
 	mu        sync.Mutex
@@ -146,12 +149,27 @@ type Watcher struct {
 	ringRV  string // the Secret's resourceVersion ring and ringErr were parsed at
 	ring    *keys.Ring
 	ringErr error
-	pubRV   string // the public ring ConfigMap's resourceVersion pub and pubErr were parsed at
+	pubRV   string // the public ring ConfigMap's resourceVersion pub, pubErr and pubWant were parsed at
 	pub     *keys.Ring
 	pubErr  error
-	openRV  string // pubRV + "/" + ringRV that open and openErr were unsealed at
-	open    *keys.Ring
-	openErr error
+	pubWant string // its api.RingNodesDataKey: the digest of the table the ring leaves out ("": none)
+	// The ring publicRing gives (pub with its table: pubOut or pubOutErr), decided for pubRV
+	// and, while pub leaves its table to the NodeIDs and they do not match yet, for the
+	// NodeID cache's version pubIDsVer; pubFilled: decided for good (pub has its table).
+	pubDecided bool
+	pubFilled  bool
+	pubIDsVer  uint64
+	pubOut     *keys.Ring
+	pubOutErr  error
+	// pubGood is the last ring publicRing had with its table: acted on while a newer one
+	// waits for its NodeIDs (docs/keys.md §13).
+	pubGood *keys.Ring
+	// pubWaiting: the wait for the NodeIDs of pubRV has been logged.
+	pubWaiting string
+	openPub    *keys.Ring // the public ring and
+	openRV     string     // the Secret's resourceVersion that open and openErr were unsealed from
+	open       *keys.Ring
+	openErr    error
 }
 
 // secretInformer is the key Secret's informer with its own stop (secretWatch).
@@ -297,6 +315,19 @@ func New(cfg Config) *Watcher {
 	})
 	w.ownView = w.newOwnView(func() { w.notify("nodeview") })
 	w.rows = w.newRows(func() { w.notify("noderow") })
+	// The node table outside the ring: read while the public ring names one (publicRing).
+	w.ids = nodeid.NewCache(cfg.Dynamic, cfg.Namespace, func(string) {
+		if w.ringNamesTable() {
+			w.notify("nodeid")
+		}
+	})
+	var idsMissing atomic.Bool
+	w.ids.OnMissing(func(err error) {
+		if !idsMissing.Swap(true) {
+			cfg.Logger.Warn("the NodeIDs cannot be listed (the CRD or the agent's RBAC predates them: apply the manifest); this agent does not declare "+api.CapabilityNodeIDs+", so the master keeps the node table in the public ring",
+				"error", err)
+		}
+	})
 	w.coreStart = func(stop <-chan struct{}) {
 		w.secMu.Lock()
 		w.secStop = stop
@@ -314,6 +345,13 @@ func New(cfg Config) *Watcher {
 		w.pubKeys.Start(stop)
 		w.ownView.factory.Start(stop)
 		w.rows.Start(stop)
+		w.ids.Start(stop)
+		go func() {
+			// The NodeIDs' list is in: the agent's next sync declares that it reads them.
+			if cache.WaitForCacheSync(stop, w.ids.HasSynced) {
+				w.notify("nodeid")
+			}
+		}()
 	}
 	return w
 }
@@ -556,6 +594,10 @@ func (w *Watcher) HasSynced() bool {
 	if w.needSecret() && !w.secretSynced() {
 		return false
 	}
+	if !w.ids.HasSynced() && w.ringNamesTable() {
+		// The ring's table is in the NodeIDs: without their list no node has an ID.
+		return false
+	}
 	if !w.pubKeys.HasSynced() && w.ringHasV2() {
 		// A v2 generation's pairs need the peers' keys: a sync before the list would
 		// withdraw every pair's claims for a moment (an agent restart must be hitless).
@@ -578,10 +620,18 @@ func (w *Watcher) Err() error {
 	if err := w.pubKeys.Err(); err != nil && w.ringHasV2() {
 		return fmt.Errorf("the key ring has protocol v2 generations but the peers' NodeKeys cannot be listed (is the CRD nodekeys.secureoverlay.io installed? apply the manifest): %w", err)
 	}
+	if err := w.ids.Err(); err != nil && w.ringNamesTable() {
+		return fmt.Errorf("the public ring leaves its node table to the NodeIDs, which cannot be listed (is the CRD nodeids.secureoverlay.io installed and the agent's Role up to date? apply the manifest): %w", err)
+	}
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.calicoErr
 }
+
+// ReadsNodeIDs reports whether this agent reads the node table from the NodeIDs (their
+// list is in): the agent then declares api.CapabilityNodeIDs, and the master may write the
+// public ring without its table (docs/keys.md §13).
+func (w *Watcher) ReadsNodeIDs() bool { return w.ids.HasSynced() }
 
 // nodeExists reports whether the Node cache holds node.
 func (w *Watcher) nodeExists(node string) bool {
@@ -667,9 +717,10 @@ func (w *Watcher) Snapshot() Snapshot {
 }
 
 // currentRing is the ring the agent acts on (docs/keys.md §11): the public ring
-// ConfigMap's, its sealed generations' roots taken from the Secret; the Secret's ring
-// when there is no ConfigMap (a master that predates it). Results are cached per
-// resourceVersion: the same versions give the same pointer (Inputs.KeysVersion).
+// ConfigMap's (with its node table: publicRing), its sealed generations' roots taken from
+// the Secret; the Secret's ring when there is no ConfigMap (a master that predates it).
+// Results are cached per resourceVersion: the same versions give the same pointer
+// (Inputs.KeysVersion).
 func (w *Watcher) currentRing() (*keys.Ring, error) {
 	pub, ok, err := w.publicRing()
 	if !ok {
@@ -684,19 +735,28 @@ func (w *Watcher) currentRing() (*keys.Ring, error) {
 	}
 	w.ringMu.Lock()
 	defer w.ringMu.Unlock()
-	key := w.pubRV + "/" + w.ringRV
-	if w.ringRV != "" && key == w.openRV {
+	if w.ringRV != "" && pub == w.openPub && w.ringRV == w.openRV {
 		return w.open, w.openErr
 	}
 	r, err := keys.Unseal(pub, sec)
 	if err != nil {
 		err = fmt.Errorf("configmap %s/%s and secret %s/%s: %w", w.cfg.Namespace, w.cfg.RingConfigMap, w.cfg.Namespace, w.cfg.SecretName, err)
 	}
-	w.openRV, w.open, w.openErr = key, r, err
+	w.openPub, w.openRV, w.open, w.openErr = pub, w.ringRV, r, err
 	return r, err
 }
 
-// publicRing parses the public ring ConfigMap (ok false: there is none).
+// errNoTable: the public ring leaves its node table to the NodeIDs, they do not match the
+// digest it names, and no earlier ring had its table (an agent starting between the
+// master's two writes, or before the NodeIDs' events): not ready, the kernel is kept.
+var errNoTable = errors.New("its ring leaves the node table to the NodeIDs, which do not match the table it names yet (the master writes them first: waiting for them)")
+
+// publicRing is the public ring ConfigMap's ring with its node table (ok false: there is
+// no ConfigMap). A ring that leaves its table out is filled from the NodeIDs when they
+// are exactly the table the ConfigMap names (nodeid.Fill); until they are, it is the
+// last ring publicRing had with its table — the NodeIDs and the ring are two watches,
+// seen in either order, and an ID must never be taken from a table another ring goes
+// with (docs/keys.md §13) — or, before any, errNoTable.
 func (w *Watcher) publicRing() (r *keys.Ring, ok bool, err error) {
 	obj, ok, err := w.ringCMs.GetStore().GetByKey(w.cfg.Namespace + "/" + w.cfg.RingConfigMap)
 	if err != nil || !ok {
@@ -705,17 +765,62 @@ func (w *Watcher) publicRing() (r *keys.Ring, ok bool, err error) {
 	cm := obj.(*corev1.ConfigMap)
 	w.ringMu.Lock()
 	defer w.ringMu.Unlock()
-	if cm.ResourceVersion != "" && cm.ResourceVersion == w.pubRV {
-		return w.pub, true, w.pubErr
+	if cm.ResourceVersion == "" || cm.ResourceVersion != w.pubRV {
+		var r *keys.Ring
+		data, has := cm.Data[api.RingDataKey]
+		if !has {
+			err = fmt.Errorf("configmap %s/%s: no data key %q", w.cfg.Namespace, w.cfg.RingConfigMap, api.RingDataKey)
+		} else if r, err = keys.Parse([]byte(data)); err != nil {
+			err = fmt.Errorf("configmap %s/%s: %w", w.cfg.Namespace, w.cfg.RingConfigMap, err)
+		}
+		w.pubRV, w.pub, w.pubErr, w.pubWant = cm.ResourceVersion, r, err, cm.Data[api.RingNodesDataKey]
+		w.pubDecided, w.pubFilled = false, false
 	}
-	data, has := cm.Data[api.RingDataKey]
-	if !has {
-		err = fmt.Errorf("configmap %s/%s: no data key %q", w.cfg.Namespace, w.cfg.RingConfigMap, api.RingDataKey)
-	} else if r, err = keys.Parse([]byte(data)); err != nil {
-		err = fmt.Errorf("configmap %s/%s: %w", w.cfg.Namespace, w.cfg.RingConfigMap, err)
+	if w.pubErr != nil {
+		return nil, true, w.pubErr
 	}
-	w.pubRV, w.pub, w.pubErr = cm.ResourceVersion, r, err
-	return r, true, err
+	if w.pubFilled {
+		return w.pubOut, true, w.pubOutErr
+	}
+	ver := w.ids.Version() // before the entries: a change after it is seen again
+	if w.pubDecided && ver == w.pubIDsVer {
+		return w.pubOut, true, w.pubOutErr
+	}
+	var entries []nodeid.Entry
+	if len(w.pub.Nodes) == 0 && w.pubWant != "" {
+		w.ids.Each(func(_ string, e nodeid.Entry) { entries = append(entries, e) })
+	}
+	filled, ok := nodeid.Fill(w.pub, entries, w.pubWant)
+	switch {
+	case ok:
+		if w.pubWaiting != "" {
+			w.cfg.Logger.Info("the NodeIDs match the public ring's node table: acting on it", "configmap", w.cfg.Namespace+"/"+w.cfg.RingConfigMap, "nodes", len(filled.Nodes))
+			w.pubWaiting = ""
+		}
+		w.pubOut, w.pubOutErr, w.pubGood, w.pubFilled = filled, nil, filled, true
+	case w.pubGood != nil:
+		w.pubOut, w.pubOutErr = w.pubGood, nil
+	default:
+		w.pubOut, w.pubOutErr = nil, fmt.Errorf("configmap %s/%s: %w", w.cfg.Namespace, w.cfg.RingConfigMap, errNoTable)
+	}
+	if !ok && w.pubWaiting != w.pubRV {
+		w.pubWaiting = w.pubRV
+		w.cfg.Logger.Info("the public ring's node table is not in the NodeIDs yet: acting on the last ring with its table until it is",
+			"configmap", w.cfg.Namespace+"/"+w.cfg.RingConfigMap, "nodeIDs", len(entries), "haveEarlierRing", w.pubGood != nil)
+	}
+	w.pubDecided, w.pubIDsVer = true, ver
+	return w.pubOut, true, w.pubOutErr
+}
+
+// ringNamesTable reports whether the public ring leaves its table to the NodeIDs (its
+// ConfigMap, as last parsed, names one).
+func (w *Watcher) ringNamesTable() bool {
+	if _, ok, err := w.publicRing(); !ok || (err != nil && !errors.Is(err, errNoTable)) {
+		return false
+	}
+	w.ringMu.Lock()
+	defer w.ringMu.Unlock()
+	return w.pub != nil && len(w.pub.Nodes) == 0 && w.pubWant != ""
 }
 
 // ringListed reports whether the public ring's list is in, or cannot be had (forbidden).

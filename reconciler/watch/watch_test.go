@@ -9,6 +9,7 @@ import (
 	"fmt"
 	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
+	"github.com/secureoverlay/secureoverlay/nodeid"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/noderow"
@@ -163,7 +164,7 @@ func TestWatcherWithFakeClients(t *testing.T) {
 	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
 		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"},
+		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"},
 		calico(CalicoV1, ipamBlock("blk-a", "10.65.1.0/26", "host:a", nil)),
 		calico(CalicoV1, ipamBlock("blk-gone", "10.65.9.0/26", "host:b", func(s *v3.IPAMBlockSpec) { s.Deleted = true })),
 		calico(CalicoV1, &v3.IPAMBlock{ObjectMeta: metav1.ObjectMeta{Name: "blk-bad"}, Spec: v3.IPAMBlockSpec{CIDR: "not-a-cidr"}}),
@@ -277,7 +278,7 @@ func TestWatcherWithoutCalicoRetriesDiscovery(t *testing.T) {
 	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil))
 	fd := cs.Discovery().(*fakediscovery.FakeDiscovery)
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, CalicoV3.WithResource("ipamblocks"): "IPAMBlockList", CalicoV3.WithResource("ippools"): "IPPoolList"},
+		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, CalicoV3.WithResource("ipamblocks"): "IPAMBlockList", CalicoV3.WithResource("ippools"): "IPPoolList"},
 		calico(CalicoV3, ipPool("v3pool", "10.70.0.0/16", v3.IPIPModeCrossSubnet, nil)))
 	ev := &events{n: map[string]int{}}
 	w := New(Config{Client: cs, Dynamic: dc, OnChange: ev.add, DiscoveryRetry: 20 * time.Millisecond})
@@ -379,7 +380,7 @@ func TestNodeCacheTrimsPeerReports(t *testing.T) {
 	b.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubelet"}}
 	b.Status.Images = []corev1.ContainerImage{{Names: []string{"registry.example/image:1"}, SizeBytes: 1}}
 	cs := fake.NewClientset(a, b)
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind})
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind})
 	w := New(Config{Client: cs, Dynamic: dc, Self: "a", DiscoveryRetry: time.Hour})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -514,7 +515,7 @@ func TestWatcherSwitchesGroupWithoutGap(t *testing.T) {
 	migration := &unstructured.Unstructured{Object: map[string]any{"apiVersion": migGV.String(), "kind": "DatastoreMigration",
 		"metadata": map[string]any{"name": "v1-to-v3"}, "spec": map[string]any{"type": "V1ToV3"}, "status": map[string]any{"phase": "Migrating"}}}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, gvBlocks: "IPAMBlockList", gvPools: "IPPoolList",
+		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, gvBlocks: "IPAMBlockList", gvPools: "IPPoolList",
 		CalicoV3.WithResource("ipamblocks"): "IPAMBlockList", CalicoV3.WithResource("ippools"): "IPPoolList",
 		migGV.WithResource("datastoremigrations"): "DatastoreMigrationList"},
 		calico(CalicoV1, ipamBlock("old", "10.65.1.0/26", "host:a", nil)),

@@ -5,6 +5,7 @@ package master
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodeid"
 )
 
 // recheck is how long a public ring or binding the controller wrote is trusted before it
@@ -22,15 +24,33 @@ import (
 // would add two requests to each of a large cluster's frequent reconciles).
 const recheck = 30 * time.Second
 
-// writePublic makes the ConfigMap api.RingConfigMapName hold the public ring of ring.
-func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring) error {
+// writePublic makes the ConfigMap api.RingConfigMapName hold the public ring of ring:
+// with its node table when digest is "", else without it and with the digest of that
+// table (api.RingNodesDataKey; docs/keys.md §13). With keep (and digest ""), the ring
+// leaves its table out if the ConfigMap already names this table's digest (publicTable).
+func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring, digest string, keep bool) error {
 	ns := c.opts.Namespace
-	data, err := keys.MarshalPublic(ring)
+	form := func(digest string) (map[string]string, string, error) {
+		pub := ring
+		if digest != "" {
+			pub, _ = nodeid.Strip(ring)
+		}
+		data, err := keys.MarshalPublic(pub)
+		if err != nil {
+			return nil, "", fmt.Errorf("encode the public ring for configmap %s/%s: %w", ns, api.RingConfigMapName, err)
+		}
+		want := map[string]string{api.RingDataKey: string(data)}
+		if digest != "" {
+			want[api.RingNodesDataKey] = digest
+		}
+		return want, string(data) + "\x00" + digest, nil
+	}
+	want, written, err := form(digest)
 	if err != nil {
-		return fmt.Errorf("encode the public ring for configmap %s/%s: %w", ns, api.RingConfigMapName, err)
+		return err
 	}
 	now := c.opts.Now()
-	if string(data) == c.pubWritten && now.Sub(c.pubChecked) < recheck {
+	if written == c.pubWritten && now.Sub(c.pubChecked) < recheck {
 		return nil
 	}
 	cms := c.client.CoreV1().ConfigMaps(ns)
@@ -48,21 +68,32 @@ func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring) error {
 	case apierrors.IsNotFound(err):
 		cm = &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: api.RingConfigMapName, Namespace: ns,
 			Labels: map[string]string{"app.kubernetes.io/name": "secureoverlay", "app.kubernetes.io/component": "ring"}},
-			Data: map[string]string{api.RingDataKey: string(data)}}
+			Data: want}
 		if _, err := cms.Create(ctx, cm, metav1.CreateOptions{}); err != nil {
 			return fmt.Errorf("create configmap %s/%s: %w", ns, api.RingConfigMapName, err)
 		}
 		c.log.Info("public key ring written", "configmap", ns+"/"+api.RingConfigMapName, "ring", keys.Summary(ring))
 	case err != nil:
 		return fmt.Errorf("get configmap %s/%s: %w", ns, api.RingConfigMapName, err)
-	case cm.Data[api.RingDataKey] != string(data):
+	case keep && digest == "" && cm.Data[api.RingNodesDataKey] != "" && cm.Data[api.RingNodesDataKey] == nodeid.TableDigest(ring):
+		if want, written, err = form(cm.Data[api.RingNodesDataKey]); err != nil {
+			return err
+		}
+		if !maps.Equal(cm.Data, want) {
+			cm = cm.DeepCopy()
+			cm.Data = want
+			if _, err := cms.Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
+				return fmt.Errorf("update configmap %s/%s: %w", ns, api.RingConfigMapName, err)
+			}
+		}
+	case !maps.Equal(cm.Data, want):
 		cm = cm.DeepCopy()
-		cm.Data = map[string]string{api.RingDataKey: string(data)}
+		cm.Data = want
 		if _, err := cms.Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
 			return fmt.Errorf("update configmap %s/%s: %w", ns, api.RingConfigMapName, err)
 		}
 	}
-	c.pubWritten, c.pubChecked, c.pubForbidden = string(data), now, false
+	c.pubWritten, c.pubChecked, c.pubForbidden = written, now, false
 	return nil
 }
 

@@ -250,9 +250,11 @@ type agent struct {
 	// readsRing: its NodeKeys declare api.CapabilityRingConfigMap (it reads the public
 	// ring, not the Secret).
 	readsRing atomic.Bool
-	lastKeys  nodekeys.Keys // runAgent only
-	cancel    context.CancelFunc
-	done      chan struct{}
+	// readsIDs: its NodeKeys declare api.CapabilityNodeIDs (it reads the NodeIDs).
+	readsIDs atomic.Bool
+	lastKeys nodekeys.Keys // runAgent only
+	cancel   context.CancelFunc
+	done     chan struct{}
 }
 
 // Where a simulated agent writes its report (agent.kind).
@@ -274,6 +276,11 @@ func (e *env) addNode(name string, i int) *agent {
 
 // addNodeWith is addNode with the report's kind, and with boot ID boot ("": random).
 func (e *env) addNodeWith(name string, i, kind int, boot string) *agent {
+	return e.addNodeSetup(name, i, kind, boot, nil)
+}
+
+// addNodeSetup is addNodeWith, calling setup (when set) on the agent before it runs.
+func (e *env) addNodeSetup(name string, i, kind int, boot string, setup func(*agent)) *agent {
 	if boot == "" {
 		boot = fmt.Sprintf("boot-%s-%d", name, rand.IntN(1e6))
 	}
@@ -281,6 +288,9 @@ func (e *env) addNodeWith(name string, i, kind int, boot string) *agent {
 	ctx, cancel := context.WithCancel(e.ctx)
 	a := &agent{name: name, boot: boot, kind: kind, cancel: cancel, done: make(chan struct{})}
 	a.seqFrac.Store(0.0)
+	if setup != nil {
+		setup(a)
+	}
 	go e.runAgent(ctx, a)
 	e.t.Cleanup(a.stop)
 	return a
@@ -330,6 +340,9 @@ func (e *env) runAgent(ctx context.Context, a *agent) {
 			nk := nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: rep.Incarnation, UID: rep.UID, Epoch: rep.Epoch}}
 			if a.readsRing.Load() {
 				nk.Capabilities = []string{api.CapabilityRingConfigMap}
+			}
+			if a.readsIDs.Load() {
+				nk.Capabilities = append(nk.Capabilities, api.CapabilityNodeIDs)
 			}
 			for _, g := range keys.PublishedGenerations(ring) {
 				if !a.publish.Load() {

@@ -242,9 +242,14 @@ type Controller struct {
 	// ids are the NodeIDs (docs/keys.md §13; nil without Options.Dynamic), kept equal to
 	// the live entries of the Secret's node table (writeNodeIDs). idsErr is the last
 	// writing error logged (a new one is logged, a repeat is not).
-	ids     *nodeid.Cache
-	idsErr  string
-	idsWarn sync.Once
+	ids    *nodeid.Cache
+	idsErr string
+	// idsUnknown: reporting nodes without NodeKeys of their boot, since when
+	// (nodeIDsLacking); tableWhy: why the public ring carries its table ("" : it does not;
+	// "unset" before the first decision).
+	idsUnknown map[string]time.Time
+	tableWhy   string
+	idsWarn    sync.Once
 
 	lastGood   *keys.Ring
 	lastStatus string
@@ -288,7 +293,8 @@ const queueKey = "ring"
 // complete.
 func NewController(client kubernetes.Interface, opts Options) *Controller {
 	_ = opts.defaults()
-	return &Controller{client: client, opts: opts, log: opts.Logger.With("identity", opts.Identity), shadow: newShadowReadiness()}
+	return &Controller{client: client, opts: opts, log: opts.Logger.With("identity", opts.Identity), shadow: newShadowReadiness(),
+		idsUnknown: map[string]time.Time{}, tableWhy: "unset"}
 }
 
 // Run starts the informers and the worker and blocks until ctx is done.
@@ -768,10 +774,12 @@ func (c *Controller) Reconcile(ctx context.Context) (time.Time, error) {
 			}
 		}
 	}
-	if more := c.writeNodeIDs(ctx, res.Ring); more {
+	more, idsEqual := c.writeNodeIDs(ctx, res.Ring)
+	if more {
 		c.queue.AddAfter(queueKey, nodeIDBatchPause)
 	}
-	if err := c.writePublic(ctx, res.Ring); err != nil {
+	digest, keep := c.publicTable(res.Ring, nodes, idsEqual)
+	if err := c.writePublic(ctx, res.Ring, digest, keep); err != nil {
 		return time.Time{}, err
 	}
 	if !needSecret {

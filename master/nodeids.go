@@ -1,9 +1,10 @@
 package master
 
 // The NodeIDs (docs/keys.md §13; docs/protocol-v2.md §9 step 6): one per live entry of the
-// Secret's node table, written only by the master. Agents do not read them yet (the public
-// ring still carries the table), so a write that fails is logged and retried at the next
-// reconcile and holds nothing.
+// Secret's node table, written only by the master. Once every reporting agent reads them
+// and they equal the table, the public ring leaves its table out and names its digest; a
+// write that fails is logged and retried at the next reconcile, and until it succeeds the
+// public ring carries its table.
 
 import (
 	"context"
@@ -13,9 +14,11 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/internal/upsert"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodeid"
+	"github.com/secureoverlay/secureoverlay/nodekeys"
 )
 
 const (
@@ -27,15 +30,23 @@ const (
 	// nodeIDFieldManager names the master's writes.
 	nodeIDFieldManager = "secureoverlay-master"
 	nodeIDWriteTimeout = 10 * time.Second
+	// nodeIDsGrace is how long, while the public ring leaves its table out, a reporting
+	// node whose NodeKeys are not of its current boot (an agent that has just started,
+	// whose keys are on their way) counts as reading the NodeIDs: a join must not put the
+	// table back into every agent's ring for a moment. After it, the node counts as an
+	// agent that does not (one that writes no NodeKeys). While the ring carries its table,
+	// such a node counts so at once: the table leaves only once every agent declares.
+	nodeIDsGrace = 30 * time.Second
 )
 
 // writeNodeIDs makes the NodeIDs equal to the live entries of ring's table (nodeid.Plan:
 // creates and updates ascending, then deletes), at most nodeIDBatch writes; it reports
-// whether writes remain. Nothing is written before the NodeID cache has synced (an older
-// manifest without the CRD: never).
-func (c *Controller) writeNodeIDs(ctx context.Context, ring *keys.Ring) (more bool) {
+// whether writes remain, and whether the NodeIDs are the table now (every write planned
+// succeeded). Nothing is written before the NodeID cache has synced (an older manifest
+// without the CRD: never).
+func (c *Controller) writeNodeIDs(ctx context.Context, ring *keys.Ring) (more, equal bool) {
 	if c.ids == nil || !c.ids.HasSynced() {
-		return false
+		return false, false
 	}
 	have := map[uint32]nodeid.Entry{}
 	c.ids.Each(func(_ string, e nodeid.Entry) { have[e.ID] = e })
@@ -44,7 +55,7 @@ func (c *Controller) writeNodeIDs(ctx context.Context, ring *keys.Ring) (more bo
 	var failed error
 	for _, e := range put {
 		if writes == nodeIDBatch {
-			return true
+			return true, false
 		}
 		writes++
 		if err := upsert.WriteNodeObject(ctx, c.opts.Dynamic, nodeid.GVR, nodeid.Object(c.opts.Namespace, e), nodeIDFieldManager, nodeIDWriteTimeout); err != nil {
@@ -57,7 +68,7 @@ func (c *Controller) writeNodeIDs(ctx context.Context, ring *keys.Ring) (more bo
 			break
 		}
 		if writes == nodeIDBatch {
-			return true
+			return true, false
 		}
 		writes++
 		wctx, cancel := context.WithTimeout(ctx, nodeIDWriteTimeout)
@@ -69,7 +80,7 @@ func (c *Controller) writeNodeIDs(ctx context.Context, ring *keys.Ring) (more bo
 	}
 	switch {
 	case failed != nil && failed.Error() != c.idsErr:
-		c.log.Warn("cannot keep the NodeIDs equal to the key ring's node table; retrying at the next reconcile (nothing reads them yet)", "error", failed)
+		c.log.Warn("cannot keep the NodeIDs equal to the key ring's node table; retrying at the next reconcile (the public ring carries the table until then)", "error", failed)
 		c.idsErr = failed.Error()
 	case failed == nil && c.idsErr != "":
 		c.log.Info("the NodeIDs equal the key ring's node table again")
@@ -78,5 +89,95 @@ func (c *Controller) writeNodeIDs(ctx context.Context, ring *keys.Ring) (more bo
 	if writes > 0 && failed == nil {
 		c.log.Debug("NodeIDs written", "put", len(put), "deleted", len(del))
 	}
-	return false
+	return false, failed == nil
+}
+
+// nodeIDsLacking lists the reporting nodes whose agents do not read the NodeIDs: their
+// NodeKeys (keysOf) of the node's current boot do not declare api.CapabilityNodeIDs, or
+// they have had none of that boot for grace since unknown first saw them so (an older
+// agent that writes no NodeKeys). unknown is kept by the caller across calls (node and
+// boot → first seen); wait is how soon the first grace still running ends (0: none).
+// A rolled-back agent on the same boot rewrites its NodeKeys at its first sync, before it
+// computes anything (docs/keys.md §13): the newer agent's declaration does not outlive it.
+func nodeIDsLacking(nodes []keys.NodeState, keysOf func(string) (nodekeys.Keys, bool), unknown map[string]time.Time, now time.Time, grace time.Duration) (lacking []string, wait time.Duration) {
+	seen := make(map[string]bool, len(unknown))
+	for _, n := range nodes {
+		if n.Report == nil {
+			continue
+		}
+		k, ok := keysOf(n.Name)
+		if ok && n.BootID != "" && k.Incarnation.BootID == n.BootID {
+			if !k.Has(api.CapabilityNodeIDs) {
+				lacking = append(lacking, n.Name)
+			}
+			continue
+		}
+		key := n.Name + "/" + n.BootID
+		seen[key] = true
+		first, ok := unknown[key]
+		if !ok {
+			first, unknown[key] = now, now
+		}
+		switch left := first.Add(grace).Sub(now); {
+		case left <= 0:
+			lacking = append(lacking, n.Name)
+		case wait == 0 || left < wait:
+			wait = left
+		}
+	}
+	for key := range unknown {
+		if !seen[key] {
+			delete(unknown, key)
+		}
+	}
+	return lacking, wait
+}
+
+// publicTable decides whether the public ring leaves its table out: the digest to name
+// beside it, or "" (it carries the table) while the NodeIDs are not the table (equal) or
+// a reporting agent does not read them. keep is set while the master's caches of NodeIDs
+// and NodeKeys are still on their first list (a master that has just started): the
+// public ring then keeps the form it has if it names this table — a previous master wrote
+// that only with the NodeIDs equal to it — so that a master's restart does not send
+// every agent the table. A change is logged, with the first node that holds it back.
+func (c *Controller) publicTable(ring *keys.Ring, nodes []keys.NodeState, equal bool) (digest string, keep bool) {
+	now := c.opts.Now()
+	why := ""
+	switch {
+	case c.ids == nil || c.pubKeys == nil:
+		why = "the NodeIDs or the agents' NodeKeys are not read"
+	case c.ids.Err() != nil || c.pubKeys.Err() != nil:
+		why = "the NodeIDs or the agents' NodeKeys cannot be listed"
+	case !c.ids.HasSynced() || !c.pubKeys.HasSynced():
+		return "", true
+	case !equal:
+		why = "the NodeIDs are not the key ring's node table yet"
+	default:
+		grace := time.Duration(0)
+		if c.tableWhy == "" {
+			grace = nodeIDsGrace
+		}
+		lacking, wait := nodeIDsLacking(nodes, func(name string) (nodekeys.Keys, bool) {
+			k, ok, err := c.pubKeys.Get(name)
+			return k, ok && err == nil
+		}, c.idsUnknown, now, grace)
+		if wait > 0 {
+			c.queue.AddAfter(queueKey, wait)
+		}
+		if len(lacking) > 0 {
+			why = fmt.Sprintf("agents that do not read the NodeIDs: %d (node %s first)", len(lacking), lacking[0])
+		} else {
+			digest = nodeid.TableDigest(ring)
+		}
+	}
+	if why != c.tableWhy {
+		switch {
+		case why == "":
+			c.log.Info("the public ring leaves its node table to the NodeIDs: every reporting agent reads them (docs/keys.md §13)", "nodes", digest)
+		case c.tableWhy == "" || c.tableWhy == "unset":
+			c.log.Info("the public ring carries its node table", "why", why)
+		}
+		c.tableWhy = why
+	}
+	return digest, false
 }

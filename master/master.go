@@ -249,6 +249,14 @@ type Controller struct {
 	// "unset" before the first decision).
 	idsUnknown map[string]time.Time
 	tableWhy   string
+	// idsSettled: the NodeIDs were found equal to the table idsNodes with the NodeID cache
+	// at version idsVer (writeNodeIDs skips its plan while both hold); digest is
+	// the digest of the table digestOf (tableDigest).
+	idsSettled bool
+	idsVer     uint64
+	idsNodes   []keys.NodeID
+	digest     string
+	digestOf   []keys.NodeID
 	idsWarn    sync.Once
 
 	lastGood   *keys.Ring

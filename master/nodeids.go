@@ -9,6 +9,7 @@ package master
 import (
 	"context"
 	"fmt"
+	"slices"
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -48,6 +49,13 @@ func (c *Controller) writeNodeIDs(ctx context.Context, ring *keys.Ring) (more, e
 	if c.ids == nil || !c.ids.HasSynced() {
 		return false, false
 	}
+	ver := c.ids.Version() // before the objects are read: a change after it is seen again
+	if c.idsSettled && ver == c.idsVer && slices.Equal(ring.Nodes, c.idsNodes) {
+		// Neither the table nor the objects changed since they were found equal: no plan
+		// (a map and a sort of N IDs at every reconcile of a large cluster).
+		return false, true
+	}
+	c.idsSettled = false
 	have := map[uint32]nodeid.Entry{}
 	c.ids.Each(func(_ string, e nodeid.Entry) { have[e.ID] = e })
 	put, del := nodeid.Plan(ring, have)
@@ -89,7 +97,18 @@ func (c *Controller) writeNodeIDs(ctx context.Context, ring *keys.Ring) (more, e
 	if writes > 0 && failed == nil {
 		c.log.Debug("NodeIDs written", "put", len(put), "deleted", len(del))
 	}
+	if failed == nil && writes == 0 {
+		c.idsSettled, c.idsVer, c.idsNodes = true, ver, slices.Clone(ring.Nodes)
+	}
 	return false, failed == nil
+}
+
+// tableDigest is nodeid.TableDigest(ring), computed again only when the table changed.
+func (c *Controller) tableDigest(ring *keys.Ring) string {
+	if c.digestOf == nil || !slices.Equal(ring.Nodes, c.digestOf) {
+		c.digest, c.digestOf = nodeid.TableDigest(ring), slices.Clone(ring.Nodes)
+	}
+	return c.digest
 }
 
 // nodeIDsLacking lists the reporting nodes whose agents do not read the NodeIDs: their
@@ -167,7 +186,7 @@ func (c *Controller) publicTable(ring *keys.Ring, nodes []keys.NodeState, equal 
 		if len(lacking) > 0 {
 			why = fmt.Sprintf("agents that do not read the NodeIDs: %d (node %s first)", len(lacking), lacking[0])
 		} else {
-			digest = nodeid.TableDigest(ring)
+			digest = c.tableDigest(ring)
 		}
 	}
 	if why != c.tableWhy {

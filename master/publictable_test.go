@@ -78,7 +78,9 @@ func TestWritePublicKeeps(t *testing.T) {
 		return string(b)
 	}
 	withTable := map[string]string{api.RingDataKey: enc(ring)}
-	without := func(d string) map[string]string { return map[string]string{api.RingDataKey: enc(stripped), api.RingNodesDataKey: d} }
+	without := func(d string) map[string]string {
+		return map[string]string{api.RingDataKey: enc(stripped), api.RingNodesDataKey: d}
+	}
 	for _, tc := range []struct {
 		name   string
 		have   map[string]string // nil: no ConfigMap

@@ -68,7 +68,7 @@ func main() {
 
 type options struct {
 	kubeconfig, nodeName, namespace, secretName, metricsAddr, ifacePattern, logLevel string
-	ledgerDir, calicoAPIGroup, stateFile, reportLists, nodeReports                   string
+	ledgerDir, calicoAPIGroup, stateFile, reportLists, nodeReports, nodeIDs          string
 	calicoRecheck                                                                    time.Duration
 	podName, podNamespace                                                            string
 	resync, heartbeat, uninstallStep, decideTimeout                                  time.Duration
@@ -100,6 +100,7 @@ func flags(fs *flag.FlagSet, o *options) {
 	fs.StringVar(&o.ledgerDir, "ledger-dir", ledger.DefaultDir, "directory of this node's SA key ledger and lock (a hostPath on tmpfs: it must outlive the process, not the boot)")
 	fs.StringVar(&o.nodeReports, "node-reports", agent.NodeReportsAuto, "auto: the report goes to this node's NodeReport, which every agent watches, only while a live peer's agent reads NodeReports, and always to its NodeStatus, which the master and secureoverlayctl read; always: to both at every write (before rolling agents back to a version that does not declare node-status, docs/deploy.md)")
 	fs.StringVar(&o.reportLists, "report-lists", agent.ListsAuto, "auto: the report lists its per-pair claims (inboundFrom, encryptingTo; O(nodes) bytes) only while a live peer's agent reads them; always: keep them (before rolling agents back to a version that does not declare readiness-decide, docs/deploy.md)")
+	fs.StringVar(&o.nodeIDs, "node-ids", "auto", "auto: read the node table from the NodeIDs when the public ring leaves it to them, and say so (the master leaves it out once every agent does); off: read it only from the ring, as a version that predates the NodeIDs (before rolling agents back to one, docs/deploy.md)")
 	fs.StringVar(&o.stateFile, "state-file", gate.DefaultStateFile, "the boot gate's record of this node's data plane mode (a hostPath on disk: it must outlive the boot; the CNI plugin's \"stateFile\"); empty disables the gate. Its ready file is ready.json in --ledger-dir")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.BoolVar(&o.logJSON, "log-json", false, "log as JSON")
@@ -125,6 +126,9 @@ func run(cleanup bool, args []string) error {
 	gcDefault()
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected arguments %q (the only subcommand is cleanup)", fs.Args())
+	}
+	if o.nodeIDs != "auto" && o.nodeIDs != "off" {
+		return fmt.Errorf("--node-ids %q: want auto or off", o.nodeIDs)
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
@@ -241,7 +245,7 @@ func run(cleanup bool, args []string) error {
 	}
 	defer xk.Close()
 	src := watch.New(watch.Config{Client: client, Dynamic: dc, REST: cfg, Namespace: o.namespace, SecretName: o.secretName,
-		Self: o.nodeName, Logger: log, APIGroup: calicoGroup, Recheck: o.calicoRecheck})
+		Self: o.nodeName, Logger: log, APIGroup: calicoGroup, Recheck: o.calicoRecheck, IgnoreNodeIDs: o.nodeIDs == "off"})
 	ag, err := agent.New(agent.Config{NodeName: o.nodeName, Dataplane: dp, ResyncInterval: o.resync,
 		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU, LedgerDir: o.ledgerDir, ReportLists: o.reportLists, NodeReports: o.nodeReports,
 		StateFile: o.stateFile, ReadyFile: readyFile(&o), Namespace: o.namespace},

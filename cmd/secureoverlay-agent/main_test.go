@@ -58,6 +58,7 @@ func TestFlagErrors(t *testing.T) {
 		{"--uninstall-decision-timeout", "-1s"},
 		{"--calico-api-group", "projectcalico.org"},
 		{"--calico-recheck-interval", "0s"},
+		{"--node-ids", "on"},
 		{"stray"},
 	} {
 		t.Setenv("NODE_NAME", "")

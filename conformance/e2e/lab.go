@@ -530,8 +530,9 @@ func (l *Lab) Released(what string) bool {
 	return l.released[what]
 }
 
-// startAgent starts node i's agent, from Config.Release's binaries if released.
-func (l *Lab) startAgent(ctx context.Context, i int, released bool) error {
+// startAgent starts node i's agent, from Config.Release's binaries if released, with the
+// extra flags given.
+func (l *Lab) startAgent(ctx context.Context, i int, released bool, extra ...string) error {
 	binDir := lab.GuestBinDir
 	if released {
 		binDir = guestReleaseDir
@@ -554,6 +555,9 @@ func (l *Lab) startAgent(ctx context.Context, i int, released bool) error {
 	// evidence (LossEvidence) sets them beside a lost request.
 	cmd := fmt.Sprintf("exec ip netns exec %s %s/secureoverlay-agent --kubeconfig %s --node-name %s --metrics-addr :%d --resync-interval %s --ledger-dir %s --state-file %s --log-level debug",
 		lab.NodeNS(i), binDir, path, lab.NodeNS(i), AgentMetricsPort(i), l.cfg.AgentResync, LedgerDir(i), StateFile(i))
+	for _, f := range extra {
+		cmd += " " + f
+	}
 	pid, err := l.VM.Background(ctx, cmd, agentLog(i))
 	if err != nil {
 		return err
@@ -592,7 +596,11 @@ func (l *Lab) StopAgent(ctx context.Context, i int) error {
 // UpgradeAgent replaces node i's agent with this tree's, as a DaemonSet rolling update
 // does: SIGTERM (the agent leaves the kernel as it is), wait until the process is gone
 // (at most 30 s, the pod's default grace), start the new one with the same ledger.
-func (l *Lab) UpgradeAgent(ctx context.Context, i int) error {
+func (l *Lab) UpgradeAgent(ctx context.Context, i int) error { return l.RestartAgent(ctx, i) }
+
+// RestartAgent is UpgradeAgent, starting this tree's agent with the extra flags given
+// (a DaemonSet's args changed).
+func (l *Lab) RestartAgent(ctx context.Context, i int, extra ...string) error {
 	l.mu.Lock()
 	pid, ok := l.agents[i]
 	l.mu.Unlock()
@@ -615,7 +623,7 @@ func (l *Lab) UpgradeAgent(ctx context.Context, i int) error {
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	return l.StartAgent(ctx, i)
+	return l.startAgent(ctx, i, false, extra...)
 }
 
 // AgentLogTail returns the last n lines of node i's agent log.

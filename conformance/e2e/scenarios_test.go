@@ -11,11 +11,13 @@ import (
 	"time"
 
 	"github.com/containernetworking/cni/pkg/types"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/budget"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
 	"github.com/secureoverlay/secureoverlay/keys"
+	"github.com/secureoverlay/secureoverlay/nodeid"
 )
 
 // standardPods are the pods Up attached, one per registered node.
@@ -62,6 +64,7 @@ func TestScenario1ESPOnTheWire(t *testing.T) {
 	ctx := ctxFor(t, 6*time.Minute)
 	ensureMode(ctx, t, l, api.ModeEnforce)
 	requireShadowReadiness(ctx, t, l, "scenario 1")
+	requireTableOut(ctx, t, l, "scenario 1")
 	pods := standardPods(l)
 	const n = 5
 
@@ -857,6 +860,7 @@ func TestScenario6JoinLeave(t *testing.T) {
 	t.Logf("scenario 6: node%d joined: SAs and policies both ways on every peer after %v; node%d reports enforce with every peer %s after the join",
 		j, fmtDurations(joined), j, time.Since(t0).Round(100*time.Millisecond))
 	requireShadowReadiness(ctx, t, l, fmt.Sprintf("scenario 6, node%d joined", j))
+	requireTableOut(ctx, t, l, fmt.Sprintf("scenario 6, node%d joined", j))
 	mark(ctx, t, ev, "node4 settled in enforce")
 	pod, err := l.AddPod(ctx, j, lab.PodNS(j), PodConfig{})
 	if err != nil {
@@ -893,6 +897,7 @@ func TestScenario6JoinLeave(t *testing.T) {
 	}
 	t.Logf("scenario 6: node%d deleted: its SAs and policies gone from every peer after %v (settled %s after the delete)", j, fmtDurations(left), time.Since(t1).Round(100*time.Millisecond))
 	requireShadowReadiness(ctx, t, l, fmt.Sprintf("scenario 6, node%d left", j))
+	requireTableOut(ctx, t, l, fmt.Sprintf("scenario 6, node%d left", j))
 	// The departed node's namespace keeps what its stopped agent left; clear it for later scenarios.
 	_, _, _ = l.VM.Run(ctx, fmt.Sprintf("ip -n %[1]s xfrm policy flush; ip -n %[1]s xfrm state flush; for t in raw filter; do ip netns exec %[1]s iptables -w -t $t -F; ip netns exec %[1]s iptables -w -t $t -X; done; true", lab.NodeNS(j)))
 	mark(ctx, t, ev, "stopping streams")
@@ -1156,4 +1161,127 @@ func TestScenario7APIServerDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("after the restart a rotation %d → %d completed on every node in %s", st.ActiveGeneration, gen, d.Round(100*time.Millisecond))
+}
+
+// Scenario 8: one agent rolled back to a version that predates the NodeIDs (this tree's
+// agent with --node-ids=off reads the node table only from the ring, as such a version
+// does) while the public ring leaves its table to them (docs/keys.md §13), under traffic
+// in both directions of every pair. The rolled-back agent finds no ID for its node: its
+// sync fails and its kernel stays as it is; its NodeKeys no longer declare node-ids, so
+// the master writes the table back and the agent syncs. Rolled forward, the table leaves
+// again. No plaintext on the underlay, and the streams' loss is judged as every
+// scenario's (lossOK).
+func TestScenario8AgentWithoutNodeIDs(t *testing.T) {
+	l := sharedLab(t)
+	defer diagnose(t, l)
+	ctx := ctxFor(t, 8*time.Minute)
+	ensureMode(ctx, t, l, api.ModeEnforce)
+	requireTableOut(ctx, t, l, "scenario 8, before")
+	nodes := l.RegisteredNodes()
+	i := nodes[len(nodes)-1]
+	pods := standardPods(l)
+	ev := startEvidence(ctx, t, l, pods, "streams starting")
+	streams, err := l.StartStreamsAll(ctx, pods, streamInterval)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	mark(ctx, t, ev, fmt.Sprintf("node%d's agent rolled back (--node-ids=off)", i))
+	t0 := time.Now()
+	if err := l.RestartAgent(ctx, i, "--node-ids=off"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(ctx, t, l, "the node table back in the public ring", 2*time.Minute, func() (bool, string, error) {
+		cm, err := l.Client.CoreV1().ConfigMaps(api.Namespace).Get(ctx, api.RingConfigMapName, metav1.GetOptions{})
+		if err != nil {
+			return false, "", err
+		}
+		pub, err := keys.Parse([]byte(cm.Data[api.RingDataKey]))
+		if err != nil {
+			return false, "", err
+		}
+		if d := cm.Data[api.RingNodesDataKey]; d != "" || len(pub.Nodes) == 0 {
+			return false, fmt.Sprintf("the public ring names %q and lists %d nodes", d, len(pub.Nodes)), nil
+		}
+		return l.Settled(ctx, api.ModeEnforce)
+	})
+	back := time.Since(t0)
+	failed, _, _ := l.VM.Run(ctx, fmt.Sprintf("grep -c 'no node ID assigned in the ring' %s || true", agentLog(i)))
+	t.Logf("scenario 8: node%d's agent without node-ids: the table back in the public ring and every node settled %s after its restart; its syncs that found no ID for its node: %s",
+		i, back.Round(100*time.Millisecond), strings.TrimSpace(failed))
+	mark(ctx, t, ev, fmt.Sprintf("node%d's agent rolled forward", i))
+	if err := l.RestartAgent(ctx, i); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(ctx, t, l, "the node table out of the public ring again", 2*time.Minute, func() (bool, string, error) {
+		if why := tableOut(ctx, l); why != "" {
+			return false, why, nil
+		}
+		return l.Settled(ctx, api.ModeEnforce)
+	})
+	time.Sleep(time.Second)
+	mark(ctx, t, ev, "stopping streams")
+	stats, sent, lost, err := StopStreams(ctx, streams)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep := lossOK(ctx, t, ev, "scenario 8: an agent rolled back from the NodeIDs and forward", stats, sent, lost)
+	if w := lab.Total(rep.Wire); w.IPIP != 0 || w.ESP == 0 {
+		t.Errorf("scenario 8: %d plaintext IPIP and %d ESP packets on the underlay, want none and some", w.IPIP, w.ESP)
+	}
+}
+
+// requireTableOut waits (a minute at most) until the public ring leaves its node table to
+// the NodeIDs (docs/keys.md §13): its ConfigMap names the digest of the Secret's table,
+// its ring lists no node, and the NodeIDs are that table — what every agent of this
+// release acts on once all of them declare node-ids.
+func requireTableOut(ctx context.Context, t *testing.T, l *Lab, what string) {
+	t.Helper()
+	var last string
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(time.Second) {
+		if last = tableOut(ctx, l); last == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("%s: the public ring does not leave its node table to the NodeIDs after a minute: %s", what, last)
+			return
+		}
+	}
+}
+
+// tableOut is "" when the public ring leaves its table out as requireTableOut wants, else
+// why not.
+func tableOut(ctx context.Context, l *Lab) string {
+	cm, err := l.Client.CoreV1().ConfigMaps(api.Namespace).Get(ctx, api.RingConfigMapName, metav1.GetOptions{})
+	if err != nil {
+		return err.Error()
+	}
+	pub, err := keys.Parse([]byte(cm.Data[api.RingDataKey]))
+	if err != nil {
+		return err.Error()
+	}
+	full, err := l.Ring(ctx)
+	if err != nil {
+		return err.Error()
+	}
+	digest := cm.Data[api.RingNodesDataKey]
+	if digest != nodeid.TableDigest(full) || len(pub.Nodes) != 0 {
+		return fmt.Sprintf("the ConfigMap names %q and its ring lists %d nodes; the Secret's table is %q", digest, len(pub.Nodes), nodeid.TableDigest(full))
+	}
+	list, err := l.Dynamic.Resource(nodeid.GVR).Namespace(api.Namespace).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return err.Error()
+	}
+	var entries []nodeid.Entry
+	for i := range list.Items {
+		e, err := nodeid.Parse(&list.Items[i])
+		if err != nil {
+			return err.Error()
+		}
+		entries = append(entries, e)
+	}
+	if _, ok := nodeid.Fill(pub, entries, digest); !ok {
+		return fmt.Sprintf("the NodeIDs (%d) are not the table the ConfigMap names", len(entries))
+	}
+	return ""
 }

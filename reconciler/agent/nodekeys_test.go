@@ -72,8 +72,12 @@ func published(t *testing.T, e *env, dc *dynamicfake.FakeDynamicClient) nodekeys
 func TestNodeKeysPublished(t *testing.T) {
 	e, ctx := epochEnv(t)
 	dc := keysClient(e)
+	waitFor(t, "the NodeIDs' list", e.src.ReadsNodeIDs)
 	e.sync(ctx)
 	first := published(t, e, dc)
+	if !first.Has(api.CapabilityNodeIDs) {
+		t.Errorf("capabilities %v: the agent reads the NodeIDs but does not say so (%s)", first.Capabilities, api.CapabilityNodeIDs)
+	}
 	next := currentRing(t, e).LastGeneration + 1
 	if first.Incarnation != (nodekeys.Incarnation{BootID: "boot-a", UID: "uid-a", Epoch: "e-a"}) || len(first.Keys) != 1 || first.Keys[0].Generation != next {
 		t.Fatalf("first NodeKeys %+v, want generation %d of boot-a/uid-a/e-a", first, next)

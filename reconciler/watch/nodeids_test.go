@@ -156,6 +156,19 @@ func TestWatcherNodeTableFromNodeIDs(t *testing.T) {
 	}
 	waitFor(t, "the third watcher's ring", func() bool { r, err := w3.currentRing(); return err == nil && maps.Equal(table(r), table(join)) })
 
+	// An agent started with --node-ids=off reads the ring's own table (none: no node has
+	// an ID, and its sync fails as an older agent's would) and does not say it reads them.
+	w4, dc4 := runFakeWatcherDynamic(t, ctx, cs3, func(c *Config) { c.IgnoreNodeIDs = true })
+	for _, e := range []nodeid.Entry{{ID: 1, Node: "a"}, {ID: 2, Node: "b"}, {ID: 3, Node: "c"}} {
+		if _, err := dc4.Resource(nodeid.GVR).Namespace(api.Namespace).Create(ctx, nodeid.Object(api.Namespace, e), metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	if r, err := w4.currentRing(); err != nil || len(r.Nodes) != 0 || r.NodeID("a") != 0 || w4.ReadsNodeIDs() || w4.ringNamesTable() {
+		t.Fatalf("--node-ids=off: ring %v, %v; reads NodeIDs %v; want the ring without a table, not reading them", keys.Summary(r), err, w4.ReadsNodeIDs())
+	}
+
 	// A master rolled back writes the ring with its table (and no digest): taken as it is.
 	update(cmOf(join, false, "6"))
 	waitFor(t, "the ring with its table again", func() bool { r, err := w.currentRing(); return err == nil && !w.ringNamesTable() && len(r.Nodes) == 3 })

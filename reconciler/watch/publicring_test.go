@@ -167,14 +167,19 @@ func runFakeWatcher(t *testing.T, ctx context.Context, cs *fake.Clientset) *Watc
 	return w
 }
 
-// runFakeWatcherDynamic is runFakeWatcher, also returning the fake dynamic client.
-func runFakeWatcherDynamic(t *testing.T, ctx context.Context, cs *fake.Clientset) (*Watcher, *dynamicfake.FakeDynamicClient) {
+// runFakeWatcherDynamic is runFakeWatcher, also returning the fake dynamic client; each
+// of opts changes the watcher's Config first.
+func runFakeWatcherDynamic(t *testing.T, ctx context.Context, cs *fake.Clientset, opts ...func(*Config)) (*Watcher, *dynamicfake.FakeDynamicClient) {
 	t.Helper()
 	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
 		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
 	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
 		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"})
-	w := New(Config{Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
+	cfg := Config{Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	w := New(cfg)
 	go w.Run(ctx)
 	waitFor(t, "caches to sync", w.HasSynced)
 	return w, dc

@@ -93,6 +93,11 @@ type Config struct {
 	// jitter); DatastoreMigration events trigger one at once.
 	Recheck time.Duration
 	Logger  *slog.Logger
+	// IgnoreNodeIDs reads the node table only from the ring, as an agent that predates the
+	// NodeIDs does (the agent's --node-ids=off): the NodeIDs are not watched, a ring that
+	// leaves its table out gives this node no ID, and the agent does not declare
+	// api.CapabilityNodeIDs, so the master keeps the table in the public ring.
+	IgnoreNodeIDs bool
 	// REST, when set, is the configuration Dynamic was made from: IPAMBlocks are then
 	// listed and watched through the lean decoder (leanlist.go), not as unstructured
 	// objects. Fake clients leave it nil.
@@ -328,6 +333,9 @@ func New(cfg Config) *Watcher {
 				"error", err)
 		}
 	})
+	if cfg.IgnoreNodeIDs {
+		cfg.Logger.Info("reading the node table only from the key ring (--node-ids=off): this agent does not declare " + api.CapabilityNodeIDs + ", so the master keeps the table in the public ring")
+	}
 	w.coreStart = func(stop <-chan struct{}) {
 		w.secMu.Lock()
 		w.secStop = stop
@@ -345,6 +353,9 @@ func New(cfg Config) *Watcher {
 		w.pubKeys.Start(stop)
 		w.ownView.factory.Start(stop)
 		w.rows.Start(stop)
+		if cfg.IgnoreNodeIDs {
+			return
+		}
 		w.ids.Start(stop)
 		go func() {
 			// The NodeIDs' list is in: the agent's next sync declares that it reads them.
@@ -631,7 +642,7 @@ func (w *Watcher) Err() error {
 // ReadsNodeIDs reports whether this agent reads the node table from the NodeIDs (their
 // list is in): the agent then declares api.CapabilityNodeIDs, and the master may write the
 // public ring without its table (docs/keys.md §13).
-func (w *Watcher) ReadsNodeIDs() bool { return w.ids.HasSynced() }
+func (w *Watcher) ReadsNodeIDs() bool { return !w.cfg.IgnoreNodeIDs && w.ids.HasSynced() }
 
 // nodeExists reports whether the Node cache holds node.
 func (w *Watcher) nodeExists(node string) bool {
@@ -774,6 +785,9 @@ func (w *Watcher) publicRing() (r *keys.Ring, ok bool, err error) {
 			err = fmt.Errorf("configmap %s/%s: %w", w.cfg.Namespace, w.cfg.RingConfigMap, err)
 		}
 		w.pubRV, w.pub, w.pubErr, w.pubWant = cm.ResourceVersion, r, err, cm.Data[api.RingNodesDataKey]
+		if w.cfg.IgnoreNodeIDs {
+			w.pubWant = "" // as an agent that predates the NodeIDs: the ring's own table
+		}
 		w.pubDecided, w.pubFilled = false, false
 	}
 	if w.pubErr != nil {

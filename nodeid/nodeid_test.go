@@ -1,6 +1,7 @@
 package nodeid
 
 import (
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -8,9 +9,11 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 
+	"github.com/secureoverlay/secureoverlay/api"
 	"github.com/secureoverlay/secureoverlay/keys"
 )
 
@@ -404,5 +407,56 @@ func TestStripAndFill(t *testing.T) {
 	}
 	if _, ok := Fill(stripped, append(slices.Clone(put), Entry{ID: 9, Node: "e"}), digest); ok {
 		t.Error("NodeIDs with one entry more filled the ring")
+	}
+}
+
+// TestStrippedRingSizeBound: the public ring an agent receives at every step is bounded
+// once it leaves its table out — the same size at 100 and at 5,000 nodes with 40-character
+// names — while the ring with its table grows by ≈ 60 bytes per node (docs/keys.md §13;
+// docs/performance.md §3). A must-hold bound, not a benchmark.
+func TestStrippedRingSizeBound(t *testing.T) {
+	size := func(n int) (full, stripped int) {
+		r := keys.NewRing()
+		r.Mode, r.Target, r.LastGeneration = api.ModeEnforce, api.ModeEnforce, 3
+		created := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+		for g := uint32(1); g <= 3; g++ {
+			st := keys.StateRetiring
+			switch g {
+			case 2:
+				st = keys.StateActive
+			case 3:
+				st = keys.StatePending
+			}
+			r.Generations = append(r.Generations, keys.Generation{Number: g, State: st, Cipher: keys.AES128GCM, ICVBytes: 16,
+				Salt: bytes.Repeat([]byte{byte(g)}, keys.GenerationSaltBytes), Created: created, Activated: created, Reason: "request"})
+			if st == keys.StateRetiring {
+				r.Generations[len(r.Generations)-1].Retiring = created
+			}
+		}
+		for i := 1; i <= n; i++ {
+			r.Nodes = append(r.Nodes, keys.NodeID{Name: fmt.Sprintf("ip-10-%03d-%03d-%03d.eu-west-1.compute.internal", i/65536, i/256%256, i%256), ID: uint32(i)})
+		}
+		if err := r.Validate(); err != nil {
+			t.Fatal(err)
+		}
+		a, err := keys.MarshalPublic(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, _ := Strip(r)
+		b, err := keys.MarshalPublic(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(a), len(b)
+	}
+	full100, s100 := size(100)
+	full5k, s5k := size(5000)
+	t.Logf("public ring: %d bytes with its table and %d without at 100 nodes; %d and %d at 5,000 (40-character names)", full100, s100, full5k, s5k)
+	if s5k != s100 || s5k > 2048 {
+		t.Errorf("without its table the ring is %d bytes at 5,000 nodes and %d at 100: want equal and ≤ 2 KiB", s5k, s100)
+	}
+	if full5k < 50*5000 {
+		t.Errorf("with its table the ring is %d bytes at 5,000 nodes: the test does not build the table it means to", full5k)
 	}
 }

@@ -72,6 +72,9 @@ const (
 	// NodeIDs (their list is in): once every reporting agent declares it, the master writes
 	// the public ring without its table (docs/keys.md §13).
 	CapabilityNodeIDs = "node-ids"
+	// NodeTableIDs and NodeTableRing are MasterStatus.NodeTable's values.
+	NodeTableIDs  = "nodeids"
+	NodeTableRing = "ring"
 
 	// ReportAnnotation is the agent's JSON NodeReport on its own Node.
 	ReportAnnotation = "secureoverlay.io/report"
@@ -275,6 +278,11 @@ type MasterStatus struct {
 	// AgentKeysAccess); AgentSecretAccessWhy says why ("" before the first reconcile).
 	AgentSecretAccess    string `json:"agentSecretAccess,omitempty"`
 	AgentSecretAccessWhy string `json:"agentSecretAccessWhy,omitempty"`
+	// NodeTable is where the public ring's node table is (docs/keys.md §13): NodeTableIDs
+	// (the ring leaves it to the NodeID objects) or NodeTableRing (the ring carries it);
+	// NodeTableWhy says why it is in the ring ("" before the first decision).
+	NodeTable    string `json:"nodeTable,omitempty"`
+	NodeTableWhy string `json:"nodeTableWhy,omitempty"`
 	// LastError is the last reconcile error (e.g. a key ring the master refuses), "" if
 	// the last reconcile succeeded.
 	LastError string `json:"lastError,omitempty"`

@@ -143,6 +143,12 @@ func printStatus(w io.Writer, format string, now time.Time, st StatusOutput, all
 		if ms.AgentSecretAccess != "" {
 			fmt.Fprintf(w, "Agents:   read access to the key Secret %s (%s)\n", ms.AgentSecretAccess, dash(ms.AgentSecretAccessWhy))
 		}
+		switch ms.NodeTable {
+		case api.NodeTableIDs:
+			fmt.Fprintln(w, "Node IDs: in NodeID objects; the public ring leaves them out (every reporting agent reads them)")
+		case api.NodeTableRing:
+			fmt.Fprintf(w, "Node IDs: in the public ring (%s)\n", dash(ms.NodeTableWhy))
+		}
 		printBounded(w, "Lagging:  ", ms.Lagging)
 		printBounded(w, "Excluded: ", ms.Excluded)
 	}

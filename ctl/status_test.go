@@ -56,7 +56,8 @@ func healthyMaster() *api.MasterStatus {
 		Generations: []api.GenerationStatus{{Number: 7, State: "active", Cipher: "aes128gcm", Reason: "request",
 			Created: fixedNow.Add(-2 * time.Hour), Activated: fixedNow.Add(-2*time.Hour + 3*time.Second)}},
 		LastRotateRequest: "2026-03-04T08:00:00Z", Nodes: len(testNodes),
-		AgentSecretAccess: "revoked", AgentSecretAccessWhy: "no v1 generation is live and every agent reads the public ring"}
+		AgentSecretAccess: "revoked", AgentSecretAccessWhy: "no v1 generation is live and every agent reads the public ring",
+		NodeTable: api.NodeTableIDs}
 }
 
 // healthyCluster writes what a healthy enforcing cluster publishes: nodes with agent
@@ -119,6 +120,7 @@ func TestStatusGolden(t *testing.T) {
 	ms.Generations = append(ms.Generations, api.GenerationStatus{Number: 8, State: "pending", Cipher: "aes128gcm", Reason: "sequence", Created: fixedNow.Add(-time.Minute)})
 	ms.Waiting = "every live node to install generation 8"
 	ms.Lagging = []api.NodeLagging{{Node: "node-c", Reason: "generation 8 not installed"}, {Node: "node-d", Reason: "no report"}}
+	ms.NodeTable, ms.NodeTableWhy = api.NodeTableRing, "agents that do not read the NodeIDs: 1 (node node-c first)"
 	e.setMasterStatus(ms)
 	e.reboot("node-b", "boot-b-2")
 	rc := healthyReport("node-c")

@@ -964,6 +964,13 @@ func (c *Controller) status(ring *keys.Ring, res *keys.Result, lastError string)
 		}
 	}
 	st.AgentSecretAccess, st.AgentSecretAccessWhy = c.access, c.accessWhy
+	switch c.tableWhy {
+	case "unset":
+	case "":
+		st.NodeTable = api.NodeTableIDs
+	default:
+		st.NodeTable, st.NodeTableWhy = api.NodeTableRing, c.tableWhy
+	}
 	if res != nil {
 		st.RotationInProgress, st.Waiting, st.Deferred = res.RotationInProgress, res.Waiting, res.Deferred
 		for _, l := range res.Lagging {

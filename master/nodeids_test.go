@@ -220,6 +220,10 @@ func TestPublicRingLeavesItsTable(t *testing.T) {
 		a.readsIDs.Store(true)
 	}
 	e.strippedAndFilled("the ring without its table once every agent reads the NodeIDs")
+	e.eventually("the status says where the table is", wait, func() (bool, string) {
+		st := e.status()
+		return st.NodeTable == api.NodeTableIDs && st.NodeTableWhy == "", st.NodeTable + ": " + st.NodeTableWhy
+	})
 
 	stop := e.watchPublic()
 	e.requestRotation("r1")
@@ -234,6 +238,10 @@ func TestPublicRingLeavesItsTable(t *testing.T) {
 	// A rollback of n2's agent: the table comes back, and leaves once it declares again.
 	agents["n2"].readsIDs.Store(false)
 	e.carriesTable("the table while n2's agent does not declare node-ids")
+	e.eventually("the status names n2", wait, func() (bool, string) {
+		st := e.status()
+		return st.NodeTable == api.NodeTableRing && strings.Contains(st.NodeTableWhy, "node n2"), st.NodeTable + ": " + st.NodeTableWhy
+	})
 	agents["n2"].readsIDs.Store(true)
 	e.strippedAndFilled("without the table once n2 declares again")
 

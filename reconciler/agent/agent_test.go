@@ -36,13 +36,9 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/internal/testkinds"
 	"github.com/secureoverlay/secureoverlay/internal/testutil"
 	"github.com/secureoverlay/secureoverlay/keys"
-	"github.com/secureoverlay/secureoverlay/nodeid"
-	"github.com/secureoverlay/secureoverlay/nodekeys"
-	"github.com/secureoverlay/secureoverlay/nodereport"
-	"github.com/secureoverlay/secureoverlay/noderow"
-	"github.com/secureoverlay/secureoverlay/nodeview"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
@@ -135,8 +131,7 @@ func newEnv(t *testing.T, mode api.Mode, cfg Config) *env {
 	e.cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{{GroupVersion: "crd.projectcalico.org/v1",
 		APIResources: []metav1.APIResource{{Name: "ipamblocks"}, {Name: "ippools"}}}}
 	gv := schema.GroupVersion{Group: "crd.projectcalico.org", Version: "v1"}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"})
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), testkinds.With(map[schema.GroupVersionResource]string{gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"}))
 	e.dc = dc
 	e.src = &gated{Watcher: watch.New(watch.Config{Self: "a", Client: e.cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})}
 	e.src.open.Store(true)

@@ -17,12 +17,8 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/internal/testkinds"
 	"github.com/secureoverlay/secureoverlay/keys"
-	"github.com/secureoverlay/secureoverlay/nodeid"
-	"github.com/secureoverlay/secureoverlay/nodekeys"
-	"github.com/secureoverlay/secureoverlay/nodereport"
-	"github.com/secureoverlay/secureoverlay/noderow"
-	"github.com/secureoverlay/secureoverlay/nodeview"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
@@ -56,8 +52,7 @@ func TestJoinCostInALargeCluster(t *testing.T) {
 	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{{GroupVersion: "crd.projectcalico.org/v1",
 		APIResources: []metav1.APIResource{{Name: "ipamblocks"}, {Name: "ippools"}}}}
 	gv := schema.GroupVersion{Group: "crd.projectcalico.org", Version: "v1"}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"})
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), testkinds.With(map[schema.GroupVersionResource]string{gv.WithResource("ipamblocks"): "IPAMBlockList", gv.WithResource("ippools"): "IPPoolList"}))
 	src := watch.New(watch.Config{Self: names[0], Client: cs, Dynamic: dc})
 	xk := xfrm.NewFake()
 	m := NewMetrics("")

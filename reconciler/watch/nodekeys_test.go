@@ -15,12 +15,9 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/internal/testkinds"
 	"github.com/secureoverlay/secureoverlay/keys"
-	"github.com/secureoverlay/secureoverlay/nodeid"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
-	"github.com/secureoverlay/secureoverlay/nodereport"
-	"github.com/secureoverlay/secureoverlay/noderow"
-	"github.com/secureoverlay/secureoverlay/nodeview"
 )
 
 // TestNodeKeysKeptWhileTheNodeExists: a peer's NodeKeys reaches the snapshot (and moves
@@ -79,8 +76,7 @@ func watcherOfA(t *testing.T, mode api.Mode, nodes ...*corev1.Node) (context.Con
 	}
 	cs := fake.NewClientset(objs...)
 	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{resources("crd.projectcalico.org/v1", "ipamblocks", "ippools")}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, gvBlocks: "IPAMBlockList", gvPools: "IPPoolList"})
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), testkinds.With(map[schema.GroupVersionResource]string{gvBlocks: "IPAMBlockList", gvPools: "IPPoolList"}))
 	w := New(Config{Self: "a", Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)

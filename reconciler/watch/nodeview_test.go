@@ -19,12 +19,10 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/internal/testkinds"
 	"github.com/secureoverlay/secureoverlay/keys"
-	"github.com/secureoverlay/secureoverlay/nodeid"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
-	"github.com/secureoverlay/secureoverlay/noderow"
-	"github.com/secureoverlay/secureoverlay/nodeview"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
@@ -133,8 +131,7 @@ func TestWatcherHint(t *testing.T) {
 	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil), node("b", "198.18.0.2/24", "boot-b", nil), node("c", "198.18.0.3/24", "boot-c", nil), secret)
 	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
 		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"},
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), testkinds.With(map[schema.GroupVersionResource]string{gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"}),
 		calico(CalicoV1, ipPool("default", "10.65.0.0/16", "Always", nil)))
 	w := New(Config{Client: cs, Dynamic: dc, Self: "a", DiscoveryRetry: 10 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())

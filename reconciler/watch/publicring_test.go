@@ -20,12 +20,8 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/internal/testkinds"
 	"github.com/secureoverlay/secureoverlay/keys"
-	"github.com/secureoverlay/secureoverlay/nodeid"
-	"github.com/secureoverlay/secureoverlay/nodekeys"
-	"github.com/secureoverlay/secureoverlay/nodereport"
-	"github.com/secureoverlay/secureoverlay/noderow"
-	"github.com/secureoverlay/secureoverlay/nodeview"
 )
 
 // TestWatcherPublicRing: the agent reads the public ring ConfigMap, and the Secret only
@@ -173,8 +169,7 @@ func runFakeWatcherDynamic(t *testing.T, ctx context.Context, cs *fake.Clientset
 	t.Helper()
 	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
 		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"})
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), testkinds.With(map[schema.GroupVersionResource]string{gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"}))
 	cfg := Config{Client: cs, Dynamic: dc, DiscoveryRetry: 10 * time.Millisecond}
 	for _, o := range opts {
 		o(&cfg)

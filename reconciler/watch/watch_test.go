@@ -9,11 +9,7 @@ import (
 	"fmt"
 	v3 "github.com/projectcalico/api/pkg/apis/projectcalico/v3"
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
-	"github.com/secureoverlay/secureoverlay/nodeid"
-	"github.com/secureoverlay/secureoverlay/nodekeys"
-	"github.com/secureoverlay/secureoverlay/nodereport"
-	"github.com/secureoverlay/secureoverlay/noderow"
-	"github.com/secureoverlay/secureoverlay/nodeview"
+	"github.com/secureoverlay/secureoverlay/internal/testkinds"
 	"k8s.io/client-go/tools/cache"
 	"maps"
 	"net/netip"
@@ -163,8 +159,7 @@ func TestWatcherWithFakeClients(t *testing.T) {
 	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil), node("b", "198.18.0.2", "boot-b", nil), secret)
 	cs.Discovery().(*fakediscovery.FakeDiscovery).Resources = []*metav1.APIResourceList{
 		resources("crd.projectcalico.org/v1", "ipamblocks", "blockaffinities", "ippools", "bgppeers")}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"},
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), testkinds.With(map[schema.GroupVersionResource]string{gvBlocks: "IPAMBlockList", gvAffs: "BlockAffinityList", gvPools: "IPPoolList", gvPeers: "BGPPeerList"}),
 		calico(CalicoV1, ipamBlock("blk-a", "10.65.1.0/26", "host:a", nil)),
 		calico(CalicoV1, ipamBlock("blk-gone", "10.65.9.0/26", "host:b", func(s *v3.IPAMBlockSpec) { s.Deleted = true })),
 		calico(CalicoV1, &v3.IPAMBlock{ObjectMeta: metav1.ObjectMeta{Name: "blk-bad"}, Spec: v3.IPAMBlockSpec{CIDR: "not-a-cidr"}}),
@@ -277,8 +272,7 @@ func TestWatcherWithFakeClients(t *testing.T) {
 func TestWatcherWithoutCalicoRetriesDiscovery(t *testing.T) {
 	cs := fake.NewClientset(node("a", "198.18.0.1/24", "boot-a", nil))
 	fd := cs.Discovery().(*fakediscovery.FakeDiscovery)
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, CalicoV3.WithResource("ipamblocks"): "IPAMBlockList", CalicoV3.WithResource("ippools"): "IPPoolList"},
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), testkinds.With(map[schema.GroupVersionResource]string{CalicoV3.WithResource("ipamblocks"): "IPAMBlockList", CalicoV3.WithResource("ippools"): "IPPoolList"}),
 		calico(CalicoV3, ipPool("v3pool", "10.70.0.0/16", v3.IPIPModeCrossSubnet, nil)))
 	ev := &events{n: map[string]int{}}
 	w := New(Config{Client: cs, Dynamic: dc, OnChange: ev.add, DiscoveryRetry: 20 * time.Millisecond})
@@ -380,7 +374,7 @@ func TestNodeCacheTrimsPeerReports(t *testing.T) {
 	b.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubelet"}}
 	b.Status.Images = []corev1.ContainerImage{{Names: []string{"registry.example/image:1"}, SizeBytes: 1}}
 	cs := fake.NewClientset(a, b)
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind})
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), testkinds.With(nil))
 	w := New(Config{Client: cs, Dynamic: dc, Self: "a", DiscoveryRetry: time.Hour})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -514,10 +508,9 @@ func TestWatcherSwitchesGroupWithoutGap(t *testing.T) {
 	}
 	migration := &unstructured.Unstructured{Object: map[string]any{"apiVersion": migGV.String(), "kind": "DatastoreMigration",
 		"metadata": map[string]any{"name": "v1-to-v3"}, "spec": map[string]any{"type": "V1ToV3"}, "status": map[string]any{"phase": "Migrating"}}}
-	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), map[schema.GroupVersionResource]string{
-		nodereport.GVR: nodereport.ListKind, nodekeys.GVR: nodekeys.ListKind, nodeview.GVR: nodeview.ListKind, noderow.GVR: noderow.ListKind, nodeid.GVR: nodeid.ListKind, gvBlocks: "IPAMBlockList", gvPools: "IPPoolList",
+	dc := dynamicfake.NewSimpleDynamicClientWithCustomListKinds(runtime.NewScheme(), testkinds.With(map[schema.GroupVersionResource]string{gvBlocks: "IPAMBlockList", gvPools: "IPPoolList",
 		CalicoV3.WithResource("ipamblocks"): "IPAMBlockList", CalicoV3.WithResource("ippools"): "IPPoolList",
-		migGV.WithResource("datastoremigrations"): "DatastoreMigrationList"},
+		migGV.WithResource("datastoremigrations"): "DatastoreMigrationList"}),
 		calico(CalicoV1, ipamBlock("old", "10.65.1.0/26", "host:a", nil)),
 		calico(CalicoV1, ipPool("p", "10.65.0.0/16", v3.IPIPModeAlways, nil)),
 		calico(CalicoV3, ipamBlock("old", "10.65.1.0/26", "host:a", nil)),

@@ -154,27 +154,11 @@ type Watcher struct {
 	ringRV  string // the Secret's resourceVersion ring and ringErr were parsed at
 	ring    *keys.Ring
 	ringErr error
-	pubRV   string // the public ring ConfigMap's resourceVersion pub, pubErr and pubWant were parsed at
-	pub     *keys.Ring
-	pubErr  error
-	pubWant string // its api.RingNodesDataKey: the digest of the table the ring leaves out ("": none)
-	// The ring publicRing gives (pub with its table: pubOut or pubOutErr), decided for pubRV
-	// and, while pub leaves its table to the NodeIDs and they do not match yet, for the
-	// NodeID cache's version pubIDsVer; pubFilled: decided for good (pub has its table).
-	pubDecided bool
-	pubFilled  bool
-	pubIDsVer  uint64
-	pubOut     *keys.Ring
-	pubOutErr  error
-	// pubGood is the last ring publicRing had with its table: acted on while a newer one
-	// waits for its NodeIDs (docs/keys.md §13).
-	pubGood *keys.Ring
-	// pubWaiting: the wait for the NodeIDs of pubRV has been logged.
-	pubWaiting string
-	openPub    *keys.Ring // the public ring and
-	openRV     string     // the Secret's resourceVersion that open and openErr were unsealed from
-	open       *keys.Ring
-	openErr    error
+	pub     publicState // the public ring ConfigMap, as publicRing last read it
+	openPub *keys.Ring  // the public ring and
+	openRV  string      // the Secret's resourceVersion that open and openErr were unsealed from
+	open    *keys.Ring
+	openErr error
 }
 
 // secretInformer is the key Secret's informer with its own stop (secretWatch).
@@ -776,7 +760,8 @@ func (w *Watcher) publicRing() (r *keys.Ring, ok bool, err error) {
 	cm := obj.(*corev1.ConfigMap)
 	w.ringMu.Lock()
 	defer w.ringMu.Unlock()
-	if cm.ResourceVersion == "" || cm.ResourceVersion != w.pubRV {
+	p := &w.pub
+	if cm.ResourceVersion == "" || cm.ResourceVersion != p.rv {
 		var r *keys.Ring
 		data, has := cm.Data[api.RingDataKey]
 		if !has {
@@ -784,46 +769,69 @@ func (w *Watcher) publicRing() (r *keys.Ring, ok bool, err error) {
 		} else if r, err = keys.Parse([]byte(data)); err != nil {
 			err = fmt.Errorf("configmap %s/%s: %w", w.cfg.Namespace, w.cfg.RingConfigMap, err)
 		}
-		w.pubRV, w.pub, w.pubErr, w.pubWant = cm.ResourceVersion, r, err, cm.Data[api.RingNodesDataKey]
+		p.rv, p.ring, p.err, p.want = cm.ResourceVersion, r, err, cm.Data[api.RingNodesDataKey]
 		if w.cfg.IgnoreNodeIDs {
-			w.pubWant = "" // as an agent that predates the NodeIDs: the ring's own table
+			p.want = "" // as an agent that predates the NodeIDs: the ring's own table
 		}
-		w.pubDecided, w.pubFilled = false, false
+		p.decided, p.filled = false, false
 	}
-	if w.pubErr != nil {
-		return nil, true, w.pubErr
-	}
-	if w.pubFilled {
-		return w.pubOut, true, w.pubOutErr
+	if p.err != nil {
+		return nil, true, p.err
 	}
 	ver := w.ids.Version() // before the entries: a change after it is seen again
-	if w.pubDecided && ver == w.pubIDsVer {
-		return w.pubOut, true, w.pubOutErr
+	if p.filled || (p.decided && ver == p.idsVer) {
+		return p.out, true, p.outErr
 	}
 	var entries []nodeid.Entry
-	if len(w.pub.Nodes) == 0 && w.pubWant != "" {
+	if p.namesTable() {
 		w.ids.Each(func(_ string, e nodeid.Entry) { entries = append(entries, e) })
 	}
-	filled, ok := nodeid.Fill(w.pub, entries, w.pubWant)
+	filled, ok := nodeid.Fill(p.ring, entries, p.want)
 	switch {
 	case ok:
-		if w.pubWaiting != "" {
+		if p.waiting != "" {
 			w.cfg.Logger.Info("the NodeIDs match the public ring's node table: acting on it", "configmap", w.cfg.Namespace+"/"+w.cfg.RingConfigMap, "nodes", len(filled.Nodes))
-			w.pubWaiting = ""
+			p.waiting = ""
 		}
-		w.pubOut, w.pubOutErr, w.pubGood, w.pubFilled = filled, nil, filled, true
-	case w.pubGood != nil:
-		w.pubOut, w.pubOutErr = w.pubGood, nil
+		p.out, p.outErr, p.good, p.filled = filled, nil, filled, true
+	case p.good != nil:
+		p.out, p.outErr = p.good, nil
 	default:
-		w.pubOut, w.pubOutErr = nil, fmt.Errorf("configmap %s/%s: %w", w.cfg.Namespace, w.cfg.RingConfigMap, errNoTable)
+		p.out, p.outErr = nil, fmt.Errorf("configmap %s/%s: %w", w.cfg.Namespace, w.cfg.RingConfigMap, errNoTable)
 	}
-	if !ok && w.pubWaiting != w.pubRV {
-		w.pubWaiting = w.pubRV
+	if !ok && p.waiting != p.rv {
+		p.waiting = p.rv
 		w.cfg.Logger.Info("the public ring's node table is not in the NodeIDs yet: acting on the last ring with its table until it is",
-			"configmap", w.cfg.Namespace+"/"+w.cfg.RingConfigMap, "nodeIDs", len(entries), "haveEarlierRing", w.pubGood != nil)
+			"configmap", w.cfg.Namespace+"/"+w.cfg.RingConfigMap, "nodeIDs", len(entries), "haveEarlierRing", p.good != nil)
 	}
-	w.pubDecided, w.pubIDsVer = true, ver
-	return w.pubOut, true, w.pubOutErr
+	p.decided, p.idsVer = true, ver
+	return p.out, true, p.outErr
+}
+
+// publicState is the public ring ConfigMap as publicRing last parsed it, and the ring with
+// its table publicRing made of it.
+type publicState struct {
+	rv   string // the ConfigMap's resourceVersion ring, err and want were parsed at
+	ring *keys.Ring
+	err  error
+	want string // its api.RingNodesDataKey: the digest of the table ring leaves out ("": none)
+	// out (or outErr) is the ring with its table publicRing gives for rv: decided at the
+	// NodeID cache's version idsVer while ring waits for its NodeIDs, or for good (filled:
+	// it has its table, from itself or from the NodeIDs).
+	decided, filled bool
+	idsVer          uint64
+	out             *keys.Ring
+	outErr          error
+	// good is the last ring publicRing had with its table: acted on while a newer one
+	// waits for its NodeIDs (docs/keys.md §13).
+	good *keys.Ring
+	// waiting: the wait for the NodeIDs of this rv has been logged.
+	waiting string
+}
+
+// namesTable reports whether the ring leaves its table to the NodeIDs.
+func (p *publicState) namesTable() bool {
+	return p.ring != nil && len(p.ring.Nodes) == 0 && p.want != ""
 }
 
 // ringNamesTable reports whether the public ring leaves its table to the NodeIDs (its
@@ -834,7 +842,7 @@ func (w *Watcher) ringNamesTable() bool {
 	}
 	w.ringMu.Lock()
 	defer w.ringMu.Unlock()
-	return w.pub != nil && len(w.pub.Nodes) == 0 && w.pubWant != ""
+	return w.pub.namesTable()
 }
 
 // ringListed reports whether the public ring's list is in, or cannot be had (forbidden).

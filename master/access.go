@@ -75,9 +75,11 @@ func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring, digest st
 		c.log.Info("public key ring written", "configmap", ns+"/"+api.RingConfigMapName, "ring", keys.Summary(ring))
 	case err != nil:
 		return fmt.Errorf("get configmap %s/%s: %w", ns, api.RingConfigMapName, err)
-	case keep && digest == "" && cm.Data[api.RingNodesDataKey] != "" && cm.Data[api.RingNodesDataKey] == nodeid.TableDigest(ring):
-		if want, written, err = form(cm.Data[api.RingNodesDataKey]); err != nil {
-			return err
+	default:
+		if have := cm.Data[api.RingNodesDataKey]; keep && digest == "" && have != "" && have == c.table(ring).digest {
+			if want, written, err = form(have); err != nil {
+				return err
+			}
 		}
 		if !maps.Equal(cm.Data, want) {
 			cm = cm.DeepCopy()
@@ -85,12 +87,6 @@ func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring, digest st
 			if _, err := cms.Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
 				return fmt.Errorf("update configmap %s/%s: %w", ns, api.RingConfigMapName, err)
 			}
-		}
-	case !maps.Equal(cm.Data, want):
-		cm = cm.DeepCopy()
-		cm.Data = want
-		if _, err := cms.Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
-			return fmt.Errorf("update configmap %s/%s: %w", ns, api.RingConfigMapName, err)
 		}
 	}
 	c.pubWritten, c.pubChecked, c.pubForbidden = written, now, false

@@ -249,14 +249,12 @@ type Controller struct {
 	// "unset" before the first decision).
 	idsUnknown map[string]time.Time
 	tableWhy   string
-	// idsSettled: the NodeIDs were found equal to the table idsNodes with the NodeID cache
-	// at version idsVer (writeNodeIDs skips its plan while both hold); digest is
-	// the digest of the table digestOf (tableDigest).
-	idsSettled bool
+	// lastTable is the last node table seen, with its digest (table); idsSettled is it
+	// when the NodeIDs were found equal to it with the NodeID cache at version idsVer
+	// (writeNodeIDs skips its plan while both hold).
+	lastTable  *nodeTable
+	idsSettled *nodeTable
 	idsVer     uint64
-	idsNodes   []keys.NodeID
-	digest     string
-	digestOf   []keys.NodeID
 	idsWarn    sync.Once
 
 	lastGood   *keys.Ring

@@ -50,12 +50,13 @@ func (c *Controller) writeNodeIDs(ctx context.Context, ring *keys.Ring) (more, e
 		return false, false
 	}
 	ver := c.ids.Version() // before the objects are read: a change after it is seen again
-	if c.idsSettled && ver == c.idsVer && slices.Equal(ring.Nodes, c.idsNodes) {
+	table := c.table(ring)
+	if c.idsSettled == table && ver == c.idsVer {
 		// Neither the table nor the objects changed since they were found equal: no plan
 		// (a map and a sort of N IDs at every reconcile of a large cluster).
 		return false, true
 	}
-	c.idsSettled = false
+	c.idsSettled = nil
 	have := map[uint32]nodeid.Entry{}
 	c.ids.Each(func(_ string, e nodeid.Entry) { have[e.ID] = e })
 	put, del := nodeid.Plan(ring, have)
@@ -98,17 +99,24 @@ func (c *Controller) writeNodeIDs(ctx context.Context, ring *keys.Ring) (more, e
 		c.log.Debug("NodeIDs written", "put", len(put), "deleted", len(del))
 	}
 	if failed == nil && writes == 0 {
-		c.idsSettled, c.idsVer, c.idsNodes = true, ver, slices.Clone(ring.Nodes)
+		c.idsSettled, c.idsVer = table, ver
 	}
 	return false, failed == nil
 }
 
-// tableDigest is nodeid.TableDigest(ring), computed again only when the table changed.
-func (c *Controller) tableDigest(ring *keys.Ring) string {
-	if c.digestOf == nil || !slices.Equal(ring.Nodes, c.digestOf) {
-		c.digest, c.digestOf = nodeid.TableDigest(ring), slices.Clone(ring.Nodes)
+// nodeTable is a node table and its digest (nodeid.TableDigest).
+type nodeTable struct {
+	nodes  []keys.NodeID
+	digest string
+}
+
+// table is ring's node table with its digest: the last one again (the same pointer) while
+// the table has not changed, so that its digest is computed once per table.
+func (c *Controller) table(ring *keys.Ring) *nodeTable {
+	if c.lastTable == nil || !slices.Equal(ring.Nodes, c.lastTable.nodes) {
+		c.lastTable = &nodeTable{nodes: slices.Clone(ring.Nodes), digest: nodeid.TableDigest(ring)}
 	}
-	return c.digest
+	return c.lastTable
 }
 
 // nodeIDsLacking lists the reporting nodes whose agents do not read the NodeIDs: their
@@ -186,7 +194,7 @@ func (c *Controller) publicTable(ring *keys.Ring, nodes []keys.NodeState, equal 
 		if len(lacking) > 0 {
 			why = fmt.Sprintf("agents that do not read the NodeIDs: %d (node %s first)", len(lacking), lacking[0])
 		} else {
-			digest = c.tableDigest(ring)
+			digest = c.table(ring).digest
 		}
 	}
 	if why != c.tableWhy {

@@ -41,6 +41,14 @@ const (
 	// digest of the NodeIDs (nodeid.Digest; docs/keys.md §13), written only with a ring
 	// that leaves its table out.
 	RingNodesDataKey = "nodes"
+	// RingMasterDataKey, beside the ring, lists what the master that wrote it reads of the
+	// agents' objects, space-separated (docs/keys.md §6): agents leave the NodeReport to
+	// their NodeStatus only under a master that names MasterReadsNodeStatuses. An older
+	// master writes no such key (and removes it: it writes the whole data).
+	RingMasterDataKey = "master"
+	// MasterReadsNodeStatuses in RingMasterDataKey says the master takes each node's report
+	// from its NodeStatus as well as its NodeReport (its NodeStatus cache lists them).
+	MasterReadsNodeStatuses = "node-status"
 	// AgentKeysAccess names the Role and RoleBinding that let agents read the Secret; the
 	// master sets the binding's subjects (granted while a v1 generation or an agent that
 	// reads only the Secret needs it, else none).

@@ -28,8 +28,10 @@ const recheck = 30 * time.Second
 // with its node table when digest is "", else without it and with the digest of that
 // table (api.RingNodesDataKey; docs/keys.md §13). With keep (and digest ""), the ring
 // leaves its table out if the ConfigMap already names this table's digest (publicTable).
+// Beside it, api.RingMasterDataKey says what this master reads (masterReads).
 func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring, digest string, keep bool) error {
 	ns := c.opts.Namespace
+	reads := c.masterReads()
 	form := func(digest string) (map[string]string, string, error) {
 		pub := ring
 		if digest != "" {
@@ -43,7 +45,10 @@ func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring, digest st
 		if digest != "" {
 			want[api.RingNodesDataKey] = digest
 		}
-		return want, string(data) + "\x00" + digest, nil
+		if reads != "" {
+			want[api.RingMasterDataKey] = reads
+		}
+		return want, string(data) + "\x00" + digest + "\x00" + reads, nil
 	}
 	want, written, err := form(digest)
 	if err != nil {
@@ -91,6 +96,17 @@ func (c *Controller) writePublic(ctx context.Context, ring *keys.Ring, digest st
 	}
 	c.pubWritten, c.pubChecked, c.pubForbidden = written, now, false
 	return nil
+}
+
+// masterReads is what the public ring says this master reads (api.RingMasterDataKey):
+// api.MasterReadsNodeStatuses once its NodeStatus cache has their list, else nothing
+// (an older manifest without their CRD or RBAC) — the agents then keep writing their
+// NodeReports, which it reads (docs/keys.md §6).
+func (c *Controller) masterReads() string {
+	if c.statuses == nil || !c.statuses.HasSynced() {
+		return ""
+	}
+	return api.MasterReadsNodeStatuses
 }
 
 // olderAgents lists the nodes whose agent reports but does not declare that it reads the

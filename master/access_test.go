@@ -20,6 +20,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/conformance/kube"
 	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
+	"github.com/secureoverlay/secureoverlay/nodereport"
 )
 
 // TestAgentSecretAccess (docs/keys.md §11), against a real API server with the master's
@@ -232,5 +233,54 @@ func TestMasterWithOlderRBAC(t *testing.T) {
 	}
 	if _, err := admin.CoreV1().ConfigMaps(api.Namespace).Get(e.ctx, api.RingConfigMapName, metav1.GetOptions{}); err == nil {
 		t.Error("a public ring was written without the RBAC for it")
+	}
+}
+
+// TestMasterSaysWhatItReads (docs/keys.md §6): beside the public ring the master says it
+// reads NodeStatuses (api.RingMasterDataKey) once it lists them — agents stop writing
+// their NodeReports only then — and says nothing when its RBAC predates NodeStatuses (a
+// master image newer than the applied manifest), reading NodeReports only.
+func TestMasterSaysWhatItReads(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		olderRBAC bool
+		want      string
+	}{
+		{"the manifest's RBAC", false, api.MasterReadsNodeStatuses},
+		{"RBAC without nodestatuses", true, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			admin := kubernetes.NewForConfigOrDie(e.cluster.AdminConfig())
+			if tc.olderRBAC {
+				role, err := admin.RbacV1().Roles(api.Namespace).Get(e.ctx, "secureoverlay-master", metav1.GetOptions{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i, r := range role.Rules {
+					role.Rules[i].Resources = slices.DeleteFunc(slices.Clone(r.Resources), func(s string) bool { return s == nodereport.StatusResource })
+				}
+				if _, err := admin.RbacV1().Roles(api.Namespace).Update(e.ctx, role, metav1.UpdateOptions{}); err != nil {
+					t.Fatal(err)
+				}
+				kube.RequireDenied(t, admin, kube.ServiceAccountUser(api.Namespace, "secureoverlay-master"), kube.ServiceAccountGroups(api.Namespace),
+					authorizationv1.ResourceAttributes{Verb: "list", Group: nodereport.Group, Resource: nodereport.StatusResource, Namespace: api.Namespace})
+			}
+			e.startMaster("master-a", testPolicy())
+			enableCluster(e, "n1", "n2")
+			var data map[string]string
+			e.eventually("the public ring written with what the master reads", wait, func() (bool, string) {
+				cm, err := admin.CoreV1().ConfigMaps(api.Namespace).Get(e.ctx, api.RingConfigMapName, metav1.GetOptions{})
+				if err != nil {
+					return false, err.Error()
+				}
+				data = cm.Data
+				reads, has := data[api.RingMasterDataKey]
+				return data[api.RingDataKey] != "" && reads == tc.want && has == (tc.want != ""), fmt.Sprintf("%s %q", api.RingMasterDataKey, reads)
+			})
+			if tc.olderRBAC && !strings.Contains(e.sink.text(), "the agents' NodeStatuses cannot be listed") {
+				t.Error("the master did not say it reads the NodeReports only")
+			}
+		})
 	}
 }

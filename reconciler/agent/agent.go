@@ -294,8 +294,9 @@ type Agent struct {
 	// whether the last NodeStatus write was refused (no CRD, no RBAC), nodeReportSuperseded
 	// whether this node's NodeReport holds a superseded report (the writer's last write
 	// of it; until one, what the cache showed at the first publish, nodeReportKnown). All
-	// but the gate under mu.
+	// but the gate and nodeReportsWhy (why it decided so, last logged) under mu.
 	nodeReportsGate      listsGate
+	nodeReportsWhy       string
 	nodeReportsOn        bool
 	statusRefused        bool
 	nodeReportSuperseded bool

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"encoding/json"
+	"slices"
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -27,8 +28,10 @@ const (
 )
 
 // gateNodeReports decides, at the end of a sync, whether this node's next report writes go
-// to its NodeReport too (listsGate on api.CapabilityNodeStatus), and logs and exports each
-// change of that decision.
+// to its NodeReport too — while a live peer's agent reads NodeReports (listsGate on
+// api.CapabilityNodeStatus), or the master does not say it reads NodeStatuses (an older
+// master, or no public ring read: snap.MasterReads) — and logs and exports each change of
+// that decision and of its reason.
 func (a *Agent) gateNodeReports(snap *watch.Snapshot, now time.Time) {
 	mode := a.cfg.NodeReports
 	if a.cfg.ReportLists == ListsAlways {
@@ -38,20 +41,34 @@ func (a *Agent) gateNodeReports(snap *watch.Snapshot, now time.Time) {
 	if again > 0 {
 		a.q.AddAfter(queueKey, again)
 	}
+	why := "peers"
+	switch {
+	case need && mode == NodeReportsAlways:
+		why = "always"
+	case need:
+	case !slices.Contains(snap.MasterReads, api.MasterReadsNodeStatuses):
+		need, why = true, "master"
+	default:
+		why = "status"
+	}
 	a.mu.Lock()
 	a.nodeReportsOn = need
 	a.mu.Unlock()
-	if !a.nodeReportsGate.record(need, a.d.Metrics.NodeReport) {
+	a.nodeReportsGate.record(need, a.d.Metrics.NodeReport)
+	if why == a.nodeReportsWhy {
 		return
 	}
-	switch {
-	case need && mode == NodeReportsAlways:
+	a.nodeReportsWhy = why
+	switch why {
+	case "always":
 		a.log.Info("the report goes to the NodeReport as well as the NodeStatus (--node-reports=always or --report-lists=always)")
-	case need:
+	case "peers":
 		a.log.Info("the report goes to the NodeReport as well as the NodeStatus: live peers' agents read NodeReports (they do not declare "+api.CapabilityNodeStatus+")",
 			"peers", len(needers), "first", firstNames(needers, 8))
+	case "master":
+		a.log.Info("the report goes to the NodeReport as well as the NodeStatus: the master does not say it reads NodeStatuses (an older master, or the public ring is not read; docs/keys.md §6)")
 	default:
-		a.log.Info("the report goes to the NodeStatus only: no live peer's agent reads NodeReports (docs/protocol-v2.md §9 step 5)")
+		a.log.Info("the report goes to the NodeStatus only: no live peer's agent reads NodeReports and the master reads NodeStatuses (docs/protocol-v2.md §9 step 5)")
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -18,6 +19,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/nodekeys"
 	"github.com/secureoverlay/secureoverlay/nodereport"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
@@ -78,6 +80,7 @@ func TestNodeReportsGate(t *testing.T) {
 func TestAgentsSupersedeNodeReports(t *testing.T) {
 	ring := testRing(t, api.ModeEnforce, "a", "b", "c", "d")
 	cs, dc := fakeAPI(t, ring, testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"), testNode("c", "198.18.0.3", "boot-c"))
+	publishRing(t, cs, ring, api.MasterReadsNodeStatuses)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	names := []string{"a", "b", "c"}
@@ -149,14 +152,14 @@ func TestAgentsSupersedeNodeReports(t *testing.T) {
 	if err := nodereport.Write(ctx, dc, api.Namespace, "d", "", "off", []byte(`{"mode":"off","incarnation":"boot-d","uid":"uid-d","epoch":"e-d","listsOmitted":true}`)); err != nil {
 		t.Fatal(err)
 	}
-	current := func() string {
+	current := func() string { // every agent writes a current NodeReport
 		for _, name := range names {
 			u, err := dc.Resource(nodereport.GVR).Namespace(api.Namespace).Get(ctx, name, metav1.GetOptions{})
 			if err != nil {
 				return err.Error()
 			}
 			if r, err := watch.ParseReport(nodereport.Raw(u)); err != nil || r.Superseded || value(nodes[name].a.d.Metrics.NodeReport) != 1 {
-				return name + "'s NodeReport stays superseded with a peer that reads NodeReports"
+				return name + "'s NodeReport stays superseded"
 			}
 		}
 		return ""
@@ -170,8 +173,44 @@ func TestAgentsSupersedeNodeReports(t *testing.T) {
 	if !waitUntil(30*time.Second, func() bool { why = state(true); return why == "" }) {
 		t.Fatalf("the older peer gone: %s", why)
 	}
+
+	// The master rolled back to a version that reads only NodeReports: its public ring
+	// says nothing of NodeStatuses (it rewrites the ConfigMap's data whole). Every agent
+	// writes its NodeReport again, current; when the newer master is back, they stop.
+	publishRing(t, cs, ring, "")
+	if !waitUntil(30*time.Second, func() bool { why = current(); return why == "" }) {
+		t.Fatalf("under a master that does not read NodeStatuses: %s", why)
+	}
+	publishRing(t, cs, ring, api.MasterReadsNodeStatuses)
+	if !waitUntil(30*time.Second, func() bool { why = state(true); return why == "" }) {
+		t.Fatalf("the newer master back: %s", why)
+	}
 	for _, n := range nodes {
 		noKeyReused(t, n.xk)
+	}
+}
+
+// publishRing writes the public ring ConfigMap as a master does: ring without its v1
+// roots and, beside it, what the master reads (api.RingMasterDataKey; "": a master that
+// says nothing, as one that reads only NodeReports).
+func publishRing(t *testing.T, cs *fake.Clientset, ring *keys.Ring, reads string) {
+	t.Helper()
+	b, err := keys.MarshalPublic(ring)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: api.Namespace, Name: api.RingConfigMapName},
+		Data: map[string]string{api.RingDataKey: string(b)}}
+	if reads != "" {
+		cm.Data[api.RingMasterDataKey] = reads
+	}
+	cms := cs.CoreV1().ConfigMaps(api.Namespace)
+	_, err = cms.Update(context.Background(), cm, metav1.UpdateOptions{})
+	if apierrors.IsNotFound(err) {
+		_, err = cms.Create(context.Background(), cm, metav1.CreateOptions{})
+	}
+	if err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -282,6 +321,7 @@ func TestAgentsWithoutNodeStatuses(t *testing.T) {
 func TestNoSupersedeBeforeTheStatus(t *testing.T) {
 	ring := testRing(t, api.ModeEnforce, "a", "b", "c")
 	cs, dc := fakeAPI(t, ring, testNode("a", "198.18.0.1", "boot-a"), testNode("b", "198.18.0.2", "boot-b"), testNode("c", "198.18.0.3", "boot-c"))
+	publishRing(t, cs, ring, api.MasterReadsNodeStatuses)
 	var failing atomic.Bool
 	failing.Store(true)
 	fail := func(action k8stesting.Action) (bool, runtime.Object, error) {

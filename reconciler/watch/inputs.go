@@ -27,6 +27,9 @@ type Snapshot struct {
 	// Ring is the parsed key ring; nil when RingErr is set.
 	Ring    *keys.Ring
 	RingErr error
+	// MasterReads is what the master says it reads, beside the public ring
+	// (api.RingMasterDataKey; nil: no public ring, or a master that says nothing).
+	MasterReads []string
 	// Calico is the API group the Calico kinds were read from, and why.
 	Calico CalicoAPI
 	// CalicoSwitching is the group being switched to ("" when none): until its caches

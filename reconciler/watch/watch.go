@@ -680,6 +680,7 @@ func (w *Watcher) Snapshot() Snapshot {
 	var s Snapshot
 	s.Nodes, s.NodesSeq = w.view.snapshot()
 	s.Ring, s.RingErr = w.currentRing()
+	s.MasterReads = w.masterReads()
 
 	w.mu.Lock()
 	var d calicoData
@@ -739,6 +740,16 @@ func (w *Watcher) currentRing() (*keys.Ring, error) {
 	}
 	w.openPub, w.openRV, w.open, w.openErr = pub, w.ringRV, r, err
 	return r, err
+}
+
+// masterReads is what the public ring ConfigMap says its master reads
+// (api.RingMasterDataKey), nil without one.
+func (w *Watcher) masterReads() []string {
+	obj, ok, err := w.ringCMs.GetStore().GetByKey(w.cfg.Namespace + "/" + w.cfg.RingConfigMap)
+	if err != nil || !ok {
+		return nil
+	}
+	return strings.Fields(obj.(*corev1.ConfigMap).Data[api.RingMasterDataKey])
 }
 
 // errNoTable: the public ring leaves its node table to the NodeIDs, they do not match the

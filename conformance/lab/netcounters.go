@@ -24,13 +24,15 @@ import (
 
 func NetCounters(ctx context.Context, vm *VM, spaces []string) (map[string]map[string]uint64, error) {
 	const script = "echo XFRM; cat /proc/net/xfrm_stat; echo TABLES; cat /proc/net/snmp /proc/net/netstat; echo DEV; cat /proc/net/dev; " +
-		"echo IPT; iptables-save -c 2>/dev/null; echo RAW; cat /proc/net/raw; echo ICMP; cat /proc/net/icmp"
+		"echo IPT; iptables-save -c 2>/dev/null; echo RAW; cat /proc/net/raw; echo ICMP; cat /proc/net/icmp; " +
+		"echo CONNTRACK; cat /proc/net/stat/nf_conntrack 2>/dev/null || true"
 	var b strings.Builder
 	b.WriteString("set -e\n")
 	for i, ns := range spaces {
 		fmt.Fprintf(&b, "echo '%s %d'\n", nsMarker, i)
 		if ns == "" { // the guest's own namespace, and its per-CPU backlog drops
-			fmt.Fprintf(&b, "%s; echo SOFTNET; cat /proc/net/softnet_stat\n", script)
+			// and the neighbour tables' (global: their file is only in this one)
+			fmt.Fprintf(&b, "%s; echo SOFTNET; cat /proc/net/softnet_stat; echo NEIGH; cat /proc/net/stat/arp_cache\n", script)
 		} else {
 			fmt.Fprintf(&b, "ip netns exec %s sh -c '%s'\n", ShellQuote(ns), script)
 		}
@@ -69,7 +71,7 @@ func parseNetCounters(out string) map[string]uint64 {
 	var header []string
 	for _, line := range strings.Split(out, "\n") {
 		f := strings.Fields(line)
-		if len(f) == 1 && slices.Contains([]string{"XFRM", "TABLES", "DEV", "IPT", "RAW", "ICMP", "SOFTNET"}, f[0]) {
+		if len(f) == 1 && slices.Contains([]string{"XFRM", "TABLES", "DEV", "IPT", "RAW", "ICMP", "SOFTNET", "CONNTRACK", "NEIGH"}, f[0]) {
 			section, header = f[0], nil
 			continue
 		}
@@ -126,6 +128,20 @@ func parseNetCounters(out string) map[string]uint64 {
 					m["Softnet.time_squeeze"] += sq
 				}
 			}
+		case "CONNTRACK", "NEIGH": // a header line, then one line per CPU, hex: summed per column
+			if header == nil {
+				header = f
+				continue
+			}
+			prefix := map[string]string{"CONNTRACK": "Conntrack.", "NEIGH": "Neigh."}[section]
+			for i := 0; i < len(f) && i < len(header); i++ {
+				if header[i] == "entries" {
+					continue // a gauge (and the same on every line), not a count
+				}
+				if v, err := strconv.ParseUint(f[i], 16, 64); err == nil {
+					m[prefix+header[i]] += v
+				}
+			}
 		case "RAW", "ICMP": // socket tables: the last column is drops
 			if f[0] == "sl" {
 				continue
@@ -152,7 +168,7 @@ func CounterDelta(before, after map[string]uint64) map[string]uint64 {
 		if !strings.HasPrefix(k, "Xfrm.") && !strings.HasPrefix(k, "Softnet.") && !strings.HasPrefix(k, "Ipt.") &&
 			!strings.Contains(lk, "drop") && !strings.Contains(lk, "discard") &&
 			!strings.Contains(lk, "err") && !strings.Contains(lk, "noroute") && !strings.Contains(lk, "overflow") &&
-			!strings.Contains(lk, "prune") && !strings.Contains(lk, "fail") {
+			!strings.Contains(lk, "prune") && !strings.Contains(lk, "fail") && !strings.Contains(lk, "invalid") && !strings.Contains(lk, "full") {
 			continue
 		}
 		if v > before[k] {

@@ -38,22 +38,37 @@ ICMP
 SOFTNET
 0000a000 0000000a 00000003 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000
 0000b000 00000001 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000001
+CONNTRACK
+entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart
+00000005  00000000 00000000 00000000 00000002 00000000 00000000 00000000 00000000 00000001 00000000 00000000 00000000  00000000 00000000 00000000 00000000
+00000005  00000001 00000000 00000000 0000000a 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000  00000000 00000000 00000000 00000000
+NEIGH
+entries  allocs   destroys hash_grows lookups  hits     res_failed rcv_probes_mcast rcv_probes_ucast periodic_gc_runs forced_gc_runs unresolved_discards table_fulls
+00000003 00000004 00000001 00000000 00000020 00000010 00000000 00000000 00000000 00000005 00000000 00000000 00000000
+00000003 00000001 00000000 00000000 00000008 00000004 00000001 00000000 00000000 00000000 00000000 00000003 00000000
 `
 	before := parseNetCounters(out)
 	drop := `Ipt.raw SECUREOVERLAY-RAW-OUT -p ipencap -m comment --comment "plaintext to enforcing peer" -j DROP`
 	reject := "Ipt.filter INPUT -p icmp -j REJECT --reject-with icmp-port-unreachable"
 	if before["Xfrm.XfrmInNoStates"] != 3 || before["Ip.InDiscards"] != 2 || before["Icmp.InErrors"] != 1 ||
 		before["Sock.raw.drops"] != 5 || before["Ip.InReceives"] != 1000 || before["Softnet.dropped"] != 11 || before["Softnet.time_squeeze"] != 3 ||
+		before["Conntrack.invalid"] != 12 || before["Conntrack.insert_failed"] != 1 || before["Conntrack.clashres"] != 1 ||
+		before["Neigh.unresolved_discards"] != 3 || before["Neigh.res_failed"] != 1 || before["Neigh.lookups"] != 0x28 ||
 		before["Dev.eth0.rx_errs"] != 1 || before["Dev.eth0.rx_drop"] != 2 || before["Dev.eth0.tx_drop"] != 7 || before[drop] != 3 || before[reject] != 1 {
 		t.Fatalf("parseNetCounters = %v", before)
+	}
+	if _, ok := before["Conntrack.entries"]; ok {
+		t.Error("conntrack's entries (a gauge) counted")
 	}
 	if _, ok := before["Ipt.raw SECUREOVERLAY-RAW-OUT -p ipencap -j ACCEPT"]; ok {
 		t.Error("an ACCEPT rule counted as a drop")
 	}
 	grown := strings.NewReplacer("Ip: 1 64 1000 2", "Ip: 1 64 5000 4", "InNoStates          \t3", "InNoStates          \t7",
-		"[3:252] -A SECUREOVERLAY-RAW-OUT", "[8:672] -A SECUREOVERLAY-RAW-OUT", "654321     800    0    7", "654321     900    0    9").Replace(out)
+		"[3:252] -A SECUREOVERLAY-RAW-OUT", "[8:672] -A SECUREOVERLAY-RAW-OUT", "654321     800    0    7", "654321     900    0    9",
+		"00000001 00000000 00000000 00000008 00000004 00000001 00000000 00000000 00000000 00000000 00000003", // lookups +2, unresolved_discards +1
+		"00000001 00000000 00000000 0000000a 00000004 00000001 00000000 00000000 00000000 00000000 00000004").Replace(out)
 	d := CounterDelta(before, parseNetCounters(grown))
-	if len(d) != 4 || d["Ip.InDiscards"] != 2 || d["Xfrm.XfrmInNoStates"] != 4 || d[drop] != 5 || d["Dev.eth0.tx_drop"] != 2 {
+	if len(d) != 5 || d["Ip.InDiscards"] != 2 || d["Xfrm.XfrmInNoStates"] != 4 || d[drop] != 5 || d["Dev.eth0.tx_drop"] != 2 || d["Neigh.unresolved_discards"] != 1 {
 		t.Errorf("CounterDelta = %v (InReceives and tx packets are traffic, not drops)", d)
 	}
 }

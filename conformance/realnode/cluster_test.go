@@ -301,10 +301,20 @@ func TestRealClusterEncrypts(t *testing.T) {
 	})
 	rc.step(ctx, pods, "enforce again", 5*time.Second, func() {})
 
-	// A rolling update of the agents and masters to another tag of the image.
-	rc.step(ctx, pods, "rolling update to tag "+rc.env["TAG"], 3*time.Second, func() {
-		rc.apply(ctx, rc.writeOverlay(rc.env["TAG"]))
-	})
+	// A rolling update of the agents and masters to another tag of the image. Their logs
+	// are followed through it: the pods it replaces take theirs along, and a loss at the
+	// step's start (run 95: one request, before anything restarted) must be placeable.
+	func() {
+		logs := rc.followLogs(ctx, "agent", "master")
+		defer func() { // also when the step fails (FailNow)
+			for _, l := range logs() {
+				rc.t.Logf("rolling update: %s", l)
+			}
+		}()
+		rc.step(ctx, pods, "rolling update to tag "+rc.env["TAG"], 3*time.Second, func() {
+			rc.apply(ctx, rc.writeOverlay(rc.env["TAG"]))
+		})
+	}()
 
 	// A node reboot: every process of node 2 killed, its kernel state (xfrm, iptables, pod
 	// interfaces), its cgroups and its /run gone; then its containerd and kubelet start
@@ -365,7 +375,7 @@ func TestRealClusterEncrypts(t *testing.T) {
 	// Uninstall: kubectl delete of what was applied. Every node is left clean, and the
 	// pods keep talking (in plaintext once off, as before the install).
 	streams := rc.startStreams(ctx, pods)
-	agentLogs := rc.followAgentLogs(ctx)
+	agentLogs := rc.followLogs(ctx, "agent")
 	t0 = time.Now()
 	if out, err := rc.kubectlRun(ctx, "delete", "-k", rc.writeOverlay(rc.env["TAG"]), "--wait=true", "--timeout=10m"); err != nil {
 		rc.t.Fatalf("kubectl delete -k: %v\n%s", err, out)
@@ -393,40 +403,48 @@ func TestRealClusterEncrypts(t *testing.T) {
 	rc.say("whole story %s", time.Since(start).Round(time.Second))
 }
 
-// followAgentLogs follows every agent container's log in the guest (the kubelet's
-// /var/log/pods files, followed with tail -f from now on, by descriptor: the kubelet deletes them with the
-// pod); the returned function stops following and returns each node's lines about the
-// agent's end (the deletion seen, the walk-down's steps, SIGTERM, errors), or every line
-// when the test has failed.
-func (rc *realCluster) followAgentLogs(ctx context.Context) func() []string {
+// followLogs follows the logs of every node's containers of our pods named in containers
+// ("agent", "master") in the guest (the kubelet's /var/log/pods files, followed with
+// tail -f from now on, by descriptor: the kubelet deletes them with the pod, and a
+// rolling update replaces the pods); the returned function stops following and returns
+// each node's lines about the agent's end (the deletion seen, the walk-down's steps,
+// SIGTERM, errors), or every line when the test has failed.
+func (rc *realCluster) followLogs(ctx context.Context, containers ...string) func() []string {
 	rc.t.Helper()
-	const dir = "/tmp/agent-logs"
-	var pids []int
-	for i := 1; i <= 2; i++ {
+	const dir = "/tmp/pod-logs"
+	type followed struct {
+		pid  int
+		name string
+	}
+	var fs []followed
+	for i := 1; i <= clusterNodes; i++ {
 		n := lab.NodeNS(i)
-		// The newest log of the agent container of the node's agent pod.
-		cmd := fmt.Sprintf(`f=$(ls -t %s/%s/pods/%s_secureoverlay-agent-*/agent/*.log | head -1); exec tail -n 0 -f "$f"`, nodeStateDir, n, soNamespace)
-		rc.run("prepare "+dir, "mkdir -p "+dir+"; rm -f "+dir+"/"+n+".log")
-		pid, err := rc.vm.Background(ctx, cmd, dir+"/"+n+".log")
-		if err != nil {
-			rc.t.Fatal(err)
+		for _, c := range containers {
+			// The newest log of container c of the node's pod of ours that runs it.
+			name := n + "-" + c
+			cmd := fmt.Sprintf(`f=$(ls -t %s/%s/pods/%s_secureoverlay-%s-*/%s/*.log 2>/dev/null | head -1); [ -n "$f" ] || exit 0; exec tail -n 0 -f "$f"`,
+				nodeStateDir, n, soNamespace, c, c)
+			rc.run("prepare "+dir, "mkdir -p "+dir+"; rm -f "+dir+"/"+name+".log")
+			pid, err := rc.vm.Background(ctx, cmd, dir+"/"+name+".log")
+			if err != nil {
+				rc.t.Fatal(err)
+			}
+			fs = append(fs, followed{pid, name})
 		}
-		pids = append(pids, pid)
 	}
 	return func() []string {
 		var lines []string
-		for i, pid := range pids {
-			_ = rc.vm.Signal(ctx, pid, "TERM")
-			n := lab.NodeNS(i + 1)
-			b, err := rc.vm.ReadFile(ctx, dir+"/"+n+".log")
+		for _, f := range fs {
+			_ = rc.vm.Signal(ctx, f.pid, "TERM")
+			b, err := rc.vm.ReadFile(ctx, dir+"/"+f.name+".log")
 			if err != nil {
-				lines = append(lines, n+": "+err.Error())
+				lines = append(lines, f.name+": "+err.Error())
 				continue
 			}
 			for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
-				if rc.t.Failed() || strings.Contains(l, "DaemonSet") || strings.Contains(l, "uninstall") || strings.Contains(l, "walk-down") || strings.Contains(l, "SIGTERM") ||
-					strings.Contains(l, "level=ERROR") || strings.Contains(l, "data plane left") || strings.Contains(l, "tail:") {
-					lines = append(lines, n+": "+l)
+				if l != "" && (rc.t.Failed() || strings.Contains(l, "DaemonSet") || strings.Contains(l, "uninstall") || strings.Contains(l, "walk-down") || strings.Contains(l, "SIGTERM") ||
+					strings.Contains(l, "level=ERROR") || strings.Contains(l, "data plane left") || strings.Contains(l, "tail:")) {
+					lines = append(lines, f.name+": "+l)
 				}
 			}
 		}

@@ -15,7 +15,7 @@ import (
 // them before and after; when it fails, the difference says on which node and in which
 // layer packets went (counterDelta).
 func (rc *realCluster) netCounters(ctx context.Context, pods []workload) (map[string]map[string]uint64, error) {
-	spaces := []string{""}
+	spaces := []string{"", lab.UnderlayNS} // the underlay: its bridge ports' drops
 	for i := 1; i <= clusterNodes; i++ {
 		spaces = append(spaces, lab.NodeNS(i))
 	}

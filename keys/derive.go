@@ -180,18 +180,23 @@ func KindInfo(kind Kind, c Cipher, icv int, gen uint32, src, dst Endpoint) ([]by
 	return b, nil
 }
 
-// SPI layout (32 bits, big endian on the wire):
+// SPI layout (32 bits, big endian on the wire; docs/keys.md §2):
 //
 //	bits 31..30  generation mod 4
 //	bits 29..8   sender's node ID (1..MaxNodeID)
-//	bits  7..0   SA kind: 0 transport (IPIP), 1 tunnel (CrossSubnet); other values reserved
+//	bits  7..1   lane: 0 the direction's one SA, 1..MaxSPILane per-CPU outbound SAs
+//	bit   0      SA kind: 0 transport (IPIP), 1 tunnel (CrossSubnet)
 //
-// A receiver sees one SA per (sender, live generation, kind); at most 3 consecutive
-// generations are live, so (generation mod 4, sender ID, kind) is unique there, and node
-// ID >= 1 makes every SPI >= 256.
+// A receiver sees one SA per (sender, live generation, kind, lane); at most 3 consecutive
+// generations are live, so (generation mod 4, sender ID, kind, lane) is unique there, and
+// node ID >= 1 makes every SPI >= 256. Lane 0's SPIs are those of the layout before lanes
+// (whose bits 7..1 were reserved and zero).
 const (
 	spiGenShift  = 30
 	spiNodeShift = 8
+	spiLaneShift = 1
+	// MaxSPILane is the highest lane an SPI carries (bits 7..1).
+	MaxSPILane = 0x7f
 )
 
 // SPI returns the SPI of generation gen's transport SAs sent by the node with ID srcNodeID.
@@ -199,28 +204,47 @@ func SPI(gen, srcNodeID uint32) (uint32, error) {
 	return KindSPI(KindTransport, gen, srcNodeID)
 }
 
-// KindSPI returns the SPI of generation gen's SAs of the given kind sent by srcNodeID.
+// KindSPI returns the SPI of generation gen's SAs of the given kind sent by srcNodeID
+// (lane 0: the direction's one SA).
 func KindSPI(kind Kind, gen, srcNodeID uint32) (uint32, error) {
+	return LaneSPI(kind, 0, gen, srcNodeID)
+}
+
+// LaneSPI returns the SPI of generation gen's SA of the given kind and lane sent by
+// srcNodeID.
+func LaneSPI(kind Kind, lane uint16, gen, srcNodeID uint32) (uint32, error) {
 	if !kind.valid() {
 		return 0, fmt.Errorf("spi for generation %d: unknown sa kind %d", gen, uint8(kind))
 	}
 	if srcNodeID == 0 || srcNodeID > MaxNodeID {
 		return 0, fmt.Errorf("spi for generation %d: node id %d outside 1..%d", gen, srcNodeID, MaxNodeID)
 	}
-	return (gen%4)<<spiGenShift | srcNodeID<<spiNodeShift | uint32(kind), nil
+	if lane > MaxSPILane {
+		return 0, fmt.Errorf("spi for generation %d: lane %d outside 0..%d", gen, lane, MaxSPILane)
+	}
+	return (gen%4)<<spiGenShift | srcNodeID<<spiNodeShift | uint32(lane)<<spiLaneShift | uint32(kind), nil
 }
 
-// ParseSPI splits a transport SPI into generation mod 4 and sender node ID; ok is false if
-// the SPI does not follow the layout (another kind, reserved bits set or node ID 0).
+// ParseSPI splits a transport SPI of lane 0 into generation mod 4 and sender node ID; ok
+// is false if the SPI does not follow the layout (another kind or lane, or node ID 0).
 func ParseSPI(spi uint32) (genMod4, srcNodeID uint32, ok bool) {
 	kind, genMod4, srcNodeID, ok := ParseKindSPI(spi)
 	return genMod4, srcNodeID, ok && kind == KindTransport
 }
 
-// ParseKindSPI splits an SPI into its kind, generation mod 4 and sender node ID.
+// ParseKindSPI splits an SPI of lane 0 into its kind, generation mod 4 and sender node ID
+// (ok false for another lane: ParseLaneSPI).
 func ParseKindSPI(spi uint32) (kind Kind, genMod4, srcNodeID uint32, ok bool) {
-	kind = Kind(spi & 0xff)
+	kind, lane, genMod4, srcNodeID, ok := ParseLaneSPI(spi)
+	return kind, genMod4, srcNodeID, ok && lane == 0
+}
+
+// ParseLaneSPI splits an SPI into its kind, lane, generation mod 4 and sender node ID; ok
+// is false for node ID 0.
+func ParseLaneSPI(spi uint32) (kind Kind, lane uint16, genMod4, srcNodeID uint32, ok bool) {
+	kind = Kind(spi & 1)
+	lane = uint16(spi>>spiLaneShift) & MaxSPILane
 	genMod4 = spi >> spiGenShift
 	srcNodeID = (spi >> spiNodeShift) & MaxNodeID
-	return kind, genMod4, srcNodeID, kind.valid() && srcNodeID != 0
+	return kind, lane, genMod4, srcNodeID, srcNodeID != 0
 }

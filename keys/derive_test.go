@@ -171,7 +171,60 @@ func TestSPILayout(t *testing.T) {
 		}
 	}
 	if _, _, ok := ParseSPI(0x40000101); ok {
-		t.Error("ParseSPI accepted reserved bits")
+		t.Error("ParseSPI accepted a tunnel SPI")
+	}
+	if _, _, ok := ParseSPI(0x40000102); ok {
+		t.Error("ParseSPI accepted a lane SPI")
+	}
+}
+
+// TestLaneSPILayout: lanes take bits 7..1 (docs/keys.md §2); lane 0 is KindSPI exactly, and
+// every (kind, lane) of one sender and generation has its own SPI.
+func TestLaneSPILayout(t *testing.T) {
+	for _, c := range []struct {
+		kind      Kind
+		lane      uint16
+		gen, id   uint32
+		want      uint32
+		laneZeroS bool
+	}{
+		{KindTransport, 0, 1, 1, 0x40000100, true},
+		{KindTunnel, 0, 1, 1, 0x40000101, true},
+		{KindTransport, 3, 1, 1, 0x40000106, false},
+		{KindTunnel, 3, 1, 1, 0x40000107, false},
+		{KindTunnel, MaxSPILane, 6, MaxNodeID, 0xbfffffff, false},
+	} {
+		spi, err := LaneSPI(c.kind, c.lane, c.gen, c.id)
+		if err != nil || spi != c.want {
+			t.Errorf("LaneSPI(%s,%d,%d,%d) = %#x, %v; want %#x", c.kind, c.lane, c.gen, c.id, spi, err, c.want)
+		}
+		kind, lane, g, id, ok := ParseLaneSPI(spi)
+		if !ok || kind != c.kind || lane != c.lane || g != c.gen%4 || id != c.id {
+			t.Errorf("ParseLaneSPI(%#x) = %s,%d,%d,%d,%v", spi, kind, lane, g, id, ok)
+		}
+		if _, _, _, ok := ParseKindSPI(spi); ok != c.laneZeroS {
+			t.Errorf("ParseKindSPI(%#x) ok = %v, want %v (lane 0 only)", spi, ok, c.laneZeroS)
+		}
+	}
+	seen := map[uint32]string{}
+	for _, kind := range []Kind{KindTransport, KindTunnel} {
+		for lane := uint16(0); lane <= MaxSPILane; lane++ {
+			spi, err := LaneSPI(kind, lane, 2, 7)
+			if err != nil {
+				t.Fatal(err)
+			}
+			name := fmt.Sprintf("%s lane %d", kind, lane)
+			if prev, dup := seen[spi]; dup {
+				t.Fatalf("%s has the SPI %#x of %s", name, spi, prev)
+			}
+			seen[spi] = name
+		}
+	}
+	if _, err := LaneSPI(KindTransport, MaxSPILane+1, 1, 1); err == nil {
+		t.Errorf("lane %d accepted", MaxSPILane+1)
+	}
+	if _, _, _, _, ok := ParseLaneSPI(0x40000006); ok {
+		t.Error("ParseLaneSPI accepted node ID 0")
 	}
 }
 

@@ -30,8 +30,9 @@ const (
 	PublicKeyBytes  = 32
 	// GenerationSaltBytes is the size of a v2 generation's public salt.
 	GenerationSaltBytes = 32
-	// MaxLane bounds the lane field: lane 0 is a pair direction's single SA, lanes 1..MaxLane
-	// are reserved for per-CPU outbound SAs (one key each; issue 18).
+	// MaxLane bounds the info's lane field (2 bytes): lane 0 is a pair direction's single
+	// SA, lanes 1.. per-CPU outbound SAs (one key each; issue 18). The SPI carries lanes up
+	// to MaxSPILane only, so Derive refuses more.
 	MaxLane = 0xffff
 )
 
@@ -169,7 +170,7 @@ func (d *PairDeriver) Derive(kind Kind, lane uint16, src, dst EndpointV2) (SA, e
 	if !(src.Public == d.self && dst.Public == d.peer) && !(src.Public == d.peer && dst.Public == d.self) {
 		return SA{}, fmt.Errorf("derive sa generation %d %s->%s: endpoints are not this pair", d.gen, src.IP, dst.IP)
 	}
-	spi, err := KindSPI(kind, d.gen, src.NodeID)
+	spi, err := LaneSPI(kind, lane, d.gen, src.NodeID)
 	if err != nil {
 		return SA{}, err
 	}

@@ -207,6 +207,9 @@ func TestV2RejectsBadInput(t *testing.T) {
 	if _, err := d.Derive(Kind(7), 0, ea, eb); err == nil {
 		t.Error("derived an SA of an unknown kind")
 	}
+	if _, err := d.Derive(KindTransport, MaxSPILane+1, ea, eb); err == nil {
+		t.Errorf("derived an SA of lane %d, which no SPI carries", MaxSPILane+1)
+	}
 	a.Erase()
 	if _, err := NewPairDeriver(g, a, b.Public()); err == nil {
 		t.Error("an erased private key still derives")
@@ -269,8 +272,11 @@ func TestV2Properties(t *testing.T) {
 						if err != nil {
 							t.Fatal(err)
 						}
-						if !out.Key.Equal(in.Key) {
+						if !out.Key.Equal(in.Key) || out.SPI != in.SPI {
 							t.Fatalf("gen %d %d->%d %s lane %d: sender and receiver disagree", gen, s, r, kind, lane)
+						}
+						if k, l, _, id, ok := ParseLaneSPI(out.SPI); !ok || k != kind || l != lane || id != ep[s].NodeID {
+							t.Fatalf("gen %d %d->%d %s lane %d: SPI %#x", gen, s, r, kind, lane, out.SPI)
 						}
 						name := fmt.Sprintf("gen %d %d->%d %s lane %d", gen, s, r, kind, lane)
 						if prev, dup := seen[string(out.Key)]; dup {

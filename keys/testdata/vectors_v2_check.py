@@ -55,7 +55,7 @@ def main(path):
         salt = bytes.fromhex(v["saltHex"])
         prk = hmac.new(salt, shared, hashlib.sha256).digest()  # RFC 5869 extract
         okm = HKDFExpand(hashes.SHA256(), KEY_BYTES[v["cipher"]] + 4, info).derive(prk)
-        spi = (v["generation"] % 4) << 30 | v["srcNodeID"] << 8 | (1 if tunnel else 0)
+        spi = (v["generation"] % 4) << 30 | v["srcNodeID"] << 8 | v["lane"] << 1 | (1 if tunnel else 0)
         for name, want, got in [("srcPublicHex", v["srcPublicHex"], spub.hex()),
                                 ("dstPublicHex", v["dstPublicHex"], dpub.hex()),
                                 ("infoHex", v["infoHex"], info.hex()),

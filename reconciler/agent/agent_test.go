@@ -692,6 +692,20 @@ func TestMaxSeq(t *testing.T) {
 	if got := MaxInSeq(obs, self, 1<<32, []uint32{5, 6}); got.Fraction != 0.75 || got.Generation != 6 {
 		t.Errorf("MaxInSeq = %+v, want 0.75 of generation 6", got)
 	}
+	// A tunnel SA (CrossSubnet's same-subnet pairs) and a per-CPU lane's SA name their
+	// generation as well as a transport SA does.
+	for _, kind := range []keys.Kind{keys.KindTunnel, keys.KindTransport} {
+		for _, lane := range []uint16{0, 3} {
+			s, err := keys.LaneSPI(kind, lane, 5, 4)
+			if err != nil {
+				t.Fatal(err)
+			}
+			heavy := append(slices.Clone(obs), xfrm.KernelSA{SA: desired.SA{Src: self, Dst: netip.MustParseAddr("198.18.0.4"), SPI: s}, OutSeq: 3 << 30})
+			if got := MaxSeq(heavy, self, 1<<32, []uint32{5, 6}); got.Fraction != 0.75 || got.Generation != 5 {
+				t.Errorf("%s lane %d: MaxSeq = %+v, want 0.75 of generation 5", kind, lane, got)
+			}
+		}
+	}
 	for in, want := range map[float64]float64{0: 0, 0.001: 0.01, 0.5: 0.5, 0.501: 0.51, 1.2: 1.2} {
 		if g := reportedFraction(in); g != want {
 			t.Errorf("reportedFraction(%v) = %v, want %v", in, g, want)

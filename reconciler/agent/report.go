@@ -62,7 +62,9 @@ func maxSeq(observed []xfrm.KernelSA, limit uint64, live []uint32, seq func(xfrm
 		}
 		bestSeq = n
 		best.Generation = 0
-		if gm4, _, ok := keys.ParseSPI(s.SA.SPI); ok {
+		// Any kind and lane: a tunnel SA (CrossSubnet) carries its generation as a
+		// transport SA does (keys.ParseSPI is transport's lane 0 only).
+		if _, _, gm4, _, ok := keys.ParseLaneSPI(s.SA.SPI); ok {
 			for _, g := range live {
 				if g%4 == gm4 {
 					best.Generation = g

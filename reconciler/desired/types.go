@@ -270,6 +270,10 @@ type SA struct {
 	// unset, the policies select). Zero prefixes mean "any".
 	SelSrc, SelDst netip.Prefix
 	SelProto       uint8
+	// Lane is 0 for a direction's one SA, n ≥ 1 for a per-CPU outbound SA of CPU n−1
+	// (XFRMA_SA_PCPU with XFRMA_SA_DIR out, Linux ≥ 6.13; issue 18, docs/dataplane.md §10).
+	// Its SPI carries the lane too (keys.LaneSPI). Compute makes lane 0 only, so far.
+	Lane uint16
 
 	// Bookkeeping, not in the kernel.
 	Dir        Dir // In: src is the peer; Out: dst is the peer
@@ -282,18 +286,22 @@ func (s SA) ID() string { return fmt.Sprintf("esp dst=%s spi=0x%08x", s.Dst, s.S
 
 // String names the SA without its key.
 func (s SA) String() string {
-	return fmt.Sprintf("%s sa src=%s dst=%s spi=0x%08x reqid=0x%x gen=%d peer=%s", s.Kind, s.Src, s.Dst, s.SPI, s.ReqID, s.Generation, s.Peer)
+	lane := ""
+	if s.Lane > 0 {
+		lane = fmt.Sprintf(" lane=%d", s.Lane)
+	}
+	return fmt.Sprintf("%s sa src=%s dst=%s spi=0x%08x reqid=0x%x gen=%d peer=%s%s", s.Kind, s.Src, s.Dst, s.SPI, s.ReqID, s.Generation, s.Peer, lane)
 }
 
 // SameKernelObject reports whether o (as listed from the kernel) is exactly s: same
-// identity, addresses, mode, reqid, key, ICV, replay window, ESN, limits and selector.
+// identity, addresses, mode, reqid, key, ICV, replay window, ESN, limits, selector and lane.
 // Bookkeeping fields are ignored.
 func (s SA) SameKernelObject(o SA) bool {
 	return s.Src == o.Src && s.Dst == o.Dst && s.SPI == o.SPI && s.Kind == o.Kind &&
 		s.ReqID == o.ReqID && s.Key.Equal(o.Key) && s.ICVBytes == o.ICVBytes &&
 		s.ReplayWindow == o.ReplayWindow && s.ESN == o.ESN &&
 		s.SoftPackets == o.SoftPackets && s.HardPackets == o.HardPackets &&
-		s.SelSrc == o.SelSrc && s.SelDst == o.SelDst && s.SelProto == o.SelProto
+		s.SelSrc == o.SelSrc && s.SelDst == o.SelDst && s.SelProto == o.SelProto && s.Lane == o.Lane
 }
 
 // Template is an xfrm policy template (one ESP transformation).

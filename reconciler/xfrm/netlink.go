@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"sync/atomic"
@@ -215,6 +216,14 @@ func parseState(m []byte) (KernelSA, error) {
 				rs := nl.DeserializeXfrmReplayState(a.Value)
 				k.OutSeq, k.InSeq = uint64(rs.OSeq), uint64(rs.Seq)
 			}
+		case nl.XFRMA_SA_PCPU: // only on a per-CPU state (Linux ≥ 6.13)
+			if len(a.Value) >= 4 {
+				if cpu := binary.NativeEndian.Uint32(a.Value[:4]); cpu < math.MaxUint16 {
+					sa.Lane = uint16(cpu + 1)
+				} else {
+					k.Foreign = true // not a lane of ours
+				}
+			}
 		case nl.XFRMA_ALG_AUTH, nl.XFRMA_ALG_AUTH_TRUNC, nl.XFRMA_ALG_CRYPT, nl.XFRMA_ALG_COMP,
 			nl.XFRMA_ENCAP, nl.XFRMA_MARK, nl.XFRMA_IF_ID, nl.XFRMA_SET_MARK:
 			k.Foreign = true
@@ -249,6 +258,12 @@ func (n Netlink) AddState(sa desired.SA) error {
 	}
 	if sa.SelSrc.IsValid() && sa.SelDst.IsValid() {
 		s.Selector = &netlink.XfrmPolicy{Src: ipnet(sa.SelSrc), Dst: ipnet(sa.SelDst), Proto: netlink.Proto(sa.SelProto)}
+	}
+	if sa.Lane > 0 {
+		// A per-CPU outbound state (Linux ≥ 6.13): the kernel wants its direction with it.
+		// Lookups and deletes go by ID only (DeleteState): 7.3 refuses XFRMA_SA_PCPU there.
+		cpu := uint32(sa.Lane - 1)
+		s.SADir, s.Pcpunum = netlink.XFRM_SA_DIR_OUT, &cpu
 	}
 	h, err := n.handle()
 	if err == nil {

@@ -70,6 +70,18 @@ func TestParseStateRoundTrip(t *testing.T) {
 	if _, err := parseState(make([]byte, 10)); err == nil {
 		t.Fatal("short message accepted")
 	}
+	// A per-CPU outbound state (Linux ≥ 6.13: XFRMA_SA_DIR out, XFRMA_SA_PCPU 3) is lane 4
+	// of ours; a CPU number no lane holds is someone else's.
+	lane := st.SAs[0]
+	lane.Lane = 4
+	dir, cpu := nl.NewRtAttr(nl.XFRMA_SA_DIR, []byte{uint8(netlink.XFRM_SA_DIR_OUT)}), nl.NewRtAttr(nl.XFRMA_SA_PCPU, nl.Uint32Attr(3))
+	k, err = parseState(rawState(lane, 0, dir, cpu))
+	if err != nil || k.Foreign || k.SA.Lane != 4 || !k.SA.SameKernelObject(lane) || k.SA.SameKernelObject(st.SAs[0]) {
+		t.Fatalf("per-CPU state parsed as lane %d foreign=%v (%v)", k.SA.Lane, k.Foreign, err)
+	}
+	if k, err = parseState(rawState(lane, 0, nl.NewRtAttr(nl.XFRMA_SA_PCPU, nl.Uint32Attr(1<<20)))); err != nil || !k.Foreign {
+		t.Fatalf("CPU 1<<20 not foreign (%v)", err)
+	}
 }
 
 func TestNetlinkPolicyConversionRoundTrip(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"runtime"
 	"strings"
@@ -16,6 +17,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
 // perCPUSupported probes, in the current network namespace, whether the kernel keeps a
@@ -62,7 +65,7 @@ func kernelAtLeast(t *testing.T, major, minor int) bool {
 
 // TestPerCPUStatesRealKernel (issue 18): on a kernel with per-CPU SAs, outbound states
 // with a CPU number each and a fallback state without one, all under the same policy
-// template. Traffic sent from a thread pinned to CPU c must leave through CPU c's state
+// template, programmed, listed and deleted through Netlink (desired.SA.Lane). Traffic sent from a thread pinned to CPU c must leave through CPU c's state
 // (its own SPI and key), the receiver accepting all of them; on an older kernel the probe
 // must say "unsupported". Runs inside the lab guest (2 vCPUs), where the kernel has ESP.
 func TestPerCPUStatesRealKernel(t *testing.T) {
@@ -144,13 +147,18 @@ func TestPerCPUStatesRealKernel(t *testing.T) {
 			Aead: &netlink.XfrmStateAlgo{Name: "rfc4106(gcm(aes))", Key: k, ICVLen: 128}}
 	}
 	spis := []int{0x1000, 0x1001, 0x10ff} // CPU 0, CPU 1, fallback
-	for i, spi := range spis {
-		var cpu *uint32
+	// The outbound states go through the agent's own kernel shell (Netlink.AddState with
+	// desired.SA.Lane: lane n is CPU n−1, 0 the fallback).
+	outSA := func(i int) desired.SA {
+		sa := desired.SA{Src: netip.MustParseAddr(src.String()), Dst: netip.MustParseAddr(dst.String()), SPI: uint32(spis[i]),
+			Kind: desired.Transport, ReqID: reqid, Key: desired.NewKey(key(byte(i))), ICVBytes: 16, SoftPackets: 1 << 40, HardPackets: 1 << 41}
 		if i < 2 {
-			c := uint32(i)
-			cpu = &c
+			sa.Lane = uint16(i + 1)
 		}
-		if err := ha.XfrmStateAdd(state(spi, key(byte(i)), netlink.XFRM_SA_DIR_OUT, cpu)); err != nil {
+		return sa
+	}
+	for i, spi := range spis {
+		if err := a.Do(func(ns.NetNS) error { return Netlink{}.AddState(outSA(i)) }); err != nil {
 			t.Fatalf("out state 0x%x: %v", spi, err)
 		}
 		in := state(spi, key(byte(i)), netlink.XFRM_SA_DIR_IN, nil)
@@ -213,5 +221,32 @@ func TestPerCPUStatesRealKernel(t *testing.T) {
 	}
 	if total := outs[0] + outs[1] + outs[2]; total != uint64(sent[0]+sent[1]) {
 		t.Errorf("out states counted %d packets, sent %d", total, sent[0]+sent[1])
+	}
+
+	// The dump gives each state its lane back, exactly as programmed; deletes (by ID)
+	// remove them.
+	var listed []KernelSA
+	if err := a.Do(func(ns.NetNS) (err error) { listed, err = Netlink{}.ListStates(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	for i := range spis {
+		want, found := outSA(i), false
+		for _, k := range listed {
+			if k.SA.SPI == want.SPI {
+				found = true
+				if k.Foreign || !k.SA.SameKernelObject(want) {
+					t.Errorf("listed %s (lane %d, foreign %v), programmed %s", k.SA, k.SA.Lane, k.Foreign, want)
+				}
+			}
+		}
+		if !found {
+			t.Errorf("state 0x%x not listed", want.SPI)
+		}
+		if err := a.Do(func(ns.NetNS) error { return Netlink{}.DeleteState(want) }); err != nil {
+			t.Errorf("delete %s: %v", want, err)
+		}
+	}
+	if err := a.Do(func(ns.NetNS) (err error) { listed, err = Netlink{}.ListStates(); return err }); err != nil || len(listed) != 0 {
+		t.Errorf("after the deletes: %d states (%v)", len(listed), err)
 	}
 }

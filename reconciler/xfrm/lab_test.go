@@ -15,7 +15,8 @@ import (
 // itself is shared into the guest read-only over 9p.
 func TestLabDataPath(t *testing.T) {
 	tests := []string{"TestNetlinkStatesRealKernel", "TestNetlinkPoliciesRealKernel", "TestDataPathESPOverIPIP", "TestDataPathCrossSubnetTunnel",
-		"TestCalicoEBPFForwardingBypassesXfrm", "TestCalicoEBPFTunnelledRouteStaysESP", "TestPerCPUStatesRealKernel"}
+		"TestCalicoEBPFForwardingBypassesXfrm", "TestCalicoEBPFTunnelledRouteStaysESP", "TestPerCPUStatesRealKernel",
+		"TestPerCPUStatesSelectGeneration"}
 	lab.RunInGuest(t, lab.GuestTest{Run: "^(" + strings.Join(tests, "|") + ")$", Want: tests,
 		Env: []string{"SECUREOVERLAY_REQUIRE_ESP=1", "SECUREOVERLAY_REQUIRE_ALL=1"}})
 }

@@ -199,6 +199,16 @@ const (
 	MaxSPILane = 0x7f
 )
 
+// How the agent numbers its lanes (docs/dataplane.md §10, "How the agent uses them"):
+// lane 0 is the direction's one SA (kept under the usual reqid); a sender with L lanes adds
+// FallbackLane, the state without a CPU that carries the CPUs without a lane of their own,
+// and lanes FallbackLane+1..FallbackLane+L, the states of CPUs 0..L−1. So a node sends on at
+// most MaxCPULanes per-CPU lanes.
+const (
+	FallbackLane = 1
+	MaxCPULanes  = MaxSPILane - FallbackLane
+)
+
 // SPI returns the SPI of generation gen's transport SAs sent by the node with ID srcNodeID.
 func SPI(gen, srcNodeID uint32) (uint32, error) {
 	return KindSPI(KindTransport, gen, srcNodeID)

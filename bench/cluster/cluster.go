@@ -14,6 +14,7 @@ import (
 	"net/netip"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
@@ -34,21 +35,21 @@ func Block(i, j int) netip.Prefix {
 	return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(b >> 16), byte(b >> 8), byte(b)}), 26)
 }
 
-// Keys is a deterministic KeyFunc with the keys package's SPI layout (generation mod 4 in
-// bits 31..30, sender node ID in 29..8, kind in the low byte) and a key that depends on
-// every argument.
-func Keys(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, desired.Key, error) {
-	if src.NodeID == 0 || src.NodeID >= 1<<22 {
-		return 0, desired.Key{}, fmt.Errorf("node id %d out of range", src.NodeID)
+// Keys is a deterministic KeyFunc with the keys package's SPI layout (keys.LaneSPI) and a
+// key that depends on every argument.
+func Keys(gen uint32, kind desired.Kind, lane uint16, src, dst desired.Endpoint) (uint32, desired.Key, error) {
+	spi, err := keys.LaneSPI(kind, lane, gen, src.NodeID)
+	if err != nil {
+		return 0, desired.Key{}, err
 	}
-	spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind)
 	var buf [64]byte
 	binary.BigEndian.PutUint32(buf[0:], gen)
 	buf[4] = byte(kind)
 	s, d := src.IP.As4(), dst.IP.As4()
 	copy(buf[5:], s[:])
 	copy(buf[9:], d[:])
-	n := 13 + copy(buf[13:], src.Incarnation)
+	binary.BigEndian.PutUint16(buf[13:], lane)
+	n := 15 + copy(buf[15:], src.Incarnation)
 	n += copy(buf[n:], dst.Incarnation)
 	h := sha256.Sum256(buf[:n])
 	return spi, desired.NewKey(h[:20]), nil

@@ -492,7 +492,10 @@ func benchKeys() desired.KeyFunc {
 	if _, err := rand.Read(secret); err != nil {
 		panic(err)
 	}
-	return func(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, desired.Key, error) {
+	return func(gen uint32, kind desired.Kind, lane uint16, src, dst desired.Endpoint) (uint32, desired.Key, error) {
+		if lane != 0 {
+			return 0, desired.Key{}, desired.ErrNoLanes
+		}
 		spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind)
 		h := hmac.New(sha256.New, secret)
 		fmt.Fprintf(h, "%d|%d|%s|%s|%s|%s", gen, kind, src.IP, src.Incarnation, dst.IP, dst.Incarnation)

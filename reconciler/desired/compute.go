@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
 )
 
 // ParseNodeAddress parses the projectcalico.org/IPv4Address annotation: a CIDR such as
@@ -275,22 +276,29 @@ func Compute(in Inputs) (State, error) {
 		gen  uint32
 		kind Kind
 		dir  Dir
+		lane uint16 // the derivation's lane (keys.LaneSPI)
 	}
 	sas := map[saKey]SA{}
-	derive := func(p *peer, g uint32, kind Kind, dir Dir) error {
+	derive := func(p *peer, g uint32, kind Kind, dir Dir, lane uint16) error {
 		src, dst := selfEP, p.ep
 		if dir == In {
 			src, dst = p.ep, selfEP
 		}
-		spi, key, err := in.Keys(g, kind, src, dst)
+		spi, key, err := in.Keys(g, kind, lane, src, dst)
+		what := func() string {
+			if lane == 0 {
+				return fmt.Sprintf("derive %s sa generation %d %s->%s (peer %q)", kind, g, src.IP, dst.IP, p.node.Name)
+			}
+			return fmt.Sprintf("derive %s sa generation %d lane %d %s->%s (peer %q)", kind, g, lane, src.IP, dst.IP, p.node.Name)
+		}
 		if err != nil {
-			return fmt.Errorf("derive %s sa generation %d %s->%s (peer %q): %w", kind, g, src.IP, dst.IP, p.node.Name, err)
+			return fmt.Errorf("%s: %w", what(), err)
 		}
 		if key.Len() != 20 && key.Len() != 36 {
-			return fmt.Errorf("derive %s sa generation %d %s->%s (peer %q): key is %d bytes, want 20 or 36", kind, g, src.IP, dst.IP, p.node.Name, key.Len())
+			return fmt.Errorf("%s: key is %d bytes, want 20 or 36", what(), key.Len())
 		}
 		if spi < 256 {
-			return fmt.Errorf("derive %s sa generation %d %s->%s (peer %q): spi 0x%x is reserved", kind, g, src.IP, dst.IP, p.node.Name, spi)
+			return fmt.Errorf("%s: spi 0x%x is reserved", what(), spi)
 		}
 		sa := SA{Src: src.IP, Dst: dst.IP, SPI: spi, Kind: kind, ReqID: cfg.ReqID, Key: key,
 			ICVBytes: cfg.ICVBytes, ReplayWindow: cfg.ReplayWindow, ESN: true,
@@ -303,8 +311,39 @@ func Compute(in Inputs) (State, error) {
 		} else {
 			sa.ReqID = cfg.TunnelReqID
 		}
-		sas[saKey{p.node.Name, g, kind, dir}] = sa
+		if dir == Out && lane >= keys.FallbackLane {
+			// The lanes' outbound states: under their generation's reqid, each CPU's
+			// with its CPU number, the fallback without one.
+			sa.ReqID = cfg.LaneReqIDFor(kind, g)
+			if lane > keys.FallbackLane {
+				sa.Lane = lane - keys.FallbackLane
+			}
+		}
+		sas[saKey{p.node.Name, g, kind, dir, lane}] = sa
 		return nil
+	}
+	// deriveLanes derives the lanes of generation g with p in direction dir: n lanes
+	// (n > 0) are the fallback and n per-CPU ones. A generation without lanes (v1) gets none.
+	deriveLanes := func(p *peer, g uint32, kind Kind, dir Dir, n uint16) error {
+		if n == 0 {
+			return nil
+		}
+		if n > keys.MaxCPULanes {
+			return fmt.Errorf("%d per-CPU lanes, at most %d", n, keys.MaxCPULanes)
+		}
+		for lane := uint16(keys.FallbackLane); lane <= keys.FallbackLane+n; lane++ {
+			if err := derive(p, g, kind, dir, lane); errors.Is(err, ErrNoLanes) {
+				return nil
+			} else if err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	// Self's lanes, published for its incarnation (docs/dataplane.md §10).
+	selfLanes := uint16(0)
+	if mode != api.ModeOff {
+		selfLanes = self.Lanes
 	}
 
 	// Same-subnet (CrossSubnet) coverage data.
@@ -377,6 +416,22 @@ func Compute(in Inputs) (State, error) {
 	prio := func(src, dst netip.Prefix) uint32 {
 		return cfg.Priority + uint32(32-src.Bits()) + uint32(32-dst.Bits())
 	}
+	// outPolicy completes pol, the outbound policy toward p of kind k, with its template for
+	// p.sendGen: on this node's lanes when it has them for that generation, p installs
+	// inbound states for them and they are not turned off — an SPI-less template under
+	// the generation's lane reqid, which the kernel resolves to the state of the sending
+	// CPU or the fallback (docs/dataplane.md §10) — else naming lane 0's SPI.
+	outPolicy := func(p *peer, k Kind, pol Policy) Policy {
+		reqid := cfg.ReqID
+		if k == Tunnel {
+			reqid = cfg.TunnelReqID
+		}
+		pol.Tmpl = Template{Src: selfAddr.Addr(), Dst: p.addr.Addr(), SPI: sas[saKey{p.node.Name, p.sendGen, k, Out, 0}].SPI, Kind: k, ReqID: reqid}
+		if fb, ok := sas[saKey{p.node.Name, p.sendGen, k, Out, keys.FallbackLane}]; ok && p.node.TakesLanes && !cfg.LanesOff {
+			pol.Tmpl.SPI, pol.Tmpl.ReqID, pol.Fallback = 0, fb.ReqID, fb.SPI
+		}
+		return pol
+	}
 	peerByName := map[string]*peer{}
 	for _, p := range peers {
 		peerByName[p.node.Name] = p
@@ -395,9 +450,20 @@ func Compute(in Inputs) (State, error) {
 		for _, g := range gens {
 			var gerr, gterr error
 			for _, dir := range []Dir{In, Out} {
-				gerr = errors.Join(gerr, derive(p, g.ID, Transport, dir))
+				// Lane 0, then the lanes: the peer's inbound, this node's outbound.
+				lanes := selfLanes
+				if dir == In {
+					lanes = p.node.Lanes
+				}
+				gerr = errors.Join(gerr, derive(p, g.ID, Transport, dir, 0))
+				if gerr == nil {
+					gerr = deriveLanes(p, g.ID, Transport, dir, lanes)
+				}
 				if p.tunnel {
-					gterr = errors.Join(gterr, derive(p, g.ID, Tunnel, dir))
+					gterr = errors.Join(gterr, derive(p, g.ID, Tunnel, dir, 0))
+					if gterr == nil {
+						gterr = deriveLanes(p, g.ID, Tunnel, dir, lanes)
+					}
 				}
 			}
 			if errors.Is(gerr, ErrPeerKeyUnknown) || errors.Is(gterr, ErrPeerKeyUnknown) {
@@ -454,9 +520,7 @@ func Compute(in Inputs) (State, error) {
 		policies = append(policies, Policy{Dir: In, Src: b32, Dst: a32, Proto: 4, Priority: cfg.Priority, Peer: p.node.Name,
 			Tmpl: Template{Src: p.addr.Addr(), Dst: selfAddr.Addr(), Kind: Transport, ReqID: cfg.ReqID, Optional: !p.dropIn}})
 		if p.sendGen != 0 {
-			out := sas[saKey{p.node.Name, p.sendGen, Transport, Out}]
-			policies = append(policies, Policy{Dir: Out, Src: a32, Dst: b32, Proto: 4, Priority: cfg.Priority, Peer: p.node.Name,
-				Tmpl: Template{Src: selfAddr.Addr(), Dst: p.addr.Addr(), SPI: out.SPI, Kind: Transport, ReqID: cfg.ReqID}})
+			policies = append(policies, outPolicy(p, Transport, Policy{Dir: Out, Src: a32, Dst: b32, Proto: 4, Priority: cfg.Priority, Peer: p.node.Name}))
 		}
 		// Tunnel policies for same-subnet pod blocks.
 		if p.same {
@@ -465,9 +529,7 @@ func Compute(in Inputs) (State, error) {
 					policies = append(policies, Policy{Dir: Fwd, Src: pb, Dst: pa, Priority: prio(pb, pa), Peer: p.node.Name,
 						Tmpl: Template{Src: p.addr.Addr(), Dst: selfAddr.Addr(), Kind: Tunnel, ReqID: cfg.TunnelReqID, Optional: !p.dropIn}})
 					if p.sendGen != 0 {
-						out := sas[saKey{p.node.Name, p.sendGen, Tunnel, Out}]
-						policies = append(policies, Policy{Dir: Out, Src: pa, Dst: pb, Priority: prio(pa, pb), Peer: p.node.Name,
-							Tmpl: Template{Src: selfAddr.Addr(), Dst: p.addr.Addr(), SPI: out.SPI, Kind: Tunnel, ReqID: cfg.TunnelReqID}})
+						policies = append(policies, outPolicy(p, Tunnel, Policy{Dir: Out, Src: pa, Dst: pb, Priority: prio(pa, pb), Peer: p.node.Name}))
 					}
 				}
 			}

@@ -191,14 +191,14 @@ func TestComputeErrors(t *testing.T) {
 func TestKeyFuncFailureSkipsOnlyThatPeer(t *testing.T) {
 	in := alwaysInputs(api.ModeEncrypt)
 	secret := []byte{0xde, 0xad, 0xbe, 0xef}
-	in.Keys = func(gen uint32, kind Kind, src, dst Endpoint) (uint32, Key, error) {
+	in.Keys = func(gen uint32, kind Kind, lane uint16, src, dst Endpoint) (uint32, Key, error) {
 		if src.NodeID == 3 || dst.NodeID == 3 {
 			return 0, Key{}, errors.New("node 3 unknown to the ring")
 		}
 		if src.NodeID == 2 && dst.NodeID == 1 {
-			return testKeys(gen, kind, src, dst)
+			return testKeys(gen, kind, lane, src, dst)
 		}
-		spi, k, err := testKeys(gen, kind, src, dst)
+		spi, k, err := testKeys(gen, kind, lane, src, dst)
 		_ = k
 		return spi, NewKey(append(bytes.Repeat(secret, 4), 1, 2, 3, 4)), err
 	}
@@ -218,8 +218,8 @@ func TestKeyFuncFailureSkipsOnlyThatPeer(t *testing.T) {
 		t.Errorf("peers = %+v", st.Peers)
 	}
 	// Wrong key length is rejected per peer too.
-	in.Keys = func(gen uint32, kind Kind, src, dst Endpoint) (uint32, Key, error) {
-		spi, _, err := testKeys(gen, kind, src, dst)
+	in.Keys = func(gen uint32, kind Kind, lane uint16, src, dst Endpoint) (uint32, Key, error) {
+		spi, _, err := testKeys(gen, kind, lane, src, dst)
 		return spi, NewKey(secret), err
 	}
 	st, err = Compute(in)
@@ -512,11 +512,11 @@ func TestTunnelSAsIndependentOfBlocks(t *testing.T) {
 // CrossSubnet same-subnet coverage: IPIP to every peer is still encrypted.
 func TestTunnelKeyFailureKeepsTransport(t *testing.T) {
 	in := crossSubnetInputs(api.ModeEnforce)
-	in.Keys = func(gen uint32, kind Kind, src, dst Endpoint) (uint32, Key, error) {
+	in.Keys = func(gen uint32, kind Kind, lane uint16, src, dst Endpoint) (uint32, Key, error) {
 		if kind == Tunnel {
 			return 0, Key{}, errors.New("no key derivation for tunnel-mode SAs yet")
 		}
-		return testKeys(gen, kind, src, dst)
+		return testKeys(gen, kind, lane, src, dst)
 	}
 	st, err := Compute(in)
 	if err != nil {

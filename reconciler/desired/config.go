@@ -21,6 +21,14 @@ type Config struct {
 	// TunnelReqID the CrossSubnet tunnel-mode ones (default 0x5ec1).
 	ReqID       uint32
 	TunnelReqID uint32
+	// LaneReqID is the first of the eight reqids of the per-CPU lanes' outbound states
+	// (default 0x5ec2): generation g's states of kind k are under LaneReqID + 2·(g mod 4)
+	// + k, so an SPI-less template chooses the generation (docs/dataplane.md §10).
+	LaneReqID uint32
+	// LanesOff: no pair sends on lanes (its outbound policy names lane 0's SPI, as without
+	// lanes); the lane states of this node's SA epoch stay (its lane count is published
+	// for the epoch and peers install inbound states for it). The agent's --pcpu-sas=off.
+	LanesOff bool
 	// Priority is the xfrm priority of our most specific policies (lower wins; default
 	// 0x5ec0). Tunnel-mode block policies use Priority + (32-srclen) + (32-dstlen) so that
 	// borrowed /32s override their block. Template-less (bypass) policies are recognised as
@@ -39,8 +47,11 @@ const (
 	DefaultHardPackets  = uint64(1) << 34
 	DefaultReqID        = 0x5ec0
 	DefaultTunnelReqID  = 0x5ec1
-	DefaultPriority     = 0x5ec0
-	MaxReplayWindow     = 32768 // XFRMA_REPLAY_ESN_MAX (4096 bytes of bitmap)
+	DefaultLaneReqID    = 0x5ec2
+	// LaneReqIDs is how many reqids from LaneReqID the lanes use: 4 generation slots × 2 kinds.
+	LaneReqIDs      = 8
+	DefaultPriority = 0x5ec0
+	MaxReplayWindow = 32768 // XFRMA_REPLAY_ESN_MAX (4096 bytes of bitmap)
 )
 
 // WithDefaults returns c with zero fields set to their defaults.
@@ -63,6 +74,9 @@ func (c Config) WithDefaults() Config {
 	if c.TunnelReqID == 0 {
 		c.TunnelReqID = DefaultTunnelReqID
 	}
+	if c.LaneReqID == 0 {
+		c.LaneReqID = DefaultLaneReqID
+	}
 	if c.Priority == 0 {
 		c.Priority = DefaultPriority
 	}
@@ -84,6 +98,14 @@ func (c Config) Validate() error {
 	if c.ReqID == c.TunnelReqID {
 		errs = append(errs, fmt.Errorf("reqid 0x%x: transport and tunnel reqids must differ", c.ReqID))
 	}
+	if c.LaneReqID > ^uint32(0)-LaneReqIDs {
+		errs = append(errs, fmt.Errorf("lane reqid 0x%x: the eight lane reqids must fit in 32 bits", c.LaneReqID))
+	}
+	for _, r := range []uint32{c.ReqID, c.TunnelReqID} {
+		if c.isLaneReqID(r) {
+			errs = append(errs, fmt.Errorf("reqid 0x%x is among the lanes' reqids 0x%x..0x%x", r, c.LaneReqID, c.LaneReqID+LaneReqIDs-1))
+		}
+	}
 	if c.Priority > 1<<31 {
 		errs = append(errs, fmt.Errorf("policy priority %d too large", c.Priority))
 	}
@@ -94,7 +116,18 @@ func (c Config) Validate() error {
 }
 
 // OwnsSA reports whether an SA with this reqid belongs to us.
-func (c Config) OwnsSA(reqid uint32) bool { return reqid == c.ReqID || reqid == c.TunnelReqID }
+func (c Config) OwnsSA(reqid uint32) bool {
+	return reqid == c.ReqID || reqid == c.TunnelReqID || c.isLaneReqID(reqid)
+}
+
+func (c Config) isLaneReqID(reqid uint32) bool {
+	return reqid >= c.LaneReqID && reqid-c.LaneReqID < LaneReqIDs
+}
+
+// LaneReqIDFor is the reqid of generation gen's lane states of kind k (outbound, lanes ≥
+// keys.FallbackLane): one per live generation and kind, as live generations are at most 3
+// and consecutive (docs/keys.md §2).
+func (c Config) LaneReqIDFor(k Kind, gen uint32) uint32 { return c.LaneReqID + 2*(gen%4) + uint32(k) }
 
 // OwnsPolicy reports whether a kernel policy belongs to us: it has a template with one of
 // our reqids, or it has no template and a priority inside our band.

@@ -7,17 +7,20 @@ import (
 	"strings"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
 )
 
-// testKeys is a deterministic KeyFunc with the keys package's SPI layout (generation mod 4
-// in bits 31..30, sender node ID in 29..8) plus the kind in the low byte, and a key that
-// depends on every argument.
-func testKeys(gen uint32, kind Kind, src, dst Endpoint) (uint32, Key, error) {
-	if src.NodeID == 0 || src.NodeID >= 1<<22 {
-		return 0, Key{}, fmt.Errorf("node id %d out of range", src.NodeID)
+// testKeys is a deterministic KeyFunc with the keys package's SPI layout (keys.LaneSPI)
+// and a key that depends on every argument. Generations ≥ 100 have no lanes (as v1).
+func testKeys(gen uint32, kind Kind, lane uint16, src, dst Endpoint) (uint32, Key, error) {
+	if lane > 0 && gen >= 100 {
+		return 0, Key{}, fmt.Errorf("generation %d: %w", gen, ErrNoLanes)
 	}
-	spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind)
-	h := sha256.Sum256(fmt.Appendf(nil, "%d|%d|%s|%s|%s|%s", gen, kind, src.IP, src.Incarnation, dst.IP, dst.Incarnation))
+	spi, err := keys.LaneSPI(kind, lane, gen, src.NodeID)
+	if err != nil {
+		return 0, Key{}, err
+	}
+	h := sha256.Sum256(fmt.Appendf(nil, "%d|%d|%d|%s|%s|%s|%s", gen, kind, lane, src.IP, src.Incarnation, dst.IP, dst.Incarnation))
 	return spi, NewKey(h[:20]), nil
 }
 

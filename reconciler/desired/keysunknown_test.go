@@ -11,11 +11,11 @@ import (
 // keysUnknownFor is testKeys, except that generation gen's SAs with node ID peer fail
 // with ErrPeerKeyUnknown (a protocol v2 generation whose peer key is not seen yet).
 func keysUnknownFor(gen, peer uint32) KeyFunc {
-	return func(g uint32, kind Kind, src, dst Endpoint) (uint32, Key, error) {
+	return func(g uint32, kind Kind, lane uint16, src, dst Endpoint) (uint32, Key, error) {
 		if g == gen && (src.NodeID == peer || dst.NodeID == peer) {
 			return 0, Key{}, fmt.Errorf("generation %d: node id %d publishes no key for it: %w", g, peer, ErrPeerKeyUnknown)
 		}
-		return testKeys(g, kind, src, dst)
+		return testKeys(g, kind, lane, src, dst)
 	}
 }
 

@@ -741,7 +741,7 @@ func (m *Memo) add(in Inputs, n *Node) (*part, bool) {
 
 func nodeEqual(a, b Node) bool {
 	if a.Name != b.Name || a.IPv4Address != b.IPv4Address || a.Incarnation != b.Incarnation || a.NodeID != b.NodeID ||
-		a.Published != b.Published {
+		a.Published != b.Published || a.Lanes != b.Lanes || a.TakesLanes != b.TakesLanes {
 		return false
 	}
 	if a.Report == nil || b.Report == nil {

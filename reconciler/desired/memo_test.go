@@ -15,8 +15,8 @@ import (
 
 // otherKeys is a second KeyFunc (another ring's secrets): a memo must not keep keys of
 // the first when KeysVersion changes.
-func otherKeys(gen uint32, kind Kind, src, dst Endpoint) (uint32, Key, error) {
-	spi, _, err := testKeys(gen, kind, src, dst)
+func otherKeys(gen uint32, kind Kind, lane uint16, src, dst Endpoint) (uint32, Key, error) {
+	spi, _, err := testKeys(gen, kind, lane, src, dst)
 	h := sha256.Sum256(fmt.Appendf(nil, "other|%d|%d|%s|%s|%s|%s", gen, kind, src.IP, src.Incarnation, dst.IP, dst.Incarnation))
 	return spi, NewKey(h[:20]), err
 }
@@ -251,16 +251,18 @@ func memoSequence(t *testing.T, seed uint64, steps int) {
 		if rng.IntN(3) > 0 {
 			n.Published = "keys-of-" + n.Name
 		}
+		n.Lanes, n.TakesLanes = uint16(rng.IntN(3)), rng.IntN(3) > 0
 		return n
 	}
 	self := node("self", "198.18.0.200/24", 1000)
+	self.Lanes = 2
 	// Generations 2 and 3 are protocol v2: a pair's keys need the peer's published keys
 	// (by its incarnation, as the agent's KeyFunc looks them up), else ErrPeerKeyUnknown;
 	// they differ with what the peer publishes.
 	pubByInc := map[string]string{}
 	v2 := func(base KeyFunc) KeyFunc {
-		return func(gen uint32, kind Kind, src, dst Endpoint) (uint32, Key, error) {
-			spi, k, err := base(gen, kind, src, dst)
+		return func(gen uint32, kind Kind, lane uint16, src, dst Endpoint) (uint32, Key, error) {
+			spi, k, err := base(gen, kind, lane, src, dst)
 			if gen < 2 || err != nil {
 				return spi, k, err
 			}
@@ -331,7 +333,7 @@ func memoSequence(t *testing.T, seed uint64, steps int) {
 	for step := range steps {
 		var touched []string
 		known := true
-		ev := rng.IntN(21)
+		ev := rng.IntN(23)
 		switch ev {
 		case 0, 1, 2: // join
 			n := mk(fmt.Sprintf("n%02d", rng.IntN(40)))
@@ -434,6 +436,19 @@ func memoSequence(t *testing.T, seed uint64, steps int) {
 			known = false
 		case 19: // Felix
 			in.Felix.BPF = !in.Felix.BPF
+			known = false
+		case 21: // per-CPU lanes: a peer's count or whether it takes them, or self's count
+			if name, ok := pick(); ok && rng.IntN(3) > 0 {
+				n := nodes[name]
+				n.Lanes, n.TakesLanes = uint16(rng.IntN(3)), rng.IntN(2) == 0
+				nodes[name] = n
+				touched = append(touched, name)
+			} else {
+				self.Lanes = uint16(rng.IntN(3))
+				touched = append(touched, "self")
+			}
+		case 22: // lanes turned off or on
+			in.Config.LanesOff = !in.Config.LanesOff
 			known = false
 		case 20: // published keys (protocol v2): new, changed or gone
 			if name, ok := pick(); ok {

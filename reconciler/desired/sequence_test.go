@@ -48,6 +48,11 @@ type sim struct {
 	ring   Ring // the master's authoritative ring
 	nodes  map[string]*simNode
 	events int
+	// lanes, if set, gives a node its lane count and whether it takes its peers' (fixed
+	// for its incarnation: every view of it has them); onEncrypt runs at each
+	// assertAllEncrypt after convergence.
+	lanes     func(*Node)
+	onEncrypt func()
 }
 
 type fataler interface {
@@ -73,6 +78,9 @@ func (s *sim) join(name string, id uint32) {
 		block:    fmt.Sprintf("10.244.%d.0/26", id),
 		ringView: s.ring, seen: map[string]*pubReport{}, seenLeft: map[string]bool{}, seenJoin: map[string]bool{name: true},
 	}
+	if s.lanes != nil {
+		s.lanes(&s.nodes[name].n)
+	}
 }
 
 func (s *sim) names() []string {
@@ -94,6 +102,11 @@ func (s *sim) inputs(x *simNode) Inputs {
 			continue
 		}
 		n := y.n
+		if s.lanes != nil && !x.n.TakesLanes {
+			// An agent before lanes reads no lane counts: it installs none of its
+			// peers' lanes and sends on none of its own.
+			n.Lanes, n.TakesLanes = 0, false
+		}
 		if r := x.seen[name]; r != nil && name != x.n.Name {
 			n.Report = &Report{Incarnation: n.Incarnation, Mode: r.mode, Generations: r.gens,
 				InboundFromSelf: slices.Contains(r.inbound, x.n.Name), EncryptsToSelf: slices.Contains(r.encrypting, x.n.Name)}
@@ -178,6 +191,31 @@ func findSA(st *State, src, dst string, spi uint32) (SA, bool) {
 	return SA{}, false
 }
 
+// sentSPIs are the SPIs X's outbound policy p may send with toward Y: the one its template
+// names, or for a template without an SPI (per-CPU lanes) every outbound state from X to
+// Y under its reqid — whichever the kernel picks for the sending CPU — which must hold
+// the lanes' fallback (p.Fallback) and be of one generation.
+func (s *sim) sentSPIs(x *simNode, xn, xip, yip string, p Policy) []uint32 {
+	if p.Tmpl.SPI != 0 {
+		return []uint32{p.Tmpl.SPI}
+	}
+	var spis []uint32
+	gens := map[uint32]bool{}
+	for _, sa := range x.state.SAs {
+		if sa.Dir == Out && sa.Src.String() == xip && sa.Dst.String() == yip && sa.ReqID == p.Tmpl.ReqID && sa.Kind == p.Tmpl.Kind {
+			spis = append(spis, sa.SPI)
+			gens[sa.Generation] = true
+		}
+	}
+	if p.Fallback == 0 || !slices.Contains(spis, p.Fallback) {
+		s.t.Fatalf("event %d: %s policy %s sends on lanes without their fallback state (0x%x)", s.events, xn, p, p.Fallback)
+	}
+	if len(gens) != 1 {
+		s.t.Fatalf("event %d: %s policy %s: reqid 0x%x holds states of generations %v", s.events, xn, p, p.Tmpl.ReqID, gens)
+	}
+	return spis
+}
+
 func (s *sim) check() {
 	for _, xn := range s.names() {
 		x := s.nodes[xn]
@@ -200,16 +238,18 @@ func (s *sim) check() {
 					} else {
 						sendsTunnel = true
 					}
-					out, ok := findSA(x.state, xip, yip, p.Tmpl.SPI)
-					if !ok {
-						s.t.Fatalf("event %d: %s policy %s without its outbound SA", s.events, xn, p)
-					}
-					in, ok := findSA(y.state, xip, yip, p.Tmpl.SPI)
-					if !ok {
-						s.t.Fatalf("event %d: make-before-break broken: %s sends %s but %s lacks the inbound SA", s.events, xn, p, yn)
-					}
-					if !in.Key.Equal(out.Key) || in.Kind != out.Kind {
-						s.t.Fatalf("event %d: %s and %s disagree on the key of spi 0x%x", s.events, xn, yn, p.Tmpl.SPI)
+					for _, spi := range s.sentSPIs(x, xn, xip, yip, p) {
+						out, ok := findSA(x.state, xip, yip, spi)
+						if !ok {
+							s.t.Fatalf("event %d: %s policy %s without its outbound SA 0x%x", s.events, xn, p, spi)
+						}
+						in, ok := findSA(y.state, xip, yip, spi)
+						if !ok {
+							s.t.Fatalf("event %d: make-before-break broken: %s sends %s but %s lacks the inbound SA 0x%x", s.events, xn, p, yn, spi)
+						}
+						if !in.Key.Equal(out.Key) || in.Kind != out.Kind {
+							s.t.Fatalf("event %d: %s and %s disagree on the key of spi 0x%x", s.events, xn, yn, spi)
+						}
 					}
 				}
 			}
@@ -291,6 +331,9 @@ func (s *sim) rotate(next uint32) {
 // (transport and, same subnet here, tunnel) with the active generation.
 func (s *sim) assertAllEncrypt(gen uint32, drops bool) {
 	s.converge()
+	if s.onEncrypt != nil {
+		s.onEncrypt()
+	}
 	for _, xn := range s.names() {
 		x := s.nodes[xn]
 		if got, want := len(x.state.EncryptingPeers()), len(s.nodes)-1; got != want {
@@ -320,45 +363,85 @@ func TestSequenceEnableRotateJoinLeaveDisable(t *testing.T) {
 		seeds = 10
 	}
 	for seed := 0; seed < seeds; seed++ {
+		runSequence(t, newSim(t, uint64(seed)), seed)
+	}
+}
+
+// TestSequenceWithLanes is the same walk with per-CPU lanes (docs/dataplane.md §10): a
+// sends on 2 lanes, c on 3, b on none but takes its peers', and d, which joins later, is
+// an agent before lanes (it takes none and publishes no count). Every lane a policy may
+// send on must be installed at the receiver with the same key, the fallback among them.
+func TestSequenceWithLanes(t *testing.T) {
+	seeds := 60
+	if testing.Short() {
+		seeds = 10
+	}
+	lanes := map[string]uint16{"a": 2, "c": 3}
+	sendsOnLanes := 0
+	for seed := 0; seed < seeds; seed++ {
 		s := newSim(t, uint64(seed))
-		s.converge()
-		// Enable: the master creates generation 1 with accept.
-		s.ring.Generations = []Generation{active(1)}
-		s.setMode(api.ModeAccept)
-		s.setMode(api.ModeEncrypt)
-		s.assertAllEncrypt(1, false)
-		s.setMode(api.ModeEnforce)
-		s.assertAllEncrypt(1, true)
-
-		// A whole rotation under enforce.
-		s.rotate(2)
-		s.assertAllEncrypt(2, true)
-
-		// A node joins while the cluster enforces; it must converge to full encryption.
-		s.join("d", 4)
-		s.runUntil("d reports enforce", func() bool { r := s.nodes["d"].report; return r != nil && r.mode == api.ModeEnforce })
-		s.assertAllEncrypt(2, true)
-
-		// Another rotation with four nodes, then a node leaves.
-		s.rotate(3)
-		delete(s.nodes, "b")
-		s.assertAllEncrypt(3, true)
-
-		// Disable walks back; every step gated on all reports.
-		s.setMode(api.ModeEncrypt)
-		s.assertAllEncrypt(3, false)
-		s.setMode(api.ModeAccept)
-		s.setMode(api.ModeOff)
-		s.ring.Generations = nil
-		s.converge()
-		for _, name := range s.names() {
-			if st := s.nodes[name].state; len(st.SAs)+len(st.Policies)+len(st.Rules) != 0 {
-				t.Fatalf("seed %d: %s still programs state after disable:\n%s", seed, name, render(*st))
+		s.lanes = func(n *Node) {
+			n.Lanes, n.TakesLanes = lanes[n.Name], n.Name != "d"
+		}
+		for _, x := range s.nodes {
+			s.lanes(&x.n)
+		}
+		s.onEncrypt = func() {
+			for _, x := range s.nodes {
+				for _, p := range x.state.Policies {
+					if p.Dir == Out && !p.Tmpl.IsZero() && p.Tmpl.SPI == 0 {
+						sendsOnLanes++
+					}
+				}
 			}
 		}
-		if seed == 0 {
-			t.Logf("seed 0: %d interleaved events, invariants checked after each", s.events)
+		runSequence(t, s, seed)
+	}
+	if sendsOnLanes == 0 {
+		t.Fatal("no policy ever sent on lanes")
+	}
+	t.Logf("%d outbound policies seen sending on lanes at the checkpoints", sendsOnLanes)
+}
+
+func runSequence(t *testing.T, s *sim, seed int) {
+	t.Helper()
+	s.converge()
+	// Enable: the master creates generation 1 with accept.
+	s.ring.Generations = []Generation{active(1)}
+	s.setMode(api.ModeAccept)
+	s.setMode(api.ModeEncrypt)
+	s.assertAllEncrypt(1, false)
+	s.setMode(api.ModeEnforce)
+	s.assertAllEncrypt(1, true)
+
+	// A whole rotation under enforce.
+	s.rotate(2)
+	s.assertAllEncrypt(2, true)
+
+	// A node joins while the cluster enforces; it must converge to full encryption.
+	s.join("d", 4)
+	s.runUntil("d reports enforce", func() bool { r := s.nodes["d"].report; return r != nil && r.mode == api.ModeEnforce })
+	s.assertAllEncrypt(2, true)
+
+	// Another rotation with four nodes, then a node leaves.
+	s.rotate(3)
+	delete(s.nodes, "b")
+	s.assertAllEncrypt(3, true)
+
+	// Disable walks back; every step gated on all reports.
+	s.setMode(api.ModeEncrypt)
+	s.assertAllEncrypt(3, false)
+	s.setMode(api.ModeAccept)
+	s.setMode(api.ModeOff)
+	s.ring.Generations = nil
+	s.converge()
+	for _, name := range s.names() {
+		if st := s.nodes[name].state; len(st.SAs)+len(st.Policies)+len(st.Rules) != 0 {
+			t.Fatalf("seed %d: %s still programs state after disable:\n%s", seed, name, render(*st))
 		}
+	}
+	if seed == 0 {
+		t.Logf("seed 0: %d interleaved events, invariants checked after each", s.events)
 	}
 }
 

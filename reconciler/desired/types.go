@@ -32,11 +32,17 @@ const (
 	Tunnel = keys.KindTunnel
 )
 
-// KeyFunc returns the SPI and AEAD key of generation gen's SA of the given kind from src
-// to dst. Both ends call it with the same arguments (the sender as (self, peer), the
-// receiver as (peer, self)) and must get the same answer. It must never return the same
-// key for two different argument tuples, and its errors must not contain key bytes.
-type KeyFunc func(gen uint32, kind Kind, src, dst Endpoint) (spi uint32, key Key, err error)
+// KeyFunc returns the SPI and AEAD key of generation gen's SA of the given kind and lane
+// from src to dst (lane 0: the direction's one SA; docs/keys.md §2). Both ends call it with
+// the same arguments (the sender as (self, peer), the receiver as (peer, self)) and must
+// get the same answer. It must never return the same key for two different argument
+// tuples, and its errors must not contain key bytes. A generation without lanes (protocol
+// v1) answers a lane > 0 with an error wrapping ErrNoLanes.
+type KeyFunc func(gen uint32, kind Kind, lane uint16, src, dst Endpoint) (spi uint32, key Key, err error)
+
+// ErrNoLanes is wrapped by a KeyFunc's error for a lane > 0 of a generation that has no
+// lanes (protocol v1): its pairs send on lane 0 only.
+var ErrNoLanes = errors.New("generation has no per-CPU lanes")
 
 // ErrPeerKeyUnknown is wrapped by a KeyFunc's error when generation gen's SAs with the
 // peer cannot be derived *yet*: a protocol v2 generation whose pair key needs the peer's
@@ -105,6 +111,15 @@ type Node struct {
 	Incarnation string
 	// NodeID is the master-assigned small ID (0: none assigned yet).
 	NodeID uint32
+	// Lanes is the number of per-CPU outbound lanes the node sends on in its current
+	// incarnation, as its NodeKeys publish it for that incarnation (0: none; at most
+	// keys.MaxCPULanes): a peer's are the lanes this node installs inbound states for,
+	// self's the ones it installs outbound (docs/dataplane.md §10).
+	Lanes uint16
+	// TakesLanes: the node's agent installs inbound states for its peers' lanes (its
+	// NodeKeys of the current incarnation carry a lane count), so this node may send to it
+	// on its own lanes.
+	TakesLanes bool
 	// Published identifies the public keys the node publishes for its current
 	// incarnation (protocol v2; "" for none). Compute does not read it: the KeyFunc holds
 	// the keys. It makes a peer whose published keys changed a changed input (Memo).
@@ -270,9 +285,11 @@ type SA struct {
 	// unset, the policies select). Zero prefixes mean "any".
 	SelSrc, SelDst netip.Prefix
 	SelProto       uint8
-	// Lane is 0 for a direction's one SA, n ≥ 1 for a per-CPU outbound SA of CPU n−1
-	// (XFRMA_SA_PCPU with XFRMA_SA_DIR out, Linux ≥ 6.13; issue 18, docs/dataplane.md §10).
-	// Its SPI carries the lane too (keys.LaneSPI). Compute makes lane 0 only, so far.
+	// Lane is the kernel's CPU number plus one: 0 for a state without one (a direction's
+	// one SA, the lanes' fallback, every inbound state), n ≥ 1 for the per-CPU outbound
+	// state of CPU n−1 (XFRMA_SA_PCPU with XFRMA_SA_DIR out, Linux ≥ 6.13; issue 18,
+	// docs/dataplane.md §10). The derivation's lane is in the SPI (keys.LaneSPI): CPU c's
+	// state is derivation lane keys.FallbackLane+1+c.
 	Lane uint16
 
 	// Bookkeeping, not in the kernel.
@@ -329,6 +346,11 @@ type Policy struct {
 
 	// Bookkeeping, not in the kernel.
 	Peer string
+	// Fallback is, for an outbound policy that sends on lanes (a template with the lanes'
+	// reqid and no SPI), the SPI of the lanes' fallback state, which carries every CPU
+	// without a state of its own: the policy is written only once it exists, and it is
+	// not deleted while the policy names its reqid (docs/dataplane.md §10).
+	Fallback uint32
 }
 
 // ID is the policy's kernel identity as text.

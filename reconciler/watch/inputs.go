@@ -283,11 +283,15 @@ var idCache struct {
 }
 
 // KeyFunc adapts the ring's per-pair derivation (keys.Deriver) to desired.KeyFunc. One
-// deriver per generation is cached. Errors never contain key bytes.
+// deriver per generation is cached. Errors never contain key bytes. Protocol v1 has no
+// lanes: a lane > 0 is refused with desired.ErrNoLanes.
 func KeyFunc(r *keys.Ring) desired.KeyFunc {
 	var mu sync.Mutex
 	derivers := map[uint32]*keys.Deriver{}
-	return func(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, desired.Key, error) {
+	return func(gen uint32, kind desired.Kind, lane uint16, src, dst desired.Endpoint) (uint32, desired.Key, error) {
+		if lane != 0 {
+			return 0, desired.Key{}, fmt.Errorf("generation %d is a protocol v1 generation: %w", gen, desired.ErrNoLanes)
+		}
 		mu.Lock()
 		d, ok := derivers[gen]
 		if !ok {

@@ -120,15 +120,15 @@ func TestKeyFuncBothEndsAgreeAndKindsDiffer(t *testing.T) {
 	kf := KeyFunc(ring)
 	a := desired.Endpoint{IP: netip.MustParseAddr("198.18.0.1"), Incarnation: "ia", NodeID: 1}
 	b := desired.Endpoint{IP: netip.MustParseAddr("198.18.0.2"), Incarnation: "ib", NodeID: 2}
-	spi1, k1, err := kf(1, desired.Transport, a, b)
+	spi1, k1, err := kf(1, desired.Transport, 0, a, b)
 	if err != nil {
 		t.Fatal(err)
 	}
-	spi2, k2, err := KeyFunc(ring)(1, desired.Transport, a, b)
+	spi2, k2, err := KeyFunc(ring)(1, desired.Transport, 0, a, b)
 	if err != nil || spi1 != spi2 || !k1.Equal(k2) {
 		t.Fatalf("two derivations of a->b differ (err %v)", err)
 	}
-	spi3, k3, err := kf(1, desired.Transport, b, a)
+	spi3, k3, err := kf(1, desired.Transport, 0, b, a)
 	if err != nil || k3.Equal(k1) || spi3 == spi1 {
 		t.Error("b->a shares the key or SPI of a->b")
 	}
@@ -139,7 +139,7 @@ func TestKeyFuncBothEndsAgreeAndKindsDiffer(t *testing.T) {
 	if want.SPI != spi1 || !k1.Equal(desired.NewKey(want.Key)) {
 		t.Error("KeyFunc disagrees with keys.Generation.Derive")
 	}
-	spiT, kT, err := kf(1, desired.Tunnel, a, b)
+	spiT, kT, err := kf(1, desired.Tunnel, 0, a, b)
 	if err != nil {
 		t.Fatalf("tunnel: %v", err)
 	}
@@ -150,7 +150,7 @@ func TestKeyFuncBothEndsAgreeAndKindsDiffer(t *testing.T) {
 	if wantT.SPI != spiT || !kT.Equal(desired.NewKey(wantT.Key)) {
 		t.Error("KeyFunc(tunnel) disagrees with keys.Generation.DeriveKind")
 	}
-	if _, _, err := kf(7, desired.Transport, a, b); err == nil {
+	if _, _, err := kf(7, desired.Transport, 0, a, b); err == nil {
 		t.Error("unknown generation: no error")
 	}
 }

@@ -37,10 +37,10 @@ func KeyFuncWith(r *keys.Ring, v *V2Keys) desired.KeyFunc {
 		peer keys.PublicKey
 	}
 	pairs := map[pairKey]*keys.PairDeriver{}
-	return func(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, desired.Key, error) {
+	return func(gen uint32, kind desired.Kind, lane uint16, src, dst desired.Endpoint) (uint32, desired.Key, error) {
 		g := r.Generation(gen)
 		if g == nil || !g.V2() {
-			return v1(gen, kind, src, dst)
+			return v1(gen, kind, lane, src, dst)
 		}
 		if v == nil {
 			return 0, desired.Key{}, fmt.Errorf("generation %d is a protocol v2 generation and this node has no v2 keys: %w", gen, desired.ErrPeerKeyUnknown)
@@ -87,7 +87,7 @@ func KeyFuncWith(r *keys.Ring, v *V2Keys) desired.KeyFunc {
 			}
 			return priv.Public()
 		}
-		sa, err := d.Derive(kind, 0, keys.EndpointV2{Endpoint: keys.Endpoint(src), Public: pub(src)}, keys.EndpointV2{Endpoint: keys.Endpoint(dst), Public: pub(dst)})
+		sa, err := d.Derive(kind, lane, keys.EndpointV2{Endpoint: keys.Endpoint(src), Public: pub(src)}, keys.EndpointV2{Endpoint: keys.Endpoint(dst), Public: pub(dst)})
 		if err != nil {
 			return 0, desired.Key{}, err
 		}

@@ -73,9 +73,9 @@ func TestKeyFuncV2(t *testing.T) {
 		spi uint32
 		key desired.Key
 	}
-	get := func(f desired.KeyFunc, gen uint32, kind desired.Kind, src, dst desired.Endpoint) sa {
+	get := func(f desired.KeyFunc, gen uint32, kind desired.Kind, lane uint16, src, dst desired.Endpoint) sa {
 		t.Helper()
-		spi, k, err := f(gen, kind, src, dst)
+		spi, k, err := f(gen, kind, lane, src, dst)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -86,32 +86,45 @@ func TestKeyFuncV2(t *testing.T) {
 		name     string
 		gen      uint32
 		kind     desired.Kind
+		lane     uint16
 		src, dst v2node
 		f1, f2   desired.KeyFunc // sender's and receiver's
 	}{
-		{"v2 a->b", 6, desired.Transport, a, b, fa, fb},
-		{"v2 b->a", 6, desired.Transport, b, a, fb, fa},
-		{"v2 a->b tunnel", 6, desired.Tunnel, a, b, fa, fb},
-		{"v2 a->c", 6, desired.Transport, a, c, fa, fc},
-		{"v2 c->b", 6, desired.Transport, c, b, fc, fb},
-		{"v1 a->b", 5, desired.Transport, a, b, fa, fb},
+		{"v2 a->b", 6, desired.Transport, 0, a, b, fa, fb},
+		{"v2 b->a", 6, desired.Transport, 0, b, a, fb, fa},
+		{"v2 a->b tunnel", 6, desired.Tunnel, 0, a, b, fa, fb},
+		{"v2 a->c", 6, desired.Transport, 0, a, c, fa, fc},
+		{"v2 c->b", 6, desired.Transport, 0, c, b, fc, fb},
+		{"v1 a->b", 5, desired.Transport, 0, a, b, fa, fb},
+		{"v2 a->b lane 1", 6, desired.Transport, 1, a, b, fa, fb},
+		{"v2 a->b lane 2", 6, desired.Transport, 2, a, b, fa, fb},
+		{"v2 a->b tunnel lane 2", 6, desired.Tunnel, 2, a, b, fa, fb},
+		{"v2 b->a lane 2", 6, desired.Transport, 2, b, a, fb, fa},
 	} {
-		s, d := get(tc.f1, tc.gen, tc.kind, tc.src.ep, tc.dst.ep), get(tc.f2, tc.gen, tc.kind, tc.src.ep, tc.dst.ep)
+		s, d := get(tc.f1, tc.gen, tc.kind, tc.lane, tc.src.ep, tc.dst.ep), get(tc.f2, tc.gen, tc.kind, tc.lane, tc.src.ep, tc.dst.ep)
 		if s.spi != d.spi || !s.key.Equal(d.key) {
 			t.Errorf("%s: sender and receiver disagree", tc.name)
+		}
+		if want, _ := keys.LaneSPI(tc.kind, tc.lane, tc.gen, tc.src.ep.NodeID); s.spi != want {
+			t.Errorf("%s: spi 0x%08x, want 0x%08x", tc.name, s.spi, want)
 		}
 		if o, dup := seen[string(s.key.Bytes())]; dup {
 			t.Errorf("%s: same key as %s", tc.name, o)
 		}
 		seen[string(s.key.Bytes())] = tc.name
 	}
-	// Generation 5 is v1: the same answer as the v1 KeyFunc.
-	if v1, v2 := get(KeyFunc(r), 5, desired.Transport, a.ep, b.ep), get(fa, 5, desired.Transport, a.ep, b.ep); v1.spi != v2.spi || !v1.key.Equal(v2.key) {
+	// Generation 5 is v1: the same answer as the v1 KeyFunc, and no lanes.
+	if v1, v2 := get(KeyFunc(r), 5, desired.Transport, 0, a.ep, b.ep), get(fa, 5, desired.Transport, 0, a.ep, b.ep); v1.spi != v2.spi || !v1.key.Equal(v2.key) {
 		t.Error("a v1 generation derives differently through KeyFuncWith")
+	}
+	for _, f := range []desired.KeyFunc{KeyFunc(r), fa} {
+		if _, _, err := f(5, desired.Transport, 1, a.ep, b.ep); !errors.Is(err, desired.ErrNoLanes) {
+			t.Errorf("v1 generation, lane 1: %v, want ErrNoLanes", err)
+		}
 	}
 	// A third node cannot derive a pair's key: its KeyFunc refuses endpoints that are not
 	// its own pair (and with its own private key it would get another key anyway).
-	if _, _, err := fc(6, desired.Transport, a.ep, b.ep); err == nil || errors.Is(err, desired.ErrPeerKeyUnknown) {
+	if _, _, err := fc(6, desired.Transport, 0, a.ep, b.ep); err == nil || errors.Is(err, desired.ErrPeerKeyUnknown) {
 		t.Errorf("c derived a->b: %v", err)
 	}
 
@@ -128,7 +141,7 @@ func TestKeyFuncV2(t *testing.T) {
 		"no private key": KeyFuncWith(r, &V2Keys{Self: a.ep.Incarnation, Peer: lookup(map[uint32]nodekeys.Keys{2: b.pub}),
 			Private: func(uint32) (*keys.PrivateKey, bool) { return nil, false }}),
 	} {
-		_, _, err := f(6, desired.Transport, a.ep, b.ep)
+		_, _, err := f(6, desired.Transport, 0, a.ep, b.ep)
 		if !errors.Is(err, desired.ErrPeerKeyUnknown) {
 			t.Errorf("%s: %v, want ErrPeerKeyUnknown", name, err)
 			continue
@@ -139,7 +152,7 @@ func TestKeyFuncV2(t *testing.T) {
 			}
 		}
 		// v1 generations are unaffected.
-		if _, _, err := f(5, desired.Transport, a.ep, b.ep); err != nil {
+		if _, _, err := f(5, desired.Transport, 0, a.ep, b.ep); err != nil {
 			t.Errorf("%s: generation 5: %v", name, err)
 		}
 	}

@@ -415,6 +415,9 @@ func (a *Applier) writePolicies(pols []desired.Policy, res *Result, errs *errLis
 		id := policyIDOf(p)
 		have, ok := a.policies[id]
 		if ok && have.SameKernelObject(p) {
+			if have.Fallback != p.Fallback {
+				a.policies[id] = p // a listed policy has no bookkeeping: referenced needs it
+			}
 			continue
 		}
 		if ref, missing := a.missingSA(p); missing {
@@ -481,10 +484,11 @@ func (a *Applier) deleteSAs(sas []desired.SA, refsOf func() map[saID]desired.Pol
 // missingSA reports whether p is an outbound policy naming an SA we do not hold, and names
 // that SA.
 func (a *Applier) missingSA(p desired.Policy) (string, bool) {
-	if p.Dir != desired.Out || p.Tmpl.IsZero() || p.Tmpl.SPI == 0 {
+	spi := sentSPI(p)
+	if spi == 0 {
 		return "", false
 	}
-	ref := desired.SA{Dst: p.Tmpl.Dst, SPI: p.Tmpl.SPI}
+	ref := desired.SA{Dst: p.Tmpl.Dst, SPI: spi}
 	if _, ok := a.states[saIDOf(ref)]; ok {
 		return "", false
 	}
@@ -495,11 +499,25 @@ func (a *Applier) missingSA(p desired.Policy) (string, bool) {
 func (a *Applier) referenced() map[saID]desired.Policy {
 	refs := map[saID]desired.Policy{}
 	for _, p := range a.policies {
-		if p.Dir == desired.Out && !p.Tmpl.IsZero() && p.Tmpl.SPI != 0 {
-			refs[saID{dst: p.Tmpl.Dst, spi: p.Tmpl.SPI}] = p
+		if spi := sentSPI(p); spi != 0 {
+			refs[saID{dst: p.Tmpl.Dst, spi: spi}] = p
 		}
 	}
 	return refs
+}
+
+// sentSPI is the SPI of the state an outbound policy cannot do without: the one its
+// template names, or for a policy that sends on lanes (a template without an SPI) the
+// lanes' fallback (desired.Policy.Fallback), which carries every CPU without a state of
+// its own. 0 for other policies.
+func sentSPI(p desired.Policy) uint32 {
+	if p.Dir != desired.Out || p.Tmpl.IsZero() {
+		return 0
+	}
+	if p.Tmpl.SPI != 0 {
+		return p.Tmpl.SPI
+	}
+	return p.Fallback
 }
 
 // saID and policyID are the kernel identities of an SA (destination and SPI; the protocol

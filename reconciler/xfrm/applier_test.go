@@ -10,13 +10,17 @@ import (
 	"testing"
 
 	"github.com/secureoverlay/secureoverlay/api"
+	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 )
 
-func testKeys(gen uint32, kind desired.Kind, src, dst desired.Endpoint) (uint32, desired.Key, error) {
-	spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind)
-	h := sha256.Sum256(fmt.Appendf(nil, "%d|%d|%s|%s|%s|%s", gen, kind, src.IP, src.Incarnation, dst.IP, dst.Incarnation))
+func testKeys(gen uint32, kind desired.Kind, lane uint16, src, dst desired.Endpoint) (uint32, desired.Key, error) {
+	spi, err := keys.LaneSPI(kind, lane, gen, src.NodeID)
+	if err != nil {
+		return 0, desired.Key{}, err
+	}
+	h := sha256.Sum256(fmt.Appendf(nil, "%d|%d|%d|%s|%s|%s|%s", gen, kind, lane, src.IP, src.Incarnation, dst.IP, dst.Incarnation))
 	return spi, desired.NewKey(h[:20]), nil
 }
 
@@ -572,5 +576,65 @@ func TestApplyRecordsKeysBeforeWritingThem(t *testing.T) {
 	}
 	if len(l) != len(st.SAs) {
 		t.Fatalf("%d keys recorded, want %d", len(l), len(st.SAs))
+	}
+}
+
+// TestApplyLanesFallback: an outbound policy that sends on lanes names no SPI, so the
+// applier holds it to the lanes' fallback state (desired.Policy.Fallback) as it holds
+// other policies to their SA: not written before the fallback is, and the fallback not
+// deleted while a policy still relies on it — also after a restart, when the policy is
+// adopted from the kernel's list, which has no bookkeeping.
+func TestApplyLanesFallback(t *testing.T) {
+	in := cluster(2, api.ModeEncrypt, []desired.Generation{active(1)}, 1)
+	for i := range in.Nodes {
+		in.Nodes[i].Lanes, in.Nodes[i].TakesLanes = 2, true
+	}
+	st := compute(t, in)
+	var pol desired.Policy
+	for _, p := range st.Policies {
+		if p.Dir == desired.Out {
+			pol = p
+		}
+	}
+	if pol.Tmpl.SPI != 0 || pol.Fallback == 0 {
+		t.Fatalf("want a policy on lanes, got %s (fallback 0x%x)", pol, pol.Fallback)
+	}
+	fallback := desired.SA{Dst: pol.Tmpl.Dst, SPI: pol.Fallback}.ID()
+
+	f := NewFake()
+	f.Fail = func(op, id string) error {
+		if op == "add-state" && id == fallback {
+			return syscall.ENOMEM
+		}
+		return nil
+	}
+	a := NewApplier(f, desired.Config{})
+	if _, err := a.Apply(st); err == nil || !strings.Contains(err.Error(), "skipped, its "+fallback+" is missing") {
+		t.Fatalf("policy written without its fallback state: %v", err)
+	}
+	f.Fail = nil
+	if _, err := a.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	_, policies := f.Snapshot()
+	if !slices.ContainsFunc(policies, func(k KernelPolicy) bool { return k.Policy.SameKernelObject(pol) }) {
+		t.Fatalf("policy %s not written once the fallback is", pol)
+	}
+
+	// A restarted agent adopts the policy from the kernel; a state without the fallback
+	// (which Compute never asks for while a policy relies on it) must not delete it.
+	b := NewApplier(f, desired.Config{})
+	if _, err := b.Apply(st); err != nil {
+		t.Fatal(err)
+	}
+	broken := st
+	broken.SAs = slices.DeleteFunc(slices.Clone(st.SAs), func(sa desired.SA) bool { return sa.ID() == fallback })
+	_, err := b.Apply(broken)
+	if err == nil || !strings.Contains(err.Error(), "skipped, still used by") {
+		t.Fatalf("fallback deleted while a policy relies on it: %v", err)
+	}
+	states, _ := f.Snapshot()
+	if !slices.ContainsFunc(states, func(k KernelSA) bool { return k.SA.ID() == fallback }) {
+		t.Fatal("fallback state gone")
 	}
 }

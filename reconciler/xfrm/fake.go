@@ -134,7 +134,7 @@ func (f *Fake) AddPolicy(p desired.Policy) error {
 	if _, ok := f.policies[id]; ok {
 		return syscall.EEXIST
 	}
-	p.Peer = ""
+	p.Peer, p.Fallback = "", 0 // bookkeeping: the kernel keeps none
 	f.policies[id] = KernelPolicy{Policy: p}
 	f.wrote("add-policy", id)
 	return nil
@@ -148,7 +148,7 @@ func (f *Fake) UpdatePolicy(p desired.Policy) error {
 	if err := f.fail("update-policy", id); err != nil {
 		return err
 	}
-	p.Peer = ""
+	p.Peer, p.Fallback = "", 0 // bookkeeping: the kernel keeps none
 	f.policies[id] = KernelPolicy{Policy: p}
 	f.wrote("update-policy", id)
 	return nil

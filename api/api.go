@@ -80,6 +80,11 @@ const (
 	// NodeIDs (their list is in): once every reporting agent declares it, the master writes
 	// the public ring without its table (docs/keys.md §13).
 	CapabilityNodeIDs = "node-ids"
+	// CapabilityLanes in an agent's NodeKeys says it installs inbound states for its peers'
+	// per-CPU lanes, and that its field lanes is the count it sends on in its incarnation
+	// (docs/dataplane.md §10). The capabilities list is written whole, so an older agent
+	// rolled back to drops it; the field alone would stay.
+	CapabilityLanes = "lanes"
 	// NodeTableIDs and NodeTableRing are MasterStatus.NodeTable's values.
 	NodeTableIDs  = "nodeids"
 	NodeTableRing = "ring"

@@ -528,7 +528,7 @@ func (d *doctor) sequence() Check {
 // (detected once at the agent's start; package kernelinfo).
 type agentKernel struct {
 	Release     string // /proc/sys/kernel/osrelease ("" unreadable)
-	PerCPUSAs   bool   // release >= 6.13
+	PerCPUSAs   bool   // the agent found per-CPU SAs (its probe)
 	ESP4Offload string // kernelinfo.ModuleState
 }
 
@@ -654,9 +654,9 @@ func kernelCheck(pods []podKernel) Check {
 	case len(pcpu) == 0:
 		summary += "; per-CPU SAs: none"
 	case len(pcpu) == n:
-		summary += "; per-CPU SAs: available on all (not used yet)"
+		summary += "; per-CPU SAs: available on all (the agents send on per-CPU lanes there with pcpu-sas: auto)"
 	default:
-		summary += "; per-CPU SAs: available on " + strings.Join(pcpu, ", ") + " (not used yet)"
+		summary += "; per-CPU SAs: available on " + strings.Join(pcpu, ", ") + " (the agents send on per-CPU lanes there with pcpu-sas: auto)"
 	}
 	if len(unknown) > 0 {
 		summary += "; esp4_offload unknown on " + strings.Join(unknown, ", ") + " (/proc/modules unreadable)"

@@ -88,13 +88,13 @@ func TestKernelCheck(t *testing.T) {
 			pods:    []podKernel{pod("node-a", bookworm), pod("node-b", trixie), pod("node-c", bpo), pod("node-d", bookworm)},
 			verdict: "pass",
 			detail: "4 nodes, kernels differ: 6.1.0-41-amd64 ×2 (node-a, node-d), 6.12.57+deb13-amd64 ×1 (node-b), 6.19.3+bpo-amd64 ×1 (node-c); " +
-				"per-CPU SAs: available on node-c (not used yet)",
+				"per-CPU SAs: available on node-c (the agents send on per-CPU lanes there with pcpu-sas: auto)",
 		},
 		{
 			name:    "all on backports",
 			pods:    []podKernel{pod("node-a", bpo), pod("node-b", bpo)},
 			verdict: "pass",
-			detail:  "2 nodes: 6.19.3+bpo-amd64 ×2; per-CPU SAs: available on all (not used yet)",
+			detail:  "2 nodes: 6.19.3+bpo-amd64 ×2; per-CPU SAs: available on all (the agents send on per-CPU lanes there with pcpu-sas: auto)",
 		},
 		{
 			name:    "esp4_offload loaded on one node",

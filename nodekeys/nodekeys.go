@@ -64,6 +64,11 @@ type Keys struct {
 	// incarnation, ascending (api.CapabilityInstalled; docs/keys.md §10): written only
 	// after the kernel holds them.
 	Installed []uint32
+	// Lanes is the number of per-CPU outbound lanes the agent sends on in this
+	// incarnation (api.CapabilityLanes, which also says it installs inbound states for its
+	// peers' lanes; docs/dataplane.md §10): it never grows within an incarnation. At most
+	// keys.MaxCPULanes; read only with the capability.
+	Lanes uint16
 }
 
 // Has reports whether the agent declares capability c.
@@ -72,7 +77,7 @@ func (k Keys) Has(c string) bool { return slices.Contains(k.Capabilities, c) }
 // Equal reports whether k and o publish the same keys for the same incarnation.
 func (k Keys) Equal(o Keys) bool {
 	return k.Incarnation == o.Incarnation && slices.Equal(k.Keys, o.Keys) && slices.Equal(k.Capabilities, o.Capabilities) &&
-		slices.Equal(k.Installed, o.Installed)
+		slices.Equal(k.Installed, o.Installed) && k.Lanes == o.Lanes
 }
 
 // Validate checks what any reader relies on: a whole incarnation, at most
@@ -99,6 +104,9 @@ func (k Keys) Validate() error {
 		if e.Generation == 0 || (i > 0 && e.Generation <= k.Keys[i-1].Generation) {
 			return fmt.Errorf("keys[%d]: generation %d is zero or not above the previous one", i, e.Generation)
 		}
+	}
+	if k.Lanes > keys.MaxCPULanes {
+		return fmt.Errorf("lanes: %d, at most %d", k.Lanes, keys.MaxCPULanes)
 	}
 	if len(k.Installed) > maxInstalled {
 		return fmt.Errorf("installed: %d, at most %d", len(k.Installed), maxInstalled)
@@ -164,6 +172,7 @@ func (k Keys) fields() map[string]any {
 		"keys":         list,
 		"capabilities": caps,
 		"installed":    installed,
+		"lanes":        int64(k.Lanes),
 	}
 }
 
@@ -184,16 +193,17 @@ func Parse(u *unstructured.Unstructured) (Keys, error) {
 		} `json:"keys"`
 		Capabilities []string `json:"capabilities"`
 		Installed    []uint32 `json:"installed"`
+		Lanes        uint16   `json:"lanes"`
 	}
 	b, err := json.Marshal(map[string]any{"incarnation": u.Object["incarnation"], "keys": u.Object["keys"], "capabilities": u.Object["capabilities"],
-		"installed": u.Object["installed"]})
+		"installed": u.Object["installed"], "lanes": u.Object["lanes"]})
 	if err == nil {
 		err = json.Unmarshal(b, &w)
 	}
 	if err != nil {
 		return Keys{}, fmt.Errorf("%s %s: does not parse", Kind, u.GetName())
 	}
-	k := Keys{Incarnation: w.Incarnation, Capabilities: w.Capabilities, Installed: w.Installed}
+	k := Keys{Incarnation: w.Incarnation, Capabilities: w.Capabilities, Installed: w.Installed, Lanes: w.Lanes}
 	if len(k.Installed) == 0 {
 		k.Installed = nil // absent and empty alike: the capability says which
 	}

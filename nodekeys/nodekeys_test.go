@@ -39,7 +39,7 @@ func sample(t *testing.T, gens ...uint32) Keys {
 
 func TestObjectRoundTrip(t *testing.T) {
 	k := sample(t, 7, 8)
-	k.Capabilities, k.Installed = []string{"installed"}, []uint32{6, 7}
+	k.Capabilities, k.Installed, k.Lanes = []string{"installed", "lanes"}, []uint32{6, 7}, 4
 	u := Object("ns", "node-1", "uid-1", k)
 	if u.GetName() != "node-1" || u.GetNamespace() != "ns" || u.GetKind() != Kind {
 		t.Fatalf("object %+v", u.Object)
@@ -75,6 +75,17 @@ func TestObjectRoundTrip(t *testing.T) {
 	delete(u.Object, "installed")
 	if got, err := Parse(u); err != nil || got.Installed != nil {
 		t.Fatalf("installed absent: %+v, %v", got.Installed, err)
+	}
+	// Another lane count is other content; absent (older agents) reads as 0.
+	o = k
+	o.Lanes = 2
+	if o.Equal(k) {
+		t.Fatal("keys with another lane count are Equal")
+	}
+	u = Object("ns", "node-1", "uid-1", k)
+	delete(u.Object, "lanes")
+	if got, err := Parse(u); err != nil || got.Lanes != 0 {
+		t.Fatalf("lanes absent: %d, %v", got.Lanes, err)
 	}
 }
 
@@ -115,6 +126,8 @@ func TestParseRejects(t *testing.T) {
 		{"installed too many", "installed: 5, at most 4", func(u *unstructured.Unstructured) {
 			u.Object["installed"] = []any{int64(1), int64(2), int64(3), int64(4), int64(5)}
 		}},
+		{"lanes too many", "lanes: 127, at most 126", func(u *unstructured.Unstructured) { u.Object["lanes"] = int64(127) }},
+		{"lanes negative", "does not parse", func(u *unstructured.Unstructured) { u.Object["lanes"] = int64(-1) }},
 	} {
 		u := good()
 		tc.edit(u)
@@ -208,6 +221,8 @@ func TestCRDAgainstRealAPIServer(t *testing.T) {
 		{"five installed", func(u *unstructured.Unstructured) {
 			u.Object["installed"] = []any{int64(1), int64(2), int64(3), int64(4), int64(5)}
 		}},
+		{"lanes 127", func(u *unstructured.Unstructured) { u.Object["lanes"] = int64(127) }},
+		{"lanes negative", func(u *unstructured.Unstructured) { u.Object["lanes"] = int64(-1) }},
 	} {
 		u := Object("secureoverlay", "bad-"+strings.ReplaceAll(tc.name, " ", "-"), "", sample(t, 3))
 		tc.edit(u)
@@ -241,6 +256,7 @@ func TestLargestObjectBounded(t *testing.T) {
 	for g := uint32(0); g < maxInstalled; g++ {
 		k.Installed = append(k.Installed, 4294967291+g)
 	}
+	k.Lanes = keys.MaxCPULanes
 	name := "ip-10-0-12-34.eu-west-1.compute.internal"
 	if len(name) != 40 {
 		t.Fatalf("name has %d characters", len(name))

@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"syscall"
 	"time"
@@ -32,6 +33,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/internal/kubeconfig"
 	"github.com/secureoverlay/secureoverlay/reconciler/agent"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
+	"github.com/secureoverlay/secureoverlay/reconciler/kernelinfo"
 	"github.com/secureoverlay/secureoverlay/reconciler/ledger"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
 	"github.com/secureoverlay/secureoverlay/reconciler/watch"
@@ -68,7 +70,7 @@ func main() {
 
 type options struct {
 	kubeconfig, nodeName, namespace, secretName, metricsAddr, ifacePattern, logLevel string
-	ledgerDir, calicoAPIGroup, stateFile, reportLists, nodeReports, nodeIDs          string
+	ledgerDir, calicoAPIGroup, stateFile, reportLists, nodeReports, nodeIDs, pcpuSAs string
 	calicoRecheck                                                                    time.Duration
 	podName, podNamespace                                                            string
 	resync, heartbeat, uninstallStep, decideTimeout                                  time.Duration
@@ -88,7 +90,8 @@ func flags(fs *flag.FlagSet, o *options) {
 	fs.DurationVar(&o.heartbeat, "heartbeat-interval", 5*time.Minute, "rewrite an unchanged report at least this often")
 	fs.IntVar(&o.icv, "icv-bytes", desired.DefaultICVBytes, "AES-GCM ICV length: 8, 12 or 16 (must match the key ring and the MTU budget)")
 	fs.IntVar(&o.replayWindow, "replay-window", desired.DefaultReplayWindow, "ESN replay window in packets (1024..32768)")
-	fs.UintVar(&o.reqid, "reqid", desired.DefaultReqID, "xfrm reqid of our transport-mode SAs and policies (reqid+1 marks tunnel mode)")
+	fs.UintVar(&o.reqid, "reqid", desired.DefaultReqID, "xfrm reqid of our transport-mode SAs and policies (reqid+1 marks tunnel mode, reqid+2..reqid+9 the per-CPU lanes' outbound states)")
+	fs.StringVar(&o.pcpuSAs, "pcpu-sas", "auto", "auto: where the kernel keeps a state's CPU number (probed at start), each new SA epoch sends on per-CPU lanes, one outbound SA per CPU and peer for up to 4 CPUs plus a fallback, each under its own key (docs/dataplane.md §10); off: send on none and remove them now (before rolling agents back to a version without lanes, docs/deploy.md). Either way this node installs its peers' lanes")
 	fs.UintVar(&o.mark, "mark", 0x10, "packet mark reserved for our rules (validated against Calico, kube-proxy and Cilium bits; the current rules match on the IPsec policy and set no mark)")
 	fs.IntVar(&o.externalMTU, "external-mtu", 0, "external MTU for the budget (0: detect the smallest MTU of the up links matching --interface-pattern)")
 	fs.StringVar(&o.ifacePattern, "interface-pattern", budget.DefaultInterfacePattern, "regexp of external interfaces (Calico's MTU interface pattern)")
@@ -130,6 +133,9 @@ func run(cleanup bool, args []string) error {
 	if o.nodeIDs != "auto" && o.nodeIDs != "off" {
 		return fmt.Errorf("--node-ids %q: want auto or off", o.nodeIDs)
 	}
+	if o.pcpuSAs != "auto" && o.pcpuSAs != "off" {
+		return fmt.Errorf("--pcpu-sas %q: want auto or off", o.pcpuSAs)
+	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(o.logLevel)); err != nil {
 		return fmt.Errorf("--log-level %q: want debug, info, warn or error", o.logLevel)
@@ -141,10 +147,11 @@ func run(cleanup bool, args []string) error {
 	}
 	log := slog.New(h)
 
-	dp := desired.Config{ICVBytes: o.icv, ReplayWindow: uint32(o.replayWindow), ReqID: uint32(o.reqid), TunnelReqID: uint32(o.reqid) + 1}.WithDefaults()
-	if o.reqid == 0 || o.reqid >= 1<<32-1 {
-		return fmt.Errorf("--reqid %d: want 1..%d", o.reqid, uint32(1<<32-2))
+	if maxReqID := uint(1<<32 - 2 - desired.LaneReqIDs); o.reqid == 0 || o.reqid > maxReqID {
+		return fmt.Errorf("--reqid %d: want 1..%d", o.reqid, maxReqID)
 	}
+	dp := desired.Config{ICVBytes: o.icv, ReplayWindow: uint32(o.replayWindow), ReqID: uint32(o.reqid), TunnelReqID: uint32(o.reqid) + 1,
+		LaneReqID: uint32(o.reqid) + 2, LanesOff: o.pcpuSAs == "off"}.WithDefaults()
 	if err := dp.Validate(); err != nil {
 		return err
 	}
@@ -244,13 +251,26 @@ func run(cleanup bool, args []string) error {
 		return err
 	}
 	defer xk.Close()
+	// The per-CPU probe writes a state to the node's kernel: once per process, not per
+	// resync (the kernel detection repeats; it reads the probe's answer).
+	pcpu, pcpuErr := xk.ProbePerCPUStates()
+	lanes := uint16(0)
+	if pcpu && !dp.LanesOff {
+		lanes = uint16(min(runtime.NumCPU(), agent.DefaultLanes))
+	}
+	log.Info("per-CPU SAs", "setting", o.pcpuSAs, "kernelHasThem", pcpu, "lanesForNewEpochs", lanes, "probeError", pcpuErr)
+	kernel := func() kernelinfo.Info {
+		i := kernelinfo.Read("/")
+		i.SetPerCPUProbe(pcpu, pcpuErr)
+		return i
+	}
 	src := watch.New(watch.Config{Client: client, Dynamic: dc, REST: cfg, Namespace: o.namespace, SecretName: o.secretName,
 		Self: o.nodeName, Logger: log, APIGroup: calicoGroup, Recheck: o.calicoRecheck, IgnoreNodeIDs: o.nodeIDs == "off"})
 	ag, err := agent.New(agent.Config{NodeName: o.nodeName, Dataplane: dp, ResyncInterval: o.resync,
 		HeartbeatInterval: o.heartbeat, ExternalMTU: o.externalMTU, LedgerDir: o.ledgerDir, ReportLists: o.reportLists, NodeReports: o.nodeReports,
-		StateFile: o.stateFile, ReadyFile: readyFile(&o), Namespace: o.namespace},
+		StateFile: o.stateFile, ReadyFile: readyFile(&o), Namespace: o.namespace, Lanes: lanes},
 		agent.Deps{Client: client, Dynamic: dc, Source: src, Xfrm: xfrm.NewApplier(xk, dp), Rules: rules.NewApplier(ipt),
-			DetectMTU: detect, Logger: log})
+			DetectMTU: detect, Logger: log, Kernel: kernel})
 	if err != nil {
 		return err
 	}

@@ -16,8 +16,10 @@ import (
 	"github.com/secureoverlay/secureoverlay/keys"
 )
 
+// parseSPI is an SPI's generation mod 4 and sender, of any kind and lane (the agents send
+// on per-CPU lanes where the lab's kernel has them: docs/dataplane.md §10).
 func parseSPI(spi uint32) (genMod4, node uint32, ok bool) {
-	_, g, n, ok := keys.ParseKindSPI(spi)
+	_, _, g, n, ok := keys.ParseLaneSPI(spi)
 	return g, n, ok
 }
 

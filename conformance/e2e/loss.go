@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
+	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
 // LossEvidence tells a lost echo request's cause apart. From its start until Report it
@@ -171,7 +172,7 @@ type LossReport struct {
 }
 
 var (
-	outPolicyRE = regexp.MustCompile(`^(?:Updated )?src (\S+)/32 dst (\S+)/32 proto ipencap dir out .*\bspi 0x([0-9a-f]+)\b`)
+	outPolicyRE = regexp.MustCompile(`^(?:Updated )?src (\S+)/32 dst (\S+)/32 proto ipencap dir out .*\bspi 0x([0-9a-f]+) reqid (\d+)\b`)
 	deletedSARE = regexp.MustCompile(`^Deleted src (\S+) dst (\S+) proto esp spi 0x([0-9a-f]+)\b`)
 )
 
@@ -192,7 +193,7 @@ func (r LossReport) MakeBeforeBreak(nodes []int, old, new uint32) (text string, 
 	for _, i := range nodes {
 		for _, ev := range r.events[i] {
 			if m := outPolicyRE.FindStringSubmatch(ev.text); m != nil && ipNode[m[1]] == i {
-				if g, ok := spiGeneration(m[3]); ok && g == new%4 {
+				if g, ok := templateGeneration(m[3], m[4]); ok && g == new%4 {
 					switched[pair{i, ipNode[m[2]]}] = ev.at
 				}
 			}
@@ -242,6 +243,21 @@ func stamp(at float64, ok bool, t0 float64) string {
 		return "—"
 	}
 	return fmt.Sprintf("+%.2f", at-t0)
+}
+
+// templateGeneration is the generation mod 4 an outbound policy's template sends with: its
+// SPI's, or for a template without an SPI (per-CPU lanes, docs/dataplane.md §10) its lane
+// reqid's — the agents' default --reqid, whose lanes' reqids follow it.
+func templateGeneration(spiHex, reqid string) (uint32, bool) {
+	if v, err := strconv.ParseUint(spiHex, 16, 32); err == nil && v != 0 {
+		return spiGeneration(spiHex)
+	}
+	r, err := strconv.ParseUint(reqid, 10, 32)
+	cfg := desired.Config{}.WithDefaults()
+	if err != nil || r < uint64(cfg.LaneReqID) || r >= uint64(cfg.LaneReqID)+desired.LaneReqIDs {
+		return 0, false
+	}
+	return uint32(r-uint64(cfg.LaneReqID)) / 2, true
 }
 
 func spiGeneration(hex string) (uint32, bool) {

@@ -159,3 +159,28 @@ func TestConflist(t *testing.T) {
 		t.Errorf("secureoverlay entry: %v", ours)
 	}
 }
+
+// An outbound policy that sends on per-CPU lanes names no SPI: its generation is its lane
+// reqid's (0x5ec2 + 2·(g mod 4) + kind).
+func TestTemplateGeneration(t *testing.T) {
+	for _, c := range []struct {
+		spi, reqid string
+		gen        uint32
+		ok         bool
+	}{
+		{"c0000100", "24256", 3, true}, // lane 0 of generation 3 (mod 4)
+		{"00000000", "24262", 2, true}, // lanes of generation 2, transport: 0x5ec6
+		{"00000000", "24263", 2, true}, // lanes of generation 2, tunnel
+		{"00000000", "24264", 3, true},
+		{"00000000", "24256", 0, false}, // no SPI under the plain reqid: not ours
+		{"00000000", "24266", 0, false}, // past the lanes' reqids
+	} {
+		if g, ok := templateGeneration(c.spi, c.reqid); g != c.gen || ok != c.ok {
+			t.Errorf("spi %s reqid %s: %d %v, want %d %v", c.spi, c.reqid, g, ok, c.gen, c.ok)
+		}
+	}
+	line := "Updated src 198.18.0.1/32 dst 198.18.0.2/32 proto ipencap dir out priority 24256 ptype main tmpl src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x00000000 reqid 24262 mode transport"
+	if m := outPolicyRE.FindStringSubmatch(line); m == nil || m[3] != "00000000" || m[4] != "24262" {
+		t.Errorf("outPolicyRE: %q", m)
+	}
+}

@@ -285,16 +285,46 @@ func TestScenario2RotationUnderTraffic(t *testing.T) {
 	} else {
 		t.Logf("scenario 2: generation %d is protocol v2 (%s)", gen, keys.Summary(r))
 	}
-	// The traffic really moved to the new generation.
+	// The traffic really moved to the new generation: toward each peer, the generation's
+	// outbound SAs carried packets (summed over the per-CPU lanes where the agents send on
+	// them: a lane whose CPU sent nothing, and lane 0 beside them, carry none).
 	for _, i := range l.RegisteredNodes() {
 		sas, err := lab.XfrmStates(ctx, l.VM, lab.NodeNS(i))
 		if err != nil {
 			t.Fatal(err)
 		}
+		toPeer, onCPULanes, onLane0, spis := map[string]uint64{}, map[string]uint64{}, map[string]uint64{}, map[string][]string{}
 		for _, sa := range sas {
-			g, _, _ := parseSPI(sa.SPI)
-			if sa.Src == lab.NodeIP(i) && g == gen%4 && sa.Packets == 0 {
-				t.Errorf("node%d outbound SA spi 0x%08x (generation %d) to %s carried no packets", i, sa.SPI, gen, sa.Dst)
+			_, lane, g, _, _ := keys.ParseLaneSPI(sa.SPI)
+			if sa.Src == lab.NodeIP(i) && g == gen%4 {
+				toPeer[sa.Dst] += sa.Packets
+				switch {
+				case lane == 0:
+					onLane0[sa.Dst] += sa.Packets
+				case lane > keys.FallbackLane:
+					onCPULanes[sa.Dst] += sa.Packets
+				}
+				spis[sa.Dst] = append(spis[sa.Dst], fmt.Sprintf("0x%08x:%d", sa.SPI, sa.Packets))
+			}
+		}
+		if len(toPeer) == 0 {
+			t.Errorf("node%d holds no outbound SA of generation %d", i, gen)
+		}
+		// Where the kernel has per-CPU SAs the agents send on lanes (docs/dataplane.md
+		// §10): the CPUs' own SAs carry the traffic, lane 0 none.
+		lanes, err := l.AgentMetric(ctx, i, "secureoverlay_agent_pcpu_lanes")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for dst, n := range toPeer {
+			switch {
+			case n == 0:
+				t.Errorf("node%d's outbound SAs of generation %d to %s carried no packets (%s)", i, gen, dst, strings.Join(spis[dst], " "))
+			case lanes > 0 && (onCPULanes[dst] == 0 || onLane0[dst] != 0):
+				t.Errorf("node%d sends on %v per-CPU lanes, but to %s its CPUs' SAs of generation %d carried %d packets and lane 0 %d (%s)",
+					i, lanes, dst, gen, onCPULanes[dst], onLane0[dst], strings.Join(spis[dst], " "))
+			case lanes > 0:
+				t.Logf("node%d → %s, generation %d on %v per-CPU lanes, per SA: %s", i, dst, gen, lanes, strings.Join(spis[dst], " "))
 			}
 		}
 	}

@@ -147,7 +147,17 @@ type Config struct {
 	// NodeStatus, which the master and the CLI read; docs/protocol-v2.md §9 step 5) or
 	// NodeReportsAlways.
 	NodeReports string
+	// Lanes is how many per-CPU outbound lanes a new SA epoch of this node sends on (the
+	// binary: min(CPUs, DefaultLanes) where the kernel keeps a state's CPU number and
+	// --pcpu-sas=auto, else 0; docs/dataplane.md §10). The count of an epoch is fixed when
+	// its keys are first published and never grows within it: a restart in the same epoch
+	// takes the smaller of this and what was published.
+	Lanes uint16
 }
+
+// DefaultLanes caps the binary's lane count: each lane adds an outbound state per peer
+// and generation here and an inbound one at each peer (docs/dataplane.md §10).
+const DefaultLanes = 4
 
 // Deps are the agent's collaborators.
 type Deps struct {
@@ -256,6 +266,10 @@ type Agent struct {
 	// keysHeld: publishKeys holds back the keys of a new epoch until it is installed
 	// (shadowsInstalled; logged once per hold). Sync worker only.
 	keysHeld bool
+	// lanes is the lane count published for the SA epoch lanesEpoch (publishKeys). Sync
+	// worker only.
+	lanes      uint16
+	lanesEpoch string
 	// keysWant is the NodeKeys content the sync worker handed over last (nil before the
 	// first sync that knew the ring), keysUID its owner's UID; keysHave the content
 	// written last in this process and keysErr the last write's error (the keys writer

@@ -33,7 +33,17 @@ func TestKernelMetricAndLog(t *testing.T) {
 			info:    kernelinfo.Derive("6.1.0-41-amd64", map[string]bool{"esp4": true, "xfrm_user": true}, nil),
 			metric:  `secureoverlay_agent_kernel_info{esp4_offload="not-loaded",pcpu_sa="false",release="6.1.0-41-amd64"} 1`,
 			level:   "INFO",
-			message: `msg=kernel node=a release=6.1.0-41-amd64 perCPUSAs=false esp4_offload=not-loaded esp4=loaded xfrm_user=loaded authencesn=not-loaded`,
+			message: `msg=kernel node=a release=6.1.0-41-amd64 perCPUSAs=false perCPUSAsProbed=false esp4_offload=not-loaded esp4=loaded xfrm_user=loaded authencesn=not-loaded`,
+		},
+		{
+			name: "trixie, probed: per-CPU SAs on 6.12",
+			info: func() kernelinfo.Info {
+				i := kernelinfo.Derive("6.12.117+deb13-amd64", map[string]bool{}, nil)
+				i.SetPerCPUProbe(true, nil)
+				return i
+			}(),
+			metric:  `secureoverlay_agent_kernel_info{esp4_offload="not-loaded",pcpu_sa="true",release="6.12.117+deb13-amd64"} 1`,
+			message: `msg=kernel node=a release=6.12.117+deb13-amd64 perCPUSAs=true perCPUSAsProbed=true`,
 		},
 		{
 			name:    "backports with esp4_offload loaded",
@@ -47,7 +57,7 @@ func TestKernelMetricAndLog(t *testing.T) {
 			info:    kernelinfo.Derive("", nil, nil),
 			metric:  `secureoverlay_agent_kernel_info{esp4_offload="unknown",pcpu_sa="false",release=""} 1`,
 			level:   "INFO",
-			message: `msg=kernel node=a release="" perCPUSAs=false esp4_offload=unknown`,
+			message: `msg=kernel node=a release="" perCPUSAs=false perCPUSAsProbed=false esp4_offload=unknown`,
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

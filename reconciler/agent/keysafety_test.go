@@ -208,7 +208,11 @@ func (s *sim) start() {
 	s.dead = false
 	rk := s.rk
 	rk.Fail = func(op string) error { return s.op("rules " + op) }
-	a, err := New(Config{NodeName: "a", ExternalMTU: 1500, LedgerDir: s.dir, RetryMin: time.Millisecond, RetryMax: time.Millisecond},
+	// Per-CPU lanes (docs/dataplane.md §10): 2 per epoch, now and then turned off for a
+	// process's life (and on again in the next: never more than the epoch published).
+	dp := desired.Config{LanesOff: s.rng.IntN(5) == 0}
+	a, err := New(Config{NodeName: "a", ExternalMTU: 1500, LedgerDir: s.dir, RetryMin: time.Millisecond, RetryMax: time.Millisecond,
+		Lanes: 2, Dataplane: dp},
 		Deps{Client: s.cs, Source: s.src, Xfrm: xfrm.NewApplier(s.xk, desired.Config{}), Rules: rules.NewApplier(rk),
 			Metrics: NewMetrics(""), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Now: s.now,
 			LedgerFail: func(op string) error { return s.op("ledger " + op) }})
@@ -267,7 +271,12 @@ func (s *sim) publishPeer(name string) {
 	s.update(n)
 	// Its NodeKeys: a key pair per published generation, drawn per incarnation (a real
 	// agent's are random; these come from the run's seed).
-	nk := &nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: rep.Incarnation, UID: rep.UID, Epoch: rep.Epoch}}
+	// With a lane count of its own, fixed for the incarnation (docs/dataplane.md §10).
+	nk := &nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: rep.Incarnation, UID: rep.UID, Epoch: rep.Epoch},
+		Capabilities: []string{api.CapabilityLanes}, Lanes: uint16(s.rng.IntN(4))}
+	if old := s.src.keys[name]; old != nil && old.Incarnation == nk.Incarnation {
+		nk.Lanes = old.Lanes
+	}
 	for _, g := range keys.PublishedGenerations(s.ring) {
 		k, err := keys.GeneratePrivateKey(rngReader{s.rng})
 		if err != nil {
@@ -433,6 +442,12 @@ func (s *sim) step() string {
 			}
 		}
 		err := s.a.Sync(ctx)
+		if k := s.a.keysWantCopy(); k != nil {
+			// Its NodeKeys as written (the writer's write landed at once; the object
+			// outlives the process, as in the API).
+			c := *k
+			s.src.keys["a"] = &c
+		}
 		if restoredBelow && len(s.xk.Log) != before {
 			s.t.Fatalf("the agent wrote to the kernel from a restored ring older than one it accepted: %v", s.xk.Log[before:])
 		}
@@ -450,6 +465,16 @@ func (s *sim) step() string {
 		}
 		if st := s.a.lastState; st != nil && slices.ContainsFunc(st.SAs, func(sa desired.SA) bool { return s.v2[sa.Generation] }) {
 			s.counts["v2-sync"]++
+		}
+		if st := s.a.lastState; st != nil {
+			for _, dir := range []desired.Dir{desired.In, desired.Out} {
+				if slices.ContainsFunc(st.SAs, func(sa desired.SA) bool {
+					_, lane, _, _, _ := keys.ParseLaneSPI(sa.SPI)
+					return sa.Dir == dir && lane > 0
+				}) {
+					s.counts["lanes-"+dir.String()]++
+				}
+			}
 		}
 		return "sync"
 	case x < 45: // a peer agent publishes
@@ -606,7 +631,7 @@ func TestKeySafetyRandomSequences(t *testing.T) {
 			c := keySafetyRun(t, seed, steps)
 			t.Logf("seed %d: %d steps, %v", seed, steps, c)
 			// The run must have exercised the dangerous paths, or it proves nothing.
-			for _, k := range []string{"sync,", "cleanup", "ip", "Secret", "peer", "node", "rotate", "activate", "v2-sync"} {
+			for _, k := range []string{"sync,", "cleanup", "ip", "Secret", "peer", "node", "rotate", "activate", "v2-sync", "lanes-in", "lanes-out"} {
 				if c[k] == 0 {
 					t.Errorf("seed %d never exercised %q", seed, k)
 				}

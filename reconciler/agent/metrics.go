@@ -48,6 +48,8 @@ type Metrics struct {
 	// Kernel is an info metric (value 1, one series) of what the agent detected of its
 	// kernel at start (SetKernel): release, pcpu_sa, esp4_offload.
 	Kernel *prometheus.GaugeVec
+	// Lanes is the per-CPU lane count this node publishes for its SA epoch.
+	Lanes prometheus.Gauge
 	// ViewPairs counts the peers by direction (in: may send ESP; out: may drop plaintext)
 	// and verdict (agree, ahead, behind; confirmed, unconfirmed for a peer whose report
 	// omits the lists) of protocol v2's rule on this node's NodeView and its peers' rows
@@ -106,9 +108,12 @@ func NewMetrics(xfrmStatPath string) *Metrics {
 		Help: "Failed writes of the boot gate's files (file=state: the next boot may not hold pods; file=ready: new pods stay held)."}, []string{"file"})
 	m.Registry.MustRegister(m.GateReady, m.GateErrors)
 	m.Kernel = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "kernel_info",
-		Help: "1, labelled with what the agent detected of its kernel at start: release (/proc/sys/kernel/osrelease), pcpu_sa (true: the release is >= 6.13, which has per-CPU SAs), esp4_offload (loaded, builtin, absent, not-loaded: not a loaded module, built in or not unknown; unknown: /proc/modules unreadable)."},
+		Help: "1, labelled with what the agent detected of its kernel at start: release (/proc/sys/kernel/osrelease), pcpu_sa (true: the kernel keeps a state's CPU number, per-CPU SAs: probed at start; where the probe failed, the release >= 6.13), esp4_offload (loaded, builtin, absent, not-loaded: not a loaded module, built in or not unknown; unknown: /proc/modules unreadable)."},
 		[]string{"release", "pcpu_sa", "esp4_offload"})
 	m.Registry.MustRegister(m.Kernel)
+	m.Lanes = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "pcpu_lanes",
+		Help: "Per-CPU outbound lanes this node sends on in its SA epoch, as published in its NodeKeys (0: none; docs/dataplane.md §10). Toward each peer that takes lanes, one outbound SA per lane plus a fallback, each under its own key."})
+	m.Registry.MustRegister(m.Lanes)
 	m.ViewPairs = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "readiness_view_pairs",
 		Help: "Protocol v2 readiness: peers by direction (in: may this node send ESP; out: may it drop their plaintext) and verdict of the master's NodeView and the peers' rows against the peers' reports (agree; ahead: they say ready, the reports do not; behind: the reverse); ahead and behind are 0 in a steady state. A pair is ready when either says so. For a peer whose report omits the lists (every live agent decides from views and rows), the rule's answer alone: confirmed or unconfirmed (0 in a steady state)."},
 		[]string{"direction", "verdict"})

@@ -35,7 +35,9 @@ func (a *Agent) publishKeys(snap *watch.Snapshot) error {
 		return fmt.Errorf("keep this node's x25519 key pairs in the ledger: %w", err)
 	}
 	k := nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: me.Incarnation, UID: me.UID, Epoch: a.led.Epoch()},
-		Capabilities: []string{api.CapabilityRingConfigMap, api.CapabilityReadinessRows, api.CapabilityReadinessDecide, api.CapabilityInstalled, api.CapabilityNodeStatus}}
+		Capabilities: []string{api.CapabilityRingConfigMap, api.CapabilityReadinessRows, api.CapabilityReadinessDecide, api.CapabilityInstalled,
+			api.CapabilityNodeStatus, api.CapabilityLanes}}
+	k.Lanes = a.epochLanes(me.Keys, k.Incarnation)
 	if r, ok := a.d.Source.(NodeIDReader); ok && r.ReadsNodeIDs() {
 		// Declared only once the NodeIDs' list is in: an agent whose RBAC or CRD predates
 		// them keeps the table in the public ring (docs/keys.md §13).
@@ -83,6 +85,43 @@ func (a *Agent) publishKeys(snap *watch.Snapshot) error {
 		}
 	}
 	return nil
+}
+
+// epochLanes is the lane count this node publishes for incarnation inc (sync worker): fixed
+// for the epoch when first decided — Config.Lanes, or less when keys of the same
+// incarnation were published before (by this process or the agent before it, whose
+// peers installed inbound states for that count and readiness covers no more; an agent
+// before lanes published none) — and 0 from the moment lanes are turned off.
+func (a *Agent) epochLanes(pub *nodekeys.Keys, inc nodekeys.Incarnation) uint16 {
+	if a.cfg.Dataplane.LanesOff {
+		a.d.Metrics.Lanes.Set(0)
+		return 0
+	}
+	if a.lanesEpoch == inc.Epoch {
+		return a.lanes
+	}
+	n := a.cfg.Lanes
+	for _, k := range []*nodekeys.Keys{a.keysWantCopy(), pub} {
+		if k != nil && k.Incarnation == inc {
+			was := uint16(0)
+			if k.Has(api.CapabilityLanes) {
+				was = k.Lanes
+			}
+			n = min(n, was)
+		}
+	}
+	a.lanes, a.lanesEpoch = n, inc.Epoch
+	a.d.Metrics.Lanes.Set(float64(n))
+	if a.cfg.Lanes > 0 || n > 0 {
+		a.log.Info("per-CPU lanes for this SA epoch", "epoch", inc.Epoch, "lanes", n, "configured", a.cfg.Lanes)
+	}
+	return n
+}
+
+func (a *Agent) keysWantCopy() *nodekeys.Keys {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.keysWant
 }
 
 // shadowsInstalled reports whether publishing k would replace published keys pub of the

@@ -153,3 +153,48 @@ func TestNodeKeysWriteOffTheSyncPath(t *testing.T) {
 	waitFor(t, "status clear", func() bool { return e.a.Status().Error == "" })
 	published(t, e, dc)
 }
+
+// TestNodeKeysLanesPerEpoch: the agent declares that it takes its peers' lanes and
+// publishes the lane count it sends on, fixed for its SA epoch (docs/dataplane.md §10): a
+// restart in the same epoch never publishes more than was published (peers installed
+// inbound states for that count), turning lanes off publishes 0 at once and for the rest
+// of the epoch, and a new epoch takes the configured count again.
+func TestNodeKeysLanesPerEpoch(t *testing.T) {
+	e, ctx := epochEnv(t)
+	e.a.d.Dynamic = e.dc // the watcher reads what the agent publishes
+	restart := func(lanes uint16, off bool) {
+		t.Helper()
+		e.a.cfg.Lanes, e.a.cfg.Dataplane.LanesOff = lanes, off
+		e.restart()
+		e.a.d.Dynamic = e.dc
+	}
+	check := func(step string, want uint16) nodekeys.Keys {
+		t.Helper()
+		e.sync(ctx)
+		k := published(t, e, e.dc)
+		if !k.Has(api.CapabilityLanes) || k.Lanes != want || value(e.m.Lanes) != float64(want) {
+			t.Fatalf("%s: lanes %d (capabilities %v, metric %v), want %d", step, k.Lanes, k.Capabilities, value(e.m.Lanes), want)
+		}
+		waitFor(t, step+": the watcher sees it", func() bool {
+			snap := e.src.Snapshot()
+			n := snap.Node("a")
+			return n != nil && n.Keys != nil && n.Keys.Equal(k)
+		})
+		return k
+	}
+	restart(2, false)
+	first := check("first epoch", 2)
+	restart(4, false)
+	check("restart with more lanes configured", 2)
+	restart(4, true)
+	check("turned off", 0)
+	restart(4, false)
+	check("on again in the same epoch", 0)
+
+	// A new epoch (lost SA state) takes the configured count.
+	e.xk.Remove("state", func(string) bool { return true })
+	e.a.Resync()
+	if k := check("new epoch", 4); k.Incarnation.Epoch == first.Incarnation.Epoch {
+		t.Fatal("no new epoch")
+	}
+}

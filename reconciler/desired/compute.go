@@ -340,10 +340,11 @@ func Compute(in Inputs) (State, error) {
 		}
 		return nil
 	}
-	// Self's lanes, published for its incarnation (docs/dataplane.md §10).
-	selfLanes := uint16(0)
-	if mode != api.ModeOff {
-		selfLanes = self.Lanes
+	// Self's lanes, published for its incarnation (docs/dataplane.md §10); none at once
+	// when turned off, before the published count follows.
+	selfLanes := self.Lanes
+	if cfg.LanesOff {
+		selfLanes = 0
 	}
 
 	// Same-subnet (CrossSubnet) coverage data.
@@ -417,8 +418,8 @@ func Compute(in Inputs) (State, error) {
 		return cfg.Priority + uint32(32-src.Bits()) + uint32(32-dst.Bits())
 	}
 	// outPolicy completes pol, the outbound policy toward p of kind k, with its template for
-	// p.sendGen: on this node's lanes when it has them for that generation, p installs
-	// inbound states for them and they are not turned off — an SPI-less template under
+	// p.sendGen: on this node's lanes when it has them for that generation and p installs
+	// inbound states for them — an SPI-less template under
 	// the generation's lane reqid, which the kernel resolves to the state of the sending
 	// CPU or the fallback (docs/dataplane.md §10) — else naming lane 0's SPI.
 	outPolicy := func(p *peer, k Kind, pol Policy) Policy {
@@ -427,7 +428,7 @@ func Compute(in Inputs) (State, error) {
 			reqid = cfg.TunnelReqID
 		}
 		pol.Tmpl = Template{Src: selfAddr.Addr(), Dst: p.addr.Addr(), SPI: sas[saKey{p.node.Name, p.sendGen, k, Out, 0}].SPI, Kind: k, ReqID: reqid}
-		if fb, ok := sas[saKey{p.node.Name, p.sendGen, k, Out, keys.FallbackLane}]; ok && p.node.TakesLanes && !cfg.LanesOff {
+		if fb, ok := sas[saKey{p.node.Name, p.sendGen, k, Out, keys.FallbackLane}]; ok && p.node.TakesLanes {
 			pol.Tmpl.SPI, pol.Tmpl.ReqID, pol.Fallback = 0, fb.ReqID, fb.SPI
 		}
 		return pol

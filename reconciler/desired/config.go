@@ -25,9 +25,10 @@ type Config struct {
 	// (default 0x5ec2): generation g's states of kind k are under LaneReqID + 2·(g mod 4)
 	// + k, so an SPI-less template chooses the generation (docs/dataplane.md §10).
 	LaneReqID uint32
-	// LanesOff: no pair sends on lanes (its outbound policy names lane 0's SPI, as without
-	// lanes); the lane states of this node's SA epoch stay (its lane count is published
-	// for the epoch and peers install inbound states for it). The agent's --pcpu-sas=off.
+	// LanesOff: this node sends on no lanes, whatever count its NodeKeys still publish:
+	// its outbound policies name lane 0's SPI and its outbound lane states go (the
+	// agent's --pcpu-sas=off; it publishes 0 lanes next). Inbound states for its peers'
+	// lanes stay: it still takes them.
 	LanesOff bool
 	// Priority is the xfrm priority of our most specific policies (lower wins; default
 	// 0x5ec0). Tunnel-mode block policies use Priority + (32-srclen) + (32-dstlen) so that

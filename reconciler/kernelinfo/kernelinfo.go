@@ -158,15 +158,25 @@ type Info struct {
 	Release   string
 	Version   Version
 	VersionOK bool
-	// PerCPUSAs: the release is >= 6.13, which added per-CPU SAs (XFRMA_SA_PCPU). By
-	// version only: a vendor kernel may backport it; before using them, the agent must
-	// probe (docs/dataplane.md §10: a kernel that does not know the attribute drops it
-	// silently).
-	PerCPUSAs bool
+	// PerCPUSAs: the kernel keeps a state's CPU number (XFRMA_SA_PCPU): the agent's probe
+	// said so (SetPerCPUProbe; PerCPUProbed), else by release, >= 6.13, which added them —
+	// a guess: Debian's 6.12 has them too (docs/dataplane.md §10).
+	PerCPUSAs    bool
+	PerCPUProbed bool
 	// Modules holds the state of each of Modules.
 	Modules map[string]ModuleState
 	// Problems are the files that could not be read or parsed (one line each).
 	Problems []string
+}
+
+// SetPerCPUProbe puts the agent's probe of per-CPU SAs (xfrm.Netlink.ProbePerCPUStates)
+// in place of the release's guess; a probe that failed leaves the guess and is a problem.
+func (i *Info) SetPerCPUProbe(ok bool, err error) {
+	if err != nil {
+		i.Problems = append(i.Problems, "per-CPU SA probe: "+err.Error())
+		return
+	}
+	i.PerCPUSAs, i.PerCPUProbed = ok, true
 }
 
 // ESP4Offload is the state of esp4_offload: with it loaded the lab (QEMU TCG) counted
@@ -233,7 +243,7 @@ func parseFile(p string, parse func(io.Reader) (map[string]bool, error)) (map[st
 
 // LogAttrs are Info as slog key-value pairs, for the agent's one line at start.
 func (i Info) LogAttrs() []any {
-	a := []any{"release", i.Release, "perCPUSAs", i.PerCPUSAs}
+	a := []any{"release", i.Release, "perCPUSAs", i.PerCPUSAs, "perCPUSAsProbed", i.PerCPUProbed}
 	for _, m := range Modules {
 		a = append(a, m, string(i.Modules[m]))
 	}

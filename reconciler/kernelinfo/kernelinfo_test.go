@@ -1,6 +1,7 @@
 package kernelinfo
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -191,4 +192,27 @@ func TestRead(t *testing.T) {
 			t.Errorf("Read = %+v", i)
 		}
 	})
+}
+
+// SetPerCPUProbe: the probe's answer replaces the release's guess either way; a failed
+// probe keeps the guess and says why.
+func TestSetPerCPUProbe(t *testing.T) {
+	i := Derive("6.12.117+deb13-amd64", nil, nil)
+	if i.PerCPUSAs || i.PerCPUProbed {
+		t.Fatalf("6.12 by release: %+v", i)
+	}
+	i.SetPerCPUProbe(true, nil)
+	if !i.PerCPUSAs || !i.PerCPUProbed {
+		t.Fatalf("probed true: %+v", i)
+	}
+	j := Derive("6.18.5", nil, nil)
+	j.SetPerCPUProbe(false, nil)
+	if j.PerCPUSAs || !j.PerCPUProbed {
+		t.Fatalf("6.18 probed false: %+v", j)
+	}
+	k := Derive("6.18.5", nil, nil)
+	k.SetPerCPUProbe(false, errors.New("netlink: operation not permitted"))
+	if !k.PerCPUSAs || k.PerCPUProbed || len(k.Problems) != 1 || !strings.Contains(k.Problems[0], "per-CPU SA probe") {
+		t.Fatalf("probe failed: %+v", k)
+	}
 }

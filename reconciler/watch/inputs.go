@@ -178,6 +178,7 @@ func nodeConverter(self string, me *NodeInfo, ring *keys.Ring, epoch string) fun
 			dn.Incarnation, fromKeys = n.keyIncarnation()
 			dn.Published = publishedID(n, dn.Incarnation)
 		}
+		dn.Lanes, dn.TakesLanes = lanesOf(n, dn.Incarnation)
 		if n.Name == self {
 			return dn
 		}
@@ -229,6 +230,19 @@ func v2Keys(s *Snapshot, self string) *V2Keys {
 		}
 		return *n.Keys, true
 	}}
+}
+
+// lanesOf is what node n's NodeKeys say of per-CPU lanes for its key incarnation inc
+// (docs/dataplane.md §10): the count it sends on and whether it takes its peers'. Keys of
+// another incarnation, or without api.CapabilityLanes (an agent before lanes, or rolled
+// back to one: its whole capabilities list replaces ours, the count may stay), say none.
+func lanesOf(n *NodeInfo, inc string) (uint16, bool) {
+	k := n.Keys
+	if k == nil || inc == "" || !k.Has(api.CapabilityLanes) ||
+		KeyIncarnation(k.Incarnation.BootID, k.Incarnation.UID, k.Incarnation.Epoch) != inc {
+		return 0, false
+	}
+	return k.Lanes, true
 }
 
 // publishedID identifies the keys node n publishes for its key incarnation inc

@@ -142,3 +142,42 @@ func TestInputsFromNodeKeys(t *testing.T) {
 		})
 	}
 }
+
+// TestInputsLanes: a node's lane count and whether it takes lanes come from its NodeKeys of
+// its current key incarnation with the capability lanes (docs/dataplane.md §10) — for
+// self as for peers; keys of another incarnation, or a count without the capability (an
+// agent rolled back to one before lanes replaces the capabilities, not the count), say
+// none.
+func TestInputsLanes(t *testing.T) {
+	ring := testRing(t, api.ModeEncrypt, 8, "a", "b")
+	inst, lanes := api.CapabilityInstalled, api.CapabilityLanes
+	withLanes := func(k *nodekeys.Keys, n uint16) *nodekeys.Keys { k.Lanes = n; return k }
+	for _, c := range []struct {
+		name          string
+		self, peer    *nodekeys.Keys
+		selfLanes     uint16
+		peerLanes     uint16
+		takes, selfTk bool
+	}{
+		{"both declare", withLanes(nk("boot-a", "uid-a", "ea", nil, inst, lanes), 2), withLanes(nk("boot-b", "uid-b", "e2", []uint32{1}, inst, lanes), 3), 2, 3, true, true},
+		{"peer takes, sends on none", nil, withLanes(nk("boot-b", "uid-b", "e2", []uint32{1}, inst, lanes), 0), 0, 0, true, false},
+		{"count without the capability (rolled back)", withLanes(nk("boot-a", "uid-a", "ea", nil, inst), 2), withLanes(nk("boot-b", "uid-b", "e2", []uint32{1}, inst), 3), 0, 0, false, false},
+		{"self's keys of another epoch", withLanes(nk("boot-a", "uid-a", "old", nil, inst, lanes), 2), nil, 0, 0, false, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			snap := Snapshot{Ring: ring, Nodes: []NodeInfo{
+				{Name: "a", IPv4Address: "198.18.0.1/24", Incarnation: "boot-a", UID: "uid-a", Keys: c.self},
+				{Name: "b", IPv4Address: "198.18.0.2/24", Incarnation: "boot-b", UID: "uid-b", Keys: c.peer},
+			}}
+			in, err := Inputs("a", snap, desired.Config{}, "ea")
+			if err != nil {
+				t.Fatal(err)
+			}
+			a, b := in.Nodes[0], in.Nodes[1]
+			if a.Lanes != c.selfLanes || a.TakesLanes != c.selfTk || b.Lanes != c.peerLanes || b.TakesLanes != c.takes {
+				t.Errorf("self lanes %d takes %v, peer lanes %d takes %v; want %d %v, %d %v", a.Lanes, a.TakesLanes, b.Lanes, b.TakesLanes,
+					c.selfLanes, c.selfTk, c.peerLanes, c.takes)
+			}
+		})
+	}
+}

@@ -248,6 +248,41 @@ func mode(k desired.Kind) netlink.Mode {
 
 // AddState is `ip xfrm state add src S dst D proto esp spi SPI reqid R mode M
 // replay-window W flag esn aead 'rfc4106(gcm(aes))' KEY ICVBITS [sel ...] limit ...`.
+// ProbePerCPUStates reports whether the kernel keeps a state's CPU number
+// (XFRMA_SA_PCPU, Linux ≥ 6.13 and some vendor kernels before; docs/dataplane.md §10).
+// Kernels without it parse xfrm messages leniently and drop an attribute they do not
+// know, so a successful add proves nothing: the answer is whether the number comes back.
+// The probe adds one outbound state between two addresses of the benchmarking range
+// 198.18.0.0/15 that no node uses (no policy selects it, so it carries no packet) and
+// deletes it at once, by ID: the kernel refuses XFRMA_SA_PCPU in a delete or get (7.3),
+// which the library sends when the state carries a number. A kernel that refuses the add
+// (before 6.10 it does not know XFRMA_SA_DIR either; or it lacks ESP or GCM) has none.
+func (n Netlink) ProbePerCPUStates() (bool, error) {
+	h, err := n.handle()
+	if err != nil {
+		return false, err
+	}
+	cpu := uint32(0)
+	probe := &netlink.XfrmState{
+		Src: net.ParseIP("198.19.255.253"), Dst: net.ParseIP("198.19.255.254"),
+		Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TRANSPORT, Spi: 0x0fff0000, Reqid: 0x7e57,
+		Aead:  &netlink.XfrmStateAlgo{Name: aeadName, Key: make([]byte, 20), ICVLen: 128},
+		SADir: netlink.XFRM_SA_DIR_OUT, Pcpunum: &cpu,
+	}
+	if err := h.XfrmStateAdd(probe); err != nil {
+		return false, nil
+	}
+	id := &netlink.XfrmState{Src: probe.Src, Dst: probe.Dst, Proto: probe.Proto, Spi: probe.Spi}
+	got, err := h.XfrmStateGet(id)
+	if derr := h.XfrmStateDel(id); derr != nil {
+		return false, fmt.Errorf("delete the per-CPU probe state: %w", derr)
+	}
+	if err != nil {
+		return false, fmt.Errorf("read back the per-CPU probe state: %w", err)
+	}
+	return got.Pcpunum != nil && *got.Pcpunum == cpu, nil
+}
+
 func (n Netlink) AddState(sa desired.SA) error {
 	s := &netlink.XfrmState{
 		Src: sa.Src.AsSlice(), Dst: sa.Dst.AsSlice(), Proto: netlink.XFRM_PROTO_ESP,

@@ -22,35 +22,6 @@ import (
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 )
 
-// perCPUSupported probes, in the current network namespace, whether the kernel keeps a
-// state's per-CPU number (XFRMA_SA_PCPU, Linux ≥ 6.13): older kernels parse xfrm
-// messages leniently and drop an attribute they do not know, so the answer is whether the
-// attribute comes back. The probe state uses addresses of the test range and is deleted.
-func perCPUSupported(h *netlink.Handle) (bool, error) {
-	cpu := uint32(0)
-	probe := &netlink.XfrmState{
-		Src: net.ParseIP("198.19.255.253"), Dst: net.ParseIP("198.19.255.254"),
-		Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TRANSPORT, Spi: 0x0fff0000, Reqid: 0x7e57,
-		Aead:  &netlink.XfrmStateAlgo{Name: "rfc4106(gcm(aes))", Key: make([]byte, 20), ICVLen: 128},
-		SADir: netlink.XFRM_SA_DIR_OUT, Pcpunum: &cpu,
-	}
-	if err := h.XfrmStateAdd(probe); err != nil {
-		// Kernels before 6.10 do not know XFRMA_SA_DIR either and may refuse the pair.
-		return false, nil
-	}
-	// Get and delete by ID only: the kernel refuses XFRMA_SA_PCPU in those requests
-	// (EINVAL on 7.3), and the library sends it when the state carries one.
-	id := &netlink.XfrmState{Src: probe.Src, Dst: probe.Dst, Proto: probe.Proto, Spi: probe.Spi}
-	got, err := h.XfrmStateGet(id)
-	if derr := h.XfrmStateDel(id); err == nil && derr != nil {
-		err = derr
-	}
-	if err != nil {
-		return false, err
-	}
-	return got.Pcpunum != nil && *got.Pcpunum == cpu, nil
-}
-
 // kernelAtLeast reports whether the running kernel's release is at least major.minor.
 func kernelAtLeast(t *testing.T, major, minor int) bool {
 	var u unix.Utsname
@@ -135,8 +106,8 @@ func newPCPULab(t *testing.T) *pcpuLab {
 // 6.12.117+deb13 does, which the traffic then proves).
 func (l *pcpuLab) supported(t *testing.T) bool {
 	t.Helper()
-	supported, err := perCPUSupported(l.ha)
-	if err != nil {
+	var supported bool
+	if err := l.a.Do(func(ns.NetNS) (err error) { supported, err = (Netlink{}).ProbePerCPUStates(); return err }); err != nil {
 		t.Fatal(err)
 	}
 	mainline := kernelAtLeast(t, 6, 13)

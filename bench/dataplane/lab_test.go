@@ -17,6 +17,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -32,6 +33,7 @@ import (
 	"github.com/secureoverlay/secureoverlay/bench"
 	"github.com/secureoverlay/secureoverlay/conformance/lab"
 	"github.com/secureoverlay/secureoverlay/conformance/lab/wire"
+	"github.com/secureoverlay/secureoverlay/keys"
 	"github.com/secureoverlay/secureoverlay/reconciler/desired"
 	"github.com/secureoverlay/secureoverlay/reconciler/rules"
 	"github.com/secureoverlay/secureoverlay/reconciler/xfrm"
@@ -54,7 +56,7 @@ var tcpCounters = []string{"TcpRetransSegs", "TcpExtTCPDSACKRecv", "TcpExtTCPSAC
 // modeMTU is the pod (and tunnel) MTU each system gives pods on a 1500-byte network: Calico's
 // IPIP 1480; our budget with ICV 8 (docs/dataplane.md, DESIGN §2) 1452 for both ESP modes, so
 // they differ only in the algorithm; Calico's WireGuard default 1440 (60 bytes of overhead).
-var modeMTU = map[string]int{"ipip": 1480, "esp": 1452, "espnull": 1452, "espnoesn": 1452, "wireguard": 1440}
+var modeMTU = map[string]int{"ipip": 1480, "esp": 1452, "espnull": 1452, "espnoesn": 1452, "esppcpu": 1452, "wireguard": 1440}
 
 func envInt(t *testing.T, name string, def int) int {
 	if v := os.Getenv(name); v != "" {
@@ -273,7 +275,7 @@ cat /tmp/dp-send.json /tmp/dp-sink.json >/tmp/dp-out.json`, lab.PodNS(2), dst, u
 				lab.PodNS(i), mtu, lab.NodeNS(i), i, mtu, lab.NodeNS(i), mtu)
 		}
 		switch m {
-		case "esp", "espnull", "espnoesn":
+		case "esp", "espnull", "espnoesn", "esppcpu":
 			fmt.Fprintf(&b, "DP_ACTION=%s-up SECUREOVERLAY_IN_LAB=1 %s -test.run '^TestDataplaneGuestAction$' >/tmp/dp-action.log 2>&1 || { cat /tmp/dp-action.log >&2; exit 1; }\n", m, guestBin)
 			if breakESP && m == "esp" {
 				// The checks' own test: node1 loses its policies and rules, so it sends
@@ -302,7 +304,7 @@ ip -n %[1]s route replace %[5]s dev wg0
 	down := func(m string) {
 		m, offload := BaseMode(m)
 		switch m {
-		case "esp", "espnull", "espnoesn":
+		case "esp", "espnull", "espnoesn", "esppcpu":
 			sh(fmt.Sprintf("DP_ACTION=down SECUREOVERLAY_IN_LAB=1 %s -test.run '^TestDataplaneGuestAction$' >/tmp/dp-action.log 2>&1 || { cat /tmp/dp-action.log >&2; exit 1; }\n", guestBin))
 			if offload {
 				// The SAs are gone, so nothing holds the module any more.
@@ -403,9 +405,18 @@ ip -n %[1]s route replace %[5]s dev wg0
 						t.Fatal(err)
 					}
 					var in, out uint64
+					var perCPU []string // esppcpu: the outbound SAs' packets by lane
+					cpuLanes, notCPU := 0, uint64(0)
 					for _, sa := range sas {
 						if sa.Src == lab.NodeIP(i) {
 							out += sa.Packets
+							_, lane, _, _, _ := keys.ParseLaneSPI(sa.SPI)
+							if lane > keys.FallbackLane && sa.Packets > 0 {
+								cpuLanes++
+							} else if lane <= keys.FallbackLane {
+								notCPU += sa.Packets
+							}
+							perCPU = append(perCPU, fmt.Sprintf("lane %d: %d", lane, sa.Packets))
 						} else {
 							in += sa.Packets
 						}
@@ -414,6 +425,15 @@ ip -n %[1]s route replace %[5]s dev wg0
 						t.Errorf("round %d, %s: %s's SAs counted %d packets in, %d out: want both > 0", r+1, m, lab.NodeNS(i), in, out)
 					}
 					espOut = append(espOut, fmt.Sprintf("%s %d out/%d in", lab.NodeNS(i), out, in))
+					if m == "esppcpu" {
+						// Every CPU has a lane: traffic leaves through the CPUs' own SAs
+						// (more than one of them), lane 0 and the fallback carry none.
+						slices.Sort(perCPU)
+						if cpuLanes < 2 || notCPU != 0 {
+							t.Errorf("round %d, esppcpu: %s's outbound SAs: %s: want traffic on 2 or more CPUs' lanes and none elsewhere", r+1, lab.NodeNS(i), strings.Join(perCPU, ", "))
+						}
+						espOut = append(espOut, "("+strings.Join(perCPU, ", ")+")")
+					}
 				}
 			}
 			t.Logf("round %d %-9s wire: %d IPIP, %d ESP; SAs: %s; tcp1 %.1f Mbit/s (%.0f retrans, %.0f DSACKs, %.0f backlog drops), tcpn %.1f Mbit/s, rr %.0f/s, udp64 %.0f/s, udpmtu %.0f/s",
@@ -493,22 +513,24 @@ func benchKeys() desired.KeyFunc {
 		panic(err)
 	}
 	return func(gen uint32, kind desired.Kind, lane uint16, src, dst desired.Endpoint) (uint32, desired.Key, error) {
-		if lane != 0 {
-			return 0, desired.Key{}, desired.ErrNoLanes
+		spi, err := keys.LaneSPI(kind, lane, gen, src.NodeID)
+		if err != nil {
+			return 0, desired.Key{}, err
 		}
-		spi := (gen%4)<<30 | src.NodeID<<8 | uint32(kind)
 		h := hmac.New(sha256.New, secret)
-		fmt.Fprintf(h, "%d|%d|%s|%s|%s|%s", gen, kind, src.IP, src.Incarnation, dst.IP, dst.Incarnation)
+		fmt.Fprintf(h, "%d|%d|%d|%s|%s|%s|%s", gen, kind, lane, src.IP, src.Incarnation, dst.IP, dst.Incarnation)
 		return spi, desired.NewKey(h.Sum(nil)[:20]), nil
 	}
 }
 
-// benchInputs is node self's view of the two-node cluster in enforce, the peer ready both ways.
-func benchInputs(self int, keys desired.KeyFunc) desired.Inputs {
+// benchInputs is node self's view of the two-node cluster in enforce, the peer ready both
+// ways; with lanes > 0 both nodes send on that many per-CPU lanes and take the other's.
+func benchInputs(self int, keys desired.KeyFunc, lanes uint16) desired.Inputs {
 	in := desired.Inputs{Self: lab.NodeNS(self), Ring: desired.Ring{Mode: api.ModeEnforce, Generations: []desired.Generation{{ID: 1, State: desired.GenActive}}},
 		Keys: keys, Pools: []desired.Pool{{Name: "default", CIDR: netip.MustParsePrefix("10.244.0.0/16"), IPIPMode: desired.IPIPAlways}}}
 	for i := 1; i <= 2; i++ {
-		nd := desired.Node{Name: lab.NodeNS(i), IPv4Address: lab.NodeIP(i) + "/24", Incarnation: fmt.Sprintf("bench-%d", i), NodeID: uint32(i)}
+		nd := desired.Node{Name: lab.NodeNS(i), IPv4Address: lab.NodeIP(i) + "/24", Incarnation: fmt.Sprintf("bench-%d", i), NodeID: uint32(i),
+			Lanes: lanes, TakesLanes: lanes > 0}
 		if i != self {
 			nd.Report = &desired.Report{Incarnation: nd.Incarnation, Mode: api.ModeEnforce, Generations: []uint32{1}, InboundFromSelf: true, EncryptsToSelf: true}
 		}
@@ -547,7 +569,7 @@ func TestDataplaneGuestAction(t *testing.T) {
 	if os.Getenv("SECUREOVERLAY_IN_LAB") != "1" || act == "" {
 		t.Skip("run by TestBenchDataplane inside the lab guest")
 	}
-	keys := benchKeys()
+	kf := benchKeys()
 	for i := 1; i <= 2; i++ {
 		netns, err := ns.GetNS("/run/netns/" + lab.NodeNS(i))
 		if err != nil {
@@ -568,11 +590,18 @@ func TestDataplaneGuestAction(t *testing.T) {
 				}
 				return netlink.XfrmStateFlush(0)
 			}
-			st, err := desired.Compute(benchInputs(i, keys))
+			lanes := uint16(0)
+			if act == "esppcpu-up" {
+				lanes = uint16(runtime.NumCPU()) // every CPU its own lane: the fallback carries none
+			}
+			st, err := desired.Compute(benchInputs(i, kf, lanes))
 			if err != nil {
 				return err
 			}
 			up := act
+			if act == "esppcpu-up" {
+				up = "esp-up"
+			}
 			if act == "espnoesn-up" {
 				// The experiment's one change: 32-bit sequence numbers (the legacy replay
 				// window is at most 32 packets).

@@ -316,7 +316,9 @@ func Compute(in Inputs) (State, error) {
 			// with its CPU number, the fallback without one.
 			sa.ReqID = cfg.LaneReqIDFor(kind, g)
 			if lane > keys.FallbackLane {
-				sa.Lane = lane - keys.FallbackLane
+				// A per-CPU state is an output state to the kernel (XFRMA_SA_DIR out):
+				// no replay window (xfrm.Netlink.AddState).
+				sa.Lane, sa.ReplayWindow = lane-keys.FallbackLane, 0
 			}
 		}
 		sas[saKey{p.node.Name, g, kind, dir, lane}] = sa

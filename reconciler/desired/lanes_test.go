@@ -57,6 +57,10 @@ func TestComputeLanes(t *testing.T) {
 			if sa.ReqID != wantReqID || sa.Lane != wantCPU {
 				t.Errorf("%s: reqid 0x%x lane %d, want reqid 0x%x lane %d", sa, sa.ReqID, sa.Lane, wantReqID, wantCPU)
 			}
+			// A per-CPU state is an output state to the kernel: no replay window.
+			if wantWin := map[bool]uint32{true: 0, false: cfg.ReplayWindow}[wantCPU > 0]; sa.ReplayWindow != wantWin || !sa.ESN {
+				t.Errorf("%s: replay window %d esn %v, want %d with esn", sa, sa.ReplayWindow, sa.ESN, wantWin)
+			}
 		}
 		slices.Sort(got)
 		if !slices.Equal(got, lanes) {

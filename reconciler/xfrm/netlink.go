@@ -249,30 +249,26 @@ func mode(k desired.Kind) netlink.Mode {
 // AddState is `ip xfrm state add src S dst D proto esp spi SPI reqid R mode M
 // replay-window W flag esn aead 'rfc4106(gcm(aes))' KEY ICVBITS [sel ...] limit ...`.
 // ProbePerCPUStates reports whether the kernel keeps a state's CPU number
-// (XFRMA_SA_PCPU, Linux ≥ 6.13 and some vendor kernels before; docs/dataplane.md §10).
-// Kernels without it parse xfrm messages leniently and drop an attribute they do not
-// know, so a successful add proves nothing: the answer is whether the number comes back.
-// The probe adds one outbound state between two addresses of the benchmarking range
-// 198.18.0.0/15 that no node uses (no policy selects it, so it carries no packet) and
-// deletes it at once, by ID: the kernel refuses XFRMA_SA_PCPU in a delete or get (7.3),
-// which the library sends when the state carries a number. A kernel that refuses the add
-// (before 6.10 it does not know XFRMA_SA_DIR either; or it lacks ESP or GCM) has none.
+// (XFRMA_SA_PCPU, Linux ≥ 6.13 and some vendor kernels before; docs/dataplane.md §10) for
+// a state written exactly as the agent writes its per-CPU states (addPerCPUState: ESN,
+// AES-GCM, packet limits). Kernels without them parse xfrm messages leniently and drop an
+// attribute they do not know, so a successful add proves nothing: the answer is whether
+// the number comes back. The probe state is between two addresses of the benchmarking
+// range 198.18.0.0/15 that no node uses (no policy selects it, so it carries no packet)
+// and is deleted at once, by ID. A kernel that refuses the add (before 6.10 it does not
+// know XFRMA_SA_DIR either; or it lacks ESP or GCM) has none the agent could use.
 func (n Netlink) ProbePerCPUStates() (bool, error) {
 	h, err := n.handle()
 	if err != nil {
 		return false, err
 	}
-	cpu := uint32(0)
-	probe := &netlink.XfrmState{
-		Src: net.ParseIP("198.19.255.253"), Dst: net.ParseIP("198.19.255.254"),
-		Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TRANSPORT, Spi: 0x0fff0000, Reqid: 0x7e57,
-		Aead:  &netlink.XfrmStateAlgo{Name: aeadName, Key: make([]byte, 20), ICVLen: 128},
-		SADir: netlink.XFRM_SA_DIR_OUT, Pcpunum: &cpu,
-	}
-	if err := h.XfrmStateAdd(probe); err != nil {
+	probe := desired.SA{Src: netip.MustParseAddr("198.19.255.253"), Dst: netip.MustParseAddr("198.19.255.254"), SPI: 0x0fff0000,
+		Kind: desired.Transport, ReqID: 0x7e57, Key: desired.NewKey(make([]byte, 20)), ICVBytes: 16, ESN: true,
+		SoftPackets: 1 << 32, HardPackets: 1 << 34, Lane: 1}
+	if err := n.addPerCPUState(probe); err != nil {
 		return false, nil
 	}
-	id := &netlink.XfrmState{Src: probe.Src, Dst: probe.Dst, Proto: probe.Proto, Spi: probe.Spi}
+	id := &netlink.XfrmState{Src: probe.Src.AsSlice(), Dst: probe.Dst.AsSlice(), Proto: netlink.XFRM_PROTO_ESP, Spi: int(probe.SPI)}
 	got, err := h.XfrmStateGet(id)
 	if derr := h.XfrmStateDel(id); derr != nil {
 		return false, fmt.Errorf("delete the per-CPU probe state: %w", derr)
@@ -280,7 +276,7 @@ func (n Netlink) ProbePerCPUStates() (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("read back the per-CPU probe state: %w", err)
 	}
-	return got.Pcpunum != nil && *got.Pcpunum == cpu, nil
+	return got.Pcpunum != nil && *got.Pcpunum == 0, nil
 }
 
 func (n Netlink) AddState(sa desired.SA) error {
@@ -295,16 +291,76 @@ func (n Netlink) AddState(sa desired.SA) error {
 		s.Selector = &netlink.XfrmPolicy{Src: ipnet(sa.SelSrc), Dst: ipnet(sa.SelDst), Proto: netlink.Proto(sa.SelProto)}
 	}
 	if sa.Lane > 0 {
-		// A per-CPU outbound state (Linux ≥ 6.13): the kernel wants its direction with it.
-		// Lookups and deletes go by ID only (DeleteState): 7.3 refuses XFRMA_SA_PCPU there.
-		cpu := uint32(sa.Lane - 1)
-		s.SADir, s.Pcpunum = netlink.XFRM_SA_DIR_OUT, &cpu
+		clear(s.Aead.Key)
+		return n.addPerCPUState(sa)
 	}
 	h, err := n.handle()
 	if err == nil {
 		err = h.XfrmStateAdd(s)
 	}
 	clear(s.Aead.Key)
+	return err
+}
+
+// addPerCPUState writes sa, a per-CPU outbound state (sa.Lane n ≥ 1: CPU n−1, Linux ≥ 6.13),
+// in a NEWSA message of its own: the smallest shim where the library falls short. The
+// kernel keeps a state's CPU number only with XFRMA_SA_DIR out (without it the number is
+// dropped: the probe says none, 6.18), and for an output state with ESN it wants
+// XFRMA_REPLAY_ESN_VAL with a replay window of 0 and no bitmap (verify_sa_dir,
+// xfrm_init_replay) — netlink.XfrmStateAdd refuses ESN without a window and sizes the
+// bitmap from it. So sa.ReplayWindow must be 0 (desired.Compute makes it so), and the
+// dump gives the state back as written (parseState). Lookups and deletes go by ID only
+// (DeleteState): 7.3 refuses XFRMA_SA_PCPU there.
+func (n Netlink) addPerCPUState(sa desired.SA) error {
+	if _, err := n.handle(); err != nil {
+		return err
+	}
+	if sa.ReplayWindow != 0 {
+		return fmt.Errorf("per-CPU outbound state %s: replay window %d, an output state has none", sa, sa.ReplayWindow)
+	}
+	info := &nl.XfrmUsersaInfo{Family: nl.FAMILY_V4, Mode: uint8(mode(sa.Kind)), Reqid: sa.ReqID}
+	info.Id.Daddr.FromIP(sa.Dst.AsSlice())
+	info.Saddr.FromIP(sa.Src.AsSlice())
+	info.Id.Proto = uint8(netlink.XFRM_PROTO_ESP)
+	info.Id.Spi = nl.Swap32(sa.SPI)
+	info.Lft = nl.XfrmLifetimeCfg{SoftByteLimit: nl.XFRM_INF, HardByteLimit: nl.XFRM_INF, SoftPacketLimit: nl.XFRM_INF, HardPacketLimit: nl.XFRM_INF}
+	if sa.SoftPackets != 0 {
+		info.Lft.SoftPacketLimit = sa.SoftPackets
+	}
+	if sa.HardPackets != 0 {
+		info.Lft.HardPacketLimit = sa.HardPackets
+	}
+	if sa.SelSrc.IsValid() && sa.SelDst.IsValid() {
+		info.Sel.Family = nl.FAMILY_V4
+		info.Sel.Saddr.FromIP(sa.SelSrc.Addr().AsSlice())
+		info.Sel.Daddr.FromIP(sa.SelDst.Addr().AsSlice())
+		info.Sel.PrefixlenS, info.Sel.PrefixlenD = uint8(sa.SelSrc.Bits()), uint8(sa.SelDst.Bits())
+		info.Sel.Proto = sa.SelProto
+	}
+	if sa.ESN {
+		info.Flags |= nl.XFRM_STATE_ESN
+	}
+	req := nl.NewNetlinkRequest(nl.XFRM_MSG_NEWSA, unix.NLM_F_CREATE|unix.NLM_F_EXCL|unix.NLM_F_ACK)
+	if n.raw != nil {
+		req.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_XFRM: n.raw}
+	}
+	req.AddData(info)
+	key := sa.Key.Bytes()
+	aead := nl.XfrmAlgoAEAD{AlgKeyLen: uint32(len(key) * 8), AlgICVLen: uint32(sa.ICVBytes * 8), AlgKey: key}
+	copy(aead.AlgName[:], aeadName)
+	aeadAttr := aead.Serialize()
+	req.AddData(nl.NewRtAttr(nl.XFRMA_ALG_AEAD, aeadAttr))
+	if sa.ESN {
+		esn := nl.XfrmReplayStateEsn{} // window 0, no bitmap: an output state
+		req.AddData(nl.NewRtAttr(nl.XFRMA_REPLAY_ESN_VAL, esn.Serialize()))
+	}
+	req.AddData(nl.NewRtAttr(nl.XFRMA_SA_DIR, []byte{uint8(netlink.XFRM_SA_DIR_OUT)}))
+	cpu := make([]byte, 4)
+	binary.NativeEndian.PutUint32(cpu, uint32(sa.Lane-1))
+	req.AddData(nl.NewRtAttr(nl.XFRMA_SA_PCPU, cpu))
+	_, err := req.Execute(unix.NETLINK_XFRM, 0)
+	clear(key)
+	clear(aeadAttr)
 	return err
 }
 

@@ -124,21 +124,25 @@ func pcpuKey(spi int) []byte { return bytes.Repeat([]byte{byte(spi) + byte(spi>>
 // state is an a→b ESP transport state.
 func (l *pcpuLab) state(spi, reqid int, k []byte, dir netlink.SADir) *netlink.XfrmState {
 	return &netlink.XfrmState{Src: l.src, Dst: l.dst, Proto: netlink.XFRM_PROTO_ESP, Mode: netlink.XFRM_MODE_TRANSPORT,
-		Spi: spi, Reqid: reqid, SADir: dir, Aead: &netlink.XfrmStateAlgo{Name: "rfc4106(gcm(aes))", Key: k, ICVLen: 128}}
+		Spi: spi, Reqid: reqid, SADir: dir, ESN: true, ReplayWindow: 1024,
+		Aead: &netlink.XfrmStateAlgo{Name: "rfc4106(gcm(aes))", Key: k, ICVLen: 128}}
 }
 
 // pair installs an a→b state: outbound in a through the agent's kernel shell
 // (Netlink.AddState; lane n ≥ 1 is CPU n−1, 0 no CPU), inbound in b.
 func (l *pcpuLab) pair(t *testing.T, spi, reqid int, lane uint16) desired.SA {
 	t.Helper()
+	// As the agent programs them: ESN with its replay window, packet limits.
 	sa := desired.SA{Src: netip.MustParseAddr(l.src.String()), Dst: netip.MustParseAddr(l.dst.String()), SPI: uint32(spi),
 		Kind: desired.Transport, ReqID: uint32(reqid), Key: desired.NewKey(pcpuKey(spi)), ICVBytes: 16,
-		SoftPackets: 1 << 40, HardPackets: 1 << 41, Lane: lane}
+		ReplayWindow: desired.DefaultReplayWindow, ESN: true, SoftPackets: 1 << 40, HardPackets: 1 << 41, Lane: lane}
+	if lane > 0 {
+		sa.ReplayWindow = 0 // an output state (desired.Compute)
+	}
 	if err := l.a.Do(func(ns.NetNS) error { return Netlink{}.AddState(sa) }); err != nil {
 		t.Fatalf("out state 0x%x: %v", spi, err)
 	}
 	in := l.state(spi, reqid, pcpuKey(spi), netlink.XFRM_SA_DIR_IN)
-	in.ReplayWindow = 32
 	if err := l.hb.XfrmStateAdd(in); err != nil {
 		t.Fatalf("in state 0x%x: %v", spi, err)
 	}

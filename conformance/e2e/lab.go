@@ -555,6 +555,11 @@ func (l *Lab) startAgent(ctx context.Context, i int, released bool, extra ...str
 	// evidence (LossEvidence) sets them beside a lost request.
 	cmd := fmt.Sprintf("exec ip netns exec %s %s/secureoverlay-agent --kubeconfig %s --node-name %s --metrics-addr :%d --resync-interval %s --ledger-dir %s --state-file %s --log-level debug",
 		lab.NodeNS(i), binDir, path, lab.NodeNS(i), AgentMetricsPort(i), l.cfg.AgentResync, LedgerDir(i), StateFile(i))
+	if v := os.Getenv("SECUREOVERLAY_E2E_PCPU_SAS"); v != "" && !released {
+		// Per-CPU lanes (docs/dataplane.md §10) where the lab's kernel has them; off by
+		// default, as in the manifest.
+		cmd += " --pcpu-sas=" + v
+	}
 	for _, f := range extra {
 		cmd += " " + f
 	}

@@ -172,7 +172,8 @@ type LossReport struct {
 }
 
 var (
-	outPolicyRE = regexp.MustCompile(`^(?:Updated )?src (\S+)/32 dst (\S+)/32 proto ipencap dir out .*\bspi 0x([0-9a-f]+) reqid (\d+)\b`)
+	// A template without an SPI (per-CPU lanes) is printed without one: "proto esp reqid N".
+	outPolicyRE = regexp.MustCompile(`^(?:Updated )?src (\S+)/32 dst (\S+)/32 proto ipencap dir out .*\bproto esp (?:spi 0x([0-9a-f]+) )?reqid (\d+)\b`)
 	deletedSARE = regexp.MustCompile(`^Deleted src (\S+) dst (\S+) proto esp spi 0x([0-9a-f]+)\b`)
 )
 
@@ -249,7 +250,7 @@ func stamp(at float64, ok bool, t0 float64) string {
 // SPI's, or for a template without an SPI (per-CPU lanes, docs/dataplane.md §10) its lane
 // reqid's — the agents' default --reqid, whose lanes' reqids follow it.
 func templateGeneration(spiHex, reqid string) (uint32, bool) {
-	if v, err := strconv.ParseUint(spiHex, 16, 32); err == nil && v != 0 {
+	if v, err := strconv.ParseUint(spiHex, 16, 32); spiHex != "" && err == nil && v != 0 {
 		return spiGeneration(spiHex)
 	}
 	r, err := strconv.ParseUint(reqid, 10, 32)

@@ -174,13 +174,21 @@ func TestTemplateGeneration(t *testing.T) {
 		{"00000000", "24264", 3, true},
 		{"00000000", "24256", 0, false}, // no SPI under the plain reqid: not ours
 		{"00000000", "24266", 0, false}, // past the lanes' reqids
+		{"", "24262", 2, true},          // as iproute2 prints a template without an SPI
 	} {
 		if g, ok := templateGeneration(c.spi, c.reqid); g != c.gen || ok != c.ok {
 			t.Errorf("spi %s reqid %s: %d %v, want %d %v", c.spi, c.reqid, g, ok, c.gen, c.ok)
 		}
 	}
-	line := "Updated src 198.18.0.1/32 dst 198.18.0.2/32 proto ipencap dir out priority 24256 ptype main tmpl src 198.18.0.1 dst 198.18.0.2 proto esp spi 0x00000000 reqid 24262 mode transport"
-	if m := outPolicyRE.FindStringSubmatch(line); m == nil || m[3] != "00000000" || m[4] != "24262" {
+	// iproute2 prints a template without an SPI without one (the kernel matrix's monitor).
+	line := "Updated src 198.18.0.1/32 dst 198.18.0.2/32 proto ipencap dir out priority 24256 ptype main tmpl src 198.18.0.1 dst 198.18.0.2 proto esp reqid 24262 mode transport"
+	if m := outPolicyRE.FindStringSubmatch(line); m == nil || m[3] != "" || m[4] != "24262" {
+		t.Errorf("outPolicyRE: %q", m)
+	} else if g, ok := templateGeneration(m[3], m[4]); !ok || g != 2 {
+		t.Errorf("lane template: generation %d %v, want 2", g, ok)
+	}
+	line = "Updated src 198.18.0.1/32 dst 198.18.0.2/32 proto ipencap dir out priority 24256 ptype main tmpl src 198.18.0.1 dst 198.18.0.2 proto esp spi 0xc0000100 reqid 24256 mode transport"
+	if m := outPolicyRE.FindStringSubmatch(line); m == nil || m[3] != "c0000100" || m[4] != "24256" {
 		t.Errorf("outPolicyRE: %q", m)
 	}
 }

@@ -137,6 +137,9 @@ type sim struct {
 	counts   map[string]int
 	clock    time.Time
 	v2       map[uint32]bool // the protocol v2 generations the master made
+	// peerLanes: the peers publish per-CPU lane counts (the random sequences; the lab
+	// test counts its states without them).
+	peerLanes bool
 }
 
 // now is the simulation's clock: one second per step (runs are reproducible).
@@ -271,11 +274,13 @@ func (s *sim) publishPeer(name string) {
 	s.update(n)
 	// Its NodeKeys: a key pair per published generation, drawn per incarnation (a real
 	// agent's are random; these come from the run's seed).
-	// With a lane count of its own, fixed for the incarnation (docs/dataplane.md §10).
-	nk := &nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: rep.Incarnation, UID: rep.UID, Epoch: rep.Epoch},
-		Capabilities: []string{api.CapabilityLanes}, Lanes: uint16(s.rng.IntN(4))}
-	if old := s.src.keys[name]; old != nil && old.Incarnation == nk.Incarnation {
-		nk.Lanes = old.Lanes
+	nk := &nodekeys.Keys{Incarnation: nodekeys.Incarnation{BootID: rep.Incarnation, UID: rep.UID, Epoch: rep.Epoch}}
+	if s.peerLanes {
+		// With a lane count of its own, fixed for the incarnation (docs/dataplane.md §10).
+		nk.Capabilities, nk.Lanes = []string{api.CapabilityLanes}, uint16(s.rng.IntN(4))
+		if old := s.src.keys[name]; old != nil && old.Incarnation == nk.Incarnation {
+			nk.Lanes = old.Lanes
+		}
 	}
 	for _, g := range keys.PublishedGenerations(s.ring) {
 		k, err := keys.GeneratePrivateKey(rngReader{s.rng})
@@ -594,6 +599,7 @@ func (s *sim) step() string {
 
 func keySafetyRun(t *testing.T, seed uint64, steps int) map[string]int {
 	s := newSim(t, seed)
+	s.peerLanes = true
 	t.Cleanup(func() { s.a.Close() })
 	for i := range steps {
 		what := s.step()
